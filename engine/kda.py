@@ -1,0 +1,103 @@
+"""The Kimi Delta Attention layer: owns its parameters (checkpoint names) and calls kernels/kda.
+
+kimi-linear-spec.md §3.2 is the exact forward this follows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_desk.engine.config import KimiLinearConfig
+from kimi_desk.engine.state import KDAState
+from kimi_desk.kernels.kda import kda
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """fla's L2 norm: the eps sits inside the square root."""
+    x = x.float()
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMSNorm times sigmoid(gate), all in fp32 (fla's FusedRMSNormGated)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float() * torch.sigmoid(gate.float())).to(x.dtype)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution over time, weight [P, 1, W] (the tap W - 1 multiplies the current
+    token), followed by SiLU. Only `weight` is a parameter; the window lives in the state."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+
+    def forward(self, x: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, P], window [B, P, W - 1] (the inputs before x) -> (y [B, T, P], new window)."""
+        T = x.shape[1]
+        full = torch.cat([window, x.transpose(1, 2)], dim=-1)  # [B, P, W - 1 + T]
+        y = F.conv1d(full.float(), self.weight.float(), groups=self.weight.shape[0])  # [B, P, T]
+        y = F.silu(y).to(x.dtype).transpose(1, 2)
+        return y, full[..., full.shape[-1] - window.shape[-1] :].clone() if T else window
+
+
+class KimiDeltaAttention(nn.Module):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        D, H, K = config.hidden_size, config.kda_num_heads, config.kda_head_dim
+        P = H * K
+        self.num_heads, self.head_dim = H, K
+        self.conv_size = config.short_conv_kernel_size
+        self.q_proj = nn.Linear(D, P, bias=False)
+        self.k_proj = nn.Linear(D, P, bias=False)
+        self.v_proj = nn.Linear(D, P, bias=False)
+        self.q_conv1d = ShortConv(P, self.conv_size)
+        self.k_conv1d = ShortConv(P, self.conv_size)
+        self.v_conv1d = ShortConv(P, self.conv_size)
+        # The forget and output gates are low rank, rank = head_dim (spec §1.2).
+        self.f_a_proj = nn.Linear(D, K, bias=False)
+        self.f_b_proj = nn.Linear(K, P, bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(P, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(1, 1, H, 1, dtype=torch.float32))
+        self.b_proj = nn.Linear(D, H, bias=False)
+        self.g_a_proj = nn.Linear(D, K, bias=False)
+        self.g_b_proj = nn.Linear(K, P, bias=False)
+        self.o_norm = GatedRMSNorm(K, config.rms_norm_eps)
+        self.o_proj = nn.Linear(P, D, bias=False)
+
+    def new_state(self, batch_size: int, dtype: torch.dtype, device) -> KDAState:
+        H, K = self.num_heads, self.head_dim
+        return KDAState(
+            recurrent=torch.zeros(batch_size, H, K, K, dtype=torch.float32, device=device),
+            conv=torch.zeros(batch_size, 3, H * K, self.conv_size - 1, dtype=dtype, device=device),
+        )
+
+    def forward(self, x: torch.Tensor, state: KDAState) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        q, conv_q = self.q_conv1d(self.q_proj(x), state.conv[:, 0])
+        k, conv_k = self.k_conv1d(self.k_proj(x), state.conv[:, 1])
+        v, conv_v = self.v_conv1d(self.v_proj(x), state.conv[:, 2])
+        q = l2norm(q.view(B, T, H, K)).to(x.dtype)  # [B, T, H, K]
+        k = l2norm(k.view(B, T, H, K)).to(x.dtype)  # [B, T, H, K]
+        v = v.view(B, T, H, K)  # [B, T, H, V]
+        # Log-space decay -exp(A_log) * softplus(f + dt_bias), fp32; not bounded below.
+        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias
+        g = -self.A_log.float().exp() * F.softplus(f.view(B, T, H, K), threshold=20.0)  # [B, T, H, K]
+        beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
+        o, recurrent = kda(q, k, v, g, beta, initial_state=state.recurrent, output_final_state=True)
+        state.recurrent = recurrent
+        state.conv = torch.stack([conv_q, conv_k, conv_v], dim=1)
+        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
+        o = self.o_norm(o, gate)  # [B, T, H, V]
+        return self.o_proj(o.reshape(B, T, H * K))

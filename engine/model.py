@@ -1,0 +1,234 @@
+"""Kimi Linear, top to bottom: norms, MLP and MoE, MLA, the decoder block, the model.
+
+Module and parameter names are those of the official checkpoint (kimi-linear-spec.md §2), except
+that the routed experts of a MoE layer are stacked into three tensors; weights.py holds the table.
+The model speaks token ids and an explicit ModelState:
+
+    state = model.new_state(batch_size=1)
+    logits = model(input_ids, state)                  # [B, T, vocab]; state advanced by T
+    logits = model(input_ids, state, last_only=True)  # [B, 1, vocab]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_desk.engine.config import KimiLinearConfig
+from kimi_desk.engine.kda import KimiDeltaAttention
+from kimi_desk.engine.state import MLACache, ModelState
+from kimi_desk.kernels.mla import mla_attention
+
+
+class RMSNorm(nn.Module):
+    """Normalise in fp32, cast back, then scale (Llama style, no 1 + weight offset)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """down(SiLU(gate x) * up x): the dense layer 0 and the shared expert."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid (or softmax) scores; the correction bias only chooses experts.
+
+    `hf_alias_weights` reproduces the Hugging Face remote code, whose in-place bias add makes the
+    mixing weights read the biased scores (spec §5.1); the default follows vLLM and the DeepSeek-V3
+    design, weighting by the unbiased scores.
+    """
+
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts, dtype=torch.float32))
+        self.top_k = config.num_experts_per_token
+        self.activation = config.moe_router_activation_func
+        self.renormalize = config.moe_renormalize
+        self.scaling = config.routed_scaling_factor
+        self.hf_alias_weights = False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (expert ids [N, k], weights [N, k] fp32)."""
+        logits = x.float() @ self.weight.float().t()  # [N, E]
+        scores = logits.sigmoid() if self.activation == "sigmoid" else logits.softmax(-1)
+        biased = scores + self.e_score_correction_bias.float()
+        ids = biased.topk(self.top_k, dim=-1, sorted=False).indices  # [N, k]
+        weights = (biased if self.hf_alias_weights else scores).gather(1, ids)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked: w1 (gate) and w3 (up) [E, I, D], w2 (down) [E, D, I]."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Tokens grouped by expert: each chosen expert runs once on all of its tokens."""
+        N, k = ids.shape
+        out = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device)
+        flat = ids.reshape(-1)
+        order = flat.argsort()
+        experts, counts = flat[order].unique_consecutive(return_counts=True)
+        token_of = order // k
+        start = 0
+        for e, n in zip(experts.tolist(), counts.tolist()):
+            rows = order[start : start + n]
+            tokens = token_of[start : start + n]
+            start += n
+            xe = x[tokens]
+            ye = F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e])
+            out.index_add_(0, tokens, ye.float() * weights.reshape(-1)[rows, None])
+        return out
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
+            if config.num_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        ids, weights = self.gate(flat)
+        out = self.experts(flat, ids, weights).to(x.dtype).view(B, T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA with NoPE: the "rope" part of queries and the shared key is used but never rotated.
+
+    Attention runs in the absorbed form over the cached latents [c ‖ k_r] (576 values per token at the
+    48B shapes): per head, q_nope is mapped through W_UK into the latent space, so every head reads the
+    same keys (MQA), and the attended latent is mapped through W_UV to the head's value space.
+    """
+
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        D, H = config.hidden_size, config.num_attention_heads
+        self.num_heads = H
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.latent_dim = config.v_head_dim, config.kv_lora_rank
+        self.scale = config.qk_head_dim**-0.5
+        self.q_proj = nn.Linear(D, H * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
+        # The remote code builds this norm without passing eps, so it keeps the class default 1e-6.
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * config.v_head_dim, D, bias=False)
+
+    def new_state(self, batch_size: int, dtype: torch.dtype, device) -> MLACache:
+        return MLACache(batch_size, self.latent_dim + self.rope_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, cache: MLACache) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, L = self.num_heads, self.latent_dim
+        start = cache.length
+        q = self.q_proj(x).view(B, T, H, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        ckv = self.kv_a_proj_with_mqa(x)  # [B, T, L + R]
+        latents = torch.cat([self.kv_a_layernorm(ckv[..., :L]), ckv[..., L:]], dim=-1)
+        cached = cache.append(latents)  # [B, start + T, L + R]
+        w_kv = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, L)
+        w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # [H, n, L], [H, v, L]
+        q_latent = torch.einsum("bthn,hnl->bthl", q_nope.float(), w_uk.float())  # [B, T, H, L]
+        q_abs = torch.cat([q_latent, q_rope.float()], dim=-1)  # [B, T, H, L + R]
+        attended = mla_attention(q_abs, cached, start, L, self.scale)  # [B, T, H, L] fp32
+        o = torch.einsum("bthl,hvl->bthv", attended, w_uv.float()).to(x.dtype)  # [B, T, H, v]
+        return self.o_proj(o.reshape(B, T, H * self.v_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: KimiLinearConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = (
+            KimiDeltaAttention(config) if config.is_kda_layer(layer_idx) else MultiHeadLatentAttention(config)
+        )
+        # The checkpoint names the MoE block `block_sparse_moe` and the dense one `mlp`.
+        if config.is_moe_layer(layer_idx):
+            self.block_sparse_moe = SparseMoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, h: torch.Tensor, layer_state) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), layer_state)
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return h + ffn(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class KimiLinearForCausalLM(nn.Module):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_state(self, batch_size: int = 1) -> ModelState:
+        return ModelState(
+            [layer.self_attn.new_state(batch_size, self.dtype, self.device) for layer in self.model.layers]
+        )
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, state: ModelState, last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] int64 -> logits [B, T, vocab] (or [B, 1, vocab]) float32; advances `state`."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] != state.batch_size:
+            raise ValueError(f"input_ids has batch {input_ids.shape[0]}, the state {state.batch_size}")
+        h = self.model.embed_tokens(input_ids.to(self.device))  # [B, T, D]
+        for layer, layer_state in zip(self.model.layers, state.layers):
+            h = layer(h, layer_state)
+        state.position += input_ids.shape[1]
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h)).float()

@@ -1,0 +1,98 @@
+"""Random checkpoints in the official layout, for tests and benchmarks at any size.
+
+The configs here cover every structural feature: KDA and MLA layers in the checkpoint's 1-based
+lists, a dense layer 0, MoE layers with a shared expert, the sigmoid router with a non-zero
+correction bias, routed_scaling_factor != 1 (kimi-linear-spec.md §9).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from kimi_desk.engine.config import KimiLinearConfig
+from kimi_desk.engine.weights import build_on_meta, materialize, save_checkpoint
+
+
+def tiny_config(**overrides) -> KimiLinearConfig:
+    """The spec's 4-layer config: K K K M, dense layer 0."""
+    values = dict(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        rms_norm_eps=1e-5, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, mla_use_nope=True, kda_layers=[1, 2, 3],
+        full_attn_layers=[4], kda_num_heads=2, kda_head_dim=32, short_conv_kernel_size=4,
+        num_experts=8, num_experts_per_token=2, moe_intermediate_size=32, num_shared_experts=1,
+        first_k_dense_replace=1, moe_layer_freq=1, moe_renormalize=True,
+        moe_router_activation_func="sigmoid", routed_scaling_factor=2.446, model_max_length=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="float32",
+    )
+    values.update(overrides)
+    config = KimiLinearConfig(**values)
+    config.validate()
+    return config
+
+
+def tail7_config(**overrides) -> KimiLinearConfig:
+    """7 layers, K K K M K K M: the real model's irregular K K M tail, KDA state passing an MLA layer."""
+    return tiny_config(num_hidden_layers=7, kda_layers=[1, 2, 3, 5, 6], full_attn_layers=[4, 7], **overrides)
+
+
+def bench_config(**overrides) -> KimiLinearConfig:
+    """About 20 M parameters (hidden 256, 8 layers), the CPU benchmark's model."""
+    return tiny_config(
+        vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+        num_attention_heads=4, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, kda_layers=[1, 2, 3, 5, 6, 7], full_attn_layers=[4, 8], kda_num_heads=4,
+        kda_head_dim=64, num_experts=16, num_experts_per_token=2, moe_intermediate_size=256,
+        model_max_length=1 << 20, **overrides,
+    )
+
+
+def kimi_linear_48b_config() -> KimiLinearConfig:
+    """The released Kimi-Linear-48B-A3B config (spec §1.1)."""
+    kda = [i for i in range(1, 28) if i % 4 != 0 and i != 27]
+    return KimiLinearConfig(
+        vocab_size=163840, hidden_size=2304, intermediate_size=9216, num_hidden_layers=27,
+        rms_norm_eps=1e-5, num_attention_heads=32, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, mla_use_nope=True, kda_layers=kda,
+        full_attn_layers=[4, 8, 12, 16, 20, 24, 27], kda_num_heads=32, kda_head_dim=128,
+        short_conv_kernel_size=4, num_experts=256, num_experts_per_token=8, moe_intermediate_size=1024,
+        num_shared_experts=1, first_k_dense_replace=1, moe_layer_freq=1, moe_renormalize=True,
+        moe_router_activation_func="sigmoid", routed_scaling_factor=2.446, model_max_length=1048576,
+        bos_token_id=163584, eos_token_id=163586, pad_token_id=163839, dtype="bfloat16",
+    )
+
+
+def random_model(config: KimiLinearConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A model with random weights drawn as the reference code initialises them (HFM, fla)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    model = build_on_meta(config)
+    materialize(model, torch.device(device), dtype)
+    for name, param in model.named_parameters():
+        shape = param.shape
+        if name.endswith("A_log"):
+            value = torch.empty(shape).uniform_(1, 16, generator=gen).log()
+        elif name.endswith("dt_bias"):
+            dt = torch.exp(torch.rand(shape, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            value = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+        elif name.endswith("conv1d.weight"):
+            bound = 1 / math.sqrt(shape[-1])
+            value = torch.empty(shape).uniform_(-bound, bound, generator=gen)
+        elif name.endswith("e_score_correction_bias"):
+            value = 0.1 * torch.randn(shape, generator=gen)
+        elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            # Not all ones, so that a norm weight applied in the wrong place shows.
+            value = 1 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            value = 0.02 * torch.randn(shape, generator=gen)
+        param.data.copy_(value)
+    return model.eval()
+
+
+def write_random_checkpoint(config: KimiLinearConfig, path, seed: int = 0, max_shard_bytes: int | None = None) -> Path:
+    """Write a random checkpoint (config.json + safetensors, sharded if asked) and return its folder."""
+    dtype = getattr(torch, config.dtype)
+    save_checkpoint(random_model(config, seed=seed, dtype=dtype), path, max_shard_bytes=max_shard_bytes)
+    return Path(path)

@@ -1,0 +1,40 @@
+"""Kimi Delta Attention: `chunk_kda` for prefill, `fused_recurrent_kda` for decode.
+
+Both take q, k [B, T, H, K] (already L2-normalised), v [B, T, H, V], g [B, T, H, K] (log decay, fp32),
+beta [B, T, H] and an optional fp32 state [B, H, K, V]; both return (o [B, T, H, V], final state or
+None). CUDA tensors go to Triton; everything else, or any tensor when KIMI_DESK_KERNELS=torch, to the
+PyTorch implementations in naive.py.
+"""
+
+from __future__ import annotations
+
+from kimi_desk.kernels import use_triton
+from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda
+
+__all__ = ["chunk_kda", "fused_recurrent_kda", "kda"]
+
+# Below this many tokens the step-by-step recurrence beats the chunked form on the CPU (and fla makes
+# the same choice at 64).
+RECURRENT_MAX_TOKENS = 16
+
+
+def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    if use_triton(q):
+        from kimi_desk.kernels.kda.chunk import chunk_kda_triton
+
+        return chunk_kda_triton(q, k, v, g, beta, scale, initial_state, output_final_state)
+    return chunk_kda_torch(q, k, v, g, beta, scale, initial_state, output_final_state)
+
+
+def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    if use_triton(q):
+        from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
+
+        return fused_recurrent_kda_triton(q, k, v, g, beta, scale, initial_state, output_final_state)
+    return recurrent_kda(q, k, v, g, beta, scale, initial_state, output_final_state)
+
+
+def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    """The chunked or the recurrent form, chosen by sequence length."""
+    fn = fused_recurrent_kda if q.shape[1] <= RECURRENT_MAX_TOKENS else chunk_kda
+    return fn(q, k, v, g, beta, scale, initial_state, output_final_state)
