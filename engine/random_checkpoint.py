@@ -40,14 +40,16 @@ def tail7_config(**overrides) -> KimiLinearConfig:
 
 
 def bench_config(**overrides) -> KimiLinearConfig:
-    """About 20 M parameters (hidden 256, 8 layers), the CPU benchmark's model."""
-    return tiny_config(
-        vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+    """About 20 M parameters (hidden 256, 8 layers: K K K M K K K M), the CPU benchmark's model."""
+    values = dict(
+        vocab_size=12288, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
         num_attention_heads=4, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
         v_head_dim=64, kda_layers=[1, 2, 3, 5, 6, 7], full_attn_layers=[4, 8], kda_num_heads=4,
-        kda_head_dim=64, num_experts=16, num_experts_per_token=2, moe_intermediate_size=256,
-        model_max_length=1 << 20, **overrides,
+        kda_head_dim=64, num_experts=8, num_experts_per_token=2, moe_intermediate_size=256,
+        model_max_length=1 << 20,
     )
+    values.update(overrides)
+    return tiny_config(**values)
 
 
 def kimi_linear_48b_config() -> KimiLinearConfig:

@@ -40,17 +40,20 @@ def recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final
 
 
 def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                    chunk_size=CHUNK_SIZE):
+                    chunk_size=CHUNK_SIZE, sub_chunk_size=8):
     """Chunked form (spec §3.3): matrix products per chunk instead of a step per token.
 
-    Within a chunk with G = cumsum(g), every decay factor is exp(G_i - G_j) for j <= i, formed from the
-    pairwise difference so that no factor above 1 is ever built: exact for any gate, however negative.
-    The cumulative sums and their differences are taken in float64, since G reaches -50 * C and an fp32
-    difference of two such values would lose the small decays that matter.
+    Every decay factor inside a chunk is exp(G_i - G_j) for j <= i, with G = cumsum(g). It is never
+    formed as exp(G_i) * exp(-G_j), which overflows for Kimi Linear's unbounded gates. Within a
+    sub-chunk the factor is built pairwise from the difference; across sub-chunks it factors through a
+    reference position r with j <= r <= i, exp(G_i - G_r) * exp(G_r - G_j), both factors <= 1, so those
+    blocks become plain matrix products. Cumulative sums and differences are taken in float64, since
+    G reaches -50 * C and an fp32 difference of two such values would lose the small decays that matter.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = chunk_size
+    C, S = chunk_size, sub_chunk_size
+    assert C % S == 0
     scale = K**-0.5 if scale is None else scale
     device = q.device
     state = (
@@ -75,42 +78,44 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     kc, vc = chunked(k), chunked(v)
     bc = chunked(beta.unsqueeze(-1))  # [B, H, N, C, 1]
     G64 = chunked(g).double().cumsum(-2)  # [B, H, N, C, K]
+
+    aqk = torch.zeros(B, H, N, C, C, dtype=torch.float32, device=device)
+    akk = torch.zeros(B, H, N, C, C, dtype=torch.float32, device=device)
+    for a in range(C // S):
+        rows = slice(a * S, (a + 1) * S)
+        G_rows = G64[..., rows, :]
+        q_rows, k_rows = qc[..., rows, :], kc[..., rows, :]
+        # Diagonal block: pairwise decays [.., S_i, S_j, K], from sums local to the sub-chunk (fp32 is
+        # enough there: at most S steps). Above the diagonal the difference is >= 0: clamp it to 0 so
+        # nothing overflows, and drop those entries afterwards.
+        G_local = (G_rows - G_rows[..., :1, :]).float()
+        diff = G_local.unsqueeze(-2) - G_local.unsqueeze(-3)
+        kd = diff.clamp_max_(0.0).exp_().mul_(k_rows.unsqueeze(-3))
+        aqk[..., rows, rows] = (kd @ q_rows.unsqueeze(-1)).squeeze(-1).tril_()
+        akk[..., rows, rows] = (kd @ k_rows.unsqueeze(-1)).squeeze(-1).tril_(-1)
+        if a:
+            # Earlier sub-chunks, through the reference r = the first row of this sub-chunk.
+            r = a * S
+            G_ref = G64[..., r : r + 1, :]
+            to_ref = (G_rows - G_ref).float().exp_()  # exp(G_i - G_r), i >= r
+            from_ref = kc[..., :r, :] * (G_ref - G64[..., :r, :]).float().exp_()  # k_j exp(G_r - G_j), j < r
+            aqk[..., rows, :r] = (q_rows * to_ref) @ from_ref.transpose(-1, -2)
+            akk[..., rows, :r] = (k_rows * to_ref) @ from_ref.transpose(-1, -2)
+    akk.mul_(bc)
+    # (I + A_kk) is unit lower-triangular: W = T (beta exp(G) K), U = T (beta V) by substitution.
     G = G64.float()
-    decay_to_end = (G64[..., -1:, :] - G64).exp().float()  # exp(G_last - G_i)
-    decay_last = G[..., -1, :].exp()  # [B, H, N, K]
-
-    causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
-    strict = causal.clone().fill_diagonal_(False)
     eye = torch.eye(C, dtype=torch.float32, device=device)
-
-    # Intra-chunk work does not depend on the state: do it for groups of chunks at once, sized so the
-    # [C, C, K] decay tensor of a group stays near 32 M values.
-    group = max(1, (32 << 20) // (B * H * C * C * K))
-    w_all = torch.empty(B, H, N, C, K, dtype=torch.float32, device=device)
-    u_all = torch.empty(B, H, N, C, V, dtype=torch.float32, device=device)
-    aqk_all = torch.empty(B, H, N, C, C, dtype=torch.float32, device=device)
-    for n0 in range(0, N, group):
-        sl = slice(n0, min(N, n0 + group))
-        Gg = G64[:, :, sl]
-        diff = (Gg.unsqueeze(-2) - Gg.unsqueeze(-3)).float()  # [B, H, n, C_i, C_j, K]: G_i - G_j
-        decay = diff.masked_fill(~causal[:, :, None], float("-inf")).exp_()
-        kd = decay.mul_(kc[:, :, sl].unsqueeze(-3))  # k_j * exp(G_i - G_j)
-        aqk = (kd @ qc[:, :, sl].unsqueeze(-1)).squeeze(-1)  # [B, H, n, C, C]
-        akk = (kd @ kc[:, :, sl].unsqueeze(-1)).squeeze(-1) * bc[:, :, sl]
-        akk = akk.masked_fill(~strict, 0.0)
-        del kd, decay, diff
-        lower = eye + akk  # unit lower-triangular
-        rhs = torch.cat([bc[:, :, sl] * G[:, :, sl].exp() * kc[:, :, sl], bc[:, :, sl] * vc[:, :, sl]], dim=-1)
-        wu = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
-        w_all[:, :, sl], u_all[:, :, sl] = wu[..., :K], wu[..., K:]
-        aqk_all[:, :, sl] = aqk
+    rhs = torch.cat([bc * G.exp() * kc, bc * vc], dim=-1)
+    wu = torch.linalg.solve_triangular(eye + akk, rhs, upper=False, unitriangular=True)
+    w, u = wu[..., :K], wu[..., K:]
 
     qg = qc * G.exp()  # [B, H, N, C, K]
-    kg = kc * decay_to_end
+    kg = kc * (G64[..., -1:, :] - G64).exp().float()  # k_i exp(G_last - G_i)
+    decay_last = G[..., -1, :].exp().unsqueeze(-1)  # [B, H, N, K, 1]
     o = torch.empty(B, H, N, C, V, dtype=torch.float32, device=device)
     for n in range(N):
-        v_new = u_all[:, :, n] - w_all[:, :, n] @ state  # [B, H, C, V]
-        o[:, :, n] = qg[:, :, n] @ state + aqk_all[:, :, n] @ v_new
-        state = decay_last[:, :, n].unsqueeze(-1) * state + kg[:, :, n].transpose(-1, -2) @ v_new
+        v_new = u[:, :, n] - w[:, :, n] @ state  # [B, H, C, V]
+        o[:, :, n] = qg[:, :, n] @ state + aqk[:, :, n] @ v_new
+        state = decay_last[:, :, n] * state + kg[:, :, n].transpose(-1, -2) @ v_new
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
     return o.to(q.dtype), (state if output_final_state else None)
