@@ -12,9 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A config.json that cannot describe a Kimi Linear model; the message names the field."""
+from kimi_desk.engine.errors import ConfigError
 
 
 # Keys that config.json carries but that do not change the computation (bookkeeping of the

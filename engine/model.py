@@ -18,7 +18,7 @@ from torch import nn
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.state import MLACache, ModelState
-from kimi_desk.kernels.mla import mla_attention
+from kimi_desk.kernels.mla import mla_attention, mla_prefill
 
 
 class RMSNorm(nn.Module):
@@ -130,10 +130,16 @@ class SparseMoE(nn.Module):
 class MultiHeadLatentAttention(nn.Module):
     """MLA with NoPE: the "rope" part of queries and the shared key is used but never rotated.
 
-    Attention runs in the absorbed form over the cached latents [c ‖ k_r] (576 values per token at the
-    48B shapes): per head, q_nope is mapped through W_UK into the latent space, so every head reads the
-    same keys (MQA), and the attended latent is mapped through W_UV to the head's value space.
+    Only the latents [c ‖ k_r] are cached (576 values per token at the 48B shapes). Decode attends in
+    the absorbed form: per head, q_nope is mapped through W_UK into the latent space, so every head
+    reads the same keys (MQA), and the attended latent is mapped through W_UV to the head's value space.
+    Prefill expands keys and values from the latents block by block, which costs fewer operations when
+    many queries share each key.
     """
+
+    # From this many new tokens on, attention expands keys and values from the latents (fewer operations
+    # per query and key); below it, decode reads the latents directly through absorbed queries.
+    EXPANDED_MIN_TOKENS = 64
 
     def __init__(self, config: KimiLinearConfig):
         super().__init__()
@@ -163,10 +169,14 @@ class MultiHeadLatentAttention(nn.Module):
         cached = cache.append(latents)  # [B, start + T, L + R]
         w_kv = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, L)
         w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # [H, n, L], [H, v, L]
-        q_latent = torch.einsum("bthn,hnl->bthl", q_nope.float(), w_uk.float())  # [B, T, H, L]
-        q_abs = torch.cat([q_latent, q_rope.float()], dim=-1)  # [B, T, H, L + R]
-        attended = mla_attention(q_abs, cached, start, L, self.scale)  # [B, T, H, L] fp32
-        o = torch.einsum("bthl,hvl->bthv", attended, w_uv.float()).to(x.dtype)  # [B, T, H, v]
+        if T >= self.EXPANDED_MIN_TOKENS:
+            o = mla_prefill(q, cached, w_uk, w_uv, start, self.scale)  # [B, T, H, v] fp32
+        else:
+            q_latent = torch.einsum("bthn,hnl->bthl", q_nope.float(), w_uk.float())  # [B, T, H, L]
+            q_abs = torch.cat([q_latent, q_rope.float()], dim=-1)  # [B, T, H, L + R]
+            attended = mla_attention(q_abs, cached, start, L, self.scale)  # [B, T, H, L] fp32
+            o = torch.einsum("bthl,hvl->bthv", attended, w_uv.float())  # [B, T, H, v]
+        o = o.to(x.dtype)
         return self.o_proj(o.reshape(B, T, H * self.v_dim))
 
 

@@ -15,12 +15,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from kimi_desk.engine.config import ConfigError, KimiLinearConfig
+from kimi_desk.engine.config import KimiLinearConfig
+from kimi_desk.engine.errors import CheckpointError, ConfigError
 from kimi_desk.engine.model import KimiLinearForCausalLM
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says which file or tensor and why."""
 
 
 # Parameters kept in float32 whatever the model dtype: the gates' scalars and the short convolutions

@@ -1,16 +1,25 @@
-"""Multi-head Latent Attention over the compressed cache (absorbed form, as MQA with one shared key).
+"""Multi-head Latent Attention over the compressed cache.
 
-`mla_attention(q, cache, q_start, value_dim, scale)`: q [B, Tq, H, D] are absorbed queries
-([W_UK^T q_nope ‖ q_rope], D = kv_lora_rank + rope dim); cache [B, Tk, D] holds the normalised latent
-followed by the shared key part; the value of a key is its first `value_dim` entries. Query i sits at
-position q_start + i and sees keys 0 .. q_start + i. Returns the attended latent [B, Tq, H, value_dim]
-in float32.
+The cache [B, Tk, L + R] holds per token the normalised latent c (L values) followed by the shared
+key part k_r (R values). Query i sits at position q_start + i and sees keys 0 .. q_start + i.
+
+`mla_attention(q, cache, q_start, value_dim, scale)`, the decode form: q [B, Tq, H, L + R] are
+absorbed queries [W_UK^T q_nope ‖ q_rope], so every head reads the same keys (MQA) and the value of a
+key is its latent c (`value_dim` = L). Returns the attended latent [B, Tq, H, L] in float32.
+
+`mla_prefill(q, cache, w_uk, w_uv, q_start, scale)`, the prefill form: q [B, Tq, H, n + R] are plain
+queries [q_nope ‖ q_rope]; keys and values are expanded from the latents through w_uk [H, n, L] and
+w_uv [H, v, L]. Returns the attention output [B, Tq, H, v] in float32.
 """
 
-from kimi_desk.kernels.mla.naive import mla_attention_torch
+from kimi_desk.kernels.mla.naive import mla_attention_torch, mla_prefill_torch
 
-__all__ = ["mla_attention"]
+__all__ = ["mla_attention", "mla_prefill"]
 
 
 def mla_attention(q, cache, q_start, value_dim, scale):
     return mla_attention_torch(q, cache, q_start, value_dim, scale)
+
+
+def mla_prefill(q, cache, w_uk, w_uv, q_start, scale):
+    return mla_prefill_torch(q, cache, w_uk, w_uv, q_start, scale)

@@ -47,3 +47,62 @@ def mla_attention_torch(q, cache, q_start, value_dim, scale, block_q=128, block_
             m = m_new
         out[:, i0:i1] = (acc / l).reshape(B, nq, H, value_dim)
     return out
+
+
+def mla_prefill_reference(q, cache, w_uk, w_uv, q_start, scale):
+    """Expanded keys and values, every score at once, float64; for tests only."""
+    L = w_uk.shape[-1]
+    lat = cache.double()
+    k_nope = torch.einsum("bkl,hnl->bkhn", lat[..., :L], w_uk.double())
+    k_rope = lat[..., L:].unsqueeze(2).expand(-1, -1, k_nope.shape[2], -1)
+    k = torch.cat([k_nope, k_rope], dim=-1)  # [B, Tk, H, n + R]
+    v = torch.einsum("bkl,hvl->bkhv", lat[..., :L], w_uv.double())
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k) * scale
+    Tq, Tk = q.shape[1], cache.shape[1]
+    visible = torch.arange(Tk)[None, :] <= (torch.arange(Tq) + q_start)[:, None]
+    p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("bhqk,bkhv->bqhv", p, v).float()
+
+
+def mla_prefill_torch(q, cache, w_uk, w_uv, q_start, scale, block_q=512, block_k=1024):
+    """Prefill attention with keys and values expanded from the latents, block by block.
+
+    For many queries the expanded form is the cheaper one: per query, key and head it costs
+    n + R + v multiply-adds against 2 L + R for the absorbed form (320 against 1088 at the 48B shapes).
+    Each key block is expanded once and visited by every query block that sees it, with an online
+    softmax per query, so memory stays bounded by the block sizes at any context length.
+
+    q [B, Tq, H, n + R] (q_nope ‖ q_rope); cache [B, Tk, L + R]; w_uk [H, n, L]; w_uv [H, v, L].
+    Returns [B, Tq, H, v] float32.
+    """
+    B, Tq, H, _ = q.shape
+    L, V = w_uk.shape[-1], w_uv.shape[1]
+    device = q.device
+    qf = q.float().transpose(1, 2) * scale  # [B, H, Tq, n + R]
+    w_uk32, w_uv32 = w_uk.float(), w_uv.float()
+    m = torch.full((B, H, Tq, 1), float("-inf"), device=device)
+    l = torch.zeros(B, H, Tq, 1, device=device)
+    acc = torch.zeros(B, H, Tq, V, device=device)
+    q_pos = torch.arange(Tq, device=device) + q_start
+    end = q_start + Tq
+    for j0 in range(0, end, block_k):
+        j1 = min(end, j0 + block_k)
+        lat = cache[:, j0:j1].float()  # [B, nk, L + R]
+        k_nope = torch.einsum("bkl,hnl->bhkn", lat[..., :L], w_uk32)
+        k_rope = lat[..., L:].unsqueeze(1).expand(-1, H, -1, -1)
+        k_t = torch.cat([k_nope, k_rope], dim=-1).transpose(-1, -2)  # [B, H, n + R, nk]
+        v = torch.einsum("bkl,hvl->bhkv", lat[..., :L], w_uv32)  # [B, H, nk, v]
+        key_pos = torch.arange(j0, j1, device=device)
+        for i0 in range(max(0, j0 - q_start), Tq, block_q):
+            i1 = min(Tq, i0 + block_q)
+            s = qf[:, :, i0:i1] @ k_t  # [B, H, bq, nk]
+            if j1 - 1 > q_start + i0:  # some key of the block lies after some query of the block
+                s = s.masked_fill(key_pos[None, :] > q_pos[i0:i1, None], float("-inf"))
+            m_old = m[:, :, i0:i1]
+            m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
+            p = (s - m_new).exp_()
+            correction = (m_old - m_new).exp_()
+            l[:, :, i0:i1] = l[:, :, i0:i1] * correction + p.sum(-1, keepdim=True)
+            acc[:, :, i0:i1] = acc[:, :, i0:i1] * correction + p @ v
+            m[:, :, i0:i1] = m_new
+    return (acc / l).transpose(1, 2)

@@ -1,0 +1,90 @@
+"""The `kimi-desk` command line.
+
+Errors are one line on stderr and exit code 2 for bad input, never a traceback (set KIMI_DESK_DEBUG=1
+to see one). Heavy imports (torch) happen inside the subcommands, so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with a pointer to --help), not a usage dump."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _version() -> str:
+    from kimi_desk import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kimi-desk",
+        description="Read a whole book or codebase into a local Kimi Linear model, chat over it, "
+        "and resume the session instantly later.",
+    )
+    parser.add_argument("--version", action="version", version=f"kimi-desk {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    bench = commands.add_parser("bench", help="measure this machine (prefill and decode tokens/s)",
+                                description="Benchmarks. Each writes a Markdown table to stdout.")
+    suites = bench.add_subparsers(dest="suite", metavar="SUITE", parser_class=_Parser)
+    cpu = suites.add_parser("cpu", help="whole-model prefill/decode on the CPU beside transformers",
+                            description="Whole-model prefill and decode tokens/s and peak memory on the CPU, "
+                            "beside transformers' pure-PyTorch Kimi Linear on the same checkpoint.")
+    from kimi_desk.engine import bench as engine_bench
+
+    engine_bench.add_arguments(cpu)
+    cpu.set_defaults(run=engine_bench.main)
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from kimi_desk.engine.errors import CheckpointError, ConfigError
+
+    return (UsageError, ConfigError, CheckpointError, ValueError, FileNotFoundError, PermissionError,
+            IsADirectoryError, NotADirectoryError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 0
+        if not hasattr(args, "run"):
+            raise UsageError(f"'{args.command}' needs a subcommand (see 'kimi-desk {args.command} --help')")
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print("kimi-desk: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into one line
+        if os.environ.get("KIMI_DESK_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, _known_errors()):
+            print(f"kimi-desk: error: {message}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"kimi-desk: internal error: {type(exc).__name__}: {message} (KIMI_DESK_DEBUG=1 shows details)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

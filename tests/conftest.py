@@ -1,0 +1,28 @@
+"""Shared test setup.
+
+TRITON_INTERPRET must be set before any module defines a @triton.jit kernel, so it is set here, at
+the top of the root conftest, which pytest imports before any test module.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The spec's 4-layer tiny config (K K K M), random weights, float32, one safetensors file."""
+    from kimi_desk.engine.random_checkpoint import tiny_config, write_random_checkpoint
+
+    return write_random_checkpoint(tiny_config(), tmp_path_factory.mktemp("tiny") / "model", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tail7_checkpoint(tmp_path_factory):
+    """7 layers, K K K M K K M, sharded: the real model's irregular tail and the index.json layout."""
+    from kimi_desk.engine.random_checkpoint import tail7_config, write_random_checkpoint
+
+    return write_random_checkpoint(tail7_config(), tmp_path_factory.mktemp("tail7") / "model", seed=2,
+                                   max_shard_bytes=400_000)

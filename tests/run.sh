@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs everything the tests need into .venv and runs the whole suite on the CPU.
+# torch comes first, pinned to a CPU build: an unpinned torch pulled in by a later requirement would
+# fetch a multi-GB CUDA build. Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet torch==2.13.0
+python -m pip install --quiet -e '.[dev]'
+export TRITON_INTERPRET=1
+exec python -m pytest -q "$@"
