@@ -212,6 +212,8 @@ class KimiLinearForCausalLM(nn.Module):
     def __init__(self, config: KimiLinearConfig):
         super().__init__()
         self.config = config
+        # Set by load_model from the checkpoint's files; ties snapshots to these weights.
+        self.fingerprint = "unloaded"
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 

@@ -8,6 +8,7 @@ unexpected or mis-shaped tensor is an error that names it. Nothing is ever unpic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -138,6 +139,22 @@ def load_weights(model: KimiLinearForCausalLM, path: Path) -> None:
         raise CheckpointError(f"{path}: missing tensor {missing[0]}{more}")
 
 
+def checkpoint_fingerprint(path: Path) -> str:
+    """Identifies a checkpoint cheaply: config.json, every safetensors header (names, shapes, dtypes,
+    offsets) and the first and last MiB of each file's tensor data. Two checkpoints of one architecture
+    but different weights differ in those bytes; reading them costs milliseconds at any model size."""
+    digest = hashlib.sha256()
+    digest.update((path / "config.json").read_bytes())
+    for file in checkpoint_files(path):
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            digest.update(file.name.encode())
+            digest.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:32]
+
+
 def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> KimiLinearForCausalLM:
     """A checkpoint folder in the official layout -> a ready model in eval mode.
 
@@ -153,6 +170,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> KimiLine
     model = build_on_meta(config)
     materialize(model, torch.device(device), dtype)
     load_weights(model, path)
+    model.fingerprint = checkpoint_fingerprint(path)
     return model.eval()
 
 

@@ -103,15 +103,15 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
             akk[..., rows, :r] = (k_rows * to_ref) @ from_ref.transpose(-1, -2)
     akk.mul_(bc)
     # (I + A_kk) is unit lower-triangular: W = T (beta exp(G) K), U = T (beta V) by substitution.
-    G = G64.float()
+    decay_from_start = G64.float().exp_()  # exp(G_i), <= 1
     eye = torch.eye(C, dtype=torch.float32, device=device)
-    rhs = torch.cat([bc * G.exp() * kc, bc * vc], dim=-1)
+    rhs = torch.cat([bc * decay_from_start * kc, bc * vc], dim=-1)
     wu = torch.linalg.solve_triangular(eye + akk, rhs, upper=False, unitriangular=True)
     w, u = wu[..., :K], wu[..., K:]
 
-    qg = qc * G.exp()  # [B, H, N, C, K]
-    kg = kc * (G64[..., -1:, :] - G64).exp().float()  # k_i exp(G_last - G_i)
-    decay_last = G[..., -1, :].exp().unsqueeze(-1)  # [B, H, N, K, 1]
+    qg = qc * decay_from_start  # [B, H, N, C, K]
+    kg = kc * (G64[..., -1:, :] - G64).float().exp_()  # k_i exp(G_last - G_i)
+    decay_last = decay_from_start[..., -1, :].unsqueeze(-1)  # [B, H, N, K, 1]
     o = torch.empty(B, H, N, C, V, dtype=torch.float32, device=device)
     for n in range(N):
         v_new = u[:, :, n] - w[:, :, n] @ state  # [B, H, C, V]

@@ -1,0 +1,277 @@
+"""Snapshots of the model state on disk: safetensors for tensors, JSON for metadata, never pickle.
+
+A snapshot folder holds
+- checkpoints of the constant-size part (per KDA layer the recurrent matrix and conv window) at chosen
+  positions: `kda-<position>-<n>.safetensors`;
+- the MLA latent caches, stored once, as append-only segments that end at checkpoint positions:
+  `mla-<start>-<end>-<n>.safetensors`; the cache at any checkpoint is the concatenation of the
+  segments before it;
+- `manifest.json`, the list of both with their checksums. It is replaced atomically after the files it
+  names are on disk, so a crash at any moment leaves the previous manifest, and every file it names,
+  intact. New files never reuse a name the manifest knows.
+
+Every file carries the format version and the model's and tokenizer's fingerprints; every tensor file
+carries a SHA-256 of its tensor data, checked on load. A snapshot from another model, or a damaged
+or truncated file, is refused with a SnapshotError naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from kimi_desk.engine.state import KDAState, MLACache, ModelState
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be used: damaged, truncated, or from another model or tokenizer."""
+
+
+# -- atomic files -----------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, rename over it, fsync the folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _json_with_checksum(payload: dict) -> bytes:
+    body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    checksum = hashlib.sha256(body.encode()).hexdigest()
+    return (json.dumps({"checksum": checksum, "payload": payload}, sort_keys=True, indent=1) + "\n").encode()
+
+
+def read_checked_json(path: Path) -> dict:
+    """A JSON file written by write_checked_json, with its checksum verified."""
+    try:
+        wrapper = json.loads(Path(path).read_text(encoding="utf-8"))
+        payload, checksum = wrapper["payload"], wrapper["checksum"]
+    except FileNotFoundError:
+        raise SnapshotError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SnapshotError(f"{path}: damaged ({type(exc).__name__})") from None
+    body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    if hashlib.sha256(body.encode()).hexdigest() != checksum:
+        raise SnapshotError(f"{path}: damaged (checksum mismatch)")
+    return payload
+
+
+def write_checked_json(path: Path, payload: dict) -> None:
+    atomic_write(path, _json_with_checksum(payload))
+
+
+# -- tensor files -----------------------------------------------------------------------------------
+
+
+def _data_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a snapshot is tied to: snapshots of one model and tokenizer are useless to another."""
+
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+
+    def metadata(self) -> dict[str, str]:
+        return {"format_version": str(FORMAT_VERSION), "model_fingerprint": self.model_fingerprint,
+                "tokenizer_fingerprint": self.tokenizer_fingerprint}
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], identity: Identity) -> str:
+    """Atomically write a safetensors file that carries its identity and data checksum; returns the checksum."""
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    digest = _data_digest(cpu)
+    atomic_write(path, safetensors_bytes(cpu, metadata={**identity.metadata(), "data_sha256": digest}))
+    return digest
+
+
+def read_tensors(path: Path, identity: Identity, expected_digest: str | None = None) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise SnapshotError(f"{path.name}: missing from the snapshot")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as reader:
+            metadata = reader.metadata() or {}
+            tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SnapshotError(f"{path.name}: damaged or truncated ({str(exc).splitlines()[0][:120]})") from None
+    _check_identity(path, metadata, identity)
+    digest = _data_digest(tensors)
+    if digest != metadata.get("data_sha256") or (expected_digest and digest != expected_digest):
+        raise SnapshotError(f"{path.name}: damaged (checksum mismatch)")
+    return tensors
+
+
+def _check_identity(path: Path, metadata: dict, identity: Identity) -> None:
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise SnapshotError(f"{path.name}: snapshot format {metadata.get('format_version')!r}, "
+                            f"this kimi-desk reads format {FORMAT_VERSION}")
+    if metadata.get("model_fingerprint") != identity.model_fingerprint:
+        raise SnapshotError(f"{path.name}: the snapshot was made with another model")
+    if metadata.get("tokenizer_fingerprint") != identity.tokenizer_fingerprint:
+        raise SnapshotError(f"{path.name}: the snapshot was made with another tokenizer")
+
+
+# -- the store --------------------------------------------------------------------------------------
+
+
+class SnapshotStore:
+    """Checkpoints of one sequence's state (batch size 1) in one folder."""
+
+    def __init__(self, folder: Path, identity: Identity):
+        self.folder = Path(folder)
+        self.identity = identity
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._manifest = self._read_manifest()
+
+    # The manifest: {"checkpoints": [{position, file, sha256}], "segments": [{start, end, file, sha256}],
+    # "counter": n} (n makes every new file name unique).
+    def _read_manifest(self) -> dict:
+        path = self.folder / MANIFEST
+        if not path.exists():
+            return {"format_version": FORMAT_VERSION, **self.identity.metadata(), "checkpoints": [],
+                    "segments": [], "counter": 0}
+        manifest = read_checked_json(path)
+        _check_identity(path, {k: str(v) for k, v in manifest.items() if k != "checkpoints"}, self.identity)
+        return manifest
+
+    def _commit(self) -> None:
+        write_checked_json(self.folder / MANIFEST, self._manifest)
+        self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        """Remove tensor files the manifest no longer names (left by truncation or a crash)."""
+        named = {c["file"] for c in self._manifest["checkpoints"]} | {s["file"] for s in self._manifest["segments"]}
+        for path in self.folder.glob("*.safetensors"):
+            if path.name not in named:
+                path.unlink(missing_ok=True)
+        for path in self.folder.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+
+    def _next_name(self, stem: str) -> str:
+        self._manifest["counter"] += 1
+        return f"{stem}-{self._manifest['counter']}.safetensors"
+
+    @property
+    def positions(self) -> list[int]:
+        return [c["position"] for c in self._manifest["checkpoints"]]
+
+    @property
+    def cached_tokens(self) -> int:
+        segments = self._manifest["segments"]
+        return segments[-1]["end"] if segments else 0
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.glob("*.safetensors"))
+
+    def save(self, state: ModelState) -> None:
+        """Checkpoint `state` at its position: the constant-size part, plus the MLA latents that the
+        stored segments do not hold yet."""
+        if state.batch_size != 1:
+            raise ValueError("snapshots hold one sequence (batch size 1)")
+        position = state.position
+        if position < self.cached_tokens:
+            raise ValueError(f"cannot checkpoint position {position} behind the stored cache "
+                             f"({self.cached_tokens} tokens); truncate first")
+        if position in self.positions:
+            return
+        if position > self.cached_tokens:
+            start = self.cached_tokens
+            latents = {f"layers.{i}.latents": layer.latents[0, start:position]
+                       for i, layer in enumerate(state.layers) if isinstance(layer, MLACache)}
+            name = self._next_name(f"mla-{start:012d}-{position:012d}")
+            digest = write_tensors(self.folder / name, latents, self.identity)
+            self._manifest["segments"].append({"start": start, "end": position, "file": name, "sha256": digest})
+        constant = {}
+        for i, layer in enumerate(state.layers):
+            if isinstance(layer, KDAState):
+                constant[f"layers.{i}.recurrent"] = layer.recurrent[0]
+                constant[f"layers.{i}.conv"] = layer.conv[0]
+        name = self._next_name(f"kda-{position:012d}")
+        digest = write_tensors(self.folder / name, constant, self.identity)
+        self._manifest["checkpoints"].append({"position": position, "file": name, "sha256": digest})
+        self._manifest["checkpoints"].sort(key=lambda c: c["position"])
+        self._commit()
+
+    def latest_at_or_before(self, position: int) -> int | None:
+        earlier = [p for p in self.positions if p <= position]
+        return max(earlier) if earlier else None
+
+    def restore(self, position: int, template: ModelState) -> ModelState:
+        """The state at checkpoint `position`, built into copies of `template`'s layers (a fresh
+        `model.new_state(1)`, which fixes layer kinds, shapes, dtypes and device)."""
+        entry = next((c for c in self._manifest["checkpoints"] if c["position"] == position), None)
+        if entry is None:
+            raise SnapshotError(f"no checkpoint at position {position} (have {self.positions})")
+        constant = read_tensors(self.folder / entry["file"], self.identity, entry["sha256"])
+        segments = [s for s in self._manifest["segments"] if s["start"] < position]
+        parts = [read_tensors(self.folder / s["file"], self.identity, s["sha256"]) for s in segments]
+        state = template.clone()
+        for i, layer in enumerate(state.layers):
+            try:
+                if isinstance(layer, KDAState):
+                    recurrent, conv = constant[f"layers.{i}.recurrent"], constant[f"layers.{i}.conv"]
+                    _check_shape(entry["file"], recurrent, layer.recurrent[0]), _check_shape(entry["file"], conv, layer.conv[0])
+                    layer.recurrent = recurrent.unsqueeze(0).to(layer.recurrent)
+                    layer.conv = conv.unsqueeze(0).to(layer.conv)
+                else:
+                    layer.truncate(0)
+                    for part in parts:
+                        latents = part[f"layers.{i}.latents"]
+                        if latents.shape[-1] != layer._buffer.shape[-1]:
+                            raise SnapshotError(f"layer {i}: cached latents have width {latents.shape[-1]}, "
+                                                f"the model {layer._buffer.shape[-1]}")
+                        layer.append(latents.unsqueeze(0).to(layer._buffer))
+                    layer.truncate(position)
+            except KeyError as exc:
+                raise SnapshotError(f"snapshot lacks tensor {exc.args[0]}: made for another model?") from None
+        state.position = position
+        return state
+
+    def truncate_after(self, position: int) -> None:
+        """Forget every checkpoint after `position` (itself a checkpoint or 0) and the cache beyond it:
+        what re-reading from a changed file needs."""
+        if position and position not in self.positions:
+            raise ValueError(f"{position} is not a checkpoint position")
+        self._manifest["checkpoints"] = [c for c in self._manifest["checkpoints"] if c["position"] <= position]
+        self._manifest["segments"] = [s for s in self._manifest["segments"] if s["end"] <= position]
+        self._commit()
+
+
+def _check_shape(file: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    if tuple(got.shape) != tuple(want.shape):
+        raise SnapshotError(f"{file}: state of shape {list(got.shape)}, the model needs {list(want.shape)}")

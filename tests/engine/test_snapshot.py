@@ -1,0 +1,180 @@
+"""Snapshots on disk: exact round trips, truncation, crash safety, and refusal of what does not fit."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from kimi_desk.engine import load_model
+from kimi_desk.engine.random_checkpoint import tiny_config, write_random_checkpoint
+from kimi_desk.engine.snapshot import Identity, SnapshotError, SnapshotStore
+
+TOKENIZER = "tokenizer-under-test"
+
+
+@pytest.fixture(scope="module")
+def model(tail7_checkpoint):
+    return load_model(tail7_checkpoint)
+
+
+def identity(model):
+    return Identity(model.fingerprint, TOKENIZER)
+
+
+def read(model, ids, state=None):
+    state = state or model.new_state(1)
+    model(ids, state)
+    return state
+
+
+def test_restore_continues_exactly(model, tmp_path):
+    ids = torch.randint(0, model.config.vocab_size, (1, 300))
+    store = SnapshotStore(tmp_path, identity(model))
+    state = model.new_state(1)
+    for a, b in [(0, 70), (70, 200), (200, 260)]:
+        model(ids[:, a:b], state)
+        store.save(state)
+    assert store.positions == [70, 200, 260] and store.cached_tokens == 260
+    reference = model(ids[:, 260:], state.clone())
+
+    reopened = SnapshotStore(tmp_path, identity(model))  # as a fresh process would
+    restored = reopened.restore(260, model.new_state(1))
+    assert restored.position == 260
+    assert torch.equal(model(ids[:, 260:], restored), reference)
+
+    # An earlier checkpoint truncates the cache: continuing from 70 equals never having read past it.
+    from_70 = reopened.restore(70, model.new_state(1))
+    want = read(model, ids[:, :70])
+    assert torch.equal(model(ids[:, 70:90], from_70), model(ids[:, 70:90], want))
+
+
+def test_truncate_then_reread(model, tmp_path):
+    ids = torch.randint(0, model.config.vocab_size, (1, 200))
+    store = SnapshotStore(tmp_path, identity(model))
+    state = model.new_state(1)
+    for a, b in [(0, 50), (50, 120), (120, 200)]:
+        model(ids[:, a:b], state)
+        store.save(state)
+    store.truncate_after(50)
+    assert store.positions == [50] and store.cached_tokens == 50
+    other = torch.randint(0, model.config.vocab_size, (1, 80))
+    state = store.restore(50, model.new_state(1))
+    model(other, state)
+    store.save(state)
+    names = {p.name for p in tmp_path.glob("*.safetensors")}
+    assert len(names) == 4  # kda at 50 and 130, mla segments 0-50 and 50-130: nothing stale left
+    want = read(model, other, read(model, ids[:, :50]))  # the same chunking: bit-exact
+    got = SnapshotStore(tmp_path, identity(model)).restore(130, model.new_state(1))
+    probe = torch.randint(0, model.config.vocab_size, (1, 5))
+    assert torch.equal(model(probe, got), model(probe, want))
+
+
+def test_another_model_or_tokenizer_is_refused(model, tmp_path):
+    store = SnapshotStore(tmp_path / "s", identity(model))
+    store.save(read(model, torch.randint(0, 512, (1, 40))))
+    other_path = write_random_checkpoint(model.config, tmp_path / "other", seed=99)
+    other = load_model(other_path)
+    assert other.fingerprint != model.fingerprint
+    with pytest.raises(SnapshotError, match="another model"):
+        SnapshotStore(tmp_path / "s", identity(other))
+    with pytest.raises(SnapshotError, match="another tokenizer"):
+        SnapshotStore(tmp_path / "s", Identity(model.fingerprint, "a different tokenizer"))
+
+
+def test_damaged_files_are_refused_and_nothing_else_is_lost(model, tmp_path):
+    store = SnapshotStore(tmp_path, identity(model))
+    state = model.new_state(1)
+    model(torch.randint(0, 512, (1, 60)), state)
+    store.save(state)
+    model(torch.randint(0, 512, (1, 60)), state)
+    store.save(state)
+    kda_file = sorted(tmp_path.glob("kda-000000000120-*.safetensors"))[0]
+    good = kda_file.read_bytes()
+    data = bytearray(good)
+    data[-10] ^= 0x40  # one flipped bit in the tensor data
+    kda_file.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match=rf"{kda_file.name}: damaged \(checksum mismatch\)"):
+        store.restore(120, model.new_state(1))
+    # The other checkpoint is still good.
+    assert store.restore(60, model.new_state(1)).position == 60
+
+    kda_file.write_bytes(good)
+    mla_file = sorted(tmp_path.glob("mla-000000000060-*.safetensors"))[0]
+    mla_file.write_bytes(mla_file.read_bytes()[:100])
+    with pytest.raises(SnapshotError, match="damaged or truncated"):
+        store.restore(120, model.new_state(1))
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"position": 60', '"position": 61'))
+    with pytest.raises(SnapshotError, match=r"manifest.json: damaged \(checksum mismatch\)"):
+        SnapshotStore(tmp_path, identity(model))
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from kimi_desk.engine import load_model
+    from kimi_desk.engine import snapshot
+    from kimi_desk.engine.snapshot import Identity, SnapshotStore
+
+    model = load_model(sys.argv[1])
+    store = SnapshotStore(sys.argv[2], Identity(model.fingerprint, sys.argv[3]))
+    state = store.restore(store.positions[-1], model.new_state(1))
+    model(torch.randint(0, 512, (1, 3000)), state)
+    real_write = snapshot.atomic_write
+
+    def slow_write(path, data):
+        # Write the temporary file slowly, so that the kill lands in the middle of it.
+        print("writing", flush=True)
+        with open(path.parent / ("." + path.name + ".partial.tmp"), "wb") as fh:
+            for i in range(0, len(data), 1024):
+                fh.write(data[i : i + 1024]); fh.flush()
+                import time; time.sleep(0.01)
+        real_write(path, data)
+
+    snapshot.atomic_write = slow_write
+    store.save(state)
+    print("finished", flush=True)
+    """
+)
+
+
+def test_sigkill_while_writing_leaves_the_previous_snapshot_loadable(model, tail7_checkpoint, tmp_path):
+    store = SnapshotStore(tmp_path / "snap", identity(model))
+    ids = torch.randint(0, 512, (1, 100))
+    state = read(model, ids)
+    store.save(state)
+    probe = torch.randint(0, 512, (1, 4))
+    expected = model(probe, state.clone())
+
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tail7_checkpoint), str(tmp_path / "snap"), TOKENIZER],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    reopened = SnapshotStore(tmp_path / "snap", identity(model))
+    assert reopened.positions == [100]
+    assert torch.equal(model(probe, reopened.restore(100, model.new_state(1))), expected)
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    from kimi_desk.engine.snapshot import atomic_write
+
+    target = tmp_path / "f.json"
+    atomic_write(target, b"old")
+    atomic_write(target, b"new contents")
+    assert target.read_bytes() == b"new contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_only_batch_size_one(model, tmp_path):
+    store = SnapshotStore(tmp_path, identity(model))
+    with pytest.raises(ValueError, match="batch size 1"):
+        store.save(model.new_state(2))
