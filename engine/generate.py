@@ -1,0 +1,275 @@
+"""Generation: chunked prefill, sampling and the decode loop. Token ids in, token ids out; no text.
+
+    logits = prefill(model, prompt_ids, state)                       # [B, vocab] after the last prompt token
+    for step in stream_tokens(model, prompt_ids, state, max_new_tokens=256, sampling=Sampling(0.7, top_p=0.9, seed=1),
+                              stop_token_ids=stops, cancel=event):
+        ...  # step.token_id, step.seconds, step.finish_reason
+
+State contract. Each sampled token is fed to the model before it is yielded, except a stop token,
+which is never fed. So at every yield, and after the stream ends for any reason (stop, budget, context
+limit, cancellation, or the caller dropping the generator), the state has consumed the prompt and
+every yielded token except a stop token; `state.position` counts them. The assistant turn is left
+open: the next turn starts with `<|im_end|>` (chat.next_turn_token_ids). Feeding before yielding
+costs the caller one decode step of latency per token and buys a state that is consistent whenever
+the caller sees it.
+
+Cancellation (a threading.Event or a callable returning True) is checked between prefill chunks and
+before every step, so the stream ends within one step of it. Cancelled during prefill, the state holds
+a prefix of the prompt (`state.position` says how much).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from kimi_desk.engine.state import ModelState
+
+if TYPE_CHECKING:
+    from kimi_desk.engine.model import KimiLinearForCausalLM
+
+# Tokens per prefill call: large enough to keep the kernels busy, small enough that the activations of
+# one chunk stay modest and that cancellation is noticed often during a long document.
+DEFAULT_PREFILL_CHUNK = 4096
+
+Cancel = threading.Event | Callable[[], bool] | None
+
+
+class PrefillCancelled(Exception):
+    """Prefill stopped between chunks; `consumed` prompt tokens are in the state."""
+
+    def __init__(self, consumed: int):
+        super().__init__(f"prefill cancelled after {consumed} tokens")
+        self.consumed = consumed
+
+
+def is_cancelled(cancel: Cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+# -- prefill ---------------------------------------------------------------------------------------
+
+
+def _as_batch(ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A list of ids, a [T] or a [B, T] tensor -> [B, T] int64 on the model's device."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"expected a non-empty [T] or [B, T] sequence of token ids, got shape {tuple(ids.shape)}")
+    return ids.to(device)
+
+
+def prefill(model: KimiLinearForCausalLM, ids: Sequence[int] | torch.Tensor, state: ModelState,
+            chunk_size: int = DEFAULT_PREFILL_CHUNK, cancel: Cancel = None) -> torch.Tensor:
+    """Feed `ids` to the model `chunk_size` tokens at a time; the logits after the last one, [B, vocab].
+
+    Only the last position's logits are computed per chunk (an lm_head over every token of a long
+    document would cost vocab x T memory for nothing). Raises PrefillCancelled between chunks.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    batch = _as_batch(ids, model.device)  # [B, T]
+    logits = None
+    for start in range(0, batch.shape[1], chunk_size):
+        if start > 0 and is_cancelled(cancel):
+            raise PrefillCancelled(start)
+        logits = model(batch[:, start : start + chunk_size], state, last_only=True)  # [B, 1, V]
+    return logits[:, -1]
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 is greedy; top_k 0, top_p 1 and repetition_penalty 1
+    are off. Order, as in Hugging Face's generate: repetition penalty, temperature, top-k, top-p.
+    With a seed the choice is reproducible (one uniform draw per sampled token, none when greedy)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def new_generator(self) -> torch.Generator:
+        generator = torch.Generator(device="cpu")
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+        return generator
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: logits of seen tokens are divided by `penalty` when positive, multiplied when
+    negative, so a penalty above 1 always makes them less likely. logits [V] float, seen [V] bool."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (and any tied with the k-th), the rest -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def filter_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the most probable tokens whose total reaches p (at least one); zero the rest. Not renormalised."""
+    if p >= 1:
+        return probs
+    sorted_probs, order = torch.sort(probs, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    drop_sorted = mass_before >= p
+    drop_sorted[0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return probs.masked_fill(drop, 0.0)
+
+
+def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None,
+                 seen: torch.Tensor | None = None) -> int:
+    """The next token from one position's logits [V]. `seen` [V] bool marks the tokens the repetition
+    penalty applies to."""
+    logits = logits.float()
+    if sampling.repetition_penalty != 1 and seen is not None:
+        logits = penalize_repetition(logits, seen, sampling.repetition_penalty)
+    if sampling.greedy:
+        return int(torch.argmax(logits))
+    logits = filter_top_k(logits / sampling.temperature, sampling.top_k)
+    probs = filter_top_p(torch.softmax(logits, dim=-1), sampling.top_p)
+    # Inverse CDF with one uniform draw: reproducible from the seed whatever the device and the
+    # vocabulary size, and independent of how torch.multinomial draws internally.
+    cdf = torch.cumsum(probs.double(), dim=-1)  # [V]
+    u = torch.rand((), generator=generator, dtype=torch.float64).item()
+    # The first token whose cumulative mass exceeds u * total; zero-probability tokens are never picked.
+    index = int(torch.searchsorted(cdf, cdf.new_tensor([u * float(cdf[-1])]), right=True))
+    return min(index, probs.shape[-1] - 1)
+
+
+# -- the decode loop -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token.
+
+    `seconds` is the engine's time for this token: sampling it and feeding it to the model (for the
+    first token also the prefill, so it is the time to first token); time the caller spends between
+    steps is not counted. `position` is state.position after the step. `finish_reason` is set on the
+    last step: "stop" (a stop token, not fed) or "length" (the token budget or the context is used up).
+    """
+
+    token_id: int
+    index: int
+    seconds: float
+    position: int
+    finish_reason: str | None = None
+
+
+def stream_tokens(model: KimiLinearForCausalLM, prompt_ids: Sequence[int] | torch.Tensor, state: ModelState, *,
+                  max_new_tokens: int, sampling: Sampling = GREEDY,
+                  stop_token_ids: Collection[int] | None = None, cancel: Cancel = None,
+                  prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK) -> Iterator[Step]:
+    """Prefill `prompt_ids` (batch 1) into `state`, then yield generated tokens one Step at a time.
+
+    Stops after a stop token (default: the config's eos ids), after max_new_tokens, when the state
+    reaches model_max_length, or when cancelled (then without a final Step; likewise when the prompt
+    leaves no room or max_new_tokens is 0). See the module docstring for what the state holds.
+    """
+    if state.batch_size != 1:
+        raise ValueError(f"generation runs on a batch of 1, the state has {state.batch_size}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    prompt = _as_batch(prompt_ids, model.device)  # [1, T]
+    max_length = model.config.model_max_length
+    if state.position + prompt.shape[1] > max_length:
+        raise ValueError(f"the prompt ({prompt.shape[1]} tokens after {state.position}) exceeds "
+                         f"model_max_length={max_length}")
+    stops = frozenset(model.config.stop_token_ids if stop_token_ids is None else stop_token_ids)
+
+    started = time.perf_counter()
+    try:
+        logits = prefill(model, prompt, state, prefill_chunk_size, cancel)[0]  # [V]
+    except PrefillCancelled:
+        return
+    generator = None if sampling.greedy else sampling.new_generator()
+    seen = None
+    if sampling.repetition_penalty != 1:
+        seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        seen[prompt[0]] = True
+
+    for index in range(max_new_tokens):
+        if is_cancelled(cancel) or state.position >= max_length:
+            return
+        token = sample_token(logits, sampling, generator, seen)
+        if token in stops:
+            finish = "stop"
+        else:
+            logits = model(torch.tensor([[token]], device=model.device), state, last_only=True)[0, -1]
+            if seen is not None:
+                seen[token] = True
+            at_limit = index == max_new_tokens - 1 or state.position >= max_length
+            finish = "length" if at_limit else None
+        now = time.perf_counter()
+        yield Step(token, index, now - started, state.position, finish)
+        started = time.perf_counter()
+        if finish is not None:
+            return
+
+
+@dataclass
+class Generation:
+    """A whole generation, collected. finish_reason: "stop", "length" or "cancelled"."""
+
+    token_ids: list[int] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    finish_reason: str = "cancelled"
+
+
+def generate(model: KimiLinearForCausalLM, prompt_ids: Sequence[int] | torch.Tensor, state: ModelState, *,
+             max_new_tokens: int, sampling: Sampling = GREEDY,
+             stop_token_ids: Collection[int] | None = None, cancel: Cancel = None,
+             prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK) -> Generation:
+    """stream_tokens, run to the end. The state contract is the same."""
+    result = Generation()
+    for step in stream_tokens(model, prompt_ids, state, max_new_tokens=max_new_tokens, sampling=sampling,
+                              stop_token_ids=stop_token_ids, cancel=cancel,
+                              prefill_chunk_size=prefill_chunk_size):
+        result.token_ids.append(step.token_id)
+        result.steps.append(step)
+        if step.finish_reason is not None:
+            result.finish_reason = step.finish_reason
+    if not result.steps or result.steps[-1].finish_reason is None:
+        # The stream ended without a final step: cancelled, or no budget or context left to start.
+        result.finish_reason = "cancelled" if is_cancelled(cancel) else "length"
+    return result

@@ -1,0 +1,287 @@
+"""Generation on random tiny checkpoints: against a from-scratch loop, reproducible sampling, the
+state contract (stop, budget, cancellation, next turn), and streamed text."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from kimi_desk.engine import load_model
+from kimi_desk.engine.chat import chat_token_ids, next_turn_token_ids, stop_token_ids
+from kimi_desk.engine.generate import (
+    GREEDY,
+    PrefillCancelled,
+    Sampling,
+    filter_top_k,
+    filter_top_p,
+    generate,
+    penalize_repetition,
+    prefill,
+    sample_token,
+    stream_tokens,
+)
+from kimi_desk.engine.random_checkpoint import tail7_config, tiny_config, write_random_checkpoint
+from kimi_desk.engine.tokenizer import StreamDecoder, Tokenizer, kimi_added_tokens, train_ranks
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = write_random_checkpoint(tiny_config(), tmp_path_factory.mktemp("tiny"), seed=0)
+    return load_model(folder, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tail7_model(tmp_path_factory):
+    folder = write_random_checkpoint(tail7_config(), tmp_path_factory.mktemp("tail7"), seed=1)
+    return load_model(folder, device="cpu", dtype=torch.float32)
+
+
+def prompt_ids(length: int, seed: int = 0, vocab: int = 512) -> list[int]:
+    return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def next_logits_from_scratch(model, ids: list[int]) -> torch.Tensor:
+    """The logits after `ids`, from a fresh state and one full forward."""
+    return model(torch.tensor([ids]), model.new_state(1))[0, -1]
+
+
+# -- against an independent loop ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which, new_tokens", [("model", 64), ("tail7_model", 64)])
+def test_greedy_equals_a_from_scratch_loop(which, new_tokens, request):
+    """Greedy tokens from the incremental state equal re-running the whole sequence in a new state at
+    every step (the 7-layer model also passes KDA state through an MLA layer)."""
+    model = request.getfixturevalue(which)
+    prompt = prompt_ids(6, seed=1)
+    result = generate(model, prompt, model.new_state(1), max_new_tokens=new_tokens, stop_token_ids=[],
+                      prefill_chunk_size=4)
+    sequence = list(prompt)
+    for _ in range(new_tokens):
+        sequence.append(int(torch.argmax(next_logits_from_scratch(model, sequence))))
+    assert result.token_ids == sequence[len(prompt) :]
+    assert result.finish_reason == "length"
+
+
+def test_chunked_prefill_equals_one_forward(model):
+    prompt = prompt_ids(50, seed=2)
+    whole = next_logits_from_scratch(model, prompt)
+    for chunk in (1, 7, 16, 50, 4096):
+        state = model.new_state(1)
+        logits = prefill(model, prompt, state, chunk_size=chunk)
+        assert logits.shape == (1, model.config.vocab_size)
+        assert state.position == len(prompt)
+        torch.testing.assert_close(logits[0], whole, rtol=1e-4, atol=1e-4)
+
+
+SAMPLINGS = [
+    Sampling(temperature=1.0, seed=3),
+    Sampling(temperature=0.7, top_k=20, seed=4),
+    Sampling(temperature=1.3, top_p=0.8, seed=5),
+    Sampling(temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.3, seed=6),
+]
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_seeded_sampling_is_reproducible_across_runs_and_chunk_sizes(model, sampling):
+    prompt = prompt_ids(40, seed=7)
+    runs = [
+        generate(model, prompt, model.new_state(1), max_new_tokens=32, sampling=sampling, stop_token_ids=[],
+                 prefill_chunk_size=chunk).token_ids
+        for chunk in (40, 40, 1, 9, 16)
+    ]
+    assert all(run == runs[0] for run in runs)
+    other_seed = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty, seed=99)
+    assert generate(model, prompt, model.new_state(1), max_new_tokens=32, sampling=other_seed,
+                    stop_token_ids=[]).token_ids != runs[0]
+
+
+# -- sampling pieces -------------------------------------------------------------------------------------------
+
+
+def test_filters_and_penalty():
+    logits = torch.tensor([1.0, 3.0, 2.0, 3.0, -1.0])
+    assert torch.isinf(filter_top_k(logits, 2)).tolist() == [True, False, True, False, True]
+    assert torch.equal(filter_top_k(logits, 0), logits)
+    probs = torch.tensor([0.1, 0.5, 0.25, 0.15])
+    assert (filter_top_p(probs, 0.6) > 0).tolist() == [False, True, True, False]
+    assert (filter_top_p(probs, 0.75) > 0).tolist() == [False, True, True, False]
+    assert (filter_top_p(probs, 0.76) > 0).tolist() == [False, True, True, True]
+    assert (filter_top_p(probs, 0.01) > 0).tolist() == [False, True, False, False]
+    seen = torch.tensor([True, False, False, True, True])
+    assert penalize_repetition(logits, seen, 2.0).tolist() == [0.5, 3.0, 2.0, 1.5, -2.0]
+    assert sample_token(logits, GREEDY) == 1  # the first of the tied maxima
+    assert sample_token(logits, GREEDY, seen=seen) == 1
+    assert sample_token(logits, Sampling(0.0, repetition_penalty=2.0), seen=seen) == 1
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0, -30.0])
+    generator = Sampling(seed=0).new_generator()
+    draws = torch.tensor([sample_token(logits, Sampling(temperature=1.0), generator) for _ in range(4000)])
+    frequencies = torch.bincount(draws, minlength=4).double() / len(draws)
+    torch.testing.assert_close(frequencies, torch.softmax(logits.double(), -1), atol=0.03, rtol=0)
+    restricted = [sample_token(logits, Sampling(top_k=2), generator) for _ in range(200)]
+    assert set(restricted) == {1, 2}
+
+
+def test_sampling_parameters_are_checked():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(repetition_penalty=0)):
+        with pytest.raises(ValueError):
+            Sampling(**bad)
+
+
+# -- the state contract -------------------------------------------------------------------------------------------
+
+
+def test_stop_token_ends_the_turn_unfed(model):
+    prompt = prompt_ids(10, seed=8)
+    free = generate(model, prompt, model.new_state(1), max_new_tokens=20, stop_token_ids=[]).token_ids
+    stop = free[7]
+    first = free.index(stop)
+    state = model.new_state(1)
+    steps = list(stream_tokens(model, prompt, state, max_new_tokens=20, stop_token_ids=[stop]))
+    assert [s.token_id for s in steps] == free[: first + 1]
+    assert steps[-1].finish_reason == "stop" and all(s.finish_reason is None for s in steps[:-1])
+    # The stop token was not fed: the state holds the prompt and the tokens before it.
+    assert state.position == len(prompt) + first == steps[-1].position
+    continued = model(torch.tensor([[stop]]), state)[0, -1]
+    reference = next_logits_from_scratch(model, prompt + free[: first + 1])
+    torch.testing.assert_close(continued, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_budget_end_feeds_every_token(model):
+    prompt = prompt_ids(10, seed=9)
+    state = model.new_state(1)
+    result = generate(model, prompt, state, max_new_tokens=5, stop_token_ids=[])
+    assert result.finish_reason == "length" and len(result.token_ids) == 5
+    assert state.position == len(prompt) + 5
+    assert [s.index for s in result.steps] == list(range(5))
+    assert all(s.seconds > 0 for s in result.steps)
+    assert generate(model, prompt, model.new_state(1), max_new_tokens=0).finish_reason == "length"
+
+
+def test_context_limit_ends_generation(tmp_path):
+    folder = write_random_checkpoint(tiny_config(model_max_length=24), tmp_path, seed=2)
+    small = load_model(folder, dtype=torch.float32)
+    state = small.new_state(1)
+    result = generate(small, prompt_ids(20, seed=10), state, max_new_tokens=50, stop_token_ids=[])
+    assert result.finish_reason == "length" and len(result.token_ids) == 4 and state.position == 24
+    with pytest.raises(ValueError, match="exceeds model_max_length"):
+        generate(small, prompt_ids(25), small.new_state(1), max_new_tokens=1)
+
+
+def test_cancel_returns_within_one_step_and_the_next_turn_continues(model):
+    """Cancel after 5 tokens, then run a next turn; it equals an uninterrupted run of the same ids."""
+    prompt = prompt_ids(12, seed=11)
+    sampling = Sampling(temperature=0.8, top_k=40, seed=12)
+    cancel = threading.Event()
+    state = model.new_state(1)
+    emitted = []
+    for step in stream_tokens(model, prompt, state, max_new_tokens=100, sampling=sampling, stop_token_ids=[],
+                              cancel=cancel):
+        emitted.append(step.token_id)
+        if len(emitted) == 5:
+            cancel.set()
+    assert len(emitted) == 5
+    assert state.position == len(prompt) + 5
+
+    next_turn = prompt_ids(7, seed=13)
+    continued = generate(model, next_turn, state, max_new_tokens=20, stop_token_ids=[]).token_ids
+    reference_state = model.new_state(1)
+    reference = generate(model, prompt + emitted + next_turn, reference_state, max_new_tokens=20,
+                         stop_token_ids=[]).token_ids
+    assert continued == reference
+    assert state.position == reference_state.position
+
+
+def test_cancel_from_another_thread(model):
+    """A worker thread generates; the caller cancels while it runs; the worker stops within a step."""
+    cancel = threading.Event()
+    started, steps, steps_after_cancel = threading.Event(), [], []
+    state = model.new_state(1)
+
+    def worker():
+        for step in stream_tokens(model, prompt_ids(8), state, max_new_tokens=3000, stop_token_ids=[],
+                                  cancel=cancel, sampling=Sampling(seed=0)):
+            (steps_after_cancel if cancel.is_set() else steps).append(step)
+            started.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert started.wait(30)
+    cancel.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(steps_after_cancel) <= 1
+    assert all(step.finish_reason is None for step in steps + steps_after_cancel)
+    assert state.position == 8 + len(steps) + len(steps_after_cancel)
+
+
+def test_cancel_during_prefill_leaves_a_prefix(model):
+    prompt = prompt_ids(40, seed=14)
+    calls = []
+    state = model.new_state(1)
+    result = generate(model, prompt, state, max_new_tokens=5, prefill_chunk_size=16,
+                      cancel=lambda: calls.append(1) or len(calls) > 1)
+    assert result.finish_reason == "cancelled" and result.token_ids == []
+    assert state.position == 32
+    with pytest.raises(PrefillCancelled) as info:
+        prefill(model, prompt, model.new_state(1), chunk_size=10, cancel=lambda: True)
+    assert info.value.consumed == 10
+
+
+# -- chat turns and text ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_setup(tmp_path_factory):
+    """A tokenizer whose tokens split UTF-8 characters (a small byte-level vocabulary trained on
+    multilingual text), with Kimi's special tokens, and a random model with exactly its vocabulary."""
+    texts = ["naïve café 中文字符测试 日本語のテキスト 🙂👍🏽 ελληνικά русский текст hello world\n"] * 30
+    ranks = train_ranks(texts, vocab_size=330)
+    tokenizer = Tokenizer.from_ranks(ranks, kimi_added_tokens(len(ranks)))
+    config = tiny_config(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.special_tokens["<|im_end|>"])
+    folder = write_random_checkpoint(config, tmp_path_factory.mktemp("chat"), seed=3)
+    return tokenizer, load_model(folder, dtype=torch.float32)
+
+
+def test_streamed_text_equals_the_decoded_sequence(chat_setup):
+    tokenizer, model = chat_setup
+    assert any(b >= 0x80 for t in range(256, tokenizer.vocab_size - 258) for b in tokenizer.id_to_bytes(t)[-1:])
+    prompt = chat_token_ids(tokenizer, [{"role": "user", "content": "Say something in 中文 🙂"}])
+    # Sampled ids from a random model: plenty of characters split across tokens, and broken UTF-8.
+    for seed in range(2):
+        decoder, streamed, ids = StreamDecoder(tokenizer), [], []
+        for step in stream_tokens(model, prompt, model.new_state(1), max_new_tokens=80,
+                                  sampling=Sampling(temperature=1.0, seed=seed), stop_token_ids=[]):
+            ids.append(step.token_id)
+            streamed.append(decoder.push(step.token_id))
+        assert "".join(streamed) + decoder.flush() == tokenizer.decode(ids)
+    text = "中文 🙂 naïve"
+    decoder = StreamDecoder(tokenizer)
+    deltas = [decoder.push(i) for i in tokenizer.encode(text)]
+    assert "".join(deltas) == text and "\ufffd" not in "".join(deltas)
+
+
+def test_two_turns_equal_one_from_scratch_run(chat_setup):
+    """Turn 1 ends at a stop token (not fed); turn 2 starts with <|im_end|>. The second answer equals
+    generating from the whole conversation's ids in a fresh state."""
+    tokenizer, model = chat_setup
+    stops = stop_token_ids(tokenizer, model.config)
+    first_prompt = chat_token_ids(tokenizer, [{"role": "user", "content": "hello"}])
+    free = generate(model, first_prompt, model.new_state(1), max_new_tokens=12, stop_token_ids=[]).token_ids
+    # Make turn 1 stop on its 6th token by declaring that token a stop id.
+    stops_here = stops | {free[5]}
+    state = model.new_state(1)
+    first = generate(model, first_prompt, state, max_new_tokens=12, stop_token_ids=stops_here)
+    assert first.finish_reason == "stop"
+    answer = first.token_ids[:-1]
+    second_prompt = next_turn_token_ids(tokenizer, [{"role": "user", "content": "and again"}])
+    second = generate(model, second_prompt, state, max_new_tokens=16, stop_token_ids=[])
+    whole = first_prompt + answer + second_prompt
+    assert whole[len(first_prompt) + len(answer)] == tokenizer.special_tokens["<|im_end|>"]
+    reference = generate(model, whole, model.new_state(1), max_new_tokens=16, stop_token_ids=[])
+    assert second.token_ids == reference.token_ids
