@@ -153,7 +153,7 @@ class DocumentPrompt:
 def document_messages(document: str, question: str, system: str | None = None) -> list[dict[str, str]]:
     """The document as the first user content, followed by the question, in one user turn."""
     messages = [{"role": "system", "content": system}] if system is not None else []
-    messages.append({"role": "user", "content": _document_text(document) + _question_text(question)})
+    messages.append({"role": "user", "content": document_text(document) + _question_text(question)})
     return messages
 
 
@@ -166,14 +166,30 @@ def document_prompt(tokenizer: Tokenizer, document: str, question: str, system: 
     exception, from the official encode's 400 000-character slices: when a multiple of 400 000 falls
     inside the question, counted from the document's start, the joint encoding cuts the question there.)
     """
-    prefix = chat_token_ids(tokenizer, [{"role": "system", "content": system}], False) if system is not None else []
-    prefix += _turn_ids(tokenizer, IM_USER, "user", _document_text(document), close=False)
-    suffix = tokenizer.encode(_question_text(question), allow_special=False)
-    suffix += [_special_id(tokenizer, IM_END), *generation_prompt_ids(tokenizer)]
-    return DocumentPrompt(prefix, suffix)
+    prefix = document_head_ids(tokenizer, system) + tokenizer.encode(document_text(document), allow_special=False)
+    return DocumentPrompt(prefix, question_ids(tokenizer, question))
 
 
-def _document_text(document: str) -> str:
+def document_head_ids(tokenizer: Tokenizer, system: str | None) -> list[int]:
+    """What comes before the document: the system turn (if any) and the user turn's header."""
+    head = chat_token_ids(tokenizer, [{"role": "system", "content": system}], False) if system is not None else []
+    return head + _turn_ids(tokenizer, IM_USER, "user", "", close=False)
+
+
+def document_head_text(system: str | None) -> str:
+    """`document_head_ids` as text (for display and for fingerprinting a reading)."""
+    head = render_chat([{"role": "system", "content": system}], False) if system is not None else ""
+    return f"{head}{IM_USER}user{IM_MIDDLE}"
+
+
+def question_ids(tokenizer: Tokenizer, question: str) -> list[int]:
+    """What follows the document: the question, `<|im_end|>` and the generation prompt."""
+    ids = tokenizer.encode(_question_text(question), allow_special=False)
+    return ids + [_special_id(tokenizer, IM_END), *generation_prompt_ids(tokenizer)]
+
+
+def document_text(document: str) -> str:
+    """The document as it stands in the user turn: ending in the separator before the question."""
     return document.rstrip("\n") + DOCUMENT_QUESTION_SEPARATOR
 
 

@@ -98,3 +98,23 @@ def write_random_checkpoint(config: KimiLinearConfig, path, seed: int = 0, max_s
     dtype = getattr(torch, config.dtype)
     save_checkpoint(random_model(config, seed=seed, dtype=dtype), path, max_shard_bytes=max_shard_bytes)
     return Path(path)
+
+
+def write_small_tokenizer(folder, base_vocab: int = 700) -> None:
+    """A byte-level BPE of `base_vocab` tokens trained on a few of Python's own modules, plus the Kimi
+    special tokens after it (ids base_vocab .. base_vocab + 257), as tokenizer.json in `folder`. The
+    model beside it needs vocab_size >= base_vocab + 258."""
+    import inspect
+    import json as json_module
+    import textwrap
+
+    from kimi_desk.engine.tokenizer import (
+        canonical_json, kimi_added_tokens, special_token_names, tiktoken_to_tokenizer_json, train_ranks,
+    )
+
+    modules = [json_module, textwrap, inspect]
+    texts = [Path(inspect.getsourcefile(m)).read_text(encoding="utf-8") for m in modules]
+    ranks = train_ranks(texts, base_vocab)
+    names = special_token_names(len(ranks), kimi_added_tokens(len(ranks)))
+    (Path(folder) / "tokenizer.json").write_text(canonical_json(tiktoken_to_tokenizer_json(ranks, names)),
+                                                 encoding="utf-8")

@@ -1,0 +1,506 @@
+"""Sessions: a document read once into the model's state, questions answered from that state, all of it
+kept on disk and resumed in another process.
+
+    assistant = Assistant.load(model_path)              # model + tokenizer, loaded once
+    store = SessionStore()                              # KIMI_DESK_HOME or the platform's data folder
+    session = assistant.read(store, "repo/", on_progress=show, cancel=event)   # new, resumed or refreshed
+    for event in assistant.ask(session, "Where is the config parsed?"):        # Answer events
+        ...
+
+A session folder holds `session.json` (checked JSON: sources, token spans, transcript) and
+`snapshots/` (engine/snapshot.py). Reading is chunked prefill with checkpoints of the constant-size
+state at file boundaries, so that a changed folder is re-read from its first changed file, and an
+interrupted reading resumes where it stopped. Each question branches from the document's state.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import secrets
+import shutil
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kimi_desk.engine import chat
+from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, stream_tokens
+from kimi_desk.engine.snapshot import (
+    Identity,
+    SnapshotError,
+    SnapshotStore,
+    read_checked_json,
+    write_checked_json,
+)
+from kimi_desk.engine.state import ModelState
+
+SESSION_FORMAT = 1
+SESSION_FILE = "session.json"
+# Tokens kept free after the document for a question and its answer.
+ANSWER_RESERVE = 1024
+
+
+class SessionError(ValueError):
+    """A session that cannot be read, found or used; one line, says what to do."""
+
+
+class ReadCancelled(Exception):
+    """Reading stopped on request; what was read so far is checkpointed and resumes next time."""
+
+
+def data_home() -> Path:
+    """Where sessions live: $KIMI_DESK_HOME, else the platform's user data folder."""
+    override = os.environ.get("KIMI_DESK_HOME")
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("kimi-desk", appauthor=False))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# -- records ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Segment:
+    """One piece of the document as read: the head (system turn and user header), the folder tree, or a
+    file's block. `start` is its first token's position."""
+
+    label: str
+    sha256: str
+    start: int
+    tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.tokens
+
+
+@dataclass
+class Turn:
+    question: str
+    answer: str
+    answer_token_ids: list[int]
+    finish_reason: str
+    seconds: float
+    asked: str
+
+
+@dataclass
+class Session:
+    id: str
+    folder: Path
+    name: str
+    source: str
+    created: str
+    last_used: str
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    segments: list[Segment] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)
+    read_position: int = 0
+    transcript: list[Turn] = field(default_factory=list)
+    system: str | None = chat.DEFAULT_SYSTEM_PROMPT
+    model_source: str = ""
+
+    @property
+    def document_tokens(self) -> int:
+        return self.segments[-1].end if self.segments else 0
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.segments) and self.read_position == self.document_tokens
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.model_fingerprint, self.tokenizer_fingerprint)
+
+    def snapshots(self) -> SnapshotStore:
+        return SnapshotStore(self.folder / "snapshots", self.identity)
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": SESSION_FORMAT, "id": self.id, "name": self.name, "source": self.source,
+            "created": self.created, "last_used": self.last_used, "model_fingerprint": self.model_fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint, "system": self.system,
+            "segments": [vars(s) for s in self.segments], "files": self.files,
+            "read_position": self.read_position, "transcript": [vars(t) for t in self.transcript],
+            "model_source": self.model_source,
+        }
+
+    @classmethod
+    def from_json(cls, folder: Path, raw: dict) -> "Session":
+        if raw.get("format_version") != SESSION_FORMAT:
+            raise SessionError(f"{folder.name}: session format {raw.get('format_version')!r}, "
+                               f"this kimi-desk reads format {SESSION_FORMAT}")
+        try:
+            return cls(
+                id=raw["id"], folder=folder, name=raw["name"], source=raw["source"], created=raw["created"],
+                last_used=raw["last_used"], model_fingerprint=raw["model_fingerprint"],
+                tokenizer_fingerprint=raw["tokenizer_fingerprint"], system=raw.get("system"),
+                segments=[Segment(**s) for s in raw["segments"]], files=list(raw["files"]),
+                read_position=int(raw["read_position"]), transcript=[Turn(**t) for t in raw["transcript"]],
+                model_source=raw.get("model_source", ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SessionError(f"{folder.name}: damaged session.json ({type(exc).__name__}: {exc})") from None
+
+    def save(self) -> None:
+        write_checked_json(self.folder / SESSION_FILE, self.to_json())
+
+
+# -- the folder of sessions -------------------------------------------------------------------------
+
+
+class SessionStore:
+    def __init__(self, home: Path | None = None):
+        self.root = (home or data_home()) / "sessions"
+
+    def _folder(self, session_id: str) -> Path:
+        if not session_id or not all(c.isalnum() or c in "-_" for c in session_id):
+            raise SessionError(f"{session_id!r} is not a session id")
+        return self.root / session_id
+
+    def list(self) -> list[Session]:
+        """Every readable session, most recently used first; damaged ones are left out (see `damaged`)."""
+        sessions = []
+        for folder in sorted(self.root.glob("*")) if self.root.is_dir() else []:
+            try:
+                sessions.append(self.get(folder.name))
+            except (SessionError, SnapshotError):
+                continue
+        return sorted(sessions, key=lambda s: s.last_used, reverse=True)
+
+    def get(self, session_id: str) -> Session:
+        folder = self._folder(session_id)
+        if not (folder / SESSION_FILE).is_file():
+            raise SessionError(f"no session {session_id!r} (see 'kimi-desk sessions list')")
+        try:
+            raw = read_checked_json(folder / SESSION_FILE)
+        except SnapshotError as exc:
+            raise SessionError(f"session {session_id}: {exc}") from None
+        return Session.from_json(folder, raw)
+
+    def find_by_source(self, source: str, identity: Identity) -> Session | None:
+        matches = [s for s in self.list() if s.source == source and s.identity == identity]
+        return matches[0] if matches else None
+
+    def create(self, source: str, name: str, identity: Identity, system: str | None) -> Session:
+        self.root.mkdir(parents=True, exist_ok=True)
+        while True:
+            session_id = secrets.token_hex(4)
+            try:
+                (self.root / session_id).mkdir()
+                break
+            except FileExistsError:
+                continue
+        now = _now()
+        session = Session(id=session_id, folder=self.root / session_id, name=name, source=source, created=now,
+                          last_used=now, model_fingerprint=identity.model_fingerprint,
+                          tokenizer_fingerprint=identity.tokenizer_fingerprint, system=system)
+        session.save()
+        return session
+
+    def rename(self, session_id: str, name: str) -> Session:
+        name = name.strip()
+        if not name:
+            raise SessionError("a session name cannot be empty")
+        session = self.get(session_id)
+        session.name = name
+        session.save()
+        return session
+
+    def remove(self, session_id: str) -> None:
+        folder = self._folder(session_id)
+        if not folder.is_dir():
+            raise SessionError(f"no session {session_id!r} (see 'kimi-desk sessions list')")
+        shutil.rmtree(folder)
+
+    def export(self, session_id: str, archive: Path) -> Path:
+        """One zip file with the session and its snapshots; never overwrites an existing file."""
+        session = self.get(session_id)
+        archive = Path(archive)
+        if archive.exists():
+            raise SessionError(f"{archive} already exists; choose another name")
+        tmp = archive.with_name(f".{archive.name}.partial")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for path in sorted(session.folder.rglob("*")):
+                if path.is_file() and not path.name.endswith(".tmp"):
+                    zf.write(path, path.relative_to(session.folder).as_posix())
+        os.replace(tmp, archive)
+        return archive
+
+    def import_(self, archive: Path) -> Session:
+        """A session exported elsewhere, checked, under a new id if its own is taken."""
+        archive = Path(archive)
+        try:
+            zf = zipfile.ZipFile(archive)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise SessionError(f"{archive}: not a kimi-desk session archive ({exc})") from None
+        with zf:
+            names = zf.namelist()
+            for name in names:
+                parts = Path(name).parts
+                if name.startswith("/") or ".." in parts or (parts and parts[0] not in (SESSION_FILE, "snapshots")):
+                    raise SessionError(f"{archive}: unexpected member {name!r}; refusing to import")
+            if SESSION_FILE not in names:
+                raise SessionError(f"{archive}: no session.json inside; not a kimi-desk session archive")
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = self.root / f".import-{secrets.token_hex(4)}"
+            try:
+                zf.extractall(staging)
+                session = Session.from_json(staging, read_checked_json(staging / SESSION_FILE))
+                session.snapshots()  # reads and checks the manifest
+                session_id = session.id
+                if (self.root / session_id).exists():
+                    session_id = secrets.token_hex(4)
+                os.replace(staging, self.root / session_id)
+            except SnapshotError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise SessionError(f"{archive}: {exc}") from None
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        session = self.get(session_id)
+        if session.id != session_id:
+            session.id = session_id
+            session.save()
+        return session
+
+
+# -- reading and asking -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadProgress:
+    tokens_done: int
+    tokens_total: int
+    files_done: int
+    files_total: int
+    tokens_per_second: float
+    seconds_left: float | None
+    path: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A piece of a streamed answer: new text, the token ids behind it, and timing. The last event of an
+    answer has `finish_reason` set ("stop", "length" or "cancelled")."""
+
+    text: str
+    token_ids: list[int]
+    seconds: float
+    finish_reason: str | None = None
+
+
+class Assistant:
+    """The model and its tokenizer, loaded once; reads documents into sessions and answers from them."""
+
+    def __init__(self, model, tokenizer, *, prefill_chunk: int = 2048, checkpoint_interval: int = 8192):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prefill_chunk = prefill_chunk
+        self.checkpoint_interval = checkpoint_interval
+        self.identity = Identity(model.fingerprint, tokenizer.fingerprint)
+        self.stop_ids = chat.stop_token_ids(tokenizer, model.config)
+        self.model_source = ""  # where the model was loaded from; sessions remember it
+        self._document_states: dict[str, ModelState] = {}
+        self._rate: float | None = None
+
+    @classmethod
+    def load(cls, model_path: Path, device="cpu", dtype: torch.dtype | None = None, **options) -> "Assistant":
+        from kimi_desk.engine.tokenizer import load_tokenizer
+        from kimi_desk.engine.weights import load_model
+
+        assistant = cls(load_model(model_path, device=device, dtype=dtype), load_tokenizer(model_path), **options)
+        assistant.model_source = str(Path(model_path).expanduser().resolve())
+        return assistant
+
+    def reading_rate(self) -> float:
+        """Tokens per second of reading on this device, measured once on one chunk of a fresh state: what
+        the app quotes before reading. Long documents read slower as the MLA caches grow; the progress
+        reports update the figure as reading goes."""
+        if self._rate is None:
+            ids = torch.randint(0, self.model.config.vocab_size, (1, self.prefill_chunk), device=self.model.device)
+            self.model(ids[:, :8], self.model.new_state(1))  # first-call costs stay out of the figure
+            started = time.perf_counter()
+            self.model(ids, self.model.new_state(1), last_only=True)
+            self._rate = self.prefill_chunk / max(time.perf_counter() - started, 1e-9)
+        return self._rate
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def plan(self, document, system: str | None) -> tuple[list[Segment], list[list[int]]]:
+        """The document's token ids, segment by segment: the head (system turn and user header), then
+        every segment of the loaded document. Segments end with a newline and the next starts with a
+        non-space, so their ids concatenate to those of the whole text."""
+        texts = document.segments()
+        texts[-1] = chat.document_text(texts[-1])
+        units = [chat.document_head_ids(self.tokenizer, system)]
+        units += [self.tokenizer.encode(t, allow_special=False) for t in texts]
+        labels = ["(conversation head)", "(folder tree)" if document.is_folder else "(preamble)"]
+        labels += [f.relative_path for f in document.files]
+        segments, position = [], 0
+        for label, text, ids in zip(labels, [chat.document_head_text(system), *texts], units, strict=True):
+            segments.append(Segment(label, _sha256(text), position, len(ids)))
+            position += len(ids)
+        return segments, units
+
+    def read(self, store: SessionStore, path, *, name: str | None = None, system: str | None = chat.DEFAULT_SYSTEM_PROMPT,
+             limits=None, on_progress: Callable[[ReadProgress], None] | None = None,
+             cancel: Cancel = None, on_plan: Callable[[Session, int], None] | None = None) -> Session:
+        """Read `path` into a session: a new one, or the existing session of the same source and model,
+        continued from its last checkpoint that the changes leave valid. Raises ReadCancelled."""
+        from kimi_desk.engine.ingest import LoaderLimits, load_path
+
+        source = str(Path(path).expanduser().resolve())
+        document = load_path(source, limits or LoaderLimits())
+        segments, units = self.plan(document, system)
+        total = segments[-1].end
+        limit = self.model.config.model_max_length
+        if total + ANSWER_RESERVE > limit:
+            raise SessionError(f"{Path(source).name} is {total:,} tokens; the model reads at most "
+                               f"{limit - ANSWER_RESERVE:,} before a question (model_max_length {limit:,})")
+        session = store.find_by_source(source, self.identity)
+        if session is None or session.system != system:
+            session = store.create(source, name or Path(source).name, self.identity, system)
+        elif name:
+            session.name = name
+        snapshots = session.snapshots()
+        kept = _unchanged_prefix(session.segments, segments, session.read_position)
+        resume_at = snapshots.latest_at_or_before(kept) or 0
+        snapshots.truncate_after(resume_at)
+        session.segments, session.read_position = segments, resume_at
+        session.model_source = self.model_source
+        session.files = [{"path": f.relative_path, "size": f.size, "sha256": f.sha256,
+                          "start": seg.start, "end": seg.end}
+                         for f, seg in zip(document.files, segments[2:], strict=True)]
+        session.last_used = _now()
+        session.save()
+        if on_plan is not None:
+            on_plan(session, total - resume_at)
+        state = snapshots.restore(resume_at, self.model.new_state(1)) if resume_at else self.model.new_state(1)
+        self._read_from(session, snapshots, segments, units, state, on_progress, cancel, len(document.files))
+        self._document_states[session.id] = state
+        return session
+
+    def _read_from(self, session, snapshots, segments, units, state, on_progress, cancel, files_total):
+        total = segments[-1].end
+        started, start_position = time.perf_counter(), state.position
+        last_checkpoint = state.position
+        for index, (segment, ids) in enumerate(zip(segments, units)):
+            if segment.end <= state.position:
+                continue
+            offset = state.position - segment.start  # > 0 only when resuming inside this segment
+            for a in range(offset, segment.tokens, self.prefill_chunk):
+                if is_cancelled(cancel):
+                    if state.position > last_checkpoint:
+                        snapshots.save(state)
+                    session.read_position = state.position
+                    session.save()
+                    raise ReadCancelled(f"stopped after {state.position:,} of {total:,} tokens")
+                chunk = torch.tensor([ids[a : a + self.prefill_chunk]], device=self.model.device)
+                self.model(chunk, state, last_only=True)
+                # A checkpoint inside a long file too, so that an interruption loses little.
+                if state.position - last_checkpoint >= 4 * self.checkpoint_interval:
+                    snapshots.save(state)
+                    last_checkpoint = state.position
+                if on_progress is not None:
+                    elapsed = time.perf_counter() - started
+                    rate = (state.position - start_position) / elapsed if elapsed > 0 else 0.0
+                    left = (total - state.position) / rate if rate > 0 else None
+                    on_progress(ReadProgress(state.position, total, max(0, index - 1), files_total, rate, left,
+                                             segment.label))
+            # Checkpoints sit at file boundaries, where a changed folder resumes.
+            at_end = segment.end == total
+            if at_end or state.position - last_checkpoint >= self.checkpoint_interval:
+                snapshots.save(state)
+                last_checkpoint = state.position
+                session.read_position = state.position
+                session.save()
+
+    def document_state(self, session: Session):
+        """The state after the whole document, from memory or from the session's snapshot."""
+        if not session.complete:
+            raise SessionError(f"session {session.id} has read {session.read_position:,} of "
+                               f"{session.document_tokens:,} tokens; open it again to finish reading")
+        state = self._document_states.get(session.id)
+        if state is None or state.position != session.document_tokens:
+            if session.identity != self.identity:
+                raise SessionError(f"session {session.id} was read with another model or tokenizer")
+            state = session.snapshots().restore(session.document_tokens, self.model.new_state(1))
+            self._document_states[session.id] = state
+        return state
+
+    # -- asking -----------------------------------------------------------------------------------
+
+    def ask(self, session: Session, question: str, *, sampling: Sampling = Sampling(temperature=0.0),
+            max_new_tokens: int = 512, cancel: Cancel = None) -> Iterator[Answer]:
+        """Stream the answer to `question`, branching from the document's state; the finished turn is
+        added to the session's transcript."""
+        from kimi_desk.engine.tokenizer import StreamDecoder
+
+        prompt = chat.question_ids(self.tokenizer, question)
+        state = self.document_state(session).clone()
+        room = self.model.config.model_max_length - state.position - len(prompt)
+        decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)
+        ids: list[int] = []
+        text: list[str] = []
+        seconds, finish = 0.0, "cancelled"
+        steps = stream_tokens(self.model, prompt, state, max_new_tokens=min(max_new_tokens, max(room, 0)),
+                              sampling=sampling, stop_token_ids=self.stop_ids, cancel=cancel,
+                              prefill_chunk_size=self.prefill_chunk)
+        try:
+            for step in steps:
+                seconds += step.seconds
+                if step.finish_reason == "stop":  # the stop token itself is not part of the answer
+                    finish = "stop"
+                    break
+                ids.append(step.token_id)
+                text.append(decoder.push(step.token_id))
+                yield Answer(text[-1], [step.token_id], step.seconds)
+                if step.finish_reason == "length":
+                    finish = "length"
+                    break
+            else:
+                finish = "cancelled" if is_cancelled(cancel) else "length"
+        finally:
+            # Also when the caller drops the stream (a stop in the UI): the turn is kept as far as it got.
+            text.append(decoder.flush())
+            session.transcript.append(Turn(question, "".join(text), ids, finish, round(seconds, 3), _now()))
+            session.last_used = _now()
+            session.save()
+        yield Answer(text[-1], [], 0.0, finish)
+
+
+def _unchanged_prefix(old: list[Segment], new: list[Segment], read_position: int) -> int:
+    """The position up to which the earlier reading still holds: the end of the last segment that is
+    the same (same text, same place) in both and was read completely."""
+    kept = 0
+    for a, b in zip(old, new):
+        if a.sha256 != b.sha256 or a.start != b.start or a.tokens != b.tokens or a.end > read_position:
+            break
+        kept = a.end
+    # A reading interrupted inside a segment that did not change can resume inside it.
+    if len(old) > 0 and read_position > kept:
+        index = next((i for i, s in enumerate(old) if s.end > kept), None)
+        if index is not None and index < len(new) and old[index].sha256 == new[index].sha256 \
+                and old[index].start == new[index].start:
+            kept = min(read_position, old[index].end)
+    return kept

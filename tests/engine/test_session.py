@@ -1,0 +1,174 @@
+"""Sessions end to end on a tiny model with a real tokenizer: read, ask, resume in a fresh process,
+export and import, re-read a changed folder from its first changed file, cancel and resume."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+from kimi_desk.engine.random_checkpoint import tiny_config, write_random_checkpoint, write_small_tokenizer
+from kimi_desk.engine.session import Assistant, ReadCancelled, SessionError, SessionStore
+
+QUESTION = "What does the helper in file_25 return?"
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    config = tiny_config(vocab_size=1024, bos_token_id=700, eos_token_id=702, pad_token_id=957)
+    path = write_random_checkpoint(config, tmp_path_factory.mktemp("chat") / "model", seed=5)
+    write_small_tokenizer(path)
+    return path
+
+
+@pytest.fixture
+def assistant(chat_checkpoint):
+    # Small chunks and checkpoint intervals, so that a small folder exercises every mechanism.
+    return Assistant.load(chat_checkpoint, prefill_chunk=64, checkpoint_interval=100)
+
+
+def make_folder(root, n_files=50):
+    root.mkdir()
+    for i in range(n_files):
+        (root / f"file_{i:02d}.py").write_text(f"def helper_{i}():\n    return {i * 7} + len('{'x' * (i % 5)}')\n")
+    return root
+
+
+def answer_ids(assistant, session, question=QUESTION, max_new_tokens=12):
+    events = list(assistant.ask(session, question, max_new_tokens=max_new_tokens))
+    assert events[-1].finish_reason in ("stop", "length")
+    return session.transcript[-1].answer_token_ids
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    from kimi_desk.engine.session import Assistant, SessionStore
+    assistant = Assistant.load(sys.argv[1], prefill_chunk=64, checkpoint_interval=100)
+    session = SessionStore().get(sys.argv[2])
+    list(assistant.ask(session, sys.argv[3], max_new_tokens=12))
+    print(json.dumps(session.transcript[-1].answer_token_ids))
+    """
+)
+
+
+def ask_in_fresh_process(checkpoint, session_id, home):
+    env = {"KIMI_DESK_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(checkpoint), session_id, QUESTION],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout)
+
+
+def test_resume_in_a_fresh_process_and_after_export_import(assistant, chat_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("KIMI_DESK_HOME", str(tmp_path / "home"))
+    folder = make_folder(tmp_path / "repo", 12)
+    store = SessionStore()
+    session = assistant.read(store, folder)
+    assert session.complete and session.document_tokens > 300
+    expected = answer_ids(assistant, session)
+    assert len(expected) > 0
+
+    assert ask_in_fresh_process(chat_checkpoint, session.id, tmp_path / "home") == expected
+
+    archive = store.export(session.id, tmp_path / "session.zip")
+    with pytest.raises(SessionError, match="already exists"):
+        store.export(session.id, archive)
+    other_home = tmp_path / "elsewhere"
+    imported = SessionStore(other_home).import_(archive)
+    assert imported.name == "repo" and len(imported.transcript) == 2  # asked here and in the fresh process
+    assert ask_in_fresh_process(chat_checkpoint, imported.id, other_home) == expected
+
+
+def test_changed_file_is_reread_from_that_file_on(assistant, tmp_path):
+    folder = make_folder(tmp_path / "repo", 50)
+    store = SessionStore(tmp_path / "home")
+    planned = []
+    session = assistant.read(store, folder, on_plan=lambda s, tokens: planned.append(tokens))
+    total = session.document_tokens
+    assert planned == [total]
+
+    changed = folder / "file_25.py"
+    changed.write_text(changed.read_text().replace("return 175", "return 176"))
+    session = assistant.read(store, folder, on_plan=lambda s, tokens: planned.append(tokens))
+    file_25 = next(f for f in session.files if f["path"] == "file_25.py")
+    last_checkpoint = max(p for p in session.snapshots().positions if p <= file_25["start"])
+    assert planned[-1] == session.document_tokens - last_checkpoint
+    assert 0 < planned[-1] < total - file_25["start"] + assistant.checkpoint_interval + 40
+
+    # The state equals a full re-read of the changed folder, in another store.
+    fresh = assistant.read(SessionStore(tmp_path / "other"), folder)
+    probe = torch.tensor([[5, 6, 7]])
+    a = assistant.document_state(session).clone()
+    b = assistant.document_state(fresh).clone()
+    assert torch.equal(assistant.model(probe, a), assistant.model(probe, b))
+
+    # Nothing changed: nothing to read.
+    assistant.read(store, folder, on_plan=lambda s, tokens: planned.append(tokens))
+    assert planned[-1] == 0
+
+
+def test_cancelled_reading_resumes(assistant, tmp_path):
+    folder = make_folder(tmp_path / "repo", 30)
+    store = SessionStore(tmp_path / "home")
+    cancel = threading.Event()
+    seen = []
+
+    def progress(p):
+        seen.append(p)
+        if p.tokens_done > p.tokens_total // 2:
+            cancel.set()
+
+    with pytest.raises(ReadCancelled):
+        assistant.read(store, folder, on_progress=progress, cancel=cancel)
+    (session,) = store.list()
+    assert not session.complete and 0 < session.read_position < session.document_tokens
+    assert seen[-1].files_total == 30 and seen[-1].tokens_per_second > 0
+
+    planned = []
+    session = assistant.read(store, folder, on_plan=lambda s, tokens: planned.append(tokens))
+    assert session.complete
+    assert planned[0] == session.document_tokens - session.snapshots().latest_at_or_before(seen[-1].tokens_done)
+    whole = assistant.read(SessionStore(tmp_path / "other"), folder)
+    probe = torch.tensor([[9, 10]])
+    a = assistant.model(probe, assistant.document_state(session).clone())
+    b = assistant.model(probe, assistant.document_state(whole).clone())
+    assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
+def test_a_document_over_the_context_is_refused(assistant, tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text("lorem ipsum dolor sit amet " * 3000)
+    with pytest.raises(SessionError, match=r"big.txt is [\d,]+ tokens; the model reads at most 3,072"):
+        assistant.read(SessionStore(tmp_path / "home"), big)
+    assert SessionStore(tmp_path / "home").list() == []
+
+
+def test_sessions_rename_remove_and_bad_ids(assistant, tmp_path):
+    store = SessionStore(tmp_path / "home")
+    session = assistant.read(store, make_folder(tmp_path / "repo", 3))
+    assert store.rename(session.id, "  my repo ").name == "my repo"
+    assert [s.name for s in store.list()] == ["my repo"]
+    with pytest.raises(SessionError, match="cannot be empty"):
+        store.rename(session.id, " ")
+    for bad in ("../etc", "", "nope"):
+        with pytest.raises(SessionError):
+            store.get(bad)
+    store.remove(session.id)
+    assert store.list() == []
+
+
+def test_import_refuses_archives_that_escape(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("session.json", "{}")
+        zf.writestr("../../outside.txt", "x")
+    with pytest.raises(SessionError, match="unexpected member"):
+        SessionStore(tmp_path / "home").import_(archive)
+    with pytest.raises(SessionError, match="not a kimi-desk session archive"):
+        (tmp_path / "junk.zip").write_bytes(b"not a zip")
+        SessionStore(tmp_path / "home").import_(tmp_path / "junk.zip")
