@@ -7,15 +7,14 @@ to see one). Heavy imports (torch) happen inside the subcommands, so `--help` an
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
+from kimi_desk.app.commands import UsageError
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kimi-desk {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    from kimi_desk.app import commands as session_commands
+
+    session_commands.add_parsers(commands)
+
     bench = commands.add_parser("bench", help="measure this machine (prefill and decode tokens/s)",
                                 description="Benchmarks. Each writes a Markdown table to stdout.")
     suites = bench.add_subparsers(dest="suite", metavar="SUITE", parser_class=_Parser)
@@ -62,6 +65,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # pypdf logs every oddity of a damaged PDF to stderr; the loader's own one-line errors and
+    # per-file warnings already say what matters to the user.
+    logging.getLogger("pypdf").setLevel(logging.CRITICAL)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -199,12 +199,14 @@ class Step:
 def stream_tokens(model: KimiLinearForCausalLM, prompt_ids: Sequence[int] | torch.Tensor, state: ModelState, *,
                   max_new_tokens: int, sampling: Sampling = GREEDY,
                   stop_token_ids: Collection[int] | None = None, cancel: Cancel = None,
-                  prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK) -> Iterator[Step]:
+                  prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, vocab_size: int | None = None) -> Iterator[Step]:
     """Prefill `prompt_ids` (batch 1) into `state`, then yield generated tokens one Step at a time.
 
     Stops after a stop token (default: the config's eos ids), after max_new_tokens, when the state
     reaches model_max_length, or when cancelled (then without a final Step; likewise when the prompt
     leaves no room or max_new_tokens is 0). See the module docstring for what the state holds.
+    With `vocab_size` (the tokenizer's), ids at or above it are never sampled: an embedding padded past
+    the tokenizer has rows no text maps to.
     """
     if state.batch_size != 1:
         raise ValueError(f"generation runs on a batch of 1, the state has {state.batch_size}")
@@ -219,7 +221,7 @@ def stream_tokens(model: KimiLinearForCausalLM, prompt_ids: Sequence[int] | torc
 
     started = time.perf_counter()
     try:
-        logits = prefill(model, prompt, state, prefill_chunk_size, cancel)[0]  # [V]
+        logits = prefill(model, prompt, state, prefill_chunk_size, cancel)[0, :vocab_size]  # [V]
     except PrefillCancelled:
         return
     generator = None if sampling.greedy else sampling.new_generator()
@@ -235,7 +237,7 @@ def stream_tokens(model: KimiLinearForCausalLM, prompt_ids: Sequence[int] | torc
         if token in stops:
             finish = "stop"
         else:
-            logits = model(torch.tensor([[token]], device=model.device), state, last_only=True)[0, -1]
+            logits = model(torch.tensor([[token]], device=model.device), state, last_only=True)[0, -1, :vocab_size]
             if seen is not None:
                 seen[token] = True
             at_limit = index == max_new_tokens - 1 or state.position >= max_length

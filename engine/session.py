@@ -465,7 +465,7 @@ class Assistant:
         seconds, finish = 0.0, "cancelled"
         steps = stream_tokens(self.model, prompt, state, max_new_tokens=min(max_new_tokens, max(room, 0)),
                               sampling=sampling, stop_token_ids=self.stop_ids, cancel=cancel,
-                              prefill_chunk_size=self.prefill_chunk)
+                              prefill_chunk_size=self.prefill_chunk, vocab_size=self.tokenizer.vocab_size)
         try:
             for step in steps:
                 seconds += step.seconds

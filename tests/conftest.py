@@ -26,3 +26,15 @@ def tail7_checkpoint(tmp_path_factory):
 
     return write_random_checkpoint(tail7_config(), tmp_path_factory.mktemp("tail7") / "model", seed=2,
                                    max_shard_bytes=400_000)
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory):
+    """The tiny config with a vocabulary for a real (small) tokenizer: tokenizer.json in the folder, the
+    Kimi special tokens after 700 base tokens (<|im_end|> = 702, the config's eos)."""
+    from kimi_desk.engine.random_checkpoint import tiny_config, write_random_checkpoint, write_small_tokenizer
+
+    config = tiny_config(vocab_size=1024, bos_token_id=700, eos_token_id=702, pad_token_id=957)
+    path = write_random_checkpoint(config, tmp_path_factory.mktemp("chat") / "model", seed=5)
+    write_small_tokenizer(path)
+    return path

@@ -10,18 +10,9 @@ import threading
 import pytest
 import torch
 
-from kimi_desk.engine.random_checkpoint import tiny_config, write_random_checkpoint, write_small_tokenizer
 from kimi_desk.engine.session import Assistant, ReadCancelled, SessionError, SessionStore
 
 QUESTION = "What does the helper in file_25 return?"
-
-
-@pytest.fixture(scope="module")
-def chat_checkpoint(tmp_path_factory):
-    config = tiny_config(vocab_size=1024, bos_token_id=700, eos_token_id=702, pad_token_id=957)
-    path = write_random_checkpoint(config, tmp_path_factory.mktemp("chat") / "model", seed=5)
-    write_small_tokenizer(path)
-    return path
 
 
 @pytest.fixture

@@ -1,0 +1,315 @@
+"""The session commands: `ingest`, `ask` and `sessions list|show|rm|export|import`.
+
+Each prints what a script needs on stdout (a session id, an answer, or `--json`), progress on stderr
+only when stderr is a terminal, and errors as one line (app/cli.py turns exceptions into that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from kimi_desk.assets import ASSETS_DIR
+
+DEMO_MODEL = ASSETS_DIR / "model"
+
+
+class UsageError(ValueError):
+    """Bad input on the command line (printed as one line, exit code 2)."""
+
+
+# -- choosing the model and device ------------------------------------------------------------------
+
+
+def resolve_model(option: str | None, fallback: str | None = None) -> Path:
+    """--model, else `fallback` (a session's own model), else the embedded demo model."""
+    for candidate in (option, fallback):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if not (path / "config.json").is_file():
+                raise UsageError(f"{candidate}: not a model folder (it needs config.json, *.safetensors and tokenizer.json)")
+            return path
+    if (DEMO_MODEL / "config.json").is_file():
+        return DEMO_MODEL
+    raise UsageError("no model: pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json)")
+
+
+def resolve_device(option: str) -> str:
+    import torch
+
+    if option == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if option == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    return option
+
+
+def load_assistant(args, fallback_model: str | None = None):
+    from kimi_desk.engine.session import Assistant
+
+    return Assistant.load(resolve_model(args.model, fallback_model), device=resolve_device(args.device))
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="PATH", help="a model folder (default: the session's model, else "
+                        "the embedded demo model)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model runs (default: auto, CUDA when present)")
+
+
+# -- formatting -------------------------------------------------------------------------------------
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def human_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class ProgressLine:
+    """A one-line progress bar on a terminal; nothing at all when stderr is piped."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self._last = 0.0
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(f"\r\x1b[2K{text}\n")
+            self.stream.flush()
+
+    def update(self, p) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.1 and p.tokens_done < p.tokens_total):
+            return
+        self._last = now
+        fraction = p.tokens_done / max(p.tokens_total, 1)
+        bar = "█" * int(fraction * 20) + " " * (20 - int(fraction * 20))
+        line = (f"reading {fraction:4.0%} |{bar}| {p.tokens_done:,}/{p.tokens_total:,} tokens  "
+                f"{p.files_done}/{p.files_total} files  {p.tokens_per_second:,.0f} tok/s  "
+                f"{human_seconds(p.seconds_left)} left  {p.path}")
+        self.stream.write("\r\x1b[2K" + line[:200])
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+
+
+# -- ingest -----------------------------------------------------------------------------------------
+
+
+def run_ingest(args) -> int:
+    from kimi_desk.engine.ingest import LoaderLimits
+    from kimi_desk.engine.session import ReadCancelled, SessionStore
+
+    if not Path(args.path).expanduser().exists():
+        raise UsageError(f"{args.path}: no such file or folder")
+    progress = ProgressLine()
+    assistant = load_assistant(args)
+    limits = LoaderLimits(max_file_bytes=args.max_file_bytes, max_total_bytes=args.max_total_bytes)
+
+    def on_plan(session, tokens_to_read):
+        if tokens_to_read == 0:
+            progress.say(f"{session.name}: already read ({session.document_tokens:,} tokens), nothing to do")
+        else:
+            estimate = tokens_to_read / assistant.reading_rate()
+            progress.say(f"{session.name}: {tokens_to_read:,} tokens to read, about {human_seconds(estimate)} "
+                         f"on this device ({assistant.model.device.type})")
+
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    started = time.perf_counter()
+    try:
+        session = assistant.read(SessionStore(), args.path, name=args.name, limits=limits,
+                                 on_progress=progress.update, cancel=cancel, on_plan=on_plan)
+    except ReadCancelled as stopped:
+        progress.done()
+        print(f"kimi-desk: {stopped}; run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    progress.done()
+    if args.json:
+        print(json.dumps({"id": session.id, "name": session.name, "source": session.source,
+                          "tokens": session.document_tokens, "files": len(session.files),
+                          "seconds": round(time.perf_counter() - started, 3)}))
+    else:
+        print(session.id)
+    return 0
+
+
+# -- ask --------------------------------------------------------------------------------------------
+
+
+def run_ask(args) -> int:
+    from kimi_desk.engine.generate import Sampling
+    from kimi_desk.engine.session import SessionStore
+
+    session = SessionStore().get(args.session)
+    assistant = load_assistant(args, fallback_model=session.model_source or None)
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    try:
+        for event in assistant.ask(session, args.text, sampling=sampling, max_new_tokens=args.max_new_tokens,
+                                   cancel=cancel):
+            if not args.json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    turn = session.transcript[-1]
+    if args.json:
+        print(json.dumps({"session": session.id, "question": turn.question, "answer": turn.answer,
+                          "finish_reason": turn.finish_reason, "tokens": len(turn.answer_token_ids),
+                          "seconds": turn.seconds}))
+    else:
+        sys.stdout.write("\n")
+    return 130 if turn.finish_reason == "cancelled" else 0
+
+
+# -- sessions ---------------------------------------------------------------------------------------
+
+
+def _summary(session) -> dict:
+    return {"id": session.id, "name": session.name, "source": session.source, "tokens": session.document_tokens,
+            "read": session.read_position, "complete": session.complete, "files": len(session.files),
+            "bytes": session.nbytes(), "created": session.created, "last_used": session.last_used,
+            "questions": len(session.transcript)}
+
+
+def run_sessions_list(args) -> int:
+    from kimi_desk.engine.session import SessionStore
+
+    sessions = [_summary(s) for s in SessionStore().list()]
+    if args.json:
+        print(json.dumps(sessions, indent=1))
+        return 0
+    if not sessions:
+        print("no sessions yet: 'kimi-desk ingest PATH' reads a folder or a book into one")
+        return 0
+    print(f"{'ID':<9} {'NAME':<24} {'TOKENS':>10} {'SIZE':>9}  {'LAST USED':<20} SOURCE")
+    for s in sessions:
+        tokens = f"{s['tokens']:,}" if s["complete"] else f"{s['read']:,}/{s['tokens']:,}"
+        print(f"{s['id']:<9} {s['name'][:24]:<24} {tokens:>10} {human_bytes(s['bytes']):>9}  "
+              f"{s['last_used'][:19].replace('T', ' '):<20} {s['source']}")
+    return 0
+
+
+def run_sessions_show(args) -> int:
+    from kimi_desk.engine.session import SessionStore
+
+    session = SessionStore().get(args.session)
+    info = _summary(session)
+    info["model"] = session.model_source
+    info["checkpoints"] = session.snapshots().positions
+    info["transcript"] = [{"question": t.question, "answer": t.answer, "finish_reason": t.finish_reason,
+                           "asked": t.asked} for t in session.transcript]
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    state = "read" if session.complete else f"read {session.read_position:,} of"
+    print(f"{session.name} ({session.id})\n  source: {session.source}\n  {state} {session.document_tokens:,} tokens "
+          f"in {len(session.files)} files, {human_bytes(info['bytes'])} on disk\n  model: {session.model_source}\n"
+          f"  checkpoints at: {', '.join(f'{p:,}' for p in info['checkpoints']) or 'none'}")
+    for turn in session.transcript:
+        print(f"\n> {turn.question}\n{turn.answer}")
+    return 0
+
+
+def run_sessions_rm(args) -> int:
+    from kimi_desk.engine.session import SessionStore
+
+    store = SessionStore()
+    for session_id in args.sessions:
+        store.get(session_id)  # every id is checked before anything is removed
+    for session_id in args.sessions:
+        store.remove(session_id)
+        print(f"removed {session_id}", file=sys.stderr)
+    return 0
+
+
+def run_sessions_export(args) -> int:
+    from kimi_desk.engine.session import SessionStore
+
+    archive = SessionStore().export(args.session, Path(args.file))
+    print(archive)
+    return 0
+
+
+def run_sessions_import(args) -> int:
+    from kimi_desk.engine.session import SessionStore
+
+    if not Path(args.file).is_file():
+        raise UsageError(f"{args.file}: no such file")
+    session = SessionStore().import_(Path(args.file))
+    print(session.id)
+    return 0
+
+
+def add_parsers(commands) -> None:
+    ingest = commands.add_parser("ingest", help="read a folder or a book into a new session",
+                                 description="Read PATH (a folder, PDF, EPUB, HTML, Markdown or text file) into a "
+                                 "session. Re-running on the same PATH resumes an interrupted reading and re-reads "
+                                 "a changed folder from its first changed file. Progress goes to stderr, the "
+                                 "session id to stdout.")
+    ingest.add_argument("path", metavar="PATH")
+    ingest.add_argument("--name", help="a name for the session (default: the file or folder name)")
+    ingest.add_argument("--json", action="store_true", help="print a JSON summary instead of the id")
+    ingest.add_argument("--max-file-bytes", type=int, default=2 << 20, metavar="N",
+                        help="skip files in a folder larger than N bytes (default: 2 MiB)")
+    ingest.add_argument("--max-total-bytes", type=int, default=16 << 20, metavar="N",
+                        help="stop adding files once N bytes are read (default: 16 MiB)")
+    _add_model_options(ingest)
+    ingest.set_defaults(run=run_ingest)
+
+    ask = commands.add_parser("ask", help="answer one question from a saved session",
+                              description="Answer TEXT from SESSION's document, streamed to stdout.")
+    ask.add_argument("session", metavar="SESSION")
+    ask.add_argument("text", metavar="TEXT")
+    ask.add_argument("--json", action="store_true", help="print one JSON object when the answer is complete")
+    ask.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--seed", type=int, default=None)
+    _add_model_options(ask)
+    ask.set_defaults(run=run_ask)
+
+    sessions = commands.add_parser("sessions", help="list, show, rm, export, import",
+                                   description="Manage saved sessions.")
+    verbs = sessions.add_subparsers(dest="verb", metavar="VERB")
+    listing = verbs.add_parser("list", help="every session, most recent first")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=run_sessions_list)
+    show = verbs.add_parser("show", help="one session: sources, checkpoints, transcript")
+    show.add_argument("session", metavar="SESSION")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=run_sessions_show)
+    rm = verbs.add_parser("rm", help="delete sessions")
+    rm.add_argument("sessions", metavar="SESSION", nargs="+")
+    rm.set_defaults(run=run_sessions_rm)
+    export = verbs.add_parser("export", help="write a session to one .zip file")
+    export.add_argument("session", metavar="SESSION")
+    export.add_argument("file", metavar="FILE")
+    export.set_defaults(run=run_sessions_export)
+    imported = verbs.add_parser("import", help="add a session from an exported .zip file")
+    imported.add_argument("file", metavar="FILE")
+    imported.set_defaults(run=run_sessions_import)

@@ -1,0 +1,91 @@
+"""ingest, ask and sessions as a user runs them: real processes, a tiny real model, KIMI_DESK_HOME."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture
+def run(tmp_path, chat_checkpoint):
+    env = {**os.environ, "KIMI_DESK_HOME": str(tmp_path / "home")}
+
+    def kimi_desk(*args, check=True):
+        result = subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True,
+                                env=env)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    return kimi_desk
+
+
+def make_repo(root):
+    root.mkdir()
+    for i in range(5):
+        (root / f"mod_{i}.py").write_text(f"VALUE_{i} = {i * 11}\n")
+    return root
+
+
+def test_ingest_ask_and_manage_sessions(run, tmp_path, chat_checkpoint):
+    repo = make_repo(tmp_path / "repo")
+    result = run("ingest", str(repo), "--model", str(chat_checkpoint))
+    session_id = result.stdout.strip()
+    assert len(session_id) == 8 and result.stderr == ""  # piped: no progress output
+
+    again = json.loads(run("ingest", str(repo), "--model", str(chat_checkpoint), "--json").stdout)
+    assert again["id"] == session_id and again["files"] == 5 and again["tokens"] > 50
+
+    # The session remembers its model: no --model needed to ask.
+    first = json.loads(run("ask", session_id, "What is VALUE_3?", "--json", "--max-new-tokens", "8").stdout)
+    assert first["finish_reason"] in ("stop", "length") and first["question"] == "What is VALUE_3?"
+    second = json.loads(run("ask", session_id, "What is VALUE_3?", "--json", "--max-new-tokens", "8").stdout)
+    assert second["answer"] == first["answer"]  # greedy by default
+    streamed = run("ask", session_id, "What is VALUE_3?", "--max-new-tokens", "8").stdout
+    assert streamed == first["answer"] + "\n"
+
+    listing = json.loads(run("sessions", "list", "--json").stdout)
+    assert [s["id"] for s in listing] == [session_id] and listing[0]["questions"] == 3
+    shown = json.loads(run("sessions", "show", session_id, "--json").stdout)
+    assert shown["checkpoints"][-1] == shown["tokens"] and len(shown["transcript"]) == 3
+    assert "repo" in run("sessions", "list").stdout
+
+    archive = tmp_path / "out.zip"
+    run("sessions", "export", session_id, str(archive))
+    run("sessions", "rm", session_id)
+    assert json.loads(run("sessions", "list", "--json").stdout) == []
+    imported = run("sessions", "import", str(archive)).stdout.strip()
+    after = json.loads(run("ask", imported, "What is VALUE_3?", "--json", "--max-new-tokens", "8").stdout)
+    assert after["answer"] == first["answer"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["ask", "deadbeef", "hi"], "no session 'deadbeef'"),
+        (["sessions", "show", "../x"], "is not a session id"),
+        (["sessions", "rm", "deadbeef"], "no session 'deadbeef'"),
+        (["sessions", "import", "/nonexistent.zip"], "no such file"),
+        (["ingest", "/nonexistent"], "no such file or folder"),
+        (["ingest", ".", "--model", "/tmp"], "not a model folder"),
+        (["ask"], "the following arguments are required"),
+    ],
+)
+def test_bad_input_is_one_line(run, args, message):
+    result = run(*args, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_bad_documents_are_one_line(run, tmp_path, chat_checkpoint):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run("ingest", str(empty), "--model", str(chat_checkpoint), check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.7\n garbage")
+    result = run("ingest", str(broken), "--model", str(chat_checkpoint), check=False)
+    assert result.returncode == 2 and "broken.pdf" in result.stderr and len(result.stderr.strip().splitlines()) == 1
