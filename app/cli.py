@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine_bench.add_arguments(cpu)
     cpu.set_defaults(run=engine_bench.main)
+    from kimi_desk.engine import bench_sessions
+
+    sessions = suites.add_parser("sessions", help="reading against restoring a session; snapshot size; memory",
+                                 description="Read documents of growing length into sessions on the CPU: time to "
+                                 "read against time to restore from the snapshot, snapshot size per token, and peak "
+                                 "memory while reading.")
+    bench_sessions.add_arguments(sessions)
+    sessions.set_defaults(run=bench_sessions.main)
     return parser
 
 
