@@ -382,9 +382,16 @@ class Assistant:
             session = store.create(source, name or Path(source).name, self.identity, system)
         elif name:
             session.name = name
-        snapshots = session.snapshots()
+        snapshots = _usable_snapshots(session)
         kept = _unchanged_prefix(session.segments, segments, session.read_position)
         resume_at = snapshots.latest_at_or_before(kept) or 0
+        state = self.model.new_state(1)
+        if resume_at:
+            try:
+                state = snapshots.restore(resume_at, state)
+            except SnapshotError:
+                # A damaged checkpoint costs a re-read, never the session: start again from the beginning.
+                resume_at = 0
         snapshots.truncate_after(resume_at)
         session.segments, session.read_position = segments, resume_at
         session.model_source = self.model_source
@@ -395,7 +402,6 @@ class Assistant:
         session.save()
         if on_plan is not None:
             on_plan(session, total - resume_at)
-        state = snapshots.restore(resume_at, self.model.new_state(1)) if resume_at else self.model.new_state(1)
         self._read_from(session, snapshots, segments, units, state, on_progress, cancel, len(document.files))
         self._document_states[session.id] = state
         return session
@@ -444,7 +450,11 @@ class Assistant:
         if state is None or state.position != session.document_tokens:
             if session.identity != self.identity:
                 raise SessionError(f"session {session.id} was read with another model or tokenizer")
-            state = session.snapshots().restore(session.document_tokens, self.model.new_state(1))
+            try:
+                state = session.snapshots().restore(session.document_tokens, self.model.new_state(1))
+            except SnapshotError as exc:
+                raise SessionError(f"session {session.id}: {exc}; 'kimi-desk ingest {session.source}' reads the "
+                                   "document again (the transcript is kept)") from None
             self._document_states[session.id] = state
         return state
 
@@ -487,6 +497,17 @@ class Assistant:
             session.last_used = _now()
             session.save()
         yield Answer(text[-1], [], 0.0, finish)
+
+
+def _usable_snapshots(session: Session) -> SnapshotStore:
+    """The session's snapshot store; one whose manifest is damaged is moved aside (kept, never deleted)
+    and a new one started."""
+    try:
+        return session.snapshots()
+    except SnapshotError:
+        folder = session.folder / "snapshots"
+        folder.rename(session.folder / f"snapshots.damaged-{secrets.token_hex(3)}")
+        return session.snapshots()
 
 
 def _unchanged_prefix(old: list[Segment], new: list[Segment], read_position: int) -> int:

@@ -163,3 +163,28 @@ def test_import_refuses_archives_that_escape(tmp_path):
     with pytest.raises(SessionError, match="not a kimi-desk session archive"):
         (tmp_path / "junk.zip").write_bytes(b"not a zip")
         SessionStore(tmp_path / "home").import_(tmp_path / "junk.zip")
+
+
+def test_damaged_snapshot_is_refused_then_read_again(assistant, tmp_path):
+    folder = make_folder(tmp_path / "repo", 6)
+    store = SessionStore(tmp_path / "home")
+    session = assistant.read(store, folder)
+    expected = answer_ids(assistant, session)
+    snapshot_dir = session.folder / "snapshots"
+    for f in snapshot_dir.glob("kda-*.safetensors"):
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 1
+        f.write_bytes(bytes(data))
+
+    fresh = Assistant.load(assistant.model_source, prefill_chunk=64, checkpoint_interval=100)
+    with pytest.raises(SessionError, match="damaged .* reads the document again"):
+        list(fresh.ask(store.get(session.id), QUESTION))
+    planned = []
+    again = fresh.read(store, folder, on_plan=lambda s, tokens: planned.append(tokens))
+    assert planned == [again.document_tokens]  # read from the start
+    assert answer_ids(fresh, again) == expected
+    assert len(again.transcript) == 2  # nothing the user had is lost
+
+    (session.folder / "snapshots" / "manifest.json").write_text("garbage")
+    again = fresh.read(store, folder)
+    assert again.complete and list(session.folder.glob("snapshots.damaged-*"))
