@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine_bench.add_arguments(cpu)
     cpu.set_defaults(run=engine_bench.main)
+    # The kernel benchmark parses its own options (it runs on a CUDA machine beside fla-core).
+    kernels = suites.add_parser("kernels", add_help=False, help="KDA kernels on a CUDA GPU beside fla-core "
+                                "(pass --help for its options)")
     from kimi_desk.engine import bench_sessions
 
     sessions = suites.add_parser("sessions", help="reading against restoring a session; snapshot size; memory",
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     # per-file warnings already say what matters to the user.
     logging.getLogger("pypdf").setLevel(logging.CRITICAL)
     try:
+        if argv[:2] == ["bench", "kernels"]:
+            from kimi_desk.kernels import bench as kernel_bench
+
+            return kernel_bench.main(argv[2:])
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):

@@ -1,0 +1,376 @@
+"""GPU check and benchmark of the Triton KDA kernels beside fla-core's, at the 48B model's shapes.
+
+`main(argv)` (meant for `kimi-desk bench kernels`): on one CUDA GPU, with B = 1, H = 32, K = V = 128 and
+bf16 inputs,
+  1. checks our prefill and decode kernels, and fla's, against a float64 recurrence on the GPU, on fresh
+     random inputs with the model's gate distribution and with extreme gates (log-decay down to -50 per
+     step), outputs poisoned with NaN beforehand;
+  2. times KDA prefill at T = 8k, 32k, 128k beside fla's `chunk_kda` on the same inputs and flags (peak
+     memory too), after trying a few launch settings of each of our two kernels at 32k;
+  3. times one KDA decode step at B = 1 and B = 8, alone and as 20 layer steps in a CUDA graph, beside
+     fla's `fused_recurrent_kda` (the public call and the in-place serving call);
+and reports time, ratio to fla, and the fraction of the floor (bytes at the measured copy bandwidth,
+FLOPs at the measured bf16 matmul rate). Prints a table last and writes JSON.
+fla-core 0.6.0 is needed only here, as the reference; nothing in kimi_desk imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+H, K, V = 32, 128, 128
+LAYERS = 20
+
+
+def _inputs(B, T, gate, seed, dtype=None, device="cuda"):
+    import torch
+    import torch.nn.functional as F
+
+    dtype = dtype or torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, device=device, generator=gen), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(B, T, H, K, device=device, generator=gen), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, V, device=device, generator=gen).to(dtype)
+    if gate == "model":
+        # Kimi Linear's gate: -exp(A_log) * softplus(x + dt_bias), A_log = log U(1, 16), dt in [1e-3, 0.1].
+        A_log = torch.log(torch.rand(H, device=device, generator=gen) * 15 + 1)
+        dt = torch.exp(torch.rand(H * K, device=device, generator=gen) * (math.log(0.1) - math.log(1e-3))
+                       + math.log(1e-3))
+        dt_bias = dt + torch.log(-torch.expm1(-dt))
+        x = torch.randn(B, T, H, K, device=device, generator=gen)
+        g = -A_log.exp()[:, None] * F.softplus(x + dt_bias.view(H, K))
+    elif gate == "correlated":
+        # Hard for the chunked form: keys nearly parallel within a head, beta near 1, slow decay, so that
+        # (I + Akk)^-1 has large entries and U - W S cancels.
+        base = torch.randn(1, 1, H, K, device=device, generator=gen)
+        k = F.normalize(base + 0.05 * torch.randn(B, T, H, K, device=device, generator=gen), dim=-1).to(dtype)
+        g = -0.01 * torch.rand(B, T, H, K, device=device, generator=gen)
+    else:
+        # Extreme: every channel anywhere in [-50, 0] per step.
+        g = -50 * torch.rand(B, T, H, K, device=device, generator=gen)
+    beta = torch.rand(B, T, H, device=device, generator=gen).sigmoid()
+    if gate == "correlated":
+        beta = 0.95 + 0.05 * beta
+    h0 = torch.randn(B, H, K, V, device=device, generator=gen)
+    return q, k, v, g.float(), beta.to(dtype), h0
+
+
+def _reference_f64(q, k, v, g, beta, h0):
+    """The token-by-token recurrence in float64 on the GPU."""
+    import torch
+
+    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
+    q = q * K**-0.5
+    S = h0.double().clone()
+    o = torch.empty_like(v)
+    for t in range(q.shape[1]):
+        S = S * g[:, t].exp().unsqueeze(-1)
+        u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t]))
+        S = S + k[:, t].unsqueeze(-1) * u.unsqueeze(-2)
+        o[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
+    return o, S
+
+
+def _rel(a, b):
+    """||a - b|| / ||b||; NaN whenever a holds a NaN or an inf, so that it can never pass."""
+    import torch
+
+    a, b = a.double(), b.double()
+    if not bool(torch.isfinite(a).all()):
+        return float("nan")
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _bench(fn, ms=200):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=ms, return_mode="median") * 1e3  # us
+
+
+def _peak(fn):
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def _ceilings():
+    import torch
+
+    x = torch.empty(2**29, dtype=torch.float32, device="cuda").normal_()
+    y = torch.empty_like(x)
+    t = _bench(lambda: y.copy_(x))
+    bw = 2 * x.numel() * 4 / (t * 1e-6)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = _bench(lambda: a @ b)
+    flops = 2 * 8192**3 / (t * 1e-6)
+    del x, y, a, b
+    torch.cuda.empty_cache()
+    return bw, flops
+
+
+def check_correctness(log, intra_cfg=None, scan_cfg=None):
+    """Rel. errors against float64 (and against fla) at real shapes; NaN-poisoned outputs."""
+    import torch
+    from fla.ops.kda import chunk_kda as fla_chunk
+    from fla.ops.kda import fused_recurrent_kda as fla_recurrent
+
+    from kimi_desk.kernels.kda.chunk import chunk_kda_triton
+    from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
+
+    rows = []
+    for gate in ("model", "extreme", "correlated"):
+        for B, T in ((1, 2048 + 37), (2, 129)):
+            q, k, v, g, beta, h0 = _inputs(B, T, gate, seed=T + B)
+            o_ref, s_ref = _reference_f64(q, k, v, g, beta, h0)
+            out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
+            o, s = chunk_kda_triton(q, k, v, g, beta, None, h0, True, out=out, intra_config=intra_cfg,
+                                    scan_config=scan_cfg)
+            fo, fs = fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+            rows.append(dict(kernel="chunk", gate=gate, B=B, T=T, o_err=_rel(o, o_ref), state_err=_rel(s, s_ref),
+                             fla_o_err=_rel(fo, o_ref), fla_state_err=_rel(fs, s_ref),
+                             vs_fla=_rel(o, fo), nan=bool(o.isnan().any())))
+            log(rows[-1])
+        for B, T in ((1, 1), (8, 1), (8, 5)):
+            q, k, v, g, beta, h0 = _inputs(B, T, gate, seed=100 + T + B)
+            o_ref, s_ref = _reference_f64(q, k, v, g, beta, h0)
+            out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
+            state = h0.clone()
+            o, s = fused_recurrent_kda_triton(q, k, v, g, beta, None, state, True, out=out, inplace_final_state=True)
+            fo, fs = fla_recurrent(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+            rows.append(dict(kernel="recurrent", gate=gate, B=B, T=T, o_err=_rel(o, o_ref), state_err=_rel(s, s_ref),
+                             fla_o_err=_rel(fo, o_ref), fla_state_err=_rel(fs, s_ref),
+                             vs_fla=_rel(o, fo), nan=bool(o.isnan().any())))
+            log(rows[-1])
+    return rows
+
+
+def tune_prefill(log, T=32768):
+    """Time a few launch settings of each of our two prefill kernels; return the fastest of each."""
+    import torch
+
+    from kimi_desk.kernels.kda.chunk import chunk_kda_intra, chunk_kda_scan
+
+    q, k, v, g, beta, h0 = _inputs(1, T, "model", seed=7)
+    scale = K**-0.5
+    intra = [dict(BK=32, BKD=16, num_warps=4), dict(BK=32, BKD=16, num_warps=4, fast_diag=False),
+             dict(BK=32, BKD=16, num_warps=4, wu_precision="tf32"),
+             dict(BK=64, BKD=16, num_warps=4, wu_precision="tf32"),
+             dict(BK=16, BKD=16, num_warps=4, wu_precision="tf32"),
+             dict(BK=32, BKD=16, num_warps=8, wu_precision="tf32"),
+             dict(BK=64, BKD=16, num_warps=8, wu_precision="tf32")]
+    scan = [dict(BV=32, num_warps=4, num_stages=3), dict(BV=64, num_warps=4, num_stages=3)]
+    res = {"intra": [], "scan": []}
+    for cfg in intra:
+        try:
+            log(f"intra {cfg}: registers, spills {chunk_kda_intra(q, k, v, g, beta, scale, **cfg)['compiled']}")
+            t = _bench(lambda: chunk_kda_intra(q, k, v, g, beta, scale, **cfg))
+        except Exception as e:  # a setting that does not compile (registers, shared memory) is skipped
+            t = float("inf")
+            log(f"intra {cfg}: {type(e).__name__}: {str(e)[:200]}")
+        res["intra"].append(dict(cfg=cfg, us=t))
+        log(f"intra {cfg}: {t:.0f} us")
+    bufs = chunk_kda_intra(q, k, v, g, beta, scale)
+    out = torch.empty(1, T, H, V, dtype=q.dtype, device="cuda")
+    ht = torch.empty_like(h0)
+    for cfg in scan:
+        try:
+            t = _bench(lambda: chunk_kda_scan(bufs, out, h0, ht, **cfg))
+        except Exception as e:
+            t = float("inf")
+            log(f"scan {cfg}: {type(e).__name__}: {str(e)[:200]}")
+        res["scan"].append(dict(cfg=cfg, us=t))
+        log(f"scan {cfg}: {t:.0f} us")
+    best_intra = min(res["intra"], key=lambda r: r["us"])["cfg"]
+    best_scan = min(res["scan"], key=lambda r: r["us"])["cfg"]
+    return best_intra, best_scan, res
+
+
+def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
+    import torch
+    from fla.ops.kda import chunk_kda as fla_chunk
+
+    from kimi_desk.kernels.kda.chunk import chunk_kda_triton
+
+    rows = []
+    for T in lengths:
+        q, k, v, g, beta, h0 = _inputs(1, T, "model", seed=T)
+
+        def ours():
+            return chunk_kda_triton(q, k, v, g, beta, None, h0, True, intra_config=intra_cfg, scan_config=scan_cfg)
+
+        def theirs():
+            return fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+
+        ours()
+        theirs()
+        t_ours, t_fla = _bench(ours, ms=400), _bench(theirs, ms=400)
+        mem_ours, mem_fla = _peak(ours), _peak(theirs)
+        # Floor: inputs read once (q, k, v, beta bf16, g fp32), output written once; tech report eq. 13 FLOPs.
+        bytes_ = T * H * (3 * K * 2 + K * 4 + 2 + V * 2) + 2 * H * K * V * 4
+        flops = H * (6 * T * K * V + 3 * T * 64 * K + T * 64 * 64)
+        floor_us = max(bytes_ / bandwidth, flops / matmul_flops) * 1e6
+        rows.append(dict(T=T, ours_us=t_ours, fla_us=t_fla, speedup=t_fla / t_ours, floor_us=floor_us,
+                         ours_frac_floor=floor_us / t_ours, fla_frac_floor=floor_us / t_fla,
+                         ours_peak_gib=mem_ours, fla_peak_gib=mem_fla,
+                         ours_mtok_s=T / t_ours, fla_mtok_s=T / t_fla))
+        log(rows[-1])
+        del q, k, v, g, beta, h0
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_decode(log, bandwidth):
+    import torch
+    from fla.ops.kda import fused_recurrent_kda as fla_recurrent
+    from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_recurrent_fwd
+
+    from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
+
+    rows = []
+    for B in (1, 8):
+        layers = [_inputs(B, 1, "model", seed=1000 + i) for i in range(LAYERS)]
+        states = [x[5].clone() for x in layers]
+        outs = [torch.empty(B, 1, H, V, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
+
+        def ours(i):
+            q, k, v, g, beta, _ = layers[i]
+            fused_recurrent_kda_triton(q, k, v, g, beta, None, states[i], False, inplace_final_state=True, out=outs[i])
+
+        def fla_inplace(i):
+            q, k, v, g, beta, _ = layers[i]
+            fla_recurrent_fwd(q, k, v, g, beta, initial_state=states[i], inplace_final_state=True, out=outs[i])
+
+        def fla_public(i):
+            q, k, v, g, beta, _ = layers[i]
+            fla_recurrent(q, k, v, g, beta, initial_state=states[i], output_final_state=True)
+
+        floor_us = (2 * B * H * K * V * 4 + B * H * (3 * K * 2 + K * 4 + 2 + V * 2)) / bandwidth * 1e6
+        row = dict(B=B, floor_step_us=floor_us)
+        for name, fn in (("ours", ours), ("fla_inplace", fla_inplace), ("fla_public", fla_public)):
+            for i in range(LAYERS):
+                fn(i)
+            row[f"{name}_single_us"] = _bench(lambda: fn(0))
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for i in range(LAYERS):
+                    fn(i)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for i in range(LAYERS):
+                    fn(i)
+            row[f"{name}_graph20_us"] = _bench(graph.replay)
+            del graph
+        row["speedup_graph20_vs_fla_public"] = row["fla_public_graph20_us"] / row["ours_graph20_us"]
+        row["speedup_graph20_vs_fla_inplace"] = row["fla_inplace_graph20_us"] / row["ours_graph20_us"]
+        row["ours_frac_floor_graph20"] = LAYERS * floor_us / row["ours_graph20_us"]
+        rows.append(row)
+        log(row)
+    return rows
+
+
+def tune_decode(log):
+    """Graph of 20 in-place steps for a few tile widths and warp counts, at B = 1 and B = 8."""
+    import torch
+
+    from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
+
+    res = []
+    for B in (1, 8):
+        layers = [_inputs(B, 1, "model", seed=1000 + i) for i in range(LAYERS)]
+        states = [x[5].clone() for x in layers]
+        outs = [torch.empty(B, 1, H, V, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
+        for bv, nw in ((16, 4), (32, 2), (64, 2), (64, 4)):
+            def step(i):
+                q, k, v, g, beta, _ = layers[i]
+                fused_recurrent_kda_triton(q, k, v, g, beta, None, states[i], False, inplace_final_state=True,
+                                           out=outs[i], block_v=bv, num_warps=nw)
+            for i in range(LAYERS):
+                step(i)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for i in range(LAYERS):
+                    step(i)
+            res.append(dict(B=B, BV=bv, num_warps=nw, graph20_us=_bench(graph.replay)))
+            log(res[-1])
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="kimi-desk bench kernels", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=None, help="where to write the results (default .bench/kernels-DATE.json)")
+    ap.add_argument("--lengths", default="8192,32768,131072", help="prefill lengths, comma-separated")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: check,tune,prefill,decode")
+    args = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("kimi-desk bench kernels needs a CUDA GPU", file=sys.stderr)
+        return 2
+    try:
+        import fla  # noqa: F401
+    except ImportError:
+        print("the kernel benchmark compares with fla-core 0.6.0: pip install fla-core==0.6.0", file=sys.stderr)
+        return 2
+    import triton
+
+    skip = set(filter(None, args.skip.split(",")))
+    log = lambda x: print(x, flush=True)  # noqa: E731
+    res = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), card=torch.cuda.get_device_name(),
+               torch=torch.__version__, triton=triton.__version__, fla=getattr(fla, "__version__", "?"),
+               shapes=dict(H=H, K=K, V=V, dtype="bfloat16"))
+    bw, mm = _ceilings()
+    res.update(copy_bandwidth_Bps=bw, bf16_matmul_flops=mm)
+    log(f"{res['card']}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    intra_cfg, scan_cfg = None, None
+    if "tune" not in skip:
+        intra_cfg, scan_cfg, res["tuning"] = tune_prefill(log)
+        res["chosen"] = dict(intra=intra_cfg, scan=scan_cfg)
+        res["tuning_decode"] = tune_decode(log)
+    if "check" not in skip:
+        res["correctness"] = check_correctness(log, intra_cfg, scan_cfg)
+    if "prefill" not in skip:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        res["prefill"] = bench_prefill(log, lengths, intra_cfg, scan_cfg, mm, bw)
+    if "decode" not in skip:
+        res["decode"] = bench_decode(log, bw)
+
+    path = args.json or os.path.join(".bench", f"kernels-{res['date'][:10]}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+
+    if "chosen" in res:
+        print(f"\nchosen prefill settings: {res['chosen']}")
+    print(f"\n{res['card']}  {res['date']}  torch {res['torch']}  triton {res['triton']}  fla {res['fla']}")
+    for r in res.get("correctness", []):
+        print(f"check {r['kernel']:9s} {r['gate']:7s} B={r['B']} T={r['T']:5d}: rel err o {r['o_err']:.1e} "
+              f"state {r['state_err']:.1e} (fla {r['fla_o_err']:.1e} / {r['fla_state_err']:.1e}) nan={r['nan']}")
+    for r in res.get("prefill", []):
+        print(f"prefill T={r['T']:6d}: ours {r['ours_us'] / 1e3:7.2f} ms  fla {r['fla_us'] / 1e3:7.2f} ms  "
+              f"x{r['speedup']:.2f}  floor {r['ours_frac_floor']:.0%}  peak {r['ours_peak_gib']:.1f} / "
+              f"{r['fla_peak_gib']:.1f} GiB")
+    for r in res.get("decode", []):
+        print(f"decode B={r['B']}: 1 step ours {r['ours_single_us']:.1f} us fla {r['fla_public_single_us']:.1f} us; "
+              f"20 in a graph ours {r['ours_graph20_us']:.1f} us fla {r['fla_public_graph20_us']:.1f} us "
+              f"(in-place {r['fla_inplace_graph20_us']:.1f}) x{r['speedup_graph20_vs_fla_public']:.2f}  "
+              f"floor {r['ours_frac_floor_graph20']:.0%}")
+    print(f"json: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

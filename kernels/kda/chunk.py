@@ -1,0 +1,404 @@
+"""Kimi Delta Attention prefill: the chunked form (kimi-linear-spec.md §3.3) in two Triton kernels.
+
+With chunks of C = 64 tokens and, per chunk, G = cumsum(g) (per channel, reset every chunk):
+    Aqk[i, j] = scale * sum_d q_id k_jd exp(G_id - G_jd)        j <= i
+    Akk[i, j] = beta_i * sum_d k_id k_jd exp(G_id - G_jd)        j <  i
+    W = (I + Akk)^-1 (beta k exp(G)),  U = (I + Akk)^-1 (beta v)
+and then, chunk after chunk, with the state S [K, V]:
+    V_new = U - W S;  O = (scale q exp(G)) S + Aqk V_new;  S <- exp(G_last) S + (k exp(G_last - G))^T V_new
+
+1. `chunk_kda_intra_fwd_kernel`, one program per (chunk, head), everything that does not need S:
+   Aqk, W, U, q exp(G), k exp(G_last - G) and exp(G_last), written to scratch buffers.
+2. `chunk_kda_scan_fwd_kernel`, one program per (V block, head), walks the chunks in order with S in
+   fp32 registers and writes the output directly: neither the per-chunk states nor V_new ever reach memory.
+
+Kimi Linear's gate has no lower bound, so no factor above 1 may ever be formed: exp(G_i) * exp(-G_j)
+overflows fp32 once G_j < -88, which one token with log-decay -90 reaches. Every decay here is
+exp(a) * exp(b) with a, b <= 0 (the exact product, or a flush to zero of something below 1e-38):
+  - between 16-token sub-chunks, through a reference row r at the end of the earlier sub-chunk J:
+    exp(G_i - G_j) = exp(G_i - G_r) * exp(G_r - G_j), i > r >= j, so both factors are <= 1 and the
+    products are tensor-core dots of [64, BK] x [BK, 64];
+  - inside a 16-token sub-chunk, when no channel of the chunk decays by more than 2^-64 within any
+    sub-chunk (the common case), as exp(Gs_i) * exp(-Gs_j) with Gs the sub-chunk's own cumulative sum:
+    factors within 2^-64 .. 2^64, exact in fp32/bf16 (no overflow, no subnormals), on the tensor cores;
+  - otherwise (one token of an unbounded gate can decay by more) the whole chunk takes the exact path:
+    exp(G_i - G_j) from the difference, per channel, as a [16, 16, BKD] block on the CUDA cores;
+  - q exp(G), k exp(G_last - G), exp(G_last) and beta k exp(G) have exponents <= 0 by construction.
+(I + Akk)^-1: forward substitution on each 16 x 16 diagonal block in fp32 registers, then the blocks are
+joined as (I + N)^-1 Dinv = (I - N)(I + N^2) Dinv with N = Dinv Akk_offdiag, exact since N^4 = 0 for four
+sub-chunks; those dots run in 3xTF32, near fp32. W and U take TF32 dots (fla: bf16).
+
+Dots of the other products take the input dtype (bf16 on the real model, as fla does) with fp32
+accumulation; the state, the cumulative gates and the inverse stay fp32; the scratch buffers between the
+two kernels are in the input dtype, as in fla.
+
+Measured on an H100 (BENCHMARKS.md): correct to the same error as fla, but 0.7x its speed at 8k-128k; the
+intra-chunk kernel is the cost (5.5 ms of 6.2 at 32k; 255 registers with spills at 4 warps).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK_SIZE = 64
+SUB_CHUNK = 16
+
+# 3xTF32 keeps the triangular inverse near fp32 on the tensor cores; the interpreter computes every dot
+# in numpy fp32 whatever is asked.
+_SOLVE_PRECISION = "tf32x3"
+
+
+def _op_dtype(dt):
+    """The dtype of the operands of the dots that do not need fp32: the storage dtype of the scratch
+    buffers. Triton's interpreter (3.9) computes bf16 dots wrongly, so there they take fp32 operands,
+    holding the same bf16-rounded values."""
+    if dt == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt]
+
+
+@triton.jit
+def chunk_kda_intra_fwd_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    qg,
+    kg,
+    w,
+    u,
+    gl,
+    Aqk,
+    Akk,
+    scale,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BKD: tl.constexpr,
+    BV: tl.constexpr,
+    SOLVE_PRECISION: tl.constexpr,
+    WU_PRECISION: tl.constexpr,
+    SOLVE_NEUMANN: tl.constexpr,
+    FAST_DIAG: tl.constexpr,
+    OP_DT: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    DT = qg.dtype.element_ty
+    LOG2E: tl.constexpr = 1.4426950408889634
+
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+    # Rows of the token-major inputs [B, T, H, *] and of the head-major scratch [B * H, T, *], in int64.
+    r_in = (i_b.to(tl.int64) * T + o_t) * H + i_h
+    r_mid = i_bh.to(tl.int64) * T + o_t
+    # The Akk scratch is padded to whole chunks: [B * H, NT * BT, BT].
+    akk0 = (i_bh.to(tl.int64) * NT + i_t) * BT
+    r_akk = akk0 + o_i
+    b_beta = tl.load(beta + r_in, mask=m_t, other=0.0).to(tl.float32)
+
+    # ---- off-diagonal sub-chunk blocks, and the per-token factors that need the whole chunk's G ----
+    b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_Akk = tl.zeros([BT, BT], dtype=tl.float32)
+    m_same_block = (o_i // BC)[:, None] == (o_i // BC)[None, :]
+    m_lower_blocks = (o_i // BC)[:, None] > (o_i // BC)[None, :]
+    m_same_causal = m_same_block & (o_i[:, None] >= o_i[None, :])
+    # Largest decay inside any 16-token sub-chunk and channel of this chunk (log2 units).
+    b_spread = tl.full([], 0.0, tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(q + r_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + r_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        # Padding rows load g = 0, so they carry G_last unchanged.
+        b_g = tl.load(g + r_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        # log2 units: exp2 is the native instruction.
+        b_G = tl.cumsum(b_g * LOG2E, 0)
+        for j in tl.static_range(BT // BC - 1):
+            # Reference row: the last row of sub-chunk j. Rows after it pair with its columns.
+            b_Gr = tl.sum(tl.where((o_i == j * BC + BC - 1)[:, None], b_G, 0.0), 0)
+            m_row = (o_i > j * BC + BC - 1)[:, None]
+            m_col = ((o_i >= j * BC) & (o_i < j * BC + BC))[:, None]
+            b_er = tl.exp2(tl.where(m_row, b_G - b_Gr[None, :], float("-inf")))
+            b_kc = (b_k * tl.exp2(tl.where(m_col, b_Gr[None, :] - b_G, float("-inf")))).to(OP_DT)
+            b_Aqk += tl.dot((b_q * b_er).to(OP_DT), tl.trans(b_kc))
+            b_Akk += tl.dot((b_k * b_er).to(OP_DT), tl.trans(b_kc))
+        if FAST_DIAG:
+            # Diagonal blocks on the tensor cores when it is exact: with Gs the cumulative sum inside each
+            # sub-chunk, exp(G_i - G_j) = exp(Gs_i) * exp(-Gs_j), whose factors stay within 2^-64 .. 2^64
+            # (no overflow, no subnormal) while no sub-chunk decays by more than 2^-64 in any channel.
+            # Otherwise (an unbounded gate can do that in one token) the chunk takes the exact pairwise
+            # path below and these entries are discarded.
+            b_Gs = tl.reshape(tl.cumsum(tl.reshape(b_g * LOG2E, [BT // BC, BC, BK]), 1), [BT, BK])
+            b_spread = tl.maximum(b_spread, -tl.min(tl.min(b_Gs, 1), 0))
+            b_ec = (b_k * tl.exp2(tl.minimum(-b_Gs, 64.0))).to(OP_DT)
+            b_er = tl.exp2(b_Gs)
+            b_Aqk += tl.where(m_same_causal, tl.dot((b_q * b_er).to(OP_DT), tl.trans(b_ec)), 0.0)
+            b_Akk += tl.where(m_same_causal, tl.dot((b_k * b_er).to(OP_DT), tl.trans(b_ec)), 0.0)
+        b_Gl = tl.sum(b_g, 0) * LOG2E
+        tl.store(qg + r_mid[:, None] * K + o_k[None, :], (b_q * tl.exp2(b_G) * scale).to(DT), mask=m_tk)
+        tl.store(kg + r_mid[:, None] * K + o_k[None, :], (b_k * tl.exp2(tl.minimum(b_Gl[None, :] - b_G, 0.0))).to(DT), mask=m_tk)
+        tl.store(gl + (i_bh.to(tl.int64) * NT + i_t) * K + o_k, tl.exp2(b_Gl), mask=m_k)
+
+    if FAST_DIAG:
+        fast = b_spread <= 64.0
+    else:
+        fast = b_spread < 0.0
+    m_store = tl.where(fast, m_lower_blocks | m_same_causal, m_lower_blocks)
+    tl.store(Aqk + r_mid[:, None] * BT + o_i[None, :], (b_Aqk * scale).to(DT), mask=m_t[:, None] & m_store)
+    b_Akk = tl.where(o_i[:, None] > o_i[None, :], b_Akk * b_beta[:, None], 0.0)
+    tl.store(Akk + r_akk[:, None] * BT + o_i[None, :], b_Akk, mask=m_store)
+    tl.debug_barrier()
+
+    # ---- diagonal 16 x 16 blocks: pairwise decays, then each block's inverse ----
+    o_c = tl.arange(0, BC)
+    m_diag = o_c[:, None] >= o_c[None, :]
+    m_strict = o_c[:, None] > o_c[None, :]
+    for i_c in range(0, BT // BC):
+        o_tc = i_t * BT + i_c * BC + o_c
+        m_tc = o_tc < T
+        rc_in = (i_b.to(tl.int64) * T + o_tc) * H + i_h
+        p_L = Akk + (akk0 + i_c * BC + o_c)[:, None] * BT + (i_c * BC + o_c)[None, :]
+        if fast:
+            b_L = tl.load(p_L, mask=m_strict, other=0.0)
+        else:
+            b_Dqk = tl.zeros([BC, BC], dtype=tl.float32)
+            b_Dkk = tl.zeros([BC, BC], dtype=tl.float32)
+            for i_k in range(0, tl.cdiv(K, BKD)):
+                o_k = i_k * BKD + tl.arange(0, BKD)
+                m_tk = m_tc[:, None] & (o_k < K)[None, :]
+                b_q = tl.load(q + rc_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+                b_k = tl.load(k + rc_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+                b_g = tl.load(g + rc_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+                b_G = tl.cumsum(b_g * LOG2E, 0)
+                # [BC, BC, BKD]: exp(G_i - G_j); above the diagonal the difference is >= 0 and is clipped
+                # to 0 (the entries are masked below) so that nothing there can overflow.
+                b_e = tl.exp2(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0)) * b_k[None, :, :]
+                b_Dqk += tl.sum(b_q[:, None, :] * b_e, 2)
+                b_Dkk += tl.sum(b_k[:, None, :] * b_e, 2)
+            tl.store(Aqk + (i_bh.to(tl.int64) * T + o_tc)[:, None] * BT + (i_c * BC + o_c)[None, :],
+                     tl.where(m_diag, b_Dqk * scale, 0.0).to(DT), mask=m_tc[:, None])
+            b_bc = tl.load(beta + rc_in, mask=m_tc, other=0.0).to(tl.float32)
+            b_L = tl.where(m_strict, b_Dkk * b_bc[:, None], 0.0)
+        if SOLVE_NEUMANN:
+            # The block itself; inverted below with the others, by products instead of 16 dependent steps.
+            b_Di = b_L
+        else:
+            # Forward substitution: row r of (I + L)^-1 is e_r - sum_{c < r} L[r, c] * row c.
+            b_Di = tl.zeros([BC, BC], dtype=tl.float32)
+            for r in range(0, BC):
+                m_r = o_c == r
+                b_l = tl.sum(tl.where(m_r[:, None], b_L, 0.0), 0)
+                b_row = tl.where(m_r, 1.0, 0.0) - tl.sum(b_l[:, None] * b_Di, 0)
+                b_Di = tl.where(m_r[:, None], b_row[None, :], b_Di)
+        # Every thread has read the block before any overwrites it.
+        tl.debug_barrier()
+        tl.store(p_L, b_Di)
+
+    # Other threads wrote the blocks this one reads next.
+    tl.debug_barrier()
+
+    # ---- join the blocks: (I + L)^-1 = (I + N)^-1 Dinv, N = Dinv L_off, N^4 = 0 ----
+    b_M = tl.load(Akk + r_akk[:, None] * BT + o_i[None, :], mask=m_same_block | m_lower_blocks, other=0.0)
+    b_I = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    b_Dinv = tl.where(m_same_block, b_M, 0.0)
+    if SOLVE_NEUMANN:
+        # The diagonal blocks are nilpotent of order 16: (I + L)^-1 = (I - L)(I + L^2)(I + L^4)(I + L^8),
+        # one product for all four blocks at once (the off-block entries stay zero).
+        b_P = -b_Dinv
+        b_X = b_I + b_P
+        for _ in tl.static_range(3):
+            b_P = tl.dot(b_P, b_P, input_precision=SOLVE_PRECISION)
+            b_X = tl.dot(b_X, b_I + b_P, input_precision=SOLVE_PRECISION)
+        b_Dinv = b_X
+    b_N = tl.dot(b_Dinv, tl.where(m_lower_blocks, b_M, 0.0), input_precision=SOLVE_PRECISION)
+    b_N2 = tl.dot(b_N, b_N, input_precision=SOLVE_PRECISION)
+    b_X = tl.dot(b_I - b_N, b_I + b_N2, input_precision=SOLVE_PRECISION)
+    b_Ai = tl.dot(b_X, b_Dinv, input_precision=SOLVE_PRECISION)
+
+    # ---- W = Ai (beta k exp(G)), U = Ai (beta v) ----
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + r_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_g = tl.load(g + r_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_kb = b_k * tl.exp2(tl.cumsum(b_g * LOG2E, 0)) * b_beta[:, None]
+        b_w = tl.dot(b_Ai, b_kb, input_precision=WU_PRECISION)
+        tl.store(w + r_mid[:, None] * K + o_k[None, :], b_w.to(DT), mask=m_tk)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + r_in[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_u = tl.dot(b_Ai, b_v * b_beta[:, None], input_precision=WU_PRECISION)
+        tl.store(u + r_mid[:, None] * V + o_v[None, :], b_u.to(DT), mask=m_tv)
+
+
+@triton.jit
+def chunk_kda_scan_fwd_kernel(
+    qg,
+    kg,
+    w,
+    u,
+    gl,
+    Aqk,
+    o,
+    h0,
+    ht,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    OP_DT: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+
+    o_i = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    m_causal = o_i[:, None] >= o_i[None, :]
+    o_h = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+
+    if USE_INITIAL_STATE:
+        b_h = tl.load(h0 + o_h, mask=m_h, other=0.0).to(tl.float32)
+    else:
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+
+    for i_t in range(0, NT):
+        o_t = i_t * BT + o_i
+        m_t = o_t < T
+        r_mid = i_bh.to(tl.int64) * T + o_t
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_w = tl.load(w + r_mid[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(OP_DT)
+        b_qg = tl.load(qg + r_mid[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(OP_DT)
+        b_kg = tl.load(kg + r_mid[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(OP_DT)
+        b_u = tl.load(u + r_mid[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_A = tl.load(Aqk + r_mid[:, None] * BT + o_i[None, :], mask=m_t[:, None] & m_causal, other=0.0).to(OP_DT)
+        b_gl = tl.load(gl + (i_bh.to(tl.int64) * NT + i_t) * K + o_k, mask=m_k, other=0.0)
+
+        b_hd = b_h.to(OP_DT)
+        b_vn = b_u - tl.dot(b_w, b_hd)
+        b_vnd = b_vn.to(OP_DT)
+        b_o = tl.dot(b_qg, b_hd) + tl.dot(b_A, b_vnd)
+        r_out = (i_b.to(tl.int64) * T + o_t) * H + i_h
+        tl.store(o + r_out[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+        b_h = b_h * b_gl[:, None] + tl.dot(tl.trans(b_kg), b_vnd)
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + o_h, b_h.to(ht.dtype.element_ty), mask=m_h)
+
+
+def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, *,
+                     out=None, intra_config=None, scan_config=None):
+    """o [B, T, H, V] in q's dtype and the final state [B, H, K, V] fp32 (or None); see the module doc.
+
+    `out` may name a preallocated output; `intra_config` / `scan_config` override the launch settings
+    (block sizes, warps, stages), for benchmarks.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    assert k.shape == q.shape and g.shape == q.shape and v.shape[:3] == (B, T, H) and beta.shape == (B, T, H)
+    assert K <= 256 and V <= 256
+    scale = K**-0.5 if scale is None else float(scale)
+    if initial_state is not None:
+        assert initial_state.shape == (B, H, K, V)
+        initial_state = initial_state.float().contiguous()
+    final_state = q.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else None
+    if out is None:
+        out = q.new_empty(B, T, H, V)
+    if T == 0:
+        if final_state is not None:
+            final_state.copy_(initial_state) if initial_state is not None else final_state.zero_()
+        return out, final_state
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    bufs = chunk_kda_intra(q, k, v, g, beta, scale, **(intra_config or {}))
+    chunk_kda_scan(bufs, out, initial_state, final_state, **(scan_config or {}))
+    return out, final_state
+
+
+def chunk_kda_intra(q, k, v, g, beta, scale, BK=None, BKD=None, num_warps=4, num_stages=None,
+                    neumann=False, wu_precision="tf32", fast_diag=True):
+    """Launch 1: the state-free per-chunk work. Returns the scratch buffers the scan reads."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dev = q.device
+    # The dots take q's dtype (bf16 on the model); fp32 inputs keep fp32 intermediates.
+    dt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    BT, BC = CHUNK_SIZE, SUB_CHUNK
+    NT = triton.cdiv(T, BT)
+    BH = B * H
+    bufs = dict(
+        qg=torch.empty(BH, T, K, dtype=dt, device=dev),
+        kg=torch.empty(BH, T, K, dtype=dt, device=dev),
+        w=torch.empty(BH, T, K, dtype=dt, device=dev),
+        u=torch.empty(BH, T, V, dtype=dt, device=dev),
+        gl=torch.empty(BH, NT, K, dtype=torch.float32, device=dev),
+        aqk=torch.empty(BH, T, BT, dtype=dt, device=dev),
+        shape=(B, T, H, K, V, NT),
+    )
+    # Only this launch uses it: freed before the output of the scan is allocated.
+    akk = torch.empty(BH, NT * BT, BT, dtype=torch.float32, device=dev)
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    compiled = chunk_kda_intra_fwd_kernel[(NT, BH)](
+        q, k, v, g, beta, bufs["qg"], bufs["kg"], bufs["w"], bufs["u"], bufs["gl"], bufs["aqk"], akk,
+        scale, T, NT,
+        H=H, K=K, V=V, BT=BT, BC=BC,
+        BK=BK or min(32, triton.next_power_of_2(K)),
+        BKD=BKD or min(16, triton.next_power_of_2(K)),
+        BV=min(32, triton.next_power_of_2(V)),
+        SOLVE_PRECISION=_SOLVE_PRECISION,
+        WU_PRECISION=wu_precision,
+        SOLVE_NEUMANN=neumann,
+        FAST_DIAG=fast_diag,
+        OP_DT=_op_dtype(dt),
+        num_warps=num_warps,
+        **extra,
+    )
+    # Registers and spills of the compiled kernel, for the benchmark's report (absent when interpreting).
+    bufs["compiled"] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
+    return bufs
+
+
+def chunk_kda_scan(bufs, out, initial_state, final_state, BV=None, num_warps=4, num_stages=None):
+    """Launch 2: the sequential pass over chunks, writing `out` and, if given, `final_state`."""
+    B, T, H, K, V, NT = bufs["shape"]
+    BH = B * H
+    if BV is None:
+        # Fewer V columns per program when there are few heads, so that more SMs take part.
+        BV = 64 if BH * triton.cdiv(V, 64) >= 264 else 32
+        BV = min(BV, max(16, triton.next_power_of_2(V)))
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    chunk_kda_scan_fwd_kernel[(triton.cdiv(V, BV), BH)](
+        bufs["qg"], bufs["kg"], bufs["w"], bufs["u"], bufs["gl"], bufs["aqk"], out,
+        initial_state if initial_state is not None else out,
+        final_state if final_state is not None else out,
+        T, NT,
+        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=max(16, triton.next_power_of_2(K)), BV=BV,
+        USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=final_state is not None,
+        OP_DT=_op_dtype(bufs["w"].dtype),
+        num_warps=num_warps,
+        **extra,
+    )

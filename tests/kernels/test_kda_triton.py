@@ -1,0 +1,179 @@
+"""The Triton KDA kernels, run on CPU tensors through Triton's interpreter, against a float64 recurrence
+and fla-core's naive recurrence.
+
+The entry points are called directly: the dispatcher sends CPU tensors to PyTorch. TRITON_INTERPRET is
+set by tests/conftest.py before anything imports Triton; it is set here too for a lone run of this file.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+from fla.ops.kda.naive import naive_recurrent_kda  # noqa: E402
+
+from kimi_desk.kernels.kda.chunk import chunk_kda_triton  # noqa: E402
+from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton  # noqa: E402
+
+# Relative error against float64, per dtype of the inputs. bf16: the inputs are the same bf16 values in
+# both; the error is the bf16 output and the bf16 scratch between the two prefill kernels (fla's choice
+# too; on the H100 ours and fla's measured 3e-3 to 1e-2 at the 48B shapes). fp32: cumulative gates in fp32.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def make_inputs(B, T, H, K, V, min_log_decay, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, V, generator=gen).to(dtype)
+    # Per-channel decays anywhere in [min_log_decay, 0]: extreme and gentle channels side by side.
+    g = torch.rand(B, T, H, K, generator=gen) * min_log_decay
+    beta = torch.rand(B, T, H, generator=gen).to(dtype)
+    state = torch.randn(B, H, K, V, generator=gen)
+    return q, k, v, g, beta, state
+
+
+def reference_f64(q, k, v, g, beta, state, scale=None):
+    """The recurrence in float64 (fla's naive one computes in fp32)."""
+    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+    B, T, H, K = q.shape
+    S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64) if state is None else state.double().clone()
+    o = torch.empty_like(v)
+    for t in range(T):
+        S = S * g[:, t].exp().unsqueeze(-1)
+        u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t]))
+        S = S + k[:, t].unsqueeze(-1) * u.unsqueeze(-2)
+        o[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
+    return o, S
+
+
+def rel_err(a, b):
+    assert not torch.isnan(a).any(), "NaN in the output (an element the kernel never wrote?)"
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+SIZES = [
+    (1, 1, 2, 16, 16, -5.0),
+    (2, 63, 2, 32, 16, -1.0),
+    (1, 65, 1, 64, 32, -50.0),
+    (1, 200, 2, 32, 32, -50.0),
+    (1, 130, 1, 16, 64, -0.05),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T,H,K,V,min_log_decay", SIZES, ids=lambda x: str(x))
+def test_chunk_matches_float64(dtype, B, T, H, K, V, min_log_decay):
+    q, k, v, g, beta, state = make_inputs(B, T, H, K, V, min_log_decay, dtype, seed=T * 7 + K)
+    o_ref, s_ref = reference_f64(q, k, v, g, beta, state)
+    out = torch.full((B, T, H, V), float("nan"), dtype=dtype)
+    o, s = chunk_kda_triton(q, k, v, g, beta, None, state, True, out=out)
+    assert o is out and o.dtype == dtype
+    assert rel_err(o, o_ref) < TOLERANCE[dtype]
+    assert rel_err(s, s_ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("fast_diag", [True, False], ids=["tensor-core-diag", "pairwise-diag"])
+def test_chunk_both_diagonal_paths(fast_diag):
+    """Mild gates take the factored diagonal blocks unless told not to; both must give the same function,
+    with no initial state and a scale that is not the default."""
+    q, k, v, g, beta, _ = make_inputs(1, 100, 2, 32, 32, -0.5, torch.float32, seed=5)
+    o_ref, s_ref = reference_f64(q, k, v, g, beta, None, scale=0.3)
+    o, s = chunk_kda_triton(q, k, v, g, beta, 0.3, None, True, intra_config=dict(fast_diag=fast_diag))
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+def test_chunk_gate_beyond_fp32_exponent():
+    """One token whose log-decay alone is -200 (exp underflows fp32) amid gentle ones: still exact, no NaN,
+    and the state before it is forgotten in exactly that channel."""
+    q, k, v, g, beta, state = make_inputs(1, 80, 1, 16, 16, -0.1, torch.float32, seed=11)
+    g[0, 40, 0, 3] = -200.0
+    g[0, 41:, 0, 5] = -90.0
+    o_ref, s_ref = reference_f64(q, k, v, g, beta, state)
+    o, s = chunk_kda_triton(q, k, v, g, beta, None, state, True)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+def test_chunk_matches_fla_naive_without_state():
+    q, k, v, g, beta, _ = make_inputs(2, 70, 2, 32, 16, -3.0, torch.float32, seed=3)
+    o_fla, s_fla = naive_recurrent_kda(q, k, v, g, beta, output_final_state=True)
+    o, s = chunk_kda_triton(q, k, v, g, beta, output_final_state=True)
+    assert rel_err(o, o_fla) < 1e-5 and rel_err(s, s_fla) < 1e-5
+    o2, s2 = chunk_kda_triton(q, k, v, g, beta)
+    assert s2 is None and torch.equal(o2, o)
+
+
+def test_chunk_continues_from_its_own_state():
+    """Prefill in two pieces (split off a chunk boundary) == prefill in one."""
+    q, k, v, g, beta, state = make_inputs(1, 150, 1, 32, 32, -2.0, torch.float32, seed=4)
+    o, s = chunk_kda_triton(q, k, v, g, beta, None, state, True)
+    o1, s1 = chunk_kda_triton(q[:, :77], k[:, :77], v[:, :77], g[:, :77], beta[:, :77], None, state, True)
+    o2, s2 = chunk_kda_triton(q[:, 77:], k[:, 77:], v[:, 77:], g[:, 77:], beta[:, 77:], None, s1, True)
+    assert rel_err(torch.cat([o1, o2], 1), o) < 1e-5 and rel_err(s2, s) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T,H,K,V,min_log_decay", [(1, 1, 2, 16, 16, -5.0), (3, 5, 2, 32, 48, -50.0),
+                                                     (1, 63, 1, 64, 16, -1.0)], ids=lambda x: str(x))
+def test_recurrent_matches_float64(dtype, B, T, H, K, V, min_log_decay):
+    q, k, v, g, beta, state = make_inputs(B, T, H, K, V, min_log_decay, dtype, seed=T * 3 + K)
+    o_ref, s_ref = reference_f64(q, k, v, g, beta, state)
+    out = torch.full((B, T, H, V), float("nan"), dtype=dtype)
+    o, s = fused_recurrent_kda_triton(q, k, v, g, beta, None, state, True, out=out)
+    assert rel_err(o, o_ref) < TOLERANCE[dtype]
+    assert rel_err(s, s_ref) < TOLERANCE[dtype]
+    o_fla, s_fla = naive_recurrent_kda(q, k, v, g, beta, initial_state=state, output_final_state=True)
+    assert rel_err(s, s_fla) < TOLERANCE[dtype]
+
+
+def test_recurrent_fused_flags_and_in_place_state():
+    """Raw gate (-exp(A_log) softplus(x + dt_bias)), L2 norm and sigmoid beta in the kernel, state updated
+    in place: the same as doing each outside and calling the plain kernel."""
+    B, T, H, K, V = 2, 4, 2, 32, 16
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    x = 4 * torch.randn(B, T, H, K, generator=gen)
+    x[0, 1, 0, :4] = 30.0  # above softplus' linear threshold: g = -exp(A_log) * 30
+    A_log = torch.log(torch.rand(H, generator=gen) * 15 + 1)
+    dt_bias = torch.randn(H * K, generator=gen)
+    beta_logits = torch.randn(B, T, H, generator=gen)
+    state = torch.randn(B, H, K, V, generator=gen)
+
+    g = -A_log.exp()[:, None] * F.softplus(x + dt_bias.view(H, K))
+    qn = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+    kn = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    o_ref, s_ref = reference_f64(qn, kn, v, g, beta_logits.sigmoid(), state)
+
+    pool = state.clone()
+    o, s = fused_recurrent_kda_triton(q, k, v, x, beta_logits, None, pool, False, A_log=A_log, dt_bias=dt_bias,
+                                      use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                                      inplace_final_state=True)
+    assert s is pool
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(pool, s_ref) < 1e-5
+
+
+def test_recurrent_decode_steps_equal_chunked_prefill():
+    """Token-by-token decode from a prefilled state continues the chunked prefill exactly."""
+    q, k, v, g, beta, state = make_inputs(1, 70, 2, 16, 16, -1.0, torch.float32, seed=8)
+    o, s = chunk_kda_triton(q, k, v, g, beta, None, state, True)
+    _, s_pre = chunk_kda_triton(q[:, :67], k[:, :67], v[:, :67], g[:, :67], beta[:, :67], None, state, True)
+    outs = []
+    for t in range(67, 70):
+        o_t, s_pre = fused_recurrent_kda_triton(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
+                                                beta[:, t:t + 1], None, s_pre, True)
+        outs.append(o_t)
+    assert rel_err(torch.cat(outs, 1), o[:, 67:]) < 1e-5 and rel_err(s_pre, s) < 1e-5
+
+
+def test_empty_input_keeps_state():
+    q, k, v, g, beta, state = make_inputs(1, 0, 1, 16, 16, -1.0, torch.float32, seed=1)
+    for fn in (chunk_kda_triton, fused_recurrent_kda_triton):
+        o, s = fn(q, k, v, g, beta, None, state, True)
+        assert o.shape == (1, 0, 1, 16) and torch.equal(s, state)
