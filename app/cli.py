@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     # The kernel benchmark parses its own options (it runs on a CUDA machine beside fla-core).
     kernels = suites.add_parser("kernels", add_help=False, help="KDA kernels on a CUDA GPU beside fla-core "
                                 "(pass --help for its options)")
+    from kimi_desk.engine import bench_model
+
+    model = suites.add_parser("model", help="the model at the 48B shapes on a CUDA GPU beside transformers + fla",
+                              description=bench_model.__doc__.split("\n\n")[0])
+    bench_model.add_arguments(model)
+    model.set_defaults(run=bench_model.main)
     from kimi_desk.engine import bench_sessions
 
     sessions = suites.add_parser("sessions", help="reading against restoring a session; snapshot size; memory",

@@ -68,28 +68,38 @@ def kimi_linear_48b_config() -> KimiLinearConfig:
 
 
 def random_model(config: KimiLinearConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A model with random weights drawn as the reference code initialises them (HFM, fla)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """A model with random weights drawn as the reference code initialises them (HFM, fla), generated
+    on `device` (so that a model at the 48B shapes is drawn on the GPU, not copied there)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     model = build_on_meta(config)
-    materialize(model, torch.device(device), dtype)
+    materialize(model, device, dtype)
+
+    def uniform(shape, low, high):
+        return torch.empty(shape, device=device).uniform_(low, high, generator=gen)
+
+    def normal(shape, std):
+        return torch.randn(shape, generator=gen, device=device).mul_(std)
+
     for name, param in model.named_parameters():
         shape = param.shape
         if name.endswith("A_log"):
-            value = torch.empty(shape).uniform_(1, 16, generator=gen).log()
+            value = uniform(shape, 1, 16).log_()
         elif name.endswith("dt_bias"):
-            dt = torch.exp(torch.rand(shape, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            dt = (uniform(shape, 0, 1) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).exp_()
             value = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
         elif name.endswith("conv1d.weight"):
             bound = 1 / math.sqrt(shape[-1])
-            value = torch.empty(shape).uniform_(-bound, bound, generator=gen)
+            value = uniform(shape, -bound, bound)
         elif name.endswith("e_score_correction_bias"):
-            value = 0.1 * torch.randn(shape, generator=gen)
+            value = normal(shape, 0.1)
         elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
             # Not all ones, so that a norm weight applied in the wrong place shows.
-            value = 1 + 0.1 * torch.randn(shape, generator=gen)
+            value = normal(shape, 0.1).add_(1)
         else:
-            value = 0.02 * torch.randn(shape, generator=gen)
+            value = normal(shape, 0.02)
         param.data.copy_(value)
+        del value
     return model.eval()
 
 

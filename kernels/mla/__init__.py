@@ -10,16 +10,24 @@ key is its latent c (`value_dim` = L). Returns the attended latent [B, Tq, H, L]
 `mla_prefill(q, cache, w_uk, w_uv, q_start, scale)`, the prefill form: q [B, Tq, H, n + R] are plain
 queries [q_nope ‖ q_rope]; keys and values are expanded from the latents through w_uk [H, n, L] and
 w_uv [H, v, L]. Returns the attention output [B, Tq, H, v] in float32.
+
+On CUDA both run through PyTorch's GPU operations (one pass over the cache at decode, the fused
+attention kernels at prefill); on the CPU through the blocked implementations in naive.py, whose memory
+stays bounded at any context length.
 """
 
-from kimi_desk.kernels.mla.naive import mla_attention_torch, mla_prefill_torch
+from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_attention_torch, mla_prefill_sdpa, mla_prefill_torch
 
 __all__ = ["mla_attention", "mla_prefill"]
 
 
 def mla_attention(q, cache, q_start, value_dim, scale):
+    if q.is_cuda:
+        return mla_attention_dense(q, cache, q_start, value_dim, scale)
     return mla_attention_torch(q, cache, q_start, value_dim, scale)
 
 
 def mla_prefill(q, cache, w_uk, w_uv, q_start, scale):
+    if q.is_cuda:
+        return mla_prefill_sdpa(q, cache, w_uk, w_uv, q_start, scale)
     return mla_prefill_torch(q, cache, w_uk, w_uv, q_start, scale)

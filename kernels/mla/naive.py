@@ -106,3 +106,40 @@ def mla_prefill_torch(q, cache, w_uk, w_uv, q_start, scale, block_q=512, block_k
             acc[:, :, i0:i1] = acc[:, :, i0:i1] * correction + p @ v
             m[:, :, i0:i1] = m_new
     return (acc / l).transpose(1, 2)
+
+
+def mla_attention_dense(q, cache, q_start, value_dim, scale):
+    """The absorbed form in one pass, for a GPU at decode: a few queries against the whole cache, scores
+    for every key at once ([B, Tq * H, Tk] float32: 128 MB at 1M keys and 32 heads). Products run in the
+    cache's dtype with float32 accumulation."""
+    B, Tq, H, D = q.shape
+    Tk = cache.shape[1]
+    qc = (q.float() * scale).to(cache.dtype).reshape(B, Tq * H, D)
+    scores = torch.matmul(qc, cache.transpose(1, 2)).float()  # [B, Tq * H, Tk]
+    if Tq > 1:
+        row_pos = (torch.arange(Tq, device=q.device) + q_start).repeat_interleave(H)
+        scores = scores.masked_fill(torch.arange(Tk, device=q.device)[None, :] > row_pos[:, None], float("-inf"))
+    p = scores.softmax(-1).to(cache.dtype)
+    return torch.matmul(p, cache[..., :value_dim]).float().reshape(B, Tq, H, value_dim)
+
+
+def mla_prefill_sdpa(q, cache, w_uk, w_uv, q_start, scale):
+    """Prefill on a GPU through PyTorch's fused attention: keys and values expanded from every cached
+    latent, the causal mask aligned to the bottom right (query i at position q_start + i). The values
+    are padded to the key width, which the fused kernels want. Transient memory grows with the cache
+    (3 GB per layer at 128k tokens and the 48B shapes); a blocked kernel would bound it."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    B, Tq, H, D = q.shape
+    Tk = cache.shape[1]
+    L, V = w_uk.shape[-1], w_uv.shape[1]
+    dtype = cache.dtype
+    latent, k_rope = cache[..., :L], cache[..., L:]
+    k_nope = torch.einsum("bkl,hnl->bhkn", latent, w_uk.to(dtype))
+    k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(-1, H, -1, -1)], dim=-1)  # [B, H, Tk, D]
+    v = torch.einsum("bkl,hvl->bhkv", latent, w_uv.to(dtype))
+    v = F.pad(v, (0, D - V)) if D > V else v
+    out = F.scaled_dot_product_attention(q.to(dtype).transpose(1, 2), k, v, attn_mask=causal_lower_right(Tq, Tk),
+                                         scale=scale)
+    return out[..., :V].transpose(1, 2).float()

@@ -44,3 +44,19 @@ def test_absorbed_equals_expanded():
     latent = mla_attention_reference(q_abs, cache, Tk - 4, L, 0.2)
     absorbed = torch.einsum("bthl,hvl->bthv", latent.double(), w_uv.double())
     assert rel_err(absorbed, expanded) < 1e-5
+
+
+@pytest.mark.parametrize("Tq,Tk", [(1, 300), (4, 300), (120, 120)])
+def test_gpu_forms_on_cpu_tensors(Tq, Tk):
+    """The forms the GPU uses are plain PyTorch: check them here in float32."""
+    from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_prefill_sdpa
+
+    H, n, R, L, V = 3, 16, 8, 32, 16
+    cache = torch.randn(2, Tk, L + R)
+    q_abs = torch.randn(2, Tq, H, L + R)
+    want = mla_attention_reference(q_abs, cache, Tk - Tq, L, 0.2)
+    assert rel_err(mla_attention_dense(q_abs, cache, Tk - Tq, L, 0.2), want) < 1e-5
+    q = torch.randn(2, Tq, H, n + R)
+    w_uk, w_uv = 0.2 * torch.randn(H, n, L), torch.randn(H, V, L)
+    want = mla_prefill_reference(q, cache, w_uk, w_uv, Tk - Tq, 0.2)
+    assert rel_err(mla_prefill_sdpa(q, cache, w_uk, w_uv, Tk - Tq, 0.2), want) < 1e-5
