@@ -12,8 +12,8 @@ queries [q_nope ‖ q_rope]; keys and values are expanded from the latents throu
 w_uv [H, v, L]. Returns the attention output [B, Tq, H, v] in float32.
 
 On CUDA both run through PyTorch's GPU operations (one pass over the cache at decode, the fused
-attention kernels at prefill); on the CPU through the blocked implementations in naive.py, whose memory
-stays bounded at any context length.
+attention kernels at prefill); on the CPU decode takes one pass while the scores stay small, and
+otherwise the blocked implementations in naive.py, whose memory stays bounded at any context length.
 """
 
 from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_attention_torch, mla_prefill_sdpa, mla_prefill_torch
@@ -21,8 +21,14 @@ from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_attention_torch
 __all__ = ["mla_attention", "mla_prefill"]
 
 
+# Up to this many scores (queries x heads x keys, 256 MB in float32) attention runs in one pass; beyond
+# it, on the CPU, block by block so that memory stays bounded.
+DENSE_MAX_SCORES = 1 << 26
+
+
 def mla_attention(q, cache, q_start, value_dim, scale):
-    if q.is_cuda:
+    B, Tq, H, _ = q.shape
+    if q.is_cuda or B * Tq * H * cache.shape[1] <= DENSE_MAX_SCORES:
         return mla_attention_dense(q, cache, q_start, value_dim, scale)
     return mla_attention_torch(q, cache, q_start, value_dim, scale)
 
