@@ -27,10 +27,13 @@ class UsageError(ValueError):
 
 
 def resolve_model(option: str | None, fallback: str | None = None) -> Path:
-    """--model, else `fallback` (a session's own model), else the embedded demo model."""
+    """--model (a folder, or a hub repo id pulled before), else `fallback` (a session's own model), else
+    the embedded demo model."""
+    from kimi_desk.engine.hub import resolve_model_reference
+
     for candidate in (option, fallback):
         if candidate:
-            path = Path(candidate).expanduser()
+            path = resolve_model_reference(candidate)  # a path as is; owner/name from the hub cache, offline
             if not (path / "config.json").is_file():
                 raise UsageError(f"{candidate}: not a model folder (it needs config.json, *.safetensors and tokenizer.json)")
             return path
@@ -50,14 +53,20 @@ def resolve_device(option: str) -> str:
 
 
 def load_assistant(args, fallback_model: str | None = None):
+    from kimi_desk.engine.config import KimiLinearConfig
+    from kimi_desk.engine.hub import check_memory, model_display_name
     from kimi_desk.engine.session import Assistant
 
-    return Assistant.load(resolve_model(args.model, fallback_model), device=resolve_device(args.device))
+    path = resolve_model(args.model, fallback_model)
+    device = resolve_device(args.device)
+    # Before anything is loaded: a model that cannot fit is refused with what would fit.
+    check_memory(KimiLinearConfig.from_file(path / "config.json"), device, model_name=model_display_name(path))
+    return Assistant.load(path, device=device)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="PATH", help="a model folder (default: the session's model, else "
-                        "the embedded demo model)")
+    parser.add_argument("--model", metavar="PATH|REPO_ID", help="a model folder, or a hub repo id (owner/name) "
+                        "after 'kimi-desk pull' (default: the session's model, else the embedded demo model)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the model runs (default: auto, CUDA when present)")
 
@@ -313,3 +322,8 @@ def add_parsers(commands) -> None:
     imported = verbs.add_parser("import", help="add a session from an exported .zip file")
     imported.add_argument("file", metavar="FILE")
     imported.set_defaults(run=run_sessions_import)
+
+    # pull imports this module's formatting helpers, so it is imported here, not at the top.
+    from kimi_desk.app import pull
+
+    pull.add_parser(commands)

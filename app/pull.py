@@ -1,0 +1,82 @@
+"""`kimi-desk pull REPO_ID`: download a checkpoint from the Hugging Face hub into its cache.
+
+The local folder goes to stdout (so `--model "$(kimi-desk pull owner/name)"` works); a progress bar goes
+to stderr only when stderr is a terminal. Errors are one line (app/cli.py prints HubError as it is).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from kimi_desk.app.commands import human_bytes, human_seconds
+
+
+class PullProgressLine:
+    """One line on a terminal: percent, bytes, files, speed, time left, the file being fetched."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self._started = time.monotonic()
+        self._first_bytes: int | None = None  # bytes already cached when the pull started: not speed
+        self._last_draw = 0.0
+        self.last = None
+
+    def update(self, p) -> None:
+        self.last = p
+        now = time.monotonic()
+        if self._first_bytes is None:
+            self._first_bytes, self._started = p.bytes_done, now
+        finished = p.bytes_done >= p.bytes_total and p.files_done >= p.files_total
+        if not self.enabled or (now - self._last_draw < 0.1 and not finished):
+            return
+        self._last_draw = now
+        fraction = p.bytes_done / max(p.bytes_total, 1)
+        filled = int(fraction * 20)
+        rate = (p.bytes_done - self._first_bytes) / max(now - self._started, 1e-6)
+        left = (p.bytes_total - p.bytes_done) / rate if rate > 0 else None
+        line = (f"pulling {p.repo_id} {fraction:4.0%} |{'█' * filled}{' ' * (20 - filled)}| "
+                f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)}  {p.files_done}/{p.files_total} files  "
+                f"{human_bytes(rate)}/s  {human_seconds(left)} left  {p.current_file}")
+        self.stream.write("\r\x1b[2K" + line[:200])
+        self.stream.flush()
+
+    def done(self, message: str | None = None) -> None:
+        if self.enabled:
+            self.stream.write("\r\x1b[2K" + (message + "\n" if message else ""))
+            self.stream.flush()
+
+
+def run_pull(args) -> int:
+    from kimi_desk.engine.hub import pull
+
+    progress = PullProgressLine()
+    try:
+        path = pull(args.repo_id, revision=args.revision, on_progress=progress.update)
+    except KeyboardInterrupt:
+        progress.done()
+        print("kimi-desk: pull interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except BaseException:
+        progress.done()
+        raise
+    summary = ""
+    if progress.last is not None:
+        p = progress.last
+        summary = f" ({p.files_total} files, {human_bytes(p.bytes_total)})"
+    progress.done(f"pulled {args.repo_id}{summary}; use it with --model {args.repo_id}")
+    print(path)
+    return 0
+
+
+def add_parser(commands) -> None:
+    pull = commands.add_parser(
+        "pull", help="download a checkpoint from the Hugging Face hub",
+        description="Download REPO_ID's checkpoint (config.json, safetensors weights, tokenizer; never pickled "
+        "weights or code) into the Hugging Face cache (HF_HOME / HF_HUB_CACHE) and print its folder. An "
+        "interrupted pull resumes where it stopped when run again. HF_ENDPOINT selects a mirror, HF_TOKEN "
+        "a login for gated or private repos, and HF_HUB_OFFLINE=1 answers from the cache only.")
+    pull.add_argument("repo_id", metavar="REPO_ID", help="owner/name, e.g. moonshotai/Kimi-Linear-48B-A3B-Instruct")
+    pull.add_argument("--revision", metavar="R", help="a branch, tag or commit (default: main)")
+    pull.set_defaults(run=run_pull)

@@ -1,0 +1,745 @@
+"""Checkpoints from the Hugging Face hub, and the memory check before loading one.
+
+`pull` downloads the files a checkpoint folder needs (kimi-linear-spec.md §1-2: config.json, safetensors,
+the tokenizer) into huggingface-hub's own cache, so `HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN`
+and `HF_HUB_OFFLINE` mean what they mean everywhere else. Pickled weights (*.bin, *.pt, ...) and Python
+files are never fetched: kimi-desk loads only safetensors and never runs code from a checkpoint.
+
+Downloads resume across runs. huggingface-hub (2.x) retries a dropped connection within one call with a
+Range request, but throws the partial file away when the call fails, which for a 5 GB shard means
+starting it again after every Ctrl-C. So each file is streamed here into `blobs/<etag>.incomplete` (the
+name older huggingface-hub versions resumed from) with huggingface-hub's own `http_get`, checked against
+the hub's listed sha256 (LFS) or git blob id, renamed to `blobs/<etag>`, and `hf_hub_download` then links
+it into the snapshot exactly as it would have itself. A branch's ref is written last, so a cached
+snapshot that a ref points to is a complete one.
+
+`estimate_memory` / `check_memory` say, before any weight is read, whether the model fits where it is
+about to be loaded, and if not what would fit.
+
+Never imports textual; huggingface_hub and torch are imported only by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kimi_desk.engine.config import KimiLinearConfig
+from kimi_desk.engine.errors import ConfigError
+
+
+class HubError(ValueError):
+    """The hub cannot give us the checkpoint (unreachable, unknown repo, gated, offline, ...). One line."""
+
+
+class MemoryCheckError(ValueError):
+    """The model would not fit in the memory of the device it is about to be loaded on. One line."""
+
+
+# -- what a checkpoint folder needs -----------------------------------------------------------------
+
+# Top-level files fetched when the repository has them. Weights are added from the index (or
+# model.safetensors); nothing else is ever fetched.
+METADATA_FILES = (
+    "config.json",
+    "model.safetensors.index.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tiktoken.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Refused even if an index names them: pickles (unpickling runs code) and code itself.
+REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".py", ".pyc", ".so")
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+DEFAULT_REVISION = "main"
+
+
+def is_repo_id(text: str) -> bool:
+    """`owner/name` as the hub spells repo ids (no '..', no '--' at the ends, at most 96 characters)."""
+    return (bool(_REPO_ID.fullmatch(text)) and ".." not in text and len(text) <= 96
+            and not any(part.endswith(("-", ".")) for part in text.split("/")))
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if not is_repo_id(repo_id):
+        raise HubError(f"{repo_id!r} is not a hub repo id (expected owner/name, e.g. "
+                       "moonshotai/Kimi-Linear-48B-A3B-Instruct)")
+
+
+def _check_revision(revision: str) -> None:
+    # A revision becomes a path under refs/ in the cache; it must stay there.
+    if not revision or ".." in revision.split("/") or revision.startswith("/") or "\\" in revision:
+        raise HubError(f"{revision!r} is not a revision (a branch, tag or commit, e.g. main)")
+
+
+def _is_refused(filename: str) -> bool:
+    return filename.lower().endswith(REFUSED_SUFFIXES)
+
+
+@dataclass
+class PullProgress:
+    """What `pull` reports as it goes; bytes and files count those already in the cache as done."""
+
+    repo_id: str
+    bytes_done: int
+    bytes_total: int
+    files_done: int
+    files_total: int
+    current_file: str = ""
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+def _endpoint(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    return (endpoint or constants.ENDPOINT).rstrip("/")
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | None) -> HubError | None:
+    """The one-line HubError for an exception of huggingface-hub or its HTTP client, or None if it is
+    neither (a bug, which must keep its traceback)."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError,
+        RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    hub = _endpoint(endpoint)
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    if isinstance(exc, GatedRepoError):  # before RepositoryNotFoundError, its base class
+        return HubError(f"{repo_id} is gated: accept its terms at {hub}/{repo_id}, then {login}")
+    if isinstance(exc, RevisionNotFoundError):
+        return HubError(f"{repo_id} has no revision {revision!r} on the hub")
+    if isinstance(exc, RepositoryNotFoundError):
+        return HubError(f"{repo_id}: no such model on the hub ({hub}); check the name, or if it is private, {login}")
+    if isinstance(exc, RemoteEntryNotFoundError):
+        return HubError(f"{repo_id}: a file the hub listed is missing ({_short_reason(exc)})")
+    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        if status in (401, 403):
+            return HubError(f"not authorized to download {repo_id} (HTTP {status}); {login}")
+        return HubError(f"the hub ({hub}) answered HTTP {status} for {repo_id}; try again later")
+    if isinstance(exc, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
+        return HubError(f"{repo_id} is not in the hub cache and downloads are off (HF_HUB_OFFLINE); "
+                        "unset HF_HUB_OFFLINE to download it")
+    if isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError, httpx2.ProxyError,
+                        httpx2.RemoteProtocolError, httpx2.UnsupportedProtocol)):
+        return HubError(f"cannot reach the Hugging Face hub at {hub} ({_short_reason(exc)}); check the network, "
+                        "or set HF_ENDPOINT to a mirror, or pass a local folder with --model")
+    if isinstance(exc, httpx2.HTTPError):
+        return HubError(f"talking to the hub at {hub} failed ({_short_reason(exc)}); try again")
+    return None
+
+
+class _HubCalls:
+    """Turns huggingface-hub's exceptions into one-line HubErrors (everything else passes through)."""
+
+    def __init__(self, repo_id: str, revision: str, endpoint: str | None):
+        self.repo_id, self.revision, self.endpoint = repo_id, revision, endpoint
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, HubError):
+            return False
+        mapped = _hub_error(exc, self.repo_id, self.revision, self.endpoint)
+        if mapped is None:
+            return False
+        raise mapped from None
+
+
+# -- the cache --------------------------------------------------------------------------------------
+
+
+def _cache_root(cache_dir) -> Path:
+    from huggingface_hub import constants
+
+    return Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE).expanduser()
+
+
+def _storage_folder(cache_dir: Path, repo_id: str) -> Path:
+    from huggingface_hub.file_download import repo_folder_name
+
+    return cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def missing_checkpoint_part(folder: Path) -> str | None:
+    """The first file a checkpoint folder lacks (config.json, the index's shards, model.safetensors),
+    or None when it is complete enough to load."""
+    if not (folder / "config.json").is_file():
+        return "config.json"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # a damaged index is load_model's to report, with the file named
+        return next((s for s in shards if not (folder / s).is_file()), None)
+    return None if (folder / "model.safetensors").is_file() else "model.safetensors"
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None, cache_dir=None) -> Path | None:
+    """The cached snapshot folder of `repo_id` at `revision` (branch, tag or commit), found without
+    touching the network; None when the cache has no such snapshot.
+
+    Read from the cache layout directly (refs/<revision> holds the commit, snapshots/<commit> the files)
+    rather than through `snapshot_download(local_files_only=True)`: that one calls a snapshot incomplete
+    when another tool cached the repository's full file list, and a pull never fetches every file."""
+    revision = revision or DEFAULT_REVISION
+    _check_revision(revision)
+    storage = _storage_folder(_cache_root(cache_dir), repo_id)
+    commit = revision if _COMMIT_HASH.fullmatch(revision) else None
+    if commit is None:
+        try:
+            commit = (storage / "refs" / revision).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+    snapshot = storage / "snapshots" / commit
+    return snapshot if _COMMIT_HASH.fullmatch(commit) and snapshot.is_dir() else None
+
+
+def _complete_cached_snapshot(repo_id: str, revision: str | None, cache_dir) -> Path | None:
+    snapshot = cached_snapshot(repo_id, revision, cache_dir)
+    if snapshot is None:
+        return None
+    missing = missing_checkpoint_part(snapshot)
+    if missing is not None:
+        raise HubError(f"the cached copy of {repo_id} is incomplete ({missing} is missing); "
+                       f"run `kimi-desk pull {repo_id}` to complete it")
+    return snapshot
+
+
+def _write_ref(storage: Path, revision: str, commit: str) -> None:
+    """refs/<branch or tag> -> commit, atomically, in huggingface-hub's format (the bare hash)."""
+    if revision == commit:
+        return
+    ref = storage / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    if ref.is_file() and ref.read_text() == commit:
+        return
+    tmp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
+    tmp.write_text(commit)
+    os.replace(tmp, ref)
+
+
+# -- downloading one file, resumably ----------------------------------------------------------------
+
+
+class _ChecksumWriter:
+    """A file object for `http_get` that hashes what it writes, so a file is verified without being
+    read again; follows `http_get`'s truncation when a server ignores a Range request."""
+
+    def __init__(self, fh, new_hasher: Callable[[], "hashlib._Hash"]):
+        self._fh = fh
+        self._new_hasher = new_hasher
+        self._rehash()
+
+    def _rehash(self) -> None:
+        self._fh.flush()
+        end = self._fh.tell()
+        self.hasher = self._new_hasher()
+        with open(self._fh.name, "rb") as existing:
+            remaining = end
+            while remaining > 0:
+                block = existing.read(min(remaining, 16 << 20))
+                if not block:
+                    break
+                self.hasher.update(block)
+                remaining -= len(block)
+
+    def write(self, data) -> int:
+        self._fh.write(data)
+        self.hasher.update(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        result = self._fh.truncate(size)
+        self._fh.seek(0, os.SEEK_END)
+        self._rehash()
+        return result
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+def _expected_digest(sibling, size: int | None):
+    """(hasher factory, hex digest the hub lists) for a file, or None when the listing has neither an
+    LFS sha256 nor a git blob id."""
+    lfs = getattr(sibling, "lfs", None)
+    if lfs is not None and getattr(lfs, "sha256", None):
+        return hashlib.sha256, lfs.sha256
+    blob_id = getattr(sibling, "blob_id", None)
+    if blob_id and size is not None and re.fullmatch(r"[0-9a-f]{40}", blob_id):
+        def git_blob_hasher():
+            # A git blob id is sha1 over "blob <size>\0" followed by the content.
+            hasher = hashlib.sha1()
+            hasher.update(b"blob %d\0" % size)
+            return hasher
+        return git_blob_hasher, blob_id
+    return None
+
+
+def _progress_bar_class(report: Callable[[int], None]):
+    """A stand-in for tqdm that `http_get` accepts: it reports this file's bytes done. `http_get` passes
+    `initial` (bytes resumed) and may update by a negative amount when it restarts a file."""
+
+    class FileProgress:
+        def __init__(self, *args, initial: int = 0, **kwargs):
+            self.done = initial
+            report(self.done)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n: int | float | None = 1) -> None:
+            self.done += int(n or 0)
+            report(self.done)
+
+        def close(self) -> None:
+            pass
+
+    return FileProgress
+
+
+def _download_blob(url: str, blob: Path, filename: str, size: int | None, sibling,
+                   report: Callable[[int], None]) -> None:
+    """Stream `url` into blob + '.incomplete', resuming from what is there, verify it, rename it."""
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    partial = blob.with_name(blob.name + ".incomplete")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    if size is not None and partial.is_file() and partial.stat().st_size > size:
+        partial.unlink()  # longer than the file can be: not a prefix of it
+    # The token goes to the hub only: the HTTP client drops it when the hub redirects to its CDN.
+    headers = build_hf_headers()
+    # Resuming means byte offsets into the file itself, never into a compressed stream.
+    headers["Accept-Encoding"] = "identity"
+    digest = _expected_digest(sibling, size)
+    with open(partial, "ab") as fh:
+        resumed = fh.tell()
+        writer = _ChecksumWriter(fh, digest[0]) if digest else fh
+        try:
+            http_get(url, writer, resume_size=resumed, headers=headers, expected_size=size,
+                     displayed_filename=filename, tqdm_class=_progress_bar_class(report))
+        except BaseException as exc:
+            fh.flush()
+            done = fh.tell()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            response = getattr(exc, "response", None)
+            reason = f"HTTP {response.status_code}" if response is not None else _short_reason(exc)
+            if size is not None and done > size:
+                partial.unlink(missing_ok=True)
+            of = f"/{size:,}" if size is not None else ""
+            raise HubError(f"download of {filename} stopped at {done:,}{of} bytes ({reason}); "
+                           "run the same command again to resume") from None
+        fh.flush()
+        os.fsync(fh.fileno())
+    if digest is not None and writer.hasher.hexdigest() != digest[1]:
+        partial.unlink(missing_ok=True)
+        raise HubError(f"{filename} does not match the checksum the hub lists (the partial download was "
+                       "damaged and is deleted); run the same command again")
+    os.replace(partial, blob)
+
+
+def _fetch(repo_id: str, filename: str, commit: str, sibling, cache_dir: Path, endpoint: str | None,
+           report: Callable[[int], None]) -> Path:
+    """One file of the snapshot at `commit`, from the cache when it is there."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.utils import WeakFileLock
+
+    storage = _storage_folder(cache_dir, repo_id)
+    pointer = storage / "snapshots" / commit / filename
+    if pointer.is_file():
+        return pointer
+    url = hf_hub_url(repo_id, filename, revision=commit, endpoint=endpoint)
+    with _HubCalls(repo_id, commit, endpoint):
+        meta = get_hf_file_metadata(url, endpoint=endpoint)
+    if not meta.etag or "/" in meta.etag or meta.etag.startswith("."):
+        raise HubError(f"the hub gave no usable ETag for {repo_id}/{filename}; is HF_ENDPOINT a hub?")
+    size = meta.size if meta.size is not None else getattr(sibling, "size", None)
+    blob = storage / "blobs" / meta.etag
+    lock = cache_dir / ".locks" / storage.name / f"{meta.etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    if not blob.is_file():
+        # Another pull of the same file (another terminal) waits here instead of writing the same partial.
+        with WeakFileLock(str(lock)):
+            if not blob.is_file():
+                # The resolve url, not the signed CDN url the HEAD saw: every request of a long
+                # download (each retry, each resumed run) is redirected afresh, so no signature expires.
+                _download_blob(url, blob, filename, size, sibling, report)
+    # huggingface-hub links the snapshot entry to the blob (a symlink, or a copy where there are none).
+    with _HubCalls(repo_id, commit, endpoint):
+        return Path(hf_hub_download(repo_id, filename, revision=commit, cache_dir=cache_dir, endpoint=endpoint))
+
+
+# -- pull -------------------------------------------------------------------------------------------
+
+
+def _weight_files(folder: Path, listed: dict, repo_id: str) -> list[str]:
+    """The safetensors files the checkpoint is made of: the shards its index names, else model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise HubError(f"{repo_id}: model.safetensors.index.json is not a valid safetensors index") from None
+        for shard in shards:
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or not shard.endswith(".safetensors"):
+                raise HubError(f"{repo_id}: the index names {shard!r}, not a top-level .safetensors file")
+            if shard not in listed:
+                raise HubError(f"{repo_id}: the index names {shard}, which the repository does not have")
+        return shards
+    if "model.safetensors" in listed:
+        return ["model.safetensors"]
+    pickles = sorted(f for f in listed if "/" not in f and _is_refused(f) and not f.endswith((".py", ".pyc", ".so")))
+    if pickles:
+        raise HubError(f"{repo_id} has no safetensors weights, only {pickles[0]}: kimi-desk never loads pickled "
+                       "weights (loading them can run code)")
+    raise HubError(f"{repo_id} has no model.safetensors or model.safetensors.index.json at its top level")
+
+
+def pull(repo_id: str, revision: str | None = None, cache_dir=None,
+         on_progress: Callable[[PullProgress], None] | None = None, *, endpoint: str | None = None) -> Path:
+    """Download the checkpoint `repo_id` (at `revision`, default main) into the hub cache and return its
+    snapshot folder, ready for `load_model`. Files already cached are not fetched again; an interrupted
+    file resumes where it stopped. `endpoint` overrides HF_ENDPOINT. With HF_HUB_OFFLINE=1 the cached
+    snapshot is returned, or a HubError says it is not there."""
+    with _quiet_hub_warnings():
+        return _pull(repo_id, revision, cache_dir, on_progress, endpoint)
+
+
+@contextmanager
+def _quiet_hub_warnings():
+    """huggingface-hub logs each retry of a dropped connection as a warning on stderr; the progress bar
+    and the one-line error say what matters. A user's HF_HUB_VERBOSITY still wins."""
+    import huggingface_hub.file_download  # noqa: F401 - configures its loggers on import; before the change
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    previous = hub_logger.level
+    if not os.environ.get("HF_HUB_VERBOSITY"):
+        hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(previous)
+
+
+def _pull(repo_id: str, revision: str | None, cache_dir, on_progress, endpoint: str | None) -> Path:
+    from huggingface_hub import HfApi, constants
+
+    _check_repo_id(repo_id)
+    revision = revision or DEFAULT_REVISION
+    _check_revision(revision)
+    cache = _cache_root(cache_dir)
+    storage = _storage_folder(cache, repo_id)
+
+    if constants.is_offline_mode():
+        snapshot = _complete_cached_snapshot(repo_id, revision, cache)
+        if snapshot is None:
+            raise HubError(f"HF_HUB_OFFLINE is set and {repo_id} (revision {revision}) is not in the hub cache "
+                           f"({cache}); unset HF_HUB_OFFLINE to download it")
+        return snapshot
+
+    with _HubCalls(repo_id, revision, endpoint):
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
+    commit = info.sha
+    if not commit:
+        raise HubError(f"the hub did not say which commit {repo_id}@{revision} is; is HF_ENDPOINT a hub?")
+    listed = {s.rfilename: s for s in (info.siblings or [])}
+    if "config.json" not in listed:
+        raise HubError(f"{repo_id} has no config.json at its top level: not a Kimi Linear checkpoint")
+
+    def sizes(names):
+        return {name: (listed[name].lfs.size if listed[name].lfs else listed[name].size) or 0 for name in names}
+
+    # The small files first: a repository that is not a Kimi Linear checkpoint is refused before
+    # gigabytes of weights are fetched.
+    metadata = [name for name in METADATA_FILES if name in listed]
+    for name in metadata:
+        _fetch(repo_id, name, commit, listed[name], cache, endpoint, lambda done: None)
+    snapshot = storage / "snapshots" / commit
+    try:
+        KimiLinearConfig.from_file(snapshot / "config.json")
+    except ConfigError as exc:
+        raise HubError(f"{repo_id} is not a Kimi Linear checkpoint kimi-desk can run ({exc})") from None
+
+    weights = _weight_files(snapshot, listed, repo_id)
+    plan = metadata + weights
+    size_of = sizes(plan)
+    total = sum(size_of.values())
+    done_files = {name for name in plan if (snapshot / name).is_file()}
+    done_bytes = sum(size_of[name] for name in done_files)
+
+    to_fetch = total - done_bytes
+    free = shutil.disk_usage(cache).free  # exists: the small files are in it
+    if to_fetch > free:
+        raise HubError(f"{repo_id} needs {_format_bytes(to_fetch)} more on disk, {cache} has {_format_bytes(free)} free; "
+                       "set HF_HUB_CACHE to a larger disk")
+
+    def report(current: str, file_bytes: int) -> None:
+        if on_progress is not None:
+            on_progress(PullProgress(repo_id, done_bytes + file_bytes, total, len(done_files), len(plan), current))
+
+    report("", 0)
+    for name in weights:
+        if name in done_files:
+            continue
+        _fetch(repo_id, name, commit, listed[name], cache, endpoint, lambda file_bytes, name=name: report(name, file_bytes))
+        done_files.add(name)
+        done_bytes += size_of[name]
+        report(name, 0)
+    missing = missing_checkpoint_part(snapshot)
+    if missing is not None:
+        raise HubError(f"{repo_id}: {missing} is still missing after the download; run the same command again")
+    _write_ref(storage, revision, commit)
+    return snapshot
+
+
+def resolve_model_reference(ref: str, cache_dir=None) -> Path:
+    """What `--model` names: an existing path as it is; else `owner/name` (or `owner/name@revision`) as
+    its snapshot in the hub cache, found offline. Anything else is a one-line HubError."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    repo_id, _, revision = ref.partition("@")
+    if not is_repo_id(repo_id):
+        raise HubError(f"{ref}: no such file or folder")
+    snapshot = _complete_cached_snapshot(repo_id, revision or None, cache_dir)
+    if snapshot is None:
+        pull_command = f"kimi-desk pull {repo_id}" + (f" --revision {revision}" if revision else "")
+        raise HubError(f"{ref}: no such folder, and the hub model {repo_id} is not downloaded yet; "
+                       f"run `{pull_command}` first")
+    return snapshot
+
+
+def model_display_name(path) -> str:
+    """A name to show for a model folder: `owner/name` for a snapshot in the hub cache (whose folder
+    name is a commit hash), else the folder's own name."""
+    path = Path(path)
+    storage = path.parent.parent
+    if path.parent.name == "snapshots" and storage.name.startswith("models--"):
+        return storage.name.removeprefix("models--").replace("--", "/", 1)
+    return path.name or str(path)
+
+
+# -- memory -----------------------------------------------------------------------------------------
+
+_BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
+_BYTES_PER_QUANTIZED_WEIGHT = {"fp8": 1, "int8": 1, "int4": 0.5}
+# A long book or a mid-sized codebase; the MLA cache allowance is for this many tokens.
+DEFAULT_CONTEXT_TOKENS = 131_072
+# The Python process, torch's own allocations, the tokenizer.
+RUNTIME_OVERHEAD_BYTES = 512 << 20
+# Memory sizes of common GPUs (GB), to say which one a model would fit on.
+GPU_SIZES_GB = (8, 12, 16, 24, 32, 40, 48, 80, 96, 141, 192)
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _BYTES_PER_DTYPE:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return name
+
+
+def _is_quantizable(name: str, ndim: int) -> bool:
+    """The big matrices that weight-only quantization would store in 8 or 4 bits: projections and
+    experts. Embeddings, the output head, norms, the router and the gates' scalars stay as they are."""
+    return ndim >= 2 and (name.endswith("_proj.weight") or ".experts.w" in name)
+
+
+def estimate_memory(config: KimiLinearConfig, dtype, quantize: str | None = None, *,
+                    context_tokens: int | None = None, prefill_chunk: int = 2048) -> dict:
+    """Bytes the model needs at batch 1: weights (counted on the meta device, fp32 where the engine keeps
+    fp32), plus a working set: the KDA state (and the copy each chat turn branches from), an MLA cache
+    allowance for `context_tokens` (doubled: the cache grows geometrically), the activations of one
+    prefill chunk, and the runtime. `quantize` ('fp8', 'int8', 'int4') estimates weight-only
+    quantization of the big matrices; kimi-desk does not implement it yet."""
+    import torch  # noqa: F401 - build_on_meta needs it; imported here so `import hub` stays light
+
+    from kimi_desk.engine.weights import FP32_PARAMETERS, build_on_meta
+
+    dtype_name = _dtype_name(dtype)
+    compute_bytes = _BYTES_PER_DTYPE[dtype_name]
+    if quantize is not None and quantize not in _BYTES_PER_QUANTIZED_WEIGHT:
+        raise ValueError(f"quantize must be one of {', '.join(_BYTES_PER_QUANTIZED_WEIGHT)}, got {quantize!r}")
+    model = build_on_meta(config)
+    parameters = 0
+    weights = 0.0
+    for name, param in model.named_parameters():
+        parameters += param.numel()
+        if name.endswith(FP32_PARAMETERS):
+            weights += param.numel() * 4
+        elif quantize is not None and _is_quantizable(name, param.dim()):
+            weights += param.numel() * _BYTES_PER_QUANTIZED_WEIGHT[quantize]
+        else:
+            weights += param.numel() * compute_bytes
+    kinds = config.layer_kinds
+    kda_layers, mla_layers = kinds.count("kda"), kinds.count("mla")
+    projection = config.kda_projection_size
+    kda_state = kda_layers * (config.kda_num_heads * config.kda_head_dim ** 2 * 4
+                              + 3 * projection * (config.short_conv_kernel_size - 1) * compute_bytes) * 2
+    if context_tokens is None:
+        context_tokens = min(config.model_max_length, DEFAULT_CONTEXT_TOKENS)
+    mla_cache = mla_layers * context_tokens * config.mla_latent_size * compute_bytes * 2
+    # fp32 intermediates of one prefill chunk: a few dozen vectors of the widest layer per token, plus
+    # the routed experts' and the dense MLP's hidden activations. A rough allowance, not a measurement.
+    widest = max(config.hidden_size, projection)
+    per_token = 24 * widest + 3 * config.num_experts_per_token * config.moe_intermediate_size + 3 * config.intermediate_size
+    activations = prefill_chunk * per_token * 4 + RUNTIME_OVERHEAD_BYTES
+    weights = int(weights)
+    return {
+        "parameters": parameters,
+        "dtype": dtype_name,
+        "quantize": quantize,
+        "weights_bytes": weights,
+        "kda_state_bytes": kda_state,
+        "mla_cache_bytes": mla_cache,
+        "context_tokens": context_tokens,
+        "activations_bytes": activations,
+        "total_bytes": weights + kda_state + mla_cache + activations,
+    }
+
+
+def _format_bytes(n: float) -> str:
+    if n >= 10e9:
+        return f"{n / 1e9:.0f} GB"
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e6:.0f} MB"
+
+
+def _cgroup_room() -> int | None:
+    """Bytes this process's cgroup may still allocate (containers), when it is limited."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # cgroup v1 writes a huge number for "no limit"
+            return max(int(limit) - usage, 0)
+    return None
+
+
+def available_cpu_memory() -> int | None:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping), lowered to the cgroup's
+    limit; None where there is no /proc (macOS, Windows): the check is then skipped."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+            else:
+                return None
+    except (OSError, ValueError, IndexError):
+        return None
+    room = _cgroup_room()
+    return available if room is None else min(available, room)
+
+
+def _cuda_free(index: int | None = None) -> tuple[int, str] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device() if index is None else index
+    free, _total = torch.cuda.mem_get_info(index)
+    return free, f"GPU {index} ({torch.cuda.get_device_name(index)})"
+
+
+def _smallest_gpu(total_bytes: float) -> int | None:
+    return next((gb for gb in GPU_SIZES_GB if gb * 1e9 >= total_bytes), None)
+
+
+def check_memory(config: KimiLinearConfig, device="cpu", dtype=None, *, quantize: str | None = None,
+                 model_name: str | None = None, context_tokens: int | None = None,
+                 available_bytes: int | None = None) -> dict:
+    """Raise MemoryCheckError when the model would not fit on `device`, saying what would; else return
+    `estimate_memory`'s dict plus `available_bytes` (None when this machine cannot tell, then nothing is
+    refused). `dtype` defaults to the checkpoint's. KIMI_DESK_SKIP_MEMORY_CHECK=1 skips the refusal
+    (swap, or memory the estimate does not see). `available_bytes` overrides what the machine reports."""
+    import torch
+
+    dtype = dtype if dtype is not None else config.dtype
+    estimate = estimate_memory(config, dtype, quantize, context_tokens=context_tokens)
+    device = torch.device(device)
+    cuda = None
+    if device.type == "cuda":
+        cuda = _cuda_free(device.index)
+        where = cuda[1] if cuda else "this GPU"
+        if available_bytes is None and cuda is not None:
+            available_bytes = cuda[0]
+    else:
+        where = "this machine"
+        if available_bytes is None:
+            available_bytes = available_cpu_memory()
+    estimate["available_bytes"] = available_bytes
+    total = estimate["total_bytes"]
+    if available_bytes is None or total <= available_bytes or os.environ.get("KIMI_DESK_SKIP_MEMORY_CHECK") == "1":
+        return estimate
+
+    count = estimate["parameters"]
+    name = model_name or (f"This model ({count / 1e9:.1f}B parameters)" if count >= 1e9
+                          else f"This model ({count / 1e6:.0f}M parameters)")
+    message = (f"{name} needs about {_format_bytes(total)} in {estimate['dtype']} "
+               f"({_format_bytes(estimate['weights_bytes'])} of weights); {where} has "
+               f"{_format_bytes(available_bytes)} available.")
+    gpu_free = _cuda_free() if device.type == "cpu" else None
+    if gpu_free is not None and total <= gpu_free[0]:
+        message += f" It fits on {gpu_free[1]}, which has {_format_bytes(gpu_free[0])} free: use --device cuda."
+    else:
+        gpu = _smallest_gpu(total)
+        message += f" It would fit on a GPU with {gpu} GB" if gpu else " It is larger than any single GPU"
+        if quantize is None:
+            fp8 = estimate_memory(config, dtype, "fp8", context_tokens=context_tokens)["total_bytes"]
+            fp8_gpu = _smallest_gpu(fp8)
+            # Worth saying only where it changes the answer: it would fit here, or on a smaller GPU.
+            if fp8 <= available_bytes or (fp8_gpu is not None and (gpu is None or fp8_gpu < gpu)):
+                fits = "which would fit here" if fp8 <= available_bytes else f"a GPU with {fp8_gpu} GB"
+                message += (f"; with fp8 weights (not supported by kimi-desk yet) it would need about "
+                            f"{_format_bytes(fp8)}, {fits}")
+        message += "."
+    message += " Set KIMI_DESK_SKIP_MEMORY_CHECK=1 to try anyway."
+    raise MemoryCheckError(message)
+
+
+__all__ = [
+    "HubError", "MemoryCheckError", "PullProgress", "pull", "resolve_model_reference", "cached_snapshot",
+    "estimate_memory", "check_memory", "available_cpu_memory", "is_repo_id", "missing_checkpoint_part",
+    "model_display_name",
+]
