@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kimi-desk {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    from kimi_desk.app import commands as session_commands
+    from kimi_desk.app import commands as session_commands, open_command
 
+    open_command.add_parser(commands)
     session_commands.add_parsers(commands)
 
     bench = commands.add_parser("bench", help="measure this machine (prefill and decode tokens/s)",

@@ -11,11 +11,14 @@ key is its latent c (`value_dim` = L). Returns the attended latent [B, Tq, H, L]
 queries [q_nope ‖ q_rope]; keys and values are expanded from the latents through w_uk [H, n, L] and
 w_uv [H, v, L]. Returns the attention output [B, Tq, H, v] in float32.
 
-On CUDA both run through PyTorch's GPU operations (one pass over the cache at decode, the fused
-attention kernels at prefill); on the CPU decode takes one pass while the scores stay small, and
-otherwise the blocked implementations in naive.py, whose memory stays bounded at any context length.
+On CUDA, decode with up to TRITON_MAX_QUERIES queries runs the split-K Triton kernel of decode.py (one
+pass over the cache, every head at once); more queries, and everything when KIMI_DESK_KERNELS=torch,
+run through PyTorch's GPU operations (one pass over the cache at decode, the fused attention kernels at
+prefill). On the CPU decode takes one pass while the scores stay small, and otherwise the blocked
+implementations in naive.py, whose memory stays bounded at any context length.
 """
 
+from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_attention_torch, mla_prefill_sdpa, mla_prefill_torch
 
 __all__ = ["mla_attention", "mla_prefill"]
@@ -24,10 +27,18 @@ __all__ = ["mla_attention", "mla_prefill"]
 # Up to this many scores (queries x heads x keys, 256 MB in float32) attention runs in one pass; beyond
 # it, on the CPU, block by block so that memory stays bounded.
 DENSE_MAX_SCORES = 1 << 26
+# Decode and speculative decode: each block of 32 (query, head) rows reads the key blocks once more (from
+# L2 when the blocks run together), so many queries are better served by the dense form.
+TRITON_MAX_QUERIES = 16
 
 
 def mla_attention(q, cache, q_start, value_dim, scale):
     B, Tq, H, _ = q.shape
+    if Tq <= TRITON_MAX_QUERIES and use_triton(q):
+        # Imported here: Triton is only loaded when a CUDA tensor asks for it.
+        from kimi_desk.kernels.mla.decode import mla_decode
+
+        return mla_decode(q, cache, q_start, value_dim, scale)
     if q.is_cuda or B * Tq * H * cache.shape[1] <= DENSE_MAX_SCORES:
         return mla_attention_dense(q, cache, q_start, value_dim, scale)
     return mla_attention_torch(q, cache, q_start, value_dim, scale)
