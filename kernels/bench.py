@@ -9,9 +9,14 @@ bf16 inputs,
      memory too), after trying a few launch settings of each of our two kernels at 32k;
   3. times one KDA decode step at B = 1 and B = 8, alone and as 20 layer steps in a CUDA graph, beside
      fla's `fused_recurrent_kda` (the public call and the in-place serving call);
-and reports time, ratio to fla, and the fraction of the floor (bytes at the measured copy bandwidth,
-FLOPs at the measured bf16 matmul rate). Prints a table last and writes JSON.
-fla-core 0.6.0 is needed only here, as the reference; nothing in kimi_desk imports it.
+  4. (part mla) checks the Triton MLA decode kernel (kernels/mla/decode.py) and the PyTorch form
+     `mla_attention_dense` against float64, tries a few launch settings, and times both at B = 1, H = 32,
+     D = 576, value_dim = 512 with a bf16 cache of 8k, 128k and 1M tokens (one query; also 2, 4 and 16
+     queries at 128k, and an fp8 cache at 1M), alone and as one call in a CUDA graph;
+and reports time, ratio to fla (MLA: to the PyTorch form), and the fraction of the floor (bytes at the
+measured copy bandwidth, FLOPs at the measured bf16 matmul rate). Prints a table last and writes JSON.
+fla-core 0.6.0 is needed only here, as the reference for the KDA parts; nothing in kimi_desk imports it,
+and the MLA part runs without it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,24 @@ import sys
 
 H, K, V = 32, 128, 128
 LAYERS = 20
+# MLA at the 48B shapes: 32 heads, latent 512 + rope 64, scale 192^-0.5.
+MLA_H, MLA_D, MLA_V = 32, 576, 512
+MLA_SCALE = 192**-0.5
+MLA_LENGTHS = (8192, 131072, 1048576)
+# Launch settings tried for one decode step (32 rows) at 1M, and for 4 and 16 queries (128 and 512 rows) at
+# 128k; kernels/mla/decode.py's DEFAULT_CONFIG and WIDE_CONFIG are the first of each.
+MLA_CONFIGS = [
+    dict(block_m=32, block_n=64, num_warps=4, num_stages=2, waves=1),
+    dict(block_m=32, block_n=64, num_warps=8, num_stages=2, waves=1),
+    dict(block_m=32, block_n=32, num_warps=4, num_stages=3, waves=2),
+]
+MLA_WIDE_CONFIGS = [
+    dict(block_m=64, block_n=32, num_warps=8, num_stages=3, waves=2),
+    dict(block_m=64, block_n=32, num_warps=8, num_stages=3, waves=1),
+    dict(block_m=64, block_n=32, num_warps=8, num_stages=2, waves=1),
+    dict(block_m=64, block_n=64, num_warps=8, num_stages=2, waves=1),
+    dict(block_m=32, block_n=64, num_warps=4, num_stages=2, waves=1),
+]
 
 
 def _inputs(B, T, gate, seed, dtype=None, device="cuda"):
@@ -309,28 +332,188 @@ def tune_decode(log):
     return res
 
 
+def _mla_inputs(Tk, Tq, seed, dtype=None):
+    """Absorbed queries (fp32, as the model passes them) and a cache of unit-variance values (the scale of
+    an RMS-normalised latent)."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, Tq, MLA_H, MLA_D, device="cuda", generator=gen)
+    cache = torch.randn(1, Tk, MLA_D, device="cuda", generator=gen).to(dtype or torch.bfloat16)
+    return q, cache
+
+
+def _fp8_per_token(cache):
+    """cache [B, Tk, D] -> (e4m3 cache, [B, Tk] float32 scales), each token scaled to the e4m3 range."""
+    import torch
+
+    scale = cache.float().abs().amax(-1).clamp_min(1e-12) / 448.0
+    return (cache.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+def check_mla(log):
+    """Rel. error of the Triton kernel, the dispatcher and the PyTorch form against float64, on odd
+    lengths and several query counts; outputs poisoned with NaN."""
+    import torch
+
+    from kimi_desk.kernels.mla import mla_attention
+    from kimi_desk.kernels.mla.decode import mla_decode
+    from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_attention_reference
+
+    rows = []
+    for Tk, Tq, q_start in ((1, 1, 0), (8192 + 37, 1, 8192 + 36), (131072 + 5, 4, 131072 + 1),
+                            (131072 + 5, 16, 100_000), (1048576, 1, 1048575)):
+        q, cache = _mla_inputs(Tk, Tq, seed=Tk + Tq)
+        ref = mla_attention_reference(q.bfloat16().float(), cache, q_start, MLA_V, MLA_SCALE)
+        out = torch.full((1, Tq, MLA_H, MLA_V), float("nan"), device="cuda")
+        ours = mla_decode(q, cache, q_start, MLA_V, MLA_SCALE, out=out)
+        row = dict(Tk=Tk, Tq=Tq, q_start=q_start, ours_err=_rel(ours, ref),
+                   dispatch_err=_rel(mla_attention(q, cache, q_start, MLA_V, MLA_SCALE), ref),
+                   dense_err=_rel(mla_attention_dense(q, cache, q_start, MLA_V, MLA_SCALE), ref),
+                   nan=bool(ours.isnan().any()))
+        if Tk == 1048576:
+            # The optional fp8 cache, one scale per token: against float64 on the dequantised cache, and
+            # against the bf16 cache's reference (the quantisation error).
+            try:
+                c8, s8 = _fp8_per_token(cache)
+                ref8 = mla_attention_reference(q.bfloat16().float(), c8.float() * s8[..., None], q_start, MLA_V,
+                                               MLA_SCALE)
+                out8 = mla_decode(q, c8, q_start, MLA_V, MLA_SCALE, k_scale=s8)
+                row.update(fp8_err=_rel(out8, ref8), fp8_vs_bf16_ref=_rel(out8, ref))
+                del c8, s8, ref8, out8
+            except Exception as e:  # the optional fp8 path must not hide the bf16 results
+                row["fp8_err"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        log(row)
+        del q, cache, ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _graph_us(fn):
+    """Median time of one call captured in a CUDA graph: the GPU's time without the host's launches."""
+    import torch
+
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    t = _bench(graph.replay)
+    del graph
+    return t
+
+
+def bench_mla(log, bandwidth):
+    """Time the Triton MLA decode beside the PyTorch form on the same inputs. The launch settings in
+    MLA_CONFIGS are tried for one query at 1M and those in MLA_WIDE_CONFIGS for 4 and 16 queries at
+    128k; every case is then timed (alone, and as one call in a CUDA graph) and checked against float64
+    with the fastest."""
+    import torch
+
+    from kimi_desk.kernels.mla.decode import mla_decode
+    from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_attention_reference
+
+    def floor_us(Tk, Tq, elem_bytes=2):
+        # The cache read once, q read once, the output written once.
+        return (Tk * MLA_D * elem_bytes + Tq * MLA_H * (MLA_D * 4 + MLA_V * 4)) / bandwidth * 1e6
+
+    res = dict(tuning=[], rows=[])
+    for Tk, Tq, configs in ((1048576, 1, MLA_CONFIGS), (131072, 4, MLA_WIDE_CONFIGS), (131072, 16, MLA_WIDE_CONFIGS)):
+        q, cache = _mla_inputs(Tk, Tq, seed=Tk + Tq)
+        for cfg in configs:
+            try:
+                t = _bench(lambda: mla_decode(q, cache, Tk - Tq, MLA_V, MLA_SCALE, config=cfg))
+            except Exception as e:  # a setting that does not fit (shared memory) is skipped
+                t = float("inf")
+                log(f"mla {cfg}: {type(e).__name__}: {str(e)[:200]}")
+            res["tuning"].append(dict(Tk=Tk, Tq=Tq, cfg=cfg, us=t, frac_floor=floor_us(Tk, Tq) / t))
+            log(res["tuning"][-1])
+        del q, cache
+        torch.cuda.empty_cache()
+    best = min((r for r in res["tuning"] if r["Tq"] == 1), key=lambda r: r["us"])["cfg"]
+    wide = {}
+    for r in res["tuning"]:
+        if r["Tq"] > 1:
+            wide.setdefault(str(r["cfg"]), [r["cfg"], 0.0])[1] += r["us"]
+    best_wide = min(wide.values(), key=lambda x: x[1])[0]
+    res["chosen"] = dict(one_query=best, several_queries=best_wide)
+
+    cases = [(Tk, 1) for Tk in MLA_LENGTHS] + [(131072, 2), (131072, 4), (131072, 16)]
+    for Tk, Tq in cases:
+        q, cache = _mla_inputs(Tk, Tq, seed=Tk + 3 * Tq)
+        q_start = Tk - Tq
+        cfg = best if Tq * MLA_H <= 32 else best_wide
+        row = dict(Tk=Tk, Tq=Tq, cfg=cfg, floor_us=floor_us(Tk, Tq))
+
+        def ours():
+            return mla_decode(q, cache, q_start, MLA_V, MLA_SCALE, config=cfg)
+
+        def dense():
+            return mla_attention_dense(q, cache, q_start, MLA_V, MLA_SCALE)
+
+        out = torch.full((1, Tq, MLA_H, MLA_V), float("nan"), device="cuda")
+        ref = mla_attention_reference(q.bfloat16().float(), cache, q_start, MLA_V, MLA_SCALE)
+        row["ours_err"] = _rel(mla_decode(q, cache, q_start, MLA_V, MLA_SCALE, out=out, config=cfg), ref)
+        row["dense_err"] = _rel(dense(), ref)
+        del ref, out
+        torch.cuda.empty_cache()
+        row["ours_us"] = _bench(ours)
+        row["dense_us"] = _bench(dense)
+        try:
+            row["ours_graph_us"] = _graph_us(ours)
+            row["dense_graph_us"] = _graph_us(dense)
+        except Exception as e:  # graph timings are extra information
+            log(f"mla graph: {type(e).__name__}: {str(e)[:200]}")
+        row["speedup"] = row["dense_us"] / row["ours_us"]
+        row["ours_frac_floor"] = row["floor_us"] / row["ours_us"]
+        row["dense_frac_floor"] = row["floor_us"] / row["dense_us"]
+        row["ours_peak_gib"] = _peak(ours)
+        row["dense_peak_gib"] = _peak(dense)
+        if Tk == 1048576 and Tq == 1:
+            try:
+                c8, s8 = _fp8_per_token(cache)
+                row["fp8_us"] = _bench(lambda: mla_decode(q, c8, q_start, MLA_V, MLA_SCALE, k_scale=s8, config=cfg))
+                row["fp8_frac_floor"] = floor_us(Tk, 1, elem_bytes=1) / row["fp8_us"]
+                del c8, s8
+            except Exception as e:
+                log(f"mla fp8: {type(e).__name__}: {str(e)[:200]}")
+        res["rows"].append(row)
+        log(row)
+        del q, cache
+        torch.cuda.empty_cache()
+    return res
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="kimi-desk bench kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, help="where to write the results (default .bench/kernels-DATE.json)")
     ap.add_argument("--lengths", default="8192,32768,131072", help="prefill lengths, comma-separated")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: check,tune,prefill,decode")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: check,tune,prefill,decode,mla")
     args = ap.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
         print("kimi-desk bench kernels needs a CUDA GPU", file=sys.stderr)
         return 2
-    try:
-        import fla  # noqa: F401
-    except ImportError:
-        print("the kernel benchmark compares with fla-core 0.6.0: pip install fla-core==0.6.0", file=sys.stderr)
-        return 2
+    skip = set(filter(None, args.skip.split(",")))
+    # fla is the reference of the KDA parts only.
+    fla = None
+    if not {"check", "tune", "prefill", "decode"} <= skip:
+        try:
+            import fla
+        except ImportError:
+            print("the KDA parts compare with fla-core 0.6.0: pip install fla-core==0.6.0 "
+                  "(or --skip check,tune,prefill,decode for the MLA part alone)", file=sys.stderr)
+            return 2
     import triton
 
-    skip = set(filter(None, args.skip.split(",")))
     log = lambda x: print(x, flush=True)  # noqa: E731
     res = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), card=torch.cuda.get_device_name(),
-               torch=torch.__version__, triton=triton.__version__, fla=getattr(fla, "__version__", "?"),
+               torch=torch.__version__, triton=triton.__version__, fla=getattr(fla, "__version__", None),
                shapes=dict(H=H, K=K, V=V, dtype="bfloat16"))
     bw, mm = _ceilings()
     res.update(copy_bandwidth_Bps=bw, bf16_matmul_flops=mm)
@@ -347,6 +530,10 @@ def main(argv=None):
         res["prefill"] = bench_prefill(log, lengths, intra_cfg, scan_cfg, mm, bw)
     if "decode" not in skip:
         res["decode"] = bench_decode(log, bw)
+    if "mla" not in skip:
+        res["mla_shapes"] = dict(B=1, H=MLA_H, D=MLA_D, value_dim=MLA_V, cache="bfloat16", q="float32")
+        res["mla_correctness"] = check_mla(log)
+        res["mla"] = bench_mla(log, bw)
 
     path = args.json or os.path.join(".bench", f"kernels-{res['date'][:10]}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -368,6 +555,23 @@ def main(argv=None):
               f"20 in a graph ours {r['ours_graph20_us']:.1f} us fla {r['fla_public_graph20_us']:.1f} us "
               f"(in-place {r['fla_inplace_graph20_us']:.1f}) x{r['speedup_graph20_vs_fla_public']:.2f}  "
               f"floor {r['ours_frac_floor_graph20']:.0%}")
+    for r in res.get("mla_correctness", []):
+        fp8 = r.get("fp8_err")
+        fp8 = f" fp8 {fp8:.1e}" if isinstance(fp8, float) else (f" fp8 {fp8}" if fp8 else "")
+        print(f"check mla Tk={r['Tk']:7d} Tq={r['Tq']:2d}: rel err ours {r['ours_err']:.1e} dispatch "
+              f"{r['dispatch_err']:.1e} dense {r['dense_err']:.1e}{fp8} nan={r['nan']}")
+    if "mla" in res:
+        print(f"mla chosen settings: {res['mla']['chosen']}")
+        for r in res["mla"]["rows"]:
+            extra = ""
+            if "ours_graph_us" in r:
+                extra += f"  in a graph {r['ours_graph_us']:.1f} / {r['dense_graph_us']:.1f} us"
+            if "fp8_us" in r:
+                extra += f"  fp8 {r['fp8_us']:.1f} us ({r['fp8_frac_floor']:.0%} of its floor)"
+            print(f"mla Tk={r['Tk']:7d} Tq={r['Tq']:2d}: ours {r['ours_us']:8.1f} us  dense {r['dense_us']:8.1f} us  "
+                  f"x{r['speedup']:.2f}  floor {r['floor_us']:.1f} us = ours {r['ours_frac_floor']:.0%} / dense "
+                  f"{r['dense_frac_floor']:.0%}  err {r['ours_err']:.1e} / {r['dense_err']:.1e}  "
+                  f"peak {r['ours_peak_gib']:.2f} / {r['dense_peak_gib']:.2f} GiB{extra}")
     print(f"json: {path}")
     return 0
 
