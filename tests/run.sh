@@ -4,6 +4,15 @@
 # fetch a multi-GB CUDA build. Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The terminal smoke test drives the installed app in a real terminal through tmux.
+if ! command -v tmux >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq >/dev/null && apt-get install -y -qq tmux >/dev/null
+  else
+    echo "tests/run.sh: tmux is missing (the terminal smoke test needs it); install it and run again" >&2
+    exit 1
+  fi
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip

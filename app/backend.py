@@ -1,0 +1,95 @@
+"""What the UI needs from the engine, behind two small factories that the tests replace with fakes.
+
+Everything here that touches torch imports it inside a function: the UI module imports this file at
+start-up, and the first screen must paint before torch (seconds to import) is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from collections.abc import Callable
+
+NO_MODEL_MESSAGE = "no model: pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json)"
+
+
+class ModelNotFound(ValueError):
+    """No model could be chosen or found; the message says what to pass."""
+
+
+class AssistantLike(Protocol):
+    """The part of engine.session.Assistant the UI uses (the tests' fake has the same methods)."""
+
+    model: Any
+    model_source: str
+
+    def reading_rate(self) -> float: ...
+    def read(self, store, path, *, on_progress=None, cancel=None, on_plan=None): ...
+    def document_state(self, session): ...
+    def ask(self, session, question, *, sampling=None, max_new_tokens=512, cancel=None): ...
+
+
+# (model, device) -> a loaded assistant. Runs in a worker thread.
+EngineFactory = Callable[[str, str], AssistantLike]
+# () -> the session store. Runs in a worker thread (it imports the engine, hence torch).
+StoreFactory = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to load, and where that choice came from (shown in the UI and in errors)."""
+
+    model: str
+    origin: str  # "--model", "settings" or "demo"
+
+
+def choose_model(cli_model: str | None, settings_model: str) -> ModelChoice:
+    """--model, else the settings' model, else the embedded demo model; ModelNotFound if none."""
+    from kimi_desk.app.commands import DEMO_MODEL
+
+    if cli_model:
+        return ModelChoice(cli_model, "--model")
+    if settings_model:
+        return ModelChoice(settings_model, "settings")
+    if (DEMO_MODEL / "config.json").is_file():
+        return ModelChoice(str(DEMO_MODEL), "demo")
+    raise ModelNotFound(NO_MODEL_MESSAGE)
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local folder as it is; a hub id (owner/name) as its snapshot in the local hub cache, found
+    offline: the UI never downloads, `kimi-desk pull` does."""
+    try:
+        from kimi_desk.engine.hub import resolve_model_reference
+    except ImportError:  # an engine without hub support: local folders only
+        return Path(model).expanduser()
+    return resolve_model_reference(model)
+
+
+def load_assistant(model: str, device: str) -> AssistantLike:
+    """The real engine: the default EngineFactory."""
+    from kimi_desk.app.commands import resolve_device
+    from kimi_desk.engine.session import Assistant
+
+    return Assistant.load(resolve_model_path(model), device=resolve_device(device))
+
+
+def open_store():
+    """The real session store: the default StoreFactory."""
+    from kimi_desk.engine.session import SessionStore
+
+    return SessionStore()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

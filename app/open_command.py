@@ -1,0 +1,34 @@
+"""`kimi-desk open`: the command line's way into the Textual app (app/tui.py).
+
+Light to import, like the rest of the command line: textual, torch and the engine load only when the
+command runs, so `kimi-desk --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "open", help="the app on a folder, file, session id or exported .zip",
+        description="Read a folder or file into the model and chat over it; a session id or an exported "
+                    ".zip archive is restored. Without PATH: the list of saved sessions.")
+    parser.add_argument("target", nargs="?", metavar="PATH|SESSION_ID|ARCHIVE.zip")
+    parser.add_argument("--model", help="a checkpoint folder, or a hub repo id fetched with 'kimi-desk pull' "
+                                        "(default: the settings' model, else the embedded demo model)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="where the model runs (default: the settings' device, else auto)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kimi_desk.app import backend
+    from kimi_desk.app.tui import create_app
+
+    app = create_app(args.target, model=args.model, device=args.device)
+    # No model anywhere is a usage error, said on one line before the app takes the terminal.
+    if app.model_choice is None:
+        raise backend.ModelNotFound(backend.NO_MODEL_MESSAGE)
+    app.run()
+    return app.return_code or 0

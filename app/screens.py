@@ -1,0 +1,693 @@
+"""The three main screens: reading a document, chatting over it, and the list of saved sessions.
+
+Model work runs in thread workers. A worker never touches a widget: it posts a message (thread-safe)
+and a handler here updates the screen. Cancellation is a threading.Event handed to the engine, which
+checks it between reading chunks and before every generated token.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from rich.cells import cell_len
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, ProgressBar, Static
+
+from kimi_desk.app import backend, formatting
+from kimi_desk.app.dialogs import Confirm, TextPrompt
+from kimi_desk.app.messages import (
+    AnswerFailed,
+    AnswerFinished,
+    AnswerText,
+    DocumentReady,
+    Problem,
+    ReadFailed,
+    ReadPlanned,
+    ReadProgressed,
+    ReadStopped,
+    SessionsListed,
+    StoreChanged,
+    StoreFailed,
+)
+from kimi_desk.app.widgets import ContextGauge, StatusLine, TurnView, turn_meta
+
+# At most this many progress or answer-text messages a second reach the UI: enough to look live,
+# few enough that re-rendering (Markdown above all) never falls behind the model.
+UPDATES_PER_SECOND = 10
+BATCH_SECONDS = 1 / UPDATES_PER_SECOND
+MODEL_LOADING = "loading the model"
+
+
+class Throttle:
+    """True at most once per `interval` seconds; used by workers to coalesce high-rate events."""
+
+    def __init__(self, interval: float = BATCH_SECONDS):
+        self.interval = interval
+        self._last = float("-inf")
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            return True
+        return False
+
+
+def describe_problem(exc: BaseException, doing: str) -> Problem:
+    """An exception from the engine as the UI shows it: one line, and what to do next."""
+    if backend.is_out_of_memory(exc):
+        return Problem(f"Out of memory while {doing}.",
+                       "Close other programs, open a smaller folder or file, or start with --device cpu "
+                       "(the computer's memory is usually larger than the GPU's).")
+    message = backend.one_line(exc)
+    if doing == MODEL_LOADING:
+        return Problem(message, "Pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json) "
+                                "or a hub id fetched with 'kimi-desk pull', or set the model in Settings (F3), "
+                                "and start kimi-desk again.")
+    name = type(exc).__name__
+    if name == "IngestError" or isinstance(exc, OSError):
+        return Problem(message, "Check the path and its permissions, then press r to try again, "
+                                "or open something else (ctrl+n).")
+    if name == "SessionError":
+        return Problem(message, "Pick a session from the list (F2), or open a folder or file (ctrl+n).")
+    if isinstance(exc, ValueError):
+        return Problem(message, "Open something else (ctrl+n) or pick a session (F2).")
+    return Problem(f"Unexpected error while {doing}: {name}: {message}",
+                   "The app keeps running: try again, or report this with the steps that led to it.")
+
+
+def open_target(assistant, store, target: str, *, on_plan, on_progress, cancel) -> tuple[object, str]:
+    """Turn what the user opened into a session whose document is completely read.
+
+    A folder or file is read (or resumed: the engine reads only what changed); a session id or an
+    exported .zip archive is restored, and finished reading if it had been stopped. Returns the session
+    and a note on where it came from. Runs in a worker thread."""
+    path = Path(target).expanduser()
+    if path.suffix.lower() == ".zip" and path.is_file():
+        session = store.import_(path)
+        return _finish_reading(assistant, store, session, on_plan, on_progress, cancel), \
+            f"restored '{session.name}' from {path.name}"
+    if path.exists():
+        return assistant.read(store, path, on_progress=on_progress, cancel=cancel, on_plan=on_plan), ""
+    from kimi_desk.engine.session import SessionError
+
+    try:
+        session = store.get(target)
+    except SessionError:
+        raise SessionError(f"{target}: no such file, folder or session id") from None
+    return _finish_reading(assistant, store, session, on_plan, on_progress, cancel), ""
+
+
+def _finish_reading(assistant, store, session, on_plan, on_progress, cancel):
+    if session.complete:
+        on_plan(session, 0)
+        return session
+    source = Path(session.source)
+    if not source.exists():
+        raise ValueError(f"session '{session.name}' stopped at {session.read_position:,} of "
+                         f"{session.document_tokens:,} tokens and its source {session.source} is not here")
+    return assistant.read(store, source, on_progress=on_progress, cancel=cancel, on_plan=on_plan)
+
+
+class MainScreen(Screen):
+    """What the three main screens share: the header, the status line and the key bar."""
+
+    def compose_body(self) -> ComposeResult:
+        raise NotImplementedError
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield from self.compose_body()
+        yield StatusLine(id="status-line")
+        yield Footer()
+
+    def palette_commands(self):
+        """(title, help, callback) for the command palette, for this screen's actions."""
+        return []
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
+
+class ReadingScreen(MainScreen):
+    """Reads a folder, file, session or archive into the model, with progress; Escape stops (what was
+    read is kept and resumes), r resumes."""
+
+    BINDINGS = [
+        Binding("escape", "stop", "Stop reading", id="reading.stop"),
+        Binding("r", "resume", "Resume", id="reading.resume"),
+        Binding("r", "retry", "Try again", id="reading.retry"),
+    ]
+
+    # waiting (for the model), reading, stopping, stopped, failed, done
+    phase: reactive[str] = reactive("waiting", bindings=True)
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+        self.cancel = threading.Event()
+
+    def compose_body(self) -> ComposeResult:
+        with Vertical(id="reading"):
+            yield Label(Text(f"Opening {self.target}"), id="reading-title")
+            yield Static("Loading the model…", id="reading-estimate")
+            with Horizontal(classes="progress-row"):
+                yield Label("Files", classes="progress-label")
+                yield ProgressBar(total=1, show_eta=False, id="files-bar")
+                yield Label("", id="files-count", classes="progress-count")
+            with Horizontal(classes="progress-row"):
+                yield Label("Tokens", classes="progress-label")
+                yield ProgressBar(total=1, show_eta=False, id="tokens-bar")
+                yield Label("", id="tokens-count", classes="progress-count")
+            yield Static("", id="reading-rate")
+            yield Static("", id="reading-problem", classes="problem")
+            yield Static("", id="reading-advice")
+
+    def on_mount(self) -> None:
+        self.watch(self.app, "engine_status", self._engine_changed, init=True)
+
+    def on_unmount(self) -> None:
+        # Leaving the screen stops the reading; the engine keeps what was read for next time.
+        self.cancel.set()
+
+    def check_action(self, action: str, parameters) -> bool | None:
+        if action == "stop":
+            return self.phase == "reading"
+        if action == "resume":
+            return self.phase == "stopped"
+        if action == "retry":
+            return self.phase == "failed" and self.app.engine_status == "ready"
+        return True
+
+    def palette_commands(self):
+        commands = []
+        if self.phase == "reading":
+            commands.append(("Stop reading", "stop now; what was read is kept and resumes", self.action_stop))
+        if self.phase == "stopped":
+            commands.append(("Resume reading", "continue from where reading stopped", self.action_resume))
+        return commands
+
+    def _engine_changed(self, status: str) -> None:
+        if status == "ready" and self.phase == "waiting":
+            self._start()
+        elif status == "failed" and self.phase == "waiting":
+            self._show_problem(self.app.model_problem)
+        elif status == "loading":
+            self.query_one("#reading-estimate", Static).update(
+                Text(f"Loading the model ({self.app.model_label})…"))
+
+    def _start(self) -> None:
+        self.cancel = threading.Event()
+        self.phase = "reading"
+        self.query_one("#reading-problem", Static).update("")
+        self.query_one("#reading-advice", Static).update("")
+        self.query_one("#reading-estimate", Static).update("Planning the reading…")
+        self.read_document(self.target, self.cancel)
+
+    @work(thread=True, exclusive=True, group="reading", exit_on_error=False)
+    def read_document(self, target: str, cancel: threading.Event) -> None:
+        from kimi_desk.engine.session import ReadCancelled
+
+        assistant, store = self.app.assistant, self.app.store
+        throttle = Throttle()
+        planned = []
+
+        def on_plan(session, tokens_to_read: int) -> None:
+            planned.append(tokens_to_read)
+            rate = assistant.reading_rate() if tokens_to_read else None
+            self.post_message(ReadPlanned(session.name, session.source, tokens_to_read, session.document_tokens,
+                                          len(session.files), rate))
+
+        def on_progress(progress) -> None:
+            if throttle.ready() or progress.tokens_done == progress.tokens_total:
+                self.post_message(ReadProgressed(progress))
+
+        try:
+            session, origin = open_target(assistant, store, target, on_plan=on_plan, on_progress=on_progress,
+                                          cancel=cancel)
+            state = assistant.document_state(session)
+            read_now = planned[-1] if planned else 0
+            note = "resumed: 0 tokens to read" if read_now == 0 else f"read {formatting.tokens(read_now)} tokens"
+            self.post_message(DocumentReady(session, state.kda_nbytes, state.mla_nbytes,
+                                            f"{origin}; {note}" if origin else note))
+        except ReadCancelled as exc:
+            self.post_message(ReadStopped(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - every failure is shown, and the app carries on
+            self.post_message(ReadFailed(describe_problem(exc, "reading")))
+
+    def on_read_planned(self, event: ReadPlanned) -> None:
+        self.query_one("#reading").add_class("-planned")
+        self.query_one("#reading-title", Label).update(
+            Text(f"Reading {event.name}  ({formatting.short_path(event.source)})"))
+        self.query_one("#reading-estimate", Static).update(
+            formatting.estimate(event.tokens_to_read, event.tokens_per_second))
+        done = event.tokens_total - event.tokens_to_read
+        self._show_counts(done, event.tokens_total, event.files_total if done == event.tokens_total else 0,
+                          event.files_total)
+
+    def on_read_progressed(self, event: ReadProgressed) -> None:
+        if self.phase not in ("reading", "stopping"):
+            return
+        p = event.progress
+        self._show_counts(p.tokens_done, p.tokens_total, p.files_done, p.files_total)
+        self.query_one("#reading-rate", Static).update(Text(
+            f"{p.tokens_per_second:,.0f} tokens/s · {formatting.duration(p.seconds_left)} left · {p.path}"))
+
+    def _show_counts(self, tokens_done: int, tokens_total: int, files_done: int, files_total: int) -> None:
+        self.query_one("#tokens-bar", ProgressBar).update(total=max(tokens_total, 1), progress=tokens_done)
+        self.query_one("#files-bar", ProgressBar).update(total=max(files_total, 1), progress=files_done)
+        self.query_one("#tokens-count", Label).update(
+            f"{formatting.tokens(tokens_done)} / {formatting.tokens(tokens_total)}")
+        self.query_one("#files-count", Label).update(f"{files_done:,} / {files_total:,}")
+
+    def on_read_stopped(self, event: ReadStopped) -> None:
+        self.phase = "stopped"
+        self.query_one("#reading-rate", Static).update("")
+        self.query_one("#reading-problem", Static).update(Text(f"Reading {event.message}."))
+        self.query_one("#reading-advice", Static).update(
+            "What was read is saved: press r to resume now, or open it again later (F2 lists sessions).")
+
+    def on_read_failed(self, event: ReadFailed) -> None:
+        self.phase = "failed"
+        self._show_problem(event.problem)
+
+    def _show_problem(self, problem: Problem) -> None:
+        self.query_one("#reading-estimate", Static).update("")
+        self.query_one("#reading-rate", Static).update("")
+        self.query_one("#reading-problem", Static).update(Text(problem.message))
+        self.query_one("#reading-advice", Static).update(Text(problem.advice))
+
+    def on_document_ready(self, event: DocumentReady) -> None:
+        self.phase = "done"
+        self.app.show_chat(event.session, event.kda_nbytes, event.mla_nbytes, event.note)
+
+    def action_stop(self) -> None:
+        if self.phase == "reading":
+            self.cancel.set()
+            self.phase = "stopping"
+            self.query_one("#reading-rate", Static).update("Stopping after this chunk…")
+
+    def action_resume(self) -> None:
+        if self.phase == "stopped":
+            self._start()
+
+    def action_retry(self) -> None:
+        if self.phase == "failed" and self.app.engine_status == "ready":
+            self._start()
+
+
+# -- chat -------------------------------------------------------------------------------------------
+
+
+class ChatScreen(MainScreen):
+    """Questions and streamed answers over a session whose document is read."""
+
+    BINDINGS = [
+        Binding("escape", "stop", "Stop", id="chat.stop"),
+        Binding("ctrl+r", "regenerate", "Regenerate", id="chat.regenerate"),
+        Binding("ctrl+y", "copy_answer", "Copy", tooltip="Copy the selected or last answer", id="chat.copy"),
+        Binding("ctrl+s", "export", "Save", tooltip="Save the session as a .zip archive", id="chat.export"),
+    ]
+
+    generating: reactive[bool] = reactive(False, bindings=True)
+
+    def __init__(self, session, kda_nbytes: int, mla_nbytes: int, note: str = ""):
+        super().__init__()
+        self.session = session
+        self.kda_nbytes = kda_nbytes
+        self.mla_nbytes = mla_nbytes
+        self.note = note
+        self.cancel = threading.Event()
+        self._stream = None
+        self._answering: TurnView | None = None
+
+    def compose_body(self) -> ComposeResult:
+        yield ContextGauge(self.session.document_tokens, self.app.assistant.model.config.model_max_length,
+                           self.kda_nbytes, self.mla_nbytes, id="gauge")
+        yield Static(Text(self.note), id="chat-note")
+        with VerticalScroll(id="transcript"):
+            for turn in self.session.transcript:
+                yield TurnView(turn.question, turn.answer,
+                               turn_meta(len(turn.answer_token_ids), turn.seconds, turn.finish_reason))
+            yield Static(Text(f"Ask anything about {self.session.name}: all of it is in the model's memory."),
+                         id="chat-empty", classes="hint")
+        yield Input(placeholder=f"Ask about {self.session.name}…  (Enter sends)", id="question")
+
+    def on_mount(self) -> None:
+        self.sub_title = self.session.name
+        self.query_one("#chat-empty").display = not self.session.transcript
+        self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
+        self.query_one("#question", Input).focus()
+
+    def on_unmount(self) -> None:
+        self.cancel.set()
+
+    def check_action(self, action: str, parameters) -> bool | None:
+        if action == "stop":
+            return self.generating
+        if action == "regenerate":
+            return None if self.generating or not self.query(TurnView) else True
+        if action == "copy_answer":
+            return bool(self.query(TurnView))
+        return True
+
+    def palette_commands(self):
+        commands = []
+        if self.generating:
+            commands.append(("Stop the answer", "stop generating now (Escape)", self.action_stop))
+        elif self.query(TurnView):
+            commands.append(("Regenerate the last answer", "ask the last question again (ctrl+r)",
+                             self.action_regenerate))
+        if self.query(TurnView):
+            commands.append(("Copy the answer", "the selected or last answer, to the clipboard (ctrl+y)",
+                             self.action_copy_answer))
+        commands.append(("Save the session as an archive", "a .zip to open elsewhere (ctrl+s)", self.action_export))
+        return commands
+
+    @on(Input.Submitted, "#question")
+    def ask_question(self, event: Input.Submitted) -> None:
+        question = event.value.strip()
+        if not question:
+            return
+        if self.generating:
+            self.notify("An answer is still being written: wait, or press Escape to stop it.", severity="warning")
+            return
+        event.input.value = ""
+        self.query_one("#chat-empty").display = False
+        turn = TurnView(question, meta="thinking…")
+        turn.recorded = False
+        self.query_one("#transcript", VerticalScroll).mount(turn)
+        self._begin_answer(turn, question, regenerate=False)
+
+    def _begin_answer(self, turn: TurnView, question: str, regenerate: bool) -> None:
+        self._answering = turn
+        self._stream = None
+        self.generating = True
+        self.cancel = threading.Event()
+        self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
+        self.answer(question, regenerate, self.cancel)
+
+    @work(thread=True, exclusive=True, group="answer", exit_on_error=False)
+    def answer(self, question: str, regenerate: bool, cancel: threading.Event) -> None:
+        from kimi_desk.engine.generate import Sampling
+
+        settings = self.app.settings
+        transcript = self.session.transcript
+        replaced = transcript.pop() if regenerate and transcript else None
+        turns_before = len(transcript)
+        throttle = Throttle()
+        pending: list[str] = []
+        finish = "cancelled"
+        try:
+            sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
+            events = self.app.assistant.ask(self.session, question, sampling=sampling,
+                                            max_new_tokens=settings.max_new_tokens, cancel=cancel)
+            for event in events:
+                pending.append(event.text)
+                if event.finish_reason is not None:
+                    finish = event.finish_reason
+                    break
+                # Text goes to the UI in batches, so Markdown is re-rendered a few times a second, not per token.
+                if throttle.ready():
+                    self.post_message(AnswerText("".join(pending)))
+                    pending.clear()
+        except Exception as exc:  # noqa: BLE001 - shown in the chat; the session stays usable
+            recorded = len(transcript) > turns_before
+            if replaced is not None and not recorded:
+                # Nothing replaced the earlier answer: it stays the session's last turn.
+                transcript.append(replaced)
+                recorded = True
+            self.post_message(AnswerFailed(describe_problem(exc, "answering"), recorded))
+            return
+        turn = transcript[-1] if transcript else None
+        self.post_message(AnswerFinished("".join(pending), finish,
+                                         len(turn.answer_token_ids) if turn else 0, turn.seconds if turn else 0.0))
+
+    async def _write(self, text: str) -> None:
+        if not text or self._answering is None:
+            return
+        if self._stream is None:
+            self._stream = Markdown.get_stream(self._answering.markdown)
+        transcript = self.query_one("#transcript", VerticalScroll)
+        # Follow the answer only if the reader has not scrolled up to read something else.
+        following = transcript.is_vertical_scroll_end or transcript.max_scroll_y == 0
+        self._answering.answer_text += text
+        await self._stream.write(text)
+        if following:
+            transcript.scroll_end(animate=False)
+
+    async def on_answer_text(self, event: AnswerText) -> None:
+        if self._answering is not None:
+            self._answering.set_meta("writing…  (Escape stops)")
+        await self._write(event.text)
+
+    async def on_answer_finished(self, event: AnswerFinished) -> None:
+        await self._write(event.text)
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        if self._answering is not None:
+            self._answering.set_meta(turn_meta(event.tokens, event.seconds, event.finish_reason))
+            self._answering.recorded = True
+        self._answering = None
+        self.generating = False
+        self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
+
+    async def on_answer_failed(self, event: AnswerFailed) -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        if self._answering is not None:
+            self._answering.set_meta(f"{event.problem.message} {event.problem.advice}")
+            self._answering.add_class("failed")
+            self._answering.recorded = event.recorded
+        self._answering = None
+        self.generating = False
+
+    def action_stop(self) -> None:
+        if self.generating:
+            # The engine checks this before every token, so the answer ends within one token.
+            self.cancel.set()
+            if self._answering is not None:
+                self._answering.set_meta("stopping…")
+
+    async def action_regenerate(self) -> None:
+        turns = self.query(TurnView)
+        if self.generating or not turns:
+            return
+        s = self.app.settings
+        if s.temperature == 0 or s.seed is not None:
+            self.notify("With temperature 0 or a fixed seed (Settings, F3) the same answer comes back.",
+                        severity="warning")
+        turn = turns.last()
+        turn.answer_text = ""
+        await turn.markdown.update("")
+        turn.remove_class("failed")
+        turn.set_meta("thinking…")
+        # A question whose answer failed before the session recorded it is simply asked again.
+        self._begin_answer(turn, turn.question, regenerate=turn.recorded)
+
+    def action_copy_answer(self) -> None:
+        turns = self.query(TurnView)
+        if not turns:
+            return
+        turn = self.focused if isinstance(self.focused, TurnView) else turns.last()
+        self.app.copy_to_clipboard(turn.answer_text)
+        self.notify(f"Copied the answer ({len(turn.answer_text):,} characters).")
+
+    def action_export(self) -> None:
+        self.app.export_session(self.session)
+
+
+# -- sessions ---------------------------------------------------------------------------------------
+
+
+# The sessions list's columns and how their cells line up.
+SESSION_COLUMNS = [("Name", "left"), ("Source", "left"), ("Tokens", "right"), ("Size", "right"),
+                   ("Last used", "left")]
+
+
+class SessionsScreen(MainScreen):
+    """Every saved session: open, rename, delete, save as an archive, or open something new."""
+
+    BINDINGS = [
+        Binding("enter", "open", "Open", id="sessions.open"),
+        Binding("n", "new", "New", id="sessions.new"),
+        Binding("r", "rename", "Rename", id="sessions.rename"),
+        Binding("d,delete", "delete", "Delete", id="sessions.delete"),
+        Binding("e", "export", "Save", tooltip="Save the session as a .zip archive", id="sessions.export"),
+        Binding("escape", "back", "Back", id="sessions.back"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.sessions: dict[str, object] = {}
+
+    def compose_body(self) -> ComposeResult:
+        with Vertical(id="sessions"):
+            yield DataTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
+            yield Static("Loading sessions…", id="sessions-info", classes="hint")
+
+    def on_mount(self) -> None:
+        self.sub_title = "sessions"
+        self.query_one("#sessions-table", DataTable).focus()
+        self.watch(self.app, "store_status", self._store_changed, init=True)
+
+    def _store_changed(self, status: str) -> None:
+        if status == "ready":
+            self.list_sessions()
+        elif status == "failed":
+            problem = self.app.store_problem
+            self.query_one("#sessions-info", Static).update(Text(f"{problem.message} {problem.advice}"))
+
+    def check_action(self, action: str, parameters) -> bool | None:
+        if action in ("open", "rename", "delete", "export"):
+            return bool(self.sessions)
+        if action == "back":
+            return self.app.current_chat is not None
+        return True
+
+    def palette_commands(self):
+        commands = [("New session", "open a folder, file, session id or .zip (n)", self.action_new)]
+        if self.sessions:
+            commands += [("Rename the session", "the highlighted one (r)", self.action_rename),
+                         ("Delete the session", "the highlighted one, after a confirmation (d)", self.action_delete),
+                         ("Save the session as an archive", "the highlighted one, as a .zip (e)", self.action_export)]
+        return commands
+
+    @work(thread=True, exclusive=True, group="sessions", exit_on_error=False)
+    def list_sessions(self) -> None:
+        try:
+            rows = [(session, session.nbytes()) for session in self.app.store.list()]
+        except Exception as exc:  # noqa: BLE001
+            self.post_message(StoreFailed(describe_problem(exc, "listing sessions")))
+            return
+        self.post_message(SessionsListed(rows))
+
+    def on_sessions_listed(self, event: SessionsListed) -> None:
+        table = self.query_one("#sessions-table", DataTable)
+        keep = self._highlighted_id()
+        self.sessions = {session.id: session for session, _ in event.rows}
+        now = self.app.clock()
+        rows = []
+        for session, size in event.rows:
+            tokens = formatting.tokens(session.document_tokens)
+            if not session.complete:
+                tokens = f"{formatting.tokens(session.read_position)} of {tokens}"
+            source = _clip(formatting.short_path(session.source), 30, left=True)
+            rows.append((session.id, [_clip(session.name, 24), source, tokens, formatting.nbytes(size),
+                                      formatting.ago(session.last_used, now)]))
+        # Columns sized (and numbers aligned) here from the cells, rather than measured by the table
+        # when it is next idle: the list is then right from its first frame, dialogs opened at once
+        # included. Cells are Text, never markup: names and paths may hold '['.
+        table.clear(columns=True)
+        widths = []
+        for index, (label, justify) in enumerate(SESSION_COLUMNS):
+            widths.append(max([cell_len(label)] + [cell_len(cells[index]) for _, cells in rows]))
+            table.add_column(_aligned(label, widths[-1], justify), width=widths[-1], key=label)
+        for session_id, cells in rows:
+            table.add_row(*(_aligned(cell, width, justify) for cell, width, (_, justify)
+                            in zip(cells, widths, SESSION_COLUMNS, strict=True)), key=session_id)
+        if keep in self.sessions:
+            table.move_cursor(row=table.get_row_index(keep))
+        self._describe_highlighted()
+        self.refresh_bindings()
+
+    def on_store_changed(self, event: StoreChanged) -> None:
+        if event.message:
+            self.notify(event.message)
+        self.list_sessions()
+
+    def on_store_failed(self, event: StoreFailed) -> None:
+        self.app.show_problem("The session store", event.problem)
+
+    @on(DataTable.RowHighlighted)
+    def _describe_highlighted(self, event=None) -> None:
+        info = self.query_one("#sessions-info", Static)
+        session = self.sessions.get(self._highlighted_id())
+        if session is None:
+            info.update("No sessions yet. Press n to open a folder, a file or an exported .zip.")
+            return
+        state = "read" if session.complete else "reading stopped: opening it resumes"
+        questions = len(session.transcript)
+        info.update(Text(f"{session.id} · {len(session.files):,} files · {questions:,} "
+                         f"question{'' if questions == 1 else 's'} · {state} · enter opens it"))
+
+    def _highlighted_id(self) -> str | None:
+        table = self.query_one("#sessions-table", DataTable)
+        if not table.row_count:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    @on(DataTable.RowSelected)
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open()
+
+    def action_open(self) -> None:
+        session_id = self._highlighted_id()
+        if session_id:
+            self.app.open_target(session_id)
+
+    def action_new(self) -> None:
+        self.app.action_open_new()
+
+    def action_rename(self) -> None:
+        session = self.sessions.get(self._highlighted_id())
+        if session is None:
+            return
+
+        def rename(name: str | None) -> None:
+            if name and name != session.name:
+                self.store_call(lambda store: store.rename(session.id, name), f"Renamed to '{name}'.")
+
+        self.app.push_screen(TextPrompt("Rename", f"A new name for '{session.name}':", value=session.name,
+                                        accept="Rename"), rename)
+
+    def action_delete(self) -> None:
+        session = self.sessions.get(self._highlighted_id())
+        if session is None:
+            return
+
+        def delete(confirmed: bool | None) -> None:
+            if confirmed:
+                self.app.forget_session(session.id)
+                self.store_call(lambda store: store.remove(session.id), f"Deleted '{session.name}'.")
+
+        self.app.push_screen(Confirm("Delete session", f"Delete '{session.name}'? Its reading and conversation "
+                                     "are removed; the files it read are not touched."), delete)
+
+    def action_export(self) -> None:
+        session = self.sessions.get(self._highlighted_id())
+        if session is not None:
+            self.app.export_session(session)
+
+    def action_back(self) -> None:
+        self.app.back_to_chat()
+
+    @work(thread=True, group="store", exit_on_error=False)
+    def store_call(self, change, done: str) -> None:
+        try:
+            change(self.app.store)
+        except Exception as exc:  # noqa: BLE001
+            self.post_message(StoreFailed(describe_problem(exc, "changing the session")))
+            return
+        self.post_message(StoreChanged(done))
+
+
+def _aligned(text: str, width: int, justify: str) -> Text:
+    padding = " " * max(0, width - cell_len(text))
+    return Text(padding + text if justify == "right" else text + padding)
+
+
+def _clip(text: str, width: int, left: bool = False) -> str:
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1):] if left else text[: width - 1] + "…"

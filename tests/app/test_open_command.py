@@ -1,0 +1,65 @@
+"""`kimi-desk open` from the command line: its help, the one-line error when there is no model, and a
+first screen that paints before torch is imported."""
+
+import subprocess
+import sys
+import textwrap
+
+from kimi_desk.app import cli
+
+
+def test_open_help_lists_what_it_opens():
+    result = subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", "open", "--help"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0
+    assert "PATH|SESSION_ID|ARCHIVE.zip" in result.stdout and "--device {auto,cpu,cuda}" in result.stdout
+
+
+def test_no_model_anywhere_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from kimi_desk.app import commands
+
+    monkeypatch.setenv("KIMI_DESK_HOME", str(tmp_path))
+    monkeypatch.setattr(commands, "DEMO_MODEL", tmp_path / "no-demo-model")
+    assert cli.main(["open", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["kimi-desk: error: no model: pass --model PATH (a folder with config.json, *.safetensors "
+                     "and tokenizer.json)"]
+
+
+def test_bad_device_is_one_line(capsys):
+    assert cli.main(["open", ".", "--device", "tpu"]) == 2
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+FIRST_PAINT = textwrap.dedent(
+    """
+    import time; started = time.perf_counter()
+    import asyncio, sys
+    from kimi_desk.app.screens import SessionsScreen
+    from kimi_desk.app.tui import create_app
+
+    painted = []
+    mount = SessionsScreen.on_mount
+    def on_mount(self):
+        mount(self)
+        self.call_after_refresh(lambda: painted.append((time.perf_counter() - started, "torch" in sys.modules)))
+    SessionsScreen.on_mount = on_mount
+
+    async def main():
+        # The real factories: the engine (and torch) load in a worker after the first paint.
+        async with create_app(None, model=sys.argv[1], device="cpu").run_test(size=(80, 24)) as pilot:
+            while not painted:
+                await pilot.pause(0.01)
+    asyncio.run(main())
+    print(*painted[0])
+    """
+)
+
+
+def test_first_screen_paints_within_a_second_before_torch_loads(tmp_path):
+    env = {"KIMI_DESK_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", FIRST_PAINT, str(tmp_path / "no-model")], capture_output=True,
+                         text=True, env=env, check=True).stdout.split()
+    seconds, torch_loaded = float(out[0]), out[1] == "True"
+    assert seconds < 1.0, f"first paint after {seconds:.2f} s"
+    assert not torch_loaded

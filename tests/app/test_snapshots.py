@@ -1,0 +1,222 @@
+"""SVG snapshots of every screen at 80x24 and 120x40, compared with the files in snapshots/.
+
+What changes from run to run is frozen: the clock, session ids, sizes on disk (they depend on the
+temporary folder's path), the fake engine's timings, the cursor's blink, and toasts. After a deliberate
+change of the UI, rewrite the files with
+
+    KIMI_DESK_UPDATE_SNAPSHOTS=1 python -m pytest tests/app/test_snapshots.py
+
+and look at them (any SVG viewer) before committing. On a mismatch the new rendering is written beside
+the expected one as NAME.actual.svg (not to be committed), with the first differing lines of text in the
+failure message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable, Input
+
+from driving import (
+    drive,
+    freeze_session_ids,
+    make_test_app,
+    screen_text,
+    wait_for,
+    wait_for_answer,
+    wait_for_screen,
+    wait_in_thread,
+)
+from fake_engine import FakeAssistant, make_folder
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+SIZES = [(80, 24), (120, 40)]
+QUESTION = "what does helper_2 return?"
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """A HOME with folders to open and a template store holding two sessions (one read and asked, one
+    stopped part-way), built once for the module; each test gets a copy of the store."""
+    root = tmp_path_factory.mktemp("library")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        freeze_session_ids(monkeypatch)
+        monkeypatch.setenv("HOME", str(root))
+        monkeypatch.setenv("KIMI_DESK_HOME", str(root / "template"))
+        make_folder(root / "repo")
+
+        async def read_and_ask(pilot):
+            await wait_for_screen(pilot, "ChatScreen")
+            await ask(pilot)
+            await wait_for_answer(pilot)
+
+        drive(make_test_app(make_folder(root / "project"), engine=FakeAssistant()), read_and_ask)
+        stopping = FakeAssistant(hold_at=200)
+
+        async def stop(pilot):
+            await wait_in_thread(stopping.holding)
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: pilot.app.screen.phase == "stopped", what="the stop")
+
+        drive(make_test_app(make_folder(root / "book", n_files=9), engine=stopping), stop)
+    return root
+
+
+@pytest.fixture
+def frozen(library, tmp_path, monkeypatch):
+    """HOME is the library (so paths read ~/repo), the store a fresh copy of its template, and what
+    would differ between runs (ids, sizes on disk that depend on the temporary path) is fixed."""
+    from kimi_desk.engine.session import Session
+
+    freeze_session_ids(monkeypatch)
+    monkeypatch.setattr(Session, "nbytes", lambda self: 3_407_872 if self.complete else 1_153_434)
+    monkeypatch.setenv("HOME", str(library))
+    shutil.copytree(library / "template", tmp_path / "kimi-home")
+    monkeypatch.setenv("KIMI_DESK_HOME", str(tmp_path / "kimi-home"))
+    return library
+
+
+async def wait_for_sessions_list(pilot):
+    """The list, drawn."""
+    screen = await wait_for_screen(pilot, "SessionsScreen")
+    await wait_for(pilot, lambda: screen.query_one(DataTable).row_count == 2, what="the list")
+    await wait_for(pilot, lambda: "~/project " in screen_text(pilot.app), what="the rows drawn")
+
+
+async def ask(pilot):
+    pilot.app.screen.query_one("#question", Input).value = QUESTION
+    await pilot.press("enter")
+
+
+def app_on(target=None, engine=None, **options):
+    return make_test_app(target, engine=engine or FakeAssistant(), **options)
+
+
+def svg_text(svg: str) -> list[str]:
+    """The text lines of a Textual SVG screenshot, for a readable failure message."""
+    return [re.sub(r"<[^>]+>", "", line).replace("&#160;", " ") for line in svg.splitlines() if "<text" in line]
+
+
+async def settle(pilot):
+    """Still the things that move: the cursor's blink, toasts, pending layout."""
+    app = pilot.app
+    for screen in app.screen_stack:
+        for field in screen.query(Input):
+            field.cursor_blink = False
+    app.clear_notifications()
+    await pilot.pause(0.05)
+    await pilot.wait_for_scheduled_animations()
+    await pilot.pause()
+
+
+def check(app, name: str):
+    expected_file = SNAPSHOTS / f"{name}.svg"
+    actual = app.export_screenshot()
+    if os.environ.get("KIMI_DESK_UPDATE_SNAPSHOTS") or not expected_file.exists():
+        SNAPSHOTS.mkdir(exist_ok=True)
+        expected_file.write_text(actual, encoding="utf-8")
+        if not os.environ.get("KIMI_DESK_UPDATE_SNAPSHOTS"):
+            pytest.fail(f"new snapshot {expected_file.name} written: look at it, then commit it")
+        return
+    expected = expected_file.read_text(encoding="utf-8")
+    if actual != expected:
+        actual_file = expected_file.with_suffix(".actual.svg")
+        actual_file.write_text(actual, encoding="utf-8")
+        diff = "\n".join(list(difflib.unified_diff(svg_text(expected), svg_text(actual), lineterm="", n=0))[:40])
+        pytest.fail(f"{name} differs from {expected_file.name} (now in {actual_file.name}):\n{diff}\n"
+                    f"screen:\n{screen_text(app)}")
+
+
+def snapshot(app, name, size, scenario):
+    async def run(pilot):
+        await scenario(pilot)
+        await settle(pilot)
+        check(pilot.app, f"{name}_{size[0]}x{size[1]}")
+
+    drive(app, run, size=size)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_reading(frozen, size):
+    fake = FakeAssistant(hold_at=160)
+
+    async def scenario(pilot):
+        screen = await wait_for_screen(pilot, "ReadingScreen")
+        await wait_in_thread(fake.holding)
+        await wait_for(pilot, lambda: "160 /" in str(screen.query_one("#tokens-count").render()), what="progress")
+
+    try:
+        snapshot(app_on("~/repo", engine=fake), "reading", size, scenario)
+    finally:
+        fake.release.set()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_reading_failed(frozen, size):
+    async def scenario(pilot):
+        screen = await wait_for_screen(pilot, "ReadingScreen")
+        await wait_for(pilot, lambda: screen.phase == "failed", what="the failure")
+
+    snapshot(app_on("~/missing"), "reading_failed", size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_chat(frozen, size):
+    async def scenario(pilot):
+        await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+
+    snapshot(app_on("~/repo"), "chat", size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_chat_light_theme(frozen, size):
+    from kimi_desk.app.settings import Settings
+
+    async def scenario(pilot):
+        await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+
+    app = app_on("~/repo", settings=Settings(theme="textual-light"))
+    snapshot(app, "chat_light", size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_sessions(frozen, size):
+    async def scenario(pilot):
+        await wait_for_sessions_list(pilot)
+
+    snapshot(app_on(), "sessions", size, scenario)
+
+
+@pytest.mark.parametrize("dialog,keys", [("rename", ["r"]), ("delete", ["d"]), ("open", ["ctrl+n"]),
+                                         ("help", ["f1"]), ("settings", ["f3"])])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dialogs_over_sessions(frozen, size, dialog, keys):
+    async def scenario(pilot):
+        await wait_for_sessions_list(pilot)
+        await pilot.press(*keys)
+        await wait_for(pilot, lambda: pilot.app.screen.is_modal, what="the dialog")
+
+    snapshot(app_on(), dialog, size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_model_failed(frozen, size):
+    from kimi_desk.engine.errors import CheckpointError
+
+    def broken(model, device):
+        raise CheckpointError("/models/broken: not a folder (a checkpoint is a folder with config.json "
+                              "and *.safetensors)")
+
+    async def scenario(pilot):
+        await wait_for_screen(pilot, "ProblemDialog")
+
+    snapshot(app_on("~/repo", engine_factory=broken), "model_failed", size, scenario)

@@ -1,0 +1,428 @@
+"""The app's behaviour, driven through Textual's pilot against the fake engine: open, read with
+progress, stop and resume reading, ask, stop an answer, regenerate, copy, save and restore an archive,
+rename and delete sessions, settings, errors, and the command palette."""
+
+from __future__ import annotations
+
+import zipfile
+
+from textual.widgets import DataTable, Input, Label, ProgressBar, Static
+
+from driving import drive, wait_for, wait_for_answer, wait_for_screen, wait_in_thread
+from fake_engine import ANSWER, FakeAssistant, make_folder
+from kimi_desk.app.messages import AnswerText
+from kimi_desk.app.widgets import TurnView
+from kimi_desk.engine.session import SessionStore
+
+QUESTION = "what does helper_2 return?"
+
+
+def text_of(screen, selector) -> str:
+    return str(screen.query_one(selector).render())
+
+
+async def ask(pilot, question=QUESTION, type_it=False):
+    """Ask through the question box; typing key by key is slow in the pilot, so only one test does it."""
+    field = pilot.app.screen.query_one("#question", Input)
+    await pilot.click("#question")
+    if type_it:
+        await pilot.press(*question)
+    else:
+        field.value = question
+    await pilot.press("enter")
+
+
+def test_open_reads_with_progress_then_chats(home, make_app, fake):
+    folder = make_folder(home / "repo")
+    fake.hold_at = 160
+
+    async def scenario(pilot):
+        screen = await wait_for_screen(pilot, "ReadingScreen")
+        await wait_in_thread(fake.holding)
+        await wait_for(pilot, lambda: screen.query_one("#tokens-bar", ProgressBar).progress == 160,
+                       what="progress at the hold point")
+        assert "estimated under a minute on this device (about 1,500 tokens/s)" in text_of(screen, "#reading-estimate")
+        assert "160 / 426" in text_of(screen, "#tokens-count")
+        assert "1,234 tokens/s" in text_of(screen, "#reading-rate") and "left" in text_of(screen, "#reading-rate")
+        fake.release.set()
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        assert "426 / 8,192 tokens" in text_of(chat, "#gauge-tokens")
+        assert "KDA state 4.0 MiB" in text_of(chat, "#gauge-state")
+        assert "read 426 tokens" in text_of(chat, "#chat-note")
+        assert "model fake-model · cpu" in text_of(chat, "#status-line")
+
+    drive(make_app(folder), scenario)
+
+
+def test_ask_streams_the_answer_in_batches_and_saves_the_turn(home, make_app, fake):
+    folder = make_folder(home / "repo")
+    fake.token_sleep = 0.02  # about a second of answer: several batches
+    batches = []
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot, type_it=True)
+        await wait_for_answer(pilot)
+        turn = chat.query_one(TurnView)
+        assert turn.question == QUESTION
+        assert turn.markdown.source == turn.answer_text == ANSWER + f"\nYou asked: {QUESTION}"
+        assert "tokens · " in str(turn.query_one(".meta").render())
+        assert chat.query_one("#question", Input).value == ""
+
+    def count_batches(message):
+        if isinstance(message, AnswerText):
+            batches.append(message.text)
+
+    drive(make_app(folder), scenario, message_hook=count_batches)
+    pieces = len(ANSWER.split()) + 4
+    # Coalesced: far fewer UI updates than tokens, and they add up to the answer (the rest comes with the finish).
+    assert 2 <= len(batches) < pieces / 2, len(batches)
+    session = SessionStore().list()[0]
+    assert session.transcript[-1].question == QUESTION and session.transcript[-1].finish_reason == "stop"
+
+
+def test_escape_stops_the_answer_within_a_token(home, make_app, fake):
+    folder = make_folder(home / "repo")
+    fake.answer_hold_after = 5
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_in_thread(fake.answering)
+        await pilot.press("escape")
+        fake.answer_release.set()
+        await wait_for_answer(pilot)
+        turn = chat.query_one(TurnView)
+        assert "stopped" in str(turn.query_one(".meta").render())
+        assert chat.session.transcript[-1].finish_reason == "cancelled"
+        # Five pieces were written before the stop and none after it.
+        assert len(chat.session.transcript[-1].answer_token_ids) == 5
+        assert turn.answer_text == chat.session.transcript[-1].answer
+
+    drive(make_app(folder), scenario)
+
+
+def test_regenerate_replaces_the_last_answer_and_copy_takes_it(home, make_app, fake):
+    folder = make_folder(home / "repo")
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: len(fake.asked) == 2, what="the second ask")
+        await wait_for_answer(pilot)
+        assert fake.asked == [QUESTION, QUESTION]
+        assert len(chat.query(TurnView)) == 1 and len(chat.session.transcript) == 1
+        await pilot.press("ctrl+y")
+        assert pilot.app.clipboard == chat.session.transcript[-1].answer != ""
+
+    drive(make_app(folder), scenario)
+    assert len(SessionStore().list()[0].transcript) == 1
+
+
+def test_save_as_archive_and_restore_it_elsewhere(home, make_app, fake, monkeypatch):
+    folder = make_folder(home / "repo")
+    archive = home / "saved.zip"
+
+    async def save(pilot):
+        await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+        await pilot.press("ctrl+s")
+        prompt = await wait_for_screen(pilot, "TextPrompt")
+        assert prompt.query_one(Input).value.startswith("~/repo-") and prompt.query_one(Input).value.endswith(".zip")
+        prompt.query_one(Input).value = str(archive)
+        await pilot.press("enter")
+        await wait_for(pilot, archive.exists, what="the archive")
+
+    drive(make_app(folder), save)
+    assert "session.json" in zipfile.ZipFile(archive).namelist()
+
+    # Another computer: a fresh home with no sessions, and the source folder gone.
+    monkeypatch.setenv("KIMI_DESK_HOME", str(home / "elsewhere"))
+    (folder / "file_0.py").unlink()
+
+    async def restore(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        assert text_of(chat, "#chat-note") == "restored 'repo' from saved.zip; resumed: 0 tokens to read"
+        assert [t.question for t in chat.query(TurnView)] == [QUESTION]
+
+    drive(make_app(archive, engine=FakeAssistant()), restore)
+    assert len(SessionStore().list()) == 1
+
+
+def test_opening_again_resumes_at_once_and_a_session_id_restores(home, make_app, fake):
+    folder = make_folder(home / "repo")
+
+    async def first(pilot):
+        await wait_for_screen(pilot, "ChatScreen")
+
+    drive(make_app(folder), first)
+
+    async def again(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        assert text_of(chat, "#chat-note") == "resumed: 0 tokens to read"
+
+    drive(make_app(folder), again)
+    drive(make_app(SessionStore().list()[0].id), again)
+
+
+def test_stop_reading_and_resume(home, make_app, fake):
+    folder = make_folder(home / "repo")
+    fake.hold_at = 120
+
+    async def scenario(pilot):
+        screen = await wait_for_screen(pilot, "ReadingScreen")
+        await wait_in_thread(fake.holding)
+        await pilot.press("escape")
+        fake.release.set()
+        await wait_for(pilot, lambda: screen.phase == "stopped", what="the stop")
+        assert "stopped after 120 of 426 tokens" in text_of(screen, "#reading-problem")
+        assert "press r to resume" in text_of(screen, "#reading-advice")
+        assert SessionStore().list()[0].read_position == 120
+        await pilot.press("r")
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        assert text_of(chat, "#chat-note") == "read 306 tokens"
+
+    drive(make_app(folder), scenario)
+
+
+def test_sessions_rename_and_delete(home, make_app, fake):
+    for name in ("alpha", "beta"):
+        folder = make_folder(home / name)
+
+        async def read(pilot):
+            await wait_for_screen(pilot, "ChatScreen")
+
+        drive(make_app(folder), read)
+
+    async def scenario(pilot):
+        screen = await wait_for_screen(pilot, "SessionsScreen")
+        table = screen.query_one(DataTable)
+        await wait_for(pilot, lambda: table.row_count == 2, what="the list")
+        await pilot.press("r")
+        prompt = await wait_for_screen(pilot, "TextPrompt")
+        prompt.query_one(Input).value = "renamed"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "renamed" in {s.name for s in SessionStore().list()}, what="the rename")
+        await wait_for(pilot, lambda: any(str(table.get_row_at(i)[0]) == "renamed" for i in range(table.row_count)),
+                       what="the renamed row")
+        await pilot.press("d")
+        confirm = await wait_for_screen(pilot, "Confirm")
+        await pilot.press("enter")  # the focused button is "Keep": nothing is deleted
+        await wait_for_screen(pilot, "SessionsScreen")
+        assert len(SessionStore().list()) == 2
+        await pilot.press("d")
+        confirm = await wait_for_screen(pilot, "Confirm")
+        await pilot.click("#confirm")
+        await wait_for(pilot, lambda: table.row_count == 1, what="the deletion")
+        assert confirm.is_attached is False
+
+    drive(make_app(), scenario)
+    assert len(SessionStore().list()) == 1
+
+
+def test_unreadable_path_is_explained_and_the_app_stays_usable(home, make_app):
+    folder = make_folder(home / "repo")
+
+    async def scenario(pilot):
+        screen = await wait_for_screen(pilot, "ReadingScreen")
+        await wait_for(pilot, lambda: screen.phase == "failed", what="the failure")
+        assert "no such file, folder or session id" in text_of(screen, "#reading-problem")
+        assert "ctrl+n" in text_of(screen, "#reading-advice")
+        await pilot.press("ctrl+n")
+        prompt = await wait_for_screen(pilot, "TextPrompt")
+        prompt.query_one(Input).value = str(folder)
+        await pilot.press("enter")
+        await wait_for_screen(pilot, "ChatScreen")
+
+    drive(make_app(home / "missing"), scenario)
+
+
+def test_a_model_that_does_not_load_is_reported_and_sessions_still_work(home, make_app):
+    from kimi_desk.engine.errors import CheckpointError
+
+    def broken(model, device):
+        raise CheckpointError("/models/broken: no config.json")
+
+    async def scenario(pilot):
+        dialog = await wait_for_screen(pilot, "ProblemDialog")
+        assert "/models/broken: no config.json" in str(dialog.query(Static)[1].render())
+        assert "--model PATH" in str(dialog.query(Static)[2].render())
+        await pilot.press("enter")
+        sessions = await wait_for_screen(pilot, "SessionsScreen")
+        await wait_for(pilot, lambda: "No sessions yet" in text_of(sessions, "#sessions-info"), what="the list")
+        assert "not loaded" in text_of(sessions, "#status-line")
+
+    drive(make_app(engine_factory=broken), scenario)
+
+
+def test_out_of_memory_while_reading_says_what_to_do(home, make_app, fake):
+    folder = make_folder(home / "repo")
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    fake.read = no_memory
+
+    async def scenario(pilot):
+        screen = await wait_for_screen(pilot, "ReadingScreen")
+        await wait_for(pilot, lambda: screen.phase == "failed", what="the failure")
+        assert text_of(screen, "#reading-problem") == "Out of memory while reading."
+        assert "--device cpu" in text_of(screen, "#reading-advice")
+
+    drive(make_app(folder), scenario)
+
+
+def test_settings_are_edited_saved_and_used(home, make_app, fake):
+    folder = make_folder(home / "repo")
+
+    async def scenario(pilot):
+        await wait_for_screen(pilot, "ChatScreen")
+        await pilot.press("f3")
+        form = await wait_for_screen(pilot, "SettingsScreen")
+        form.query_one("#temperature", Input).value = "abc"
+        await pilot.click("#save")
+        assert "temperature must be a number" in str(form.query_one("#settings-error").render())
+        form.query_one("#temperature", Input).value = "0.2"
+        form.query_one("#max_new_tokens", Input).value = "7"
+        form.query_one("#seed", Input).value = "42"
+        await pilot.pause(0.3)  # a button ignores a second press while it still shows the first
+        await pilot.click("#save")
+        await wait_for_screen(pilot, "ChatScreen")
+        settings_file = home / "kimi-home" / "settings.toml"
+        await wait_for(pilot, settings_file.exists, what="the settings file")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+        sampling, max_new_tokens = fake.samplings[-1]
+        assert (sampling.temperature, sampling.seed, max_new_tokens) == (0.2, 42, 7)
+        assert "cut at the token limit" in str(pilot.app.screen.query_one(TurnView).query_one(".meta").render())
+
+    drive(make_app(folder), scenario)
+    from kimi_desk.app.settings import load_settings
+
+    settings, unknown = load_settings(home / "kimi-home" / "settings.toml")
+    assert (settings.temperature, settings.max_new_tokens, settings.seed, unknown) == (0.2, 7, 42, [])
+
+
+def test_command_palette_runs_the_main_actions(home, make_app, fake):
+    folder = make_folder(home / "repo")
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+        await pilot.press("ctrl+p")
+        await wait_for_screen(pilot, "CommandPalette")
+        await pilot.press(*"regen")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(fake.asked) == 2, what="the regeneration")
+        await wait_for_answer(pilot)
+        await pilot.press("ctrl+p")
+        await wait_for_screen(pilot, "CommandPalette")
+        await pilot.press(*"sessions")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for_screen(pilot, "SessionsScreen")
+        assert chat is not None
+
+    drive(make_app(folder), scenario)
+
+
+def test_help_lists_the_keys_of_every_screen(home, make_app):
+    async def scenario(pilot):
+        await wait_for_screen(pilot, "SessionsScreen")
+        await pilot.press("f1")
+        await wait_for_screen(pilot, "HelpScreen")
+        text = "\n".join(f"{key} {description}" for _, keys in pilot.app.key_help() for key, description in keys)
+        for expected in ("Stop", "Regenerate", "Copy the selected or last answer", "Rename", "Delete",
+                         "Stop reading", "Resume", "Settings", "Command palette"):
+            assert expected in text, expected
+        await pilot.press("escape")
+        await wait_for_screen(pilot, "SessionsScreen")
+
+    drive(make_app(), scenario)
+
+
+def test_the_tui_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, kimi_desk.app.tui, kimi_desk.app.cli\n"
+            "assert 'torch' not in sys.modules and 'kimi_desk.engine.session' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_reading_screen_labels_fit(home, make_app):
+    # The labels the progress rows are built from are plain text, never markup (paths can hold '[').
+    folder = make_folder(home / "odd[name]")
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        assert "odd[name]" in str(chat.query_one(Input).placeholder)
+        assert isinstance(chat.query_one("#gauge-tokens"), Label)
+
+    drive(make_app(folder), scenario)
+
+
+def test_open_from_the_sessions_list_and_come_back(home, make_app, fake):
+    folder = make_folder(home / "repo")
+
+    async def scenario(pilot):
+        await wait_for_screen(pilot, "ChatScreen")
+        await pilot.press("f2")
+        sessions = await wait_for_screen(pilot, "SessionsScreen")
+        await wait_for(pilot, lambda: sessions.query_one(DataTable).row_count == 1, what="the list")
+        await pilot.press("escape")
+        await wait_for_screen(pilot, "ChatScreen")
+        await pilot.press("f2")
+        await wait_for_screen(pilot, "SessionsScreen")
+        await wait_for(pilot, lambda: pilot.app.screen.query_one(DataTable).row_count == 1, what="the list")
+        await pilot.press("enter")
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        assert text_of(chat, "#chat-note") == "resumed: 0 tokens to read"
+
+    drive(make_app(folder), scenario)
+
+
+def test_the_theme_chosen_is_remembered(home, make_app):
+    from kimi_desk.app.settings import load_settings
+
+    async def scenario(pilot):
+        await wait_for_screen(pilot, "SessionsScreen")
+        pilot.app.theme = "textual-light"
+        settings_file = home / "kimi-home" / "settings.toml"
+        await wait_for(pilot, settings_file.exists, what="the settings file")
+
+    drive(make_app(), scenario)
+    assert load_settings(home / "kimi-home" / "settings.toml")[0].theme == "textual-light"
+
+
+def test_a_failed_answer_is_explained_and_asked_again_by_regenerate(home, make_app, fake):
+    folder = make_folder(home / "repo")
+    real_ask = fake.ask
+    failures = [MemoryError()]
+
+    def ask_failing_once(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real_ask(*args, **kwargs)
+
+    fake.ask = ask_failing_once
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+        turn = chat.query_one(TurnView)
+        assert "Out of memory while answering." in str(turn.query_one(".meta").render())
+        assert chat.session.transcript == []
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: fake.asked == [QUESTION], what="the question asked again")
+        await wait_for_answer(pilot)
+        assert [t.question for t in chat.session.transcript] == [QUESTION]
+        assert turn.answer_text == chat.session.transcript[0].answer != ""
+
+    drive(make_app(folder), scenario)
