@@ -10,6 +10,11 @@
 3. The baseline in the same run: transformers' native Kimi Linear with fla's kernels, same slice.
 Decode is compared with the roofline: bytes one token must read (active weights, the MLA cache, the
 KDA state read and written) over the device-to-device copy bandwidth measured in the same run.
+
+Decode is timed eagerly (one Python launch per kernel) and as a replayed CUDA graph (engine/cuda_graph.py),
+the path generation takes on a GPU; the check compares the graph's greedy tokens with eager decode's on
+the small model. The routed experts of one token are also timed alone: the Triton GEMV, the gathered
+PyTorch form (graph-capturable, copies the chosen weights) and the grouped PyTorch form (host sync).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 
@@ -81,7 +87,58 @@ def check_correctness(log) -> dict:
     for name, model in [("fp32", gpu32), ("bf16", gpu16)]:
         got = greedy(model)
         result[f"greedy_agree_{name}"] = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+        try:
+            result[f"graph_vs_eager_{name}"] = check_graph_decode(model, ids)
+        except Exception as exc:  # reported, so that the timings still run
+            result[f"graph_vs_eager_{name}"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(traceback.format_exc())
     log(f"check: {json.dumps(result)}")
+    return result
+
+
+def check_graph_decode(model, ids, prompt: int = 250, steps: int = 32) -> dict:
+    """Greedy decode from the same prefilled state, eagerly and through the replayed CUDA graph. Halfway
+    the MLA caches are moved (as a cache that grows, or a restored snapshot, moves them), so the step is
+    recorded a second time. Also generate() itself, with and without the graph."""
+    import os
+
+    import torch
+
+    from kimi_desk.engine.cuda_graph import GraphDecoder
+    from kimi_desk.engine.generate import generate
+    from kimi_desk.engine.state import MLACache
+
+    state = model.new_state(1)
+    first = model(ids[:, :prompt].to(model.device), state, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    graph_state = state.clone()
+    eager, eager_logits, token = [], [], first
+    for _ in range(steps):
+        logits = model(token, state, last_only=True)[0, -1]
+        token = logits.argmax().view(1, 1)
+        eager.append(token.item())
+        eager_logits.append(logits.clone())
+    decoder = GraphDecoder(model, graph_state)
+    graph, worst, token = [], 0.0, first
+    for i in range(steps):
+        if i == steps // 2:
+            for cache in graph_state.layers:
+                if isinstance(cache, MLACache):
+                    cache.reserve(cache.capacity + 1)
+        logits = decoder.step(token)
+        token = decoder.greedy_token
+        graph.append(token.item())
+        worst = max(worst, _rel(logits, eager_logits[i]))
+    agree = next((i for i, (a, b) in enumerate(zip(graph, eager)) if a != b), steps)
+    result = {"tokens_agreeing": agree, "of": steps, "max_logits_rel_err": worst, "recordings": decoder.recordings,
+              "bitwise_equal_logits": worst == 0.0}
+    runs = {}
+    for graphs in ("1", "0"):
+        os.environ["KIMI_DESK_CUDA_GRAPH"] = graphs
+        runs[graphs] = generate(model, ids[0, :prompt].tolist(), model.new_state(1), max_new_tokens=steps,
+                                stop_token_ids=[]).token_ids
+    os.environ.pop("KIMI_DESK_CUDA_GRAPH")
+    result["generate_graph_equals_eager"] = runs["1"] == runs["0"]
+    result["generate_equals_eager_decode"] = runs["0"] == [first.item()] + eager[: steps - 1]
     return result
 
 
@@ -118,7 +175,7 @@ def decode_bytes(model, context: int) -> int:
     return total
 
 
-def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log) -> dict:
+def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log, profile: bool = True) -> dict:
     import torch
 
     from kimi_desk.engine.random_checkpoint import random_model
@@ -158,16 +215,138 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log)
             token = model(token, state)[:, -1].argmax(-1, keepdim=True)
         _sync()
         ms = (time.perf_counter() - start) / steps * 1e3
-        out["decode"].append({"context": context, "ms_per_token": ms, "bytes": decode_bytes(model, context)})
-        log(f"ours: decode at {context:,}: {ms:.2f} ms/token")
+        row = {"context": context, "ms_per_token": ms, "bytes": decode_bytes(model, context)}
+        log(f"ours: decode at {context:,}: {ms:.2f} ms/token eager")
+        try:
+            row.update(time_graph_decode(model, state, token))
+            log(f"ours: decode at {context:,}: {row['graph_ms_per_token']:.3f} ms/token in a CUDA graph, "
+                f"{row['graph_synced_ms_per_token']:.3f} with the token read back every step")
+            if profile and context == contexts[-1]:
+                row["eager_step_kernels"] = profile_step(model, state, token, log)
+        except Exception as exc:
+            row["graph_error"] = f"{type(exc).__name__}: {exc}"
+            log(traceback.format_exc())
+        out["decode"].append(row)
         del state
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    try:
+        out["generate"] = time_generate(model, contexts[-1], log)
+    except Exception as exc:
+        out["generate"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(traceback.format_exc())
+    try:
+        out["moe"] = time_routed_experts(model, log)
+    except Exception as exc:
+        out["moe"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(traceback.format_exc())
     del model
     torch.cuda.empty_cache()
     return out
 
 
+def time_graph_decode(model, state, token, steps: int = 50) -> dict:
+    """ms per token replaying the recorded step: chained on the GPU (each step's greedy token feeds the
+    next, no host synchronisation), and reading the token back every step as generation does."""
+    from kimi_desk.engine.cuda_graph import GraphDecoder
+
+    decoder = GraphDecoder(model, state)
+    for _ in range(3):
+        decoder.step(token)
+        token = decoder.greedy_token
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        decoder.step(token)
+        token = decoder.greedy_token
+    _sync()
+    chained = (time.perf_counter() - start) / steps * 1e3
+    start = time.perf_counter()
+    for _ in range(steps):
+        decoder.step(token)
+        token = decoder.greedy_token.item()
+    synced = (time.perf_counter() - start) / steps * 1e3
+    return {"graph_ms_per_token": chained, "graph_synced_ms_per_token": synced, "graph_recordings": decoder.recordings}
+
+
+def time_generate(model, context: int, log, new_tokens: int = 40) -> dict:
+    """The product's path end to end: generate() on a random prompt of `context` tokens (prefilled in
+    its default chunks), greedy; the median time of its decode steps (each samples a token, reads it
+    back and feeds it through the replayed graph)."""
+    import torch
+
+    from kimi_desk.engine.generate import generate
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    prompt = torch.randint(0, model.config.vocab_size, (context,), device="cuda", generator=gen)
+    result = generate(model, prompt, model.new_state(1), max_new_tokens=new_tokens, stop_token_ids=[])
+    steps = sorted(step.seconds for step in result.steps[1:])
+    out = {"context": context, "first_token_s": result.steps[0].seconds, "tokens": len(result.steps),
+           "median_ms_per_token": steps[len(steps) // 2] * 1e3}
+    log(f"ours: generate() after a {context:,}-token prompt: first token {out['first_token_s']:.2f} s, then "
+        f"{out['median_ms_per_token']:.3f} ms/token (median)")
+    return out
+
+
+def profile_step(model, state, token, log, top: int = 25) -> list[dict]:
+    """GPU time per kernel of one eager decode step (the graph replays the same kernels): where the
+    step's time goes, and the sum to set beside the replayed step's time (the rest is gaps)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        model(token, state)
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(token, state)
+        _sync()
+    kernels = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name, {"name": event.name, "count": 0, "us": 0.0})
+            entry["count"] += 1
+            entry["us"] += event.time_range.elapsed_us()
+    rows = sorted(kernels.values(), key=lambda e: -e["us"])
+    total = sum(e["us"] for e in rows)
+    log(f"eager step: {sum(e['count'] for e in rows)} kernels, {total:.0f} us of GPU time in all")
+    for e in rows[:top]:
+        log(f"  {e['us']:8.1f} us  x{e['count']:<3d} {e['name'][:110]}")
+    return [{"total_us": total, "kernels": sum(e["count"] for e in rows)}] + rows[:top]
+
+
+def time_routed_experts(model, log) -> dict:
+    """One token's routed experts at the model's shapes, three ways (GPU time, replayed in a graph where
+    the form allows it), with the bytes the chosen experts' weights take."""
+    import torch
+    import triton.testing
+
+    from kimi_desk.kernels.moe import routed_experts_gathered, routed_experts_grouped
+    from kimi_desk.kernels.moe.gemv import routed_experts_gemv
+
+    experts = next(m for m in model.modules() if type(m).__name__ == "Experts")
+    config = model.config
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(1, config.hidden_size, device="cuda", generator=gen, dtype=model.dtype)
+    ids = torch.randperm(config.num_experts, device="cuda", generator=gen)[: config.num_experts_per_token][None]
+    weights = torch.rand(ids.shape, device="cuda", generator=gen)
+    args = (x, ids, weights, experts.w1, experts.w2, experts.w3)
+    ref = routed_experts_grouped(*args)
+    result = {"bytes": 3 * config.num_experts_per_token * experts.w1[0].nbytes,
+              "gemv_rel_err": _rel(routed_experts_gemv(*args), ref),
+              "gathered_rel_err": _rel(routed_experts_gathered(*args), ref)}
+    with torch.inference_mode():
+        for name, fn in [("gemv", routed_experts_gemv), ("gathered", routed_experts_gathered)]:
+            result[f"{name}_us"] = 1e3 * triton.testing.do_bench_cudagraph(lambda fn=fn: fn(*args), rep=50)
+        result["grouped_us"] = 1e3 * triton.testing.do_bench(lambda: routed_experts_grouped(*args), rep=50,
+                                                              return_mode="median")
+    log(f"moe, one token: {json.dumps(result)}")
+    return result
+
+
 def time_transformers(config, prefill_tokens: int, contexts: list[int], chunk: int, log) -> dict:
+    """Prefill rate over `prefill_tokens`, decode at each context. Contexts beyond the prefill take its
+    cache grown with random rows (decode costs do not depend on their values, as for ours) where the
+    cache's layout allows it (`_grow_cache`), which saves minutes of the baseline's slow prefill; else
+    the prefill goes on to them."""
     import torch
     import transformers
 
@@ -179,43 +358,84 @@ def time_transformers(config, prefill_tokens: int, contexts: list[int], chunk: i
     gen = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, max([prefill_tokens, *contexts])), device="cuda", generator=gen)
     out = {"decode": []}
+
+    # Seconds spent timing decode in the middle of the prefill, kept out of the prefill rate.
+    paused = [0.0]
+
+    def decode_ms(cache, context, how):
+        began = time.perf_counter()
+        token = ids[:, :1]
+        for _ in range(2):
+            o = model(token, past_key_values=cache, use_cache=True)
+        _sync()
+        steps = 5
+        start_decode = time.perf_counter()
+        for _ in range(steps):
+            o = model(token, past_key_values=cache, use_cache=True)
+            token = o.logits[:, -1].argmax(-1, keepdim=True)
+        _sync()
+        ms = (time.perf_counter() - start_decode) / steps * 1e3
+        out["decode"].append({"context": context, "ms_per_token": ms, "cache": how})
+        log(f"transformers: decode at {context:,} ({how}): {ms:.2f} ms/token")
+        paused[0] += time.perf_counter() - began
+
     with torch.no_grad():
         model(ids[:, :1024], use_cache=True, logits_to_keep=1)
         cache = None
+        reached = 0
+
+        def prefill_to(target):
+            nonlocal cache, reached
+            while reached < target:
+                o = model(ids[:, reached : reached + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = o.past_key_values
+                reached += ids[:, reached : reached + chunk].shape[1]
+                if reached in contexts:
+                    decode_ms(_clone_cache(cache), reached, "prefilled")
+
         _sync()
         start = time.perf_counter()
-        measured_at = None
-        for a in range(0, max([prefill_tokens, *contexts]), chunk):
-            o = model(ids[:, a : a + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = o.past_key_values
-            if a + chunk >= prefill_tokens and measured_at is None:
-                _sync()
-                measured_at = a + chunk
-                out["prefill_tokens"] = measured_at
-                out["prefill_tok_s"] = measured_at / (time.perf_counter() - start)
-                log(f"transformers: prefill {out['prefill_tok_s']:,.0f} tok/s over {measured_at:,} tokens")
-            reached = a + chunk
-            for context in contexts:
-                if reached == context:
-                    token = ids[:, :1]
-                    trial = _clone_cache(cache)
-                    for _ in range(2):
-                        o = model(token, past_key_values=trial, use_cache=True)
-                    _sync()
-                    steps = 5
-                    start_decode = time.perf_counter()
-                    for _ in range(steps):
-                        o = model(token, past_key_values=trial, use_cache=True)
-                        token = o.logits[:, -1].argmax(-1, keepdim=True)
-                    _sync()
-                    ms = (time.perf_counter() - start_decode) / steps * 1e3
-                    out["decode"].append({"context": context, "ms_per_token": ms})
-                    log(f"transformers: decode at {context:,}: {ms:.2f} ms/token")
-                    del trial
+        prefill_to(prefill_tokens)
+        _sync()
+        out["prefill_tokens"] = reached
+        out["prefill_tok_s"] = reached / (time.perf_counter() - start - paused[0])
+        log(f"transformers: prefill {out['prefill_tok_s']:,.0f} tok/s over {reached:,} tokens")
+        for context in sorted(c for c in contexts if c > reached):
+            trial = _clone_cache(cache)
+            try:
+                grown = _grow_cache(trial, reached, context)
+                if grown:
+                    decode_ms(trial, context, f"prefilled {reached:,}, then random rows")
+            except Exception:
+                log(traceback.format_exc())
+                grown = False
+            del trial
+            if not grown:
+                prefill_to(context)
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del model, cache
     torch.cuda.empty_cache()
     return out
+
+
+def _grow_cache(cache, length: int, target: int) -> bool:
+    """Grow a transformers cache's attention layers from `length` to `target` tokens with random rows of
+    the same scale. Layers whose keys are not [..., length, d] (the KDA states) are left alone. False
+    (and the cache not to be used) unless afterwards the cache reports `target` tokens."""
+    import torch
+
+    grown = 0
+    for layer in getattr(cache, "layers", []):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
+            continue
+        if keys.dim() != 4 or keys.shape[-2] != length or values.shape[-2] != length:
+            continue
+        for name, t in (("keys", keys), ("values", values)):
+            extra = torch.randn(*t.shape[:-2], target - length, t.shape[-1], device=t.device) * t.float().std()
+            setattr(layer, name, torch.cat([t, extra.to(t.dtype)], dim=-2))
+        grown += 1
+    return grown > 0 and cache.get_seq_length() == target
 
 
 def _clone_cache(cache):
@@ -241,47 +461,78 @@ def main(args: argparse.Namespace) -> int:
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     config = slice_config(args.layers)
+    import triton
+
     result = {"benchmark": "model", "date": datetime.date.today().isoformat(),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
-              "layer_kinds": config.layer_kinds, "copy_bytes_per_s": copy_bandwidth()}
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "layers": args.layers, "layer_kinds": config.layer_kinds, "copy_bytes_per_s": copy_bandwidth()}
+
+    def save():
+        # After every part, so that a run cut short keeps what it measured.
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+
     result["check"] = check_correctness(log)
+    save()
     result["ours"] = time_ours(config, args.prefill_tokens, contexts, args.chunk, log)
+    save()
+    print(markdown_table(result), flush=True)
     if not args.no_baseline:
         result["transformers"] = time_transformers(config, args.prefill_tokens, contexts, args.chunk, log)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown_table(result))
+        save()
+        print(markdown_table(result))
     return 0
 
 
 def markdown_table(r: dict) -> str:
     bw = r["copy_bytes_per_s"]
     scale = 27 / r["layers"]
-    lines = [f"{r['device']}, torch {r['torch']}, {r['date']}; slice of {r['layers']} layers "
-             f"({' '.join(k.upper() for k in r['layer_kinds'])}) at the 48B shapes, random bf16 weights; "
-             f"copy bandwidth {bw / 1e12:.2f} TB/s.", "",
+    lines = [f"{r['device']}, torch {r['torch']}, triton {r.get('triton', '?')}, {r['date']}; slice of "
+             f"{r['layers']} layers ({' '.join(k.upper() for k in r['layer_kinds'])}) at the 48B shapes, random "
+             f"bf16 weights; copy bandwidth {bw / 1e12:.2f} TB/s.", "",
              "| measure | kimi-desk | transformers + fla | ratio |", "|---|---|---|---|"]
     ours, base = r["ours"], r.get("transformers", {})
-    b = f"{base['prefill_tok_s']:,.0f}" if base else "n/a"
-    ratio = f"{ours['prefill_tok_s'] / base['prefill_tok_s']:.1f}x" if base else ""
-    lines.append(f"| prefill tok/s ({r['layers']} layers, {ours['prefill_tokens']:,} tokens) | "
-                 f"{ours['prefill_tok_s']:,.0f} | {b} | {ratio} |")
+    if base:
+        lines.append(f"| prefill tok/s ({r['layers']} layers) | {ours['prefill_tok_s']:,.0f} ({ours['prefill_tokens']:,}"
+                     f" tokens) | {base['prefill_tok_s']:,.0f} ({base['prefill_tokens']:,} tokens) | "
+                     f"{ours['prefill_tok_s'] / base['prefill_tok_s']:.1f}x |")
+    else:
+        lines.append(f"| prefill tok/s ({r['layers']} layers, {ours['prefill_tokens']:,} tokens) | "
+                     f"{ours['prefill_tok_s']:,.0f} | n/a | |")
     for d in ours["decode"]:
         other = next((x for x in base.get("decode", []) if x["context"] == d["context"]), None)
+        theirs = other["ms_per_token"] if other else None
         floor_ms = d["bytes"] / bw * 1e3
-        lines.append(f"| decode ms/token at {d['context']:,} ({r['layers']} layers) | {d['ms_per_token']:.2f} "
-                     f"({floor_ms / d['ms_per_token']:.0%} of roofline) | "
-                     f"{other['ms_per_token']:.2f} | {other['ms_per_token'] / d['ms_per_token']:.1f}x |" if other else
-                     f"| decode ms/token at {d['context']:,} ({r['layers']} layers) | {d['ms_per_token']:.2f} "
-                     f"({floor_ms / d['ms_per_token']:.0%} of roofline) | n/a | |")
-        lines.append(f"| decode tok/s at {d['context']:,}, scaled to 27 layers (x{scale:.2f}) | "
-                     f"{1e3 / (d['ms_per_token'] * scale):.1f} | "
-                     f"{1e3 / (other['ms_per_token'] * scale):.1f} | |" if other else
-                     f"| decode tok/s at {d['context']:,}, scaled to 27 layers | {1e3 / (d['ms_per_token'] * scale):.1f} | n/a | |")
+        ways = [("eager", d["ms_per_token"])]
+        if "graph_ms_per_token" in d:
+            ways += [("CUDA graph", d["graph_ms_per_token"]), ("CUDA graph, token read back each step",
+                                                             d["graph_synced_ms_per_token"])]
+        for how, ms in ways:
+            lines.append(f"| decode ms/token at {d['context']:,}, {how} | {ms:.3f} ({floor_ms / ms:.0%} of roofline "
+                         f"{floor_ms:.3f}) | {f'{theirs:.2f}' if theirs else 'n/a'} | "
+                         f"{f'{theirs / ms:.1f}x' if theirs else ''} |")
+        best = min(ms for _, ms in ways)
+        lines.append(f"| decode tok/s at {d['context']:,}, best, scaled to 27 layers (x{scale:.2f}) | "
+                     f"{1e3 / (best * scale):.1f} | {f'{1e3 / (theirs * scale):.1f}' if theirs else 'n/a'} | |")
     lines.append(f"| peak GPU memory GiB | {ours['peak_gib']:.1f} | {base.get('peak_gib', float('nan')):.1f} | |")
     c = r["check"]
     lines += ["", f"Correctness (7-layer random model, GPU against CPU float32): logits rel. error "
               f"{c['logits_rel_err_fp32']:.1e} (fp32), {c['logits_rel_err_bf16']:.1e} (bf16); chunked then "
               f"token-by-token {c['chunked_then_stepped_rel_err_fp32']:.1e}; greedy tokens agreeing out of 16: "
               f"{c['greedy_agree_fp32']} (fp32), {c['greedy_agree_bf16']} (bf16)."]
+    for name in ("fp32", "bf16"):
+        g = c.get(f"graph_vs_eager_{name}", {})
+        lines.append(f"CUDA graph against eager decode, {name}: " + (g["error"] if "error" in g else
+                     f"{g['tokens_agreeing']} of {g['of']} greedy tokens agree, logits max rel. error "
+                     f"{g['max_logits_rel_err']:.1e}, {g['recordings']} recordings; generate() with the graph "
+                     f"gives eager's tokens: {g.get('generate_graph_equals_eager')}."))
+    if "generate" in ours and "error" not in ours["generate"]:
+        g = ours["generate"]
+        lines.append(f"generate() after a {g['context']:,}-token prompt: first token {g['first_token_s']:.2f} s, "
+                     f"then {g['median_ms_per_token']:.3f} ms/token (median of {g['tokens'] - 1}).")
+    if "moe" in ours and "error" not in ours["moe"]:
+        m = ours["moe"]
+        lines.append(f"Routed experts of one token ({m['bytes'] / 1e6:.0f} MB of weights, floor "
+                     f"{m['bytes'] / bw * 1e6:.1f} us): Triton GEMV {m['gemv_us']:.1f} us, gathered + bmm "
+                     f"{m['gathered_us']:.1f} us (graph), grouped with host sync {m['grouped_us']:.1f} us.")
     return "\n".join(lines)

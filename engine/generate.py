@@ -16,11 +16,15 @@ the caller sees it.
 Cancellation (a threading.Event or a callable returning True) is checked between prefill chunks and
 before every step, so the stream ends within one step of it. Cancelled during prefill, the state holds
 a prefix of the prompt (`state.position` says how much).
+
+On a GPU each decode step replays a recorded CUDA graph (engine/cuda_graph.py); KIMI_DESK_CUDA_GRAPH=0
+runs it eagerly instead. Both compute the same logits.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -179,6 +183,18 @@ def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Gene
 # -- the decode loop -----------------------------------------------------------------------------------
 
 
+def decode_step_function(model: KimiLinearForCausalLM, state: ModelState,
+                         vocab_size: int | None = None) -> Callable[[int], torch.Tensor]:
+    """token id -> the logits after feeding it, [vocab] (a buffer the next call may overwrite): a
+    replayed CUDA graph on the GPU, the eager model elsewhere. Either advances `state` by one token."""
+    if model.device.type == "cuda" and os.environ.get("KIMI_DESK_CUDA_GRAPH", "1") != "0":
+        from kimi_desk.engine.cuda_graph import graph_decoder
+
+        decoder = graph_decoder(model, state)
+        return lambda token: decoder.step(token)[:vocab_size]
+    return lambda token: model(torch.tensor([[token]], device=model.device), state, last_only=True)[0, -1, :vocab_size]
+
+
 @dataclass(frozen=True)
 class Step:
     """One generated token.
@@ -224,6 +240,7 @@ def stream_tokens(model: KimiLinearForCausalLM, prompt_ids: Sequence[int] | torc
         logits = prefill(model, prompt, state, prefill_chunk_size, cancel)[0, :vocab_size]  # [V]
     except PrefillCancelled:
         return
+    decode = decode_step_function(model, state, vocab_size)
     generator = None if sampling.greedy else sampling.new_generator()
     seen = None
     if sampling.repetition_penalty != 1:
@@ -237,7 +254,7 @@ def stream_tokens(model: KimiLinearForCausalLM, prompt_ids: Sequence[int] | torc
         if token in stops:
             finish = "stop"
         else:
-            logits = model(torch.tensor([[token]], device=model.device), state, last_only=True)[0, -1, :vocab_size]
+            logits = decode(token)
             if seen is not None:
                 seen[token] = True
             at_limit = index == max_new_tokens - 1 or state.position >= max_length

@@ -1,6 +1,10 @@
 """The Kimi Delta Attention layer: owns its parameters (checkpoint names) and calls kernels/kda.
 
-kimi-linear-spec.md §3.2 is the exact forward this follows.
+kimi-linear-spec.md §3.2 is the exact forward this follows. The state is updated in place (its storage
+never moves, as a replayed CUDA graph needs). On the GPU a few new tokens (decode) take a fused path:
+the three short convolutions in one launch, and the gate, the L2 norms and the sigmoid of beta inside
+the recurrent kernel: a dozen launches where the form below takes several dozen, which matters once a
+decode step is bound by kernel count. Everything else, and the CPU, takes the form below.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from torch import nn
 
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.state import KDAState
-from kimi_desk.kernels.kda import kda
+from kimi_desk.kernels import use_triton
+from kimi_desk.kernels.kda import RECURRENT_MAX_TOKENS, kda
+from kimi_desk.kernels.norm import gated_rms_norm
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -29,9 +35,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float() * torch.sigmoid(gate.float())).to(x.dtype)
+        return gated_rms_norm(x, gate, self.weight, self.eps)
 
 
 class ShortConv(nn.Module):
@@ -89,6 +93,8 @@ class KimiDeltaAttention(nn.Module):
     def forward(self, x: torch.Tensor, state: KDAState) -> torch.Tensor:
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
+        if T <= RECURRENT_MAX_TOKENS and self.conv_size == 4 and use_triton(x):
+            return self._decode_fused(x, state)
         q, conv_q = self.q_conv1d(self.q_proj(x), state.conv[:, 0])
         k, conv_k = self.k_conv1d(self.k_proj(x), state.conv[:, 1])
         v, conv_v = self.v_conv1d(self.v_proj(x), state.conv[:, 2])
@@ -100,8 +106,32 @@ class KimiDeltaAttention(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(f.view(B, T, H, K), threshold=20.0)  # [B, T, H, K]
         beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
         o, recurrent = kda(q, k, v, g, beta, initial_state=state.recurrent, output_final_state=True)
-        state.recurrent = recurrent
-        state.conv = torch.stack([conv_q, conv_k, conv_v], dim=1)
+        state.recurrent.copy_(recurrent)
+        state.conv.copy_(torch.stack([conv_q, conv_k, conv_v], dim=1))
+        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
+        o = self.o_norm(o, gate)  # [B, T, H, V]
+        return self.o_proj(o.reshape(B, T, H * K))
+
+    def _decode_fused(self, x: torch.Tensor, state: KDAState) -> torch.Tensor:
+        """The same function for a few tokens on the GPU, in Triton. The kernels read the projections
+        raw (conv inputs, gate input, beta logits) and advance the conv windows and the recurrent state
+        in place."""
+        from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
+        from kimi_desk.kernels.kda.short_conv import short_conv_update_triton
+
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        q, k, v = short_conv_update_triton(
+            (self.q_proj(x), self.k_proj(x), self.v_proj(x)),
+            (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight),
+            state.conv,
+        )  # each [B, T, P], SiLU applied
+        gate_input = self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K)
+        o, _ = fused_recurrent_kda_triton(
+            q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), gate_input, self.b_proj(x),
+            initial_state=state.recurrent, A_log=self.A_log, dt_bias=self.dt_bias,
+            use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, inplace_final_state=True,
+        )  # [B, T, H, V]
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
         o = self.o_norm(o, gate)  # [B, T, H, V]
         return self.o_proj(o.reshape(B, T, H * K))

@@ -19,6 +19,8 @@ from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.state import MLACache, ModelState
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
+from kimi_desk.kernels.moe import routed_experts
+from kimi_desk.kernels.norm import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -30,9 +32,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -88,22 +88,10 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Tokens grouped by expert: each chosen expert runs once on all of its tokens."""
-        N, k = ids.shape
-        out = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device)
-        flat = ids.reshape(-1)
-        order = flat.argsort()
-        experts, counts = flat[order].unique_consecutive(return_counts=True)
-        token_of = order // k
-        start = 0
-        for e, n in zip(experts.tolist(), counts.tolist()):
-            rows = order[start : start + n]
-            tokens = token_of[start : start + n]
-            start += n
-            xe = x[tokens]
-            ye = F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e])
-            out.index_add_(0, tokens, ye.float() * weights.reshape(-1)[rows, None])
-        return out
+        """x [N, D], chosen ids and mixing weights [N, k] -> sum_j weights[:, j] * expert_{ids[:, j]}(x),
+        float32 [N, D]. Grouped products per chosen expert; on the GPU a few tokens (decode) take a
+        Triton GEMV that never asks the host which experts were chosen (kernels/moe)."""
+        return routed_experts(x, ids, weights, self.w1, self.w2, self.w3)
 
 
 class SparseMoE(nn.Module):
@@ -161,12 +149,12 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: MLACache) -> torch.Tensor:
         B, T, _ = x.shape
         H, L = self.num_heads, self.latent_dim
-        start = cache.length
+        start = cache.start  # an int; a device tensor while a decode step is recorded (state.py)
         q = self.q_proj(x).view(B, T, H, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         ckv = self.kv_a_proj_with_mqa(x)  # [B, T, L + R]
         latents = torch.cat([self.kv_a_layernorm(ckv[..., :L]), ckv[..., L:]], dim=-1)
-        cached = cache.append(latents)  # [B, start + T, L + R]
+        cached = cache.append(latents)  # [B, start + T, L + R] (the whole buffer while recording)
         w_kv = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, L)
         w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # [H, n, L], [H, v, L]
         if T >= self.EXPANDED_MIN_TOKENS:
@@ -174,7 +162,9 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             q_latent = torch.einsum("bthn,hnl->bthl", q_nope.float(), w_uk.float())  # [B, T, H, L]
             q_abs = torch.cat([q_latent, q_rope.float()], dim=-1)  # [B, T, H, L + R]
-            attended = mla_attention(q_abs, cached, start, L, self.scale)  # [B, T, H, L] fp32
+            # The whole buffer, rows past the new tokens unread: the GPU kernel's launch then depends on
+            # the shapes alone, and eager and recorded decode steps compute the same thing.
+            attended = mla_attention(q_abs, cache.buffer, start, L, self.scale)  # [B, T, H, L] fp32
             o = torch.einsum("bthl,hvl->bthv", attended, w_uv.float())  # [B, T, H, v]
         o = o.to(x.dtype)
         return self.o_proj(o.reshape(B, T, H * self.v_dim))

@@ -5,7 +5,9 @@ key part k_r (R values). Query i sits at position q_start + i and sees keys 0 ..
 
 `mla_attention(q, cache, q_start, value_dim, scale)`, the decode form: q [B, Tq, H, L + R] are
 absorbed queries [W_UK^T q_nope ‖ q_rope], so every head reads the same keys (MQA) and the value of a
-key is its latent c (`value_dim` = L). Returns the attended latent [B, Tq, H, L] in float32.
+key is its latent c (`value_dim` = L). Returns the attended latent [B, Tq, H, L] in float32. The cache
+may be longer than q_start + Tq (a preallocated buffer): rows past the last query are never read, and
+need not hold finite values. On the Triton path q_start may be a one-element device tensor.
 
 `mla_prefill(q, cache, w_uk, w_uv, q_start, scale)`, the prefill form: q [B, Tq, H, n + R] are plain
 queries [q_nope ‖ q_rope]; keys and values are expanded from the latents through w_uk [H, n, L] and
@@ -39,6 +41,8 @@ def mla_attention(q, cache, q_start, value_dim, scale):
         from kimi_desk.kernels.mla.decode import mla_decode
 
         return mla_decode(q, cache, q_start, value_dim, scale)
+    # The PyTorch forms read every row they are given.
+    cache = cache[:, : q_start + Tq]
     if q.is_cuda or B * Tq * H * cache.shape[1] <= DENSE_MAX_SCORES:
         return mla_attention_dense(q, cache, q_start, value_dim, scale)
     return mla_attention_torch(q, cache, q_start, value_dim, scale)

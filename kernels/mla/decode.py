@@ -16,6 +16,12 @@ Splits give the batch-1 step enough programs to fill the SMs: one sequence's 1M 
 row block, so without them 1 program would read 1.2 GB. The partials cost B * splits * Tq * H * (V + 1)
 floats written and read, small beside the cache once a split holds a few key blocks.
 
+The grid is fixed by the shapes alone (the split axis sized to fill the SMs); the kernel derives the
+key range, how many splits hold keys and how many key blocks each takes from the first query's
+position, which may live in device memory. So a CUDA graph can replay one decode step while the cache
+fills (engine/cuda_graph.py), and eager and replayed steps compute exactly the same thing. Splits that
+hold no keys write only their log-sum-exps (-inf), and the combine skips their outputs.
+
 Everything is computed transposed, keys and features down the tile, rows across it:
 scores^T [BN, BM] = keys [BN, D] x q^T [D, BM], and acc^T [V, BM] += keys^T [V, BN] x p^T [BN, BM].
 Hopper's wgmma needs 64 rows down (M) but only 8 across (N). In the plain orientation the 32 heads of a
@@ -67,7 +73,7 @@ def _operand_dtypes(cache_dtype):
 
 # The key range and row count change with every call; specialising on their divisibility would only
 # recompile the kernel as the cache grows.
-@triton.jit(do_not_specialize=["q_start", "n_keys", "blocks_per_split", "M", "NS"])
+@triton.jit(do_not_specialize=["q_start", "Tk", "min_blocks", "M", "NS"])
 def mla_decode_fwd_kernel(
     q,
     cache,
@@ -76,8 +82,8 @@ def mla_decode_fwd_kernel(
     lse_part,
     qk_scale,
     q_start,
-    n_keys,
-    blocks_per_split,
+    Tk,
+    min_blocks,
     M,
     NS,
     stride_cb,
@@ -90,12 +96,25 @@ def mla_decode_fwd_kernel(
     BN: tl.constexpr,
     BV: tl.constexpr,
     BR: tl.constexpr,
+    Q_START_ON_DEVICE: tl.constexpr,
     PER_TOKEN_SCALE: tl.constexpr,
     OP_DT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     i_m, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     R: tl.constexpr = D - V
+
+    # The key range and its split are worked out here, from the first query's position (a kernel
+    # argument, or read from device memory inside a replayed CUDA graph): the grid depends on neither.
+    if Q_START_ON_DEVICE:
+        q_start = tl.load(q_start).to(tl.int32)
+    # Keys past the last query's position are invisible to every row.
+    n_keys = tl.minimum(Tk, q_start + M // H)
+    n_blocks = tl.cdiv(n_keys, BN)
+    # At most NS splits (the grid), each of at least min_blocks key blocks where there are enough; the
+    # splits past the last one holding keys find an empty range and only mark their rows empty.
+    n_splits = tl.minimum(NS, tl.maximum(1, n_blocks // min_blocks))
+    blocks_per_split = tl.cdiv(n_blocks, n_splits)
 
     # Everything is transposed, keys and features down, rows across (see the module docstring).
     o_r = i_m * BM + tl.arange(0, BM)
@@ -155,13 +174,14 @@ def mla_decode_fwd_kernel(
         b_acc = tl.dot(tl.trans(b_c), b_pt.to(OP_DT), b_acc * b_alpha[None, :], input_precision=DOT_PRECISION)
         b_m = b_m_new
 
-    # A row with no visible key in this split (a later split of an early query) writes 0 and lse -inf,
-    # which the combine weighs by exp2(-inf) = 0.
+    # A row with no visible key in this split (a later split of an early query, or a split past the
+    # keys) writes only lse -inf: the combine gives it weight 0 and never reads its output.
     b_has = b_l > 0
     b_l = tl.where(b_has, b_l, 1.0)
     b_lse = tl.where(b_has, b_m + tl.log2(b_l), float("-inf"))
     r_out = (i_b.to(tl.int64) * NS + i_s) * M + o_r
-    tl.store(o_part + r_out[None, :] * V + o_v[:, None], b_acc / b_l[None, :], mask=m_v[:, None] & m_r[None, :])
+    tl.store(o_part + r_out[None, :] * V + o_v[:, None], b_acc / b_l[None, :],
+             mask=m_v[:, None] & (m_r & b_has)[None, :])
     tl.store(lse_part + r_out, b_lse, mask=m_r)
 
 
@@ -194,9 +214,12 @@ def mla_decode_combine_fwd_kernel(
     for s0 in range(0, NS, BS):
         o_s = s0 + tl.arange(0, BS)
         m_s = o_s < NS
-        b_w = tl.exp2(tl.load(lse_part + r0 + o_s * M, mask=m_s, other=float("-inf")) - b_top)
+        b_lse = tl.load(lse_part + r0 + o_s * M, mask=m_s, other=float("-inf"))
+        b_w = tl.exp2(b_lse - b_top)
         r_s = r0 + o_s.to(tl.int64) * M
-        b_o = tl.load(o_part + r_s[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)
+        # Splits that saw no key for this row wrote no output.
+        m_o = m_s & (b_lse > float("-inf"))
+        b_o = tl.load(o_part + r_s[:, None] * V + o_v[None, :], mask=m_o[:, None] & m_v[None, :], other=0.0)
         b_acc += tl.sum(b_w[:, None] * b_o, 0)
         b_den += b_w
     b_out = b_acc / tl.sum(b_den, 0) * out_scale
@@ -230,15 +253,26 @@ def mla_decode(q, cache, q_start, value_dim, scale, *, k_scale=None, out=None, n
     """Absorbed MLA attention for a few queries (decode, speculative decode) in Triton.
 
     q [B, Tq, H, D] (any float dtype); cache [B, Tk, D] bf16, fp16, fp32 or float8_e4m3fn, the last axis
-    contiguous (a view of a larger buffer is fine); k_scale: with an fp8 cache, a float for the whole
-    cache or a [B, Tk] float32 tensor, one per token. `out` may name a preallocated float32 [B, Tq, H,
-    value_dim]. Returns float32 [B, Tq, H, value_dim]. `config` overrides entries of DEFAULT_CONFIG (up to
-    32 rows) or WIDE_CONFIG; `num_splits` the split count.
+    contiguous (a view of a larger buffer is fine, and so is a buffer longer than the keys: those past
+    the last query's position are never read); k_scale: with an fp8 cache, a float for the whole cache
+    or a [B, Tk] float32 tensor, one per token. q_start, the first query's position, is an int or a
+    one-element integer tensor on q's device (read by the kernel, so that a CUDA graph replays the call
+    as the cache fills). `out` may name a preallocated float32 [B, Tq, H, value_dim]. Returns float32
+    [B, Tq, H, value_dim]. `config` overrides entries of DEFAULT_CONFIG (up to 32 rows) or WIDE_CONFIG;
+    `num_splits` sets the split count.
+
+    The launch depends only on the shapes: the kernel works out the key range and the blocks per split
+    itself, so the same inputs give the same result whether q_start is an int or a tensor.
     """
     B, Tq, H, D = q.shape
     Tk = cache.shape[1]
     V = value_dim
-    assert cache.shape == (B, Tk, D) and 0 < V < D and Tk >= 1 and q_start >= 0
+    start_on_device = isinstance(q_start, torch.Tensor)
+    if start_on_device:
+        assert q_start.numel() == 1 and q_start.device == q.device and not q_start.is_floating_point()
+    else:
+        assert q_start >= 0
+    assert cache.shape == (B, Tk, D) and 0 < V < D and Tk >= 1
     assert cache.stride(-1) == 1, "the cache's feature axis must be contiguous"
     fp8 = cache.dtype == torch.float8_e4m3fn
     assert fp8 or k_scale is None, "k_scale goes with an fp8 cache"
@@ -246,8 +280,6 @@ def mla_decode(q, cache, q_start, value_dim, scale, *, k_scale=None, out=None, n
     cfg = {**base, **(config or {})}
 
     M = Tq * H
-    # Keys past the last query's position are invisible to every row.
-    n_keys = min(Tk, q_start + Tq)
     op_dt, q_dt = _operand_dtypes(cache.dtype)
     # q rounded as the GPU's operands are; under the interpreter held in fp32.
     qk = q.to(q_dt).reshape(B, M, D)
@@ -268,12 +300,12 @@ def mla_decode(q, cache, q_start, value_dim, scale, *, k_scale=None, out=None, n
     BV = max(16, triton.next_power_of_2(V))
     BR = max(16, triton.next_power_of_2(D - V))
     n_m = triton.cdiv(M, BM)
-    n_blocks = triton.cdiv(n_keys, BN)
+    # The grid's splits: enough programs to fill the SMs; the kernel uses fewer when the keys are few
+    # (each split at least min_blocks key blocks).
     if num_splits is None:
-        num_splits = max(1, triton.cdiv(cfg["waves"] * _sm_count(q.device), B * n_m))
-        num_splits = min(num_splits, max(1, n_blocks // cfg["min_blocks"]))
-    bps = triton.cdiv(n_blocks, min(num_splits, n_blocks))
-    NS = triton.cdiv(n_blocks, bps)
+        NS, min_blocks = max(1, triton.cdiv(cfg["waves"] * _sm_count(q.device), B * n_m)), cfg["min_blocks"]
+    else:
+        NS, min_blocks = num_splits, 1
 
     o_part = torch.empty(B, NS, M, V, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, NS, M, dtype=torch.float32, device=q.device)
@@ -283,9 +315,10 @@ def mla_decode(q, cache, q_start, value_dim, scale, *, k_scale=None, out=None, n
 
     mla_decode_fwd_kernel[(n_m, NS, B)](
         qk, cache, k_scale if per_token else qk, o_part, lse_part,
-        qk_scale, q_start, n_keys, bps, M, NS,
+        qk_scale, q_start, Tk, min_blocks, M, NS,
         cache.stride(0), cache.stride(1), k_scale.stride(0) if per_token else 0,
         H=H, D=D, V=V, BM=BM, BN=BN, BV=BV, BR=BR,
+        Q_START_ON_DEVICE=start_on_device,
         PER_TOKEN_SCALE=per_token,
         OP_DT=op_dt,
         DOT_PRECISION="tf32x3" if cache.dtype == torch.float32 else "tf32",

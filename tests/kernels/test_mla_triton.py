@@ -85,3 +85,29 @@ def test_fp8_cache(per_token):
     got = run(q, c8, Tk - Tq, V, 0.05, k_scale=scale)
     want = mla_attention_reference(q.bfloat16().float(), dequant, Tk - Tq, V, 0.05)
     assert rel_err(got, want) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("Tq,filled", [(1, 1), (1, 700), (3, 260)], ids=lambda x: str(x))
+def test_start_on_the_device_and_a_buffer_past_the_keys(Tq, filled):
+    """How a recorded decode step calls the kernel: the whole preallocated buffer, its unfilled rows NaN,
+    and the first query's position in a device tensor. Same result as an int position, bit for bit,
+    and as the exact keys alone."""
+    B, H, D, V = 1, 4, 40, 32
+    q, cache = make_inputs(B, Tq, H, filled + 50, D, torch.float32, seed=filled)
+    cache[:, filled:] = float("nan")
+    q_start = filled - Tq
+    got_int = run(q, cache, q_start, V, 0.3)
+    got_tensor = run(q, cache, torch.tensor([q_start]), V, 0.3)
+    assert torch.equal(got_int, got_tensor)
+    want = mla_attention_reference(q, cache[:, :filled], q_start, V, 0.3)
+    assert rel_err(got_int, want) < TOLERANCE[torch.float32]
+
+
+def test_dispatcher_reads_no_row_past_the_queries_on_the_cpu():
+    from kimi_desk.kernels.mla import mla_attention
+
+    q, cache = make_inputs(1, 2, 4, 300, 40, torch.float32, seed=2)
+    cache[:, 120:] = float("nan")
+    got = mla_attention(q, cache, 118, 32, 0.3)
+    want = mla_attention_reference(q, cache[:, :120], 118, 32, 0.3)
+    assert rel_err(got, want) < 1e-5

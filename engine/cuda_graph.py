@@ -1,0 +1,167 @@
+"""One batch-1 decode step recorded as a CUDA graph and replayed for every token.
+
+A decode step is a few hundred small kernels. Launched one by one from Python, the host sets the pace
+(BENCHMARKS.md, "Whole model"); recorded once as a CUDA graph, the step replays with one launch.
+
+    decoder = graph_decoder(model, state)
+    logits = decoder.step(token)      # [vocab] float32 on the GPU; state advanced by one token
+    token = decoder.greedy_token      # [1, 1] int64 on the GPU: argmax of logits[:vocab_size]
+
+A replayed graph runs the recorded kernels on the recorded addresses with the recorded arguments. What
+makes the step replayable:
+  - every buffer it touches keeps its storage: the KDA states are updated in place, the MLA caches
+    write into spare capacity (state.py), the input token and the outputs belong to the decoder;
+  - nothing inside asks the host anything (the MoE takes a sync-free GEMV, kernels/moe);
+  - the one number that changes between steps, the cache length, lives in device memory: while the
+    step is recorded, each MLA cache's `device_length` is this decoder's `length` tensor, which the
+    host refreshes before every replay; the cache write and the MLA kernel read it from there.
+
+The host keeps the counters: after each replay it advances state.position and every cache's length,
+so between replays the eager model can use the state as usual (the next turn's prefill, a snapshot).
+The step is recorded again when a cache is full (it then grows with headroom, so this happens once
+every few thousand tokens) and when the state's tensors were replaced (a restored snapshot).
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+
+import torch
+
+from kimi_desk.engine.state import KDAState, MLACache, ModelState
+
+# Room a full MLA cache grows by before the step is recorded again: at least this many tokens, or an
+# eighth of the cache, so that recording (tens of milliseconds) stays rare beside the steps between.
+CACHE_HEADROOM_TOKENS = 4096
+# Eager runs before recording: they compile the Triton kernels and settle the allocator.
+WARMUP_STEPS = 2
+
+
+class GraphDecoder:
+    """Replays one recorded decode step of `model` on `state` (batch 1). Holds the state weakly.
+
+    With use_cuda_graph=False every step runs the same code eagerly, the cache lengths read from device
+    memory as in a recording: how the CPU tests check this path (under Triton's interpreter).
+    """
+
+    def __init__(self, model, state: ModelState, vocab_size: int | None = None, use_cuda_graph: bool = True):
+        if state.batch_size != 1:
+            raise ValueError(f"graph decode runs on a batch of 1, the state has {state.batch_size}")
+        self.model = model
+        self.vocab_size = vocab_size or model.config.vocab_size
+        self.use_cuda_graph = use_cuda_graph
+        self._state = weakref.ref(state)
+        device = model.device
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.length = torch.zeros(1, dtype=torch.long, device=device)
+        self.logits: torch.Tensor | None = None
+        self.greedy_token: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._prepared_for: tuple = ()
+        self.recordings = 0
+
+    @property
+    def state(self) -> ModelState | None:
+        return self._state()
+
+    @torch.inference_mode()
+    def step(self, token: int | torch.Tensor) -> torch.Tensor:
+        """Feed one token (an int, or a one-element int64 tensor on the model's device such as
+        `greedy_token`); returns the logits after it, [vocab] float32, a buffer the next step overwrites."""
+        state = self.state
+        caches = [layer for layer in state.layers if isinstance(layer, MLACache)]
+        if self._storage(state) != self._prepared_for or any(cache.length >= cache.capacity for cache in caches):
+            self._prepare(state, caches)
+        if isinstance(token, torch.Tensor):
+            self.token.copy_(token.view(1, 1))
+        else:
+            self.token.fill_(int(token))
+        self.length.fill_(caches[0].length if caches else 0)
+        if self.use_cuda_graph:
+            self.graph.replay()
+        else:
+            with self._lengths_on_device(state, caches):
+                self._run(state)
+        state.position += 1
+        for cache in caches:
+            cache.length += 1
+        return self.logits
+
+    def _run(self, state: ModelState) -> None:
+        self.logits = self.model(self.token, state, last_only=True)[0, -1]  # [vocab] float32
+        self.greedy_token = self.logits[: self.vocab_size].argmax().view(1, 1)
+
+    @contextmanager
+    def _lengths_on_device(self, state: ModelState, caches: list[MLACache]):
+        """The caches read their length from `self.length`; the host counters stay as they were (the
+        model's forward advances state.position, which the caller does after the step instead)."""
+        position = state.position
+        for cache in caches:
+            cache.device_length = self.length
+        try:
+            yield
+        finally:
+            for cache in caches:
+                cache.device_length = None
+            state.position = position
+
+    def _prepare(self, state: ModelState, caches: list[MLACache]) -> None:
+        """Give full caches room, then record the step (when using a graph)."""
+        # Free the previous recording's memory before making another.
+        self.graph = self.logits = self.greedy_token = None
+        if len({cache.length for cache in caches}) > 1:
+            raise ValueError("the MLA caches hold different numbers of tokens")
+        for cache in caches:
+            if cache.length >= cache.capacity:
+                cache.reserve(cache.length + max(CACHE_HEADROOM_TOKENS, cache.length // 8))
+        if self.use_cuda_graph:
+            self._record(state, caches)
+        self._prepared_for = self._storage(state)
+
+    def _record(self, state: ModelState, caches: list[MLACache]) -> None:
+        kda_states = [layer for layer in state.layers if isinstance(layer, KDAState)]
+        saved = [(layer.recurrent.clone(), layer.conv.clone()) for layer in kda_states]
+        self.length.fill_(caches[0].length if caches else 0)
+        device = self.token.device
+        with self._lengths_on_device(state, caches):
+            # The warm-up writes the next cache row (rewritten by the first replay) and advances the
+            # KDA states, which are put back before recording; recording itself runs nothing.
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self._run(state)
+            current.wait_stream(side)
+            for layer, (recurrent, conv) in zip(kda_states, saved):
+                layer.recurrent.copy_(recurrent)
+                layer.conv.copy_(conv)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run(state)
+        self.graph = graph
+        self.recordings += 1
+
+    @staticmethod
+    def _storage(state: ModelState) -> tuple:
+        """Where the state's tensors live: a recording is valid while this is unchanged."""
+        pointers = []
+        for layer in state.layers:
+            if isinstance(layer, KDAState):
+                pointers += [layer.recurrent.data_ptr(), layer.conv.data_ptr()]
+            else:
+                pointers.append(layer.buffer.data_ptr())
+        return tuple(pointers)
+
+
+def graph_decoder(model, state: ModelState, vocab_size: int | None = None) -> GraphDecoder:
+    """The model's decoder for `state`: the one kept on the model while it serves this state, else a new
+    one (dropping the old recording). One per model, since each recording holds GPU memory."""
+    decoder = getattr(model, "_graph_decoder", None)
+    wanted = vocab_size or model.config.vocab_size
+    if decoder is None or decoder.state is not state or decoder.vocab_size != wanted:
+        model._graph_decoder = None
+        decoder = GraphDecoder(model, state, wanted)
+        model._graph_decoder = decoder
+    return decoder

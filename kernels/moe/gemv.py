@@ -1,0 +1,131 @@
+"""The routed experts of a few tokens (decode) in two Triton launches, with no host synchronisation.
+
+Formula and layout as in naive.py. A decode step's MoE is a handful of matrix-vector products over
+weights chosen at run time; the grouped PyTorch path asks the host which experts were chosen (a device
+synchronisation per layer) and launches three products per expert. Here the chosen ids stay on the device:
+
+1. `moe_gate_up_fwd_kernel`, one program per (token, chosen expert) pair and block of BI rows of the
+   expert's hidden width: h = SiLU(w1[e] x) * (w3[e] x) for those rows, reading w1[e] and w3[e] once, in
+   tiles [BI, BD] along the model width, with fp32 accumulation. h is kept in fp32 ([N * k, I], small).
+2. `moe_down_fwd_kernel`, one program per pair and block of BD output features: w2[e] h times the pair's
+   mixing weight, into fp32 partials [N, k, D] that one sum over k reduces (no atomics, so the result
+   does not depend on the order programs run in).
+
+Each chosen expert's weights are read exactly once per token that chose it: at N = 1 (decode) that is
+the fewest bytes possible; with several tokens an expert chosen by more than one is read again, mostly
+from L2, since programs of the same row block run side by side. The grid is fixed by N, k and the
+shapes, so a CUDA graph can replay it with any choice of experts.
+
+Precision: products and accumulations in fp32 on the weights' values, so the bf16 path is slightly more
+accurate than PyTorch's (which rounds gate, up and h to bf16); tested against it under the interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def moe_gate_up_fwd_kernel(
+    x,
+    ids,
+    w1,
+    w3,
+    h,
+    n_chosen,
+    stride_we,
+    D: tl.constexpr,
+    I: tl.constexpr,
+    BI: tl.constexpr,
+    BD: tl.constexpr,
+):
+    i_p, i_i = tl.program_id(0), tl.program_id(1)
+    # Pair i_p is token i_p // k with its chosen expert ids[i_p] (ids is [N, k], row-major).
+    i_n = (i_p // n_chosen).to(tl.int64)
+    i_e = tl.load(ids + i_p).to(tl.int64)
+    o_i = i_i * BI + tl.arange(0, BI)
+    m_i = o_i < I
+    # int64 rows: 256 experts x 1024 x 2304 elements is within int32, larger models would not be.
+    p_w1 = w1 + i_e * stride_we + o_i.to(tl.int64)[:, None] * D
+    p_w3 = w3 + i_e * stride_we + o_i.to(tl.int64)[:, None] * D
+    b_gate = tl.zeros([BI], dtype=tl.float32)
+    b_up = tl.zeros([BI], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        b_x = tl.load(x + i_n * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+        m_w = m_i[:, None] & m_d[None, :]
+        b_w1 = tl.load(p_w1 + o_d[None, :], mask=m_w, other=0.0).to(tl.float32)
+        b_gate += tl.sum(b_w1 * b_x[None, :], 1)
+        b_w3 = tl.load(p_w3 + o_d[None, :], mask=m_w, other=0.0).to(tl.float32)
+        b_up += tl.sum(b_w3 * b_x[None, :], 1)
+    b_h = b_gate * tl.sigmoid(b_gate) * b_up
+    tl.store(h + i_p.to(tl.int64) * I + o_i, b_h, mask=m_i)
+
+
+@triton.jit
+def moe_down_fwd_kernel(
+    h,
+    ids,
+    weights,
+    w2,
+    partial,
+    stride_we,
+    D: tl.constexpr,
+    I: tl.constexpr,
+    BD: tl.constexpr,
+    BI: tl.constexpr,
+):
+    i_p, i_d = tl.program_id(0), tl.program_id(1)
+    i_e = tl.load(ids + i_p).to(tl.int64)
+    b_weight = tl.load(weights + i_p).to(tl.float32)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    p_w2 = w2 + i_e * stride_we + o_d.to(tl.int64)[:, None] * I
+    p_h = h + i_p.to(tl.int64) * I
+    b_acc = tl.zeros([BD], dtype=tl.float32)
+    for i0 in range(0, I, BI):
+        o_i = i0 + tl.arange(0, BI)
+        m_i = o_i < I
+        b_h = tl.load(p_h + o_i, mask=m_i, other=0.0)
+        b_w2 = tl.load(p_w2 + o_i[None, :], mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+        b_acc += tl.sum(b_w2 * b_h[None, :], 1)
+    tl.store(partial + i_p.to(tl.int64) * D + o_d, b_acc * b_weight, mask=m_d)
+
+
+# Tile shapes, chosen by reasoning, not tuned. At the 48B shapes (D = 2304, I = 1024, k = 8) one token
+# makes 8 x 64 gate/up programs of 2 x [16, 256] bf16 tiles per step and 8 x 72 down programs of
+# [32, 256]: a few programs per SM, each with two to four 16-byte loads per thread in flight. Measured on
+# an H100 (BENCHMARKS.md, "Whole model"): 56.7 us for one token, 67% of the 37.7 us floor; gate/up runs
+# at 1.9 TB/s, down at 2.6 TB/s, so gate/up is where tuning would pay.
+GATE_UP_CONFIG = dict(block_i=16, block_d=256, num_warps=4)
+DOWN_CONFIG = dict(block_d=32, block_i=256, num_warps=4)
+
+
+def routed_experts_gemv(x, ids, weights, w1, w2, w3):
+    """kimi_desk.kernels.moe.routed_experts in Triton, for a few tokens. Returns float32 [N, D]."""
+    N, D = x.shape
+    k = ids.shape[1]
+    E, I, _ = w1.shape
+    assert w1.shape == w3.shape == (E, I, D) and w2.shape == (E, D, I) and weights.shape == ids.shape
+    assert w1.is_contiguous() and w2.is_contiguous() and w3.is_contiguous()
+    if N == 0:
+        return torch.zeros(0, D, dtype=torch.float32, device=x.device)
+    x, ids = x.contiguous(), ids.contiguous()
+    weights = weights.float().contiguous()
+    h = torch.empty(N * k, I, dtype=torch.float32, device=x.device)
+    partial = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
+
+    BI = min(GATE_UP_CONFIG["block_i"], triton.next_power_of_2(I))
+    BD = min(GATE_UP_CONFIG["block_d"], triton.next_power_of_2(D))
+    moe_gate_up_fwd_kernel[(N * k, triton.cdiv(I, BI))](
+        x, ids, w1, w3, h, k, w1.stride(0), D=D, I=I, BI=BI, BD=BD, num_warps=GATE_UP_CONFIG["num_warps"],
+    )
+    BD = min(DOWN_CONFIG["block_d"], triton.next_power_of_2(D))
+    BI = min(DOWN_CONFIG["block_i"], triton.next_power_of_2(I))
+    moe_down_fwd_kernel[(N * k, triton.cdiv(D, BD))](
+        h, ids, weights, w2, partial, w2.stride(0), D=D, I=I, BD=BD, BI=BI, num_warps=DOWN_CONFIG["num_warps"],
+    )
+    return partial.view(N, k, D).sum(1)

@@ -1,0 +1,27 @@
+"""RMS norms over the last axis: `rms_norm(x, weight, eps)` (the model's norms) and
+`gated_rms_norm(x, gate, weight, eps)` (the KDA output norm, times sigmoid(gate)).
+
+The formulas, with their casts, are naive.py's. On CUDA one Triton launch per call replaces the
+seven to eleven elementwise launches of the PyTorch form, which dominate a decode step's launch count.
+"""
+
+from kimi_desk.kernels import use_triton
+from kimi_desk.kernels.norm.naive import gated_rms_norm_torch, rms_norm_torch
+
+__all__ = ["gated_rms_norm", "rms_norm"]
+
+
+def rms_norm(x, weight, eps):
+    if use_triton(x):
+        from kimi_desk.kernels.norm.rms_norm import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+def gated_rms_norm(x, gate, weight, eps):
+    if use_triton(x):
+        from kimi_desk.kernels.norm.rms_norm import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, gate=gate)
+    return gated_rms_norm_torch(x, gate, weight, eps)

@@ -1,0 +1,68 @@
+"""RMS norm (optionally gated by sigmoid(gate)) in one Triton launch: one program per row.
+
+Casts follow naive.py exactly: the plain norm rounds the normalised row to x's dtype before the weight
+multiplies it (the result in the promoted dtype of weight and x, as PyTorch's product gives); the gated
+norm stays in fp32 until the result, cast to x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rms_norm_fwd_kernel(
+    x,
+    gate,
+    weight,
+    y,
+    stride_x,
+    stride_g,
+    eps,
+    N: tl.constexpr,
+    BN: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    i_r = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BN)
+    m_n = o_n < N
+    b_x = tl.load(x + i_r * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+    b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, 0) / N + eps)
+    b_w = tl.load(weight + o_n, mask=m_n, other=0.0).to(tl.float32)
+    if GATED:
+        b_g = tl.load(gate + i_r * stride_g + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_y = b_x * b_rstd * b_w * tl.sigmoid(b_g)
+    else:
+        # Rounded to x's dtype before the weight, as the PyTorch form does.
+        b_y = (b_x * b_rstd).to(x.dtype.element_ty).to(tl.float32) * b_w
+    tl.store(y + i_r * N + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None):
+    """x [..., N] with a contiguous last axis (rows may be strided, e.g. a slice of a wider tensor);
+    gate, if given, x's shape. Returns a new contiguous tensor."""
+    N = x.shape[-1]
+    assert weight.shape == (N,)
+    rows = x.reshape(-1, N)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if gate is None:
+        gates = rows
+        out_dtype = torch.result_type(weight, x)
+    else:
+        assert gate.shape == x.shape
+        gates = gate.reshape(-1, N)
+        if gates.stride(-1) != 1:
+            gates = gates.contiguous()
+        out_dtype = x.dtype
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if rows.shape[0] == 0:
+        return y
+    BN = triton.next_power_of_2(N)
+    rms_norm_fwd_kernel[(rows.shape[0],)](
+        rows, gates, weight, y, rows.stride(0), gates.stride(0), float(eps),
+        N=N, BN=BN, GATED=gate is not None, num_warps=min(8, max(1, BN // 512)),
+    )
+    return y

@@ -1,0 +1,122 @@
+"""The GPU decode path on the CPU: the state kept in place, the fused kernels (through Triton's
+interpreter, KIMI_DESK_KERNELS=triton) against the PyTorch path, and the step that engine/cuda_graph.py
+records, run eagerly with the cache length on the device, against the plain model. Recording and
+replaying the graph itself needs a GPU: `kimi-desk bench model` checks it there."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+from kimi_desk.engine import load_model  # noqa: E402
+from kimi_desk.engine.cuda_graph import GraphDecoder, graph_decoder  # noqa: E402
+from kimi_desk.engine.state import KDAState  # noqa: E402
+
+
+def rel_err(a, b):
+    assert not a.isnan().any() and not b.isnan().any()
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def storage(state):
+    return [p for layer in state.layers
+            for p in ((layer.recurrent.data_ptr(), layer.conv.data_ptr()) if isinstance(layer, KDAState)
+                      else (layer.buffer.data_ptr(),))]
+
+
+@pytest.fixture(scope="module")
+def model(tail7_checkpoint):
+    return load_model(tail7_checkpoint, dtype=torch.float32)
+
+
+def prefilled(model, tokens, seed=0):
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    state = model.new_state(1)
+    logits = model(ids, state, last_only=True)
+    return state, logits[:, -1].argmax(-1, keepdim=True)
+
+
+def test_state_is_updated_in_place(model):
+    """Prefill and decode leave every tensor of the state where it was (until a cache outgrows its room)."""
+    state = model.new_state(1)
+    before = storage(state)
+    ids = torch.randint(0, model.config.vocab_size, (1, 100))
+    model(ids[:, :90], state)
+    for t in range(90, 100):
+        model(ids[:, t : t + 1], state)
+    assert storage(state) == before and state.position == 100
+
+
+def test_fused_decode_kernels_match_the_torch_path(model, monkeypatch):
+    """Decode through the GPU path's kernels (fused short conv and recurrence, MoE GEMV, Triton norms and
+    MLA decode) continues a prefill as the PyTorch path does, states included."""
+    state, token = prefilled(model, 40)
+    fused_state = state.clone()
+    for _ in range(4):
+        want = model(token, state)
+        monkeypatch.setenv("KIMI_DESK_KERNELS", "triton")
+        got = model(token, fused_state)
+        monkeypatch.delenv("KIMI_DESK_KERNELS")
+        assert rel_err(got, want) < 1e-4
+        token = want[:, -1].argmax(-1, keepdim=True)
+    for got, want in zip(fused_state.layers, state.layers):
+        if isinstance(want, KDAState):
+            assert rel_err(got.recurrent, want.recurrent) < 1e-4
+            assert rel_err(got.conv, want.conv) < 1e-6
+        else:
+            assert rel_err(got.latents, want.latents) < 1e-5
+
+
+def test_recorded_step_equals_the_eager_model(model, monkeypatch):
+    """The decoder's step (cache length read from the device, host counters advanced after it) gives the
+    eager model's logits bit for bit, also across a cache that fills up and grows, and its greedy token
+    is their argmax."""
+    monkeypatch.setenv("KIMI_DESK_KERNELS", "triton")
+    state, token = prefilled(model, 250)  # the caches' first 256 rows: full after 6 steps
+    eager_state = state.clone()
+    decoder = GraphDecoder(model, state, use_cuda_graph=False)
+    for _ in range(9):
+        want = model(token, eager_state, last_only=True)[0, -1]
+        got = decoder.step(token)
+        assert torch.equal(got, want)
+        assert decoder.greedy_token.item() == int(want.argmax())
+        token = decoder.greedy_token
+        assert state.position == eager_state.position
+        for layer in state.layers:
+            if not isinstance(layer, KDAState):
+                assert layer.length == state.position and layer.device_length is None
+    assert min(layer.capacity for layer in state.layers if not isinstance(layer, KDAState)) > 256
+    for got, want in zip(state.layers, eager_state.layers):
+        if isinstance(want, KDAState):
+            assert torch.equal(got.recurrent, want.recurrent) and torch.equal(got.conv, want.conv)
+        else:
+            assert torch.equal(got.latents, want.latents)
+
+
+def test_eager_steps_between_recorded_ones(model, monkeypatch):
+    """The host counters stay the truth: eager steps in between (a prefill of the next turn) are seen by
+    the next recorded step, and a replaced state tensor (a restored snapshot) is noticed."""
+    monkeypatch.setenv("KIMI_DESK_KERNELS", "triton")
+    state, token = prefilled(model, 30, seed=1)
+    eager_state = state.clone()
+    decoder = GraphDecoder(model, state, use_cuda_graph=False)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 3))
+    assert torch.equal(decoder.step(token), model(token, eager_state, last_only=True)[0, -1])
+    model(tokens, state)
+    model(tokens, eager_state)
+    state.layers[0].recurrent = state.layers[0].recurrent.clone()
+    assert torch.equal(decoder.step(5), model(torch.tensor([[5]]), eager_state, last_only=True)[0, -1])
+    assert decoder._prepared_for == GraphDecoder._storage(state)
+    assert state.position == eager_state.position == 35
+
+
+def test_one_decoder_per_model_and_state(model):
+    first, second = model.new_state(1), model.new_state(1)
+    decoder = graph_decoder(model, first)
+    assert graph_decoder(model, first) is decoder
+    assert graph_decoder(model, second) is not decoder
+    with pytest.raises(ValueError):
+        GraphDecoder(model, model.new_state(2))
