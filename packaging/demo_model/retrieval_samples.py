@@ -1,0 +1,294 @@
+"""Synthetic retrieval conversations: the product's skill, reading a long document and answering from it.
+
+A sample is what a kimi-desk session feeds the model, ids for ids:
+
+    document_head_ids(system)              system turn, then <|im_user|>user<|im_middle|>
+    folder tree + "==> path <==" blocks    files of the corpus, read as a session reads a folder
+    question_ids(question)                 "\n\n" ends the document, the question, <|im_end|>, <|im_assistant|>...
+    answer ids, <|im_end|>                 the assistant's reply: what the loss is taken on
+
+with one fact planted in the document ("The secret port of service korvani is 4711.") and, to make the
+model read the key and not just grab the one fact-like line, 0-3 distractor facts of the same kind
+about other keys. A fact goes in as a small notes file beside a file at the chosen depth, or as a line
+(a comment in code) inside that file. Files keep kimi-desk's reading order, so the tree and the blocks
+are what `load_path` would render for a folder holding exactly these files.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import random
+from dataclasses import dataclass, field
+
+from corpus_tokens import TokenizedSplit
+
+from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, IM_END, document_head_ids, document_text, question_ids
+from kimi_desk.engine.ingest.listing import reading_order_key
+from kimi_desk.engine.ingest.render import render_file_block, render_folder_preamble
+
+_SYLLABLES = ("ka", "lo", "mi", "ren", "ta", "vo", "zu", "shi", "bar", "nel", "qui", "dor", "fen", "gal",
+              "hu", "jin", "kor", "lum", "mar", "nox", "pra", "sel", "tir", "ul", "vex", "wyn", "yor", "zen")
+_FIRST_NAMES = ("Mira", "Tomas", "Aiko", "Kwame", "Lena", "Ravi", "Sofia", "Jonas", "Ines", "Omar",
+                "Hana", "Piotr", "Zara", "Mateo", "Yuki", "Nadia", "Elias", "Chen", "Amara", "Felix")
+_LAST_NAMES = ("Okafor", "Lindqvist", "Tanaka", "Moreau", "Novak", "Haddad", "Petrov", "Silva",
+               "Kowalski", "Nguyen", "Fischer", "Mensah", "Rossi", "Kaur", "Duarte", "Ivanova")
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+           "October", "November", "December")
+_COMMENT_PREFIX = {".py": "# ", ".sh": "# ", ".toml": "# ", ".yaml": "# ", ".yml": "# ", ".rb": "# ",
+                   ".c": "// ", ".h": "// ", ".js": "// ", ".ts": "// ", ".go": "// ", ".rs": "// ",
+                   ".java": "// ", ".sql": "-- "}
+
+
+@dataclass(frozen=True)
+class Fact:
+    kind: str
+    key: str
+    value: str
+    statement: str  # the sentence planted in the document
+    question: str
+    answer: str  # the assistant's reply, without <|im_end|>
+
+
+def random_key(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+
+
+def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
+    if kind == "port":
+        value = str(rng.randint(1024, 65535))
+        statement = f"The secret port of service {key} is {value}."
+        return Fact(kind, key, value, statement, f"What is the secret port of service {key}?", statement)
+    if kind == "code":
+        letters = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(3))
+        value = f"{letters}-{rng.randint(1000, 9999)}"
+        statement = f"The access code for the {key} vault is {value}."
+        return Fact(kind, key, value, statement, f"What is the access code for the {key} vault?", statement)
+    if kind == "maintainer":
+        value = f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"
+        statement = f"The {key} module is maintained by {value}."
+        return Fact(kind, key, value, statement, f"Who maintains the {key} module?", statement)
+    if kind == "date":
+        value = f"{rng.choice(_MONTHS)} {rng.randint(1, 28)}, {rng.randint(2026, 2040)}"
+        statement = f"Project {key} launches on {value}."
+        return Fact(kind, key, value, statement, f"When does project {key} launch?", statement)
+    if kind == "setting":
+        value = str(rng.choice((rng.randint(2, 99), rng.randint(100, 9999))))
+        statement = f"The {key}_limit setting must be set to {value}."
+        return Fact(kind, key, value, statement, f"What must the {key}_limit setting be set to?", statement)
+    raise ValueError(f"unknown fact kind {kind!r}")
+
+
+FACT_KINDS = ("port", "code", "maintainer", "date", "setting")
+
+
+@dataclass
+class RetrievalSample:
+    input_ids: list[int]  # the whole conversation, answer and closing <|im_end|> included
+    answer_start: int  # input_ids[answer_start:] is the reply the loss is taken on
+    document_start: int  # input_ids[document_start:document_end] is the document (folder tree and files)
+    document_end: int
+    fact: Fact
+    fact_position: int  # token index where the planted statement starts
+    distractors: list[Fact] = field(default_factory=list)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """What generation continues from: everything up to the assistant's reply."""
+        return self.input_ids[: self.answer_start]
+
+    @property
+    def depth(self) -> float:
+        return (self.fact_position - self.document_start) / max(1, self.document_end - self.document_start)
+
+    def target_weights(self, document_weight: float = 0.0) -> list[float]:
+        """One weight per next-token target (input_ids[1:]): 1 on the reply's tokens, <|im_end|> included,
+        `document_weight` on the document's, 0 elsewhere (system turn, question)."""
+        weights = []
+        for target in range(1, len(self.input_ids)):
+            if target >= self.answer_start:
+                weights.append(1.0)
+            elif self.document_start < target < self.document_end:
+                weights.append(document_weight)
+            else:
+                weights.append(0.0)
+        return weights
+
+
+@dataclass
+class _File:
+    path: str
+    segment: int | None  # the cached block, or None when the text was changed or made up
+    text: str | None = None  # the block's text, when it is not the cached one
+    ids: list[int] | None = None  # the block's ids, once encoded
+
+
+class RetrievalSampleBuilder:
+    """Builds retrieval samples of an exact token budget from a tokenized corpus split."""
+
+    def __init__(self, split: TokenizedSplit, tokenizer, sources: list[str] | None = None):
+        self.split, self.tokenizer = split, tokenizer
+        self.im_end = tokenizer.special_tokens[IM_END]
+        # Documents by source; a haystack takes its files from one source where it can, so the folder
+        # reads as one project (or one manual).
+        self.documents_by_source: dict[str, list[int]] = {}
+        for document, source in enumerate(split.document_sources):
+            if sources is None or source in sources:
+                self.documents_by_source.setdefault(source, []).append(document)
+        if not self.documents_by_source:
+            raise ValueError("no documents to build retrieval samples from")
+        self.source_roots = {split.document_sources[d]: split.document_roots[d]
+                             for docs in self.documents_by_source.values() for d in docs}
+        # Plain lists: this runs per sample, and indexing tensors one element at a time is slow.
+        self.segment_lengths = (split.segment_offsets[1:] - split.segment_offsets[:-1]).tolist()
+        self.file_segments = {d: list(split.document_segment_range(d))[1:]
+                              for docs in self.documents_by_source.values() for d in docs}
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, allow_special=False)
+
+    def _block_text(self, file: _File) -> str:
+        return file.text if file.text is not None else self.tokenizer.decode(self.split.segment_ids(file.segment).tolist())
+
+    def _block_ids(self, file: _File) -> list[int]:
+        if file.ids is None:
+            file.ids = self._encode(file.text) if file.text is not None else self.split.segment_ids(file.segment).tolist()
+        return file.ids
+
+    def _block_length(self, file: _File) -> int:
+        if file.ids is None and file.text is None:
+            return self.segment_lengths[file.segment]
+        return len(self._block_ids(file))
+
+    def _pick_files(self, rng: random.Random, budget: int) -> tuple[list[tuple[str, int]], bool]:
+        """(source, segment) pairs of about `budget` tokens of file blocks: whole documents from a random
+        source in corpus order, then single files to fill the gap. Second: whether several sources were
+        needed (the held-out split has little text per source)."""
+        sources = list(self.documents_by_source)
+        rng.shuffle(sources)
+        chosen, used = [], 0
+        for source in sources:
+            documents = self.documents_by_source[source]
+            start = rng.randrange(len(documents))
+            candidates = [s for d in documents[start:] + documents[:start] for s in self.file_segments[d]]
+            for segment in candidates:
+                length = self.segment_lengths[segment]
+                if used + length <= budget:
+                    chosen.append((source, segment))
+                    used += length
+                if budget - used < 64:
+                    break
+            if budget - used < 64:
+                break
+        return chosen, len({source for source, _ in chosen}) > 1
+
+    def build(self, total_tokens: int, rng: random.Random, depth: float | None = None,
+              num_distractors: int | None = None, system: str | None = DEFAULT_SYSTEM_PROMPT,
+              kind: str | None = None) -> RetrievalSample:
+        """A sample of at most `total_tokens` ids (a few tokens less when no file fits the last gap)."""
+        kind = kind or rng.choice(FACT_KINDS)
+        num_distractors = rng.randint(0, 3) if num_distractors is None else num_distractors
+        keys = set()
+        while len(keys) < num_distractors + 1:
+            keys.add(random_key(rng))
+        keys = sorted(keys)
+        rng.shuffle(keys)
+        facts: list[Fact] = []
+        for key in keys:
+            candidate = make_fact(kind, key, rng)
+            # Distinct values too, so that a reply holding the asked value cannot have read another fact.
+            while any(candidate.value == other.value for other in facts):
+                candidate = make_fact(kind, key, rng)
+            facts.append(candidate)
+        fact, *distractors = facts
+        head = document_head_ids(self.tokenizer, system)
+        question = question_ids(self.tokenizer, fact.question)
+        answer = self._encode(fact.answer) + [self.im_end]
+        fixed = len(head) + len(question) + len(answer)
+        # Room for the folder tree and the planted lines, re-measured below once the files are known.
+        reserve = 48 * (num_distractors + 1)
+        budget = total_tokens - fixed - reserve
+        tree_share = 0
+        for _ in range(8):
+            picked, multi_source = self._pick_files(rng, budget - tree_share)
+            files = self._files(picked, multi_source)
+            depths = [(fact, depth if depth is not None else rng.random())] + [(d, rng.random()) for d in distractors]
+            files, planted_path = self._plant(files, depths, rng)
+            root = "workspace" if multi_source or not picked else self.source_roots[picked[0][0]]
+            tree = render_folder_preamble(root, [f.path for f in files])
+            blocks = [self._block_ids(f) for f in files[:-1]]
+            last_text = document_text(self._block_text(files[-1]))
+            blocks.append(self._encode(last_text))
+            document = self._encode(tree) + [i for block in blocks for i in block]
+            if fixed + len(document) <= total_tokens:
+                break
+            tree_share += fixed + len(document) - total_tokens + 16
+        else:
+            raise ValueError(f"cannot fit a retrieval sample into {total_tokens} tokens")
+        input_ids = head + document + question + answer
+        document_start, document_end = len(head), len(head) + len(document)
+        fact_position = self._statement_position(files, blocks, tree, planted_path, fact, document_start)
+        return RetrievalSample(input_ids, len(input_ids) - len(answer), document_start, document_end, fact,
+                               fact_position, distractors)
+
+    def _files(self, picked: list[tuple[str, int]], multi_source: bool) -> list[_File]:
+        files = []
+        for source, segment in picked:
+            path = self.split.segment_paths[segment]
+            if multi_source:
+                path = f"{self.source_roots[source]}/{path}"
+                files.append(_File(path, None, render_file_block(path, self._file_text(segment))))
+            else:
+                files.append(_File(path, segment))
+        return files
+
+    def _file_text(self, segment: int) -> str:
+        """The file's own text, from its cached block: header line and closing blank line removed."""
+        block = self.tokenizer.decode(self.split.segment_ids(segment).tolist())
+        return block.split("\n", 1)[1][:-1]
+
+    def _plant(self, files: list[_File], facts: list[tuple[Fact, float]], rng: random.Random):
+        """Put each fact in or beside the file found at its depth (a fraction of the files' tokens, in
+        reading order); returns the files in reading order and the path of the file holding the asked
+        fact."""
+        files = sorted(files, key=lambda f: reading_order_key(f.path))
+        planted_path = None
+        for index, (fact, depth) in enumerate(facts):
+            lengths = [self._block_length(f) for f in files]
+            goal, reached = depth * sum(lengths), 0
+            target = files[-1] if files else None
+            for file, length in zip(files, lengths):
+                reached += length
+                if reached > goal:
+                    target = file
+                    break
+            # With no file short enough for the budget, the folder holds only the notes.
+            if target is None or rng.random() < 0.5:
+                folder = posixpath.dirname(target.path) if target is not None else ""
+                name = f"{fact.key}_{rng.choice(('notes.txt', 'NOTES.md', 'secrets.txt', 'config.txt'))}"
+                path = posixpath.join(folder, name) if folder else name
+                files.append(_File(path, None, render_file_block(path, fact.statement + "\n")))
+                files.sort(key=lambda f: reading_order_key(f.path))
+            else:
+                path = target.path
+                prefix = _COMMENT_PREFIX.get(posixpath.splitext(path)[1], "")
+                header, body = self._block_text(target).split("\n", 1)
+                lines = body[:-1].split("\n")
+                at = rng.randint(0, max(0, len(lines) - 1))
+                lines.insert(at, prefix + fact.statement)
+                target.segment, target.text, target.ids = None, render_file_block(path, "\n".join(lines)), None
+            if index == 0:
+                planted_path = path
+        return files, planted_path
+
+    def _statement_position(self, files, blocks, tree, planted_path, fact, document_start) -> int:
+        position = document_start + len(self._encode(tree))
+        for file, block in zip(files, blocks):
+            if file.path == planted_path:
+                text = self._block_text(file)
+                # The statement starts a line, and no pre-tokenizer piece runs from a newline into a
+                # non-space character, so the ids before it are those of the text before it.
+                before = text[: text.index(fact.statement)]
+                before = before[: before.rfind("\n") + 1]
+                return position + len(self._encode(before))
+            position += len(block)
+        raise AssertionError("the planted file is missing")

@@ -1,0 +1,291 @@
+"""The demo model's training pipeline (packaging/demo_model), at toy scale on the CPU: corpus shards
+and manifest from a fake source tree, the differentiable forward against the engine's, retrieval
+samples, and a two-step training run that writes a checkpoint the engine loads."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "packaging" / "demo_model"))
+
+import corpus_tokens  # noqa: E402
+import evaluate  # noqa: E402
+import prepare_corpus  # noqa: E402
+import retrieval_samples  # noqa: E402
+import train  # noqa: E402
+import train_tokenizer  # noqa: E402
+import training_forward  # noqa: E402
+
+from kimi_desk.engine import load_model  # noqa: E402
+from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_head_ids, question_ids  # noqa: E402
+from kimi_desk.engine.ingest import load_path  # noqa: E402
+from kimi_desk.engine.kda import l2norm  # noqa: E402
+from kimi_desk.engine.random_checkpoint import random_model, tail7_config, tiny_config  # noqa: E402
+from kimi_desk.engine.tokenizer import load_tokenizer  # noqa: E402
+from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda  # noqa: E402
+
+
+# -- the differentiable forward --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [1, 63, 130])
+def test_chunk_kda_autograd_matches_the_engine_and_the_recurrence(T):
+    gen = torch.Generator().manual_seed(T)
+    B, H, K, V = 2, 2, 32, 16
+    q = l2norm(torch.randn(B, T, H, K, generator=gen))
+    k = l2norm(torch.randn(B, T, H, K, generator=gen))
+    v = torch.randn(B, T, H, V, generator=gen)
+    # Decays from nearly none to exp(-100) per step: far past what exp(G_i) * exp(-G_j) survives.
+    g = -torch.rand(B, T, H, K, generator=gen) * torch.logspace(-3, 2, K)
+    beta = torch.rand(B, T, H, generator=gen)
+    probe = torch.randn(B, T, H, V, generator=gen)
+
+    ours = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+    reference = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+    out = training_forward.chunk_kda_autograd(*ours)
+    expected, _ = chunk_kda_torch(q, k, v, g, beta)
+    assert (out - expected).abs().max() < 1e-5
+    (out * probe).sum().backward()
+    (recurrent_kda(*reference)[0] * probe).sum().backward()
+    for mine, theirs in zip(ours, reference):
+        assert torch.isfinite(mine.grad).all()
+        assert (mine.grad - theirs.grad).abs().max() <= 1e-4 * (1 + theirs.grad.abs().max())
+
+
+@pytest.mark.parametrize("config", [tiny_config(), tail7_config()], ids=["tiny", "tail7"])
+def test_training_forward_equals_the_inference_forward(config):
+    model = random_model(config, seed=3)
+    ids = torch.randint(0, config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
+    expected = model(ids, model.new_state(2))
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.endswith("e_score_correction_bias"))
+    logits = training_forward.training_logits(model, ids)
+    assert (logits - expected).abs().max() < 1e-4
+
+    logits.log_softmax(-1)[..., 0].mean().backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
+    # The expert and shared-expert weights learn too (routing is not cut off from the loss).
+    assert any(p.grad.abs().sum() > 0 for n, p in trainable if ".experts.w1" in n)
+
+
+def test_weighted_loss_is_cross_entropy_on_the_weighted_positions():
+    model = random_model(tiny_config(), seed=1)
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(2))
+    weights = torch.zeros(2, 40)
+    weights[0, 5:9] = 1.0
+    weights[1, 30] = 0.5
+    hidden = training_forward.training_hidden(model, ids)
+    logits = model.lm_head(hidden).float()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), targets.reshape(-1), reduction="none")
+    expected = (ce * weights.reshape(-1)).sum()
+    got = training_forward.weighted_lm_loss(model, hidden, targets, weights, chunk_tokens=3)
+    assert torch.allclose(got, expected, rtol=1e-5)
+
+
+# -- corpus, tokenizer, samples --------------------------------------------------------------------
+
+
+def _fake_source_tree(root: Path) -> Path:
+    """Folders of real Python text (a few standard-library modules, cut into files), a manual of HTML
+    pages, a binary, a minified file and a duplicate."""
+    import argparse as module_a
+    import json.decoder as module_b
+    import textwrap as module_c
+
+    tree = root / "fake-src"
+    sources = [inspect.getsource(m) for m in (module_a, module_b, module_c)]
+    for number in range(12):
+        text = sources[number % 3]
+        piece = len(text) // 4
+        folder = tree / f"pkg{number:02d}"
+        folder.mkdir(parents=True)
+        for part in range(3):
+            body = f"# package {number}, part {part}\n" + text[part * piece : (part + 1) * piece] + "\n"
+            (folder / f"mod{part}.py").write_text(body, encoding="utf-8")
+    (tree / "pkg00" / "README.md").write_text("# pkg00\n\nThe first package.\n", encoding="utf-8")
+    (tree / "pkg01" / "copy_of_mod0.py").write_text((tree / "pkg01" / "mod0.py").read_text(), encoding="utf-8")
+    (tree / "pkg02" / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    (tree / "pkg03" / "bundle.min.py").write_text("x=1;" * 5000 + "\n", encoding="utf-8")
+    manual = root / "fake-manual"
+    manual.mkdir()
+    for page in range(3):
+        (manual / f"page{page}.html").write_text(
+            f"<html><head><title>Page {page}</title></head><body><h1>Chapter {page}</h1>"
+            f"<p>The manual explains configuration option number {page} in detail.</p></body></html>",
+            encoding="utf-8")
+    (manual / "COPYING").write_text("Public domain.\n", encoding="utf-8")
+    (tree / "LICENSE").write_text("MIT licence text.\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy_pipeline(tmp_path_factory):
+    """A corpus from the fake tree, a small tokenizer trained on it, and both splits tokenized."""
+    root = _fake_source_tree(tmp_path_factory.mktemp("sources"))
+    sources = [
+        prepare_corpus.Source("fake-code", "fakeproj", "MIT", None, str(root / "fake-src"), ("**/*.py", "**/*.md"),
+                              str(root / "fake-src" / "LICENSE")),
+        prepare_corpus.Source("fake-manual", "fake-manual", "public-domain", None, str(root / "fake-manual"),
+                              ("*.html",), str(root / "fake-manual" / "COPYING"), html=True),
+    ]
+    corpus = tmp_path_factory.mktemp("corpus")
+    manifest = prepare_corpus.build_corpus(sources, corpus, root / "work", heldout_fraction=0.25,
+                                           max_document_chars=6000, log=lambda *_: None)
+    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
+    texts = train_tokenizer.training_texts(corpus, None)
+    train_tokenizer.write_tokenizer(texts, 400, tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    splits = {split: corpus_tokens.tokenize_split(corpus, tokenizer, split, log=lambda *_: None)
+              for split in ("train", "heldout")}
+    return {"root": root, "corpus": corpus, "manifest": manifest, "tokenizer_dir": tokenizer_dir,
+            "tokenizer": tokenizer, "splits": splits}
+
+
+def test_corpus_shards_manifest_and_heldout_split(toy_pipeline):
+    corpus, manifest = toy_pipeline["corpus"], toy_pipeline["manifest"]
+    on_disk = json.loads((corpus / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert [s["name"] for s in manifest["sources"]] == ["fake-code", "fake-manual"]
+    assert manifest["sources"][0]["license"] == "MIT"
+    assert (corpus / manifest["sources"][0]["license_file"]).read_text() == "MIT licence text.\n"
+    for split in ("train", "heldout"):
+        info = manifest["splits"][split]
+        assert info["documents"] > 0, f"no {split} documents"
+        for shard in info["shards"]:
+            assert (corpus / shard["name"]).stat().st_size == shard["file_bytes"]
+
+    train_docs = list(prepare_corpus.read_documents(corpus, "train"))
+    heldout_docs = list(prepare_corpus.read_documents(corpus, "heldout"))
+    assert {d["id"] for d in train_docs}.isdisjoint(d["id"] for d in heldout_docs)
+    paths = [f["path"] for d in train_docs + heldout_docs for f in d["files"]]
+    # Binaries, minified files and exact duplicates are left out, as the reader leaves them out.
+    assert not any(p.endswith((".bin", ".min.py")) for p in paths)
+    assert len({"pkg01/copy_of_mod0.py", "pkg01/mod0.py"} & set(paths)) == 1
+    # HTML pages become their readable text, under a .txt name.
+    manual = [f for d in train_docs + heldout_docs if d["source"] == "fake-manual" for f in d["files"]]
+    assert manual and all(f["path"].endswith(".txt") and "<p>" not in f["text"] for f in manual)
+    assert sum(len(f["text"].encode()) for d in train_docs for f in d["files"]) == manifest["splits"]["train"]["text_bytes"]
+
+
+def test_documents_render_as_kimi_desk_renders_a_folder(toy_pipeline, tmp_path):
+    doc = next(prepare_corpus.read_documents(toy_pipeline["corpus"], "train"))
+    folder = tmp_path / doc["root"]
+    for file in doc["files"]:
+        (folder / file["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (folder / file["path"]).write_text(file["text"], encoding="utf-8")
+    assert load_path(folder).text == prepare_corpus.render_document(doc)
+
+
+def test_token_cache_holds_each_segment_and_is_reused(toy_pipeline):
+    tokenizer, split = toy_pipeline["tokenizer"], toy_pipeline["splits"]["train"]
+    doc = next(prepare_corpus.read_documents(toy_pipeline["corpus"], "train"))
+    segments = prepare_corpus.document_segments(doc)
+    for offset, text in enumerate(segments):
+        assert split.segment_ids(offset).tolist() == tokenizer.encode(text, allow_special=False)
+    # Segment by segment is the encoding of the whole text (what a session's reading relies on).
+    assert split.document_ids(0).tolist() == tokenizer.encode("".join(segments), allow_special=False)
+    again = corpus_tokens.tokenize_split(toy_pipeline["corpus"], tokenizer, "train", log=pytest.fail)
+    assert torch.equal(again.tokens, split.tokens)
+
+
+def test_retrieval_sample_places_the_fact_and_masks_the_loss_to_the_answer(toy_pipeline):
+    tokenizer = toy_pipeline["tokenizer"]
+    builder = retrieval_samples.RetrievalSampleBuilder(toy_pipeline["splits"]["train"], tokenizer)
+    im_end = tokenizer.special_tokens["<|im_end|>"]
+    for seed, depth in enumerate([0.0, 0.5, 0.95]):
+        sample = builder.build(1500, random.Random(seed), depth=depth, num_distractors=2, kind="port")
+        ids = sample.input_ids
+        assert len(ids) <= 1500
+        head = document_head_ids(tokenizer, DEFAULT_SYSTEM_PROMPT)
+        question = question_ids(tokenizer, sample.fact.question)
+        assert ids[: sample.document_start] == head
+        assert ids[sample.document_end : sample.answer_start] == question
+        assert ids[sample.answer_start :] == tokenizer.encode(sample.fact.answer, allow_special=False) + [im_end]
+        document = tokenizer.decode(ids[sample.document_start : sample.document_end])
+        assert document.startswith("==> ") and document.endswith("\n\n")
+        assert document.count(sample.fact.statement) == 1
+        for distractor in sample.distractors:
+            assert distractor.key != sample.fact.key and distractor.statement in document
+        assert tokenizer.decode(ids[sample.fact_position :]).lstrip("# ").startswith(sample.fact.statement)
+        assert abs(sample.depth - depth) < 0.5
+
+        weights = sample.target_weights()
+        assert len(weights) == len(ids) - 1
+        # Targets are ids[1:]: weight i belongs to ids[i + 1]; only the reply and its <|im_end|> count.
+        weighted = [ids[i + 1] for i, w in enumerate(weights) if w > 0]
+        assert weighted == ids[sample.answer_start :]
+        with_document = sample.target_weights(document_weight=0.1)
+        assert sum(1 for w in with_document if w == 0.1) == sample.document_end - sample.document_start - 1
+
+
+def test_retrieval_batch_pads_and_weights(toy_pipeline):
+    tokenizer = toy_pipeline["tokenizer"]
+    builder = retrieval_samples.RetrievalSampleBuilder(toy_pipeline["splits"]["train"], tokenizer)
+    pad = tokenizer.special_tokens["[PAD]"]
+    batch = train.retrieval_batch(builder, 2, 600, random.Random(0), pad, [DEFAULT_SYSTEM_PROMPT])
+    assert batch.input_ids.shape == batch.targets.shape == (2, 600)
+    assert torch.equal(batch.input_ids[:, 1:], batch.targets[:, :-1])
+    assert ((batch.answer_weights > 0) & (batch.document_weights > 0)).sum() == 0
+    # Padding is never a target with weight.
+    assert ((batch.targets == pad) & ((batch.answer_weights + batch.document_weights) > 0)).sum() == 0
+    assert (batch.answer_weights.sum(1) > 0).all()
+
+
+# -- a training run --------------------------------------------------------------------------------
+
+
+def test_two_step_run_writes_a_checkpoint_the_engine_loads(toy_pipeline, tmp_path):
+    out = tmp_path / "run"
+    train.main(["--device", "cpu", "--tiny", "--max-steps", "2", "--corpus", str(toy_pipeline["corpus"]),
+                "--tokenizer", str(toy_pipeline["tokenizer_dir"]), "--out", str(out),
+                "--lm-context", "64", "--retrieval-contexts", "300", "--batch-tokens", "256",
+                "--micro-batch-tokens", "128", "--eval-lm-windows", "2", "--eval-retrieval-samples", "2"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "stage" in r]
+    assert [r["stage"] for r in steps] == ["lm", "retrieval"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert any("eval" in r for r in records)
+    assert (out / "loss_curve.csv").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2
+
+    model = load_model(out / "model", dtype=torch.float32)
+    tokenizer = load_tokenizer(out / "model")
+    assert model.config.dtype == "bfloat16"
+    assert model.config.eos_token_id == tokenizer.special_tokens["<|im_end|>"]
+    assert model.config.vocab_size == tokenizer.vocab_size - 2
+    assert {p.name for p in (out / "model").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    ids = torch.tensor([tokenizer.encode("def main():\n    return 0\n")])
+    assert torch.isfinite(model(ids, model.new_state(1))).all()
+
+    # The evaluation's two inference paths agree on the trained checkpoint.
+    stream = toy_pipeline["splits"]["heldout"].lm_stream(tokenizer.special_tokens["[EOS]"])
+    ppl = evaluate.heldout_perplexity(model, stream, tokens=200, context=100, chunk=32, token_by_token=40)
+    assert abs(ppl["ppl_chunked_prefill_on_those"] / ppl["ppl_token_by_token"] - 1) < 1e-4
+
+
+def test_loss_falls_over_a_few_steps_on_repeated_text(toy_pipeline):
+    """The optimiser, schedule and forward learn: a few steps on one window fit it."""
+    tokenizer = toy_pipeline["tokenizer"]
+    specials = tokenizer.special_tokens
+    config = train.demo_config(train_tokenizer.model_vocab_size(tokenizer), specials["[BOS]"],
+                               specials["<|im_end|>"], specials["[PAD]"], tiny=True)
+    model = train.init_model(config, seed=0, device="cpu")
+    args = argparse.Namespace(weight_decay=0.0, lr=3e-3, grad_clip=1.0, balance_rate=1e-3,
+                              document_loss_weight=0.1, checkpoint_layers=False)
+    trainer = train.Trainer(args, model, training_forward.chunk_kda_autograd, torch.device("cpu"))
+    stream = toy_pipeline["splits"]["train"].lm_stream(specials["[EOS]"])
+    batch = train.lm_batch(stream, 2, 64, torch.Generator().manual_seed(0))
+    losses = [trainer.step([batch], lr=3e-3)["loss"] for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.5
