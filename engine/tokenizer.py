@@ -27,14 +27,14 @@ import base64
 import codecs
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer as _BackendTokenizer
+
+from kimi_desk.engine.atomic import atomic_write
 
 
 class TokenizerError(ValueError):
@@ -266,20 +266,6 @@ def canonical_json(data: dict) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and rename, so that a reader (or a second
-    process converting the same file) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def default_cache_dir() -> Path:
     """Converted tokenizers live beside the Hugging Face cache (~/.cache/kimi-desk/tokenizers on
     Linux): a hub snapshot folder is not ours to write into."""
@@ -302,7 +288,7 @@ def converted_tokenizer_json(rank_file: Path, special_names: list[str], cache_di
     if cached.is_file():
         return cached.read_text(encoding="utf-8")
     text = canonical_json(tiktoken_to_tokenizer_json(read_tiktoken_ranks(rank_file), special_names))
-    write_atomically(cached, text)
+    atomic_write(cached, text)
     return text
 
 
