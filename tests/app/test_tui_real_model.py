@@ -81,7 +81,7 @@ def test_kimi_desk_open_in_a_real_terminal(tmp_path, chat_checkpoint):
     tmux = ["tmux", "-L", f"kimi-desk-test-{uuid.uuid4().hex[:8]}"]
     env = f"env KIMI_DESK_HOME={shlex.quote(str(home))} HOME={shlex.quote(str(tmp_path))} TERM=xterm-256color"
     program = (f"{env} {shlex.quote(command)} open {shlex.quote(str(folder))} "
-               f"--model {shlex.quote(str(chat_checkpoint))} --device cpu")
+               f"--model {shlex.quote(str(chat_checkpoint))} --device cpu; echo kimi-desk exited with $?; sleep 60")
 
     def screen() -> str:
         return subprocess.run([*tmux, "capture-pane", "-p", "-t", "smoke"], capture_output=True, text=True).stdout
@@ -97,8 +97,6 @@ def test_kimi_desk_open_in_a_real_terminal(tmp_path, chat_checkpoint):
 
     subprocess.run([*tmux, "new-session", "-d", "-s", "smoke", "-x", "100", "-y", "30", program], check=True)
     try:
-        # Keep the pane after the program ends, so that a crash leaves its message to read.
-        subprocess.run([*tmux, "set-option", "-t", "smoke", "remain-on-exit", "on"], check=True)
         wait_for_text(r"Ask about repo", timeout=120)
         subprocess.run([*tmux, "send-keys", "-t", "smoke", "-l", QUESTION], check=True)
         subprocess.run([*tmux, "send-keys", "-t", "smoke", "Enter"], check=True)
@@ -112,6 +110,8 @@ def test_kimi_desk_open_in_a_real_terminal(tmp_path, chat_checkpoint):
         closing = next(i for i, line in enumerate(lines) if ANSWER_META.search(line))
         assert asked < closing
         subprocess.run([*tmux, "send-keys", "-t", "smoke", "C-q"], check=True)
-        wait_for_text(r"Pane is dead", timeout=20)
+        # The program ends on its own, with status 0: the shell around it prints the status.
+        exit_line = wait_for_text(r"kimi-desk exited with (\d+)", timeout=20)
+        assert exit_line.group(1) == "0", screen()
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
