@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,21 +38,18 @@ def write_document(folder: Path, tokenizer, tokens: int) -> None:
         index += 1
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _worker(argv: list[str]) -> None:
     """Read (or restore) one document in this process; print a JSON line."""
     mode, model_path, document, home = argv
     import torch
 
+    from kimi_desk.engine.bench import _rss_peak_mb
     from kimi_desk.engine.session import Assistant, SessionStore
 
     torch.manual_seed(0)
     assistant = Assistant.load(model_path, dtype=torch.float32)
     store = SessionStore(Path(home))
-    after_load = _peak_rss_mb()
+    after_load = _rss_peak_mb()
     started = time.perf_counter()
     if mode == "read":
         session = assistant.read(store, document)
@@ -64,7 +60,7 @@ def _worker(argv: list[str]) -> None:
     snapshots = session.snapshots()
     print(json.dumps({
         "seconds": seconds, "tokens": session.document_tokens, "snapshot_bytes": snapshots.nbytes(),
-        "checkpoints": len(snapshots.positions), "peak_rss_mb": _peak_rss_mb(), "rss_after_load_mb": after_load,
+        "checkpoints": len(snapshots.positions), "peak_rss_mb": _rss_peak_mb(), "rss_after_load_mb": after_load,
     }))
 
 
