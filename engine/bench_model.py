@@ -74,6 +74,13 @@ def check_correctness(log) -> dict:
     parts = [gpu32(ids[:, :200].cuda(), state)] + [gpu32(ids[:, t : t + 1].cuda(), state) for t in range(200, 300)]
     result["chunked_then_stepped_rel_err_fp32"] = _rel(torch.cat(parts, 1).cpu(), ref)
 
+    # A session's pattern: a document, then short turns (under one KDA chunk) on the kept state.
+    bounds = [0, 200, 218, 263, 300]
+    for name, model in [("fp32", gpu32), ("bf16", gpu16)]:
+        state = model.new_state(1)
+        parts = [model(ids[:, a:b].cuda(), state) for a, b in zip(bounds, bounds[1:])]
+        result[f"uneven_chunks_rel_err_{name}"] = _rel(torch.cat(parts, 1).float().cpu(), ref)
+
     def greedy(model, n=16):
         state = model.new_state(1)
         token = model(ids.to(model.device), state, last_only=True)[:, -1].argmax(-1, keepdim=True)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kimi_desk.engine.state import ModelState
+from kimi_desk.kernels import use_triton
 
 if TYPE_CHECKING:
     from kimi_desk.engine.model import KimiLinearForCausalLM
@@ -187,7 +188,8 @@ def decode_step_function(model: KimiLinearForCausalLM, state: ModelState,
                          vocab_size: int | None = None) -> Callable[[int], torch.Tensor]:
     """token id -> the logits after feeding it, [vocab] (a buffer the next call may overwrite): a
     replayed CUDA graph on the GPU, the eager model elsewhere. Either advances `state` by one token."""
-    if model.device.type == "cuda" and os.environ.get("KIMI_DESK_CUDA_GRAPH", "1") != "0":
+    # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen.
+    if use_triton(model.lm_head.weight) and os.environ.get("KIMI_DESK_CUDA_GRAPH", "1") != "0":
         from kimi_desk.engine.cuda_graph import graph_decoder
 
         decoder = graph_decoder(model, state)

@@ -154,7 +154,10 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
 
     rows = []
     for gate in ("model", "extreme", "correlated"):
-        for B, T in ((1, 2048 + 37), (2, 129)):
+        # A long odd length, then lengths under one chunk (a question after a document) and around its edge.
+        # The long one first: fla autotunes on its first call and keeps that choice for every length, so a
+        # first call at T = 18 would slow its prefill timings below by 40% (seen on an H100).
+        for B, T in ((1, 2048 + 37), (2, 129), (1, 18), (1, 63), (1, 64), (1, 65)):
             q, k, v, g, beta, h0 = _inputs(B, T, gate, seed=T + B)
             o_ref, s_ref = _reference_f64(q, k, v, g, beta, h0)
             out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")

@@ -61,7 +61,7 @@ def _op_dtype(dt):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NT"])
 def chunk_kda_intra_fwd_kernel(
     q,
     k,
@@ -245,7 +245,10 @@ def chunk_kda_intra_fwd_kernel(
         tl.store(u + r_mid[:, None] * V + o_v[None, :], b_u.to(DT), mask=m_tv)
 
 
-@triton.jit
+# T and NT are not specialised: NT == 1 (prompts under one chunk) compiled to a kernel that made out-of-range
+# shared-memory accesses on an H100 (compute-sanitizer; Triton 3.6), and one kernel for every length is what
+# a session wants anyway.
+@triton.jit(do_not_specialize=["T", "NT"])
 def chunk_kda_scan_fwd_kernel(
     qg,
     kg,
