@@ -51,6 +51,7 @@ from kimi_desk.engine.tokenizer import load_tokenizer
 from kimi_desk.engine.weights import build_on_meta, materialize, save_checkpoint
 
 DEFAULT_RUN = DEFAULT_CORPUS.parent / "run"
+EXPORT_RESERVE_S = 30  # the final evaluation and the export after the clock runs out
 # Sessions read documents after the default system prompt; the engine's API also allows none, so one
 # conversation in five goes without.
 SYSTEM_PROMPTS = (DEFAULT_SYSTEM_PROMPT,) * 4 + (None,)
@@ -276,6 +277,14 @@ def learning_rate(step: int, total: int, warmup: int, peak: float, floor_fractio
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (floor_fraction + (1 - floor_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def clock_learning_rate(steps_done: int, progress: float, warmup: int, peak: float, floor_fraction: float) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine from the peak to `floor_fraction` of it over the
+    fraction `progress` of the training time."""
+    if steps_done < warmup:
+        return peak * (steps_done + 1) / warmup
+    return peak * (floor_fraction + (1 - floor_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def stage_a_steps(total: int, retrieval_fraction: float) -> int:
@@ -556,13 +565,12 @@ def run(args) -> dict:
     tokens_seen = 0
     step_times = {"lm": [], "retrieval": []}
 
-    def train_one(kind: str, total: int) -> dict:
+    def train_one(kind: str, lr: float) -> dict:
         nonlocal step, tokens_seen
         source = lm_steps_source if kind == "lm" else retrieval_steps_source
         # Timed from before the batch is taken: a prefetcher that falls behind costs training time too.
         began = time.perf_counter()
         micro_batches = source.next()
-        lr = learning_rate(step, total, min(args.warmup_steps, max(1, total // 10)), args.lr, args.min_lr_fraction)
         record = trainer.step(micro_batches, lr)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -577,6 +585,12 @@ def run(args) -> dict:
         step += 1
         return record
 
+    def report(record: dict) -> None:
+        if step % 10 == 0 or step == 1:
+            extra = f" answer {record['answer_loss']:.3f}" if "answer_loss" in record else ""
+            print(f"step {step - 1} [{record['stage']}] loss {record['loss']:.4f}{extra} lr {record['lr']:.2e} "
+                  f"{record['tokens_per_s']:,} tok/s, {record['elapsed_s']:.0f} s")
+
     def evaluate_now() -> dict:
         began = time.perf_counter()
         result = trainer.evaluate(lm_eval, retrieval_eval)
@@ -586,45 +600,46 @@ def run(args) -> dict:
         return result
 
     budget_s = args.time_budget_minutes * 60
+    last_eval = None
     if args.max_steps is not None:
         total_steps = args.max_steps
         lm_steps = stage_a_steps(total_steps, args.retrieval_fraction)
-        calibration = []
+        plan = ["lm"] * lm_steps + ["retrieval"] * (total_steps - lm_steps)
+        for index, kind in enumerate(plan):
+            record = train_one(kind, learning_rate(step, total_steps, min(args.warmup_steps, max(1, total_steps // 10)),
+                                                   args.lr, args.min_lr_fraction))
+            report(record)
+            stage_ends = index + 1 < len(plan) and plan[index + 1] != kind
+            if step % args.eval_every == 0 or stage_ends or index == len(plan) - 1:
+                last_eval = evaluate_now()
+            if stage_ends:
+                export_model(model, args.tokenizer / "tokenizer.json", args.out / "checkpoints" / f"step-{step - 1}")
     else:
-        # Time a few steps of each stage and one evaluation, then fit the schedule to what is left.
-        calibration = ["lm"] * 4 + ["retrieval"] * len(contexts)
-        for kind in calibration:
-            train_one(kind, total=10**9)
-        eval_seconds = evaluate_now()["seconds"]
-        t_lm = sorted(step_times["lm"][1:])[len(step_times["lm"][1:]) // 2]
-        t_retrieval = sum(step_times["retrieval"]) / len(step_times["retrieval"])
-        left = budget_s - (time.perf_counter() - started)
-        per_step = (1 - args.retrieval_fraction) * t_lm + args.retrieval_fraction * t_retrieval + eval_seconds / args.eval_every
-        total_steps = step + max(0, int(left / per_step))
-        lm_steps = stage_a_steps(total_steps, args.retrieval_fraction)
-        print(f"calibrated: {t_lm:.3f} s per LM step, {t_retrieval:.3f} s per retrieval step, "
-              f"{eval_seconds:.1f} s per evaluation -> {total_steps} steps ({lm_steps} language modelling)")
-        log({"step": step - 1, "plan": {"total_steps": total_steps, "lm_steps": lm_steps, "lm_step_s": t_lm,
-                                        "retrieval_step_s": t_retrieval, "eval_s": eval_seconds}})
-
-    last_eval = None
-    lm_remaining = max(0, lm_steps - calibration.count("lm"))
-    plan = ["lm"] * lm_remaining + ["retrieval"] * max(0, total_steps - step - lm_remaining)
-    for index, kind in enumerate(plan):
-        record = train_one(kind, total_steps)
-        if step % 10 == 0 or step == 1:
-            extra = f" answer {record['answer_loss']:.3f}" if "answer_loss" in record else ""
-            print(f"step {step - 1} [{kind}] loss {record['loss']:.4f}{extra} lr {record['lr']:.2e} "
-                  f"{record['tokens_per_s']:,} tok/s, {record['elapsed_s']:.0f} s")
-        stage_ends = index + 1 < len(plan) and plan[index + 1] != kind
-        if step % args.eval_every == 0 or stage_ends or index == len(plan) - 1:
-            last_eval = evaluate_now()
-        if stage_ends:
-            export_model(model, args.tokenizer / "tokenizer.json", args.out / "checkpoints" / f"step-{step - 1}")
-        if args.max_steps is None and time.perf_counter() - started > budget_s:
-            print(f"time budget reached at step {step - 1}; stopping early")
-            last_eval = evaluate_now()
-            break
+        # The schedule runs on the clock, not on a step count fixed in advance: the first step of each shape
+        # compiles kernels (minutes on a fresh GPU machine), so timing early steps mispredicts the rest. One
+        # warm-up step per shape at a low learning rate, then the stages and the cosine follow the time left.
+        for kind in ["lm"] + ["retrieval"] * len(contexts):
+            report(train_one(kind, args.lr * 0.01))
+        evaluate_now()
+        clock_started = time.perf_counter()
+        seconds = max(1.0, budget_s - EXPORT_RESERVE_S - (clock_started - started))
+        log({"step": step - 1, "plan": {"training_seconds": round(seconds, 1),
+                                        "warmup_seconds": round(clock_started - started, 1)}})
+        print(f"warm-up done after {clock_started - started:.0f} s; {seconds:.0f} s of training left")
+        first_step, kind = step, "lm"
+        while (progress := (time.perf_counter() - clock_started) / seconds) < 1:
+            stage = "lm" if progress < 1 - args.retrieval_fraction else "retrieval"
+            if stage != kind:
+                if step % args.eval_every:
+                    last_eval = evaluate_now()
+                export_model(model, args.tokenizer / "tokenizer.json", args.out / "checkpoints" / f"step-{step - 1}")
+                kind = stage
+            report(train_one(kind, clock_learning_rate(step - first_step, progress, args.warmup_steps, args.lr,
+                                                       args.min_lr_fraction)))
+            if step % args.eval_every == 0:
+                last_eval = evaluate_now()
+        print(f"time budget reached at step {step - 1}")
+        last_eval = evaluate_now()
 
     lm_steps_source.close()
     retrieval_steps_source.close()
