@@ -1,0 +1,92 @@
+"""The embedded demo model as shipped in assets/model: complete and small enough, the same function in
+our engine as in transformers' native Kimi Linear, and the default of the commands, offline."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from kimi_desk.app.commands import DEMO_MODEL, resolve_model
+from kimi_desk.engine import load_model
+from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_head_ids, question_ids, stop_token_ids
+from kimi_desk.engine.config import KimiLinearConfig
+from kimi_desk.engine.generate import GREEDY, generate
+from kimi_desk.engine.tokenizer import load_tokenizer
+
+ORACLE = Path(__file__).parents[1] / "engine" / "transformers_oracle.py"
+REPO = Path(__file__).parents[2]
+
+
+def test_shipped_folder_is_complete_and_under_50_mb():
+    names = {p.name for p in DEMO_MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
+    assert sum(p.stat().st_size for p in DEMO_MODEL.iterdir() if p.is_file()) < 50_000_000
+
+
+def test_architecture_is_kimi_linear():
+    config = KimiLinearConfig.from_file(DEMO_MODEL / "config.json")
+    assert config.kda_layers == [1, 2, 3, 5, 6, 7] and config.full_attn_layers == [4, 8]  # 1-based: K K K M K K K M
+    assert config.num_experts == 8 and config.num_experts_per_token == 2 and config.num_shared_experts == 1
+    with safe_open(DEMO_MODEL / "model.safetensors", "pt") as f:
+        parameters = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    assert 10e6 <= parameters <= 40e6
+
+
+def test_logits_and_greedy_match_transformers_on_real_text(tmp_path):
+    tokenizer = load_tokenizer(DEMO_MODEL)
+    text = (REPO / "engine" / "state.py").read_text(encoding="utf-8")
+    input_ids = torch.tensor([tokenizer.encode(text, allow_special=False)[:300]])
+    save_file({"input_ids": input_ids}, tmp_path / "inputs.safetensors")
+    subprocess.run([sys.executable, str(ORACLE), str(DEMO_MODEL), str(tmp_path / "inputs.safetensors"),
+                    str(tmp_path / "oracle.safetensors"), "16"], check=True, capture_output=True)
+    oracle = load_file(tmp_path / "oracle.safetensors")
+
+    model = load_model(DEMO_MODEL, dtype=torch.float32)
+    state = model.new_state(1)
+    logits = model(input_ids, state)
+    assert ((logits.double() - oracle["logits"].double()).norm() / oracle["logits"].double().norm()) < 1e-4
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    greedy = [token]
+    for _ in range(15):
+        token = model(token, state)[:, -1].argmax(-1, keepdim=True)
+        greedy.append(token)
+    assert torch.equal(torch.cat(greedy, 1), oracle["greedy"])
+
+
+def test_replies_in_the_chat_format():
+    """After a document and a question, the reply is a turn that ends: the format the product relies on."""
+    tokenizer = load_tokenizer(DEMO_MODEL)
+    model = load_model(DEMO_MODEL, dtype=torch.float32)
+    document = tokenizer.encode("==> notes.txt <==\nThe access code for the orbit vault is QFT-2231.\n",
+                                allow_special=False)
+    prompt = document_head_ids(tokenizer, DEFAULT_SYSTEM_PROMPT) + document + question_ids(
+        tokenizer, "What is the access code for the orbit vault?")
+    result = generate(model, prompt, model.new_state(1), max_new_tokens=64, sampling=GREEDY,
+                      stop_token_ids=stop_token_ids(tokenizer, model.config))
+    assert result.token_ids and result.token_ids[-1] in stop_token_ids(tokenizer, model.config)
+    assert tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
+
+
+def test_commands_default_to_it_offline(tmp_path):
+    assert resolve_model(None) == DEMO_MODEL
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "notes.md").write_text("The maintainer of the quasar module is Ada Park.\n")
+    env = {**os.environ, "KIMI_DESK_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+
+    def kimi_desk(*args):
+        result = subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True,
+                                env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    info = json.loads(kimi_desk("ingest", str(folder), "--device", "cpu", "--json"))
+    answer = kimi_desk("ask", info["id"], "Who maintains the quasar module?", "--device", "cpu")
+    assert answer.strip()
