@@ -67,12 +67,12 @@ def resolve_model_path(model: str) -> Path:
     return resolve_model_reference(model)
 
 
-def load_assistant(model: str, device: str) -> AssistantLike:
+def load_assistant(model: str, device: str, quantize: str | None = None) -> AssistantLike:
     """The real engine: the default EngineFactory."""
     from kimi_desk.app.commands import resolve_device
     from kimi_desk.engine.session import Assistant
 
-    return Assistant.load(resolve_model_path(model), device=resolve_device(device))
+    return Assistant.load(resolve_model_path(model), device=resolve_device(device), quantize=quantize)
 
 
 def open_store():

@@ -90,8 +90,15 @@ def check_correctness(log) -> dict:
             out.append(token.item())
         return out
 
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_random_checkpoint(tail7_config(), Path(tmp) / "m", seed=3)
+        gpu8 = load_model(path, device="cuda", dtype=torch.bfloat16, quantize="fp8")
+    result["logits_rel_err_fp8"] = _rel(gpu8(ids.cuda(), gpu8.new_state(1)).float().cpu(), ref)
+    result["logits_rel_err_fp8_vs_bf16"] = _rel(gpu8(ids.cuda(), gpu8.new_state(1)).float().cpu(),
+                                                gpu16(ids.cuda(), gpu16.new_state(1)).float().cpu())
+
     want = greedy(cpu)
-    for name, model in [("fp32", gpu32), ("bf16", gpu16)]:
+    for name, model in [("fp32", gpu32), ("bf16", gpu16), ("fp8", gpu8)]:
         got = greedy(model)
         result[f"greedy_agree_{name}"] = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
         try:
@@ -168,10 +175,10 @@ def decode_bytes(model, context: int) -> int:
     256 per layer), one embedding row, the MLA caches, and the KDA state read and written."""
     config = model.config
     total = 0
-    for name, p in model.named_parameters():
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
         if name.endswith("embed_tokens.weight"):
             total += p.shape[1] * p.element_size()
-        elif ".experts.w" in name:
+        elif ".experts.w" in name:  # the stacked experts and their fp8 scales
             total += p.nbytes * config.num_experts_per_token // config.num_experts
         else:
             total += p.nbytes
@@ -182,14 +189,16 @@ def decode_bytes(model, context: int) -> int:
     return total
 
 
-def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log, profile: bool = True) -> dict:
+def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log, profile: bool = True,
+              quantize: str | None = None) -> dict:
     import torch
 
     from kimi_desk.engine.random_checkpoint import random_model
     from kimi_desk.engine.state import KDAState
 
     torch.cuda.reset_peak_memory_stats()
-    model = random_model(config, seed=0, dtype=torch.bfloat16, device="cuda")
+    model = random_model(config, seed=0, dtype=torch.bfloat16, device="cuda", quantize=quantize)
+    log(f"ours: model built, {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
     gen = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, prefill_tokens), device="cuda", generator=gen)
     model(ids[:, :1024], model.new_state(1), last_only=True)  # compile the kernels
@@ -335,7 +344,8 @@ def time_routed_experts(model, log) -> dict:
     x = torch.randn(1, config.hidden_size, device="cuda", generator=gen, dtype=model.dtype)
     ids = torch.randperm(config.num_experts, device="cuda", generator=gen)[: config.num_experts_per_token][None]
     weights = torch.rand(ids.shape, device="cuda", generator=gen)
-    args = (x, ids, weights, experts.w1, experts.w2, experts.w3)
+    scales = (experts.w1_scale, experts.w2_scale, experts.w3_scale) if hasattr(experts, "w1_scale") else None
+    args = (x, ids, weights, experts.w1, experts.w2, experts.w3, scales)
     ref = routed_experts_grouped(*args)
     result = {"bytes": 3 * config.num_experts_per_token * experts.w1[0].nbytes,
               "gemv_rel_err": _rel(routed_experts_gemv(*args), ref),
@@ -457,6 +467,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default="8192,131072", help="cached tokens for decode, comma-separated")
     parser.add_argument("--chunk", type=int, default=8192, help="prefill chunk (default 8192)")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers + fla")
+    parser.add_argument("--quantize", choices=["fp8"], default=None, help="our model's weights in fp8 (the baseline stays bf16)")
     parser.add_argument("--json", type=Path, default=None)
 
 
@@ -481,7 +492,8 @@ def main(args: argparse.Namespace) -> int:
 
     result["check"] = check_correctness(log)
     save()
-    result["ours"] = time_ours(config, args.prefill_tokens, contexts, args.chunk, log)
+    result["quantize"] = args.quantize
+    result["ours"] = time_ours(config, args.prefill_tokens, contexts, args.chunk, log, quantize=args.quantize)
     save()
     print(markdown_table(result), flush=True)
     if not args.no_baseline:
@@ -496,7 +508,8 @@ def markdown_table(r: dict) -> str:
     scale = 27 / r["layers"]
     lines = [f"{r['device']}, torch {r['torch']}, triton {r.get('triton', '?')}, {r['date']}; slice of "
              f"{r['layers']} layers ({' '.join(k.upper() for k in r['layer_kinds'])}) at the 48B shapes, random "
-             f"bf16 weights; copy bandwidth {bw / 1e12:.2f} TB/s.", "",
+             f"{'fp8 (ours; the baseline bf16)' if r.get('quantize') else 'bf16'} weights; copy bandwidth "
+             f"{bw / 1e12:.2f} TB/s.", "",
              "| measure | kimi-desk | transformers + fla | ratio |", "|---|---|---|---|"]
     ours, base = r["ours"], r.get("transformers", {})
     if base:
@@ -526,8 +539,10 @@ def markdown_table(r: dict) -> str:
     lines += ["", f"Correctness (7-layer random model, GPU against CPU float32): logits rel. error "
               f"{c['logits_rel_err_fp32']:.1e} (fp32), {c['logits_rel_err_bf16']:.1e} (bf16); chunked then "
               f"token-by-token {c['chunked_then_stepped_rel_err_fp32']:.1e}; greedy tokens agreeing out of 16: "
-              f"{c['greedy_agree_fp32']} (fp32), {c['greedy_agree_bf16']} (bf16)."]
-    for name in ("fp32", "bf16"):
+              f"{c['greedy_agree_fp32']} (fp32), {c['greedy_agree_bf16']} (bf16), {c.get('greedy_agree_fp8')} (fp8 "
+              f"weights: logits rel. error {c.get('logits_rel_err_fp8', float('nan')):.1e} against CPU float32, "
+              f"{c.get('logits_rel_err_fp8_vs_bf16', float('nan')):.1e} against bf16)."]
+    for name in ("fp32", "bf16", "fp8"):
         g = c.get(f"graph_vs_eager_{name}", {})
         lines.append(f"CUDA graph against eager decode, {name}: " + (g["error"] if "error" in g else
                      f"{g['tokens_agreeing']} of {g['of']} greedy tokens agree, logits max rel. error "

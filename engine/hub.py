@@ -573,21 +573,17 @@ def _dtype_name(dtype) -> str:
     return name
 
 
-def _is_quantizable(name: str, ndim: int) -> bool:
-    """The big matrices that weight-only quantization would store in 8 or 4 bits: projections and
-    experts. Embeddings, the output head, norms, the router and the gates' scalars stay as they are."""
-    return ndim >= 2 and (name.endswith("_proj.weight") or ".experts.w" in name)
-
-
 def estimate_memory(config: KimiLinearConfig, dtype, quantize: str | None = None, *,
                     context_tokens: int | None = None, prefill_chunk: int = 2048) -> dict:
     """Bytes the model needs at batch 1: weights (counted on the meta device, fp32 where the engine keeps
     fp32), plus a working set: the KDA state (and the copy each chat turn branches from), an MLA cache
     allowance for `context_tokens` (doubled: the cache grows geometrically), the activations of one
     prefill chunk, and the runtime. `quantize` ('fp8', 'int8', 'int4') estimates weight-only
-    quantization of the big matrices; kimi-desk does not implement it yet."""
+    quantization of the big matrices (engine/quantize.py's rule; kimi-desk implements fp8; int8 and int4
+    are estimated for the advice only). Quantized rows carry a float32 scale each."""
     import torch  # noqa: F401 - build_on_meta needs it; imported here so `import hub` stays light
 
+    from kimi_desk.engine.quantize import is_quantized_weight
     from kimi_desk.engine.weights import FP32_PARAMETERS, build_on_meta
 
     dtype_name = _dtype_name(dtype)
@@ -601,8 +597,8 @@ def estimate_memory(config: KimiLinearConfig, dtype, quantize: str | None = None
         parameters += param.numel()
         if name.endswith(FP32_PARAMETERS):
             weights += param.numel() * 4
-        elif quantize is not None and _is_quantizable(name, param.dim()):
-            weights += param.numel() * _BYTES_PER_QUANTIZED_WEIGHT[quantize]
+        elif quantize is not None and is_quantized_weight(name):
+            weights += param.numel() * _BYTES_PER_QUANTIZED_WEIGHT[quantize] + param.shape[:-1].numel() * 4
         else:
             weights += param.numel() * compute_bytes
     kinds = config.layer_kinds
@@ -731,7 +727,7 @@ def check_memory(config: KimiLinearConfig, device="cpu", dtype=None, *, quantize
             # Worth saying only where it changes the answer: it would fit here, or on a smaller GPU.
             if fp8 <= available_bytes or (fp8_gpu is not None and (gpu is None or fp8_gpu < gpu)):
                 fits = "which would fit here" if fp8 <= available_bytes else f"a GPU with {fp8_gpu} GB"
-                message += (f"; with fp8 weights (not supported by kimi-desk yet) it would need about "
+                message += (f"; with fp8 weights (--quantize fp8) it would need about "
                             f"{_format_bytes(fp8)}, {fits}")
         message += "."
     message += " Set KIMI_DESK_SKIP_MEMORY_CHECK=1 to try anyway."

@@ -91,7 +91,9 @@ class Experts(nn.Module):
         """x [N, D], chosen ids and mixing weights [N, k] -> sum_j weights[:, j] * expert_{ids[:, j]}(x),
         float32 [N, D]. Grouped products per chosen expert; on the GPU a few tokens (decode) take a
         Triton GEMV that never asks the host which experts were chosen (kernels/moe)."""
-        return routed_experts(x, ids, weights, self.w1, self.w2, self.w3)
+        # fp8 experts (engine/quantize.py) carry one scale per output row beside each matrix.
+        scales = (self.w1_scale, self.w2_scale, self.w3_scale) if hasattr(self, "w1_scale") else None
+        return routed_experts(x, ids, weights, self.w1, self.w2, self.w3, scales=scales)
 
 
 class SparseMoE(nn.Module):

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from kimi_desk.engine.config import KimiLinearConfig
+from kimi_desk.engine.quantize import quantize_structure, scale_of
 from kimi_desk.engine.weights import build_on_meta, materialize, save_checkpoint
+from kimi_desk.kernels.quant import FP8, quantize_fp8_rows
 
 
 def tiny_config(**overrides) -> KimiLinearConfig:
@@ -67,13 +69,18 @@ def kimi_linear_48b_config() -> KimiLinearConfig:
     )
 
 
-def random_model(config: KimiLinearConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
+def random_model(config: KimiLinearConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu",
+                 quantize: str | None = None):
     """A model with random weights drawn as the reference code initialises them (HFM, fla), generated
-    on `device` (so that a model at the 48B shapes is drawn on the GPU, not copied there)."""
+    on `device` (so that a model at the 48B shapes is drawn on the GPU, not copied there). With
+    `quantize`, the quantized matrices are drawn in float32 and stored quantized, as loading would."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     model = build_on_meta(config)
+    if quantize is not None:
+        quantize_structure(model, quantize)
     materialize(model, device, dtype)
+    model.quantization = quantize
 
     def uniform(shape, low, high):
         return torch.empty(shape, device=device).uniform_(low, high, generator=gen)
@@ -96,6 +103,15 @@ def random_model(config: KimiLinearConfig, seed: int = 0, dtype: torch.dtype = t
         elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
             # Not all ones, so that a norm weight applied in the wrong place shows.
             value = normal(shape, 0.1).add_(1)
+        elif param.dtype == FP8:
+            scales = scale_of(model, name)
+            for index in range(shape[0]) if ".experts.w" in name else [None]:
+                # One expert at a time: a float32 copy of all 256 experts would not fit beside the model.
+                target = param.data if index is None else param.data[index]
+                q, scale = quantize_fp8_rows(normal(target.shape, 0.02))
+                target.copy_(q)
+                (scales if index is None else scales[index]).copy_(scale)
+            continue
         else:
             value = normal(shape, 0.02)
         param.data.copy_(value)

@@ -324,11 +324,13 @@ class Assistant:
         self._rate: float | None = None
 
     @classmethod
-    def load(cls, model_path: Path, device="cpu", dtype: torch.dtype | None = None, **options) -> "Assistant":
+    def load(cls, model_path: Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None,
+             **options) -> "Assistant":
         from kimi_desk.engine.tokenizer import load_tokenizer
         from kimi_desk.engine.weights import load_model
 
-        assistant = cls(load_model(model_path, device=device, dtype=dtype), load_tokenizer(model_path), **options)
+        model = load_model(model_path, device=device, dtype=dtype, quantize=quantize)
+        assistant = cls(model, load_tokenizer(model_path), **options)
         assistant.model_source = str(Path(model_path).expanduser().resolve())
         return assistant
 

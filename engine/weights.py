@@ -19,6 +19,8 @@ from safetensors import SafetensorError, safe_open
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.errors import CheckpointError, ConfigError
 from kimi_desk.engine.model import KimiLinearForCausalLM
+from kimi_desk.engine.quantize import quantize_structure, scale_of
+from kimi_desk.kernels.quant import FP8, quantize_fp8_rows
 
 
 # Parameters kept in float32 whatever the model dtype: the gates' scalars and the short convolutions
@@ -61,13 +63,22 @@ def build_on_meta(config: KimiLinearConfig) -> KimiLinearForCausalLM:
 
 
 def materialize(model: KimiLinearForCausalLM, device, dtype: torch.dtype) -> None:
-    """Give every meta parameter real (uninitialised) storage: model dtype, or fp32 where it must be."""
+    """Give every meta parameter real (uninitialised) storage: model dtype, or fp32 where it must be, or
+    fp8 where quantize_structure made it so; and the meta buffers (quantization scales) too."""
     for pname, param in list(model.named_parameters()):
         owner_name, _, attr = pname.rpartition(".")
         owner = model.get_submodule(owner_name)
-        want = torch.float32 if pname.endswith(FP32_PARAMETERS) else dtype
+        if param.dtype == FP8:
+            want = FP8
+        else:
+            want = torch.float32 if pname.endswith(FP32_PARAMETERS) else dtype
         setattr(owner, attr, torch.nn.Parameter(torch.empty(param.shape, dtype=want, device=device),
                                                 requires_grad=False))
+    for bname, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            owner_name, _, attr = bname.rpartition(".")
+            model.get_submodule(owner_name).register_buffer(
+                attr, torch.empty(buffer.shape, dtype=buffer.dtype, device=device))
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -129,7 +140,14 @@ def load_weights(model: KimiLinearForCausalLM, path: Path) -> None:
                     if not tensor.is_floating_point():
                         raise CheckpointError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected floating point")
                     target = params[pname].data if index is None else params[pname].data[index]
-                    target.copy_(tensor)
+                    if target.dtype == FP8:
+                        # Quantized as read, on the target device: the full-precision model never exists.
+                        q, scale = quantize_fp8_rows(tensor.to(target.device))
+                        target.copy_(q)
+                        scales = scale_of(model, pname)
+                        (scales if index is None else scales[index]).copy_(scale)
+                    else:
+                        target.copy_(tensor)
                     seen.add(name)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from None
@@ -155,11 +173,12 @@ def checkpoint_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> KimiLinearForCausalLM:
+def load_model(path, device="cpu", dtype: torch.dtype | None = None,
+               quantize: str | None = None) -> KimiLinearForCausalLM:
     """A checkpoint folder in the official layout -> a ready model in eval mode.
 
     `dtype` defaults to the checkpoint's (config.json `dtype`), float32 on a CPU that would be slow in
-    half precision is the caller's choice.
+    half precision is the caller's choice. `quantize="fp8"` stores the big matrices in fp8 (quantize.py).
     """
     path = Path(path)
     if not path.is_dir():
@@ -168,8 +187,11 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> KimiLine
     if dtype is None:
         dtype = getattr(torch, config.dtype)
     model = build_on_meta(config)
+    if quantize is not None:
+        quantize_structure(model, quantize)
     materialize(model, torch.device(device), dtype)
     load_weights(model, path)
+    model.quantization = quantize
     model.fingerprint = checkpoint_fingerprint(path)
     return model.eval()
 
@@ -178,6 +200,8 @@ def save_checkpoint(model: KimiLinearForCausalLM, path, max_shard_bytes: int | N
     """Write config.json and safetensors in the official layout (sharded when max_shard_bytes is set)."""
     from safetensors.torch import save_file
 
+    if getattr(model, "quantization", None):
+        raise ValueError("a quantized model is not saved: its checkpoint is the full-precision one it was loaded from")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())

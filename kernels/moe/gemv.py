@@ -16,8 +16,13 @@ the fewest bytes possible; with several tokens an expert chosen by more than one
 from L2, since programs of the same row block run side by side. The grid is fixed by N, k and the
 shapes, so a CUDA graph can replay it with any choice of experts.
 
+fp8 weights (scales given, format in kernels/quant): each row's fp32 dot times its scale, s1 and s3 on
+gate and up before SiLU(gate) * up, s2 on the down rows; the weights are read as fp8, half the bytes of
+bf16. SCALED is a constexpr, so the kernels without scales compile as before.
+
 Precision: products and accumulations in fp32 on the weights' values, so the bf16 path is slightly more
-accurate than PyTorch's (which rounds gate, up and h to bf16); tested against it under the interpreter.
+accurate than PyTorch's (which rounds gate, up and h to bf16, and dequantizes fp8 weights to bf16);
+tested against it under the interpreter.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ def moe_gate_up_fwd_kernel(
     ids,
     w1,
     w3,
+    s1,
+    s3,
     h,
     n_chosen,
     stride_we,
@@ -40,6 +47,7 @@ def moe_gate_up_fwd_kernel(
     I: tl.constexpr,
     BI: tl.constexpr,
     BD: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     i_p, i_i = tl.program_id(0), tl.program_id(1)
     # Pair i_p is token i_p // k with its chosen expert ids[i_p] (ids is [N, k], row-major).
@@ -61,6 +69,10 @@ def moe_gate_up_fwd_kernel(
         b_gate += tl.sum(b_w1 * b_x[None, :], 1)
         b_w3 = tl.load(p_w3 + o_d[None, :], mask=m_w, other=0.0).to(tl.float32)
         b_up += tl.sum(b_w3 * b_x[None, :], 1)
+    if SCALED:
+        # fp8 rows: the scale once per row, on the fp32 sum, before the nonlinearity.
+        b_gate *= tl.load(s1 + i_e * I + o_i, mask=m_i, other=0.0)
+        b_up *= tl.load(s3 + i_e * I + o_i, mask=m_i, other=0.0)
     b_h = b_gate * tl.sigmoid(b_gate) * b_up
     tl.store(h + i_p.to(tl.int64) * I + o_i, b_h, mask=m_i)
 
@@ -71,12 +83,14 @@ def moe_down_fwd_kernel(
     ids,
     weights,
     w2,
+    s2,
     partial,
     stride_we,
     D: tl.constexpr,
     I: tl.constexpr,
     BD: tl.constexpr,
     BI: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     i_p, i_d = tl.program_id(0), tl.program_id(1)
     i_e = tl.load(ids + i_p).to(tl.int64)
@@ -92,6 +106,8 @@ def moe_down_fwd_kernel(
         b_h = tl.load(p_h + o_i, mask=m_i, other=0.0)
         b_w2 = tl.load(p_w2 + o_i[None, :], mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
         b_acc += tl.sum(b_w2 * b_h[None, :], 1)
+    if SCALED:
+        b_acc *= tl.load(s2 + i_e * D + o_d, mask=m_d, other=0.0)
     tl.store(partial + i_p.to(tl.int64) * D + o_d, b_acc * b_weight, mask=m_d)
 
 
@@ -99,18 +115,24 @@ def moe_down_fwd_kernel(
 # makes 8 x 64 gate/up programs of 2 x [16, 256] bf16 tiles per step and 8 x 72 down programs of
 # [32, 256]: a few programs per SM, each with two to four 16-byte loads per thread in flight. Measured on
 # an H100 (BENCHMARKS.md, "Whole model"): 56.7 us for one token, 67% of the 37.7 us floor; gate/up runs
-# at 1.9 TB/s, down at 2.6 TB/s, so gate/up is where tuning would pay.
+# at 1.9 TB/s, down at 2.6 TB/s, so gate/up is where tuning would pay. fp8 weights take the same tiles
+# (half the bytes per load); not yet measured.
 GATE_UP_CONFIG = dict(block_i=16, block_d=256, num_warps=4)
 DOWN_CONFIG = dict(block_d=32, block_i=256, num_warps=4)
 
 
-def routed_experts_gemv(x, ids, weights, w1, w2, w3):
+def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None):
     """kimi_desk.kernels.moe.routed_experts in Triton, for a few tokens. Returns float32 [N, D]."""
     N, D = x.shape
     k = ids.shape[1]
     E, I, _ = w1.shape
     assert w1.shape == w3.shape == (E, I, D) and w2.shape == (E, D, I) and weights.shape == ids.shape
     assert w1.is_contiguous() and w2.is_contiguous() and w3.is_contiguous()
+    if scales is None:
+        s1 = s2 = s3 = None
+    else:
+        s1, s2, s3 = (s.float().contiguous() for s in scales)
+        assert s1.shape == s3.shape == (E, I) and s2.shape == (E, D)
     if N == 0:
         return torch.zeros(0, D, dtype=torch.float32, device=x.device)
     x, ids = x.contiguous(), ids.contiguous()
@@ -121,11 +143,13 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3):
     BI = min(GATE_UP_CONFIG["block_i"], triton.next_power_of_2(I))
     BD = min(GATE_UP_CONFIG["block_d"], triton.next_power_of_2(D))
     moe_gate_up_fwd_kernel[(N * k, triton.cdiv(I, BI))](
-        x, ids, w1, w3, h, k, w1.stride(0), D=D, I=I, BI=BI, BD=BD, num_warps=GATE_UP_CONFIG["num_warps"],
+        x, ids, w1, w3, s1, s3, h, k, w1.stride(0), D=D, I=I, BI=BI, BD=BD, SCALED=scales is not None,
+        num_warps=GATE_UP_CONFIG["num_warps"],
     )
     BD = min(DOWN_CONFIG["block_d"], triton.next_power_of_2(D))
     BI = min(DOWN_CONFIG["block_i"], triton.next_power_of_2(I))
     moe_down_fwd_kernel[(N * k, triton.cdiv(D, BD))](
-        h, ids, weights, w2, partial, w2.stride(0), D=D, I=I, BD=BD, BI=BI, num_warps=DOWN_CONFIG["num_warps"],
+        h, ids, weights, w2, s2, partial, w2.stride(0), D=D, I=I, BD=BD, BI=BI, SCALED=scales is not None,
+        num_warps=DOWN_CONFIG["num_warps"],
     )
     return partial.view(N, k, D).sum(1)

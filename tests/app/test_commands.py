@@ -89,3 +89,13 @@ def test_bad_documents_are_one_line(run, tmp_path, chat_checkpoint):
     broken.write_bytes(b"%PDF-1.7\n garbage")
     result = run("ingest", str(broken), "--model", str(chat_checkpoint), check=False)
     assert result.returncode == 2 and "broken.pdf" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_quantize_fp8_reads_and_answers(run, tmp_path, chat_checkpoint):
+    repo = make_repo(tmp_path / "repo")
+    info = json.loads(run("ingest", str(repo), "--model", str(chat_checkpoint), "--quantize", "fp8", "--json").stdout)
+    assert info["tokens"] > 50
+    answer = run("ask", info["id"], "What is VALUE_3?", "--quantize", "fp8")
+    assert answer.returncode == 0
+    bad = run("ingest", str(repo), "--model", str(chat_checkpoint), "--quantize", "int3", check=False)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr and "Traceback" not in bad.stderr

@@ -277,8 +277,7 @@ def test_check_memory_refuses_what_does_not_fit_and_says_what_would():
     assert text.startswith("Kimi-Linear-48B-A3B needs about 10")  # ~102 GB with the working set
     assert "in bfloat16 (98 GB of weights); this machine has 23 GB available." in text
     assert "It would fit on a GPU with 141 GB" in text
-    assert "fp8 weights (not supported by kimi-desk yet)" in text and "a GPU with 80 GB" in text
-    assert "--quantize" not in text  # no such option exists
+    assert "fp8 weights (--quantize fp8)" in text and "a GPU with 80 GB" in text
 
 
 def test_check_memory_passes_a_model_that_fits(monkeypatch):

@@ -1,5 +1,6 @@
 """The routed-experts GEMV kernel, run on CPU tensors through Triton's interpreter, against the grouped
-PyTorch path the model takes elsewhere and a float64 reference.
+PyTorch path the model takes elsewhere and a float64 reference; with weights in x's dtype and in fp8
+with per-row scales (kernels/quant).
 
 The entry point is called directly: the dispatcher sends CPU tensors to PyTorch. TRITON_INTERPRET is set
 by tests/conftest.py before anything imports Triton; it is set here too for a lone run of this file.
@@ -16,6 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton")
 from kimi_desk.kernels.moe import routed_experts_gathered, routed_experts_grouped  # noqa: E402
 from kimi_desk.kernels.moe.gemv import routed_experts_gemv  # noqa: E402
+from kimi_desk.kernels.quant import dequantize_fp8_rows, quantize_fp8_rows  # noqa: E402
 
 # Relative error against float64 on the same rounded weights and inputs. fp32: the kernel accumulates in
 # fp32. bf16: the grouped PyTorch path rounds gate, up and h to bf16, the kernel does not; both land
@@ -76,3 +78,48 @@ def test_gemv_reads_only_the_chosen_experts():
 def test_gathered_torch_path_matches_grouped():
     inputs = make_inputs(3, 8, 2, 40, 24, torch.float32, seed=5)
     assert rel_err(routed_experts_gathered(*inputs), routed_experts_grouped(*inputs)) < 1e-6
+
+
+def quantize_experts(w1, w2, w3):
+    """fp8 experts as engine/quantize.py stores them, and the float32 weights they stand for."""
+    (q1, s1), (q2, s2), (q3, s3) = (quantize_fp8_rows(w) for w in (w1, w2, w3))
+    exact = tuple(dequantize_fp8_rows(q, s, torch.float32) for q, s in ((q1, s1), (q2, s2), (q3, s3)))
+    return (q1, q2, q3), (s1, s2, s3), exact
+
+
+# Against float64 on the dequantized weights. The GEMV takes exact products of x and Q and applies the
+# scales to fp32 sums, so fp32 sees summation order only. The PyTorch paths round Q * s to x's dtype
+# first: in fp32 a few ulps, in bf16 as much as its other roundings of gate, up and h.
+FP8_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N,E,k,D,I", [(1, 8, 2, 40, 24), (3, 6, 3, 300, 70), (5, 4, 4, 64, 16)],
+                         ids=lambda x: str(x))
+def test_fp8_experts_match_float64(dtype, N, E, k, D, I):
+    x, ids, weights, w1, w2, w3 = make_inputs(N, E, k, D, I, torch.float32, seed=N * 13 + D)
+    # Rows of very different sizes: a scale applied to the wrong row, or not at all, would show.
+    w1, w3 = (w * torch.logspace(-1, 1, I)[torch.randperm(I)][:, None] for w in (w1, w3))
+    w2 = w2 * torch.logspace(-1, 1, D)[torch.randperm(D)][:, None]
+    (q1, q2, q3), scales, exact = quantize_experts(w1, w2, w3)
+    x = x.to(dtype)
+    want = reference_f64(x, ids, weights, *exact)
+    for path in (routed_experts_gemv, routed_experts_grouped, routed_experts_gathered):
+        got = path(x, ids, weights, q1, q2, q3, scales=scales)
+        assert got.dtype == torch.float32 and got.shape == (N, D)
+        assert rel_err(got, want) < FP8_TOLERANCE[dtype], path.__name__
+
+
+def test_fp8_gemv_reads_only_the_chosen_experts():
+    """Experts nobody chose may hold anything: NaN codes in the weights, NaN and inf in the scales."""
+    x, ids, weights, w1, w2, w3 = make_inputs(2, 6, 2, 48, 32, torch.float32, seed=4)
+    ids = torch.tensor([[4, 1], [1, 2]])
+    (q1, q2, q3), (s1, s2, s3), exact = quantize_experts(w1, w2, w3)
+    want = reference_f64(x, ids, weights, *exact)
+    for q, s in ((q1, s1), (q2, s2), (q3, s3)):
+        q.view(torch.uint8)[[0, 3, 5]] = 0x7F
+        s[[0, 5]] = float("nan")
+        s[3] = float("inf")
+    got = routed_experts_gemv(x, ids, weights, q1, q2, q3, scales=(s1, s2, s3))
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(routed_experts_grouped(x, ids, weights, q1, q2, q3, scales=(s1, s2, s3)), want) < 1e-5

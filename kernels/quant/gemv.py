@@ -1,0 +1,125 @@
+"""y = x @ (Q * s[:, None])^T for a few rows of x (decode) in Triton: the fp8 weight read once.
+
+Format as in naive.py: Q [O, D] float8_e4m3fn, one float32 scale per output row s [O]. A decode step
+multiplies one to GEMV_MAX_TOKENS rows by every projection, so it is bound by reading the weights; the
+PyTorch form dequantizes first, writing and reading back float32 and x-dtype copies of the weight
+(some twenty bytes moved per weight, against one here), then multiplies. Here:
+
+1. `fp8_gemv_fwd_kernel`, one program per block of BO output rows and split of the model width: the
+   [BO, BD] tiles of Q along its split, each against a [BN = 16, BD] tile of x (all rows at once, padded
+   to 16: tl.dot's smallest shape), so every weight byte is read once whatever N is. Q is the dot's
+   left operand (a "swap AB" product, [BO, BD] x [BD, BN]): the output rows fill the tensor core's M
+   side, the few tokens its narrow N side. The row scale multiplies the fp32 sum at the end, once per
+   output element rather than once per weight.
+2. Small O (the 48B model's O = 32, 128, 1024, 2304 at D = 2304 or 4096) gives too few row blocks to keep
+   132 SMs reading, so the width is split too (split-K): each split writes fp32 partials [SPLIT, N, O]
+   that one sum reduces afterwards (no atomics, so the result does not depend on the order programs run
+   in). With one split the kernel writes y in x's dtype directly.
+
+The grid depends only on the shapes, and nothing asks the host anything, so a CUDA graph can replay it.
+
+The dot's operands are fp32: e4m3 values (3 mantissa bits), bf16 and fp16 (7 and 10) are exact in TF32
+(10), so input_precision="tf32" gives exact products with fp32 accumulation on the tensor cores, the
+same numbers as a bf16 dot would. fp32 x would lose bits to TF32, so it takes "ieee" (exact, on the CUDA
+cores; the GPU runs the model in bf16). fp32 operands also keep the kernel testable: Triton's
+interpreter (3.9) multiplies bf16 dot operands as their raw uint16 bits, and ignores input_precision.
+The interpreter loads and converts float8_e4m3fn natively, except that it reads the NaN codes 0x7F and
+0xFF as +-480 (the GPU reads NaN); quantize_fp8_rows never writes them (it clamps to +-448).
+
+Precision: exact products, fp32 sums, one rounding to x's dtype at the end; tested against float64 on the
+dequantized weight under the interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def fp8_gemv_fwd_kernel(
+    x,
+    q,
+    scale,
+    out,
+    N,
+    stride_x,
+    D: tl.constexpr,
+    O: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BN: tl.constexpr,
+    BO: tl.constexpr,
+    BD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_o, i_s = tl.program_id(0), tl.program_id(1)
+    o_o = i_o * BO + tl.arange(0, BO)
+    m_o = o_o < O
+    o_n = tl.arange(0, BN)
+    m_n = o_n < N
+    # int64 rows: the output head's 163840 x 2304 weight is within int32, a larger model's would not be.
+    p_q = q + o_o.to(tl.int64)[:, None] * D
+    p_x = x + o_n.to(tl.int64)[:, None] * stride_x
+    b_acc = tl.zeros([BO, BN], dtype=tl.float32)
+    # Split i_s covers [i_s * CHUNK, (i_s + 1) * CHUNK) of the width; the last one may run past D (masked).
+    for d0 in range(0, CHUNK, BD):
+        o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        b_q = tl.load(p_q + o_d[None, :], mask=m_o[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_x = tl.load(p_x + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_acc = tl.dot(b_q, tl.trans(b_x), b_acc, input_precision=PRECISION)
+    b_s = tl.load(scale + o_o, mask=m_o, other=0.0)
+    b_y = b_acc * b_s[:, None]
+    # out is [SPLIT, N, O]: fp32 partials, or y itself (in x's dtype) when there is one split.
+    p_out = out + i_s.to(tl.int64) * N * O + o_n[None, :] * O + o_o[:, None]
+    tl.store(p_out, b_y.to(out.dtype.element_ty), mask=m_o[:, None] & m_n[None, :])
+
+
+# Tile shapes, chosen by reasoning. BN = 16 is tl.dot's smallest side. A [64, 128] fp8 tile is 8 KB per
+# load (four 16-byte loads a thread at 4 warps), 32 KB as the fp32 operand: 64 registers a thread, leaving
+# room for the pipeline's next loads. At the 48B shapes (launch_shape): O = 163840 makes 2560 row blocks
+# and no split; O = 4096 at D = 2304, 64 row blocks x 6 splits; O = 2304, 36 x 9 (D = 2304) or 36 x 8
+# (D = 4096); O = 1024, 16 x 18. Not yet measured on a GPU.
+BLOCK_N = 16
+CONFIG = dict(block_o=64, block_d=128, num_warps=4)
+# Programs the grid should reach: two per SM of a 132-SM H100, so that while one program waits on its
+# loads another one's are in flight on the same SM.
+MIN_PROGRAMS = 2 * 132
+
+
+def launch_shape(O: int, D: int) -> tuple[int, int, int, int, int]:
+    """(BO, BD, row blocks, splits, CHUNK) for a weight [O, D]. Splits: as few as give row blocks x splits
+    >= MIN_PROGRAMS, each the same whole number of BD blocks (rounded down, so the split count rounds up),
+    at least one block each; CHUNK is a split's width in elements."""
+    BO = min(CONFIG["block_o"], max(16, triton.next_power_of_2(O)))
+    BD = min(CONFIG["block_d"], max(16, triton.next_power_of_2(D)))
+    n_o, n_d = triton.cdiv(O, BO), triton.cdiv(D, BD)
+    per_split = max(1, n_d // min(n_d, triton.cdiv(MIN_PROGRAMS, n_o)))
+    return BO, BD, n_o, triton.cdiv(n_d, per_split), per_split * BD
+
+
+def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """kimi_desk.kernels.quant.fp8_linear in Triton: x [..., D] with at most BLOCK_N rows (bf16, fp16 or
+    fp32), q [O, D] float8_e4m3fn contiguous, scale [O] float32. Returns [..., O] in x's dtype."""
+    O, D = q.shape
+    assert x.shape[-1] == D and scale.shape == (O,) and q.is_contiguous()
+    rows = x.reshape(-1, D)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    N = rows.shape[0]
+    assert N <= BLOCK_N, f"fp8_linear_gemv takes at most {BLOCK_N} rows, got {N}"
+    y = torch.empty(N, O, dtype=x.dtype, device=x.device)
+    if N == 0:
+        return y.view(*x.shape[:-1], O)
+    scale = scale.float().contiguous()
+
+    BO, BD, n_o, splits, chunk = launch_shape(O, D)
+    out = y if splits == 1 else torch.empty(splits, N, O, dtype=torch.float32, device=x.device)
+    fp8_gemv_fwd_kernel[(n_o, splits)](
+        rows, q, scale, out, N, rows.stride(0), D=D, O=O, CHUNK=chunk, BN=BLOCK_N, BO=BO, BD=BD,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=CONFIG["num_warps"],
+    )
+    if splits > 1:
+        y = out.sum(0).to(x.dtype)
+    return y.view(*x.shape[:-1], O)

@@ -1,0 +1,101 @@
+"""Weight-only fp8 at load time: which tensors, the loaded model against the same model computed with
+the dequantized weights in float32 (an independent path through plain PyTorch), memory, and the
+commands' --quantize."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kimi_desk.engine import load_model
+from kimi_desk.engine.quantize import Fp8Linear, is_quantized_weight
+from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config
+from kimi_desk.engine.weights import build_on_meta, save_checkpoint
+from kimi_desk.kernels.quant import FP8
+from kimi_desk.kernels.quant.naive import dequantize_fp8_rows, quantize_fp8_rows
+
+
+def test_the_rule_covers_the_big_matrices_only():
+    names = [name for name, _ in build_on_meta(kimi_linear_48b_config()).named_parameters()]
+    quantized = [n for n in names if is_quantized_weight(n)]
+    assert not any("embed_tokens" in n or "lm_head" in n or "norm" in n or "kv_b_proj" in n
+                   or n.endswith((".gate.weight", "A_log", "dt_bias", "conv1d.weight", "e_score_correction_bias"))
+                   for n in quantized)
+    for needed in ("self_attn.q_proj.weight", "self_attn.kv_a_proj_with_mqa.weight", "self_attn.o_proj.weight",
+                   "self_attn.f_b_proj.weight", "mlp.gate_proj.weight", "shared_experts.down_proj.weight",
+                   "experts.w1", "experts.w2", "experts.w3"):
+        assert any(n.endswith(needed) for n in quantized), needed
+    model = build_on_meta(kimi_linear_48b_config())
+    total = sum(p.numel() for p in model.parameters())
+    share = sum(p.numel() for n, p in model.named_parameters() if is_quantized_weight(n)) / total
+    assert 0.97 < share < 0.995  # all but the embedding, the head and kv_b_proj
+
+
+@pytest.mark.parametrize("checkpoint_fixture", ["tiny_checkpoint", "tail7_checkpoint"])
+def test_fp8_model_equals_the_model_with_dequantized_weights(checkpoint_fixture, request):
+    checkpoint = request.getfixturevalue(checkpoint_fixture)
+    quantized = load_model(checkpoint, dtype=torch.float32, quantize="fp8")
+    reference = load_model(checkpoint, dtype=torch.float32)
+    exact = load_model(checkpoint, dtype=torch.float32)
+    for name, param in reference.named_parameters():
+        if is_quantized_weight(name):
+            assert dict(quantized.named_parameters())[name].dtype == FP8
+            param.data.copy_(dequantize_fp8_rows(*quantize_fp8_rows(param.data), torch.float32))
+    assert any(isinstance(m, Fp8Linear) for m in quantized.modules())
+
+    ids = torch.randint(0, reference.config.vocab_size, (2, 70))
+    got = quantized(ids, quantized.new_state(2))
+    want = reference(ids, reference.new_state(2))
+    assert ((got - want).norm() / want.norm()) < 1e-5
+    # The error fp8 itself makes against the unquantized weights: not zero, and bounded. Random weights
+    # have no structure to keep (3 mantissa bits: 2.6% per weight, compounded over the layers).
+    full = exact(ids, exact.new_state(2))
+    error = ((got - full).norm() / full.norm()).item()
+    assert 1e-5 < error < 0.2
+
+    # Decode through the same model hands over the state as prefill does.
+    state = quantized.new_state(2)
+    parts = [quantized(ids[:, :50], state)] + [quantized(ids[:, t : t + 1], state) for t in range(50, 70)]
+    assert ((torch.cat(parts, 1) - got).norm() / got.norm()) < 1e-5
+
+
+def test_fp8_halves_the_weight_bytes_and_is_not_saved(tail7_checkpoint, tmp_path):
+    full = load_model(tail7_checkpoint, dtype=torch.bfloat16)
+    fp8 = load_model(tail7_checkpoint, dtype=torch.bfloat16, quantize="fp8")
+
+    def nbytes(model):
+        return sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
+
+    big = sum(p.nbytes for n, p in full.named_parameters() if is_quantized_weight(n))
+    assert nbytes(full) - nbytes(fp8) > 0.45 * big
+    with pytest.raises(ValueError, match="quantized model is not saved"):
+        save_checkpoint(fp8, tmp_path / "out")
+
+
+def test_fp8_linear_module_matches_its_formula():
+    layer = Fp8Linear(48, 20)
+    w = torch.randn(20, 48)
+    q, s = quantize_fp8_rows(w)
+    layer.weight.data.copy_(q)
+    layer.weight_scale.copy_(s)
+    x = torch.randn(3, 5, 48)
+    want = F.linear(x.double(), (q.double() * s.double()[:, None]))
+    assert torch.allclose(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_keeps_a_trained_models_predictions():
+    """On the shipped demo model and real text: the loss moves by well under 1%, most argmaxes stay."""
+    from kimi_desk.app.commands import DEMO_MODEL
+    from kimi_desk.engine.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(DEMO_MODEL)
+    text = (Path(__file__).parents[2] / "engine" / "session.py").read_text(encoding="utf-8")
+    ids = torch.tensor([tokenizer.encode(text, allow_special=False)[:512]])
+    full = load_model(DEMO_MODEL, dtype=torch.float32)
+    fp8 = load_model(DEMO_MODEL, dtype=torch.float32, quantize="fp8")
+    want, got = full(ids, full.new_state(1)), fp8(ids, fp8.new_state(1))
+    loss_full = F.cross_entropy(want[0, :-1], ids[0, 1:]).item()
+    loss_fp8 = F.cross_entropy(got[0, :-1], ids[0, 1:]).item()
+    assert abs(loss_fp8 / loss_full - 1) < 0.01
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.85
