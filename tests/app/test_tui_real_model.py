@@ -71,7 +71,9 @@ def kimi_desk_command() -> str | None:
 
 @pytest.mark.skipif(shutil.which("tmux") is None,
                     reason="tmux not found: install it (apt-get install -y tmux) to run the terminal smoke test")
-def test_kimi_desk_open_in_a_real_terminal(tmp_path, chat_checkpoint):
+@pytest.mark.parametrize("model", ["checkpoint", "embedded"])
+def test_kimi_desk_open_in_a_real_terminal(tmp_path, chat_checkpoint, model):
+    """`embedded` is README's run command: no --model, no network, the demo model in assets/."""
     command = kimi_desk_command()
     assert command, "the kimi-desk command is not installed (pip install -e .)"
     home = tmp_path / "home"
@@ -79,9 +81,11 @@ def test_kimi_desk_open_in_a_real_terminal(tmp_path, chat_checkpoint):
     folder = make_folder(tmp_path / "repo", n_files=4)
     # A private tmux server, so that the test never touches the user's own sessions.
     tmux = ["tmux", "-L", f"kimi-desk-test-{uuid.uuid4().hex[:8]}"]
-    env = f"env KIMI_DESK_HOME={shlex.quote(str(home))} HOME={shlex.quote(str(tmp_path))} TERM=xterm-256color"
+    env = (f"env KIMI_DESK_HOME={shlex.quote(str(home))} HOME={shlex.quote(str(tmp_path))} TERM=xterm-256color "
+           f"HF_HUB_OFFLINE=1")
+    model_option = f"--model {shlex.quote(str(chat_checkpoint))} " if model == "checkpoint" else ""
     program = (f"{env} {shlex.quote(command)} open {shlex.quote(str(folder))} "
-               f"--model {shlex.quote(str(chat_checkpoint))} --device cpu; echo kimi-desk exited with $?; sleep 60")
+               f"{model_option}--device cpu; echo kimi-desk exited with $?; sleep 60")
 
     def screen() -> str:
         return subprocess.run([*tmux, "capture-pane", "-p", "-t", "smoke"], capture_output=True, text=True).stdout
