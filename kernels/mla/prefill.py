@@ -66,7 +66,9 @@ rate, as kernels/quant/gemv.py, bound by its weight bytes, can afford and this k
 cache takes "ieee" dots (exact fp32, on the CUDA cores) and smaller blocks (FP32_CONFIG): for tests and
 checks; the model runs bf16 on a GPU.
 
-Not yet measured on a GPU (.bench/mla_prefill_gpu_check.py checks and times it at the 48B shapes).
+Not yet measured on a GPU (packaging/gpu_checks/mla_prefill.py checks and times it at the 48B shapes),
+and not yet on the model's path: kimi_desk.kernels.mla dispatches to it from PREFILL_KERNEL_MIN_QUERIES
+absorbed queries, and the model's chunks of 64 tokens or more take the expanded form.
 """
 
 from __future__ import annotations
