@@ -67,12 +67,14 @@ def resolve_model_path(model: str) -> Path:
     return resolve_model_reference(model)
 
 
-def load_assistant(model: str, device: str, quantize: str | None = None) -> AssistantLike:
-    """The real engine: the default EngineFactory."""
-    from kimi_desk.app.commands import resolve_device
+def load_assistant(model: str, device: str, quantize: str | None = "auto") -> AssistantLike:
+    """The real engine: the default EngineFactory. The memory check and the quantization choice are the
+    command line's (a model that cannot fit is a one-line problem, before anything is loaded)."""
+    from kimi_desk.app.commands import fitting_quantization, resolve_device
     from kimi_desk.engine.session import Assistant
 
-    return Assistant.load(resolve_model_path(model), device=resolve_device(device), quantize=quantize)
+    path, device = resolve_model_path(model), resolve_device(device)
+    return Assistant.load(path, device=device, quantize=fitting_quantization(path, device, quantize))
 
 
 def open_store():

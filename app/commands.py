@@ -59,11 +59,37 @@ def load_assistant(args, fallback_model: str | None = None):
 
     path = resolve_model(args.model, fallback_model)
     device = resolve_device(args.device)
-    # Before anything is loaded: a model that cannot fit is refused with what would fit.
-    quantize = getattr(args, "quantize", None)
-    check_memory(KimiLinearConfig.from_file(path / "config.json"), device, model_name=model_display_name(path),
-                 quantize=quantize)
+    quantize = fitting_quantization(path, device, getattr(args, "quantize", "auto"),
+                                    notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr))
     return Assistant.load(path, device=device, quantize=quantize)
+
+
+def fitting_quantization(path: Path, device: str, requested: str | None, notice=lambda line: None,
+                         available_bytes: int | None = None) -> str | None:
+    """Before anything is loaded: the quantization to load the model folder with, or MemoryCheckError
+    (one line, naming what would fit). `requested` 'auto' (the default) keeps the checkpoint's dtype
+    when it fits and takes fp8 weights when only they fit, saying so through `notice`; 'none' or None
+    never quantizes; 'fp8' always does."""
+    from kimi_desk.engine.config import KimiLinearConfig
+    from kimi_desk.engine.hub import MemoryCheckError, check_memory, model_display_name
+
+    config = KimiLinearConfig.from_file(path / "config.json")
+    name = model_display_name(path)
+    if requested != "auto":
+        quantize = None if requested in (None, "none") else requested
+        check_memory(config, device, model_name=name, quantize=quantize, available_bytes=available_bytes)
+        return quantize
+    try:
+        check_memory(config, device, model_name=name, available_bytes=available_bytes)
+        return None
+    except MemoryCheckError as too_big:
+        try:
+            estimate = check_memory(config, device, model_name=name, quantize="fp8", available_bytes=available_bytes)
+        except MemoryCheckError:
+            raise too_big from None
+    notice(f"{name} does not fit here in {estimate['dtype']}; loading its large matrices in fp8 "
+           f"(about {estimate['total_bytes'] / 1e9:.0f} GB; --quantize none refuses instead)")
+    return "fp8"
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -71,9 +97,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         "after 'kimi-desk pull' (default: the session's model, else the embedded demo model)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the model runs (default: auto, CUDA when present)")
-    parser.add_argument("--quantize", choices=["fp8"], default=None,
-                        help="store the big matrices in fp8 at load time: half the memory of bf16 (the 48B model "
-                             "fits one 80 GB GPU) and faster decode on a GPU; on the demo model the loss moves by 0.1%%")
+    parser.add_argument("--quantize", choices=["auto", "none", "fp8"], default="auto",
+                        help="fp8 stores the big matrices in fp8 at load time: half the memory of bf16 (the 48B "
+                             "model fits one 80 GB GPU) and faster decode on a GPU; on the demo model the loss "
+                             "moves by 0.1%%. auto (default): fp8 only when the model would not fit otherwise")
 
 
 # -- formatting -------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ def add_parser(commands) -> None:
                                         "(default: the settings' model, else the embedded demo model)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
                         help="where the model runs (default: the settings' device, else auto)")
-    parser.add_argument("--quantize", choices=("fp8",), default=None,
-                        help="store the big matrices in fp8 at load time (half the memory of bf16)")
+    parser.add_argument("--quantize", choices=("auto", "none", "fp8"), default="auto",
+                        help="fp8: the big matrices in fp8 at load time (half the memory of bf16); auto (default): "
+                             "fp8 only when the model would not fit otherwise")
     parser.set_defaults(run=run)
 
 
@@ -29,9 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from kimi_desk.app import backend
     from kimi_desk.app.tui import create_app
 
-    factory = backend.load_assistant
-    if args.quantize:
-        factory = functools.partial(backend.load_assistant, quantize=args.quantize)
+    factory = functools.partial(backend.load_assistant, quantize=args.quantize)
     app = create_app(args.target, model=args.model, device=args.device, engine_factory=factory)
     # No model anywhere is a usage error, said on one line before the app takes the terminal.
     if app.model_choice is None:
