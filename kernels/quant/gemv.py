@@ -43,15 +43,19 @@ def fp8_gemv_fwd_kernel(
     q,
     scale,
     out,
+    y,
+    counter,
     N,
     stride_x,
     D: tl.constexpr,
     O: tl.constexpr,
     CHUNK: tl.constexpr,
+    SPLITS: tl.constexpr,
     BN: tl.constexpr,
     BO: tl.constexpr,
     BD: tl.constexpr,
     PRECISION: tl.constexpr,
+    LAST_SPLIT_REDUCES: tl.constexpr,
 ):
     i_o, i_s = tl.program_id(0), tl.program_id(1)
     o_o = i_o * BO + tl.arange(0, BO)
@@ -73,7 +77,23 @@ def fp8_gemv_fwd_kernel(
     b_y = b_acc * b_s[:, None]
     # out is [SPLIT, N, O]: fp32 partials, or y itself (in x's dtype) when there is one split.
     p_out = out + i_s.to(tl.int64) * N * O + o_n[None, :] * O + o_o[:, None]
-    tl.store(p_out, b_y.to(out.dtype.element_ty), mask=m_o[:, None] & m_n[None, :])
+    m_out = m_o[:, None] & m_n[None, :]
+    tl.store(p_out, b_y.to(out.dtype.element_ty), mask=m_out)
+    if LAST_SPLIT_REDUCES:
+        # The split that finishes a row block last sums its partials in split order (deterministic) and
+        # writes y: no separate reduce and cast launches. Every thread's stores are done (barrier) before
+        # the count is released; the last one acquires it before reading the others' partials (from L2).
+        tl.debug_barrier()
+        done = tl.atomic_add(counter + i_o, 1, sem="acq_rel", scope="gpu")
+        if done == SPLITS - 1:
+            tl.debug_barrier()
+            b_sum = tl.zeros([BO, BN], dtype=tl.float32)
+            for i_p in range(0, SPLITS):
+                p_part = out + i_p * N * O + o_n[None, :] * O + o_o[:, None]
+                b_sum += tl.load(p_part, mask=m_out, other=0.0, cache_modifier=".cg")
+            tl.store(y + o_n[None, :] * O + o_o[:, None], b_sum.to(y.dtype.element_ty), mask=m_out)
+            # Back to zero for the next call (the counters are reused, a CUDA graph replays them).
+            tl.atomic_xchg(counter + i_o, 0, sem="relaxed", scope="gpu")
 
 
 # Tile shapes, chosen by reasoning. BN = 16 is tl.dot's smallest side. A [64, 128] fp8 tile is 8 KB per
@@ -88,20 +108,28 @@ CONFIG = dict(block_o=64, block_d=128, num_warps=4)
 MIN_PROGRAMS = 2 * 132
 
 
-def launch_shape(O: int, D: int) -> tuple[int, int, int, int, int]:
+def launch_shape(O: int, D: int, config: dict | None = None) -> tuple[int, int, int, int, int]:
     """(BO, BD, row blocks, splits, CHUNK) for a weight [O, D]. Splits: as few as give row blocks x splits
-    >= MIN_PROGRAMS, each the same whole number of BD blocks (rounded down, so the split count rounds up),
-    at least one block each; CHUNK is a split's width in elements."""
-    BO = min(CONFIG["block_o"], max(16, triton.next_power_of_2(O)))
-    BD = min(CONFIG["block_d"], max(16, triton.next_power_of_2(D)))
+    >= min_programs, each the same whole number of BD blocks (rounded down, so the split count rounds up),
+    at least one block each; CHUNK is a split's width in elements. `config` overrides CONFIG's entries
+    and `min_programs` (1: never split)."""
+    config = {**CONFIG, "min_programs": MIN_PROGRAMS, **(config or {})}
+    BO = min(config["block_o"], max(16, triton.next_power_of_2(O)))
+    BD = min(config["block_d"], max(16, triton.next_power_of_2(D)))
     n_o, n_d = triton.cdiv(O, BO), triton.cdiv(D, BD)
-    per_split = max(1, n_d // min(n_d, triton.cdiv(MIN_PROGRAMS, n_o)))
+    per_split = max(1, n_d // min(n_d, triton.cdiv(config["min_programs"], n_o)))
     return BO, BD, n_o, triton.cdiv(n_d, per_split), per_split * BD
 
 
-def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, config: dict | None = None,
+                    counter: torch.Tensor | None = None) -> torch.Tensor:
     """kimi_desk.kernels.quant.fp8_linear in Triton: x [..., D] with at most BLOCK_N rows (bf16, fp16 or
-    fp32), q [O, D] float8_e4m3fn contiguous, scale [O] float32. Returns [..., O] in x's dtype."""
+    fp32), q [O, D] float8_e4m3fn contiguous, scale [O] float32. Returns [..., O] in x's dtype.
+
+    `config` overrides the launch settings (block_o, block_d, num_warps, num_stages, min_programs), for
+    the GPU check's comparisons. With `counter`, an int32 tensor of zeros with an entry per row block
+    (it is left at zero), the last split of each row block reduces the partials and writes y itself
+    (LAST_SPLIT_REDUCES) instead of a sum and a cast afterwards; not yet measured, so not the default."""
     O, D = q.shape
     assert x.shape[-1] == D and scale.shape == (O,) and q.is_contiguous()
     rows = x.reshape(-1, D)
@@ -114,12 +142,17 @@ def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> to
         return y.view(*x.shape[:-1], O)
     scale = scale.float().contiguous()
 
-    BO, BD, n_o, splits, chunk = launch_shape(O, D)
+    BO, BD, n_o, splits, chunk = launch_shape(O, D, config)
+    reduces_in_kernel = counter is not None and splits > 1
+    if reduces_in_kernel:
+        assert counter.dtype == torch.int32 and counter.numel() >= n_o
     out = y if splits == 1 else torch.empty(splits, N, O, dtype=torch.float32, device=x.device)
+    extra = {k: v for k, v in {**CONFIG, **(config or {})}.items() if k in ("num_warps", "num_stages")}
     fp8_gemv_fwd_kernel[(n_o, splits)](
-        rows, q, scale, out, N, rows.stride(0), D=D, O=O, CHUNK=chunk, BN=BLOCK_N, BO=BO, BD=BD,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=CONFIG["num_warps"],
+        rows, q, scale, out, y, counter if reduces_in_kernel else out, N, rows.stride(0),
+        D=D, O=O, CHUNK=chunk, SPLITS=splits, BN=BLOCK_N, BO=BO, BD=BD,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LAST_SPLIT_REDUCES=reduces_in_kernel, **extra,
     )
-    if splits > 1:
+    if splits > 1 and not reduces_in_kernel:
         y = out.sum(0).to(x.dtype)
     return y.view(*x.shape[:-1], O)

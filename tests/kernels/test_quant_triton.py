@@ -101,3 +101,28 @@ def test_dispatch_sends_a_few_rows_to_the_gemv(monkeypatch):
     monkeypatch.setenv("KIMI_DESK_KERNELS", "torch")
     fp8_linear(x[:1], q, scale)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_last_split_reduces_in_the_kernel(dtype):
+    """The opt-in epilogue: the last split of each row block sums the partials in split order and writes
+    y; the same result on every call (bf16 may differ from the sum afterwards by the rounding of a sum
+    taken in another order), and the counters are left at zero for the next call."""
+    D, O, N = 320, 96, 3
+    x, q, scale = make_inputs(N, D, O, dtype, seed=11)
+    config = {"block_o": 32, "block_d": 32, "min_programs": 64}
+    _, _, n_o, splits, _ = launch_shape(O, D, config)
+    assert splits > 1
+    counter = torch.zeros(n_o, dtype=torch.int32)
+    first = fp8_linear_gemv(x, q, scale, config=config, counter=counter)
+    for _ in range(2):
+        got = fp8_linear_gemv(x, q, scale, config=config, counter=counter)
+        assert torch.equal(got, first)
+        assert torch.equal(counter, torch.zeros_like(counter))
+    assert rel_err(got, fp8_linear_gemv(x, q, scale, config=config)) < TOLERANCE[dtype]
+    assert rel_err(got, reference_f64(x, q, scale)) < TOLERANCE[dtype]
+
+
+def test_never_splitting_is_a_setting():
+    _, _, n_o, splits, chunk = launch_shape(2304, 2304, {"min_programs": 1, "block_o": 16})
+    assert (n_o, splits, chunk) == (144, 1, 2304)
