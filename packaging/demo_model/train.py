@@ -48,7 +48,7 @@ from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.model import KimiLinearForCausalLM
 from kimi_desk.engine.tokenizer import load_tokenizer
-from kimi_desk.engine.weights import build_on_meta, materialize, save_checkpoint
+from kimi_desk.engine.weights import build_on_meta, load_model, materialize, save_checkpoint
 
 DEFAULT_RUN = DEFAULT_CORPUS.parent / "run"
 EXPORT_RESERVE_S = 30  # the final evaluation and the export after the clock runs out
@@ -465,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a 4-layer model, short contexts: a smoke run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from this checkpoint folder's weights (same config), e.g. assets/model")
     parser.add_argument("--max-steps", type=int, default=None, help="steps in all (default: fit the time budget)")
     parser.add_argument("--time-budget-minutes", type=float, default=17.0,
                         help="wall-clock minutes from the start to the last step (setup and evaluations "
@@ -535,6 +537,16 @@ def run(args) -> dict:
     train_stream, heldout_stream = train_split.lm_stream(separator), heldout_split.lm_stream(separator)
 
     model = init_model(config, args.seed, device)
+    if args.init_from is not None:
+        # Continue from a trained checkpoint of this architecture (e.g. the shipped assets/model): its
+        # weights replace the initialisation, through the engine's strict loader (names, shapes).
+        trained = load_model(args.init_from, dtype=torch.float32)
+        if {**trained.config.to_dict(), "dtype": None} != {**config.to_dict(), "dtype": None}:
+            raise SystemExit(f"{args.init_from}: its config.json is not the demo model's ({'tiny ' if args.tiny else ''}config)")
+        with torch.no_grad():
+            for (name, param), (_, value) in zip(model.named_parameters(), trained.named_parameters(), strict=True):
+                param.copy_(value.to(param.device))
+        del trained
     counts = parameter_counts(model)
     kda_fn, kda_backend = select_kda_function(args.kda_backend, device)
     trainer = Trainer(args, model, kda_fn, device)
