@@ -193,11 +193,13 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
               quantize: str | None = None) -> dict:
     import torch
 
+    from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.engine.random_checkpoint import random_model
     from kimi_desk.engine.state import KDAState
 
     torch.cuda.reset_peak_memory_stats()
-    model = random_model(config, seed=0, dtype=torch.bfloat16, device="cuda", quantize=quantize)
+    # As the app runs it (Assistant.load): the projections that share an input joined.
+    model = fuse_projections(random_model(config, seed=0, dtype=torch.bfloat16, device="cuda", quantize=quantize))
     log(f"ours: model built, {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
     gen = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, prefill_tokens), device="cuda", generator=gen)

@@ -43,9 +43,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_up_proj = None  # gate and up joined at load time (engine/fuse.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):
@@ -144,6 +149,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, eps=1e-6)
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * config.v_head_dim, D, bias=False)
+        self.in_proj = None
 
     def new_state(self, batch_size: int, dtype: torch.dtype, device) -> MLACache:
         return MLACache(batch_size, self.latent_dim + self.rope_dim, dtype, device)
@@ -152,9 +158,12 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, _ = x.shape
         H, L = self.num_heads, self.latent_dim
         start = cache.start  # an int; a device tensor while a decode step is recorded (state.py)
-        q = self.q_proj(x).view(B, T, H, self.nope_dim + self.rope_dim)
+        if self.in_proj is not None:  # q and the latent projection joined at load time (engine/fuse.py)
+            q, ckv = self.in_proj(x)
+        else:
+            q, ckv = self.q_proj(x), self.kv_a_proj_with_mqa(x)  # ckv [B, T, L + R]
+        q = q.view(B, T, H, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        ckv = self.kv_a_proj_with_mqa(x)  # [B, T, L + R]
         latents = torch.cat([self.kv_a_layernorm(ckv[..., :L]), ckv[..., L:]], dim=-1)
         cached = cache.append(latents)  # [B, start + T, L + R] (the whole buffer while recording)
         w_kv = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, L)

@@ -326,10 +326,11 @@ class Assistant:
     @classmethod
     def load(cls, model_path: Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None,
              **options) -> "Assistant":
+        from kimi_desk.engine.fuse import fuse_projections
         from kimi_desk.engine.tokenizer import load_tokenizer
         from kimi_desk.engine.weights import load_model
 
-        model = load_model(model_path, device=device, dtype=dtype, quantize=quantize)
+        model = fuse_projections(load_model(model_path, device=device, dtype=dtype, quantize=quantize))
         assistant = cls(model, load_tokenizer(model_path), **options)
         assistant.model_source = str(Path(model_path).expanduser().resolve())
         return assistant

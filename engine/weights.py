@@ -202,6 +202,8 @@ def save_checkpoint(model: KimiLinearForCausalLM, path, max_shard_bytes: int | N
 
     if getattr(model, "quantization", None):
         raise ValueError("a quantized model is not saved: its checkpoint is the full-precision one it was loaded from")
+    if getattr(model, "fused", False):
+        raise ValueError("a model with fused projections is not saved: its checkpoint is the one it was loaded from")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())
