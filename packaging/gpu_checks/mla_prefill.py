@@ -178,6 +178,9 @@ configs = [
     dict(block_m=64, block_n=16, block_v=None, num_warps=8, num_stages=4),
     dict(block_m=64, block_n=64, block_v=256, num_warps=8, num_stages=2),
     dict(block_m=128, block_n=64, block_v=128, num_warps=8, num_stages=2),
+    # The two that compile for sm_90a without spills (packaging/gpu_checks/compile_sm90.py, no GPU needed):
+    dict(block_m=32, block_n=32, block_v=None, num_warps=8, num_stages=3),
+    dict(block_m=32, block_n=64, block_v=None, num_warps=8, num_stages=2),
 ]
 Tq, q_start = 2048, 131072
 q, cache = inputs(1, Tq, q_start, seed=11)

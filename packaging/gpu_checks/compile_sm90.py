@@ -1,0 +1,112 @@
+"""Compile kernels for an H100 (sm_90a) on a machine without a GPU: registers, spills and shared memory
+per launch setting, from Triton's own compiler and the ptxas it ships. It answers "does this setting
+spill, does it fit the 227 KiB of shared memory" before any device time is spent; speed still needs
+the GPU. The local Triton may differ from the GPU machine's (check `triton.__version__` on both).
+
+    python packaging/gpu_checks/compile_sm90.py [mla_prefill] [fp8_gemv] [kda_intra]
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+PTXAS = next(os.path.join(BIN, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(BIN, n)))
+
+
+def compile_sm90(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: int, num_stages: int = 3):
+    """(registers, (spill store, spill load) bytes, shared memory bytes) of `fn` compiled for sm_90a.
+    Pointers are assumed 16-byte aligned, as PyTorch's allocations are."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in pointers:
+            signature[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in scalars:
+            signature[name] = scalars[name]
+        else:
+            signature[name] = "constexpr"
+    source = ASTSource(fn, signature, constexprs={k: v for k, v in constexprs.items() if signature.get(k) == "constexpr"},
+                       attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 128),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    info = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                          capture_output=True, text=True).stderr
+    os.unlink(f.name)
+    found = re.search(r"Used (\d+) registers", info)
+    if found is None:
+        raise RuntimeError(f"ptxas: {info.strip()[:300]}")
+    regs = int(found.group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    return regs, (int(spills.group(1)), int(spills.group(2))), kernel.metadata.shared
+
+
+def report(name, result):
+    regs, (stores, loads), shared = result
+    flag = "  SPILLS" if stores or loads else ""
+    flag += "  OVER 227 KiB" if shared > 227 * 1024 else ""
+    print(f"{name:58s} regs {regs:3d}  spill {stores:5d}/{loads:5d} B  smem {shared / 1024:6.1f} KiB{flag}", flush=True)
+
+
+def mla_prefill():
+    from kimi_desk.kernels.mla.prefill import mla_prefill_fwd_kernel
+
+    H, D, V = 32, 576, 512
+    for bm, bn, bv, warps, stages in [(64, 32, None, 8, 3), (64, 32, None, 8, 2), (64, 64, None, 8, 2),
+                                      (64, 16, None, 8, 3), (64, 32, 256, 8, 3), (64, 32, 128, 8, 3),
+                                      (32, 32, None, 4, 3), (32, 32, None, 8, 3), (32, 64, None, 8, 2),
+                                      (128, 32, None, 8, 2)]:
+        BF, BR = 512, 64
+        BV = BF if bv is None else bv
+        const = dict(H=H, D=D, V=V, BM=bm, BN=bn, BF=BF, BV=BV, BR=BR, SPLIT_V=BV < BF, Q_START_ON_DEVICE=False,
+                     OP_DT=tl.bfloat16, DOT_PRECISION="tf32")
+        try:
+            result = compile_sm90(mla_prefill_fwd_kernel, dict(q="*bf16", cache="*bf16", out="*fp32"),
+                                  dict(qk_scale="fp32", q_start="i32", M="i32", stride_cb="i64", stride_ct="i64"),
+                                  const, warps, stages)
+            report(f"mla prefill BM={bm} BN={bn} BV={BV} warps={warps} stages={stages}", result)
+        except Exception as exc:  # a setting that does not compile is a result too
+            print(f"mla prefill BM={bm} BN={bn} BV={BV} warps={warps} stages={stages}: {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:120]}")
+
+
+def fp8_gemv():
+    from kimi_desk.kernels.quant.gemv import fp8_gemv_fwd_kernel
+
+    for O, D, bo, bd, warps, last in [(4096, 2304, 64, 128, 4, False), (4096, 2304, 64, 128, 4, True),
+                                      (2304, 2304, 16, 128, 4, False), (163840, 2304, 64, 128, 4, False)]:
+        const = dict(D=D, O=O, CHUNK=bd * 2, SPLITS=4, BN=16, BO=bo, BD=bd, PRECISION="tf32", LAST_SPLIT_REDUCES=last)
+        result = compile_sm90(fp8_gemv_fwd_kernel,
+                              dict(x="*bf16", q="*fp8e4nv", scale="*fp32", out="*fp32", y="*bf16", counter="*i32"),
+                              dict(N="i32", stride_x="i32"), const, warps)
+        report(f"fp8 gemv O={O} D={D} BO={bo} BD={bd} warps={warps} last-split-reduces={last}", result)
+
+
+def kda_intra():
+    from kimi_desk.kernels.kda.chunk import chunk_kda_intra_fwd_kernel
+
+    bf = "*bf16"
+    pointers = dict(q=bf, k=bf, v=bf, g="*fp32", beta=bf, qg=bf, kg=bf, w=bf, u=bf, gl="*fp32", Aqk=bf, Akk="*fp32")
+    for bk, warps in [(32, 4), (32, 8), (16, 8)]:
+        const = dict(H=32, K=128, V=128, BT=64, BC=16, BK=bk, BKD=16, BV=32, SOLVE_PRECISION="tf32x3",
+                     WU_PRECISION="tf32", SOLVE_NEUMANN=False, FAST_DIAG=True, OP_DT=tl.bfloat16)
+        result = compile_sm90(chunk_kda_intra_fwd_kernel, pointers, dict(scale="fp32", T="i32", NT="i32"), const, warps)
+        report(f"kda intra BK={bk} warps={warps}", result)
+
+
+if __name__ == "__main__":
+    wanted = sys.argv[1:] or ["mla_prefill", "fp8_gemv", "kda_intra"]
+    print(f"triton {triton.__version__}, {os.path.basename(PTXAS)}, target sm_90a")
+    for name in wanted:
+        globals()[name]()
