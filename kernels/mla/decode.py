@@ -71,6 +71,16 @@ def _operand_dtypes(cache_dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[torch_dt], torch_dt
 
 
+def _absorbed_rows(q, cache_dtype, scale):
+    """q [B, Tq, H, D] -> (rows [B, Tq * H, D] rounded as the GPU's operands are (under the interpreter
+    held in fp32), the operands' Triton dtype, the score scale in base 2)."""
+    B, Tq, H, D = q.shape
+    op_dt, q_dt = _operand_dtypes(cache_dtype)
+    rows = q.to(q_dt).reshape(B, Tq * H, D)
+    rows = (rows.float() if op_dt == tl.float32 else rows).contiguous()
+    return rows, op_dt, float(scale) * 1.4426950408889634
+
+
 # The key range and row count change with every call; specialising on their divisibility would only
 # recompile the kernel as the cache grows.
 @triton.jit(do_not_specialize=["q_start", "Tk", "min_blocks", "M", "NS"])
@@ -280,11 +290,7 @@ def mla_decode(q, cache, q_start, value_dim, scale, *, k_scale=None, out=None, n
     cfg = {**base, **(config or {})}
 
     M = Tq * H
-    op_dt, q_dt = _operand_dtypes(cache.dtype)
-    # q rounded as the GPU's operands are; under the interpreter held in fp32.
-    qk = q.to(q_dt).reshape(B, M, D)
-    qk = (qk.float() if op_dt == tl.float32 else qk).contiguous()
-    qk_scale = float(scale) * 1.4426950408889634
+    qk, op_dt, qk_scale = _absorbed_rows(q, cache.dtype, scale)
     out_scale = 1.0
     per_token = isinstance(k_scale, torch.Tensor)
     if per_token:

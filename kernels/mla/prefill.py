@@ -77,7 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_desk.kernels.mla.decode import _operand_dtypes
+from kimi_desk.kernels.mla.decode import _absorbed_rows
 
 
 @triton.jit
@@ -273,11 +273,7 @@ def mla_prefill_absorbed(q, cache, q_start, value_dim, scale, *, out=None, confi
     cfg = {**base, **(config or {})}
 
     M = Tq * H
-    op_dt, q_dt = _operand_dtypes(cache.dtype)
-    # q rounded as the GPU's operands are; under the interpreter held in fp32.
-    qk = q.to(q_dt).reshape(B, M, D)
-    qk = (qk.float() if op_dt == tl.float32 else qk).contiguous()
-    qk_scale = float(scale) * 1.4426950408889634
+    qk, op_dt, qk_scale = _absorbed_rows(q, cache.dtype, scale)
 
     BM = min(cfg["block_m"], max(16, triton.next_power_of_2(M)))
     BN = cfg["block_n"]

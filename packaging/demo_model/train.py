@@ -543,9 +543,7 @@ def run(args) -> dict:
         trained = load_model(args.init_from, dtype=torch.float32)
         if {**trained.config.to_dict(), "dtype": None} != {**config.to_dict(), "dtype": None}:
             raise SystemExit(f"{args.init_from}: its config.json is not the demo model's ({'tiny ' if args.tiny else ''}config)")
-        with torch.no_grad():
-            for (name, param), (_, value) in zip(model.named_parameters(), trained.named_parameters(), strict=True):
-                param.copy_(value.to(param.device))
+        model.load_state_dict(trained.state_dict())
         del trained
     counts = parameter_counts(model)
     kda_fn, kda_backend = select_kda_function(args.kda_backend, device)

@@ -22,6 +22,7 @@ import triton.testing
 from kimi_desk.kernels.mla import mla_attention
 from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_attention_reference, mla_prefill_sdpa
 from kimi_desk.kernels.mla.prefill import DEFAULT_CONFIG, mla_prefill_absorbed, mla_prefill_fwd_kernel
+from kimi_desk.kernels.bench import _peak as peak_gib  # the benchmark's reader of peak GPU memory
 
 assert torch.cuda.is_available(), "needs a CUDA GPU"
 H, L, R, V = 32, 512, 64, 512
@@ -53,16 +54,6 @@ def flops(Tq, q_start):
 
 def bench_ms(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def peak_gib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 _seen = set()
