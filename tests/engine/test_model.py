@@ -133,4 +133,6 @@ def test_bfloat16_model_tracks_float32(tiny_checkpoint):
     state = model.new_state(1)
     assert state.layers[0].recurrent.dtype == torch.float32
     logits = model(ids, state)
-    assert rel_err(logits, ref) < 3e-2
+    # bf16 rounding through 4 random layers: over 60 random inputs, median 2.2%, largest 4.2% (the old
+    # bound of 3% failed about one run in 30 from a fresh clone).
+    assert rel_err(logits, ref) < 6e-2
