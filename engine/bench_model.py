@@ -208,6 +208,10 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
     out = {"prefill_tokens": prefill_tokens, "prefill_tok_s": prefill_tokens / (time.perf_counter() - start),
            "prefill_peak_gib": torch.cuda.max_memory_allocated() / 2**30, "decode": []}
     log(f"ours: prefill {out['prefill_tok_s']:,.0f} tok/s over {prefill_tokens:,} tokens")
+    if profile:
+        # One more chunk after the document: where a prefill chunk's time goes.
+        out["prefill_chunk_kernels"] = profile_kernels(
+            lambda: model(ids[:, :chunk], state, last_only=True), log, f"prefill chunk at {prefill_tokens:,}")
     del state
     for context in contexts:
         state = model.new_state(1)
@@ -303,15 +307,22 @@ def time_generate(model, context: int, log, new_tokens: int = 40) -> dict:
 def profile_step(model, state, token, log, top: int = 25) -> list[dict]:
     """GPU time per kernel of one eager decode step (the graph replays the same kernels): where the
     step's time goes, and the sum to set beside the replayed step's time (the rest is gaps)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     for _ in range(2):
         model(token, state)
     _sync()
+    return profile_kernels(lambda: model(token, state), log, "eager step", top)
+
+
+def profile_kernels(run, log, label: str, top: int = 25) -> list[dict]:
+    """GPU time per kernel of one call of `run`, largest first, beside the call's wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model(token, state)
+        start = time.perf_counter()
+        run()
         _sync()
+        wall_us = (time.perf_counter() - start) * 1e6
     kernels = {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -320,10 +331,11 @@ def profile_step(model, state, token, log, top: int = 25) -> list[dict]:
             entry["us"] += event.time_range.elapsed_us()
     rows = sorted(kernels.values(), key=lambda e: -e["us"])
     total = sum(e["us"] for e in rows)
-    log(f"eager step: {sum(e['count'] for e in rows)} kernels, {total:.0f} us of GPU time in all")
+    log(f"{label}: {sum(e['count'] for e in rows)} kernels, {total:.0f} us of GPU time in all, "
+        f"{wall_us:.0f} us of wall time (profiled)")
     for e in rows[:top]:
-        log(f"  {e['us']:8.1f} us  x{e['count']:<3d} {e['name'][:110]}")
-    return [{"total_us": total, "kernels": sum(e["count"] for e in rows)}] + rows[:top]
+        log(f"  {e['us']:8.1f} us  x{e['count']:<5d} {e['name'][:110]}")
+    return [{"total_us": total, "wall_us": wall_us, "kernels": sum(e["count"] for e in rows)}] + rows[:top]
 
 
 def time_routed_experts(model, log) -> dict:
