@@ -202,12 +202,17 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
     state = model.new_state(1)
     _sync()
     start = time.perf_counter()
+    marks = []  # (tokens read, seconds since the start) at every power of two from 8k, and the end
     for a in range(0, prefill_tokens, chunk):
         model(ids[:, a : a + chunk], state, last_only=True)
-    _sync()
-    out = {"prefill_tokens": prefill_tokens, "prefill_tok_s": prefill_tokens / (time.perf_counter() - start),
-           "prefill_peak_gib": torch.cuda.max_memory_allocated() / 2**30, "decode": []}
-    log(f"ours: prefill {out['prefill_tok_s']:,.0f} tok/s over {prefill_tokens:,} tokens")
+        read = min(prefill_tokens, a + chunk)
+        if read == prefill_tokens or (read >= 8192 and read & (read - 1) == 0):
+            _sync()
+            marks.append((read, time.perf_counter() - start))
+            log(f"ours: read {read:,} tokens in {marks[-1][1]:.1f} s ({read / marks[-1][1]:,.0f} tok/s), peak "
+                f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    out = {"prefill_tokens": prefill_tokens, "prefill_tok_s": prefill_tokens / marks[-1][1], "prefill_s": marks[-1][1],
+           "prefill_marks": marks, "prefill_peak_gib": torch.cuda.max_memory_allocated() / 2**30, "decode": []}
     if profile:
         # One more chunk after the document: where a prefill chunk's time goes.
         out["prefill_chunk_kernels"] = profile_kernels(
@@ -528,6 +533,10 @@ def markdown_table(r: dict) -> str:
     else:
         lines.append(f"| prefill tok/s ({r['layers']} layers, {ours['prefill_tokens']:,} tokens) | "
                      f"{ours['prefill_tok_s']:,.0f} | n/a | |")
+    for read, seconds in ours.get("prefill_marks", []):
+        if read in (131072, ours["prefill_tokens"]):
+            lines.append(f"| time to read the first {read:,} tokens | {seconds:.1f} s ({read / seconds:,.0f} tok/s) | | |")
+    lines.append(f"| peak GPU memory during the read, GiB | {ours['prefill_peak_gib']:.1f} | | |")
     for d in ours["decode"]:
         other = next((x for x in base.get("decode", []) if x["context"] == d["context"]), None)
         theirs = other["ms_per_token"] if other else None

@@ -19,7 +19,7 @@ from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.state import MLACache, ModelState
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
-from kimi_desk.kernels.moe import routed_experts
+from kimi_desk.kernels.moe import route_topk, routed_experts
 from kimi_desk.kernels.norm import rms_norm
 
 
@@ -74,13 +74,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (expert ids [N, k], weights [N, k] fp32)."""
         logits = x.float() @ self.weight.float().t()  # [N, E]
-        scores = logits.sigmoid() if self.activation == "sigmoid" else logits.softmax(-1)
-        biased = scores + self.e_score_correction_bias.float()
-        ids = biased.topk(self.top_k, dim=-1, sorted=False).indices  # [N, k]
-        weights = (biased if self.hf_alias_weights else scores).gather(1, ids)
-        if self.renormalize:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return ids, weights * self.scaling
+        return route_topk(logits, self.e_score_correction_bias, self.top_k, self.activation, self.renormalize,
+                          self.scaling, weights_from_biased=self.hf_alias_weights)
 
 
 class Experts(nn.Module):

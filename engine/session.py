@@ -312,10 +312,13 @@ class Answer:
 class Assistant:
     """The model and its tokenizer, loaded once; reads documents into sessions and answers from them."""
 
-    def __init__(self, model, tokenizer, *, prefill_chunk: int = 2048, checkpoint_interval: int = 8192):
+    def __init__(self, model, tokenizer, *, prefill_chunk: int | None = None, checkpoint_interval: int = 8192):
         self.model = model
         self.tokenizer = tokenizer
-        self.prefill_chunk = prefill_chunk
+        # Tokens per prefill call. A GPU takes 8192: every call expands the MLA layers' cached keys once
+        # more (kernels/mla), so fewer, larger chunks read a long document faster; the CPU's 2048 keep
+        # each call short enough to notice a cancellation quickly.
+        self.prefill_chunk = prefill_chunk or (8192 if model.device.type == "cuda" else 2048)
         self.checkpoint_interval = checkpoint_interval
         self.identity = Identity(model.fingerprint, tokenizer.fingerprint)
         self.stop_ids = chat.stop_token_ids(tokenizer, model.config)

@@ -13,14 +13,18 @@ need not hold finite values. On the Triton path q_start may be a one-element dev
 queries [q_nope ‖ q_rope]; keys and values are expanded from the latents through w_uk [H, n, L] and
 w_uv [H, v, L]. Returns the attention output [B, Tq, H, v] in float32.
 
-On CUDA, the absorbed form with up to TRITON_MAX_QUERIES queries runs the split-K Triton kernel of
-decode.py (one pass over the cache, every head at once); from PREFILL_KERNEL_MIN_QUERIES queries, the
-flash-attention-style kernel of prefill.py (blocks of (query, head) rows, each reading only the keys it
-sees, memory bounded by the output at any context length); in between, and the expanded prefill form,
-and everything when KIMI_DESK_KERNELS=torch, PyTorch's GPU operations (one pass over the cache for the
-absorbed form, the fused attention kernels for the expanded one). On the CPU the absorbed form takes one pass
-while the scores stay small, and otherwise the blocked implementations in naive.py, whose memory stays
-bounded at any context length.
+On CUDA, the absorbed form runs the split-K Triton kernel of decode.py (one pass over the cache, every
+head at once; its memory is the output and small partials at any cache length). The model sends it
+fewer than 64 queries (decode, a question after a document); at 16 queries it takes about 8 one-query
+passes' time. KIMI_DESK_KERNELS=torch takes PyTorch's GPU operations instead (one pass over the cache,
+scores for every key: 8 GB for 63 queries over 1M tokens). The prefill form runs cuDNN's fused attention on key blocks expanded from the latents
+(naive.mla_prefill_sdpa: memory bounded at any cache length). On the CPU the absorbed form takes one
+pass while the scores stay small, and otherwise the blocked implementations in naive.py, whose memory
+stays bounded at any context length.
+
+Measured and removed (2026-11-27, H100): an absorbed flash-style prefill kernel in Triton. It reads the
+latents directly, but the absorbed form costs 1088 multiply-adds per query, key and head against the
+expanded form's 320, and it ran 9x slower than the expanded form through cuDNN (git history has it).
 """
 
 from kimi_desk.kernels import use_triton
@@ -32,27 +36,14 @@ __all__ = ["mla_attention", "mla_prefill"]
 # Up to this many scores (queries x heads x keys, 256 MB in float32) attention runs in one pass; beyond
 # it, on the CPU, block by block so that memory stays bounded.
 DENSE_MAX_SCORES = 1 << 26
-# Decode and speculative decode: each block of 32 (query, head) rows reads the key blocks once more (from
-# L2 when the blocks run together), so many queries are better served by the other forms.
-TRITON_MAX_QUERIES = 16
-# The prefill kernel has no split over keys: a few row blocks against a long cache would leave most SMs
-# idle, where the dense form (17-63 queries: a question after a document) is measured and fast enough.
-# Not yet on the model's path (its chunks of >= 64 tokens take the expanded form): it waits for an H100
-# measurement against SDPA before the model's long-cache prefill switches to it.
-PREFILL_KERNEL_MIN_QUERIES = 64
-
 
 def mla_attention(q, cache, q_start, value_dim, scale):
     B, Tq, H, _ = q.shape
     # Imported here: Triton is only loaded when a CUDA tensor asks for it.
-    if Tq <= TRITON_MAX_QUERIES and use_triton(q):
+    if use_triton(q):
         from kimi_desk.kernels.mla.decode import mla_decode
 
         return mla_decode(q, cache, q_start, value_dim, scale)
-    if Tq >= PREFILL_KERNEL_MIN_QUERIES and use_triton(q):
-        from kimi_desk.kernels.mla.prefill import mla_prefill_absorbed
-
-        return mla_prefill_absorbed(q, cache, q_start, value_dim, scale)
     # The PyTorch forms read every row they are given.
     cache = cache[:, : q_start + Tq]
     if q.is_cuda or B * Tq * H * cache.shape[1] <= DENSE_MAX_SCORES:

@@ -1,4 +1,6 @@
-"""The routed experts of a MoE layer: `routed_experts(x, ids, weights, w1, w2, w3, scales=None)`.
+"""A MoE layer's routing and routed experts: `route_topk(logits, bias, ...)` chooses the experts from the
+router's logits (one Triton launch for a few tokens on CUDA, router.py; PyTorch otherwise), and
+`routed_experts(x, ids, weights, w1, w2, w3, scales=None)` runs them.
 
 x [N, D]; ids [N, k] chosen experts; weights [N, k] float32 mixing weights; w1 (gate), w3 (up) [E, I, D]
 and w2 (down) [E, D, I] stacked per expert. Returns float32 [N, D] (naive.py has the formula). scales is
@@ -7,14 +9,22 @@ fp8 weights (kernels/quant has the format), which every path applies to the chos
 
 On CUDA, up to GEMV_MAX_TOKENS tokens (decode, speculative decode) go to the grouped GEMV of gemv.py:
 two launches, no host synchronisation, each chosen expert's weights read once per token that chose it.
-More tokens, and everything on the CPU, take the grouped PyTorch path (one product per chosen expert,
-which asks the host which experts were chosen).
+More tokens (prefill) go to the grouped GEMM of grouped.py: the pairs sorted by expert on the device,
+then two launches of tiled products, each expert's weights shared by all of its tokens, again with no
+host synchronisation. The CPU, and KIMI_DESK_KERNELS=torch, take the grouped PyTorch path (one product
+per chosen expert, which asks the host which experts were chosen).
 """
 
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.moe.naive import routed_experts_gathered, routed_experts_grouped
+from kimi_desk.kernels.moe.naive import route_topk_torch, routed_experts_gathered, routed_experts_grouped
 
-__all__ = ["routed_experts", "routed_experts_gathered", "routed_experts_grouped"]
+__all__ = ["route_topk", "routed_experts", "routed_experts_gathered", "routed_experts_grouped"]
+
+# Tokens up to which the router's choice takes router.py's single launch (decode, speculative decode): its
+# programs hold one row each and pick the top k in k serial rounds, cheap for a few rows, where the eight
+# launches of the PyTorch form cost more than their work. Prefill's thousands of rows are better served
+# by PyTorch's batched top-k (which asks the host nothing either).
+ROUTER_KERNEL_MAX_TOKENS = 16
 
 # Tokens up to which the GEMV kernel runs. Its programs work per (token, chosen expert), so an expert that
 # several tokens chose is read once per token (the repeats mostly from L2: they run side by side); past a
@@ -22,10 +32,24 @@ __all__ = ["routed_experts", "routed_experts_gathered", "routed_experts_grouped"
 GEMV_MAX_TOKENS = 16
 
 
-def routed_experts(x, ids, weights, w1, w2, w3, scales=None):
-    if ids.shape[0] <= GEMV_MAX_TOKENS and use_triton(x):
-        # Imported here: Triton is only loaded when a CUDA tensor asks for it.
-        from kimi_desk.kernels.moe.gemv import routed_experts_gemv
+def route_topk(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False):
+    """The experts a router chooses and their mixing weights, from its logits (naive.route_topk_torch has
+    the formula). Returns (ids [N, top_k] int64, weights [N, top_k] float32)."""
+    if logits.shape[0] <= ROUTER_KERNEL_MAX_TOKENS and use_triton(logits):
+        from kimi_desk.kernels.moe.router import route_topk_triton
 
-        return routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=scales)
+        return route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased)
+    return route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased)
+
+
+def routed_experts(x, ids, weights, w1, w2, w3, scales=None):
+    if use_triton(x):
+        # Imported here: Triton is only loaded when a CUDA tensor asks for it.
+        if ids.shape[0] <= GEMV_MAX_TOKENS:
+            from kimi_desk.kernels.moe.gemv import routed_experts_gemv
+
+            return routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=scales)
+        from kimi_desk.kernels.moe.grouped import routed_experts_grouped_triton
+
+        return routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=scales)
     return routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=scales)

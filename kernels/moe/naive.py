@@ -18,6 +18,20 @@ import torch.nn.functional as F
 from kimi_desk.kernels.quant.naive import dequantize_fp8_rows
 
 
+def route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False):
+    """A router's choice from its logits [N, E] float32: scores = sigmoid (or softmax) of the logits; the
+    correction bias [E] only chooses (top_k of scores + bias), the mixing weights are the unbiased scores
+    of the chosen experts (the biased ones with weights_from_biased), renormalized to sum to one if asked,
+    times `scaling`. Returns (ids [N, top_k] int64, weights [N, top_k] float32)."""
+    scores = logits.sigmoid() if activation == "sigmoid" else logits.softmax(-1)
+    biased = scores + bias.float()
+    ids = biased.topk(top_k, dim=-1, sorted=False).indices
+    weights = (biased if weights_from_biased else scores).gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling
+
+
 def chosen_weights(index, w1, w2, w3, scales, dtype):
     """w1, w2, w3 at `index` (an expert id, or ids for a gather); fp8 ones dequantized to `dtype`."""
     if scales is None:
@@ -26,8 +40,9 @@ def chosen_weights(index, w1, w2, w3, scales, dtype):
 
 
 def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None):
-    """Tokens grouped by expert: each chosen expert runs once on all of its tokens. The CPU path and the
-    GPU's prefill path; it asks the host which experts were chosen (a device synchronisation)."""
+    """Tokens grouped by expert: each chosen expert runs once on all of its tokens. The CPU path (the
+    GPU's prefill takes grouped.py's Triton GEMM instead); it asks the host which experts were chosen (a
+    device synchronisation)."""
     N, k = ids.shape
     out = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device)
     flat = ids.reshape(-1)

@@ -3,6 +3,8 @@
 
 The formulas, with their casts, are naive.py's. On CUDA one Triton launch per call replaces the
 seven to eleven elementwise launches of the PyTorch form, which dominate a decode step's launch count.
+The Triton kernel lives in fused.py: a submodule named like the function would replace it in this
+package's namespace once imported.
 """
 
 from kimi_desk.kernels import use_triton
@@ -13,7 +15,7 @@ __all__ = ["gated_rms_norm", "rms_norm"]
 
 def rms_norm(x, weight, eps):
     if use_triton(x):
-        from kimi_desk.kernels.norm.rms_norm import rms_norm_triton
+        from kimi_desk.kernels.norm.fused import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
@@ -21,7 +23,7 @@ def rms_norm(x, weight, eps):
 
 def gated_rms_norm(x, gate, weight, eps):
     if use_triton(x):
-        from kimi_desk.kernels.norm.rms_norm import rms_norm_triton
+        from kimi_desk.kernels.norm.fused import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps, gate=gate)
     return gated_rms_norm_torch(x, gate, weight, eps)

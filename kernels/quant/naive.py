@@ -2,8 +2,8 @@
 
 A weight matrix W [..., O, D] is stored as Q = round_fp8(W / s) with s [..., O] = max_d |W[..., o, d]| / 448
 (448 is e4m3's largest finite value), so every row uses the format's whole range. W is approximated by
-Q * s[..., None]; a linear layer computes y = (x @ Q^T) * s, with the products taken on the dequantized
-weights. Rows of zeros get s = 1 (Q = 0), never a division by zero.
+Q * s[..., None]; a linear layer computes y = (x @ Q^T) * s: the scale, constant along a row, multiplies
+the product's output rather than every weight. Rows of zeros get s = 1 (Q = 0), never a division by zero.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ per launch setting, from Triton's own compiler and the ptxas it ships. It answer
 spill, does it fit the 227 KiB of shared memory" before any device time is spent; speed still needs
 the GPU. The local Triton may differ from the GPU machine's (check `triton.__version__` on both).
 
-    python packaging/gpu_checks/compile_sm90.py [mla_prefill] [fp8_gemv] [kda_intra]
+    python packaging/gpu_checks/compile_sm90.py [fp8_gemv] [kda_intra]
 """
 
 import os
@@ -59,38 +59,16 @@ def report(name, result):
     print(f"{name:58s} regs {regs:3d}  spill {stores:5d}/{loads:5d} B  smem {shared / 1024:6.1f} KiB{flag}", flush=True)
 
 
-def mla_prefill():
-    from kimi_desk.kernels.mla.prefill import mla_prefill_fwd_kernel
-
-    H, D, V = 32, 576, 512
-    for bm, bn, bv, warps, stages in [(64, 32, None, 8, 3), (64, 32, None, 8, 2), (64, 64, None, 8, 2),
-                                      (64, 16, None, 8, 3), (64, 32, 256, 8, 3), (64, 32, 128, 8, 3),
-                                      (32, 32, None, 4, 3), (32, 32, None, 8, 3), (32, 64, None, 8, 2),
-                                      (128, 32, None, 8, 2)]:
-        BF, BR = 512, 64
-        BV = BF if bv is None else bv
-        const = dict(H=H, D=D, V=V, BM=bm, BN=bn, BF=BF, BV=BV, BR=BR, SPLIT_V=BV < BF, Q_START_ON_DEVICE=False,
-                     OP_DT=tl.bfloat16, DOT_PRECISION="tf32")
-        try:
-            result = compile_sm90(mla_prefill_fwd_kernel, dict(q="*bf16", cache="*bf16", out="*fp32"),
-                                  dict(qk_scale="fp32", q_start="i32", M="i32", stride_cb="i64", stride_ct="i64"),
-                                  const, warps, stages)
-            report(f"mla prefill BM={bm} BN={bn} BV={BV} warps={warps} stages={stages}", result)
-        except Exception as exc:  # a setting that does not compile is a result too
-            print(f"mla prefill BM={bm} BN={bn} BV={BV} warps={warps} stages={stages}: {type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0][:120]}")
-
-
 def fp8_gemv():
     from kimi_desk.kernels.quant.gemv import fp8_gemv_fwd_kernel
 
-    for O, D, bo, bd, warps, last in [(4096, 2304, 64, 128, 4, False), (4096, 2304, 64, 128, 4, True),
-                                      (2304, 2304, 16, 128, 4, False), (163840, 2304, 64, 128, 4, False)]:
-        const = dict(D=D, O=O, CHUNK=bd * 2, SPLITS=4, BN=16, BO=bo, BD=bd, PRECISION="tf32", LAST_SPLIT_REDUCES=last)
+    for O, D, bo, bd, warps, splits in [(4096, 2304, 64, 128, 4, 1), (4096, 2304, 64, 128, 4, 4),
+                                        (2304, 2304, 16, 128, 4, 4), (163840, 2304, 64, 128, 4, 1)]:
+        const = dict(D=D, O=O, CHUNK=bd * 2, SPLITS=splits, BN=16, BO=bo, BD=bd, PRECISION="tf32")
         result = compile_sm90(fp8_gemv_fwd_kernel,
                               dict(x="*bf16", q="*fp8e4nv", scale="*fp32", out="*fp32", y="*bf16", counter="*i32"),
                               dict(N="i32", stride_x="i32"), const, warps)
-        report(f"fp8 gemv O={O} D={D} BO={bo} BD={bd} warps={warps} last-split-reduces={last}", result)
+        report(f"fp8 gemv O={O} D={D} BO={bo} BD={bd} warps={warps} splits={splits}", result)
 
 
 def kda_intra():
@@ -106,7 +84,7 @@ def kda_intra():
 
 
 if __name__ == "__main__":
-    wanted = sys.argv[1:] or ["mla_prefill", "fp8_gemv", "kda_intra"]
+    wanted = sys.argv[1:] or ["fp8_gemv", "kda_intra"]
     print(f"triton {triton.__version__}, {os.path.basename(PTXAS)}, target sm_90a")
     for name in wanted:
         globals()[name]()

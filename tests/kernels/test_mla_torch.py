@@ -60,3 +60,5 @@ def test_gpu_forms_on_cpu_tensors(Tq, Tk):
     w_uk, w_uv = 0.2 * torch.randn(H, n, L), torch.randn(H, V, L)
     want = mla_prefill_reference(q, cache, w_uk, w_uv, Tk - Tq, 0.2)
     assert rel_err(mla_prefill_sdpa(q, cache, w_uk, w_uv, Tk - Tq, 0.2), want) < 1e-5
+    # Cached keys in several blocks (the last one short), merged by their log-sum-exp.
+    assert rel_err(mla_prefill_sdpa(q, cache, w_uk, w_uv, Tk - Tq, 0.2, key_block=70), want) < 1e-5

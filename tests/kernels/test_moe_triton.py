@@ -12,43 +12,17 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 from kimi_desk.kernels.moe import routed_experts_gathered, routed_experts_grouped  # noqa: E402
 from kimi_desk.kernels.moe.gemv import routed_experts_gemv  # noqa: E402
 from kimi_desk.kernels.quant import dequantize_fp8_rows, quantize_fp8_rows  # noqa: E402
+from moe_cases import make_inputs, reference_f64, rel_err  # noqa: E402
 
 # Relative error against float64 on the same rounded weights and inputs. fp32: the kernel accumulates in
 # fp32. bf16: the grouped PyTorch path rounds gate, up and h to bf16, the kernel does not; both land
 # within a few bf16 ulps of float64.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def rel_err(a, b):
-    assert not torch.isnan(a).any(), "NaN in the output (an element the kernel never wrote?)"
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def make_inputs(N, E, k, D, I, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, D, generator=gen).to(dtype)
-    w1 = (torch.randn(E, I, D, generator=gen) / D**0.5).to(dtype)
-    w3 = (torch.randn(E, I, D, generator=gen) / D**0.5).to(dtype)
-    w2 = (torch.randn(E, D, I, generator=gen) / I**0.5).to(dtype)
-    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)])
-    weights = torch.rand(N, k, generator=gen) + 0.1
-    return x, ids, weights, w1, w2, w3
-
-
-def reference_f64(x, ids, weights, w1, w2, w3):
-    x, w1, w2, w3 = (t.double() for t in (x, w1, w2, w3))
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for n in range(ids.shape[0]):
-        for j, e in enumerate(ids[n].tolist()):
-            h = F.silu(w1[e] @ x[n]) * (w3[e] @ x[n])
-            out[n] += weights[n, j].double() * (w2[e] @ h)
-    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -104,22 +104,24 @@ def test_dispatch_sends_a_few_rows_to_the_gemv(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_last_split_reduces_in_the_kernel(dtype):
-    """The opt-in epilogue: the last split of each row block sums the partials in split order and writes
-    y; the same result on every call (bf16 may differ from the sum afterwards by the rounding of a sum
-    taken in another order), and the counters are left at zero for the next call."""
+def test_split_k_reduces_in_the_kernel(dtype):
+    """The last split of each row block sums the partials in split order and writes y: the same result
+    on every call, against float64 and against one split (no partials), and the shared counters are left
+    at zero for the next call."""
+    from kimi_desk.kernels.quant.gemv import _split_counters
+
     D, O, N = 320, 96, 3
     x, q, scale = make_inputs(N, D, O, dtype, seed=11)
     config = {"block_o": 32, "block_d": 32, "min_programs": 64}
     _, _, n_o, splits, _ = launch_shape(O, D, config)
     assert splits > 1
-    counter = torch.zeros(n_o, dtype=torch.int32)
-    first = fp8_linear_gemv(x, q, scale, config=config, counter=counter)
+    first = fp8_linear_gemv(x, q, scale, config=config)
+    counters = _split_counters[x.device]
     for _ in range(2):
-        got = fp8_linear_gemv(x, q, scale, config=config, counter=counter)
+        got = fp8_linear_gemv(x, q, scale, config=config)
         assert torch.equal(got, first)
-        assert torch.equal(counter, torch.zeros_like(counter))
-    assert rel_err(got, fp8_linear_gemv(x, q, scale, config=config)) < TOLERANCE[dtype]
+        assert torch.equal(counters, torch.zeros_like(counters))
+    assert rel_err(got, fp8_linear_gemv(x, q, scale, config={**config, "min_programs": 1})) < TOLERANCE[dtype]
     assert rel_err(got, reference_f64(x, q, scale)) < TOLERANCE[dtype]
 
 

@@ -1,0 +1,284 @@
+"""The routed experts of many tokens (prefill) as a grouped GEMM: two Triton launches, no host
+synchronisation.
+
+Formula and layout as in naive.py. The grouped PyTorch path asks the host which experts were chosen and
+launches a few products per chosen expert (and, for fp8 weights, a dequantization through float32
+copies): at the 48B shapes (E = 256, k = 8, D = 2304, I = 1024) that is some 100k small kernels and
+about 2 s of host time per 8192-token chunk over the 26 MoE layers. Here the whole MoE is two launches
+whose grid depends on the shapes alone (vLLM's fused_moe idea):
+
+1. Routing, in PyTorch on the device (`route_pairs`). The N * k (token, chosen expert) pairs,
+   p = n * k + j, are sorted by expert (a stable argsort of ids), so each expert's pairs form one run of
+   `order`: counts[e] pairs from pair_start[e]. Each run is cut into row blocks of BM pairs, the last
+   one partial: ceil(counts[e] / BM) blocks from block_start[e], and block_expert[b] names row block b's
+   expert (a searchsorted on the blocks' cumulative count). How many blocks there are depends on the
+   choice; the grid takes a bound from the shapes, cdiv(N k, BM) + min(E, N k) (the whole blocks, plus
+   one partial block per chosen expert), and blocks past the real total get expert E: their programs
+   return at once. Counts come from scatter_add_ (bincount and unique would ask the host for a size).
+2. `moe_grouped_gate_up_fwd_kernel`, one program per (row block, BN rows of the hidden width I): the
+   block's pairs' tokens x[n] [BM, BK] (rows gathered) against expert e's w1 and w3 tiles [BK, BN]
+   along D, two fp32 accumulators; the scales s1, s3 on the fp32 sums; h = SiLU(gate) * up, stored in
+   x's dtype at h[p] ([N k, I], rows by pair, so the second launch needs no other index).
+3. `moe_grouped_down_fwd_kernel`, one program per (row block, BN output features of D): h[p] [BM, BK]
+   against w2[e] tiles [BK, BN] along I, times s2 and the pair's mixing weight, into fp32 y[p]
+   ([N k, D]); one sum over k (y viewed [N, k, D]) gives the output: no atomics, so the result does not
+   depend on the order the programs run in.
+
+Both grids are one axis, column blocks fastest: programs that run together are the column blocks of a
+few neighbouring row blocks, which share their gathered x (or h) rows and, mostly, their expert, so each
+x row block and each expert's weights should come from HBM about once and from L2 for the rest. (A 2-D grid
+with row blocks on its first axis would instead run every row block's first column block, then every
+second: x would come from HBM once per column block, eight times for gate/up at the 48B shapes.)
+
+At the 48B shapes and 8192 tokens: 65536 pairs, 256 per expert on average, so 4 row blocks of 64 per
+expert (the last about half empty: ~12% of rows are padding); 1280 row blocks in the grid, at most 256
+of them empty. 0.93 TFLOP per layer against 3.6 GB of bf16 weights (1.8 GB in fp8): about as much
+tensor-core time as HBM time on an H100, so neither bound dominates. Scratch: h 128 MiB (bf16) and
+y 576 MiB (fp32) per call.
+
+fp8 weights (scales given, format in kernels/quant): tiles are loaded as fp8 (half the bytes of bf16)
+and converted in registers to the dots' operand dtype, exactly (e4m3 values are exact in bf16 and fp16);
+each output row's fp32 sum is multiplied by its scale, s1 and s3 before SiLU(gate) * up, s2 on the
+down rows. SCALED is a constexpr, so the kernels without scales carry no trace of it.
+
+Precision: dots with operands in x's dtype (fp8 weights widened to it) and fp32 accumulation; h is
+rounded to x's dtype between the two products, as the PyTorch path rounds it (which also rounds gate
+and up, and dequantized fp8 weights, to x's dtype: this path is slightly more accurate). fp32 x takes
+"ieee" dots (exact fp32, on the CUDA cores; tests and checks, not the model's GPU path). Under Triton's
+interpreter (3.9), which computes bf16 dots wrongly, the operands are fp32 holding the same rounded
+values (as in kernels/mla/decode.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_tile(p, m_rows, m_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    # Masks only on the axes that need them: the 48B shapes divide into whole tiles, whose weight tiles
+    # then load without any, 16 bytes at a time.
+    if MASK_ROWS and MASK_COLS:
+        b = tl.load(p, mask=m_rows[:, None] & m_cols[None, :], other=0.0)
+    elif MASK_ROWS:
+        b = tl.load(p, mask=m_rows[:, None], other=0.0)
+    elif MASK_COLS:
+        b = tl.load(p, mask=m_cols[None, :], other=0.0)
+    else:
+        b = tl.load(p)
+    return b
+
+
+@triton.jit
+def _row_block_pairs(i_b, i_e, order, block_start, pair_start, counts, BM: tl.constexpr):
+    """Row block i_b of expert i_e: its BM pair ids (int64; 0 on padding rows) and which are real."""
+    o_r = (i_b - tl.load(block_start + i_e)) * BM + tl.arange(0, BM)
+    m_r = o_r < tl.load(counts + i_e)
+    o_p = tl.load(order + tl.load(pair_start + i_e) + o_r, mask=m_r, other=0)
+    return o_p, m_r
+
+
+@triton.jit
+def moe_grouped_gate_up_fwd_kernel(
+    x,
+    w1,
+    w3,
+    s1,
+    s3,
+    h,
+    order,
+    block_expert,
+    block_start,
+    pair_start,
+    counts,
+    n_chosen,
+    n_experts,
+    D: tl.constexpr,
+    I: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SCALED: tl.constexpr,
+    OP_DT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_pid = tl.program_id(0)
+    i_b, i_c = i_pid // tl.cdiv(I, BN), i_pid % tl.cdiv(I, BN)
+    i_e = tl.load(block_expert + i_b)
+    # Past the real number of row blocks (the grid is a bound): nothing to do.
+    if i_e >= n_experts:
+        return
+    o_p, m_r = _row_block_pairs(i_b, i_e, order, block_start, pair_start, counts, BM)
+    o_n = o_p // n_chosen
+    o_c = i_c * BN + tl.arange(0, BN)
+    m_c = o_c < I
+    # int64 for the expert's offset (e * I * D passes int32 in larger models); within one expert's
+    # matrix, int32 is plenty. The experts are contiguous, so the offset is a constant multiple: the
+    # compiler knows the tiles' alignment and loads them 16 bytes at a time.
+    p_x = x + o_n[:, None] * D
+    p_w1 = w1 + i_e * (I * D) + o_c[None, :] * D
+    p_w3 = w3 + i_e * (I * D) + o_c[None, :] * D
+    b_gate = tl.zeros([BM, BN], dtype=tl.float32)
+    b_up = tl.zeros([BM, BN], dtype=tl.float32)
+    for d0 in range(0, D, BK):
+        o_k = d0 + tl.arange(0, BK)
+        m_k = o_k < D
+        b_x = _load_tile(p_x + o_k[None, :], m_r, m_k, True, D % BK != 0).to(OP_DT)
+        # w1[e]'s rows o_c read as the columns of a [BK, BN] tile: gate = x @ w1[e]^T.
+        b_w1 = _load_tile(p_w1 + o_k[:, None], m_k, m_c, D % BK != 0, I % BN != 0).to(OP_DT)
+        b_gate = tl.dot(b_x, b_w1, b_gate, input_precision=DOT_PRECISION)
+        b_w3 = _load_tile(p_w3 + o_k[:, None], m_k, m_c, D % BK != 0, I % BN != 0).to(OP_DT)
+        b_up = tl.dot(b_x, b_w3, b_up, input_precision=DOT_PRECISION)
+    if SCALED:
+        # fp8 rows: the scale once per output element, on the fp32 sum, before the nonlinearity.
+        b_gate *= tl.load(s1 + i_e * I + o_c, mask=m_c, other=0.0)[None, :]
+        b_up *= tl.load(s3 + i_e * I + o_c, mask=m_c, other=0.0)[None, :]
+    b_h = b_gate * tl.sigmoid(b_gate) * b_up
+    p_h = h + o_p[:, None] * I + o_c[None, :]
+    tl.store(p_h, b_h.to(h.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+
+
+@triton.jit
+def moe_grouped_down_fwd_kernel(
+    h,
+    w2,
+    s2,
+    weights,
+    y,
+    order,
+    block_expert,
+    block_start,
+    pair_start,
+    counts,
+    n_experts,
+    D: tl.constexpr,
+    I: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SCALED: tl.constexpr,
+    OP_DT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_pid = tl.program_id(0)
+    i_b, i_c = i_pid // tl.cdiv(D, BN), i_pid % tl.cdiv(D, BN)
+    i_e = tl.load(block_expert + i_b)
+    if i_e >= n_experts:
+        return
+    o_p, m_r = _row_block_pairs(i_b, i_e, order, block_start, pair_start, counts, BM)
+    o_c = i_c * BN + tl.arange(0, BN)
+    m_c = o_c < D
+    p_h = h + o_p[:, None] * I
+    p_w2 = w2 + i_e * (D * I) + o_c[None, :] * I
+    b_acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for i0 in range(0, I, BK):
+        o_k = i0 + tl.arange(0, BK)
+        m_k = o_k < I
+        b_h = _load_tile(p_h + o_k[None, :], m_r, m_k, True, I % BK != 0).to(OP_DT)
+        b_w2 = _load_tile(p_w2 + o_k[:, None], m_k, m_c, I % BK != 0, D % BN != 0).to(OP_DT)
+        b_acc = tl.dot(b_h, b_w2, b_acc, input_precision=DOT_PRECISION)
+    if SCALED:
+        b_acc *= tl.load(s2 + i_e * D + o_c, mask=m_c, other=0.0)[None, :]
+    b_acc *= tl.load(weights + o_p, mask=m_r, other=0.0)[:, None]
+    tl.store(y + o_p[:, None] * D + o_c[None, :], b_acc, mask=m_r[:, None] & m_c[None, :])
+
+
+def route_pairs(ids, num_experts, block_m):
+    """The pairs sorted by expert and cut into row blocks of block_m (module docstring, step 1), on the
+    device, without asking the host anything. Returns a dict of int64 tensors (order [N k], block_expert
+    [num_blocks], block_start, pair_start, counts [E]) and num_blocks, the grid's bound on row blocks."""
+    flat = ids.reshape(-1).long()  # [N * k], pair p = n * k + j
+    pairs = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    pair_start = counts.cumsum(0) - counts
+    blocks = (counts + block_m - 1) // block_m
+    block_end = blocks.cumsum(0)
+    num_blocks = triton.cdiv(pairs, block_m) + min(num_experts, pairs)
+    # Block b belongs to the first expert whose blocks end after it; past the last block, expert E.
+    block_expert = torch.searchsorted(block_end, torch.arange(num_blocks, device=ids.device), right=True)
+    return dict(order=order, block_expert=block_expert, block_start=block_end - blocks, pair_start=pair_start,
+                counts=counts), num_blocks
+
+
+def _operand_dtype(dtype):
+    """The dots' operand dtype: x's. Triton's interpreter (3.9) computes bf16 dots wrongly, so there they
+    take fp32 operands holding the same rounded values (fp8 weights and h are rounded by their storage)."""
+    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+# Launch settings for both kernels, chosen by reasoning for an H100 and checked by compiling for sm_90a
+# (packaging/gpu_checks/compile_sm90.py's method, Triton 3.9); not yet timed on a GPU:
+# - block_m = 64 rows: the M of a warpgroup's wgmma. Each expert's last row block is partial: at 8192
+#   tokens (256 pairs per expert on average) 64 wastes ~12% of the rows, 128 would waste ~25%, and more
+#   at smaller chunks.
+# - block_n = 128, block_k = 64: a gate/up pipeline stage is x [64, 64] + w1, w3 [64, 128] in bf16,
+#   40 KiB (24 KiB with fp8 weights), so three stages take 120 KiB of the 227 KiB; the down kernel's is
+#   h [64, 64] + w2 [64, 128], 24 KiB, 72 KiB in all. Each weight tile loaded serves 64 rows (64 FLOPs
+#   per bf16 byte); the rest of the reuse comes from L2, across the expert's row blocks. 128 and 64
+#   divide I = 1024 and D = 2304: the 48B shapes need no masks on the weight tiles.
+# - num_warps = 8 (two warpgroups, each the [64, 64] halves of the accumulators): gate/up's two
+#   [64, 128] fp32 accumulators take 128 registers a thread, where 4 warps sit at the 255 cap (no
+#   spills, but no room); the down kernel takes 80.
+DEFAULT_CONFIG = dict(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+# fp32 x: "ieee" dots run on the CUDA cores from registers and fp32 tiles take twice the shared memory,
+# so small blocks (tests and checks only; the model runs bf16 on a GPU). 4 warps spill with fp8 weights.
+FP32_CONFIG = dict(block_m=32, block_n=64, block_k=32, num_warps=8, num_stages=2)
+
+
+def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, config=None):
+    """kimi_desk.kernels.moe.routed_experts in Triton, for many tokens (prefill). Returns float32 [N, D].
+
+    x [N, D] bf16, fp16 or fp32; w1, w2, w3 in x's dtype, or float8_e4m3fn with scales (s1, s2, s3).
+    `config` overrides entries of DEFAULT_CONFIG (FP32_CONFIG for fp32 x): block_m (a power of two, at
+    least 16), block_n, block_k, num_warps, num_stages, the same for both kernels.
+    """
+    N, D = x.shape
+    k = ids.shape[1]
+    E, I, _ = w1.shape
+    assert w1.shape == w3.shape == (E, I, D) and w2.shape == (E, D, I) and weights.shape == ids.shape
+    assert w1.is_contiguous() and w2.is_contiguous() and w3.is_contiguous()
+    assert x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    if scales is None:
+        s1 = s2 = s3 = None
+        assert w1.dtype == w2.dtype == w3.dtype == x.dtype, "unscaled weights must be in x's dtype"
+    else:
+        s1, s2, s3 = (s.float().contiguous() for s in scales)
+        assert s1.shape == s3.shape == (E, I) and s2.shape == (E, D)
+        assert w1.dtype == w2.dtype == w3.dtype == torch.float8_e4m3fn, "scales go with fp8 weights"
+    cfg = {**(FP32_CONFIG if x.dtype == torch.float32 else DEFAULT_CONFIG), **(config or {})}
+    BM = cfg["block_m"]
+    assert BM >= 16 and BM & (BM - 1) == 0, "block_m: a power of two, at least 16 (tl.dot's smallest side)"
+    if N == 0:
+        return torch.zeros(0, D, dtype=torch.float32, device=x.device)
+    x = x.contiguous()
+    weights = weights.float().contiguous()
+    routing, num_blocks = route_pairs(ids, E, BM)
+    h = torch.empty(N * k, I, dtype=x.dtype, device=x.device)
+    y = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
+
+    # Tiles no wider than the (padded) matrix, and at least 16: tl.dot's smallest side.
+    def tile(setting, width):
+        return min(cfg[setting], max(16, triton.next_power_of_2(width)))
+
+    common = dict(SCALED=scales is not None, OP_DT=_operand_dtype(x.dtype),
+                  DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    route = (routing["order"], routing["block_expert"], routing["block_start"], routing["pair_start"],
+             routing["counts"])
+    BN, BK = tile("block_n", I), tile("block_k", D)
+    moe_grouped_gate_up_fwd_kernel[(num_blocks * triton.cdiv(I, BN),)](
+        x, w1, w3, s1, s3, h, *route, k, E, D=D, I=I, BM=BM, BN=BN, BK=BK, **common,
+    )
+    BN, BK = tile("block_n", D), tile("block_k", I)
+    moe_grouped_down_fwd_kernel[(num_blocks * triton.cdiv(D, BN),)](
+        h, w2, s2, weights, y, *route, E, D=D, I=I, BM=BM, BN=BN, BK=BK, **common,
+    )
+    return y.view(N, k, D).sum(1)

@@ -1,0 +1,31 @@
+"""Inputs and the float64 reference shared by the routed-experts kernel tests (GEMV and grouped GEMM)."""
+
+import torch
+import torch.nn.functional as F
+
+
+def rel_err(a, b):
+    assert not torch.isnan(a).any(), "NaN in the output (an element the kernel never wrote?)"
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_inputs(N, E, k, D, I, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=gen).to(dtype)
+    w1 = (torch.randn(E, I, D, generator=gen) / D**0.5).to(dtype)
+    w3 = (torch.randn(E, I, D, generator=gen) / D**0.5).to(dtype)
+    w2 = (torch.randn(E, D, I, generator=gen) / I**0.5).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)])
+    weights = torch.rand(N, k, generator=gen) + 0.1
+    return x, ids, weights, w1, w2, w3
+
+
+def reference_f64(x, ids, weights, w1, w2, w3):
+    """The formula, one (token, expert) pair at a time, in float64."""
+    x, w1, w2, w3 = (t.double() for t in (x, w1, w2, w3))
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for n in range(ids.shape[0]):
+        for j, e in enumerate(ids[n].tolist()):
+            h = F.silu(w1[e] @ x[n]) * (w3[e] @ x[n])
+            out[n] += weights[n, j].double() * (w2[e] @ h)
+    return out
