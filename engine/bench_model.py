@@ -78,6 +78,12 @@ def check_correctness(log) -> dict:
     parts = [gpu32(ids[:, :200].cuda(), state)] + [gpu32(ids[:, t : t + 1].cuda(), state) for t in range(200, 300)]
     result["chunked_then_stepped_rel_err_fp32"] = _rel(torch.cat(parts, 1).cpu(), ref)
 
+    # Prefill chunks that take MLA's expanded form after cached tokens (the cached keys' blocks merged).
+    for name, model in [("fp32", gpu32), ("bf16", gpu16)]:
+        state = model.new_state(1)
+        parts = [model(ids[:, a : a + 100].cuda(), state) for a in (0, 100, 200)]
+        result[f"prefill_chunks_rel_err_{name}"] = _rel(torch.cat(parts, 1).float().cpu(), ref)
+
     # A session's pattern: a document, then short turns (under one KDA chunk) on the kept state.
     bounds = [0, 200, 218, 263, 300]
     for name, model in [("fp32", gpu32), ("bf16", gpu16)]:
@@ -556,7 +562,9 @@ def markdown_table(r: dict) -> str:
     c = r["check"]
     lines += ["", f"Correctness (7-layer random model, GPU against CPU float32): logits rel. error "
               f"{c['logits_rel_err_fp32']:.1e} (fp32), {c['logits_rel_err_bf16']:.1e} (bf16); chunked then "
-              f"token-by-token {c['chunked_then_stepped_rel_err_fp32']:.1e}; greedy tokens agreeing out of 16: "
+              f"token-by-token {c['chunked_then_stepped_rel_err_fp32']:.1e}; in chunks of 100 "
+              f"{c.get('prefill_chunks_rel_err_fp32', float('nan')):.1e} (fp32), "
+              f"{c.get('prefill_chunks_rel_err_bf16', float('nan')):.1e} (bf16); greedy tokens agreeing out of 16: "
               f"{c['greedy_agree_fp32']} (fp32), {c['greedy_agree_bf16']} (bf16), {c.get('greedy_agree_fp8')} (fp8 "
               f"weights: logits rel. error {c.get('logits_rel_err_fp8', float('nan')):.1e} against CPU float32, "
               f"{c.get('logits_rel_err_fp8_vs_bf16', float('nan')):.1e} against bf16)."]

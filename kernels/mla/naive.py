@@ -137,41 +137,52 @@ def mla_prefill_sdpa(q, cache, w_uk, w_uv, q_start, scale, key_block=PREFILL_KEY
     log-sum-exp of its scores per (query, head); the blocks merge exactly by those weights (the
     online-softmax rule), in float32. Products run in the cache's dtype with float32 accumulation."""
     B, Tq, H, _ = q.shape
-    L = w_uk.shape[-1]
+    L, R = w_uk.shape[-1], cache.shape[-1] - w_uk.shape[-1]
+    n, V = w_uk.shape[1], w_uv.shape[1]
     dtype = cache.dtype
-    w_uk, w_uv = w_uk.to(dtype), w_uv.to(dtype)
-    queries = q.to(dtype).transpose(1, 2).contiguous()  # [B, H, Tq, D]
-    attend = _attention_with_lse(q.device)
+    # One product expands a block of latents [c | k_r] into every head's key [k_nope | k_r]: the key
+    # matrix maps c through W_UK and k_r through an identity (exact: products by 1 and sums with 0). Its
+    # output, viewed [B, H, nk, n + R] with the tokens' stride, goes to the attention kernel as it is: no
+    # concatenation, no copy (they took 11% of a chunk's GPU time at 1M cached tokens).
+    w_k = torch.zeros(L + R, H, n + R, dtype=dtype, device=q.device)
+    w_k[:L, :, :n] = w_uk.permute(2, 0, 1)
+    w_k[L:, :, n:] = torch.eye(R, dtype=dtype, device=q.device).unsqueeze(1)
+    w_k = w_k.view(L + R, H * (n + R))
+    w_v = w_uv.to(dtype).permute(2, 0, 1).reshape(L, H * V)
+    queries = q.to(dtype).transpose(1, 2)  # [B, H, Tq, n + R]
+    attend = _attention_with_lse(q.device, dtype)
 
     def expanded(j0, j1):
-        latent, k_rope = cache[:, j0:j1, :L], cache[:, j0:j1, L:]
-        k_nope = torch.einsum("bkl,hnl->bhkn", latent, w_uk)
-        k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(-1, H, -1, -1)], dim=-1)  # [B, H, nk, D]
-        return k, torch.einsum("bkl,hvl->bhkv", latent, w_uv).contiguous()  # [B, H, nk, V]
+        block = cache[:, j0:j1]
+        k = (block @ w_k).view(B, j1 - j0, H, n + R).transpose(1, 2)
+        v = (block[..., :L] @ w_v).view(B, j1 - j0, H, V).transpose(1, 2)
+        return k, v
 
     out, lse = attend(queries, *expanded(q_start, q_start + Tq), True, scale)
     out = out.float()
     for j0 in range(0, q_start, key_block):
         block_out, block_lse = attend(queries, *expanded(j0, min(q_start, j0 + key_block)), False, scale)
         merged = torch.logaddexp(lse, block_lse)
-        out = out * (lse - merged).exp().unsqueeze(-1) + block_out.float() * (block_lse - merged).exp().unsqueeze(-1)
+        out.mul_((lse - merged).exp_().unsqueeze(-1))
+        out.add_(block_out * (block_lse - merged).exp_().unsqueeze(-1))
         lse = merged
     return out.transpose(1, 2)
 
 
-def _attention_with_lse(device):
+def _attention_with_lse(device, dtype):
     """attend(q [B, H, Tq, D], k [B, H, Tk, D], v [B, H, Tk, V], causal, scale) -> (out [B, H, Tq, V],
     natural log-sum-exp of the scaled scores [B, H, Tq] float32); `causal` for Tq == Tk only.
 
-    On CUDA, cuDNN's fused attention: on an H100 (2026-11-27, packaging/gpu_checks/mla_prefill_sdpa.py)
-    630 TFLOP/s with the values 128 wide, against 277 for the flash attention kernel PyTorch picks by
-    default, which also wants the values padded to the keys' 192. A GPU or build without cuDNN's takes
-    that flash kernel. On the CPU (tests) the scores are materialised."""
-    if device.type == "cuda":
-        if _cudnn_attention_works(device):
-            return _cudnn_attention
-        return _flash_attention
-    return _math_attention
+    On CUDA in bf16 or fp16, cuDNN's fused attention: on an H100 (2026-11-27,
+    packaging/gpu_checks/mla_prefill_sdpa.py) 630 TFLOP/s with the values 128 wide, against 277 for the
+    flash attention kernel PyTorch picks by default, which also wants the values padded to the keys' 192.
+    A GPU or build without cuDNN's takes that flash kernel. float32 on CUDA (checks; neither kernel takes
+    it) takes the memory-efficient kernel. On the CPU (tests) the scores are materialised."""
+    if device.type != "cuda":
+        return _math_attention
+    if dtype == torch.float32:
+        return _efficient_attention
+    return _cudnn_attention if _cudnn_attention_works(device) else _flash_attention
 
 
 def _cudnn_attention(q, k, v, causal, scale):
@@ -185,6 +196,11 @@ def _flash_attention(q, k, v, causal, scale):
         v = torch.nn.functional.pad(v, (0, q.shape[-1] - V))
     out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     return out[0][..., :V], out[1]
+
+
+def _efficient_attention(q, k, v, causal, scale):
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+    return out[0], out[1][..., : q.shape[-2]]  # its log-sum-exp is padded to a multiple of 32 queries
 
 
 def _math_attention(q, k, v, causal, scale):
