@@ -20,7 +20,7 @@ from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.state import MLACache, ModelState
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
 from kimi_desk.kernels.moe import route_topk, routed_experts
-from kimi_desk.kernels.norm import rms_norm
+from kimi_desk.kernels.norm import add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -33,6 +33,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + delta, its norm): one launch on a GPU, where the add alone would be another."""
+        if delta is None:
+            return residual, self(residual)
+        return add_rms_norm(residual, delta, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -190,10 +196,14 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h: torch.Tensor, layer_state) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), layer_state)
+    def forward(self, h: torch.Tensor, pending: torch.Tensor | None, layer_state) -> tuple[torch.Tensor, torch.Tensor]:
+        """h + attention(norm(h)), then + ffn(norm(.)), with each residual add joined to the norm after
+        it: `pending` is the previous layer's output, not yet added to h (None before the first layer),
+        and the returned pair is (h, this layer's output still to be added)."""
+        h, x = self.input_layernorm.add_and_norm(h, pending)
+        h, x = self.post_attention_layernorm.add_and_norm(h, self.self_attn(x, layer_state))
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
-        return h + ffn(self.post_attention_layernorm(h))
+        return h, ffn(x)
 
 
 class Backbone(nn.Module):
@@ -234,9 +244,10 @@ class KimiLinearForCausalLM(nn.Module):
         if input_ids.shape[0] != state.batch_size:
             raise ValueError(f"input_ids has batch {input_ids.shape[0]}, the state {state.batch_size}")
         h = self.model.embed_tokens(input_ids.to(self.device))  # [B, T, D]
+        pending = None
         for layer, layer_state in zip(self.model.layers, state.layers):
-            h = layer(h, layer_state)
+            h, pending = layer(h, pending, layer_state)
         state.position += input_ids.shape[1]
         if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.model.norm(h)).float()
+            h, pending = h[:, -1:], pending[:, -1:]
+        return self.lm_head(self.model.norm.add_and_norm(h, pending)[1]).float()

@@ -56,3 +56,29 @@ def test_gated_rms_norm(dtype):
     want = gated_rms_norm_torch(x, gate, weight, 1e-5)
     assert got.dtype == dtype
     assert rel_err(got, want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_residual_add_then_norm(dtype):
+    """With delta: the residual sum, rounded to its dtype as `x + delta` is, and the norm of that sum."""
+    gen = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(2, 3, 200, generator=gen)).to(dtype)
+    delta = torch.randn(2, 3, 200, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(200, generator=gen)).to(dtype)
+    summed, got = rms_norm_triton(x, weight, 1e-6, delta=delta)
+    assert summed.dtype == dtype and got.dtype == dtype
+    assert rel_err(summed, x + delta) < TOLERANCE[dtype]  # the interpreter rounds to bf16 its own way
+    assert rel_err(got, rms_norm_torch(x + delta, weight, 1e-6)) < TOLERANCE[dtype]
+
+
+def test_add_rms_norm_dispatch(monkeypatch):
+    from kimi_desk.kernels.norm import add_rms_norm
+
+    gen = torch.Generator().manual_seed(4)
+    x, delta = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    weight = torch.rand(64, generator=gen) + 0.5
+    want_sum, want = x + delta, rms_norm_torch(x + delta, weight, 1e-6)
+    for kernels in ("torch", "triton"):
+        monkeypatch.setenv("KIMI_DESK_KERNELS", kernels)
+        summed, got = add_rms_norm(x, delta, weight, 1e-6)
+        assert rel_err(summed, want_sum) < 1e-7 and rel_err(got, want) < TOLERANCE[torch.float32]
