@@ -173,14 +173,16 @@ def slice_config(layers: int):
 
 def decode_bytes(model, context: int) -> int:
     """Bytes one batch-1 decode step must read: every weight except the routed experts not chosen (8 of
-    256 per layer), one embedding row, the MLA caches, and the KDA state read and written."""
+    256 per layer; a shared expert stacked with them, engine/fuse.py, is read too), one embedding row,
+    the MLA caches, and the KDA state read and written."""
     config = model.config
     total = 0
     for name, p in [*model.named_parameters(), *model.named_buffers()]:
         if name.endswith("embed_tokens.weight"):
             total += p.shape[1] * p.element_size()
         elif ".experts.w" in name:  # the stacked experts and their fp8 scales
-            total += p.nbytes * config.num_experts_per_token // config.num_experts
+            read = config.num_experts_per_token + p.shape[0] - config.num_experts
+            total += p.nbytes // p.shape[0] * read
         else:
             total += p.nbytes
     mla_layers = config.layer_kinds.count("mla")

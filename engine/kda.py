@@ -82,7 +82,9 @@ class KimiDeltaAttention(nn.Module):
         self.g_b_proj = nn.Linear(K, P, bias=False)
         self.o_norm = GatedRMSNorm(K, config.rms_norm_eps)
         self.o_proj = nn.Linear(P, D, bias=False)
-        self.in_proj = None  # the six projections of x joined at load time (engine/fuse.py)
+        # Joined at load time (engine/fuse.py): the six projections of x, and the gates' second halves.
+        self.in_proj = None
+        self.gates_b_proj = None
 
     def new_state(self, batch_size: int, dtype: torch.dtype, device) -> KDAState:
         H, K = self.num_heads, self.head_dim
@@ -104,23 +106,25 @@ class KimiDeltaAttention(nn.Module):
         k = l2norm(k.view(B, T, H, K)).to(x.dtype)  # [B, T, H, K]
         v = v.view(B, T, H, K)  # [B, T, H, V]
         # Log-space decay -exp(A_log) * softplus(f + dt_bias), fp32; not bounded below.
-        f = self.f_b_proj(f_in).float() + self.dt_bias
+        f = f_in.float() + self.dt_bias
         g = -self.A_log.float().exp() * F.softplus(f.view(B, T, H, K), threshold=20.0)  # [B, T, H, K]
         beta = torch.sigmoid(b_in.float())  # [B, T, H]
         o, recurrent = kda(q, k, v, g, beta, initial_state=state.recurrent, output_final_state=True)
         state.recurrent.copy_(recurrent)
         state.conv.copy_(torch.stack([conv_q, conv_k, conv_v], dim=1))
-        gate = self.g_b_proj(g_in).view(B, T, H, K)
-        o = self.o_norm(o, gate)  # [B, T, H, V]
+        o = self.o_norm(o, g_in.view(B, T, H, K))  # [B, T, H, V]
         return self.o_proj(o.reshape(B, T, H * K))
 
     def input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The six maps of x: q, k, v (before their convolutions), the two gates' low-rank halves, and
-        beta's logits; one product when they were joined at load time."""
+        """The maps of x: q, k, v (before their convolutions), the forget gate's and the output gate's
+        inputs (each through its two low-rank halves) and beta's logits; two products when they were
+        joined at load time."""
         if self.in_proj is not None:
-            return self.in_proj(x)
-        return (self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_a_proj(x), self.g_a_proj(x),
-                self.b_proj(x))
+            q, k, v, gates_a, b = self.in_proj(x)
+            f, g = self.gates_b_proj(gates_a)
+            return q, k, v, f, g, b
+        return (self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_b_proj(self.f_a_proj(x)),
+                self.g_b_proj(self.g_a_proj(x)), self.b_proj(x))
 
     def _decode_fused(self, x: torch.Tensor, state: KDAState) -> torch.Tensor:
         """The same function for a few tokens on the GPU, in Triton. The kernels read the projections
@@ -135,12 +139,10 @@ class KimiDeltaAttention(nn.Module):
         q, k, v = short_conv_update_triton(
             (q_in, k_in, v_in), (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight), state.conv,
         )  # each [B, T, P], SiLU applied
-        gate_input = self.f_b_proj(f_in).view(B, T, H, K)
         o, _ = fused_recurrent_kda_triton(
-            q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), gate_input, b_in.contiguous(),
+            q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), f_in.view(B, T, H, K), b_in.contiguous(),
             initial_state=state.recurrent, A_log=self.A_log, dt_bias=self.dt_bias,
             use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, inplace_final_state=True,
         )  # [B, T, H, V]
-        gate = self.g_b_proj(g_in).view(B, T, H, K)
-        o = self.o_norm(o, gate)  # [B, T, H, V]
+        o = self.o_norm(o, g_in.view(B, T, H, K))  # [B, T, H, V]
         return self.o_proj(o.reshape(B, T, H * K))

@@ -76,12 +76,15 @@ class Router(nn.Module):
         self.renormalize = config.moe_renormalize
         self.scaling = config.routed_scaling_factor
         self.hf_alias_weights = False
+        # Set when the shared expert is stacked with the routed ones (engine/fuse.py): its index, appended
+        # to every token's choice with weight 1.
+        self.shared_expert: int | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (expert ids [N, k], weights [N, k] fp32)."""
+        """x [N, D] -> (expert ids [N, k], weights [N, k] fp32); k + 1 columns with the shared expert."""
         logits = x.float() @ self.weight.float().t()  # [N, E]
         return route_topk(logits, self.e_score_correction_bias, self.top_k, self.activation, self.renormalize,
-                          self.scaling, weights_from_biased=self.hf_alias_weights)
+                          self.scaling, weights_from_biased=self.hf_alias_weights, append=self.shared_expert)
 
 
 class Experts(nn.Module):

@@ -17,3 +17,19 @@ def use_triton(tensor) -> bool:
     if forced == "torch":
         return False
     return tensor.is_cuda or forced == "triton"
+
+
+_zeroed_counters: dict = {}
+
+
+def zeroed_counters(device, n: int):
+    """An int32 tensor of at least n zeros on `device`, shared by the kernels whose last program to
+    finish a block does its reduction (they count on it, and the last one puts its count back to zero).
+    Kernels on one stream run one after another, so one tensor serves them all; two streams running such
+    kernels at once would need their own."""
+    import torch
+
+    counters = _zeroed_counters.get(device)
+    if counters is None or counters.numel() < n:
+        counters = _zeroed_counters[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return counters

@@ -32,14 +32,15 @@ ROUTER_KERNEL_MAX_TOKENS = 16
 GEMV_MAX_TOKENS = 16
 
 
-def route_topk(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False):
+def route_topk(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False, append=None):
     """The experts a router chooses and their mixing weights, from its logits (naive.route_topk_torch has
-    the formula). Returns (ids [N, top_k] int64, weights [N, top_k] float32)."""
+    the formula, and `append`). Returns (ids [N, k] int64, weights [N, k] float32), k = top_k (+ 1)."""
     if logits.shape[0] <= ROUTER_KERNEL_MAX_TOKENS and use_triton(logits):
         from kimi_desk.kernels.moe.router import route_topk_triton
 
-        return route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased)
-    return route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased)
+        return route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased,
+                                 append=append)
+    return route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append)
 
 
 def routed_experts(x, ids, weights, w1, w2, w3, scales=None):

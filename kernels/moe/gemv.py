@@ -8,8 +8,9 @@ synchronisation per layer) and launches three products per expert. Here the chos
    expert's hidden width: h = SiLU(w1[e] x) * (w3[e] x) for those rows, reading w1[e] and w3[e] once, in
    tiles [BI, BD] along the model width, with fp32 accumulation. h is kept in fp32 ([N * k, I], small).
 2. `moe_down_fwd_kernel`, one program per pair and block of BD output features: w2[e] h times the pair's
-   mixing weight, into fp32 partials [N, k, D] that one sum over k reduces (no atomics, so the result
-   does not depend on the order programs run in).
+   mixing weight, into fp32 partials [N, k, D]; the last of a token's k programs for a block (a counter
+   per token and block) sums the k partials in pair order and writes the output: no separate reduce
+   launch, and the result does not depend on the order programs run in.
 
 Each chosen expert's weights are read exactly once per token that chose it: at N = 1 (decode) that is
 the fewest bytes possible; with several tokens an expert chosen by more than one is read again, mostly
@@ -30,6 +31,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kimi_desk.kernels import zeroed_counters
 
 
 @triton.jit
@@ -85,6 +88,9 @@ def moe_down_fwd_kernel(
     w2,
     s2,
     partial,
+    out,
+    counter,
+    n_chosen,
     stride_we,
     D: tl.constexpr,
     I: tl.constexpr,
@@ -109,6 +115,19 @@ def moe_down_fwd_kernel(
     if SCALED:
         b_acc *= tl.load(s2 + i_e * D + o_d, mask=m_d, other=0.0)
     tl.store(partial + i_p.to(tl.int64) * D + o_d, b_acc * b_weight, mask=m_d)
+    # Every thread's stores are done (barrier) before the count is released; the last of the token's
+    # pairs acquires it before reading the others' partials (from L2).
+    tl.debug_barrier()
+    i_n = i_p // n_chosen
+    p_count = counter + i_n * tl.num_programs(1) + i_d
+    if tl.atomic_add(p_count, 1, sem="acq_rel", scope="gpu") == n_chosen - 1:
+        tl.debug_barrier()
+        b_sum = tl.zeros([BD], dtype=tl.float32)
+        for j in range(0, n_chosen):
+            p_part = partial + (i_n * n_chosen + j).to(tl.int64) * D + o_d
+            b_sum += tl.load(p_part, mask=m_d, other=0.0, cache_modifier=".cg")
+        tl.store(out + i_n.to(tl.int64) * D + o_d, b_sum, mask=m_d)
+        tl.atomic_xchg(p_count, 0, sem="relaxed", scope="gpu")
 
 
 # Tile shapes, chosen by reasoning, not tuned. At the 48B shapes (D = 2304, I = 1024, k = 8) one token
@@ -139,6 +158,7 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None):
     weights = weights.float().contiguous()
     h = torch.empty(N * k, I, dtype=torch.float32, device=x.device)
     partial = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
+    out = torch.empty(N, D, dtype=torch.float32, device=x.device)
 
     BI = min(GATE_UP_CONFIG["block_i"], triton.next_power_of_2(I))
     BD = min(GATE_UP_CONFIG["block_d"], triton.next_power_of_2(D))
@@ -148,8 +168,9 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None):
     )
     BD = min(DOWN_CONFIG["block_d"], triton.next_power_of_2(D))
     BI = min(DOWN_CONFIG["block_i"], triton.next_power_of_2(I))
+    counters = zeroed_counters(x.device, N * triton.cdiv(D, BD))
     moe_down_fwd_kernel[(N * k, triton.cdiv(D, BD))](
-        h, ids, weights, w2, s2, partial, w2.stride(0), D=D, I=I, BD=BD, BI=BI, SCALED=scales is not None,
-        num_warps=DOWN_CONFIG["num_warps"],
+        h, ids, weights, w2, s2, partial, out, counters, k, w2.stride(0), D=D, I=I, BD=BD, BI=BI,
+        SCALED=scales is not None, num_warps=DOWN_CONFIG["num_warps"],
     )
-    return partial.view(N, k, D).sum(1)
+    return out

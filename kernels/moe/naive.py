@@ -18,18 +18,24 @@ import torch.nn.functional as F
 from kimi_desk.kernels.quant.naive import dequantize_fp8_rows
 
 
-def route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False):
+def route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False,
+                     append=None):
     """A router's choice from its logits [N, E] float32: scores = sigmoid (or softmax) of the logits; the
     correction bias [E] only chooses (top_k of scores + bias), the mixing weights are the unbiased scores
     of the chosen experts (the biased ones with weights_from_biased), renormalized to sum to one if asked,
-    times `scaling`. Returns (ids [N, top_k] int64, weights [N, top_k] float32)."""
+    times `scaling`. Returns (ids [N, top_k] int64, weights [N, top_k] float32); with `append` (an expert
+    index: the shared expert stacked after the routed ones) one more column, that id with weight 1."""
     scores = logits.sigmoid() if activation == "sigmoid" else logits.softmax(-1)
     biased = scores + bias.float()
     ids = biased.topk(top_k, dim=-1, sorted=False).indices
     weights = (biased if weights_from_biased else scores).gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return ids, weights * scaling
+    weights = weights * scaling
+    if append is not None:
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], append)], dim=1)
+        weights = torch.cat([weights, torch.ones_like(weights[:, :1])], dim=1)
+    return ids, weights
 
 
 def chosen_weights(index, w1, w2, w3, scales, dtype):

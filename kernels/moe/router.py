@@ -38,6 +38,8 @@ def route_topk_fwd_kernel(
     SIGMOID: tl.constexpr,
     RENORMALIZE: tl.constexpr,
     WEIGHTS_FROM_BIASED: tl.constexpr,
+    APPEND: tl.constexpr,
+    K_OUT: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, BE)
@@ -75,14 +77,19 @@ def route_topk_fwd_kernel(
     if RENORMALIZE:
         # Lanes past TOP_K hold 0 and add nothing.
         b_weights = b_weights / (tl.sum(b_weights, 0) + 1e-20)
-    m_k = o_k < TOP_K
-    tl.store(ids + i_n * TOP_K + o_k, b_ids, mask=m_k)
-    tl.store(weights + i_n * TOP_K + o_k, b_weights * scaling, mask=m_k)
+    b_weights = b_weights * scaling
+    if APPEND >= 0:
+        # The shared expert, stacked after the routed ones: chosen by every token, weight 1.
+        b_ids = tl.where(o_k == TOP_K, APPEND, b_ids)
+        b_weights = tl.where(o_k == TOP_K, 1.0, b_weights)
+    m_k = o_k < K_OUT
+    tl.store(ids + i_n * K_OUT + o_k, b_ids, mask=m_k)
+    tl.store(weights + i_n * K_OUT + o_k, b_weights, mask=m_k)
 
 
-def route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased):
-    """Router.forward after its logits, in one launch: logits [N, E] float32 and the correction bias [E]
-    -> (ids [N, top_k] int64, weights [N, top_k] float32)."""
+def route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append=None):
+    """naive.route_topk_torch in one launch: logits [N, E] float32 and the correction bias [E] -> (ids
+    [N, k] int64, weights [N, k] float32), k = top_k, or top_k + 1 with `append` (that id, weight 1)."""
     N, E = logits.shape
     assert bias.shape == (E,) and 1 <= top_k <= E
     assert activation in ("sigmoid", "softmax")
@@ -90,8 +97,9 @@ def route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, wei
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     bias = bias.float().contiguous()
-    ids = torch.empty(N, top_k, dtype=torch.int64, device=logits.device)
-    weights = torch.empty(N, top_k, dtype=torch.float32, device=logits.device)
+    k_out = top_k + (append is not None)
+    ids = torch.empty(N, k_out, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(N, k_out, dtype=torch.float32, device=logits.device)
     if N == 0:
         return ids, weights
     BE = triton.next_power_of_2(E)
@@ -100,7 +108,8 @@ def route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, wei
     num_warps = min(8, max(1, BE // 256))
     route_topk_fwd_kernel[(N,)](
         logits, bias, ids, weights, float(scaling), logits.stride(0),
-        E=E, BE=BE, TOP_K=top_k, BK=triton.next_power_of_2(top_k), SIGMOID=activation == "sigmoid",
-        RENORMALIZE=bool(renormalize), WEIGHTS_FROM_BIASED=bool(weights_from_biased), num_warps=num_warps,
+        E=E, BE=BE, TOP_K=top_k, BK=triton.next_power_of_2(k_out), SIGMOID=activation == "sigmoid",
+        RENORMALIZE=bool(renormalize), WEIGHTS_FROM_BIASED=bool(weights_from_biased),
+        APPEND=-1 if append is None else int(append), K_OUT=k_out, num_warps=num_warps,
     )
     return ids, weights

@@ -20,8 +20,8 @@ PyTorch form dequantizes first, writing and reading back float32 and x-dtype cop
    2026-11-27: 17.1 -> 13.7 us for a 4096 x 2304 weight, 11.3 -> 8.3 us for 32 x 2304, in a CUDA graph).
    With one split the kernel writes y directly.
 
-The counters are one int32 tensor per device, shared by every call: calls on one stream run one after
-another, and each leaves its counters at zero. (Two streams running GEMVs at once would need their own.)
+The counters are kimi_desk.kernels.zeroed_counters, shared by every call: calls on one stream run one
+after another, and each leaves its counters at zero.
 
 The grid depends only on the shapes, and nothing asks the host anything, so a CUDA graph can replay it.
 
@@ -42,6 +42,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kimi_desk.kernels import zeroed_counters
 
 
 @triton.jit
@@ -129,17 +131,6 @@ def launch_shape(O: int, D: int, config: dict | None = None) -> tuple[int, int, 
     return BO, BD, n_o, triton.cdiv(n_d, per_split), per_split * BD
 
 
-_split_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """The device's split counters (zeros, left at zero by every call), at least n of them."""
-    counters = _split_counters.get(device)
-    if counters is None or counters.numel() < n:
-        counters = _split_counters[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return counters
-
-
 def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """kimi_desk.kernels.quant.fp8_linear in Triton: x [..., D] with at most BLOCK_N rows (bf16, fp16 or
     fp32), q [O, D] float8_e4m3fn contiguous, scale [O] float32. Returns [..., O] in x's dtype.
@@ -160,7 +151,7 @@ def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, confi
 
     BO, BD, n_o, splits, chunk = launch_shape(O, D, config)
     partials = y if splits == 1 else torch.empty(splits, N, O, dtype=torch.float32, device=x.device)
-    counters = _counters(x.device, n_o) if splits > 1 else partials
+    counters = zeroed_counters(x.device, n_o) if splits > 1 else partials
     extra = {k: v for k, v in {**CONFIG, **(config or {})}.items() if k in ("num_warps", "num_stages")}
     fp8_gemv_fwd_kernel[(n_o, splits)](
         rows, q, scale, partials, y, counters, N, rows.stride(0),

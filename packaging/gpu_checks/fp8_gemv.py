@@ -96,3 +96,38 @@ if not small:
             except Exception as exc:  # a setting that does not compile is a result too
                 cells.append(f"{type(exc).__name__[:24]:>24}")
         print(f"{O:>7} {D:>5}  " + "  ".join(f"{c:>24}" for c in cells))
+
+# The routed experts of one token (8 routed + the shared one stacked after them, engine/fuse.py), fp8,
+# with the launch settings of kernels/moe/gemv.py varied; in a CUDA graph.
+if not small:
+    from kimi_desk.kernels.moe import gemv as moe_gemv
+
+    E1 = E + 1
+    q1x, q2x, q3x = (torch.cat([q.view(torch.uint8), q[:1].view(torch.uint8)]).view(q.dtype) for q in (q1, q2, q3))
+    s1x, s2x, s3x = (torch.cat([s, s[:1]]) for s in (s1, s2, s3))
+    x = torch.randn(1, D, device=dev).bfloat16()
+    ids = torch.cat([torch.randperm(E, device=dev)[:k], torch.tensor([E], device=dev)])[None]
+    wts = torch.rand(1, k + 1, device=dev) + 0.1
+    want = routed_experts_grouped(x.float(), ids, wts, q1x, q2x, q3x, scales=(s1x, s2x, s3x))
+    floor_us = 3 * I * D * (k + 1) / 3.0e12 * 1e6
+    print(f"\nmoe fp8, one token, 9 experts (floor {floor_us:.1f} us at 3.0 TB/s): gate/up config, down config")
+    base_gu, base_dn = dict(moe_gemv.GATE_UP_CONFIG), dict(moe_gemv.DOWN_CONFIG)
+    for gu, dn in [({}, {}), ({"block_i": 32, "block_d": 128}, {}), ({"block_i": 8, "block_d": 512}, {}),
+                   ({"block_i": 16, "block_d": 256, "num_warps": 8}, {}), ({"block_i": 32, "block_d": 256, "num_warps": 8}, {}),
+                   ({}, {"block_d": 16, "block_i": 512}), ({}, {"block_d": 64, "block_i": 128}), ({}, {"block_d": 32, "block_i": 256, "num_warps": 8})]:
+        moe_gemv.GATE_UP_CONFIG.update({**base_gu, **gu}); moe_gemv.DOWN_CONFIG.update({**base_dn, **dn})
+        try:
+            got = routed_experts_gemv(x, ids, wts, q1x, q2x, q3x, scales=(s1x, s2x, s3x))
+            g = torch.cuda.CUDAGraph()
+            st = torch.cuda.Stream(); st.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(st):
+                routed_experts_gemv(x, ids, wts, q1x, q2x, q3x, scales=(s1x, s2x, s3x))
+            torch.cuda.current_stream().wait_stream(st)
+            with torch.cuda.graph(g):
+                routed_experts_gemv(x, ids, wts, q1x, q2x, q3x, scales=(s1x, s2x, s3x))
+            t = triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median") * 1e3
+            print(f"  {str(gu or 'default'):>50} {str(dn or 'default'):>50} {t:7.2f} us  err {rel(got, want):.1e}")
+        except Exception as exc:
+            print(f"  {str(gu):>50} {str(dn):>50} {type(exc).__name__}: {str(exc)[:80]}")
+    moe_gemv.GATE_UP_CONFIG.update(base_gu); moe_gemv.DOWN_CONFIG.update(base_dn)
+print("OK")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kimi_desk.engine import load_model
-from kimi_desk.engine.fuse import FusedLinear, fuse_projections
+from kimi_desk.engine.fuse import BlockDiagonalLinear, FusedLinear, fuse_projections
+from kimi_desk.engine.model import SparseMoE
 from kimi_desk.engine.weights import save_checkpoint
 
 
@@ -29,14 +30,22 @@ def test_fused_model_computes_what_the_separate_projections_do(checkpoint_fixtur
     ids = torch.randint(0, separate.config.vocab_size, (2, 64))
     assert rel_err(run(fused, ids), run(separate, ids)) < 1e-6
 
+    # One joined projection per attention block and dense MLP; the shared experts folded into the routed.
+    config = fused.config
     groups = [m for m in fused.modules() if isinstance(m, FusedLinear)]
-    layers = fused.config.num_hidden_layers
-    assert len(groups) == layers + 1 + sum(1 for i in range(layers) if i >= fused.config.first_k_dense_replace)
+    assert len(groups) == config.num_hidden_layers + config.first_k_dense_replace
+    moes = [m for m in fused.modules() if isinstance(m, SparseMoE)]
+    assert moes and all(m.shared_experts is None and m.gate.shared_expert == config.num_experts for m in moes)
+    assert all(m.experts.w1.shape[0] == m.experts.w2.shape[0] == config.num_experts + 1 for m in moes)
     names = [name for name, _ in fused.named_parameters()]
     assert not any(name.endswith((".q_proj.weight", ".k_proj.weight", ".gate_proj.weight", ".b_proj.weight"))
                    for name in names)
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
-    assert count(fused) == count(separate)
+    # The same parameters, plus the zero blocks of the KDA gates' block-diagonal product.
+    diagonals = [m for m in fused.modules() if isinstance(m, BlockDiagonalLinear)]
+    assert len(diagonals) == config.layer_kinds.count("kda")
+    zeros = sum(m.inner.weight.numel() - sum(o * i for o, i in zip(m.sizes, m.widths)) for m in diagonals)
+    assert count(fused) == count(separate) + zeros
 
 
 def test_fused_decode_on_the_triton_path(tiny_checkpoint, monkeypatch):

@@ -97,3 +97,17 @@ def test_fp8_gemv_reads_only_the_chosen_experts():
     got = routed_experts_gemv(x, ids, weights, q1, q2, q3, scales=(s1, s2, s3))
     assert rel_err(got, want) < 1e-5
     assert rel_err(routed_experts_grouped(x, ids, weights, q1, q2, q3, scales=(s1, s2, s3)), want) < 1e-5
+
+
+def test_gemv_sums_the_pairs_in_the_kernel():
+    """The last of a token's pairs sums the partials in pair order: the same bits on every call, and the
+    shared counters left at zero."""
+    from kimi_desk.kernels import zeroed_counters
+
+    inputs = make_inputs(4, 6, 3, 300, 40, torch.float32, seed=9)
+    first = routed_experts_gemv(*inputs)
+    for _ in range(2):
+        assert torch.equal(routed_experts_gemv(*inputs), first)
+    counters = zeroed_counters(inputs[0].device, 1)
+    assert not counters.any()
+    assert rel_err(first, reference_f64(*inputs)) < 1e-5

@@ -57,7 +57,7 @@ def assert_same_routing(ids, weights, ref_ids, ref_weights, tolerance=TOLERANCE)
     assert err < tolerance, f"relative error {err:.3g}"
 
 
-def run_kernel(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased):
+def run_kernel(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append=None):
     """route_topk_triton with its outputs poisoned beforehand, so an element it never wrote shows up:
     NaN weights, and ids of -1 (outside any set of experts)."""
     real_empty = torch.empty
@@ -68,7 +68,8 @@ def run_kernel(logits, bias, top_k, activation, renormalize, scaling, weights_fr
 
     router_module.torch.empty = poisoned_empty
     try:
-        return route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased)
+        return route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased,
+                                 append=append)
     finally:
         router_module.torch.empty = real_empty
 
@@ -153,3 +154,24 @@ def test_router_forward_triton_matches_torch(monkeypatch, N, activation, hf_alia
         monkeypatch.setenv("KIMI_DESK_KERNELS", "triton")
         ids, weights = router(x)
     assert_same_routing(ids, weights, ref_ids, ref_weights)
+
+
+@pytest.mark.parametrize("top_k", [1, 7, 8])
+def test_shared_expert_appended(top_k):
+    """With `append` (the shared expert stacked after the routed ones): one more column, that id with
+    weight 1 (not scaled), after the routed choice, which is unchanged; as the PyTorch path does."""
+    from kimi_desk.kernels.moe.naive import route_topk_torch
+
+    gen = torch.Generator().manual_seed(top_k)
+    logits, bias = torch.randn(5, 256, generator=gen), 0.1 * torch.randn(256, generator=gen)
+    ids, weights = run_kernel(logits, bias, top_k, "sigmoid", True, SCALING, False, append=256)
+    want_ids, want_weights = route_topk_torch(logits, bias, top_k, "sigmoid", True, SCALING, False, append=256)
+    assert ids.shape == weights.shape == want_ids.shape == (5, top_k + 1)
+    assert (ids[:, -1] == 256).all() and (weights[:, -1] == 1).all()
+    assert torch.equal(want_ids[:, -1], ids[:, -1]) and torch.equal(want_weights[:, -1], weights[:, -1])
+    routed, _ = run_kernel(logits, bias, top_k, "sigmoid", True, SCALING, False)
+    assert torch.equal(ids[:, :top_k], routed)
+    for n in range(5):
+        order, want_order = ids[n, :top_k].argsort(), want_ids[n, :top_k].argsort()
+        assert torch.equal(ids[n, :top_k][order], want_ids[n, :top_k][want_order])
+        assert torch.allclose(weights[n, :top_k][order], want_weights[n, :top_k][want_order], rtol=1e-6)
