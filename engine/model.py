@@ -98,11 +98,11 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], chosen ids and mixing weights [N, k] -> sum_j weights[:, j] * expert_{ids[:, j]}(x),
-        float32 [N, D]. Grouped products per chosen expert; on the GPU a few tokens (decode) take a
+        [N, D] in x's dtype (summed in float32, rounded once). Grouped products per chosen expert; on the GPU a few tokens (decode) take a
         Triton GEMV that never asks the host which experts were chosen (kernels/moe)."""
         # fp8 experts (engine/quantize.py) carry one scale per output row beside each matrix.
         scales = (self.w1_scale, self.w2_scale, self.w3_scale) if hasattr(self, "w1_scale") else None
-        return routed_experts(x, ids, weights, self.w1, self.w2, self.w3, scales=scales)
+        return routed_experts(x, ids, weights, self.w1, self.w2, self.w3, scales=scales, out_dtype=x.dtype)
 
 
 class SparseMoE(nn.Module):
@@ -120,7 +120,7 @@ class SparseMoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         ids, weights = self.gate(flat)
-        out = self.experts(flat, ids, weights).to(x.dtype).view(B, T, D)
+        out = self.experts(flat, ids, weights).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

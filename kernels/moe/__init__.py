@@ -15,6 +15,8 @@ host synchronisation. The CPU, and KIMI_DESK_KERNELS=torch, take the grouped PyT
 per chosen expert, which asks the host which experts were chosen).
 """
 
+import torch
+
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.moe.naive import route_topk_torch, routed_experts_gathered, routed_experts_grouped
 
@@ -43,14 +45,19 @@ def route_topk(logits, bias, top_k, activation, renormalize, scaling, weights_fr
     return route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append)
 
 
-def routed_experts(x, ids, weights, w1, w2, w3, scales=None):
+def routed_experts(x, ids, weights, w1, w2, w3, scales=None, out_dtype=None):
+    """Returns [N, D] in float32, or in `out_dtype` (the decode kernel rounds its float32 sum once and
+    writes that, saving a launch)."""
     if use_triton(x):
         # Imported here: Triton is only loaded when a CUDA tensor asks for it.
         if ids.shape[0] <= GEMV_MAX_TOKENS:
             from kimi_desk.kernels.moe.gemv import routed_experts_gemv
 
-            return routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=scales)
+            return routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=scales,
+                                       out_dtype=out_dtype or torch.float32)
         from kimi_desk.kernels.moe.grouped import routed_experts_grouped_triton
 
-        return routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=scales)
-    return routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=scales)
+        out = routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=scales)
+    else:
+        out = routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=scales)
+    return out if out_dtype is None else out.to(out_dtype)

@@ -126,22 +126,22 @@ def moe_down_fwd_kernel(
         for j in range(0, n_chosen):
             p_part = partial + (i_n * n_chosen + j).to(tl.int64) * D + o_d
             b_sum += tl.load(p_part, mask=m_d, other=0.0, cache_modifier=".cg")
-        tl.store(out + i_n.to(tl.int64) * D + o_d, b_sum, mask=m_d)
+        tl.store(out + i_n.to(tl.int64) * D + o_d, b_sum.to(out.dtype.element_ty), mask=m_d)
         tl.atomic_xchg(p_count, 0, sem="relaxed", scope="gpu")
 
 
-# Tile shapes, chosen by reasoning, not tuned. At the 48B shapes (D = 2304, I = 1024, k = 8) one token
-# makes 8 x 64 gate/up programs of 2 x [16, 256] bf16 tiles per step and 8 x 72 down programs of
-# [32, 256]: a few programs per SM, each with two to four 16-byte loads per thread in flight. Measured on
-# an H100 (BENCHMARKS.md, "Whole model"): 56.7 us for one token, 67% of the 37.7 us floor; gate/up runs
-# at 1.9 TB/s, down at 2.6 TB/s, so gate/up is where tuning would pay. fp8 weights take the same tiles
-# (half the bytes per load); not yet measured.
-GATE_UP_CONFIG = dict(block_i=16, block_d=256, num_warps=4)
+# Tile shapes. At the 48B shapes (D = 2304, I = 1024, k = 8 + the shared expert) one token makes 9 x 64
+# gate/up programs of 2 x [16, 256] tiles and 9 x 72 down programs of [32, 256]. Measured on an H100
+# (2026-11-27, packaging/gpu_checks/fp8_gemv.py, fp8, one token, both launches in a CUDA graph; floor
+# 21.2 us): 45.4 us with 4 warps for gate/up, 42.4 with 8 (chosen); 16 x 512 or 32 x 128 gate/up tiles
+# and three other down shapes were no faster.
+GATE_UP_CONFIG = dict(block_i=16, block_d=256, num_warps=8)
 DOWN_CONFIG = dict(block_d=32, block_i=256, num_warps=4)
 
 
-def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None):
-    """kimi_desk.kernels.moe.routed_experts in Triton, for a few tokens. Returns float32 [N, D]."""
+def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torch.float32):
+    """kimi_desk.kernels.moe.routed_experts in Triton, for a few tokens. Returns [N, D] in out_dtype (the
+    float32 sum rounded once, in the kernel)."""
     N, D = x.shape
     k = ids.shape[1]
     E, I, _ = w1.shape
@@ -153,12 +153,12 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None):
         s1, s2, s3 = (s.float().contiguous() for s in scales)
         assert s1.shape == s3.shape == (E, I) and s2.shape == (E, D)
     if N == 0:
-        return torch.zeros(0, D, dtype=torch.float32, device=x.device)
+        return torch.zeros(0, D, dtype=out_dtype, device=x.device)
     x, ids = x.contiguous(), ids.contiguous()
     weights = weights.float().contiguous()
     h = torch.empty(N * k, I, dtype=torch.float32, device=x.device)
     partial = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
-    out = torch.empty(N, D, dtype=torch.float32, device=x.device)
+    out = torch.empty(N, D, dtype=out_dtype, device=x.device)
 
     BI = min(GATE_UP_CONFIG["block_i"], triton.next_power_of_2(I))
     BD = min(GATE_UP_CONFIG["block_d"], triton.next_power_of_2(D))

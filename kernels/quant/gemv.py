@@ -104,15 +104,19 @@ def fp8_gemv_fwd_kernel(
             tl.atomic_xchg(counter + i_o, 0, sem="relaxed", scope="gpu")
 
 
-# Tile shapes, chosen by reasoning. BN = 16 is tl.dot's smallest side. A [64, 128] fp8 tile is 8 KB per
-# load (four 16-byte loads a thread at 4 warps), 32 KB as the fp32 operand: 64 registers a thread, leaving
-# room for the pipeline's next loads. At the 48B shapes (launch_shape): O = 163840 makes 2560 row blocks
-# and no split; O = 4096 at D = 2304, 64 row blocks x 6 splits; O = 2304, 36 x 9 (D = 2304) or 36 x 8
-# (D = 4096); O = 1024, 16 x 18. Measured on an H100 against no split, 16 or 32 rows a block, 256-wide
-# tiles and 8 warps (packaging/gpu_checks/fp8_gemv.py): best or within 5% at every shape but the joined
-# KDA projections (12288 x 2304: 23.4 us, 20.8 with no split and 32 rows).
+# Tile shapes. BN = 16 is tl.dot's smallest side. Rows a block, measured on an H100 (2026-11-27,
+# packaging/gpu_checks/fp8_gemv.py, one token, in a CUDA graph, each with the split-K of launch_shape):
+#   weight [O, D]    64 rows, 3 stages   32 rows, 4 stages (chosen)
+#   18432 x 2304     35.7 us             27.5 us   (the dense layer's joined gate/up)
+#   12288 x 2304     23.3                20.7      (KDA's six joined projections, about this size)
+#    6464 x 2304     17.7                15.4      (MLA's q and latent projection)
+#    2304 x 4096     14.8                13.2      (the output projections)
+#    2048 x 2304     11.9                10.6
+#    1024 x 2304      9.7                 9.3
+# No split (16 or 32 rows), 256-wide tiles and 8 warps were slower or no faster at every shape. A
+# [32, 128] fp8 tile is 4 KB per load; four stages keep 16 KB of each program's loads in flight.
 BLOCK_N = 16
-CONFIG = dict(block_o=64, block_d=128, num_warps=4)
+CONFIG = dict(block_o=32, block_d=128, num_warps=4, num_stages=4)
 # Programs the grid should reach: two per SM of a 132-SM H100, so that while one program waits on its
 # loads another one's are in flight on the same SM.
 MIN_PROGRAMS = 2 * 132
