@@ -1,5 +1,5 @@
-"""A MoE layer's routing and routed experts: `route(x, router, bias, ...)` chooses the experts (logits and
-choice in one Triton launch for a few tokens on CUDA, router.py; PyTorch otherwise), and
+"""A MoE layer's routing and routed experts: `route_topk(logits, bias, ...)` chooses the experts from the
+router's logits (one Triton launch for a few tokens on CUDA, router.py; PyTorch otherwise), and
 `routed_experts(x, ids, weights, w1, w2, w3, scales=None)` runs them.
 
 x [N, D]; ids [N, k] chosen experts; weights [N, k] float32 mixing weights; w1 (gate), w3 (up) [E, I, D]
@@ -20,11 +20,11 @@ import torch
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.moe.naive import route_topk_torch, routed_experts_gathered, routed_experts_grouped
 
-__all__ = ["route", "routed_experts", "routed_experts_gathered", "routed_experts_grouped"]
+__all__ = ["route_topk", "routed_experts", "routed_experts_gathered", "routed_experts_grouped"]
 
-# Tokens up to which the router takes router.py's single launch (decode, speculative decode): the last
-# program of each row picks the top k in k serial rounds, cheap for a few rows, where the ten launches of
-# the PyTorch form cost more than their work. Prefill's thousands of rows are better served
+# Tokens up to which the router's choice takes router.py's single launch (decode, speculative decode): its
+# programs hold one row each and pick the top k in k serial rounds, cheap for a few rows, where the eight
+# launches of the PyTorch form cost more than their work. Prefill's thousands of rows are better served
 # by PyTorch's batched top-k (which asks the host nothing either).
 ROUTER_KERNEL_MAX_TOKENS = 16
 
@@ -34,16 +34,14 @@ ROUTER_KERNEL_MAX_TOKENS = 16
 GEMV_MAX_TOKENS = 16
 
 
-def route(x, router, bias, top_k, activation, renormalize, scaling, weights_from_biased=False, append=None):
-    """The experts a router [E, D] chooses for x [N, D] and their mixing weights: the logits x @ router^T
-    in float32, then naive.route_topk_torch (which has the formula, and `append`). Returns (ids [N, k]
-    int64, weights [N, k] float32), k = top_k (+ 1)."""
-    if x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS and use_triton(x):
-        from kimi_desk.kernels.moe.router import route_triton
+def route_topk(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False, append=None):
+    """The experts a router chooses and their mixing weights, from its logits (naive.route_topk_torch has
+    the formula, and `append`). Returns (ids [N, k] int64, weights [N, k] float32), k = top_k (+ 1)."""
+    if logits.shape[0] <= ROUTER_KERNEL_MAX_TOKENS and use_triton(logits):
+        from kimi_desk.kernels.moe.router import route_topk_triton
 
-        return route_triton(x, router, bias, top_k, activation, renormalize, scaling, weights_from_biased,
-                            append=append)
-    logits = x.float() @ router.float().t()
+        return route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased,
+                                 append=append)
     return route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append)
 
 

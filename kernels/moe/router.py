@@ -1,27 +1,20 @@
-"""A MoE router for a few tokens (decode), logits and choice in one Triton launch.
+"""A MoE router's expert choice for a few tokens (decode) in one Triton launch.
 
-naive.route_topk_torch (after the logits product x @ W^T in float32) is the reference and the path for
-everything else (kernels/moe's `route` dispatches). That path takes a cast of x, a matrix-vector product
-and about eight small launches after it (sigmoid, + bias, topk, gather, sum, add, divide, multiply) per
-MoE layer: a noticeable share of a CUDA-graph decode step whose layers each do little work. Here they are
-one kernel, `route_fwd_kernel`, with a grid of (token, block of BLOCK_E experts):
+naive.route_topk_torch is the reference and the path for everything else (kernels/moe's `route_topk`
+dispatches). After the router's logits GEMV it runs sigmoid (or softmax), + correction bias, topk, gather, sum, add, divide and multiply: about
+eight small launches per MoE layer, a noticeable share of a CUDA-graph decode step whose layers each do
+little work. Here they are one kernel, `route_topk_fwd_kernel`, with one program per token row:
 
-1. Each program computes its block's logits in float32, x [D] against its rows of the router weight
-   [BLOCK_E, D] (read once: 16 programs read a 256-expert router's 2.4 MB side by side), and stores them.
-2. It counts itself done on the token's counter; the last of the token's programs to finish (the others'
-   logits visible to it: release / acquire) makes the choice, as `_choose` below:
-   a. The row's E logits in registers, padded to a power of two BE; padded lanes are never chosen.
-   b. scores = sigmoid(logits), or softmax over the E real lanes; biased = scores + bias.
-   c. TOP_K rounds of: the largest biased score among the lanes not yet taken, the lowest lane holding it
-      (so ties go to the lowest expert id, deterministically), then take that lane. Each round records
-      the id and its weight, read from the biased or the unbiased scores (WEIGHTS_FROM_BIASED).
-   d. Optionally renormalize the k weights to sum to one (+ 1e-20, as the reference), times the scaling;
-      with APPEND (the shared expert stacked after the routed ones) one more column, that id, weight 1.
-   It puts the counter back to zero (the counters are kimi_desk.kernels.zeroed_counters).
+1. Load the row's E logits into registers, padded to a power of two BE; padded lanes are never chosen.
+2. scores = sigmoid(logits), or softmax over the E real lanes; biased = scores + bias.
+3. TOP_K rounds of: the largest biased score among the lanes not yet taken, the lowest lane holding it
+   (so ties go to the lowest expert id, deterministically), then take that lane. Each round records the
+   id and its weight, read from the biased or the unbiased scores (WEIGHTS_FROM_BIASED).
+4. Optionally renormalize the k weights to sum to one (+ 1e-20, as the reference), times the scaling.
 
 The ids come out in choice order (largest biased score first), which torch.topk(sorted=False) does not
-promise; the set of ids and the weight of each id are the same. The grid is fixed by N and E alone and
-nothing is read back to the host, so a CUDA graph can replay it.
+promise; the set of ids and the weight of each id are the same. The grid is fixed by N alone and nothing
+is read back to the host, so a CUDA graph can replay it.
 """
 
 from __future__ import annotations
@@ -30,61 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_desk.kernels import zeroed_counters
-
 @triton.jit
-def route_fwd_kernel(
-    x,
-    router,
-    bias,
-    logits,
-    counter,
-    ids,
-    weights,
-    scaling,
-    stride_x,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    BE: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BD: tl.constexpr,
-    TOP_K: tl.constexpr,
-    BK: tl.constexpr,
-    SIGMOID: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    WEIGHTS_FROM_BIASED: tl.constexpr,
-    APPEND: tl.constexpr,
-    K_OUT: tl.constexpr,
-):
-    i_n, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    o_eb = i_b * BLOCK_E + tl.arange(0, BLOCK_E)
-    m_eb = o_eb < E
-    b_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
-        m_d = o_d < D
-        b_x = tl.load(x + i_n * stride_x + o_d, mask=m_d, other=0.0).to(tl.float32)
-        b_w = tl.load(router + o_eb[:, None] * D + o_d[None, :], mask=m_eb[:, None] & m_d[None, :], other=0.0)
-        b_acc += tl.sum(b_w.to(tl.float32) * b_x[None, :], 1)
-    tl.store(logits + i_n * E + o_eb, b_acc, mask=m_eb)
-    # Every thread's stores are done (barrier) before the count is released; the last program acquires it
-    # before reading the others' logits (from L2).
-    tl.debug_barrier()
-    if tl.atomic_add(counter + i_n, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
-        tl.debug_barrier()
-        _choose(logits, bias, ids, weights, scaling, i_n, E, BE, TOP_K, BK, SIGMOID, RENORMALIZE,
-                WEIGHTS_FROM_BIASED, APPEND, K_OUT)
-        tl.atomic_xchg(counter + i_n, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _choose(
+def route_topk_fwd_kernel(
     logits,
     bias,
     ids,
     weights,
     scaling,
-    i_n,
+    stride_n,
     E: tl.constexpr,
     BE: tl.constexpr,
     TOP_K: tl.constexpr,
@@ -95,9 +41,10 @@ def _choose(
     APPEND: tl.constexpr,
     K_OUT: tl.constexpr,
 ):
+    i_n = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, BE)
     m_e = o_e < E
-    b_logits = tl.load(logits + i_n * E + o_e, mask=m_e, other=float("-inf"), cache_modifier=".cg")
+    b_logits = tl.load(logits + i_n * stride_n + o_e, mask=m_e, other=float("-inf")).to(tl.float32)
     if SIGMOID:
         b_scores = tl.sigmoid(b_logits)
     else:
@@ -140,34 +87,29 @@ def _choose(
     tl.store(weights + i_n * K_OUT + o_k, b_weights, mask=m_k)
 
 
-# Experts per program, and the width of a step along D: a [16, 256] float32 tile of the router is 16 KB,
-# 32 registers a thread at 4 warps; 16 programs per token for E = 256.
-BLOCK_E = 16
-BLOCK_D = 256
-
-
-def route_triton(x, router, bias, top_k, activation, renormalize, scaling, weights_from_biased, append=None):
-    """naive.route_topk_torch on the logits x @ router^T, in one launch: x [N, D] (any float dtype, a
-    contiguous last axis), router [E, D] and the correction bias [E] (float32) -> (ids [N, k] int64,
-    weights [N, k] float32), k = top_k, or top_k + 1 with `append` (that id, weight 1)."""
-    N, D = x.shape
-    E = router.shape[0]
-    assert router.shape == (E, D) and bias.shape == (E,) and 1 <= top_k <= E
+def route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append=None):
+    """naive.route_topk_torch in one launch: logits [N, E] float32 and the correction bias [E] -> (ids
+    [N, k] int64, weights [N, k] float32), k = top_k, or top_k + 1 with `append` (that id, weight 1)."""
+    N, E = logits.shape
+    assert bias.shape == (E,) and 1 <= top_k <= E
     assert activation in ("sigmoid", "softmax")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    router, bias = router.float().contiguous(), bias.float().contiguous()
+    logits = logits.float()
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    bias = bias.float().contiguous()
     k_out = top_k + (append is not None)
-    ids = torch.empty(N, k_out, dtype=torch.int64, device=x.device)
-    weights = torch.empty(N, k_out, dtype=torch.float32, device=x.device)
+    ids = torch.empty(N, k_out, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(N, k_out, dtype=torch.float32, device=logits.device)
     if N == 0:
         return ids, weights
-    logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
-    route_fwd_kernel[(N, triton.cdiv(E, BLOCK_E))](
-        x, router, bias, logits, zeroed_counters(x.device, N), ids, weights, float(scaling), x.stride(0),
-        D=D, E=E, BE=triton.next_power_of_2(E), BLOCK_E=BLOCK_E, BD=min(BLOCK_D, triton.next_power_of_2(D)),
-        TOP_K=top_k, BK=triton.next_power_of_2(k_out), SIGMOID=activation == "sigmoid",
+    BE = triton.next_power_of_2(E)
+    # One warp for E <= 256 keeps every reduction within the warp (shuffles, no shared memory or barrier);
+    # wider rows get more warps so a thread holds at most ~16 lanes of each register array.
+    num_warps = min(8, max(1, BE // 256))
+    route_topk_fwd_kernel[(N,)](
+        logits, bias, ids, weights, float(scaling), logits.stride(0),
+        E=E, BE=BE, TOP_K=top_k, BK=triton.next_power_of_2(k_out), SIGMOID=activation == "sigmoid",
         RENORMALIZE=bool(renormalize), WEIGHTS_FROM_BIASED=bool(weights_from_biased),
-        APPEND=-1 if append is None else int(append), K_OUT=k_out, num_warps=4,
+        APPEND=-1 if append is None else int(append), K_OUT=k_out, num_warps=num_warps,
     )
     return ids, weights

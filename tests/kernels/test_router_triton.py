@@ -1,7 +1,5 @@
 """The MoE router kernel, run on CPU tensors through Triton's interpreter, against a float64 reference of
-Router.forward's formula, and Router.forward itself with KIMI_DESK_KERNELS=triton against =torch. The
-choice is checked on given logits (x = the logits, the router an identity: its products are exact), the
-logits product on a random router.
+Router.forward's formula, and Router.forward itself with KIMI_DESK_KERNELS=triton against =torch.
 
 The kernel returns ids in choice order and torch.topk(sorted=False) in none in particular, so ids are
 compared as sorted sets and weights after sorting each row by id. TRITON_INTERPRET is set by
@@ -19,7 +17,7 @@ pytest.importorskip("triton")
 from kimi_desk.engine.model import Router  # noqa: E402
 from kimi_desk.engine.random_checkpoint import tiny_config  # noqa: E402
 from kimi_desk.kernels.moe import router as router_module  # noqa: E402
-from kimi_desk.kernels.moe.router import route_triton  # noqa: E402
+from kimi_desk.kernels.moe.router import route_topk_triton  # noqa: E402
 
 # Relative error of the float32 weights against float64: a sigmoid (or softmax), an add, a divide and a
 # multiply, each within an ulp or two of fp32.
@@ -60,8 +58,8 @@ def assert_same_routing(ids, weights, ref_ids, ref_weights, tolerance=TOLERANCE)
 
 
 def run_kernel(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append=None):
-    """route_triton on the logits themselves (an identity router), with its outputs and scratch poisoned
-    beforehand, so an element it never wrote shows up: NaN weights and logits, ids of -1."""
+    """route_topk_triton with its outputs poisoned beforehand, so an element it never wrote shows up:
+    NaN weights, and ids of -1 (outside any set of experts)."""
     real_empty = torch.empty
 
     def poisoned_empty(*shape, dtype=None, device=None):
@@ -70,8 +68,8 @@ def run_kernel(logits, bias, top_k, activation, renormalize, scaling, weights_fr
 
     router_module.torch.empty = poisoned_empty
     try:
-        return route_triton(logits, torch.eye(logits.shape[1]), bias, top_k, activation, renormalize, scaling,
-                            weights_from_biased, append=append)
+        return route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased,
+                                 append=append)
     finally:
         router_module.torch.empty = real_empty
 
@@ -125,24 +123,11 @@ def test_ties_go_to_the_lowest_id():
 def test_nan_logits_still_give_ids_in_range():
     """A NaN logit ranks highest, as in torch.topk: its expert is chosen and the weights are NaN, but no id
     falls outside the experts (the expert kernels would read out of bounds)."""
-    x = torch.randn(2, 64)
-    router = torch.randn(256, 64)
-    router[17, 5] = float("nan")  # expert 17's logit is NaN for every token
-    ids, weights = route_triton(x, router, torch.zeros(256), 8, "sigmoid", True, SCALING, False)
-    assert all(17 in row for row in ids.tolist()) and ((ids >= 0) & (ids < 256)).all()
-    assert torch.isnan(weights).all()
-
-
-@pytest.mark.parametrize("E,D", [(256, 2304), (40, 100)])
-def test_logits_product(E, D):
-    """The logits x @ router^T in float32 inside the launch, from bf16 x: the choice of the float64
-    formula on the same logits (random, so no near-ties decide it)."""
-    gen = torch.Generator().manual_seed(E)
-    x = torch.randn(3, D, generator=gen).bfloat16()
-    router, bias = torch.randn(E, D, generator=gen) / D**0.5, 0.1 * torch.randn(E, generator=gen)
-    ids, weights = route_triton(x, router, bias, 8, "sigmoid", True, SCALING, False)
-    logits = x.double() @ router.double().T
-    assert_same_routing(ids, weights, *reference_f64(logits, bias, 8, "sigmoid", True, SCALING, False))
+    logits = torch.randn(2, 256)
+    logits[0, 17] = float("nan")
+    ids, weights = route_topk_triton(logits, torch.zeros(256), 8, "sigmoid", True, SCALING, False)
+    assert 17 in ids[0].tolist() and ((ids >= 0) & (ids < 256)).all()
+    assert torch.isnan(weights[0]).all() and not torch.isnan(weights[1]).any()
 
 
 def make_router(seed, **overrides):
