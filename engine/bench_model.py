@@ -73,6 +73,23 @@ def check_correctness(log) -> dict:
     result = {"logits_rel_err_fp32": _rel(gpu32(ids.cuda(), gpu32.new_state(1)).cpu(), ref),
               "logits_rel_err_bf16": _rel(logits16, ref),
               "logits_rel_err_fp8": _rel(logits8, ref), "logits_rel_err_fp8_vs_bf16": _rel(logits8, logits16)}
+    # As the app loads it (engine/fuse.py: joined projections, the shared expert stacked with the routed
+    # ones) against the same checkpoint loaded as is, on the GPU: a prefill, then 8 decode steps.
+    from kimi_desk.engine.fuse import fuse_projections
+
+    for name, dtype, quantize in [("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
+                                  ("fp8", torch.bfloat16, "fp8")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_random_checkpoint(tail7_config(), Path(tmp) / "m", seed=3)
+            separate = load_model(path, device="cuda", dtype=dtype, quantize=quantize)
+            fused = fuse_projections(load_model(path, device="cuda", dtype=dtype, quantize=quantize))
+        outs = []
+        for model in (separate, fused):
+            state = model.new_state(1)
+            outs.append(torch.cat([model(ids[:, :292].cuda(), state)] +
+                                  [model(ids[:, t : t + 1].cuda(), state) for t in range(292, 300)], 1).float())
+        result[f"fused_vs_separate_rel_err_{name}"] = _rel(outs[1].cpu(), outs[0].cpu())
+        del separate, fused
     # The GPU's chunked prefill and token-by-token decode hand the state over exactly.
     state = gpu32.new_state(1)
     parts = [gpu32(ids[:, :200].cuda(), state)] + [gpu32(ids[:, t : t + 1].cuda(), state) for t in range(200, 300)]
@@ -579,7 +596,10 @@ def markdown_table(r: dict) -> str:
               f"{c['logits_rel_err_fp32']:.1e} (fp32), {c['logits_rel_err_bf16']:.1e} (bf16); chunked then "
               f"token-by-token {c['chunked_then_stepped_rel_err_fp32']:.1e}; in chunks of 100 "
               f"{c.get('prefill_chunks_rel_err_fp32', float('nan')):.1e} (fp32), "
-              f"{c.get('prefill_chunks_rel_err_bf16', float('nan')):.1e} (bf16); greedy tokens agreeing out of 16: "
+              f"{c.get('prefill_chunks_rel_err_bf16', float('nan')):.1e} (bf16); the app's fused model against the "
+              f"checkpoint as loaded {c.get('fused_vs_separate_rel_err_fp32', float('nan')):.1e} (fp32), "
+              f"{c.get('fused_vs_separate_rel_err_bf16', float('nan')):.1e} (bf16), "
+              f"{c.get('fused_vs_separate_rel_err_fp8', float('nan')):.1e} (fp8); greedy tokens agreeing out of 16: "
               f"{c['greedy_agree_fp32']} (fp32), {c['greedy_agree_bf16']} (bf16), {c.get('greedy_agree_fp8')} (fp8 "
               f"weights: logits rel. error {c.get('logits_rel_err_fp8', float('nan')):.1e} against CPU float32, "
               f"{c.get('logits_rel_err_fp8_vs_bf16', float('nan')):.1e} against bf16)."]
