@@ -188,3 +188,17 @@ def test_damaged_snapshot_is_refused_then_read_again(assistant, tmp_path):
     (session.folder / "snapshots" / "manifest.json").write_text("garbage")
     again = fresh.read(store, folder)
     assert again.complete and list(session.folder.glob("snapshots.damaged-*"))
+
+
+def test_checkpoints_are_spaced_by_the_size_of_the_state():
+    """8192 tokens for small models; the 48B model's 42 MB KDA state against 8 KB of cache a token
+    spreads them to about every 42k tokens, so checkpoints stay within an eighth of the snapshot."""
+    from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config, tiny_config
+    from kimi_desk.engine.session import default_checkpoint_interval
+
+    assert default_checkpoint_interval(tiny_config(), torch.float32) == 8192
+    config = kimi_linear_48b_config()
+    interval = default_checkpoint_interval(config, torch.bfloat16)
+    assert 40_000 < interval < 50_000
+    kda_bytes, cache_bytes_per_token = 20 * 32 * 128 * 128 * 4, 7 * 576 * 2
+    assert kda_bytes / (interval * cache_bytes_per_token) <= 1 / 8
