@@ -3,12 +3,15 @@ router's logits (one Triton launch for a few tokens on CUDA, router.py; PyTorch 
 `routed_experts(x, ids, weights, w1, w2, w3, scales=None)` runs them.
 
 x [N, D]; ids [N, k] chosen experts; weights [N, k] float32 mixing weights; w1 (gate), w3 (up) [E, I, D]
-and w2 (down) [E, D, I] stacked per expert. Returns float32 [N, D] (naive.py has the formula). scales is
+and w2 (down) [E, D, I] stacked per expert (a shared expert may be stacked after the routed ones, chosen
+by every token: engine/fuse.py). Returns [N, D] in float32, or in `out_dtype` (naive.py has the
+formula). scales is
 None (weights in x's precision) or (s1 [E, I], s2 [E, D], s3 [E, I]): float32 per-output-row scales of
 fp8 weights (kernels/quant has the format), which every path applies to the chosen experts only.
 
 On CUDA, up to GEMV_MAX_TOKENS tokens (decode, speculative decode) go to the grouped GEMV of gemv.py:
-two launches, no host synchronisation, each chosen expert's weights read once per token that chose it.
+two launches, no host synchronisation, each chosen expert's weights read once per token that chose it,
+the sum over a token's experts taken in the second launch.
 More tokens (prefill) go to the grouped GEMM of grouped.py: the pairs sorted by expert on the device,
 then two launches of tiled products, each expert's weights shared by all of its tokens, again with no
 host synchronisation. The CPU, and KIMI_DESK_KERNELS=torch, take the grouped PyTorch path (one product
