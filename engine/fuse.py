@@ -10,10 +10,12 @@ matrix, and its output is split back into views. Per group:
   the first product's output): one block-diagonal product (`BlockDiagonalLinear`; its zero blocks add
   exact zeros and 1 MB per layer at the 48B shapes, and save a launch).
 - MLA: q and the latent projection `kv_a_proj_with_mqa`: two into one.
-- The dense MLP and the shared experts: gate and up: two into one.
+- The dense MLP (and a shared expert that is not folded, below): gate and up: two into one.
 
 Joining rows changes no product (each output element is the same dot product) and, for fp8 weights,
-no scale (they are per output row).
+no scale (they are per output row). The model's modules check for their joined projection and use it
+when present (model.py, kda.py); the separate ones are removed, so no memory is held twice. A fused
+model keeps the checkpoint's numbers but not its names: it is not saved (weights.save_checkpoint).
 
 The shared expert of a MoE layer joins the routed experts too (`fold_shared_expert`): stacked as expert
 E, which the router appends to every token's choice with weight 1, it runs inside the routed experts'
@@ -21,9 +23,7 @@ kernels (two launches per layer for all nine experts of a decode step, where it 
 own: gate/up, SiLU, product, down, the add). It needs the shared expert's width to equal a routed
 expert's (one shared expert, as in Kimi Linear); otherwise it stays apart. The sum over experts then
 takes the shared expert's output in float32 with the routed ones, before one rounding to the model's
-dtype (it was rounded, then added). The model's modules check for their joined projection and use it
-when present (model.py, kda.py); the separate ones are removed, so no memory is held twice. A fused
-model keeps the checkpoint's numbers but not its names: it is not saved (weights.save_checkpoint).
+dtype (it was rounded, then added).
 """
 
 from __future__ import annotations
