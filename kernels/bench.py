@@ -195,7 +195,11 @@ def tune_prefill(log, T=32768):
              dict(BK=64, BKD=16, num_warps=4, wu_precision="tf32"),
              dict(BK=16, BKD=16, num_warps=4, wu_precision="tf32"),
              dict(BK=32, BKD=16, num_warps=8, wu_precision="tf32"),
-             dict(BK=64, BKD=16, num_warps=8, wu_precision="tf32")]
+             dict(BK=64, BKD=16, num_warps=8, wu_precision="tf32"),
+             # The triangular solve in one TF32 pass (fla's choice on an H100) instead of three.
+             dict(BK=32, BKD=16, num_warps=4, wu_precision="tf32", solve_precision="tf32"),
+             dict(BK=64, BKD=16, num_warps=4, wu_precision="tf32", solve_precision="tf32"),
+             dict(BK=32, BKD=16, num_warps=8, wu_precision="tf32", solve_precision="tf32")]
     scan = [dict(BV=32, num_warps=4, num_stages=3), dict(BV=64, num_warps=4, num_stages=3)]
     res = {"intra": [], "scan": []}
     for cfg in intra:

@@ -47,9 +47,11 @@ import triton.language as tl
 CHUNK_SIZE = 64
 SUB_CHUNK = 16
 
-# 3xTF32 keeps the triangular inverse near fp32 on the tensor cores; the interpreter computes every dot
-# in numpy fp32 whatever is asked.
-_SOLVE_PRECISION = "tf32x3"
+# The triangular inverse's products in one TF32 pass, as fla's KDA kernel takes them on an H100. Measured
+# there (2026-11-27, T = 32k, kernels/bench.py): the intra kernel 5.07 ms against 5.55 with 3xTF32, and
+# the same errors against float64 to two digits at T = 2085, 129, 18, 63-65 with model, extreme (U[-50, 0])
+# and correlated-key gates (BENCHMARKS.md, Kernels). The interpreter computes every dot in numpy fp32.
+_SOLVE_PRECISION = "tf32"
 
 
 def _op_dtype(dt):
@@ -342,7 +344,7 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
 
 
 def chunk_kda_intra(q, k, v, g, beta, scale, BK=None, BKD=None, num_warps=4, num_stages=None,
-                    neumann=False, wu_precision="tf32", fast_diag=True):
+                    neumann=False, wu_precision="tf32", fast_diag=True, solve_precision=_SOLVE_PRECISION):
     """Launch 1: the state-free per-chunk work. Returns the scratch buffers the scan reads."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -371,7 +373,7 @@ def chunk_kda_intra(q, k, v, g, beta, scale, BK=None, BKD=None, num_warps=4, num
         BK=BK or min(32, triton.next_power_of_2(K)),
         BKD=BKD or min(16, triton.next_power_of_2(K)),
         BV=min(32, triton.next_power_of_2(V)),
-        SOLVE_PRECISION=_SOLVE_PRECISION,
+        SOLVE_PRECISION=solve_precision,
         WU_PRECISION=wu_precision,
         SOLVE_NEUMANN=neumann,
         FAST_DIAG=fast_diag,
