@@ -44,55 +44,50 @@ GROUPS = {
 }
 
 
-class FusedLinear(nn.Module):
-    """Several bias-free linear maps of one input, their weights stacked by rows: returns the tuple of
-    their outputs (views of one product)."""
+class _SplitLinear(nn.Module):
+    """One bias-free linear map standing for several (`parts`, fp8 or not alike), its output split back
+    into theirs (views of one product)."""
 
-    def __init__(self, parts: list[nn.Module]):
+    def __init__(self, parts: list[nn.Module], weight: torch.Tensor):
         super().__init__()
         self.sizes = [part.weight.shape[0] for part in parts]
-        in_features = parts[0].weight.shape[1]
-        assert all(part.weight.shape[1] == in_features for part in parts)
         if all(isinstance(part, Fp8Linear) for part in parts):
-            self.inner = Fp8Linear(in_features, sum(self.sizes), device="meta")
-            self.inner.weight = nn.Parameter(_cat_rows([part.weight.data for part in parts]), requires_grad=False)
+            self.inner = Fp8Linear(weight.shape[1], weight.shape[0], device="meta")
             self.inner.weight_scale = torch.cat([part.weight_scale for part in parts])
         else:
             assert all(isinstance(part, nn.Linear) and part.bias is None for part in parts)
-            self.inner = nn.Linear(in_features, sum(self.sizes), bias=False, device="meta")
-            self.inner.weight = nn.Parameter(torch.cat([part.weight.data for part in parts]), requires_grad=False)
+            self.inner = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.inner.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.inner(x).split(self.sizes, dim=-1)
 
 
-class BlockDiagonalLinear(nn.Module):
-    """Several bias-free linear maps of adjacent slices of one input: y = x @ blockdiag(W_1, W_2, ...)^T,
-    returned as the tuple of their outputs (views of one product)."""
+class FusedLinear(_SplitLinear):
+    """Several bias-free linear maps of one input, their weights stacked by rows."""
 
     def __init__(self, parts: list[nn.Module]):
-        super().__init__()
-        self.sizes = [part.weight.shape[0] for part in parts]
-        self.widths = widths = [part.weight.shape[1] for part in parts]
+        assert all(part.weight.shape[1] == parts[0].weight.shape[1] for part in parts)
+        super().__init__(parts, _cat_rows([part.weight.data for part in parts]))
+
+
+class BlockDiagonalLinear(_SplitLinear):
+    """Several bias-free linear maps of adjacent slices of one input: y = x @ blockdiag(W_1, W_2, ...)^T."""
+
+    def __init__(self, parts: list[nn.Module]):
+        widths = [part.weight.shape[1] for part in parts]
         first = parts[0].weight
-        if all(isinstance(part, Fp8Linear) for part in parts):
-            self.inner = Fp8Linear(sum(widths), sum(self.sizes), device="meta")
-            self.inner.weight_scale = torch.cat([part.weight_scale for part in parts])
-            storage = torch.zeros(sum(self.sizes), sum(widths), dtype=torch.uint8, device=first.device)  # fp8 +0
-            blocks = [part.weight.data.view(torch.uint8) for part in parts]
-        else:
-            assert all(isinstance(part, nn.Linear) and part.bias is None for part in parts)
-            self.inner = nn.Linear(sum(widths), sum(self.sizes), bias=False, device="meta")
-            storage = torch.zeros(sum(self.sizes), sum(widths), dtype=first.dtype, device=first.device)
-            blocks = [part.weight.data for part in parts]
+        # Built as bytes for fp8 (zero bytes are fp8 +0; slice assignment of float8 is not implemented
+        # everywhere).
+        raw = torch.uint8 if first.dtype == FP8 else first.dtype
+        storage = torch.zeros(sum(p.weight.shape[0] for p in parts), sum(widths), dtype=raw, device=first.device)
         row = col = 0
-        for block in blocks:
+        for part in parts:
+            block = part.weight.data.view(raw)
             storage[row : row + block.shape[0], col : col + block.shape[1]] = block
             row, col = row + block.shape[0], col + block.shape[1]
-        self.inner.weight = nn.Parameter(storage.view(first.dtype), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.inner(x).split(self.sizes, dim=-1)
+        super().__init__(parts, storage.view(first.dtype))
+        self.widths = widths
 
 
 def _cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -98,8 +98,9 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], chosen ids and mixing weights [N, k] -> sum_j weights[:, j] * expert_{ids[:, j]}(x),
-        [N, D] in x's dtype (summed in float32, rounded once). Grouped products per chosen expert; on the GPU a few tokens (decode) take a
-        Triton GEMV that never asks the host which experts were chosen (kernels/moe)."""
+        [N, D] in x's dtype (summed in float32, rounded once). Grouped products per chosen expert; on the
+        GPU a few tokens (decode) take a Triton GEMV that never asks the host which experts were chosen
+        (kernels/moe)."""
         # fp8 experts (engine/quantize.py) carry one scale per output row beside each matrix.
         scales = (self.w1_scale, self.w2_scale, self.w3_scale) if hasattr(self, "w1_scale") else None
         return routed_experts(x, ids, weights, self.w1, self.w2, self.w3, scales=scales, out_dtype=x.dtype)

@@ -17,8 +17,9 @@ On CUDA, the absorbed form runs the split-K Triton kernel of decode.py (one pass
 head at once; its memory is the output and small partials at any cache length). The model sends it
 fewer than 64 queries (decode, a question after a document); at 16 queries it takes about 8 one-query
 passes' time. KIMI_DESK_KERNELS=torch takes PyTorch's GPU operations instead (one pass over the cache,
-scores for every key: 8 GB for 63 queries over 1M tokens). The prefill form runs cuDNN's fused attention on key blocks expanded from the latents
-(naive.mla_prefill_sdpa: memory bounded at any cache length). On the CPU the absorbed form takes one
+scores for every key: 8 GB for 63 queries over 1M tokens). The prefill form runs cuDNN's fused
+attention on key blocks expanded from the latents (naive.mla_prefill_sdpa: memory bounded at any cache
+length). On the CPU the absorbed form takes one
 pass while the scores stay small, and otherwise the blocked implementations in naive.py, whose memory
 stays bounded at any context length.
 

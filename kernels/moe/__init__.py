@@ -5,9 +5,9 @@ router's logits (one Triton launch for a few tokens on CUDA, router.py; PyTorch 
 x [N, D]; ids [N, k] chosen experts; weights [N, k] float32 mixing weights; w1 (gate), w3 (up) [E, I, D]
 and w2 (down) [E, D, I] stacked per expert (a shared expert may be stacked after the routed ones, chosen
 by every token: engine/fuse.py). Returns [N, D] in float32, or in `out_dtype` (naive.py has the
-formula). scales is
-None (weights in x's precision) or (s1 [E, I], s2 [E, D], s3 [E, I]): float32 per-output-row scales of
-fp8 weights (kernels/quant has the format), which every path applies to the chosen experts only.
+formula). scales is None (weights in x's precision) or (s1 [E, I], s2 [E, D], s3 [E, I]): float32
+per-output-row scales of fp8 weights (kernels/quant has the format), which every path applies to the
+chosen experts only.
 
 On CUDA, up to GEMV_MAX_TOKENS tokens (decode, speculative decode) go to the grouped GEMV of gemv.py:
 two launches, no host synchronisation, each chosen expert's weights read once per token that chose it,
