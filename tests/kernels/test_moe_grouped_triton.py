@@ -62,6 +62,10 @@ def test_fp16_matches_float64():
 # Against float64 on the dequantized weights. The kernel takes exact products of x and Q and applies
 # the scales to fp32 sums, so fp32 sees summation order only; bf16 its rounding of h (and of x).
 FP8_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# Against the PyTorch path, which rounds gate, up, h and the dequantized weights to bf16 as well: its own
+# error against float64 reached 1.4e-2 at one token over 60 draws of the row scales (the kernel's 5.6e-3),
+# their difference 1.6e-2 there and 2.1e-2 once in CI, so the bound is the two paths' errors together.
+FP8_TORCH_PATH_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4e-2}
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
@@ -78,7 +82,7 @@ def test_fp8_experts_match_float64_and_torch(N, E, k, D, I, dtype, config):
     assert got.dtype == torch.float32 and got.shape == (N, D)
     assert rel_err(got, reference_f64(x, ids, weights, *exact)) < FP8_TOLERANCE[dtype]
     want = routed_experts_grouped(x, ids, weights, q1, q2, q3, scales=scales)
-    assert rel_err(got, want) < FP8_TOLERANCE[dtype]
+    assert rel_err(got, want) < FP8_TORCH_PATH_TOLERANCE[dtype]
 
 
 def crowded_ids(N, E, k, popular, nobody, seed):
