@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from kimi_desk.kernels.quant import dequantize_fp8_rows, quantize_fp8_rows
+
 
 def rel_err(a, b):
     assert not torch.isnan(a).any(), "NaN in the output (an element the kernel never wrote?)"
@@ -29,3 +31,10 @@ def reference_f64(x, ids, weights, w1, w2, w3):
             h = F.silu(w1[e] @ x[n]) * (w3[e] @ x[n])
             out[n] += weights[n, j].double() * (w2[e] @ h)
     return out
+
+
+def quantize_experts(w1, w2, w3):
+    """fp8 experts as engine/quantize.py stores them, and the float32 weights they stand for."""
+    (q1, s1), (q2, s2), (q3, s3) = (quantize_fp8_rows(w) for w in (w1, w2, w3))
+    exact = tuple(dequantize_fp8_rows(q, s, torch.float32) for q, s in ((q1, s1), (q2, s2), (q3, s3)))
+    return (q1, q2, q3), (s1, s2, s3), exact

@@ -17,8 +17,7 @@ pytest.importorskip("triton")
 from kimi_desk.kernels.moe import GEMV_MAX_TOKENS, routed_experts, routed_experts_grouped  # noqa: E402
 from kimi_desk.kernels.moe import grouped  # noqa: E402
 from kimi_desk.kernels.moe.grouped import route_pairs, routed_experts_grouped_triton  # noqa: E402
-from kimi_desk.kernels.quant import dequantize_fp8_rows, quantize_fp8_rows  # noqa: E402
-from moe_cases import make_inputs, reference_f64, rel_err  # noqa: E402
+from moe_cases import make_inputs, quantize_experts, reference_f64, rel_err  # noqa: E402
 
 # Relative error against float64 on the same rounded weights and inputs. fp32: exact products ("ieee"
 # dots), fp32 sums. bf16 and fp16: h is rounded to x's dtype between the products (the PyTorch path
@@ -27,13 +26,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 # Small tiles: several row blocks per expert, several column and reduction blocks, partial ones.
 SMALL_TILES = dict(block_m=16, block_n=16, block_k=16)
-
-
-def quantize_experts(w1, w2, w3):
-    """fp8 experts as engine/quantize.py stores them, and the float32 weights they stand for."""
-    (q1, s1), (q2, s2), (q3, s3) = (quantize_fp8_rows(w) for w in (w1, w2, w3))
-    exact = tuple(dequantize_fp8_rows(q, s, torch.float32) for q, s in ((q1, s1), (q2, s2), (q3, s3)))
-    return (q1, q2, q3), (s1, s2, s3), exact
 
 
 # N * k against the row blocks: 5 (one token, so at most one pair per expert), 10 and 111 pairs, none a

@@ -16,8 +16,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 from kimi_desk.kernels.moe import routed_experts_gathered, routed_experts_grouped  # noqa: E402
 from kimi_desk.kernels.moe.gemv import routed_experts_gemv  # noqa: E402
-from kimi_desk.kernels.quant import dequantize_fp8_rows, quantize_fp8_rows  # noqa: E402
-from moe_cases import make_inputs, reference_f64, rel_err  # noqa: E402
+from moe_cases import make_inputs, quantize_experts, reference_f64, rel_err  # noqa: E402
 
 # Relative error against float64 on the same rounded weights and inputs. fp32: the kernel accumulates in
 # fp32. bf16: the grouped PyTorch path rounds gate, up and h to bf16, the kernel does not; both land
@@ -52,13 +51,6 @@ def test_gemv_reads_only_the_chosen_experts():
 def test_gathered_torch_path_matches_grouped():
     inputs = make_inputs(3, 8, 2, 40, 24, torch.float32, seed=5)
     assert rel_err(routed_experts_gathered(*inputs), routed_experts_grouped(*inputs)) < 1e-6
-
-
-def quantize_experts(w1, w2, w3):
-    """fp8 experts as engine/quantize.py stores them, and the float32 weights they stand for."""
-    (q1, s1), (q2, s2), (q3, s3) = (quantize_fp8_rows(w) for w in (w1, w2, w3))
-    exact = tuple(dequantize_fp8_rows(q, s, torch.float32) for q, s in ((q1, s1), (q2, s2), (q3, s3)))
-    return (q1, q2, q3), (s1, s2, s3), exact
 
 
 # Against float64 on the dequantized weights. The GEMV takes exact products of x and Q and applies the
