@@ -19,7 +19,7 @@ from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.state import MLACache, ModelState
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
-from kimi_desk.kernels.moe import route_topk, routed_experts
+from kimi_desk.kernels.moe import route_topk, routed_experts, router_logits
 from kimi_desk.kernels.norm import add_rms_norm, rms_norm
 
 
@@ -82,7 +82,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (expert ids [N, k], weights [N, k] fp32); k + 1 columns with the shared expert."""
-        logits = x.float() @ self.weight.float().t()  # [N, E]
+        logits = router_logits(x, self.weight)  # [N, E] float32
         return route_topk(logits, self.e_score_correction_bias, self.top_k, self.activation, self.renormalize,
                           self.scaling, weights_from_biased=self.hf_alias_weights, append=self.shared_expert)
 

@@ -33,3 +33,24 @@ def zeroed_counters(device, n: int):
     if counters is None or counters.numel() < n:
         counters = _zeroed_counters[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return counters
+
+
+_pdl_devices: dict = {}
+
+
+def pdl(tensor) -> bool:
+    """Whether Triton kernels working on `tensor` launch with programmatic dependent launch: a Hopper or
+    newer GPU lets a kernel start while the one before it finishes, so that it can load its weights (which
+    no earlier kernel writes) before `gdc_wait()` waits for the earlier kernel's outputs. Every kernel
+    launched this way must call gdc_wait() before it reads or writes anything an earlier kernel touches.
+    Off under Triton's interpreter, before compute capability 9.0, and with KIMI_DESK_PDL=0 (read once per
+    device)."""
+    if not tensor.is_cuda:
+        return False
+    device = tensor.device.index if tensor.device.index is not None else 0
+    if device not in _pdl_devices:
+        import torch
+
+        _pdl_devices[device] = (torch.cuda.get_device_capability(device)[0] >= 9
+                                and os.environ.get("KIMI_DESK_PDL", "1") != "0")
+    return _pdl_devices[device]

@@ -24,11 +24,22 @@ The counters are kimi_desk.kernels.zeroed_counters, shared by every call: calls 
 after another, and each leaves its counters at zero.
 
 The grid depends only on the shapes, and nothing asks the host anything, so a CUDA graph can replay it.
+On a Hopper GPU it launches with programmatic dependent launch (kimi_desk.kernels.pdl), as every Triton
+kernel of a decode step does: each starts while the one before it finishes and waits for its outputs.
+Measured on an H100 (2026-11-27, packaging/gpu_checks/decode_ab.py, 27 fp8 layers at the 48B shapes, 128k
+cached tokens, in a CUDA graph): 3.18 -> 2.98 ms per token. Loading the first weight tile, or
+prefetching the program's weights into L2, before the wait gained nothing more (gpu_checks/pdl_chain.py).
+
+Without a scale, q may be any float weight: the router's float32 weight takes this kernel for its logits
+(one launch where PyTorch took a cast of x and cuBLAS's float32 GEMV: 3.09 -> 2.98 ms per token above).
 
 The dot's operands are fp32: e4m3 values (3 mantissa bits), bf16 and fp16 (7 and 10) are exact in TF32
 (10), so input_precision="tf32" gives exact products with fp32 accumulation on the tensor cores, the
-same numbers as a bf16 dot would. fp32 x would lose bits to TF32, so it takes "ieee" (exact, on the CUDA
-cores; the GPU runs the model in bf16). fp32 operands also keep the kernel testable: Triton's
+same numbers as a bf16 dot would (bf16 operands measured slower: the fp8 -> bf16 conversion costs more
+than fp8 -> fp32, 21.8 vs 15.1 us at 12544 x 2304, gpu_checks/gemv_variants.py). fp32 x would lose bits
+to TF32, so it takes "ieee" (exact, on the CUDA cores; the GPU runs the model in bf16); an fp32 weight
+beside bf16 x takes "tf32x3" (the weight's high and low TF32 halves: fp32's accuracy, on the tensor
+cores; with "ieee" instead, the whole decode step above took 3.24 ms, in `bench model`). fp32 operands also keep the kernel testable: Triton's
 interpreter (3.9) multiplies bf16 dot operands as their raw uint16 bits, and ignores input_precision.
 The interpreter loads and converts float8_e4m3fn natively, except that it reads the NaN codes 0x7F and
 0xFF as +-480 (the GPU reads NaN); quantize_fp8_rows never writes them (it clamps to +-448).
@@ -42,8 +53,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kimi_desk.kernels import zeroed_counters
+from kimi_desk.kernels import pdl, zeroed_counters
 
 
 @triton.jit
@@ -64,6 +76,8 @@ def fp8_gemv_fwd_kernel(
     BO: tl.constexpr,
     BD: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     i_o, i_s = tl.program_id(0), tl.program_id(1)
     o_o = i_o * BO + tl.arange(0, BO)
@@ -74,6 +88,9 @@ def fp8_gemv_fwd_kernel(
     p_q = q + o_o.to(tl.int64)[:, None] * D
     p_x = x + o_n.to(tl.int64)[:, None] * stride_x
     b_acc = tl.zeros([BO, BN], dtype=tl.float32)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     # Split i_s covers [i_s * CHUNK, (i_s + 1) * CHUNK) of the width; the last one may run past D (masked).
     for d0 in range(0, CHUNK, BD):
         o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
@@ -81,8 +98,9 @@ def fp8_gemv_fwd_kernel(
         b_q = tl.load(p_q + o_d[None, :], mask=m_o[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         b_x = tl.load(p_x + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         b_acc = tl.dot(b_q, tl.trans(b_x), b_acc, input_precision=PRECISION)
-    b_s = tl.load(scale + o_o, mask=m_o, other=0.0)
-    b_y = b_acc * b_s[:, None]
+    if SCALED:
+        b_acc *= tl.load(scale + o_o, mask=m_o, other=0.0)[:, None]
+    b_y = b_acc
     # out is [SPLIT, N, O]: fp32 partials, or y itself (in x's dtype) when there is one split.
     p_out = out + i_s.to(tl.int64) * N * O + o_n[None, :] * O + o_o[:, None]
     m_out = m_o[:, None] & m_n[None, :]
@@ -135,31 +153,42 @@ def launch_shape(O: int, D: int, config: dict | None = None) -> tuple[int, int, 
     return BO, BD, n_o, triton.cdiv(n_d, per_split), per_split * BD
 
 
-def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, config: dict | None = None,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """kimi_desk.kernels.quant.fp8_linear in Triton: x [..., D] with at most BLOCK_N rows (bf16, fp16 or
-    fp32), q [O, D] float8_e4m3fn contiguous, scale [O] float32. Returns [..., O] in x's dtype.
+    fp32), q [O, D] float8_e4m3fn contiguous, scale [O] float32. Returns [..., O] in out_dtype (default
+    x's dtype). With scale None, q may be any float weight (the router's fp32 logits: x @ q^T).
 
-    `config` overrides the launch settings (block_o, block_d, num_warps, num_stages, min_programs), for
-    the GPU check's comparisons."""
+    `config` overrides the launch settings (block_o, block_d, num_warps, num_stages, min_programs, pdl),
+    for the GPU checks' comparisons."""
     O, D = q.shape
-    assert x.shape[-1] == D and scale.shape == (O,) and q.is_contiguous()
+    assert x.shape[-1] == D and (scale is None or scale.shape == (O,)) and q.is_contiguous()
     rows = x.reshape(-1, D)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     N = rows.shape[0]
     assert N <= BLOCK_N, f"fp8_linear_gemv takes at most {BLOCK_N} rows, got {N}"
-    y = torch.empty(N, O, dtype=x.dtype, device=x.device)
+    y = torch.empty(N, O, dtype=out_dtype or x.dtype, device=x.device)
     if N == 0:
         return y.view(*x.shape[:-1], O)
-    scale = scale.float().contiguous()
+    if scale is not None:
+        scale = scale.float().contiguous()
 
     BO, BD, n_o, splits, chunk = launch_shape(O, D, config)
     partials = y if splits == 1 else torch.empty(splits, N, O, dtype=torch.float32, device=x.device)
     counters = zeroed_counters(x.device, n_o) if splits > 1 else partials
-    extra = {k: v for k, v in {**CONFIG, **(config or {})}.items() if k in ("num_warps", "num_stages")}
+    config = {**CONFIG, **(config or {})}
+    extra = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
+    with_pdl = pdl(x) and config.get("pdl", True)
+    # TF32 multiplies exactly when neither operand has more than 10 mantissa bits; a float32 weight (the
+    # router's) beside such an x takes three TF32 products (its high and low halves: 21 bits, fp32's
+    # accuracy); a float32 x takes fp32 products on the CUDA cores.
+    narrow = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+    precision = "ieee" if x.dtype not in narrow else "tf32" if q.dtype in narrow else "tf32x3"
     fp8_gemv_fwd_kernel[(n_o, splits)](
         rows, q, scale, partials, y, counters, N, rows.stride(0),
         D=D, O=O, CHUNK=chunk, SPLITS=splits, BN=BLOCK_N, BO=BO, BD=BD,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **extra,
+        PRECISION=precision, PDL=with_pdl, SCALED=scale is not None,
+        launch_pdl=with_pdl, **extra,
     )
     return y.view(*x.shape[:-1], O)

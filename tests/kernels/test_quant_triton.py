@@ -128,3 +128,21 @@ def test_split_k_reduces_in_the_kernel(dtype):
 def test_never_splitting_is_a_setting():
     _, _, n_o, splits, chunk = launch_shape(2304, 2304, {"min_programs": 1, "block_o": 16})
     assert (n_o, splits, chunk) == (144, 1, 2304)
+
+
+@pytest.mark.parametrize("N", [1, 5])
+def test_unscaled_float32_weight_router_logits(monkeypatch, N):
+    """The router's logits (kimi_desk.kernels.moe.router_logits): a bf16 x against a float32 weight [E, D],
+    no scale, float32 out, against float64. The interpreter multiplies in fp32 (a GPU takes three TF32
+    products: 21 bits of the weight), so the bound is fp32 summation's."""
+    from kimi_desk.kernels.moe import router_logits
+
+    gen = torch.Generator().manual_seed(N)
+    E, D = 40, 300
+    w = torch.randn(E, D, generator=gen)
+    x = torch.randn(N, D, generator=gen).to(torch.bfloat16)
+    want = x.double() @ w.double().T
+    got = fp8_linear_gemv(x, w, None, out_dtype=torch.float32)
+    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-6
+    monkeypatch.setenv("KIMI_DESK_KERNELS", "triton")
+    assert torch.equal(router_logits(x, w), got)
