@@ -24,16 +24,18 @@ exp(a) * exp(b) with a, b <= 0 (the exact product, or a flush to zero of somethi
   - otherwise (one token of an unbounded gate can decay by more) the whole chunk takes the exact path:
     exp(G_i - G_j) from the difference, per channel, as a [16, 16, BKD] block on the CUDA cores;
   - q exp(G), k exp(G_last - G), exp(G_last) and beta k exp(G) have exponents <= 0 by construction.
-(I + Akk)^-1: forward substitution on each 16 x 16 diagonal block in fp32 registers, then the blocks are
-joined as (I + N)^-1 Dinv = (I - N)(I + N^2) Dinv with N = Dinv Akk_offdiag, exact since N^4 = 0 for four
-sub-chunks; those dots run in 3xTF32, near fp32. W and U take TF32 dots (fla: bf16).
+(I + Akk)^-1: in registers, as a product of block inverses over blocks of 4, 16 and 64 rows (ten TF32
+products of [64, 64], `_join_blocks`); the scratch Akk is written and read only on the exact path. W and
+U take TF32 dots (fla: bf16).
 
 Dots of the other products take the input dtype (bf16 on the real model, as fla does) with fp32
 accumulation; the state, the cumulative gates and the inverse stay fp32; the scratch buffers between the
 two kernels are in the input dtype, as in fla.
 
-Measured on an H100 (BENCHMARKS.md): correct to the same error as fla, but 0.7x its speed at 8k-128k; the
-intra-chunk kernel is the cost (5.5 ms of 6.2 at 32k; 255 registers with spills at 4 warps).
+Measured on an H100 (BENCHMARKS.md, 2026-11-27): the same error as fla against float64 (correlated keys
+and extreme gates included), 0.90-0.97x its speed at 8k-128k with 35% less peak memory (0.74x while
+the inverse took forward substitution through the scratch buffer). The intra-chunk kernel is still the
+cost (about 3.6 of 4.7 ms at 32k): 255 registers at 4 warps, so two programs per SM.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ SUB_CHUNK = 16
 # The triangular inverse's products in one TF32 pass, as fla's KDA kernel takes them on an H100. Measured
 # there (2026-11-27, T = 32k, kernels/bench.py): the intra kernel 5.07 ms against 5.55 with 3xTF32, and
 # the same errors against float64 to two digits at T = 2085, 129, 18, 63-65 with model, extreme (U[-50, 0])
-# and correlated-key gates (BENCHMARKS.md, Kernels). The interpreter computes every dot in numpy fp32.
+# and correlated-key gates (BENCHMARKS.md, Kernels). With the inverse as products of block inverses (all
+# ten products in this precision): the whole prefill 4.73 ms at 32k in TF32, 8.12 ms in 3xTF32, errors
+# equal to two digits. The interpreter computes every dot in numpy fp32.
 _SOLVE_PRECISION = "tf32"
 
 
@@ -61,6 +65,23 @@ def _op_dtype(dt):
     if dt == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return tl.float32
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt]
+
+
+@triton.jit
+def _join_blocks(b_Dinv, b_L, b_I, o_i, SIZE: tl.constexpr, FIRST: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + L)^-1 restricted to blocks of SIZE, from b_Dinv, the inverse restricted to blocks of SIZE / 4
+    (the identity when FIRST: blocks of one): (I - N)(I + N^2) Dinv with N = Dinv L_between."""
+    PART: tl.constexpr = SIZE // 4
+    m_between = ((o_i // SIZE)[:, None] == (o_i // SIZE)[None, :]) & ((o_i // PART)[:, None] > (o_i // PART)[None, :])
+    if FIRST:
+        b_N = tl.where(m_between, b_L, 0.0)
+    else:
+        b_N = tl.dot(b_Dinv, tl.where(m_between, b_L, 0.0), input_precision=PRECISION)
+    b_N2 = tl.dot(b_N, b_N, input_precision=PRECISION)
+    b_X = tl.dot(b_I - b_N, b_I + b_N2, input_precision=PRECISION)
+    if FIRST:
+        return b_X
+    return tl.dot(b_X, b_Dinv, input_precision=PRECISION)
 
 
 @triton.jit(do_not_specialize=["T", "NT"])
@@ -90,7 +111,6 @@ def chunk_kda_intra_fwd_kernel(
     BV: tl.constexpr,
     SOLVE_PRECISION: tl.constexpr,
     WU_PRECISION: tl.constexpr,
-    SOLVE_NEUMANN: tl.constexpr,
     FAST_DIAG: tl.constexpr,
     OP_DT: tl.constexpr,
 ):
@@ -161,21 +181,17 @@ def chunk_kda_intra_fwd_kernel(
     m_store = tl.where(fast, m_lower_blocks | m_same_causal, m_lower_blocks)
     tl.store(Aqk + r_mid[:, None] * BT + o_i[None, :], (b_Aqk * scale).to(DT), mask=m_t[:, None] & m_store)
     b_Akk = tl.where(o_i[:, None] > o_i[None, :], b_Akk * b_beta[:, None], 0.0)
-    tl.store(Akk + r_akk[:, None] * BT + o_i[None, :], b_Akk, mask=m_store)
-    tl.debug_barrier()
 
-    # ---- diagonal 16 x 16 blocks: pairwise decays, then each block's inverse ----
-    o_c = tl.arange(0, BC)
-    m_diag = o_c[:, None] >= o_c[None, :]
-    m_strict = o_c[:, None] > o_c[None, :]
-    for i_c in range(0, BT // BC):
-        o_tc = i_t * BT + i_c * BC + o_c
-        m_tc = o_tc < T
-        rc_in = (i_b.to(tl.int64) * T + o_tc) * H + i_h
-        p_L = Akk + (akk0 + i_c * BC + o_c)[:, None] * BT + (i_c * BC + o_c)[None, :]
-        if fast:
-            b_L = tl.load(p_L, mask=m_strict, other=0.0)
-        else:
+    if not fast:
+        # ---- the exact path: diagonal 16 x 16 blocks from pairwise decays, through the Akk scratch ----
+        tl.store(Akk + r_akk[:, None] * BT + o_i[None, :], b_Akk, mask=m_lower_blocks)
+        o_c = tl.arange(0, BC)
+        m_diag = o_c[:, None] >= o_c[None, :]
+        m_strict = o_c[:, None] > o_c[None, :]
+        for i_c in range(0, BT // BC):
+            o_tc = i_t * BT + i_c * BC + o_c
+            m_tc = o_tc < T
+            rc_in = (i_b.to(tl.int64) * T + o_tc) * H + i_h
             b_Dqk = tl.zeros([BC, BC], dtype=tl.float32)
             b_Dkk = tl.zeros([BC, BC], dtype=tl.float32)
             for i_k in range(0, tl.cdiv(K, BKD)):
@@ -193,42 +209,25 @@ def chunk_kda_intra_fwd_kernel(
             tl.store(Aqk + (i_bh.to(tl.int64) * T + o_tc)[:, None] * BT + (i_c * BC + o_c)[None, :],
                      tl.where(m_diag, b_Dqk * scale, 0.0).to(DT), mask=m_tc[:, None])
             b_bc = tl.load(beta + rc_in, mask=m_tc, other=0.0).to(tl.float32)
-            b_L = tl.where(m_strict, b_Dkk * b_bc[:, None], 0.0)
-        if SOLVE_NEUMANN:
-            # The block itself; inverted below with the others, by products instead of 16 dependent steps.
-            b_Di = b_L
-        else:
-            # Forward substitution: row r of (I + L)^-1 is e_r - sum_{c < r} L[r, c] * row c.
-            b_Di = tl.zeros([BC, BC], dtype=tl.float32)
-            for r in range(0, BC):
-                m_r = o_c == r
-                b_l = tl.sum(tl.where(m_r[:, None], b_L, 0.0), 0)
-                b_row = tl.where(m_r, 1.0, 0.0) - tl.sum(b_l[:, None] * b_Di, 0)
-                b_Di = tl.where(m_r[:, None], b_row[None, :], b_Di)
-        # Every thread has read the block before any overwrites it.
+            p_L = Akk + (akk0 + i_c * BC + o_c)[:, None] * BT + (i_c * BC + o_c)[None, :]
+            tl.store(p_L, tl.where(m_strict, b_Dkk * b_bc[:, None], 0.0))
+        # Other threads wrote the blocks this one reads next.
         tl.debug_barrier()
-        tl.store(p_L, b_Di)
+        b_Akk = tl.load(Akk + r_akk[:, None] * BT + o_i[None, :], mask=m_same_block | m_lower_blocks, other=0.0)
 
-    # Other threads wrote the blocks this one reads next.
-    tl.debug_barrier()
-
-    # ---- join the blocks: (I + L)^-1 = (I + N)^-1 Dinv, N = Dinv L_off, N^4 = 0 ----
-    b_M = tl.load(Akk + r_akk[:, None] * BT + o_i[None, :], mask=m_same_block | m_lower_blocks, other=0.0)
+    # ---- (I + L)^-1 for L = Akk, strictly lower triangular, in registers, by blocks of 4, 16, 64 ----
+    # With Dinv the inverse of I plus L's diagonal blocks and N = Dinv L_off (L_off: L's entries between
+    # the blocks), I + L = (I + L_diag)(I + N), so (I + L)^-1 = (I + N)^-1 Dinv; four blocks make N^4 = 0
+    # and (I + N)^-1 = (I - N)(I + N^2). Applied three times: 4 x 4 blocks (whose own diagonal blocks
+    # are zero: Dinv = I), then 16 x 16 from those, then the chunk: ten products of [64, 64], and no trip
+    # through memory. Forward substitution's 64 dependent row steps and the scratch round trip took 2.15
+    # of this kernel's 5.09 ms (H100, T = 32k); a Neumann product over whole 16 x 16 blocks, (I - D)(I + D^2)
+    # (I + D^4)(I + D^8), lost all accuracy on correlated keys (powers of D grow). Here no power above
+    # the second of any N is formed.
     b_I = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
-    b_Dinv = tl.where(m_same_block, b_M, 0.0)
-    if SOLVE_NEUMANN:
-        # The diagonal blocks are nilpotent of order 16: (I + L)^-1 = (I - L)(I + L^2)(I + L^4)(I + L^8),
-        # one product for all four blocks at once (the off-block entries stay zero).
-        b_P = -b_Dinv
-        b_X = b_I + b_P
-        for _ in tl.static_range(3):
-            b_P = tl.dot(b_P, b_P, input_precision=SOLVE_PRECISION)
-            b_X = tl.dot(b_X, b_I + b_P, input_precision=SOLVE_PRECISION)
-        b_Dinv = b_X
-    b_N = tl.dot(b_Dinv, tl.where(m_lower_blocks, b_M, 0.0), input_precision=SOLVE_PRECISION)
-    b_N2 = tl.dot(b_N, b_N, input_precision=SOLVE_PRECISION)
-    b_X = tl.dot(b_I - b_N, b_I + b_N2, input_precision=SOLVE_PRECISION)
-    b_Ai = tl.dot(b_X, b_Dinv, input_precision=SOLVE_PRECISION)
+    b_Ai = _join_blocks(b_I, b_Akk, b_I, o_i, 4, True, SOLVE_PRECISION)
+    b_Ai = _join_blocks(b_Ai, b_Akk, b_I, o_i, 16, False, SOLVE_PRECISION)
+    b_Ai = _join_blocks(b_Ai, b_Akk, b_I, o_i, 64, False, SOLVE_PRECISION)
 
     # ---- W = Ai (beta k exp(G)), U = Ai (beta v) ----
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -344,7 +343,7 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
 
 
 def chunk_kda_intra(q, k, v, g, beta, scale, BK=None, BKD=None, num_warps=4, num_stages=None,
-                    neumann=False, wu_precision="tf32", fast_diag=True, solve_precision=_SOLVE_PRECISION):
+                    wu_precision="tf32", fast_diag=True, solve_precision=_SOLVE_PRECISION):
     """Launch 1: the state-free per-chunk work. Returns the scratch buffers the scan reads."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -375,7 +374,6 @@ def chunk_kda_intra(q, k, v, g, beta, scale, BK=None, BKD=None, num_warps=4, num
         BV=min(32, triton.next_power_of_2(V)),
         SOLVE_PRECISION=solve_precision,
         WU_PRECISION=wu_precision,
-        SOLVE_NEUMANN=neumann,
         FAST_DIAG=fast_diag,
         OP_DT=_op_dtype(dt),
         num_warps=num_warps,

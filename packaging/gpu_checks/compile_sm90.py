@@ -76,11 +76,12 @@ def kda_intra():
 
     bf = "*bf16"
     pointers = dict(q=bf, k=bf, v=bf, g="*fp32", beta=bf, qg=bf, kg=bf, w=bf, u=bf, gl="*fp32", Aqk=bf, Akk="*fp32")
-    for bk, warps in [(32, 4), (32, 8), (16, 8)]:
-        const = dict(H=32, K=128, V=128, BT=64, BC=16, BK=bk, BKD=16, BV=32, SOLVE_PRECISION="tf32x3",
-                     WU_PRECISION="tf32", SOLVE_NEUMANN=False, FAST_DIAG=True, OP_DT=tl.bfloat16)
-        result = compile_sm90(chunk_kda_intra_fwd_kernel, pointers, dict(scale="fp32", T="i32", NT="i32"), const, warps)
-        report(f"kda intra BK={bk} warps={warps}", result)
+    for bk, warps, stages in [(32, 4, 3), (32, 4, 2), (32, 8, 3), (16, 4, 3), (64, 8, 3)]:
+        const = dict(H=32, K=128, V=128, BT=64, BC=16, BK=bk, BKD=16, BV=32, SOLVE_PRECISION="tf32",
+                     WU_PRECISION="tf32", FAST_DIAG=True, OP_DT=tl.bfloat16)
+        result = compile_sm90(chunk_kda_intra_fwd_kernel, pointers, dict(scale="fp32", T="i32", NT="i32"), const,
+                              warps, stages)
+        report(f"kda intra BK={bk} warps={warps} stages={stages}", result)
 
 
 if __name__ == "__main__":

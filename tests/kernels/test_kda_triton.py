@@ -177,3 +177,23 @@ def test_empty_input_keeps_state():
     for fn in (chunk_kda_triton, fused_recurrent_kda_triton):
         o, s = fn(q, k, v, g, beta, None, state, True)
         assert o.shape == (1, 0, 1, 16) and torch.equal(s, state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunk_with_nearly_parallel_keys(dtype):
+    """The hard case for the chunk's (I + Akk)^-1: keys nearly parallel within a head, beta near 1 and
+    slow decay make its entries large and U - W S cancel. The interpreter multiplies in fp32: the
+    kernel's TF32 products on a GPU are checked on the same case by `kimi-desk bench kernels` (a Neumann
+    product over whole 16-token blocks, powers up to the eighth, passed here and failed there)."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, H, K, V = 1, 150, 2, 32, 32
+    base = torch.randn(1, 1, H, K, generator=gen)
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
+    k = F.normalize(base + 0.05 * torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, V, generator=gen).to(dtype)
+    g = -0.01 * torch.rand(B, T, H, K, generator=gen)
+    beta = (0.95 + 0.05 * torch.rand(B, T, H, generator=gen)).to(dtype)
+    state = torch.randn(B, H, K, V, generator=gen)
+    o_ref, s_ref = reference_f64(q, k, v, g, beta, state)
+    o, s = chunk_kda_triton(q, k, v, g, beta, None, state, True)
+    assert rel_err(o, o_ref) < TOLERANCE[dtype] and rel_err(s, s_ref) < TOLERANCE[dtype]
