@@ -329,11 +329,15 @@ def time_generate(model, context: int, log, new_tokens: int = 40) -> dict:
 
 def profile_step(model, state, token, log, top: int = 25) -> list[dict]:
     """GPU time per kernel of one eager decode step (the graph replays the same kernels): where the
-    step's time goes, and the sum to set beside the replayed step's time (the rest is gaps)."""
-    for _ in range(2):
-        model(token, state)
-    _sync()
-    return profile_kernels(lambda: model(token, state), log, "eager step", top)
+    step's time goes, and the sum to set beside the replayed step's time (the rest is gaps). Without
+    programmatic dependent launch, whose early starts would count each kernel's wait in its time."""
+    from kimi_desk.kernels import without_pdl
+
+    with without_pdl():
+        for _ in range(2):
+            model(token, state)
+        _sync()
+        return profile_kernels(lambda: model(token, state), log, "eager step, without PDL", top)
 
 
 def profile_kernels(run, log, label: str, top: int = 25) -> list[dict]:

@@ -36,16 +36,18 @@ def zeroed_counters(device, n: int):
 
 
 _pdl_devices: dict = {}
+_pdl_off = False  # set by without_pdl
 
 
 def pdl(tensor) -> bool:
     """Whether Triton kernels working on `tensor` launch with programmatic dependent launch: a Hopper or
-    newer GPU lets a kernel start while the one before it finishes, so that it can load its weights (which
-    no earlier kernel writes) before `gdc_wait()` waits for the earlier kernel's outputs. Every kernel
-    launched this way must call gdc_wait() before it reads or writes anything an earlier kernel touches.
-    Off under Triton's interpreter, before compute capability 9.0, and with KIMI_DESK_PDL=0 (read once per
-    device)."""
-    if not tensor.is_cuda:
+    newer GPU starts a kernel while the one before it finishes (its launch and setup overlap the earlier
+    kernel's tail), and the kernel's `gdc_wait()` waits for the earlier kernel's outputs. Every kernel
+    launched this way must call gdc_wait() before it reads or writes anything an earlier kernel touches
+    (ours call it first thing: reading weights before it measured no faster, gpu_checks/pdl_chain.py).
+    Off under Triton's interpreter, before compute capability 9.0, with KIMI_DESK_PDL=0 (read once per
+    device) and inside `without_pdl()`."""
+    if not tensor.is_cuda or _pdl_off:
         return False
     device = tensor.device.index if tensor.device.index is not None else 0
     if device not in _pdl_devices:
@@ -54,3 +56,18 @@ def pdl(tensor) -> bool:
         _pdl_devices[device] = (torch.cuda.get_device_capability(device)[0] >= 9
                                 and os.environ.get("KIMI_DESK_PDL", "1") != "0")
     return _pdl_devices[device]
+
+
+class without_pdl:
+    """`with without_pdl():` launches the Triton kernels without programmatic dependent launch, for
+    profiles: a kernel launched early counts its wait for the previous one in its own time."""
+
+    def __enter__(self):
+        global _pdl_off
+        self._saved, _pdl_off = _pdl_off, True
+        return self
+
+    def __exit__(self, *exc):
+        global _pdl_off
+        _pdl_off = self._saved
+        return False

@@ -1,9 +1,9 @@
 """GPU check: decode-step variants of the 27-layer fp8 model at the 48B shapes, one model, one table.
 Each variant records its own CUDA graph of the step (bench_model.time_graph_decode) with 131,072 cached
 tokens, and its logits are compared with the first variant's. Variants: programmatic dependent launch
-(kimi_desk.kernels.pdl) on and off, the router's logits by the Triton GEMV or by PyTorch (cuBLAS).
+(kimi_desk.kernels.pdl) on and off (`without_pdl`), the router's logits by the Triton GEMV or by PyTorch (cuBLAS).
 Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/gpu_checks/decode_ab.py [context]"""
-import os
+import contextlib
 import sys
 import torch
 import kimi_desk.kernels as kernels
@@ -32,11 +32,10 @@ variants = [("PDL on, router GEMV kernel", True, 16), ("PDL off, router GEMV ker
             ("PDL on, router in PyTorch", True, 0), ("PDL off, router in PyTorch", False, 0)]
 rows, first = [], None
 for name, use_pdl, router_rows in variants:
-    kernels._pdl_devices.clear()
-    os.environ["KIMI_DESK_PDL"] = "1" if use_pdl else "0"
     moe.ROUTER_LOGITS_KERNEL_MAX_TOKENS = router_rows
-    logits = model(token, saved.clone())[:, -1].float()
-    r = time_graph_decode(model, state, token)
+    with contextlib.nullcontext() if use_pdl else kernels.without_pdl():
+        logits = model(token, saved.clone())[:, -1].float()
+        r = time_graph_decode(model, state, token)
     err = 0.0 if first is None else ((logits - first).norm() / first.norm()).item()
     first = logits if first is None else first
     rows.append((name, r["graph_ms_per_token"], r["graph_synced_ms_per_token"], err))
