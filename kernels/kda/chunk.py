@@ -26,16 +26,16 @@ exp(a) * exp(b) with a, b <= 0 (the exact product, or a flush to zero of somethi
   - q exp(G), k exp(G_last - G), exp(G_last) and beta k exp(G) have exponents <= 0 by construction.
 (I + Akk)^-1: in registers, as a product of block inverses over blocks of 4, 16 and 64 rows (ten TF32
 products of [64, 64], `_join_blocks`); the scratch Akk is written and read only on the exact path. W and
-U take TF32 dots (fla: bf16).
+U take TF32 dots (fla: bf16) on beta k exp(G) rounded to the input dtype (as fla) and beta v.
 
 Dots of the other products take the input dtype (bf16 on the real model, as fla does) with fp32
 accumulation; the state, the cumulative gates and the inverse stay fp32; the scratch buffers between the
 two kernels are in the input dtype, as in fla.
 
 Measured on an H100 (BENCHMARKS.md, 2026-11-27): the same error as fla against float64 (correlated keys
-and extreme gates included), 0.90-0.97x its speed at 8k-128k with 35% less peak memory (0.74x while
+and extreme gates included), 0.93-1.01x its speed at 8k-128k with 35% less peak memory (0.74x while
 the inverse took forward substitution through the scratch buffer). The intra-chunk kernel is still the
-cost (about 3.6 of 4.7 ms at 32k): 255 registers at 4 warps, so two programs per SM.
+cost (3.8 of 4.55 ms at 32k): 255 registers at 4 warps, so two programs per SM.
 """
 
 from __future__ import annotations
@@ -170,6 +170,10 @@ def chunk_kda_intra_fwd_kernel(
             b_Aqk += tl.where(m_same_causal, tl.dot((b_q * b_er).to(OP_DT), tl.trans(b_ec)), 0.0)
             b_Akk += tl.where(m_same_causal, tl.dot((b_k * b_er).to(OP_DT), tl.trans(b_ec)), 0.0)
         b_Gl = tl.sum(b_g, 0) * LOG2E
+        # beta k exp(G), W's right factor, parked in w's rows (overwritten by W below): W then reads one
+        # bf16 tile instead of k and g again and a second cumulative sum (H100, T = 32k: 4.04 -> 3.79 ms
+        # for this kernel; fla also rounds this factor to bf16).
+        tl.store(w + r_mid[:, None] * K + o_k[None, :], (b_k * tl.exp2(b_G) * b_beta[:, None]).to(DT), mask=m_tk)
         tl.store(qg + r_mid[:, None] * K + o_k[None, :], (b_q * tl.exp2(b_G) * scale).to(DT), mask=m_tk)
         tl.store(kg + r_mid[:, None] * K + o_k[None, :], (b_k * tl.exp2(tl.minimum(b_Gl[None, :] - b_G, 0.0))).to(DT), mask=m_tk)
         tl.store(gl + (i_bh.to(tl.int64) * NT + i_t) * K + o_k, tl.exp2(b_Gl), mask=m_k)
@@ -230,12 +234,14 @@ def chunk_kda_intra_fwd_kernel(
     b_Ai = _join_blocks(b_Ai, b_Akk, b_I, o_i, 64, False, SOLVE_PRECISION)
 
     # ---- W = Ai (beta k exp(G)), U = Ai (beta v) ----
+    # Other threads wrote the rows this one reads.
+    tl.debug_barrier()
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + r_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_g = tl.load(g + r_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_kb = b_k * tl.exp2(tl.cumsum(b_g * LOG2E, 0)) * b_beta[:, None]
+        b_kb = tl.load(w + r_mid[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        # Every thread has read the tile before W overwrites it.
+        tl.debug_barrier()
         b_w = tl.dot(b_Ai, b_kb, input_precision=WU_PRECISION)
         tl.store(w + r_mid[:, None] * K + o_k[None, :], b_w.to(DT), mask=m_tk)
     for i_v in range(0, tl.cdiv(V, BV)):
