@@ -33,7 +33,10 @@ def greedy(model, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
 def test_logits_and_greedy_match_transformers(checkpoint_fixture, request, tmp_path):
     checkpoint = request.getfixturevalue(checkpoint_fixture)
     model = load_model(checkpoint, dtype=torch.float32)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 90))
+    # Seeded: with unseeded ids this failed once in CI (rel. error 1.4e-2 on tail7), most likely a token
+    # whose router scores nearly tie, so that float32 summation order picks a different expert in the
+    # two implementations; 180 seeds tried afterwards all passed.
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 90), generator=torch.Generator().manual_seed(90))
     save_file({"input_ids": input_ids}, tmp_path / "inputs.safetensors")
     subprocess.run(
         [sys.executable, str(ORACLE), str(checkpoint), str(tmp_path / "inputs.safetensors"),
