@@ -58,6 +58,13 @@ def pdl(tensor) -> bool:
     return _pdl_devices[device]
 
 
+def pdl_launch(tensor) -> dict:
+    """The launch arguments of a kernel that starts with `grid_dependency.wait_for_previous_kernel(PDL)`:
+    `kernel[grid](..., **pdl_launch(x))`."""
+    on = pdl(tensor)
+    return {"PDL": on, "launch_pdl": on}
+
+
 class without_pdl:
     """`with without_pdl():` launches the Triton kernels without programmatic dependent launch, for
     profiles: a kernel launched early counts its wait for the previous one in its own time."""

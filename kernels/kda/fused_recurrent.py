@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kimi_desk.kernels import pdl
+from kimi_desk.kernels import pdl_launch
+from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
 
 @triton.jit
@@ -51,10 +51,7 @@ def fused_recurrent_kda_fwd_kernel(
     USE_BETA_SIGMOID_IN_KERNEL: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        # Launched while the previous kernel finishes (kimi_desk.kernels.pdl): wait for its outputs.
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous_kernel(PDL)
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     # int64 before any multiplication by T: B * T * H * K overflows int32 at long contexts.
@@ -202,6 +199,6 @@ def fused_recurrent_kda_triton(
         USE_GATE_IN_KERNEL=use_gate,
         USE_QK_L2NORM_IN_KERNEL=use_qk_l2norm_in_kernel,
         USE_BETA_SIGMOID_IN_KERNEL=use_beta_sigmoid_in_kernel,
-        num_warps=num_warps, PDL=pdl(q), launch_pdl=pdl(q),
+        num_warps=num_warps, **pdl_launch(q),
     )
     return out, final_state

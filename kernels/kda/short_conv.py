@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kimi_desk.kernels import pdl
+from kimi_desk.kernels import pdl_launch
+from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
 
 @triton.jit
@@ -52,10 +52,7 @@ def short_conv_update_fwd_kernel(
     x_q, x_k, x_v, w_q, w_k, w_v, window, y_q, y_k, y_v, T, P: tl.constexpr, BP: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        # Launched while the previous kernel finishes (kimi_desk.kernels.pdl): wait for its outputs.
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous_kernel(PDL)
     i_p, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_p = i_p * BP + tl.arange(0, BP)
     m_p = o_p < P
@@ -80,6 +77,6 @@ def short_conv_update_triton(xs, weights, window, block_p: int = 128):
     BP = min(block_p, triton.next_power_of_2(P))
     short_conv_update_fwd_kernel[(triton.cdiv(P, BP), B)](
         *xs, *weights, window, *ys, T, P=P, BP=BP, num_warps=max(1, min(4, BP // 128)),
-        PDL=pdl(window), launch_pdl=pdl(window),
+        **pdl_launch(window),
     )
     return tuple(ys)

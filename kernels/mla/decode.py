@@ -52,9 +52,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kimi_desk.kernels import pdl
+from kimi_desk.kernels import pdl_launch
+from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
 # A split holds at least this many key blocks, so that the partials stay small beside the keys read.
 MIN_BLOCKS_PER_SPLIT = 4
@@ -115,10 +115,7 @@ def mla_decode_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        # Launched while the previous kernel finishes (kimi_desk.kernels.pdl): wait for its outputs.
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous_kernel(PDL)
     i_m, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     R: tl.constexpr = D - V
 
@@ -216,10 +213,7 @@ def mla_decode_combine_fwd_kernel(
     BV: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        # Launched while the previous kernel finishes (kimi_desk.kernels.pdl): wait for its outputs.
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous_kernel(PDL)
     i_v, i_r, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -341,11 +335,11 @@ def mla_decode(q, cache, q_start, value_dim, scale, *, k_scale=None, out=None, n
         PER_TOKEN_SCALE=per_token,
         OP_DT=op_dt,
         DOT_PRECISION="tf32x3" if cache.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=pdl(q), launch_pdl=pdl(q),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q),
     )
     BVC = min(128, BV)
     mla_decode_combine_fwd_kernel[(triton.cdiv(V, BVC), M, B)](
         o_part, lse_part, out, out_scale, M, NS, V=V, BS=min(32, triton.next_power_of_2(NS)), BV=BVC,
-        num_warps=4, PDL=pdl(q), launch_pdl=pdl(q),
+        num_warps=4, **pdl_launch(q),
     )
     return out

@@ -22,6 +22,7 @@ import torch
 
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.moe.naive import route_topk_torch, routed_experts_gathered, routed_experts_grouped
+from kimi_desk.kernels.quant import GEMV_MAX_TOKENS as QUANT_GEMV_MAX_TOKENS
 
 __all__ = ["route_topk", "routed_experts", "routed_experts_gathered", "routed_experts_grouped", "router_logits"]
 
@@ -30,9 +31,6 @@ __all__ = ["route_topk", "routed_experts", "routed_experts_gathered", "routed_ex
 # launches of the PyTorch form cost more than their work. Prefill's thousands of rows are better served
 # by PyTorch's batched top-k (which asks the host nothing either).
 ROUTER_KERNEL_MAX_TOKENS = 16
-
-# Rows up to which the router's logits take the GEMV kernel.
-ROUTER_LOGITS_KERNEL_MAX_TOKENS = 16
 
 # Tokens up to which the GEMV kernel runs. Its programs work per (token, chosen expert), so an expert that
 # several tokens chose is read once per token (the repeats mostly from L2: they run side by side); past a
@@ -44,7 +42,7 @@ def router_logits(x, weight):
     """x [N, D] @ weight [E, D]^T in float32: a router's logits. A few rows on CUDA take the GEMV kernel of
     kernels/quant (exact products, float32 sums, one launch), where PyTorch would launch a cast of x and
     then cuBLAS's float32 GEMV."""
-    if x.shape[0] <= ROUTER_LOGITS_KERNEL_MAX_TOKENS and use_triton(x) and weight.is_contiguous():
+    if x.shape[0] <= QUANT_GEMV_MAX_TOKENS and use_triton(x) and weight.is_contiguous():
         from kimi_desk.kernels.quant.gemv import fp8_linear_gemv
 
         return fp8_linear_gemv(x, weight, None, out_dtype=torch.float32)

@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kimi_desk.kernels import pdl, zeroed_counters
+from kimi_desk.kernels import pdl_launch, zeroed_counters
+from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
 
 @triton.jit
@@ -54,10 +54,7 @@ def moe_gate_up_fwd_kernel(
     SCALED: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        # Launched while the previous kernel finishes (kimi_desk.kernels.pdl): wait for its outputs.
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous_kernel(PDL)
     i_p, i_i = tl.program_id(0), tl.program_id(1)
     # Pair i_p is token i_p // k with its chosen expert ids[i_p] (ids is [N, k], row-major).
     i_n = (i_p // n_chosen).to(tl.int64)
@@ -105,10 +102,7 @@ def moe_down_fwd_kernel(
     SCALED: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        # Launched while the previous kernel finishes (kimi_desk.kernels.pdl): wait for its outputs.
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous_kernel(PDL)
     i_p, i_d = tl.program_id(0), tl.program_id(1)
     i_e = tl.load(ids + i_p).to(tl.int64)
     b_weight = tl.load(weights + i_p).to(tl.float32)
@@ -175,13 +169,13 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
     BD = min(GATE_UP_CONFIG["block_d"], triton.next_power_of_2(D))
     moe_gate_up_fwd_kernel[(N * k, triton.cdiv(I, BI))](
         x, ids, w1, w3, s1, s3, h, k, w1.stride(0), D=D, I=I, BI=BI, BD=BD, SCALED=scales is not None,
-        num_warps=GATE_UP_CONFIG["num_warps"], PDL=pdl(x), launch_pdl=pdl(x),
+        num_warps=GATE_UP_CONFIG["num_warps"], **pdl_launch(x),
     )
     BD = min(DOWN_CONFIG["block_d"], triton.next_power_of_2(D))
     BI = min(DOWN_CONFIG["block_i"], triton.next_power_of_2(I))
     counters = zeroed_counters(x.device, N * triton.cdiv(D, BD))
     moe_down_fwd_kernel[(N * k, triton.cdiv(D, BD))](
         h, ids, weights, w2, s2, partial, out, counters, k, w2.stride(0), D=D, I=I, BD=BD, BI=BI,
-        SCALED=scales is not None, num_warps=DOWN_CONFIG["num_warps"], PDL=pdl(x), launch_pdl=pdl(x),
+        SCALED=scales is not None, num_warps=DOWN_CONFIG["num_warps"], **pdl_launch(x),
     )
     return out

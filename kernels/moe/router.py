@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kimi_desk.kernels import pdl
+from kimi_desk.kernels import pdl_launch
+from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
 @triton.jit
 def route_topk_fwd_kernel(
@@ -45,10 +45,7 @@ def route_topk_fwd_kernel(
     K_OUT: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        # Launched while the previous kernel finishes (kimi_desk.kernels.pdl): wait for its outputs.
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous_kernel(PDL)
     i_n = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, BE)
     m_e = o_e < E
@@ -119,6 +116,6 @@ def route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, wei
         E=E, BE=BE, TOP_K=top_k, BK=triton.next_power_of_2(k_out), SIGMOID=activation == "sigmoid",
         RENORMALIZE=bool(renormalize), WEIGHTS_FROM_BIASED=bool(weights_from_biased),
         APPEND=-1 if append is None else int(append), K_OUT=k_out, num_warps=num_warps,
-        PDL=pdl(logits), launch_pdl=pdl(logits),
+        **pdl_launch(logits),
     )
     return ids, weights

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kimi_desk.kernels import pdl
+from kimi_desk.kernels import pdl_launch
+from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
 
 @triton.jit
@@ -33,10 +33,7 @@ def rms_norm_fwd_kernel(
     ADD: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        # Launched while the previous kernel finishes (kimi_desk.kernels.pdl): wait for its outputs.
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous_kernel(PDL)
     i_r = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
     m_n = o_n < N
@@ -85,6 +82,6 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: tor
         rms_norm_fwd_kernel[(rows.shape[0],)](
             rows, seconds, weight, y, summed, rows.stride(0), seconds.stride(0), float(eps),
             N=N, BN=BN, GATED=gate is not None, ADD=delta is not None, num_warps=min(8, max(1, BN // 512)),
-            PDL=pdl(x), launch_pdl=pdl(x),
+            **pdl_launch(x),
         )
     return y if delta is None else (summed, y)

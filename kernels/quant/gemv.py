@@ -53,9 +53,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kimi_desk.kernels import pdl, zeroed_counters
+from kimi_desk.kernels import pdl_launch, zeroed_counters
+from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
 
 @triton.jit
@@ -88,9 +88,7 @@ def fp8_gemv_fwd_kernel(
     p_q = q + o_o.to(tl.int64)[:, None] * D
     p_x = x + o_n.to(tl.int64)[:, None] * stride_x
     b_acc = tl.zeros([BO, BN], dtype=tl.float32)
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous_kernel(PDL)
     # Split i_s covers [i_s * CHUNK, (i_s + 1) * CHUNK) of the width; the last one may run past D (masked).
     for d0 in range(0, CHUNK, BD):
         o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
@@ -159,7 +157,7 @@ def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None
     fp32), q [O, D] float8_e4m3fn contiguous, scale [O] float32. Returns [..., O] in out_dtype (default
     x's dtype). With scale None, q may be any float weight (the router's fp32 logits: x @ q^T).
 
-    `config` overrides the launch settings (block_o, block_d, num_warps, num_stages, min_programs, pdl),
+    `config` overrides the launch settings (block_o, block_d, num_warps, num_stages, min_programs),
     for the GPU checks' comparisons."""
     O, D = q.shape
     assert x.shape[-1] == D and (scale is None or scale.shape == (O,)) and q.is_contiguous()
@@ -179,7 +177,6 @@ def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None
     counters = zeroed_counters(x.device, n_o) if splits > 1 else partials
     config = {**CONFIG, **(config or {})}
     extra = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
-    with_pdl = pdl(x) and config.get("pdl", True)
     # TF32 multiplies exactly when neither operand has more than 10 mantissa bits; a float32 weight (the
     # router's) beside such an x takes three TF32 products (its high and low halves: 21 bits, fp32's
     # accuracy); a float32 x takes fp32 products on the CUDA cores.
@@ -188,7 +185,6 @@ def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None
     fp8_gemv_fwd_kernel[(n_o, splits)](
         rows, q, scale, partials, y, counters, N, rows.stride(0),
         D=D, O=O, CHUNK=chunk, SPLITS=splits, BN=BLOCK_N, BO=BO, BD=BD,
-        PRECISION=precision, PDL=with_pdl, SCALED=scale is not None,
-        launch_pdl=with_pdl, **extra,
+        PRECISION=precision, SCALED=scale is not None, **pdl_launch(x), **extra,
     )
     return y.view(*x.shape[:-1], O)

@@ -7,7 +7,7 @@ import contextlib
 import sys
 import torch
 import kimi_desk.kernels as kernels
-import kimi_desk.kernels.moe as moe
+import kimi_desk.engine.model as model_module
 from kimi_desk.engine.bench_model import slice_config, time_graph_decode, decode_bytes
 from kimi_desk.engine.fuse import fuse_projections
 from kimi_desk.engine.random_checkpoint import random_model
@@ -28,11 +28,18 @@ token = torch.tensor([[5]], device="cuda")
 saved = state.clone()  # each variant's eager step starts from this state: their logits compare
 floor_ms = decode_bytes(model, context) / 2.97e12 * 1e3
 
-variants = [("PDL on, router GEMV kernel", True, 16), ("PDL off, router GEMV kernel", False, 16),
-            ("PDL on, router in PyTorch", True, 0), ("PDL off, router in PyTorch", False, 0)]
+kernel_logits = model_module.router_logits
+
+
+def torch_logits(x, weight):
+    return x.float() @ weight.float().t()
+
+
+variants = [("PDL on, router GEMV kernel", True, kernel_logits), ("PDL off, router GEMV kernel", False, kernel_logits),
+            ("PDL on, router in PyTorch", True, torch_logits), ("PDL off, router in PyTorch", False, torch_logits)]
 rows, first = [], None
-for name, use_pdl, router_rows in variants:
-    moe.ROUTER_LOGITS_KERNEL_MAX_TOKENS = router_rows
+for name, use_pdl, logits_fn in variants:
+    model_module.router_logits = logits_fn
     with contextlib.nullcontext() if use_pdl else kernels.without_pdl():
         logits = model(token, saved.clone())[:, -1].float()
         r = time_graph_decode(model, state, token)
