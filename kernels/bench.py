@@ -190,7 +190,7 @@ def tune_prefill(log, T=32768):
 
     q, k, v, g, beta, h0 = _inputs(1, T, "model", seed=7)
     scale = K**-0.5
-    # fast_diag=False times the exact path every chunk (the one a gate decaying by more than 2^-64 inside
+    # fast_diag=False times the exact path every chunk (the one a gate decaying by more than 2^-120 inside
     # 16 tokens takes).
     intra = [dict(BK=32, num_warps=4), dict(BK=32, num_warps=4, fast_diag=False), dict(BK=32, num_warps=4, num_stages=2),
              dict(BK=16, num_warps=4), dict(BK=32, num_warps=8), dict(BK=64, num_warps=8),

@@ -12,18 +12,22 @@ and then, chunk after chunk, with the state S [K, V]:
 2. `chunk_kda_scan_fwd_kernel`, one program per (V block, head), walks the chunks in order with S in
    fp32 registers and writes the output directly: neither the per-chunk states nor V_new ever reach memory.
 
-Kimi Linear's gate has no lower bound, so no factor above 1 may ever be formed: exp(G_i) * exp(-G_j)
-overflows fp32 once G_j < -88, which one token with log-decay -90 reaches. Every decay here is
-exp(a) * exp(b) with a, b <= 0 (the exact product, or a flush to zero of something below 1e-38):
-  - between 16-token sub-chunks, through a reference row r at the end of the earlier sub-chunk J:
-    exp(G_i - G_j) = exp(G_i - G_r) * exp(G_r - G_j), i > r >= j, so both factors are <= 1 and the
-    products are tensor-core dots of [64, BK] x [BK, 64];
-  - inside a 16-token sub-chunk, when no channel of the chunk decays by more than 2^-64 within any
-    sub-chunk (the common case), as exp(Gs_i) * exp(-Gs_j) with Gs the sub-chunk's own cumulative sum:
-    factors within 2^-64 .. 2^64, exact in fp32/bf16 (no overflow, no subnormals), on the tensor cores;
-  - otherwise (one token of an unbounded gate can decay by more) the whole chunk takes the exact path:
-    exp(G_i - G_j) from the difference, per channel, as a [16, 16, BKD] block on the CUDA cores;
-  - q exp(G), k exp(G_last - G), exp(G_last) and beta k exp(G) have exponents <= 0 by construction.
+Kimi Linear's gate has no lower bound, so no factor above 1 may ever be formed from the chunk's G:
+exp(G_i) * exp(-G_j) overflows fp32 once G_j < -88, which one token with log-decay -90 reaches. Per
+16-token sub-chunk b, with Gs the cumulative sum inside it, tot_b its total and P_b the sum of the
+sub-chunks before (G_i = P_b + Gs_i), every decay is a product of E_i = exp(Gs_i) and
+C_i = exp(tot_b - Gs_i), both <= 1 (two exponentials per element), and of per-sub-chunk factors:
+  - between sub-chunks b > j, through the end of j: exp(G_i - G_j') = E_i exp(P_b - P_(j+1)) * C_j',
+    every factor <= 1 (a flush to zero only of something below 1e-38);
+  - inside sub-chunk j: exp(G_i - G_j') = (E_i D_j) (C_j' D_j), D_j = exp(-tot_j / 2), both factors within
+    2^-60 .. 2^60 (no overflow, no subnormal) when no channel decays by more than 2^-120 within any
+    sub-chunk of the chunk: the common case, on the tensor cores like the blocks between sub-chunks
+    (one dot of [64, BK] x [BK, 64] per column sub-chunk);
+  - otherwise (one token of an unbounded gate can decay by more) the chunk's diagonal blocks take the
+    exact path: exp(G_i - G_j) from the difference, per channel, as a [16, 16, BKD] block on the CUDA
+    cores;
+  - q exp(G) = q E exp(P), k exp(G_last - G) = k C exp(G_last - G_end(b)), exp(G_last) and
+    beta k exp(G) have exponents <= 0 by construction.
 (I + Akk)^-1: in registers, as a product of block inverses over blocks of 4, 16 and 64 rows (ten TF32
 products of [64, 64], `_join_blocks`); the scratch Akk is written and read only on the exact path. W and
 U take TF32 dots (fla: bf16) on beta k exp(G) rounded to the input dtype (as fla) and beta v.
@@ -33,9 +37,11 @@ accumulation; the state, the cumulative gates and the inverse stay fp32; the scr
 two kernels are in the input dtype, as in fla.
 
 Measured on an H100 (BENCHMARKS.md, 2026-11-27): the same error as fla against float64 (correlated keys
-and extreme gates included), 0.93-1.01x its speed at 8k-128k with 35% less peak memory (0.74x while
-the inverse took forward substitution through the scratch buffer). The intra-chunk kernel is still the
-cost (3.8 of 4.55 ms at 32k): 255 registers at 4 warps, so two programs per SM.
+and extreme gates included), 1.5x its speed at 32k with 35% less peak memory. What got it there from
+parity: the factored decays above (the gram phase 3.0 -> 1.7 ms at 32k: ten exponentials per element
+became two, and the sub-chunk midpoint D kept the model's gate off the exact path, which 22% of its
+chunks took with a reference at the sub-chunk's start), and a scan whose loads all run a step ahead
+(1.15 -> 0.67 ms: the masked Aqk load and the decay load had waited in every step).
 """
 
 from __future__ import annotations
@@ -136,54 +142,86 @@ def chunk_kda_intra_fwd_kernel(
     m_same_block = (o_i // BC)[:, None] == (o_i // BC)[None, :]
     m_lower_blocks = (o_i // BC)[:, None] > (o_i // BC)[None, :]
     m_same_causal = m_same_block & (o_i[:, None] >= o_i[None, :])
-    # Largest decay inside any 16-token sub-chunk and channel of this chunk (log2 units).
+    # The chunk as [NB, BC, BK] tiles, NB sub-chunks of BC rows: the per-sub-chunk sums and cumulative
+    # sums are then reductions inside each sub-chunk's rows.
+    NB: tl.constexpr = BT // BC
+    o_b = tl.arange(0, NB)
+    o_row3 = (o_b[:, None] * BC + tl.arange(0, BC)[None, :])[:, :, None]
+    m_t3 = i_t * BT + o_row3 < T
+    b_beta3 = tl.load(beta + (i_b.to(tl.int64) * T + i_t * BT + o_row3) * H + i_h, mask=m_t3, other=0.0).to(tl.float32)
+    # Element offsets from the chunk's first row, in int32 and the same for every block of channels (the
+    # base pointers move instead): int64 pointer tiles, three loaded and three stored, held most of the
+    # registers.
+    p_in = (i_b.to(tl.int64) * T + i_t * BT) * H * K + i_h * K
+    p_mid = (i_bh.to(tl.int64) * T + i_t * BT) * K
+    o_in3 = o_row3 * (H * K) + tl.arange(0, BK)[None, None, :]
+    o_mid3 = o_row3 * K + tl.arange(0, BK)[None, None, :]
+    # Half the largest decay of any sub-chunk and channel of this chunk (log2 units).
     b_spread = tl.full([], 0.0, tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + r_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_k = tl.load(k + r_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        # Padding rows load g = 0, so they carry G_last unchanged.
-        b_g = tl.load(g + r_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        # log2 units: exp2 is the native instruction.
-        b_G = tl.cumsum(b_g * LOG2E, 0)
-        for j in tl.static_range(BT // BC - 1):
-            # Reference row: the last row of sub-chunk j. Rows after it pair with its columns.
-            b_Gr = tl.sum(tl.where((o_i == j * BC + BC - 1)[:, None], b_G, 0.0), 0)
-            m_row = (o_i > j * BC + BC - 1)[:, None]
-            m_col = ((o_i >= j * BC) & (o_i < j * BC + BC))[:, None]
-            b_er = tl.exp2(tl.where(m_row, b_G - b_Gr[None, :], float("-inf")))
-            b_kc = (b_k * tl.exp2(tl.where(m_col, b_Gr[None, :] - b_G, float("-inf")))).to(OP_DT)
-            b_Aqk += tl.dot((b_q * b_er).to(OP_DT), tl.trans(b_kc))
-            b_Akk += tl.dot((b_k * b_er).to(OP_DT), tl.trans(b_kc))
-        if FAST_DIAG:
-            # Diagonal blocks on the tensor cores when it is exact: with Gs the cumulative sum inside each
-            # sub-chunk, exp(G_i - G_j) = exp(Gs_i) * exp(-Gs_j), whose factors stay within 2^-64 .. 2^64
-            # (no overflow, no subnormal) while no sub-chunk decays by more than 2^-64 in any channel.
-            # Otherwise (an unbounded gate can do that in one token) the chunk takes the exact pairwise
-            # path below and these entries are discarded.
-            b_Gs = tl.reshape(tl.cumsum(tl.reshape(b_g * LOG2E, [BT // BC, BC, BK]), 1), [BT, BK])
-            b_spread = tl.maximum(b_spread, -tl.min(tl.min(b_Gs, 1), 0))
-            b_ec = (b_k * tl.exp2(tl.minimum(-b_Gs, 64.0))).to(OP_DT)
-            b_er = tl.exp2(b_Gs)
-            b_Aqk += tl.where(m_same_causal, tl.dot((b_q * b_er).to(OP_DT), tl.trans(b_ec)), 0.0)
-            b_Akk += tl.where(m_same_causal, tl.dot((b_k * b_er).to(OP_DT), tl.trans(b_ec)), 0.0)
-        b_Gl = tl.sum(b_g, 0) * LOG2E
+        m_tk3 = m_t3 & (o_k < K)[None, None, :]
+        b_q = tl.load(q + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
+        # Padding rows load g = 0, so they carry the chunk's last G unchanged. log2 units: exp2 is the
+        # native instruction.
+        b_a = tl.load(g + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32) * LOG2E
+        # Every decay below is a product of these, each <= 1 (see the module doc): with Gs the cumulative
+        # sum inside each sub-chunk, tot its total and P the sum of the sub-chunks before (so that
+        # G_i = P_b + Gs_i for row i of sub-chunk b), E_i = exp(G_i - G_start(b)) = exp(Gs_i) and
+        # C_i = exp(G_end(b) - G_i) = exp(tot_b - Gs_i). Two exponentials per element where the direct
+        # form took ten (the reference rows' differences, the diagonal's factors, the stored factors).
+        b_Gs = tl.cumsum(b_a, 1)
+        b_tot = tl.sum(b_a, 1)
+        b_P = tl.cumsum(b_tot, 0) - b_tot
+        b_qE = b_q * tl.exp2(b_Gs)
+        b_kE = b_k * tl.exp2(b_Gs)
+        b_kC = b_k * tl.exp2(b_tot[:, None, :] - b_Gs)
+        # Column sub-chunk j against the rows of sub-chunk b >= j, one dot of [BT, BK] x [BK, BT] each:
+        #   b > j, through the end of j: exp(G_i - G_j') = E_i exp(P_b - P_(j+1)) * C_j';
+        #   b = j, the diagonal block: exp(G_i - G_j') = E_i C_j' exp(-tot_j) for i >= j'.
+        # D_j = exp(-tot_j / 2) moves to the column side, so that on the diagonal both factors stay within
+        # 2^-60 .. 2^60 (no overflow, no subnormal: E, C >= 2^-120) while no sub-chunk decays by more than
+        # 2^-120 in any channel; off it, the row factor exp(P_b - P_(j+1) - log D_j) <= 1 may underflow
+        # only where the whole product is below 2^-66. A chunk with a sub-chunk decaying faster (an
+        # unbounded gate can, in one token) takes the exact pairwise path for its diagonal blocks below.
+        # Entries above the diagonal are bounded garbage here, masked after the loop. A midpoint D halves
+        # the exponents of a reference at the sub-chunk's start: with the model's gate at its initial
+        # values, 22% of the chunks took the exact path against 2^-64 from the start, none now.
+        b_half = tl.minimum(-0.5 * b_tot, 60.0)
+        b_spread = tl.maximum(b_spread, tl.max(tl.max(-0.5 * b_tot, 1), 0))
+        for j in tl.static_range(NB if FAST_DIAG else NB - 1):
+            b_Pj = tl.sum(tl.where(o_b[:, None] == j + 1, b_P, 0.0), 0)
+            b_hj = tl.sum(tl.where(o_b[:, None] == j, b_half, 0.0), 0)
+            b_S = tl.where(o_b[:, None] > j, tl.exp2(tl.minimum(b_P - b_Pj[None, :] - b_hj[None, :], 0.0)),
+                           tl.where(o_b[:, None] == j, tl.exp2(b_hj[None, :]), 0.0))[:, None, :]
+            if not FAST_DIAG:
+                b_S = tl.where(o_b[:, None, None] > j, b_S, 0.0)
+            b_R = tl.where(o_row3 // BC == j, b_kC * tl.exp2(b_hj[None, None, :]), 0.0)
+            b_R = tl.trans(tl.reshape(b_R, [BT, BK]).to(OP_DT))
+            b_Aqk += tl.dot(tl.reshape(b_qE * b_S, [BT, BK]).to(OP_DT), b_R)
+            b_Akk += tl.dot(tl.reshape(b_kE * b_S, [BT, BK]).to(OP_DT), b_R)
+        b_Gl = tl.sum(b_tot, 0)
+        # exp(G_i) = E_i exp(P_b) and exp(G_last - G_i) = C_i exp(G_last - G_end(b)), both factors <= 1.
+        b_eP = tl.exp2(b_P)[:, None, :]
         # beta k exp(G), W's right factor, parked in w's rows (overwritten by W below): W then reads one
-        # bf16 tile instead of k and g again and a second cumulative sum (H100, T = 32k: 4.04 -> 3.79 ms
-        # for this kernel; fla also rounds this factor to bf16).
-        tl.store(w + r_mid[:, None] * K + o_k[None, :], (b_k * tl.exp2(b_G) * b_beta[:, None]).to(DT), mask=m_tk)
-        tl.store(qg + r_mid[:, None] * K + o_k[None, :], (b_q * tl.exp2(b_G) * scale).to(DT), mask=m_tk)
-        tl.store(kg + r_mid[:, None] * K + o_k[None, :], (b_k * tl.exp2(tl.minimum(b_Gl[None, :] - b_G, 0.0))).to(DT), mask=m_tk)
-        tl.store(gl + (i_bh.to(tl.int64) * NT + i_t) * K + o_k, tl.exp2(b_Gl), mask=m_k)
+        # bf16 tile instead of k and g again (fla also rounds this factor to bf16).
+        tl.store(w + p_mid + i_k * BK + o_mid3, (b_kE * b_eP * b_beta3).to(DT), mask=m_tk3)
+        tl.store(qg + p_mid + i_k * BK + o_mid3, (b_qE * b_eP * scale).to(DT), mask=m_tk3)
+        b_eL = tl.exp2(tl.minimum(b_Gl[None, :] - b_P - b_tot, 0.0))[:, None, :]
+        tl.store(kg + p_mid + i_k * BK + o_mid3, (b_kC * b_eL).to(DT), mask=m_tk3)
+        tl.store(gl + (i_bh.to(tl.int64) * NT + i_t) * K + o_k, tl.exp2(b_Gl), mask=o_k < K)
 
     if FAST_DIAG:
-        fast = b_spread <= 64.0
+        fast = b_spread <= 60.0
     else:
         fast = b_spread < 0.0
-    m_store = tl.where(fast, m_lower_blocks | m_same_causal, m_lower_blocks)
-    tl.store(Aqk + r_mid[:, None] * BT + o_i[None, :], (b_Aqk * scale).to(DT), mask=m_t[:, None] & m_store)
+    # The whole tile, zeros above the diagonal included, so that the scan loads it without a causal mask
+    # (a plain load is one Triton pipelines ahead of the loop's dots; a masked one waited in every step).
+    # The exact path writes the diagonal blocks itself.
+    b_Aqk = tl.where(m_lower_blocks | m_same_causal, b_Aqk * scale, 0.0)
+    m_store = m_t[:, None] & tl.where(fast, m_same_block | ~m_same_block, ~m_same_block)
+    tl.store(Aqk + r_mid[:, None] * BT + o_i[None, :], b_Aqk.to(DT), mask=m_store)
     b_Akk = tl.where(o_i[:, None] > o_i[None, :], b_Akk * b_beta[:, None], 0.0)
 
     if not fast:
@@ -287,7 +325,6 @@ def chunk_kda_scan_fwd_kernel(
     m_k = o_k < K
     m_v = o_v < V
     m_h = m_k[:, None] & m_v[None, :]
-    m_causal = o_i[:, None] >= o_i[None, :]
     o_h = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
 
     if USE_INITIAL_STATE:
@@ -295,6 +332,7 @@ def chunk_kda_scan_fwd_kernel(
     else:
         b_h = tl.zeros([BK, BV], dtype=tl.float32)
 
+    b_gl_next = tl.load(gl + i_bh.to(tl.int64) * NT * K + o_k, mask=m_k, other=0.0)
     for i_t in range(0, NT):
         o_t = i_t * BT + o_i
         m_t = o_t < T
@@ -305,8 +343,11 @@ def chunk_kda_scan_fwd_kernel(
         b_qg = tl.load(qg + r_mid[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(OP_DT)
         b_kg = tl.load(kg + r_mid[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(OP_DT)
         b_u = tl.load(u + r_mid[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_A = tl.load(Aqk + r_mid[:, None] * BT + o_i[None, :], mask=m_t[:, None] & m_causal, other=0.0).to(OP_DT)
-        b_gl = tl.load(gl + (i_bh.to(tl.int64) * NT + i_t) * K + o_k, mask=m_k, other=0.0)
+        b_A = tl.load(Aqk + r_mid[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0).to(OP_DT)
+        b_gl = b_gl_next
+        # The next chunk's decay, loaded a step ahead: Triton pipelines the dots' operands, not this. After
+        # the last chunk this reads the next head's first row, or the spare row at the end of `gl`.
+        b_gl_next = tl.load(gl + (i_bh.to(tl.int64) * NT + i_t + 1) * K + o_k, mask=m_k, other=0.0)
 
         b_hd = b_h.to(OP_DT)
         b_vn = b_u - tl.dot(b_w, b_hd)
@@ -364,7 +405,8 @@ def chunk_kda_intra(q, k, v, g, beta, scale, BK=None, BKD=None, num_warps=4, num
         kg=torch.empty(BH, T, K, dtype=dt, device=dev),
         w=torch.empty(BH, T, K, dtype=dt, device=dev),
         u=torch.empty(BH, T, V, dtype=dt, device=dev),
-        gl=torch.empty(BH, NT, K, dtype=torch.float32, device=dev),
+        # [B * H * NT + 1, K]: the scan reads one row past each head's chunks (see there).
+        gl=torch.empty(BH * NT + 1, K, dtype=torch.float32, device=dev),
         aqk=torch.empty(BH, T, BT, dtype=dt, device=dev),
         shape=(B, T, H, K, V, NT),
     )

@@ -79,10 +79,14 @@ def test_chunk_matches_float64(dtype, B, T, H, K, V, min_log_decay):
 
 
 @pytest.mark.parametrize("fast_diag", [True, False], ids=["tensor-core-diag", "pairwise-diag"])
-def test_chunk_both_diagonal_paths(fast_diag):
+@pytest.mark.parametrize("decay", ["mild", "near-limit"])
+def test_chunk_both_diagonal_paths(fast_diag, decay):
     """Mild gates take the factored diagonal blocks unless told not to; both must give the same function,
-    with no initial state and a scale that is not the default."""
+    with no initial state and a scale that is not the default. "near-limit": every channel decays by
+    2^-110 in each 16-token sub-chunk, inside the factored path's 2^-128, whose factors then reach 2^+-55."""
     q, k, v, g, beta, _ = make_inputs(1, 100, 2, 32, 32, -0.5, torch.float32, seed=5)
+    if decay == "near-limit":
+        g = torch.full_like(g, -110 / 16 * 0.6931471805599453)
     o_ref, s_ref = reference_f64(q, k, v, g, beta, None, scale=0.3)
     o, s = chunk_kda_triton(q, k, v, g, beta, 0.3, None, True, intra_config=dict(fast_diag=fast_diag))
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
