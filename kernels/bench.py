@@ -192,10 +192,9 @@ def tune_prefill(log, T=32768):
     scale = K**-0.5
     # fast_diag=False times the exact path every chunk (the one a gate decaying by more than 2^-120 inside
     # 16 tokens takes).
-    intra = [dict(BK=32, num_warps=4), dict(BK=32, num_warps=4, fast_diag=False), dict(BK=32, num_warps=4, num_stages=2),
-             dict(BK=16, num_warps=4), dict(BK=32, num_warps=8), dict(BK=64, num_warps=8),
-             dict(BK=32, num_warps=4, solve_precision="tf32x3")]
-    scan = [dict(BV=32, num_warps=4, num_stages=3), dict(BV=64, num_warps=4, num_stages=3)]
+    intra = [dict(BK=64, num_warps=4), dict(BK=64, num_warps=4, fast_diag=False), dict(BK=64, num_warps=4, num_stages=2),
+             dict(BK=32, num_warps=4), dict(BK=64, num_warps=8)]
+    scan = [dict(BV=32, num_warps=4, num_stages=3), dict(BV=64, num_warps=4, num_stages=3), dict(BV=32, num_warps=8, num_stages=3)]
     res = {"intra": [], "scan": []}
     for cfg in intra:
         try:

@@ -37,11 +37,12 @@ accumulation; the state, the cumulative gates and the inverse stay fp32; the scr
 two kernels are in the input dtype, as in fla.
 
 Measured on an H100 (BENCHMARKS.md, 2026-11-27): the same error as fla against float64 (correlated keys
-and extreme gates included), 1.5x its speed at 32k with 35% less peak memory. What got it there from
-parity: the factored decays above (the gram phase 3.0 -> 1.7 ms at 32k: ten exponentials per element
-became two, and the sub-chunk midpoint D kept the model's gate off the exact path, which 22% of its
-chunks took with a reference at the sub-chunk's start), and a scan whose loads all run a step ahead
-(1.15 -> 0.67 ms: the masked Aqk load and the decay load had waited in every step).
+and extreme gates included), 1.58-1.63x its speed at 8k-128k with 35% less peak memory. What got it there
+from parity: the factored decays above (the Aqk/Akk phase 3.0 -> 1.5 ms at 32k: ten exponentials per
+element became two, and the sub-chunk midpoint D kept the model's gate off the exact path, which 22% of
+its chunks took with a reference at the sub-chunk's start), a scan whose loads all run a step ahead
+(1.15 -> 0.67 ms: the masked Aqk load and the decay load had waited in every step), and W and U as
+full-width dots on split bf16 operands.
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ def chunk_kda_intra_fwd_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     BKD: tl.constexpr,
-    BV: tl.constexpr,
+    KF: tl.constexpr,
+    VF: tl.constexpr,
     SOLVE_PRECISION: tl.constexpr,
-    WU_PRECISION: tl.constexpr,
     FAST_DIAG: tl.constexpr,
     OP_DT: tl.constexpr,
 ):
@@ -272,22 +273,28 @@ def chunk_kda_intra_fwd_kernel(
     b_Ai = _join_blocks(b_Ai, b_Akk, b_I, o_i, 64, False, SOLVE_PRECISION)
 
     # ---- W = Ai (beta k exp(G)), U = Ai (beta v) ----
-    # Other threads wrote the rows this one reads.
+    # One dot over all channels each, in the input dtype with Ai and beta v split into a high and a low
+    # part (x = hi + lo, both in bf16): hi hi + lo hi (+ hi lo for U) keeps about 16 bits of each factor,
+    # the TF32 products' errors against float64 to two digits on an H100, 7% faster than TF32 dots there
+    # (2026-11-27, BENCHMARKS.md); Ai in plain bf16 (fla's choice) lost 7% of the accuracy. beta k exp(G)
+    # is already rounded to the input dtype (as in fla). With fp32 inputs the low parts are zero.
+    o_kf = tl.arange(0, KF)
+    o_vf = tl.arange(0, VF)
+    m_tkf = m_t[:, None] & (o_kf < K)[None, :]
+    m_tvf = m_t[:, None] & (o_vf < V)[None, :]
+    b_Ai_hi = b_Ai.to(OP_DT)
+    b_Ai_lo = (b_Ai - b_Ai_hi.to(tl.float32)).to(OP_DT)
+    # Other threads wrote the rows this one reads; all have read them before W overwrites them.
     tl.debug_barrier()
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_tk = m_t[:, None] & (o_k < K)[None, :]
-        b_kb = tl.load(w + r_mid[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        # Every thread has read the tile before W overwrites it.
-        tl.debug_barrier()
-        b_w = tl.dot(b_Ai, b_kb, input_precision=WU_PRECISION)
-        tl.store(w + r_mid[:, None] * K + o_k[None, :], b_w.to(DT), mask=m_tk)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v + r_in[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_u = tl.dot(b_Ai, b_v * b_beta[:, None], input_precision=WU_PRECISION)
-        tl.store(u + r_mid[:, None] * V + o_v[None, :], b_u.to(DT), mask=m_tv)
+    b_kb = tl.load(w + r_mid[:, None] * K + o_kf[None, :], mask=m_tkf, other=0.0).to(OP_DT)
+    tl.debug_barrier()
+    b_w = tl.dot(b_Ai_lo, b_kb, tl.dot(b_Ai_hi, b_kb))
+    tl.store(w + r_mid[:, None] * K + o_kf[None, :], b_w.to(DT), mask=m_tkf)
+    b_bv = tl.load(v + r_in[:, None] * V + o_vf[None, :], mask=m_tvf, other=0.0).to(tl.float32) * b_beta[:, None]
+    b_bv_hi = b_bv.to(OP_DT)
+    b_bv_lo = (b_bv - b_bv_hi.to(tl.float32)).to(OP_DT)
+    b_u = tl.dot(b_Ai_hi, b_bv_lo, tl.dot(b_Ai_lo, b_bv_hi, tl.dot(b_Ai_hi, b_bv_hi)))
+    tl.store(u + r_mid[:, None] * V + o_vf[None, :], b_u.to(DT), mask=m_tvf)
 
 
 # T and NT are not specialised: NT == 1 (prompts under one chunk) compiled to a kernel that made out-of-range
@@ -390,7 +397,7 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
 
 
 def chunk_kda_intra(q, k, v, g, beta, scale, BK=None, BKD=None, num_warps=4, num_stages=None,
-                    wu_precision="tf32", fast_diag=True, solve_precision=_SOLVE_PRECISION):
+                    fast_diag=True, solve_precision=_SOLVE_PRECISION):
     """Launch 1: the state-free per-chunk work. Returns the scratch buffers the scan reads."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -417,11 +424,12 @@ def chunk_kda_intra(q, k, v, g, beta, scale, BK=None, BKD=None, num_warps=4, num
         q, k, v, g, beta, bufs["qg"], bufs["kg"], bufs["w"], bufs["u"], bufs["gl"], bufs["aqk"], akk,
         scale, T, NT,
         H=H, K=K, V=V, BT=BT, BC=BC,
-        BK=BK or min(32, triton.next_power_of_2(K)),
+        # 64 channels a step: the gram phase 1.67 -> 1.47 ms at 32k on an H100 against 32 (16: 2.5 ms).
+        BK=BK or min(64, triton.next_power_of_2(K)),
         BKD=BKD or min(16, triton.next_power_of_2(K)),
-        BV=min(32, triton.next_power_of_2(V)),
+        KF=triton.next_power_of_2(K),
+        VF=triton.next_power_of_2(V),
         SOLVE_PRECISION=solve_precision,
-        WU_PRECISION=wu_precision,
         FAST_DIAG=fast_diag,
         OP_DT=_op_dtype(dt),
         num_warps=num_warps,

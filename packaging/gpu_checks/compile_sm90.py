@@ -78,9 +78,9 @@ def kda_intra():
     bf = "*bf16"
     pointers = dict(q=bf, k=bf, v=bf, g="*fp32", beta=bf, qg=bf, kg=bf, w=bf, u=bf, gl="*fp32", Aqk=bf, Akk="*fp32")
     # maxnreg caps the registers (ptxas spills the rest): 168 at 4 warps lets three programs share an SM.
-    for bk, warps, stages, maxnreg in [(32, 4, 3, None), (32, 4, 3, 168)]:
-        const = dict(H=32, K=128, V=128, BT=64, BC=16, BK=bk, BKD=16, BV=32, SOLVE_PRECISION="tf32",
-                     WU_PRECISION="tf32", FAST_DIAG=True, OP_DT=tl.bfloat16)
+    for bk, warps, stages, maxnreg in [(64, 4, 3, None), (32, 4, 3, None), (64, 4, 3, 168)]:
+        const = dict(H=32, K=128, V=128, BT=64, BC=16, BK=bk, BKD=16, KF=128, VF=128, SOLVE_PRECISION="tf32",
+                     FAST_DIAG=True, OP_DT=tl.bfloat16)
         result = compile_sm90(chunk_kda_intra_fwd_kernel, pointers, dict(scale="fp32", T="i32", NT="i32"), const,
                               warps, stages, maxnreg)
         report(f"kda intra BK={bk} warps={warps} stages={stages} maxnreg={maxnreg}", result)
