@@ -102,14 +102,25 @@ class KimiDeltaAttention(nn.Module):
         q, conv_q = self.q_conv1d(q_in, state.conv[:, 0])
         k, conv_k = self.k_conv1d(k_in, state.conv[:, 1])
         v, conv_v = self.v_conv1d(v_in, state.conv[:, 2])
-        q = l2norm(q.view(B, T, H, K)).to(x.dtype)  # [B, T, H, K]
-        k = l2norm(k.view(B, T, H, K)).to(x.dtype)  # [B, T, H, K]
-        v = v.view(B, T, H, K)  # [B, T, H, V]
-        # Log-space decay -exp(A_log) * softplus(f + dt_bias), fp32; not bounded below.
-        f = f_in.float() + self.dt_bias
-        g = -self.A_log.float().exp() * F.softplus(f.view(B, T, H, K), threshold=20.0)  # [B, T, H, K]
-        beta = torch.sigmoid(b_in.float())  # [B, T, H]
-        o, recurrent = kda(q, k, v, g, beta, initial_state=state.recurrent, output_final_state=True)
+        if T > RECURRENT_MAX_TOKENS and use_triton(x):
+            # The chunked prefill in Triton reads the raw gate input and beta's logits and normalises q and
+            # k itself: the elementwise passes below cost about as much as the kernel at 8k tokens.
+            from kimi_desk.kernels.kda.chunk import chunk_kda_triton
+
+            o, recurrent = chunk_kda_triton(
+                q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), f_in.view(B, T, H, K), b_in,
+                initial_state=state.recurrent, output_final_state=True, A_log=self.A_log, dt_bias=self.dt_bias,
+                use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+            )
+        else:
+            q = l2norm(q.view(B, T, H, K)).to(x.dtype)  # [B, T, H, K]
+            k = l2norm(k.view(B, T, H, K)).to(x.dtype)  # [B, T, H, K]
+            v = v.view(B, T, H, K)  # [B, T, H, V]
+            # Log-space decay -exp(A_log) * softplus(f + dt_bias), fp32; not bounded below.
+            f = f_in.float() + self.dt_bias
+            g = -self.A_log.float().exp() * F.softplus(f.view(B, T, H, K), threshold=20.0)  # [B, T, H, K]
+            beta = torch.sigmoid(b_in.float())  # [B, T, H]
+            o, recurrent = kda(q, k, v, g, beta, initial_state=state.recurrent, output_final_state=True)
         state.recurrent.copy_(recurrent)
         state.conv.copy_(torch.stack([conv_q, conv_k, conv_v], dim=1))
         o = self.o_norm(o, g_in.view(B, T, H, K))  # [B, T, H, V]

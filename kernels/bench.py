@@ -83,6 +83,33 @@ def _inputs(B, T, gate, seed, dtype=None, device="cuda"):
     return q, k, v, g.float(), beta.to(dtype), h0
 
 
+def _raw_inputs(B, T, seed, device="cuda"):
+    """The real layer's raw KDA inputs, as the fused variants read them: q, k before their L2 norm, the
+    gate's input x with A_log and dt_bias (drawn as in _inputs), beta's logits; bf16 like the projections.
+    Returns (q, k, v, x, beta_logits, A_log, dt_bias, h0) and the prepared (q, k, g, beta) in float64."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    bf = torch.bfloat16
+    q = (2 * torch.randn(B, T, H, K, device=device, generator=gen)).to(bf)
+    k = (0.5 * torch.randn(B, T, H, K, device=device, generator=gen)).to(bf)
+    v = torch.randn(B, T, H, V, device=device, generator=gen).to(bf)
+    A_log = torch.log(torch.rand(H, device=device, generator=gen) * 15 + 1)
+    dt = torch.exp(torch.rand(H * K, device=device, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    x = torch.randn(B, T, H, K, device=device, generator=gen).to(bf)
+    beta_logits = torch.randn(B, T, H, device=device, generator=gen).to(bf)
+    h0 = torch.randn(B, H, K, V, device=device, generator=gen)
+    unit = lambda t: t.double() / (t.double().square().sum(-1, keepdim=True) + 1e-6).sqrt()  # noqa: E731
+    g = -A_log.double().exp()[:, None] * F.softplus(x.double() + dt_bias.double().view(H, K))
+    prepared = (unit(q), unit(k), g, beta_logits.double().sigmoid())
+    return (q, k, v, x, beta_logits, A_log, dt_bias, h0), prepared
+
+
+_FUSED = dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+
+
 def _reference_f64(q, k, v, g, beta, h0):
     """The token-by-token recurrence in float64 on the GPU."""
     import torch
@@ -168,6 +195,20 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
                              fla_o_err=_rel(fo, o_ref), fla_state_err=_rel(fs, s_ref),
                              vs_fla=_rel(o, fo), nan=bool(o.isnan().any())))
             log(rows[-1])
+        if gate == "model":
+            # The fused variant on the raw projections, and fla's with the same flags.
+            for B, T in ((1, 2048 + 37), (1, 18), (1, 65)):
+                (q, k, v, x, bl, A_log, dt_bias, h0), (qn, kn, g, beta) = _raw_inputs(B, T, seed=T + 7)
+                o_ref, s_ref = _reference_f64(qn, kn, v, g, beta, h0)
+                out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
+                o, s = chunk_kda_triton(q, k, v, x, bl, None, h0, True, A_log=A_log, dt_bias=dt_bias, out=out,
+                                        **_FUSED)
+                fo, fs = fla_chunk(q, k, v, x, bl, initial_state=h0, output_final_state=True, use_gate_in_kernel=True,
+                                   A_log=A_log, dt_bias=dt_bias, **_FUSED)
+                rows.append(dict(kernel="chunk", gate="raw", B=B, T=T, o_err=_rel(o, o_ref), state_err=_rel(s, s_ref),
+                                 fla_o_err=_rel(fo, o_ref), fla_state_err=_rel(fs, s_ref),
+                                 vs_fla=_rel(o, fo), nan=bool(o.isnan().any())))
+                log(rows[-1])
         for B, T in ((1, 1), (8, 1), (8, 5)):
             q, k, v, g, beta, h0 = _inputs(B, T, gate, seed=100 + T + B)
             o_ref, s_ref = _reference_f64(q, k, v, g, beta, h0)
@@ -245,12 +286,28 @@ def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
         bytes_ = T * H * (3 * K * 2 + K * 4 + 2 + V * 2) + 2 * H * K * V * 4
         flops = H * (6 * T * K * V + 3 * T * 64 * K + T * 64 * 64)
         floor_us = max(bytes_ / bandwidth, flops / matmul_flops) * 1e6
+        del q, k, v, g, beta
+        # The fused variants on the raw projections (the layer's call), ours and fla's with the same flags.
+        (q, k, v, x, bl, A_log, dt_bias, h0), _ = _raw_inputs(1, T, seed=T)
+
+        def ours_fused():
+            return chunk_kda_triton(q, k, v, x, bl, None, h0, True, A_log=A_log, dt_bias=dt_bias,
+                                    intra_config=intra_cfg, scan_config=scan_cfg, **_FUSED)
+
+        def theirs_fused():
+            return fla_chunk(q, k, v, x, bl, initial_state=h0, output_final_state=True, use_gate_in_kernel=True,
+                             A_log=A_log, dt_bias=dt_bias, **_FUSED)
+
+        ours_fused()
+        theirs_fused()
+        t_ours_fused, t_fla_fused = _bench(ours_fused, ms=400), _bench(theirs_fused, ms=400)
         rows.append(dict(T=T, ours_us=t_ours, fla_us=t_fla, speedup=t_fla / t_ours, floor_us=floor_us,
                          ours_frac_floor=floor_us / t_ours, fla_frac_floor=floor_us / t_fla,
                          ours_peak_gib=mem_ours, fla_peak_gib=mem_fla,
-                         ours_mtok_s=T / t_ours, fla_mtok_s=T / t_fla))
+                         ours_mtok_s=T / t_ours, fla_mtok_s=T / t_fla,
+                         fused_ours_us=t_ours_fused, fused_fla_us=t_fla_fused, fused_speedup=t_fla_fused / t_ours_fused))
         log(rows[-1])
-        del q, k, v, g, beta, h0
+        del q, k, v, x, bl, h0
         torch.cuda.empty_cache()
     return rows
 
@@ -550,7 +607,8 @@ def main(argv=None):
     for r in res.get("prefill", []):
         print(f"prefill T={r['T']:6d}: ours {r['ours_us'] / 1e3:7.2f} ms  fla {r['fla_us'] / 1e3:7.2f} ms  "
               f"x{r['speedup']:.2f}  floor {r['ours_frac_floor']:.0%}  peak {r['ours_peak_gib']:.1f} / "
-              f"{r['fla_peak_gib']:.1f} GiB")
+              f"{r['fla_peak_gib']:.1f} GiB;  fused on raw projections: ours {r['fused_ours_us'] / 1e3:.2f} ms  "
+              f"fla {r['fused_fla_us'] / 1e3:.2f} ms  x{r['fused_speedup']:.2f}")
     for r in res.get("decode", []):
         print(f"decode B={r['B']}: 1 step ours {r['ours_single_us']:.1f} us fla {r['fla_public_single_us']:.1f} us; "
               f"20 in a graph ours {r['ours_graph20_us']:.1f} us fla {r['fla_public_graph20_us']:.1f} us "

@@ -4,6 +4,11 @@ Both take q, k [B, T, H, K] (already L2-normalised), v [B, T, H, V], g [B, T, H,
 beta [B, T, H] and an optional fp32 state [B, H, K, V]; both return (o [B, T, H, V], final state or
 None). CUDA tensors go to Triton; everything else, or any tensor when KIMI_DESK_KERNELS=torch, to the
 PyTorch implementations in naive.py.
+
+The fused variants for the real layer, which read the raw projections (the gate's input with A_log and
+dt_bias, q and k before their L2 norm, beta's logits), are the Triton entry points themselves:
+`chunk.chunk_kda_triton` (prefill) and `fused_recurrent.fused_recurrent_kda_triton` (decode); engine/kda.py
+calls them on the GPU path.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ from parity: the factored decays above (the Aqk/Akk phase 3.0 -> 1.5 ms at 32k: 
 element became two, and the sub-chunk midpoint D kept the model's gate off the exact path, which 22% of
 its chunks took with a reference at the sub-chunk's start), a scan whose loads all run a step ahead
 (1.15 -> 0.67 ms: the masked Aqk load and the decay load had waited in every step), and W and U as
-full-width dots on split bf16 operands.
+full-width dots on split bf16 operands. The fused call on raw projections (the layer's): 1.35-1.41x fla's
+with the same flags.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from kimi_desk.kernels.kda.gate import log_decay
 
 CHUNK_SIZE = 64
 SUB_CHUNK = 16
@@ -105,6 +108,8 @@ def chunk_kda_intra_fwd_kernel(
     gl,
     Aqk,
     Akk,
+    A_log,
+    dt_bias,
     scale,
     T,
     NT,
@@ -120,6 +125,9 @@ def chunk_kda_intra_fwd_kernel(
     SOLVE_PRECISION: tl.constexpr,
     FAST_DIAG: tl.constexpr,
     OP_DT: tl.constexpr,
+    USE_GATE_IN_KERNEL: tl.constexpr,
+    USE_QK_L2NORM_IN_KERNEL: tl.constexpr,
+    USE_BETA_SIGMOID_IN_KERNEL: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -136,6 +144,8 @@ def chunk_kda_intra_fwd_kernel(
     akk0 = (i_bh.to(tl.int64) * NT + i_t) * BT
     r_akk = akk0 + o_i
     b_beta = tl.load(beta + r_in, mask=m_t, other=0.0).to(tl.float32)
+    if USE_BETA_SIGMOID_IN_KERNEL:
+        b_beta = tl.sigmoid(b_beta)
 
     # ---- off-diagonal sub-chunk blocks, and the per-token factors that need the whole chunk's G ----
     b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -150,13 +160,28 @@ def chunk_kda_intra_fwd_kernel(
     o_row3 = (o_b[:, None] * BC + tl.arange(0, BC)[None, :])[:, :, None]
     m_t3 = i_t * BT + o_row3 < T
     b_beta3 = tl.load(beta + (i_b.to(tl.int64) * T + i_t * BT + o_row3) * H + i_h, mask=m_t3, other=0.0).to(tl.float32)
+    if USE_BETA_SIGMOID_IN_KERNEL:
+        b_beta3 = tl.sigmoid(b_beta3)
     # Element offsets from the chunk's first row, in int32 and the same for every block of channels (the
-    # base pointers move instead): int64 pointer tiles, three loaded and three stored, held most of the
-    # registers.
+    # base pointers move instead of six int64 pointer tiles).
     p_in = (i_b.to(tl.int64) * T + i_t * BT) * H * K + i_h * K
     p_mid = (i_bh.to(tl.int64) * T + i_t * BT) * K
     o_in3 = o_row3 * (H * K) + tl.arange(0, BK)[None, None, :]
     o_mid3 = o_row3 * K + tl.arange(0, BK)[None, None, :]
+    if USE_GATE_IN_KERNEL:
+        b_A = -tl.exp(tl.load(A_log + i_h).to(tl.float32))
+    if USE_QK_L2NORM_IN_KERNEL:
+        # fla's L2 norm, x / sqrt(sum x^2 + 1e-6): every channel of a row before its first block is used.
+        b_nq = tl.zeros([NB, BC, 1], dtype=tl.float32)
+        b_nk = tl.zeros([NB, BC, 1], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            m_tk3 = m_t3 & (i_k * BK + tl.arange(0, BK) < K)[None, None, :]
+            b_q = tl.load(q + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
+            b_nq += tl.sum(b_q * b_q, 2, keep_dims=True)
+            b_nk += tl.sum(b_k * b_k, 2, keep_dims=True)
+        b_rq = 1.0 / tl.sqrt(b_nq + 1e-6)
+        b_rk = 1.0 / tl.sqrt(b_nk + 1e-6)
     # Half the largest decay of any sub-chunk and channel of this chunk (log2 units).
     b_spread = tl.full([], 0.0, tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -164,9 +189,16 @@ def chunk_kda_intra_fwd_kernel(
         m_tk3 = m_t3 & (o_k < K)[None, None, :]
         b_q = tl.load(q + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
         b_k = tl.load(k + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
-        # Padding rows load g = 0, so they carry the chunk's last G unchanged. log2 units: exp2 is the
+        if USE_QK_L2NORM_IN_KERNEL:
+            b_q = b_q * b_rq
+            b_k = b_k * b_rk
+        b_a = tl.load(g + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
+        if USE_GATE_IN_KERNEL:
+            b_bias = tl.load(dt_bias + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
+            b_a = tl.where(m_tk3, log_decay(b_a + b_bias[None, None, :], b_A), 0.0)
+        # Padding rows have g = 0, so they carry the chunk's last G unchanged. log2 units: exp2 is the
         # native instruction.
-        b_a = tl.load(g + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32) * LOG2E
+        b_a = b_a * LOG2E
         # Every decay below is a product of these, each <= 1 (see the module doc): with Gs the cumulative
         # sum inside each sub-chunk, tot its total and P the sum of the sub-chunks before (so that
         # G_i = P_b + Gs_i for row i of sub-chunk b), E_i = exp(G_i - G_start(b)) = exp(Gs_i) and
@@ -237,21 +269,36 @@ def chunk_kda_intra_fwd_kernel(
             rc_in = (i_b.to(tl.int64) * T + o_tc) * H + i_h
             b_Dqk = tl.zeros([BC, BC], dtype=tl.float32)
             b_Dkk = tl.zeros([BC, BC], dtype=tl.float32)
+            b_nq_c = tl.zeros([BC], dtype=tl.float32)
+            b_nk_c = tl.zeros([BC], dtype=tl.float32)
             for i_k in range(0, tl.cdiv(K, BKD)):
                 o_k = i_k * BKD + tl.arange(0, BKD)
                 m_tk = m_tc[:, None] & (o_k < K)[None, :]
                 b_q = tl.load(q + rc_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
                 b_k = tl.load(k + rc_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
                 b_g = tl.load(g + rc_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+                if USE_GATE_IN_KERNEL:
+                    b_bias_c = tl.load(dt_bias + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
+                    b_g = tl.where(m_tk, log_decay(b_g + b_bias_c[None, :], b_A), 0.0)
+                if USE_QK_L2NORM_IN_KERNEL:
+                    b_nq_c += tl.sum(b_q * b_q, 1)
+                    b_nk_c += tl.sum(b_k * b_k, 1)
                 b_G = tl.cumsum(b_g * LOG2E, 0)
                 # [BC, BC, BKD]: exp(G_i - G_j); above the diagonal the difference is >= 0 and is clipped
                 # to 0 (the entries are masked below) so that nothing there can overflow.
                 b_e = tl.exp2(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0)) * b_k[None, :, :]
                 b_Dqk += tl.sum(b_q[:, None, :] * b_e, 2)
                 b_Dkk += tl.sum(b_k[:, None, :] * b_e, 2)
+            if USE_QK_L2NORM_IN_KERNEL:
+                # The rows' norms factor out of the sums over channels.
+                b_rk_c = 1.0 / tl.sqrt(b_nk_c + 1e-6)
+                b_Dqk = b_Dqk * (1.0 / tl.sqrt(b_nq_c + 1e-6))[:, None] * b_rk_c[None, :]
+                b_Dkk = b_Dkk * b_rk_c[:, None] * b_rk_c[None, :]
             tl.store(Aqk + (i_bh.to(tl.int64) * T + o_tc)[:, None] * BT + (i_c * BC + o_c)[None, :],
                      tl.where(m_diag, b_Dqk * scale, 0.0).to(DT), mask=m_tc[:, None])
             b_bc = tl.load(beta + rc_in, mask=m_tc, other=0.0).to(tl.float32)
+            if USE_BETA_SIGMOID_IN_KERNEL:
+                b_bc = tl.sigmoid(b_bc)
             p_L = Akk + (akk0 + i_c * BC + o_c)[:, None] * BT + (i_c * BC + o_c)[None, :]
             tl.store(p_L, tl.where(m_strict, b_Dkk * b_bc[:, None], 0.0))
         # Other threads wrote the blocks this one reads next.
@@ -369,8 +416,14 @@ def chunk_kda_scan_fwd_kernel(
 
 
 def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, *,
+                     A_log=None, dt_bias=None, use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
                      out=None, intra_config=None, scan_config=None):
     """o [B, T, H, V] in q's dtype and the final state [B, H, K, V] fp32 (or None); see the module doc.
+
+    The fused variant for the real layer reads its raw projections (as fused_recurrent_kda_triton does):
+    with A_log [H] and dt_bias [H * K], g is the gate's input and the kernel takes
+    -exp(A_log) * softplus(g + dt_bias); use_qk_l2norm_in_kernel normalises q and k (fla's eps);
+    use_beta_sigmoid_in_kernel takes beta as logits.
 
     `out` may name a preallocated output; `intra_config` / `scan_config` override the launch settings
     (block sizes, warps, stages), for benchmarks.
@@ -391,13 +444,18 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
             final_state.copy_(initial_state) if initial_state is not None else final_state.zero_()
         return out, final_state
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    bufs = chunk_kda_intra(q, k, v, g, beta, scale, **(intra_config or {}))
+    if A_log is not None:
+        assert dt_bias is not None and A_log.numel() == H and dt_bias.numel() == H * K
+        A_log, dt_bias = A_log.contiguous(), dt_bias.contiguous()
+    fusions = dict(A_log=A_log, dt_bias=dt_bias, l2norm=use_qk_l2norm_in_kernel, beta_sigmoid=use_beta_sigmoid_in_kernel)
+    bufs = chunk_kda_intra(q, k, v, g, beta, scale, **fusions, **(intra_config or {}))
     chunk_kda_scan(bufs, out, initial_state, final_state, **(scan_config or {}))
     return out, final_state
 
 
-def chunk_kda_intra(q, k, v, g, beta, scale, BK=None, BKD=None, num_warps=4, num_stages=None,
-                    fast_diag=True, solve_precision=_SOLVE_PRECISION):
+def chunk_kda_intra(q, k, v, g, beta, scale, A_log=None, dt_bias=None, l2norm=False, beta_sigmoid=False,
+                    BK=None, BKD=None, num_warps=4, num_stages=None, fast_diag=True,
+                    solve_precision=_SOLVE_PRECISION):
     """Launch 1: the state-free per-chunk work. Returns the scratch buffers the scan reads."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -422,16 +480,22 @@ def chunk_kda_intra(q, k, v, g, beta, scale, BK=None, BKD=None, num_warps=4, num
     extra = {} if num_stages is None else {"num_stages": num_stages}
     compiled = chunk_kda_intra_fwd_kernel[(NT, BH)](
         q, k, v, g, beta, bufs["qg"], bufs["kg"], bufs["w"], bufs["u"], bufs["gl"], bufs["aqk"], akk,
+        A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
         scale, T, NT,
         H=H, K=K, V=V, BT=BT, BC=BC,
-        # 64 channels a step: the gram phase 1.67 -> 1.47 ms at 32k on an H100 against 32 (16: 2.5 ms).
-        BK=BK or min(64, triton.next_power_of_2(K)),
+        # 64 channels a step: the gram phase 1.67 -> 1.47 ms at 32k on an H100 against 32 (16: 2.5 ms). With
+        # both the gate and the L2 norm in the kernel, 32: at 64 that kernel took 4.35 ms, at 32 2.82 (the
+        # plain one 2.12; gate and sigmoid alone 2.43, L2 norm and sigmoid 2.40; same card, 2026-11-27).
+        BK=BK or min(32 if A_log is not None and l2norm else 64, triton.next_power_of_2(K)),
         BKD=BKD or min(16, triton.next_power_of_2(K)),
         KF=triton.next_power_of_2(K),
         VF=triton.next_power_of_2(V),
         SOLVE_PRECISION=solve_precision,
         FAST_DIAG=fast_diag,
         OP_DT=_op_dtype(dt),
+        USE_GATE_IN_KERNEL=A_log is not None,
+        USE_QK_L2NORM_IN_KERNEL=l2norm,
+        USE_BETA_SIGMOID_IN_KERNEL=beta_sigmoid,
         num_warps=num_warps,
         **extra,
     )

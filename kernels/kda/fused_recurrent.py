@@ -23,6 +23,7 @@ import triton.language as tl
 
 from kimi_desk.kernels import pdl_launch
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
+from kimi_desk.kernels.kda.gate import log_decay
 
 
 @triton.jit
@@ -91,10 +92,7 @@ def fused_recurrent_kda_fwd_kernel(
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
             b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
         if USE_GATE_IN_KERNEL:
-            b_x = b_g + b_bias
-            # softplus with fla's threshold: linear above 20, where log(1 + e^x) == x in fp32 anyway.
-            b_sp = tl.where(b_x > 20.0, b_x, tl.log(1.0 + tl.exp(tl.minimum(b_x, 20.0))))
-            b_g = b_A * b_sp
+            b_g = log_decay(b_g + b_bias, b_A)
         if USE_BETA_SIGMOID_IN_KERNEL:
             b_beta = tl.sigmoid(b_beta)
         # exp(g) <= 1 for any g <= 0, so no gate can overflow the state; very negative ones just zero a row.

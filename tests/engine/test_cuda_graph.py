@@ -50,6 +50,24 @@ def test_state_is_updated_in_place(model):
     assert storage(state) == before and state.position == 100
 
 
+def test_triton_prefill_matches_the_torch_path(model, monkeypatch):
+    """A prefill through the GPU path's kernels (the fused chunked KDA, which reads the raw gate input and
+    beta's logits and normalises q and k itself) gives the PyTorch path's logits and states."""
+    ids = torch.randint(0, model.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(3))
+    state = model.new_state(1)
+    want = model(ids, state)
+    triton_state = model.new_state(1)
+    monkeypatch.setenv("KIMI_DESK_KERNELS", "triton")
+    got = model(ids, triton_state)
+    assert rel_err(got, want) < 1e-4
+    for got, want in zip(triton_state.layers, state.layers):
+        if isinstance(want, KDAState):
+            assert rel_err(got.recurrent, want.recurrent) < 1e-4
+            assert rel_err(got.conv, want.conv) < 1e-5  # the windows of hidden states a layer on
+        else:
+            assert rel_err(got.latents, want.latents) < 1e-5
+
+
 def test_fused_decode_kernels_match_the_torch_path(model, monkeypatch):
     """Decode through the GPU path's kernels (fused short conv and recurrence, MoE GEMV, Triton norms and
     MLA decode) continues a prefill as the PyTorch path does, states included."""

@@ -103,6 +103,32 @@ def test_chunk_gate_beyond_fp32_exponent():
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
+@pytest.mark.parametrize("A", [1.0, 20.0], ids=["mild-gate", "gate-past-the-factored-limit"])
+def test_chunk_fused_variant_reads_raw_projections(A):
+    """The fused prefill (gate, L2 norm and beta's sigmoid in the kernel) against the same function on
+    inputs prepared in float64, as the layer prepares them. A = 20 decays by e^-60 a token, so every
+    chunk's diagonal blocks take the exact path, whose sums the rows' norms scale afterwards. There the
+    state is made of the last few tokens' updates, each decayed by an fp32 exp(g) with g near -33 (as the
+    layer computes it too): its error is the gate's rounding, 1.6e-5 here (5.4e-6 with the gate rounded
+    from float64 into the plain kernel)."""
+    gen = torch.Generator().manual_seed(21)
+    B, T, H, K, V = 1, 150, 2, 32, 16
+    q = 3 * torch.randn(B, T, H, K, generator=gen)
+    k = 0.2 * torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    x = torch.randn(B, T, H, K, generator=gen)
+    beta_logits = 2 * torch.randn(B, T, H, generator=gen)
+    A_log = torch.log(torch.full((H,), A))
+    dt_bias = torch.randn(H * K, generator=gen) + 1.0
+    state = torch.randn(B, H, K, V, generator=gen)
+    g = -A_log.double().exp()[:, None] * F.softplus(x.double() + dt_bias.double().view(H, K))
+    unit = lambda t: t.double() / (t.double().square().sum(-1, keepdim=True) + 1e-6).sqrt()  # noqa: E731
+    o_ref, s_ref = reference_f64(unit(q), unit(k), v, g, beta_logits.double().sigmoid(), state)
+    o, s = chunk_kda_triton(q, k, v, x, beta_logits, None, state, True, A_log=A_log, dt_bias=dt_bias,
+                            use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < (1e-5 if A == 1.0 else 5e-5)
+
+
 def test_chunk_matches_fla_naive_without_state():
     q, k, v, g, beta, _ = make_inputs(2, 70, 2, 32, 16, -3.0, torch.float32, seed=3)
     o_fla, s_fla = naive_recurrent_kda(q, k, v, g, beta, output_final_state=True)
