@@ -32,6 +32,15 @@ C_i = exp(tot_b - Gs_i), both <= 1 (two exponentials per element), and of per-su
 products of [64, 64], `_join_blocks`); the scratch Akk is written and read only on the exact path. W and
 U take TF32 dots (fla: bf16) on beta k exp(G) rounded to the input dtype (as fla) and beta v.
 
+The fused call for the real layer reads the raw projections: the gate -exp(A_log) softplus(x + dt_bias)
+is taken as each block of g is loaded, beta's sigmoid as it is loaded, and q and k are normalised without
+a pass of their own: everything is computed from the raw q and k while each row's sum of squares is
+gathered, and the reciprocal norms r_q, r_k go where they factor out: Akk of the unit keys is
+r_k,i r_k,j Akk (before the inverse); W and U are stored times r_k per row, so the scan's V_new comes out
+times r_k, as k exp(G_last - G), stored raw, needs it for the state; and output row i is
+r_q,i (q exp(G) S + Aqk V_new)_i with q exp(G) and Aqk stored raw, which the scan applies from a [T]
+vector of r_q.
+
 Dots of the other products take the input dtype (bf16 on the real model, as fla does) with fp32
 accumulation; the state, the cumulative gates and the inverse stay fp32; the scratch buffers between the
 two kernels are in the input dtype, as in fla.
@@ -42,8 +51,8 @@ from parity: the factored decays above (the Aqk/Akk phase 3.0 -> 1.5 ms at 32k: 
 element became two, and the sub-chunk midpoint D kept the model's gate off the exact path, which 22% of
 its chunks took with a reference at the sub-chunk's start), a scan whose loads all run a step ahead
 (1.15 -> 0.67 ms: the masked Aqk load and the decay load had waited in every step), and W and U as
-full-width dots on split bf16 operands. The fused call on raw projections (the layer's): 1.35-1.41x fla's
-with the same flags.
+full-width dots on split bf16 operands. The fused call on raw projections (the layer's): 1.45x fla's with
+the same flags at 32k and 128k.
 """
 
 from __future__ import annotations
@@ -108,6 +117,7 @@ def chunk_kda_intra_fwd_kernel(
     gl,
     Aqk,
     Akk,
+    rq,
     A_log,
     dt_bias,
     scale,
@@ -171,17 +181,10 @@ def chunk_kda_intra_fwd_kernel(
     if USE_GATE_IN_KERNEL:
         b_A = -tl.exp(tl.load(A_log + i_h).to(tl.float32))
     if USE_QK_L2NORM_IN_KERNEL:
-        # fla's L2 norm, x / sqrt(sum x^2 + 1e-6): every channel of a row before its first block is used.
+        # fla's L2 norm, x / sqrt(sum x^2 + 1e-6), without a pass of its own: the rows' sums of squares are
+        # gathered on the way and the norms r_q, r_k applied where they factor out (see after the loop).
         b_nq = tl.zeros([NB, BC, 1], dtype=tl.float32)
         b_nk = tl.zeros([NB, BC, 1], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            m_tk3 = m_t3 & (i_k * BK + tl.arange(0, BK) < K)[None, None, :]
-            b_q = tl.load(q + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
-            b_k = tl.load(k + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
-            b_nq += tl.sum(b_q * b_q, 2, keep_dims=True)
-            b_nk += tl.sum(b_k * b_k, 2, keep_dims=True)
-        b_rq = 1.0 / tl.sqrt(b_nq + 1e-6)
-        b_rk = 1.0 / tl.sqrt(b_nk + 1e-6)
     # Half the largest decay of any sub-chunk and channel of this chunk (log2 units).
     b_spread = tl.full([], 0.0, tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -190,8 +193,8 @@ def chunk_kda_intra_fwd_kernel(
         b_q = tl.load(q + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
         b_k = tl.load(k + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
         if USE_QK_L2NORM_IN_KERNEL:
-            b_q = b_q * b_rq
-            b_k = b_k * b_rk
+            b_nq += tl.sum(b_q * b_q, 2, keep_dims=True)
+            b_nk += tl.sum(b_k * b_k, 2, keep_dims=True)
         b_a = tl.load(g + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
         if USE_GATE_IN_KERNEL:
             b_bias = tl.load(dt_bias + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
@@ -252,6 +255,16 @@ def chunk_kda_intra_fwd_kernel(
     # The whole tile, zeros above the diagonal included, so that the scan loads it without a causal mask
     # (a plain load is one Triton pipelines ahead of the loop's dots; a masked one waited in every step).
     # The exact path writes the diagonal blocks itself.
+    if USE_QK_L2NORM_IN_KERNEL:
+        # Where the rows' norms go, with r_q, r_k their reciprocals and everything above computed from
+        # the raw q and k: Akk of the unit keys is r_k,i r_k,j Akk (below, before the inverse); W and U
+        # are stored times r_k per row, so that the scan's V_new = U - W S comes out times r_k, which is
+        # what k exp(G_last - G), stored raw, needs for the state; and the output row i is
+        # r_q,i (q exp(G) S + Aqk V_new)_i with q exp(G) and Aqk stored raw, so the scan scales its
+        # output rows by r_q (stored here). No pass over the channels of its own.
+        b_rq = tl.reshape(1.0 / tl.sqrt(b_nq + 1e-6), [BT])
+        b_rk = tl.reshape(1.0 / tl.sqrt(b_nk + 1e-6), [BT])
+        tl.store(rq + r_mid, b_rq, mask=m_t)
     b_Aqk = tl.where(m_lower_blocks | m_same_causal, b_Aqk * scale, 0.0)
     m_store = m_t[:, None] & tl.where(fast, m_same_block | ~m_same_block, ~m_same_block)
     tl.store(Aqk + r_mid[:, None] * BT + o_i[None, :], b_Aqk.to(DT), mask=m_store)
@@ -269,8 +282,6 @@ def chunk_kda_intra_fwd_kernel(
             rc_in = (i_b.to(tl.int64) * T + o_tc) * H + i_h
             b_Dqk = tl.zeros([BC, BC], dtype=tl.float32)
             b_Dkk = tl.zeros([BC, BC], dtype=tl.float32)
-            b_nq_c = tl.zeros([BC], dtype=tl.float32)
-            b_nk_c = tl.zeros([BC], dtype=tl.float32)
             for i_k in range(0, tl.cdiv(K, BKD)):
                 o_k = i_k * BKD + tl.arange(0, BKD)
                 m_tk = m_tc[:, None] & (o_k < K)[None, :]
@@ -280,20 +291,12 @@ def chunk_kda_intra_fwd_kernel(
                 if USE_GATE_IN_KERNEL:
                     b_bias_c = tl.load(dt_bias + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
                     b_g = tl.where(m_tk, log_decay(b_g + b_bias_c[None, :], b_A), 0.0)
-                if USE_QK_L2NORM_IN_KERNEL:
-                    b_nq_c += tl.sum(b_q * b_q, 1)
-                    b_nk_c += tl.sum(b_k * b_k, 1)
                 b_G = tl.cumsum(b_g * LOG2E, 0)
                 # [BC, BC, BKD]: exp(G_i - G_j); above the diagonal the difference is >= 0 and is clipped
                 # to 0 (the entries are masked below) so that nothing there can overflow.
                 b_e = tl.exp2(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0)) * b_k[None, :, :]
                 b_Dqk += tl.sum(b_q[:, None, :] * b_e, 2)
                 b_Dkk += tl.sum(b_k[:, None, :] * b_e, 2)
-            if USE_QK_L2NORM_IN_KERNEL:
-                # The rows' norms factor out of the sums over channels.
-                b_rk_c = 1.0 / tl.sqrt(b_nk_c + 1e-6)
-                b_Dqk = b_Dqk * (1.0 / tl.sqrt(b_nq_c + 1e-6))[:, None] * b_rk_c[None, :]
-                b_Dkk = b_Dkk * b_rk_c[:, None] * b_rk_c[None, :]
             tl.store(Aqk + (i_bh.to(tl.int64) * T + o_tc)[:, None] * BT + (i_c * BC + o_c)[None, :],
                      tl.where(m_diag, b_Dqk * scale, 0.0).to(DT), mask=m_tc[:, None])
             b_bc = tl.load(beta + rc_in, mask=m_tc, other=0.0).to(tl.float32)
@@ -314,6 +317,8 @@ def chunk_kda_intra_fwd_kernel(
     # of this kernel's 5.09 ms (H100, T = 32k); a Neumann product over whole 16 x 16 blocks, (I - D)(I + D^2)
     # (I + D^4)(I + D^8), lost all accuracy on correlated keys (powers of D grow). Here no power above
     # the second of any N is formed.
+    if USE_QK_L2NORM_IN_KERNEL:
+        b_Akk = b_Akk * b_rk[:, None] * b_rk[None, :]
     b_I = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
     b_Ai = _join_blocks(b_I, b_Akk, b_I, o_i, 4, True, SOLVE_PRECISION)
     b_Ai = _join_blocks(b_Ai, b_Akk, b_I, o_i, 16, False, SOLVE_PRECISION)
@@ -329,11 +334,17 @@ def chunk_kda_intra_fwd_kernel(
     o_vf = tl.arange(0, VF)
     m_tkf = m_t[:, None] & (o_kf < K)[None, :]
     m_tvf = m_t[:, None] & (o_vf < V)[None, :]
+    if USE_QK_L2NORM_IN_KERNEL:
+        # W r_k = (r_k Ai) (r_k beta k exp(G)), the parked factor holding the raw k; U r_k = (r_k Ai) beta v.
+        b_Ai = b_Ai * b_rk[:, None]
     b_Ai_hi = b_Ai.to(OP_DT)
     b_Ai_lo = (b_Ai - b_Ai_hi.to(tl.float32)).to(OP_DT)
     # Other threads wrote the rows this one reads; all have read them before W overwrites them.
     tl.debug_barrier()
-    b_kb = tl.load(w + r_mid[:, None] * K + o_kf[None, :], mask=m_tkf, other=0.0).to(OP_DT)
+    b_kb = tl.load(w + r_mid[:, None] * K + o_kf[None, :], mask=m_tkf, other=0.0)
+    if USE_QK_L2NORM_IN_KERNEL:
+        b_kb = b_kb.to(tl.float32) * b_rk[:, None]
+    b_kb = b_kb.to(OP_DT)
     tl.debug_barrier()
     b_w = tl.dot(b_Ai_lo, b_kb, tl.dot(b_Ai_hi, b_kb))
     tl.store(w + r_mid[:, None] * K + o_kf[None, :], b_w.to(DT), mask=m_tkf)
@@ -355,6 +366,7 @@ def chunk_kda_scan_fwd_kernel(
     u,
     gl,
     Aqk,
+    rq,
     o,
     h0,
     ht,
@@ -369,6 +381,7 @@ def chunk_kda_scan_fwd_kernel(
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
     OP_DT: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -387,6 +400,8 @@ def chunk_kda_scan_fwd_kernel(
         b_h = tl.zeros([BK, BV], dtype=tl.float32)
 
     b_gl_next = tl.load(gl + i_bh.to(tl.int64) * NT * K + o_k, mask=m_k, other=0.0)
+    if ROW_SCALE:
+        b_rq_next = tl.load(rq + i_bh.to(tl.int64) * T + o_i)
     for i_t in range(0, NT):
         o_t = i_t * BT + o_i
         m_t = o_t < T
@@ -402,11 +417,18 @@ def chunk_kda_scan_fwd_kernel(
         # The next chunk's decay, loaded a step ahead: Triton pipelines the dots' operands, not this. After
         # the last chunk this reads the next head's first row, or the spare row at the end of `gl`.
         b_gl_next = tl.load(gl + (i_bh.to(tl.int64) * NT + i_t + 1) * K + o_k, mask=m_k, other=0.0)
+        if ROW_SCALE:
+            # q's norms (the fused call's), a step ahead likewise; rows past T read the next head's or the
+            # spare rows at the end of `rq`, for outputs that are never stored.
+            b_rq = b_rq_next
+            b_rq_next = tl.load(rq + i_bh.to(tl.int64) * T + (i_t + 1) * BT + o_i)
 
         b_hd = b_h.to(OP_DT)
         b_vn = b_u - tl.dot(b_w, b_hd)
         b_vnd = b_vn.to(OP_DT)
         b_o = tl.dot(b_qg, b_hd) + tl.dot(b_A, b_vnd)
+        if ROW_SCALE:
+            b_o = b_o * b_rq[:, None]
         r_out = (i_b.to(tl.int64) * T + o_t) * H + i_h
         tl.store(o + r_out[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
         b_h = b_h * b_gl[:, None] + tl.dot(tl.trans(b_kg), b_vnd)
@@ -472,6 +494,8 @@ def chunk_kda_intra(q, k, v, g, beta, scale, A_log=None, dt_bias=None, l2norm=Fa
         u=torch.empty(BH, T, V, dtype=dt, device=dev),
         # [B * H * NT + 1, K]: the scan reads one row past each head's chunks (see there).
         gl=torch.empty(BH * NT + 1, K, dtype=torch.float32, device=dev),
+        # The fused call's q norms [B * H * T + BT]: the scan reads a chunk past each head's rows.
+        rq=torch.empty(BH * T + BT, dtype=torch.float32, device=dev) if l2norm else None,
         aqk=torch.empty(BH, T, BT, dtype=dt, device=dev),
         shape=(B, T, H, K, V, NT),
     )
@@ -480,12 +504,13 @@ def chunk_kda_intra(q, k, v, g, beta, scale, A_log=None, dt_bias=None, l2norm=Fa
     extra = {} if num_stages is None else {"num_stages": num_stages}
     compiled = chunk_kda_intra_fwd_kernel[(NT, BH)](
         q, k, v, g, beta, bufs["qg"], bufs["kg"], bufs["w"], bufs["u"], bufs["gl"], bufs["aqk"], akk,
-        A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
+        bufs["rq"] if l2norm else g, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
         scale, T, NT,
         H=H, K=K, V=V, BT=BT, BC=BC,
         # 64 channels a step: the gram phase 1.67 -> 1.47 ms at 32k on an H100 against 32 (16: 2.5 ms). With
-        # both the gate and the L2 norm in the kernel, 32: at 64 that kernel took 4.35 ms, at 32 2.82 (the
-        # plain one 2.12; gate and sigmoid alone 2.43, L2 norm and sigmoid 2.40; same card, 2026-11-27).
+        # both the gate and the L2 norm in the kernel, 32: at 64 that kernel spills (600 bytes against 44,
+        # compile_sm90.py) and, in its first form (norms by a pass of their own), took 4.35 ms against 2.82
+        # (the plain one 2.12; gate and sigmoid alone 2.43, L2 norm and sigmoid 2.40; 2026-11-27).
         BK=BK or min(32 if A_log is not None and l2norm else 64, triton.next_power_of_2(K)),
         BKD=BKD or min(16, triton.next_power_of_2(K)),
         KF=triton.next_power_of_2(K),
@@ -514,7 +539,8 @@ def chunk_kda_scan(bufs, out, initial_state, final_state, BV=None, num_warps=4, 
         BV = min(BV, max(16, triton.next_power_of_2(V)))
     extra = {} if num_stages is None else {"num_stages": num_stages}
     chunk_kda_scan_fwd_kernel[(triton.cdiv(V, BV), BH)](
-        bufs["qg"], bufs["kg"], bufs["w"], bufs["u"], bufs["gl"], bufs["aqk"], out,
+        bufs["qg"], bufs["kg"], bufs["w"], bufs["u"], bufs["gl"], bufs["aqk"],
+        bufs["rq"] if bufs["rq"] is not None else out, out,
         initial_state if initial_state is not None else out,
         final_state if final_state is not None else out,
         T, NT,
@@ -522,6 +548,7 @@ def chunk_kda_scan(bufs, out, initial_state, final_state, BV=None, num_warps=4, 
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=final_state is not None,
         OP_DT=_op_dtype(bufs["w"].dtype),
+        ROW_SCALE=bufs["rq"] is not None,
         num_warps=num_warps,
         **extra,
     )

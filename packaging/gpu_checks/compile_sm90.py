@@ -77,7 +77,7 @@ def kda_intra():
 
     bf = "*bf16"
     pointers = dict(q=bf, k=bf, v=bf, g="*fp32", beta=bf, qg=bf, kg=bf, w=bf, u=bf, gl="*fp32", Aqk=bf, Akk="*fp32",
-                    A_log="*fp32", dt_bias="*fp32")
+                    rq="*fp32", A_log="*fp32", dt_bias="*fp32")
     # maxnreg caps the registers (ptxas spills the rest): 168 at 4 warps lets three programs share an SM.
     # fused: the gate, L2 norm and beta's sigmoid in the kernel (the layer's call; BK = 32 there).
     for bk, warps, stages, maxnreg, fused in [(64, 4, 3, None, False), (32, 4, 3, None, True), (64, 4, 3, None, True),
