@@ -104,7 +104,8 @@ def test_chunk_gate_beyond_fp32_exponent():
 
 
 @pytest.mark.parametrize("A", [1.0, 20.0], ids=["mild-gate", "gate-past-the-factored-limit"])
-def test_chunk_fused_variant_reads_raw_projections(A):
+@pytest.mark.parametrize("B,T,H,K,V", [(1, 150, 2, 32, 16), (2, 70, 1, 48, 24)], ids=lambda x: str(x))
+def test_chunk_fused_variant_reads_raw_projections(A, B, T, H, K, V):
     """The fused prefill (gate, L2 norm and beta's sigmoid in the kernel) against the same function on
     inputs prepared in float64, as the layer prepares them. A = 20 decays by e^-60 a token, so every
     chunk's diagonal blocks take the exact path, whose sums the rows' norms scale afterwards. There the
@@ -112,7 +113,6 @@ def test_chunk_fused_variant_reads_raw_projections(A):
     layer computes it too): its error is the gate's rounding, 1.6e-5 here (5.4e-6 with the gate rounded
     from float64 into the plain kernel)."""
     gen = torch.Generator().manual_seed(21)
-    B, T, H, K, V = 1, 150, 2, 32, 16
     q = 3 * torch.randn(B, T, H, K, generator=gen)
     k = 0.2 * torch.randn(B, T, H, K, generator=gen)
     v = torch.randn(B, T, H, V, generator=gen)
