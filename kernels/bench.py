@@ -50,6 +50,16 @@ MLA_WIDE_CONFIGS = [
 ]
 
 
+def _gate_parameters(gen, device):
+    """A_log [H] and dt_bias [H * K] of Kimi Linear's gate -exp(A_log) * softplus(x + dt_bias) at their
+    initial values: A_log = log U(1, 16), dt_bias the inverse softplus of dt in [1e-3, 0.1] (log-uniform)."""
+    import torch
+
+    A_log = torch.log(torch.rand(H, device=device, generator=gen) * 15 + 1)
+    dt = torch.exp(torch.rand(H * K, device=device, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    return A_log, dt + torch.log(-torch.expm1(-dt))
+
+
 def _inputs(B, T, gate, seed, dtype=None, device="cuda"):
     import torch
     import torch.nn.functional as F
@@ -60,11 +70,7 @@ def _inputs(B, T, gate, seed, dtype=None, device="cuda"):
     k = F.normalize(torch.randn(B, T, H, K, device=device, generator=gen), dim=-1).to(dtype)
     v = torch.randn(B, T, H, V, device=device, generator=gen).to(dtype)
     if gate == "model":
-        # Kimi Linear's gate: -exp(A_log) * softplus(x + dt_bias), A_log = log U(1, 16), dt in [1e-3, 0.1].
-        A_log = torch.log(torch.rand(H, device=device, generator=gen) * 15 + 1)
-        dt = torch.exp(torch.rand(H * K, device=device, generator=gen) * (math.log(0.1) - math.log(1e-3))
-                       + math.log(1e-3))
-        dt_bias = dt + torch.log(-torch.expm1(-dt))
+        A_log, dt_bias = _gate_parameters(gen, device)
         x = torch.randn(B, T, H, K, device=device, generator=gen)
         g = -A_log.exp()[:, None] * F.softplus(x + dt_bias.view(H, K))
     elif gate == "correlated":
@@ -95,9 +101,7 @@ def _raw_inputs(B, T, seed, device="cuda"):
     q = (2 * torch.randn(B, T, H, K, device=device, generator=gen)).to(bf)
     k = (0.5 * torch.randn(B, T, H, K, device=device, generator=gen)).to(bf)
     v = torch.randn(B, T, H, V, device=device, generator=gen).to(bf)
-    A_log = torch.log(torch.rand(H, device=device, generator=gen) * 15 + 1)
-    dt = torch.exp(torch.rand(H * K, device=device, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    A_log, dt_bias = _gate_parameters(gen, device)
     x = torch.randn(B, T, H, K, device=device, generator=gen).to(bf)
     beta_logits = torch.randn(B, T, H, device=device, generator=gen).to(bf)
     h0 = torch.randn(B, H, K, V, device=device, generator=gen)

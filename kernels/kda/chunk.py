@@ -153,9 +153,6 @@ def chunk_kda_intra_fwd_kernel(
     # The Akk scratch is padded to whole chunks: [B * H, NT * BT, BT].
     akk0 = (i_bh.to(tl.int64) * NT + i_t) * BT
     r_akk = akk0 + o_i
-    b_beta = tl.load(beta + r_in, mask=m_t, other=0.0).to(tl.float32)
-    if USE_BETA_SIGMOID_IN_KERNEL:
-        b_beta = tl.sigmoid(b_beta)
 
     # ---- off-diagonal sub-chunk blocks, and the per-token factors that need the whole chunk's G ----
     b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -172,6 +169,7 @@ def chunk_kda_intra_fwd_kernel(
     b_beta3 = tl.load(beta + (i_b.to(tl.int64) * T + i_t * BT + o_row3) * H + i_h, mask=m_t3, other=0.0).to(tl.float32)
     if USE_BETA_SIGMOID_IN_KERNEL:
         b_beta3 = tl.sigmoid(b_beta3)
+    b_beta = tl.reshape(b_beta3, [BT])
     # Element offsets from the chunk's first row, in int32 and the same for every block of channels (the
     # base pointers move instead of six int64 pointer tiles).
     p_in = (i_b.to(tl.int64) * T + i_t * BT) * H * K + i_h * K
@@ -252,9 +250,6 @@ def chunk_kda_intra_fwd_kernel(
         fast = b_spread <= 60.0
     else:
         fast = b_spread < 0.0
-    # The whole tile, zeros above the diagonal included, so that the scan loads it without a causal mask
-    # (a plain load is one Triton pipelines ahead of the loop's dots; a masked one waited in every step).
-    # The exact path writes the diagonal blocks itself.
     if USE_QK_L2NORM_IN_KERNEL:
         # Where the rows' norms go, with r_q, r_k their reciprocals and everything above computed from
         # the raw q and k: Akk of the unit keys is r_k,i r_k,j Akk (below, before the inverse); W and U
@@ -265,6 +260,9 @@ def chunk_kda_intra_fwd_kernel(
         b_rq = tl.reshape(1.0 / tl.sqrt(b_nq + 1e-6), [BT])
         b_rk = tl.reshape(1.0 / tl.sqrt(b_nk + 1e-6), [BT])
         tl.store(rq + r_mid, b_rq, mask=m_t)
+    # The whole tile, zeros above the diagonal included, so that the scan loads it without a causal mask
+    # (a plain load is one Triton pipelines ahead of the loop's dots; a masked one waited in every step).
+    # The exact path writes the diagonal blocks itself.
     b_Aqk = tl.where(m_lower_blocks | m_same_causal, b_Aqk * scale, 0.0)
     m_store = m_t[:, None] & tl.where(fast, m_same_block | ~m_same_block, ~m_same_block)
     tl.store(Aqk + r_mid[:, None] * BT + o_i[None, :], b_Aqk.to(DT), mask=m_store)
