@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from kimi_desk.app.formatting import printable, unreadable_sessions
 from kimi_desk.assets import ASSETS_DIR
 
 DEMO_MODEL = ASSETS_DIR / "model"
@@ -26,20 +27,36 @@ class UsageError(ValueError):
 # -- choosing the model and device ------------------------------------------------------------------
 
 
-def resolve_model(option: str | None, fallback: str | None = None) -> Path:
-    """--model (a folder, or a hub repo id pulled before), else `fallback` (a session's own model), else
+def resolve_model(option: str | None, session=None) -> Path:
+    """--model (a folder, or a hub repo id pulled before), else the model `session` was read with, else
     the embedded demo model."""
     from kimi_desk.engine.hub import resolve_model_reference
 
-    for candidate in (option, fallback):
-        if candidate:
-            path = resolve_model_reference(candidate)  # a path as is; owner/name from the hub cache, offline
-            if not (path / "config.json").is_file():
-                raise UsageError(f"{candidate}: not a model folder (it needs config.json, *.safetensors and tokenizer.json)")
-            return path
+    if option:
+        path = resolve_model_reference(option)  # a path as is; owner/name from the hub cache, offline
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{option}: not a model folder (it needs config.json, *.safetensors and tokenizer.json)")
+        return path
+    if session is not None and session.model_source:
+        return _session_model(session)
     if (DEMO_MODEL / "config.json").is_file():
         return DEMO_MODEL
     raise UsageError("no model: pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json)")
+
+
+def _session_model(session) -> Path:
+    """Where the model `session` was read with is on this machine: its recorded folder, or the embedded
+    demo model when that is the one (a session imported from another installation records the other
+    installation's path)."""
+    from kimi_desk.engine.weights import checkpoint_fingerprint
+
+    path = Path(session.model_source)
+    if (path / "config.json").is_file():
+        return path
+    if (DEMO_MODEL / "config.json").is_file() and checkpoint_fingerprint(DEMO_MODEL) == session.model_fingerprint:
+        return DEMO_MODEL
+    raise UsageError(f"session {session.id} was read with the model at {printable(session.model_source, 200)}, "
+                     "which is not on this machine; pass --model PATH (the same checkpoint)")
 
 
 def resolve_device(option: str) -> str:
@@ -52,12 +69,10 @@ def resolve_device(option: str) -> str:
     return option
 
 
-def load_assistant(args, fallback_model: str | None = None):
-    from kimi_desk.engine.config import KimiLinearConfig
-    from kimi_desk.engine.hub import check_memory, model_display_name
+def load_assistant(args, session=None):
     from kimi_desk.engine.session import Assistant
 
-    path = resolve_model(args.model, fallback_model)
+    path = resolve_model(args.model, session)
     device = resolve_device(args.device)
     quantize = fitting_quantization(path, device, getattr(args, "quantize", "auto"),
                                     notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr))
@@ -90,6 +105,17 @@ def fitting_quantization(path: Path, device: str, requested: str | None, notice=
     notice(f"{name} does not fit here in {estimate['dtype']}; loading its large matrices in fp8 "
            f"(about {estimate['total_bytes'] / 1e9:.0f} GB; --quantize none refuses instead)")
     return "fp8"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -205,7 +231,7 @@ def run_ask(args) -> int:
     from kimi_desk.engine.session import SessionStore
 
     session = SessionStore().get(args.session)
-    assistant = load_assistant(args, fallback_model=session.model_source or None)
+    assistant = load_assistant(args, session)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
@@ -213,7 +239,7 @@ def run_ask(args) -> int:
         for event in assistant.ask(session, args.text, sampling=sampling, max_new_tokens=args.max_new_tokens,
                                    cancel=cancel):
             if not args.json:
-                sys.stdout.write(event.text)
+                sys.stdout.write(_printable_answer(event.text))
                 sys.stdout.flush()
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -240,18 +266,21 @@ def _summary(session) -> dict:
 def run_sessions_list(args) -> int:
     from kimi_desk.engine.session import SessionStore
 
-    sessions = [_summary(s) for s in SessionStore().list()]
+    store = SessionStore()
+    sessions = [_summary(s) for s in store.list()]
+    unreadable = store.unreadable()
     if args.json:
         print(json.dumps(sessions, indent=1))
-        return 0
-    if not sessions:
+    elif not sessions and not unreadable:
         print("no sessions yet: 'kimi-desk ingest PATH' reads a folder or a book into one")
-        return 0
-    print(f"{'ID':<9} {'NAME':<24} {'TOKENS':>10} {'SIZE':>9}  {'LAST USED':<20} SOURCE")
-    for s in sessions:
-        tokens = f"{s['tokens']:,}" if s["complete"] else f"{s['read']:,}/{s['tokens']:,}"
-        print(f"{s['id']:<9} {s['name'][:24]:<24} {tokens:>10} {human_bytes(s['bytes']):>9}  "
-              f"{s['last_used'][:19].replace('T', ' '):<20} {s['source']}")
+    elif sessions:
+        print(f"{'ID':<9} {'NAME':<24} {'TOKENS':>10} {'SIZE':>9}  {'LAST USED':<20} SOURCE")
+        for s in sessions:
+            tokens = f"{s['tokens']:,}" if s["complete"] else f"{s['read']:,}/{s['tokens']:,}"
+            print(f"{s['id']:<9} {printable(s['name'], 24):<24} {tokens:>10} {human_bytes(s['bytes']):>9}  "
+                  f"{s['last_used'][:19].replace('T', ' '):<20} {printable(s['source'])}")
+    if unreadable:
+        print(f"kimi-desk: {unreadable_sessions(unreadable)}", file=sys.stderr)
     return 0
 
 
@@ -268,12 +297,18 @@ def run_sessions_show(args) -> int:
         print(json.dumps(info, indent=1))
         return 0
     state = "read" if session.complete else f"read {session.read_position:,} of"
-    print(f"{session.name} ({session.id})\n  source: {session.source}\n  {state} {session.document_tokens:,} tokens "
-          f"in {len(session.files)} files, {human_bytes(info['bytes'])} on disk\n  model: {session.model_source}\n"
+    print(f"{printable(session.name)} ({session.id})\n  source: {printable(session.source)}\n  {state} "
+          f"{session.document_tokens:,} tokens in {len(session.files)} files, {human_bytes(info['bytes'])} on disk\n"
+          f"  model: {printable(session.model_source)}\n"
           f"  checkpoints at: {', '.join(f'{p:,}' for p in info['checkpoints']) or 'none'}")
     for turn in session.transcript:
-        print(f"\n> {turn.question}\n{turn.answer}")
+        print(f"\n> {printable(turn.question)}\n{_printable_answer(turn.answer)}")
     return 0
+
+
+def _printable_answer(text: str) -> str:
+    """An answer keeps its line breaks and tabs; every other control character is escaped."""
+    return "\n".join("\t".join(printable(part) for part in line.split("\t")) for line in text.split("\n"))
 
 
 def run_sessions_rm(args) -> int:
@@ -327,7 +362,8 @@ def add_parsers(commands) -> None:
     ask.add_argument("session", metavar="SESSION")
     ask.add_argument("text", metavar="TEXT")
     ask.add_argument("--json", action="store_true", help="print one JSON object when the answer is complete")
-    ask.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
+    ask.add_argument("--max-new-tokens", type=positive_int, default=512, metavar="N",
+                     help="the longest answer, in tokens (default: 512)")
     ask.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=None)

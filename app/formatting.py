@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import unicodedata
 from pathlib import Path
 
 
@@ -81,3 +82,23 @@ def model_label(model: str) -> str:
     """A model as the status line names it: a local folder by its name, a hub id as it is."""
     path = Path(model).expanduser()
     return path.name if path.exists() else model
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """Text that came from outside (a session's name, a path, an archive) made safe to print on a
+    terminal: control and format characters (escape sequences, bidirectional overrides) shown as
+    \\uXXXX, and at most `limit` characters, ending in "…" when cut."""
+    safe = "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in text)
+    return safe if limit is None or len(safe) <= limit else safe[: limit - 1] + "…"
+
+
+def unreadable_sessions(unreadable) -> str:
+    """One line on the session folders that cannot be read, so they are never silently missing."""
+    if not unreadable:
+        return ""
+    count = len(unreadable)
+    listed = "; ".join(f"{u.id}: {printable(u.reason, 120)}" for u in unreadable[:3])
+    more = f"; and {count - 3} more" if count > 3 else ""
+    noun = "session cannot" if count == 1 else "sessions cannot"
+    return f"{count} {noun} be read and {'is' if count == 1 else 'are'} not listed ({listed}{more}); " \
+           "'kimi-desk sessions rm ID' removes one."

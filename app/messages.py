@@ -115,11 +115,13 @@ class AnswerFailed(Message):
 
 
 class SessionsListed(Message):
-    """The saved sessions, most recent first, each with its size on disk."""
+    """The saved sessions, most recent first, each with its size on disk; and the session folders that
+    cannot be read (id and reason), which the list cannot show but the user must hear about."""
 
-    def __init__(self, rows: list[tuple[Any, int]]):
+    def __init__(self, rows: list[tuple[Any, int]], unreadable: list[Any]):
         super().__init__()
         self.rows = rows
+        self.unreadable = unreadable
 
 
 class StoreChanged(Message):

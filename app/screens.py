@@ -400,16 +400,15 @@ class ChatScreen(MainScreen):
         from kimi_desk.engine.generate import Sampling
 
         settings = self.app.settings
-        transcript = self.session.transcript
-        replaced = transcript.pop() if regenerate and transcript else None
-        turns_before = len(transcript)
+        recorded_before = self._last_recorded_turn()
         throttle = Throttle()
         pending: list[str] = []
         finish = "cancelled"
         try:
             sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
             events = self.app.assistant.ask(self.session, question, sampling=sampling,
-                                            max_new_tokens=settings.max_new_tokens, cancel=cancel)
+                                            max_new_tokens=settings.max_new_tokens, cancel=cancel,
+                                            replace_last=regenerate)
             for event in events:
                 pending.append(event.text)
                 if event.finish_reason is not None:
@@ -420,16 +419,20 @@ class ChatScreen(MainScreen):
                     self.post_message(AnswerText("".join(pending)))
                     pending.clear()
         except Exception as exc:  # noqa: BLE001 - shown in the chat; the session stays usable
-            recorded = len(transcript) > turns_before
-            if replaced is not None and not recorded:
-                # Nothing replaced the earlier answer: it stays the session's last turn.
-                transcript.append(replaced)
-                recorded = True
+            # When nothing was recorded, a regenerated answer's earlier version stays the session's last turn.
+            recorded = self._last_recorded_turn() != recorded_before or (regenerate and recorded_before is not None)
             self.post_message(AnswerFailed(describe_problem(exc, "answering"), recorded))
             return
+        transcript = self.session.transcript
         turn = transcript[-1] if transcript else None
         self.post_message(AnswerFinished("".join(pending), finish,
                                          len(turn.answer_token_ids) if turn else 0, turn.seconds if turn else 0.0))
+
+    def _last_recorded_turn(self) -> tuple | None:
+        """What identifies the session's last turn (its count, question and time), to tell whether an
+        answer that failed was recorded."""
+        transcript = self.session.transcript
+        return (len(transcript), transcript[-1].question, transcript[-1].asked) if transcript else None
 
     async def _write(self, text: str) -> None:
         if not text or self._answering is None:
@@ -534,6 +537,7 @@ class SessionsScreen(MainScreen):
     def compose_body(self) -> ComposeResult:
         with Vertical(id="sessions"):
             yield DataTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
+            yield Static("", id="sessions-unreadable", classes="warning")
             yield Static("Loading sessions…", id="sessions-info", classes="hint")
 
     def on_mount(self) -> None:
@@ -567,10 +571,11 @@ class SessionsScreen(MainScreen):
     def list_sessions(self) -> None:
         try:
             rows = [(session, session.nbytes()) for session in self.app.store.list()]
+            unreadable = self.app.store.unreadable()
         except Exception as exc:  # noqa: BLE001
             self.post_message(StoreFailed(describe_problem(exc, "listing sessions")))
             return
-        self.post_message(SessionsListed(rows))
+        self.post_message(SessionsListed(rows, unreadable))
 
     def on_sessions_listed(self, event: SessionsListed) -> None:
         table = self.query_one("#sessions-table", DataTable)
@@ -598,6 +603,9 @@ class SessionsScreen(MainScreen):
                             in zip(cells, widths, SESSION_COLUMNS, strict=True)), key=session_id)
         if keep in self.sessions:
             table.move_cursor(row=table.get_row_index(keep))
+        unreadable = self.query_one("#sessions-unreadable", Static)
+        unreadable.display = bool(event.unreadable)
+        unreadable.update(Text(formatting.unreadable_sessions(event.unreadable)))
         self._describe_highlighted()
         self.refresh_bindings()
 

@@ -128,5 +128,6 @@ def save_settings(settings: Settings, path: Path | None = None) -> Path:
     from kimi_desk.engine.atomic import atomic_write
 
     path = path or settings_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, to_toml(settings))
     return path

@@ -21,32 +21,36 @@ import os
 import secrets
 import shutil
 import time
-import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kimi_desk.engine import chat
 from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, stream_tokens
-from kimi_desk.engine.snapshot import (
-    Identity,
-    SnapshotError,
-    SnapshotStore,
-    read_checked_json,
-    write_checked_json,
+from kimi_desk.engine.errors import writing
+from kimi_desk.engine.file_lock import LockBusy, file_lock
+from kimi_desk.engine.session_archive import export_session, import_session
+from kimi_desk.engine.session_record import (
+    LOCKS_FOLDER,
+    STORE_LOCK,
+    Segment,
+    Session,
+    SessionError,
+    Turn,
 )
+from kimi_desk.engine.snapshot import Identity, SnapshotError, SnapshotStore
 from kimi_desk.engine.state import ModelState
 
-SESSION_FORMAT = 1
-SESSION_FILE = "session.json"
+__all__ = ["Answer", "Assistant", "ReadCancelled", "ReadProgress", "Segment", "Session", "SessionError",
+           "SessionStore", "Turn", "UnreadableSession", "data_home"]
+
 # Tokens kept free after the document for a question and its answer.
 ANSWER_RESERVE = 1024
-
-
-class SessionError(ValueError):
-    """A session that cannot be read, found or used; one line, says what to do."""
+# Inside the sessions folder, per session: held by the process reading it (engine/file_lock.py).
+READING_LOCK = "{}.reading.lock"
 
 
 class ReadCancelled(Exception):
@@ -71,150 +75,80 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-# -- records ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Segment:
-    """One piece of the document as read: the head (system turn and user header), the folder tree, or a
-    file's block. `start` is its first token's position."""
-
-    label: str
-    sha256: str
-    start: int
-    tokens: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.tokens
-
-
-@dataclass
-class Turn:
-    question: str
-    answer: str
-    answer_token_ids: list[int]
-    finish_reason: str
-    seconds: float
-    asked: str
-
-
-@dataclass
-class Session:
-    id: str
-    folder: Path
-    name: str
-    source: str
-    created: str
-    last_used: str
-    model_fingerprint: str
-    tokenizer_fingerprint: str
-    segments: list[Segment] = field(default_factory=list)
-    files: list[dict] = field(default_factory=list)
-    read_position: int = 0
-    transcript: list[Turn] = field(default_factory=list)
-    system: str | None = chat.DEFAULT_SYSTEM_PROMPT
-    model_source: str = ""
-
-    @property
-    def document_tokens(self) -> int:
-        return self.segments[-1].end if self.segments else 0
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.segments) and self.read_position == self.document_tokens
-
-    @property
-    def identity(self) -> Identity:
-        return Identity(self.model_fingerprint, self.tokenizer_fingerprint)
-
-    def snapshots(self) -> SnapshotStore:
-        return SnapshotStore(self.folder / "snapshots", self.identity)
-
-    def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
-
-    def to_json(self) -> dict:
-        return {
-            "format_version": SESSION_FORMAT, "id": self.id, "name": self.name, "source": self.source,
-            "created": self.created, "last_used": self.last_used, "model_fingerprint": self.model_fingerprint,
-            "tokenizer_fingerprint": self.tokenizer_fingerprint, "system": self.system,
-            "segments": [vars(s) for s in self.segments], "files": self.files,
-            "read_position": self.read_position, "transcript": [vars(t) for t in self.transcript],
-            "model_source": self.model_source,
-        }
-
-    @classmethod
-    def from_json(cls, folder: Path, raw: dict) -> "Session":
-        if raw.get("format_version") != SESSION_FORMAT:
-            raise SessionError(f"{folder.name}: session format {raw.get('format_version')!r}, "
-                               f"this kimi-desk reads format {SESSION_FORMAT}")
-        try:
-            return cls(
-                id=raw["id"], folder=folder, name=raw["name"], source=raw["source"], created=raw["created"],
-                last_used=raw["last_used"], model_fingerprint=raw["model_fingerprint"],
-                tokenizer_fingerprint=raw["tokenizer_fingerprint"], system=raw.get("system"),
-                segments=[Segment(**s) for s in raw["segments"]], files=list(raw["files"]),
-                read_position=int(raw["read_position"]), transcript=[Turn(**t) for t in raw["transcript"]],
-                model_source=raw.get("model_source", ""),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SessionError(f"{folder.name}: damaged session.json ({type(exc).__name__}: {exc})") from None
-
-    def save(self) -> None:
-        write_checked_json(self.folder / SESSION_FILE, self.to_json())
-
-
 # -- the folder of sessions -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class UnreadableSession:
+    """A session folder whose record cannot be read: listed so the user knows, never silently hidden."""
+
+    id: str
+    reason: str
+
+
 class SessionStore:
+    """The sessions folder. Safe to use from several processes at once: records change under a lock
+    (engine/session_record.py), a session being read is locked by its reader, and a removed session
+    is moved aside in one rename before it is deleted, so it never comes back half there."""
+
     def __init__(self, home: Path | None = None):
         self.root = (home or data_home()) / "sessions"
 
     def _folder(self, session_id: str) -> Path:
-        if not session_id or not all(c.isalnum() or c in "-_" for c in session_id):
-            raise SessionError(f"{session_id!r} is not a session id")
+        if not isinstance(session_id, str) or not session_id or len(session_id) > 64 \
+                or not all(c.isascii() and (c.isalnum() or c in "-_") for c in session_id):
+            raise SessionError(f"{str(session_id)[:64]!r} is not a session id")
         return self.root / session_id
 
+    def _session_folders(self) -> list[Path]:
+        # Names starting with '.' are the store's own: locks, imports being staged, removals under way.
+        return sorted(p for p in self.root.iterdir() if not p.name.startswith(".")) if self.root.is_dir() else []
+
     def list(self) -> list[Session]:
-        """Every readable session, most recently used first; damaged ones are left out (see `damaged`)."""
+        """Every readable session, most recently used first; `unreadable()` lists the others."""
         sessions = []
-        for folder in sorted(self.root.glob("*")) if self.root.is_dir() else []:
+        for folder in self._session_folders():
             try:
                 sessions.append(self.get(folder.name))
             except (SessionError, SnapshotError):
                 continue
         return sorted(sessions, key=lambda s: s.last_used, reverse=True)
 
+    def unreadable(self) -> list[UnreadableSession]:
+        """Session folders whose record is missing or damaged, with the reason: what `list` leaves out."""
+        found = []
+        for folder in self._session_folders():
+            try:
+                self.get(folder.name)
+            except (SessionError, SnapshotError) as exc:
+                found.append(UnreadableSession(folder.name, str(exc)))
+        return found
+
     def get(self, session_id: str) -> Session:
         folder = self._folder(session_id)
-        if not (folder / SESSION_FILE).is_file():
+        if not folder.is_dir():
             raise SessionError(f"no session {session_id!r} (see 'kimi-desk sessions list')")
-        try:
-            raw = read_checked_json(folder / SESSION_FILE)
-        except SnapshotError as exc:
-            raise SessionError(f"session {session_id}: {exc}") from None
-        return Session.from_json(folder, raw)
+        return Session.read(folder)
 
     def find_by_source(self, source: str, identity: Identity) -> Session | None:
         matches = [s for s in self.list() if s.source == source and s.identity == identity]
         return matches[0] if matches else None
 
     def create(self, source: str, name: str, identity: Identity, system: str | None) -> Session:
-        self.root.mkdir(parents=True, exist_ok=True)
-        while True:
-            session_id = secrets.token_hex(4)
-            try:
-                (self.root / session_id).mkdir()
-                break
-            except FileExistsError:
-                continue
+        with writing(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+            while True:
+                session_id = secrets.token_hex(4)
+                try:
+                    (self.root / session_id).mkdir()
+                    break
+                except FileExistsError:
+                    continue
         now = _now()
         session = Session(id=session_id, folder=self.root / session_id, name=name, source=source, created=now,
                           last_used=now, model_fingerprint=identity.model_fingerprint,
                           tokenizer_fingerprint=identity.tokenizer_fingerprint, system=system)
-        session.save()
+        session.write_new()
         return session
 
     def rename(self, session_id: str, name: str) -> Session:
@@ -222,66 +156,51 @@ class SessionStore:
         if not name:
             raise SessionError("a session name cannot be empty")
         session = self.get(session_id)
-        session.name = name
-        session.save()
+        session.update(name=name)
         return session
+
+    def find_or_create(self, source: str, name: str, identity: Identity, system: str | None) -> Session:
+        """The session of `source` read with `identity` and `system`, else a new one; under the store's
+        lock, so two processes opening one new folder at once get one session."""
+        with writing(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+            with file_lock(self.root / LOCKS_FOLDER / STORE_LOCK):
+                session = self.find_by_source(source, identity)
+                if session is None or session.system != system:
+                    session = self.create(source, name, identity, system)
+                return session
+
+    @contextmanager
+    def reading(self, session_id: str, doing: str = "reading it"):
+        """Hold the session's reading lock for the block: one process at a time reads a session, and
+        nobody removes or exports it meanwhile. SessionError at once when another process holds it."""
+        try:
+            with writing(self.root), file_lock(self.root / LOCKS_FOLDER / READING_LOCK.format(session_id), wait=False):
+                yield
+        except LockBusy:
+            raise SessionError(f"session {session_id} is being read by another kimi-desk; wait for it to finish "
+                               f"(or stop it) before {doing}") from None
 
     def remove(self, session_id: str) -> None:
         folder = self._folder(session_id)
         if not folder.is_dir():
             raise SessionError(f"no session {session_id!r} (see 'kimi-desk sessions list')")
-        shutil.rmtree(folder)
+        with self.reading(session_id, "removing it"), writing(folder):
+            # One rename takes it out of every listing; the slow delete follows.
+            doomed = self.root / f".removed-{session_id}-{secrets.token_hex(3)}"
+            with file_lock(self.root / LOCKS_FOLDER / STORE_LOCK):
+                os.rename(folder, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def export(self, session_id: str, archive: Path) -> Path:
         """One zip file with the session and its snapshots; never overwrites an existing file."""
         session = self.get(session_id)
-        archive = Path(archive)
-        if archive.exists():
-            raise SessionError(f"{archive} already exists; choose another name")
-        tmp = archive.with_name(f".{archive.name}.partial")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            for path in sorted(session.folder.rglob("*")):
-                if path.is_file() and not path.name.endswith(".tmp"):
-                    zf.write(path, path.relative_to(session.folder).as_posix())
-        os.replace(tmp, archive)
-        return archive
+        with self.reading(session_id, "exporting it"):
+            return export_session(session, Path(archive))
 
     def import_(self, archive: Path) -> Session:
-        """A session exported elsewhere, checked, under a new id if its own is taken."""
-        archive = Path(archive)
-        try:
-            zf = zipfile.ZipFile(archive)
-        except (OSError, zipfile.BadZipFile) as exc:
-            raise SessionError(f"{archive}: not a kimi-desk session archive ({exc})") from None
-        with zf:
-            names = zf.namelist()
-            for name in names:
-                parts = Path(name).parts
-                if name.startswith("/") or ".." in parts or (parts and parts[0] not in (SESSION_FILE, "snapshots")):
-                    raise SessionError(f"{archive}: unexpected member {name!r}; refusing to import")
-            if SESSION_FILE not in names:
-                raise SessionError(f"{archive}: no session.json inside; not a kimi-desk session archive")
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging = self.root / f".import-{secrets.token_hex(4)}"
-            try:
-                zf.extractall(staging)
-                session = Session.from_json(staging, read_checked_json(staging / SESSION_FILE))
-                session.snapshots()  # reads and checks the manifest
-                session_id = session.id
-                if (self.root / session_id).exists():
-                    session_id = secrets.token_hex(4)
-                os.replace(staging, self.root / session_id)
-            except SnapshotError as exc:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise SessionError(f"{archive}: {exc}") from None
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-        session = self.get(session_id)
-        if session.id != session_id:
-            session.id = session_id
-            session.save()
-        return session
+        """A session exported elsewhere, checked completely before it is added (engine/session_archive.py)."""
+        return self.get(import_session(Path(archive), self.root))
 
 
 # -- reading and asking -----------------------------------------------------------------------------
@@ -394,11 +313,14 @@ class Assistant:
         if total + ANSWER_RESERVE > limit:
             raise SessionError(f"{Path(source).name} is {total:,} tokens; the model reads at most "
                                f"{limit - ANSWER_RESERVE:,} before a question (model_max_length {limit:,})")
-        session = store.find_by_source(source, self.identity)
-        if session is None or session.system != system:
-            session = store.create(source, name or Path(source).name, self.identity, system)
-        elif name:
-            session.name = name
+        session = store.find_or_create(source, name or Path(source).name, self.identity, system)
+        with store.reading(session.id):
+            self._read_session(session, segments, units, document, name, on_plan, on_progress, cancel)
+        return session
+
+    def _read_session(self, session, segments, units, document, name, on_plan, on_progress, cancel) -> None:
+        session.refresh()  # as the last reader left it, now that this process holds the reading lock
+        total = segments[-1].end
         snapshots = _usable_snapshots(session)
         kept = _unchanged_prefix(session.segments, segments, session.read_position)
         resume_at = snapshots.latest_at_or_before(kept) or 0
@@ -410,18 +332,14 @@ class Assistant:
                 # A damaged checkpoint costs a re-read, never the session: start again from the beginning.
                 resume_at = 0
         snapshots.truncate_after(resume_at)
-        session.segments, session.read_position = segments, resume_at
-        session.model_source = self.model_source
-        session.files = [{"path": f.relative_path, "size": f.size, "sha256": f.sha256,
-                          "start": seg.start, "end": seg.end}
-                         for f, seg in zip(document.files, segments[2:], strict=True)]
-        session.last_used = _now()
-        session.save()
+        files = [{"path": f.relative_path, "size": f.size, "sha256": f.sha256, "start": seg.start, "end": seg.end}
+                 for f, seg in zip(document.files, segments[2:], strict=True)]
+        session.update(segments=segments, read_position=resume_at, model_source=self.model_source, files=files,
+                       last_used=_now(), **({"name": name} if name else {}))
         if on_plan is not None:
             on_plan(session, total - resume_at)
         self._read_from(session, snapshots, segments, units, state, on_progress, cancel, len(document.files))
         self._document_states[session.id] = state
-        return session
 
     def _read_from(self, session, snapshots, segments, units, state, on_progress, cancel, files_total):
         total = segments[-1].end
@@ -435,8 +353,7 @@ class Assistant:
                 if is_cancelled(cancel):
                     if state.position > last_checkpoint:
                         snapshots.save(state)
-                    session.read_position = state.position
-                    session.save()
+                    session.update(read_position=state.position)
                     raise ReadCancelled(f"stopped after {state.position:,} of {total:,} tokens")
                 chunk = torch.tensor([ids[a : a + self.prefill_chunk]], device=self.model.device)
                 self.model(chunk, state, last_only=True)
@@ -455,8 +372,7 @@ class Assistant:
             if at_end or state.position - last_checkpoint >= self.checkpoint_interval:
                 snapshots.save(state)
                 last_checkpoint = state.position
-                session.read_position = state.position
-                session.save()
+                session.update(read_position=state.position)
 
     def document_state(self, session: Session):
         """The state after the whole document, from memory or from the session's snapshot."""
@@ -478,19 +394,25 @@ class Assistant:
     # -- asking -----------------------------------------------------------------------------------
 
     def ask(self, session: Session, question: str, *, sampling: Sampling = Sampling(temperature=0.0),
-            max_new_tokens: int = 512, cancel: Cancel = None) -> Iterator[Answer]:
+            max_new_tokens: int = 512, cancel: Cancel = None, replace_last: bool = False) -> Iterator[Answer]:
         """Stream the answer to `question`, branching from the document's state; the finished turn is
-        added to the session's transcript."""
+        added to the session's transcript (replacing its last turn with `replace_last`: regenerating).
+        A question that cannot be asked raises before any turn is recorded."""
         from kimi_desk.engine.tokenizer import StreamDecoder
 
+        if type(max_new_tokens) is not int or max_new_tokens < 1:
+            raise SessionError(f"the answer's length must be at least 1 token, got {max_new_tokens!r}")
         prompt = chat.question_ids(self.tokenizer, question)
         state = self.document_state(session).clone()
         room = self.model.config.model_max_length - state.position - len(prompt)
+        if room < 1:
+            raise SessionError(f"no room for an answer: the document and the question take {state.position + len(prompt):,} "
+                               f"of the model's {self.model.config.model_max_length:,} tokens; ask a shorter question")
         decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)
         ids: list[int] = []
         text: list[str] = []
         seconds, finish = 0.0, "cancelled"
-        steps = stream_tokens(self.model, prompt, state, max_new_tokens=min(max_new_tokens, max(room, 0)),
+        steps = stream_tokens(self.model, prompt, state, max_new_tokens=min(max_new_tokens, room),
                               sampling=sampling, stop_token_ids=self.stop_ids, cancel=cancel,
                               prefill_chunk_size=self.prefill_chunk, vocab_size=self.tokenizer.vocab_size)
         try:
@@ -510,9 +432,8 @@ class Assistant:
         finally:
             # Also when the caller drops the stream (a stop in the UI): the turn is kept as far as it got.
             text.append(decoder.flush())
-            session.transcript.append(Turn(question, "".join(text), ids, finish, round(seconds, 3), _now()))
-            session.last_used = _now()
-            session.save()
+            session.append_turn(Turn(question, "".join(text), ids, finish, round(seconds, 3), _now()),
+                                replace_last=replace_last)
         yield Answer(text[-1], [], 0.0, finish)
 
 

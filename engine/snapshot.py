@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,15 +50,25 @@ def _json_with_checksum(payload: dict) -> bytes:
 def read_checked_json(path: Path) -> dict:
     """A JSON file written by write_checked_json, with its checksum verified."""
     try:
-        wrapper = json.loads(Path(path).read_text(encoding="utf-8"))
-        payload, checksum = wrapper["payload"], wrapper["checksum"]
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise SnapshotError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise SnapshotError(f"{path}: damaged ({type(exc).__name__})") from None
-    body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    if hashlib.sha256(body.encode()).hexdigest() != checksum:
-        raise SnapshotError(f"{path}: damaged (checksum mismatch)")
+    except OSError as exc:
+        raise SnapshotError(f"{path}: unreadable ({type(exc).__name__})") from None
+    return parse_checked_json(data, str(path))
+
+
+def parse_checked_json(data: bytes, where: str) -> dict:
+    """The payload of write_checked_json's bytes `data`; SnapshotError naming `where` when they are not
+    that (malformed, nested too deeply to parse, or a checksum that does not match)."""
+    try:
+        wrapper = json.loads(data.decode("utf-8"))
+        payload, checksum = wrapper["payload"], wrapper["checksum"]
+        body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError, ValueError) as exc:
+        raise SnapshotError(f"{where}: damaged ({type(exc).__name__})") from None
+    if not isinstance(checksum, str) or hashlib.sha256(body.encode()).hexdigest() != checksum:
+        raise SnapshotError(f"{where}: damaged (checksum mismatch)")
     return payload
 
 
@@ -134,7 +145,7 @@ class SnapshotStore:
     def __init__(self, folder: Path, identity: Identity):
         self.folder = Path(folder)
         self.identity = identity
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(exist_ok=True)  # never recreates a removed session folder
         self._manifest = self._read_manifest()
 
     # The manifest: {"checkpoints": [{position, file, sha256}], "segments": [{start, end, file, sha256}],
@@ -145,7 +156,10 @@ class SnapshotStore:
             return {"format_version": FORMAT_VERSION, **self.identity.metadata(), "checkpoints": [],
                     "segments": [], "counter": 0}
         manifest = read_checked_json(path)
+        if not isinstance(manifest, dict):
+            raise SnapshotError(f"{path}: damaged (not an object)")
         _check_identity(path, {k: str(v) for k, v in manifest.items() if k != "checkpoints"}, self.identity)
+        _check_manifest(path, manifest)
         return manifest
 
     def _commit(self) -> None:
@@ -168,6 +182,15 @@ class SnapshotStore:
     @property
     def positions(self) -> list[int]:
         return [c["position"] for c in self._manifest["checkpoints"]]
+
+    def manifest_bytes(self) -> bytes:
+        """The manifest as its file holds it (also for a store that has not written one yet)."""
+        return _json_with_checksum(self._manifest)
+
+    @property
+    def files(self) -> list[str]:
+        """The tensor files the manifest names: the snapshot is these and the manifest, nothing else."""
+        return [c["file"] for c in self._manifest["checkpoints"]] + [s["file"] for s in self._manifest["segments"]]
 
     @property
     def cached_tokens(self) -> int:
@@ -249,6 +272,45 @@ class SnapshotStore:
         self._manifest["checkpoints"] = [c for c in self._manifest["checkpoints"] if c["position"] <= position]
         self._manifest["segments"] = [s for s in self._manifest["segments"] if s["end"] <= position]
         self._commit()
+
+
+# Tensor file names as the store makes them: only these are ever read, written or deleted.
+_TENSOR_FILE = re.compile(r"(kda-[0-9]{12}|mla-[0-9]{12}-[0-9]{12})-([0-9]{1,18})\.safetensors")
+_ENTRY_FIELDS = {"checkpoints": ("kda", "position"), "segments": ("mla", "start", "end")}
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    """Every entry typed and in order (a manifest may come from another machine): positions are
+    integers, segments follow one another from 0, file names are the store's own (so no entry can make
+    the store read or delete a file outside its folder) and the counter is past every name's number."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise SnapshotError(f"{path.name}: damaged ({what})")
+
+    counter = manifest.get("counter")
+    need(type(counter) is int and 0 <= counter < 1 << 62, "counter")
+    names = set()
+    for kind, (prefix, *fields) in _ENTRY_FIELDS.items():
+        entries = manifest.get(kind)
+        need(isinstance(entries, list) and len(entries) <= 1 << 20, kind)
+        for entry in entries:
+            need(isinstance(entry, dict), kind)
+            for name in fields:
+                need(type(entry.get(name)) is int and 0 <= entry[name] < 1 << 40, f"{kind}.{name}")
+            file = entry.get("file")
+            match = _TENSOR_FILE.fullmatch(file) if isinstance(file, str) else None
+            need(match is not None and file.startswith(prefix), f"{kind}.file")
+            need(file not in names and int(match.group(2)) <= counter, f"{kind}.file")
+            names.add(file)
+            digest = entry.get("sha256")
+            need(isinstance(digest, str) and len(digest) == 64, f"{kind}.sha256")
+    positions = [c["position"] for c in manifest["checkpoints"]]
+    need(positions == sorted(set(positions)), "checkpoint positions")
+    end = 0
+    for segment in manifest["segments"]:
+        need(segment["start"] == end and segment["end"] > segment["start"], "segments out of order")
+        end = segment["end"]
 
 
 def _check_shape(file: str, got: torch.Tensor, want: torch.Tensor) -> None:

@@ -288,6 +288,7 @@ def converted_tokenizer_json(rank_file: Path, special_names: list[str], cache_di
     if cached.is_file():
         return cached.read_text(encoding="utf-8")
     text = canonical_json(tiktoken_to_tokenizer_json(read_tiktoken_ranks(rank_file), special_names))
+    cached.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cached, text)
     return text
 

@@ -72,22 +72,18 @@ class FakeAssistant:
             label = f.relative_to(source).as_posix() if source.is_dir() else f.name
             segments.append(Segment(label, hashlib.sha256(text.encode()).hexdigest(), position, len(text) // 2 + 8))
             position += segments[-1].tokens
-        session = store.find_by_source(str(source), IDENTITY) or store.create(str(source), source.name, IDENTITY,
-                                                                                None)
-        if [s.sha256 for s in session.segments] != [s.sha256 for s in segments]:
-            session.read_position = 0
-        session.segments = segments
-        session.files = [{"path": s.label, "size": 1, "sha256": s.sha256, "start": s.start, "end": s.end}
-                         for s in segments]
-        session.created = session.last_used = FROZEN_TIME
-        session.model_source = self.model_source
-        session.save()
+        session = store.find_or_create(str(source), source.name, IDENTITY, None)
+        unchanged = [s.sha256 for s in session.segments] == [s.sha256 for s in segments]
+        session.update(segments=segments, read_position=session.read_position if unchanged else 0,
+                       files=[{"path": s.label, "size": 1, "sha256": s.sha256, "start": s.start, "end": s.end}
+                              for s in segments],
+                       created=FROZEN_TIME, last_used=FROZEN_TIME, model_source=self.model_source)
         total = segments[-1].end if segments else 0
         if on_plan:
             on_plan(session, total - session.read_position)
         while session.read_position < total:
             if cancel is not None and cancel.is_set():
-                session.save()
+                session.update(read_position=session.read_position)
                 raise ReadCancelled(f"stopped after {session.read_position:,} of {total:,} tokens")
             if self.hold_at is not None and session.read_position >= self.hold_at and not self.release.is_set():
                 if not self.holding.is_set() and on_progress:
@@ -104,7 +100,7 @@ class FakeAssistant:
             session.read_position = min(total, session.read_position + self.chunk_tokens)
             if on_progress:
                 on_progress(self._progress(session.read_position, segments))
-        session.save()
+        session.update(read_position=session.read_position)
         return session
 
     @staticmethod
@@ -122,7 +118,7 @@ class FakeAssistant:
         return SimpleNamespace(kda_nbytes=4 * 1024 * 1024, mla_nbytes=576 * 4 * session.document_tokens,
                                position=session.document_tokens)
 
-    def ask(self, session, question, *, sampling=None, max_new_tokens=512, cancel=None):
+    def ask(self, session, question, *, sampling=None, max_new_tokens=512, cancel=None, replace_last=False):
         self.document_state(session)
         self.asked.append(question)
         self.samplings.append((sampling, max_new_tokens))
@@ -147,10 +143,8 @@ class FakeAssistant:
             else:
                 finish = "stop"
         finally:
-            session.transcript.append(Turn(question, "".join(pieces), ids, finish, round(0.01 * len(ids), 3),
-                                           FROZEN_TIME))
-            session.last_used = FROZEN_TIME
-            session.save()
+            session.append_turn(Turn(question, "".join(pieces), ids, finish, round(0.01 * len(ids), 3), FROZEN_TIME),
+                                replace_last=replace_last)
         yield Answer("", [], 0.0, finish)
 
 

@@ -1,7 +1,11 @@
 """ingest, ask and sessions as a user runs them: real processes, a tiny real model, KIMI_DESK_HOME."""
 
+import errno
 import json
 import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -121,3 +125,98 @@ def test_quantization_is_chosen_by_what_fits(tmp_path):
     with pytest.raises(MemoryCheckError):
         fitting_quantization(folder, "cpu", "none", available_bytes=75 * 10**9)
     assert fitting_quantization(folder, "cpu", "fp8", available_bytes=200 * 10**9) == "fp8"
+
+
+def file_size_limited(limit: int):
+    """For subprocess: the kernel refuses writes past `limit` bytes (EFBIG), as a full disk would."""
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    return apply
+
+
+def test_a_disk_that_refuses_writes_is_one_line_and_loses_nothing(run, tmp_path, chat_checkpoint):
+    session_id = run("ingest", str(make_repo(tmp_path / "repo")), "--model", str(chat_checkpoint)).stdout.strip()
+    run("ask", session_id, "What is VALUE_1?", "--max-new-tokens", "4")
+    record = tmp_path / "home" / "sessions" / session_id / "session.json"
+    before = record.read_bytes()
+    env = {**os.environ, "KIMI_DESK_HOME": str(tmp_path / "home")}
+
+    def limited(*args, limit):
+        return subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True,
+                              env=env, preexec_fn=file_size_limited(limit))
+
+    asked = limited("ask", session_id, "What is VALUE_2?", "--max-new-tokens", "4", limit=len(before) + 16)
+    assert asked.returncode == 2 and "Traceback" not in asked.stderr
+    assert asked.stderr.strip().splitlines()[-1].startswith("kimi-desk: error: cannot write")
+    assert record.read_bytes() == before  # the earlier turns are intact
+    exported = limited("sessions", "export", session_id, str(tmp_path / "out.zip"), limit=4096)
+    assert exported.returncode == 2 and len(exported.stderr.strip().splitlines()) == 1
+    assert "cannot write" in exported.stderr and "larger than" in exported.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "repo"]  # no archive, no partial file
+    assert len(json.loads(run("sessions", "show", session_id, "--json").stdout)["transcript"]) == 1
+
+
+def test_a_read_only_data_folder_is_one_line(tmp_path, chat_checkpoint, monkeypatch, capsys):
+    from kimi_desk.app.cli import main
+    from kimi_desk.engine import atomic
+
+    monkeypatch.setenv("KIMI_DESK_HOME", str(tmp_path / "home"))
+    assert main(["ingest", str(make_repo(tmp_path / "repo")), "--model", str(chat_checkpoint)]) == 0
+    session_id = capsys.readouterr().out.strip()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
+    assert main(["ask", session_id, "What is VALUE_1?", "--max-new-tokens", "3"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "the disk is read-only" in error[0] and "session.json" in error[0]
+
+
+def test_an_answer_length_below_one_is_refused_and_records_nothing(run, tmp_path, chat_checkpoint):
+    session_id = run("ingest", str(make_repo(tmp_path / "repo")), "--model", str(chat_checkpoint)).stdout.strip()
+    for bad in ("-5", "0", "x"):
+        result = run("ask", session_id, "hi", "--max-new-tokens", bad, check=False)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert json.loads(run("sessions", "show", session_id, "--json").stdout)["transcript"] == []
+
+
+def test_names_and_sources_print_without_terminal_escapes(run, tmp_path, chat_checkpoint):
+    hostile = tmp_path / "repo\x1b]0;owned\x07\x1b[31m\u202e"
+    session_id = run("ingest", str(make_repo(hostile)), "--model", str(chat_checkpoint)).stdout.strip()
+    for args in (["sessions", "list"], ["sessions", "show", session_id]):
+        out = run(*args).stdout
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out and "\\u001b" in out
+
+
+def test_unreadable_sessions_are_said_not_hidden(run, tmp_path, chat_checkpoint):
+    session_id = run("ingest", str(make_repo(tmp_path / "repo")), "--model", str(chat_checkpoint)).stdout.strip()
+    (tmp_path / "home" / "sessions" / session_id / "session.json").write_text("{ torn")
+    listing = run("sessions", "list")
+    assert "no sessions yet" not in listing.stdout
+    assert f"1 session cannot be read and is not listed ({session_id}:" in listing.stderr
+    assert "sessions rm ID" in listing.stderr
+
+
+def test_a_session_whose_model_is_elsewhere_says_to_pass_model(run, tmp_path, chat_checkpoint):
+    model = tmp_path / "model-copy"
+    shutil.copytree(chat_checkpoint, model)
+    session_id = run("ingest", str(make_repo(tmp_path / "repo")), "--model", str(model)).stdout.strip()
+    shutil.rmtree(model)  # as on the machine a session was imported to
+    result = run("ask", session_id, "What is VALUE_1?", check=False)
+    assert result.returncode == 2 and "pass --model PATH" in result.stderr and str(model) in result.stderr
+    assert run("ask", session_id, "What is VALUE_1?", "--model", str(chat_checkpoint), "--max-new-tokens", "2")
+
+
+def test_a_session_read_with_the_embedded_model_elsewhere_uses_it_here(run, tmp_path):
+    from kimi_desk.engine.session import SessionStore
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Notes\nThe meeting is on Tuesday.\n")
+    session_id = run("ingest", str(notes)).stdout.strip()
+    SessionStore(tmp_path / "home").get(session_id).update(model_source="/home/someone/else/kimi_desk/assets/model")
+    result = run("ask", session_id, "When is the meeting?", "--max-new-tokens", "3", check=False)
+    assert result.returncode == 0, result.stderr

@@ -188,14 +188,18 @@ def test_stop_reading_and_resume(home, make_app, fake):
     drive(make_app(folder), scenario)
 
 
+def read_folders(home, make_app, names=("alpha", "beta")) -> None:
+    """One session per name, each read by the app as a user would."""
+
+    async def read(pilot):
+        await wait_for_screen(pilot, "ChatScreen")
+
+    for name in names:
+        drive(make_app(make_folder(home / name)), read)
+
+
 def test_sessions_rename_and_delete(home, make_app, fake):
-    for name in ("alpha", "beta"):
-        folder = make_folder(home / name)
-
-        async def read(pilot):
-            await wait_for_screen(pilot, "ChatScreen")
-
-        drive(make_app(folder), read)
+    read_folders(home, make_app)
 
     async def scenario(pilot):
         screen = await wait_for_screen(pilot, "SessionsScreen")
@@ -221,6 +225,24 @@ def test_sessions_rename_and_delete(home, make_app, fake):
 
     drive(make_app(), scenario)
     assert len(SessionStore().list()) == 1
+
+
+def test_a_damaged_session_is_said_in_the_list_and_the_others_open(home, make_app, fake):
+    read_folders(home, make_app)
+    damaged = SessionStore().list()[0]
+    (damaged.folder / "session.json").write_text('{"checksum": "0", "payload": {"segments": [{"start": "0"}]}}')
+
+    async def scenario(pilot):
+        screen = await wait_for_screen(pilot, "SessionsScreen")
+        table = screen.query_one(DataTable)
+        await wait_for(pilot, lambda: table.row_count == 1, what="the list")
+        note = text_of(screen, "#sessions-unreadable")
+        assert note.startswith(f"1 session cannot be read and is not listed ({damaged.id}: ")
+        assert "sessions rm ID" in note
+        await pilot.press("enter")
+        await wait_for_screen(pilot, "ChatScreen")
+
+    drive(make_app(), scenario)
 
 
 def test_unreadable_path_is_explained_and_the_app_stays_usable(home, make_app):

@@ -202,3 +202,35 @@ def test_checkpoints_are_spaced_by_the_size_of_the_state():
     assert 40_000 < interval < 50_000
     kda_bytes, cache_bytes_per_token = 20 * 32 * 128 * 128 * 4, 7 * 576 * 2
     assert kda_bytes / (interval * cache_bytes_per_token) <= 1 / 8
+
+
+def test_removing_a_session_while_it_answers_keeps_it_removed(assistant, tmp_path):
+    store = SessionStore(tmp_path / "home")
+    session = assistant.read(store, make_folder(tmp_path / "repo", 4))
+    stream = assistant.ask(session, QUESTION, max_new_tokens=8)
+    next(stream)
+    store.remove(session.id)
+    with pytest.raises(SessionError, match="was removed"):
+        list(stream)
+    assert not session.folder.exists() and store.list() == [] and store.unreadable() == []
+
+
+def test_an_answer_that_cannot_be_asked_records_no_turn(assistant, tmp_path):
+    store = SessionStore(tmp_path / "home")
+    session = assistant.read(store, make_folder(tmp_path / "repo", 3))
+    for bad in (-5, 0):
+        with pytest.raises(SessionError, match="at least 1 token"):
+            list(assistant.ask(session, QUESTION, max_new_tokens=bad))
+    assert store.get(session.id).transcript == []
+
+
+def test_one_process_at_a_time_reads_a_session(assistant, tmp_path):
+    store = SessionStore(tmp_path / "home")
+    folder = make_folder(tmp_path / "repo", 3)
+    session = assistant.read(store, folder)
+    (folder / "file_01.py").write_text("def helper_1():\n    return 'changed'\n")
+    with store.reading(session.id):  # as another process reading it would
+        with pytest.raises(SessionError, match="being read by another kimi-desk"):
+            assistant.read(store, folder)
+    again = assistant.read(store, folder)
+    assert again.id == session.id and again.complete
