@@ -11,11 +11,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from collections.abc import Callable
 
-NO_MODEL_MESSAGE = "no model: pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json)"
-
-
-class ModelNotFound(ValueError):
-    """No model could be chosen or found; the message says what to pass."""
+from kimi_desk.engine import loading
+from kimi_desk.engine.loading import NO_MODEL_MESSAGE, ModelChoiceError as ModelNotFound
 
 
 class AssistantLike(Protocol):
@@ -46,35 +43,22 @@ class ModelChoice:
 
 def choose_model(cli_model: str | None, settings_model: str) -> ModelChoice:
     """--model, else the settings' model, else the embedded demo model; ModelNotFound if none."""
-    from kimi_desk.app.commands import DEMO_MODEL
-
     if cli_model:
         return ModelChoice(cli_model, "--model")
     if settings_model:
         return ModelChoice(settings_model, "settings")
-    if (DEMO_MODEL / "config.json").is_file():
-        return ModelChoice(str(DEMO_MODEL), "demo")
+    if (loading.DEMO_MODEL / "config.json").is_file():
+        return ModelChoice(str(loading.DEMO_MODEL), "demo")
     raise ModelNotFound(NO_MODEL_MESSAGE)
 
 
-def resolve_model_path(model: str) -> Path:
-    """A local folder as it is; a hub id (owner/name) as its snapshot in the local hub cache, found
-    offline: the UI never downloads, `kimi-desk pull` does."""
-    try:
-        from kimi_desk.engine.hub import resolve_model_reference
-    except ImportError:  # an engine without hub support: local folders only
-        return Path(model).expanduser()
-    return resolve_model_reference(model)
-
-
 def load_assistant(model: str, device: str, quantize: str | None = "auto") -> AssistantLike:
-    """The real engine: the default EngineFactory. The memory check and the quantization choice are the
-    command line's (a model that cannot fit is a one-line problem, before anything is loaded)."""
-    from kimi_desk.app.commands import fitting_quantization, resolve_device
-    from kimi_desk.engine.session import Assistant
+    """The real engine: the default EngineFactory. The model, device and format are the engine's choice
+    (engine/loading.py), as for the command line; a model that cannot fit is a one-line problem, before
+    anything is loaded."""
+    from kimi_desk.engine.loading import load_assistant as load, resolve_model
 
-    path, device = resolve_model_path(model), resolve_device(device)
-    return Assistant.load(path, device=device, quantize=fitting_quantization(path, device, quantize))
+    return load(resolve_model(model), device, quantize)
 
 
 def open_store():

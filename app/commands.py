@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 from kimi_desk.app.formatting import printable, unreadable_sessions
-from kimi_desk.assets import ASSETS_DIR
+from kimi_desk.engine.loading import QUANTIZE_CHOICES
 
-DEMO_MODEL = ASSETS_DIR / "model"
+QUANTIZE_HELP = ("the big matrices' format, chosen at load time and cached beside the model: fp8 (GPUs from "
+                 "Ada on) or int8 halve the memory of bf16, int4 quarters it; auto (default): the most faithful "
+                 "format that fits this device, said on one line when it is not the checkpoint's own")
 
 
 class UsageError(ValueError):
@@ -27,84 +29,13 @@ class UsageError(ValueError):
 # -- choosing the model and device ------------------------------------------------------------------
 
 
-def resolve_model(option: str | None, session=None) -> Path:
-    """--model (a folder, or a hub repo id pulled before), else the model `session` was read with, else
-    the embedded demo model."""
-    from kimi_desk.engine.hub import resolve_model_reference
-
-    if option:
-        path = resolve_model_reference(option)  # a path as is; owner/name from the hub cache, offline
-        if not (path / "config.json").is_file():
-            raise UsageError(f"{option}: not a model folder (it needs config.json, *.safetensors and tokenizer.json)")
-        return path
-    if session is not None and session.model_source:
-        return _session_model(session)
-    if (DEMO_MODEL / "config.json").is_file():
-        return DEMO_MODEL
-    raise UsageError("no model: pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json)")
-
-
-def _session_model(session) -> Path:
-    """Where the model `session` was read with is on this machine: its recorded folder, or the embedded
-    demo model when that is the one (a session imported from another installation records the other
-    installation's path)."""
-    from kimi_desk.engine.weights import checkpoint_fingerprint
-
-    path = Path(session.model_source)
-    if (path / "config.json").is_file():
-        return path
-    if (DEMO_MODEL / "config.json").is_file() and checkpoint_fingerprint(DEMO_MODEL) == session.model_fingerprint:
-        return DEMO_MODEL
-    raise UsageError(f"session {session.id} was read with the model at {printable(session.model_source, 200)}, "
-                     "which is not on this machine; pass --model PATH (the same checkpoint)")
-
-
-def resolve_device(option: str) -> str:
-    import torch
-
-    if option == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if option == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    return option
-
-
 def load_assistant(args, session=None):
-    from kimi_desk.engine.session import Assistant
+    """The engine's choice of model, device and format for these options (engine/loading.py); its
+    notices go to stderr as one line each."""
+    from kimi_desk.engine.loading import load_assistant as load, resolve_model
 
-    path = resolve_model(args.model, session)
-    device = resolve_device(args.device)
-    quantize = fitting_quantization(path, device, getattr(args, "quantize", "auto"),
-                                    notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr))
-    return Assistant.load(path, device=device, quantize=quantize)
-
-
-def fitting_quantization(path: Path, device: str, requested: str | None, notice=lambda line: None,
-                         available_bytes: int | None = None) -> str | None:
-    """Before anything is loaded: the quantization to load the model folder with, or MemoryCheckError
-    (one line, naming what would fit). `requested` 'auto' (the default) keeps the checkpoint's dtype
-    when it fits and takes fp8 weights when only they fit, saying so through `notice`; 'none' or None
-    never quantizes; 'fp8' always does."""
-    from kimi_desk.engine.config import KimiLinearConfig
-    from kimi_desk.engine.hub import MemoryCheckError, check_memory, model_display_name
-
-    config = KimiLinearConfig.from_file(path / "config.json")
-    name = model_display_name(path)
-    if requested != "auto":
-        quantize = None if requested in (None, "none") else requested
-        check_memory(config, device, model_name=name, quantize=quantize, available_bytes=available_bytes)
-        return quantize
-    try:
-        check_memory(config, device, model_name=name, available_bytes=available_bytes)
-        return None
-    except MemoryCheckError as too_big:
-        try:
-            estimate = check_memory(config, device, model_name=name, quantize="fp8", available_bytes=available_bytes)
-        except MemoryCheckError:
-            raise too_big from None
-    notice(f"{name} does not fit here in {estimate['dtype']}; loading its large matrices in fp8 "
-           f"(about {estimate['total_bytes'] / 1e9:.0f} GB; --quantize none refuses instead)")
-    return "fp8"
+    return load(resolve_model(args.model, session), args.device, getattr(args, "quantize", "auto"),
+                notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr))
 
 
 def positive_int(text: str) -> int:
@@ -123,10 +54,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         "after 'kimi-desk pull' (default: the session's model, else the embedded demo model)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the model runs (default: auto, CUDA when present)")
-    parser.add_argument("--quantize", choices=["auto", "none", "fp8"], default="auto",
-                        help="fp8 stores the big matrices in fp8 at load time: half the memory of bf16 (the 48B "
-                             "model fits one 80 GB GPU) and faster decode on a GPU; on the demo model the loss "
-                             "moves by 0.1%%. auto (default): fp8 only when the model would not fit otherwise")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
 
 
 # -- formatting -------------------------------------------------------------------------------------

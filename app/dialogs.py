@@ -12,7 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
 from kimi_desk.app.messages import Problem
-from kimi_desk.app.settings import DEVICES, Settings, SettingsError
+from kimi_desk.app.settings import DEVICES, QUANTIZE, Settings, SettingsError
 
 
 class TextPrompt(ModalScreen[str | None]):
@@ -165,6 +165,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
                     yield Input(s.model, placeholder="embedded demo model", id="model")
                     yield Label("Device")
                     yield Select([(d, d) for d in DEVICES], value=s.device, allow_blank=False, id="device")
+                    yield Label("Weights")
+                    yield Select([(q, q) for q in QUANTIZE], value=s.quantize, allow_blank=False, id="quantize")
                     yield Label("Temperature")
                     yield Input(repr(s.temperature), type="number", id="temperature")
                     yield Label("Top-p")
@@ -174,7 +176,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
                     yield Label("Seed")
                     yield Input("" if s.seed is None else str(s.seed), type="integer", placeholder="random",
                                 id="seed")
-            yield Static("Model and device apply the next time kimi-desk starts; sampling, to the next answer.",
+            yield Static("Model, device and weights apply the next time kimi-desk starts; sampling, to the next "
+                         "answer.",
                          classes="dialog-text")
             yield Static("", id="settings-error", classes="dialog-error")
             with Horizontal(classes="dialog-buttons"):
@@ -198,6 +201,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
         seed = self._value("seed")
         return self.settings.replace(
             model=self._value("model"), device=str(self.query_one("#device", Select).value),
+            quantize=str(self.query_one("#quantize", Select).value),
             temperature=number("temperature", float), top_p=number("top_p", float),
             max_new_tokens=number("max_new_tokens", int), seed=number("seed", int) if seed else None)
 

@@ -7,7 +7,8 @@ command runs, so `kimi-desk --help` stays instant.
 from __future__ import annotations
 
 import argparse
-import functools
+
+from kimi_desk.app.settings import QUANTIZE
 
 
 def add_parser(commands) -> None:
@@ -20,9 +21,8 @@ def add_parser(commands) -> None:
                                         "(default: the settings' model, else the embedded demo model)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
                         help="where the model runs (default: the settings' device, else auto)")
-    parser.add_argument("--quantize", choices=("auto", "none", "fp8"), default="auto",
-                        help="fp8: the big matrices in fp8 at load time (half the memory of bf16); auto (default): "
-                             "fp8 only when the model would not fit otherwise")
+    parser.add_argument("--quantize", choices=QUANTIZE, help="the big matrices' format (default: the settings', "
+                        "else auto: the most faithful format that fits this device; see 'kimi-desk ingest --help')")
     parser.set_defaults(run=run)
 
 
@@ -30,8 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from kimi_desk.app import backend
     from kimi_desk.app.tui import create_app
 
-    factory = functools.partial(backend.load_assistant, quantize=args.quantize)
-    app = create_app(args.target, model=args.model, device=args.device, engine_factory=factory)
+    app = create_app(args.target, model=args.model, device=args.device, quantize=args.quantize)
     # No model anywhere is a usage error, said on one line before the app takes the terminal.
     if app.model_choice is None:
         raise backend.ModelNotFound(backend.NO_MODEL_MESSAGE)

@@ -21,6 +21,9 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
 DEVICES = ("auto", "cpu", "cuda")
+# The weights' format (engine/loading.py QUANTIZE_CHOICES; kept here too so that this module stays
+# light to import).
+QUANTIZE = ("auto", "none", "fp8", "int8", "int4")
 SETTINGS_FILE = "settings.toml"
 
 
@@ -34,6 +37,7 @@ class Settings:
     # `kimi-desk pull`; empty means the embedded demo model.
     model: str = ""
     device: str = "auto"
+    quantize: str = "auto"
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 512
@@ -44,6 +48,8 @@ class Settings:
     def __post_init__(self):
         if self.device not in DEVICES:
             raise SettingsError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.quantize not in QUANTIZE:
+            raise SettingsError(f"quantize must be one of {', '.join(QUANTIZE)}, not {self.quantize!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise SettingsError(f"temperature must be a number >= 0, not {self.temperature!r}")
         if not 0 < self.top_p <= 1:
@@ -58,7 +64,7 @@ class Settings:
 
 
 # The TOML type each field takes; seed may also be absent (None).
-_FIELD_TYPES = {"model": str, "device": str, "temperature": float, "top_p": float, "max_new_tokens": int,
+_FIELD_TYPES = {"model": str, "device": str, "quantize": str, "temperature": float, "top_p": float, "max_new_tokens": int,
                 "seed": int, "theme": str}
 
 

@@ -12,6 +12,7 @@ module level.
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -277,12 +278,12 @@ def _file_name(name: str) -> str:
 
 
 def create_app(target: str | None = None, *, model: str | None = None, device: str | None = None,
-               settings: Settings | None = None, settings_file: Path | None = None,
-               engine_factory: EngineFactory = backend.load_assistant,
+               quantize: str | None = None, settings: Settings | None = None, settings_file: Path | None = None,
+               engine_factory: EngineFactory | None = None,
                store_factory: StoreFactory = backend.open_store,
                clock: Callable[[], datetime.datetime] | None = None) -> KimiDeskApp:
-    """The app, for the command line and the tests alike. `model` and `device` override the settings;
-    with no model anywhere the app still opens (sessions can be listed) and says what to pass."""
+    """The app, for the command line and the tests alike. `model`, `device` and `quantize` override the
+    settings; with no model anywhere the app still opens (sessions can be listed) and says what to pass."""
     settings_file = settings_file or settings_path()
     settings_problem = None
     if settings is None:
@@ -294,6 +295,8 @@ def create_app(target: str | None = None, *, model: str | None = None, device: s
         except SettingsError as exc:
             settings = Settings()
             settings_problem = Problem(str(exc), "Using the defaults; fix the file or save new settings (F3).")
+    if engine_factory is None:
+        engine_factory = functools.partial(backend.load_assistant, quantize=quantize or settings.quantize)
     try:
         model_choice, model_problem = backend.choose_model(model, settings.model), None
     except backend.ModelNotFound as exc:

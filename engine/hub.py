@@ -34,14 +34,11 @@ from typing import Callable
 
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.errors import ConfigError
+from kimi_desk.engine.memory import format_bytes
 
 
 class HubError(ValueError):
     """The hub cannot give us the checkpoint (unreachable, unknown repo, gated, offline, ...). One line."""
-
-
-class MemoryCheckError(ValueError):
-    """The model would not fit in the memory of the device it is about to be loaded on. One line."""
 
 
 # -- what a checkpoint folder needs -----------------------------------------------------------------
@@ -505,7 +502,7 @@ def _pull(repo_id: str, revision: str | None, cache_dir, on_progress, endpoint: 
     to_fetch = total - done_bytes
     free = shutil.disk_usage(cache).free  # exists: the small files are in it
     if to_fetch > free:
-        raise HubError(f"{repo_id} needs {_format_bytes(to_fetch)} more on disk, {cache} has {_format_bytes(free)} free; "
+        raise HubError(f"{repo_id} needs {format_bytes(to_fetch)} more on disk, {cache} has {format_bytes(free)} free; "
                        "set HF_HUB_CACHE to a larger disk")
 
     def report(current: str, file_bytes: int) -> None:
@@ -554,188 +551,7 @@ def model_display_name(path) -> str:
     return path.name or str(path)
 
 
-# -- memory -----------------------------------------------------------------------------------------
-
-_BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
-_BYTES_PER_QUANTIZED_WEIGHT = {"fp8": 1, "int8": 1, "int4": 0.5}
-# A long book or a mid-sized codebase; the MLA cache allowance is for this many tokens.
-DEFAULT_CONTEXT_TOKENS = 131_072
-# The Python process, torch's own allocations, the tokenizer.
-RUNTIME_OVERHEAD_BYTES = 512 << 20
-# Memory sizes of common GPUs (GB), to say which one a model would fit on.
-GPU_SIZES_GB = (8, 12, 16, 24, 32, 40, 48, 80, 96, 141, 192)
-
-
-def _dtype_name(dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    if name not in _BYTES_PER_DTYPE:
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return name
-
-
-def estimate_memory(config: KimiLinearConfig, dtype, quantize: str | None = None, *,
-                    context_tokens: int | None = None, prefill_chunk: int = 2048) -> dict:
-    """Bytes the model needs at batch 1: weights (counted on the meta device, fp32 where the engine keeps
-    fp32), plus a working set: the KDA state (and the copy each chat turn branches from), an MLA cache
-    allowance for `context_tokens` (doubled: the cache grows geometrically), the activations of one
-    prefill chunk, and the runtime. `quantize` ('fp8', 'int8', 'int4') estimates weight-only
-    quantization of the big matrices (engine/quantize.py's rule; kimi-desk implements fp8; int8 and int4
-    are estimated for the advice only). Quantized rows carry a float32 scale each."""
-    import torch  # noqa: F401 - build_on_meta needs it; imported here so `import hub` stays light
-
-    from kimi_desk.engine.quantize import is_quantized_weight
-    from kimi_desk.engine.weights import FP32_PARAMETERS, build_on_meta
-
-    dtype_name = _dtype_name(dtype)
-    compute_bytes = _BYTES_PER_DTYPE[dtype_name]
-    if quantize is not None and quantize not in _BYTES_PER_QUANTIZED_WEIGHT:
-        raise ValueError(f"quantize must be one of {', '.join(_BYTES_PER_QUANTIZED_WEIGHT)}, got {quantize!r}")
-    model = build_on_meta(config)
-    parameters = 0
-    weights = 0.0
-    for name, param in model.named_parameters():
-        parameters += param.numel()
-        if name.endswith(FP32_PARAMETERS):
-            weights += param.numel() * 4
-        elif quantize is not None and is_quantized_weight(name):
-            weights += param.numel() * _BYTES_PER_QUANTIZED_WEIGHT[quantize] + param.shape[:-1].numel() * 4
-        else:
-            weights += param.numel() * compute_bytes
-    kinds = config.layer_kinds
-    kda_layers, mla_layers = kinds.count("kda"), kinds.count("mla")
-    projection = config.kda_projection_size
-    kda_state = kda_layers * (config.kda_num_heads * config.kda_head_dim ** 2 * 4
-                              + 3 * projection * (config.short_conv_kernel_size - 1) * compute_bytes) * 2
-    if context_tokens is None:
-        context_tokens = min(config.model_max_length, DEFAULT_CONTEXT_TOKENS)
-    mla_cache = mla_layers * context_tokens * config.mla_latent_size * compute_bytes * 2
-    # fp32 intermediates of one prefill chunk: a few dozen vectors of the widest layer per token, plus
-    # the routed experts' and the dense MLP's hidden activations. A rough allowance, not a measurement.
-    widest = max(config.hidden_size, projection)
-    per_token = 24 * widest + 3 * config.num_experts_per_token * config.moe_intermediate_size + 3 * config.intermediate_size
-    activations = prefill_chunk * per_token * 4 + RUNTIME_OVERHEAD_BYTES
-    weights = int(weights)
-    return {
-        "parameters": parameters,
-        "dtype": dtype_name,
-        "quantize": quantize,
-        "weights_bytes": weights,
-        "kda_state_bytes": kda_state,
-        "mla_cache_bytes": mla_cache,
-        "context_tokens": context_tokens,
-        "activations_bytes": activations,
-        "total_bytes": weights + kda_state + mla_cache + activations,
-    }
-
-
-def _format_bytes(n: float) -> str:
-    if n >= 10e9:
-        return f"{n / 1e9:.0f} GB"
-    if n >= 1e9:
-        return f"{n / 1e9:.1f} GB"
-    return f"{n / 1e6:.0f} MB"
-
-
-def _cgroup_room() -> int | None:
-    """Bytes this process's cgroup may still allocate (containers), when it is limited."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 1 << 60:  # cgroup v1 writes a huge number for "no limit"
-            return max(int(limit) - usage, 0)
-    return None
-
-
-def available_cpu_memory() -> int | None:
-    """MemAvailable of /proc/meminfo (what can be allocated without swapping), lowered to the cgroup's
-    limit; None where there is no /proc (macOS, Windows): the check is then skipped."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-            else:
-                return None
-    except (OSError, ValueError, IndexError):
-        return None
-    room = _cgroup_room()
-    return available if room is None else min(available, room)
-
-
-def _cuda_free(index: int | None = None) -> tuple[int, str] | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    index = torch.cuda.current_device() if index is None else index
-    free, _total = torch.cuda.mem_get_info(index)
-    return free, f"GPU {index} ({torch.cuda.get_device_name(index)})"
-
-
-def _smallest_gpu(total_bytes: float) -> int | None:
-    return next((gb for gb in GPU_SIZES_GB if gb * 1e9 >= total_bytes), None)
-
-
-def check_memory(config: KimiLinearConfig, device="cpu", dtype=None, *, quantize: str | None = None,
-                 model_name: str | None = None, context_tokens: int | None = None,
-                 available_bytes: int | None = None) -> dict:
-    """Raise MemoryCheckError when the model would not fit on `device`, saying what would; else return
-    `estimate_memory`'s dict plus `available_bytes` (None when this machine cannot tell, then nothing is
-    refused). `dtype` defaults to the checkpoint's. KIMI_DESK_SKIP_MEMORY_CHECK=1 skips the refusal
-    (swap, or memory the estimate does not see). `available_bytes` overrides what the machine reports."""
-    import torch
-
-    dtype = dtype if dtype is not None else config.dtype
-    estimate = estimate_memory(config, dtype, quantize, context_tokens=context_tokens)
-    device = torch.device(device)
-    cuda = None
-    if device.type == "cuda":
-        cuda = _cuda_free(device.index)
-        where = cuda[1] if cuda else "this GPU"
-        if available_bytes is None and cuda is not None:
-            available_bytes = cuda[0]
-    else:
-        where = "this machine"
-        if available_bytes is None:
-            available_bytes = available_cpu_memory()
-    estimate["available_bytes"] = available_bytes
-    total = estimate["total_bytes"]
-    if available_bytes is None or total <= available_bytes or os.environ.get("KIMI_DESK_SKIP_MEMORY_CHECK") == "1":
-        return estimate
-
-    count = estimate["parameters"]
-    name = model_name or (f"This model ({count / 1e9:.1f}B parameters)" if count >= 1e9
-                          else f"This model ({count / 1e6:.0f}M parameters)")
-    message = (f"{name} needs about {_format_bytes(total)} in {estimate['dtype']} "
-               f"({_format_bytes(estimate['weights_bytes'])} of weights); {where} has "
-               f"{_format_bytes(available_bytes)} available.")
-    gpu_free = _cuda_free() if device.type == "cpu" else None
-    if gpu_free is not None and total <= gpu_free[0]:
-        message += f" It fits on {gpu_free[1]}, which has {_format_bytes(gpu_free[0])} free: use --device cuda."
-    else:
-        gpu = _smallest_gpu(total)
-        message += f" It would fit on a GPU with {gpu} GB" if gpu else " It is larger than any single GPU"
-        if quantize is None:
-            fp8 = estimate_memory(config, dtype, "fp8", context_tokens=context_tokens)["total_bytes"]
-            fp8_gpu = _smallest_gpu(fp8)
-            # Worth saying only where it changes the answer: it would fit here, or on a smaller GPU.
-            if fp8 <= available_bytes or (fp8_gpu is not None and (gpu is None or fp8_gpu < gpu)):
-                fits = "which would fit here" if fp8 <= available_bytes else f"a GPU with {fp8_gpu} GB"
-                message += (f"; with fp8 weights (--quantize fp8) it would need about "
-                            f"{_format_bytes(fp8)}, {fits}")
-        message += "."
-    message += " Set KIMI_DESK_SKIP_MEMORY_CHECK=1 to try anyway."
-    raise MemoryCheckError(message)
-
-
 __all__ = [
-    "HubError", "MemoryCheckError", "PullProgress", "pull", "resolve_model_reference", "cached_snapshot",
-    "estimate_memory", "check_memory", "available_cpu_memory", "is_repo_id", "missing_checkpoint_part",
-    "model_display_name",
+    "HubError", "PullProgress", "pull", "resolve_model_reference", "cached_snapshot", "is_repo_id",
+    "missing_checkpoint_part", "model_display_name",
 ]

@@ -19,7 +19,7 @@ from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.state import MLACache, ModelState
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
-from kimi_desk.kernels.moe import route_topk, routed_experts, router_logits
+from kimi_desk.kernels.moe import route_topk, routed_experts, routed_experts_int4_cpu, router_logits
 from kimi_desk.kernels.norm import add_rms_norm, rms_norm
 
 
@@ -101,8 +101,14 @@ class Experts(nn.Module):
         [N, D] in x's dtype (summed in float32, rounded once). Grouped products per chosen expert; on the
         GPU a few tokens (decode) take a Triton GEMV that never asks the host which experts were chosen
         (kernels/moe)."""
-        # fp8 experts (engine/quantize.py) carry one scale per output row beside each matrix.
-        scales = (self.w1_scale, self.w2_scale, self.w3_scale) if hasattr(self, "w1_scale") else None
+        if getattr(self, "cpu_weights", None) is not None:  # int4 in the CPU operator's layout (engine/quantize.py)
+            return routed_experts_int4_cpu(x, ids, weights, self.cpu_weights).to(x.dtype)
+        # Quantized experts (engine/quantize.py) carry a scale per output row beside each matrix (fp8,
+        # int8), or a scale and a zero per group (int4).
+        if hasattr(self, "w1_zero"):
+            scales = tuple((getattr(self, f"w{i}_scale"), getattr(self, f"w{i}_zero")) for i in (1, 2, 3))
+        else:
+            scales = (self.w1_scale, self.w2_scale, self.w3_scale) if hasattr(self, "w1_scale") else None
         return routed_experts(x, ids, weights, self.w1, self.w2, self.w3, scales=scales, out_dtype=x.dtype)
 
 
@@ -233,7 +239,8 @@ class KimiLinearForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activations' dtype (the final norm's weight has it whatever the weights are stored in)."""
+        return self.model.norm.weight.dtype
 
     def new_state(self, batch_size: int = 1) -> ModelState:
         return ModelState(

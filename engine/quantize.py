@@ -1,16 +1,23 @@
-"""Weight-only quantization at load time: `--quantize fp8`.
+"""Weight-only quantization at load time: `--quantize fp8|int8|int4`.
 
-The big matrices are stored as float8_e4m3fn with one float32 scale per output row (kernels/quant has
-the format): every `*_proj` projection of the decoder layers (KDA, MLA, dense and shared MLPs) and the
-routed experts. That halves the bytes of a bf16 model (the 48B model: 98 GB -> about 50 GB, so it fits
-one 80 GB card with room for a long cache) and the bytes a decode step reads. Left as they are: the
-embedding (a lookup), the output head (kept exact for the logits), norms, the router, the gates'
-scalars, and `kv_b_proj`, which MLA's absorbed decode reads as a matrix of per-head blocks, not through
-a linear call (4 M parameters per MLA layer).
+Which matrices (`weight_format`, the one rule that loading, the disk cache, memory estimates and tests
+ask):
+- every `*_proj` of the decoder layers (KDA, MLA, dense and shared MLPs) and the routed experts take
+  the format asked for;
+- with int4, KDA's gate projections (the low-rank f/g halves) and beta take int8: small (about 1% of a
+  layer) and they set how fast each channel forgets, so 4-bit errors there would compound over a whole
+  document;
+- with int8 and int4, the embedding and the output head take int8 (the head is read every token: in
+  bf16 it would be a third of what an int4 decode step reads);
+- left as they are: norms, routers, the gates' scalars, the short convolutions, and `kv_b_proj`, which
+  MLA's absorbed decode reads as a matrix of per-head blocks rather than through a linear call.
 
-The checkpoint stays what it is: the loader quantizes each tensor as it reads it (weights.py), so the
-full-precision model never exists in memory. Activations, the KDA state and the MLA cache keep the
-model's dtype.
+The formats are those of kernels/quant (fp8 and int8 with a float32 scale per output row; int4 in
+groups of 32-128 inputs with a bf16 scale and midpoint). A quantized parameter keeps its name and holds
+the codes; beside it on its module sit `<name>_scale` (and for int4 `<name>_zero`). The checkpoint
+stays what it is: the loader quantizes each tensor as it reads it (weights.py) and keeps the result
+in a disk cache (quantized_cache.py), so the full-precision model never exists in memory. Activations,
+the KDA state and the MLA cache keep the model's dtype.
 """
 
 from __future__ import annotations
@@ -18,65 +25,210 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_desk.kernels.quant import FP8, fp8_linear
+from kimi_desk.kernels.quant import (
+    FP8,
+    int4_group_size,
+    int4_linear,
+    quantize_fp8_rows,
+    quantize_int4_groups,
+    quantize_int8_rows,
+    row_scaled_linear,
+)
+from kimi_desk.kernels.quant.cpu import CpuInt4Weight, cpu_int4_fits, int4_linear_cpu, pack_int4_for_cpu
+from kimi_desk.kernels.quant.naive import dequantize_rows
 
-METHODS = ("fp8",)
+METHODS = ("fp8", "int8", "int4")
+# Bytes a quantized weight takes, scales included (int4: a bf16 scale and zero per group of 32-128).
+BYTES_PER_WEIGHT = {"fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4 / 64}
 
-# Projections read as matrices rather than through a linear call: not quantized.
+# Projections read as matrices rather than through a linear call: never quantized.
 _KEPT_PROJECTIONS = ("kv_b_proj",)
+# KDA's gate projections and beta: int8 where the rest is int4.
+_GATE_PROJECTIONS = ("f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj", "b_proj")
+_ENDS = ("model.embed_tokens.weight", "lm_head.weight")
+_CODE_DTYPES = {"fp8": FP8, "int8": torch.int8, "int4": torch.uint8}
 
 
-def is_quantized_weight(name: str) -> bool:
-    """Whether the checkpoint tensor / parameter `name` is stored quantized (the one rule: loading,
-    memory estimates and tests all ask here)."""
+def weight_format(name: str, method: str | None) -> str | None:
+    """The format the checkpoint tensor or parameter `name` is stored in under `method`, or None."""
+    if method is None:
+        return None
+    if name in _ENDS:
+        return "int8" if method in ("int8", "int4") else None
     if not name.startswith("model.layers."):
-        return False
+        return None
     if ".experts.w" in name:  # the stacked routed experts, or one expert's tensor in the checkpoint
-        return True
-    module = name.removesuffix(".weight")
-    leaf = module.rsplit(".", 1)[-1]
-    return name.endswith(".weight") and "_proj" in leaf and leaf not in _KEPT_PROJECTIONS
+        return method
+    leaf = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    if not name.endswith(".weight") or "_proj" not in leaf or leaf in _KEPT_PROJECTIONS:
+        return None
+    return "int8" if method == "int4" and leaf in _GATE_PROJECTIONS else method
 
 
-class Fp8Linear(nn.Module):
-    """nn.Linear without bias, its weight in fp8 with per-row scales: y = x @ (Q * s)^T."""
+def is_quantized_weight(name: str, method: str = "fp8") -> bool:
+    return weight_format(name, method) is not None
 
-    def __init__(self, in_features: int, out_features: int, device=None):
+
+def format_of(codes: torch.Tensor) -> str | None:
+    """The format a parameter's dtype says it holds (None: not quantized)."""
+    return {FP8: "fp8", torch.int8: "int8", torch.uint8: "int4"}.get(codes.dtype)
+
+
+def logical_shape(codes: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the matrix (or stack) that `codes` stand for: int4 packs two inputs a byte."""
+    shape = tuple(codes.shape)
+    return shape[:-1] + (shape[-1] * 2,) if codes.dtype == torch.uint8 else shape
+
+
+# -- modules ----------------------------------------------------------------------------------------
+
+
+class RowScaledLinear(nn.Module):
+    """nn.Linear without bias, its weight fp8 or int8 with per-row scales: y = x @ (Q * s)^T."""
+
+    def __init__(self, in_features: int, out_features: int, code_dtype: torch.dtype = FP8, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device),
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=code_dtype, device=device),
                                    requires_grad=False)
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale)
+        return row_scaled_linear(x, self.weight, self.weight_scale)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 per-row scales"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {format_of(self.weight)} rows"
+
+
+class Int4Linear(nn.Module):
+    """nn.Linear without bias, its weight in int4 groups: y = x @ ((q - 8) s + z)^T."""
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        group = int4_group_size(in_features)
+        if group is None:
+            raise ValueError(f"int4 needs an input width that is a multiple of 32, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                                   requires_grad=False)
+        groups = in_features // group
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.bfloat16, device=device))
+        self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device))
+        # On the CPU, the same matrix in PyTorch's int4 operator's layout (prepare_for_cpu), instead of
+        # the three tensors above.
+        self.cpu_weight: CpuInt4Weight | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_weight is not None:
+            return int4_linear_cpu(x, self.cpu_weight)
+        return int4_linear(x, self.weight, self.weight_scale, self.weight_zero)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 groups of {self.in_features // self.weight_scale.shape[-1]}")
+
+
+class Int8Embedding(nn.Module):
+    """nn.Embedding with int8 rows and one float32 scale per row: only the looked-up rows are dequantized."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, dtype=torch.float32, device=device))
+        self.dtype = torch.float32  # the model's activation dtype, set by materialize
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(self.weight[ids], self.weight_scale[ids], self.dtype)
+
+
+def quantized_linear(in_features: int, out_features: int, fmt: str, device=None) -> nn.Module:
+    if fmt == "int4":
+        return Int4Linear(in_features, out_features, device=device)
+    return RowScaledLinear(in_features, out_features, _CODE_DTYPES[fmt], device=device)
 
 
 def quantize_structure(model: nn.Module, method: str) -> None:
-    """On a model built on the meta device: swap the quantized projections for Fp8Linear and give the
-    experts fp8 parameters with scale buffers (`w1_scale`, ...), before storage is allocated."""
+    """On a model built on the meta device: swap the quantized projections (and ends) for the modules
+    above and give the experts code parameters with their scale (and zero) buffers, before storage is
+    allocated."""
     if method not in METHODS:
         raise ValueError(f"quantize must be one of {', '.join(METHODS)}, got {method!r}")
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and is_quantized_weight(f"{name}.weight"):
+        fmt = weight_format(f"{name}.weight", method)
+        if fmt is None:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if isinstance(module, nn.Embedding):
+            setattr(owner, attr, Int8Embedding(module.num_embeddings, module.embedding_dim, device=module.weight.device))
+        elif isinstance(module, nn.Linear):
             assert module.bias is None, name
-            owner_name, _, attr = name.rpartition(".")
-            replacement = Fp8Linear(module.in_features, module.out_features, device=module.weight.device)
-            setattr(model.get_submodule(owner_name), attr, replacement)
+            setattr(owner, attr, quantized_linear(module.in_features, module.out_features, fmt, module.weight.device))
     for name, param in list(model.named_parameters()):
-        if ".experts.w" in name and is_quantized_weight(name):
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            setattr(owner, attr, nn.Parameter(torch.empty(param.shape, dtype=FP8, device=param.device),
-                                              requires_grad=False))
-            owner.register_buffer(f"{attr}_scale", torch.ones(param.shape[:-1], dtype=torch.float32,
-                                                                device=param.device))
+        fmt = weight_format(name, method)
+        if ".experts.w" not in name or fmt is None:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        *lead, D = param.shape
+        if fmt == "int4":
+            group = int4_group_size(D)
+            if group is None:
+                raise ValueError(f"{name}: int4 needs an input width that is a multiple of 32, got {D}")
+            codes = torch.empty(*lead, D // 2, dtype=torch.uint8, device=param.device)
+            owner.register_buffer(f"{attr}_scale", torch.ones(*lead, D // group, dtype=torch.bfloat16, device=param.device))
+            owner.register_buffer(f"{attr}_zero", torch.zeros(*lead, D // group, dtype=torch.bfloat16, device=param.device))
+        else:
+            codes = torch.empty(param.shape, dtype=_CODE_DTYPES[fmt], device=param.device)
+            owner.register_buffer(f"{attr}_scale", torch.ones(lead, dtype=torch.float32, device=param.device))
+        setattr(owner, attr, nn.Parameter(codes, requires_grad=False))
 
 
-def scale_of(model: nn.Module, parameter_name: str) -> torch.Tensor:
-    """The scale buffer that goes with a quantized parameter."""
+def sidecars(model: nn.Module, parameter_name: str) -> tuple[torch.Tensor, ...]:
+    """The buffers that go with a quantized parameter: (scale,) or, for int4, (scale, zero)."""
     owner_name, _, attr = parameter_name.rpartition(".")
-    return model.get_submodule(owner_name).get_buffer(f"{attr}_scale")
+    owner = model.get_submodule(owner_name)
+    found = [owner.get_buffer(f"{attr}_scale")]
+    if hasattr(owner, f"{attr}_zero"):
+        found.append(owner.get_buffer(f"{attr}_zero"))
+    return tuple(found)
+
+
+def quantize_into(model: nn.Module, parameter_name: str, index: int | None, weight: torch.Tensor) -> None:
+    """Quantize the full-precision `weight` (one matrix; expert `index` of a stack) into the parameter's
+    codes and sidecars, in their format, on their device."""
+    codes = dict(model.named_parameters())[parameter_name].data
+    parts = sidecars(model, parameter_name)
+    targets = (codes, *parts) if index is None else (codes[index], *(p[index] for p in parts))
+    weight = weight.to(codes.device)
+    fmt = format_of(codes)
+    quantized = (quantize_int4_groups(weight) if fmt == "int4" else quantize_int8_rows(weight) if fmt == "int8"
+                 else quantize_fp8_rows(weight))
+    for target, value in zip(targets, quantized, strict=True):
+        target.copy_(value)
+
+
+def prepare_for_cpu(model: nn.Module) -> None:
+    """Move every int4 matrix of a model on the CPU to PyTorch's int4 operator's layout, one matrix at a
+    time, dropping our layout as it goes (memory never holds both for more than one matrix). Where the
+    operator is missing (an older PyTorch) or does not take the shape, a matrix keeps our layout and the
+    dequantizing path."""
+    empty = torch.empty(0, dtype=torch.uint8)
+    for module in model.modules():
+        if isinstance(module, Int4Linear) and module.weight.device.type == "cpu" and module.cpu_weight is None \
+                and cpu_int4_fits(module.out_features, module.in_features):
+            module.cpu_weight = pack_int4_for_cpu(module.weight.data, module.weight_scale, module.weight_zero)
+            module.weight = nn.Parameter(empty, requires_grad=False)
+            module.weight_scale = module.weight_zero = empty
+        if hasattr(module, "w1_zero") and module.w1.device.type == "cpu" and getattr(module, "cpu_weights", None) is None \
+                and all(cpu_int4_fits(*logical_shape(getattr(module, w))[1:]) for w in ("w1", "w2", "w3")):
+            per_matrix = []
+            for attr in ("w1", "w2", "w3"):
+                codes, scale, zero = getattr(module, attr).data, getattr(module, f"{attr}_scale"), getattr(module, f"{attr}_zero")
+                per_matrix.append([pack_int4_for_cpu(codes[e], scale[e], zero[e]) for e in range(codes.shape[0])])
+                setattr(module, attr, nn.Parameter(empty, requires_grad=False))
+                setattr(module, f"{attr}_scale", empty)
+                setattr(module, f"{attr}_zero", empty)
+            # cpu_weights[e] = (w1, w2, w3) of expert e.
+            module.cpu_weights = list(zip(*per_matrix))

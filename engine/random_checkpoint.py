@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from kimi_desk.engine.config import KimiLinearConfig
-from kimi_desk.engine.quantize import quantize_structure, scale_of
+from kimi_desk.engine.quantize import format_of, logical_shape, quantize_into, quantize_structure
 from kimi_desk.engine.weights import build_on_meta, materialize, save_checkpoint
-from kimi_desk.kernels.quant import FP8, quantize_fp8_rows
 
 
 def tiny_config(**overrides) -> KimiLinearConfig:
@@ -103,14 +102,11 @@ def random_model(config: KimiLinearConfig, seed: int = 0, dtype: torch.dtype = t
         elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
             # Not all ones, so that a norm weight applied in the wrong place shows.
             value = normal(shape, 0.1).add_(1)
-        elif param.dtype == FP8:
-            scales = scale_of(model, name)
+        elif format_of(param) is not None:
             for index in range(shape[0]) if ".experts.w" in name else [None]:
                 # One expert at a time: a float32 copy of all 256 experts would not fit beside the model.
-                target = param.data if index is None else param.data[index]
-                q, scale = quantize_fp8_rows(normal(target.shape, 0.02))
-                target.copy_(q)
-                (scales if index is None else scales[index]).copy_(scale)
+                logical = logical_shape(param)
+                quantize_into(model, name, index, normal(logical if index is None else logical[1:], 0.02))
             continue
         else:
             value = normal(shape, 0.02)

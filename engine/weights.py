@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.errors import CheckpointError, ConfigError
 from kimi_desk.engine.model import KimiLinearForCausalLM
-from kimi_desk.engine.quantize import quantize_structure, scale_of
-from kimi_desk.kernels.quant import FP8, quantize_fp8_rows
+from kimi_desk.engine.quantize import Int8Embedding, format_of, logical_shape, quantize_into, quantize_structure
+from kimi_desk.engine.quantized_cache import cache_file, load_cached, write_cache
 
 
 # Parameters kept in float32 whatever the model dtype: the gates' scalars and the short convolutions
@@ -55,9 +56,9 @@ def expected_tensors(model: KimiLinearForCausalLM) -> dict[str, tuple[str, int |
         if pname.startswith("model.layers.") and ".experts.w" in pname:
             head, proj = pname.rsplit(".", 1)
             for j in range(param.shape[0]):
-                out[f"{head}.{j}.{proj}.weight"] = (pname, j, tuple(param.shape[1:]))
+                out[f"{head}.{j}.{proj}.weight"] = (pname, j, logical_shape(param)[1:])
         else:
-            out[pname] = (pname, None, tuple(param.shape))
+            out[pname] = (pname, None, logical_shape(param))
     return out
 
 
@@ -68,12 +69,16 @@ def build_on_meta(config: KimiLinearConfig) -> KimiLinearForCausalLM:
 
 def materialize(model: KimiLinearForCausalLM, device, dtype: torch.dtype) -> None:
     """Give every meta parameter real (uninitialised) storage: model dtype, or fp32 where it must be, or
-    fp8 where quantize_structure made it so; and the meta buffers (quantization scales) too."""
+    the codes' dtype where quantize_structure made it so; and the meta buffers (quantization scales)
+    too."""
+    for module in model.modules():
+        if isinstance(module, Int8Embedding):
+            module.dtype = dtype
     for pname, param in list(model.named_parameters()):
         owner_name, _, attr = pname.rpartition(".")
         owner = model.get_submodule(owner_name)
-        if param.dtype == FP8:
-            want = FP8
+        if format_of(param) is not None:
+            want = param.dtype
         else:
             want = torch.float32 if pname.endswith(FP32_PARAMETERS) else dtype
         setattr(owner, attr, torch.nn.Parameter(torch.empty(param.shape, dtype=want, device=device),
@@ -123,7 +128,10 @@ def _check_header(file: Path) -> None:
         raise CheckpointError(f"{file}: truncated ({size} bytes, the header describes {8 + header_len + end})")
 
 
-def load_weights(model: KimiLinearForCausalLM, path: Path) -> None:
+def load_weights(model: KimiLinearForCausalLM, path: Path, quantized_loaded: bool = False) -> None:
+    """Fill every parameter from the checkpoint at `path`, quantizing as it reads; with
+    `quantized_loaded` the quantized ones are already filled (from the disk cache) and only checked
+    against the checkpoint's shapes, not read."""
     expected = expected_tensors(model)
     params = dict(model.named_parameters())
     seen: set[str] = set()
@@ -140,18 +148,17 @@ def load_weights(model: KimiLinearForCausalLM, path: Path) -> None:
                     got = tuple(reader.get_slice(name).get_shape())
                     if got != shape:
                         raise CheckpointError(f"{file.name}: tensor {name} has shape {list(got)}, expected {list(shape)}")
+                    if quantized_loaded and format_of(params[pname]) is not None:
+                        seen.add(name)
+                        continue
                     tensor = reader.get_tensor(name)
                     if not tensor.is_floating_point():
                         raise CheckpointError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected floating point")
-                    target = params[pname].data if index is None else params[pname].data[index]
-                    if target.dtype == FP8:
+                    if format_of(params[pname]) is not None:
                         # Quantized as read, on the target device: the full-precision model never exists.
-                        q, scale = quantize_fp8_rows(tensor.to(target.device))
-                        target.copy_(q)
-                        scales = scale_of(model, pname)
-                        (scales if index is None else scales[index]).copy_(scale)
+                        quantize_into(model, pname, index, tensor)
                     else:
-                        target.copy_(tensor)
+                        (params[pname].data if index is None else params[pname].data[index]).copy_(tensor)
                     seen.add(name)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from None
@@ -177,12 +184,14 @@ def checkpoint_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None,
-               quantize: str | None = None) -> KimiLinearForCausalLM:
+def load_model(path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None,
+               notice: Callable[[str], None] = lambda line: None) -> KimiLinearForCausalLM:
     """A checkpoint folder in the official layout -> a ready model in eval mode.
 
     `dtype` defaults to the checkpoint's (config.json `dtype`), float32 on a CPU that would be slow in
-    half precision is the caller's choice. `quantize="fp8"` stores the big matrices in fp8 (quantize.py).
+    half precision is the caller's choice. `quantize` ("fp8", "int8", "int4") stores the big matrices
+    in that format (quantize.py), read from the quantized cache when it holds them (quantized_cache.py)
+    and written there otherwise; `notice` hears one line when the cache is rebuilt or cannot be kept.
     """
     path = Path(path)
     if not path.is_dir():
@@ -194,9 +203,17 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None,
     if quantize is not None:
         quantize_structure(model, quantize)
     materialize(model, torch.device(device), dtype)
-    load_weights(model, path)
+    fingerprint = checkpoint_fingerprint(path)
+    if quantize is None:
+        load_weights(model, path)
+    else:
+        cache = cache_file(path, quantize, fingerprint)
+        cached = load_cached(model, cache, quantize, fingerprint, notice)
+        load_weights(model, path, quantized_loaded=cached)
+        if not cached:
+            write_cache(model, cache, quantize, fingerprint, notice)
     model.quantization = quantize
-    model.fingerprint = checkpoint_fingerprint(path)
+    model.fingerprint = fingerprint
     return model.eval()
 
 

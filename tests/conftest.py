@@ -5,8 +5,12 @@ the top of the root conftest, which pytest imports before any test module.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Caches the engine keeps in the user's cache folder (converted tokenizers, quantized weights of the
+# embedded model) go to a folder of this test run, never into the home of whoever runs the tests.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="kimi-desk-test-cache-")
 
 import pytest  # noqa: E402
 

@@ -21,10 +21,16 @@ per chosen expert, which asks the host which experts were chosen).
 import torch
 
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.moe.naive import route_topk_torch, routed_experts_gathered, routed_experts_grouped
+from kimi_desk.kernels.moe.naive import (
+    route_topk_torch,
+    routed_experts_gathered,
+    routed_experts_grouped,
+    routed_experts_int4_cpu,
+)
 from kimi_desk.kernels.quant import GEMV_MAX_TOKENS as QUANT_GEMV_MAX_TOKENS
 
-__all__ = ["route_topk", "routed_experts", "routed_experts_gathered", "routed_experts_grouped", "router_logits"]
+__all__ = ["route_topk", "routed_experts", "routed_experts_gathered", "routed_experts_grouped",
+           "routed_experts_int4_cpu", "router_logits"]
 
 # Tokens up to which the router's choice takes router.py's single launch (decode, speculative decode): its
 # programs hold one row each and pick the top k in k serial rounds, cheap for a few rows, where the eight
@@ -43,9 +49,9 @@ def router_logits(x, weight):
     kernels/quant (exact products, float32 sums, one launch), where PyTorch would launch a cast of x and
     then cuBLAS's float32 GEMV."""
     if x.shape[0] <= QUANT_GEMV_MAX_TOKENS and use_triton(x) and weight.is_contiguous():
-        from kimi_desk.kernels.quant.gemv import fp8_linear_gemv
+        from kimi_desk.kernels.quant.gemv import row_scaled_gemv
 
-        return fp8_linear_gemv(x, weight, None, out_dtype=torch.float32)
+        return row_scaled_gemv(x, weight, None, out_dtype=torch.float32)
     return x.float() @ weight.float().t()
 
 

@@ -17,9 +17,11 @@ the fewest bytes possible; with several tokens an expert chosen by more than one
 from L2, since programs of the same row block run side by side. The grid is fixed by N, k and the
 shapes, so a CUDA graph can replay it with any choice of experts.
 
-fp8 weights (scales given, format in kernels/quant): each row's fp32 dot times its scale, s1 and s3 on
-gate and up before SiLU(gate) * up, s2 on the down rows; the weights are read as fp8, half the bytes of
-bf16. SCALED is a constexpr, so the kernels without scales compile as before.
+fp8 or int8 weights (scales given, format in kernels/quant): each row's fp32 dot times its scale, s1 and
+s3 on gate and up before SiLU(gate) * up, s2 on the down rows; the weights are read as one byte each,
+half the bytes of bf16. int4 weights (a scale and a midpoint per group): the tiles' bytes are unpacked
+and dequantized in registers, the low nibbles against the even inputs and the high ones against the
+odd. SCALED and INT4 are constexprs, so the kernels without them compile as before.
 
 Precision: products and accumulations in fp32 on the weights' values, so the bf16 path is slightly more
 accurate than PyTorch's (which rounds gate, up and h to bf16, and dequantizes fp8 weights to bf16);
@@ -37,6 +39,19 @@ from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
 
 @triton.jit
+def _int4_row_dots(p_codes, p_scale, p_zero, mask, b_even, b_odd):
+    """Row sums of an int4 tile against a vector: the tile's bytes at p_codes ([rows, inputs / 2]), each
+    low nibble times an even input and each high nibble times the next odd one, dequantized as
+    (q - 8) s + z with the group scales and midpoints at p_scale, p_zero."""
+    b_p = tl.load(p_codes, mask=mask, other=0)
+    b_s = tl.load(p_scale, mask=mask, other=0.0).to(tl.float32)
+    b_z = tl.load(p_zero, mask=mask, other=0.0).to(tl.float32)
+    b_lo = ((b_p & 15).to(tl.float32) - 8.0) * b_s + b_z
+    b_hi = ((b_p >> 4).to(tl.float32) - 8.0) * b_s + b_z
+    return tl.sum(b_lo * b_even[None, :] + b_hi * b_odd[None, :], 1)
+
+
+@triton.jit
 def moe_gate_up_fwd_kernel(
     x,
     ids,
@@ -44,6 +59,8 @@ def moe_gate_up_fwd_kernel(
     w3,
     s1,
     s3,
+    z1,
+    z3,
     h,
     n_chosen,
     stride_we,
@@ -52,6 +69,8 @@ def moe_gate_up_fwd_kernel(
     BI: tl.constexpr,
     BD: tl.constexpr,
     SCALED: tl.constexpr,
+    INT4: tl.constexpr,
+    GROUP: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -62,19 +81,31 @@ def moe_gate_up_fwd_kernel(
     o_i = i_i * BI + tl.arange(0, BI)
     m_i = o_i < I
     # int64 rows: 256 experts x 1024 x 2304 elements is within int32, larger models would not be.
-    p_w1 = w1 + i_e * stride_we + o_i.to(tl.int64)[:, None] * D
-    p_w3 = w3 + i_e * stride_we + o_i.to(tl.int64)[:, None] * D
+    ROW: tl.constexpr = D // 2 if INT4 else D
+    p_w1 = w1 + i_e * stride_we + o_i.to(tl.int64)[:, None] * ROW
+    p_w3 = w3 + i_e * stride_we + o_i.to(tl.int64)[:, None] * ROW
     b_gate = tl.zeros([BI], dtype=tl.float32)
     b_up = tl.zeros([BI], dtype=tl.float32)
     for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
-        m_d = o_d < D
-        b_x = tl.load(x + i_n * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-        m_w = m_i[:, None] & m_d[None, :]
-        b_w1 = tl.load(p_w1 + o_d[None, :], mask=m_w, other=0.0).to(tl.float32)
-        b_gate += tl.sum(b_w1 * b_x[None, :], 1)
-        b_w3 = tl.load(p_w3 + o_d[None, :], mask=m_w, other=0.0).to(tl.float32)
-        b_up += tl.sum(b_w3 * b_x[None, :], 1)
+        if INT4:
+            # Bytes of two inputs: low nibble even, high nibble odd, each dequantized in registers.
+            o_b = d0 // 2 + tl.arange(0, BD // 2)
+            m_b = o_b < D // 2
+            m_w = m_i[:, None] & m_b[None, :]
+            b_even = tl.load(x + i_n * D + 2 * o_b, mask=m_b, other=0.0).to(tl.float32)
+            b_odd = tl.load(x + i_n * D + 2 * o_b + 1, mask=m_b, other=0.0).to(tl.float32)
+            p_g = (i_e * I + o_i.to(tl.int64))[:, None] * (D // GROUP) + (2 * o_b // GROUP)[None, :]
+            b_gate += _int4_row_dots(p_w1 + o_b[None, :], s1 + p_g, z1 + p_g, m_w, b_even, b_odd)
+            b_up += _int4_row_dots(p_w3 + o_b[None, :], s3 + p_g, z3 + p_g, m_w, b_even, b_odd)
+        else:
+            o_d = d0 + tl.arange(0, BD)
+            m_d = o_d < D
+            b_x = tl.load(x + i_n * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+            m_w = m_i[:, None] & m_d[None, :]
+            b_w1 = tl.load(p_w1 + o_d[None, :], mask=m_w, other=0.0).to(tl.float32)
+            b_gate += tl.sum(b_w1 * b_x[None, :], 1)
+            b_w3 = tl.load(p_w3 + o_d[None, :], mask=m_w, other=0.0).to(tl.float32)
+            b_up += tl.sum(b_w3 * b_x[None, :], 1)
     if SCALED:
         # fp8 rows: the scale once per row, on the fp32 sum, before the nonlinearity.
         b_gate *= tl.load(s1 + i_e * I + o_i, mask=m_i, other=0.0)
@@ -90,6 +121,7 @@ def moe_down_fwd_kernel(
     weights,
     w2,
     s2,
+    z2,
     partial,
     out,
     counter,
@@ -100,6 +132,8 @@ def moe_down_fwd_kernel(
     BD: tl.constexpr,
     BI: tl.constexpr,
     SCALED: tl.constexpr,
+    INT4: tl.constexpr,
+    GROUP: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -108,15 +142,24 @@ def moe_down_fwd_kernel(
     b_weight = tl.load(weights + i_p).to(tl.float32)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
-    p_w2 = w2 + i_e * stride_we + o_d.to(tl.int64)[:, None] * I
+    p_w2 = w2 + i_e * stride_we + o_d.to(tl.int64)[:, None] * (I // 2 if INT4 else I)
     p_h = h + i_p.to(tl.int64) * I
     b_acc = tl.zeros([BD], dtype=tl.float32)
     for i0 in range(0, I, BI):
-        o_i = i0 + tl.arange(0, BI)
-        m_i = o_i < I
-        b_h = tl.load(p_h + o_i, mask=m_i, other=0.0)
-        b_w2 = tl.load(p_w2 + o_i[None, :], mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
-        b_acc += tl.sum(b_w2 * b_h[None, :], 1)
+        if INT4:
+            o_b = i0 // 2 + tl.arange(0, BI // 2)
+            m_b = o_b < I // 2
+            b_even = tl.load(p_h + 2 * o_b, mask=m_b, other=0.0)
+            b_odd = tl.load(p_h + 2 * o_b + 1, mask=m_b, other=0.0)
+            p_g = (i_e * D + o_d.to(tl.int64))[:, None] * (I // GROUP) + (2 * o_b // GROUP)[None, :]
+            m_w = m_d[:, None] & m_b[None, :]
+            b_acc += _int4_row_dots(p_w2 + o_b[None, :], s2 + p_g, z2 + p_g, m_w, b_even, b_odd)
+        else:
+            o_i = i0 + tl.arange(0, BI)
+            m_i = o_i < I
+            b_h = tl.load(p_h + o_i, mask=m_i, other=0.0)
+            b_w2 = tl.load(p_w2 + o_i[None, :], mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+            b_acc += tl.sum(b_w2 * b_h[None, :], 1)
     if SCALED:
         b_acc *= tl.load(s2 + i_e * D + o_d, mask=m_d, other=0.0)
     tl.store(partial + i_p.to(tl.int64) * D + o_d, b_acc * b_weight, mask=m_d)
@@ -149,11 +192,17 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
     float32 sum rounded once, in the kernel)."""
     N, D = x.shape
     k = ids.shape[1]
-    E, I, _ = w1.shape
-    assert w1.shape == w3.shape == (E, I, D) and w2.shape == (E, D, I) and weights.shape == ids.shape
-    assert w1.is_contiguous() and w2.is_contiguous() and w3.is_contiguous()
+    int4 = scales is not None and isinstance(scales[0], tuple)
+    E, I = w1.shape[:2]
+    packing = 2 if int4 else 1
+    assert w1.shape == w3.shape == (E, I, D // packing) and w2.shape == (E, D, I // packing)
+    assert weights.shape == ids.shape and w1.is_contiguous() and w2.is_contiguous() and w3.is_contiguous()
+    z1 = z2 = z3 = None
     if scales is None:
         s1 = s2 = s3 = None
+    elif int4:
+        (s1, z1), (s2, z2), (s3, z3) = ((s.contiguous(), z.contiguous()) for s, z in scales)
+        assert s1.shape[:2] == (E, I) and s2.shape[:2] == (E, D)
     else:
         s1, s2, s3 = (s.float().contiguous() for s in scales)
         assert s1.shape == s3.shape == (E, I) and s2.shape == (E, D)
@@ -168,14 +217,16 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
     BI = min(GATE_UP_CONFIG["block_i"], triton.next_power_of_2(I))
     BD = min(GATE_UP_CONFIG["block_d"], triton.next_power_of_2(D))
     moe_gate_up_fwd_kernel[(N * k, triton.cdiv(I, BI))](
-        x, ids, w1, w3, s1, s3, h, k, w1.stride(0), D=D, I=I, BI=BI, BD=BD, SCALED=scales is not None,
+        x, ids, w1, w3, s1, s3, z1, z3, h, k, w1.stride(0), D=D, I=I, BI=BI, BD=BD,
+        SCALED=scales is not None and not int4, INT4=int4, GROUP=D // s1.shape[-1] if int4 else 1,
         num_warps=GATE_UP_CONFIG["num_warps"], **pdl_launch(x),
     )
     BD = min(DOWN_CONFIG["block_d"], triton.next_power_of_2(D))
     BI = min(DOWN_CONFIG["block_i"], triton.next_power_of_2(I))
     counters = zeroed_counters(x.device, N * triton.cdiv(D, BD))
     moe_down_fwd_kernel[(N * k, triton.cdiv(D, BD))](
-        h, ids, weights, w2, s2, partial, out, counters, k, w2.stride(0), D=D, I=I, BD=BD, BI=BI,
-        SCALED=scales is not None, num_warps=DOWN_CONFIG["num_warps"], **pdl_launch(x),
+        h, ids, weights, w2, s2, z2, partial, out, counters, k, w2.stride(0), D=D, I=I, BD=BD, BI=BI,
+        SCALED=scales is not None and not int4, INT4=int4, GROUP=I // s2.shape[-1] if int4 else 1,
+        num_warps=DOWN_CONFIG["num_warps"], **pdl_launch(x),
     )
     return out

@@ -36,10 +36,14 @@ layer against 3.6 GB of bf16 weights (1.8 GB in fp8). Measured on an H100: 3.7 m
 weights (251 TFLOP/s), against 73 ms for the grouped PyTorch path it replaced (DEFAULT_CONFIG below). Scratch: h 128 MiB (bf16) and
 y 576 MiB (fp32) per call.
 
-fp8 weights (scales given, format in kernels/quant): tiles are loaded as fp8 (half the bytes of bf16)
-and converted in registers to the dots' operand dtype, exactly (e4m3 values are exact in bf16 and fp16);
-each output row's fp32 sum is multiplied by its scale, s1 and s3 before SiLU(gate) * up, s2 on the
-down rows. SCALED is a constexpr, so the kernels without scales carry no trace of it.
+fp8 or int8 weights (scales given, format in kernels/quant): tiles are loaded as one byte a weight (half
+the bytes of bf16) and converted in registers to the dots' operand dtype, exactly (e4m3 and int8 values
+are exact in bf16 and fp16); each output row's fp32 sum is multiplied by its scale, s1 and s3 before
+SiLU(gate) * up, s2 on the down rows. int4 weights (a bf16 scale and midpoint per group of inputs):
+tiles of bytes are unpacked and dequantized in registers, rounded to the operand dtype as the PyTorch
+path rounds them, and each tile is two dots, the low nibbles against x's even inputs and the high ones
+against its odd inputs (a quarter of bf16's bytes). SCALED and INT4 are constexprs, so the kernels
+without them carry no trace of them.
 
 Precision: dots with operands in x's dtype (fp8 weights widened to it) and fp32 accumulation; h is
 rounded to x's dtype between the two products, as the PyTorch path rounds it (which also rounds gate
@@ -83,12 +87,40 @@ def _row_block_pairs(i_b, i_e, order, block_start, pair_start, counts, BM: tl.co
 
 
 @triton.jit
+def _even_odd_inputs(p_rows, o_b, m_rows, m_b, OP_DT: tl.constexpr):
+    """The even and odd inputs [rows, BK / 2] of a row tile at p_rows, for the int4 tiles' two dots."""
+    mask = m_rows[:, None] & m_b[None, :]
+    b_even = tl.load(p_rows + 2 * o_b[None, :], mask=mask, other=0.0).to(OP_DT)
+    b_odd = tl.load(p_rows + 2 * o_b[None, :] + 1, mask=mask, other=0.0).to(OP_DT)
+    return b_even, b_odd
+
+
+@triton.jit
+def _int4_tile_dots(b_even, b_odd, p_codes, p_scale, p_zero, m_rows, m_cols, b_acc, OP_DT: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """b_acc + x @ W for an int4 W tile: its bytes at p_codes ([inputs / 2, columns]), the low nibbles
+    the even inputs' rows and the high nibbles the odd ones', dequantized in registers as (q - 8) s + z
+    with the group scales and midpoints at p_scale, p_zero, rounded to the dots' operand dtype (as the
+    PyTorch path rounds the dequantized weight to x's dtype); b_even, b_odd are x's even and odd inputs."""
+    mask = m_rows[:, None] & m_cols[None, :]
+    b_p = tl.load(p_codes, mask=mask, other=0)
+    b_s = tl.load(p_scale, mask=mask, other=0.0).to(tl.float32)
+    b_z = tl.load(p_zero, mask=mask, other=0.0).to(tl.float32)
+    b_lo = (((b_p & 15).to(tl.float32) - 8.0) * b_s + b_z).to(OP_DT)
+    b_hi = (((b_p >> 4).to(tl.float32) - 8.0) * b_s + b_z).to(OP_DT)
+    b_acc = tl.dot(b_even, b_lo, b_acc, input_precision=DOT_PRECISION)
+    return tl.dot(b_odd, b_hi, b_acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def moe_grouped_gate_up_fwd_kernel(
     x,
     w1,
     w3,
     s1,
     s3,
+    z1,
+    z3,
     h,
     order,
     block_expert,
@@ -103,6 +135,8 @@ def moe_grouped_gate_up_fwd_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     SCALED: tl.constexpr,
+    INT4: tl.constexpr,
+    GROUP: tl.constexpr,
     OP_DT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -120,19 +154,30 @@ def moe_grouped_gate_up_fwd_kernel(
     # matrix, int32 is plenty. The experts are contiguous, so the offset is a constant multiple: the
     # compiler knows the tiles' alignment and loads them 16 bytes at a time.
     p_x = x + o_n[:, None] * D
-    p_w1 = w1 + i_e * (I * D) + o_c[None, :] * D
-    p_w3 = w3 + i_e * (I * D) + o_c[None, :] * D
+    ROW: tl.constexpr = D // 2 if INT4 else D
+    p_w1 = w1 + i_e * (I * ROW) + o_c[None, :] * ROW
+    p_w3 = w3 + i_e * (I * ROW) + o_c[None, :] * ROW
     b_gate = tl.zeros([BM, BN], dtype=tl.float32)
     b_up = tl.zeros([BM, BN], dtype=tl.float32)
     for d0 in range(0, D, BK):
-        o_k = d0 + tl.arange(0, BK)
-        m_k = o_k < D
-        b_x = _load_tile(p_x + o_k[None, :], m_r, m_k, True, D % BK != 0).to(OP_DT)
-        # w1[e]'s rows o_c read as the columns of a [BK, BN] tile: gate = x @ w1[e]^T.
-        b_w1 = _load_tile(p_w1 + o_k[:, None], m_k, m_c, D % BK != 0, I % BN != 0).to(OP_DT)
-        b_gate = tl.dot(b_x, b_w1, b_gate, input_precision=DOT_PRECISION)
-        b_w3 = _load_tile(p_w3 + o_k[:, None], m_k, m_c, D % BK != 0, I % BN != 0).to(OP_DT)
-        b_up = tl.dot(b_x, b_w3, b_up, input_precision=DOT_PRECISION)
+        if INT4:
+            o_b = d0 // 2 + tl.arange(0, BK // 2)
+            m_b = o_b < D // 2
+            b_even, b_odd = _even_odd_inputs(p_x, o_b, m_r, m_b, OP_DT)
+            p_g = (i_e * I + o_c)[None, :] * (D // GROUP) + (2 * o_b // GROUP)[:, None]
+            b_gate = _int4_tile_dots(b_even, b_odd, p_w1 + o_b[:, None], s1 + p_g, z1 + p_g, m_b, m_c, b_gate,
+                                     OP_DT, DOT_PRECISION)
+            b_up = _int4_tile_dots(b_even, b_odd, p_w3 + o_b[:, None], s3 + p_g, z3 + p_g, m_b, m_c, b_up,
+                                   OP_DT, DOT_PRECISION)
+        else:
+            o_k = d0 + tl.arange(0, BK)
+            m_k = o_k < D
+            b_x = _load_tile(p_x + o_k[None, :], m_r, m_k, True, D % BK != 0).to(OP_DT)
+            # w1[e]'s rows o_c read as the columns of a [BK, BN] tile: gate = x @ w1[e]^T.
+            b_w1 = _load_tile(p_w1 + o_k[:, None], m_k, m_c, D % BK != 0, I % BN != 0).to(OP_DT)
+            b_gate = tl.dot(b_x, b_w1, b_gate, input_precision=DOT_PRECISION)
+            b_w3 = _load_tile(p_w3 + o_k[:, None], m_k, m_c, D % BK != 0, I % BN != 0).to(OP_DT)
+            b_up = tl.dot(b_x, b_w3, b_up, input_precision=DOT_PRECISION)
     if SCALED:
         # fp8 rows: the scale once per output element, on the fp32 sum, before the nonlinearity.
         b_gate *= tl.load(s1 + i_e * I + o_c, mask=m_c, other=0.0)[None, :]
@@ -147,6 +192,7 @@ def moe_grouped_down_fwd_kernel(
     h,
     w2,
     s2,
+    z2,
     weights,
     y,
     order,
@@ -161,6 +207,8 @@ def moe_grouped_down_fwd_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     SCALED: tl.constexpr,
+    INT4: tl.constexpr,
+    GROUP: tl.constexpr,
     OP_DT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -173,14 +221,23 @@ def moe_grouped_down_fwd_kernel(
     o_c = i_c * BN + tl.arange(0, BN)
     m_c = o_c < D
     p_h = h + o_p[:, None] * I
-    p_w2 = w2 + i_e * (D * I) + o_c[None, :] * I
+    ROW: tl.constexpr = I // 2 if INT4 else I
+    p_w2 = w2 + i_e * (D * ROW) + o_c[None, :] * ROW
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
     for i0 in range(0, I, BK):
-        o_k = i0 + tl.arange(0, BK)
-        m_k = o_k < I
-        b_h = _load_tile(p_h + o_k[None, :], m_r, m_k, True, I % BK != 0).to(OP_DT)
-        b_w2 = _load_tile(p_w2 + o_k[:, None], m_k, m_c, I % BK != 0, D % BN != 0).to(OP_DT)
-        b_acc = tl.dot(b_h, b_w2, b_acc, input_precision=DOT_PRECISION)
+        if INT4:
+            o_b = i0 // 2 + tl.arange(0, BK // 2)
+            m_b = o_b < I // 2
+            b_even, b_odd = _even_odd_inputs(p_h, o_b, m_r, m_b, OP_DT)
+            p_g = (i_e * D + o_c)[None, :] * (I // GROUP) + (2 * o_b // GROUP)[:, None]
+            b_acc = _int4_tile_dots(b_even, b_odd, p_w2 + o_b[:, None], s2 + p_g, z2 + p_g, m_b, m_c, b_acc,
+                                    OP_DT, DOT_PRECISION)
+        else:
+            o_k = i0 + tl.arange(0, BK)
+            m_k = o_k < I
+            b_h = _load_tile(p_h + o_k[None, :], m_r, m_k, True, I % BK != 0).to(OP_DT)
+            b_w2 = _load_tile(p_w2 + o_k[:, None], m_k, m_c, I % BK != 0, D % BN != 0).to(OP_DT)
+            b_acc = tl.dot(b_h, b_w2, b_acc, input_precision=DOT_PRECISION)
     if SCALED:
         b_acc *= tl.load(s2 + i_e * D + o_c, mask=m_c, other=0.0)[None, :]
     b_acc *= tl.load(weights + o_p, mask=m_r, other=0.0)[:, None]
@@ -241,17 +298,24 @@ def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, conf
     """
     N, D = x.shape
     k = ids.shape[1]
-    E, I, _ = w1.shape
-    assert w1.shape == w3.shape == (E, I, D) and w2.shape == (E, D, I) and weights.shape == ids.shape
-    assert w1.is_contiguous() and w2.is_contiguous() and w3.is_contiguous()
+    int4 = scales is not None and isinstance(scales[0], tuple)
+    E, I = w1.shape[:2]
+    packing = 2 if int4 else 1
+    assert w1.shape == w3.shape == (E, I, D // packing) and w2.shape == (E, D, I // packing)
+    assert weights.shape == ids.shape and w1.is_contiguous() and w2.is_contiguous() and w3.is_contiguous()
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    z1 = z2 = z3 = None
     if scales is None:
         s1 = s2 = s3 = None
         assert w1.dtype == w2.dtype == w3.dtype == x.dtype, "unscaled weights must be in x's dtype"
+    elif int4:
+        (s1, z1), (s2, z2), (s3, z3) = ((s.contiguous(), z.contiguous()) for s, z in scales)
+        assert w1.dtype == w2.dtype == w3.dtype == torch.uint8, "scales and zeros go with int4 codes"
     else:
         s1, s2, s3 = (s.float().contiguous() for s in scales)
         assert s1.shape == s3.shape == (E, I) and s2.shape == (E, D)
-        assert w1.dtype == w2.dtype == w3.dtype == torch.float8_e4m3fn, "scales go with fp8 weights"
+        assert w1.dtype == w2.dtype == w3.dtype and w1.dtype in (torch.float8_e4m3fn, torch.int8), \
+            "scales go with fp8 or int8 weights"
     cfg = {**(FP32_CONFIG if x.dtype == torch.float32 else DEFAULT_CONFIG), **(config or {})}
     BM = cfg["block_m"]
     assert BM >= 16 and BM & (BM - 1) == 0, "block_m: a power of two, at least 16 (tl.dot's smallest side)"
@@ -263,21 +327,25 @@ def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, conf
     h = torch.empty(N * k, I, dtype=x.dtype, device=x.device)
     y = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
 
-    # Tiles no wider than the (padded) matrix, and at least 16: tl.dot's smallest side.
+    # Tiles no wider than the (padded) matrix, and at least 16: tl.dot's smallest side (32 inputs for
+    # int4, whose dots take half a tile's inputs each).
     def tile(setting, width):
-        return min(cfg[setting], max(16, triton.next_power_of_2(width)))
+        smallest = 32 if int4 and setting == "block_k" else 16
+        return max(smallest, min(cfg[setting], max(16, triton.next_power_of_2(width))))
 
-    common = dict(SCALED=scales is not None, OP_DT=_operand_dtype(x.dtype),
+    common = dict(SCALED=scales is not None and not int4, INT4=int4, OP_DT=_operand_dtype(x.dtype),
                   DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     route = (routing["order"], routing["block_expert"], routing["block_start"], routing["pair_start"],
              routing["counts"])
     BN, BK = tile("block_n", I), tile("block_k", D)
     moe_grouped_gate_up_fwd_kernel[(num_blocks * triton.cdiv(I, BN),)](
-        x, w1, w3, s1, s3, h, *route, k, E, D=D, I=I, BM=BM, BN=BN, BK=BK, **common,
+        x, w1, w3, s1, s3, z1, z3, h, *route, k, E, D=D, I=I, BM=BM, BN=BN, BK=BK,
+        GROUP=D // s1.shape[-1] if int4 else 1, **common,
     )
     BN, BK = tile("block_n", D), tile("block_k", I)
     moe_grouped_down_fwd_kernel[(num_blocks * triton.cdiv(D, BN),)](
-        h, w2, s2, weights, y, *route, E, D=D, I=I, BM=BM, BN=BN, BK=BK, **common,
+        h, w2, s2, z2, weights, y, *route, E, D=D, I=I, BM=BM, BN=BN, BK=BK,
+        GROUP=I // s2.shape[-1] if int4 else 1, **common,
     )
     return y.view(N, k, D).sum(1)

@@ -5,9 +5,11 @@ Weights are stacked per expert: w1 (gate) and w3 (up) [E, I, D], w2 (down) [E, D
     out[n] = sum_j weights[n, j] * w2[e] (SiLU(w1[e] x[n]) * (w3[e] x[n])),   e = ids[n, j]
 in float32 [N, D] (kimi-linear-spec.md §5.2).
 
-fp8 experts (engine/quantize.py) pass scales = (s1 [E, I], s2 [E, D], s3 [E, I]), the float32 per-output-row
-scales of float8_e4m3fn w1, w2, w3 (kernels/quant has the format); each chosen expert's matrices are then
-dequantized to x's dtype before its products. scales=None: the weights are used as they are.
+Quantized experts (engine/quantize.py; kernels/quant has the formats) pass `scales`: for fp8 or int8
+codes, (s1 [E, I], s2 [E, D], s3 [E, I]), the float32 per-output-row scales of w1, w2, w3; for int4
+codes (packed [E, O, D / 2]), ((s1, z1), (s2, z2), (s3, z3)), each [E, O, groups] bf16. Each chosen
+expert's matrices are then dequantized to x's dtype before its products. scales=None: the weights are
+used as they are. On the CPU, int4 experts in PyTorch's operator layout take routed_experts_int4_cpu.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kimi_desk.kernels.quant.naive import dequantize_fp8_rows
+from kimi_desk.kernels.quant.cpu import int4_linear_cpu
+from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
 
 
 def route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False,
@@ -39,16 +42,43 @@ def route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weig
 
 
 def chosen_weights(index, w1, w2, w3, scales, dtype):
-    """w1, w2, w3 at `index` (an expert id, or ids for a gather); fp8 ones dequantized to `dtype`."""
+    """w1, w2, w3 at `index` (an expert id, or ids for a gather); quantized ones dequantized to `dtype`."""
     if scales is None:
         return w1[index], w2[index], w3[index]
-    return tuple(dequantize_fp8_rows(w[index], s[index], dtype) for w, s in zip((w1, w2, w3), scales))
+    if isinstance(scales[0], tuple):  # int4: (scale, zero) per matrix
+        return tuple(dequantize_int4_groups(w[index], s[index], z[index], dtype)
+                     for w, (s, z) in zip((w1, w2, w3), scales))
+    return tuple(dequantize_rows(w[index], s[index], dtype) for w, s in zip((w1, w2, w3), scales))
 
 
 def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None):
     """Tokens grouped by expert: each chosen expert runs once on all of its tokens. The CPU path (the
     GPU's prefill takes grouped.py's Triton GEMM instead); it asks the host which experts were chosen (a
     device synchronisation)."""
+
+    def expert(e, xe):
+        # One expert's matrices at a time: quantized ones are dequantized a few MB at a time, never all E.
+        w1e, w2e, w3e = chosen_weights(e, w1, w2, w3, scales, x.dtype)
+        return F.linear(F.silu(F.linear(xe, w1e)) * F.linear(xe, w3e), w2e)
+
+    return _by_expert(x, ids, weights, expert)
+
+
+def routed_experts_int4_cpu(x, ids, weights, expert_weights):
+    """routed_experts_grouped for int4 experts on the CPU: `expert_weights[e]` is expert e's (w1, w2, w3)
+    in PyTorch's int4 operator layout (kernels/quant/cpu.py), so each chosen expert's products read its
+    packed weights directly and the others are never touched. Returns [N, D] float32."""
+
+    def expert(e, xe):
+        w1e, w2e, w3e = expert_weights[e]
+        return int4_linear_cpu(F.silu(int4_linear_cpu(xe, w1e)) * int4_linear_cpu(xe, w3e), w2e)
+
+    return _by_expert(x, ids, weights, expert)
+
+
+def _by_expert(x, ids, weights, expert):
+    """sum_j weights[n, j] * expert(ids[n, j], x[n]) in float32 [N, D], calling `expert(e, rows of x)`
+    once per chosen expert with all the tokens that chose it."""
     N, k = ids.shape
     out = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device)
     flat = ids.reshape(-1)
@@ -57,14 +87,9 @@ def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None):
     token_of = order // k
     start = 0
     for e, n in zip(experts.tolist(), counts.tolist()):
-        rows = order[start : start + n]
-        tokens = token_of[start : start + n]
+        rows, tokens = order[start : start + n], token_of[start : start + n]
         start += n
-        xe = x[tokens]
-        # One expert's matrices at a time: fp8 ones are dequantized a few MB at a time, never all E.
-        w1e, w2e, w3e = chosen_weights(e, w1, w2, w3, scales, x.dtype)
-        ye = F.linear(F.silu(F.linear(xe, w1e)) * F.linear(xe, w3e), w2e)
-        out.index_add_(0, tokens, ye.float() * weights.reshape(-1)[rows, None])
+        out.index_add_(0, tokens, expert(e, x[tokens]).float() * weights.reshape(-1)[rows, None])
     return out
 
 

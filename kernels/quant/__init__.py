@@ -1,27 +1,51 @@
-"""Weight-only quantization: `fp8_linear(x, q, scale)` is x @ (Q * s)^T for an fp8 weight Q [O, D] with
-one float32 scale per output row s [O] (naive.py has the format and the formula).
+"""Weight-only quantization (naive.py has the formats and the formulas):
+
+- `row_scaled_linear(x, q, scale)`: x @ (Q * s)^T for fp8 or int8 codes Q [O, D] with one float32
+  scale per output row s [O];
+- `int4_linear(x, packed, scale, zero)`: x @ ((q - 8) s + z)^T for int4 codes packed two a byte
+  [O, D / 2] with a bf16 scale and midpoint per group of inputs [O, D / g].
 
 On CUDA, up to GEMV_MAX_TOKENS rows of x (leading dims flattened: decode, speculative decode) go to the
-Triton GEMV of gemv.py, which reads the fp8 weight once for all rows (half the bytes of bf16: decode is
-bound by reading weights); more rows, and the CPU, take the PyTorch form, which dequantizes the weight
-then multiplies.
+Triton GEMVs of gemv.py, which read the codes once for all rows and dequantize in
+registers: decode is bound by reading weights. More rows, and the CPU, take the PyTorch forms, which
+dequantize the weight then multiply; on the CPU an int4 matrix prepared with cpu.py's layout takes
+PyTorch's int4 operator instead (engine/quantize.py's Int4Linear holds it).
 """
 
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.quant.naive import FP8, dequantize_fp8_rows, fp8_linear_torch, quantize_fp8_rows
+from kimi_desk.kernels.quant.naive import (
+    FP8,
+    dequantize_int4_groups,
+    dequantize_rows,
+    int4_group_size,
+    int4_linear_torch,
+    quantize_fp8_rows,
+    quantize_int4_groups,
+    quantize_int8_rows,
+    row_scaled_linear_torch,
+)
 
-__all__ = ["FP8", "dequantize_fp8_rows", "fp8_linear", "quantize_fp8_rows"]
+__all__ = ["FP8", "dequantize_int4_groups", "dequantize_rows", "int4_group_size", "int4_linear",
+           "quantize_fp8_rows", "quantize_int4_groups", "quantize_int8_rows", "row_scaled_linear"]
 
-# Rows up to which the GEMV kernel runs: it pads x to 16 rows (tl.dot's smallest side) and reads each
+# Rows up to which the GEMV kernels run: they pad x to 16 rows (tl.dot's smallest side) and read each
 # weight tile once for all of them. Past that, a product on the dequantized weight (prefill) has the
 # tensor cores' full width and the dequantized copy's bytes are shared by many rows.
 GEMV_MAX_TOKENS = 16
 
 
-def fp8_linear(x, q, scale):
+def row_scaled_linear(x, q, scale):
     if x.shape[:-1].numel() <= GEMV_MAX_TOKENS and use_triton(x):
         # Imported here: Triton is only loaded when a CUDA tensor asks for it.
-        from kimi_desk.kernels.quant.gemv import fp8_linear_gemv
+        from kimi_desk.kernels.quant.gemv import row_scaled_gemv
 
-        return fp8_linear_gemv(x, q, scale)
-    return fp8_linear_torch(x, q, scale)
+        return row_scaled_gemv(x, q, scale)
+    return row_scaled_linear_torch(x, q, scale)
+
+
+def int4_linear(x, packed, scale, zero):
+    if x.shape[:-1].numel() <= GEMV_MAX_TOKENS and use_triton(x):
+        from kimi_desk.kernels.quant.gemv import int4_gemv
+
+        return int4_gemv(x, packed, scale, zero)
+    return int4_linear_torch(x, packed, scale, zero)

@@ -1,11 +1,15 @@
-"""y = x @ (Q * s[:, None])^T for a few rows of x (decode) in Triton: the fp8 weight read once.
+"""y = x @ W^T for a few rows of x (decode) in Triton, W quantized and read once: fp8 or int8 rows
+(y = x @ (Q * s[:, None])^T), or int4 groups.
 
-Format as in naive.py: Q [O, D] float8_e4m3fn, one float32 scale per output row s [O]. A decode step
+Formats as in naive.py: Q [O, D] float8_e4m3fn or int8, one float32 scale per output row s [O]; or int4
+codes packed two a byte [O, D / 2] with a bf16 scale and midpoint per group of g inputs. The int4 tiles
+are unpacked and dequantized in registers ((q - 8) s + z), the low nibbles against x's even inputs and
+the high ones against its odd inputs; everything below holds for them with half the bytes of fp8. A decode step
 multiplies one to GEMV_MAX_TOKENS rows by every projection, so it is bound by reading the weights; the
 PyTorch form dequantizes first, writing and reading back float32 and x-dtype copies of the weight
 (some twenty bytes moved per weight, against one here), then multiplies. Here:
 
-1. `fp8_gemv_fwd_kernel`, one program per block of BO output rows and split of the model width: the
+1. `row_scaled_gemv_fwd_kernel`, one program per block of BO output rows and split of the model width: the
    [BO, BD] tiles of Q along its split, each against a [BN = 16, BD] tile of x (all rows at once, padded
    to 16: tl.dot's smallest shape), so every weight byte is read once whatever N is. Q is the dot's
    left operand (a "swap AB" product, [BO, BD] x [BD, BN]): the output rows fill the tensor core's M
@@ -59,10 +63,11 @@ from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
 
 @triton.jit
-def fp8_gemv_fwd_kernel(
+def row_scaled_gemv_fwd_kernel(
     x,
     q,
     scale,
+    zero,
     out,
     y,
     counter,
@@ -78,6 +83,8 @@ def fp8_gemv_fwd_kernel(
     PRECISION: tl.constexpr,
     PDL: tl.constexpr,
     SCALED: tl.constexpr,
+    INT4: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     i_o, i_s = tl.program_id(0), tl.program_id(1)
     o_o = i_o * BO + tl.arange(0, BO)
@@ -85,17 +92,37 @@ def fp8_gemv_fwd_kernel(
     o_n = tl.arange(0, BN)
     m_n = o_n < N
     # int64 rows: the output head's 163840 x 2304 weight is within int32, a larger model's would not be.
-    p_q = q + o_o.to(tl.int64)[:, None] * D
+    # int4 rows hold two inputs a byte.
+    p_q = q + o_o.to(tl.int64)[:, None] * (D // 2 if INT4 else D)
     p_x = x + o_n.to(tl.int64)[:, None] * stride_x
     b_acc = tl.zeros([BO, BN], dtype=tl.float32)
     wait_for_previous_kernel(PDL)
     # Split i_s covers [i_s * CHUNK, (i_s + 1) * CHUNK) of the width; the last one may run past D (masked).
     for d0 in range(0, CHUNK, BD):
-        o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
-        m_d = o_d < D
-        b_q = tl.load(p_q + o_d[None, :], mask=m_o[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        b_x = tl.load(p_x + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        b_acc = tl.dot(b_q, tl.trans(b_x), b_acc, input_precision=PRECISION)
+        if INT4:
+            # BD inputs are BD / 2 bytes: the low nibbles hold the even inputs, the high ones the odd.
+            # Each is dequantized in registers, (q - 8) s + z with its group's scale and midpoint, and
+            # multiplied by the even or odd inputs of x: two dots per tile.
+            o_b = (i_s * CHUNK + d0) // 2 + tl.arange(0, BD // 2)
+            m_b = o_b < D // 2
+            m_w = m_o[:, None] & m_b[None, :]
+            b_p = tl.load(p_q + o_b[None, :], mask=m_w, other=0)
+            p_g = o_o.to(tl.int64)[:, None] * (D // GROUP) + (2 * o_b // GROUP)[None, :]
+            b_s = tl.load(scale + p_g, mask=m_w, other=0.0).to(tl.float32)
+            b_z = tl.load(zero + p_g, mask=m_w, other=0.0).to(tl.float32)
+            b_lo = ((b_p & 15).to(tl.float32) - 8.0) * b_s + b_z
+            b_hi = ((b_p >> 4).to(tl.float32) - 8.0) * b_s + b_z
+            m_x = m_n[:, None] & m_b[None, :]
+            b_even = tl.load(p_x + 2 * o_b[None, :], mask=m_x, other=0.0).to(tl.float32)
+            b_odd = tl.load(p_x + 2 * o_b[None, :] + 1, mask=m_x, other=0.0).to(tl.float32)
+            b_acc = tl.dot(b_lo, tl.trans(b_even), b_acc, input_precision=PRECISION)
+            b_acc = tl.dot(b_hi, tl.trans(b_odd), b_acc, input_precision=PRECISION)
+        else:
+            o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
+            m_d = o_d < D
+            b_q = tl.load(p_q + o_d[None, :], mask=m_o[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+            b_x = tl.load(p_x + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+            b_acc = tl.dot(b_q, tl.trans(b_x), b_acc, input_precision=PRECISION)
     if SCALED:
         b_acc *= tl.load(scale + o_o, mask=m_o, other=0.0)[:, None]
     b_y = b_acc
@@ -151,25 +178,41 @@ def launch_shape(O: int, D: int, config: dict | None = None) -> tuple[int, int, 
     return BO, BD, n_o, triton.cdiv(n_d, per_split), per_split * BD
 
 
-def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, config: dict | None = None,
+def row_scaled_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, config: dict | None = None,
                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """kimi_desk.kernels.quant.fp8_linear in Triton: x [..., D] with at most BLOCK_N rows (bf16, fp16 or
-    fp32), q [O, D] float8_e4m3fn contiguous, scale [O] float32. Returns [..., O] in out_dtype (default
-    x's dtype). With scale None, q may be any float weight (the router's fp32 logits: x @ q^T).
+    """kimi_desk.kernels.quant.row_scaled_linear in Triton: x [..., D] with at most BLOCK_N rows (bf16,
+    fp16 or fp32), q [O, D] float8_e4m3fn or int8 contiguous, scale [O] float32. Returns [..., O] in
+    out_dtype (default x's dtype). With scale None, q may be any float weight (the router's fp32
+    logits: x @ q^T).
 
     `config` overrides the launch settings (block_o, block_d, num_warps, num_stages, min_programs),
     for the GPU checks' comparisons."""
     O, D = q.shape
-    assert x.shape[-1] == D and (scale is None or scale.shape == (O,)) and q.is_contiguous()
+    assert scale is None or scale.shape == (O,)
+    return _gemv(x, q, scale, None, O, D, config, out_dtype)
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              config: dict | None = None) -> torch.Tensor:
+    """kimi_desk.kernels.quant.int4_linear in Triton: x [..., D] with at most BLOCK_N rows, packed
+    [O, D / 2] uint8, scale and zero [O, D / g] bf16. Returns [..., O] in x's dtype."""
+    O, D = packed.shape[0], packed.shape[1] * 2
+    assert scale.shape == zero.shape and scale.shape[0] == O and D % scale.shape[1] == 0
+    return _gemv(x, packed, scale.contiguous(), zero.contiguous(), O, D, config, None)
+
+
+def _gemv(x, q, scale, zero, O, D, config, out_dtype):
+    assert x.shape[-1] == D and q.is_contiguous()
     rows = x.reshape(-1, D)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     N = rows.shape[0]
-    assert N <= BLOCK_N, f"fp8_linear_gemv takes at most {BLOCK_N} rows, got {N}"
+    assert N <= BLOCK_N, f"the GEMV takes at most {BLOCK_N} rows, got {N}"
     y = torch.empty(N, O, dtype=out_dtype or x.dtype, device=x.device)
     if N == 0:
         return y.view(*x.shape[:-1], O)
-    if scale is not None:
+    int4 = zero is not None
+    if scale is not None and not int4:
         scale = scale.float().contiguous()
 
     BO, BD, n_o, splits, chunk = launch_shape(O, D, config)
@@ -179,12 +222,14 @@ def fp8_linear_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None
     extra = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
     # TF32 multiplies exactly when neither operand has more than 10 mantissa bits; a float32 weight (the
     # router's) beside such an x takes three TF32 products (its high and low halves: 21 bits, fp32's
-    # accuracy); a float32 x takes fp32 products on the CUDA cores.
-    narrow = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+    # accuracy); a float32 x takes fp32 products on the CUDA cores. int4 weights, dequantized in float32
+    # registers, are rounded to TF32 (10 bits; the PyTorch path rounds them to bf16's 7).
+    narrow = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8, torch.uint8)
     precision = "ieee" if x.dtype not in narrow else "tf32" if q.dtype in narrow else "tf32x3"
-    fp8_gemv_fwd_kernel[(n_o, splits)](
-        rows, q, scale, partials, y, counters, N, rows.stride(0),
+    row_scaled_gemv_fwd_kernel[(n_o, splits)](
+        rows, q, scale, zero, partials, y, counters, N, rows.stride(0),
         D=D, O=O, CHUNK=chunk, SPLITS=splits, BN=BLOCK_N, BO=BO, BD=BD,
-        PRECISION=precision, SCALED=scale is not None, **pdl_launch(x), **extra,
+        PRECISION=precision, SCALED=scale is not None and not int4, INT4=int4,
+        GROUP=D // scale.shape[1] if int4 else 1, **pdl_launch(x), **extra,
     )
     return y.view(*x.shape[:-1], O)

@@ -61,12 +61,12 @@ def report(name, result):
 
 
 def fp8_gemv():
-    from kimi_desk.kernels.quant.gemv import fp8_gemv_fwd_kernel
+    from kimi_desk.kernels.quant.gemv import row_scaled_gemv_fwd_kernel
 
     for O, D, bo, bd, warps, splits in [(4096, 2304, 64, 128, 4, 1), (4096, 2304, 64, 128, 4, 4),
                                         (2304, 2304, 16, 128, 4, 4), (163840, 2304, 64, 128, 4, 1)]:
         const = dict(D=D, O=O, CHUNK=bd * 2, SPLITS=splits, BN=16, BO=bo, BD=bd, PRECISION="tf32", PDL=True, SCALED=True)
-        result = compile_sm90(fp8_gemv_fwd_kernel,
+        result = compile_sm90(row_scaled_gemv_fwd_kernel,
                               dict(x="*bf16", q="*fp8e4nv", scale="*fp32", out="*fp32", y="*bf16", counter="*i32"),
                               dict(N="i32", stride_x="i32"), const, warps)
         report(f"fp8 gemv O={O} D={D} BO={bo} BD={bd} warps={warps} splits={splits}", result)

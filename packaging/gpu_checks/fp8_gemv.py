@@ -2,8 +2,8 @@
 Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/gpu_checks/fp8_gemv.py"""
 import os, sys
 import torch, triton
-from kimi_desk.kernels.quant import quantize_fp8_rows, dequantize_fp8_rows, fp8_linear_torch
-from kimi_desk.kernels.quant.gemv import fp8_linear_gemv, launch_shape
+from kimi_desk.kernels.quant import quantize_fp8_rows, dequantize_rows, row_scaled_linear_torch
+from kimi_desk.kernels.quant.gemv import row_scaled_gemv, launch_shape
 from kimi_desk.kernels.moe.gemv import routed_experts_gemv
 from kimi_desk.kernels.moe.naive import routed_experts_grouped
 
@@ -19,8 +19,8 @@ for O, D in shapes:
     for N in (1, 16):
         for dt in (torch.bfloat16, torch.float32):
             x = torch.randn(N, D, device=dev).to(dt)
-            ref = x.double() @ dequantize_fp8_rows(q, s, torch.float64).T
-            y = fp8_linear_gemv(x, q, s)
+            ref = x.double() @ dequantize_rows(q, s, torch.float64).T
+            y = row_scaled_gemv(x, q, s)
             err = rel(y, ref)
             assert not torch.isnan(y).any() and err < (4e-3 if dt == torch.bfloat16 else 1e-5), err
             _, _, n_o, sp, _ = launch_shape(O, D)
@@ -30,14 +30,14 @@ for O, D in shapes:
                 g = torch.cuda.CUDAGraph()
                 st = torch.cuda.Stream(); st.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(st):
-                    fp8_linear_gemv(x, q, s)
+                    row_scaled_gemv(x, q, s)
                 torch.cuda.current_stream().wait_stream(st)
                 with torch.cuda.graph(g):
-                    yg = fp8_linear_gemv(x, q, s)
+                    yg = row_scaled_gemv(x, q, s)
                 g.replay(); torch.cuda.synchronize()
                 assert torch.equal(yg, y), "graph replay differs (nondeterministic?)"
                 t = triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median") * 1e3
-                tt = triton.testing.do_bench(lambda: fp8_linear_torch(x, q, s), warmup=25, rep=200, return_mode="median") * 1e3
+                tt = triton.testing.do_bench(lambda: row_scaled_linear_torch(x, q, s), warmup=25, rep=200, return_mode="median") * 1e3
             print(f"{O:>7} {D:>5} {N:>3} {'bf16' if dt == torch.bfloat16 else 'fp32':>5} {f'{n_o}x{sp}':>8} {err:9.2e} {t:8.2f} {O*D/t/1e3:7.0f} {tt:9.2f}")
 # MoE fp8
 E, D, I, k = (256, 2304, 1024, 8) if not small else (8, 64, 32, 2)
@@ -77,19 +77,19 @@ if not small:
                  (6464, 2304), (2048, 2304), (18432, 2304)]:
         q, s = quantize_fp8_rows(torch.randn(O, D, device=dev))
         x = torch.randn(1, D, device=dev).to(torch.bfloat16)
-        ref = x.double() @ dequantize_fp8_rows(q, s, torch.float64).T
+        ref = x.double() @ dequantize_rows(q, s, torch.float64).T
         cells = []
         for name, config in variants.items():
             try:
-                y = fp8_linear_gemv(x, q, s, config=config)
+                y = row_scaled_gemv(x, q, s, config=config)
                 err = rel(y, ref)
                 g = torch.cuda.CUDAGraph()
                 st = torch.cuda.Stream(); st.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(st):
-                    fp8_linear_gemv(x, q, s, config=config)
+                    row_scaled_gemv(x, q, s, config=config)
                 torch.cuda.current_stream().wait_stream(st)
                 with torch.cuda.graph(g):
-                    yg = fp8_linear_gemv(x, q, s, config=config)
+                    yg = row_scaled_gemv(x, q, s, config=config)
                 g.replay(); torch.cuda.synchronize()
                 t = triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median") * 1e3
                 cells.append(f"{t:7.2f} us {err:.0e}{'' if torch.equal(yg, y) and err < 4e-3 else ' BAD'}")

@@ -2,8 +2,8 @@
 float64. Prints a table last. Run from the repo root on the device:
 source packaging/source_shim.sh && python3 packaging/gpu_checks/gemv_variants.py"""
 import torch, triton
-from kimi_desk.kernels.quant import quantize_fp8_rows, dequantize_fp8_rows
-from kimi_desk.kernels.quant.gemv import fp8_linear_gemv
+from kimi_desk.kernels.quant import quantize_fp8_rows, dequantize_rows
+from kimi_desk.kernels.quant.gemv import row_scaled_gemv
 
 dev = "cuda"
 shapes = [(12544, 2304), (18432, 2304), (6464, 2304), (2304, 4096), (1024, 2304), (8192, 256)]
@@ -20,19 +20,19 @@ for O, D in shapes:
     q, s = quantize_fp8_rows(torch.randn(O, D, device=dev))
     copies = [q.clone() for _ in range(8)]  # distinct memory, so that L2 never holds the next weight
     x = torch.randn(1, D, device=dev).bfloat16()
-    ref = x.double() @ dequantize_fp8_rows(q, s, torch.float64).T
+    ref = x.double() @ dequantize_rows(q, s, torch.float64).T
     for name, cfg in variants.items():
         cfg = dict(cfg, pdl=False)
-        y = fp8_linear_gemv(x, q, s, cfg)
+        y = row_scaled_gemv(x, q, s, cfg)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         st = torch.cuda.Stream(); st.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(st):
-            fp8_linear_gemv(x, q, s, cfg)
+            row_scaled_gemv(x, q, s, cfg)
         torch.cuda.current_stream().wait_stream(st)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             for c in copies:  # 8 products in a row: one replay's own cost spread over them
-                fp8_linear_gemv(x, c, s, cfg)
+                row_scaled_gemv(x, c, s, cfg)
         us = triton.testing.do_bench(g.replay, warmup=25, rep=300, return_mode="median") * 1e3 / 8
         res[(O, D, name)] = (us, err)
         assert err < 4e-3, (O, D, name, err)

@@ -11,7 +11,7 @@ import triton
 
 from kimi_desk.kernels.moe.grouped import DEFAULT_CONFIG, routed_experts_grouped_triton
 from kimi_desk.kernels.moe.naive import routed_experts_grouped
-from kimi_desk.kernels.quant import dequantize_fp8_rows, quantize_fp8_rows
+from kimi_desk.kernels.quant import dequantize_rows, quantize_fp8_rows
 
 dev = "cuda"
 E, D, I, k = 256, 2304, 1024, 8
@@ -44,7 +44,7 @@ def inputs(N, seed):
 
 # Correctness: a small N against float64 on the same rounded weights; a full chunk against the PyTorch path.
 x, ids, wts = inputs(40, 1)
-exact = [dequantize_fp8_rows(q, s, torch.float64) for q, s in zip(fp8, scales)]
+exact = [dequantize_rows(q, s, torch.float64) for q, s in zip(fp8, scales)]
 ref = torch.zeros(40, D, dtype=torch.float64, device=dev)
 for n in range(40):
     for j in range(k):

@@ -8,7 +8,7 @@ import contextlib
 import torch, triton
 from kimi_desk.kernels import without_pdl
 from kimi_desk.kernels.quant import quantize_fp8_rows
-from kimi_desk.kernels.quant.gemv import fp8_linear_gemv
+from kimi_desk.kernels.quant.gemv import row_scaled_gemv
 
 dev = "cuda"
 torch.manual_seed(0)
@@ -25,9 +25,9 @@ def chain():
     h = x0
     for w in weights:
         (q1, s1), (q2, s2), (q3, s3) = w
-        a = fp8_linear_gemv(h, q1, s1)  # [1, 12544]
-        b = fp8_linear_gemv(a[:, 4096:4352], q2, s2)  # [1, 8192]
-        h = fp8_linear_gemv(a[:, :4096], q3, s3)  # [1, 2304]
+        a = row_scaled_gemv(h, q1, s1)  # [1, 12544]
+        b = row_scaled_gemv(a[:, 4096:4352], q2, s2)  # [1, 8192]
+        h = row_scaled_gemv(a[:, :4096], q3, s3)  # [1, 2304]
         h = h + b[:, :2304] * 1e-3  # a PyTorch op between layers: it breaks the chain of early starts
     return h
 

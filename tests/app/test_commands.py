@@ -105,28 +105,6 @@ def test_quantize_fp8_reads_and_answers(run, tmp_path, chat_checkpoint):
     assert bad.returncode == 2 and "invalid choice" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_quantization_is_chosen_by_what_fits(tmp_path):
-    """--quantize auto keeps bf16 where it fits, takes fp8 (and says so) where only fp8 fits, and refuses
-    with the bf16 message where nothing fits; 'none' and 'fp8' are taken as asked."""
-    from kimi_desk.app.commands import fitting_quantization
-    from kimi_desk.engine.hub import MemoryCheckError
-    from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config
-
-    folder = tmp_path / "Kimi-Linear-48B-A3B-Instruct"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(kimi_linear_48b_config().to_dict()))
-    said = []
-    assert fitting_quantization(folder, "cpu", "auto", said.append, available_bytes=200 * 10**9) is None
-    assert said == []
-    assert fitting_quantization(folder, "cpu", "auto", said.append, available_bytes=75 * 10**9) == "fp8"
-    assert len(said) == 1 and "does not fit here in bfloat16" in said[0] and "fp8" in said[0]
-    with pytest.raises(MemoryCheckError, match="in bfloat16 .*--quantize fp8"):
-        fitting_quantization(folder, "cpu", "auto", available_bytes=30 * 10**9)
-    with pytest.raises(MemoryCheckError):
-        fitting_quantization(folder, "cpu", "none", available_bytes=75 * 10**9)
-    assert fitting_quantization(folder, "cpu", "fp8", available_bytes=200 * 10**9) == "fp8"
-
-
 def file_size_limited(limit: int):
     """For subprocess: the kernel refuses writes past `limit` bytes (EFBIG), as a full disk would."""
 

@@ -16,10 +16,10 @@ def test_open_help_lists_what_it_opens():
 
 
 def test_no_model_anywhere_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    from kimi_desk.app import commands
+    from kimi_desk.engine import loading
 
     monkeypatch.setenv("KIMI_DESK_HOME", str(tmp_path))
-    monkeypatch.setattr(commands, "DEMO_MODEL", tmp_path / "no-demo-model")
+    monkeypatch.setattr(loading, "DEMO_MODEL", tmp_path / "no-demo-model")
     assert cli.main(["open", str(tmp_path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["kimi-desk: error: no model: pass --model PATH (a folder with config.json, *.safetensors "

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kimi_desk.app.commands import DEMO_MODEL, resolve_model
+from kimi_desk.engine.loading import DEMO_MODEL, resolve_model
 from kimi_desk.engine import load_model
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_head_ids, question_ids, stop_token_ids
 from kimi_desk.engine.config import KimiLinearConfig

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from kimi_desk.engine import load_model
-from kimi_desk.engine.quantize import Fp8Linear, is_quantized_weight
+from kimi_desk.engine.quantize import RowScaledLinear, is_quantized_weight
 from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config
 from kimi_desk.engine.weights import build_on_meta, save_checkpoint
 from kimi_desk.kernels.quant import FP8
-from kimi_desk.kernels.quant.naive import dequantize_fp8_rows, quantize_fp8_rows
+from kimi_desk.kernels.quant.naive import dequantize_rows, quantize_fp8_rows
 
 
 def test_the_rule_covers_the_big_matrices_only():
@@ -41,8 +41,8 @@ def test_fp8_model_equals_the_model_with_dequantized_weights(checkpoint_fixture,
     for name, param in reference.named_parameters():
         if is_quantized_weight(name):
             assert dict(quantized.named_parameters())[name].dtype == FP8
-            param.data.copy_(dequantize_fp8_rows(*quantize_fp8_rows(param.data), torch.float32))
-    assert any(isinstance(m, Fp8Linear) for m in quantized.modules())
+            param.data.copy_(dequantize_rows(*quantize_fp8_rows(param.data), torch.float32))
+    assert any(isinstance(m, RowScaledLinear) for m in quantized.modules())
 
     ids = torch.randint(0, reference.config.vocab_size, (2, 70))
     got = quantized(ids, quantized.new_state(2))
@@ -74,7 +74,7 @@ def test_fp8_halves_the_weight_bytes_and_is_not_saved(tail7_checkpoint, tmp_path
 
 
 def test_fp8_linear_module_matches_its_formula():
-    layer = Fp8Linear(48, 20)
+    layer = RowScaledLinear(48, 20)
     w = torch.randn(20, 48)
     q, s = quantize_fp8_rows(w)
     layer.weight.data.copy_(q)
@@ -86,7 +86,7 @@ def test_fp8_linear_module_matches_its_formula():
 
 def test_fp8_keeps_a_trained_models_predictions():
     """On the shipped demo model and real text: the loss moves by well under 1%, most argmaxes stay."""
-    from kimi_desk.app.commands import DEMO_MODEL
+    from kimi_desk.engine.loading import DEMO_MODEL
     from kimi_desk.engine.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(DEMO_MODEL)

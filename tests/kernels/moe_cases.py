@@ -3,7 +3,13 @@
 import torch
 import torch.nn.functional as F
 
-from kimi_desk.kernels.quant import dequantize_fp8_rows, quantize_fp8_rows
+from kimi_desk.kernels.quant import (
+    dequantize_int4_groups,
+    dequantize_rows,
+    quantize_fp8_rows,
+    quantize_int4_groups,
+    quantize_int8_rows,
+)
 
 
 def rel_err(a, b):
@@ -33,8 +39,14 @@ def reference_f64(x, ids, weights, w1, w2, w3):
     return out
 
 
-def quantize_experts(w1, w2, w3):
-    """fp8 experts as engine/quantize.py stores them, and the float32 weights they stand for."""
-    (q1, s1), (q2, s2), (q3, s3) = (quantize_fp8_rows(w) for w in (w1, w2, w3))
-    exact = tuple(dequantize_fp8_rows(q, s, torch.float32) for q, s in ((q1, s1), (q2, s2), (q3, s3)))
+def quantize_experts(w1, w2, w3, fmt="fp8"):
+    """Experts as engine/quantize.py stores them in `fmt` (codes, the `scales` argument of the kernels),
+    and the float32 weights they stand for."""
+    if fmt == "int4":
+        parts = [quantize_int4_groups(w) for w in (w1, w2, w3)]
+        exact = tuple(dequantize_int4_groups(*part, torch.float32) for part in parts)
+        return tuple(p[0] for p in parts), tuple((p[1], p[2]) for p in parts), exact
+    quantize = quantize_int8_rows if fmt == "int8" else quantize_fp8_rows
+    (q1, s1), (q2, s2), (q3, s3) = (quantize(w) for w in (w1, w2, w3))
+    exact = tuple(dequantize_rows(q, s, torch.float32) for q, s in ((q1, s1), (q2, s2), (q3, s3)))
     return (q1, q2, q3), (s1, s2, s3), exact

@@ -76,6 +76,24 @@ def test_fp8_experts_match_float64(dtype, N, E, k, D, I):
         assert rel_err(got, want) < FP8_TOLERANCE[dtype], path.__name__
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N,E,k,D,I", [(1, 8, 2, 64, 32), (3, 6, 3, 320, 96), (5, 4, 4, 128, 64)],
+                         ids=lambda x: str(x))
+def test_int8_and_int4_experts_match_float64(fmt, dtype, N, E, k, D, I):
+    """int4 groups of 64 (D = 64, 320) and 32 (I = 32, 96) and 128: the kernels dequantize in registers."""
+    x, ids, weights, w1, w2, w3 = make_inputs(N, E, k, D, I, torch.float32, seed=N * 17 + D)
+    codes, scales, exact = quantize_experts(w1, w2, w3, fmt)
+    x = x.to(dtype)
+    want = reference_f64(x, ids, weights, *exact)
+    for path in (routed_experts_gemv, routed_experts_grouped):
+        got = path(x, ids, weights, *codes, scales=scales)
+        assert got.dtype == torch.float32 and got.shape == (N, D)
+        # int4 weights dequantized in fp32 registers; the PyTorch path rounds them to x's dtype.
+        assert rel_err(got, want) < FP8_TOLERANCE[dtype] * (10 if fmt == "int4" and dtype == torch.float32 else 1), \
+            path.__name__
+
+
 def test_fp8_gemv_reads_only_the_chosen_experts():
     """Experts nobody chose may hold anything: NaN codes in the weights, NaN and inf in the scales."""
     x, ids, weights, w1, w2, w3 = make_inputs(2, 6, 2, 48, 32, torch.float32, seed=4)

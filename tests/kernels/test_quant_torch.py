@@ -3,8 +3,8 @@ CPU path and prefill take."""
 
 import torch
 
-from kimi_desk.kernels.quant import FP8, dequantize_fp8_rows, fp8_linear, quantize_fp8_rows
-from kimi_desk.kernels.quant.naive import FP8_MAX, fp8_linear_torch
+from kimi_desk.kernels.quant import FP8, dequantize_rows, row_scaled_linear, quantize_fp8_rows
+from kimi_desk.kernels.quant.naive import FP8_MAX, row_scaled_linear_torch
 
 
 def rel_err(a, b):
@@ -19,7 +19,7 @@ def test_round_trip_of_a_random_matrix():
     assert s.dtype == torch.float32 and s.shape == (96,)
     # Every row uses the whole range: its largest element lands on 448.
     assert torch.equal(q.float().abs().amax(-1), torch.full((96,), FP8_MAX))
-    assert rel_err(dequantize_fp8_rows(q, s, torch.float32), w) < 3e-2
+    assert rel_err(dequantize_rows(q, s, torch.float32), w) < 3e-2
 
 
 def test_zero_rows_get_scale_one():
@@ -28,7 +28,7 @@ def test_zero_rows_get_scale_one():
     q, s = quantize_fp8_rows(w)
     assert torch.equal(s[[0, 2]], torch.ones(2))
     assert torch.equal(q[[0, 2]].float(), torch.zeros(2, 32))
-    assert not torch.isnan(dequantize_fp8_rows(q, s, torch.float32)).any()
+    assert not torch.isnan(dequantize_rows(q, s, torch.float32)).any()
 
 
 def test_stacked_experts_have_one_scale_per_expert_row():
@@ -40,24 +40,24 @@ def test_stacked_experts_have_one_scale_per_expert_row():
     for e in range(3):
         q_e, s_e = quantize_fp8_rows(w[e])
         assert torch.equal(q[e].float(), q_e.float()) and torch.equal(s[e], s_e)
-    assert rel_err(dequantize_fp8_rows(q, s, torch.float32), w) < 3e-2
+    assert rel_err(dequantize_rows(q, s, torch.float32), w) < 3e-2
 
 
 def test_dequantize_rounds_once_to_the_dtype():
     q, s = quantize_fp8_rows(torch.randn(8, 16, generator=torch.Generator().manual_seed(3)))
-    got = dequantize_fp8_rows(q, s, torch.bfloat16)
+    got = dequantize_rows(q, s, torch.bfloat16)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, (q.float() * s[:, None]).bfloat16())
 
 
-def test_fp8_linear_torch_is_linear_on_the_dequantized_weight():
+def test_row_scaled_linear_torch_is_linear_on_the_dequantized_weight():
     gen = torch.Generator().manual_seed(4)
     q, s = quantize_fp8_rows(torch.randn(48, 64, generator=gen))
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(2, 5, 64, generator=gen).to(dtype)
-        got = fp8_linear_torch(x, q, s)
+        got = row_scaled_linear_torch(x, q, s)
         assert got.dtype == dtype and got.shape == (2, 5, 48)
-        assert torch.equal(got, torch.nn.functional.linear(x, dequantize_fp8_rows(q, s, dtype)))
+        assert torch.equal(got, torch.nn.functional.linear(x, dequantize_rows(q, s, dtype)))
 
 
 def test_fp8_linear_on_the_cpu_is_the_torch_form(monkeypatch):
@@ -65,4 +65,4 @@ def test_fp8_linear_on_the_cpu_is_the_torch_form(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     q, s = quantize_fp8_rows(torch.randn(16, 32, generator=gen))
     x = torch.randn(3, 32, generator=gen)
-    assert torch.equal(fp8_linear(x, q, s), fp8_linear_torch(x, q, s))
+    assert torch.equal(row_scaled_linear(x, q, s), row_scaled_linear_torch(x, q, s))

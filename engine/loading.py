@@ -1,0 +1,102 @@
+"""From what a user asked for to a loaded assistant: the one place that decides which model, which
+device and which weight format, for the command line and the app alike.
+
+    path = resolve_model(model_option, session)           # --model, else the session's, else the demo model
+    assistant = load_assistant(path, "auto", "auto", notice=print_line)
+
+`notice` hears one line for each choice the user did not make explicitly (a format chosen because the
+model would not fit otherwise; a quantized cache rebuilt). Refusals are one-line errors: ModelChoiceError
+for a model that cannot be found, MemoryCheckError for one that cannot fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from kimi_desk.assets import ASSETS_DIR
+
+DEMO_MODEL = ASSETS_DIR / "model"
+NO_MODEL_MESSAGE = "no model: pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json)"
+QUANTIZE_CHOICES = ("auto", "none", "fp8", "int8", "int4")
+
+
+class ModelChoiceError(ValueError):
+    """No model could be found where the user pointed, or none at all; the message says what to pass."""
+
+
+def resolve_model(option: str | None, session=None) -> Path:
+    """--model (a folder, or a hub repo id pulled before), else the model `session` was read with, else
+    the embedded demo model."""
+    from kimi_desk.engine.hub import resolve_model_reference
+
+    if option:
+        path = resolve_model_reference(option)  # a path as is; owner/name from the hub cache, offline
+        if not (path / "config.json").is_file():
+            raise ModelChoiceError(f"{option}: not a model folder (it needs config.json, *.safetensors and "
+                                   "tokenizer.json)")
+        return path
+    if session is not None and session.model_source:
+        return _session_model(session)
+    if (DEMO_MODEL / "config.json").is_file():
+        return DEMO_MODEL
+    raise ModelChoiceError(NO_MODEL_MESSAGE)
+
+
+def _session_model(session) -> Path:
+    """Where the model `session` was read with is on this machine: its recorded folder, or the embedded
+    demo model when that is the one (a session imported from another installation records the other
+    installation's path)."""
+    from kimi_desk.engine.weights import checkpoint_fingerprint
+
+    path = Path(session.model_source)
+    if (path / "config.json").is_file():
+        return path
+    if (DEMO_MODEL / "config.json").is_file() and checkpoint_fingerprint(DEMO_MODEL) == session.model_fingerprint:
+        return DEMO_MODEL
+    shown = "".join(c if c.isprintable() else "?" for c in session.model_source)[:200]
+    raise ModelChoiceError(f"session {session.id} was read with the model at {shown}, which is not on this "
+                           "machine; pass --model PATH (the same checkpoint)")
+
+
+def resolve_device(option: str | None) -> str:
+    import torch
+
+    if option in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if option == "cuda" and not torch.cuda.is_available():
+        raise ModelChoiceError("--device cuda: no CUDA device is available here; use --device cpu")
+    if option not in ("cpu", "cuda"):
+        raise ModelChoiceError(f"--device must be auto, cpu or cuda, got {option!r}")
+    return option
+
+
+def choose_format(path: Path, device: str, requested: str | None, notice: Callable[[str], None] = lambda line: None,
+                  available_bytes: int | None = None) -> str | None:
+    """Before anything is loaded: the weight format to load the model folder with (None: the checkpoint's
+    dtype), or MemoryCheckError (one line, naming what would fit). `requested` "auto" takes the most
+    faithful format that fits this device, saying so through `notice` when it is not the checkpoint's
+    own; "none" never quantizes; a format is taken as asked."""
+    from kimi_desk.engine.config import KimiLinearConfig
+    from kimi_desk.engine.hub import model_display_name
+    from kimi_desk.engine.memory import fitting_format
+
+    if requested not in (None, *QUANTIZE_CHOICES):
+        raise ModelChoiceError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {requested!r}")
+    config = KimiLinearConfig.from_file(path / "config.json")
+    quantize, why = fitting_format(config, device, requested, model_name=model_display_name(path),
+                                   available_bytes=available_bytes)
+    if why:
+        notice(why)
+    return quantize
+
+
+def load_assistant(path: Path, device: str | None = "auto", quantize: str | None = "auto",
+                   notice: Callable[[str], None] = lambda line: None, **options):
+    """The model at `path` on `device` in the format `quantize` asks (see choose_format), with its
+    tokenizer: an engine.session.Assistant."""
+    from kimi_desk.engine.session import Assistant
+
+    device = resolve_device(device)
+    fmt = choose_format(Path(path), device, quantize, notice)
+    return Assistant.load(path, device=device, quantize=fmt, notice=notice, **options)
