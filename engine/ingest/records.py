@@ -133,7 +133,8 @@ class LoadedDocument:
 
     root: Path
     is_folder: bool
-    # "git" (git ls-files), "gitignore" (our own walk) or "file" (a single file was opened).
+    # "git" (what git ls-files lists, read from the index), "gitignore" (our own walk) or "file" (a single
+    # file was opened).
     listing_source: str
     files: tuple[SourceFile, ...]
     skipped: tuple[SkippedFile, ...]
