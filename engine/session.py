@@ -367,10 +367,14 @@ class Assistant:
         """The document's token ids, segment by segment: the head (system turn and user header), then
         every segment of the loaded document. Segments end with a newline and the next starts with a
         non-space, so their ids concatenate to those of the whole text."""
+        from kimi_desk.engine.token_budget import encode_within
+
         texts = document.segments()
         texts[-1] = chat.document_text(texts[-1])
         units = [chat.document_head_ids(self.tokenizer, system)]
-        units += [self.tokenizer.encode(t, allow_special=False) for t in texts]
+        # DocumentTooLong as soon as the count passes the context: a huge text is never encoded whole.
+        budget = self.model.config.model_max_length - ANSWER_RESERVE - len(units[0])
+        units += encode_within(self.tokenizer, texts, budget, document.root.name)
         labels = ["(conversation head)", "(folder tree)" if document.is_folder else "(preamble)"]
         labels += [f.relative_path for f in document.files]
         segments, position = [], 0

@@ -10,7 +10,9 @@ import threading
 import pytest
 import torch
 
+from kimi_desk.engine.ingest import LoaderLimits
 from kimi_desk.engine.session import Assistant, ReadCancelled, SessionError, SessionStore
+from kimi_desk.engine.token_budget import DocumentTooLong
 
 QUESTION = "What does the helper in file_25 return?"
 
@@ -132,8 +134,26 @@ def test_cancelled_reading_resumes(assistant, tmp_path):
 def test_a_document_over_the_context_is_refused(assistant, tmp_path):
     big = tmp_path / "big.txt"
     big.write_text("lorem ipsum dolor sit amet " * 3000)
-    with pytest.raises(SessionError, match=r"big.txt is [\d,]+ tokens; the model reads at most 3,072"):
+    with pytest.raises(DocumentTooLong, match=r"big.txt is too long for this model: its [\d,]+ characters are "
+                                              r"[\d,]+ tokens, and it reads at most 3,0\d\d before a question"):
         assistant.read(SessionStore(tmp_path / "home"), big)
+    assert SessionStore(tmp_path / "home").list() == []
+
+
+def test_a_huge_file_is_refused_before_it_is_tokenized_whole(assistant, tmp_path, monkeypatch):
+    # 6 MB of text let through by a raised --max-total-bytes; the tiny model reads 3,072 tokens.
+    huge = tmp_path / "huge.txt"
+    line = "lorem ipsum dolor sit amet, consectetur adipiscing elit 0123456789\n"
+    huge.write_text(line * (6_000_000 // len(line)))
+    encode, encoded = assistant.tokenizer.encode, []
+    monkeypatch.setattr(assistant.tokenizer, "encode",
+                        lambda text, **options: encoded.append(len(text)) or encode(text, **options))
+    with pytest.raises(DocumentTooLong, match=r"^huge.txt is too long for this model: its first 400,\d\d\d "
+                                              r"characters \(of 6,0\d\d,\d\d\d\) are already [\d,]+ tokens, and "
+                                              r"it reads at most 3,0\d\d before a question$"):
+        assistant.read(SessionStore(tmp_path / "home"), huge, limits=LoaderLimits(max_total_bytes=64 << 20))
+    # Only the head, the (empty) preamble and the file's first slice reached the tokenizer.
+    assert sum(encoded) < 500_000
     assert SessionStore(tmp_path / "home").list() == []
 
 
