@@ -385,9 +385,11 @@ class Assistant:
 
     def read(self, store: SessionStore, path, *, name: str | None = None, system: str | None = chat.DEFAULT_SYSTEM_PROMPT,
              limits=None, on_progress: Callable[[ReadProgress], None] | None = None,
-             cancel: Cancel = None, on_plan: Callable[[Session, int], None] | None = None) -> Session:
+             cancel: Cancel = None, on_plan: Callable[[Session, int, tuple], None] | None = None) -> Session:
         """Read `path` into a session: a new one, or the existing session of the same source and model,
-        continued from its last checkpoint that the changes leave valid. Raises ReadCancelled."""
+        continued from its last checkpoint that the changes leave valid. Raises ReadCancelled.
+        `on_plan(session, tokens_to_read, limit_notices)` comes before reading starts; the notices
+        (engine/ingest LimitNotice) say what the loader's limits left out, for the user to be told."""
         from kimi_desk.engine.ingest import LoaderLimits, load_path
 
         source = str(Path(path).expanduser().resolve())
@@ -422,7 +424,7 @@ class Assistant:
         session.last_used = _now()
         session.save()
         if on_plan is not None:
-            on_plan(session, total - resume_at)
+            on_plan(session, total - resume_at, document.limit_notices)
         self._read_from(session, snapshots, segments, units, state, on_progress, cancel, len(document.files))
         self._document_states[session.id] = state
         return session
