@@ -119,8 +119,8 @@ def index_bytes(paths: list[bytes], extensions: bytes = b"", trailer: bytes | No
     """A version-2 index of regular files (zero stat data and object names), as git lays it out."""
     body = b"DIRC" + struct.pack(">II", 2, len(paths))
     for path in paths:
-        fixed = bytes(24) + struct.pack(">I", 0o100644) + bytes(12) + bytes(20) + struct.pack(">H", min(len(path), 0xFFF))
-        entry = fixed + path
+        flags = struct.pack(">H", min(len(path), 0xFFF))
+        entry = bytes(24) + struct.pack(">I", 0o100644) + bytes(12) + bytes(20) + flags + path
         body += entry + bytes(8 - len(entry) % 8)
     body += extensions
     return body + (hashlib.sha1(body).digest() if trailer is None else trailer)
