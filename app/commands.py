@@ -110,18 +110,42 @@ class ProgressLine:
 
 # -- ingest -----------------------------------------------------------------------------------------
 
+# The ingest option that sets each loader limit (engine/ingest LoaderLimits), named when it leaves files out.
+_LIMIT_OPTIONS = {
+    "max_files": "--max-files", "max_file_bytes": "--max-file-bytes", "max_total_bytes": "--max-total-bytes",
+}
+
+
+def _ingest_limits(args):
+    """The loader's limits from the ingest options; UsageError for one below 1."""
+    from kimi_desk.engine.ingest import LoaderLimits
+
+    values = {field: getattr(args, field) for field in _LIMIT_OPTIONS}
+    for field, value in values.items():
+        if value < 1:
+            raise UsageError(f"{_LIMIT_OPTIONS[field]} must be at least 1, not {value}")
+    return LoaderLimits(**values)
+
+
+def _limit_notice_line(notice) -> str:
+    """What a limit left out, as ingest says it on stderr: the engine's words and the option to raise."""
+    option = _LIMIT_OPTIONS.get(notice.limit)
+    return f"kimi-desk: {notice.message}" + (f" ({option} N)" if option else "")
+
 
 def run_ingest(args) -> int:
-    from kimi_desk.engine.ingest import LoaderLimits
     from kimi_desk.engine.session import ReadCancelled, SessionStore
 
     if not Path(args.path).expanduser().exists():
         raise UsageError(f"{args.path}: no such file or folder")
+    limits = _ingest_limits(args)
     progress = ProgressLine()
     assistant = load_assistant(args)
-    limits = LoaderLimits(max_file_bytes=args.max_file_bytes, max_total_bytes=args.max_total_bytes)
 
-    def on_plan(session, tokens_to_read):
+    def on_plan(session, tokens_to_read, limit_notices=()):
+        # Said whether or not stderr is a terminal: the document lacks these files.
+        for notice in limit_notices:
+            print(_limit_notice_line(notice), file=sys.stderr)
         if tokens_to_read == 0:
             progress.say(f"{session.name}: already read ({session.document_tokens:,} tokens), nothing to do")
         else:
@@ -282,6 +306,8 @@ def add_parsers(commands) -> None:
                         help="skip files in a folder larger than N bytes (default: 2 MiB)")
     ingest.add_argument("--max-total-bytes", type=int, default=16 << 20, metavar="N",
                         help="stop adding files once N bytes are read (default: 16 MiB)")
+    ingest.add_argument("--max-files", type=int, default=10_000, metavar="N",
+                        help="read at most N files of a folder (default: 10,000)")
     _add_model_options(ingest)
     ingest.set_defaults(run=run_ingest)
 

@@ -77,14 +77,16 @@ class ReadFailed(Message):
 
 
 class DocumentReady(Message):
-    """The whole document is in the model's state: the chat can start."""
+    """The whole document is in the model's state: the chat can start. `left_out` says, a line each,
+    what the loader's limits left out of the document (the engine's LimitNotice messages)."""
 
-    def __init__(self, session: Any, kda_nbytes: int, mla_nbytes: int, note: str):
+    def __init__(self, session: Any, kda_nbytes: int, mla_nbytes: int, note: str, left_out: tuple[str, ...] = ()):
         super().__init__()
         self.session = session
         self.kda_nbytes = kda_nbytes
         self.mla_nbytes = mla_nbytes
         self.note = note
+        self.left_out = left_out
 
 
 class AnswerText(Message):

@@ -219,9 +219,11 @@ class ReadingScreen(MainScreen):
         assistant, store = self.app.assistant, self.app.store
         throttle = Throttle()
         planned = []
+        left_out: list[str] = []
 
-        def on_plan(session, tokens_to_read: int) -> None:
+        def on_plan(session, tokens_to_read: int, limit_notices=()) -> None:
             planned.append(tokens_to_read)
+            left_out[:] = [notice.message for notice in limit_notices]
             rate = assistant.reading_rate() if tokens_to_read else None
             self.post_message(ReadPlanned(session.name, session.source, tokens_to_read, session.document_tokens,
                                           len(session.files), rate))
@@ -237,7 +239,7 @@ class ReadingScreen(MainScreen):
             read_now = planned[-1] if planned else 0
             note = "resumed: 0 tokens to read" if read_now == 0 else f"read {formatting.tokens(read_now)} tokens"
             self.post_message(DocumentReady(session, state.kda_nbytes, state.mla_nbytes,
-                                            f"{origin}; {note}" if origin else note))
+                                            f"{origin}; {note}" if origin else note, tuple(left_out)))
         except ReadCancelled as exc:
             self.post_message(ReadStopped(str(exc)))
         except Exception as exc:  # noqa: BLE001 - every failure is shown, and the app carries on
@@ -287,7 +289,7 @@ class ReadingScreen(MainScreen):
 
     def on_document_ready(self, event: DocumentReady) -> None:
         self.phase = "done"
-        self.app.show_chat(event.session, event.kda_nbytes, event.mla_nbytes, event.note)
+        self.app.show_chat(event.session, event.kda_nbytes, event.mla_nbytes, event.note, event.left_out)
 
     def action_stop(self) -> None:
         if self.phase == "reading":
@@ -319,12 +321,14 @@ class ChatScreen(MainScreen):
 
     generating: reactive[bool] = reactive(False, bindings=True)
 
-    def __init__(self, session, kda_nbytes: int, mla_nbytes: int, note: str = ""):
+    def __init__(self, session, kda_nbytes: int, mla_nbytes: int, note: str = "", left_out: tuple[str, ...] = ()):
         super().__init__()
         self.session = session
         self.kda_nbytes = kda_nbytes
         self.mla_nbytes = mla_nbytes
         self.note = note
+        # What the loader's limits left out of the document just read, one line each.
+        self.left_out = left_out
         self.cancel = threading.Event()
         self._stream = None
         self._answering: TurnView | None = None
@@ -333,11 +337,15 @@ class ChatScreen(MainScreen):
         yield ContextGauge(self.session.document_tokens, self.app.assistant.model.config.model_max_length,
                            self.kda_nbytes, self.mla_nbytes, id="gauge")
         yield Static(Text(self.note), id="chat-note")
+        left_out = Static(Text("\n".join(self.left_out)), id="chat-left-out")
+        left_out.display = bool(self.left_out)
+        yield left_out
         with VerticalScroll(id="transcript"):
             for turn in self.session.transcript:
                 yield TurnView(turn.question, turn.answer,
                                turn_meta(len(turn.answer_token_ids), turn.seconds, turn.finish_reason))
-            yield Static(Text(f"Ask anything about {self.session.name}: all of it is in the model's memory."),
+            held = "all that was read" if self.left_out else "all of it"
+            yield Static(Text(f"Ask anything about {self.session.name}: {held} is in the model's memory."),
                          id="chat-empty", classes="hint")
         yield Input(placeholder=f"Ask about {self.session.name}…  (Enter sends)", id="question")
 

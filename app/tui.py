@@ -161,9 +161,10 @@ class KimiDeskApp(App):
     def open_target(self, target: str) -> None:
         self._show_main(ReadingScreen(target))
 
-    def show_chat(self, session, kda_nbytes: int, mla_nbytes: int, note: str = "") -> None:
+    def show_chat(self, session, kda_nbytes: int, mla_nbytes: int, note: str = "",
+                  left_out: tuple[str, ...] = ()) -> None:
         self.current_chat = (session, kda_nbytes, mla_nbytes)
-        self._show_main(ChatScreen(session, kda_nbytes, mla_nbytes, note))
+        self._show_main(ChatScreen(session, kda_nbytes, mla_nbytes, note, left_out))
 
     def back_to_chat(self) -> None:
         if self.current_chat is not None:

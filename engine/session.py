@@ -288,10 +288,14 @@ class Assistant:
         """The document's token ids, segment by segment: the head (system turn and user header), then
         every segment of the loaded document. Segments end with a newline and the next starts with a
         non-space, so their ids concatenate to those of the whole text."""
+        from kimi_desk.engine.token_budget import encode_within
+
         texts = document.segments()
         texts[-1] = chat.document_text(texts[-1])
         units = [chat.document_head_ids(self.tokenizer, system)]
-        units += [self.tokenizer.encode(t, allow_special=False) for t in texts]
+        # DocumentTooLong as soon as the count passes the context: a huge text is never encoded whole.
+        budget = self.model.config.model_max_length - ANSWER_RESERVE - len(units[0])
+        units += encode_within(self.tokenizer, texts, budget, document.root.name)
         labels = ["(conversation head)", "(folder tree)" if document.is_folder else "(preamble)"]
         labels += [f.relative_path for f in document.files]
         segments, position = [], 0
@@ -302,9 +306,11 @@ class Assistant:
 
     def read(self, store: SessionStore, path, *, name: str | None = None, system: str | None = chat.DEFAULT_SYSTEM_PROMPT,
              limits=None, on_progress: Callable[[ReadProgress], None] | None = None,
-             cancel: Cancel = None, on_plan: Callable[[Session, int], None] | None = None) -> Session:
+             cancel: Cancel = None, on_plan: Callable[[Session, int, tuple], None] | None = None) -> Session:
         """Read `path` into a session: a new one, or the existing session of the same source and model,
-        continued from its last checkpoint that the changes leave valid. Raises ReadCancelled."""
+        continued from its last checkpoint that the changes leave valid. Raises ReadCancelled.
+        `on_plan(session, tokens_to_read, limit_notices)` comes before reading starts; the notices
+        (engine/ingest LimitNotice) say what the loader's limits left out, for the user to be told."""
         from kimi_desk.engine.ingest import LoaderLimits, load_path
 
         source = str(Path(path).expanduser().resolve())
@@ -339,7 +345,7 @@ class Assistant:
         session.update(segments=segments, read_position=resume_at, model_source=self.model_source, files=files,
                        last_used=_now(), **({"name": name} if name else {}))
         if on_plan is not None:
-            on_plan(session, total - resume_at)
+            on_plan(session, total - resume_at, document.limit_notices)
         self._read_from(session, snapshots, segments, units, state, on_progress, cancel, len(document.files))
         self._document_states[session.id] = state
 

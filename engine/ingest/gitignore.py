@@ -1,4 +1,5 @@
-"""A .gitignore matcher for folders that are not git work trees (inside one, git itself decides).
+"""A .gitignore matcher: for folders outside git work trees, and inside one for what git would list
+as untracked (engine/ingest/listing.py computes git's listing without running git).
 
 It follows gitignore(5) and git's wildmatch: `*`, `?` and brackets never match "/", `**` spans
 folders only next to slashes, a pattern with a slash is anchored to its .gitignore's folder, a

@@ -1,29 +1,26 @@
 """Which files of a folder are candidates for reading, and in what order.
 
-Inside a git work tree git decides (`git ls-files --cached --others --exclude-standard`: tracked
-files plus untracked ones that no ignore rule excludes). Elsewhere the folder is walked with its
-.gitignore files applied, nested ones included. Either way folders of dependencies and caches are
-dropped, symbolic links are listed but never followed (the reader decides about them), and the
-result is in reading order (see `reading_order_key`).
+Inside a git work tree the listing is git's (`git ls-files --cached --others --exclude-standard`):
+tracked files plus untracked ones that no ignore rule excludes. It is computed here, not by running
+git, because git runs programs that the repository's own configuration names (engine/ingest/
+git_index.py says why no set of overrides makes that safe): the tracked files come from the index
+file, the untracked ones from a walk that applies `info/exclude` and the .gitignore files from the
+work tree's top down, as git does. Elsewhere the folder is walked with its own .gitignore files,
+nested ones included. Either way folders of dependencies and caches are dropped, symbolic links are
+listed but never followed (the reader decides about them), and the result is in reading order (see
+`reading_order_key`). Nothing here starts a process or writes a file.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from kimi_desk.engine.ingest import git_index
 from kimi_desk.engine.ingest.file_rules import IGNORED_FOLDER_NAMES
 from kimi_desk.engine.ingest.gitignore import IgnorePattern, is_ignored, parse_gitignore
 from kimi_desk.engine.ingest.records import SkipCategory, SkippedFile
-
-# git may be slow on a huge repository or a network drive, but must not hang the ingestion.
-_GIT_TIMEOUT_SECONDS = 120
-# Variables that would point git at another repository than the folder's own.
-_GIT_LOCATION_VARIABLES = (
-    "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX", "GIT_COMMON_DIR", "GIT_OBJECT_DIRECTORY",
-)
 
 
 @dataclass(frozen=True)
@@ -37,10 +34,11 @@ class FolderListing:
 
 
 def list_folder(folder: Path) -> FolderListing:
-    """The candidate files of `folder`, from git when it is inside a work tree, else by walking it."""
-    git_paths = list_with_git(folder)
-    if git_paths is not None:
-        return _finish_listing("git", git_paths, [])
+    """The candidate files of `folder` (a real path), as git lists them inside a work tree, else by
+    walking it."""
+    git_listing = list_with_git(folder)
+    if git_listing is not None:
+        return _finish_listing("git", *git_listing)
     paths, skipped = list_with_gitignore(folder)
     return _finish_listing("gitignore", paths, skipped)
 
@@ -63,44 +61,87 @@ def reading_order_key(relative_path: str) -> tuple[tuple[int, int, str, str], ..
     return (*folder_keys, (0, is_readme, name.casefold(), name))
 
 
-def list_with_git(folder: Path) -> list[str] | None:
-    """git's view of the files under `folder`, or None when git has none to give: not a work tree,
-    git missing or failing, or a folder that git itself ignores (say build/, opened on purpose),
-    where git would list nothing and the folder's own .gitignore files are the better guide."""
-    inside = _run_git(folder, ["rev-parse", "--is-inside-work-tree"])
-    if inside is None or inside.returncode != 0 or inside.stdout.strip() != b"true":
+def list_with_git(folder: Path) -> tuple[list[str], list[SkippedFile]] | None:
+    """What `git ls-files --cached --others --exclude-standard` lists under `folder`, without running
+    git: tracked files from the index, then the untracked files no ignore rule excludes. None when
+    git would have none to give: not a work tree, an index that cannot be read, or a folder that
+    git itself ignores (say build/, opened on purpose), where git would list nothing and the
+    folder's own .gitignore files are the better guide."""
+    repository = git_index.find_repository(folder)
+    if repository is None:
         return None
-    ignored = _run_git(folder, ["check-ignore", "--quiet", "."])
-    if ignored is None or ignored.returncode == 0:
+    tracked = git_index.tracked_paths(repository)
+    excludes = git_index.info_exclude(repository)
+    if tracked is None or excludes is None:
         return None
-    listed = _run_git(folder, ["ls-files", "--cached", "--others", "--exclude-standard", "-z"])
-    if listed is None or listed.returncode != 0:
+    prefix = "" if folder == repository.work_tree else folder.relative_to(repository.work_tree).as_posix()
+    patterns = _patterns_above(repository.work_tree, prefix, parse_gitignore(excludes, ""))
+    if patterns is None:
         return None
-    # A conflicted file is listed once per merge stage; keep one.
-    return list(dict.fromkeys(os.fsdecode(path) for path in listed.stdout.split(b"\0") if path))
+    if prefix:
+        inside = f"{prefix}/"
+        tracked = [path[len(inside) :] for path in tracked if path.startswith(inside)]
+    untracked, skipped = _walk(folder, prefix, patterns, tracked=frozenset(tracked))
+    return list(dict.fromkeys([*tracked, *untracked])), skipped
 
 
 def list_with_gitignore(folder: Path) -> tuple[list[str], list[SkippedFile]]:
     """Every file under `folder` that its .gitignore files keep, without entering ignored folders."""
+    return _walk(folder, "", [], tracked=None)
+
+
+def _patterns_above(work_tree: Path, prefix: str, patterns: list[IgnorePattern]) -> list[IgnorePattern] | None:
+    """The ignore patterns that apply at the folder `prefix` of the work tree (those of the .gitignore
+    files from the top down to its parent, after `patterns`); None when they ignore the folder itself."""
+    directory, relative_directory = work_tree, ""
+    for part in prefix.split("/") if prefix else []:
+        patterns = patterns + _read_gitignore(directory, relative_directory)
+        directory, relative_directory = directory / part, _join(relative_directory, part)
+        if is_ignored(patterns, relative_directory, is_directory=True):
+            return None
+    return patterns
+
+
+def _walk(
+    folder: Path, prefix: str, patterns: list[IgnorePattern], tracked: frozenset[str] | None
+) -> tuple[list[str], list[SkippedFile]]:
+    """The files under `folder` that no ignore pattern excludes, without entering ignored folders.
+
+    Patterns match paths relative to the work tree's top, of which `folder` is `prefix` ("" when it
+    is the top); the paths returned are relative to `folder`. With `tracked` (the folder is in a
+    git work tree, these are the index's paths) the walk lists what git lists as untracked: `.git`
+    is never entered, and a folder holding another repository is one entry, "name/", unless the
+    index tracks it (a submodule).
+    """
     paths: list[str] = []
     skipped: list[SkippedFile] = []
     # Depth-first with an explicit stack: a deep tree cannot exhaust Python's recursion limit.
-    pending: list[tuple[Path, str, list[IgnorePattern]]] = [(folder, "", [])]
+    pending: list[tuple[Path, str, list[IgnorePattern]]] = [(folder, "", patterns)]
     while pending:
         directory, relative_directory, inherited_patterns = pending.pop()
-        patterns = inherited_patterns + _read_gitignore(directory, relative_directory)
+        patterns = inherited_patterns + _read_gitignore(directory, _join(prefix, relative_directory))
         for entry in _scan(directory, relative_directory, skipped):
-            relative_path = f"{relative_directory}/{entry.name}" if relative_directory else entry.name
+            if tracked is not None and entry.name == ".git":
+                continue
+            relative_path = _join(relative_directory, entry.name)
             is_directory = _is_real_directory(entry)
-            if is_ignored(patterns, relative_path, is_directory):
+            if is_ignored(patterns, _join(prefix, relative_path), is_directory):
                 continue
             if not is_directory:
                 paths.append(relative_path)
             elif entry.name in IGNORED_FOLDER_NAMES or _is_virtual_environment(entry):
                 skipped.append(_ignored_folder(relative_path))
+            elif tracked is not None and os.path.lexists(os.path.join(entry.path, ".git")):
+                if relative_path not in tracked:
+                    paths.append(f"{relative_path}/")
             else:
                 pending.append((Path(entry.path), relative_path, patterns))
     return paths, skipped
+
+
+def _join(*parts: str) -> str:
+    """Relative POSIX paths joined, "" standing for the top folder."""
+    return "/".join(part for part in parts if part)
 
 
 def _finish_listing(source: str, paths: list[str], skipped: list[SkippedFile]) -> FolderListing:
@@ -131,25 +172,16 @@ def _ignored_folder(relative_path: str) -> SkippedFile:
     return SkippedFile(f"{relative_path}/", SkipCategory.IGNORED_FOLDER, "dependency, cache or version-control folder")
 
 
-def _run_git(folder: Path, arguments: list[str]) -> subprocess.CompletedProcess[bytes] | None:
-    """The finished git command, or None when git is missing or takes too long."""
-    environment = {key: value for key, value in os.environ.items() if key not in _GIT_LOCATION_VARIABLES}
-    try:
-        return subprocess.run(
-            ["git", *arguments], cwd=folder, env=environment, capture_output=True,
-            stdin=subprocess.DEVNULL, timeout=_GIT_TIMEOUT_SECONDS, check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _read_gitignore(directory: Path, relative_directory: str) -> list[IgnorePattern]:
     try:
-        text = (directory / ".gitignore").read_bytes().decode("utf-8", errors="replace")
-    except OSError:
-        # Absent, a folder, or unreadable: git ignores such a .gitignore too.
+        data = git_index.read_regular_file(directory / ".gitignore", git_index.MAX_SMALL_FILE_BYTES)
+    except git_index.GitFileUnreadable:
+        # A folder, a FIFO (never opened: it would wait for a writer), too large or unreadable:
+        # no patterns, as git has none from a .gitignore it cannot read.
         return []
-    return parse_gitignore(text, relative_directory)
+    if data is None:
+        return []
+    return parse_gitignore(data.decode("utf-8", errors="replace"), relative_directory)
 
 
 def _scan(directory: Path, relative_directory: str, skipped: list[SkippedFile]) -> list[os.DirEntry[str]]:

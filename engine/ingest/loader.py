@@ -16,6 +16,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from kimi_desk.engine.ingest.decoding import decode_text, longest_line_length
 from kimi_desk.engine.ingest.epub import extract_epub_text
@@ -27,6 +28,7 @@ from kimi_desk.engine.ingest.records import (
     DEFAULT_LIMITS,
     ExtractedText,
     IngestError,
+    LimitNotice,
     LoadedDocument,
     LoaderLimits,
     LoadProgress,
@@ -43,12 +45,20 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC"
 
 
 class _Skip(Exception):
-    """A step found the file cannot be read; carries the category and reason for SkippedFile."""
+    """A step found the file cannot be read; carries the category, reason and limit for SkippedFile."""
 
-    def __init__(self, category: SkipCategory, reason: str) -> None:
+    def __init__(self, category: SkipCategory, reason: str, limit: str | None = None) -> None:
         super().__init__(reason)
         self.category = category
         self.reason = reason
+        self.limit = limit
+
+
+class _SizeLimit(NamedTuple):
+    """The most bytes a file may have, and the LoaderLimits field that says so."""
+
+    field: str
+    max_bytes: int
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,7 @@ def load_folder(
     if not files:
         message = f"{display_path(folder.name)}/: nothing readable ({_summarise(skipped)})"
         raise IngestError(message, skipped=tuple(skipped))
-    return _folder_document(folder, listing.source, files, skipped)
+    return _folder_document(folder, listing.source, files, skipped, _limit_notices(skipped, limits))
 
 
 def load_file(
@@ -134,16 +144,18 @@ def _read_listed_files(
     files: list[SourceFile] = []
     skipped: list[SkippedFile] = []
     total_text_bytes = 0
-    limit_reason: str | None = None
+    # Once a limit is reached: the LoaderLimits field, and the reason every later file gets.
+    reached: tuple[str, str] | None = None
     for position, relative_path in enumerate(relative_paths, start=1):
-        if limit_reason is None and len(files) >= limits.max_files:
-            limit_reason = f"not read: the limit of {limits.max_files} files was reached"
-        outcome = _read_folder_file(folder, relative_path, limits) if limit_reason is None else None
+        if reached is None and len(files) >= limits.max_files:
+            reached = _limit_reached("max_files", limits)
+        # Past a limit, files that the name rules skip anyway are not counted as the limit's.
+        outcome = _read_folder_file(folder, relative_path, limits, names_only=reached is not None)
         if isinstance(outcome, SourceFile) and total_text_bytes + _text_bytes(outcome) > limits.max_total_bytes:
-            limit_reason = f"not read: the total text limit of {_size(limits.max_total_bytes)} was reached"
+            reached = _limit_reached("max_total_bytes", limits)
             outcome = None
-        if outcome is None:
-            skipped.append(SkippedFile(relative_path, SkipCategory.LIMIT_REACHED, str(limit_reason)))
+        if outcome is None and reached is not None:
+            skipped.append(SkippedFile(relative_path, SkipCategory.LIMIT_REACHED, reached[1], limit=reached[0]))
         elif isinstance(outcome, SkippedFile):
             skipped.append(outcome)
         else:
@@ -165,14 +177,20 @@ def _resolve_opened_path(path: Path) -> Path:
         raise IngestError(f"{display_path(str(path))}: {_os_error_reason(error)}") from None
 
 
-def _read_folder_file(folder: Path, relative_path: str, limits: LoaderLimits) -> SourceFile | SkippedFile:
+def _read_folder_file(
+    folder: Path, relative_path: str, limits: LoaderLimits, names_only: bool = False
+) -> SourceFile | SkippedFile | None:
+    """The file read, or why it is skipped; with `names_only`, only the name rules are applied (None
+    when they pass)."""
     name = relative_path.rsplit("/", 1)[-1]
     try:
         _apply_name_rules(name)
+        if names_only:
+            return None
         candidate = _locate_in_folder(folder, relative_path)
         return _read_candidate(candidate, limits, on_progress=None)
     except _Skip as skip:
-        return SkippedFile(relative_path, skip.category, skip.reason)
+        return SkippedFile(relative_path, skip.category, skip.reason, skip.limit)
 
 
 def _apply_name_rules(name: str) -> None:
@@ -223,23 +241,25 @@ def _read_candidate(candidate: _Candidate, limits: LoaderLimits, on_progress: Pr
     )
 
 
-def _size_limit(candidate: _Candidate, limits: LoaderLimits) -> int:
+def _size_limit(candidate: _Candidate, limits: LoaderLimits) -> _SizeLimit:
     """Books are bounded by `max_book_bytes`; a text file in a folder by `max_file_bytes`; a text
     file opened by itself (a novel in .txt) by the total, as it is the whole document."""
     if candidate.kind in _BOOK_KINDS:
-        return limits.max_book_bytes
-    return limits.max_file_bytes if candidate.inside_folder else limits.max_total_bytes
+        return _SizeLimit("max_book_bytes", limits.max_book_bytes)
+    if candidate.inside_folder:
+        return _SizeLimit("max_file_bytes", limits.max_file_bytes)
+    return _SizeLimit("max_total_bytes", limits.max_total_bytes)
 
 
-def _read_bytes(path: Path, max_bytes: int) -> bytes:
-    """All the bytes of a regular file of at most `max_bytes`."""
+def _read_bytes(path: Path, limit: _SizeLimit) -> bytes:
+    """All the bytes of a regular file of at most `limit.max_bytes`."""
     # stat before open: opening a FIFO waits for a writer and opening some devices acts on them.
     try:
         status = os.stat(path)
     except OSError as error:
         raise _Skip(SkipCategory.UNREADABLE, _os_error_reason(error)) from None
     _require_regular_file(status)
-    _require_size_within(status.st_size, max_bytes)
+    _require_size_within(status.st_size, limit)
     try:
         descriptor = os.open(path, _OPEN_FLAGS)
     except OSError as error:
@@ -248,10 +268,10 @@ def _read_bytes(path: Path, max_bytes: int) -> bytes:
         # The file may have been swapped between stat and open; check what was opened.
         _require_regular_file(os.fstat(stream.fileno()))
         try:
-            data = stream.read(max_bytes + 1)
+            data = stream.read(limit.max_bytes + 1)
         except OSError as error:
             raise _Skip(SkipCategory.UNREADABLE, _os_error_reason(error)) from None
-    _require_size_within(len(data), max_bytes)
+    _require_size_within(len(data), limit)
     return data
 
 
@@ -269,9 +289,10 @@ def _require_regular_file(status: os.stat_result) -> None:
     raise _Skip(SkipCategory.NOT_A_REGULAR_FILE, f"{what}, not read")
 
 
-def _require_size_within(size: int, max_bytes: int) -> None:
-    if size > max_bytes:
-        raise _Skip(SkipCategory.TOO_LARGE, f"too large ({_size(size)}, the limit is {_size(max_bytes)})")
+def _require_size_within(size: int, limit: _SizeLimit) -> None:
+    if size > limit.max_bytes:
+        raise _Skip(SkipCategory.TOO_LARGE, f"too large ({_size(size)}, the limit is {_size(limit.max_bytes)})",
+                    limit.field)
 
 
 def _extract(
@@ -315,7 +336,8 @@ def _page_reporter(candidate: _Candidate, on_progress: ProgressCallback | None) 
 
 
 def _folder_document(
-    folder: Path, listing_source: str, files: list[SourceFile], skipped: list[SkippedFile]
+    folder: Path, listing_source: str, files: list[SourceFile], skipped: list[SkippedFile],
+    limit_notices: tuple[LimitNotice, ...],
 ) -> LoadedDocument:
     preamble = render_folder_preamble(folder.name, [file.relative_path for file in files])
     pieces = [preamble]
@@ -328,8 +350,39 @@ def _folder_document(
         position += len(block)
     return LoadedDocument(
         root=folder, is_folder=True, listing_source=listing_source, files=tuple(files), skipped=tuple(skipped),
-        preamble=preamble, text="".join(pieces), file_offsets=tuple(offsets),
+        preamble=preamble, text="".join(pieces), file_offsets=tuple(offsets), limit_notices=limit_notices,
     )
+
+
+# The LoaderLimits fields that can leave files out, in the order their notices are given.
+_FILE_LIMITS = ("max_files", "max_total_bytes", "max_file_bytes", "max_book_bytes")
+
+
+def _limit_notices(skipped: list[SkippedFile], limits: LoaderLimits) -> tuple[LimitNotice, ...]:
+    """One notice per limit that left files out: how many, and why, in a line."""
+    notices = []
+    for field in _FILE_LIMITS:
+        count = sum(1 for entry in skipped if entry.limit == field)
+        if count:
+            value = getattr(limits, field)
+            message = f"{count:,} {'file' if count == 1 else 'files'} not read: {_limit_reason(field, value)}"
+            notices.append(LimitNotice(field, value, count, message))
+    return tuple(notices)
+
+
+def _limit_reached(field: str, limits: LoaderLimits) -> tuple[str, str]:
+    """For a limit that stops the reading: its field, and the reason every later file is given."""
+    return field, f"not read: {_limit_reason(field, getattr(limits, field))}"
+
+
+def _limit_reason(field: str, value: int) -> str:
+    """Why the limit `field` (of value `value`) left a file out, in words."""
+    if field == "max_files":
+        return f"the limit of {value:,} {'file' if value == 1 else 'files'} was reached"
+    if field == "max_total_bytes":
+        return f"the total text limit of {_size(value)} was reached"
+    what = "file" if field == "max_file_bytes" else "PDF or EPUB"
+    return f"larger than the limit of {_size(value)} per {what}"
 
 
 def _text_bytes(source: SourceFile) -> int:

@@ -108,6 +108,24 @@ class SkippedFile:
     relative_path: str
     category: SkipCategory
     reason: str
+    # The LoaderLimits field that left the file out ("max_files", "max_total_bytes", "max_file_bytes",
+    # "max_book_bytes"), when a limit did.
+    limit: str | None = None
+
+
+@dataclass(frozen=True)
+class LimitNotice:
+    """How many files one limit left out of a folder, in a line for the user: a document that lacks
+    files must say so, or its answers look complete when they are not.
+
+    `limit` is the LoaderLimits field and `value` its value, so a front end can name the option
+    that raises it.
+    """
+
+    limit: str
+    value: int
+    files: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -133,13 +151,16 @@ class LoadedDocument:
 
     root: Path
     is_folder: bool
-    # "git" (git ls-files), "gitignore" (our own walk) or "file" (a single file was opened).
+    # "git" (what git ls-files lists, read from the index), "gitignore" (our own walk) or "file" (a single
+    # file was opened).
     listing_source: str
     files: tuple[SourceFile, ...]
     skipped: tuple[SkippedFile, ...]
     preamble: str
     text: str
     file_offsets: tuple[int, ...] = field(default=())
+    # What the limits left out, one notice per limit that did (a summary of `skipped`).
+    limit_notices: tuple[LimitNotice, ...] = ()
 
     def segments(self) -> list[str]:
         """The text cut at file boundaries: [preamble, block of file 0, block of file 1, ...]."""

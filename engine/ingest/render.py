@@ -17,6 +17,7 @@ so an unchanged file renders to the same block wherever it sits (what resume rel
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterator
 
 # Bump when the rendering changes: saved sessions then know their text would now read differently.
 RENDER_FORMAT_VERSION = 1
@@ -44,7 +45,20 @@ def render_tree(root_name: str, relative_paths: list[str]) -> str:
         for part in path.split("/"):
             node = node.setdefault(part, {})
     lines = [f"{root_name}/"]
-    _draw(root, "", lines)
+    # Depth first with an explicit stack of (indent, the folder's remaining entries): a folder nested
+    # deeper than Python's recursion limit draws like any other.
+    pending = [("", _entries(root))]
+    while pending:
+        indent, entries = pending[-1]
+        entry = next(entries, None)
+        if entry is None:
+            pending.pop()
+            continue
+        name, children, is_last = entry
+        label = display_path(name) + ("/" if children else "")
+        lines.append(f"{indent}{'└── ' if is_last else '├── '}{label}")
+        if children:
+            pending.append((indent + ("    " if is_last else "│   "), _entries(children)))
     return "\n".join(lines) + "\n"
 
 
@@ -55,15 +69,11 @@ def display_path(path: str) -> str:
     return "".join(_escape_control(char) for char in text)
 
 
-def _draw(node: dict[str, dict], indent: str, lines: list[str]) -> None:
-    names = list(node)
-    for position, name in enumerate(names):
-        is_last = position == len(names) - 1
-        children = node[name]
-        label = display_path(name) + ("/" if children else "")
-        lines.append(f"{indent}{'└── ' if is_last else '├── '}{label}")
-        if children:
-            _draw(children, indent + ("    " if is_last else "│   "), lines)
+def _entries(node: dict[str, dict]) -> Iterator[tuple[str, dict[str, dict], bool]]:
+    """A folder's entries in order, each with its children and whether it is the folder's last."""
+    last = len(node) - 1
+    for position, (name, children) in enumerate(node.items()):
+        yield name, children, position == last
 
 
 def _escape_control(char: str) -> str:

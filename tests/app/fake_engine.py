@@ -38,7 +38,7 @@ def answer_pieces(question: str) -> list[str]:
 
 class FakeAssistant:
     def __init__(self, *, chunk_tokens: int = 40, read_sleep: float = 0.002, token_sleep: float = 0.002,
-                 max_length: int = 8192, hold_at: int | None = None):
+                 max_length: int = 8192, hold_at: int | None = None, limit_notices: tuple = ()):
         self.model = SimpleNamespace(config=SimpleNamespace(model_max_length=max_length), device="cpu")
         self.model_source = "fake-model"
         self.chunk_tokens = chunk_tokens
@@ -46,6 +46,8 @@ class FakeAssistant:
         self.token_sleep = token_sleep
         # Reading pauses when it reaches `hold_at` tokens, until `release` is set.
         self.hold_at = hold_at
+        # What the fake says the loader's limits left out (engine/ingest LimitNotice records).
+        self.limit_notices = limit_notices
         self.holding = threading.Event()
         self.release = threading.Event()
         # Answering pauses after `answer_hold_after` pieces until `answer_release` is set.
@@ -80,7 +82,7 @@ class FakeAssistant:
                        created=FROZEN_TIME, last_used=FROZEN_TIME, model_source=self.model_source)
         total = segments[-1].end if segments else 0
         if on_plan:
-            on_plan(session, total - session.read_position)
+            on_plan(session, total - session.read_position, self.limit_notices)
         while session.read_position < total:
             if cancel is not None and cancel.is_set():
                 session.update(read_position=session.read_position)

@@ -65,6 +65,22 @@ def test_ingest_ask_and_manage_sessions(run, tmp_path, chat_checkpoint):
     assert after["answer"] == first["answer"]
 
 
+def test_files_a_limit_left_out_are_said_on_stderr(run, tmp_path, chat_checkpoint):
+    repo = make_repo(tmp_path / "repo")
+    (repo / "big.py").write_text("x = 1\n" * 1000)
+    said = [
+        "kimi-desk: 1 file not read: larger than the limit of 4.0 KiB per file (--max-file-bytes N)",
+        "kimi-desk: 2 files not read: the limit of 3 files was reached (--max-files N)",
+    ]
+    options = ["--model", str(chat_checkpoint), "--max-files", "3", "--max-file-bytes", "4096"]
+    first = run("ingest", str(repo), *options)
+    assert sorted(first.stderr.splitlines()) == said and len(first.stdout.strip()) == 8
+    # Read already: nothing to read, but the document still lacks those files.
+    again = json.loads(run("ingest", str(repo), *options, "--json").stdout)
+    assert again["files"] == 3
+    assert sorted(run("ingest", str(repo), *options).stderr.splitlines()) == said
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -75,6 +91,9 @@ def test_ingest_ask_and_manage_sessions(run, tmp_path, chat_checkpoint):
         (["ingest", "/nonexistent"], "no such file or folder"),
         (["ingest", ".", "--model", "/tmp"], "not a model folder"),
         (["ask"], "the following arguments are required"),
+        (["ingest", ".", "--max-files", "0"], "--max-files must be at least 1"),
+        (["ingest", ".", "--max-total-bytes", "-5"], "--max-total-bytes must be at least 1"),
+        (["ingest", ".", "--max-files", "many"], "invalid int value"),
     ],
 )
 def test_bad_input_is_one_line(run, args, message):

@@ -176,6 +176,19 @@ def test_chat(frozen, size):
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_chat_after_limits_left_files_out(frozen, size):
+    from kimi_desk.engine.ingest import LimitNotice
+
+    notices = (LimitNotice("max_files", 10_000, 1_204, "1,204 files not read: the limit of 10,000 files was reached"),
+               LimitNotice("max_file_bytes", 2 << 20, 3, "3 files not read: larger than the limit of 2.0 MiB per file"))
+
+    async def scenario(pilot):
+        await wait_for_screen(pilot, "ChatScreen")
+
+    snapshot(app_on("~/repo", engine=FakeAssistant(limit_notices=notices)), "chat_left_out", size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_chat_light_theme(frozen, size):
     from kimi_desk.app.settings import Settings
 

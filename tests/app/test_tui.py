@@ -12,6 +12,7 @@ from driving import drive, wait_for, wait_for_answer, wait_for_screen, wait_in_t
 from fake_engine import ANSWER, FakeAssistant, make_folder
 from kimi_desk.app.messages import AnswerText
 from kimi_desk.app.widgets import TurnView
+from kimi_desk.engine.ingest import LimitNotice
 from kimi_desk.engine.session import SessionStore
 
 QUESTION = "what does helper_2 return?"
@@ -49,9 +50,25 @@ def test_open_reads_with_progress_then_chats(home, make_app, fake):
         assert "426 / 8,192 tokens" in text_of(chat, "#gauge-tokens")
         assert "KDA state 4.0 MiB" in text_of(chat, "#gauge-state")
         assert "read 426 tokens" in text_of(chat, "#chat-note")
+        assert not chat.query_one("#chat-left-out").display
         assert "model fake-model · cpu" in text_of(chat, "#status-line")
 
     drive(make_app(folder), scenario)
+
+
+def test_files_a_limit_left_out_are_shown_with_the_chat(home, make_app):
+    folder = make_folder(home / "repo")
+    notices = (LimitNotice("max_files", 10_000, 1_204, "1,204 files not read: the limit of 10,000 files was reached"),
+               LimitNotice("max_file_bytes", 2 << 20, 1, "1 file not read: larger than the limit of 2.0 MiB per file"))
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        assert chat.query_one("#chat-left-out").display
+        assert text_of(chat, "#chat-left-out") == (
+            "1,204 files not read: the limit of 10,000 files was reached\n"
+            "1 file not read: larger than the limit of 2.0 MiB per file")
+
+    drive(make_app(folder, engine=FakeAssistant(limit_notices=notices)), scenario)
 
 
 def test_ask_streams_the_answer_in_batches_and_saves_the_turn(home, make_app, fake):

@@ -10,7 +10,9 @@ import threading
 import pytest
 import torch
 
+from kimi_desk.engine.ingest import LoaderLimits
 from kimi_desk.engine.session import Assistant, ReadCancelled, SessionError, SessionStore
+from kimi_desk.engine.token_budget import DocumentTooLong
 
 QUESTION = "What does the helper in file_25 return?"
 
@@ -77,13 +79,13 @@ def test_changed_file_is_reread_from_that_file_on(assistant, tmp_path):
     folder = make_folder(tmp_path / "repo", 50)
     store = SessionStore(tmp_path / "home")
     planned = []
-    session = assistant.read(store, folder, on_plan=lambda s, tokens: planned.append(tokens))
+    session = assistant.read(store, folder, on_plan=lambda s, tokens, notices: planned.append(tokens))
     total = session.document_tokens
     assert planned == [total]
 
     changed = folder / "file_25.py"
     changed.write_text(changed.read_text().replace("return 175", "return 176"))
-    session = assistant.read(store, folder, on_plan=lambda s, tokens: planned.append(tokens))
+    session = assistant.read(store, folder, on_plan=lambda s, tokens, notices: planned.append(tokens))
     file_25 = next(f for f in session.files if f["path"] == "file_25.py")
     last_checkpoint = max(p for p in session.snapshots().positions if p <= file_25["start"])
     assert planned[-1] == session.document_tokens - last_checkpoint
@@ -97,7 +99,7 @@ def test_changed_file_is_reread_from_that_file_on(assistant, tmp_path):
     assert torch.equal(assistant.model(probe, a), assistant.model(probe, b))
 
     # Nothing changed: nothing to read.
-    assistant.read(store, folder, on_plan=lambda s, tokens: planned.append(tokens))
+    assistant.read(store, folder, on_plan=lambda s, tokens, notices: planned.append(tokens))
     assert planned[-1] == 0
 
 
@@ -119,7 +121,7 @@ def test_cancelled_reading_resumes(assistant, tmp_path):
     assert seen[-1].files_total == 30 and seen[-1].tokens_per_second > 0
 
     planned = []
-    session = assistant.read(store, folder, on_plan=lambda s, tokens: planned.append(tokens))
+    session = assistant.read(store, folder, on_plan=lambda s, tokens, notices: planned.append(tokens))
     assert session.complete
     assert planned[0] == session.document_tokens - session.snapshots().latest_at_or_before(seen[-1].tokens_done)
     whole = assistant.read(SessionStore(tmp_path / "other"), folder)
@@ -132,8 +134,38 @@ def test_cancelled_reading_resumes(assistant, tmp_path):
 def test_a_document_over_the_context_is_refused(assistant, tmp_path):
     big = tmp_path / "big.txt"
     big.write_text("lorem ipsum dolor sit amet " * 3000)
-    with pytest.raises(SessionError, match=r"big.txt is [\d,]+ tokens; the model reads at most 3,072"):
+    with pytest.raises(DocumentTooLong, match=r"big.txt is too long for this model: its [\d,]+ characters are "
+                                              r"[\d,]+ tokens, and it reads at most 3,0\d\d before a question"):
         assistant.read(SessionStore(tmp_path / "home"), big)
+    assert SessionStore(tmp_path / "home").list() == []
+
+
+def test_what_the_limits_left_out_is_given_to_on_plan(assistant, tmp_path):
+    folder = make_folder(tmp_path / "repo", 8)
+    (folder / "big.py").write_text("x = 1\n" * 400)
+    planned = []
+    limits = LoaderLimits(max_files=5, max_file_bytes=1000)
+    session = assistant.read(SessionStore(tmp_path / "home"), folder, limits=limits,
+                             on_plan=lambda s, tokens, notices: planned.append(notices))
+    assert [f["path"] for f in session.files] == [f"file_{i:02d}.py" for i in range(5)]
+    assert [(notice.limit, notice.files) for notice in planned[0]] == [("max_files", 3), ("max_file_bytes", 1)]
+    assert planned[0][0].message == "3 files not read: the limit of 5 files was reached"
+
+
+def test_a_huge_file_is_refused_before_it_is_tokenized_whole(assistant, tmp_path, monkeypatch):
+    # 6 MB of text let through by a raised --max-total-bytes; the tiny model reads 3,072 tokens.
+    huge = tmp_path / "huge.txt"
+    line = "lorem ipsum dolor sit amet, consectetur adipiscing elit 0123456789\n"
+    huge.write_text(line * (6_000_000 // len(line)))
+    encode, encoded = assistant.tokenizer.encode, []
+    monkeypatch.setattr(assistant.tokenizer, "encode",
+                        lambda text, **options: encoded.append(len(text)) or encode(text, **options))
+    with pytest.raises(DocumentTooLong, match=r"^huge.txt is too long for this model: its first 400,\d\d\d "
+                                              r"characters \(of 6,0\d\d,\d\d\d\) are already [\d,]+ tokens, and "
+                                              r"it reads at most 3,0\d\d before a question$"):
+        assistant.read(SessionStore(tmp_path / "home"), huge, limits=LoaderLimits(max_total_bytes=64 << 20))
+    # Only the head, the (empty) preamble and the file's first slice reached the tokenizer.
+    assert sum(encoded) < 500_000
     assert SessionStore(tmp_path / "home").list() == []
 
 
@@ -180,7 +212,7 @@ def test_damaged_snapshot_is_refused_then_read_again(assistant, tmp_path):
     with pytest.raises(SessionError, match="damaged .* reads the document again"):
         list(fresh.ask(store.get(session.id), QUESTION))
     planned = []
-    again = fresh.read(store, folder, on_plan=lambda s, tokens: planned.append(tokens))
+    again = fresh.read(store, folder, on_plan=lambda s, tokens, notices: planned.append(tokens))
     assert planned == [again.document_tokens]  # read from the start
     assert answer_ids(fresh, again) == expected
     assert len(again.transcript) == 2  # nothing the user had is lost

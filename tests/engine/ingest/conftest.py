@@ -1,5 +1,6 @@
-"""Ingestion tests run git; make every git they start, the loader's included, ignore the user's
-and the system's configuration (a global excludes file would change what git lists)."""
+"""Ingestion tests run git to build repositories and to compare the loader's listing with git's (the
+loader itself never runs git); make every git they start ignore the user's and the system's
+configuration (a global excludes file would change what git lists)."""
 
 import os
 
