@@ -117,14 +117,10 @@ _LIMIT_OPTIONS = {
 
 
 def _ingest_limits(args):
-    """The loader's limits from the ingest options; UsageError for one below 1."""
+    """The loader's limits from the ingest options (each at least 1: positive_int)."""
     from kimi_desk.engine.ingest import LoaderLimits
 
-    values = {field: getattr(args, field) for field in _LIMIT_OPTIONS}
-    for field, value in values.items():
-        if value < 1:
-            raise UsageError(f"{_LIMIT_OPTIONS[field]} must be at least 1, not {value}")
-    return LoaderLimits(**values)
+    return LoaderLimits(**{field: getattr(args, field) for field in _LIMIT_OPTIONS})
 
 
 def _limit_notice_line(notice) -> str:
@@ -302,11 +298,11 @@ def add_parsers(commands) -> None:
     ingest.add_argument("path", metavar="PATH")
     ingest.add_argument("--name", help="a name for the session (default: the file or folder name)")
     ingest.add_argument("--json", action="store_true", help="print a JSON summary instead of the id")
-    ingest.add_argument("--max-file-bytes", type=int, default=2 << 20, metavar="N",
+    ingest.add_argument("--max-file-bytes", type=positive_int, default=2 << 20, metavar="N",
                         help="skip files in a folder larger than N bytes (default: 2 MiB)")
-    ingest.add_argument("--max-total-bytes", type=int, default=16 << 20, metavar="N",
+    ingest.add_argument("--max-total-bytes", type=positive_int, default=16 << 20, metavar="N",
                         help="stop adding files once N bytes are read (default: 16 MiB)")
-    ingest.add_argument("--max-files", type=int, default=10_000, metavar="N",
+    ingest.add_argument("--max-files", type=positive_int, default=10_000, metavar="N",
                         help="read at most N files of a folder (default: 10,000)")
     _add_model_options(ingest)
     ingest.set_defaults(run=run_ingest)

@@ -72,6 +72,16 @@ def check_correctness(log) -> dict:
         fused = {name: fuse_projections(load_model(path, device="cuda", dtype=model.dtype,
                                                    quantize=model.quantization))
                  for name, model in [("fp32", gpu32), ("bf16", gpu16), ("fp8", gpu8)]}
+        # int8 and int4: the GPU's kernels against the CPU's path of the same format (the same codes,
+        # quantized from the same checkpoint; the CPU prepared as the app prepares it).
+        from kimi_desk.engine.quantize import prepare_for_cpu
+
+        same_format = {}
+        for fmt in ("int8", "int4"):
+            cpu_fmt = fuse_projections(load_model(path, device="cpu", dtype=torch.float32, quantize=fmt))
+            prepare_for_cpu(cpu_fmt)
+            same_format[fmt] = (fuse_projections(load_model(path, device="cuda", dtype=torch.bfloat16, quantize=fmt)),
+                                cpu_fmt)
     ids = torch.randint(0, cpu.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(7))
     ref = cpu(ids, cpu.new_state(1))
     logits16 = gpu16(ids.cuda(), gpu16.new_state(1)).float().cpu()
@@ -111,6 +121,18 @@ def check_correctness(log) -> dict:
         return out
 
     want = greedy(cpu)
+    for fmt, (gpu_fmt, cpu_fmt) in same_format.items():
+        on_cpu = cpu_fmt(ids, cpu_fmt.new_state(1))
+        on_gpu = gpu_fmt(ids.cuda(), gpu_fmt.new_state(1)).float().cpu()
+        result[f"logits_rel_err_{fmt}_gpu_vs_cpu"] = _rel(on_gpu, on_cpu)
+        result[f"logits_rel_err_{fmt}_vs_fp32"] = _rel(on_gpu, ref)
+        result[f"greedy_agree_{fmt}_gpu_vs_cpu"] = sum(a == b for a, b in zip(greedy(gpu_fmt), greedy(cpu_fmt)))
+        try:
+            result[f"graph_vs_eager_{fmt}"] = check_graph_decode(gpu_fmt, ids)
+        except Exception as exc:
+            result[f"graph_vs_eager_{fmt}"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(traceback.format_exc())
+    del same_format
     for name, model in [("fp32", gpu32), ("bf16", gpu16), ("fp8", gpu8)]:
         got = greedy(model)
         result[f"greedy_agree_{name}"] = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
@@ -269,11 +291,12 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
         out["decode"].append(row)
         del state
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    try:
-        out["generate"] = time_generate(model, contexts[-1], log)
-    except Exception as exc:
-        out["generate"] = {"error": f"{type(exc).__name__}: {exc}"}
-        log(traceback.format_exc())
+    if profile:  # the first format only: generate() prefills the whole context again
+        try:
+            out["generate"] = time_generate(model, contexts[-1], log)
+        except Exception as exc:
+            out["generate"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(traceback.format_exc())
     try:
         out["moe"] = time_routed_experts(model, log)
     except Exception as exc:
@@ -380,7 +403,10 @@ def time_routed_experts(model, log) -> dict:
     x = torch.randn(1, config.hidden_size, device="cuda", generator=gen, dtype=model.dtype)
     ids = torch.randperm(config.num_experts, device="cuda", generator=gen)[: config.num_experts_per_token][None]
     weights = torch.rand(ids.shape, device="cuda", generator=gen)
-    scales = (experts.w1_scale, experts.w2_scale, experts.w3_scale) if hasattr(experts, "w1_scale") else None
+    if hasattr(experts, "w1_zero"):
+        scales = tuple((getattr(experts, f"w{i}_scale"), getattr(experts, f"w{i}_zero")) for i in (1, 2, 3))
+    else:
+        scales = (experts.w1_scale, experts.w2_scale, experts.w3_scale) if hasattr(experts, "w1_scale") else None
     args = (x, ids, weights, experts.w1, experts.w2, experts.w3, scales)
     ref = routed_experts_grouped(*args)
     result = {"bytes": 3 * config.num_experts_per_token * experts.w1[0].nbytes,
@@ -506,7 +532,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-layers", type=int, default=None,
                         help="layers of the baseline's slice when fewer than --layers fit in bf16 (its times are "
                              "scaled per layer to --layers; default: --layers)")
-    parser.add_argument("--quantize", choices=["fp8"], default=None, help="our model's weights in fp8 (the baseline stays bf16)")
+    parser.add_argument("--quantize", default="none", help="our model's weight formats, comma-separated, each timed in "
+                        "turn: none, fp8, int8, int4 (the baseline stays bf16); default none")
     parser.add_argument("--json", type=Path, default=None)
 
 
@@ -529,12 +556,22 @@ def main(args: argparse.Namespace) -> int:
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
 
+    formats = [f.strip() for f in args.quantize.split(",") if f.strip()]
+    unknown = sorted(set(formats) - {"none", "fp8", "int8", "int4"})
+    if unknown or not formats:
+        raise ValueError(f"--quantize takes none, fp8, int8 and int4, comma-separated; got {args.quantize!r}")
     result["check"] = check_correctness(log)
     save()
-    result["quantize"] = args.quantize
-    result["ours"] = time_ours(config, args.prefill_tokens, contexts, args.chunk, log, quantize=args.quantize)
-    save()
+    result["formats"] = {}
+    for fmt in formats:
+        quantize = None if fmt == "none" else fmt
+        result["formats"][fmt] = time_ours(config, args.prefill_tokens, contexts, args.chunk, log, quantize=quantize,
+                                           profile=fmt == formats[0])
+        save()
+    result["quantize"], result["ours"] = (None if formats[0] == "none" else formats[0]), result["formats"][formats[0]]
     print(markdown_table(result), flush=True)
+    if len(formats) > 1:
+        print(formats_table(result), flush=True)
     if not args.no_baseline:
         result["baseline_layers"] = args.baseline_layers or args.layers
         result["baseline_layer_kinds"] = slice_config(result["baseline_layers"]).layer_kinds
@@ -543,6 +580,26 @@ def main(args: argparse.Namespace) -> int:
         save()
         print(markdown_table(result))
     return 0
+
+
+def formats_table(r: dict) -> str:
+    """One row per weight format: prefill and graph decode against each format's own roofline."""
+    bw = r["copy_bytes_per_s"]
+    scale = 27 / r["layers"]
+    lines = [f"Weight formats, {r['layers']} layers at the 48B shapes ({r['device']}, {r['date']}, copy bandwidth "
+             f"{bw / 1e12:.2f} TB/s):", "",
+             "| format | prefill tok/s | peak GiB | " + " | ".join(
+                 f"decode at {d['context']:,}: ms/token (roofline share), tok/s at 27 layers"
+                 for d in next(iter(r["formats"].values()))["decode"]) + " |",
+             "|---|---:|---:|" + "---:|" * len(next(iter(r["formats"].values()))["decode"])]
+    for fmt, ours in r["formats"].items():
+        cells = []
+        for d in ours["decode"]:
+            ms = min(d.get("graph_ms_per_token", d["ms_per_token"]), d["ms_per_token"])
+            floor_ms = d["bytes"] / bw * 1e3
+            cells.append(f"{ms:.3f} ({floor_ms / ms:.0%} of {floor_ms:.3f}), {1e3 / (ms * scale):.0f}")
+        lines.append(f"| {fmt} | {ours['prefill_tok_s']:,.0f} | {ours['peak_gib']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(r: dict) -> str:

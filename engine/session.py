@@ -315,12 +315,7 @@ class Assistant:
 
         source = str(Path(path).expanduser().resolve())
         document = load_path(source, limits or LoaderLimits())
-        segments, units = self.plan(document, system)
-        total = segments[-1].end
-        limit = self.model.config.model_max_length
-        if total + ANSWER_RESERVE > limit:
-            raise SessionError(f"{Path(source).name} is {total:,} tokens; the model reads at most "
-                               f"{limit - ANSWER_RESERVE:,} before a question (model_max_length {limit:,})")
+        segments, units = self.plan(document, system)  # DocumentTooLong past the model's context
         session = store.find_or_create(source, name or Path(source).name, self.identity, system)
         with store.reading(session.id):
             self._read_session(session, segments, units, document, name, on_plan, on_progress, cancel)

@@ -3,7 +3,7 @@ per launch setting, from Triton's own compiler and the ptxas it ships. It answer
 spill, does it fit the 227 KiB of shared memory" before any device time is spent; speed still needs
 the GPU. The local Triton may differ from the GPU machine's (check `triton.__version__` on both).
 
-    python packaging/gpu_checks/compile_sm90.py [fp8_gemv] [kda_intra]
+    python packaging/gpu_checks/compile_sm90.py [fp8_gemv] [kda_intra] [quant_formats]
 """
 
 import os
@@ -65,11 +65,51 @@ def fp8_gemv():
 
     for O, D, bo, bd, warps, splits in [(4096, 2304, 64, 128, 4, 1), (4096, 2304, 64, 128, 4, 4),
                                         (2304, 2304, 16, 128, 4, 4), (163840, 2304, 64, 128, 4, 1)]:
-        const = dict(D=D, O=O, CHUNK=bd * 2, SPLITS=splits, BN=16, BO=bo, BD=bd, PRECISION="tf32", PDL=True, SCALED=True)
+        const = dict(D=D, O=O, CHUNK=bd * 2, SPLITS=splits, BN=16, BO=bo, BD=bd, PRECISION="tf32", PDL=True, SCALED=True,
+                     INT4=False, GROUP=1)
         result = compile_sm90(row_scaled_gemv_fwd_kernel,
-                              dict(x="*bf16", q="*fp8e4nv", scale="*fp32", out="*fp32", y="*bf16", counter="*i32"),
+                              dict(x="*bf16", q="*fp8e4nv", scale="*fp32", zero="*fp32", out="*fp32", y="*bf16",
+                                   counter="*i32"),
                               dict(N="i32", stride_x="i32"), const, warps)
         report(f"fp8 gemv O={O} D={D} BO={bo} BD={bd} warps={warps} splits={splits}", result)
+
+
+def quant_formats():
+    """The int8 and int4 variants of the decode GEMV, the MoE GEMV and the grouped GEMM, at the 48B shapes."""
+    from kimi_desk.kernels.moe.gemv import DOWN_CONFIG, GATE_UP_CONFIG, moe_down_fwd_kernel, moe_gate_up_fwd_kernel
+    from kimi_desk.kernels.moe.grouped import DEFAULT_CONFIG, moe_grouped_down_fwd_kernel, moe_grouped_gate_up_fwd_kernel
+    from kimi_desk.kernels.quant.gemv import CONFIG, row_scaled_gemv_fwd_kernel
+
+    D, I, O = 2304, 1024, 4096
+    for fmt, code, scale in (("int8", "*i8", "*fp32"), ("int4", "*u8", "*bf16")):
+        int4 = fmt == "int4"
+        group = dict(INT4=int4, GROUP=128 if int4 else 1, SCALED=not int4)
+        const = dict(D=D, O=O, CHUNK=256, SPLITS=4, BN=16, BO=CONFIG["block_o"], BD=CONFIG["block_d"],
+                     PRECISION="tf32", PDL=True, **group)
+        report(f"{fmt} gemv O={O} D={D}", compile_sm90(
+            row_scaled_gemv_fwd_kernel, dict(x="*bf16", q=code, scale=scale, zero="*bf16", out="*fp32", y="*bf16",
+                                             counter="*i32"),
+            dict(N="i32", stride_x="i32"), const, CONFIG["num_warps"], CONFIG["num_stages"]))
+        pointers = dict(x="*bf16", ids="*i64", w1=code, w3=code, s1=scale, s3=scale, z1="*bf16", z3="*bf16", h="*fp32")
+        const = dict(D=D, I=I, BI=GATE_UP_CONFIG["block_i"], BD=GATE_UP_CONFIG["block_d"], PDL=True, **group)
+        report(f"{fmt} moe gate/up gemv", compile_sm90(moe_gate_up_fwd_kernel, pointers, dict(n_chosen="i32", stride_we="i64"),
+                                                        const, GATE_UP_CONFIG["num_warps"]))
+        pointers = dict(h="*fp32", ids="*i64", weights="*fp32", w2=code, s2=scale, z2="*bf16", partial="*fp32",
+                        out="*bf16", counter="*i32")
+        const = dict(D=D, I=I, BD=DOWN_CONFIG["block_d"], BI=DOWN_CONFIG["block_i"], PDL=True, **group)
+        report(f"{fmt} moe down gemv", compile_sm90(moe_down_fwd_kernel, pointers, dict(n_chosen="i32", stride_we="i64"),
+                                                     const, DOWN_CONFIG["num_warps"]))
+        route = dict(order="*i64", block_expert="*i64", block_start="*i64", pair_start="*i64", counts="*i64")
+        common = dict(BM=DEFAULT_CONFIG["block_m"], BN=DEFAULT_CONFIG["block_n"], BK=DEFAULT_CONFIG["block_k"],
+                      OP_DT=tl.bfloat16, DOT_PRECISION="tf32", **group)
+        pointers = dict(x="*bf16", w1=code, w3=code, s1=scale, s3=scale, z1="*bf16", z3="*bf16", h="*bf16", **route)
+        report(f"{fmt} grouped gate/up", compile_sm90(
+            moe_grouped_gate_up_fwd_kernel, pointers, dict(n_chosen="i32", n_experts="i32"), dict(D=D, I=I, **common),
+            DEFAULT_CONFIG["num_warps"], DEFAULT_CONFIG["num_stages"]))
+        pointers = dict(h="*bf16", w2=code, s2=scale, z2="*bf16", weights="*fp32", y="*fp32", **route)
+        report(f"{fmt} grouped down", compile_sm90(
+            moe_grouped_down_fwd_kernel, pointers, dict(n_experts="i32"), dict(D=D, I=I, **common),
+            DEFAULT_CONFIG["num_warps"], DEFAULT_CONFIG["num_stages"]))
 
 
 def kda_intra():

@@ -91,9 +91,9 @@ def test_files_a_limit_left_out_are_said_on_stderr(run, tmp_path, chat_checkpoin
         (["ingest", "/nonexistent"], "no such file or folder"),
         (["ingest", ".", "--model", "/tmp"], "not a model folder"),
         (["ask"], "the following arguments are required"),
-        (["ingest", ".", "--max-files", "0"], "--max-files must be at least 1"),
-        (["ingest", ".", "--max-total-bytes", "-5"], "--max-total-bytes must be at least 1"),
-        (["ingest", ".", "--max-files", "many"], "invalid int value"),
+        (["ingest", ".", "--max-files", "0"], "argument --max-files: must be at least 1"),
+        (["ingest", ".", "--max-total-bytes", "-5"], "argument --max-total-bytes: must be at least 1"),
+        (["ingest", ".", "--max-files", "many"], "'many' is not a whole number"),
     ],
 )
 def test_bad_input_is_one_line(run, args, message):
