@@ -10,6 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kimi_desk.engine.errors import CheckpointError
+
+# A checkpoint's index lists every tensor once: about 20k lines (1.5 MB) for the 48B model, ten times
+# that for the largest open models.
+INDEX_MAX_BYTES = 64 << 20
 
 
 class BadJSON(ValueError):
@@ -65,3 +70,28 @@ def some(items, limit: int = 8) -> str:
     items = list(items)
     shown = ", ".join(brief(item) for item in items[:limit])
     return f"[{shown}]" if len(items) <= limit else f"[{shown}, ... ({len(items)} in all)]"
+
+
+def is_plain_file_name(name) -> bool:
+    """A file directly inside a folder: a string with no separator, no drive, not hidden, not '.' or '..'."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and not name.startswith(".")
+            and not any(c in name for c in "/\\:\0"))
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard names a model.safetensors.index.json lists (the values of its weight_map), sorted. The
+    index comes with the checkpoint, so each must be a .safetensors file in the checkpoint's own folder:
+    a name like ../x or /x never makes us read or fetch a file elsewhere."""
+    try:
+        raw = read_json(index, INDEX_MAX_BYTES)
+    except BadJSON as exc:
+        raise CheckpointError(f"{index}: {exc}") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: not a valid safetensors index (it needs a weight_map object)")
+    shards = set()
+    for name in weight_map.values():
+        if not (is_plain_file_name(name) and name.endswith(".safetensors")):
+            raise CheckpointError(f"{index}: the index names {brief(name)}, not a .safetensors file in its folder")
+        shards.add(name)
+    return sorted(shards)

@@ -22,7 +22,6 @@ Never imports textual; huggingface_hub and torch are imported only by the functi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -33,7 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 from kimi_desk.engine.config import KimiLinearConfig
-from kimi_desk.engine.errors import ConfigError
+from kimi_desk.engine.errors import CheckpointError, ConfigError
+from kimi_desk.engine.files import first_line, index_shards
 
 
 class HubError(ValueError):
@@ -110,11 +110,6 @@ def _endpoint(endpoint: str | None) -> str:
     return (endpoint or constants.ENDPOINT).rstrip("/")
 
 
-def _short_reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
 def _hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | None) -> HubError | None:
     """The one-line HubError for an exception of huggingface-hub or its HTTP client, or None if it is
     neither (a bug, which must keep its traceback)."""
@@ -133,7 +128,7 @@ def _hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | 
     if isinstance(exc, RepositoryNotFoundError):
         return HubError(f"{repo_id}: no such model on the hub ({hub}); check the name, or if it is private, {login}")
     if isinstance(exc, RemoteEntryNotFoundError):
-        return HubError(f"{repo_id}: a file the hub listed is missing ({_short_reason(exc)})")
+        return HubError(f"{repo_id}: a file the hub listed is missing ({first_line(exc)})")
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         if status in (401, 403):
@@ -144,10 +139,10 @@ def _hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | 
                         "unset HF_HUB_OFFLINE to download it")
     if isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError, httpx2.ProxyError,
                         httpx2.RemoteProtocolError, httpx2.UnsupportedProtocol)):
-        return HubError(f"cannot reach the Hugging Face hub at {hub} ({_short_reason(exc)}); check the network, "
+        return HubError(f"cannot reach the Hugging Face hub at {hub} ({first_line(exc)}); check the network, "
                         "or set HF_ENDPOINT to a mirror, or pass a local folder with --model")
     if isinstance(exc, httpx2.HTTPError):
-        return HubError(f"talking to the hub at {hub} failed ({_short_reason(exc)}); try again")
+        return HubError(f"talking to the hub at {hub} failed ({first_line(exc)}); try again")
     return None
 
 
@@ -192,8 +187,8 @@ def missing_checkpoint_part(folder: Path) -> str | None:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = index_shards(index)
+        except (OSError, CheckpointError):
             return None  # a damaged index is load_model's to report, with the file named
         return next((s for s in shards if not (folder / s).is_file()), None)
     return None if (folder / "model.safetensors").is_file() else "model.safetensors"
@@ -358,7 +353,7 @@ def _download_blob(url: str, blob: Path, filename: str, size: int | None, siblin
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             response = getattr(exc, "response", None)
-            reason = f"HTTP {response.status_code}" if response is not None else _short_reason(exc)
+            reason = f"HTTP {response.status_code}" if response is not None else first_line(exc)
             if size is not None and done > size:
                 partial.unlink(missing_ok=True)
             of = f"/{size:,}" if size is not None else ""
@@ -412,12 +407,10 @@ def _weight_files(folder: Path, listed: dict, repo_id: str) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise HubError(f"{repo_id}: model.safetensors.index.json is not a valid safetensors index") from None
+            shards = index_shards(index)
+        except CheckpointError as exc:
+            raise HubError(f"{repo_id}: {index.name}{str(exc).removeprefix(str(index))}") from None
         for shard in shards:
-            if not isinstance(shard, str) or "/" in shard or "\\" in shard or not shard.endswith(".safetensors"):
-                raise HubError(f"{repo_id}: the index names {shard!r}, not a top-level .safetensors file")
             if shard not in listed:
                 raise HubError(f"{repo_id}: the index names {shard}, which the repository does not have")
         return shards
