@@ -72,6 +72,11 @@ def some(items, limit: int = 8) -> str:
     return f"[{shown}]" if len(items) <= limit else f"[{shown}, ... ({len(items)} in all)]"
 
 
+def is_count(value) -> bool:
+    """A non-negative JSON integer (JSON's true and false are not numbers)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def is_plain_file_name(name) -> bool:
     """A file directly inside a folder: a string with no separator, no drive, not hidden, not '.' or '..'."""
     return (isinstance(name, str) and 0 < len(name) <= 255 and not name.startswith(".")

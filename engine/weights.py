@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.errors import CheckpointError, ConfigError
-from kimi_desk.engine.files import brief, first_line, index_shards, shown_name, some
+from kimi_desk.engine.files import brief, first_line, index_shards, is_count, shown_name, some
 from kimi_desk.engine.model import KimiLinearForCausalLM
 from kimi_desk.engine.quantize import quantize_structure, scale_of
 from kimi_desk.kernels.quant import FP8, quantize_fp8_rows
@@ -167,9 +167,9 @@ def _header_entry_problem(entry, data_size: int) -> str | None:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str):
         return f"has dtype {brief(dtype)}"
-    if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(_is_count(d) for d in shape)):
+    if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(is_count(d) for d in shape)):
         return f"has shape {brief(shape)}, not a list of at most {_MAX_DIMS} sizes"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
             and offsets[0] <= offsets[1]):
         return f"has data_offsets {brief(offsets)}, not [begin, end]"
     if offsets[1] > data_size:
@@ -177,10 +177,6 @@ def _header_entry_problem(entry, data_size: int) -> str | None:
     if dtype in FLOAT_DTYPE_BYTES and math.prod(shape) * FLOAT_DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
         return f"spans {offsets[1] - offsets[0]:,} bytes, not the size of its shape in {dtype}"
     return None
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_tensors(model: KimiLinearForCausalLM, folder: Path, headers: dict[Path, dict[str, dict]]) -> None:

@@ -1,6 +1,7 @@
 """Snapshots on disk: exact round trips, truncation, crash safety, and refusal of what does not fit."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import torch
 
 from kimi_desk.engine import load_model
 from kimi_desk.engine.random_checkpoint import tiny_config, write_random_checkpoint
-from kimi_desk.engine.snapshot import Identity, SnapshotError, SnapshotStore
+from kimi_desk.engine.snapshot import (
+    Identity, SnapshotError, SnapshotStore, read_checked_json, write_checked_json, write_tensors,
+)
 
 TOKENIZER = "tokenizer-under-test"
 
@@ -178,3 +181,87 @@ def test_only_batch_size_one(model, tmp_path):
     store = SnapshotStore(tmp_path, identity(model))
     with pytest.raises(ValueError, match="batch size 1"):
         store.save(model.new_state(2))
+
+
+def saved_store(model, folder, lengths=(40, 30)):
+    """A snapshot folder with a checkpoint after each of `lengths` more tokens; returns its manifest's path."""
+    store = SnapshotStore(folder, identity(model))
+    state = model.new_state(1)
+    for length in lengths:
+        model(torch.randint(0, 512, (1, length)), state)
+        store.save(state)
+    return folder / "manifest.json"
+
+
+def rewrite_manifest(path, edit):
+    """Edit the manifest's payload and write it back with a matching checksum, as a forger would."""
+    manifest = read_checked_json(path)
+    edit(manifest)
+    write_checked_json(path, manifest)
+
+
+def test_manifest_file_names_never_reach_outside_the_folder(model, tmp_path):
+    """A manifest naming ../x made restore read a file outside the snapshot (here another snapshot's
+    valid checkpoint, which restored without complaint)."""
+    saved_store(model, tmp_path / "other")
+    outside = sorted((tmp_path / "other").glob("kda-*.safetensors"))[0]
+    manifest = saved_store(model, tmp_path / "snap")
+    for name in (f"../other/{outside.name}", str(outside), "..", ".hidden.safetensors", "a\\b.safetensors"):
+        rewrite_manifest(manifest, lambda m: m["checkpoints"][0].update(file=name))
+        with pytest.raises(SnapshotError, match=r"manifest.json: damaged \(a checkpoint entry names the file"):
+            SnapshotStore(tmp_path / "snap", identity(model))
+    assert outside.is_file()
+
+
+@pytest.mark.parametrize("edit,message", [
+    pytest.param(lambda m: m["checkpoints"][0].update(position="40"), "a checkpoint entry has position '40'", id="str-position"),
+    pytest.param(lambda m: m["checkpoints"][0].update(position=True), "has position True", id="bool-position"),
+    pytest.param(lambda m: m["checkpoints"][0].update(position=-1), "has position -1", id="negative-position"),
+    pytest.param(lambda m: m["checkpoints"][-1].update(position=10**100), "a checkpoint at 1000", id="position-past-cache"),
+    pytest.param(lambda m: m["checkpoints"].reverse(), "not in order", id="unordered"),
+    pytest.param(lambda m: m["checkpoints"][0].pop("file"), "names the file None", id="no-file"),
+    pytest.param(lambda m: m["checkpoints"][0].update(file=["x"]), "names the file a list of 1 item", id="list-file"),
+    pytest.param(lambda m: m["checkpoints"][0].update(sha256=7), "has sha256 7", id="int-sha"),
+    pytest.param(lambda m: m["checkpoints"].append([1]), "a checkpoint entry is a list of 1 item", id="list-entry"),
+    pytest.param(lambda m: m.update(checkpoints={"a": 1}), "no checkpoint or segment list", id="checkpoints-object"),
+    pytest.param(lambda m: m.pop("segments"), "no checkpoint or segment list", id="no-segments"),
+    pytest.param(lambda m: m["segments"][1].update(start=41), "segments do not follow each other", id="gap"),
+    pytest.param(lambda m: m["segments"][0].update(end="40"), "a segment entry has end '40'", id="str-end"),
+    pytest.param(lambda m: m.update(counter=None), "counter is None", id="no-counter"),
+    pytest.param(lambda m: m.update(model_fingerprint=["x"] * 1000), "another model", id="list-fingerprint"),
+    pytest.param(lambda m: m.update(format_version="9" * 10_000), "snapshot format '9999", id="long-version"),
+])
+def test_manifest_fields_of_the_wrong_type_are_one_line(model, tmp_path, edit, message):
+    manifest = saved_store(model, tmp_path)
+    rewrite_manifest(manifest, edit)
+    with pytest.raises(SnapshotError, match="manifest.json: ") as info:
+        SnapshotStore(tmp_path, identity(model))
+    text = str(info.value)
+    assert message in text and "\n" not in text and len(text) < len(str(tmp_path)) + 200, text
+
+
+def test_checked_json_that_is_not_an_object_is_damaged(tmp_path):
+    path = tmp_path / "manifest.json"
+    for text in ("[]", '{"payload": [], "checksum": "x"}', '{"payload": {}, "checksum": 5}', "[" * 100_000,
+                 '{"payload": ' + "[" * 900 + "]" * 900 + ', "checksum": "x"}'):
+        path.write_text(text)
+        with pytest.raises(SnapshotError, match=r"manifest.json: damaged \("):
+            read_checked_json(path)
+
+
+@pytest.mark.parametrize("kind", ["kda", "mla"])
+def test_tensors_of_the_wrong_shape_are_refused_on_restore(model, tmp_path, kind):
+    """A checkpoint or segment file that passes its checksums but holds tensors of other shapes (a 0-dim
+    tensor broke the checksum itself) is refused with the file named."""
+    manifest = saved_store(model, tmp_path)
+    layer = model.config.layer_kinds.index(kind)
+    if kind == "kda":
+        entries, message = "checkpoints", "state of shape []"
+        tensors = {f"layers.{layer}.recurrent": torch.tensor(1.0), f"layers.{layer}.conv": torch.tensor(2.0)}
+    else:
+        entries, tensors, message = "segments", {f"layers.{layer}.latents": torch.zeros(3, 40)}, "latents of shape [3, 40]"
+    file = f"{kind}-forged-99.safetensors"
+    digest = write_tensors(tmp_path / file, tensors, identity(model))
+    rewrite_manifest(manifest, lambda m: m[entries][0].update(file=file, sha256=digest))
+    with pytest.raises(SnapshotError, match=re.escape(file) + ": .*" + re.escape(message)):
+        SnapshotStore(tmp_path, identity(model)).restore(40, model.new_state(1))
