@@ -2,11 +2,14 @@
 
 import dataclasses
 import json
+import random
 import tracemalloc
+from collections import Counter
 
 import pytest
 import torch
 
+from fuzzing import check_case, mutate_bytes, mutate_json
 from kimi_desk.engine.config import FIELD_KINDS, ConfigError, KimiLinearConfig
 from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config, tiny_config
 from kimi_desk.engine.weights import build_on_meta
@@ -230,3 +233,23 @@ def test_duplicate_keys_take_the_last_value(tmp_path):
     raw = tiny_config().to_dict()
     text = json.dumps(raw)[:-1] + ', "hidden_size": 64}'
     assert KimiLinearConfig.from_file(write_config(tmp_path, raw, text)).hidden_size == 64
+
+
+def test_fuzzed_config_files_end_in_a_config_or_one_line(tmp_path):
+    """Mutations of the tiny and the 48B config.json: each read ends in a config that builds on the meta
+    device, or in one ConfigError line; never another exception or a hang."""
+    documents = [tiny_config().to_dict(), OFFICIAL_48B]
+    path = tmp_path / "config.json"
+    outcomes = Counter()
+    for seed in range(200):
+        rng = random.Random(seed)
+        document = rng.choice(documents)
+        if rng.random() < 0.3:
+            data, what = mutate_bytes(json.dumps(document).encode(), rng)
+        else:
+            text, what = mutate_json(document, rng)
+            data = text.encode()
+        path.write_bytes(data)
+        outcomes[check_case(lambda: build_on_meta(KimiLinearConfig.from_file(path)), ConfigError, seed, what)] += 1
+    # The mutations reach both ends: configs that still read, and each kind of refusal.
+    assert outcomes["ok"] >= 20 and outcomes["refused"] >= 100, outcomes

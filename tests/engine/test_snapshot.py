@@ -1,16 +1,22 @@
 """Snapshots on disk: exact round trips, truncation, crash safety, and refusal of what does not fit."""
 
+import hashlib
+import json
 import os
+import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 
 import pytest
 import torch
 
+from fuzzing import check_case, mutate_bytes, mutate_json, tree_state
 from kimi_desk.engine import load_model
 from kimi_desk.engine.random_checkpoint import tiny_config, write_random_checkpoint
 from kimi_desk.engine.snapshot import (
@@ -265,3 +271,58 @@ def test_tensors_of_the_wrong_shape_are_refused_on_restore(model, tmp_path, kind
     rewrite_manifest(manifest, lambda m: m[entries][0].update(file=file, sha256=digest))
     with pytest.raises(SnapshotError, match=re.escape(file) + ": .*" + re.escape(message)):
         SnapshotStore(tmp_path, identity(model)).restore(40, model.new_state(1))
+
+
+def checked_json_text(payload_text: str) -> str:
+    """A checked JSON file around `payload_text` (mutated JSON text) with the checksum the reader will
+    compute, as a forger would write it; a payload that cannot be parsed gets a wrong one."""
+    try:
+        body = json.dumps(json.loads(payload_text), sort_keys=True, separators=(",", ":"))
+        checksum = hashlib.sha256(body.encode()).hexdigest()
+    except (ValueError, RecursionError):
+        checksum = "0" * 64
+    return f'{{"checksum": "{checksum}", "payload": {payload_text}}}'
+
+
+def test_fuzzed_snapshots_end_in_states_or_one_line(model, tmp_path):
+    """Mutations of the manifest (its JSON, with a matching checksum, or its bytes) and of the tensor
+    files: opening the store, restoring every checkpoint and truncating end in states or in one
+    SnapshotError line; never another exception, a hang, or a file read, written or deleted outside
+    the snapshot folder."""
+    base = tmp_path / "base"
+    saved_store(model, base, lengths=(40, 30, 25))
+    payload = read_checked_json(base / "manifest.json")
+    # Files a manifest could name with ../ (the case folder is three levels down): they must stay as they are.
+    for name in ("outside.safetensors", "a/outside.safetensors", "a/b/outside.safetensors"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sorted(base.glob("kda-*"))[0], tmp_path / name)
+    case = tmp_path / "a" / "b" / "snap"
+    outcomes = Counter()
+    for seed in range(120):
+        rng = random.Random(seed)
+        shutil.rmtree(case, ignore_errors=True)
+        shutil.copytree(base, case)
+        kind = rng.choice(["manifest json", "manifest json", "manifest bytes", "tensor file"])
+        if kind == "manifest json":
+            text, what = mutate_json(payload, rng)
+            (case / "manifest.json").write_text(checked_json_text(text))
+        elif kind == "manifest bytes":
+            data, what = mutate_bytes((case / "manifest.json").read_bytes(), rng)
+            (case / "manifest.json").write_bytes(data)
+        else:
+            target = rng.choice(sorted(case.glob("*.safetensors")))
+            data, what = mutate_bytes(target.read_bytes(), rng)
+            target.write_bytes(data)
+            what = f"{target.name}: {what}"
+        outside = tree_state(tmp_path, skip=case)
+
+        def run():
+            store = SnapshotStore(case, identity(model))
+            for position in store.positions:
+                state = store.restore(position, model.new_state(1))
+                assert state.position == position
+            store.truncate_after(store.positions[0] if store.positions else 0)
+
+        outcomes[check_case(run, SnapshotError, seed, f"{kind}: {what}")] += 1
+        assert tree_state(tmp_path, skip=case) == outside, f"seed {seed} ({kind}: {what}) touched a file outside"
+    assert outcomes["ok"] >= 1 and outcomes["refused"] >= 100, outcomes

@@ -1,15 +1,18 @@
 """Loading checkpoints in the official layout: single file, sharded, strict, with clear errors."""
 
 import json
+import random
 import shutil
 import struct
 import tracemalloc
+from collections import Counter
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fuzzing import check_case, mutate_bytes, mutate_json, tree_state
 from kimi_desk.engine import CheckpointError, ConfigError, load_model
 from kimi_desk.engine.random_checkpoint import tiny_config, write_random_checkpoint
 
@@ -257,3 +260,29 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_allocating(tiny_
     raw.update(vocab_size=1 << 24, hidden_size=1 << 16)  # 2^40 embedding parameters alone
     (path / "config.json").write_text(json.dumps(raw))
     one_line_refusal(path, match=r"has shape \[.*\], expected \[.*65536")
+
+
+def test_fuzzed_safetensors_end_in_a_model_or_one_line(tiny_checkpoint, tmp_path):
+    """Mutations of the header's JSON, of the header's bytes and of the whole file: each load ends in a
+    model or in one CheckpointError line; never another exception, a hang or a write."""
+    path = copy_checkpoint(tiny_checkpoint, tmp_path / "m")
+    original = (path / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", original[:8])
+    header, data = json.loads(original[8 : 8 + length]), original[8 + length :]
+    files = tree_state(tmp_path, skip=path)
+    outcomes = Counter()
+    for seed in range(150):
+        rng = random.Random(seed)
+        kind = rng.choice(["header json", "header json", "header bytes", "file bytes"])
+        if kind == "header json":
+            text, what = mutate_json(header, rng)
+            mutated = struct.pack("<Q", len(text.encode())) + text.encode() + data
+        elif kind == "header bytes":
+            head, what = mutate_bytes(original[: 8 + length], rng)
+            mutated = head + data
+        else:
+            mutated, what = mutate_bytes(original, rng)
+        (path / "model.safetensors").write_bytes(mutated)
+        outcomes[check_case(lambda: load_model(path), CheckpointError, seed, f"{kind}: {what}")] += 1
+    assert tree_state(tmp_path, skip=path) == files
+    assert outcomes["ok"] >= 10 and outcomes["refused"] >= 75, outcomes
