@@ -139,7 +139,7 @@ def test_every_field_has_a_kind_and_bounds():
 
 
 @pytest.mark.parametrize("change,message", [
-    # num_hidden_layers 10**7 once built a list of ten million missing layers and printed it (89 MB).
+    # 10**7 layers: unbounded, validate would list ten million uncovered layers and print them (89 MB).
     pytest.param(lambda c: c.update(num_hidden_layers=10**7), "num_hidden_layers must be an integer from 1 to 4,096",
                  id="layers-10^7"),
     pytest.param(lambda c: c.update(vocab_size=1 << 40), "vocab_size must be an integer from 1 to 16,777,216", id="vocab"),

@@ -177,7 +177,7 @@ def short_timeout(monkeypatch):
 
 
 def test_a_hub_that_never_answers_is_one_line_within_the_timeout(tmp_path, short_timeout):
-    """An endpoint that accepts the connection and says nothing: the pull waited forever."""
+    """An endpoint that accepts the connection and says nothing: without a timeout, a pull never ends."""
     with SilentHub() as silent:
         started = time.monotonic()
         with pytest.raises(HubError) as failed:

@@ -207,8 +207,8 @@ def rewrite_manifest(path, edit):
 
 
 def test_manifest_file_names_never_reach_outside_the_folder(model, tmp_path):
-    """A manifest naming ../x made restore read a file outside the snapshot (here another snapshot's
-    valid checkpoint, which restored without complaint)."""
+    """A manifest naming ../x must not make restore read a file outside the snapshot (here another
+    snapshot's valid checkpoint, which would restore without complaint)."""
     saved_store(model, tmp_path / "other")
     outside = sorted((tmp_path / "other").glob("kda-*.safetensors"))[0]
     manifest = saved_store(model, tmp_path / "snap")
@@ -258,7 +258,7 @@ def test_checked_json_that_is_not_an_object_is_damaged(tmp_path):
 @pytest.mark.parametrize("kind", ["kda", "mla"])
 def test_tensors_of_the_wrong_shape_are_refused_on_restore(model, tmp_path, kind):
     """A checkpoint or segment file that passes its checksums but holds tensors of other shapes (a 0-dim
-    tensor broke the checksum itself) is refused with the file named."""
+    one included, which the checksum must handle too) is refused with the file named."""
     manifest = saved_store(model, tmp_path)
     layer = model.config.layer_kinds.index(kind)
     if kind == "kda":

@@ -159,7 +159,8 @@ def one_line_refusal(path, error=CheckpointError, match=None) -> str:
 
 @pytest.mark.parametrize("claimed", [64 << 20, 3 << 30])
 def test_a_huge_header_claim_is_refused_without_reading_it(tiny_checkpoint, tmp_path, claimed):
-    """The header length comes from the file: a file claiming gigabytes made the loader allocate them."""
+    """The header length comes from the file: trusted, a file claiming gigabytes makes the loader
+    allocate them."""
     path = copy_checkpoint(tiny_checkpoint, tmp_path / "m")
     file = path / "model.safetensors"
     with open(file, "wb") as fh:  # sparse: as long as its claim, and nothing on disk
@@ -233,7 +234,8 @@ def test_integer_tensors_and_odd_expert_names_are_refused(tiny_checkpoint, tmp_p
     ("model.bin", "the index names 'model.bin'"),
 ])
 def test_index_names_only_shards_in_the_folder(tiny_checkpoint, tmp_path, shard, message):
-    """A shard named ../x or /x loaded a file outside the checkpoint folder (here a whole valid checkpoint)."""
+    """A shard named ../x or /x must not load a file outside the checkpoint folder (here a whole valid
+    checkpoint, which would load)."""
     path = copy_checkpoint(tiny_checkpoint, tmp_path / "m")
     outside = tmp_path / "outside.safetensors"
     (path / "model.safetensors").rename(outside)
