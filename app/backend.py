@@ -7,7 +7,6 @@ start-up, and the first screen must paint before torch (seconds to import) is lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 from collections.abc import Callable
 

@@ -76,7 +76,8 @@ def add_parser(commands) -> None:
         description="Download REPO_ID's checkpoint (config.json, safetensors weights, tokenizer; never pickled "
         "weights or code) into the Hugging Face cache (HF_HOME / HF_HUB_CACHE) and print its folder. An "
         "interrupted pull resumes where it stopped when run again. HF_ENDPOINT selects a mirror, HF_TOKEN "
-        "a login for gated or private repos, and HF_HUB_OFFLINE=1 answers from the cache only.")
+        "a login for gated or private repos, and HF_HUB_OFFLINE=1 answers from the cache only. "
+        "KIMI_DESK_HUB_TIMEOUT is how many seconds to wait for the hub to answer (default 10).")
     pull.add_argument("repo_id", metavar="REPO_ID", help="owner/name, e.g. moonshotai/Kimi-Linear-48B-A3B-Instruct")
     pull.add_argument("--revision", metavar="R", help="a branch, tag or commit (default: main)")
     pull.set_defaults(run=run_pull)

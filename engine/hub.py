@@ -13,6 +13,10 @@ the hub's listed sha256 (LFS) or git blob id, renamed to `blobs/<etag>`, and `hf
 it into the snapshot exactly as it would have itself. A branch's ref is written last, so a cached
 snapshot that a ref points to is a complete one.
 
+Every request waits at most `hub_timeout()` seconds (KIMI_DESK_HUB_TIMEOUT, default 10) for the hub to
+connect, to answer, or to send the next piece of a download; a hub that accepts the connection and then
+says nothing ends the pull with a line saying what it was waiting for, instead of a pull that never ends.
+
 `estimate_memory` / `check_memory` say, before any weight is read, whether the model fits where it is
 about to be loaded, and if not what would fit.
 
@@ -22,8 +26,8 @@ Never imports textual; huggingface_hub and torch are imported only by the functi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -33,7 +37,8 @@ from pathlib import Path
 from typing import Callable
 
 from kimi_desk.engine.config import KimiLinearConfig
-from kimi_desk.engine.errors import ConfigError
+from kimi_desk.engine.errors import CheckpointError, ConfigError
+from kimi_desk.engine.files import first_line, index_shards
 from kimi_desk.engine.memory import format_bytes
 
 
@@ -98,6 +103,42 @@ class PullProgress:
     current_file: str = ""
 
 
+# -- waiting for the hub ----------------------------------------------------------------------------
+
+# huggingface-hub's own default; a slow link may want more, and the tests want less.
+DEFAULT_HUB_TIMEOUT = 10.0
+HUB_TIMEOUT_ENV = "KIMI_DESK_HUB_TIMEOUT"
+
+
+def hub_timeout() -> float:
+    """Seconds every request of a pull waits to connect, for an answer, or for the next bytes of a
+    download: KIMI_DESK_HUB_TIMEOUT when set (read here only), else 10."""
+    text = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_HUB_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= 86400:  # NaN fails too
+        raise HubError(f"{HUB_TIMEOUT_ENV}={text[:40]!r}: expected a number of seconds above 0 (at most a day)")
+    return seconds
+
+
+@contextmanager
+def _download_timeout(seconds: float):
+    """huggingface-hub's `http_get` takes no timeout argument: it reads HF_HUB_DOWNLOAD_TIMEOUT from its
+    constants at each call (each retry too), so the constant is set for the pull."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = seconds
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = previous
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 
@@ -107,14 +148,11 @@ def _endpoint(endpoint: str | None) -> str:
     return (endpoint or constants.ENDPOINT).rstrip("/")
 
 
-def _short_reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | None) -> HubError | None:
+def _hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | None, doing: str,
+               timeout: float) -> HubError | None:
     """The one-line HubError for an exception of huggingface-hub or its HTTP client, or None if it is
-    neither (a bug, which must keep its traceback)."""
+    neither (a bug, which must keep its traceback). `doing` says what the call was for ("listing X's
+    files"), for a hub that stops answering."""
     import httpx2
     from huggingface_hub.errors import (
         GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError,
@@ -130,7 +168,7 @@ def _hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | 
     if isinstance(exc, RepositoryNotFoundError):
         return HubError(f"{repo_id}: no such model on the hub ({hub}); check the name, or if it is private, {login}")
     if isinstance(exc, RemoteEntryNotFoundError):
-        return HubError(f"{repo_id}: a file the hub listed is missing ({_short_reason(exc)})")
+        return HubError(f"{repo_id}: a file the hub listed is missing ({first_line(exc)})")
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         if status in (401, 403):
@@ -139,20 +177,24 @@ def _hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | 
     if isinstance(exc, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
         return HubError(f"{repo_id} is not in the hub cache and downloads are off (HF_HUB_OFFLINE); "
                         "unset HF_HUB_OFFLINE to download it")
-    if isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError, httpx2.ProxyError,
+    if isinstance(exc, httpx2.TimeoutException):
+        return HubError(f"the hub at {hub} did not answer within {timeout:g} s while {doing}; check the network, "
+                        f"or set HF_ENDPOINT to a mirror, or {HUB_TIMEOUT_ENV} to wait longer")
+    if isinstance(exc, (httpx2.ConnectError, httpx2.NetworkError, httpx2.ProxyError,
                         httpx2.RemoteProtocolError, httpx2.UnsupportedProtocol)):
-        return HubError(f"cannot reach the Hugging Face hub at {hub} ({_short_reason(exc)}); check the network, "
+        return HubError(f"cannot reach the Hugging Face hub at {hub} ({first_line(exc)}); check the network, "
                         "or set HF_ENDPOINT to a mirror, or pass a local folder with --model")
     if isinstance(exc, httpx2.HTTPError):
-        return HubError(f"talking to the hub at {hub} failed ({_short_reason(exc)}); try again")
+        return HubError(f"talking to the hub at {hub} failed ({first_line(exc)}); try again")
     return None
 
 
 class _HubCalls:
     """Turns huggingface-hub's exceptions into one-line HubErrors (everything else passes through)."""
 
-    def __init__(self, repo_id: str, revision: str, endpoint: str | None):
+    def __init__(self, repo_id: str, revision: str, endpoint: str | None, doing: str, timeout: float):
         self.repo_id, self.revision, self.endpoint = repo_id, revision, endpoint
+        self.doing, self.timeout = doing, timeout
 
     def __enter__(self):
         return self
@@ -160,7 +202,7 @@ class _HubCalls:
     def __exit__(self, exc_type, exc, tb):
         if exc is None or isinstance(exc, HubError):
             return False
-        mapped = _hub_error(exc, self.repo_id, self.revision, self.endpoint)
+        mapped = _hub_error(exc, self.repo_id, self.revision, self.endpoint, self.doing, self.timeout)
         if mapped is None:
             return False
         raise mapped from None
@@ -189,8 +231,8 @@ def missing_checkpoint_part(folder: Path) -> str | None:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = index_shards(index)
+        except (OSError, CheckpointError):
             return None  # a damaged index is load_model's to report, with the file named
         return next((s for s in shards if not (folder / s).is_file()), None)
     return None if (folder / "model.safetensors").is_file() else "model.safetensors"
@@ -329,8 +371,9 @@ def _progress_bar_class(report: Callable[[int], None]):
 
 
 def _download_blob(url: str, blob: Path, filename: str, size: int | None, sibling,
-                   report: Callable[[int], None]) -> None:
+                   report: Callable[[int], None], timeout: float) -> None:
     """Stream `url` into blob + '.incomplete', resuming from what is there, verify it, rename it."""
+    import httpx2
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
@@ -355,7 +398,9 @@ def _download_blob(url: str, blob: Path, filename: str, size: int | None, siblin
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             response = getattr(exc, "response", None)
-            reason = f"HTTP {response.status_code}" if response is not None else _short_reason(exc)
+            reason = f"HTTP {response.status_code}" if response is not None else first_line(exc)
+            if isinstance(exc, httpx2.TimeoutException):
+                reason = f"the hub sent nothing for {timeout:g} s; {HUB_TIMEOUT_ENV} sets how long to wait"
             if size is not None and done > size:
                 partial.unlink(missing_ok=True)
             of = f"/{size:,}" if size is not None else ""
@@ -371,7 +416,7 @@ def _download_blob(url: str, blob: Path, filename: str, size: int | None, siblin
 
 
 def _fetch(repo_id: str, filename: str, commit: str, sibling, cache_dir: Path, endpoint: str | None,
-           report: Callable[[int], None]) -> Path:
+           report: Callable[[int], None], timeout: float) -> Path:
     """One file of the snapshot at `commit`, from the cache when it is there."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.utils import WeakFileLock
@@ -381,8 +426,8 @@ def _fetch(repo_id: str, filename: str, commit: str, sibling, cache_dir: Path, e
     if pointer.is_file():
         return pointer
     url = hf_hub_url(repo_id, filename, revision=commit, endpoint=endpoint)
-    with _HubCalls(repo_id, commit, endpoint):
-        meta = get_hf_file_metadata(url, endpoint=endpoint)
+    with _HubCalls(repo_id, commit, endpoint, f"asking for {filename}", timeout):
+        meta = get_hf_file_metadata(url, endpoint=endpoint, timeout=timeout)
     if not meta.etag or "/" in meta.etag or meta.etag.startswith("."):
         raise HubError(f"the hub gave no usable ETag for {repo_id}/{filename}; is HF_ENDPOINT a hub?")
     size = meta.size if meta.size is not None else getattr(sibling, "size", None)
@@ -395,10 +440,11 @@ def _fetch(repo_id: str, filename: str, commit: str, sibling, cache_dir: Path, e
             if not blob.is_file():
                 # The resolve url, not the signed CDN url the HEAD saw: every request of a long
                 # download (each retry, each resumed run) is redirected afresh, so no signature expires.
-                _download_blob(url, blob, filename, size, sibling, report)
+                _download_blob(url, blob, filename, size, sibling, report, timeout)
     # huggingface-hub links the snapshot entry to the blob (a symlink, or a copy where there are none).
-    with _HubCalls(repo_id, commit, endpoint):
-        return Path(hf_hub_download(repo_id, filename, revision=commit, cache_dir=cache_dir, endpoint=endpoint))
+    with _HubCalls(repo_id, commit, endpoint, f"asking for {filename}", timeout):
+        return Path(hf_hub_download(repo_id, filename, revision=commit, cache_dir=cache_dir, endpoint=endpoint,
+                                    etag_timeout=timeout))
 
 
 # -- pull -------------------------------------------------------------------------------------------
@@ -409,12 +455,10 @@ def _weight_files(folder: Path, listed: dict, repo_id: str) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise HubError(f"{repo_id}: model.safetensors.index.json is not a valid safetensors index") from None
+            shards = index_shards(index)
+        except CheckpointError as exc:
+            raise HubError(f"{repo_id}: {index.name}{str(exc).removeprefix(str(index))}") from None
         for shard in shards:
-            if not isinstance(shard, str) or "/" in shard or "\\" in shard or not shard.endswith(".safetensors"):
-                raise HubError(f"{repo_id}: the index names {shard!r}, not a top-level .safetensors file")
             if shard not in listed:
                 raise HubError(f"{repo_id}: the index names {shard}, which the repository does not have")
         return shards
@@ -432,9 +476,10 @@ def pull(repo_id: str, revision: str | None = None, cache_dir=None,
     """Download the checkpoint `repo_id` (at `revision`, default main) into the hub cache and return its
     snapshot folder, ready for `load_model`. Files already cached are not fetched again; an interrupted
     file resumes where it stopped. `endpoint` overrides HF_ENDPOINT. With HF_HUB_OFFLINE=1 the cached
-    snapshot is returned, or a HubError says it is not there."""
-    with _quiet_hub_warnings():
-        return _pull(repo_id, revision, cache_dir, on_progress, endpoint)
+    snapshot is returned, or a HubError says it is not there. Each request waits at most `hub_timeout()`."""
+    timeout = hub_timeout()
+    with _quiet_hub_warnings(), _download_timeout(timeout):
+        return _pull(repo_id, revision, cache_dir, on_progress, endpoint, timeout)
 
 
 @contextmanager
@@ -453,7 +498,7 @@ def _quiet_hub_warnings():
         hub_logger.setLevel(previous)
 
 
-def _pull(repo_id: str, revision: str | None, cache_dir, on_progress, endpoint: str | None) -> Path:
+def _pull(repo_id: str, revision: str | None, cache_dir, on_progress, endpoint: str | None, timeout: float) -> Path:
     from huggingface_hub import HfApi, constants
 
     _check_repo_id(repo_id)
@@ -469,8 +514,8 @@ def _pull(repo_id: str, revision: str | None, cache_dir, on_progress, endpoint: 
                            f"({cache}); unset HF_HUB_OFFLINE to download it")
         return snapshot
 
-    with _HubCalls(repo_id, revision, endpoint):
-        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
+    with _HubCalls(repo_id, revision, endpoint, f"listing {repo_id}'s files", timeout):
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True, timeout=timeout)
     commit = info.sha
     if not commit:
         raise HubError(f"the hub did not say which commit {repo_id}@{revision} is; is HF_ENDPOINT a hub?")
@@ -485,7 +530,7 @@ def _pull(repo_id: str, revision: str | None, cache_dir, on_progress, endpoint: 
     # gigabytes of weights are fetched.
     metadata = [name for name in METADATA_FILES if name in listed]
     for name in metadata:
-        _fetch(repo_id, name, commit, listed[name], cache, endpoint, lambda done: None)
+        _fetch(repo_id, name, commit, listed[name], cache, endpoint, lambda done: None, timeout)
     snapshot = storage / "snapshots" / commit
     try:
         KimiLinearConfig.from_file(snapshot / "config.json")
@@ -513,7 +558,8 @@ def _pull(repo_id: str, revision: str | None, cache_dir, on_progress, endpoint: 
     for name in weights:
         if name in done_files:
             continue
-        _fetch(repo_id, name, commit, listed[name], cache, endpoint, lambda file_bytes, name=name: report(name, file_bytes))
+        _fetch(repo_id, name, commit, listed[name], cache, endpoint,
+               lambda file_bytes, name=name: report(name, file_bytes), timeout)
         done_files.add(name)
         done_bytes += size_of[name]
         report(name, 0)

@@ -28,10 +28,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from kimi_desk.engine.atomic import atomic_write
+from kimi_desk.engine.files import BadJSON, brief, first_line, is_count, read_json, some
 from kimi_desk.engine.state import KDAState, MLACache, ModelState
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# A manifest holds a few hundred entries; a session file its document's file list and the transcript.
+CHECKED_JSON_MAX_BYTES = 64 << 20
 
 
 class SnapshotError(ValueError):
@@ -48,26 +51,39 @@ def _json_with_checksum(payload: dict) -> bytes:
 
 
 def read_checked_json(path: Path) -> dict:
-    """A JSON file written by write_checked_json, with its checksum verified."""
+    """The object in a JSON file written by write_checked_json, with its checksum verified. The checksum
+    finds damage, not intent: whoever can write the file can write a matching checksum, so callers
+    check what the payload holds before using it."""
     try:
-        data = Path(path).read_bytes()
+        wrapper = read_json(Path(path), CHECKED_JSON_MAX_BYTES)
     except FileNotFoundError:
         raise SnapshotError(f"{path}: missing") from None
-    except OSError as exc:
-        raise SnapshotError(f"{path}: unreadable ({type(exc).__name__})") from None
-    return parse_checked_json(data, str(path))
+    except BadJSON as exc:
+        raise SnapshotError(f"{path}: damaged ({exc})") from None
+    return _checked_payload(wrapper, str(path))
 
 
 def parse_checked_json(data: bytes, where: str) -> dict:
-    """The payload of write_checked_json's bytes `data`; SnapshotError naming `where` when they are not
-    that (malformed, nested too deeply to parse, or a checksum that does not match)."""
+    """The payload of write_checked_json's bytes `data` (a member of an archive); SnapshotError naming
+    `where` when they are not that."""
     try:
         wrapper = json.loads(data.decode("utf-8"))
-        payload, checksum = wrapper["payload"], wrapper["checksum"]
+    except RecursionError:
+        raise SnapshotError(f"{where}: damaged (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError):
+        raise SnapshotError(f"{where}: damaged (not JSON)") from None
+    return _checked_payload(wrapper, where)
+
+
+def _checked_payload(wrapper, where: str) -> dict:
+    payload = wrapper.get("payload") if isinstance(wrapper, dict) else None
+    if not isinstance(payload, dict) or not isinstance(wrapper.get("checksum"), str):
+        raise SnapshotError(f"{where}: damaged (not a payload object with its checksum)")
+    try:
         body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError, ValueError) as exc:
-        raise SnapshotError(f"{where}: damaged ({type(exc).__name__})") from None
-    if not isinstance(checksum, str) or hashlib.sha256(body.encode()).hexdigest() != checksum:
+    except (RecursionError, ValueError):
+        raise SnapshotError(f"{where}: damaged (nested too deeply)") from None
+    if hashlib.sha256(body.encode()).hexdigest() != wrapper["checksum"]:
         raise SnapshotError(f"{where}: damaged (checksum mismatch)")
     return payload
 
@@ -85,7 +101,7 @@ def _data_digest(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name].contiguous()
         digest.update(name.encode())
         digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -118,7 +134,7 @@ def read_tensors(path: Path, identity: Identity, expected_digest: str | None = N
             metadata = reader.metadata() or {}
             tensors = {name: reader.get_tensor(name) for name in reader.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise SnapshotError(f"{path.name}: damaged or truncated ({str(exc).splitlines()[0][:120]})") from None
+        raise SnapshotError(f"{path.name}: damaged or truncated ({first_line(exc)})") from None
     _check_identity(path, metadata, identity)
     digest = _data_digest(tensors)
     if digest != metadata.get("data_sha256") or (expected_digest and digest != expected_digest):
@@ -128,7 +144,7 @@ def read_tensors(path: Path, identity: Identity, expected_digest: str | None = N
 
 def _check_identity(path: Path, metadata: dict, identity: Identity) -> None:
     if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise SnapshotError(f"{path.name}: snapshot format {metadata.get('format_version')!r}, "
+        raise SnapshotError(f"{path.name}: snapshot format {brief(metadata.get('format_version'))}, "
                             f"this kimi-desk reads format {FORMAT_VERSION}")
     if metadata.get("model_fingerprint") != identity.model_fingerprint:
         raise SnapshotError(f"{path.name}: the snapshot was made with another model")
@@ -156,9 +172,7 @@ class SnapshotStore:
             return {"format_version": FORMAT_VERSION, **self.identity.metadata(), "checkpoints": [],
                     "segments": [], "counter": 0}
         manifest = read_checked_json(path)
-        if not isinstance(manifest, dict):
-            raise SnapshotError(f"{path}: damaged (not an object)")
-        _check_identity(path, {k: str(v) for k, v in manifest.items() if k != "checkpoints"}, self.identity)
+        _check_identity(path, {k: v for k, v in manifest.items() if isinstance(v, str)}, self.identity)
         _check_manifest(path, manifest)
         return manifest
 
@@ -238,7 +252,7 @@ class SnapshotStore:
         `model.new_state(1)`, which fixes layer kinds, shapes, dtypes and device)."""
         entry = next((c for c in self._manifest["checkpoints"] if c["position"] == position), None)
         if entry is None:
-            raise SnapshotError(f"no checkpoint at position {position} (have {self.positions})")
+            raise SnapshotError(f"no checkpoint at position {position} (have {some(self.positions)})")
         constant = read_tensors(self.folder / entry["file"], self.identity, entry["sha256"])
         segments = [s for s in self._manifest["segments"] if s["start"] < position]
         parts = [read_tensors(self.folder / s["file"], self.identity, s["sha256"]) for s in segments]
@@ -252,11 +266,12 @@ class SnapshotStore:
                     layer.conv = conv.unsqueeze(0).to(layer.conv)
                 else:
                     layer.truncate(0)
-                    for part in parts:
+                    for segment, part in zip(segments, parts):
                         latents = part[f"layers.{i}.latents"]
-                        if latents.shape[-1] != layer._buffer.shape[-1]:
-                            raise SnapshotError(f"layer {i}: cached latents have width {latents.shape[-1]}, "
-                                                f"the model {layer._buffer.shape[-1]}")
+                        want = (segment["end"] - segment["start"], layer._buffer.shape[-1])
+                        if tuple(latents.shape) != want:
+                            raise SnapshotError(f"{segment['file']}: layer {i} has latents of shape "
+                                                f"{list(latents.shape)}, the segment needs {list(want)}")
                         layer.append(latents.unsqueeze(0).to(layer._buffer))
                     layer.truncate(position)
             except KeyError as exc:
@@ -274,43 +289,45 @@ class SnapshotStore:
         self._commit()
 
 
-# Tensor file names as the store makes them: only these are ever read, written or deleted.
+# Tensor file names as the store makes them (`_next_name`): only these are ever read, written or deleted.
 _TENSOR_FILE = re.compile(r"(kda-[0-9]{12}|mla-[0-9]{12}-[0-9]{12})-([0-9]{1,18})\.safetensors")
-_ENTRY_FIELDS = {"checkpoints": ("kda", "position"), "segments": ("mla", "start", "end")}
 
 
 def _check_manifest(path: Path, manifest: dict) -> None:
-    """Every entry typed and in order (a manifest may come from another machine): positions are
-    integers, segments follow one another from 0, file names are the store's own (so no entry can make
-    the store read or delete a file outside its folder) and the counter is past every name's number."""
+    """The manifest holds what save() writes: checkpoints at distinct positions in order, within the
+    cache; segments that tile the cache from 0; every file a name the store makes, once, numbered below
+    the counter, so that no entry makes the store read or delete a file outside its folder or write over
+    one it names."""
 
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise SnapshotError(f"{path.name}: damaged ({what})")
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise SnapshotError(f"{path}: damaged ({what})")
 
+    checkpoints, segments = manifest.get("checkpoints"), manifest.get("segments")
+    need(isinstance(checkpoints, list) and isinstance(segments, list), "no checkpoint or segment list")
     counter = manifest.get("counter")
-    need(type(counter) is int and 0 <= counter < 1 << 62, "counter")
+    need(is_count(counter), f"counter is {brief(counter)}")
     names = set()
-    for kind, (prefix, *fields) in _ENTRY_FIELDS.items():
-        entries = manifest.get(kind)
-        need(isinstance(entries, list) and len(entries) <= 1 << 20, kind)
+    for kind, entries, prefix, fields in (("checkpoint", checkpoints, "kda", ("position",)),
+                                          ("segment", segments, "mla", ("start", "end"))):
         for entry in entries:
-            need(isinstance(entry, dict), kind)
-            for name in fields:
-                need(type(entry.get(name)) is int and 0 <= entry[name] < 1 << 40, f"{kind}.{name}")
+            need(isinstance(entry, dict), f"a {kind} entry is {brief(entry)}")
+            for field in fields:
+                need(is_count(entry.get(field)), f"a {kind} entry has {field} {brief(entry.get(field))}")
             file = entry.get("file")
             match = _TENSOR_FILE.fullmatch(file) if isinstance(file, str) else None
-            need(match is not None and file.startswith(prefix), f"{kind}.file")
-            need(file not in names and int(match.group(2)) <= counter, f"{kind}.file")
+            need(match is not None and file.startswith(prefix) and file not in names
+                 and int(match.group(2)) <= counter, f"a {kind} entry names the file {brief(file)}")
             names.add(file)
-            digest = entry.get("sha256")
-            need(isinstance(digest, str) and len(digest) == 64, f"{kind}.sha256")
-    positions = [c["position"] for c in manifest["checkpoints"]]
-    need(positions == sorted(set(positions)), "checkpoint positions")
+            need(isinstance(entry.get("sha256"), str), f"a {kind} entry has sha256 {brief(entry.get('sha256'))}")
     end = 0
-    for segment in manifest["segments"]:
-        need(segment["start"] == end and segment["end"] > segment["start"], "segments out of order")
+    for segment in segments:
+        need(segment["start"] == end and segment["end"] > end, "its cache segments do not follow each other")
         end = segment["end"]
+    positions = [c["position"] for c in checkpoints]
+    need(positions == sorted(set(positions)), "its checkpoints are not in order")
+    need(not positions or positions[-1] <= end,
+         f"a checkpoint at {brief(positions[-1])} is past the cache's {brief(end)} tokens")
 
 
 def _check_shape(file: str, got: torch.Tensor, want: torch.Tensor) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _BackendTokenizer
 
 from kimi_desk.engine.atomic import atomic_write
+from kimi_desk.engine.files import BadJSON, first_line, read_json
 
 
 class TokenizerError(ValueError):
@@ -493,13 +494,17 @@ def _named_ids(added_tokens_decoder: dict, source: Path) -> dict[int, str]:
         raise TokenizerError(f"{source}: added_tokens_decoder must map token ids to tokens") from None
 
 
+# Its chat template and added tokens take tens of KB; a file this large is not one.
+TOKENIZER_CONFIG_MAX_BYTES = 16 << 20
+
+
 def _read_tokenizer_config(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"{path}: not valid JSON ({exc})") from None
+        config = read_json(path, TOKENIZER_CONFIG_MAX_BYTES)
+    except (OSError, BadJSON) as exc:
+        raise TokenizerError(f"{path}: {first_line(exc)}") from None
     if not isinstance(config, dict):
         raise TokenizerError(f"{path}: must hold a JSON object")
     return config

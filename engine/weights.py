@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +20,9 @@ from safetensors import SafetensorError, safe_open
 
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.errors import CheckpointError, ConfigError
+from kimi_desk.engine.files import brief, first_line, index_shards, is_count, shown_name, some
 from kimi_desk.engine.model import KimiLinearForCausalLM
-from kimi_desk.engine.quantize import Int8Embedding, format_of, logical_shape, quantize_into, quantize_structure
+from kimi_desk.engine.quantize import Int8Embedding, format_of, quantize_into, quantize_structure
 from kimi_desk.engine.quantized_cache import cache_file, load_cached, write_cache
 
 
@@ -34,6 +36,14 @@ FP32_PARAMETERS = ("A_log", "dt_bias", "conv1d.weight", "e_score_correction_bias
 
 _EXPERT_PREFIX = "block_sparse_moe.experts."
 
+# A safetensors header lists each tensor in about 130 bytes: the 48B model's largest shard needs under
+# 200 KB, a whole 48B model in one file 3 MB. safetensors itself refuses headers over 100 MB; a header
+# is parsed into Python objects several times its size, so the loader stops well before that.
+HEADER_MAX_BYTES = 16 << 20
+# The floating-point dtypes a checkpoint tensor may have (safetensors' names) and their sizes in bytes.
+FLOAT_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_DIMS = 8
+
 
 def checkpoint_to_parameter(name: str) -> tuple[str, int | None]:
     """The one name table: a checkpoint tensor name -> (our parameter name, expert index or None).
@@ -43,23 +53,35 @@ def checkpoint_to_parameter(name: str) -> tuple[str, int | None]:
     """
     if _EXPERT_PREFIX in name and name.endswith(".weight"):
         head, tail = name.split(_EXPERT_PREFIX, 1)
-        index, proj, _ = tail.split(".")
-        if index.isdigit() and proj in ("w1", "w2", "w3"):
-            return f"{head}{_EXPERT_PREFIX}{proj}", int(index)
+        parts = tail.split(".")
+        if len(parts) == 3 and parts[0].isdigit() and parts[1] in ("w1", "w2", "w3"):
+            return f"{head}{_EXPERT_PREFIX}{parts[1]}", int(parts[0])
     return name, None
+
+
+def _is_stacked(pname: str) -> bool:
+    """Whether parameter `pname` stacks the routed experts (one checkpoint tensor per expert)."""
+    return pname.startswith("model.layers.") and ".experts.w" in pname
+
+
+def _expert_tensor_name(pname: str, index: int) -> str:
+    head, proj = pname.rsplit(".", 1)
+    return f"{head}.{index}.{proj}.weight"
+
+
+def _iter_expected(model: KimiLinearForCausalLM):
+    """(checkpoint name, parameter name, expert index, shape) of every tensor the model needs, in order."""
+    for pname, param in model.named_parameters():
+        if _is_stacked(pname):
+            for j in range(param.shape[0]):
+                yield _expert_tensor_name(pname, j), pname, j, tuple(param.shape[1:])
+        else:
+            yield pname, pname, None, tuple(param.shape)
 
 
 def expected_tensors(model: KimiLinearForCausalLM) -> dict[str, tuple[str, int | None, tuple[int, ...]]]:
     """Checkpoint name -> (parameter name, expert index, shape), for every tensor the model needs."""
-    out = {}
-    for pname, param in model.named_parameters():
-        if pname.startswith("model.layers.") and ".experts.w" in pname:
-            head, proj = pname.rsplit(".", 1)
-            for j in range(param.shape[0]):
-                out[f"{head}.{j}.{proj}.weight"] = (pname, j, logical_shape(param)[1:])
-        else:
-            out[pname] = (pname, None, logical_shape(param))
-    return out
+    return {name: (pname, index, shape) for name, pname, index, shape in _iter_expected(model)}
 
 
 def build_on_meta(config: KimiLinearConfig) -> KimiLinearForCausalLM:
@@ -94,11 +116,7 @@ def checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+        files = index_shards(index)
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise CheckpointError(f"{path}: shard {missing[0]} listed in model.safetensors.index.json is missing")
@@ -108,64 +126,117 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _check_header(file: Path) -> None:
-    """safetensors refuses a truncated file only when a tensor is read; check the sizes up front so the
-    message names the file."""
-    size = file.stat().st_size
-    with open(file, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{file}: truncated or not a safetensors file")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > size - 8:
-            raise CheckpointError(f"{file}: truncated or not a safetensors file (header runs past the end)")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{file}: damaged safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise CheckpointError(f"{file}: truncated ({size} bytes, the header describes {8 + header_len + end})")
+def read_header(file: Path) -> dict[str, dict]:
+    """A safetensors file's tensors as its header lists them: name -> {"dtype": str, "shape": [int],
+    "data_offsets": [begin, end]}, checked before anything is allocated for them. The header's length is
+    bounded (HEADER_MAX_BYTES), every entry has the fields and types safetensors defines, and every
+    tensor of a known dtype lies inside the file and spans exactly its shape's bytes: whatever the
+    loader allocates for a tensor, the file holds. Anything else is a CheckpointError naming the file."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{file}: truncated or not a safetensors file")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > HEADER_MAX_BYTES:
+                raise CheckpointError(f"{file}: damaged or not a safetensors file (its header claims "
+                                      f"{header_len:,} bytes, a checkpoint's has at most {HEADER_MAX_BYTES:,})")
+            if header_len > size - 8:
+                raise CheckpointError(f"{file}: truncated or not a safetensors file (header runs past the end)")
+            text = fh.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot be read ({first_line(exc)})") from None
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{file}: damaged safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: damaged safetensors header (not a JSON object)")
+    data_size = size - 8 - header_len
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        problem = _header_entry_problem(entry, data_size)
+        if problem:
+            raise CheckpointError(f"{file}: damaged safetensors header (tensor {shown_name(name)} {problem})")
+        tensors[name] = entry
+    return tensors
 
 
-def load_weights(model: KimiLinearForCausalLM, path: Path, quantized_loaded: bool = False) -> None:
-    """Fill every parameter from the checkpoint at `path`, quantizing as it reads; with
-    `quantized_loaded` the quantized ones are already filled (from the disk cache) and only checked
-    against the checkpoint's shapes, not read."""
-    expected = expected_tensors(model)
+def _header_entry_problem(entry, data_size: int) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(entry, dict):
+        return f"is {brief(entry)}, not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        return f"has dtype {brief(dtype)}"
+    if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(is_count(d) for d in shape)):
+        return f"has shape {brief(shape)}, not a list of at most {_MAX_DIMS} sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"has data_offsets {brief(offsets)}, not [begin, end]"
+    if offsets[1] > data_size:
+        return f"ends past the {data_size:,} bytes of data in the file: truncated"
+    if dtype in FLOAT_DTYPE_BYTES and math.prod(shape) * FLOAT_DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+        return f"spans {offsets[1] - offsets[0]:,} bytes, not the size of its shape in {dtype}"
+    return None
+
+
+def check_tensors(model: KimiLinearForCausalLM, folder: Path, headers: dict[Path, dict[str, dict]]) -> None:
+    """The headers (read_header's, per file) list every tensor `model` needs once, with its shape and a
+    floating-point dtype, and nothing else. Checked on the model built on the meta device, before memory
+    is allocated for it: a config.json that does not describe its weights is refused without allocating
+    the model it describes."""
     params = dict(model.named_parameters())
     seen: set[str] = set()
-    for file in checkpoint_files(path):
-        _check_header(file)
+    for file, header in headers.items():
+        for name, entry in header.items():
+            pname, index = checkpoint_to_parameter(name)
+            param = params.get(pname)
+            if param is None or _is_stacked(pname) != (index is not None) or (
+                    index is not None and (index >= param.shape[0] or _expert_tensor_name(pname, index) != name)):
+                raise CheckpointError(f"{file.name}: unexpected tensor {shown_name(name)}")
+            if name in seen:
+                raise CheckpointError(f"{file.name}: tensor {name} appears twice in the checkpoint")
+            shape = tuple(param.shape if index is None else param.shape[1:])
+            if tuple(entry["shape"]) != shape:
+                raise CheckpointError(f"{file.name}: tensor {name} has shape {some(entry['shape'])}, "
+                                      f"expected {list(shape)}")
+            if entry["dtype"] not in FLOAT_DTYPE_BYTES:
+                raise CheckpointError(f"{file.name}: tensor {name} has dtype {brief(entry['dtype'])}, "
+                                      "expected floating point")
+            seen.add(name)
+    needed = sum(p.shape[0] if _is_stacked(n) else 1 for n, p in params.items())
+    if len(seen) < needed:
+        first = next(name for name, *_ in _iter_expected(model) if name not in seen)
+        more = f" (and {needed - len(seen) - 1} more)" if needed - len(seen) > 1 else ""
+        raise CheckpointError(f"{folder}: missing tensor {first}{more}")
+
+
+def load_weights(model: KimiLinearForCausalLM, headers: dict[Path, dict[str, dict]],
+                 quantized_loaded: bool = False) -> None:
+    """Fill `model`'s materialized parameters from the files of `headers`, which check_tensors passed,
+    quantizing as they are read; with `quantized_loaded` the quantized ones are already filled (from
+    the disk cache) and not read."""
+    params = dict(model.named_parameters())
+    for file, header in headers.items():
         try:
             with safe_open(file, framework="pt", device="cpu") as reader:
-                for name in reader.keys():
-                    if name not in expected:
-                        raise CheckpointError(f"{file.name}: unexpected tensor {name}")
-                    if name in seen:
-                        raise CheckpointError(f"{file.name}: tensor {name} appears twice in the checkpoint")
-                    pname, index, shape = expected[name]
-                    got = tuple(reader.get_slice(name).get_shape())
-                    if got != shape:
-                        raise CheckpointError(f"{file.name}: tensor {name} has shape {list(got)}, expected {list(shape)}")
-                    if quantized_loaded and format_of(params[pname]) is not None:
-                        seen.add(name)
+                for name in header:
+                    pname, index = checkpoint_to_parameter(name)
+                    quantized = format_of(params[pname]) is not None
+                    if quantized and quantized_loaded:
                         continue
                     tensor = reader.get_tensor(name)
-                    if not tensor.is_floating_point():
-                        raise CheckpointError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected floating point")
-                    if format_of(params[pname]) is not None:
+                    if quantized:
                         # Quantized as read, on the target device: the full-precision model never exists.
                         quantize_into(model, pname, index, tensor)
                     else:
                         (params[pname].data if index is None else params[pname].data[index]).copy_(tensor)
-                    seen.add(name)
         except SafetensorError as exc:
-            raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from None
-    missing = sorted(set(expected) - seen)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{path}: missing tensor {missing[0]}{more}")
+            raise CheckpointError(f"{file}: cannot read safetensors ({first_line(exc)})") from None
 
 
 def checkpoint_fingerprint(path: Path) -> str:
@@ -192,6 +263,8 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, quantize: s
     half precision is the caller's choice. `quantize` ("fp8", "int8", "int4") stores the big matrices
     in that format (quantize.py), read from the quantized cache when it holds them (quantized_cache.py)
     and written there otherwise; `notice` hears one line when the cache is rebuilt or cannot be kept.
+    Every safetensors header is read and checked against the model built on the meta device before
+    memory is allocated for the model.
     """
     path = Path(path)
     if not path.is_dir():
@@ -199,17 +272,19 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, quantize: s
     config = KimiLinearConfig.from_file(path / "config.json")
     if dtype is None:
         dtype = getattr(torch, config.dtype)
+    headers = {file: read_header(file) for file in checkpoint_files(path)}
     model = build_on_meta(config)
+    check_tensors(model, path, headers)
     if quantize is not None:
         quantize_structure(model, quantize)
     materialize(model, torch.device(device), dtype)
     fingerprint = checkpoint_fingerprint(path)
     if quantize is None:
-        load_weights(model, path)
+        load_weights(model, headers)
     else:
         cache = cache_file(path, quantize, fingerprint)
         cached = load_cached(model, cache, quantize, fingerprint, notice)
-        load_weights(model, path, quantized_loaded=cached)
+        load_weights(model, headers, quantized_loaded=cached)
         if not cached:
             write_cache(model, cache, quantize, fingerprint, notice)
     model.quantization = quantize

@@ -16,9 +16,13 @@ stops at the 302 and strips the token). Errors carry the hub's X-Error-Code (Rep
 RevisionNotFound, EntryNotFound).
 
 Faults for the tests: `drop_once(file, after_bytes, then_down)` closes the connection mid-file on the
-next GET of that file (and optionally answers 503 to everything until `up()`); `corrupt(file)` serves
-other bytes than the listing's checksum. Every request is logged in `requests`. The server shuts itself
-down after `lifetime` seconds even if a test forgets to.
+next GET of that file (and optionally answers 503 to everything until `up()`); `stall(file, after_bytes)`
+answers every GET of that file (resumed ones too) with the headers and its bytes up to `after_bytes`,
+then nothing more, the connection left open; `silence(file)` never answers a request for that file;
+`corrupt(file)` serves other bytes than the listing's checksum. Every request is logged in `requests`.
+The server shuts itself down after `lifetime` seconds even if a test forgets to.
+
+`SilentHub` is a server that accepts connections, reads the request and never answers.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class HubStandIn:
         self.requests: list[Request] = []
         self.down = False
         self._drops: dict[str, tuple[int, bool]] = {}
+        self._stalls: dict[str, int] = {}
+        self._silenced: set[str] = set()
+        self._closing = threading.Event()
         self._corrupt: set[str] = set()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
@@ -100,6 +107,12 @@ class HubStandIn:
     def drop_once(self, filename: str, after_bytes: int, then_down: bool = False) -> None:
         self._drops[filename] = (after_bytes, then_down)
 
+    def stall(self, filename: str, after_bytes: int) -> None:
+        self._stalls[filename] = after_bytes
+
+    def silence(self, filename: str) -> None:
+        self._silenced.add(filename)
+
     def corrupt(self, filename: str) -> None:
         self._corrupt.add(filename)
 
@@ -120,6 +133,7 @@ class HubStandIn:
 
     def close(self) -> None:
         self._timer.cancel()
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -148,12 +162,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- replies --------------------------------------------------------------------------------
 
-    def _send(self, status: int, headers: dict[str, str] | None = None, payload: bytes = b"", body: bool = True):
+    def _send_headers(self, status: int, headers: dict[str, str], length: int):
         self.send_response(status)
-        for key, value in (headers or {}).items():
+        for key, value in headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Content-Length", str(length))
         self.end_headers()
+
+    def _send(self, status: int, headers: dict[str, str] | None = None, payload: bytes = b"", body: bool = True):
+        self._send_headers(status, headers or {}, len(payload))
         if body and payload:
             self.wfile.write(payload)
 
@@ -171,6 +188,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.hub.down:
             return self._send(503, {"Content-Type": "text/plain"}, b"down for maintenance", body)
         parts = path.strip("/").split("/")
+        if len(parts) >= 5 and parts[2] == "resolve" and "/".join(parts[4:]) in self.hub._silenced:
+            self.hub._closing.wait()  # a request that is never answered
+            self.close_connection = True
+            return
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             return self._model_info("/".join(parts[2:4]), parts[5] if len(parts) >= 6 and parts[4] == "revision"
                                     else "main", body)
@@ -243,15 +264,19 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(416, {"Content-Range": f"bytes */{len(data)}"}, b"", body)
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
             data, status = data[start:end], 206
+        stall = self.hub._stalls.get(filename) if body else None
+        if stall is not None:
+            self._send_headers(status, headers, len(data))
+            self.wfile.write(data[: max(stall - start, 0)])  # up to the same place in the file, every time
+            self.wfile.flush()
+            self.hub._closing.wait()  # a server that has stopped sending, the connection still open
+            self.close_connection = True
+            return
         drop = self.hub._drops.pop(filename, None) if body else None
         if drop is None:
             return self._send(status, headers, data, body)
         after_bytes, then_down = drop
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
+        self._send_headers(status, headers, len(data))
         self.wfile.write(data[:after_bytes])
         self.wfile.flush()
         if then_down:
@@ -259,3 +284,44 @@ class _Handler(BaseHTTPRequestHandler):
         # A dropped connection, as when the network goes away mid-file.
         self.connection.shutdown(socket.SHUT_RDWR)
         self.close_connection = True
+
+
+class SilentHub:
+    """Accepts connections on 127.0.0.1 and never answers them: a hub behind a proxy
+    that has hung. `url` is its address; `connections` counts the connections it accepted."""
+
+    def __init__(self, lifetime: float = 60.0):
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.connections = 0
+        self._open: list[socket.socket] = []
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+        self._timer = threading.Timer(lifetime, self.close)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.connections += 1
+            self._open.append(connection)  # kept open, never answered
+
+    def close(self) -> None:
+        self._timer.cancel()
+        self._closing.set()
+        self._thread.join()
+        for connection in self._open:
+            connection.close()
+        self._listener.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

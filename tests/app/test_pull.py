@@ -7,11 +7,12 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from hub_standin import HubStandIn
+from hub_standin import HubStandIn, SilentHub
 
 REPO = "moonshotai/Kimi-Linear-tiny"
 
@@ -118,6 +119,15 @@ def test_unreachable_hub(tmp_path):
         port = probe.getsockname()[1]
     result = kimi_desk("pull", REPO, env=hub_env(tmp_path, f"http://127.0.0.1:{port}"))
     assert_one_line_error(result, f"cannot reach the Hugging Face hub at http://127.0.0.1:{port}")
+
+
+def test_a_hub_that_never_answers(tmp_path):
+    """It accepts the connection and says nothing: one line after KIMI_DESK_HUB_TIMEOUT, not a hang."""
+    with SilentHub() as silent:
+        started = time.monotonic()
+        result = kimi_desk("pull", REPO, env=hub_env(tmp_path, silent.url, KIMI_DESK_HUB_TIMEOUT="0.5"))
+        assert time.monotonic() - started < 20
+    assert_one_line_error(result, f"the hub at {silent.url} did not answer within 0.5 s while listing {REPO}'s files")
 
 
 def test_unknown_repo_and_offline_without_cache(server, tmp_path):

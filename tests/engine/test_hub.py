@@ -6,12 +6,13 @@ import hashlib
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from hub_standin import HubStandIn
+from hub_standin import HubStandIn, SilentHub
 from kimi_desk.engine import hub, load_model
 from kimi_desk.engine.hub import HubError
 
@@ -163,6 +164,60 @@ def test_unreachable_hub_is_one_clear_line(tmp_path):
     text = one_line(failed)
     assert text.startswith(f"cannot reach the Hugging Face hub at http://127.0.0.1:{port} (")
     assert "HF_ENDPOINT" in text and "--model" in text
+
+
+@pytest.fixture
+def short_timeout(monkeypatch):
+    """Half a second for every request; huggingface-hub's pauses between its retries of a stalled
+    download (a second each, five of them) are not what these tests measure."""
+    import huggingface_hub.file_download
+
+    monkeypatch.setenv(hub.HUB_TIMEOUT_ENV, "0.5")
+    monkeypatch.setattr(huggingface_hub.file_download.time, "sleep", lambda seconds: None)
+
+
+def test_a_hub_that_never_answers_is_one_line_within_the_timeout(tmp_path, short_timeout):
+    """An endpoint that accepts the connection and says nothing: without a timeout, a pull never ends."""
+    with SilentHub() as silent:
+        started = time.monotonic()
+        with pytest.raises(HubError) as failed:
+            hub.pull(REPO, cache_dir=tmp_path / "hub", endpoint=silent.url)
+        elapsed = time.monotonic() - started
+    assert one_line(failed).startswith(f"the hub at {silent.url} did not answer within 0.5 s while listing "
+                                       f"{REPO}'s files; ")
+    assert "KIMI_DESK_HUB_TIMEOUT" in str(failed.value) and silent.connections == 1 and elapsed < 3
+
+
+def test_a_download_that_stalls_is_one_line_and_resumes_later(served, chat_checkpoint, tmp_path, short_timeout,
+                                                               small_chunks):
+    """The hub sends the headers and part of the weights, then nothing, the connection open."""
+    served.stall("model.safetensors", after_bytes=200_000)
+    started = time.monotonic()
+    with pytest.raises(HubError) as failed:
+        hub.pull(REPO, cache_dir=tmp_path / "hub", endpoint=served.url)
+    assert time.monotonic() - started < 10
+    text = one_line(failed)
+    assert text.startswith("download of model.safetensors stopped at ") and "run the same command again" in text
+    assert "the hub sent nothing for 0.5 s" in text
+    served._stalls.clear()
+    path = hub.pull(REPO, cache_dir=tmp_path / "hub", endpoint=served.url)
+    assert (path / "model.safetensors").read_bytes() == (chat_checkpoint / "model.safetensors").read_bytes()
+
+
+def test_a_file_request_that_is_never_answered_names_the_file(served, tmp_path, short_timeout):
+    """The listing answers, the request for one file does not."""
+    served.silence("config.json")
+    with pytest.raises(HubError, match=r"did not answer within 0\.5 s while asking for config\.json; ") as failed:
+        hub.pull(REPO, cache_dir=tmp_path / "hub", endpoint=served.url)
+    one_line(failed)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "nan", "inf", "1e9"])
+def test_a_bad_timeout_setting_is_one_line(tmp_path, monkeypatch, value):
+    monkeypatch.setenv(hub.HUB_TIMEOUT_ENV, value)
+    with pytest.raises(HubError, match="KIMI_DESK_HUB_TIMEOUT=.*expected a number of seconds") as failed:
+        hub.pull(REPO, cache_dir=tmp_path / "hub", endpoint="http://127.0.0.1:9")
+    one_line(failed)
 
 
 @pytest.mark.parametrize("repo_id,revision,gated,expected", [

@@ -1,18 +1,27 @@
 """Snapshots on disk: exact round trips, truncation, crash safety, and refusal of what does not fit."""
 
+import hashlib
+import json
 import os
+import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 
 import pytest
 import torch
 
+from fuzzing import check_case, mutate_bytes, mutate_json, tree_state
 from kimi_desk.engine import load_model
 from kimi_desk.engine.random_checkpoint import tiny_config, write_random_checkpoint
-from kimi_desk.engine.snapshot import Identity, SnapshotError, SnapshotStore
+from kimi_desk.engine.snapshot import (
+    Identity, SnapshotError, SnapshotStore, read_checked_json, write_checked_json, write_tensors,
+)
 
 TOKENIZER = "tokenizer-under-test"
 
@@ -178,3 +187,142 @@ def test_only_batch_size_one(model, tmp_path):
     store = SnapshotStore(tmp_path, identity(model))
     with pytest.raises(ValueError, match="batch size 1"):
         store.save(model.new_state(2))
+
+
+def saved_store(model, folder, lengths=(40, 30)):
+    """A snapshot folder with a checkpoint after each of `lengths` more tokens; returns its manifest's path."""
+    store = SnapshotStore(folder, identity(model))
+    state = model.new_state(1)
+    for length in lengths:
+        model(torch.randint(0, 512, (1, length)), state)
+        store.save(state)
+    return folder / "manifest.json"
+
+
+def rewrite_manifest(path, edit):
+    """Edit the manifest's payload and write it back with a matching checksum, as a forger would."""
+    manifest = read_checked_json(path)
+    edit(manifest)
+    write_checked_json(path, manifest)
+
+
+def test_manifest_file_names_never_reach_outside_the_folder(model, tmp_path):
+    """A manifest naming ../x must not make restore read a file outside the snapshot (here another
+    snapshot's valid checkpoint, which would restore without complaint)."""
+    saved_store(model, tmp_path / "other")
+    outside = sorted((tmp_path / "other").glob("kda-*.safetensors"))[0]
+    manifest = saved_store(model, tmp_path / "snap")
+    for name in (f"../other/{outside.name}", str(outside), "..", ".hidden.safetensors", "a\\b.safetensors"):
+        rewrite_manifest(manifest, lambda m: m["checkpoints"][0].update(file=name))
+        with pytest.raises(SnapshotError, match=r"manifest.json: damaged \(a checkpoint entry names the file"):
+            SnapshotStore(tmp_path / "snap", identity(model))
+    assert outside.is_file()
+
+
+@pytest.mark.parametrize("edit,message", [
+    pytest.param(lambda m: m["checkpoints"][0].update(position="40"), "a checkpoint entry has position '40'", id="str-position"),
+    pytest.param(lambda m: m["checkpoints"][0].update(position=True), "has position True", id="bool-position"),
+    pytest.param(lambda m: m["checkpoints"][0].update(position=-1), "has position -1", id="negative-position"),
+    pytest.param(lambda m: m["checkpoints"][-1].update(position=10**100), "a checkpoint at 1000", id="position-past-cache"),
+    pytest.param(lambda m: m["checkpoints"].reverse(), "not in order", id="unordered"),
+    pytest.param(lambda m: m["checkpoints"][0].pop("file"), "names the file None", id="no-file"),
+    pytest.param(lambda m: m["checkpoints"][0].update(file=["x"]), "names the file a list of 1 item", id="list-file"),
+    pytest.param(lambda m: m["checkpoints"][0].update(sha256=7), "has sha256 7", id="int-sha"),
+    pytest.param(lambda m: m["checkpoints"].append([1]), "a checkpoint entry is a list of 1 item", id="list-entry"),
+    pytest.param(lambda m: m.update(checkpoints={"a": 1}), "no checkpoint or segment list", id="checkpoints-object"),
+    pytest.param(lambda m: m.pop("segments"), "no checkpoint or segment list", id="no-segments"),
+    pytest.param(lambda m: m["segments"][1].update(start=41), "segments do not follow each other", id="gap"),
+    pytest.param(lambda m: m["segments"][0].update(end="40"), "a segment entry has end '40'", id="str-end"),
+    pytest.param(lambda m: m.update(counter=None), "counter is None", id="no-counter"),
+    pytest.param(lambda m: m.update(model_fingerprint=["x"] * 1000), "another model", id="list-fingerprint"),
+    pytest.param(lambda m: m.update(format_version="9" * 10_000), "snapshot format '9999", id="long-version"),
+])
+def test_manifest_fields_of_the_wrong_type_are_one_line(model, tmp_path, edit, message):
+    manifest = saved_store(model, tmp_path)
+    rewrite_manifest(manifest, edit)
+    with pytest.raises(SnapshotError, match="manifest.json: ") as info:
+        SnapshotStore(tmp_path, identity(model))
+    text = str(info.value)
+    assert message in text and "\n" not in text and len(text) < len(str(tmp_path)) + 200, text
+
+
+def test_checked_json_that_is_not_an_object_is_damaged(tmp_path):
+    path = tmp_path / "manifest.json"
+    for text in ("[]", '{"payload": [], "checksum": "x"}', '{"payload": {}, "checksum": 5}', "[" * 100_000,
+                 '{"payload": ' + "[" * 900 + "]" * 900 + ', "checksum": "x"}'):
+        path.write_text(text)
+        with pytest.raises(SnapshotError, match=r"manifest.json: damaged \("):
+            read_checked_json(path)
+
+
+@pytest.mark.parametrize("kind", ["kda", "mla"])
+def test_tensors_of_the_wrong_shape_are_refused_on_restore(model, tmp_path, kind):
+    """A checkpoint or segment file that passes its checksums but holds tensors of other shapes (a 0-dim
+    one included, which the checksum must handle too) is refused with the file named."""
+    manifest = saved_store(model, tmp_path)
+    layer = model.config.layer_kinds.index(kind)
+    if kind == "kda":
+        entries, message = "checkpoints", "state of shape []"
+        tensors = {f"layers.{layer}.recurrent": torch.tensor(1.0), f"layers.{layer}.conv": torch.tensor(2.0)}
+    else:
+        entries, tensors, message = "segments", {f"layers.{layer}.latents": torch.zeros(3, 40)}, "latents of shape [3, 40]"
+    file = f"{kind}-forged-99.safetensors"
+    digest = write_tensors(tmp_path / file, tensors, identity(model))
+    rewrite_manifest(manifest, lambda m: m[entries][0].update(file=file, sha256=digest))
+    with pytest.raises(SnapshotError, match=re.escape(file) + ": .*" + re.escape(message)):
+        SnapshotStore(tmp_path, identity(model)).restore(40, model.new_state(1))
+
+
+def checked_json_text(payload_text: str) -> str:
+    """A checked JSON file around `payload_text` (mutated JSON text) with the checksum the reader will
+    compute, as a forger would write it; a payload that cannot be parsed gets a wrong one."""
+    try:
+        body = json.dumps(json.loads(payload_text), sort_keys=True, separators=(",", ":"))
+        checksum = hashlib.sha256(body.encode()).hexdigest()
+    except (ValueError, RecursionError):
+        checksum = "0" * 64
+    return f'{{"checksum": "{checksum}", "payload": {payload_text}}}'
+
+
+def test_fuzzed_snapshots_end_in_states_or_one_line(model, tmp_path):
+    """Mutations of the manifest (its JSON, with a matching checksum, or its bytes) and of the tensor
+    files: opening the store, restoring every checkpoint and truncating end in states or in one
+    SnapshotError line; never another exception, a hang, or a file read, written or deleted outside
+    the snapshot folder."""
+    base = tmp_path / "base"
+    saved_store(model, base, lengths=(40, 30, 25))
+    payload = read_checked_json(base / "manifest.json")
+    # Files a manifest could name with ../ (the case folder is three levels down): they must stay as they are.
+    for name in ("outside.safetensors", "a/outside.safetensors", "a/b/outside.safetensors"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sorted(base.glob("kda-*"))[0], tmp_path / name)
+    case = tmp_path / "a" / "b" / "snap"
+    outcomes = Counter()
+    for seed in range(120):
+        rng = random.Random(seed)
+        shutil.rmtree(case, ignore_errors=True)
+        shutil.copytree(base, case)
+        kind = rng.choice(["manifest json", "manifest json", "manifest bytes", "tensor file"])
+        if kind == "manifest json":
+            text, what = mutate_json(payload, rng)
+            (case / "manifest.json").write_text(checked_json_text(text))
+        elif kind == "manifest bytes":
+            data, what = mutate_bytes((case / "manifest.json").read_bytes(), rng)
+            (case / "manifest.json").write_bytes(data)
+        else:
+            target = rng.choice(sorted(case.glob("*.safetensors")))
+            data, what = mutate_bytes(target.read_bytes(), rng)
+            target.write_bytes(data)
+            what = f"{target.name}: {what}"
+        outside = tree_state(tmp_path, skip=case)
+
+        def run():
+            store = SnapshotStore(case, identity(model))
+            for position in store.positions:
+                state = store.restore(position, model.new_state(1))
+                assert state.position == position
+            store.truncate_after(store.positions[0] if store.positions else 0)
+
+        outcomes[check_case(run, SnapshotError, seed, f"{kind}: {what}")] += 1
+        assert tree_state(tmp_path, skip=case) == outside, f"seed {seed} ({kind}: {what}) touched a file outside"
+    assert outcomes["ok"] >= 1 and outcomes["refused"] >= 100, outcomes
