@@ -326,8 +326,8 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         end = segment["end"]
     positions = [c["position"] for c in checkpoints]
     need(positions == sorted(set(positions)), "its checkpoints are not in order")
-    need(not positions or positions[-1] <= end,
-         f"a checkpoint at {brief(positions[-1])} is past the cache's {brief(end)} tokens")
+    if positions:
+        need(positions[-1] <= end, f"a checkpoint at {brief(positions[-1])} is past the cache's {brief(end)} tokens")
 
 
 def _check_shape(file: str, got: torch.Tensor, want: torch.Tensor) -> None:

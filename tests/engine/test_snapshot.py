@@ -326,3 +326,11 @@ def test_fuzzed_snapshots_end_in_states_or_one_line(model, tmp_path):
         outcomes[check_case(run, SnapshotError, seed, f"{kind}: {what}")] += 1
         assert tree_state(tmp_path, skip=case) == outside, f"seed {seed} ({kind}: {what}) touched a file outside"
     assert outcomes["ok"] >= 1 and outcomes["refused"] >= 100, outcomes
+
+
+def test_a_store_with_no_checkpoint_yet_reopens(tmp_path):
+    """A reading stopped before its first checkpoint leaves a manifest with empty lists."""
+    identity = Identity("m0", "t0")
+    SnapshotStore(tmp_path / "snap", identity).truncate_after(0)
+    store = SnapshotStore(tmp_path / "snap", identity)
+    assert store.positions == [] and store.files == [] and store.cached_tokens == 0
