@@ -8,12 +8,15 @@
 #   --source   a llama_cpp_python-*.tar.gz sdist or a tarball of a llama.cpp tree (as made by
 #              /work/shared/tools/llama-cpp-source.sh); default: `pip download` of the sdist below
 # Layout of OUT_DIR: src/llama.cpp (the tree; convert.py runs its convert_hf_to_gguf.py), build/
-# (cmake), bin/ (links to the binaries), BUILD_INFO (source, flags), BUILD_TIMES (one line per run).
+# (cmake), bin/ (links to the binaries), SOURCE (sdist, llama.cpp commit), BUILD_INFO (+ cmake flags),
+# BUILD_TIMES (one line per run).
 # Idempotent: a second run reuses the unpacked tree and the cmake build (ninja rebuilds nothing).
 #
-# Measured: CPU build on 2 shared cores (Debian 12, gcc 12.2, cmake 3.25, ninja), 2026-12-03:
-#   TODO minutes.  The CUDA build on the 16-core H200 host: about 4.5 min for llama-bench and
-#   llama-quantize (header of llama-cpp-source.sh); with llama-perplexity and the dumper expect ~5 min.
+# Time, 2026-12-03. CPU build here (2 cores shared with other jobs, load average 6-7; Debian 12, gcc
+# 12.2, cmake 3.25, ninja; 149 steps): 885 s wall (14.8 min), 9.0 min of user CPU; a repeat run 0-4 s.
+# CUDA build on the H200 host (16 cores; nvcc 13.0, cmake 4.4, ninja 1.13 there): not timed from this
+# worktree; llama-cpp-source.sh's header measured ~4.5 min for llama-bench + llama-quantize, which
+# compile nearly everything (ggml-cuda's kernels dominate); the other targets add seconds: ~5 min.
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION=0.3.36
@@ -24,7 +27,7 @@ while [ $# -gt 0 ]; do
     --cuda) cuda=1 ;;
     --jobs) jobs=$2; shift ;;
     --source) source_arg=$(realpath "$2"); shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     -*) echo "build.sh: unknown option $1" >&2; exit 2 ;;
     *) out=$1 ;;
   esac
@@ -47,24 +50,30 @@ if [ ! -f "$tree/src/models/kimi-linear.cpp" ]; then
   mkdir -p "$tmp/x"; tar xf "$source_arg" -C "$tmp/x"
   found=$(find "$tmp/x" -maxdepth 7 -type f -path '*/llama.cpp/src/models/kimi-linear.cpp' | head -1)
   [ -n "$found" ] || { echo "build.sh: no llama.cpp tree with src/models/kimi-linear.cpp in $source_arg" >&2; exit 1; }
+  found_tree=$(dirname "$(dirname "$(dirname "$found")")")
+  # The sdist keeps the submodule's git data, so its llama.cpp commit can be named (the stripped
+  # tarball of llama-cpp-source.sh cannot: "unknown").
+  commit=$(git -C "$found_tree" rev-parse HEAD 2>/dev/null || echo unknown)
   mkdir -p "$out/src"; rm -rf "$tree"
-  mv "$(dirname "$(dirname "$(dirname "$found")")")" "$tree"
-  echo "source: $(basename "$source_arg")" > "$out/SOURCE"
+  mv "$found_tree" "$tree"
+  printf 'source: %s\nllama.cpp commit: %s\n' "$(basename "$source_arg")" "$commit" > "$out/SOURCE"
 fi
+commit=$(sed -n 's/^llama.cpp commit: //p' "$out/SOURCE")
 
 # 2. Configure (once per flavour) and build the tools we use.
 build="$out/build"
 flags=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
-       -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=ON)
+       -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=ON "-DLLAMA_BUILD_COMMIT=${commit:-unknown}")
 if [ "$cuda" = 1 ]; then
   flags+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90)
 fi
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
-if [ ! -f "$build/CMakeCache.txt" ] || ! grep -q "^GGML_CUDA:BOOL=$([ "$cuda" = 1 ] && echo ON || echo OFF)" "$build/CMakeCache.txt"; then
+# A build of the other flavour is wiped; configuring an existing one again takes seconds.
+if [ -f "$build/CMakeCache.txt" ] && ! grep -q "^GGML_CUDA:BOOL=$([ "$cuda" = 1 ] && echo ON || echo OFF)" "$build/CMakeCache.txt"; then
   rm -rf "$build"
-  cmake -S "$tree" -B "$build" "${generator[@]}" "${flags[@]}"
 fi
+cmake -S "$tree" -B "$build" "${generator[@]}" "${flags[@]}" > "$out/cmake-configure.log"
 cmake --build "$build" -j "$jobs" --target llama-bench llama-quantize llama-perplexity llama-tokenize llama
 
 # 3. Our logits dumper, linked against the libllama just built (rpath: no LD_LIBRARY_PATH needed).

@@ -4,7 +4,9 @@
         [--llama-cpp DIR] [--text FILE] [--ctx 512] [--chunks 8] [--threads 2] [--out check.json]
 
 For a text (default: difflib.py and textwrap.py of the running Python's standard library):
-1. Tokenization: our tokenizer (kimi_desk.engine.tokenizer) against llama-tokenize on the GGUF.
+1. Tokenization: our tokenizer (kimi_desk.engine.tokenizer) against llama-tokenize on the GGUF. llama.cpp's
+   tools turn escape sequences in a -f file into characters unless told --no-escape (then "\\n" in
+   Python source becomes a newline), so both llama-tokenize and llama-perplexity get --no-escape.
 2. Logits: kimi-logits (build.sh's dumper) on the first --ctx token ids, once in batches (llama.cpp's
    chunked delta-rule path) and once with the second half fed one token per call (its recurrent path),
    against our engine in float32 on the same ids: largest and mean |logit difference|, top-1 agreement,
@@ -12,6 +14,8 @@ For a text (default: difflib.py and textwrap.py of the running Python's standard
 3. Perplexity as llama-perplexity computes it: --chunks chunks of --ctx tokens, each from an empty state,
    the second half of each chunk scored. llama-perplexity's "Final estimate" against our engine's figure
    for the same chunks of llama.cpp's own token ids.
+With --ours-bf16, also our engine in bfloat16 against itself in float32, for the scale of the bf16 GGUF's
+differences (llama.cpp's CPU matmuls on bf16 weights round their activations to bf16 too).
 Prints a JSON document (and writes --out).
 """
 
@@ -96,18 +100,18 @@ def compare(ours: np.ndarray, theirs: np.ndarray, ids: list[int]) -> dict:
 
 
 class Ours:
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, dtype: str = "float32"):
         import torch
 
         from kimi_desk.engine.weights import load_model
 
         self.torch = torch
-        self.model = load_model(checkpoint, dtype=torch.float32)
+        self.model = load_model(checkpoint, dtype=getattr(torch, dtype))
 
     def logits(self, ids: list[int]) -> np.ndarray:
         state = self.model.new_state(1)
         x = self.torch.tensor([ids], dtype=self.torch.long)
-        return self.model(x, state)[0].numpy()
+        return self.model(x, state)[0].float().numpy()
 
     def perplexity(self, ids: list[int], ctx: int, chunks: int) -> float:
         """llama-perplexity's figure: each chunk from an empty state, its second half scored."""
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ours-bf16", action="store_true",
+                        help="also our engine in bfloat16 against itself in float32: the scale of bf16 rounding")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -150,6 +156,13 @@ def main(argv: list[str] | None = None) -> dict:
         ref_first = ours.logits(ids_ours[:args.ctx])
         result = {"checkpoint": str(args.checkpoint), "text": sources, "text_tokens": len(ids_ours), "ctx": args.ctx,
                   "chunks": args.chunks, "threads": args.threads, "models": []}
+        if args.ours_bf16:
+            ours_bf16 = Ours(args.checkpoint, "bfloat16")
+            result["ours_bfloat16"] = {
+                "logits_vs_ours_float32": compare(ref_first, ours_bf16.logits(ids_ours[:args.ctx]), ids_ours[:args.ctx]),
+                "perplexity": ours_bf16.perplexity(ids_ours, args.ctx, args.chunks),
+            }
+            print(json.dumps(result["ours_bfloat16"]), file=sys.stderr)
         ppl_cache: dict[tuple, float] = {}
         for gguf in args.gguf:
             ids_llama = llama_tokenize(args.llama_cpp, gguf, text_file)

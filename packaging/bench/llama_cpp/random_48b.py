@@ -7,8 +7,8 @@ converter and llama-quantize handle the real tensor sizes (256 experts of 2304 x
 The layers follow the real model: layer 0 dense, the others MoE; K K K M from the start (the 48B
 model's first four layers), so --layers 4 has 3 KDA layers and 1 MLA layer. Size in bf16: about 1.6 GB
 (embedding, LM head) + 3.6 GB per MoE layer; the whole model is held in memory while it is written
-(plus one shard), so --layers 4 needs about 15 GB of RAM. No tokenizer: convert.py writes a placeholder
-vocabulary.
+(plus one shard), so --layers 4 needs about 14 GiB of RAM (13.9 measured), 5 about 17.3. No
+tokenizer: convert.py writes a placeholder vocabulary.
 """
 
 from __future__ import annotations
