@@ -5,8 +5,8 @@
 
 For a text (default: difflib.py and textwrap.py of the running Python's standard library):
 1. Tokenization: our tokenizer (kimi_desk.engine.tokenizer) against llama-tokenize on the GGUF. llama.cpp's
-   tools turn escape sequences in a -f file into characters unless told --no-escape (then "\\n" in
-   Python source becomes a newline), so both llama-tokenize and llama-perplexity get --no-escape.
+   tools turn escape sequences in a -f file into characters (so "\\n" in Python source would become a
+   newline), so both llama-tokenize and llama-perplexity get --no-escape.
 2. Logits: kimi-logits (build.sh's dumper) on the first --ctx token ids, once in batches (llama.cpp's
    chunked delta-rule path) and once with the second half fed one token per call (its recurrent path),
    against our engine in float32 on the same ids: largest and mean |logit difference|, top-1 agreement,

@@ -18,8 +18,9 @@ is in no table, so both paths fail. This script replaces that one method with `s
 below, which writes the same GGUF fields the kimi-k2 path writes (tokenizer model "gpt2", pre-tokenizer
 "kimi-k2", tokens, types, merges, special ids) from tokenizer.json; for a folder without tokenizer.json
 (random benchmark checkpoints) it writes a placeholder vocabulary: the 256 byte tokens, then
-"<|unused_i|>" up to vocab_size. Everything else (hparams, tensor names, the expert stacking, the kv_b
-split, -exp(A_log)) is the vendored converter's, unchanged.
+"<|unused_i|>" up to vocab_size. An official folder (tiktoken.model + tokenization_kimi.py) keeps the
+converter's own path. Everything else (hparams, tensor names, the expert stacking, the kv_b split,
+-exp(A_log)) is the vendored converter's, unchanged.
 
 Memory: the converter is lazy (tensors are read from the memory-mapped safetensors when written), except
 that each MoE layer's experts are stacked into one [n_expert, rows, cols] tensor per projection as that
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -109,13 +111,16 @@ def placeholder_vocab(vocab_size: int):
     return tokens, [1] * vocab_size, []
 
 
-def set_vocab_from_folder(self) -> None:
-    """Replaces KimiLinearModel.set_vocab: the GGUF vocabulary fields from our tokenizer.json."""
+def set_vocab_from_folder(self, original_set_vocab) -> None:
+    """Replaces KimiLinearModel.set_vocab: the GGUF vocabulary fields from our tokenizer.json. An official
+    folder (tiktoken.model, no tokenizer.json) keeps the converter's own path."""
     import gguf
 
     vocab_size = self.hparams["vocab_size"]
     if (self.dir_model / "tokenizer.json").is_file():
         tokens, types, merges = read_tokenizer_json(self.dir_model, vocab_size)
+    elif (self.dir_model / "tiktoken.model").is_file():
+        return original_set_vocab(self)
     else:
         print(f"convert.py: {self.dir_model} has no tokenizer.json: placeholder vocabulary", file=sys.stderr)
         tokens, types, merges = placeholder_vocab(vocab_size)
@@ -140,7 +145,8 @@ def run_converter(tree: Path, checkpoint: Path, out: Path, outtype: str) -> None
     import convert_hf_to_gguf
     from conversion.kimi_linear import KimiLinearModel
 
-    KimiLinearModel.set_vocab = set_vocab_from_folder
+    original = KimiLinearModel.set_vocab
+    KimiLinearModel.set_vocab = lambda self: set_vocab_from_folder(self, original)
     argv = sys.argv
     sys.argv = ["convert_hf_to_gguf.py", str(checkpoint), "--outfile", str(out), "--outtype", outtype]
     try:
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"convert.py: {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB) in "
               f"{time.perf_counter() - start:.0f} s, converter peak RSS {peak:.2f} GiB")
     for q in qtypes:
-        quantize(args.llama_cpp, args.out, q, args.threads or len(__import__("os").sched_getaffinity(0)))
+        quantize(args.llama_cpp, args.out, q, args.threads or len(os.sched_getaffinity(0)))
 
 
 if __name__ == "__main__":
