@@ -5,7 +5,8 @@ converter and llama-quantize handle the real tensor sizes (256 experts of 2304 x
     python packaging/bench/llama_cpp/random_48b.py OUT_DIR [--layers 4] [--shard-gb 2]
 
 The layers follow the real model: layer 0 dense, the others MoE; K K K M from the start (the 48B
-model's first four layers), so --layers 4 has 3 KDA layers and 1 MLA layer. Size in bf16: about 1.6 GB
+model's first four layers) and MLA last (as the 48B model's layer 27), so --layers 4 has 3 KDA layers
+and 1 MLA layer, --layers 2 is K M. Size in bf16: about 1.6 GB
 (embedding, LM head) + 3.6 GB per MoE layer; the whole model is held in memory while it is written
 (plus one shard), so --layers 4 needs about 14 GiB of RAM (13.9 measured), 5 about 17.3. No
 tokenizer: convert.py writes a placeholder vocabulary.
@@ -32,8 +33,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--layers must be at least 2 (a dense layer 0, then MoE layers)")
 
     full = kimi_linear_48b_config()
-    # 1-based, as in config.json: every 4th layer is MLA, and so is the last (the real model's 27th).
-    mla = sorted({n for n in range(4, args.layers + 1, 4)} | ({args.layers} if args.layers >= 4 else set()))
+    # 1-based, as in config.json: every 4th layer is MLA, and so is the last (the real model's 27th). At
+    # least one MLA layer: llama.cpp's Kimi Linear graph aborts without one (its attention input meets a
+    # cache with no layers: ggml_backend_buffer_get_type on a null buffer in set_input_k_idxs).
+    mla = sorted({n for n in range(4, args.layers + 1, 4)} | {args.layers})
     kda = [n for n in range(1, args.layers + 1) if n not in mla]
     config = dataclasses.replace(full, num_hidden_layers=args.layers, kda_layers=kda, full_attn_layers=mla)
     config.validate()
