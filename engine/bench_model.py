@@ -607,7 +607,7 @@ def markdown_table(r: dict) -> str:
     scale = 27 / r["layers"]
     lines = [f"{r['device']}, torch {r['torch']}, triton {r.get('triton', '?')}, {r['date']}; slice of "
              f"{r['layers']} layers ({' '.join(k.upper() for k in r['layer_kinds'])}) at the 48B shapes, random "
-             f"{'fp8 (ours; the baseline bf16)' if r.get('quantize') else 'bf16'} weights; copy bandwidth "
+             f"{r['quantize'] + ' (ours; the baseline bf16)' if r.get('quantize') else 'bf16'} weights; copy bandwidth "
              f"{bw / 1e12:.2f} TB/s.", "",
              "| measure | kimi-desk | transformers + fla | ratio |", "|---|---|---|---|"]
     ours, base = r["ours"], r.get("transformers", {})
