@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  "memory while reading.")
     bench_sessions.add_arguments(sessions)
     sessions.set_defaults(run=bench_sessions.main)
+    from kimi_desk.engine import bench_threads
+
+    threads = suites.add_parser("threads", help="memory of a question in a thread after a long document",
+                                description=bench_threads.__doc__.split("\n\n")[0])
+    bench_threads.add_arguments(threads)
+    threads.set_defaults(run=bench_threads.main)
     return parser
 
 

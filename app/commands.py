@@ -1,4 +1,4 @@
-"""The session commands: `ingest`, `ask` and `sessions list|show|rm|export|import`.
+"""The session commands: `ingest`, `ask` and `sessions list|show|rm|export|export-thread|import`.
 
 Each prints what a script needs on stdout (a session id, an answer, or `--json`), progress on stderr
 only when stderr is a terminal, and errors as one line (app/cli.py turns exceptions into that).
@@ -175,30 +175,62 @@ def run_ingest(args) -> int:
 
 
 def run_ask(args) -> int:
+    from kimi_desk.engine.citations import SourceIndex
     from kimi_desk.engine.generate import Sampling
     from kimi_desk.engine.session import SessionStore
 
     session = SessionStore().get(args.session)
+    thread = _thread_to_continue(session, args)
     assistant = load_assistant(args, session)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    notice = lambda line: print(f"kimi-desk: {line}", file=sys.stderr)  # noqa: E731
     try:
-        for event in assistant.ask(session, args.text, sampling=sampling, max_new_tokens=args.max_new_tokens,
-                                   cancel=cancel):
+        for event in assistant.ask(session, args.text, thread=thread, sampling=sampling,
+                                   max_new_tokens=args.max_new_tokens, cancel=cancel, notice=notice):
             if not args.json:
                 sys.stdout.write(_printable_answer(event.text))
                 sys.stdout.flush()
     finally:
         signal.signal(signal.SIGINT, previous)
-    turn = session.transcript[-1]
+    thread = event.thread
+    turn = session.thread(thread).turns[-1]
+    citations = SourceIndex(session).cite(turn.answer)
     if args.json:
-        print(json.dumps({"session": session.id, "question": turn.question, "answer": turn.answer,
-                          "finish_reason": turn.finish_reason, "tokens": len(turn.answer_token_ids),
-                          "seconds": turn.seconds}))
+        print(json.dumps({"session": session.id, "thread": thread, "turn": len(session.thread(thread).turns),
+                          "question": turn.question, "answer": turn.answer, "finish_reason": turn.finish_reason,
+                          "tokens": len(turn.answer_token_ids), "seconds": turn.seconds,
+                          "citations": [c.to_json() for c in citations]}))
     else:
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        for line in citation_lines(citations):
+            print(f"kimi-desk: {line}", file=sys.stderr)
+        print(f"kimi-desk: thread {thread} (continue it with 'kimi-desk ask {session.id} -c \"...\"')", file=sys.stderr)
     return 130 if turn.finish_reason == "cancelled" else 0
+
+
+def _thread_to_continue(session, args) -> str | None:
+    """The thread `ask` continues: --thread ID, -c the session's most recent one, else None (a new one)."""
+    if args.thread:
+        session.thread(args.thread)  # SessionError, naming the session's threads, when it has no such thread
+        return args.thread
+    if args.continue_:
+        latest = session.latest_thread()
+        if latest is None:
+            raise UsageError(f"session {session.id} has no thread to continue yet; ask without -c to start one")
+        return latest.id
+    return None
+
+
+def citation_lines(citations) -> list[str]:
+    """The places an answer cites, a line each: found in the document, or why not."""
+    lines = []
+    for c in citations:
+        where = f"{printable(c.label)}" + (f" ({printable(c.symbol)})" if c.symbol else "")
+        lines.append(f"cites {where}" if c.found else f"cites {printable(c.text)}: not found ({printable(c.reason)})")
+    return lines
 
 
 # -- sessions ---------------------------------------------------------------------------------------
@@ -208,7 +240,7 @@ def _summary(session) -> dict:
     return {"id": session.id, "name": session.name, "source": session.source, "tokens": session.document_tokens,
             "read": session.read_position, "complete": session.complete, "files": len(session.files),
             "bytes": session.nbytes(), "created": session.created, "last_used": session.last_used,
-            "questions": len(session.transcript)}
+            "threads": len(session.threads), "questions": session.turns}
 
 
 def run_sessions_list(args) -> int:
@@ -239,18 +271,61 @@ def run_sessions_show(args) -> int:
     info = _summary(session)
     info["model"] = session.model_source
     info["checkpoints"] = session.snapshots().positions
-    info["transcript"] = [{"question": t.question, "answer": t.answer, "finish_reason": t.finish_reason,
-                           "asked": t.asked} for t in session.transcript]
+    info["sources"] = [{"path": f["path"], "bytes": f["size"], "tokens": f["end"] - f["start"]} for f in session.files]
+    info["threads"] = [{"id": t.id, "created": t.created, "tokens": t.tokens,
+                        "turns": [{"question": x.question, "answer": x.answer, "finish_reason": x.finish_reason,
+                                   "asked": x.asked, "tokens": x.tokens} for x in t.turns]}
+                       for t in session.threads]
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
     state = "read" if session.complete else f"read {session.read_position:,} of"
     print(f"{printable(session.name)} ({session.id})\n  source: {printable(session.source)}\n  {state} "
-          f"{session.document_tokens:,} tokens in {len(session.files)} files, {human_bytes(info['bytes'])} on disk\n"
+          f"{session.document_tokens:,} tokens in {plural(len(session.files), 'file')}, "
+          f"{human_bytes(info['bytes'])} on disk\n"
           f"  model: {printable(session.model_source)}\n"
           f"  checkpoints at: {', '.join(f'{p:,}' for p in info['checkpoints']) or 'none'}")
-    for turn in session.transcript:
-        print(f"\n> {printable(turn.question)}\n{_printable_answer(turn.answer)}")
+    if session.files:
+        width = max(len(f"{s['tokens']:,}") for s in info["sources"])
+        print(f"\nsources ({plural(len(session.files), 'file')}, tokens each):")
+        for source in info["sources"]:
+            print(f"  {source['tokens']:>{width},}  {printable(source['path'])}")
+    if not session.threads:
+        print(f"\nno threads yet: 'kimi-desk ask {session.id} \"...\"' starts one")
+    for thread in sorted(session.threads, key=lambda t: t.created):
+        print(f"\nthread {thread.id}: {plural(len(thread.turns), 'turn')}, {thread.tokens:,} tokens, "
+              f"started {thread.created[:19].replace('T', ' ')}")
+        for number, turn in enumerate(thread.turns, 1):
+            print(f"\n  {number}. > {printable(turn.question)}\n{_indented(_printable_answer(turn.answer))}")
+    return 0
+
+
+def _indented(text: str, prefix: str = "     ") -> str:
+    return "\n".join(prefix + line if line else line for line in text.split("\n"))
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 file`, `2 files`."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def run_sessions_export_thread(args) -> int:
+    from kimi_desk.app.thread_export import thread_markdown
+    from kimi_desk.engine.session import SessionStore
+
+    session = SessionStore().get(args.session)
+    thread = session.thread(args.thread)
+    target = Path(args.file).expanduser()
+    if target.exists() or target.is_symlink():
+        raise UsageError(f"{target} already exists; choose another name")
+    if not target.parent.is_dir():
+        raise UsageError(f"{target.parent}: no such folder")
+    text = thread_markdown(session, thread)
+    from kimi_desk.engine.errors import writing
+
+    with writing(target), open(target, "x", encoding="utf-8") as fh:
+        fh.write(text)
+    print(target)
     return 0
 
 
@@ -307,11 +382,19 @@ def add_parsers(commands) -> None:
     _add_model_options(ingest)
     ingest.set_defaults(run=run_ingest)
 
-    ask = commands.add_parser("ask", help="answer one question from a saved session",
-                              description="Answer TEXT from SESSION's document, streamed to stdout.")
+    ask = commands.add_parser("ask", help="ask a question in a saved session: a new thread, or a follow-up",
+                              description="Answer TEXT from SESSION's document, streamed to stdout. Each ask starts "
+                              "a new thread (its id goes to stderr); -c continues the session's most recent thread "
+                              "and --thread ID a given one, so the model sees the earlier questions and answers. "
+                              "The places the answer cites are checked against the files read (stderr).")
     ask.add_argument("session", metavar="SESSION")
     ask.add_argument("text", metavar="TEXT")
-    ask.add_argument("--json", action="store_true", help="print one JSON object when the answer is complete")
+    follow = ask.add_mutually_exclusive_group()
+    follow.add_argument("-c", "--continue", dest="continue_", action="store_true",
+                        help="continue the session's most recent thread")
+    follow.add_argument("--thread", metavar="ID", help="continue this thread ('sessions show SESSION' lists them)")
+    ask.add_argument("--json", action="store_true", help="print one JSON object when the answer is complete: the "
+                     "answer, its thread and the places it cites")
     ask.add_argument("--max-new-tokens", type=positive_int, default=512, metavar="N",
                      help="the longest answer, in tokens (default: 512)")
     ask.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
@@ -320,13 +403,13 @@ def add_parsers(commands) -> None:
     _add_model_options(ask)
     ask.set_defaults(run=run_ask)
 
-    sessions = commands.add_parser("sessions", help="list, show, rm, export, import",
+    sessions = commands.add_parser("sessions", help="list, show, rm, export, export-thread, import",
                                    description="Manage saved sessions.")
     verbs = sessions.add_subparsers(dest="verb", metavar="VERB")
     listing = verbs.add_parser("list", help="every session, most recent first")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=run_sessions_list)
-    show = verbs.add_parser("show", help="one session: sources, checkpoints, transcript")
+    show = verbs.add_parser("show", help="one session: its files with their tokens, checkpoints, threads")
     show.add_argument("session", metavar="SESSION")
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=run_sessions_show)
@@ -337,6 +420,14 @@ def add_parsers(commands) -> None:
     export.add_argument("session", metavar="SESSION")
     export.add_argument("file", metavar="FILE")
     export.set_defaults(run=run_sessions_export)
+    export_thread = verbs.add_parser("export-thread", help="write one thread as Markdown, with the places it cites",
+                                     description="Write THREAD of SESSION to FILE (which must not exist) as Markdown: "
+                                     "each question and answer, and under it the lines each cited place points to, "
+                                     "as the session read them, or why a place was not found.")
+    export_thread.add_argument("session", metavar="SESSION")
+    export_thread.add_argument("thread", metavar="THREAD")
+    export_thread.add_argument("file", metavar="FILE.md")
+    export_thread.set_defaults(run=run_sessions_export_thread)
     imported = verbs.add_parser("import", help="add a session from an exported .zip file")
     imported.add_argument("file", metavar="FILE")
     imported.set_defaults(run=run_sessions_import)

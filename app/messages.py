@@ -98,12 +98,44 @@ class AnswerText(Message):
 
 
 class AnswerFinished(Message):
-    def __init__(self, text: str, finish_reason: str, tokens: int, seconds: float):
+    """The answer is complete and recorded in `thread` (a new thread's id for the first question, or
+    another thread than asked for when the engine branched); `citations` are the places it cites."""
+
+    def __init__(self, text: str, finish_reason: str, tokens: int, seconds: float, thread: str | None = None,
+                 citations: list | None = None):
         super().__init__()
         self.text = text
         self.finish_reason = finish_reason
         self.tokens = tokens
         self.seconds = seconds
+        self.thread = thread
+        self.citations = citations or []
+
+
+class EngineNotice(Message):
+    """A line the engine had for the user while answering (a thread rebuilt from its transcript)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+
+class CitationsFound(Message):
+    """The places the answers of a thread cite, resolved off the UI thread: turn widget id -> citations."""
+
+    def __init__(self, found: dict):
+        super().__init__()
+        self.found = found
+
+
+class SourceLoaded(Message):
+    """A cited file's text as the session read it (None when it is not kept), for the source pane."""
+
+    def __init__(self, turn_id: str, index: int, text: str | None):
+        super().__init__()
+        self.turn_id = turn_id
+        self.index = index
+        self.text = text
 
 
 class AnswerFailed(Message):

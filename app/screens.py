@@ -19,7 +19,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, ProgressBar, Static
+from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, OptionList, ProgressBar, Static
 
 from kimi_desk.app import backend, formatting
 from kimi_desk.app.dialogs import Confirm, TextPrompt
@@ -27,17 +27,20 @@ from kimi_desk.app.messages import (
     AnswerFailed,
     AnswerFinished,
     AnswerText,
+    CitationsFound,
     DocumentReady,
+    EngineNotice,
     Problem,
     ReadFailed,
     ReadPlanned,
     ReadProgressed,
     ReadStopped,
     SessionsListed,
+    SourceLoaded,
     StoreChanged,
     StoreFailed,
 )
-from kimi_desk.app.widgets import ContextGauge, StatusLine, TurnView, turn_meta
+from kimi_desk.app.widgets import ContextGauge, SourcePane, StatusLine, ThreadList, TurnView, turn_meta
 
 # At most this many progress or answer-text messages a second reach the UI: enough to look live,
 # few enough that re-rendering (Markdown above all) never falls behind the model.
@@ -310,18 +313,29 @@ class ReadingScreen(MainScreen):
 
 
 class ChatScreen(MainScreen):
-    """Questions and streamed answers over a session whose document is read."""
+    """A thread of questions and streamed answers over a session whose document is read: each question
+    continues the thread (the model sees its earlier turns); the list beside it switches threads or
+    starts a new one. The places an answer cites open in the source pane."""
 
     BINDINGS = [
         Binding("escape", "stop", "Stop", id="chat.stop"),
         Binding("ctrl+r", "regenerate", "Regenerate", id="chat.regenerate"),
-        Binding("ctrl+y", "copy_answer", "Copy", tooltip="Copy the selected or last answer", id="chat.copy"),
-        Binding("ctrl+s", "export", "Save", tooltip="Save the session as a .zip archive", id="chat.export"),
+        Binding("ctrl+t", "new_thread", "New thread", tooltip="Start a new thread from the document",
+                id="chat.new_thread"),
+        Binding("ctrl+o", "open_source", "Source", tooltip="Open what the selected or last answer cites",
+                id="chat.source"),
+        Binding("ctrl+y", "copy_answer", "Copy", tooltip="Copy the selected or last answer", id="chat.copy",
+                show=False),
+        Binding("ctrl+s", "export", "Save", tooltip="Save the session as a .zip archive", id="chat.export",
+                show=False),
     ]
+    # The source pane takes the whole width below this, half of it above.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
 
     generating: reactive[bool] = reactive(False, bindings=True)
 
-    def __init__(self, session, kda_nbytes: int, mla_nbytes: int, note: str = "", left_out: tuple[str, ...] = ()):
+    def __init__(self, session, kda_nbytes: int, mla_nbytes: int, note: str = "", left_out: tuple[str, ...] = (),
+                 thread: str | None = None):
         super().__init__()
         self.session = session
         self.kda_nbytes = kda_nbytes
@@ -329,41 +343,77 @@ class ChatScreen(MainScreen):
         self.note = note
         # What the loader's limits left out of the document just read, one line each.
         self.left_out = left_out
+        # The thread shown: the one asked for, else the session's most recent one (None: a new thread).
+        latest = session.latest_thread()
+        self.thread: str | None = thread or (latest.id if latest else None)
         self.cancel = threading.Event()
         self._stream = None
         self._answering: TurnView | None = None
+        self._thinking_since = 0.0
+        # The citation open in the source pane: (turn widget id, index).
+        self._source: tuple[str, int] | None = None
+
+    def _turns(self) -> list:
+        if self.thread is None:
+            return []
+        return next((t.turns for t in self.session.threads if t.id == self.thread), [])
+
+    def _thread_tokens(self) -> int:
+        return next((t.tokens for t in self.session.threads if t.id == self.thread), 0)
 
     def compose_body(self) -> ComposeResult:
         yield ContextGauge(self.session.document_tokens, self.app.assistant.model.config.model_max_length,
-                           self.kda_nbytes, self.mla_nbytes, id="gauge")
+                           self.kda_nbytes, self.mla_nbytes, self._thread_tokens(), id="gauge")
         yield Static(Text(self.note), id="chat-note")
         left_out = Static(Text("\n".join(self.left_out)), id="chat-left-out")
         left_out.display = bool(self.left_out)
         yield left_out
-        with VerticalScroll(id="transcript"):
-            for turn in self.session.transcript:
-                yield TurnView(turn.question, turn.answer,
-                               turn_meta(len(turn.answer_token_ids), turn.seconds, turn.finish_reason))
-            held = "all that was read" if self.left_out else "all of it"
-            yield Static(Text(f"Ask anything about {self.session.name}: {held} is in the model's memory."),
-                         id="chat-empty", classes="hint")
-        yield Input(placeholder=f"Ask about {self.session.name}…  (Enter sends)", id="question")
+        with Horizontal(id="chat-body"):
+            yield ThreadList(id="threads")
+            with Vertical(id="chat-column"):
+                with VerticalScroll(id="transcript"):
+                    yield from self._turn_views()
+                    yield Static(self._hint(), id="chat-empty", classes="hint")
+                yield Input(placeholder=f"Ask about {self.session.name}…  (Enter sends)", id="question")
+            yield SourcePane(id="source-pane")
+
+    def _turn_views(self) -> list[TurnView]:
+        return [TurnView(turn.question, turn.answer, turn_meta(len(turn.answer_token_ids), turn.seconds,
+                                                               turn.finish_reason), id=f"turn-{i}")
+                for i, turn in enumerate(self._turns())]
+
+    def _hint(self) -> Text:
+        held = "all that was read" if self.left_out else "all of it"
+        if self.thread is None and self.session.threads:
+            return Text(f"A new thread: ask anything about {self.session.name}; it starts from the document "
+                        "alone, and follow-ups continue it.")
+        return Text(f"Ask anything about {self.session.name}: {held} is in the model's memory, and follow-ups "
+                    "continue the thread.")
 
     def on_mount(self) -> None:
         self.sub_title = self.session.name
-        self.query_one("#chat-empty").display = not self.session.transcript
+        self._show_threads()
+        self.query_one("#chat-empty").display = not self._turns()
+        self.query_one("#source-pane").display = False
         self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
         self.query_one("#question", Input).focus()
+        self.set_interval(1.0, self._tick_thinking)
+        self.cite_turns(self.session, {f"turn-{i}": t.answer for i, t in enumerate(self._turns())})
 
     def on_unmount(self) -> None:
         self.cancel.set()
+
+    def _show_threads(self) -> None:
+        self.query_one(ThreadList).show(self.session.threads, self.thread)
 
     def check_action(self, action: str, parameters) -> bool | None:
         if action == "stop":
             return self.generating
         if action == "regenerate":
             return None if self.generating or not self.query(TurnView) else True
-        if action == "copy_answer":
+        if action == "new_thread":
+            return None if self.generating or self.thread is None else True
+        if action in ("copy_answer", "open_source"):
             return bool(self.query(TurnView))
         return True
 
@@ -374,11 +424,51 @@ class ChatScreen(MainScreen):
         elif self.query(TurnView):
             commands.append(("Regenerate the last answer", "ask the last question again (ctrl+r)",
                              self.action_regenerate))
+        if not self.generating and self.thread is not None:
+            commands.append(("New thread", "a conversation from the document alone (ctrl+t)", self.action_new_thread))
         if self.query(TurnView):
+            commands.append(("Open the cited source", "what the selected or last answer cites (ctrl+o)",
+                             self.action_open_source))
             commands.append(("Copy the answer", "the selected or last answer, to the clipboard (ctrl+y)",
                              self.action_copy_answer))
         commands.append(("Save the session as an archive", "a .zip to open elsewhere (ctrl+s)", self.action_export))
         return commands
+
+    # -- threads ----------------------------------------------------------------------------------
+
+    @on(OptionList.OptionSelected, "#threads")
+    async def _thread_selected(self, event: OptionList.OptionSelected) -> None:
+        chosen = None if event.option.id == ThreadList.NEW else event.option.id
+        if chosen == self.thread:
+            self.query_one("#question", Input).focus()
+            return
+        if self.generating:
+            self.notify("An answer is still being written: wait, or press Escape to stop it.", severity="warning")
+            self._show_threads()
+            return
+        await self._switch_thread(chosen)
+
+    async def action_new_thread(self) -> None:
+        if not self.generating:
+            await self._switch_thread(None)
+
+    async def _switch_thread(self, thread: str | None) -> None:
+        self.thread = thread
+        self.close_source()
+        transcript = self.query_one("#transcript", VerticalScroll)
+        await transcript.query(TurnView).remove()
+        views = self._turn_views()
+        if views:
+            await transcript.mount_all(views, before="#chat-empty")
+        self.query_one("#chat-empty", Static).update(self._hint())
+        self.query_one("#chat-empty").display = not views
+        self.query_one(ContextGauge).show_thread(self._thread_tokens())
+        self._show_threads()
+        transcript.scroll_end(animate=False)
+        self.query_one("#question", Input).focus()
+        self.cite_turns(self.session, {view.id: view.answer_text for view in views})
+
+    # -- asking -----------------------------------------------------------------------------------
 
     @on(Input.Submitted, "#question")
     def ask_question(self, event: Input.Submitted) -> None:
@@ -390,57 +480,67 @@ class ChatScreen(MainScreen):
             return
         event.input.value = ""
         self.query_one("#chat-empty").display = False
-        turn = TurnView(question, meta="thinking…")
+        turn = TurnView(question, meta="thinking…", id=f"turn-{len(self.query(TurnView))}")
         turn.recorded = False
-        self.query_one("#transcript", VerticalScroll).mount(turn)
-        self._begin_answer(turn, question, regenerate=False)
+        self.query_one("#transcript", VerticalScroll).mount(turn, before="#chat-empty")
+        self._begin_answer(turn, question, index=None)
 
-    def _begin_answer(self, turn: TurnView, question: str, regenerate: bool) -> None:
+    def _begin_answer(self, turn: TurnView, question: str, index: int | None) -> None:
         self._answering = turn
         self._stream = None
+        self._thinking_since = time.monotonic()
         self.generating = True
         self.cancel = threading.Event()
         self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
-        self.answer(question, regenerate, self.cancel)
+        self.answer(question, self.thread, index, self.cancel)
+
+    def _tick_thinking(self) -> None:
+        """'thinking… 12 s' while no text has come: a long wait shows it is not stuck."""
+        if self._answering is not None and not self._answering.answer_text and self.generating \
+                and not self.cancel.is_set():
+            waited = time.monotonic() - self._thinking_since
+            if waited >= 1:
+                self._answering.set_meta(f"thinking… {formatting.duration(waited)}")
 
     @work(thread=True, exclusive=True, group="answer", exit_on_error=False)
-    def answer(self, question: str, regenerate: bool, cancel: threading.Event) -> None:
+    def answer(self, question: str, thread: str | None, index: int | None, cancel: threading.Event) -> None:
+        from kimi_desk.engine.citations import SourceIndex
         from kimi_desk.engine.generate import Sampling
 
         settings = self.app.settings
-        recorded_before = self._last_recorded_turn()
+        recorded_before = self._recorded_turns(thread)
         throttle = Throttle()
         pending: list[str] = []
-        finish = "cancelled"
+        finish, landed = "cancelled", thread
         try:
             sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
-            events = self.app.assistant.ask(self.session, question, sampling=sampling,
+            events = self.app.assistant.ask(self.session, question, thread=thread, index=index, sampling=sampling,
                                             max_new_tokens=settings.max_new_tokens, cancel=cancel,
-                                            replace_last=regenerate)
+                                            notice=lambda line: self.post_message(EngineNotice(line)))
             for event in events:
                 pending.append(event.text)
                 if event.finish_reason is not None:
-                    finish = event.finish_reason
+                    finish, landed = event.finish_reason, event.thread
                     break
                 # Text goes to the UI in batches, so Markdown is re-rendered a few times a second, not per token.
                 if throttle.ready():
                     self.post_message(AnswerText("".join(pending)))
                     pending.clear()
         except Exception as exc:  # noqa: BLE001 - shown in the chat; the session stays usable
-            # When nothing was recorded, a regenerated answer's earlier version stays the session's last turn.
-            recorded = self._last_recorded_turn() != recorded_before or (regenerate and recorded_before is not None)
+            # When nothing was recorded, a regenerated answer's earlier version stays the thread's last turn.
+            recorded = self._recorded_turns(thread) != recorded_before or (index is not None and bool(recorded_before))
             self.post_message(AnswerFailed(describe_problem(exc, "answering"), recorded))
             return
-        transcript = self.session.transcript
-        turn = transcript[-1] if transcript else None
-        self.post_message(AnswerFinished("".join(pending), finish,
-                                         len(turn.answer_token_ids) if turn else 0, turn.seconds if turn else 0.0))
+        turns = self.session.thread(landed).turns if landed else []
+        turn = turns[-1] if turns else None
+        citations = SourceIndex(self.session).cite(turn.answer) if turn else []
+        self.post_message(AnswerFinished("".join(pending), finish, len(turn.answer_token_ids) if turn else 0,
+                                         turn.seconds if turn else 0.0, landed, citations))
 
-    def _last_recorded_turn(self) -> tuple | None:
-        """What identifies the session's last turn (its count, question and time), to tell whether an
-        answer that failed was recorded."""
-        transcript = self.session.transcript
-        return (len(transcript), transcript[-1].question, transcript[-1].asked) if transcript else None
+    def _recorded_turns(self, thread: str | None) -> tuple:
+        """What identifies the session's threads and their turns, to tell whether an answer that failed
+        was recorded."""
+        return tuple((t.id, len(t.turns), t.turns[-1].asked if t.turns else "") for t in self.session.threads)
 
     async def _write(self, text: str) -> None:
         if not text or self._answering is None:
@@ -468,9 +568,22 @@ class ChatScreen(MainScreen):
         if self._answering is not None:
             self._answering.set_meta(turn_meta(event.tokens, event.seconds, event.finish_reason))
             self._answering.recorded = True
+            self._answering.set_citations(event.citations)
         self._answering = None
         self.generating = False
-        self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
+        if event.thread is not None and event.thread != self.thread and self.thread is not None:
+            # The engine put the turn in another thread (this one changed elsewhere): show that one.
+            await self._switch_thread(event.thread)
+            return
+        self.thread = event.thread or self.thread
+        self.query_one(ContextGauge).show_thread(self._thread_tokens())
+        self._show_threads()
+        self._scroll_to_end()
+
+    def _scroll_to_end(self) -> None:
+        """To the transcript's end once lines just added (the places an answer cites) are laid out."""
+        transcript = self.query_one("#transcript", VerticalScroll)
+        self.call_after_refresh(transcript.scroll_end, animate=False)
 
     async def on_answer_failed(self, event: AnswerFailed) -> None:
         if self._stream is not None:
@@ -482,6 +595,9 @@ class ChatScreen(MainScreen):
             self._answering.recorded = event.recorded
         self._answering = None
         self.generating = False
+
+    def on_engine_notice(self, event: EngineNotice) -> None:
+        self.notify(event.text, timeout=10)
 
     def action_stop(self) -> None:
         if self.generating:
@@ -502,9 +618,10 @@ class ChatScreen(MainScreen):
         turn.answer_text = ""
         await turn.markdown.update("")
         turn.remove_class("failed")
+        turn.set_citations([])
         turn.set_meta("thinking…")
-        # A question whose answer failed before the session recorded it is simply asked again.
-        self._begin_answer(turn, turn.question, regenerate=turn.recorded)
+        # A question whose answer failed before the thread recorded it is simply asked again.
+        self._begin_answer(turn, turn.question, index=len(turns) - 1 if turn.recorded else None)
 
     def action_copy_answer(self) -> None:
         turns = self.query(TurnView)
@@ -516,6 +633,79 @@ class ChatScreen(MainScreen):
 
     def action_export(self) -> None:
         self.app.export_session(self.session)
+
+    # -- citations and the source pane ------------------------------------------------------------
+
+    @work(thread=True, group="citations", exit_on_error=False)
+    def cite_turns(self, session, answers: dict) -> None:
+        """Resolve what the thread's answers cite (reads the texts kept with the session)."""
+        from kimi_desk.engine.citations import SourceIndex
+
+        index = SourceIndex(session)
+        found = {turn_id: index.cite(answer) for turn_id, answer in answers.items()}
+        self.post_message(CitationsFound(found))
+
+    def on_citations_found(self, event: CitationsFound) -> None:
+        transcript = self.query_one("#transcript", VerticalScroll)
+        following = transcript.is_vertical_scroll_end or transcript.max_scroll_y == 0
+        for turn_id, citations in event.found.items():
+            for view in self.query(f"#{turn_id}").results(TurnView):
+                view.set_citations(citations)
+        if following:
+            self._scroll_to_end()
+
+    def action_open_source(self) -> None:
+        turns = self.query(TurnView)
+        if not turns:
+            return
+        turn = self.focused if isinstance(self.focused, TurnView) else turns.last()
+        if not turn.citations:
+            self.notify("This answer cites no file, line or definition of the document.")
+            return
+        self.open_citation(turn.id, 0)
+
+    def open_citation(self, turn_id: str, index: int) -> None:
+        """Open citation `index` of the answer in TurnView `turn_id` in the source pane."""
+        views = list(self.query(f"#{turn_id}").results(TurnView))
+        if not views or not 0 <= index < len(views[0].citations):
+            return
+        self._source = (turn_id, index)
+        self.load_source(self.session, turn_id, index, views[0].citations[index])
+
+    @work(thread=True, exclusive=True, group="source", exit_on_error=False)
+    def load_source(self, session, turn_id: str, index: int, citation) -> None:
+        from kimi_desk.engine.citations import SourceIndex
+
+        text = SourceIndex(session).text(citation.path) if citation.found and citation.path else None
+        self.post_message(SourceLoaded(turn_id, index, text))
+
+    def on_source_loaded(self, event: SourceLoaded) -> None:
+        if self._source != (event.turn_id, event.index):
+            return
+        views = list(self.query(f"#{event.turn_id}").results(TurnView))
+        if not views:
+            return
+        citations = views[0].citations
+        pane = self.query_one(SourcePane)
+        pane.display = True
+        self.add_class("-source-open")
+        pane.show(citations[event.index], event.text, f"{event.index + 1} of {len(citations)}",
+                  theme_dark=self.app.current_theme.dark)
+        pane.focus()
+
+    def step_citation(self, step: int) -> None:
+        if self._source is None:
+            return
+        turn_id, index = self._source
+        views = list(self.query(f"#{turn_id}").results(TurnView))
+        if views and views[0].citations:
+            self.open_citation(turn_id, (index + step) % len(views[0].citations))
+
+    def close_source(self) -> None:
+        self._source = None
+        self.query_one(SourcePane).display = False
+        self.remove_class("-source-open")
+        self.query_one("#question", Input).focus()
 
 
 # -- sessions ---------------------------------------------------------------------------------------
@@ -633,9 +823,10 @@ class SessionsScreen(MainScreen):
             info.update("No sessions yet. Press n to open a folder, a file or an exported .zip.")
             return
         state = "read" if session.complete else "reading stopped: opening it resumes"
-        questions = len(session.transcript)
-        info.update(Text(f"{session.id} · {len(session.files):,} files · {questions:,} "
-                         f"question{'' if questions == 1 else 's'} · {state} · enter opens it"))
+        files, threads, questions = len(session.files), len(session.threads), session.turns
+        info.update(Text(f"{session.id} · {files:,} file{'' if files == 1 else 's'} · {threads:,} "
+                         f"thread{'' if threads == 1 else 's'}, {questions:,} question{'' if questions == 1 else 's'}"
+                         f" · {state} · enter opens it"))
 
     def _highlighted_id(self) -> str | None:
         table = self.query_one("#sessions-table", DataTable)

@@ -28,6 +28,7 @@ from kimi_desk.app.dialogs import HelpScreen, ProblemDialog, SettingsScreen, Tex
 from kimi_desk.app.messages import ModelFailed, ModelReady, Problem, StoreChanged, StoreFailed, StoreReady
 from kimi_desk.app.screens import MODEL_LOADING, ChatScreen, ReadingScreen, SessionsScreen, describe_problem
 from kimi_desk.app.settings import Settings, SettingsError, load_settings, save_settings, settings_path
+from kimi_desk.app.widgets import SourcePane
 
 
 class KimiDeskCommands(Provider):
@@ -257,6 +258,7 @@ class KimiDeskApp(App):
             ("Everywhere", keys(self.BINDINGS) + [("^p", "Command palette"), ("^q", "Quit")]),
             ("Chat", [("enter", "Ask the question")] + keys(ChatScreen.BINDINGS)
              + [("tab", "Select an answer (for ^y)")]),
+            ("Source pane", keys(SourcePane.BINDINGS)),
             ("Reading", keys(ReadingScreen.BINDINGS)),
             ("Sessions", keys(SessionsScreen.BINDINGS)),
         ]

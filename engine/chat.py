@@ -188,6 +188,12 @@ def question_ids(tokenizer: Tokenizer, question: str) -> list[int]:
     return ids + [_special_id(tokenizer, IM_END), *generation_prompt_ids(tokenizer)]
 
 
+def follow_up_ids(tokenizer: Tokenizer, question: str) -> list[int]:
+    """What follows an answer in a conversation over a document: `<|im_end|>` closing the assistant turn
+    that generation left open, the question in a user turn of its own, and the generation prompt."""
+    return next_turn_token_ids(tokenizer, [{"role": "user", "content": _question_text(question)}])
+
+
 def document_text(document: str) -> str:
     """The document as it stands in the user turn: ending in the separator before the question."""
     return document.rstrip("\n") + DOCUMENT_QUESTION_SEPARATOR

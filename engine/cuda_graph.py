@@ -114,7 +114,8 @@ class GraphDecoder:
             raise ValueError("the MLA caches hold different numbers of tokens")
         for cache in caches:
             if cache.length >= cache.capacity:
-                cache.reserve(cache.length + max(CACHE_HEADROOM_TOKENS, cache.length // 8))
+                # An eighth of the cache's own rows: a thread's, not the document's it continues.
+                cache.reserve(cache.length + max(CACHE_HEADROOM_TOKENS, (cache.length - cache.shared) // 8))
         if self.use_cuda_graph:
             self._record(state, caches)
         self._prepared_for = self._storage(state)

@@ -1,16 +1,31 @@
-"""Sessions: a document read once into the model's state, questions answered from that state, all of it
+"""Sessions: a document read once into the model's state, conversations over that state, all of it
 kept on disk and resumed in another process.
 
     assistant = Assistant.load(model_path)              # model + tokenizer, loaded once
     store = SessionStore()                              # KIMI_DESK_HOME or the platform's data folder
     session = assistant.read(store, "repo/", on_progress=show, cancel=event)   # new, resumed or refreshed
-    for event in assistant.ask(session, "Where is the config parsed?"):        # Answer events
+    for event in assistant.ask(session, "Where is the config parsed?"):        # Answer events; a new thread
+        ...
+    thread = event.thread                               # the last event names the thread
+    for event in assistant.ask(session, "And where is it called?", thread=thread):   # continues it
         ...
 
-A session folder holds `session.json` (checked JSON: sources, token spans, transcript) and
-`snapshots/` (engine/snapshot.py). Reading is chunked prefill with checkpoints of the constant-size
+A session folder holds `session.json` (checked JSON: sources, token spans, threads), `snapshots/`
+(engine/snapshot.py), `threads/<id>/` (what each thread adds to the document's state) and `sources/`
+(the texts read, engine/sources.py). Reading is chunked prefill with checkpoints of the constant-size
 state at file boundaries, so that a changed folder is re-read from its first changed file, and an
-interrupted reading resumes where it stopped. Each question branches from the document's state.
+interrupted reading resumes where it stopped.
+
+Threads. A thread's state is the document's, then every earlier question and answer of the thread. It
+continues the document's state in place (engine/state.py `continuation`): the KDA part is copied (42 MB
+at the 48B shapes), the MLA caches read the document's rows where they are and append the thread's
+after them, into spare rows (THREAD_ROOM) reserved when the document's state is made. So a question
+costs the thread's own tokens and a fixed working set, never a copy of the document's cache. One
+thread per session is live at a time: it owns the rows after the document; asking in another thread
+restores that one from its snapshot (`threads/<id>/`: its KDA state at its end and before its last
+turn, and its own MLA rows), or, when none fits, re-reads its transcript after the document and says
+so in one line. A thread's checkpoints are keyed by a digest of the document and every token of the
+thread before them, so a checkpoint is only used for the conversation it was taken in.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,26 +45,37 @@ from pathlib import Path
 import torch
 
 from kimi_desk.engine import chat
-from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, stream_tokens
-from kimi_desk.engine.errors import writing
+from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, prefill, stream_tokens
+from kimi_desk.engine.errors import StorageError, writing
 from kimi_desk.engine.file_lock import LockBusy, file_lock
 from kimi_desk.engine.session_archive import export_session, import_session
 from kimi_desk.engine.session_record import (
     LOCKS_FOLDER,
     STORE_LOCK,
+    THREADS,
+    THREADS_LOCK,
     Segment,
     Session,
     SessionError,
+    Thread,
     Turn,
 )
 from kimi_desk.engine.snapshot import Identity, SnapshotError, SnapshotStore
+from kimi_desk.engine.sources import SourceTexts
 from kimi_desk.engine.state import ModelState
 
 __all__ = ["Answer", "Assistant", "ReadCancelled", "ReadProgress", "Segment", "Session", "SessionError",
-           "SessionStore", "Turn", "UnreadableSession", "data_home"]
+           "SessionStore", "Thread", "Turn", "UnreadableSession", "data_home"]
 
 # Tokens kept free after the document for a question and its answer.
 ANSWER_RESERVE = 1024
+# Cache rows reserved after the document for the live thread (see the module doc): 129 MB at the 48B
+# shapes. A longer thread grows its cache by its own rows, which moves the document's rows once per
+# doubling of the thread (still one buffer: the document's cache follows).
+THREAD_ROOM = 16384
+# A thread keeps its state at its end and before its last turn: regenerating that turn is instant;
+# editing an earlier one re-reads the thread's tokens up to it.
+THREAD_CHECKPOINTS = 2
 # Inside the sessions folder, per session: held by the process reading it (engine/file_lock.py).
 READING_LOCK = "{}.reading.lock"
 
@@ -220,12 +247,14 @@ class ReadProgress:
 @dataclass(frozen=True)
 class Answer:
     """A piece of a streamed answer: new text, the token ids behind it, and timing. The last event of an
-    answer has `finish_reason` set ("stop", "length" or "cancelled")."""
+    answer has `finish_reason` set ("stop", "length" or "cancelled") and names the `thread` the turn
+    was recorded in."""
 
     text: str
     token_ids: list[int]
     seconds: float
     finish_reason: str | None = None
+    thread: str | None = None
 
 
 def default_checkpoint_interval(config, dtype: torch.dtype) -> int:
@@ -254,6 +283,8 @@ class Assistant:
         self.stop_ids = chat.stop_token_ids(tokenizer, model.config)
         self.model_source = ""  # where the model was loaded from; sessions remember it
         self._document_states: dict[str, ModelState] = {}
+        # Per session, the live thread: the key of its tokens (see the module doc) and its state.
+        self._live: dict[str, tuple[str, ModelState]] = {}
         self._rate: float | None = None
 
     @classmethod
@@ -321,22 +352,43 @@ class Assistant:
             self._read_session(session, segments, units, document, name, on_plan, on_progress, cancel)
         return session
 
+    def cache_capacity(self, tokens: int) -> int:
+        """Cache rows for a document of `tokens`: itself and the live thread's room."""
+        return min(self.model.config.model_max_length, tokens + THREAD_ROOM)
+
+    def hold_document_state(self, session: Session, state: ModelState) -> None:
+        """Use `state` as `session`'s document state (benchmarks build one without reading)."""
+        self._live.pop(session.id, None)
+        self._document_states[session.id] = state
+
+    def forget(self, session_id: str) -> None:
+        """Free the states held for a session (its snapshots keep them)."""
+        self._live.pop(session_id, None)
+        self._document_states.pop(session_id, None)
+
     def _read_session(self, session, segments, units, document, name, on_plan, on_progress, cancel) -> None:
         session.refresh()  # as the last reader left it, now that this process holds the reading lock
         total = segments[-1].end
         snapshots = _usable_snapshots(session)
         kept = _unchanged_prefix(session.segments, segments, session.read_position)
         resume_at = snapshots.latest_at_or_before(kept) or 0
+        # The cache is sized once for the document and a thread: no geometric growth (up to twice the
+        # cache) while reading, and no copy when the first question comes.
         state = self.model.new_state(1)
         if resume_at:
             try:
-                state = snapshots.restore(resume_at, state)
+                state = snapshots.restore(resume_at, state, capacity=self.cache_capacity(total))
             except SnapshotError:
                 # A damaged checkpoint costs a re-read, never the session: start again from the beginning.
                 resume_at = 0
+        state.reserve(self.cache_capacity(total))
         snapshots.truncate_after(resume_at)
-        files = [{"path": f.relative_path, "size": f.size, "sha256": f.sha256, "start": seg.start, "end": seg.end}
+        self._live.pop(session.id, None)
+        texts = SourceTexts(session.folder)
+        files = [{"path": f.relative_path, "size": f.size, "sha256": f.sha256, "start": seg.start, "end": seg.end,
+                  "text_sha256": texts.put(f.text)}
                  for f, seg in zip(document.files, segments[2:], strict=True)]
+        texts.keep_only({f["text_sha256"] for f in files})
         session.update(segments=segments, read_position=resume_at, model_source=self.model_source, files=files,
                        last_used=_now(), **({"name": name} if name else {}))
         if on_plan is not None:
@@ -387,34 +439,49 @@ class Assistant:
             if session.identity != self.identity:
                 raise SessionError(f"session {session.id} was read with another model or tokenizer")
             try:
-                state = session.snapshots().restore(session.document_tokens, self.model.new_state(1))
+                state = session.snapshots().restore(session.document_tokens, self.model.new_state(1),
+                                                    capacity=self.cache_capacity(session.document_tokens))
             except SnapshotError as exc:
                 raise SessionError(f"session {session.id}: {exc}; 'kimi-desk ingest {session.source}' reads the "
                                    "document again (the transcript is kept)") from None
             self._document_states[session.id] = state
         return state
 
-    # -- asking -----------------------------------------------------------------------------------
+    # -- asking ---------------------------------------------------------------------------------
 
-    def ask(self, session: Session, question: str, *, sampling: Sampling = Sampling(temperature=0.0),
-            max_new_tokens: int = 512, cancel: Cancel = None, replace_last: bool = False) -> Iterator[Answer]:
-        """Stream the answer to `question`, branching from the document's state; the finished turn is
-        added to the session's transcript (replacing its last turn with `replace_last`: regenerating).
-        A question that cannot be asked raises before any turn is recorded."""
+    def ask(self, session: Session, question: str, *, thread: str | None = None, index: int | None = None,
+            sampling: Sampling = Sampling(temperature=0.0), max_new_tokens: int = 512, cancel: Cancel = None,
+            notice: Callable[[str], None] | None = None) -> Iterator[Answer]:
+        """Stream the answer to `question` in `thread` (None: a new thread, from the document), after
+        its first `index` turns (default: all of them; the index of a turn regenerates or edits it,
+        engine/session_record.py `record_turn`). The finished turn is recorded and the last event
+        names its thread. `notice` hears one line when the thread's state had to be rebuilt from its
+        transcript, or its turn went to a new thread. A question that cannot be asked raises before
+        any turn is recorded."""
         from kimi_desk.engine.tokenizer import StreamDecoder
 
         if type(max_new_tokens) is not int or max_new_tokens < 1:
             raise SessionError(f"the answer's length must be at least 1 token, got {max_new_tokens!r}")
-        prompt = chat.question_ids(self.tokenizer, question)
-        state = self.document_state(session).clone()
-        room = self.model.config.model_max_length - state.position - len(prompt)
+        session.refresh()
+        seen = list(session.thread(thread).turns) if thread is not None else []
+        index = len(seen) if index is None else index
+        if type(index) is not int or not 0 <= index <= len(seen):
+            raise SessionError(f"thread {thread} has {len(seen)} turns; there is no turn {index!r} to ask at")
+        prompt = self._prompt_ids(question, first=index == 0)
+        keys, _ = self._thread_keys(session, seen[:index])
+        state = self._thread_state(session, thread, seen[:index], notice)
+        start = state.position
+        room = self.model.config.model_max_length - start - len(prompt)
         if room < 1:
-            raise SessionError(f"no room for an answer: the document and the question take {state.position + len(prompt):,} "
-                               f"of the model's {self.model.config.model_max_length:,} tokens; ask a shorter question")
+            self._live[session.id] = (keys[-1], state)
+            what = "the document and this thread" if index else "the document and the question"
+            raise SessionError(f"no room for an answer: {what} take {start + len(prompt):,} of the model's "
+                               f"{self.model.config.model_max_length:,} tokens; "
+                               f"{'start a new thread' if index else 'ask a shorter question'}")
         decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)
         ids: list[int] = []
         text: list[str] = []
-        seconds, finish = 0.0, "cancelled"
+        seconds, finish, failed = 0.0, "cancelled", False
         steps = stream_tokens(self.model, prompt, state, max_new_tokens=min(max_new_tokens, room),
                               sampling=sampling, stop_token_ids=self.stop_ids, cancel=cancel,
                               prefill_chunk_size=self.prefill_chunk, vocab_size=self.tokenizer.vocab_size)
@@ -432,12 +499,128 @@ class Assistant:
                     break
             else:
                 finish = "cancelled" if is_cancelled(cancel) else "length"
+        except BaseException as exc:
+            # A dropped stream (a stop in the UI) leaves a consistent state; an error inside the model
+            # does not, and the thread is then rebuilt from its transcript when next used.
+            failed = not isinstance(exc, GeneratorExit)
+            raise
         finally:
-            # Also when the caller drops the stream (a stop in the UI): the turn is kept as far as it got.
+            # Also when the caller drops the stream: the turn is kept as far as it got.
             text.append(decoder.flush())
-            session.append_turn(Turn(question, "".join(text), ids, finish, round(seconds, 3), _now()),
-                                replace_last=replace_last)
-        yield Answer(text[-1], [], 0.0, finish)
+            if not failed and state.position < start + len(prompt):
+                # Stopped while reading the question: the rest of it is read, so that the thread's
+                # state holds exactly what its transcript says.
+                prefill(self.model, prompt[state.position - start:], state, self.prefill_chunk)
+            turn = Turn(question, "".join(text), ids, finish, round(seconds, 3), _now(), tokens=len(prompt) + len(ids))
+            landed, forked = session.record_turn(turn, thread, seen, index)
+            if forked and notice is not None:
+                notice(f"thread {thread} changed meanwhile (in another kimi-desk?) or an earlier turn was asked "
+                       f"again: this answer starts thread {landed}")
+            if not failed:
+                key = _chain(keys[-1], prompt + ids)
+                self._live[session.id] = (key, state)
+                self._save_thread(session, landed, state, keys + [key], notice)
+        yield Answer(text[-1], [], 0.0, finish, thread=landed)
+
+    def _prompt_ids(self, question: str, first: bool) -> list[int]:
+        """A turn's tokens before its answer: the question closing the document's user turn (the first
+        turn), or a user turn of its own after the previous answer."""
+        try:
+            return chat.question_ids(self.tokenizer, question) if first else chat.follow_up_ids(self.tokenizer, question)
+        except chat.ChatFormatError as exc:
+            raise SessionError(str(exc)) from None
+
+    def _thread_keys(self, session: Session, turns: list[Turn]) -> tuple[list[str], list[list[int]]]:
+        """The key after the document and after each turn, and each turn's tokens."""
+        keys, units = [session.document_key], []
+        for i, turn in enumerate(turns):
+            units.append(self._prompt_ids(turn.question, first=i == 0) + turn.answer_token_ids)
+            keys.append(_chain(keys[-1], units[-1]))
+        return keys, units
+
+    def thread_state(self, session: Session, thread: str, notice: Callable[[str], None] | None = None) -> ModelState:
+        """The state after every turn of `thread`, which becomes the session's live thread: what the
+        next question in it continues (the UI asks for it to show the context gauge)."""
+        turns = list(session.thread(thread).turns)
+        keys, _ = self._thread_keys(session, turns)
+        state = self._thread_state(session, thread, turns, notice)
+        self._live[session.id] = (keys[-1], state)
+        return state
+
+    def _thread_state(self, session: Session, thread: str | None, turns: list[Turn],
+                      notice: Callable[[str], None] | None) -> ModelState:
+        """The state after `turns` of `thread`: the live one if it is that, else restored from the
+        thread's snapshot as far as it fits, and the rest re-read from the transcript. It continues the
+        document's state (see the module doc), so the live thread is given up here."""
+        document = self.document_state(session)
+        keys, units = self._thread_keys(session, turns)
+        live = self._live.pop(session.id, None)
+        if live is not None and live[0] == keys[-1]:
+            return live[1]
+        if not turns:
+            return document.continuation()
+        state, done, problem = None, 0, "it has no saved state"
+        folder = session.folder / THREADS / thread
+        if folder.is_dir():
+            try:
+                with self._threads_lock(session):
+                    store = SnapshotStore(folder, self.identity, base=session.document_tokens)
+                    done = next((j for j in range(len(turns), 0, -1) if store.position_of(keys[j]) is not None), 0)
+                    if done:
+                        state = store.restore(store.position_of(keys[done]), document)
+                        if state.position != session.document_tokens + sum(map(len, units[:done])):
+                            raise SnapshotError("its checkpoint is at the wrong position")
+                    else:
+                        problem = "its saved state is of other turns (or of the document before it was re-read)"
+            except SnapshotError as exc:
+                state, done, problem = None, 0, f"its saved state cannot be used ({exc})"
+        if state is None:
+            state = document.continuation()
+        rest = [token for unit in units[done:] for token in unit]
+        if rest:
+            prefill(self.model, rest, state, self.prefill_chunk)
+            if notice is not None:
+                what = f"turns {done + 1}-{len(turns)}" if done else f"its {len(turns)} turn{'s' if len(turns) > 1 else ''}"
+                notice(f"thread {thread}: {problem if not done else 'its last turns were not saved'}; "
+                       f"rebuilt from {what} ({len(rest):,} tokens)")
+        return state
+
+    def _threads_lock(self, session: Session):
+        return file_lock(session.folder.parent / LOCKS_FOLDER / THREADS_LOCK.format(session.id))
+
+    def _save_thread(self, session: Session, thread: str, state: ModelState, keys: list[str],
+                     notice: Callable[[str], None] | None) -> None:
+        """Keep what `thread` adds to the document: its state at its end (keyed by keys[-1]), beside
+        the checkpoint before its last turn, and its MLA rows. Stored rows of another history (an edited
+        turn, a re-read document) are dropped first. A failure costs a rebuild later, never the answer."""
+        folder = session.folder / THREADS / thread
+        base = session.document_tokens
+        try:
+            with self._threads_lock(session), writing(session.folder):
+                (session.folder / THREADS).mkdir(exist_ok=True)  # FileNotFoundError: the session was removed
+                try:
+                    store = SnapshotStore(folder, self.identity, base=base)
+                except SnapshotError:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    store = SnapshotStore(folder, self.identity, base=base)
+                if store.position_of(keys[-1]) is not None:
+                    return
+                kept = next((store.position_of(k) for k in reversed(keys[:-1]) if store.position_of(k) is not None), base)
+                store.truncate_after(kept)
+                store.save(state, key=keys[-1])
+                if len(store.positions) > THREAD_CHECKPOINTS:
+                    store.forget_checkpoints_before(store.positions[-THREAD_CHECKPOINTS])
+        except FileNotFoundError:
+            return
+        except (StorageError, SnapshotError, OSError) as exc:
+            if notice is not None:
+                notice(f"thread {thread}: its state was not saved ({str(exc).splitlines()[0]}); it is rebuilt "
+                       "from its transcript when next used")
+
+
+def _chain(key: str, ids: list[int]) -> str:
+    """The key after `ids` follow the tokens that `key` names."""
+    return hashlib.sha256(f"{key}:{','.join(map(str, ids))}".encode()).hexdigest()
 
 
 def _usable_snapshots(session: Session) -> SnapshotStore:

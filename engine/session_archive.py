@@ -1,16 +1,20 @@
 """Sessions as one .zip file: export, and an import that trusts nothing in the archive.
 
 An archive holds `session.json`, `snapshots/manifest.json` and the tensor files the manifest names,
-stored uncompressed. It may come from anyone, and its checksums are plain SHA-256 that anyone can
-recompute, so they only catch accidents. Import therefore checks the whole archive before anything
-becomes a session:
+for each thread with a snapshot `threads/<id>/manifest.json` and its tensor files, and the texts read,
+`sources/<sha256>.txt`; all stored uncompressed. It may come from anyone, and its checksums are plain
+SHA-256 that anyone can recompute, so they only catch accidents. Import therefore checks the whole
+archive before anything becomes a session:
 
-- members: exactly the two records and the files the manifest names, each once, plain names only;
+- members: exactly the records and the files the manifests name, each once, plain names only; thread
+  folders only of threads the record has, texts only those the record's files name;
 - sizes: each record at most MAX_RECORD_BYTES, the whole at most twice the archive plus
   MAX_RECORD_BYTES (a legitimate archive is stored, so it barely expands) and within the free disk;
-- records: every field typed and bounded (engine/session_record.py), the manifest's identity that
-  of the session, no checkpoint past the document's end;
-- tensors: each file read back as safetensors with its identity and data checksum checked.
+- records: every field typed and bounded (engine/session_record.py), each manifest's identity that
+  of the session, no checkpoint past the document's end (a thread's: none before it, its cache
+  starting where the document ends, engine/snapshot.py);
+- tensors: each file read back as safetensors with its identity and data checksum checked;
+- texts: each one's bytes hash to its name.
 
 Everything is written into a staging folder inside the sessions folder, by name, never by a path the
 archive gives, and moved into place under an id kimi-desk chooses (the archived one when it is ours
@@ -19,6 +23,7 @@ and free). On any failure the staging folder is removed and nothing else was tou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,8 +35,19 @@ import zipfile
 from pathlib import Path
 
 from kimi_desk.engine.errors import writing
-from kimi_desk.engine.session_record import SESSION_FILE, Session, SessionError, is_session_id
+from kimi_desk.engine.file_lock import file_lock
+from kimi_desk.engine.session_record import (
+    LOCKS_FOLDER,
+    SESSION_FILE,
+    THREADS,
+    THREADS_LOCK,
+    Session,
+    SessionError,
+    is_session_id,
+    is_thread_id,
+)
 from kimi_desk.engine.snapshot import MANIFEST, SnapshotError, SnapshotStore, parse_checked_json, read_tensors
+from kimi_desk.engine.sources import MAX_SOURCE_BYTES, SOURCE_FILE, SOURCES
 
 SNAPSHOTS = "snapshots"
 MAX_RECORD_BYTES = 64 << 20
@@ -52,6 +68,7 @@ def export_session(session: Session, archive: Path) -> Path:
         raise SessionError(f"{archive.parent}: no such folder")
     snapshots = session.snapshots()
     tensors = [(snapshots.folder / name, f"{SNAPSHOTS}/{name}") for name in snapshots.files]
+    texts = sorted({f["text_sha256"] for f in session.files if "text_sha256" in f})
     with writing(archive):
         descriptor, partial = tempfile.mkstemp(dir=archive.parent, prefix=f".{archive.name}.", suffix=".partial")
         try:
@@ -61,12 +78,34 @@ def export_session(session: Session, archive: Path) -> Path:
                     zf.writestr(f"{SNAPSHOTS}/{MANIFEST}", snapshots.manifest_bytes())
                     for path, name in tensors:
                         zf.write(path, name)
+                    _export_threads(session, zf)
+                    for digest in texts:
+                        path = session.folder / SOURCES / f"{digest}.txt"
+                        if path.is_file():  # a session read before texts were kept has none
+                            zf.write(path, f"{SOURCES}/{digest}.txt")
                 fh.flush()
                 os.fsync(fh.fileno())
             _move_without_replacing(Path(partial), archive)
         finally:
             Path(partial).unlink(missing_ok=True)
     return archive
+
+
+def _export_threads(session: Session, zf: zipfile.ZipFile) -> None:
+    """Each thread's snapshot that opens as it should (one left by a document read again, or damaged,
+    is left out: the thread is rebuilt from its transcript wherever it is opened)."""
+    with file_lock(session.folder.parent / LOCKS_FOLDER / THREADS_LOCK.format(session.id)):
+        for thread in session.threads:
+            folder = session.folder / THREADS / thread.id
+            if not (folder / MANIFEST).is_file():
+                continue
+            try:
+                store = SnapshotStore(folder, session.identity, base=session.document_tokens)
+            except SnapshotError:
+                continue
+            zf.writestr(f"{THREADS}/{thread.id}/{MANIFEST}", store.manifest_bytes())
+            for name in store.files:
+                zf.write(folder / name, f"{THREADS}/{thread.id}/{name}")
 
 
 def _move_without_replacing(source: Path, target: Path) -> None:
@@ -92,8 +131,16 @@ def import_session(archive: Path, root: Path) -> str:
     with zf:
         members = _check_members(archive, zf)
         session_raw = _read_record(archive, zf, members[SESSION_FILE])
-        manifest_raw = _read_record(archive, zf, members[f"{SNAPSHOTS}/{MANIFEST}"])
-        tensor_names = _check_tensor_members(archive, manifest_raw, members)
+        stores = {}
+        for folder in sorted({name.rpartition("/")[0] for name in members if name.endswith("/" + MANIFEST)}):
+            manifest_raw = _read_record(archive, zf, members[f"{folder}/{MANIFEST}"])
+            stores[folder] = (manifest_raw, _check_tensor_members(archive, folder, manifest_raw, members))
+        named = {f"{folder}/{name}" for folder, (_, names) in stores.items() for name in names}
+        extra = sorted(name for name in members
+                       if name != SESSION_FILE and not name.endswith("/" + MANIFEST) and name not in named
+                       and not name.startswith(f"{SOURCES}/"))
+        if extra:
+            raise SessionError(f"{archive}: unexpected member {_shown(extra[0])}; refusing to import")
         with writing(root):
             root.mkdir(parents=True, exist_ok=True)
             needed = sum(info.file_size for info in members.values())
@@ -104,7 +151,7 @@ def import_session(archive: Path, root: Path) -> str:
             staging.mkdir()
         try:
             with writing(staging):
-                session = _stage(archive, zf, members, session_raw, manifest_raw, tensor_names, staging)
+                session = _stage(archive, zf, members, session_raw, stores, staging)
                 return _move_into_place(staging, session, root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -118,10 +165,11 @@ def _check_members(archive: Path, zf: zipfile.ZipFile) -> dict[str, zipfile.ZipI
     members: dict[str, zipfile.ZipInfo] = {}
     for info in infos:
         name = info.filename
-        if name == f"{SNAPSHOTS}/" and info.is_dir():
+        if info.is_dir() and _is_folder(name.rstrip("/")):
             continue
         folder, _, base = name.rpartition("/")
-        plain = name == SESSION_FILE or (folder == SNAPSHOTS and (base == MANIFEST or _TENSOR_FILE.fullmatch(base)))
+        plain = name == SESSION_FILE or (_is_snapshot_folder(folder) and (base == MANIFEST or _TENSOR_FILE.fullmatch(base))) \
+            or (folder == SOURCES and SOURCE_FILE.fullmatch(base))
         if not plain:
             raise SessionError(f"{archive}: unexpected member {_shown(name)}; refusing to import")
         if name in members:
@@ -165,51 +213,96 @@ def _read_member(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limi
     return data
 
 
-def _check_tensor_members(archive: Path, manifest: object, members: dict) -> list[str]:
-    """The tensor files the manifest names, which must be exactly the archive's other members."""
+def _is_snapshot_folder(folder: str) -> bool:
+    """`snapshots` or `threads/<thread id>`."""
+    parent, _, name = folder.partition("/")
+    return folder == SNAPSHOTS or (parent == THREADS and is_thread_id(name))
+
+
+def _is_folder(name: str) -> bool:
+    """A folder entry an archiver may add: one the archive's files sit in."""
+    return name in (SNAPSHOTS, THREADS, SOURCES) or _is_snapshot_folder(name)
+
+
+def _check_tensor_members(archive: Path, folder: str, manifest: object, members: dict) -> list[str]:
+    """The tensor files `folder`'s manifest names, which must be exactly the folder's other members."""
     try:
         named = [entry["file"] for kind in ("checkpoints", "segments") for entry in manifest[kind]]
     except (KeyError, TypeError, IndexError):
-        raise SessionError(f"{archive}: {SNAPSHOTS}/{MANIFEST} is damaged") from None
+        raise SessionError(f"{archive}: {folder}/{MANIFEST} is damaged") from None
     if not all(isinstance(name, str) and _TENSOR_FILE.fullmatch(name) for name in named) or len(set(named)) != len(named):
-        raise SessionError(f"{archive}: {SNAPSHOTS}/{MANIFEST} names files a snapshot cannot have")
-    present = {name.split("/", 1)[1] for name in members if name.startswith(f"{SNAPSHOTS}/")} - {MANIFEST}
+        raise SessionError(f"{archive}: {folder}/{MANIFEST} names files a snapshot cannot have")
+    present = {name.rpartition("/")[2] for name in members if name.rpartition("/")[0] == folder} - {MANIFEST}
     if set(named) - present:
         raise SessionError(f"{archive}: {sorted(set(named) - present)[0]} is named by the manifest but missing")
     if present - set(named):
-        raise SessionError(f"{archive}: unexpected member {SNAPSHOTS}/{_shown(sorted(present - set(named))[0])}; "
+        raise SessionError(f"{archive}: unexpected member {folder}/{_shown(sorted(present - set(named))[0])}; "
                            "refusing to import")
     return named
 
 
-def _stage(archive: Path, zf, members, session_raw, manifest_raw, tensor_names, staging: Path) -> Session:
-    """Write and check everything in `staging`: the records, then each tensor file, read back."""
+def _stage(archive: Path, zf, members, session_raw, stores: dict, staging: Path) -> Session:
+    """Write and check everything in `staging`: the records, then each tensor file and text, read back."""
     if isinstance(session_raw, dict) and not is_session_id(session_raw.get("id")):
         session_raw = {**session_raw, "id": "unset"}  # the id is ours: a new one is chosen
     session = Session.from_json(staging, session_raw, origin=str(archive))
-    (staging / SNAPSHOTS).mkdir()
-    manifest = members[f"{SNAPSHOTS}/{MANIFEST}"]
-    (staging / SNAPSHOTS / MANIFEST).write_bytes(_read_member(archive, zf, manifest, manifest.file_size))
-    try:
-        snapshots = SnapshotStore(staging / SNAPSHOTS, session.identity)
-    except SnapshotError as exc:
-        raise SessionError(f"{archive}: {_reason(exc)}") from None
-    if any(p > session.document_tokens for p in snapshots.positions):
-        raise SessionError(f"{archive}: a checkpoint lies past the end of the document")
-    digests = {entry["file"]: entry["sha256"] for kind in ("checkpoints", "segments") for entry in manifest_raw[kind]}
-    for name in tensor_names:
-        info = members[f"{SNAPSHOTS}/{name}"]
-        target = staging / SNAPSHOTS / name
-        _copy_member(archive, zf, info, target)
+    if SNAPSHOTS not in stores:
+        raise SessionError(f"{archive}: no {SNAPSHOTS}/{MANIFEST} inside; not a kimi-desk session archive")
+    threads = {t.id: t for t in session.threads}
+    for folder in stores:
+        if folder != SNAPSHOTS and folder.rpartition("/")[2] not in threads:
+            raise SessionError(f"{archive}: {_shown(folder)} is the snapshot of a thread the session does not have")
+    (staging / THREADS).mkdir()
+    for folder, (manifest_raw, tensor_names) in stores.items():
+        thread = threads.get(folder.rpartition("/")[2]) if folder != SNAPSHOTS else None
+        (staging / folder).mkdir()
+        manifest = members[f"{folder}/{MANIFEST}"]
+        (staging / folder / MANIFEST).write_bytes(_read_member(archive, zf, manifest, manifest.file_size))
         try:
-            read_tensors(target, session.identity, digests[name])
+            store = SnapshotStore(staging / folder, session.identity,
+                                  base=session.document_tokens if thread is not None else 0)
         except SnapshotError as exc:
-            raise SessionError(f"{archive}: {_reason(exc)}") from None
+            # Named as the archive names it, not by the staging folder's path.
+            reason = str(exc).replace(str(staging / folder / MANIFEST), f"{folder}/{MANIFEST}")
+            raise SessionError(f"{archive}: {_reason(SnapshotError(reason))}") from None
+        end = session.document_tokens
+        if thread is not None and all(turn.tokens for turn in thread.turns):
+            end += thread.tokens
+        if any(p > end for p in store.positions):
+            raise SessionError(f"{archive}: a checkpoint in {folder} lies past the end of "
+                               f"{'the document' if thread is None else 'its thread'}")
+        digests = {entry["file"]: entry["sha256"] for kind in ("checkpoints", "segments") for entry in manifest_raw[kind]}
+        for name in tensor_names:
+            target = staging / folder / name
+            _copy_member(archive, zf, members[f"{folder}/{name}"], target)
+            try:
+                read_tensors(target, session.identity, digests[name])
+            except SnapshotError as exc:
+                raise SessionError(f"{archive}: {_reason(exc)}") from None
+    _stage_texts(archive, zf, members, session, staging)
     return session
 
 
-def _copy_member(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> None:
-    """Stream one member to `target`, never more bytes than its entry declares."""
+def _stage_texts(archive: Path, zf, members, session: Session, staging: Path) -> None:
+    """The texts read: only those the record's files name, each hashing to its name."""
+    named = {f["text_sha256"] for f in session.files if "text_sha256" in f}
+    texts = sorted(name for name in members if name.startswith(f"{SOURCES}/"))
+    (staging / SOURCES).mkdir()
+    for name in texts:
+        digest = name.rpartition("/")[2][:-4]
+        if digest not in named:
+            raise SessionError(f"{archive}: {_shown(name)} is a text no file of the session names; refusing to import")
+        info = members[name]
+        if info.file_size > MAX_SOURCE_BYTES:
+            raise SessionError(f"{archive}: {_shown(name)} is larger than any text kimi-desk reads")
+        digester = hashlib.sha256()
+        _copy_member(archive, zf, info, staging / name, digester)
+        if digester.hexdigest() != digest:
+            raise SessionError(f"{archive}: {_shown(name)} is damaged (its text does not match its name)")
+
+
+def _copy_member(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, digester=None) -> None:
+    """Stream one member to `target`, never more bytes than its entry declares (and into `digester`)."""
     written = 0
     try:
         with zf.open(info) as member, open(target, "xb") as out:
@@ -219,6 +312,8 @@ def _copy_member(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, targ
                     raise SessionError(f"{archive}: {_shown(info.filename)} is larger than its entry says; "
                                        "refusing to import")
                 out.write(block)
+                if digester is not None:
+                    digester.update(block)
     except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
         if isinstance(exc, SessionError):
             raise

@@ -6,17 +6,28 @@ another from 0; what was read lies inside the document). A record that fails is 
 naming the session and the field, never a half-built Session that breaks later.
 
 Several processes use one data folder at once (the app and the command line). Every change goes
-through `Session.update` or `Session.append_turn`: under the store's lock they re-read the record
+through `Session.update` or `Session.record_turn`: under the store's lock they re-read the record
 from disk, change only their fields, and write it back atomically. So no process overwrites a turn
 or a rename another one made, and a session removed meanwhile is never written again: the change
 fails with "was removed" instead.
+
+The conversation is a list of threads, each a list of turns; every turn of a thread was answered
+after the document and all the thread's earlier turns. A turn is recorded against the turns its
+answer saw: when another process changed the thread meanwhile (added a turn, regenerated one), the
+new turn goes to a new thread holding what it saw, so that every thread stays a conversation the
+model really had, and nothing either process wrote is lost.
+
+Format 1 (before threads) had one transcript of independent questions; it reads as one thread per
+question, which is what each of them was.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import math
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,17 +35,24 @@ from kimi_desk.engine import chat
 from kimi_desk.engine.file_lock import file_lock
 from kimi_desk.engine.snapshot import Identity, SnapshotError, SnapshotStore, read_checked_json, write_checked_json
 
-SESSION_FORMAT = 1
+SESSION_FORMAT = 2
+# Records this kimi-desk reads: format 1 had one transcript, no threads.
+READABLE_FORMATS = (1, 2)
 SESSION_FILE = "session.json"
 # Inside the sessions folder: lock files (kept, never deleted; see engine/file_lock.py).
 LOCKS_FOLDER = ".locks"
 STORE_LOCK = "store.lock"
+# Inside the sessions folder, per session: held while a thread's snapshot is written, read or exported.
+THREADS_LOCK = "{}.threads.lock"
+# Inside a session folder: a folder per thread with its snapshot (engine/snapshot.py, with a base).
+THREADS = "threads"
 
 # Bounds on what a record may hold: far beyond any real session, small enough that a hostile record
 # cannot make a command allocate without limit.
 MAX_POSITION = 1 << 32  # tokens
 MAX_SEGMENTS = 1 << 20
-MAX_TURNS = 1 << 16
+MAX_TURNS = 1 << 16  # in all threads together
+MAX_THREADS = 1 << 12
 MAX_SHORT_TEXT = 1 << 16  # names, paths, labels, fingerprints (characters)
 MAX_LONG_TEXT = 1 << 22  # a question, an answer, the system prompt (characters)
 MAX_ANSWER_TOKENS = 1 << 20
@@ -48,6 +66,10 @@ class SessionError(ValueError):
 def is_session_id(text: object) -> bool:
     """Ids kimi-desk makes: eight lowercase hexadecimal digits."""
     return isinstance(text, str) and len(text) == 8 and all(c in "0123456789abcdef" for c in text)
+
+
+# Thread ids look like session ids; they are unique within their session.
+is_thread_id = is_session_id
 
 
 @dataclass
@@ -73,6 +95,33 @@ class Turn:
     finish_reason: str
     seconds: float
     asked: str
+    # Positions the turn took in its thread (question, markers and answer); 0 when not known (format 1).
+    tokens: int = 0
+
+
+@dataclass
+class Thread:
+    """A conversation after the document: each turn continues from the one before."""
+
+    id: str
+    created: str
+    turns: list[Turn] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        """The first question, on one line."""
+        return " ".join(self.turns[0].question.split()) if self.turns else "(empty)"
+
+    @property
+    def tokens(self) -> int:
+        return sum(turn.tokens for turn in self.turns)
+
+    @property
+    def last_used(self) -> str:
+        return max([self.created] + [turn.asked for turn in self.turns])
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "created": self.created, "turns": [vars(t) for t in self.turns]}
 
 
 @dataclass
@@ -88,7 +137,7 @@ class Session:
     segments: list[Segment] = field(default_factory=list)
     files: list[dict] = field(default_factory=list)
     read_position: int = 0
-    transcript: list[Turn] = field(default_factory=list)
+    threads: list[Thread] = field(default_factory=list)
     system: str | None = chat.DEFAULT_SYSTEM_PROMPT
     model_source: str = ""
 
@@ -104,6 +153,31 @@ class Session:
     def identity(self) -> Identity:
         return Identity(self.model_fingerprint, self.tokenizer_fingerprint)
 
+    @property
+    def turns(self) -> int:
+        """Questions asked, in every thread."""
+        return sum(len(t.turns) for t in self.threads)
+
+    def thread(self, thread_id: str) -> Thread:
+        found = next((t for t in self.threads if t.id == thread_id), None)
+        if found is None:
+            raise SessionError(f"session {self.id} has no thread {str(thread_id)[:64]!r} "
+                               f"(see 'kimi-desk sessions show {self.id}')")
+        return found
+
+    def latest_thread(self) -> Thread | None:
+        """The thread used last (asked in, or created, most recently)."""
+        return max(self.threads, key=lambda t: t.last_used, default=None)
+
+    @property
+    def document_key(self) -> str:
+        """A digest of the document as read (its segments' texts and places, the model and tokenizer):
+        what a thread's saved state was computed after."""
+        digest = hashlib.sha256(f"{self.model_fingerprint}\0{self.tokenizer_fingerprint}".encode())
+        for segment in self.segments:
+            digest.update(f"\0{segment.sha256}:{segment.start}:{segment.tokens}".encode())
+        return digest.hexdigest()
+
     def snapshots(self) -> SnapshotStore:
         return SnapshotStore(self.folder / "snapshots", self.identity)
 
@@ -116,7 +190,7 @@ class Session:
             "created": self.created, "last_used": self.last_used, "model_fingerprint": self.model_fingerprint,
             "tokenizer_fingerprint": self.tokenizer_fingerprint, "system": self.system,
             "segments": [vars(s) for s in self.segments], "files": self.files,
-            "read_position": self.read_position, "transcript": [vars(t) for t in self.transcript],
+            "read_position": self.read_position, "threads": [t.to_json() for t in self.threads],
             "model_source": self.model_source,
         }
 
@@ -162,17 +236,32 @@ class Session:
         """Take the record as it is on disk now; SessionError if the session was removed."""
         self._take(self._current())
 
-    def append_turn(self, turn: Turn, *, replace_last: bool = False) -> None:
-        """Add `turn` to the transcript on disk (after every turn other processes added); with
-        `replace_last` it replaces the last turn instead (regenerating an answer)."""
+    def record_turn(self, turn: Turn, thread_id: str | None = None, seen: list[Turn] = (),
+                    index: int | None = None) -> tuple[str, bool]:
+        """Record `turn`, answered after `seen[:index]` (default: all of `seen`) of thread `thread_id`,
+        the thread's turns as the caller read them. With no thread it starts a new one. `index` at the
+        last turn replaces it (regenerating); `index` before the last starts a new thread with
+        `seen[:index]` and the turn (editing an earlier question keeps the conversation that followed
+        it). Returns the thread it went to, and whether that is a new thread other than asked for:
+        an earlier turn edited, or the thread changed on disk meanwhile (or is gone)."""
+        seen = list(seen)
+        index = len(seen) if index is None else index
+        if not 0 <= index <= len(seen):
+            raise ValueError(f"turn {index} of a thread of {len(seen)} turns")
         with self._store_lock():
             current = self._current()
-            if replace_last and current.transcript:
-                current.transcript.pop()
-            current.transcript.append(turn)
+            target = next((t for t in current.threads if t.id == thread_id), None)
+            forked = thread_id is not None and (target is None or target.turns != seen or index < len(seen) - 1)
+            if target is None or forked:
+                target = Thread(_new_thread_id(current), turn.asked, seen[:index])
+                current.threads.append(target)
+            else:
+                del target.turns[index:]
+            target.turns.append(turn)
             current.last_used = turn.asked
             current.write_new()
         self._take(current)
+        return target.id, forked
 
     def _store_lock(self):
         return file_lock(self.folder.parent / LOCKS_FOLDER / STORE_LOCK)
@@ -186,6 +275,14 @@ class Session:
         for f in dataclasses.fields(self):
             if f.name not in ("id", "folder"):
                 setattr(self, f.name, getattr(other, f.name))
+
+
+def _new_thread_id(session: "Session") -> str:
+    taken = {t.id for t in session.threads}
+    while True:
+        thread_id = secrets.token_hex(4)
+        if thread_id not in taken:
+            return thread_id
 
 
 # -- checking a record ------------------------------------------------------------------------------
@@ -267,6 +364,9 @@ def _file(raw: object, where: str, document_tokens: int) -> dict:
              "sha256": _hex(_get(raw, "sha256", where + "."), where + ".sha256", 64),
              "start": _count(_get(raw, "start", where + "."), where + ".start"),
              "end": _count(_get(raw, "end", where + "."), where + ".end")}
+    # The digest of the text the model read, kept in the session's sources/ (engine/sources.py).
+    if "text_sha256" in raw:
+        entry["text_sha256"] = _hex(raw["text_sha256"], where + ".text_sha256", 64)
     if not entry["start"] <= entry["end"] <= document_tokens:
         raise _BadField(f"{where} spans tokens {entry['start']:,}-{entry['end']:,}, outside the document")
     return entry
@@ -286,15 +386,43 @@ def _turn(raw: object, where: str) -> Turn:
     return Turn(question=_text(_get(raw, "question", where + "."), where + ".question", MAX_LONG_TEXT),
                 answer=_text(_get(raw, "answer", where + "."), where + ".answer", MAX_LONG_TEXT),
                 answer_token_ids=list(ids), finish_reason=finish, seconds=float(seconds),
-                asked=_timestamp(_get(raw, "asked", where + "."), where + ".asked"))
+                asked=_timestamp(_get(raw, "asked", where + "."), where + ".asked"),
+                tokens=_count(raw.get("tokens", 0), where + ".tokens"))
+
+
+def _thread(raw: object, where: str) -> Thread:
+    raw = _object(raw, where)
+    thread_id = _get(raw, "id", where + ".")
+    if not is_thread_id(thread_id):
+        raise _BadField(f"{where}.id must be 8 lowercase hexadecimal digits")
+    turns = [_turn(t, f"{where}.turns[{i}]")
+             for i, t in enumerate(_list(_get(raw, "turns", where + "."), where + ".turns", MAX_TURNS))]
+    return Thread(thread_id, _timestamp(_get(raw, "created", where + "."), where + ".created"), turns)
+
+
+def _threads(raw: dict, version: int, session_id: object) -> list[Thread]:
+    if version == 1:
+        # Each question of a format-1 transcript was answered from the document alone: a thread each,
+        # with ids that stay the same until the record is next written.
+        turns = [_turn(t, f"transcript[{i}]")
+                 for i, t in enumerate(_list(_get(raw, "transcript"), "transcript", MAX_TURNS))]
+        return [Thread(hashlib.sha256(f"{session_id}:{i}".encode()).hexdigest()[:8], turn.asked, [turn])
+                for i, turn in enumerate(turns)]
+    threads = [_thread(t, f"threads[{i}]")
+               for i, t in enumerate(_list(_get(raw, "threads"), "threads", MAX_THREADS))]
+    if len({t.id for t in threads}) != len(threads):
+        raise _BadField("two threads have the same id")
+    if sum(len(t.turns) for t in threads) > MAX_TURNS:
+        raise _BadField(f"the threads hold more than {MAX_TURNS:,} turns")
+    return threads
 
 
 def _parse(folder: Path, raw: object) -> Session:
     raw = _object(raw, "the record")
     version = raw.get("format_version")
-    if version != SESSION_FORMAT:
+    if type(version) is not int or version not in READABLE_FORMATS:
         shown = repr(version) if isinstance(version, int) else "unknown"
-        raise _BadField(f"format {shown[:20]}; this kimi-desk reads format {SESSION_FORMAT}")
+        raise _BadField(f"format {shown[:20]}; this kimi-desk reads formats up to {SESSION_FORMAT}")
     segments = [_segment(s, f"segments[{i}]")
                 for i, s in enumerate(_list(_get(raw, "segments"), "segments", MAX_SEGMENTS))]
     position = 0
@@ -309,15 +437,14 @@ def _parse(folder: Path, raw: object) -> Session:
         raise _BadField(f"read_position {read_position:,} is past the document's end ({position:,})")
     files = [_file(f, f"files[{i}]", position)
              for i, f in enumerate(_list(_get(raw, "files"), "files", MAX_SEGMENTS))]
-    transcript = [_turn(t, f"transcript[{i}]")
-                  for i, t in enumerate(_list(_get(raw, "transcript"), "transcript", MAX_TURNS))]
+    threads = _threads(raw, version, raw.get("id"))
     return Session(
         id=_text(_get(raw, "id"), "id", 64), folder=folder,
         name=_text(_get(raw, "name"), "name"), source=_text(_get(raw, "source"), "source"),
         created=_timestamp(_get(raw, "created"), "created"), last_used=_timestamp(_get(raw, "last_used"), "last_used"),
         model_fingerprint=_fingerprint(_get(raw, "model_fingerprint"), "model_fingerprint"),
         tokenizer_fingerprint=_fingerprint(_get(raw, "tokenizer_fingerprint"), "tokenizer_fingerprint"),
-        segments=segments, files=files, read_position=read_position, transcript=transcript,
+        segments=segments, files=files, read_position=read_position, threads=threads,
         system=_optional_text(raw.get("system"), "system", MAX_LONG_TEXT),
         model_source=_text(raw.get("model_source", ""), "model_source"),
     )

@@ -10,6 +10,11 @@ A snapshot folder holds
   names are on disk, so a crash at any moment leaves the previous manifest, and every file it names,
   intact. New files never reuse a name the manifest knows.
 
+A store with a `base` holds what a conversation adds after a document (engine/session.py): its
+segments start at `base`, not 0, and it restores on top of the document's state, whose cache it
+continues in place. Its checkpoints carry a `key`, a digest of every token before them, so that a
+checkpoint is used only for the very conversation it was taken in.
+
 Every file carries the format version and the model's and tokenizer's fingerprints; every tensor file
 carries a SHA-256 of its tensor data, checked on load. A snapshot from another model, or a damaged
 or truncated file, is refused with a SnapshotError naming the file.
@@ -158,22 +163,23 @@ def _check_identity(path: Path, metadata: dict, identity: Identity) -> None:
 class SnapshotStore:
     """Checkpoints of one sequence's state (batch size 1) in one folder."""
 
-    def __init__(self, folder: Path, identity: Identity):
+    def __init__(self, folder: Path, identity: Identity, base: int = 0):
         self.folder = Path(folder)
         self.identity = identity
+        self.base = base
         self.folder.mkdir(exist_ok=True)  # never recreates a removed session folder
         self._manifest = self._read_manifest()
 
-    # The manifest: {"checkpoints": [{position, file, sha256}], "segments": [{start, end, file, sha256}],
-    # "counter": n} (n makes every new file name unique).
+    # The manifest: {"checkpoints": [{position, file, sha256[, key]}], "segments": [{start, end, file,
+    # sha256}], "counter": n[, "base": b]} (n makes every new file name unique; b is where segments start).
     def _read_manifest(self) -> dict:
         path = self.folder / MANIFEST
         if not path.exists():
             return {"format_version": FORMAT_VERSION, **self.identity.metadata(), "checkpoints": [],
-                    "segments": [], "counter": 0}
+                    "segments": [], "counter": 0, **({"base": self.base} if self.base else {})}
         manifest = read_checked_json(path)
         _check_identity(path, {k: v for k, v in manifest.items() if isinstance(v, str)}, self.identity)
-        _check_manifest(path, manifest)
+        _check_manifest(path, manifest, self.base)
         return manifest
 
     def _commit(self) -> None:
@@ -208,17 +214,28 @@ class SnapshotStore:
 
     @property
     def cached_tokens(self) -> int:
+        """Where the stored cache ends (`base` when it holds no segment)."""
         segments = self._manifest["segments"]
-        return segments[-1]["end"] if segments else 0
+        return segments[-1]["end"] if segments else self.base
+
+    def key_at(self, position: int) -> str | None:
+        entry = next((c for c in self._manifest["checkpoints"] if c["position"] == position), None)
+        return entry.get("key") if entry else None
+
+    def position_of(self, key: str) -> int | None:
+        """The position of the checkpoint saved with `key`, if there is one."""
+        return next((c["position"] for c in self._manifest["checkpoints"] if c.get("key") == key), None)
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("*.safetensors"))
 
-    def save(self, state: ModelState) -> None:
+    def save(self, state: ModelState, key: str | None = None) -> None:
         """Checkpoint `state` at its position: the constant-size part, plus the MLA latents that the
-        stored segments do not hold yet."""
+        stored segments do not hold yet. `key` (64 hexadecimal digits) names the tokens before it."""
         if state.batch_size != 1:
             raise ValueError("snapshots hold one sequence (batch size 1)")
+        if key is not None and not _is_key(key):
+            raise ValueError(f"a checkpoint key is 64 hexadecimal digits, got {key!r}")
         position = state.position
         if position < self.cached_tokens:
             raise ValueError(f"cannot checkpoint position {position} behind the stored cache "
@@ -239,7 +256,8 @@ class SnapshotStore:
                 constant[f"layers.{i}.conv"] = layer.conv[0]
         name = self._next_name(f"kda-{position:012d}")
         digest = write_tensors(self.folder / name, constant, self.identity)
-        self._manifest["checkpoints"].append({"position": position, "file": name, "sha256": digest})
+        entry = {"position": position, "file": name, "sha256": digest, **({"key": key} if key else {})}
+        self._manifest["checkpoints"].append(entry)
         self._manifest["checkpoints"].sort(key=lambda c: c["position"])
         self._commit()
 
@@ -247,16 +265,20 @@ class SnapshotStore:
         earlier = [p for p in self.positions if p <= position]
         return max(earlier) if earlier else None
 
-    def restore(self, position: int, template: ModelState) -> ModelState:
+    def restore(self, position: int, template: ModelState, capacity: int | None = None) -> ModelState:
         """The state at checkpoint `position`, built into copies of `template`'s layers (a fresh
-        `model.new_state(1)`, which fixes layer kinds, shapes, dtypes and device)."""
+        `model.new_state(1)`, which fixes layer kinds, shapes, dtypes and device). A store with a
+        base continues `template`, the state at `base`, instead: its cache rows stay where they are.
+        `capacity` makes room in the caches for that many tokens before the rows are put in."""
         entry = next((c for c in self._manifest["checkpoints"] if c["position"] == position), None)
         if entry is None:
             raise SnapshotError(f"no checkpoint at position {position} (have {some(self.positions)})")
+        if self.base and template.position != self.base:
+            raise ValueError(f"the state to continue is at {template.position}, this store starts at {self.base}")
         constant = read_tensors(self.folder / entry["file"], self.identity, entry["sha256"])
         segments = [s for s in self._manifest["segments"] if s["start"] < position]
         parts = [read_tensors(self.folder / s["file"], self.identity, s["sha256"]) for s in segments]
-        state = template.clone()
+        state = template.continuation() if self.base else template.clone()
         for i, layer in enumerate(state.layers):
             try:
                 if isinstance(layer, KDAState):
@@ -265,7 +287,9 @@ class SnapshotStore:
                     layer.recurrent = recurrent.unsqueeze(0).to(layer.recurrent)
                     layer.conv = conv.unsqueeze(0).to(layer.conv)
                 else:
-                    layer.truncate(0)
+                    layer.truncate(self.base)
+                    if capacity is not None:
+                        layer.reserve(capacity)
                     for segment, part in zip(segments, parts):
                         latents = part[f"layers.{i}.latents"]
                         want = (segment["end"] - segment["start"], layer._buffer.shape[-1])
@@ -280,12 +304,18 @@ class SnapshotStore:
         return state
 
     def truncate_after(self, position: int) -> None:
-        """Forget every checkpoint after `position` (itself a checkpoint or 0) and the cache beyond it:
-        what re-reading from a changed file needs."""
-        if position and position not in self.positions:
+        """Forget every checkpoint after `position` (itself a checkpoint, or the base) and the cache
+        beyond it: what re-reading from a changed file needs."""
+        if position != self.base and position not in self.positions:
             raise ValueError(f"{position} is not a checkpoint position")
         self._manifest["checkpoints"] = [c for c in self._manifest["checkpoints"] if c["position"] <= position]
         self._manifest["segments"] = [s for s in self._manifest["segments"] if s["end"] <= position]
+        self._commit()
+
+    def forget_checkpoints_before(self, position: int) -> None:
+        """Drop the checkpoints before `position`, keeping the cache: a conversation keeps only its last
+        few (the 48B model's constant-size state is 42 MB a checkpoint)."""
+        self._manifest["checkpoints"] = [c for c in self._manifest["checkpoints"] if c["position"] >= position]
         self._commit()
 
 
@@ -293,11 +323,15 @@ class SnapshotStore:
 _TENSOR_FILE = re.compile(r"(kda-[0-9]{12}|mla-[0-9]{12}-[0-9]{12})-([0-9]{1,18})\.safetensors")
 
 
-def _check_manifest(path: Path, manifest: dict) -> None:
+def _is_key(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _check_manifest(path: Path, manifest: dict, base: int = 0) -> None:
     """The manifest holds what save() writes: checkpoints at distinct positions in order, within the
-    cache; segments that tile the cache from 0; every file a name the store makes, once, numbered below
-    the counter, so that no entry makes the store read or delete a file outside its folder or write over
-    one it names."""
+    cache; segments that tile the cache from `base`; every file a name the store makes, once, numbered
+    below the counter, so that no entry makes the store read or delete a file outside its folder or
+    write over one it names."""
 
     def need(cond: bool, what: str) -> None:
         if not cond:
@@ -320,13 +354,17 @@ def _check_manifest(path: Path, manifest: dict) -> None:
                  and int(match.group(2)) <= counter, f"a {kind} entry names the file {brief(file)}")
             names.add(file)
             need(isinstance(entry.get("sha256"), str), f"a {kind} entry has sha256 {brief(entry.get('sha256'))}")
-    end = 0
+            need("key" not in entry or _is_key(entry["key"]), f"a {kind} entry has key {brief(entry.get('key'))}")
+    stored_base = manifest.get("base", 0)
+    need(is_count(stored_base) and stored_base == base, f"its cache starts at {brief(stored_base)}, not at {base:,}")
+    end = base
     for segment in segments:
         need(segment["start"] == end and segment["end"] > end, "its cache segments do not follow each other")
         end = segment["end"]
     positions = [c["position"] for c in checkpoints]
     need(positions == sorted(set(positions)), "its checkpoints are not in order")
     if positions:
+        need(positions[0] >= base, f"a checkpoint at {brief(positions[0])} is before the cache's start")
         need(positions[-1] <= end, f"a checkpoint at {brief(positions[-1])} is past the cache's {brief(end)} tokens")
 
 

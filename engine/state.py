@@ -8,6 +8,12 @@ position is a prefix of it. All sequences of a batch sit at the same position.
 The model updates these tensors in place (the KDA matrices and windows) or writes into spare capacity
 (the MLA caches), so their storage stays put from step to step: a CUDA graph recorded on one decode step
 (engine/cuda_graph.py) replays on the same buffers. Only an MLA cache that outgrows its capacity moves.
+
+A conversation continues the document's state without copying its cache: `ModelState.continuation()`
+copies the small KDA part and gives each MLA layer a cache over the document's own storage, which
+reads the document's rows in place and appends its own after them, into the storage's spare capacity.
+The document's rows are never written again. Every continuation of one state writes to the same rows
+past the document, so one continuation at a time is live (engine/session.py keeps that rule).
 """
 
 from __future__ import annotations
@@ -30,6 +36,17 @@ class KDAState:
         return self.recurrent.nbytes + self.conv.nbytes
 
 
+class _Storage:
+    """The tensor behind one or more MLA caches: a document's cache and its continuations hold the same
+    _Storage, so that when a continuation outgrows it, the document's cache follows to the new tensor
+    (one buffer in memory, never two)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 class MLACache:
     """A growing latent cache. Storage grows geometrically so that appending one token at a time costs
     amortised O(1) copies; `latents` is a view of the filled part, `buffer` the whole storage.
@@ -38,12 +55,21 @@ class MLACache:
     int64 tensor on the cache's device: the recorded step writes its latents at that position and
     attention reads its range from it, so that the replayed graph follows the cache as it fills (a
     replay cannot see host integers). The recorder advances `length` on the host after each replay.
+
+    A continuation (`continuation()`) shares the storage; its first `shared` rows are the other cache's
+    and are never written or truncated away. It grows by its own rows, not by the shared ones: a thread
+    after a 1M-token document asks for room for its own tokens, not for another million.
     """
 
     def __init__(self, batch_size: int, width: int, dtype: torch.dtype, device, capacity: int = 256):
-        self._buffer = torch.empty(batch_size, capacity, width, dtype=dtype, device=device)
+        self._storage = _Storage(torch.empty(batch_size, capacity, width, dtype=dtype, device=device))
         self.length = 0
+        self.shared = 0
         self.device_length: torch.Tensor | None = None
+
+    @property
+    def _buffer(self) -> torch.Tensor:
+        return self._storage.tensor
 
     @property
     def latents(self) -> torch.Tensor:  # [B, length, width]
@@ -63,14 +89,15 @@ class MLACache:
         return self.length if self.device_length is None else self.device_length
 
     def reserve(self, total: int) -> None:
-        """Make room for `total` tokens, so that appends up to there keep the storage in place."""
+        """Make room for `total` tokens, so that appends up to there keep the storage in place. Caches
+        sharing the storage move with it (their rows up to this cache's length come along)."""
         if total > self.capacity:
             grown = torch.empty(
                 self._buffer.shape[0], total, self._buffer.shape[2], dtype=self._buffer.dtype,
                 device=self._buffer.device,
             )
             grown[:, : self.length] = self.latents
-            self._buffer = grown
+            self._storage.tensor = grown
 
     def append(self, latents: torch.Tensor) -> torch.Tensor:
         """Append [B, T, width]; returns every cached latent, new ones included (while a decode step is
@@ -81,22 +108,38 @@ class MLACache:
             return self._buffer
         end = self.length + latents.shape[1]
         if end > self.capacity:
-            self.reserve(max(end, 2 * self.capacity))
+            own = end - self.shared
+            self.reserve(max(end, 2 * self.capacity) if not self.shared else end + max(own, 256))
         self._buffer[:, self.length : end] = latents
         self.length = end
         return self.latents
 
     def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        if not self.shared <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens ({self.shared} of them shared) "
+                             f"to {length}")
         self.length = length
 
     def clone(self) -> "MLACache":
+        """An independent copy of every row, shared ones included."""
         copy = MLACache.__new__(MLACache)
-        copy._buffer = self._buffer[:, : max(self.length, 1)].clone()
+        copy._storage = _Storage(self._buffer[:, : max(self.length, 1)].clone())
         copy.length = self.length
+        copy.shared = 0
         copy.device_length = None
         return copy
+
+    def continuation(self) -> "MLACache":
+        """A cache that reads this one's rows where they are and appends after them into the same
+        storage. Appends overwrite what another continuation of this cache wrote there."""
+        view = MLACache.__new__(MLACache)
+        view._storage = self._storage
+        view.length = view.shared = self.length
+        view.device_length = None
+        return view
+
+    def shares_rows_with(self, other: "MLACache") -> bool:
+        return self._storage is other._storage
 
     @property
     def nbytes(self) -> int:
@@ -112,6 +155,18 @@ class ModelState:
 
     def clone(self) -> "ModelState":
         return ModelState([layer.clone() for layer in self.layers], self.position)
+
+    def continuation(self) -> "ModelState":
+        """A state that continues this one: the KDA part copied, the MLA caches continued in place (see
+        the module doc). This state must not advance while the continuation is in use."""
+        layers = [layer.clone() if isinstance(layer, KDAState) else layer.continuation() for layer in self.layers]
+        return ModelState(layers, self.position)
+
+    def reserve(self, total: int) -> None:
+        """Room in every MLA cache for `total` tokens, so that appends up to there never move the rows."""
+        for layer in self.layers:
+            if isinstance(layer, MLACache):
+                layer.reserve(total)
 
     @property
     def batch_size(self) -> int:

@@ -1,5 +1,5 @@
 """A fake engine for the UI tests: the methods of engine.session.Assistant the app calls (read, ask,
-document_state, reading_rate), with the same callbacks, cancellation and records, but no model. It
+document_state, thread_state, reading_rate), with the same callbacks, cancellation and records, but no model. It
 writes real sessions into a real SessionStore, so that rename, delete, export and import are the real
 thing. Small sleeps make reading and answering take long enough to be stopped; `hold` freezes reading
 at a chosen point so a snapshot can catch it mid-way. Timings it reports are fixed numbers."""
@@ -15,12 +15,14 @@ from types import SimpleNamespace
 from kimi_desk.engine.ingest import IngestError
 from kimi_desk.engine.session import Answer, ReadCancelled, ReadProgress, Segment, SessionError, Turn
 from kimi_desk.engine.snapshot import Identity
+from kimi_desk.engine.sources import SourceTexts
 
 FROZEN_TIME = "2026-11-27T12:00:00+00:00"
 IDENTITY = Identity("fake-model-fingerprint", "fake-tokenizer-fingerprint")
-ANSWER = ("The **helper** in `file_2.py` returns a number:\n\n"
+# It cites a line of a file the fake reads, a definition, and a file no folder of the tests has.
+ANSWER = ("The **helper** in `file_2.py:1` returns a number:\n\n"
           "- it adds `14` to the length of a short string\n"
-          "- nothing else reads it\n\n"
+          "- `helper_2` is defined three times; lib/other.py:4 reads none of them\n\n"
           "```python\ndef helper_2():\n    return 14 + len('xx')\n```\n")
 
 
@@ -55,6 +57,8 @@ class FakeAssistant:
         self.answering = threading.Event()
         self.answer_release = threading.Event()
         self.asked: list[str] = []
+        # (thread, index) of each question: None for a new thread.
+        self.asked_in: list[tuple] = []
         self.samplings: list = []
 
     def reading_rate(self) -> float:
@@ -76,9 +80,10 @@ class FakeAssistant:
             position += segments[-1].tokens
         session = store.find_or_create(str(source), source.name, IDENTITY, None)
         unchanged = [s.sha256 for s in session.segments] == [s.sha256 for s in segments]
+        kept = SourceTexts(session.folder)  # the texts read, as the engine keeps them for citations
         session.update(segments=segments, read_position=session.read_position if unchanged else 0,
-                       files=[{"path": s.label, "size": 1, "sha256": s.sha256, "start": s.start, "end": s.end}
-                              for s in segments],
+                       files=[{"path": s.label, "size": 1, "sha256": s.sha256, "start": s.start, "end": s.end,
+                               "text_sha256": kept.put(text)} for s, (_, text) in zip(segments, texts)],
                        created=FROZEN_TIME, last_used=FROZEN_TIME, model_source=self.model_source)
         total = segments[-1].end if segments else 0
         if on_plan:
@@ -120,19 +125,30 @@ class FakeAssistant:
         return SimpleNamespace(kda_nbytes=4 * 1024 * 1024, mla_nbytes=576 * 4 * session.document_tokens,
                                position=session.document_tokens)
 
-    def ask(self, session, question, *, sampling=None, max_new_tokens=512, cancel=None, replace_last=False):
+    def thread_state(self, session, thread, notice=None):
+        """What the UI reads of a thread's state: its position (document and thread tokens)."""
         self.document_state(session)
+        return SimpleNamespace(kda_nbytes=4 * 1024 * 1024, mla_nbytes=576 * 4 * session.document_tokens,
+                               position=session.document_tokens + session.thread(thread).tokens)
+
+    def ask(self, session, question, *, thread=None, index=None, sampling=None, max_new_tokens=512, cancel=None,
+            notice=None):
+        self.document_state(session)
+        session.refresh()
+        seen = list(session.thread(thread).turns) if thread is not None else []
+        index = len(seen) if index is None else index
         self.asked.append(question)
+        self.asked_in.append((thread, index))
         self.samplings.append((sampling, max_new_tokens))
         pieces, ids, finish = [], [], "cancelled"
         try:
-            for index, piece in enumerate(answer_pieces(question)):
+            for position, piece in enumerate(answer_pieces(question)):
                 if cancel is not None and cancel.is_set():
                     break
-                if index >= max_new_tokens:
+                if position >= max_new_tokens:
                     finish = "length"
                     break
-                if self.answer_hold_after is not None and index == self.answer_hold_after:
+                if self.answer_hold_after is not None and position == self.answer_hold_after:
                     self.answering.set()
                     while not self.answer_release.is_set() and not (cancel is not None and cancel.is_set()):
                         time.sleep(0.005)
@@ -140,14 +156,17 @@ class FakeAssistant:
                         break
                 time.sleep(self.token_sleep)
                 pieces.append(piece)
-                ids.append(index)
-                yield Answer(piece, [index], 0.01)
+                ids.append(position)
+                yield Answer(piece, [position], 0.01)
             else:
                 finish = "stop"
         finally:
-            session.append_turn(Turn(question, "".join(pieces), ids, finish, round(0.01 * len(ids), 3), FROZEN_TIME),
-                                replace_last=replace_last)
-        yield Answer("", [], 0.0, finish)
+            turn = Turn(question, "".join(pieces), ids, finish, round(0.01 * len(ids), 3), FROZEN_TIME,
+                        tokens=len(question.split()) + 8 + len(ids))
+            landed, forked = session.record_turn(turn, thread, seen, index)
+            if forked and notice is not None:
+                notice(f"thread {thread} changed meanwhile: this answer starts thread {landed}")
+        yield Answer("", [], 0.0, finish, thread=landed)
 
 
 def make_folder(root: Path, n_files: int = 6) -> Path:

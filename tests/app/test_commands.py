@@ -42,19 +42,47 @@ def test_ingest_ask_and_manage_sessions(run, tmp_path, chat_checkpoint):
     again = json.loads(run("ingest", str(repo), "--model", str(chat_checkpoint), "--json").stdout)
     assert again["id"] == session_id and again["files"] == 5 and again["tokens"] > 50
 
-    # The session remembers its model: no --model needed to ask.
+    # The session remembers its model: no --model needed to ask. Each ask starts a thread, named on stderr.
     first = json.loads(run("ask", session_id, "What is VALUE_3?", "--json", "--max-new-tokens", "8").stdout)
     assert first["finish_reason"] in ("stop", "length") and first["question"] == "What is VALUE_3?"
+    assert len(first["thread"]) == 8 and first["turn"] == 1 and isinstance(first["citations"], list)
     second = json.loads(run("ask", session_id, "What is VALUE_3?", "--json", "--max-new-tokens", "8").stdout)
-    assert second["answer"] == first["answer"]  # greedy by default
-    streamed = run("ask", session_id, "What is VALUE_3?", "--max-new-tokens", "8").stdout
-    assert streamed == first["answer"] + "\n"
+    assert second["answer"] == first["answer"] and second["thread"] != first["thread"]  # greedy by default
+    streamed = run("ask", session_id, "What is VALUE_3?", "--max-new-tokens", "8")
+    assert streamed.stdout == first["answer"] + "\n"
+    third = streamed.stderr.strip().splitlines()[-1]
+    assert third.startswith("kimi-desk: thread ") and f"kimi-desk ask {session_id} -c" in third
+    third = third.split()[2]
+
+    # -c continues the most recent thread, --thread a given one.
+    follow = json.loads(run("ask", session_id, "And VALUE_4?", "-c", "--json", "--max-new-tokens", "8").stdout)
+    assert follow["thread"] == third and follow["turn"] == 2
+    again = json.loads(run("ask", session_id, "And VALUE_1?", "--thread", first["thread"], "--json",
+                           "--max-new-tokens", "8").stdout)
+    assert again["thread"] == first["thread"] and again["turn"] == 2
+    missing = run("ask", session_id, "x", "--thread", "0000aaaa", check=False)
+    assert missing.returncode == 2 and "has no thread '0000aaaa'" in missing.stderr
+    both = run("ask", session_id, "x", "-c", "--thread", third, check=False)
+    assert both.returncode == 2 and len(both.stderr.strip().splitlines()) == 1
 
     listing = json.loads(run("sessions", "list", "--json").stdout)
-    assert [s["id"] for s in listing] == [session_id] and listing[0]["questions"] == 3
+    assert [s["id"] for s in listing] == [session_id] and listing[0]["questions"] == 5 and listing[0]["threads"] == 3
     shown = json.loads(run("sessions", "show", session_id, "--json").stdout)
-    assert shown["checkpoints"][-1] == shown["tokens"] and len(shown["transcript"]) == 3
+    assert shown["checkpoints"][-1] == shown["tokens"] and len(shown["threads"]) == 3
+    assert [len(t["turns"]) for t in shown["threads"] if t["id"] == third] == [2]
+    assert [s["path"] for s in shown["sources"]] == [f"mod_{i}.py" for i in range(5)]
+    assert all(s["tokens"] > 0 for s in shown["sources"])
+    text = run("sessions", "show", session_id).stdout
+    assert "sources (5 files, tokens each):" in text and "mod_4.py" in text and f"thread {third}: 2 turns" in text
     assert "repo" in run("sessions", "list").stdout
+
+    markdown = tmp_path / "thread.md"
+    assert run("sessions", "export-thread", session_id, third, str(markdown)).stdout.strip() == str(markdown)
+    written = markdown.read_text()
+    assert written.startswith(f"# repo: thread {third}") and "## 1. What is VALUE_3?" in written
+    assert "## 2. And VALUE_4?" in written
+    refused = run("sessions", "export-thread", session_id, third, str(markdown), check=False)
+    assert refused.returncode == 2 and "already exists" in refused.stderr
 
     archive = tmp_path / "out.zip"
     run("sessions", "export", session_id, str(archive))
@@ -63,6 +91,8 @@ def test_ingest_ask_and_manage_sessions(run, tmp_path, chat_checkpoint):
     imported = run("sessions", "import", str(archive)).stdout.strip()
     after = json.loads(run("ask", imported, "What is VALUE_3?", "--json", "--max-new-tokens", "8").stdout)
     assert after["answer"] == first["answer"]
+    continued = run("ask", imported, "And VALUE_4?", "--thread", third, "--json", "--max-new-tokens", "8")
+    assert json.loads(continued.stdout)["turn"] == 3 and "rebuilt" not in continued.stderr
 
 
 def test_files_a_limit_left_out_are_said_on_stderr(run, tmp_path, chat_checkpoint):
@@ -153,7 +183,7 @@ def test_a_disk_that_refuses_writes_is_one_line_and_loses_nothing(run, tmp_path,
     assert exported.returncode == 2 and len(exported.stderr.strip().splitlines()) == 1
     assert "cannot write" in exported.stderr and "larger than" in exported.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "repo"]  # no archive, no partial file
-    assert len(json.loads(run("sessions", "show", session_id, "--json").stdout)["transcript"]) == 1
+    assert json.loads(run("sessions", "list", "--json").stdout)[0]["questions"] == 1
 
 
 def test_a_read_only_data_folder_is_one_line(tmp_path, chat_checkpoint, monkeypatch, capsys):
@@ -178,7 +208,7 @@ def test_an_answer_length_below_one_is_refused_and_records_nothing(run, tmp_path
     for bad in ("-5", "0", "x"):
         result = run("ask", session_id, "hi", "--max-new-tokens", bad, check=False)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert json.loads(run("sessions", "show", session_id, "--json").stdout)["transcript"] == []
+    assert json.loads(run("sessions", "show", session_id, "--json").stdout)["threads"] == []
 
 
 def test_names_and_sources_print_without_terminal_escapes(run, tmp_path, chat_checkpoint):

@@ -88,8 +88,8 @@ async def wait_for_sessions_list(pilot):
     await wait_for(pilot, lambda: "~/project " in screen_text(pilot.app), what="the rows drawn")
 
 
-async def ask(pilot):
-    pilot.app.screen.query_one("#question", Input).value = QUESTION
+async def ask(pilot, question=QUESTION):
+    pilot.app.screen.query_one("#question", Input).value = question
     await pilot.press("enter")
 
 
@@ -233,3 +233,62 @@ def test_model_failed(frozen, size):
         await wait_for_screen(pilot, "ProblemDialog")
 
     snapshot(app_on("~/repo", engine_factory=broken), "model_failed", size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_chat_follow_up_in_a_second_thread(frozen, size):
+    """Two threads in the list; the second holds a question and its follow-up."""
+    async def scenario(pilot):
+        screen = await wait_for_screen(pilot, "ChatScreen")
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: screen.thread is None, what="the new thread")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+        await ask(pilot, "and where is it called?")
+        await wait_for_answer(pilot)
+        await wait_for(pilot, lambda: len(screen.session.threads) == 2, what="two threads")
+        # The streamed Markdown lays itself out over a few frames: the snapshot is of the end, settled.
+        transcript = screen.query_one("#transcript")
+
+        def at_end():
+            transcript.scroll_end(animate=False, immediate=True)
+            return transcript.is_vertical_scroll_end
+
+        await wait_for(pilot, at_end, what="the transcript's end")
+        await pilot.pause(0.2)
+        await wait_for(pilot, at_end, what="the transcript's end, settled")
+
+    snapshot(app_on("~/project"), "chat_thread", size, scenario)
+
+
+async def open_source_pane(pilot):
+    """Ask, then open the first place the answer cites."""
+    screen = await wait_for_screen(pilot, "ChatScreen")
+    await ask(pilot)
+    await wait_for_answer(pilot)
+    await wait_for(pilot, lambda: screen.query("TurnView").last().citations, what="the citations")
+    await pilot.press("ctrl+o")
+    await wait_for(pilot, lambda: screen.query_one("#source-pane").display, what="the source pane")
+    return screen
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_source_pane(frozen, size):
+    """The cited line of file_2.py as read, highlighted, beside the chat (over it at 80 columns)."""
+    async def scenario(pilot):
+        await open_source_pane(pilot)
+        await pilot.pause(0.1)
+
+    snapshot(app_on("~/repo"), "source", size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_source_pane_not_found(frozen, size):
+    async def scenario(pilot):
+        screen = await open_source_pane(pilot)
+        await pilot.press("p")
+        last = len(screen.query("TurnView").last().citations) - 1
+        await wait_for(pilot, lambda: screen._source and screen._source[1] == last, what="the last citation")
+        await pilot.pause(0.1)
+
+    snapshot(app_on("~/repo"), "source_not_found", size, scenario)

@@ -18,6 +18,12 @@ from kimi_desk.engine.session import SessionStore
 QUESTION = "what does helper_2 return?"
 
 
+def turns(session) -> list:
+    """The turns of the session's most recent thread (the chat shows it)."""
+    thread = session.latest_thread()
+    return thread.turns if thread else []
+
+
 def text_of(screen, selector) -> str:
     return str(screen.query_one(selector).render())
 
@@ -95,7 +101,7 @@ def test_ask_streams_the_answer_in_batches_and_saves_the_turn(home, make_app, fa
     # Coalesced: far fewer UI updates than tokens, and they add up to the answer (the rest comes with the finish).
     assert 2 <= len(batches) < pieces / 2, len(batches)
     session = SessionStore().list()[0]
-    assert session.transcript[-1].question == QUESTION and session.transcript[-1].finish_reason == "stop"
+    assert turns(session)[-1].question == QUESTION and turns(session)[-1].finish_reason == "stop"
 
 
 def test_escape_stops_the_answer_within_a_token(home, make_app, fake):
@@ -111,10 +117,10 @@ def test_escape_stops_the_answer_within_a_token(home, make_app, fake):
         await wait_for_answer(pilot)
         turn = chat.query_one(TurnView)
         assert "stopped" in str(turn.query_one(".meta").render())
-        assert chat.session.transcript[-1].finish_reason == "cancelled"
+        assert turns(chat.session)[-1].finish_reason == "cancelled"
         # Five pieces were written before the stop and none after it.
-        assert len(chat.session.transcript[-1].answer_token_ids) == 5
-        assert turn.answer_text == chat.session.transcript[-1].answer
+        assert len(turns(chat.session)[-1].answer_token_ids) == 5
+        assert turn.answer_text == turns(chat.session)[-1].answer
 
     drive(make_app(folder), scenario)
 
@@ -130,12 +136,12 @@ def test_regenerate_replaces_the_last_answer_and_copy_takes_it(home, make_app, f
         await wait_for(pilot, lambda: len(fake.asked) == 2, what="the second ask")
         await wait_for_answer(pilot)
         assert fake.asked == [QUESTION, QUESTION]
-        assert len(chat.query(TurnView)) == 1 and len(chat.session.transcript) == 1
+        assert len(chat.query(TurnView)) == 1 and len(turns(chat.session)) == 1
         await pilot.press("ctrl+y")
-        assert pilot.app.clipboard == chat.session.transcript[-1].answer != ""
+        assert pilot.app.clipboard == turns(chat.session)[-1].answer != ""
 
     drive(make_app(folder), scenario)
-    assert len(SessionStore().list()[0].transcript) == 1
+    assert len(turns(SessionStore().list()[0])) == 1
 
 
 def test_save_as_archive_and_restore_it_elsewhere(home, make_app, fake, monkeypatch):
@@ -457,11 +463,102 @@ def test_a_failed_answer_is_explained_and_asked_again_by_regenerate(home, make_a
         await wait_for_answer(pilot)
         turn = chat.query_one(TurnView)
         assert "Out of memory while answering." in str(turn.query_one(".meta").render())
-        assert chat.session.transcript == []
+        assert turns(chat.session) == []
         await pilot.press("ctrl+r")
         await wait_for(pilot, lambda: fake.asked == [QUESTION], what="the question asked again")
         await wait_for_answer(pilot)
-        assert [t.question for t in chat.session.transcript] == [QUESTION]
-        assert turn.answer_text == chat.session.transcript[0].answer != ""
+        assert [t.question for t in turns(chat.session)] == [QUESTION]
+        assert turn.answer_text == turns(chat.session)[0].answer != ""
 
     drive(make_app(folder), scenario)
+
+
+def test_follow_ups_continue_the_thread_and_a_new_thread_starts_from_the_document(home, make_app, fake):
+    folder = make_folder(home / "repo")
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+        first = chat.thread
+        assert first is not None and fake.asked_in == [(None, 0)]
+        await ask(pilot, "and where is it called?")
+        await wait_for_answer(pilot)
+        assert fake.asked_in[-1] == (first, 1) and chat.thread == first
+        gauge = text_of(chat, "#gauge-state")
+        assert f"thread {turns(chat.session)[0].tokens + turns(chat.session)[1].tokens}" in gauge
+        await pilot.press("ctrl+r")  # regenerates the follow-up: the turn before it stays
+        await wait_for(pilot, lambda: len(fake.asked) == 3, what="the regeneration")
+        await wait_for_answer(pilot)
+        assert fake.asked_in[-1] == (first, 1) and len(turns(chat.session)) == 2
+
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: chat.thread is None and not chat.query(TurnView), what="the new thread")
+        assert "thread 0 ·" in text_of(chat, "#gauge-state")
+        await ask(pilot, "what is in file_3.py?")
+        await wait_for_answer(pilot)
+        second = chat.thread
+        assert second not in (None, first) and fake.asked_in[-1] == (None, 0)
+        assert len(chat.session.threads) == 2
+
+        # Back to the first thread from the list beside the chat: its two turns, and the next question continues it.
+        threads = chat.query_one("#threads")
+        threads.highlighted = threads.get_option_index(first)
+        threads.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: chat.thread == first and len(chat.query(TurnView)) == 2, what="the switch")
+        await ask(pilot, "and what else?")
+        await wait_for_answer(pilot)
+        assert fake.asked_in[-1] == (first, 2)
+
+    drive(make_app(folder), scenario)
+
+
+def test_citations_open_the_source_pane_at_the_cited_line(home, make_app, fake):
+    folder = make_folder(home / "repo")
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+        turn = chat.query(TurnView).last()
+        await wait_for(pilot, lambda: turn.citations, what="the citations")
+        assert [(c.label, c.found) for c in turn.citations] == [("file_2.py:1", True), ("lib/other.py:4", False)]
+        assert "✗ lib/other.py:4 (not found)" in text_of(turn, ".sources")
+        await pilot.press("ctrl+o")
+        pane = chat.query_one("#source-pane")
+        await wait_for(pilot, lambda: pane.display and chat.focused is pane, what="the source pane")
+        assert "file_2.py:1" in text_of(pane, "#source-title")
+        syntax = pane.query_one("#source-text").content  # the rich Syntax shown
+        assert syntax.code.startswith("def helper_2") and syntax.highlight_lines == {1}
+        await pilot.press("n")
+        await wait_for(pilot, lambda: "Not found in the document" in text_of(pane, "#source-text"), what="the next")
+        await pilot.press("escape")
+        assert not pane.display and chat.focused is chat.query_one("#question")
+        # A click on a place in the answer opens it too.
+        chat.open_citation(turn.id, 0)
+        await wait_for(pilot, lambda: pane.display, what="the pane again")
+
+    drive(make_app(folder), scenario)
+
+
+def test_a_session_reopens_on_its_most_recent_thread(home, make_app, fake):
+    folder = make_folder(home / "repo")
+
+    async def first_visit(pilot):
+        await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+        await ask(pilot, "and then?")
+        await wait_for_answer(pilot)
+
+    drive(make_app(folder), first_visit)
+
+    async def second_visit(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        assert [view.question for view in chat.query(TurnView)] == [QUESTION, "and then?"]
+        await ask(pilot, "and after that?")
+        await wait_for_answer(pilot)
+        assert fake.asked_in[-1] == (chat.thread, 2)
+
+    drive(make_app(folder), second_visit)

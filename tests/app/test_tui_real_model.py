@@ -55,13 +55,21 @@ def test_open_read_and_answer_with_the_real_engine(home, chat_checkpoint):
         await pilot.press("enter")
         await wait_for_answer(pilot, timeout=120)
         turn = chat.query_one(TurnView)
-        saved = chat.session.transcript[-1]
+        saved = chat.session.thread(chat.thread).turns[-1]
         assert saved.question == QUESTION and len(saved.answer_token_ids) > 0
         assert turn.answer_text == saved.answer
         assert ANSWER_META.search(str(turn.query_one(".meta").render()))
+        # A follow-up continues the thread in the real engine: its state holds both turns.
+        chat.query_one("#question", Input).value = "And the next one?"
+        await pilot.press("enter")
+        await wait_for_answer(pilot, timeout=120)
+        thread = chat.session.thread(chat.thread)
+        assert len(thread.turns) == 2 and len(chat.query(TurnView)) == 2
+        state = pilot.app.assistant.thread_state(chat.session, chat.thread)
+        assert state.position == chat.session.document_tokens + thread.tokens
 
     drive(app, scenario)
-    assert SessionStore().list()[0].transcript[-1].question == QUESTION
+    assert SessionStore().list()[0].latest_thread().turns[0].question == QUESTION
 
 
 def kimi_desk_command() -> str | None:

@@ -30,10 +30,10 @@ def make_folder(root, n_files=50):
     return root
 
 
-def answer_ids(assistant, session, question=QUESTION, max_new_tokens=12):
-    events = list(assistant.ask(session, question, max_new_tokens=max_new_tokens))
+def answer_ids(assistant, session, question=QUESTION, max_new_tokens=12, **options):
+    events = list(assistant.ask(session, question, max_new_tokens=max_new_tokens, **options))
     assert events[-1].finish_reason in ("stop", "length")
-    return session.transcript[-1].answer_token_ids
+    return session.thread(events[-1].thread).turns[-1].answer_token_ids
 
 
 FRESH_PROCESS = textwrap.dedent(
@@ -42,8 +42,8 @@ FRESH_PROCESS = textwrap.dedent(
     from kimi_desk.engine.session import Assistant, SessionStore
     assistant = Assistant.load(sys.argv[1], prefill_chunk=64, checkpoint_interval=100)
     session = SessionStore().get(sys.argv[2])
-    list(assistant.ask(session, sys.argv[3], max_new_tokens=12))
-    print(json.dumps(session.transcript[-1].answer_token_ids))
+    events = list(assistant.ask(session, sys.argv[3], max_new_tokens=12))
+    print(json.dumps(session.thread(events[-1].thread).turns[-1].answer_token_ids))
     """
 )
 
@@ -71,7 +71,7 @@ def test_resume_in_a_fresh_process_and_after_export_import(assistant, chat_check
         store.export(session.id, archive)
     other_home = tmp_path / "elsewhere"
     imported = SessionStore(other_home).import_(archive)
-    assert imported.name == "repo" and len(imported.transcript) == 2  # asked here and in the fresh process
+    assert imported.name == "repo" and imported.turns == 2  # asked here and in the fresh process
     assert ask_in_fresh_process(chat_checkpoint, imported.id, other_home) == expected
 
 
@@ -215,7 +215,7 @@ def test_damaged_snapshot_is_refused_then_read_again(assistant, tmp_path):
     again = fresh.read(store, folder, on_plan=lambda s, tokens, notices: planned.append(tokens))
     assert planned == [again.document_tokens]  # read from the start
     assert answer_ids(fresh, again) == expected
-    assert len(again.transcript) == 2  # nothing the user had is lost
+    assert again.turns == 2  # nothing the user had is lost
 
     (session.folder / "snapshots" / "manifest.json").write_text("garbage")
     again = fresh.read(store, folder)
@@ -253,7 +253,7 @@ def test_an_answer_that_cannot_be_asked_records_no_turn(assistant, tmp_path):
     for bad in (-5, 0):
         with pytest.raises(SessionError, match="at least 1 token"):
             list(assistant.ask(session, QUESTION, max_new_tokens=bad))
-    assert store.get(session.id).transcript == []
+    assert store.get(session.id).threads == []
 
 
 def test_one_process_at_a_time_reads_a_session(assistant, tmp_path):

@@ -104,7 +104,10 @@ def test_the_archived_id_is_kept_when_it_is_ours_and_free_else_a_new_one(exporte
 
 @pytest.mark.parametrize("extra", ["evil.sh", "snapshots/../../x.safetensors", "../x", "/etc/cron.d/x",
                                    "snapshots/sub/kda-000000000001-9.safetensors", "snapshots/notes.txt",
-                                   "snapshots/kda-000000000099-99.safetensors", "session.json/x"])
+                                   "snapshots/kda-000000000099-99.safetensors", "session.json/x",
+                                   "threads/../../x.safetensors", "threads/ABCDEF12/manifest.json",
+                                   "threads/0000000a/kda-000000000001-1.safetensors", "sources/x.txt",
+                                   "sources/../session.json", f"sources/{'0' * 64}.txt", "threads/notes.txt"])
 def test_members_that_an_export_does_not_write_are_refused(exported, sandbox, extra):
     store, tmp_path = sandbox
     archive = write_archive(archive_path(tmp_path), {**members_of(exported), extra: b"#!/bin/sh\necho owned\n"})
@@ -165,13 +168,17 @@ def test_a_member_longer_than_its_entry_says_is_refused(exported, sandbox):
     (lambda p: p.update(read_position=True), "read_position"),
     (lambda p: p.update(name=["a"]), "name"),
     (lambda p: p.update(name="x" * 100_000), "name"),
-    (lambda p: p["transcript"][0].update(answer_token_ids=[1, "2"]), "answer_token_ids"),
-    (lambda p: p["transcript"][0].update(seconds=float("nan")), "seconds"),
-    (lambda p: p["transcript"][0].update(finish_reason="exploded"), "finish_reason"),
+    (lambda p: p["threads"][0]["turns"][0].update(answer_token_ids=[1, "2"]), "answer_token_ids"),
+    (lambda p: p["threads"][0]["turns"][0].update(seconds=float("nan")), "seconds"),
+    (lambda p: p["threads"][0]["turns"][0].update(finish_reason="exploded"), "finish_reason"),
+    (lambda p: p["threads"][0]["turns"][0].update(tokens=-1), "tokens"),
+    (lambda p: p["threads"][0].update(id="../x"), r"threads\[0\].id"),
+    (lambda p: p["threads"].append(dict(p["threads"][0])), "same id"),
+    (lambda p: p["files"][0].update(text_sha256="../../etc/passwd"), "text_sha256"),
     (lambda p: p["files"][0].update(end=10**9), "files"),
     (lambda p: p.update(created="yesterday"), "created"),
     (lambda p: p.pop("segments"), "segments"),
-    (lambda p: p.update(format_version=2), "format"),
+    (lambda p: p.update(format_version=3), "format"),
     (lambda p: p.update(model_fingerprint="../x"), "model_fingerprint"),
 ])
 def test_wrongly_typed_or_out_of_range_fields_are_refused_naming_the_field(exported, sandbox, change, field):
@@ -215,7 +222,7 @@ def test_export_writes_a_new_file_only_never_through_an_existing_one(exported, c
     assert sorted(p.name for p in tmp_path.glob(".*.partial")) == [f".{target.name}.partial"]  # the planted link
 
 
-def test_an_export_re_imports_with_the_same_transcript_and_snapshots(exported, tmp_path):
+def test_an_export_re_imports_with_the_same_threads_and_snapshots(exported, tmp_path):
     store = SessionStore(tmp_path / "home")
     session = store.import_(exported)
     again = SessionStore(tmp_path / "other").import_(store.export(session.id, tmp_path / "again.zip"))
@@ -324,3 +331,61 @@ def test_fuzzed_archives_end_in_one_line_or_a_valid_session(exported, tmp_path):
     assert store.unreadable() == []
     for name in os.listdir(home):
         assert name == "sessions"
+
+
+# -- threads and the texts read ---------------------------------------------------------------------
+
+
+def thread_of(members: dict[str, bytes]) -> str:
+    (thread,) = {name.split("/")[1] for name in members if name.startswith("threads/")}
+    return thread
+
+
+def test_threads_and_texts_travel_and_resume_without_rebuilding(exported, chat_checkpoint, tmp_path):
+    members = members_of(exported)
+    thread = thread_of(members)
+    assert f"threads/{thread}/manifest.json" in members and any(name.startswith("sources/") for name in members)
+    session = SessionStore(tmp_path / "home").import_(exported)
+    assert [t.id for t in session.threads] == [thread]
+    assert sorted(p.name for p in (session.folder / "sources").iterdir()) == \
+        sorted(name.split("/")[1] for name in members if name.startswith("sources/"))
+    notes = []
+    assistant = Assistant.load(chat_checkpoint, prefill_chunk=64, checkpoint_interval=100)
+    state = assistant.thread_state(session, thread, notice=notes.append)
+    assert notes == [] and state.position == session.document_tokens + session.thread(thread).tokens
+
+
+def test_a_thread_snapshot_the_record_does_not_have_is_refused(exported, sandbox):
+    store, tmp_path = sandbox
+    members = members_of(exported)
+    thread = thread_of(members)
+    moved = {name.replace(f"threads/{thread}/", "threads/0123abcd/"): data for name, data in members.items()}
+    with pytest.raises(SessionError, match="thread the session does not have"):
+        store.import_(write_archive(archive_path(tmp_path), moved))
+    assert store.list() == []
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(base=0), "starts at 0"),
+    (lambda m: m.pop("base"), "starts at 0"),
+    (lambda m: m["checkpoints"][0].update(key="../x"), "key"),
+    (lambda m: m["checkpoints"][0].update(position=m["checkpoints"][0]["position"] + 10**6), "past"),
+])
+def test_a_thread_manifest_that_is_not_a_thread_of_this_document_is_refused(exported, sandbox, edit, message):
+    store, tmp_path = sandbox
+    members = members_of(exported)
+    name = f"threads/{thread_of(members)}/manifest.json"
+    manifest = json.loads(members[name])["payload"]
+    edit(manifest)
+    with pytest.raises(SessionError, match=message):
+        store.import_(write_archive(archive_path(tmp_path), {**members, name: checked_json(manifest)}))
+    assert store.list() == []
+
+
+def test_a_text_that_does_not_match_its_name_is_refused(exported, sandbox):
+    store, tmp_path = sandbox
+    members = members_of(exported)
+    text = next(name for name in members if name.startswith("sources/"))
+    with pytest.raises(SessionError, match="does not match its name"):
+        store.import_(write_archive(archive_path(tmp_path), {**members, text: b"import os; os.system('x')\n"}))
+    assert store.list() == []

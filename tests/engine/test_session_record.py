@@ -24,14 +24,69 @@ def store(tmp_path):
     return SessionStore(tmp_path / "home")
 
 
-def test_two_copies_of_a_session_both_keep_their_turns(store):
-    """Two `ask` at once: each process holds its own copy of the session; neither turn is lost."""
+def test_two_copies_of_a_session_both_keep_their_threads(store):
+    """Two `ask` at once, each starting a thread: each process holds its own copy of the session;
+    neither thread is lost."""
     session = store.create("/src", "src", IDENTITY, None)
     first, second = store.get(session.id), store.get(session.id)
-    first.append_turn(turn("one"))
-    second.append_turn(turn("two"))
-    assert [t.question for t in store.get(session.id).transcript] == ["one", "two"]
-    assert [t.question for t in second.transcript] == ["one", "two"]  # the copy caught up
+    one, _ = first.record_turn(turn("one"))
+    two, _ = second.record_turn(turn("two"))
+    threads = store.get(session.id).threads
+    assert [(t.id, [x.question for x in t.turns]) for t in threads] == [(one, ["one"]), (two, ["two"])]
+    assert [t.id for t in second.threads] == [one, two]  # the copy caught up
+
+
+def test_a_follow_up_continues_its_thread(store):
+    session = store.create("/src", "src", IDENTITY, None)
+    thread, _ = session.record_turn(turn("one"))
+    assert session.record_turn(turn("two"), thread, session.thread(thread).turns) == (thread, False)
+    assert [t.question for t in store.get(session.id).thread(thread).turns] == ["one", "two"]
+
+
+def test_two_follow_ups_of_one_thread_at_once_keep_both_conversations(store):
+    """Both answers saw the same turn; the second to arrive goes to a new thread with what it saw, so
+    every thread stays a conversation the model had, and nothing is lost."""
+    session = store.create("/src", "src", IDENTITY, None)
+    thread, _ = session.record_turn(turn("one"))
+    first, second = store.get(session.id), store.get(session.id)
+    seen = list(first.thread(thread).turns)
+    assert first.record_turn(turn("two a"), thread, seen) == (thread, False)
+    other, forked = second.record_turn(turn("two b"), thread, seen)
+    assert forked and other != thread
+    again = store.get(session.id)
+    assert [t.question for t in again.thread(thread).turns] == ["one", "two a"]
+    assert [t.question for t in again.thread(other).turns] == ["one", "two b"]
+
+
+def test_regenerating_replaces_the_last_turn_and_editing_an_earlier_one_branches(store):
+    session = store.create("/src", "src", IDENTITY, None)
+    thread, _ = session.record_turn(turn("one"))
+    session.record_turn(turn("two"), thread, session.thread(thread).turns)
+    assert session.record_turn(turn("two again"), thread, session.thread(thread).turns, 1) == (thread, False)
+    assert [t.question for t in store.get(session.id).thread(thread).turns] == ["one", "two again"]
+    edited, forked = session.record_turn(turn("one, edited"), thread, session.thread(thread).turns, 0)
+    assert forked and [t.question for t in session.thread(edited).turns] == ["one, edited"]
+    assert [t.question for t in session.thread(thread).turns] == ["one", "two again"]  # kept
+
+
+def test_a_format_1_transcript_reads_as_one_thread_per_question(store):
+    """Before threads every question was answered from the document alone: that is a thread each."""
+    session = store.create("/src", "src", IDENTITY, None)
+    path = session.folder / "session.json"
+    payload = json.loads(path.read_text())["payload"]
+    del payload["threads"]
+    payload["format_version"] = 1
+    payload["transcript"] = [vars(turn("one")) | {"tokens": 0}, vars(turn("two"))]
+    del payload["transcript"][1]["tokens"]
+    body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    path.write_text(json.dumps({"checksum": hashlib.sha256(body.encode()).hexdigest(), "payload": payload}))
+    old = store.get(session.id)
+    assert [[t.question for t in thread.turns] for thread in old.threads] == [["one"], ["two"]]
+    assert [t.id for t in store.get(session.id).threads] == [t.id for t in old.threads]  # stable until written
+    old.record_turn(turn("three"), old.threads[0].id, old.threads[0].turns)
+    raw = json.loads(path.read_text())["payload"]
+    assert raw["format_version"] == 2 and "transcript" not in raw
+    assert [t.question for t in store.get(session.id).threads[0].turns] == ["one", "three"]
 
 
 def test_a_rename_and_a_reading_update_at_once_keep_both(store):
@@ -43,36 +98,33 @@ def test_a_rename_and_a_reading_update_at_once_keep_both(store):
     assert again.name == "renamed elsewhere" and again.model_source == "/models/m"
 
 
-def test_regenerating_replaces_the_last_turn_only(store):
-    session = store.create("/src", "src", IDENTITY, None)
-    session.append_turn(turn("one"))
-    session.append_turn(turn("two"))
-    session.append_turn(turn("two again"), replace_last=True)
-    assert [t.question for t in store.get(session.id).transcript] == ["one", "two again"]
-
-
 APPEND_MANY = textwrap.dedent(
     """
     import sys
     from pathlib import Path
     from kimi_desk.engine.session import SessionStore, Turn
     session = SessionStore(Path(sys.argv[1])).get(sys.argv[2])
+    thread = None
     for i in range(int(sys.argv[4])):
-        session.append_turn(Turn(f"{sys.argv[3]}-{i}", "a", [], "stop", 0.0, "2026-12-03T10:00:00+00:00"))
+        turn = Turn(f"{sys.argv[3]}-{i}", "a", [], "stop", 0.0, "2026-12-03T10:00:00+00:00")
+        seen = session.thread(thread).turns if thread else []
+        thread, forked = session.record_turn(turn, thread, seen)
+        assert not forked
     """
 )
 
 
 def test_processes_appending_at_once_lose_no_turn(store, tmp_path):
+    """Four processes each hold a conversation of 25 turns in one session at once."""
     session = store.create("/src", "src", IDENTITY, None)
     workers = [subprocess.Popen([sys.executable, "-c", APPEND_MANY, str(tmp_path / "home"), session.id, f"p{w}", "25"])
                for w in range(4)]
     assert [w.wait(timeout=120) for w in workers] == [0, 0, 0, 0]
-    questions = [t.question for t in store.get(session.id).transcript]
-    assert len(questions) == 100 and len(set(questions)) == 100
-    for w in range(4):  # each process's turns in its own order
-        mine = [q for q in questions if q.startswith(f"p{w}-")]
-        assert mine == [f"p{w}-{i}" for i in range(25)]
+    threads = store.get(session.id).threads
+    assert len(threads) == 4
+    for thread in threads:  # each process's turns in its own order, in its own thread
+        w = thread.turns[0].question.split("-")[0]
+        assert [t.question for t in thread.turns] == [f"{w}-{i}" for i in range(25)]
 
 
 def test_a_removed_session_is_never_written_again(store):
@@ -80,7 +132,7 @@ def test_a_removed_session_is_never_written_again(store):
     stale = store.get(session.id)
     store.remove(session.id)
     with pytest.raises(SessionError, match="was removed"):
-        stale.append_turn(turn("late"))
+        stale.record_turn(turn("late"))
     with pytest.raises(SessionError, match="was removed"):
         stale.update(read_position=0)
     assert not session.folder.exists() and store.list() == [] and store.unreadable() == []

@@ -266,11 +266,40 @@ def test_tensors_of_the_wrong_shape_are_refused_on_restore(model, tmp_path, kind
         tensors = {f"layers.{layer}.recurrent": torch.tensor(1.0), f"layers.{layer}.conv": torch.tensor(2.0)}
     else:
         entries, tensors, message = "segments", {f"layers.{layer}.latents": torch.zeros(3, 40)}, "latents of shape [3, 40]"
-    file = f"{kind}-forged-99.safetensors"
+    # Forged in place of the entry's own file: a name the store makes, so that only the shapes are wrong.
+    file = read_checked_json(manifest)[entries][0]["file"]
     digest = write_tensors(tmp_path / file, tensors, identity(model))
     rewrite_manifest(manifest, lambda m: m[entries][0].update(file=file, sha256=digest))
     with pytest.raises(SnapshotError, match=re.escape(file) + ": .*" + re.escape(message)):
         SnapshotStore(tmp_path, identity(model)).restore(40, model.new_state(1))
+
+
+def test_a_store_with_a_base_continues_the_state_in_place(model, tmp_path):
+    """A thread's store (engine/session.py): segments from the document's end, checkpoints keyed; the
+    restored state continues the document's cache where it is, and continues exactly."""
+    ids = torch.randint(0, model.config.vocab_size, (1, 200))
+    document = read(model, ids[:, :120])
+    document.reserve(256)
+    store = SnapshotStore(tmp_path / "thread", identity(model), base=120)
+    thread = document.continuation()
+    model(ids[:, 120:150], thread)
+    store.save(thread, key="a" * 64)
+    model(ids[:, 150:170], thread)
+    store.save(thread, key="b" * 64)
+    reference = model(ids[:, 170:], thread.clone())
+    assert store.position_of("b" * 64) == 170 and store.key_at(150) == "a" * 64 and store.cached_tokens == 170
+
+    again = SnapshotStore(tmp_path / "thread", identity(model), base=120).restore(170, document)
+    assert all(a.shares_rows_with(b) for a, b in zip(again.layers, document.layers) if hasattr(a, "shared"))
+    assert torch.equal(model(ids[:, 170:], again), reference)
+    store.forget_checkpoints_before(170)
+    store.truncate_after(120)
+    assert store.positions == [] and store.cached_tokens == 120 and sorted(p.name for p in store.folder.iterdir()) == [
+        "manifest.json"]
+    with pytest.raises(ValueError, match="truncate"):
+        again.layers[3].truncate(100)  # the document's rows are not the thread's to drop
+    with pytest.raises(SnapshotError, match="starts at 120, not at 0"):
+        SnapshotStore(tmp_path / "thread", identity(model))
 
 
 def checked_json_text(payload_text: str) -> str:
