@@ -286,6 +286,9 @@ class Assistant:
         # Per session, the live thread: the key of its tokens (see the module doc) and its state.
         self._live: dict[str, tuple[str, ModelState]] = {}
         self._rate: float | None = None
+        # One model, one queue: a reading in one session and an answer in another run in turns, a
+        # prefill chunk or a generated token at a time, each holding this lock.
+        self.model_lock = threading.RLock()
 
     @classmethod
     def load(cls, model_path: Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None,
@@ -307,10 +310,11 @@ class Assistant:
         reports update the figure as reading goes."""
         if self._rate is None:
             ids = torch.randint(0, self.model.config.vocab_size, (1, self.prefill_chunk), device=self.model.device)
-            self.model(ids[:, :8], self.model.new_state(1))  # first-call costs stay out of the figure
-            started = time.perf_counter()
-            self.model(ids, self.model.new_state(1), last_only=True)
-            self._rate = self.prefill_chunk / max(time.perf_counter() - started, 1e-9)
+            with self.model_lock:
+                self.model(ids[:, :8], self.model.new_state(1))  # first-call costs stay out of the figure
+                started = time.perf_counter()
+                self.model(ids, self.model.new_state(1), last_only=True)
+                self._rate = self.prefill_chunk / max(time.perf_counter() - started, 1e-9)
         return self._rate
 
     # -- reading ----------------------------------------------------------------------------------
@@ -399,6 +403,9 @@ class Assistant:
     def _read_from(self, session, snapshots, segments, units, state, on_progress, cancel, files_total):
         total = segments[-1].end
         started, start_position = time.perf_counter(), state.position
+        # The first chunk pays one-time costs (kernels compiled, memory first touched): the rate and the
+        # time left are measured from its end, and no time left is said before (it would swing wildly).
+        first_chunk = True
         last_checkpoint = state.position
         for index, (segment, ids) in enumerate(zip(segments, units)):
             if segment.end <= state.position:
@@ -411,15 +418,18 @@ class Assistant:
                     session.update(read_position=state.position)
                     raise ReadCancelled(f"stopped after {state.position:,} of {total:,} tokens")
                 chunk = torch.tensor([ids[a : a + self.prefill_chunk]], device=self.model.device)
-                self.model(chunk, state, last_only=True)
+                with self.model_lock:
+                    self.model(chunk, state, last_only=True)
                 # A checkpoint inside a long file too, so that an interruption loses little.
                 if state.position - last_checkpoint >= 4 * self.checkpoint_interval:
                     snapshots.save(state)
                     last_checkpoint = state.position
+                elapsed = time.perf_counter() - started
+                rate = (state.position - start_position) / elapsed if elapsed > 0 else 0.0
+                left = None if first_chunk else (total - state.position) / rate if rate > 0 else None
+                if first_chunk:
+                    started, start_position, first_chunk = time.perf_counter(), state.position, False
                 if on_progress is not None:
-                    elapsed = time.perf_counter() - started
-                    rate = (state.position - start_position) / elapsed if elapsed > 0 else 0.0
-                    left = (total - state.position) / rate if rate > 0 else None
                     on_progress(ReadProgress(state.position, total, max(0, index - 1), files_total, rate, left,
                                              segment.label))
             # Checkpoints sit at file boundaries, where a changed folder resumes.
@@ -486,7 +496,11 @@ class Assistant:
                               sampling=sampling, stop_token_ids=self.stop_ids, cancel=cancel,
                               prefill_chunk_size=self.prefill_chunk, vocab_size=self.tokenizer.vocab_size)
         try:
-            for step in steps:
+            while True:
+                with self.model_lock:  # a token at a time: a reading elsewhere goes on between them
+                    step = next(steps, None)
+                if step is None:
+                    break
                 seconds += step.seconds
                 if step.finish_reason == "stop":  # the stop token itself is not part of the answer
                     finish = "stop"
@@ -497,8 +511,8 @@ class Assistant:
                 if step.finish_reason == "length":
                     finish = "length"
                     break
-            else:
-                finish = "cancelled" if is_cancelled(cancel) else "length"
+            if finish == "cancelled" and not is_cancelled(cancel):
+                finish = "length"  # the stream ended without a last step: no room or budget left
         except BaseException as exc:
             # A dropped stream (a stop in the UI) leaves a consistent state; an error inside the model
             # does not, and the thread is then rebuilt from its transcript when next used.
@@ -510,7 +524,8 @@ class Assistant:
             if not failed and state.position < start + len(prompt):
                 # Stopped while reading the question: the rest of it is read, so that the thread's
                 # state holds exactly what its transcript says.
-                prefill(self.model, prompt[state.position - start:], state, self.prefill_chunk)
+                with self.model_lock:
+                    prefill(self.model, prompt[state.position - start:], state, self.prefill_chunk)
             turn = Turn(question, "".join(text), ids, finish, round(seconds, 3), _now(), tokens=len(prompt) + len(ids))
             landed, forked = session.record_turn(turn, thread, seen, index)
             if forked and notice is not None:
@@ -578,7 +593,8 @@ class Assistant:
             state = document.continuation()
         rest = [token for unit in units[done:] for token in unit]
         if rest:
-            prefill(self.model, rest, state, self.prefill_chunk)
+            with self.model_lock:
+                prefill(self.model, rest, state, self.prefill_chunk)
             if notice is not None:
                 what = f"turns {done + 1}-{len(turns)}" if done else f"its {len(turns)} turn{'s' if len(turns) > 1 else ''}"
                 notice(f"thread {thread}: {problem if not done else 'its last turns were not saved'}; "

@@ -266,3 +266,12 @@ def test_one_process_at_a_time_reads_a_session(assistant, tmp_path):
             assistant.read(store, folder)
     again = assistant.read(store, folder)
     assert again.id == session.id and again.complete
+
+
+def test_no_time_left_is_said_before_the_first_chunk_is_read(assistant, tmp_path):
+    """The first chunk pays one-time costs; a time left measured on it swings wildly, so none is given
+    until it is read, and the rate after it counts only what follows."""
+    seen = []
+    assistant.read(SessionStore(tmp_path / "home"), make_folder(tmp_path / "repo", 12), on_progress=seen.append)
+    assert len(seen) > 3 and seen[0].seconds_left is None and seen[0].tokens_per_second > 0
+    assert all(p.seconds_left is not None for p in seen[1:])

@@ -218,3 +218,20 @@ def test_a_question_adds_only_its_thread_and_a_fixed_working_set(tmp_path):
     assert result["copy_added_bytes"] > 0.9 * cache and not result["document_moved"]
     for question in result["questions"]:
         assert question["peak_added_bytes"] < 0.5 * cache, question
+
+
+def test_a_reading_and_an_answer_in_another_session_take_turns(assistant, session, tmp_path):
+    """One model, one queue: an answer while another session is read is the answer given alone."""
+    import threading
+
+    alone, _ = ask(assistant, session, FIRST)
+    folder = tmp_path / "other"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"mod_{i}.py").write_text(f"VALUE_{i} = {i * 11}\n")
+    read = []
+    reading = threading.Thread(target=lambda: read.append(assistant.read(SessionStore(), folder)))
+    reading.start()
+    during, _ = ask(assistant, session, FIRST)
+    reading.join(timeout=120)
+    assert during == alone and read and read[0].complete
