@@ -33,6 +33,12 @@ EngineFactory = Callable[[str, str], AssistantLike]
 StoreFactory = Callable[[], Any]
 
 
+# What the embedded demo model can and cannot do, said wherever it answers (the chat, `ask`).
+DEMO_MODEL_NOTE = ("The embedded demo model (22 M parameters) reads the whole document, but it does not retrieve "
+                   "facts from it reliably: its answers are mostly invented.")
+DEMO_MODEL_REMEDY = "For real answers: 'kimi-desk pull moonshotai/Kimi-Linear-48B-A3B-Instruct', then "
+
+
 @dataclass(frozen=True)
 class ModelChoice:
     """Which model to load, and where that choice came from (shown in the UI and in errors)."""

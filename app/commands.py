@@ -1,20 +1,23 @@
 """The session commands: `ingest`, `ask` and `sessions list|show|rm|export|export-thread|import`.
 
 Each prints what a script needs on stdout (a session id, an answer, or `--json`), progress on stderr
-only when stderr is a terminal, and errors as one line (app/cli.py turns exceptions into that).
+(a bar redrawn in place on a terminal, a plain line every few seconds when stderr is piped or logged),
+and errors as one line (app/cli.py turns exceptions into that).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-from kimi_desk.app.formatting import printable, unreadable_sessions
+from kimi_desk.app.backend import DEMO_MODEL_NOTE, DEMO_MODEL_REMEDY
+from kimi_desk.app.formatting import nbytes, printable, unreadable_sessions
 from kimi_desk.engine.loading import QUANTIZE_CHOICES
 
 QUANTIZE_HELP = ("the big matrices' format, chosen at load time and cached beside the model: fp8 (GPUs from "
@@ -29,12 +32,19 @@ class UsageError(ValueError):
 # -- choosing the model and device ------------------------------------------------------------------
 
 
-def load_assistant(args, session=None):
-    """The engine's choice of model, device and format for these options (engine/loading.py); its
-    notices go to stderr as one line each."""
-    from kimi_desk.engine.loading import load_assistant as load, resolve_model
+# Said whenever the embedded demo model is about to answer: its answers look fluent and are invented.
+DEMO_MODEL_NOTICE = f"{DEMO_MODEL_NOTE} {DEMO_MODEL_REMEDY}--model moonshotai/Kimi-Linear-48B-A3B-Instruct"
 
-    return load(resolve_model(args.model, session), args.device, getattr(args, "quantize", "auto"),
+
+def load_assistant(args, session=None, answering: bool = False):
+    """The engine's choice of model, device and format for these options (engine/loading.py); its
+    notices go to stderr as one line each (and, when `answering`, what the demo model can do)."""
+    from kimi_desk.engine.loading import DEMO_MODEL, load_assistant as load, resolve_model
+
+    path = resolve_model(args.model, session)
+    if answering and Path(path).resolve() == DEMO_MODEL.resolve():
+        print(f"kimi-desk: {DEMO_MODEL_NOTICE}", file=sys.stderr)
+    return load(path, args.device, getattr(args, "quantize", "auto"),
                 notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr))
 
 
@@ -61,11 +71,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    """Sizes as the UI writes them (KiB, MiB, GiB: powers of 1024, named as such)."""
+    return nbytes(int(n))
 
 
 def human_seconds(seconds: float | None) -> str:
@@ -76,30 +83,46 @@ def human_seconds(seconds: float | None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+def fit(line: str, width: int) -> str:
+    """`line` cut to `width` characters, ending in "…" when cut."""
+    return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
+
+
 class ProgressLine:
-    """A one-line progress bar on a terminal; nothing at all when stderr is piped."""
+    """Reading progress on stderr: on a terminal a one-line bar redrawn in place; piped or logged, a
+    plain line every PLAIN_SECONDS (and at the end), so that a log shows reading advance."""
+
+    PLAIN_SECONDS = 5.0
 
     def __init__(self, stream=sys.stderr):
         self.stream = stream
         self.enabled = stream.isatty()
         self._last = 0.0
+        self._last_plain = time.monotonic()
 
     def say(self, text: str) -> None:
-        if self.enabled:
-            self.stream.write(f"\r\x1b[2K{text}\n")
-            self.stream.flush()
+        self.stream.write(f"\r\x1b[2K{text}\n" if self.enabled else f"{text}\n")
+        self.stream.flush()
 
     def update(self, p) -> None:
         now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.1 and p.tokens_done < p.tokens_total):
+        finished = p.tokens_done >= p.tokens_total
+        fraction = p.tokens_done / max(p.tokens_total, 1)
+        left = "estimating the time left" if p.seconds_left is None else f"{human_seconds(p.seconds_left)} left"
+        files = f"{p.files_done:,}/{p.files_total:,} file{'' if p.files_total == 1 else 's'}"
+        if not self.enabled:
+            if finished or now - self._last_plain >= self.PLAIN_SECONDS:
+                self._last_plain = now
+                self.say(f"reading {fraction:.0%}: {p.tokens_done:,}/{p.tokens_total:,} tokens, {files}, "
+                         f"{p.tokens_per_second:,.0f} tokens/s, {left} ({printable(p.path)})")
+            return
+        if now - self._last < 0.1 and not finished:
             return
         self._last = now
-        fraction = p.tokens_done / max(p.tokens_total, 1)
         bar = "█" * int(fraction * 20) + " " * (20 - int(fraction * 20))
-        line = (f"reading {fraction:4.0%} |{bar}| {p.tokens_done:,}/{p.tokens_total:,} tokens  "
-                f"{p.files_done}/{p.files_total} files  {p.tokens_per_second:,.0f} tok/s  "
-                f"{human_seconds(p.seconds_left)} left  {p.path}")
-        self.stream.write("\r\x1b[2K" + line[:200])
+        line = (f"reading {fraction:4.0%} |{bar}| {p.tokens_done:,}/{p.tokens_total:,} tokens  {files}  "
+                f"{p.tokens_per_second:,.0f} tok/s  {left}  {printable(p.path)}")
+        self.stream.write("\r\x1b[2K" + fit(line, shutil.get_terminal_size((200, 24)).columns - 1))
         self.stream.flush()
 
     def done(self) -> None:
@@ -181,7 +204,7 @@ def run_ask(args) -> int:
 
     session = SessionStore().get(args.session)
     thread = _thread_to_continue(session, args)
-    assistant = load_assistant(args, session)
+    assistant = load_assistant(args, session, answering=True)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())

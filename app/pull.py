@@ -6,10 +6,11 @@ to stderr only when stderr is a terminal. Errors are one line (app/cli.py prints
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 
-from kimi_desk.app.commands import human_bytes, human_seconds
+from kimi_desk.app.commands import fit, human_bytes, human_seconds
 
 
 class PullProgressLine:
@@ -37,9 +38,9 @@ class PullProgressLine:
         rate = (p.bytes_done - self._first_bytes) / max(now - self._started, 1e-6)
         left = (p.bytes_total - p.bytes_done) / rate if rate > 0 else None
         line = (f"pulling {p.repo_id} {fraction:4.0%} |{'█' * filled}{' ' * (20 - filled)}| "
-                f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)}  {p.files_done}/{p.files_total} files  "
+                f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)}  {p.files_done}/{p.files_total} file{'' if p.files_total == 1 else 's'}  "
                 f"{human_bytes(rate)}/s  {human_seconds(left)} left  {p.current_file}")
-        self.stream.write("\r\x1b[2K" + line[:200])
+        self.stream.write("\r\x1b[2K" + fit(line, shutil.get_terminal_size((200, 24)).columns - 1))
         self.stream.flush()
 
     def done(self, message: str | None = None) -> None:
@@ -64,7 +65,7 @@ def run_pull(args) -> int:
     summary = ""
     if progress.last is not None:
         p = progress.last
-        summary = f" ({p.files_total} files, {human_bytes(p.bytes_total)})"
+        summary = f" ({p.files_total} file{'' if p.files_total == 1 else 's'}, {human_bytes(p.bytes_total)})"
     progress.done(f"pulled {args.repo_id}{summary}; use it with --model {args.repo_id}")
     print(path)
     return 0

@@ -28,7 +28,7 @@ _BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
 DEFAULT_CONTEXT_TOKENS = 131_072
 # The Python process, torch's own allocations, the tokenizer.
 RUNTIME_OVERHEAD_BYTES = 512 << 20
-# Memory sizes of common GPUs (GB), to say which one a model would fit on.
+# Memory sizes of common GPUs as they are sold (GB), to say which one a model would fit on.
 GPU_SIZES_GB = (8, 12, 16, 24, 32, 40, 48, 80, 96, 141, 192)
 # Formats from the most faithful to the smallest: `auto` takes the first that fits.
 FORMATS = ("none", "fp8", "int8", "int4")
@@ -99,11 +99,12 @@ def estimate_memory(config: KimiLinearConfig, dtype, quantize: str | None = None
 
 
 def format_bytes(n: float) -> str:
-    if n >= 10e9:
-        return f"{n / 1e9:.0f} GB"
-    if n >= 1e9:
-        return f"{n / 1e9:.1f} GB"
-    return f"{n / 1e6:.0f} MB"
+    """Sizes in the one unit system kimi-desk writes everywhere: powers of 1024, named MiB and GiB."""
+    if n >= 10 * 2**30:
+        return f"{n / 2**30:.0f} GiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB"
 
 
 def _cgroup_room() -> int | None:
@@ -214,7 +215,7 @@ def _what_would_fit(config, dtype, device, context_tokens, available_bytes, quan
     if gpu_free is not None and totals[requested if requested in totals else smallest] <= gpu_free[0]:
         return f"It fits on {gpu_free[1]}, which has {format_bytes(gpu_free[0])} free: use --device cuda."
     gpu = _smallest_gpu(totals[smallest])
-    where = f"a GPU with {gpu} GB" if gpu else "no single GPU"
+    where = f"a GPU sold as {gpu} GB" if gpu else "no single GPU"
     return (f"Its smallest format, --quantize {smallest}, needs about {format_bytes(totals[smallest])}: "
             f"{where}, or a machine with that much free memory.")
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from kimi_desk.engine.memory import format_bytes
 from kimi_desk.engine.quantize import format_of
 
 CACHE_VERSION = "1"
@@ -119,8 +120,8 @@ def write_cache(model: torch.nn.Module, path: Path, method: str, fingerprint: st
 
         free = shutil.disk_usage(path.parent).free
         if offset + _SPARE_BYTES > free:
-            notice(f"not keeping a quantized cache: it needs {offset / 1e9:.1f} GB and {path.parent} has "
-                   f"{free / 1e9:.1f} GB free (the next start quantizes again)")
+            notice(f"not keeping a quantized cache: it needs {format_bytes(offset)} and {path.parent} has "
+                   f"{format_bytes(free)} free (the next start quantizes again)")
             return
         with open(temporary, "xb") as fh:
             fh.write(struct.pack("<Q", len(encoded)) + encoded)

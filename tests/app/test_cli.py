@@ -137,3 +137,32 @@ def test_weights_far_smaller_than_the_config_are_refused_when_the_memory_check_i
     code = main(["ingest", "--model", str(folder), "--device", "cpu", "--quantize", "none", str(tmp_path / "notes.txt")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "has shape" in lines[0], lines
+
+
+def test_reading_progress_is_plain_lines_when_piped_and_a_bar_on_a_terminal(monkeypatch):
+    """Piped or logged: a line now and then and at the end, no time left before it means something.
+    On a terminal: one line redrawn, cut with an ellipsis to the terminal's width."""
+    import io
+
+    from kimi_desk.app.commands import ProgressLine
+    from kimi_desk.engine.session import ReadProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    piped = io.StringIO()
+    line = ProgressLine(piped)
+    line.update(ReadProgress(100, 1000, 0, 1, 900.0, None, "a.py"))  # the first chunk, under 5 s: nothing yet
+    line._last_plain -= ProgressLine.PLAIN_SECONDS
+    line.update(ReadProgress(400, 1000, 0, 1, 1000.0, 0.6, "a.py"))
+    line.update(ReadProgress(1000, 1000, 1, 1, 1000.0, 0.0, "b.py"))
+    assert piped.getvalue().splitlines() == [
+        "reading 40%: 400/1,000 tokens, 0/1 file, 1,000 tokens/s, 0:01 left (a.py)",
+        "reading 100%: 1,000/1,000 tokens, 1/1 file, 1,000 tokens/s, 0:00 left (b.py)",
+    ]
+    terminal = Terminal()
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: __import__("os").terminal_size((60, 24)))
+    ProgressLine(terminal).update(ReadProgress(100, 1000, 0, 3, 900.0, None, "a/very/long/path/" * 5))
+    drawn = terminal.getvalue().split("\x1b[2K")[-1]
+    assert len(drawn) == 59 and drawn.endswith("…") and drawn.startswith("reading  10% |██ ")

@@ -37,7 +37,11 @@ def test_ingest_ask_and_manage_sessions(run, tmp_path, chat_checkpoint):
     repo = make_repo(tmp_path / "repo")
     result = run("ingest", str(repo), "--model", str(chat_checkpoint))
     session_id = result.stdout.strip()
-    assert len(session_id) == 8 and result.stderr == ""  # piped: no progress output
+    # Piped: plain progress lines, no bar redrawn in place, no terminal codes.
+    said = result.stderr.splitlines()
+    assert len(session_id) == 8 and "\r" not in result.stderr and "\x1b" not in result.stderr
+    assert said[0].startswith("repo: ") and " tokens to read, about " in said[0]
+    assert said[-1].startswith("reading 100%: ") and "5/5 files" in said[-1]
 
     again = json.loads(run("ingest", str(repo), "--model", str(chat_checkpoint), "--json").stdout)
     assert again["id"] == session_id and again["files"] == 5 and again["tokens"] > 50
@@ -104,11 +108,13 @@ def test_files_a_limit_left_out_are_said_on_stderr(run, tmp_path, chat_checkpoin
     ]
     options = ["--model", str(chat_checkpoint), "--max-files", "3", "--max-file-bytes", "4096"]
     first = run("ingest", str(repo), *options)
-    assert sorted(first.stderr.splitlines()) == said and len(first.stdout.strip()) == 8
+    notices = [line for line in first.stderr.splitlines() if line.startswith("kimi-desk: ")]
+    assert sorted(notices) == said and len(first.stdout.strip()) == 8
     # Read already: nothing to read, but the document still lacks those files.
     again = json.loads(run("ingest", str(repo), *options, "--json").stdout)
     assert again["files"] == 3
-    assert sorted(run("ingest", str(repo), *options).stderr.splitlines()) == said
+    assert sorted(run("ingest", str(repo), *options).stderr.splitlines()) == sorted(
+        [*said, "repo: already read (203 tokens), nothing to do"])
 
 
 @pytest.mark.parametrize(

@@ -51,9 +51,9 @@ def test_a_refusal_names_the_smallest_format_that_fits_here():
         memory.check_memory(kimi_linear_48b_config(), "cpu", torch.bfloat16, model_name="Kimi-Linear-48B-A3B",
                             available_bytes=40_000_000_000)
     text = one_line(refused)
-    assert text.startswith("Kimi-Linear-48B-A3B needs about 10")  # ~102 GB with the working set
-    assert "in bfloat16 (98 GB of weights); this machine has 40 GB available." in text
-    assert "With --quantize int4 it needs about 3" in text and "which fits here" in text
+    assert text.startswith("Kimi-Linear-48B-A3B needs about 9")  # ~95 GiB with the working set
+    assert "in bfloat16 (92 GiB of weights); this machine has 37 GiB available." in text
+    assert "With --quantize int4 it needs about 28 GiB" in text and "which fits here" in text
 
 
 def test_a_refusal_where_nothing_fits_says_where_the_smallest_would():
@@ -62,7 +62,7 @@ def test_a_refusal_where_nothing_fits_says_where_the_smallest_would():
                             available_bytes=16_000_000_000)
     text = one_line(refused)
     assert "in int4 weights" in text and "Its smallest format, --quantize int4" in text
-    assert "a GPU with 32 GB" in text
+    assert "a GPU sold as 32 GB" in text
 
 
 def test_auto_takes_the_most_faithful_format_that_fits(tmp_path):
