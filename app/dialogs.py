@@ -146,8 +146,9 @@ class HelpScreen(ModalScreen[None]):
 
 
 class SettingsScreen(ModalScreen[Settings | None]):
-    """The settings form. Sampling changes apply to the next answer; the model and device apply the
-    next time kimi-desk starts (a loaded model is not swapped under an open session)."""
+    """The settings form. Sampling changes apply to the next answer; the model, device and weights'
+    format to the next load of the model: when the next session is opened, or at once when none is
+    open (a loaded model is not swapped under an open session)."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="dialog.cancel")]
 
@@ -176,8 +177,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
                     yield Label("Seed")
                     yield Input("" if s.seed is None else str(s.seed), type="integer", placeholder="random",
                                 id="seed")
-            yield Static("Model, device and weights apply the next time kimi-desk starts; sampling, to the next "
-                         "answer.",
+            yield Static("Model, device and weights apply to the next session opened (at once when none is "
+                         "open); sampling, to the next answer.",
                          classes="dialog-text")
             yield Static("", id="settings-error", classes="dialog-error")
             with Horizontal(classes="dialog-buttons"):

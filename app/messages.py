@@ -44,7 +44,15 @@ class ModelFailed(Message):
         self.problem = problem
 
 
-class ReadPlanned(Message):
+class ReadingMessage(Message):
+    """A message of one reading (app/screens.py ReadingJob), which goes on while the user is elsewhere:
+    posted to the app, which shows it on the reading's screen if that is on view. `job` is set by the
+    worker before posting."""
+
+    job: Any = None
+
+
+class ReadPlanned(ReadingMessage):
     """How much is left to read; `tokens_to_read` 0 means the session resumed at once."""
 
     def __init__(self, name: str, source: str, tokens_to_read: int, tokens_total: int, files_total: int,
@@ -58,25 +66,25 @@ class ReadPlanned(Message):
         self.tokens_per_second = tokens_per_second
 
 
-class ReadProgressed(Message):
+class ReadProgressed(ReadingMessage):
     def __init__(self, progress: Any):
         super().__init__()
         self.progress = progress
 
 
-class ReadStopped(Message):
+class ReadStopped(ReadingMessage):
     def __init__(self, message: str):
         super().__init__()
         self.message = message
 
 
-class ReadFailed(Message):
+class ReadFailed(ReadingMessage):
     def __init__(self, problem: Problem):
         super().__init__()
         self.problem = problem
 
 
-class DocumentReady(Message):
+class DocumentReady(ReadingMessage):
     """The whole document is in the model's state: the chat can start. `left_out` says, a line each,
     what the loader's limits left out of the document (the engine's LimitNotice messages)."""
 

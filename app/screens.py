@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.cells import cell_len
@@ -140,9 +141,66 @@ class MainScreen(Screen):
 # -- reading ----------------------------------------------------------------------------------------
 
 
+@dataclass
+class ReadingJob:
+    """One reading: it belongs to the app, not to the screen that shows it, so that it goes on while the
+    user browses sessions or chats in another one (the engine runs them in turns: one model, one queue).
+    The screen of its target shows what it last said when it comes back."""
+
+    target: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    phase: str = "reading"  # reading, stopping, stopped, failed, done
+    planned: ReadPlanned | None = None
+    progress: ReadProgressed | None = None
+    name: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.phase in ("reading", "stopping")
+
+
+def read_in_background(app, job: ReadingJob) -> None:
+    """The reading itself, in a worker thread: posts the job's messages to the app."""
+    from kimi_desk.engine.session import ReadCancelled
+
+    assistant, store = app.assistant, app.store
+    throttle = Throttle()
+    planned = []
+    left_out: list[str] = []
+
+    def post(message) -> None:
+        message.job = job
+        app.post_message(message)
+
+    def on_plan(session, tokens_to_read: int, limit_notices=()) -> None:
+        planned.append(tokens_to_read)
+        left_out[:] = [notice.message for notice in limit_notices]
+        rate = assistant.reading_rate() if tokens_to_read else None
+        post(ReadPlanned(session.name, session.source, tokens_to_read, session.document_tokens, len(session.files),
+                         rate))
+
+    def on_progress(progress) -> None:
+        if throttle.ready() or progress.tokens_done == progress.tokens_total:
+            post(ReadProgressed(progress))
+
+    try:
+        session, origin = open_target(assistant, store, job.target, on_plan=on_plan, on_progress=on_progress,
+                                      cancel=job.cancel)
+        state = assistant.document_state(session)
+        read_now = planned[-1] if planned else 0
+        note = "resumed: 0 tokens to read" if read_now == 0 else f"read {formatting.tokens(read_now)} tokens"
+        post(DocumentReady(session, state.kda_nbytes, state.mla_nbytes, f"{origin}; {note}" if origin else note,
+                           tuple(left_out)))
+    except ReadCancelled as exc:
+        post(ReadStopped(str(exc)))
+    except Exception as exc:  # noqa: BLE001 - every failure is shown, and the app carries on
+        post(ReadFailed(describe_problem(exc, "reading")))
+
+
 class ReadingScreen(MainScreen):
-    """Reads a folder, file, session or archive into the model, with progress; Escape stops (what was
-    read is kept and resumes), r resumes."""
+    """Shows the reading of a folder, file, session or archive into the model, with progress; Escape
+    stops it (what was read is kept and resumes), r resumes. Leaving the screen leaves the reading
+    going (the status line follows it); opening the same target again comes back to it."""
 
     BINDINGS = [
         Binding("escape", "stop", "Stop reading", id="reading.stop"),
@@ -156,7 +214,10 @@ class ReadingScreen(MainScreen):
     def __init__(self, target: str):
         super().__init__()
         self.target = target
-        self.cancel = threading.Event()
+
+    @property
+    def job(self) -> ReadingJob | None:
+        return self.app.readings.get(self.target)
 
     def compose_body(self) -> ComposeResult:
         with Vertical(id="reading"):
@@ -175,11 +236,16 @@ class ReadingScreen(MainScreen):
             yield Static("", id="reading-advice")
 
     def on_mount(self) -> None:
+        job = self.job
+        if job is not None and job.running:
+            # Back to a reading that went on meanwhile: what it last said, then it carries on here.
+            self.phase = job.phase
+            if job.planned is not None:
+                self.show_planned(job.planned)
+            if job.progress is not None:
+                self.show_progress(job.progress)
+            return
         self.watch(self.app, "engine_status", self._engine_changed, init=True)
-
-    def on_unmount(self) -> None:
-        # Leaving the screen stops the reading; the engine keeps what was read for next time.
-        self.cancel.set()
 
     def check_action(self, action: str, parameters) -> bool | None:
         if action == "stop":
@@ -208,47 +274,13 @@ class ReadingScreen(MainScreen):
                 Text(f"Loading the model ({self.app.model_label})…"))
 
     def _start(self) -> None:
-        self.cancel = threading.Event()
         self.phase = "reading"
         self.query_one("#reading-problem", Static).update("")
         self.query_one("#reading-advice", Static).update("")
         self.query_one("#reading-estimate", Static).update("Planning the reading…")
-        self.read_document(self.target, self.cancel)
+        self.app.start_reading(self.target)
 
-    @work(thread=True, exclusive=True, group="reading", exit_on_error=False)
-    def read_document(self, target: str, cancel: threading.Event) -> None:
-        from kimi_desk.engine.session import ReadCancelled
-
-        assistant, store = self.app.assistant, self.app.store
-        throttle = Throttle()
-        planned = []
-        left_out: list[str] = []
-
-        def on_plan(session, tokens_to_read: int, limit_notices=()) -> None:
-            planned.append(tokens_to_read)
-            left_out[:] = [notice.message for notice in limit_notices]
-            rate = assistant.reading_rate() if tokens_to_read else None
-            self.post_message(ReadPlanned(session.name, session.source, tokens_to_read, session.document_tokens,
-                                          len(session.files), rate))
-
-        def on_progress(progress) -> None:
-            if throttle.ready() or progress.tokens_done == progress.tokens_total:
-                self.post_message(ReadProgressed(progress))
-
-        try:
-            session, origin = open_target(assistant, store, target, on_plan=on_plan, on_progress=on_progress,
-                                          cancel=cancel)
-            state = assistant.document_state(session)
-            read_now = planned[-1] if planned else 0
-            note = "resumed: 0 tokens to read" if read_now == 0 else f"read {formatting.tokens(read_now)} tokens"
-            self.post_message(DocumentReady(session, state.kda_nbytes, state.mla_nbytes,
-                                            f"{origin}; {note}" if origin else note, tuple(left_out)))
-        except ReadCancelled as exc:
-            self.post_message(ReadStopped(str(exc)))
-        except Exception as exc:  # noqa: BLE001 - every failure is shown, and the app carries on
-            self.post_message(ReadFailed(describe_problem(exc, "reading")))
-
-    def on_read_planned(self, event: ReadPlanned) -> None:
+    def show_planned(self, event: ReadPlanned) -> None:
         self.query_one("#reading").add_class("-planned")
         self.query_one("#reading-title", Label).update(
             Text(f"Reading {event.name}  ({formatting.short_path(event.source)})"))
@@ -258,13 +290,13 @@ class ReadingScreen(MainScreen):
         self._show_counts(done, event.tokens_total, event.files_total if done == event.tokens_total else 0,
                           event.files_total)
 
-    def on_read_progressed(self, event: ReadProgressed) -> None:
+    def show_progress(self, event: ReadProgressed) -> None:
         if self.phase not in ("reading", "stopping"):
             return
         p = event.progress
         self._show_counts(p.tokens_done, p.tokens_total, p.files_done, p.files_total)
-        self.query_one("#reading-rate", Static).update(Text(
-            f"{p.tokens_per_second:,.0f} tokens/s · {formatting.duration(p.seconds_left)} left · {p.path}"))
+        left = "estimating the time left" if p.seconds_left is None else f"{formatting.duration(p.seconds_left)} left"
+        self.query_one("#reading-rate", Static).update(Text(f"{p.tokens_per_second:,.0f} tokens/s · {left} · {p.path}"))
 
     def _show_counts(self, tokens_done: int, tokens_total: int, files_done: int, files_total: int) -> None:
         self.query_one("#tokens-bar", ProgressBar).update(total=max(tokens_total, 1), progress=tokens_done)
@@ -273,14 +305,14 @@ class ReadingScreen(MainScreen):
             f"{formatting.tokens(tokens_done)} / {formatting.tokens(tokens_total)}")
         self.query_one("#files-count", Label).update(f"{files_done:,} / {files_total:,}")
 
-    def on_read_stopped(self, event: ReadStopped) -> None:
+    def show_stopped(self, event: ReadStopped) -> None:
         self.phase = "stopped"
         self.query_one("#reading-rate", Static).update("")
         self.query_one("#reading-problem", Static).update(Text(f"Reading {event.message}."))
         self.query_one("#reading-advice", Static).update(
             "What was read is saved: press r to resume now, or open it again later (F2 lists sessions).")
 
-    def on_read_failed(self, event: ReadFailed) -> None:
+    def show_failed(self, event: ReadFailed) -> None:
         self.phase = "failed"
         self._show_problem(event.problem)
 
@@ -290,13 +322,14 @@ class ReadingScreen(MainScreen):
         self.query_one("#reading-problem", Static).update(Text(problem.message))
         self.query_one("#reading-advice", Static).update(Text(problem.advice))
 
-    def on_document_ready(self, event: DocumentReady) -> None:
+    def show_ready(self, event: DocumentReady) -> None:
         self.phase = "done"
         self.app.show_chat(event.session, event.kda_nbytes, event.mla_nbytes, event.note, event.left_out)
 
     def action_stop(self) -> None:
-        if self.phase == "reading":
-            self.cancel.set()
+        if self.phase == "reading" and self.job is not None:
+            self.job.cancel.set()
+            self.job.phase = "stopping"
             self.phase = "stopping"
             self.query_one("#reading-rate", Static).update("Stopping after this chunk…")
 
@@ -365,6 +398,10 @@ class ChatScreen(MainScreen):
         yield ContextGauge(self.session.document_tokens, self.app.assistant.model.config.model_max_length,
                            self.kda_nbytes, self.mla_nbytes, self._thread_tokens(), id="gauge")
         yield Static(Text(self.note), id="chat-note")
+        demo = Static(Text(f"{backend.DEMO_MODEL_NOTE} {backend.DEMO_MODEL_REMEDY}set it in Settings (F3) or "
+                           "start with --model."), id="chat-demo")
+        demo.display = self._demo_model
+        yield demo
         left_out = Static(Text("\n".join(self.left_out)), id="chat-left-out")
         left_out.display = bool(self.left_out)
         yield left_out
@@ -382,8 +419,16 @@ class ChatScreen(MainScreen):
                                                                turn.finish_reason), id=f"turn-{i}")
                 for i, turn in enumerate(self._turns())]
 
+    @property
+    def _demo_model(self) -> bool:
+        choice = self.app.model_choice
+        return choice is not None and choice.origin == "demo"
+
     def _hint(self) -> Text:
         held = "all that was read" if self.left_out else "all of it"
+        if self._demo_model:
+            return Text(f"Ask anything about {self.session.name}: the demo model has read {held} (see above for what "
+                        "its answers are worth), and follow-ups continue the thread.")
         if self.thread is None and self.session.threads:
             return Text(f"A new thread: ask anything about {self.session.name}; it starts from the document "
                         "alone, and follow-ups continue it.")

@@ -12,7 +12,6 @@ module level.
 from __future__ import annotations
 
 import datetime
-import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,8 +24,28 @@ from textual.reactive import reactive
 from kimi_desk.app import backend, formatting
 from kimi_desk.app.backend import EngineFactory, ModelChoice, StoreFactory
 from kimi_desk.app.dialogs import HelpScreen, ProblemDialog, SettingsScreen, TextPrompt
-from kimi_desk.app.messages import ModelFailed, ModelReady, Problem, StoreChanged, StoreFailed, StoreReady
-from kimi_desk.app.screens import MODEL_LOADING, ChatScreen, ReadingScreen, SessionsScreen, describe_problem
+from kimi_desk.app.messages import (
+    DocumentReady,
+    ModelFailed,
+    ModelReady,
+    Problem,
+    ReadFailed,
+    ReadPlanned,
+    ReadProgressed,
+    ReadStopped,
+    StoreChanged,
+    StoreFailed,
+    StoreReady,
+)
+from kimi_desk.app.screens import (
+    MODEL_LOADING,
+    ChatScreen,
+    ReadingJob,
+    ReadingScreen,
+    SessionsScreen,
+    describe_problem,
+    read_in_background,
+)
 from kimi_desk.app.settings import Settings, SettingsError, load_settings, save_settings, settings_path
 from kimi_desk.app.widgets import SourcePane
 
@@ -68,18 +87,25 @@ class KimiDeskApp(App):
     status: reactive[str] = reactive("")
 
     def __init__(self, target: str | None, *, model_choice: ModelChoice | None, model_problem: Problem | None,
-                 device: str, settings: Settings, settings_file: Path, engine_factory: EngineFactory,
+                 device: str, settings: Settings, settings_file: Path, engine_factory: EngineFactory | None,
                  store_factory: StoreFactory, clock: Callable[[], datetime.datetime],
-                 settings_problem: Problem | None = None):
+                 settings_problem: Problem | None = None, quantize: str | None = None):
         super().__init__()
         self.target = target
         self.model_choice = model_choice
         self.model_problem = model_problem
         self.device = device
+        # The weights' format the next load asks for (--quantize, else the settings').
+        self.quantize = quantize or settings.quantize
+        # Model, device or format changed in Settings since the model in hand was loaded: the next
+        # session opened loads them first.
+        self.engine_stale = False
         self.settings = settings
         self.settings_file = settings_file
         self.settings_problem = settings_problem
-        self.engine_factory = engine_factory
+        # None: the real engine, loaded with this app's model, device and format at the time of the load.
+        self.engine_factory = engine_factory or (
+            lambda model, device: backend.load_assistant(model, device, self.quantize))
         self.store_factory = store_factory
         self.clock = clock
         self.assistant = None
@@ -87,6 +113,10 @@ class KimiDeskApp(App):
         self.store_problem: Problem | None = None
         # The session shown in the chat, to come back to from the sessions list: (session, kda, mla).
         self.current_chat: tuple | None = None
+        # Readings by target: each goes on while the user is elsewhere (ReadingJob).
+        self.readings: dict[str, ReadingJob] = {}
+        # The status line without what background readings add to it.
+        self._engine_line = ""
 
     @property
     def model_label(self) -> str:
@@ -99,7 +129,7 @@ class KimiDeskApp(App):
     def on_mount(self) -> None:
         if self.settings.theme in self.available_themes:
             self.theme = self.settings.theme
-        self.status = f"model {self.model_label} · loading on {self.device}…"
+        self._set_engine_line(f"model {self.model_label} · loading on {self.device}…")
         self.push_screen(ReadingScreen(self.target) if self.target else SessionsScreen())
         if self.settings_problem is not None:
             self.show_problem("Settings not read", self.settings_problem)
@@ -110,11 +140,12 @@ class KimiDeskApp(App):
     # -- the engine -------------------------------------------------------------------------------
 
     @work(thread=True, exclusive=True, group="engine", exit_on_error=False)
-    def load_engine(self) -> None:
-        try:
-            self.post_message(StoreReady(self.store_factory()))
-        except Exception as exc:  # noqa: BLE001
-            self.post_message(StoreFailed(describe_problem(exc, "opening the session store")))
+    def load_engine(self, store: bool = True) -> None:
+        if store:
+            try:
+                self.post_message(StoreReady(self.store_factory()))
+            except Exception as exc:  # noqa: BLE001
+                self.post_message(StoreFailed(describe_problem(exc, "opening the session store")))
         if self.model_choice is None:
             self.post_message(ModelFailed(self.model_problem or Problem(backend.NO_MODEL_MESSAGE, "")))
             return
@@ -135,18 +166,94 @@ class KimiDeskApp(App):
 
     def on_model_ready(self, event: ModelReady) -> None:
         self.assistant = event.assistant
-        self.status = f"model {self.model_label} · {event.device}"
+        self._set_engine_line(f"model {self.model_label} · {event.device}")
         self.engine_status = "ready"
 
     def on_model_failed(self, event: ModelFailed) -> None:
         self.model_problem = event.problem
-        self.status = f"model {self.model_label} · not loaded"
+        self._set_engine_line(f"model {self.model_label} · not loaded")
         self.engine_status = "failed"
         self.show_problem("The model did not load", event.problem)
 
     def on_store_changed(self, event: StoreChanged) -> None:
         if event.message:
             self.notify(event.message)
+
+    # -- readings ---------------------------------------------------------------------------------
+
+    def on_unmount(self) -> None:
+        # Quitting stops every reading after its current chunk: what was read is kept, and opening the
+        # same target again resumes it.
+        for job in self.readings.values():
+            job.cancel.set()
+
+    def start_reading(self, target: str) -> ReadingJob:
+        """Read `target` in a worker that outlives the screen showing it."""
+        job = ReadingJob(target)
+        self.readings[target] = job
+        self.run_worker(lambda: read_in_background(self, job), thread=True, group=f"reading {target}",
+                        exit_on_error=False)
+        return job
+
+    def _reading_screen(self, job: ReadingJob) -> ReadingScreen | None:
+        screen = self.screen_stack[1] if len(self.screen_stack) > 1 else None
+        return screen if isinstance(screen, ReadingScreen) and screen.target == job.target else None
+
+    def on_read_planned(self, event: ReadPlanned) -> None:
+        event.job.planned, event.job.name = event, event.name
+        if (screen := self._reading_screen(event.job)) is not None:
+            screen.show_planned(event)
+        self._show_background_readings()
+
+    def on_read_progressed(self, event: ReadProgressed) -> None:
+        event.job.progress = event
+        if (screen := self._reading_screen(event.job)) is not None:
+            screen.show_progress(event)
+        self._show_background_readings()
+
+    def on_read_stopped(self, event: ReadStopped) -> None:
+        self._reading_ended(event, "stopped", lambda screen: screen.show_stopped(event),
+                            f"Reading {event.job.name or event.job.target} {event.message}; opening it resumes.")
+
+    def on_read_failed(self, event: ReadFailed) -> None:
+        self._reading_ended(event, "failed", lambda screen: screen.show_failed(event),
+                            f"Reading {event.job.name or event.job.target} failed: {event.problem.message}")
+
+    def on_document_ready(self, event: DocumentReady) -> None:
+        self._reading_ended(event, "done", lambda screen: screen.show_ready(event),
+                            f"'{event.session.name}' is read ({formatting.tokens(event.session.document_tokens)} "
+                            "tokens): open it from Sessions (F2).")
+
+    def _reading_ended(self, event, phase: str, show, background_note: str) -> None:
+        job = event.job
+        job.phase = phase
+        if self.readings.get(job.target) is job:
+            del self.readings[job.target]
+        screen = self._reading_screen(job)
+        if screen is not None:
+            show(screen)
+        else:
+            self.notify(background_note, severity="error" if phase == "failed" else "information", timeout=10)
+            if isinstance(self.screen, SessionsScreen):
+                self.screen.list_sessions()
+        self._show_background_readings()
+
+    def _show_background_readings(self) -> None:
+        """The status line names the readings going on off screen."""
+        shown = self.screen_stack[1] if len(self.screen_stack) > 1 else None
+        away = [job for job in self.readings.values() if job.running
+                and not (isinstance(shown, ReadingScreen) and shown.target == job.target)]
+        parts = []
+        for job in away[:2]:
+            p = job.progress.progress if job.progress else None
+            done = f" {p.tokens_done / max(p.tokens_total, 1):.0%}" if p else ""
+            parts.append(f"reading {job.name or job.target}{done}")
+        more = f" (+{len(away) - 2})" if len(away) > 2 else ""
+        self.status = self._engine_line + (" · " + ", ".join(parts) + more if parts else "")
+
+    def _set_engine_line(self, line: str) -> None:
+        self._engine_line = line
+        self._show_background_readings()
 
     # -- navigation -------------------------------------------------------------------------------
 
@@ -158,9 +265,22 @@ class KimiDeskApp(App):
             self.switch_screen(screen)
         else:
             self.push_screen(screen)
+        self.call_after_refresh(self._show_background_readings)
 
     def open_target(self, target: str) -> None:
+        if self.engine_stale:
+            self.reload_engine()
         self._show_main(ReadingScreen(target))
+
+    def reload_engine(self) -> None:
+        """Load the model, device and format the settings now name (off the UI thread); screens waiting
+        for the engine start when it is ready, as at start-up."""
+        self.engine_stale = False
+        self.assistant = None
+        self.current_chat = None  # the chat in hand was read with the model given up
+        self.engine_status = "loading"
+        self._set_engine_line(f"model {self.model_label} · loading on {self.device}…")
+        self.load_engine(store=False)
 
     def show_chat(self, session, kda_nbytes: int, mla_nbytes: int, note: str = "",
                   left_out: tuple[str, ...] = ()) -> None:
@@ -206,8 +326,29 @@ class KimiDeskApp(App):
     def _settings_chosen(self, settings: Settings | None) -> None:
         if settings is None or settings == self.settings:
             return
+        engine = (settings.model, settings.device, settings.quantize)
+        changed = engine != (self.settings.model, self.settings.device, self.settings.quantize)
         self.settings = settings
         self.save_settings(settings)
+        if changed:
+            self._engine_choice_changed(settings)
+
+    def _engine_choice_changed(self, settings: Settings) -> None:
+        """The settings name another model, device or format: it is loaded at once when no session is in
+        hand (or the model in hand failed), else when the next session is opened."""
+        try:
+            self.model_choice, self.model_problem = backend.choose_model(None, settings.model), None
+        except backend.ModelNotFound as exc:
+            self.model_choice, self.model_problem = None, Problem(str(exc), "Set another model in Settings (F3).")
+        self.device, self.quantize = settings.device, settings.quantize
+        busy = isinstance(self.screen_stack[1] if len(self.screen_stack) > 1 else None, (ChatScreen, ReadingScreen)) \
+            or any(job.running for job in self.readings.values())
+        if self.engine_status == "failed" or not busy:
+            self.reload_engine()
+        else:
+            self.engine_stale = True
+            self.notify(f"{self.model_label} on {self.device} ({self.quantize}) loads when you next open a session "
+                        "(F2 or ctrl+n); this one keeps the model it was read with.", timeout=10)
 
     @work(thread=True, group="settings", exit_on_error=False)
     def save_settings(self, settings: Settings) -> None:
@@ -298,8 +439,6 @@ def create_app(target: str | None = None, *, model: str | None = None, device: s
         except SettingsError as exc:
             settings = Settings()
             settings_problem = Problem(str(exc), "Using the defaults; fix the file or save new settings (F3).")
-    if engine_factory is None:
-        engine_factory = functools.partial(backend.load_assistant, quantize=quantize or settings.quantize)
     try:
         model_choice, model_problem = backend.choose_model(model, settings.model), None
     except backend.ModelNotFound as exc:
@@ -308,4 +447,4 @@ def create_app(target: str | None = None, *, model: str | None = None, device: s
                        device=device or settings.device, settings=settings, settings_file=settings_file,
                        engine_factory=engine_factory, store_factory=store_factory,
                        clock=clock or (lambda: datetime.datetime.now(datetime.timezone.utc)),
-                       settings_problem=settings_problem)
+                       settings_problem=settings_problem, quantize=quantize)

@@ -93,6 +93,25 @@ async def ask(pilot, question=QUESTION):
     await pilot.press("enter")
 
 
+async def ask_and_settle(pilot, question=QUESTION):
+    """Ask, and wait for the answer, the places it cites, and the transcript scrolled to its end."""
+    screen = pilot.app.screen
+    await ask(pilot, question)
+    await wait_for_answer(pilot)
+    await wait_for(pilot, lambda: screen.query("TurnView").last().citations, what="the citations")
+    # The streamed Markdown and the citations lay themselves out over a few frames: the snapshot is of
+    # the end, settled.
+    transcript = screen.query_one("#transcript")
+
+    def at_end():
+        transcript.scroll_end(animate=False, immediate=True)
+        return transcript.is_vertical_scroll_end
+
+    await wait_for(pilot, at_end, what="the transcript's end")
+    await pilot.pause(0.2)
+    await wait_for(pilot, at_end, what="the transcript's end, settled")
+
+
 def app_on(target=None, engine=None, **options):
     return make_test_app(target, engine=engine or FakeAssistant(), **options)
 
@@ -169,8 +188,7 @@ def test_reading_failed(frozen, size):
 def test_chat(frozen, size):
     async def scenario(pilot):
         await wait_for_screen(pilot, "ChatScreen")
-        await ask(pilot)
-        await wait_for_answer(pilot)
+        await ask_and_settle(pilot)
 
     snapshot(app_on("~/repo"), "chat", size, scenario)
 
@@ -189,13 +207,25 @@ def test_chat_after_limits_left_files_out(frozen, size):
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_chat_with_the_embedded_demo_model(frozen, size):
+    """What the demo model's answers are worth, and how to get a real model, above the chat."""
+    from kimi_desk.app.backend import ModelChoice
+
+    async def scenario(pilot):
+        await wait_for_screen(pilot, "ChatScreen")
+
+    app = app_on("~/repo")
+    app.model_choice = ModelChoice("/opt/kimi-desk/assets/model", "demo")
+    snapshot(app, "chat_demo", size, scenario)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_chat_light_theme(frozen, size):
     from kimi_desk.app.settings import Settings
 
     async def scenario(pilot):
         await wait_for_screen(pilot, "ChatScreen")
-        await ask(pilot)
-        await wait_for_answer(pilot)
+        await ask_and_settle(pilot)
 
     app = app_on("~/repo", settings=Settings(theme="textual-light"))
     snapshot(app, "chat_light", size, scenario)
@@ -242,21 +272,9 @@ def test_chat_follow_up_in_a_second_thread(frozen, size):
         screen = await wait_for_screen(pilot, "ChatScreen")
         await pilot.press("ctrl+t")
         await wait_for(pilot, lambda: screen.thread is None, what="the new thread")
-        await ask(pilot)
-        await wait_for_answer(pilot)
-        await ask(pilot, "and where is it called?")
-        await wait_for_answer(pilot)
-        await wait_for(pilot, lambda: len(screen.session.threads) == 2, what="two threads")
-        # The streamed Markdown lays itself out over a few frames: the snapshot is of the end, settled.
-        transcript = screen.query_one("#transcript")
-
-        def at_end():
-            transcript.scroll_end(animate=False, immediate=True)
-            return transcript.is_vertical_scroll_end
-
-        await wait_for(pilot, at_end, what="the transcript's end")
-        await pilot.pause(0.2)
-        await wait_for(pilot, at_end, what="the transcript's end, settled")
+        await ask_and_settle(pilot)
+        await ask_and_settle(pilot, "and where is it called?")
+        assert len(screen.session.threads) == 2
 
     snapshot(app_on("~/project"), "chat_thread", size, scenario)
 

@@ -562,3 +562,114 @@ def test_a_session_reopens_on_its_most_recent_thread(home, make_app, fake):
         assert fake.asked_in[-1] == (chat.thread, 2)
 
     drive(make_app(folder), second_visit)
+
+
+def test_the_demo_model_says_what_its_answers_are_worth(home, make_app, fake):
+    from kimi_desk.app.backend import ModelChoice
+
+    folder = make_folder(home / "repo")
+    app = make_app(folder)
+    app.model_choice = ModelChoice("/demo", "demo")
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        note = text_of(chat, "#chat-demo")
+        assert chat.query_one("#chat-demo").display and "mostly invented" in note and "kimi-desk pull" in note
+        assert "is in the model's memory" not in text_of(chat, "#chat-empty")
+
+    drive(app, scenario)
+
+
+def test_a_new_model_in_settings_loads_for_the_next_session_opened(home, make_app, fake):
+    """Not under the open chat (its session was read with the model in hand): when the next session is
+    opened; at once where no session is open."""
+    from kimi_desk.app.settings import Settings
+
+    folder = make_folder(home / "repo")
+    other = home / "other-model"
+    other.mkdir()
+    loads = []
+
+    def factory(model, device):
+        loads.append((model, device, pilot_app.quantize))
+        return fake
+
+    pilot_app = make_app(folder, engine_factory=factory)
+
+    async def scenario(pilot):
+        await wait_for_screen(pilot, "ChatScreen")
+        assert loads == [("fake-model", "cpu", "auto")]
+        pilot.app._settings_chosen(Settings(model=str(other), device="cpu", quantize="int8"))
+        await pilot.pause()
+        assert len(loads) == 1 and pilot.app.engine_stale  # the chat keeps its model
+        pilot.app.open_target(str(folder))
+        await wait_for_screen(pilot, "ChatScreen")
+        assert loads[-1] == (str(other), "cpu", "int8") and not pilot.app.engine_stale
+        await pilot.press("f2")
+        await wait_for_screen(pilot, "SessionsScreen")
+        pilot.app.current_chat = None
+        pilot.app._settings_chosen(Settings(model=str(other), device="auto", quantize="int8"))
+        await wait_for(pilot, lambda: len(loads) == 3, what="the load at once")
+        assert loads[-1] == (str(other), "auto", "int8")
+        await wait_for(pilot, lambda: pilot.app.engine_status == "ready", what="the engine")
+
+    drive(pilot_app, scenario)
+
+
+def test_reading_goes_on_while_the_user_chats_in_another_session(home, make_app, fake):
+    """One model, one queue, and the UI never waits: a reading left for the sessions list keeps going
+    (the status line follows it), another session is opened and asked meanwhile, and coming back to the
+    reading's target shows it where it is; when it ends the user is told."""
+    first = make_folder(home / "first")
+    second = make_folder(home / "second", n_files=9)
+
+    async def scenario(pilot):
+        app = pilot.app
+        await wait_for_screen(pilot, "ChatScreen")  # `first`, read
+        fake.hold_at = 160
+        app.open_target(str(second))
+        await wait_for_screen(pilot, "ReadingScreen")
+        await wait_in_thread(fake.holding)
+        await pilot.press("f2")
+        await wait_for_screen(pilot, "SessionsScreen")
+        await wait_for(pilot, lambda: "reading second" in app.status, what="the reading in the status line")
+        assert app.readings[str(second)].running
+        app.open_target(str(first))
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+        assert turns(chat.session)[-1].finish_reason == "stop" and app.readings[str(second)].running
+
+        app.open_target(str(second))  # back to the reading, where it is
+        reading = await wait_for_screen(pilot, "ReadingScreen")
+        assert reading.phase == "reading" and "160 /" in text_of(reading, "#tokens-count")
+        await pilot.press("f2")
+        await wait_for_screen(pilot, "SessionsScreen")
+        fake.release.set()
+        await wait_for(pilot, lambda: not app.readings, what="the end of the reading")
+        assert any("'second' is read" in str(n.message) for n in app._notifications)
+        assert "reading second" not in app.status
+
+    drive(make_app(first), scenario)
+    assert sorted(s.name for s in SessionStore().list()) == ["first", "second"]
+    assert all(s.complete for s in SessionStore().list())
+
+
+def test_a_long_wait_for_the_first_words_shows_the_time_waited(home, make_app, fake):
+    """'thinking…' alone for 30 s looks stuck: the seconds waited are shown until the first text."""
+    folder = make_folder(home / "repo")
+    fake.answer_hold_after = 0
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_in_thread(fake.answering)
+        meta = lambda: str(chat.query_one(TurnView).query_one(".meta").render())  # noqa: E731
+        await wait_for(pilot, lambda: meta().startswith("thinking… ") and meta().endswith(" s"),
+                       what="the time waited")
+        assert meta() in ("thinking… 1 s", "thinking… 2 s"), meta()
+        fake.answer_release.set()
+        await wait_for_answer(pilot)
+        assert "tokens · " in meta()
+
+    drive(make_app(folder), scenario)
