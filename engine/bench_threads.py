@@ -122,8 +122,9 @@ def measure(assistant, store, context: int, new_tokens: int = 32, log=lambda lin
     return out
 
 
-def build_assistant(config, device: str, dtype, seed: int = 0):
-    """An Assistant on a random model of `config`, with the small test tokenizer (its ids fit any vocabulary)."""
+def build_assistant(config, device: str, dtype, seed: int = 0, quantize: str | None = None):
+    """An Assistant on a random model of `config` (its large matrices in `quantize`, as loading would store
+    them), with the small test tokenizer (its ids fit any vocabulary)."""
     import torch
 
     from kimi_desk.engine.fuse import fuse_projections
@@ -135,7 +136,8 @@ def build_assistant(config, device: str, dtype, seed: int = 0):
         write_small_tokenizer(folder)
         tokenizer = load_tokenizer(Path(folder))
     with torch.inference_mode():
-        model = fuse_projections(random_model(config, seed=seed, dtype=dtype, device=device))
+        model = fuse_projections(random_model(config, seed=seed, dtype=dtype, device=device,
+                                                      quantize=quantize))
     return Assistant(model, tokenizer)
 
 
@@ -148,6 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small", action="store_true",
                         help="a 4-layer model with the 48B cache width (576 values a token) instead of the 48B "
                              "model: the CPU check")
+    parser.add_argument("--quantize", choices=["none", "fp8", "int8", "int4"], default=None,
+                        help="the weights' format (default: fp8 on a GPU, as the 48B model runs on one card; none on "
+                             "the CPU)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens of each answer (default 32)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
 
@@ -190,8 +195,10 @@ def main(args: argparse.Namespace) -> int:
             config.num_experts_per_token = min(config.num_experts_per_token, args.experts)
             label += f", {args.experts} experts per MoE layer"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    quantize = args.quantize or ("fp8" if args.device == "cuda" else "none")
+    label += f", {quantize} weights" if quantize != "none" else f", {str(dtype).removeprefix('torch.')} weights"
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    assistant = build_assistant(config, args.device, dtype)
+    assistant = build_assistant(config, args.device, dtype, quantize=None if quantize == "none" else quantize)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     result = {"model": label, "device": device, "dtype": str(dtype).removeprefix("torch."),
               "date": datetime.date.today().isoformat(), "runs": []}

@@ -90,3 +90,45 @@ def test_commands_default_to_it_offline(tmp_path):
     info = json.loads(kimi_desk("ingest", str(folder), "--device", "cpu", "--json"))
     answer = kimi_desk("ask", info["id"], "Who maintains the quasar module?", "--device", "cpu")
     assert answer.strip()
+
+
+def test_a_follow_up_continues_the_thread_across_processes(tmp_path):
+    """The product path on the shipped model: `ingest`, `ask`, then `ask -c` in a fresh process. The
+    follow-up's answer is what the model gives after the document, the first question, its answer and
+    the follow-up fed as one conversation (temperature 0): it is answered from the earlier turn, by a
+    thread restored from what the first process saved. Each answer says what the demo model is worth."""
+    from kimi_desk.engine.chat import follow_up_ids
+    from kimi_desk.engine.generate import stream_tokens
+    from kimi_desk.engine.loading import load_assistant
+    from kimi_desk.engine.session import SessionStore
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "vault.md").write_text("# Vault\n\nThe access code for the orbit vault is QFT-2231.\n"
+                                     "Ada Park keeps the orbit vault's keys.\n")
+    env = {**os.environ, "KIMI_DESK_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+
+    def kimi_desk(*args):
+        result = subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args, "--device", "cpu"],
+                                capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    session_id = kimi_desk("ingest", str(folder)).stdout.strip()
+    first = kimi_desk("ask", session_id, "What is the access code for the orbit vault?", "--json",
+                      "--max-new-tokens", "12")
+    second = kimi_desk("ask", session_id, "And who keeps its keys?", "-c", "--json", "--max-new-tokens", "12")
+    assert "demo model" in first.stderr and "mostly invented" in first.stderr
+    one, two = json.loads(first.stdout), json.loads(second.stdout)
+    assert two["thread"] == one["thread"] and two["turn"] == 2
+
+    session = SessionStore(tmp_path / "home").get(session_id)
+    turns = session.thread(one["thread"]).turns
+    assistant = load_assistant(DEMO_MODEL, "cpu", "auto")  # as the command loads it
+    conversation = (question_ids(assistant.tokenizer, turns[0].question) + turns[0].answer_token_ids
+                    + follow_up_ids(assistant.tokenizer, turns[1].question))
+    steps = stream_tokens(assistant.model, conversation, assistant.document_state(session).clone(),
+                          max_new_tokens=12, stop_token_ids=assistant.stop_ids,
+                          vocab_size=assistant.tokenizer.vocab_size)
+    assert turns[1].answer_token_ids == [s.token_id for s in steps if s.finish_reason != "stop"]
