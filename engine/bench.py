@@ -89,7 +89,9 @@ def _worker(argv: list[str]) -> None:
 def _run_worker(impl: str, checkpoint: Path, tokens: int, decode_tokens: int, seed: int) -> dict:
     cmd = [sys.executable, "-m", "kimi_desk.engine.bench", "--worker", impl, str(checkpoint), str(tokens),
            str(decode_tokens), str(seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # From a neutral folder: run from this repository, `python -m` would put its top-level `kernels/`
+    # folder first on sys.path, where it hides the `kernels` package that transformers imports.
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return dict(error=f"{impl} at {tokens} tokens failed: {last}")
