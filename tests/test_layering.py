@@ -58,4 +58,4 @@ def test_no_top_level_app_engine_or_kernels_module():
         code = f"import {name}, pathlib; print(pathlib.Path({name}.__file__).resolve())"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
         if result.returncode == 0:
-            assert not Path(result.stdout.strip()).is_relative_to(repo), f"our '{name}' folder is a top-level module"
+            assert not Path(result.stdout.strip()).is_relative_to(repo / name), f"our '{name}' folder is a top-level module"
