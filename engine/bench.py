@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kimi_desk.engine.errors import UserError
+
 PREFILL_CHUNK = 4096
 
 
@@ -206,15 +208,15 @@ def main(args: argparse.Namespace) -> int:
     try:
         tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
+        raise UserError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
     if not tokens or any(t <= 0 for t in tokens):
-        raise ValueError("--tokens needs at least one positive length")
+        raise UserError("--tokens needs at least one positive length")
     baseline = not args.no_baseline
     if baseline:
         try:
             import transformers  # noqa: F401
         except ImportError:
-            raise ValueError("the baseline needs transformers (pip install 'kimi-desk[dev]'), or pass --no-baseline") from None
+            raise UserError("the baseline needs transformers (pip install 'kimi-desk[dev]'), or pass --no-baseline") from None
     result = run_cpu_benchmark(tokens, args.decode_tokens, baseline, args.model, args.seed,
                                log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:

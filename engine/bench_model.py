@@ -28,6 +28,8 @@ import time
 import traceback
 from pathlib import Path
 
+from kimi_desk.engine.errors import UserError
+
 
 def _sync():
     import torch
@@ -541,7 +543,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        raise ValueError("kimi-desk bench model needs a CUDA GPU")
+        raise UserError("kimi-desk bench model needs a CUDA GPU")
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     config = slice_config(args.layers)
@@ -559,7 +561,7 @@ def main(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.quantize.split(",") if f.strip()]
     unknown = sorted(set(formats) - {"none", "fp8", "int8", "int4"})
     if unknown or not formats:
-        raise ValueError(f"--quantize takes none, fp8, int8 and int4, comma-separated; got {args.quantize!r}")
+        raise UserError(f"--quantize takes none, fp8, int8 and int4, comma-separated; got {args.quantize!r}")
     result["check"] = check_correctness(log)
     save()
     result["formats"] = {}
