@@ -103,7 +103,7 @@ def random_model(config: KimiLinearConfig, seed: int = 0, dtype: torch.dtype = t
             # Not all ones, so that a norm weight applied in the wrong place shows.
             value = normal(shape, 0.1).add_(1)
         elif format_of(param) is not None:
-            for index in range(shape[0]) if ".experts.w" in name else [None]:
+            for index in range(shape[0]) if ".experts." in name else [None]:
                 # One expert at a time: a float32 copy of all 256 experts would not fit beside the model.
                 logical = logical_shape(param)
                 quantize_into(model, name, index, normal(logical if index is None else logical[1:], 0.02))
