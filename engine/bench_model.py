@@ -536,6 +536,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "scaled per layer to --layers; default: --layers)")
     parser.add_argument("--quantize", default="none", help="our model's weight formats, comma-separated, each timed in "
                         "turn: none, fp8, int8, int4 (the baseline stays bf16); default none")
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE[,SIZE]",
+                        help="GPU memory budgets, comma-separated (e.g. 24GiB,16GiB): the model placed in each, the "
+                             "routed experts that do not fit in RAM, the cap enforced as a hard limit "
+                             "(engine/bench_offload.py); replaces the whole-GPU timing and the baseline")
+    parser.add_argument("--read-tokens", default="131072,1048576",
+                        help="with --gpu-memory: document lengths whose plan is reported (fits or not)")
     parser.add_argument("--json", type=Path, default=None)
 
 
@@ -562,6 +568,8 @@ def main(args: argparse.Namespace) -> int:
     unknown = sorted(set(formats) - {"none", "fp8", "int8", "int4"})
     if unknown or not formats:
         raise UserError(f"--quantize takes none, fp8, int8 and int4, comma-separated; got {args.quantize!r}")
+    if args.gpu_memory:
+        return run_budgets(args, config, formats, contexts, result, save, log)
     result["check"] = check_correctness(log)
     save()
     result["formats"] = {}
@@ -581,6 +589,41 @@ def main(args: argparse.Namespace) -> int:
                                                    contexts, args.chunk, log)
         save()
         print(markdown_table(result))
+    return 0
+
+
+def run_budgets(args, config, formats, contexts, result, save, log) -> int:
+    from kimi_desk.engine.bench_offload import check_offload, time_budget
+    from kimi_desk.engine.placement import parse_size
+
+    budgets = [b.strip() for b in args.gpu_memory.split(",") if b.strip()]
+    for budget in budgets:
+        parse_size(budget, "--gpu-memory")
+    try:
+        reads = [int(t) for t in args.read_tokens.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--read-tokens must be comma-separated integers, got {args.read_tokens!r}") from None
+    try:
+        result["offload_check"] = check_offload(log)
+    except Exception as exc:
+        result["offload_check"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(traceback.format_exc())
+    save()
+    result["budgets"] = []
+    for fmt in formats:
+        for budget in budgets:
+            try:
+                row = time_budget(config, budget, None if fmt == "none" else fmt, args.prefill_tokens, contexts,
+                                  args.chunk, reads, log)
+            except Exception as exc:
+                row = {"gpu_budget": budget, "quantize": fmt, "error": f"{type(exc).__name__}: {exc}"}
+                log(traceback.format_exc())
+                import torch
+
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(1.0)
+            result["budgets"].append(row)
+            save()
     return 0
 
 

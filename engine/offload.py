@@ -40,6 +40,8 @@ from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_row
 # nearly every expert of the layer is chosen, and moving its weights (0.5 byte a weight) over PCIe beats
 # the CPU's products (a few dozen GFLOP/s against the GPU's hundreds of TFLOP/s).
 DECODE_MAX_TOKENS = 32
+# Experts per copy and relayout when streaming int4 tiles (bounds the relayout's temporaries).
+STREAM_BLOCK = 16
 # The CPU operator's tiles: 64 output rows, two rows (r, r + 32) per byte (see tiles_to_codes).
 _TILE_ROWS = 64
 
@@ -358,6 +360,9 @@ class Stager:
             for e, row, n in gpu_runs:
                 target[e : e + n].copy_(part[row : row + n], non_blocking=True)
         tiles = getattr(layer.in_ram, "tiles", None)
+        if tiles is not None:  # the relayout's temporaries are a few times the block: blocks of a few experts
+            ram_runs = [(e + i, row + i, min(STREAM_BLOCK, n - i)) for e, row, n in ram_runs
+                        for i in range(0, n, STREAM_BLOCK)]
         for e, row, n in ram_runs:
             for attr in ("w1", "w2", "w3"):
                 if tiles is not None:

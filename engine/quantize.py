@@ -203,13 +203,13 @@ def sidecars(model: nn.Module, parameter_name: str) -> tuple[torch.Tensor, ...]:
     return tuple(found)
 
 
-def quantize_into(model: nn.Module, parameter_name: str, index: int | None, weight: torch.Tensor) -> None:
+def quantize_into(model: nn.Module, parameter_name: str, index: int | None, weight: torch.Tensor, on=None) -> None:
     """Quantize the full-precision `weight` (one matrix; expert `index` of a stack) into the parameter's
-    codes and sidecars, in their format, on their device."""
+    codes and sidecars, in their format, on their device (computed on device `on` when given)."""
     codes = dict(model.named_parameters())[parameter_name].data
     parts = sidecars(model, parameter_name)
     targets = (codes, *parts) if index is None else (codes[index], *(p[index] for p in parts))
-    weight = weight.to(codes.device)
+    weight = weight.to(on if on is not None else codes.device)
     fmt = format_of(codes)
     quantized = (quantize_int4_groups(weight) if fmt == "int4" else quantize_int8_rows(weight) if fmt == "int8"
                  else quantize_fp8_rows(weight))
