@@ -232,7 +232,6 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
 
     from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.engine.random_checkpoint import random_model
-    from kimi_desk.engine.state import KDAState
 
     torch.cuda.reset_peak_memory_stats()
     # As the app runs it (Assistant.load): the projections that share an input joined.
@@ -261,18 +260,7 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
             lambda: model(ids[:, :chunk], state, last_only=True), log, f"prefill chunk at {prefill_tokens:,}")
     del state
     for context in contexts:
-        state = model.new_state(1)
-        for layer in state.layers:
-            if isinstance(layer, KDAState):
-                layer.recurrent.normal_(0, 0.1, generator=gen)
-            else:
-                layer.append(torch.randn(1, context, layer.latents.shape[-1], device="cuda", generator=gen,
-                                         dtype=torch.bfloat16))
-        state.position = context
-        token = ids[:, :1]
-        for _ in range(3):
-            token = model(token, state)[:, -1].argmax(-1, keepdim=True)
-        _sync()
+        state, token = warm_state(model, context, ids[:, :1], gen)
         steps = 20
         start = time.perf_counter()
         for _ in range(steps):
@@ -307,6 +295,27 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
     del model
     torch.cuda.empty_cache()
     return out
+
+
+def warm_state(model, context: int, token, gen):
+    """A state of `context` cached tokens (random MLA cache and KDA state: decode costs do not depend on
+    the values) and the token after three warm-up steps on it."""
+    import torch
+
+    from kimi_desk.engine.state import KDAState
+
+    state = model.new_state(1)
+    for layer in state.layers:
+        if isinstance(layer, KDAState):
+            layer.recurrent.normal_(0, 0.1, generator=gen)
+        else:
+            layer.append(torch.randn(1, context, layer.latents.shape[-1], device="cuda", generator=gen,
+                                     dtype=torch.bfloat16))
+    state.position = context
+    for _ in range(3):
+        token = model(token, state)[:, -1].argmax(-1, keepdim=True)
+    _sync()
+    return state, token
 
 
 def time_graph_decode(model, state, token, steps: int = 50) -> dict:

@@ -68,7 +68,7 @@ def time_budget(config, budget_text: str, quantize: str | None, prefill_tokens: 
     from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.engine.placement import PlacementError, parse_size, plan_placement
     from kimi_desk.engine.random_checkpoint import random_model
-    from kimi_desk.engine.state import KDAState
+    from kimi_desk.engine.bench_model import warm_state
 
     budget = parse_size(budget_text, "--gpu-memory")
     row: dict = {"gpu_budget": budget_text, "gpu_budget_bytes": budget, "quantize": quantize}
@@ -124,18 +124,7 @@ def time_budget(config, budget_text: str, quantize: str | None, prefill_tokens: 
     del state
     row["decode"] = []
     for ctx in contexts:
-        state = model.new_state(1)
-        for layer in state.layers:
-            if isinstance(layer, KDAState):
-                layer.recurrent.normal_(0, 0.1, generator=gen)
-            else:
-                layer.append(torch.randn(1, ctx, layer.latents.shape[-1], device="cuda", generator=gen,
-                                         dtype=torch.bfloat16))
-        state.position = ctx
-        token = ids[:, :1]
-        for _ in range(3):
-            token = model(token, state)[:, -1].argmax(-1, keepdim=True)
-        torch.cuda.synchronize()
+        state, token = warm_state(model, ctx, ids[:, :1], gen)
         if stats:
             stats.reset()
         steps = 20

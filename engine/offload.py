@@ -36,9 +36,8 @@ from kimi_desk.kernels.quant.cpu import CpuInt4Weight, cpu_int4_fits, int4_linea
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
 
 # Tokens up to which the RAM experts are computed on the CPU; more (prefill chunks) stream them to the
-# GPU. A chunk of T tokens chooses about min(E, T k / E...) experts per layer: from a few dozen tokens on
-# nearly every expert of the layer is chosen, and moving its weights (0.5 byte a weight) over PCIe beats
-# the CPU's products (a few dozen GFLOP/s against the GPU's hundreds of TFLOP/s).
+# GPU. A rule, not yet a measurement: the CPU's products grow with the tokens while streaming costs one
+# layer's RAM experts whatever the chunk, and at a few dozen tokens a chunk already chooses most experts.
 DECODE_MAX_TOKENS = 32
 # Experts per copy and relayout when streaming int4 tiles (bounds the relayout's temporaries).
 STREAM_BLOCK = 16
@@ -292,7 +291,6 @@ class Stager:
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _new_slot(self, layer: OffloadedExperts) -> dict:
-        like = layer.on_gpu if layer.gpu_ids else None
         E = layer.num_experts
         slot = {}
         for attr in ("w1", "w2", "w3"):
@@ -302,7 +300,6 @@ class Stager:
                     continue
                 shape, dtype = source
                 slot[attr + suffix] = torch.empty((E, *shape), dtype=dtype, device=self.device)
-        del like
         return slot
 
     def fetch(self, layer: OffloadedExperts) -> dict:
