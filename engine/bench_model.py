@@ -538,6 +538,27 @@ def _clone_cache(cache):
     return copy.deepcopy(cache)
 
 
+def demo_model_gates(device: str = "cuda", tokens: int = 4096) -> list:
+    """The KDA layers' log decays, [tokens, H, K] fp32 each, of the embedded demo model (assets/model)
+    reading the repository's README.md (the model card where the README is not beside the assets),
+    repeated up to `tokens`: the gates of a trained model, for `kimi-desk bench kernels`' gate sweep."""
+    import torch
+
+    import kimi_desk.assets
+    from kimi_desk.engine.kda import record_gates
+    from kimi_desk.engine.tokenizer import load_tokenizer
+    from kimi_desk.engine.weights import load_model
+
+    folder = Path(kimi_desk.assets.__file__).resolve().parent / "model"
+    readme = folder.parent.parent / "README.md"
+    ids = load_tokenizer(folder).encode((readme if readme.is_file() else folder / "README.md").read_text())
+    ids = (ids * (tokens // len(ids) + 1))[:tokens]
+    model = load_model(folder, device=device)
+    gates = [g[0] for g in record_gates(model, torch.tensor([ids]))]
+    del model
+    return gates
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4, help="layers of the 48B model to build (default 4)")
     parser.add_argument("--prefill-tokens", type=int, default=32768)
