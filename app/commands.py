@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kimi_desk.app.backend import DEMO_MODEL_NOTE, DEMO_MODEL_REMEDY
 from kimi_desk.app.formatting import nbytes, printable, unreadable_sessions
+from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.loading import QUANTIZE_CHOICES
 
 QUANTIZE_HELP = ("the big matrices' format, chosen at load time and cached beside the model: fp8 (GPUs from "
@@ -25,7 +26,7 @@ QUANTIZE_HELP = ("the big matrices' format, chosen at load time and cached besid
                  "format that fits this device, said on one line when it is not the checkpoint's own")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """Bad input on the command line (printed as one line, exit code 2)."""
 
 
@@ -39,13 +40,15 @@ DEMO_MODEL_NOTICE = f"{DEMO_MODEL_NOTE} {DEMO_MODEL_REMEDY}--model moonshotai/Ki
 def load_assistant(args, session=None, answering: bool = False):
     """The engine's choice of model, device and format for these options (engine/loading.py); its
     notices go to stderr as one line each (and, when `answering`, what the demo model can do)."""
-    from kimi_desk.engine.loading import DEMO_MODEL, load_assistant as load, resolve_model
+    from kimi_desk.engine.loading import DEMO_MODEL, resolve_model
+    from kimi_desk.engine.loading import load_assistant as load
 
     path = resolve_model(args.model, session)
     if answering and Path(path).resolve() == DEMO_MODEL.resolve():
         print(f"kimi-desk: {DEMO_MODEL_NOTICE}", file=sys.stderr)
     return load(path, args.device, getattr(args, "quantize", "auto"),
-                notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr))
+                notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr),
+                gpu_memory=getattr(args, "gpu_memory", None), cpu_memory=getattr(args, "cpu_memory", None))
 
 
 def positive_int(text: str) -> int:
@@ -65,6 +68,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the model runs (default: auto, CUDA when present)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
+    from kimi_desk.app.open_command import add_memory_options
+
+    add_memory_options(parser)
 
 
 # -- formatting -------------------------------------------------------------------------------------

@@ -68,6 +68,10 @@ class KimiDeskCommands(Provider):
                 yield Hit(score, matcher.highlight(title), callback, help=help_text)
 
 
+# The settings the model is loaded with: a change to any of them loads it again (_engine_choice_changed).
+ENGINE_SETTINGS = ("model", "device", "quantize", "gpu_memory", "cpu_memory")
+
+
 class KimiDeskApp(App):
     CSS_PATH = "kimi_desk.tcss"
     TITLE = "kimi-desk"
@@ -89,7 +93,8 @@ class KimiDeskApp(App):
     def __init__(self, target: str | None, *, model_choice: ModelChoice | None, model_problem: Problem | None,
                  device: str, settings: Settings, settings_file: Path, engine_factory: EngineFactory | None,
                  store_factory: StoreFactory, clock: Callable[[], datetime.datetime],
-                 settings_problem: Problem | None = None, quantize: str | None = None):
+                 settings_problem: Problem | None = None, quantize: str | None = None,
+                 gpu_memory: str | None = None, cpu_memory: str | None = None):
         super().__init__()
         self.target = target
         self.model_choice = model_choice
@@ -97,6 +102,10 @@ class KimiDeskApp(App):
         self.device = device
         # The weights' format the next load asks for (--quantize, else the settings').
         self.quantize = quantize or settings.quantize
+        # The memory budgets the next load plans with (--gpu-memory and --cpu-memory, else the settings';
+        # None: what the machine has free, less a margin).
+        self.gpu_memory = gpu_memory or settings.gpu_memory or None
+        self.cpu_memory = cpu_memory or settings.cpu_memory or None
         # Model, device or format changed in Settings since the model in hand was loaded: the next
         # session opened loads them first.
         self.engine_stale = False
@@ -105,7 +114,8 @@ class KimiDeskApp(App):
         self.settings_problem = settings_problem
         # None: the real engine, loaded with this app's model, device and format at the time of the load.
         self.engine_factory = engine_factory or (
-            lambda model, device: backend.load_assistant(model, device, self.quantize))
+            lambda model, device: backend.load_assistant(model, device, self.quantize, gpu_memory=self.gpu_memory,
+                                                         cpu_memory=self.cpu_memory))
         self.store_factory = store_factory
         self.clock = clock
         self.assistant = None
@@ -326,21 +336,22 @@ class KimiDeskApp(App):
     def _settings_chosen(self, settings: Settings | None) -> None:
         if settings is None or settings == self.settings:
             return
-        engine = (settings.model, settings.device, settings.quantize)
-        changed = engine != (self.settings.model, self.settings.device, self.settings.quantize)
+        changed = any(getattr(settings, name) != getattr(self.settings, name) for name in ENGINE_SETTINGS)
         self.settings = settings
         self.save_settings(settings)
         if changed:
             self._engine_choice_changed(settings)
 
     def _engine_choice_changed(self, settings: Settings) -> None:
-        """The settings name another model, device or format: it is loaded at once when no session is in
-        hand (or the model in hand failed), else when the next session is opened."""
+        """The settings name another model, device, format or memory budget: the model is loaded with them
+        at once when no session is in hand (or the model in hand failed), else when the next session is
+        opened."""
         try:
             self.model_choice, self.model_problem = backend.choose_model(None, settings.model), None
         except backend.ModelNotFound as exc:
             self.model_choice, self.model_problem = None, Problem(str(exc), "Set another model in Settings (F3).")
         self.device, self.quantize = settings.device, settings.quantize
+        self.gpu_memory, self.cpu_memory = settings.gpu_memory or None, settings.cpu_memory or None
         busy = isinstance(self.screen_stack[1] if len(self.screen_stack) > 1 else None, (ChatScreen, ReadingScreen)) \
             or any(job.running for job in self.readings.values())
         if self.engine_status == "failed" or not busy:
@@ -422,11 +433,13 @@ def _file_name(name: str) -> str:
 
 
 def create_app(target: str | None = None, *, model: str | None = None, device: str | None = None,
-               quantize: str | None = None, settings: Settings | None = None, settings_file: Path | None = None,
+               quantize: str | None = None, gpu_memory: str | None = None, cpu_memory: str | None = None,
+               settings: Settings | None = None, settings_file: Path | None = None,
                engine_factory: EngineFactory | None = None,
                store_factory: StoreFactory = backend.open_store,
                clock: Callable[[], datetime.datetime] | None = None) -> KimiDeskApp:
-    """The app, for the command line and the tests alike. `model`, `device` and `quantize` override the
+    """The app, for the command line and the tests alike. `model`, `device`, `quantize` and the memory
+    budgets (`gpu_memory`, `cpu_memory`: sizes such as 24GiB) override the
     settings; with no model anywhere the app still opens (sessions can be listed) and says what to pass."""
     settings_file = settings_file or settings_path()
     settings_problem = None
@@ -447,4 +460,5 @@ def create_app(target: str | None = None, *, model: str | None = None, device: s
                        device=device or settings.device, settings=settings, settings_file=settings_file,
                        engine_factory=engine_factory, store_factory=store_factory,
                        clock=clock or (lambda: datetime.datetime.now(datetime.timezone.utc)),
-                       settings_problem=settings_problem, quantize=quantize)
+                       settings_problem=settings_problem, quantize=quantize, gpu_memory=gpu_memory,
+                       cpu_memory=cpu_memory)

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kimi_desk.engine.errors import UserError
+
 PREFILL_CHUNK = 4096
 
 
@@ -89,7 +91,9 @@ def _worker(argv: list[str]) -> None:
 def _run_worker(impl: str, checkpoint: Path, tokens: int, decode_tokens: int, seed: int) -> dict:
     cmd = [sys.executable, "-m", "kimi_desk.engine.bench", "--worker", impl, str(checkpoint), str(tokens),
            str(decode_tokens), str(seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # From a neutral folder: run from this repository, `python -m` would put its top-level `kernels/`
+    # folder first on sys.path, where it hides the `kernels` package that transformers imports.
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return dict(error=f"{impl} at {tokens} tokens failed: {last}")
@@ -204,15 +208,15 @@ def main(args: argparse.Namespace) -> int:
     try:
         tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
+        raise UserError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
     if not tokens or any(t <= 0 for t in tokens):
-        raise ValueError("--tokens needs at least one positive length")
+        raise UserError("--tokens needs at least one positive length")
     baseline = not args.no_baseline
     if baseline:
         try:
             import transformers  # noqa: F401
         except ImportError:
-            raise ValueError("the baseline needs transformers (pip install 'kimi-desk[dev]'), or pass --no-baseline") from None
+            raise UserError("the baseline needs transformers (pip install 'kimi-desk[dev]'), or pass --no-baseline") from None
     result = run_cpu_benchmark(tokens, args.decode_tokens, baseline, args.model, args.seed,
                                log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:

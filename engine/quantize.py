@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kimi_desk.engine.errors import ConfigError
 from kimi_desk.kernels.quant import (
     FP8,
     int4_group_size,
@@ -34,7 +35,12 @@ from kimi_desk.kernels.quant import (
     quantize_int8_rows,
     row_scaled_linear,
 )
-from kimi_desk.kernels.quant.cpu import CpuInt4Weight, cpu_int4_fits, int4_linear_cpu, pack_int4_for_cpu
+from kimi_desk.kernels.quant.cpu import (
+    CpuInt4Weight,
+    cpu_int4_fits,
+    int4_linear_cpu,
+    pack_int4_for_cpu,
+)
 from kimi_desk.kernels.quant.naive import dequantize_rows
 
 METHODS = ("fp8", "int8", "int4")
@@ -57,7 +63,7 @@ def weight_format(name: str, method: str | None) -> str | None:
         return "int8" if method in ("int8", "int4") else None
     if not name.startswith("model.layers."):
         return None
-    if ".experts.w" in name:  # the stacked routed experts, or one expert's tensor in the checkpoint
+    if ".experts." in name:  # the routed experts: stacked, split (engine/offload.py), or one expert's tensor
         return method
     leaf = name.removesuffix(".weight").rsplit(".", 1)[-1]
     if not name.endswith(".weight") or "_proj" not in leaf or leaf in _KEPT_PROJECTIONS:
@@ -107,7 +113,8 @@ class Int4Linear(nn.Module):
         super().__init__()
         group = int4_group_size(in_features)
         if group is None:
-            raise ValueError(f"int4 needs an input width that is a multiple of 32, got {in_features}")
+            raise ConfigError(f"int4 needs input widths that are multiples of 32, this model has {in_features}; "
+                              "use --quantize int8")
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
                                    requires_grad=False)
@@ -167,7 +174,7 @@ def quantize_structure(model: nn.Module, method: str) -> None:
             setattr(owner, attr, quantized_linear(module.in_features, module.out_features, fmt, module.weight.device))
     for name, param in list(model.named_parameters()):
         fmt = weight_format(name, method)
-        if ".experts.w" not in name or fmt is None:
+        if ".experts." not in name or fmt is None:
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
@@ -175,7 +182,8 @@ def quantize_structure(model: nn.Module, method: str) -> None:
         if fmt == "int4":
             group = int4_group_size(D)
             if group is None:
-                raise ValueError(f"{name}: int4 needs an input width that is a multiple of 32, got {D}")
+                raise ConfigError(f"int4 needs input widths that are multiples of 32, this model has {D} ({name}); "
+                                  "use --quantize int8")
             codes = torch.empty(*lead, D // 2, dtype=torch.uint8, device=param.device)
             owner.register_buffer(f"{attr}_scale", torch.ones(*lead, D // group, dtype=torch.bfloat16, device=param.device))
             owner.register_buffer(f"{attr}_zero", torch.zeros(*lead, D // group, dtype=torch.bfloat16, device=param.device))
@@ -195,13 +203,13 @@ def sidecars(model: nn.Module, parameter_name: str) -> tuple[torch.Tensor, ...]:
     return tuple(found)
 
 
-def quantize_into(model: nn.Module, parameter_name: str, index: int | None, weight: torch.Tensor) -> None:
+def quantize_into(model: nn.Module, parameter_name: str, index: int | None, weight: torch.Tensor, on=None) -> None:
     """Quantize the full-precision `weight` (one matrix; expert `index` of a stack) into the parameter's
-    codes and sidecars, in their format, on their device."""
+    codes and sidecars, in their format, on their device (computed on device `on` when given)."""
     codes = dict(model.named_parameters())[parameter_name].data
     parts = sidecars(model, parameter_name)
     targets = (codes, *parts) if index is None else (codes[index], *(p[index] for p in parts))
-    weight = weight.to(codes.device)
+    weight = weight.to(on if on is not None else codes.device)
     fmt = format_of(codes)
     quantized = (quantize_int4_groups(weight) if fmt == "int4" else quantize_int8_rows(weight) if fmt == "int8"
                  else quantize_fp8_rows(weight))
@@ -216,6 +224,8 @@ def prepare_for_cpu(model: nn.Module) -> None:
     dequantizing path."""
     empty = torch.empty(0, dtype=torch.uint8)
     for module in model.modules():
+        if getattr(module, "keep_layout", False):  # an offloaded layer's halves (engine/offload.py)
+            continue
         if isinstance(module, Int4Linear) and module.weight.device.type == "cpu" and module.cpu_weight is None \
                 and cpu_int4_fits(module.out_features, module.in_features):
             module.cpu_weight = pack_int4_for_cpu(module.weight.data, module.weight_scale, module.weight_zero)

@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from kimi_desk.engine.atomic import atomic_write
+from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.files import BadJSON, brief, first_line, is_count, read_json, some
 from kimi_desk.engine.state import KDAState, MLACache, ModelState
 
@@ -42,7 +43,7 @@ MANIFEST = "manifest.json"
 CHECKED_JSON_MAX_BYTES = 64 << 20
 
 
-class SnapshotError(ValueError):
+class SnapshotError(UserError):
     """A snapshot that cannot be used: damaged, truncated, or from another model or tokenizer."""
 
 

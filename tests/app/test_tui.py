@@ -581,8 +581,8 @@ def test_the_demo_model_says_what_its_answers_are_worth(home, make_app, fake):
 
 
 def test_a_new_model_in_settings_loads_for_the_next_session_opened(home, make_app, fake):
-    """Not under the open chat (its session was read with the model in hand): when the next session is
-    opened; at once where no session is open."""
+    """Model, device, format and memory budgets: not under the open chat (its session was read with the
+    model in hand) but when the next session is opened; at once where no session is open."""
     from kimi_desk.app.settings import Settings
 
     folder = make_folder(home / "repo")
@@ -591,26 +591,31 @@ def test_a_new_model_in_settings_loads_for_the_next_session_opened(home, make_ap
     loads = []
 
     def factory(model, device):
-        loads.append((model, device, pilot_app.quantize))
+        loads.append((model, device, pilot_app.quantize, pilot_app.gpu_memory))
         return fake
 
     pilot_app = make_app(folder, engine_factory=factory)
 
     async def scenario(pilot):
         await wait_for_screen(pilot, "ChatScreen")
-        assert loads == [("fake-model", "cpu", "auto")]
+        assert loads == [("fake-model", "cpu", "auto", None)]
         pilot.app._settings_chosen(Settings(model=str(other), device="cpu", quantize="int8"))
         await pilot.pause()
         assert len(loads) == 1 and pilot.app.engine_stale  # the chat keeps its model
         pilot.app.open_target(str(folder))
         await wait_for_screen(pilot, "ChatScreen")
-        assert loads[-1] == (str(other), "cpu", "int8") and not pilot.app.engine_stale
+        assert loads[-1] == (str(other), "cpu", "int8", None) and not pilot.app.engine_stale
         await pilot.press("f2")
         await wait_for_screen(pilot, "SessionsScreen")
         pilot.app.current_chat = None
         pilot.app._settings_chosen(Settings(model=str(other), device="auto", quantize="int8"))
         await wait_for(pilot, lambda: len(loads) == 3, what="the load at once")
-        assert loads[-1] == (str(other), "auto", "int8")
+        assert loads[-1] == (str(other), "auto", "int8", None)
+        await wait_for(pilot, lambda: pilot.app.engine_status == "ready", what="the engine")
+        # A memory budget is a load setting too.
+        pilot.app._settings_chosen(Settings(model=str(other), device="auto", quantize="int8", gpu_memory="24GiB"))
+        await wait_for(pilot, lambda: len(loads) == 4, what="the load with the budget")
+        assert loads[-1] == (str(other), "auto", "int8", "24GiB")
         await wait_for(pilot, lambda: pilot.app.engine_status == "ready", what="the engine")
 
     drive(pilot_app, scenario)
@@ -673,3 +678,4 @@ def test_a_long_wait_for_the_first_words_shows_the_time_waited(home, make_app, f
         assert "tokens · " in meta()
 
     drive(make_app(folder), scenario)
+

@@ -266,10 +266,10 @@ def test_tensors_of_the_wrong_shape_are_refused_on_restore(model, tmp_path, kind
         tensors = {f"layers.{layer}.recurrent": torch.tensor(1.0), f"layers.{layer}.conv": torch.tensor(2.0)}
     else:
         entries, tensors, message = "segments", {f"layers.{layer}.latents": torch.zeros(3, 40)}, "latents of shape [3, 40]"
-    # Forged in place of the entry's own file: a name the store makes, so that only the shapes are wrong.
+    # The file the manifest names, rewritten (a name the store made), so that only the shapes are wrong.
     file = read_checked_json(manifest)[entries][0]["file"]
     digest = write_tensors(tmp_path / file, tensors, identity(model))
-    rewrite_manifest(manifest, lambda m: m[entries][0].update(file=file, sha256=digest))
+    rewrite_manifest(manifest, lambda m: m[entries][0].update(sha256=digest))
     with pytest.raises(SnapshotError, match=re.escape(file) + ": .*" + re.escape(message)):
         SnapshotStore(tmp_path, identity(model)).restore(40, model.new_state(1))
 
