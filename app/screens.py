@@ -355,6 +355,9 @@ class ChatScreen(MainScreen):
                 id="chat.new_thread"),
         Binding("ctrl+o", "open_source", "Source", tooltip="Open what the selected or last answer cites",
                 id="chat.source"),
+        # Before the question box's own ctrl+e (end of line; End does that too).
+        Binding("ctrl+e", "edit_question", "Edit", tooltip="Edit the selected or last question, ask it again",
+                id="chat.edit", show=False, priority=True),
         Binding("ctrl+y", "copy_answer", "Copy", tooltip="Copy the selected or last answer", id="chat.copy",
                 show=False),
         Binding("ctrl+s", "export", "Save", tooltip="Save the session as a .zip archive", id="chat.export",
@@ -383,6 +386,8 @@ class ChatScreen(MainScreen):
         self._thinking_since = 0.0
         # The citation open in the source pane: (turn widget id, index).
         self._source: tuple[str, int] | None = None
+        # The turn whose question is being edited in the input (its index in the thread), if any.
+        self._editing: int | None = None
 
     def _turns(self) -> list:
         if self.thread is None:
@@ -451,7 +456,9 @@ class ChatScreen(MainScreen):
 
     def check_action(self, action: str, parameters) -> bool | None:
         if action == "stop":
-            return self.generating
+            return self.generating or self._editing is not None
+        if action == "edit_question":
+            return None if self.generating or not self.query(TurnView) else True
         if action == "regenerate":
             return None if self.generating or not self.query(TurnView) else True
         if action == "new_thread":
@@ -467,6 +474,8 @@ class ChatScreen(MainScreen):
         elif self.query(TurnView):
             commands.append(("Regenerate the last answer", "ask the last question again (ctrl+r)",
                              self.action_regenerate))
+            commands.append(("Edit a question", "change the selected or last question and ask it again (ctrl+e)",
+                             self.action_edit_question))
         if not self.generating and self.thread is not None:
             commands.append(("New thread", "a conversation from the document alone (ctrl+t)", self.action_new_thread))
         if self.query(TurnView):
@@ -514,7 +523,7 @@ class ChatScreen(MainScreen):
     # -- asking -----------------------------------------------------------------------------------
 
     @on(Input.Submitted, "#question")
-    def ask_question(self, event: Input.Submitted) -> None:
+    async def ask_question(self, event: Input.Submitted) -> None:
         question = event.value.strip()
         if not question:
             return
@@ -522,11 +531,35 @@ class ChatScreen(MainScreen):
             self.notify("An answer is still being written: wait, or press Escape to stop it.", severity="warning")
             return
         event.input.value = ""
+        index, self._editing = self._editing, None
+        if index is not None:
+            # The edited turn and those after it leave the view: the answer starts from the state before
+            # it (an earlier turn edited goes to a new thread; the old one keeps its turns).
+            event.input.border_title = None
+            for view in list(self.query(TurnView))[index:]:
+                await view.remove()
         self.query_one("#chat-empty").display = False
         turn = TurnView(question, meta="thinking…", id=f"turn-{len(self.query(TurnView))}")
         turn.recorded = False
-        self.query_one("#transcript", VerticalScroll).mount(turn, before="#chat-empty")
-        self._begin_answer(turn, question, index=None)
+        await self.query_one("#transcript", VerticalScroll).mount(turn, before="#chat-empty")
+        self._begin_answer(turn, question, index=index)
+
+    def action_edit_question(self) -> None:
+        """Put the selected (or last) question in the input, to be changed and asked again."""
+        turns = list(self.query(TurnView))
+        if self.generating or not turns:
+            return
+        turn = self.focused if isinstance(self.focused, TurnView) else turns[-1]
+        if not turn.recorded:
+            self.notify("This question's answer failed: ask it again with ctrl+r.", severity="warning")
+            return
+        self._editing = turns.index(turn)
+        field = self.query_one("#question", Input)
+        field.value = turn.question
+        field.border_title = f"Editing question {self._editing + 1}: Enter asks it again, Escape cancels"
+        field.focus()
+        field.cursor_position = len(field.value)
+        self.refresh_bindings()
 
     def _begin_answer(self, turn: TurnView, question: str, index: int | None) -> None:
         self._answering = turn
@@ -643,6 +676,12 @@ class ChatScreen(MainScreen):
         self.notify(event.text, timeout=10)
 
     def action_stop(self) -> None:
+        if self._editing is not None and not self.generating:
+            self._editing = None
+            field = self.query_one("#question", Input)
+            field.value, field.border_title = "", None
+            self.refresh_bindings()
+            return
         if self.generating:
             # The engine checks this before every token, so the answer ends within one token.
             self.cancel.set()

@@ -679,3 +679,45 @@ def test_a_long_wait_for_the_first_words_shows_the_time_waited(home, make_app, f
 
     drive(make_app(folder), scenario)
 
+
+def test_editing_a_question_asks_it_again_from_the_state_before_it(home, make_app, fake):
+    """ctrl+e puts the selected (or last) question in the input: the last one edited replaces its turn
+    in the thread; an earlier one starts a new thread from the turns before it, and the old thread keeps
+    its turns. Escape gives up editing."""
+    folder = make_folder(home / "repo")
+
+    async def scenario(pilot):
+        chat = await wait_for_screen(pilot, "ChatScreen")
+        await ask(pilot)
+        await wait_for_answer(pilot)
+        first = chat.thread
+        await ask(pilot, "and where is it called?")
+        await wait_for_answer(pilot)
+        field = chat.query_one("#question", Input)
+
+        await pilot.press("ctrl+e")
+        assert field.value == "and where is it called?" and "Editing question 2" in str(field.border_title)
+        await pilot.press("escape")
+        assert field.value == "" and not field.border_title and chat._editing is None
+
+        await pilot.press("ctrl+e")
+        field.value = "and where is helper_2 called?"
+        await pilot.press("enter")
+        await wait_for_answer(pilot)
+        assert fake.asked_in[-1] == (first, 1) and chat.thread == first
+        assert [t.question for t in turns(chat.session)] == [QUESTION, "and where is helper_2 called?"]
+        assert [v.question for v in chat.query(TurnView)] == [QUESTION, "and where is helper_2 called?"]
+
+        chat.query_one("#turn-0", TurnView).focus()
+        await pilot.press("ctrl+e")
+        assert field.value == QUESTION
+        field.value = "what does helper_3 return?"
+        await pilot.press("enter")
+        await wait_for_answer(pilot)
+        await wait_for(pilot, lambda: chat.thread != first, what="the new thread")
+        assert fake.asked_in[-1] == (first, 0)
+        assert [t.question for t in chat.session.thread(chat.thread).turns] == ["what does helper_3 return?"]
+        assert [t.question for t in chat.session.thread(first).turns] == [QUESTION, "and where is helper_2 called?"]
+        assert [v.question for v in chat.query(TurnView)] == ["what does helper_3 return?"]
+
+    drive(make_app(folder), scenario)
