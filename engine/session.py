@@ -477,7 +477,8 @@ class Assistant:
         seen = list(session.thread(thread).turns) if thread is not None else []
         index = len(seen) if index is None else index
         if type(index) is not int or not 0 <= index <= len(seen):
-            raise SessionError(f"thread {thread} has {len(seen)} turns; there is no turn {index!r} to ask at")
+            raise SessionError(f"thread {thread} has {len(seen)} turn{'' if len(seen) == 1 else 's'}; there is no "
+                               f"turn {index!r} to ask at")
         prompt = self._prompt_ids(question, first=index == 0)
         keys, _ = self._thread_keys(session, seen[:index])
         state = self._thread_state(session, thread, seen[:index], notice)
