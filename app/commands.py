@@ -119,8 +119,10 @@ class ProgressLine:
         if not self.enabled:
             if finished or now - self._last_plain >= self.PLAIN_SECONDS:
                 self._last_plain = now
+                # The piece being read: a file's path, or what the engine names in parentheses itself.
+                where = printable(p.path) if p.path.startswith("(") else f"({printable(p.path)})"
                 self.say(f"reading {fraction:.0%}: {p.tokens_done:,}/{p.tokens_total:,} tokens, {files}, "
-                         f"{p.tokens_per_second:,.0f} tokens/s, {left} ({printable(p.path)})")
+                         f"{p.tokens_per_second:,.0f} tokens/s, {left} {where}")
             return
         if now - self._last < 0.1 and not finished:
             return

@@ -405,8 +405,11 @@ class Assistant:
         total = segments[-1].end
         started, start_position = time.perf_counter(), state.position
         # The first chunk pays one-time costs (kernels compiled, memory first touched): the rate and the
-        # time left are measured from its end, and no time left is said before (it would swing wildly).
+        # time left are measured from its end. A few small pieces (the conversation's head, the folder's
+        # tree, tiny files) say little of the rate either: no time left is said until a full chunk or a
+        # tenth of what is left has been measured (it would swing wildly: minutes for a 15 s read).
         first_chunk = True
+        enough = min(self.prefill_chunk, max(1, (total - state.position) // 10))
         last_checkpoint = state.position
         for index, (segment, ids) in enumerate(zip(segments, units)):
             if segment.end <= state.position:
@@ -427,7 +430,8 @@ class Assistant:
                     last_checkpoint = state.position
                 elapsed = time.perf_counter() - started
                 rate = (state.position - start_position) / elapsed if elapsed > 0 else 0.0
-                left = None if first_chunk else (total - state.position) / rate if rate > 0 else None
+                measured = not first_chunk and state.position - start_position >= enough
+                left = (total - state.position) / rate if measured and rate > 0 else None
                 if first_chunk:
                     started, start_position, first_chunk = time.perf_counter(), state.position, False
                 if on_progress is not None:

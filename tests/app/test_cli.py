@@ -164,6 +164,9 @@ def test_reading_progress_is_plain_lines_when_piped_and_a_bar_on_a_terminal(monk
         "reading 40%: 400/1,000 tokens, 0/1 file, 1,000 tokens/s, 0:01 left (a.py)",
         "reading 100%: 1,000/1,000 tokens, 1/1 file, 1,000 tokens/s, 0:00 left (b.py)",
     ]
+    named = io.StringIO()  # what the engine names itself in parentheses is not wrapped twice
+    ProgressLine(named).update(ReadProgress(30, 30, 0, 2, 100.0, 0.0, "(folder tree)"))
+    assert named.getvalue().endswith(", 0:00 left (folder tree)\n")
     terminal = Terminal()
     monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: __import__("os").terminal_size((60, 24)))
     ProgressLine(terminal).update(ReadProgress(100, 1000, 0, 3, 900.0, None, "a/very/long/path/" * 5))

@@ -268,13 +268,18 @@ def test_one_process_at_a_time_reads_a_session(assistant, tmp_path):
     assert again.id == session.id and again.complete
 
 
-def test_no_time_left_is_said_before_the_first_chunk_is_read(assistant, tmp_path):
-    """The first chunk pays one-time costs; a time left measured on it swings wildly, so none is given
-    until it is read, and the rate after it counts only what follows."""
+def test_no_time_left_is_said_before_the_rate_is_measured(assistant, tmp_path):
+    """The first chunk pays one-time costs and a few small pieces say little of the rate: a time left
+    measured on them swings wildly, so none is given until, after the first chunk, a full chunk (or a
+    tenth of the document) is read; from then on every report gives one."""
     seen = []
-    assistant.read(SessionStore(tmp_path / "home"), make_folder(tmp_path / "repo", 12), on_progress=seen.append)
-    assert len(seen) > 3 and seen[0].seconds_left is None and seen[0].tokens_per_second > 0
-    assert all(p.seconds_left is not None for p in seen[1:])
+    assistant.read(SessionStore(tmp_path / "home"), make_folder(tmp_path / "repo", 40), on_progress=seen.append)
+    assert len(seen) > 5 and seen[0].seconds_left is None and seen[0].tokens_per_second > 0
+    first_given = next(i for i, p in enumerate(seen) if p.seconds_left is not None)
+    enough = min(64, (seen[0].tokens_total - 0) // 10)
+    assert seen[first_given].tokens_done - seen[0].tokens_done >= enough
+    assert seen[first_given - 1].tokens_done - seen[0].tokens_done < enough
+    assert all(p.seconds_left is not None for p in seen[first_given:])
 
 
 def test_a_session_read_under_one_placement_resumes_under_another(chat_checkpoint, tmp_path):
