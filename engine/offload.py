@@ -420,8 +420,11 @@ def apply_placement(model: nn.Module, placement) -> None:
         ram = placement.ram_experts(i)
         if not ram:
             continue
-        moe.experts = OffloadedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
-                                       placement.gpu_experts[i], ram)
+        # On the meta device like the rest: materialize gives both halves their devices (a half built
+        # here on the CPU would keep its quantization sidecars there, out of the GPU kernels' reach).
+        with torch.device("meta"):
+            moe.experts = OffloadedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
+                                           placement.gpu_experts[i], ram)
     model.placement = placement
 
 
