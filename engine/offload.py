@@ -26,6 +26,7 @@ whole model.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -108,7 +109,9 @@ class OffloadedExperts(nn.Module):
         gpu_index[self.gpu_ids] = torch.arange(len(self.gpu_ids))
         ram_index[self.ram_ids] = torch.arange(len(self.ram_ids))
         self.gpu_index, self.ram_index = gpu_index.to(device), ram_index.to(device)
-        self.runtime = runtime
+        # Weakly: the runtime (the model's) holds this layer through its stager, and a cycle would keep a
+        # dropped model's GPU memory until the cycle collector happens to run.
+        self.runtime = weakref.proxy(runtime)
         prepare_ram(self.in_ram, pin=device.type == "cuda")
 
     # -- the forward pass ---------------------------------------------------------------------------

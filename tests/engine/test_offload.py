@@ -144,3 +144,17 @@ def test_both_halves_are_built_on_the_meta_device_with_their_sidecars(quantize):
     assert halves
     tensors = [t for half in halves for t in (*half.parameters(), *half.buffers())]
     assert len(tensors) > 3 * len(halves) - 1 and all(t.is_meta for t in tensors)
+
+
+def test_a_dropped_split_model_is_freed_without_the_cycle_collector(checkpoint):
+    import gc
+    import weakref
+
+    split = load_model(checkpoint, dtype=torch.float32, placement=plan(GPU_EXPERTS))
+    layer = weakref.ref(offload.offloaded_layers(split)[0])
+    gc.disable()
+    try:
+        del split
+        assert layer() is None
+    finally:
+        gc.enable()
