@@ -34,9 +34,10 @@ def test_version_and_help():
     [
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["bench"], "'bench' needs a subcommand"),
-        (["bench", "cpu", "--tokens", "many"], "--tokens must be comma-separated integers"),
-        (["bench", "cpu", "--tokens", "0"], "--tokens needs at least one positive length"),
-        (["bench", "cpu", "--decode-tokens", "x"], "invalid int value"),
+        (["bench", "cpu", "--prefill", "many"], "--prefill takes START+TOKENS items"),
+        (["bench", "cpu", "--decode-at", "x"], "--decode-at takes comma-separated token counts"),
+        (["bench", "cpu", "--formats", "fp16"], "--formats takes some of"),
+        (["bench", "cpu", "--decode-steps", "x"], "invalid int value"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):
@@ -48,13 +49,17 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 
 
 def test_bench_cpu_runs_small(tmp_path):
-    result = kimi_desk("bench", "cpu", "--tokens", "64", "--decode-tokens", "2", "--json", str(tmp_path / "r.json"))
+    result = kimi_desk("bench", "cpu", "--formats", "none,int4", "--prefill", "0+64,300+64", "--decode-at", "100",
+                       "--decode-steps", "2", "--question-after", "300", "--repeats", "1", "--json", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr
-    assert "| 64 |" in result.stdout
+    assert "| reading tok/s, 64 after 300 |" in result.stdout and "| first token: total s |" in result.stdout
     import json
 
-    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
-    assert rows[0]["ours"]["prefill_tok_s"] > 0 and rows[0]["baseline"]["decode_tok_s"] > 0
+    none, int4 = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert (none["format"], int4["format"]) == ("none", "int4")
+    for r in (none, int4):
+        assert [x["tok_s"] > 0 for x in r["reading"]] == [True, True] and r["decoding"][0]["tok_s_median"] > 0
+        assert r["first_token"]["total_s"] > 0 and r["peak_rss_mb"] >= r["rss_after_load_mb"] > 0
 
 
 def _edit_config(**changes):
