@@ -41,6 +41,28 @@ def recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final
     return o.to(q.dtype), (state if output_final_state else None)
 
 
+def recurrent_kda_inplace(q, k, v, g, beta, state, scale=None):
+    """The recurrence for a few tokens on the CPU (decode): the same function as recurrent_kda, with the
+    float32 `state` [B, H, K, V] advanced in place, in a handful of operations per token (recurrent_kda
+    copies the state and takes three times as many, which a decode step of six KDA layers pays for in
+    per-operation overhead). Returns o [B, T, H, V] in q's dtype."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    decay = g.float().exp().unsqueeze(-1)  # [B, T, H, K, 1]
+    qs = (q.float() * scale).unsqueeze(-2)  # [B, T, H, 1, K]
+    ks = k.float().unsqueeze(-2)  # [B, T, H, 1, K]
+    vs = v.float().unsqueeze(-2)  # [B, T, H, 1, V]
+    bs = beta.float()[..., None, None]  # [B, T, H, 1, 1]
+    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    for t in range(T):
+        state.mul_(decay[:, t])
+        u = (vs[:, t] - ks[:, t] @ state).mul_(bs[:, t])  # beta (v - S^T k), [B, H, 1, V]
+        state.add_(ks[:, t].transpose(-1, -2) @ u)
+        o[:, t] = (qs[:, t] @ state).squeeze(-2)
+    return o.to(q.dtype)
+
+
 def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                     chunk_size=CHUNK_SIZE):
     """Chunked form (spec §3.3): batched matrix products over every chunk at once, and a loop over the

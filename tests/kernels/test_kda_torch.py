@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from fla.ops.kda.naive import naive_recurrent_kda
 
 from kimi_desk.kernels.kda import chunk_kda, fused_recurrent_kda, kda
-from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda
+from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda, recurrent_kda_inplace
 
 # Tolerances per dtype of the inputs (relative error against the float64 reference).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -142,3 +142,16 @@ def test_empty_and_without_state():
     o_ref, s_ref = reference(q, k, v, g, beta, torch.zeros(2, 2, 16, 8))
     o, s = chunk_kda_torch(q, k, v, g, beta, output_final_state=True)
     assert o.dtype == torch.bfloat16 and rel_err(o, o_ref) < 2e-2 and rel_err(s, s_ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,min_log_decay", [(1, -5.0), (3, -50.0), (16, -1.0)])
+def test_inplace_recurrence_for_decode(dtype, T, min_log_decay):
+    """The decode step advances the given state in place (its storage stays), output and state as the
+    float64 recurrence."""
+    q, k, v, g, beta, state = make_inputs(2, T, 3, 32, 16, min_log_decay, dtype, seed=T)
+    o_ref, s_ref = reference(q, k, v, g, beta, state)
+    storage = state.data_ptr()
+    o = poisoned(recurrent_kda_inplace)(q, k, v, g, beta, state)
+    assert o.dtype == dtype and state.data_ptr() == storage
+    assert rel_err(o, o_ref) < TOLERANCE[dtype] and rel_err(state, s_ref) < 2e-5
