@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kimi-desk {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    from kimi_desk.app import commands as session_commands, open_command
+    from kimi_desk.app import commands as session_commands
+    from kimi_desk.app import open_command
 
     open_command.add_parser(commands)
     session_commands.add_parsers(commands)
@@ -76,10 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from kimi_desk.engine.errors import CheckpointError, ConfigError
+    """What the user can fix: every UserError, and the file system's refusals of a path they named."""
+    from kimi_desk.engine.errors import UserError
 
-    return (UsageError, ConfigError, CheckpointError, ValueError, FileNotFoundError, PermissionError,
-            IsADirectoryError, NotADirectoryError)
+    return (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from kimi_desk.app.formatting import printable, unreadable_sessions
+from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.loading import QUANTIZE_CHOICES
 
 QUANTIZE_HELP = ("the big matrices' format, chosen at load time and cached beside the model: fp8 (GPUs from "
@@ -22,7 +23,7 @@ QUANTIZE_HELP = ("the big matrices' format, chosen at load time and cached besid
                  "format that fits this device, said on one line when it is not the checkpoint's own")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """Bad input on the command line (printed as one line, exit code 2)."""
 
 
@@ -32,7 +33,8 @@ class UsageError(ValueError):
 def load_assistant(args, session=None):
     """The engine's choice of model, device and format for these options (engine/loading.py); its
     notices go to stderr as one line each."""
-    from kimi_desk.engine.loading import load_assistant as load, resolve_model
+    from kimi_desk.engine.loading import load_assistant as load
+    from kimi_desk.engine.loading import resolve_model
 
     return load(resolve_model(args.model, session), args.device, getattr(args, "quantize", "auto"),
                 notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr))

@@ -19,7 +19,16 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, ProgressBar, Static
+from textual.widgets import (
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    Markdown,
+    ProgressBar,
+    Static,
+)
 
 from kimi_desk.app import backend, formatting
 from kimi_desk.app.dialogs import Confirm, TextPrompt
@@ -38,6 +47,7 @@ from kimi_desk.app.messages import (
     StoreFailed,
 )
 from kimi_desk.app.widgets import ContextGauge, StatusLine, TurnView, turn_meta
+from kimi_desk.engine.errors import IngestError, SessionError, UserError
 
 # At most this many progress or answer-text messages a second reach the UI: enough to look live,
 # few enough that re-rendering (Markdown above all) never falls behind the model.
@@ -72,15 +82,14 @@ def describe_problem(exc: BaseException, doing: str) -> Problem:
         return Problem(message, "Pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json) "
                                 "or a hub id fetched with 'kimi-desk pull', or set the model in Settings (F3), "
                                 "and start kimi-desk again.")
-    name = type(exc).__name__
-    if name == "IngestError" or isinstance(exc, OSError):
+    if isinstance(exc, (IngestError, OSError)):
         return Problem(message, "Check the path and its permissions, then press r to try again, "
                                 "or open something else (ctrl+n).")
-    if name == "SessionError":
+    if isinstance(exc, SessionError):
         return Problem(message, "Pick a session from the list (F2), or open a folder or file (ctrl+n).")
-    if isinstance(exc, ValueError):
+    if isinstance(exc, UserError):
         return Problem(message, "Open something else (ctrl+n) or pick a session (F2).")
-    return Problem(f"Unexpected error while {doing}: {name}: {message}",
+    return Problem(f"Unexpected error while {doing}: {type(exc).__name__}: {message}",
                    "The app keeps running: try again, or report this with the steps that led to it.")
 
 
@@ -97,8 +106,6 @@ def open_target(assistant, store, target: str, *, on_plan, on_progress, cancel) 
             f"restored '{session.name}' from {path.name}"
     if path.exists():
         return assistant.read(store, path, on_progress=on_progress, cancel=cancel, on_plan=on_plan), ""
-    from kimi_desk.engine.session import SessionError
-
     try:
         session = store.get(target)
     except SessionError:
@@ -112,7 +119,7 @@ def _finish_reading(assistant, store, session, on_plan, on_progress, cancel):
         return session
     source = Path(session.source)
     if not source.exists():
-        raise ValueError(f"session '{session.name}' stopped at {session.read_position:,} of "
+        raise SessionError(f"session '{session.name}' stopped at {session.read_position:,} of "
                          f"{session.document_tokens:,} tokens and its source {session.source} is not here")
     return assistant.read(store, source, on_progress=on_progress, cancel=cancel, on_plan=on_plan)
 

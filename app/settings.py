@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from kimi_desk.engine.errors import UserError
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
@@ -27,7 +29,7 @@ QUANTIZE = ("auto", "none", "fp8", "int8", "int4")
 SETTINGS_FILE = "settings.toml"
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError):
     """A settings file or value that cannot be used; one line naming the file or field."""
 
 

@@ -10,6 +10,8 @@ import importlib.util
 import resource
 from pathlib import Path
 
+from kimi_desk.engine.errors import UserError
+
 HARNESS = Path(__file__).resolve().parents[1] / "packaging" / "bench" / "cpu" / "cpu_bench.py"
 
 
@@ -19,7 +21,7 @@ def _rss_peak_mb() -> float:
 
 def _harness():
     if not HARNESS.is_file():
-        raise ValueError("kimi-desk bench cpu runs from a source checkout of kimi-desk "
+        raise UserError("kimi-desk bench cpu runs from a source checkout of kimi-desk "
                          f"(it needs {HARNESS.relative_to(HARNESS.parents[3])})")
     spec = importlib.util.spec_from_file_location("kimi_desk_cpu_bench", HARNESS)
     module = importlib.util.module_from_spec(spec)

@@ -28,6 +28,8 @@ import time
 import traceback
 from pathlib import Path
 
+from kimi_desk.engine.errors import UserError
+
 
 def _sync():
     import torch
@@ -541,7 +543,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        raise ValueError("kimi-desk bench model needs a CUDA GPU")
+        raise UserError("kimi-desk bench model needs a CUDA GPU")
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     config = slice_config(args.layers)
@@ -559,7 +561,7 @@ def main(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.quantize.split(",") if f.strip()]
     unknown = sorted(set(formats) - {"none", "fp8", "int8", "int4"})
     if unknown or not formats:
-        raise ValueError(f"--quantize takes none, fp8, int8 and int4, comma-separated; got {args.quantize!r}")
+        raise UserError(f"--quantize takes none, fp8, int8 and int4, comma-separated; got {args.quantize!r}")
     result["check"] = check_correctness(log)
     save()
     result["formats"] = {}
@@ -607,7 +609,7 @@ def markdown_table(r: dict) -> str:
     scale = 27 / r["layers"]
     lines = [f"{r['device']}, torch {r['torch']}, triton {r.get('triton', '?')}, {r['date']}; slice of "
              f"{r['layers']} layers ({' '.join(k.upper() for k in r['layer_kinds'])}) at the 48B shapes, random "
-             f"{'fp8 (ours; the baseline bf16)' if r.get('quantize') else 'bf16'} weights; copy bandwidth "
+             f"{r['quantize'] + ' (ours; the baseline bf16)' if r.get('quantize') else 'bf16'} weights; copy bandwidth "
              f"{bw / 1e12:.2f} TB/s.", "",
              "| measure | kimi-desk | transformers + fla | ratio |", "|---|---|---|---|"]
     ours, base = r["ours"], r.get("transformers", {})

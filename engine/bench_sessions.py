@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kimi_desk.engine.errors import UserError
+
 WORDS = ("alpha beta gamma delta epsilon kernel state token layer cache decay gate value query key chunk "
          "matrix vector snapshot session reader parser config module function return import class").split()
 
@@ -76,7 +78,11 @@ def run_session_benchmark(restore_tokens: int, memory_tokens: list[int], log=pri
     import torch
 
     from kimi_desk.engine.bench import _machine
-    from kimi_desk.engine.random_checkpoint import bench_config, write_random_checkpoint, write_small_tokenizer
+    from kimi_desk.engine.random_checkpoint import (
+        bench_config,
+        write_random_checkpoint,
+        write_small_tokenizer,
+    )
     from kimi_desk.engine.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="kimi-desk-bench-") as tmp:
@@ -134,9 +140,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         memory_tokens = [int(t) for t in args.memory_tokens.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"--memory-tokens must be comma-separated integers, got {args.memory_tokens!r}") from None
+        raise UserError(f"--memory-tokens must be comma-separated integers, got {args.memory_tokens!r}") from None
     if args.restore_tokens <= 0 or any(t <= 0 for t in memory_tokens):
-        raise ValueError("document lengths must be positive")
+        raise UserError("document lengths must be positive")
     result = run_session_benchmark(args.restore_tokens, memory_tokens,
                                    log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kimi_desk.engine.errors import UserError
+
 if TYPE_CHECKING:
     from kimi_desk.engine.config import KimiLinearConfig
     from kimi_desk.engine.tokenizer import Tokenizer
@@ -52,7 +54,7 @@ DOCUMENT_QUESTION_SEPARATOR = "\n\n"
 Message = Mapping[str, str]
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(UserError):
     """A message list the chat format cannot render, or a tokenizer without the chat markers."""
 
 

@@ -1,5 +1,8 @@
-"""Errors the engine raises for bad input or an unusable disk. Each message is one line that names the
-file, field or tensor and says what is wrong; the command line prints it as it is."""
+"""The errors a user can cause: bad input, a model that does not fit, an unusable disk. Each derives
+from UserError and carries one line that names the file, field or tensor and says what is wrong; the
+command line prints it as it is (exit 2) and the app shows it with advice. Any other exception is a bug
+and is reported as one. This module imports nothing heavy, so the app can tell errors apart by type
+before torch is loaded."""
 
 from __future__ import annotations
 
@@ -9,15 +12,34 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user can fix (their input, their machine); the message is one line."""
+
+
+class ConfigError(UserError):
     """A config.json that cannot describe a Kimi Linear model."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded."""
 
 
-class StorageError(ValueError):
+class IngestError(UserError):
+    """Nothing could be read from what the user opened; the message is one line, ready to show.
+
+    `skipped` carries the per-file reasons when a whole folder came to nothing, so the UI can say why.
+    """
+
+    def __init__(self, message: str, skipped: tuple = ()) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+
+
+class SessionError(UserError):
+    """A session that cannot be read, found or used; one line, says what to do."""
+
+
+class StorageError(UserError):
     """A file kimi-desk must write cannot be written: disk full, read-only, no permission. Whatever was
     there before is left as it was (every write goes to a temporary file renamed into place)."""
 

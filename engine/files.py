@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kimi_desk.engine.errors import CheckpointError
+from kimi_desk.engine.errors import CheckpointError, UserError
 
 # A checkpoint's index lists every tensor once: about 20k lines (1.5 MB) for the 48B model, ten times
 # that for the largest open models.
 INDEX_MAX_BYTES = 64 << 20
 
 
-class BadJSON(ValueError):
+class BadJSON(UserError):
     """A file that is not JSON read_json accepts; the message is the reason only (the caller names the file)."""
 
 

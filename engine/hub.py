@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Callable
 
 from kimi_desk.engine.config import KimiLinearConfig
-from kimi_desk.engine.errors import CheckpointError, ConfigError
+from kimi_desk.engine.errors import CheckpointError, ConfigError, UserError
 from kimi_desk.engine.files import first_line, index_shards
 from kimi_desk.engine.memory import format_bytes
 
 
-class HubError(ValueError):
+class HubError(UserError):
     """The hub cannot give us the checkpoint (unreachable, unknown repo, gated, offline, ...). One line."""
 
 
@@ -155,8 +155,13 @@ def _hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | 
     files"), for a hub that stops answering."""
     import httpx2
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError,
-        RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     hub = _endpoint(endpoint)

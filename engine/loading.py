@@ -15,13 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kimi_desk.assets import ASSETS_DIR
+from kimi_desk.engine.errors import UserError
 
 DEMO_MODEL = ASSETS_DIR / "model"
 NO_MODEL_MESSAGE = "no model: pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json)"
 QUANTIZE_CHOICES = ("auto", "none", "fp8", "int8", "int4")
 
 
-class ModelChoiceError(ValueError):
+class ModelChoiceError(UserError):
     """No model could be found where the user pointed, or none at all; the message says what to pass."""
 
 

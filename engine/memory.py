@@ -17,9 +17,10 @@ import os
 from pathlib import Path
 
 from kimi_desk.engine.config import KimiLinearConfig
+from kimi_desk.engine.errors import UserError
 
 
-class MemoryCheckError(ValueError):
+class MemoryCheckError(UserError):
     """The model would not fit in the memory of the device it is about to be loaded on. One line."""
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kimi_desk.engine.errors import ConfigError
 from kimi_desk.kernels.quant import (
     FP8,
     int4_group_size,
@@ -34,7 +35,12 @@ from kimi_desk.kernels.quant import (
     quantize_int8_rows,
     row_scaled_linear,
 )
-from kimi_desk.kernels.quant.cpu import CpuInt4Weight, cpu_int4_fits, int4_linear_cpu, pack_int4_for_cpu
+from kimi_desk.kernels.quant.cpu import (
+    CpuInt4Weight,
+    cpu_int4_fits,
+    int4_linear_cpu,
+    pack_int4_for_cpu,
+)
 from kimi_desk.kernels.quant.naive import dequantize_rows
 
 METHODS = ("fp8", "int8", "int4")
@@ -107,7 +113,8 @@ class Int4Linear(nn.Module):
         super().__init__()
         group = int4_group_size(in_features)
         if group is None:
-            raise ValueError(f"int4 needs an input width that is a multiple of 32, got {in_features}")
+            raise ConfigError(f"int4 needs input widths that are multiples of 32, this model has {in_features}; "
+                              "use --quantize int8")
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
                                    requires_grad=False)
@@ -175,7 +182,8 @@ def quantize_structure(model: nn.Module, method: str) -> None:
         if fmt == "int4":
             group = int4_group_size(D)
             if group is None:
-                raise ValueError(f"{name}: int4 needs an input width that is a multiple of 32, got {D}")
+                raise ConfigError(f"int4 needs input widths that are multiples of 32, this model has {D} ({name}); "
+                                  "use --quantize int8")
             codes = torch.empty(*lead, D // 2, dtype=torch.uint8, device=param.device)
             owner.register_buffer(f"{attr}_scale", torch.ones(*lead, D // group, dtype=torch.bfloat16, device=param.device))
             owner.register_buffer(f"{attr}_zero", torch.zeros(*lead, D // group, dtype=torch.bfloat16, device=param.device))

@@ -21,8 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kimi_desk.engine import chat
+from kimi_desk.engine.errors import SessionError
 from kimi_desk.engine.file_lock import file_lock
-from kimi_desk.engine.snapshot import Identity, SnapshotError, SnapshotStore, read_checked_json, write_checked_json
+from kimi_desk.engine.snapshot import (
+    Identity,
+    SnapshotError,
+    SnapshotStore,
+    read_checked_json,
+    write_checked_json,
+)
 
 SESSION_FORMAT = 1
 SESSION_FILE = "session.json"
@@ -39,10 +46,6 @@ MAX_SHORT_TEXT = 1 << 16  # names, paths, labels, fingerprints (characters)
 MAX_LONG_TEXT = 1 << 22  # a question, an answer, the system prompt (characters)
 MAX_ANSWER_TOKENS = 1 << 20
 FINISH_REASONS = ("stop", "length", "cancelled")
-
-
-class SessionError(ValueError):
-    """A session that cannot be read, found or used; one line, says what to do."""
 
 
 def is_session_id(text: object) -> bool:

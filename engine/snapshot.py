@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from kimi_desk.engine.atomic import atomic_write
+from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.files import BadJSON, brief, first_line, is_count, read_json, some
 from kimi_desk.engine.state import KDAState, MLACache, ModelState
 
@@ -37,7 +38,7 @@ MANIFEST = "manifest.json"
 CHECKED_JSON_MAX_BYTES = 64 << 20
 
 
-class SnapshotError(ValueError):
+class SnapshotError(UserError):
     """A snapshot that cannot be used: damaged, truncated, or from another model or tokenizer."""
 
 
@@ -333,8 +334,8 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         end = segment["end"]
     positions = [c["position"] for c in checkpoints]
     need(positions == sorted(set(positions)), "its checkpoints are not in order")
-    need(not positions or positions[-1] <= end,
-         f"a checkpoint at {brief(positions[-1])} is past the cache's {brief(end)} tokens")
+    if positions:
+        need(positions[-1] <= end, f"a checkpoint at {brief(positions[-1])} is past the cache's {brief(end)} tokens")
 
 
 def _check_shape(file: str, got: torch.Tensor, want: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ slice gives exactly the ids of encoding the text whole.
 
 from __future__ import annotations
 
+from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.ingest.render import display_path
 from kimi_desk.engine.tokenizer import OFFICIAL_MAX_ENCODE_CHARS
 
@@ -22,7 +23,7 @@ from kimi_desk.engine.tokenizer import OFFICIAL_MAX_ENCODE_CHARS
 SLICE_CHARS = OFFICIAL_MAX_ENCODE_CHARS
 
 
-class DocumentTooLong(ValueError):
+class DocumentTooLong(UserError):
     """The document has more tokens than the model reads before a question; the message is one line."""
 
 

@@ -35,10 +35,11 @@ from pathlib import Path
 from tokenizers import Tokenizer as _BackendTokenizer
 
 from kimi_desk.engine.atomic import atomic_write
+from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.files import BadJSON, first_line, read_json
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file that cannot be read or converted; the message names the file."""
 
 
@@ -162,7 +163,7 @@ def check_ranks(ranks: dict[bytes, int], source: str = "ranks") -> None:
 def train_ranks(texts: Iterable[str], vocab_size: int, pattern: str = KIMI_SPLIT_PATTERN) -> dict[bytes, int]:
     """A small byte-level BPE vocabulary trained on `texts`, as tiktoken ranks (the order of the
     merges). For tests and tiny models; the real vocabulary comes with the checkpoint."""
-    from tokenizers import models, pre_tokenizers, trainers, Regex
+    from tokenizers import Regex, models, pre_tokenizers, trainers
 
     trainee = _BackendTokenizer(models.BPE())
     trainee.pre_tokenizer = pre_tokenizers.Sequence([

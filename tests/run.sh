@@ -19,4 +19,6 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e '.[dev]'
 export TRITON_INTERPRET=1
-exec python -m pytest -q "$@"
+# `pytest`, not `python -m pytest`: the latter puts this folder first on sys.path, where the top-level
+# `kernels/` folder would hide the `kernels` package that transformers (a test oracle) imports.
+exec pytest -q "$@"

@@ -10,16 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-
-class IngestError(ValueError):
-    """Nothing could be read from what the user opened; the message is one line, ready to show.
-
-    `skipped` carries the per-file reasons when a whole folder came to nothing, so the UI can say why.
-    """
-
-    def __init__(self, message: str, skipped: tuple[SkippedFile, ...] = ()) -> None:
-        super().__init__(message)
-        self.skipped = skipped
+from kimi_desk.engine.errors import IngestError  # noqa: F401 - the ingestion's error, defined with the others
 
 
 class SourceKind(str, Enum):

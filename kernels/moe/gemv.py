@@ -19,9 +19,10 @@ shapes, so a CUDA graph can replay it with any choice of experts.
 
 fp8 or int8 weights (scales given, format in kernels/quant): each row's fp32 dot times its scale, s1 and
 s3 on gate and up before SiLU(gate) * up, s2 on the down rows; the weights are read as one byte each,
-half the bytes of bf16. int4 weights (a scale and a midpoint per group): the tiles' bytes are unpacked
-and dequantized in registers, the low nibbles against the even inputs and the high ones against the
-odd. SCALED and INT4 are constexprs, so the kernels without them compile as before.
+half the bytes of bf16. int4 weights (a scale and a midpoint per group): a tile lies inside one group,
+its codes are unpacked in registers and multiplied by x as they are, and the group's scale and
+midpoint are applied to the tile's sums (kernels/quant/int4_tiles.py). SCALED and INT4 are constexprs,
+so the kernels without them compile as before.
 
 Precision: products and accumulations in fp32 on the weights' values, so the bf16 path is slightly more
 accurate than PyTorch's (which rounds gate, up and h to bf16, and dequantizes fp8 weights to bf16);
@@ -36,19 +37,20 @@ import triton.language as tl
 
 from kimi_desk.kernels import pdl_launch, zeroed_counters
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
+from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_code_halves
 
 
 @triton.jit
-def _int4_row_dots(p_codes, p_scale, p_zero, mask, b_even, b_odd):
-    """Row sums of an int4 tile against a vector: the tile's bytes at p_codes ([rows, inputs / 2]), each
-    low nibble times an even input and each high nibble times the next odd one, dequantized as
-    (q - 8) s + z with the group scales and midpoints at p_scale, p_zero."""
-    b_p = tl.load(p_codes, mask=mask, other=0)
-    b_s = tl.load(p_scale, mask=mask, other=0.0).to(tl.float32)
-    b_z = tl.load(p_zero, mask=mask, other=0.0).to(tl.float32)
-    b_lo = ((b_p & 15).to(tl.float32) - 8.0) * b_s + b_z
-    b_hi = ((b_p >> 4).to(tl.float32) - 8.0) * b_s + b_z
-    return tl.sum(b_lo * b_even[None, :] + b_hi * b_odd[None, :], 1)
+def _int4_row_dots(p_codes, p_scale, p_zero, m_rows, m_bytes, b_even, b_odd):
+    """Row sums of an int4 tile against a vector of inputs inside one group, given as its even and odd
+    inputs: the tile's bytes at p_codes ([rows, inputs / 2]), its rows' group scales and midpoints at
+    p_scale, p_zero (int4_tiles.py: the codes times x, then the scale and the midpoint times sum(x))."""
+    b_p = tl.load(p_codes, mask=m_rows[:, None] & m_bytes[None, :], other=0)
+    b_s = tl.load(p_scale, mask=m_rows, other=0.0).to(tl.float32)
+    b_z = tl.load(p_zero, mask=m_rows, other=0.0).to(tl.float32)
+    b_lo, b_hi = int4_code_halves(b_p)
+    b_dot = tl.sum(b_lo.to(tl.float32) * b_even[None, :] + b_hi.to(tl.float32) * b_odd[None, :], 1)
+    return b_s * b_dot + (b_z - CODE_OFFSET * b_s) * (tl.sum(b_even, 0) + tl.sum(b_odd, 0))
 
 
 @triton.jit
@@ -88,15 +90,14 @@ def moe_gate_up_fwd_kernel(
     b_up = tl.zeros([BI], dtype=tl.float32)
     for d0 in range(0, D, BD):
         if INT4:
-            # Bytes of two inputs: low nibble even, high nibble odd, each dequantized in registers.
+            # BD inputs in one group, BD / 2 bytes a row (int4_tiles.py).
             o_b = d0 // 2 + tl.arange(0, BD // 2)
             m_b = o_b < D // 2
-            m_w = m_i[:, None] & m_b[None, :]
             b_even = tl.load(x + i_n * D + 2 * o_b, mask=m_b, other=0.0).to(tl.float32)
             b_odd = tl.load(x + i_n * D + 2 * o_b + 1, mask=m_b, other=0.0).to(tl.float32)
-            p_g = (i_e * I + o_i.to(tl.int64))[:, None] * (D // GROUP) + (2 * o_b // GROUP)[None, :]
-            b_gate += _int4_row_dots(p_w1 + o_b[None, :], s1 + p_g, z1 + p_g, m_w, b_even, b_odd)
-            b_up += _int4_row_dots(p_w3 + o_b[None, :], s3 + p_g, z3 + p_g, m_w, b_even, b_odd)
+            p_g = (i_e * I + o_i.to(tl.int64)) * (D // GROUP) + d0 // GROUP
+            b_gate += _int4_row_dots(p_w1 + o_b[None, :], s1 + p_g, z1 + p_g, m_i, m_b, b_even, b_odd)
+            b_up += _int4_row_dots(p_w3 + o_b[None, :], s3 + p_g, z3 + p_g, m_i, m_b, b_even, b_odd)
         else:
             o_d = d0 + tl.arange(0, BD)
             m_d = o_d < D
@@ -151,9 +152,8 @@ def moe_down_fwd_kernel(
             m_b = o_b < I // 2
             b_even = tl.load(p_h + 2 * o_b, mask=m_b, other=0.0)
             b_odd = tl.load(p_h + 2 * o_b + 1, mask=m_b, other=0.0)
-            p_g = (i_e * D + o_d.to(tl.int64))[:, None] * (I // GROUP) + (2 * o_b // GROUP)[None, :]
-            m_w = m_d[:, None] & m_b[None, :]
-            b_acc += _int4_row_dots(p_w2 + o_b[None, :], s2 + p_g, z2 + p_g, m_w, b_even, b_odd)
+            p_g = (i_e * D + o_d.to(tl.int64)) * (I // GROUP) + i0 // GROUP
+            b_acc += _int4_row_dots(p_w2 + o_b[None, :], s2 + p_g, z2 + p_g, m_d, m_b, b_even, b_odd)
         else:
             o_i = i0 + tl.arange(0, BI)
             m_i = o_i < I
@@ -185,6 +185,11 @@ def moe_down_fwd_kernel(
 # and three other down shapes were no faster.
 GATE_UP_CONFIG = dict(block_i=16, block_d=256, num_warps=8)
 DOWN_CONFIG = dict(block_d=32, block_i=256, num_warps=4)
+# int4 (tiles of one group, 128 inputs at the 48B shapes), measured on an H200 (2026-12-03,
+# packaging/gpu_checks/quant_kernels.py, one token in a CUDA graph): 67.3 us with the settings above,
+# 60.4 with 4 warps for gate/up, 56.7 with 64-row down blocks (fp8: 33.2 us).
+INT4_GATE_UP_CONFIG = {**GATE_UP_CONFIG, "num_warps": 4}
+INT4_DOWN_CONFIG = {**DOWN_CONFIG, "block_d": 64}
 
 
 def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torch.float32):
@@ -214,19 +219,24 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
     partial = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
     out = torch.empty(N, D, dtype=out_dtype, device=x.device)
 
-    BI = min(GATE_UP_CONFIG["block_i"], triton.next_power_of_2(I))
-    BD = min(GATE_UP_CONFIG["block_d"], triton.next_power_of_2(D))
+    gate_up_config, down_config = (INT4_GATE_UP_CONFIG, INT4_DOWN_CONFIG) if int4 else (GATE_UP_CONFIG, DOWN_CONFIG)
+    BI = min(gate_up_config["block_i"], triton.next_power_of_2(I))
+    BD = min(gate_up_config["block_d"], triton.next_power_of_2(D))
+    if int4:  # a tile of inputs lies inside one group
+        BD = int4_block(BD, D // s1.shape[-1])
     moe_gate_up_fwd_kernel[(N * k, triton.cdiv(I, BI))](
         x, ids, w1, w3, s1, s3, z1, z3, h, k, w1.stride(0), D=D, I=I, BI=BI, BD=BD,
         SCALED=scales is not None and not int4, INT4=int4, GROUP=D // s1.shape[-1] if int4 else 1,
-        num_warps=GATE_UP_CONFIG["num_warps"], **pdl_launch(x),
+        num_warps=gate_up_config["num_warps"], **pdl_launch(x),
     )
-    BD = min(DOWN_CONFIG["block_d"], triton.next_power_of_2(D))
-    BI = min(DOWN_CONFIG["block_i"], triton.next_power_of_2(I))
+    BD = min(down_config["block_d"], triton.next_power_of_2(D))
+    BI = min(down_config["block_i"], triton.next_power_of_2(I))
+    if int4:
+        BI = int4_block(BI, I // s2.shape[-1])
     counters = zeroed_counters(x.device, N * triton.cdiv(D, BD))
     moe_down_fwd_kernel[(N * k, triton.cdiv(D, BD))](
         h, ids, weights, w2, s2, z2, partial, out, counters, k, w2.stride(0), D=D, I=I, BD=BD, BI=BI,
         SCALED=scales is not None and not int4, INT4=int4, GROUP=I // s2.shape[-1] if int4 else 1,
-        num_warps=DOWN_CONFIG["num_warps"], **pdl_launch(x),
+        num_warps=down_config["num_warps"], **pdl_launch(x),
     )
     return out

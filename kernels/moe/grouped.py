@@ -39,10 +39,11 @@ y 576 MiB (fp32) per call.
 fp8 or int8 weights (scales given, format in kernels/quant): tiles are loaded as one byte a weight (half
 the bytes of bf16) and converted in registers to the dots' operand dtype, exactly (e4m3 and int8 values
 are exact in bf16 and fp16); each output row's fp32 sum is multiplied by its scale, s1 and s3 before
-SiLU(gate) * up, s2 on the down rows. int4 weights (a bf16 scale and midpoint per group of inputs):
-tiles of bytes are unpacked and dequantized in registers, rounded to the operand dtype as the PyTorch
-path rounds them, and each tile is two dots, the low nibbles against x's even inputs and the high ones
-against its odd inputs (a quarter of bf16's bytes). SCALED and INT4 are constexprs, so the kernels
+SiLU(gate) * up, s2 on the down rows. int4 weights (a bf16 scale and midpoint per group of inputs): a
+tile of inputs lies inside one group, its bytes are unpacked in registers into codes (exact in the
+operand dtype), multiplied by x as they are, and the group's scale and midpoint are applied to the
+tile's product and x's row sums (kernels/quant/int4_tiles.py): a quarter of bf16's bytes, and a
+dequantized weight never formed. SCALED and INT4 are constexprs, so the kernels
 without them carry no trace of them.
 
 Precision: dots with operands in x's dtype (fp8 weights widened to it) and fp32 accumulation; h is
@@ -60,6 +61,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_codes
 
 
 @triton.jit
@@ -87,29 +90,18 @@ def _row_block_pairs(i_b, i_e, order, block_start, pair_start, counts, BM: tl.co
 
 
 @triton.jit
-def _even_odd_inputs(p_rows, o_b, m_rows, m_b, OP_DT: tl.constexpr):
-    """The even and odd inputs [rows, BK / 2] of a row tile at p_rows, for the int4 tiles' two dots."""
-    mask = m_rows[:, None] & m_b[None, :]
-    b_even = tl.load(p_rows + 2 * o_b[None, :], mask=mask, other=0.0).to(OP_DT)
-    b_odd = tl.load(p_rows + 2 * o_b[None, :] + 1, mask=mask, other=0.0).to(OP_DT)
-    return b_even, b_odd
-
-
-@triton.jit
-def _int4_tile_dots(b_even, b_odd, p_codes, p_scale, p_zero, m_rows, m_cols, b_acc, OP_DT: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """b_acc + x @ W for an int4 W tile: its bytes at p_codes ([inputs / 2, columns]), the low nibbles
-    the even inputs' rows and the high nibbles the odd ones', dequantized in registers as (q - 8) s + z
-    with the group scales and midpoints at p_scale, p_zero, rounded to the dots' operand dtype (as the
-    PyTorch path rounds the dequantized weight to x's dtype); b_even, b_odd are x's even and odd inputs."""
-    mask = m_rows[:, None] & m_cols[None, :]
-    b_p = tl.load(p_codes, mask=mask, other=0)
-    b_s = tl.load(p_scale, mask=mask, other=0.0).to(tl.float32)
-    b_z = tl.load(p_zero, mask=mask, other=0.0).to(tl.float32)
-    b_lo = (((b_p & 15).to(tl.float32) - 8.0) * b_s + b_z).to(OP_DT)
-    b_hi = (((b_p >> 4).to(tl.float32) - 8.0) * b_s + b_z).to(OP_DT)
-    b_acc = tl.dot(b_even, b_lo, b_acc, input_precision=DOT_PRECISION)
-    return tl.dot(b_odd, b_hi, b_acc, input_precision=DOT_PRECISION)
+def _int4_tile_product(b_x, p_codes, p_scale, p_zero, m_bytes, m_cols, BK: tl.constexpr, BN: tl.constexpr,
+                       OP_DT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x [BM, BK] @ W [BK, BN] for an int4 W tile inside one group of inputs: its bytes at p_codes
+    ([BK / 2, BN], inputs along the rows), the columns' group scales and midpoints at p_scale, p_zero
+    [BN]. The codes' product with x, then the scale and the midpoint times x's row sums (int4_tiles.py)."""
+    b_p = tl.load(p_codes, mask=m_bytes[:, None] & m_cols[None, :], other=0)
+    b_s = tl.load(p_scale, mask=m_cols, other=0.0).to(tl.float32)
+    b_z = tl.load(p_zero, mask=m_cols, other=0.0).to(tl.float32)
+    b_c = int4_codes(b_p, BK, BN, True).to(OP_DT)
+    b_dot = tl.dot(b_x, b_c, input_precision=DOT_PRECISION)
+    b_sums = tl.sum(b_x.to(tl.float32), 1)
+    return b_dot * b_s[None, :] + b_sums[:, None] * (b_z - CODE_OFFSET * b_s)[None, :]
 
 
 @triton.jit
@@ -161,14 +153,15 @@ def moe_grouped_gate_up_fwd_kernel(
     b_up = tl.zeros([BM, BN], dtype=tl.float32)
     for d0 in range(0, D, BK):
         if INT4:
+            # BK inputs inside one group, BK / 2 bytes of each of the tile's columns (int4_tiles.py).
+            o_k = d0 + tl.arange(0, BK)
             o_b = d0 // 2 + tl.arange(0, BK // 2)
-            m_b = o_b < D // 2
-            b_even, b_odd = _even_odd_inputs(p_x, o_b, m_r, m_b, OP_DT)
-            p_g = (i_e * I + o_c)[None, :] * (D // GROUP) + (2 * o_b // GROUP)[:, None]
-            b_gate = _int4_tile_dots(b_even, b_odd, p_w1 + o_b[:, None], s1 + p_g, z1 + p_g, m_b, m_c, b_gate,
-                                     OP_DT, DOT_PRECISION)
-            b_up = _int4_tile_dots(b_even, b_odd, p_w3 + o_b[:, None], s3 + p_g, z3 + p_g, m_b, m_c, b_up,
-                                   OP_DT, DOT_PRECISION)
+            b_x = _load_tile(p_x + o_k[None, :], m_r, o_k < D, True, D % BK != 0).to(OP_DT)
+            p_g = (i_e * I + o_c) * (D // GROUP) + d0 // GROUP
+            b_gate += _int4_tile_product(b_x, p_w1 + o_b[:, None], s1 + p_g, z1 + p_g, o_b < D // 2, m_c, BK, BN,
+                                         OP_DT, DOT_PRECISION)
+            b_up += _int4_tile_product(b_x, p_w3 + o_b[:, None], s3 + p_g, z3 + p_g, o_b < D // 2, m_c, BK, BN,
+                                       OP_DT, DOT_PRECISION)
         else:
             o_k = d0 + tl.arange(0, BK)
             m_k = o_k < D
@@ -226,12 +219,12 @@ def moe_grouped_down_fwd_kernel(
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
     for i0 in range(0, I, BK):
         if INT4:
+            o_k = i0 + tl.arange(0, BK)
             o_b = i0 // 2 + tl.arange(0, BK // 2)
-            m_b = o_b < I // 2
-            b_even, b_odd = _even_odd_inputs(p_h, o_b, m_r, m_b, OP_DT)
-            p_g = (i_e * D + o_c)[None, :] * (I // GROUP) + (2 * o_b // GROUP)[:, None]
-            b_acc = _int4_tile_dots(b_even, b_odd, p_w2 + o_b[:, None], s2 + p_g, z2 + p_g, m_b, m_c, b_acc,
-                                    OP_DT, DOT_PRECISION)
+            b_h = _load_tile(p_h + o_k[None, :], m_r, o_k < I, True, I % BK != 0).to(OP_DT)
+            p_g = (i_e * D + o_c) * (I // GROUP) + i0 // GROUP
+            b_acc += _int4_tile_product(b_h, p_w2 + o_b[:, None], s2 + p_g, z2 + p_g, o_b < I // 2, m_c, BK, BN,
+                                        OP_DT, DOT_PRECISION)
         else:
             o_k = i0 + tl.arange(0, BK)
             m_k = o_k < I
@@ -287,6 +280,10 @@ DEFAULT_CONFIG = dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stag
 # fp32 x: "ieee" dots run on the CUDA cores from registers and fp32 tiles take twice the shared memory,
 # so small blocks (tests and checks only; the model runs bf16 on a GPU). 4 warps spill with fp8 weights.
 FP32_CONFIG = dict(block_m=32, block_n=64, block_k=32, num_warps=8, num_stages=2)
+# int4 weights: the unpacked codes take registers; at 4 warps Triton 3.6 spills 800 bytes a program
+# (packaging/gpu_checks/compile_sm90.py), at 8 none. On an H200 (2026-12-03, gpu_checks/quant_kernels.py,
+# 8192 tokens): 8.95 ms at block_k 64, 7.30 at 128 (fp8 3.52): unpacking bounds it.
+INT4_CONFIG = {**DEFAULT_CONFIG, "num_warps": 8, "block_k": 128}
 
 
 def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, config=None):
@@ -316,7 +313,7 @@ def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, conf
         assert s1.shape == s3.shape == (E, I) and s2.shape == (E, D)
         assert w1.dtype == w2.dtype == w3.dtype and w1.dtype in (torch.float8_e4m3fn, torch.int8), \
             "scales go with fp8 or int8 weights"
-    cfg = {**(FP32_CONFIG if x.dtype == torch.float32 else DEFAULT_CONFIG), **(config or {})}
+    cfg = {**(FP32_CONFIG if x.dtype == torch.float32 else INT4_CONFIG if int4 else DEFAULT_CONFIG), **(config or {})}
     BM = cfg["block_m"]
     assert BM >= 16 and BM & (BM - 1) == 0, "block_m: a power of two, at least 16 (tl.dot's smallest side)"
     if N == 0:
@@ -327,23 +324,23 @@ def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, conf
     h = torch.empty(N * k, I, dtype=x.dtype, device=x.device)
     y = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
 
-    # Tiles no wider than the (padded) matrix, and at least 16: tl.dot's smallest side (32 inputs for
-    # int4, whose dots take half a tile's inputs each).
-    def tile(setting, width):
-        smallest = 32 if int4 and setting == "block_k" else 16
-        return max(smallest, min(cfg[setting], max(16, triton.next_power_of_2(width))))
+    # Tiles no wider than the (padded) matrix, and at least 16: tl.dot's smallest side; int4 tiles of
+    # inputs inside one group.
+    def tile(setting, width, group=None):
+        size = min(cfg[setting], max(16, triton.next_power_of_2(width)))
+        return int4_block(size, group) if int4 and group else size
 
     common = dict(SCALED=scales is not None and not int4, INT4=int4, OP_DT=_operand_dtype(x.dtype),
                   DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     route = (routing["order"], routing["block_expert"], routing["block_start"], routing["pair_start"],
              routing["counts"])
-    BN, BK = tile("block_n", I), tile("block_k", D)
+    BN, BK = tile("block_n", I), tile("block_k", D, D // s1.shape[-1] if int4 else None)
     moe_grouped_gate_up_fwd_kernel[(num_blocks * triton.cdiv(I, BN),)](
         x, w1, w3, s1, s3, z1, z3, h, *route, k, E, D=D, I=I, BM=BM, BN=BN, BK=BK,
         GROUP=D // s1.shape[-1] if int4 else 1, **common,
     )
-    BN, BK = tile("block_n", D), tile("block_k", I)
+    BN, BK = tile("block_n", D), tile("block_k", I, I // s2.shape[-1] if int4 else None)
     moe_grouped_down_fwd_kernel[(num_blocks * triton.cdiv(D, BN),)](
         h, w2, s2, z2, weights, y, *route, E, D=D, I=I, BM=BM, BN=BN, BK=BK,
         GROUP=I // s2.shape[-1] if int4 else 1, **common,

@@ -66,7 +66,7 @@ def fp8_gemv():
     for O, D, bo, bd, warps, splits in [(4096, 2304, 64, 128, 4, 1), (4096, 2304, 64, 128, 4, 4),
                                         (2304, 2304, 16, 128, 4, 4), (163840, 2304, 64, 128, 4, 1)]:
         const = dict(D=D, O=O, CHUNK=bd * 2, SPLITS=splits, BN=16, BO=bo, BD=bd, PRECISION="tf32", PDL=True, SCALED=True,
-                     INT4=False, GROUP=1)
+                     INT4=False, GROUP=1, SPLIT_HALVES=False)
         result = compile_sm90(row_scaled_gemv_fwd_kernel,
                               dict(x="*bf16", q="*fp8e4nv", scale="*fp32", zero="*fp32", out="*fp32", y="*bf16",
                                    counter="*i32"),

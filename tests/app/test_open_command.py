@@ -33,7 +33,6 @@ def test_bad_device_is_one_line(capsys):
 
 FIRST_PAINT = textwrap.dedent(
     """
-    import time; started = time.perf_counter()
     import asyncio, sys
     from kimi_desk.app.screens import SessionsScreen
     from kimi_desk.app.tui import create_app
@@ -42,7 +41,7 @@ FIRST_PAINT = textwrap.dedent(
     mount = SessionsScreen.on_mount
     def on_mount(self):
         mount(self)
-        self.call_after_refresh(lambda: painted.append((time.perf_counter() - started, "torch" in sys.modules)))
+        self.call_after_refresh(lambda: painted.append(("torch" in sys.modules, "triton" in sys.modules)))
     SessionsScreen.on_mount = on_mount
 
     async def main():
@@ -56,10 +55,11 @@ FIRST_PAINT = textwrap.dedent(
 )
 
 
-def test_first_screen_paints_within_a_second_before_torch_loads(tmp_path):
+def test_the_first_screen_paints_before_torch_is_imported(tmp_path):
+    """What keeps the first paint instant (importing torch takes seconds): nothing the first screen
+    needs imports torch or triton; the engine loads them in a worker after the paint. Asserted directly,
+    not timed, so a busy machine cannot fail it."""
     env = {"KIMI_DESK_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", FIRST_PAINT, str(tmp_path / "no-model")], capture_output=True,
                          text=True, env=env, check=True).stdout.split()
-    seconds, torch_loaded = float(out[0]), out[1] == "True"
-    assert seconds < 1.0, f"first paint after {seconds:.2f} s"
-    assert not torch_loaded
+    assert out == ["False", "False"], f"torch, triton imported before the first paint: {out}"

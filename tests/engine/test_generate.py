@@ -128,8 +128,10 @@ def test_sampling_follows_the_distribution():
 
 
 def test_sampling_parameters_are_checked():
+    from kimi_desk.engine.errors import UserError
+
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(repetition_penalty=0)):
-        with pytest.raises(ValueError):
+        with pytest.raises(UserError):
             Sampling(**bad)
 
 

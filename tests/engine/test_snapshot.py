@@ -266,9 +266,10 @@ def test_tensors_of_the_wrong_shape_are_refused_on_restore(model, tmp_path, kind
         tensors = {f"layers.{layer}.recurrent": torch.tensor(1.0), f"layers.{layer}.conv": torch.tensor(2.0)}
     else:
         entries, tensors, message = "segments", {f"layers.{layer}.latents": torch.zeros(3, 40)}, "latents of shape [3, 40]"
-    file = f"{kind}-forged-99.safetensors"
+    # The file the manifest names, rewritten (a name the store made), so that only the shapes are wrong.
+    file = read_checked_json(manifest)[entries][0]["file"]
     digest = write_tensors(tmp_path / file, tensors, identity(model))
-    rewrite_manifest(manifest, lambda m: m[entries][0].update(file=file, sha256=digest))
+    rewrite_manifest(manifest, lambda m: m[entries][0].update(sha256=digest))
     with pytest.raises(SnapshotError, match=re.escape(file) + ": .*" + re.escape(message)):
         SnapshotStore(tmp_path, identity(model)).restore(40, model.new_state(1))
 
@@ -326,3 +327,11 @@ def test_fuzzed_snapshots_end_in_states_or_one_line(model, tmp_path):
         outcomes[check_case(run, SnapshotError, seed, f"{kind}: {what}")] += 1
         assert tree_state(tmp_path, skip=case) == outside, f"seed {seed} ({kind}: {what}) touched a file outside"
     assert outcomes["ok"] >= 1 and outcomes["refused"] >= 100, outcomes
+
+
+def test_a_store_with_no_checkpoint_yet_reopens(tmp_path):
+    """A reading stopped before its first checkpoint leaves a manifest with empty lists."""
+    identity = Identity("m0", "t0")
+    SnapshotStore(tmp_path / "snap", identity).truncate_after(0)
+    store = SnapshotStore(tmp_path / "snap", identity)
+    assert store.positions == [] and store.files == [] and store.cached_tokens == 0

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kimi_desk.engine.errors import UserError
+
 DEFAULT_PREFILL = "0+2048,2048+8192,32768+2048,131072+2048"
 DEFAULT_DECODE_AT = "1024,32768,214000"
 DEFAULT_QUESTION_AFTER = 214000
@@ -54,7 +56,7 @@ def _pairs(text: str) -> list[tuple[int, int]]:
     for item in text.split(","):
         start, _, tokens = item.strip().partition("+")
         if not start.isdigit() or not tokens.isdigit() or int(tokens) < 1:
-            raise ValueError(f"--prefill takes START+TOKENS items, got {item!r}")
+            raise UserError(f"--prefill takes START+TOKENS items, got {item!r}")
         pairs.append((int(start), int(tokens)))
     return pairs
 
@@ -63,9 +65,9 @@ def _sizes(text: str, option: str) -> list[int]:
     try:
         sizes = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"{option} takes comma-separated token counts, got {text!r}") from None
+        raise UserError(f"{option} takes comma-separated token counts, got {text!r}") from None
     if not sizes or any(s < 0 for s in sizes):
-        raise ValueError(f"{option} needs at least one count, none negative")
+        raise UserError(f"{option} needs at least one count, none negative")
     return sizes
 
 
@@ -330,14 +332,14 @@ def main(args: argparse.Namespace) -> int:
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not formats or any(f not in QUANTIZE_CHOICES for f in formats):
-        raise ValueError(f"--formats takes some of {', '.join(QUANTIZE_CHOICES)}, got {args.formats!r}")
+        raise UserError(f"--formats takes some of {', '.join(QUANTIZE_CHOICES)}, got {args.formats!r}")
     if args.decode_steps < 1 or args.repeats < 1 or args.question_after < 0:
-        raise ValueError("--decode-steps and --repeats must be at least 1, --question-after at least 0")
+        raise UserError("--decode-steps and --repeats must be at least 1, --question-after at least 0")
     if args.transformers:
         try:
             import transformers  # noqa: F401
         except ImportError:
-            raise ValueError("--transformers needs transformers (pip install 'kimi-desk[dev]')") from None
+            raise UserError("--transformers needs transformers (pip install 'kimi-desk[dev]')") from None
     options = dict(prefill=_pairs(args.prefill), decode_at=_sizes(args.decode_at, "--decode-at"),
                    decode_steps=args.decode_steps, question_after=args.question_after, repeats=args.repeats)
     result = run(args.model or DEMO_MODEL, formats, options, args.transformers,
