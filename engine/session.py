@@ -31,6 +31,7 @@ import torch
 
 from kimi_desk.engine import chat
 from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, stream_tokens
+from kimi_desk.engine.cpu_threads import use_idle_cores
 from kimi_desk.engine.errors import writing
 from kimi_desk.engine.file_lock import LockBusy, file_lock
 from kimi_desk.engine.reading_time import ReadingCost, measure_reading_cost
@@ -266,11 +267,18 @@ class Assistant:
         from kimi_desk.engine.tokenizer import load_tokenizer
         from kimi_desk.engine.weights import load_model
 
+        if torch.device(device).type == "cpu":
+            use_idle_cores()
         model = fuse_projections(load_model(model_path, device=device, dtype=dtype, quantize=quantize, notice=notice))
         prepare_for_cpu(model)
         assistant = cls(model, load_tokenizer(model_path), **options)
         assistant.model_source = str(Path(model_path).expanduser().resolve())
         return assistant
+
+    def _take_idle_cores(self) -> None:
+        """On the CPU, compute on the cores other programs leave idle now (engine/cpu_threads.py)."""
+        if self.model.device.type == "cpu":
+            use_idle_cores()
 
     def reading_rate(self, tokens: int = 0, start: int = 0) -> float:
         """Tokens per second of reading on this device: the average over reading `tokens` tokens after
@@ -325,6 +333,7 @@ class Assistant:
         (engine/ingest LimitNotice) say what the loader's limits left out, for the user to be told."""
         from kimi_desk.engine.ingest import LoaderLimits, load_path
 
+        self._take_idle_cores()
         source = str(Path(path).expanduser().resolve())
         document = load_path(source, limits or LoaderLimits())
         segments, units = self.plan(document, system)  # DocumentTooLong past the model's context
@@ -428,6 +437,7 @@ class Assistant:
 
         if type(max_new_tokens) is not int or max_new_tokens < 1:
             raise SessionError(f"the answer's length must be at least 1 token, got {max_new_tokens!r}")
+        self._take_idle_cores()
         prompt = chat.question_ids(self.tokenizer, question)
         state = self.document_state(session).clone()
         room = self.model.config.model_max_length - state.position - len(prompt)
