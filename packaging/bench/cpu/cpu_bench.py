@@ -2,6 +2,7 @@
 
     kimi-desk bench cpu                                        # the embedded demo model; none, int8, int4
     kimi-desk bench cpu --model PATH --formats none --json r.json
+    kimi-desk bench cpu --llama-cpp .bench/llama-cpu           # llama.cpp on the same checkpoint, same run
     python packaging/bench/cpu/cpu_bench.py --help             # the same, from a source checkout
 
 Per format, in a child process of its own (so that its peak resident memory is that format's), the model
@@ -18,7 +19,10 @@ projections, int4 in PyTorch's CPU layout) and measured:
   prefill and the first decode step.
 - memory: resident set after loading, and its peak over the whole run.
 
-With --transformers, transformers' native Kimi Linear (its pure-PyTorch path, float32) reads
+With --llama-cpp DIR (a build of packaging/bench/llama_cpp/build.sh), llama.cpp reads and decodes the
+same checkpoint converted to GGUF, bf16 / Q8_0 / Q4_K_M beside none / int8 / int4, at the same lengths
+and depths (llama.cpp on --threads, default every core, as llama-bench does), each file in its own process, its columns beside ours in the one table
+(llama_cpp_side.py). With --transformers, transformers' native Kimi Linear (its pure-PyTorch path, float32) reads
 2048+8192 and decodes on the same checkpoint, in its own process: the baseline a user would otherwise
 pick. Timings are wall-clock on whatever else the machine runs: the load average is recorded beside them.
 """
@@ -43,6 +47,7 @@ DEFAULT_PREFILL = "0+2048,2048+8192,32768+2048,131072+2048"
 DEFAULT_DECODE_AT = "1024,32768,214000"
 DEFAULT_QUESTION_AFTER = 214000
 QUESTION = "Where is the configuration parsed, and what happens when a key is missing?"
+REPO = Path(__file__).resolve().parents[3]
 # Starts up to this many tokens are read for real; longer ones start from a synthetic state.
 REAL_START_MAX = 8192
 
@@ -170,6 +175,8 @@ def _worker(options: dict) -> dict:
     from kimi_desk.engine.loading import load_assistant
 
     torch.manual_seed(0)
+    if options["threads"]:
+        os.environ["KIMI_DESK_THREADS"] = str(options["threads"])
     started = time.perf_counter()
     assistant = load_assistant(Path(options["model"]), "cpu", options["format"])
     result = dict(format=options["format"], dtype=str(assistant.model.dtype).removeprefix("torch."),
@@ -189,6 +196,8 @@ def _transformers_worker(options: dict) -> dict:
     import torch
     import transformers
 
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
     model = transformers.AutoModelForCausalLM.from_pretrained(options["model"], dtype=torch.float32).eval()
     after_load = _rss_mb()
     ids = torch.randint(0, model.config.vocab_size, (1, 2048 + 8192), generator=torch.Generator().manual_seed(0))
@@ -212,7 +221,7 @@ def _transformers_worker(options: dict) -> dict:
                                                                tok_s=8192 / seconds)],
                 decoding=[dict(cached=2048 + 8192, steps=len(steps), tok_s_best=1 / steps[0],
                                tok_s_median=1 / steps[len(steps) // 2], ms_median=1000 * steps[len(steps) // 2])],
-                rss_after_load_mb=after_load, peak_rss_mb=_rss_mb())
+                rss_after_load_mb=after_load, peak_rss_mb=_rss_mb(), threads=torch.get_num_threads())
 
 
 def _run_worker(kind: str, options: dict) -> dict:
@@ -249,14 +258,33 @@ def _load() -> str:
         return "n/a"
 
 
-def run(model: Path, formats: list[str], options: dict, transformers: bool, log=print) -> dict:
+def _llama_cpp_side():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import llama_cpp_side
+
+    return llama_cpp_side
+
+
+def run(model: Path, formats: list[str], options: dict, transformers: bool, llama_cpp: Path | None = None,
+        gguf_folder: Path | None = None, log=print) -> dict:
     import torch
 
+    from kimi_desk.engine.weights import checkpoint_fingerprint
+
+    ggufs = {}
+    if llama_cpp is not None:
+        side = _llama_cpp_side()
+        ggufs = side.gguf_files(model, checkpoint_fingerprint(model), llama_cpp, gguf_folder, formats, log)
     results, loads = [], [_load()]
     for fmt in formats:
         results.append(_run_worker("engine", dict(options, model=str(model), format=fmt)))
         loads.append(_load())
         log(f"{fmt}: {_summary(results[-1])}")
+        if fmt in ggufs:
+            results.append(_run_worker("llama.cpp", dict(options, llama_cpp=str(llama_cpp.resolve()), gguf=str(ggufs[fmt]),
+                                                         gguf_type=side.GGUF_TYPE[fmt])))
+            loads.append(_load())
+            log(f"llama.cpp {side.GGUF_TYPE[fmt]}: {_summary(results[-1])}")
     if transformers:
         results.append(_run_worker("transformers", dict(options, model=str(model))))
         loads.append(_load())
@@ -275,7 +303,8 @@ def _summary(r: dict) -> str:
 def markdown(result: dict) -> str:
     rows = [r for r in result["results"] if "error" not in r]
     lines = [f"CPU: {result['machine']}, torch {result['torch']}, {result['date']}; model {result['model']}; "
-             f"load average (1, 5, 15 min) before and after each format: {' | '.join(result['load_average'])}.", ""]
+             f"load average (1, 5, 15 min) before and after each column: "
+             f"{' | '.join(result['load_average'])}.", ""]
     lines.append("| measurement | " + " | ".join(f"{r['format']} ({r.get('dtype', 'float32')})" for r in rows) + " |")
     lines.append("|---" * (len(rows) + 1) + "|")
 
@@ -302,9 +331,15 @@ def markdown(result: dict) -> str:
         row("first token: state copy s", lambda r: first_cell(r, "clone_s"))
         row("first token: question prefill + first step s", lambda r: first_cell(r, "prefill_and_first_step_s"))
         row("first token: total s", lambda r: first_cell(r, "total_s"))
+    row("threads", lambda r: str(r.get("threads", "")))
     row("load s", lambda r: f"{r['load_s']:.1f}" if "load_s" in r else "")
-    row("RSS after load MB", lambda r: f"{r['rss_after_load_mb']:.0f}")
+    row("RSS after load MB", lambda r: f"{r['rss_after_load_mb']:.0f}" if "rss_after_load_mb" in r else "")
     row("peak RSS MB", lambda r: f"{r['peak_rss_mb']:.0f}")
+    if any("gguf_mb" in r for r in rows):
+        row("GGUF file MB", lambda r: f"{r['gguf_mb']:.1f}" if "gguf_mb" in r else "")
+    notes = [f"llama.cpp {r['dtype']}: not run (deeper than --llama-max-depth): {', '.join(r['left_out'])}"
+             for r in rows if r.get("left_out")]
+    lines += [""] + notes if notes else []
     failed = [r for r in result["results"] if "error" in r]
     lines += [""] + [f"{r['format']} failed: {r['error']}" for r in failed] if failed else []
     return "\n".join(lines)
@@ -324,10 +359,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="times each reading is timed, the best kept (default: 2)")
     parser.add_argument("--transformers", action="store_true",
                         help="also transformers' native Kimi Linear, pure PyTorch, float32 (needs the dev extra)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for every measured process, ours and llama.cpp's (default: ours choose as `kimi-desk` does, "
+                        "the cores idle at load time; llama.cpp takes every core, as llama-bench does)")
+    parser.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
+                        help="also llama.cpp, from this build (packaging/bench/llama_cpp/build.sh's output), on the same "
+                        "checkpoint as GGUF: bf16, Q8_0, Q4_K_M beside none, int8, int4")
+    parser.add_argument("--gguf-dir", type=Path, default=REPO / ".bench" / "gguf",
+                        help="where the converted GGUF files are kept and reused (default: the checkout's .bench/gguf)")
+    parser.add_argument("--llama-max-depth", type=int, default=32768,
+                        help="llama.cpp prefills a depth for real before every repetition: deeper readings and "
+                        "decodes are left out on its side (default: 32768)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
 
 
 def main(args: argparse.Namespace) -> int:
+    from kimi_desk.engine.cpu_threads import usable_cores
     from kimi_desk.engine.loading import DEMO_MODEL, QUANTIZE_CHOICES
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -335,14 +382,22 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--formats takes some of {', '.join(QUANTIZE_CHOICES)}, got {args.formats!r}")
     if args.decode_steps < 1 or args.repeats < 1 or args.question_after < 0:
         raise UserError("--decode-steps and --repeats must be at least 1, --question-after at least 0")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
+    if args.llama_cpp is not None:
+        missing = _llama_cpp_side().check_build(args.llama_cpp)
+        if missing:
+            raise UserError(missing)
     if args.transformers:
         try:
             import transformers  # noqa: F401
         except ImportError:
             raise UserError("--transformers needs transformers (pip install 'kimi-desk[dev]')") from None
     options = dict(prefill=_pairs(args.prefill), decode_at=_sizes(args.decode_at, "--decode-at"),
-                   decode_steps=args.decode_steps, question_after=args.question_after, repeats=args.repeats)
-    result = run(args.model or DEMO_MODEL, formats, options, args.transformers,
+                   decode_steps=args.decode_steps, question_after=args.question_after, repeats=args.repeats,
+                   threads=args.threads, llama_threads=args.threads or usable_cores(),
+                   llama_max_depth=args.llama_max_depth)
+    result = run(args.model or DEMO_MODEL, formats, options, args.transformers, args.llama_cpp, args.gguf_dir,
                  log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -353,7 +408,9 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, options = sys.argv[2], json.loads(sys.argv[3])
-        print(json.dumps(_worker(options) if kind == "engine" else _transformers_worker(options)))
+        workers = dict(engine=_worker, transformers=_transformers_worker,
+                       **{"llama.cpp": lambda o: _llama_cpp_side().worker(o)})
+        print(json.dumps(workers[kind](options)))
     else:
         parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
         add_arguments(parser)
