@@ -80,6 +80,14 @@ def _by_expert(x, ids, weights, expert):
     """sum_j weights[n, j] * expert(ids[n, j], x[n]) in float32 [N, D], calling `expert(e, rows of x)`
     once per chosen expert with all the tokens that chose it."""
     N, k = ids.shape
+    if N == 1:
+        # One token (decode): its k experts one after another, nothing sorted or scattered; the sort,
+        # the grouping and the scatter cost more than a small expert's products.
+        out = None
+        for j, e in enumerate(ids[0].tolist()):
+            y = expert(e, x).float() * weights[:, j : j + 1]
+            out = y if out is None else out.add_(y)
+        return out
     out = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device)
     flat = ids.reshape(-1)
     order = flat.argsort()
