@@ -6,7 +6,7 @@ import torch
 from moe_cases import make_inputs, reference_f64, rel_err
 
 from kimi_desk.kernels.moe import routed_experts_grouped, routed_experts_int4_cpu
-from kimi_desk.kernels.quant import dequantize_int4_groups, quantize_int4_groups
+from kimi_desk.kernels.quant import dequantize_int4_groups, dequantize_rows, quantize_int4_groups, quantize_int8_rows
 from kimi_desk.kernels.quant.cpu import cpu_int4_fits, pack_int4_for_cpu
 
 # bf16: the products round gate, up and h to bf16.
@@ -46,3 +46,19 @@ def test_int4_on_the_cpu_operator_matches_float64(N):
         packed.append([pack_int4_for_cpu(codes[e], scale[e], zero[e]) for e in range(E)])
     got = routed_experts_int4_cpu(x, ids, weights, list(zip(*packed)))
     assert got.shape == (N, D) and rel_err(got, reference_f64(x, ids, weights, *exact)) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N", [1, 20])
+def test_int8_experts_match_float64(dtype, N):
+    """One token multiplies the int8 codes as they are, 20 tokens dequantize the chosen experts: both
+    the formula on the dequantized weights."""
+    x, ids, weights, w1, w2, w3 = make_inputs(N, 6, 2, 64, 48, dtype, seed=N + 60)
+    codes, scales, exact = [], [], []
+    for w in (w1, w2, w3):
+        q, s = quantize_int8_rows(w.float())
+        codes.append(q)
+        scales.append(s)
+        exact.append(dequantize_rows(q, s, torch.float64))
+    got = routed_experts_grouped(x, ids, weights, *codes, scales=tuple(scales))
+    assert rel_err(got, reference_f64(x, ids, weights, *exact)) < TOLERANCE[dtype]
