@@ -53,13 +53,14 @@ def choose_model(cli_model: str | None, settings_model: str) -> ModelChoice:
     raise ModelNotFound(NO_MODEL_MESSAGE)
 
 
-def load_assistant(model: str, device: str, quantize: str | None = "auto") -> AssistantLike:
+def load_assistant(model: str, device: str, quantize: str | None = "auto", gpu_memory: str | None = None,
+                   cpu_memory: str | None = None) -> AssistantLike:
     """The real engine: the default EngineFactory. The model, device and format are the engine's choice
     (engine/loading.py), as for the command line; a model that cannot fit is a one-line problem, before
     anything is loaded."""
     from kimi_desk.engine.loading import load_assistant as load, resolve_model
 
-    return load(resolve_model(model), device, quantize)
+    return load(resolve_model(model), device, quantize, gpu_memory=gpu_memory, cpu_memory=cpu_memory)
 
 
 def open_store():

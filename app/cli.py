@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pypdf").setLevel(logging.CRITICAL)
     try:
         if argv[:2] == ["bench", "kernels"]:
+            from kimi_desk.engine.bench_model import demo_model_gates
             from kimi_desk.kernels import bench as kernel_bench
 
-            return kernel_bench.main(argv[2:])
+            return kernel_bench.main(argv[2:], demo_gates=demo_model_gates)
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):

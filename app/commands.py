@@ -37,7 +37,8 @@ def load_assistant(args, session=None):
     from kimi_desk.engine.loading import resolve_model
 
     return load(resolve_model(args.model, session), args.device, getattr(args, "quantize", "auto"),
-                notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr))
+                notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr),
+                gpu_memory=getattr(args, "gpu_memory", None), cpu_memory=getattr(args, "cpu_memory", None))
 
 
 def positive_int(text: str) -> int:
@@ -57,6 +58,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the model runs (default: auto, CUDA when present)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
+    from kimi_desk.app.open_command import add_memory_options
+
+    add_memory_options(parser)
 
 
 # -- formatting -------------------------------------------------------------------------------------

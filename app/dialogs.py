@@ -167,6 +167,10 @@ class SettingsScreen(ModalScreen[Settings | None]):
                     yield Select([(d, d) for d in DEVICES], value=s.device, allow_blank=False, id="device")
                     yield Label("Weights")
                     yield Select([(q, q) for q in QUANTIZE], value=s.quantize, allow_blank=False, id="quantize")
+                    yield Label("GPU memory")
+                    yield Input(s.gpu_memory, placeholder="free less a margin", id="gpu_memory")
+                    yield Label("RAM")
+                    yield Input(s.cpu_memory, placeholder="available less a margin", id="cpu_memory")
                     yield Label("Temperature")
                     yield Input(repr(s.temperature), type="number", id="temperature")
                     yield Label("Top-p")
@@ -176,7 +180,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
                     yield Label("Seed")
                     yield Input("" if s.seed is None else str(s.seed), type="integer", placeholder="random",
                                 id="seed")
-            yield Static("Model, device and weights apply the next time kimi-desk starts; sampling, to the next "
+            yield Static("Model, device, weights and memory apply the next time kimi-desk starts; sampling, to the next "
                          "answer.",
                          classes="dialog-text")
             yield Static("", id="settings-error", classes="dialog-error")
@@ -202,6 +206,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
         return self.settings.replace(
             model=self._value("model"), device=str(self.query_one("#device", Select).value),
             quantize=str(self.query_one("#quantize", Select).value),
+            gpu_memory=self._value("gpu_memory"), cpu_memory=self._value("cpu_memory"),
             temperature=number("temperature", float), top_p=number("top_p", float),
             max_new_tokens=number("max_new_tokens", int), seed=number("seed", int) if seed else None)
 

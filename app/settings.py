@@ -40,6 +40,10 @@ class Settings:
     model: str = ""
     device: str = "auto"
     quantize: str = "auto"
+    # Memory budgets (--gpu-memory, --cpu-memory): sizes such as 24GiB or 16GB; empty means what the
+    # card has free and what RAM has available, less a margin (engine/placement.py).
+    gpu_memory: str = ""
+    cpu_memory: str = ""
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 512
@@ -52,6 +56,8 @@ class Settings:
             raise SettingsError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.quantize not in QUANTIZE:
             raise SettingsError(f"quantize must be one of {', '.join(QUANTIZE)}, not {self.quantize!r}")
+        for name in ("gpu_memory", "cpu_memory"):
+            _check_size(name, getattr(self, name))
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise SettingsError(f"temperature must be a number >= 0, not {self.temperature!r}")
         if not 0 < self.top_p <= 1:
@@ -66,7 +72,17 @@ class Settings:
 
 
 # The TOML type each field takes; seed may also be absent (None).
-_FIELD_TYPES = {"model": str, "device": str, "quantize": str, "temperature": float, "top_p": float, "max_new_tokens": int,
+def _check_size(name: str, value: str) -> None:
+    from kimi_desk.engine.placement import parse_size
+
+    if value:
+        try:
+            parse_size(value, name)
+        except UserError as exc:
+            raise SettingsError(str(exc)) from None
+
+
+_FIELD_TYPES = {"model": str, "device": str, "quantize": str, "gpu_memory": str, "cpu_memory": str, "temperature": float, "top_p": float, "max_new_tokens": int,
                 "seed": int, "theme": str}
 
 

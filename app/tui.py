@@ -279,11 +279,13 @@ def _file_name(name: str) -> str:
 
 
 def create_app(target: str | None = None, *, model: str | None = None, device: str | None = None,
-               quantize: str | None = None, settings: Settings | None = None, settings_file: Path | None = None,
+               quantize: str | None = None, gpu_memory: str | None = None, cpu_memory: str | None = None,
+               settings: Settings | None = None, settings_file: Path | None = None,
                engine_factory: EngineFactory | None = None,
                store_factory: StoreFactory = backend.open_store,
                clock: Callable[[], datetime.datetime] | None = None) -> KimiDeskApp:
-    """The app, for the command line and the tests alike. `model`, `device` and `quantize` override the
+    """The app, for the command line and the tests alike. `model`, `device`, `quantize` and the memory
+    budgets (`gpu_memory`, `cpu_memory`: sizes such as 24GiB) override the
     settings; with no model anywhere the app still opens (sessions can be listed) and says what to pass."""
     settings_file = settings_file or settings_path()
     settings_problem = None
@@ -297,7 +299,9 @@ def create_app(target: str | None = None, *, model: str | None = None, device: s
             settings = Settings()
             settings_problem = Problem(str(exc), "Using the defaults; fix the file or save new settings (F3).")
     if engine_factory is None:
-        engine_factory = functools.partial(backend.load_assistant, quantize=quantize or settings.quantize)
+        engine_factory = functools.partial(backend.load_assistant, quantize=quantize or settings.quantize,
+                                           gpu_memory=gpu_memory or settings.gpu_memory or None,
+                                           cpu_memory=cpu_memory or settings.cpu_memory or None)
     try:
         model_choice, model_problem = backend.choose_model(model, settings.model), None
     except backend.ModelNotFound as exc:

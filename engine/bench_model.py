@@ -214,7 +214,7 @@ def decode_bytes(model, context: int) -> int:
     for name, p in [*model.named_parameters(), *model.named_buffers()]:
         if name.endswith("embed_tokens.weight"):
             total += p.shape[1] * p.element_size()
-        elif ".experts.w" in name:  # the stacked experts and their fp8 scales
+        elif ".experts." in name:  # the stacked experts and their scales
             read = config.num_experts_per_token + p.shape[0] - config.num_experts
             total += p.nbytes // p.shape[0] * read
         else:
@@ -232,7 +232,6 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
 
     from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.engine.random_checkpoint import random_model
-    from kimi_desk.engine.state import KDAState
 
     torch.cuda.reset_peak_memory_stats()
     # As the app runs it (Assistant.load): the projections that share an input joined.
@@ -240,7 +239,11 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
     log(f"ours: model built, {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
     gen = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, prefill_tokens), device="cuda", generator=gen)
-    model(ids[:, :1024], model.new_state(1), last_only=True)  # compile the kernels
+    # Compile (and autotune) every kernel the timed read runs: a first chunk, then one after a cache.
+    warm = model.new_state(1)
+    for a in range(0, min(2 * chunk, prefill_tokens), chunk):
+        model(ids[:, a : a + chunk], warm, last_only=True)
+    del warm
     state = model.new_state(1)
     _sync()
     start = time.perf_counter()
@@ -261,18 +264,7 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
             lambda: model(ids[:, :chunk], state, last_only=True), log, f"prefill chunk at {prefill_tokens:,}")
     del state
     for context in contexts:
-        state = model.new_state(1)
-        for layer in state.layers:
-            if isinstance(layer, KDAState):
-                layer.recurrent.normal_(0, 0.1, generator=gen)
-            else:
-                layer.append(torch.randn(1, context, layer.latents.shape[-1], device="cuda", generator=gen,
-                                         dtype=torch.bfloat16))
-        state.position = context
-        token = ids[:, :1]
-        for _ in range(3):
-            token = model(token, state)[:, -1].argmax(-1, keepdim=True)
-        _sync()
+        state, token = warm_state(model, context, ids[:, :1], gen)
         steps = 20
         start = time.perf_counter()
         for _ in range(steps):
@@ -307,6 +299,27 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
     del model
     torch.cuda.empty_cache()
     return out
+
+
+def warm_state(model, context: int, token, gen):
+    """A state of `context` cached tokens (random MLA cache and KDA state: decode costs do not depend on
+    the values) and the token after three warm-up steps on it."""
+    import torch
+
+    from kimi_desk.engine.state import KDAState
+
+    state = model.new_state(1)
+    for layer in state.layers:
+        if isinstance(layer, KDAState):
+            layer.recurrent.normal_(0, 0.1, generator=gen)
+        else:
+            layer.append(torch.randn(1, context, layer.latents.shape[-1], device="cuda", generator=gen,
+                                     dtype=torch.bfloat16))
+    state.position = context
+    for _ in range(3):
+        token = model(token, state)[:, -1].argmax(-1, keepdim=True)
+    _sync()
+    return state, token
 
 
 def time_graph_decode(model, state, token, steps: int = 50) -> dict:
@@ -525,6 +538,27 @@ def _clone_cache(cache):
     return copy.deepcopy(cache)
 
 
+def demo_model_gates(device: str = "cuda", tokens: int = 4096) -> list:
+    """The KDA layers' log decays, [tokens, H, K] fp32 each, of the embedded demo model (assets/model)
+    reading the repository's README.md (the model card where the README is not beside the assets),
+    repeated up to `tokens`: the gates of a trained model, for `kimi-desk bench kernels`' gate sweep."""
+    import torch
+
+    import kimi_desk.assets
+    from kimi_desk.engine.kda import record_gates
+    from kimi_desk.engine.tokenizer import load_tokenizer
+    from kimi_desk.engine.weights import load_model
+
+    folder = Path(kimi_desk.assets.__file__).resolve().parent / "model"
+    readme = folder.parent.parent / "README.md"
+    ids = load_tokenizer(folder).encode((readme if readme.is_file() else folder / "README.md").read_text())
+    ids = (ids * (tokens // len(ids) + 1))[:tokens]
+    model = load_model(folder, device=device)
+    gates = [g[0] for g in record_gates(model, torch.tensor([ids]))]
+    del model
+    return gates
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4, help="layers of the 48B model to build (default 4)")
     parser.add_argument("--prefill-tokens", type=int, default=32768)
@@ -536,6 +570,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "scaled per layer to --layers; default: --layers)")
     parser.add_argument("--quantize", default="none", help="our model's weight formats, comma-separated, each timed in "
                         "turn: none, fp8, int8, int4 (the baseline stays bf16); default none")
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE[,SIZE]",
+                        help="GPU memory budgets, comma-separated (e.g. 24GiB,16GiB): the model placed in each, the "
+                             "routed experts that do not fit in RAM, the cap enforced as a hard limit "
+                             "(engine/bench_offload.py); replaces the whole-GPU timing and the baseline")
+    parser.add_argument("--read-tokens", default="131072,1048576",
+                        help="with --gpu-memory: document lengths whose plan is reported (fits or not)")
     parser.add_argument("--json", type=Path, default=None)
 
 
@@ -562,6 +602,8 @@ def main(args: argparse.Namespace) -> int:
     unknown = sorted(set(formats) - {"none", "fp8", "int8", "int4"})
     if unknown or not formats:
         raise UserError(f"--quantize takes none, fp8, int8 and int4, comma-separated; got {args.quantize!r}")
+    if args.gpu_memory:
+        return run_budgets(args, config, formats, contexts, result, save, log)
     result["check"] = check_correctness(log)
     save()
     result["formats"] = {}
@@ -581,6 +623,41 @@ def main(args: argparse.Namespace) -> int:
                                                    contexts, args.chunk, log)
         save()
         print(markdown_table(result))
+    return 0
+
+
+def run_budgets(args, config, formats, contexts, result, save, log) -> int:
+    from kimi_desk.engine.bench_offload import check_offload, time_budget
+    from kimi_desk.engine.placement import parse_size
+
+    budgets = [b.strip() for b in args.gpu_memory.split(",") if b.strip()]
+    for budget in budgets:
+        parse_size(budget, "--gpu-memory")
+    try:
+        reads = [int(t) for t in args.read_tokens.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--read-tokens must be comma-separated integers, got {args.read_tokens!r}") from None
+    try:
+        result["offload_check"] = check_offload(log)
+    except Exception as exc:
+        result["offload_check"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(traceback.format_exc())
+    save()
+    result["budgets"] = []
+    for fmt in formats:
+        for budget in budgets:
+            try:
+                row = time_budget(config, budget, None if fmt == "none" else fmt, args.prefill_tokens, contexts,
+                                  args.chunk, reads, log)
+            except Exception as exc:
+                row = {"gpu_budget": budget, "quantize": fmt, "error": f"{type(exc).__name__}: {exc}"}
+                log(traceback.format_exc())
+                import torch
+
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(1.0)
+            result["budgets"].append(row)
+            save()
     return 0
 
 

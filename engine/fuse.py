@@ -159,7 +159,7 @@ def fold_shared_expert(moe: SparseMoE) -> None:
     """Stack the shared expert as routed expert E and have the router append it to every choice (see the
     module doc). One layer at a time, so the copy of the stacked weights is one layer's."""
     shared, experts = moe.shared_experts, moe.experts
-    if shared is None or shared.gate_up_proj is not None or shared.gate_proj.weight.shape != experts.w1.shape[1:] \
+    if shared is None or not hasattr(experts, "w1") or shared.gate_up_proj is not None or shared.gate_proj.weight.shape != experts.w1.shape[1:] \
             or _kind(shared.gate_proj) != _kind_of_experts(experts):
         return
     E = experts.w1.shape[0]

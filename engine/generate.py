@@ -189,8 +189,10 @@ def decode_step_function(model: KimiLinearForCausalLM, state: ModelState,
                          vocab_size: int | None = None) -> Callable[[int], torch.Tensor]:
     """token id -> the logits after feeding it, [vocab] (a buffer the next call may overwrite): a
     replayed CUDA graph on the GPU, the eager model elsewhere. Either advances `state` by one token."""
-    # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen.
-    if use_triton(model.lm_head.weight) and os.environ.get("KIMI_DESK_CUDA_GRAPH", "1") != "0":
+    # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen, and so
+    # do experts computed in RAM (engine/offload.py): those models decode eagerly.
+    if use_triton(model.lm_head.weight) and os.environ.get("KIMI_DESK_CUDA_GRAPH", "1") != "0" \
+            and getattr(model, "offload", None) is None:
         from kimi_desk.engine.cuda_graph import graph_decoder
 
         decoder = graph_decoder(model, state)

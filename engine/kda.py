@@ -175,3 +175,34 @@ class KimiDeltaAttention(nn.Module):
         )  # [B, T, H, V]
         o = self.o_norm(o, g_in.view(B, T, H, K))  # [B, T, H, V]
         return self.o_proj(o.reshape(B, T, H * K))
+
+
+@torch.inference_mode()
+def record_gates(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every KDA layer's log decay -exp(A_log) softplus(f + dt_bias) [B, T, H, K] (fp32, on the model's
+    device) as the layer computes it while `model` reads input_ids [B, T] from a fresh state: the gates a
+    trained model really produces, for the kernels' benchmark."""
+    gates: list[torch.Tensor] = []
+    layers = [m for m in model.modules() if isinstance(m, KimiDeltaAttention)]
+
+    def recording(layer):
+        plain = layer.input_projections
+
+        def projections(x):
+            out = plain(x)
+            B, T = x.shape[:2]
+            f = out[3].float() + layer.dt_bias
+            gates.append(-layer.A_log.float().exp() * F.softplus(f.view(B, T, layer.num_heads, layer.head_dim),
+                                                                 threshold=20.0))
+            return out
+
+        return projections
+
+    for layer in layers:
+        layer.input_projections = recording(layer)
+    try:
+        model(input_ids, model.new_state(input_ids.shape[0]))
+    finally:
+        for layer in layers:
+            del layer.input_projections
+    return gates

@@ -92,12 +92,78 @@ def choose_format(path: Path, device: str, requested: str | None, notice: Callab
     return quantize
 
 
+def budgets(device: str, gpu_memory: str | None = None, cpu_memory: str | None = None) -> tuple[int | None, int | None]:
+    """(GPU bytes, RAM bytes) the model may take: --gpu-memory and --cpu-memory as given (sizes such as
+    24GiB or 16GB), else what the card has free and what RAM has available, each less a margin
+    (engine/placement.py). None where this machine cannot tell (no GPU; no /proc)."""
+    from kimi_desk.engine.memory import available_cpu_memory, cuda_free
+    from kimi_desk.engine.placement import default_cpu_budget, default_gpu_budget, parse_size
+
+    gpu = parse_size(gpu_memory, "--gpu-memory") if gpu_memory else None
+    cpu = parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
+    if gpu is None and device == "cuda":
+        free = cuda_free()
+        gpu = default_gpu_budget(free[0]) if free else None
+    if cpu is None:
+        cpu = default_cpu_budget(available_cpu_memory())
+    return gpu, cpu
+
+
+def choose_placement(path: Path, device: str, requested: str | None, notice: Callable[[str], None] = lambda line: None,
+                     gpu_memory: str | None = None, cpu_memory: str | None = None, *,
+                     gpu_budget: int | None = None, cpu_budget: int | None = None):
+    """Before anything is loaded: (weight format, placement or None). On the CPU, choose_format within
+    the RAM budget. On a GPU, the plan of engine/placement.py within the budgets: `auto` takes the most
+    faithful format that fits the GPU whole, else int4 with the routed experts that do not fit in RAM
+    (the smallest in RAM and the fastest there); a format asked for is planned as asked. The plan's
+    line goes to `notice` when experts live in RAM. PlacementError (one line) when nothing fits."""
+    from kimi_desk.engine.config import KimiLinearConfig
+    from kimi_desk.engine.hub import model_display_name
+    from kimi_desk.engine.memory import formats_for
+    from kimi_desk.engine.placement import PlacementError, parse_size, plan_placement
+
+    if requested not in (None, *QUANTIZE_CHOICES):
+        raise ModelChoiceError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {requested!r}")
+    gpu, cpu = budgets(device, gpu_memory, cpu_memory)
+    gpu, cpu = gpu_budget if gpu_budget is not None else gpu, cpu_budget if cpu_budget is not None else cpu
+    if device != "cuda" or gpu is None:
+        # The model lives in RAM: the memory check's own reading of it, unless a budget was given.
+        explicit = cpu_budget if cpu_budget is not None else parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
+        return choose_format(Path(path), device, requested, notice, available_bytes=explicit), None
+    config = KimiLinearConfig.from_file(Path(path) / "config.json")
+    name = model_display_name(Path(path))
+
+    def plan(fmt):
+        return plan_placement(config, config.dtype, fmt, gpu_budget=gpu, cpu_budget=cpu, model_name=name)
+
+    if requested == "auto":
+        for fmt in formats_for(device):
+            quantize = None if fmt == "none" else fmt
+            try:
+                placement = plan(quantize)
+            except PlacementError:
+                continue
+            if not placement.offloaded:
+                if quantize is not None:
+                    notice(f"{name} does not fit here in {config.dtype}; loading its large matrices in {quantize} "
+                           f"(--quantize none refuses instead)")
+                return quantize, placement
+        quantize = "int4"
+    else:
+        quantize = None if requested in (None, "none") else requested
+    placement = plan(quantize)
+    if placement.offloaded:
+        notice(placement.describe())
+    return quantize, placement
+
+
 def load_assistant(path: Path, device: str | None = "auto", quantize: str | None = "auto",
-                   notice: Callable[[str], None] = lambda line: None, **options):
-    """The model at `path` on `device` in the format `quantize` asks (see choose_format), with its
-    tokenizer: an engine.session.Assistant."""
+                   notice: Callable[[str], None] = lambda line: None, gpu_memory: str | None = None,
+                   cpu_memory: str | None = None, **options):
+    """The model at `path` on `device` in the format and placement choose_placement takes within the
+    memory budgets (--gpu-memory, --cpu-memory), with its tokenizer: an engine.session.Assistant."""
     from kimi_desk.engine.session import Assistant
 
     device = resolve_device(device)
-    fmt = choose_format(Path(path), device, quantize, notice)
-    return Assistant.load(path, device=device, quantize=fmt, notice=notice, **options)
+    fmt, placement = choose_placement(Path(path), device, quantize, notice, gpu_memory, cpu_memory)
+    return Assistant.load(path, device=device, quantize=fmt, notice=notice, placement=placement, **options)

@@ -63,7 +63,7 @@ def weight_format(name: str, method: str | None) -> str | None:
         return "int8" if method in ("int8", "int4") else None
     if not name.startswith("model.layers."):
         return None
-    if ".experts.w" in name:  # the stacked routed experts, or one expert's tensor in the checkpoint
+    if ".experts." in name:  # the routed experts: stacked, split (engine/offload.py), or one expert's tensor
         return method
     leaf = name.removesuffix(".weight").rsplit(".", 1)[-1]
     if not name.endswith(".weight") or "_proj" not in leaf or leaf in _KEPT_PROJECTIONS:
@@ -174,7 +174,7 @@ def quantize_structure(model: nn.Module, method: str) -> None:
             setattr(owner, attr, quantized_linear(module.in_features, module.out_features, fmt, module.weight.device))
     for name, param in list(model.named_parameters()):
         fmt = weight_format(name, method)
-        if ".experts.w" not in name or fmt is None:
+        if ".experts." not in name or fmt is None:
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
@@ -203,13 +203,13 @@ def sidecars(model: nn.Module, parameter_name: str) -> tuple[torch.Tensor, ...]:
     return tuple(found)
 
 
-def quantize_into(model: nn.Module, parameter_name: str, index: int | None, weight: torch.Tensor) -> None:
+def quantize_into(model: nn.Module, parameter_name: str, index: int | None, weight: torch.Tensor, on=None) -> None:
     """Quantize the full-precision `weight` (one matrix; expert `index` of a stack) into the parameter's
-    codes and sidecars, in their format, on their device."""
+    codes and sidecars, in their format, on their device (computed on device `on` when given)."""
     codes = dict(model.named_parameters())[parameter_name].data
     parts = sidecars(model, parameter_name)
     targets = (codes, *parts) if index is None else (codes[index], *(p[index] for p in parts))
-    weight = weight.to(codes.device)
+    weight = weight.to(on if on is not None else codes.device)
     fmt = format_of(codes)
     quantized = (quantize_int4_groups(weight) if fmt == "int4" else quantize_int8_rows(weight) if fmt == "int8"
                  else quantize_fp8_rows(weight))
@@ -224,6 +224,8 @@ def prepare_for_cpu(model: nn.Module) -> None:
     dequantizing path."""
     empty = torch.empty(0, dtype=torch.uint8)
     for module in model.modules():
+        if getattr(module, "keep_layout", False):  # an offloaded layer's halves (engine/offload.py)
+            continue
         if isinstance(module, Int4Linear) and module.weight.device.type == "cpu" and module.cpu_weight is None \
                 and cpu_int4_fits(module.out_features, module.in_features):
             module.cpu_weight = pack_int4_for_cpu(module.weight.data, module.weight_scale, module.weight_zero)

@@ -38,13 +38,25 @@ _SPARE_BYTES = 1 << 30
 
 
 def quantized_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every quantized parameter and its scales and zeros, in the model's order."""
+    """(name, tensor) of every quantized parameter and its scales and zeros, in the model's order. The
+    routed experts of a layer split between GPU and RAM (engine/offload.py) are seen whole, under the
+    stacked names: one cache serves every placement."""
+    from kimi_desk.engine.offload import StackedRows
+
     for name, param in model.named_parameters():
-        if format_of(param) is None:
+        if format_of(param) is None or ".experts.in_ram." in name:
             continue
-        yield name, param.data
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
+        if ".experts.on_gpu." in name:
+            split = model.get_submodule(owner_name.rpartition(".")[0])
+            stacked = name.replace(".on_gpu.", ".")
+            yield stacked, StackedRows(split, attr)
+            for sidecar in ("scale", "zero"):
+                if hasattr(owner, f"{attr}_{sidecar}"):
+                    yield f"{stacked}_{sidecar}", StackedRows(split, f"{attr}_{sidecar}")
+            continue
+        yield name, param.data
         for sidecar in ("scale", "zero"):
             if hasattr(owner, f"{attr}_{sidecar}"):
                 yield f"{name}_{sidecar}", owner.get_buffer(f"{attr}_{sidecar}")

@@ -69,13 +69,19 @@ def kimi_linear_48b_config() -> KimiLinearConfig:
 
 
 def random_model(config: KimiLinearConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu",
-                 quantize: str | None = None):
+                 quantize: str | None = None, placement=None):
     """A model with random weights drawn as the reference code initialises them (HFM, fla), generated
     on `device` (so that a model at the 48B shapes is drawn on the GPU, not copied there). With
-    `quantize`, the quantized matrices are drawn in float32 and stored quantized, as loading would."""
+    `quantize`, the quantized matrices are drawn in float32 and stored quantized, as loading would.
+    With `placement` (engine/placement.py), the routed experts it keeps in RAM are drawn and quantized
+    on `device`, then moved to RAM one at a time."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     model = build_on_meta(config)
+    if placement is not None and placement.offloaded:
+        from kimi_desk.engine.offload import apply_placement
+
+        apply_placement(model, placement)
     if quantize is not None:
         quantize_structure(model, quantize)
     materialize(model, device, dtype)
@@ -103,15 +109,19 @@ def random_model(config: KimiLinearConfig, seed: int = 0, dtype: torch.dtype = t
             # Not all ones, so that a norm weight applied in the wrong place shows.
             value = normal(shape, 0.1).add_(1)
         elif format_of(param) is not None:
-            for index in range(shape[0]) if ".experts.w" in name else [None]:
+            for index in range(shape[0]) if ".experts." in name else [None]:
                 # One expert at a time: a float32 copy of all 256 experts would not fit beside the model.
                 logical = logical_shape(param)
-                quantize_into(model, name, index, normal(logical if index is None else logical[1:], 0.02))
+                quantize_into(model, name, index, normal(logical if index is None else logical[1:], 0.02),
+                              on=device)
             continue
         else:
             value = normal(shape, 0.02)
         param.data.copy_(value)
         del value
+    from kimi_desk.engine.offload import finish_offload
+
+    finish_offload(model)
     return model.eval()
 
 

@@ -261,7 +261,7 @@ class Assistant:
 
     @classmethod
     def load(cls, model_path: Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None,
-             notice: Callable[[str], None] = lambda line: None, **options) -> "Assistant":
+             notice: Callable[[str], None] = lambda line: None, placement=None, **options) -> "Assistant":
         from kimi_desk.engine.fuse import fuse_projections
         from kimi_desk.engine.quantize import prepare_for_cpu
         from kimi_desk.engine.tokenizer import load_tokenizer
@@ -269,7 +269,8 @@ class Assistant:
 
         if torch.device(device).type == "cpu":
             use_idle_cores()
-        model = fuse_projections(load_model(model_path, device=device, dtype=dtype, quantize=quantize, notice=notice))
+        model = fuse_projections(load_model(model_path, device=device, dtype=dtype, quantize=quantize, notice=notice,
+                                            placement=placement))
         prepare_for_cpu(model)
         assistant = cls(model, load_tokenizer(model_path), **options)
         assistant.model_source = str(Path(model_path).expanduser().resolve())

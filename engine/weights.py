@@ -92,7 +92,11 @@ def build_on_meta(config: KimiLinearConfig) -> KimiLinearForCausalLM:
 def materialize(model: KimiLinearForCausalLM, device, dtype: torch.dtype) -> None:
     """Give every meta parameter real (uninitialised) storage: model dtype, or fp32 where it must be, or
     the codes' dtype where quantize_structure made it so; and the meta buffers (quantization scales)
-    too."""
+    too. The routed experts a placement keeps in RAM (engine/offload.py) go to the CPU."""
+
+    def device_of(name: str):
+        return torch.device("cpu") if ".experts.in_ram." in name else device
+
     for module in model.modules():
         if isinstance(module, Int8Embedding):
             module.dtype = dtype
@@ -103,13 +107,13 @@ def materialize(model: KimiLinearForCausalLM, device, dtype: torch.dtype) -> Non
             want = param.dtype
         else:
             want = torch.float32 if pname.endswith(FP32_PARAMETERS) else dtype
-        setattr(owner, attr, torch.nn.Parameter(torch.empty(param.shape, dtype=want, device=device),
+        setattr(owner, attr, torch.nn.Parameter(torch.empty(param.shape, dtype=want, device=device_of(pname)),
                                                 requires_grad=False))
     for bname, buffer in list(model.named_buffers()):
         if buffer.is_meta:
             owner_name, _, attr = bname.rpartition(".")
             model.get_submodule(owner_name).register_buffer(
-                attr, torch.empty(buffer.shape, dtype=buffer.dtype, device=device))
+                attr, torch.empty(buffer.shape, dtype=buffer.dtype, device=device_of(bname)))
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -220,12 +224,16 @@ def load_weights(model: KimiLinearForCausalLM, headers: dict[Path, dict[str, dic
     """Fill `model`'s materialized parameters from the files of `headers`, which check_tensors passed,
     quantizing as they are read; with `quantized_loaded` the quantized ones are already filled (from
     the disk cache) and not read."""
+    from kimi_desk.engine.offload import expert_tensor
+
     params = dict(model.named_parameters())
     for file, header in headers.items():
         try:
             with safe_open(file, framework="pt", device="cpu") as reader:
                 for name in header:
                     pname, index = checkpoint_to_parameter(name)
+                    if pname not in params:  # an expert of a layer split between GPU and RAM
+                        pname, index = expert_tensor(model, pname, index)
                     quantized = format_of(params[pname]) is not None
                     if quantized and quantized_loaded:
                         continue
@@ -256,7 +264,7 @@ def checkpoint_fingerprint(path: Path) -> str:
 
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None,
-               notice: Callable[[str], None] = lambda line: None) -> KimiLinearForCausalLM:
+               notice: Callable[[str], None] = lambda line: None, placement=None) -> KimiLinearForCausalLM:
     """A checkpoint folder in the official layout -> a ready model in eval mode.
 
     `dtype` defaults to the checkpoint's (config.json `dtype`), float32 on a CPU that would be slow in
@@ -264,7 +272,8 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, quantize: s
     in that format (quantize.py), read from the quantized cache when it holds them (quantized_cache.py)
     and written there otherwise; `notice` hears one line when the cache is rebuilt or cannot be kept.
     Every safetensors header is read and checked against the model built on the meta device before
-    memory is allocated for the model.
+    memory is allocated for the model. `placement` (engine/placement.py) keeps the routed experts it
+    does not place on the GPU in RAM, loaded there tensor by tensor (engine/offload.py).
     """
     path = Path(path)
     if not path.is_dir():
@@ -275,6 +284,10 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, quantize: s
     headers = {file: read_header(file) for file in checkpoint_files(path)}
     model = build_on_meta(config)
     check_tensors(model, path, headers)
+    if placement is not None and placement.offloaded:
+        from kimi_desk.engine.offload import apply_placement
+
+        apply_placement(model, placement)
     if quantize is not None:
         quantize_structure(model, quantize)
     materialize(model, torch.device(device), dtype)
@@ -289,6 +302,9 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, quantize: s
             write_cache(model, cache, quantize, fingerprint, notice)
     model.quantization = quantize
     model.fingerprint = fingerprint
+    from kimi_desk.engine.offload import finish_offload
+
+    finish_offload(model)
     return model.eval()
 
 

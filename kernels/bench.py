@@ -7,6 +7,9 @@ bf16 inputs,
      step), outputs poisoned with NaN beforehand;
   2. times KDA prefill at T = 8k, 32k, 128k beside fla's `chunk_kda` on the same inputs and flags (peak
      memory too), after trying a few launch settings of each of our two kernels at 32k;
+  2b. (part gates) the gate sweep: our prefill and fla's on every gate of GATE_SWEEP (issue 20's table,
+     from -0.01 U(0, 1) to U(-50, 0)) and on the trained demo model's real gates tiled to these shapes,
+     errors against float64 and times at each prefill length; the headline is the slowest ratio;
   3. times one KDA decode step at B = 1 and B = 8, alone and as 20 layer steps in a CUDA graph, beside
      fla's `fused_recurrent_kda` (the public call and the in-place serving call);
   4. (part mla) checks the Triton MLA decode kernel (kernels/mla/decode.py) and the PyTorch form
@@ -50,14 +53,61 @@ MLA_WIDE_CONFIGS = [
 ]
 
 
-def _gate_parameters(gen, device):
+def _gate_parameters(gen, device, heads=H, channels=K):
     """A_log [H] and dt_bias [H * K] of Kimi Linear's gate -exp(A_log) * softplus(x + dt_bias) at their
     initial values: A_log = log U(1, 16), dt_bias the inverse softplus of dt in [1e-3, 0.1] (log-uniform)."""
     import torch
 
-    A_log = torch.log(torch.rand(H, device=device, generator=gen) * 15 + 1)
-    dt = torch.exp(torch.rand(H * K, device=device, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    A_log = torch.log(torch.rand(heads, device=device, generator=gen) * 15 + 1)
+    dt = torch.rand(heads * channels, device=device, generator=gen)
+    dt = torch.exp(dt * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
     return A_log, dt + torch.log(-torch.expm1(-dt))
+
+
+# The gate sweep: log decays per token and channel from the mildest to the most extreme (issue 20's
+# table), plus the demo model's real gates where the caller can compute them ("demo-model").
+GATE_SWEEP = ("mild", "model-init", "softplus(x-2)", "softplus(x)", "U(-10,0)", "half-8/-0.02", "U(-50,0)")
+
+
+def sweep_gate(name, shape, gen, device="cpu"):
+    """Log decay g [B, T, H, K] (fp32) from distribution `name` of GATE_SWEEP:
+      mild           -0.01 U(0, 1)
+      model-init     -exp(A_log) softplus(x + dt_bias), x ~ N(0, 1), A_log and dt_bias at their initial
+                     values (_gate_parameters)
+      softplus(x-2)  -exp(A_log) softplus(x - 2), A_log = log U(1, 16)
+      softplus(x)    -exp(A_log) softplus(x) (mean about -6.6)
+      U(-10,0), U(-50,0)  uniform per token and channel
+      half-8/-0.02   every other channel -8, the rest -0.02."""
+    import torch
+    import torch.nn.functional as F
+
+    B, T, Hh, Kk = shape
+    if name == "mild":
+        return -0.01 * torch.rand(shape, device=device, generator=gen)
+    if name in ("model-init", "softplus(x-2)", "softplus(x)"):
+        A_log, dt_bias = _gate_parameters(gen, device, Hh, Kk)
+        x = torch.randn(shape, device=device, generator=gen)
+        shift = dt_bias.view(Hh, Kk) if name == "model-init" else (-2.0 if name == "softplus(x-2)" else 0.0)
+        return -A_log.exp()[:, None] * F.softplus(x + shift)
+    if name.startswith("U("):
+        low = float(name[2:].split(",")[0])
+        return low * torch.rand(shape, device=device, generator=gen)
+    if name == "half-8/-0.02":
+        g = torch.full(shape, -0.02, device=device)
+        g[..., ::2] = -8.0
+        return g
+    raise ValueError(f"unknown gate distribution {name!r}")
+
+
+def tile_gates(gates, T, heads=H, channels=K):
+    """Per-layer gates [T0, H0, K0] (the demo model's) -> one gate [1, T, heads, channels]: the layers'
+    heads side by side, repeated over heads, channels and time."""
+    import torch
+
+    g = torch.cat(list(gates), dim=1)  # [T0, layers * H0, K0]
+    T0, H0, K0 = g.shape
+    g = g.repeat(-(-T // T0), -(-heads // H0), -(-channels // K0))
+    return g[:T, :heads, :channels].unsqueeze(0).contiguous().float()
 
 
 def _inputs(B, T, gate, seed, dtype=None, device="cuda"):
@@ -227,6 +277,92 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
     return rows
 
 
+def _plain_calls(q, k, v, g, beta, h0, intra_cfg, scan_cfg):
+    """Our plain prefill call and fla's chunk_kda on the same inputs (initial and final state), each run
+    once (fla autotunes on its first call); returns the two callables for timing."""
+    from fla.ops.kda import chunk_kda as fla_chunk
+
+    from kimi_desk.kernels.kda.chunk import chunk_kda_triton
+
+    def ours():
+        return chunk_kda_triton(q, k, v, g, beta, None, h0, True, intra_config=intra_cfg, scan_config=scan_cfg)
+
+    def theirs():
+        return fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+
+    ours()
+    theirs()
+    return ours, theirs
+
+
+def gate_sweep(log, lengths, intra_cfg=None, scan_cfg=None, demo_gates=None, check_T=2048 + 37, device="cuda"):
+    """Our prefill beside fla's chunk_kda on every gate of GATE_SWEEP, and on the demo model's gates tiled
+    to the 48B shapes when `demo_gates` (a callable: device -> per-layer gates [T0, H0, K0]) is given:
+    errors against float64 at T = check_T (outputs poisoned with NaN), then times at each length, with
+    the same q, k, v, beta and initial state for every gate of one length. The headline is the slowest
+    ratio fla time / our time over all gates and lengths."""
+    import torch
+    from fla.ops.kda import chunk_kda as fla_chunk
+
+    from kimi_desk.kernels.kda.chunk import CHUNK_SIZE, SUB_CHUNK, chunk_kda_triton
+
+    names, demo = list(GATE_SWEEP), None
+    if demo_gates is not None:
+        try:
+            demo = demo_gates(device)
+            names.append("demo-model")
+        except Exception as e:  # the sweep of drawn gates still runs
+            log(f"demo model gates: {type(e).__name__}: {str(e)[:300]}")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    def gate(name, T, seed):
+        if name == "demo-model":
+            return tile_gates(demo, T, H, K)
+        return sweep_gate(name, (1, T, H, K), torch.Generator(device=device).manual_seed(seed), device).float()
+
+    res = dict(gates=names, check=[], timing=[])
+    for name in names:
+        q, k, v, _, beta, h0 = _inputs(1, check_T, "mild", seed=check_T, device=device)
+        g = gate(name, check_T, seed=1)
+        o_ref, s_ref = _reference_f64(q, k, v, g, beta, h0)
+        out = torch.full((1, check_T, H, V), float("nan"), dtype=q.dtype, device=device)
+        o, s = chunk_kda_triton(q, k, v, g, beta, None, h0, True, out=out, intra_config=intra_cfg, scan_config=scan_cfg)
+        fo, fs = fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        # The share of (16-token sub-chunk, head) pairs where some channel decays by more than 2^-120 over
+        # the sub-chunk: the chunks the earlier kernel sent to its slower exact path (how steep the gate is).
+        n = check_T // SUB_CHUNK * SUB_CHUNK
+        steep = (g[:, :n].reshape(1, -1, SUB_CHUNK, H, K).sum(2).amin(-1) * 1.4426950408889634 < -120).float()
+        row = dict(gate=name, T=check_T, o_err=_rel(o, o_ref), state_err=_rel(s, s_ref), fla_o_err=_rel(fo, o_ref),
+                   fla_state_err=_rel(fs, s_ref), nan=bool(o.isnan().any()), g_mean=g.mean().item(),
+                   g_q01=g.flatten()[: 2**24].quantile(0.01).item(), g_min=g.min().item(),
+                   steep_sub_chunks=steep.mean().item())
+        res["check"].append(row)
+        log(row)
+        del q, k, v, g, beta, h0, o_ref, s_ref, out, o, s, fo, fs
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    assert CHUNK_SIZE % SUB_CHUNK == 0
+    for T in lengths:
+        q, k, v, _, beta, h0 = _inputs(1, T, "mild", seed=T, device=device)
+        for name in names:
+            g = gate(name, T, seed=T + 1)
+            ours, theirs = _plain_calls(q, k, v, g, beta, h0, intra_cfg, scan_cfg)
+            t_ours, t_fla = _bench(ours, ms=300), _bench(theirs, ms=300)
+            res["timing"].append(dict(gate=name, T=T, ours_us=t_ours, fla_us=t_fla, speedup=t_fla / t_ours))
+            log(res["timing"][-1])
+            del g
+        del q, k, v, beta, h0
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if res["timing"]:
+        worst = min(res["timing"], key=lambda r: r["speedup"])
+        res["headline"] = dict(slowest_speedup=worst["speedup"], gate=worst["gate"], T=worst["T"],
+                               max_o_err=max(r["o_err"] for r in res["check"]),
+                               max_fla_o_err=max(r["fla_o_err"] for r in res["check"]))
+    return res
+
+
 def tune_prefill(log, T=32768):
     """Time a few launch settings of each of our two prefill kernels; return the fastest of each."""
     import torch
@@ -235,10 +371,10 @@ def tune_prefill(log, T=32768):
 
     q, k, v, g, beta, h0 = _inputs(1, T, "model", seed=7)
     scale = K**-0.5
-    # fast_diag=False times the exact path every chunk (the one a gate decaying by more than 2^-120 inside
-    # 16 tokens takes).
-    intra = [dict(BK=64, num_warps=4), dict(BK=64, num_warps=4, fast_diag=False), dict(BK=64, num_warps=4, num_stages=2),
-             dict(BK=32, num_warps=4), dict(BK=64, num_warps=8)]
+    # The default first (BK = 32, the levels inside the sub-chunks in a pass of their own), then a wider
+    # channel block, one pass over the channels, more warps.
+    intra = [dict(BK=32, num_warps=4), dict(BK=64, num_warps=4), dict(BK=32, diag_loop=False, num_warps=4),
+             dict(BK=64, diag_loop=False, num_warps=8), dict(BK=64, num_warps=8)]
     scan = [dict(BV=32, num_warps=4, num_stages=3), dict(BV=64, num_warps=4, num_stages=3), dict(BV=32, num_warps=8, num_stages=3)]
     res = {"intra": [], "scan": []}
     for cfg in intra:
@@ -275,15 +411,7 @@ def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
     rows = []
     for T in lengths:
         q, k, v, g, beta, h0 = _inputs(1, T, "model", seed=T)
-
-        def ours():
-            return chunk_kda_triton(q, k, v, g, beta, None, h0, True, intra_config=intra_cfg, scan_config=scan_cfg)
-
-        def theirs():
-            return fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True)
-
-        ours()
-        theirs()
+        ours, theirs = _plain_calls(q, k, v, g, beta, h0, intra_cfg, scan_cfg)
         t_ours, t_fla = _bench(ours, ms=400), _bench(theirs, ms=400)
         mem_ours, mem_fla = _peak(ours), _peak(theirs)
         # Floor: inputs read once (q, k, v, beta bf16, g fp32), output written once; tech report eq. 13 FLOPs.
@@ -550,11 +678,13 @@ def bench_mla(log, bandwidth):
         torch.cuda.empty_cache()
     return res
 
-def main(argv=None):
+def main(argv=None, demo_gates=None):
+    """`demo_gates` (device -> the demo model's per-layer gates, engine/bench_model.py) adds the trained
+    model's gates to the gate sweep; the kernels layer does not load models itself."""
     ap = argparse.ArgumentParser(prog="kimi-desk bench kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, help="where to write the results (default .bench/kernels-DATE.json)")
     ap.add_argument("--lengths", default="8192,32768,131072", help="prefill lengths, comma-separated")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: check,tune,prefill,decode,mla")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: check,tune,prefill,gates,decode,mla")
     args = ap.parse_args(argv)
     import torch
 
@@ -564,7 +694,7 @@ def main(argv=None):
     skip = set(filter(None, args.skip.split(",")))
     # fla is the reference of the KDA parts only.
     fla = None
-    if not {"check", "tune", "prefill", "decode"} <= skip:
+    if not {"check", "tune", "prefill", "gates", "decode"} <= skip:
         try:
             import fla
         except ImportError:
@@ -590,6 +720,9 @@ def main(argv=None):
     if "prefill" not in skip:
         lengths = [int(x) for x in args.lengths.split(",")]
         res["prefill"] = bench_prefill(log, lengths, intra_cfg, scan_cfg, mm, bw)
+    if "gates" not in skip:
+        res["gate_sweep"] = gate_sweep(log, [int(x) for x in args.lengths.split(",")], intra_cfg, scan_cfg, demo_gates)
+        res["gate_sweep"]["settings"] = dict(intra=intra_cfg, scan=scan_cfg)
     if "decode" not in skip:
         res["decode"] = bench_decode(log, bw)
     if "mla" not in skip:
@@ -613,6 +746,19 @@ def main(argv=None):
               f"x{r['speedup']:.2f}  floor {r['ours_frac_floor']:.0%}  peak {r['ours_peak_gib']:.1f} / "
               f"{r['fla_peak_gib']:.1f} GiB;  fused on raw projections: ours {r['fused_ours_us'] / 1e3:.2f} ms  "
               f"fla {r['fused_fla_us'] / 1e3:.2f} ms  x{r['fused_speedup']:.2f}")
+    sweep = res.get("gate_sweep")
+    if sweep:
+        for r in sweep["check"]:
+            print(f"gate {r['gate']:13s} T={r['T']}: rel err o {r['o_err']:.2e} state {r['state_err']:.2e} "
+                  f"(fla {r['fla_o_err']:.2e} / {r['fla_state_err']:.2e}) nan={r['nan']}  g mean {r['g_mean']:.2f} "
+                  f"1% {r['g_q01']:.2f} min {r['g_min']:.1f}  steep sub-chunks {r['steep_sub_chunks']:.0%}")
+        for r in sweep["timing"]:
+            print(f"gate {r['gate']:13s} T={r['T']:6d}: ours {r['ours_us'] / 1e3:7.2f} ms  "
+                  f"fla {r['fla_us'] / 1e3:7.2f} ms  x{r['speedup']:.2f}")
+        if "headline" in sweep:
+            h = sweep["headline"]
+            print(f"gate sweep headline: slowest fla/ours x{h['slowest_speedup']:.2f} ({h['gate']}, T={h['T']}); "
+                  f"max rel err of o against float64: ours {h['max_o_err']:.2e}, fla {h['max_fla_o_err']:.2e}")
     for r in res.get("decode", []):
         print(f"decode B={r['B']}: 1 step ours {r['ours_single_us']:.1f} us fla {r['fla_public_single_us']:.1f} us; "
               f"20 in a graph ours {r['ours_graph20_us']:.1f} us fla {r['fla_public_graph20_us']:.1f} us "

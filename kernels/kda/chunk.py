@@ -13,23 +13,28 @@ and then, chunk after chunk, with the state S [K, V]:
    fp32 registers and writes the output directly: neither the per-chunk states nor V_new ever reach memory.
 
 Kimi Linear's gate has no lower bound, so no factor above 1 may ever be formed from the chunk's G:
-exp(G_i) * exp(-G_j) overflows fp32 once G_j < -88, which one token with log-decay -90 reaches. Per
-16-token sub-chunk b, with Gs the cumulative sum inside it, tot_b its total and P_b the sum of the
-sub-chunks before (G_i = P_b + Gs_i), every decay is a product of E_i = exp(Gs_i) and
-C_i = exp(tot_b - Gs_i), both <= 1 (two exponentials per element), and of per-sub-chunk factors:
-  - between sub-chunks b > j, through the end of j: exp(G_i - G_j') = E_i exp(P_b - P_(j+1)) * C_j',
-    every factor <= 1 (a flush to zero only of something below 1e-38);
-  - inside sub-chunk j: exp(G_i - G_j') = (E_i D_j) (C_j' D_j), D_j = exp(-tot_j / 2), both factors within
-    2^-60 .. 2^60 (no overflow, no subnormal) when no channel decays by more than 2^-120 within any
-    sub-chunk of the chunk: the common case, on the tensor cores like the blocks between sub-chunks
-    (one dot of [64, BK] x [BK, 64] per column sub-chunk);
-  - otherwise (one token of an unbounded gate can decay by more) the chunk's diagonal blocks take the
-    exact path: exp(G_i - G_j) from the difference, per channel, as a [16, 16, BKD] block on the CUDA
-    cores;
+exp(G_i) * exp(-G_j) overflows fp32 once G_j < -88, which one token with log-decay -90 reaches. Every
+decay exp(G_i - G_j), j < i, goes instead through a reference r with j <= r < i, as
+exp(G_i - G_r) * exp(G_r - G_j), both factors <= 1 whatever the gate (at worst one underflows to zero
+where the product is below 1e-38), and the pairs are grouped so that each group is one matrix product.
+The groups are the dyadic levels of the chunk: pair (i, j) belongs to the level s at which i and j share
+a block of 2s rows but not a block of s, i in the second half; r is the end of j's half. Per level the
+rows of second halves are scaled by their decay from their half's start, the columns of first halves by
+their decay to their half's end, and one dot gives every pair of the level (entries between different
+2s-blocks masked off):
+  - inside the 16-token sub-chunks, s = 8, 4, 2, 1: each level from its own cumulative sums (over at most
+    8 gates, not differences of longer sums, so fp32 keeps small decays next to a large one) and one
+    exponential per element, as batched dots of the sub-chunks' [16, 16] diagonal blocks;
+  - between sub-chunks, with Gs the cumulative sum inside each sub-chunk b, tot_b its total and P_b the
+    sum of the sub-chunks before: E_i = exp(Gs_i), C_i = exp(tot_b - Gs_i) (two exponentials per
+    element) and per-sub-chunk factors over whole sub-chunks, exp(G_i - G_j') = E_i exp(P_b - P_(j+1)) C_j'
+    for i in b > j, j' in j; one dot of [64, BK] x [BK, 64] per column sub-chunk;
   - q exp(G) = q E exp(P), k exp(G_last - G) = k C exp(G_last - G_end(b)), exp(G_last) and
     beta k exp(G) have exponents <= 0 by construction.
+Aqk's own diagonal, exp(0) = 1, is q_i . k_i. Nothing branches on the data: every gate, however fast
+it decays, costs the same work, and no exponent depends on how fast the gate decays.
 (I + Akk)^-1: in registers, as a product of block inverses over blocks of 4, 16 and 64 rows (ten TF32
-products of [64, 64], `_join_blocks`); the scratch Akk is written and read only on the exact path. W and
+products of [64, 64], `_join_blocks`). W and
 U take TF32 dots (fla: bf16) on beta k exp(G) rounded to the input dtype (as fla) and beta v.
 
 The fused call for the real layer reads the raw projections: the gate -exp(A_log) softplus(x + dt_bias)
@@ -45,14 +50,8 @@ Dots of the other products take the input dtype (bf16 on the real model, as fla 
 accumulation; the state, the cumulative gates and the inverse stay fp32; the scratch buffers between the
 two kernels are in the input dtype, as in fla.
 
-Measured on an H100 (BENCHMARKS.md, 2026-11-27): the same error as fla against float64 (correlated keys
-and extreme gates included), 1.58-1.63x its speed at 8k-128k with 35% less peak memory. What got it there
-from parity: the factored decays above (the Aqk/Akk phase 3.0 -> 1.5 ms at 32k: ten exponentials per
-element became two, and the sub-chunk midpoint D kept the model's gate off the exact path, which 22% of
-its chunks took with a reference at the sub-chunk's start), a scan whose loads all run a step ahead
-(1.15 -> 0.67 ms: the masked Aqk load and the decay load had waited in every step), and W and U as
-full-width dots on split bf16 operands. The fused call on raw projections (the layer's): 1.45x fla's with
-the same flags at 32k and 128k.
+Measured results, against fla's chunk_kda on the same inputs and on every gate distribution of the
+sweep, are in BENCHMARKS.md (`kimi-desk bench kernels`).
 """
 
 from __future__ import annotations
@@ -103,6 +102,64 @@ def _join_blocks(b_Dinv, b_L, b_I, o_i, SIZE: tl.constexpr, FIRST: tl.constexpr,
     return tl.dot(b_X, b_Dinv, input_precision=PRECISION)
 
 
+@triton.jit
+def _load_tiles(q, k, g, dt_bias, b_A, p_in, o_row3, m_t3, i_h, i_k, H: tl.constexpr, K: tl.constexpr,
+                BK: tl.constexpr, USE_GATE_IN_KERNEL: tl.constexpr):
+    """Block i_k of BK channels of the chunk's q, k (fp32) and log2 gates, as [NB, BC, BK] tiles; p_in is
+    the chunk's first element. Rows past T read zeros: g = 0 carries the chunk's last G unchanged."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_tk3 = m_t3 & (o_k < K)[None, None, :]
+    o_in3 = o_row3 * (H * K) + o_k[None, None, :]
+    b_q = tl.load(q + p_in + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_in + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
+    b_a = tl.load(g + p_in + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
+    if USE_GATE_IN_KERNEL:
+        b_bias = tl.load(dt_bias + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
+        b_a = tl.where(m_tk3, log_decay(b_a + b_bias[None, None, :], b_A), 0.0)
+    # log2 units: exp2 is the native instruction.
+    return b_q, b_k, b_a * 1.4426950408889634
+
+
+@triton.jit
+def _levels_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                          OP_DT: tl.constexpr):
+    """All the levels inside 16-row sub-chunks: 8, 4, 2 and 1 rows."""
+    tl.static_assert(BC == 16)
+    b_Dqk, b_Dkk = _level_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, 8, NB, BC, BK, OP_DT)
+    b_Dqk, b_Dkk = _level_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, 4, NB, BC, BK, OP_DT)
+    b_Dqk, b_Dkk = _level_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, 2, NB, BC, BK, OP_DT)
+    b_Dqk, b_Dkk = _level_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, 1, NB, BC, BK, OP_DT)
+    return b_Dqk, b_Dkk
+
+
+@triton.jit
+def _level_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, S: tl.constexpr, NB: tl.constexpr, BC: tl.constexpr,
+                         BK: tl.constexpr, OP_DT: tl.constexpr):
+    """Adds to the sub-chunks' diagonal blocks b_Dqk, b_Dkk [NB, BC, BC] the pairs of level S < BC (i in the
+    second half of a block of 2S rows, j in its first half) of one block of channels: b_q, b_k, b_a (log2
+    gates) as [NB, BC, BK] tiles, one batched dot per sub-chunk. Each S-block's own cumulative sums and one
+    exponential per element: the rows of second halves take exp(sum from their block's start to i), the
+    columns of first halves exp(sum after j to their block's end), 1 where S = 1. Neither sum is the
+    difference of two longer ones, so a large decay elsewhere in the sub-chunk costs no precision here;
+    only a column's own gate is subtracted (its exponent is off by that gate times fp32's epsilon)."""
+    BT: tl.constexpr = NB * BC
+    m_odd = ((o_c // S) % 2 == 1)[None, :, None]
+    if S == 1:
+        b_x = tl.where(m_odd, b_a, 0.0)
+    else:
+        b_a_s = tl.reshape(b_a, [BT // S, S, BK])
+        b_cs = tl.cumsum(b_a_s, 1)
+        m_odd_s = ((tl.arange(0, BT // S) % 2) == 1)[:, None, None]
+        b_x = tl.reshape(tl.where(m_odd_s, b_cs, tl.cumsum(b_a_s, 1, reverse=True) - b_a_s), [NB, BC, BK])
+    b_f = tl.exp2(b_x)
+    b_fr = tl.where(m_odd, b_f, 0.0)
+    b_R = tl.permute((tl.where(m_odd, 0.0, b_f) * b_k).to(OP_DT), (0, 2, 1))
+    m_lv = ((o_c // (2 * S))[:, None] == (o_c // (2 * S))[None, :])[None, :, :]
+    b_Dqk += tl.where(m_lv, tl.dot((b_q * b_fr).to(OP_DT), b_R), 0.0)
+    b_Dkk += tl.where(m_lv, tl.dot((b_k * b_fr).to(OP_DT), b_R), 0.0)
+    return b_Dqk, b_Dkk
+
+
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_kda_intra_fwd_kernel(
     q,
@@ -116,7 +173,6 @@ def chunk_kda_intra_fwd_kernel(
     u,
     gl,
     Aqk,
-    Akk,
     rq,
     A_log,
     dt_bias,
@@ -130,10 +186,10 @@ def chunk_kda_intra_fwd_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     BKD: tl.constexpr,
+    DIAG_LOOP: tl.constexpr,
     KF: tl.constexpr,
     VF: tl.constexpr,
     SOLVE_PRECISION: tl.constexpr,
-    FAST_DIAG: tl.constexpr,
     OP_DT: tl.constexpr,
     USE_GATE_IN_KERNEL: tl.constexpr,
     USE_QK_L2NORM_IN_KERNEL: tl.constexpr,
@@ -142,7 +198,6 @@ def chunk_kda_intra_fwd_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = qg.dtype.element_ty
-    LOG2E: tl.constexpr = 1.4426950408889634
 
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -150,19 +205,21 @@ def chunk_kda_intra_fwd_kernel(
     # Rows of the token-major inputs [B, T, H, *] and of the head-major scratch [B * H, T, *], in int64.
     r_in = (i_b.to(tl.int64) * T + o_t) * H + i_h
     r_mid = i_bh.to(tl.int64) * T + o_t
-    # The Akk scratch is padded to whole chunks: [B * H, NT * BT, BT].
-    akk0 = (i_bh.to(tl.int64) * NT + i_t) * BT
-    r_akk = akk0 + o_i
 
-    # ---- off-diagonal sub-chunk blocks, and the per-token factors that need the whole chunk's G ----
+    # ---- Aqk, Akk over the dyadic levels, and the per-token factors that need the whole chunk's G ----
+    # Every pair j < i of the chunk belongs to exactly one level s (s = BT/2, ..., 2, 1 tokens): the one
+    # where i and j share a block of 2s rows but not of s, i in the second half. Its decay goes through
+    # the end of j's s-block, r: exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), both factors <= 1 whatever
+    # the gate. Per level one dot of [BT, BK] x [BK, BT]: the rows of every second-half block times their
+    # decay from their block's start, the columns of every first-half block times their decay to their
+    # block's end, the entries between different 2s-blocks masked off after the dot. i = j (Aqk's
+    # diagonal, exp(0) = 1) is the rows' q . k.
     b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_Akk = tl.zeros([BT, BT], dtype=tl.float32)
-    m_same_block = (o_i // BC)[:, None] == (o_i // BC)[None, :]
-    m_lower_blocks = (o_i // BC)[:, None] > (o_i // BC)[None, :]
-    m_same_causal = m_same_block & (o_i[:, None] >= o_i[None, :])
     # The chunk as [NB, BC, BK] tiles, NB sub-chunks of BC rows: the per-sub-chunk sums and cumulative
     # sums are then reductions inside each sub-chunk's rows.
     NB: tl.constexpr = BT // BC
+    tl.static_assert(BT == 64 and BC == 16, "the levels below are written out for 64-row chunks of 16-row sub-chunks")
     o_b = tl.arange(0, NB)
     o_row3 = (o_b[:, None] * BC + tl.arange(0, BC)[None, :])[:, :, None]
     m_t3 = i_t * BT + o_row3 < T
@@ -170,12 +227,18 @@ def chunk_kda_intra_fwd_kernel(
     if USE_BETA_SIGMOID_IN_KERNEL:
         b_beta3 = tl.sigmoid(b_beta3)
     b_beta = tl.reshape(b_beta3, [BT])
+    # The sub-chunks' diagonal blocks [NB, BC, BC] apart (batched dots, a quarter of the tensor-core work
+    # of whole-chunk ones), joined to the chunk's tiles after the loop; q . k, Aqk's own diagonal, too.
+    o_c = tl.arange(0, BC)
+    b_Dqk = tl.zeros([NB, BC, BC], dtype=tl.float32)
+    b_Dkk = tl.zeros([NB, BC, BC], dtype=tl.float32)
+    b_qk = tl.zeros([NB, BC], dtype=tl.float32)
     # Element offsets from the chunk's first row, in int32 and the same for every block of channels (the
     # base pointers move instead of six int64 pointer tiles).
     p_in = (i_b.to(tl.int64) * T + i_t * BT) * H * K + i_h * K
     p_mid = (i_bh.to(tl.int64) * T + i_t * BT) * K
-    o_in3 = o_row3 * (H * K) + tl.arange(0, BK)[None, None, :]
     o_mid3 = o_row3 * K + tl.arange(0, BK)[None, None, :]
+    b_A = 0.0
     if USE_GATE_IN_KERNEL:
         b_A = -tl.exp(tl.load(A_log + i_h).to(tl.float32))
     if USE_QK_L2NORM_IN_KERNEL:
@@ -183,56 +246,41 @@ def chunk_kda_intra_fwd_kernel(
         # gathered on the way and the norms r_q, r_k applied where they factor out (see after the loop).
         b_nq = tl.zeros([NB, BC, 1], dtype=tl.float32)
         b_nk = tl.zeros([NB, BC, 1], dtype=tl.float32)
-    # Half the largest decay of any sub-chunk and channel of this chunk (log2 units).
-    b_spread = tl.full([], 0.0, tl.float32)
+    if DIAG_LOOP:
+        # The levels inside the sub-chunks in a pass of their own over the channels (reading q, k and g
+        # twice): fewer tiles live at once than beside the levels between sub-chunks.
+        for i_k in range(0, tl.cdiv(K, BKD)):
+            b_q, b_k, b_a = _load_tiles(q, k, g, dt_bias, b_A, p_in, o_row3, m_t3, i_h, i_k, H, K, BKD,
+                                        USE_GATE_IN_KERNEL)
+            b_qk += tl.sum(b_q * b_k, 2)
+            b_Dqk, b_Dkk = _levels_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB, BC, BKD, OP_DT)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk3 = m_t3 & (o_k < K)[None, None, :]
-        b_q = tl.load(q + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
+        b_q, b_k, b_a = _load_tiles(q, k, g, dt_bias, b_A, p_in, o_row3, m_t3, i_h, i_k, H, K, BK, USE_GATE_IN_KERNEL)
         if USE_QK_L2NORM_IN_KERNEL:
             b_nq += tl.sum(b_q * b_q, 2, keep_dims=True)
             b_nk += tl.sum(b_k * b_k, 2, keep_dims=True)
-        b_a = tl.load(g + p_in + i_k * BK + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
-        if USE_GATE_IN_KERNEL:
-            b_bias = tl.load(dt_bias + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
-            b_a = tl.where(m_tk3, log_decay(b_a + b_bias[None, None, :], b_A), 0.0)
-        # Padding rows have g = 0, so they carry the chunk's last G unchanged. log2 units: exp2 is the
-        # native instruction.
-        b_a = b_a * LOG2E
-        # Every decay below is a product of these, each <= 1 (see the module doc): with Gs the cumulative
-        # sum inside each sub-chunk, tot its total and P the sum of the sub-chunks before (so that
-        # G_i = P_b + Gs_i for row i of sub-chunk b), E_i = exp(G_i - G_start(b)) = exp(Gs_i) and
-        # C_i = exp(G_end(b) - G_i) = exp(tot_b - Gs_i). Two exponentials per element where the direct
-        # form took ten (the reference rows' differences, the diagonal's factors, the stored factors).
+        if not DIAG_LOOP:
+            b_qk += tl.sum(b_q * b_k, 2)
+            b_Dqk, b_Dkk = _levels_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB, BC, BK, OP_DT)
+        # With Gs the cumulative sum inside each sub-chunk and Cs the sum after each row to its end (a sum
+        # of its own, not tot - Gs: exactly 0 on the last row, small near the end however large the
+        # total): E = exp(Gs) (decay from the sub-chunk's start) and C = exp(Cs) (to its end), both <= 1,
+        # serve the levels between sub-chunks and the stored factors below.
         b_Gs = tl.cumsum(b_a, 1)
         b_tot = tl.sum(b_a, 1)
         b_P = tl.cumsum(b_tot, 0) - b_tot
         b_qE = b_q * tl.exp2(b_Gs)
         b_kE = b_k * tl.exp2(b_Gs)
-        b_kC = b_k * tl.exp2(b_tot[:, None, :] - b_Gs)
-        # Column sub-chunk j against the rows of sub-chunk b >= j, one dot of [BT, BK] x [BK, BT] each:
-        #   b > j, through the end of j: exp(G_i - G_j') = E_i exp(P_b - P_(j+1)) * C_j';
-        #   b = j, the diagonal block: exp(G_i - G_j') = E_i C_j' exp(-tot_j) for i >= j'.
-        # D_j = exp(-tot_j / 2) moves to the column side, so that on the diagonal both factors stay within
-        # 2^-60 .. 2^60 (no overflow, no subnormal: E, C >= 2^-120) while no sub-chunk decays by more than
-        # 2^-120 in any channel; off it, the row factor exp(P_b - P_(j+1) - log D_j) <= 1 may underflow
-        # only where the whole product is below 2^-66. A chunk with a sub-chunk decaying faster (an
-        # unbounded gate can, in one token) takes the exact pairwise path for its diagonal blocks below.
-        # Entries above the diagonal are bounded garbage here, masked after the loop. A midpoint D halves
-        # the exponents of a reference at the sub-chunk's start: with the model's gate at its initial
-        # values, 22% of the chunks took the exact path against 2^-64 from the start, none now.
-        b_half = tl.minimum(-0.5 * b_tot, 60.0)
-        b_spread = tl.maximum(b_spread, tl.max(tl.max(-0.5 * b_tot, 1), 0))
-        for j in tl.static_range(NB if FAST_DIAG else NB - 1):
-            b_Pj = tl.sum(tl.where(o_b[:, None] == j + 1, b_P, 0.0), 0)
-            b_hj = tl.sum(tl.where(o_b[:, None] == j, b_half, 0.0), 0)
-            b_S = tl.where(o_b[:, None] > j, tl.exp2(tl.minimum(b_P - b_Pj[None, :] - b_hj[None, :], 0.0)),
-                           tl.where(o_b[:, None] == j, tl.exp2(b_hj[None, :]), 0.0))[:, None, :]
-            if not FAST_DIAG:
-                b_S = tl.where(o_b[:, None, None] > j, b_S, 0.0)
-            b_R = tl.where(o_row3 // BC == j, b_kC * tl.exp2(b_hj[None, None, :]), 0.0)
-            b_R = tl.trans(tl.reshape(b_R, [BT, BK]).to(OP_DT))
+        b_kC = b_k * tl.exp2(tl.cumsum(b_a, 1, reverse=True) - b_a)
+        # Sub-chunk j's columns against the rows of every later sub-chunk b, through the end of j:
+        # exp(G_i - G_j') = E_i exp(P_b - P_(j+1)) C_j', every factor <= 1; one dot each. P_b - P_(j+1) is
+        # summed over the sub-chunks between (not a difference of two sums over the chunk).
+        for j in tl.static_range(NB - 1):
+            b_tj = tl.where(o_b[:, None] > j, b_tot, 0.0)
+            b_S = tl.where(o_b[:, None] > j, tl.exp2(tl.cumsum(b_tj, 0) - b_tj), 0.0)[:, None, :]
+            b_R = tl.trans(tl.reshape(tl.where(o_row3 // BC == j, b_kC, 0.0), [BT, BK]).to(OP_DT))
             b_Aqk += tl.dot(tl.reshape(b_qE * b_S, [BT, BK]).to(OP_DT), b_R)
             b_Akk += tl.dot(tl.reshape(b_kE * b_S, [BT, BK]).to(OP_DT), b_R)
         b_Gl = tl.sum(b_tot, 0)
@@ -242,14 +290,10 @@ def chunk_kda_intra_fwd_kernel(
         # bf16 tile instead of k and g again (fla also rounds this factor to bf16).
         tl.store(w + p_mid + i_k * BK + o_mid3, (b_kE * b_eP * b_beta3).to(DT), mask=m_tk3)
         tl.store(qg + p_mid + i_k * BK + o_mid3, (b_qE * b_eP * scale).to(DT), mask=m_tk3)
-        b_eL = tl.exp2(tl.minimum(b_Gl[None, :] - b_P - b_tot, 0.0))[:, None, :]
+        b_eL = tl.exp2(tl.cumsum(b_tot, 0, reverse=True) - b_tot)[:, None, :]
         tl.store(kg + p_mid + i_k * BK + o_mid3, (b_kC * b_eL).to(DT), mask=m_tk3)
         tl.store(gl + (i_bh.to(tl.int64) * NT + i_t) * K + o_k, tl.exp2(b_Gl), mask=o_k < K)
 
-    if FAST_DIAG:
-        fast = b_spread <= 60.0
-    else:
-        fast = b_spread < 0.0
     if USE_QK_L2NORM_IN_KERNEL:
         # Where the rows' norms go, with r_q, r_k their reciprocals and everything above computed from
         # the raw q and k: Akk of the unit keys is r_k,i r_k,j Akk (below, before the inverse); W and U
@@ -262,49 +306,13 @@ def chunk_kda_intra_fwd_kernel(
         tl.store(rq + r_mid, b_rq, mask=m_t)
     # The whole tile, zeros above the diagonal included, so that the scan loads it without a causal mask
     # (a plain load is one Triton pipelines ahead of the loop's dots; a masked one waited in every step).
-    # The exact path writes the diagonal blocks itself.
-    b_Aqk = tl.where(m_lower_blocks | m_same_causal, b_Aqk * scale, 0.0)
-    m_store = m_t[:, None] & tl.where(fast, m_same_block | ~m_same_block, ~m_same_block)
-    tl.store(Aqk + r_mid[:, None] * BT + o_i[None, :], b_Aqk.to(DT), mask=m_store)
+    b_Dqk = tl.where((o_c[:, None] == o_c[None, :])[None, :, :], b_qk[:, :, None], b_Dqk)
+    m_blocks = (o_b[:, None, None, None] == o_b[None, None, :, None])
+    b_Aqk += tl.reshape(tl.where(m_blocks, b_Dqk[:, :, None, :], 0.0), [BT, BT])
+    b_Akk += tl.reshape(tl.where(m_blocks, b_Dkk[:, :, None, :], 0.0), [BT, BT])
+    b_Aqk = tl.where(o_i[:, None] >= o_i[None, :], b_Aqk * scale, 0.0)
+    tl.store(Aqk + r_mid[:, None] * BT + o_i[None, :], b_Aqk.to(DT), mask=m_t[:, None])
     b_Akk = tl.where(o_i[:, None] > o_i[None, :], b_Akk * b_beta[:, None], 0.0)
-
-    if not fast:
-        # ---- the exact path: diagonal 16 x 16 blocks from pairwise decays, through the Akk scratch ----
-        tl.store(Akk + r_akk[:, None] * BT + o_i[None, :], b_Akk, mask=m_lower_blocks)
-        o_c = tl.arange(0, BC)
-        m_diag = o_c[:, None] >= o_c[None, :]
-        m_strict = o_c[:, None] > o_c[None, :]
-        for i_c in range(0, BT // BC):
-            o_tc = i_t * BT + i_c * BC + o_c
-            m_tc = o_tc < T
-            rc_in = (i_b.to(tl.int64) * T + o_tc) * H + i_h
-            b_Dqk = tl.zeros([BC, BC], dtype=tl.float32)
-            b_Dkk = tl.zeros([BC, BC], dtype=tl.float32)
-            for i_k in range(0, tl.cdiv(K, BKD)):
-                o_k = i_k * BKD + tl.arange(0, BKD)
-                m_tk = m_tc[:, None] & (o_k < K)[None, :]
-                b_q = tl.load(q + rc_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-                b_k = tl.load(k + rc_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-                b_g = tl.load(g + rc_in[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-                if USE_GATE_IN_KERNEL:
-                    b_bias_c = tl.load(dt_bias + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
-                    b_g = tl.where(m_tk, log_decay(b_g + b_bias_c[None, :], b_A), 0.0)
-                b_G = tl.cumsum(b_g * LOG2E, 0)
-                # [BC, BC, BKD]: exp(G_i - G_j); above the diagonal the difference is >= 0 and is clipped
-                # to 0 (the entries are masked below) so that nothing there can overflow.
-                b_e = tl.exp2(tl.minimum(b_G[:, None, :] - b_G[None, :, :], 0.0)) * b_k[None, :, :]
-                b_Dqk += tl.sum(b_q[:, None, :] * b_e, 2)
-                b_Dkk += tl.sum(b_k[:, None, :] * b_e, 2)
-            tl.store(Aqk + (i_bh.to(tl.int64) * T + o_tc)[:, None] * BT + (i_c * BC + o_c)[None, :],
-                     tl.where(m_diag, b_Dqk * scale, 0.0).to(DT), mask=m_tc[:, None])
-            b_bc = tl.load(beta + rc_in, mask=m_tc, other=0.0).to(tl.float32)
-            if USE_BETA_SIGMOID_IN_KERNEL:
-                b_bc = tl.sigmoid(b_bc)
-            p_L = Akk + (akk0 + i_c * BC + o_c)[:, None] * BT + (i_c * BC + o_c)[None, :]
-            tl.store(p_L, tl.where(m_strict, b_Dkk * b_bc[:, None], 0.0))
-        # Other threads wrote the blocks this one reads next.
-        tl.debug_barrier()
-        b_Akk = tl.load(Akk + r_akk[:, None] * BT + o_i[None, :], mask=m_same_block | m_lower_blocks, other=0.0)
 
     # ---- (I + L)^-1 for L = Akk, strictly lower triangular, in registers, by blocks of 4, 16, 64 ----
     # With Dinv the inverse of I plus L's diagonal blocks and N = Dinv L_off (L_off: L's entries between
@@ -474,7 +482,7 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
 
 
 def chunk_kda_intra(q, k, v, g, beta, scale, A_log=None, dt_bias=None, l2norm=False, beta_sigmoid=False,
-                    BK=None, BKD=None, num_warps=4, num_stages=None, fast_diag=True,
+                    BK=None, BKD=None, diag_loop=True, num_warps=4, num_stages=None,
                     solve_precision=_SOLVE_PRECISION):
     """Launch 1: the state-free per-chunk work. Returns the scratch buffers the scan reads."""
     B, T, H, K = q.shape
@@ -497,24 +505,22 @@ def chunk_kda_intra(q, k, v, g, beta, scale, A_log=None, dt_bias=None, l2norm=Fa
         aqk=torch.empty(BH, T, BT, dtype=dt, device=dev),
         shape=(B, T, H, K, V, NT),
     )
-    # Only this launch uses it: freed before the output of the scan is allocated.
-    akk = torch.empty(BH, NT * BT, BT, dtype=torch.float32, device=dev)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     compiled = chunk_kda_intra_fwd_kernel[(NT, BH)](
-        q, k, v, g, beta, bufs["qg"], bufs["kg"], bufs["w"], bufs["u"], bufs["gl"], bufs["aqk"], akk,
+        q, k, v, g, beta, bufs["qg"], bufs["kg"], bufs["w"], bufs["u"], bufs["gl"], bufs["aqk"],
         bufs["rq"] if l2norm else g, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
         scale, T, NT,
         H=H, K=K, V=V, BT=BT, BC=BC,
-        # 64 channels a step: the gram phase 1.67 -> 1.47 ms at 32k on an H100 against 32 (16: 2.5 ms). With
-        # both the gate and the L2 norm in the kernel, 32: at 64 that kernel spills (600 bytes against 44,
-        # compile_sm90.py) and, in its first form (norms by a pass of their own), took 4.35 ms against 2.82
-        # (the plain one 2.12; gate and sigmoid alone 2.43, L2 norm and sigmoid 2.40; 2026-11-27).
-        BK=BK or min(32 if A_log is not None and l2norm else 64, triton.next_power_of_2(K)),
-        BKD=BKD or min(16, triton.next_power_of_2(K)),
+        # 32 channels a step, the levels inside the sub-chunks in a pass of their own (diag_loop): compiled
+        # for sm_90a with Triton 3.6, 40 bytes of spills (32 with the gate and norms in the kernel), against
+        # 500 with BK = 64 and 240 with the levels all in one pass (packaging/gpu_checks/compile_sm90.py).
+        # `kimi-desk bench kernels` times the others.
+        BK=BK or min(32, triton.next_power_of_2(K)),
+        BKD=BKD or min(32, triton.next_power_of_2(K)),
+        DIAG_LOOP=diag_loop,
         KF=triton.next_power_of_2(K),
         VF=triton.next_power_of_2(V),
         SOLVE_PRECISION=solve_precision,
-        FAST_DIAG=fast_diag,
         OP_DT=_op_dtype(dt),
         USE_GATE_IN_KERNEL=A_log is not None,
         USE_QK_L2NORM_IN_KERNEL=l2norm,

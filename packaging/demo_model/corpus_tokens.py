@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,35 @@ def _cache_key(corpus: Path, split: str, tokenizer) -> str:
     return hashlib.sha256(source.encode("utf-8")).hexdigest()[:20]
 
 
-def tokenize_split(corpus: Path, tokenizer, split: str, cache_dir: Path | None = None, log=print) -> TokenizedSplit:
-    """The split's documents as ids, from the cache when it holds this corpus and tokenizer."""
+_WORKER_TOKENIZER = None
+
+
+def _encode_document(doc: dict) -> list[array]:
+    return [array("i", _WORKER_TOKENIZER.encode(text, allow_special=False)) for text in document_segments(doc)]
+
+
+def _encode_documents(tokenizer, documents: list[dict], workers: int):
+    """Each document's segments as ids, in order; in `workers` forked processes when more than one.
+    Why: on the GPU machine the corpus comes as text (its ids do not fit the files a call may carry)
+    and one process took minutes of the training budget to encode it; 16 cores take seconds."""
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+    if workers <= 1 or len(documents) < 2:
+        return map(_encode_document, documents)
+    import multiprocessing
+
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    try:
+        return pool.map(_encode_document, documents, chunksize=1)
+    finally:
+        pool.close()
+
+
+def tokenize_split(corpus: Path, tokenizer, split: str, cache_dir: Path | None = None, log=print,
+                   workers: int | None = None) -> TokenizedSplit:
+    """The split's documents as ids, from the cache when it holds this corpus and tokenizer; encoded
+    in `workers` processes (default: one per core, at most 16) when the cache lacks them."""
+    workers = min(16, os.cpu_count() or 1) if workers is None else workers
     corpus = Path(corpus)
     cache_dir = Path(cache_dir) if cache_dir is not None else corpus / "tokens"
     key = _cache_key(corpus, split, tokenizer)
@@ -84,10 +112,10 @@ def tokenize_split(corpus: Path, tokenizer, split: str, cache_dir: Path | None =
     flat = array("i")
     segment_offsets, document_offsets = [0], [0]
     segment_paths, roots, sources = [], [], []
-    for doc in read_documents(corpus, split):
+    documents = list(read_documents(corpus, split))
+    for doc, pieces in zip(documents, _encode_documents(tokenizer, documents, workers), strict=True):
         paths = ["", *(f["path"] for f in doc["files"])]
-        for path, text in zip(paths, document_segments(doc), strict=True):
-            ids = tokenizer.encode(text, allow_special=False)
+        for path, ids in zip(paths, pieces, strict=True):
             flat.extend(ids)
             segment_offsets.append(segment_offsets[-1] + len(ids))
             segment_paths.append(path)

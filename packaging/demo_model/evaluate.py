@@ -12,7 +12,12 @@
    (`document_head_ids`, the document, `question_ids`), read by chunked prefill, then greedy decoding
    until <|im_end|>; a trial counts when the reply contains the fact's value. Once with the fact alone
    and once with 3 distractor facts of the same kind about other keys.
-Writes eval.json and eval.md (the tables for the model card) in --out.
+3. Code questions on held-out code folders at --code-lengths (default 8k, 32k): which file defines X,
+   what a setting or argument defaults to, where the function that does Z is (task_samples.py).
+4. Two-turn follow-ups (a question, the model's own reply kept in the state, then a question about
+   that answer), and README's two questions on `kimi-desk open README.md`'s document.
+Writes eval.json, eval.md (the tables for the model card) and replies.jsonl (every trial's replies) in
+--out, after each table. --quick shrinks every table for a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import torch
 
 from corpus_tokens import tokenize_split
 from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
-from retrieval_samples import RetrievalSampleBuilder
+from retrieval_samples import FACT_KINDS
+from task_samples import TaskSampleBuilder, is_correct
 
 from kimi_desk.engine import load_model
-from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, stop_token_ids
+from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_prompt, stop_token_ids
 from kimi_desk.engine.generate import GREEDY, generate, prefill
+from kimi_desk.engine.ingest import load_path
 from kimi_desk.engine.tokenizer import load_tokenizer
 
 DEFAULT_MODEL = DEFAULT_CORPUS.parent / "run" / "model"
@@ -83,40 +90,98 @@ def heldout_perplexity(model, stream: torch.Tensor, tokens: int, context: int, c
 
 
 @torch.no_grad()
-def needle_trial(model, tokenizer, builder, length: int, depth: float, distractors: int, rng: random.Random,
-                 stops, chunk: int, max_new_tokens: int) -> dict:
-    sample = builder.build(length, rng, depth=depth, num_distractors=distractors, system=DEFAULT_SYSTEM_PROMPT)
-    prompt = sample.prompt_ids
+def run_conversation(model, tokenizer, sample, stops, chunk: int, max_new_tokens: int) -> dict:
+    """Read the sample's document as a session does (prefill, state kept), then each turn: feed the
+    question (after the first, the previous reply's <|im_end|> and the new user turn, as
+    next_turn_token_ids), generate greedily until <|im_end|>; the model's own replies stay in the state."""
+    ids = sample.input_ids
     state = model.new_state(1)
     began = time.perf_counter()
-    # The document, then the question: what a session does (it keeps the state after the document).
-    prefill(model, prompt[: sample.document_end], state, chunk_size=chunk)
-    result = generate(model, prompt[sample.document_end :], state, max_new_tokens=max_new_tokens, sampling=GREEDY,
-                      stop_token_ids=stops, prefill_chunk_size=chunk)
-    reply = tokenizer.decode(result.token_ids, skip_special_tokens=True)
-    return {"length": len(prompt), "depth": round(sample.depth, 3), "kind": sample.fact.kind,
-            "distractors": distractors, "value": sample.fact.value, "reply": reply,
-            "correct": sample.fact.value in reply, "seconds": round(time.perf_counter() - began, 2)}
+    prefill(model, ids[: sample.document_end], state, chunk_size=chunk)
+    turns = []
+    for turn, (start, end) in zip(sample.turns, sample.feeds):
+        result = generate(model, ids[start:end], state, max_new_tokens=max_new_tokens, sampling=GREEDY,
+                          stop_token_ids=stops, prefill_chunk_size=chunk)
+        reply = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        turns.append({"question": turn.question, "reference": turn.answer, "expected": list(turn.expected),
+                      "any_of": list(turn.any_of), "reply": reply, "correct": is_correct(turn, reply)})
+    return {"task": sample.task, "length": sample.answer_spans[0][0], "depth": None if sample.depth is None
+            else round(sample.depth, 3), **sample.detail, "turns": turns,
+            "correct": turns[-1]["correct"], "seconds": round(time.perf_counter() - began, 2)}
+
+
+def _row(name: str, length: int, outcomes: list[dict], log, **extra) -> dict:
+    correct = sum(o["correct"] for o in outcomes)
+    log(f"{name} at {length} tokens{''.join(f', {k} {v}' for k, v in extra.items())}: {correct}/{len(outcomes)} "
+        f"({sum(o['seconds'] for o in outcomes):.0f} s)")
+    return {"length": length, **extra, "trials": len(outcomes), "correct": correct,
+            "accuracy": correct / max(1, len(outcomes)), "outcomes": outcomes}
 
 
 def needle_table(model, tokenizer, builder, lengths: list[int], trials: int, seed: int, chunk: int,
                  max_new_tokens: int, log=print) -> list[dict]:
+    """A fact of the first card's kinds at `trials` evenly spread depths, alone and with 3 distractors."""
     stops = stop_token_ids(tokenizer, model.config)
     rows = []
     for length in lengths:
         for distractors in (0, 3):
             rng = random.Random(f"{seed}-{length}-{distractors}")
-            outcomes = []
-            for trial in range(trials):
-                depth = (trial + 0.5) / trials
-                outcomes.append(needle_trial(model, tokenizer, builder, length, depth, distractors, rng, stops,
-                                             chunk, max_new_tokens))
-            correct = sum(o["correct"] for o in outcomes)
-            rows.append({"length": length, "distractors": distractors, "trials": trials, "correct": correct,
-                         "accuracy": correct / trials, "outcomes": outcomes})
-            log(f"needle at {length} tokens, {distractors} distractors: {correct}/{trials} "
-                f"({sum(o['seconds'] for o in outcomes):.0f} s)")
+            outcomes = [run_conversation(model, tokenizer, builder.needle(length, rng, depth=(t + 0.5) / trials,
+                                                                         distractors=distractors,
+                                                                         kind=rng.choice(FACT_KINDS)),
+                                         stops, chunk, max_new_tokens) for t in range(trials)]
+            rows.append(_row("needle", length, outcomes, log, distractors=distractors))
     return rows
+
+
+def task_table(model, tokenizer, builder, tasks: list[str], lengths: list[int], trials: int, seed: int, chunk: int,
+               max_new_tokens: int, log=print) -> list[dict]:
+    """`trials` conversations of each task at each length, on held-out folders."""
+    stops = stop_token_ids(tokenizer, model.config)
+    rows = []
+    for task in tasks:
+        for length in lengths:
+            rng = random.Random(f"{seed}-{task}-{length}")
+            outcomes = []
+            for _ in range(3 * trials):
+                if len(outcomes) == trials:
+                    break
+                sample = builder.build(task, length, rng)
+                # A folder with nothing to ask falls back to a needle: drawn again, not counted.
+                if sample.task == task:
+                    outcomes.append(run_conversation(model, tokenizer, sample, stops, chunk, max_new_tokens))
+            rows.append(_row(task, length, outcomes, log, task=task))
+    return rows
+
+
+README_QUESTIONS = (("Which command lists the saved sessions?", "kimi-desk sessions list"),
+                    ("Which variable forces the PyTorch kernels?", "KIMI_DESK_KERNELS"))
+
+
+@torch.no_grad()
+def readme_table(model, tokenizer, readme: Path, chunk: int, max_new_tokens: int, log=print) -> dict:
+    """README's run command (`kimi-desk open README.md`), asked the issue's two questions: the document as
+    the engine loads it, each question from the document's state as `ask` does it."""
+    document = load_path(readme).text
+    stops = stop_token_ids(tokenizer, model.config)
+    outcomes = []
+    for question, expected in README_QUESTIONS:
+        prompt = document_prompt(tokenizer, document, question, DEFAULT_SYSTEM_PROMPT)
+        state = model.new_state(1)
+        began = time.perf_counter()
+        prefill(model, prompt.prefix_ids, state, chunk_size=chunk)
+        result = generate(model, prompt.suffix_ids, state, max_new_tokens=max_new_tokens, sampling=GREEDY,
+                          stop_token_ids=stops, prefill_chunk_size=chunk)
+        reply = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        outcomes.append({"question": question, "expected": expected, "reply": reply, "correct": expected in reply,
+                         "length": len(prompt.token_ids), "seconds": round(time.perf_counter() - began, 2)})
+    correct = sum(o["correct"] for o in outcomes)
+    log(f"README questions: {correct}/{len(outcomes)}")
+    return {"path": str(readme), "correct": correct, "trials": len(outcomes), "outcomes": outcomes}
+
+
+def _cell(row: dict | None) -> str:
+    return "" if row is None else f"{row['correct']}/{row['trials']} ({100 * row['accuracy']:.0f}%)"
 
 
 def markdown(results: dict) -> str:
@@ -124,7 +189,9 @@ def markdown(results: dict) -> str:
     lines = [
         f"## Evaluation of `{results['model']}`",
         "",
-        f"Device {results['device']}, dtype {results['dtype']}, through `kimi_desk.engine.load_model`.",
+        f"Device {results['device']}, dtype {results['dtype']}, through `kimi_desk.engine.load_model`"
+        f"{' (--quick: fewer and shorter trials)' if results.get('quick') else ''}. Every reply is in "
+        "`replies.jsonl` beside this file.",
         "",
         "### Held-out perplexity",
         "",
@@ -142,7 +209,8 @@ def markdown(results: dict) -> str:
         "### Needle in a haystack",
         "",
         "A fact planted at evenly spread depths of a folder of held-out source files and manual pages, "
-        "asked for after the document in the chat format; greedy reply, correct when it contains the value.",
+        "asked for after the document in the chat format; greedy reply, correct when it contains the value. "
+        "Distractors: 3 facts of the same kind about other keys, with other values.",
         "",
         "| context | fact alone | with 3 distractor facts |",
         "|---:|---:|---:|",
@@ -151,9 +219,44 @@ def markdown(results: dict) -> str:
     for row in results["needle"]:
         by_length.setdefault(row["length"], {})[row["distractors"]] = row
     for length, row in sorted(by_length.items()):
-        cells = [f"{r['correct']}/{r['trials']} ({100 * r['accuracy']:.0f}%)" for r in (row.get(0), row.get(3)) if r]
-        lines.append(f"| {length:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {length:,} | {_cell(row.get(0))} | {_cell(row.get(3))} |")
+    if results.get("code"):
+        lengths = sorted({r["length"] for r in results["code"]})
+        lines += ["", "### Code questions on held-out code folders", "",
+                  "\"Which file defines X\" (X defined once in the folder; right when the reply holds the path), "
+                  "\"what does the setting/argument default to\" (the literal), \"where is the function that ...\" "
+                  "(from its docstring; right when the reply names the function).", "",
+                  "| question | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |",
+                  "|---|" + "---:|" * len(lengths)]
+        for task in dict.fromkeys(r["task"] for r in results["code"]):
+            cells = {r["length"]: r for r in results["code"] if r["task"] == task}
+            lines.append(f"| {task} | " + " | ".join(_cell(cells.get(n)) for n in lengths) + " |")
+    if results.get("followup"):
+        lines += ["", "### Two-turn follow-ups", "",
+                  "A needle, \"which file defines\" or default question, then a second turn that refers to the "
+                  "answer (\"Which file says so?\", \"What else does that file define?\"); the model's own first "
+                  "reply stays in the state; counted when the second reply is right (first reply right too in "
+                  "brackets).", "", "| context | second reply right | first reply right |", "|---:|---:|---:|"]
+        for row in results["followup"]:
+            first = sum(o["turns"][0]["correct"] for o in row["outcomes"])
+            lines.append(f"| {row['length']:,} | {_cell(row)} | {first}/{row['trials']} |")
+    if results.get("readme"):
+        lines += ["", "### README's run command", "", "| question | expected | reply | right |", "|---|---|---|---|"]
+        for o in results["readme"]["outcomes"]:
+            reply = o["reply"].replace("|", "\\|").replace("\n", " ")[:80]
+            lines.append(f"| {o['question']} | `{o['expected']}` | {reply} | {'yes' if o['correct'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def write_replies(results: dict, path: Path) -> None:
+    """Every trial's conversation and replies, one JSON line each."""
+    with path.open("w", encoding="utf-8") as out:
+        for table in ("needle", "code", "followup"):
+            for row in results.get(table, []):
+                for outcome in row["outcomes"]:
+                    out.write(json.dumps({"table": table, **outcome}) + "\n")
+        for outcome in results.get("readme", {}).get("outcomes", []):
+            out.write(json.dumps({"table": "readme", **outcome}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,18 +267,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                         help="default: the checkpoint's on CUDA, float32 on the CPU")
-    parser.add_argument("--ppl-tokens", type=int, default=65536)
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer and shorter trials, for a 2-core CPU (about 10 minutes there): 3 trials, needles "
+                             "at 4k and 16k, code questions at 8k, 4 follow-ups, 8k tokens of perplexity")
+    parser.add_argument("--ppl-tokens", type=int, default=None, help="default 65536 (--quick: 8192)")
     parser.add_argument("--ppl-context", type=int, default=4096)
     parser.add_argument("--ppl-chunk", type=int, default=1024,
                         help="tokens per model call for perplexity (several per sequence, so the state is handed on)")
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="tokens per model call for the needles "
                         "(a session's default)")
-    parser.add_argument("--token-by-token", type=int, default=512)
-    parser.add_argument("--lengths", default="4096,32768,131072")
-    parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--token-by-token", type=int, default=None, help="default 512 (--quick: 128)")
+    parser.add_argument("--lengths", default=None, help="needle lengths (default 4096,32768,131072; --quick 4096,16384)")
+    parser.add_argument("--code-lengths", default=None, help="default 8192,32768 (--quick 8192)")
+    parser.add_argument("--code-tasks", default="which_file,setting_default,where_function")
+    parser.add_argument("--followup-length", type=int, default=4096)
+    parser.add_argument("--trials", type=int, default=None, help="default 10 (--quick: 3)")
+    parser.add_argument("--followup-trials", type=int, default=None, help="default 10 (--quick: 4)")
+    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[2] / "README.md")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = dict(ppl_tokens=(8192, 65536), token_by_token=(128, 512), lengths=("4096,16384", "4096,32768,131072"),
+                    code_lengths=("8192", "8192,32768"), trials=(3, 10), followup_trials=(4, 10))
+    for name, (small, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
     out = args.out or args.model.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else None)
@@ -185,19 +302,42 @@ def main(argv: list[str] | None = None) -> None:
     stream = heldout.lm_stream(tokenizer.special_tokens["[EOS]"])
     began = time.perf_counter()
     results = {"model": str(args.model), "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-               "dtype": str(model.dtype).removeprefix("torch.")}
+               "dtype": str(model.dtype).removeprefix("torch."), "quick": quick,
+               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+
+    def save() -> None:
+        # After every table: a run cut short (a GPU call's time limit) keeps what it measured.
+        results["seconds"] = round(time.perf_counter() - began, 1)
+        (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_replies(results, out / "replies.jsonl")
+        if "needle" in results:
+            (out / "eval.md").write_text(markdown(results), encoding="utf-8")
+
     results["perplexity"] = heldout_perplexity(model, stream, args.ppl_tokens, args.ppl_context, args.ppl_chunk,
                                                args.token_by_token)
     print(json.dumps(results["perplexity"], indent=2))
-    builder = RetrievalSampleBuilder(heldout, tokenizer)
+    save()
+    builder = TaskSampleBuilder(heldout, tokenizer)
+    if args.readme.is_file():
+        results["readme"] = readme_table(model, tokenizer, args.readme, args.prefill_chunk, args.max_new_tokens)
     lengths = [int(n) for n in args.lengths.split(",")]
-    results["needle"] = needle_table(model, tokenizer, builder, lengths, args.trials, args.seed, args.prefill_chunk,
-                                     args.max_new_tokens)
-    results["seconds"] = round(time.perf_counter() - began, 1)
-    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "eval.md").write_text(markdown(results), encoding="utf-8")
+    results["needle"] = needle_table(model, tokenizer, builder, lengths[:1], args.trials, args.seed,
+                                     args.prefill_chunk, args.max_new_tokens)
+    save()
+    results["code"] = task_table(model, tokenizer, builder, args.code_tasks.split(","),
+                                 [int(n) for n in args.code_lengths.split(",")], args.trials, args.seed,
+                                 args.prefill_chunk, args.max_new_tokens)
+    save()
+    results["followup"] = task_table(model, tokenizer, builder, ["followup"], [args.followup_length],
+                                     args.followup_trials, args.seed, args.prefill_chunk, args.max_new_tokens)
+    save()
+    # The long needles last: the slowest trials, so a time limit costs the fewest tables.
+    for length in lengths[1:]:
+        results["needle"] += needle_table(model, tokenizer, builder, [length], args.trials, args.seed,
+                                          args.prefill_chunk, args.max_new_tokens)
+        save()
     print(markdown(results))
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and {out / 'replies.jsonl'}")
 
 
 if __name__ == "__main__":

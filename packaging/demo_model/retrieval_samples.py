@@ -75,10 +75,68 @@ def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
         value = str(rng.choice((rng.randint(2, 99), rng.randint(100, 9999))))
         statement = f"The {key}_limit setting must be set to {value}."
         return Fact(kind, key, value, statement, f"What must the {key}_limit setting be set to?", statement)
+    if kind == "command":
+        # key: "tool|action|noun"; the README's kind of line ("kimi-desk sessions list" lists the sessions).
+        tool, action, noun = key.split("|")
+        value = f"{tool} {noun} {_ACTIONS[action][0]}"
+        statement = rng.choice((f"`{value}` {action} the saved {noun}.",
+                                f"Run `{value}` to {_ACTIONS[action][1]} the saved {noun}.",
+                                f"The command `{value}` {action} the saved {noun}."))
+        return Fact(kind, key, value, statement, f"Which command {action} the saved {noun}?",
+                    f"`{value}` {action} the saved {noun}.")
+    if kind == "variable":
+        # key: "TOOL|thing"; the README's kind of line (KIMI_DESK_KERNELS=torch forces the PyTorch kernels).
+        tool, thing = key.split("|")
+        value = f"{tool}_{rng.choice(_VARIABLE_WORDS)}"
+        setting = rng.choice(("torch", "1", "cpu", "plain", "0", "safe", "eager", "on"))
+        statement = rng.choice((f"`{value}={setting}` forces the {thing}.",
+                                f"Set {value}={setting} to force the {thing}.",
+                                f"Environment: `{value}={setting}` forces the {thing} everywhere."))
+        return Fact(kind, key, value, statement, f"Which variable forces the {thing}?",
+                    f"`{value}={setting}` forces the {thing}.")
     raise ValueError(f"unknown fact kind {kind!r}")
 
 
+# The model card's needle table draws from these (as the first card did); training also plants the
+# documentation kinds, the form of the README's answers.
 FACT_KINDS = ("port", "code", "maintainer", "date", "setting")
+DOC_FACT_KINDS = ("command", "variable")
+ALL_FACT_KINDS = FACT_KINDS + DOC_FACT_KINDS
+# action: (the command's verb, the infinitive)
+_ACTIONS = {"lists": ("list", "list"), "deletes": ("rm", "delete"), "exports": ("export", "export"),
+            "imports": ("import", "import"), "shows": ("show", "show"), "renames": ("rename", "rename"),
+            "archives": ("archive", "archive"), "restores": ("restore", "restore"), "checks": ("check", "check")}
+_NOUNS = ("sessions", "snapshots", "models", "caches", "bookmarks", "jobs", "profiles", "plugins", "workspaces",
+          "notes", "reports", "backups")
+_THINGS = ("PyTorch kernels", "CPU path", "debug log", "offline mode", "plain renderer", "safe loader",
+           "legacy parser", "single thread", "compact output", "slow decoder", "fp32 weights", "eager mode")
+_VARIABLE_WORDS = ("KERNELS", "BACKEND", "DEVICE", "MODE", "DEBUG", "OFFLINE", "THREADS", "RENDER", "LOADER",
+                   "PARSER", "DTYPE", "EAGER", "PLAIN", "SAFE", "CUDA_GRAPH", "CACHE")
+
+
+def fact_keys(kind: str, count: int, rng: random.Random) -> list[str]:
+    """`count` distinct keys of one kind: the asked fact's and its distractors'. The documentation
+    kinds share one tool among them, so only the asked action or thing tells them apart."""
+    keys: set[str] = set()
+    if kind == "command":
+        tool = random_key(rng)
+        while len(keys) < count:
+            keys.add(f"{tool}|{rng.choice(sorted(_ACTIONS))}|{rng.choice(_NOUNS)}")
+    elif kind == "variable":
+        tool = random_key(rng).upper()
+        while len(keys) < count:
+            keys.add(f"{tool}|{rng.choice(_THINGS)}")
+    else:
+        while len(keys) < count:
+            keys.add(random_key(rng))
+    keys = sorted(keys)
+    rng.shuffle(keys)
+    return keys
+
+
+def key_slug(key: str) -> str:
+    """The key as a piece of a file name."""
+    return "".join(c if c.isalnum() else "_" for c in key.split("|")[-1].lower())[:24]
 
 
 @dataclass
@@ -90,6 +148,7 @@ class RetrievalSample:
     fact: Fact
     fact_position: int  # token index where the planted statement starts
     distractors: list[Fact] = field(default_factory=list)
+    planted_path: str | None = None  # the file that holds the asked fact
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -187,11 +246,7 @@ class RetrievalSampleBuilder:
         """A sample of at most `total_tokens` ids (a few tokens less when no file fits the last gap)."""
         kind = kind or rng.choice(FACT_KINDS)
         num_distractors = rng.randint(0, 3) if num_distractors is None else num_distractors
-        keys = set()
-        while len(keys) < num_distractors + 1:
-            keys.add(random_key(rng))
-        keys = sorted(keys)
-        rng.shuffle(keys)
+        keys = fact_keys(kind, num_distractors + 1, rng)
         facts: list[Fact] = []
         for key in keys:
             candidate = make_fact(kind, key, rng)
@@ -228,7 +283,7 @@ class RetrievalSampleBuilder:
         document_start, document_end = len(head), len(head) + len(document)
         fact_position = self._statement_position(files, blocks, tree, planted_path, fact, document_start)
         return RetrievalSample(input_ids, len(input_ids) - len(answer), document_start, document_end, fact,
-                               fact_position, distractors)
+                               fact_position, distractors, planted_path)
 
     def _files(self, picked: list[tuple[str, int]], multi_source: bool) -> list[_File]:
         files = []
@@ -264,7 +319,7 @@ class RetrievalSampleBuilder:
             # With no file short enough for the budget, the folder holds only the notes.
             if target is None or rng.random() < 0.5:
                 folder = posixpath.dirname(target.path) if target is not None else ""
-                name = f"{fact.key}_{rng.choice(('notes.txt', 'NOTES.md', 'secrets.txt', 'config.txt'))}"
+                name = f"{key_slug(fact.key)}_{rng.choice(('notes.txt', 'NOTES.md', 'secrets.txt', 'config.txt'))}"
                 path = posixpath.join(folder, name) if folder else name
                 files.append(_File(path, None, render_file_block(path, fact.statement + "\n")))
                 files.sort(key=lambda f: reading_order_key(f.path))

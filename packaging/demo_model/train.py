@@ -33,6 +33,8 @@ import math
 import random
 import shutil
 import time
+
+_PROCESS_STARTED = time.perf_counter()  # before torch's import, which the start-up phases count too
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,7 @@ import torch
 
 from corpus_tokens import tokenize_split
 from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
-from retrieval_samples import RetrievalSampleBuilder
+from task_samples import DEFAULT_MIX, TaskSampleBuilder
 from train_tokenizer import DEFAULT_OUT as DEFAULT_TOKENIZER, model_vocab_size
 from training_forward import select_kda_function, training_hidden, weighted_lm_loss
 
@@ -187,20 +189,22 @@ def lm_batch(stream: torch.Tensor, rows: int, context: int, gen: torch.Generator
     return Batch("lm", windows[:, :-1], windows[:, 1:], torch.zeros(rows, context), ones)
 
 
-def retrieval_batch(builder: RetrievalSampleBuilder, rows: int, context: int, rng: random.Random, pad_id: int,
-                    system_prompts: list[str | None]) -> Batch:
-    """Conversations of at most `context` tokens, padded at the end (padding is never a target, and the
-    causal model never lets it reach earlier positions)."""
+def retrieval_batch(builder: TaskSampleBuilder, rows: int, context: int, rng: random.Random, pad_id: int,
+                    system_prompts: list[str | None], document_weight: float = 0.0) -> Batch:
+    """Task conversations (task_samples.py) of at most `context` tokens, padded at the end (padding is
+    never a target, and the causal model never lets it reach earlier positions). The answer weights
+    cover every reply of a conversation; the document weights (`document_weight` on its tokens, 0 by
+    default: the loss is the replies') let a run keep some language modelling inside the stage too."""
     inputs = torch.full((rows, context + 1), pad_id, dtype=torch.long)
     answer = torch.zeros(rows, context)
     document = torch.zeros(rows, context)
     for row in range(rows):
-        sample = builder.build(context + 1, rng, system=rng.choice(system_prompts))
+        sample = builder.sample(context + 1, rng, system=rng.choice(system_prompts))
         n = len(sample.input_ids)
         inputs[row, :n] = torch.tensor(sample.input_ids)
-        weights = torch.tensor(sample.target_weights(document_weight=1.0))
-        answer[row, : n - 1] = (torch.arange(1, n) >= sample.answer_start).float()
-        document[row, : n - 1] = weights * (1 - answer[row, : n - 1])
+        answer[row, : n - 1] = torch.tensor(sample.target_weights(0.0))
+        if document_weight:
+            document[row, sample.document_start : sample.document_end - 1] = document_weight
     return Batch("retrieval", inputs[:, :-1], inputs[:, 1:], answer, document)
 
 
@@ -221,10 +225,11 @@ class RetrievalSteps:
     """Optimizer steps of retrieval conversations, the contexts taken in turn (across loader workers too:
     worker w of n builds turns w, w + n, ...; the loader hands their steps out in that order)."""
 
-    def __init__(self, builder: RetrievalSampleBuilder, contexts: list[int], micro_batch_tokens: int,
-                 micro_steps: int, pad_id: int, seed: int):
+    def __init__(self, builder: TaskSampleBuilder, contexts: list[int], micro_batch_tokens: int,
+                 micro_steps: int, pad_id: int, seed: int, document_weight: float = 0.0):
         self.builder, self.contexts, self.micro_batch_tokens = builder, contexts, micro_batch_tokens
         self.micro_steps, self.pad_id, self.seed = micro_steps, pad_id, seed
+        self.document_weight = document_weight
         self.rng, self.turn = None, 0
 
     def __call__(self, worker: int, workers: int) -> list[Batch]:
@@ -233,8 +238,8 @@ class RetrievalSteps:
         context = self.contexts[self.turn % len(self.contexts)]
         self.turn += workers
         rows = max(1, self.micro_batch_tokens // context)
-        return [retrieval_batch(self.builder, rows, context, self.rng, self.pad_id, SYSTEM_PROMPTS)
-                for _ in range(self.micro_steps)]
+        return [retrieval_batch(self.builder, rows, context, self.rng, self.pad_id, SYSTEM_PROMPTS,
+                                self.document_weight) for _ in range(self.micro_steps)]
 
 
 class _StepStream(torch.utils.data.IterableDataset):
@@ -285,6 +290,12 @@ def clock_learning_rate(steps_done: int, progress: float, warmup: int, peak: flo
     if steps_done < warmup:
         return peak * (steps_done + 1) / warmup
     return peak * (floor_fraction + (1 - floor_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def stage_b_kind(index: int, lm_mix: float) -> str:
+    """Stage (b)'s step `index`: a language-modelling step in a fraction `lm_mix` of them, evenly spread
+    (so that the corpus's fluency is kept while the loss on task samples is the replies' only)."""
+    return "lm" if math.floor((index + 1) * lm_mix) > math.floor(index * lm_mix) else "retrieval"
 
 
 def stage_a_steps(total: int, retrieval_fraction: float) -> int:
@@ -476,8 +487,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=None, help="tokens per forward/backward pass")
     parser.add_argument("--lm-context", type=int, default=None)
     parser.add_argument("--retrieval-contexts", default=None, help="comma-separated lengths, used in turn")
-    parser.add_argument("--document-loss-weight", type=float, default=1.0,
-                        help="weight of the document's mean LM loss beside the reply's mean loss in stage (b)")
+    parser.add_argument("--document-loss-weight", type=float, default=0.0,
+                        help="weight of the document's mean LM loss beside the replies' mean loss in stage (b) "
+                             "(default 0: the loss on task samples is the replies'; --lm-mix keeps the fluency)")
+    parser.add_argument("--lm-mix", type=float, default=0.25,
+                        help="share of stage (b)'s steps that are plain language modelling")
+    parser.add_argument("--task-mix", default=None,
+                        help="stage (b)'s tasks and weights, e.g. needle=0.35,which_file=0.2,where_function=0.1,"
+                             "setting_default=0.15,followup=0.2 (the default)")
+    parser.add_argument("--train-minutes", type=float, default=None,
+                        help="minutes of training steps, counted after start-up and the warm-up steps "
+                             "(instead of --time-budget-minutes, which counts from the start)")
+    parser.add_argument("--triton-autotune", choices=("pinned", "full"), default="pinned",
+                        help="pinned: one config per Triton autotuner (no benchmarking; see "
+                             "training_forward.pin_triton_autotune); full: Triton's autotuning")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--min-lr-fraction", type=float, default=0.1)
     parser.add_argument("--warmup-steps", type=int, default=100)
@@ -496,6 +519,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="shard the exported safetensors (e.g. 15 to fetch files of under 16 MiB)")
     parser.add_argument("--plot-log", type=Path, default=None, help="only draw the curve of this log.jsonl")
     args = parser.parse_args(argv)
+    if args.tokenizer == DEFAULT_TOKENIZER and args.init_from is not None and (args.init_from / "tokenizer.json").is_file():
+        # The checkpoint's own tokenizer: the ids it was trained on.
+        args.tokenizer = args.init_from
     if args.plot_log is not None:
         for path in plot_log(args.plot_log, args.plot_log.parent):
             print(f"wrote {path}")
@@ -525,6 +551,15 @@ def run(args) -> dict:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
+    phases = {}  # seconds of each start-up phase, for the summary: what costs time that is not training
+
+    def phase(name: str, since: float) -> float:
+        now = time.perf_counter()
+        phases[name] = round(now - since, 1)
+        print(f"{name}: {phases[name]:.1f} s")
+        return now
+
+    mark = phase("imports_and_setup", _PROCESS_STARTED)
     tokenizer = load_tokenizer(args.tokenizer)
     specials = tokenizer.special_tokens
     config = demo_config(model_vocab_size(tokenizer), specials["[BOS]"], specials["<|im_end|>"], specials["[PAD]"],
@@ -535,6 +570,7 @@ def run(args) -> dict:
         raise SystemExit(f"{args.corpus}: the held-out split is empty; rebuild the corpus with a larger --heldout-fraction")
     separator = specials["[EOS]"]
     train_stream, heldout_stream = train_split.lm_stream(separator), heldout_split.lm_stream(separator)
+    mark = phase("tokenize_corpus", mark)
 
     model = init_model(config, args.seed, device)
     if args.init_from is not None:
@@ -546,21 +582,32 @@ def run(args) -> dict:
         model.load_state_dict(trained.state_dict())
         del trained
     counts = parameter_counts(model)
-    kda_fn, kda_backend = select_kda_function(args.kda_backend, device)
+    mark = phase("build_model", mark)
+    kda_fn, kda_backend = select_kda_function(args.kda_backend, device, heads=config.kda_num_heads,
+                                              head_dim=config.kda_head_dim,
+                                              pin_configs=args.triton_autotune == "pinned")
+    mark = phase("kda_check_and_compile", mark)
     trainer = Trainer(args, model, kda_fn, device)
     contexts = [int(c) for c in str(args.retrieval_contexts).split(",")]
     micro_steps = max(1, args.batch_tokens // args.micro_batch_tokens)
+    # Every micro-batch holds exactly --micro-batch-tokens (rows x context): with KDA fed as one varlen
+    # sequence, the kernels then see one shape all run long and compile once.
+    for context in contexts + [args.lm_context]:
+        if args.micro_batch_tokens % context:
+            raise SystemExit(f"context {context} does not divide --micro-batch-tokens {args.micro_batch_tokens}")
     print(f"model: {counts['total'] / 1e6:.2f} M parameters ({counts['active_per_token_without_embedding'] / 1e6:.2f} M "
           f"active per token without the embedding); KDA through {kda_backend}; device {device}")
 
-    train_builder = RetrievalSampleBuilder(train_split, tokenizer)
-    heldout_builder = RetrievalSampleBuilder(heldout_split, tokenizer)
+    mix = DEFAULT_MIX if args.task_mix is None else {
+        name: float(weight) for name, weight in (item.split("=") for item in args.task_mix.split(","))}
+    train_builder = TaskSampleBuilder(train_split, tokenizer, mix)
+    heldout_builder = TaskSampleBuilder(heldout_split, tokenizer, mix)
     pad_id = specials["[PAD]"]
     workers = args.loader_workers if args.loader_workers is not None else (2 if device.type == "cuda" else 0)
     lm_steps_source = StepSource(LMSteps(train_stream, max(1, args.micro_batch_tokens // args.lm_context),
                                          args.lm_context, micro_steps, args.seed), workers)
     retrieval_steps_source = StepSource(RetrievalSteps(train_builder, contexts, args.micro_batch_tokens, micro_steps,
-                                                       pad_id, args.seed), workers)
+                                                       pad_id, args.seed, args.document_loss_weight), workers)
 
     # Fixed held-out sets, the same at every evaluation.
     eval_gen = torch.Generator().manual_seed(1234)
@@ -614,12 +661,12 @@ def run(args) -> dict:
     if args.max_steps is not None:
         total_steps = args.max_steps
         lm_steps = stage_a_steps(total_steps, args.retrieval_fraction)
-        plan = ["lm"] * lm_steps + ["retrieval"] * (total_steps - lm_steps)
+        plan = ["lm"] * lm_steps + [stage_b_kind(i, args.lm_mix) for i in range(total_steps - lm_steps)]
         for index, kind in enumerate(plan):
             record = train_one(kind, learning_rate(step, total_steps, min(args.warmup_steps, max(1, total_steps // 10)),
                                                    args.lr, args.min_lr_fraction))
             report(record)
-            stage_ends = index + 1 < len(plan) and plan[index + 1] != kind
+            stage_ends = index == lm_steps - 1 and index + 1 < len(plan)
             if step % args.eval_every == 0 or stage_ends or index == len(plan) - 1:
                 last_eval = evaluate_now()
             if stage_ends:
@@ -630,21 +677,33 @@ def run(args) -> dict:
         # warm-up step per shape at a low learning rate, then the stages and the cosine follow the time left.
         for kind in ["lm"] + ["retrieval"] * len(contexts):
             report(train_one(kind, args.lr * 0.01))
+        mark = phase("warmup_steps", mark)
         evaluate_now()
+        mark = phase("first_evaluation", mark)
         clock_started = time.perf_counter()
-        seconds = max(1.0, budget_s - EXPORT_RESERVE_S - (clock_started - started))
+        if args.train_minutes is not None:
+            # Minutes of steps, whatever start-up took (a caller that has a hard wall-clock limit sets
+            # this from what is left of it).
+            seconds = args.train_minutes * 60
+        else:
+            seconds = max(1.0, budget_s - EXPORT_RESERVE_S - (clock_started - started))
         log({"step": step - 1, "plan": {"training_seconds": round(seconds, 1),
-                                        "warmup_seconds": round(clock_started - started, 1)}})
+                                        "warmup_seconds": round(clock_started - started, 1), "startup": phases}})
         print(f"warm-up done after {clock_started - started:.0f} s; {seconds:.0f} s of training left")
-        first_step, kind = step, "lm"
+        first_step, kind, stage_b_step = step, "lm", 0
         while (progress := (time.perf_counter() - clock_started) / seconds) < 1:
             stage = "lm" if progress < 1 - args.retrieval_fraction else "retrieval"
             if stage != kind:
-                if step % args.eval_every:
+                if step % args.eval_every and step > first_step:
                     last_eval = evaluate_now()
-                export_model(model, args.tokenizer / "tokenizer.json", args.out / "checkpoints" / f"step-{step - 1}")
+                if step > first_step:
+                    export_model(model, args.tokenizer / "tokenizer.json", args.out / "checkpoints" / f"step-{step - 1}")
                 kind = stage
-            report(train_one(kind, clock_learning_rate(step - first_step, progress, args.warmup_steps, args.lr,
+            step_kind = kind
+            if kind == "retrieval":
+                step_kind = stage_b_kind(stage_b_step, args.lm_mix)
+                stage_b_step += 1
+            report(train_one(step_kind, clock_learning_rate(step - first_step, progress, args.warmup_steps, args.lr,
                                                        args.min_lr_fraction)))
             if step % args.eval_every == 0:
                 last_eval = evaluate_now()
@@ -662,7 +721,8 @@ def run(args) -> dict:
         "config": config.to_dict(), "parameters": counts, "kda_backend": kda_backend, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": step, "lm_steps": sum(1 for _ in step_times["lm"]), "retrieval_steps": len(step_times["retrieval"]),
-        "tokens_seen": tokens_seen, "train_tokens_available": train_split.num_tokens,
+        "tokens_seen": tokens_seen, "train_tokens_available": train_split.num_tokens, "startup_seconds": phases,
+        "task_mix": mix, "seconds_per_step": {k: round(sum(v[1:]) / max(1, len(v) - 1), 3) for k, v in step_times.items()},
         "seconds": round(time.perf_counter() - started, 1),
         "flops_per_token_lm": flops_per_token(config, args.lm_context, active),
         "model_folder_bytes": size, "last_eval": last_eval,

@@ -116,30 +116,84 @@ def chunk_kda_autograd(q, k, v, g, beta, scale=None, chunk_size=CHUNK_SIZE, sub_
     return o
 
 
-def fla_chunk_kda_function():
-    """fla's Triton chunk_kda (differentiable) as a function of this module's signature, or None."""
+def pin_triton_autotune() -> int:
+    """Make every Triton autotuner created from now on hold one config, so that it compiles that one
+    and benchmarks none; returns how many autotuners were pinned so far (patched once per process).
+
+    Why: on the first H100 run, 7 of 17 minutes went to compiling and benchmarking every config of
+    fla's KDA kernels (forward and backward, 6-18 configs each), once for the start-up check's head
+    count and again for the model's, and again for each new batch size (cumsum kernels key on B).
+    This model is launch-bound (matrices of width 320), so the best config buys little. The one kept:
+    4 warps where offered, then the fewest pipeline stages (the least shared memory, so it fits any
+    card), then the first listed (fla lists its smaller blocks first)."""
+    from triton.runtime import autotuner
+
+    if getattr(autotuner.Autotuner, "_demo_pinned", None) is not None:
+        return autotuner.Autotuner._demo_pinned[0]
+    original = autotuner.Autotuner.__init__
+    pinned = [0]
+
+    def pick(configs):
+        ranked = sorted(range(len(configs)), key=lambda i: (abs(configs[i].num_warps - 4), configs[i].num_stages, i))
+        return [configs[ranked[0]]]
+
+    def init(self, fn, arg_names, configs, *args, **kwargs):
+        if len(configs) > 1:
+            configs = pick(list(configs))
+            pinned[0] += 1
+            # A pruner could drop the one config left.
+            kwargs["prune_configs_by"] = None
+        original(self, fn, arg_names, configs, *args, **kwargs)
+
+    autotuner.Autotuner.__init__ = init
+    autotuner.Autotuner._demo_pinned = pinned
+    return pinned[0]
+
+
+def fla_chunk_kda_function(pin_configs: bool = True):
+    """fla's Triton chunk_kda (differentiable) as a function of this module's signature, or None.
+
+    A batch [B, T] goes to fla as one varlen sequence [1, B * T] with `cu_seqlens` at every T: each
+    row still starts from an empty state, and the kernels see the same shape for every batch of the
+    same size (training keeps B * T fixed), so nothing is compiled or autotuned again when the
+    context length changes. `pin_configs` pins fla's autotuners to one config each (must run
+    before fla is first imported)."""
+    if pin_configs:
+        try:
+            pin_triton_autotune()
+        except Exception:  # no Triton here: fla will not import either
+            return None
     try:
         from fla.ops.kda import chunk_kda
     except Exception:  # not installed, or no Triton/CUDA to import it with
         return None
+    boundaries: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fla_kda(q, k, v, g, beta):
+        B, T, H, K = q.shape
+        key = (B, T, str(q.device))
+        if key not in boundaries:
+            cpu = torch.arange(0, B * T + 1, T, dtype=torch.long)
+            boundaries[key] = (cpu.to(q.device), cpu)
+        cu_seqlens, cu_seqlens_cpu = boundaries[key]
         dtype = torch.bfloat16
+        flat = lambda x, d: x.reshape(1, B * T, *x.shape[2:]).to(d).contiguous()  # noqa: E731
         # disable_recompute keeps the intermediate chunk results for the backward pass: fla's advice for
         # small models, whose activations are cheap to keep.
-        o, _ = chunk_kda(q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(),
-                         g.float().contiguous(), beta.to(dtype).contiguous(), use_qk_l2norm_in_kernel=False,
-                         disable_recompute=True)
-        return o.float()
+        o, _ = chunk_kda(flat(q, dtype), flat(k, dtype), flat(v, dtype), flat(g, torch.float32), flat(beta, dtype),
+                         use_qk_l2norm_in_kernel=False, disable_recompute=True, cu_seqlens=cu_seqlens,
+                         cu_seqlens_cpu=cu_seqlens_cpu)
+        return o.reshape(B, T, *o.shape[2:]).float()
 
     return fla_kda
 
 
-def kda_agreement(candidate, device, seed: int = 0) -> float:
+def kda_agreement(candidate, device, seed: int = 0, heads: int = 5, head_dim: int = 64) -> float:
     """The worst relative error of `candidate` against chunk_kda_autograd, outputs and input gradients,
-    on random inputs with Kimi-like gates (some channels decaying by far more than fp32 can hold)."""
+    on random inputs with Kimi-like gates (some channels decaying by far more than fp32 can hold).
+    The model's head count and size, so that the kernels compiled here are the ones training uses."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    B, T, H, K = 2, 333, 3, 64
+    B, T, H, K = 2, 333, heads, head_dim
     q = l2norm(torch.randn(B, T, H, K, generator=gen)).to(device).requires_grad_()
     k = l2norm(torch.randn(B, T, H, K, generator=gen)).to(device).requires_grad_()
     v = torch.randn(B, T, H, K, generator=gen).to(device).requires_grad_()
@@ -158,18 +212,19 @@ def kda_agreement(candidate, device, seed: int = 0) -> float:
     return worst
 
 
-def select_kda_function(backend: str, device: torch.device, log=print):
+def select_kda_function(backend: str, device: torch.device, log=print, heads: int = 5, head_dim: int = 64,
+                        pin_configs: bool = True):
     """'torch': chunk_kda_autograd. 'fla': fla's kernels (an error if missing). 'auto': fla on CUDA when
     it is installed and agrees with chunk_kda_autograd within bf16 tolerance, else torch."""
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return chunk_kda_autograd, "torch"
-    fla_kda = fla_chunk_kda_function()
+    fla_kda = fla_chunk_kda_function(pin_configs)
     if fla_kda is None:
         if backend == "fla":
             raise SystemExit("--kda-backend fla: fla-core is not importable here")
         return chunk_kda_autograd, "torch"
     try:
-        error = kda_agreement(fla_kda, device)
+        error = kda_agreement(fla_kda, device, heads=heads, head_dim=head_dim)
     except Exception as exc:  # a kernel that fails to compile or launch on this card
         if backend == "fla":
             raise

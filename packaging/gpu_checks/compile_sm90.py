@@ -116,18 +116,21 @@ def kda_intra():
     from kimi_desk.kernels.kda.chunk import chunk_kda_intra_fwd_kernel
 
     bf = "*bf16"
-    pointers = dict(q=bf, k=bf, v=bf, g="*fp32", beta=bf, qg=bf, kg=bf, w=bf, u=bf, gl="*fp32", Aqk=bf, Akk="*fp32",
-                    rq="*fp32", A_log="*fp32", dt_bias="*fp32")
+    pointers = dict(q=bf, k=bf, v=bf, g="*fp32", beta=bf, qg=bf, kg=bf, w=bf, u=bf, gl="*fp32", Aqk=bf, rq="*fp32",
+                    A_log="*fp32", dt_bias="*fp32")
     # maxnreg caps the registers (ptxas spills the rest): 168 at 4 warps lets three programs share an SM.
-    # fused: the gate, L2 norm and beta's sigmoid in the kernel (the layer's call; BK = 32 there).
-    for bk, warps, stages, maxnreg, fused in [(64, 4, 3, None, False), (32, 4, 3, None, True), (64, 4, 3, None, True),
-                                              (64, 4, 3, 168, False)]:
-        const = dict(H=32, K=128, V=128, BT=64, BC=16, BK=bk, BKD=16, KF=128, VF=128, SOLVE_PRECISION="tf32",
-                     FAST_DIAG=True, OP_DT=tl.bfloat16, USE_GATE_IN_KERNEL=fused, USE_QK_L2NORM_IN_KERNEL=fused,
-                     USE_BETA_SIGMOID_IN_KERNEL=fused)
+    # fused: the gate, L2 norm and beta's sigmoid in the kernel (the layer's call). diag_loop: the levels
+    # inside the sub-chunks in a pass of their own over the channels (BKD at a time), the default.
+    for bk, bkd, diag_loop, warps, maxnreg, fused in [(32, 32, True, 4, None, False), (32, 32, True, 4, None, True),
+                                                      (64, 32, True, 4, None, False), (32, 32, False, 4, None, False),
+                                                      (64, 64, False, 8, None, False), (32, 32, True, 4, 168, False)]:
+        const = dict(H=32, K=128, V=128, BT=64, BC=16, BK=bk, BKD=bkd, DIAG_LOOP=diag_loop, KF=128, VF=128,
+                     SOLVE_PRECISION="tf32", OP_DT=tl.bfloat16, USE_GATE_IN_KERNEL=fused,
+                     USE_QK_L2NORM_IN_KERNEL=fused, USE_BETA_SIGMOID_IN_KERNEL=fused)
         result = compile_sm90(chunk_kda_intra_fwd_kernel, pointers, dict(scale="fp32", T="i32", NT="i32"), const,
-                              warps, stages, maxnreg)
-        report(f"kda intra BK={bk} warps={warps} stages={stages} maxnreg={maxnreg} fused={fused}", result)
+                              warps, 3, maxnreg)
+        report(f"kda intra BK={bk} BKD={bkd} diag_loop={diag_loop} warps={warps} maxnreg={maxnreg} fused={fused}",
+               result)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ def test_version_and_help():
         (["bench", "cpu", "--decode-steps", "x"], "invalid int value"),
         (["bench", "cpu", "--threads", "0"], "--threads must be at least 1"),
         (["bench", "cpu", "--llama-cpp", "/nonexistent-llama-build"], "no bin/llama-bench"),
+        (["ingest", "--gpu-memory", "24", "notes.txt"], "--gpu-memory '24' needs a unit: 24GiB, 16GB or 512MiB"),
+        (["ask", "s1", "why?", "--cpu-memory", "lots"], "--cpu-memory 'lots' is not a size"),
+        (["open", "--gpu-memory", "2KB"], "--gpu-memory '2KB' is too small to hold anything"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):

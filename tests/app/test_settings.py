@@ -25,6 +25,7 @@ def test_missing_file_gives_defaults(tmp_path):
     Settings(model='C:\\models\\kimi "linear" é', device="cuda", temperature=0.0, top_p=1.0, max_new_tokens=1,
              seed=0, theme="textual-light"),
     Settings(model="moonshotai/Kimi-Linear-48B-A3B-Instruct", temperature=1e-05, seed=2**40),
+    Settings(gpu_memory="24GiB", cpu_memory="64 GB"),
 ])
 def test_save_then_load_is_the_same(tmp_path, settings):
     path = save_settings(settings, tmp_path / "nested" / "settings.toml")
@@ -64,3 +65,15 @@ def test_bad_values_name_the_file_and_field(tmp_path, text, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace("]", r"\]")) as error:
         load_settings(path)
     assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("field, value, says", [("gpu_memory", "24", "needs a unit"),
+                                                ("cpu_memory", "plenty", "is not a size")])
+def test_memory_budgets_must_be_sizes(tmp_path, field, value, says):
+    with pytest.raises(SettingsError, match=says):
+        Settings(**{field: value})
+    path = tmp_path / "settings.toml"
+    path.write_text(f'{field} = "{value}"\n')
+    with pytest.raises(SettingsError) as refused:
+        load_settings(path)
+    assert str(path) in str(refused.value) and field in str(refused.value)

@@ -296,3 +296,22 @@ def test_calls_span_files_and_checkpoints_sit_at_file_boundaries(chat_checkpoint
     assert len(counting.calls) <= -(-total // assistant.prefill_chunk) + len(positions) < 25
     assert positions[-1] == total and set(positions) <= ends
     assert all(b - a >= assistant.checkpoint_interval for a, b in zip([0] + positions, positions[:-1]))
+
+
+def test_a_session_read_under_one_placement_resumes_under_another(chat_checkpoint, tmp_path):
+    """Where the routed experts live (engine/offload.py) changes nothing in the state or the snapshots."""
+    from kimi_desk.engine.placement import Placement
+
+    def placed(gpu_experts):
+        plan = Placement(num_experts=8, gpu_experts=gpu_experts, fixed_bytes=0, expert_bytes=1, staging_bytes=0)
+        return Assistant.load(chat_checkpoint, prefill_chunk=64, checkpoint_interval=100, placement=plan)
+
+    folder = make_folder(tmp_path / "repo", 6)
+    store = SessionStore(tmp_path / "home")
+    first = placed({1: (0, 1), 2: (), 3: (3, 4, 5, 6, 7)})
+    assert first.model.offload is not None
+    session = first.read(store, folder)
+    whole = Assistant.load(chat_checkpoint, prefill_chunk=64, checkpoint_interval=100)
+    expected = answer_ids(whole, whole.read(SessionStore(tmp_path / "other"), folder))
+    assert answer_ids(placed({1: (5,), 2: (0, 1, 2, 3, 4, 5, 6), 3: ()}), session) == expected
+    assert answer_ids(whole, store.get(session.id)) == expected

@@ -16,8 +16,10 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton")
 from fla.ops.kda.naive import naive_recurrent_kda  # noqa: E402
 
+from kimi_desk.kernels.bench import GATE_SWEEP, sweep_gate  # noqa: E402
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton  # noqa: E402
 from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton  # noqa: E402
+from kimi_desk.kernels.kda.naive import chunk_kda_torch  # noqa: E402
 
 # Relative error against float64, per dtype of the inputs. bf16: the inputs are the same bf16 values in
 # both; the error is the bf16 output and the bf16 scratch between the two prefill kernels (fla's choice
@@ -78,18 +80,51 @@ def test_chunk_matches_float64(dtype, B, T, H, K, V, min_log_decay):
     assert rel_err(s, s_ref) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("fast_diag", [True, False], ids=["tensor-core-diag", "pairwise-diag"])
-@pytest.mark.parametrize("decay", ["mild", "near-limit"])
-def test_chunk_both_diagonal_paths(fast_diag, decay):
-    """Mild gates take the factored diagonal blocks unless told not to; both must give the same function,
-    with no initial state and a scale that is not the default. "near-limit": every channel decays by
-    2^-110 in each 16-token sub-chunk, inside the factored path's 2^-128, whose factors then reach 2^+-55."""
-    q, k, v, g, beta, _ = make_inputs(1, 100, 2, 32, 32, -0.5, torch.float32, seed=5)
-    if decay == "near-limit":
-        g = torch.full_like(g, -110 / 16 * 0.6931471805599453)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gate", GATE_SWEEP)
+def test_chunk_every_gate_distribution(gate, dtype):
+    """Every gate of the benchmark's sweep, from -0.01 U(0, 1) to U(-50, 0) per token and channel, against
+    float64 and as close to it as the PyTorch chunked form beside the kernel (float64 cumulative gates)."""
+    B, T, H, K, V = 1, 130, 2, 64, 16
+    q, k, v, _, beta, state = make_inputs(B, T, H, K, V, -1.0, dtype, seed=17)
+    g = sweep_gate(gate, (B, T, H, K), torch.Generator().manual_seed(len(gate)))
+    o_ref, s_ref = reference_f64(q, k, v, g, beta, state)
+    out = torch.full((B, T, H, V), float("nan"), dtype=dtype)
+    o, s = chunk_kda_triton(q, k, v, g, beta, None, state, True, out=out)
+    o_err, s_err = rel_err(o, o_ref), rel_err(s, s_ref)
+    assert o_err < TOLERANCE[dtype] and s_err < TOLERANCE[dtype]
+    if dtype == torch.float32:
+        o_torch, s_torch = chunk_kda_torch(q, k, v, g, beta, None, state, True)
+        assert o_err < 2 * rel_err(o_torch, o_ref) + 1e-6 and s_err < 2 * rel_err(s_torch, s_ref) + 1e-6
+
+
+@pytest.mark.parametrize("config", [dict(BK=32), dict(BK=64), dict(BK=64, BKD=64), dict(BK=16, BKD=16),
+                                    dict(BK=32, diag_loop=False), dict(BK=64, diag_loop=False)],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("gate", ["mild", "U(-50,0)"])
+def test_chunk_launch_settings(config, gate):
+    """The launch settings the benchmark tries compute the same function: channel blocks of 16 to 64, the
+    levels inside the sub-chunks in a pass of their own or beside the rest; no initial state and a scale
+    that is not the default."""
+    q, k, v, _, beta, _ = make_inputs(1, 100, 2, 64, 32, -0.5, torch.float32, seed=5)
+    g = sweep_gate(gate, (1, 100, 2, 64), torch.Generator().manual_seed(6))
     o_ref, s_ref = reference_f64(q, k, v, g, beta, None, scale=0.3)
-    o, s = chunk_kda_triton(q, k, v, g, beta, 0.3, None, True, intra_config=dict(fast_diag=fast_diag))
+    o, s = chunk_kda_triton(q, k, v, g, beta, 0.3, None, True, intra_config=config)
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+def test_chunk_one_token_decays_past_everything():
+    """Within one sub-chunk, half the channels drop by e^-1000 at one token while the others barely move
+    (and one decays by e^-60 a token after it): no NaN, and the pairs on either side of the drop keep their
+    decays. The error left is that of exp(sum after token j) for j the dropping token itself, whose own
+    gate is subtracted from a sum holding it: 1000 * 2^-24 relative in those entries (the float64 sums of
+    the PyTorch chunked form, 1.4e-6 on o here)."""
+    q, k, v, g, beta, state = make_inputs(1, 64, 1, 16, 16, -0.01, torch.float32, seed=12)
+    g[0, 21, 0, :8] = -1000.0
+    g[0, 22:, 0, 8] = -60.0
+    o_ref, s_ref = reference_f64(q, k, v, g, beta, state)
+    o, s = chunk_kda_triton(q, k, v, g, beta, None, state, True)
+    assert rel_err(o, o_ref) < 2e-5 and rel_err(s, s_ref) < 5e-5
 
 
 def test_chunk_gate_beyond_fp32_exponent():
@@ -103,12 +138,11 @@ def test_chunk_gate_beyond_fp32_exponent():
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
-@pytest.mark.parametrize("A", [1.0, 20.0], ids=["mild-gate", "gate-past-the-factored-limit"])
+@pytest.mark.parametrize("A", [1.0, 20.0], ids=["mild-gate", "steep-gate"])
 @pytest.mark.parametrize("B,T,H,K,V", [(1, 150, 2, 32, 16), (2, 70, 1, 48, 24)], ids=lambda x: str(x))
 def test_chunk_fused_variant_reads_raw_projections(A, B, T, H, K, V):
     """The fused prefill (gate, L2 norm and beta's sigmoid in the kernel) against the same function on
-    inputs prepared in float64, as the layer prepares them. A = 20 decays by e^-60 a token, so every
-    chunk's diagonal blocks take the exact path, whose sums the rows' norms scale afterwards. There the
+    inputs prepared in float64, as the layer prepares them. A = 20 decays by e^-60 a token. There the
     state is made of the last few tokens' updates, each decayed by an fp32 exp(g) with g near -33 (as the
     layer computes it too): its error is the gate's rounding, 1.6e-5 here (5.4e-6 with the gate rounded
     from float64 into the plain kernel)."""

@@ -21,12 +21,13 @@ import corpus_tokens  # noqa: E402
 import evaluate  # noqa: E402
 import prepare_corpus  # noqa: E402
 import retrieval_samples  # noqa: E402
+import task_samples  # noqa: E402
 import train  # noqa: E402
 import train_tokenizer  # noqa: E402
 import training_forward  # noqa: E402
 
 from kimi_desk.engine import load_model  # noqa: E402
-from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_head_ids, question_ids  # noqa: E402
+from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_head_ids, next_turn_token_ids, question_ids  # noqa: E402
 from kimi_desk.engine.ingest import load_path  # noqa: E402
 from kimi_desk.engine.kda import l2norm  # noqa: E402
 from kimi_desk.engine.random_checkpoint import random_model, tail7_config, tiny_config  # noqa: E402
@@ -229,14 +230,33 @@ def test_retrieval_sample_places_the_fact_and_masks_the_loss_to_the_answer(toy_p
         assert sum(1 for w in with_document if w == 0.1) == sample.document_end - sample.document_start - 1
 
 
+def test_task_samples_weigh_every_reply_and_feed_the_next_turn(toy_pipeline):
+    """Loss only on the replies (each with its <|im_end|>); a second turn is fed as a session would feed
+    it after generating the first reply (next_turn_token_ids)."""
+    tokenizer = toy_pipeline["tokenizer"]
+    builder = task_samples.TaskSampleBuilder(toy_pipeline["splits"]["train"], tokenizer)
+    im_end = tokenizer.special_tokens["<|im_end|>"]
+    sample = builder.needle(600, random.Random(3), distractors=3, followup=True)
+    assert len(sample.input_ids) <= 600 and len(sample.turns) == 2
+    weights = sample.target_weights()
+    weighted = [sample.input_ids[i + 1] for i, w in enumerate(weights) if w > 0]
+    assert weighted == [i for a, b in sample.answer_spans for i in sample.input_ids[a:b]]
+    assert all(sample.input_ids[b - 1] == im_end for _, b in sample.answer_spans)
+    (a0, b0), (a1, b1) = sample.feeds
+    assert sample.input_ids[a0:b0] == question_ids(tokenizer, sample.turns[0].question)
+    assert sample.input_ids[a1:b1] == next_turn_token_ids(tokenizer, [{"role": "user", "content": sample.turns[1].question}])
+    assert task_samples.is_correct(sample.turns[0], tokenizer.decode(sample.input_ids[slice(*sample.answer_spans[0])]))
+    assert sample.turns[1].expected == (sample.detail["path"],)
+
+
 def test_retrieval_batch_pads_and_weights(toy_pipeline):
     tokenizer = toy_pipeline["tokenizer"]
-    builder = retrieval_samples.RetrievalSampleBuilder(toy_pipeline["splits"]["train"], tokenizer)
+    builder = task_samples.TaskSampleBuilder(toy_pipeline["splits"]["train"], tokenizer)
     pad = tokenizer.special_tokens["[PAD]"]
     batch = train.retrieval_batch(builder, 2, 600, random.Random(0), pad, [DEFAULT_SYSTEM_PROMPT])
     assert batch.input_ids.shape == batch.targets.shape == (2, 600)
     assert torch.equal(batch.input_ids[:, 1:], batch.targets[:, :-1])
-    assert ((batch.answer_weights > 0) & (batch.document_weights > 0)).sum() == 0
+    assert batch.document_weights.sum() == 0  # the loss on task samples is the replies' only
     # Padding is never a target with weight.
     assert ((batch.targets == pad) & ((batch.answer_weights + batch.document_weights) > 0)).sum() == 0
     assert (batch.answer_weights.sum(1) > 0).all()
@@ -249,8 +269,8 @@ def test_two_step_run_writes_a_checkpoint_the_engine_loads(toy_pipeline, tmp_pat
     out = tmp_path / "run"
     train.main(["--device", "cpu", "--tiny", "--max-steps", "2", "--corpus", str(toy_pipeline["corpus"]),
                 "--tokenizer", str(toy_pipeline["tokenizer_dir"]), "--out", str(out),
-                "--lm-context", "64", "--retrieval-contexts", "300", "--batch-tokens", "256",
-                "--micro-batch-tokens", "128", "--eval-lm-windows", "2", "--eval-retrieval-samples", "2"])
+                "--lm-context", "64", "--retrieval-contexts", "512", "--batch-tokens", "512",
+                "--micro-batch-tokens", "512", "--eval-lm-windows", "2", "--eval-retrieval-samples", "2"])
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "stage" in r]
     assert [r["stage"] for r in steps] == ["lm", "retrieval"]

@@ -1,0 +1,488 @@
+"""Routed experts split between the GPU and system RAM, as a placement (engine/placement.py) says.
+
+A MoE layer with experts in RAM holds them in an OffloadedExperts: `on_gpu` and `in_ram`, two Experts
+stacks of the layer's experts by placement, and id maps from the layer's expert ids to each stack's
+rows. The model's other parts, its state and its name table are those of the whole model: the state
+does not depend on where the weights live, so a session read under one placement resumes under any
+other, and the quantized cache holds the stacked tensors whatever the placement.
+
+Decode (a few tokens): the router's choice and the tokens go to the host in one round trip; the GPU
+computes its chosen experts (the RAM ones masked with weight 0) while the CPU computes the RAM ones
+(int4 through PyTorch's CPU operator, int8 and bf16 dequantized per expert; torch's threads), and the
+CPU's sum comes back to be added on the GPU.
+
+Prefill (more than DECODE_MAX_TOKENS tokens): every expert of the layer is chosen by some token of a
+large chunk, so the layer's RAM experts are streamed to the GPU instead, into one of two staging slots
+that hold the layer's whole stack (the GPU rows copied device to device): while one layer computes from
+its slot, the next offloaded layer's experts are copied into the other on a side stream (Stager). int4
+experts are kept in RAM in the CPU operator's tiles only; the GPU turns the streamed tiles back into
+kernels/quant's layout (a relayout, no rounding: `tiles_to_codes`).
+
+The "GPU side" is whatever device the model's other parameters are on: with the CPU there, both
+halves run on the CPU (no streams, no pinning), which is how the tests compare this path with the
+whole model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_desk.kernels.quant.cpu import CpuInt4Weight, cpu_int4_fits, int4_linear_cpu, pack_int4_for_cpu
+from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
+
+# Tokens up to which the RAM experts are computed on the CPU; more (prefill chunks) stream them to the
+# GPU. A rule, not yet a measurement: the CPU's products grow with the tokens while streaming costs one
+# layer's RAM experts whatever the chunk, and at a few dozen tokens a chunk already chooses most experts.
+DECODE_MAX_TOKENS = 32
+# Experts per copy and relayout when streaming int4 tiles (bounds the relayout's temporaries).
+STREAM_BLOCK = 16
+# The CPU operator's tiles: 64 output rows, two rows (r, r + 32) per byte (see tiles_to_codes).
+_TILE_ROWS = 64
+
+
+@dataclass
+class OffloadStats:
+    """Where the time of the offloaded layers went, since the last reset (the bench's breakdown)."""
+
+    cpu_seconds: float = 0.0  # the CPU's expert products
+    wait_seconds: float = 0.0  # the host waiting for the router's choice (the GPU's work before it)
+    d2h_bytes: int = 0
+    h2d_bytes: int = 0  # the CPU's sums going back
+    streamed_bytes: int = 0  # prefill: RAM experts copied to the staging slots
+    decode_calls: int = 0
+    streamed_calls: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "extra"}
+
+
+def _experts_class():
+    from kimi_desk.engine.model import Experts
+
+    return Experts
+
+
+class OffloadedExperts(nn.Module):
+    """A MoE layer's routed experts, `gpu_ids` in `on_gpu` and the others in `in_ram` (module doc)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, gpu_ids, ram_ids):
+        super().__init__()
+        Experts = _experts_class()
+        self.num_experts = num_experts
+        self.gpu_ids, self.ram_ids = list(gpu_ids), list(ram_ids)
+        self.on_gpu = Experts(len(self.gpu_ids), dim, hidden)
+        self.in_ram = Experts(len(self.ram_ids), dim, hidden)
+        # Both halves keep kernels/quant's layout through prepare_for_cpu: the RAM half takes the CPU
+        # operator's tiles here (prepare_ram), the GPU half's rows are copied into the staging slots.
+        self.on_gpu.keep_layout = self.in_ram.keep_layout = True
+        self.runtime: OffloadRuntime | None = None
+
+    def row_of(self, expert: int) -> tuple[str, int]:
+        """('on_gpu' or 'in_ram', the row of that stack) of expert id `expert`."""
+        if expert in self._gpu_rows:
+            return "on_gpu", self._gpu_rows[expert]
+        return "in_ram", self._ram_rows[expert]
+
+    @property
+    def _gpu_rows(self):
+        return {e: i for i, e in enumerate(self.gpu_ids)}
+
+    @property
+    def _ram_rows(self):
+        return {e: i for i, e in enumerate(self.ram_ids)}
+
+    def finish(self, device: torch.device, runtime: "OffloadRuntime") -> None:
+        """After loading: the id maps on `device` (-1 for the other side's experts), the RAM half in its
+        CPU layout (pinned when the GPU side is a GPU)."""
+        gpu_index = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        ram_index = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        gpu_index[self.gpu_ids] = torch.arange(len(self.gpu_ids))
+        ram_index[self.ram_ids] = torch.arange(len(self.ram_ids))
+        self.gpu_index, self.ram_index = gpu_index.to(device), ram_index.to(device)
+        self.runtime = runtime
+        prepare_ram(self.in_ram, pin=device.type == "cuda")
+
+    # -- the forward pass ---------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """As Experts.forward: x [N, D], ids and weights [N, k] -> [N, D] in x's dtype."""
+        if x.shape[0] > self.runtime.decode_max_tokens:
+            return self._streamed(x, ids, weights)
+        return self._split(x, ids, weights)
+
+    def _split(self, x, ids, weights):
+        stats = self.runtime.stats
+        gpu_rows, ram_rows = self.gpu_index[ids], self.ram_index[ids]  # [N, k], -1 on the other side
+        # One round trip: the tokens, the RAM rows and their weights to the host...
+        host = [t.to("cpu", non_blocking=True) for t in (x, ram_rows, weights)]
+        ready = torch.cuda.Event() if x.is_cuda else None
+        if ready is not None:
+            ready.record()
+        stats.d2h_bytes += sum(t.numel() * t.element_size() for t in host)
+        # ...then the GPU's experts are queued before the host waits, so that both sides work at once.
+        out = None
+        if self.gpu_ids:
+            out = self.on_gpu(x, gpu_rows.clamp(min=0), torch.where(gpu_rows >= 0, weights, 0.0)).float()
+        start = time.perf_counter()
+        if ready is not None:
+            ready.synchronize()
+        begun = time.perf_counter()
+        stats.wait_seconds += begun - start
+        from_ram = ram_experts_forward(self.in_ram, *host)  # [N, D] float32 on the CPU
+        stats.cpu_seconds += time.perf_counter() - begun
+        stats.decode_calls += 1
+        stats.h2d_bytes += from_ram.numel() * from_ram.element_size()
+        from_ram = from_ram.to(x.device, non_blocking=True)
+        out = from_ram if out is None else out + from_ram
+        return out.to(x.dtype)
+
+    def _streamed(self, x, ids, weights):
+        from kimi_desk.kernels.moe import routed_experts
+
+        slot = self.runtime.stager.fetch(self)
+        self.runtime.stats.streamed_calls += 1
+        out = routed_experts(x, ids, weights, slot["w1"], slot["w2"], slot["w3"], scales=slot["scales"],
+                             out_dtype=x.dtype)
+        self.runtime.stager.done(self)
+        return out
+
+
+# -- the RAM half -------------------------------------------------------------------------------------
+
+
+def prepare_ram(experts: nn.Module, pin: bool) -> None:
+    """int4 experts in RAM to the CPU operator's tiles, each matrix stacked over the experts in one
+    tensor (so that one copy streams a run of experts), `experts.cpu_weights[row]` the per-expert views
+    the CPU products take; other formats stay as they are. Pinned for asynchronous copies if asked."""
+    empty = torch.empty(0, dtype=torch.uint8)
+    n = experts.w1.shape[0]
+    int4 = hasattr(experts, "w1_zero")
+    if int4 and n and all(_tiles_fit(getattr(experts, w)) for w in ("w1", "w2", "w3")):
+        stacks = {}
+        for attr in ("w1", "w2", "w3"):
+            codes, scale, zero = (getattr(experts, attr).data, getattr(experts, f"{attr}_scale"),
+                                  getattr(experts, f"{attr}_zero"))
+            first = pack_int4_for_cpu(codes[0], scale[0], zero[0])
+            tiles = _empty_like_stack(first.packed, n, pin)
+            sz = _empty_like_stack(first.scales_and_zeros, n, pin)
+            for e in range(n):
+                one = first if e == 0 else pack_int4_for_cpu(codes[e], scale[e], zero[e])
+                tiles[e].copy_(one.packed)
+                sz[e].copy_(one.scales_and_zeros)
+            stacks[attr] = (tiles, sz, first.group, first.in_features)
+            setattr(experts, attr, nn.Parameter(empty, requires_grad=False))
+            setattr(experts, f"{attr}_scale", empty)
+            setattr(experts, f"{attr}_zero", empty)
+        experts.tiles = stacks
+        experts.cpu_weights = [tuple(CpuInt4Weight(stacks[a][0][e], stacks[a][1][e], stacks[a][2], stacks[a][3])
+                                     for a in ("w1", "w2", "w3")) for e in range(n)]
+    elif pin:
+        for name, tensor in [*experts.named_parameters(recurse=False), *experts.named_buffers(recurse=False)]:
+            pinned = tensor.data.pin_memory()
+            if isinstance(tensor, nn.Parameter):
+                setattr(experts, name, nn.Parameter(pinned, requires_grad=False))
+            else:
+                setattr(experts, name, pinned)
+
+
+def _tiles_fit(codes: torch.Tensor) -> bool:
+    """Whether the CPU operator takes these int4 matrices and its tiles can be turned back (rows in
+    whole tiles of 64)."""
+    out_features, in_features = codes.shape[-2], codes.shape[-1] * 2
+    return cpu_int4_fits(out_features, in_features) and out_features % _TILE_ROWS == 0
+
+
+def _empty_like_stack(one: torch.Tensor, n: int, pin: bool) -> torch.Tensor:
+    return torch.empty((n, *one.shape), dtype=one.dtype, pin_memory=pin)
+
+
+def tiles_to_codes(tiles: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The CPU operator's int4 tiles [..., O, D / 2] -> kernels/quant's packed codes [..., O, D / 2].
+
+    The operator's layout: rows in tiles of 64, each tile [D, 32] bytes, byte (d, r) holding row r's
+    code d in its low half and row r + 32's in its high half. Ours: row by row, byte j holding codes
+    2j (low) and 2j + 1 (high)."""
+    lead = tiles.shape[:-2]
+    D = tiles.shape[-1] * 2
+    t = tiles.reshape(*lead, out_features // _TILE_ROWS, D, _TILE_ROWS // 2)
+    codes = torch.cat([t & 15, t >> 4], dim=-1)  # [..., O / 64, D, 64]
+    codes = codes.transpose(-1, -2).reshape(*lead, out_features, D)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _scales_from_tiles(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., G, O, 2] (the operator's scales and zeros) -> scale and zero [..., O, G]."""
+    return sz[..., 0].transpose(-1, -2), sz[..., 1].transpose(-1, -2)
+
+
+def ram_experts_forward(experts: nn.Module, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum over the pairs with rows >= 0 of weights * expert_row(x) on the CPU: x [N, D], rows and
+    weights [N, k] -> [N, D] float32. Each chosen expert runs once on all its tokens."""
+    N, k = rows.shape
+    out = torch.zeros(N, x.shape[-1], dtype=torch.float32)
+    flat = rows.reshape(-1)
+    pairs = (flat >= 0).nonzero().squeeze(-1)
+    if pairs.numel() == 0:
+        return out
+    order = pairs[flat[pairs].argsort()]
+    chosen, counts = flat[order].unique_consecutive(return_counts=True)
+    start = 0
+    for e, n in zip(chosen.tolist(), counts.tolist()):
+        taken = order[start : start + n]
+        start += n
+        tokens = taken // k
+        y = _expert_product(experts, e, x[tokens])
+        out.index_add_(0, tokens, y.float() * weights.reshape(-1)[taken, None].float())
+    return out
+
+
+def _expert_product(experts: nn.Module, e: int, xe: torch.Tensor) -> torch.Tensor:
+    cpu_weights = getattr(experts, "cpu_weights", None)
+    if cpu_weights is not None:
+        w1, w2, w3 = cpu_weights[e]
+        return int4_linear_cpu(F.silu(int4_linear_cpu(xe, w1)) * int4_linear_cpu(xe, w3), w2)
+    mats = []
+    for attr in ("w1", "w2", "w3"):
+        w = getattr(experts, attr)[e]
+        if hasattr(experts, f"{attr}_zero"):
+            w = dequantize_int4_groups(w, getattr(experts, f"{attr}_scale")[e], getattr(experts, f"{attr}_zero")[e],
+                                       xe.dtype)
+        elif hasattr(experts, f"{attr}_scale"):
+            w = dequantize_rows(w, getattr(experts, f"{attr}_scale")[e], xe.dtype)
+        mats.append(w.to(xe.dtype))
+    w1, w2, w3 = mats
+    return F.linear(F.silu(F.linear(xe, w1)) * F.linear(xe, w3), w2)
+
+
+# -- prefill: streaming a layer's experts to the GPU ------------------------------------------------
+
+
+def _runs(global_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(first expert id, first row, length) of each run of consecutive ids in `global_ids`."""
+    runs = []
+    for row, e in enumerate(global_ids):
+        if runs and runs[-1][0] + runs[-1][2] == e:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((e, row, 1))
+    return runs
+
+
+class Stager:
+    """Two staging slots on the GPU side, each one layer's whole stack of routed experts in the GPU's
+    format; `fetch(layer)` returns the layer's filled slot (filling it now if it was not prefetched) and
+    starts filling the other slot with the next offloaded layer on a side stream."""
+
+    def __init__(self, layers: list[OffloadedExperts], device: torch.device, stats: OffloadStats, slots: int = 2):
+        self.layers, self.device, self.stats = layers, device, stats
+        self.slots: list[dict | None] = [None] * slots
+        self.holder: list[OffloadedExperts | None] = [None] * slots
+        self.filled: list = [None] * slots  # the copy stream's event when the slot's fill was queued
+        self.used: list = [None] * slots  # the compute stream's event after the slot was last read
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _new_slot(self, layer: OffloadedExperts) -> dict:
+        E = layer.num_experts
+        slot = {}
+        for attr in ("w1", "w2", "w3"):
+            for suffix in ("", "_scale", "_zero"):
+                source = _shape_source(layer, attr + suffix)
+                if source is None:
+                    continue
+                shape, dtype = source
+                slot[attr + suffix] = torch.empty((E, *shape), dtype=dtype, device=self.device)
+        return slot
+
+    def fetch(self, layer: OffloadedExperts) -> dict:
+        index = self.holder.index(layer) if layer in self.holder else self._fill(layer, None)
+        if self.filled[index] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.filled[index])
+        following = self._next(layer)
+        if following is not None and following not in self.holder:
+            self._fill(following, avoid=index)
+        slot = self.slots[index]
+        scales = None
+        if "w1_zero" in slot:
+            scales = tuple((slot[f"{a}_scale"], slot[f"{a}_zero"]) for a in ("w1", "w2", "w3"))
+        elif "w1_scale" in slot:
+            scales = tuple(slot[f"{a}_scale"] for a in ("w1", "w2", "w3"))
+        return {"w1": slot["w1"], "w2": slot["w2"], "w3": slot["w3"], "scales": scales}
+
+    def done(self, layer: OffloadedExperts) -> None:
+        """The compute stream has queued its reads of `layer`'s slot: a refill waits for them."""
+        index = self.holder.index(layer)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self.used[index] = event
+
+    def _next(self, layer: OffloadedExperts) -> OffloadedExperts | None:
+        position = self.layers.index(layer)
+        return self.layers[position + 1] if position + 1 < len(self.layers) else None
+
+    def _fill(self, layer: OffloadedExperts, avoid: int | None) -> int:
+        index = next((i for i in range(len(self.slots)) if i != avoid and self.holder[i] is None),
+                     next(i for i in range(len(self.slots)) if i != avoid))
+        if self.slots[index] is None:
+            self.slots[index] = self._new_slot(layer)
+        self.holder[index] = layer
+        stream = self.copy_stream
+        if stream is not None:
+            if self.used[index] is not None:
+                stream.wait_event(self.used[index])
+            with torch.cuda.stream(stream):
+                self._copy(layer, self.slots[index])
+                event = torch.cuda.Event()
+                event.record(stream)
+            self.filled[index] = event
+        else:
+            self._copy(layer, self.slots[index])
+        return index
+
+    def _copy(self, layer: OffloadedExperts, slot: dict) -> None:
+        """Fill `slot` with the layer's stack: GPU rows device to device, RAM rows over PCIe (int4 tiles
+        turned back into our layout on the GPU side)."""
+        gpu_runs, ram_runs = _runs(layer.gpu_ids), _runs(layer.ram_ids)
+        for name, target in slot.items():
+            part = getattr(layer.on_gpu, name, None) if layer.gpu_ids else None
+            for e, row, n in gpu_runs:
+                target[e : e + n].copy_(part[row : row + n], non_blocking=True)
+        tiles = getattr(layer.in_ram, "tiles", None)
+        if tiles is not None:  # the relayout's temporaries are a few times the block: blocks of a few experts
+            ram_runs = [(e + i, row + i, min(STREAM_BLOCK, n - i)) for e, row, n in ram_runs
+                        for i in range(0, n, STREAM_BLOCK)]
+        for e, row, n in ram_runs:
+            for attr in ("w1", "w2", "w3"):
+                if tiles is not None:
+                    stack, sz, _group, _ = tiles[attr]
+                    raw = stack[row : row + n].to(self.device, non_blocking=True)
+                    raw_sz = sz[row : row + n].to(self.device, non_blocking=True)
+                    self.stats.streamed_bytes += raw.numel() + raw_sz.numel() * raw_sz.element_size()
+                    O = slot[attr].shape[-2]
+                    slot[attr][e : e + n].copy_(tiles_to_codes(raw, O))
+                    scale, zero = _scales_from_tiles(raw_sz)
+                    slot[f"{attr}_scale"][e : e + n].copy_(scale)
+                    slot[f"{attr}_zero"][e : e + n].copy_(zero)
+                else:
+                    for suffix in ("", "_scale", "_zero"):
+                        if attr + suffix in slot:
+                            source = getattr(layer.in_ram, attr + suffix)[row : row + n]
+                            slot[attr + suffix][e : e + n].copy_(source, non_blocking=True)
+                            self.stats.streamed_bytes += source.numel() * source.element_size()
+
+
+def _shape_source(layer: OffloadedExperts, name: str):
+    """(shape of one expert's tensor, dtype) for slot tensor `name`, from whichever half has it."""
+    for part, ids in ((layer.on_gpu, layer.gpu_ids), (layer.in_ram, layer.ram_ids)):
+        tensor = getattr(part, name, None)
+        if ids and tensor is not None and tensor.numel():
+            return tuple(tensor.shape[1:]), tensor.dtype
+    tiles = getattr(layer.in_ram, "tiles", None)
+    if tiles is not None:
+        attr, _, suffix = name.partition("_")
+        stack, sz, group, in_features = tiles[attr]
+        O = sz.shape[-2]
+        if not suffix:
+            return (O, in_features // 2), torch.uint8
+        return (O, in_features // group), torch.bfloat16
+    return None
+
+
+@dataclass
+class OffloadRuntime:
+    """What the offloaded layers of one model share: the stats, the staging slots, the decode limit."""
+
+    stats: OffloadStats
+    stager: Stager | None = None
+    decode_max_tokens: int = DECODE_MAX_TOKENS
+
+
+# -- building -----------------------------------------------------------------------------------------
+
+
+def apply_placement(model: nn.Module, placement) -> None:
+    """On a model built on the meta device (before quantize_structure): each MoE layer with experts in
+    RAM gets an OffloadedExperts in place of its Experts."""
+    config = model.config
+    for i, layer in enumerate(model.model.layers):
+        moe = getattr(layer, "block_sparse_moe", None)
+        if moe is None or i not in placement.gpu_experts:
+            continue
+        ram = placement.ram_experts(i)
+        if not ram:
+            continue
+        moe.experts = OffloadedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
+                                       placement.gpu_experts[i], ram)
+    model.placement = placement
+
+
+def offloaded_layers(model: nn.Module) -> list[OffloadedExperts]:
+    return [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+
+
+def finish_offload(model: nn.Module, decode_max_tokens: int = DECODE_MAX_TOKENS) -> OffloadRuntime | None:
+    """After the weights are loaded: RAM halves to their CPU layout, the id maps and the staging slots
+    on the model's device; the runtime is `model.offload` (None when nothing is in RAM)."""
+    layers = offloaded_layers(model)
+    if not layers:
+        model.offload = None
+        return None
+    device = model.lm_head.weight.device
+    stats = OffloadStats()
+    runtime = OffloadRuntime(stats, decode_max_tokens=decode_max_tokens)
+    for layer in layers:
+        layer.finish(device, runtime)
+    runtime.stager = Stager(layers, device, stats)
+    model.offload = runtime
+    return runtime
+
+
+def expert_tensor(model: nn.Module, pname: str, index: int) -> tuple[str, int]:
+    """The stacked parameter `pname` at expert `index` of the whole model -> the parameter and row that
+    hold it under the model's placement (itself when the layer is not split)."""
+    owner_name, _, attr = pname.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if not isinstance(owner, OffloadedExperts):
+        return pname, index
+    half, row = owner.row_of(index)
+    return f"{owner_name}.{half}.{attr}", row
+
+
+class StackedRows:
+    """A split stack seen whole (the quantized cache's view of it): `shape`, `dtype`, `copy_` scatters
+    the rows to the halves, `detach()` gathers them on the CPU."""
+
+    def __init__(self, owner: OffloadedExperts, name: str):
+        self.owner, self.name = owner, name
+        gpu, ram = getattr(owner.on_gpu, name), getattr(owner.in_ram, name)
+        part = gpu if gpu.numel() else ram
+        self.shape = torch.Size((owner.num_experts, *part.shape[1:]))
+        self.dtype = part.dtype
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def copy_(self, source: torch.Tensor) -> None:
+        for half, ids in (("on_gpu", self.owner.gpu_ids), ("in_ram", self.owner.ram_ids)):
+            if ids:
+                target = getattr(getattr(self.owner, half), self.name)
+                target.copy_(source[torch.tensor(ids)].to(target.device))
+
+    def detach(self) -> torch.Tensor:
+        whole = torch.empty(self.shape, dtype=self.dtype)
+        for half, ids in (("on_gpu", self.owner.gpu_ids), ("in_ram", self.owner.ram_ids)):
+            if ids:
+                whole[torch.tensor(ids)] = getattr(getattr(self.owner, half), self.name).detach().cpu()
+        return whole

@@ -1,0 +1,312 @@
+"""Conversations for the product's questions, in the product's reading format, for training and evaluation.
+
+A kimi-desk session reads a folder as `render_folder_preamble` (the tree) then one `render_file_block`
+("==> path <==") per file, in `reading_order_key` order, each file's block tokenized on its own (the
+token cache holds them so), after `document_head_ids`; then `question_ids(question)`, the reply and
+`<|im_end|>`. RetrievalSampleBuilder already builds such documents; this module asks the questions a
+user of the product asks about them:
+
+    needle           a planted fact (ports, codes, maintainers, dates, settings, and the README's kinds:
+                     "which command lists the saved X", "which variable forces the Y") at any depth,
+                     with 0-3 distractor facts of the same kind that hold other values
+    which_file       "Which file defines X?": X a top-level class or function defined once in the folder
+    where_function   "Where is the function that returns ...?": from a function's docstring
+    setting_default  "What does the timeout argument of connect default to?", "What is MAX_SIZE set to?":
+                     the literal defaults of real code
+    followup         one of the above, then a second user turn that refers to the first answer
+                     ("Which file says so?", "What else does that file define?")
+
+The code questions read real files of the corpus (code sources only, so a folder reads as one project).
+Each sample marks its replies (`answer_spans`): training takes the loss on them only. Each turn says
+what a reply must contain to count (`expected`, `any_of`): evaluation generates and checks.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from retrieval_samples import ALL_FACT_KINDS, RetrievalSampleBuilder
+
+from kimi_desk.engine.chat import (DEFAULT_SYSTEM_PROMPT, IM_END, chat_token_ids, document_head_ids, document_text,
+                                   next_turn_token_ids, question_ids)
+from kimi_desk.engine.ingest.listing import reading_order_key
+from kimi_desk.engine.ingest.render import render_folder_preamble
+
+CODE_SOURCES = ("cpython-stdlib", "django", "twisted", "sqlalchemy")
+TASKS = ("needle", "which_file", "where_function", "setting_default", "followup")
+# The training mix: needles first (the skill the others build on), the code questions, follow-ups.
+DEFAULT_MIX = {"needle": 0.35, "which_file": 0.2, "where_function": 0.1, "setting_default": 0.15, "followup": 0.2}
+
+_TOP_LEVEL_DEF = re.compile(r"^(?:async\s+def|def|class)\s+([A-Za-z_]\w*)", re.M)
+_ANY_DEF = r"(?:def|class)\s+{}\b"
+_DOCSTRING = re.compile(r"^[ \t]*(?:async\s+)?def\s+(\w+)\s*\((?:[^()]|\([^()]*\))*\)[^:\n]*:[ \t]*\n[ \t]*[rRuU]?(?:\"\"\"|''')"
+                        r"[ \t]*([A-Z][^\n]*?)[ \t]*$", re.M)
+_SIGNATURE = re.compile(r"^[ \t]*(?:async\s+)?def\s+(\w+)\s*\(([^)\n]*)\)", re.M)
+_LITERAL = r"(-?\d+(?:\.\d+)?|'[^'\n,]{1,24}'|\"[^\"\n,]{1,24}\"|True|False|None)"
+_PARAMETER = re.compile(r"\s*(\w+)\s*(?::\s*[^=]+?)?\s*=\s*" + _LITERAL + r"\s*")
+_CONSTANT = re.compile(r"^([A-Z][A-Z0-9_]{2,})\s*=\s*" + _LITERAL + r"\s*$", re.M)
+
+
+# Docstrings that start with one of these read as "the function that returns ...".
+_IMPERATIVES = frozenset("""Return Create Get Set Check Make Build Compute Convert Parse Read Write Test Add Remove
+Find Load Save Open Close Handle Run Call Send Start Stop Update Generate Print Format Validate Ensure Verify Apply
+Initialize Register Yield Extract Encode Decode Connect Clean Reset Wrap Raise Emit Process Fetch Render Resolve
+Determine Construct Install Insert Delete Append Copy Move Retrieve Translate Normalize List Show Compare Split
+Join Sort Count Wait Accept Reject Release Acquire Lookup Serialize Deserialize Quote Unquote Strip""".split())
+
+
+class NoQuestion(Exception):
+    """The folder drawn has nothing to ask this question about (another task is drawn instead)."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    question: str
+    answer: str  # the reference reply (the training target), without <|im_end|>
+    expected: tuple[str, ...]  # a reply is right when it contains each of these
+    any_of: tuple[str, ...] = ()  # ... and, when given, at least one of these
+
+
+@dataclass
+class TaskSample:
+    task: str
+    input_ids: list[int]  # the whole conversation, every reply and its closing <|im_end|> included
+    answer_spans: list[tuple[int, int]]  # input_ids[a:b] is turn i's reply and its <|im_end|>: the loss's tokens
+    feeds: list[tuple[int, int]]  # input_ids[a:b] is what is fed before turn i's reply (question, headers)
+    document_start: int
+    document_end: int
+    turns: list[Turn]
+    depth: float | None = None  # where the asked fact sits in the document (needles)
+    detail: dict = field(default_factory=dict)
+
+    def target_weights(self, document_weight: float = 0.0) -> list[float]:
+        """One weight per next-token target (input_ids[1:]): 1 on reply tokens, `document_weight` on the
+        document's, 0 elsewhere (system turn, questions, turn headers)."""
+        weights = [0.0] * (len(self.input_ids) - 1)
+        if document_weight:
+            for target in range(self.document_start + 1, self.document_end):
+                weights[target - 1] = document_weight
+        for start, end in self.answer_spans:
+            for target in range(start, end):
+                weights[target - 1] = 1.0
+        return weights
+
+
+def is_correct(turn: Turn, reply: str) -> bool:
+    return all(value in reply for value in turn.expected) and (not turn.any_of or any(v in reply for v in turn.any_of))
+
+
+def third_person(verb: str) -> str:
+    """'Return' -> 'returns', 'Fetch' -> 'fetches': a docstring's imperative as a question's verb."""
+    verb = verb.lower()
+    if verb.endswith("s") and not verb.endswith("ss"):
+        return verb
+    if verb.endswith(("ss", "sh", "ch", "x", "z", "o")):
+        return verb + "es"
+    if verb.endswith("y") and verb[-2:-1] not in "aeiou":
+        return verb[:-1] + "ies"
+    return verb + "s"
+
+
+class TaskSampleBuilder:
+    """Task samples of at most a given number of tokens, from a tokenized corpus split."""
+
+    def __init__(self, split, tokenizer, mix: dict[str, float] | None = None):
+        self.tokenizer = tokenizer
+        self.im_end = tokenizer.special_tokens[IM_END]
+        self.needles = RetrievalSampleBuilder(split, tokenizer)
+        code = [s for s in CODE_SOURCES if s in set(split.document_sources)]
+        self.code = RetrievalSampleBuilder(split, tokenizer, code) if code else None
+        self.mix = dict(mix or DEFAULT_MIX)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, allow_special=False)
+
+    # -- assembling -------------------------------------------------------------------------------
+
+    def _assemble(self, task: str, head: list[int], document: list[int], turns: list[Turn]) -> TaskSample:
+        ids = head + document
+        spans, feeds = [], []
+        for index, turn in enumerate(turns):
+            if index == 0:
+                feed_start = len(ids)
+                ids = ids + question_ids(self.tokenizer, turn.question)
+            else:
+                # The previous reply's <|im_end|> is already in ids (a target); a session that generated
+                # that reply would feed it with the next turn: next_turn_token_ids.
+                feed_start = len(ids) - 1
+                ids = ids + chat_token_ids(self.tokenizer, [{"role": "user", "content": turn.question}])
+            feeds.append((feed_start, len(ids)))
+            answer = self._encode(turn.answer) + [self.im_end]
+            spans.append((len(ids), len(ids) + len(answer)))
+            ids = ids + answer
+        start = len(head)
+        return TaskSample(task, ids, spans, feeds, start, start + len(document), turns)
+
+    def _folder(self, builder: RetrievalSampleBuilder, total: int, reserve: int, rng: random.Random, system,
+                make_turns, task: str) -> TaskSample:
+        """A folder of real files filling `total` tokens with the turns `make_turns(files, bodies)` asks."""
+        head = document_head_ids(self.tokenizer, system)
+        tree_share = 0
+        for _ in range(8):
+            picked, multi_source = builder._pick_files(rng, total - len(head) - reserve - tree_share)
+            files = sorted(builder._files(picked, multi_source), key=lambda f: reading_order_key(f.path))
+            if not files:
+                raise NoQuestion("no file fits")
+            bodies = {f.path: builder._block_text(f).split("\n", 1)[1] for f in files}
+            turns = make_turns(files, bodies, rng)
+            root = "workspace" if multi_source else builder.source_roots[picked[0][0]]
+            tree = render_folder_preamble(root, [f.path for f in files])
+            blocks = [builder._block_ids(f) for f in files[:-1]]
+            blocks.append(self._encode(document_text(builder._block_text(files[-1]))))
+            document = self._encode(tree) + [i for block in blocks for i in block]
+            sample = self._assemble(task, head, document, turns)
+            if len(sample.input_ids) <= total:
+                return sample
+            tree_share += len(sample.input_ids) - total + 16
+        raise NoQuestion(f"cannot fit a {task} sample into {total} tokens")
+
+    # -- the tasks --------------------------------------------------------------------------------
+
+    def needle(self, total: int, rng: random.Random, depth: float | None = None, distractors: int | None = None,
+               kind: str | None = None, system=DEFAULT_SYSTEM_PROMPT, followup: bool = False) -> TaskSample:
+        if distractors is None:
+            distractors = rng.choice((0, 1, 2, 3, 3, 3))
+        kind = kind or rng.choice(ALL_FACT_KINDS)
+        reserve = 48 if followup else 0
+        sample = self.needles.build(total - reserve, rng, depth=depth, num_distractors=distractors, system=system,
+                                    kind=kind)
+        fact = sample.fact
+        turns = [Turn(fact.question, fact.answer, (fact.value,))]
+        if followup:
+            question = rng.choice(("Which file says so?", "In which file did you find that?", "Which file is that in?"))
+            turns.append(Turn(question, f"It is in {sample.planted_path}.", (sample.planted_path,)))
+        head = sample.input_ids[: sample.document_start]
+        document = sample.input_ids[sample.document_start : sample.document_end]
+        result = self._assemble("needle" if not followup else "followup", head, document, turns)
+        result.depth = sample.depth
+        result.detail = {"kind": kind, "distractors": distractors, "path": sample.planted_path}
+        return result
+
+    def which_file(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT, followup: bool = False):
+        def make_turns(files, bodies, rng):
+            defined = {path: _TOP_LEVEL_DEF.findall(body) for path, body in bodies.items() if path.endswith(".py")}
+            everything = "\n".join(bodies.values())
+            candidates = sorted({(name, path) for path, names in defined.items() for name in names
+                                 if len(name) >= 4 and not name.startswith("_")
+                                 and len(re.findall(_ANY_DEF.format(re.escape(name)), everything)) == 1})
+            if followup:
+                candidates = [(n, p) for n, p in candidates if len(set(defined[p]) - {n}) > 0]
+            if not candidates:
+                raise NoQuestion("no name defined once")
+            name, path = rng.choice(candidates)
+            question = rng.choice((f"Which file defines {name}?", f"Where is {name} defined?",
+                                   f"In which file is `{name}` defined?"))
+            turns = [Turn(question, f"{name} is defined in {path}.", (path,))]
+            if followup:
+                others = [n for n in dict.fromkeys(defined[path]) if n != name]
+                turns.append(Turn(rng.choice(("What else does that file define?", "What else is defined there?")),
+                                  f"It also defines {', '.join(others[:3])}.", (), tuple(others)))
+            return turns
+
+        return self._folder(self._code_builder(), total, 160 if followup else 96, rng, system, make_turns,
+                            "followup" if followup else "which_file")
+
+    def where_function(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT):
+        def make_turns(files, bodies, rng):
+            everything = "\n".join(bodies.values())
+            candidates = []
+            for path, body in bodies.items():
+                for name, line in _DOCSTRING.findall(body):
+                    line = re.sub(r"(\"\"\"|''')\s*$", "", line).strip()
+                    words = line.split()
+                    if (12 <= len(line) <= 90 and len(words) >= 3 and words[0].isalpha()
+                            and everything.count(line) == 1 and not name.startswith("__")):
+                        candidates.append((name, path, line))
+            if not candidates:
+                raise NoQuestion("no documented function")
+            name, path, line = rng.choice(sorted(candidates))
+            first, rest = line.split(" ", 1)
+            rest = rest.rstrip(".")
+            forms = [f'Which function says "{line}"?', f'Where is the function whose docstring says "{line}"?']
+            if first in _IMPERATIVES:
+                forms.append(f"Where is the function that {third_person(first)} {rest}?")
+            question = rng.choice(forms)
+            return [Turn(question, f"{name}, in {path}.", (name,))]
+
+        return self._folder(self._code_builder(), total, 128, rng, system, make_turns, "where_function")
+
+    def setting_default(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT, followup: bool = False):
+        def make_turns(files, bodies, rng):
+            everything = "\n".join(bodies.values())
+            candidates = []
+            for path, body in bodies.items():
+                if not path.endswith(".py"):
+                    continue
+                for function, parameters in _SIGNATURE.findall(body):
+                    if len(re.findall(_ANY_DEF.format(re.escape(function)), everything)) != 1:
+                        continue
+                    for parameter in parameters.split(","):
+                        match = _PARAMETER.fullmatch(parameter)
+                        if match and match.group(1) != "self":
+                            name, value = match.groups()
+                            candidates.append((value, path, rng.choice((
+                                f"What does the {name} argument of {function} default to?",
+                                f"What is the default value of {name} in {function}?")),
+                                f"{name} defaults to {value} in {function}."))
+                for name, value in _CONSTANT.findall(body):
+                    if len(re.findall(rf"^\s*{re.escape(name)}\s*=", everything, re.M)) == 1:
+                        candidates.append((value, path, rng.choice((f"What is {name} set to?",
+                                                                    f"What value does the setting {name} have?")),
+                                           f"{name} is set to {value} in {path}."))
+            if not candidates:
+                raise NoQuestion("no literal default")
+            # Mostly values that cannot be guessed from the kind alone (None, True, False can).
+            telling = [c for c in candidates if c[0] not in ("None", "True", "False")]
+            value, path, question, answer = rng.choice(sorted(telling if telling and rng.random() < 0.85 else candidates))
+            turns = [Turn(question, answer, (value,))]
+            if followup:
+                turns.append(Turn(rng.choice(("Which file is that in?", "In which file is that?")),
+                                  f"It is in {path}.", (path,)))
+            return turns
+
+        return self._folder(self._code_builder(), total, 160 if followup else 96, rng, system, make_turns,
+                            "followup" if followup else "setting_default")
+
+    def followup(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT):
+        first = rng.choice(("needle", "which_file", "setting_default"))
+        return self.build(first, total, rng, system, followup=True)
+
+    def _code_builder(self) -> RetrievalSampleBuilder:
+        if self.code is None:
+            raise NoQuestion("no code source in this split")
+        return self.code
+
+    # -- drawing ----------------------------------------------------------------------------------
+
+    def build(self, task: str, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT,
+              followup: bool = False) -> TaskSample:
+        """One sample of `task`; a needle when the folder drawn has nothing to ask (after 3 draws)."""
+        for _ in range(3):
+            try:
+                if task == "needle":
+                    return self.needle(total, rng, system=system, followup=followup)
+                if task == "which_file":
+                    return self.which_file(total, rng, system, followup)
+                if task == "where_function":
+                    return self.where_function(total, rng, system)
+                if task == "setting_default":
+                    return self.setting_default(total, rng, system, followup)
+                if task == "followup":
+                    return self.followup(total, rng, system)
+                raise ValueError(f"unknown task {task!r}")
+            except NoQuestion:
+                continue
+        return self.needle(total, rng, system=system, followup=followup)
+
+    def sample(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT) -> TaskSample:
+        """A sample of a task drawn from the mix."""
+        tasks, weights = zip(*self.mix.items())
+        return self.build(rng.choices(tasks, weights)[0], total, rng, system)

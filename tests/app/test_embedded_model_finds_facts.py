@@ -1,0 +1,62 @@
+"""The shipped embedded model (assets/model) on the product's path: `kimi-desk ingest` of a small folder with
+planted facts, then `kimi-desk ask` at temperature 0; the replies must contain the facts.
+
+A test of the model, not of a fake engine (issue 18's last deliverable): the CLI as a user runs it, with
+no --model, so the embedded model answers. The facts are of the kinds a user asks about a folder: a
+value in a notes file, a code in a comment, a command and a variable in a README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+FILES = {
+    "README.md": "# harbor\n\nA small tool that keeps track of ships in port.\n\n## Usage\n\n"
+                 "`harbor ships list` lists the saved ships.\n\n"
+                 "Environment: `HARBOR_BACKEND=torch` forces the PyTorch kernels everywhere.\n",
+    "src/harbor/berths.py": "\"\"\"Berth bookkeeping.\"\"\"\n\n\ndef free_berths(port):\n"
+                            "    # The access code for the lumtir vault is QXR-5821.\n"
+                            "    return [b for b in port.berths if not b.ship]\n",
+    "notes/services.txt": "Operations notes.\n\nThe secret port of service korvani is 4711.\n"
+                          "Restart it after every deploy.\n",
+}
+QUESTIONS = [
+    ("What is the secret port of service korvani?", "4711"),
+    ("What is the access code for the lumtir vault?", "QXR-5821"),
+    ("Which command lists the saved ships?", "harbor ships list"),
+    ("Which variable forces the PyTorch kernels?", "HARBOR_BACKEND"),
+]
+
+
+def _kimi_desk(home, *args):
+    env = {**os.environ, "KIMI_DESK_HOME": str(home / "kimi-home"), "HOME": str(home)}
+    result = subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def answers(tmp_path_factory):
+    """Each question's reply from the shipped model, on the CPU (ingest once, ask each question)."""
+    home = tmp_path_factory.mktemp("embedded")
+    folder = home / "harbor"
+    for path, text in FILES.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(text, encoding="utf-8")
+    session = json.loads(_kimi_desk(home, "ingest", str(folder), "--json", "--device", "cpu"))["id"]
+    return {question: json.loads(_kimi_desk(home, "ask", session, question, "--json", "--temperature", "0",
+                                            "--max-new-tokens", "40", "--device", "cpu"))["answer"]
+            for question, _ in QUESTIONS}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18: the shipped demo model does not yet find planted facts "
+                   "(measured: 0 of 4 here); remove this mark with the retrained model")
+def test_the_embedded_model_answers_with_the_planted_facts(answers):
+    wrong = {q: answers[q] for q, expected in QUESTIONS if expected not in answers[q]}
+    assert not wrong, wrong

@@ -1,0 +1,129 @@
+"""Routed experts split between the "GPU side" and RAM, both on the CPU here: the same logits as the
+whole model, at decode (RAM experts computed on the CPU) and at prefill (streamed into staging slots),
+in float32 and int4; the quantized cache and the state are the same under any placement."""
+
+import pytest
+import torch
+
+from kimi_desk.engine import offload
+from kimi_desk.engine.offload import OffloadedExperts, tiles_to_codes
+from kimi_desk.engine.placement import Placement
+from kimi_desk.engine.random_checkpoint import tail7_config, write_random_checkpoint
+from kimi_desk.engine.weights import load_model
+from kimi_desk.kernels.quant import quantize_int4_groups
+from kimi_desk.kernels.quant.cpu import pack_int4_for_cpu
+
+# Per MoE layer (1..6), the experts on the GPU side: none, half, a scattered few, one, most, all.
+GPU_EXPERTS = {1: (), 2: (0, 1, 2, 3), 3: (1, 4, 6), 4: (5,), 5: (0, 1, 2, 3, 4, 6, 7), 6: tuple(range(8))}
+OTHER_EXPERTS = {1: (7,), 2: (), 3: (0, 2, 3, 5, 7), 4: tuple(range(8)), 5: (2, 3), 6: (0, 1, 2)}
+
+
+def plan(gpu_experts) -> Placement:
+    return Placement(num_experts=8, gpu_experts=gpu_experts, fixed_bytes=0, expert_bytes=1, staging_bytes=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # Experts of 64 x 128 and 128 x 64: whole tiles of the CPU int4 operator (64 rows).
+    return write_random_checkpoint(tail7_config(moe_intermediate_size=64), tmp_path_factory.mktemp("off") / "m", seed=4)
+
+
+def run(model, ids, prefill: int):
+    """Logits of a prefill of `prefill` tokens, then one token at a time."""
+    state = model.new_state(1)
+    parts = [model(ids[:, :prefill], state)] + [model(ids[:, t : t + 1], state) for t in range(prefill, ids.shape[1])]
+    return torch.cat(parts, 1), state
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def ids(checkpoint):
+    return torch.randint(0, 512, (1, 72), generator=torch.Generator().manual_seed(11))
+
+
+def test_the_split_model_computes_the_whole_models_logits_fp32(checkpoint, ids):
+    whole = load_model(checkpoint, dtype=torch.float32)
+    split = load_model(checkpoint, dtype=torch.float32, placement=plan(GPU_EXPERTS))
+    layers = offload.offloaded_layers(split)
+    assert len(layers) == 5  # layer 6 has every expert on the GPU side and stays whole
+    assert split.offload is not None and whole.offload is None
+    want, _ = run(whole, ids, 60)
+    got, _ = run(split, ids, 60)
+    assert torch.isfinite(got).all() and rel(got, want) < 1e-5
+    stats = split.offload.stats
+    assert stats.streamed_calls == 5 and stats.decode_calls == 5 * 12 and stats.streamed_bytes > 0
+    # A short prefill chunk takes the decode path (CPU products of the RAM experts), a long one streams.
+    split.offload.stats.reset()
+    short_want, _ = run(whole, ids[:, :20], 20)
+    short_got, _ = run(split, ids[:, :20], 20)
+    assert rel(short_got, short_want) < 1e-5 and split.offload.stats.decode_calls == 5
+    assert split.offload.stats.streamed_calls == 0
+
+
+def test_the_split_model_in_int4(checkpoint, ids):
+    whole = load_model(checkpoint, dtype=torch.float32, quantize="int4")
+    split = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS))
+    # The RAM halves hold the CPU operator's tiles only.
+    for layer in offload.offloaded_layers(split):
+        assert layer.in_ram.w1.numel() == 0 and layer.in_ram.tiles["w1"][0].dtype == torch.uint8
+        assert len(layer.in_ram.cpu_weights) == len(layer.ram_ids)
+    state_whole, state_split = whole.new_state(1), split.new_state(1)
+    # Prefill streams the tiles back into our layout: the same codes, the same products.
+    prefill_want = whole(ids[:, :60], state_whole)
+    prefill_got = split(ids[:, :60], state_split)
+    assert rel(prefill_got, prefill_want) < 1e-5
+    # Decode computes the RAM experts through the CPU operator (bf16 products, float32 sums).
+    for t in range(60, 72):
+        got, want = split(ids[:, t : t + 1], state_split), whole(ids[:, t : t + 1], state_whole)
+        assert rel(got, want) < 2e-2
+        assert got[0, -1].argmax() == want[0, -1].argmax()
+
+
+def test_tiles_turn_back_into_our_layout_exactly():
+    gen = torch.Generator().manual_seed(0)
+    for out_features, in_features in [(64, 128), (128, 64), (192, 256)]:
+        stack = []
+        for _ in range(3):
+            w = torch.randn(out_features, in_features, generator=gen)
+            packed, scale, zero = quantize_int4_groups(w)
+            stack.append((packed, scale, zero, pack_int4_for_cpu(packed, scale, zero)))
+        tiles = torch.stack([s[3].packed for s in stack])
+        assert torch.equal(tiles_to_codes(tiles, out_features), torch.stack([s[0] for s in stack]))
+        scale, zero = offload._scales_from_tiles(torch.stack([s[3].scales_and_zeros for s in stack]))
+        assert torch.equal(scale, torch.stack([s[1] for s in stack]).to(scale.dtype))
+        assert torch.equal(zero, torch.stack([s[2] for s in stack]).to(zero.dtype))
+
+
+def test_one_quantized_cache_serves_every_placement(checkpoint, ids):
+    notices = []
+    first = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS),
+                       notice=notices.append)
+    second = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(OTHER_EXPERTS),
+                        notice=notices.append)
+    whole = load_model(checkpoint, dtype=torch.float32, quantize="int4", notice=notices.append)
+    assert notices == []
+    want = whole(ids[:, :50], whole.new_state(1))
+    for model in (first, second):
+        assert rel(model(ids[:, :50], model.new_state(1)), want) < 1e-5
+
+
+def test_a_state_read_under_one_placement_continues_under_another(checkpoint, ids):
+    whole = load_model(checkpoint, dtype=torch.float32)
+    split = load_model(checkpoint, dtype=torch.float32, placement=plan(OTHER_EXPERTS))
+    other = load_model(checkpoint, dtype=torch.float32, placement=plan(GPU_EXPERTS))
+    assert split.fingerprint == whole.fingerprint == other.fingerprint  # what snapshots are tied to
+    want, _ = run(whole, ids, 64)
+    state = split.new_state(1)
+    split(ids[:, :64], state)
+    got = [other(ids[:, t : t + 1], state) for t in range(64, 68)]
+    got += [whole(ids[:, t : t + 1], state) for t in range(68, 72)]
+    assert rel(torch.cat(got, 1), want[:, 64:]) < 1e-5
+
+
+def test_the_split_modules_name_their_halves():
+    layer = OffloadedExperts(8, 16, 4, gpu_ids=[0, 5], ram_ids=[1, 2, 3, 4, 6, 7])
+    assert layer.row_of(5) == ("on_gpu", 1) and layer.row_of(6) == ("in_ram", 4)
+    assert offload._runs([1, 2, 3, 6, 7, 9]) == [(1, 0, 3), (6, 3, 2), (9, 5, 1)]
