@@ -5,8 +5,11 @@ of them. On a desktop the cores are shared with the user's other programs: when 
 one of the cores, each barrier waits for the scheduler to give that core back, and a step of a few
 hundred small operations (one decoded token) waits that long hundreds of times. On a 2-core machine
 with other work running, reading and decoding the demo model on both cores ran 4-15 times slower than
-on one. So before loading, reading and answering, the engine counts the other tasks that want a core
-at that moment and leaves those cores to them (at least one thread, at most one per core).
+on one. So before loading a model, the engine counts the other tasks that want a core
+at that moment and leaves those cores to them (at least one thread, at most one per core). The count
+is chosen once, when the model is loaded: a process computes with one count throughout, so that its
+results do not change with its neighbours' load (sums split over another number of threads round
+differently, and a resumed reading must give the state a fresh one gives).
 
 KIMI_DESK_THREADS (or OMP_NUM_THREADS) set in the environment fixes the count instead.
 """

@@ -276,11 +276,6 @@ class Assistant:
         assistant.model_source = str(Path(model_path).expanduser().resolve())
         return assistant
 
-    def _take_idle_cores(self) -> None:
-        """On the CPU, compute on the cores other programs leave idle now (engine/cpu_threads.py)."""
-        if self.model.device.type == "cpu":
-            use_idle_cores()
-
     def reading_rate(self, tokens: int = 0, start: int = 0) -> float:
         """Tokens per second of reading on this device: the average over reading `tokens` tokens after
         `start` already read (what the app quotes before reading), or the rate at `start` when tokens is
@@ -334,7 +329,6 @@ class Assistant:
         (engine/ingest LimitNotice) say what the loader's limits left out, for the user to be told."""
         from kimi_desk.engine.ingest import LoaderLimits, load_path
 
-        self._take_idle_cores()
         source = str(Path(path).expanduser().resolve())
         document = load_path(source, limits or LoaderLimits())
         segments, units = self.plan(document, system)  # DocumentTooLong past the model's context
@@ -438,7 +432,6 @@ class Assistant:
 
         if type(max_new_tokens) is not int or max_new_tokens < 1:
             raise SessionError(f"the answer's length must be at least 1 token, got {max_new_tokens!r}")
-        self._take_idle_cores()
         prompt = chat.question_ids(self.tokenizer, question)
         state = self.document_state(session).clone()
         room = self.model.config.model_max_length - state.position - len(prompt)
