@@ -19,12 +19,16 @@ projections, int4 in PyTorch's CPU layout) and measured:
   prefill and the first decode step.
 - memory: resident set after loading, and its peak over the whole run.
 
+Threads: ours as `kimi-desk` chooses them (engine/cpu_threads.py: the cores idle when the model loads),
+or --threads for every process.
+
 With --llama-cpp DIR (a build of packaging/bench/llama_cpp/build.sh), llama.cpp reads and decodes the
 same checkpoint converted to GGUF, bf16 / Q8_0 / Q4_K_M beside none / int8 / int4, at the same lengths
-and depths (llama.cpp on --threads, default every core, as llama-bench does), each file in its own process, its columns beside ours in the one table
-(llama_cpp_side.py). With --transformers, transformers' native Kimi Linear (its pure-PyTorch path, float32) reads
-2048+8192 and decodes on the same checkpoint, in its own process: the baseline a user would otherwise
-pick. Timings are wall-clock on whatever else the machine runs: the load average is recorded beside them.
+and depths, on --threads (default every core, as llama-bench does), each file in its own process, its
+columns beside ours in the one table (llama_cpp_side.py). With --transformers, transformers' native Kimi
+Linear (its pure-PyTorch path, float32) reads 2048+8192 and decodes on the same checkpoint, in its own
+process: the baseline a user would otherwise pick. Timings are wall-clock on whatever else the machine
+runs: the load average is recorded beside them.
 """
 
 from __future__ import annotations
