@@ -170,7 +170,7 @@ def prepare_ram(experts: nn.Module, pin: bool) -> None:
     n = experts.w1.shape[0]
     int4 = hasattr(experts, "w1_zero")
     if int4 and n and all(_tiles_fit(getattr(experts, w)) for w in ("w1", "w2", "w3")):
-        stacks = {}
+        stacks, heights = {}, {}
         for attr in ("w1", "w2", "w3"):
             codes, scale, zero = (getattr(experts, attr).data, getattr(experts, f"{attr}_scale"),
                                   getattr(experts, f"{attr}_zero"))
@@ -182,11 +182,12 @@ def prepare_ram(experts: nn.Module, pin: bool) -> None:
                 tiles[e].copy_(one.packed)
                 sz[e].copy_(one.scales_and_zeros)
             stacks[attr] = (tiles, sz, first.group, first.in_features)
+            heights[attr] = first.out_features
             setattr(experts, attr, nn.Parameter(empty, requires_grad=False))
             setattr(experts, f"{attr}_scale", empty)
             setattr(experts, f"{attr}_zero", empty)
         experts.tiles = stacks
-        experts.cpu_weights = [tuple(CpuInt4Weight(stacks[a][0][e], stacks[a][1][e], stacks[a][2], stacks[a][3])
+        experts.cpu_weights = [tuple(CpuInt4Weight(stacks[a][0][e], stacks[a][1][e], *stacks[a][2:], heights[a])
                                      for a in ("w1", "w2", "w3")) for e in range(n)]
     elif pin:
         for name, tensor in [*experts.named_parameters(recurse=False), *experts.named_buffers(recurse=False)]:

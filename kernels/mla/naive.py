@@ -1,4 +1,5 @@
-"""MLA attention over the latent cache in PyTorch: a materialising reference and a blocked CPU path."""
+"""MLA attention over the latent cache in PyTorch: float64 references, the CPU paths (PyTorch's fused
+flash-attention kernel for the CPU, key block by key block) and the GPU's PyTorch forms."""
 
 from __future__ import annotations
 
@@ -17,38 +18,6 @@ def mla_attention_reference(q, cache, q_start, value_dim, scale):
     return torch.einsum("bhqk,bkd->bqhd", p, cache[..., :value_dim].double()).float()
 
 
-def mla_attention_torch(q, cache, q_start, value_dim, scale, block_q=128, block_k=1024):
-    """Online softmax over key blocks, one query block at a time: memory is bounded by the block sizes
-    whatever the context length, and keys past a query block's last position are never touched."""
-    B, Tq, H, D = q.shape
-    out = torch.empty(B, Tq, H, value_dim, dtype=torch.float32, device=q.device)
-    key_pos = torch.arange(block_k, device=q.device)
-    for i0 in range(0, Tq, block_q):
-        i1 = min(Tq, i0 + block_q)
-        nq = i1 - i0
-        qb = q[:, i0:i1].float().reshape(B, nq * H, D) * scale  # rows: query-major, head-minor
-        row_pos = (torch.arange(i0, i1, device=q.device) + q_start).repeat_interleave(H)  # [nq * H]
-        end = q_start + i1  # keys [0, end) are visible to some query of this block
-        m = torch.full((B, nq * H, 1), float("-inf"), device=q.device)
-        l = torch.zeros(B, nq * H, 1, device=q.device)
-        acc = torch.zeros(B, nq * H, value_dim, device=q.device)
-        for j0 in range(0, end, block_k):
-            j1 = min(end, j0 + block_k)
-            kb = cache[:, j0:j1].float()  # [B, nk, D]
-            s = qb @ kb.transpose(1, 2)  # [B, nq * H, nk]
-            if j1 - 1 > q_start + i0:  # the block reaches past the first query's position
-                hidden = (key_pos[: j1 - j0] + j0)[None, :] > row_pos[:, None]
-                s = s.masked_fill(hidden, float("-inf"))
-            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-            p = (s - m_new).exp()
-            correction = (m - m_new).exp()
-            l = l * correction + p.sum(-1, keepdim=True)
-            acc = acc * correction + p @ kb[..., :value_dim]
-            m = m_new
-        out[:, i0:i1] = (acc / l).reshape(B, nq, H, value_dim)
-    return out
-
-
 def mla_prefill_reference(q, cache, w_uk, w_uv, q_start, scale):
     """Expanded keys and values, every score at once, float64; for tests only."""
     L = w_uk.shape[-1]
@@ -62,50 +31,6 @@ def mla_prefill_reference(q, cache, w_uk, w_uv, q_start, scale):
     visible = torch.arange(Tk)[None, :] <= (torch.arange(Tq) + q_start)[:, None]
     p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
     return torch.einsum("bhqk,bkhv->bqhv", p, v).float()
-
-
-def mla_prefill_torch(q, cache, w_uk, w_uv, q_start, scale, block_q=512, block_k=1024):
-    """Prefill attention with keys and values expanded from the latents, block by block.
-
-    For many queries the expanded form is the cheaper one: per query, key and head it costs
-    n + R + v multiply-adds against 2 L + R for the absorbed form (320 against 1088 at the 48B shapes).
-    Each key block is expanded once and visited by every query block that sees it, with an online
-    softmax per query, so memory stays bounded by the block sizes at any context length.
-
-    q [B, Tq, H, n + R] (q_nope ‖ q_rope); cache [B, Tk, L + R]; w_uk [H, n, L]; w_uv [H, v, L].
-    Returns [B, Tq, H, v] float32.
-    """
-    B, Tq, H, _ = q.shape
-    L, V = w_uk.shape[-1], w_uv.shape[1]
-    device = q.device
-    qf = q.float().transpose(1, 2) * scale  # [B, H, Tq, n + R]
-    w_uk32, w_uv32 = w_uk.float(), w_uv.float()
-    m = torch.full((B, H, Tq, 1), float("-inf"), device=device)
-    l = torch.zeros(B, H, Tq, 1, device=device)
-    acc = torch.zeros(B, H, Tq, V, device=device)
-    q_pos = torch.arange(Tq, device=device) + q_start
-    end = q_start + Tq
-    for j0 in range(0, end, block_k):
-        j1 = min(end, j0 + block_k)
-        lat = cache[:, j0:j1].float()  # [B, nk, L + R]
-        k_nope = torch.einsum("bkl,hnl->bhkn", lat[..., :L], w_uk32)
-        k_rope = lat[..., L:].unsqueeze(1).expand(-1, H, -1, -1)
-        k_t = torch.cat([k_nope, k_rope], dim=-1).transpose(-1, -2)  # [B, H, n + R, nk]
-        v = torch.einsum("bkl,hvl->bhkv", lat[..., :L], w_uv32)  # [B, H, nk, v]
-        key_pos = torch.arange(j0, j1, device=device)
-        for i0 in range(max(0, j0 - q_start), Tq, block_q):
-            i1 = min(Tq, i0 + block_q)
-            s = qf[:, :, i0:i1] @ k_t  # [B, H, bq, nk]
-            if j1 - 1 > q_start + i0:  # some key of the block lies after some query of the block
-                s = s.masked_fill(key_pos[None, :] > q_pos[i0:i1, None], float("-inf"))
-            m_old = m[:, :, i0:i1]
-            m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
-            p = (s - m_new).exp_()
-            correction = (m_old - m_new).exp_()
-            l[:, :, i0:i1] = l[:, :, i0:i1] * correction + p.sum(-1, keepdim=True)
-            acc[:, :, i0:i1] = acc[:, :, i0:i1] * correction + p @ v
-            m[:, :, i0:i1] = m_new
-    return (acc / l).transpose(1, 2)
 
 
 def mla_attention_dense(q, cache, q_start, value_dim, scale):
@@ -123,14 +48,17 @@ def mla_attention_dense(q, cache, q_start, value_dim, scale):
     return torch.matmul(p, cache[..., :value_dim]).float().reshape(B, Tq, H, value_dim)
 
 
-# Cached keys are expanded and attended this many at a time in the GPU's prefill: bounds its transient
-# memory (expanded keys and values, 20 KB a key at the 48B shapes: 1.3 GB) at any context length.
+# Cached keys are expanded and attended this many at a time in the prefill: bounds its transient memory
+# (expanded keys and values, 20 KB a key at the 48B shapes: 1.3 GB on a GPU) at any context length. The
+# CPU takes smaller blocks: its caches are smaller than a GPU's memory, and so is its memory.
 PREFILL_KEY_BLOCK = 65536
+CPU_KEY_BLOCK = 16384
 
 
-def mla_prefill_sdpa(q, cache, w_uk, w_uv, q_start, scale, key_block=PREFILL_KEY_BLOCK):
-    """Prefill on a GPU through fused attention kernels, keys and values expanded from the latents one
-    block of keys at a time, so memory stays bounded at any cache length.
+def mla_prefill_sdpa(q, cache, w_uk, w_uv, q_start, scale, key_block=None):
+    """Prefill through fused attention kernels (cuDNN's on a GPU, PyTorch's flash kernel on the CPU),
+    keys and values expanded from the latents one block of keys at a time, so memory stays bounded at
+    any cache length.
 
     The chunk's queries see every cached key (positions before q_start): those blocks need no mask. The
     chunk's own keys are a causal square. Each block's attention returns its normalised output and the
@@ -139,34 +67,81 @@ def mla_prefill_sdpa(q, cache, w_uk, w_uv, q_start, scale, key_block=PREFILL_KEY
     B, Tq, H, _ = q.shape
     L, R = w_uk.shape[-1], cache.shape[-1] - w_uk.shape[-1]
     n, V = w_uk.shape[1], w_uv.shape[1]
-    dtype = cache.dtype
+    dtype, device = cache.dtype, q.device
+    key_block = key_block or (PREFILL_KEY_BLOCK if device.type == "cuda" else CPU_KEY_BLOCK)
     # One product expands a block of latents [c | k_r] into every head's key [k_nope | k_r]: the key
     # matrix maps c through W_UK and k_r through an identity (exact: products by 1 and sums with 0). Its
     # output, viewed [B, H, nk, n + R] with the tokens' stride, goes to the attention kernel as it is: no
     # concatenation, no copy (they took 11% of a chunk's GPU time at 1M cached tokens).
-    w_k = torch.zeros(L + R, H, n + R, dtype=dtype, device=q.device)
+    w_k = torch.zeros(L + R, H, n + R, dtype=dtype, device=device)
     w_k[:L, :, :n] = w_uk.permute(2, 0, 1)
-    w_k[L:, :, n:] = torch.eye(R, dtype=dtype, device=q.device).unsqueeze(1)
+    w_k[L:, :, n:] = torch.eye(R, dtype=dtype, device=device).unsqueeze(1)
     w_k = w_k.view(L + R, H * (n + R))
-    w_v = w_uv.to(dtype).permute(2, 0, 1).reshape(L, H * V)
+    # The CPU kernel wants values as wide as keys: zero columns in the value matrix widen them in the
+    # same product, where padding its output would copy every expanded block once more.
+    width = n + R if device.type == "cpu" else V
+    w_v = torch.zeros(L, H, width, dtype=dtype, device=device)
+    w_v[:, :, :V] = w_uv.permute(2, 0, 1)
+    w_v = w_v.view(L, H * width)
     queries = q.to(dtype).transpose(1, 2)  # [B, H, Tq, n + R]
-    attend = _attention_with_lse(q.device, dtype)
+    attend = _attention_with_lse(device, dtype)
 
     def expanded(j0, j1):
         block = cache[:, j0:j1]
         k = (block @ w_k).view(B, j1 - j0, H, n + R).transpose(1, 2)
-        v = (block[..., :L] @ w_v).view(B, j1 - j0, H, V).transpose(1, 2)
+        v = (block[..., :L] @ w_v).view(B, j1 - j0, H, width).transpose(1, 2)
         return k, v
 
     out, lse = attend(queries, *expanded(q_start, q_start + Tq), True, scale)
     out = out.float()
     for j0 in range(0, q_start, key_block):
-        block_out, block_lse = attend(queries, *expanded(j0, min(q_start, j0 + key_block)), False, scale)
-        merged = torch.logaddexp(lse, block_lse)
-        out.mul_((lse - merged).exp_().unsqueeze(-1))
-        out.add_(block_out * (block_lse - merged).exp_().unsqueeze(-1))
-        lse = merged
-    return out.transpose(1, 2)
+        lse = _merge(out, lse, *attend(queries, *expanded(j0, min(q_start, j0 + key_block)), False, scale))
+    return out[..., :V].transpose(1, 2)
+
+
+def mla_attention_cpu(q, cache, q_start, value_dim, scale, key_block=CPU_KEY_BLOCK):
+    """The absorbed form on the CPU (decode, a short question). Every head reads the same keys, so the
+    Tq * H (query, head) rows attend as the queries of one head, through PyTorch's flash kernel for the
+    CPU. The cached keys (before q_start, seen by every row) are cut into equal blocks that go to the
+    kernel as one batch, views of the cache as it lies: the kernel spreads a batch over the threads
+    (one block alone runs on one thread, and its run time swung 40-fold on a busy machine), and the
+    cache is never transposed or copied (a transposed copy of a 214k-token cache cost 10x the attention
+    itself). The last few cached keys and the new tokens' own keys (a causal square) are attended apart
+    with their mask. The parts merge by their log-sum-exps. Products run in the cache's dtype with
+    float32 accumulation; memory stays bounded by the blocks."""
+    B, Tq, H, D = q.shape
+    rows = q.reshape(B, 1, Tq * H, D).to(cache.dtype)  # query-major, head-minor
+    blocks = max(2 * torch.get_num_threads(), -(-q_start // key_block)) if q_start else 0
+    size = q_start // blocks if blocks else 0
+    if size == 0:
+        blocks = 0
+    tail = blocks * size  # keys from here on are attended with the mask
+    keys = cache[:, tail : q_start + Tq].float()  # [B, n, D]
+    scores = (rows[:, 0].float() @ keys.transpose(1, 2)) * scale  # [B, Tq * H, n]
+    key_pos = torch.arange(tail, q_start + Tq, device=q.device)
+    row_pos = (torch.arange(Tq, device=q.device) + q_start).repeat_interleave(H)
+    scores.masked_fill_(key_pos[None, :] > row_pos[:, None], float("-inf"))
+    lse = scores.logsumexp(-1)  # [B, Tq * H]
+    out = (scores - lse.unsqueeze(-1)).exp_() @ keys  # [B, Tq * H, D] float32
+    if blocks:
+        batch = cache[:, :tail].reshape(B * blocks, 1, size, D)
+        queries = rows.expand(B, blocks, Tq * H, D).reshape(B * blocks, 1, Tq * H, D)
+        attend = _attention_with_lse(q.device, cache.dtype)
+        block_out, block_lse = attend(queries, batch, batch, False, scale)
+        parts_lse = torch.cat([lse.unsqueeze(1), block_lse.view(B, blocks, Tq * H)], dim=1)  # [B, 1 + blocks, rows]
+        parts = torch.cat([out.unsqueeze(1), block_out.view(B, blocks, Tq * H, D).float()], dim=1)
+        weights = (parts_lse - parts_lse.logsumexp(1, keepdim=True)).exp_()
+        out = (parts * weights.unsqueeze(-1)).sum(1)
+    return out[..., :value_dim].reshape(B, Tq, H, value_dim)
+
+
+def _merge(out, lse, block_out, block_lse):
+    """Fold a block's normalised output and log-sum-exp into the running ones (out in place, float32);
+    returns the new log-sum-exp."""
+    merged = torch.logaddexp(lse, block_lse)
+    out.mul_((lse - merged).exp_().unsqueeze(-1))
+    out.add_(block_out.float() * (block_lse - merged).exp_().unsqueeze(-1))
+    return merged
 
 
 def _attention_with_lse(device, dtype):
@@ -177,9 +152,10 @@ def _attention_with_lse(device, dtype):
     packaging/gpu_checks/mla_prefill_sdpa.py) 630 TFLOP/s with the values 128 wide, against 277 for the
     flash attention kernel PyTorch picks by default, which also wants the values padded to the keys' 192.
     A GPU or build without cuDNN's takes that flash kernel. float32 on CUDA (checks; neither kernel takes
-    it) takes the memory-efficient kernel. On the CPU (tests) the scores are materialised."""
+    it) takes the memory-efficient kernel. The CPU takes PyTorch's flash kernel for the CPU: blocked, the
+    softmax fused with the products, float32 accumulation, no score matrix in memory."""
     if device.type != "cuda":
-        return _math_attention
+        return _cpu_flash_attention
     if dtype == torch.float32:
         return _efficient_attention
     return _cudnn_attention if _cudnn_attention_works(device) else _flash_attention
@@ -196,6 +172,14 @@ def _flash_attention(q, k, v, causal, scale):
         v = torch.nn.functional.pad(v, (0, q.shape[-1] - V))
     out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     return out[0][..., :V], out[1]
+
+
+def _cpu_flash_attention(q, k, v, causal, scale):
+    V = v.shape[-1]
+    if V < q.shape[-1]:
+        v = torch.nn.functional.pad(v, (0, q.shape[-1] - V))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out[..., :V], lse
 
 
 def _efficient_attention(q, k, v, causal, scale):

@@ -268,6 +268,36 @@ def test_one_process_at_a_time_reads_a_session(assistant, tmp_path):
     assert again.id == session.id and again.complete
 
 
+class CountingModel:
+    """The model, recording the length of every call."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, ids, state, **options):
+        self.calls.append(ids.shape[1])
+        return self.model(ids, state, **options)
+
+
+def test_calls_span_files_and_checkpoints_sit_at_file_boundaries(chat_checkpoint, tmp_path, monkeypatch):
+    """A folder of small files is read in calls of prefill_chunk tokens across files (a call per file
+    would pay the per-call costs per file); each checkpoint sits at a file boundary, at least
+    checkpoint_interval tokens after the one before, and the last at the end."""
+    assistant = Assistant.load(chat_checkpoint, prefill_chunk=256, checkpoint_interval=600)
+    counting = CountingModel(assistant.model)
+    monkeypatch.setattr(assistant, "model", counting)
+    session = assistant.read(SessionStore(tmp_path / "home"), make_folder(tmp_path / "repo", 50))
+    total, ends = session.document_tokens, {segment.end for segment in session.segments}
+    positions = session.snapshots().positions
+    assert sum(counting.calls) == total and max(counting.calls) <= assistant.prefill_chunk
+    assert len(counting.calls) <= -(-total // assistant.prefill_chunk) + len(positions) < 25
+    assert positions[-1] == total and set(positions) <= ends
+    assert all(b - a >= assistant.checkpoint_interval for a, b in zip([0] + positions, positions[:-1]))
+
+
 def test_a_session_read_under_one_placement_resumes_under_another(chat_checkpoint, tmp_path):
     """Where the routed experts live (engine/offload.py) changes nothing in the state or the snapshots."""
     from kimi_desk.engine.placement import Placement
