@@ -18,17 +18,16 @@ head at once; its memory is the output and small partials at any cache length). 
 fewer than 64 queries (decode, a question after a document); at 16 queries it takes about 8 one-query
 passes' time. KIMI_DESK_KERNELS=torch takes PyTorch's GPU operations instead (one pass over the cache,
 scores for every key: 8 GB for 63 queries over 1M tokens). The prefill form runs cuDNN's fused
-attention on key blocks expanded from the latents (naive.mla_prefill_sdpa: memory bounded at any cache
-length). The CPU runs both forms through PyTorch's flash kernel for the CPU, key block by key block
-(naive.mla_attention_cpu, naive.mla_prefill_sdpa), so memory stays bounded at any context length.
+attention on key blocks expanded from the latents (torch_attention.mla_prefill_sdpa: memory bounded
+at any cache length). The CPU runs both forms through PyTorch's flash kernel for the CPU, key block by
+key block (torch_attention.py), so memory stays bounded at any context length.
 
-Measured and removed (2026-11-27, H100): an absorbed flash-style prefill kernel in Triton. It reads the
-latents directly, but the absorbed form costs 1088 multiply-adds per query, key and head against the
-expanded form's 320, and it ran 9x slower than the expanded form through cuDNN (git history has it).
+An absorbed prefill (attention straight over the latents) is not used: it costs 1088 multiply-adds per
+query, key and head against the expanded form's 320.
 """
 
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.mla.naive import mla_attention_cpu, mla_attention_dense, mla_prefill_sdpa
+from kimi_desk.kernels.mla.torch_attention import mla_attention_cpu, mla_attention_dense, mla_prefill_sdpa
 
 __all__ = ["mla_attention", "mla_prefill"]
 

@@ -4,13 +4,8 @@ import pytest
 import torch
 
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
-from kimi_desk.kernels.mla.naive import (
-    mla_attention_cpu,
-    mla_attention_dense,
-    mla_attention_reference,
-    mla_prefill_reference,
-    mla_prefill_sdpa,
-)
+from kimi_desk.kernels.mla.naive import mla_attention_reference, mla_prefill_reference
+from kimi_desk.kernels.mla.torch_attention import mla_attention_cpu, mla_attention_dense, mla_prefill_sdpa
 
 # Relative error against the float64 reference, per dtype of the cache and queries.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
