@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure this machine (prefill and decode tokens/s)",
                                 description="Benchmarks. Each writes a Markdown table to stdout.")
     suites = bench.add_subparsers(dest="suite", metavar="SUITE", parser_class=_Parser)
-    cpu = suites.add_parser("cpu", help="whole-model prefill/decode on the CPU beside transformers",
-                            description="Whole-model prefill and decode tokens/s and peak memory on the CPU, "
-                            "beside transformers' pure-PyTorch Kimi Linear on the same checkpoint.")
+    cpu = suites.add_parser("cpu", help="the engine on the CPU: reading, answering and memory per weight format",
+                            description="Reading and decode tokens/s, first-token latency after a long document "
+                            "and peak memory on the CPU, for the weight formats none, int8 and int4 (from a source "
+                            "checkout: packaging/bench/cpu).")
     from kimi_desk.engine import bench as engine_bench
 
     engine_bench.add_arguments(cpu)

@@ -176,7 +176,8 @@ def run_ingest(args) -> int:
         if tokens_to_read == 0:
             progress.say(f"{session.name}: already read ({session.document_tokens:,} tokens), nothing to do")
         else:
-            estimate = tokens_to_read / assistant.reading_rate()
+            # Reading slows as the document grows: the average rate over this document's length.
+            estimate = tokens_to_read / assistant.reading_rate(tokens_to_read, session.read_position)
             progress.say(f"{session.name}: {tokens_to_read:,} tokens to read, about {human_seconds(estimate)} "
                          f"on this device ({assistant.model.device.type})")
 

@@ -173,7 +173,7 @@ def read_in_background(app, job: ReadingJob) -> None:
     def on_plan(session, tokens_to_read: int, limit_notices=()) -> None:
         planned.append(tokens_to_read)
         left_out[:] = [notice.message for notice in limit_notices]
-        rate = assistant.reading_rate() if tokens_to_read else None
+        rate = assistant.reading_rate(tokens_to_read, session.read_position) if tokens_to_read else None
         post(ReadPlanned(session.name, session.source, tokens_to_read, session.document_tokens, len(session.files),
                          rate))
 

@@ -16,7 +16,7 @@ from torch import nn
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.state import KDAState
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.kda import RECURRENT_MAX_TOKENS, kda
+from kimi_desk.kernels.kda import RECURRENT_MAX_TOKENS, kda, recurrent_kda_inplace
 from kimi_desk.kernels.norm import gated_rms_norm
 
 
@@ -38,9 +38,24 @@ class GatedRMSNorm(nn.Module):
         return gated_rms_norm(x, gate, self.weight, self.eps)
 
 
+def short_conv(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution over time and SiLU: x [B, T, P], weight [P, 1, W] (the tap W - 1
+    multiplies the current token), window [B, P, W - 1] (the inputs before x) -> (y [B, T, P] in x's
+    dtype, the new window in the window's dtype)."""
+    T, W = x.shape[1], weight.shape[-1]
+    full = torch.cat([window.transpose(1, 2), x], dim=1).float()  # [B, W - 1 + T, P]
+    taps = weight.float().squeeze(1).t()  # [W, P]
+    # W shifted multiply-adds: cheaper than a grouped convolution call for W = 4, at any T.
+    y = full[:, W - 1 :] * taps[W - 1]
+    for i in range(W - 1):
+        y = y + full[:, i : i + T] * taps[i]
+    new_window = full[:, full.shape[1] - (W - 1) :].transpose(1, 2).to(window.dtype)
+    return F.silu(y).to(x.dtype), new_window
+
+
 class ShortConv(nn.Module):
-    """Depthwise causal convolution over time, weight [P, 1, W] (the tap W - 1 multiplies the current
-    token), followed by SiLU. Only `weight` is a parameter; the window lives in the state."""
+    """Depthwise causal convolution over time, weight [P, 1, W], followed by SiLU (short_conv). Only
+    `weight` is a parameter; the window lives in the state."""
 
     def __init__(self, channels: int, kernel_size: int):
         super().__init__()
@@ -48,15 +63,7 @@ class ShortConv(nn.Module):
 
     def forward(self, x: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, P], window [B, P, W - 1] (the inputs before x) -> (y [B, T, P], new window)."""
-        T, W = x.shape[1], self.weight.shape[-1]
-        full = torch.cat([window.transpose(1, 2), x], dim=1).float()  # [B, W - 1 + T, P]
-        taps = self.weight.float().squeeze(1).t()  # [W, P]
-        # W shifted multiply-adds: cheaper than a grouped convolution call for W = 4, at any T.
-        y = full[:, W - 1 :] * taps[W - 1]
-        for i in range(W - 1):
-            y = y + full[:, i : i + T] * taps[i]
-        new_window = full[:, full.shape[1] - (W - 1) :].transpose(1, 2).to(window.dtype)
-        return F.silu(y).to(x.dtype), new_window
+        return short_conv(x, self.weight, window)
 
 
 class KimiDeltaAttention(nn.Module):
@@ -99,20 +106,28 @@ class KimiDeltaAttention(nn.Module):
         if T <= RECURRENT_MAX_TOKENS and self.conv_size == 4 and use_triton(x):
             return self._decode_fused(x, state)
         q_in, k_in, v_in, f_in, g_in, b_in = self.input_projections(x)
-        q, conv_q = self.q_conv1d(q_in, state.conv[:, 0])
-        k, conv_k = self.k_conv1d(k_in, state.conv[:, 1])
-        v, conv_v = self.v_conv1d(v_in, state.conv[:, 2])
         if T > RECURRENT_MAX_TOKENS and use_triton(x):
             # The chunked prefill in Triton reads the raw gate input and beta's logits and normalises q and
             # k itself: the elementwise passes below cost about as much as the kernel at 8k tokens.
             from kimi_desk.kernels.kda.chunk import chunk_kda_triton
 
+            q, conv_q = self.q_conv1d(q_in, state.conv[:, 0])
+            k, conv_k = self.k_conv1d(k_in, state.conv[:, 1])
+            v, conv_v = self.v_conv1d(v_in, state.conv[:, 2])
+            state.conv.copy_(torch.stack([conv_q, conv_k, conv_v], dim=1))
             o, recurrent = chunk_kda_triton(
                 q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), f_in.view(B, T, H, K), b_in,
                 initial_state=state.recurrent, output_final_state=True, A_log=self.A_log, dt_bias=self.dt_bias,
                 use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
             )
         else:
+            # The three convolutions are depthwise: one call over q, k and v side by side is the same
+            # function in a third of the operations.
+            P = H * K
+            weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])
+            qkv, window = short_conv(torch.cat([q_in, k_in, v_in], dim=-1), weight, state.conv.view(B, 3 * P, -1))
+            state.conv.copy_(window.view(state.conv.shape))
+            q, k, v = qkv.split(P, dim=-1)
             q = l2norm(q.view(B, T, H, K)).to(x.dtype)  # [B, T, H, K]
             k = l2norm(k.view(B, T, H, K)).to(x.dtype)  # [B, T, H, K]
             v = v.view(B, T, H, K)  # [B, T, H, V]
@@ -120,9 +135,12 @@ class KimiDeltaAttention(nn.Module):
             f = f_in.float() + self.dt_bias
             g = -self.A_log.float().exp() * F.softplus(f.view(B, T, H, K), threshold=20.0)  # [B, T, H, K]
             beta = torch.sigmoid(b_in.float())  # [B, T, H]
-            o, recurrent = kda(q, k, v, g, beta, initial_state=state.recurrent, output_final_state=True)
-        state.recurrent.copy_(recurrent)
-        state.conv.copy_(torch.stack([conv_q, conv_k, conv_v], dim=1))
+            if T <= RECURRENT_MAX_TOKENS and not use_triton(x):
+                o, recurrent = recurrent_kda_inplace(q, k, v, g, beta, state.recurrent), None
+            else:
+                o, recurrent = kda(q, k, v, g, beta, initial_state=state.recurrent, output_final_state=True)
+        if recurrent is not None:
+            state.recurrent.copy_(recurrent)
         o = self.o_norm(o, g_in.view(B, T, H, K))  # [B, T, H, V]
         return self.o_proj(o.reshape(B, T, H * K))
 

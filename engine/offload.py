@@ -26,6 +26,7 @@ whole model.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -108,7 +109,9 @@ class OffloadedExperts(nn.Module):
         gpu_index[self.gpu_ids] = torch.arange(len(self.gpu_ids))
         ram_index[self.ram_ids] = torch.arange(len(self.ram_ids))
         self.gpu_index, self.ram_index = gpu_index.to(device), ram_index.to(device)
-        self.runtime = runtime
+        # Weakly: the runtime (the model's) holds this layer through its stager, and a cycle would keep a
+        # dropped model's GPU memory until the cycle collector happens to run.
+        self.runtime = weakref.proxy(runtime)
         prepare_ram(self.in_ram, pin=device.type == "cuda")
 
     # -- the forward pass ---------------------------------------------------------------------------
@@ -167,7 +170,7 @@ def prepare_ram(experts: nn.Module, pin: bool) -> None:
     n = experts.w1.shape[0]
     int4 = hasattr(experts, "w1_zero")
     if int4 and n and all(_tiles_fit(getattr(experts, w)) for w in ("w1", "w2", "w3")):
-        stacks = {}
+        stacks, heights = {}, {}
         for attr in ("w1", "w2", "w3"):
             codes, scale, zero = (getattr(experts, attr).data, getattr(experts, f"{attr}_scale"),
                                   getattr(experts, f"{attr}_zero"))
@@ -179,11 +182,12 @@ def prepare_ram(experts: nn.Module, pin: bool) -> None:
                 tiles[e].copy_(one.packed)
                 sz[e].copy_(one.scales_and_zeros)
             stacks[attr] = (tiles, sz, first.group, first.in_features)
+            heights[attr] = first.out_features
             setattr(experts, attr, nn.Parameter(empty, requires_grad=False))
             setattr(experts, f"{attr}_scale", empty)
             setattr(experts, f"{attr}_zero", empty)
         experts.tiles = stacks
-        experts.cpu_weights = [tuple(CpuInt4Weight(stacks[a][0][e], stacks[a][1][e], stacks[a][2], stacks[a][3])
+        experts.cpu_weights = [tuple(CpuInt4Weight(stacks[a][0][e], stacks[a][1][e], *stacks[a][2:], heights[a])
                                      for a in ("w1", "w2", "w3")) for e in range(n)]
     elif pin:
         for name, tensor in [*experts.named_parameters(recurse=False), *experts.named_buffers(recurse=False)]:
@@ -420,8 +424,11 @@ def apply_placement(model: nn.Module, placement) -> None:
         ram = placement.ram_experts(i)
         if not ram:
             continue
-        moe.experts = OffloadedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
-                                       placement.gpu_experts[i], ram)
+        # On the meta device like the rest: materialize gives both halves their devices (a half built
+        # here on the CPU would keep its quantization sidecars there, out of the GPU kernels' reach).
+        with torch.device("meta"):
+            moe.experts = OffloadedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
+                                           placement.gpu_experts[i], ram)
     model.placement = placement
 
 

@@ -30,6 +30,7 @@ thread before them, so a checkpoint is only used for the conversation it was tak
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import hashlib
 import os
@@ -45,9 +46,11 @@ from pathlib import Path
 import torch
 
 from kimi_desk.engine import chat
-from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, prefill, stream_tokens
+from kimi_desk.engine.cpu_threads import use_idle_cores
 from kimi_desk.engine.errors import StorageError, writing
+from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, prefill, stream_tokens
 from kimi_desk.engine.file_lock import LockBusy, file_lock
+from kimi_desk.engine.reading_time import ReadingCost, measure_reading_cost
 from kimi_desk.engine.session_archive import export_session, import_session
 from kimi_desk.engine.session_record import (
     LOCKS_FOLDER,
@@ -285,7 +288,7 @@ class Assistant:
         self._document_states: dict[str, ModelState] = {}
         # Per session, the live thread: the key of its tokens (see the module doc) and its state.
         self._live: dict[str, tuple[str, ModelState]] = {}
-        self._rate: float | None = None
+        self._cost: ReadingCost | None = None
         # One model, one queue: a reading in one session and an answer in another run in turns, a
         # prefill chunk or a generated token at a time, each holding this lock.
         self.model_lock = threading.RLock()
@@ -298,6 +301,8 @@ class Assistant:
         from kimi_desk.engine.tokenizer import load_tokenizer
         from kimi_desk.engine.weights import load_model
 
+        if torch.device(device).type == "cpu":
+            use_idle_cores()
         model = fuse_projections(load_model(model_path, device=device, dtype=dtype, quantize=quantize, notice=notice,
                                             placement=placement))
         prepare_for_cpu(model)
@@ -305,18 +310,28 @@ class Assistant:
         assistant.model_source = str(Path(model_path).expanduser().resolve())
         return assistant
 
-    def reading_rate(self) -> float:
-        """Tokens per second of reading on this device, measured once on one chunk of a fresh state: what
-        the app quotes before reading. Long documents read slower as the MLA caches grow; the progress
-        reports update the figure as reading goes."""
-        if self._rate is None:
-            ids = torch.randint(0, self.model.config.vocab_size, (1, self.prefill_chunk), device=self.model.device)
+    def reading_rate(self, tokens: int = 0, start: int = 0) -> float:
+        """Tokens per second of reading on this device: the average over reading `tokens` tokens after
+        `start` already read (what the app quotes before reading), or the rate at `start` when tokens is
+        0. Measured once (engine/reading_time.py: a chunk at an empty state and the cost each cached
+        token adds, which makes long documents read ever slower)."""
+        return self.reading_cost().rate(tokens, start)
+
+    def reading_cost(self) -> ReadingCost:
+        if self._cost is None:
             with self.model_lock:
-                self.model(ids[:, :8], self.model.new_state(1))  # first-call costs stay out of the figure
-                started = time.perf_counter()
-                self.model(ids, self.model.new_state(1), last_only=True)
-                self._rate = self.prefill_chunk / max(time.perf_counter() - started, 1e-9)
-        return self._rate
+                self._cost = measure_reading_cost(self.model, self.prefill_chunk)
+        return self._cost
+
+    def _seconds_left(self, position: int, total: int, start: int, elapsed: float, rate: float) -> float | None:
+        """The time left to read to `total`: the measured cost model (when the rate was asked before
+        reading) scaled by how this reading's time so far compares with its prediction, else the rate
+        so far."""
+        if self._cost is not None and elapsed > 0:
+            predicted = self._cost.seconds(position - start, start)
+            if predicted > 0:
+                return self._cost.seconds(total - position, position) * elapsed / predicted
+        return (total - position) / rate if rate > 0 else None
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -402,47 +417,55 @@ class Assistant:
         self._document_states[session.id] = state
 
     def _read_from(self, session, snapshots, segments, units, state, on_progress, cancel, files_total):
+        """Prefill the document from `state.position` to its end. Calls take `prefill_chunk` tokens
+        across file boundaries (a folder of small files would otherwise cost a call per file, each
+        paying the per-call costs, the MLA layers' expansion of every cached key among them), and end
+        where a checkpoint is due: at the first file boundary `checkpoint_interval` tokens or more after
+        the last checkpoint, inside a long file every 4 intervals, and at the end."""
         total = segments[-1].end
+        ends = [segment.end for segment in segments]
+        boundaries = set(ends)
         started, start_position = time.perf_counter(), state.position
         # The first chunk pays one-time costs (kernels compiled, memory first touched): the rate and the
-        # time left are measured from its end. A few small pieces (the conversation's head, the folder's
-        # tree, tiny files) say little of the rate either: no time left is said until a full chunk or a
-        # tenth of what is left has been measured (it would swing wildly: minutes for a 15 s read).
+        # time left are measured from its end, and no time left is said before (it would swing wildly:
+        # minutes for a 15 s read).
         first_chunk = True
-        enough = min(self.prefill_chunk, max(1, (total - state.position) // 10))
         last_checkpoint = state.position
-        for index, (segment, ids) in enumerate(zip(segments, units)):
-            if segment.end <= state.position:
-                continue
-            offset = state.position - segment.start  # > 0 only when resuming inside this segment
-            for a in range(offset, segment.tokens, self.prefill_chunk):
-                if is_cancelled(cancel):
-                    if state.position > last_checkpoint:
-                        snapshots.save(state)
-                    session.update(read_position=state.position)
-                    raise ReadCancelled(f"stopped after {state.position:,} of {total:,} tokens")
-                chunk = torch.tensor([ids[a : a + self.prefill_chunk]], device=self.model.device)
-                with self.model_lock:
-                    self.model(chunk, state, last_only=True)
-                # A checkpoint inside a long file too, so that an interruption loses little.
-                if state.position - last_checkpoint >= 4 * self.checkpoint_interval:
+        while state.position < total:
+            if is_cancelled(cancel):
+                if state.position > last_checkpoint:
                     snapshots.save(state)
-                    last_checkpoint = state.position
-                elapsed = time.perf_counter() - started
-                rate = (state.position - start_position) / elapsed if elapsed > 0 else 0.0
-                measured = not first_chunk and state.position - start_position >= enough
-                left = (total - state.position) / rate if measured and rate > 0 else None
-                if first_chunk:
-                    started, start_position, first_chunk = time.perf_counter(), state.position, False
-                if on_progress is not None:
-                    on_progress(ReadProgress(state.position, total, max(0, index - 1), files_total, rate, left,
-                                             segment.label))
-            # Checkpoints sit at file boundaries, where a changed folder resumes.
-            at_end = segment.end == total
-            if at_end or state.position - last_checkpoint >= self.checkpoint_interval:
-                snapshots.save(state)
-                last_checkpoint = state.position
                 session.update(read_position=state.position)
+                raise ReadCancelled(f"stopped after {state.position:,} of {total:,} tokens")
+            position = state.position
+            stop = min(total, position + self.prefill_chunk)
+            boundary = next((end for end in ends[bisect.bisect_right(ends, position):]
+                             if end >= last_checkpoint + self.checkpoint_interval or end >= stop), stop)
+            stop = min(stop, boundary)
+            chunk = torch.tensor([_token_slice(segments, units, position, stop)], device=self.model.device)
+            with self.model_lock:
+                self.model(chunk, state, last_only=True)
+            at_boundary = stop == boundary and stop in boundaries
+            if stop == total or (at_boundary and stop - last_checkpoint >= self.checkpoint_interval):
+                # Checkpoints sit at file boundaries, where a changed folder resumes.
+                snapshots.save(state)
+                last_checkpoint = stop
+                session.update(read_position=stop)
+            elif stop - last_checkpoint >= 4 * self.checkpoint_interval:
+                # And inside a long file too, so that an interruption loses little.
+                snapshots.save(state)
+                last_checkpoint = stop
+            if on_progress is not None:
+                elapsed = time.perf_counter() - started
+                rate = (stop - start_position) / elapsed if elapsed > 0 else 0.0
+                left = None if first_chunk else self._seconds_left(stop, total, start_position, elapsed, rate)
+                # Files read to their end (the first two segments are the head and the tree), and the
+                # segment holding the last token read.
+                files_done = max(0, bisect.bisect_right(ends, stop) - 2)
+                label = segments[bisect.bisect_right(ends, stop - 1)].label
+                on_progress(ReadProgress(stop, total, files_done, files_total, rate, left, label))
+            if first_chunk:
+                started, start_position, first_chunk = time.perf_counter(), stop, False
 
     def document_state(self, session: Session):
         """The state after the whole document, from memory or from the session's snapshot."""
@@ -643,6 +666,18 @@ class Assistant:
 def _chain(key: str, ids: list[int]) -> str:
     """The key after `ids` follow the tokens that `key` names."""
     return hashlib.sha256(f"{key}:{','.join(map(str, ids))}".encode()).hexdigest()
+
+
+def _token_slice(segments: list[Segment], units: list[list[int]], start: int, stop: int) -> list[int]:
+    """The document's token ids from position `start` to `stop`, across segments."""
+    ids: list[int] = []
+    index = bisect.bisect_right([segment.start for segment in segments], start) - 1
+    while start < stop:
+        segment, unit = segments[index], units[index]
+        take = min(stop, segment.end)
+        ids += unit[start - segment.start : take - segment.start]
+        start, index = take, index + 1
+    return ids
 
 
 def _usable_snapshots(session: Session) -> SnapshotStore:

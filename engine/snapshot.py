@@ -270,7 +270,9 @@ class SnapshotStore:
         """The state at checkpoint `position`, built into copies of `template`'s layers (a fresh
         `model.new_state(1)`, which fixes layer kinds, shapes, dtypes and device). A store with a
         base continues `template`, the state at `base`, instead: its cache rows stay where they are.
-        `capacity` makes room in the caches for that many tokens before the rows are put in."""
+        Each MLA cache is sized once (for the segments, or for `capacity` tokens when that is more),
+        and the segments are read one at a time into it: memory holds the cache and one segment, and
+        nothing is copied twice (appending to a growing cache copied it at every doubling)."""
         entry = next((c for c in self._manifest["checkpoints"] if c["position"] == position), None)
         if entry is None:
             raise SnapshotError(f"no checkpoint at position {position} (have {some(self.positions)})")
@@ -278,29 +280,31 @@ class SnapshotStore:
             raise ValueError(f"the state to continue is at {template.position}, this store starts at {self.base}")
         constant = read_tensors(self.folder / entry["file"], self.identity, entry["sha256"])
         segments = [s for s in self._manifest["segments"] if s["start"] < position]
-        parts = [read_tensors(self.folder / s["file"], self.identity, s["sha256"]) for s in segments]
         state = template.continuation() if self.base else template.clone()
-        for i, layer in enumerate(state.layers):
-            try:
+        caches = [(i, layer) for i, layer in enumerate(state.layers) if isinstance(layer, MLACache)]
+        try:
+            for i, layer in enumerate(state.layers):
                 if isinstance(layer, KDAState):
                     recurrent, conv = constant[f"layers.{i}.recurrent"], constant[f"layers.{i}.conv"]
                     _check_shape(entry["file"], recurrent, layer.recurrent[0]), _check_shape(entry["file"], conv, layer.conv[0])
                     layer.recurrent = recurrent.unsqueeze(0).to(layer.recurrent)
                     layer.conv = conv.unsqueeze(0).to(layer.conv)
-                else:
-                    layer.truncate(self.base)
-                    if capacity is not None:
-                        layer.reserve(capacity)
-                    for segment, part in zip(segments, parts):
-                        latents = part[f"layers.{i}.latents"]
-                        want = (segment["end"] - segment["start"], layer._buffer.shape[-1])
-                        if tuple(latents.shape) != want:
-                            raise SnapshotError(f"{segment['file']}: layer {i} has latents of shape "
-                                                f"{list(latents.shape)}, the segment needs {list(want)}")
-                        layer.append(latents.unsqueeze(0).to(layer._buffer))
-                    layer.truncate(position)
-            except KeyError as exc:
-                raise SnapshotError(f"snapshot lacks tensor {exc.args[0]}: made for another model?") from None
+            for _, layer in caches:
+                layer.truncate(self.base)
+                layer.reserve(max(capacity or 0, segments[-1]["end"] if segments else 0))
+            for segment in segments:
+                part = read_tensors(self.folder / segment["file"], self.identity, segment["sha256"])
+                for i, layer in caches:
+                    latents = part[f"layers.{i}.latents"]
+                    want = (segment["end"] - segment["start"], layer.buffer.shape[-1])
+                    if tuple(latents.shape) != want:
+                        raise SnapshotError(f"{segment['file']}: layer {i} has latents of shape "
+                                            f"{list(latents.shape)}, the segment needs {list(want)}")
+                    layer.append(latents.unsqueeze(0).to(layer.buffer))
+        except KeyError as exc:
+            raise SnapshotError(f"snapshot lacks tensor {exc.args[0]}: made for another model?") from None
+        for _, layer in caches:
+            layer.truncate(position)
         state.position = position
         return state
 

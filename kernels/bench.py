@@ -548,7 +548,8 @@ def check_mla(log):
 
     from kimi_desk.kernels.mla import mla_attention
     from kimi_desk.kernels.mla.decode import mla_decode
-    from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_attention_reference
+    from kimi_desk.kernels.mla.naive import mla_attention_reference
+    from kimi_desk.kernels.mla.torch_attention import mla_attention_dense
 
     rows = []
     for Tk, Tq, q_start in ((1, 1, 0), (8192 + 37, 1, 8192 + 36), (131072 + 5, 4, 131072 + 1),
@@ -606,7 +607,8 @@ def bench_mla(log, bandwidth):
     import torch
 
     from kimi_desk.kernels.mla.decode import mla_decode
-    from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_attention_reference
+    from kimi_desk.kernels.mla.naive import mla_attention_reference
+    from kimi_desk.kernels.mla.torch_attention import mla_attention_dense
 
     def floor_us(Tk, Tq, elem_bytes=2):
         # The cache read once, q read once, the output written once.

@@ -3,7 +3,8 @@
 Both take q, k [B, T, H, K] (already L2-normalised), v [B, T, H, V], g [B, T, H, K] (log decay, fp32),
 beta [B, T, H] and an optional fp32 state [B, H, K, V]; both return (o [B, T, H, V], final state or
 None). CUDA tensors go to Triton; everything else, or any tensor when KIMI_DESK_KERNELS=torch, to the
-PyTorch implementations in naive.py.
+PyTorch implementations in naive.py. `recurrent_kda_inplace` is the CPU decode step: the recurrence with
+the state advanced in place.
 
 The fused variants for the real layer, which read the raw projections (the gate's input with A_log and
 dt_bias, q and k before their L2 norm, beta's logits), are the Triton entry points themselves:
@@ -14,9 +15,9 @@ calls them on the GPU path.
 from __future__ import annotations
 
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda
+from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda, recurrent_kda_inplace
 
-__all__ = ["chunk_kda", "fused_recurrent_kda", "kda"]
+__all__ = ["chunk_kda", "fused_recurrent_kda", "kda", "recurrent_kda_inplace"]
 
 # Below this many tokens the step-by-step recurrence beats the chunked form on the CPU (and fla makes
 # the same choice at 64).

@@ -18,18 +18,20 @@ CHUNK_SIZE = 64
 
 
 def recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
-    """Token-by-token recurrence in fp32: the reference, and the CPU path for short inputs (decode)."""
+    """Token-by-token recurrence: the reference, and the CPU path for short inputs (decode). It computes
+    in float32, or in float64 when q is float64 (the tests' reference); the state has that dtype."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    q32 = q.float() * scale
-    k32, v32, g32, b32 = k.float(), v.float(), g.float(), beta.float()
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q32 = q.to(dtype) * scale
+    k32, v32, g32, b32 = k.to(dtype), v.to(dtype), g.to(dtype), beta.to(dtype)
     state = (
-        torch.zeros(B, H, K, V, dtype=torch.float32, device=q.device)
+        torch.zeros(B, H, K, V, dtype=dtype, device=q.device)
         if initial_state is None
-        else initial_state.float().clone()
+        else initial_state.to(dtype).clone()
     )
-    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, T, H, V, dtype=dtype, device=q.device)
     for t in range(T):
         state = state * g32[:, t].exp().unsqueeze(-1)  # [B, H, K, V]
         k_t = k32[:, t]  # [B, H, K]
@@ -39,83 +41,128 @@ def recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final
     return o.to(q.dtype), (state if output_final_state else None)
 
 
-def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                    chunk_size=CHUNK_SIZE, sub_chunk_size=8):
-    """Chunked form (spec §3.3): matrix products per chunk instead of a step per token.
+def recurrent_kda_inplace(q, k, v, g, beta, state, scale=None):
+    """The recurrence for a few tokens on the CPU (decode): the same function as recurrent_kda, with the
+    float32 `state` [B, H, K, V] advanced in place, in a handful of operations per token (recurrent_kda
+    copies the state and takes three times as many, which a decode step of six KDA layers pays for in
+    per-operation overhead). Returns o [B, T, H, V] in q's dtype."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    decay = g.float().exp().unsqueeze(-1)  # [B, T, H, K, 1]
+    qs = (q.float() * scale).unsqueeze(-2)  # [B, T, H, 1, K]
+    ks = k.float().unsqueeze(-2)  # [B, T, H, 1, K]
+    vs = v.float().unsqueeze(-2)  # [B, T, H, 1, V]
+    bs = beta.float()[..., None, None]  # [B, T, H, 1, 1]
+    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    for t in range(T):
+        state.mul_(decay[:, t])
+        u = (vs[:, t] - ks[:, t] @ state).mul_(bs[:, t])  # beta (v - S^T k), [B, H, 1, V]
+        state.add_(ks[:, t].transpose(-1, -2) @ u)
+        o[:, t] = (qs[:, t] @ state).squeeze(-2)
+    return o.to(q.dtype)
 
-    Every decay factor inside a chunk is exp(G_i - G_j) for j <= i, with G = cumsum(g). It is never
-    formed as exp(G_i) * exp(-G_j), which overflows for Kimi Linear's unbounded gates. Within a
-    sub-chunk the factor is built pairwise from the difference; across sub-chunks it factors through a
-    reference position r with j <= r <= i, exp(G_i - G_r) * exp(G_r - G_j), both factors <= 1, so those
-    blocks become plain matrix products. Cumulative sums and differences are taken in float64, since
-    G reaches -50 * C and an fp32 difference of two such values would lose the small decays that matter.
+
+def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                    chunk_size=CHUNK_SIZE):
+    """Chunked form (spec §3.3): batched matrix products over every chunk at once, and a loop over the
+    chunks for the state alone (one product each).
+
+    Per chunk of C tokens, with G = cumsum(g) from the chunk's start, the decay between tokens j <= i is
+    exp(G_i - G_j), never formed as exp(G_i) * exp(-G_j), which overflows for Kimi Linear's unbounded
+    gates. The strictly lower triangle of A_qk[i, j] = sum_d q_i k_j exp(G_i - G_j) (and of A_kk) is
+    built by halving: the lower-left quadrant of each diagonal block of b tokens (b = 2, 4, .., C), rows
+    in its second half and columns in its first, factors through the first row r of the second half,
+    exp(G_i - G_r) * exp(G_r - G_j), both factors <= 1, so each quadrant is one batched product with
+    nothing to overflow and no pairwise [C, C, K] decay tensor. G is summed in float64 and each factor's
+    exponent is a float64 difference rounded once: G reaches -50 * C, and an fp32 difference of two such
+    values would lose the small decays that matter.
+
+    The same quadrants give the inverse T of the unit lower-triangular (I + beta A_kk) block by block,
+    [[T1, 0], [-T2 A21 T1, T2]] (a triangular solve of many small matrices is far slower on the CPU
+    than these products), so W = T (beta exp(G) K) and U = T (beta V). Then per chunk
+    S' = (diag(exp(G_C)) - K_g^T W) S + K_g^T U, K_g = K exp(G_C - G), is one product in the loop, and
+    every output o = (Q exp(G) - A_qk W) S + A_qk U is one batched product after it.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C, S = chunk_size, sub_chunk_size
-    assert C % S == 0
+    C = chunk_size
+    assert C & (C - 1) == 0, "the chunk size is a power of two"
     scale = K**-0.5 if scale is None else scale
     device = q.device
-    state = (
-        torch.zeros(B, H, K, V, dtype=torch.float32, device=device)
-        if initial_state is None
-        else initial_state.float().clone()
-    )
+    BH = B * H
     if T == 0:
+        state = (torch.zeros(B, H, K, V, dtype=torch.float32, device=device) if initial_state is None
+                 else initial_state.float().clone())
         return q.new_zeros(B, 0, H, V), (state if output_final_state else None)
 
     # Zero padding is inert: g = 0 keeps the state, beta = 0 writes nothing, k = 0 reads nothing.
     N = (T + C - 1) // C
+    X = N * BH  # chunks of every sequence and head, chunk-major: the state loop reads contiguous slices
     pad = N * C - T
 
-    def chunked(x):  # [B, T, H, D] -> [B, H, N, C, D]
-        x = x.float().transpose(1, 2)
+    def chunked(x):  # [B, T, H, D] -> [X, C, D]
         if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return x.reshape(B, H, N, C, x.shape[-1])
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(B, N, C, H, x.shape[-1]).permute(1, 0, 3, 2, 4).reshape(X, C, x.shape[-1])
 
-    qc = chunked(q) * scale
-    kc, vc = chunked(k), chunked(v)
-    bc = chunked(beta.unsqueeze(-1))  # [B, H, N, C, 1]
-    G64 = chunked(g).double().cumsum(-2)  # [B, H, N, C, K]
+    qk = torch.stack([chunked(q), chunked(k)], dim=2).float()  # [X, C, 2, K]: each token's q and k
+    qk[:, :, 0].mul_(scale)
+    bc = chunked(beta.unsqueeze(-1)).float()  # [X, C, 1]
+    G = chunked(g).double().cumsum_(1)  # [X, C, K] float64
 
-    aqk = torch.zeros(B, H, N, C, C, dtype=torch.float32, device=device)
-    akk = torch.zeros(B, H, N, C, C, dtype=torch.float32, device=device)
-    for a in range(C // S):
-        rows = slice(a * S, (a + 1) * S)
-        G_rows = G64[..., rows, :]
-        q_rows, k_rows = qc[..., rows, :], kc[..., rows, :]
-        # Diagonal block: pairwise decays [.., S_i, S_j, K], from sums local to the sub-chunk (fp32 is
-        # enough there: at most S steps). Above the diagonal the difference is >= 0: clamp it to 0 so
-        # nothing overflows, and drop those entries afterwards.
-        G_local = (G_rows - G_rows[..., :1, :]).float()
-        diff = G_local.unsqueeze(-2) - G_local.unsqueeze(-3)
-        kd = diff.clamp_max_(0.0).exp_().mul_(k_rows.unsqueeze(-3))
-        aqk[..., rows, rows] = (kd @ q_rows.unsqueeze(-1)).squeeze(-1).tril_()
-        akk[..., rows, rows] = (kd @ k_rows.unsqueeze(-1)).squeeze(-1).tril_(-1)
-        if a:
-            # Earlier sub-chunks, through the reference r = the first row of this sub-chunk.
-            r = a * S
-            G_ref = G64[..., r : r + 1, :]
-            to_ref = (G_rows - G_ref).float().exp_()  # exp(G_i - G_r), i >= r
-            from_ref = kc[..., :r, :] * (G_ref - G64[..., :r, :]).float().exp_()  # k_j exp(G_r - G_j), j < r
-            aqk[..., rows, :r] = (q_rows * to_ref) @ from_ref.transpose(-1, -2)
-            akk[..., rows, :r] = (k_rows * to_ref) @ from_ref.transpose(-1, -2)
-    akk.mul_(bc)
-    # (I + A_kk) is unit lower-triangular: W = T (beta exp(G) K), U = T (beta V) by substitution.
-    decay_from_start = G64.float().exp_()  # exp(G_i), <= 1
-    eye = torch.eye(C, dtype=torch.float32, device=device)
-    rhs = torch.cat([bc * decay_from_start * kc, bc * vc], dim=-1)
-    wu = torch.linalg.solve_triangular(eye + akk, rhs, upper=False, unitriangular=True)
-    w, u = wu[..., :K], wu[..., K:]
+    aqk = torch.zeros(X, C, C, dtype=torch.float32, device=device)
+    torch.diagonal(aqk, dim1=1, dim2=2).copy_((qk[:, :, 0] * qk[:, :, 1]).sum(-1))
+    inverse = torch.zeros(X, C, C, dtype=torch.float32, device=device)
+    torch.diagonal(inverse, dim1=1, dim2=2).fill_(1.0)
+    b = 2
+    while b <= C:
+        h, n = b // 2, C // b  # quadrants of h x h, n diagonal blocks per chunk
+        G_blocks = G.view(X, n, 2, h, K)
+        G_ref = G_blocks[:, :, 1, :1]  # G_r, r the first row of each second half
+        to_ref = (G_blocks[:, :, 1] - G_ref).float().exp_()  # exp(G_i - G_r), i >= r
+        from_ref = (G_ref - G_blocks[:, :, 0]).float().exp_()  # exp(G_r - G_j), j < r
+        halves = qk.view(X, n, 2, h, 2, K)
+        rows = halves[:, :, 1] * to_ref.unsqueeze(-2)  # [X, n, h, 2, K]: q_i and k_i, scaled
+        cols = halves[:, :, 0, :, 1] * from_ref  # [X, n, h, K]: k_j, scaled
+        quadrant = _products(rows.view(X * n, 2 * h, K), cols.view(X * n, h, K).transpose(1, 2))
+        quadrant = quadrant.view(X, n, h, 2, h)  # [.., i, (A_qk, A_kk), j]
+        _diagonal_blocks(aqk, n)[:, :, h:, :h].copy_(quadrant[:, :, :, 0])
+        a21 = quadrant[:, :, :, 1] * bc.view(X, n, 2, h, 1)[:, :, 1]  # beta_i k_i . k_j decay
+        blocks = _diagonal_blocks(inverse, n)  # [X, n, b, b], the inverses of the halves already in place
+        blocks[:, :, h:, :h] = _products(_products(blocks[:, :, h:, h:], a21), blocks[:, :, :h, :h]).neg_()
+        b *= 2
 
-    qg = qc * decay_from_start  # [B, H, N, C, K]
-    kg = kc * (G64[..., -1:, :] - G64).float().exp_()  # k_i exp(G_last - G_i)
-    decay_last = decay_from_start[..., -1, :].unsqueeze(-1)  # [B, H, N, K, 1]
-    o = torch.empty(B, H, N, C, V, dtype=torch.float32, device=device)
-    for n in range(N):
-        v_new = u[:, :, n] - w[:, :, n] @ state  # [B, H, C, V]
-        o[:, :, n] = qg[:, :, n] @ state + aqk[:, :, n] @ v_new
-        state = decay_last[:, :, n] * state + kg[:, :, n].transpose(-1, -2) @ v_new
-    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
-    return o.to(q.dtype), (state if output_final_state else None)
+    decay = G.float().exp_()  # exp(G_i), <= 1
+    rhs = torch.cat([decay * qk[:, :, 1], chunked(v).float()], dim=-1).mul_(bc)  # [beta exp(G) K | beta V]
+    wu = torch.bmm(inverse, rhs)  # [X, C, K + V]: W | U
+    kg = qk[:, :, 1] * (G[:, -1:] - G).float().exp_()  # k_i exp(G_C - G_i)
+    kwu = torch.bmm(kg.transpose(1, 2), wu)  # [X, K, K + V]
+    transition = kwu[..., :K].neg_()
+    torch.diagonal(transition, dim1=1, dim2=2).add_(decay[:, -1])  # diag(exp(G_C)) - K_g^T W
+    awu = torch.bmm(aqk, wu)  # [X, C, K + V]
+    reads = qk[:, :, 0].mul_(decay).sub_(awu[..., :K])  # Q exp(G) - A_qk W
+
+    states = torch.empty(N + 1, BH, K, V, dtype=torch.float32, device=device)  # at each chunk's start
+    states[0] = (torch.zeros(BH, K, V, device=device) if initial_state is None
+                 else initial_state.reshape(BH, K, V))
+    transition, writes = transition.view(N, BH, K, K), kwu[..., K:].view(N, BH, K, V)
+    for c in range(N):
+        torch.baddbmm(writes[c], transition[c], states[c], out=states[c + 1])
+    o = torch.baddbmm(awu[..., K:], reads, states[:N].view(X, K, V))  # [X, C, V]
+    o = o.view(N, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
+    return o.to(q.dtype), (states[N].view(B, H, K, V) if output_final_state else None)
+
+
+def _diagonal_blocks(m, n):
+    """The n diagonal blocks of each [C, C] matrix of m [X, C, C], as a writable view [X, n, C/n, C/n]."""
+    X, C = m.shape[0], m.shape[-1]
+    return torch.diagonal(m.view(X, n, C // n, n, C // n), dim1=1, dim2=3).permute(0, 3, 1, 2)
+
+
+def _products(a, b):
+    """a @ b over leading dimensions; products of a few entries each (rows x columns <= 8) by
+    broadcasting, which costs less than a batched product call per tiny matrix."""
+    if a.shape[-2] * b.shape[-1] <= 8:
+        return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+    return torch.matmul(a, b)

@@ -18,41 +18,31 @@ head at once; its memory is the output and small partials at any cache length). 
 fewer than 64 queries (decode, a question after a document); at 16 queries it takes about 8 one-query
 passes' time. KIMI_DESK_KERNELS=torch takes PyTorch's GPU operations instead (one pass over the cache,
 scores for every key: 8 GB for 63 queries over 1M tokens). The prefill form runs cuDNN's fused
-attention on key blocks expanded from the latents (naive.mla_prefill_sdpa: memory bounded at any cache
-length). On the CPU the absorbed form takes one
-pass while the scores stay small, and otherwise the blocked implementations in naive.py, whose memory
-stays bounded at any context length.
+attention on key blocks expanded from the latents (torch_attention.mla_prefill_sdpa: memory bounded
+at any cache length). The CPU runs both forms through PyTorch's flash kernel for the CPU, key block by
+key block (torch_attention.py), so memory stays bounded at any context length.
 
-Measured and removed (2026-11-27, H100): an absorbed flash-style prefill kernel in Triton. It reads the
-latents directly, but the absorbed form costs 1088 multiply-adds per query, key and head against the
-expanded form's 320, and it ran 9x slower than the expanded form through cuDNN (git history has it).
+An absorbed prefill (attention straight over the latents) is not used: it costs 1088 multiply-adds per
+query, key and head against the expanded form's 320.
 """
 
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_attention_torch, mla_prefill_sdpa, mla_prefill_torch
+from kimi_desk.kernels.mla.torch_attention import mla_attention_cpu, mla_attention_dense, mla_prefill_sdpa
 
 __all__ = ["mla_attention", "mla_prefill"]
 
 
-# Up to this many scores (queries x heads x keys, 256 MB in float32) attention runs in one pass; beyond
-# it, on the CPU, block by block so that memory stays bounded.
-DENSE_MAX_SCORES = 1 << 26
-
 def mla_attention(q, cache, q_start, value_dim, scale):
-    B, Tq, H, _ = q.shape
     # Imported here: Triton is only loaded when a CUDA tensor asks for it.
     if use_triton(q):
         from kimi_desk.kernels.mla.decode import mla_decode
 
         return mla_decode(q, cache, q_start, value_dim, scale)
-    # The PyTorch forms read every row they are given.
-    cache = cache[:, : q_start + Tq]
-    if q.is_cuda or B * Tq * H * cache.shape[1] <= DENSE_MAX_SCORES:
-        return mla_attention_dense(q, cache, q_start, value_dim, scale)
-    return mla_attention_torch(q, cache, q_start, value_dim, scale)
+    if not q.is_cuda:
+        return mla_attention_cpu(q, cache, q_start, value_dim, scale)
+    # The GPU's PyTorch form reads every row it is given.
+    return mla_attention_dense(q, cache[:, : q_start + q.shape[1]], q_start, value_dim, scale)
 
 
 def mla_prefill(q, cache, w_uk, w_uv, q_start, scale):
-    if q.is_cuda:
-        return mla_prefill_sdpa(q, cache, w_uk, w_uv, q_start, scale)
-    return mla_prefill_torch(q, cache, w_uk, w_uv, q_start, scale)
+    return mla_prefill_sdpa(q, cache, w_uk, w_uv, q_start, scale)

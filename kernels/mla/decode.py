@@ -31,18 +31,16 @@ nothing spills (compiled for sm_90 by Triton 3.6: 255 registers, no stack). More
 holds take several row blocks, which read the same key blocks one after another (from L2 when they run
 together: the row block is the grid's fastest axis).
 
-Measured on an H100 (BENCHMARKS.md): 87% of the bandwidth floor at 1M cached tokens and one query; 57%
-at 128k in a CUDA graph (the partials, the combine and the launches weigh more). Several queries are
-bound by each program's work per key block rather than by bytes: a row block costs nearly a whole
-pass although its repeated key blocks come from L2, so 16 queries (8 row blocks) at 128k take 711 us,
-about 8 one-query passes.
+At one query the step is bound by reading the cache. Several queries are bound by each program's work
+per key block rather than by bytes: a row block costs nearly a whole pass although its repeated key
+blocks come from L2, so 16 queries (8 row blocks) take about 8 one-query passes.
 
 Precision: the products run in the cache's dtype with fp32 accumulation, like `mla_attention_dense`
 (an fp32 cache takes 3xTF32 dots, near fp32); the scale is applied to the fp32 scores. An fp8 (e4m3) cache
 is widened to bf16 in registers and takes a scale: one float for the whole tensor, or one per token
 ([B, Tk] float32), applied to the scores and folded into the probabilities for the values. That path is
-correct but not tuned: the widened block spills registers, and at 1M it runs at 12% of its own floor,
-3.5x slower than the bf16 cache.
+correct but not tuned: the widened block spills registers, and it runs several times slower than the
+bf16 cache (BENCHMARKS-log.md).
 """
 
 from __future__ import annotations

@@ -32,9 +32,8 @@ second: x would come from HBM once per column block, eight times for gate/up at 
 
 At the 48B shapes and 8192 tokens: 65536 pairs, 256 per expert on average, so 2 row blocks of 128 per
 expert (the last one partial); 768 row blocks in the grid, at most 256 of them empty. 0.93 TFLOP per
-layer against 3.6 GB of bf16 weights (1.8 GB in fp8). Measured on an H100: 3.7 ms per layer with fp8
-weights (251 TFLOP/s), against 73 ms for the grouped PyTorch path it replaced (DEFAULT_CONFIG below). Scratch: h 128 MiB (bf16) and
-y 576 MiB (fp32) per call.
+layer against 3.6 GB of bf16 weights (1.8 GB in fp8): compute-bound. Scratch: h 128 MiB (bf16) and y
+576 MiB (fp32) per call.
 
 fp8 or int8 weights (scales given, format in kernels/quant): tiles are loaded as one byte a weight (half
 the bytes of bf16) and converted in registers to the dots' operand dtype, exactly (e4m3 and int8 values
@@ -43,8 +42,8 @@ SiLU(gate) * up, s2 on the down rows. int4 weights (a bf16 scale and midpoint pe
 tile of inputs lies inside one group, its bytes are unpacked in registers into codes (exact in the
 operand dtype), multiplied by x as they are, and the group's scale and midpoint are applied to the
 tile's product and x's row sums (kernels/quant/int4_tiles.py): a quarter of bf16's bytes, and a
-dequantized weight never formed. SCALED and INT4 are constexprs, so the kernels
-without them carry no trace of them.
+dequantized weight never formed. SCALED and INT4 are constexprs, so the kernels without them carry no
+trace of them.
 
 Precision: dots with operands in x's dtype (fp8 weights widened to it) and fp32 accumulation; h is
 rounded to x's dtype between the two products, as the PyTorch path rounds it (which also rounds gate

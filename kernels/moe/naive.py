@@ -9,7 +9,8 @@ Quantized experts (engine/quantize.py; kernels/quant has the formats) pass `scal
 codes, (s1 [E, I], s2 [E, D], s3 [E, I]), the float32 per-output-row scales of w1, w2, w3; for int4
 codes (packed [E, O, D / 2]), ((s1, z1), (s2, z2), (s3, z3)), each [E, O, groups] bf16. Each chosen
 expert's matrices are then dequantized to x's dtype before its products. scales=None: the weights are
-used as they are. On the CPU, int4 experts in PyTorch's operator layout take routed_experts_int4_cpu.
+used as they are. On the CPU, int4 experts in PyTorch's operator layout take routed_experts_int4_cpu,
+and int8 experts chosen by a few tokens PyTorch's int8 operator.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kimi_desk.kernels.quant.cpu import int4_linear_cpu
+from kimi_desk.kernels.quant import GEMV_MAX_TOKENS
+from kimi_desk.kernels.quant.cpu import cpu_int8_fits, int4_linear_cpu, int8_linear_cpu
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
 
 
@@ -54,9 +56,15 @@ def chosen_weights(index, w1, w2, w3, scales, dtype):
 def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None):
     """Tokens grouped by expert: each chosen expert runs once on all of its tokens. The CPU path (the
     GPU's prefill takes grouped.py's Triton GEMM instead); it asks the host which experts were chosen (a
-    device synchronisation)."""
+    device synchronisation). An int8 expert that a few tokens chose multiplies its codes as they are
+    (kernels/quant/cpu.py), without a dequantized copy."""
+    int8 = scales is not None and not isinstance(scales[0], tuple) and cpu_int8_fits(x, w1)
 
     def expert(e, xe):
+        if int8 and xe.shape[0] <= GEMV_MAX_TOKENS:
+            s1, s2, s3 = (s[e] for s in scales)
+            h = F.silu(int8_linear_cpu(xe, w1[e], s1)) * int8_linear_cpu(xe, w3[e], s3)
+            return int8_linear_cpu(h, w2[e], s2)
         # One expert's matrices at a time: quantized ones are dequantized a few MB at a time, never all E.
         w1e, w2e, w3e = chosen_weights(e, w1, w2, w3, scales, x.dtype)
         return F.linear(F.silu(F.linear(xe, w1e)) * F.linear(xe, w3e), w2e)
@@ -80,6 +88,14 @@ def _by_expert(x, ids, weights, expert):
     """sum_j weights[n, j] * expert(ids[n, j], x[n]) in float32 [N, D], calling `expert(e, rows of x)`
     once per chosen expert with all the tokens that chose it."""
     N, k = ids.shape
+    if N == 1:
+        # One token (decode): its k experts one after another, nothing sorted or scattered; the sort,
+        # the grouping and the scatter cost more than a small expert's products.
+        out = None
+        for j, e in enumerate(ids[0].tolist()):
+            y = expert(e, x).float() * weights[:, j : j + 1]
+            out = y if out is None else out.add_(y)
+        return out
     out = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device)
     flat = ids.reshape(-1)
     order = flat.argsort()

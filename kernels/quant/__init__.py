@@ -9,10 +9,12 @@ On CUDA, up to GEMV_MAX_TOKENS rows of x (leading dims flattened: decode, specul
 Triton GEMVs of gemv.py, which read the codes once for all rows and dequantize in
 registers: decode is bound by reading weights. More rows, and the CPU, take the PyTorch forms, which
 dequantize the weight then multiply; on the CPU an int4 matrix prepared with cpu.py's layout takes
-PyTorch's int4 operator instead (engine/quantize.py's Int4Linear holds it).
+PyTorch's int4 operator instead (engine/quantize.py's Int4Linear holds it), and a few rows of x by int8
+codes PyTorch's int8 operator (cpu.py).
 """
 
 from kimi_desk.kernels import use_triton
+from kimi_desk.kernels.quant.cpu import cpu_int8_fits, int8_linear_cpu
 from kimi_desk.kernels.quant.naive import (
     FP8,
     dequantize_int4_groups,
@@ -35,11 +37,14 @@ GEMV_MAX_TOKENS = 16
 
 
 def row_scaled_linear(x, q, scale):
-    if x.shape[:-1].numel() <= GEMV_MAX_TOKENS and use_triton(x):
-        # Imported here: Triton is only loaded when a CUDA tensor asks for it.
-        from kimi_desk.kernels.quant.gemv import row_scaled_gemv
+    if x.shape[:-1].numel() <= GEMV_MAX_TOKENS:
+        if use_triton(x):
+            # Imported here: Triton is only loaded when a CUDA tensor asks for it.
+            from kimi_desk.kernels.quant.gemv import row_scaled_gemv
 
-        return row_scaled_gemv(x, q, scale)
+            return row_scaled_gemv(x, q, scale)
+        if cpu_int8_fits(x, q):
+            return int8_linear_cpu(x, q, scale)
     return row_scaled_linear_torch(x, q, scale)
 
 

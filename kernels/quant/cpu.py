@@ -1,4 +1,4 @@
-"""int4 products on the CPU through PyTorch's weight-only int4 operator.
+"""int4 and int8 products on the CPU through PyTorch's weight-only operators.
 
 `torch.ops.aten._weight_int4pack_mm_for_cpu` multiplies bf16 rows by an int4 weight in its own tiled
 layout, unpacking in registers (AVX-512 / AVX2 kernels): a one-token product reads half a byte per
@@ -9,7 +9,14 @@ and midpoint per group, so converting our format to it is a relayout, no new rou
     y = int4_linear_cpu(x, cpu_weight)
 
 Only the operator's layout is kept in memory on the CPU (the 48B model's 27 GB of int4 weights cannot
-be held twice in a 32 GB machine); the canonical layout is what the disk cache and the GPU hold.
+be held twice in a 32 GB machine); the canonical layout is what the disk cache and the GPU hold. Its
+tiles are 16 rows tall: a matrix of other heights (the KDA layer's joined input projection) is packed
+with zero rows to the next multiple of 16, which the product computes and drops.
+
+`int8_linear_cpu(x, q, scale)` is `torch.ops.aten._weight_int8pack_mm` on our int8 layout as it is
+(codes [O, D], a scale per row): a few rows (decode) read one byte a weight, where dequantizing first
+wrote and read the weight in bf16 again at every call. For many rows (prefill) the dequantized weight's
+product is faster, and kernels/quant takes that.
 """
 
 from __future__ import annotations
@@ -22,33 +29,56 @@ from kimi_desk.kernels.quant.naive import unpack_int4
 
 
 class CpuInt4Weight(NamedTuple):
-    """An int4 matrix [O, D] in the CPU operator's layout."""
+    """An int4 matrix [O, D] in the CPU operator's layout (its rows padded to a multiple of 16)."""
 
     packed: torch.Tensor  # the operator's tiles, uint8
-    scales_and_zeros: torch.Tensor  # [D / g, O, 2] bf16
+    scales_and_zeros: torch.Tensor  # [D / g, O', 2] bf16, O' = O rounded up to 16
     group: int
     in_features: int
+    out_features: int
 
 
 def cpu_int4_fits(out_features: int, in_features: int) -> bool:
-    """Whether the operator takes a matrix of this shape (its tiles are 16 rows by 32 inputs); present
-    in PyTorch 2.6 and later."""
+    """Whether the operator takes a matrix of this shape (inputs in 32s; any height, padded to its 16-row
+    tiles); present in PyTorch 2.6 and later."""
     ops = torch.ops.aten
     present = hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
-    return present and out_features % 16 == 0 and in_features % 32 == 0
+    return present and in_features % 32 == 0
 
 
 def pack_int4_for_cpu(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> CpuInt4Weight:
     """Our layout [O, D / 2] (+ scales and zeros [O, D / g]) -> the operator's."""
     codes = unpack_int4(packed).to(torch.int32)  # [O, D]
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).to(torch.bfloat16)  # [O, D / g, 2]
+    O, D = codes.shape
+    pad = -O % 16
+    if pad:
+        # Zero rows: scale and midpoint 0 make every weight of the row 0.
+        codes = torch.cat([codes, codes.new_zeros(pad, D)])
+        scales_and_zeros = torch.cat([scales_and_zeros, scales_and_zeros.new_zeros(pad, *scales_and_zeros.shape[1:])])
     tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
-    scales_and_zeros = torch.stack([scale, zero], dim=-1).to(torch.bfloat16).transpose(0, 1).contiguous()
-    D = codes.shape[-1]
-    return CpuInt4Weight(tiles, scales_and_zeros, D // scale.shape[-1], D)
+    return CpuInt4Weight(tiles, scales_and_zeros.transpose(0, 1).contiguous(), D // scale.shape[-1], D, O)
 
 
 def int4_linear_cpu(x: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor:
     """x [..., D] @ W^T -> [..., O] in x's dtype; the product in bf16 with float32 sums."""
     rows = x.reshape(-1, weight.in_features).to(torch.bfloat16)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group, weight.scales_and_zeros)
-    return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+    if y.shape[-1] != weight.out_features:
+        y = y[:, : weight.out_features]
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+
+
+def cpu_int8_fits(x: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether int8_linear_cpu takes this product: int8 codes, x on the CPU in a float dtype the operator
+    takes, present in PyTorch 2.4 and later."""
+    return (q.dtype == torch.int8 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+
+
+def int8_linear_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ (Q * s)^T -> [..., O] in x's dtype, Q int8 [O, D], s [O] float32 (rounded to x's dtype
+    for the operator); products of x and the codes, float32 sums, the scale applied to each sum."""
+    rows = x.reshape(-1, q.shape[-1])
+    y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), q, scale.to(x.dtype))
+    return y.view(*x.shape[:-1], q.shape[0])

@@ -5,8 +5,7 @@ Formats as in naive.py: Q [O, D] float8_e4m3fn or int8, one float32 scale per ou
 codes packed two a byte [O, D / 2] with a bf16 scale and midpoint per group of g inputs. An int4 tile
 lies inside one group: its codes are unpacked in registers and multiplied by x as they are, and the
 group's scale and midpoint are applied to the tile's sums (int4_tiles.py); everything below holds for
-them with half the bytes of fp8. A decode step
-multiplies one to GEMV_MAX_TOKENS rows by every projection, so it is bound by reading the weights; the
+them with half the bytes of fp8. A decode step multiplies one to GEMV_MAX_TOKENS rows by every projection, so it is bound by reading the weights; the
 PyTorch form dequantizes first, writing and reading back float32 and x-dtype copies of the weight
 (some twenty bytes moved per weight, against one here), then multiplies. Here:
 
@@ -20,9 +19,8 @@ PyTorch form dequantizes first, writing and reading back float32 and x-dtype cop
    132 SMs reading, so the width is split too (split-K): each split writes fp32 partials [SPLIT, N, O],
    then counts itself done on its row block's counter; the split that finishes last sums the partials in
    split order (no atomics on the values, so the result does not depend on the order programs run in),
-   writes y in x's dtype and puts the counter back to zero. A separate sum and cast after the kernel cost
-   as much GPU time as the kernel itself at the 48B shapes (two more launches per product; an H100,
-   2026-11-27: 17.1 -> 13.7 us for a 4096 x 2304 weight, 11.3 -> 8.3 us for 32 x 2304, in a CUDA graph).
+   writes y in x's dtype and puts the counter back to zero: a separate sum and cast after the kernel
+   would cost two more launches per product, as much GPU time as the kernel itself at the 48B shapes.
    With one split the kernel writes y directly.
 
 The counters are kimi_desk.kernels.zeroed_counters, shared by every call: calls on one stream run one
@@ -31,20 +29,17 @@ after another, and each leaves its counters at zero.
 The grid depends only on the shapes, and nothing asks the host anything, so a CUDA graph can replay it.
 On a Hopper GPU it launches with programmatic dependent launch (kimi_desk.kernels.pdl), as every Triton
 kernel of a decode step does: each starts while the one before it finishes and waits for its outputs.
-Measured on an H100 (2026-11-27, packaging/gpu_checks/decode_ab.py, 27 fp8 layers at the 48B shapes, 128k
-cached tokens, in a CUDA graph): 3.18 -> 2.98 ms per token. Loading the first weight tile, or
-prefetching the program's weights into L2, before the wait gained nothing more (gpu_checks/pdl_chain.py).
 
 Without a scale, q may be any float weight: the router's float32 weight takes this kernel for its logits
-(one launch where PyTorch took a cast of x and cuBLAS's float32 GEMV: 3.09 -> 2.98 ms per token above).
+(one launch where PyTorch takes a cast of x and cuBLAS's float32 GEMV).
 
 The dot's operands are fp32: e4m3 values (3 mantissa bits), bf16 and fp16 (7 and 10) are exact in TF32
 (10), so input_precision="tf32" gives exact products with fp32 accumulation on the tensor cores, the
-same numbers as a bf16 dot would (bf16 operands measured slower: the fp8 -> bf16 conversion costs more
-than fp8 -> fp32, 21.8 vs 15.1 us at 12544 x 2304, gpu_checks/gemv_variants.py). fp32 x would lose bits
+same numbers as a bf16 dot would, and faster (the fp8 -> bf16 conversion costs more than fp8 -> fp32).
+fp32 x would lose bits
 to TF32, so it takes "ieee" (exact, on the CUDA cores; the GPU runs the model in bf16); an fp32 weight
 beside bf16 x takes "tf32x3" (the weight's high and low TF32 halves: fp32's accuracy, on the tensor
-cores; with "ieee" instead, the whole decode step above took 3.24 ms, in `bench model`). fp32 operands also keep the kernel testable: Triton's
+cores). fp32 operands also keep the kernel testable: Triton's
 interpreter (3.9) multiplies bf16 dot operands as their raw uint16 bits, and ignores input_precision.
 The interpreter loads and converts float8_e4m3fn natively, except that it reads the NaN codes 0x7F and
 0xFF as +-480 (the GPU reads NaN); quantize_fp8_rows never writes them (it clamps to +-448).

@@ -48,8 +48,10 @@ def _row_scale(w: torch.Tensor, largest: float) -> torch.Tensor:
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(Q, s) of a row-scaled format -> Q * s[..., None] in `dtype` (the product in float32, then
-    rounded once)."""
-    return (q.float() * scale[..., None].float()).to(dtype)
+    rounded once). The codes go straight into `dtype` (e4m3 and int8 values are exact there) and are
+    scaled in place: no float32 copy of the whole matrix."""
+    weight = q.to(dtype)
+    return weight.mul_(scale[..., None])
 
 
 def row_scaled_linear_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ accumulators), so autograd cannot go through it. Training walks the same modules
 * the parameters are the engine modules' own; projections and embeddings run through their nn.Linear
   and nn.Embedding; norms, convolutions, the router and the experts are the engine's formulas written
   out below (the engine's own forwards may take inference-only kernels on CUDA);
-* KDA's recurrence goes through `chunk_kda_autograd` (below): the chunked form of
-  kimi_desk.kernels.kda.naive.chunk_kda_torch, written without in-place updates, from a zero state;
+* KDA's recurrence goes through `chunk_kda_autograd` (below): a chunked form written without in-place
+  updates, from a zero state (tests check it against the engine's chunk_kda_torch and the recurrence);
   or through fla's Triton `chunk_kda` (forward and backward kernels) when it is installed and agrees
   with it (`select_kda_function`);
 * MLA attends with `scaled_dot_product_attention` over keys and values expanded from the latents,
@@ -35,7 +35,7 @@ def chunk_kda_autograd(q, k, v, g, beta, scale=None, chunk_size=CHUNK_SIZE, sub_
     """KDA from a zero state, differentiable: q, k [B, T, H, K] (L2-normalised), v [B, T, H, V],
     g [B, T, H, K] log decay (<= 0, unbounded below), beta [B, T, H] -> o [B, T, H, V] float32.
 
-    The math of chunk_kda_torch (kimi-linear-spec.md §3.3): per chunk of C tokens, with G = cumsum(g),
+    The chunked form (kimi-linear-spec.md §3.3): per chunk of C tokens, with G = cumsum(g),
     Aqk[i, j] = q_i . (k_j exp(G_i - G_j)) for j <= i and Akk the same with k_i for j < i, times beta_i;
     then W, U = (I + Akk)^-1 [beta exp(G) K, beta V] and a scan over the chunks carrying the state. A
     decay exp(G_i - G_j) is never formed as exp(G_i) exp(-G_j), which overflows: inside a sub-chunk

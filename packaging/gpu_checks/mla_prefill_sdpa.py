@@ -1,5 +1,5 @@
 """GPU check: which fused attention runs MLA's expanded prefill fastest on an H100, and whether each
-backend's log-sum-exp can merge key blocks (kernels/mla/naive.py, mla_prefill_sdpa).
+backend's log-sum-exp can merge key blocks (kernels/mla/torch_attention.py, mla_prefill_sdpa).
 
 The expanded form: per head, keys [k_nope (128) | k_rope (64)] = 192 wide, values 128 wide; Tq = 8192
 queries (a prefill chunk) after a long cache. The cached keys are all visible to every query of the

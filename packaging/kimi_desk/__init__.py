@@ -5,7 +5,15 @@ The subpackages live in the repository's top-level folders: kimi_desk.app (app/)
 app -> engine -> kernels.
 """
 
+import os
 from importlib.metadata import PackageNotFoundError, version
+
+# PyTorch's CPU threads (GNU OpenMP) spin between parallel regions by default. A desktop shares its
+# cores with the user's other programs: when one of our threads is descheduled, the others spin out
+# their time slices at every barrier, and on a busy 2-core machine reading ran 5-10 times slower than
+# with threads that sleep while they wait. OpenMP reads this once, when PyTorch is first imported;
+# whoever sets it in the environment first decides.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     __version__ = version("kimi-desk")

@@ -61,7 +61,7 @@ class FakeAssistant:
         self.asked_in: list[tuple] = []
         self.samplings: list = []
 
-    def reading_rate(self) -> float:
+    def reading_rate(self, tokens: int = 0, start: int = 0) -> float:
         return 1500.0
 
     def read(self, store, path, *, on_progress=None, cancel=None, on_plan=None, **_):

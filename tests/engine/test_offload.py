@@ -127,3 +127,34 @@ def test_the_split_modules_name_their_halves():
     layer = OffloadedExperts(8, 16, 4, gpu_ids=[0, 5], ram_ids=[1, 2, 3, 4, 6, 7])
     assert layer.row_of(5) == ("on_gpu", 1) and layer.row_of(6) == ("in_ram", 4)
     assert offload._runs([1, 2, 3, 6, 7, 9]) == [(1, 0, 3), (6, 3, 2), (9, 5, 1)]
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_both_halves_are_built_on_the_meta_device_with_their_sidecars(quantize):
+    # Built elsewhere, a half's quantization sidecars would stay where they were made (materialize only
+    # gives meta tensors a device): on a GPU machine the GPU half's scales were left on the CPU.
+    from kimi_desk.engine.quantize import quantize_structure
+    from kimi_desk.engine.weights import build_on_meta
+
+    model = build_on_meta(tail7_config(moe_intermediate_size=64))
+    offload.apply_placement(model, plan(GPU_EXPERTS))
+    if quantize:
+        quantize_structure(model, quantize)
+    halves = [half for layer in offload.offloaded_layers(model) for half in (layer.on_gpu, layer.in_ram)]
+    assert halves
+    tensors = [t for half in halves for t in (*half.parameters(), *half.buffers())]
+    assert len(tensors) > 3 * len(halves) - 1 and all(t.is_meta for t in tensors)
+
+
+def test_a_dropped_split_model_is_freed_without_the_cycle_collector(checkpoint):
+    import gc
+    import weakref
+
+    split = load_model(checkpoint, dtype=torch.float32, placement=plan(GPU_EXPERTS))
+    layer = weakref.ref(offload.offloaded_layers(split)[0])
+    gc.disable()
+    try:
+        del split
+        assert layer() is None
+    finally:
+        gc.enable()

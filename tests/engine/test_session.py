@@ -268,18 +268,43 @@ def test_one_process_at_a_time_reads_a_session(assistant, tmp_path):
     assert again.id == session.id and again.complete
 
 
-def test_no_time_left_is_said_before_the_rate_is_measured(assistant, tmp_path):
-    """The first chunk pays one-time costs and a few small pieces say little of the rate: a time left
-    measured on them swings wildly, so none is given until, after the first chunk, a full chunk (or a
-    tenth of the document) is read; from then on every report gives one."""
+def test_no_time_left_is_said_before_the_first_chunk_is_read(assistant, tmp_path):
+    """The first chunk pays one-time costs: a time left measured on it swings wildly, so none is given
+    until it is read; from then on every report gives one."""
     seen = []
     assistant.read(SessionStore(tmp_path / "home"), make_folder(tmp_path / "repo", 40), on_progress=seen.append)
-    assert len(seen) > 5 and seen[0].seconds_left is None and seen[0].tokens_per_second > 0
-    first_given = next(i for i, p in enumerate(seen) if p.seconds_left is not None)
-    enough = min(64, (seen[0].tokens_total - 0) // 10)
-    assert seen[first_given].tokens_done - seen[0].tokens_done >= enough
-    assert seen[first_given - 1].tokens_done - seen[0].tokens_done < enough
-    assert all(p.seconds_left is not None for p in seen[first_given:])
+    assert len(seen) > 3 and seen[0].seconds_left is None and seen[0].tokens_per_second > 0
+    assert all(p.seconds_left is not None for p in seen[1:])
+
+
+class CountingModel:
+    """The model, recording the length of every call."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, ids, state, **options):
+        self.calls.append(ids.shape[1])
+        return self.model(ids, state, **options)
+
+
+def test_calls_span_files_and_checkpoints_sit_at_file_boundaries(chat_checkpoint, tmp_path, monkeypatch):
+    """A folder of small files is read in calls of prefill_chunk tokens across files (a call per file
+    would pay the per-call costs per file); each checkpoint sits at a file boundary, at least
+    checkpoint_interval tokens after the one before, and the last at the end."""
+    assistant = Assistant.load(chat_checkpoint, prefill_chunk=256, checkpoint_interval=600)
+    counting = CountingModel(assistant.model)
+    monkeypatch.setattr(assistant, "model", counting)
+    session = assistant.read(SessionStore(tmp_path / "home"), make_folder(tmp_path / "repo", 50))
+    total, ends = session.document_tokens, {segment.end for segment in session.segments}
+    positions = session.snapshots().positions
+    assert sum(counting.calls) == total and max(counting.calls) <= assistant.prefill_chunk
+    assert len(counting.calls) <= -(-total // assistant.prefill_chunk) + len(positions) < 25
+    assert positions[-1] == total and set(positions) <= ends
+    assert all(b - a >= assistant.checkpoint_interval for a, b in zip([0] + positions, positions[:-1]))
 
 
 def test_a_session_read_under_one_placement_resumes_under_another(chat_checkpoint, tmp_path):

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
-from kimi_desk.kernels.mla.naive import mla_attention_reference, mla_attention_torch, mla_prefill_reference, mla_prefill_torch
+from kimi_desk.kernels.mla.naive import mla_attention_reference, mla_prefill_reference
+from kimi_desk.kernels.mla.torch_attention import mla_attention_cpu, mla_attention_dense, mla_prefill_sdpa
+
+# Relative error against the float64 reference, per dtype of the cache and queries.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def rel_err(a, b):
@@ -12,26 +16,37 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("B,Tq,Tk,H", [(1, 1, 1, 2), (2, 1, 3000, 4), (1, 5, 300, 3), (2, 700, 700, 2), (1, 300, 2100, 2)],
-                         ids=lambda x: str(x))
-def test_absorbed_attention(B, Tq, Tk, H):
+def poisoned_cache(B, Tk, width, dtype, spare=5):
+    """A cache of Tk tokens in a longer buffer whose unfilled rows hold NaN: they must never be read."""
+    buffer = torch.full((B, Tk + spare, width), float("nan"))
+    buffer[:, :Tk] = torch.randn(B, Tk, width)
+    return buffer.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,Tq,Tk,H", [(1, 1, 1, 2), (2, 1, 3000, 4), (1, 5, 300, 3), (1, 63, 1000, 3),
+                                       (2, 700, 700, 2), (1, 300, 2100, 2)], ids=lambda x: str(x))
+def test_absorbed_attention(B, Tq, Tk, H, dtype):
     L, R = 32, 8
-    q, cache = torch.randn(B, Tq, H, L + R), torch.randn(B, Tk, L + R)
-    want = mla_attention_reference(q, cache, Tk - Tq, L, 0.2)
-    assert rel_err(mla_attention_torch(q, cache, Tk - Tq, L, 0.2, block_q=64, block_k=256), want) < 1e-5
-    assert rel_err(mla_attention(q, cache, Tk - Tq, L, 0.2), want) < 1e-5
+    q, cache = torch.randn(B, Tq, H, L + R).to(dtype), poisoned_cache(B, Tk, L + R, dtype)
+    want = mla_attention_reference(q, cache[:, :Tk], Tk - Tq, L, 0.2)
+    # Cached keys in several blocks, the last one short.
+    got = mla_attention_cpu(q, cache, Tk - Tq, L, 0.2, key_block=256)
+    assert got.dtype == torch.float32 and rel_err(got, want) < TOLERANCE[dtype]
+    assert rel_err(mla_attention(q, cache, Tk - Tq, L, 0.2), want) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("B,Tq,Tk,H", [(1, 1, 1, 2), (1, 64, 64, 4), (2, 300, 1000, 3), (1, 1000, 1000, 2)],
                          ids=lambda x: str(x))
-def test_expanded_prefill(B, Tq, Tk, H):
+def test_expanded_prefill(B, Tq, Tk, H, dtype):
     n, R, L, V = 16, 8, 32, 16
-    q, cache = torch.randn(B, Tq, H, n + R), torch.randn(B, Tk, L + R)
-    w_uk, w_uv = 0.2 * torch.randn(H, n, L), torch.randn(H, V, L)
-    want = mla_prefill_reference(q, cache, w_uk, w_uv, Tk - Tq, 0.2)
-    got = mla_prefill_torch(q, cache, w_uk, w_uv, Tk - Tq, 0.2, block_q=128, block_k=96)
-    assert rel_err(got, want) < 1e-5
-    assert rel_err(mla_prefill(q, cache, w_uk, w_uv, Tk - Tq, 0.2), want) < 1e-5
+    q, cache = torch.randn(B, Tq, H, n + R).to(dtype), poisoned_cache(B, Tk, L + R, dtype)
+    w_uk, w_uv = (0.2 * torch.randn(H, n, L)).to(dtype), torch.randn(H, V, L).to(dtype)
+    want = mla_prefill_reference(q, cache[:, :Tk], w_uk, w_uv, Tk - Tq, 0.2)
+    got = mla_prefill_sdpa(q, cache[:, :Tk], w_uk, w_uv, Tk - Tq, 0.2, key_block=96)
+    assert got.dtype == torch.float32 and rel_err(got, want) < TOLERANCE[dtype]
+    assert rel_err(mla_prefill(q, cache[:, :Tk], w_uk, w_uv, Tk - Tq, 0.2), want) < TOLERANCE[dtype]
 
 
 def test_absorbed_equals_expanded():
@@ -47,18 +62,22 @@ def test_absorbed_equals_expanded():
 
 
 @pytest.mark.parametrize("Tq,Tk", [(1, 300), (4, 300), (120, 120)])
-def test_gpu_forms_on_cpu_tensors(Tq, Tk):
-    """The forms the GPU uses are plain PyTorch: check them here in float32."""
-    from kimi_desk.kernels.mla.naive import mla_attention_dense, mla_prefill_sdpa
-
-    H, n, R, L, V = 3, 16, 8, 32, 16
+def test_gpu_dense_form_on_cpu_tensors(Tq, Tk):
+    """The GPU's PyTorch decode form (KIMI_DESK_KERNELS=torch on CUDA) is plain PyTorch: check it here."""
+    H, L, R = 3, 32, 8
     cache = torch.randn(2, Tk, L + R)
     q_abs = torch.randn(2, Tq, H, L + R)
     want = mla_attention_reference(q_abs, cache, Tk - Tq, L, 0.2)
     assert rel_err(mla_attention_dense(q_abs, cache, Tk - Tq, L, 0.2), want) < 1e-5
-    q = torch.randn(2, Tq, H, n + R)
-    w_uk, w_uv = 0.2 * torch.randn(H, n, L), torch.randn(H, V, L)
-    want = mla_prefill_reference(q, cache, w_uk, w_uv, Tk - Tq, 0.2)
-    assert rel_err(mla_prefill_sdpa(q, cache, w_uk, w_uv, Tk - Tq, 0.2), want) < 1e-5
-    # Cached keys in several blocks (the last one short), merged by their log-sum-exp.
-    assert rel_err(mla_prefill_sdpa(q, cache, w_uk, w_uv, Tk - Tq, 0.2, key_block=70), want) < 1e-5
+
+
+def test_extreme_scores_stay_finite():
+    """Scores far apart (a key aligned with the query, large norms) across key blocks: the merge of the
+    blocks' log-sum-exps neither overflows nor loses the dominant key."""
+    H, L, R, Tk = 2, 32, 8, 700
+    cache = torch.randn(1, Tk, L + R)
+    cache[0, 100] *= 30
+    q = cache[0, 100].expand(1, 1, H, L + R).clone()
+    want = mla_attention_reference(q, cache, Tk - 1, L, 0.2)
+    got = mla_attention_cpu(q, cache, Tk - 1, L, 0.2, key_block=128)
+    assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5

@@ -5,8 +5,8 @@
 #
 # Usage: build.sh [--cuda] [--jobs N] [--source SDIST_OR_TARBALL] OUT_DIR
 #   --cuda     build the CUDA backend for the H200 (-DGGML_CUDA=ON, sm_90, ninja); default CPU only
-#   --source   a llama_cpp_python-*.tar.gz sdist or a tarball of a llama.cpp tree (as made by
-#              /work/shared/tools/llama-cpp-source.sh); default: `pip download` of the sdist below
+#   --source   a llama_cpp_python-*.tar.gz sdist or a tarball of a llama.cpp tree (a stripped copy of
+#              the sdist's vendor/llama.cpp will do); default: `pip download` of the sdist below
 # Layout of OUT_DIR: src/llama.cpp (the tree; convert.py runs its convert_hf_to_gguf.py), build/
 # (cmake), bin/ (links to the binaries), SOURCE (sdist, llama.cpp commit), BUILD_INFO (+ cmake flags),
 # BUILD_TIMES (one line per run).

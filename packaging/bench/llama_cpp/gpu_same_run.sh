@@ -7,6 +7,11 @@
 #       checkpoint, its GGUF in bf16, Q8_0 and Q4_K_M (build and conversion run side by side)
 #   packaging/bench/llama_cpp/gpu_same_run.sh bench OUT     # ours (int4, int8 in one process), then
 #       llama-bench on Q4_K_M and Q8_0, nothing else running; JSON and logs into OUT
+#   packaging/bench/llama_cpp/gpu_same_run.sh deep OUT      # after prepare: the bf16 files removed (disk),
+#       Q4_K_M deepened to the 48B model's 27 layers (deepen_gguf.py)
+#   packaging/bench/llama_cpp/gpu_same_run.sh budget OUT    # after deep: ours at 27 layers in int4 under
+#       each GPU budget of BUDGETS (24GiB,16GiB), then llama-bench on the 27-layer Q4_K_M with the routed
+#       experts of the first N layers in RAM for each N of NCMOE (its -ncmoe; llama.cpp has no memory cap)
 # Work files go to .bench/ (ignored by git). LAYERS (default 4), REPS (3), DEPTHS (8192,131072) and
 # SOURCE (default .bench/llama.cpp-src.tar.xz, made by the llama-cpp-source tool) can be set.
 # Ours builds its own random weights at the same shapes in memory (`kimi-desk bench model --layers`):
@@ -48,6 +53,21 @@ bench)
   python3 "$here/bench.py" "${gguf%.gguf}-Q4_K_M.gguf" "${gguf%.gguf}-Q8_0.gguf" --llama-cpp "$llama" \
     --threads "$(nproc)" --prompt 512,8192 --gen 64 --gen-depth "$depths" --reps "$reps" \
     --out "$out/llama.json" 2>&1 | tee "$out/llama.log"
+  ;;
+deep)
+  rm -rf "$ckpt" "$gguf" "${gguf%.gguf}-Q8_0.gguf"
+  python3 "$here/deepen_gguf.py" "${gguf%.gguf}-Q4_K_M.gguf" "$work/gguf/r48-27-Q4_K_M.gguf" --layers 27 \
+    --llama-cpp "$llama" 2>&1 | tee "$out/deep.log"
+  ;;
+budget)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+  python3 -m kimi_desk.app.cli bench model --layers 27 --quantize int4 --gpu-memory "${BUDGETS:-24GiB,16GiB}" \
+    --contexts "$depths" --prefill-tokens 32768 --read-tokens 131072,1048576 --json "$out/ours-budget.json" \
+    > "$out/ours-budget.log" 2>&1
+  tail -40 "$out/ours-budget.log"
+  python3 "$here/bench.py" "$work/gguf/r48-27-Q4_K_M.gguf" --llama-cpp "$llama" --threads "$(nproc)" \
+    --prompt 8192 --gen 64 --gen-depth "$depths" --reps "$reps" --out "$out/llama-budget.json" \
+    -- -ncmoe "${NCMOE:-0,8,14}" 2>&1 | tee "$out/llama-budget.log" | tail -20
   ;;
 *) echo "gpu_same_run.sh: unknown phase $phase" >&2; exit 2 ;;
 esac

@@ -1,0 +1,191 @@
+"""MLA attention in PyTorch: the CPU paths (PyTorch's fused flash-attention kernel for the CPU, key
+block by key block, memory bounded at any context length), the GPU's prefill through cuDNN's fused
+attention on key blocks expanded from the latents, and the GPU's dense form for KIMI_DESK_KERNELS=torch.
+The float64 references they are tested against are in naive.py."""
+
+from __future__ import annotations
+
+import torch
+
+
+def mla_attention_dense(q, cache, q_start, value_dim, scale):
+    """The absorbed form in one pass, for a GPU at decode: a few queries against the whole cache, scores
+    for every key at once ([B, Tq * H, Tk] float32: 128 MB at 1M keys and 32 heads). Products run in the
+    cache's dtype with float32 accumulation."""
+    B, Tq, H, D = q.shape
+    Tk = cache.shape[1]
+    qc = (q.float() * scale).to(cache.dtype).reshape(B, Tq * H, D)
+    scores = torch.matmul(qc, cache.transpose(1, 2)).float()  # [B, Tq * H, Tk]
+    if Tq > 1:
+        row_pos = (torch.arange(Tq, device=q.device) + q_start).repeat_interleave(H)
+        scores = scores.masked_fill(torch.arange(Tk, device=q.device)[None, :] > row_pos[:, None], float("-inf"))
+    p = scores.softmax(-1).to(cache.dtype)
+    return torch.matmul(p, cache[..., :value_dim]).float().reshape(B, Tq, H, value_dim)
+
+
+# Cached keys are expanded and attended this many at a time in the prefill: bounds its transient memory
+# (expanded keys and values, 20 KB a key at the 48B shapes: 1.3 GB on a GPU) at any context length. The
+# CPU takes smaller blocks: its caches are smaller than a GPU's memory, and so is its memory.
+PREFILL_KEY_BLOCK = 65536
+CPU_KEY_BLOCK = 16384
+
+
+def mla_prefill_sdpa(q, cache, w_uk, w_uv, q_start, scale, key_block=None):
+    """Prefill through fused attention kernels (cuDNN's on a GPU, PyTorch's flash kernel on the CPU),
+    keys and values expanded from the latents one block of keys at a time, so memory stays bounded at
+    any cache length.
+
+    The chunk's queries see every cached key (positions before q_start): those blocks need no mask. The
+    chunk's own keys are a causal square. Each block's attention returns its normalised output and the
+    log-sum-exp of its scores per (query, head); the blocks merge exactly by those weights (the
+    online-softmax rule), in float32. Products run in the cache's dtype with float32 accumulation."""
+    B, Tq, H, _ = q.shape
+    L, R = w_uk.shape[-1], cache.shape[-1] - w_uk.shape[-1]
+    n, V = w_uk.shape[1], w_uv.shape[1]
+    dtype, device = cache.dtype, q.device
+    key_block = key_block or (PREFILL_KEY_BLOCK if device.type == "cuda" else CPU_KEY_BLOCK)
+    # One product expands a block of latents [c | k_r] into every head's key [k_nope | k_r]: the key
+    # matrix maps c through W_UK and k_r through an identity (exact: products by 1 and sums with 0). Its
+    # output, viewed [B, H, nk, n + R] with the tokens' stride, goes to the attention kernel as it is: no
+    # concatenation, no copy (they took 11% of a chunk's GPU time at 1M cached tokens).
+    w_k = torch.zeros(L + R, H, n + R, dtype=dtype, device=device)
+    w_k[:L, :, :n] = w_uk.permute(2, 0, 1)
+    w_k[L:, :, n:] = torch.eye(R, dtype=dtype, device=device).unsqueeze(1)
+    w_k = w_k.view(L + R, H * (n + R))
+    # The CPU kernel wants values as wide as keys: zero columns in the value matrix widen them in the
+    # same product, where padding its output would copy every expanded block once more.
+    width = n + R if device.type == "cpu" else V
+    w_v = torch.zeros(L, H, width, dtype=dtype, device=device)
+    w_v[:, :, :V] = w_uv.permute(2, 0, 1)
+    w_v = w_v.view(L, H * width)
+    queries = q.to(dtype).transpose(1, 2)  # [B, H, Tq, n + R]
+    attend = _attention_with_lse(device, dtype)
+
+    def expanded(j0, j1):
+        block = cache[:, j0:j1]
+        k = (block @ w_k).view(B, j1 - j0, H, n + R).transpose(1, 2)
+        v = (block[..., :L] @ w_v).view(B, j1 - j0, H, width).transpose(1, 2)
+        return k, v
+
+    out, lse = attend(queries, *expanded(q_start, q_start + Tq), True, scale)
+    out = out.float()
+    for j0 in range(0, q_start, key_block):
+        lse = _merge(out, lse, *attend(queries, *expanded(j0, min(q_start, j0 + key_block)), False, scale))
+    return out[..., :V].transpose(1, 2)
+
+
+def mla_attention_cpu(q, cache, q_start, value_dim, scale, key_block=CPU_KEY_BLOCK):
+    """The absorbed form on the CPU (decode, a short question). Every head reads the same keys, so the
+    Tq * H (query, head) rows attend as the queries of one head, through PyTorch's flash kernel for the
+    CPU. The cached keys (before q_start, seen by every row) are cut into equal blocks that go to the
+    kernel as one batch, views of the cache as it lies: the kernel spreads a batch over the threads
+    (one block alone runs on one thread, and its run time swung 40-fold on a busy machine), and the
+    cache is never transposed or copied (a transposed copy of a 214k-token cache cost 10x the attention
+    itself). The last few cached keys and the new tokens' own keys (a causal square) are attended apart
+    with their mask. The parts merge by their log-sum-exps. Products run in the cache's dtype with
+    float32 accumulation; memory stays bounded by the blocks."""
+    B, Tq, H, D = q.shape
+    rows = q.reshape(B, 1, Tq * H, D).to(cache.dtype)  # query-major, head-minor
+    blocks = max(2 * torch.get_num_threads(), -(-q_start // key_block)) if q_start else 0
+    size = q_start // blocks if blocks else 0
+    if size == 0:
+        blocks = 0
+    tail = blocks * size  # keys from here on are attended with the mask
+    keys = cache[:, tail : q_start + Tq].float()  # [B, n, D]
+    scores = (rows[:, 0].float() @ keys.transpose(1, 2)) * scale  # [B, Tq * H, n]
+    key_pos = torch.arange(tail, q_start + Tq, device=q.device)
+    row_pos = (torch.arange(Tq, device=q.device) + q_start).repeat_interleave(H)
+    scores.masked_fill_(key_pos[None, :] > row_pos[:, None], float("-inf"))
+    lse = scores.logsumexp(-1)  # [B, Tq * H]
+    out = (scores - lse.unsqueeze(-1)).exp_() @ keys  # [B, Tq * H, D] float32
+    if blocks:
+        batch = cache[:, :tail].reshape(B * blocks, 1, size, D)
+        queries = rows.expand(B, blocks, Tq * H, D).reshape(B * blocks, 1, Tq * H, D)
+        attend = _attention_with_lse(q.device, cache.dtype)
+        block_out, block_lse = attend(queries, batch, batch, False, scale)
+        parts_lse = torch.cat([lse.unsqueeze(1), block_lse.view(B, blocks, Tq * H)], dim=1)  # [B, 1 + blocks, rows]
+        parts = torch.cat([out.unsqueeze(1), block_out.view(B, blocks, Tq * H, D).float()], dim=1)
+        weights = (parts_lse - parts_lse.logsumexp(1, keepdim=True)).exp_()
+        out = (parts * weights.unsqueeze(-1)).sum(1)
+    return out[..., :value_dim].reshape(B, Tq, H, value_dim)
+
+
+def _merge(out, lse, block_out, block_lse):
+    """Fold a block's normalised output and log-sum-exp into the running ones (out in place, float32);
+    returns the new log-sum-exp."""
+    merged = torch.logaddexp(lse, block_lse)
+    out.mul_((lse - merged).exp_().unsqueeze(-1))
+    out.add_(block_out.float() * (block_lse - merged).exp_().unsqueeze(-1))
+    return merged
+
+
+def _attention_with_lse(device, dtype):
+    """attend(q [B, H, Tq, D], k [B, H, Tk, D], v [B, H, Tk, V], causal, scale) -> (out [B, H, Tq, V],
+    natural log-sum-exp of the scaled scores [B, H, Tq] float32); `causal` for Tq == Tk only.
+
+    On CUDA in bf16 or fp16, cuDNN's fused attention: on an H100 (2026-11-27,
+    packaging/gpu_checks/mla_prefill_sdpa.py) 630 TFLOP/s with the values 128 wide, against 277 for the
+    flash attention kernel PyTorch picks by default, which also wants the values padded to the keys' 192.
+    A GPU or build without cuDNN's takes that flash kernel. float32 on CUDA (checks; neither kernel takes
+    it) takes the memory-efficient kernel. The CPU takes PyTorch's flash kernel for the CPU: blocked, the
+    softmax fused with the products, float32 accumulation, no score matrix in memory."""
+    if device.type != "cuda":
+        return _cpu_flash_attention
+    if dtype == torch.float32:
+        return _efficient_attention
+    return _cudnn_attention if _cudnn_attention_works(device) else _flash_attention
+
+
+def _cudnn_attention(q, k, v, causal, scale):
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return out[0], out[1].reshape(q.shape[:-1])
+
+
+def _flash_attention(q, k, v, causal, scale):
+    V = v.shape[-1]
+    if V < q.shape[-1]:
+        v = torch.nn.functional.pad(v, (0, q.shape[-1] - V))
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return out[0][..., :V], out[1]
+
+
+def _cpu_flash_attention(q, k, v, causal, scale):
+    V = v.shape[-1]
+    if V < q.shape[-1]:
+        v = torch.nn.functional.pad(v, (0, q.shape[-1] - V))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out[..., :V], lse
+
+
+def _efficient_attention(q, k, v, causal, scale):
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+    return out[0], out[1][..., : q.shape[-2]]  # its log-sum-exp is padded to a multiple of 32 queries
+
+
+def _math_attention(q, k, v, causal, scale):
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    lse = s.logsumexp(-1)
+    return (s - lse.unsqueeze(-1)).exp() @ v.float(), lse
+
+
+_cudnn_works: dict = {}
+
+
+def _cudnn_attention_works(device) -> bool:
+    """Whether cuDNN's attention runs here and agrees with the materialised form (asked once per device:
+    it needs a recent GPU and a cuDNN build that has it)."""
+    key = torch.device(device).index or 0
+    if key not in _cudnn_works:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k = (torch.randn(1, 2, 16, 192, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+        v = torch.randn(1, 2, 16, 128, device=device, generator=gen, dtype=torch.bfloat16)
+        try:
+            out, lse = _cudnn_attention(q, k, v, True, 0.1)
+            want, want_lse = _math_attention(q, k, v, True, 0.1)
+            _cudnn_works[key] = bool(torch.allclose(out.float(), want, atol=2e-2) and
+                                     torch.allclose(lse, want_lse, atol=2e-2))
+        except RuntimeError:
+            _cudnn_works[key] = False
+    return _cudnn_works[key]

@@ -1,0 +1,54 @@
+"""PyTorch's weight-only int4 and int8 operators on the CPU (kernels/quant/cpu.py) against float64 on the
+dequantized weights; the int4 matrices include heights that are not multiples of the operator's 16."""
+
+import pytest
+import torch
+
+from kimi_desk.kernels.quant import (
+    dequantize_int4_groups,
+    dequantize_rows,
+    quantize_int4_groups,
+    quantize_int8_rows,
+    row_scaled_linear,
+)
+from kimi_desk.kernels.quant.cpu import cpu_int4_fits, cpu_int8_fits, int4_linear_cpu, int8_linear_cpu, pack_int4_for_cpu
+
+# The operators take bf16 (int4) or x's dtype (int8) rows, sum in float32 and round the output once; the
+# int8 operator also rounds each row's scale to x's dtype.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def rel_err(a, b):
+    assert not torch.isnan(a).any()
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("O,D,rows", [(48, 64, 1), (1093, 320, 3), (40, 96, 17)], ids=lambda x: str(x))
+def test_int4_operator_matches_float64(O, D, rows):
+    if not cpu_int4_fits(O, D):
+        pytest.skip("this PyTorch has no CPU int4 operator")
+    gen = torch.Generator().manual_seed(O + rows)
+    codes, scale, zero = quantize_int4_groups(torch.randn(O, D, generator=gen))
+    x = torch.randn(2, rows, D, generator=gen).bfloat16()
+    want = x.double() @ dequantize_int4_groups(codes, scale, zero, torch.float64).t()
+    got = int4_linear_cpu(x, pack_int4_for_cpu(codes, scale, zero))
+    assert got.shape == (2, rows, O) and got.dtype == torch.bfloat16
+    assert rel_err(got, want) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("O,D,rows", [(48, 64, 1), (1093, 320, 3), (40, 96, 16)], ids=lambda x: str(x))
+def test_int8_operator_matches_float64(dtype, O, D, rows):
+    gen = torch.Generator().manual_seed(O * 3 + rows)
+    q, s = quantize_int8_rows(torch.randn(O, D, generator=gen))
+    x = torch.randn(1, rows, D, generator=gen).to(dtype)
+    if not cpu_int8_fits(x, q):
+        pytest.skip("this PyTorch has no CPU int8 operator")
+    want = x.double() @ dequantize_rows(q, s, torch.float64).t()
+    got = int8_linear_cpu(x, q, s)
+    assert got.shape == (1, rows, O) and got.dtype == dtype
+    assert rel_err(got, want) < TOLERANCE[dtype]
+    # A few rows take the operator, more rows the dequantized weight: the same function either way.
+    assert rel_err(row_scaled_linear(x, q, s), want) < TOLERANCE[dtype]
+    many = torch.randn(40, D, generator=gen).to(dtype)
+    assert rel_err(row_scaled_linear(many, q, s), many.double() @ dequantize_rows(q, s, torch.float64).t()) < TOLERANCE[dtype]
