@@ -39,6 +39,16 @@ class SessionError(UserError):
     """A session that cannot be read, found or used; one line, says what to do."""
 
 
+class GpuMemoryError(UserError):
+    """The GPU ran out of memory in the middle of reading or answering (another program took memory, or
+    the plan's margin was too small). What was read and said up to then is kept."""
+
+    def __init__(self, doing: str) -> None:
+        super().__init__(f"the GPU ran out of memory while {doing}; what was done so far is kept. Free memory "
+                         f"on the card, or load with a lower --gpu-memory (more of the model in RAM) or "
+                         f"--quantize int4")
+
+
 class StorageError(UserError):
     """A file kimi-desk must write cannot be written: disk full, read-only, no permission. Whatever was
     there before is left as it was (every write goes to a temporary file renamed into place)."""

@@ -47,7 +47,7 @@ import torch
 
 from kimi_desk.engine import chat
 from kimi_desk.engine.cpu_threads import use_idle_cores
-from kimi_desk.engine.errors import StorageError, writing
+from kimi_desk.engine.errors import GpuMemoryError, StorageError, writing
 from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, prefill, stream_tokens
 from kimi_desk.engine.file_lock import LockBusy, file_lock
 from kimi_desk.engine.reading_time import ReadingCost, measure_reading_cost
@@ -369,7 +369,10 @@ class Assistant:
         segments, units = self.plan(document, system)  # DocumentTooLong past the model's context
         session = store.find_or_create(source, name or Path(source).name, self.identity, system)
         with store.reading(session.id):
-            self._read_session(session, segments, units, document, name, on_plan, on_progress, cancel)
+            try:
+                self._read_session(session, segments, units, document, name, on_plan, on_progress, cancel)
+            except torch.OutOfMemoryError as exc:  # its checkpoints so far are kept: the next read resumes
+                raise GpuMemoryError("reading") from exc
         return session
 
     def cache_capacity(self, tokens: int) -> int:
@@ -546,6 +549,8 @@ class Assistant:
             # A dropped stream (a stop in the UI) leaves a consistent state; an error inside the model
             # does not, and the thread is then rebuilt from its transcript when next used.
             failed = not isinstance(exc, GeneratorExit)
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise GpuMemoryError("answering") from exc
             raise
         finally:
             # Also when the caller drops the stream: the turn is kept as far as it got.

@@ -324,3 +324,36 @@ def test_a_session_read_under_one_placement_resumes_under_another(chat_checkpoin
     expected = answer_ids(whole, whole.read(SessionStore(tmp_path / "other"), folder))
     assert answer_ids(placed({1: (5,), 2: (0, 1, 2, 3, 4, 5, 6), 3: ()}), session) == expected
     assert answer_ids(whole, store.get(session.id)) == expected
+
+
+def test_the_gpu_running_out_of_memory_is_one_line_and_keeps_the_session(assistant, tmp_path, monkeypatch):
+    from kimi_desk.engine.errors import GpuMemoryError, UserError
+
+    store = SessionStore(tmp_path / "home")
+    session = assistant.read(store, make_folder(tmp_path / "repo", 6))
+    answer_ids(assistant, session)
+    before = [len(t.turns) for t in session.threads]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 70.00 MiB.")
+
+    monkeypatch.setattr(assistant.model, "forward", out_of_memory)
+    with pytest.raises(GpuMemoryError, match="ran out of memory while answering") as raised:
+        list(assistant.ask(session, QUESTION, max_new_tokens=4))
+    assert isinstance(raised.value, UserError) and "\n" not in str(raised.value)
+    monkeypatch.undo()
+    # The earlier thread is untouched, and the session still answers.
+    again = store.get(session.id)
+    assert [len(t.turns) for t in again.threads][: len(before)] == before
+    assert answer_ids(assistant, again)
+
+
+def test_the_gpu_running_out_of_memory_while_reading_is_one_line(assistant, tmp_path, monkeypatch):
+    from kimi_desk.engine.errors import GpuMemoryError
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(assistant.model, "forward", out_of_memory)
+    with pytest.raises(GpuMemoryError, match="while reading"):
+        assistant.read(SessionStore(tmp_path / "home"), make_folder(tmp_path / "repo", 3))
