@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from kimi_desk.app import formatting, pull
 from kimi_desk.app.backend import DEMO_MODEL_NOTE, DEMO_MODEL_REMEDY
 from kimi_desk.app.formatting import nbytes, printable, unreadable_sessions
 from kimi_desk.engine.errors import UserError
@@ -73,27 +74,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     add_memory_options(parser)
 
 
-# -- formatting -------------------------------------------------------------------------------------
-
-
-def human_bytes(n: int) -> str:
-    """Sizes as the UI writes them (KiB, MiB, GiB: powers of 1024, named as such)."""
-    return nbytes(int(n))
-
-
-def human_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-def fit(line: str, width: int) -> str:
-    """`line` cut to `width` characters, ending in "…" when cut."""
-    return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
-
-
 class ProgressLine:
     """Reading progress on stderr: on a terminal a one-line bar redrawn in place; piped or logged, a
     plain line every PLAIN_SECONDS (and at the end), so that a log shows reading advance."""
@@ -114,7 +94,7 @@ class ProgressLine:
         now = time.monotonic()
         finished = p.tokens_done >= p.tokens_total
         fraction = p.tokens_done / max(p.tokens_total, 1)
-        left = "estimating the time left" if p.seconds_left is None else f"{human_seconds(p.seconds_left)} left"
+        left = "estimating the time left" if p.seconds_left is None else f"{formatting.clock(p.seconds_left)} left"
         files = f"{p.files_done:,}/{p.files_total:,} file{'' if p.files_total == 1 else 's'}"
         if not self.enabled:
             if finished or now - self._last_plain >= self.PLAIN_SECONDS:
@@ -130,7 +110,7 @@ class ProgressLine:
         bar = "█" * int(fraction * 20) + " " * (20 - int(fraction * 20))
         line = (f"reading {fraction:4.0%} |{bar}| {p.tokens_done:,}/{p.tokens_total:,} tokens  {files}  "
                 f"{p.tokens_per_second:,.0f} tok/s  {left}  {printable(p.path)}")
-        self.stream.write("\r\x1b[2K" + fit(line, shutil.get_terminal_size((200, 24)).columns - 1))
+        self.stream.write("\r\x1b[2K" + formatting.fit(line, shutil.get_terminal_size((200, 24)).columns - 1))
         self.stream.flush()
 
     def done(self) -> None:
@@ -178,7 +158,7 @@ def run_ingest(args) -> int:
         else:
             # Reading slows as the document grows: the average rate over this document's length.
             estimate = tokens_to_read / assistant.reading_rate(tokens_to_read, session.read_position)
-            progress.say(f"{session.name}: {tokens_to_read:,} tokens to read, about {human_seconds(estimate)} "
+            progress.say(f"{session.name}: {tokens_to_read:,} tokens to read, about {formatting.clock(estimate)} "
                          f"on this device ({assistant.model.device.type})")
 
     cancel = threading.Event()
@@ -289,7 +269,7 @@ def run_sessions_list(args) -> int:
         print(f"{'ID':<9} {'NAME':<24} {'TOKENS':>10} {'SIZE':>9}  {'LAST USED':<20} SOURCE")
         for s in sessions:
             tokens = f"{s['tokens']:,}" if s["complete"] else f"{s['read']:,}/{s['tokens']:,}"
-            print(f"{s['id']:<9} {printable(s['name'], 24):<24} {tokens:>10} {human_bytes(s['bytes']):>9}  "
+            print(f"{s['id']:<9} {printable(s['name'], 24):<24} {tokens:>10} {nbytes(s['bytes']):>9}  "
                   f"{s['last_used'][:19].replace('T', ' '):<20} {printable(s['source'])}")
     if unreadable:
         print(f"kimi-desk: {unreadable_sessions(unreadable)}", file=sys.stderr)
@@ -314,7 +294,7 @@ def run_sessions_show(args) -> int:
     state = "read" if session.complete else f"read {session.read_position:,} of"
     print(f"{printable(session.name)} ({session.id})\n  source: {printable(session.source)}\n  {state} "
           f"{session.document_tokens:,} tokens in {plural(len(session.files), 'file')}, "
-          f"{human_bytes(info['bytes'])} on disk\n"
+          f"{nbytes(info['bytes'])} on disk\n"
           f"  model: {printable(session.model_source)}\n"
           f"  checkpoints at: {', '.join(f'{p:,}' for p in info['checkpoints']) or 'none'}")
     if session.files:
@@ -463,8 +443,5 @@ def add_parsers(commands) -> None:
     imported = verbs.add_parser("import", help="add a session from an exported .zip file")
     imported.add_argument("file", metavar="FILE")
     imported.set_defaults(run=run_sessions_import)
-
-    # pull imports this module's formatting helpers, so it is imported here, not at the top.
-    from kimi_desk.app import pull
 
     pull.add_parser(commands)

@@ -35,6 +35,20 @@ def duration(seconds: float | None) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def clock(seconds: float | None) -> str:
+    """A time as a clock shows it: "4:05", "1:02:03" ("?" when unknown), for lines redrawn in place."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def fit(line: str, width: int) -> str:
+    """`line` cut to `width` characters, ending in "…" when cut."""
+    return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
+
+
 def estimate(tokens_to_read: int, tokens_per_second: float | None) -> str:
     """The line shown before reading: how long reading will take here."""
     if tokens_to_read <= 0:

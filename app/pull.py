@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 
-from kimi_desk.app.commands import fit, human_bytes, human_seconds
+from kimi_desk.app import formatting
 
 
 class PullProgressLine:
@@ -38,9 +38,9 @@ class PullProgressLine:
         rate = (p.bytes_done - self._first_bytes) / max(now - self._started, 1e-6)
         left = (p.bytes_total - p.bytes_done) / rate if rate > 0 else None
         line = (f"pulling {p.repo_id} {fraction:4.0%} |{'█' * filled}{' ' * (20 - filled)}| "
-                f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)}  {p.files_done}/{p.files_total} file{'' if p.files_total == 1 else 's'}  "
-                f"{human_bytes(rate)}/s  {human_seconds(left)} left  {p.current_file}")
-        self.stream.write("\r\x1b[2K" + fit(line, shutil.get_terminal_size((200, 24)).columns - 1))
+                f"{formatting.nbytes(p.bytes_done)}/{formatting.nbytes(p.bytes_total)}  {p.files_done}/{p.files_total} file{'' if p.files_total == 1 else 's'}  "
+                f"{formatting.nbytes(rate)}/s  {formatting.clock(left)} left  {p.current_file}")
+        self.stream.write("\r\x1b[2K" + formatting.fit(line, shutil.get_terminal_size((200, 24)).columns - 1))
         self.stream.flush()
 
     def done(self, message: str | None = None) -> None:
@@ -65,7 +65,7 @@ def run_pull(args) -> int:
     summary = ""
     if progress.last is not None:
         p = progress.last
-        summary = f" ({p.files_total} file{'' if p.files_total == 1 else 's'}, {human_bytes(p.bytes_total)})"
+        summary = f" ({p.files_total} file{'' if p.files_total == 1 else 's'}, {formatting.nbytes(p.bytes_total)})"
     progress.done(f"pulled {args.repo_id}{summary}; use it with --model {args.repo_id}")
     print(path)
     return 0

@@ -37,3 +37,9 @@ def test_short_path(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert formatting.short_path(str(tmp_path / "code" / "repo")) == "~/code/repo"
     assert formatting.short_path("/elsewhere/repo") == "/elsewhere/repo"
+
+
+def test_clock_and_fit():
+    assert formatting.clock(None) == "?" and formatting.clock(float("nan")) == "?"
+    assert formatting.clock(65) == "1:05" and formatting.clock(3723) == "1:02:03"
+    assert formatting.fit("abcdef", 10) == "abcdef" and formatting.fit("abcdef", 4) == "abc…"
