@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import sys
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 from kimi_desk.app import formatting, pull
 from kimi_desk.app.backend import DEMO_MODEL_NOTE, DEMO_MODEL_REMEDY
 from kimi_desk.app.formatting import nbytes, printable, unreadable_sessions
+from kimi_desk.app.progress_line import ProgressLine
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.loading import QUANTIZE_CHOICES
 
@@ -74,49 +74,20 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     add_memory_options(parser)
 
 
-class ProgressLine:
-    """Reading progress on stderr: on a terminal a one-line bar redrawn in place; piped or logged, a
-    plain line every PLAIN_SECONDS (and at the end), so that a log shows reading advance."""
-
-    PLAIN_SECONDS = 5.0
-
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.enabled = stream.isatty()
-        self._last = 0.0
-        self._last_plain = time.monotonic()
-
-    def say(self, text: str) -> None:
-        self.stream.write(f"\r\x1b[2K{text}\n" if self.enabled else f"{text}\n")
-        self.stream.flush()
+class ReadingProgress(ProgressLine):
+    """Reading progress (module progress_line): tokens, files, speed, time left, the piece being read."""
 
     def update(self, p) -> None:
-        now = time.monotonic()
-        finished = p.tokens_done >= p.tokens_total
         fraction = p.tokens_done / max(p.tokens_total, 1)
         left = "estimating the time left" if p.seconds_left is None else f"{formatting.clock(p.seconds_left)} left"
         files = f"{p.files_done:,}/{p.files_total:,} file{'' if p.files_total == 1 else 's'}"
-        if not self.enabled:
-            if finished or now - self._last_plain >= self.PLAIN_SECONDS:
-                self._last_plain = now
-                # The piece being read: a file's path, or what the engine names in parentheses itself.
-                where = printable(p.path) if p.path.startswith("(") else f"({printable(p.path)})"
-                self.say(f"reading {fraction:.0%}: {p.tokens_done:,}/{p.tokens_total:,} tokens, {files}, "
-                         f"{p.tokens_per_second:,.0f} tokens/s, {left} {where}")
-            return
-        if now - self._last < 0.1 and not finished:
-            return
-        self._last = now
-        bar = "█" * int(fraction * 20) + " " * (20 - int(fraction * 20))
-        line = (f"reading {fraction:4.0%} |{bar}| {p.tokens_done:,}/{p.tokens_total:,} tokens  {files}  "
-                f"{p.tokens_per_second:,.0f} tok/s  {left}  {printable(p.path)}")
-        self.stream.write("\r\x1b[2K" + formatting.fit(line, shutil.get_terminal_size((200, 24)).columns - 1))
-        self.stream.flush()
-
-    def done(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[2K")
-            self.stream.flush()
+        # The piece being read: a file's path, or what the engine names in parentheses itself.
+        where = printable(p.path) if p.path.startswith("(") else f"({printable(p.path)})"
+        self.show("reading", fraction,
+                  f"{p.tokens_done:,}/{p.tokens_total:,} tokens  {files}  {p.tokens_per_second:,.0f} tok/s  {left}  "
+                  f"{printable(p.path)}",
+                  f"{p.tokens_done:,}/{p.tokens_total:,} tokens, {files}, {p.tokens_per_second:,.0f} tokens/s, "
+                  f"{left} {where}", finished=p.tokens_done >= p.tokens_total)
 
 
 # -- ingest -----------------------------------------------------------------------------------------
@@ -146,7 +117,7 @@ def run_ingest(args) -> int:
     if not Path(args.path).expanduser().exists():
         raise UsageError(f"{args.path}: no such file or folder")
     limits = _ingest_limits(args)
-    progress = ProgressLine()
+    progress = ReadingProgress()
     assistant = load_assistant(args)
 
     def on_plan(session, tokens_to_read, limit_notices=()):

@@ -1,27 +1,25 @@
 """`kimi-desk pull REPO_ID`: download a checkpoint from the Hugging Face hub into its cache.
 
 The local folder goes to stdout (so `--model "$(kimi-desk pull owner/name)"` works); a progress bar goes
-to stderr only when stderr is a terminal. Errors are one line (app/cli.py prints HubError as it is).
+to stderr (a bar on a terminal, plain lines now and then when piped). Errors are one line (app/cli.py prints HubError as it is).
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 
 from kimi_desk.app import formatting
+from kimi_desk.app.progress_line import ProgressLine
 
 
-class PullProgressLine:
-    """One line on a terminal: percent, bytes, files, speed, time left, the file being fetched."""
+class PullProgress(ProgressLine):
+    """Pulling progress (module progress_line): bytes, files, speed, time left, the file being fetched."""
 
     def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.enabled = stream.isatty()
+        super().__init__(stream)
         self._started = time.monotonic()
         self._first_bytes: int | None = None  # bytes already cached when the pull started: not speed
-        self._last_draw = 0.0
         self.last = None
 
     def update(self, p) -> None:
@@ -29,30 +27,20 @@ class PullProgressLine:
         now = time.monotonic()
         if self._first_bytes is None:
             self._first_bytes, self._started = p.bytes_done, now
-        finished = p.bytes_done >= p.bytes_total and p.files_done >= p.files_total
-        if not self.enabled or (now - self._last_draw < 0.1 and not finished):
-            return
-        self._last_draw = now
-        fraction = p.bytes_done / max(p.bytes_total, 1)
-        filled = int(fraction * 20)
         rate = (p.bytes_done - self._first_bytes) / max(now - self._started, 1e-6)
         left = (p.bytes_total - p.bytes_done) / rate if rate > 0 else None
-        line = (f"pulling {p.repo_id} {fraction:4.0%} |{'█' * filled}{' ' * (20 - filled)}| "
-                f"{formatting.nbytes(p.bytes_done)}/{formatting.nbytes(p.bytes_total)}  {p.files_done}/{p.files_total} file{'' if p.files_total == 1 else 's'}  "
-                f"{formatting.nbytes(rate)}/s  {formatting.clock(left)} left  {p.current_file}")
-        self.stream.write("\r\x1b[2K" + formatting.fit(line, shutil.get_terminal_size((200, 24)).columns - 1))
-        self.stream.flush()
-
-    def done(self, message: str | None = None) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[2K" + (message + "\n" if message else ""))
-            self.stream.flush()
+        files = f"{p.files_done}/{p.files_total} file{'' if p.files_total == 1 else 's'}"
+        sizes = f"{formatting.nbytes(p.bytes_done)}/{formatting.nbytes(p.bytes_total)}"
+        self.show(f"pulling {p.repo_id}", p.bytes_done / max(p.bytes_total, 1),
+                  f"{sizes}  {files}  {formatting.nbytes(rate)}/s  {formatting.clock(left)} left  {p.current_file}",
+                  f"{sizes}, {files}, {formatting.nbytes(rate)}/s, {formatting.clock(left)} left ({p.current_file})",
+                  finished=p.bytes_done >= p.bytes_total and p.files_done >= p.files_total)
 
 
 def run_pull(args) -> int:
     from kimi_desk.engine.hub import pull
 
-    progress = PullProgressLine()
+    progress = PullProgress()
     try:
         path = pull(args.repo_id, revision=args.revision, on_progress=progress.update)
     except KeyboardInterrupt:

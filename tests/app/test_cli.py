@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from kimi_desk import __version__
-# Imported here, not under capsys: ProgressLine's default stream is the sys.stderr of its import.
+# Imported here, not under capsys: the progress lines' default stream is the sys.stderr of its import.
 from kimi_desk.app.cli import main
 
 
@@ -197,7 +197,7 @@ def test_reading_progress_is_plain_lines_when_piped_and_a_bar_on_a_terminal(monk
     On a terminal: one line redrawn, cut with an ellipsis to the terminal's width."""
     import io
 
-    from kimi_desk.app.commands import ProgressLine
+    from kimi_desk.app.commands import ReadingProgress
     from kimi_desk.engine.session import ReadProgress
 
     class Terminal(io.StringIO):
@@ -205,9 +205,9 @@ def test_reading_progress_is_plain_lines_when_piped_and_a_bar_on_a_terminal(monk
             return True
 
     piped = io.StringIO()
-    line = ProgressLine(piped)
+    line = ReadingProgress(piped)
     line.update(ReadProgress(100, 1000, 0, 1, 900.0, None, "a.py"))  # the first chunk, under 5 s: nothing yet
-    line._last_plain -= ProgressLine.PLAIN_SECONDS
+    line._last_plain -= ReadingProgress.PLAIN_SECONDS
     line.update(ReadProgress(400, 1000, 0, 1, 1000.0, 0.6, "a.py"))
     line.update(ReadProgress(1000, 1000, 1, 1, 1000.0, 0.0, "b.py"))
     assert piped.getvalue().splitlines() == [
@@ -215,10 +215,10 @@ def test_reading_progress_is_plain_lines_when_piped_and_a_bar_on_a_terminal(monk
         "reading 100%: 1,000/1,000 tokens, 1/1 file, 1,000 tokens/s, 0:00 left (b.py)",
     ]
     named = io.StringIO()  # what the engine names itself in parentheses is not wrapped twice
-    ProgressLine(named).update(ReadProgress(30, 30, 0, 2, 100.0, 0.0, "(folder tree)"))
+    ReadingProgress(named).update(ReadProgress(30, 30, 0, 2, 100.0, 0.0, "(folder tree)"))
     assert named.getvalue().endswith(", 0:00 left (folder tree)\n")
     terminal = Terminal()
     monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: __import__("os").terminal_size((60, 24)))
-    ProgressLine(terminal).update(ReadProgress(100, 1000, 0, 3, 900.0, None, "a/very/long/path/" * 5))
+    ReadingProgress(terminal).update(ReadProgress(100, 1000, 0, 3, 900.0, None, "a/very/long/path/" * 5))
     drawn = terminal.getvalue().split("\x1b[2K")[-1]
     assert len(drawn) == 59 and drawn.endswith("…") and drawn.startswith("reading  10% |██ ")

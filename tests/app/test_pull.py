@@ -58,10 +58,13 @@ def assert_one_line_error(result, message):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_pull_prints_the_folder_and_is_quiet_when_piped(server, tmp_path):
+def test_pull_prints_the_folder_and_plain_progress_when_piped(server, tmp_path):
     result = kimi_desk("pull", REPO, env=hub_env(tmp_path, server.url))
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    # stdout holds the folder alone; stderr, not a terminal, plain lines (no bar, no escape codes).
+    said = result.stderr.splitlines()
+    assert said[-2].startswith(f"pulling {REPO} 100%: ") and "3/3 files" in said[-2]
+    assert said[-1].startswith(f"pulled {REPO} (3 files") and "\x1b" not in result.stderr
     path = Path(result.stdout.strip())
     assert path.parent.parent == tmp_path / "hf" / "hub" / "models--moonshotai--Kimi-Linear-tiny"
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
@@ -109,7 +112,7 @@ def test_interrupted_pull_is_one_line_and_the_next_one_finishes(server, tmp_path
     assert "run the same command again to resume" in failed.stderr
     server.up()
     again = kimi_desk("pull", REPO, env=hub_env(tmp_path, server.url))
-    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert again.returncode == 0 and again.stderr.splitlines()[-1].startswith(f"pulled {REPO}"), again.stderr
     assert (Path(again.stdout.strip()) / "model.safetensors").is_file()
 
 
