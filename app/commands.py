@@ -170,7 +170,8 @@ def run_ask(args) -> int:
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     notice = lambda line: print(f"kimi-desk: {line}", file=sys.stderr)  # noqa: E731
     try:
-        for event in assistant.ask(session, args.text, thread=thread, sampling=sampling,
+        index = None if args.turn is None else args.turn - 1
+        for event in assistant.ask(session, args.text, thread=thread, index=index, sampling=sampling,
                                    max_new_tokens=args.max_new_tokens, cancel=cancel, notice=notice):
             if not args.json:
                 sys.stdout.write(_printable_answer(event.text))
@@ -196,6 +197,8 @@ def run_ask(args) -> int:
 
 def _thread_to_continue(session, args) -> str | None:
     """The thread `ask` continues: --thread ID, -c the session's most recent one, else None (a new one)."""
+    if args.turn is not None and not (args.thread or args.continue_):
+        raise UsageError("--turn N asks again at a turn of a thread: give the thread with --thread ID or -c")
     if args.thread:
         session.thread(args.thread)  # SessionError, naming the session's threads, when it has no such thread
         return args.thread
@@ -376,6 +379,10 @@ def add_parsers(commands) -> None:
     follow.add_argument("-c", "--continue", dest="continue_", action="store_true",
                         help="continue the session's most recent thread")
     follow.add_argument("--thread", metavar="ID", help="continue this thread ('sessions show SESSION' lists them)")
+    ask.add_argument("--turn", type=positive_int, metavar="N",
+                     help="with -c or --thread: ask TEXT in place of the thread's turn N (1 is the first), from the "
+                     "state before it: the last turn is replaced, an earlier one starts a new thread and the "
+                     "thread keeps its turns")
     ask.add_argument("--json", action="store_true", help="print one JSON object when the answer is complete: the "
                      "answer, its thread and the places it cites")
     ask.add_argument("--max-new-tokens", type=positive_int, default=512, metavar="N",

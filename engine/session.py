@@ -507,8 +507,10 @@ class Assistant:
         seen = list(session.thread(thread).turns) if thread is not None else []
         index = len(seen) if index is None else index
         if type(index) is not int or not 0 <= index <= len(seen):
+            # Turns are numbered from 1 where people see them (sessions show, --turn, the app).
+            number = index + 1 if type(index) is int else repr(index)
             raise SessionError(f"thread {thread} has {len(seen)} turn{'' if len(seen) == 1 else 's'}; there is no "
-                               f"turn {index!r} to ask at")
+                               f"turn {number} to ask at (1 to {len(seen) + 1})")
         prompt = self._prompt_ids(question, first=index == 0)
         keys, _ = self._thread_keys(session, seen[:index])
         state = self._thread_state(session, thread, seen[:index], notice)

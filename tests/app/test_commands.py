@@ -98,6 +98,21 @@ def test_ingest_ask_and_manage_sessions(run, tmp_path, chat_checkpoint):
     continued = run("ask", imported, "And VALUE_4?", "--thread", third, "--json", "--max-new-tokens", "8")
     assert json.loads(continued.stdout)["turn"] == 3 and "rebuilt" not in continued.stderr
 
+    # --turn asks again at a turn: the last one in place, an earlier one as a new thread.
+    redo = json.loads(run("ask", imported, "And VALUE_2?", "--thread", third, "--turn", "3", "--json",
+                          "--max-new-tokens", "8").stdout)
+    assert redo["thread"] == third and redo["turn"] == 3 and redo["question"] == "And VALUE_2?"
+    branch = json.loads(run("ask", imported, "What is VALUE_0?", "--thread", third, "--turn", "1", "--json",
+                            "--max-new-tokens", "8").stdout)
+    assert branch["thread"] != third and branch["turn"] == 1
+    kept = json.loads(run("sessions", "show", imported, "--json").stdout)
+    assert [len(t["turns"]) for t in kept["threads"] if t["id"] == third] == [3]
+    alone = run("ask", imported, "x", "--turn", "1", check=False)
+    assert alone.returncode == 2 and "--thread ID or -c" in alone.stderr
+    beyond = run("ask", imported, "x", "--thread", third, "--turn", "9", check=False)
+    assert beyond.returncode == 2 and len(beyond.stderr.strip().splitlines()) == 1
+    assert "has 3 turns; there is no turn 9 to ask at (1 to 4)" in beyond.stderr
+
 
 def test_files_a_limit_left_out_are_said_on_stderr(run, tmp_path, chat_checkpoint):
     repo = make_repo(tmp_path / "repo")
