@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine_bench.add_arguments(cpu)
     cpu.set_defaults(run=engine_bench.main)
     # The kernel benchmark parses its own options (it runs on a CUDA machine beside fla-core).
-    kernels = suites.add_parser("kernels", add_help=False, help="KDA kernels on a CUDA GPU beside fla-core "
-                                "(pass --help for its options)")
+    suites.add_parser("kernels", add_help=False, help="KDA kernels on a CUDA GPU beside fla-core "
+                      "(pass --help for its options)")
     from kimi_desk.engine import bench_model
 
     model = suites.add_parser("model", help="the model at the 48B shapes on a CUDA GPU beside transformers + fla",

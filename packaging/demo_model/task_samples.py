@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from retrieval_samples import ALL_FACT_KINDS, RetrievalSampleBuilder
 
 from kimi_desk.engine.chat import (DEFAULT_SYSTEM_PROMPT, IM_END, chat_token_ids, document_head_ids, document_text,
-                                   next_turn_token_ids, question_ids)
+                                   question_ids)
 from kimi_desk.engine.ingest.listing import reading_order_key
 from kimi_desk.engine.ingest.render import render_folder_preamble
 

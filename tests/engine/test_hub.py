@@ -4,7 +4,6 @@ memory check."""
 
 import hashlib
 import json
-import os
 import socket
 import time
 from pathlib import Path
