@@ -16,7 +16,6 @@ RAM (int4, bf16, fp32): logits of a prefill (streamed experts) and of decode ste
 
 from __future__ import annotations
 
-import gc
 import resource
 import tempfile
 import time
@@ -146,8 +145,6 @@ def time_budget(config, budget_text: str, quantize: str | None, prefill_tokens: 
     row["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     del model
-    # Before the next budget's model: whatever cycles are left, collected now, not when Python gets to it.
-    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1.0)
     return row

@@ -80,6 +80,8 @@ class OffloadedExperts(nn.Module):
         Experts = _experts_class()
         self.num_experts = num_experts
         self.gpu_ids, self.ram_ids = list(gpu_ids), list(ram_ids)
+        self._gpu_rows = {e: i for i, e in enumerate(self.gpu_ids)}
+        self._ram_rows = {e: i for i, e in enumerate(self.ram_ids)}
         self.on_gpu = Experts(len(self.gpu_ids), dim, hidden)
         self.in_ram = Experts(len(self.ram_ids), dim, hidden)
         # Both halves keep kernels/quant's layout through prepare_for_cpu: the RAM half takes the CPU
@@ -92,14 +94,6 @@ class OffloadedExperts(nn.Module):
         if expert in self._gpu_rows:
             return "on_gpu", self._gpu_rows[expert]
         return "in_ram", self._ram_rows[expert]
-
-    @property
-    def _gpu_rows(self):
-        return {e: i for i, e in enumerate(self.gpu_ids)}
-
-    @property
-    def _ram_rows(self):
-        return {e: i for i, e in enumerate(self.ram_ids)}
 
     def finish(self, device: torch.device, runtime: "OffloadRuntime") -> None:
         """After loading: the id maps on `device` (-1 for the other side's experts), the RAM half in its
