@@ -32,8 +32,8 @@ class PullProgress(ProgressLine):
         files = f"{p.files_done}/{p.files_total} file{'' if p.files_total == 1 else 's'}"
         sizes = f"{formatting.nbytes(p.bytes_done)}/{formatting.nbytes(p.bytes_total)}"
         self.show(f"pulling {p.repo_id}", p.bytes_done / max(p.bytes_total, 1),
-                  f"{sizes}  {files}  {formatting.nbytes(rate)}/s  {formatting.clock(left)} left  {p.current_file}",
-                  f"{sizes}, {files}, {formatting.nbytes(rate)}/s, {formatting.clock(left)} left ({p.current_file})",
+                  f"{sizes}  {files}  {formatting.nbytes(rate)}/s  {formatting.clock(left)} left  {formatting.printable(p.current_file)}",
+                  f"{sizes}, {files}, {formatting.nbytes(rate)}/s, {formatting.clock(left)} left ({formatting.printable(p.current_file)})",
                   finished=p.bytes_done >= p.bytes_total and p.files_done >= p.files_total)
 
 
