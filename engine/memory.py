@@ -5,9 +5,9 @@
     quantize, why = fitting_format(config, "cuda", "auto")        # the best format that fits, and why
 
 Weights are counted parameter by parameter with engine/quantize.py's rule, so the estimate follows the
-formats exactly; the working set is the KDA state (and the copy a chat turn branches from), an MLA
-cache allowance for the context (doubled: the cache grows geometrically), one prefill chunk's
-activations, and the runtime. On a GPU the budget is the card's free memory; on the CPU, MemAvailable
+formats exactly; the working set is the KDA state (and the copy a chat turn branches from), the MLA
+cache for the context (sessions size it once for the document and its thread, so it never grows
+geometrically), one prefill chunk's activations, and the runtime. On a GPU the budget is the card's free memory; on the CPU, MemAvailable
 lowered to the container's limit.
 """
 
@@ -85,7 +85,7 @@ def estimate_memory(config: KimiLinearConfig, dtype, quantize: str | None = None
                               + 3 * projection * (config.short_conv_kernel_size - 1) * compute_bytes) * 2
     if context_tokens is None:
         context_tokens = min(config.model_max_length, DEFAULT_CONTEXT_TOKENS)
-    mla_cache = mla_layers * context_tokens * config.mla_latent_size * compute_bytes * 2
+    mla_cache = mla_layers * context_tokens * config.mla_latent_size * compute_bytes
     # fp32 intermediates of one prefill chunk: a few dozen vectors of the widest layer per token, plus
     # the routed experts' and the dense MLP's hidden activations. A rough allowance, not a measurement.
     widest = max(config.hidden_size, projection)
