@@ -5,7 +5,9 @@ the benchmark need a llama.cpp build; their results are in packaging/bench/llama
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,19 @@ def test_bench_summary_splits_prefill_and_decode():
     assert b["prefill"][0]["tok_s"] == 7.0 and b["decode"] == []
     assert result["llama_cpp"]["threads"] == 2 and result["llama_cpp"]["load_before"] == 1.0
     assert "| a.gguf | tg64 | 2048 |" in bench.table(result)
+
+
+def test_gpu_memory_peak_is_the_highest_reading_over_the_one_before(tmp_path, monkeypatch):
+    # A stand-in nvidia-smi that reports 1,000 MiB, then 5,000 + 3,000 on two GPUs, then 1,500.
+    readings = tmp_path / "readings"
+    readings.write_text("1000\n5000 3000\n1500\n")
+    script = tmp_path / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\nline=$(head -n 1 {readings})\n"
+                      f"[ $(wc -l < {readings}) -gt 1 ] && sed -i 1d {readings}\n"
+                      "for x in $line; do echo $x; done\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with bench.GpuMemoryPeak(period_s=0.01) as memory:
+        time.sleep(0.3)
+    assert memory.baseline_mib == 1000
+    assert memory.peak_mib == 8000

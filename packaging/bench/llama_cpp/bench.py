@@ -2,7 +2,7 @@
 
     python packaging/bench/llama_cpp/bench.py MODEL.gguf [MODEL.gguf ...] [--llama-cpp DIR] [--threads 2]
         [--prompt 512,2048] [--prompt-depth 0] [--gen 64] [--gen-depth 0,2048] [--reps 5] [--ngl 99]
-        [--out results.json] [-- EXTRA llama-bench ARGS]
+        [--out results.json] [--gpu-memory-peak] [-- EXTRA llama-bench ARGS]
 
 Two llama-bench runs per call (JSON output, parsed here): prefill of each --prompt length after each
 --prompt-depth tokens already in the context, and decode of --gen tokens after each --gen-depth tokens
@@ -12,7 +12,10 @@ and standard deviation of tokens/s over --reps repetitions, after a warm-up run.
 Output (stdout, and --out when given): {"llama_cpp": {build, cpu, gpu, backends, threads, ...},
 "models": [{"file", "type", "size_bytes", "params", "prefill": [{"tokens", "depth", "tok_s", "tok_s_std",
 "tok_s_median", "tok_s_max", "ms"}], "decode": [...]}]}. The info also holds the 1-minute load average
-before and after: on a shared machine the figures are only as good as its idle cores. kimi-desk's own
+before and after: on a shared machine the figures are only as good as its idle cores. --gpu-memory-peak
+samples nvidia-smi's memory.used every 100 ms while llama-bench runs and adds the peak over the reading
+before it (`gpu_memory_peak_mib`): llama.cpp has no memory cap, so this is how a run shows that its
+`-ngl` / `--n-cpu-moe` choice stayed within a budget. kimi-desk's own
 benchmark runs this as a subprocess and puts the figures beside its own (measurement code under
 packaging/bench/ is never imported by the product).
 """
@@ -20,11 +23,13 @@ packaging/bench/ is never imported by the product).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
@@ -49,6 +54,36 @@ def run_llama_bench(binary: Path, models: list[Path], threads: int, prompt: list
     if proc.returncode != 0:
         raise SystemExit(f"llama-bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout)
+
+
+class GpuMemoryPeak:
+    """The highest memory.used (MiB, all GPUs summed) nvidia-smi reports while the block runs, minus the
+    reading before it."""
+
+    def __init__(self, period_s: float = 0.1):
+        self.period_s, self.peak_mib, self.baseline_mib = period_s, 0, 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def used_mib() -> int:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True).stdout
+        return sum(int(x) for x in out.split())
+
+    def _sample(self):
+        while not self._stop.wait(self.period_s):
+            self.peak_mib = max(self.peak_mib, self.used_mib())
+
+    def __enter__(self):
+        self.baseline_mib = self.peak_mib = self.used_mib()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self.used_mib())
 
 
 def summarize(records: list[dict], threads: int, extra_info: dict | None = None) -> dict:
@@ -107,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=5, help="repetitions per test (llama-bench -r)")
     parser.add_argument("--ngl", type=int, default=99, help="layers on the GPU (no effect in a CPU build)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--gpu-memory-peak", action="store_true", help="sample nvidia-smi's memory.used")
     args = parser.parse_args(argv)
 
     binary = args.llama_cpp / "bin" / "llama-bench"
@@ -120,12 +156,16 @@ def main(argv: list[str] | None = None) -> dict:
     info = {"source": dict(line.split(": ", 1) for line in lines if ": " in line),
             "load_before": os.getloadavg()[0]}
     records: list[dict] = []
-    if args.prompt:
-        records += run_llama_bench(binary, args.models, args.threads, args.prompt, [], args.prompt_depth,
-                                   args.reps, args.ngl, extra)
-    if args.gen:
-        records += run_llama_bench(binary, args.models, args.threads, [], args.gen, args.gen_depth,
-                                   args.reps, args.ngl, extra)
+    with GpuMemoryPeak() if args.gpu_memory_peak else contextlib.nullcontext() as memory:
+        if args.prompt:
+            records += run_llama_bench(binary, args.models, args.threads, args.prompt, [], args.prompt_depth,
+                                       args.reps, args.ngl, extra)
+        if args.gen:
+            records += run_llama_bench(binary, args.models, args.threads, [], args.gen, args.gen_depth,
+                                       args.reps, args.ngl, extra)
+    if memory is not None:
+        info["gpu_memory_peak_mib"] = memory.peak_mib - memory.baseline_mib
+    info["extra_args"] = extra
     info["load_after"] = os.getloadavg()[0]
     result = summarize(records, args.threads, info)
     text = json.dumps(result, indent=2)

@@ -11,9 +11,11 @@
 #       Q4_K_M deepened to the 48B model's 27 layers (deepen_gguf.py)
 #   packaging/bench/llama_cpp/gpu_same_run.sh budget OUT    # after deep: ours at 27 layers in int4 under
 #       each GPU budget of BUDGETS (24GiB,16GiB), then llama-bench on the 27-layer Q4_K_M with the routed
-#       experts of the first N layers in RAM for each N of NCMOE (its -ncmoe; llama.cpp has no memory cap)
-# Work files go to .bench/ (ignored by git). LAYERS (default 4), REPS (3), DEPTHS (8192,131072) and
-# SOURCE (default .bench/llama.cpp-src.tar.xz, made by the llama-cpp-source tool) can be set.
+#       experts of the first N layers in RAM, one run for each N of NCMOE (its -ncmoe; default 6,14), each run's peak
+#       GPU memory sampled (llama.cpp has no memory cap: the peak shows which N fits which budget)
+# Work files go to .bench/ (ignored by git). LAYERS (default 4), REPS (3), DEPTHS (8192,131072), QUANTS
+# (Q8_0,Q4_K_M), UBATCH (llama.cpp's -ub in the budget runs, 2048) and SOURCE (default
+# .bench/llama.cpp-src.tar.xz, made by the llama-cpp-source tool) can be set.
 # Ours builds its own random weights at the same shapes in memory (`kimi-desk bench model --layers`):
 # the speed of a layer does not depend on its values, and random routers spread tokens over the experts
 # in both engines alike.
@@ -41,7 +43,7 @@ prepare)
   echo "bf16 GGUF: $(( $(date +%s) - t0 )) s"
   wait $build || { tail -30 "$out/build.log"; exit 1; }
   echo "build: done at $(( $(date +%s) - t0 )) s"
-  python3 "$here/convert.py" "$ckpt" "$gguf" --llama-cpp "$llama" --skip-convert --quantize Q8_0,Q4_K_M \
+  python3 "$here/convert.py" "$ckpt" "$gguf" --llama-cpp "$llama" --skip-convert --quantize "${QUANTS:-Q8_0,Q4_K_M}" \
     > "$out/quantize.log" 2>&1
   ls -la "$work/gguf" | tee "$out/gguf.txt"
   echo "prepare: $(( $(date +%s) - t0 )) s"
@@ -62,12 +64,16 @@ deep)
 budget)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
   python3 -m kimi_desk.app.cli bench model --layers 27 --quantize int4 --gpu-memory "${BUDGETS:-24GiB,16GiB}" \
-    --contexts "$depths" --prefill-tokens 32768 --read-tokens 131072,1048576 --json "$out/ours-budget.json" \
-    > "$out/ours-budget.log" 2>&1
+    --contexts "$depths" --prefill-tokens 32768 --read-tokens "${READS:-131072}" --json "$out/ours-budget.json" \
+    > "$out/ours-budget.log" 2>&1 || echo "ours: exit $? (see ours-budget.log)"
   tail -40 "$out/ours-budget.log"
-  python3 "$here/bench.py" "$work/gguf/r48-27-Q4_K_M.gguf" --llama-cpp "$llama" --threads "$(nproc)" \
-    --prompt 8192 --gen 64 --gen-depth "$depths" --reps "$reps" --out "$out/llama-budget.json" \
-    -- -ncmoe "${NCMOE:-0,8,14}" 2>&1 | tee "$out/llama-budget.log" | tail -20
+  ncmoe=${NCMOE:-6,14}
+  for n in ${ncmoe//,/ }; do
+    python3 "$here/bench.py" "$work/gguf/r48-27-Q4_K_M.gguf" --llama-cpp "$llama" --threads "$(nproc)" \
+      --prompt 8192 --gen 64 --gen-depth "$depths" --reps "$reps" --gpu-memory-peak \
+      --out "$out/llama-ncmoe-$n.json" -- -ncmoe "$n" -ub "${UBATCH:-2048}" 2>&1 | tee "$out/llama-ncmoe-$n.log" | tail -8 || true
+    grep -o '"gpu_memory_peak_mib": [0-9]*' "$out/llama-ncmoe-$n.json" || true
+  done
   ;;
 *) echo "gpu_same_run.sh: unknown phase $phase" >&2; exit 2 ;;
 esac
