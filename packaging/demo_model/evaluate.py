@@ -13,7 +13,9 @@
    until <|im_end|>; a trial counts when the reply contains the fact's value. Once with the fact alone
    and once with 3 distractor facts of the same kind about other keys.
 3. Code questions on held-out code folders at --code-lengths (default 8k, 32k): which file defines X,
-   what a setting or argument defaults to, where the function that does Z is (task_samples.py).
+   what a setting or argument defaults to, where the function that does Z is (task_samples.py), with
+   the names and literals asked about made up for the sample, so that only the folder can answer
+   (--original-names: the files as they are).
 4. Two-turn follow-ups (a question, the model's own reply kept in the state, then a question about
    that answer), and README's two questions on `kimi-desk open README.md`'s document.
 Writes eval.json, eval.md (the tables for the model card) and replies.jsonl (every trial's replies) in
@@ -285,6 +287,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--followup-trials", type=int, default=None, help="default 10 (--quick: 4)")
     parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[2] / "README.md")
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--original-names", action="store_true",
+                        help="ask the code questions about the held-out files as they are, without fresh names, "
+                             "literals and paths")
+    parser.add_argument("--token-cache", type=Path, default=None,
+                        help="where the held-out split's ids are cached (default: <corpus>/tokens)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else None)
     model = load_model(args.model, device=args.device, dtype=getattr(torch, dtype_name) if dtype_name else None)
     tokenizer = load_tokenizer(args.model)
-    heldout = tokenize_split(args.corpus, tokenizer, "heldout")
+    heldout = tokenize_split(args.corpus, tokenizer, "heldout", cache_dir=args.token_cache)
     stream = heldout.lm_stream(tokenizer.special_tokens["[EOS]"])
     began = time.perf_counter()
     results = {"model": str(args.model), "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
                                                args.token_by_token)
     print(json.dumps(results["perplexity"], indent=2))
     save()
-    builder = TaskSampleBuilder(heldout, tokenizer)
+    builder = TaskSampleBuilder(heldout, tokenizer, fresh_names=not args.original_names)
     if args.readme.is_file():
         results["readme"] = readme_table(model, tokenizer, args.readme, args.prefill_chunk, args.max_new_tokens)
     lengths = [int(n) for n in args.lengths.split(",")]

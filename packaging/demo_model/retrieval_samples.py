@@ -26,12 +26,22 @@ from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, IM_END, document_head_i
 from kimi_desk.engine.ingest.listing import reading_order_key
 from kimi_desk.engine.ingest.render import render_file_block, render_folder_preamble
 
+# Keys, names and made-up words are drawn from spaces far larger than the facts a run plants (tens of
+# thousands), so that a key and its value are never seen together twice: a value can only be read.
 _SYLLABLES = ("ka", "lo", "mi", "ren", "ta", "vo", "zu", "shi", "bar", "nel", "qui", "dor", "fen", "gal",
-              "hu", "jin", "kor", "lum", "mar", "nox", "pra", "sel", "tir", "ul", "vex", "wyn", "yor", "zen")
+              "hu", "jin", "kor", "lum", "mar", "nox", "pra", "sel", "tir", "ul", "vex", "wyn", "yor", "zen",
+              "bri", "cas", "del", "esk", "fio", "gro", "hal", "ith", "jum", "kel", "lor", "mun", "nim", "oth",
+              "pel", "rav", "sun", "tob", "ury", "vin", "wal", "xan", "yel", "zor", "ab", "eb", "ob", "ag")
 _FIRST_NAMES = ("Mira", "Tomas", "Aiko", "Kwame", "Lena", "Ravi", "Sofia", "Jonas", "Ines", "Omar",
-                "Hana", "Piotr", "Zara", "Mateo", "Yuki", "Nadia", "Elias", "Chen", "Amara", "Felix")
+                "Hana", "Piotr", "Zara", "Mateo", "Yuki", "Nadia", "Elias", "Chen", "Amara", "Felix",
+                "Aino", "Bruno", "Carmen", "Dmitri", "Esra", "Farid", "Greta", "Hugo", "Ilse", "Jamal",
+                "Keiko", "Lars", "Maya", "Nils", "Olga", "Pablo", "Quinn", "Rosa", "Sven", "Tariq",
+                "Ugo", "Vera", "Wen", "Ximena", "Yara", "Zoltan", "Anil", "Bea", "Cyril", "Dalia")
 _LAST_NAMES = ("Okafor", "Lindqvist", "Tanaka", "Moreau", "Novak", "Haddad", "Petrov", "Silva",
-               "Kowalski", "Nguyen", "Fischer", "Mensah", "Rossi", "Kaur", "Duarte", "Ivanova")
+               "Kowalski", "Nguyen", "Fischer", "Mensah", "Rossi", "Kaur", "Duarte", "Ivanova",
+               "Abara", "Berg", "Castillo", "Dvorak", "Eriksen", "Fujita", "Garcia", "Horvat", "Ito",
+               "Jensen", "Kim", "Larsen", "Mbeki", "Nakamura", "Oliveira", "Park", "Quispe", "Rahman",
+               "Sato", "Toth", "Urban", "Varga", "Weber", "Yilmaz", "Zhou", "Adler", "Bauer", "Costa")
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December")
 _COMMENT_PREFIX = {".py": "# ", ".sh": "# ", ".toml": "# ", ".yaml": "# ", ".yml": "# ", ".rb": "# ",
@@ -50,7 +60,18 @@ class Fact:
 
 
 def random_key(rng: random.Random) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+    """A made-up word of 3 or 4 syllables (about 10 M of them)."""
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(3, 4)))
+
+
+def random_surname(rng: random.Random) -> str:
+    """A real surname or, half the time, a made-up one."""
+    return rng.choice(_LAST_NAMES) if rng.random() < 0.5 else random_key(rng).capitalize()
+
+
+def random_tool(rng: random.Random) -> str:
+    """A command-line tool's name: one made-up word, or two joined by a hyphen (as kimi-desk)."""
+    return random_key(rng) if rng.random() < 0.5 else f"{random_key(rng)}-{random_key(rng)}"
 
 
 def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
@@ -64,21 +85,22 @@ def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
         statement = f"The access code for the {key} vault is {value}."
         return Fact(kind, key, value, statement, f"What is the access code for the {key} vault?", statement)
     if kind == "maintainer":
-        value = f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"
+        value = f"{rng.choice(_FIRST_NAMES)} {random_surname(rng)}"
         statement = f"The {key} module is maintained by {value}."
         return Fact(kind, key, value, statement, f"Who maintains the {key} module?", statement)
     if kind == "date":
-        value = f"{rng.choice(_MONTHS)} {rng.randint(1, 28)}, {rng.randint(2026, 2040)}"
+        value = f"{rng.choice(_MONTHS)} {rng.randint(1, 28)}, {rng.randint(1990, 2069)}"
         statement = f"Project {key} launches on {value}."
         return Fact(kind, key, value, statement, f"When does project {key} launch?", statement)
     if kind == "setting":
-        value = str(rng.choice((rng.randint(2, 99), rng.randint(100, 9999))))
+        value = str(rng.choice((rng.randint(2, 99), rng.randint(100, 9999), rng.randint(10000, 999999))))
         statement = f"The {key}_limit setting must be set to {value}."
         return Fact(kind, key, value, statement, f"What must the {key}_limit setting be set to?", statement)
     if kind == "command":
         # key: "tool|action|noun"; the README's kind of line ("kimi-desk sessions list" lists the sessions).
+        # The subcommand's verb is one of several for the action: the question does not give it away.
         tool, action, noun = key.split("|")
-        value = f"{tool} {noun} {_ACTIONS[action][0]}"
+        value = f"{tool} {noun} {rng.choice(_ACTIONS[action][0])}"
         statement = rng.choice((f"`{value}` {action} the saved {noun}.",
                                 f"Run `{value}` to {_ACTIONS[action][1]} the saved {noun}.",
                                 f"The command `{value}` {action} the saved {noun}."))
@@ -88,7 +110,8 @@ def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
         # key: "TOOL|thing"; the README's kind of line (KIMI_DESK_KERNELS=torch forces the PyTorch kernels).
         tool, thing = key.split("|")
         value = f"{tool}_{rng.choice(_VARIABLE_WORDS)}"
-        setting = rng.choice(("torch", "1", "cpu", "plain", "0", "safe", "eager", "on"))
+        setting = rng.choice(("torch", "1", "cpu", "plain", "0", "safe", "eager", "on", "yes", "off", "strict",
+                              "fast", "2", "auto", random_key(rng)))
         statement = rng.choice((f"`{value}={setting}` forces the {thing}.",
                                 f"Set {value}={setting} to force the {thing}.",
                                 f"Environment: `{value}={setting}` forces the {thing} everywhere."))
@@ -102,16 +125,44 @@ def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
 FACT_KINDS = ("port", "code", "maintainer", "date", "setting")
 DOC_FACT_KINDS = ("command", "variable")
 ALL_FACT_KINDS = FACT_KINDS + DOC_FACT_KINDS
-# action: (the command's verb, the infinitive)
-_ACTIONS = {"lists": ("list", "list"), "deletes": ("rm", "delete"), "exports": ("export", "export"),
-            "imports": ("import", "import"), "shows": ("show", "show"), "renames": ("rename", "rename"),
-            "archives": ("archive", "archive"), "restores": ("restore", "restore"), "checks": ("check", "check")}
+# action: (the subcommand's verbs, the infinitive)
+_ACTIONS = {"lists": (("list", "ls", "all", "index"), "list"), "deletes": (("rm", "delete", "remove", "drop"), "delete"),
+            "exports": (("export", "dump", "out"), "export"), "imports": (("import", "load", "in"), "import"),
+            "shows": (("show", "info", "view", "cat"), "show"), "renames": (("rename", "mv", "move"), "rename"),
+            "archives": (("archive", "pack", "stash"), "archive"), "restores": (("restore", "unpack", "revert"), "restore"),
+            "checks": (("check", "verify", "lint", "test"), "check"), "prunes": (("prune", "gc", "clean"), "prune"),
+            "syncs": (("sync", "push", "mirror"), "sync"), "locks": (("lock", "freeze", "pin"), "lock")}
 _NOUNS = ("sessions", "snapshots", "models", "caches", "bookmarks", "jobs", "profiles", "plugins", "workspaces",
-          "notes", "reports", "backups")
+          "notes", "reports", "backups", "queries", "layouts", "keys", "themes", "recordings", "indexes", "drafts",
+          "answers", "folders", "tags", "filters", "logs")
 _THINGS = ("PyTorch kernels", "CPU path", "debug log", "offline mode", "plain renderer", "safe loader",
-           "legacy parser", "single thread", "compact output", "slow decoder", "fp32 weights", "eager mode")
+           "legacy parser", "single thread", "compact output", "slow decoder", "fp32 weights", "eager mode",
+           "Triton kernels", "GPU path", "verbose log", "dry run", "colour output", "strict checks", "old tokenizer",
+           "slow path", "bf16 weights", "lazy loading", "proxy mode", "local cache")
 _VARIABLE_WORDS = ("KERNELS", "BACKEND", "DEVICE", "MODE", "DEBUG", "OFFLINE", "THREADS", "RENDER", "LOADER",
-                   "PARSER", "DTYPE", "EAGER", "PLAIN", "SAFE", "CUDA_GRAPH", "CACHE")
+                   "PARSER", "DTYPE", "EAGER", "PLAIN", "SAFE", "CUDA_GRAPH", "CACHE", "PATH", "HOME", "LEVEL",
+                   "FORCE", "ENGINE", "PROFILE", "TRACE", "STRICT", "COLOR", "LOG", "WORKERS", "IMPL", "FLAGS",
+                   "RUNTIME", "TARGET", "ARCH", "OUTPUT", "CONFIG", "DRIVER", "POLICY")
+
+
+def space_sizes() -> dict:
+    """How many keys each fact kind can draw, and how many values for one key (for the documentation kinds:
+    also how many are left once the question's words are known)."""
+    keys = sum(len(_SYLLABLES) ** n for n in (3, 4))
+    tools = keys + keys * keys
+    surnames = len(_LAST_NAMES) + keys
+    verbs = sum(len(verbs) for verbs, _ in _ACTIONS.values()) / len(_ACTIONS)
+    return {
+        "port": {"keys": keys, "values": 65535 - 1024 + 1},
+        "code": {"keys": keys, "values": 24 ** 3 * 9000},
+        "maintainer": {"keys": keys, "values": len(_FIRST_NAMES) * surnames},
+        "date": {"keys": keys, "values": 12 * 28 * 80},
+        "setting": {"keys": keys, "values": 98 + 9900 + 990000},
+        "command": {"keys": tools * len(_ACTIONS) * len(_NOUNS), "values": tools * verbs,
+                    "values_given_the_question": tools * verbs},
+        "variable": {"keys": tools * len(_THINGS), "values": tools * len(_VARIABLE_WORDS),
+                     "values_given_the_tool": len(_VARIABLE_WORDS)},
+    }
 
 
 def fact_keys(kind: str, count: int, rng: random.Random) -> list[str]:
@@ -119,11 +170,11 @@ def fact_keys(kind: str, count: int, rng: random.Random) -> list[str]:
     kinds share one tool among them, so only the asked action or thing tells them apart."""
     keys: set[str] = set()
     if kind == "command":
-        tool = random_key(rng)
+        tool = random_tool(rng)
         while len(keys) < count:
             keys.add(f"{tool}|{rng.choice(sorted(_ACTIONS))}|{rng.choice(_NOUNS)}")
     elif kind == "variable":
-        tool = random_key(rng).upper()
+        tool = random_tool(rng).upper().replace("-", "_")
         while len(keys) < count:
             keys.add(f"{tool}|{rng.choice(_THINGS)}")
     else:

@@ -16,7 +16,16 @@ user of the product asks about them:
     followup         one of the above, then a second user turn that refers to the first answer
                      ("Which file says so?", "What else does that file define?")
 
-The code questions read real files of the corpus (code sources only, so a folder reads as one project).
+The code questions read real files of the corpus (code sources only, so a folder reads as one project),
+but the model has read those files in training too, so a question about them could be answered from the
+weights. So each code sample is disguised (`fresh_names`, on by default, in training and evaluation
+alike): the names the questions ask about and answer with are renamed, consistently in every file of
+the folder, to made-up names of the same style (`connect` -> `velmor_dast`, `MAX_SIZE` -> `KORVEL_TIM`);
+the literal a default question asks for is replaced by a fresh one of its kind; and the folder's files
+sit under a made-up directory (`vexlor/django/db/models/...`). Every answer is then a string that
+occurs nowhere in the training corpus, only in the sample's own document (memorisation_check.py
+measures it). The reading format stays ingest's: `render_folder_preamble`, then `render_file_block`
+per file in reading order.
 Each sample marks its replies (`answer_spans`): training takes the loss on them only. Each turn says
 what a reply must contain to count (`expected`, `any_of`): evaluation generates and checks.
 """
@@ -27,12 +36,12 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from retrieval_samples import ALL_FACT_KINDS, RetrievalSampleBuilder
+from retrieval_samples import _SYLLABLES, ALL_FACT_KINDS, RetrievalSampleBuilder, _File
 
 from kimi_desk.engine.chat import (DEFAULT_SYSTEM_PROMPT, IM_END, chat_token_ids, document_head_ids, document_text,
                                    question_ids)
 from kimi_desk.engine.ingest.listing import reading_order_key
-from kimi_desk.engine.ingest.render import render_folder_preamble
+from kimi_desk.engine.ingest.render import render_file_block, render_folder_preamble
 
 CODE_SOURCES = ("cpython-stdlib", "django", "twisted", "sqlalchemy")
 TASKS = ("needle", "which_file", "where_function", "setting_default", "followup")
@@ -55,6 +64,93 @@ Find Load Save Open Close Handle Run Call Send Start Stop Update Generate Print 
 Initialize Register Yield Extract Encode Decode Connect Clean Reset Wrap Raise Emit Process Fetch Render Resolve
 Determine Construct Install Insert Delete Append Copy Move Retrieve Translate Normalize List Show Compare Split
 Join Sort Count Wait Accept Reject Release Acquire Lookup Serialize Deserialize Quote Unquote Strip""".split())
+
+
+_CAMEL_PART = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z0-9]+")
+
+
+def _name_parts(name: str) -> list[str]:
+    return [p for chunk in name.strip("_").split("_") for p in _CAMEL_PART.findall(chunk)] or [name]
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+
+
+def fresh_name(like: str, rng: random.Random, avoid: str = "") -> str:
+    """A made-up identifier in the style of `like` (CamelCase, mixedCase, snake_case, UPPER_CASE, leading
+    underscores kept), two made-up words, sometimes ending in `like`'s last word (`FindFailureTests`
+    -> `VormelTisaTests`); never a word of `avoid`."""
+    parts = _name_parts(like)
+    for _ in range(100):
+        words = [_word(rng) for _ in range(2)]
+        if len(parts) > 1 and rng.random() < 0.4:
+            words[-1] = parts[-1].lower()
+        if like.isupper() or (like.strip("_").replace("_", "").isupper() and len(like.strip("_")) > 1):
+            name = "_".join(w.upper() for w in words)
+        elif like.strip("_")[:1].isupper():
+            name = "".join(w.capitalize() for w in words)
+        elif "_" not in like.strip("_") and any(c.isupper() for c in like):
+            name = words[0] + "".join(w.capitalize() for w in words[1:])
+        else:
+            name = "_".join(words)
+        name = like[: len(like) - len(like.lstrip("_"))] + name
+        if not re.search(rf"\b{re.escape(name)}\b", avoid):
+            return name
+    raise NoQuestion("no fresh name")
+
+
+def fresh_literal(value: str, rng: random.Random) -> str:
+    """Another literal of `value`'s kind (an int of about its size, a float, a string in the same quotes; True
+    and False drawn anew, None kept)."""
+    if value in ("True", "False"):
+        return rng.choice(("True", "False"))
+    if value == "None":
+        return value
+    if value[:1] in "'\"":
+        quote = value[0]
+        words = [_word(rng) for _ in range(rng.randint(1, 2))]
+        return quote + rng.choice(("_", "-", " ", ".")).join(words)[:22] + quote
+    sign = "-" if value.startswith("-") else ""
+    digits = value.lstrip("-")
+    if "." in digits:
+        whole, fraction = digits.split(".")
+        new = f"{rng.randint(0, 10 ** len(whole) - 1)}.{rng.randint(0, 10 ** len(fraction) - 1):0{len(fraction)}d}"
+    else:
+        width = max(1, min(len(digits) + rng.choice((0, 0, 1)), 7))
+        new = str(rng.randint(0 if width == 1 else 10 ** (width - 1), 10 ** width - 1))
+    if sign + new == value:
+        return fresh_literal(value, rng)
+    return sign + new
+
+
+def fresh_prefix(rng: random.Random) -> str:
+    """A made-up folder (or two) the sample's files are put under."""
+    return "/".join(_word(rng) for _ in range(rng.randint(1, 2)))
+
+
+@dataclass
+class Disguise:
+    """How a code sample's folder is changed: names renamed in every file, exact edits in one file, every
+    path under a prefix."""
+    renames: dict[str, str] = field(default_factory=dict)
+    edits: list[tuple[str, int, str, str]] = field(default_factory=list)  # (path, offset, old text, new text)
+    prefix: str = ""
+
+    def path(self, path: str) -> str:
+        return f"{self.prefix}/{path}" if self.prefix else path
+
+    def text(self, path: str, text: str) -> str:
+        for where, at, old, new in sorted(self.edits, reverse=True):
+            if where == path:
+                if text[at : at + len(old)] != old:
+                    raise AssertionError(f"{old!r} is not at {at} in {path}")
+                text = text[:at] + new + text[at + len(old) :]
+        if self.renames:
+            pattern = re.compile(r"\b(" + "|".join(re.escape(n) for n in sorted(self.renames, key=len, reverse=True))
+                                 + r")\b")
+            text = pattern.sub(lambda m: self.renames[m.group(1)], text)
+        return text
 
 
 class NoQuestion(Exception):
@@ -113,11 +209,13 @@ def third_person(verb: str) -> str:
 class TaskSampleBuilder:
     """Task samples of at most a given number of tokens, from a tokenized corpus split."""
 
-    def __init__(self, split, tokenizer, mix: dict[str, float] | None = None):
+    def __init__(self, split, tokenizer, mix: dict[str, float] | None = None, fresh_names: bool = True,
+                 code_sources: tuple[str, ...] = CODE_SOURCES):
         self.tokenizer = tokenizer
+        self.fresh_names = fresh_names  # disguise the code samples (module docstring); off: the files as they are
         self.im_end = tokenizer.special_tokens[IM_END]
         self.needles = RetrievalSampleBuilder(split, tokenizer)
-        code = [s for s in CODE_SOURCES if s in set(split.document_sources)]
+        code = [s for s in code_sources if s in set(split.document_sources)]
         self.code = RetrievalSampleBuilder(split, tokenizer, code) if code else None
         self.mix = dict(mix or DEFAULT_MIX)
 
@@ -147,7 +245,8 @@ class TaskSampleBuilder:
 
     def _folder(self, builder: RetrievalSampleBuilder, total: int, reserve: int, rng: random.Random, system,
                 make_turns, task: str) -> TaskSample:
-        """A folder of real files filling `total` tokens with the turns `make_turns(files, bodies)` asks."""
+        """A folder of real files filling `total` tokens with the turns `make_turns(files, bodies, rng,
+        disguise)` asks; the turns' names and paths are the disguised ones, which the files get here."""
         head = document_head_ids(self.tokenizer, system)
         tree_share = 0
         for _ in range(8):
@@ -156,7 +255,11 @@ class TaskSampleBuilder:
             if not files:
                 raise NoQuestion("no file fits")
             bodies = {f.path: builder._block_text(f).split("\n", 1)[1] for f in files}
-            turns = make_turns(files, bodies, rng)
+            disguise = Disguise(prefix=fresh_prefix(rng)) if self.fresh_names else Disguise()
+            turns = make_turns(files, bodies, rng, disguise)
+            if disguise.prefix or disguise.renames or disguise.edits:
+                files = sorted((self._disguised(builder, f, bodies[f.path], disguise) for f in files),
+                               key=lambda f: reading_order_key(f.path))
             root = "workspace" if multi_source else builder.source_roots[picked[0][0]]
             tree = render_folder_preamble(root, [f.path for f in files])
             blocks = [builder._block_ids(f) for f in files[:-1]]
@@ -164,9 +267,36 @@ class TaskSampleBuilder:
             document = self._encode(tree) + [i for block in blocks for i in block]
             sample = self._assemble(task, head, document, turns)
             if len(sample.input_ids) <= total:
+                sample.detail = {"root": root, "prefix": disguise.prefix, "renames": dict(disguise.renames),
+                                 "literals": [(old, new) for _, _, old, new in disguise.edits]}
                 return sample
             tree_share += len(sample.input_ids) - total + 16
         raise NoQuestion(f"cannot fit a {task} sample into {total} tokens")
+
+    def _disguised(self, builder: RetrievalSampleBuilder, file: _File, body: str, disguise: Disguise) -> _File:
+        """The file as the disguise has it: its path, its text (the block without the header line and the
+        closing blank line), and its block's ids. A file whose text is unchanged keeps its ids after the
+        header: the header ends with a newline and, when the text starts with a non-space character, no
+        pre-tokenizer piece runs across that boundary, so only the header is encoded anew."""
+        text = body[:-1]
+        new_text = disguise.text(file.path, text)
+        path = disguise.path(file.path)
+        block = render_file_block(path, new_text)
+        ids = None
+        if new_text == text and text[:1] and not text[:1].isspace():
+            old_ids = builder._block_ids(file)
+            old_header = self._encode(builder._block_text(file).split("\n", 1)[0] + "\n")
+            if old_ids[: len(old_header)] == old_header:
+                ids = self._encode(block.split("\n", 1)[0] + "\n") + old_ids[len(old_header) :]
+        return _File(path, None, block, ids)
+
+    def _rename(self, disguise: Disguise, names, everything: str, rng: random.Random) -> None:
+        """Fresh names for `names` (when disguising), none already a word of the folder or another new name."""
+        if not self.fresh_names:
+            return
+        for name in names:
+            if name not in disguise.renames:
+                disguise.renames[name] = fresh_name(name, rng, everything + " " + " ".join(disguise.renames.values()))
 
     # -- the tasks --------------------------------------------------------------------------------
 
@@ -191,22 +321,26 @@ class TaskSampleBuilder:
         return result
 
     def which_file(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT, followup: bool = False):
-        def make_turns(files, bodies, rng):
+        def make_turns(files, bodies, rng, disguise):
             defined = {path: _TOP_LEVEL_DEF.findall(body) for path, body in bodies.items() if path.endswith(".py")}
             everything = "\n".join(bodies.values())
-            candidates = sorted({(name, path) for path, names in defined.items() for name in names
-                                 if len(name) >= 4 and not name.startswith("_")
-                                 and len(re.findall(_ANY_DEF.format(re.escape(name)), everything)) == 1})
+            once = {name for names in defined.values() for name in names
+                    if len(name) >= 4 and not name.startswith("_")
+                    and len(re.findall(_ANY_DEF.format(re.escape(name)), everything)) == 1}
+            candidates = sorted((name, path) for path, names in defined.items() for name in names if name in once)
             if followup:
-                candidates = [(n, p) for n, p in candidates if len(set(defined[p]) - {n}) > 0]
+                candidates = [(n, p) for n, p in candidates if len(set(defined[p]) & once - {n}) > 0]
             if not candidates:
                 raise NoQuestion("no name defined once")
             name, path = rng.choice(candidates)
-            question = rng.choice((f"Which file defines {name}?", f"Where is {name} defined?",
-                                   f"In which file is `{name}` defined?"))
-            turns = [Turn(question, f"{name} is defined in {path}.", (path,))]
+            others = [n for n in dict.fromkeys(defined[path]) if n != name and n in once] if followup else []
+            self._rename(disguise, [name, *others], everything, rng)
+            new, where = disguise.renames.get(name, name), disguise.path(path)
+            question = rng.choice((f"Which file defines {new}?", f"Where is {new} defined?",
+                                   f"In which file is `{new}` defined?"))
+            turns = [Turn(question, f"{new} is defined in {where}.", (where,))]
             if followup:
-                others = [n for n in dict.fromkeys(defined[path]) if n != name]
+                others = [disguise.renames.get(n, n) for n in others]
                 turns.append(Turn(rng.choice(("What else does that file define?", "What else is defined there?")),
                                   f"It also defines {', '.join(others[:3])}.", (), tuple(others)))
             return turns
@@ -215,7 +349,7 @@ class TaskSampleBuilder:
                             "followup" if followup else "which_file")
 
     def where_function(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT):
-        def make_turns(files, bodies, rng):
+        def make_turns(files, bodies, rng, disguise):
             everything = "\n".join(bodies.values())
             candidates = []
             for path, body in bodies.items():
@@ -223,53 +357,77 @@ class TaskSampleBuilder:
                     line = re.sub(r"(\"\"\"|''')\s*$", "", line).strip()
                     words = line.split()
                     if (12 <= len(line) <= 90 and len(words) >= 3 and words[0].isalpha()
-                            and everything.count(line) == 1 and not name.startswith("__")):
+                            and everything.count(line) == 1 and not name.startswith("__")
+                            # renamed, the name must be one function's
+                            and (not self.fresh_names
+                                 or len(re.findall(_ANY_DEF.format(re.escape(name)), everything)) == 1)):
                         candidates.append((name, path, line))
             if not candidates:
                 raise NoQuestion("no documented function")
             name, path, line = rng.choice(sorted(candidates))
+            self._rename(disguise, [name], everything, rng)
+            line = disguise.text("", line)  # the docstring as the disguised file has it
+            new = disguise.renames.get(name, name)
             first, rest = line.split(" ", 1)
             rest = rest.rstrip(".")
             forms = [f'Which function says "{line}"?', f'Where is the function whose docstring says "{line}"?']
             if first in _IMPERATIVES:
                 forms.append(f"Where is the function that {third_person(first)} {rest}?")
             question = rng.choice(forms)
-            return [Turn(question, f"{name}, in {path}.", (name,))]
+            return [Turn(question, f"{new}, in {disguise.path(path)}.", (new,))]
 
         return self._folder(self._code_builder(), total, 128, rng, system, make_turns, "where_function")
 
     def setting_default(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT, followup: bool = False):
-        def make_turns(files, bodies, rng):
+        def make_turns(files, bodies, rng, disguise):
             everything = "\n".join(bodies.values())
-            candidates = []
+            candidates = []  # (value, path, kind, name, function, where the literal is in the file's text)
             for path, body in bodies.items():
                 if not path.endswith(".py"):
                     continue
-                for function, parameters in _SIGNATURE.findall(body):
+                for signature in _SIGNATURE.finditer(body):
+                    function, parameters = signature.groups()
                     if len(re.findall(_ANY_DEF.format(re.escape(function)), everything)) != 1:
                         continue
+                    offset = signature.start(2)
                     for parameter in parameters.split(","):
                         match = _PARAMETER.fullmatch(parameter)
                         if match and match.group(1) != "self":
-                            name, value = match.groups()
-                            candidates.append((value, path, rng.choice((
-                                f"What does the {name} argument of {function} default to?",
-                                f"What is the default value of {name} in {function}?")),
-                                f"{name} defaults to {value} in {function}."))
-                for name, value in _CONSTANT.findall(body):
+                            span = (offset + match.start(2), offset + match.end(2))
+                            candidates.append((match.group(2), path, "argument", match.group(1), function, span))
+                        offset += len(parameter) + 1
+                for constant in _CONSTANT.finditer(body):
+                    name, value = constant.groups()
                     if len(re.findall(rf"^\s*{re.escape(name)}\s*=", everything, re.M)) == 1:
-                        candidates.append((value, path, rng.choice((f"What is {name} set to?",
-                                                                    f"What value does the setting {name} have?")),
-                                           f"{name} is set to {value} in {path}."))
+                        candidates.append((value, path, "constant", name, "", constant.span(2)))
             if not candidates:
                 raise NoQuestion("no literal default")
             # Mostly values that cannot be guessed from the kind alone (None, True, False can).
             telling = [c for c in candidates if c[0] not in ("None", "True", "False")]
-            value, path, question, answer = rng.choice(sorted(telling if telling and rng.random() < 0.85 else candidates))
+            value, path, kind, name, function, (a, b) = rng.choice(
+                sorted(telling if telling and rng.random() < 0.85 else candidates))
+            if self.fresh_names:
+                # A fresh literal in the one place it is defined, and fresh names for what the question names
+                # (a dunder method keeps its name: the fresh literal is enough).
+                disguise.edits.append((path, a, value, fresh_literal(value, rng)))
+                value = disguise.edits[-1][3]
+                owner = name if kind == "constant" else function
+                if not (owner.startswith("__") and owner.endswith("__")):
+                    self._rename(disguise, [owner], everything, rng)
+            where = disguise.path(path)
+            if kind == "constant":
+                name = disguise.renames.get(name, name)
+                question = rng.choice((f"What is {name} set to?", f"What value does the setting {name} have?"))
+                answer = f"{name} is set to {value} in {where}."
+            else:
+                function = disguise.renames.get(function, function)
+                question = rng.choice((f"What does the {name} argument of {function} default to?",
+                                       f"What is the default value of {name} in {function}?"))
+                answer = f"{name} defaults to {value} in {function}."
             turns = [Turn(question, answer, (value,))]
             if followup:
                 turns.append(Turn(rng.choice(("Which file is that in?", "In which file is that?")),
-                                  f"It is in {path}.", (path,)))
+                                  f"It is in {where}.", (where,)))
             return turns
 
         return self._folder(self._code_builder(), total, 160 if followup else 96, rng, system, make_turns,

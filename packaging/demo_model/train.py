@@ -472,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="folder with tokenizer.json")
+    parser.add_argument("--token-cache", type=Path, default=None,
+                        help="where the corpus's ids are cached (default: <corpus>/tokens)")
     parser.add_argument("--out", type=Path, default=DEFAULT_RUN)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a 4-layer model, short contexts: a smoke run")
@@ -512,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-retrieval-samples", type=int, default=16)
     parser.add_argument("--kda-backend", choices=("auto", "torch", "fla"), default="auto")
     parser.add_argument("--loader-workers", type=int, default=None,
-                        help="processes building batches ahead (default: 2 on CUDA, none on the CPU)")
+                        help="processes building batches ahead (default: 4 on CUDA, none on the CPU)")
     parser.add_argument("--checkpoint-layers", action="store_true",
                         help="recompute each layer in the backward pass (less memory, about 30%% more time)")
     parser.add_argument("--max-shard-mb", type=int, default=None,
@@ -564,8 +566,8 @@ def run(args) -> dict:
     specials = tokenizer.special_tokens
     config = demo_config(model_vocab_size(tokenizer), specials["[BOS]"], specials["<|im_end|>"], specials["[PAD]"],
                          tiny=args.tiny)
-    train_split = tokenize_split(args.corpus, tokenizer, "train")
-    heldout_split = tokenize_split(args.corpus, tokenizer, "heldout")
+    train_split = tokenize_split(args.corpus, tokenizer, "train", cache_dir=args.token_cache)
+    heldout_split = tokenize_split(args.corpus, tokenizer, "heldout", cache_dir=args.token_cache)
     if heldout_split.num_documents == 0:
         raise SystemExit(f"{args.corpus}: the held-out split is empty; rebuild the corpus with a larger --heldout-fraction")
     separator = specials["[EOS]"]
@@ -603,7 +605,7 @@ def run(args) -> dict:
     train_builder = TaskSampleBuilder(train_split, tokenizer, mix)
     heldout_builder = TaskSampleBuilder(heldout_split, tokenizer, mix)
     pad_id = specials["[PAD]"]
-    workers = args.loader_workers if args.loader_workers is not None else (2 if device.type == "cuda" else 0)
+    workers = args.loader_workers if args.loader_workers is not None else (4 if device.type == "cuda" else 0)
     lm_steps_source = StepSource(LMSteps(train_stream, max(1, args.micro_batch_tokens // args.lm_context),
                                          args.lm_context, micro_steps, args.seed), workers)
     retrieval_steps_source = StepSource(RetrievalSteps(train_builder, contexts, args.micro_batch_tokens, micro_steps,

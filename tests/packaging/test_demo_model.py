@@ -8,6 +8,7 @@ import argparse
 import inspect
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -247,6 +248,121 @@ def test_task_samples_weigh_every_reply_and_feed_the_next_turn(toy_pipeline):
     assert sample.input_ids[a1:b1] == next_turn_token_ids(tokenizer, [{"role": "user", "content": sample.turns[1].question}])
     assert task_samples.is_correct(sample.turns[0], tokenizer.decode(sample.input_ids[slice(*sample.answer_spans[0])]))
     assert sample.turns[1].expected == (sample.detail["path"],)
+
+
+def _corpus_text(corpus: Path) -> str:
+    """Every file of both splits as the model reads it: header and text."""
+    from kimi_desk.engine.ingest.render import render_file_block
+
+    return "\n".join(render_file_block(f["path"], f["text"]) for split in ("train", "heldout")
+                     for d in prepare_corpus.read_documents(corpus, split) for f in d["files"])
+
+
+def _code_samples(toy_pipeline, task: str, count: int, fresh_names: bool = True):
+    builder = task_samples.TaskSampleBuilder(toy_pipeline["splits"]["train"], toy_pipeline["tokenizer"],
+                                             fresh_names=fresh_names, code_sources=("fake-code",))
+    rng = random.Random(f"code-{task}")
+    samples = [builder.build(task, 6000, rng) for _ in range(5 * count)]
+    samples = [s for s in samples if s.task == task and "renames" in s.detail][:count]
+    assert len(samples) == count, f"too few {task} samples"
+    return samples
+
+
+@pytest.mark.parametrize("task", ["which_file", "where_function", "setting_default", "followup"])
+def test_code_questions_are_answered_only_by_the_document(toy_pipeline, task):
+    """Each code question's answer is in the sample's document and nowhere in the corpus: the names it asks
+    about and answers with are made up for the sample (renamed in every file of the folder), the literal a
+    default question asks for is fresh, and the files sit under a made-up folder."""
+    tokenizer = toy_pipeline["tokenizer"]
+    corpus = _corpus_text(toy_pipeline["corpus"])
+    for sample in _code_samples(toy_pipeline, task, 3):
+        document = tokenizer.decode(sample.input_ids[sample.document_start : sample.document_end])
+        turn = sample.turns[0]
+        if sample.detail["renames"] or sample.detail["literals"]:  # a needle's follow-up is not disguised
+            assert sample.detail["prefix"] and all(f"==> {sample.detail['prefix']}/" in line
+                                                   for line in document.splitlines() if line.startswith("==> ")
+                                                   and "(folder tree" not in line)
+            for old, new in sample.detail["renames"].items():
+                assert re.search(rf"\b{re.escape(new)}\b", document), new
+                assert not re.search(rf"\b{re.escape(new)}\b", corpus), f"{new} is in the corpus"
+                assert not re.search(rf"\b{re.escape(old)}\b", document), f"{old} is still in the document"
+            for _, new in sample.detail["literals"]:
+                assert new in document
+            asked = [new for new in sample.detail["renames"].values() if new in turn.question]
+            assert asked or turn.question.split()[-2] in ("of", "in"), turn.question  # a dunder keeps its name
+        for value in turn.expected:
+            assert value in document
+        if task in ("which_file", "where_function"):
+            assert not any(value in corpus for value in turn.expected), turn.expected
+        for later in sample.turns[1:]:
+            assert all(v in document for v in later.expected) and (not later.any_of or any(v in document
+                                                                                        for v in later.any_of))
+
+
+def test_disguised_folders_read_as_ingest_reads_them(toy_pipeline, tmp_path):
+    """The document of a disguised sample is what `load_path` renders for a folder holding its files, and its
+    ids are the tree's and each block's, encoded one by one as a session encodes them."""
+    from kimi_desk.engine.chat import document_text
+
+    tokenizer = toy_pipeline["tokenizer"]
+    for number, sample in enumerate(_code_samples(toy_pipeline, "which_file", 3)):
+        ids = sample.input_ids[sample.document_start : sample.document_end]
+        document = tokenizer.decode(ids)
+        tree, *blocks = re.split(r"(?m)^(?===> )", document)[1:]
+        folder = tmp_path / str(number) / sample.detail["root"]
+        for index, block in enumerate(blocks):
+            header, text = block.split("\n", 1)
+            # A block is its text, then one blank line; the last one ends where the document does.
+            text = text[:-1] if index < len(blocks) - 1 else text.rstrip("\n") + "\n"
+            path = folder / header.removeprefix("==> ").removesuffix(" <==")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        assert document == document_text(load_path(folder).text)
+        pieces = [tree, *blocks]
+        encoded = [i for piece in pieces[:-1] for i in tokenizer.encode(piece, allow_special=False)]
+        assert ids == encoded + tokenizer.encode(pieces[-1], allow_special=False)
+
+
+def test_fresh_names_keep_the_style_and_fresh_literals_the_kind():
+    rng = random.Random(0)
+    for like, style in (("FindFailureTests", r"[A-Z][a-z]+[A-Z][a-z]+\w*"), ("cloned_traverse", r"[a-z]+_[a-z_]+"),
+                        ("MAX_SIZE", r"[A-Z]+_[A-Z_]+"), ("removeResult", r"[a-z]+[A-Z][a-z]+\w*"),
+                        ("_private_helper", r"_[a-z]+_[a-z_]+")):
+        for _ in range(20):
+            name = task_samples.fresh_name(like, rng, avoid=like)
+            assert re.fullmatch(style, name) and name != like, (like, name)
+    for value, kind in (("30", r"\d+"), ("-1", r"-\d+"), ("0.5", r"\d\.\d"), ("'utf-8'", r"'[^'\n,]{1,22}'"),
+                        ('"strict"', r'"[^"\n,]{1,22}"'), ("True", "True|False"), ("None", "None")):
+        for _ in range(20):
+            new = task_samples.fresh_literal(value, rng)
+            assert re.fullmatch(kind, new) and (new != value or value in ("True", "None")), (value, new)
+
+
+def test_needle_keys_and_values_come_from_large_spaces():
+    spaces = retrieval_samples.space_sizes()
+    for kind, space in spaces.items():
+        assert space["keys"] >= 10 ** 6, kind
+        assert space["values"] >= (10 ** 4 if kind != "date" else 2 * 10 ** 4), kind
+    rng = random.Random(0)
+    for kind in retrieval_samples.ALL_FACT_KINDS:
+        facts = [retrieval_samples.make_fact(kind, retrieval_samples.fact_keys(kind, 1, rng)[0], rng) for _ in range(2000)]
+        assert len({f.key for f in facts}) >= 1980, kind
+        assert len({(f.key, f.value) for f in facts}) >= 1980, kind
+
+
+def test_memorisation_check_tells_the_disguised_samples_from_the_files_as_they_are(toy_pipeline):
+    import memorisation_check
+
+    corpus = memorisation_check.CorpusText(toy_pipeline["corpus"], "train")
+    tokenizer, split = toy_pipeline["tokenizer"], toy_pipeline["splits"]["train"]
+    results = {}
+    for fresh in (True, False):
+        builder = task_samples.TaskSampleBuilder(split, tokenizer, fresh_names=fresh, code_sources=("fake-code",))
+        results[fresh] = memorisation_check.measure_tasks(builder, corpus, tokenizer, 3, 6000, seed=0)
+    for task in ("which_file", "where_function"):
+        assert results[True][task]["answer_in_context"] == results[True][task]["samples"] > 0
+        assert results[True][task]["answer_in_corpus"] == results[True][task]["fact_in_corpus"] == 0
+        assert results[False][task]["fact_in_corpus"] > 0
 
 
 def test_retrieval_batch_pads_and_weights(toy_pipeline):
