@@ -19,8 +19,9 @@ fewer than 64 queries (decode, a question after a document); at 16 queries it ta
 passes' time. KIMI_DESK_KERNELS=torch takes PyTorch's GPU operations instead (one pass over the cache,
 scores for every key: 8 GB for 63 queries over 1M tokens). The prefill form runs cuDNN's fused
 attention on key blocks expanded from the latents (torch_attention.mla_prefill_sdpa: memory bounded
-at any cache length). The CPU runs both forms through PyTorch's flash kernel for the CPU, key block by
-key block (torch_attention.py), so memory stays bounded at any context length.
+at any cache length). On the CPU the absorbed form reads the cache once, block by block, with float32
+scores from bf16 products (torch_attention.mla_attention_cpu); the prefill form runs PyTorch's flash
+kernel for the CPU key block by key block. Memory stays bounded at any context length.
 
 An absorbed prefill (attention straight over the latents) is not used: it costs 1088 multiply-adds per
 query, key and head against the expanded form's 320.

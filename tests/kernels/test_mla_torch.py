@@ -31,7 +31,7 @@ def test_absorbed_attention(B, Tq, Tk, H, dtype):
     q, cache = torch.randn(B, Tq, H, L + R).to(dtype), poisoned_cache(B, Tk, L + R, dtype)
     want = mla_attention_reference(q, cache[:, :Tk], Tk - Tq, L, 0.2)
     # Cached keys in several blocks, the last one short.
-    got = mla_attention_cpu(q, cache, Tk - Tq, L, 0.2, key_block=256)
+    got = mla_attention_cpu(q, cache, Tk - Tq, L, 0.2, block=256)
     assert got.dtype == torch.float32 and rel_err(got, want) < TOLERANCE[dtype]
     assert rel_err(mla_attention(q, cache, Tk - Tq, L, 0.2), want) < TOLERANCE[dtype]
 
@@ -79,5 +79,33 @@ def test_extreme_scores_stay_finite():
     cache[0, 100] *= 30
     q = cache[0, 100].expand(1, 1, H, L + R).clone()
     want = mla_attention_reference(q, cache, Tk - 1, L, 0.2)
-    got = mla_attention_cpu(q, cache, Tk - 1, L, 0.2, key_block=128)
+    got = mla_attention_cpu(q, cache, Tk - 1, L, 0.2, block=128)
     assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("Tq", [1, 3])
+@pytest.mark.parametrize("cached", [0, 1, 127, 128, 129, 1000, 4099])
+def test_cpu_decode_blocks(cached, Tq, dtype):
+    """The CPU decode's pass over the cached keys block by block: lengths below, at and past a block,
+    none a multiple of it but one, and no cached keys at all."""
+    B, H, L, R = 2, 5, 32, 8
+    q, cache = torch.randn(B, Tq, H, L + R).to(dtype), poisoned_cache(B, cached + Tq, L + R, dtype)
+    want = mla_attention_reference(q, cache[:, : cached + Tq], cached, L, 0.2)
+    got = mla_attention_cpu(q, cache, cached, L, 0.2, block=128)
+    assert got.dtype == torch.float32 and rel_err(got, want) < TOLERANCE[dtype]
+    assert rel_err(mla_attention_cpu(q, cache, cached, L, 0.2), want) < TOLERANCE[dtype]
+
+
+def test_cpu_decode_scores_in_float32():
+    """Scores far from zero but close to each other (the shared key part large and alike in every key):
+    rounded to bf16 they would be off by about 0.4% of their size, about half a unit here; the remainder
+    product keeps them float32."""
+    H, L, R, Tk = 4, 64, 16, 3000
+    cache = torch.cat([torch.randn(1, Tk, L), 3 + 0.01 * torch.randn(1, Tk, R)], dim=-1).to(torch.bfloat16)
+    q = torch.cat([0.3 * torch.randn(1, 1, H, L), torch.full((1, 1, H, R), 3.0)], dim=-1).to(torch.bfloat16)
+    want = mla_attention_reference(q, cache, Tk - 1, L, 1.0)
+    got = mla_attention_cpu(q, cache, Tk - 1, L, 1.0, block=1024)
+    rounded = torch.einsum("bqhd,bkd->bqhk", q.float(), cache.float()).to(torch.bfloat16).float()
+    rounded_out = torch.einsum("bqhk,bkd->bqhd", rounded.softmax(-1), cache[..., :L].float())
+    assert rel_err(got, want) < 1e-2 < rel_err(rounded_out, want)
