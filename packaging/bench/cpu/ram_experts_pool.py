@@ -61,7 +61,7 @@ def main() -> None:
             for name, fn in variants.items():
                 times.setdefault((threads, name), []).append(ms_per_layer(fn))
     print(f"{args.experts} experts a layer, torch {torch.__version__}, {os.cpu_count()} cores, load "
-          f"{open('/proc/loadavg').read().split()[0] if os.path.exists('/proc/loadavg') else '?'}")
+          f"{os.getloadavg()[0]:.1f}")
     print("| torch threads | variant | median ms | min ms |\n|---:|---|---:|---:|")
     for (threads, name), values in times.items():
         print(f"| {threads} | {name} | {statistics.median(values):.2f} | {min(values):.2f} |")
