@@ -73,7 +73,8 @@ def check(path: Path, name: str, dtype, quantize, prompt: int = 40, steps: int =
         runs[graphs] = generate(split, ids[0].tolist(), split.new_state(1), max_new_tokens=16,
                                 stop_token_ids=[]).token_ids
     os.environ.pop("KIMI_DESK_CUDA_GRAPH")
-    result = {"graph_vs_whole_max_rel_err": worst_whole, "graph_vs_whole_max_abs_err": worst_abs, "graph_vs_eager_split_max_rel_err": worst_eager,
+    result = {"graph_vs_whole_max_rel_err": worst_whole, "graph_vs_whole_max_abs_err": worst_abs,
+              "graph_vs_eager_split_max_rel_err": worst_eager,
               "greedy_agree_with_whole": f"{agree}/{steps}", "recordings": decoder.recordings,
               "pieces": len(decoder.pieces), "generate_graph_equals_eager": runs["1"] == runs["0"]}
     print(f"{name}: {result}", flush=True)
