@@ -116,8 +116,8 @@ def timing(layers: int, context: int, steps: int = 30) -> None:
     torch.cuda.synchronize()
     graph_ms = (time.perf_counter() - start) / steps * 1e3
     graph_cpu = stats.cpu_seconds / steps * 1e3
-    print(f"{layers} layers int4, {context:,} cached tokens, {len(decoder.pieces)} pieces: eager {eager_ms:.2f} ms/token "
-          f"(CPU experts {eager_cpu:.2f}), graphs {graph_ms:.2f} ms/token (CPU experts {graph_cpu:.2f}, host wait "
+    print(f"{layers} layers int4, {context:,} cached tokens, {len(decoder.pieces)} pieces: "
+          f"eager {eager_ms:.2f} ms/token (CPU experts {eager_cpu:.2f}), graphs {graph_ms:.2f} ms/token (CPU experts {graph_cpu:.2f}, host wait "
           f"{stats.wait_seconds / steps * 1e3:.2f}); {torch.get_num_threads()} CPU threads", flush=True)
     # The RAM experts of a layer on a thread pool across experts instead of one after another (the same
     # products, summed in the same order): whether the host's cores gain from it (not in the engine).
