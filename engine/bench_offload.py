@@ -5,13 +5,16 @@ Per budget, the cap is the planner's and also PyTorch's per-process memory fract
 allocation past it fails instead of quietly using more. Random weights at the shapes of `--layers`
 (27 for the whole model) in the format of `--quantize`, drawn on the GPU, the RAM experts moved out
 one at a time. Reported: the placement, prefill tokens/s and the time to read the prefill's powers of
-two (PCIe bytes per chunk streamed), eager decode ms/token at each context with its breakdown (the
-CPU's expert products, the host's wait for the GPU's router, bytes over PCIe per token), peak GPU
-(allocated and reserved) and peak RAM (the process's maximum resident set), and whether reading
-`--read-tokens` fits the budget at all (the plan's answer).
+two (PCIe bytes per chunk streamed), decode ms/token at each context, eager and replaying the
+recorded pieces of CUDA graphs as generate() does, each with its breakdown (time_eager_decode,
+time_graph_decode: the GPU's own time, the copies to and from the host, the CPU's expert products, the
+host's wait for the GPU; bytes over PCIe per token), peak GPU (allocated and reserved) and peak RAM (the
+process's maximum resident set), and whether reading `--read-tokens` fits the budget at all (the plan's
+answer).
 
 Before the budgets, a check on the GPU: a small random model loaded whole and split between GPU and
-RAM (int4, bf16, fp32): logits of a prefill (streamed experts) and of decode steps (CPU experts).
+RAM (int4, bf16, fp32): logits of a prefill (streamed experts) and of decode steps (CPU experts), and
+the split model's decode steps replayed as pieces of graphs against its eager ones.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def check_offload(log) -> dict:
     """Split against whole on the GPU (module doc)."""
     import torch
 
+    from kimi_desk.engine.cuda_graph import GraphDecoder
     from kimi_desk.engine.placement import Placement
     from kimi_desk.engine.random_checkpoint import tail7_config, write_random_checkpoint
     from kimi_desk.engine.weights import load_model
@@ -51,6 +55,13 @@ def check_offload(log) -> dict:
                 logits.append((prefill.cpu(), decode.cpu()))
                 if placement is not None:
                     result[f"stats_{name}"] = model.offload.stats.to_dict()
+                    state = model.new_state(1)
+                    model(ids[:, :280], state)
+                    decoder = GraphDecoder(model, state)
+                    graph = torch.stack([decoder.step(ids[:, t : t + 1]).clone() for t in range(280, 300)])[None]
+                    result[f"decode_graph_vs_eager_split_rel_err_{name}"] = _rel(graph.float().cpu(), decode.cpu())
+                    result[f"graph_pieces_{name}"] = len(decoder.pieces)
+                    del decoder, state
                 del model
             (p_whole, d_whole), (p_split, d_split) = logits
             result[f"prefill_split_vs_whole_rel_err_{name}"] = _rel(p_split, p_whole)
@@ -125,19 +136,8 @@ def time_budget(config, budget_text: str, quantize: str | None, prefill_tokens: 
     row["decode"] = []
     for ctx in contexts:
         state, token = warm_state(model, ctx, ids[:, :1], gen)
-        if stats:
-            stats.reset()
-        steps = 20
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = model(token, state)[:, -1].argmax(-1, keepdim=True)
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - start) / steps * 1e3
-        d = {"context": ctx, "ms_per_token": ms, "tok_s": 1e3 / ms}
-        if stats:
-            cpu_ms, wait_ms = stats.cpu_seconds / steps * 1e3, stats.wait_seconds / steps * 1e3
-            d.update(cpu_expert_ms=cpu_ms, host_wait_ms=wait_ms, other_ms=ms - cpu_ms - wait_ms,
-                     pcie_bytes_per_token=(stats.d2h_bytes + stats.h2d_bytes) / steps)
+        d = {"context": ctx, **time_eager_decode(model, state, token)}
+        d.update(time_graph_decode(model, state, token))
         log(f"budget {budget_text}: decode at {ctx:,}: {d}")
         row["decode"].append(d)
         del state
@@ -148,3 +148,98 @@ def time_budget(config, budget_text: str, quantize: str | None, prefill_tokens: 
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1.0)
     return row
+
+
+def time_eager_decode(model, state, token, steps: int = 20) -> dict:
+    """Eager decode ms/token and, with experts in RAM, its breakdown from the offload stats (host timers):
+    the CPU's expert products, the host's wait for the GPU's hand-over, PCIe bytes per token."""
+    import torch
+
+    stats = model.offload.stats if model.offload is not None else None
+    if stats:
+        stats.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = model(token, state)[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) / steps * 1e3
+    d = {"ms_per_token": ms, "tok_s": 1e3 / ms}
+    if stats:
+        cpu_ms, wait_ms = stats.cpu_seconds / steps * 1e3, stats.wait_seconds / steps * 1e3
+        d.update(cpu_expert_ms=cpu_ms, host_wait_ms=wait_ms, other_ms=ms - cpu_ms - wait_ms,
+                 pcie_bytes_per_token=(stats.d2h_bytes + stats.h2d_bytes) / steps)
+    return d
+
+
+def time_graph_decode(model, state, token, steps: int = 20) -> dict:
+    """Decode replaying the recorded pieces (engine/cuda_graph.py), as generate() does; `graph_` keys:
+    ms/token; the GPU's own time per token (the pieces replayed back to back with no host step between,
+    CUDA events; the copies to and from the host included); of it, the copies alone (one graph of every
+    split layer's round-trip copies, CUDA events); the CPU's expert products and the host's wait for the
+    GPU (host timers, offload stats); host_other_ms, the rest of the host's time (launches, waking up).
+    The back-to-back replays leave the state meaningless: the last thing done with it."""
+    import torch
+
+    from kimi_desk.engine.cuda_graph import GraphDecoder
+
+    decoder = GraphDecoder(model, state)
+    for _ in range(3):
+        decoder.step(token)
+        token = decoder.greedy_token
+    stats = model.offload.stats if model.offload is not None else None
+    if stats:
+        stats.reset()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        decoder.step(token)
+        token = decoder.greedy_token
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) / steps * 1e3
+    d = {"graph_ms_per_token": ms, "graph_tok_s": 1e3 / ms, "graph_pieces": len(decoder.pieces),
+         "graph_gpu_ms": _events_ms(lambda: [graph.replay() for graph, _ in decoder.pieces], steps)}
+    if stats:
+        cpu_ms, wait_ms = stats.cpu_seconds / steps * 1e3, stats.wait_seconds / steps * 1e3
+        d.update(graph_transfer_ms=round_trip_copies_ms(model, steps), graph_cpu_expert_ms=cpu_ms,
+                 graph_host_wait_ms=wait_ms, graph_host_other_ms=ms - cpu_ms - wait_ms)
+    return d
+
+
+def round_trip_copies_ms(model, steps: int) -> float:
+    """GPU time of one token's copies to and from the host buffers of every split layer, recorded as one
+    graph of those copies alone (the decode step's pieces hold them among their kernels)."""
+    import torch
+
+    from kimi_desk.engine.offload import offloaded_layers
+
+    layers = [layer for layer in offloaded_layers(model) if layer._host is not None]
+    if not layers:
+        return 0.0
+    host = layers[0]._host
+    x = torch.zeros(1, host.x.shape[-1], dtype=host.x.dtype, device="cuda")
+    rows = torch.zeros(1, host.rows.shape[-1], dtype=host.rows.dtype, device="cuda")
+    weights = torch.zeros(1, host.weights.shape[-1], dtype=host.weights.dtype, device="cuda")
+    out = torch.zeros(1, host.out.shape[-1], dtype=host.out.dtype, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for layer in layers:
+            h = layer._host
+            h.x[:1].copy_(x, non_blocking=True)
+            h.rows[:1].copy_(rows, non_blocking=True)
+            h.weights[:1].copy_(weights, non_blocking=True)
+            out.copy_(h.out[:1], non_blocking=True)
+    return _events_ms(graph.replay, steps)
+
+
+def _events_ms(run, steps: int) -> float:
+    """ms per call of `run` (GPU work on the current stream), by CUDA events around `steps` calls."""
+    import torch
+
+    run()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(steps):
+        run()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / steps

@@ -11,7 +11,12 @@ A replayed graph runs the recorded kernels on the recorded addresses with the re
 makes the step replayable:
   - every buffer it touches keeps its storage: the KDA states are updated in place, the MLA caches
     write into spare capacity (state.py), the input token and the outputs belong to the decoder;
-  - nothing inside asks the host anything (the MoE takes a sync-free GEMV, kernels/moe);
+  - nothing inside asks the host anything (the MoE takes a sync-free GEMV, kernels/moe), except where
+    the host has work of its own: with routed experts in RAM (engine/offload.py) each such MoE layer
+    hands its tokens to the CPU and adds what the CPU returns. There the recording is cut: the step is a
+    list of pieces, each a graph and the host's step after it (the CPU's experts, through host buffers
+    at fixed addresses), replayed in order; the pieces share one memory pool, which is safe because they
+    replay in the order they were recorded, one after another;
   - the one number that changes between steps, the cache length, lives in device memory: while the
     step is recorded, each MLA cache's `device_length` is this decoder's `length` tensor, which the
     host refreshes before every replay; the cache write and the MLA kernel read it from there.
@@ -24,8 +29,10 @@ every few thousand tokens) and when the state's tensors were replaced (a restore
 
 from __future__ import annotations
 
+import gc
 import weakref
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -57,7 +64,8 @@ class GraphDecoder:
         self.length = torch.zeros(1, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
         self.greedy_token: torch.Tensor | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
+        # The recorded step: graphs, each with the host's step to run after it (None after the last).
+        self.pieces: list[tuple[torch.cuda.CUDAGraph, Callable[[], None] | None]] = []
         self._prepared_for: tuple = ()
         self.recordings = 0
 
@@ -79,7 +87,10 @@ class GraphDecoder:
             self.token.fill_(int(token))
         self.length.fill_(caches[0].length if caches else 0)
         if self.use_cuda_graph:
-            self.graph.replay()
+            for graph, host_step in self.pieces:
+                graph.replay()
+                if host_step is not None:
+                    host_step()
         else:
             with self._lengths_on_device(state, caches):
                 self._run(state)
@@ -109,7 +120,7 @@ class GraphDecoder:
     def _prepare(self, state: ModelState, caches: list[MLACache]) -> None:
         """Give full caches room, then record the step (when using a graph)."""
         # Free the previous recording's memory before making another.
-        self.graph = self.logits = self.greedy_token = None
+        self.pieces, self.logits, self.greedy_token = [], None, None
         if len({cache.length for cache in caches}) > 1:
             raise ValueError("the MLA caches hold different numbers of tokens")
         for cache in caches:
@@ -138,11 +149,42 @@ class GraphDecoder:
             for layer, (recurrent, conv) in zip(kda_states, saved):
                 layer.recurrent.copy_(recurrent)
                 layer.conv.copy_(conv)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._run(state)
-        self.graph = graph
+            self.pieces = self._record_pieces(state, side)
         self.recordings += 1
+
+    def _record_pieces(self, state: ModelState, stream: torch.cuda.Stream) -> list:
+        """One step recorded on `stream`, cut wherever the offloaded experts' runtime has a host step."""
+        offload = getattr(self.model, "offload", None)
+        pool = torch.cuda.graph_pool_handle()
+        pieces = []
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        with torch.cuda.stream(stream):
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=pool)
+
+            def cut(host_step):
+                nonlocal graph
+                graph.capture_end()
+                pieces.append((graph, host_step))
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=pool)
+
+            if offload is not None:
+                offload.cut_recording = cut
+            try:
+                self._run(state)
+            except BaseException:
+                with suppress(Exception):  # the capture's own error, if any, says less than this one
+                    graph.capture_end()
+                raise
+            finally:
+                if offload is not None:
+                    offload.cut_recording = None
+            graph.capture_end()
+            pieces.append((graph, None))
+        return pieces
 
     @staticmethod
     def _storage(state: ModelState) -> tuple:

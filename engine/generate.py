@@ -17,8 +17,9 @@ Cancellation (a threading.Event or a callable returning True) is checked between
 before every step, so the stream ends within one step of it. Cancelled during prefill, the state holds
 a prefix of the prompt (`state.position` says how much).
 
-On a GPU each decode step replays a recorded CUDA graph (engine/cuda_graph.py); KIMI_DESK_CUDA_GRAPH=0
-runs it eagerly instead. Both compute the same logits.
+On a GPU each decode step replays a recorded CUDA graph (engine/cuda_graph.py; pieces of graphs with the
+CPU's experts between them when some experts live in RAM); KIMI_DESK_CUDA_GRAPH=0 runs it eagerly
+instead. Both compute the same logits.
 """
 
 from __future__ import annotations
@@ -189,10 +190,9 @@ def decode_step_function(model: KimiLinearForCausalLM, state: ModelState,
                          vocab_size: int | None = None) -> Callable[[int], torch.Tensor]:
     """token id -> the logits after feeding it, [vocab] (a buffer the next call may overwrite): a
     replayed CUDA graph on the GPU, the eager model elsewhere. Either advances `state` by one token."""
-    # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen, and so
-    # do experts computed in RAM (engine/offload.py): those models decode eagerly.
-    if use_triton(model.lm_head.weight) and os.environ.get("KIMI_DESK_CUDA_GRAPH", "1") != "0" \
-            and getattr(model, "offload", None) is None:
+    # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen. Experts
+    # computed in RAM (engine/offload.py) cut the recording into pieces with the CPU's work between them.
+    if use_triton(model.lm_head.weight) and os.environ.get("KIMI_DESK_CUDA_GRAPH", "1") != "0":
         from kimi_desk.engine.cuda_graph import graph_decoder
 
         decoder = graph_decoder(model, state)

@@ -9,7 +9,9 @@ other, and the quantized cache holds the stacked tensors whatever the placement.
 Decode (a few tokens): the router's choice and the tokens go to the host in one round trip; the GPU
 computes its chosen experts (the RAM ones masked with weight 0) while the CPU computes the RAM ones
 (int4 through PyTorch's CPU operator, int8 and bf16 dequantized per expert; torch's threads), and the
-CPU's sum comes back to be added on the GPU.
+CPU's sum comes back to be added on the GPU. The round trip goes through fixed (pinned) host buffers of
+the layer, so that a decode step can be recorded as CUDA graphs cut at the host's steps
+(engine/cuda_graph.py): the GPU's work from one layer's join to the next layer's hand-over is one graph.
 
 Prefill (more than DECODE_MAX_TOKENS tokens): every expert of the layer is chosen by some token of a
 large chunk, so the layer's RAM experts are streamed to the GPU instead, into one of two staging slots
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +47,17 @@ DECODE_MAX_TOKENS = 32
 STREAM_BLOCK = 16
 # The CPU operator's tiles: 64 output rows, two rows (r, r + 32) per byte (see tiles_to_codes).
 _TILE_ROWS = 64
+
+
+@dataclass
+class HostBuffers:
+    """One layer's decode round trip through host memory: the tokens, the RAM rows and their weights
+    copied from the GPU side, the CPU's float32 sum copied back (each [decode_max_tokens, ...])."""
+
+    x: torch.Tensor
+    rows: torch.Tensor
+    weights: torch.Tensor
+    out: torch.Tensor
 
 
 @dataclass
@@ -88,6 +102,7 @@ class OffloadedExperts(nn.Module):
         # operator's tiles here (prepare_ram), the GPU half's rows are copied into the staging slots.
         self.on_gpu.keep_layout = self.in_ram.keep_layout = True
         self.runtime: OffloadRuntime | None = None
+        self._host: HostBuffers | None = None
 
     def row_of(self, expert: int) -> tuple[str, int]:
         """('on_gpu' or 'in_ram', the row of that stack) of expert id `expert`."""
@@ -117,30 +132,60 @@ class OffloadedExperts(nn.Module):
         return self._split(x, ids, weights)
 
     def _split(self, x, ids, weights):
-        stats = self.runtime.stats
+        """Decode (module doc). The tokens, the RAM rows and their weights go to the layer's fixed host
+        buffers, the GPU's experts are queued, and the CPU's sum comes back from a fixed host buffer: the
+        host's two steps between them (`handed_over`, `join`) go through `runtime.host_step`, which runs
+        them now or, while engine/cuda_graph.py records a decode step, cuts the recording there so that
+        they run between the replayed graphs."""
+        runtime, N = self.runtime, x.shape[0]
+        host = self._host_buffers(x, weights)
+        hx, hrows, hweights, hout = host.x[:N], host.rows[:N], host.weights[:N], host.out[:N]
         gpu_rows, ram_rows = self.gpu_index[ids], self.ram_index[ids]  # [N, k], -1 on the other side
-        # One round trip: the tokens, the RAM rows and their weights to the host...
-        host = [t.to("cpu", non_blocking=True) for t in (x, ram_rows, weights)]
-        ready = torch.cuda.Event() if x.is_cuda else None
-        if ready is not None:
-            ready.record()
-        stats.d2h_bytes += sum(t.numel() * t.element_size() for t in host)
-        # ...then the GPU's experts are queued before the host waits, so that both sides work at once.
-        out = None
-        if self.gpu_ids:
-            out = self.on_gpu(x, gpu_rows.clamp(min=0), torch.where(gpu_rows >= 0, weights, 0.0)).float()
-        start = time.perf_counter()
-        if ready is not None:
-            ready.synchronize()
-        begun = time.perf_counter()
-        stats.wait_seconds += begun - start
-        from_ram = ram_experts_forward(self.in_ram, *host)  # [N, D] float32 on the CPU
-        stats.cpu_seconds += time.perf_counter() - begun
-        stats.decode_calls += 1
-        stats.h2d_bytes += from_ram.numel() * from_ram.element_size()
-        from_ram = from_ram.to(x.device, non_blocking=True)
-        out = from_ram if out is None else out + from_ram
-        return out.to(x.dtype)
+        hx.copy_(x, non_blocking=True)
+        hrows.copy_(ram_rows, non_blocking=True)
+        hweights.copy_(weights, non_blocking=True)
+        ready = runtime.ready
+
+        def handed_over():  # the copies to the host are queued: mark the point the host waits for
+            if ready is not None:
+                ready.record()
+
+        def join():  # wait for the copies, compute the RAM experts, leave their sum for the GPU to fetch
+            stats = runtime.stats
+            start = time.perf_counter()
+            if ready is not None:
+                ready.synchronize()
+            begun = time.perf_counter()
+            hout.copy_(ram_experts_forward(self.in_ram, hx, hrows, hweights))
+            stats.wait_seconds += begun - start
+            stats.cpu_seconds += time.perf_counter() - begun
+            stats.decode_calls += 1
+            stats.d2h_bytes += sum(t.numel() * t.element_size() for t in (hx, hrows, hweights))
+            stats.h2d_bytes += hout.numel() * hout.element_size()
+
+        if not self.gpu_ids:
+            runtime.host_step(lambda: (handed_over(), join()))
+            return hout.to(x.device, non_blocking=True, copy=True).to(x.dtype)  # same dtype over the bus
+        # The GPU's experts are queued between the two steps, so that both sides work at once.
+        runtime.host_step(handed_over)
+        out = self.on_gpu(x, gpu_rows.clamp(min=0), torch.where(gpu_rows >= 0, weights, 0.0)).float()
+        runtime.host_step(join)
+        return (out + hout.to(x.device, non_blocking=True, copy=True)).to(x.dtype)
+
+    def _host_buffers(self, x: torch.Tensor, weights: torch.Tensor) -> "HostBuffers":
+        """The layer's host buffers for up to `decode_max_tokens` tokens like `x` (pinned when x is on a
+        GPU), made at the first decode call and kept: a recorded graph copies to and from their
+        addresses."""
+        host = self._host
+        k = weights.shape[-1]
+        if host is None or host.x.dtype != x.dtype or host.rows.shape[-1] != k:
+            n, pin = self.runtime.decode_max_tokens, x.is_cuda
+            host = self._host = HostBuffers(
+                x=torch.empty(n, x.shape[-1], dtype=x.dtype, pin_memory=pin),
+                rows=torch.empty(n, k, dtype=torch.int64, pin_memory=pin),
+                weights=torch.empty(n, k, dtype=weights.dtype, pin_memory=pin),
+                out=torch.empty(n, x.shape[-1], dtype=torch.float32, pin_memory=pin))
+        return host
 
     def _streamed(self, x, ids, weights):
         from kimi_desk.kernels.moe import routed_experts
@@ -397,11 +442,23 @@ def _shape_source(layer: OffloadedExperts, name: str):
 
 @dataclass
 class OffloadRuntime:
-    """What the offloaded layers of one model share: the stats, the staging slots, the decode limit."""
+    """What the offloaded layers of one model share: the stats, the staging slots, the decode limit, the
+    event the host waits on for a layer's copies (None on the CPU), and the graph recorder's cut."""
 
     stats: OffloadStats
     stager: Stager | None = None
     decode_max_tokens: int = DECODE_MAX_TOKENS
+    ready: torch.cuda.Event | None = None
+    # Set by engine/cuda_graph.py while it records a decode step: ends the graph being recorded, to run
+    # the given host step after each replay of it, and begins the next one.
+    cut_recording: Callable[[Callable[[], None]], None] | None = None
+
+    def host_step(self, action: Callable[[], None]) -> None:
+        """Run `action` now, or between two recorded graphs of a decode step while one is recorded."""
+        if self.cut_recording is None:
+            action()
+        else:
+            self.cut_recording(action)
 
 
 # -- building -----------------------------------------------------------------------------------------
@@ -439,7 +496,8 @@ def finish_offload(model: nn.Module, decode_max_tokens: int = DECODE_MAX_TOKENS)
         return None
     device = model.lm_head.weight.device
     stats = OffloadStats()
-    runtime = OffloadRuntime(stats, decode_max_tokens=decode_max_tokens)
+    runtime = OffloadRuntime(stats, decode_max_tokens=decode_max_tokens,
+                             ready=torch.cuda.Event() if device.type == "cuda" else None)
     for layer in layers:
         layer.finish(device, runtime)
     runtime.stager = Stager(layers, device, stats)

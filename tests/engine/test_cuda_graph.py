@@ -138,3 +138,35 @@ def test_one_decoder_per_model_and_state(model):
     assert graph_decoder(model, second) is not decoder
     with pytest.raises(ValueError):
         GraphDecoder(model, model.new_state(2))
+
+
+def test_the_step_of_a_model_with_experts_in_ram(tail7_checkpoint, monkeypatch):
+    """With routed experts in RAM (engine/offload.py) the recorded step is pieces of graphs with the CPU's
+    experts between them; run eagerly as the decoder runs it, the step gives the split model's own logits
+    bit for bit and the whole model's within float32 rounding, its state too."""
+    from kimi_desk.engine.offload import offloaded_layers
+    from kimi_desk.engine.placement import Placement
+
+    whole = load_model(tail7_checkpoint, dtype=torch.float32)
+    moe = [i for i in range(whole.config.num_hidden_layers) if whole.config.is_moe_layer(i)]
+    E = whole.config.num_experts
+    gpu_experts = {i: tuple(range(n % E)) for n, i in enumerate(moe)}  # none, one, two... on the GPU side
+    placement = Placement(num_experts=E, gpu_experts=gpu_experts, fixed_bytes=0, expert_bytes=1, staging_bytes=0)
+    split = load_model(tail7_checkpoint, dtype=torch.float32, placement=placement)
+    assert offloaded_layers(split)
+    monkeypatch.setenv("KIMI_DESK_KERNELS", "triton")
+    state, token = prefilled(split, 20)
+    split_state, whole_state = state.clone(), state.clone()
+    decoder = GraphDecoder(split, state, use_cuda_graph=False)
+    split_token = whole_token = token
+    for _ in range(4):
+        got = decoder.step(token).clone()
+        want_split = split(split_token, split_state, last_only=True)[0, -1]
+        want_whole = whole(whole_token, whole_state, last_only=True)[0, -1]
+        assert torch.equal(got, want_split) and rel_err(got, want_whole) < 1e-5
+        token = split_token = whole_token = decoder.greedy_token
+    for got, want in zip(state.layers, whole_state.layers):
+        if isinstance(want, KDAState):
+            assert rel_err(got.recurrent, want.recurrent) < 1e-5
+        else:
+            assert rel_err(got.latents, want.latents) < 1e-5

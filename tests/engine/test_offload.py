@@ -158,3 +158,24 @@ def test_a_dropped_split_model_is_freed_without_the_cycle_collector(checkpoint):
         assert layer() is None
     finally:
         gc.enable()
+
+
+def test_decode_round_trips_go_through_fixed_host_buffers_and_host_steps(checkpoint, ids):
+    """Where engine/cuda_graph.py cuts a recorded decode step: each split layer hands its tokens over and
+    joins the CPU's sum as two host steps (one when it has no GPU experts to compute in between), through
+    the same host buffers every token; run as steps, the logits are the plain model's."""
+    split = load_model(checkpoint, dtype=torch.float32, placement=plan(GPU_EXPERTS))
+    whole = load_model(checkpoint, dtype=torch.float32)
+    layers = offload.offloaded_layers(split)
+    want, _ = run(whole, ids, 60)
+    plain, _ = run(split, ids, 60)
+    steps = []
+    split.offload.cut_recording = lambda step: (steps.append(step), step())
+    got, _ = run(split, ids, 60)
+    split.offload.cut_recording = None
+    per_token = sum(2 if layer.gpu_ids else 1 for layer in layers)
+    assert per_token == 9 and len(steps) == per_token * 12
+    assert torch.equal(got, plain) and rel(got, want) < 1e-5
+    addresses = [layer._host.x.data_ptr() for layer in layers]
+    run(split, ids[:, :40], 30)
+    assert [layer._host.x.data_ptr() for layer in layers] == addresses
