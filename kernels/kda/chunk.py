@@ -68,7 +68,7 @@ CHUNK_SIZE = 64
 SUB_CHUNK = 16
 
 # The triangular inverse's products in one TF32 pass, as fla's KDA kernel takes them on an H100. Measured
-# there (2026-11-27, T = 32k, kernels/bench.py): the intra kernel 5.07 ms against 5.55 with 3xTF32, and
+# there (2026-11-27, T = 32k, packaging/bench/kernels.py): the intra kernel 5.07 ms against 5.55 with 3xTF32, and
 # the same errors against float64 to two digits at T = 2085, 129, 18, 63-65 with model, extreme (U[-50, 0])
 # and correlated-key gates (BENCHMARKS.md, Kernels). With the inverse as products of block inverses (all
 # ten products in this precision): the whole prefill 4.73 ms at 32k in TF32, 8.12 ms in 3xTF32, errors
@@ -513,7 +513,7 @@ def chunk_kda_intra(q, k, v, g, beta, scale, A_log=None, dt_bias=None, l2norm=Fa
         H=H, K=K, V=V, BT=BT, BC=BC,
         # 32 channels a step, the levels inside the sub-chunks in a pass of their own (diag_loop): compiled
         # for sm_90a with Triton 3.6, 40 bytes of spills (32 with the gate and norms in the kernel), against
-        # 500 with BK = 64 and 240 with the levels all in one pass (packaging/gpu_checks/compile_sm90.py).
+        # 500 with BK = 64 and 240 with the levels all in one pass (packaging/bench/gpu_checks/compile_sm90.py).
         # `kimi-desk bench kernels` times the others.
         BK=BK or min(32, triton.next_power_of_2(K)),
         BKD=BKD or min(32, triton.next_power_of_2(K)),

@@ -263,7 +263,7 @@ def _operand_dtype(dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-# Launch settings for both kernels, measured on an H100 (2026-11-27, packaging/gpu_checks/moe_grouped.py,
+# Launch settings for both kernels, measured on an H100 (2026-11-27, packaging/bench/gpu_checks/moe_grouped.py,
 # Triton 3.6) at the 48B shapes. 8192 tokens (a GPU prefill chunk), fp8 weights / bf16 weights:
 #   block_m 128, block_n 64, 4 warps (chosen)   3.70 / 3.18 ms   251 / 292 TFLOP/s
 #   block_m 64, block_n 128, 8 warps            4.45 / 3.48 ms   (the first setting, chosen by reasoning)
@@ -280,7 +280,7 @@ DEFAULT_CONFIG = dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stag
 # so small blocks (tests and checks only; the model runs bf16 on a GPU). 4 warps spill with fp8 weights.
 FP32_CONFIG = dict(block_m=32, block_n=64, block_k=32, num_warps=8, num_stages=2)
 # int4 weights: the unpacked codes take registers; at 4 warps Triton 3.6 spills 800 bytes a program
-# (packaging/gpu_checks/compile_sm90.py), at 8 none. On an H200 (2026-12-03, gpu_checks/quant_kernels.py,
+# (packaging/bench/gpu_checks/compile_sm90.py), at 8 none. On an H200 (2026-12-03, gpu_checks/quant_kernels.py,
 # 8192 tokens): 8.95 ms at block_k 64, 7.30 at 128 (fp8 3.52): unpacking bounds it.
 INT4_CONFIG = {**DEFAULT_CONFIG, "num_warps": 8, "block_k": 128}
 

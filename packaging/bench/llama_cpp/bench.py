@@ -13,8 +13,8 @@ Output (stdout, and --out when given): {"llama_cpp": {build, cpu, gpu, backends,
 "models": [{"file", "type", "size_bytes", "params", "prefill": [{"tokens", "depth", "tok_s", "tok_s_std",
 "tok_s_median", "tok_s_max", "ms"}], "decode": [...]}]}. The info also holds the 1-minute load average
 before and after: on a shared machine the figures are only as good as its idle cores. kimi-desk's own
-benchmark runs this as a subprocess and puts the figures beside its own (measurement code under
-packaging/bench/ is never imported by the product).
+benchmark runs this as a subprocess and puts the figures beside its own (a script of packaging/bench/,
+the measurements, which the product never imports).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def check_offload(log) -> dict:
     import torch
 
     from kimi_desk.engine.placement import Placement
-    from kimi_desk.engine.random_checkpoint import tail7_config, write_random_checkpoint
+    from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
     from kimi_desk.engine.weights import load_model
 
     gpu_experts = {1: (), 2: (0, 1, 2, 3), 3: (1, 4, 6), 4: (5,), 5: (0, 1, 2, 3, 4, 6, 7), 6: tuple(range(8))}
@@ -67,8 +67,8 @@ def time_budget(config, budget_text: str, quantize: str | None, prefill_tokens: 
 
     from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.engine.placement import PlacementError, parse_size, plan_placement
-    from kimi_desk.engine.random_checkpoint import random_model
-    from kimi_desk.engine.bench_model import warm_state
+    from kimi_desk.bench.random_checkpoint import random_model
+    from kimi_desk.bench.model import warm_state
 
     budget = parse_size(budget_text, "--gpu-memory")
     row: dict = {"gpu_budget": budget_text, "gpu_budget_bytes": budget, "quantize": quantize}
