@@ -77,7 +77,7 @@ def _run(mode: str, model: Path, document: Path, home: Path) -> dict:
 def run_session_benchmark(restore_tokens: int, memory_tokens: list[int], log=print) -> dict:
     import torch
 
-    from kimi_desk.bench.cpu import _machine
+    from kimi_desk.bench.cpu import _harness
     from kimi_desk.bench.random_checkpoint import (
         bench_config,
         write_random_checkpoint,
@@ -103,7 +103,7 @@ def run_session_benchmark(restore_tokens: int, memory_tokens: list[int], log=pri
                 row["restore"] = _run("restore", model, document, home)
                 log(f"restore {read['tokens']:>8,} tokens: {row['restore']['seconds']:.2f} s")
             rows.append(row)
-    return {"benchmark": "sessions", "date": datetime.date.today().isoformat(), "machine": _machine(),
+    return {"benchmark": "sessions", "date": datetime.date.today().isoformat(), "machine": _harness()._machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
 
 
