@@ -30,7 +30,8 @@ def _version() -> str:
     return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The command line; `bench`'s suites only when `argv` asks for `bench` (they import kimi_desk.bench)."""
     parser = _Parser(
         prog="kimi-desk",
         description="Read a whole book or codebase into a local Kimi Linear model, chat over it, "
@@ -47,39 +48,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure this machine (prefill and decode tokens/s)",
                                 description="Benchmarks. Each writes a Markdown table to stdout.")
+    if argv[:1] == ["bench"]:  # the measurements (kimi_desk.bench) are imported only when asked for
+        _add_bench_suites(bench)
+    return parser
+
+
+def _add_bench_suites(bench: argparse.ArgumentParser) -> None:
+    """The thin entry points of `kimi-desk bench`: each suite's options and run live in kimi_desk.bench
+    (packaging/bench/), which no other part of the product imports."""
+    from kimi_desk.bench import cpu as cpu_bench
+    from kimi_desk.bench import model as model_bench
+    from kimi_desk.bench import sessions as sessions_bench
+    from kimi_desk.bench import threads as threads_bench
+
     suites = bench.add_subparsers(dest="suite", metavar="SUITE", parser_class=_Parser)
     cpu = suites.add_parser("cpu", help="the engine on the CPU: reading, answering and memory per weight format",
                             description="Reading and decode tokens/s, first-token latency after a long document "
-                            "and peak memory on the CPU, for the weight formats none, int8 and int4 (from a source "
-                            "checkout: packaging/bench/cpu).")
-    from kimi_desk.engine import bench as engine_bench
-
-    engine_bench.add_arguments(cpu)
-    cpu.set_defaults(run=engine_bench.main)
+                            "and peak memory on the CPU, for the weight formats none, int8 and int4.")
+    cpu_bench.add_arguments(cpu)
+    cpu.set_defaults(run=cpu_bench.main)
     # The kernel benchmark parses its own options (it runs on a CUDA machine beside fla-core).
     suites.add_parser("kernels", add_help=False, help="KDA kernels on a CUDA GPU beside fla-core "
                       "(pass --help for its options)")
-    from kimi_desk.engine import bench_model
-
     model = suites.add_parser("model", help="the model at the 48B shapes on a CUDA GPU beside transformers + fla",
-                              description=bench_model.__doc__.split("\n\n")[0])
-    bench_model.add_arguments(model)
-    model.set_defaults(run=bench_model.main)
-    from kimi_desk.engine import bench_sessions
-
+                              description=model_bench.__doc__.split("\n\n")[0])
+    model_bench.add_arguments(model)
+    model.set_defaults(run=model_bench.main)
     sessions = suites.add_parser("sessions", help="reading against restoring a session; snapshot size; memory",
                                  description="Read documents of growing length into sessions on the CPU: time to "
                                  "read against time to restore from the snapshot, snapshot size per token, and peak "
                                  "memory while reading.")
-    bench_sessions.add_arguments(sessions)
-    sessions.set_defaults(run=bench_sessions.main)
-    from kimi_desk.engine import bench_threads
-
+    sessions_bench.add_arguments(sessions)
+    sessions.set_defaults(run=sessions_bench.main)
     threads = suites.add_parser("threads", help="memory of a question in a thread after a long document",
-                                description=bench_threads.__doc__.split("\n\n")[0])
-    bench_threads.add_arguments(threads)
-    threads.set_defaults(run=bench_threads.main)
-    return parser
+                                description=threads_bench.__doc__.split("\n\n")[0])
+    threads_bench.add_arguments(threads)
+    threads.set_defaults(run=threads_bench.main)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -96,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pypdf").setLevel(logging.CRITICAL)
     try:
         if argv[:2] == ["bench", "kernels"]:
-            from kimi_desk.engine.bench_model import demo_model_gates
-            from kimi_desk.kernels import bench as kernel_bench
+            from kimi_desk.bench import kernels as kernels_bench
+            from kimi_desk.bench.model import demo_model_gates
 
-            return kernel_bench.main(argv[2:], demo_gates=demo_model_gates)
-        parser = build_parser()
+            return kernels_bench.main(argv[2:], demo_gates=demo_model_gates)
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):
             parser.print_help()

@@ -5,4 +5,5 @@ shim=$(mktemp -d)/kimi_desk
 mkdir -p "$shim"
 cp packaging/kimi_desk/__init__.py "$shim/"
 for part in app engine kernels assets; do ln -s "$PWD/$part" "$shim/$part"; done
+ln -s "$PWD/packaging/bench" "$shim/bench"
 export PYTHONPATH="$(dirname "$shim")${PYTHONPATH:+:$PYTHONPATH}"

@@ -32,10 +32,10 @@ their decay to their half's end, and one dot gives every pair of the level (entr
   - q exp(G) = q E exp(P), k exp(G_last - G) = k C exp(G_last - G_end(b)), exp(G_last) and
     beta k exp(G) have exponents <= 0 by construction.
 Aqk's own diagonal, exp(0) = 1, is q_i . k_i. Nothing branches on the data: every gate, however fast
-it decays, costs the same work, and no exponent depends on how fast the gate decays.
+it decays, costs the same work.
 (I + Akk)^-1: in registers, as a product of block inverses over blocks of 4, 16 and 64 rows (ten TF32
-products of [64, 64], `_join_blocks`). W and
-U take TF32 dots (fla: bf16) on beta k exp(G) rounded to the input dtype (as fla) and beta v.
+products of [64, 64], `_join_blocks`). W and U take TF32 dots on beta k exp(G) rounded to the input dtype
+and beta v.
 
 The fused call for the real layer reads the raw projections: the gate -exp(A_log) softplus(x + dt_bias)
 is taken as each block of g is loaded, beta's sigmoid as it is loaded, and q and k are normalised without
@@ -46,12 +46,9 @@ times r_k, as k exp(G_last - G), stored raw, needs it for the state; and output 
 r_q,i (q exp(G) S + Aqk V_new)_i with q exp(G) and Aqk stored raw, which the scan applies from a [T]
 vector of r_q.
 
-Dots of the other products take the input dtype (bf16 on the real model, as fla does) with fp32
-accumulation; the state, the cumulative gates and the inverse stay fp32; the scratch buffers between the
-two kernels are in the input dtype, as in fla.
-
-Measured results, against fla's chunk_kda on the same inputs and on every gate distribution of the
-sweep, are in BENCHMARKS.md (`kimi-desk bench kernels`).
+Dots of the other products take the input dtype (bf16 on the real model) with fp32 accumulation; the
+state, the cumulative gates and the inverse stay fp32; the scratch buffers between the two kernels are in
+the input dtype. Timings and errors against fla's chunk_kda: BENCHMARKS.md (`kimi-desk bench kernels`).
 """
 
 from __future__ import annotations
@@ -67,12 +64,9 @@ from kimi_desk.kernels.kda.gate import log_decay
 CHUNK_SIZE = 64
 SUB_CHUNK = 16
 
-# The triangular inverse's products in one TF32 pass, as fla's KDA kernel takes them on an H100. Measured
-# there (2026-11-27, T = 32k, kernels/bench.py): the intra kernel 5.07 ms against 5.55 with 3xTF32, and
-# the same errors against float64 to two digits at T = 2085, 129, 18, 63-65 with model, extreme (U[-50, 0])
-# and correlated-key gates (BENCHMARKS.md, Kernels). With the inverse as products of block inverses (all
-# ten products in this precision): the whole prefill 4.73 ms at 32k in TF32, 8.12 ms in 3xTF32, errors
-# equal to two digits. The interpreter computes every dot in numpy fp32.
+# The triangular inverse's products in one TF32 pass, as fla's KDA kernel takes them: faster than 3xTF32,
+# with the same errors against float64 to two digits in every case of the GPU check (figures in
+# BENCHMARKS-log.md, Kernels). The interpreter computes every dot in numpy fp32.
 _SOLVE_PRECISION = "tf32"
 
 
@@ -513,7 +507,7 @@ def chunk_kda_intra(q, k, v, g, beta, scale, A_log=None, dt_bias=None, l2norm=Fa
         H=H, K=K, V=V, BT=BT, BC=BC,
         # 32 channels a step, the levels inside the sub-chunks in a pass of their own (diag_loop): compiled
         # for sm_90a with Triton 3.6, 40 bytes of spills (32 with the gate and norms in the kernel), against
-        # 500 with BK = 64 and 240 with the levels all in one pass (packaging/gpu_checks/compile_sm90.py).
+        # 500 with BK = 64 and 240 with the levels all in one pass (packaging/bench/gpu_checks/compile_sm90.py).
         # `kimi-desk bench kernels` times the others.
         BK=BK or min(32, triton.next_power_of_2(K)),
         BKD=BKD or min(32, triton.next_power_of_2(K)),

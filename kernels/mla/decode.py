@@ -243,7 +243,7 @@ def mla_decode_combine_fwd_kernel(
 
 # Launch settings: rows (query, head pairs) per block, keys per block, warps, software-pipeline stages,
 # programs per SM to aim for, and the fewest key blocks a split may hold. Chosen on an H100 by
-# kernels/bench.py (part mla; BENCHMARKS.md, "MLA decode (H100)"). One decode step (32 heads, 32 rows):
+# packaging/bench/kernels.py (part mla; BENCHMARKS.md, "MLA decode (H100)"). One decode step (32 heads, 32 rows):
 # the program holds 188 KB of shared memory (q^T and two stages of 64 x 576 bf16 keys), so one runs per
 # SM and one wave of splits fills the chip (1M keys: 459 us; 8 warps 606 us, 32-key blocks 466 us).
 DEFAULT_CONFIG = dict(block_m=32, block_n=64, num_warps=4, num_stages=2, waves=1, min_blocks=MIN_BLOCKS_PER_SPLIT)

@@ -153,7 +153,7 @@ def _attention_with_lse(device, dtype):
     natural log-sum-exp of the scaled scores [B, H, Tq] float32); `causal` for Tq == Tk only.
 
     On CUDA in bf16 or fp16, cuDNN's fused attention: on an H100 (2026-11-27,
-    packaging/gpu_checks/mla_prefill_sdpa.py) 630 TFLOP/s with the values 128 wide, against 277 for the
+    packaging/bench/gpu_checks/mla_prefill_sdpa.py) 630 TFLOP/s with the values 128 wide, against 277 for the
     flash attention kernel PyTorch picks by default, which also wants the values padded to the keys' 192.
     A GPU or build without cuDNN's takes that flash kernel. float32 on CUDA (checks; neither kernel takes
     it) takes the memory-efficient kernel. The CPU takes PyTorch's flash kernel for the CPU: blocked, the

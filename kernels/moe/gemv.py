@@ -180,13 +180,13 @@ def moe_down_fwd_kernel(
 
 # Tile shapes. At the 48B shapes (D = 2304, I = 1024, k = 8 + the shared expert) one token makes 9 x 64
 # gate/up programs of 2 x [16, 256] tiles and 9 x 72 down programs of [32, 256]. Measured on an H100
-# (2026-11-27, packaging/gpu_checks/fp8_gemv.py, fp8, one token, both launches in a CUDA graph; floor
+# (2026-11-27, packaging/bench/gpu_checks/fp8_gemv.py, fp8, one token, both launches in a CUDA graph; floor
 # 21.2 us): 45.4 us with 4 warps for gate/up, 42.4 with 8 (chosen); 16 x 512 or 32 x 128 gate/up tiles
 # and three other down shapes were no faster.
 GATE_UP_CONFIG = dict(block_i=16, block_d=256, num_warps=8)
 DOWN_CONFIG = dict(block_d=32, block_i=256, num_warps=4)
 # int4 (tiles of one group, 128 inputs at the 48B shapes), measured on an H200 (2026-12-03,
-# packaging/gpu_checks/quant_kernels.py, one token in a CUDA graph): 67.3 us with the settings above,
+# packaging/bench/gpu_checks/quant_kernels.py, one token in a CUDA graph): 67.3 us with the settings above,
 # 60.4 with 4 warps for gate/up, 56.7 with 64-row down blocks (fp8: 33.2 us).
 INT4_GATE_UP_CONFIG = {**GATE_UP_CONFIG, "num_warps": 4}
 INT4_DOWN_CONFIG = {**DOWN_CONFIG, "block_d": 64}

@@ -1,20 +1,14 @@
-"""The routed experts of many tokens (prefill) as a grouped GEMM: two Triton launches, no host
-synchronisation.
-
-Formula and layout as in naive.py. The grouped PyTorch path asks the host which experts were chosen and
-launches a few products per chosen expert (and, for fp8 weights, a dequantization through float32
-copies): at the 48B shapes (E = 256, k = 8, D = 2304, I = 1024) that is some 100k small kernels and
-about 2 s of host time per 8192-token chunk over the 26 MoE layers. Here the whole MoE is two launches
-whose grid depends on the shapes alone (vLLM's fused_moe idea):
+"""The routed experts of many tokens (prefill) as a grouped GEMM: two Triton launches whose grid depends
+on the shapes alone, no host synchronisation (vLLM's fused_moe idea). Formula and layout as in naive.py.
 
 1. Routing, in PyTorch on the device (`route_pairs`). The N * k (token, chosen expert) pairs,
    p = n * k + j, are sorted by expert (a stable argsort of ids), so each expert's pairs form one run of
    `order`: counts[e] pairs from pair_start[e]. Each run is cut into row blocks of BM pairs, the last
    one partial: ceil(counts[e] / BM) blocks from block_start[e], and block_expert[b] names row block b's
-   expert (a searchsorted on the blocks' cumulative count). How many blocks there are depends on the
-   choice; the grid takes a bound from the shapes, cdiv(N k, BM) + min(E, N k) (the whole blocks, plus
-   one partial block per chosen expert), and blocks past the real total get expert E: their programs
-   return at once. Counts come from scatter_add_ (bincount and unique would ask the host for a size).
+   expert (a searchsorted on the blocks' cumulative count). The grid takes a bound from the shapes,
+   cdiv(N k, BM) + min(E, N k) (the whole blocks, plus one partial block per chosen expert); blocks past
+   the real total get expert E and return at once. Counts come from scatter_add_ (bincount and unique
+   would ask the host for a size).
 2. `moe_grouped_gate_up_fwd_kernel`, one program per (row block, BN rows of the hidden width I): the
    block's pairs' tokens x[n] [BM, BK] (rows gathered) against expert e's w1 and w3 tiles [BK, BN]
    along D, two fp32 accumulators; the scales s1, s3 on the fp32 sums; h = SiLU(gate) * up, stored in
@@ -26,31 +20,23 @@ whose grid depends on the shapes alone (vLLM's fused_moe idea):
 
 Both grids are one axis, column blocks fastest: programs that run together are the column blocks of a
 few neighbouring row blocks, which share their gathered x (or h) rows and, mostly, their expert, so each
-x row block and each expert's weights should come from HBM about once and from L2 for the rest. (A 2-D grid
-with row blocks on its first axis would instead run every row block's first column block, then every
-second: x would come from HBM once per column block, eight times for gate/up at the 48B shapes.)
+x row block and each expert's weights come from HBM about once and from L2 for the rest (a 2-D grid with
+row blocks first would read x from HBM once per column block).
 
-At the 48B shapes and 8192 tokens: 65536 pairs, 256 per expert on average, so 2 row blocks of 128 per
-expert (the last one partial); 768 row blocks in the grid, at most 256 of them empty. 0.93 TFLOP per
-layer against 3.6 GB of bf16 weights (1.8 GB in fp8): compute-bound. Scratch: h 128 MiB (bf16) and y
-576 MiB (fp32) per call.
-
-fp8 or int8 weights (scales given, format in kernels/quant): tiles are loaded as one byte a weight (half
-the bytes of bf16) and converted in registers to the dots' operand dtype, exactly (e4m3 and int8 values
-are exact in bf16 and fp16); each output row's fp32 sum is multiplied by its scale, s1 and s3 before
-SiLU(gate) * up, s2 on the down rows. int4 weights (a bf16 scale and midpoint per group of inputs): a
-tile of inputs lies inside one group, its bytes are unpacked in registers into codes (exact in the
-operand dtype), multiplied by x as they are, and the group's scale and midpoint are applied to the
-tile's product and x's row sums (kernels/quant/int4_tiles.py): a quarter of bf16's bytes, and a
-dequantized weight never formed. SCALED and INT4 are constexprs, so the kernels without them carry no
-trace of them.
+fp8 or int8 weights (scales given, format in kernels/quant): tiles are loaded as one byte a weight and
+converted in registers to the dots' operand dtype, exactly (e4m3 and int8 values are exact in bf16 and
+fp16); each output row's fp32 sum is multiplied by its scale, s1 and s3 before SiLU(gate) * up, s2 on the
+down rows. int4 weights (a bf16 scale and midpoint per group of inputs): a tile of inputs lies inside one
+group, its bytes are unpacked in registers into codes (exact in the operand dtype), multiplied by x as
+they are, and the group's scale and midpoint are applied to the tile's product and x's row sums
+(kernels/quant/int4_tiles.py): a dequantized weight is never formed. SCALED and INT4 are constexprs, so
+the kernels without them carry no trace of them.
 
 Precision: dots with operands in x's dtype (fp8 weights widened to it) and fp32 accumulation; h is
-rounded to x's dtype between the two products, as the PyTorch path rounds it (which also rounds gate
-and up, and dequantized fp8 weights, to x's dtype: this path is slightly more accurate). fp32 x takes
-"ieee" dots (exact fp32, on the CUDA cores; tests and checks, not the model's GPU path). Under Triton's
-interpreter (3.9), which computes bf16 dots wrongly, the operands are fp32 holding the same rounded
-values (as in kernels/mla/decode.py).
+rounded to x's dtype between the two products, as the PyTorch path rounds it. fp32 x takes "ieee" dots
+(exact fp32; tests and checks, not the model's GPU path). Under Triton's interpreter, which computes bf16
+dots wrongly, the operands are fp32 holding the same rounded values (as in kernels/mla/decode.py).
+Sizes and timings at the 48B shapes: BENCHMARKS-log.md.
 """
 
 from __future__ import annotations
@@ -263,7 +249,7 @@ def _operand_dtype(dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-# Launch settings for both kernels, measured on an H100 (2026-11-27, packaging/gpu_checks/moe_grouped.py,
+# Launch settings for both kernels, measured on an H100 (2026-11-27, packaging/bench/gpu_checks/moe_grouped.py,
 # Triton 3.6) at the 48B shapes. 8192 tokens (a GPU prefill chunk), fp8 weights / bf16 weights:
 #   block_m 128, block_n 64, 4 warps (chosen)   3.70 / 3.18 ms   251 / 292 TFLOP/s
 #   block_m 64, block_n 128, 8 warps            4.45 / 3.48 ms   (the first setting, chosen by reasoning)
@@ -280,7 +266,7 @@ DEFAULT_CONFIG = dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stag
 # so small blocks (tests and checks only; the model runs bf16 on a GPU). 4 warps spill with fp8 weights.
 FP32_CONFIG = dict(block_m=32, block_n=64, block_k=32, num_warps=8, num_stages=2)
 # int4 weights: the unpacked codes take registers; at 4 warps Triton 3.6 spills 800 bytes a program
-# (packaging/gpu_checks/compile_sm90.py), at 8 none. On an H200 (2026-12-03, gpu_checks/quant_kernels.py,
+# (packaging/bench/gpu_checks/compile_sm90.py), at 8 none. On an H200 (2026-12-03, gpu_checks/quant_kernels.py,
 # 8192 tokens): 8.95 ms at block_k 64, 7.30 at 128 (fp8 3.52): unpacking bounds it.
 INT4_CONFIG = {**DEFAULT_CONFIG, "num_warps": 8, "block_k": 128}
 

@@ -141,7 +141,7 @@ def row_scaled_gemv_fwd_kernel(
 
 
 # Tile shapes. BN = 16 is tl.dot's smallest side. Rows a block, measured on an H100 (2026-11-27,
-# packaging/gpu_checks/fp8_gemv.py, one token, in a CUDA graph, each with the split-K of launch_shape):
+# packaging/bench/gpu_checks/fp8_gemv.py, one token, in a CUDA graph, each with the split-K of launch_shape):
 #   weight [O, D]    64 rows, 3 stages   32 rows, 4 stages (chosen)
 #   18432 x 2304     35.7 us             27.5 us   (the dense layer's joined gate/up)
 #   12288 x 2304     23.3                20.7      (KDA's six joined projections, about this size)
@@ -153,7 +153,7 @@ def row_scaled_gemv_fwd_kernel(
 # [32, 128] fp8 tile is 4 KB per load; four stages keep 16 KB of each program's loads in flight.
 BLOCK_N = 16
 CONFIG = dict(block_o=32, block_d=128, num_warps=4, num_stages=4)
-# int4: 64 rows a block, measured on an H200 (2026-12-03, packaging/gpu_checks/quant_kernels.py, one
+# int4: 64 rows a block, measured on an H200 (2026-12-03, packaging/bench/gpu_checks/quant_kernels.py, one
 # token in a CUDA graph): 12288 x 2304 in 24.8 us against 36.2 with 32 rows; 16 rows or 8 warps were
 # twice as slow. Unpacking the codes, not reading them, bounds it (600 GB/s, fp8 1.56 TB/s).
 INT4_CONFIG = dict(block_o=64)

@@ -78,7 +78,7 @@ def demo(args) -> dict:
 
 
 def random_48b(args) -> dict:
-    from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config, write_random_checkpoint
+    from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, write_random_checkpoint
 
     config = kimi_linear_48b_config()
     # The real model's first layers: the dense layer 0, then MoE layers; KDA, KDA, MLA.

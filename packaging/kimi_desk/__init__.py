@@ -2,7 +2,8 @@
 
 The subpackages live in the repository's top-level folders: kimi_desk.app (app/), kimi_desk.engine
 (engine/), kimi_desk.kernels (kernels/) and kimi_desk.assets (assets/). Layering is one-way:
-app -> engine -> kernels.
+app -> engine -> kernels. The measurements, kimi_desk.bench (packaging/bench/), stand apart: they import
+the product, and only `kimi-desk bench` (app/cli.py) imports them.
 """
 
 import os

@@ -22,8 +22,8 @@ RUN_CLI = """
 import argparse, sys
 from kimi_desk.app import cli, pull
 _build_parser = cli.build_parser
-def build_parser():
-    parser = _build_parser()
+def build_parser(*args):
+    parser = _build_parser(*args)
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if "pull" not in commands.choices:
         pull.add_parser(commands)

@@ -30,7 +30,7 @@ ANSWER_META = re.compile(r"(\d+) tokens · \d+\.\d s")
 
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory):
-    from kimi_desk.engine.random_checkpoint import tiny_config, write_random_checkpoint, write_small_tokenizer
+    from kimi_desk.bench.random_checkpoint import tiny_config, write_random_checkpoint, write_small_tokenizer
 
     config = tiny_config(vocab_size=1024, bos_token_id=700, eos_token_id=702, pad_token_id=957)
     path = write_random_checkpoint(config, tmp_path_factory.mktemp("chat") / "model", seed=5)

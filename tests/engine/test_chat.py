@@ -15,7 +15,7 @@ from kimi_desk.engine.chat import (
     render_chat,
     stop_token_ids,
 )
-from kimi_desk.engine.random_checkpoint import tiny_config
+from kimi_desk.bench.random_checkpoint import tiny_config
 from kimi_desk.engine.tokenizer import Tokenizer, kimi_added_tokens, train_ranks
 
 TRAINING_TEXT = [

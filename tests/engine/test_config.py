@@ -11,7 +11,7 @@ import torch
 
 from fuzzing import check_case, mutate_bytes, mutate_json
 from kimi_desk.engine.config import FIELD_KINDS, ConfigError, KimiLinearConfig
-from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config, tiny_config
+from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
 from kimi_desk.engine.weights import build_on_meta
 
 # The released checkpoint's config.json (kimi-linear-spec.md §1.1), as the hub serves it.

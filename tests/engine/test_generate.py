@@ -22,7 +22,7 @@ from kimi_desk.engine.generate import (
     sample_token,
     stream_tokens,
 )
-from kimi_desk.engine.random_checkpoint import tail7_config, tiny_config, write_random_checkpoint
+from kimi_desk.bench.random_checkpoint import tail7_config, tiny_config, write_random_checkpoint
 from kimi_desk.engine.tokenizer import StreamDecoder, Tokenizer, kimi_added_tokens, train_ranks
 
 

@@ -10,7 +10,7 @@ import torch
 from kimi_desk.engine import memory
 from kimi_desk.engine.loading import choose_format
 from kimi_desk.engine.memory import MemoryCheckError
-from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config, tiny_config
+from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
 from kimi_desk.engine.weights import build_on_meta, load_model
 
 

@@ -8,7 +8,7 @@ import torch
 from kimi_desk.engine import offload
 from kimi_desk.engine.offload import OffloadedExperts, tiles_to_codes
 from kimi_desk.engine.placement import Placement
-from kimi_desk.engine.random_checkpoint import tail7_config, write_random_checkpoint
+from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 from kimi_desk.engine.weights import load_model
 from kimi_desk.kernels.quant import quantize_int4_groups
 from kimi_desk.kernels.quant.cpu import pack_int4_for_cpu

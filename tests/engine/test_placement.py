@@ -6,7 +6,7 @@ from kimi_desk.engine import placement
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.memory import estimate_memory
 from kimi_desk.engine.placement import GIB, PlacementError, parse_size, plan_placement
-from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config, tiny_config
+from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
 
 BIG = kimi_linear_48b_config()
 

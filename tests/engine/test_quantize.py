@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kimi_desk.engine import load_model
 from kimi_desk.engine.quantize import RowScaledLinear, is_quantized_weight
-from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config
+from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config
 from kimi_desk.engine.weights import build_on_meta, save_checkpoint
 from kimi_desk.kernels.quant import FP8
 from kimi_desk.kernels.quant.naive import dequantize_rows, quantize_fp8_rows

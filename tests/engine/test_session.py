@@ -225,7 +225,7 @@ def test_damaged_snapshot_is_refused_then_read_again(assistant, tmp_path):
 def test_checkpoints_are_spaced_by_the_size_of_the_state():
     """8192 tokens for small models; the 48B model's 42 MB KDA state against 8 KB of cache a token
     spreads them to about every 42k tokens, so checkpoints stay within an eighth of the snapshot."""
-    from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config, tiny_config
+    from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
     from kimi_desk.engine.session import default_checkpoint_interval
 
     assert default_checkpoint_interval(tiny_config(), torch.float32) == 8192

@@ -207,8 +207,8 @@ def test_a_question_adds_only_its_thread_and_a_fixed_working_set(tmp_path):
     """At 250k tokens of cache rows 576 wide (586 MB, float32, on the CPU): a question and a follow-up
     each add far less than a copy of the document state (what every question cost before threads), and
     the document's rows never move."""
-    from kimi_desk.engine.bench_threads import build_assistant, measure
-    from kimi_desk.engine.random_checkpoint import tiny_config
+    from kimi_desk.bench.threads import build_assistant, measure
+    from kimi_desk.bench.random_checkpoint import tiny_config
 
     config = tiny_config(vocab_size=1024, kv_lora_rank=512, qk_rope_head_dim=64, model_max_length=300_000)
     assistant = build_assistant(config, "cpu", torch.float32)

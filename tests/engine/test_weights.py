@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from fuzzing import check_case, mutate_bytes, mutate_json, tree_state
 from kimi_desk.engine import CheckpointError, ConfigError, load_model
-from kimi_desk.engine.random_checkpoint import tiny_config, write_random_checkpoint
+from kimi_desk.bench.random_checkpoint import tiny_config, write_random_checkpoint
 
 
 def copy_checkpoint(src, dst):

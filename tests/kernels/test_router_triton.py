@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 from kimi_desk.engine.model import Router  # noqa: E402
-from kimi_desk.engine.random_checkpoint import tiny_config  # noqa: E402
+from kimi_desk.bench.random_checkpoint import tiny_config  # noqa: E402
 from kimi_desk.kernels.moe import router as router_module  # noqa: E402
 from kimi_desk.kernels.moe.router import route_topk_triton  # noqa: E402
 

@@ -31,7 +31,7 @@ from kimi_desk.engine import load_model  # noqa: E402
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_head_ids, next_turn_token_ids, question_ids  # noqa: E402
 from kimi_desk.engine.ingest import load_path  # noqa: E402
 from kimi_desk.engine.kda import l2norm  # noqa: E402
-from kimi_desk.engine.random_checkpoint import random_model, tail7_config, tiny_config  # noqa: E402
+from kimi_desk.bench.random_checkpoint import random_model, tail7_config, tiny_config  # noqa: E402
 from kimi_desk.engine.tokenizer import load_tokenizer  # noqa: E402
 from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda  # noqa: E402
 

@@ -1,5 +1,5 @@
 """The project as a person installs it: a wheel that carries its assets and only kimi_desk, installed
-into a fresh virtualenv, whose `kimi-desk --version` answers."""
+into a fresh virtualenv, whose `kimi-desk --version` and `kimi-desk bench cpu --help` answer."""
 
 import subprocess
 import zipfile
@@ -28,5 +28,11 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     for folder in ("app", "engine", "kernels"):
         for module in (ROOT / folder).rglob("*.py"):
             assert f"kimi_desk/{module.relative_to(ROOT).as_posix()}" in names, f"{module} is not in the wheel"
+    # The measurements behind `kimi-desk bench` (packaging/bench/ as kimi_desk.bench; its script folders
+    # gpu_checks/ and llama_cpp/ are not installed).
+    bench = ROOT / "packaging" / "bench"
+    for module in [*bench.glob("*.py"), *(bench / "cpu").glob("*.py")]:
+        assert f"kimi_desk/bench/{module.relative_to(bench).as_posix()}" in names, f"{module} is not in the wheel"
+    assert not [n for n in names if n.startswith(("kimi_desk/bench/gpu_checks/", "kimi_desk/bench/llama_cpp/"))]
     (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
     assert sdist.stat().st_size > 0

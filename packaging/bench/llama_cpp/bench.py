@@ -16,8 +16,8 @@ before and after: on a shared machine the figures are only as good as its idle c
 samples nvidia-smi's memory.used every 100 ms while llama-bench runs and adds the peak over the reading
 before it (`gpu_memory_peak_mib`): llama.cpp has no memory cap, so this is how a run shows that its
 `-ngl` / `--n-cpu-moe` choice stayed within a budget. kimi-desk's own
-benchmark runs this as a subprocess and puts the figures beside its own (measurement code under
-packaging/bench/ is never imported by the product).
+benchmark runs this as a subprocess and puts the figures beside its own (a script of packaging/bench/,
+the measurements, which the product never imports).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config, write_random_checkpoint
+from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, write_random_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

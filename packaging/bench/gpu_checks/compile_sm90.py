@@ -3,7 +3,7 @@ per launch setting, from Triton's own compiler and the ptxas it ships. It answer
 spill, does it fit the 227 KiB of shared memory" before any device time is spent; speed still needs
 the GPU. The local Triton may differ from the GPU machine's (check `triton.__version__` on both).
 
-    python packaging/gpu_checks/compile_sm90.py [fp8_gemv] [kda_intra] [quant_formats]
+    python packaging/bench/gpu_checks/compile_sm90.py [fp8_gemv] [kda_intra] [quant_formats]
 """
 
 import os

@@ -2,7 +2,7 @@
 against the grouped PyTorch path and float64, then time per chunk size and launch setting, beside the
 grouped PyTorch path it replaces.
 
-Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/gpu_checks/moe_grouped.py
+Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/moe_grouped.py
 """
 import time
 

@@ -35,7 +35,7 @@ def check_offload(log) -> dict:
 
     from kimi_desk.engine.cuda_graph import GraphDecoder
     from kimi_desk.engine.placement import Placement
-    from kimi_desk.engine.random_checkpoint import tail7_config, write_random_checkpoint
+    from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
     from kimi_desk.engine.weights import load_model
 
     gpu_experts = {1: (), 2: (0, 1, 2, 3), 3: (1, 4, 6), 4: (5,), 5: (0, 1, 2, 3, 4, 6, 7), 6: tuple(range(8))}
@@ -78,8 +78,8 @@ def time_budget(config, budget_text: str, quantize: str | None, prefill_tokens: 
 
     from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.engine.placement import PlacementError, parse_size, plan_placement
-    from kimi_desk.engine.random_checkpoint import random_model
-    from kimi_desk.engine.bench_model import warm_state
+    from kimi_desk.bench.random_checkpoint import random_model
+    from kimi_desk.bench.model import warm_state
 
     budget = parse_size(budget_text, "--gpu-memory")
     row: dict = {"gpu_budget": budget_text, "gpu_budget_bytes": budget, "quantize": quantize}
@@ -221,7 +221,8 @@ def round_trip_copies_ms(model, steps: int) -> float:
     weights = torch.zeros(1, host.weights.shape[-1], dtype=host.weights.dtype, device="cuda")
     out = torch.zeros(1, host.out.shape[-1], dtype=host.out.dtype, device="cuda")
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # The host buffers were made during decode, under inference mode: only inference mode writes them.
+    with torch.inference_mode(), torch.cuda.graph(graph):
         for layer in layers:
             h = layer._host
             h.x[:1].copy_(x, non_blocking=True)

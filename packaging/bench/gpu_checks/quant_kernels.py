@@ -2,7 +2,7 @@
 decode GEMV, the MoE GEMV of one token, the prefill grouped GEMM of 8192 tokens. Each variant is
 checked against float64 on the dequantized weights, then timed (graph replay for the GEMVs).
 
-    source packaging/source_shim.sh && python3 packaging/gpu_checks/quant_kernels.py
+    source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/quant_kernels.py
 """
 
 import torch

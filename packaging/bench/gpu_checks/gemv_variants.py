@@ -1,6 +1,6 @@
 """GPU check: fp8 GEMV variants at the 48B decode shapes, one token, each in a CUDA graph, checked against
 float64. Prints a table last. Run from the repo root on the device:
-source packaging/source_shim.sh && python3 packaging/gpu_checks/gemv_variants.py"""
+source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/gemv_variants.py"""
 import torch, triton
 from kimi_desk.kernels.quant import quantize_fp8_rows, dequantize_rows
 from kimi_desk.kernels.quant.gemv import row_scaled_gemv

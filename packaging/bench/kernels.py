@@ -110,7 +110,7 @@ def tile_gates(gates, T, heads=H, channels=K):
     return g[:T, :heads, :channels].unsqueeze(0).contiguous().float()
 
 
-def _inputs(B, T, gate, seed, dtype=None, device="cuda"):
+def kda_inputs(B, T, gate, seed, dtype=None, device="cuda"):
     import torch
     import torch.nn.functional as F
 
@@ -141,7 +141,7 @@ def _inputs(B, T, gate, seed, dtype=None, device="cuda"):
 
 def _raw_inputs(B, T, seed, device="cuda"):
     """The real layer's raw KDA inputs, as the fused variants read them: q, k before their L2 norm, the
-    gate's input x with A_log and dt_bias (drawn as in _inputs), beta's logits; bf16 like the projections.
+    gate's input x with A_log and dt_bias (drawn as in kda_inputs), beta's logits; bf16 like the projections.
     Returns (q, k, v, x, beta_logits, A_log, dt_bias, h0) and the prepared (q, k, g, beta) in float64."""
     import torch
     import torch.nn.functional as F
@@ -239,7 +239,7 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
         # The long one first: fla autotunes on its first call and keeps that choice for every length, so a
         # first call at T = 18 would slow its prefill timings below by 40% (seen on an H100).
         for B, T in ((1, 2048 + 37), (2, 129), (1, 18), (1, 63), (1, 64), (1, 65)):
-            q, k, v, g, beta, h0 = _inputs(B, T, gate, seed=T + B)
+            q, k, v, g, beta, h0 = kda_inputs(B, T, gate, seed=T + B)
             o_ref, s_ref = _reference_f64(q, k, v, g, beta, h0)
             out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
             o, s = chunk_kda_triton(q, k, v, g, beta, None, h0, True, out=out, intra_config=intra_cfg,
@@ -264,7 +264,7 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
                                  vs_fla=_rel(o, fo), nan=bool(o.isnan().any())))
                 log(rows[-1])
         for B, T in ((1, 1), (8, 1), (8, 5)):
-            q, k, v, g, beta, h0 = _inputs(B, T, gate, seed=100 + T + B)
+            q, k, v, g, beta, h0 = kda_inputs(B, T, gate, seed=100 + T + B)
             o_ref, s_ref = _reference_f64(q, k, v, g, beta, h0)
             out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
             state = h0.clone()
@@ -323,7 +323,7 @@ def gate_sweep(log, lengths, intra_cfg=None, scan_cfg=None, demo_gates=None, che
 
     res = dict(gates=names, check=[], timing=[])
     for name in names:
-        q, k, v, _, beta, h0 = _inputs(1, check_T, "mild", seed=check_T, device=device)
+        q, k, v, _, beta, h0 = kda_inputs(1, check_T, "mild", seed=check_T, device=device)
         g = gate(name, check_T, seed=1)
         o_ref, s_ref = _reference_f64(q, k, v, g, beta, h0)
         out = torch.full((1, check_T, H, V), float("nan"), dtype=q.dtype, device=device)
@@ -344,7 +344,7 @@ def gate_sweep(log, lengths, intra_cfg=None, scan_cfg=None, demo_gates=None, che
         torch.cuda.empty_cache()
     assert CHUNK_SIZE % SUB_CHUNK == 0
     for T in lengths:
-        q, k, v, _, beta, h0 = _inputs(1, T, "mild", seed=T, device=device)
+        q, k, v, _, beta, h0 = kda_inputs(1, T, "mild", seed=T, device=device)
         for name in names:
             g = gate(name, T, seed=T + 1)
             ours, theirs = _plain_calls(q, k, v, g, beta, h0, intra_cfg, scan_cfg)
@@ -369,7 +369,7 @@ def tune_prefill(log, T=32768):
 
     from kimi_desk.kernels.kda.chunk import chunk_kda_intra, chunk_kda_scan
 
-    q, k, v, g, beta, h0 = _inputs(1, T, "model", seed=7)
+    q, k, v, g, beta, h0 = kda_inputs(1, T, "model", seed=7)
     scale = K**-0.5
     # The default first (BK = 32, the levels inside the sub-chunks in a pass of their own), then a wider
     # channel block, one pass over the channels, more warps.
@@ -410,7 +410,7 @@ def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
 
     rows = []
     for T in lengths:
-        q, k, v, g, beta, h0 = _inputs(1, T, "model", seed=T)
+        q, k, v, g, beta, h0 = kda_inputs(1, T, "model", seed=T)
         ours, theirs = _plain_calls(q, k, v, g, beta, h0, intra_cfg, scan_cfg)
         t_ours, t_fla = _bench(ours, ms=400), _bench(theirs, ms=400)
         mem_ours, mem_fla = _peak(ours), _peak(theirs)
@@ -453,7 +453,7 @@ def bench_decode(log, bandwidth):
 
     rows = []
     for B in (1, 8):
-        layers = [_inputs(B, 1, "model", seed=1000 + i) for i in range(LAYERS)]
+        layers = [kda_inputs(B, 1, "model", seed=1000 + i) for i in range(LAYERS)]
         states = [x[5].clone() for x in layers]
         outs = [torch.empty(B, 1, H, V, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
 
@@ -503,7 +503,7 @@ def tune_decode(log):
 
     res = []
     for B in (1, 8):
-        layers = [_inputs(B, 1, "model", seed=1000 + i) for i in range(LAYERS)]
+        layers = [kda_inputs(B, 1, "model", seed=1000 + i) for i in range(LAYERS)]
         states = [x[5].clone() for x in layers]
         outs = [torch.empty(B, 1, H, V, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
         for bv, nw in ((16, 4), (32, 2), (64, 2), (64, 4)):
@@ -681,7 +681,7 @@ def bench_mla(log, bandwidth):
     return res
 
 def main(argv=None, demo_gates=None):
-    """`demo_gates` (device -> the demo model's per-layer gates, engine/bench_model.py) adds the trained
+    """`demo_gates` (device -> the demo model's per-layer gates, packaging/bench/model.py) adds the trained
     model's gates to the gate sweep; the kernels layer does not load models itself."""
     ap = argparse.ArgumentParser(prog="kimi-desk bench kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, help="where to write the results (default .bench/kernels-DATE.json)")

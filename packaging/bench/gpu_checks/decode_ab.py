@@ -1,16 +1,16 @@
 """GPU check: decode-step variants of the 27-layer fp8 model at the 48B shapes, one model, one table.
-Each variant records its own CUDA graph of the step (bench_model.time_graph_decode) with 131,072 cached
+Each variant records its own CUDA graph of the step (kimi_desk.bench.model.time_graph_decode) with 131,072 cached
 tokens, and its logits are compared with the first variant's. Variants: programmatic dependent launch
 (kimi_desk.kernels.pdl) on and off (`without_pdl`), the router's logits by the Triton GEMV or by PyTorch (cuBLAS).
-Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/gpu_checks/decode_ab.py [context]"""
+Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/decode_ab.py [context]"""
 import contextlib
 import sys
 import torch
 import kimi_desk.kernels as kernels
 import kimi_desk.engine.model as model_module
-from kimi_desk.engine.bench_model import slice_config, time_graph_decode, decode_bytes
+from kimi_desk.bench.model import slice_config, time_graph_decode, decode_bytes
 from kimi_desk.engine.fuse import fuse_projections
-from kimi_desk.engine.random_checkpoint import random_model
+from kimi_desk.bench.random_checkpoint import random_model
 from kimi_desk.engine.state import KDAState
 
 context = int(sys.argv[1]) if len(sys.argv) > 1 else 131072

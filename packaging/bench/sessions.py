@@ -45,7 +45,7 @@ def _worker(argv: list[str]) -> None:
     mode, model_path, document, home = argv
     import torch
 
-    from kimi_desk.engine.bench import _rss_peak_mb
+    from kimi_desk.bench.cpu import _rss_peak_mb
     from kimi_desk.engine.session import Assistant, SessionStore
 
     torch.manual_seed(0)
@@ -67,7 +67,7 @@ def _worker(argv: list[str]) -> None:
 
 
 def _run(mode: str, model: Path, document: Path, home: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "kimi_desk.engine.bench_sessions", "--worker", mode, str(model),
+    proc = subprocess.run([sys.executable, "-m", "kimi_desk.bench.sessions", "--worker", mode, str(model),
                            str(document), str(home)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} of {document.name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -77,8 +77,8 @@ def _run(mode: str, model: Path, document: Path, home: Path) -> dict:
 def run_session_benchmark(restore_tokens: int, memory_tokens: list[int], log=print) -> dict:
     import torch
 
-    from kimi_desk.engine.bench import _machine
-    from kimi_desk.engine.random_checkpoint import (
+    from kimi_desk.bench.cpu import _harness
+    from kimi_desk.bench.random_checkpoint import (
         bench_config,
         write_random_checkpoint,
         write_small_tokenizer,
@@ -103,7 +103,7 @@ def run_session_benchmark(restore_tokens: int, memory_tokens: list[int], log=pri
                 row["restore"] = _run("restore", model, document, home)
                 log(f"restore {read['tokens']:>8,} tokens: {row['restore']['seconds']:.2f} s")
             rows.append(row)
-    return {"benchmark": "sessions", "date": datetime.date.today().isoformat(), "machine": _machine(),
+    return {"benchmark": "sessions", "date": datetime.date.today().isoformat(), "machine": _harness()._machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
 
 

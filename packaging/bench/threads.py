@@ -128,7 +128,7 @@ def build_assistant(config, device: str, dtype, seed: int = 0, quantize: str | N
     import torch
 
     from kimi_desk.engine.fuse import fuse_projections
-    from kimi_desk.engine.random_checkpoint import random_model, write_small_tokenizer
+    from kimi_desk.bench.random_checkpoint import random_model, write_small_tokenizer
     from kimi_desk.engine.session import Assistant
     from kimi_desk.engine.tokenizer import load_tokenizer
 
@@ -175,7 +175,7 @@ def markdown_table(result: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config, tiny_config
+    from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
     from kimi_desk.engine.session import SessionStore
 
     if args.device == "cuda" and not torch.cuda.is_available():

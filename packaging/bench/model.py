@@ -61,7 +61,7 @@ def check_correctness(log) -> dict:
 
     from kimi_desk.engine import load_model
     from kimi_desk.engine.fuse import fuse_projections
-    from kimi_desk.engine.random_checkpoint import tail7_config, write_random_checkpoint
+    from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_checkpoint(tail7_config(), Path(tmp) / "m", seed=3)
@@ -192,7 +192,7 @@ def check_graph_decode(model, ids, prompt: int = 250, steps: int = 32) -> dict:
 
 
 def slice_config(layers: int):
-    from kimi_desk.engine.random_checkpoint import kimi_linear_48b_config
+    from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config
 
     config = kimi_linear_48b_config()
     kinds = config.layer_kinds[:layers]
@@ -231,7 +231,7 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
     import torch
 
     from kimi_desk.engine.fuse import fuse_projections
-    from kimi_desk.engine.random_checkpoint import random_model
+    from kimi_desk.bench.random_checkpoint import random_model
 
     torch.cuda.reset_peak_memory_stats()
     # As the app runs it (Assistant.load): the projections that share an input joined.
@@ -573,7 +573,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory", default=None, metavar="SIZE[,SIZE]",
                         help="GPU memory budgets, comma-separated (e.g. 24GiB,16GiB): the model placed in each, the "
                              "routed experts that do not fit in RAM, the cap enforced as a hard limit "
-                             "(engine/bench_offload.py); replaces the whole-GPU timing and the baseline")
+                             "(packaging/bench/offload.py); replaces the whole-GPU timing and the baseline")
     parser.add_argument("--read-tokens", default="131072,1048576",
                         help="with --gpu-memory: document lengths whose plan is reported (fits or not)")
     parser.add_argument("--json", type=Path, default=None)
@@ -627,7 +627,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_budgets(args, config, formats, contexts, result, save, log) -> int:
-    from kimi_desk.engine.bench_offload import check_offload, time_budget
+    from kimi_desk.bench.offload import check_offload, time_budget
     from kimi_desk.engine.placement import parse_size
 
     budgets = [b.strip() for b in args.gpu_memory.split(",") if b.strip()]

@@ -11,7 +11,7 @@ engine/offload.py), against the whole model on the GPU and against the eager spl
    graphs with each layer's RAM experts on a thread pool of 2, 4, 8 (a variant not in the engine).
 
 Run from the repo root on the device:
-    source packaging/source_shim.sh && python3 packaging/gpu_checks/offload_graphs.py [--layers 27] [--context 8192]
+    source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/offload_graphs.py [--layers 27] [--context 8192]
 """
 
 import argparse
@@ -27,7 +27,7 @@ from kimi_desk.engine import offload
 from kimi_desk.engine.cuda_graph import GraphDecoder
 from kimi_desk.engine.generate import generate
 from kimi_desk.engine.placement import Placement
-from kimi_desk.engine.random_checkpoint import tail7_config, write_random_checkpoint
+from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 from kimi_desk.engine.state import MLACache
 from kimi_desk.engine.weights import load_model
 
@@ -82,9 +82,9 @@ def check(path: Path, name: str, dtype, quantize, prompt: int = 40, steps: int =
 
 
 def timing(layers: int, context: int, steps: int = 30) -> None:
-    from kimi_desk.engine.bench_model import slice_config, warm_state
+    from kimi_desk.bench.model import slice_config, warm_state
     from kimi_desk.engine.fuse import fuse_projections
-    from kimi_desk.engine.random_checkpoint import random_model
+    from kimi_desk.bench.random_checkpoint import random_model
 
     config = slice_config(layers)
     moe = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]

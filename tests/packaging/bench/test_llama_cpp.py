@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "packaging" / "bench" / "llama_cpp"))
 
 import bench  # noqa: E402
 import convert  # noqa: E402
 
-from kimi_desk.engine.random_checkpoint import write_small_tokenizer  # noqa: E402
+from kimi_desk.bench.random_checkpoint import write_small_tokenizer  # noqa: E402
 from kimi_desk.engine.tokenizer import bytes_to_unicode, load_tokenizer  # noqa: E402
 
 

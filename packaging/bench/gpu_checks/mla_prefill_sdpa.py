@@ -6,7 +6,7 @@ queries (a prefill chunk) after a long cache. The cached keys are all visible to
 chunk (no mask); the chunk's own keys are causal. Each backend is timed on the unmasked cached part,
 values padded to 192 (what flash attention wants) and, where the backend takes it, unpadded.
 
-Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/gpu_checks/mla_prefill_sdpa.py
+Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/mla_prefill_sdpa.py
 """
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,5 @@
 """GPU check of the fp8 GEMV and fp8 MoE GEMV: correctness at the 48B shapes, CUDA-graph replay, timing.
-Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/gpu_checks/fp8_gemv.py"""
+Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/fp8_gemv.py"""
 import torch, triton
 from kimi_desk.kernels.quant import quantize_fp8_rows, dequantize_rows, row_scaled_linear_torch
 from kimi_desk.kernels.quant.gemv import row_scaled_gemv, launch_shape

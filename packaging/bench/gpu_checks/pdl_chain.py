@@ -3,7 +3,7 @@ at the 48B decode shapes (each product reads the previous one's output), capture
 PDL off and on. Checks the result bit for bit against the chain without PDL; prints a table last. (Two
 more variants, reading each program's first weight tile or prefetching its weights into L2 before the
 wait, measured no faster on 2026-11-27 and were removed from the kernel: BENCHMARKS.md.)
-Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/gpu_checks/pdl_chain.py"""
+Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/pdl_chain.py"""
 import contextlib
 import torch, triton
 from kimi_desk.kernels import without_pdl

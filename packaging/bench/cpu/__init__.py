@@ -1,6 +1,6 @@
-"""`kimi-desk bench cpu`: the entry point of the CPU benchmark, whose measurements live beside the other
-benchmarks in packaging/bench/cpu/cpu_bench.py (a source checkout's; an installed wheel has no
-benchmarks). Its options are declared there; this module only finds and runs it.
+"""`kimi-desk bench cpu`: the entry point of the CPU benchmark, whose measurements live beside this
+module in cpu_bench.py (a script as well: it runs its own worker processes by path). Its options are
+declared there; this module only finds and runs it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kimi_desk.engine.errors import UserError
 
-HARNESS = Path(__file__).resolve().parents[1] / "packaging" / "bench" / "cpu" / "cpu_bench.py"
+HARNESS = Path(__file__).resolve().parent / "cpu_bench.py"
 
 
 def _rss_peak_mb() -> float:
@@ -21,8 +21,7 @@ def _rss_peak_mb() -> float:
 
 def _harness():
     if not HARNESS.is_file():
-        raise UserError("kimi-desk bench cpu runs from a source checkout of kimi-desk "
-                         f"(it needs {HARNESS.relative_to(HARNESS.parents[3])})")
+        raise UserError(f"kimi-desk bench cpu needs {HARNESS}, which this installation lacks")
     spec = importlib.util.spec_from_file_location("kimi_desk_cpu_bench", HARNESS)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -2,16 +2,16 @@
 the 48B shapes (B = 1, H = 32, K = V = 128, bf16, the model's gate), T = 32,768 by default. Prints each
 side's kernels (GPU time from torch.profiler, one call after warm-up) and a short table last.
 Needs fla-core (carry its wheel). Run from the repo root on the device:
-source packaging/source_shim.sh && python3 packaging/gpu_checks/kda_prefill_profile.py [T]"""
+source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/kda_prefill_profile.py [T]"""
 import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 from fla.ops.kda import chunk_kda as fla_chunk
-from kimi_desk.kernels.bench import _inputs
+from kimi_desk.bench.kernels import kda_inputs
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
-q, k, v, g, beta, h0 = _inputs(1, T, "model", seed=7)
+q, k, v, g, beta, h0 = kda_inputs(1, T, "model", seed=7)
 runs = {
     "ours": lambda: chunk_kda_triton(q, k, v, g, beta, None, h0, True),
     "fla": lambda: fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True),
