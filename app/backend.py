@@ -6,12 +6,13 @@ start-up, and the first screen must paint before torch (seconds to import) is lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
-from collections.abc import Callable
 
 from kimi_desk.engine import loading
-from kimi_desk.engine.loading import NO_MODEL_MESSAGE, ModelChoiceError as ModelNotFound
+from kimi_desk.engine.loading import NO_MODEL_MESSAGE
+from kimi_desk.engine.loading import ModelChoiceError as ModelNotFound
 
 
 class AssistantLike(Protocol):
@@ -35,8 +36,10 @@ StoreFactory = Callable[[], Any]
 
 
 # What the embedded demo model can and cannot do, said wherever it answers (the chat, `ask`).
-DEMO_MODEL_NOTE = ("The embedded demo model (22 M parameters) reads the whole document, but it does not retrieve "
-                   "facts from it reliably: its answers are mostly invented.")
+DEMO_MODEL_NOTE = (
+    "The embedded demo model (22 M parameters) reads the whole document, but it does not retrieve "
+    "facts from it reliably: its answers are mostly invented."
+)
 DEMO_MODEL_REMEDY = "For real answers: 'kimi-desk pull moonshotai/Kimi-Linear-48B-A3B-Instruct', then "
 
 
@@ -59,12 +62,14 @@ def choose_model(cli_model: str | None, settings_model: str) -> ModelChoice:
     raise ModelNotFound(NO_MODEL_MESSAGE)
 
 
-def load_assistant(model: str, device: str, quantize: str | None = "auto", gpu_memory: str | None = None,
-                   cpu_memory: str | None = None) -> AssistantLike:
+def load_assistant(
+    model: str, device: str, quantize: str | None = "auto", gpu_memory: str | None = None, cpu_memory: str | None = None
+) -> AssistantLike:
     """The real engine: the default EngineFactory. The model, device and format are the engine's choice
     (engine/loading.py), as for the command line; a model that cannot fit is a one-line problem, before
     anything is loaded."""
-    from kimi_desk.engine.loading import load_assistant as load, resolve_model
+    from kimi_desk.engine.loading import load_assistant as load
+    from kimi_desk.engine.loading import resolve_model
 
     return load(resolve_model(model), device, quantize, gpu_memory=gpu_memory, cpu_memory=cpu_memory)
 

@@ -46,8 +46,11 @@ def build_parser(argv: list[str] | tuple[str, ...] = ()) -> argparse.ArgumentPar
     open_command.add_parser(commands)
     session_commands.add_parsers(commands)
 
-    bench = commands.add_parser("bench", help="measure this machine (prefill and decode tokens/s)",
-                                description="Benchmarks. Each writes a Markdown table to stdout.")
+    bench = commands.add_parser(
+        "bench",
+        help="measure this machine (prefill and decode tokens/s)",
+        description="Benchmarks. Each writes a Markdown table to stdout.",
+    )
     if argv[:1] == ["bench"]:  # the measurements (kimi_desk.bench) are imported only when asked for
         _add_bench_suites(bench)
     return parser
@@ -62,26 +65,39 @@ def _add_bench_suites(bench: argparse.ArgumentParser) -> None:
     from kimi_desk.bench import threads as threads_bench
 
     suites = bench.add_subparsers(dest="suite", metavar="SUITE", parser_class=_Parser)
-    cpu = suites.add_parser("cpu", help="the engine on the CPU: reading, answering and memory per weight format",
-                            description="Reading and decode tokens/s, first-token latency after a long document "
-                            "and peak memory on the CPU, for the weight formats none, int8 and int4.")
+    cpu = suites.add_parser(
+        "cpu",
+        help="the engine on the CPU: reading, answering and memory per weight format",
+        description="Reading and decode tokens/s, first-token latency after a long document "
+        "and peak memory on the CPU, for the weight formats none, int8 and int4.",
+    )
     cpu_bench.add_arguments(cpu)
     cpu.set_defaults(run=cpu_bench.main)
     # The kernel benchmark parses its own options (it runs on a CUDA machine beside fla-core).
-    suites.add_parser("kernels", add_help=False, help="KDA kernels on a CUDA GPU beside fla-core "
-                      "(pass --help for its options)")
-    model = suites.add_parser("model", help="the model at the 48B shapes on a CUDA GPU beside transformers + fla",
-                              description=model_bench.__doc__.split("\n\n")[0])
+    suites.add_parser(
+        "kernels", add_help=False, help="KDA kernels on a CUDA GPU beside fla-core (pass --help for its options)"
+    )
+    model = suites.add_parser(
+        "model",
+        help="the model at the 48B shapes on a CUDA GPU beside transformers + fla",
+        description=model_bench.__doc__.split("\n\n")[0],
+    )
     model_bench.add_arguments(model)
     model.set_defaults(run=model_bench.main)
-    sessions = suites.add_parser("sessions", help="reading against restoring a session; snapshot size; memory",
-                                 description="Read documents of growing length into sessions on the CPU: time to "
-                                 "read against time to restore from the snapshot, snapshot size per token, and peak "
-                                 "memory while reading.")
+    sessions = suites.add_parser(
+        "sessions",
+        help="reading against restoring a session; snapshot size; memory",
+        description="Read documents of growing length into sessions on the CPU: time to "
+        "read against time to restore from the snapshot, snapshot size per token, and peak "
+        "memory while reading.",
+    )
     sessions_bench.add_arguments(sessions)
     sessions.set_defaults(run=sessions_bench.main)
-    threads = suites.add_parser("threads", help="memory of a question in a thread after a long document",
-                                description=threads_bench.__doc__.split("\n\n")[0])
+    threads = suites.add_parser(
+        "threads",
+        help="memory of a question in a thread after a long document",
+        description=threads_bench.__doc__.split("\n\n")[0],
+    )
     threads_bench.add_arguments(threads)
     threads.set_defaults(run=threads_bench.main)
 
@@ -122,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, _known_errors()):
             print(f"kimi-desk: error: {message}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        print(f"kimi-desk: internal error: {type(exc).__name__}: {message} (KIMI_DESK_DEBUG=1 shows details)",
-              file=sys.stderr)
+        print(
+            f"kimi-desk: internal error: {type(exc).__name__}: {message} (KIMI_DESK_DEBUG=1 shows details)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

@@ -22,9 +22,11 @@ from kimi_desk.app.progress_line import ProgressLine
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.loading import QUANTIZE_CHOICES
 
-QUANTIZE_HELP = ("the big matrices' format, chosen at load time and cached beside the model: fp8 (GPUs from "
-                 "Ada on) or int8 halve the memory of bf16, int4 quarters it; auto (default): the most faithful "
-                 "format that fits this device, said on one line when it is not the checkpoint's own")
+QUANTIZE_HELP = (
+    "the big matrices' format, chosen at load time and cached beside the model: fp8 (GPUs from "
+    "Ada on) or int8 halve the memory of bf16, int4 quarters it; auto (default): the most faithful "
+    "format that fits this device, said on one line when it is not the checkpoint's own"
+)
 
 
 class UsageError(UserError):
@@ -47,9 +49,14 @@ def load_assistant(args, session=None, answering: bool = False):
     path = resolve_model(args.model, session)
     if answering and Path(path).resolve() == DEMO_MODEL.resolve():
         print(f"kimi-desk: {DEMO_MODEL_NOTICE}", file=sys.stderr)
-    return load(path, args.device, getattr(args, "quantize", "auto"),
-                notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr),
-                gpu_memory=getattr(args, "gpu_memory", None), cpu_memory=getattr(args, "cpu_memory", None))
+    return load(
+        path,
+        args.device,
+        getattr(args, "quantize", "auto"),
+        notice=lambda line: print(f"kimi-desk: {line}", file=sys.stderr),
+        gpu_memory=getattr(args, "gpu_memory", None),
+        cpu_memory=getattr(args, "cpu_memory", None),
+    )
 
 
 def positive_int(text: str) -> int:
@@ -64,10 +71,18 @@ def positive_int(text: str) -> int:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="PATH|REPO_ID", help="a model folder, or a hub repo id (owner/name) "
-                        "after 'kimi-desk pull' (default: the session's model, else the embedded demo model)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where the model runs (default: auto, CUDA when present)")
+    parser.add_argument(
+        "--model",
+        metavar="PATH|REPO_ID",
+        help="a model folder, or a hub repo id (owner/name) "
+        "after 'kimi-desk pull' (default: the session's model, else the embedded demo model)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the model runs (default: auto, CUDA when present)",
+    )
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
     from kimi_desk.app.open_command import add_memory_options
 
@@ -83,18 +98,24 @@ class ReadingProgress(ProgressLine):
         files = f"{p.files_done:,}/{p.files_total:,} file{'' if p.files_total == 1 else 's'}"
         # The piece being read: a file's path, or what the engine names in parentheses itself.
         where = printable(p.path) if p.path.startswith("(") else f"({printable(p.path)})"
-        self.show("reading", fraction,
-                  f"{p.tokens_done:,}/{p.tokens_total:,} tokens  {files}  {p.tokens_per_second:,.0f} tok/s  {left}  "
-                  f"{printable(p.path)}",
-                  f"{p.tokens_done:,}/{p.tokens_total:,} tokens, {files}, {p.tokens_per_second:,.0f} tokens/s, "
-                  f"{left} {where}", finished=p.tokens_done >= p.tokens_total)
+        self.show(
+            "reading",
+            fraction,
+            f"{p.tokens_done:,}/{p.tokens_total:,} tokens  {files}  {p.tokens_per_second:,.0f} tok/s  {left}  "
+            f"{printable(p.path)}",
+            f"{p.tokens_done:,}/{p.tokens_total:,} tokens, {files}, {p.tokens_per_second:,.0f} tokens/s, "
+            f"{left} {where}",
+            finished=p.tokens_done >= p.tokens_total,
+        )
 
 
 # -- ingest -----------------------------------------------------------------------------------------
 
 # The ingest option that sets each loader limit (engine/ingest LoaderLimits), named when it leaves files out.
 _LIMIT_OPTIONS = {
-    "max_files": "--max-files", "max_file_bytes": "--max-file-bytes", "max_total_bytes": "--max-total-bytes",
+    "max_files": "--max-files",
+    "max_file_bytes": "--max-file-bytes",
+    "max_total_bytes": "--max-total-bytes",
 }
 
 
@@ -129,15 +150,24 @@ def run_ingest(args) -> int:
         else:
             # Reading slows as the document grows: the average rate over this document's length.
             estimate = tokens_to_read / assistant.reading_rate(tokens_to_read, session.read_position)
-            progress.say(f"{session.name}: {tokens_to_read:,} tokens to read, about {formatting.clock(estimate)} "
-                         f"on this device ({assistant.model.device.type})")
+            progress.say(
+                f"{session.name}: {tokens_to_read:,} tokens to read, about {formatting.clock(estimate)} "
+                f"on this device ({assistant.model.device.type})"
+            )
 
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     started = time.perf_counter()
     try:
-        session = assistant.read(SessionStore(), args.path, name=args.name, limits=limits,
-                                 on_progress=progress.update, cancel=cancel, on_plan=on_plan)
+        session = assistant.read(
+            SessionStore(),
+            args.path,
+            name=args.name,
+            limits=limits,
+            on_progress=progress.update,
+            cancel=cancel,
+            on_plan=on_plan,
+        )
     except ReadCancelled as stopped:
         progress.done()
         print(f"kimi-desk: {stopped}; run the same command again to resume", file=sys.stderr)
@@ -146,9 +176,18 @@ def run_ingest(args) -> int:
         signal.signal(signal.SIGINT, previous)
     progress.done()
     if args.json:
-        print(json.dumps({"id": session.id, "name": session.name, "source": session.source,
-                          "tokens": session.document_tokens, "files": len(session.files),
-                          "seconds": round(time.perf_counter() - started, 3)}))
+        print(
+            json.dumps(
+                {
+                    "id": session.id,
+                    "name": session.name,
+                    "source": session.source,
+                    "tokens": session.document_tokens,
+                    "files": len(session.files),
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            )
+        )
     else:
         print(session.id)
     return 0
@@ -171,8 +210,16 @@ def run_ask(args) -> int:
     notice = lambda line: print(f"kimi-desk: {line}", file=sys.stderr)  # noqa: E731
     try:
         index = None if args.turn is None else args.turn - 1
-        for event in assistant.ask(session, args.text, thread=thread, index=index, sampling=sampling,
-                                   max_new_tokens=args.max_new_tokens, cancel=cancel, notice=notice):
+        for event in assistant.ask(
+            session,
+            args.text,
+            thread=thread,
+            index=index,
+            sampling=sampling,
+            max_new_tokens=args.max_new_tokens,
+            cancel=cancel,
+            notice=notice,
+        ):
             if not args.json:
                 sys.stdout.write(_printable_answer(event.text))
                 sys.stdout.flush()
@@ -182,10 +229,21 @@ def run_ask(args) -> int:
     turn = session.thread(thread).turns[-1]
     citations = SourceIndex(session).cite(turn.answer)
     if args.json:
-        print(json.dumps({"session": session.id, "thread": thread, "turn": len(session.thread(thread).turns),
-                          "question": turn.question, "answer": turn.answer, "finish_reason": turn.finish_reason,
-                          "tokens": len(turn.answer_token_ids), "seconds": turn.seconds,
-                          "citations": [c.to_json() for c in citations]}))
+        print(
+            json.dumps(
+                {
+                    "session": session.id,
+                    "thread": thread,
+                    "turn": len(session.thread(thread).turns),
+                    "question": turn.question,
+                    "answer": turn.answer,
+                    "finish_reason": turn.finish_reason,
+                    "tokens": len(turn.answer_token_ids),
+                    "seconds": turn.seconds,
+                    "citations": [c.to_json() for c in citations],
+                }
+            )
+        )
     else:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -223,10 +281,20 @@ def citation_lines(citations) -> list[str]:
 
 
 def _summary(session) -> dict:
-    return {"id": session.id, "name": session.name, "source": session.source, "tokens": session.document_tokens,
-            "read": session.read_position, "complete": session.complete, "files": len(session.files),
-            "bytes": session.nbytes(), "created": session.created, "last_used": session.last_used,
-            "threads": len(session.threads), "questions": session.turns}
+    return {
+        "id": session.id,
+        "name": session.name,
+        "source": session.source,
+        "tokens": session.document_tokens,
+        "read": session.read_position,
+        "complete": session.complete,
+        "files": len(session.files),
+        "bytes": session.nbytes(),
+        "created": session.created,
+        "last_used": session.last_used,
+        "threads": len(session.threads),
+        "questions": session.turns,
+    }
 
 
 def run_sessions_list(args) -> int:
@@ -243,8 +311,10 @@ def run_sessions_list(args) -> int:
         print(f"{'ID':<9} {'NAME':<24} {'TOKENS':>10} {'SIZE':>9}  {'LAST USED':<20} SOURCE")
         for s in sessions:
             tokens = f"{s['tokens']:,}" if s["complete"] else f"{s['read']:,}/{s['tokens']:,}"
-            print(f"{s['id']:<9} {printable(s['name'], 24):<24} {tokens:>10} {nbytes(s['bytes']):>9}  "
-                  f"{s['last_used'][:19].replace('T', ' '):<20} {printable(s['source'])}")
+            print(
+                f"{s['id']:<9} {printable(s['name'], 24):<24} {tokens:>10} {nbytes(s['bytes']):>9}  "
+                f"{s['last_used'][:19].replace('T', ' '):<20} {printable(s['source'])}"
+            )
     if unreadable:
         print(f"kimi-desk: {unreadable_sessions(unreadable)}", file=sys.stderr)
     return 0
@@ -258,19 +328,35 @@ def run_sessions_show(args) -> int:
     info["model"] = session.model_source
     info["checkpoints"] = session.snapshots().positions
     info["sources"] = [{"path": f["path"], "bytes": f["size"], "tokens": f["end"] - f["start"]} for f in session.files]
-    info["threads"] = [{"id": t.id, "created": t.created, "tokens": t.tokens,
-                        "turns": [{"question": x.question, "answer": x.answer, "finish_reason": x.finish_reason,
-                                   "asked": x.asked, "tokens": x.tokens} for x in t.turns]}
-                       for t in session.threads]
+    info["threads"] = [
+        {
+            "id": t.id,
+            "created": t.created,
+            "tokens": t.tokens,
+            "turns": [
+                {
+                    "question": x.question,
+                    "answer": x.answer,
+                    "finish_reason": x.finish_reason,
+                    "asked": x.asked,
+                    "tokens": x.tokens,
+                }
+                for x in t.turns
+            ],
+        }
+        for t in session.threads
+    ]
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
     state = "read" if session.complete else f"read {session.read_position:,} of"
-    print(f"{printable(session.name)} ({session.id})\n  source: {printable(session.source)}\n  {state} "
-          f"{session.document_tokens:,} tokens in {plural(len(session.files), 'file')}, "
-          f"{nbytes(info['bytes'])} on disk\n"
-          f"  model: {printable(session.model_source)}\n"
-          f"  checkpoints at: {', '.join(f'{p:,}' for p in info['checkpoints']) or 'none'}")
+    print(
+        f"{printable(session.name)} ({session.id})\n  source: {printable(session.source)}\n  {state} "
+        f"{session.document_tokens:,} tokens in {plural(len(session.files), 'file')}, "
+        f"{nbytes(info['bytes'])} on disk\n"
+        f"  model: {printable(session.model_source)}\n"
+        f"  checkpoints at: {', '.join(f'{p:,}' for p in info['checkpoints']) or 'none'}"
+    )
     if session.files:
         width = max(len(f"{s['tokens']:,}") for s in info["sources"])
         print(f"\nsources ({plural(len(session.files), 'file')}, tokens each):")
@@ -279,8 +365,10 @@ def run_sessions_show(args) -> int:
     if not session.threads:
         print(f"\nno threads yet: 'kimi-desk ask {session.id} \"...\"' starts one")
     for thread in sorted(session.threads, key=lambda t: t.created):
-        print(f"\nthread {thread.id}: {plural(len(thread.turns), 'turn')}, {thread.tokens:,} tokens, "
-              f"started {thread.created[:19].replace('T', ' ')}")
+        print(
+            f"\nthread {thread.id}: {plural(len(thread.turns), 'turn')}, {thread.tokens:,} tokens, "
+            f"started {thread.created[:19].replace('T', ' ')}"
+        )
         for number, turn in enumerate(thread.turns, 1):
             print(f"\n  {number}. > {printable(turn.question)}\n{_indented(_printable_answer(turn.answer))}")
     return 0
@@ -351,50 +439,85 @@ def run_sessions_import(args) -> int:
 
 
 def add_parsers(commands) -> None:
-    ingest = commands.add_parser("ingest", help="read a folder or a book into a new session",
-                                 description="Read PATH (a folder, PDF, EPUB, HTML, Markdown or text file) into a "
-                                 "session. Re-running on the same PATH resumes an interrupted reading and re-reads "
-                                 "a changed folder from its first changed file. Progress goes to stderr, the "
-                                 "session id to stdout.")
+    ingest = commands.add_parser(
+        "ingest",
+        help="read a folder or a book into a new session",
+        description="Read PATH (a folder, PDF, EPUB, HTML, Markdown or text file) into a "
+        "session. Re-running on the same PATH resumes an interrupted reading and re-reads "
+        "a changed folder from its first changed file. Progress goes to stderr, the "
+        "session id to stdout.",
+    )
     ingest.add_argument("path", metavar="PATH")
     ingest.add_argument("--name", help="a name for the session (default: the file or folder name)")
     ingest.add_argument("--json", action="store_true", help="print a JSON summary instead of the id")
-    ingest.add_argument("--max-file-bytes", type=positive_int, default=2 << 20, metavar="N",
-                        help="skip files in a folder larger than N bytes (default: 2 MiB)")
-    ingest.add_argument("--max-total-bytes", type=positive_int, default=16 << 20, metavar="N",
-                        help="stop adding files once N bytes are read (default: 16 MiB)")
-    ingest.add_argument("--max-files", type=positive_int, default=10_000, metavar="N",
-                        help="read at most N files of a folder (default: 10,000)")
+    ingest.add_argument(
+        "--max-file-bytes",
+        type=positive_int,
+        default=2 << 20,
+        metavar="N",
+        help="skip files in a folder larger than N bytes (default: 2 MiB)",
+    )
+    ingest.add_argument(
+        "--max-total-bytes",
+        type=positive_int,
+        default=16 << 20,
+        metavar="N",
+        help="stop adding files once N bytes are read (default: 16 MiB)",
+    )
+    ingest.add_argument(
+        "--max-files",
+        type=positive_int,
+        default=10_000,
+        metavar="N",
+        help="read at most N files of a folder (default: 10,000)",
+    )
     _add_model_options(ingest)
     ingest.set_defaults(run=run_ingest)
 
-    ask = commands.add_parser("ask", help="ask a question in a saved session: a new thread, or a follow-up",
-                              description="Answer TEXT from SESSION's document, streamed to stdout. Each ask starts "
-                              "a new thread (its id goes to stderr); -c continues the session's most recent thread "
-                              "and --thread ID a given one, so the model sees the earlier questions and answers. "
-                              "The places the answer cites are checked against the files read (stderr).")
+    ask = commands.add_parser(
+        "ask",
+        help="ask a question in a saved session: a new thread, or a follow-up",
+        description="Answer TEXT from SESSION's document, streamed to stdout. Each ask starts "
+        "a new thread (its id goes to stderr); -c continues the session's most recent thread "
+        "and --thread ID a given one, so the model sees the earlier questions and answers. "
+        "The places the answer cites are checked against the files read (stderr).",
+    )
     ask.add_argument("session", metavar="SESSION")
     ask.add_argument("text", metavar="TEXT")
     follow = ask.add_mutually_exclusive_group()
-    follow.add_argument("-c", "--continue", dest="continue_", action="store_true",
-                        help="continue the session's most recent thread")
+    follow.add_argument(
+        "-c", "--continue", dest="continue_", action="store_true", help="continue the session's most recent thread"
+    )
     follow.add_argument("--thread", metavar="ID", help="continue this thread ('sessions show SESSION' lists them)")
-    ask.add_argument("--turn", type=positive_int, metavar="N",
-                     help="with -c or --thread: ask TEXT in place of the thread's turn N (1 is the first), from the "
-                     "state before it: the last turn is replaced, an earlier one starts a new thread and the "
-                     "thread keeps its turns")
-    ask.add_argument("--json", action="store_true", help="print one JSON object when the answer is complete: the "
-                     "answer, its thread and the places it cites")
-    ask.add_argument("--max-new-tokens", type=positive_int, default=512, metavar="N",
-                     help="the longest answer, in tokens (default: 512)")
+    ask.add_argument(
+        "--turn",
+        type=positive_int,
+        metavar="N",
+        help="with -c or --thread: ask TEXT in place of the thread's turn N (1 is the first), from the "
+        "state before it: the last turn is replaced, an earlier one starts a new thread and the "
+        "thread keeps its turns",
+    )
+    ask.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object when the answer is complete: the answer, its thread and the places it cites",
+    )
+    ask.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="the longest answer, in tokens (default: 512)",
+    )
     ask.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=None)
     _add_model_options(ask)
     ask.set_defaults(run=run_ask)
 
-    sessions = commands.add_parser("sessions", help="list, show, rm, export, export-thread, import",
-                                   description="Manage saved sessions.")
+    sessions = commands.add_parser(
+        "sessions", help="list, show, rm, export, export-thread, import", description="Manage saved sessions."
+    )
     verbs = sessions.add_subparsers(dest="verb", metavar="VERB")
     listing = verbs.add_parser("list", help="every session, most recent first")
     listing.add_argument("--json", action="store_true")
@@ -410,10 +533,13 @@ def add_parsers(commands) -> None:
     export.add_argument("session", metavar="SESSION")
     export.add_argument("file", metavar="FILE")
     export.set_defaults(run=run_sessions_export)
-    export_thread = verbs.add_parser("export-thread", help="write one thread as Markdown, with the places it cites",
-                                     description="Write THREAD of SESSION to FILE (which must not exist) as Markdown: "
-                                     "each question and answer, and under it the lines each cited place points to, "
-                                     "as the session read them, or why a place was not found.")
+    export_thread = verbs.add_parser(
+        "export-thread",
+        help="write one thread as Markdown, with the places it cites",
+        description="Write THREAD of SESSION to FILE (which must not exist) as Markdown: "
+        "each question and answer, and under it the lines each cited place points to, "
+        "as the session read them, or why a place was not found.",
+    )
     export_thread.add_argument("session", metavar="SESSION")
     export_thread.add_argument("thread", metavar="THREAD")
     export_thread.add_argument("file", metavar="FILE.md")

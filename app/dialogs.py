@@ -3,6 +3,8 @@ the settings form. Each dismisses with its result; the caller's callback acts on
 
 from __future__ import annotations
 
+from kimi_desk.app.messages import Problem
+from kimi_desk.app.settings import DEVICES, QUANTIZE, Settings, SettingsError
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -10,9 +12,6 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
-
-from kimi_desk.app.messages import Problem
-from kimi_desk.app.settings import DEVICES, QUANTIZE, Settings, SettingsError
 
 
 class TextPrompt(ModalScreen[str | None]):
@@ -179,11 +178,12 @@ class SettingsScreen(ModalScreen[Settings | None]):
                     yield Label("Max new tokens")
                     yield Input(str(s.max_new_tokens), type="integer", id="max_new_tokens")
                     yield Label("Seed")
-                    yield Input("" if s.seed is None else str(s.seed), type="integer", placeholder="random",
-                                id="seed")
-            yield Static("Model, device, weights and memory apply to the next session opened (at once when none "
-                         "is open); sampling, to the next answer.",
-                         classes="dialog-text")
+                    yield Input("" if s.seed is None else str(s.seed), type="integer", placeholder="random", id="seed")
+            yield Static(
+                "Model, device, weights and memory apply to the next session opened (at once when none "
+                "is open); sampling, to the next answer.",
+                classes="dialog-text",
+            )
             yield Static("", id="settings-error", classes="dialog-error")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save", variant="primary", id="save")
@@ -200,16 +200,22 @@ class SettingsScreen(ModalScreen[Settings | None]):
             try:
                 return kind(text)
             except ValueError:
-                raise SettingsError(f"{widget_id} must be {'an integer' if kind is int else 'a number'}, "
-                                    f"not {text!r}") from None
+                raise SettingsError(
+                    f"{widget_id} must be {'an integer' if kind is int else 'a number'}, not {text!r}"
+                ) from None
 
         seed = self._value("seed")
         return self.settings.replace(
-            model=self._value("model"), device=str(self.query_one("#device", Select).value),
+            model=self._value("model"),
+            device=str(self.query_one("#device", Select).value),
             quantize=str(self.query_one("#quantize", Select).value),
-            gpu_memory=self._value("gpu_memory"), cpu_memory=self._value("cpu_memory"),
-            temperature=number("temperature", float), top_p=number("top_p", float),
-            max_new_tokens=number("max_new_tokens", int), seed=number("seed", int) if seed else None)
+            gpu_memory=self._value("gpu_memory"),
+            cpu_memory=self._value("cpu_memory"),
+            temperature=number("temperature", float),
+            top_p=number("top_p", float),
+            max_new_tokens=number("max_new_tokens", int),
+            seed=number("seed", int) if seed else None,
+        )
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()

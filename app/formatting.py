@@ -57,12 +57,14 @@ def estimate(tokens_to_read: int, tokens_per_second: float | None) -> str:
         return f"{tokens(tokens_to_read)} tokens to read"
     minutes = tokens_to_read / tokens_per_second / 60
     when = "under a minute" if minutes < 1 else f"{math.ceil(minutes):,} min"
-    return (f"{tokens(tokens_to_read)} tokens to read: estimated {when} on this device "
-            f"(about {tokens_per_second:,.0f} tokens/s)")
+    return (
+        f"{tokens(tokens_to_read)} tokens to read: estimated {when} on this device "
+        f"(about {tokens_per_second:,.0f} tokens/s)"
+    )
 
 
 def ago(iso_timestamp: str, now: datetime.datetime) -> str:
-    """"just now", "5 min ago", "3 h ago", "yesterday", "4 days ago", then the date."""
+    """ "just now", "5 min ago", "3 h ago", "yesterday", "4 days ago", then the date."""
     try:
         then = datetime.datetime.fromisoformat(iso_timestamp)
     except ValueError:
@@ -114,5 +116,7 @@ def unreadable_sessions(unreadable) -> str:
     listed = "; ".join(f"{u.id}: {printable(u.reason, 120)}" for u in unreadable[:3])
     more = f"; and {count - 3} more" if count > 3 else ""
     noun = "session cannot" if count == 1 else "sessions cannot"
-    return f"{count} {noun} be read and {'is' if count == 1 else 'are'} not listed ({listed}{more}); " \
-           "'kimi-desk sessions rm ID' removes one."
+    return (
+        f"{count} {noun} be read and {'is' if count == 1 else 'are'} not listed ({listed}{more}); "
+        "'kimi-desk sessions rm ID' removes one."
+    )

@@ -55,8 +55,15 @@ class ReadingMessage(Message):
 class ReadPlanned(ReadingMessage):
     """How much is left to read; `tokens_to_read` 0 means the session resumed at once."""
 
-    def __init__(self, name: str, source: str, tokens_to_read: int, tokens_total: int, files_total: int,
-                 tokens_per_second: float | None):
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        tokens_to_read: int,
+        tokens_total: int,
+        files_total: int,
+        tokens_per_second: float | None,
+    ):
         super().__init__()
         self.name = name
         self.source = source
@@ -109,8 +116,15 @@ class AnswerFinished(Message):
     """The answer is complete and recorded in `thread` (a new thread's id for the first question, or
     another thread than asked for when the engine branched); `citations` are the places it cites."""
 
-    def __init__(self, text: str, finish_reason: str, tokens: int, seconds: float, thread: str | None = None,
-                 citations: list | None = None):
+    def __init__(
+        self,
+        text: str,
+        finish_reason: str,
+        tokens: int,
+        seconds: float,
+        thread: str | None = None,
+        citations: list | None = None,
+    ):
         super().__init__()
         self.text = text
         self.finish_reason = finish_reason

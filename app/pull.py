@@ -31,10 +31,13 @@ class PullProgress(ProgressLine):
         left = (p.bytes_total - p.bytes_done) / rate if rate > 0 else None
         files = f"{p.files_done}/{p.files_total} file{'' if p.files_total == 1 else 's'}"
         sizes = f"{formatting.nbytes(p.bytes_done)}/{formatting.nbytes(p.bytes_total)}"
-        self.show(f"pulling {p.repo_id}", p.bytes_done / max(p.bytes_total, 1),
-                  f"{sizes}  {files}  {formatting.nbytes(rate)}/s  {formatting.clock(left)} left  {formatting.printable(p.current_file)}",
-                  f"{sizes}, {files}, {formatting.nbytes(rate)}/s, {formatting.clock(left)} left ({formatting.printable(p.current_file)})",
-                  finished=p.bytes_done >= p.bytes_total and p.files_done >= p.files_total)
+        self.show(
+            f"pulling {p.repo_id}",
+            p.bytes_done / max(p.bytes_total, 1),
+            f"{sizes}  {files}  {formatting.nbytes(rate)}/s  {formatting.clock(left)} left  {formatting.printable(p.current_file)}",
+            f"{sizes}, {files}, {formatting.nbytes(rate)}/s, {formatting.clock(left)} left ({formatting.printable(p.current_file)})",
+            finished=p.bytes_done >= p.bytes_total and p.files_done >= p.files_total,
+        )
 
 
 def run_pull(args) -> int:
@@ -61,12 +64,14 @@ def run_pull(args) -> int:
 
 def add_parser(commands) -> None:
     pull = commands.add_parser(
-        "pull", help="download a checkpoint from the Hugging Face hub",
+        "pull",
+        help="download a checkpoint from the Hugging Face hub",
         description="Download REPO_ID's checkpoint (config.json, safetensors weights, tokenizer; never pickled "
         "weights or code) into the Hugging Face cache (HF_HOME / HF_HUB_CACHE) and print its folder. An "
         "interrupted pull resumes where it stopped when run again. HF_ENDPOINT selects a mirror, HF_TOKEN "
         "a login for gated or private repos, and HF_HUB_OFFLINE=1 answers from the cache only. "
-        "KIMI_DESK_HUB_TIMEOUT is how many seconds to wait for the hub to answer (default 10).")
+        "KIMI_DESK_HUB_TIMEOUT is how many seconds to wait for the hub to answer (default 10).",
+    )
     pull.add_argument("repo_id", metavar="REPO_ID", help="owner/name, e.g. moonshotai/Kimi-Linear-48B-A3B-Instruct")
     pull.add_argument("--revision", metavar="R", help="a branch, tag or commit (default: main)")
     pull.set_defaults(run=run_pull)

@@ -12,16 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.cells import cell_len
-from rich.text import Text
-from textual import on, work
-from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.reactive import reactive
-from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, OptionList, ProgressBar, Static
-
 from kimi_desk.app import backend, formatting
 from kimi_desk.app.dialogs import Confirm, TextPrompt
 from kimi_desk.app.messages import (
@@ -43,6 +33,15 @@ from kimi_desk.app.messages import (
 )
 from kimi_desk.app.widgets import ContextGauge, SourcePane, StatusLine, ThreadList, TurnView, turn_meta
 from kimi_desk.engine.errors import IngestError, SessionError, UserError
+from rich.cells import cell_len
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, OptionList, ProgressBar, Static
 
 # At most this many progress or answer-text messages a second reach the UI: enough to look live,
 # few enough that re-rendering (Markdown above all) never falls behind the model.
@@ -69,23 +68,31 @@ class Throttle:
 def describe_problem(exc: BaseException, doing: str) -> Problem:
     """An exception from the engine as the UI shows it: one line, and what to do next."""
     if backend.is_out_of_memory(exc):
-        return Problem(f"Out of memory while {doing}.",
-                       "Close other programs, open a smaller folder or file, or start with --device cpu "
-                       "(the computer's memory is usually larger than the GPU's).")
+        return Problem(
+            f"Out of memory while {doing}.",
+            "Close other programs, open a smaller folder or file, or start with --device cpu "
+            "(the computer's memory is usually larger than the GPU's).",
+        )
     message = backend.one_line(exc)
     if doing == MODEL_LOADING:
-        return Problem(message, "Pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json) "
-                                "or a hub id fetched with 'kimi-desk pull', or set the model in Settings (F3), "
-                                "and start kimi-desk again.")
+        return Problem(
+            message,
+            "Pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json) "
+            "or a hub id fetched with 'kimi-desk pull', or set the model in Settings (F3), "
+            "and start kimi-desk again.",
+        )
     if isinstance(exc, (IngestError, OSError)):
-        return Problem(message, "Check the path and its permissions, then press r to try again, "
-                                "or open something else (ctrl+n).")
+        return Problem(
+            message, "Check the path and its permissions, then press r to try again, or open something else (ctrl+n)."
+        )
     if isinstance(exc, SessionError):
         return Problem(message, "Pick a session from the list (F2), or open a folder or file (ctrl+n).")
     if isinstance(exc, UserError):
         return Problem(message, "Open something else (ctrl+n) or pick a session (F2).")
-    return Problem(f"Unexpected error while {doing}: {type(exc).__name__}: {message}",
-                   "The app keeps running: try again, or report this with the steps that led to it.")
+    return Problem(
+        f"Unexpected error while {doing}: {type(exc).__name__}: {message}",
+        "The app keeps running: try again, or report this with the steps that led to it.",
+    )
 
 
 def open_target(assistant, store, target: str, *, on_plan, on_progress, cancel) -> tuple[object, str]:
@@ -97,8 +104,9 @@ def open_target(assistant, store, target: str, *, on_plan, on_progress, cancel) 
     path = Path(target).expanduser()
     if path.suffix.lower() == ".zip" and path.is_file():
         session = store.import_(path)
-        return _finish_reading(assistant, store, session, on_plan, on_progress, cancel), \
-            f"restored '{session.name}' from {path.name}"
+        return _finish_reading(
+            assistant, store, session, on_plan, on_progress, cancel
+        ), f"restored '{session.name}' from {path.name}"
     if path.exists():
         return assistant.read(store, path, on_progress=on_progress, cancel=cancel, on_plan=on_plan), ""
     try:
@@ -114,8 +122,10 @@ def _finish_reading(assistant, store, session, on_plan, on_progress, cancel):
         return session
     source = Path(session.source)
     if not source.exists():
-        raise SessionError(f"session '{session.name}' stopped at {session.read_position:,} of "
-                         f"{session.document_tokens:,} tokens and its source {session.source} is not here")
+        raise SessionError(
+            f"session '{session.name}' stopped at {session.read_position:,} of "
+            f"{session.document_tokens:,} tokens and its source {session.source} is not here"
+        )
     return assistant.read(store, source, on_progress=on_progress, cancel=cancel, on_plan=on_plan)
 
 
@@ -174,21 +184,26 @@ def read_in_background(app, job: ReadingJob) -> None:
         planned.append(tokens_to_read)
         left_out[:] = [notice.message for notice in limit_notices]
         rate = assistant.reading_rate(tokens_to_read, session.read_position) if tokens_to_read else None
-        post(ReadPlanned(session.name, session.source, tokens_to_read, session.document_tokens, len(session.files),
-                         rate))
+        post(
+            ReadPlanned(session.name, session.source, tokens_to_read, session.document_tokens, len(session.files), rate)
+        )
 
     def on_progress(progress) -> None:
         if throttle.ready() or progress.tokens_done == progress.tokens_total:
             post(ReadProgressed(progress))
 
     try:
-        session, origin = open_target(assistant, store, job.target, on_plan=on_plan, on_progress=on_progress,
-                                      cancel=job.cancel)
+        session, origin = open_target(
+            assistant, store, job.target, on_plan=on_plan, on_progress=on_progress, cancel=job.cancel
+        )
         state = assistant.document_state(session)
         read_now = planned[-1] if planned else 0
         note = "resumed: 0 tokens to read" if read_now == 0 else f"read {formatting.tokens(read_now)} tokens"
-        post(DocumentReady(session, state.kda_nbytes, state.mla_nbytes, f"{origin}; {note}" if origin else note,
-                           tuple(left_out)))
+        post(
+            DocumentReady(
+                session, state.kda_nbytes, state.mla_nbytes, f"{origin}; {note}" if origin else note, tuple(left_out)
+            )
+        )
     except ReadCancelled as exc:
         post(ReadStopped(str(exc)))
     except Exception as exc:  # noqa: BLE001 - every failure is shown, and the app carries on
@@ -268,8 +283,7 @@ class ReadingScreen(MainScreen):
         elif status == "failed" and self.phase == "waiting":
             self._show_problem(self.app.model_problem)
         elif status == "loading":
-            self.query_one("#reading-estimate", Static).update(
-                Text(f"Loading the model ({self.app.model_label})…"))
+            self.query_one("#reading-estimate", Static).update(Text(f"Loading the model ({self.app.model_label})…"))
 
     def _start(self) -> None:
         self.phase = "reading"
@@ -281,12 +295,15 @@ class ReadingScreen(MainScreen):
     def show_planned(self, event: ReadPlanned) -> None:
         self.query_one("#reading").add_class("-planned")
         self.query_one("#reading-title", Label).update(
-            Text(f"Reading {event.name}  ({formatting.short_path(event.source)})"))
+            Text(f"Reading {event.name}  ({formatting.short_path(event.source)})")
+        )
         self.query_one("#reading-estimate", Static).update(
-            formatting.estimate(event.tokens_to_read, event.tokens_per_second))
+            formatting.estimate(event.tokens_to_read, event.tokens_per_second)
+        )
         done = event.tokens_total - event.tokens_to_read
-        self._show_counts(done, event.tokens_total, event.files_total if done == event.tokens_total else 0,
-                          event.files_total)
+        self._show_counts(
+            done, event.tokens_total, event.files_total if done == event.tokens_total else 0, event.files_total
+        )
 
     def show_progress(self, event: ReadProgressed) -> None:
         if self.phase not in ("reading", "stopping"):
@@ -300,7 +317,8 @@ class ReadingScreen(MainScreen):
         self.query_one("#tokens-bar", ProgressBar).update(total=max(tokens_total, 1), progress=tokens_done)
         self.query_one("#files-bar", ProgressBar).update(total=max(files_total, 1), progress=files_done)
         self.query_one("#tokens-count", Label).update(
-            f"{formatting.tokens(tokens_done)} / {formatting.tokens(tokens_total)}")
+            f"{formatting.tokens(tokens_done)} / {formatting.tokens(tokens_total)}"
+        )
         self.query_one("#files-count", Label).update(f"{files_done:,} / {files_total:,}")
 
     def show_stopped(self, event: ReadStopped) -> None:
@@ -308,7 +326,8 @@ class ReadingScreen(MainScreen):
         self.query_one("#reading-rate", Static).update("")
         self.query_one("#reading-problem", Static).update(Text(f"Reading {event.message}."))
         self.query_one("#reading-advice", Static).update(
-            "What was read is saved: press r to resume now, or open it again later (F2 lists sessions).")
+            "What was read is saved: press r to resume now, or open it again later (F2 lists sessions)."
+        )
 
     def show_failed(self, event: ReadFailed) -> None:
         self.phase = "failed"
@@ -351,25 +370,41 @@ class ChatScreen(MainScreen):
     BINDINGS = [
         Binding("escape", "stop", "Stop", id="chat.stop"),
         Binding("ctrl+r", "regenerate", "Regenerate", id="chat.regenerate"),
-        Binding("ctrl+t", "new_thread", "New thread", tooltip="Start a new thread from the document",
-                id="chat.new_thread"),
-        Binding("ctrl+o", "open_source", "Source", tooltip="Open what the selected or last answer cites",
-                id="chat.source"),
+        Binding(
+            "ctrl+t", "new_thread", "New thread", tooltip="Start a new thread from the document", id="chat.new_thread"
+        ),
+        Binding(
+            "ctrl+o", "open_source", "Source", tooltip="Open what the selected or last answer cites", id="chat.source"
+        ),
         # Before the question box's own ctrl+e (end of line; End does that too).
-        Binding("ctrl+e", "edit_question", "Edit", tooltip="Edit the selected or last question, ask it again",
-                id="chat.edit", show=False, priority=True),
-        Binding("ctrl+y", "copy_answer", "Copy", tooltip="Copy the selected or last answer", id="chat.copy",
-                show=False),
-        Binding("ctrl+s", "export", "Save", tooltip="Save the session as a .zip archive", id="chat.export",
-                show=False),
+        Binding(
+            "ctrl+e",
+            "edit_question",
+            "Edit",
+            tooltip="Edit the selected or last question, ask it again",
+            id="chat.edit",
+            show=False,
+            priority=True,
+        ),
+        Binding(
+            "ctrl+y", "copy_answer", "Copy", tooltip="Copy the selected or last answer", id="chat.copy", show=False
+        ),
+        Binding("ctrl+s", "export", "Save", tooltip="Save the session as a .zip archive", id="chat.export", show=False),
     ]
     # The source pane takes the whole width below this, half of it above.
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
 
     generating: reactive[bool] = reactive(False, bindings=True)
 
-    def __init__(self, session, kda_nbytes: int, mla_nbytes: int, note: str = "", left_out: tuple[str, ...] = (),
-                 thread: str | None = None):
+    def __init__(
+        self,
+        session,
+        kda_nbytes: int,
+        mla_nbytes: int,
+        note: str = "",
+        left_out: tuple[str, ...] = (),
+        thread: str | None = None,
+    ):
         super().__init__()
         self.session = session
         self.kda_nbytes = kda_nbytes
@@ -398,11 +433,21 @@ class ChatScreen(MainScreen):
         return next((t.tokens for t in self.session.threads if t.id == self.thread), 0)
 
     def compose_body(self) -> ComposeResult:
-        yield ContextGauge(self.session.document_tokens, self.app.assistant.model.config.model_max_length,
-                           self.kda_nbytes, self.mla_nbytes, self._thread_tokens(), id="gauge")
+        yield ContextGauge(
+            self.session.document_tokens,
+            self.app.assistant.model.config.model_max_length,
+            self.kda_nbytes,
+            self.mla_nbytes,
+            self._thread_tokens(),
+            id="gauge",
+        )
         yield Static(Text(self.note), id="chat-note")
-        demo = Static(Text(f"{backend.DEMO_MODEL_NOTE} {backend.DEMO_MODEL_REMEDY}set it in Settings (F3) or "
-                           "start with --model."), id="chat-demo")
+        demo = Static(
+            Text(
+                f"{backend.DEMO_MODEL_NOTE} {backend.DEMO_MODEL_REMEDY}set it in Settings (F3) or start with --model."
+            ),
+            id="chat-demo",
+        )
         demo.display = self._demo_model
         yield demo
         left_out = Static(Text("\n".join(self.left_out)), id="chat-left-out")
@@ -418,9 +463,15 @@ class ChatScreen(MainScreen):
             yield SourcePane(id="source-pane")
 
     def _turn_views(self) -> list[TurnView]:
-        return [TurnView(turn.question, turn.answer, turn_meta(len(turn.answer_token_ids), turn.seconds,
-                                                               turn.finish_reason), id=f"turn-{i}")
-                for i, turn in enumerate(self._turns())]
+        return [
+            TurnView(
+                turn.question,
+                turn.answer,
+                turn_meta(len(turn.answer_token_ids), turn.seconds, turn.finish_reason),
+                id=f"turn-{i}",
+            )
+            for i, turn in enumerate(self._turns())
+        ]
 
     @property
     def _demo_model(self) -> bool:
@@ -430,13 +481,19 @@ class ChatScreen(MainScreen):
     def _hint(self) -> Text:
         held = "all that was read" if self.left_out else "all of it"
         if self._demo_model:
-            return Text(f"Ask anything about {self.session.name}: the demo model has read {held} (see above for what "
-                        "its answers are worth), and follow-ups continue the thread.")
+            return Text(
+                f"Ask anything about {self.session.name}: the demo model has read {held} (see above for what "
+                "its answers are worth), and follow-ups continue the thread."
+            )
         if self.thread is None and self.session.threads:
-            return Text(f"A new thread: ask anything about {self.session.name}; it starts from the document "
-                        "alone, and follow-ups continue it.")
-        return Text(f"Ask anything about {self.session.name}: {held} is in the model's memory, and follow-ups "
-                    "continue the thread.")
+            return Text(
+                f"A new thread: ask anything about {self.session.name}; it starts from the document "
+                "alone, and follow-ups continue it."
+            )
+        return Text(
+            f"Ask anything about {self.session.name}: {held} is in the model's memory, and follow-ups "
+            "continue the thread."
+        )
 
     def on_mount(self) -> None:
         self.sub_title = self.session.name
@@ -472,17 +529,25 @@ class ChatScreen(MainScreen):
         if self.generating:
             commands.append(("Stop the answer", "stop generating now (Escape)", self.action_stop))
         elif self.query(TurnView):
-            commands.append(("Regenerate the last answer", "ask the last question again (ctrl+r)",
-                             self.action_regenerate))
-            commands.append(("Edit a question", "change the selected or last question and ask it again (ctrl+e)",
-                             self.action_edit_question))
+            commands.append(
+                ("Regenerate the last answer", "ask the last question again (ctrl+r)", self.action_regenerate)
+            )
+            commands.append(
+                (
+                    "Edit a question",
+                    "change the selected or last question and ask it again (ctrl+e)",
+                    self.action_edit_question,
+                )
+            )
         if not self.generating and self.thread is not None:
             commands.append(("New thread", "a conversation from the document alone (ctrl+t)", self.action_new_thread))
         if self.query(TurnView):
-            commands.append(("Open the cited source", "what the selected or last answer cites (ctrl+o)",
-                             self.action_open_source))
-            commands.append(("Copy the answer", "the selected or last answer, to the clipboard (ctrl+y)",
-                             self.action_copy_answer))
+            commands.append(
+                ("Open the cited source", "what the selected or last answer cites (ctrl+o)", self.action_open_source)
+            )
+            commands.append(
+                ("Copy the answer", "the selected or last answer, to the clipboard (ctrl+y)", self.action_copy_answer)
+            )
         commands.append(("Save the session as an archive", "a .zip to open elsewhere (ctrl+s)", self.action_export))
         return commands
 
@@ -572,8 +637,12 @@ class ChatScreen(MainScreen):
 
     def _tick_thinking(self) -> None:
         """'thinking… 12 s' while no text has come: a long wait shows it is not stuck."""
-        if self._answering is not None and not self._answering.answer_text and self.generating \
-                and not self.cancel.is_set():
+        if (
+            self._answering is not None
+            and not self._answering.answer_text
+            and self.generating
+            and not self.cancel.is_set()
+        ):
             waited = time.monotonic() - self._thinking_since
             if waited >= 1:
                 self._answering.set_meta(f"thinking… {formatting.duration(waited)}")
@@ -590,9 +659,16 @@ class ChatScreen(MainScreen):
         finish, landed = "cancelled", thread
         try:
             sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
-            events = self.app.assistant.ask(self.session, question, thread=thread, index=index, sampling=sampling,
-                                            max_new_tokens=settings.max_new_tokens, cancel=cancel,
-                                            notice=lambda line: self.post_message(EngineNotice(line)))
+            events = self.app.assistant.ask(
+                self.session,
+                question,
+                thread=thread,
+                index=index,
+                sampling=sampling,
+                max_new_tokens=settings.max_new_tokens,
+                cancel=cancel,
+                notice=lambda line: self.post_message(EngineNotice(line)),
+            )
             for event in events:
                 pending.append(event.text)
                 if event.finish_reason is not None:
@@ -610,8 +686,16 @@ class ChatScreen(MainScreen):
         turns = self.session.thread(landed).turns if landed else []
         turn = turns[-1] if turns else None
         citations = SourceIndex(self.session).cite(turn.answer) if turn else []
-        self.post_message(AnswerFinished("".join(pending), finish, len(turn.answer_token_ids) if turn else 0,
-                                         turn.seconds if turn else 0.0, landed, citations))
+        self.post_message(
+            AnswerFinished(
+                "".join(pending),
+                finish,
+                len(turn.answer_token_ids) if turn else 0,
+                turn.seconds if turn else 0.0,
+                landed,
+                citations,
+            )
+        )
 
     def _recorded_turns(self, thread: str | None) -> tuple:
         """What identifies the session's threads and their turns, to tell whether an answer that failed
@@ -694,8 +778,9 @@ class ChatScreen(MainScreen):
             return
         s = self.app.settings
         if s.temperature == 0 or s.seed is not None:
-            self.notify("With temperature 0 or a fixed seed (Settings, F3) the same answer comes back.",
-                        severity="warning")
+            self.notify(
+                "With temperature 0 or a fixed seed (Settings, F3) the same answer comes back.", severity="warning"
+            )
         turn = turns.last()
         turn.answer_text = ""
         await turn.markdown.update("")
@@ -771,8 +856,12 @@ class ChatScreen(MainScreen):
         pane = self.query_one(SourcePane)
         pane.display = True
         self.add_class("-source-open")
-        pane.show(citations[event.index], event.text, f"{event.index + 1} of {len(citations)}",
-                  theme_dark=self.app.current_theme.dark)
+        pane.show(
+            citations[event.index],
+            event.text,
+            f"{event.index + 1} of {len(citations)}",
+            theme_dark=self.app.current_theme.dark,
+        )
         pane.focus()
 
     def step_citation(self, step: int) -> None:
@@ -794,8 +883,7 @@ class ChatScreen(MainScreen):
 
 
 # The sessions list's columns and how their cells line up.
-SESSION_COLUMNS = [("Name", "left"), ("Source", "left"), ("Tokens", "right"), ("Size", "right"),
-                   ("Last used", "left")]
+SESSION_COLUMNS = [("Name", "left"), ("Source", "left"), ("Tokens", "right"), ("Size", "right"), ("Last used", "left")]
 
 
 class SessionsScreen(MainScreen):
@@ -842,9 +930,11 @@ class SessionsScreen(MainScreen):
     def palette_commands(self):
         commands = [("New session", "open a folder, file, session id or .zip (n)", self.action_new)]
         if self.sessions:
-            commands += [("Rename the session", "the highlighted one (r)", self.action_rename),
-                         ("Delete the session", "the highlighted one, after a confirmation (d)", self.action_delete),
-                         ("Save the session as an archive", "the highlighted one, as a .zip (e)", self.action_export)]
+            commands += [
+                ("Rename the session", "the highlighted one (r)", self.action_rename),
+                ("Delete the session", "the highlighted one, after a confirmation (d)", self.action_delete),
+                ("Save the session as an archive", "the highlighted one, as a .zip (e)", self.action_export),
+            ]
         return commands
 
     @work(thread=True, exclusive=True, group="sessions", exit_on_error=False)
@@ -868,8 +958,18 @@ class SessionsScreen(MainScreen):
             if not session.complete:
                 tokens = f"{formatting.tokens(session.read_position)} of {tokens}"
             source = _clip(formatting.short_path(session.source), 30, left=True)
-            rows.append((session.id, [_clip(session.name, 24), source, tokens, formatting.nbytes(size),
-                                      formatting.ago(session.last_used, now)]))
+            rows.append(
+                (
+                    session.id,
+                    [
+                        _clip(session.name, 24),
+                        source,
+                        tokens,
+                        formatting.nbytes(size),
+                        formatting.ago(session.last_used, now),
+                    ],
+                )
+            )
         # Columns sized (and numbers aligned) here from the cells, rather than measured by the table
         # when it is next idle: the list is then right from its first frame, dialogs opened at once
         # included. Cells are Text, never markup: names and paths may hold '['.
@@ -879,8 +979,13 @@ class SessionsScreen(MainScreen):
             widths.append(max([cell_len(label)] + [cell_len(cells[index]) for _, cells in rows]))
             table.add_column(_aligned(label, widths[-1], justify), width=widths[-1], key=label)
         for session_id, cells in rows:
-            table.add_row(*(_aligned(cell, width, justify) for cell, width, (_, justify)
-                            in zip(cells, widths, SESSION_COLUMNS, strict=True)), key=session_id)
+            table.add_row(
+                *(
+                    _aligned(cell, width, justify)
+                    for cell, width, (_, justify) in zip(cells, widths, SESSION_COLUMNS, strict=True)
+                ),
+                key=session_id,
+            )
         if keep in self.sessions:
             table.move_cursor(row=table.get_row_index(keep))
         unreadable = self.query_one("#sessions-unreadable", Static)
@@ -906,9 +1011,13 @@ class SessionsScreen(MainScreen):
             return
         state = "read" if session.complete else "reading stopped: opening it resumes"
         files, threads, questions = len(session.files), len(session.threads), session.turns
-        info.update(Text(f"{session.id} · {files:,} file{'' if files == 1 else 's'} · {threads:,} "
-                         f"thread{'' if threads == 1 else 's'}, {questions:,} question{'' if questions == 1 else 's'}"
-                         f" · {state} · enter opens it"))
+        info.update(
+            Text(
+                f"{session.id} · {files:,} file{'' if files == 1 else 's'} · {threads:,} "
+                f"thread{'' if threads == 1 else 's'}, {questions:,} question{'' if questions == 1 else 's'}"
+                f" · {state} · enter opens it"
+            )
+        )
 
     def _highlighted_id(self) -> str | None:
         table = self.query_one("#sessions-table", DataTable)
@@ -937,8 +1046,9 @@ class SessionsScreen(MainScreen):
             if name and name != session.name:
                 self.store_call(lambda store: store.rename(session.id, name), f"Renamed to '{name}'.")
 
-        self.app.push_screen(TextPrompt("Rename", f"A new name for '{session.name}':", value=session.name,
-                                        accept="Rename"), rename)
+        self.app.push_screen(
+            TextPrompt("Rename", f"A new name for '{session.name}':", value=session.name, accept="Rename"), rename
+        )
 
     def action_delete(self) -> None:
         session = self.sessions.get(self._highlighted_id())
@@ -950,8 +1060,14 @@ class SessionsScreen(MainScreen):
                 self.app.forget_session(session.id)
                 self.store_call(lambda store: store.remove(session.id), f"Deleted '{session.name}'.")
 
-        self.app.push_screen(Confirm("Delete session", f"Delete '{session.name}'? Its reading and conversation "
-                                     "are removed; the files it read are not touched."), delete)
+        self.app.push_screen(
+            Confirm(
+                "Delete session",
+                f"Delete '{session.name}'? Its reading and conversation "
+                "are removed; the files it read are not touched.",
+            ),
+            delete,
+        )
 
     def action_export(self) -> None:
         session = self.sessions.get(self._highlighted_id())
@@ -979,4 +1095,4 @@ def _aligned(text: str, width: int, justify: str) -> Text:
 def _clip(text: str, width: int, left: bool = False) -> str:
     if len(text) <= width:
         return text
-    return "…" + text[-(width - 1):] if left else text[: width - 1] + "…"
+    return "…" + text[-(width - 1) :] if left else text[: width - 1] + "…"

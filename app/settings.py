@@ -82,8 +82,18 @@ def _check_size(name: str, value: str) -> None:
             raise SettingsError(str(exc)) from None
 
 
-_FIELD_TYPES = {"model": str, "device": str, "quantize": str, "gpu_memory": str, "cpu_memory": str, "temperature": float, "top_p": float, "max_new_tokens": int,
-                "seed": int, "theme": str}
+_FIELD_TYPES = {
+    "model": str,
+    "device": str,
+    "quantize": str,
+    "gpu_memory": str,
+    "cpu_memory": str,
+    "temperature": float,
+    "top_p": float,
+    "max_new_tokens": int,
+    "seed": int,
+    "theme": str,
+}
 
 
 def settings_path() -> Path:
@@ -102,8 +112,7 @@ def _coerce(name: str, value, path: Path):
         return float(value)
     if isinstance(value, want) and not isinstance(value, bool):
         return value
-    raise SettingsError(f"{path}: {name} must be {want.__name__ if want is not str else 'a string'}, "
-                        f"not {value!r}")
+    raise SettingsError(f"{path}: {name} must be {want.__name__ if want is not str else 'a string'}, not {value!r}")
 
 
 def load_settings(path: Path | None = None) -> tuple[Settings, list[str]]:

@@ -13,10 +13,31 @@ MAX_QUOTED_LINES = 40
 
 # Code fence languages by extension, for the renderers that highlight them.
 FENCE_LANGUAGES = {
-    ".py": "python", ".js": "javascript", ".ts": "typescript", ".tsx": "tsx", ".jsx": "jsx", ".rs": "rust",
-    ".go": "go", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".java": "java",
-    ".kt": "kotlin", ".rb": "ruby", ".sh": "bash", ".md": "markdown", ".json": "json", ".toml": "toml",
-    ".yaml": "yaml", ".yml": "yaml", ".html": "html", ".css": "css", ".sql": "sql", ".swift": "swift",
+    ".py": "python",
+    ".js": "javascript",
+    ".ts": "typescript",
+    ".tsx": "tsx",
+    ".jsx": "jsx",
+    ".rs": "rust",
+    ".go": "go",
+    ".c": "c",
+    ".h": "c",
+    ".cc": "cpp",
+    ".cpp": "cpp",
+    ".hpp": "cpp",
+    ".java": "java",
+    ".kt": "kotlin",
+    ".rb": "ruby",
+    ".sh": "bash",
+    ".md": "markdown",
+    ".json": "json",
+    ".toml": "toml",
+    ".yaml": "yaml",
+    ".yml": "yaml",
+    ".html": "html",
+    ".css": "css",
+    ".sql": "sql",
+    ".swift": "swift",
 }
 
 
@@ -48,14 +69,21 @@ def thread_markdown(session, thread) -> str:
     from kimi_desk.engine.citations import SourceIndex
 
     index = SourceIndex(session)
-    out = [f"# {session.name}: thread {thread.id}", "",
-           f"Read from `{session.source}` ({session.document_tokens:,} tokens, {len(session.files):,} "
-           f"file{'' if len(session.files) == 1 else 's'}); {len(thread.turns)} "
-           f"turn{'' if len(thread.turns) == 1 else 's'}, started {thread.created}.", ""]
+    out = [
+        f"# {session.name}: thread {thread.id}",
+        "",
+        f"Read from `{session.source}` ({session.document_tokens:,} tokens, {len(session.files):,} "
+        f"file{'' if len(session.files) == 1 else 's'}); {len(thread.turns)} "
+        f"turn{'' if len(thread.turns) == 1 else 's'}, started {thread.created}.",
+        "",
+    ]
     for number, turn in enumerate(thread.turns, 1):
         out += [f"## {number}. {' '.join(turn.question.split())}", "", turn.answer.rstrip(), ""]
         if turn.finish_reason != "stop":
-            out += [f"*(the answer {'was stopped' if turn.finish_reason == 'cancelled' else 'was cut at its length limit'})*", ""]
+            out += [
+                f"*(the answer {'was stopped' if turn.finish_reason == 'cancelled' else 'was cut at its length limit'})*",
+                "",
+            ]
         citations = index.cite(turn.answer)
         if not citations:
             continue
@@ -79,6 +107,9 @@ def thread_markdown(session, thread) -> str:
             width = len(str(first + len(lines) - 1))
             body = "\n".join(f"{first + i:>{width}} | {line}" for i, line in enumerate(lines))
             fence = _fence(body)
-            out += [f"  {fence}{fence_language(citation.path)}"] + [f"  {line}" for line in body.split("\n")] \
+            out += (
+                [f"  {fence}{fence_language(citation.path)}"]
+                + [f"  {line}" for line in body.split("\n")]
                 + [f"  {fence}", ""]
+            )
     return "\n".join(out).rstrip() + "\n"

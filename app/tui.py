@@ -15,12 +15,6 @@ import datetime
 from collections.abc import Callable
 from pathlib import Path
 
-from textual import work
-from textual.app import App
-from textual.binding import Binding
-from textual.command import DiscoveryHit, Hit, Hits, Provider
-from textual.reactive import reactive
-
 from kimi_desk.app import backend, formatting
 from kimi_desk.app.backend import EngineFactory, ModelChoice, StoreFactory
 from kimi_desk.app.dialogs import HelpScreen, ProblemDialog, SettingsScreen, TextPrompt
@@ -48,6 +42,11 @@ from kimi_desk.app.screens import (
 )
 from kimi_desk.app.settings import Settings, SettingsError, load_settings, save_settings, settings_path
 from kimi_desk.app.widgets import SourcePane
+from textual import work
+from textual.app import App
+from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.reactive import reactive
 
 
 class KimiDeskCommands(Provider):
@@ -90,11 +89,23 @@ class KimiDeskApp(App):
     # The line every screen shows above the key bar: model, device, engine state.
     status: reactive[str] = reactive("")
 
-    def __init__(self, target: str | None, *, model_choice: ModelChoice | None, model_problem: Problem | None,
-                 device: str, settings: Settings, settings_file: Path, engine_factory: EngineFactory | None,
-                 store_factory: StoreFactory, clock: Callable[[], datetime.datetime],
-                 settings_problem: Problem | None = None, quantize: str | None = None,
-                 gpu_memory: str | None = None, cpu_memory: str | None = None):
+    def __init__(
+        self,
+        target: str | None,
+        *,
+        model_choice: ModelChoice | None,
+        model_problem: Problem | None,
+        device: str,
+        settings: Settings,
+        settings_file: Path,
+        engine_factory: EngineFactory | None,
+        store_factory: StoreFactory,
+        clock: Callable[[], datetime.datetime],
+        settings_problem: Problem | None = None,
+        quantize: str | None = None,
+        gpu_memory: str | None = None,
+        cpu_memory: str | None = None,
+    ):
         super().__init__()
         self.target = target
         self.model_choice = model_choice
@@ -114,8 +125,10 @@ class KimiDeskApp(App):
         self.settings_problem = settings_problem
         # None: the real engine, loaded with this app's model, device and format at the time of the load.
         self.engine_factory = engine_factory or (
-            lambda model, device: backend.load_assistant(model, device, self.quantize, gpu_memory=self.gpu_memory,
-                                                         cpu_memory=self.cpu_memory))
+            lambda model, device: backend.load_assistant(
+                model, device, self.quantize, gpu_memory=self.gpu_memory, cpu_memory=self.cpu_memory
+            )
+        )
         self.store_factory = store_factory
         self.clock = clock
         self.assistant = None
@@ -201,8 +214,9 @@ class KimiDeskApp(App):
         """Read `target` in a worker that outlives the screen showing it."""
         job = ReadingJob(target)
         self.readings[target] = job
-        self.run_worker(lambda: read_in_background(self, job), thread=True, group=f"reading {target}",
-                        exit_on_error=False)
+        self.run_worker(
+            lambda: read_in_background(self, job), thread=True, group=f"reading {target}", exit_on_error=False
+        )
         return job
 
     def _reading_screen(self, job: ReadingJob) -> ReadingScreen | None:
@@ -222,17 +236,29 @@ class KimiDeskApp(App):
         self._show_background_readings()
 
     def on_read_stopped(self, event: ReadStopped) -> None:
-        self._reading_ended(event, "stopped", lambda screen: screen.show_stopped(event),
-                            f"Reading {event.job.name or event.job.target} {event.message}; opening it resumes.")
+        self._reading_ended(
+            event,
+            "stopped",
+            lambda screen: screen.show_stopped(event),
+            f"Reading {event.job.name or event.job.target} {event.message}; opening it resumes.",
+        )
 
     def on_read_failed(self, event: ReadFailed) -> None:
-        self._reading_ended(event, "failed", lambda screen: screen.show_failed(event),
-                            f"Reading {event.job.name or event.job.target} failed: {event.problem.message}")
+        self._reading_ended(
+            event,
+            "failed",
+            lambda screen: screen.show_failed(event),
+            f"Reading {event.job.name or event.job.target} failed: {event.problem.message}",
+        )
 
     def on_document_ready(self, event: DocumentReady) -> None:
-        self._reading_ended(event, "done", lambda screen: screen.show_ready(event),
-                            f"'{event.session.name}' is read ({formatting.tokens(event.session.document_tokens)} "
-                            "tokens): open it from Sessions (F2).")
+        self._reading_ended(
+            event,
+            "done",
+            lambda screen: screen.show_ready(event),
+            f"'{event.session.name}' is read ({formatting.tokens(event.session.document_tokens)} "
+            "tokens): open it from Sessions (F2).",
+        )
 
     def _reading_ended(self, event, phase: str, show, background_note: str) -> None:
         job = event.job
@@ -251,8 +277,11 @@ class KimiDeskApp(App):
     def _show_background_readings(self) -> None:
         """The status line names the readings going on off screen."""
         shown = self.screen_stack[1] if len(self.screen_stack) > 1 else None
-        away = [job for job in self.readings.values() if job.running
-                and not (isinstance(shown, ReadingScreen) and shown.target == job.target)]
+        away = [
+            job
+            for job in self.readings.values()
+            if job.running and not (isinstance(shown, ReadingScreen) and shown.target == job.target)
+        ]
         parts = []
         for job in away[:2]:
             p = job.progress.progress if job.progress else None
@@ -292,8 +321,9 @@ class KimiDeskApp(App):
         self._set_engine_line(f"model {self.model_label} · loading on {self.device}…")
         self.load_engine(store=False)
 
-    def show_chat(self, session, kda_nbytes: int, mla_nbytes: int, note: str = "",
-                  left_out: tuple[str, ...] = ()) -> None:
+    def show_chat(
+        self, session, kda_nbytes: int, mla_nbytes: int, note: str = "", left_out: tuple[str, ...] = ()
+    ) -> None:
         self.current_chat = (session, kda_nbytes, mla_nbytes)
         self._show_main(ChatScreen(session, kda_nbytes, mla_nbytes, note, left_out))
 
@@ -321,9 +351,14 @@ class KimiDeskApp(App):
 
     def action_open_new(self) -> None:
         self.push_screen(
-            TextPrompt("Open", "A folder or a file (PDF, EPUB, text, Markdown, HTML), a session id, "
-                       "or an exported .zip archive:", placeholder="~/code/project", accept="Open"),
-            lambda target: target and self.open_target(target))
+            TextPrompt(
+                "Open",
+                "A folder or a file (PDF, EPUB, text, Markdown, HTML), a session id, or an exported .zip archive:",
+                placeholder="~/code/project",
+                accept="Open",
+            ),
+            lambda target: target and self.open_target(target),
+        )
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
@@ -352,22 +387,32 @@ class KimiDeskApp(App):
             self.model_choice, self.model_problem = None, Problem(str(exc), "Set another model in Settings (F3).")
         self.device, self.quantize = settings.device, settings.quantize
         self.gpu_memory, self.cpu_memory = settings.gpu_memory or None, settings.cpu_memory or None
-        busy = isinstance(self.screen_stack[1] if len(self.screen_stack) > 1 else None, (ChatScreen, ReadingScreen)) \
-            or any(job.running for job in self.readings.values())
+        busy = isinstance(
+            self.screen_stack[1] if len(self.screen_stack) > 1 else None, (ChatScreen, ReadingScreen)
+        ) or any(job.running for job in self.readings.values())
         if self.engine_status == "failed" or not busy:
             self.reload_engine()
         else:
             self.engine_stale = True
-            self.notify(f"{self.model_label} on {self.device} ({self.quantize}) loads when you next open a session "
-                        "(F2 or ctrl+n); this one keeps the model it was read with.", timeout=10)
+            self.notify(
+                f"{self.model_label} on {self.device} ({self.quantize}) loads when you next open a session "
+                "(F2 or ctrl+n); this one keeps the model it was read with.",
+                timeout=10,
+            )
 
     @work(thread=True, group="settings", exit_on_error=False)
     def save_settings(self, settings: Settings) -> None:
         try:
             path = save_settings(settings, self.settings_file)
         except OSError as exc:
-            self.post_message(StoreFailed(Problem(f"Settings not saved: {backend.one_line(exc)}",
-                                                  f"Check that {self.settings_file.parent} is writable.")))
+            self.post_message(
+                StoreFailed(
+                    Problem(
+                        f"Settings not saved: {backend.one_line(exc)}",
+                        f"Check that {self.settings_file.parent} is writable.",
+                    )
+                )
+            )
             return
         self.post_message(StoreChanged(f"Settings saved to {formatting.short_path(str(path))}."))
 
@@ -383,9 +428,16 @@ class KimiDeskApp(App):
             if path:
                 self.export_to(session.id, Path(path).expanduser())
 
-        self.push_screen(TextPrompt("Save as an archive", "One .zip with the reading and the conversation; "
-                                    "'kimi-desk open FILE.zip' restores it, here or on another computer.",
-                                    value=formatting.short_path(str(default)), accept="Save"), chosen)
+        self.push_screen(
+            TextPrompt(
+                "Save as an archive",
+                "One .zip with the reading and the conversation; "
+                "'kimi-desk open FILE.zip' restores it, here or on another computer.",
+                value=formatting.short_path(str(default)),
+                accept="Save",
+            ),
+            chosen,
+        )
 
     @work(thread=True, group="store", exit_on_error=False)
     def export_to(self, session_id: str, path: Path) -> None:
@@ -408,8 +460,10 @@ class KimiDeskApp(App):
 
         return [
             ("Everywhere", keys(self.BINDINGS) + [("^p", "Command palette"), ("^q", "Quit")]),
-            ("Chat", [("enter", "Ask the question")] + keys(ChatScreen.BINDINGS)
-             + [("tab", "Select an answer (for ^y)")]),
+            (
+                "Chat",
+                [("enter", "Ask the question")] + keys(ChatScreen.BINDINGS) + [("tab", "Select an answer (for ^y)")],
+            ),
             ("Source pane", keys(SourcePane.BINDINGS)),
             ("Reading", keys(ReadingScreen.BINDINGS)),
             ("Sessions", keys(SessionsScreen.BINDINGS)),
@@ -418,8 +472,11 @@ class KimiDeskApp(App):
     def palette_commands(self, screen) -> list[tuple[str, str, Callable]]:
         commands = list(getattr(screen, "palette_commands", lambda: [])())
         commands += [
-            ("Open a folder, file, session or archive", "read something new or restore a session (ctrl+n)",
-             self.action_open_new),
+            (
+                "Open a folder, file, session or archive",
+                "read something new or restore a session (ctrl+n)",
+                self.action_open_new,
+            ),
             ("Sessions", "every saved session: open, rename, delete (F2)", self.action_sessions),
             ("Settings", "model, device and sampling (F3)", self.action_settings),
             ("Help", "every key (F1)", self.action_help),
@@ -432,12 +489,20 @@ def _file_name(name: str) -> str:
     return cleaned or "session"
 
 
-def create_app(target: str | None = None, *, model: str | None = None, device: str | None = None,
-               quantize: str | None = None, gpu_memory: str | None = None, cpu_memory: str | None = None,
-               settings: Settings | None = None, settings_file: Path | None = None,
-               engine_factory: EngineFactory | None = None,
-               store_factory: StoreFactory = backend.open_store,
-               clock: Callable[[], datetime.datetime] | None = None) -> KimiDeskApp:
+def create_app(
+    target: str | None = None,
+    *,
+    model: str | None = None,
+    device: str | None = None,
+    quantize: str | None = None,
+    gpu_memory: str | None = None,
+    cpu_memory: str | None = None,
+    settings: Settings | None = None,
+    settings_file: Path | None = None,
+    engine_factory: EngineFactory | None = None,
+    store_factory: StoreFactory = backend.open_store,
+    clock: Callable[[], datetime.datetime] | None = None,
+) -> KimiDeskApp:
     """The app, for the command line and the tests alike. `model`, `device`, `quantize` and the memory
     budgets (`gpu_memory`, `cpu_memory`: sizes such as 24GiB) override the
     settings; with no model anywhere the app still opens (sessions can be listed) and says what to pass."""
@@ -447,8 +512,10 @@ def create_app(target: str | None = None, *, model: str | None = None, device: s
         try:
             settings, unknown = load_settings(settings_file)
             if unknown:
-                settings_problem = Problem(f"{settings_file}: unknown settings {', '.join(unknown)} (ignored)",
-                                           "Fix or remove them; Settings (F3) rewrites the file.")
+                settings_problem = Problem(
+                    f"{settings_file}: unknown settings {', '.join(unknown)} (ignored)",
+                    "Fix or remove them; Settings (F3) rewrites the file.",
+                )
         except SettingsError as exc:
             settings = Settings()
             settings_problem = Problem(str(exc), "Using the defaults; fix the file or save new settings (F3).")
@@ -456,9 +523,18 @@ def create_app(target: str | None = None, *, model: str | None = None, device: s
         model_choice, model_problem = backend.choose_model(model, settings.model), None
     except backend.ModelNotFound as exc:
         model_choice, model_problem = None, Problem(str(exc), "Or set the model in Settings (F3) and start again.")
-    return KimiDeskApp(target, model_choice=model_choice, model_problem=model_problem,
-                       device=device or settings.device, settings=settings, settings_file=settings_file,
-                       engine_factory=engine_factory, store_factory=store_factory,
-                       clock=clock or (lambda: datetime.datetime.now(datetime.timezone.utc)),
-                       settings_problem=settings_problem, quantize=quantize, gpu_memory=gpu_memory,
-                       cpu_memory=cpu_memory)
+    return KimiDeskApp(
+        target,
+        model_choice=model_choice,
+        model_problem=model_problem,
+        device=device or settings.device,
+        settings=settings,
+        settings_file=settings_file,
+        engine_factory=engine_factory,
+        store_factory=store_factory,
+        clock=clock or (lambda: datetime.datetime.now(datetime.timezone.utc)),
+        settings_problem=settings_problem,
+        quantize=quantize,
+        gpu_memory=gpu_memory,
+        cpu_memory=cpu_memory,
+    )

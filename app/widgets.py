@@ -3,6 +3,7 @@ places it cites, the list of a session's threads and the source pane."""
 
 from __future__ import annotations
 
+from kimi_desk.app import formatting
 from rich.syntax import Syntax
 from rich.text import Text
 from textual.app import ComposeResult
@@ -11,8 +12,6 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.widgets import Label, Markdown, OptionList, ProgressBar, Static
 from textual.widgets.option_list import Option
-
-from kimi_desk.app import formatting
 
 # Thresholds at which the context gauge turns to a warning and then an error colour.
 GAUGE_WARN = 0.75
@@ -35,8 +34,9 @@ class ContextGauge(Vertical):
     memory: the KDA layers' fixed-size state and the MLA layers' growing cache (the document's, shared
     by every thread, and the thread's own rows)."""
 
-    def __init__(self, document_tokens: int, max_tokens: int, kda_nbytes: int, mla_nbytes: int,
-                 thread_tokens: int = 0, **kwargs):
+    def __init__(
+        self, document_tokens: int, max_tokens: int, kda_nbytes: int, mla_nbytes: int, thread_tokens: int = 0, **kwargs
+    ):
         super().__init__(**kwargs)
         self.document_tokens = document_tokens
         self.thread_tokens = thread_tokens
@@ -70,13 +70,15 @@ class ContextGauge(Vertical):
         bar.set_class(self.fraction >= GAUGE_FULL, "-full")
         bar.set_class(GAUGE_WARN <= self.fraction < GAUGE_FULL, "-warn")
         self.query_one("#gauge-tokens", Label).update(
-            f"{formatting.tokens(self.tokens_used)} / {formatting.tokens(self.max_tokens)} tokens")
+            f"{formatting.tokens(self.tokens_used)} / {formatting.tokens(self.max_tokens)} tokens"
+        )
         # The cache grows by the thread's rows at the document's bytes per token.
         per_token = self.mla_nbytes / self.document_tokens if self.document_tokens else 0
         cache = self.mla_nbytes + round(per_token * thread_tokens)
         self.query_one("#gauge-state", Label).update(
             f"document {formatting.tokens(self.document_tokens)} + thread {formatting.tokens(thread_tokens)} · "
-            f"KDA state {formatting.nbytes(self.kda_nbytes)} · MLA cache {formatting.nbytes(cache)}")
+            f"KDA state {formatting.nbytes(self.kda_nbytes)} · MLA cache {formatting.nbytes(cache)}"
+        )
 
 
 class TurnView(Vertical, can_focus=True):
@@ -130,8 +132,9 @@ def citation_links(citations: list, turn_id: str) -> Content:
         if citation.found:
             parts.append(Content.from_markup(f"[@click={action}]$label[/]", label=citation.label))
         else:
-            parts.append(Content.from_markup(f"[$text-error @click={action}]✗ $label (not found)[/]",
-                                             label=citation.text))
+            parts.append(
+                Content.from_markup(f"[$text-error @click={action}]✗ $label (not found)[/]", label=citation.text)
+            )
     return Content.assemble(*parts)
 
 
@@ -146,8 +149,9 @@ class ThreadList(OptionList):
         for thread in sorted(threads, key=lambda t: t.last_used, reverse=True):
             turns = len(thread.turns)
             label = Text(formatting.printable(thread.title, 60))
-            label.append(f"\n{turns} turn{'' if turns == 1 else 's'} · {formatting.tokens(thread.tokens)} tokens",
-                         style="dim")
+            label.append(
+                f"\n{turns} turn{'' if turns == 1 else 's'} · {formatting.tokens(thread.tokens)} tokens", style="dim"
+            )
             self.add_option(Option(label, id=thread.id))
         self.highlighted = self.get_option_index(current or self.NEW)
 
@@ -159,8 +163,9 @@ class SourcePane(Vertical, can_focus=True):
     BINDINGS = [
         Binding("escape", "close", "Close", tooltip="Close the source pane", id="source.close"),
         Binding("n", "step(1)", "Next", tooltip="The next place the answer cites", id="source.next"),
-        Binding("p", "step(-1)", "Previous", tooltip="The previous place the answer cites", id="source.previous",
-                show=False),
+        Binding(
+            "p", "step(-1)", "Previous", tooltip="The previous place the answer cites", id="source.previous", show=False
+        ),
     ]
 
     # Lines shown before and after the cited ones; a long file is not highlighted whole.
@@ -174,14 +179,18 @@ class SourcePane(Vertical, can_focus=True):
     def show(self, citation, text: str | None, position: str, theme_dark: bool = True) -> None:
         """Show `citation` (engine/citations.py) with `text`, its file as read (None: not kept);
         `position` says which of the answer's citations this is ("2 of 3")."""
-        title = Content.from_markup("[b]$label[/b]  [dim]$position · n next · p previous · Escape closes[/]",
-                                    label=citation.label if citation.found else citation.text, position=position)
+        title = Content.from_markup(
+            "[b]$label[/b]  [dim]$position · n next · p previous · Escape closes[/]",
+            label=citation.label if citation.found else citation.text,
+            position=position,
+        )
         self.query_one("#source-title", Static).update(title)
         body = self.query_one("#source-text", Static)
         scroll = self.query_one("#source-scroll", VerticalScroll)
         if not citation.found:
-            body.update(Content.from_markup("[$text-error]Not found in the document:[/] $reason",
-                                            reason=citation.reason))
+            body.update(
+                Content.from_markup("[$text-error]Not found in the document:[/] $reason", reason=citation.reason)
+            )
             scroll.scroll_home(animate=False)
             return
         if text is None:
@@ -192,9 +201,16 @@ class SourcePane(Vertical, can_focus=True):
         last = citation.end_line or first if citation.line else first
         start = max(1, first - self.CONTEXT_LINES)
         window = "\n".join(lines[start - 1 : last + self.CONTEXT_LINES])
-        syntax = Syntax(window, Syntax.guess_lexer(citation.path, window), line_numbers=True, start_line=start,
-                        highlight_lines=set(range(first, last + 1)) if citation.line else set(),
-                        theme="monokai" if theme_dark else "default", word_wrap=False, indent_guides=False)
+        syntax = Syntax(
+            window,
+            Syntax.guess_lexer(citation.path, window),
+            line_numbers=True,
+            start_line=start,
+            highlight_lines=set(range(first, last + 1)) if citation.line else set(),
+            theme="monokai" if theme_dark else "default",
+            word_wrap=False,
+            indent_guides=False,
+        )
         body.update(syntax)
         # The cited lines a few lines below the top, once the text is laid out.
         self.call_after_refresh(scroll.scroll_to, y=max(0, first - start - 2), animate=False)
@@ -209,6 +225,9 @@ class SourcePane(Vertical, can_focus=True):
 def turn_meta(tokens: int, seconds: float, finish_reason: str) -> str:
     """The line under an answer: its length, its time, and why it ended when that is news."""
     rate = f" · {tokens / seconds:,.1f} tokens/s" if seconds > 0 and tokens else ""
-    ending = {"stop": "", "length": " · cut at the token limit (settings: max_new_tokens)",
-              "cancelled": " · stopped"}.get(finish_reason, f" · {finish_reason}")
+    ending = {
+        "stop": "",
+        "length": " · cut at the token limit (settings: max_new_tokens)",
+        "cancelled": " · stopped",
+    }.get(finish_reason, f" · {finish_reason}")
     return f"{formatting.tokens(tokens)} tokens · {seconds:.1f} s{rate}{ending}"

@@ -90,7 +90,9 @@ def _special_id(tokenizer: Tokenizer, name: str) -> int:
 
 def _turn_ids(tokenizer: Tokenizer, marker: str, name: str, content: str, close: bool = True) -> list[int]:
     ids = [
-        _special_id(tokenizer, marker), *tokenizer.encode(name, allow_special=False), _special_id(tokenizer, IM_MIDDLE),
+        _special_id(tokenizer, marker),
+        *tokenizer.encode(name, allow_special=False),
+        _special_id(tokenizer, IM_MIDDLE),
         *tokenizer.encode(content, allow_special=False),
     ]
     if close:
@@ -111,12 +113,16 @@ def chat_token_ids(tokenizer: Tokenizer, messages: Sequence[Message], add_genera
 
 def generation_prompt_ids(tokenizer: Tokenizer) -> list[int]:
     """`<|im_assistant|>assistant<|im_middle|>`: what the model continues from."""
-    return [_special_id(tokenizer, IM_ASSISTANT), *tokenizer.encode("assistant", allow_special=False),
-            _special_id(tokenizer, IM_MIDDLE)]
+    return [
+        _special_id(tokenizer, IM_ASSISTANT),
+        *tokenizer.encode("assistant", allow_special=False),
+        _special_id(tokenizer, IM_MIDDLE),
+    ]
 
 
-def next_turn_token_ids(tokenizer: Tokenizer, messages: Sequence[Message],
-                        add_generation_prompt: bool = True) -> list[int]:
+def next_turn_token_ids(
+    tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True
+) -> list[int]:
     """The ids to feed after a generation, whatever ended it: `<|im_end|>` closes the assistant turn
     that generation left open (a stop token it sampled was not fed), then the new messages."""
     return [_special_id(tokenizer, IM_END), *chat_token_ids(tokenizer, messages, add_generation_prompt)]
@@ -129,8 +135,10 @@ def stop_token_ids(tokenizer: Tokenizer, config: KimiLinearConfig | None = None)
     if config is not None:
         ids.update(config.stop_token_ids)
     if not ids:
-        raise ChatFormatError("no end-of-turn token: the tokenizer names none of "
-                              f"{', '.join(END_OF_TURN_TOKENS)} and no config eos was given")
+        raise ChatFormatError(
+            "no end-of-turn token: the tokenizer names none of "
+            f"{', '.join(END_OF_TURN_TOKENS)} and no config eos was given"
+        )
     return frozenset(ids)
 
 
@@ -206,4 +214,3 @@ def _question_text(question: str) -> str:
     if not question:
         raise ChatFormatError("the question is empty")
     return question
-

@@ -71,7 +71,9 @@ class Citation:
             return self.text
         if self.line is None:
             return self.path
-        return f"{self.path}:{self.line}" + (f"-{self.end_line}" if self.end_line and self.end_line != self.line else "")
+        return f"{self.path}:{self.line}" + (
+            f"-{self.end_line}" if self.end_line and self.end_line != self.line else ""
+        )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -123,8 +125,8 @@ class SourceIndex:
         if written in self.files:
             return written
         root = Path(self.session.source).name
-        if written.startswith(root + "/") and written[len(root) + 1:] in self.files:
-            return written[len(root) + 1:]
+        if written.startswith(root + "/") and written[len(root) + 1 :] in self.files:
+            return written[len(root) + 1 :]
         matches = [p for p in self.files if p.endswith("/" + written)]
         return matches[0] if len(matches) == 1 else None
 
@@ -173,8 +175,9 @@ class SourceIndex:
         if path is None:
             # Only what clearly means a file of this document is said to be missing from it.
             if has_folder and (suffix or line) or line and suffix or suffix in self._extensions:
-                return Citation(text, match.start(), match.end(), None, found=False,
-                                reason=f"{written} is not among the files read")
+                return Citation(
+                    text, match.start(), match.end(), None, found=False, reason=f"{written} is not among the files read"
+                )
             return None
         if line is None:
             return Citation(text, match.start(), match.end(), path)
@@ -182,11 +185,27 @@ class SourceIndex:
         last = max(first, int(end)) if end and int(end) >= first else first
         lines = self.lines(path)
         if lines is None:
-            return Citation(text, match.start(), match.end(), path, first, last, found=False,
-                            reason=f"the text of {path} as read is not kept and the file changed since")
+            return Citation(
+                text,
+                match.start(),
+                match.end(),
+                path,
+                first,
+                last,
+                found=False,
+                reason=f"the text of {path} as read is not kept and the file changed since",
+            )
         if not 1 <= first <= len(lines):
-            return Citation(text, match.start(), match.end(), path, first, last, found=False,
-                            reason=f"{path} has {len(lines):,} line{'s' if len(lines) != 1 else ''}, no line {first:,}")
+            return Citation(
+                text,
+                match.start(),
+                match.end(),
+                path,
+                first,
+                last,
+                found=False,
+                reason=f"{path} has {len(lines):,} line{'s' if len(lines) != 1 else ''}, no line {first:,}",
+            )
         return Citation(text, match.start(), match.end(), path, first, min(last, len(lines)))
 
     def _symbol(self, name: str, start: int, end: int) -> Citation | None:

@@ -14,14 +14,28 @@ from pathlib import Path
 from kimi_desk.engine.errors import ConfigError
 from kimi_desk.engine.files import BadJSON, brief, read_json, some
 
-
 # Keys that config.json carries but that do not change the computation (bookkeeping of the
 # Hugging Face tooling, or fields the architecture ignores). Known, so they are not reported.
 _IGNORED_KEYS = {
-    "architectures", "auto_map", "model_type", "transformers_version", "use_cache", "torch_dtype",
-    "initializer_range", "rope_theta", "rope_scaling", "head_dim", "num_key_value_heads",
-    "quantization_config", "_name_or_path", "pretraining_tp", "attention_bias", "attention_dropout",
-    "output_router_logits", "num_nextn_predict_layers", "max_position_embeddings",
+    "architectures",
+    "auto_map",
+    "model_type",
+    "transformers_version",
+    "use_cache",
+    "torch_dtype",
+    "initializer_range",
+    "rope_theta",
+    "rope_scaling",
+    "head_dim",
+    "num_key_value_heads",
+    "quantization_config",
+    "_name_or_path",
+    "pretraining_tp",
+    "attention_bias",
+    "attention_dropout",
+    "output_router_logits",
+    "num_nextn_predict_layers",
+    "max_position_embeddings",
 }
 
 
@@ -130,9 +144,13 @@ FIELD_KINDS: dict[str, _Kind] = {
     "dtype": _Kind("choice", choices=("bfloat16", "float16", "float32")),
 }
 # Where config.json keeps the fields that live inside linear_attn_config, for messages.
-_JSON_NAMES = {"kda_layers": "linear_attn_config.kda_layers", "full_attn_layers": "linear_attn_config.full_attn_layers",
-               "kda_num_heads": "linear_attn_config.num_heads", "kda_head_dim": "linear_attn_config.head_dim",
-               "short_conv_kernel_size": "linear_attn_config.short_conv_kernel_size"}
+_JSON_NAMES = {
+    "kda_layers": "linear_attn_config.kda_layers",
+    "full_attn_layers": "linear_attn_config.full_attn_layers",
+    "kda_num_heads": "linear_attn_config.num_heads",
+    "kda_head_dim": "linear_attn_config.head_dim",
+    "short_conv_kernel_size": "linear_attn_config.short_conv_kernel_size",
+}
 
 
 @dataclass
@@ -236,8 +254,10 @@ class KimiLinearConfig:
                 raise ConfigError("config.json: linear_attn_config must be an object")
             linear = dict(linear)
             for src, dst in [
-                ("kda_layers", "kda_layers"), ("full_attn_layers", "full_attn_layers"),
-                ("num_heads", "kda_num_heads"), ("head_dim", "kda_head_dim"),
+                ("kda_layers", "kda_layers"),
+                ("full_attn_layers", "full_attn_layers"),
+                ("num_heads", "kda_num_heads"),
+                ("head_dim", "kda_head_dim"),
                 ("short_conv_kernel_size", "short_conv_kernel_size"),
             ]:
                 if src in linear:
@@ -278,8 +298,14 @@ class KimiLinearConfig:
             "model_type": "kimi_linear",
         }
         for f in dataclasses.fields(self):
-            if f.name in {"kda_layers", "full_attn_layers", "kda_num_heads", "kda_head_dim",
-                          "short_conv_kernel_size", "unknown_keys"}:
+            if f.name in {
+                "kda_layers",
+                "full_attn_layers",
+                "kda_num_heads",
+                "kda_head_dim",
+                "short_conv_kernel_size",
+                "unknown_keys",
+            }:
                 continue
             out[f.name] = getattr(self, f.name)
         out["num_key_value_heads"] = self.num_attention_heads
@@ -305,22 +331,33 @@ class KimiLinearConfig:
         for name, kind in FIELD_KINDS.items():
             value = getattr(self, name)
             need(kind.accepts(value), f"{_JSON_NAMES.get(name, name)} must be {kind.describe()}, got {brief(value)}")
-        need(self.q_lora_rank is None,
-             f"q_lora_rank={self.q_lora_rank}: Kimi Linear projects queries directly (q_lora_rank must be null)")
-        need(self.mla_use_nope or not self.full_attn_layers,
-             "mla_use_nope is false: Kimi Linear's MLA layers use no rotary embedding (NoPE)")
+        need(
+            self.q_lora_rank is None,
+            f"q_lora_rank={self.q_lora_rank}: Kimi Linear projects queries directly (q_lora_rank must be null)",
+        )
+        need(
+            self.mla_use_nope or not self.full_attn_layers,
+            "mla_use_nope is false: Kimi Linear's MLA layers use no rotary embedding (NoPE)",
+        )
         for name in ["kda_layers", "full_attn_layers"]:
             bad = [i for i in getattr(self, name) if not 1 <= i <= self.num_hidden_layers]
-            need(not bad, f"{_JSON_NAMES[name]} has {some(bad)}: layer numbers are 1-based, "
-                          f"from 1 to num_hidden_layers={self.num_hidden_layers}")
+            need(
+                not bad,
+                f"{_JSON_NAMES[name]} has {some(bad)}: layer numbers are 1-based, "
+                f"from 1 to num_hidden_layers={self.num_hidden_layers}",
+            )
         both = sorted(set(self.kda_layers) & set(self.full_attn_layers))
         need(not both, f"layers {some(both)} are listed both as kda_layers and full_attn_layers")
         covered = set(self.kda_layers) | set(self.full_attn_layers)
         missing = [i for i in range(1, self.num_hidden_layers + 1) if i not in covered]
         need(not missing, f"layers {some(missing)} are in neither kda_layers nor full_attn_layers")
         if self.num_experts is not None:
-            need(self.num_experts_per_token <= self.num_experts,
-                 f"num_experts_per_token={self.num_experts_per_token} exceeds num_experts={self.num_experts}")
-            need(self.num_expert_group == 1 and self.topk_group == 1,
-                 "grouped expert selection (num_expert_group > 1) is not supported; Kimi Linear uses one group")
+            need(
+                self.num_experts_per_token <= self.num_experts,
+                f"num_experts_per_token={self.num_experts_per_token} exceeds num_experts={self.num_experts}",
+            )
+            need(
+                self.num_expert_group == 1 and self.topk_group == 1,
+                "grouped expert selection (num_expert_group > 1) is not supported; Kimi Linear uses one group",
+            )
         need(not self.tie_word_embeddings, "tie_word_embeddings=true is not supported (Kimi Linear unties them)")

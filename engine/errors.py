@@ -44,9 +44,11 @@ class GpuMemoryError(UserError):
     the plan's margin was too small). What was read and said up to then is kept."""
 
     def __init__(self, doing: str) -> None:
-        super().__init__(f"the GPU ran out of memory while {doing}; what was done so far is kept. Free memory "
-                         f"on the card, or load with a lower --gpu-memory (more of the model in RAM) or "
-                         f"--quantize int4")
+        super().__init__(
+            f"the GPU ran out of memory while {doing}; what was done so far is kept. Free memory "
+            f"on the card, or load with a lower --gpu-memory (more of the model in RAM) or "
+            f"--quantize int4"
+        )
 
 
 class StorageError(UserError):
@@ -74,5 +76,7 @@ def writing(path: Path | str) -> Iterator[None]:
         reason = _STORAGE_REASONS.get(error.errno)
         if reason is None:
             raise
-        raise StorageError(f"cannot write {path}: {reason}; nothing was changed "
-                           "(free some space, or set KIMI_DESK_HOME to a writable folder)") from None
+        raise StorageError(
+            f"cannot write {path}: {reason}; nothing was changed "
+            "(free some space, or set KIMI_DESK_HOME to a writable folder)"
+        ) from None

@@ -79,8 +79,12 @@ def is_count(value) -> bool:
 
 def is_plain_file_name(name) -> bool:
     """A file directly inside a folder: a string with no separator, no drive, not hidden, not '.' or '..'."""
-    return (isinstance(name, str) and 0 < len(name) <= 255 and not name.startswith(".")
-            and not any(c in name for c in "/\\:\0"))
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 255
+        and not name.startswith(".")
+        and not any(c in name for c in "/\\:\0")
+    )
 
 
 def index_shards(index: Path) -> list[str]:

@@ -29,12 +29,11 @@ dtype (it was rounded, then added).
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.model import MLP, MultiHeadLatentAttention, SparseMoE
 from kimi_desk.engine.quantize import Int4Linear, RowScaledLinear
 from kimi_desk.kernels.quant import FP8
+from torch import nn
 
 # Module class -> (attribute of the joined projection, the projections it joins, in output order).
 GROUPS = {
@@ -159,8 +158,13 @@ def fold_shared_expert(moe: SparseMoE) -> None:
     """Stack the shared expert as routed expert E and have the router append it to every choice (see the
     module doc). One layer at a time, so the copy of the stacked weights is one layer's."""
     shared, experts = moe.shared_experts, moe.experts
-    if shared is None or not hasattr(experts, "w1") or shared.gate_up_proj is not None or shared.gate_proj.weight.shape != experts.w1.shape[1:] \
-            or _kind(shared.gate_proj) != _kind_of_experts(experts):
+    if (
+        shared is None
+        or not hasattr(experts, "w1")
+        or shared.gate_up_proj is not None
+        or shared.gate_proj.weight.shape != experts.w1.shape[1:]
+        or _kind(shared.gate_proj) != _kind_of_experts(experts)
+    ):
         return
     E = experts.w1.shape[0]
     for attribute, part in (("w1", shared.gate_proj), ("w2", shared.down_proj), ("w3", shared.up_proj)):
@@ -168,7 +172,9 @@ def fold_shared_expert(moe: SparseMoE) -> None:
         setattr(experts, attribute, nn.Parameter(_cat_rows([stacked, part.weight.data[None]]), requires_grad=False))
         for sidecar in ("scale", "zero"):
             if hasattr(part, f"weight_{sidecar}"):
-                joined = torch.cat([experts.get_buffer(f"{attribute}_{sidecar}"), getattr(part, f"weight_{sidecar}")[None]])
+                joined = torch.cat(
+                    [experts.get_buffer(f"{attribute}_{sidecar}"), getattr(part, f"weight_{sidecar}")[None]]
+                )
                 setattr(experts, f"{attribute}_{sidecar}", joined)
     moe.shared_experts = None
     moe.gate.shared_expert = E

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.state import ModelState
 from kimi_desk.kernels import use_triton
@@ -77,8 +76,13 @@ def _as_batch(ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.
     return ids.to(device)
 
 
-def prefill(model: KimiLinearForCausalLM, ids: Sequence[int] | torch.Tensor, state: ModelState,
-            chunk_size: int = DEFAULT_PREFILL_CHUNK, cancel: Cancel = None) -> torch.Tensor:
+def prefill(
+    model: KimiLinearForCausalLM,
+    ids: Sequence[int] | torch.Tensor,
+    state: ModelState,
+    chunk_size: int = DEFAULT_PREFILL_CHUNK,
+    cancel: Cancel = None,
+) -> torch.Tensor:
     """Feed `ids` to the model `chunk_size` tokens at a time; the logits after the last one, [B, vocab].
 
     Only the last position's logits are computed per chunk (an lm_head over every token of a long
@@ -163,8 +167,9 @@ def filter_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     return probs.masked_fill(drop, 0.0)
 
 
-def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None,
-                 seen: torch.Tensor | None = None) -> int:
+def sample_token(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None, seen: torch.Tensor | None = None
+) -> int:
     """The next token from one position's logits [V]. `seen` [V] bool marks the tokens the repetition
     penalty applies to."""
     logits = logits.float()
@@ -186,8 +191,9 @@ def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Gene
 # -- the decode loop -----------------------------------------------------------------------------------
 
 
-def decode_step_function(model: KimiLinearForCausalLM, state: ModelState,
-                         vocab_size: int | None = None) -> Callable[[int], torch.Tensor]:
+def decode_step_function(
+    model: KimiLinearForCausalLM, state: ModelState, vocab_size: int | None = None
+) -> Callable[[int], torch.Tensor]:
     """token id -> the logits after feeding it, [vocab] (a buffer the next call may overwrite): a
     replayed CUDA graph on the GPU, the eager model elsewhere. Either advances `state` by one token."""
     # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen. Experts
@@ -217,10 +223,18 @@ class Step:
     finish_reason: str | None = None
 
 
-def stream_tokens(model: KimiLinearForCausalLM, prompt_ids: Sequence[int] | torch.Tensor, state: ModelState, *,
-                  max_new_tokens: int, sampling: Sampling = GREEDY,
-                  stop_token_ids: Collection[int] | None = None, cancel: Cancel = None,
-                  prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, vocab_size: int | None = None) -> Iterator[Step]:
+def stream_tokens(
+    model: KimiLinearForCausalLM,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    state: ModelState,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = GREEDY,
+    stop_token_ids: Collection[int] | None = None,
+    cancel: Cancel = None,
+    prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+    vocab_size: int | None = None,
+) -> Iterator[Step]:
     """Prefill `prompt_ids` (batch 1) into `state`, then yield generated tokens one Step at a time.
 
     Stops after a stop token (default: the config's eos ids), after max_new_tokens, when the state
@@ -236,8 +250,9 @@ def stream_tokens(model: KimiLinearForCausalLM, prompt_ids: Sequence[int] | torc
     prompt = _as_batch(prompt_ids, model.device)  # [1, T]
     max_length = model.config.model_max_length
     if state.position + prompt.shape[1] > max_length:
-        raise ValueError(f"the prompt ({prompt.shape[1]} tokens after {state.position}) exceeds "
-                         f"model_max_length={max_length}")
+        raise ValueError(
+            f"the prompt ({prompt.shape[1]} tokens after {state.position}) exceeds model_max_length={max_length}"
+        )
     stops = frozenset(model.config.stop_token_ids if stop_token_ids is None else stop_token_ids)
 
     started = time.perf_counter()
@@ -280,15 +295,29 @@ class Generation:
     finish_reason: str = "cancelled"
 
 
-def generate(model: KimiLinearForCausalLM, prompt_ids: Sequence[int] | torch.Tensor, state: ModelState, *,
-             max_new_tokens: int, sampling: Sampling = GREEDY,
-             stop_token_ids: Collection[int] | None = None, cancel: Cancel = None,
-             prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK) -> Generation:
+def generate(
+    model: KimiLinearForCausalLM,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    state: ModelState,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = GREEDY,
+    stop_token_ids: Collection[int] | None = None,
+    cancel: Cancel = None,
+    prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+) -> Generation:
     """stream_tokens, run to the end. The state contract is the same."""
     result = Generation()
-    for step in stream_tokens(model, prompt_ids, state, max_new_tokens=max_new_tokens, sampling=sampling,
-                              stop_token_ids=stop_token_ids, cancel=cancel,
-                              prefill_chunk_size=prefill_chunk_size):
+    for step in stream_tokens(
+        model,
+        prompt_ids,
+        state,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_token_ids=stop_token_ids,
+        cancel=cancel,
+        prefill_chunk_size=prefill_chunk_size,
+    ):
         result.token_ids.append(step.token_id)
         result.steps.append(step)
         if step.finish_reason is not None:

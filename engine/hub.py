@@ -71,14 +71,19 @@ DEFAULT_REVISION = "main"
 
 def is_repo_id(text: str) -> bool:
     """`owner/name` as the hub spells repo ids (no '..', no '--' at the ends, at most 96 characters)."""
-    return (bool(_REPO_ID.fullmatch(text)) and ".." not in text and len(text) <= 96
-            and not any(part.endswith(("-", ".")) for part in text.split("/")))
+    return (
+        bool(_REPO_ID.fullmatch(text))
+        and ".." not in text
+        and len(text) <= 96
+        and not any(part.endswith(("-", ".")) for part in text.split("/"))
+    )
 
 
 def _check_repo_id(repo_id: str) -> None:
     if not is_repo_id(repo_id):
-        raise HubError(f"{repo_id!r} is not a hub repo id (expected owner/name, e.g. "
-                       "moonshotai/Kimi-Linear-48B-A3B-Instruct)")
+        raise HubError(
+            f"{repo_id!r} is not a hub repo id (expected owner/name, e.g. moonshotai/Kimi-Linear-48B-A3B-Instruct)"
+        )
 
 
 def _check_revision(revision: str) -> None:
@@ -148,8 +153,9 @@ def _endpoint(endpoint: str | None) -> str:
     return (endpoint or constants.ENDPOINT).rstrip("/")
 
 
-def _hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | None, doing: str,
-               timeout: float) -> HubError | None:
+def _hub_error(
+    exc: BaseException, repo_id: str, revision: str, endpoint: str | None, doing: str, timeout: float
+) -> HubError | None:
     """The one-line HubError for an exception of huggingface-hub or its HTTP client, or None if it is
     neither (a bug, which must keep its traceback). `doing` says what the call was for ("listing X's
     files"), for a hub that stops answering."""
@@ -180,15 +186,29 @@ def _hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | 
             return HubError(f"not authorized to download {repo_id} (HTTP {status}); {login}")
         return HubError(f"the hub ({hub}) answered HTTP {status} for {repo_id}; try again later")
     if isinstance(exc, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
-        return HubError(f"{repo_id} is not in the hub cache and downloads are off (HF_HUB_OFFLINE); "
-                        "unset HF_HUB_OFFLINE to download it")
+        return HubError(
+            f"{repo_id} is not in the hub cache and downloads are off (HF_HUB_OFFLINE); "
+            "unset HF_HUB_OFFLINE to download it"
+        )
     if isinstance(exc, httpx2.TimeoutException):
-        return HubError(f"the hub at {hub} did not answer within {timeout:g} s while {doing}; check the network, "
-                        f"or set HF_ENDPOINT to a mirror, or {HUB_TIMEOUT_ENV} to wait longer")
-    if isinstance(exc, (httpx2.ConnectError, httpx2.NetworkError, httpx2.ProxyError,
-                        httpx2.RemoteProtocolError, httpx2.UnsupportedProtocol)):
-        return HubError(f"cannot reach the Hugging Face hub at {hub} ({first_line(exc)}); check the network, "
-                        "or set HF_ENDPOINT to a mirror, or pass a local folder with --model")
+        return HubError(
+            f"the hub at {hub} did not answer within {timeout:g} s while {doing}; check the network, "
+            f"or set HF_ENDPOINT to a mirror, or {HUB_TIMEOUT_ENV} to wait longer"
+        )
+    if isinstance(
+        exc,
+        (
+            httpx2.ConnectError,
+            httpx2.NetworkError,
+            httpx2.ProxyError,
+            httpx2.RemoteProtocolError,
+            httpx2.UnsupportedProtocol,
+        ),
+    ):
+        return HubError(
+            f"cannot reach the Hugging Face hub at {hub} ({first_line(exc)}); check the network, "
+            "or set HF_ENDPOINT to a mirror, or pass a local folder with --model"
+        )
     if isinstance(exc, httpx2.HTTPError):
         return HubError(f"talking to the hub at {hub} failed ({first_line(exc)}); try again")
     return None
@@ -269,8 +289,10 @@ def _complete_cached_snapshot(repo_id: str, revision: str | None, cache_dir) -> 
         return None
     missing = missing_checkpoint_part(snapshot)
     if missing is not None:
-        raise HubError(f"the cached copy of {repo_id} is incomplete ({missing} is missing); "
-                       f"run `kimi-desk pull {repo_id}` to complete it")
+        raise HubError(
+            f"the cached copy of {repo_id} is incomplete ({missing} is missing); "
+            f"run `kimi-desk pull {repo_id}` to complete it"
+        )
     return snapshot
 
 
@@ -341,11 +363,13 @@ def _expected_digest(sibling, size: int | None):
         return hashlib.sha256, lfs.sha256
     blob_id = getattr(sibling, "blob_id", None)
     if blob_id and size is not None and re.fullmatch(r"[0-9a-f]{40}", blob_id):
+
         def git_blob_hasher():
             # A git blob id is sha1 over "blob <size>\0" followed by the content.
             hasher = hashlib.sha1()
             hasher.update(b"blob %d\0" % size)
             return hasher
+
         return git_blob_hasher, blob_id
     return None
 
@@ -375,8 +399,9 @@ def _progress_bar_class(report: Callable[[int], None]):
     return FileProgress
 
 
-def _download_blob(url: str, blob: Path, filename: str, size: int | None, sibling,
-                   report: Callable[[int], None], timeout: float) -> None:
+def _download_blob(
+    url: str, blob: Path, filename: str, size: int | None, sibling, report: Callable[[int], None], timeout: float
+) -> None:
     """Stream `url` into blob + '.incomplete', resuming from what is there, verify it, rename it."""
     import httpx2
     from huggingface_hub.file_download import http_get
@@ -395,8 +420,15 @@ def _download_blob(url: str, blob: Path, filename: str, size: int | None, siblin
         resumed = fh.tell()
         writer = _ChecksumWriter(fh, digest[0]) if digest else fh
         try:
-            http_get(url, writer, resume_size=resumed, headers=headers, expected_size=size,
-                     displayed_filename=filename, tqdm_class=_progress_bar_class(report))
+            http_get(
+                url,
+                writer,
+                resume_size=resumed,
+                headers=headers,
+                expected_size=size,
+                displayed_filename=filename,
+                tqdm_class=_progress_bar_class(report),
+            )
         except BaseException as exc:
             fh.flush()
             done = fh.tell()
@@ -409,19 +441,30 @@ def _download_blob(url: str, blob: Path, filename: str, size: int | None, siblin
             if size is not None and done > size:
                 partial.unlink(missing_ok=True)
             of = f"/{size:,}" if size is not None else ""
-            raise HubError(f"download of {filename} stopped at {done:,}{of} bytes ({reason}); "
-                           "run the same command again to resume") from None
+            raise HubError(
+                f"download of {filename} stopped at {done:,}{of} bytes ({reason}); run the same command again to resume"
+            ) from None
         fh.flush()
         os.fsync(fh.fileno())
     if digest is not None and writer.hasher.hexdigest() != digest[1]:
         partial.unlink(missing_ok=True)
-        raise HubError(f"{filename} does not match the checksum the hub lists (the partial download was "
-                       "damaged and is deleted); run the same command again")
+        raise HubError(
+            f"{filename} does not match the checksum the hub lists (the partial download was "
+            "damaged and is deleted); run the same command again"
+        )
     os.replace(partial, blob)
 
 
-def _fetch(repo_id: str, filename: str, commit: str, sibling, cache_dir: Path, endpoint: str | None,
-           report: Callable[[int], None], timeout: float) -> Path:
+def _fetch(
+    repo_id: str,
+    filename: str,
+    commit: str,
+    sibling,
+    cache_dir: Path,
+    endpoint: str | None,
+    report: Callable[[int], None],
+    timeout: float,
+) -> Path:
     """One file of the snapshot at `commit`, from the cache when it is there."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.utils import WeakFileLock
@@ -448,8 +491,11 @@ def _fetch(repo_id: str, filename: str, commit: str, sibling, cache_dir: Path, e
                 _download_blob(url, blob, filename, size, sibling, report, timeout)
     # huggingface-hub links the snapshot entry to the blob (a symlink, or a copy where there are none).
     with _HubCalls(repo_id, commit, endpoint, f"asking for {filename}", timeout):
-        return Path(hf_hub_download(repo_id, filename, revision=commit, cache_dir=cache_dir, endpoint=endpoint,
-                                    etag_timeout=timeout))
+        return Path(
+            hf_hub_download(
+                repo_id, filename, revision=commit, cache_dir=cache_dir, endpoint=endpoint, etag_timeout=timeout
+            )
+        )
 
 
 # -- pull -------------------------------------------------------------------------------------------
@@ -471,13 +517,21 @@ def _weight_files(folder: Path, listed: dict, repo_id: str) -> list[str]:
         return ["model.safetensors"]
     pickles = sorted(f for f in listed if "/" not in f and _is_refused(f) and not f.endswith((".py", ".pyc", ".so")))
     if pickles:
-        raise HubError(f"{repo_id} has no safetensors weights, only {pickles[0]}: kimi-desk never loads pickled "
-                       "weights (loading them can run code)")
+        raise HubError(
+            f"{repo_id} has no safetensors weights, only {pickles[0]}: kimi-desk never loads pickled "
+            "weights (loading them can run code)"
+        )
     raise HubError(f"{repo_id} has no model.safetensors or model.safetensors.index.json at its top level")
 
 
-def pull(repo_id: str, revision: str | None = None, cache_dir=None,
-         on_progress: Callable[[PullProgress], None] | None = None, *, endpoint: str | None = None) -> Path:
+def pull(
+    repo_id: str,
+    revision: str | None = None,
+    cache_dir=None,
+    on_progress: Callable[[PullProgress], None] | None = None,
+    *,
+    endpoint: str | None = None,
+) -> Path:
     """Download the checkpoint `repo_id` (at `revision`, default main) into the hub cache and return its
     snapshot folder, ready for `load_model`. Files already cached are not fetched again; an interrupted
     file resumes where it stopped. `endpoint` overrides HF_ENDPOINT. With HF_HUB_OFFLINE=1 the cached
@@ -515,8 +569,10 @@ def _pull(repo_id: str, revision: str | None, cache_dir, on_progress, endpoint: 
     if constants.is_offline_mode():
         snapshot = _complete_cached_snapshot(repo_id, revision, cache)
         if snapshot is None:
-            raise HubError(f"HF_HUB_OFFLINE is set and {repo_id} (revision {revision}) is not in the hub cache "
-                           f"({cache}); unset HF_HUB_OFFLINE to download it")
+            raise HubError(
+                f"HF_HUB_OFFLINE is set and {repo_id} (revision {revision}) is not in the hub cache "
+                f"({cache}); unset HF_HUB_OFFLINE to download it"
+            )
         return snapshot
 
     with _HubCalls(repo_id, revision, endpoint, f"listing {repo_id}'s files", timeout):
@@ -552,8 +608,10 @@ def _pull(repo_id: str, revision: str | None, cache_dir, on_progress, endpoint: 
     to_fetch = total - done_bytes
     free = shutil.disk_usage(cache).free  # exists: the small files are in it
     if to_fetch > free:
-        raise HubError(f"{repo_id} needs {format_bytes(to_fetch)} more on disk, {cache} has {format_bytes(free)} free; "
-                       "set HF_HUB_CACHE to a larger disk")
+        raise HubError(
+            f"{repo_id} needs {format_bytes(to_fetch)} more on disk, {cache} has {format_bytes(free)} free; "
+            "set HF_HUB_CACHE to a larger disk"
+        )
 
     def report(current: str, file_bytes: int) -> None:
         if on_progress is not None:
@@ -563,8 +621,16 @@ def _pull(repo_id: str, revision: str | None, cache_dir, on_progress, endpoint: 
     for name in weights:
         if name in done_files:
             continue
-        _fetch(repo_id, name, commit, listed[name], cache, endpoint,
-               lambda file_bytes, name=name: report(name, file_bytes), timeout)
+        _fetch(
+            repo_id,
+            name,
+            commit,
+            listed[name],
+            cache,
+            endpoint,
+            lambda file_bytes, name=name: report(name, file_bytes),
+            timeout,
+        )
         done_files.add(name)
         done_bytes += size_of[name]
         report(name, 0)
@@ -587,8 +653,9 @@ def resolve_model_reference(ref: str, cache_dir=None) -> Path:
     snapshot = _complete_cached_snapshot(repo_id, revision or None, cache_dir)
     if snapshot is None:
         pull_command = f"kimi-desk pull {repo_id}" + (f" --revision {revision}" if revision else "")
-        raise HubError(f"{ref}: no such folder, and the hub model {repo_id} is not downloaded yet; "
-                       f"run `{pull_command}` first")
+        raise HubError(
+            f"{ref}: no such folder, and the hub model {repo_id} is not downloaded yet; run `{pull_command}` first"
+        )
     return snapshot
 
 
@@ -603,6 +670,12 @@ def model_display_name(path) -> str:
 
 
 __all__ = [
-    "HubError", "PullProgress", "pull", "resolve_model_reference", "cached_snapshot", "is_repo_id",
-    "missing_checkpoint_part", "model_display_name",
+    "HubError",
+    "PullProgress",
+    "pull",
+    "resolve_model_reference",
+    "cached_snapshot",
+    "is_repo_id",
+    "missing_checkpoint_part",
+    "model_display_name",
 ]

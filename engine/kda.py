@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.state import KDAState
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.kda import RECURRENT_MAX_TOKENS, kda, recurrent_kda_inplace
 from kimi_desk.kernels.norm import gated_rms_norm
+from torch import nn
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -116,9 +115,17 @@ class KimiDeltaAttention(nn.Module):
             v, conv_v = self.v_conv1d(v_in, state.conv[:, 2])
             state.conv.copy_(torch.stack([conv_q, conv_k, conv_v], dim=1))
             o, recurrent = chunk_kda_triton(
-                q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), f_in.view(B, T, H, K), b_in,
-                initial_state=state.recurrent, output_final_state=True, A_log=self.A_log, dt_bias=self.dt_bias,
-                use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                q.view(B, T, H, K),
+                k.view(B, T, H, K),
+                v.view(B, T, H, K),
+                f_in.view(B, T, H, K),
+                b_in,
+                initial_state=state.recurrent,
+                output_final_state=True,
+                A_log=self.A_log,
+                dt_bias=self.dt_bias,
+                use_qk_l2norm_in_kernel=True,
+                use_beta_sigmoid_in_kernel=True,
             )
         else:
             # The three convolutions are depthwise: one call over q, k and v side by side is the same
@@ -152,8 +159,14 @@ class KimiDeltaAttention(nn.Module):
             q, k, v, gates_a, b = self.in_proj(x)
             f, g = self.gates_b_proj(gates_a)
             return q, k, v, f, g, b
-        return (self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_b_proj(self.f_a_proj(x)),
-                self.g_b_proj(self.g_a_proj(x)), self.b_proj(x))
+        return (
+            self.q_proj(x),
+            self.k_proj(x),
+            self.v_proj(x),
+            self.f_b_proj(self.f_a_proj(x)),
+            self.g_b_proj(self.g_a_proj(x)),
+            self.b_proj(x),
+        )
 
     def _decode_fused(self, x: torch.Tensor, state: KDAState) -> torch.Tensor:
         """The same function for a few tokens on the GPU, in Triton. The kernels read the projections
@@ -166,12 +179,22 @@ class KimiDeltaAttention(nn.Module):
         H, K = self.num_heads, self.head_dim
         q_in, k_in, v_in, f_in, g_in, b_in = self.input_projections(x)
         q, k, v = short_conv_update_triton(
-            (q_in, k_in, v_in), (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight), state.conv,
+            (q_in, k_in, v_in),
+            (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight),
+            state.conv,
         )  # each [B, T, P], SiLU applied
         o, _ = fused_recurrent_kda_triton(
-            q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, K), f_in.view(B, T, H, K), b_in.contiguous(),
-            initial_state=state.recurrent, A_log=self.A_log, dt_bias=self.dt_bias,
-            use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, inplace_final_state=True,
+            q.view(B, T, H, K),
+            k.view(B, T, H, K),
+            v.view(B, T, H, K),
+            f_in.view(B, T, H, K),
+            b_in.contiguous(),
+            initial_state=state.recurrent,
+            A_log=self.A_log,
+            dt_bias=self.dt_bias,
+            use_qk_l2norm_in_kernel=True,
+            use_beta_sigmoid_in_kernel=True,
+            inplace_final_state=True,
         )  # [B, T, H, V]
         o = self.o_norm(o, g_in.view(B, T, H, K))  # [B, T, H, V]
         return self.o_proj(o.reshape(B, T, H * K))
@@ -192,8 +215,9 @@ def record_gates(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
             out = plain(x)
             B, T = x.shape[:2]
             f = out[3].float() + layer.dt_bias
-            gates.append(-layer.A_log.float().exp() * F.softplus(f.view(B, T, layer.num_heads, layer.head_dim),
-                                                                 threshold=20.0))
+            gates.append(
+                -layer.A_log.float().exp() * F.softplus(f.view(B, T, layer.num_heads, layer.head_dim), threshold=20.0)
+            )
             return out
 
         return projections

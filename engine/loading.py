@@ -34,8 +34,9 @@ def resolve_model(option: str | None, session=None) -> Path:
     if option:
         path = resolve_model_reference(option)  # a path as is; owner/name from the hub cache, offline
         if not (path / "config.json").is_file():
-            raise ModelChoiceError(f"{option}: not a model folder (it needs config.json, *.safetensors and "
-                                   "tokenizer.json)")
+            raise ModelChoiceError(
+                f"{option}: not a model folder (it needs config.json, *.safetensors and tokenizer.json)"
+            )
         return path
     if session is not None and session.model_source:
         return _session_model(session)
@@ -56,8 +57,10 @@ def _session_model(session) -> Path:
     if (DEMO_MODEL / "config.json").is_file() and checkpoint_fingerprint(DEMO_MODEL) == session.model_fingerprint:
         return DEMO_MODEL
     shown = "".join(c if c.isprintable() else "?" for c in session.model_source)[:200]
-    raise ModelChoiceError(f"session {session.id} was read with the model at {shown}, which is not on this "
-                           "machine; pass --model PATH (the same checkpoint)")
+    raise ModelChoiceError(
+        f"session {session.id} was read with the model at {shown}, which is not on this "
+        "machine; pass --model PATH (the same checkpoint)"
+    )
 
 
 def resolve_device(option: str | None) -> str:
@@ -72,8 +75,13 @@ def resolve_device(option: str | None) -> str:
     return option
 
 
-def choose_format(path: Path, device: str, requested: str | None, notice: Callable[[str], None] = lambda line: None,
-                  available_bytes: int | None = None) -> str | None:
+def choose_format(
+    path: Path,
+    device: str,
+    requested: str | None,
+    notice: Callable[[str], None] = lambda line: None,
+    available_bytes: int | None = None,
+) -> str | None:
     """Before anything is loaded: the weight format to load the model folder with (None: the checkpoint's
     dtype), or MemoryCheckError (one line, naming what would fit). `requested` "auto" takes the most
     faithful format that fits this device, saying so through `notice` when it is not the checkpoint's
@@ -85,8 +93,9 @@ def choose_format(path: Path, device: str, requested: str | None, notice: Callab
     if requested not in (None, *QUANTIZE_CHOICES):
         raise ModelChoiceError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {requested!r}")
     config = KimiLinearConfig.from_file(path / "config.json")
-    quantize, why = fitting_format(config, device, requested, model_name=model_display_name(path),
-                                   available_bytes=available_bytes)
+    quantize, why = fitting_format(
+        config, device, requested, model_name=model_display_name(path), available_bytes=available_bytes
+    )
     if why:
         notice(why)
     return quantize
@@ -109,9 +118,17 @@ def budgets(device: str, gpu_memory: str | None = None, cpu_memory: str | None =
     return gpu, cpu
 
 
-def choose_placement(path: Path, device: str, requested: str | None, notice: Callable[[str], None] = lambda line: None,
-                     gpu_memory: str | None = None, cpu_memory: str | None = None, *,
-                     gpu_budget: int | None = None, cpu_budget: int | None = None):
+def choose_placement(
+    path: Path,
+    device: str,
+    requested: str | None,
+    notice: Callable[[str], None] = lambda line: None,
+    gpu_memory: str | None = None,
+    cpu_memory: str | None = None,
+    *,
+    gpu_budget: int | None = None,
+    cpu_budget: int | None = None,
+):
     """Before anything is loaded: (weight format, placement or None). On the CPU, choose_format within
     the RAM budget. On a GPU, the plan of engine/placement.py within the budgets: `auto` takes the most
     faithful format that fits the GPU whole, else int4 with the routed experts that do not fit in RAM
@@ -128,7 +145,9 @@ def choose_placement(path: Path, device: str, requested: str | None, notice: Cal
     gpu, cpu = gpu_budget if gpu_budget is not None else gpu, cpu_budget if cpu_budget is not None else cpu
     if device != "cuda" or gpu is None:
         # The model lives in RAM: the memory check's own reading of it, unless a budget was given.
-        explicit = cpu_budget if cpu_budget is not None else parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
+        explicit = (
+            cpu_budget if cpu_budget is not None else parse_size(cpu_memory, "--cpu-memory") if cpu_memory else None
+        )
         return choose_format(Path(path), device, requested, notice, available_bytes=explicit), None
     config = KimiLinearConfig.from_file(Path(path) / "config.json")
     name = model_display_name(Path(path))
@@ -145,8 +164,10 @@ def choose_placement(path: Path, device: str, requested: str | None, notice: Cal
                 continue
             if not placement.offloaded:
                 if quantize is not None:
-                    notice(f"{name} does not fit here in {config.dtype}; loading its large matrices in {quantize} "
-                           f"(--quantize none refuses instead)")
+                    notice(
+                        f"{name} does not fit here in {config.dtype}; loading its large matrices in {quantize} "
+                        f"(--quantize none refuses instead)"
+                    )
                 return quantize, placement
         quantize = "int4"
     else:
@@ -157,9 +178,15 @@ def choose_placement(path: Path, device: str, requested: str | None, notice: Cal
     return quantize, placement
 
 
-def load_assistant(path: Path, device: str | None = "auto", quantize: str | None = "auto",
-                   notice: Callable[[str], None] = lambda line: None, gpu_memory: str | None = None,
-                   cpu_memory: str | None = None, **options):
+def load_assistant(
+    path: Path,
+    device: str | None = "auto",
+    quantize: str | None = "auto",
+    notice: Callable[[str], None] = lambda line: None,
+    gpu_memory: str | None = None,
+    cpu_memory: str | None = None,
+    **options,
+):
     """The model at `path` on `device` in the format and placement choose_placement takes within the
     memory budgets (--gpu-memory, --cpu-memory), with its tokenizer: an engine.session.Assistant."""
     from kimi_desk.engine.session import Assistant

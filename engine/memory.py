@@ -61,11 +61,16 @@ def weight_bytes(name: str, shape: tuple[int, ...], method: str | None, compute_
     return numel * (4 if name.endswith(FP32_PARAMETERS) else compute_bytes)
 
 
-def estimate_memory(config: KimiLinearConfig, dtype, quantize: str | None = None, *,
-                    context_tokens: int | None = None, prefill_chunk: int = 2048) -> dict:
+def estimate_memory(
+    config: KimiLinearConfig,
+    dtype,
+    quantize: str | None = None,
+    *,
+    context_tokens: int | None = None,
+    prefill_chunk: int = 2048,
+) -> dict:
     """Bytes the model needs at batch 1 (see the module doc): weights, KDA state, MLA cache, activations."""
     import torch  # noqa: F401 - build_on_meta needs it; imported here so that importing stays light
-
     from kimi_desk.engine.quantize import METHODS
     from kimi_desk.engine.weights import build_on_meta
 
@@ -81,21 +86,35 @@ def estimate_memory(config: KimiLinearConfig, dtype, quantize: str | None = None
     kinds = config.layer_kinds
     kda_layers, mla_layers = kinds.count("kda"), kinds.count("mla")
     projection = config.kda_projection_size
-    kda_state = kda_layers * (config.kda_num_heads * config.kda_head_dim ** 2 * 4
-                              + 3 * projection * (config.short_conv_kernel_size - 1) * compute_bytes) * 2
+    kda_state = (
+        kda_layers
+        * (
+            config.kda_num_heads * config.kda_head_dim**2 * 4
+            + 3 * projection * (config.short_conv_kernel_size - 1) * compute_bytes
+        )
+        * 2
+    )
     if context_tokens is None:
         context_tokens = min(config.model_max_length, DEFAULT_CONTEXT_TOKENS)
     mla_cache = mla_layers * context_tokens * config.mla_latent_size * compute_bytes
     # fp32 intermediates of one prefill chunk: a few dozen vectors of the widest layer per token, plus
     # the routed experts' and the dense MLP's hidden activations. A rough allowance, not a measurement.
     widest = max(config.hidden_size, projection)
-    per_token = 24 * widest + 3 * config.num_experts_per_token * config.moe_intermediate_size + 3 * config.intermediate_size
+    per_token = (
+        24 * widest + 3 * config.num_experts_per_token * config.moe_intermediate_size + 3 * config.intermediate_size
+    )
     activations = prefill_chunk * per_token * 4 + RUNTIME_OVERHEAD_BYTES
     weights = int(weights)
     return {
-        "parameters": parameters, "dtype": dtype_name, "quantize": quantize, "weights_bytes": weights,
-        "kda_state_bytes": kda_state, "mla_cache_bytes": mla_cache, "context_tokens": context_tokens,
-        "activations_bytes": activations, "total_bytes": weights + kda_state + mla_cache + activations,
+        "parameters": parameters,
+        "dtype": dtype_name,
+        "quantize": quantize,
+        "weights_bytes": weights,
+        "kda_state_bytes": kda_state,
+        "mla_cache_bytes": mla_cache,
+        "context_tokens": context_tokens,
+        "activations_bytes": activations,
+        "total_bytes": weights + kda_state + mla_cache + activations,
     }
 
 
@@ -110,9 +129,10 @@ def format_bytes(n: float) -> str:
 
 def _cgroup_room() -> int | None:
     """Bytes this process's cgroup may still allocate (containers), when it is limited."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             limit = Path(limit_file).read_text().strip()
             usage = int(Path(usage_file).read_text().strip())
@@ -175,9 +195,16 @@ def _available(device: str, available_bytes: int | None) -> tuple[int | None, st
     return (available_bytes if available_bytes is not None else available_cpu_memory()), "this machine"
 
 
-def check_memory(config: KimiLinearConfig, device="cpu", dtype=None, *, quantize: str | None = None,
-                 model_name: str | None = None, context_tokens: int | None = None,
-                 available_bytes: int | None = None) -> dict:
+def check_memory(
+    config: KimiLinearConfig,
+    device="cpu",
+    dtype=None,
+    *,
+    quantize: str | None = None,
+    model_name: str | None = None,
+    context_tokens: int | None = None,
+    available_bytes: int | None = None,
+) -> dict:
     """Raise MemoryCheckError when the model would not fit on `device` in `quantize`, saying what would;
     else return `estimate_memory`'s dict plus `available_bytes` (None when this machine cannot tell,
     then nothing is refused). `dtype` defaults to the checkpoint's. KIMI_DESK_SKIP_MEMORY_CHECK=1 skips
@@ -190,11 +217,14 @@ def check_memory(config: KimiLinearConfig, device="cpu", dtype=None, *, quantize
     if available_bytes is None or total <= available_bytes or os.environ.get("KIMI_DESK_SKIP_MEMORY_CHECK") == "1":
         return estimate
     count = estimate["parameters"]
-    name = model_name or (f"This model ({count / 1e9:.1f}B parameters)" if count >= 1e9
-                          else f"This model ({count / 1e6:.0f}M parameters)")
+    name = model_name or (
+        f"This model ({count / 1e9:.1f}B parameters)" if count >= 1e9 else f"This model ({count / 1e6:.0f}M parameters)"
+    )
     weights = f"{quantize} weights" if quantize else estimate["dtype"]
-    message = (f"{name} needs about {format_bytes(total)} in {weights} ({format_bytes(estimate['weights_bytes'])} "
-               f"of weights); {where} has {format_bytes(available_bytes)} available.")
+    message = (
+        f"{name} needs about {format_bytes(total)} in {weights} ({format_bytes(estimate['weights_bytes'])} "
+        f"of weights); {where} has {format_bytes(available_bytes)} available."
+    )
     message += " " + _what_would_fit(config, dtype, device, context_tokens, available_bytes, quantize)
     message += " Set KIMI_DESK_SKIP_MEMORY_CHECK=1 to try anyway."
     raise MemoryCheckError(message)
@@ -204,8 +234,10 @@ def _what_would_fit(config, dtype, device, context_tokens, available_bytes, quan
     """The advice of a refusal: the smallest format that fits here, else where the smallest would fit."""
     import torch
 
-    totals = {f: estimate_memory(config, dtype, None if f == "none" else f, context_tokens=context_tokens)["total_bytes"]
-              for f in formats_for(str(torch.device(device).type))}
+    totals = {
+        f: estimate_memory(config, dtype, None if f == "none" else f, context_tokens=context_tokens)["total_bytes"]
+        for f in formats_for(str(torch.device(device).type))
+    }
     requested = quantize or "none"
     smaller = [f for f in FORMATS if f in totals and totals[f] < totals.get(requested, float("inf"))]
     fitting = [f for f in smaller if totals[f] <= available_bytes]
@@ -217,12 +249,20 @@ def _what_would_fit(config, dtype, device, context_tokens, available_bytes, quan
         return f"It fits on {gpu_free[1]}, which has {format_bytes(gpu_free[0])} free: use --device cuda."
     gpu = _smallest_gpu(totals[smallest])
     where = f"a GPU sold as {gpu} GB" if gpu else "no single GPU"
-    return (f"Its smallest format, --quantize {smallest}, needs about {format_bytes(totals[smallest])}: "
-            f"{where}, or a machine with that much free memory.")
+    return (
+        f"Its smallest format, --quantize {smallest}, needs about {format_bytes(totals[smallest])}: "
+        f"{where}, or a machine with that much free memory."
+    )
 
 
-def fitting_format(config: KimiLinearConfig, device: str, requested: str | None, *, model_name: str | None = None,
-                   available_bytes: int | None = None) -> tuple[str | None, str | None]:
+def fitting_format(
+    config: KimiLinearConfig,
+    device: str,
+    requested: str | None,
+    *,
+    model_name: str | None = None,
+    available_bytes: int | None = None,
+) -> tuple[str | None, str | None]:
     """The format to load with, and a line saying why when `auto` chose a smaller one than the
     checkpoint's dtype (None when nothing needs saying). `requested`: "auto", "none" (or None), or a
     format, which is taken as asked after the memory check. MemoryCheckError when nothing fits."""
@@ -234,14 +274,17 @@ def fitting_format(config: KimiLinearConfig, device: str, requested: str | None,
     for fmt in formats_for(device):
         quantize = None if fmt == "none" else fmt
         try:
-            estimate = check_memory(config, device, quantize=quantize, model_name=model_name,
-                                    available_bytes=available_bytes)
+            estimate = check_memory(
+                config, device, quantize=quantize, model_name=model_name, available_bytes=available_bytes
+            )
         except MemoryCheckError as too_big:
             refusal = refusal or too_big
             continue
         if quantize is None:
             return None, None
         name = model_name or "the model"
-        return quantize, (f"{name} does not fit here in {config.dtype}; loading its large matrices in {quantize} "
-                          f"(about {format_bytes(estimate['total_bytes'])} in all; --quantize none refuses instead)")
+        return quantize, (
+            f"{name} does not fit here in {config.dtype}; loading its large matrices in {quantize} "
+            f"(about {format_bytes(estimate['total_bytes'])} in all; --quantize none refuses instead)"
+        )
     raise refusal

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.state import MLACache, ModelState
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
 from kimi_desk.kernels.moe import route_topk, routed_experts, routed_experts_int4_cpu, router_logits
 from kimi_desk.kernels.norm import add_rms_norm, rms_norm
+from torch import nn
 
 
 class RMSNorm(nn.Module):
@@ -83,8 +82,16 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (expert ids [N, k], weights [N, k] fp32); k + 1 columns with the shared expert."""
         logits = router_logits(x, self.weight)  # [N, E] float32
-        return route_topk(logits, self.e_score_correction_bias, self.top_k, self.activation, self.renormalize,
-                          self.scaling, weights_from_biased=self.hf_alias_weights, append=self.shared_expert)
+        return route_topk(
+            logits,
+            self.e_score_correction_bias,
+            self.top_k,
+            self.activation,
+            self.renormalize,
+            self.scaling,
+            weights_from_biased=self.hf_alias_weights,
+            append=self.shared_expert,
+        )
 
 
 class Experts(nn.Module):

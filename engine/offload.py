@@ -34,10 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from kimi_desk.kernels.quant.cpu import CpuInt4Weight, cpu_int4_fits, int4_linear_cpu, pack_int4_for_cpu
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
+from torch import nn
 
 # Tokens up to which the RAM experts are computed on the CPU; more (prefill chunks) stream them to the
 # GPU. A rule, not yet a measurement: the CPU's products grow with the tokens while streaming costs one
@@ -184,7 +183,8 @@ class OffloadedExperts(nn.Module):
                 x=torch.empty(n, x.shape[-1], dtype=x.dtype, pin_memory=pin),
                 rows=torch.empty(n, k, dtype=torch.int64, pin_memory=pin),
                 weights=torch.empty(n, k, dtype=weights.dtype, pin_memory=pin),
-                out=torch.empty(n, x.shape[-1], dtype=torch.float32, pin_memory=pin))
+                out=torch.empty(n, x.shape[-1], dtype=torch.float32, pin_memory=pin),
+            )
         return host
 
     def _streamed(self, x, ids, weights):
@@ -192,8 +192,9 @@ class OffloadedExperts(nn.Module):
 
         slot = self.runtime.stager.fetch(self)
         self.runtime.stats.streamed_calls += 1
-        out = routed_experts(x, ids, weights, slot["w1"], slot["w2"], slot["w3"], scales=slot["scales"],
-                             out_dtype=x.dtype)
+        out = routed_experts(
+            x, ids, weights, slot["w1"], slot["w2"], slot["w3"], scales=slot["scales"], out_dtype=x.dtype
+        )
         self.runtime.stager.done(self)
         return out
 
@@ -211,8 +212,11 @@ def prepare_ram(experts: nn.Module, pin: bool) -> None:
     if int4 and n and all(_tiles_fit(getattr(experts, w)) for w in ("w1", "w2", "w3")):
         stacks, heights = {}, {}
         for attr in ("w1", "w2", "w3"):
-            codes, scale, zero = (getattr(experts, attr).data, getattr(experts, f"{attr}_scale"),
-                                  getattr(experts, f"{attr}_zero"))
+            codes, scale, zero = (
+                getattr(experts, attr).data,
+                getattr(experts, f"{attr}_scale"),
+                getattr(experts, f"{attr}_zero"),
+            )
             first = pack_int4_for_cpu(codes[0], scale[0], zero[0])
             tiles = _empty_like_stack(first.packed, n, pin)
             sz = _empty_like_stack(first.scales_and_zeros, n, pin)
@@ -226,8 +230,12 @@ def prepare_ram(experts: nn.Module, pin: bool) -> None:
             setattr(experts, f"{attr}_scale", empty)
             setattr(experts, f"{attr}_zero", empty)
         experts.tiles = stacks
-        experts.cpu_weights = [tuple(CpuInt4Weight(stacks[a][0][e], stacks[a][1][e], *stacks[a][2:], heights[a])
-                                     for a in ("w1", "w2", "w3")) for e in range(n)]
+        experts.cpu_weights = [
+            tuple(
+                CpuInt4Weight(stacks[a][0][e], stacks[a][1][e], *stacks[a][2:], heights[a]) for a in ("w1", "w2", "w3")
+            )
+            for e in range(n)
+        ]
     elif pin:
         for name, tensor in [*experts.named_parameters(recurse=False), *experts.named_buffers(recurse=False)]:
             pinned = tensor.data.pin_memory()
@@ -297,8 +305,9 @@ def _expert_product(experts: nn.Module, e: int, xe: torch.Tensor) -> torch.Tenso
     for attr in ("w1", "w2", "w3"):
         w = getattr(experts, attr)[e]
         if hasattr(experts, f"{attr}_zero"):
-            w = dequantize_int4_groups(w, getattr(experts, f"{attr}_scale")[e], getattr(experts, f"{attr}_zero")[e],
-                                       xe.dtype)
+            w = dequantize_int4_groups(
+                w, getattr(experts, f"{attr}_scale")[e], getattr(experts, f"{attr}_zero")[e], xe.dtype
+            )
         elif hasattr(experts, f"{attr}_scale"):
             w = dequantize_rows(w, getattr(experts, f"{attr}_scale")[e], xe.dtype)
         mats.append(w.to(xe.dtype))
@@ -373,8 +382,10 @@ class Stager:
         return self.layers[position + 1] if position + 1 < len(self.layers) else None
 
     def _fill(self, layer: OffloadedExperts, avoid: int | None) -> int:
-        index = next((i for i in range(len(self.slots)) if i != avoid and self.holder[i] is None),
-                     next(i for i in range(len(self.slots)) if i != avoid))
+        index = next(
+            (i for i in range(len(self.slots)) if i != avoid and self.holder[i] is None),
+            next(i for i in range(len(self.slots)) if i != avoid),
+        )
         if self.slots[index] is None:
             self.slots[index] = self._new_slot(layer)
         self.holder[index] = layer
@@ -401,8 +412,9 @@ class Stager:
                 target[e : e + n].copy_(part[row : row + n], non_blocking=True)
         tiles = getattr(layer.in_ram, "tiles", None)
         if tiles is not None:  # the relayout's temporaries are a few times the block: blocks of a few experts
-            ram_runs = [(e + i, row + i, min(STREAM_BLOCK, n - i)) for e, row, n in ram_runs
-                        for i in range(0, n, STREAM_BLOCK)]
+            ram_runs = [
+                (e + i, row + i, min(STREAM_BLOCK, n - i)) for e, row, n in ram_runs for i in range(0, n, STREAM_BLOCK)
+            ]
         for e, row, n in ram_runs:
             for attr in ("w1", "w2", "w3"):
                 if tiles is not None:
@@ -478,8 +490,9 @@ def apply_placement(model: nn.Module, placement) -> None:
         # On the meta device like the rest: materialize gives both halves their devices (a half built
         # here on the CPU would keep its quantization sidecars there, out of the GPU kernels' reach).
         with torch.device("meta"):
-            moe.experts = OffloadedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
-                                           placement.gpu_experts[i], ram)
+            moe.experts = OffloadedExperts(
+                config.num_experts, config.hidden_size, config.moe_intermediate_size, placement.gpu_experts[i], ram
+            )
     model.placement = placement
 
 
@@ -496,8 +509,9 @@ def finish_offload(model: nn.Module, decode_max_tokens: int = DECODE_MAX_TOKENS)
         return None
     device = model.lm_head.weight.device
     stats = OffloadStats()
-    runtime = OffloadRuntime(stats, decode_max_tokens=decode_max_tokens,
-                             ready=torch.cuda.Event() if device.type == "cuda" else None)
+    runtime = OffloadRuntime(
+        stats, decode_max_tokens=decode_max_tokens, ready=torch.cuda.Event() if device.type == "cuda" else None
+    )
     for layer in layers:
         layer.finish(device, runtime)
     runtime.stager = Stager(layers, device, stats)

@@ -35,8 +35,22 @@ CPU_MARGIN_BYTES = 2 * GIB
 # Staging slots for prefill's streamed experts (double buffering: one filling while the other computes).
 STAGING_SLOTS = 2
 
-_UNITS = {"": None, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_UNITS = {
+    "": None,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
@@ -128,14 +142,25 @@ class Placement:
             on_gpu = "no routed experts"
         else:
             on_gpu = f"{self.gpu_count:,} of {self.total_experts:,} routed experts"
-        return (f"GPU {format_gib(self.gpu_bytes)}: attention, shared experts, {on_gpu}; "
-                f"RAM {format_gib(self.ram_bytes)}: the others")
+        return (
+            f"GPU {format_gib(self.gpu_bytes)}: attention, shared experts, {on_gpu}; "
+            f"RAM {format_gib(self.ram_bytes)}: the others"
+        )
 
     def to_dict(self) -> dict:
-        return {"gpu_bytes": self.gpu_bytes, "ram_bytes": self.ram_bytes, "fixed_bytes": self.fixed_bytes,
-                "expert_bytes": self.expert_bytes, "staging_bytes": self.staging_bytes,
-                "gpu_experts": self.gpu_count, "ram_experts": self.ram_count, "total_experts": self.total_experts,
-                "gpu_budget": self.gpu_budget, "cpu_budget": self.cpu_budget, "describe": self.describe()}
+        return {
+            "gpu_bytes": self.gpu_bytes,
+            "ram_bytes": self.ram_bytes,
+            "fixed_bytes": self.fixed_bytes,
+            "expert_bytes": self.expert_bytes,
+            "staging_bytes": self.staging_bytes,
+            "gpu_experts": self.gpu_count,
+            "ram_experts": self.ram_count,
+            "total_experts": self.total_experts,
+            "gpu_budget": self.gpu_budget,
+            "cpu_budget": self.cpu_budget,
+            "describe": self.describe(),
+        }
 
 
 def expert_bytes(config: KimiLinearConfig, dtype, quantize: str | None) -> int:
@@ -146,13 +171,26 @@ def expert_bytes(config: KimiLinearConfig, dtype, quantize: str | None) -> int:
     layer = next(i for i in range(config.num_hidden_layers) if config.is_moe_layer(i))
     D, inner = config.hidden_size, config.moe_intermediate_size
     prefix = f"model.layers.{layer}.block_sparse_moe.experts."
-    return int(sum(weight_bytes(prefix + w, shape, quantize, compute)
-                   for w, shape in (("w1", (inner, D)), ("w2", (D, inner)), ("w3", (inner, D)))))
+    return int(
+        sum(
+            weight_bytes(prefix + w, shape, quantize, compute)
+            for w, shape in (("w1", (inner, D)), ("w2", (D, inner)), ("w3", (inner, D)))
+        )
+    )
 
 
-def plan_placement(config: KimiLinearConfig, dtype, quantize: str | None, *, gpu_budget: int,
-                   cpu_budget: int | None = None, context_tokens: int | None = None, prefill_chunk: int = 8192,
-                   usage: Mapping[int, Sequence[float]] | None = None, model_name: str | None = None) -> Placement:
+def plan_placement(
+    config: KimiLinearConfig,
+    dtype,
+    quantize: str | None,
+    *,
+    gpu_budget: int,
+    cpu_budget: int | None = None,
+    context_tokens: int | None = None,
+    prefill_chunk: int = 8192,
+    usage: Mapping[int, Sequence[float]] | None = None,
+    model_name: str | None = None,
+) -> Placement:
     """The placement of the model in `quantize` within `gpu_budget` bytes of GPU memory and `cpu_budget`
     bytes of RAM (None: RAM unchecked). `usage[layer][expert]`: how often each expert was chosen (any
     scale); the most used go to the GPU first. PlacementError when the budgets cannot hold it."""
@@ -166,8 +204,15 @@ def plan_placement(config: KimiLinearConfig, dtype, quantize: str | None, *, gpu
     fixed = estimate["total_bytes"] - total_experts * per_expert
     name = model_name or "the model"
     fmt = f"{quantize} weights" if quantize else estimate["dtype"]
-    common = dict(num_experts=E, fixed_bytes=fixed, expert_bytes=per_expert, gpu_budget=gpu_budget,
-                  cpu_budget=cpu_budget, quantize=quantize, context_tokens=estimate["context_tokens"])
+    common = dict(
+        num_experts=E,
+        fixed_bytes=fixed,
+        expert_bytes=per_expert,
+        gpu_budget=gpu_budget,
+        cpu_budget=cpu_budget,
+        quantize=quantize,
+        context_tokens=estimate["context_tokens"],
+    )
     if fixed + total_experts * per_expert <= gpu_budget:
         return Placement(gpu_experts={i: tuple(range(E)) for i in layers}, staging_bytes=0, **common)
     staging = STAGING_SLOTS * E * per_expert
@@ -180,18 +225,23 @@ def plan_placement(config: KimiLinearConfig, dtype, quantize: str | None, *, gpu
             f"--gpu-memory {format_gib(gpu_budget)} is too small for {name} in {fmt}: what every token needs "
             f"(attention, shared experts, embedding, head, caches for {estimate['context_tokens']:,} tokens, "
             f"prefill slots) takes {format_gib(fixed + staging)}; the smallest budget that works is "
-            f"--gpu-memory {_ceil_tenth_gib(smallest)}")
+            f"--gpu-memory {_ceil_tenth_gib(smallest)}"
+        )
     count = min(total_experts, room // per_expert)
     gpu_experts = _choose(layers, E, count, usage)
     ram_bytes = (total_experts - count) * per_expert
     if cpu_budget is not None and ram_bytes > cpu_budget:
-        advice = (f"raise --gpu-memory to {_ceil_tenth_gib(smallest)}" if ram_room > 0 or smallest <= gpu_budget
-                  else "free some RAM")
+        advice = (
+            f"raise --gpu-memory to {_ceil_tenth_gib(smallest)}"
+            if ram_room > 0 or smallest <= gpu_budget
+            else "free some RAM"
+        )
         if quantize != "int4":
             advice += " or use --quantize int4"
         raise PlacementError(
             f"{total_experts - count:,} routed experts of {name} do not fit in --gpu-memory {format_gib(gpu_budget)} "
-            f"and need {format_gib(ram_bytes)} of RAM, but --cpu-memory is {format_gib(cpu_budget)}: {advice}")
+            f"and need {format_gib(ram_bytes)} of RAM, but --cpu-memory is {format_gib(cpu_budget)}: {advice}"
+        )
     return Placement(gpu_experts=gpu_experts, staging_bytes=staging, **common)
 
 
@@ -200,8 +250,10 @@ def _choose(layers: list[int], E: int, count: int, usage) -> dict[int, tuple[int
     (the first layers take the remainder), lowest ids first."""
     chosen: dict[int, list[int]] = {i: [] for i in layers}
     if usage:
-        ranked = sorted(((float(usage.get(i, [0] * E)[e]), i, e) for i in layers for e in range(E)),
-                        key=lambda t: (-t[0], t[1], t[2]))
+        ranked = sorted(
+            ((float(usage.get(i, [0] * E)[e]), i, e) for i in layers for e in range(E)),
+            key=lambda t: (-t[0], t[1], t[2]),
+        )
         for _, i, e in ranked[:count]:
             chosen[i].append(e)
     else:

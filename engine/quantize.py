@@ -23,8 +23,6 @@ the KDA state and the MLA cache keep the model's dtype.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from kimi_desk.engine.errors import ConfigError
 from kimi_desk.kernels.quant import (
     FP8,
@@ -42,6 +40,7 @@ from kimi_desk.kernels.quant.cpu import (
     pack_int4_for_cpu,
 )
 from kimi_desk.kernels.quant.naive import dequantize_rows
+from torch import nn
 
 METHODS = ("fp8", "int8", "int4")
 # Bytes a quantized weight takes, scales included (int4: a bf16 scale and zero per group of 32-128).
@@ -95,8 +94,9 @@ class RowScaledLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, code_dtype: torch.dtype = FP8, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=code_dtype, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=code_dtype, device=device), requires_grad=False
+        )
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,11 +113,13 @@ class Int4Linear(nn.Module):
         super().__init__()
         group = int4_group_size(in_features)
         if group is None:
-            raise ConfigError(f"int4 needs input widths that are multiples of 32, this model has {in_features}; "
-                              "use --quantize int8")
+            raise ConfigError(
+                f"int4 needs input widths that are multiples of 32, this model has {in_features}; use --quantize int8"
+            )
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device), requires_grad=False
+        )
         groups = in_features // group
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.bfloat16, device=device))
         self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device))
@@ -131,8 +133,10 @@ class Int4Linear(nn.Module):
         return int4_linear(x, self.weight, self.weight_scale, self.weight_zero)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 groups of {self.in_features // self.weight_scale.shape[-1]}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"int4 groups of {self.in_features // self.weight_scale.shape[-1]}"
+        )
 
 
 class Int8Embedding(nn.Module):
@@ -140,8 +144,9 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, device=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device), requires_grad=False
+        )
         self.register_buffer("weight_scale", torch.ones(num_embeddings, dtype=torch.float32, device=device))
         self.dtype = torch.float32  # the model's activation dtype, set by materialize
 
@@ -168,7 +173,9 @@ def quantize_structure(model: nn.Module, method: str) -> None:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         if isinstance(module, nn.Embedding):
-            setattr(owner, attr, Int8Embedding(module.num_embeddings, module.embedding_dim, device=module.weight.device))
+            setattr(
+                owner, attr, Int8Embedding(module.num_embeddings, module.embedding_dim, device=module.weight.device)
+            )
         elif isinstance(module, nn.Linear):
             assert module.bias is None, name
             setattr(owner, attr, quantized_linear(module.in_features, module.out_features, fmt, module.weight.device))
@@ -182,11 +189,17 @@ def quantize_structure(model: nn.Module, method: str) -> None:
         if fmt == "int4":
             group = int4_group_size(D)
             if group is None:
-                raise ConfigError(f"int4 needs input widths that are multiples of 32, this model has {D} ({name}); "
-                                  "use --quantize int8")
+                raise ConfigError(
+                    f"int4 needs input widths that are multiples of 32, this model has {D} ({name}); "
+                    "use --quantize int8"
+                )
             codes = torch.empty(*lead, D // 2, dtype=torch.uint8, device=param.device)
-            owner.register_buffer(f"{attr}_scale", torch.ones(*lead, D // group, dtype=torch.bfloat16, device=param.device))
-            owner.register_buffer(f"{attr}_zero", torch.zeros(*lead, D // group, dtype=torch.bfloat16, device=param.device))
+            owner.register_buffer(
+                f"{attr}_scale", torch.ones(*lead, D // group, dtype=torch.bfloat16, device=param.device)
+            )
+            owner.register_buffer(
+                f"{attr}_zero", torch.zeros(*lead, D // group, dtype=torch.bfloat16, device=param.device)
+            )
         else:
             codes = torch.empty(param.shape, dtype=_CODE_DTYPES[fmt], device=param.device)
             owner.register_buffer(f"{attr}_scale", torch.ones(lead, dtype=torch.float32, device=param.device))
@@ -211,8 +224,13 @@ def quantize_into(model: nn.Module, parameter_name: str, index: int | None, weig
     targets = (codes, *parts) if index is None else (codes[index], *(p[index] for p in parts))
     weight = weight.to(on if on is not None else codes.device)
     fmt = format_of(codes)
-    quantized = (quantize_int4_groups(weight) if fmt == "int4" else quantize_int8_rows(weight) if fmt == "int8"
-                 else quantize_fp8_rows(weight))
+    quantized = (
+        quantize_int4_groups(weight)
+        if fmt == "int4"
+        else quantize_int8_rows(weight)
+        if fmt == "int8"
+        else quantize_fp8_rows(weight)
+    )
     for target, value in zip(targets, quantized, strict=True):
         target.copy_(value)
 
@@ -226,16 +244,28 @@ def prepare_for_cpu(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module, "keep_layout", False):  # an offloaded layer's halves (engine/offload.py)
             continue
-        if isinstance(module, Int4Linear) and module.weight.device.type == "cpu" and module.cpu_weight is None \
-                and cpu_int4_fits(module.out_features, module.in_features):
+        if (
+            isinstance(module, Int4Linear)
+            and module.weight.device.type == "cpu"
+            and module.cpu_weight is None
+            and cpu_int4_fits(module.out_features, module.in_features)
+        ):
             module.cpu_weight = pack_int4_for_cpu(module.weight.data, module.weight_scale, module.weight_zero)
             module.weight = nn.Parameter(empty, requires_grad=False)
             module.weight_scale = module.weight_zero = empty
-        if hasattr(module, "w1_zero") and module.w1.device.type == "cpu" and getattr(module, "cpu_weights", None) is None \
-                and all(cpu_int4_fits(*logical_shape(getattr(module, w))[1:]) for w in ("w1", "w2", "w3")):
+        if (
+            hasattr(module, "w1_zero")
+            and module.w1.device.type == "cpu"
+            and getattr(module, "cpu_weights", None) is None
+            and all(cpu_int4_fits(*logical_shape(getattr(module, w))[1:]) for w in ("w1", "w2", "w3"))
+        ):
             per_matrix = []
             for attr in ("w1", "w2", "w3"):
-                codes, scale, zero = getattr(module, attr).data, getattr(module, f"{attr}_scale"), getattr(module, f"{attr}_zero")
+                codes, scale, zero = (
+                    getattr(module, attr).data,
+                    getattr(module, f"{attr}_scale"),
+                    getattr(module, f"{attr}_zero"),
+                )
                 per_matrix.append([pack_int4_for_cpu(codes[e], scale[e], zero[e]) for e in range(codes.shape[0])])
                 setattr(module, attr, nn.Parameter(empty, requires_grad=False))
                 setattr(module, f"{attr}_scale", empty)

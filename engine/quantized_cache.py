@@ -25,15 +25,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-
 from kimi_desk.engine.memory import format_bytes
 from kimi_desk.engine.quantize import format_of
+from safetensors import SafetensorError, safe_open
 
 CACHE_VERSION = "1"
 FOLDER = ".kimi-desk-cache"
-_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8", torch.uint8: "U8", torch.bfloat16: "BF16",
-           torch.float32: "F32"}
+_DTYPES = {
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+}
 # Room left on the disk beyond the cache itself, so that writing it never fills the disk.
 _SPARE_BYTES = 1 << 30
 
@@ -75,15 +79,21 @@ def cache_file(checkpoint: Path, method: str, fingerprint: str) -> Path:
         return beside / f"{method}.safetensors"
     import platformdirs
 
-    return Path(platformdirs.user_cache_dir("kimi-desk", appauthor=False)) / "quantized" / fingerprint / f"{method}.safetensors"
+    return (
+        Path(platformdirs.user_cache_dir("kimi-desk", appauthor=False))
+        / "quantized"
+        / fingerprint
+        / f"{method}.safetensors"
+    )
 
 
 def _metadata(method: str, fingerprint: str) -> dict[str, str]:
     return {"kimi_desk_quantized": CACHE_VERSION, "format": method, "checkpoint_fingerprint": fingerprint}
 
 
-def load_cached(model: torch.nn.Module, path: Path, method: str, fingerprint: str,
-                notice: Callable[[str], None]) -> bool:
+def load_cached(
+    model: torch.nn.Module, path: Path, method: str, fingerprint: str, notice: Callable[[str], None]
+) -> bool:
     """Fill the model's quantized tensors from the cache at `path`; False (and a line through `notice`
     when a file was there) if it is missing or does not match, the model then left to be loaded from
     the checkpoint."""
@@ -110,8 +120,9 @@ def load_cached(model: torch.nn.Module, path: Path, method: str, fingerprint: st
     return True
 
 
-def write_cache(model: torch.nn.Module, path: Path, method: str, fingerprint: str,
-                notice: Callable[[str], None]) -> None:
+def write_cache(
+    model: torch.nn.Module, path: Path, method: str, fingerprint: str, notice: Callable[[str], None]
+) -> None:
     """Write the model's quantized tensors as the cache at `path`, one tensor at a time; a disk that
     cannot take it costs the cache (said through `notice`), never the loaded model."""
     tensors = list(quantized_tensors(model))
@@ -119,7 +130,11 @@ def write_cache(model: torch.nn.Module, path: Path, method: str, fingerprint: st
     offset = 0
     for name, tensor in tensors:
         size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
@@ -132,8 +147,10 @@ def write_cache(model: torch.nn.Module, path: Path, method: str, fingerprint: st
 
         free = shutil.disk_usage(path.parent).free
         if offset + _SPARE_BYTES > free:
-            notice(f"not keeping a quantized cache: it needs {format_bytes(offset)} and {path.parent} has "
-                   f"{format_bytes(free)} free (the next start quantizes again)")
+            notice(
+                f"not keeping a quantized cache: it needs {format_bytes(offset)} and {path.parent} has "
+                f"{format_bytes(free)} free (the next start quantizes again)"
+            )
             return
         with open(temporary, "xb") as fh:
             fh.write(struct.pack("<Q", len(encoded)) + encoded)

@@ -44,12 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from kimi_desk.engine import chat
 from kimi_desk.engine.cpu_threads import use_idle_cores
 from kimi_desk.engine.errors import GpuMemoryError, StorageError, writing
-from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, prefill, stream_tokens
 from kimi_desk.engine.file_lock import LockBusy, file_lock
+from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, prefill, stream_tokens
 from kimi_desk.engine.reading_time import ReadingCost, measure_reading_cost
 from kimi_desk.engine.session_archive import export_session, import_session
 from kimi_desk.engine.session_record import (
@@ -67,8 +66,20 @@ from kimi_desk.engine.snapshot import Identity, SnapshotError, SnapshotStore
 from kimi_desk.engine.sources import SourceTexts
 from kimi_desk.engine.state import ModelState
 
-__all__ = ["Answer", "Assistant", "ReadCancelled", "ReadProgress", "Segment", "Session", "SessionError",
-           "SessionStore", "Thread", "Turn", "UnreadableSession", "data_home"]
+__all__ = [
+    "Answer",
+    "Assistant",
+    "ReadCancelled",
+    "ReadProgress",
+    "Segment",
+    "Session",
+    "SessionError",
+    "SessionStore",
+    "Thread",
+    "Turn",
+    "UnreadableSession",
+    "data_home",
+]
 
 # Tokens kept free after the document for a question and its answer.
 ANSWER_RESERVE = 1024
@@ -125,8 +136,12 @@ class SessionStore:
         self.root = (home or data_home()) / "sessions"
 
     def _folder(self, session_id: str) -> Path:
-        if not isinstance(session_id, str) or not session_id or len(session_id) > 64 \
-                or not all(c.isascii() and (c.isalnum() or c in "-_") for c in session_id):
+        if (
+            not isinstance(session_id, str)
+            or not session_id
+            or len(session_id) > 64
+            or not all(c.isascii() and (c.isalnum() or c in "-_") for c in session_id)
+        ):
             raise SessionError(f"{str(session_id)[:64]!r} is not a session id")
         return self.root / session_id
 
@@ -175,9 +190,17 @@ class SessionStore:
                 except FileExistsError:
                     continue
         now = _now()
-        session = Session(id=session_id, folder=self.root / session_id, name=name, source=source, created=now,
-                          last_used=now, model_fingerprint=identity.model_fingerprint,
-                          tokenizer_fingerprint=identity.tokenizer_fingerprint, system=system)
+        session = Session(
+            id=session_id,
+            folder=self.root / session_id,
+            name=name,
+            source=source,
+            created=now,
+            last_used=now,
+            model_fingerprint=identity.model_fingerprint,
+            tokenizer_fingerprint=identity.tokenizer_fingerprint,
+            system=system,
+        )
         session.write_new()
         return session
 
@@ -208,8 +231,10 @@ class SessionStore:
             with writing(self.root), file_lock(self.root / LOCKS_FOLDER / READING_LOCK.format(session_id), wait=False):
                 yield
         except LockBusy:
-            raise SessionError(f"session {session_id} is being read by another kimi-desk; wait for it to finish "
-                               f"(or stop it) before {doing}") from None
+            raise SessionError(
+                f"session {session_id} is being read by another kimi-desk; wait for it to finish "
+                f"(or stop it) before {doing}"
+            ) from None
 
     def remove(self, session_id: str) -> None:
         folder = self._folder(session_id)
@@ -294,8 +319,16 @@ class Assistant:
         self.model_lock = threading.RLock()
 
     @classmethod
-    def load(cls, model_path: Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None,
-             notice: Callable[[str], None] = lambda line: None, placement=None, **options) -> "Assistant":
+    def load(
+        cls,
+        model_path: Path,
+        device="cpu",
+        dtype: torch.dtype | None = None,
+        quantize: str | None = None,
+        notice: Callable[[str], None] = lambda line: None,
+        placement=None,
+        **options,
+    ) -> "Assistant":
         from kimi_desk.engine.fuse import fuse_projections
         from kimi_desk.engine.quantize import prepare_for_cpu
         from kimi_desk.engine.tokenizer import load_tokenizer
@@ -303,8 +336,9 @@ class Assistant:
 
         if torch.device(device).type == "cpu":
             use_idle_cores()
-        model = fuse_projections(load_model(model_path, device=device, dtype=dtype, quantize=quantize, notice=notice,
-                                            placement=placement))
+        model = fuse_projections(
+            load_model(model_path, device=device, dtype=dtype, quantize=quantize, notice=notice, placement=placement)
+        )
         prepare_for_cpu(model)
         assistant = cls(model, load_tokenizer(model_path), **options)
         assistant.model_source = str(Path(model_path).expanduser().resolve())
@@ -355,9 +389,18 @@ class Assistant:
             position += len(ids)
         return segments, units
 
-    def read(self, store: SessionStore, path, *, name: str | None = None, system: str | None = chat.DEFAULT_SYSTEM_PROMPT,
-             limits=None, on_progress: Callable[[ReadProgress], None] | None = None,
-             cancel: Cancel = None, on_plan: Callable[[Session, int, tuple], None] | None = None) -> Session:
+    def read(
+        self,
+        store: SessionStore,
+        path,
+        *,
+        name: str | None = None,
+        system: str | None = chat.DEFAULT_SYSTEM_PROMPT,
+        limits=None,
+        on_progress: Callable[[ReadProgress], None] | None = None,
+        cancel: Cancel = None,
+        on_plan: Callable[[Session, int, tuple], None] | None = None,
+    ) -> Session:
         """Read `path` into a session: a new one, or the existing session of the same source and model,
         continued from its last checkpoint that the changes leave valid. Raises ReadCancelled.
         `on_plan(session, tokens_to_read, limit_notices)` comes before reading starts; the notices
@@ -408,12 +451,26 @@ class Assistant:
         snapshots.truncate_after(resume_at)
         self._live.pop(session.id, None)
         texts = SourceTexts(session.folder)
-        files = [{"path": f.relative_path, "size": f.size, "sha256": f.sha256, "start": seg.start, "end": seg.end,
-                  "text_sha256": texts.put(f.text)}
-                 for f, seg in zip(document.files, segments[2:], strict=True)]
+        files = [
+            {
+                "path": f.relative_path,
+                "size": f.size,
+                "sha256": f.sha256,
+                "start": seg.start,
+                "end": seg.end,
+                "text_sha256": texts.put(f.text),
+            }
+            for f, seg in zip(document.files, segments[2:], strict=True)
+        ]
         texts.keep_only({f["text_sha256"] for f in files})
-        session.update(segments=segments, read_position=resume_at, model_source=self.model_source, files=files,
-                       last_used=_now(), **({"name": name} if name else {}))
+        session.update(
+            segments=segments,
+            read_position=resume_at,
+            model_source=self.model_source,
+            files=files,
+            last_used=_now(),
+            **({"name": name} if name else {}),
+        )
         if on_plan is not None:
             on_plan(session, total - resume_at, document.limit_notices)
         self._read_from(session, snapshots, segments, units, state, on_progress, cancel, len(document.files))
@@ -442,8 +499,14 @@ class Assistant:
                 raise ReadCancelled(f"stopped after {state.position:,} of {total:,} tokens")
             position = state.position
             stop = min(total, position + self.prefill_chunk)
-            boundary = next((end for end in ends[bisect.bisect_right(ends, position):]
-                             if end >= last_checkpoint + self.checkpoint_interval or end >= stop), stop)
+            boundary = next(
+                (
+                    end
+                    for end in ends[bisect.bisect_right(ends, position) :]
+                    if end >= last_checkpoint + self.checkpoint_interval or end >= stop
+                ),
+                stop,
+            )
             stop = min(stop, boundary)
             chunk = torch.tensor([_token_slice(segments, units, position, stop)], device=self.model.device)
             with self.model_lock:
@@ -473,26 +536,42 @@ class Assistant:
     def document_state(self, session: Session):
         """The state after the whole document, from memory or from the session's snapshot."""
         if not session.complete:
-            raise SessionError(f"session {session.id} has read {session.read_position:,} of "
-                               f"{session.document_tokens:,} tokens; open it again to finish reading")
+            raise SessionError(
+                f"session {session.id} has read {session.read_position:,} of "
+                f"{session.document_tokens:,} tokens; open it again to finish reading"
+            )
         state = self._document_states.get(session.id)
         if state is None or state.position != session.document_tokens:
             if session.identity != self.identity:
                 raise SessionError(f"session {session.id} was read with another model or tokenizer")
             try:
-                state = session.snapshots().restore(session.document_tokens, self.model.new_state(1),
-                                                    capacity=self.cache_capacity(session.document_tokens))
+                state = session.snapshots().restore(
+                    session.document_tokens,
+                    self.model.new_state(1),
+                    capacity=self.cache_capacity(session.document_tokens),
+                )
             except SnapshotError as exc:
-                raise SessionError(f"session {session.id}: {exc}; 'kimi-desk ingest {session.source}' reads the "
-                                   "document again (the transcript is kept)") from None
+                raise SessionError(
+                    f"session {session.id}: {exc}; 'kimi-desk ingest {session.source}' reads the "
+                    "document again (the transcript is kept)"
+                ) from None
             self._document_states[session.id] = state
         return state
 
     # -- asking ---------------------------------------------------------------------------------
 
-    def ask(self, session: Session, question: str, *, thread: str | None = None, index: int | None = None,
-            sampling: Sampling = Sampling(temperature=0.0), max_new_tokens: int = 512, cancel: Cancel = None,
-            notice: Callable[[str], None] | None = None) -> Iterator[Answer]:
+    def ask(
+        self,
+        session: Session,
+        question: str,
+        *,
+        thread: str | None = None,
+        index: int | None = None,
+        sampling: Sampling = Sampling(temperature=0.0),
+        max_new_tokens: int = 512,
+        cancel: Cancel = None,
+        notice: Callable[[str], None] | None = None,
+    ) -> Iterator[Answer]:
         """Stream the answer to `question` in `thread` (None: a new thread, from the document), after
         its first `index` turns (default: all of them; the index of a turn regenerates or edits it,
         engine/session_record.py `record_turn`). The finished turn is recorded and the last event
@@ -509,8 +588,10 @@ class Assistant:
         if type(index) is not int or not 0 <= index <= len(seen):
             # Turns are numbered from 1 where people see them (sessions show, --turn, the app).
             number = index + 1 if type(index) is int else repr(index)
-            raise SessionError(f"thread {thread} has {len(seen)} turn{'' if len(seen) == 1 else 's'}; there is no "
-                               f"turn {number} to ask at (1 to {len(seen) + 1})")
+            raise SessionError(
+                f"thread {thread} has {len(seen)} turn{'' if len(seen) == 1 else 's'}; there is no "
+                f"turn {number} to ask at (1 to {len(seen) + 1})"
+            )
         prompt = self._prompt_ids(question, first=index == 0)
         keys, _ = self._thread_keys(session, seen[:index])
         state = self._thread_state(session, thread, seen[:index], notice)
@@ -519,16 +600,26 @@ class Assistant:
         if room < 1:
             self._live[session.id] = (keys[-1], state)
             what = "the document and this thread" if index else "the document and the question"
-            raise SessionError(f"no room for an answer: {what} take {start + len(prompt):,} of the model's "
-                               f"{self.model.config.model_max_length:,} tokens; "
-                               f"{'start a new thread' if index else 'ask a shorter question'}")
+            raise SessionError(
+                f"no room for an answer: {what} take {start + len(prompt):,} of the model's "
+                f"{self.model.config.model_max_length:,} tokens; "
+                f"{'start a new thread' if index else 'ask a shorter question'}"
+            )
         decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)
         ids: list[int] = []
         text: list[str] = []
         seconds, finish, failed = 0.0, "cancelled", False
-        steps = stream_tokens(self.model, prompt, state, max_new_tokens=min(max_new_tokens, room),
-                              sampling=sampling, stop_token_ids=self.stop_ids, cancel=cancel,
-                              prefill_chunk_size=self.prefill_chunk, vocab_size=self.tokenizer.vocab_size)
+        steps = stream_tokens(
+            self.model,
+            prompt,
+            state,
+            max_new_tokens=min(max_new_tokens, room),
+            sampling=sampling,
+            stop_token_ids=self.stop_ids,
+            cancel=cancel,
+            prefill_chunk_size=self.prefill_chunk,
+            vocab_size=self.tokenizer.vocab_size,
+        )
         try:
             while True:
                 with self.model_lock:  # a token at a time: a reading elsewhere goes on between them
@@ -561,12 +652,14 @@ class Assistant:
                 # Stopped while reading the question: the rest of it is read, so that the thread's
                 # state holds exactly what its transcript says.
                 with self.model_lock:
-                    prefill(self.model, prompt[state.position - start:], state, self.prefill_chunk)
+                    prefill(self.model, prompt[state.position - start :], state, self.prefill_chunk)
             turn = Turn(question, "".join(text), ids, finish, round(seconds, 3), _now(), tokens=len(prompt) + len(ids))
             landed, forked = session.record_turn(turn, thread, seen, index)
             if forked and notice is not None:
-                notice(f"thread {thread} changed meanwhile (in another kimi-desk?) or an earlier turn was asked "
-                       f"again: this answer starts thread {landed}")
+                notice(
+                    f"thread {thread} changed meanwhile (in another kimi-desk?) or an earlier turn was asked "
+                    f"again: this answer starts thread {landed}"
+                )
             if not failed:
                 key = _chain(keys[-1], prompt + ids)
                 self._live[session.id] = (key, state)
@@ -577,7 +670,9 @@ class Assistant:
         """A turn's tokens before its answer: the question closing the document's user turn (the first
         turn), or a user turn of its own after the previous answer."""
         try:
-            return chat.question_ids(self.tokenizer, question) if first else chat.follow_up_ids(self.tokenizer, question)
+            return (
+                chat.question_ids(self.tokenizer, question) if first else chat.follow_up_ids(self.tokenizer, question)
+            )
         except chat.ChatFormatError as exc:
             raise SessionError(str(exc)) from None
 
@@ -598,8 +693,9 @@ class Assistant:
         self._live[session.id] = (keys[-1], state)
         return state
 
-    def _thread_state(self, session: Session, thread: str | None, turns: list[Turn],
-                      notice: Callable[[str], None] | None) -> ModelState:
+    def _thread_state(
+        self, session: Session, thread: str | None, turns: list[Turn], notice: Callable[[str], None] | None
+    ) -> ModelState:
         """The state after `turns` of `thread`: the live one if it is that, else restored from the
         thread's snapshot as far as it fits, and the rest re-read from the transcript. It continues the
         document's state (see the module doc), so the live thread is given up here."""
@@ -632,16 +728,23 @@ class Assistant:
             with self.model_lock:
                 prefill(self.model, rest, state, self.prefill_chunk)
             if notice is not None:
-                what = f"turns {done + 1}-{len(turns)}" if done else f"its {len(turns)} turn{'s' if len(turns) > 1 else ''}"
-                notice(f"thread {thread}: {problem if not done else 'its last turns were not saved'}; "
-                       f"rebuilt from {what} ({len(rest):,} tokens)")
+                what = (
+                    f"turns {done + 1}-{len(turns)}"
+                    if done
+                    else f"its {len(turns)} turn{'s' if len(turns) > 1 else ''}"
+                )
+                notice(
+                    f"thread {thread}: {problem if not done else 'its last turns were not saved'}; "
+                    f"rebuilt from {what} ({len(rest):,} tokens)"
+                )
         return state
 
     def _threads_lock(self, session: Session):
         return file_lock(session.folder.parent / LOCKS_FOLDER / THREADS_LOCK.format(session.id))
 
-    def _save_thread(self, session: Session, thread: str, state: ModelState, keys: list[str],
-                     notice: Callable[[str], None] | None) -> None:
+    def _save_thread(
+        self, session: Session, thread: str, state: ModelState, keys: list[str], notice: Callable[[str], None] | None
+    ) -> None:
         """Keep what `thread` adds to the document: its state at its end (keyed by keys[-1]), beside
         the checkpoint before its last turn, and its MLA rows. Stored rows of another history (an edited
         turn, a re-read document) are dropped first. A failure costs a rebuild later, never the answer."""
@@ -657,7 +760,9 @@ class Assistant:
                     store = SnapshotStore(folder, self.identity, base=base)
                 if store.position_of(keys[-1]) is not None:
                     return
-                kept = next((store.position_of(k) for k in reversed(keys[:-1]) if store.position_of(k) is not None), base)
+                kept = next(
+                    (store.position_of(k) for k in reversed(keys[:-1]) if store.position_of(k) is not None), base
+                )
                 store.truncate_after(kept)
                 store.save(state, key=keys[-1])
                 if len(store.positions) > THREAD_CHECKPOINTS:
@@ -666,8 +771,10 @@ class Assistant:
             return
         except (StorageError, SnapshotError, OSError) as exc:
             if notice is not None:
-                notice(f"thread {thread}: its state was not saved ({str(exc).splitlines()[0]}); it is rebuilt "
-                       "from its transcript when next used")
+                notice(
+                    f"thread {thread}: its state was not saved ({str(exc).splitlines()[0]}); it is rebuilt "
+                    "from its transcript when next used"
+                )
 
 
 def _chain(key: str, ids: list[int]) -> str:
@@ -709,7 +816,11 @@ def _unchanged_prefix(old: list[Segment], new: list[Segment], read_position: int
     # A reading interrupted inside a segment that did not change can resume inside it.
     if len(old) > 0 and read_position > kept:
         index = next((i for i, s in enumerate(old) if s.end > kept), None)
-        if index is not None and index < len(new) and old[index].sha256 == new[index].sha256 \
-                and old[index].start == new[index].start:
+        if (
+            index is not None
+            and index < len(new)
+            and old[index].sha256 == new[index].sha256
+            and old[index].start == new[index].start
+        ):
             kept = min(read_position, old[index].end)
     return kept

@@ -136,9 +136,14 @@ def import_session(archive: Path, root: Path) -> str:
             manifest_raw = _read_record(archive, zf, members[f"{folder}/{MANIFEST}"])
             stores[folder] = (manifest_raw, _check_tensor_members(archive, folder, manifest_raw, members))
         named = {f"{folder}/{name}" for folder, (_, names) in stores.items() for name in names}
-        extra = sorted(name for name in members
-                       if name != SESSION_FILE and not name.endswith("/" + MANIFEST) and name not in named
-                       and not name.startswith(f"{SOURCES}/"))
+        extra = sorted(
+            name
+            for name in members
+            if name != SESSION_FILE
+            and not name.endswith("/" + MANIFEST)
+            and name not in named
+            and not name.startswith(f"{SOURCES}/")
+        )
         if extra:
             raise SessionError(f"{archive}: unexpected member {_shown(extra[0])}; refusing to import")
         with writing(root):
@@ -168,8 +173,11 @@ def _check_members(archive: Path, zf: zipfile.ZipFile) -> dict[str, zipfile.ZipI
         if info.is_dir() and _is_folder(name.rstrip("/")):
             continue
         folder, _, base = name.rpartition("/")
-        plain = name == SESSION_FILE or (_is_snapshot_folder(folder) and (base == MANIFEST or _TENSOR_FILE.fullmatch(base))) \
+        plain = (
+            name == SESSION_FILE
+            or (_is_snapshot_folder(folder) and (base == MANIFEST or _TENSOR_FILE.fullmatch(base)))
             or (folder == SOURCES and SOURCE_FILE.fullmatch(base))
+        )
         if not plain:
             raise SessionError(f"{archive}: unexpected member {_shown(name)}; refusing to import")
         if name in members:
@@ -185,16 +193,20 @@ def _check_members(archive: Path, zf: zipfile.ZipFile) -> dict[str, zipfile.ZipI
     expanded = sum(info.file_size for info in members.values())
     allowed = 2 * archive.stat().st_size + MAX_RECORD_BYTES
     if expanded > allowed:
-        raise SessionError(f"{archive}: its members expand to {expanded:,} bytes, more than an exported session "
-                           f"of its size can ({allowed:,}); refusing to import")
+        raise SessionError(
+            f"{archive}: its members expand to {expanded:,} bytes, more than an exported session "
+            f"of its size can ({allowed:,}); refusing to import"
+        )
     return members
 
 
 def _read_record(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> object:
     """A checked-JSON member's payload (the checksum wrapper as write_checked_json writes it)."""
     if info.file_size > MAX_RECORD_BYTES:
-        raise SessionError(f"{archive}: {info.filename} is {info.file_size:,} bytes, more than a session record "
-                           f"can be ({MAX_RECORD_BYTES:,})")
+        raise SessionError(
+            f"{archive}: {info.filename} is {info.file_size:,} bytes, more than a session record "
+            f"can be ({MAX_RECORD_BYTES:,})"
+        )
     data = _read_member(archive, zf, info, MAX_RECORD_BYTES)
     try:
         return parse_checked_json(data, f"{archive}: {info.filename}")
@@ -230,14 +242,17 @@ def _check_tensor_members(archive: Path, folder: str, manifest: object, members:
         named = [entry["file"] for kind in ("checkpoints", "segments") for entry in manifest[kind]]
     except (KeyError, TypeError, IndexError):
         raise SessionError(f"{archive}: {folder}/{MANIFEST} is damaged") from None
-    if not all(isinstance(name, str) and _TENSOR_FILE.fullmatch(name) for name in named) or len(set(named)) != len(named):
+    if not all(isinstance(name, str) and _TENSOR_FILE.fullmatch(name) for name in named) or len(set(named)) != len(
+        named
+    ):
         raise SessionError(f"{archive}: {folder}/{MANIFEST} names files a snapshot cannot have")
     present = {name.rpartition("/")[2] for name in members if name.rpartition("/")[0] == folder} - {MANIFEST}
     if set(named) - present:
         raise SessionError(f"{archive}: {sorted(set(named) - present)[0]} is named by the manifest but missing")
     if present - set(named):
-        raise SessionError(f"{archive}: unexpected member {folder}/{_shown(sorted(present - set(named))[0])}; "
-                           "refusing to import")
+        raise SessionError(
+            f"{archive}: unexpected member {folder}/{_shown(sorted(present - set(named))[0])}; refusing to import"
+        )
     return named
 
 
@@ -259,8 +274,9 @@ def _stage(archive: Path, zf, members, session_raw, stores: dict, staging: Path)
         manifest = members[f"{folder}/{MANIFEST}"]
         (staging / folder / MANIFEST).write_bytes(_read_member(archive, zf, manifest, manifest.file_size))
         try:
-            store = SnapshotStore(staging / folder, session.identity,
-                                  base=session.document_tokens if thread is not None else 0)
+            store = SnapshotStore(
+                staging / folder, session.identity, base=session.document_tokens if thread is not None else 0
+            )
         except SnapshotError as exc:
             # Named as the archive names it, not by the staging folder's path.
             reason = str(exc).replace(str(staging / folder / MANIFEST), f"{folder}/{MANIFEST}")
@@ -269,9 +285,13 @@ def _stage(archive: Path, zf, members, session_raw, stores: dict, staging: Path)
         if thread is not None and all(turn.tokens for turn in thread.turns):
             end += thread.tokens
         if any(p > end for p in store.positions):
-            raise SessionError(f"{archive}: a checkpoint in {folder} lies past the end of "
-                               f"{'the document' if thread is None else 'its thread'}")
-        digests = {entry["file"]: entry["sha256"] for kind in ("checkpoints", "segments") for entry in manifest_raw[kind]}
+            raise SessionError(
+                f"{archive}: a checkpoint in {folder} lies past the end of "
+                f"{'the document' if thread is None else 'its thread'}"
+            )
+        digests = {
+            entry["file"]: entry["sha256"] for kind in ("checkpoints", "segments") for entry in manifest_raw[kind]
+        }
         for name in tensor_names:
             target = staging / folder / name
             _copy_member(archive, zf, members[f"{folder}/{name}"], target)
@@ -309,8 +329,9 @@ def _copy_member(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, targ
             while block := member.read(_COPY_BLOCK):
                 written += len(block)
                 if written > info.file_size:
-                    raise SessionError(f"{archive}: {_shown(info.filename)} is larger than its entry says; "
-                                       "refusing to import")
+                    raise SessionError(
+                        f"{archive}: {_shown(info.filename)} is larger than its entry says; refusing to import"
+                    )
                 out.write(block)
                 if digester is not None:
                     digester.update(block)

@@ -164,8 +164,9 @@ class Session:
     def thread(self, thread_id: str) -> Thread:
         found = next((t for t in self.threads if t.id == thread_id), None)
         if found is None:
-            raise SessionError(f"session {self.id} has no thread {str(thread_id)[:64]!r} "
-                               f"(see 'kimi-desk sessions show {self.id}')")
+            raise SessionError(
+                f"session {self.id} has no thread {str(thread_id)[:64]!r} (see 'kimi-desk sessions show {self.id}')"
+            )
         return found
 
     def latest_thread(self) -> Thread | None:
@@ -189,11 +190,19 @@ class Session:
 
     def to_json(self) -> dict:
         return {
-            "format_version": SESSION_FORMAT, "id": self.id, "name": self.name, "source": self.source,
-            "created": self.created, "last_used": self.last_used, "model_fingerprint": self.model_fingerprint,
-            "tokenizer_fingerprint": self.tokenizer_fingerprint, "system": self.system,
-            "segments": [vars(s) for s in self.segments], "files": self.files,
-            "read_position": self.read_position, "threads": [t.to_json() for t in self.threads],
+            "format_version": SESSION_FORMAT,
+            "id": self.id,
+            "name": self.name,
+            "source": self.source,
+            "created": self.created,
+            "last_used": self.last_used,
+            "model_fingerprint": self.model_fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "system": self.system,
+            "segments": [vars(s) for s in self.segments],
+            "files": self.files,
+            "read_position": self.read_position,
+            "threads": [t.to_json() for t in self.threads],
             "model_source": self.model_source,
         }
 
@@ -239,8 +248,9 @@ class Session:
         """Take the record as it is on disk now; SessionError if the session was removed."""
         self._take(self._current())
 
-    def record_turn(self, turn: Turn, thread_id: str | None = None, seen: list[Turn] = (),
-                    index: int | None = None) -> tuple[str, bool]:
+    def record_turn(
+        self, turn: Turn, thread_id: str | None = None, seen: list[Turn] = (), index: int | None = None
+    ) -> tuple[str, bool]:
         """Record `turn`, answered after `seen[:index]` (default: all of `seen`) of thread `thread_id`,
         the thread's turns as the caller read them. With no thread it starts a new one. `index` at the
         last turn replaces it (regenerating); `index` before the last starts a new thread with
@@ -354,19 +364,23 @@ def _timestamp(value: object, where: str) -> str:
 
 def _segment(raw: object, where: str) -> Segment:
     raw = _object(raw, where)
-    return Segment(label=_text(_get(raw, "label", where + "."), where + ".label"),
-                   sha256=_hex(_get(raw, "sha256", where + "."), where + ".sha256", 64),
-                   start=_count(_get(raw, "start", where + "."), where + ".start"),
-                   tokens=_count(_get(raw, "tokens", where + "."), where + ".tokens"))
+    return Segment(
+        label=_text(_get(raw, "label", where + "."), where + ".label"),
+        sha256=_hex(_get(raw, "sha256", where + "."), where + ".sha256", 64),
+        start=_count(_get(raw, "start", where + "."), where + ".start"),
+        tokens=_count(_get(raw, "tokens", where + "."), where + ".tokens"),
+    )
 
 
 def _file(raw: object, where: str, document_tokens: int) -> dict:
     raw = _object(raw, where)
-    entry = {"path": _text(_get(raw, "path", where + "."), where + ".path"),
-             "size": _count(_get(raw, "size", where + "."), where + ".size", 1 << 50),
-             "sha256": _hex(_get(raw, "sha256", where + "."), where + ".sha256", 64),
-             "start": _count(_get(raw, "start", where + "."), where + ".start"),
-             "end": _count(_get(raw, "end", where + "."), where + ".end")}
+    entry = {
+        "path": _text(_get(raw, "path", where + "."), where + ".path"),
+        "size": _count(_get(raw, "size", where + "."), where + ".size", 1 << 50),
+        "sha256": _hex(_get(raw, "sha256", where + "."), where + ".sha256", 64),
+        "start": _count(_get(raw, "start", where + "."), where + ".start"),
+        "end": _count(_get(raw, "end", where + "."), where + ".end"),
+    }
     # The digest of the text the model read, kept in the session's sources/ (engine/sources.py).
     if "text_sha256" in raw:
         entry["text_sha256"] = _hex(raw["text_sha256"], where + ".text_sha256", 64)
@@ -386,11 +400,15 @@ def _turn(raw: object, where: str) -> Turn:
     seconds = _get(raw, "seconds", where + ".")
     if type(seconds) not in (int, float) or not math.isfinite(seconds) or not 0 <= seconds < 1e9:
         raise _BadField(f"{where}.seconds must be a non-negative number")
-    return Turn(question=_text(_get(raw, "question", where + "."), where + ".question", MAX_LONG_TEXT),
-                answer=_text(_get(raw, "answer", where + "."), where + ".answer", MAX_LONG_TEXT),
-                answer_token_ids=list(ids), finish_reason=finish, seconds=float(seconds),
-                asked=_timestamp(_get(raw, "asked", where + "."), where + ".asked"),
-                tokens=_count(raw.get("tokens", 0), where + ".tokens"))
+    return Turn(
+        question=_text(_get(raw, "question", where + "."), where + ".question", MAX_LONG_TEXT),
+        answer=_text(_get(raw, "answer", where + "."), where + ".answer", MAX_LONG_TEXT),
+        answer_token_ids=list(ids),
+        finish_reason=finish,
+        seconds=float(seconds),
+        asked=_timestamp(_get(raw, "asked", where + "."), where + ".asked"),
+        tokens=_count(raw.get("tokens", 0), where + ".tokens"),
+    )
 
 
 def _thread(raw: object, where: str) -> Thread:
@@ -398,8 +416,10 @@ def _thread(raw: object, where: str) -> Thread:
     thread_id = _get(raw, "id", where + ".")
     if not is_thread_id(thread_id):
         raise _BadField(f"{where}.id must be 8 lowercase hexadecimal digits")
-    turns = [_turn(t, f"{where}.turns[{i}]")
-             for i, t in enumerate(_list(_get(raw, "turns", where + "."), where + ".turns", MAX_TURNS))]
+    turns = [
+        _turn(t, f"{where}.turns[{i}]")
+        for i, t in enumerate(_list(_get(raw, "turns", where + "."), where + ".turns", MAX_TURNS))
+    ]
     return Thread(thread_id, _timestamp(_get(raw, "created", where + "."), where + ".created"), turns)
 
 
@@ -407,12 +427,14 @@ def _threads(raw: dict, version: int, session_id: object) -> list[Thread]:
     if version == 1:
         # Each question of a format-1 transcript was answered from the document alone: a thread each,
         # with ids that stay the same until the record is next written.
-        turns = [_turn(t, f"transcript[{i}]")
-                 for i, t in enumerate(_list(_get(raw, "transcript"), "transcript", MAX_TURNS))]
-        return [Thread(hashlib.sha256(f"{session_id}:{i}".encode()).hexdigest()[:8], turn.asked, [turn])
-                for i, turn in enumerate(turns)]
-    threads = [_thread(t, f"threads[{i}]")
-               for i, t in enumerate(_list(_get(raw, "threads"), "threads", MAX_THREADS))]
+        turns = [
+            _turn(t, f"transcript[{i}]") for i, t in enumerate(_list(_get(raw, "transcript"), "transcript", MAX_TURNS))
+        ]
+        return [
+            Thread(hashlib.sha256(f"{session_id}:{i}".encode()).hexdigest()[:8], turn.asked, [turn])
+            for i, turn in enumerate(turns)
+        ]
+    threads = [_thread(t, f"threads[{i}]") for i, t in enumerate(_list(_get(raw, "threads"), "threads", MAX_THREADS))]
     if len({t.id for t in threads}) != len(threads):
         raise _BadField("two threads have the same id")
     if sum(len(t.turns) for t in threads) > MAX_TURNS:
@@ -426,28 +448,36 @@ def _parse(folder: Path, raw: object) -> Session:
     if type(version) is not int or version not in READABLE_FORMATS:
         shown = repr(version) if isinstance(version, int) else "unknown"
         raise _BadField(f"format {shown[:20]}; this kimi-desk reads formats up to {SESSION_FORMAT}")
-    segments = [_segment(s, f"segments[{i}]")
-                for i, s in enumerate(_list(_get(raw, "segments"), "segments", MAX_SEGMENTS))]
+    segments = [
+        _segment(s, f"segments[{i}]") for i, s in enumerate(_list(_get(raw, "segments"), "segments", MAX_SEGMENTS))
+    ]
     position = 0
     for i, segment in enumerate(segments):
         if segment.start != position:
-            raise _BadField(f"segments[{i}] starts at {segment.start:,}, not where the previous one ends ({position:,})")
+            raise _BadField(
+                f"segments[{i}] starts at {segment.start:,}, not where the previous one ends ({position:,})"
+            )
         position = segment.end
     if position > MAX_POSITION:
         raise _BadField(f"the document is {position:,} tokens, more than any model reads")
     read_position = _count(_get(raw, "read_position"), "read_position")
     if read_position > position:
         raise _BadField(f"read_position {read_position:,} is past the document's end ({position:,})")
-    files = [_file(f, f"files[{i}]", position)
-             for i, f in enumerate(_list(_get(raw, "files"), "files", MAX_SEGMENTS))]
+    files = [_file(f, f"files[{i}]", position) for i, f in enumerate(_list(_get(raw, "files"), "files", MAX_SEGMENTS))]
     threads = _threads(raw, version, raw.get("id"))
     return Session(
-        id=_text(_get(raw, "id"), "id", 64), folder=folder,
-        name=_text(_get(raw, "name"), "name"), source=_text(_get(raw, "source"), "source"),
-        created=_timestamp(_get(raw, "created"), "created"), last_used=_timestamp(_get(raw, "last_used"), "last_used"),
+        id=_text(_get(raw, "id"), "id", 64),
+        folder=folder,
+        name=_text(_get(raw, "name"), "name"),
+        source=_text(_get(raw, "source"), "source"),
+        created=_timestamp(_get(raw, "created"), "created"),
+        last_used=_timestamp(_get(raw, "last_used"), "last_used"),
         model_fingerprint=_fingerprint(_get(raw, "model_fingerprint"), "model_fingerprint"),
         tokenizer_fingerprint=_fingerprint(_get(raw, "tokenizer_fingerprint"), "tokenizer_fingerprint"),
-        segments=segments, files=files, read_position=read_position, threads=threads,
+        segments=segments,
+        files=files,
+        read_position=read_position,
+        threads=threads,
         system=_optional_text(raw.get("system"), "system", MAX_LONG_TEXT),
         model_source=_text(raw.get("model_source", ""), "model_source"),
     )

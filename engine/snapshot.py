@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
-
 from kimi_desk.engine.atomic import atomic_write
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.files import BadJSON, brief, first_line, is_count, read_json, some
 from kimi_desk.engine.state import KDAState, MLACache, ModelState
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -119,8 +118,11 @@ class Identity:
     tokenizer_fingerprint: str
 
     def metadata(self) -> dict[str, str]:
-        return {"format_version": str(FORMAT_VERSION), "model_fingerprint": self.model_fingerprint,
-                "tokenizer_fingerprint": self.tokenizer_fingerprint}
+        return {
+            "format_version": str(FORMAT_VERSION),
+            "model_fingerprint": self.model_fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+        }
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], identity: Identity) -> str:
@@ -150,8 +152,10 @@ def read_tensors(path: Path, identity: Identity, expected_digest: str | None = N
 
 def _check_identity(path: Path, metadata: dict, identity: Identity) -> None:
     if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise SnapshotError(f"{path.name}: snapshot format {brief(metadata.get('format_version'))}, "
-                            f"this kimi-desk reads format {FORMAT_VERSION}")
+        raise SnapshotError(
+            f"{path.name}: snapshot format {brief(metadata.get('format_version'))}, "
+            f"this kimi-desk reads format {FORMAT_VERSION}"
+        )
     if metadata.get("model_fingerprint") != identity.model_fingerprint:
         raise SnapshotError(f"{path.name}: the snapshot was made with another model")
     if metadata.get("tokenizer_fingerprint") != identity.tokenizer_fingerprint:
@@ -176,8 +180,14 @@ class SnapshotStore:
     def _read_manifest(self) -> dict:
         path = self.folder / MANIFEST
         if not path.exists():
-            return {"format_version": FORMAT_VERSION, **self.identity.metadata(), "checkpoints": [],
-                    "segments": [], "counter": 0, **({"base": self.base} if self.base else {})}
+            return {
+                "format_version": FORMAT_VERSION,
+                **self.identity.metadata(),
+                "checkpoints": [],
+                "segments": [],
+                "counter": 0,
+                **({"base": self.base} if self.base else {}),
+            }
         manifest = read_checked_json(path)
         _check_identity(path, {k: v for k, v in manifest.items() if isinstance(v, str)}, self.identity)
         _check_manifest(path, manifest, self.base)
@@ -239,14 +249,19 @@ class SnapshotStore:
             raise ValueError(f"a checkpoint key is 64 hexadecimal digits, got {key!r}")
         position = state.position
         if position < self.cached_tokens:
-            raise ValueError(f"cannot checkpoint position {position} behind the stored cache "
-                             f"({self.cached_tokens} tokens); truncate first")
+            raise ValueError(
+                f"cannot checkpoint position {position} behind the stored cache "
+                f"({self.cached_tokens} tokens); truncate first"
+            )
         if position in self.positions:
             return
         if position > self.cached_tokens:
             start = self.cached_tokens
-            latents = {f"layers.{i}.latents": layer.latents[0, start:position]
-                       for i, layer in enumerate(state.layers) if isinstance(layer, MLACache)}
+            latents = {
+                f"layers.{i}.latents": layer.latents[0, start:position]
+                for i, layer in enumerate(state.layers)
+                if isinstance(layer, MLACache)
+            }
             name = self._next_name(f"mla-{start:012d}-{position:012d}")
             digest = write_tensors(self.folder / name, latents, self.identity)
             self._manifest["segments"].append({"start": start, "end": position, "file": name, "sha256": digest})
@@ -286,7 +301,10 @@ class SnapshotStore:
             for i, layer in enumerate(state.layers):
                 if isinstance(layer, KDAState):
                     recurrent, conv = constant[f"layers.{i}.recurrent"], constant[f"layers.{i}.conv"]
-                    _check_shape(entry["file"], recurrent, layer.recurrent[0]), _check_shape(entry["file"], conv, layer.conv[0])
+                    (
+                        _check_shape(entry["file"], recurrent, layer.recurrent[0]),
+                        _check_shape(entry["file"], conv, layer.conv[0]),
+                    )
                     layer.recurrent = recurrent.unsqueeze(0).to(layer.recurrent)
                     layer.conv = conv.unsqueeze(0).to(layer.conv)
             for _, layer in caches:
@@ -298,8 +316,10 @@ class SnapshotStore:
                     latents = part[f"layers.{i}.latents"]
                     want = (segment["end"] - segment["start"], layer.buffer.shape[-1])
                     if tuple(latents.shape) != want:
-                        raise SnapshotError(f"{segment['file']}: layer {i} has latents of shape "
-                                            f"{list(latents.shape)}, the segment needs {list(want)}")
+                        raise SnapshotError(
+                            f"{segment['file']}: layer {i} has latents of shape "
+                            f"{list(latents.shape)}, the segment needs {list(want)}"
+                        )
                     layer.append(latents.unsqueeze(0).to(layer.buffer))
         except KeyError as exc:
             raise SnapshotError(f"snapshot lacks tensor {exc.args[0]}: made for another model?") from None
@@ -347,16 +367,20 @@ def _check_manifest(path: Path, manifest: dict, base: int = 0) -> None:
     counter = manifest.get("counter")
     need(is_count(counter), f"counter is {brief(counter)}")
     names = set()
-    for kind, entries, prefix, fields in (("checkpoint", checkpoints, "kda", ("position",)),
-                                          ("segment", segments, "mla", ("start", "end"))):
+    for kind, entries, prefix, fields in (
+        ("checkpoint", checkpoints, "kda", ("position",)),
+        ("segment", segments, "mla", ("start", "end")),
+    ):
         for entry in entries:
             need(isinstance(entry, dict), f"a {kind} entry is {brief(entry)}")
             for field in fields:
                 need(is_count(entry.get(field)), f"a {kind} entry has {field} {brief(entry.get(field))}")
             file = entry.get("file")
             match = _TENSOR_FILE.fullmatch(file) if isinstance(file, str) else None
-            need(match is not None and file.startswith(prefix) and file not in names
-                 and int(match.group(2)) <= counter, f"a {kind} entry names the file {brief(file)}")
+            need(
+                match is not None and file.startswith(prefix) and file not in names and int(match.group(2)) <= counter,
+                f"a {kind} entry names the file {brief(file)}",
+            )
             names.add(file)
             need(isinstance(entry.get("sha256"), str), f"a {kind} entry has sha256 {brief(entry.get('sha256'))}")
             need("key" not in entry or _is_key(entry["key"]), f"a {kind} entry has key {brief(entry.get('key'))}")

@@ -59,8 +59,11 @@ class SourceTexts:
         return data.decode("utf-8", errors="surrogatepass")
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.folder.glob("*.txt") if SOURCE_FILE.fullmatch(p.name)) \
-            if self.folder.is_dir() else []
+        return (
+            sorted(p.name for p in self.folder.glob("*.txt") if SOURCE_FILE.fullmatch(p.name))
+            if self.folder.is_dir()
+            else []
+        )
 
     def keep_only(self, digests: set[str]) -> None:
         """Remove the texts no file of the session names any more."""

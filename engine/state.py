@@ -93,7 +93,10 @@ class MLACache:
         sharing the storage move with it (their rows up to this cache's length come along)."""
         if total > self.capacity:
             grown = torch.empty(
-                self._buffer.shape[0], total, self._buffer.shape[2], dtype=self._buffer.dtype,
+                self._buffer.shape[0],
+                total,
+                self._buffer.shape[2],
+                dtype=self._buffer.dtype,
                 device=self._buffer.device,
             )
             grown[:, : self.length] = self.latents
@@ -116,8 +119,9 @@ class MLACache:
 
     def truncate(self, length: int) -> None:
         if not self.shared <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens ({self.shared} of them shared) "
-                             f"to {length}")
+            raise ValueError(
+                f"cannot truncate a cache of {self.length} tokens ({self.shared} of them shared) to {length}"
+            )
         self.length = length
 
     def clone(self) -> "MLACache":

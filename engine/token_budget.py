@@ -51,5 +51,7 @@ def _too_long(name: str, texts: list[str], read: int, tokens: int, max_tokens: i
         counted = f"its {size:,} characters are"
     else:
         counted = f"its first {read:,} characters (of {size:,}) are already"
-    return (f"{display_path(name)} is too long for this model: {counted} {tokens:,} tokens, and it reads at most "
-            f"{max_tokens:,} before a question")
+    return (
+        f"{display_path(name)} is too long for this model: {counted} {tokens:,} tokens, and it reads at most "
+        f"{max_tokens:,} before a question"
+    )

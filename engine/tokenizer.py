@@ -32,11 +32,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer as _BackendTokenizer
-
 from kimi_desk.engine.atomic import atomic_write
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.files import BadJSON, first_line, read_json
+from tokenizers import Tokenizer as _BackendTokenizer
 
 
 class TokenizerError(UserError):
@@ -45,32 +44,36 @@ class TokenizerError(UserError):
 
 # The pattern exactly as the official TikTokenTokenizer passes it to tiktoken (spec §7.1). Kept for
 # reference and tests; it needs an engine with `&&` class intersection.
-TIKTOKEN_KIMI_PATTERN = "|".join([
-    r"""[\p{Han}]+""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""",
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
-    r"""\s*[\r\n]+""",
-    r"""\s+(?!\S)""",
-    r"""\s+""",
-])
+TIKTOKEN_KIMI_PATTERN = "|".join(
+    [
+        r"""[\p{Han}]+""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
 
 # The same pattern without class intersection: each `[X&&[^\p{Han}]]` becomes `(?:(?!\p{Han})[X])`,
 # "one character of X that is not Han". Used in the converted tokenizer.json.
 _UPPER_NOT_HAN = r"(?:(?!\p{Han})[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}])"
 _LOWER_NOT_HAN = r"(?:(?!\p{Han})[\p{Ll}\p{Lm}\p{Lo}\p{M}])"
 _CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-KIMI_SPLIT_PATTERN = "|".join([
-    r"""[\p{Han}]+""",
-    rf"""[^\r\n\p{{L}}\p{{N}}]?{_UPPER_NOT_HAN}*{_LOWER_NOT_HAN}+{_CONTRACTION}""",
-    rf"""[^\r\n\p{{L}}\p{{N}}]?{_UPPER_NOT_HAN}+{_LOWER_NOT_HAN}*{_CONTRACTION}""",
-    r"""\p{N}{1,3}""",
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
-    r"""\s*[\r\n]+""",
-    r"""\s+(?!\S)""",
-    r"""\s+""",
-])
+KIMI_SPLIT_PATTERN = "|".join(
+    [
+        r"""[\p{Han}]+""",
+        rf"""[^\r\n\p{{L}}\p{{N}}]?{_UPPER_NOT_HAN}*{_LOWER_NOT_HAN}+{_CONTRACTION}""",
+        rf"""[^\r\n\p{{L}}\p{{N}}]?{_UPPER_NOT_HAN}+{_LOWER_NOT_HAN}*{_CONTRACTION}""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
 
 # The official class reserves 256 special ids plus two after the base vocabulary (spec §7.1).
 NUM_SPECIAL_TOKENS = 256 + 2
@@ -79,12 +82,23 @@ NUM_SPECIAL_TOKENS = 256 + 2
 # absolute ids, so they apply only to a base vocabulary of the official size.
 KIMI_NUM_BASE_TOKENS = 163584
 KIMI_SPECIAL_TOKEN_NAMES = {
-    163584: "[BOS]", 163585: "[EOS]", 163586: "<|im_end|>", 163587: "<|im_user|>",
-    163588: "<|im_assistant|>", 163590: "<|start_header_id|>", 163591: "<|end_header_id|>",
-    163593: "[EOT]", 163594: "<|im_system|>", 163595: "<|tool_calls_section_begin|>",
-    163596: "<|tool_calls_section_end|>", 163597: "<|tool_call_begin|>",
-    163598: "<|tool_call_argument_begin|>", 163599: "<|tool_call_end|>", 163601: "<|im_middle|>",
-    163838: "[UNK]", 163839: "[PAD]",
+    163584: "[BOS]",
+    163585: "[EOS]",
+    163586: "<|im_end|>",
+    163587: "<|im_user|>",
+    163588: "<|im_assistant|>",
+    163590: "<|start_header_id|>",
+    163591: "<|end_header_id|>",
+    163593: "[EOT]",
+    163594: "<|im_system|>",
+    163595: "<|tool_calls_section_begin|>",
+    163596: "<|tool_calls_section_end|>",
+    163597: "<|tool_call_begin|>",
+    163598: "<|tool_call_argument_begin|>",
+    163599: "<|tool_call_end|>",
+    163601: "<|im_middle|>",
+    163838: "[UNK]",
+    163839: "[PAD]",
 }
 
 # The official encode's limits (spec §7.1): characters per tiktoken call, and the longest run of
@@ -166,12 +180,15 @@ def train_ranks(texts: Iterable[str], vocab_size: int, pattern: str = KIMI_SPLIT
     from tokenizers import Regex, models, pre_tokenizers, trainers
 
     trainee = _BackendTokenizer(models.BPE())
-    trainee.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainee.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     trainee.train_from_iterator(texts, trainer)
     # The trainer numbers the alphabet first, then each merge's result in the order it was learnt.
     ranks = {_token_string_to_bytes(token): token_id for token, token_id in trainee.get_vocab().items()}
@@ -227,15 +244,23 @@ def kimi_added_tokens(num_base_tokens: int) -> dict[int, str]:
     return {num_base_tokens + i - KIMI_NUM_BASE_TOKENS: name for i, name in KIMI_SPECIAL_TOKEN_NAMES.items()}
 
 
-def tiktoken_to_tokenizer_json(ranks: dict[bytes, int], special_names: list[str],
-                               pattern: str = KIMI_SPLIT_PATTERN) -> dict:
+def tiktoken_to_tokenizer_json(
+    ranks: dict[bytes, int], special_names: list[str], pattern: str = KIMI_SPLIT_PATTERN
+) -> dict:
     """The `tokenizers` serialisation of a tiktoken encoding, written out here rather than by the
     library, so that its bytes (and so the fingerprint) do not change with the library's version."""
     vocab = {bytes_to_token_string(token): rank for token, rank in sorted(ranks.items(), key=lambda item: item[1])}
     merges = [[bytes_to_token_string(left), bytes_to_token_string(right)] for left, right in derive_merges(ranks)]
     added_tokens = [
-        {"id": len(ranks) + i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
+        {
+            "id": len(ranks) + i,
+            "content": name,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
         for i, name in enumerate(special_names)
     ]
     return {
@@ -254,11 +279,17 @@ def tiktoken_to_tokenizer_json(ranks: dict[bytes, int], special_names: list[str]
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
             # A piece that is itself a token is emitted whole, as tiktoken does, even if no merge path forms it.
             "ignore_merges": True,
-            "vocab": vocab, "merges": merges,
+            "vocab": vocab,
+            "merges": merges,
         },
     }
 
@@ -280,10 +311,14 @@ def converted_tokenizer_json(rank_file: Path, special_names: list[str], cache_di
     """The canonical tokenizer.json text for a tiktoken rank file: read from the cache when present,
     else converted and cached. The cache key covers the rank file's bytes, the special names, the
     pattern and the converter version."""
-    key_source = canonical_json({
-        "ranks_sha256": hashlib.sha256(rank_file.read_bytes()).hexdigest(),
-        "special_names": special_names, "pattern": KIMI_SPLIT_PATTERN, "converter": _CONVERTER_VERSION,
-    })
+    key_source = canonical_json(
+        {
+            "ranks_sha256": hashlib.sha256(rank_file.read_bytes()).hexdigest(),
+            "special_names": special_names,
+            "pattern": KIMI_SPLIT_PATTERN,
+            "converter": _CONVERTER_VERSION,
+        }
+    )
     key = hashlib.sha256(key_source.encode("utf-8")).hexdigest()[:32]
     cached = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = cached / key / "tokenizer.json"
@@ -340,10 +375,12 @@ class SpecialTokenNames:
     @classmethod
     def from_config(cls, config: dict) -> "SpecialTokenNames":
         defaults = cls()
-        return cls(**{
-            role: _token_name(config.get(f"{role}_token")) or getattr(defaults, role)
-            for role in ("bos", "eos", "pad", "unk")
-        })
+        return cls(
+            **{
+                role: _token_name(config.get(f"{role}_token")) or getattr(defaults, role)
+                for role in ("bos", "eos", "pad", "unk")
+            }
+        )
 
 
 class Tokenizer:
@@ -378,17 +415,25 @@ class Tokenizer:
     # -- construction -------------------------------------------------------------------------------
 
     @classmethod
-    def from_tiktoken_file(cls, rank_file: str | Path, added_tokens_decoder: dict[int, str] | None = None,
-                           cache_dir: str | Path | None = None,
-                           special_names: SpecialTokenNames | None = None) -> "Tokenizer":
+    def from_tiktoken_file(
+        cls,
+        rank_file: str | Path,
+        added_tokens_decoder: dict[int, str] | None = None,
+        cache_dir: str | Path | None = None,
+        special_names: SpecialTokenNames | None = None,
+    ) -> "Tokenizer":
         rank_file = Path(rank_file)
         num_base_tokens = _count_rank_lines(rank_file)
         names = special_token_names(num_base_tokens, added_tokens_decoder)
         return cls(converted_tokenizer_json(rank_file, names, cache_dir), special_names)
 
     @classmethod
-    def from_ranks(cls, ranks: dict[bytes, int], added_tokens_decoder: dict[int, str] | None = None,
-                   special_names: SpecialTokenNames | None = None) -> "Tokenizer":
+    def from_ranks(
+        cls,
+        ranks: dict[bytes, int],
+        added_tokens_decoder: dict[int, str] | None = None,
+        special_names: SpecialTokenNames | None = None,
+    ) -> "Tokenizer":
         """From in-memory tiktoken ranks, converted without caching: small vocabularies in tests and tools."""
         check_ranks(ranks)
         names = special_token_names(len(ranks), added_tokens_decoder)

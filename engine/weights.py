@@ -16,23 +16,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.errors import CheckpointError, ConfigError
 from kimi_desk.engine.files import brief, first_line, index_shards, is_count, shown_name, some
 from kimi_desk.engine.model import KimiLinearForCausalLM
 from kimi_desk.engine.quantize import Int8Embedding, format_of, quantize_into, quantize_structure
 from kimi_desk.engine.quantized_cache import cache_file, load_cached, write_cache
-
+from safetensors import SafetensorError, safe_open
 
 # Parameters kept in float32 whatever the model dtype: the gates' scalars and the short convolutions
 # (as the reference implementations allocate them), the router's selection bias, and two small matrices
 # every step multiplies in float32: the router (its scores choose the experts; 2.4 MB a layer at the 48B
 # shapes) and MLA's kv_b_proj (the absorbed decode's W_UK and W_UV; 17 MB a layer). Held in float32 they
 # are not converted again at every step (on an H100 those copies took 7% of a decode step's GPU time).
-FP32_PARAMETERS = ("A_log", "dt_bias", "conv1d.weight", "e_score_correction_bias", "block_sparse_moe.gate.weight",
-                   "self_attn.kv_b_proj.weight")
+FP32_PARAMETERS = (
+    "A_log",
+    "dt_bias",
+    "conv1d.weight",
+    "e_score_correction_bias",
+    "block_sparse_moe.gate.weight",
+    "self_attn.kv_b_proj.weight",
+)
 
 _EXPERT_PREFIX = "block_sparse_moe.experts."
 
@@ -107,13 +111,17 @@ def materialize(model: KimiLinearForCausalLM, device, dtype: torch.dtype) -> Non
             want = param.dtype
         else:
             want = torch.float32 if pname.endswith(FP32_PARAMETERS) else dtype
-        setattr(owner, attr, torch.nn.Parameter(torch.empty(param.shape, dtype=want, device=device_of(pname)),
-                                                requires_grad=False))
+        setattr(
+            owner,
+            attr,
+            torch.nn.Parameter(torch.empty(param.shape, dtype=want, device=device_of(pname)), requires_grad=False),
+        )
     for bname, buffer in list(model.named_buffers()):
         if buffer.is_meta:
             owner_name, _, attr = bname.rpartition(".")
             model.get_submodule(owner_name).register_buffer(
-                attr, torch.empty(buffer.shape, dtype=buffer.dtype, device=device_of(bname)))
+                attr, torch.empty(buffer.shape, dtype=buffer.dtype, device=device_of(bname))
+            )
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -144,8 +152,10 @@ def read_header(file: Path) -> dict[str, dict]:
                 raise CheckpointError(f"{file}: truncated or not a safetensors file")
             (header_len,) = struct.unpack("<Q", raw)
             if header_len > HEADER_MAX_BYTES:
-                raise CheckpointError(f"{file}: damaged or not a safetensors file (its header claims "
-                                      f"{header_len:,} bytes, a checkpoint's has at most {HEADER_MAX_BYTES:,})")
+                raise CheckpointError(
+                    f"{file}: damaged or not a safetensors file (its header claims "
+                    f"{header_len:,} bytes, a checkpoint's has at most {HEADER_MAX_BYTES:,})"
+                )
             if header_len > size - 8:
                 raise CheckpointError(f"{file}: truncated or not a safetensors file (header runs past the end)")
             text = fh.read(header_len)
@@ -178,8 +188,12 @@ def _header_entry_problem(entry, data_size: int) -> str | None:
         return f"has dtype {brief(dtype)}"
     if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(is_count(d) for d in shape)):
         return f"has shape {brief(shape)}, not a list of at most {_MAX_DIMS} sizes"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
-            and offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(is_count(o) for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
         return f"has data_offsets {brief(offsets)}, not [begin, end]"
     if offsets[1] > data_size:
         return f"ends past the {data_size:,} bytes of data in the file: truncated"
@@ -199,18 +213,23 @@ def check_tensors(model: KimiLinearForCausalLM, folder: Path, headers: dict[Path
         for name, entry in header.items():
             pname, index = checkpoint_to_parameter(name)
             param = params.get(pname)
-            if param is None or _is_stacked(pname) != (index is not None) or (
-                    index is not None and (index >= param.shape[0] or _expert_tensor_name(pname, index) != name)):
+            if (
+                param is None
+                or _is_stacked(pname) != (index is not None)
+                or (index is not None and (index >= param.shape[0] or _expert_tensor_name(pname, index) != name))
+            ):
                 raise CheckpointError(f"{file.name}: unexpected tensor {shown_name(name)}")
             if name in seen:
                 raise CheckpointError(f"{file.name}: tensor {name} appears twice in the checkpoint")
             shape = tuple(param.shape if index is None else param.shape[1:])
             if tuple(entry["shape"]) != shape:
-                raise CheckpointError(f"{file.name}: tensor {name} has shape {some(entry['shape'])}, "
-                                      f"expected {list(shape)}")
+                raise CheckpointError(
+                    f"{file.name}: tensor {name} has shape {some(entry['shape'])}, expected {list(shape)}"
+                )
             if entry["dtype"] not in FLOAT_DTYPE_BYTES:
-                raise CheckpointError(f"{file.name}: tensor {name} has dtype {brief(entry['dtype'])}, "
-                                      "expected floating point")
+                raise CheckpointError(
+                    f"{file.name}: tensor {name} has dtype {brief(entry['dtype'])}, expected floating point"
+                )
             seen.add(name)
     needed = sum(p.shape[0] if _is_stacked(n) else 1 for n, p in params.items())
     if len(seen) < needed:
@@ -219,8 +238,9 @@ def check_tensors(model: KimiLinearForCausalLM, folder: Path, headers: dict[Path
         raise CheckpointError(f"{folder}: missing tensor {first}{more}")
 
 
-def load_weights(model: KimiLinearForCausalLM, headers: dict[Path, dict[str, dict]],
-                 quantized_loaded: bool = False) -> None:
+def load_weights(
+    model: KimiLinearForCausalLM, headers: dict[Path, dict[str, dict]], quantized_loaded: bool = False
+) -> None:
     """Fill `model`'s materialized parameters from the files of `headers`, which check_tensors passed,
     quantizing as they are read; with `quantized_loaded` the quantized ones are already filled (from
     the disk cache) and not read."""
@@ -263,8 +283,14 @@ def checkpoint_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None,
-               notice: Callable[[str], None] = lambda line: None, placement=None) -> KimiLinearForCausalLM:
+def load_model(
+    path,
+    device="cpu",
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+    notice: Callable[[str], None] = lambda line: None,
+    placement=None,
+) -> KimiLinearForCausalLM:
     """A checkpoint folder in the official layout -> a ready model in eval mode.
 
     `dtype` defaults to the checkpoint's (config.json `dtype`), float32 on a CPU that would be slow in

@@ -53,8 +53,9 @@ def pdl(tensor) -> bool:
     if device not in _pdl_devices:
         import torch
 
-        _pdl_devices[device] = (torch.cuda.get_device_capability(device)[0] >= 9
-                                and os.environ.get("KIMI_DESK_PDL", "1") != "0")
+        _pdl_devices[device] = (
+            torch.cuda.get_device_capability(device)[0] >= 9 and os.environ.get("KIMI_DESK_PDL", "1") != "0"
+        )
     return _pdl_devices[device]
 
 

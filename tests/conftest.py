@@ -28,8 +28,9 @@ def tail7_checkpoint(tmp_path_factory):
     """7 layers, K K K M K K M, sharded: the real model's irregular tail and the index.json layout."""
     from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 
-    return write_random_checkpoint(tail7_config(), tmp_path_factory.mktemp("tail7") / "model", seed=2,
-                                   max_shard_bytes=400_000)
+    return write_random_checkpoint(
+        tail7_config(), tmp_path_factory.mktemp("tail7") / "model", seed=2, max_shard_bytes=400_000
+    )
 
 
 @pytest.fixture(scope="session")

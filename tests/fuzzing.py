@@ -24,10 +24,41 @@ from pathlib import Path
 # Values a JSON value is swapped for: every JSON type, the edges of the integers and floats, numbers too
 # large for any size, strings that name paths out of a folder.
 HOSTILE_VALUES = [
-    None, True, False, 0, -1, 1, 2**31, 2**63, -(2**63), 10**30, 10**400, 0.5, -0.0, 1e308, 1e-308,
-    float("nan"), float("inf"), float("-inf"), "", "0", "1", "x" * 5000, "../../outside.safetensors",
-    "/etc/passwd", "a/b.safetensors", "..", "\u0000", "\U0001f600", [], [0], [1, "a"], [None] * 300, {},
-    {"a": 1}, {"dtype": "F32", "shape": [], "data_offsets": [0, 0]},
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2**31,
+    2**63,
+    -(2**63),
+    10**30,
+    10**400,
+    0.5,
+    -0.0,
+    1e308,
+    1e-308,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    "",
+    "0",
+    "1",
+    "x" * 5000,
+    "../../outside.safetensors",
+    "/etc/passwd",
+    "a/b.safetensors",
+    "..",
+    "\u0000",
+    "\U0001f600",
+    [],
+    [0],
+    [1, "a"],
+    [None] * 300,
+    {},
+    {"a": 1},
+    {"dtype": "F32", "shape": [], "data_offsets": [0, 0]},
 ]
 DEEP = "\u0000deep\u0000"  # stands for nesting too deep to build as a Python value
 DUPLICATE = "\u0000dup\u0000"  # a key suffix; the serialized key loses it, so the key appears twice
@@ -101,7 +132,9 @@ def mutate_json(document, rng: random.Random) -> tuple[str, str]:
     if kind == "deep":
         depth = rng.choice([100, 990, 5000, 200_000])
         opener, closer = rng.choice([("[", "]"), ('{"a":', "}")])
-        text = json.dumps(_replace(document, path, DEEP)).replace(json.dumps(DEEP), opener * depth + "1" + closer * depth)
+        text = json.dumps(_replace(document, path, DEEP)).replace(
+            json.dumps(DEEP), opener * depth + "1" + closer * depth
+        )
         return text, f"{where} nested {depth} deep"
     new = rng.choice(HOSTILE_VALUES)
     return json.dumps(_replace(document, path, new)), f"{where} set to {str(new)[:40]!r}"
@@ -114,6 +147,7 @@ class CaseTimedOut(Exception):
 @contextmanager
 def time_bound(seconds: float):
     """Fail a case that runs longer than `seconds` (a hang, or a loop over a size from the file)."""
+
     def expire(*_):
         raise CaseTimedOut(f"still running after {seconds} s")
 
@@ -126,8 +160,7 @@ def time_bound(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def check_case(run, error: type[Exception], seed: int, what: str, max_message: int = 400,
-               seconds: float = 10.0) -> str:
+def check_case(run, error: type[Exception], seed: int, what: str, max_message: int = 400, seconds: float = 10.0) -> str:
     """Run one case: 'ok' when it returned, 'refused' when it raised `error` with a one-line message of
     at most `max_message` characters; anything else (another exception, a long or multi-line message,
     running past `seconds`) fails the test, naming the seed and the mutation."""
@@ -140,13 +173,17 @@ def check_case(run, error: type[Exception], seed: int, what: str, max_message: i
         assert "\n" not in text and len(text) <= max_message, f"seed {seed} ({what}): message {text[:300]!r}..."
         return "refused"
     except Exception as exc:  # noqa: BLE001 - the point: nothing else may escape
-        raise AssertionError(f"seed {seed} ({what}): {type(exc).__name__}: {str(exc)[:300]} "
-                             f"after {time.monotonic() - started:.1f} s") from exc
+        raise AssertionError(
+            f"seed {seed} ({what}): {type(exc).__name__}: {str(exc)[:300]} after {time.monotonic() - started:.1f} s"
+        ) from exc
     return "ok"
 
 
 def tree_state(root: Path, skip: Path | None = None) -> dict[str, tuple[int, int]]:
     """(size, mtime) of every file under `root` except those under `skip`: compared before and after a
     case, it shows any write or deletion outside the folder the case may touch."""
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
-            if p.is_file() and (skip is None or skip not in p.parents)}
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and (skip is None or skip not in p.parents)
+    }

@@ -82,8 +82,7 @@ class HubStandIn:
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.cdn_url = f"http://localhost:{self.port}/cdn"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         self._timer = threading.Timer(lifetime, self.close)
         self._timer.daemon = True
@@ -91,8 +90,14 @@ class HubStandIn:
 
     # -- content --------------------------------------------------------------------------------
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes] | Path, *, gated: bool = False,
-                 extra: dict[str, bytes] | None = None) -> str:
+    def add_repo(
+        self,
+        repo_id: str,
+        files: dict[str, bytes] | Path,
+        *,
+        gated: bool = False,
+        extra: dict[str, bytes] | None = None,
+    ) -> str:
         """Serve `files` (a dict, or every file of a folder) plus `extra` as repo_id@main; returns the commit."""
         if isinstance(files, Path):
             files = {p.name: p.read_bytes() for p in sorted(files.iterdir()) if p.is_file()}
@@ -122,8 +127,12 @@ class HubStandIn:
     def requests_for(self, filename: str, method: str | None = None) -> list[Request]:
         """Requests that touched `filename` (its resolve URL, or its bytes on the CDN)."""
         digest = self._sha_of(filename)
-        return [r for r in self.requests if (method is None or r.method == method)
-                and (("/resolve/" in r.path and r.path.endswith("/" + filename)) or r.path == f"/cdn/{digest}")]
+        return [
+            r
+            for r in self.requests
+            if (method is None or r.method == method)
+            and (("/resolve/" in r.path and r.path.endswith("/" + filename)) or r.path == f"/cdn/{digest}")
+        ]
 
     def _sha_of(self, filename: str) -> str | None:
         for repo in self.repos.values():
@@ -193,8 +202,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
-            return self._model_info("/".join(parts[2:4]), parts[5] if len(parts) >= 6 and parts[4] == "revision"
-                                    else "main", body)
+            return self._model_info(
+                "/".join(parts[2:4]), parts[5] if len(parts) >= 6 and parts[4] == "revision" else "main", body
+            )
         if len(parts) >= 5 and parts[2] == "resolve":
             return self._resolve("/".join(parts[:2]), parts[3], "/".join(parts[4:]), body)
         if len(parts) == 2 and parts[0] == "cdn":
@@ -224,8 +234,14 @@ class _Handler(BaseHTTPRequestHandler):
             if repo.is_lfs(name):
                 sibling["lfs"] = {"size": len(data), "sha256": sha256(data), "pointerSize": 134}
             siblings.append(sibling)
-        info = {"id": repo_id, "modelId": repo_id, "sha": repo.revisions[revision], "private": False,
-                "gated": repo.gated, "siblings": siblings}
+        info = {
+            "id": repo_id,
+            "modelId": repo_id,
+            "sha": repo.revisions[revision],
+            "private": False,
+            "gated": repo.gated,
+            "siblings": siblings,
+        }
         self._send(200, {"Content-Type": "application/json"}, json.dumps(info).encode(), body)
 
     def _resolve(self, repo_id: str, revision: str, filename: str, body: bool):
@@ -238,9 +254,18 @@ class _Handler(BaseHTTPRequestHandler):
         data = repo.files[filename]
         if repo.is_lfs(filename):
             digest = sha256(data)
-            return self._send(302, {"Location": f"{self.hub.cdn_url}/{digest}", "X-Repo-Commit": commit,
-                                    "X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data)),
-                                    "ETag": f'"{git_blob_id(data)}"'}, b"", body)
+            return self._send(
+                302,
+                {
+                    "Location": f"{self.hub.cdn_url}/{digest}",
+                    "X-Repo-Commit": commit,
+                    "X-Linked-Etag": f'"{digest}"',
+                    "X-Linked-Size": str(len(data)),
+                    "ETag": f'"{git_blob_id(data)}"',
+                },
+                b"",
+                body,
+            )
         self._bytes(filename, data, {"X-Repo-Commit": commit, "ETag": f'"{git_blob_id(data)}"'}, body)
 
     def _cdn(self, digest: str, body: bool):
@@ -257,7 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
         wanted = self.headers.get("Range")
         headers = {**headers, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         if wanted and wanted.startswith("bytes=") and body:
-            first, _, last = wanted[len("bytes="):].partition("-")
+            first, _, last = wanted[len("bytes=") :].partition("-")
             start = int(first)
             end = int(last) + 1 if last else len(data)
             if start >= len(data):

@@ -18,6 +18,7 @@ python3 -m venv .venv
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e '.[dev]'
+ruff check --quiet . && ruff format --check --quiet .
 export TRITON_INTERPRET=1
 # `pytest`, not `python -m pytest`: the latter puts this folder first on sys.path, where the top-level
 # `kernels/` folder would hide the `kernels` package that transformers (a test oracle) imports.

@@ -29,8 +29,10 @@ def imported_modules_of(path: Path):
 
 
 def test_engine_and_kernels_never_import_textual_or_the_app():
-    for folder, forbidden in [("engine", ("textual", "kimi_desk.app")),
-                              ("kernels", ("textual", "kimi_desk.app", "kimi_desk.engine"))]:
+    for folder, forbidden in [
+        ("engine", ("textual", "kimi_desk.app")),
+        ("kernels", ("textual", "kimi_desk.app", "kimi_desk.engine")),
+    ]:
         for path, module in imported_modules(ROOT / folder):
             assert not module.startswith(forbidden), f"{path.relative_to(ROOT)} imports {module}"
 
@@ -70,8 +72,11 @@ def test_the_bench_entry_points_import_the_measurements_lazily():
     tree = ast.parse(BENCH_ENTRY.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            )
             assert not any(_is_bench(n) for n in names), f"app/cli.py imports {names} at module level"
     code = (
         "import sys\n"
@@ -105,4 +110,6 @@ def test_no_top_level_app_engine_or_kernels_module():
         code = f"import {name}, pathlib; print(pathlib.Path({name}.__file__).resolve())"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
         if result.returncode == 0:
-            assert not Path(result.stdout.strip()).is_relative_to(repo / name), f"our '{name}' folder is a top-level module"
+            assert not Path(result.stdout.strip()).is_relative_to(repo / name), (
+                f"our '{name}' folder is a top-level module"
+            )

@@ -34,8 +34,22 @@ from kimi_desk.engine.ingest.records import (
 )
 
 __all__ = [
-    "load_path", "load_folder", "load_file", "html_to_text",
-    "first_changed_index", "unchanged_segments", "fingerprint_document", "FileFingerprint", "DocumentFingerprint",
-    "IngestError", "LimitNotice", "LoadedDocument", "LoaderLimits", "LoadProgress", "SkipCategory", "SkippedFile",
-    "SourceFile", "SourceKind",
+    "load_path",
+    "load_folder",
+    "load_file",
+    "html_to_text",
+    "first_changed_index",
+    "unchanged_segments",
+    "fingerprint_document",
+    "FileFingerprint",
+    "DocumentFingerprint",
+    "IngestError",
+    "LimitNotice",
+    "LoadedDocument",
+    "LoaderLimits",
+    "LoadProgress",
+    "SkipCategory",
+    "SkippedFile",
+    "SourceFile",
+    "SourceKind",
 ]

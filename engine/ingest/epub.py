@@ -22,9 +22,14 @@ from kimi_desk.engine.ingest.records import ExtractedText, IngestError
 
 _CONTAINER_PATH = "META-INF/container.xml"
 _ENCRYPTION_PATH = "META-INF/encryption.xml"
-_CHAPTER_MEDIA_TYPES = frozenset({
-    "application/xhtml+xml", "text/html", "application/x-dtbook+xml", "text/x-oeb1-document",
-})
+_CHAPTER_MEDIA_TYPES = frozenset(
+    {
+        "application/xhtml+xml",
+        "text/html",
+        "application/x-dtbook+xml",
+        "text/x-oeb1-document",
+    }
+)
 # Font obfuscation is "encryption" in encryption.xml but leaves the text readable.
 _FONT_OBFUSCATION_ALGORITHMS = frozenset({"http://www.idpf.org/2008/embedding", "http://ns.adobe.com/pdf/enc#RC"})
 _MARKUP_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
@@ -114,9 +119,7 @@ def _refuse_encrypted_chapters(archive: zipfile.ZipFile, package: _Package, max_
             raise IngestError("the EPUB is DRM-protected (its chapters are encrypted) and cannot be read")
 
 
-def _read_chapters(
-    archive: zipfile.ZipFile, package: _Package, max_text_bytes: int
-) -> tuple[list[str], list[str]]:
+def _read_chapters(archive: zipfile.ZipFile, package: _Package, max_text_bytes: int) -> tuple[list[str], list[str]]:
     """The spine's documents as text, each after its "[chapter N: title]" line, and warnings about
     spine items that were left out. Items without text (a cover image) get no number."""
     chapters: list[str] = []

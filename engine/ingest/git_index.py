@@ -422,5 +422,6 @@ def _ewah_bits(data: bytes, position: int, limit: int) -> tuple[list[int], int]:
 def _is_valid_path(path: bytes) -> bool:
     """A path git would write: relative, no empty, ".", ".." or ".git" part (such an entry in a
     crafted index must not name a file outside the work tree)."""
-    return bool(path) and all(part and part not in (b".", b"..") and part.lower() != b".git"
-                              for part in path.split(b"/"))
+    return bool(path) and all(
+        part and part not in (b".", b"..") and part.lower() != b".git" for part in path.split(b"/")
+    )

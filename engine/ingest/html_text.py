@@ -14,12 +14,44 @@ from html.parser import HTMLParser
 # Elements whose content is never prose.
 _DROPPED_ELEMENTS = frozenset({"script", "style", "noscript", "template", "svg", "math", "iframe", "object"})
 _HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
-_BLOCK_ELEMENTS = frozenset({
-    "p", "div", "section", "article", "aside", "header", "footer", "nav", "main", "blockquote",
-    "ul", "ol", "dl", "dt", "dd", "table", "thead", "tbody", "tfoot", "tr", "figure", "figcaption",
-    "address", "hr", "body", "html", "li", "pre", "caption", "details", "summary", "form", "fieldset",
-    *_HEADINGS,
-})
+_BLOCK_ELEMENTS = frozenset(
+    {
+        "p",
+        "div",
+        "section",
+        "article",
+        "aside",
+        "header",
+        "footer",
+        "nav",
+        "main",
+        "blockquote",
+        "ul",
+        "ol",
+        "dl",
+        "dt",
+        "dd",
+        "table",
+        "thead",
+        "tbody",
+        "tfoot",
+        "tr",
+        "figure",
+        "figcaption",
+        "address",
+        "hr",
+        "body",
+        "html",
+        "li",
+        "pre",
+        "caption",
+        "details",
+        "summary",
+        "form",
+        "fieldset",
+        *_HEADINGS,
+    }
+)
 _WHITESPACE_RUN = re.compile(r"[ \t\n\r\f\v]+")
 
 

@@ -128,8 +128,14 @@ def load_file(
         raise IngestError(f"{name}: its text ({_size(text_bytes)}) is over the total limit of {limit}")
     block = render_file_block(source.relative_path, source.text)
     return LoadedDocument(
-        root=real_path, is_folder=False, listing_source="file", files=(source,), skipped=(),
-        preamble="", text=block, file_offsets=(0,),
+        root=real_path,
+        is_folder=False,
+        listing_source="file",
+        files=(source,),
+        skipped=(),
+        preamble="",
+        text=block,
+        file_offsets=(0,),
     )
 
 
@@ -291,8 +297,9 @@ def _require_regular_file(status: os.stat_result) -> None:
 
 def _require_size_within(size: int, limit: _SizeLimit) -> None:
     if size > limit.max_bytes:
-        raise _Skip(SkipCategory.TOO_LARGE, f"too large ({_size(size)}, the limit is {_size(limit.max_bytes)})",
-                    limit.field)
+        raise _Skip(
+            SkipCategory.TOO_LARGE, f"too large ({_size(size)}, the limit is {_size(limit.max_bytes)})", limit.field
+        )
 
 
 def _extract(
@@ -336,7 +343,10 @@ def _page_reporter(candidate: _Candidate, on_progress: ProgressCallback | None) 
 
 
 def _folder_document(
-    folder: Path, listing_source: str, files: list[SourceFile], skipped: list[SkippedFile],
+    folder: Path,
+    listing_source: str,
+    files: list[SourceFile],
+    skipped: list[SkippedFile],
     limit_notices: tuple[LimitNotice, ...],
 ) -> LoadedDocument:
     preamble = render_folder_preamble(folder.name, [file.relative_path for file in files])
@@ -349,8 +359,15 @@ def _folder_document(
         pieces.append(block)
         position += len(block)
     return LoadedDocument(
-        root=folder, is_folder=True, listing_source=listing_source, files=tuple(files), skipped=tuple(skipped),
-        preamble=preamble, text="".join(pieces), file_offsets=tuple(offsets), limit_notices=limit_notices,
+        root=folder,
+        is_folder=True,
+        listing_source=listing_source,
+        files=tuple(files),
+        skipped=tuple(skipped),
+        preamble=preamble,
+        text="".join(pieces),
+        file_offsets=tuple(offsets),
+        limit_notices=limit_notices,
     )
 
 

@@ -58,7 +58,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from kimi_desk.kernels.kda.gate import log_decay
 
 CHUNK_SIZE = 64
@@ -97,8 +96,22 @@ def _join_blocks(b_Dinv, b_L, b_I, o_i, SIZE: tl.constexpr, FIRST: tl.constexpr,
 
 
 @triton.jit
-def _load_tiles(q, k, g, dt_bias, b_A, p_in, o_row3, m_t3, i_h, i_k, H: tl.constexpr, K: tl.constexpr,
-                BK: tl.constexpr, USE_GATE_IN_KERNEL: tl.constexpr):
+def _load_tiles(
+    q,
+    k,
+    g,
+    dt_bias,
+    b_A,
+    p_in,
+    o_row3,
+    m_t3,
+    i_h,
+    i_k,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BK: tl.constexpr,
+    USE_GATE_IN_KERNEL: tl.constexpr,
+):
     """Block i_k of BK channels of the chunk's q, k (fp32) and log2 gates, as [NB, BC, BK] tiles; p_in is
     the chunk's first element. Rows past T read zeros: g = 0 carries the chunk's last G unchanged."""
     o_k = i_k * BK + tl.arange(0, BK)
@@ -115,8 +128,9 @@ def _load_tiles(q, k, g, dt_bias, b_A, p_in, o_row3, m_t3, i_h, i_k, H: tl.const
 
 
 @triton.jit
-def _levels_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                          OP_DT: tl.constexpr):
+def _levels_in_sub_chunks(
+    b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, OP_DT: tl.constexpr
+):
     """All the levels inside 16-row sub-chunks: 8, 4, 2 and 1 rows."""
     tl.static_assert(BC == 16)
     b_Dqk, b_Dkk = _level_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, 8, NB, BC, BK, OP_DT)
@@ -127,8 +141,19 @@ def _levels_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB: tl.constexpr, BC
 
 
 @triton.jit
-def _level_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, S: tl.constexpr, NB: tl.constexpr, BC: tl.constexpr,
-                         BK: tl.constexpr, OP_DT: tl.constexpr):
+def _level_in_sub_chunks(
+    b_Dqk,
+    b_Dkk,
+    b_q,
+    b_k,
+    b_a,
+    o_c,
+    S: tl.constexpr,
+    NB: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    OP_DT: tl.constexpr,
+):
     """Adds to the sub-chunks' diagonal blocks b_Dqk, b_Dkk [NB, BC, BC] the pairs of level S < BC (i in the
     second half of a block of 2S rows, j in its first half) of one block of channels: b_q, b_k, b_a (log2
     gates) as [NB, BC, BK] tiles, one batched dot per sub-chunk. Each S-block's own cumulative sums and one
@@ -244,8 +269,9 @@ def chunk_kda_intra_fwd_kernel(
         # The levels inside the sub-chunks in a pass of their own over the channels (reading q, k and g
         # twice): fewer tiles live at once than beside the levels between sub-chunks.
         for i_k in range(0, tl.cdiv(K, BKD)):
-            b_q, b_k, b_a = _load_tiles(q, k, g, dt_bias, b_A, p_in, o_row3, m_t3, i_h, i_k, H, K, BKD,
-                                        USE_GATE_IN_KERNEL)
+            b_q, b_k, b_a = _load_tiles(
+                q, k, g, dt_bias, b_A, p_in, o_row3, m_t3, i_h, i_k, H, K, BKD, USE_GATE_IN_KERNEL
+            )
             b_qk += tl.sum(b_q * b_k, 2)
             b_Dqk, b_Dkk = _levels_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB, BC, BKD, OP_DT)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -301,7 +327,7 @@ def chunk_kda_intra_fwd_kernel(
     # The whole tile, zeros above the diagonal included, so that the scan loads it without a causal mask
     # (a plain load is one Triton pipelines ahead of the loop's dots; a masked one waited in every step).
     b_Dqk = tl.where((o_c[:, None] == o_c[None, :])[None, :, :], b_qk[:, :, None], b_Dqk)
-    m_blocks = (o_b[:, None, None, None] == o_b[None, None, :, None])
+    m_blocks = o_b[:, None, None, None] == o_b[None, None, :, None]
     b_Aqk += tl.reshape(tl.where(m_blocks, b_Dqk[:, :, None, :], 0.0), [BT, BT])
     b_Akk += tl.reshape(tl.where(m_blocks, b_Dkk[:, :, None, :], 0.0), [BT, BT])
     b_Aqk = tl.where(o_i[:, None] >= o_i[None, :], b_Aqk * scale, 0.0)
@@ -437,9 +463,24 @@ def chunk_kda_scan_fwd_kernel(
         tl.store(ht + o_h, b_h.to(ht.dtype.element_ty), mask=m_h)
 
 
-def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, *,
-                     A_log=None, dt_bias=None, use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
-                     out=None, intra_config=None, scan_config=None):
+def chunk_kda_triton(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    *,
+    A_log=None,
+    dt_bias=None,
+    use_qk_l2norm_in_kernel=False,
+    use_beta_sigmoid_in_kernel=False,
+    out=None,
+    intra_config=None,
+    scan_config=None,
+):
     """o [B, T, H, V] in q's dtype and the final state [B, H, K, V] fp32 (or None); see the module doc.
 
     The fused variant for the real layer reads its raw projections (as fused_recurrent_kda_triton does):
@@ -469,15 +510,32 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     if A_log is not None:
         assert dt_bias is not None and A_log.numel() == H and dt_bias.numel() == H * K
         A_log, dt_bias = A_log.contiguous(), dt_bias.contiguous()
-    fusions = dict(A_log=A_log, dt_bias=dt_bias, l2norm=use_qk_l2norm_in_kernel, beta_sigmoid=use_beta_sigmoid_in_kernel)
+    fusions = dict(
+        A_log=A_log, dt_bias=dt_bias, l2norm=use_qk_l2norm_in_kernel, beta_sigmoid=use_beta_sigmoid_in_kernel
+    )
     bufs = chunk_kda_intra(q, k, v, g, beta, scale, **fusions, **(intra_config or {}))
     chunk_kda_scan(bufs, out, initial_state, final_state, **(scan_config or {}))
     return out, final_state
 
 
-def chunk_kda_intra(q, k, v, g, beta, scale, A_log=None, dt_bias=None, l2norm=False, beta_sigmoid=False,
-                    BK=None, BKD=None, diag_loop=True, num_warps=4, num_stages=None,
-                    solve_precision=_SOLVE_PRECISION):
+def chunk_kda_intra(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale,
+    A_log=None,
+    dt_bias=None,
+    l2norm=False,
+    beta_sigmoid=False,
+    BK=None,
+    BKD=None,
+    diag_loop=True,
+    num_warps=4,
+    num_stages=None,
+    solve_precision=_SOLVE_PRECISION,
+):
     """Launch 1: the state-free per-chunk work. Returns the scratch buffers the scan reads."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -501,10 +559,28 @@ def chunk_kda_intra(q, k, v, g, beta, scale, A_log=None, dt_bias=None, l2norm=Fa
     )
     extra = {} if num_stages is None else {"num_stages": num_stages}
     compiled = chunk_kda_intra_fwd_kernel[(NT, BH)](
-        q, k, v, g, beta, bufs["qg"], bufs["kg"], bufs["w"], bufs["u"], bufs["gl"], bufs["aqk"],
-        bufs["rq"] if l2norm else g, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
-        scale, T, NT,
-        H=H, K=K, V=V, BT=BT, BC=BC,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        bufs["qg"],
+        bufs["kg"],
+        bufs["w"],
+        bufs["u"],
+        bufs["gl"],
+        bufs["aqk"],
+        bufs["rq"] if l2norm else g,
+        A_log if A_log is not None else g,
+        dt_bias if dt_bias is not None else g,
+        scale,
+        T,
+        NT,
+        H=H,
+        K=K,
+        V=V,
+        BT=BT,
+        BC=BC,
         # 32 channels a step, the levels inside the sub-chunks in a pass of their own (diag_loop): compiled
         # for sm_90a with Triton 3.6, 40 bytes of spills (32 with the gate and norms in the kernel), against
         # 500 with BK = 64 and 240 with the levels all in one pass (packaging/bench/gpu_checks/compile_sm90.py).
@@ -537,12 +613,24 @@ def chunk_kda_scan(bufs, out, initial_state, final_state, BV=None, num_warps=4, 
         BV = min(BV, max(16, triton.next_power_of_2(V)))
     extra = {} if num_stages is None else {"num_stages": num_stages}
     chunk_kda_scan_fwd_kernel[(triton.cdiv(V, BV), BH)](
-        bufs["qg"], bufs["kg"], bufs["w"], bufs["u"], bufs["gl"], bufs["aqk"],
-        bufs["rq"] if bufs["rq"] is not None else out, out,
+        bufs["qg"],
+        bufs["kg"],
+        bufs["w"],
+        bufs["u"],
+        bufs["gl"],
+        bufs["aqk"],
+        bufs["rq"] if bufs["rq"] is not None else out,
+        out,
         initial_state if initial_state is not None else out,
         final_state if final_state is not None else out,
-        T, NT,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=max(16, triton.next_power_of_2(K)), BV=BV,
+        T,
+        NT,
+        H=H,
+        K=K,
+        V=V,
+        BT=CHUNK_SIZE,
+        BK=max(16, triton.next_power_of_2(K)),
+        BV=BV,
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=final_state is not None,
         OP_DT=_op_dtype(bufs["w"].dtype),

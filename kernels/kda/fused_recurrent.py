@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from kimi_desk.kernels import pdl_launch
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 from kimi_desk.kernels.kda.gate import log_decay
@@ -183,7 +182,11 @@ def fused_recurrent_kda_triton(
     num_warps = num_warps or default_warps
     grid = (triton.cdiv(V, BV), B * H)
     fused_recurrent_kda_fwd_kernel[grid](
-        q, k, v, g, beta,
+        q,
+        k,
+        v,
+        g,
+        beta,
         A_log if use_gate else q,
         dt_bias if use_gate else q,
         out,
@@ -191,12 +194,17 @@ def fused_recurrent_kda_triton(
         final_state if final_state is not None else q,
         scale,
         T,
-        H=H, K=K, V=V, BK=BK, BV=BV,
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=final_state is not None,
         USE_GATE_IN_KERNEL=use_gate,
         USE_QK_L2NORM_IN_KERNEL=use_qk_l2norm_in_kernel,
         USE_BETA_SIGMOID_IN_KERNEL=use_beta_sigmoid_in_kernel,
-        num_warps=num_warps, **pdl_launch(q),
+        num_warps=num_warps,
+        **pdl_launch(q),
     )
     return out, final_state

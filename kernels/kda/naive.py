@@ -63,8 +63,7 @@ def recurrent_kda_inplace(q, k, v, g, beta, state, scale=None):
     return o.to(q.dtype)
 
 
-def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                    chunk_size=CHUNK_SIZE):
+def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=CHUNK_SIZE):
     """Chunked form (spec §3.3): batched matrix products over every chunk at once, and a loop over the
     chunks for the state alone (one product each).
 
@@ -92,8 +91,11 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     device = q.device
     BH = B * H
     if T == 0:
-        state = (torch.zeros(B, H, K, V, dtype=torch.float32, device=device) if initial_state is None
-                 else initial_state.float().clone())
+        state = (
+            torch.zeros(B, H, K, V, dtype=torch.float32, device=device)
+            if initial_state is None
+            else initial_state.float().clone()
+        )
         return q.new_zeros(B, 0, H, V), (state if output_final_state else None)
 
     # Zero padding is inert: g = 0 keeps the state, beta = 0 writes nothing, k = 0 reads nothing.
@@ -144,8 +146,7 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     reads = qk[:, :, 0].mul_(decay).sub_(awu[..., :K])  # Q exp(G) - A_qk W
 
     states = torch.empty(N + 1, BH, K, V, dtype=torch.float32, device=device)  # at each chunk's start
-    states[0] = (torch.zeros(BH, K, V, device=device) if initial_state is None
-                 else initial_state.reshape(BH, K, V))
+    states[0] = torch.zeros(BH, K, V, device=device) if initial_state is None else initial_state.reshape(BH, K, V)
     transition, writes = transition.view(N, BH, K, K), kwu[..., K:].view(N, BH, K, V)
     for c in range(N):
         torch.baddbmm(writes[c], transition[c], states[c], out=states[c + 1])

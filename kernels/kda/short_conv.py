@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from kimi_desk.kernels import pdl_launch
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
@@ -49,7 +48,19 @@ def _short_conv_stream(x, w, window, y, i_b, o_p, m_p, T, P: tl.constexpr):
 
 @triton.jit
 def short_conv_update_fwd_kernel(
-    x_q, x_k, x_v, w_q, w_k, w_v, window, y_q, y_k, y_v, T, P: tl.constexpr, BP: tl.constexpr,
+    x_q,
+    x_k,
+    x_v,
+    w_q,
+    w_k,
+    w_v,
+    window,
+    y_q,
+    y_k,
+    y_v,
+    T,
+    P: tl.constexpr,
+    BP: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -76,7 +87,14 @@ def short_conv_update_triton(xs, weights, window, block_p: int = 128):
         return tuple(ys)
     BP = min(block_p, triton.next_power_of_2(P))
     short_conv_update_fwd_kernel[(triton.cdiv(P, BP), B)](
-        *xs, *weights, window, *ys, T, P=P, BP=BP, num_warps=max(1, min(4, BP // 128)),
+        *xs,
+        *weights,
+        window,
+        *ys,
+        T,
+        P=P,
+        BP=BP,
+        num_warps=max(1, min(4, BP // 128)),
         **pdl_launch(window),
     )
     return tuple(ys)

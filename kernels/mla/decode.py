@@ -50,7 +50,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from kimi_desk.kernels import pdl_launch
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
@@ -193,8 +192,9 @@ def mla_decode_fwd_kernel(
     b_l = tl.where(b_has, b_l, 1.0)
     b_lse = tl.where(b_has, b_m + tl.log2(b_l), float("-inf"))
     r_out = (i_b.to(tl.int64) * NS + i_s) * M + o_r
-    tl.store(o_part + r_out[None, :] * V + o_v[:, None], b_acc / b_l[None, :],
-             mask=m_v[:, None] & (m_r & b_has)[None, :])
+    tl.store(
+        o_part + r_out[None, :] * V + o_v[:, None], b_acc / b_l[None, :], mask=m_v[:, None] & (m_r & b_has)[None, :]
+    )
     tl.store(lse_part + r_out, b_lse, mask=m_r)
 
 
@@ -325,19 +325,47 @@ def mla_decode(q, cache, q_start, value_dim, scale, *, k_scale=None, out=None, n
     assert out.shape == (B, Tq, H, V) and out.dtype == torch.float32 and out.is_contiguous()
 
     mla_decode_fwd_kernel[(n_m, NS, B)](
-        qk, cache, k_scale if per_token else qk, o_part, lse_part,
-        qk_scale, q_start, Tk, min_blocks, M, NS,
-        cache.stride(0), cache.stride(1), k_scale.stride(0) if per_token else 0,
-        H=H, D=D, V=V, BM=BM, BN=BN, BV=BV, BR=BR,
+        qk,
+        cache,
+        k_scale if per_token else qk,
+        o_part,
+        lse_part,
+        qk_scale,
+        q_start,
+        Tk,
+        min_blocks,
+        M,
+        NS,
+        cache.stride(0),
+        cache.stride(1),
+        k_scale.stride(0) if per_token else 0,
+        H=H,
+        D=D,
+        V=V,
+        BM=BM,
+        BN=BN,
+        BV=BV,
+        BR=BR,
         Q_START_ON_DEVICE=start_on_device,
         PER_TOKEN_SCALE=per_token,
         OP_DT=op_dt,
         DOT_PRECISION="tf32x3" if cache.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        **pdl_launch(q),
     )
     BVC = min(128, BV)
     mla_decode_combine_fwd_kernel[(triton.cdiv(V, BVC), M, B)](
-        o_part, lse_part, out, out_scale, M, NS, V=V, BS=min(32, triton.next_power_of_2(NS)), BV=BVC,
-        num_warps=4, **pdl_launch(q),
+        o_part,
+        lse_part,
+        out,
+        out_scale,
+        M,
+        NS,
+        V=V,
+        BS=min(32, triton.next_power_of_2(NS)),
+        BV=BVC,
+        num_warps=4,
+        **pdl_launch(q),
     )
     return out

@@ -213,8 +213,9 @@ def _cudnn_attention_works(device) -> bool:
         try:
             out, lse = _cudnn_attention(q, k, v, True, 0.1)
             want, want_lse = _math_attention(q, k, v, True, 0.1)
-            _cudnn_works[key] = bool(torch.allclose(out.float(), want, atol=2e-2) and
-                                     torch.allclose(lse, want_lse, atol=2e-2))
+            _cudnn_works[key] = bool(
+                torch.allclose(out.float(), want, atol=2e-2) and torch.allclose(lse, want_lse, atol=2e-2)
+            )
         except RuntimeError:
             _cudnn_works[key] = False
     return _cudnn_works[key]

@@ -19,7 +19,6 @@ per chosen expert, which asks the host which experts were chosen).
 """
 
 import torch
-
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.moe.naive import (
     route_topk_torch,
@@ -29,8 +28,14 @@ from kimi_desk.kernels.moe.naive import (
 )
 from kimi_desk.kernels.quant import GEMV_MAX_TOKENS as QUANT_GEMV_MAX_TOKENS
 
-__all__ = ["route_topk", "routed_experts", "routed_experts_gathered", "routed_experts_grouped",
-           "routed_experts_int4_cpu", "router_logits"]
+__all__ = [
+    "route_topk",
+    "routed_experts",
+    "routed_experts_gathered",
+    "routed_experts_grouped",
+    "routed_experts_int4_cpu",
+    "router_logits",
+]
 
 # Tokens up to which the router's choice takes router.py's single launch (decode, speculative decode): its
 # programs hold one row each and pick the top k in k serial rounds, cheap for a few rows, where the eight
@@ -61,8 +66,9 @@ def route_topk(logits, bias, top_k, activation, renormalize, scaling, weights_fr
     if logits.shape[0] <= ROUTER_KERNEL_MAX_TOKENS and use_triton(logits):
         from kimi_desk.kernels.moe.router import route_topk_triton
 
-        return route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased,
-                                 append=append)
+        return route_topk_triton(
+            logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append=append
+        )
     return route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append)
 
 
@@ -74,8 +80,7 @@ def routed_experts(x, ids, weights, w1, w2, w3, scales=None, out_dtype=None):
         if ids.shape[0] <= GEMV_MAX_TOKENS:
             from kimi_desk.kernels.moe.gemv import routed_experts_gemv
 
-            return routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=scales,
-                                       out_dtype=out_dtype or torch.float32)
+            return routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=scales, out_dtype=out_dtype or torch.float32)
         from kimi_desk.kernels.moe.grouped import routed_experts_grouped_triton
 
         out = routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=scales)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from kimi_desk.kernels import pdl_launch, zeroed_counters
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_code_halves
@@ -225,9 +224,26 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
     if int4:  # a tile of inputs lies inside one group
         BD = int4_block(BD, D // s1.shape[-1])
     moe_gate_up_fwd_kernel[(N * k, triton.cdiv(I, BI))](
-        x, ids, w1, w3, s1, s3, z1, z3, h, k, w1.stride(0), D=D, I=I, BI=BI, BD=BD,
-        SCALED=scales is not None and not int4, INT4=int4, GROUP=D // s1.shape[-1] if int4 else 1,
-        num_warps=gate_up_config["num_warps"], **pdl_launch(x),
+        x,
+        ids,
+        w1,
+        w3,
+        s1,
+        s3,
+        z1,
+        z3,
+        h,
+        k,
+        w1.stride(0),
+        D=D,
+        I=I,
+        BI=BI,
+        BD=BD,
+        SCALED=scales is not None and not int4,
+        INT4=int4,
+        GROUP=D // s1.shape[-1] if int4 else 1,
+        num_warps=gate_up_config["num_warps"],
+        **pdl_launch(x),
     )
     BD = min(down_config["block_d"], triton.next_power_of_2(D))
     BI = min(down_config["block_i"], triton.next_power_of_2(I))
@@ -235,8 +251,25 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
         BI = int4_block(BI, I // s2.shape[-1])
     counters = zeroed_counters(x.device, N * triton.cdiv(D, BD))
     moe_down_fwd_kernel[(N * k, triton.cdiv(D, BD))](
-        h, ids, weights, w2, s2, z2, partial, out, counters, k, w2.stride(0), D=D, I=I, BD=BD, BI=BI,
-        SCALED=scales is not None and not int4, INT4=int4, GROUP=I // s2.shape[-1] if int4 else 1,
-        num_warps=down_config["num_warps"], **pdl_launch(x),
+        h,
+        ids,
+        weights,
+        w2,
+        s2,
+        z2,
+        partial,
+        out,
+        counters,
+        k,
+        w2.stride(0),
+        D=D,
+        I=I,
+        BD=BD,
+        BI=BI,
+        SCALED=scales is not None and not int4,
+        INT4=int4,
+        GROUP=I // s2.shape[-1] if int4 else 1,
+        num_warps=down_config["num_warps"],
+        **pdl_launch(x),
     )
     return out

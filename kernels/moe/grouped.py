@@ -46,7 +46,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_codes
 
 
@@ -75,8 +74,18 @@ def _row_block_pairs(i_b, i_e, order, block_start, pair_start, counts, BM: tl.co
 
 
 @triton.jit
-def _int4_tile_product(b_x, p_codes, p_scale, p_zero, m_bytes, m_cols, BK: tl.constexpr, BN: tl.constexpr,
-                       OP_DT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _int4_tile_product(
+    b_x,
+    p_codes,
+    p_scale,
+    p_zero,
+    m_bytes,
+    m_cols,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+    OP_DT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """x [BM, BK] @ W [BK, BN] for an int4 W tile inside one group of inputs: its bytes at p_codes
     ([BK / 2, BN], inputs along the rows), the columns' group scales and midpoints at p_scale, p_zero
     [BN]. The codes' product with x, then the scale and the midpoint times x's row sums (int4_tiles.py)."""
@@ -143,10 +152,12 @@ def moe_grouped_gate_up_fwd_kernel(
             o_b = d0 // 2 + tl.arange(0, BK // 2)
             b_x = _load_tile(p_x + o_k[None, :], m_r, o_k < D, True, D % BK != 0).to(OP_DT)
             p_g = (i_e * I + o_c) * (D // GROUP) + d0 // GROUP
-            b_gate += _int4_tile_product(b_x, p_w1 + o_b[:, None], s1 + p_g, z1 + p_g, o_b < D // 2, m_c, BK, BN,
-                                         OP_DT, DOT_PRECISION)
-            b_up += _int4_tile_product(b_x, p_w3 + o_b[:, None], s3 + p_g, z3 + p_g, o_b < D // 2, m_c, BK, BN,
-                                       OP_DT, DOT_PRECISION)
+            b_gate += _int4_tile_product(
+                b_x, p_w1 + o_b[:, None], s1 + p_g, z1 + p_g, o_b < D // 2, m_c, BK, BN, OP_DT, DOT_PRECISION
+            )
+            b_up += _int4_tile_product(
+                b_x, p_w3 + o_b[:, None], s3 + p_g, z3 + p_g, o_b < D // 2, m_c, BK, BN, OP_DT, DOT_PRECISION
+            )
         else:
             o_k = d0 + tl.arange(0, BK)
             m_k = o_k < D
@@ -208,8 +219,9 @@ def moe_grouped_down_fwd_kernel(
             o_b = i0 // 2 + tl.arange(0, BK // 2)
             b_h = _load_tile(p_h + o_k[None, :], m_r, o_k < I, True, I % BK != 0).to(OP_DT)
             p_g = (i_e * D + o_c) * (I // GROUP) + i0 // GROUP
-            b_acc += _int4_tile_product(b_h, p_w2 + o_b[:, None], s2 + p_g, z2 + p_g, o_b < I // 2, m_c, BK, BN,
-                                        OP_DT, DOT_PRECISION)
+            b_acc += _int4_tile_product(
+                b_h, p_w2 + o_b[:, None], s2 + p_g, z2 + p_g, o_b < I // 2, m_c, BK, BN, OP_DT, DOT_PRECISION
+            )
         else:
             o_k = i0 + tl.arange(0, BK)
             m_k = o_k < I
@@ -237,8 +249,9 @@ def route_pairs(ids, num_experts, block_m):
     num_blocks = triton.cdiv(pairs, block_m) + min(num_experts, pairs)
     # Block b belongs to the first expert whose blocks end after it; past the last block, expert E.
     block_expert = torch.searchsorted(block_end, torch.arange(num_blocks, device=ids.device), right=True)
-    return dict(order=order, block_expert=block_expert, block_start=block_end - blocks, pair_start=pair_start,
-                counts=counts), num_blocks
+    return dict(
+        order=order, block_expert=block_expert, block_start=block_end - blocks, pair_start=pair_start, counts=counts
+    ), num_blocks
 
 
 def _operand_dtype(dtype):
@@ -296,8 +309,9 @@ def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, conf
     else:
         s1, s2, s3 = (s.float().contiguous() for s in scales)
         assert s1.shape == s3.shape == (E, I) and s2.shape == (E, D)
-        assert w1.dtype == w2.dtype == w3.dtype and w1.dtype in (torch.float8_e4m3fn, torch.int8), \
+        assert w1.dtype == w2.dtype == w3.dtype and w1.dtype in (torch.float8_e4m3fn, torch.int8), (
             "scales go with fp8 or int8 weights"
+        )
     cfg = {**(FP32_CONFIG if x.dtype == torch.float32 else INT4_CONFIG if int4 else DEFAULT_CONFIG), **(config or {})}
     BM = cfg["block_m"]
     assert BM >= 16 and BM & (BM - 1) == 0, "block_m: a power of two, at least 16 (tl.dot's smallest side)"
@@ -315,19 +329,58 @@ def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, conf
         size = min(cfg[setting], max(16, triton.next_power_of_2(width)))
         return int4_block(size, group) if int4 and group else size
 
-    common = dict(SCALED=scales is not None and not int4, INT4=int4, OP_DT=_operand_dtype(x.dtype),
-                  DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    route = (routing["order"], routing["block_expert"], routing["block_start"], routing["pair_start"],
-             routing["counts"])
+    common = dict(
+        SCALED=scales is not None and not int4,
+        INT4=int4,
+        OP_DT=_operand_dtype(x.dtype),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    route = (
+        routing["order"],
+        routing["block_expert"],
+        routing["block_start"],
+        routing["pair_start"],
+        routing["counts"],
+    )
     BN, BK = tile("block_n", I), tile("block_k", D, D // s1.shape[-1] if int4 else None)
     moe_grouped_gate_up_fwd_kernel[(num_blocks * triton.cdiv(I, BN),)](
-        x, w1, w3, s1, s3, z1, z3, h, *route, k, E, D=D, I=I, BM=BM, BN=BN, BK=BK,
-        GROUP=D // s1.shape[-1] if int4 else 1, **common,
+        x,
+        w1,
+        w3,
+        s1,
+        s3,
+        z1,
+        z3,
+        h,
+        *route,
+        k,
+        E,
+        D=D,
+        I=I,
+        BM=BM,
+        BN=BN,
+        BK=BK,
+        GROUP=D // s1.shape[-1] if int4 else 1,
+        **common,
     )
     BN, BK = tile("block_n", D), tile("block_k", I, I // s2.shape[-1] if int4 else None)
     moe_grouped_down_fwd_kernel[(num_blocks * triton.cdiv(D, BN),)](
-        h, w2, s2, z2, weights, y, *route, E, D=D, I=I, BM=BM, BN=BN, BK=BK,
-        GROUP=I // s2.shape[-1] if int4 else 1, **common,
+        h,
+        w2,
+        s2,
+        z2,
+        weights,
+        y,
+        *route,
+        E,
+        D=D,
+        I=I,
+        BM=BM,
+        BN=BN,
+        BK=BK,
+        GROUP=I // s2.shape[-1] if int4 else 1,
+        **common,
     )
     return y.view(N, k, D).sum(1)

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from kimi_desk.kernels.quant import GEMV_MAX_TOKENS
 from kimi_desk.kernels.quant.cpu import cpu_int8_fits, int4_linear_cpu, int8_linear_cpu
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
 
 
-def route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False,
-                     append=None):
+def route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False, append=None):
     """A router's choice from its logits [N, E] float32: scores = sigmoid (or softmax) of the logits; the
     correction bias [E] only chooses (top_k of scores + bias), the mixing weights are the unbiased scores
     of the chosen experts (the biased ones with weights_from_biased), renormalized to sum to one if asked,
@@ -48,8 +46,9 @@ def chosen_weights(index, w1, w2, w3, scales, dtype):
     if scales is None:
         return w1[index], w2[index], w3[index]
     if isinstance(scales[0], tuple):  # int4: (scale, zero) per matrix
-        return tuple(dequantize_int4_groups(w[index], s[index], z[index], dtype)
-                     for w, (s, z) in zip((w1, w2, w3), scales))
+        return tuple(
+            dequantize_int4_groups(w[index], s[index], z[index], dtype) for w, (s, z) in zip((w1, w2, w3), scales)
+        )
     return tuple(dequantize_rows(w[index], s[index], dtype) for w, s in zip((w1, w2, w3), scales))
 
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from kimi_desk.kernels import pdl_launch
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
+
 
 @triton.jit
 def route_topk_fwd_kernel(
@@ -112,10 +112,22 @@ def route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, wei
     # wider rows get more warps so a thread holds at most ~16 lanes of each register array.
     num_warps = min(8, max(1, BE // 256))
     route_topk_fwd_kernel[(N,)](
-        logits, bias, ids, weights, float(scaling), logits.stride(0),
-        E=E, BE=BE, TOP_K=top_k, BK=triton.next_power_of_2(k_out), SIGMOID=activation == "sigmoid",
-        RENORMALIZE=bool(renormalize), WEIGHTS_FROM_BIASED=bool(weights_from_biased),
-        APPEND=-1 if append is None else int(append), K_OUT=k_out, num_warps=num_warps,
+        logits,
+        bias,
+        ids,
+        weights,
+        float(scaling),
+        logits.stride(0),
+        E=E,
+        BE=BE,
+        TOP_K=top_k,
+        BK=triton.next_power_of_2(k_out),
+        SIGMOID=activation == "sigmoid",
+        RENORMALIZE=bool(renormalize),
+        WEIGHTS_FROM_BIASED=bool(weights_from_biased),
+        APPEND=-1 if append is None else int(append),
+        K_OUT=k_out,
+        num_warps=num_warps,
         **pdl_launch(logits),
     )
     return ids, weights

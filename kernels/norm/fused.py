@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from kimi_desk.kernels import pdl_launch
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
@@ -40,7 +39,7 @@ def rms_norm_fwd_kernel(
     b_x = tl.load(x + i_r * stride_x + o_n, mask=m_n, other=0.0).to(tl.float32)
     if ADD:
         # gate holds delta here; the sum is rounded to x's dtype, as `x + delta` stores it, then normed.
-        b_x = (b_x + tl.load(gate + i_r * stride_g + o_n, mask=m_n, other=0.0).to(tl.float32))
+        b_x = b_x + tl.load(gate + i_r * stride_g + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_x = b_x.to(x.dtype.element_ty)
         tl.store(summed + i_r * N + o_n, b_x, mask=m_n)
         b_x = b_x.to(tl.float32)
@@ -55,8 +54,13 @@ def rms_norm_fwd_kernel(
     tl.store(y + i_r * N + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None,
-                    delta: torch.Tensor | None = None):
+def rms_norm_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    gate: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
+):
     """x [..., N] with a contiguous last axis (rows may be strided, e.g. a slice of a wider tensor);
     gate, if given, x's shape. Returns a new contiguous tensor. With `delta` (x's shape and dtype) returns
     (x + delta, the norm of it), both new."""
@@ -80,8 +84,19 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: tor
     if rows.shape[0] > 0:
         BN = triton.next_power_of_2(N)
         rms_norm_fwd_kernel[(rows.shape[0],)](
-            rows, seconds, weight, y, summed, rows.stride(0), seconds.stride(0), float(eps),
-            N=N, BN=BN, GATED=gate is not None, ADD=delta is not None, num_warps=min(8, max(1, BN // 512)),
+            rows,
+            seconds,
+            weight,
+            y,
+            summed,
+            rows.stride(0),
+            seconds.stride(0),
+            float(eps),
+            N=N,
+            BN=BN,
+            GATED=gate is not None,
+            ADD=delta is not None,
+            num_warps=min(8, max(1, BN // 512)),
             **pdl_launch(x),
         )
     return y if delta is None else (summed, y)

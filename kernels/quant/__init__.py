@@ -27,8 +27,17 @@ from kimi_desk.kernels.quant.naive import (
     row_scaled_linear_torch,
 )
 
-__all__ = ["FP8", "dequantize_int4_groups", "dequantize_rows", "int4_group_size", "int4_linear",
-           "quantize_fp8_rows", "quantize_int4_groups", "quantize_int8_rows", "row_scaled_linear"]
+__all__ = [
+    "FP8",
+    "dequantize_int4_groups",
+    "dequantize_rows",
+    "int4_group_size",
+    "int4_linear",
+    "quantize_fp8_rows",
+    "quantize_int4_groups",
+    "quantize_int8_rows",
+    "row_scaled_linear",
+]
 
 # Rows up to which the GEMV kernels run: they pad x to 16 rows (tl.dot's smallest side) and read each
 # weight tile once for all of them. Past that, a product on the dequantized weight (prefill) has the

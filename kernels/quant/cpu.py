@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-
 from kimi_desk.kernels.quant.naive import unpack_int4
 
 
@@ -72,8 +71,12 @@ def int4_linear_cpu(x: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor:
 def cpu_int8_fits(x: torch.Tensor, q: torch.Tensor) -> bool:
     """Whether int8_linear_cpu takes this product: int8 codes, x on the CPU in a float dtype the operator
     takes, present in PyTorch 2.4 and later."""
-    return (q.dtype == torch.int8 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+    return (
+        q.dtype == torch.int8
+        and x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    )
 
 
 def int8_linear_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

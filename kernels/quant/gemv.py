@@ -53,7 +53,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from kimi_desk.kernels import pdl_launch, zeroed_counters
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_codes
@@ -175,8 +174,13 @@ def launch_shape(O: int, D: int, config: dict | None = None) -> tuple[int, int, 
     return BO, BD, n_o, triton.cdiv(n_d, per_split), per_split * BD
 
 
-def row_scaled_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, config: dict | None = None,
-                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def row_scaled_gemv(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor | None,
+    config: dict | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """kimi_desk.kernels.quant.row_scaled_linear in Triton: x [..., D] with at most BLOCK_N rows (bf16,
     fp16 or fp32), q [O, D] float8_e4m3fn or int8 contiguous, scale [O] float32. Returns [..., O] in
     out_dtype (default x's dtype). With scale None, q may be any float weight (the router's fp32
@@ -189,8 +193,9 @@ def row_scaled_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None
     return _gemv(x, q, scale, None, O, D, config, out_dtype)
 
 
-def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-              config: dict | None = None) -> torch.Tensor:
+def int4_gemv(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: dict | None = None
+) -> torch.Tensor:
     """kimi_desk.kernels.quant.int4_linear in Triton: x [..., D] with at most BLOCK_N rows, packed
     [O, D / 2] uint8, scale and zero [O, D / g] bf16. Returns [..., O] in x's dtype."""
     O, D = packed.shape[0], packed.shape[1] * 2
@@ -227,9 +232,27 @@ def _gemv(x, q, scale, zero, O, D, config, out_dtype):
     narrow = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8, torch.uint8)
     precision = "ieee" if x.dtype not in narrow else "tf32" if q.dtype in narrow else "tf32x3"
     row_scaled_gemv_fwd_kernel[(n_o, splits)](
-        rows, q, scale, zero, partials, y, counters, N, rows.stride(0),
-        D=D, O=O, CHUNK=chunk, SPLITS=splits, BN=BLOCK_N, BO=BO, BD=BD,
-        PRECISION=precision, SCALED=scale is not None and not int4, INT4=int4,
-        GROUP=D // scale.shape[1] if int4 else 1, **pdl_launch(x), **extra,
+        rows,
+        q,
+        scale,
+        zero,
+        partials,
+        y,
+        counters,
+        N,
+        rows.stride(0),
+        D=D,
+        O=O,
+        CHUNK=chunk,
+        SPLITS=splits,
+        BN=BLOCK_N,
+        BO=BO,
+        BD=BD,
+        PRECISION=precision,
+        SCALED=scale is not None and not int4,
+        INT4=int4,
+        GROUP=D // scale.shape[1] if int4 else 1,
+        **pdl_launch(x),
+        **extra,
     )
     return y.view(*x.shape[:-1], O)

@@ -73,7 +73,9 @@ def int4_group_size(width: int) -> int | None:
     return next((g for g in INT4_GROUP_SIZES if width % g == 0), None)
 
 
-def quantize_int4_groups(weight: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4_groups(
+    weight: torch.Tensor, group: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [..., O, D] -> (packed [..., O, D / 2] uint8, scales [..., O, D / g] bf16, zeros [..., O, D / g]
     bf16). The codes are chosen against the bf16-rounded scale and zero, so that they are the nearest
     levels of the grid the kernels dequantize with."""
@@ -96,8 +98,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
-def dequantize_int4_groups(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                           dtype: torch.dtype) -> torch.Tensor:
+def dequantize_int4_groups(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """(packed, scales, zeros) -> (q - 8) s + z [..., O, D] in `dtype` (float32 arithmetic, one rounding)."""
     codes = unpack_int4(packed)
     D, G = codes.shape[-1], scale.shape[-1]

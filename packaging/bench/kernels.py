@@ -71,13 +71,13 @@ GATE_SWEEP = ("mild", "model-init", "softplus(x-2)", "softplus(x)", "U(-10,0)", 
 
 def sweep_gate(name, shape, gen, device="cpu"):
     """Log decay g [B, T, H, K] (fp32) from distribution `name` of GATE_SWEEP:
-      mild           -0.01 U(0, 1)
-      model-init     -exp(A_log) softplus(x + dt_bias), x ~ N(0, 1), A_log and dt_bias at their initial
-                     values (_gate_parameters)
-      softplus(x-2)  -exp(A_log) softplus(x - 2), A_log = log U(1, 16)
-      softplus(x)    -exp(A_log) softplus(x) (mean about -6.6)
-      U(-10,0), U(-50,0)  uniform per token and channel
-      half-8/-0.02   every other channel -8, the rest -0.02."""
+    mild           -0.01 U(0, 1)
+    model-init     -exp(A_log) softplus(x + dt_bias), x ~ N(0, 1), A_log and dt_bias at their initial
+                   values (_gate_parameters)
+    softplus(x-2)  -exp(A_log) softplus(x - 2), A_log = log U(1, 16)
+    softplus(x)    -exp(A_log) softplus(x) (mean about -6.6)
+    U(-10,0), U(-50,0)  uniform per token and channel
+    half-8/-0.02   every other channel -8, the rest -0.02."""
     import torch
     import torch.nn.functional as F
 
@@ -229,7 +229,6 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
     import torch
     from fla.ops.kda import chunk_kda as fla_chunk
     from fla.ops.kda import fused_recurrent_kda as fla_recurrent
-
     from kimi_desk.kernels.kda.chunk import chunk_kda_triton
     from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
 
@@ -242,12 +241,24 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
             q, k, v, g, beta, h0 = kda_inputs(B, T, gate, seed=T + B)
             o_ref, s_ref = _reference_f64(q, k, v, g, beta, h0)
             out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
-            o, s = chunk_kda_triton(q, k, v, g, beta, None, h0, True, out=out, intra_config=intra_cfg,
-                                    scan_config=scan_cfg)
+            o, s = chunk_kda_triton(
+                q, k, v, g, beta, None, h0, True, out=out, intra_config=intra_cfg, scan_config=scan_cfg
+            )
             fo, fs = fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True)
-            rows.append(dict(kernel="chunk", gate=gate, B=B, T=T, o_err=_rel(o, o_ref), state_err=_rel(s, s_ref),
-                             fla_o_err=_rel(fo, o_ref), fla_state_err=_rel(fs, s_ref),
-                             vs_fla=_rel(o, fo), nan=bool(o.isnan().any())))
+            rows.append(
+                dict(
+                    kernel="chunk",
+                    gate=gate,
+                    B=B,
+                    T=T,
+                    o_err=_rel(o, o_ref),
+                    state_err=_rel(s, s_ref),
+                    fla_o_err=_rel(fo, o_ref),
+                    fla_state_err=_rel(fs, s_ref),
+                    vs_fla=_rel(o, fo),
+                    nan=bool(o.isnan().any()),
+                )
+            )
             log(rows[-1])
         if gate == "model":
             # The fused variant on the raw projections, and fla's with the same flags.
@@ -255,13 +266,34 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
                 (q, k, v, x, bl, A_log, dt_bias, h0), (qn, kn, g, beta) = _raw_inputs(B, T, seed=T + 7)
                 o_ref, s_ref = _reference_f64(qn, kn, v, g, beta, h0)
                 out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
-                o, s = chunk_kda_triton(q, k, v, x, bl, None, h0, True, A_log=A_log, dt_bias=dt_bias, out=out,
-                                        **_FUSED)
-                fo, fs = fla_chunk(q, k, v, x, bl, initial_state=h0, output_final_state=True, use_gate_in_kernel=True,
-                                   A_log=A_log, dt_bias=dt_bias, **_FUSED)
-                rows.append(dict(kernel="chunk", gate="raw", B=B, T=T, o_err=_rel(o, o_ref), state_err=_rel(s, s_ref),
-                                 fla_o_err=_rel(fo, o_ref), fla_state_err=_rel(fs, s_ref),
-                                 vs_fla=_rel(o, fo), nan=bool(o.isnan().any())))
+                o, s = chunk_kda_triton(q, k, v, x, bl, None, h0, True, A_log=A_log, dt_bias=dt_bias, out=out, **_FUSED)
+                fo, fs = fla_chunk(
+                    q,
+                    k,
+                    v,
+                    x,
+                    bl,
+                    initial_state=h0,
+                    output_final_state=True,
+                    use_gate_in_kernel=True,
+                    A_log=A_log,
+                    dt_bias=dt_bias,
+                    **_FUSED,
+                )
+                rows.append(
+                    dict(
+                        kernel="chunk",
+                        gate="raw",
+                        B=B,
+                        T=T,
+                        o_err=_rel(o, o_ref),
+                        state_err=_rel(s, s_ref),
+                        fla_o_err=_rel(fo, o_ref),
+                        fla_state_err=_rel(fs, s_ref),
+                        vs_fla=_rel(o, fo),
+                        nan=bool(o.isnan().any()),
+                    )
+                )
                 log(rows[-1])
         for B, T in ((1, 1), (8, 1), (8, 5)):
             q, k, v, g, beta, h0 = kda_inputs(B, T, gate, seed=100 + T + B)
@@ -270,9 +302,20 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
             state = h0.clone()
             o, s = fused_recurrent_kda_triton(q, k, v, g, beta, None, state, True, out=out, inplace_final_state=True)
             fo, fs = fla_recurrent(q, k, v, g, beta, initial_state=h0, output_final_state=True)
-            rows.append(dict(kernel="recurrent", gate=gate, B=B, T=T, o_err=_rel(o, o_ref), state_err=_rel(s, s_ref),
-                             fla_o_err=_rel(fo, o_ref), fla_state_err=_rel(fs, s_ref),
-                             vs_fla=_rel(o, fo), nan=bool(o.isnan().any())))
+            rows.append(
+                dict(
+                    kernel="recurrent",
+                    gate=gate,
+                    B=B,
+                    T=T,
+                    o_err=_rel(o, o_ref),
+                    state_err=_rel(s, s_ref),
+                    fla_o_err=_rel(fo, o_ref),
+                    fla_state_err=_rel(fs, s_ref),
+                    vs_fla=_rel(o, fo),
+                    nan=bool(o.isnan().any()),
+                )
+            )
             log(rows[-1])
     return rows
 
@@ -281,7 +324,6 @@ def _plain_calls(q, k, v, g, beta, h0, intra_cfg, scan_cfg):
     """Our plain prefill call and fla's chunk_kda on the same inputs (initial and final state), each run
     once (fla autotunes on its first call); returns the two callables for timing."""
     from fla.ops.kda import chunk_kda as fla_chunk
-
     from kimi_desk.kernels.kda.chunk import chunk_kda_triton
 
     def ours():
@@ -303,7 +345,6 @@ def gate_sweep(log, lengths, intra_cfg=None, scan_cfg=None, demo_gates=None, che
     ratio fla time / our time over all gates and lengths."""
     import torch
     from fla.ops.kda import chunk_kda as fla_chunk
-
     from kimi_desk.kernels.kda.chunk import CHUNK_SIZE, SUB_CHUNK, chunk_kda_triton
 
     names, demo = list(GATE_SWEEP), None
@@ -333,10 +374,19 @@ def gate_sweep(log, lengths, intra_cfg=None, scan_cfg=None, demo_gates=None, che
         # the sub-chunk: the chunks the earlier kernel sent to its slower exact path (how steep the gate is).
         n = check_T // SUB_CHUNK * SUB_CHUNK
         steep = (g[:, :n].reshape(1, -1, SUB_CHUNK, H, K).sum(2).amin(-1) * 1.4426950408889634 < -120).float()
-        row = dict(gate=name, T=check_T, o_err=_rel(o, o_ref), state_err=_rel(s, s_ref), fla_o_err=_rel(fo, o_ref),
-                   fla_state_err=_rel(fs, s_ref), nan=bool(o.isnan().any()), g_mean=g.mean().item(),
-                   g_q01=g.flatten()[: 2**24].quantile(0.01).item(), g_min=g.min().item(),
-                   steep_sub_chunks=steep.mean().item())
+        row = dict(
+            gate=name,
+            T=check_T,
+            o_err=_rel(o, o_ref),
+            state_err=_rel(s, s_ref),
+            fla_o_err=_rel(fo, o_ref),
+            fla_state_err=_rel(fs, s_ref),
+            nan=bool(o.isnan().any()),
+            g_mean=g.mean().item(),
+            g_q01=g.flatten()[: 2**24].quantile(0.01).item(),
+            g_min=g.min().item(),
+            steep_sub_chunks=steep.mean().item(),
+        )
         res["check"].append(row)
         log(row)
         del q, k, v, g, beta, h0, o_ref, s_ref, out, o, s, fo, fs
@@ -357,25 +407,37 @@ def gate_sweep(log, lengths, intra_cfg=None, scan_cfg=None, demo_gates=None, che
             torch.cuda.empty_cache()
     if res["timing"]:
         worst = min(res["timing"], key=lambda r: r["speedup"])
-        res["headline"] = dict(slowest_speedup=worst["speedup"], gate=worst["gate"], T=worst["T"],
-                               max_o_err=max(r["o_err"] for r in res["check"]),
-                               max_fla_o_err=max(r["fla_o_err"] for r in res["check"]))
+        res["headline"] = dict(
+            slowest_speedup=worst["speedup"],
+            gate=worst["gate"],
+            T=worst["T"],
+            max_o_err=max(r["o_err"] for r in res["check"]),
+            max_fla_o_err=max(r["fla_o_err"] for r in res["check"]),
+        )
     return res
 
 
 def tune_prefill(log, T=32768):
     """Time a few launch settings of each of our two prefill kernels; return the fastest of each."""
     import torch
-
     from kimi_desk.kernels.kda.chunk import chunk_kda_intra, chunk_kda_scan
 
     q, k, v, g, beta, h0 = kda_inputs(1, T, "model", seed=7)
     scale = K**-0.5
     # The default first (BK = 32, the levels inside the sub-chunks in a pass of their own), then a wider
     # channel block, one pass over the channels, more warps.
-    intra = [dict(BK=32, num_warps=4), dict(BK=64, num_warps=4), dict(BK=32, diag_loop=False, num_warps=4),
-             dict(BK=64, diag_loop=False, num_warps=8), dict(BK=64, num_warps=8)]
-    scan = [dict(BV=32, num_warps=4, num_stages=3), dict(BV=64, num_warps=4, num_stages=3), dict(BV=32, num_warps=8, num_stages=3)]
+    intra = [
+        dict(BK=32, num_warps=4),
+        dict(BK=64, num_warps=4),
+        dict(BK=32, diag_loop=False, num_warps=4),
+        dict(BK=64, diag_loop=False, num_warps=8),
+        dict(BK=64, num_warps=8),
+    ]
+    scan = [
+        dict(BV=32, num_warps=4, num_stages=3),
+        dict(BV=64, num_warps=4, num_stages=3),
+        dict(BV=32, num_warps=8, num_stages=3),
+    ]
     res = {"intra": [], "scan": []}
     for cfg in intra:
         try:
@@ -405,7 +467,6 @@ def tune_prefill(log, T=32768):
 def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
     import torch
     from fla.ops.kda import chunk_kda as fla_chunk
-
     from kimi_desk.kernels.kda.chunk import chunk_kda_triton
 
     rows = []
@@ -423,21 +484,58 @@ def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
         (q, k, v, x, bl, A_log, dt_bias, h0), _ = _raw_inputs(1, T, seed=T)
 
         def ours_fused():
-            return chunk_kda_triton(q, k, v, x, bl, None, h0, True, A_log=A_log, dt_bias=dt_bias,
-                                    intra_config=intra_cfg, scan_config=scan_cfg, **_FUSED)
+            return chunk_kda_triton(
+                q,
+                k,
+                v,
+                x,
+                bl,
+                None,
+                h0,
+                True,
+                A_log=A_log,
+                dt_bias=dt_bias,
+                intra_config=intra_cfg,
+                scan_config=scan_cfg,
+                **_FUSED,
+            )
 
         def theirs_fused():
-            return fla_chunk(q, k, v, x, bl, initial_state=h0, output_final_state=True, use_gate_in_kernel=True,
-                             A_log=A_log, dt_bias=dt_bias, **_FUSED)
+            return fla_chunk(
+                q,
+                k,
+                v,
+                x,
+                bl,
+                initial_state=h0,
+                output_final_state=True,
+                use_gate_in_kernel=True,
+                A_log=A_log,
+                dt_bias=dt_bias,
+                **_FUSED,
+            )
 
         ours_fused()
         theirs_fused()
         t_ours_fused, t_fla_fused = _bench(ours_fused, ms=400), _bench(theirs_fused, ms=400)
-        rows.append(dict(T=T, ours_us=t_ours, fla_us=t_fla, speedup=t_fla / t_ours, floor_us=floor_us,
-                         ours_frac_floor=floor_us / t_ours, fla_frac_floor=floor_us / t_fla,
-                         ours_peak_gib=mem_ours, fla_peak_gib=mem_fla,
-                         ours_mtok_s=T / t_ours, fla_mtok_s=T / t_fla,
-                         fused_ours_us=t_ours_fused, fused_fla_us=t_fla_fused, fused_speedup=t_fla_fused / t_ours_fused))
+        rows.append(
+            dict(
+                T=T,
+                ours_us=t_ours,
+                fla_us=t_fla,
+                speedup=t_fla / t_ours,
+                floor_us=floor_us,
+                ours_frac_floor=floor_us / t_ours,
+                fla_frac_floor=floor_us / t_fla,
+                ours_peak_gib=mem_ours,
+                fla_peak_gib=mem_fla,
+                ours_mtok_s=T / t_ours,
+                fla_mtok_s=T / t_fla,
+                fused_ours_us=t_ours_fused,
+                fused_fla_us=t_fla_fused,
+                fused_speedup=t_fla_fused / t_ours_fused,
+            )
+        )
         log(rows[-1])
         del q, k, v, x, bl, h0
         torch.cuda.empty_cache()
@@ -448,7 +546,6 @@ def bench_decode(log, bandwidth):
     import torch
     from fla.ops.kda import fused_recurrent_kda as fla_recurrent
     from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_recurrent_fwd
-
     from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
 
     rows = []
@@ -498,7 +595,6 @@ def bench_decode(log, bandwidth):
 def tune_decode(log):
     """Graph of 20 in-place steps for a few tile widths and warp counts, at B = 1 and B = 8."""
     import torch
-
     from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
 
     res = []
@@ -507,10 +603,24 @@ def tune_decode(log):
         states = [x[5].clone() for x in layers]
         outs = [torch.empty(B, 1, H, V, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
         for bv, nw in ((16, 4), (32, 2), (64, 2), (64, 4)):
+
             def step(i):
                 q, k, v, g, beta, _ = layers[i]
-                fused_recurrent_kda_triton(q, k, v, g, beta, None, states[i], False, inplace_final_state=True,
-                                           out=outs[i], block_v=bv, num_warps=nw)
+                fused_recurrent_kda_triton(
+                    q,
+                    k,
+                    v,
+                    g,
+                    beta,
+                    None,
+                    states[i],
+                    False,
+                    inplace_final_state=True,
+                    out=outs[i],
+                    block_v=bv,
+                    num_warps=nw,
+                )
+
             for i in range(LAYERS):
                 step(i)
             graph = torch.cuda.CUDAGraph()
@@ -545,30 +655,40 @@ def check_mla(log):
     """Rel. error of the Triton kernel, the dispatcher and the PyTorch form against float64, on odd
     lengths and several query counts; outputs poisoned with NaN."""
     import torch
-
     from kimi_desk.kernels.mla import mla_attention
     from kimi_desk.kernels.mla.decode import mla_decode
     from kimi_desk.kernels.mla.naive import mla_attention_reference
     from kimi_desk.kernels.mla.torch_attention import mla_attention_dense
 
     rows = []
-    for Tk, Tq, q_start in ((1, 1, 0), (8192 + 37, 1, 8192 + 36), (131072 + 5, 4, 131072 + 1),
-                            (131072 + 5, 16, 100_000), (1048576, 1, 1048575)):
+    for Tk, Tq, q_start in (
+        (1, 1, 0),
+        (8192 + 37, 1, 8192 + 36),
+        (131072 + 5, 4, 131072 + 1),
+        (131072 + 5, 16, 100_000),
+        (1048576, 1, 1048575),
+    ):
         q, cache = _mla_inputs(Tk, Tq, seed=Tk + Tq)
         ref = mla_attention_reference(q.bfloat16().float(), cache, q_start, MLA_V, MLA_SCALE)
         out = torch.full((1, Tq, MLA_H, MLA_V), float("nan"), device="cuda")
         ours = mla_decode(q, cache, q_start, MLA_V, MLA_SCALE, out=out)
-        row = dict(Tk=Tk, Tq=Tq, q_start=q_start, ours_err=_rel(ours, ref),
-                   dispatch_err=_rel(mla_attention(q, cache, q_start, MLA_V, MLA_SCALE), ref),
-                   dense_err=_rel(mla_attention_dense(q, cache, q_start, MLA_V, MLA_SCALE), ref),
-                   nan=bool(ours.isnan().any()))
+        row = dict(
+            Tk=Tk,
+            Tq=Tq,
+            q_start=q_start,
+            ours_err=_rel(ours, ref),
+            dispatch_err=_rel(mla_attention(q, cache, q_start, MLA_V, MLA_SCALE), ref),
+            dense_err=_rel(mla_attention_dense(q, cache, q_start, MLA_V, MLA_SCALE), ref),
+            nan=bool(ours.isnan().any()),
+        )
         if Tk == 1048576:
             # The optional fp8 cache, one scale per token: against float64 on the dequantised cache, and
             # against the bf16 cache's reference (the quantisation error).
             try:
                 c8, s8 = _fp8_per_token(cache)
-                ref8 = mla_attention_reference(q.bfloat16().float(), c8.float() * s8[..., None], q_start, MLA_V,
-                                               MLA_SCALE)
+                ref8 = mla_attention_reference(
+                    q.bfloat16().float(), c8.float() * s8[..., None], q_start, MLA_V, MLA_SCALE
+                )
                 out8 = mla_decode(q, c8, q_start, MLA_V, MLA_SCALE, k_scale=s8)
                 row.update(fp8_err=_rel(out8, ref8), fp8_vs_bf16_ref=_rel(out8, ref))
                 del c8, s8, ref8, out8
@@ -605,7 +725,6 @@ def bench_mla(log, bandwidth):
     128k; every case is then timed (alone, and as one call in a CUDA graph) and checked against float64
     with the fastest."""
     import torch
-
     from kimi_desk.kernels.mla.decode import mla_decode
     from kimi_desk.kernels.mla.naive import mla_attention_reference
     from kimi_desk.kernels.mla.torch_attention import mla_attention_dense
@@ -680,6 +799,7 @@ def bench_mla(log, bandwidth):
         torch.cuda.empty_cache()
     return res
 
+
 def main(argv=None, demo_gates=None):
     """`demo_gates` (device -> the demo model's per-layer gates, packaging/bench/model.py) adds the trained
     model's gates to the gate sweep; the kernels layer does not load models itself."""
@@ -700,15 +820,23 @@ def main(argv=None, demo_gates=None):
         try:
             import fla
         except ImportError:
-            print("the KDA parts compare with fla-core 0.6.0: pip install fla-core==0.6.0 "
-                  "(or --skip check,tune,prefill,decode for the MLA part alone)", file=sys.stderr)
+            print(
+                "the KDA parts compare with fla-core 0.6.0: pip install fla-core==0.6.0 "
+                "(or --skip check,tune,prefill,decode for the MLA part alone)",
+                file=sys.stderr,
+            )
             return 2
     import triton
 
     log = lambda x: print(x, flush=True)  # noqa: E731
-    res = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), card=torch.cuda.get_device_name(),
-               torch=torch.__version__, triton=triton.__version__, fla=getattr(fla, "__version__", None),
-               shapes=dict(H=H, K=K, V=V, dtype="bfloat16"))
+    res = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        card=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        fla=getattr(fla, "__version__", None),
+        shapes=dict(H=H, K=K, V=V, dtype="bfloat16"),
+    )
     bw, mm = _ceilings()
     res.update(copy_bandwidth_Bps=bw, bf16_matmul_flops=mm)
     log(f"{res['card']}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
@@ -741,36 +869,50 @@ def main(argv=None, demo_gates=None):
         print(f"\nchosen prefill settings: {res['chosen']}")
     print(f"\n{res['card']}  {res['date']}  torch {res['torch']}  triton {res['triton']}  fla {res['fla']}")
     for r in res.get("correctness", []):
-        print(f"check {r['kernel']:9s} {r['gate']:7s} B={r['B']} T={r['T']:5d}: rel err o {r['o_err']:.1e} "
-              f"state {r['state_err']:.1e} (fla {r['fla_o_err']:.1e} / {r['fla_state_err']:.1e}) nan={r['nan']}")
+        print(
+            f"check {r['kernel']:9s} {r['gate']:7s} B={r['B']} T={r['T']:5d}: rel err o {r['o_err']:.1e} "
+            f"state {r['state_err']:.1e} (fla {r['fla_o_err']:.1e} / {r['fla_state_err']:.1e}) nan={r['nan']}"
+        )
     for r in res.get("prefill", []):
-        print(f"prefill T={r['T']:6d}: ours {r['ours_us'] / 1e3:7.2f} ms  fla {r['fla_us'] / 1e3:7.2f} ms  "
-              f"x{r['speedup']:.2f}  floor {r['ours_frac_floor']:.0%}  peak {r['ours_peak_gib']:.1f} / "
-              f"{r['fla_peak_gib']:.1f} GiB;  fused on raw projections: ours {r['fused_ours_us'] / 1e3:.2f} ms  "
-              f"fla {r['fused_fla_us'] / 1e3:.2f} ms  x{r['fused_speedup']:.2f}")
+        print(
+            f"prefill T={r['T']:6d}: ours {r['ours_us'] / 1e3:7.2f} ms  fla {r['fla_us'] / 1e3:7.2f} ms  "
+            f"x{r['speedup']:.2f}  floor {r['ours_frac_floor']:.0%}  peak {r['ours_peak_gib']:.1f} / "
+            f"{r['fla_peak_gib']:.1f} GiB;  fused on raw projections: ours {r['fused_ours_us'] / 1e3:.2f} ms  "
+            f"fla {r['fused_fla_us'] / 1e3:.2f} ms  x{r['fused_speedup']:.2f}"
+        )
     sweep = res.get("gate_sweep")
     if sweep:
         for r in sweep["check"]:
-            print(f"gate {r['gate']:13s} T={r['T']}: rel err o {r['o_err']:.2e} state {r['state_err']:.2e} "
-                  f"(fla {r['fla_o_err']:.2e} / {r['fla_state_err']:.2e}) nan={r['nan']}  g mean {r['g_mean']:.2f} "
-                  f"1% {r['g_q01']:.2f} min {r['g_min']:.1f}  steep sub-chunks {r['steep_sub_chunks']:.0%}")
+            print(
+                f"gate {r['gate']:13s} T={r['T']}: rel err o {r['o_err']:.2e} state {r['state_err']:.2e} "
+                f"(fla {r['fla_o_err']:.2e} / {r['fla_state_err']:.2e}) nan={r['nan']}  g mean {r['g_mean']:.2f} "
+                f"1% {r['g_q01']:.2f} min {r['g_min']:.1f}  steep sub-chunks {r['steep_sub_chunks']:.0%}"
+            )
         for r in sweep["timing"]:
-            print(f"gate {r['gate']:13s} T={r['T']:6d}: ours {r['ours_us'] / 1e3:7.2f} ms  "
-                  f"fla {r['fla_us'] / 1e3:7.2f} ms  x{r['speedup']:.2f}")
+            print(
+                f"gate {r['gate']:13s} T={r['T']:6d}: ours {r['ours_us'] / 1e3:7.2f} ms  "
+                f"fla {r['fla_us'] / 1e3:7.2f} ms  x{r['speedup']:.2f}"
+            )
         if "headline" in sweep:
             h = sweep["headline"]
-            print(f"gate sweep headline: slowest fla/ours x{h['slowest_speedup']:.2f} ({h['gate']}, T={h['T']}); "
-                  f"max rel err of o against float64: ours {h['max_o_err']:.2e}, fla {h['max_fla_o_err']:.2e}")
+            print(
+                f"gate sweep headline: slowest fla/ours x{h['slowest_speedup']:.2f} ({h['gate']}, T={h['T']}); "
+                f"max rel err of o against float64: ours {h['max_o_err']:.2e}, fla {h['max_fla_o_err']:.2e}"
+            )
     for r in res.get("decode", []):
-        print(f"decode B={r['B']}: 1 step ours {r['ours_single_us']:.1f} us fla {r['fla_public_single_us']:.1f} us; "
-              f"20 in a graph ours {r['ours_graph20_us']:.1f} us fla {r['fla_public_graph20_us']:.1f} us "
-              f"(in-place {r['fla_inplace_graph20_us']:.1f}) x{r['speedup_graph20_vs_fla_public']:.2f}  "
-              f"floor {r['ours_frac_floor_graph20']:.0%}")
+        print(
+            f"decode B={r['B']}: 1 step ours {r['ours_single_us']:.1f} us fla {r['fla_public_single_us']:.1f} us; "
+            f"20 in a graph ours {r['ours_graph20_us']:.1f} us fla {r['fla_public_graph20_us']:.1f} us "
+            f"(in-place {r['fla_inplace_graph20_us']:.1f}) x{r['speedup_graph20_vs_fla_public']:.2f}  "
+            f"floor {r['ours_frac_floor_graph20']:.0%}"
+        )
     for r in res.get("mla_correctness", []):
         fp8 = r.get("fp8_err")
         fp8 = f" fp8 {fp8:.1e}" if isinstance(fp8, float) else (f" fp8 {fp8}" if fp8 else "")
-        print(f"check mla Tk={r['Tk']:7d} Tq={r['Tq']:2d}: rel err ours {r['ours_err']:.1e} dispatch "
-              f"{r['dispatch_err']:.1e} dense {r['dense_err']:.1e}{fp8} nan={r['nan']}")
+        print(
+            f"check mla Tk={r['Tk']:7d} Tq={r['Tq']:2d}: rel err ours {r['ours_err']:.1e} dispatch "
+            f"{r['dispatch_err']:.1e} dense {r['dense_err']:.1e}{fp8} nan={r['nan']}"
+        )
     if "mla" in res:
         print(f"mla chosen settings: {res['mla']['chosen']}")
         for r in res["mla"]["rows"]:
@@ -779,10 +921,12 @@ def main(argv=None, demo_gates=None):
                 extra += f"  in a graph {r['ours_graph_us']:.1f} / {r['dense_graph_us']:.1f} us"
             if "fp8_us" in r:
                 extra += f"  fp8 {r['fp8_us']:.1f} us ({r['fp8_frac_floor']:.0%} of its floor)"
-            print(f"mla Tk={r['Tk']:7d} Tq={r['Tq']:2d}: ours {r['ours_us']:8.1f} us  dense {r['dense_us']:8.1f} us  "
-                  f"x{r['speedup']:.2f}  floor {r['floor_us']:.1f} us = ours {r['ours_frac_floor']:.0%} / dense "
-                  f"{r['dense_frac_floor']:.0%}  err {r['ours_err']:.1e} / {r['dense_err']:.1e}  "
-                  f"peak {r['ours_peak_gib']:.2f} / {r['dense_peak_gib']:.2f} GiB{extra}")
+            print(
+                f"mla Tk={r['Tk']:7d} Tq={r['Tq']:2d}: ours {r['ours_us']:8.1f} us  dense {r['dense_us']:8.1f} us  "
+                f"x{r['speedup']:.2f}  floor {r['floor_us']:.1f} us = ours {r['ours_frac_floor']:.0%} / dense "
+                f"{r['dense_frac_floor']:.0%}  err {r['ours_err']:.1e} / {r['dense_err']:.1e}  "
+                f"peak {r['ours_peak_gib']:.2f} / {r['dense_peak_gib']:.2f} GiB{extra}"
+            )
     print(f"json: {path}")
     return 0
 

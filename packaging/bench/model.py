@@ -58,10 +58,9 @@ def copy_bandwidth() -> float:
 
 def check_correctness(log) -> dict:
     import torch
-
+    from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
     from kimi_desk.engine import load_model
     from kimi_desk.engine.fuse import fuse_projections
-    from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_checkpoint(tail7_config(), Path(tmp) / "m", seed=3)
@@ -71,9 +70,10 @@ def check_correctness(log) -> dict:
         gpu8 = load_model(path, device="cuda", dtype=torch.bfloat16, quantize="fp8")
         # As the app loads it (engine/fuse.py: joined projections, the shared expert stacked with the
         # routed ones), beside the same checkpoint loaded as is.
-        fused = {name: fuse_projections(load_model(path, device="cuda", dtype=model.dtype,
-                                                   quantize=model.quantization))
-                 for name, model in [("fp32", gpu32), ("bf16", gpu16), ("fp8", gpu8)]}
+        fused = {
+            name: fuse_projections(load_model(path, device="cuda", dtype=model.dtype, quantize=model.quantization))
+            for name, model in [("fp32", gpu32), ("bf16", gpu16), ("fp8", gpu8)]
+        }
         # int8 and int4: the GPU's kernels against the CPU's path of the same format (the same codes,
         # quantized from the same checkpoint; the CPU prepared as the app prepares it).
         from kimi_desk.engine.quantize import prepare_for_cpu
@@ -82,22 +82,32 @@ def check_correctness(log) -> dict:
         for fmt in ("int8", "int4"):
             cpu_fmt = fuse_projections(load_model(path, device="cpu", dtype=torch.float32, quantize=fmt))
             prepare_for_cpu(cpu_fmt)
-            same_format[fmt] = (fuse_projections(load_model(path, device="cuda", dtype=torch.bfloat16, quantize=fmt)),
-                                cpu_fmt)
+            same_format[fmt] = (
+                fuse_projections(load_model(path, device="cuda", dtype=torch.bfloat16, quantize=fmt)),
+                cpu_fmt,
+            )
     ids = torch.randint(0, cpu.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(7))
     ref = cpu(ids, cpu.new_state(1))
     logits16 = gpu16(ids.cuda(), gpu16.new_state(1)).float().cpu()
     logits8 = gpu8(ids.cuda(), gpu8.new_state(1)).float().cpu()
-    result = {"logits_rel_err_fp32": _rel(gpu32(ids.cuda(), gpu32.new_state(1)).cpu(), ref),
-              "logits_rel_err_bf16": _rel(logits16, ref),
-              "logits_rel_err_fp8": _rel(logits8, ref), "logits_rel_err_fp8_vs_bf16": _rel(logits8, logits16)}
+    result = {
+        "logits_rel_err_fp32": _rel(gpu32(ids.cuda(), gpu32.new_state(1)).cpu(), ref),
+        "logits_rel_err_bf16": _rel(logits16, ref),
+        "logits_rel_err_fp8": _rel(logits8, ref),
+        "logits_rel_err_fp8_vs_bf16": _rel(logits8, logits16),
+    }
     # The fused models against the separate ones on the GPU: a prefill, then 8 decode steps.
     for name, separate in [("fp32", gpu32), ("bf16", gpu16), ("fp8", gpu8)]:
         outs = []
         for model in (separate, fused[name]):
             state = model.new_state(1)
-            outs.append(torch.cat([model(ids[:, :292].cuda(), state)] +
-                                  [model(ids[:, t : t + 1].cuda(), state) for t in range(292, 300)], 1).float())
+            outs.append(
+                torch.cat(
+                    [model(ids[:, :292].cuda(), state)]
+                    + [model(ids[:, t : t + 1].cuda(), state) for t in range(292, 300)],
+                    1,
+                ).float()
+            )
         result[f"fused_vs_separate_rel_err_{name}"] = _rel(outs[1].cpu(), outs[0].cpu())
     del fused
     # Prefill chunks that take MLA's expanded form after cached tokens (the cached keys' blocks merged).
@@ -178,13 +188,19 @@ def check_graph_decode(model, ids, prompt: int = 250, steps: int = 32) -> dict:
         graph.append(token.item())
         worst = max(worst, _rel(logits, eager_logits[i]))
     agree = next((i for i, (a, b) in enumerate(zip(graph, eager)) if a != b), steps)
-    result = {"tokens_agreeing": agree, "of": steps, "max_logits_rel_err": worst, "recordings": decoder.recordings,
-              "bitwise_equal_logits": worst == 0.0}
+    result = {
+        "tokens_agreeing": agree,
+        "of": steps,
+        "max_logits_rel_err": worst,
+        "recordings": decoder.recordings,
+        "bitwise_equal_logits": worst == 0.0,
+    }
     runs = {}
     for graphs in ("1", "0"):
         os.environ["KIMI_DESK_CUDA_GRAPH"] = graphs
-        runs[graphs] = generate(model, ids[0, :prompt].tolist(), model.new_state(1), max_new_tokens=steps,
-                                stop_token_ids=[]).token_ids
+        runs[graphs] = generate(
+            model, ids[0, :prompt].tolist(), model.new_state(1), max_new_tokens=steps, stop_token_ids=[]
+        ).token_ids
     os.environ.pop("KIMI_DESK_CUDA_GRAPH")
     result["generate_graph_equals_eager"] = runs["1"] == runs["0"]
     result["generate_equals_eager_decode"] = runs["0"] == [first.item()] + eager[: steps - 1]
@@ -226,12 +242,12 @@ def decode_bytes(model, context: int) -> int:
     return total
 
 
-def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log, profile: bool = True,
-              quantize: str | None = None) -> dict:
+def time_ours(
+    config, prefill_tokens: int, contexts: list[int], chunk: int, log, profile: bool = True, quantize: str | None = None
+) -> dict:
     import torch
-
-    from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.bench.random_checkpoint import random_model
+    from kimi_desk.engine.fuse import fuse_projections
 
     torch.cuda.reset_peak_memory_stats()
     # As the app runs it (Assistant.load): the projections that share an input joined.
@@ -254,14 +270,23 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
         if read == prefill_tokens or (read >= 8192 and read & (read - 1) == 0):
             _sync()
             marks.append((read, time.perf_counter() - start))
-            log(f"ours: read {read:,} tokens in {marks[-1][1]:.1f} s ({read / marks[-1][1]:,.0f} tok/s), peak "
-                f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    out = {"prefill_tokens": prefill_tokens, "prefill_tok_s": prefill_tokens / marks[-1][1], "prefill_s": marks[-1][1],
-           "prefill_marks": marks, "prefill_peak_gib": torch.cuda.max_memory_allocated() / 2**30, "decode": []}
+            log(
+                f"ours: read {read:,} tokens in {marks[-1][1]:.1f} s ({read / marks[-1][1]:,.0f} tok/s), peak "
+                f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            )
+    out = {
+        "prefill_tokens": prefill_tokens,
+        "prefill_tok_s": prefill_tokens / marks[-1][1],
+        "prefill_s": marks[-1][1],
+        "prefill_marks": marks,
+        "prefill_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "decode": [],
+    }
     if profile:
         # One more chunk after the document: where a prefill chunk's time goes.
         out["prefill_chunk_kernels"] = profile_kernels(
-            lambda: model(ids[:, :chunk], state, last_only=True), log, f"prefill chunk at {prefill_tokens:,}")
+            lambda: model(ids[:, :chunk], state, last_only=True), log, f"prefill chunk at {prefill_tokens:,}"
+        )
     del state
     for context in contexts:
         state, token = warm_state(model, context, ids[:, :1], gen)
@@ -275,8 +300,10 @@ def time_ours(config, prefill_tokens: int, contexts: list[int], chunk: int, log,
         log(f"ours: decode at {context:,}: {ms:.2f} ms/token eager")
         try:
             row.update(time_graph_decode(model, state, token))
-            log(f"ours: decode at {context:,}: {row['graph_ms_per_token']:.3f} ms/token in a CUDA graph, "
-                f"{row['graph_synced_ms_per_token']:.3f} with the token read back every step")
+            log(
+                f"ours: decode at {context:,}: {row['graph_ms_per_token']:.3f} ms/token in a CUDA graph, "
+                f"{row['graph_synced_ms_per_token']:.3f} with the token read back every step"
+            )
             if profile and context == contexts[-1]:
                 row["eager_step_kernels"] = profile_step(model, state, token, log)
         except Exception as exc:
@@ -305,7 +332,6 @@ def warm_state(model, context: int, token, gen):
     """A state of `context` cached tokens (random MLA cache and KDA state: decode costs do not depend on
     the values) and the token after three warm-up steps on it."""
     import torch
-
     from kimi_desk.engine.state import KDAState
 
     state = model.new_state(1)
@@ -313,8 +339,9 @@ def warm_state(model, context: int, token, gen):
         if isinstance(layer, KDAState):
             layer.recurrent.normal_(0, 0.1, generator=gen)
         else:
-            layer.append(torch.randn(1, context, layer.latents.shape[-1], device="cuda", generator=gen,
-                                     dtype=torch.bfloat16))
+            layer.append(
+                torch.randn(1, context, layer.latents.shape[-1], device="cuda", generator=gen, dtype=torch.bfloat16)
+            )
     state.position = context
     for _ in range(3):
         token = model(token, state)[:, -1].argmax(-1, keepdim=True)
@@ -351,17 +378,22 @@ def time_generate(model, context: int, log, new_tokens: int = 40) -> dict:
     its default chunks), greedy; the median time of its decode steps (each samples a token, reads it
     back and feeds it through the replayed graph)."""
     import torch
-
     from kimi_desk.engine.generate import generate
 
     gen = torch.Generator(device="cuda").manual_seed(5)
     prompt = torch.randint(0, model.config.vocab_size, (context,), device="cuda", generator=gen)
     result = generate(model, prompt, model.new_state(1), max_new_tokens=new_tokens, stop_token_ids=[])
     steps = sorted(step.seconds for step in result.steps[1:])
-    out = {"context": context, "first_token_s": result.steps[0].seconds, "tokens": len(result.steps),
-           "median_ms_per_token": steps[len(steps) // 2] * 1e3}
-    log(f"ours: generate() after a {context:,}-token prompt: first token {out['first_token_s']:.2f} s, then "
-        f"{out['median_ms_per_token']:.3f} ms/token (median)")
+    out = {
+        "context": context,
+        "first_token_s": result.steps[0].seconds,
+        "tokens": len(result.steps),
+        "median_ms_per_token": steps[len(steps) // 2] * 1e3,
+    }
+    log(
+        f"ours: generate() after a {context:,}-token prompt: first token {out['first_token_s']:.2f} s, then "
+        f"{out['median_ms_per_token']:.3f} ms/token (median)"
+    )
     return out
 
 
@@ -396,8 +428,10 @@ def profile_kernels(run, log, label: str, top: int = 25) -> list[dict]:
             entry["us"] += event.time_range.elapsed_us()
     rows = sorted(kernels.values(), key=lambda e: -e["us"])
     total = sum(e["us"] for e in rows)
-    log(f"{label}: {sum(e['count'] for e in rows)} kernels, {total:.0f} us of GPU time in all, "
-        f"{wall_us:.0f} us of wall time (profiled)")
+    log(
+        f"{label}: {sum(e['count'] for e in rows)} kernels, {total:.0f} us of GPU time in all, "
+        f"{wall_us:.0f} us of wall time (profiled)"
+    )
     for e in rows[:top]:
         log(f"  {e['us']:8.1f} us  x{e['count']:<5d} {e['name'][:110]}")
     return [{"total_us": total, "wall_us": wall_us, "kernels": sum(e["count"] for e in rows)}] + rows[:top]
@@ -408,7 +442,6 @@ def time_routed_experts(model, log) -> dict:
     the form allows it), with the bytes the chosen experts' weights take."""
     import torch
     import triton.testing
-
     from kimi_desk.kernels.moe import routed_experts_gathered, routed_experts_grouped
     from kimi_desk.kernels.moe.gemv import routed_experts_gemv
 
@@ -424,14 +457,17 @@ def time_routed_experts(model, log) -> dict:
         scales = (experts.w1_scale, experts.w2_scale, experts.w3_scale) if hasattr(experts, "w1_scale") else None
     args = (x, ids, weights, experts.w1, experts.w2, experts.w3, scales)
     ref = routed_experts_grouped(*args)
-    result = {"bytes": 3 * config.num_experts_per_token * experts.w1[0].nbytes,
-              "gemv_rel_err": _rel(routed_experts_gemv(*args), ref),
-              "gathered_rel_err": _rel(routed_experts_gathered(*args), ref)}
+    result = {
+        "bytes": 3 * config.num_experts_per_token * experts.w1[0].nbytes,
+        "gemv_rel_err": _rel(routed_experts_gemv(*args), ref),
+        "gathered_rel_err": _rel(routed_experts_gathered(*args), ref),
+    }
     with torch.inference_mode():
         for name, fn in [("gemv", routed_experts_gemv), ("gathered", routed_experts_gathered)]:
             result[f"{name}_us"] = 1e3 * triton.testing.do_bench_cudagraph(lambda fn=fn: fn(*args), rep=50)
-        result["grouped_us"] = 1e3 * triton.testing.do_bench(lambda: routed_experts_grouped(*args), rep=50,
-                                                              return_mode="median")
+        result["grouped_us"] = 1e3 * triton.testing.do_bench(
+            lambda: routed_experts_grouped(*args), rep=50, return_mode="median"
+        )
     log(f"moe, one token: {json.dumps(result)}")
     return result
 
@@ -542,9 +578,8 @@ def demo_model_gates(device: str = "cuda", tokens: int = 4096) -> list:
     """The KDA layers' log decays, [tokens, H, K] fp32 each, of the embedded demo model (assets/model)
     reading the repository's README.md (the model card where the README is not beside the assets),
     repeated up to `tokens`: the gates of a trained model, for `kimi-desk bench kernels`' gate sweep."""
-    import torch
-
     import kimi_desk.assets
+    import torch
     from kimi_desk.engine.kda import record_gates
     from kimi_desk.engine.tokenizer import load_tokenizer
     from kimi_desk.engine.weights import load_model
@@ -565,17 +600,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default="8192,131072", help="cached tokens for decode, comma-separated")
     parser.add_argument("--chunk", type=int, default=8192, help="prefill chunk (default 8192)")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers + fla")
-    parser.add_argument("--baseline-layers", type=int, default=None,
-                        help="layers of the baseline's slice when fewer than --layers fit in bf16 (its times are "
-                             "scaled per layer to --layers; default: --layers)")
-    parser.add_argument("--quantize", default="none", help="our model's weight formats, comma-separated, each timed in "
-                        "turn: none, fp8, int8, int4 (the baseline stays bf16); default none")
-    parser.add_argument("--gpu-memory", default=None, metavar="SIZE[,SIZE]",
-                        help="GPU memory budgets, comma-separated (e.g. 24GiB,16GiB): the model placed in each, the "
-                             "routed experts that do not fit in RAM, the cap enforced as a hard limit "
-                             "(packaging/bench/offload.py); replaces the whole-GPU timing and the baseline")
-    parser.add_argument("--read-tokens", default="131072,1048576",
-                        help="with --gpu-memory: document lengths whose plan is reported (fits or not)")
+    parser.add_argument(
+        "--baseline-layers",
+        type=int,
+        default=None,
+        help="layers of the baseline's slice when fewer than --layers fit in bf16 (its times are "
+        "scaled per layer to --layers; default: --layers)",
+    )
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        help="our model's weight formats, comma-separated, each timed in "
+        "turn: none, fp8, int8, int4 (the baseline stays bf16); default none",
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        default=None,
+        metavar="SIZE[,SIZE]",
+        help="GPU memory budgets, comma-separated (e.g. 24GiB,16GiB): the model placed in each, the "
+        "routed experts that do not fit in RAM, the cap enforced as a hard limit "
+        "(packaging/bench/offload.py); replaces the whole-GPU timing and the baseline",
+    )
+    parser.add_argument(
+        "--read-tokens",
+        default="131072,1048576",
+        help="with --gpu-memory: document lengths whose plan is reported (fits or not)",
+    )
     parser.add_argument("--json", type=Path, default=None)
 
 
@@ -589,9 +639,16 @@ def main(args: argparse.Namespace) -> int:
     config = slice_config(args.layers)
     import triton
 
-    result = {"benchmark": "model", "date": datetime.date.today().isoformat(),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "layers": args.layers, "layer_kinds": config.layer_kinds, "copy_bytes_per_s": copy_bandwidth()}
+    result = {
+        "benchmark": "model",
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "layers": args.layers,
+        "layer_kinds": config.layer_kinds,
+        "copy_bytes_per_s": copy_bandwidth(),
+    }
 
     def save():
         # After every part, so that a run cut short keeps what it measured.
@@ -609,8 +666,9 @@ def main(args: argparse.Namespace) -> int:
     result["formats"] = {}
     for fmt in formats:
         quantize = None if fmt == "none" else fmt
-        result["formats"][fmt] = time_ours(config, args.prefill_tokens, contexts, args.chunk, log, quantize=quantize,
-                                           profile=fmt == formats[0])
+        result["formats"][fmt] = time_ours(
+            config, args.prefill_tokens, contexts, args.chunk, log, quantize=quantize, profile=fmt == formats[0]
+        )
         save()
     result["quantize"], result["ours"] = (None if formats[0] == "none" else formats[0]), result["formats"][formats[0]]
     print(markdown_table(result), flush=True)
@@ -619,8 +677,9 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_baseline:
         result["baseline_layers"] = args.baseline_layers or args.layers
         result["baseline_layer_kinds"] = slice_config(result["baseline_layers"]).layer_kinds
-        result["transformers"] = time_transformers(slice_config(result["baseline_layers"]), args.prefill_tokens,
-                                                   contexts, args.chunk, log)
+        result["transformers"] = time_transformers(
+            slice_config(result["baseline_layers"]), args.prefill_tokens, contexts, args.chunk, log
+        )
         save()
         print(markdown_table(result))
     return 0
@@ -647,8 +706,16 @@ def run_budgets(args, config, formats, contexts, result, save, log) -> int:
     for fmt in formats:
         for budget in budgets:
             try:
-                row = time_budget(config, budget, None if fmt == "none" else fmt, args.prefill_tokens, contexts,
-                                  args.chunk, reads, log)
+                row = time_budget(
+                    config,
+                    budget,
+                    None if fmt == "none" else fmt,
+                    args.prefill_tokens,
+                    contexts,
+                    args.chunk,
+                    reads,
+                    log,
+                )
             except Exception as exc:
                 row = {"gpu_budget": budget, "quantize": fmt, "error": f"{type(exc).__name__}: {exc}"}
                 log(traceback.format_exc())
@@ -665,12 +732,18 @@ def formats_table(r: dict) -> str:
     """One row per weight format: prefill and graph decode against each format's own roofline."""
     bw = r["copy_bytes_per_s"]
     scale = 27 / r["layers"]
-    lines = [f"Weight formats, {r['layers']} layers at the 48B shapes ({r['device']}, {r['date']}, copy bandwidth "
-             f"{bw / 1e12:.2f} TB/s):", "",
-             "| format | prefill tok/s | peak GiB | " + " | ".join(
-                 f"decode at {d['context']:,}: ms/token (roofline share), tok/s at 27 layers"
-                 for d in next(iter(r["formats"].values()))["decode"]) + " |",
-             "|---|---:|---:|" + "---:|" * len(next(iter(r["formats"].values()))["decode"])]
+    lines = [
+        f"Weight formats, {r['layers']} layers at the 48B shapes ({r['device']}, {r['date']}, copy bandwidth "
+        f"{bw / 1e12:.2f} TB/s):",
+        "",
+        "| format | prefill tok/s | peak GiB | "
+        + " | ".join(
+            f"decode at {d['context']:,}: ms/token (roofline share), tok/s at 27 layers"
+            for d in next(iter(r["formats"].values()))["decode"]
+        )
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(next(iter(r["formats"].values()))["decode"]),
+    ]
     for fmt, ours in r["formats"].items():
         cells = []
         for d in ours["decode"]:
@@ -684,29 +757,42 @@ def formats_table(r: dict) -> str:
 def markdown_table(r: dict) -> str:
     bw = r["copy_bytes_per_s"]
     scale = 27 / r["layers"]
-    lines = [f"{r['device']}, torch {r['torch']}, triton {r.get('triton', '?')}, {r['date']}; slice of "
-             f"{r['layers']} layers ({' '.join(k.upper() for k in r['layer_kinds'])}) at the 48B shapes, random "
-             f"{r['quantize'] + ' (ours; the baseline bf16)' if r.get('quantize') else 'bf16'} weights; copy bandwidth "
-             f"{bw / 1e12:.2f} TB/s.", "",
-             "| measure | kimi-desk | transformers + fla | ratio |", "|---|---|---|---|"]
+    lines = [
+        f"{r['device']}, torch {r['torch']}, triton {r.get('triton', '?')}, {r['date']}; slice of "
+        f"{r['layers']} layers ({' '.join(k.upper() for k in r['layer_kinds'])}) at the 48B shapes, random "
+        f"{r['quantize'] + ' (ours; the baseline bf16)' if r.get('quantize') else 'bf16'} weights; copy bandwidth "
+        f"{bw / 1e12:.2f} TB/s.",
+        "",
+        "| measure | kimi-desk | transformers + fla | ratio |",
+        "|---|---|---|---|",
+    ]
     ours, base = r["ours"], r.get("transformers", {})
     # The baseline's slice may be shorter (what fits in bf16): its times scaled per layer to ours.
     per_layer = r["layers"] / r.get("baseline_layers", r["layers"])
     if base and per_layer != 1:
-        lines.insert(1, f"Baseline: a slice of {r['baseline_layers']} layers "
-                        f"({' '.join(k.upper() for k in r['baseline_layer_kinds'])}) in bf16, its times scaled "
-                        f"x{per_layer:.2f} to {r['layers']} layers.")
+        lines.insert(
+            1,
+            f"Baseline: a slice of {r['baseline_layers']} layers "
+            f"({' '.join(k.upper() for k in r['baseline_layer_kinds'])}) in bf16, its times scaled "
+            f"x{per_layer:.2f} to {r['layers']} layers.",
+        )
     if base:
         theirs_rate = base["prefill_tok_s"] / per_layer
-        lines.append(f"| prefill tok/s ({r['layers']} layers) | {ours['prefill_tok_s']:,.0f} ({ours['prefill_tokens']:,}"
-                     f" tokens) | {theirs_rate:,.0f} ({base['prefill_tokens']:,} tokens) | "
-                     f"{ours['prefill_tok_s'] / theirs_rate:.1f}x |")
+        lines.append(
+            f"| prefill tok/s ({r['layers']} layers) | {ours['prefill_tok_s']:,.0f} ({ours['prefill_tokens']:,}"
+            f" tokens) | {theirs_rate:,.0f} ({base['prefill_tokens']:,} tokens) | "
+            f"{ours['prefill_tok_s'] / theirs_rate:.1f}x |"
+        )
     else:
-        lines.append(f"| prefill tok/s ({r['layers']} layers, {ours['prefill_tokens']:,} tokens) | "
-                     f"{ours['prefill_tok_s']:,.0f} | n/a | |")
+        lines.append(
+            f"| prefill tok/s ({r['layers']} layers, {ours['prefill_tokens']:,} tokens) | "
+            f"{ours['prefill_tok_s']:,.0f} | n/a | |"
+        )
     for read, seconds in ours.get("prefill_marks", []):
         if read in (131072, ours["prefill_tokens"]):
-            lines.append(f"| time to read the first {read:,} tokens | {seconds:.1f} s ({read / seconds:,.0f} tok/s) | | |")
+            lines.append(
+                f"| time to read the first {read:,} tokens | {seconds:.1f} s ({read / seconds:,.0f} tok/s) | | |"
+            )
     lines.append(f"| peak GPU memory during the read, GiB | {ours['prefill_peak_gib']:.1f} | | |")
     for d in ours["decode"]:
         other = next((x for x in base.get("decode", []) if x["context"] == d["context"]), None)
@@ -714,40 +800,59 @@ def markdown_table(r: dict) -> str:
         floor_ms = d["bytes"] / bw * 1e3
         ways = [("eager", d["ms_per_token"])]
         if "graph_ms_per_token" in d:
-            ways += [("CUDA graph", d["graph_ms_per_token"]), ("CUDA graph, token read back each step",
-                                                             d["graph_synced_ms_per_token"])]
+            ways += [
+                ("CUDA graph", d["graph_ms_per_token"]),
+                ("CUDA graph, token read back each step", d["graph_synced_ms_per_token"]),
+            ]
         for how, ms in ways:
-            lines.append(f"| decode ms/token at {d['context']:,}, {how} | {ms:.3f} ({floor_ms / ms:.0%} of roofline "
-                         f"{floor_ms:.3f}) | {f'{theirs:.2f}' if theirs else 'n/a'} | "
-                         f"{f'{theirs / ms:.1f}x' if theirs else ''} |")
+            lines.append(
+                f"| decode ms/token at {d['context']:,}, {how} | {ms:.3f} ({floor_ms / ms:.0%} of roofline "
+                f"{floor_ms:.3f}) | {f'{theirs:.2f}' if theirs else 'n/a'} | "
+                f"{f'{theirs / ms:.1f}x' if theirs else ''} |"
+            )
         best = min(ms for _, ms in ways)
-        lines.append(f"| decode tok/s at {d['context']:,}, best, scaled to 27 layers (x{scale:.2f}) | "
-                     f"{1e3 / (best * scale):.1f} | {f'{1e3 / (theirs * scale):.1f}' if theirs else 'n/a'} | |")
+        lines.append(
+            f"| decode tok/s at {d['context']:,}, best, scaled to 27 layers (x{scale:.2f}) | "
+            f"{1e3 / (best * scale):.1f} | {f'{1e3 / (theirs * scale):.1f}' if theirs else 'n/a'} | |"
+        )
     lines.append(f"| peak GPU memory GiB | {ours['peak_gib']:.1f} | {base.get('peak_gib', float('nan')):.1f} | |")
     c = r["check"]
-    lines += ["", f"Correctness (7-layer random model, GPU against CPU float32): logits rel. error "
-              f"{c['logits_rel_err_fp32']:.1e} (fp32), {c['logits_rel_err_bf16']:.1e} (bf16); in chunks of 100 "
-              f"{c.get('prefill_chunks_rel_err_fp32', float('nan')):.1e} (fp32), "
-              f"{c.get('prefill_chunks_rel_err_bf16', float('nan')):.1e} (bf16); the app's fused model against the "
-              f"checkpoint as loaded {c.get('fused_vs_separate_rel_err_fp32', float('nan')):.1e} (fp32), "
-              f"{c.get('fused_vs_separate_rel_err_bf16', float('nan')):.1e} (bf16), "
-              f"{c.get('fused_vs_separate_rel_err_fp8', float('nan')):.1e} (fp8); greedy tokens agreeing out of 16: "
-              f"{c['greedy_agree_fp32']} (fp32), {c['greedy_agree_bf16']} (bf16), {c.get('greedy_agree_fp8')} (fp8 "
-              f"weights: logits rel. error {c.get('logits_rel_err_fp8', float('nan')):.1e} against CPU float32, "
-              f"{c.get('logits_rel_err_fp8_vs_bf16', float('nan')):.1e} against bf16)."]
+    lines += [
+        "",
+        f"Correctness (7-layer random model, GPU against CPU float32): logits rel. error "
+        f"{c['logits_rel_err_fp32']:.1e} (fp32), {c['logits_rel_err_bf16']:.1e} (bf16); in chunks of 100 "
+        f"{c.get('prefill_chunks_rel_err_fp32', float('nan')):.1e} (fp32), "
+        f"{c.get('prefill_chunks_rel_err_bf16', float('nan')):.1e} (bf16); the app's fused model against the "
+        f"checkpoint as loaded {c.get('fused_vs_separate_rel_err_fp32', float('nan')):.1e} (fp32), "
+        f"{c.get('fused_vs_separate_rel_err_bf16', float('nan')):.1e} (bf16), "
+        f"{c.get('fused_vs_separate_rel_err_fp8', float('nan')):.1e} (fp8); greedy tokens agreeing out of 16: "
+        f"{c['greedy_agree_fp32']} (fp32), {c['greedy_agree_bf16']} (bf16), {c.get('greedy_agree_fp8')} (fp8 "
+        f"weights: logits rel. error {c.get('logits_rel_err_fp8', float('nan')):.1e} against CPU float32, "
+        f"{c.get('logits_rel_err_fp8_vs_bf16', float('nan')):.1e} against bf16).",
+    ]
     for name in ("fp32", "bf16", "fp8"):
         g = c.get(f"graph_vs_eager_{name}", {})
-        lines.append(f"CUDA graph against eager decode, {name}: " + (g["error"] if "error" in g else
-                     f"{g['tokens_agreeing']} of {g['of']} greedy tokens agree, logits max rel. error "
-                     f"{g['max_logits_rel_err']:.1e}, {g['recordings']} recordings; generate() with the graph "
-                     f"gives eager's tokens: {g.get('generate_graph_equals_eager')}."))
+        lines.append(
+            f"CUDA graph against eager decode, {name}: "
+            + (
+                g["error"]
+                if "error" in g
+                else f"{g['tokens_agreeing']} of {g['of']} greedy tokens agree, logits max rel. error "
+                f"{g['max_logits_rel_err']:.1e}, {g['recordings']} recordings; generate() with the graph "
+                f"gives eager's tokens: {g.get('generate_graph_equals_eager')}."
+            )
+        )
     if "generate" in ours and "error" not in ours["generate"]:
         g = ours["generate"]
-        lines.append(f"generate() after a {g['context']:,}-token prompt: first token {g['first_token_s']:.2f} s, "
-                     f"then {g['median_ms_per_token']:.3f} ms/token (median of {g['tokens'] - 1}).")
+        lines.append(
+            f"generate() after a {g['context']:,}-token prompt: first token {g['first_token_s']:.2f} s, "
+            f"then {g['median_ms_per_token']:.3f} ms/token (median of {g['tokens'] - 1})."
+        )
     if "moe" in ours and "error" not in ours["moe"]:
         m = ours["moe"]
-        lines.append(f"Routed experts of one token ({m['bytes'] / 1e6:.0f} MB of weights, floor "
-                     f"{m['bytes'] / bw * 1e6:.1f} us): Triton GEMV {m['gemv_us']:.1f} us, gathered + bmm "
-                     f"{m['gathered_us']:.1f} us (graph), grouped with host sync {m['grouped_us']:.1f} us.")
+        lines.append(
+            f"Routed experts of one token ({m['bytes'] / 1e6:.0f} MB of weights, floor "
+            f"{m['bytes'] / bw * 1e6:.1f} us): Triton GEMV {m['gemv_us']:.1f} us, gathered + bmm "
+            f"{m['gathered_us']:.1f} us (graph), grouped with host sync {m['grouped_us']:.1f} us."
+        )
     return "\n".join(lines)

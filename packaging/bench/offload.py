@@ -32,10 +32,9 @@ def _rel(a, b) -> float:
 def check_offload(log) -> dict:
     """Split against whole on the GPU (module doc)."""
     import torch
-
+    from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
     from kimi_desk.engine.cuda_graph import GraphDecoder
     from kimi_desk.engine.placement import Placement
-    from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
     from kimi_desk.engine.weights import load_model
 
     gpu_experts = {1: (), 2: (0, 1, 2, 3), 3: (1, 4, 6), 4: (5,), 5: (0, 1, 2, 3, 4, 6, 7), 6: tuple(range(8))}
@@ -44,8 +43,11 @@ def check_offload(log) -> dict:
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_checkpoint(tail7_config(moe_intermediate_size=64), Path(tmp) / "m", seed=4)
-        for name, dtype, fmt in (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
-                                 ("int4", torch.bfloat16, "int4")):
+        for name, dtype, fmt in (
+            ("fp32", torch.float32, None),
+            ("bf16", torch.bfloat16, None),
+            ("int4", torch.bfloat16, "int4"),
+        ):
             logits = []
             for placement in (None, plan):
                 model = load_model(path, device="cuda", dtype=dtype, quantize=fmt, placement=placement)
@@ -71,29 +73,38 @@ def check_offload(log) -> dict:
     return result
 
 
-def time_budget(config, budget_text: str, quantize: str | None, prefill_tokens: int, contexts: list[int],
-                chunk: int, read_tokens: list[int], log) -> dict:
+def time_budget(
+    config,
+    budget_text: str,
+    quantize: str | None,
+    prefill_tokens: int,
+    contexts: list[int],
+    chunk: int,
+    read_tokens: list[int],
+    log,
+) -> dict:
     """One budget's figures (module doc)."""
     import torch
-
+    from kimi_desk.bench.model import warm_state
+    from kimi_desk.bench.random_checkpoint import random_model
     from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.engine.placement import PlacementError, parse_size, plan_placement
-    from kimi_desk.bench.random_checkpoint import random_model
-    from kimi_desk.bench.model import warm_state
 
     budget = parse_size(budget_text, "--gpu-memory")
     row: dict = {"gpu_budget": budget_text, "gpu_budget_bytes": budget, "quantize": quantize}
     for tokens in read_tokens:
         try:
-            fits = plan_placement(config, "bfloat16", quantize, gpu_budget=budget, context_tokens=tokens,
-                                  prefill_chunk=chunk).describe()
+            fits = plan_placement(
+                config, "bfloat16", quantize, gpu_budget=budget, context_tokens=tokens, prefill_chunk=chunk
+            ).describe()
         except PlacementError as refused:
             fits = f"does not fit: {refused}"
         row[f"read_{tokens}_plan"] = fits
     context = max([*contexts, prefill_tokens])
     try:
-        plan = plan_placement(config, "bfloat16", quantize, gpu_budget=budget, context_tokens=context,
-                              prefill_chunk=chunk)
+        plan = plan_placement(
+            config, "bfloat16", quantize, gpu_budget=budget, context_tokens=context, prefill_chunk=chunk
+        )
     except PlacementError as refused:
         row["error"] = str(refused)
         log(f"budget {budget_text}: {refused}")
@@ -105,12 +116,15 @@ def time_budget(config, budget_text: str, quantize: str | None, prefill_tokens: 
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    model = fuse_projections(random_model(config, seed=0, dtype=torch.bfloat16, device="cuda", quantize=quantize,
-                                          placement=plan))
+    model = fuse_projections(
+        random_model(config, seed=0, dtype=torch.bfloat16, device="cuda", quantize=quantize, placement=plan)
+    )
     row["build_s"] = time.perf_counter() - start
     stats = model.offload.stats if model.offload is not None else None
-    log(f"budget {budget_text}: model built in {row['build_s']:.0f} s, "
-        f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB on the GPU")
+    log(
+        f"budget {budget_text}: model built in {row['build_s']:.0f} s, "
+        f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB on the GPU"
+    )
     gen = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, prefill_tokens), device="cuda", generator=gen)
     model(ids[:, :chunk], model.new_state(1), last_only=True)  # compile the kernels
@@ -128,10 +142,15 @@ def time_budget(config, budget_text: str, quantize: str | None, prefill_tokens: 
             torch.cuda.synchronize()
             marks.append((read, time.perf_counter() - start))
             log(f"budget {budget_text}: read {read:,} tokens in {marks[-1][1]:.1f} s")
-    row.update(prefill_tokens=prefill_tokens, prefill_s=marks[-1][1], prefill_tok_s=prefill_tokens / marks[-1][1],
-               prefill_marks=marks, chunk=chunk,
-               pcie_bytes_per_chunk=(stats.streamed_bytes / chunks) if stats else 0,
-               prefill_stats=stats.to_dict() if stats else None)
+    row.update(
+        prefill_tokens=prefill_tokens,
+        prefill_s=marks[-1][1],
+        prefill_tok_s=prefill_tokens / marks[-1][1],
+        prefill_marks=marks,
+        chunk=chunk,
+        pcie_bytes_per_chunk=(stats.streamed_bytes / chunks) if stats else 0,
+        prefill_stats=stats.to_dict() if stats else None,
+    )
     del state
     row["decode"] = []
     for ctx in contexts:
@@ -166,8 +185,12 @@ def time_eager_decode(model, state, token, steps: int = 20) -> dict:
     d = {"ms_per_token": ms, "tok_s": 1e3 / ms}
     if stats:
         cpu_ms, wait_ms = stats.cpu_seconds / steps * 1e3, stats.wait_seconds / steps * 1e3
-        d.update(cpu_expert_ms=cpu_ms, host_wait_ms=wait_ms, other_ms=ms - cpu_ms - wait_ms,
-                 pcie_bytes_per_token=(stats.d2h_bytes + stats.h2d_bytes) / steps)
+        d.update(
+            cpu_expert_ms=cpu_ms,
+            host_wait_ms=wait_ms,
+            other_ms=ms - cpu_ms - wait_ms,
+            pcie_bytes_per_token=(stats.d2h_bytes + stats.h2d_bytes) / steps,
+        )
     return d
 
 
@@ -179,7 +202,6 @@ def time_graph_decode(model, state, token, steps: int = 20) -> dict:
     GPU (host timers, offload stats); host_other_ms, the rest of the host's time (launches, waking up).
     The back-to-back replays leave the state meaningless: the last thing done with it."""
     import torch
-
     from kimi_desk.engine.cuda_graph import GraphDecoder
 
     decoder = GraphDecoder(model, state)
@@ -196,12 +218,20 @@ def time_graph_decode(model, state, token, steps: int = 20) -> dict:
         token = decoder.greedy_token
     torch.cuda.synchronize()
     ms = (time.perf_counter() - start) / steps * 1e3
-    d = {"graph_ms_per_token": ms, "graph_tok_s": 1e3 / ms, "graph_pieces": len(decoder.pieces),
-         "graph_gpu_ms": _events_ms(lambda: [graph.replay() for graph, _ in decoder.pieces], steps)}
+    d = {
+        "graph_ms_per_token": ms,
+        "graph_tok_s": 1e3 / ms,
+        "graph_pieces": len(decoder.pieces),
+        "graph_gpu_ms": _events_ms(lambda: [graph.replay() for graph, _ in decoder.pieces], steps),
+    }
     if stats:
         cpu_ms, wait_ms = stats.cpu_seconds / steps * 1e3, stats.wait_seconds / steps * 1e3
-        d.update(graph_transfer_ms=round_trip_copies_ms(model, steps), graph_cpu_expert_ms=cpu_ms,
-                 graph_host_wait_ms=wait_ms, graph_host_other_ms=ms - cpu_ms - wait_ms)
+        d.update(
+            graph_transfer_ms=round_trip_copies_ms(model, steps),
+            graph_cpu_expert_ms=cpu_ms,
+            graph_host_wait_ms=wait_ms,
+            graph_host_other_ms=ms - cpu_ms - wait_ms,
+        )
     return d
 
 
@@ -209,7 +239,6 @@ def round_trip_copies_ms(model, steps: int) -> float:
     """GPU time of one token's copies to and from the host buffers of every split layer, recorded as one
     graph of those copies alone (the decode step's pieces hold them among their kernels)."""
     import torch
-
     from kimi_desk.engine.offload import offloaded_layers
 
     layers = [layer for layer in offloaded_layers(model) if layer._host is not None]

@@ -47,20 +47,22 @@ def logits_of(model, ids: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def compare(reference: torch.Tensor, got: torch.Tensor) -> dict:
-    return {"logits_rel_error": float((got - reference).norm() / reference.norm()),
-            "greedy_agreement": float((got.argmax(-1) == reference.argmax(-1)).float().mean())}
+    return {
+        "logits_rel_error": float((got - reference).norm() / reference.norm()),
+        "greedy_agreement": float((got.argmax(-1) == reference.argmax(-1)).float().mean()),
+    }
 
 
 def demo(args) -> dict:
     from corpus_tokens import tokenize_split
     from evaluate import heldout_perplexity
-
     from kimi_desk.engine.loading import DEMO_MODEL
     from kimi_desk.engine.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(DEMO_MODEL)
     stream = tokenize_split(args.corpus, tokenizer, "heldout", log=lambda *_: None).lm_stream(
-        tokenizer.special_tokens["[EOS]"])
+        tokenizer.special_tokens["[EOS]"]
+    )
     ids = stream[: args.logit_tokens][None]
     rows, reference = [], None
     for method in FORMATS:
@@ -69,8 +71,15 @@ def demo(args) -> dict:
         ppl = heldout_perplexity(model, stream, args.ppl_tokens, 4096, 1024, token_by_token=64)
         logits = logits_of(model, ids, 1024)
         reference = logits if reference is None else reference
-        rows.append({"format": method or "none", "perplexity": ppl["ppl_chunked_prefill"], "tokens": ppl["tokens"],
-                     **compare(reference, logits), "seconds": round(time.perf_counter() - began, 1)})
+        rows.append(
+            {
+                "format": method or "none",
+                "perplexity": ppl["ppl_chunked_prefill"],
+                "tokens": ppl["tokens"],
+                **compare(reference, logits),
+                "seconds": round(time.perf_counter() - began, 1),
+            }
+        )
     base = rows[0]["perplexity"]
     for row in rows:
         row["perplexity_ratio"] = row["perplexity"] / base
@@ -97,13 +106,18 @@ def random_48b(args) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"{result['model']}:", "", "| format | perplexity | vs none | logits rel. error | greedy agreement |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"{result['model']}:",
+        "",
+        "| format | perplexity | vs none | logits rel. error | greedy agreement |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for row in result["rows"]:
         ppl = f"{row['perplexity']:.3f}" if "perplexity" in row else "-"
         ratio = f"{(row['perplexity_ratio'] - 1) * 100:+.2f}%" if "perplexity_ratio" in row else "-"
-        lines.append(f"| {row['format']} | {ppl} | {ratio} | {row['logits_rel_error']:.2e} | "
-                     f"{row['greedy_agreement']:.1%} |")
+        lines.append(
+            f"| {row['format']} | {ppl} | {ratio} | {row['logits_rel_error']:.2e} | {row['greedy_agreement']:.1%} |"
+        )
     return "\n".join(lines)
 
 

@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import torch
-
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.quantize import format_of, logical_shape, quantize_into, quantize_structure
 from kimi_desk.engine.weights import build_on_meta, materialize, save_checkpoint
@@ -20,14 +19,36 @@ from kimi_desk.engine.weights import build_on_meta, materialize, save_checkpoint
 def tiny_config(**overrides) -> KimiLinearConfig:
     """The spec's 4-layer config: K K K M, dense layer 0."""
     values = dict(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        rms_norm_eps=1e-5, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, mla_use_nope=True, kda_layers=[1, 2, 3],
-        full_attn_layers=[4], kda_num_heads=2, kda_head_dim=32, short_conv_kernel_size=4,
-        num_experts=8, num_experts_per_token=2, moe_intermediate_size=32, num_shared_experts=1,
-        first_k_dense_replace=1, moe_layer_freq=1, moe_renormalize=True,
-        moe_router_activation_func="sigmoid", routed_scaling_factor=2.446, model_max_length=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="float32",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        rms_norm_eps=1e-5,
+        num_attention_heads=4,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        mla_use_nope=True,
+        kda_layers=[1, 2, 3],
+        full_attn_layers=[4],
+        kda_num_heads=2,
+        kda_head_dim=32,
+        short_conv_kernel_size=4,
+        num_experts=8,
+        num_experts_per_token=2,
+        moe_intermediate_size=32,
+        num_shared_experts=1,
+        first_k_dense_replace=1,
+        moe_layer_freq=1,
+        moe_renormalize=True,
+        moe_router_activation_func="sigmoid",
+        routed_scaling_factor=2.446,
+        model_max_length=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        dtype="float32",
     )
     values.update(overrides)
     config = KimiLinearConfig(**values)
@@ -43,10 +64,22 @@ def tail7_config(**overrides) -> KimiLinearConfig:
 def bench_config(**overrides) -> KimiLinearConfig:
     """About 20 M parameters (hidden 256, 8 layers: K K K M K K K M), the CPU benchmark's model."""
     values = dict(
-        vocab_size=12288, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-        num_attention_heads=4, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
-        v_head_dim=64, kda_layers=[1, 2, 3, 5, 6, 7], full_attn_layers=[4, 8], kda_num_heads=4,
-        kda_head_dim=64, num_experts=8, num_experts_per_token=2, moe_intermediate_size=256,
+        vocab_size=12288,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        kda_layers=[1, 2, 3, 5, 6, 7],
+        full_attn_layers=[4, 8],
+        kda_num_heads=4,
+        kda_head_dim=64,
+        num_experts=8,
+        num_experts_per_token=2,
+        moe_intermediate_size=256,
         model_max_length=1 << 20,
     )
     values.update(overrides)
@@ -57,19 +90,47 @@ def kimi_linear_48b_config() -> KimiLinearConfig:
     """The released Kimi-Linear-48B-A3B config (spec §1.1)."""
     kda = [i for i in range(1, 28) if i % 4 != 0 and i != 27]
     return KimiLinearConfig(
-        vocab_size=163840, hidden_size=2304, intermediate_size=9216, num_hidden_layers=27,
-        rms_norm_eps=1e-5, num_attention_heads=32, kv_lora_rank=512, qk_nope_head_dim=128,
-        qk_rope_head_dim=64, v_head_dim=128, mla_use_nope=True, kda_layers=kda,
-        full_attn_layers=[4, 8, 12, 16, 20, 24, 27], kda_num_heads=32, kda_head_dim=128,
-        short_conv_kernel_size=4, num_experts=256, num_experts_per_token=8, moe_intermediate_size=1024,
-        num_shared_experts=1, first_k_dense_replace=1, moe_layer_freq=1, moe_renormalize=True,
-        moe_router_activation_func="sigmoid", routed_scaling_factor=2.446, model_max_length=1048576,
-        bos_token_id=163584, eos_token_id=163586, pad_token_id=163839, dtype="bfloat16",
+        vocab_size=163840,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=27,
+        rms_norm_eps=1e-5,
+        num_attention_heads=32,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        mla_use_nope=True,
+        kda_layers=kda,
+        full_attn_layers=[4, 8, 12, 16, 20, 24, 27],
+        kda_num_heads=32,
+        kda_head_dim=128,
+        short_conv_kernel_size=4,
+        num_experts=256,
+        num_experts_per_token=8,
+        moe_intermediate_size=1024,
+        num_shared_experts=1,
+        first_k_dense_replace=1,
+        moe_layer_freq=1,
+        moe_renormalize=True,
+        moe_router_activation_func="sigmoid",
+        routed_scaling_factor=2.446,
+        model_max_length=1048576,
+        bos_token_id=163584,
+        eos_token_id=163586,
+        pad_token_id=163839,
+        dtype="bfloat16",
     )
 
 
-def random_model(config: KimiLinearConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu",
-                 quantize: str | None = None, placement=None):
+def random_model(
+    config: KimiLinearConfig,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    quantize: str | None = None,
+    placement=None,
+):
     """A model with random weights drawn as the reference code initialises them (HFM, fla), generated
     on `device` (so that a model at the 48B shapes is drawn on the GPU, not copied there). With
     `quantize`, the quantized matrices are drawn in float32 and stored quantized, as loading would.
@@ -112,8 +173,7 @@ def random_model(config: KimiLinearConfig, seed: int = 0, dtype: torch.dtype = t
             for index in range(shape[0]) if ".experts." in name else [None]:
                 # One expert at a time: a float32 copy of all 256 experts would not fit beside the model.
                 logical = logical_shape(param)
-                quantize_into(model, name, index, normal(logical if index is None else logical[1:], 0.02),
-                              on=device)
+                quantize_into(model, name, index, normal(logical if index is None else logical[1:], 0.02), on=device)
             continue
         else:
             value = normal(shape, 0.02)
@@ -141,12 +201,17 @@ def write_small_tokenizer(folder, base_vocab: int = 700) -> None:
     import textwrap
 
     from kimi_desk.engine.tokenizer import (
-        canonical_json, kimi_added_tokens, special_token_names, tiktoken_to_tokenizer_json, train_ranks,
+        canonical_json,
+        kimi_added_tokens,
+        special_token_names,
+        tiktoken_to_tokenizer_json,
+        train_ranks,
     )
 
     modules = [json_module, textwrap, inspect]
     texts = [Path(inspect.getsourcefile(m)).read_text(encoding="utf-8") for m in modules]
     ranks = train_ranks(texts, base_vocab)
     names = special_token_names(len(ranks), kimi_added_tokens(len(ranks)))
-    (Path(folder) / "tokenizer.json").write_text(canonical_json(tiktoken_to_tokenizer_json(ranks, names)),
-                                                 encoding="utf-8")
+    (Path(folder) / "tokenizer.json").write_text(
+        canonical_json(tiktoken_to_tokenizer_json(ranks, names)), encoding="utf-8"
+    )

@@ -19,8 +19,10 @@ from pathlib import Path
 
 from kimi_desk.engine.errors import UserError
 
-WORDS = ("alpha beta gamma delta epsilon kernel state token layer cache decay gate value query key chunk "
-         "matrix vector snapshot session reader parser config module function return import class").split()
+WORDS = (
+    "alpha beta gamma delta epsilon kernel state token layer cache decay gate value query key chunk "
+    "matrix vector snapshot session reader parser config module function return import class"
+).split()
 
 
 def write_document(folder: Path, tokenizer, tokens: int) -> None:
@@ -31,9 +33,12 @@ def write_document(folder: Path, tokenizer, tokens: int) -> None:
     folder.mkdir(parents=True)
     written, index = 0, 0
     while written < tokens:
-        lines = [f"def {rng.choice(WORDS)}_{index}_{i}({rng.choice(WORDS)}):\n    return "
-                 + " + ".join(f"{rng.choice(WORDS)}_{rng.randrange(100)}" for _ in range(6)) + "\n"
-                 for i in range(40)]
+        lines = [
+            f"def {rng.choice(WORDS)}_{index}_{i}({rng.choice(WORDS)}):\n    return "
+            + " + ".join(f"{rng.choice(WORDS)}_{rng.randrange(100)}" for _ in range(6))
+            + "\n"
+            for i in range(40)
+        ]
         text = "".join(lines)
         (folder / f"module_{index:04d}.py").write_text(text)
         written += len(tokenizer.encode(text)) + 12  # the file's header
@@ -44,7 +49,6 @@ def _worker(argv: list[str]) -> None:
     """Read (or restore) one document in this process; print a JSON line."""
     mode, model_path, document, home = argv
     import torch
-
     from kimi_desk.bench.cpu import _rss_peak_mb
     from kimi_desk.engine.session import Assistant, SessionStore
 
@@ -60,15 +64,26 @@ def _worker(argv: list[str]) -> None:
         assistant.document_state(session)  # loads and checks the snapshot
     seconds = time.perf_counter() - started
     snapshots = session.snapshots()
-    print(json.dumps({
-        "seconds": seconds, "tokens": session.document_tokens, "snapshot_bytes": snapshots.nbytes(),
-        "checkpoints": len(snapshots.positions), "peak_rss_mb": _rss_peak_mb(), "rss_after_load_mb": after_load,
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "tokens": session.document_tokens,
+                "snapshot_bytes": snapshots.nbytes(),
+                "checkpoints": len(snapshots.positions),
+                "peak_rss_mb": _rss_peak_mb(),
+                "rss_after_load_mb": after_load,
+            }
+        )
+    )
 
 
 def _run(mode: str, model: Path, document: Path, home: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "kimi_desk.bench.sessions", "--worker", mode, str(model),
-                           str(document), str(home)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kimi_desk.bench.sessions", "--worker", mode, str(model), str(document), str(home)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} of {document.name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -76,7 +91,6 @@ def _run(mode: str, model: Path, document: Path, home: Path) -> dict:
 
 def run_session_benchmark(restore_tokens: int, memory_tokens: list[int], log=print) -> dict:
     import torch
-
     from kimi_desk.bench.cpu import _harness
     from kimi_desk.bench.random_checkpoint import (
         bench_config,
@@ -97,14 +111,22 @@ def run_session_benchmark(restore_tokens: int, memory_tokens: list[int], log=pri
             home = tmp / f"home_{tokens}"
             read = _run("read", model, document, home)
             row = {"target_tokens": tokens, "read": read}
-            log(f"read    {read['tokens']:>8,} tokens: {read['seconds']:.1f} s, peak RSS {read['peak_rss_mb']:.0f} MB, "
-                f"snapshot {read['snapshot_bytes'] / 1e6:.1f} MB")
+            log(
+                f"read    {read['tokens']:>8,} tokens: {read['seconds']:.1f} s, peak RSS {read['peak_rss_mb']:.0f} MB, "
+                f"snapshot {read['snapshot_bytes'] / 1e6:.1f} MB"
+            )
             if tokens == restore_tokens:
                 row["restore"] = _run("restore", model, document, home)
                 log(f"restore {read['tokens']:>8,} tokens: {row['restore']['seconds']:.2f} s")
             rows.append(row)
-    return {"benchmark": "sessions", "date": datetime.date.today().isoformat(), "machine": _harness()._machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+    return {
+        "benchmark": "sessions",
+        "date": datetime.date.today().isoformat(),
+        "machine": _harness()._machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
 
 
 def markdown_table(result: dict) -> str:
@@ -129,10 +151,14 @@ def markdown_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--restore-tokens", type=int, default=100_000,
-                        help="document length for read-against-restore (default: 100000)")
-    parser.add_argument("--memory-tokens", default="25000,50000,100000,200000",
-                        help="comma-separated document lengths for peak memory (default: 25000,50000,100000,200000)")
+    parser.add_argument(
+        "--restore-tokens", type=int, default=100_000, help="document length for read-against-restore (default: 100000)"
+    )
+    parser.add_argument(
+        "--memory-tokens",
+        default="25000,50000,100000,200000",
+        help="comma-separated document lengths for peak memory (default: 25000,50000,100000,200000)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
 
 
@@ -143,8 +169,9 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--memory-tokens must be comma-separated integers, got {args.memory_tokens!r}") from None
     if args.restore_tokens <= 0 or any(t <= 0 for t in memory_tokens):
         raise UserError("document lengths must be positive")
-    result = run_session_benchmark(args.restore_tokens, memory_tokens,
-                                   log=lambda line: print(line, file=sys.stderr, flush=True))
+    result = run_session_benchmark(
+        args.restore_tokens, memory_tokens, log=lambda line: print(line, file=sys.stderr, flush=True)
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown_table(result))

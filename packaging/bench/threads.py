@@ -60,14 +60,15 @@ def synthetic_session(assistant, store, tokens: int, seed: int = 0):
     import hashlib
 
     import torch
-
     from kimi_desk.engine.session import Segment
     from kimi_desk.engine.state import KDAState
 
     model = assistant.model
     session = store.create(f"/synthetic/{tokens}", f"synthetic {tokens:,}", assistant.identity, None)
-    session.update(segments=[Segment("(synthetic)", hashlib.sha256(str(tokens).encode()).hexdigest(), 0, tokens)],
-                   read_position=tokens)
+    session.update(
+        segments=[Segment("(synthetic)", hashlib.sha256(str(tokens).encode()).hexdigest(), 0, tokens)],
+        read_position=tokens,
+    )
     gen = torch.Generator(device=model.device).manual_seed(seed)
     state = model.new_state(1)
     state.reserve(assistant.cache_capacity(tokens))
@@ -77,26 +78,40 @@ def synthetic_session(assistant, store, tokens: int, seed: int = 0):
             layer.recurrent.normal_(0, 0.1, generator=gen)
             continue
         for start in range(0, tokens, block):  # in blocks: no temporary as large as the cache
-            rows = torch.randn(1, min(block, tokens - start), layer.buffer.shape[-1], generator=gen,
-                               device=model.device).to(layer.buffer.dtype)
+            rows = torch.randn(
+                1, min(block, tokens - start), layer.buffer.shape[-1], generator=gen, device=model.device
+            ).to(layer.buffer.dtype)
             layer.append(rows)
     state.position = tokens
     assistant.hold_document_state(session, state)
     return session
 
 
-def measure(assistant, store, context: int, new_tokens: int = 32, log=lambda line: None,
-            questions: tuple[str, ...] = (QUESTION, FOLLOW_UP)) -> dict:
+def measure(
+    assistant,
+    store,
+    context: int,
+    new_tokens: int = 32,
+    log=lambda line: None,
+    questions: tuple[str, ...] = (QUESTION, FOLLOW_UP),
+) -> dict:
     """The memory figures for one context length (see the module doc)."""
     import torch
 
     session = synthetic_session(assistant, store, context)
     document = assistant.document_state(session)
     config = assistant.model.config
-    row_bytes = sum(layer.buffer.shape[-1] * layer.buffer.element_size()
-                    for layer in document.layers if hasattr(layer, "shared"))
-    out = {"context": context, "kda_state_bytes": document.kda_nbytes, "mla_cache_bytes": document.mla_nbytes,
-           "cache_row_bytes": row_bytes, "max_length": config.model_max_length, "questions": []}
+    row_bytes = sum(
+        layer.buffer.shape[-1] * layer.buffer.element_size() for layer in document.layers if hasattr(layer, "shared")
+    )
+    out = {
+        "context": context,
+        "kda_state_bytes": document.kda_nbytes,
+        "mla_cache_bytes": document.mla_nbytes,
+        "cache_row_bytes": row_bytes,
+        "max_length": config.model_max_length,
+        "questions": [],
+    }
     storage = [layer.buffer.data_ptr() for layer in document.layers if hasattr(layer, "shared")]
     thread = None
     for question in questions:
@@ -106,11 +121,19 @@ def measure(assistant, store, context: int, new_tokens: int = 32, log=lambda lin
         thread = events[-1].thread
         tokens = session.thread(thread).tokens
         added = peak["added"]
-        out["questions"].append({"thread_tokens": tokens, "turn_tokens": tokens - before, "peak_added_bytes": added,
-                                 "thread_rows_bytes": tokens * row_bytes,
-                                 "working_set_bytes": added - tokens * row_bytes})
+        out["questions"].append(
+            {
+                "thread_tokens": tokens,
+                "turn_tokens": tokens - before,
+                "peak_added_bytes": added,
+                "thread_rows_bytes": tokens * row_bytes,
+                "working_set_bytes": added - tokens * row_bytes,
+            }
+        )
         log(f"context {context:,}: question with {tokens:,} thread tokens added {added / 2**20:,.1f} MiB")
-    out["document_moved"] = storage != [layer.buffer.data_ptr() for layer in document.layers if hasattr(layer, "shared")]
+    out["document_moved"] = storage != [
+        layer.buffer.data_ptr() for layer in document.layers if hasattr(layer, "shared")
+    ]
     with peak_memory(assistant.model.device) as peak:
         copy = document.clone()
     out["copy_added_bytes"] = peak["added"]
@@ -126,9 +149,8 @@ def build_assistant(config, device: str, dtype, seed: int = 0, quantize: str | N
     """An Assistant on a random model of `config` (its large matrices in `quantize`, as loading would store
     them), with the small test tokenizer (its ids fit any vocabulary)."""
     import torch
-
-    from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.bench.random_checkpoint import random_model, write_small_tokenizer
+    from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.engine.session import Assistant
     from kimi_desk.engine.tokenizer import load_tokenizer
 
@@ -136,56 +158,75 @@ def build_assistant(config, device: str, dtype, seed: int = 0, quantize: str | N
         write_small_tokenizer(folder)
         tokenizer = load_tokenizer(Path(folder))
     with torch.inference_mode():
-        model = fuse_projections(random_model(config, seed=seed, dtype=dtype, device=device,
-                                                      quantize=quantize))
+        model = fuse_projections(random_model(config, seed=seed, dtype=dtype, device=device, quantize=quantize))
     return Assistant(model, tokenizer)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--contexts", default="131072,1000000",
-                        help="document lengths in tokens, comma-separated (default: 131072,1000000)")
+    parser.add_argument(
+        "--contexts",
+        default="131072,1000000",
+        help="document lengths in tokens, comma-separated (default: 131072,1000000)",
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--experts", type=int, default=None,
-                        help="routed experts per MoE layer (default: the 48B model's 256; fewer to fit a smaller card)")
-    parser.add_argument("--small", action="store_true",
-                        help="a 4-layer model with the 48B cache width (576 values a token) instead of the 48B "
-                             "model: the CPU check")
-    parser.add_argument("--quantize", choices=["none", "fp8", "int8", "int4"], default=None,
-                        help="the weights' format (default: fp8 on a GPU, as the 48B model runs on one card; none on "
-                             "the CPU)")
+    parser.add_argument(
+        "--experts",
+        type=int,
+        default=None,
+        help="routed experts per MoE layer (default: the 48B model's 256; fewer to fit a smaller card)",
+    )
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="a 4-layer model with the 48B cache width (576 values a token) instead of the 48B model: the CPU check",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "fp8", "int8", "int4"],
+        default=None,
+        help="the weights' format (default: fp8 on a GPU, as the 48B model runs on one card; none on the CPU)",
+    )
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens of each answer (default 32)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
 
 
 def markdown_table(result: dict) -> str:
     mib = 2**20
-    lines = [f"Thread memory ({result['model']}, {result['device']}, {result['date']}): peak memory a question adds "
-             "over the document state, beside copying that state (what each question did before threads).", "",
-             "| context | document state (KDA + MLA) | question: thread tokens | peak added | of which thread rows "
-             "| fixed working set | copying the state |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Thread memory ({result['model']}, {result['device']}, {result['date']}): peak memory a question adds "
+        "over the document state, beside copying that state (what each question did before threads).",
+        "",
+        "| context | document state (KDA + MLA) | question: thread tokens | peak added | of which thread rows "
+        "| fixed working set | copying the state |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["runs"]:
         for q in r["questions"]:
-            lines.append(f"| {r['context']:,} | {(r['kda_state_bytes'] + r['mla_cache_bytes']) / mib:,.0f} MiB | "
-                         f"{q['thread_tokens']:,} | {q['peak_added_bytes'] / mib:,.1f} MiB | "
-                         f"{q['thread_rows_bytes'] / mib:,.2f} MiB | {q['working_set_bytes'] / mib:,.1f} MiB | "
-                         f"{r['copy_added_bytes'] / mib:,.0f} MiB |")
+            lines.append(
+                f"| {r['context']:,} | {(r['kda_state_bytes'] + r['mla_cache_bytes']) / mib:,.0f} MiB | "
+                f"{q['thread_tokens']:,} | {q['peak_added_bytes'] / mib:,.1f} MiB | "
+                f"{q['thread_rows_bytes'] / mib:,.2f} MiB | {q['working_set_bytes'] / mib:,.1f} MiB | "
+                f"{r['copy_added_bytes'] / mib:,.0f} MiB |"
+            )
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
-
     from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
     from kimi_desk.engine.session import SessionStore
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("kimi-desk: bench threads --device cuda needs a CUDA GPU (--device cpu --small runs the CPU check)",
-              file=sys.stderr)
+        print(
+            "kimi-desk: bench threads --device cuda needs a CUDA GPU (--device cpu --small runs the CPU check)",
+            file=sys.stderr,
+        )
         return 2
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     if args.small:
-        config = tiny_config(vocab_size=1024, kv_lora_rank=512, qk_rope_head_dim=64,
-                             model_max_length=max(contexts) + 32768)
+        config = tiny_config(
+            vocab_size=1024, kv_lora_rank=512, qk_rope_head_dim=64, model_max_length=max(contexts) + 32768
+        )
         label = "4 layers (K K K M), cache rows of the 48B width"
     else:
         config = kimi_linear_48b_config()
@@ -200,8 +241,13 @@ def main(args: argparse.Namespace) -> int:
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     assistant = build_assistant(config, args.device, dtype, quantize=None if quantize == "none" else quantize)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    result = {"model": label, "device": device, "dtype": str(dtype).removeprefix("torch."),
-              "date": datetime.date.today().isoformat(), "runs": []}
+    result = {
+        "model": label,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "date": datetime.date.today().isoformat(),
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory() as home:
         store = SessionStore(Path(home))
         for context in contexts:

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from prepare_corpus import document_segments, read_documents, read_manifest
+from safetensors.torch import load_file, save_file
 
 CACHE_VERSION = "1"
 
@@ -94,8 +93,9 @@ def _encode_documents(tokenizer, documents: list[dict], workers: int):
         pool.close()
 
 
-def tokenize_split(corpus: Path, tokenizer, split: str, cache_dir: Path | None = None, log=print,
-                   workers: int | None = None) -> TokenizedSplit:
+def tokenize_split(
+    corpus: Path, tokenizer, split: str, cache_dir: Path | None = None, log=print, workers: int | None = None
+) -> TokenizedSplit:
     """The split's documents as ids, from the cache when it holds this corpus and tokenizer; encoded
     in `workers` processes (default: one per core, at most 16) when the cache lacks them."""
     workers = min(16, os.cpu_count() or 1) if workers is None else workers
@@ -106,8 +106,14 @@ def tokenize_split(corpus: Path, tokenizer, split: str, cache_dir: Path | None =
     if tensors_path.is_file() and index_path.is_file():
         tensors = load_file(tensors_path)
         index = json.loads(index_path.read_text(encoding="utf-8"))
-        return TokenizedSplit(tensors["tokens"], tensors["segment_offsets"], tensors["document_offsets"],
-                              index["segment_paths"], index["document_roots"], index["document_sources"])
+        return TokenizedSplit(
+            tensors["tokens"],
+            tensors["segment_offsets"],
+            tensors["document_offsets"],
+            index["segment_paths"],
+            index["document_roots"],
+            index["document_sources"],
+        )
 
     flat = array("i")
     segment_offsets, document_offsets = [0], [0]
@@ -124,15 +130,29 @@ def tokenize_split(corpus: Path, tokenizer, split: str, cache_dir: Path | None =
         sources.append(doc["source"])
     dtype = torch.uint16 if tokenizer.vocab_size <= 1 << 16 else torch.int32
     tokens = torch.frombuffer(flat, dtype=torch.int32).clone().to(dtype) if flat else torch.zeros(0, dtype=dtype)
-    split_tokens = TokenizedSplit(tokens, torch.tensor(segment_offsets, dtype=torch.int64),
-                                  torch.tensor(document_offsets, dtype=torch.int64), segment_paths, roots, sources)
+    split_tokens = TokenizedSplit(
+        tokens,
+        torch.tensor(segment_offsets, dtype=torch.int64),
+        torch.tensor(document_offsets, dtype=torch.int64),
+        segment_paths,
+        roots,
+        sources,
+    )
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Caches of an earlier corpus or tokenizer would only take space (and transfer time) from now on.
     for stale in cache_dir.glob(f"{split}-*"):
         stale.unlink()
-    save_file({"tokens": split_tokens.tokens, "segment_offsets": split_tokens.segment_offsets,
-               "document_offsets": split_tokens.document_offsets}, tensors_path)
-    index_path.write_text(json.dumps({"segment_paths": segment_paths, "document_roots": roots,
-                                      "document_sources": sources}), encoding="utf-8")
+    save_file(
+        {
+            "tokens": split_tokens.tokens,
+            "segment_offsets": split_tokens.segment_offsets,
+            "document_offsets": split_tokens.document_offsets,
+        },
+        tensors_path,
+    )
+    index_path.write_text(
+        json.dumps({"segment_paths": segment_paths, "document_roots": roots, "document_sources": sources}),
+        encoding="utf-8",
+    )
     log(f"tokenized the {split} split: {split_tokens.num_tokens:,} tokens in {split_tokens.num_documents} documents")
     return split_tokens

@@ -32,17 +32,15 @@ import time
 from pathlib import Path
 
 import torch
-
 from corpus_tokens import tokenize_split
-from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
-from retrieval_samples import FACT_KINDS
-from task_samples import TaskSampleBuilder, is_correct
-
 from kimi_desk.engine import load_model
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_prompt, stop_token_ids
 from kimi_desk.engine.generate import GREEDY, generate, prefill
 from kimi_desk.engine.ingest import load_path
 from kimi_desk.engine.tokenizer import load_tokenizer
+from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
+from retrieval_samples import FACT_KINDS
+from task_samples import TaskSampleBuilder, is_correct
 
 DEFAULT_MODEL = DEFAULT_CORPUS.parent / "run" / "model"
 
@@ -64,8 +62,7 @@ def sequence_nll(model, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat([loss.reshape(-1) for loss in losses]).cpu()
 
 
-def heldout_perplexity(model, stream: torch.Tensor, tokens: int, context: int, chunk: int,
-                       token_by_token: int) -> dict:
+def heldout_perplexity(model, stream: torch.Tensor, tokens: int, context: int, chunk: int, token_by_token: int) -> dict:
     tokens = min(tokens, stream.numel())
     nll = []
     for start in range(0, tokens - 1, context):
@@ -80,7 +77,9 @@ def heldout_perplexity(model, stream: torch.Tensor, tokens: int, context: int, c
     # The paths round differently in half precision (other kernels, other accumulation orders).
     tolerance = 1e-3 if model.dtype == torch.float32 else 2e-2
     return {
-        "tokens": int(nll.numel()), "context": context, "prefill_chunk": chunk,
+        "tokens": int(nll.numel()),
+        "context": context,
+        "prefill_chunk": chunk,
         "ppl_chunked_prefill": math.exp(float(nll.mean())),
         "token_by_token_tokens": int(stepwise.numel()),
         "ppl_chunked_prefill_on_those": ppl_chunked,
@@ -102,42 +101,91 @@ def run_conversation(model, tokenizer, sample, stops, chunk: int, max_new_tokens
     prefill(model, ids[: sample.document_end], state, chunk_size=chunk)
     turns = []
     for turn, (start, end) in zip(sample.turns, sample.feeds):
-        result = generate(model, ids[start:end], state, max_new_tokens=max_new_tokens, sampling=GREEDY,
-                          stop_token_ids=stops, prefill_chunk_size=chunk)
+        result = generate(
+            model,
+            ids[start:end],
+            state,
+            max_new_tokens=max_new_tokens,
+            sampling=GREEDY,
+            stop_token_ids=stops,
+            prefill_chunk_size=chunk,
+        )
         reply = tokenizer.decode(result.token_ids, skip_special_tokens=True)
-        turns.append({"question": turn.question, "reference": turn.answer, "expected": list(turn.expected),
-                      "any_of": list(turn.any_of), "reply": reply, "correct": is_correct(turn, reply)})
-    return {"task": sample.task, "length": sample.answer_spans[0][0], "depth": None if sample.depth is None
-            else round(sample.depth, 3), **sample.detail, "turns": turns,
-            "correct": turns[-1]["correct"], "seconds": round(time.perf_counter() - began, 2)}
+        turns.append(
+            {
+                "question": turn.question,
+                "reference": turn.answer,
+                "expected": list(turn.expected),
+                "any_of": list(turn.any_of),
+                "reply": reply,
+                "correct": is_correct(turn, reply),
+            }
+        )
+    return {
+        "task": sample.task,
+        "length": sample.answer_spans[0][0],
+        "depth": None if sample.depth is None else round(sample.depth, 3),
+        **sample.detail,
+        "turns": turns,
+        "correct": turns[-1]["correct"],
+        "seconds": round(time.perf_counter() - began, 2),
+    }
 
 
 def _row(name: str, length: int, outcomes: list[dict], log, **extra) -> dict:
     correct = sum(o["correct"] for o in outcomes)
-    log(f"{name} at {length} tokens{''.join(f', {k} {v}' for k, v in extra.items())}: {correct}/{len(outcomes)} "
-        f"({sum(o['seconds'] for o in outcomes):.0f} s)")
-    return {"length": length, **extra, "trials": len(outcomes), "correct": correct,
-            "accuracy": correct / max(1, len(outcomes)), "outcomes": outcomes}
+    log(
+        f"{name} at {length} tokens{''.join(f', {k} {v}' for k, v in extra.items())}: {correct}/{len(outcomes)} "
+        f"({sum(o['seconds'] for o in outcomes):.0f} s)"
+    )
+    return {
+        "length": length,
+        **extra,
+        "trials": len(outcomes),
+        "correct": correct,
+        "accuracy": correct / max(1, len(outcomes)),
+        "outcomes": outcomes,
+    }
 
 
-def needle_table(model, tokenizer, builder, lengths: list[int], trials: int, seed: int, chunk: int,
-                 max_new_tokens: int, log=print) -> list[dict]:
+def needle_table(
+    model, tokenizer, builder, lengths: list[int], trials: int, seed: int, chunk: int, max_new_tokens: int, log=print
+) -> list[dict]:
     """A fact of the first card's kinds at `trials` evenly spread depths, alone and with 3 distractors."""
     stops = stop_token_ids(tokenizer, model.config)
     rows = []
     for length in lengths:
         for distractors in (0, 3):
             rng = random.Random(f"{seed}-{length}-{distractors}")
-            outcomes = [run_conversation(model, tokenizer, builder.needle(length, rng, depth=(t + 0.5) / trials,
-                                                                         distractors=distractors,
-                                                                         kind=rng.choice(FACT_KINDS)),
-                                         stops, chunk, max_new_tokens) for t in range(trials)]
+            outcomes = [
+                run_conversation(
+                    model,
+                    tokenizer,
+                    builder.needle(
+                        length, rng, depth=(t + 0.5) / trials, distractors=distractors, kind=rng.choice(FACT_KINDS)
+                    ),
+                    stops,
+                    chunk,
+                    max_new_tokens,
+                )
+                for t in range(trials)
+            ]
             rows.append(_row("needle", length, outcomes, log, distractors=distractors))
     return rows
 
 
-def task_table(model, tokenizer, builder, tasks: list[str], lengths: list[int], trials: int, seed: int, chunk: int,
-               max_new_tokens: int, log=print) -> list[dict]:
+def task_table(
+    model,
+    tokenizer,
+    builder,
+    tasks: list[str],
+    lengths: list[int],
+    trials: int,
+    seed: int,
+    chunk: int,
+    max_new_tokens: int,
+    log=print,
+) -> list[dict]:
     """`trials` conversations of each task at each length, on held-out folders."""
     stops = stop_token_ids(tokenizer, model.config)
     rows = []
@@ -156,8 +204,10 @@ def task_table(model, tokenizer, builder, tasks: list[str], lengths: list[int], 
     return rows
 
 
-README_QUESTIONS = (("Which command lists the saved sessions?", "kimi-desk sessions list"),
-                    ("Which variable forces the PyTorch kernels?", "KIMI_DESK_KERNELS"))
+README_QUESTIONS = (
+    ("Which command lists the saved sessions?", "kimi-desk sessions list"),
+    ("Which variable forces the PyTorch kernels?", "KIMI_DESK_KERNELS"),
+)
 
 
 @torch.no_grad()
@@ -172,11 +222,26 @@ def readme_table(model, tokenizer, readme: Path, chunk: int, max_new_tokens: int
         state = model.new_state(1)
         began = time.perf_counter()
         prefill(model, prompt.prefix_ids, state, chunk_size=chunk)
-        result = generate(model, prompt.suffix_ids, state, max_new_tokens=max_new_tokens, sampling=GREEDY,
-                          stop_token_ids=stops, prefill_chunk_size=chunk)
+        result = generate(
+            model,
+            prompt.suffix_ids,
+            state,
+            max_new_tokens=max_new_tokens,
+            sampling=GREEDY,
+            stop_token_ids=stops,
+            prefill_chunk_size=chunk,
+        )
         reply = tokenizer.decode(result.token_ids, skip_special_tokens=True)
-        outcomes.append({"question": question, "expected": expected, "reply": reply, "correct": expected in reply,
-                         "length": len(prompt.token_ids), "seconds": round(time.perf_counter() - began, 2)})
+        outcomes.append(
+            {
+                "question": question,
+                "expected": expected,
+                "reply": reply,
+                "correct": expected in reply,
+                "length": len(prompt.token_ids),
+                "seconds": round(time.perf_counter() - began, 2),
+            }
+        )
     correct = sum(o["correct"] for o in outcomes)
     log(f"README questions: {correct}/{len(outcomes)}")
     return {"path": str(readme), "correct": correct, "trials": len(outcomes), "outcomes": outcomes}
@@ -224,21 +289,33 @@ def markdown(results: dict) -> str:
         lines.append(f"| {length:,} | {_cell(row.get(0))} | {_cell(row.get(3))} |")
     if results.get("code"):
         lengths = sorted({r["length"] for r in results["code"]})
-        lines += ["", "### Code questions on held-out code folders", "",
-                  "\"Which file defines X\" (X defined once in the folder; right when the reply holds the path), "
-                  "\"what does the setting/argument default to\" (the literal), \"where is the function that ...\" "
-                  "(from its docstring; right when the reply names the function).", "",
-                  "| question | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |",
-                  "|---|" + "---:|" * len(lengths)]
+        lines += [
+            "",
+            "### Code questions on held-out code folders",
+            "",
+            "\"Which file defines X\" (X defined once in the folder; right when the reply holds the path), "
+            "\"what does the setting/argument default to\" (the literal), \"where is the function that ...\" "
+            "(from its docstring; right when the reply names the function).",
+            "",
+            "| question | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |",
+            "|---|" + "---:|" * len(lengths),
+        ]
         for task in dict.fromkeys(r["task"] for r in results["code"]):
             cells = {r["length"]: r for r in results["code"] if r["task"] == task}
             lines.append(f"| {task} | " + " | ".join(_cell(cells.get(n)) for n in lengths) + " |")
     if results.get("followup"):
-        lines += ["", "### Two-turn follow-ups", "",
-                  "A needle, \"which file defines\" or default question, then a second turn that refers to the "
-                  "answer (\"Which file says so?\", \"What else does that file define?\"); the model's own first "
-                  "reply stays in the state; counted when the second reply is right (first reply right too in "
-                  "brackets).", "", "| context | second reply right | first reply right |", "|---:|---:|---:|"]
+        lines += [
+            "",
+            "### Two-turn follow-ups",
+            "",
+            "A needle, \"which file defines\" or default question, then a second turn that refers to the "
+            "answer (\"Which file says so?\", \"What else does that file define?\"); the model's own first "
+            "reply stays in the state; counted when the second reply is right (first reply right too in "
+            "brackets).",
+            "",
+            "| context | second reply right | first reply right |",
+            "|---:|---:|---:|",
+        ]
         for row in results["followup"]:
             first = sum(o["turns"][0]["correct"] for o in row["outcomes"])
             lines.append(f"| {row['length']:,} | {_cell(row)} | {first}/{row['trials']} |")
@@ -267,19 +344,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     parser.add_argument("--out", type=Path, default=None, help="default: <model>/../eval")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                        help="default: the checkpoint's on CUDA, float32 on the CPU")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer and shorter trials, for a 2-core CPU (about 10 minutes there): 3 trials, needles "
-                             "at 4k and 16k, code questions at 8k, 4 follow-ups, 8k tokens of perplexity")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="default: the checkpoint's on CUDA, float32 on the CPU",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer and shorter trials, for a 2-core CPU (about 10 minutes there): 3 trials, needles "
+        "at 4k and 16k, code questions at 8k, 4 follow-ups, 8k tokens of perplexity",
+    )
     parser.add_argument("--ppl-tokens", type=int, default=None, help="default 65536 (--quick: 8192)")
     parser.add_argument("--ppl-context", type=int, default=4096)
-    parser.add_argument("--ppl-chunk", type=int, default=1024,
-                        help="tokens per model call for perplexity (several per sequence, so the state is handed on)")
-    parser.add_argument("--prefill-chunk", type=int, default=4096, help="tokens per model call for the needles "
-                        "(a session's default)")
+    parser.add_argument(
+        "--ppl-chunk",
+        type=int,
+        default=1024,
+        help="tokens per model call for perplexity (several per sequence, so the state is handed on)",
+    )
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=4096, help="tokens per model call for the needles (a session's default)"
+    )
     parser.add_argument("--token-by-token", type=int, default=None, help="default 512 (--quick: 128)")
-    parser.add_argument("--lengths", default=None, help="needle lengths (default 4096,32768,131072; --quick 4096,16384)")
+    parser.add_argument(
+        "--lengths", default=None, help="needle lengths (default 4096,32768,131072; --quick 4096,16384)"
+    )
     parser.add_argument("--code-lengths", default=None, help="default 8192,32768 (--quick 8192)")
     parser.add_argument("--code-tasks", default="which_file,setting_default,where_function")
     parser.add_argument("--followup-length", type=int, default=4096)
@@ -287,16 +378,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--followup-trials", type=int, default=None, help="default 10 (--quick: 4)")
     parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[2] / "README.md")
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--original-names", action="store_true",
-                        help="ask the code questions about the held-out files as they are, without fresh names, "
-                             "literals and paths")
-    parser.add_argument("--token-cache", type=Path, default=None,
-                        help="where the held-out split's ids are cached (default: <corpus>/tokens)")
+    parser.add_argument(
+        "--original-names",
+        action="store_true",
+        help="ask the code questions about the held-out files as they are, without fresh names, literals and paths",
+    )
+    parser.add_argument(
+        "--token-cache",
+        type=Path,
+        default=None,
+        help="where the held-out split's ids are cached (default: <corpus>/tokens)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
-    defaults = dict(ppl_tokens=(8192, 65536), token_by_token=(128, 512), lengths=("4096,16384", "4096,32768,131072"),
-                    code_lengths=("8192", "8192,32768"), trials=(3, 10), followup_trials=(4, 10))
+    defaults = dict(
+        ppl_tokens=(8192, 65536),
+        token_by_token=(128, 512),
+        lengths=("4096,16384", "4096,32768,131072"),
+        code_lengths=("8192", "8192,32768"),
+        trials=(3, 10),
+        followup_trials=(4, 10),
+    )
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
@@ -308,9 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     heldout = tokenize_split(args.corpus, tokenizer, "heldout", cache_dir=args.token_cache)
     stream = heldout.lm_stream(tokenizer.special_tokens["[EOS]"])
     began = time.perf_counter()
-    results = {"model": str(args.model), "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-               "dtype": str(model.dtype).removeprefix("torch."), "quick": quick,
-               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    results = {
+        "model": str(args.model),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "quick": quick,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
 
     def save() -> None:
         # After every table: a run cut short (a GPU call's time limit) keeps what it measured.
@@ -320,28 +427,48 @@ def main(argv: list[str] | None = None) -> None:
         if "needle" in results:
             (out / "eval.md").write_text(markdown(results), encoding="utf-8")
 
-    results["perplexity"] = heldout_perplexity(model, stream, args.ppl_tokens, args.ppl_context, args.ppl_chunk,
-                                               args.token_by_token)
+    results["perplexity"] = heldout_perplexity(
+        model, stream, args.ppl_tokens, args.ppl_context, args.ppl_chunk, args.token_by_token
+    )
     print(json.dumps(results["perplexity"], indent=2))
     save()
     builder = TaskSampleBuilder(heldout, tokenizer, fresh_names=not args.original_names)
     if args.readme.is_file():
         results["readme"] = readme_table(model, tokenizer, args.readme, args.prefill_chunk, args.max_new_tokens)
     lengths = [int(n) for n in args.lengths.split(",")]
-    results["needle"] = needle_table(model, tokenizer, builder, lengths[:1], args.trials, args.seed,
-                                     args.prefill_chunk, args.max_new_tokens)
+    results["needle"] = needle_table(
+        model, tokenizer, builder, lengths[:1], args.trials, args.seed, args.prefill_chunk, args.max_new_tokens
+    )
     save()
-    results["code"] = task_table(model, tokenizer, builder, args.code_tasks.split(","),
-                                 [int(n) for n in args.code_lengths.split(",")], args.trials, args.seed,
-                                 args.prefill_chunk, args.max_new_tokens)
+    results["code"] = task_table(
+        model,
+        tokenizer,
+        builder,
+        args.code_tasks.split(","),
+        [int(n) for n in args.code_lengths.split(",")],
+        args.trials,
+        args.seed,
+        args.prefill_chunk,
+        args.max_new_tokens,
+    )
     save()
-    results["followup"] = task_table(model, tokenizer, builder, ["followup"], [args.followup_length],
-                                     args.followup_trials, args.seed, args.prefill_chunk, args.max_new_tokens)
+    results["followup"] = task_table(
+        model,
+        tokenizer,
+        builder,
+        ["followup"],
+        [args.followup_length],
+        args.followup_trials,
+        args.seed,
+        args.prefill_chunk,
+        args.max_new_tokens,
+    )
     save()
     # The long needles last: the slowest trials, so a time limit costs the fewest tables.
     for length in lengths[1:]:
-        results["needle"] += needle_table(model, tokenizer, builder, [length], args.trials, args.seed,
-                                          args.prefill_chunk, args.max_new_tokens)
+        results["needle"] += needle_table(
+            model, tokenizer, builder, [length], args.trials, args.seed, args.prefill_chunk, args.max_new_tokens
+        )
         save()
     print(markdown(results))
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and {out / 'replies.jsonl'}")

@@ -28,15 +28,14 @@ import re
 import sys
 from pathlib import Path
 
-from corpus_tokens import tokenize_split
-from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
-from prepare_corpus import read_documents
 import retrieval_samples
-from retrieval_samples import ALL_FACT_KINDS, fact_keys, make_fact
-from task_samples import TaskSampleBuilder
-
+from corpus_tokens import tokenize_split
 from kimi_desk.engine.ingest.render import render_file_block
 from kimi_desk.engine.tokenizer import load_tokenizer
+from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
+from prepare_corpus import read_documents
+from retrieval_samples import ALL_FACT_KINDS, fact_keys, make_fact
+from task_samples import TaskSampleBuilder
 
 TASKS = ("which_file", "where_function", "setting_default", "followup", "needle")
 
@@ -85,8 +84,9 @@ def fact_in_corpus(corpus: CorpusText, task: str, question: str, answer: str, ex
         name = re.search(r"(?:defines |Where is |`)([A-Za-z_]\w*)", question).group(1)
         for definition in (f"def {name}", f"class {name}"):
             for index in corpus.blocks_with(definition):
-                if re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{re.escape(name)}\b", corpus.blocks[index], re.M) \
-                        and _path_matches(expected, corpus.paths[index]):
+                if re.search(
+                    rf"^\s*(?:async\s+)?(?:def|class)\s+{re.escape(name)}\b", corpus.blocks[index], re.M
+                ) and _path_matches(expected, corpus.paths[index]):
                     return True
         return False
     if task == "where_function":
@@ -97,8 +97,10 @@ def fact_in_corpus(corpus: CorpusText, task: str, question: str, answer: str, ex
         parameter = re.search(r"the (\w+) argument of (\w+)|value of (\w+) in (\w+)", question)
         if parameter:
             name, function = [g for g in parameter.groups() if g]
-            pattern = re.compile(rf"def\s+{re.escape(function)}\s*\([^)]*\b{re.escape(name)}\s*(?::[^=,)]*)?=\s*"
-                                 rf"{re.escape(expected)}\s*[,)]")
+            pattern = re.compile(
+                rf"def\s+{re.escape(function)}\s*\([^)]*\b{re.escape(name)}\s*(?::[^=,)]*)?=\s*"
+                rf"{re.escape(expected)}\s*[,)]"
+            )
             return any(pattern.search(corpus.blocks[i]) for i in corpus.blocks_with(f"def {function}"))
         constant = re.search(r"What is (\w+) set to|the setting (\w+) have", question)
         name = next(g for g in constant.groups() if g)
@@ -110,13 +112,15 @@ def fact_in_corpus(corpus: CorpusText, task: str, question: str, answer: str, ex
     raise ValueError(task)
 
 
-def measure_tasks(builder: TaskSampleBuilder, corpus: CorpusText, tokenizer, samples: int, length: int,
-                  seed: int) -> dict:
+def measure_tasks(
+    builder: TaskSampleBuilder, corpus: CorpusText, tokenizer, samples: int, length: int, seed: int
+) -> dict:
     results = {}
     for task in TASKS:
         rng = random.Random(f"{seed}-{task}")
-        counts = dict(samples=0, answer_in_context=0, answer_in_corpus=0, fact_in_corpus=0,
-                      later_turns=0, later_turns_in_corpus=0)
+        counts = dict(
+            samples=0, answer_in_context=0, answer_in_corpus=0, fact_in_corpus=0, later_turns=0, later_turns_in_corpus=0
+        )
         for _ in range(4 * samples):
             if counts["samples"] == samples:
                 break
@@ -133,7 +137,9 @@ def measure_tasks(builder: TaskSampleBuilder, corpus: CorpusText, tokenizer, sam
                 key = sample.detail.get("key") or _needle_key(first.question)
                 counts["fact_in_corpus"] += fact_in_corpus(corpus, "needle", first.question, key, first.expected[0])
             else:
-                counts["fact_in_corpus"] += fact_in_corpus(corpus, kind, first.question, first.answer, first.expected[0])
+                counts["fact_in_corpus"] += fact_in_corpus(
+                    corpus, kind, first.question, first.answer, first.expected[0]
+                )
             for turn in sample.turns[1:]:
                 counts["later_turns"] += 1
                 strings = list(turn.expected) + list(turn.any_of)
@@ -151,7 +157,9 @@ def _first_kind(question: str) -> str:
 
 
 def _needle_key(question: str) -> str:
-    match = re.search(r"service (\S+)\?|the (\S+) vault|the (\S+) module|project (\S+) launch|the (\S+)_limit", question)
+    match = re.search(
+        r"service (\S+)\?|the (\S+) vault|the (\S+) module|project (\S+) launch|the (\S+)_limit", question
+    )
     return next((g for g in match.groups() if g), "") if match else ""
 
 
@@ -176,19 +184,27 @@ def pool_sizes() -> dict:
     if hasattr(retrieval_samples, "space_sizes"):
         return retrieval_samples.space_sizes()
     syllables = len(retrieval_samples._SYLLABLES)
-    keys = syllables ** 2 + syllables ** 3
+    keys = syllables**2 + syllables**3
     return {
         "port": {"keys": keys, "values": 65535 - 1024 + 1},
-        "code": {"keys": keys, "values": 24 ** 3 * 9000},
-        "maintainer": {"keys": keys, "values": len(retrieval_samples._FIRST_NAMES) * len(retrieval_samples._LAST_NAMES)},
+        "code": {"keys": keys, "values": 24**3 * 9000},
+        "maintainer": {
+            "keys": keys,
+            "values": len(retrieval_samples._FIRST_NAMES) * len(retrieval_samples._LAST_NAMES),
+        },
         "date": {"keys": keys, "values": 12 * 28 * 15},
         "setting": {"keys": keys, "values": 98 + 9900},
         # The value is the tool, the question's noun and the action's one verb: only the tool is looked up.
-        "command": {"keys": keys * len(retrieval_samples._ACTIONS) * len(retrieval_samples._NOUNS), "values": keys,
-                    "values_given_the_question": 1},
-        "variable": {"keys": keys * len(retrieval_samples._THINGS),
-                     "values": keys * len(retrieval_samples._VARIABLE_WORDS),
-                     "values_given_the_tool": len(retrieval_samples._VARIABLE_WORDS)},
+        "command": {
+            "keys": keys * len(retrieval_samples._ACTIONS) * len(retrieval_samples._NOUNS),
+            "values": keys,
+            "values_given_the_question": 1,
+        },
+        "variable": {
+            "keys": keys * len(retrieval_samples._THINGS),
+            "values": keys * len(retrieval_samples._VARIABLE_WORDS),
+            "values_given_the_tool": len(retrieval_samples._VARIABLE_WORDS),
+        },
     }
 
 
@@ -196,15 +212,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     parser.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parents[2] / "assets" / "model")
-    parser.add_argument("--token-cache", type=Path, default=None,
-                        help="where the token cache is read and written (default: <corpus>/tokens)")
+    parser.add_argument(
+        "--token-cache",
+        type=Path,
+        default=None,
+        help="where the token cache is read and written (default: <corpus>/tokens)",
+    )
     parser.add_argument("--split", default="train", help="the split the samples are built from")
     parser.add_argument("--samples", type=int, default=200, help="samples per task")
     parser.add_argument("--length", type=int, default=4096, help="tokens per sample")
     parser.add_argument("--needle-draws", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--original-names", action="store_true",
-                        help="build the code questions over the files as they are (no fresh names or paths)")
+    parser.add_argument(
+        "--original-names",
+        action="store_true",
+        help="build the code questions over the files as they are (no fresh names or paths)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -214,23 +237,35 @@ def main(argv: list[str] | None = None) -> None:
     except TypeError:  # a generator without the option
         builder = TaskSampleBuilder(split, tokenizer)
     corpus = CorpusText(args.corpus, "train")
-    results = {"split": args.split, "length": args.length, "original_names": args.original_names,
-               "tasks": measure_tasks(builder, corpus, tokenizer, args.samples, args.length, args.seed),
-               "needle_spaces": needle_spaces(args.needle_draws, args.seed)}
-    print(f"samples built from the {args.split} split at {args.length} tokens, checked against the training text "
-          f"({len(corpus.blocks):,} files, {len(corpus.text) / 1e6:.1f} M characters)")
-    print(f"{'task':<16} {'n':>4} {'in context':>11} {'in corpus':>10} {'fact in corpus':>15} {'later turns in corpus':>22}")
+    results = {
+        "split": args.split,
+        "length": args.length,
+        "original_names": args.original_names,
+        "tasks": measure_tasks(builder, corpus, tokenizer, args.samples, args.length, args.seed),
+        "needle_spaces": needle_spaces(args.needle_draws, args.seed),
+    }
+    print(
+        f"samples built from the {args.split} split at {args.length} tokens, checked against the training text "
+        f"({len(corpus.blocks):,} files, {len(corpus.text) / 1e6:.1f} M characters)"
+    )
+    print(
+        f"{'task':<16} {'n':>4} {'in context':>11} {'in corpus':>10} {'fact in corpus':>15} {'later turns in corpus':>22}"
+    )
     for task, c in results["tasks"].items():
         n = max(1, c["samples"])
         later = f"{c['later_turns_in_corpus']}/{c['later_turns']}" if c["later_turns"] else "-"
-        print(f"{task:<16} {c['samples']:>4} {c['answer_in_context'] / n:>11.0%} {c['answer_in_corpus'] / n:>10.0%} "
-              f"{c['fact_in_corpus'] / n:>15.0%} {later:>22}")
+        print(
+            f"{task:<16} {c['samples']:>4} {c['answer_in_context'] / n:>11.0%} {c['answer_in_corpus'] / n:>10.0%} "
+            f"{c['fact_in_corpus'] / n:>15.0%} {later:>22}"
+        )
     print(f"\n{'needle kind':<12} {'keys (pool)':>14} {'values (pool)':>16} {'distinct keys / values in draws':>34}")
     for kind, s in results["needle_spaces"].items():
         extra = {k: v for k, v in s.items() if k.startswith("values_given")}
-        print(f"{kind:<12} {s['keys']:>14.3g} {s['values']:>16.3g} "
-              f"{s['distinct_keys_in_draws']:>16} / {s['distinct_values_in_draws']:<6} of {s['draws']}"
-              + (f"  {extra}" if extra else ""))
+        print(
+            f"{kind:<12} {s['keys']:>14.3g} {s['values']:>16.3g} "
+            f"{s['distinct_keys_in_draws']:>16} / {s['distinct_values_in_draws']:<6} of {s['draws']}"
+            + (f"  {extra}" if extra else "")
+        )
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

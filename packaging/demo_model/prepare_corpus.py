@@ -82,8 +82,13 @@ class Source:
 def stdlib_source() -> Source:
     stdlib = sysconfig.get_paths()["stdlib"]
     return Source(
-        name="cpython-stdlib", root="cpython", license="PSF-2.0", package=None, folder=stdlib,
-        patterns=("**/*.py",), copyright=str(Path(stdlib) / "LICENSE.txt"),
+        name="cpython-stdlib",
+        root="cpython",
+        license="PSF-2.0",
+        package=None,
+        folder=stdlib,
+        patterns=("**/*.py",),
+        copyright=str(Path(stdlib) / "LICENSE.txt"),
         # Installed third-party packages are not the standard library, and idlelib/turtledemo are
         # GUI programs whose text is mostly widget plumbing.
         exclude=("site-packages/*", "dist-packages/*", "idlelib/*", "turtledemo/*", "lib2to3/tests/data/*"),
@@ -91,25 +96,83 @@ def stdlib_source() -> Source:
 
 
 DEBIAN_SOURCES = (
-    Source("python-docs", "python-docs", "PSF-2.0", "python3.11-doc", "usr/share/doc/python3.11/html/_sources",
-           ("**/*.rst.txt",), "usr/share/doc/python3.11-doc/copyright"),
-    Source("django", "django", "BSD-3-Clause", "python3-django", "usr/lib/python3/dist-packages/django",
-           ("**/*.py",), "usr/share/doc/python3-django/copyright"),
-    Source("twisted", "twisted", "MIT", "python3-twisted", "usr/lib/python3/dist-packages/twisted",
-           ("**/*.py",), "usr/share/doc/python3-twisted/copyright"),
-    Source("sqlalchemy", "sqlalchemy", "MIT", "python3-sqlalchemy", "usr/lib/python3/dist-packages/sqlalchemy",
-           ("**/*.py",), "usr/share/doc/python3-sqlalchemy/copyright"),
-    Source("postgresql-docs", "postgresql-15-manual", "PostgreSQL", "postgresql-doc-15",
-           "usr/share/doc/postgresql-doc-15/html", ("**/*.html",), "usr/share/doc/postgresql-doc-15/copyright",
-           html=True),
-    Source("django-docs", "django-docs", "BSD-3-Clause", "python-django-doc", "usr/share/doc/python-django-doc/html",
-           ("**/*.html",), "usr/share/doc/python-django-doc/copyright", exclude=("_modules/*", "genindex*", "py-modindex*"),
-           html=True),
-    Source("sqlite-docs", "sqlite-docs", "public-domain", "sqlite3-doc", "usr/share/doc/sqlite3",
-           ("**/*.html",), "usr/share/doc/sqlite3-doc/copyright", html=True),
-    Source("debian-reference", "debian-reference", "GPL-2.0-or-later", "debian-reference-en",
-           "usr/share/debian-reference", ("*.en.txt.gz",), "usr/share/doc/debian-reference-en/copyright",
-           copyleft=True),
+    Source(
+        "python-docs",
+        "python-docs",
+        "PSF-2.0",
+        "python3.11-doc",
+        "usr/share/doc/python3.11/html/_sources",
+        ("**/*.rst.txt",),
+        "usr/share/doc/python3.11-doc/copyright",
+    ),
+    Source(
+        "django",
+        "django",
+        "BSD-3-Clause",
+        "python3-django",
+        "usr/lib/python3/dist-packages/django",
+        ("**/*.py",),
+        "usr/share/doc/python3-django/copyright",
+    ),
+    Source(
+        "twisted",
+        "twisted",
+        "MIT",
+        "python3-twisted",
+        "usr/lib/python3/dist-packages/twisted",
+        ("**/*.py",),
+        "usr/share/doc/python3-twisted/copyright",
+    ),
+    Source(
+        "sqlalchemy",
+        "sqlalchemy",
+        "MIT",
+        "python3-sqlalchemy",
+        "usr/lib/python3/dist-packages/sqlalchemy",
+        ("**/*.py",),
+        "usr/share/doc/python3-sqlalchemy/copyright",
+    ),
+    Source(
+        "postgresql-docs",
+        "postgresql-15-manual",
+        "PostgreSQL",
+        "postgresql-doc-15",
+        "usr/share/doc/postgresql-doc-15/html",
+        ("**/*.html",),
+        "usr/share/doc/postgresql-doc-15/copyright",
+        html=True,
+    ),
+    Source(
+        "django-docs",
+        "django-docs",
+        "BSD-3-Clause",
+        "python-django-doc",
+        "usr/share/doc/python-django-doc/html",
+        ("**/*.html",),
+        "usr/share/doc/python-django-doc/copyright",
+        exclude=("_modules/*", "genindex*", "py-modindex*"),
+        html=True,
+    ),
+    Source(
+        "sqlite-docs",
+        "sqlite-docs",
+        "public-domain",
+        "sqlite3-doc",
+        "usr/share/doc/sqlite3",
+        ("**/*.html",),
+        "usr/share/doc/sqlite3-doc/copyright",
+        html=True,
+    ),
+    Source(
+        "debian-reference",
+        "debian-reference",
+        "GPL-2.0-or-later",
+        "debian-reference-en",
+        "usr/share/debian-reference",
+        ("*.en.txt.gz",),
+        "usr/share/doc/debian-reference-en/copyright",
+        copyleft=True,
+    ),
 )
 
 
@@ -133,8 +196,10 @@ class Document:
         return sum(len(f["text"]) for f in self.files)
 
     def to_json(self) -> str:
-        return json.dumps({"id": self.id, "source": self.source, "license": self.license, "root": self.root,
-                           "files": self.files}, ensure_ascii=False)
+        return json.dumps(
+            {"id": self.id, "source": self.source, "license": self.license, "root": self.root, "files": self.files},
+            ensure_ascii=False,
+        )
 
 
 def document_segments(doc: dict) -> list[str]:
@@ -142,7 +207,9 @@ def document_segments(doc: dict) -> list[str]:
     then one block per file. Each segment ends with a newline and the next starts with "==>", so
     encoding them one by one gives the ids of encoding their concatenation."""
     paths = [f["path"] for f in doc["files"]]
-    return [render_folder_preamble(doc["root"], paths)] + [render_file_block(f["path"], f["text"]) for f in doc["files"]]
+    return [render_folder_preamble(doc["root"], paths)] + [
+        render_file_block(f["path"], f["text"]) for f in doc["files"]
+    ]
 
 
 def render_document(doc: dict) -> str:
@@ -195,8 +262,9 @@ def source_files(source: Source, folder: Path) -> Iterator[tuple[str, str]]:
     yield from sorted(kept, key=lambda item: reading_order_key(item[0]))
 
 
-def group_documents(source: Source, files: Iterable[tuple[str, str]], max_chars: int,
-                    seen: set[str]) -> Iterator[Document]:
+def group_documents(
+    source: Source, files: Iterable[tuple[str, str]], max_chars: int, seen: set[str]
+) -> Iterator[Document]:
     """Files of one folder, in reading order, cut into documents of at most `max_chars` (a larger file
     is a document by itself). `seen` holds the hashes of texts already taken: exact duplicates (empty
     __init__ files, licence headers copied across packages) are kept once."""
@@ -231,8 +299,10 @@ def fetch_debian_package(package: str, work: Path) -> tuple[Path, dict]:
         result = subprocess.run(["apt-get", "download", package], cwd=downloads, capture_output=True, text=True)
         debs = sorted(downloads.glob(f"{package}_*.deb"))
         if not debs:
-            raise SystemExit(f"prepare_corpus: could not download {package} with apt-get "
-                             f"(try `apt-get update` first): {result.stderr.strip().splitlines()[-1:]}")
+            raise SystemExit(
+                f"prepare_corpus: could not download {package} with apt-get "
+                f"(try `apt-get update` first): {result.stderr.strip().splitlines()[-1:]}"
+            )
     deb = debs[-1]
     unpacked = work / "unpacked" / package
     if not unpacked.is_dir():
@@ -241,10 +311,15 @@ def fetch_debian_package(package: str, work: Path) -> tuple[Path, dict]:
         temporary.mkdir(parents=True)
         subprocess.run(["dpkg", "-x", str(deb), str(temporary)], check=True)
         temporary.rename(unpacked)
-    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    origin = {"debian_package": package, "version": version, "deb": deb.name,
-              "deb_sha256": hashlib.sha256(deb.read_bytes()).hexdigest()}
+    version = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    origin = {
+        "debian_package": package,
+        "version": version,
+        "deb": deb.name,
+        "deb_sha256": hashlib.sha256(deb.read_bytes()).hexdigest(),
+    }
     return unpacked, origin
 
 
@@ -276,7 +351,7 @@ class ShardWriter:
         name = f"{self.split}-{len(self.shards):05d}{suffix}"
         path = self.out / name
         # mtime=0 keeps compressed shards byte-identical from one run to the next.
-        self._handle = (gzip.GzipFile(path, "wb", mtime=0) if self.compress else open(path, "wb"))
+        self._handle = gzip.GzipFile(path, "wb", mtime=0) if self.compress else open(path, "wb")
         self.shards.append({"name": name, "documents": 0, "text_bytes": 0})
         self._bytes = 0
 
@@ -299,9 +374,16 @@ class ShardWriter:
             self._handle = None
 
 
-def build_corpus(sources: list[Source], out: Path, work: Path, heldout_fraction: float = 0.03,
-                 max_document_chars: int = 200_000, shard_bytes: int = 32 << 20, compress: bool = False,
-                 log=print) -> dict:
+def build_corpus(
+    sources: list[Source],
+    out: Path,
+    work: Path,
+    heldout_fraction: float = 0.03,
+    max_document_chars: int = 200_000,
+    shard_bytes: int = 32 << 20,
+    compress: bool = False,
+    log=print,
+) -> dict:
     """Write shards, licences and the manifest for `sources` into `out`; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("train-*.jsonl*"), *out.glob("heldout-*.jsonl*")]:
@@ -316,9 +398,19 @@ def build_corpus(sources: list[Source], out: Path, work: Path, heldout_fraction:
             raise SystemExit(f"prepare_corpus: {source.name}: {folder} is not a folder")
         license_copy = f"licenses/{source.name}.txt"
         shutil.copyfile(copyright_file, out / license_copy)
-        record = {"name": source.name, "license": source.license, "copyleft": source.copyleft, **origin,
-                  "license_file": license_copy, "documents": 0, "files": 0, "text_bytes": 0,
-                  "heldout_documents": 0, "heldout_files": 0, "heldout_text_bytes": 0}
+        record = {
+            "name": source.name,
+            "license": source.license,
+            "copyleft": source.copyleft,
+            **origin,
+            "license_file": license_copy,
+            "documents": 0,
+            "files": 0,
+            "text_bytes": 0,
+            "heldout_documents": 0,
+            "heldout_files": 0,
+            "heldout_text_bytes": 0,
+        }
         for doc in group_documents(source, source_files(source, folder), max_document_chars, seen):
             split = "heldout" if is_heldout(doc.id, heldout_fraction) else "train"
             writers[split].write(doc)
@@ -327,8 +419,10 @@ def build_corpus(sources: list[Source], out: Path, work: Path, heldout_fraction:
             record[f"{prefix}files"] += len(doc.files)
             record[f"{prefix}text_bytes"] += sum(len(f["text"].encode("utf-8")) for f in doc.files)
         source_records.append(record)
-        log(f"{source.name}: {record['documents']} train / {record['heldout_documents']} held-out documents, "
-            f"{(record['text_bytes'] + record['heldout_text_bytes']) / 1e6:.1f} MB of text ({source.license})")
+        log(
+            f"{source.name}: {record['documents']} train / {record['heldout_documents']} held-out documents, "
+            f"{(record['text_bytes'] + record['heldout_text_bytes']) / 1e6:.1f} MB of text ({source.license})"
+        )
     for writer in writers.values():
         writer.close()
     if not writers["heldout"].shards:
@@ -380,8 +474,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="downloaded and unpacked packages (kept)")
-    parser.add_argument("--sources", default=None,
-                        help="comma-separated source names (default: every permissive source)")
+    parser.add_argument(
+        "--sources", default=None, help="comma-separated source names (default: every permissive source)"
+    )
     parser.add_argument("--include-copyleft", action="store_true", help="also GPL text (the Debian Reference)")
     parser.add_argument("--heldout-fraction", type=float, default=0.03)
     parser.add_argument("--max-document-chars", type=int, default=200_000)
@@ -396,10 +491,13 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"prepare_corpus: unknown source {unknown[0]} (known: {', '.join(known)})")
         sources = [known[name] for name in wanted]
-    manifest = build_corpus(sources, args.out, args.work, args.heldout_fraction, args.max_document_chars,
-                            args.shard_mb << 20, args.gzip)
+    manifest = build_corpus(
+        sources, args.out, args.work, args.heldout_fraction, args.max_document_chars, args.shard_mb << 20, args.gzip
+    )
     for split, info in manifest["splits"].items():
-        print(f"{split}: {info['documents']} documents, {info['text_bytes'] / 1e6:.1f} MB in {len(info['shards'])} shards")
+        print(
+            f"{split}: {info['documents']} documents, {info['text_bytes'] / 1e6:.1f} MB in {len(info['shards'])} shards"
+        )
     print(f"wrote {args.out / 'manifest.json'}")
 
 

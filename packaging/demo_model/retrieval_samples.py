@@ -21,32 +21,198 @@ import random
 from dataclasses import dataclass, field
 
 from corpus_tokens import TokenizedSplit
-
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, IM_END, document_head_ids, document_text, question_ids
 from kimi_desk.engine.ingest.listing import reading_order_key
 from kimi_desk.engine.ingest.render import render_file_block, render_folder_preamble
 
 # Keys, names and made-up words are drawn from spaces far larger than the facts a run plants (tens of
 # thousands), so that a key and its value are never seen together twice: a value can only be read.
-_SYLLABLES = ("ka", "lo", "mi", "ren", "ta", "vo", "zu", "shi", "bar", "nel", "qui", "dor", "fen", "gal",
-              "hu", "jin", "kor", "lum", "mar", "nox", "pra", "sel", "tir", "ul", "vex", "wyn", "yor", "zen",
-              "bri", "cas", "del", "esk", "fio", "gro", "hal", "ith", "jum", "kel", "lor", "mun", "nim", "oth",
-              "pel", "rav", "sun", "tob", "ury", "vin", "wal", "xan", "yel", "zor", "ab", "eb", "ob", "ag")
-_FIRST_NAMES = ("Mira", "Tomas", "Aiko", "Kwame", "Lena", "Ravi", "Sofia", "Jonas", "Ines", "Omar",
-                "Hana", "Piotr", "Zara", "Mateo", "Yuki", "Nadia", "Elias", "Chen", "Amara", "Felix",
-                "Aino", "Bruno", "Carmen", "Dmitri", "Esra", "Farid", "Greta", "Hugo", "Ilse", "Jamal",
-                "Keiko", "Lars", "Maya", "Nils", "Olga", "Pablo", "Quinn", "Rosa", "Sven", "Tariq",
-                "Ugo", "Vera", "Wen", "Ximena", "Yara", "Zoltan", "Anil", "Bea", "Cyril", "Dalia")
-_LAST_NAMES = ("Okafor", "Lindqvist", "Tanaka", "Moreau", "Novak", "Haddad", "Petrov", "Silva",
-               "Kowalski", "Nguyen", "Fischer", "Mensah", "Rossi", "Kaur", "Duarte", "Ivanova",
-               "Abara", "Berg", "Castillo", "Dvorak", "Eriksen", "Fujita", "Garcia", "Horvat", "Ito",
-               "Jensen", "Kim", "Larsen", "Mbeki", "Nakamura", "Oliveira", "Park", "Quispe", "Rahman",
-               "Sato", "Toth", "Urban", "Varga", "Weber", "Yilmaz", "Zhou", "Adler", "Bauer", "Costa")
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
-           "October", "November", "December")
-_COMMENT_PREFIX = {".py": "# ", ".sh": "# ", ".toml": "# ", ".yaml": "# ", ".yml": "# ", ".rb": "# ",
-                   ".c": "// ", ".h": "// ", ".js": "// ", ".ts": "// ", ".go": "// ", ".rs": "// ",
-                   ".java": "// ", ".sql": "-- "}
+_SYLLABLES = (
+    "ka",
+    "lo",
+    "mi",
+    "ren",
+    "ta",
+    "vo",
+    "zu",
+    "shi",
+    "bar",
+    "nel",
+    "qui",
+    "dor",
+    "fen",
+    "gal",
+    "hu",
+    "jin",
+    "kor",
+    "lum",
+    "mar",
+    "nox",
+    "pra",
+    "sel",
+    "tir",
+    "ul",
+    "vex",
+    "wyn",
+    "yor",
+    "zen",
+    "bri",
+    "cas",
+    "del",
+    "esk",
+    "fio",
+    "gro",
+    "hal",
+    "ith",
+    "jum",
+    "kel",
+    "lor",
+    "mun",
+    "nim",
+    "oth",
+    "pel",
+    "rav",
+    "sun",
+    "tob",
+    "ury",
+    "vin",
+    "wal",
+    "xan",
+    "yel",
+    "zor",
+    "ab",
+    "eb",
+    "ob",
+    "ag",
+)
+_FIRST_NAMES = (
+    "Mira",
+    "Tomas",
+    "Aiko",
+    "Kwame",
+    "Lena",
+    "Ravi",
+    "Sofia",
+    "Jonas",
+    "Ines",
+    "Omar",
+    "Hana",
+    "Piotr",
+    "Zara",
+    "Mateo",
+    "Yuki",
+    "Nadia",
+    "Elias",
+    "Chen",
+    "Amara",
+    "Felix",
+    "Aino",
+    "Bruno",
+    "Carmen",
+    "Dmitri",
+    "Esra",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ilse",
+    "Jamal",
+    "Keiko",
+    "Lars",
+    "Maya",
+    "Nils",
+    "Olga",
+    "Pablo",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tariq",
+    "Ugo",
+    "Vera",
+    "Wen",
+    "Ximena",
+    "Yara",
+    "Zoltan",
+    "Anil",
+    "Bea",
+    "Cyril",
+    "Dalia",
+)
+_LAST_NAMES = (
+    "Okafor",
+    "Lindqvist",
+    "Tanaka",
+    "Moreau",
+    "Novak",
+    "Haddad",
+    "Petrov",
+    "Silva",
+    "Kowalski",
+    "Nguyen",
+    "Fischer",
+    "Mensah",
+    "Rossi",
+    "Kaur",
+    "Duarte",
+    "Ivanova",
+    "Abara",
+    "Berg",
+    "Castillo",
+    "Dvorak",
+    "Eriksen",
+    "Fujita",
+    "Garcia",
+    "Horvat",
+    "Ito",
+    "Jensen",
+    "Kim",
+    "Larsen",
+    "Mbeki",
+    "Nakamura",
+    "Oliveira",
+    "Park",
+    "Quispe",
+    "Rahman",
+    "Sato",
+    "Toth",
+    "Urban",
+    "Varga",
+    "Weber",
+    "Yilmaz",
+    "Zhou",
+    "Adler",
+    "Bauer",
+    "Costa",
+)
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
+_COMMENT_PREFIX = {
+    ".py": "# ",
+    ".sh": "# ",
+    ".toml": "# ",
+    ".yaml": "# ",
+    ".yml": "# ",
+    ".rb": "# ",
+    ".c": "// ",
+    ".h": "// ",
+    ".js": "// ",
+    ".ts": "// ",
+    ".go": "// ",
+    ".rs": "// ",
+    ".java": "// ",
+    ".sql": "-- ",
+}
 
 
 @dataclass(frozen=True)
@@ -101,22 +267,59 @@ def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
         # The subcommand's verb is one of several for the action: the question does not give it away.
         tool, action, noun = key.split("|")
         value = f"{tool} {noun} {rng.choice(_ACTIONS[action][0])}"
-        statement = rng.choice((f"`{value}` {action} the saved {noun}.",
-                                f"Run `{value}` to {_ACTIONS[action][1]} the saved {noun}.",
-                                f"The command `{value}` {action} the saved {noun}."))
-        return Fact(kind, key, value, statement, f"Which command {action} the saved {noun}?",
-                    f"`{value}` {action} the saved {noun}.")
+        statement = rng.choice(
+            (
+                f"`{value}` {action} the saved {noun}.",
+                f"Run `{value}` to {_ACTIONS[action][1]} the saved {noun}.",
+                f"The command `{value}` {action} the saved {noun}.",
+            )
+        )
+        return Fact(
+            kind,
+            key,
+            value,
+            statement,
+            f"Which command {action} the saved {noun}?",
+            f"`{value}` {action} the saved {noun}.",
+        )
     if kind == "variable":
         # key: "TOOL|thing"; the README's kind of line (KIMI_DESK_KERNELS=torch forces the PyTorch kernels).
         tool, thing = key.split("|")
         value = f"{tool}_{rng.choice(_VARIABLE_WORDS)}"
-        setting = rng.choice(("torch", "1", "cpu", "plain", "0", "safe", "eager", "on", "yes", "off", "strict",
-                              "fast", "2", "auto", random_key(rng)))
-        statement = rng.choice((f"`{value}={setting}` forces the {thing}.",
-                                f"Set {value}={setting} to force the {thing}.",
-                                f"Environment: `{value}={setting}` forces the {thing} everywhere."))
-        return Fact(kind, key, value, statement, f"Which variable forces the {thing}?",
-                    f"`{value}={setting}` forces the {thing}.")
+        setting = rng.choice(
+            (
+                "torch",
+                "1",
+                "cpu",
+                "plain",
+                "0",
+                "safe",
+                "eager",
+                "on",
+                "yes",
+                "off",
+                "strict",
+                "fast",
+                "2",
+                "auto",
+                random_key(rng),
+            )
+        )
+        statement = rng.choice(
+            (
+                f"`{value}={setting}` forces the {thing}.",
+                f"Set {value}={setting} to force the {thing}.",
+                f"Environment: `{value}={setting}` forces the {thing} everywhere.",
+            )
+        )
+        return Fact(
+            kind,
+            key,
+            value,
+            statement,
+            f"Which variable forces the {thing}?",
+            f"`{value}={setting}` forces the {thing}.",
+        )
     raise ValueError(f"unknown fact kind {kind!r}")
 
 
@@ -126,23 +329,110 @@ FACT_KINDS = ("port", "code", "maintainer", "date", "setting")
 DOC_FACT_KINDS = ("command", "variable")
 ALL_FACT_KINDS = FACT_KINDS + DOC_FACT_KINDS
 # action: (the subcommand's verbs, the infinitive)
-_ACTIONS = {"lists": (("list", "ls", "all", "index"), "list"), "deletes": (("rm", "delete", "remove", "drop"), "delete"),
-            "exports": (("export", "dump", "out"), "export"), "imports": (("import", "load", "in"), "import"),
-            "shows": (("show", "info", "view", "cat"), "show"), "renames": (("rename", "mv", "move"), "rename"),
-            "archives": (("archive", "pack", "stash"), "archive"), "restores": (("restore", "unpack", "revert"), "restore"),
-            "checks": (("check", "verify", "lint", "test"), "check"), "prunes": (("prune", "gc", "clean"), "prune"),
-            "syncs": (("sync", "push", "mirror"), "sync"), "locks": (("lock", "freeze", "pin"), "lock")}
-_NOUNS = ("sessions", "snapshots", "models", "caches", "bookmarks", "jobs", "profiles", "plugins", "workspaces",
-          "notes", "reports", "backups", "queries", "layouts", "keys", "themes", "recordings", "indexes", "drafts",
-          "answers", "folders", "tags", "filters", "logs")
-_THINGS = ("PyTorch kernels", "CPU path", "debug log", "offline mode", "plain renderer", "safe loader",
-           "legacy parser", "single thread", "compact output", "slow decoder", "fp32 weights", "eager mode",
-           "Triton kernels", "GPU path", "verbose log", "dry run", "colour output", "strict checks", "old tokenizer",
-           "slow path", "bf16 weights", "lazy loading", "proxy mode", "local cache")
-_VARIABLE_WORDS = ("KERNELS", "BACKEND", "DEVICE", "MODE", "DEBUG", "OFFLINE", "THREADS", "RENDER", "LOADER",
-                   "PARSER", "DTYPE", "EAGER", "PLAIN", "SAFE", "CUDA_GRAPH", "CACHE", "PATH", "HOME", "LEVEL",
-                   "FORCE", "ENGINE", "PROFILE", "TRACE", "STRICT", "COLOR", "LOG", "WORKERS", "IMPL", "FLAGS",
-                   "RUNTIME", "TARGET", "ARCH", "OUTPUT", "CONFIG", "DRIVER", "POLICY")
+_ACTIONS = {
+    "lists": (("list", "ls", "all", "index"), "list"),
+    "deletes": (("rm", "delete", "remove", "drop"), "delete"),
+    "exports": (("export", "dump", "out"), "export"),
+    "imports": (("import", "load", "in"), "import"),
+    "shows": (("show", "info", "view", "cat"), "show"),
+    "renames": (("rename", "mv", "move"), "rename"),
+    "archives": (("archive", "pack", "stash"), "archive"),
+    "restores": (("restore", "unpack", "revert"), "restore"),
+    "checks": (("check", "verify", "lint", "test"), "check"),
+    "prunes": (("prune", "gc", "clean"), "prune"),
+    "syncs": (("sync", "push", "mirror"), "sync"),
+    "locks": (("lock", "freeze", "pin"), "lock"),
+}
+_NOUNS = (
+    "sessions",
+    "snapshots",
+    "models",
+    "caches",
+    "bookmarks",
+    "jobs",
+    "profiles",
+    "plugins",
+    "workspaces",
+    "notes",
+    "reports",
+    "backups",
+    "queries",
+    "layouts",
+    "keys",
+    "themes",
+    "recordings",
+    "indexes",
+    "drafts",
+    "answers",
+    "folders",
+    "tags",
+    "filters",
+    "logs",
+)
+_THINGS = (
+    "PyTorch kernels",
+    "CPU path",
+    "debug log",
+    "offline mode",
+    "plain renderer",
+    "safe loader",
+    "legacy parser",
+    "single thread",
+    "compact output",
+    "slow decoder",
+    "fp32 weights",
+    "eager mode",
+    "Triton kernels",
+    "GPU path",
+    "verbose log",
+    "dry run",
+    "colour output",
+    "strict checks",
+    "old tokenizer",
+    "slow path",
+    "bf16 weights",
+    "lazy loading",
+    "proxy mode",
+    "local cache",
+)
+_VARIABLE_WORDS = (
+    "KERNELS",
+    "BACKEND",
+    "DEVICE",
+    "MODE",
+    "DEBUG",
+    "OFFLINE",
+    "THREADS",
+    "RENDER",
+    "LOADER",
+    "PARSER",
+    "DTYPE",
+    "EAGER",
+    "PLAIN",
+    "SAFE",
+    "CUDA_GRAPH",
+    "CACHE",
+    "PATH",
+    "HOME",
+    "LEVEL",
+    "FORCE",
+    "ENGINE",
+    "PROFILE",
+    "TRACE",
+    "STRICT",
+    "COLOR",
+    "LOG",
+    "WORKERS",
+    "IMPL",
+    "FLAGS",
+    "RUNTIME",
+    "TARGET",
+    "ARCH",
+    "OUTPUT",
+    "CONFIG",
+    "DRIVER",
+    "POLICY",
+)
 
 
 def space_sizes() -> dict:
@@ -154,14 +444,20 @@ def space_sizes() -> dict:
     verbs = sum(len(verbs) for verbs, _ in _ACTIONS.values()) / len(_ACTIONS)
     return {
         "port": {"keys": keys, "values": 65535 - 1024 + 1},
-        "code": {"keys": keys, "values": 24 ** 3 * 9000},
+        "code": {"keys": keys, "values": 24**3 * 9000},
         "maintainer": {"keys": keys, "values": len(_FIRST_NAMES) * surnames},
         "date": {"keys": keys, "values": 12 * 28 * 80},
         "setting": {"keys": keys, "values": 98 + 9900 + 990000},
-        "command": {"keys": tools * len(_ACTIONS) * len(_NOUNS), "values": tools * verbs,
-                    "values_given_the_question": tools * verbs},
-        "variable": {"keys": tools * len(_THINGS), "values": tools * len(_VARIABLE_WORDS),
-                     "values_given_the_tool": len(_VARIABLE_WORDS)},
+        "command": {
+            "keys": tools * len(_ACTIONS) * len(_NOUNS),
+            "values": tools * verbs,
+            "values_given_the_question": tools * verbs,
+        },
+        "variable": {
+            "keys": tools * len(_THINGS),
+            "values": tools * len(_VARIABLE_WORDS),
+            "values_given_the_tool": len(_VARIABLE_WORDS),
+        },
     }
 
 
@@ -246,22 +542,30 @@ class RetrievalSampleBuilder:
                 self.documents_by_source.setdefault(source, []).append(document)
         if not self.documents_by_source:
             raise ValueError("no documents to build retrieval samples from")
-        self.source_roots = {split.document_sources[d]: split.document_roots[d]
-                             for docs in self.documents_by_source.values() for d in docs}
+        self.source_roots = {
+            split.document_sources[d]: split.document_roots[d]
+            for docs in self.documents_by_source.values()
+            for d in docs
+        }
         # Plain lists: this runs per sample, and indexing tensors one element at a time is slow.
         self.segment_lengths = (split.segment_offsets[1:] - split.segment_offsets[:-1]).tolist()
-        self.file_segments = {d: list(split.document_segment_range(d))[1:]
-                              for docs in self.documents_by_source.values() for d in docs}
+        self.file_segments = {
+            d: list(split.document_segment_range(d))[1:] for docs in self.documents_by_source.values() for d in docs
+        }
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, allow_special=False)
 
     def _block_text(self, file: _File) -> str:
-        return file.text if file.text is not None else self.tokenizer.decode(self.split.segment_ids(file.segment).tolist())
+        return (
+            file.text if file.text is not None else self.tokenizer.decode(self.split.segment_ids(file.segment).tolist())
+        )
 
     def _block_ids(self, file: _File) -> list[int]:
         if file.ids is None:
-            file.ids = self._encode(file.text) if file.text is not None else self.split.segment_ids(file.segment).tolist()
+            file.ids = (
+                self._encode(file.text) if file.text is not None else self.split.segment_ids(file.segment).tolist()
+            )
         return file.ids
 
     def _block_length(self, file: _File) -> int:
@@ -291,9 +595,15 @@ class RetrievalSampleBuilder:
                 break
         return chosen, len({source for source, _ in chosen}) > 1
 
-    def build(self, total_tokens: int, rng: random.Random, depth: float | None = None,
-              num_distractors: int | None = None, system: str | None = DEFAULT_SYSTEM_PROMPT,
-              kind: str | None = None) -> RetrievalSample:
+    def build(
+        self,
+        total_tokens: int,
+        rng: random.Random,
+        depth: float | None = None,
+        num_distractors: int | None = None,
+        system: str | None = DEFAULT_SYSTEM_PROMPT,
+        kind: str | None = None,
+    ) -> RetrievalSample:
         """A sample of at most `total_tokens` ids (a few tokens less when no file fits the last gap)."""
         kind = kind or rng.choice(FACT_KINDS)
         num_distractors = rng.randint(0, 3) if num_distractors is None else num_distractors
@@ -333,8 +643,16 @@ class RetrievalSampleBuilder:
         input_ids = head + document + question + answer
         document_start, document_end = len(head), len(head) + len(document)
         fact_position = self._statement_position(files, blocks, tree, planted_path, fact, document_start)
-        return RetrievalSample(input_ids, len(input_ids) - len(answer), document_start, document_end, fact,
-                               fact_position, distractors, planted_path)
+        return RetrievalSample(
+            input_ids,
+            len(input_ids) - len(answer),
+            document_start,
+            document_end,
+            fact,
+            fact_position,
+            distractors,
+            planted_path,
+        )
 
     def _files(self, picked: list[tuple[str, int]], multi_source: bool) -> list[_File]:
         files = []

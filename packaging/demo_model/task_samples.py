@@ -36,12 +36,17 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from retrieval_samples import _SYLLABLES, ALL_FACT_KINDS, RetrievalSampleBuilder, _File
-
-from kimi_desk.engine.chat import (DEFAULT_SYSTEM_PROMPT, IM_END, chat_token_ids, document_head_ids, document_text,
-                                   question_ids)
+from kimi_desk.engine.chat import (
+    DEFAULT_SYSTEM_PROMPT,
+    IM_END,
+    chat_token_ids,
+    document_head_ids,
+    document_text,
+    question_ids,
+)
 from kimi_desk.engine.ingest.listing import reading_order_key
 from kimi_desk.engine.ingest.render import render_file_block, render_folder_preamble
+from retrieval_samples import _SYLLABLES, ALL_FACT_KINDS, RetrievalSampleBuilder, _File
 
 CODE_SOURCES = ("cpython-stdlib", "django", "twisted", "sqlalchemy")
 TASKS = ("needle", "which_file", "where_function", "setting_default", "followup")
@@ -50,8 +55,11 @@ DEFAULT_MIX = {"needle": 0.35, "which_file": 0.2, "where_function": 0.1, "settin
 
 _TOP_LEVEL_DEF = re.compile(r"^(?:async\s+def|def|class)\s+([A-Za-z_]\w*)", re.M)
 _ANY_DEF = r"(?:def|class)\s+{}\b"
-_DOCSTRING = re.compile(r"^[ \t]*(?:async\s+)?def\s+(\w+)\s*\((?:[^()]|\([^()]*\))*\)[^:\n]*:[ \t]*\n[ \t]*[rRuU]?(?:\"\"\"|''')"
-                        r"[ \t]*([A-Z][^\n]*?)[ \t]*$", re.M)
+_DOCSTRING = re.compile(
+    r"^[ \t]*(?:async\s+)?def\s+(\w+)\s*\((?:[^()]|\([^()]*\))*\)[^:\n]*:[ \t]*\n[ \t]*[rRuU]?(?:\"\"\"|''')"
+    r"[ \t]*([A-Z][^\n]*?)[ \t]*$",
+    re.M,
+)
 _SIGNATURE = re.compile(r"^[ \t]*(?:async\s+)?def\s+(\w+)\s*\(([^)\n]*)\)", re.M)
 _LITERAL = r"(-?\d+(?:\.\d+)?|'[^'\n,]{1,24}'|\"[^\"\n,]{1,24}\"|True|False|None)"
 _PARAMETER = re.compile(r"\s*(\w+)\s*(?::\s*[^=]+?)?\s*=\s*" + _LITERAL + r"\s*")
@@ -59,11 +67,13 @@ _CONSTANT = re.compile(r"^([A-Z][A-Z0-9_]{2,})\s*=\s*" + _LITERAL + r"\s*$", re.
 
 
 # Docstrings that start with one of these read as "the function that returns ...".
-_IMPERATIVES = frozenset("""Return Create Get Set Check Make Build Compute Convert Parse Read Write Test Add Remove
+_IMPERATIVES = frozenset(
+    """Return Create Get Set Check Make Build Compute Convert Parse Read Write Test Add Remove
 Find Load Save Open Close Handle Run Call Send Start Stop Update Generate Print Format Validate Ensure Verify Apply
 Initialize Register Yield Extract Encode Decode Connect Clean Reset Wrap Raise Emit Process Fetch Render Resolve
 Determine Construct Install Insert Delete Append Copy Move Retrieve Translate Normalize List Show Compare Split
-Join Sort Count Wait Accept Reject Release Acquire Lookup Serialize Deserialize Quote Unquote Strip""".split())
+Join Sort Count Wait Accept Reject Release Acquire Lookup Serialize Deserialize Quote Unquote Strip""".split()
+)
 
 
 _CAMEL_PART = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z0-9]+")
@@ -118,7 +128,7 @@ def fresh_literal(value: str, rng: random.Random) -> str:
         new = f"{rng.randint(0, 10 ** len(whole) - 1)}.{rng.randint(0, 10 ** len(fraction) - 1):0{len(fraction)}d}"
     else:
         width = max(1, min(len(digits) + rng.choice((0, 0, 1)), 7))
-        new = str(rng.randint(0 if width == 1 else 10 ** (width - 1), 10 ** width - 1))
+        new = str(rng.randint(0 if width == 1 else 10 ** (width - 1), 10**width - 1))
     if sign + new == value:
         return fresh_literal(value, rng)
     return sign + new
@@ -133,6 +143,7 @@ def fresh_prefix(rng: random.Random) -> str:
 class Disguise:
     """How a code sample's folder is changed: names renamed in every file, exact edits in one file, every
     path under a prefix."""
+
     renames: dict[str, str] = field(default_factory=dict)
     edits: list[tuple[str, int, str, str]] = field(default_factory=list)  # (path, offset, old text, new text)
     prefix: str = ""
@@ -147,8 +158,9 @@ class Disguise:
                     raise AssertionError(f"{old!r} is not at {at} in {path}")
                 text = text[:at] + new + text[at + len(old) :]
         if self.renames:
-            pattern = re.compile(r"\b(" + "|".join(re.escape(n) for n in sorted(self.renames, key=len, reverse=True))
-                                 + r")\b")
+            pattern = re.compile(
+                r"\b(" + "|".join(re.escape(n) for n in sorted(self.renames, key=len, reverse=True)) + r")\b"
+            )
             text = pattern.sub(lambda m: self.renames[m.group(1)], text)
         return text
 
@@ -209,8 +221,14 @@ def third_person(verb: str) -> str:
 class TaskSampleBuilder:
     """Task samples of at most a given number of tokens, from a tokenized corpus split."""
 
-    def __init__(self, split, tokenizer, mix: dict[str, float] | None = None, fresh_names: bool = True,
-                 code_sources: tuple[str, ...] = CODE_SOURCES):
+    def __init__(
+        self,
+        split,
+        tokenizer,
+        mix: dict[str, float] | None = None,
+        fresh_names: bool = True,
+        code_sources: tuple[str, ...] = CODE_SOURCES,
+    ):
         self.tokenizer = tokenizer
         self.fresh_names = fresh_names  # disguise the code samples (module docstring); off: the files as they are
         self.im_end = tokenizer.special_tokens[IM_END]
@@ -243,8 +261,16 @@ class TaskSampleBuilder:
         start = len(head)
         return TaskSample(task, ids, spans, feeds, start, start + len(document), turns)
 
-    def _folder(self, builder: RetrievalSampleBuilder, total: int, reserve: int, rng: random.Random, system,
-                make_turns, task: str) -> TaskSample:
+    def _folder(
+        self,
+        builder: RetrievalSampleBuilder,
+        total: int,
+        reserve: int,
+        rng: random.Random,
+        system,
+        make_turns,
+        task: str,
+    ) -> TaskSample:
         """A folder of real files filling `total` tokens with the turns `make_turns(files, bodies, rng,
         disguise)` asks; the turns' names and paths are the disguised ones, which the files get here."""
         head = document_head_ids(self.tokenizer, system)
@@ -258,8 +284,10 @@ class TaskSampleBuilder:
             disguise = Disguise(prefix=fresh_prefix(rng)) if self.fresh_names else Disguise()
             turns = make_turns(files, bodies, rng, disguise)
             if disguise.prefix or disguise.renames or disguise.edits:
-                files = sorted((self._disguised(builder, f, bodies[f.path], disguise) for f in files),
-                               key=lambda f: reading_order_key(f.path))
+                files = sorted(
+                    (self._disguised(builder, f, bodies[f.path], disguise) for f in files),
+                    key=lambda f: reading_order_key(f.path),
+                )
             root = "workspace" if multi_source else builder.source_roots[picked[0][0]]
             tree = render_folder_preamble(root, [f.path for f in files])
             blocks = [builder._block_ids(f) for f in files[:-1]]
@@ -267,8 +295,12 @@ class TaskSampleBuilder:
             document = self._encode(tree) + [i for block in blocks for i in block]
             sample = self._assemble(task, head, document, turns)
             if len(sample.input_ids) <= total:
-                sample.detail = {"root": root, "prefix": disguise.prefix, "renames": dict(disguise.renames),
-                                 "literals": [(old, new) for _, _, old, new in disguise.edits]}
+                sample.detail = {
+                    "root": root,
+                    "prefix": disguise.prefix,
+                    "renames": dict(disguise.renames),
+                    "literals": [(old, new) for _, _, old, new in disguise.edits],
+                }
                 return sample
             tree_share += len(sample.input_ids) - total + 16
         raise NoQuestion(f"cannot fit a {task} sample into {total} tokens")
@@ -300,14 +332,23 @@ class TaskSampleBuilder:
 
     # -- the tasks --------------------------------------------------------------------------------
 
-    def needle(self, total: int, rng: random.Random, depth: float | None = None, distractors: int | None = None,
-               kind: str | None = None, system=DEFAULT_SYSTEM_PROMPT, followup: bool = False) -> TaskSample:
+    def needle(
+        self,
+        total: int,
+        rng: random.Random,
+        depth: float | None = None,
+        distractors: int | None = None,
+        kind: str | None = None,
+        system=DEFAULT_SYSTEM_PROMPT,
+        followup: bool = False,
+    ) -> TaskSample:
         if distractors is None:
             distractors = rng.choice((0, 1, 2, 3, 3, 3))
         kind = kind or rng.choice(ALL_FACT_KINDS)
         reserve = 48 if followup else 0
-        sample = self.needles.build(total - reserve, rng, depth=depth, num_distractors=distractors, system=system,
-                                    kind=kind)
+        sample = self.needles.build(
+            total - reserve, rng, depth=depth, num_distractors=distractors, system=system, kind=kind
+        )
         fact = sample.fact
         turns = [Turn(fact.question, fact.answer, (fact.value,))]
         if followup:
@@ -324,9 +365,14 @@ class TaskSampleBuilder:
         def make_turns(files, bodies, rng, disguise):
             defined = {path: _TOP_LEVEL_DEF.findall(body) for path, body in bodies.items() if path.endswith(".py")}
             everything = "\n".join(bodies.values())
-            once = {name for names in defined.values() for name in names
-                    if len(name) >= 4 and not name.startswith("_")
-                    and len(re.findall(_ANY_DEF.format(re.escape(name)), everything)) == 1}
+            once = {
+                name
+                for names in defined.values()
+                for name in names
+                if len(name) >= 4
+                and not name.startswith("_")
+                and len(re.findall(_ANY_DEF.format(re.escape(name)), everything)) == 1
+            }
             candidates = sorted((name, path) for path, names in defined.items() for name in names if name in once)
             if followup:
                 candidates = [(n, p) for n, p in candidates if len(set(defined[p]) & once - {n}) > 0]
@@ -336,17 +382,31 @@ class TaskSampleBuilder:
             others = [n for n in dict.fromkeys(defined[path]) if n != name and n in once] if followup else []
             self._rename(disguise, [name, *others], everything, rng)
             new, where = disguise.renames.get(name, name), disguise.path(path)
-            question = rng.choice((f"Which file defines {new}?", f"Where is {new} defined?",
-                                   f"In which file is `{new}` defined?"))
+            question = rng.choice(
+                (f"Which file defines {new}?", f"Where is {new} defined?", f"In which file is `{new}` defined?")
+            )
             turns = [Turn(question, f"{new} is defined in {where}.", (where,))]
             if followup:
                 others = [disguise.renames.get(n, n) for n in others]
-                turns.append(Turn(rng.choice(("What else does that file define?", "What else is defined there?")),
-                                  f"It also defines {', '.join(others[:3])}.", (), tuple(others)))
+                turns.append(
+                    Turn(
+                        rng.choice(("What else does that file define?", "What else is defined there?")),
+                        f"It also defines {', '.join(others[:3])}.",
+                        (),
+                        tuple(others),
+                    )
+                )
             return turns
 
-        return self._folder(self._code_builder(), total, 160 if followup else 96, rng, system, make_turns,
-                            "followup" if followup else "which_file")
+        return self._folder(
+            self._code_builder(),
+            total,
+            160 if followup else 96,
+            rng,
+            system,
+            make_turns,
+            "followup" if followup else "which_file",
+        )
 
     def where_function(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT):
         def make_turns(files, bodies, rng, disguise):
@@ -356,11 +416,15 @@ class TaskSampleBuilder:
                 for name, line in _DOCSTRING.findall(body):
                     line = re.sub(r"(\"\"\"|''')\s*$", "", line).strip()
                     words = line.split()
-                    if (12 <= len(line) <= 90 and len(words) >= 3 and words[0].isalpha()
-                            and everything.count(line) == 1 and not name.startswith("__")
-                            # renamed, the name must be one function's
-                            and (not self.fresh_names
-                                 or len(re.findall(_ANY_DEF.format(re.escape(name)), everything)) == 1)):
+                    if (
+                        12 <= len(line) <= 90
+                        and len(words) >= 3
+                        and words[0].isalpha()
+                        and everything.count(line) == 1
+                        and not name.startswith("__")
+                        # renamed, the name must be one function's
+                        and (not self.fresh_names or len(re.findall(_ANY_DEF.format(re.escape(name)), everything)) == 1)
+                    ):
                         candidates.append((name, path, line))
             if not candidates:
                 raise NoQuestion("no documented function")
@@ -405,7 +469,8 @@ class TaskSampleBuilder:
             # Mostly values that cannot be guessed from the kind alone (None, True, False can).
             telling = [c for c in candidates if c[0] not in ("None", "True", "False")]
             value, path, kind, name, function, (a, b) = rng.choice(
-                sorted(telling if telling and rng.random() < 0.85 else candidates))
+                sorted(telling if telling and rng.random() < 0.85 else candidates)
+            )
             if self.fresh_names:
                 # A fresh literal in the one place it is defined, and fresh names for what the question names
                 # (a dunder method keeps its name: the fresh literal is enough).
@@ -421,17 +486,31 @@ class TaskSampleBuilder:
                 answer = f"{name} is set to {value} in {where}."
             else:
                 function = disguise.renames.get(function, function)
-                question = rng.choice((f"What does the {name} argument of {function} default to?",
-                                       f"What is the default value of {name} in {function}?"))
+                question = rng.choice(
+                    (
+                        f"What does the {name} argument of {function} default to?",
+                        f"What is the default value of {name} in {function}?",
+                    )
+                )
                 answer = f"{name} defaults to {value} in {function}."
             turns = [Turn(question, answer, (value,))]
             if followup:
-                turns.append(Turn(rng.choice(("Which file is that in?", "In which file is that?")),
-                                  f"It is in {where}.", (where,)))
+                turns.append(
+                    Turn(
+                        rng.choice(("Which file is that in?", "In which file is that?")), f"It is in {where}.", (where,)
+                    )
+                )
             return turns
 
-        return self._folder(self._code_builder(), total, 160 if followup else 96, rng, system, make_turns,
-                            "followup" if followup else "setting_default")
+        return self._folder(
+            self._code_builder(),
+            total,
+            160 if followup else 96,
+            rng,
+            system,
+            make_turns,
+            "followup" if followup else "setting_default",
+        )
 
     def followup(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT):
         first = rng.choice(("needle", "which_file", "setting_default"))
@@ -444,8 +523,9 @@ class TaskSampleBuilder:
 
     # -- drawing ----------------------------------------------------------------------------------
 
-    def build(self, task: str, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT,
-              followup: bool = False) -> TaskSample:
+    def build(
+        self, task: str, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT, followup: bool = False
+    ) -> TaskSample:
         """One sample of `task`; a needle when the folder drawn has nothing to ask (after 3 draws)."""
         for _ in range(3):
             try:

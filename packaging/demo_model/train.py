@@ -39,18 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from corpus_tokens import tokenize_split
-from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
-from task_samples import DEFAULT_MIX, TaskSampleBuilder
-from train_tokenizer import DEFAULT_OUT as DEFAULT_TOKENIZER, model_vocab_size
-from training_forward import select_kda_function, training_hidden, weighted_lm_loss
-
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.model import KimiLinearForCausalLM
 from kimi_desk.engine.tokenizer import load_tokenizer
 from kimi_desk.engine.weights import build_on_meta, load_model, materialize, save_checkpoint
+from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
+from task_samples import DEFAULT_MIX, TaskSampleBuilder
+from train_tokenizer import DEFAULT_OUT as DEFAULT_TOKENIZER
+from train_tokenizer import model_vocab_size
+from training_forward import select_kda_function, training_hidden, weighted_lm_loss
 
 DEFAULT_RUN = DEFAULT_CORPUS.parent / "run"
 EXPORT_RESERVE_S = 30  # the final evaluation and the export after the clock runs out
@@ -72,21 +71,58 @@ def demo_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, tiny: bo
     plus a shared one keep the MoE structure at a quarter of the expert compute.
     """
     common = dict(
-        vocab_size=vocab_size, rms_norm_eps=1e-5, mla_use_nope=True, short_conv_kernel_size=4,
-        num_shared_experts=1, first_k_dense_replace=1, moe_layer_freq=1, moe_renormalize=True,
-        moe_router_activation_func="sigmoid", routed_scaling_factor=1.0, model_max_length=1 << 20,
-        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, dtype="bfloat16",
+        vocab_size=vocab_size,
+        rms_norm_eps=1e-5,
+        mla_use_nope=True,
+        short_conv_kernel_size=4,
+        num_shared_experts=1,
+        first_k_dense_replace=1,
+        moe_layer_freq=1,
+        moe_renormalize=True,
+        moe_router_activation_func="sigmoid",
+        routed_scaling_factor=1.0,
+        model_max_length=1 << 20,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        dtype="bfloat16",
     )
     if tiny:
-        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, kda_layers=[1, 2, 3],
-                     full_attn_layers=[4], num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
-                     qk_rope_head_dim=8, v_head_dim=16, kda_num_heads=2, kda_head_dim=32, num_experts=4,
-                     num_experts_per_token=2, moe_intermediate_size=32)
+        shape = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            kda_layers=[1, 2, 3],
+            full_attn_layers=[4],
+            num_attention_heads=2,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            kda_num_heads=2,
+            kda_head_dim=32,
+            num_experts=4,
+            num_experts_per_token=2,
+            moe_intermediate_size=32,
+        )
     else:
-        shape = dict(hidden_size=320, intermediate_size=960, num_hidden_layers=8, kda_layers=[1, 2, 3, 5, 6, 7],
-                     full_attn_layers=[4, 8], num_attention_heads=5, kv_lora_rank=128, qk_nope_head_dim=64,
-                     qk_rope_head_dim=32, v_head_dim=64, kda_num_heads=5, kda_head_dim=64, num_experts=8,
-                     num_experts_per_token=2, moe_intermediate_size=160)
+        shape = dict(
+            hidden_size=320,
+            intermediate_size=960,
+            num_hidden_layers=8,
+            kda_layers=[1, 2, 3, 5, 6, 7],
+            full_attn_layers=[4, 8],
+            num_attention_heads=5,
+            kv_lora_rank=128,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            kda_num_heads=5,
+            kda_head_dim=64,
+            num_experts=8,
+            num_experts_per_token=2,
+            moe_intermediate_size=160,
+        )
     config = KimiLinearConfig(**common, **shape)
     config.validate()
     return config
@@ -142,8 +178,13 @@ def parameter_counts(model: KimiLinearForCausalLM) -> dict:
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     embedding = model.model.embed_tokens.weight.numel()
     active = total - embedding - experts + experts * config.num_experts_per_token // config.num_experts
-    return {"total": total, "embedding": embedding, "lm_head": model.lm_head.weight.numel(),
-            "routed_experts": experts, "active_per_token_without_embedding": active}
+    return {
+        "total": total,
+        "embedding": embedding,
+        "lm_head": model.lm_head.weight.numel(),
+        "routed_experts": experts,
+        "active_per_token_without_embedding": active,
+    }
 
 
 def flops_per_token(config: KimiLinearConfig, context: int, active_params: int) -> float:
@@ -177,8 +218,9 @@ class Batch:
 
     def to(self, device) -> "Batch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(self.kind, move(self.input_ids), move(self.targets), move(self.answer_weights),
-                     move(self.document_weights))
+        return Batch(
+            self.kind, move(self.input_ids), move(self.targets), move(self.answer_weights), move(self.document_weights)
+        )
 
 
 def lm_batch(stream: torch.Tensor, rows: int, context: int, gen: torch.Generator) -> Batch:
@@ -189,8 +231,15 @@ def lm_batch(stream: torch.Tensor, rows: int, context: int, gen: torch.Generator
     return Batch("lm", windows[:, :-1], windows[:, 1:], torch.zeros(rows, context), ones)
 
 
-def retrieval_batch(builder: TaskSampleBuilder, rows: int, context: int, rng: random.Random, pad_id: int,
-                    system_prompts: list[str | None], document_weight: float = 0.0) -> Batch:
+def retrieval_batch(
+    builder: TaskSampleBuilder,
+    rows: int,
+    context: int,
+    rng: random.Random,
+    pad_id: int,
+    system_prompts: list[str | None],
+    document_weight: float = 0.0,
+) -> Batch:
     """Task conversations (task_samples.py) of at most `context` tokens, padded at the end (padding is
     never a target, and the causal model never lets it reach earlier positions). The answer weights
     cover every reply of a conversation; the document weights (`document_weight` on its tokens, 0 by
@@ -225,8 +274,16 @@ class RetrievalSteps:
     """Optimizer steps of retrieval conversations, the contexts taken in turn (across loader workers too:
     worker w of n builds turns w, w + n, ...; the loader hands their steps out in that order)."""
 
-    def __init__(self, builder: TaskSampleBuilder, contexts: list[int], micro_batch_tokens: int,
-                 micro_steps: int, pad_id: int, seed: int, document_weight: float = 0.0):
+    def __init__(
+        self,
+        builder: TaskSampleBuilder,
+        contexts: list[int],
+        micro_batch_tokens: int,
+        micro_steps: int,
+        pad_id: int,
+        seed: int,
+        document_weight: float = 0.0,
+    ):
         self.builder, self.contexts, self.micro_batch_tokens = builder, contexts, micro_batch_tokens
         self.micro_steps, self.pad_id, self.seed = micro_steps, pad_id, seed
         self.document_weight = document_weight
@@ -238,8 +295,10 @@ class RetrievalSteps:
         context = self.contexts[self.turn % len(self.contexts)]
         self.turn += workers
         rows = max(1, self.micro_batch_tokens // context)
-        return [retrieval_batch(self.builder, rows, context, self.rng, self.pad_id, SYSTEM_PROMPTS,
-                                self.document_weight) for _ in range(self.micro_steps)]
+        return [
+            retrieval_batch(self.builder, rows, context, self.rng, self.pad_id, SYSTEM_PROMPTS, self.document_weight)
+            for _ in range(self.micro_steps)
+        ]
 
 
 class _StepStream(torch.utils.data.IterableDataset):
@@ -263,8 +322,13 @@ class StepSource:
         self._make_step = make_step
         self._iterator = None
         if workers > 0:
-            loader = torch.utils.data.DataLoader(_StepStream(make_step), batch_size=None, num_workers=workers,
-                                                 prefetch_factor=4, multiprocessing_context="fork")
+            loader = torch.utils.data.DataLoader(
+                _StepStream(make_step),
+                batch_size=None,
+                num_workers=workers,
+                prefetch_factor=4,
+                multiprocessing_context="fork",
+            )
             self._iterator = iter(loader)
 
     def next(self) -> list[Batch]:
@@ -326,8 +390,9 @@ class Trainer:
         self.args, self.model, self.kda_fn, self.device = args, model, kda_fn, device
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
         fused = device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr,
-                                           betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused
+        )
         self.trainable = [p for p in model.parameters() if p.requires_grad]
 
     def _hidden(self, batch: Batch, counts: dict | None) -> torch.Tensor:
@@ -402,8 +467,13 @@ class Trainer:
 # -- output ----------------------------------------------------------------------------------------
 
 
-def export_model(model: KimiLinearForCausalLM, tokenizer_json: Path, path: Path, dtype=torch.bfloat16,
-                 max_shard_bytes: int | None = None) -> int:
+def export_model(
+    model: KimiLinearForCausalLM,
+    tokenizer_json: Path,
+    path: Path,
+    dtype=torch.bfloat16,
+    max_shard_bytes: int | None = None,
+) -> int:
     """The model in the official layout at `dtype` (the gate scalars, conv taps and selection bias stay
     fp32, as the engine keeps them), with tokenizer.json beside it; returns the folder's size in bytes."""
     config = dataclasses.replace(model.config, dtype=str(dtype).removeprefix("torch."))
@@ -434,9 +504,11 @@ def plot_log(log_path: Path, out_dir: Path) -> list[Path]:
         by_step = {r["step"]: r["eval"] for r in evals}
         for r in steps:
             e = by_step.get(r["step"], {})
-            out.write(f"{r['step']},{r['stage']},{r['loss']:.5f},{r.get('answer_loss', '')},"
-                      f"{e.get('heldout_lm_loss', '')},{e.get('heldout_answer_loss', '')},"
-                      f"{e.get('heldout_answer_exact', '')}\n")
+            out.write(
+                f"{r['step']},{r['stage']},{r['loss']:.5f},{r.get('answer_loss', '')},"
+                f"{e.get('heldout_lm_loss', '')},{e.get('heldout_answer_loss', '')},"
+                f"{e.get('heldout_answer_exact', '')}\n"
+            )
     written = [csv]
     try:
         import matplotlib
@@ -454,9 +526,15 @@ def plot_log(log_path: Path, out_dir: Path) -> list[Path]:
     left.set_xlabel("step"), left.set_ylabel("nats/token"), left.legend(), left.set_title("language modelling")
     right.plot([r["step"] for r in rt], [r["answer_loss"] for r in rt], lw=0.8, label="train answer loss")
     held = [r for r in evals if "heldout_answer_loss" in r["eval"]]
-    right.plot([r["step"] for r in held], [r["eval"]["heldout_answer_loss"] for r in held], "o-", label="held-out answer loss")
-    right.plot([r["step"] for r in held], [r["eval"]["heldout_answer_exact"] for r in held], "s--",
-               label="held-out answer exact (teacher-forced)")
+    right.plot(
+        [r["step"] for r in held], [r["eval"]["heldout_answer_loss"] for r in held], "o-", label="held-out answer loss"
+    )
+    right.plot(
+        [r["step"] for r in held],
+        [r["eval"]["heldout_answer_exact"] for r in held],
+        "s--",
+        label="held-out answer exact (teacher-forced)",
+    )
     right.set_xlabel("step"), right.legend(), right.set_title("retrieval")
     fig.tight_layout()
     png = out_dir / "loss_curve.png"
@@ -472,37 +550,62 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="folder with tokenizer.json")
-    parser.add_argument("--token-cache", type=Path, default=None,
-                        help="where the corpus's ids are cached (default: <corpus>/tokens)")
+    parser.add_argument(
+        "--token-cache", type=Path, default=None, help="where the corpus's ids are cached (default: <corpus>/tokens)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_RUN)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a 4-layer model, short contexts: a smoke run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init-from", type=Path, default=None,
-                        help="start from this checkpoint folder's weights (same config), e.g. assets/model")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this checkpoint folder's weights (same config), e.g. assets/model",
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="steps in all (default: fit the time budget)")
-    parser.add_argument("--time-budget-minutes", type=float, default=17.0,
-                        help="wall-clock minutes from the start to the last step (setup and evaluations "
-                             "included; the export and the curve come after)")
+    parser.add_argument(
+        "--time-budget-minutes",
+        type=float,
+        default=17.0,
+        help="wall-clock minutes from the start to the last step (setup and evaluations "
+        "included; the export and the curve come after)",
+    )
     parser.add_argument("--retrieval-fraction", type=float, default=0.35, help="share of the steps in stage (b)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="tokens per optimizer step")
     parser.add_argument("--micro-batch-tokens", type=int, default=None, help="tokens per forward/backward pass")
     parser.add_argument("--lm-context", type=int, default=None)
     parser.add_argument("--retrieval-contexts", default=None, help="comma-separated lengths, used in turn")
-    parser.add_argument("--document-loss-weight", type=float, default=0.0,
-                        help="weight of the document's mean LM loss beside the replies' mean loss in stage (b) "
-                             "(default 0: the loss on task samples is the replies'; --lm-mix keeps the fluency)")
-    parser.add_argument("--lm-mix", type=float, default=0.25,
-                        help="share of stage (b)'s steps that are plain language modelling")
-    parser.add_argument("--task-mix", default=None,
-                        help="stage (b)'s tasks and weights, e.g. needle=0.35,which_file=0.2,where_function=0.1,"
-                             "setting_default=0.15,followup=0.2 (the default)")
-    parser.add_argument("--train-minutes", type=float, default=None,
-                        help="minutes of training steps, counted after start-up and the warm-up steps "
-                             "(instead of --time-budget-minutes, which counts from the start)")
-    parser.add_argument("--triton-autotune", choices=("pinned", "full"), default="pinned",
-                        help="pinned: one config per Triton autotuner (no benchmarking; see "
-                             "training_forward.pin_triton_autotune); full: Triton's autotuning")
+    parser.add_argument(
+        "--document-loss-weight",
+        type=float,
+        default=0.0,
+        help="weight of the document's mean LM loss beside the replies' mean loss in stage (b) "
+        "(default 0: the loss on task samples is the replies'; --lm-mix keeps the fluency)",
+    )
+    parser.add_argument(
+        "--lm-mix", type=float, default=0.25, help="share of stage (b)'s steps that are plain language modelling"
+    )
+    parser.add_argument(
+        "--task-mix",
+        default=None,
+        help="stage (b)'s tasks and weights, e.g. needle=0.35,which_file=0.2,where_function=0.1,"
+        "setting_default=0.15,followup=0.2 (the default)",
+    )
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=None,
+        help="minutes of training steps, counted after start-up and the warm-up steps "
+        "(instead of --time-budget-minutes, which counts from the start)",
+    )
+    parser.add_argument(
+        "--triton-autotune",
+        choices=("pinned", "full"),
+        default="pinned",
+        help="pinned: one config per Triton autotuner (no benchmarking; see "
+        "training_forward.pin_triton_autotune); full: Triton's autotuning",
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--min-lr-fraction", type=float, default=0.1)
     parser.add_argument("--warmup-steps", type=int, default=100)
@@ -513,25 +616,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-lm-windows", type=int, default=8)
     parser.add_argument("--eval-retrieval-samples", type=int, default=16)
     parser.add_argument("--kda-backend", choices=("auto", "torch", "fla"), default="auto")
-    parser.add_argument("--loader-workers", type=int, default=None,
-                        help="processes building batches ahead (default: 4 on CUDA, none on the CPU)")
-    parser.add_argument("--checkpoint-layers", action="store_true",
-                        help="recompute each layer in the backward pass (less memory, about 30%% more time)")
-    parser.add_argument("--max-shard-mb", type=int, default=None,
-                        help="shard the exported safetensors (e.g. 15 to fetch files of under 16 MiB)")
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        default=None,
+        help="processes building batches ahead (default: 4 on CUDA, none on the CPU)",
+    )
+    parser.add_argument(
+        "--checkpoint-layers",
+        action="store_true",
+        help="recompute each layer in the backward pass (less memory, about 30%% more time)",
+    )
+    parser.add_argument(
+        "--max-shard-mb",
+        type=int,
+        default=None,
+        help="shard the exported safetensors (e.g. 15 to fetch files of under 16 MiB)",
+    )
     parser.add_argument("--plot-log", type=Path, default=None, help="only draw the curve of this log.jsonl")
     args = parser.parse_args(argv)
-    if args.tokenizer == DEFAULT_TOKENIZER and args.init_from is not None and (args.init_from / "tokenizer.json").is_file():
+    if (
+        args.tokenizer == DEFAULT_TOKENIZER
+        and args.init_from is not None
+        and (args.init_from / "tokenizer.json").is_file()
+    ):
         # The checkpoint's own tokenizer: the ids it was trained on.
         args.tokenizer = args.init_from
     if args.plot_log is not None:
         for path in plot_log(args.plot_log, args.plot_log.parent):
             print(f"wrote {path}")
         return
-    defaults = (dict(batch_tokens=1024, micro_batch_tokens=512, lm_context=128, retrieval_contexts="256,512")
-                if args.tiny else
-                dict(batch_tokens=131072, micro_batch_tokens=32768, lm_context=4096,
-                     retrieval_contexts="1024,2048,4096,8192,16384"))
+    defaults = (
+        dict(batch_tokens=1024, micro_batch_tokens=512, lm_context=128, retrieval_contexts="256,512")
+        if args.tiny
+        else dict(
+            batch_tokens=131072,
+            micro_batch_tokens=32768,
+            lm_context=4096,
+            retrieval_contexts="1024,2048,4096,8192,16384",
+        )
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -564,12 +688,15 @@ def run(args) -> dict:
     mark = phase("imports_and_setup", _PROCESS_STARTED)
     tokenizer = load_tokenizer(args.tokenizer)
     specials = tokenizer.special_tokens
-    config = demo_config(model_vocab_size(tokenizer), specials["[BOS]"], specials["<|im_end|>"], specials["[PAD]"],
-                         tiny=args.tiny)
+    config = demo_config(
+        model_vocab_size(tokenizer), specials["[BOS]"], specials["<|im_end|>"], specials["[PAD]"], tiny=args.tiny
+    )
     train_split = tokenize_split(args.corpus, tokenizer, "train", cache_dir=args.token_cache)
     heldout_split = tokenize_split(args.corpus, tokenizer, "heldout", cache_dir=args.token_cache)
     if heldout_split.num_documents == 0:
-        raise SystemExit(f"{args.corpus}: the held-out split is empty; rebuild the corpus with a larger --heldout-fraction")
+        raise SystemExit(
+            f"{args.corpus}: the held-out split is empty; rebuild the corpus with a larger --heldout-fraction"
+        )
     separator = specials["[EOS]"]
     train_stream, heldout_stream = train_split.lm_stream(separator), heldout_split.lm_stream(separator)
     mark = phase("tokenize_corpus", mark)
@@ -580,14 +707,20 @@ def run(args) -> dict:
         # weights replace the initialisation, through the engine's strict loader (names, shapes).
         trained = load_model(args.init_from, dtype=torch.float32)
         if {**trained.config.to_dict(), "dtype": None} != {**config.to_dict(), "dtype": None}:
-            raise SystemExit(f"{args.init_from}: its config.json is not the demo model's ({'tiny ' if args.tiny else ''}config)")
+            raise SystemExit(
+                f"{args.init_from}: its config.json is not the demo model's ({'tiny ' if args.tiny else ''}config)"
+            )
         model.load_state_dict(trained.state_dict())
         del trained
     counts = parameter_counts(model)
     mark = phase("build_model", mark)
-    kda_fn, kda_backend = select_kda_function(args.kda_backend, device, heads=config.kda_num_heads,
-                                              head_dim=config.kda_head_dim,
-                                              pin_configs=args.triton_autotune == "pinned")
+    kda_fn, kda_backend = select_kda_function(
+        args.kda_backend,
+        device,
+        heads=config.kda_num_heads,
+        head_dim=config.kda_head_dim,
+        pin_configs=args.triton_autotune == "pinned",
+    )
     mark = phase("kda_check_and_compile", mark)
     trainer = Trainer(args, model, kda_fn, device)
     contexts = [int(c) for c in str(args.retrieval_contexts).split(",")]
@@ -597,28 +730,42 @@ def run(args) -> dict:
     for context in contexts + [args.lm_context]:
         if args.micro_batch_tokens % context:
             raise SystemExit(f"context {context} does not divide --micro-batch-tokens {args.micro_batch_tokens}")
-    print(f"model: {counts['total'] / 1e6:.2f} M parameters ({counts['active_per_token_without_embedding'] / 1e6:.2f} M "
-          f"active per token without the embedding); KDA through {kda_backend}; device {device}")
+    print(
+        f"model: {counts['total'] / 1e6:.2f} M parameters ({counts['active_per_token_without_embedding'] / 1e6:.2f} M "
+        f"active per token without the embedding); KDA through {kda_backend}; device {device}"
+    )
 
-    mix = DEFAULT_MIX if args.task_mix is None else {
-        name: float(weight) for name, weight in (item.split("=") for item in args.task_mix.split(","))}
+    mix = (
+        DEFAULT_MIX
+        if args.task_mix is None
+        else {name: float(weight) for name, weight in (item.split("=") for item in args.task_mix.split(","))}
+    )
     train_builder = TaskSampleBuilder(train_split, tokenizer, mix)
     heldout_builder = TaskSampleBuilder(heldout_split, tokenizer, mix)
     pad_id = specials["[PAD]"]
     workers = args.loader_workers if args.loader_workers is not None else (4 if device.type == "cuda" else 0)
-    lm_steps_source = StepSource(LMSteps(train_stream, max(1, args.micro_batch_tokens // args.lm_context),
-                                         args.lm_context, micro_steps, args.seed), workers)
-    retrieval_steps_source = StepSource(RetrievalSteps(train_builder, contexts, args.micro_batch_tokens, micro_steps,
-                                                       pad_id, args.seed, args.document_loss_weight), workers)
+    lm_steps_source = StepSource(
+        LMSteps(
+            train_stream, max(1, args.micro_batch_tokens // args.lm_context), args.lm_context, micro_steps, args.seed
+        ),
+        workers,
+    )
+    retrieval_steps_source = StepSource(
+        RetrievalSteps(
+            train_builder, contexts, args.micro_batch_tokens, micro_steps, pad_id, args.seed, args.document_loss_weight
+        ),
+        workers,
+    )
 
     # Fixed held-out sets, the same at every evaluation.
     eval_gen = torch.Generator().manual_seed(1234)
     eval_rng = random.Random(1234)
     lm_eval_context = min(args.lm_context, max(16, heldout_stream.numel() // 2))
     lm_eval = [lm_batch(heldout_stream, 1, lm_eval_context, eval_gen) for _ in range(args.eval_lm_windows)]
-    retrieval_eval = [retrieval_batch(heldout_builder, 1, contexts[i % len(contexts)], eval_rng, pad_id,
-                                      [DEFAULT_SYSTEM_PROMPT])
-                      for i in range(args.eval_retrieval_samples)]
+    retrieval_eval = [
+        retrieval_batch(heldout_builder, 1, contexts[i % len(contexts)], eval_rng, pad_id, [DEFAULT_SYSTEM_PROMPT])
+        for i in range(args.eval_retrieval_samples)
+    ]
 
     step = 0
     tokens_seen = 0
@@ -637,9 +784,17 @@ def run(args) -> dict:
         step_times[kind].append(seconds)
         batch_tokens = sum(b.tokens for b in micro_batches)
         tokens_seen += batch_tokens
-        record = {"step": step, "stage": kind, "lr": lr, **record, "tokens": tokens_seen,
-                  "context": micro_batches[0].input_ids.shape[1], "step_seconds": round(seconds, 4),
-                  "tokens_per_s": round(batch_tokens / seconds), "elapsed_s": round(time.perf_counter() - started, 1)}
+        record = {
+            "step": step,
+            "stage": kind,
+            "lr": lr,
+            **record,
+            "tokens": tokens_seen,
+            "context": micro_batches[0].input_ids.shape[1],
+            "step_seconds": round(seconds, 4),
+            "tokens_per_s": round(batch_tokens / seconds),
+            "elapsed_s": round(time.perf_counter() - started, 1),
+        }
         log(record)
         step += 1
         return record
@@ -647,8 +802,10 @@ def run(args) -> dict:
     def report(record: dict) -> None:
         if step % 10 == 0 or step == 1:
             extra = f" answer {record['answer_loss']:.3f}" if "answer_loss" in record else ""
-            print(f"step {step - 1} [{record['stage']}] loss {record['loss']:.4f}{extra} lr {record['lr']:.2e} "
-                  f"{record['tokens_per_s']:,} tok/s, {record['elapsed_s']:.0f} s")
+            print(
+                f"step {step - 1} [{record['stage']}] loss {record['loss']:.4f}{extra} lr {record['lr']:.2e} "
+                f"{record['tokens_per_s']:,} tok/s, {record['elapsed_s']:.0f} s"
+            )
 
     def evaluate_now() -> dict:
         began = time.perf_counter()
@@ -665,8 +822,12 @@ def run(args) -> dict:
         lm_steps = stage_a_steps(total_steps, args.retrieval_fraction)
         plan = ["lm"] * lm_steps + [stage_b_kind(i, args.lm_mix) for i in range(total_steps - lm_steps)]
         for index, kind in enumerate(plan):
-            record = train_one(kind, learning_rate(step, total_steps, min(args.warmup_steps, max(1, total_steps // 10)),
-                                                   args.lr, args.min_lr_fraction))
+            record = train_one(
+                kind,
+                learning_rate(
+                    step, total_steps, min(args.warmup_steps, max(1, total_steps // 10)), args.lr, args.min_lr_fraction
+                ),
+            )
             report(record)
             stage_ends = index == lm_steps - 1 and index + 1 < len(plan)
             if step % args.eval_every == 0 or stage_ends or index == len(plan) - 1:
@@ -689,8 +850,16 @@ def run(args) -> dict:
             seconds = args.train_minutes * 60
         else:
             seconds = max(1.0, budget_s - EXPORT_RESERVE_S - (clock_started - started))
-        log({"step": step - 1, "plan": {"training_seconds": round(seconds, 1),
-                                        "warmup_seconds": round(clock_started - started, 1), "startup": phases}})
+        log(
+            {
+                "step": step - 1,
+                "plan": {
+                    "training_seconds": round(seconds, 1),
+                    "warmup_seconds": round(clock_started - started, 1),
+                    "startup": phases,
+                },
+            }
+        )
         print(f"warm-up done after {clock_started - started:.0f} s; {seconds:.0f} s of training left")
         first_step, kind, stage_b_step = step, "lm", 0
         while (progress := (time.perf_counter() - clock_started) / seconds) < 1:
@@ -699,14 +868,20 @@ def run(args) -> dict:
                 if step % args.eval_every and step > first_step:
                     last_eval = evaluate_now()
                 if step > first_step:
-                    export_model(model, args.tokenizer / "tokenizer.json", args.out / "checkpoints" / f"step-{step - 1}")
+                    export_model(
+                        model, args.tokenizer / "tokenizer.json", args.out / "checkpoints" / f"step-{step - 1}"
+                    )
                 kind = stage
             step_kind = kind
             if kind == "retrieval":
                 step_kind = stage_b_kind(stage_b_step, args.lm_mix)
                 stage_b_step += 1
-            report(train_one(step_kind, clock_learning_rate(step - first_step, progress, args.warmup_steps, args.lr,
-                                                       args.min_lr_fraction)))
+            report(
+                train_one(
+                    step_kind,
+                    clock_learning_rate(step - first_step, progress, args.warmup_steps, args.lr, args.min_lr_fraction),
+                )
+            )
             if step % args.eval_every == 0:
                 last_eval = evaluate_now()
         print(f"time budget reached at step {step - 1}")
@@ -714,25 +889,40 @@ def run(args) -> dict:
 
     lm_steps_source.close()
     retrieval_steps_source.close()
-    size = export_model(model, args.tokenizer / "tokenizer.json", args.out / "model",
-                        max_shard_bytes=None if args.max_shard_mb is None else args.max_shard_mb << 20)
+    size = export_model(
+        model,
+        args.tokenizer / "tokenizer.json",
+        args.out / "model",
+        max_shard_bytes=None if args.max_shard_mb is None else args.max_shard_mb << 20,
+    )
     log_file.close()
     curves = plot_log(log_path, args.out)
     active = counts["active_per_token_without_embedding"]
     summary = {
-        "config": config.to_dict(), "parameters": counts, "kda_backend": kda_backend, "device": str(device),
+        "config": config.to_dict(),
+        "parameters": counts,
+        "kda_backend": kda_backend,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "steps": step, "lm_steps": sum(1 for _ in step_times["lm"]), "retrieval_steps": len(step_times["retrieval"]),
-        "tokens_seen": tokens_seen, "train_tokens_available": train_split.num_tokens, "startup_seconds": phases,
-        "task_mix": mix, "seconds_per_step": {k: round(sum(v[1:]) / max(1, len(v) - 1), 3) for k, v in step_times.items()},
+        "steps": step,
+        "lm_steps": sum(1 for _ in step_times["lm"]),
+        "retrieval_steps": len(step_times["retrieval"]),
+        "tokens_seen": tokens_seen,
+        "train_tokens_available": train_split.num_tokens,
+        "startup_seconds": phases,
+        "task_mix": mix,
+        "seconds_per_step": {k: round(sum(v[1:]) / max(1, len(v) - 1), 3) for k, v in step_times.items()},
         "seconds": round(time.perf_counter() - started, 1),
         "flops_per_token_lm": flops_per_token(config, args.lm_context, active),
-        "model_folder_bytes": size, "last_eval": last_eval,
+        "model_folder_bytes": size,
+        "last_eval": last_eval,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out / 'model'} ({size / 1e6:.1f} MB), {', '.join(str(p) for p in curves)}, "
-          f"{args.out / 'summary.json'} after {summary['seconds']:.0f} s")
+    print(
+        f"wrote {args.out / 'model'} ({size / 1e6:.1f} MB), {', '.join(str(p) for p in curves)}, "
+        f"{args.out / 'summary.json'} after {summary['seconds']:.0f} s"
+    )
     return summary
 
 

@@ -20,12 +20,17 @@ import json
 import time
 from pathlib import Path
 
-from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS, document_segments, read_documents
-
 from kimi_desk.engine.tokenizer import (
-    NUM_SPECIAL_TOKENS, canonical_json, kimi_added_tokens, load_tokenizer, special_token_names,
-    tiktoken_to_tokenizer_json, train_ranks,
+    NUM_SPECIAL_TOKENS,
+    canonical_json,
+    kimi_added_tokens,
+    load_tokenizer,
+    special_token_names,
+    tiktoken_to_tokenizer_json,
+    train_ranks,
 )
+from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
+from prepare_corpus import document_segments, read_documents
 
 DEFAULT_OUT = DEFAULT_CORPUS.parent / "tokenizer"
 # Rows of the embedding the special ids take: Kimi reserves 256 + 2 ids after the base vocabulary, and
@@ -77,8 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--base-vocab", type=int, default=12032)
-    parser.add_argument("--max-chars", type=int, default=None,
-                        help="train on at most this much text (default: the whole training split)")
+    parser.add_argument(
+        "--max-chars",
+        type=int,
+        default=None,
+        help="train on at most this much text (default: the whole training split)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     texts = training_texts(args.corpus, args.max_chars)

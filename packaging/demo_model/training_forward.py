@@ -24,9 +24,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
 from kimi_desk.engine.model import KimiLinearForCausalLM
+from torch.utils.checkpoint import checkpoint
 
 CHUNK_SIZE = 64
 
@@ -89,8 +88,12 @@ def chunk_kda_autograd(q, k, v, g, beta, scale=None, chunk_size=CHUNK_SIZE, sub_
         akk_off = (ks * to_ref) @ from_ref.transpose(-1, -2)
 
         eye_sub = torch.eye(num_sub, dtype=torch.float32, device=device)
-        aqk = aqk_off.reshape(B, H, N, C, C) + torch.einsum("bhnaij,ac->bhnaicj", aqk_diag, eye_sub).reshape(B, H, N, C, C)
-        akk = akk_off.reshape(B, H, N, C, C) + torch.einsum("bhnaij,ac->bhnaicj", akk_diag, eye_sub).reshape(B, H, N, C, C)
+        aqk = aqk_off.reshape(B, H, N, C, C) + torch.einsum("bhnaij,ac->bhnaicj", aqk_diag, eye_sub).reshape(
+            B, H, N, C, C
+        )
+        akk = akk_off.reshape(B, H, N, C, C) + torch.einsum("bhnaij,ac->bhnaicj", akk_diag, eye_sub).reshape(
+            B, H, N, C, C
+        )
         akk = akk * bc
 
         # (I + Akk) is unit lower-triangular: W = T (beta exp(G) K), U = T (beta V) by substitution.
@@ -180,9 +183,17 @@ def fla_chunk_kda_function(pin_configs: bool = True):
         flat = lambda x, d: x.reshape(1, B * T, *x.shape[2:]).to(d).contiguous()  # noqa: E731
         # disable_recompute keeps the intermediate chunk results for the backward pass: fla's advice for
         # small models, whose activations are cheap to keep.
-        o, _ = chunk_kda(flat(q, dtype), flat(k, dtype), flat(v, dtype), flat(g, torch.float32), flat(beta, dtype),
-                         use_qk_l2norm_in_kernel=False, disable_recompute=True, cu_seqlens=cu_seqlens,
-                         cu_seqlens_cpu=cu_seqlens_cpu)
+        o, _ = chunk_kda(
+            flat(q, dtype),
+            flat(k, dtype),
+            flat(v, dtype),
+            flat(g, torch.float32),
+            flat(beta, dtype),
+            use_qk_l2norm_in_kernel=False,
+            disable_recompute=True,
+            cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=cu_seqlens_cpu,
+        )
         return o.reshape(B, T, *o.shape[2:]).float()
 
     return fla_kda
@@ -212,8 +223,9 @@ def kda_agreement(candidate, device, seed: int = 0, heads: int = 5, head_dim: in
     return worst
 
 
-def select_kda_function(backend: str, device: torch.device, log=print, heads: int = 5, head_dim: int = 64,
-                        pin_configs: bool = True):
+def select_kda_function(
+    backend: str, device: torch.device, log=print, heads: int = 5, head_dim: int = 64, pin_configs: bool = True
+):
     """'torch': chunk_kda_autograd. 'fla': fla's kernels (an error if missing). 'auto': fla on CUDA when
     it is installed and agrees with chunk_kda_autograd within bf16 tolerance, else torch."""
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
@@ -319,8 +331,9 @@ def mla_layer_forward(attn, config, x: torch.Tensor) -> torch.Tensor:
     q = q.to(k.dtype)
     # Zero columns bring v to the query width: the flash kernels take one head size for q, k and v.
     v_padded = F.pad(v, (0, qk_dim - v_dim)) if v_dim < qk_dim else v
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v_padded.transpose(1, 2),
-                                       is_causal=True, scale=qk_dim**-0.5)  # [B, H, T, qk_dim]
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v_padded.transpose(1, 2), is_causal=True, scale=qk_dim**-0.5
+    )  # [B, H, T, qk_dim]
     o = o.transpose(1, 2)[..., :v_dim]
     return attn.o_proj(o.reshape(B, T, H * v_dim))
 
@@ -386,8 +399,13 @@ def decoder_layer_forward(layer, config, index: int, h: torch.Tensor, kda_fn, ex
     return h + swiglu(y, layer.mlp)
 
 
-def training_hidden(model: KimiLinearForCausalLM, input_ids: torch.Tensor, kda_fn=chunk_kda_autograd,
-                    expert_counts: dict | None = None, checkpoint_layers: bool = False) -> torch.Tensor:
+def training_hidden(
+    model: KimiLinearForCausalLM,
+    input_ids: torch.Tensor,
+    kda_fn=chunk_kda_autograd,
+    expert_counts: dict | None = None,
+    checkpoint_layers: bool = False,
+) -> torch.Tensor:
     """input_ids [B, T] -> the final norm's output [B, T, D]. With `checkpoint_layers`, each decoder
     layer's activations are recomputed in the backward pass instead of kept (memory for time)."""
     config = model.config
@@ -410,8 +428,13 @@ def _weighted_cross_entropy(lm_head_weight, hidden, targets, weights):
     return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
 
 
-def weighted_lm_loss(model: KimiLinearForCausalLM, hidden: torch.Tensor, targets: torch.Tensor,
-                     weights: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+def weighted_lm_loss(
+    model: KimiLinearForCausalLM,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_tokens: int = 8192,
+) -> torch.Tensor:
     """sum_t weights[t] * CE(lm_head(hidden[t]), targets[t]), over the positions with a weight.
 
     The logits of a long batch (tokens x vocab in fp32) would outweigh the whole model's activations;

@@ -4,7 +4,6 @@ factory the command line uses, with the fake engine. Driving helpers are in driv
 from __future__ import annotations
 
 import pytest
-
 from driving import make_test_app
 from fake_engine import FakeAssistant
 

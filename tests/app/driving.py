@@ -32,10 +32,15 @@ def make_test_app(target=None, *, engine, settings=None, **options):
     from kimi_desk.app.tui import create_app
 
     options.setdefault("engine_factory", lambda model, device: engine)
-    return create_app(None if target is None else str(target), model="fake-model", device="cpu",
-                      settings=settings or Settings(),
-                      settings_file=Path(os.environ["KIMI_DESK_HOME"]) / "settings.toml",
-                      clock=lambda: FROZEN_NOW, **options)
+    return create_app(
+        None if target is None else str(target),
+        model="fake-model",
+        device="cpu",
+        settings=settings or Settings(),
+        settings_file=Path(os.environ["KIMI_DESK_HOME"]) / "settings.toml",
+        clock=lambda: FROZEN_NOW,
+        **options,
+    )
 
 
 def drive(app, scenario, size=(80, 24), message_hook=None):
@@ -77,7 +82,15 @@ async def wait_in_thread(event, timeout: float = 10.0):
 def screen_text(app) -> str:
     """What the terminal shows now, as plain text (the same rendering as export_screenshot)."""
     width, height = app.size
-    console = Console(width=width, height=height, file=io.StringIO(), force_terminal=True, record=True,
-                      color_system="truecolor", legacy_windows=False, safe_box=False)
+    console = Console(
+        width=width,
+        height=height,
+        file=io.StringIO(),
+        force_terminal=True,
+        record=True,
+        color_system="truecolor",
+        legacy_windows=False,
+        safe_box=False,
+    )
     console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
     return console.export_text()

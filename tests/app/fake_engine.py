@@ -20,10 +20,12 @@ from kimi_desk.engine.sources import SourceTexts
 FROZEN_TIME = "2026-11-27T12:00:00+00:00"
 IDENTITY = Identity("fake-model-fingerprint", "fake-tokenizer-fingerprint")
 # It cites a line of a file the fake reads, a definition, and a file no folder of the tests has.
-ANSWER = ("The **helper** in `file_2.py:1` returns a number:\n\n"
-          "- it adds `14` to the length of a short string\n"
-          "- `helper_2` is defined three times; lib/other.py:4 reads none of them\n\n"
-          "```python\ndef helper_2():\n    return 14 + len('xx')\n```\n")
+ANSWER = (
+    "The **helper** in `file_2.py:1` returns a number:\n\n"
+    "- it adds `14` to the length of a short string\n"
+    "- `helper_2` is defined three times; lib/other.py:4 reads none of them\n\n"
+    "```python\ndef helper_2():\n    return 14 + len('xx')\n```\n"
+)
 
 
 def answer_pieces(question: str) -> list[str]:
@@ -39,8 +41,16 @@ def answer_pieces(question: str) -> list[str]:
 
 
 class FakeAssistant:
-    def __init__(self, *, chunk_tokens: int = 40, read_sleep: float = 0.002, token_sleep: float = 0.002,
-                 max_length: int = 8192, hold_at: int | None = None, limit_notices: tuple = ()):
+    def __init__(
+        self,
+        *,
+        chunk_tokens: int = 40,
+        read_sleep: float = 0.002,
+        token_sleep: float = 0.002,
+        max_length: int = 8192,
+        hold_at: int | None = None,
+        limit_notices: tuple = (),
+    ):
         self.model = SimpleNamespace(config=SimpleNamespace(model_max_length=max_length), device="cpu")
         self.model_source = "fake-model"
         self.chunk_tokens = chunk_tokens
@@ -81,10 +91,24 @@ class FakeAssistant:
         session = store.find_or_create(str(source), source.name, IDENTITY, None)
         unchanged = [s.sha256 for s in session.segments] == [s.sha256 for s in segments]
         kept = SourceTexts(session.folder)  # the texts read, as the engine keeps them for citations
-        session.update(segments=segments, read_position=session.read_position if unchanged else 0,
-                       files=[{"path": s.label, "size": 1, "sha256": s.sha256, "start": s.start, "end": s.end,
-                               "text_sha256": kept.put(text)} for s, (_, text) in zip(segments, texts)],
-                       created=FROZEN_TIME, last_used=FROZEN_TIME, model_source=self.model_source)
+        session.update(
+            segments=segments,
+            read_position=session.read_position if unchanged else 0,
+            files=[
+                {
+                    "path": s.label,
+                    "size": 1,
+                    "sha256": s.sha256,
+                    "start": s.start,
+                    "end": s.end,
+                    "text_sha256": kept.put(text),
+                }
+                for s, (_, text) in zip(segments, texts)
+            ],
+            created=FROZEN_TIME,
+            last_used=FROZEN_TIME,
+            model_source=self.model_source,
+        )
         total = segments[-1].end if segments else 0
         if on_plan:
             on_plan(session, total - session.read_position, self.limit_notices)
@@ -118,21 +142,28 @@ class FakeAssistant:
 
     def document_state(self, session):
         if not session.complete:
-            raise SessionError(f"session {session.id} has read {session.read_position:,} of "
-                               f"{session.document_tokens:,} tokens; open it again to finish reading")
+            raise SessionError(
+                f"session {session.id} has read {session.read_position:,} of "
+                f"{session.document_tokens:,} tokens; open it again to finish reading"
+            )
         if session.identity != IDENTITY:
             raise SessionError(f"session {session.id} was read with another model or tokenizer")
-        return SimpleNamespace(kda_nbytes=4 * 1024 * 1024, mla_nbytes=576 * 4 * session.document_tokens,
-                               position=session.document_tokens)
+        return SimpleNamespace(
+            kda_nbytes=4 * 1024 * 1024, mla_nbytes=576 * 4 * session.document_tokens, position=session.document_tokens
+        )
 
     def thread_state(self, session, thread, notice=None):
         """What the UI reads of a thread's state: its position (document and thread tokens)."""
         self.document_state(session)
-        return SimpleNamespace(kda_nbytes=4 * 1024 * 1024, mla_nbytes=576 * 4 * session.document_tokens,
-                               position=session.document_tokens + session.thread(thread).tokens)
+        return SimpleNamespace(
+            kda_nbytes=4 * 1024 * 1024,
+            mla_nbytes=576 * 4 * session.document_tokens,
+            position=session.document_tokens + session.thread(thread).tokens,
+        )
 
-    def ask(self, session, question, *, thread=None, index=None, sampling=None, max_new_tokens=512, cancel=None,
-            notice=None):
+    def ask(
+        self, session, question, *, thread=None, index=None, sampling=None, max_new_tokens=512, cancel=None, notice=None
+    ):
         self.document_state(session)
         session.refresh()
         seen = list(session.thread(thread).turns) if thread is not None else []
@@ -161,8 +192,15 @@ class FakeAssistant:
             else:
                 finish = "stop"
         finally:
-            turn = Turn(question, "".join(pieces), ids, finish, round(0.01 * len(ids), 3), FROZEN_TIME,
-                        tokens=len(question.split()) + 8 + len(ids))
+            turn = Turn(
+                question,
+                "".join(pieces),
+                ids,
+                finish,
+                round(0.01 * len(ids), 3),
+                FROZEN_TIME,
+                tokens=len(question.split()) + 8 + len(ids),
+            )
             landed, forked = session.record_turn(turn, thread, seen, index)
             if forked and notice is not None:
                 notice(f"thread {thread} changed meanwhile: this answer starts thread {landed}")

@@ -7,15 +7,14 @@ import subprocess
 import sys
 
 import pytest
-
 from kimi_desk import __version__
+
 # Imported here, not under capsys: the progress lines' default stream is the sys.stderr of its import.
 from kimi_desk.app.cli import main
 
 
 def kimi_desk(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True,
-                          **kwargs)
+    return subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True, **kwargs)
 
 
 def test_version_and_help():
@@ -60,12 +59,14 @@ def _edit_config(**changes):
             where, _, leaf = key.rpartition("__")
             (raw[where] if where else raw)[leaf] = value
         (folder / "config.json").write_text(json.dumps(raw))
+
     return edit
 
 
 def _write(name, data):
     def edit(folder):
         (folder / name).write_bytes(data)
+
     return edit
 
 
@@ -86,31 +87,57 @@ def _header_without_offsets(folder):
     file.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
 
 
-@pytest.mark.parametrize("damage,message", [
-    pytest.param(_edit_config(num_shared_experts=-1), "num_shared_experts must be an integer from 0", id="negative"),
-    pytest.param(_edit_config(hidden_size="128"), "hidden_size must be an integer", id="string"),
-    pytest.param(_edit_config(num_hidden_layers=True), "num_hidden_layers must be an integer", id="bool"),
-    pytest.param(_edit_config(hidden_size=128.0), "got 128.0", id="float"),
-    pytest.param(_edit_config(rms_norm_eps=float("nan")), "rms_norm_eps must be a number", id="nan"),
-    pytest.param(_edit_config(routed_scaling_factor=float("inf")), "routed_scaling_factor must be", id="infinity"),
-    pytest.param(_edit_config(eos_token_id={"id": 2}), "eos_token_id must be", id="object"),
-    pytest.param(_edit_config(linear_attn_config__kda_layers=["1", "2", "3"]), "kda_layers must be a list", id="list"),
-    pytest.param(_edit_config(num_hidden_layers=10**7), "num_hidden_layers must be an integer from 1 to 4,096",
-                 id="huge-layers"),
-    pytest.param(_write("config.json", b'{"hidden_size": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-                 "nested too deeply", id="deep-nesting"),
-    pytest.param(_write("config.json", b'{"hidden_size": 1' + b"0" * 5000 + b"}"), "not valid JSON", id="long-number"),
-    pytest.param(_huge_header_claim, "its header claims 3,221,225,472 bytes", id="header-3gb"),
-    pytest.param(_header_without_offsets, "has data_offsets None", id="header-no-offsets"),
-    pytest.param(_write("model.safetensors.index.json", b'{"weight_map": {"lm_head.weight": "../model.safetensors"}}'),
-                 "not a .safetensors file in its folder", id="index-outside"),
-    pytest.param(_write("model.safetensors.index.json", b'{"weight_map": {"lm_head.weight": 7}}'),
-                 "the index names 7", id="index-int"),
-    pytest.param(_edit_config(vocab_size=1 << 24, hidden_size=1 << 16), "needs about", id="beyond-memory"),
-    pytest.param(_write("tokenizer_config.json", b"[" * 100_000), "tokenizer_config.json: not valid JSON",
-                 id="tokenizer-config-deep"),
-])
-def test_a_bad_model_folder_is_one_line_and_exit_2(chat_checkpoint, tmp_path, home, monkeypatch, capsys, damage, message):
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        pytest.param(
+            _edit_config(num_shared_experts=-1), "num_shared_experts must be an integer from 0", id="negative"
+        ),
+        pytest.param(_edit_config(hidden_size="128"), "hidden_size must be an integer", id="string"),
+        pytest.param(_edit_config(num_hidden_layers=True), "num_hidden_layers must be an integer", id="bool"),
+        pytest.param(_edit_config(hidden_size=128.0), "got 128.0", id="float"),
+        pytest.param(_edit_config(rms_norm_eps=float("nan")), "rms_norm_eps must be a number", id="nan"),
+        pytest.param(_edit_config(routed_scaling_factor=float("inf")), "routed_scaling_factor must be", id="infinity"),
+        pytest.param(_edit_config(eos_token_id={"id": 2}), "eos_token_id must be", id="object"),
+        pytest.param(
+            _edit_config(linear_attn_config__kda_layers=["1", "2", "3"]), "kda_layers must be a list", id="list"
+        ),
+        pytest.param(
+            _edit_config(num_hidden_layers=10**7),
+            "num_hidden_layers must be an integer from 1 to 4,096",
+            id="huge-layers",
+        ),
+        pytest.param(
+            _write("config.json", b'{"hidden_size": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+            "nested too deeply",
+            id="deep-nesting",
+        ),
+        pytest.param(
+            _write("config.json", b'{"hidden_size": 1' + b"0" * 5000 + b"}"), "not valid JSON", id="long-number"
+        ),
+        pytest.param(_huge_header_claim, "its header claims 3,221,225,472 bytes", id="header-3gb"),
+        pytest.param(_header_without_offsets, "has data_offsets None", id="header-no-offsets"),
+        pytest.param(
+            _write("model.safetensors.index.json", b'{"weight_map": {"lm_head.weight": "../model.safetensors"}}'),
+            "not a .safetensors file in its folder",
+            id="index-outside",
+        ),
+        pytest.param(
+            _write("model.safetensors.index.json", b'{"weight_map": {"lm_head.weight": 7}}'),
+            "the index names 7",
+            id="index-int",
+        ),
+        pytest.param(_edit_config(vocab_size=1 << 24, hidden_size=1 << 16), "needs about", id="beyond-memory"),
+        pytest.param(
+            _write("tokenizer_config.json", b"[" * 100_000),
+            "tokenizer_config.json: not valid JSON",
+            id="tokenizer-config-deep",
+        ),
+    ],
+)
+def test_a_bad_model_folder_is_one_line_and_exit_2(
+    chat_checkpoint, tmp_path, home, monkeypatch, capsys, damage, message
+):
     """`kimi-desk ingest --model BAD FILE`: whatever is wrong in the config or the checkpoint, the user
     gets one line and exit code 2, never an internal error."""
     monkeypatch.delenv("KIMI_DESK_DEBUG", raising=False)
@@ -125,12 +152,15 @@ def test_a_bad_model_folder_is_one_line_and_exit_2(chat_checkpoint, tmp_path, ho
 
 
 def test_weights_far_smaller_than_the_config_are_refused_when_the_memory_check_is_off(
-        chat_checkpoint, tmp_path, home, monkeypatch, capsys):
+    chat_checkpoint, tmp_path, home, monkeypatch, capsys
+):
     monkeypatch.setenv("KIMI_DESK_SKIP_MEMORY_CHECK", "1")
     folder = shutil.copytree(chat_checkpoint, tmp_path / "bad-model")
     _edit_config(vocab_size=1 << 24, hidden_size=1 << 16)(folder)
     (tmp_path / "notes.txt").write_text("Some notes.\n")
-    code = main(["ingest", "--model", str(folder), "--device", "cpu", "--quantize", "none", str(tmp_path / "notes.txt")])
+    code = main(
+        ["ingest", "--model", str(folder), "--device", "cpu", "--quantize", "none", str(tmp_path / "notes.txt")]
+    )
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "has shape" in lines[0], lines
 

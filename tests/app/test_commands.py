@@ -17,8 +17,9 @@ def run(tmp_path, chat_checkpoint):
     env = {**os.environ, "KIMI_DESK_HOME": str(tmp_path / "home")}
 
     def kimi_desk(*args, check=True):
-        result = subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True,
-                                env=env)
+        result = subprocess.run(
+            [sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True, env=env
+        )
         if check:
             assert result.returncode == 0, result.stderr
         return result
@@ -61,8 +62,9 @@ def test_ingest_ask_and_manage_sessions(run, tmp_path, chat_checkpoint):
     # -c continues the most recent thread, --thread a given one.
     follow = json.loads(run("ask", session_id, "And VALUE_4?", "-c", "--json", "--max-new-tokens", "8").stdout)
     assert follow["thread"] == third and follow["turn"] == 2
-    again = json.loads(run("ask", session_id, "And VALUE_1?", "--thread", first["thread"], "--json",
-                           "--max-new-tokens", "8").stdout)
+    again = json.loads(
+        run("ask", session_id, "And VALUE_1?", "--thread", first["thread"], "--json", "--max-new-tokens", "8").stdout
+    )
     assert again["thread"] == first["thread"] and again["turn"] == 2
     missing = run("ask", session_id, "x", "--thread", "0000aaaa", check=False)
     assert missing.returncode == 2 and "has no thread '0000aaaa'" in missing.stderr
@@ -99,11 +101,15 @@ def test_ingest_ask_and_manage_sessions(run, tmp_path, chat_checkpoint):
     assert json.loads(continued.stdout)["turn"] == 3 and "rebuilt" not in continued.stderr
 
     # --turn asks again at a turn: the last one in place, an earlier one as a new thread.
-    redo = json.loads(run("ask", imported, "And VALUE_2?", "--thread", third, "--turn", "3", "--json",
-                          "--max-new-tokens", "8").stdout)
+    redo = json.loads(
+        run("ask", imported, "And VALUE_2?", "--thread", third, "--turn", "3", "--json", "--max-new-tokens", "8").stdout
+    )
     assert redo["thread"] == third and redo["turn"] == 3 and redo["question"] == "And VALUE_2?"
-    branch = json.loads(run("ask", imported, "What is VALUE_0?", "--thread", third, "--turn", "1", "--json",
-                            "--max-new-tokens", "8").stdout)
+    branch = json.loads(
+        run(
+            "ask", imported, "What is VALUE_0?", "--thread", third, "--turn", "1", "--json", "--max-new-tokens", "8"
+        ).stdout
+    )
     assert branch["thread"] != third and branch["turn"] == 1
     kept = json.loads(run("sessions", "show", imported, "--json").stdout)
     assert [len(t["turns"]) for t in kept["threads"] if t["id"] == third] == [3]
@@ -129,7 +135,8 @@ def test_files_a_limit_left_out_are_said_on_stderr(run, tmp_path, chat_checkpoin
     again = json.loads(run("ingest", str(repo), *options, "--json").stdout)
     assert again["files"] == 3
     assert sorted(run("ingest", str(repo), *options).stderr.splitlines()) == sorted(
-        [*said, "repo: already read (203 tokens), nothing to do"])
+        [*said, "repo: already read (203 tokens), nothing to do"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -193,8 +200,13 @@ def test_a_disk_that_refuses_writes_is_one_line_and_loses_nothing(run, tmp_path,
     env = {**os.environ, "KIMI_DESK_HOME": str(tmp_path / "home")}
 
     def limited(*args, limit):
-        return subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True,
-                              env=env, preexec_fn=file_size_limited(limit))
+        return subprocess.run(
+            [sys.executable, "-m", "kimi_desk.app.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            preexec_fn=file_size_limited(limit),
+        )
 
     asked = limited("ask", session_id, "What is VALUE_2?", "--max-new-tokens", "4", limit=len(before) + 16)
     assert asked.returncode == 2 and "Traceback" not in asked.stderr

@@ -17,13 +17,13 @@ import pytest
 
 FILES = {
     "README.md": "# harbor\n\nA small tool that keeps track of ships in port.\n\n## Usage\n\n"
-                 "`harbor ships list` lists the saved ships.\n\n"
-                 "Environment: `HARBOR_BACKEND=torch` forces the PyTorch kernels everywhere.\n",
+    "`harbor ships list` lists the saved ships.\n\n"
+    "Environment: `HARBOR_BACKEND=torch` forces the PyTorch kernels everywhere.\n",
     "src/harbor/berths.py": "\"\"\"Berth bookkeeping.\"\"\"\n\n\ndef free_berths(port):\n"
-                            "    # The access code for the lumtir vault is QXR-5821.\n"
-                            "    return [b for b in port.berths if not b.ship]\n",
+    "    # The access code for the lumtir vault is QXR-5821.\n"
+    "    return [b for b in port.berths if not b.ship]\n",
     "notes/services.txt": "Operations notes.\n\nThe secret port of service korvani is 4711.\n"
-                          "Restart it after every deploy.\n",
+    "Restart it after every deploy.\n",
 }
 QUESTIONS = [
     ("What is the secret port of service korvani?", "4711"),
@@ -35,8 +35,9 @@ QUESTIONS = [
 
 def _kimi_desk(home, *args):
     env = {**os.environ, "KIMI_DESK_HOME": str(home / "kimi-home"), "HOME": str(home)}
-    result = subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True,
-                            env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -50,20 +51,41 @@ def answers(tmp_path_factory):
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
         (folder / path).write_text(text, encoding="utf-8")
     session = json.loads(_kimi_desk(home, "ingest", str(folder), "--json", "--device", "cpu"))["id"]
-    return {question: json.loads(_kimi_desk(home, "ask", session, question, "--json", "--temperature", "0",
-                                            "--max-new-tokens", "40", "--device", "cpu"))["answer"]
-            for question, _ in QUESTIONS}
+    return {
+        question: json.loads(
+            _kimi_desk(
+                home,
+                "ask",
+                session,
+                question,
+                "--json",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "40",
+                "--device",
+                "cpu",
+            )
+        )["answer"]
+        for question, _ in QUESTIONS
+    }
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18: the shipped demo model does not yet find planted facts "
-                   "(measured: 0 of 4 here); remove this mark with the retrained model")
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 18: the shipped demo model does not yet find planted facts "
+    "(measured: 0 of 4 here); remove this mark with the retrained model",
+)
 def test_the_embedded_model_answers_with_the_planted_facts(answers):
     wrong = {q: answers[q] for q, expected in QUESTIONS if expected not in answers[q]}
     assert not wrong, wrong
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18: the shipped demo model does not yet find planted facts; with "
-                   "the retrained model this follow-up (issue 19) must name what the earlier turn found")
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 18: the shipped demo model does not yet find planted facts; with "
+    "the retrained model this follow-up (issue 19) must name what the earlier turn found",
+)
 def test_a_follow_up_is_answered_from_the_earlier_turn(tmp_path):
     """`ask -c` after a first question: "that service" is only known from the first turn."""
     folder = tmp_path / "harbor"
@@ -73,6 +95,7 @@ def test_a_follow_up_is_answered_from_the_earlier_turn(tmp_path):
     session = json.loads(_kimi_desk(tmp_path, "ingest", str(folder), "--json", "--device", "cpu"))["id"]
     options = ["--json", "--temperature", "0", "--max-new-tokens", "40", "--device", "cpu"]
     _kimi_desk(tmp_path, "ask", session, "Which service listens on the secret port 4711?", *options)
-    reply = json.loads(_kimi_desk(tmp_path, "ask", session, "What must be done to that service after every deploy?",
-                                  "-c", *options))
+    reply = json.loads(
+        _kimi_desk(tmp_path, "ask", session, "What must be done to that service after every deploy?", "-c", *options)
+    )
     assert reply["turn"] == 2 and "restart" in reply["answer"].lower(), reply["answer"]

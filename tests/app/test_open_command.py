@@ -9,8 +9,9 @@ from kimi_desk.app import cli
 
 
 def test_open_help_lists_what_it_opens():
-    result = subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", "open", "--help"], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "kimi_desk.app.cli", "open", "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0
     assert "PATH|SESSION_ID|ARCHIVE.zip" in result.stdout and "--device {auto,cpu,cuda}" in result.stdout
 
@@ -22,8 +23,9 @@ def test_no_model_anywhere_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(loading, "DEMO_MODEL", tmp_path / "no-demo-model")
     assert cli.main(["open", str(tmp_path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["kimi-desk: error: no model: pass --model PATH (a folder with config.json, *.safetensors "
-                     "and tokenizer.json)"]
+    assert lines == [
+        "kimi-desk: error: no model: pass --model PATH (a folder with config.json, *.safetensors and tokenizer.json)"
+    ]
 
 
 def test_bad_device_is_one_line(capsys):
@@ -60,6 +62,11 @@ def test_the_first_screen_paints_before_torch_is_imported(tmp_path):
     needs imports torch or triton; the engine loads them in a worker after the paint. Asserted directly,
     not timed, so a busy machine cannot fail it."""
     env = {"KIMI_DESK_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", FIRST_PAINT, str(tmp_path / "no-model")], capture_output=True,
-                         text=True, env=env, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_PAINT, str(tmp_path / "no-model")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.split()
     assert out == ["False", "False"], f"torch, triton imported before the first paint: {out}"

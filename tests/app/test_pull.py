@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from hub_standin import HubStandIn, SilentHub
 
 REPO = "moonshotai/Kimi-Linear-tiny"
@@ -47,8 +46,9 @@ def hub_env(tmp_path, endpoint, **extra):
 
 
 def kimi_desk(*args, env, **kwargs):
-    return subprocess.run([sys.executable, "-c", RUN_CLI, *args], capture_output=True, text=True, env=env,
-                          timeout=60, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-c", RUN_CLI, *args], capture_output=True, text=True, env=env, timeout=60, **kwargs
+    )
 
 
 def assert_one_line_error(result, message):
@@ -80,8 +80,12 @@ def test_pull_prints_the_folder_and_plain_progress_when_piped(server, tmp_path):
 def test_pull_shows_progress_on_a_terminal(server, tmp_path):
     controller, terminal = pty.openpty()
     try:
-        process = subprocess.Popen([sys.executable, "-c", RUN_CLI, "pull", REPO], stdout=subprocess.PIPE,
-                                   stderr=terminal, env=hub_env(tmp_path, server.url))
+        process = subprocess.Popen(
+            [sys.executable, "-c", RUN_CLI, "pull", REPO],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            env=hub_env(tmp_path, server.url),
+        )
         os.close(terminal)
         shown = b""
         while True:
@@ -134,12 +138,16 @@ def test_a_hub_that_never_answers(tmp_path):
 
 
 def test_unknown_repo_and_offline_without_cache(server, tmp_path):
-    assert_one_line_error(kimi_desk("pull", "moonshotai/nope", env=hub_env(tmp_path, server.url)),
-                          "moonshotai/nope: no such model on the hub")
-    assert_one_line_error(kimi_desk("pull", REPO, env=hub_env(tmp_path, server.url, HF_HUB_OFFLINE="1")),
-                          "HF_HUB_OFFLINE is set")
-    assert_one_line_error(kimi_desk("pull", "not-a-repo", env=hub_env(tmp_path, server.url)),
-                          "'not-a-repo' is not a hub repo id")
+    assert_one_line_error(
+        kimi_desk("pull", "moonshotai/nope", env=hub_env(tmp_path, server.url)),
+        "moonshotai/nope: no such model on the hub",
+    )
+    assert_one_line_error(
+        kimi_desk("pull", REPO, env=hub_env(tmp_path, server.url, HF_HUB_OFFLINE="1")), "HF_HUB_OFFLINE is set"
+    )
+    assert_one_line_error(
+        kimi_desk("pull", "not-a-repo", env=hub_env(tmp_path, server.url)), "'not-a-repo' is not a hub repo id"
+    )
     assert server.requests_for("config.json") == []
 
 

@@ -20,8 +20,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from textual.widgets import DataTable, Input
-
 from driving import (
     drive,
     freeze_session_ids,
@@ -33,6 +31,7 @@ from driving import (
     wait_in_thread,
 )
 from fake_engine import FakeAssistant, make_folder
+from textual.widgets import DataTable, Input
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 SIZES = [(80, 24), (120, 40)]
@@ -147,8 +146,10 @@ def check(app, name: str):
         actual_file = expected_file.with_suffix(".actual.svg")
         actual_file.write_text(actual, encoding="utf-8")
         diff = "\n".join(list(difflib.unified_diff(svg_text(expected), svg_text(actual), lineterm="", n=0))[:40])
-        pytest.fail(f"{name} differs from {expected_file.name} (now in {actual_file.name}):\n{diff}\n"
-                    f"screen:\n{screen_text(app)}")
+        pytest.fail(
+            f"{name} differs from {expected_file.name} (now in {actual_file.name}):\n{diff}\n"
+            f"screen:\n{screen_text(app)}"
+        )
 
 
 def snapshot(app, name, size, scenario):
@@ -197,8 +198,10 @@ def test_chat(frozen, size):
 def test_chat_after_limits_left_files_out(frozen, size):
     from kimi_desk.engine.ingest import LimitNotice
 
-    notices = (LimitNotice("max_files", 10_000, 1_204, "1,204 files not read: the limit of 10,000 files was reached"),
-               LimitNotice("max_file_bytes", 2 << 20, 3, "3 files not read: larger than the limit of 2.0 MiB per file"))
+    notices = (
+        LimitNotice("max_files", 10_000, 1_204, "1,204 files not read: the limit of 10,000 files was reached"),
+        LimitNotice("max_file_bytes", 2 << 20, 3, "3 files not read: larger than the limit of 2.0 MiB per file"),
+    )
 
     async def scenario(pilot):
         await wait_for_screen(pilot, "ChatScreen")
@@ -239,8 +242,9 @@ def test_sessions(frozen, size):
     snapshot(app_on(), "sessions", size, scenario)
 
 
-@pytest.mark.parametrize("dialog,keys", [("rename", ["r"]), ("delete", ["d"]), ("open", ["ctrl+n"]),
-                                         ("help", ["f1"]), ("settings", ["f3"])])
+@pytest.mark.parametrize(
+    "dialog,keys", [("rename", ["r"]), ("delete", ["d"]), ("open", ["ctrl+n"]), ("help", ["f1"]), ("settings", ["f3"])]
+)
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_dialogs_over_sessions(frozen, size, dialog, keys):
     async def scenario(pilot):
@@ -256,8 +260,9 @@ def test_model_failed(frozen, size):
     from kimi_desk.engine.errors import CheckpointError
 
     def broken(model, device):
-        raise CheckpointError("/models/broken: not a folder (a checkpoint is a folder with config.json "
-                              "and *.safetensors)")
+        raise CheckpointError(
+            "/models/broken: not a folder (a checkpoint is a folder with config.json and *.safetensors)"
+        )
 
     async def scenario(pilot):
         await wait_for_screen(pilot, "ProblemDialog")
@@ -268,6 +273,7 @@ def test_model_failed(frozen, size):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_chat_follow_up_in_a_second_thread(frozen, size):
     """Two threads in the list; the second holds a question and its follow-up."""
+
     async def scenario(pilot):
         screen = await wait_for_screen(pilot, "ChatScreen")
         await pilot.press("ctrl+t")
@@ -293,6 +299,7 @@ async def open_source_pane(pilot):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_source_pane(frozen, size):
     """The cited line of file_2.py as read, highlighted, beside the chat (over it at 80 columns)."""
+
     async def scenario(pilot):
         await open_source_pane(pilot)
         await pilot.pause(0.1)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import zipfile
 
-from textual.widgets import DataTable, Input, Label, ProgressBar, Static
-
 from driving import drive, wait_for, wait_for_answer, wait_for_screen, wait_in_thread
 from fake_engine import ANSWER, FakeAssistant, make_folder
 from kimi_desk.app.messages import AnswerText
 from kimi_desk.app.widgets import TurnView
 from kimi_desk.engine.ingest import LimitNotice
 from kimi_desk.engine.session import SessionStore
+from textual.widgets import DataTable, Input, Label, ProgressBar, Static
 
 QUESTION = "what does helper_2 return?"
 
@@ -46,8 +45,11 @@ def test_open_reads_with_progress_then_chats(home, make_app, fake):
     async def scenario(pilot):
         screen = await wait_for_screen(pilot, "ReadingScreen")
         await wait_in_thread(fake.holding)
-        await wait_for(pilot, lambda: screen.query_one("#tokens-bar", ProgressBar).progress == 160,
-                       what="progress at the hold point")
+        await wait_for(
+            pilot,
+            lambda: screen.query_one("#tokens-bar", ProgressBar).progress == 160,
+            what="progress at the hold point",
+        )
         assert "estimated under a minute on this device (about 1,500 tokens/s)" in text_of(screen, "#reading-estimate")
         assert "160 / 426" in text_of(screen, "#tokens-count")
         assert "1,234 tokens/s" in text_of(screen, "#reading-rate") and "left" in text_of(screen, "#reading-rate")
@@ -64,15 +66,18 @@ def test_open_reads_with_progress_then_chats(home, make_app, fake):
 
 def test_files_a_limit_left_out_are_shown_with_the_chat(home, make_app):
     folder = make_folder(home / "repo")
-    notices = (LimitNotice("max_files", 10_000, 1_204, "1,204 files not read: the limit of 10,000 files was reached"),
-               LimitNotice("max_file_bytes", 2 << 20, 1, "1 file not read: larger than the limit of 2.0 MiB per file"))
+    notices = (
+        LimitNotice("max_files", 10_000, 1_204, "1,204 files not read: the limit of 10,000 files was reached"),
+        LimitNotice("max_file_bytes", 2 << 20, 1, "1 file not read: larger than the limit of 2.0 MiB per file"),
+    )
 
     async def scenario(pilot):
         chat = await wait_for_screen(pilot, "ChatScreen")
         assert chat.query_one("#chat-left-out").display
         assert text_of(chat, "#chat-left-out") == (
             "1,204 files not read: the limit of 10,000 files was reached\n"
-            "1 file not read: larger than the limit of 2.0 MiB per file")
+            "1 file not read: larger than the limit of 2.0 MiB per file"
+        )
 
     drive(make_app(folder, engine=FakeAssistant(limit_notices=notices)), scenario)
 
@@ -233,8 +238,11 @@ def test_sessions_rename_and_delete(home, make_app, fake):
         prompt.query_one(Input).value = "renamed"
         await pilot.press("enter")
         await wait_for(pilot, lambda: "renamed" in {s.name for s in SessionStore().list()}, what="the rename")
-        await wait_for(pilot, lambda: any(str(table.get_row_at(i)[0]) == "renamed" for i in range(table.row_count)),
-                       what="the renamed row")
+        await wait_for(
+            pilot,
+            lambda: any(str(table.get_row_at(i)[0]) == "renamed" for i in range(table.row_count)),
+            what="the renamed row",
+        )
         await pilot.press("d")
         confirm = await wait_for_screen(pilot, "Confirm")
         await pilot.press("enter")  # the focused button is "Keep": nothing is deleted
@@ -382,8 +390,17 @@ def test_help_lists_the_keys_of_every_screen(home, make_app):
         await pilot.press("f1")
         await wait_for_screen(pilot, "HelpScreen")
         text = "\n".join(f"{key} {description}" for _, keys in pilot.app.key_help() for key, description in keys)
-        for expected in ("Stop", "Regenerate", "Copy the selected or last answer", "Rename", "Delete",
-                         "Stop reading", "Resume", "Settings", "Command palette"):
+        for expected in (
+            "Stop",
+            "Regenerate",
+            "Copy the selected or last answer",
+            "Rename",
+            "Delete",
+            "Stop reading",
+            "Resume",
+            "Settings",
+            "Command palette",
+        ):
             assert expected in text, expected
         await pilot.press("escape")
         await wait_for_screen(pilot, "SessionsScreen")
@@ -395,8 +412,10 @@ def test_the_tui_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, kimi_desk.app.tui, kimi_desk.app.cli\n"
-            "assert 'torch' not in sys.modules and 'kimi_desk.engine.session' not in sys.modules\n")
+    code = (
+        "import sys, kimi_desk.app.tui, kimi_desk.app.cli\n"
+        "assert 'torch' not in sys.modules and 'kimi_desk.engine.session' not in sys.modules\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -670,8 +689,7 @@ def test_a_long_wait_for_the_first_words_shows_the_time_waited(home, make_app, f
         await ask(pilot)
         await wait_in_thread(fake.answering)
         meta = lambda: str(chat.query_one(TurnView).query_one(".meta").render())  # noqa: E731
-        await wait_for(pilot, lambda: meta().startswith("thinking… ") and meta().endswith(" s"),
-                       what="the time waited")
+        await wait_for(pilot, lambda: meta().startswith("thinking… ") and meta().endswith(" s"), what="the time waited")
         assert meta() in ("thinking… 1 s", "thinking… 2 s"), meta()
         fake.answer_release.set()
         await wait_for_answer(pilot)

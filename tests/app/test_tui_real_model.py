@@ -15,12 +15,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from textual.widgets import Input
-
 from driving import drive, wait_for_answer, wait_for_screen
 from fake_engine import make_folder
 from kimi_desk.app.settings import Settings, save_settings
 from kimi_desk.app.widgets import TurnView
+from textual.widgets import Input
 
 QUESTION = "what does helper_1 return?"
 # Short greedy answers keep the tests fast; the settings file is how a user would ask for that too.
@@ -44,8 +43,13 @@ def test_open_read_and_answer_with_the_real_engine(home, chat_checkpoint):
 
     folder = make_folder(home / "repo", n_files=4)
     # The factories are the defaults: the real model loader and the real session store.
-    app = create_app(str(folder), model=str(chat_checkpoint), device="cpu", settings=SETTINGS,
-                     settings_file=home / "kimi-home" / "settings.toml")
+    app = create_app(
+        str(folder),
+        model=str(chat_checkpoint),
+        device="cpu",
+        settings=SETTINGS,
+        settings_file=home / "kimi-home" / "settings.toml",
+    )
 
     async def scenario(pilot):
         chat = await wait_for_screen(pilot, "ChatScreen", timeout=120)
@@ -77,8 +81,10 @@ def kimi_desk_command() -> str | None:
     return str(beside_python) if beside_python.exists() else shutil.which("kimi-desk")
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None,
-                    reason="tmux not found: install it (apt-get install -y tmux) to run the terminal smoke test")
+@pytest.mark.skipif(
+    shutil.which("tmux") is None,
+    reason="tmux not found: install it (apt-get install -y tmux) to run the terminal smoke test",
+)
 @pytest.mark.parametrize("model", ["checkpoint", "embedded"])
 def test_kimi_desk_open_in_a_real_terminal(tmp_path, chat_checkpoint, model):
     """`embedded` is README's run command: no --model, no network, the demo model in assets/."""
@@ -89,11 +95,15 @@ def test_kimi_desk_open_in_a_real_terminal(tmp_path, chat_checkpoint, model):
     folder = make_folder(tmp_path / "repo", n_files=4)
     # A private tmux server, so that the test never touches the user's own sessions.
     tmux = ["tmux", "-L", f"kimi-desk-test-{uuid.uuid4().hex[:8]}"]
-    env = (f"env KIMI_DESK_HOME={shlex.quote(str(home))} HOME={shlex.quote(str(tmp_path))} TERM=xterm-256color "
-           f"HF_HUB_OFFLINE=1")
+    env = (
+        f"env KIMI_DESK_HOME={shlex.quote(str(home))} HOME={shlex.quote(str(tmp_path))} TERM=xterm-256color "
+        f"HF_HUB_OFFLINE=1"
+    )
     model_option = f"--model {shlex.quote(str(chat_checkpoint))} " if model == "checkpoint" else ""
-    program = (f"{env} {shlex.quote(command)} open {shlex.quote(str(folder))} "
-               f"{model_option}--device cpu; echo kimi-desk exited with $?; sleep 60")
+    program = (
+        f"{env} {shlex.quote(command)} open {shlex.quote(str(folder))} "
+        f"{model_option}--device cpu; echo kimi-desk exited with $?; sleep 60"
+    )
 
     def screen() -> str:
         return subprocess.run([*tmux, "capture-pane", "-p", "-t", "smoke"], capture_output=True, text=True).stdout

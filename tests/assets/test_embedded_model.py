@@ -9,15 +9,14 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
-from kimi_desk.engine.loading import DEMO_MODEL, resolve_model
 from kimi_desk.engine import load_model
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_head_ids, question_ids, stop_token_ids
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.generate import GREEDY, generate
+from kimi_desk.engine.loading import DEMO_MODEL, resolve_model
 from kimi_desk.engine.tokenizer import load_tokenizer
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 ORACLE = Path(__file__).parents[1] / "engine" / "transformers_oracle.py"
 REPO = Path(__file__).parents[2]
@@ -43,8 +42,18 @@ def test_logits_and_greedy_match_transformers_on_real_text(tmp_path):
     text = (REPO / "engine" / "state.py").read_text(encoding="utf-8")
     input_ids = torch.tensor([tokenizer.encode(text, allow_special=False)[:300]])
     save_file({"input_ids": input_ids}, tmp_path / "inputs.safetensors")
-    subprocess.run([sys.executable, str(ORACLE), str(DEMO_MODEL), str(tmp_path / "inputs.safetensors"),
-                    str(tmp_path / "oracle.safetensors"), "16"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ORACLE),
+            str(DEMO_MODEL),
+            str(tmp_path / "inputs.safetensors"),
+            str(tmp_path / "oracle.safetensors"),
+            "16",
+        ],
+        check=True,
+        capture_output=True,
+    )
     oracle = load_file(tmp_path / "oracle.safetensors")
 
     model = load_model(DEMO_MODEL, dtype=torch.float32)
@@ -63,12 +72,22 @@ def test_replies_in_the_chat_format():
     """After a document and a question, the reply is a turn that ends: the format the product relies on."""
     tokenizer = load_tokenizer(DEMO_MODEL)
     model = load_model(DEMO_MODEL, dtype=torch.float32)
-    document = tokenizer.encode("==> notes.txt <==\nThe access code for the orbit vault is QFT-2231.\n",
-                                allow_special=False)
-    prompt = document_head_ids(tokenizer, DEFAULT_SYSTEM_PROMPT) + document + question_ids(
-        tokenizer, "What is the access code for the orbit vault?")
-    result = generate(model, prompt, model.new_state(1), max_new_tokens=64, sampling=GREEDY,
-                      stop_token_ids=stop_token_ids(tokenizer, model.config))
+    document = tokenizer.encode(
+        "==> notes.txt <==\nThe access code for the orbit vault is QFT-2231.\n", allow_special=False
+    )
+    prompt = (
+        document_head_ids(tokenizer, DEFAULT_SYSTEM_PROMPT)
+        + document
+        + question_ids(tokenizer, "What is the access code for the orbit vault?")
+    )
+    result = generate(
+        model,
+        prompt,
+        model.new_state(1),
+        max_new_tokens=64,
+        sampling=GREEDY,
+        stop_token_ids=stop_token_ids(tokenizer, model.config),
+    )
     assert result.token_ids and result.token_ids[-1] in stop_token_ids(tokenizer, model.config)
     assert tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
 
@@ -78,12 +97,17 @@ def test_commands_default_to_it_offline(tmp_path):
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "notes.md").write_text("The maintainer of the quasar module is Ada Park.\n")
-    env = {**os.environ, "KIMI_DESK_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf")}
+    env = {
+        **os.environ,
+        "KIMI_DESK_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
 
     def kimi_desk(*args):
-        result = subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True,
-                                env=env)
+        result = subprocess.run(
+            [sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True, env=env
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout
 
@@ -104,20 +128,30 @@ def test_a_follow_up_continues_the_thread_across_processes(tmp_path):
 
     folder = tmp_path / "docs"
     folder.mkdir()
-    (folder / "vault.md").write_text("# Vault\n\nThe access code for the orbit vault is QFT-2231.\n"
-                                     "Ada Park keeps the orbit vault's keys.\n")
-    env = {**os.environ, "KIMI_DESK_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf")}
+    (folder / "vault.md").write_text(
+        "# Vault\n\nThe access code for the orbit vault is QFT-2231.\nAda Park keeps the orbit vault's keys.\n"
+    )
+    env = {
+        **os.environ,
+        "KIMI_DESK_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
 
     def kimi_desk(*args):
-        result = subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args, "--device", "cpu"],
-                                capture_output=True, text=True, env=env)
+        result = subprocess.run(
+            [sys.executable, "-m", "kimi_desk.app.cli", *args, "--device", "cpu"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert result.returncode == 0, result.stderr
         return result
 
     session_id = kimi_desk("ingest", str(folder)).stdout.strip()
-    first = kimi_desk("ask", session_id, "What is the access code for the orbit vault?", "--json",
-                      "--max-new-tokens", "12")
+    first = kimi_desk(
+        "ask", session_id, "What is the access code for the orbit vault?", "--json", "--max-new-tokens", "12"
+    )
     second = kimi_desk("ask", session_id, "And who keeps its keys?", "-c", "--json", "--max-new-tokens", "12")
     assert "demo model" in first.stderr and "mostly invented" in first.stderr
     one, two = json.loads(first.stdout), json.loads(second.stdout)
@@ -126,9 +160,17 @@ def test_a_follow_up_continues_the_thread_across_processes(tmp_path):
     session = SessionStore(tmp_path / "home").get(session_id)
     turns = session.thread(one["thread"]).turns
     assistant = load_assistant(DEMO_MODEL, "cpu", "auto")  # as the command loads it
-    conversation = (question_ids(assistant.tokenizer, turns[0].question) + turns[0].answer_token_ids
-                    + follow_up_ids(assistant.tokenizer, turns[1].question))
-    steps = stream_tokens(assistant.model, conversation, assistant.document_state(session).clone(),
-                          max_new_tokens=12, stop_token_ids=assistant.stop_ids,
-                          vocab_size=assistant.tokenizer.vocab_size)
+    conversation = (
+        question_ids(assistant.tokenizer, turns[0].question)
+        + turns[0].answer_token_ids
+        + follow_up_ids(assistant.tokenizer, turns[1].question)
+    )
+    steps = stream_tokens(
+        assistant.model,
+        conversation,
+        assistant.document_state(session).clone(),
+        max_new_tokens=12,
+        stop_token_ids=assistant.stop_ids,
+        vocab_size=assistant.tokenizer.vocab_size,
+    )
     assert turns[1].answer_token_ids == [s.token_id for s in steps if s.finish_reason != "stop"]

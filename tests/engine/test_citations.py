@@ -5,7 +5,6 @@ is not a citation."""
 import dataclasses
 
 import pytest
-
 from kimi_desk.engine.citations import SourceIndex
 from kimi_desk.engine.session import Assistant, SessionStore
 
@@ -43,9 +42,11 @@ def session(chat_checkpoint, tmp_path_factory):
     return assistant.read(SessionStore(root / "home"), folder)
 
 
-ANSWER = ("The configuration is parsed by `parse_config` in app/config.py:11-12, called from `Config.load` "
-          "(config.py:8). main.py:4 builds it. Nothing in lib/settings.py:3 or app/config.py:90 does; "
-          "see README.md, e.g. the docs at https://example.com/app/config.py:3, version 3.11, and `len`.")
+ANSWER = (
+    "The configuration is parsed by `parse_config` in app/config.py:11-12, called from `Config.load` "
+    "(config.py:8). main.py:4 builds it. Nothing in lib/settings.py:3 or app/config.py:90 does; "
+    "see README.md, e.g. the docs at https://example.com/app/config.py:3, version 3.11, and `len`."
+)
 
 
 def places(citations):
@@ -65,8 +66,10 @@ def test_every_place_is_found_or_marked_not_found(session):
         ("README.md", "README.md", True),
     ]
     reasons = {c.text: c.reason for c in citations if not c.found}
-    assert reasons == {"lib/settings.py:3": "lib/settings.py is not among the files read",
-                       "app/config.py:90": "app/config.py has 12 lines, no line 90"}
+    assert reasons == {
+        "lib/settings.py:3": "lib/settings.py is not among the files read",
+        "app/config.py:90": "app/config.py has 12 lines, no line 90",
+    }
     index = SourceIndex(session)
     assert index.lines("app/config.py")[10] == "def parse_config(text):"
 
@@ -78,8 +81,9 @@ def test_places_resolve_at_the_version_read_after_the_files_change(session):
     assert [(c.label, c.found) for c in SourceIndex(session).cite("app/config.py:11")] == [("app/config.py:11", True)]
     assert SourceIndex(session).text("app/config.py") == CONFIG
     # A session read before texts were kept falls back to the file on disk, while it is the one read.
-    older = dataclasses.replace(session, files=[{k: v for k, v in f.items() if k != "text_sha256"}
-                                                for f in session.files])
+    older = dataclasses.replace(
+        session, files=[{k: v for k, v in f.items() if k != "text_sha256"} for f in session.files]
+    )
     assert SourceIndex(older).text("app/config.py") is None
     cited = SourceIndex(older).cite("app/config.py:11")[0]
     assert not cited.found and "not kept and the file changed since" in cited.reason

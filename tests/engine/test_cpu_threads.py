@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kimi_desk.engine import cpu_threads
 
 
-@pytest.mark.parametrize("cores,busy,expected", [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 9.0, 1), (16, 3.0, 13),
-                                                 (1, 0.0, 1), (4, -1.0, 4)])
+@pytest.mark.parametrize(
+    "cores,busy,expected",
+    [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 9.0, 1), (16, 3.0, 13), (1, 0.0, 1), (4, -1.0, 4)],
+)
 def test_threads_are_the_idle_cores(cores, busy, expected):
     assert cpu_threads.threads_for(cores, busy) == expected
 
@@ -17,7 +18,9 @@ def test_threads_are_the_idle_cores(cores, busy, expected):
 def test_the_environment_fixes_the_count(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv("KIMI_DESK_THREADS", "1")
-    monkeypatch.setattr(cpu_threads, "busy_elsewhere", lambda: pytest.fail("the load is not asked when the count is fixed"))
+    monkeypatch.setattr(
+        cpu_threads, "busy_elsewhere", lambda: pytest.fail("the load is not asked when the count is fixed")
+    )
     try:
         assert cpu_threads.use_idle_cores() == 1 and torch.get_num_threads() == 1
     finally:

@@ -22,9 +22,15 @@ def rel_err(a, b):
 
 
 def storage(state):
-    return [p for layer in state.layers
-            for p in ((layer.recurrent.data_ptr(), layer.conv.data_ptr()) if isinstance(layer, KDAState)
-                      else (layer.buffer.data_ptr(),))]
+    return [
+        p
+        for layer in state.layers
+        for p in (
+            (layer.recurrent.data_ptr(), layer.conv.data_ptr())
+            if isinstance(layer, KDAState)
+            else (layer.buffer.data_ptr(),)
+        )
+    ]
 
 
 @pytest.fixture(scope="module")

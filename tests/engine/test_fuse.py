@@ -3,7 +3,6 @@ full precision and fp8, and on the Triton decode path (interpreter); nothing hel
 
 import pytest
 import torch
-
 from kimi_desk.engine import load_model
 from kimi_desk.engine.fuse import BlockDiagonalLinear, FusedLinear, fuse_projections
 from kimi_desk.engine.model import SparseMoE
@@ -38,8 +37,9 @@ def test_fused_model_computes_what_the_separate_projections_do(checkpoint_fixtur
     assert moes and all(m.shared_experts is None and m.gate.shared_expert == config.num_experts for m in moes)
     assert all(m.experts.w1.shape[0] == m.experts.w2.shape[0] == config.num_experts + 1 for m in moes)
     names = [name for name, _ in fused.named_parameters()]
-    assert not any(name.endswith((".q_proj.weight", ".k_proj.weight", ".gate_proj.weight", ".b_proj.weight"))
-                   for name in names)
+    assert not any(
+        name.endswith((".q_proj.weight", ".k_proj.weight", ".gate_proj.weight", ".b_proj.weight")) for name in names
+    )
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     # The same parameters, plus the zero blocks of the KDA gates' block-diagonal product.
     diagonals = [m for m in fused.modules() if isinstance(m, BlockDiagonalLinear)]

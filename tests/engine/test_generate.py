@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-
+from kimi_desk.bench.random_checkpoint import tail7_config, tiny_config, write_random_checkpoint
 from kimi_desk.engine import load_model
 from kimi_desk.engine.chat import chat_token_ids, next_turn_token_ids, stop_token_ids
 from kimi_desk.engine.generate import (
@@ -22,7 +22,6 @@ from kimi_desk.engine.generate import (
     sample_token,
     stream_tokens,
 )
-from kimi_desk.bench.random_checkpoint import tail7_config, tiny_config, write_random_checkpoint
 from kimi_desk.engine.tokenizer import StreamDecoder, Tokenizer, kimi_added_tokens, train_ranks
 
 
@@ -56,8 +55,9 @@ def test_greedy_equals_a_from_scratch_loop(which, new_tokens, request):
     every step (the 7-layer model also passes KDA state through an MLA layer)."""
     model = request.getfixturevalue(which)
     prompt = prompt_ids(6, seed=1)
-    result = generate(model, prompt, model.new_state(1), max_new_tokens=new_tokens, stop_token_ids=[],
-                      prefill_chunk_size=4)
+    result = generate(
+        model, prompt, model.new_state(1), max_new_tokens=new_tokens, stop_token_ids=[], prefill_chunk_size=4
+    )
     sequence = list(prompt)
     for _ in range(new_tokens):
         sequence.append(int(torch.argmax(next_logits_from_scratch(model, sequence))))
@@ -88,14 +88,23 @@ SAMPLINGS = [
 def test_seeded_sampling_is_reproducible_across_runs_and_chunk_sizes(model, sampling):
     prompt = prompt_ids(40, seed=7)
     runs = [
-        generate(model, prompt, model.new_state(1), max_new_tokens=32, sampling=sampling, stop_token_ids=[],
-                 prefill_chunk_size=chunk).token_ids
+        generate(
+            model,
+            prompt,
+            model.new_state(1),
+            max_new_tokens=32,
+            sampling=sampling,
+            stop_token_ids=[],
+            prefill_chunk_size=chunk,
+        ).token_ids
         for chunk in (40, 40, 1, 9, 16)
     ]
     assert all(run == runs[0] for run in runs)
     other_seed = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty, seed=99)
-    assert generate(model, prompt, model.new_state(1), max_new_tokens=32, sampling=other_seed,
-                    stop_token_ids=[]).token_ids != runs[0]
+    assert (
+        generate(model, prompt, model.new_state(1), max_new_tokens=32, sampling=other_seed, stop_token_ids=[]).token_ids
+        != runs[0]
+    )
 
 
 # -- sampling pieces -------------------------------------------------------------------------------------------
@@ -182,8 +191,9 @@ def test_cancel_returns_within_one_step_and_the_next_turn_continues(model):
     cancel = threading.Event()
     state = model.new_state(1)
     emitted = []
-    for step in stream_tokens(model, prompt, state, max_new_tokens=100, sampling=sampling, stop_token_ids=[],
-                              cancel=cancel):
+    for step in stream_tokens(
+        model, prompt, state, max_new_tokens=100, sampling=sampling, stop_token_ids=[], cancel=cancel
+    ):
         emitted.append(step.token_id)
         if len(emitted) == 5:
             cancel.set()
@@ -193,8 +203,9 @@ def test_cancel_returns_within_one_step_and_the_next_turn_continues(model):
     next_turn = prompt_ids(7, seed=13)
     continued = generate(model, next_turn, state, max_new_tokens=20, stop_token_ids=[]).token_ids
     reference_state = model.new_state(1)
-    reference = generate(model, prompt + emitted + next_turn, reference_state, max_new_tokens=20,
-                         stop_token_ids=[]).token_ids
+    reference = generate(
+        model, prompt + emitted + next_turn, reference_state, max_new_tokens=20, stop_token_ids=[]
+    ).token_ids
     assert continued == reference
     assert state.position == reference_state.position
 
@@ -206,8 +217,15 @@ def test_cancel_from_another_thread(model):
     state = model.new_state(1)
 
     def worker():
-        for step in stream_tokens(model, prompt_ids(8), state, max_new_tokens=3000, stop_token_ids=[],
-                                  cancel=cancel, sampling=Sampling(seed=0)):
+        for step in stream_tokens(
+            model,
+            prompt_ids(8),
+            state,
+            max_new_tokens=3000,
+            stop_token_ids=[],
+            cancel=cancel,
+            sampling=Sampling(seed=0),
+        ):
             (steps_after_cancel if cancel.is_set() else steps).append(step)
             started.set()
 
@@ -226,8 +244,9 @@ def test_cancel_during_prefill_leaves_a_prefix(model):
     prompt = prompt_ids(40, seed=14)
     calls = []
     state = model.new_state(1)
-    result = generate(model, prompt, state, max_new_tokens=5, prefill_chunk_size=16,
-                      cancel=lambda: calls.append(1) or len(calls) > 1)
+    result = generate(
+        model, prompt, state, max_new_tokens=5, prefill_chunk_size=16, cancel=lambda: calls.append(1) or len(calls) > 1
+    )
     assert result.finish_reason == "cancelled" and result.token_ids == []
     assert state.position == 32
     with pytest.raises(PrefillCancelled) as info:
@@ -257,8 +276,14 @@ def test_streamed_text_equals_the_decoded_sequence(chat_setup):
     # Sampled ids from a random model: plenty of characters split across tokens, and broken UTF-8.
     for seed in range(2):
         decoder, streamed, ids = StreamDecoder(tokenizer), [], []
-        for step in stream_tokens(model, prompt, model.new_state(1), max_new_tokens=80,
-                                  sampling=Sampling(temperature=1.0, seed=seed), stop_token_ids=[]):
+        for step in stream_tokens(
+            model,
+            prompt,
+            model.new_state(1),
+            max_new_tokens=80,
+            sampling=Sampling(temperature=1.0, seed=seed),
+            stop_token_ids=[],
+        ):
             ids.append(step.token_id)
             streamed.append(decoder.push(step.token_id))
         assert "".join(streamed) + decoder.flush() == tokenizer.decode(ids)

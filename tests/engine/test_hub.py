@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hub_standin import HubStandIn, SilentHub
 from kimi_desk.engine import hub, load_model
 from kimi_desk.engine.hub import HubError
 
 REPO = "moonshotai/Kimi-Linear-tiny"
-NOT_NEEDED = {"pytorch_model.bin": b"\x80\x04 a pickle" * 64, "modeling_kimi.py": b"import os\nos.system('x')\n",
-              "README.md": b"# tiny\n", ".gitattributes": b"*.safetensors filter=lfs\n"}
+NOT_NEEDED = {
+    "pytorch_model.bin": b"\x80\x04 a pickle" * 64,
+    "modeling_kimi.py": b"import os\nos.system('x')\n",
+    "README.md": b"# tiny\n",
+    ".gitattributes": b"*.safetensors filter=lfs\n",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -91,10 +94,15 @@ def test_pull_fetches_only_what_a_checkpoint_needs_and_it_loads(served, chat_che
 
 
 def test_pull_sharded_fetches_the_index_shards_only(server, tail7_checkpoint, tmp_path):
-    server.add_repo("moonshotai/tail7", tail7_checkpoint,
-                    extra={"consolidated.safetensors": b"not part of the index", "model.pt": b"pickle"})
+    server.add_repo(
+        "moonshotai/tail7",
+        tail7_checkpoint,
+        extra={"consolidated.safetensors": b"not part of the index", "model.pt": b"pickle"},
+    )
     path = hub.pull("moonshotai/tail7", cache_dir=tmp_path / "hub", endpoint=server.url)
-    shards = sorted(set(json.loads((tail7_checkpoint / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    shards = sorted(
+        set(json.loads((tail7_checkpoint / "model.safetensors.index.json").read_text())["weight_map"].values())
+    )
     assert len(shards) > 1
     assert sorted(p.name for p in path.iterdir()) == sorted(["config.json", "model.safetensors.index.json", *shards])
     assert server.requests_for("consolidated.safetensors") == [] and server.requests_for("model.pt") == []
@@ -182,13 +190,15 @@ def test_a_hub_that_never_answers_is_one_line_within_the_timeout(tmp_path, short
         with pytest.raises(HubError) as failed:
             hub.pull(REPO, cache_dir=tmp_path / "hub", endpoint=silent.url)
         elapsed = time.monotonic() - started
-    assert one_line(failed).startswith(f"the hub at {silent.url} did not answer within 0.5 s while listing "
-                                       f"{REPO}'s files; ")
+    assert one_line(failed).startswith(
+        f"the hub at {silent.url} did not answer within 0.5 s while listing {REPO}'s files; "
+    )
     assert "KIMI_DESK_HUB_TIMEOUT" in str(failed.value) and silent.connections == 1 and elapsed < 3
 
 
-def test_a_download_that_stalls_is_one_line_and_resumes_later(served, chat_checkpoint, tmp_path, short_timeout,
-                                                               small_chunks):
+def test_a_download_that_stalls_is_one_line_and_resumes_later(
+    served, chat_checkpoint, tmp_path, short_timeout, small_chunks
+):
     """The hub sends the headers and part of the weights, then nothing, the connection open."""
     served.stall("model.safetensors", after_bytes=200_000)
     started = time.monotonic()
@@ -219,11 +229,14 @@ def test_a_bad_timeout_setting_is_one_line(tmp_path, monkeypatch, value):
     one_line(failed)
 
 
-@pytest.mark.parametrize("repo_id,revision,gated,expected", [
-    ("moonshotai/no-such-model", None, False, "moonshotai/no-such-model: no such model on the hub"),
-    (REPO, "v9", False, f"{REPO} has no revision 'v9'"),
-    ("moonshotai/gated", None, True, "moonshotai/gated is gated: accept its terms"),
-])
+@pytest.mark.parametrize(
+    "repo_id,revision,gated,expected",
+    [
+        ("moonshotai/no-such-model", None, False, "moonshotai/no-such-model: no such model on the hub"),
+        (REPO, "v9", False, f"{REPO} has no revision 'v9'"),
+        ("moonshotai/gated", None, True, "moonshotai/gated is gated: accept its terms"),
+    ],
+)
 def test_hub_refusals_are_one_clear_line(server, chat_checkpoint, tmp_path, repo_id, revision, gated, expected):
     server.add_repo(REPO, chat_checkpoint)
     server.add_repo("moonshotai/gated", chat_checkpoint, gated=True)
@@ -251,8 +264,10 @@ def test_not_a_repo_id_or_revision(tmp_path):
 
 
 def test_pickled_weights_only_are_refused_without_downloading_them(server, chat_checkpoint, tmp_path):
-    server.add_repo("someone/pickled", {"config.json": (chat_checkpoint / "config.json").read_bytes(),
-                                        "pytorch_model.bin": b"\x80\x04 a pickle" * 64})
+    server.add_repo(
+        "someone/pickled",
+        {"config.json": (chat_checkpoint / "config.json").read_bytes(), "pytorch_model.bin": b"\x80\x04 a pickle" * 64},
+    )
     with pytest.raises(HubError) as failed:
         hub.pull("someone/pickled", cache_dir=tmp_path / "hub", endpoint=server.url)
     assert "pytorch_model.bin" in one_line(failed) and "never loads pickled weights" in str(failed.value)
@@ -262,8 +277,13 @@ def test_pickled_weights_only_are_refused_without_downloading_them(server, chat_
 def test_another_architecture_is_refused_before_its_weights_are_fetched(server, chat_checkpoint, tmp_path):
     config = json.loads((chat_checkpoint / "config.json").read_text())
     config["model_type"] = "llama"
-    server.add_repo("someone/llama", {"config.json": json.dumps(config).encode(),
-                                      "model.safetensors": (chat_checkpoint / "model.safetensors").read_bytes()})
+    server.add_repo(
+        "someone/llama",
+        {
+            "config.json": json.dumps(config).encode(),
+            "model.safetensors": (chat_checkpoint / "model.safetensors").read_bytes(),
+        },
+    )
     with pytest.raises(HubError, match="not a Kimi Linear checkpoint") as failed:
         hub.pull("someone/llama", cache_dir=tmp_path / "hub", endpoint=server.url)
     one_line(failed)

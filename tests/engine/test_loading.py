@@ -1,7 +1,6 @@
 """From the memory budgets to a format and a placement (engine/loading.py), before anything is loaded."""
 
 import pytest
-
 from kimi_desk.engine import loading
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.placement import GIB, PlacementError, plan_placement
@@ -16,16 +15,18 @@ def budget_for(path, fmt, experts_on_gpu: int) -> int:
 
 def test_a_model_that_fits_is_placed_whole_without_a_word(tail7_checkpoint):
     lines = []
-    fmt, placement = loading.choose_placement(tail7_checkpoint, "cuda", "auto", lines.append, gpu_budget=GIB,
-                                              cpu_budget=GIB)
+    fmt, placement = loading.choose_placement(
+        tail7_checkpoint, "cuda", "auto", lines.append, gpu_budget=GIB, cpu_budget=GIB
+    )
     assert fmt is None and not placement.offloaded and lines == []
 
 
 def test_auto_keeps_the_experts_that_do_not_fit_in_ram_in_int4(tail7_checkpoint):
     lines = []
     budget = budget_for(tail7_checkpoint, "int4", 5)
-    fmt, placement = loading.choose_placement(tail7_checkpoint, "cuda", "auto", lines.append, gpu_budget=budget,
-                                              cpu_budget=GIB)
+    fmt, placement = loading.choose_placement(
+        tail7_checkpoint, "cuda", "auto", lines.append, gpu_budget=budget, cpu_budget=GIB
+    )
     assert fmt == "int4" and placement.offloaded and placement.gpu_count == 5
     assert lines == [placement.describe()] and "5 of 48 routed experts" in lines[0]
 
@@ -40,8 +41,9 @@ def test_budgets_too_small_are_one_line(tail7_checkpoint):
     with pytest.raises(PlacementError, match="the smallest budget that works is --gpu-memory"):
         loading.choose_placement(tail7_checkpoint, "cuda", "int4", gpu_budget=1 << 20, cpu_budget=GIB)
     with pytest.raises(PlacementError, match="--cpu-memory is 0.0 GiB"):
-        loading.choose_placement(tail7_checkpoint, "cuda", "int4", gpu_budget=budget_for(tail7_checkpoint, "int4", 1),
-                                 cpu_budget=1024)
+        loading.choose_placement(
+            tail7_checkpoint, "cuda", "int4", gpu_budget=budget_for(tail7_checkpoint, "int4", 1), cpu_budget=1024
+        )
 
 
 def test_sizes_from_the_command_line(tail7_checkpoint):

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
 from kimi_desk.engine import memory
 from kimi_desk.engine.loading import choose_format
 from kimi_desk.engine.memory import MemoryCheckError
-from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
 from kimi_desk.engine.weights import build_on_meta, load_model
 
 
@@ -27,8 +26,10 @@ def test_estimate_counts_the_weights_in_every_format():
     assert estimate["parameters"] == params and estimate["weights_bytes"] == 4 * params
     assert estimate["total_bytes"] > estimate["weights_bytes"]
 
-    big = {f: memory.estimate_memory(kimi_linear_48b_config(), "bfloat16", None if f == "none" else f)["weights_bytes"]
-           for f in memory.FORMATS}
+    big = {
+        f: memory.estimate_memory(kimi_linear_48b_config(), "bfloat16", None if f == "none" else f)["weights_bytes"]
+        for f in memory.FORMATS
+    }
     assert 96e9 < big["none"] < 100e9  # bfloat16, and the few fp32 gate parameters
     assert 0.5 * big["none"] < big["fp8"] < 0.55 * big["none"]
     assert big["fp8"] - 1e9 < big["int8"] < big["fp8"]  # the same codes; head and embedding in int8 too
@@ -48,8 +49,13 @@ def test_the_estimate_is_what_loading_allocates(tail7_checkpoint, method):
 
 def test_a_refusal_names_the_smallest_format_that_fits_here():
     with pytest.raises(MemoryCheckError) as refused:
-        memory.check_memory(kimi_linear_48b_config(), "cpu", torch.bfloat16, model_name="Kimi-Linear-48B-A3B",
-                            available_bytes=40_000_000_000)
+        memory.check_memory(
+            kimi_linear_48b_config(),
+            "cpu",
+            torch.bfloat16,
+            model_name="Kimi-Linear-48B-A3B",
+            available_bytes=40_000_000_000,
+        )
     text = one_line(refused)
     assert text.startswith("Kimi-Linear-48B-A3B needs about 9")  # ~95 GiB with the working set
     assert "in bfloat16 (92 GiB of weights); this machine has 37 GiB available." in text
@@ -58,8 +64,9 @@ def test_a_refusal_names_the_smallest_format_that_fits_here():
 
 def test_a_refusal_where_nothing_fits_says_where_the_smallest_would():
     with pytest.raises(MemoryCheckError) as refused:
-        memory.check_memory(kimi_linear_48b_config(), "cpu", torch.bfloat16, quantize="int4",
-                            available_bytes=16_000_000_000)
+        memory.check_memory(
+            kimi_linear_48b_config(), "cpu", torch.bfloat16, quantize="int4", available_bytes=16_000_000_000
+        )
     text = one_line(refused)
     assert "in int4 weights" in text and "Its smallest format, --quantize int4" in text
     assert "a GPU sold as 32 GB" in text

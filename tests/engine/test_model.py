@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from kimi_desk.engine import load_model
+from safetensors.torch import load_file, save_file
 
 ORACLE = Path(__file__).with_name("transformers_oracle.py")
 
@@ -39,9 +38,16 @@ def test_logits_and_greedy_match_transformers(checkpoint_fixture, request, tmp_p
     input_ids = torch.randint(0, model.config.vocab_size, (2, 90), generator=torch.Generator().manual_seed(90))
     save_file({"input_ids": input_ids}, tmp_path / "inputs.safetensors")
     subprocess.run(
-        [sys.executable, str(ORACLE), str(checkpoint), str(tmp_path / "inputs.safetensors"),
-         str(tmp_path / "oracle.safetensors"), "32"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            str(ORACLE),
+            str(checkpoint),
+            str(tmp_path / "inputs.safetensors"),
+            str(tmp_path / "oracle.safetensors"),
+            "32",
+        ],
+        check=True,
+        capture_output=True,
     )
     oracle = load_file(tmp_path / "oracle.safetensors")
 

@@ -4,11 +4,10 @@ in float32 and int4; the quantized cache and the state are the same under any pl
 
 import pytest
 import torch
-
+from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 from kimi_desk.engine import offload
 from kimi_desk.engine.offload import OffloadedExperts, tiles_to_codes
 from kimi_desk.engine.placement import Placement
-from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 from kimi_desk.engine.weights import load_model
 from kimi_desk.kernels.quant import quantize_int4_groups
 from kimi_desk.kernels.quant.cpu import pack_int4_for_cpu
@@ -99,10 +98,12 @@ def test_tiles_turn_back_into_our_layout_exactly():
 
 def test_one_quantized_cache_serves_every_placement(checkpoint, ids):
     notices = []
-    first = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS),
-                       notice=notices.append)
-    second = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(OTHER_EXPERTS),
-                        notice=notices.append)
+    first = load_model(
+        checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS), notice=notices.append
+    )
+    second = load_model(
+        checkpoint, dtype=torch.float32, quantize="int4", placement=plan(OTHER_EXPERTS), notice=notices.append
+    )
     whole = load_model(checkpoint, dtype=torch.float32, quantize="int4", notice=notices.append)
     assert notices == []
     want = whole(ids[:, :50], whole.new_state(1))

@@ -1,28 +1,44 @@
 """The placement planner: budgets, which experts go where, the one-line description and refusals."""
 
 import pytest
-
+from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
 from kimi_desk.engine import placement
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.memory import estimate_memory
 from kimi_desk.engine.placement import GIB, PlacementError, parse_size, plan_placement
-from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
 
 BIG = kimi_linear_48b_config()
 
 
-@pytest.mark.parametrize("text, value", [
-    ("24GiB", 24 * GIB), ("16GB", 16 * 10**9), ("512 MiB", 512 << 20), ("1.5gib", 3 * GIB // 2),
-    (" 2T ", 2 * 10**12), ("100mb", 100 * 10**6), ("64g", 64 * 10**9), ("1TiB", 1 << 40),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("24GiB", 24 * GIB),
+        ("16GB", 16 * 10**9),
+        ("512 MiB", 512 << 20),
+        ("1.5gib", 3 * GIB // 2),
+        (" 2T ", 2 * 10**12),
+        ("100mb", 100 * 10**6),
+        ("64g", 64 * 10**9),
+        ("1TiB", 1 << 40),
+    ],
+)
 def test_sizes_are_parsed_with_their_units(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text, says", [
-    ("24", "needs a unit"), ("lots", "is not a size"), ("24 GiBs", "is not a size"), ("-3GiB", "is not a size"),
-    ("12KB", "too small"), ("", "is not a size"), ("1e9GB", "is not a size"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("24", "needs a unit"),
+        ("lots", "is not a size"),
+        ("24 GiBs", "is not a size"),
+        ("-3GiB", "is not a size"),
+        ("12KB", "too small"),
+        ("", "is not a size"),
+        ("1e9GB", "is not a size"),
+    ],
+)
 def test_bad_sizes_are_one_line_user_errors(text, says):
     with pytest.raises(UserError) as refused:
         parse_size(text, "--gpu-memory")
@@ -54,8 +70,10 @@ def test_the_48b_model_in_int4_on_desktop_cards(budget_gib):
     for i in plan.moe_layers:
         assert sorted(plan.gpu_experts[i] + plan.ram_experts(i)) == list(range(256))
     line = plan.describe()
-    assert line == (f"GPU {plan.gpu_bytes / GIB:.1f} GiB: attention, shared experts, {plan.gpu_count:,} of 6,656 "
-                    f"routed experts; RAM {plan.ram_bytes / GIB:.1f} GiB: the others")
+    assert line == (
+        f"GPU {plan.gpu_bytes / GIB:.1f} GiB: attention, shared experts, {plan.gpu_count:,} of 6,656 "
+        f"routed experts; RAM {plan.ram_bytes / GIB:.1f} GiB: the others"
+    )
     assert "\n" not in line
 
 
@@ -80,7 +98,9 @@ def test_known_usage_puts_the_most_used_experts_on_the_gpu():
 
 def test_a_budget_below_what_every_token_needs_names_the_smallest_that_works():
     with pytest.raises(PlacementError) as refused:
-        plan_placement(BIG, "bfloat16", "int4", gpu_budget=4 * GIB, cpu_budget=64 * GIB, model_name="Kimi-Linear-48B-A3B")
+        plan_placement(
+            BIG, "bfloat16", "int4", gpu_budget=4 * GIB, cpu_budget=64 * GIB, model_name="Kimi-Linear-48B-A3B"
+        )
     message = str(refused.value)
     assert "\n" not in message and message.startswith("--gpu-memory 4.0 GiB is too small for Kimi-Linear-48B-A3B")
     smallest = message.rsplit("--gpu-memory ", 1)[1]

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
+from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config
 from kimi_desk.engine import load_model
 from kimi_desk.engine.quantize import RowScaledLinear, is_quantized_weight
-from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config
 from kimi_desk.engine.weights import build_on_meta, save_checkpoint
 from kimi_desk.kernels.quant import FP8
 from kimi_desk.kernels.quant.naive import dequantize_rows, quantize_fp8_rows
@@ -19,12 +18,25 @@ from kimi_desk.kernels.quant.naive import dequantize_rows, quantize_fp8_rows
 def test_the_rule_covers_the_big_matrices_only():
     names = [name for name, _ in build_on_meta(kimi_linear_48b_config()).named_parameters()]
     quantized = [n for n in names if is_quantized_weight(n)]
-    assert not any("embed_tokens" in n or "lm_head" in n or "norm" in n or "kv_b_proj" in n
-                   or n.endswith((".gate.weight", "A_log", "dt_bias", "conv1d.weight", "e_score_correction_bias"))
-                   for n in quantized)
-    for needed in ("self_attn.q_proj.weight", "self_attn.kv_a_proj_with_mqa.weight", "self_attn.o_proj.weight",
-                   "self_attn.f_b_proj.weight", "mlp.gate_proj.weight", "shared_experts.down_proj.weight",
-                   "experts.w1", "experts.w2", "experts.w3"):
+    assert not any(
+        "embed_tokens" in n
+        or "lm_head" in n
+        or "norm" in n
+        or "kv_b_proj" in n
+        or n.endswith((".gate.weight", "A_log", "dt_bias", "conv1d.weight", "e_score_correction_bias"))
+        for n in quantized
+    )
+    for needed in (
+        "self_attn.q_proj.weight",
+        "self_attn.kv_a_proj_with_mqa.weight",
+        "self_attn.o_proj.weight",
+        "self_attn.f_b_proj.weight",
+        "mlp.gate_proj.weight",
+        "shared_experts.down_proj.weight",
+        "experts.w1",
+        "experts.w2",
+        "experts.w3",
+    ):
         assert any(n.endswith(needed) for n in quantized), needed
     model = build_on_meta(kimi_linear_48b_config())
     total = sum(p.numel() for p in model.parameters())

@@ -9,7 +9,6 @@ import threading
 
 import pytest
 import torch
-
 from kimi_desk.engine.ingest import LoaderLimits
 from kimi_desk.engine.session import Assistant, ReadCancelled, SessionError, SessionStore
 from kimi_desk.engine.token_budget import DocumentTooLong
@@ -50,8 +49,13 @@ FRESH_PROCESS = textwrap.dedent(
 
 def ask_in_fresh_process(checkpoint, session_id, home):
     env = {"KIMI_DESK_HOME": str(home), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(checkpoint), session_id, QUESTION],
-                         capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(checkpoint), session_id, QUESTION],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -134,8 +138,11 @@ def test_cancelled_reading_resumes(assistant, tmp_path):
 def test_a_document_over_the_context_is_refused(assistant, tmp_path):
     big = tmp_path / "big.txt"
     big.write_text("lorem ipsum dolor sit amet " * 3000)
-    with pytest.raises(DocumentTooLong, match=r"big.txt is too long for this model: its [\d,]+ characters are "
-                                              r"[\d,]+ tokens, and it reads at most 3,0\d\d before a question"):
+    with pytest.raises(
+        DocumentTooLong,
+        match=r"big.txt is too long for this model: its [\d,]+ characters are "
+        r"[\d,]+ tokens, and it reads at most 3,0\d\d before a question",
+    ):
         assistant.read(SessionStore(tmp_path / "home"), big)
     assert SessionStore(tmp_path / "home").list() == []
 
@@ -145,8 +152,12 @@ def test_what_the_limits_left_out_is_given_to_on_plan(assistant, tmp_path):
     (folder / "big.py").write_text("x = 1\n" * 400)
     planned = []
     limits = LoaderLimits(max_files=5, max_file_bytes=1000)
-    session = assistant.read(SessionStore(tmp_path / "home"), folder, limits=limits,
-                             on_plan=lambda s, tokens, notices: planned.append(notices))
+    session = assistant.read(
+        SessionStore(tmp_path / "home"),
+        folder,
+        limits=limits,
+        on_plan=lambda s, tokens, notices: planned.append(notices),
+    )
     assert [f["path"] for f in session.files] == [f"file_{i:02d}.py" for i in range(5)]
     assert [(notice.limit, notice.files) for notice in planned[0]] == [("max_files", 3), ("max_file_bytes", 1)]
     assert planned[0][0].message == "3 files not read: the limit of 5 files was reached"
@@ -158,11 +169,15 @@ def test_a_huge_file_is_refused_before_it_is_tokenized_whole(assistant, tmp_path
     line = "lorem ipsum dolor sit amet, consectetur adipiscing elit 0123456789\n"
     huge.write_text(line * (6_000_000 // len(line)))
     encode, encoded = assistant.tokenizer.encode, []
-    monkeypatch.setattr(assistant.tokenizer, "encode",
-                        lambda text, **options: encoded.append(len(text)) or encode(text, **options))
-    with pytest.raises(DocumentTooLong, match=r"^huge.txt is too long for this model: its first 400,\d\d\d "
-                                              r"characters \(of 6,0\d\d,\d\d\d\) are already [\d,]+ tokens, and "
-                                              r"it reads at most 3,0\d\d before a question$"):
+    monkeypatch.setattr(
+        assistant.tokenizer, "encode", lambda text, **options: encoded.append(len(text)) or encode(text, **options)
+    )
+    with pytest.raises(
+        DocumentTooLong,
+        match=r"^huge.txt is too long for this model: its first 400,\d\d\d "
+        r"characters \(of 6,0\d\d,\d\d\d\) are already [\d,]+ tokens, and "
+        r"it reads at most 3,0\d\d before a question$",
+    ):
         assistant.read(SessionStore(tmp_path / "home"), huge, limits=LoaderLimits(max_total_bytes=64 << 20))
     # Only the head, the (empty) preamble and the file's first slice reached the tokenizer.
     assert sum(encoded) < 500_000

@@ -11,7 +11,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from kimi_desk.engine.session import Assistant, SessionError, SessionStore
 
 
@@ -82,12 +81,14 @@ def archive_path(tmp_path: Path, name: str = "a.zip") -> Path:
     return tmp_path / "archives" / name
 
 
-@pytest.mark.parametrize("hostile_id", ["../../escaped", "/tmp/escaped-absolute", "..", "", 12345, None, "ab/cd",
-                                        "ABCDEF12", "x" * 500])
+@pytest.mark.parametrize(
+    "hostile_id", ["../../escaped", "/tmp/escaped-absolute", "..", "", 12345, None, "ab/cd", "ABCDEF12", "x" * 500]
+)
 def test_an_archived_id_never_chooses_the_folder(exported, sandbox, hostile_id):
     store, tmp_path = sandbox
-    archive = write_archive(archive_path(tmp_path), with_record(members_of(exported),
-                                                                lambda p: p.update(id=hostile_id)))
+    archive = write_archive(
+        archive_path(tmp_path), with_record(members_of(exported), lambda p: p.update(id=hostile_id))
+    )
     session = store.import_(archive)
     assert session.folder.parent == store.root and len(session.id) == 8 and session.id != hostile_id
     assert not Path("/tmp/escaped-absolute").exists()
@@ -102,12 +103,26 @@ def test_the_archived_id_is_kept_when_it_is_ours_and_free_else_a_new_one(exporte
     assert second.id != first.id and {s.id for s in store.list()} == {first.id, second.id}
 
 
-@pytest.mark.parametrize("extra", ["evil.sh", "snapshots/../../x.safetensors", "../x", "/etc/cron.d/x",
-                                   "snapshots/sub/kda-000000000001-9.safetensors", "snapshots/notes.txt",
-                                   "snapshots/kda-000000000099-99.safetensors", "session.json/x",
-                                   "threads/../../x.safetensors", "threads/ABCDEF12/manifest.json",
-                                   "threads/0000000a/kda-000000000001-1.safetensors", "sources/x.txt",
-                                   "sources/../session.json", f"sources/{'0' * 64}.txt", "threads/notes.txt"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "evil.sh",
+        "snapshots/../../x.safetensors",
+        "../x",
+        "/etc/cron.d/x",
+        "snapshots/sub/kda-000000000001-9.safetensors",
+        "snapshots/notes.txt",
+        "snapshots/kda-000000000099-99.safetensors",
+        "session.json/x",
+        "threads/../../x.safetensors",
+        "threads/ABCDEF12/manifest.json",
+        "threads/0000000a/kda-000000000001-1.safetensors",
+        "sources/x.txt",
+        "sources/../session.json",
+        f"sources/{'0' * 64}.txt",
+        "threads/notes.txt",
+    ],
+)
 def test_members_that_an_export_does_not_write_are_refused(exported, sandbox, extra):
     store, tmp_path = sandbox
     archive = write_archive(archive_path(tmp_path), {**members_of(exported), extra: b"#!/bin/sh\necho owned\n"})
@@ -161,26 +176,29 @@ def test_a_member_longer_than_its_entry_says_is_refused(exported, sandbox):
     assert store.list() == []
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda p: p["segments"][0].update(start="0"), "segments"),
-    (lambda p: p["segments"][1].update(tokens=-5), "segments"),
-    (lambda p: p.update(read_position=10**15), "read_position"),
-    (lambda p: p.update(read_position=True), "read_position"),
-    (lambda p: p.update(name=["a"]), "name"),
-    (lambda p: p.update(name="x" * 100_000), "name"),
-    (lambda p: p["threads"][0]["turns"][0].update(answer_token_ids=[1, "2"]), "answer_token_ids"),
-    (lambda p: p["threads"][0]["turns"][0].update(seconds=float("nan")), "seconds"),
-    (lambda p: p["threads"][0]["turns"][0].update(finish_reason="exploded"), "finish_reason"),
-    (lambda p: p["threads"][0]["turns"][0].update(tokens=-1), "tokens"),
-    (lambda p: p["threads"][0].update(id="../x"), r"threads\[0\].id"),
-    (lambda p: p["threads"].append(dict(p["threads"][0])), "same id"),
-    (lambda p: p["files"][0].update(text_sha256="../../etc/passwd"), "text_sha256"),
-    (lambda p: p["files"][0].update(end=10**9), "files"),
-    (lambda p: p.update(created="yesterday"), "created"),
-    (lambda p: p.pop("segments"), "segments"),
-    (lambda p: p.update(format_version=3), "format"),
-    (lambda p: p.update(model_fingerprint="../x"), "model_fingerprint"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda p: p["segments"][0].update(start="0"), "segments"),
+        (lambda p: p["segments"][1].update(tokens=-5), "segments"),
+        (lambda p: p.update(read_position=10**15), "read_position"),
+        (lambda p: p.update(read_position=True), "read_position"),
+        (lambda p: p.update(name=["a"]), "name"),
+        (lambda p: p.update(name="x" * 100_000), "name"),
+        (lambda p: p["threads"][0]["turns"][0].update(answer_token_ids=[1, "2"]), "answer_token_ids"),
+        (lambda p: p["threads"][0]["turns"][0].update(seconds=float("nan")), "seconds"),
+        (lambda p: p["threads"][0]["turns"][0].update(finish_reason="exploded"), "finish_reason"),
+        (lambda p: p["threads"][0]["turns"][0].update(tokens=-1), "tokens"),
+        (lambda p: p["threads"][0].update(id="../x"), r"threads\[0\].id"),
+        (lambda p: p["threads"].append(dict(p["threads"][0])), "same id"),
+        (lambda p: p["files"][0].update(text_sha256="../../etc/passwd"), "text_sha256"),
+        (lambda p: p["files"][0].update(end=10**9), "files"),
+        (lambda p: p.update(created="yesterday"), "created"),
+        (lambda p: p.pop("segments"), "segments"),
+        (lambda p: p.update(format_version=3), "format"),
+        (lambda p: p.update(model_fingerprint="../x"), "model_fingerprint"),
+    ],
+)
 def test_wrongly_typed_or_out_of_range_fields_are_refused_naming_the_field(exported, sandbox, change, field):
     store, tmp_path = sandbox
     with pytest.raises(SessionError, match=field) as refused:
@@ -240,20 +258,37 @@ def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
         for _ in range(rng.randint(1, 8)):
             data[rng.randrange(len(data))] = rng.randrange(256)
     elif kind == 1:
-        del data[rng.randrange(len(data) + 1):]
+        del data[rng.randrange(len(data) + 1) :]
     elif kind == 2:
         at = rng.randrange(len(data) + 1)
         data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
     else:
         at = rng.randrange(len(data) + 1)
-        del data[at:at + rng.randint(1, 64)]
+        del data[at : at + rng.randint(1, 64)]
     return bytes(data)
 
 
 # Replaced by 5,000 nested lists once the record is encoded: deeper than a JSON parser recurses.
 DEEP = "__nested too deeply__"
-ODD_VALUES = [None, True, -1, 0, 2**63, 1.5, float("inf"), "", "0", "../../x", "/etc/passwd", [], {}, [[[]]],
-              {"a": 1}, "\x1b[31m", "x" * 70_000]
+ODD_VALUES = [
+    None,
+    True,
+    -1,
+    0,
+    2**63,
+    1.5,
+    float("inf"),
+    "",
+    "0",
+    "../../x",
+    "/etc/passwd",
+    [],
+    {},
+    [[[]]],
+    {"a": 1},
+    "\x1b[31m",
+    "x" * 70_000,
+]
 
 
 def mutate_value(payload, rng: random.Random):
@@ -347,8 +382,9 @@ def test_threads_and_texts_travel_and_resume_without_rebuilding(exported, chat_c
     assert f"threads/{thread}/manifest.json" in members and any(name.startswith("sources/") for name in members)
     session = SessionStore(tmp_path / "home").import_(exported)
     assert [t.id for t in session.threads] == [thread]
-    assert sorted(p.name for p in (session.folder / "sources").iterdir()) == \
-        sorted(name.split("/")[1] for name in members if name.startswith("sources/"))
+    assert sorted(p.name for p in (session.folder / "sources").iterdir()) == sorted(
+        name.split("/")[1] for name in members if name.startswith("sources/")
+    )
     notes = []
     assistant = Assistant.load(chat_checkpoint, prefill_chunk=64, checkpoint_interval=100)
     state = assistant.thread_state(session, thread, notice=notes.append)
@@ -365,12 +401,15 @@ def test_a_thread_snapshot_the_record_does_not_have_is_refused(exported, sandbox
     assert store.list() == []
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda m: m.update(base=0), "starts at 0"),
-    (lambda m: m.pop("base"), "starts at 0"),
-    (lambda m: m["checkpoints"][0].update(key="../x"), "key"),
-    (lambda m: m["checkpoints"][0].update(position=m["checkpoints"][0]["position"] + 10**6), "past"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(base=0), "starts at 0"),
+        (lambda m: m.pop("base"), "starts at 0"),
+        (lambda m: m["checkpoints"][0].update(key="../x"), "key"),
+        (lambda m: m["checkpoints"][0].update(position=m["checkpoints"][0]["position"] + 10**6), "past"),
+    ],
+)
 def test_a_thread_manifest_that_is_not_a_thread_of_this_document_is_refused(exported, sandbox, edit, message):
     store, tmp_path = sandbox
     members = members_of(exported)

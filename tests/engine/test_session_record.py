@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from kimi_desk.engine.session import SessionError, SessionStore, Turn
 from kimi_desk.engine.snapshot import Identity
 
@@ -117,8 +116,10 @@ APPEND_MANY = textwrap.dedent(
 def test_processes_appending_at_once_lose_no_turn(store, tmp_path):
     """Four processes each hold a conversation of 25 turns in one session at once."""
     session = store.create("/src", "src", IDENTITY, None)
-    workers = [subprocess.Popen([sys.executable, "-c", APPEND_MANY, str(tmp_path / "home"), session.id, f"p{w}", "25"])
-               for w in range(4)]
+    workers = [
+        subprocess.Popen([sys.executable, "-c", APPEND_MANY, str(tmp_path / "home"), session.id, f"p{w}", "25"])
+        for w in range(4)
+    ]
     assert [w.wait(timeout=120) for w in workers] == [0, 0, 0, 0]
     threads = store.get(session.id).threads
     assert len(threads) == 4

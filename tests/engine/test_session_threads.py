@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 import torch
-
 from kimi_desk.engine import chat
 from kimi_desk.engine.generate import stream_tokens
 from kimi_desk.engine.session import Assistant, SessionStore
@@ -38,8 +37,16 @@ def session(assistant, tmp_path, monkeypatch):
 
 def ask(assistant, session, question, thread=None, notes=None, **options):
     """(answer ids, thread id) of one question, greedy, at most 10 tokens."""
-    events = list(assistant.ask(session, question, thread=thread, max_new_tokens=10,
-                                notice=(notes.append if notes is not None else None), **options))
+    events = list(
+        assistant.ask(
+            session,
+            question,
+            thread=thread,
+            max_new_tokens=10,
+            notice=(notes.append if notes is not None else None),
+            **options,
+        )
+    )
     thread = events[-1].thread
     return session.thread(thread).turns[-1].answer_token_ids, thread
 
@@ -52,10 +59,16 @@ def test_a_follow_up_is_answered_after_the_document_and_the_earlier_turn(assista
     assert again == thread and len(session.thread(thread).turns) == 2
 
     tokenizer = assistant.tokenizer
-    conversation = (chat.question_ids(tokenizer, FIRST) + first + chat.follow_up_ids(tokenizer, FOLLOW_UP))
+    conversation = chat.question_ids(tokenizer, FIRST) + first + chat.follow_up_ids(tokenizer, FOLLOW_UP)
     state = assistant.document_state(session).clone()
-    steps = stream_tokens(assistant.model, conversation, state, max_new_tokens=10, stop_token_ids=assistant.stop_ids,
-                          vocab_size=assistant.tokenizer.vocab_size)
+    steps = stream_tokens(
+        assistant.model,
+        conversation,
+        state,
+        max_new_tokens=10,
+        stop_token_ids=assistant.stop_ids,
+        vocab_size=assistant.tokenizer.vocab_size,
+    )
     expected = [step.token_id for step in steps if step.finish_reason != "stop"]
     assert second == expected
     assert session.thread(thread).tokens == len(conversation) + len(second)
@@ -69,8 +82,10 @@ def test_the_document_cache_is_shared_by_threads_never_copied(assistant, session
     a1, a = ask(assistant, session, FIRST)
     b1, b = ask(assistant, session, THIRD)  # a second thread takes the rows after the document
     live = assistant.thread_state(session, a)  # and the first comes back from its snapshot
-    assert all(layer.shares_rows_with(cache) for layer, cache in
-               zip([x for x in live.layers if isinstance(x, MLACache)], caches))
+    assert all(
+        layer.shares_rows_with(cache)
+        for layer, cache in zip([x for x in live.layers if isinstance(x, MLACache)], caches)
+    )
     assert [cache.buffer.data_ptr() for cache in caches] == storage
     assert all(torch.equal(cache.latents, before) for cache, before in zip(caches, rows))
     assert live.position == session.document_tokens + session.thread(a).tokens
@@ -98,9 +113,13 @@ FRESH_PROCESS = textwrap.dedent(
 
 
 def continue_in_fresh_process(checkpoint, session, thread, question, index):
-    out = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(checkpoint), session.id, thread, question,
-                          str(index)], capture_output=True, text=True, check=True,
-                         env={"KIMI_DESK_HOME": str(session.folder.parent.parent), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(checkpoint), session.id, thread, question, str(index)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"KIMI_DESK_HOME": str(session.folder.parent.parent), "PATH": "/usr/bin:/bin"},
+    )
     return json.loads(out.stdout)
 
 
@@ -158,8 +177,11 @@ def test_a_question_stopped_while_it_is_read_leaves_the_thread_whole(assistant, 
     _, thread = ask(assistant, session, FIRST)
     long_question = "Please explain " + "the helpers and the files that call them, " * 12
     chunks = []
-    events = list(assistant.ask(session, long_question, thread=thread, max_new_tokens=10,
-                                cancel=lambda: chunks.append(1) or len(chunks) > 1))
+    events = list(
+        assistant.ask(
+            session, long_question, thread=thread, max_new_tokens=10, cancel=lambda: chunks.append(1) or len(chunks) > 1
+        )
+    )
     assert events[-1].finish_reason == "cancelled" and session.thread(thread).turns[-1].answer_token_ids == []
     live = assistant.thread_state(session, thread)
     assert live.position == session.document_tokens + session.thread(thread).tokens
@@ -207,13 +229,14 @@ def test_a_question_adds_only_its_thread_and_a_fixed_working_set(tmp_path):
     """At 250k tokens of cache rows 576 wide (586 MB, float32, on the CPU): a question and a follow-up
     each add far less than a copy of the document state (what every question cost before threads), and
     the document's rows never move."""
-    from kimi_desk.bench.threads import build_assistant, measure
     from kimi_desk.bench.random_checkpoint import tiny_config
+    from kimi_desk.bench.threads import build_assistant, measure
 
     config = tiny_config(vocab_size=1024, kv_lora_rank=512, qk_rope_head_dim=64, model_max_length=300_000)
     assistant = build_assistant(config, "cpu", torch.float32)
-    result = measure(assistant, SessionStore(tmp_path / "home"), 250_000, new_tokens=4,
-                     questions=("Where is it?", "And then?"))
+    result = measure(
+        assistant, SessionStore(tmp_path / "home"), 250_000, new_tokens=4, questions=("Where is it?", "And then?")
+    )
     cache = result["mla_cache_bytes"]
     assert result["copy_added_bytes"] > 0.9 * cache and not result["document_moved"]
     for question in result["questions"]:

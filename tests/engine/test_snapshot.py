@@ -15,12 +15,16 @@ from collections import Counter
 
 import pytest
 import torch
-
 from fuzzing import check_case, mutate_bytes, mutate_json, tree_state
-from kimi_desk.engine import load_model
 from kimi_desk.bench.random_checkpoint import write_random_checkpoint
+from kimi_desk.engine import load_model
 from kimi_desk.engine.snapshot import (
-    Identity, SnapshotError, SnapshotStore, read_checked_json, write_checked_json, write_tensors,
+    Identity,
+    SnapshotError,
+    SnapshotStore,
+    read_checked_json,
+    write_checked_json,
+    write_tensors,
 )
 
 TOKENIZER = "tokenizer-under-test"
@@ -161,8 +165,11 @@ def test_sigkill_while_writing_leaves_the_previous_snapshot_loadable(model, tail
     probe = torch.randint(0, 512, (1, 4))
     expected = model(probe, state.clone())
 
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tail7_checkpoint), str(tmp_path / "snap"), TOKENIZER],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tail7_checkpoint), str(tmp_path / "snap"), TOKENIZER],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "writing"
     time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
@@ -219,24 +226,37 @@ def test_manifest_file_names_never_reach_outside_the_folder(model, tmp_path):
     assert outside.is_file()
 
 
-@pytest.mark.parametrize("edit,message", [
-    pytest.param(lambda m: m["checkpoints"][0].update(position="40"), "a checkpoint entry has position '40'", id="str-position"),
-    pytest.param(lambda m: m["checkpoints"][0].update(position=True), "has position True", id="bool-position"),
-    pytest.param(lambda m: m["checkpoints"][0].update(position=-1), "has position -1", id="negative-position"),
-    pytest.param(lambda m: m["checkpoints"][-1].update(position=10**100), "a checkpoint at 1000", id="position-past-cache"),
-    pytest.param(lambda m: m["checkpoints"].reverse(), "not in order", id="unordered"),
-    pytest.param(lambda m: m["checkpoints"][0].pop("file"), "names the file None", id="no-file"),
-    pytest.param(lambda m: m["checkpoints"][0].update(file=["x"]), "names the file a list of 1 item", id="list-file"),
-    pytest.param(lambda m: m["checkpoints"][0].update(sha256=7), "has sha256 7", id="int-sha"),
-    pytest.param(lambda m: m["checkpoints"].append([1]), "a checkpoint entry is a list of 1 item", id="list-entry"),
-    pytest.param(lambda m: m.update(checkpoints={"a": 1}), "no checkpoint or segment list", id="checkpoints-object"),
-    pytest.param(lambda m: m.pop("segments"), "no checkpoint or segment list", id="no-segments"),
-    pytest.param(lambda m: m["segments"][1].update(start=41), "segments do not follow each other", id="gap"),
-    pytest.param(lambda m: m["segments"][0].update(end="40"), "a segment entry has end '40'", id="str-end"),
-    pytest.param(lambda m: m.update(counter=None), "counter is None", id="no-counter"),
-    pytest.param(lambda m: m.update(model_fingerprint=["x"] * 1000), "another model", id="list-fingerprint"),
-    pytest.param(lambda m: m.update(format_version="9" * 10_000), "snapshot format '9999", id="long-version"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        pytest.param(
+            lambda m: m["checkpoints"][0].update(position="40"),
+            "a checkpoint entry has position '40'",
+            id="str-position",
+        ),
+        pytest.param(lambda m: m["checkpoints"][0].update(position=True), "has position True", id="bool-position"),
+        pytest.param(lambda m: m["checkpoints"][0].update(position=-1), "has position -1", id="negative-position"),
+        pytest.param(
+            lambda m: m["checkpoints"][-1].update(position=10**100), "a checkpoint at 1000", id="position-past-cache"
+        ),
+        pytest.param(lambda m: m["checkpoints"].reverse(), "not in order", id="unordered"),
+        pytest.param(lambda m: m["checkpoints"][0].pop("file"), "names the file None", id="no-file"),
+        pytest.param(
+            lambda m: m["checkpoints"][0].update(file=["x"]), "names the file a list of 1 item", id="list-file"
+        ),
+        pytest.param(lambda m: m["checkpoints"][0].update(sha256=7), "has sha256 7", id="int-sha"),
+        pytest.param(lambda m: m["checkpoints"].append([1]), "a checkpoint entry is a list of 1 item", id="list-entry"),
+        pytest.param(
+            lambda m: m.update(checkpoints={"a": 1}), "no checkpoint or segment list", id="checkpoints-object"
+        ),
+        pytest.param(lambda m: m.pop("segments"), "no checkpoint or segment list", id="no-segments"),
+        pytest.param(lambda m: m["segments"][1].update(start=41), "segments do not follow each other", id="gap"),
+        pytest.param(lambda m: m["segments"][0].update(end="40"), "a segment entry has end '40'", id="str-end"),
+        pytest.param(lambda m: m.update(counter=None), "counter is None", id="no-counter"),
+        pytest.param(lambda m: m.update(model_fingerprint=["x"] * 1000), "another model", id="list-fingerprint"),
+        pytest.param(lambda m: m.update(format_version="9" * 10_000), "snapshot format '9999", id="long-version"),
+    ],
+)
 def test_manifest_fields_of_the_wrong_type_are_one_line(model, tmp_path, edit, message):
     manifest = saved_store(model, tmp_path)
     rewrite_manifest(manifest, edit)
@@ -248,8 +268,13 @@ def test_manifest_fields_of_the_wrong_type_are_one_line(model, tmp_path, edit, m
 
 def test_checked_json_that_is_not_an_object_is_damaged(tmp_path):
     path = tmp_path / "manifest.json"
-    for text in ("[]", '{"payload": [], "checksum": "x"}', '{"payload": {}, "checksum": 5}', "[" * 100_000,
-                 '{"payload": ' + "[" * 900 + "]" * 900 + ', "checksum": "x"}'):
+    for text in (
+        "[]",
+        '{"payload": [], "checksum": "x"}',
+        '{"payload": {}, "checksum": 5}',
+        "[" * 100_000,
+        '{"payload": ' + "[" * 900 + "]" * 900 + ', "checksum": "x"}',
+    ):
         path.write_text(text)
         with pytest.raises(SnapshotError, match=r"manifest.json: damaged \("):
             read_checked_json(path)
@@ -265,7 +290,11 @@ def test_tensors_of_the_wrong_shape_are_refused_on_restore(model, tmp_path, kind
         entries, message = "checkpoints", "state of shape []"
         tensors = {f"layers.{layer}.recurrent": torch.tensor(1.0), f"layers.{layer}.conv": torch.tensor(2.0)}
     else:
-        entries, tensors, message = "segments", {f"layers.{layer}.latents": torch.zeros(3, 40)}, "latents of shape [3, 40]"
+        entries, tensors, message = (
+            "segments",
+            {f"layers.{layer}.latents": torch.zeros(3, 40)},
+            "latents of shape [3, 40]",
+        )
     # The file the manifest names, rewritten (a name the store made), so that only the shapes are wrong.
     file = read_checked_json(manifest)[entries][0]["file"]
     digest = write_tensors(tmp_path / file, tensors, identity(model))
@@ -294,8 +323,11 @@ def test_a_store_with_a_base_continues_the_state_in_place(model, tmp_path):
     assert torch.equal(model(ids[:, 170:], again), reference)
     store.forget_checkpoints_before(170)
     store.truncate_after(120)
-    assert store.positions == [] and store.cached_tokens == 120 and sorted(p.name for p in store.folder.iterdir()) == [
-        "manifest.json"]
+    assert (
+        store.positions == []
+        and store.cached_tokens == 120
+        and sorted(p.name for p in store.folder.iterdir()) == ["manifest.json"]
+    )
     with pytest.raises(ValueError, match="truncate"):
         again.layers[3].truncate(100)  # the document's rows are not the thread's to drop
     with pytest.raises(SnapshotError, match="starts at 120, not at 0"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from kimi_desk.assets import ASSETS_DIR
 from kimi_desk.engine.token_budget import SLICE_CHARS, DocumentTooLong, encode_within
 from kimi_desk.engine.tokenizer import load_tokenizer
@@ -51,8 +50,9 @@ def test_a_text_of_megabytes_stops_after_the_slice_that_passes_the_limit(tokeniz
     assert counting.calls == [7, SLICE_CHARS]
     message = str(raised.value)
     assert "\n" not in message
-    assert message.startswith("huge.txt is too long for this model: its first 400,007 characters (of 6,000,007) "
-                              "are already ")
+    assert message.startswith(
+        "huge.txt is too long for this model: its first 400,007 characters (of 6,000,007) are already "
+    )
     assert message.endswith(" tokens, and it reads at most 50,000 before a question")
 
 
@@ -77,9 +77,11 @@ def test_exactly_at_the_limit_fits(tokenizer):
     text = generated_text(5_000)
     count = len(tokenizer.encode(text, allow_special=False))
     assert encode_within(tokenizer, [text], max_tokens=count, name="doc") == [
-        tokenizer.encode(text, allow_special=False)]
-    with pytest.raises(DocumentTooLong, match=f"its 5,000 characters are {count:,} tokens, and it reads at most "
-                                              f"{count - 1:,} before"):
+        tokenizer.encode(text, allow_special=False)
+    ]
+    with pytest.raises(
+        DocumentTooLong, match=f"its 5,000 characters are {count:,} tokens, and it reads at most {count - 1:,} before"
+    ):
         encode_within(tokenizer, [text], max_tokens=count - 1, name="doc")
 
 

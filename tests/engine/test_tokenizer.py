@@ -17,7 +17,6 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-
 from kimi_desk.engine import tokenizer as tokenizer_module
 from kimi_desk.engine.tokenizer import (
     KIMI_SPLIT_PATTERN,
@@ -33,16 +32,18 @@ from kimi_desk.engine.tokenizer import (
 tiktoken = pytest.importorskip("tiktoken")
 
 # The official pattern, copied from kimi-linear-spec.md §7.1 (not from the module under test).
-OFFICIAL_PATTERN = "|".join([
-    r"""[\p{Han}]+""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""",
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
-    r"""\s*[\r\n]+""",
-    r"""\s+(?!\S)""",
-    r"""\s+""",
-])
+OFFICIAL_PATTERN = "|".join(
+    [
+        r"""[\p{Han}]+""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
 
 # -- corpus ------------------------------------------------------------------------------------------
 
@@ -168,8 +169,9 @@ def oracle(ranks: dict[bytes, int], added: dict[int, str]):
     """tiktoken configured as the official TikTokenTokenizer configures it."""
     n = len(ranks)
     special_tokens = {added.get(i, f"<|reserved_token_{i}|>"): i for i in range(n, n + 256 + 2)}
-    return tiktoken.Encoding("kimi-test", pat_str=OFFICIAL_PATTERN, mergeable_ranks=ranks,
-                             special_tokens=special_tokens)
+    return tiktoken.Encoding(
+        "kimi-test", pat_str=OFFICIAL_PATTERN, mergeable_ranks=ranks, special_tokens=special_tokens
+    )
 
 
 @pytest.fixture(scope="module")
@@ -287,8 +289,15 @@ def test_long_inputs_are_sliced_like_the_official_encode(trained):
     ours, reference = trained["ours"], trained["oracle"]
     rng = random.Random(7)
     # The first long run crosses the first 400 000-character slice boundary, where run counting restarts.
-    text = (generated_text(600_000, seed=8)[:390_000] + " " * 60_003 + "x" * 52_001 + "\n" * 25_000
-            + "y" * 25_001 + generated_text(300_000, seed=9) + "".join(rng.choice("ab \n") for _ in range(1000)))
+    text = (
+        generated_text(600_000, seed=8)[:390_000]
+        + " " * 60_003
+        + "x" * 52_001
+        + "\n" * 25_000
+        + "y" * 25_001
+        + generated_text(300_000, seed=9)
+        + "".join(rng.choice("ab \n") for _ in range(1000))
+    )
     assert len(text) > 400_000
     expected = [i for piece in official_pieces(text) for i in reference.encode(piece, allowed_special="all")]
     assert ours.encode(text) == expected
@@ -298,8 +307,10 @@ def test_long_inputs_are_sliced_like_the_official_encode(trained):
 
 def _first_difference(expected: list[int], got: list[int], reference) -> str:
     index = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
-    return (f"first difference at token {index}: expected {expected[index:index + 5]}, got {got[index:index + 5]}, "
-            f"around {reference.decode(expected[max(0, index - 5) : index + 5])!r}")
+    return (
+        f"first difference at token {index}: expected {expected[index : index + 5]}, got {got[index : index + 5]}, "
+        f"around {reference.decode(expected[max(0, index - 5) : index + 5])!r}"
+    )
 
 
 # -- special tokens, loading, caching ---------------------------------------------------------------------------
@@ -419,6 +430,8 @@ def test_stream_decoder_equals_whole_decode_on_random_ids(trained):
 
 
 def test_kimi_desk_never_imports_tiktoken():
-    code = ("import sys, kimi_desk.engine.tokenizer, kimi_desk.engine.chat, kimi_desk.engine.generate; "
-            "assert 'tiktoken' not in sys.modules, 'tiktoken imported'")
+    code = (
+        "import sys, kimi_desk.engine.tokenizer, kimi_desk.engine.chat, kimi_desk.engine.generate; "
+        "assert 'tiktoken' not in sys.modules, 'tiktoken imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,12 +9,11 @@ from collections import Counter
 
 import pytest
 import torch
+from fuzzing import check_case, mutate_bytes, mutate_json, tree_state
+from kimi_desk.bench.random_checkpoint import tiny_config, write_random_checkpoint
+from kimi_desk.engine import CheckpointError, ConfigError, load_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from fuzzing import check_case, mutate_bytes, mutate_json, tree_state
-from kimi_desk.engine import CheckpointError, ConfigError, load_model
-from kimi_desk.bench.random_checkpoint import tiny_config, write_random_checkpoint
 
 
 def copy_checkpoint(src, dst):
@@ -178,35 +177,53 @@ def test_a_huge_header_claim_is_refused_without_reading_it(tiny_checkpoint, tmp_
 
 def first_tensor(edit=None, becomes=None):
     """An edit of the header's first tensor entry: `edit(entry)` changes it, or it `becomes` another value."""
+
     def apply(header):
         name = next(k for k in header if k != "__metadata__")
         if edit is not None:
             edit(header[name])
         else:
             header[name] = becomes
+
     return apply
 
 
-@pytest.mark.parametrize("edit,message", [
-    pytest.param(first_tensor(lambda e: e.pop("data_offsets")), "has data_offsets None, not [begin, end]", id="no-offsets"),
-    pytest.param(first_tensor(lambda e: e.update(data_offsets=["0", "8"])), "has data_offsets", id="string-offsets"),
-    pytest.param(first_tensor(lambda e: e.update(data_offsets=[8, 0])), "not [begin, end]", id="reversed-offsets"),
-    pytest.param(first_tensor(lambda e: e.update(data_offsets=[0, 1 << 60])), "truncated", id="offsets-past-end"),
-    pytest.param(first_tensor(lambda e: e.update(data_offsets=[0, 10**400])), "truncated", id="huge-offset"),
-    pytest.param(first_tensor(lambda e: e.update(data_offsets=[0, 4, 8])), "has data_offsets", id="three-offsets"),
-    pytest.param(first_tensor(lambda e: e.update(shape=[-1])), "not a list of at most 8 sizes", id="negative-dim"),
-    pytest.param(first_tensor(lambda e: e.update(shape=[True])), "has shape", id="bool-dim"),
-    pytest.param(first_tensor(lambda e: e.update(shape=[1] * 100)), "not a list of at most 8 sizes", id="many-dims"),
-    pytest.param(first_tensor(lambda e: e.update(shape=[1 << 40, 1 << 40])), "not the size of its shape in F32", id="big-shape"),
-    pytest.param(first_tensor(lambda e: e.update(dtype=4)), "has dtype 4", id="int-dtype"),
-    pytest.param(first_tensor(lambda e: e.pop("dtype")), "has dtype None", id="no-dtype"),
-    pytest.param(first_tensor(becomes=[1, 2]), "is a list of 2 items, not an object", id="entry-list"),
-    pytest.param(lambda h: [h], "not a JSON object", id="header-list"),
-    pytest.param(lambda h: b"[" * 100_000, "not JSON", id="deep-nesting"),
-    pytest.param(lambda h: b"\xff\xfe{}", "not JSON", id="not-utf8"),
-    pytest.param(lambda h: {**h, "x" * 100_000 + "\n": {"dtype": "F32", "shape": [], "data_offsets": "?"}},
-                 "tensor 'xxxxxxxxx", id="long-name"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        pytest.param(
+            first_tensor(lambda e: e.pop("data_offsets")), "has data_offsets None, not [begin, end]", id="no-offsets"
+        ),
+        pytest.param(
+            first_tensor(lambda e: e.update(data_offsets=["0", "8"])), "has data_offsets", id="string-offsets"
+        ),
+        pytest.param(first_tensor(lambda e: e.update(data_offsets=[8, 0])), "not [begin, end]", id="reversed-offsets"),
+        pytest.param(first_tensor(lambda e: e.update(data_offsets=[0, 1 << 60])), "truncated", id="offsets-past-end"),
+        pytest.param(first_tensor(lambda e: e.update(data_offsets=[0, 10**400])), "truncated", id="huge-offset"),
+        pytest.param(first_tensor(lambda e: e.update(data_offsets=[0, 4, 8])), "has data_offsets", id="three-offsets"),
+        pytest.param(first_tensor(lambda e: e.update(shape=[-1])), "not a list of at most 8 sizes", id="negative-dim"),
+        pytest.param(first_tensor(lambda e: e.update(shape=[True])), "has shape", id="bool-dim"),
+        pytest.param(
+            first_tensor(lambda e: e.update(shape=[1] * 100)), "not a list of at most 8 sizes", id="many-dims"
+        ),
+        pytest.param(
+            first_tensor(lambda e: e.update(shape=[1 << 40, 1 << 40])),
+            "not the size of its shape in F32",
+            id="big-shape",
+        ),
+        pytest.param(first_tensor(lambda e: e.update(dtype=4)), "has dtype 4", id="int-dtype"),
+        pytest.param(first_tensor(lambda e: e.pop("dtype")), "has dtype None", id="no-dtype"),
+        pytest.param(first_tensor(becomes=[1, 2]), "is a list of 2 items, not an object", id="entry-list"),
+        pytest.param(lambda h: [h], "not a JSON object", id="header-list"),
+        pytest.param(lambda h: b"[" * 100_000, "not JSON", id="deep-nesting"),
+        pytest.param(lambda h: b"\xff\xfe{}", "not JSON", id="not-utf8"),
+        pytest.param(
+            lambda h: {**h, "x" * 100_000 + "\n": {"dtype": "F32", "shape": [], "data_offsets": "?"}},
+            "tensor 'xxxxxxxxx",
+            id="long-name",
+        ),
+    ],
+)
 def test_header_structure_is_checked_before_use(tiny_checkpoint, tmp_path, edit, message):
     """Every entry an object with dtype, shape and data_offsets of the right types, inside the file."""
     path = copy_checkpoint(tiny_checkpoint, tmp_path / "m")
@@ -217,7 +234,9 @@ def test_header_structure_is_checked_before_use(tiny_checkpoint, tmp_path, edit,
 
 def test_integer_tensors_and_odd_expert_names_are_refused(tiny_checkpoint, tmp_path):
     path = copy_checkpoint(tiny_checkpoint, tmp_path / "m")
-    rewrite_tensors(path, lambda t: t.update({"model.layers.0.self_attn.A_log": torch.zeros(1, 1, 2, 1, dtype=torch.int32)}))
+    rewrite_tensors(
+        path, lambda t: t.update({"model.layers.0.self_attn.A_log": torch.zeros(1, 1, 2, 1, dtype=torch.int32)})
+    )
     one_line_refusal(path, match=r"A_log has dtype 'I32', expected floating point")
     for odd in ("experts.07.w1.weight", "experts.8.w1.weight", "experts.x.weight", "experts.w1"):
         path = copy_checkpoint(tiny_checkpoint, tmp_path / odd)
@@ -226,13 +245,16 @@ def test_integer_tensors_and_odd_expert_names_are_refused(tiny_checkpoint, tmp_p
         one_line_refusal(path, match=rf"unexpected tensor {name}")
 
 
-@pytest.mark.parametrize("shard,message", [
-    ("../outside.safetensors", "'../outside.safetensors', not a .safetensors file in its folder"),
-    ("{outside}", "not a .safetensors file in its folder"),
-    (7, "the index names 7"),
-    (["model.safetensors"], "the index names a list of 1 item"),
-    ("model.bin", "the index names 'model.bin'"),
-])
+@pytest.mark.parametrize(
+    "shard,message",
+    [
+        ("../outside.safetensors", "'../outside.safetensors', not a .safetensors file in its folder"),
+        ("{outside}", "not a .safetensors file in its folder"),
+        (7, "the index names 7"),
+        (["model.safetensors"], "the index names a list of 1 item"),
+        ("model.bin", "the index names 'model.bin'"),
+    ],
+)
 def test_index_names_only_shards_in_the_folder(tiny_checkpoint, tmp_path, shard, message):
     """A shard named ../x or /x must not load a file outside the checkpoint folder (here a whole valid
     checkpoint, which would load)."""
@@ -248,8 +270,12 @@ def test_index_names_only_shards_in_the_folder(tiny_checkpoint, tmp_path, shard,
 def test_damaged_index_is_one_line(tiny_checkpoint, tmp_path):
     path = copy_checkpoint(tiny_checkpoint, tmp_path / "m")
     index = path / "model.safetensors.index.json"
-    for text, message in [("[" * 100_000, "nested too deeply"), ('{"weight_map": []}', "needs a weight_map object"),
-                          ('{"weight_map": {}}', "needs a weight_map object"), ("\ufeff{", "not valid JSON")]:
+    for text, message in [
+        ("[" * 100_000, "nested too deeply"),
+        ('{"weight_map": []}', "needs a weight_map object"),
+        ('{"weight_map": {}}', "needs a weight_map object"),
+        ("\ufeff{", "not valid JSON"),
+    ]:
         index.write_text(text)
         assert message in one_line_refusal(path)
 

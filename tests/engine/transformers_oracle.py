@@ -24,10 +24,14 @@ def main(checkpoint: str, inputs: str, output: str, new_tokens: str) -> None:
     with torch.no_grad():
         logits = model(input_ids).logits.float()
         generated = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=int(new_tokens),
-            do_sample=False, pad_token_id=model.config.pad_token_id, eos_token_id=None,
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=int(new_tokens),
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id,
+            eos_token_id=None,
         )
-    save_file({"logits": logits.contiguous(), "greedy": generated[:, input_ids.shape[1]:].contiguous()}, output)
+    save_file({"logits": logits.contiguous(), "greedy": generated[:, input_ids.shape[1] :].contiguous()}, output)
 
 
 if __name__ == "__main__":

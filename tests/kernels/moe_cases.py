@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn.functional as F
-
 from kimi_desk.kernels.quant import (
     dequantize_int4_groups,
     dequantize_rows,

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fla.ops.kda.naive import naive_recurrent_kda
-
 from kimi_desk.kernels.kda import chunk_kda, fused_recurrent_kda, kda
 from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda, recurrent_kda_inplace
 
@@ -26,8 +25,15 @@ def make_inputs(B, T, H, K, V, min_log_decay, dtype, seed):
 
 
 def reference(q, k, v, g, beta, state):
-    o, s = naive_recurrent_kda(q.double(), k.double(), v.double(), g.double(), beta.double(),
-                               initial_state=state.double(), output_final_state=True)
+    o, s = naive_recurrent_kda(
+        q.double(),
+        k.double(),
+        v.double(),
+        g.double(),
+        beta.double(),
+        initial_state=state.double(),
+        output_final_state=True,
+    )
     return o, s
 
 
@@ -36,11 +42,19 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-SHAPES = [(1, 1, 2, 16, 16, -5.0), (2, 63, 2, 32, 16, -1.0), (1, 65, 3, 64, 32, -50.0),
-          (2, 200, 2, 32, 32, -50.0), (1, 1000, 1, 16, 16, -0.05), (1, 130, 2, 128, 128, -3.0),
-          (1, 2048, 5, 64, 64, -8.0)]
+SHAPES = [
+    (1, 1, 2, 16, 16, -5.0),
+    (2, 63, 2, 32, 16, -1.0),
+    (1, 65, 3, 64, 32, -50.0),
+    (2, 200, 2, 32, 32, -50.0),
+    (1, 1000, 1, 16, 16, -0.05),
+    (1, 130, 2, 128, 128, -3.0),
+    (1, 2048, 5, 64, 64, -8.0),
+]
 # The step-by-step path only ever sees short inputs (decode), so it is checked up to T = 200.
-CASES = [(chunk_kda_torch, *shape) for shape in SHAPES] + [(recurrent_kda, *shape) for shape in SHAPES if shape[1] <= 200]
+CASES = [(chunk_kda_torch, *shape) for shape in SHAPES] + [
+    (recurrent_kda, *shape) for shape in SHAPES if shape[1] <= 200
+]
 
 
 def poisoned(fn):
@@ -63,8 +77,7 @@ def poisoned(fn):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("fn,B,T,H,K,V,min_log_decay", CASES,
-                         ids=[f"{c[0].__name__}-{c[1:]}" for c in CASES])
+@pytest.mark.parametrize("fn,B,T,H,K,V,min_log_decay", CASES, ids=[f"{c[0].__name__}-{c[1:]}" for c in CASES])
 def test_matches_fla_naive(fn, dtype, B, T, H, K, V, min_log_decay):
     q, k, v, g, beta, state = make_inputs(B, T, H, K, V, min_log_decay, dtype, seed=T * 7 + K)
     o_ref, s_ref = reference(q, k, v, g, beta, state)
@@ -86,8 +99,9 @@ def test_far_beyond_fifty_per_step_stays_finite():
 
 def test_public_functions_and_defaults_on_cpu():
     q, k, v, g, beta, _ = make_inputs(1, 70, 2, 16, 16, -2.0, torch.float32, seed=5)
-    o_ref, s_ref = naive_recurrent_kda(q.double(), k.double(), v.double(), g.double(), beta.double(),
-                                       output_final_state=True)
+    o_ref, s_ref = naive_recurrent_kda(
+        q.double(), k.double(), v.double(), g.double(), beta.double(), output_final_state=True
+    )
     for fn in (chunk_kda, fused_recurrent_kda, kda):
         o, s = fn(q, k, v, g, beta, output_final_state=True)
         assert rel_err(o, o_ref) < 2e-5 and rel_err(s, s_ref) < 2e-5
@@ -98,10 +112,12 @@ def test_public_functions_and_defaults_on_cpu():
 def test_state_handoff_across_calls():
     q, k, v, g, beta, state = make_inputs(1, 150, 2, 32, 32, -3.0, torch.float32, seed=9)
     o_ref, s_ref = reference(q, k, v, g, beta, state)
-    o1, s1 = chunk_kda_torch(q[:, :97], k[:, :97], v[:, :97], g[:, :97], beta[:, :97], initial_state=state,
-                             output_final_state=True)
-    o2, s2 = recurrent_kda(q[:, 97:], k[:, 97:], v[:, 97:], g[:, 97:], beta[:, 97:], initial_state=s1,
-                           output_final_state=True)
+    o1, s1 = chunk_kda_torch(
+        q[:, :97], k[:, :97], v[:, :97], g[:, :97], beta[:, :97], initial_state=state, output_final_state=True
+    )
+    o2, s2 = recurrent_kda(
+        q[:, 97:], k[:, 97:], v[:, 97:], g[:, 97:], beta[:, 97:], initial_state=s1, output_final_state=True
+    )
     assert rel_err(torch.cat([o1, o2], 1), o_ref) < 2e-5 and rel_err(s2, s_ref) < 2e-5
 
 
@@ -117,8 +133,15 @@ def test_forced_torch_path(monkeypatch):
 def test_chunk_sizes_against_our_recurrence_in_float64(chunk_size, T):
     """Every chunk size (each adds or drops a level of the halving) against recurrent_kda in float64."""
     q, k, v, g, beta, state = make_inputs(1, T, 2, 32, 24, -4.0, torch.float32, seed=T + chunk_size)
-    o_ref, s_ref = recurrent_kda(q.double(), k.double(), v.double(), g.double(), beta.double(),
-                                 initial_state=state.double(), output_final_state=True)
+    o_ref, s_ref = recurrent_kda(
+        q.double(),
+        k.double(),
+        v.double(),
+        g.double(),
+        beta.double(),
+        initial_state=state.double(),
+        output_final_state=True,
+    )
     assert o_ref.dtype == s_ref.dtype == torch.float64
     o, s = chunk_kda_torch(q, k, v, g, beta, initial_state=state, output_final_state=True, chunk_size=chunk_size)
     assert rel_err(o, o_ref) < 2e-5 and rel_err(s, s_ref) < 2e-5

@@ -15,7 +15,6 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 from fla.ops.kda.naive import naive_recurrent_kda  # noqa: E402
-
 from kimi_desk.bench.kernels import GATE_SWEEP, sweep_gate  # noqa: E402
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton  # noqa: E402
 from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton  # noqa: E402
@@ -98,9 +97,18 @@ def test_chunk_every_gate_distribution(gate, dtype):
         assert o_err < 2 * rel_err(o_torch, o_ref) + 1e-6 and s_err < 2 * rel_err(s_torch, s_ref) + 1e-6
 
 
-@pytest.mark.parametrize("config", [dict(BK=32), dict(BK=64), dict(BK=64, BKD=64), dict(BK=16, BKD=16),
-                                    dict(BK=32, diag_loop=False), dict(BK=64, diag_loop=False)],
-                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(BK=32),
+        dict(BK=64),
+        dict(BK=64, BKD=64),
+        dict(BK=16, BKD=16),
+        dict(BK=32, diag_loop=False),
+        dict(BK=64, diag_loop=False),
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
 @pytest.mark.parametrize("gate", ["mild", "U(-50,0)"])
 def test_chunk_launch_settings(config, gate):
     """The launch settings the benchmark tries compute the same function: channel blocks of 16 to 64, the
@@ -158,8 +166,20 @@ def test_chunk_fused_variant_reads_raw_projections(A, B, T, H, K, V):
     g = -A_log.double().exp()[:, None] * F.softplus(x.double() + dt_bias.double().view(H, K))
     unit = lambda t: t.double() / (t.double().square().sum(-1, keepdim=True) + 1e-6).sqrt()  # noqa: E731
     o_ref, s_ref = reference_f64(unit(q), unit(k), v, g, beta_logits.double().sigmoid(), state)
-    o, s = chunk_kda_triton(q, k, v, x, beta_logits, None, state, True, A_log=A_log, dt_bias=dt_bias,
-                            use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+    o, s = chunk_kda_triton(
+        q,
+        k,
+        v,
+        x,
+        beta_logits,
+        None,
+        state,
+        True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_qk_l2norm_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+    )
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < (1e-5 if A == 1.0 else 5e-5)
 
 
@@ -182,8 +202,11 @@ def test_chunk_continues_from_its_own_state():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("B,T,H,K,V,min_log_decay", [(1, 1, 2, 16, 16, -5.0), (3, 5, 2, 32, 48, -50.0),
-                                                     (1, 63, 1, 64, 16, -1.0)], ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "B,T,H,K,V,min_log_decay",
+    [(1, 1, 2, 16, 16, -5.0), (3, 5, 2, 32, 48, -50.0), (1, 63, 1, 64, 16, -1.0)],
+    ids=lambda x: str(x),
+)
 def test_recurrent_matches_float64(dtype, B, T, H, K, V, min_log_decay):
     q, k, v, g, beta, state = make_inputs(B, T, H, K, V, min_log_decay, dtype, seed=T * 3 + K)
     o_ref, s_ref = reference_f64(q, k, v, g, beta, state)
@@ -216,9 +239,21 @@ def test_recurrent_fused_flags_and_in_place_state():
     o_ref, s_ref = reference_f64(qn, kn, v, g, beta_logits.sigmoid(), state)
 
     pool = state.clone()
-    o, s = fused_recurrent_kda_triton(q, k, v, x, beta_logits, None, pool, False, A_log=A_log, dt_bias=dt_bias,
-                                      use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-                                      inplace_final_state=True)
+    o, s = fused_recurrent_kda_triton(
+        q,
+        k,
+        v,
+        x,
+        beta_logits,
+        None,
+        pool,
+        False,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_qk_l2norm_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+        inplace_final_state=True,
+    )
     assert s is pool
     assert rel_err(o, o_ref) < 1e-5 and rel_err(pool, s_ref) < 1e-5
 
@@ -230,8 +265,9 @@ def test_recurrent_decode_steps_equal_chunked_prefill():
     _, s_pre = chunk_kda_triton(q[:, :67], k[:, :67], v[:, :67], g[:, :67], beta[:, :67], None, state, True)
     outs = []
     for t in range(67, 70):
-        o_t, s_pre = fused_recurrent_kda_triton(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
-                                                beta[:, t:t + 1], None, s_pre, True)
+        o_t, s_pre = fused_recurrent_kda_triton(
+            q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], g[:, t : t + 1], beta[:, t : t + 1], None, s_pre, True
+        )
         outs.append(o_t)
     assert rel_err(torch.cat(outs, 1), o[:, 67:]) < 1e-5 and rel_err(s_pre, s) < 1e-5
 

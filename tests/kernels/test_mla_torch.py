@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
 from kimi_desk.kernels.mla.naive import mla_attention_reference, mla_prefill_reference
 from kimi_desk.kernels.mla.torch_attention import mla_attention_cpu, mla_attention_dense, mla_prefill_sdpa
@@ -24,8 +23,11 @@ def poisoned_cache(B, Tk, width, dtype, spare=5):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("B,Tq,Tk,H", [(1, 1, 1, 2), (2, 1, 3000, 4), (1, 5, 300, 3), (1, 63, 1000, 3),
-                                       (2, 700, 700, 2), (1, 300, 2100, 2)], ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "B,Tq,Tk,H",
+    [(1, 1, 1, 2), (2, 1, 3000, 4), (1, 5, 300, 3), (1, 63, 1000, 3), (2, 700, 700, 2), (1, 300, 2100, 2)],
+    ids=lambda x: str(x),
+)
 def test_absorbed_attention(B, Tq, Tk, H, dtype):
     L, R = 32, 8
     q, cache = torch.randn(B, Tq, H, L + R).to(dtype), poisoned_cache(B, Tk, L + R, dtype)
@@ -37,8 +39,9 @@ def test_absorbed_attention(B, Tq, Tk, H, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("B,Tq,Tk,H", [(1, 1, 1, 2), (1, 64, 64, 4), (2, 300, 1000, 3), (1, 1000, 1000, 2)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "B,Tq,Tk,H", [(1, 1, 1, 2), (1, 64, 64, 4), (2, 300, 1000, 3), (1, 1000, 1000, 2)], ids=lambda x: str(x)
+)
 def test_expanded_prefill(B, Tq, Tk, H, dtype):
     n, R, L, V = 16, 8, 32, 16
     q, cache = torch.randn(B, Tq, H, n + R).to(dtype), poisoned_cache(B, Tk, L + R, dtype)

@@ -14,8 +14,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-from kimi_desk.kernels.moe import GEMV_MAX_TOKENS, routed_experts, routed_experts_grouped  # noqa: E402
-from kimi_desk.kernels.moe import grouped  # noqa: E402
+from kimi_desk.kernels.moe import (  # noqa: E402
+    GEMV_MAX_TOKENS,
+    grouped,  # noqa: E402
+    routed_experts,
+    routed_experts_grouped,
+)
 from kimi_desk.kernels.moe.grouped import route_pairs, routed_experts_grouped_triton  # noqa: E402
 from moe_cases import make_inputs, quantize_experts, reference_f64, rel_err  # noqa: E402
 
@@ -127,8 +131,7 @@ def test_fp8_unchosen_experts_are_never_read():
         q.view(torch.uint8)[[0, 3, 7]] = 0x7F
         s[[0, 7]] = float("nan")
         s[3] = float("inf")
-    got = routed_experts_grouped_triton(x, ids, weights, q1, q2, q3, scales=(s1, s2, s3),
-                                        config=dict(block_m=16))
+    got = routed_experts_grouped_triton(x, ids, weights, q1, q2, q3, scales=(s1, s2, s3), config=dict(block_m=16))
     assert rel_err(got, want) < 1e-5
 
 

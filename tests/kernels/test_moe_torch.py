@@ -3,11 +3,10 @@ grouped products and, for one token (decode), the chosen experts one after anoth
 
 import pytest
 import torch
-from moe_cases import make_inputs, reference_f64, rel_err
-
 from kimi_desk.kernels.moe import routed_experts_grouped, routed_experts_int4_cpu
 from kimi_desk.kernels.quant import dequantize_int4_groups, dequantize_rows, quantize_int4_groups, quantize_int8_rows
 from kimi_desk.kernels.quant.cpu import cpu_int4_fits, pack_int4_for_cpu
+from moe_cases import make_inputs, reference_f64, rel_err
 
 # bf16: the products round gate, up and h to bf16.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -29,8 +28,9 @@ def test_only_the_chosen_experts_are_read(N):
     ids = torch.tensor([[4, 1], [1, 2], [2, 4]])[:N]
     for w in (w1, w2, w3):
         w[[0, 3, 5]] = float("nan")
-    assert rel_err(routed_experts_grouped(x, ids, weights, w1, w2, w3),
-                   reference_f64(x, ids, weights, w1, w2, w3)) < 1e-5
+    assert (
+        rel_err(routed_experts_grouped(x, ids, weights, w1, w2, w3), reference_f64(x, ids, weights, w1, w2, w3)) < 1e-5
+    )
 
 
 @pytest.mark.parametrize("N", [1, 4])

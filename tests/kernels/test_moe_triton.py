@@ -25,8 +25,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("N,E,k,D,I", [(1, 8, 2, 40, 24), (3, 6, 3, 300, 70), (5, 4, 4, 64, 16)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize("N,E,k,D,I", [(1, 8, 2, 40, 24), (3, 6, 3, 300, 70), (5, 4, 4, 64, 16)], ids=lambda x: str(x))
 def test_gemv_matches_grouped_and_float64(dtype, N, E, k, D, I):
     """Widths that are not powers of two (masked tiles), D longer than one tile, every expert chosen by
     several tokens in the last case."""
@@ -60,8 +59,7 @@ FP8_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("N,E,k,D,I", [(1, 8, 2, 40, 24), (3, 6, 3, 300, 70), (5, 4, 4, 64, 16)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize("N,E,k,D,I", [(1, 8, 2, 40, 24), (3, 6, 3, 300, 70), (5, 4, 4, 64, 16)], ids=lambda x: str(x))
 def test_fp8_experts_match_float64(dtype, N, E, k, D, I):
     x, ids, weights, w1, w2, w3 = make_inputs(N, E, k, D, I, torch.float32, seed=N * 13 + D)
     # Rows of very different sizes: a scale applied to the wrong row, or not at all, would show.
@@ -78,8 +76,7 @@ def test_fp8_experts_match_float64(dtype, N, E, k, D, I):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("N,E,k,D,I", [(1, 8, 2, 64, 32), (3, 6, 3, 320, 96), (5, 4, 4, 128, 64)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize("N,E,k,D,I", [(1, 8, 2, 64, 32), (3, 6, 3, 320, 96), (5, 4, 4, 128, 64)], ids=lambda x: str(x))
 def test_int8_and_int4_experts_match_float64(fmt, dtype, N, E, k, D, I):
     """int4 groups of 64 (D = 64, 320) and 32 (I = 32, 96) and 128: the kernels dequantize in registers."""
     x, ids, weights, w1, w2, w3 = make_inputs(N, E, k, D, I, torch.float32, seed=N * 17 + D)
@@ -90,8 +87,9 @@ def test_int8_and_int4_experts_match_float64(fmt, dtype, N, E, k, D, I):
         got = path(x, ids, weights, *codes, scales=scales)
         assert got.dtype == torch.float32 and got.shape == (N, D)
         # int4 weights dequantized in fp32 registers; the PyTorch path rounds them to x's dtype.
-        assert rel_err(got, want) < FP8_TOLERANCE[dtype] * (10 if fmt == "int4" and dtype == torch.float32 else 1), \
+        assert rel_err(got, want) < FP8_TOLERANCE[dtype] * (10 if fmt == "int4" and dtype == torch.float32 else 1), (
             path.__name__
+        )
 
 
 def test_fp8_gemv_reads_only_the_chosen_experts():

@@ -9,8 +9,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-from kimi_desk.kernels.norm.naive import gated_rms_norm_torch, rms_norm_torch  # noqa: E402
 from kimi_desk.kernels.norm.fused import rms_norm_triton  # noqa: E402
+from kimi_desk.kernels.norm.naive import gated_rms_norm_torch, rms_norm_torch  # noqa: E402
 
 # fp32: summation order only. bf16: the same roundings as the PyTorch form, but Triton's interpreter
 # (3.9) converts fp32 to bf16 by another rounding than PyTorch's, so elements may sit an ulp apart.

@@ -3,7 +3,6 @@ dequantized weights; the int4 matrices include heights that are not multiples of
 
 import pytest
 import torch
-
 from kimi_desk.kernels.quant import (
     dequantize_int4_groups,
     dequantize_rows,
@@ -11,7 +10,13 @@ from kimi_desk.kernels.quant import (
     quantize_int8_rows,
     row_scaled_linear,
 )
-from kimi_desk.kernels.quant.cpu import cpu_int4_fits, cpu_int8_fits, int4_linear_cpu, int8_linear_cpu, pack_int4_for_cpu
+from kimi_desk.kernels.quant.cpu import (
+    cpu_int4_fits,
+    cpu_int8_fits,
+    int4_linear_cpu,
+    int8_linear_cpu,
+    pack_int4_for_cpu,
+)
 
 # The operators take bf16 (int4) or x's dtype (int8) rows, sum in float32 and round the output once; the
 # int8 operator also rounds each row's scale to x's dtype.
@@ -51,4 +56,7 @@ def test_int8_operator_matches_float64(dtype, O, D, rows):
     # A few rows take the operator, more rows the dequantized weight: the same function either way.
     assert rel_err(row_scaled_linear(x, q, s), want) < TOLERANCE[dtype]
     many = torch.randn(40, D, generator=gen).to(dtype)
-    assert rel_err(row_scaled_linear(many, q, s), many.double() @ dequantize_rows(q, s, torch.float64).t()) < TOLERANCE[dtype]
+    assert (
+        rel_err(row_scaled_linear(many, q, s), many.double() @ dequantize_rows(q, s, torch.float64).t())
+        < TOLERANCE[dtype]
+    )

@@ -14,8 +14,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 import kimi_desk.kernels.quant.gemv as gemv  # noqa: E402
-from kimi_desk.kernels.quant import GEMV_MAX_TOKENS, row_scaled_linear, quantize_fp8_rows  # noqa: E402
-from kimi_desk.kernels.quant.gemv import row_scaled_gemv, launch_shape  # noqa: E402
+from kimi_desk.kernels.quant import GEMV_MAX_TOKENS, quantize_fp8_rows, row_scaled_linear  # noqa: E402
+from kimi_desk.kernels.quant.gemv import launch_shape, row_scaled_gemv  # noqa: E402
 
 # Relative error against float64 on the same fp8 weight and inputs. The products are exact and summed in
 # fp32, so fp32 sees summation order only; bf16 sees the one rounding of y to bf16 (2^-9 relative at most).
@@ -70,9 +70,11 @@ def test_gemv_of_strided_rows():
     assert rel_err(got, reference_f64(x, q, scale)) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("O,D,programs", [(4096, 2304, 384), (2304, 2304, 360), (1024, 2304, 288),
-                                          (2304, 4096, 288), (163840, 2304, 5120), (32, 2304, 18)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "O,D,programs",
+    [(4096, 2304, 384), (2304, 2304, 360), (1024, 2304, 288), (2304, 4096, 288), (163840, 2304, 5120), (32, 2304, 18)],
+    ids=lambda x: str(x),
+)
 def test_split_k_fills_an_h100(O, D, programs):
     """The 48B model's shapes: at least two programs per SM of a 132-SM H100, unless the width runs out of
     blocks (O = 32: one row block, 18 splits of one width block each)."""

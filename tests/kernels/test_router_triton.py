@@ -14,8 +14,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-from kimi_desk.engine.model import Router  # noqa: E402
 from kimi_desk.bench.random_checkpoint import tiny_config  # noqa: E402
+from kimi_desk.engine.model import Router  # noqa: E402
 from kimi_desk.kernels.moe import router as router_module  # noqa: E402
 from kimi_desk.kernels.moe.router import route_topk_triton  # noqa: E402
 
@@ -68,8 +68,9 @@ def run_kernel(logits, bias, top_k, activation, renormalize, scaling, weights_fr
 
     router_module.torch.empty = poisoned_empty
     try:
-        return route_topk_triton(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased,
-                                 append=append)
+        return route_topk_triton(
+            logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append=append
+        )
     finally:
         router_module.torch.empty = real_empty
 
@@ -77,9 +78,22 @@ def run_kernel(logits, bias, top_k, activation, renormalize, scaling, weights_fr
 @pytest.mark.parametrize("weights_from_biased", [False, True], ids=["unbiased", "biased"])
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "raw"])
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("N,E,top_k", [(1, 8, 1), (5, 8, 2), (16, 8, 8), (1, 256, 8), (5, 256, 2),
-                                       (16, 256, 8), (5, 300, 8), (16, 300, 1), (1, 300, 2), (2, 3000, 8)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "N,E,top_k",
+    [
+        (1, 8, 1),
+        (5, 8, 2),
+        (16, 8, 8),
+        (1, 256, 8),
+        (5, 256, 2),
+        (16, 256, 8),
+        (5, 300, 8),
+        (16, 300, 1),
+        (1, 300, 2),
+        (2, 3000, 8),
+    ],
+    ids=lambda x: str(x),
+)
 def test_kernel_matches_float64(N, E, top_k, activation, renormalize, weights_from_biased):
     """E of 256 (the 48B model), a power of two below it, 300 and 3000 (padded, masked); top_k = E at
     (16, 8, 8). A small correction bias, as trained ones are."""

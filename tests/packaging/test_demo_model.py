@@ -26,15 +26,13 @@ import task_samples  # noqa: E402
 import train  # noqa: E402
 import train_tokenizer  # noqa: E402
 import training_forward  # noqa: E402
-
+from kimi_desk.bench.random_checkpoint import random_model, tail7_config, tiny_config  # noqa: E402
 from kimi_desk.engine import load_model  # noqa: E402
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_head_ids, next_turn_token_ids, question_ids  # noqa: E402
 from kimi_desk.engine.ingest import load_path  # noqa: E402
 from kimi_desk.engine.kda import l2norm  # noqa: E402
-from kimi_desk.bench.random_checkpoint import random_model, tail7_config, tiny_config  # noqa: E402
 from kimi_desk.engine.tokenizer import load_tokenizer  # noqa: E402
 from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda  # noqa: E402
-
 
 # -- the differentiable forward --------------------------------------------------------------------
 
@@ -125,7 +123,8 @@ def _fake_source_tree(root: Path) -> Path:
         (manual / f"page{page}.html").write_text(
             f"<html><head><title>Page {page}</title></head><body><h1>Chapter {page}</h1>"
             f"<p>The manual explains configuration option number {page} in detail.</p></body></html>",
-            encoding="utf-8")
+            encoding="utf-8",
+        )
     (manual / "COPYING").write_text("Public domain.\n", encoding="utf-8")
     (tree / "LICENSE").write_text("MIT licence text.\n", encoding="utf-8")
     return root
@@ -136,22 +135,46 @@ def toy_pipeline(tmp_path_factory):
     """A corpus from the fake tree, a small tokenizer trained on it, and both splits tokenized."""
     root = _fake_source_tree(tmp_path_factory.mktemp("sources"))
     sources = [
-        prepare_corpus.Source("fake-code", "fakeproj", "MIT", None, str(root / "fake-src"), ("**/*.py", "**/*.md"),
-                              str(root / "fake-src" / "LICENSE")),
-        prepare_corpus.Source("fake-manual", "fake-manual", "public-domain", None, str(root / "fake-manual"),
-                              ("*.html",), str(root / "fake-manual" / "COPYING"), html=True),
+        prepare_corpus.Source(
+            "fake-code",
+            "fakeproj",
+            "MIT",
+            None,
+            str(root / "fake-src"),
+            ("**/*.py", "**/*.md"),
+            str(root / "fake-src" / "LICENSE"),
+        ),
+        prepare_corpus.Source(
+            "fake-manual",
+            "fake-manual",
+            "public-domain",
+            None,
+            str(root / "fake-manual"),
+            ("*.html",),
+            str(root / "fake-manual" / "COPYING"),
+            html=True,
+        ),
     ]
     corpus = tmp_path_factory.mktemp("corpus")
-    manifest = prepare_corpus.build_corpus(sources, corpus, root / "work", heldout_fraction=0.25,
-                                           max_document_chars=6000, log=lambda *_: None)
+    manifest = prepare_corpus.build_corpus(
+        sources, corpus, root / "work", heldout_fraction=0.25, max_document_chars=6000, log=lambda *_: None
+    )
     tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
     texts = train_tokenizer.training_texts(corpus, None)
     train_tokenizer.write_tokenizer(texts, 400, tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
-    splits = {split: corpus_tokens.tokenize_split(corpus, tokenizer, split, log=lambda *_: None)
-              for split in ("train", "heldout")}
-    return {"root": root, "corpus": corpus, "manifest": manifest, "tokenizer_dir": tokenizer_dir,
-            "tokenizer": tokenizer, "splits": splits}
+    splits = {
+        split: corpus_tokens.tokenize_split(corpus, tokenizer, split, log=lambda *_: None)
+        for split in ("train", "heldout")
+    }
+    return {
+        "root": root,
+        "corpus": corpus,
+        "manifest": manifest,
+        "tokenizer_dir": tokenizer_dir,
+        "tokenizer": tokenizer,
+        "splits": splits,
+    }
 
 
 def test_corpus_shards_manifest_and_heldout_split(toy_pipeline):
@@ -177,7 +200,10 @@ def test_corpus_shards_manifest_and_heldout_split(toy_pipeline):
     # HTML pages become their readable text, under a .txt name.
     manual = [f for d in train_docs + heldout_docs if d["source"] == "fake-manual" for f in d["files"]]
     assert manual and all(f["path"].endswith(".txt") and "<p>" not in f["text"] for f in manual)
-    assert sum(len(f["text"].encode()) for d in train_docs for f in d["files"]) == manifest["splits"]["train"]["text_bytes"]
+    assert (
+        sum(len(f["text"].encode()) for d in train_docs for f in d["files"])
+        == manifest["splits"]["train"]["text_bytes"]
+    )
 
 
 def test_documents_render_as_kimi_desk_renders_a_folder(toy_pipeline, tmp_path):
@@ -245,7 +271,9 @@ def test_task_samples_weigh_every_reply_and_feed_the_next_turn(toy_pipeline):
     assert all(sample.input_ids[b - 1] == im_end for _, b in sample.answer_spans)
     (a0, b0), (a1, b1) = sample.feeds
     assert sample.input_ids[a0:b0] == question_ids(tokenizer, sample.turns[0].question)
-    assert sample.input_ids[a1:b1] == next_turn_token_ids(tokenizer, [{"role": "user", "content": sample.turns[1].question}])
+    assert sample.input_ids[a1:b1] == next_turn_token_ids(
+        tokenizer, [{"role": "user", "content": sample.turns[1].question}]
+    )
     assert task_samples.is_correct(sample.turns[0], tokenizer.decode(sample.input_ids[slice(*sample.answer_spans[0])]))
     assert sample.turns[1].expected == (sample.detail["path"],)
 
@@ -254,13 +282,18 @@ def _corpus_text(corpus: Path) -> str:
     """Every file of both splits as the model reads it: header and text."""
     from kimi_desk.engine.ingest.render import render_file_block
 
-    return "\n".join(render_file_block(f["path"], f["text"]) for split in ("train", "heldout")
-                     for d in prepare_corpus.read_documents(corpus, split) for f in d["files"])
+    return "\n".join(
+        render_file_block(f["path"], f["text"])
+        for split in ("train", "heldout")
+        for d in prepare_corpus.read_documents(corpus, split)
+        for f in d["files"]
+    )
 
 
 def _code_samples(toy_pipeline, task: str, count: int, fresh_names: bool = True):
-    builder = task_samples.TaskSampleBuilder(toy_pipeline["splits"]["train"], toy_pipeline["tokenizer"],
-                                             fresh_names=fresh_names, code_sources=("fake-code",))
+    builder = task_samples.TaskSampleBuilder(
+        toy_pipeline["splits"]["train"], toy_pipeline["tokenizer"], fresh_names=fresh_names, code_sources=("fake-code",)
+    )
     rng = random.Random(f"code-{task}")
     samples = [builder.build(task, 6000, rng) for _ in range(5 * count)]
     samples = [s for s in samples if s.task == task and "renames" in s.detail][:count]
@@ -279,9 +312,11 @@ def test_code_questions_are_answered_only_by_the_document(toy_pipeline, task):
         document = tokenizer.decode(sample.input_ids[sample.document_start : sample.document_end])
         turn = sample.turns[0]
         if sample.detail["renames"] or sample.detail["literals"]:  # a needle's follow-up is not disguised
-            assert sample.detail["prefix"] and all(f"==> {sample.detail['prefix']}/" in line
-                                                   for line in document.splitlines() if line.startswith("==> ")
-                                                   and "(folder tree" not in line)
+            assert sample.detail["prefix"] and all(
+                f"==> {sample.detail['prefix']}/" in line
+                for line in document.splitlines()
+                if line.startswith("==> ") and "(folder tree" not in line
+            )
             for old, new in sample.detail["renames"].items():
                 assert re.search(rf"\b{re.escape(new)}\b", document), new
                 assert not re.search(rf"\b{re.escape(new)}\b", corpus), f"{new} is in the corpus"
@@ -295,8 +330,9 @@ def test_code_questions_are_answered_only_by_the_document(toy_pipeline, task):
         if task in ("which_file", "where_function"):
             assert not any(value in corpus for value in turn.expected), turn.expected
         for later in sample.turns[1:]:
-            assert all(v in document for v in later.expected) and (not later.any_of or any(v in document
-                                                                                        for v in later.any_of))
+            assert all(v in document for v in later.expected) and (
+                not later.any_of or any(v in document for v in later.any_of)
+            )
 
 
 def test_disguised_folders_read_as_ingest_reads_them(toy_pipeline, tmp_path):
@@ -325,14 +361,25 @@ def test_disguised_folders_read_as_ingest_reads_them(toy_pipeline, tmp_path):
 
 def test_fresh_names_keep_the_style_and_fresh_literals_the_kind():
     rng = random.Random(0)
-    for like, style in (("FindFailureTests", r"[A-Z][a-z]+[A-Z][a-z]+\w*"), ("cloned_traverse", r"[a-z]+_[a-z_]+"),
-                        ("MAX_SIZE", r"[A-Z]+_[A-Z_]+"), ("removeResult", r"[a-z]+[A-Z][a-z]+\w*"),
-                        ("_private_helper", r"_[a-z]+_[a-z_]+")):
+    for like, style in (
+        ("FindFailureTests", r"[A-Z][a-z]+[A-Z][a-z]+\w*"),
+        ("cloned_traverse", r"[a-z]+_[a-z_]+"),
+        ("MAX_SIZE", r"[A-Z]+_[A-Z_]+"),
+        ("removeResult", r"[a-z]+[A-Z][a-z]+\w*"),
+        ("_private_helper", r"_[a-z]+_[a-z_]+"),
+    ):
         for _ in range(20):
             name = task_samples.fresh_name(like, rng, avoid=like)
             assert re.fullmatch(style, name) and name != like, (like, name)
-    for value, kind in (("30", r"\d+"), ("-1", r"-\d+"), ("0.5", r"\d\.\d"), ("'utf-8'", r"'[^'\n,]{1,22}'"),
-                        ('"strict"', r'"[^"\n,]{1,22}"'), ("True", "True|False"), ("None", "None")):
+    for value, kind in (
+        ("30", r"\d+"),
+        ("-1", r"-\d+"),
+        ("0.5", r"\d\.\d"),
+        ("'utf-8'", r"'[^'\n,]{1,22}'"),
+        ('"strict"', r'"[^"\n,]{1,22}"'),
+        ("True", "True|False"),
+        ("None", "None"),
+    ):
         for _ in range(20):
             new = task_samples.fresh_literal(value, rng)
             assert re.fullmatch(kind, new) and (new != value or value in ("True", "None")), (value, new)
@@ -341,11 +388,13 @@ def test_fresh_names_keep_the_style_and_fresh_literals_the_kind():
 def test_needle_keys_and_values_come_from_large_spaces():
     spaces = retrieval_samples.space_sizes()
     for kind, space in spaces.items():
-        assert space["keys"] >= 10 ** 6, kind
-        assert space["values"] >= (10 ** 4 if kind != "date" else 2 * 10 ** 4), kind
+        assert space["keys"] >= 10**6, kind
+        assert space["values"] >= (10**4 if kind != "date" else 2 * 10**4), kind
     rng = random.Random(0)
     for kind in retrieval_samples.ALL_FACT_KINDS:
-        facts = [retrieval_samples.make_fact(kind, retrieval_samples.fact_keys(kind, 1, rng)[0], rng) for _ in range(2000)]
+        facts = [
+            retrieval_samples.make_fact(kind, retrieval_samples.fact_keys(kind, 1, rng)[0], rng) for _ in range(2000)
+        ]
         assert len({f.key for f in facts}) >= 1980, kind
         assert len({(f.key, f.value) for f in facts}) >= 1980, kind
 
@@ -383,10 +432,33 @@ def test_retrieval_batch_pads_and_weights(toy_pipeline):
 
 def test_two_step_run_writes_a_checkpoint_the_engine_loads(toy_pipeline, tmp_path):
     out = tmp_path / "run"
-    train.main(["--device", "cpu", "--tiny", "--max-steps", "2", "--corpus", str(toy_pipeline["corpus"]),
-                "--tokenizer", str(toy_pipeline["tokenizer_dir"]), "--out", str(out),
-                "--lm-context", "64", "--retrieval-contexts", "512", "--batch-tokens", "512",
-                "--micro-batch-tokens", "512", "--eval-lm-windows", "2", "--eval-retrieval-samples", "2"])
+    train.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--max-steps",
+            "2",
+            "--corpus",
+            str(toy_pipeline["corpus"]),
+            "--tokenizer",
+            str(toy_pipeline["tokenizer_dir"]),
+            "--out",
+            str(out),
+            "--lm-context",
+            "64",
+            "--retrieval-contexts",
+            "512",
+            "--batch-tokens",
+            "512",
+            "--micro-batch-tokens",
+            "512",
+            "--eval-lm-windows",
+            "2",
+            "--eval-retrieval-samples",
+            "2",
+        ]
+    )
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "stage" in r]
     assert [r["stage"] for r in steps] == ["lm", "retrieval"]
@@ -415,11 +487,17 @@ def test_loss_falls_over_a_few_steps_on_repeated_text(toy_pipeline):
     """The optimiser, schedule and forward learn: a few steps on one window fit it."""
     tokenizer = toy_pipeline["tokenizer"]
     specials = tokenizer.special_tokens
-    config = train.demo_config(train_tokenizer.model_vocab_size(tokenizer), specials["[BOS]"],
-                               specials["<|im_end|>"], specials["[PAD]"], tiny=True)
+    config = train.demo_config(
+        train_tokenizer.model_vocab_size(tokenizer),
+        specials["[BOS]"],
+        specials["<|im_end|>"],
+        specials["[PAD]"],
+        tiny=True,
+    )
     model = train.init_model(config, seed=0, device="cpu")
-    args = argparse.Namespace(weight_decay=0.0, lr=3e-3, grad_clip=1.0, balance_rate=1e-3,
-                              document_loss_weight=0.1, checkpoint_layers=False)
+    args = argparse.Namespace(
+        weight_decay=0.0, lr=3e-3, grad_clip=1.0, balance_rate=1e-3, document_loss_weight=0.1, checkpoint_layers=False
+    )
     trainer = train.Trainer(args, model, training_forward.chunk_kda_autograd, torch.device("cpu"))
     stream = toy_pipeline["splits"]["train"].lm_stream(specials["[EOS]"])
     batch = train.lm_batch(stream, 2, 64, torch.Generator().manual_seed(0))

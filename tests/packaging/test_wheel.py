@@ -11,8 +11,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wheel_builds_installs_and_runs(tmp_path):
-    result = subprocess.run(["bash", str(ROOT / "packaging" / "build_and_check.sh"), str(tmp_path)],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        ["bash", str(ROOT / "packaging" / "build_and_check.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == f"kimi-desk {__version__}"
 
@@ -20,8 +24,11 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"kimi_desk"}
-    shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "assets").rglob("*")
-               if p.is_file() and "__pycache__" not in p.parts}
+    shipped = {
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "assets").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     for asset in shipped:
         assert f"kimi_desk/{asset}" in names, f"{asset} is not in the wheel"
     # Every source module, subpackages included (pyproject lists them one by one).

@@ -58,7 +58,6 @@ def _synthetic(model, cached: int):
 
 def worker(snapshot: str, dtype: str | None) -> dict:
     import torch
-
     from kimi_desk.engine import chat
     from kimi_desk.engine.generate import GREEDY, decode_step_function, stream_tokens
     from kimi_desk.engine.loading import DEMO_MODEL
@@ -97,15 +96,28 @@ def worker(snapshot: str, dtype: str | None) -> dict:
     restored = time.perf_counter()
     question = document.clone()
     cloned = time.perf_counter()
-    next(stream_tokens(model, chat.question_ids(assistant.tokenizer, QUESTION), question, max_new_tokens=1,
-                       sampling=GREEDY, stop_token_ids=(), prefill_chunk_size=chunk,
-                       vocab_size=assistant.tokenizer.vocab_size))
+    next(
+        stream_tokens(
+            model,
+            chat.question_ids(assistant.tokenizer, QUESTION),
+            question,
+            max_new_tokens=1,
+            sampling=GREEDY,
+            stop_token_ids=(),
+            prefill_chunk_size=chunk,
+            vocab_size=assistant.tokenizer.vocab_size,
+        )
+    )
     done = time.perf_counter()
-    result.update({"first token after 214000: restore s": restored - started,
-                   "first token: state copy s": cloned - restored,
-                   "first token: question prefill + first step s": done - cloned,
-                   "first token: total s": done - started,
-                   "peak RSS MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    result.update(
+        {
+            "first token after 214000: restore s": restored - started,
+            "first token: state copy s": cloned - restored,
+            "first token: question prefill + first step s": done - cloned,
+            "first token: total s": done - started,
+            "peak RSS MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
     return result
 
 
@@ -127,8 +139,13 @@ def _run(pythonpath: str | None, snapshot: Path, dtype: str | None) -> dict:
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory() as cwd:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(snapshot), dtype or ""],
-                              capture_output=True, text=True, env=env, cwd=cwd)
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", str(snapshot), dtype or ""],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=cwd,
+        )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "worker failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -158,18 +175,23 @@ def main() -> int:
                 runs[side].append(_run(path, snapshot, args.dtype))
                 print(f"round {round_ + 1} {side}: {json.dumps(runs[side][-1])}", file=sys.stderr, flush=True)
     keys = [k for k in runs["after"][0] if isinstance(runs["after"][0][k], float)]
-    lines = [f"{args.base} (before) against the working tree (after), {args.rounds} rounds of alternating processes; "
-             f"dtype {runs['before'][0]['dtype']} / {runs['after'][0]['dtype']}; load average before each process: "
-             f"{' | '.join(loads)}.", "",
-             "| measurement | before: best | before: median | after: best | after: median | after / before (medians) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"{args.base} (before) against the working tree (after), {args.rounds} rounds of alternating processes; "
+        f"dtype {runs['before'][0]['dtype']} / {runs['after'][0]['dtype']}; load average before each process: "
+        f"{' | '.join(loads)}.",
+        "",
+        "| measurement | before: best | before: median | after: best | after: median | after / before (medians) |",
+        "|---|---|---|---|---|---|",
+    ]
     for key in keys:
         higher_is_better = "tok/s" in key
         values = {side: [r[key] for r in runs[side]] for side in runs}
         best = {side: (max if higher_is_better else min)(v) for side, v in values.items()}
         median = {side: statistics.median(v) for side, v in values.items()}
-        lines.append(f"| {key} | {best['before']:,.2f} | {median['before']:,.2f} | {best['after']:,.2f} | "
-                     f"{median['after']:,.2f} | {median['after'] / median['before']:.2f} |")
+        lines.append(
+            f"| {key} | {best['before']:,.2f} | {median['before']:,.2f} | {best['after']:,.2f} | "
+            f"{median['after']:,.2f} | {median['after'] / median['before']:.2f} |"
+        )
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(dict(base=args.base, loads=loads, runs=runs), indent=2) + "\n")

@@ -109,13 +109,11 @@ def _reading(assistant, start: int, tokens: int, repeats: int) -> dict:
         for a in range(start, start + tokens, assistant.prefill_chunk):
             model(ids[:, a : min(start + tokens, a + assistant.prefill_chunk)], state, last_only=True)
         seconds.append(time.perf_counter() - started)
-    return dict(start=start, tokens=tokens, seconds=min(seconds), tok_s=tokens / min(seconds),
-                all_seconds=seconds)
+    return dict(start=start, tokens=tokens, seconds=min(seconds), tok_s=tokens / min(seconds), all_seconds=seconds)
 
 
 def _decoding(assistant, cached: int, steps: int) -> dict:
     import torch
-
     from kimi_desk.engine.generate import decode_step_function
     from kimi_desk.engine.reading_time import state_with_cache
 
@@ -127,15 +125,19 @@ def _decoding(assistant, cached: int, steps: int) -> dict:
         token = int(torch.argmax(decode(token)))
         seconds.append(time.perf_counter() - started)
     seconds = sorted(seconds[1:])
-    return dict(cached=cached, steps=steps, tok_s_best=1 / seconds[0], tok_s_median=1 / seconds[len(seconds) // 2],
-                ms_median=1000 * seconds[len(seconds) // 2])
+    return dict(
+        cached=cached,
+        steps=steps,
+        tok_s_best=1 / seconds[0],
+        tok_s_median=1 / seconds[len(seconds) // 2],
+        ms_median=1000 * seconds[len(seconds) // 2],
+    )
 
 
 def write_snapshot(assistant, folder: Path, cached: int):
     """A snapshot folder of `cached` tokens of random latents, written the way a reading writes one: a
     checkpoint every checkpoint_interval tokens, the MLA segments between them. Returns its store."""
     import torch
-
     from kimi_desk.engine.snapshot import SnapshotStore
 
     store = SnapshotStore(folder, assistant.identity)
@@ -165,17 +167,33 @@ def _first_token(assistant, cached: int, folder: Path) -> dict:
     state = document.clone()
     cloned = time.perf_counter()
     prompt = chat.question_ids(assistant.tokenizer, QUESTION)
-    next(stream_tokens(model, prompt, state, max_new_tokens=1, sampling=GREEDY, stop_token_ids=(),
-                       prefill_chunk_size=assistant.prefill_chunk, vocab_size=assistant.tokenizer.vocab_size))
+    next(
+        stream_tokens(
+            model,
+            prompt,
+            state,
+            max_new_tokens=1,
+            sampling=GREEDY,
+            stop_token_ids=(),
+            prefill_chunk_size=assistant.prefill_chunk,
+            vocab_size=assistant.tokenizer.vocab_size,
+        )
+    )
     done = time.perf_counter()
-    return dict(cached=cached, question_tokens=len(prompt), restore_s=restored - started, clone_s=cloned - restored,
-                prefill_and_first_step_s=done - cloned, total_s=done - started,
-                snapshot_files=len(store.files), snapshot_mb=store.nbytes() / 1e6)
+    return dict(
+        cached=cached,
+        question_tokens=len(prompt),
+        restore_s=restored - started,
+        clone_s=cloned - restored,
+        prefill_and_first_step_s=done - cloned,
+        total_s=done - started,
+        snapshot_files=len(store.files),
+        snapshot_mb=store.nbytes() / 1e6,
+    )
 
 
 def _worker(options: dict) -> dict:
     import torch
-
     from kimi_desk.engine.loading import load_assistant
 
     torch.manual_seed(0)
@@ -183,8 +201,13 @@ def _worker(options: dict) -> dict:
         os.environ["KIMI_DESK_THREADS"] = str(options["threads"])
     started = time.perf_counter()
     assistant = load_assistant(Path(options["model"]), "cpu", options["format"])
-    result = dict(format=options["format"], dtype=str(assistant.model.dtype).removeprefix("torch."),
-                  load_s=time.perf_counter() - started, rss_after_load_mb=_rss_mb(), threads=torch.get_num_threads())
+    result = dict(
+        format=options["format"],
+        dtype=str(assistant.model.dtype).removeprefix("torch."),
+        load_s=time.perf_counter() - started,
+        rss_after_load_mb=_rss_mb(),
+        threads=torch.get_num_threads(),
+    )
     result["reading"] = [_reading(assistant, s, t, options["repeats"]) for s, t in options["prefill"]]
     result["decoding"] = [_decoding(assistant, c, options["decode_steps"]) for c in options["decode_at"]]
     if options["question_after"]:
@@ -221,19 +244,35 @@ def _transformers_worker(options: dict) -> dict:
             cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
             steps.append(time.perf_counter() - started)
     steps.sort()
-    return dict(format="transformers", dtype="float32", reading=[dict(start=2048, tokens=8192, seconds=seconds,
-                                                               tok_s=8192 / seconds)],
-                decoding=[dict(cached=2048 + 8192, steps=len(steps), tok_s_best=1 / steps[0],
-                               tok_s_median=1 / steps[len(steps) // 2], ms_median=1000 * steps[len(steps) // 2])],
-                rss_after_load_mb=after_load, peak_rss_mb=_rss_mb(), threads=torch.get_num_threads())
+    return dict(
+        format="transformers",
+        dtype="float32",
+        reading=[dict(start=2048, tokens=8192, seconds=seconds, tok_s=8192 / seconds)],
+        decoding=[
+            dict(
+                cached=2048 + 8192,
+                steps=len(steps),
+                tok_s_best=1 / steps[0],
+                tok_s_median=1 / steps[len(steps) // 2],
+                ms_median=1000 * steps[len(steps) // 2],
+            )
+        ],
+        rss_after_load_mb=after_load,
+        peak_rss_mb=_rss_mb(),
+        threads=torch.get_num_threads(),
+    )
 
 
 def _run_worker(kind: str, options: dict) -> dict:
     """One measurement process; its working folder is a temporary one, so that nothing in the current
     folder (a source checkout's kernels/, say) shadows a package it imports."""
     with tempfile.TemporaryDirectory(prefix="kimi-desk-bench-") as cwd:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(options)],
-                              capture_output=True, text=True, cwd=cwd)
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(options)],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+        )
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return dict(format=options.get("format", kind), error=last)
@@ -269,10 +308,16 @@ def _llama_cpp_side():
     return llama_cpp_side
 
 
-def run(model: Path, formats: list[str], options: dict, transformers: bool, llama_cpp: Path | None = None,
-        gguf_folder: Path | None = None, log=print) -> dict:
+def run(
+    model: Path,
+    formats: list[str],
+    options: dict,
+    transformers: bool,
+    llama_cpp: Path | None = None,
+    gguf_folder: Path | None = None,
+    log=print,
+) -> dict:
     import torch
-
     from kimi_desk.engine.weights import checkpoint_fingerprint
 
     ggufs = {}
@@ -285,16 +330,30 @@ def run(model: Path, formats: list[str], options: dict, transformers: bool, llam
         loads.append(_load())
         log(f"{fmt}: {_summary(results[-1])}")
         if fmt in ggufs:
-            results.append(_run_worker("llama.cpp", dict(options, llama_cpp=str(llama_cpp.resolve()), gguf=str(ggufs[fmt]),
-                                                         gguf_type=side.GGUF_TYPE[fmt])))
+            results.append(
+                _run_worker(
+                    "llama.cpp",
+                    dict(
+                        options, llama_cpp=str(llama_cpp.resolve()), gguf=str(ggufs[fmt]), gguf_type=side.GGUF_TYPE[fmt]
+                    ),
+                )
+            )
             loads.append(_load())
             log(f"llama.cpp {side.GGUF_TYPE[fmt]}: {_summary(results[-1])}")
     if transformers:
         results.append(_run_worker("transformers", dict(options, model=str(model))))
         loads.append(_load())
         log(f"transformers: {_summary(results[-1])}")
-    return dict(benchmark="cpu", date=datetime.datetime.now().isoformat(timespec="minutes"), machine=_machine(),
-                torch=torch.__version__, model=str(model), load_average=loads, options=options, results=results)
+    return dict(
+        benchmark="cpu",
+        date=datetime.datetime.now().isoformat(timespec="minutes"),
+        machine=_machine(),
+        torch=torch.__version__,
+        model=str(model),
+        load_average=loads,
+        options=options,
+        results=results,
+    )
 
 
 def _summary(r: dict) -> str:
@@ -306,9 +365,12 @@ def _summary(r: dict) -> str:
 
 def markdown(result: dict) -> str:
     rows = [r for r in result["results"] if "error" not in r]
-    lines = [f"CPU: {result['machine']}, torch {result['torch']}, {result['date']}; model {result['model']}; "
-             f"load average (1, 5, 15 min) before and after each column: "
-             f"{' | '.join(result['load_average'])}.", ""]
+    lines = [
+        f"CPU: {result['machine']}, torch {result['torch']}, {result['date']}; model {result['model']}; "
+        f"load average (1, 5, 15 min) before and after each column: "
+        f"{' | '.join(result['load_average'])}.",
+        "",
+    ]
     lines.append("| measurement | " + " | ".join(f"{r['format']} ({r.get('dtype', 'float32')})" for r in rows) + " |")
     lines.append("|---" * (len(rows) + 1) + "|")
 
@@ -317,19 +379,25 @@ def markdown(result: dict) -> str:
 
     readings = sorted({(x["start"], x["tokens"]) for r in rows for x in r["reading"]})
     for start, tokens in readings:
+
         def reading_cell(r, start=start, tokens=tokens):
             found = [x for x in r["reading"] if (x["start"], x["tokens"]) == (start, tokens)]
             return f"{found[0]['tok_s']:,.0f}" if found else ""
+
         row(f"reading tok/s, {tokens:,} after {start:,}", reading_cell)
     for cached in sorted({x["cached"] for r in rows for x in r["decoding"]}):
+
         def decode_cell(r, cached=cached):
             found = [x for x in r["decoding"] if x["cached"] == cached]
             return f"{found[0]['tok_s_median']:.1f} ({found[0]['tok_s_best']:.1f})" if found else ""
+
         row(f"decode tok/s after {cached:,}, median (best)", decode_cell)
     if any("first_token" in r for r in rows):
+
         def first_cell(r, key):
             f = r.get("first_token")
             return f"{f[key]:.2f}" if f else ""
+
         cached = next(r["first_token"]["cached"] for r in rows if "first_token" in r)
         row(f"first token after {cached:,}: restore s", lambda r: first_cell(r, "restore_s"))
         row("first token: state copy s", lambda r: first_cell(r, "clone_s"))
@@ -341,8 +409,11 @@ def markdown(result: dict) -> str:
     row("peak RSS MB", lambda r: f"{r['peak_rss_mb']:.0f}")
     if any("gguf_mb" in r for r in rows):
         row("GGUF file MB", lambda r: f"{r['gguf_mb']:.1f}" if "gguf_mb" in r else "")
-    notes = [f"llama.cpp {r['dtype']}: not run (deeper than --llama-max-depth): {', '.join(r['left_out'])}"
-             for r in rows if r.get("left_out")]
+    notes = [
+        f"llama.cpp {r['dtype']}: not run (deeper than --llama-max-depth): {', '.join(r['left_out'])}"
+        for r in rows
+        if r.get("left_out")
+    ]
     lines += [""] + notes if notes else []
     failed = [r for r in result["results"] if "error" in r]
     lines += [""] + [f"{r['format']} failed: {r['error']}" for r in failed] if failed else []
@@ -350,30 +421,63 @@ def markdown(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=None, help="a checkpoint folder (default: the embedded demo model)")
-    parser.add_argument("--formats", default="none,int8,int4",
-                        help="weight formats to compare, each in its own process (default: none,int8,int4)")
-    parser.add_argument("--prefill", default=DEFAULT_PREFILL,
-                        help=f"readings to time, START+TOKENS each (default: {DEFAULT_PREFILL})")
-    parser.add_argument("--decode-at", default=DEFAULT_DECODE_AT,
-                        help=f"cache sizes to decode after (default: {DEFAULT_DECODE_AT})")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="a checkpoint folder (default: the embedded demo model)"
+    )
+    parser.add_argument(
+        "--formats",
+        default="none,int8,int4",
+        help="weight formats to compare, each in its own process (default: none,int8,int4)",
+    )
+    parser.add_argument(
+        "--prefill", default=DEFAULT_PREFILL, help=f"readings to time, START+TOKENS each (default: {DEFAULT_PREFILL})"
+    )
+    parser.add_argument(
+        "--decode-at", default=DEFAULT_DECODE_AT, help=f"cache sizes to decode after (default: {DEFAULT_DECODE_AT})"
+    )
     parser.add_argument("--decode-steps", type=int, default=16, help="decode steps timed at each size (default: 16)")
-    parser.add_argument("--question-after", type=int, default=DEFAULT_QUESTION_AFTER,
-                        help=f"cached tokens before the first-token measurement, 0 to skip (default: {DEFAULT_QUESTION_AFTER})")
-    parser.add_argument("--repeats", type=int, default=2, help="times each reading is timed, the best kept (default: 2)")
-    parser.add_argument("--transformers", action="store_true",
-                        help="also transformers' native Kimi Linear, pure PyTorch, float32 (needs the dev extra)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for every measured process, ours and llama.cpp's (default: ours choose as `kimi-desk` does, "
-                        "the cores idle at load time; llama.cpp takes every core, as llama-bench does)")
-    parser.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
-                        help="also llama.cpp, from this build (packaging/bench/llama_cpp/build.sh's output), on the same "
-                        "checkpoint as GGUF: bf16, Q8_0, Q4_K_M beside none, int8, int4")
-    parser.add_argument("--gguf-dir", type=Path, default=REPO / ".bench" / "gguf",
-                        help="where the converted GGUF files are kept and reused (default: the checkout's .bench/gguf)")
-    parser.add_argument("--llama-max-depth", type=int, default=32768,
-                        help="llama.cpp prefills a depth for real before every repetition: deeper readings and "
-                        "decodes are left out on its side (default: 32768)")
+    parser.add_argument(
+        "--question-after",
+        type=int,
+        default=DEFAULT_QUESTION_AFTER,
+        help=f"cached tokens before the first-token measurement, 0 to skip (default: {DEFAULT_QUESTION_AFTER})",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="times each reading is timed, the best kept (default: 2)"
+    )
+    parser.add_argument(
+        "--transformers",
+        action="store_true",
+        help="also transformers' native Kimi Linear, pure PyTorch, float32 (needs the dev extra)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for every measured process, ours and llama.cpp's (default: ours choose as `kimi-desk` does, "
+        "the cores idle at load time; llama.cpp takes every core, as llama-bench does)",
+    )
+    parser.add_argument(
+        "--llama-cpp",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also llama.cpp, from this build (packaging/bench/llama_cpp/build.sh's output), on the same "
+        "checkpoint as GGUF: bf16, Q8_0, Q4_K_M beside none, int8, int4",
+    )
+    parser.add_argument(
+        "--gguf-dir",
+        type=Path,
+        default=REPO / ".bench" / "gguf",
+        help="where the converted GGUF files are kept and reused (default: the checkout's .bench/gguf)",
+    )
+    parser.add_argument(
+        "--llama-max-depth",
+        type=int,
+        default=32768,
+        help="llama.cpp prefills a depth for real before every repetition: deeper readings and "
+        "decodes are left out on its side (default: 32768)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
 
 
@@ -397,12 +501,25 @@ def main(args: argparse.Namespace) -> int:
             import transformers  # noqa: F401
         except ImportError:
             raise UserError("--transformers needs transformers (pip install 'kimi-desk[dev]')") from None
-    options = dict(prefill=_pairs(args.prefill), decode_at=_sizes(args.decode_at, "--decode-at"),
-                   decode_steps=args.decode_steps, question_after=args.question_after, repeats=args.repeats,
-                   threads=args.threads, llama_threads=args.threads or usable_cores(),
-                   llama_max_depth=args.llama_max_depth)
-    result = run(args.model or DEMO_MODEL, formats, options, args.transformers, args.llama_cpp, args.gguf_dir,
-                 log=lambda line: print(line, file=sys.stderr, flush=True))
+    options = dict(
+        prefill=_pairs(args.prefill),
+        decode_at=_sizes(args.decode_at, "--decode-at"),
+        decode_steps=args.decode_steps,
+        question_after=args.question_after,
+        repeats=args.repeats,
+        threads=args.threads,
+        llama_threads=args.threads or usable_cores(),
+        llama_max_depth=args.llama_max_depth,
+    )
+    result = run(
+        args.model or DEMO_MODEL,
+        formats,
+        options,
+        args.transformers,
+        args.llama_cpp,
+        args.gguf_dir,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
@@ -412,8 +529,9 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, options = sys.argv[2], json.loads(sys.argv[3])
-        workers = dict(engine=_worker, transformers=_transformers_worker,
-                       **{"llama.cpp": lambda o: _llama_cpp_side().worker(o)})
+        workers = dict(
+            engine=_worker, transformers=_transformers_worker, **{"llama.cpp": lambda o: _llama_cpp_side().worker(o)}
+        )
         print(json.dumps(workers[kind](options)))
     else:
         parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

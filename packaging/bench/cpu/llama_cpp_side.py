@@ -37,8 +37,11 @@ def _bench_module():
 
 def check_build(llama_cpp: Path) -> str | None:
     """None when DIR is a usable build.sh output, else what is missing (one line)."""
-    for need in (llama_cpp / "bin" / "llama-bench", llama_cpp / "bin" / "llama-quantize",
-                 llama_cpp / "src" / "llama.cpp" / "convert_hf_to_gguf.py"):
+    for need in (
+        llama_cpp / "bin" / "llama-bench",
+        llama_cpp / "bin" / "llama-quantize",
+        llama_cpp / "src" / "llama.cpp" / "convert_hf_to_gguf.py",
+    ):
         if not need.is_file():
             return f"--llama-cpp {llama_cpp}: no {need.relative_to(llama_cpp)} (build it with packaging/bench/llama_cpp/build.sh)"
     return None
@@ -47,13 +50,22 @@ def check_build(llama_cpp: Path) -> str | None:
 def gguf_files(model: Path, fingerprint: str, llama_cpp: Path, folder: Path, formats: list[str], log=print) -> dict:
     """{our format: GGUF path} for the formats llama.cpp has a counterpart of, converting what is missing."""
     base = folder / f"{model.resolve().name}-{fingerprint[:16]}-bf16.gguf"
-    wanted = {f: base if GGUF_TYPE[f] == "bf16" else base.with_name(f"{base.stem}-{GGUF_TYPE[f]}.gguf")
-              for f in formats if f in GGUF_TYPE}
+    wanted = {
+        f: base if GGUF_TYPE[f] == "bf16" else base.with_name(f"{base.stem}-{GGUF_TYPE[f]}.gguf")
+        for f in formats
+        if f in GGUF_TYPE
+    }
     missing = [f for f, path in wanted.items() if not path.is_file()]
     if missing:
         quantize = ",".join(GGUF_TYPE[f] for f in missing if GGUF_TYPE[f] != "bf16")
-        command = [sys.executable, str(LLAMA_SCRIPTS / "convert.py"), str(model.resolve()), str(base),
-                   "--llama-cpp", str(llama_cpp.resolve())] + (["--quantize", quantize] if quantize else [])
+        command = [
+            sys.executable,
+            str(LLAMA_SCRIPTS / "convert.py"),
+            str(model.resolve()),
+            str(base),
+            "--llama-cpp",
+            str(llama_cpp.resolve()),
+        ] + (["--quantize", quantize] if quantize else [])
         if base.is_file():
             command.append("--skip-convert")
         log(f"llama.cpp: converting {model} to GGUF ({', '.join(GGUF_TYPE[f] for f in missing)}) in {folder}")
@@ -72,17 +84,31 @@ def worker(options: dict) -> dict:
     binary = Path(options["llama_cpp"]) / "bin" / "llama-bench"
     model, threads, reps = [Path(options["gguf"])], options["llama_threads"], options["repeats"]
     max_depth = options["llama_max_depth"]
-    result = dict(format="llama.cpp", dtype=options["gguf_type"], gguf=options["gguf"],
-                  gguf_mb=Path(options["gguf"]).stat().st_size / 1e6, threads=threads, reading=[], decoding=[],
-                  left_out=[])
+    result = dict(
+        format="llama.cpp",
+        dtype=options["gguf_type"],
+        gguf=options["gguf"],
+        gguf_mb=Path(options["gguf"]).stat().st_size / 1e6,
+        threads=threads,
+        reading=[],
+        decoding=[],
+        left_out=[],
+    )
     for start, tokens in options["prefill"]:
         if start > max_depth:
             result["left_out"].append(f"reading {tokens} after {start}")
             continue
         records = bench.run_llama_bench(binary, model, threads, [tokens], [], [start], reps, 0, [])
         entry = bench.summarize(records, threads)["models"][0]["prefill"][0]
-        result["reading"].append(dict(start=start, tokens=tokens, tok_s=entry["tok_s_max"], tok_s_mean=entry["tok_s"],
-                                      tok_s_std=entry["tok_s_std"]))
+        result["reading"].append(
+            dict(
+                start=start,
+                tokens=tokens,
+                tok_s=entry["tok_s_max"],
+                tok_s_mean=entry["tok_s"],
+                tok_s_std=entry["tok_s_std"],
+            )
+        )
     depths = [c for c in options["decode_at"] if c <= max_depth]
     result["left_out"] += [f"decode after {c}" for c in options["decode_at"] if c > max_depth]
     if depths:
@@ -90,8 +116,14 @@ def worker(options: dict) -> dict:
         summary = bench.summarize(records, threads)
         result["build"] = summary["llama_cpp"]["build"]
         for entry in summary["models"][0]["decode"]:
-            result["decoding"].append(dict(cached=entry["depth"], steps=entry["tokens"], tok_s_median=entry["tok_s_median"],
-                                           tok_s_best=entry["tok_s_max"], tok_s_mean=entry["tok_s"]))
+            result["decoding"].append(
+                dict(
+                    cached=entry["depth"],
+                    steps=entry["tokens"],
+                    tok_s_median=entry["tok_s_median"],
+                    tok_s_best=entry["tok_s_max"],
+                    tok_s_mean=entry["tok_s"],
+                )
+            )
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux reports KiB
     return result
-

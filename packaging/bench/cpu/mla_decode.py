@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from kimi_desk.kernels.mla import mla_attention
 
 # name: (heads, kv_lora_rank, rope dim); the scale is 1 / sqrt(nope + rope head dim).
@@ -37,8 +36,14 @@ def measure(shape: str, length: int, repeats: int) -> dict:
         cpu.append(time.process_time() - c)
         wall.append(time.perf_counter() - w)
     wall_ms, cpu_ms = 1000 * statistics.median(wall), 1000 * statistics.median(cpu)
-    return dict(shape=shape, length=length, wall_ms=wall_ms, cpu_ms=cpu_ms, best_ms=1000 * min(wall),
-                gb_s=length * (L + R) * 2 / wall_ms / 1e6)
+    return dict(
+        shape=shape,
+        length=length,
+        wall_ms=wall_ms,
+        cpu_ms=cpu_ms,
+        best_ms=1000 * min(wall),
+        gb_s=length * (L + R) * 2 / wall_ms / 1e6,
+    )
 
 
 def main() -> None:
@@ -52,12 +57,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["n/a"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {' '.join(load)}")
-    print("\n| shape | cached | wall ms (median) | best | CPU ms (median) | cache GB/s (wall) |\n|---|---:|---:|---:|---:|---:|")
+    print(
+        "\n| shape | cached | wall ms (median) | best | CPU ms (median) | cache GB/s (wall) |\n|---|---:|---:|---:|---:|---:|"
+    )
     for shape in args.shapes.split(","):
         for length in (int(x) for x in args.lengths.split(",")):
             r = measure(shape, length, args.repeats)
-            print(f"| {shape} | {length:,} | {r['wall_ms']:.2f} | {r['best_ms']:.2f} | {r['cpu_ms']:.2f} | {r['gb_s']:.1f} |",
-                  flush=True)
+            print(
+                f"| {shape} | {length:,} | {r['wall_ms']:.2f} | {r['best_ms']:.2f} | {r['cpu_ms']:.2f} | {r['gb_s']:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
-
 from kimi_desk.kernels.quant import quantize_int4_groups
 from kimi_desk.kernels.quant.cpu import int4_linear_cpu, pack_int4_for_cpu
 
@@ -30,8 +29,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternations of the variants (medians reported)")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
-    experts = [[pack_int4_for_cpu(*quantize_int4_groups(torch.randn(o, i, generator=gen) * 0.02))
-                for o, i in ((WIDTH, HIDDEN), (HIDDEN, WIDTH), (WIDTH, HIDDEN))] for _ in range(POOL)]
+    experts = [
+        [
+            pack_int4_for_cpu(*quantize_int4_groups(torch.randn(o, i, generator=gen) * 0.02))
+            for o, i in ((WIDTH, HIDDEN), (HIDDEN, WIDTH), (WIDTH, HIDDEN))
+        ]
+        for _ in range(POOL)
+    ]
     x = torch.randn(1, HIDDEN).to(torch.bfloat16)
 
     def one(e):
@@ -42,8 +46,10 @@ def main() -> None:
         return sum(one(e) for e in chosen)
 
     pools = {n: ThreadPoolExecutor(n) for n in (2, 4)}
-    variants = {"one after another": sequential,
-                **{f"pool of {n}": (lambda chosen, p=p: sum(p.map(one, chosen))) for n, p in pools.items()}}
+    variants = {
+        "one after another": sequential,
+        **{f"pool of {n}": (lambda chosen, p=p: sum(p.map(one, chosen))) for n, p in pools.items()},
+    }
 
     def ms_per_layer(fn, reps=100):
         chosen = [[(3 * r + j) % POOL for j in range(args.experts)] for r in range(reps)]
@@ -60,8 +66,10 @@ def main() -> None:
             torch.set_num_threads(threads)
             for name, fn in variants.items():
                 times.setdefault((threads, name), []).append(ms_per_layer(fn))
-    print(f"{args.experts} experts a layer, torch {torch.__version__}, {os.cpu_count()} cores, load "
-          f"{os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.experts} experts a layer, torch {torch.__version__}, {os.cpu_count()} cores, load "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     print("| torch threads | variant | median ms | min ms |\n|---:|---|---:|---:|")
     for (threads, name), values in times.items():
         print(f"| {threads} | {name} | {statistics.median(values):.2f} | {min(values):.2f} |")

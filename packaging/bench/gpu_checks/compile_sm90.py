@@ -23,8 +23,9 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 PTXAS = next(os.path.join(BIN, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(BIN, n)))
 
 
-def compile_sm90(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: int, num_stages: int = 3,
-                 maxnreg: int | None = None):
+def compile_sm90(
+    fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: int, num_stages: int = 3, maxnreg: int | None = None
+):
     """(registers, (spill store, spill load) bytes, shared memory bytes) of `fn` compiled for sm_90a.
     Pointers are assumed 16-byte aligned, as PyTorch's allocations are."""
     signature, attrs = {}, {}
@@ -36,14 +37,19 @@ def compile_sm90(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps:
             signature[name] = scalars[name]
         else:
             signature[name] = "constexpr"
-    source = ASTSource(fn, signature, constexprs={k: v for k, v in constexprs.items() if signature.get(k) == "constexpr"},
-                       attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 128),
-                            options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
+    source = ASTSource(
+        fn, signature, constexprs={k: v for k, v in constexprs.items() if signature.get(k) == "constexpr"}, attrs=attrs
+    )
+    kernel = triton.compile(
+        source,
+        target=GPUTarget("cuda", 90, 128),
+        options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg),
+    )
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
-    info = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                          capture_output=True, text=True).stderr
+    info = subprocess.run(
+        [PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True
+    ).stderr
     os.unlink(f.name)
     found = re.search(r"Used (\d+) registers", info)
     if found is None:
@@ -63,74 +69,193 @@ def report(name, result):
 def fp8_gemv():
     from kimi_desk.kernels.quant.gemv import row_scaled_gemv_fwd_kernel
 
-    for O, D, bo, bd, warps, splits in [(4096, 2304, 64, 128, 4, 1), (4096, 2304, 64, 128, 4, 4),
-                                        (2304, 2304, 16, 128, 4, 4), (163840, 2304, 64, 128, 4, 1)]:
-        const = dict(D=D, O=O, CHUNK=bd * 2, SPLITS=splits, BN=16, BO=bo, BD=bd, PRECISION="tf32", PDL=True, SCALED=True,
-                     INT4=False, GROUP=1, SPLIT_HALVES=False)
-        result = compile_sm90(row_scaled_gemv_fwd_kernel,
-                              dict(x="*bf16", q="*fp8e4nv", scale="*fp32", zero="*fp32", out="*fp32", y="*bf16",
-                                   counter="*i32"),
-                              dict(N="i32", stride_x="i32"), const, warps)
+    for O, D, bo, bd, warps, splits in [
+        (4096, 2304, 64, 128, 4, 1),
+        (4096, 2304, 64, 128, 4, 4),
+        (2304, 2304, 16, 128, 4, 4),
+        (163840, 2304, 64, 128, 4, 1),
+    ]:
+        const = dict(
+            D=D,
+            O=O,
+            CHUNK=bd * 2,
+            SPLITS=splits,
+            BN=16,
+            BO=bo,
+            BD=bd,
+            PRECISION="tf32",
+            PDL=True,
+            SCALED=True,
+            INT4=False,
+            GROUP=1,
+            SPLIT_HALVES=False,
+        )
+        result = compile_sm90(
+            row_scaled_gemv_fwd_kernel,
+            dict(x="*bf16", q="*fp8e4nv", scale="*fp32", zero="*fp32", out="*fp32", y="*bf16", counter="*i32"),
+            dict(N="i32", stride_x="i32"),
+            const,
+            warps,
+        )
         report(f"fp8 gemv O={O} D={D} BO={bo} BD={bd} warps={warps} splits={splits}", result)
 
 
 def quant_formats():
     """The int8 and int4 variants of the decode GEMV, the MoE GEMV and the grouped GEMM, at the 48B shapes."""
     from kimi_desk.kernels.moe.gemv import DOWN_CONFIG, GATE_UP_CONFIG, moe_down_fwd_kernel, moe_gate_up_fwd_kernel
-    from kimi_desk.kernels.moe.grouped import DEFAULT_CONFIG, moe_grouped_down_fwd_kernel, moe_grouped_gate_up_fwd_kernel
+    from kimi_desk.kernels.moe.grouped import (
+        DEFAULT_CONFIG,
+        moe_grouped_down_fwd_kernel,
+        moe_grouped_gate_up_fwd_kernel,
+    )
     from kimi_desk.kernels.quant.gemv import CONFIG, row_scaled_gemv_fwd_kernel
 
     D, I, O = 2304, 1024, 4096
     for fmt, code, scale in (("int8", "*i8", "*fp32"), ("int4", "*u8", "*bf16")):
         int4 = fmt == "int4"
         group = dict(INT4=int4, GROUP=128 if int4 else 1, SCALED=not int4)
-        const = dict(D=D, O=O, CHUNK=256, SPLITS=4, BN=16, BO=CONFIG["block_o"], BD=CONFIG["block_d"],
-                     PRECISION="tf32", PDL=True, **group)
-        report(f"{fmt} gemv O={O} D={D}", compile_sm90(
-            row_scaled_gemv_fwd_kernel, dict(x="*bf16", q=code, scale=scale, zero="*bf16", out="*fp32", y="*bf16",
-                                             counter="*i32"),
-            dict(N="i32", stride_x="i32"), const, CONFIG["num_warps"], CONFIG["num_stages"]))
+        const = dict(
+            D=D,
+            O=O,
+            CHUNK=256,
+            SPLITS=4,
+            BN=16,
+            BO=CONFIG["block_o"],
+            BD=CONFIG["block_d"],
+            PRECISION="tf32",
+            PDL=True,
+            **group,
+        )
+        report(
+            f"{fmt} gemv O={O} D={D}",
+            compile_sm90(
+                row_scaled_gemv_fwd_kernel,
+                dict(x="*bf16", q=code, scale=scale, zero="*bf16", out="*fp32", y="*bf16", counter="*i32"),
+                dict(N="i32", stride_x="i32"),
+                const,
+                CONFIG["num_warps"],
+                CONFIG["num_stages"],
+            ),
+        )
         pointers = dict(x="*bf16", ids="*i64", w1=code, w3=code, s1=scale, s3=scale, z1="*bf16", z3="*bf16", h="*fp32")
         const = dict(D=D, I=I, BI=GATE_UP_CONFIG["block_i"], BD=GATE_UP_CONFIG["block_d"], PDL=True, **group)
-        report(f"{fmt} moe gate/up gemv", compile_sm90(moe_gate_up_fwd_kernel, pointers, dict(n_chosen="i32", stride_we="i64"),
-                                                        const, GATE_UP_CONFIG["num_warps"]))
-        pointers = dict(h="*fp32", ids="*i64", weights="*fp32", w2=code, s2=scale, z2="*bf16", partial="*fp32",
-                        out="*bf16", counter="*i32")
+        report(
+            f"{fmt} moe gate/up gemv",
+            compile_sm90(
+                moe_gate_up_fwd_kernel,
+                pointers,
+                dict(n_chosen="i32", stride_we="i64"),
+                const,
+                GATE_UP_CONFIG["num_warps"],
+            ),
+        )
+        pointers = dict(
+            h="*fp32",
+            ids="*i64",
+            weights="*fp32",
+            w2=code,
+            s2=scale,
+            z2="*bf16",
+            partial="*fp32",
+            out="*bf16",
+            counter="*i32",
+        )
         const = dict(D=D, I=I, BD=DOWN_CONFIG["block_d"], BI=DOWN_CONFIG["block_i"], PDL=True, **group)
-        report(f"{fmt} moe down gemv", compile_sm90(moe_down_fwd_kernel, pointers, dict(n_chosen="i32", stride_we="i64"),
-                                                     const, DOWN_CONFIG["num_warps"]))
+        report(
+            f"{fmt} moe down gemv",
+            compile_sm90(
+                moe_down_fwd_kernel, pointers, dict(n_chosen="i32", stride_we="i64"), const, DOWN_CONFIG["num_warps"]
+            ),
+        )
         route = dict(order="*i64", block_expert="*i64", block_start="*i64", pair_start="*i64", counts="*i64")
-        common = dict(BM=DEFAULT_CONFIG["block_m"], BN=DEFAULT_CONFIG["block_n"], BK=DEFAULT_CONFIG["block_k"],
-                      OP_DT=tl.bfloat16, DOT_PRECISION="tf32", **group)
+        common = dict(
+            BM=DEFAULT_CONFIG["block_m"],
+            BN=DEFAULT_CONFIG["block_n"],
+            BK=DEFAULT_CONFIG["block_k"],
+            OP_DT=tl.bfloat16,
+            DOT_PRECISION="tf32",
+            **group,
+        )
         pointers = dict(x="*bf16", w1=code, w3=code, s1=scale, s3=scale, z1="*bf16", z3="*bf16", h="*bf16", **route)
-        report(f"{fmt} grouped gate/up", compile_sm90(
-            moe_grouped_gate_up_fwd_kernel, pointers, dict(n_chosen="i32", n_experts="i32"), dict(D=D, I=I, **common),
-            DEFAULT_CONFIG["num_warps"], DEFAULT_CONFIG["num_stages"]))
+        report(
+            f"{fmt} grouped gate/up",
+            compile_sm90(
+                moe_grouped_gate_up_fwd_kernel,
+                pointers,
+                dict(n_chosen="i32", n_experts="i32"),
+                dict(D=D, I=I, **common),
+                DEFAULT_CONFIG["num_warps"],
+                DEFAULT_CONFIG["num_stages"],
+            ),
+        )
         pointers = dict(h="*bf16", w2=code, s2=scale, z2="*bf16", weights="*fp32", y="*fp32", **route)
-        report(f"{fmt} grouped down", compile_sm90(
-            moe_grouped_down_fwd_kernel, pointers, dict(n_experts="i32"), dict(D=D, I=I, **common),
-            DEFAULT_CONFIG["num_warps"], DEFAULT_CONFIG["num_stages"]))
+        report(
+            f"{fmt} grouped down",
+            compile_sm90(
+                moe_grouped_down_fwd_kernel,
+                pointers,
+                dict(n_experts="i32"),
+                dict(D=D, I=I, **common),
+                DEFAULT_CONFIG["num_warps"],
+                DEFAULT_CONFIG["num_stages"],
+            ),
+        )
 
 
 def kda_intra():
     from kimi_desk.kernels.kda.chunk import chunk_kda_intra_fwd_kernel
 
     bf = "*bf16"
-    pointers = dict(q=bf, k=bf, v=bf, g="*fp32", beta=bf, qg=bf, kg=bf, w=bf, u=bf, gl="*fp32", Aqk=bf, rq="*fp32",
-                    A_log="*fp32", dt_bias="*fp32")
+    pointers = dict(
+        q=bf,
+        k=bf,
+        v=bf,
+        g="*fp32",
+        beta=bf,
+        qg=bf,
+        kg=bf,
+        w=bf,
+        u=bf,
+        gl="*fp32",
+        Aqk=bf,
+        rq="*fp32",
+        A_log="*fp32",
+        dt_bias="*fp32",
+    )
     # maxnreg caps the registers (ptxas spills the rest): 168 at 4 warps lets three programs share an SM.
     # fused: the gate, L2 norm and beta's sigmoid in the kernel (the layer's call). diag_loop: the levels
     # inside the sub-chunks in a pass of their own over the channels (BKD at a time), the default.
-    for bk, bkd, diag_loop, warps, maxnreg, fused in [(32, 32, True, 4, None, False), (32, 32, True, 4, None, True),
-                                                      (64, 32, True, 4, None, False), (32, 32, False, 4, None, False),
-                                                      (64, 64, False, 8, None, False), (32, 32, True, 4, 168, False)]:
-        const = dict(H=32, K=128, V=128, BT=64, BC=16, BK=bk, BKD=bkd, DIAG_LOOP=diag_loop, KF=128, VF=128,
-                     SOLVE_PRECISION="tf32", OP_DT=tl.bfloat16, USE_GATE_IN_KERNEL=fused,
-                     USE_QK_L2NORM_IN_KERNEL=fused, USE_BETA_SIGMOID_IN_KERNEL=fused)
-        result = compile_sm90(chunk_kda_intra_fwd_kernel, pointers, dict(scale="fp32", T="i32", NT="i32"), const,
-                              warps, 3, maxnreg)
-        report(f"kda intra BK={bk} BKD={bkd} diag_loop={diag_loop} warps={warps} maxnreg={maxnreg} fused={fused}",
-               result)
+    for bk, bkd, diag_loop, warps, maxnreg, fused in [
+        (32, 32, True, 4, None, False),
+        (32, 32, True, 4, None, True),
+        (64, 32, True, 4, None, False),
+        (32, 32, False, 4, None, False),
+        (64, 64, False, 8, None, False),
+        (32, 32, True, 4, 168, False),
+    ]:
+        const = dict(
+            H=32,
+            K=128,
+            V=128,
+            BT=64,
+            BC=16,
+            BK=bk,
+            BKD=bkd,
+            DIAG_LOOP=diag_loop,
+            KF=128,
+            VF=128,
+            SOLVE_PRECISION="tf32",
+            OP_DT=tl.bfloat16,
+            USE_GATE_IN_KERNEL=fused,
+            USE_QK_L2NORM_IN_KERNEL=fused,
+            USE_BETA_SIGMOID_IN_KERNEL=fused,
+        )
+        result = compile_sm90(
+            chunk_kda_intra_fwd_kernel, pointers, dict(scale="fp32", T="i32", NT="i32"), const, warps, 3, maxnreg
+        )
+        report(
+            f"kda intra BK={bk} BKD={bkd} diag_loop={diag_loop} warps={warps} maxnreg={maxnreg} fused={fused}", result
+        )
 
 
 if __name__ == "__main__":

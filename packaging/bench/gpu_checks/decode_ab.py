@@ -3,14 +3,16 @@ Each variant records its own CUDA graph of the step (kimi_desk.bench.model.time_
 tokens, and its logits are compared with the first variant's. Variants: programmatic dependent launch
 (kimi_desk.kernels.pdl) on and off (`without_pdl`), the router's logits by the Triton GEMV or by PyTorch (cuBLAS).
 Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/decode_ab.py [context]"""
+
 import contextlib
 import sys
-import torch
-import kimi_desk.kernels as kernels
+
 import kimi_desk.engine.model as model_module
-from kimi_desk.bench.model import slice_config, time_graph_decode, decode_bytes
-from kimi_desk.engine.fuse import fuse_projections
+import kimi_desk.kernels as kernels
+import torch
+from kimi_desk.bench.model import decode_bytes, slice_config, time_graph_decode
 from kimi_desk.bench.random_checkpoint import random_model
+from kimi_desk.engine.fuse import fuse_projections
 from kimi_desk.engine.state import KDAState
 
 context = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
@@ -22,7 +24,9 @@ for layer in state.layers:
     if isinstance(layer, KDAState):
         layer.recurrent.normal_(0, 0.1, generator=gen)
     else:
-        layer.append(torch.randn(1, context, layer.latents.shape[-1], device="cuda", generator=gen, dtype=torch.bfloat16))
+        layer.append(
+            torch.randn(1, context, layer.latents.shape[-1], device="cuda", generator=gen, dtype=torch.bfloat16)
+        )
 state.position = context
 token = torch.tensor([[5]], device="cuda")
 saved = state.clone()  # each variant's eager step starts from this state: their logits compare
@@ -35,8 +39,12 @@ def torch_logits(x, weight):
     return x.float() @ weight.float().t()
 
 
-variants = [("PDL on, router GEMV kernel", True, kernel_logits), ("PDL off, router GEMV kernel", False, kernel_logits),
-            ("PDL on, router in PyTorch", True, torch_logits), ("PDL off, router in PyTorch", False, torch_logits)]
+variants = [
+    ("PDL on, router GEMV kernel", True, kernel_logits),
+    ("PDL off, router GEMV kernel", False, kernel_logits),
+    ("PDL on, router in PyTorch", True, torch_logits),
+    ("PDL off, router in PyTorch", False, torch_logits),
+]
 rows, first = [], None
 for name, use_pdl, logits_fn in variants:
     model_module.router_logits = logits_fn
@@ -47,7 +55,9 @@ for name, use_pdl, logits_fn in variants:
     first = logits if first is None else first
     rows.append((name, r["graph_ms_per_token"], r["graph_synced_ms_per_token"], err))
     print(name, r, flush=True)
-print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; 27 layers fp8, {context:,} cached tokens, roofline {floor_ms:.3f} ms")
+print(
+    f"{torch.cuda.get_device_name()}, torch {torch.__version__}; 27 layers fp8, {context:,} cached tokens, roofline {floor_ms:.3f} ms"
+)
 print("| variant | ms/token (graph) | % of roofline | read back each step | logits vs first (one eager step) |")
 print("|---|---|---|---|---|")
 for name, ms, synced, err in rows:

@@ -1,15 +1,24 @@
 """GPU check of the fp8 GEMV and fp8 MoE GEMV: correctness at the 48B shapes, CUDA-graph replay, timing.
 Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/fp8_gemv.py"""
-import torch, triton
-from kimi_desk.kernels.quant import quantize_fp8_rows, dequantize_rows, row_scaled_linear_torch
-from kimi_desk.kernels.quant.gemv import row_scaled_gemv, launch_shape
+
+import torch
+import triton
 from kimi_desk.kernels.moe.gemv import routed_experts_gemv
 from kimi_desk.kernels.moe.naive import routed_experts_grouped
+from kimi_desk.kernels.quant import dequantize_rows, quantize_fp8_rows, row_scaled_linear_torch
+from kimi_desk.kernels.quant.gemv import launch_shape, row_scaled_gemv
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 small = dev == "cpu"
-def rel(a, b): return ((a.double() - b.double()).norm() / b.double().norm()).item()
-shapes = [(4096, 2304), (2304, 2304), (32, 2304), (1024, 2304), (2304, 4096), (163840, 2304)] if not small else [(96, 200)]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+shapes = (
+    [(4096, 2304), (2304, 2304), (32, 2304), (1024, 2304), (2304, 4096), (163840, 2304)] if not small else [(96, 200)]
+)
 print(f"{'O':>7} {'D':>5} {'N':>3} {'dtype':>5} {'grid':>8} {'relerr':>9} {'us':>8} {'GB/s':>7} {'torch us':>9}")
 for O, D in shapes:
     w = torch.randn(O, D, device=dev)
@@ -27,17 +36,26 @@ for O, D in shapes:
             if not small and dt == torch.bfloat16:
                 # graph replay: rotate nothing, weights > L2 for the big shapes only
                 g = torch.cuda.CUDAGraph()
-                st = torch.cuda.Stream(); st.wait_stream(torch.cuda.current_stream())
+                st = torch.cuda.Stream()
+                st.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(st):
                     row_scaled_gemv(x, q, s)
                 torch.cuda.current_stream().wait_stream(st)
                 with torch.cuda.graph(g):
                     yg = row_scaled_gemv(x, q, s)
-                g.replay(); torch.cuda.synchronize()
+                g.replay()
+                torch.cuda.synchronize()
                 assert torch.equal(yg, y), "graph replay differs (nondeterministic?)"
                 t = triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median") * 1e3
-                tt = triton.testing.do_bench(lambda: row_scaled_linear_torch(x, q, s), warmup=25, rep=200, return_mode="median") * 1e3
-            print(f"{O:>7} {D:>5} {N:>3} {'bf16' if dt == torch.bfloat16 else 'fp32':>5} {f'{n_o}x{sp}':>8} {err:9.2e} {t:8.2f} {O*D/t/1e3:7.0f} {tt:9.2f}")
+                tt = (
+                    triton.testing.do_bench(
+                        lambda: row_scaled_linear_torch(x, q, s), warmup=25, rep=200, return_mode="median"
+                    )
+                    * 1e3
+                )
+            print(
+                f"{O:>7} {D:>5} {N:>3} {'bf16' if dt == torch.bfloat16 else 'fp32':>5} {f'{n_o}x{sp}':>8} {err:9.2e} {t:8.2f} {O * D / t / 1e3:7.0f} {tt:9.2f}"
+            )
 # MoE fp8
 E, D, I, k = (256, 2304, 1024, 8) if not small else (8, 64, 32, 2)
 w1, w3 = (torch.randn(E, I, D, device=dev) / D**0.5 for _ in range(2))
@@ -53,9 +71,18 @@ for N in (1, 4):
     err = rel(got, want)
     t = float("nan")
     if not small:
-        t = triton.testing.do_bench(lambda: routed_experts_gemv(x, ids, wts, q1, q2, q3, scales=(s1, s2, s3)),
-                                    warmup=25, rep=200, return_mode="median") * 1e3
-    print(f"moe fp8 N={N}: relerr vs grouped fp32 {err:.2e}, {t:.2f} us, {3*I*D*k*N/t/1e3:.0f} GB/s (distinct-expert bytes)")
+        t = (
+            triton.testing.do_bench(
+                lambda: routed_experts_gemv(x, ids, wts, q1, q2, q3, scales=(s1, s2, s3)),
+                warmup=25,
+                rep=200,
+                return_mode="median",
+            )
+            * 1e3
+        )
+    print(
+        f"moe fp8 N={N}: relerr vs grouped fp32 {err:.2e}, {t:.2f} us, {3 * I * D * k * N / t / 1e3:.0f} GB/s (distinct-expert bytes)"
+    )
     assert err < 2e-2
 print("OK")
 
@@ -72,8 +99,18 @@ if not small:
         "32 rows, 4 stages": {"block_o": 32, "num_stages": 4},
     }
     print(f"\n{'O':>7} {'D':>5}  " + "  ".join(f"{name[:24]:>24}" for name in variants))
-    for O, D in [(4096, 2304), (2304, 2304), (128, 2304), (32, 2304), (1024, 2304), (2304, 4096), (12288, 2304),
-                 (6464, 2304), (2048, 2304), (18432, 2304)]:
+    for O, D in [
+        (4096, 2304),
+        (2304, 2304),
+        (128, 2304),
+        (32, 2304),
+        (1024, 2304),
+        (2304, 4096),
+        (12288, 2304),
+        (6464, 2304),
+        (2048, 2304),
+        (18432, 2304),
+    ]:
         q, s = quantize_fp8_rows(torch.randn(O, D, device=dev))
         x = torch.randn(1, D, device=dev).to(torch.bfloat16)
         ref = x.double() @ dequantize_rows(q, s, torch.float64).T
@@ -83,13 +120,15 @@ if not small:
                 y = row_scaled_gemv(x, q, s, config=config)
                 err = rel(y, ref)
                 g = torch.cuda.CUDAGraph()
-                st = torch.cuda.Stream(); st.wait_stream(torch.cuda.current_stream())
+                st = torch.cuda.Stream()
+                st.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(st):
                     row_scaled_gemv(x, q, s, config=config)
                 torch.cuda.current_stream().wait_stream(st)
                 with torch.cuda.graph(g):
                     yg = row_scaled_gemv(x, q, s, config=config)
-                g.replay(); torch.cuda.synchronize()
+                g.replay()
+                torch.cuda.synchronize()
                 t = triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median") * 1e3
                 cells.append(f"{t:7.2f} us {err:.0e}{'' if torch.equal(yg, y) and err < 4e-3 else ' BAD'}")
             except Exception as exc:  # a setting that does not compile is a result too
@@ -111,14 +150,23 @@ if not small:
     floor_us = 3 * I * D * (k + 1) / 3.0e12 * 1e6
     print(f"\nmoe fp8, one token, 9 experts (floor {floor_us:.1f} us at 3.0 TB/s): gate/up config, down config")
     base_gu, base_dn = dict(moe_gemv.GATE_UP_CONFIG), dict(moe_gemv.DOWN_CONFIG)
-    for gu, dn in [({}, {}), ({"block_i": 32, "block_d": 128}, {}), ({"block_i": 8, "block_d": 512}, {}),
-                   ({"block_i": 16, "block_d": 256, "num_warps": 8}, {}), ({"block_i": 32, "block_d": 256, "num_warps": 8}, {}),
-                   ({}, {"block_d": 16, "block_i": 512}), ({}, {"block_d": 64, "block_i": 128}), ({}, {"block_d": 32, "block_i": 256, "num_warps": 8})]:
-        moe_gemv.GATE_UP_CONFIG.update({**base_gu, **gu}); moe_gemv.DOWN_CONFIG.update({**base_dn, **dn})
+    for gu, dn in [
+        ({}, {}),
+        ({"block_i": 32, "block_d": 128}, {}),
+        ({"block_i": 8, "block_d": 512}, {}),
+        ({"block_i": 16, "block_d": 256, "num_warps": 8}, {}),
+        ({"block_i": 32, "block_d": 256, "num_warps": 8}, {}),
+        ({}, {"block_d": 16, "block_i": 512}),
+        ({}, {"block_d": 64, "block_i": 128}),
+        ({}, {"block_d": 32, "block_i": 256, "num_warps": 8}),
+    ]:
+        moe_gemv.GATE_UP_CONFIG.update({**base_gu, **gu})
+        moe_gemv.DOWN_CONFIG.update({**base_dn, **dn})
         try:
             got = routed_experts_gemv(x, ids, wts, q1x, q2x, q3x, scales=(s1x, s2x, s3x))
             g = torch.cuda.CUDAGraph()
-            st = torch.cuda.Stream(); st.wait_stream(torch.cuda.current_stream())
+            st = torch.cuda.Stream()
+            st.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(st):
                 routed_experts_gemv(x, ids, wts, q1x, q2x, q3x, scales=(s1x, s2x, s3x))
             torch.cuda.current_stream().wait_stream(st)
@@ -128,5 +176,6 @@ if not small:
             print(f"  {str(gu or 'default'):>50} {str(dn or 'default'):>50} {t:7.2f} us  err {rel(got, want):.1e}")
         except Exception as exc:
             print(f"  {str(gu):>50} {str(dn):>50} {type(exc).__name__}: {str(exc)[:80]}")
-    moe_gemv.GATE_UP_CONFIG.update(base_gu); moe_gemv.DOWN_CONFIG.update(base_dn)
+    moe_gemv.GATE_UP_CONFIG.update(base_gu)
+    moe_gemv.DOWN_CONFIG.update(base_dn)
 print("OK")

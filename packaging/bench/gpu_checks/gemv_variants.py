@@ -1,8 +1,10 @@
 """GPU check: fp8 GEMV variants at the 48B decode shapes, one token, each in a CUDA graph, checked against
 float64. Prints a table last. Run from the repo root on the device:
 source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/gemv_variants.py"""
-import torch, triton
-from kimi_desk.kernels.quant import quantize_fp8_rows, dequantize_rows
+
+import torch
+import triton
+from kimi_desk.kernels.quant import dequantize_rows, quantize_fp8_rows
 from kimi_desk.kernels.quant.gemv import row_scaled_gemv
 
 dev = "cuda"
@@ -25,7 +27,8 @@ for O, D in shapes:
         cfg = dict(cfg, pdl=False)
         y = row_scaled_gemv(x, q, s, cfg)
         err = ((y.double() - ref).norm() / ref.norm()).item()
-        st = torch.cuda.Stream(); st.wait_stream(torch.cuda.current_stream())
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(st):
             row_scaled_gemv(x, q, s, cfg)
         torch.cuda.current_stream().wait_stream(st)
@@ -36,8 +39,14 @@ for O, D in shapes:
         us = triton.testing.do_bench(g.replay, warmup=25, rep=300, return_mode="median") * 1e3 / 8
         res[(O, D, name)] = (us, err)
         assert err < 4e-3, (O, D, name, err)
-print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}: us per product (rel. err vs float64)")
+print(
+    f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}: us per product (rel. err vs float64)"
+)
 print("| variant | " + " | ".join(f"{O}x{D}" for O, D in shapes) + " |")
 print("|---|" + "---|" * len(shapes))
 for name in variants:
-    print(f"| {name} | " + " | ".join(f"{res[(O, D, name)][0]:.1f} ({res[(O, D, name)][1]:.0e})" for O, D in shapes) + " |")
+    print(
+        f"| {name} | "
+        + " | ".join(f"{res[(O, D, name)][0]:.1f} ({res[(O, D, name)][1]:.0e})" for O, D in shapes)
+        + " |"
+    )

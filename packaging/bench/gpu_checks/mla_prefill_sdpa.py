@@ -8,6 +8,7 @@ values padded to 192 (what flash attention wants) and, where the backend takes i
 
 Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/mla_prefill_sdpa.py
 """
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -65,31 +66,42 @@ for causal, kk, vv, vvp in ((False, k, v, vp), (True, k[:, :, :300], v[:, :, :30
             try:
                 o, lse = fn(q, kk, values, causal)
                 lse = lse.reshape(lse_ref.shape) if lse.numel() == lse_ref.numel() else lse
-                print(f"small causal={causal} {name:9s} {label}: out err {rel(o[..., :DV], o_ref):.1e}, "
-                      f"lse shape {tuple(lse.shape)} err {rel(lse, lse_ref):.1e}")
+                print(
+                    f"small causal={causal} {name:9s} {label}: out err {rel(o[..., :DV], o_ref):.1e}, "
+                    f"lse shape {tuple(lse.shape)} err {rel(lse, lse_ref):.1e}"
+                )
             except Exception as exc:
-                print(f"small causal={causal} {name:9s} {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+                print(
+                    f"small causal={causal} {name:9s} {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}"
+                )
 
 # Timing: the unmasked cached part, and the causal chunk itself.
-print(f"\n{'part':>22} {'backend':>9} {'values':>7} {'ms':>9} {'TFLOP/s':>8}  (FLOPs: 2 Tq Tk H (192 + 128), causal half)")
+print(
+    f"\n{'part':>22} {'backend':>9} {'values':>7} {'ms':>9} {'TFLOP/s':>8}  (FLOPs: 2 Tq Tk H (192 + 128), causal half)"
+)
 for Tk in (8192, 32768, 131072):
     q = torch.randn(1, H, Tq, DQK, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, H, Tk, DQK, device=dev, dtype=torch.bfloat16)
     v = torch.randn(1, H, Tk, DV, device=dev, dtype=torch.bfloat16)
     vp = F.pad(v, (0, DQK - DV))
-    for causal in ((False, True) if Tk == Tq else (False,)):
+    for causal in (False, True) if Tk == Tq else (False,):
         flops = 2 * Tq * Tk * H * (DQK + DV) / (2 if causal else 1)
         for name, fn in BACKENDS.items():
             for label, values in (("192", vp), ("128", v)):
                 try:
                     fn(q, k, values, causal)
-                    ms = triton.testing.do_bench(lambda: fn(q, k, values, causal), warmup=3, rep=30, return_mode="median")
+                    ms = triton.testing.do_bench(
+                        lambda: fn(q, k, values, causal), warmup=3, rep=30, return_mode="median"
+                    )
                     print(f"{f'Tk={Tk} causal={causal}':>22} {name:>9} {label:>7} {ms:9.2f} {flops / ms / 1e9:8.0f}")
                 except Exception as exc:
-                    print(f"{f'Tk={Tk} causal={causal}':>22} {name:>9} {label:>7} {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+                    print(
+                        f"{f'Tk={Tk} causal={causal}':>22} {name:>9} {label:>7} {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+                    )
     # The path the model takes today: the whole cache with a lower-right causal mask, values padded.
     if Tk == 131072:
         from torch.nn.attention.bias import causal_lower_right
+
         Tall = Tk + Tq
         k2 = torch.randn(1, H, Tall, DQK, device=dev, dtype=torch.bfloat16)
         v2 = torch.randn(1, H, Tall, DQK, device=dev, dtype=torch.bfloat16)

@@ -4,11 +4,11 @@ grouped PyTorch path it replaces.
 
 Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/moe_grouped.py
 """
+
 import time
 
 import torch
 import triton
-
 from kimi_desk.kernels.moe.grouped import DEFAULT_CONFIG, routed_experts_grouped_triton
 from kimi_desk.kernels.moe.naive import routed_experts_grouped
 from kimi_desk.kernels.quant import dequantize_rows, quantize_fp8_rows
@@ -21,7 +21,9 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; DEFAULT_CONFIG {DEFAULT_CONFIG}")
+print(
+    f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; DEFAULT_CONFIG {DEFAULT_CONFIG}"
+)
 gen = torch.Generator(device=dev).manual_seed(0)
 w1, w3 = (torch.randn(E, I, D, device=dev, generator=gen) / D**0.5 for _ in range(2))
 w2 = torch.randn(E, D, I, device=dev, generator=gen) / I**0.5
@@ -59,14 +61,21 @@ for N in (2048, 8192):
         got = routed_experts_grouped_triton(x, ids, wts, *ws, scales=sc)
         want = routed_experts_grouped(x, ids, wts, *ws, scales=sc)
         again = routed_experts_grouped_triton(x, ids, wts, *ws, scales=sc)
-        print(f"{name}, N={N}: rel err vs grouped PyTorch {rel(got, want):.2e}, NaN {torch.isnan(got).any().item()}, "
-              f"same on a second call {torch.equal(got, again)}")
+        print(
+            f"{name}, N={N}: rel err vs grouped PyTorch {rel(got, want):.2e}, NaN {torch.isnan(got).any().item()}, "
+            f"same on a second call {torch.equal(got, again)}"
+        )
 
 # Timing.
 print(f"\n{'N':>5} {'weights':>7} {'config':>44} {'ms':>8} {'TFLOP/s':>8}   grouped PyTorch ms")
-configs = [{}, dict(block_m=128, num_warps=8), dict(block_m=64, block_n=64, num_warps=4),
-           dict(block_m=64, block_k=128, num_stages=2), dict(block_m=128, block_n=64, num_warps=4),
-           dict(block_m=64, num_stages=4)]
+configs = [
+    {},
+    dict(block_m=128, num_warps=8),
+    dict(block_m=64, block_n=64, num_warps=4),
+    dict(block_m=64, block_k=128, num_stages=2),
+    dict(block_m=128, block_n=64, num_warps=4),
+    dict(block_m=64, num_stages=4),
+]
 for N in (2048, 8192):
     x, ids, wts = inputs(N, N + 7)
     flops = 2 * N * k * 3 * D * I

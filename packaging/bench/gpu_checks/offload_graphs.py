@@ -22,12 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
+from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 from kimi_desk.engine import offload
 from kimi_desk.engine.cuda_graph import GraphDecoder
 from kimi_desk.engine.generate import generate
 from kimi_desk.engine.placement import Placement
-from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 from kimi_desk.engine.state import MLACache
 from kimi_desk.engine.weights import load_model
 
@@ -39,8 +38,7 @@ def rel(a, b) -> float:
 
 
 def placement(gpu_experts, num_experts) -> Placement:
-    return Placement(num_experts=num_experts, gpu_experts=gpu_experts, fixed_bytes=0, expert_bytes=1,
-                     staging_bytes=0)
+    return Placement(num_experts=num_experts, gpu_experts=gpu_experts, fixed_bytes=0, expert_bytes=1, staging_bytes=0)
 
 
 def check(path: Path, name: str, dtype, quantize, prompt: int = 40, steps: int = 24) -> dict:
@@ -70,27 +68,34 @@ def check(path: Path, name: str, dtype, quantize, prompt: int = 40, steps: int =
     runs = {}
     for graphs in ("1", "0"):
         os.environ["KIMI_DESK_CUDA_GRAPH"] = graphs
-        runs[graphs] = generate(split, ids[0].tolist(), split.new_state(1), max_new_tokens=16,
-                                stop_token_ids=[]).token_ids
+        runs[graphs] = generate(
+            split, ids[0].tolist(), split.new_state(1), max_new_tokens=16, stop_token_ids=[]
+        ).token_ids
     os.environ.pop("KIMI_DESK_CUDA_GRAPH")
-    result = {"graph_vs_whole_max_rel_err": worst_whole, "graph_vs_whole_max_abs_err": worst_abs,
-              "graph_vs_eager_split_max_rel_err": worst_eager,
-              "greedy_agree_with_whole": f"{agree}/{steps}", "recordings": decoder.recordings,
-              "pieces": len(decoder.pieces), "generate_graph_equals_eager": runs["1"] == runs["0"]}
+    result = {
+        "graph_vs_whole_max_rel_err": worst_whole,
+        "graph_vs_whole_max_abs_err": worst_abs,
+        "graph_vs_eager_split_max_rel_err": worst_eager,
+        "greedy_agree_with_whole": f"{agree}/{steps}",
+        "recordings": decoder.recordings,
+        "pieces": len(decoder.pieces),
+        "generate_graph_equals_eager": runs["1"] == runs["0"],
+    }
     print(f"{name}: {result}", flush=True)
     return result
 
 
 def timing(layers: int, context: int, steps: int = 30) -> None:
     from kimi_desk.bench.model import slice_config, warm_state
-    from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.bench.random_checkpoint import random_model
+    from kimi_desk.engine.fuse import fuse_projections
 
     config = slice_config(layers)
     moe = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     plan = placement({i: tuple(range(149)) for i in moe}, config.num_experts)
-    model = fuse_projections(random_model(config, seed=0, dtype=torch.bfloat16, device="cuda", quantize="int4",
-                                          placement=plan))
+    model = fuse_projections(
+        random_model(config, seed=0, dtype=torch.bfloat16, device="cuda", quantize="int4", placement=plan)
+    )
     gen = torch.Generator(device="cuda").manual_seed(1)
     token = torch.tensor([[5]], device="cuda")
     stats = model.offload.stats
@@ -116,9 +121,12 @@ def timing(layers: int, context: int, steps: int = 30) -> None:
     torch.cuda.synchronize()
     graph_ms = (time.perf_counter() - start) / steps * 1e3
     graph_cpu = stats.cpu_seconds / steps * 1e3
-    print(f"{layers} layers int4, {context:,} cached tokens, {len(decoder.pieces)} pieces: "
-          f"eager {eager_ms:.2f} ms/token (CPU experts {eager_cpu:.2f}), graphs {graph_ms:.2f} ms/token (CPU experts {graph_cpu:.2f}, host wait "
-          f"{stats.wait_seconds / steps * 1e3:.2f}); {torch.get_num_threads()} CPU threads", flush=True)
+    print(
+        f"{layers} layers int4, {context:,} cached tokens, {len(decoder.pieces)} pieces: "
+        f"eager {eager_ms:.2f} ms/token (CPU experts {eager_cpu:.2f}), graphs {graph_ms:.2f} ms/token (CPU experts {graph_cpu:.2f}, host wait "
+        f"{stats.wait_seconds / steps * 1e3:.2f}); {torch.get_num_threads()} CPU threads",
+        flush=True,
+    )
     # The RAM experts of a layer on a thread pool across experts instead of one after another (the same
     # products, summed in the same order): whether the host's cores gain from it (not in the engine).
     sequential = offload.ram_experts_forward
@@ -131,8 +139,11 @@ def timing(layers: int, context: int, steps: int = 30) -> None:
             token = decoder.greedy_token
         torch.cuda.synchronize()
         ms = (time.perf_counter() - start) / steps * 1e3
-        print(f"  graphs, RAM experts on a pool of {workers}: {ms:.2f} ms/token (CPU experts "
-              f"{stats.cpu_seconds / steps * 1e3:.2f})", flush=True)
+        print(
+            f"  graphs, RAM experts on a pool of {workers}: {ms:.2f} ms/token (CPU experts "
+            f"{stats.cpu_seconds / steps * 1e3:.2f})",
+            flush=True,
+        )
     offload.ram_experts_forward = sequential
 
 

@@ -4,8 +4,11 @@ PDL off and on. Checks the result bit for bit against the chain without PDL; pri
 more variants, reading each program's first weight tile or prefetching its weights into L2 before the
 wait, measured no faster on 2026-11-27 and were removed from the kernel: BENCHMARKS.md.)
 Run from the repo root on the device: source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/pdl_chain.py"""
+
 import contextlib
-import torch, triton
+
+import torch
+import triton
 from kimi_desk.kernels import without_pdl
 from kimi_desk.kernels.quant import quantize_fp8_rows
 from kimi_desk.kernels.quant.gemv import row_scaled_gemv
@@ -33,7 +36,8 @@ def chain():
 
 
 def graphed():
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         chain()
     torch.cuda.current_stream().wait_stream(s)
@@ -50,13 +54,16 @@ for name, switch in (("no PDL", without_pdl), ("PDL", contextlib.nullcontext)):
     with switch():
         eager = chain()
         g, out = graphed()
-    g.replay(); torch.cuda.synchronize()
+    g.replay()
+    torch.cuda.synchronize()
     same = torch.equal(eager, ref) and torch.equal(out, ref)
     ms = triton.testing.do_bench(g.replay, warmup=50, rep=500, return_mode="median")
     rows.append((name, ms * 1e3, same))
-print(f"chain of {3 * len(weights)} dependent fp8 GEMVs + {len(weights)} torch adds, {total_bytes / 1e6:.0f} MB of weights, "
-      f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-print(f"| variant | us per chain | us per GEMV | GB/s | bit-equal to no PDL |")
+print(
+    f"chain of {3 * len(weights)} dependent fp8 GEMVs + {len(weights)} torch adds, {total_bytes / 1e6:.0f} MB of weights, "
+    f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+)
+print("| variant | us per chain | us per GEMV | GB/s | bit-equal to no PDL |")
 print("|---|---|---|---|---|")
 for name, us, same in rows:
     print(f"| {name} | {us:.1f} | {us / (3 * len(weights)):.2f} | {total_bytes / us / 1e3:.0f} | {same} |")

@@ -5,10 +5,9 @@ checked against float64 on the dequantized weights, then timed (graph replay for
     source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/quant_kernels.py
 """
 
+import kimi_desk.kernels.moe.gemv as moe_gemv
 import torch
 import triton
-
-import kimi_desk.kernels.moe.gemv as moe_gemv
 from kimi_desk.kernels.moe.grouped import routed_experts_grouped_triton
 from kimi_desk.kernels.quant import (
     dequantize_int4_groups,
@@ -44,8 +43,15 @@ def graph_us(fn):
 def gemvs():
     print("decode GEMV, one token, bf16 x (graph replay)")
     print(f"{'O x D':>14} {'fmt':>5} {'config':>34} {'rel err':>9} {'us':>7} {'GB/s':>6}")
-    variants = [dict(), dict(int4_halves=False), dict(block_o=64), dict(block_o=16), dict(num_warps=8),
-                dict(num_stages=3), dict(block_o=64, num_warps=8)]
+    variants = [
+        dict(),
+        dict(int4_halves=False),
+        dict(block_o=64),
+        dict(block_o=16),
+        dict(num_warps=8),
+        dict(num_stages=3),
+        dict(block_o=64, num_warps=8),
+    ]
     for O, D in [(12288, 2304), (6464, 2304), (2304, 4096), (2304, 2304), (163840, 2304)]:
         w = torch.randn(O, D, device="cuda")
         x = torch.randn(1, D, device="cuda").bfloat16()
@@ -54,8 +60,11 @@ def gemvs():
             want = x.double() @ exact.T
             nbytes = sum(a.numel() * a.element_size() for a in args)
             for config in variants if fmt == "int4" else variants[:1]:
-                fn = (lambda: int4_gemv(x, *args, config=config)) if fmt == "int4" else \
-                    (lambda: row_scaled_gemv(x, *args, config=config))
+                fn = (
+                    (lambda: int4_gemv(x, *args, config=config))
+                    if fmt == "int4"
+                    else (lambda: row_scaled_gemv(x, *args, config=config))
+                )
                 err = rel(fn(), want)
                 us = graph_us(fn)
                 print(f"{f'{O}x{D}':>14} {fmt:>5} {str(config):>34} {err:9.1e} {us:7.1f} {nbytes / us / 1e3:6.0f}")
@@ -65,8 +74,11 @@ def gemvs():
 def moe():
     print("\nMoE GEMV, one token, 8 of 256 experts (graph replay)")
     E, D, I, k = 256, 2304, 1024, 8
-    ws = [torch.randn(E, I, D, device="cuda") / D**0.5, torch.randn(E, D, I, device="cuda") / I**0.5,
-          torch.randn(E, I, D, device="cuda") / D**0.5]
+    ws = [
+        torch.randn(E, I, D, device="cuda") / D**0.5,
+        torch.randn(E, D, I, device="cuda") / I**0.5,
+        torch.randn(E, I, D, device="cuda") / D**0.5,
+    ]
     x = torch.randn(1, D, device="cuda").bfloat16()
     ids = torch.randperm(E, device="cuda")[:k][None]
     weights = torch.rand(1, k, device="cuda") + 0.1
@@ -76,13 +88,21 @@ def moe():
         codes = [p[0][0] for p in parts]
         scales = tuple(p[0][1:] if fmt == "int4" else p[0][1] for p in parts)
         exact = [p[1] for p in parts]
-        want = sum(weights[0, j].double() * (exact[1][e] @ (torch.nn.functional.silu(exact[0][e] @ x[0].double())
-                                                                 * (exact[2][e] @ x[0].double())))
-                   for j, e in enumerate(ids[0].tolist()))
+        want = sum(
+            weights[0, j].double()
+            * (exact[1][e] @ (torch.nn.functional.silu(exact[0][e] @ x[0].double()) * (exact[2][e] @ x[0].double())))
+            for j, e in enumerate(ids[0].tolist())
+        )
         variants = [({}, {})]
         if fmt == "int4":
-            variants += [(dict(block_i=32), {}), (dict(block_i=8), {}), (dict(num_warps=4), {}),
-                         ({}, dict(block_d=64)), ({}, dict(num_warps=8)), (dict(block_i=32, num_warps=4), dict(block_d=16))]
+            variants += [
+                (dict(block_i=32), {}),
+                (dict(block_i=8), {}),
+                (dict(num_warps=4), {}),
+                ({}, dict(block_d=64)),
+                ({}, dict(num_warps=8)),
+                (dict(block_i=32, num_warps=4), dict(block_d=16)),
+            ]
         for gate_up, down in variants:
             moe_gemv.GATE_UP_CONFIG.update({**defaults[0], **gate_up})
             moe_gemv.DOWN_CONFIG.update({**defaults[1], **down})
@@ -96,8 +116,11 @@ def moe():
 def grouped():
     print("\nMoE grouped GEMM, 8192 tokens, 8 of 256 experts")
     E, D, I, k, N = 256, 2304, 1024, 8, 8192
-    ws = [torch.randn(E, I, D, device="cuda") / D**0.5, torch.randn(E, D, I, device="cuda") / I**0.5,
-          torch.randn(E, I, D, device="cuda") / D**0.5]
+    ws = [
+        torch.randn(E, I, D, device="cuda") / D**0.5,
+        torch.randn(E, D, I, device="cuda") / I**0.5,
+        torch.randn(E, I, D, device="cuda") / D**0.5,
+    ]
     x = torch.randn(N, D, device="cuda").bfloat16()
     ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(N)])
     weights = torch.rand(N, k, device="cuda") + 0.1
@@ -112,14 +135,26 @@ def grouped():
         want = routed_experts_grouped(x[small].float(), ids[small], weights[small], *exact)
         variants = [{}]
         if fmt == "int4":
-            variants += [dict(block_m=64, num_warps=4), dict(block_m=64, block_n=128), dict(num_stages=4),
-                         dict(block_k=128), dict(block_m=128, block_n=128, num_warps=8)]
+            variants += [
+                dict(block_m=64, num_warps=4),
+                dict(block_m=64, block_n=128),
+                dict(num_stages=4),
+                dict(block_k=128),
+                dict(block_m=128, block_n=128, num_warps=8),
+            ]
         for config in variants:
-            err = rel(routed_experts_grouped_triton(x[small], ids[small], weights[small], *codes, scales=scales,
-                                                    config=config), want)
-            ms = triton.testing.do_bench(lambda: routed_experts_grouped_triton(x, ids, weights, *codes, scales=scales,
-                                                                               config=config),
-                                         warmup=5, rep=50, return_mode="median")
+            err = rel(
+                routed_experts_grouped_triton(
+                    x[small], ids[small], weights[small], *codes, scales=scales, config=config
+                ),
+                want,
+            )
+            ms = triton.testing.do_bench(
+                lambda: routed_experts_grouped_triton(x, ids, weights, *codes, scales=scales, config=config),
+                warmup=5,
+                rep=50,
+                return_mode="median",
+            )
             flops = 6 * N * k * D * I
             print(f"{fmt:>5} {str(config):>44} rel err {err:8.1e} {ms:7.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s")
 

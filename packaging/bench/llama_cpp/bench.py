@@ -40,12 +40,35 @@ def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def run_llama_bench(binary: Path, models: list[Path], threads: int, prompt: list[int], gen: list[int],
-                    depth: list[int], reps: int, ngl: int, extra: list[str]) -> list[dict]:
+def run_llama_bench(
+    binary: Path,
+    models: list[Path],
+    threads: int,
+    prompt: list[int],
+    gen: list[int],
+    depth: list[int],
+    reps: int,
+    ngl: int,
+    extra: list[str],
+) -> list[dict]:
     """One llama-bench call; returns its JSON records (one per model x test)."""
-    cmd = [str(binary), "-o", "json", "-t", str(threads), "-r", str(reps), "-ngl", str(ngl),
-           "-p", ",".join(map(str, prompt or [0])), "-n", ",".join(map(str, gen or [0])),
-           "-d", ",".join(map(str, depth or [0]))]
+    cmd = [
+        str(binary),
+        "-o",
+        "json",
+        "-t",
+        str(threads),
+        "-r",
+        str(reps),
+        "-ngl",
+        str(ngl),
+        "-p",
+        ",".join(map(str, prompt or [0])),
+        "-n",
+        ",".join(map(str, gen or [0])),
+        "-d",
+        ",".join(map(str, depth or [0])),
+    ]
     for m in models:
         cmd += ["-m", str(m)]
     cmd += extra
@@ -66,8 +89,13 @@ class GpuMemoryPeak:
 
     @staticmethod
     def used_mib() -> int:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            check=True,
+        ).stdout
         return sum(int(x) for x in out.split())
 
     def _sample(self):
@@ -91,24 +119,45 @@ def summarize(records: list[dict], threads: int, extra_info: dict | None = None)
     models: dict[str, dict] = {}
     first = records[0] if records else {}
     for r in records:
-        m = models.setdefault(r["model_filename"], {
-            "file": r["model_filename"], "type": r["model_type"], "size_bytes": r["model_size"],
-            "params": r["model_n_params"], "prefill": [], "decode": [],
-        })
+        m = models.setdefault(
+            r["model_filename"],
+            {
+                "file": r["model_filename"],
+                "type": r["model_type"],
+                "size_bytes": r["model_size"],
+                "params": r["model_n_params"],
+                "prefill": [],
+                "decode": [],
+            },
+        )
         kind, tokens = ("prefill", r["n_prompt"]) if r["n_prompt"] > 0 else ("decode", r["n_gen"])
         samples = sorted(r.get("samples_ts") or [r["avg_ts"]])
-        m[kind].append({"tokens": tokens, "depth": r.get("n_depth", 0), "tok_s": r["avg_ts"],
-                        "tok_s_std": r["stddev_ts"], "tok_s_median": statistics.median(samples),
-                        "tok_s_max": samples[-1], "ms": r["avg_ns"] / 1e6})
+        m[kind].append(
+            {
+                "tokens": tokens,
+                "depth": r.get("n_depth", 0),
+                "tok_s": r["avg_ts"],
+                "tok_s_std": r["stddev_ts"],
+                "tok_s_median": statistics.median(samples),
+                "tok_s_max": samples[-1],
+                "ms": r["avg_ns"] / 1e6,
+            }
+        )
     for m in models.values():
         for kind in ("prefill", "decode"):
             m[kind].sort(key=lambda e: (e["depth"], e["tokens"]))
     info = {
-        "build": f"{first.get('build_number')} ({first.get('build_commit')})", "cpu": first.get("cpu_info"),
-        "gpu": first.get("gpu_info"), "backends": first.get("backends"), "threads": threads,
-        "n_batch": first.get("n_batch"), "n_ubatch": first.get("n_ubatch"),
-        "n_gpu_layers": first.get("n_gpu_layers"), "flash_attn": first.get("flash_attn"),
-        "test_time": first.get("test_time"), **(extra_info or {}),
+        "build": f"{first.get('build_number')} ({first.get('build_commit')})",
+        "cpu": first.get("cpu_info"),
+        "gpu": first.get("gpu_info"),
+        "backends": first.get("backends"),
+        "threads": threads,
+        "n_batch": first.get("n_batch"),
+        "n_ubatch": first.get("n_ubatch"),
+        "n_gpu_layers": first.get("n_gpu_layers"),
+        "flash_attn": first.get("flash_attn"),
+        "test_time": first.get("test_time"),
+        **(extra_info or {}),
     }
     return {"llama_cpp": info, "models": list(models.values())}
 
@@ -120,8 +169,10 @@ def table(result: dict) -> str:
         name = Path(m["file"]).name
         for kind, label in (("prefill", "pp"), ("decode", "tg")):
             for e in m[kind]:
-                lines.append(f"| {name} | {label}{e['tokens']} | {e['depth']} | {e['tok_s']:.1f} ± {e['tok_s_std']:.1f} "
-                             f"| {e['tok_s_median']:.1f} | {e['tok_s_max']:.1f} |")
+                lines.append(
+                    f"| {name} | {label}{e['tokens']} | {e['depth']} | {e['tok_s']:.1f} ± {e['tok_s_std']:.1f} "
+                    f"| {e['tok_s_median']:.1f} | {e['tok_s_max']:.1f} |"
+                )
     return "\n".join(lines)
 
 
@@ -130,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+        argv, extra = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", type=Path, help="GGUF files")
     parser.add_argument("--llama-cpp", type=Path, default=DEFAULT_LLAMA_CPP, help="build.sh's output folder")
@@ -153,16 +204,17 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"{m}: no such GGUF file")
     source = args.llama_cpp / "SOURCE"
     lines = source.read_text().splitlines() if source.exists() else []
-    info = {"source": dict(line.split(": ", 1) for line in lines if ": " in line),
-            "load_before": os.getloadavg()[0]}
+    info = {"source": dict(line.split(": ", 1) for line in lines if ": " in line), "load_before": os.getloadavg()[0]}
     records: list[dict] = []
     with GpuMemoryPeak() if args.gpu_memory_peak else contextlib.nullcontext() as memory:
         if args.prompt:
-            records += run_llama_bench(binary, args.models, args.threads, args.prompt, [], args.prompt_depth,
-                                       args.reps, args.ngl, extra)
+            records += run_llama_bench(
+                binary, args.models, args.threads, args.prompt, [], args.prompt_depth, args.reps, args.ngl, extra
+            )
         if args.gen:
-            records += run_llama_bench(binary, args.models, args.threads, [], args.gen, args.gen_depth,
-                                       args.reps, args.ngl, extra)
+            records += run_llama_bench(
+                binary, args.models, args.threads, [], args.gen, args.gen_depth, args.reps, args.ngl, extra
+            )
     if memory is not None:
         info["gpu_memory_peak_mib"] = memory.peak_mib - memory.baseline_mib
     info["extra_args"] = extra

@@ -47,8 +47,21 @@ def default_text() -> tuple[str, list[str]]:
 
 
 def llama_tokenize(llama_cpp: Path, gguf: Path, text_file: Path) -> list[int]:
-    out = subprocess.run([str(llama_cpp / "bin" / "llama-tokenize"), "-m", str(gguf), "-f", str(text_file),
-                          "--ids", "--no-escape", "--log-disable"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            str(llama_cpp / "bin" / "llama-tokenize"),
+            "-m",
+            str(gguf),
+            "-f",
+            str(text_file),
+            "--ids",
+            "--no-escape",
+            "--log-disable",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -64,9 +77,26 @@ def llama_logits(llama_cpp: Path, gguf: Path, ids: list[int], threads: int, pref
 
 
 def llama_perplexity(llama_cpp: Path, gguf: Path, text_file: Path, ctx: int, chunks: int, threads: int) -> dict:
-    proc = subprocess.run([str(llama_cpp / "bin" / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file),
-                           "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads), "--no-escape"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            str(llama_cpp / "bin" / "llama-perplexity"),
+            "-m",
+            str(gguf),
+            "-f",
+            str(text_file),
+            "-c",
+            str(ctx),
+            "-b",
+            str(ctx),
+            "--chunks",
+            str(chunks),
+            "-t",
+            str(threads),
+            "--no-escape",
+        ],
+        capture_output=True,
+        text=True,
+    )
     found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", proc.stdout + proc.stderr)
     if proc.returncode != 0 or not found:
         raise SystemExit(f"llama-perplexity failed on {gguf}:\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -102,7 +132,6 @@ def compare(ours: np.ndarray, theirs: np.ndarray, ids: list[int]) -> dict:
 class Ours:
     def __init__(self, checkpoint: Path, dtype: str = "float32"):
         import torch
-
         from kimi_desk.engine.weights import load_model
 
         self.torch = torch
@@ -117,9 +146,9 @@ class Ours:
         """llama-perplexity's figure: each chunk from an empty state, its second half scored."""
         first, nll, count = ctx // 2, 0.0, 0
         for c in range(chunks):
-            chunk = ids[c * ctx:(c + 1) * ctx]
-            lp = log_softmax(self.logits(chunk)[first:ctx - 1])
-            nxt = np.asarray(chunk[first + 1:ctx])
+            chunk = ids[c * ctx : (c + 1) * ctx]
+            lp = log_softmax(self.logits(chunk)[first : ctx - 1])
+            nxt = np.asarray(chunk[first + 1 : ctx])
             nll -= lp[np.arange(len(nxt)), nxt].sum()
             count += len(nxt)
         return math.exp(nll / count)
@@ -134,8 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--ours-bf16", action="store_true",
-                        help="also our engine in bfloat16 against itself in float32: the scale of bf16 rounding")
+    parser.add_argument(
+        "--ours-bf16",
+        action="store_true",
+        help="also our engine in bfloat16 against itself in float32: the scale of bf16 rounding",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -153,13 +185,22 @@ def main(argv: list[str] | None = None) -> dict:
         if len(ids_ours) < need:
             raise SystemExit(f"the text has {len(ids_ours)} tokens, --ctx x --chunks needs {need}")
         ours = Ours(args.checkpoint)
-        ref_first = ours.logits(ids_ours[:args.ctx])
-        result = {"checkpoint": str(args.checkpoint), "text": sources, "text_tokens": len(ids_ours), "ctx": args.ctx,
-                  "chunks": args.chunks, "threads": args.threads, "models": []}
+        ref_first = ours.logits(ids_ours[: args.ctx])
+        result = {
+            "checkpoint": str(args.checkpoint),
+            "text": sources,
+            "text_tokens": len(ids_ours),
+            "ctx": args.ctx,
+            "chunks": args.chunks,
+            "threads": args.threads,
+            "models": [],
+        }
         if args.ours_bf16:
             ours_bf16 = Ours(args.checkpoint, "bfloat16")
             result["ours_bfloat16"] = {
-                "logits_vs_ours_float32": compare(ref_first, ours_bf16.logits(ids_ours[:args.ctx]), ids_ours[:args.ctx]),
+                "logits_vs_ours_float32": compare(
+                    ref_first, ours_bf16.logits(ids_ours[: args.ctx]), ids_ours[: args.ctx]
+                ),
                 "perplexity": ours_bf16.perplexity(ids_ours, args.ctx, args.chunks),
             }
             print(json.dumps(result["ours_bfloat16"]), file=sys.stderr)
@@ -167,22 +208,32 @@ def main(argv: list[str] | None = None) -> dict:
         for gguf in args.gguf:
             ids_llama = llama_tokenize(args.llama_cpp, gguf, text_file)
             same = ids_llama == ids_ours
-            first_diff = next((i for i, (a, b) in enumerate(zip(ids_llama, ids_ours)) if a != b),
-                              None if len(ids_llama) == len(ids_ours) else min(len(ids_llama), len(ids_ours)))
-            entry = {"gguf": str(gguf), "tokenization_identical": same, "llama_tokens": len(ids_llama),
-                     "first_token_difference": first_diff}
+            first_diff = next(
+                (i for i, (a, b) in enumerate(zip(ids_llama, ids_ours)) if a != b),
+                None if len(ids_llama) == len(ids_ours) else min(len(ids_llama), len(ids_ours)),
+            )
+            entry = {
+                "gguf": str(gguf),
+                "tokenization_identical": same,
+                "llama_tokens": len(ids_llama),
+                "first_token_difference": first_diff,
+            }
             half = args.ctx // 2
-            entry["logits_batched"] = compare(ref_first, llama_logits(args.llama_cpp, gguf, ids_ours[:args.ctx],
-                                                                    args.threads), ids_ours[:args.ctx])
+            entry["logits_batched"] = compare(
+                ref_first, llama_logits(args.llama_cpp, gguf, ids_ours[: args.ctx], args.threads), ids_ours[: args.ctx]
+            )
             entry["logits_token_by_token_second_half"] = compare(
-                ref_first[half:], llama_logits(args.llama_cpp, gguf, ids_ours[:args.ctx], args.threads, half)[half:],
-                ids_ours[half:args.ctx])
+                ref_first[half:],
+                llama_logits(args.llama_cpp, gguf, ids_ours[: args.ctx], args.threads, half)[half:],
+                ids_ours[half : args.ctx],
+            )
             key = tuple(ids_llama[:need])
             if key not in ppl_cache:
                 ppl_cache[key] = ours.perplexity(ids_llama, args.ctx, args.chunks)
-            entry["perplexity"] = {"llama_cpp": llama_perplexity(args.llama_cpp, gguf, text_file, args.ctx,
-                                                                 args.chunks, args.threads),
-                                   "ours_float32": ppl_cache[key]}
+            entry["perplexity"] = {
+                "llama_cpp": llama_perplexity(args.llama_cpp, gguf, text_file, args.ctx, args.chunks, args.threads),
+                "ours_float32": ppl_cache[key],
+            }
             result["models"].append(entry)
             print(json.dumps(entry), file=sys.stderr)
     text_out = json.dumps(result, indent=2)

@@ -98,8 +98,11 @@ def check_split_pattern(data: dict, folder: Path) -> None:
 
     found = json.dumps(data.get("pre_tokenizer"))
     if json.dumps(KIMI_SPLIT_PATTERN)[1:-1] not in found:
-        print(f"convert.py: warning: {folder}/tokenizer.json does not split by Kimi's pattern; llama.cpp's "
-              "kimi-k2 pre-tokenizer will tokenize text differently from it", file=sys.stderr)
+        print(
+            f"convert.py: warning: {folder}/tokenizer.json does not split by Kimi's pattern; llama.cpp's "
+            "kimi-k2 pre-tokenizer will tokenize text differently from it",
+            file=sys.stderr,
+        )
 
 
 def placeholder_vocab(vocab_size: int):
@@ -130,8 +133,11 @@ def set_vocab_from_folder(self, original_set_vocab) -> None:
     w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType(t) for t in types])
     w.add_token_merges(merges)
-    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                     ("pad_token_id", w.add_pad_token_id)):
+    for key, add in (
+        ("bos_token_id", w.add_bos_token_id),
+        ("eos_token_id", w.add_eos_token_id),
+        ("pad_token_id", w.add_pad_token_id),
+    ):
         if isinstance(self.hparams.get(key), int) and self.hparams[key] < vocab_size:
             add(self.hparams[key])
     # Our engine never prepends BOS; neither must llama.cpp (llama-perplexity would put BOS first).
@@ -168,8 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder (config.json + safetensors)")
     parser.add_argument("out", type=Path, help="the GGUF file to write")
     parser.add_argument("--llama-cpp", type=Path, default=DEFAULT_LLAMA_CPP, help="build.sh's output folder")
-    parser.add_argument("--outtype", default="bf16", choices=["bf16", "f16", "f32", "q8_0"],
-                        help="type of the converted matrices (default bf16, as our checkpoints)")
+    parser.add_argument(
+        "--outtype",
+        default="bf16",
+        choices=["bf16", "f16", "f32", "q8_0"],
+        help="type of the converted matrices (default bf16, as our checkpoints)",
+    )
     parser.add_argument("--quantize", default="", help="comma-separated llama-quantize types, e.g. Q8_0,Q4_K_M")
     parser.add_argument("--threads", type=int, default=0, help="llama-quantize threads (default: all cores)")
     parser.add_argument("--skip-convert", action="store_true", help="OUT.gguf exists: only quantize it")
@@ -187,8 +197,10 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         run_converter(tree, args.checkpoint.resolve(), args.out.resolve(), args.outtype)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-        print(f"convert.py: {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB) in "
-              f"{time.perf_counter() - start:.0f} s, converter peak RSS {peak:.2f} GiB")
+        print(
+            f"convert.py: {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB) in "
+            f"{time.perf_counter() - start:.0f} s, converter peak RSS {peak:.2f} GiB"
+        )
     for q in qtypes:
         quantize(args.llama_cpp, args.out, q, args.threads or len(os.sched_getaffinity(0)))
 

@@ -32,8 +32,11 @@ def mla_layers(layers: int) -> set[int]:
 def source_layers(shallow_kinds: list[bool], layers: int) -> list[int]:
     """For each layer of the deep model, the shallow layer it copies: 0 for 0, else the shallow model's
     last layer of the same kind (True = MLA)."""
-    last = {kind: max(i for i, k in enumerate(shallow_kinds) if k == kind and i > 0)
-            for kind in (True, False) if any(k == kind for k in shallow_kinds[1:])}
+    last = {
+        kind: max(i for i, k in enumerate(shallow_kinds) if k == kind and i > 0)
+        for kind in (True, False)
+        if any(k == kind for k in shallow_kinds[1:])
+    }
     deep = mla_layers(layers)
     out = [0]
     for i in range(1, layers):
@@ -97,8 +100,10 @@ def main(argv: list[str] | None = None) -> None:
         writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
         total += tensor.data.nbytes
     writer.close()
-    print(f"deepen_gguf.py: {args.deep} ({total / 2**30:.2f} GiB of tensors, {args.layers} layers; "
-          f"MLA at {sorted(i + 1 for i in mla_layers(args.layers))}, 1-based)")
+    print(
+        f"deepen_gguf.py: {args.deep} ({total / 2**30:.2f} GiB of tensors, {args.layers} layers; "
+        f"MLA at {sorted(i + 1 for i in mla_layers(args.layers))}, 1-based)"
+    )
 
 
 if __name__ == "__main__":

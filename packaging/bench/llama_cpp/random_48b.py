@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     write_random_checkpoint(config, args.out, seed=args.seed, max_shard_bytes=int(args.shard_gb * 1e9))
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
-    print(f"random_48b.py: {args.out}: {args.layers} layers (KDA {kda}, MLA {mla}), {size / 1e9:.2f} GB, "
-          f"{time.perf_counter() - start:.0f} s")
+    print(
+        f"random_48b.py: {args.out}: {args.layers} layers (KDA {kda}, MLA {mla}), {size / 1e9:.2f} GB, "
+        f"{time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

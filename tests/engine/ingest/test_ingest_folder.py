@@ -24,10 +24,16 @@ def skip_categories(document) -> dict[str, SkipCategory]:
 
 @requires_git
 def test_git_work_tree_uses_tracked_and_untracked_files_that_are_not_ignored(tmp_path):
-    write_files(tmp_path, {
-        "README.md": "# Project\n", "setup.cfg": "[metadata]\n", "src/main.py": "print('hi')\n",
-        ".gitignore": "*.log\nbuild/\n", "tracked.log": "tracked although ignored\n",
-    })
+    write_files(
+        tmp_path,
+        {
+            "README.md": "# Project\n",
+            "setup.cfg": "[metadata]\n",
+            "src/main.py": "print('hi')\n",
+            ".gitignore": "*.log\nbuild/\n",
+            "tracked.log": "tracked although ignored\n",
+        },
+    )
     git(tmp_path, "init", "--quiet")
     git(tmp_path, "add", "-f", "README.md", "setup.cfg", "src/main.py", ".gitignore", "tracked.log")
     git(tmp_path, "commit", "--quiet", "-m", "initial")
@@ -76,39 +82,63 @@ def test_nested_repository_inside_a_work_tree_is_not_read(tmp_path):
 
 
 def test_outside_git_nested_gitignore_files_are_honoured(tmp_path):
-    write_files(tmp_path, {
-        ".gitignore": "*.tmp\nsecret/\n",
-        "a.py": "a = 1\n", "scratch.tmp": "x\n", "secret/key.txt": "k\n",
-        "lib/.gitignore": "!keep.tmp\ngenerated.py\n",
-        "lib/keep.tmp": "kept by the nested negation\n", "lib/other.tmp": "dropped\n",
-        "lib/generated.py": "dropped\n", "lib/real.py": "b = 2\n",
-    })
+    write_files(
+        tmp_path,
+        {
+            ".gitignore": "*.tmp\nsecret/\n",
+            "a.py": "a = 1\n",
+            "scratch.tmp": "x\n",
+            "secret/key.txt": "k\n",
+            "lib/.gitignore": "!keep.tmp\ngenerated.py\n",
+            "lib/keep.tmp": "kept by the nested negation\n",
+            "lib/other.tmp": "dropped\n",
+            "lib/generated.py": "dropped\n",
+            "lib/real.py": "b = 2\n",
+        },
+    )
     document = load_path(tmp_path)
     assert document.listing_source == "gitignore"
     assert paths_read(document) == [".gitignore", "a.py", "lib/.gitignore", "lib/keep.tmp", "lib/real.py"]
 
 
 def test_binaries_lock_files_and_generated_files_are_skipped_with_reasons(tmp_path):
-    write_files(tmp_path, {
-        "main.py": "print('kept')\n",
-        "logo.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)),
-        "blob": b"header\x00\x01\x02 binary with NUL bytes",
-        "noise.dat": bytes([0x81, 0x8D, 0x01, 0x02, 0x90]) * 20,
-        "package-lock.json": "{}\n", "Cargo.lock": "# lock\n", "yarn.lock": "# lock\n", "poetry.lock": "# lock\n",
-        "uv.lock": "# lock\n", "web/pnpm-lock.yaml": "lockfileVersion: 9\n", "composer.lock": "{}\n",
-        "Gemfile.lock": "GEM\n",
-        "web/app.min.js": "var a=1;\n", "web/app.js.map": "{}\n",
-        "web/bundle.js": "var x=1;" * 3000 + "\n",
-    })
+    write_files(
+        tmp_path,
+        {
+            "main.py": "print('kept')\n",
+            "logo.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)),
+            "blob": b"header\x00\x01\x02 binary with NUL bytes",
+            "noise.dat": bytes([0x81, 0x8D, 0x01, 0x02, 0x90]) * 20,
+            "package-lock.json": "{}\n",
+            "Cargo.lock": "# lock\n",
+            "yarn.lock": "# lock\n",
+            "poetry.lock": "# lock\n",
+            "uv.lock": "# lock\n",
+            "web/pnpm-lock.yaml": "lockfileVersion: 9\n",
+            "composer.lock": "{}\n",
+            "Gemfile.lock": "GEM\n",
+            "web/app.min.js": "var a=1;\n",
+            "web/app.js.map": "{}\n",
+            "web/bundle.js": "var x=1;" * 3000 + "\n",
+        },
+    )
     document = load_path(tmp_path)
     assert paths_read(document) == ["main.py"]
     assert skip_categories(document) == {
-        "blob": SkipCategory.BINARY, "logo.png": SkipCategory.BINARY, "noise.dat": SkipCategory.BINARY,
-        "Cargo.lock": SkipCategory.LOCK_FILE, "composer.lock": SkipCategory.LOCK_FILE,
-        "Gemfile.lock": SkipCategory.LOCK_FILE, "package-lock.json": SkipCategory.LOCK_FILE,
-        "poetry.lock": SkipCategory.LOCK_FILE, "uv.lock": SkipCategory.LOCK_FILE, "yarn.lock": SkipCategory.LOCK_FILE,
-        "web/pnpm-lock.yaml": SkipCategory.LOCK_FILE, "web/app.js.map": SkipCategory.GENERATED,
-        "web/app.min.js": SkipCategory.GENERATED, "web/bundle.js": SkipCategory.GENERATED,
+        "blob": SkipCategory.BINARY,
+        "logo.png": SkipCategory.BINARY,
+        "noise.dat": SkipCategory.BINARY,
+        "Cargo.lock": SkipCategory.LOCK_FILE,
+        "composer.lock": SkipCategory.LOCK_FILE,
+        "Gemfile.lock": SkipCategory.LOCK_FILE,
+        "package-lock.json": SkipCategory.LOCK_FILE,
+        "poetry.lock": SkipCategory.LOCK_FILE,
+        "uv.lock": SkipCategory.LOCK_FILE,
+        "yarn.lock": SkipCategory.LOCK_FILE,
+        "web/pnpm-lock.yaml": SkipCategory.LOCK_FILE,
+        "web/app.js.map": SkipCategory.GENERATED,
+        "web/app.min.js": SkipCategory.GENERATED,
+        "web/bundle.js": SkipCategory.GENERATED,
     }
     reasons = {entry.relative_path: entry.reason for entry in document.skipped}
     assert "NUL" in reasons["blob"]
@@ -123,16 +153,22 @@ def test_legacy_8_bit_text_is_read_with_a_warning(tmp_path):
 
 
 def test_dependency_and_cache_folders_are_skipped_once_each(tmp_path):
-    write_files(tmp_path, {
-        "index.js": "module.exports = 1;\n",
-        "node_modules/left-pad/index.js": "x\n", "node_modules/other/index.js": "y\n",
-        "pkg/__pycache__/m.cpython-311.pyc": b"\x00\x01",
-        "env/pyvenv.cfg": "home = /usr/bin\n", "env/lib/site.py": "z\n",
-    })
+    write_files(
+        tmp_path,
+        {
+            "index.js": "module.exports = 1;\n",
+            "node_modules/left-pad/index.js": "x\n",
+            "node_modules/other/index.js": "y\n",
+            "pkg/__pycache__/m.cpython-311.pyc": b"\x00\x01",
+            "env/pyvenv.cfg": "home = /usr/bin\n",
+            "env/lib/site.py": "z\n",
+        },
+    )
     document = load_path(tmp_path)
     assert paths_read(document) == ["index.js"]
     assert skip_categories(document) == {
-        "env/": SkipCategory.IGNORED_FOLDER, "node_modules/": SkipCategory.IGNORED_FOLDER,
+        "env/": SkipCategory.IGNORED_FOLDER,
+        "node_modules/": SkipCategory.IGNORED_FOLDER,
         "pkg/__pycache__/": SkipCategory.IGNORED_FOLDER,
     }
 
@@ -189,8 +225,12 @@ def test_symbolic_links_loops_and_links_outside_are_skipped_without_hanging(tmp_
     assert paths_read(document) == ["alias.txt", "real.txt", "sub/inner.txt"]
     assert document.files[0].text == "real\n"
     assert skip_categories(document) == {
-        "broken.txt": SkipCategory.SYMLINK, "leak.txt": SkipCategory.SYMLINK, "leak_dir": SkipCategory.SYMLINK,
-        "loop_a": SkipCategory.SYMLINK, "loop_b": SkipCategory.SYMLINK, "sub/parent": SkipCategory.SYMLINK,
+        "broken.txt": SkipCategory.SYMLINK,
+        "leak.txt": SkipCategory.SYMLINK,
+        "leak_dir": SkipCategory.SYMLINK,
+        "loop_a": SkipCategory.SYMLINK,
+        "loop_b": SkipCategory.SYMLINK,
+        "sub/parent": SkipCategory.SYMLINK,
         "sub/self": SkipCategory.SYMLINK,
     }
     reasons = {entry.relative_path: entry.reason for entry in document.skipped}
@@ -241,15 +281,22 @@ def test_folder_of_binaries_only_is_an_error_listing_why(tmp_path):
 
 
 def test_books_in_a_folder_are_extracted_and_broken_ones_skipped(tmp_path):
-    write_files(tmp_path, {
-        "paper.pdf": pdf_bytes(["Results of the experiment"]),
-        "broken.pdf": b"%PDF-1.7\nthis is not really a pdf",
-        "novel.epub": epub_bytes({
-            "OEBPS/content.opf": opf_xml("Novel", "Ann Author", [("c1", "c1.xhtml", "application/xhtml+xml")], ["c1"]),
-            "OEBPS/c1.xhtml": xhtml("One", "<h1>Chapter One</h1><p>It began.</p>"),
-        }),
-        "page.html": "<html><body><p>kept as markup</p></body></html>\n",
-    })
+    write_files(
+        tmp_path,
+        {
+            "paper.pdf": pdf_bytes(["Results of the experiment"]),
+            "broken.pdf": b"%PDF-1.7\nthis is not really a pdf",
+            "novel.epub": epub_bytes(
+                {
+                    "OEBPS/content.opf": opf_xml(
+                        "Novel", "Ann Author", [("c1", "c1.xhtml", "application/xhtml+xml")], ["c1"]
+                    ),
+                    "OEBPS/c1.xhtml": xhtml("One", "<h1>Chapter One</h1><p>It began.</p>"),
+                }
+            ),
+            "page.html": "<html><body><p>kept as markup</p></body></html>\n",
+        },
+    )
     document = load_path(tmp_path)
     kinds = {file.relative_path: file.kind for file in document.files}
     assert kinds == {"novel.epub": SourceKind.EPUB, "page.html": SourceKind.TEXT, "paper.pdf": SourceKind.PDF}
@@ -263,16 +310,31 @@ def test_books_in_a_folder_are_extracted_and_broken_ones_skipped(tmp_path):
 def test_reading_order_puts_readme_and_files_before_subfolders():
     paths = ["src/z.py", "b.py", "docs/x.md", "README.md", "A.txt", "src/README", "src/a/deep.py", "a.py", "Z/y.py"]
     assert sorted(paths, key=reading_order_key) == [
-        "README.md", "a.py", "A.txt", "b.py", "docs/x.md", "src/README", "src/z.py", "src/a/deep.py", "Z/y.py",
+        "README.md",
+        "a.py",
+        "A.txt",
+        "b.py",
+        "docs/x.md",
+        "src/README",
+        "src/z.py",
+        "src/a/deep.py",
+        "Z/y.py",
     ]
 
 
 @requires_git
 def test_git_and_walk_listings_give_the_same_order(tmp_path):
-    write_files(tmp_path, {
-        "b.py": "b\n", "README.md": "r\n", "a.txt": "t\n",
-        "src/a.py": "a\n", "src/README.txt": "r\n", "Docs/intro.md": "i\n",
-    })
+    write_files(
+        tmp_path,
+        {
+            "b.py": "b\n",
+            "README.md": "r\n",
+            "a.txt": "t\n",
+            "src/a.py": "a\n",
+            "src/README.txt": "r\n",
+            "Docs/intro.md": "i\n",
+        },
+    )
     walked = paths_read(load_path(tmp_path))
     git(tmp_path, "init", "--quiet")
     listed_by_git = load_path(tmp_path)
@@ -295,15 +357,15 @@ def test_rendered_text_is_tree_then_one_block_per_file(tmp_path):
         "\n"
     )
     assert document.text == document.preamble + (
-        "==> README.md <==\n# Title\n\n"
-        "==> src/main.py <==\nprint(1)\n\n"
-        "==> src/util/helpers.py <==\nx = 2\n\n"
+        "==> README.md <==\n# Title\n\n==> src/main.py <==\nprint(1)\n\n==> src/util/helpers.py <==\nx = 2\n\n"
     )
     segments = document.segments()
     assert "".join(segments) == document.text
     assert segments[2] == "==> src/main.py <==\nprint(1)\n\n"
     assert [document.text[offset:].split("\n", 1)[0] for offset in document.file_offsets] == [
-        "==> README.md <==", "==> src/main.py <==", "==> src/util/helpers.py <=="
+        "==> README.md <==",
+        "==> src/main.py <==",
+        "==> src/util/helpers.py <==",
     ]
 
 
@@ -331,17 +393,25 @@ def test_progress_is_reported_for_every_listed_file(tmp_path):
     reports = []
     load_path(tmp_path, on_progress=reports.append)
     assert [(report.done, report.total, report.unit, report.path) for report in reports] == [
-        (1, 3, "file", "a.txt"), (2, 3, "file", "b.bin"), (3, 3, "file", "c.txt"),
+        (1, 3, "file", "a.txt"),
+        (2, 3, "file", "b.bin"),
+        (3, 3, "file", "c.txt"),
     ]
 
 
 @requires_git
 def test_a_folder_git_ignores_is_read_with_its_own_gitignore_files(tmp_path):
     # Opening build/ on purpose: git would list nothing there, so the walk decides.
-    write_files(tmp_path, {
-        ".gitignore": "build/\n", "src.py": "a\n",
-        "build/report.txt": "r\n", "build/.gitignore": "*.o\n", "build/x.o": "o",
-    })
+    write_files(
+        tmp_path,
+        {
+            ".gitignore": "build/\n",
+            "src.py": "a\n",
+            "build/report.txt": "r\n",
+            "build/.gitignore": "*.o\n",
+            "build/x.o": "o",
+        },
+    )
     git(tmp_path, "init", "--quiet")
     document = load_path(tmp_path / "build")
     assert document.listing_source == "gitignore"

@@ -11,36 +11,38 @@ from kimi_desk.engine.ingest.listing import list_with_gitignore
 
 requires_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
-ROOT_GITIGNORE = "\n".join([
-    "# a comment, then a blank line",
-    "",
-    "*.log",
-    "!keep.log",
-    "/build/",
-    "docs/*.tmp",
-    "**/cache/",
-    "deep/**/target.txt",
-    "everything/**",
-    "[ab].txt",
-    "[!x]y.md",
-    "file[0-9].c",
-    "name?.h",
-    r"\#hash",
-    r"\!bang",
-    "trailing-space   ",
-    r"escaped-space\ ",
-    "onlydir/",
-    "**/vendor/",
-    "ab**cd",
-    "unclosed[bracket",
-    "ends-with-backslash\\",
-    "/anchored.txt",
-    "mid/slash.txt",
-    "crlf.txt\r",
-    "[[:digit:]]digits.txt",
-    "*.swp",
-    "!important/",
-])
+ROOT_GITIGNORE = "\n".join(
+    [
+        "# a comment, then a blank line",
+        "",
+        "*.log",
+        "!keep.log",
+        "/build/",
+        "docs/*.tmp",
+        "**/cache/",
+        "deep/**/target.txt",
+        "everything/**",
+        "[ab].txt",
+        "[!x]y.md",
+        "file[0-9].c",
+        "name?.h",
+        r"\#hash",
+        r"\!bang",
+        "trailing-space   ",
+        r"escaped-space\ ",
+        "onlydir/",
+        "**/vendor/",
+        "ab**cd",
+        "unclosed[bracket",
+        "ends-with-backslash\\",
+        "/anchored.txt",
+        "mid/slash.txt",
+        "crlf.txt\r",
+        "[[:digit:]]digits.txt",
+        "*.swp",
+        "!important/",
+    ]
+)
 
 NESTED_GITIGNORES = {
     # A deeper .gitignore overrides a shallower one: logs here are kept again.
@@ -52,15 +54,59 @@ NESTED_GITIGNORES = {
 }
 
 FILES = [
-    "README.md", "app.log", "keep.log", "sub/app.log", "sub/deeper/x.log", "build/a.txt", "src/build/b.txt",
-    "docs/x.tmp", "docs/nested/y.tmp", "z/cache/c.txt", "cache/d.txt", "deep/target.txt", "deep/1/2/target.txt",
-    "deep/1/other.txt", "everything/a/b.txt", "a.txt", "b.txt", "c.txt", "ay.md", "xy.md", "file1.c", "filex.c",
-    "name1.h", "name12.h", "#hash", "!bang", "trailing-space", "escaped-space ", "escaped-space", "onlydir/f.txt",
-    "sub/onlydir", "vendor/v.txt", "a/vendor/keep.txt", "b/vendor/drop.txt", "abXcd", "ab/cd",
-    "unclosed[bracket", "ends-with-backslash", "anchored.txt", "sub/anchored.txt", "mid/slash.txt",
-    "x/mid/slash.txt", "crlf.txt", "7digits.txt", "xdigits.txt", "sub/local-only.txt", "local-only.txt",
-    "sub/anchored-here.txt", "sub/deeper/anchored-here.txt", "build-like/out/wanted.txt", "build-like/other.txt",
-    "important/notes.swp", "important/a.log",
+    "README.md",
+    "app.log",
+    "keep.log",
+    "sub/app.log",
+    "sub/deeper/x.log",
+    "build/a.txt",
+    "src/build/b.txt",
+    "docs/x.tmp",
+    "docs/nested/y.tmp",
+    "z/cache/c.txt",
+    "cache/d.txt",
+    "deep/target.txt",
+    "deep/1/2/target.txt",
+    "deep/1/other.txt",
+    "everything/a/b.txt",
+    "a.txt",
+    "b.txt",
+    "c.txt",
+    "ay.md",
+    "xy.md",
+    "file1.c",
+    "filex.c",
+    "name1.h",
+    "name12.h",
+    "#hash",
+    "!bang",
+    "trailing-space",
+    "escaped-space ",
+    "escaped-space",
+    "onlydir/f.txt",
+    "sub/onlydir",
+    "vendor/v.txt",
+    "a/vendor/keep.txt",
+    "b/vendor/drop.txt",
+    "abXcd",
+    "ab/cd",
+    "unclosed[bracket",
+    "ends-with-backslash",
+    "anchored.txt",
+    "sub/anchored.txt",
+    "mid/slash.txt",
+    "x/mid/slash.txt",
+    "crlf.txt",
+    "7digits.txt",
+    "xdigits.txt",
+    "sub/local-only.txt",
+    "local-only.txt",
+    "sub/anchored-here.txt",
+    "sub/deeper/anchored-here.txt",
+    "build-like/out/wanted.txt",
+    "build-like/other.txt",
+    "important/notes.swp",
+    "important/a.log",
 ]
 
 
@@ -80,11 +126,16 @@ def test_walk_keeps_exactly_what_git_keeps(tmp_path):
 @requires_git
 def test_folder_rules_match_git_for_file_and_folder_names(tmp_path):
     # "logs" as a file at one level and a folder at another; "tmp/" only matches the folder.
-    write_files(tmp_path, {
-        ".gitignore": "logs\ntmp/\n",
-        "a/logs": "a file called logs\n", "b/logs/x.txt": "inside a folder called logs\n",
-        "c/tmp": "a file called tmp\n", "d/tmp/y.txt": "inside a folder called tmp\n",
-    })
+    write_files(
+        tmp_path,
+        {
+            ".gitignore": "logs\ntmp/\n",
+            "a/logs": "a file called logs\n",
+            "b/logs/x.txt": "inside a folder called logs\n",
+            "c/tmp": "a file called tmp\n",
+            "d/tmp/y.txt": "inside a folder called tmp\n",
+        },
+    )
     ours, _ = list_with_gitignore(tmp_path)
     git(tmp_path, "init", "--quiet")
     gits = git(tmp_path, "ls-files", "--others", "--exclude-standard", "-z").split("\0")

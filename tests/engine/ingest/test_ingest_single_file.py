@@ -63,4 +63,3 @@ def test_binary_empty_and_non_regular_files_opened_by_name(tmp_path):
         os.mkfifo(tmp_path / "pipe")
         with pytest.raises(IngestError, match=r"^pipe: a named pipe \(FIFO\), not read$"):
             load_path(tmp_path / "pipe")
-

@@ -52,7 +52,10 @@ def run_loader_as_an_ordinary_user(folder, single_file) -> dict:
         completed = subprocess.run(
             [sys.executable, "-c", _CHILD_SCRIPT, str(folder), str(single_file)],
             preexec_fn=_drop_file_access_capabilities if as_root else None,
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
     except subprocess.SubprocessError:
         # Raised when preexec_fn fails: this container does not let root give up capabilities.

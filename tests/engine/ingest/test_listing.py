@@ -20,11 +20,34 @@ pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not 
 
 # Every hook git knows of (githooks(5), git 2.39 and later).
 HOOK_NAMES = [
-    "applypatch-msg", "pre-applypatch", "post-applypatch", "pre-commit", "pre-merge-commit", "prepare-commit-msg",
-    "commit-msg", "post-commit", "pre-rebase", "post-checkout", "post-merge", "pre-push", "pre-receive", "update",
-    "proc-receive", "post-receive", "post-update", "reference-transaction", "push-to-checkout", "pre-auto-gc",
-    "post-rewrite", "sendemail-validate", "fsmonitor-watchman", "p4-changelist", "p4-prepare-changelist",
-    "p4-post-changelist", "p4-pre-submit", "post-index-change",
+    "applypatch-msg",
+    "pre-applypatch",
+    "post-applypatch",
+    "pre-commit",
+    "pre-merge-commit",
+    "prepare-commit-msg",
+    "commit-msg",
+    "post-commit",
+    "pre-rebase",
+    "post-checkout",
+    "post-merge",
+    "pre-push",
+    "pre-receive",
+    "update",
+    "proc-receive",
+    "post-receive",
+    "post-update",
+    "reference-transaction",
+    "push-to-checkout",
+    "pre-auto-gc",
+    "post-rewrite",
+    "sendemail-validate",
+    "fsmonitor-watchman",
+    "p4-changelist",
+    "p4-prepare-changelist",
+    "p4-post-changelist",
+    "p4-pre-submit",
+    "post-index-change",
 ]
 
 
@@ -103,17 +126,29 @@ def test_a_hostile_repository_configuration_runs_nothing_and_changes_nothing(tmp
     repository = tmp_path / "repo"
     outside = tmp_path / "outside"
     outside.mkdir()
-    write_files(repository, {
-        "README.md": "# Project\n", "src/main.py": "print('hi')\n", ".gitignore": "*.log\nbuild/\n",
-        ".gitattributes": "* filter=x diff=x merge=x\n", "tracked.log": "tracked although ignored\n",
-    })
+    write_files(
+        repository,
+        {
+            "README.md": "# Project\n",
+            "src/main.py": "print('hi')\n",
+            ".gitignore": "*.log\nbuild/\n",
+            ".gitattributes": "* filter=x diff=x merge=x\n",
+            "tracked.log": "tracked although ignored\n",
+        },
+    )
     git(repository, "init", "--quiet")
     git(repository, "add", "--force", ".")
     git(repository, "commit", "--quiet", "-m", "initial")
-    write_files(repository, {
-        "notes.txt": "untracked, kept\n", "debug.log": "ignored\n", "build/out.txt": "ignored\n",
-        "secret.txt": "excluded by info/exclude\n", "src/new.py": "untracked too\n",
-    })
+    write_files(
+        repository,
+        {
+            "notes.txt": "untracked, kept\n",
+            "debug.log": "ignored\n",
+            "build/out.txt": "ignored\n",
+            "secret.txt": "excluded by info/exclude\n",
+            "src/new.py": "untracked too\n",
+        },
+    )
     (repository / ".git" / "info" / "exclude").write_text("secret.txt\n")
     expected = listed_by_git(repository)
     marker = make_hostile(repository, outside)
@@ -124,8 +159,15 @@ def test_a_hostile_repository_configuration_runs_nothing_and_changes_nothing(tmp
     assert not marker.exists(), marker.read_text()
     assert document.listing_source == "git"
     assert [file.relative_path for file in document.files] == expected
-    assert expected == ["README.md", ".gitattributes", ".gitignore", "notes.txt", "tracked.log", "src/main.py",
-                        "src/new.py"]
+    assert expected == [
+        "README.md",
+        ".gitattributes",
+        ".gitignore",
+        "notes.txt",
+        "tracked.log",
+        "src/main.py",
+        "src/new.py",
+    ]
     assert tree_state(repository) == before
     # The configuration is really hostile: git itself, run as the loader used to run it, obeys it.
     subprocess.run(["git", "ls-files"], cwd=repository, env=git_environment(), capture_output=True, check=False)
@@ -143,25 +185,47 @@ def varied_repository(tmp_path):
     git(library, "add", ".")
     git(library, "commit", "--quiet", "-m", "library")
     repository = tmp_path / "repo"
-    write_files(repository, {
-        ".gitignore": "*.tmp\n/out/\ncache/\n!keep.tmp\n", "README.md": "# r\n", "src/a.py": "a\n",
-        "src/.gitignore": "generated_*.py\n!generated_keep.py\n", "src/generated_x.py": "g\n",
-        "src/generated_keep.py": "k\n", "out/forced.txt": "forced\n", "gone.txt": "gone\n",
-        "docs/guide.md": "guide\n", "docs/cache/page.html": "<p>cached</p>\n",
-        "name with spaces.txt": "s\n", "ünïcödé.md": "u\n", ".github/ci.yml": "on: push\n",
-        ".github/.gitignore": "*.local\n", ".github/forced.local": "tracked although ignored\n",
-    })
+    write_files(
+        repository,
+        {
+            ".gitignore": "*.tmp\n/out/\ncache/\n!keep.tmp\n",
+            "README.md": "# r\n",
+            "src/a.py": "a\n",
+            "src/.gitignore": "generated_*.py\n!generated_keep.py\n",
+            "src/generated_x.py": "g\n",
+            "src/generated_keep.py": "k\n",
+            "out/forced.txt": "forced\n",
+            "gone.txt": "gone\n",
+            "docs/guide.md": "guide\n",
+            "docs/cache/page.html": "<p>cached</p>\n",
+            "name with spaces.txt": "s\n",
+            "ünïcödé.md": "u\n",
+            ".github/ci.yml": "on: push\n",
+            ".github/.gitignore": "*.local\n",
+            ".github/forced.local": "tracked although ignored\n",
+        },
+    )
     git(repository, "init", "--quiet")
     git(repository, "add", ".")
     git(repository, "add", "--force", "out/forced.txt", ".github/forced.local")
     git(repository, "-c", "protocol.file.allow=always", "submodule", "add", "--quiet", str(library), "vendor/library")
     git(repository, "commit", "--quiet", "-m", "initial")
-    write_files(repository, {
-        "scratch.tmp": "ignored\n", "keep.tmp": "re-included\n", "out/new.txt": "ignored folder\n",
-        "src/generated_y.py": "ignored\n", "src/fresh.py": "untracked\n", "private.key": "excluded\n",
-        "nested/inner.py": "inner\n", "docs/cache/other.html": "ignored\n", "docs/new.md": "new\n",
-        ".github/x.local": "ignored\n", ".github/y.yml": "untracked\n",
-    })
+    write_files(
+        repository,
+        {
+            "scratch.tmp": "ignored\n",
+            "keep.tmp": "re-included\n",
+            "out/new.txt": "ignored folder\n",
+            "src/generated_y.py": "ignored\n",
+            "src/fresh.py": "untracked\n",
+            "private.key": "excluded\n",
+            "nested/inner.py": "inner\n",
+            "docs/cache/other.html": "ignored\n",
+            "docs/new.md": "new\n",
+            ".github/x.local": "ignored\n",
+            ".github/y.yml": "untracked\n",
+        },
+    )
     git(repository / "nested", "init", "--quiet")
     (repository / ".git" / "info" / "exclude").write_text("*.key\n")
     (repository / "link.txt").symlink_to("README.md")

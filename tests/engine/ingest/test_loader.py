@@ -18,10 +18,18 @@ def test_files_past_the_file_count_limit_are_counted_in_one_notice(tmp_path):
 
 
 def test_total_limit_and_too_large_files_each_get_a_notice(tmp_path):
-    write_files(tmp_path, {
-        "a.txt": "a" * 400, "b.txt": "b" * 3000, "c.txt": "c" * 400, "d.txt": "d" * 400, "e.txt": "e",
-        "book.pdf": pdf_bytes(["a page"]), "tiny.bin": b"\x00",
-    })
+    write_files(
+        tmp_path,
+        {
+            "a.txt": "a" * 400,
+            "b.txt": "b" * 3000,
+            "c.txt": "c" * 400,
+            "d.txt": "d" * 400,
+            "e.txt": "e",
+            "book.pdf": pdf_bytes(["a page"]),
+            "tiny.bin": b"\x00",
+        },
+    )
     limits = LoaderLimits(max_file_bytes=2048, max_total_bytes=1000, max_book_bytes=100)
     document = load_path(tmp_path, limits)
     assert [file.relative_path for file in document.files] == ["a.txt", "c.txt"]
@@ -45,4 +53,5 @@ def test_counts_are_written_with_thousands_separators(tmp_path):
     write_files(tmp_path, {f"f{i:04d}.txt": "x" for i in range(1_205)})
     document = load_path(tmp_path, LoaderLimits(max_files=1))
     assert [notice.message for notice in document.limit_notices] == [
-        "1,204 files not read: the limit of 1 file was reached"]
+        "1,204 files not read: the limit of 1 file was reached"
+    ]

@@ -17,7 +17,6 @@ sys.path.insert(0, str(ROOT / "packaging" / "bench" / "llama_cpp"))
 
 import bench  # noqa: E402
 import convert  # noqa: E402
-
 from kimi_desk.bench.random_checkpoint import write_small_tokenizer  # noqa: E402
 from kimi_desk.engine.tokenizer import bytes_to_unicode, load_tokenizer  # noqa: E402
 
@@ -57,16 +56,38 @@ def test_placeholder_vocabulary():
 
 
 def _record(model, n_prompt, n_gen, depth, samples):
-    return {"model_filename": model, "model_type": "kimi-linear ?B BF16", "model_size": 1, "model_n_params": 2,
-            "n_prompt": n_prompt, "n_gen": n_gen, "n_depth": depth, "avg_ts": sum(samples) / len(samples),
-            "stddev_ts": 0.5, "avg_ns": 1e9, "samples_ts": samples, "build_number": 0, "build_commit": "x",
-            "cpu_info": "cpu", "gpu_info": "", "backends": "CPU", "n_batch": 2048, "n_ubatch": 512,
-            "n_gpu_layers": 99, "flash_attn": -1, "test_time": "t"}
+    return {
+        "model_filename": model,
+        "model_type": "kimi-linear ?B BF16",
+        "model_size": 1,
+        "model_n_params": 2,
+        "n_prompt": n_prompt,
+        "n_gen": n_gen,
+        "n_depth": depth,
+        "avg_ts": sum(samples) / len(samples),
+        "stddev_ts": 0.5,
+        "avg_ns": 1e9,
+        "samples_ts": samples,
+        "build_number": 0,
+        "build_commit": "x",
+        "cpu_info": "cpu",
+        "gpu_info": "",
+        "backends": "CPU",
+        "n_batch": 2048,
+        "n_ubatch": 512,
+        "n_gpu_layers": 99,
+        "flash_attn": -1,
+        "test_time": "t",
+    }
 
 
 def test_bench_summary_splits_prefill_and_decode():
-    records = [_record("a.gguf", 0, 64, 2048, [10.0, 30.0, 20.0]), _record("a.gguf", 512, 0, 0, [100.0]),
-               _record("a.gguf", 0, 64, 0, [40.0, 50.0]), _record("b.gguf", 2048, 0, 0, [7.0])]
+    records = [
+        _record("a.gguf", 0, 64, 2048, [10.0, 30.0, 20.0]),
+        _record("a.gguf", 512, 0, 0, [100.0]),
+        _record("a.gguf", 0, 64, 0, [40.0, 50.0]),
+        _record("b.gguf", 2048, 0, 0, [7.0]),
+    ]
     result = bench.summarize(records, threads=2, extra_info={"load_before": 1.0})
     a, b = result["models"]
     assert [(e["tokens"], e["depth"]) for e in a["prefill"]] == [(512, 0)]
@@ -82,9 +103,11 @@ def test_gpu_memory_peak_is_the_highest_reading_over_the_one_before(tmp_path, mo
     readings = tmp_path / "readings"
     readings.write_text("1000\n5000 3000\n1500\n")
     script = tmp_path / "nvidia-smi"
-    script.write_text(f"#!/bin/sh\nline=$(head -n 1 {readings})\n"
-                      f"[ $(wc -l < {readings}) -gt 1 ] && sed -i 1d {readings}\n"
-                      "for x in $line; do echo $x; done\n")
+    script.write_text(
+        f"#!/bin/sh\nline=$(head -n 1 {readings})\n"
+        f"[ $(wc -l < {readings}) -gt 1 ] && sed -i 1d {readings}\n"
+        "for x in $line; do echo $x; done\n"
+    )
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     with bench.GpuMemoryPeak(period_s=0.01) as memory:
