@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
+from kimi_desk import environment
 from kimi_desk.app.commands import UsageError
 
 EXIT_BAD_INPUT = 2
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print("kimi-desk: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into one line
-        if os.environ.get("KIMI_DESK_DEBUG"):
+        if environment.debug():
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, _known_errors()):

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from kimi_desk import environment
 from kimi_desk.engine.errors import UserError
 
 try:
@@ -97,7 +97,7 @@ _FIELD_TYPES = {
 
 
 def settings_path() -> Path:
-    override = os.environ.get("KIMI_DESK_HOME")
+    override = environment.home()
     if override:
         return Path(override).expanduser() / SETTINGS_FILE
     import platformdirs

@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import time
 
+from kimi_desk import environment
+
 SAMPLES = 5
 SAMPLE_INTERVAL_S = 0.01
 
@@ -50,11 +52,7 @@ def busy_elsewhere() -> float | None:
 
 def fixed_threads() -> int | None:
     """The count the environment fixes, if any."""
-    for name in ("KIMI_DESK_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(name, "").strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return None
+    return environment.thread_count()
 
 
 def use_idle_cores() -> int:

@@ -25,7 +25,6 @@ instead. Both compute the same logits.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from kimi_desk import environment
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.state import ModelState
 from kimi_desk.kernels import use_triton
@@ -198,7 +198,7 @@ def decode_step_function(
     replayed CUDA graph on the GPU, the eager model elsewhere. Either advances `state` by one token."""
     # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen. Experts
     # computed in RAM (engine/offload.py) cut the recording into pieces with the CPU's work between them.
-    if use_triton(model.lm_head.weight) and os.environ.get("KIMI_DESK_CUDA_GRAPH", "1") != "0":
+    if use_triton(model.lm_head.weight) and environment.cuda_graph():
         from kimi_desk.engine.cuda_graph import graph_decoder
 
         decoder = graph_decoder(model, state)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from kimi_desk import environment
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.errors import CheckpointError, ConfigError, UserError
 from kimi_desk.engine.files import first_line, index_shards
@@ -118,7 +119,7 @@ HUB_TIMEOUT_ENV = "KIMI_DESK_HUB_TIMEOUT"
 def hub_timeout() -> float:
     """Seconds every request of a pull waits to connect, for an answer, or for the next bytes of a
     download: KIMI_DESK_HUB_TIMEOUT when set (read here only), else 10."""
-    text = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
+    text = environment.hub_timeout_text()
     if not text:
         return DEFAULT_HUB_TIMEOUT
     try:
@@ -549,7 +550,7 @@ def _quiet_hub_warnings():
 
     hub_logger = logging.getLogger("huggingface_hub")
     previous = hub_logger.level
-    if not os.environ.get("HF_HUB_VERBOSITY"):
+    if not environment.hub_verbosity_set():
         hub_logger.setLevel(logging.ERROR)
     try:
         yield

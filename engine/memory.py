@@ -13,9 +13,9 @@ lowered to the container's limit.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from kimi_desk import environment
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.errors import UserError
 
@@ -214,7 +214,7 @@ def check_memory(
     available_bytes, where = _available(device, available_bytes)
     estimate["available_bytes"] = available_bytes
     total = estimate["total_bytes"]
-    if available_bytes is None or total <= available_bytes or os.environ.get("KIMI_DESK_SKIP_MEMORY_CHECK") == "1":
+    if available_bytes is None or total <= available_bytes or environment.skip_memory_check():
         return estimate
     count = estimate["parameters"]
     name = model_name or (

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from kimi_desk import environment
 from kimi_desk.engine import chat
 from kimi_desk.engine.cpu_threads import use_idle_cores
 from kimi_desk.engine.errors import GpuMemoryError, StorageError, writing
@@ -100,7 +101,7 @@ class ReadCancelled(Exception):
 
 def data_home() -> Path:
     """Where sessions live: $KIMI_DESK_HOME, else the platform's user data folder."""
-    override = os.environ.get("KIMI_DESK_HOME")
+    override = environment.home()
     if override:
         return Path(override).expanduser()
     import platformdirs

@@ -8,12 +8,12 @@ Triton kernels too, which only runs under Triton's interpreter (TRITON_INTERPRET
 run the GPU decode path, fused kernels and all, on the CPU.
 """
 
-import os
+from kimi_desk import environment
 
 
 def use_triton(tensor) -> bool:
     """Whether `tensor` should go to a Triton kernel (CUDA, unless forced one way or the other)."""
-    forced = os.environ.get("KIMI_DESK_KERNELS", "").lower()
+    forced = environment.forced_kernels()
     if forced == "torch":
         return False
     return tensor.is_cuda or forced == "triton"
@@ -54,7 +54,7 @@ def pdl(tensor) -> bool:
         import torch
 
         _pdl_devices[device] = (
-            torch.cuda.get_device_capability(device)[0] >= 9 and os.environ.get("KIMI_DESK_PDL", "1") != "0"
+            torch.cuda.get_device_capability(device)[0] >= 9 and environment.programmatic_dependent_launch()
         )
     return _pdl_devices[device]
 

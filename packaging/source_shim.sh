@@ -3,7 +3,7 @@
 #   source packaging/source_shim.sh
 shim=$(mktemp -d)/kimi_desk
 mkdir -p "$shim"
-cp packaging/kimi_desk/__init__.py "$shim/"
+cp packaging/kimi_desk/*.py "$shim/"
 for part in app engine kernels assets; do ln -s "$PWD/$part" "$shim/$part"; done
 ln -s "$PWD/packaging/bench" "$shim/bench"
 export PYTHONPATH="$(dirname "$shim")${PYTHONPATH:+:$PYTHONPATH}"

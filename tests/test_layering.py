@@ -4,6 +4,7 @@ apart: they may import the product, the product never imports them but for `kimi
 points in app/cli.py, inside a function."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,20 @@ def test_no_top_level_app_engine_or_kernels_module():
             assert not Path(result.stdout.strip()).is_relative_to(repo / name), (
                 f"our '{name}' folder is a top-level module"
             )
+
+
+def test_environment_variables_are_read_in_one_module():
+    """Only kimi_desk.environment reads the environment (os.environ.get, os.getenv, os.environ[...] read);
+    README's table names every variable it reads."""
+    readers = re.compile(r"os\.environ\.get\(|os\.getenv\(|environ\[[^\]]+\](?!\s*=)")
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in ("app", "engine", "kernels")
+        for path in (ROOT / folder).rglob("*.py")
+        if readers.search(path.read_text(encoding="utf-8"))
+    ]
+    assert not offenders, offenders
+    source = (ROOT / "packaging" / "kimi_desk" / "environment.py").read_text(encoding="utf-8")
+    names = set(re.findall(r'"((?:KIMI_DESK|TRITON|HF_HUB)_[A-Z_]+)"', source))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert names and all(f"`{name}" in readme for name in names), sorted(n for n in names if f"`{n}" not in readme)

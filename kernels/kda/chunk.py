@@ -53,11 +53,10 @@ the input dtype. Timings and errors against fla's chunk_kda: BENCHMARKS.md (`kim
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from kimi_desk import environment
 from kimi_desk.kernels.kda.gate import log_decay
 
 CHUNK_SIZE = 64
@@ -73,7 +72,7 @@ def _op_dtype(dt):
     """The dtype of the operands of the dots that do not need fp32: the storage dtype of the scratch
     buffers. Triton's interpreter (3.9) computes bf16 dots wrongly, so there they take fp32 operands,
     holding the same bf16-rounded values."""
-    if dt == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if dt == torch.float32 or environment.triton_interpreter():
         return tl.float32
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt]
 

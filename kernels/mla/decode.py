@@ -45,11 +45,10 @@ bf16 cache (BENCHMARKS-log.md).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from kimi_desk import environment
 from kimi_desk.kernels import pdl_launch
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
@@ -58,7 +57,7 @@ MIN_BLOCKS_PER_SPLIT = 4
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return environment.triton_interpreter()
 
 
 def _operand_dtypes(cache_dtype):

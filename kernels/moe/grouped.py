@@ -41,11 +41,10 @@ Sizes and timings at the 48B shapes: BENCHMARKS-log.md.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from kimi_desk import environment
 from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_codes
 
 
@@ -257,7 +256,7 @@ def route_pairs(ids, num_experts, block_m):
 def _operand_dtype(dtype):
     """The dots' operand dtype: x's. Triton's interpreter (3.9) computes bf16 dots wrongly, so there they
     take fp32 operands holding the same rounded values (fp8 weights and h are rounded by their storage)."""
-    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if dtype == torch.float32 or environment.triton_interpreter():
         return tl.float32
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
