@@ -8,18 +8,11 @@ Pure Python, no model involved:
     document.skipped                     # SkippedFile records: what was left out, and why
     document.limit_notices               # LimitNotice records: how many files each limit left out
 
-IngestError (one-line message) when nothing can be read. `first_changed_index` and
-`unchanged_segments` tell where a re-reading of a changed folder has to start.
+IngestError (one-line message) when nothing can be read. Where a re-reading of a changed folder has
+to start is the session's business (engine/session.py): the reading manifest's segments say it.
 """
 
 from kimi_desk.engine.ingest.html_text import html_to_text
-from kimi_desk.engine.ingest.incremental import (
-    DocumentFingerprint,
-    FileFingerprint,
-    fingerprint_document,
-    first_changed_index,
-    unchanged_segments,
-)
 from kimi_desk.engine.ingest.loader import load_file, load_folder, load_path
 from kimi_desk.engine.ingest.records import (
     IngestError,
@@ -38,11 +31,6 @@ __all__ = [
     "load_folder",
     "load_file",
     "html_to_text",
-    "first_changed_index",
-    "unchanged_segments",
-    "fingerprint_document",
-    "FileFingerprint",
-    "DocumentFingerprint",
     "IngestError",
     "LimitNotice",
     "LoadedDocument",
