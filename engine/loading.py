@@ -128,12 +128,15 @@ def choose_placement(
     *,
     gpu_budget: int | None = None,
     cpu_budget: int | None = None,
+    home: Path | None = None,
 ):
     """Before anything is loaded: (weight format, placement or None). On the CPU, choose_format within
     the RAM budget. On a GPU, the plan of engine/placement.py within the budgets: `auto` takes the most
     faithful format that fits the GPU whole, else int4 with the routed experts that do not fit in RAM
-    (the smallest in RAM and the fastest there); a format asked for is planned as asked. The plan's
-    line goes to `notice` when experts live in RAM. PlacementError (one line) when nothing fits."""
+    (the smallest in RAM and the fastest there); a format asked for is planned as asked. The GPU's
+    experts are the most used ones where the data folder `home` (default: engine.session.data_home)
+    holds this checkpoint's expert usage (engine/usage.py). The plan's line goes to `notice` when
+    experts live in RAM. PlacementError (one line) when nothing fits."""
     from kimi_desk.engine.config import KimiLinearConfig
     from kimi_desk.engine.hub import model_display_name
     from kimi_desk.engine.memory import formats_for
@@ -151,9 +154,19 @@ def choose_placement(
         return choose_format(Path(path), device, requested, notice, available_bytes=explicit), None
     config = KimiLinearConfig.from_file(Path(path) / "config.json")
     name = model_display_name(Path(path))
+    usage = stored_usage(Path(path), config, notice, home)
 
     def plan(fmt):
-        return plan_placement(config, config.dtype, fmt, gpu_budget=gpu, cpu_budget=cpu, model_name=name)
+        return plan_placement(
+            config,
+            config.dtype,
+            fmt,
+            gpu_budget=gpu,
+            cpu_budget=cpu,
+            model_name=name,
+            usage=usage.per_layer() if usage else None,
+            usage_tokens=usage.tokens if usage else None,
+        )
 
     if requested == "auto":
         for fmt in formats_for(device):
@@ -176,6 +189,20 @@ def choose_placement(
     if placement.offloaded:
         notice(placement.describe())
     return quantize, placement
+
+
+def stored_usage(path: Path, config, notice: Callable[[str], None] = lambda line: None, home: Path | None = None):
+    """The expert usage kept for the checkpoint at `path` (engine/usage.py), or None: none kept yet, or
+    a damaged file (said through `notice`)."""
+    from kimi_desk.engine.session import data_home
+    from kimi_desk.engine.usage import read_usage
+    from kimi_desk.engine.weights import checkpoint_fingerprint
+
+    layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    if not layers:
+        return None
+    usage = read_usage(home or data_home(), checkpoint_fingerprint(path), layers, config.num_experts, notice)
+    return usage if usage is not None and usage.tokens > 0 else None
 
 
 def load_assistant(

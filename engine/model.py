@@ -120,9 +120,14 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
+    # Forward calls of more tokens than this (prefill chunks) add their routers' choices to `usage` when
+    # it is set (engine/usage.py); decode steps, and the CUDA graphs recorded from them, never do.
+    COUNT_MIN_TOKENS = 32
+
     def __init__(self, config: KimiLinearConfig):
         super().__init__()
         self.gate = Router(config)
+        self.usage: torch.Tensor | None = None  # [num_experts] int64 on the model's device, while counting
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
@@ -134,10 +139,17 @@ class SparseMoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         ids, weights = self.gate(flat)
+        if self.usage is not None and B * T > self.COUNT_MIN_TOKENS and not _capturing(flat):
+            chosen = ids[:, : self.gate.top_k].reshape(-1)  # without the shared expert's column (fuse.py)
+            self.usage.index_add_(0, chosen, torch.ones_like(chosen))
         out = self.experts(flat, ids, weights).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class MultiHeadLatentAttention(nn.Module):

@@ -7,8 +7,9 @@
 What every token needs goes on the GPU first: the attention and KDA layers, the dense layer, the shared
 experts, the routers and norms, the embedding and the output head, the MLA cache for the context asked
 for, the KDA states (and the copy a chat turn branches from), one prefill chunk's working set. Then as
-many routed experts as fit, the most used first where usage is known (else the same number in every MoE
-layer); the others stay in system RAM, computed there at decode and streamed to the GPU at prefill
+many routed experts as fit, the most used first where usage is known (engine/usage.py: counted while
+documents are read; chosen over every (layer, expert) pair, so a layer whose choices are concentrated
+holds fewer than one whose choices are spread), else the same number in every MoE layer; the others stay in system RAM, computed there at decode and streamed to the GPU at prefill
 (engine/offload.py), which needs two staging slots of one layer's routed experts on the GPU.
 
 Pure logic over the config: the bytes come from memory.py's per-parameter rule, so the plan, the check
@@ -77,6 +78,15 @@ def format_gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+def format_tokens(n: int) -> str:
+    """1234567 -> '1.2 M tokens', 45600 -> '45.6 k tokens', 950 -> '950 tokens'."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f} M tokens"
+    if n >= 1000:
+        return f"{n / 1e3:.1f} k tokens"
+    return f"{n:,} tokens"
+
+
 def _ceil_tenth_gib(n: float) -> str:
     """A size for the command line that is at least n: rounded up to a tenth of a GiB."""
     return f"{math.ceil(n / GIB * 10) / 10:.1f}GiB"
@@ -101,6 +111,8 @@ class Placement:
     quantize: str | None = None
     context_tokens: int = 0
     notes: tuple[str, ...] = field(default=())
+    # The tokens read whose expert usage chose the GPU's experts; None when usage was not known.
+    usage_tokens: int | None = None
 
     @property
     def moe_layers(self) -> list[int]:
@@ -142,6 +154,8 @@ class Placement:
             on_gpu = "no routed experts"
         else:
             on_gpu = f"{self.gpu_count:,} of {self.total_experts:,} routed experts"
+            if self.usage_tokens is not None:
+                on_gpu += f", the most used first (usage of {format_tokens(self.usage_tokens)} read)"
         return (
             f"GPU {format_gib(self.gpu_bytes)}: attention, shared experts, {on_gpu}; "
             f"RAM {format_gib(self.ram_bytes)}: the others"
@@ -159,6 +173,7 @@ class Placement:
             "total_experts": self.total_experts,
             "gpu_budget": self.gpu_budget,
             "cpu_budget": self.cpu_budget,
+            "usage_tokens": self.usage_tokens,
             "describe": self.describe(),
         }
 
@@ -189,11 +204,15 @@ def plan_placement(
     context_tokens: int | None = None,
     prefill_chunk: int = 8192,
     usage: Mapping[int, Sequence[float]] | None = None,
+    usage_tokens: int | None = None,
     model_name: str | None = None,
 ) -> Placement:
     """The placement of the model in `quantize` within `gpu_budget` bytes of GPU memory and `cpu_budget`
     bytes of RAM (None: RAM unchecked). `usage[layer][expert]`: how often each expert was chosen (any
-    scale); the most used go to the GPU first. PlacementError when the budgets cannot hold it."""
+    scale; engine/usage.py), `usage_tokens` the tokens it was counted over (for the description): the
+    GPU's experts are the most used over all the MoE layers, as many as the budget holds, so layers may
+    get different numbers; without usage every layer gets the same. PlacementError when the budgets
+    cannot hold it."""
     from kimi_desk.engine.memory import estimate_memory
 
     estimate = estimate_memory(config, dtype, quantize, context_tokens=context_tokens, prefill_chunk=prefill_chunk)
@@ -242,19 +261,27 @@ def plan_placement(
             f"{total_experts - count:,} routed experts of {name} do not fit in --gpu-memory {format_gib(gpu_budget)} "
             f"and need {format_gib(ram_bytes)} of RAM, but --cpu-memory is {format_gib(cpu_budget)}: {advice}"
         )
-    return Placement(gpu_experts=gpu_experts, staging_bytes=staging, **common)
+    decided = usage_tokens if usage and count else None
+    return Placement(gpu_experts=gpu_experts, staging_bytes=staging, usage_tokens=decided, **common)
 
 
 def _choose(layers: list[int], E: int, count: int, usage) -> dict[int, tuple[int, ...]]:
-    """`count` (layer, expert) pairs for the GPU: the most used first, else spread evenly over the layers
-    (the first layers take the remainder), lowest ids first."""
+    """`count` (layer, expert) pairs for the GPU: the most used first over all the layers, else spread
+    evenly over the layers (the first layers take the remainder), lowest ids first. Pairs used equally
+    often (the never used ones, after a short reading) take turns between the layers, lowest ids first."""
     chosen: dict[int, list[int]] = {i: [] for i in layers}
     if usage:
-        ranked = sorted(
-            ((float(usage.get(i, [0] * E)[e]), i, e) for i in layers for e in range(E)),
-            key=lambda t: (-t[0], t[1], t[2]),
-        )
-        for _, i, e in ranked[:count]:
+        ranked = []
+        for i in layers:
+            row = [float(c) for c in usage.get(i, [0] * E)]
+            if len(row) != E:
+                raise ValueError(f"usage of layer {i} has {len(row)} experts, the model {E}")
+            turn, previous = 0, None
+            for e in sorted(range(E), key=lambda e: (-row[e], e)):
+                turn = turn + 1 if row[e] == previous else 0  # its turn among the layer's equally used
+                previous = row[e]
+                ranked.append((-row[e], turn, i, e))
+        for _, _, i, e in sorted(ranked)[:count]:
             chosen[i].append(e)
     else:
         each, extra = divmod(count, len(layers)) if layers else (0, 0)

@@ -39,7 +39,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,7 @@ from kimi_desk.engine.session_record import (
 from kimi_desk.engine.snapshot import Identity, SnapshotError, SnapshotStore
 from kimi_desk.engine.sources import SourceTexts
 from kimi_desk.engine.state import ModelState
+from kimi_desk.engine.usage import ExpertUsage, add_usage
 
 __all__ = [
     "Answer",
@@ -134,7 +135,8 @@ class SessionStore:
     is moved aside in one rename before it is deleted, so it never comes back half there."""
 
     def __init__(self, home: Path | None = None):
-        self.root = (home or data_home()) / "sessions"
+        self.home = home or data_home()  # the data folder: sessions, and the models' expert usage
+        self.root = self.home / "sessions"
 
     def _folder(self, session_id: str) -> Path:
         if (
@@ -311,6 +313,9 @@ class Assistant:
         self.identity = Identity(model.fingerprint, tokenizer.fingerprint)
         self.stop_ids = chat.stop_token_ids(tokenizer, model.config)
         self.model_source = ""  # where the model was loaded from; sessions remember it
+        # Count which routed experts each reading chooses, kept per model in the data folder
+        # (engine/usage.py): the next load on a GPU too small for the model keeps the most used there.
+        self.count_usage = True
         self._document_states: dict[str, ModelState] = {}
         # Per session, the live thread: the key of its tokens (see the module doc) and its state.
         self._live: dict[str, tuple[str, ModelState]] = {}
@@ -414,7 +419,7 @@ class Assistant:
         session = store.find_or_create(source, name or Path(source).name, self.identity, system)
         with store.reading(session.id):
             try:
-                self._read_session(session, segments, units, document, name, on_plan, on_progress, cancel)
+                self._read_session(session, segments, units, document, name, on_plan, on_progress, cancel, store)
             except torch.OutOfMemoryError as exc:  # its checkpoints so far are kept: the next read resumes
                 raise GpuMemoryError("reading") from exc
         return session
@@ -433,7 +438,7 @@ class Assistant:
         self._live.pop(session_id, None)
         self._document_states.pop(session_id, None)
 
-    def _read_session(self, session, segments, units, document, name, on_plan, on_progress, cancel) -> None:
+    def _read_session(self, session, segments, units, document, name, on_plan, on_progress, cancel, store) -> None:
         session.refresh()  # as the last reader left it, now that this process holds the reading lock
         total = segments[-1].end
         snapshots = _usable_snapshots(session)
@@ -474,15 +479,30 @@ class Assistant:
         )
         if on_plan is not None:
             on_plan(session, total - resume_at, document.limit_notices)
-        self._read_from(session, snapshots, segments, units, state, on_progress, cancel, len(document.files))
+        usage = ExpertUsage.for_model(self.model) if self.count_usage else None
+        try:
+            self._read_from(session, snapshots, segments, units, state, on_progress, cancel, len(document.files), usage)
+        finally:  # what a cancelled reading counted is kept too
+            if usage is not None:
+                self._keep_usage(store.home, usage)
         self._document_states[session.id] = state
 
-    def _read_from(self, session, snapshots, segments, units, state, on_progress, cancel, files_total):
+    def _keep_usage(self, home: Path, usage: ExpertUsage) -> None:
+        """Add a reading's expert usage to the model's file; a disk that refuses it costs only the hint."""
+        try:
+            with self.model_lock:  # the counts are complete once the model's queued work is
+                usage.tokens = usage.counted_tokens(self.model.config.num_experts_per_token)
+            add_usage(home, self.model.fingerprint, usage)
+        except (StorageError, OSError):
+            pass
+
+    def _read_from(self, session, snapshots, segments, units, state, on_progress, cancel, files_total, usage=None):
         """Prefill the document from `state.position` to its end. Calls take `prefill_chunk` tokens
         across file boundaries (a folder of small files would otherwise cost a call per file, each
         paying the per-call costs, the MLA layers' expansion of every cached key among them), and end
         where a checkpoint is due: at the first file boundary `checkpoint_interval` tokens or more after
-        the last checkpoint, inside a long file every 4 intervals, and at the end."""
+        the last checkpoint, inside a long file every 4 intervals, and at the end. `usage`, when given,
+        counts the experts the chunks choose (engine/usage.py)."""
         total = segments[-1].end
         ends = [segment.end for segment in segments]
         boundaries = set(ends)
@@ -510,7 +530,7 @@ class Assistant:
             )
             stop = min(stop, boundary)
             chunk = torch.tensor([_token_slice(segments, units, position, stop)], device=self.model.device)
-            with self.model_lock:
+            with self.model_lock, usage.counting(self.model) if usage is not None else nullcontext():
                 self.model(chunk, state, last_only=True)
             at_boundary = stop == boundary and stop in boundaries
             if stop == total or (at_boundary and stop - last_checkpoint >= self.checkpoint_interval):

@@ -180,3 +180,30 @@ def test_decode_round_trips_go_through_fixed_host_buffers_and_host_steps(checkpo
     addresses = [layer._host.x.data_ptr() for layer in layers]
     run(split, ids[:, :40], 30)
     assert [layer._host.x.data_ptr() for layer in layers] == addresses
+
+
+def test_a_model_placed_by_its_usage_computes_the_whole_models_logits(checkpoint, ids):
+    from kimi_desk.engine.placement import plan_placement
+    from kimi_desk.engine.usage import ExpertUsage
+
+    whole = load_model(checkpoint, dtype=torch.float32, quantize="int4")
+    usage = ExpertUsage.for_model(whole)
+    with usage.counting(whole):
+        whole(ids[:, :60], whole.new_state(1))
+    usage.counts[2] *= 5  # layer 3's choices weigh more: its share of the GPU grows
+    config = whole.config
+    full = plan_placement(config, "float32", "int4", gpu_budget=1 << 40)
+    budget = full.fixed_bytes + (2 * 8 + 13) * full.expert_bytes
+    placement = plan_placement(config, "float32", "int4", gpu_budget=budget, usage=usage.per_layer(), usage_tokens=60)
+    counts = usage.per_layer()
+    assert placement.gpu_count == 13 and len({len(v) for v in placement.gpu_experts.values()}) > 1
+    for i in placement.moe_layers:
+        ram = [counts[i][e] for e in placement.ram_experts(i)]
+        assert all(counts[i][e] >= max(ram, default=0) for e in placement.gpu_experts[i])
+    split = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=placement)
+    assert split.offload is not None
+    state_whole, state_split = whole.new_state(1), split.new_state(1)
+    assert rel(split(ids[:, :60], state_split), whole(ids[:, :60], state_whole)) < 1e-5
+    for t in range(60, 66):
+        got, want = split(ids[:, t : t + 1], state_split), whole(ids[:, t : t + 1], state_whole)
+        assert rel(got, want) < 2e-2 and got[0, -1].argmax() == want[0, -1].argmax()

@@ -1,6 +1,7 @@
 """The placement planner: budgets, which experts go where, the one-line description and refusals."""
 
 import pytest
+import torch
 from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
 from kimi_desk.engine import placement
 from kimi_desk.engine.errors import UserError
@@ -138,3 +139,40 @@ def test_default_budgets_leave_a_margin():
     assert placement.default_gpu_budget(GIB) == 0
     assert placement.default_cpu_budget(None) is None
     assert placement.default_cpu_budget(64 * GIB) == 62 * GIB
+
+
+def test_skewed_usage_spends_the_same_budget_on_the_most_used_experts():
+    # The 48B shapes: a few experts per layer take most of the choices, more of them in the later layers.
+    gen = torch.Generator().manual_seed(0)
+    usage = {i: (torch.rand(256, generator=gen) ** (4 + i)).mul(1e6).long().tolist() for i in range(1, 27)}
+    even = plan_placement(BIG, "bfloat16", "int4", gpu_budget=16 * GIB, cpu_budget=64 * GIB)
+    plan = plan_placement(
+        BIG, "bfloat16", "int4", gpu_budget=16 * GIB, cpu_budget=64 * GIB, usage=usage, usage_tokens=45_600
+    )
+    assert plan.gpu_count == even.gpu_count and plan.gpu_bytes == even.gpu_bytes <= 16 * GIB
+    assert plan.ram_bytes == even.ram_bytes
+    # Every expert on the GPU is used at least as much as every one in RAM, over all the layers.
+    on_gpu = [usage[i][e] for i in plan.moe_layers for e in plan.gpu_experts[i]]
+    in_ram = [usage[i][e] for i in plan.moe_layers for e in plan.ram_experts(i)]
+    assert min(on_gpu) >= max(in_ram)
+    assert sum(on_gpu) > sum(usage[i][e] for i in even.moe_layers for e in even.gpu_experts[i])
+    counts = [len(plan.gpu_experts[i]) for i in plan.moe_layers]
+    assert max(counts) - min(counts) > 1  # the budget goes where the choices are, not evenly
+    assert "routed experts, the most used first (usage of 45.6 k tokens read); RAM" in plan.describe()
+    assert plan.to_dict()["usage_tokens"] == 45_600 and even.usage_tokens is None
+    # A model that fits whole says nothing of usage.
+    whole = plan_placement(BIG, "bfloat16", "int4", gpu_budget=80 * GIB, usage=usage, usage_tokens=45_600)
+    assert whole.describe().endswith("the whole model") and whole.usage_tokens is None
+
+
+def test_experts_used_equally_take_turns_between_the_layers():
+    config = tiny_config(num_hidden_layers=4, kda_layers=[1, 2, 3], full_attn_layers=[4], num_experts=32)
+    whole = plan_placement(config, "float32", None, gpu_budget=1 << 40)
+    budget = whole.fixed_bytes + (2 * 32 + 7) * whole.expert_bytes
+    usage = {1: [0] * 32, 2: [0] * 32, 3: [0] * 32}
+    usage[2][9] = 4  # one expert used, the others never (a short reading)
+    plan = plan_placement(config, "float32", None, gpu_budget=budget, usage=usage, usage_tokens=2)
+    assert plan.gpu_experts == {1: (0, 1), 2: (0, 1, 9), 3: (0, 1)}
+    assert "(usage of 2 tokens read)" in plan.describe()
+    with pytest.raises(ValueError, match="usage of layer 1 has 3 experts"):
+        plan_placement(config, "float32", None, gpu_budget=budget, usage={1: [1, 2, 3]})
