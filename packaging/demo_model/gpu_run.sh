@@ -6,8 +6,9 @@
 # Run from the repository root, after `source packaging/source_shim.sh`.
 #
 # `all` is the one-call form (a single command of at most ~9 minutes, nothing left running after it):
-# installs the carried wheels, unpacks the corpus, trains from assets/model on the clock, copies the model
-# to $OUT at once, evaluates on the GPU until the deadline, and leaves in $OUT (at most 8 files of under
+# installs the carried wheels (.whl/: fla-core 0.6.0 and einops for the KDA backward pass, pypdf and
+# platformdirs, which kimi_desk's ingest imports and the GPU image lacks), unpacks the corpus, trains
+# from assets/model on the clock, copies the model to $OUT at once, evaluates on the GPU until the deadline, and leaves in $OUT (at most 8 files of under
 # 16 MiB, one folder deep): model/ (3 safetensors shards of 15 MB, the index, config.json; the tokenizer is
 # assets/model's), run_logs.tar.gz (pipeline output, log.jsonl, loss curve, summary, eval tables and every
 # reply), triton_cache.tar.gz when it fits. Environment:
