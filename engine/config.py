@@ -225,6 +225,11 @@ class KimiLinearConfig:
         )
 
     @property
+    def moe_layers(self) -> list[int]:
+        """The indices of the decoder layers whose MLP is a mixture of experts, ascending."""
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @property
     def layer_kinds(self) -> list[str]:
         """'kda' or 'mla' per 0-based layer."""
         kda = set(self.kda_layers)

@@ -113,7 +113,7 @@ class PullProgress:
 
 # huggingface-hub's own default; a slow link may want more, and the tests want less.
 DEFAULT_HUB_TIMEOUT = 10.0
-HUB_TIMEOUT_ENV = "KIMI_DESK_HUB_TIMEOUT"
+HUB_TIMEOUT_ENV = environment.HUB_TIMEOUT
 
 
 def hub_timeout() -> float:

@@ -198,7 +198,7 @@ def stored_usage(path: Path, config, notice: Callable[[str], None] = lambda line
     from kimi_desk.engine.usage import read_usage
     from kimi_desk.engine.weights import checkpoint_fingerprint
 
-    layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    layers = config.moe_layers
     if not layers:
         return None
     usage = read_usage(home or data_home(), checkpoint_fingerprint(path), layers, config.num_experts, notice)

@@ -9,8 +9,8 @@ experts, the routers and norms, the embedding and the output head, the MLA cache
 for, the KDA states (and the copy a chat turn branches from), one prefill chunk's working set. Then as
 many routed experts as fit, the most used first where usage is known (engine/usage.py: counted while
 documents are read; chosen over every (layer, expert) pair, so a layer whose choices are concentrated
-holds fewer than one whose choices are spread), else the same number in every MoE layer; the others stay in system RAM, computed there at decode and streamed to the GPU at prefill
-(engine/offload.py), which needs two staging slots of one layer's routed experts on the GPU.
+holds fewer than one whose choices are spread), else the same number in every MoE layer; the others
+stay in system RAM, computed there at decode and streamed to the GPU at prefill (engine/offload.py), which needs two staging slots of one layer's routed experts on the GPU.
 
 Pure logic over the config: the bytes come from memory.py's per-parameter rule, so the plan, the check
 before loading and what loading allocates agree. Refusals are one line (PlacementError) and name the
@@ -183,7 +183,7 @@ def expert_bytes(config: KimiLinearConfig, dtype, quantize: str | None) -> int:
     from kimi_desk.engine.memory import _BYTES_PER_DTYPE, _dtype_name, weight_bytes
 
     compute = _BYTES_PER_DTYPE[_dtype_name(dtype)]
-    layer = next(i for i in range(config.num_hidden_layers) if config.is_moe_layer(i))
+    layer = config.moe_layers[0]
     D, inner = config.hidden_size, config.moe_intermediate_size
     prefix = f"model.layers.{layer}.block_sparse_moe.experts."
     return int(
@@ -216,7 +216,7 @@ def plan_placement(
     from kimi_desk.engine.memory import estimate_memory
 
     estimate = estimate_memory(config, dtype, quantize, context_tokens=context_tokens, prefill_chunk=prefill_chunk)
-    layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    layers = config.moe_layers
     E = config.num_experts
     per_expert = expert_bytes(config, dtype, quantize)
     total_experts = E * len(layers)

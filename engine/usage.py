@@ -48,7 +48,7 @@ class ExpertUsage:
     def for_model(cls, model) -> ExpertUsage | None:
         """Zero counts for `model`'s MoE layers on its device; None when it has none."""
         config = model.config
-        layers = tuple(i for i in range(config.num_hidden_layers) if config.is_moe_layer(i))
+        layers = tuple(config.moe_layers)
         if not layers:
             return None
         counts = torch.zeros(len(layers), config.num_experts, dtype=torch.int64, device=model.device)
@@ -100,34 +100,29 @@ def read_usage(
     if path is None or not path.is_file():
         return None
     try:
-        return _parse(path.read_bytes(), fingerprint, tuple(layers), num_experts)
+        return _parse(path, fingerprint, tuple(layers), num_experts)
     except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, it is only a hint
         why = " ".join(str(exc).split())[:120] or type(exc).__name__
         notice(f"expert usage file {path.name} is damaged ({why}); ignored, the next reading replaces it")
         return None
 
 
-def _parse(data: bytes, fingerprint: str, layers: tuple[int, ...], num_experts: int) -> ExpertUsage:
-    import json
-    import struct
+def _parse(path: Path, fingerprint: str, layers: tuple[int, ...], num_experts: int) -> ExpertUsage:
+    from kimi_desk.engine.weights import read_header
+    from safetensors import safe_open
 
-    from safetensors.torch import load
-
-    if len(data) < 8:
-        raise ValueError("truncated")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8 or header_len > 1 << 20:
-        raise ValueError("truncated header")
-    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-    tensors = load(data)
+    read_header(path)  # bounded and checked before anything is read from it
+    with safe_open(path, "pt") as reader:
+        metadata = reader.metadata() or {}
+        names = set(reader.keys())
+        counts = reader.get_tensor("counts") if names == {"counts"} else None
     if metadata.get("kimi_desk_usage") != USAGE_VERSION:
         raise ValueError(f"version {str(metadata.get('kimi_desk_usage'))[:20]!r}, not {USAGE_VERSION}")
     if metadata.get("fingerprint") != fingerprint:
         raise ValueError("another checkpoint's")
     if metadata.get("layers") != ",".join(map(str, layers)):
         raise ValueError("other MoE layers")
-    counts = tensors.get("counts")
-    if set(tensors) != {"counts"} or counts.dtype != torch.int64 or tuple(counts.shape) != (len(layers), num_experts):
+    if counts is None or counts.dtype != torch.int64 or tuple(counts.shape) != (len(layers), num_experts):
         raise ValueError("not counts of this model's experts")
     if bool((counts < 0).any()):
         raise ValueError("negative counts")

@@ -91,7 +91,7 @@ def timing(layers: int, context: int, steps: int = 30) -> None:
     from kimi_desk.engine.fuse import fuse_projections
 
     config = slice_config(layers)
-    moe = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    moe = config.moe_layers
     plan = placement({i: tuple(range(149)) for i in moe}, config.num_experts)
     model = fuse_projections(
         random_model(config, seed=0, dtype=torch.bfloat16, device="cuda", quantize="int4", placement=plan)
