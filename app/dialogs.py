@@ -3,8 +3,6 @@ the settings form. Each dismisses with its result; the caller's callback acts on
 
 from __future__ import annotations
 
-from kimi_desk.app.messages import Problem
-from kimi_desk.app.settings import DEVICES, QUANTIZE, Settings, SettingsError
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -12,6 +10,9 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
+
+from kimi_desk.app.messages import Problem
+from kimi_desk.app.settings import DEVICES, QUANTIZE, Settings, SettingsError
 
 
 class TextPrompt(ModalScreen[str | None]):

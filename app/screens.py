@@ -12,6 +12,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.cells import cell_len
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, OptionList, ProgressBar, Static
+
 from kimi_desk.app import backend, formatting
 from kimi_desk.app.dialogs import Confirm, TextPrompt
 from kimi_desk.app.messages import (
@@ -33,15 +43,6 @@ from kimi_desk.app.messages import (
 )
 from kimi_desk.app.widgets import ContextGauge, SourcePane, StatusLine, ThreadList, TurnView, turn_meta
 from kimi_desk.engine.errors import IngestError, SessionError, UserError
-from rich.cells import cell_len
-from rich.text import Text
-from textual import on, work
-from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.reactive import reactive
-from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, OptionList, ProgressBar, Static
 
 # At most this many progress or answer-text messages a second reach the UI: enough to look live,
 # few enough that re-rendering (Markdown above all) never falls behind the model.

@@ -15,6 +15,12 @@ import datetime
 from collections.abc import Callable
 from pathlib import Path
 
+from textual import work
+from textual.app import App
+from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.reactive import reactive
+
 from kimi_desk.app import backend, formatting
 from kimi_desk.app.backend import EngineFactory, ModelChoice, StoreFactory
 from kimi_desk.app.dialogs import HelpScreen, ProblemDialog, SettingsScreen, TextPrompt
@@ -42,11 +48,6 @@ from kimi_desk.app.screens import (
 )
 from kimi_desk.app.settings import Settings, SettingsError, load_settings, save_settings, settings_path
 from kimi_desk.app.widgets import SourcePane
-from textual import work
-from textual.app import App
-from textual.binding import Binding
-from textual.command import DiscoveryHit, Hit, Hits, Provider
-from textual.reactive import reactive
 
 
 class KimiDeskCommands(Provider):

@@ -3,7 +3,6 @@ places it cites, the list of a session's threads and the source pane."""
 
 from __future__ import annotations
 
-from kimi_desk.app import formatting
 from rich.syntax import Syntax
 from rich.text import Text
 from textual.app import ComposeResult
@@ -12,6 +11,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.widgets import Label, Markdown, OptionList, ProgressBar, Static
 from textual.widgets.option_list import Option
+
+from kimi_desk.app import formatting
 
 # Thresholds at which the context gauge turns to a warning and then an error colour.
 GAUGE_WARN = 0.75

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, suppress
 
 import torch
+
 from kimi_desk.engine.state import KDAState, MLACache, ModelState
 
 # Room a full MLA cache grows by before the step is recorded again: at least this many tokens, or an

@@ -29,11 +29,12 @@ dtype (it was rounded, then added).
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.model import MLP, MultiHeadLatentAttention, SparseMoE
 from kimi_desk.engine.quantize import Int4Linear, RowScaledLinear
 from kimi_desk.kernels.quant import FP8
-from torch import nn
 
 # Module class -> (attribute of the joined projection, the projections it joins, in output order).
 GROUPS = {

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+
 from kimi_desk import environment
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.state import ModelState

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.state import KDAState
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.kda import RECURRENT_MAX_TOKENS, kda, recurrent_kda_inplace
 from kimi_desk.kernels.norm import gated_rms_norm
-from torch import nn
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

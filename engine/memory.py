@@ -71,6 +71,7 @@ def estimate_memory(
 ) -> dict:
     """Bytes the model needs at batch 1 (see the module doc): weights, KDA state, MLA cache, activations."""
     import torch  # noqa: F401 - build_on_meta needs it; imported here so that importing stays light
+
     from kimi_desk.engine.quantize import METHODS
     from kimi_desk.engine.weights import build_on_meta
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.state import MLACache, ModelState
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
 from kimi_desk.kernels.moe import route_topk, routed_experts, routed_experts_int4_cpu, router_logits
 from kimi_desk.kernels.norm import add_rms_norm, rms_norm
-from torch import nn
 
 
 class RMSNorm(nn.Module):

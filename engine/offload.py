@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from kimi_desk.kernels.quant.cpu import CpuInt4Weight, cpu_int4_fits, int4_linear_cpu, pack_int4_for_cpu
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
-from torch import nn
 
 # Tokens up to which the RAM experts are computed on the CPU; more (prefill chunks) stream them to the
 # GPU. A rule, not yet a measurement: the CPU's products grow with the tokens while streaming costs one

@@ -23,6 +23,8 @@ the KDA state and the MLA cache keep the model's dtype.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from kimi_desk.engine.errors import ConfigError
 from kimi_desk.kernels.quant import (
     FP8,
@@ -40,7 +42,6 @@ from kimi_desk.kernels.quant.cpu import (
     pack_int4_for_cpu,
 )
 from kimi_desk.kernels.quant.naive import dequantize_rows
-from torch import nn
 
 METHODS = ("fp8", "int8", "int4")
 # Bytes a quantized weight takes, scales included (int4: a bf16 scale and zero per group of 32-128).

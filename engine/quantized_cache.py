@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+
 from kimi_desk.engine.memory import format_bytes
 from kimi_desk.engine.quantize import format_of
-from safetensors import SafetensorError, safe_open
 
 CACHE_VERSION = "1"
 FOLDER = ".kimi-desk-cache"

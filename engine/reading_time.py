@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from kimi_desk.engine.state import MLACache, ModelState
 
 # The probe that measures the growth: PROBE_TOKENS new tokens after PROBE_CACHED cached ones (two MLA

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from kimi_desk import environment
 from kimi_desk.engine import chat
 from kimi_desk.engine.cpu_threads import use_idle_cores

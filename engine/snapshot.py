@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
 from kimi_desk.engine.atomic import atomic_write
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.files import BadJSON, brief, first_line, is_count, read_json, some
 from kimi_desk.engine.state import KDAState, MLACache, ModelState
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -32,10 +32,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer as _BackendTokenizer
+
 from kimi_desk.engine.atomic import atomic_write
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.files import BadJSON, first_line, read_json
-from tokenizers import Tokenizer as _BackendTokenizer
 
 
 class TokenizerError(UserError):

@@ -108,8 +108,9 @@ def read_usage(
 
 
 def _parse(path: Path, fingerprint: str, layers: tuple[int, ...], num_experts: int) -> ExpertUsage:
-    from kimi_desk.engine.weights import read_header
     from safetensors import safe_open
+
+    from kimi_desk.engine.weights import read_header
 
     read_header(path)  # bounded and checked before anything is read from it
     with safe_open(path, "pt") as reader:
@@ -141,10 +142,11 @@ def add_usage(
     """Add `usage` to the checkpoint's usage file (made if missing, replaced if damaged), atomically,
     under a lock; returns the sum written (None when the model has no fingerprint or nothing was
     counted)."""
+    from safetensors.torch import save
+
     from kimi_desk.engine.atomic import atomic_write
     from kimi_desk.engine.errors import writing
     from kimi_desk.engine.file_lock import file_lock
-    from safetensors.torch import save
 
     path = usage_file(home, fingerprint)
     if path is None or usage.tokens <= 0:

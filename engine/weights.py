@@ -16,13 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.errors import CheckpointError, ConfigError
 from kimi_desk.engine.files import brief, first_line, index_shards, is_count, shown_name, some
 from kimi_desk.engine.model import KimiLinearForCausalLM
 from kimi_desk.engine.quantize import Int8Embedding, format_of, quantize_into, quantize_structure
 from kimi_desk.engine.quantized_cache import cache_file, load_cached, write_cache
-from safetensors import SafetensorError, safe_open
 
 # Parameters kept in float32 whatever the model dtype: the gates' scalars and the short convolutions
 # (as the reference implementations allocate them), the router's selection bias, and two small matrices

@@ -10,9 +10,10 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 
-from kimi_desk.engine.ingest.records import ExtractedText, IngestError
 from pypdf import PdfReader
 from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
+
+from kimi_desk.engine.ingest.records import ExtractedText, IngestError
 
 
 def extract_pdf_text(

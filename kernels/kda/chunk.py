@@ -56,6 +56,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from kimi_desk import environment
 from kimi_desk.kernels.kda.gate import log_decay
 

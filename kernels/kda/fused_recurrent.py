@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from kimi_desk.kernels import pdl_launch
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 from kimi_desk.kernels.kda.gate import log_decay

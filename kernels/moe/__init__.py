@@ -19,6 +19,7 @@ per chosen expert, which asks the host which experts were chosen).
 """
 
 import torch
+
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.moe.naive import (
     route_topk_torch,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from kimi_desk.kernels import pdl_launch, zeroed_counters
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_code_halves

@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from kimi_desk import environment
 from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_codes
 

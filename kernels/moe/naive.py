@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from kimi_desk.kernels.quant import GEMV_MAX_TOKENS
 from kimi_desk.kernels.quant.cpu import cpu_int8_fits, int4_linear_cpu, int8_linear_cpu
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
 from kimi_desk.kernels.quant.naive import unpack_int4
 
 

@@ -229,6 +229,7 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
     import torch
     from fla.ops.kda import chunk_kda as fla_chunk
     from fla.ops.kda import fused_recurrent_kda as fla_recurrent
+
     from kimi_desk.kernels.kda.chunk import chunk_kda_triton
     from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
 
@@ -324,6 +325,7 @@ def _plain_calls(q, k, v, g, beta, h0, intra_cfg, scan_cfg):
     """Our plain prefill call and fla's chunk_kda on the same inputs (initial and final state), each run
     once (fla autotunes on its first call); returns the two callables for timing."""
     from fla.ops.kda import chunk_kda as fla_chunk
+
     from kimi_desk.kernels.kda.chunk import chunk_kda_triton
 
     def ours():
@@ -345,6 +347,7 @@ def gate_sweep(log, lengths, intra_cfg=None, scan_cfg=None, demo_gates=None, che
     ratio fla time / our time over all gates and lengths."""
     import torch
     from fla.ops.kda import chunk_kda as fla_chunk
+
     from kimi_desk.kernels.kda.chunk import CHUNK_SIZE, SUB_CHUNK, chunk_kda_triton
 
     names, demo = list(GATE_SWEEP), None
@@ -420,6 +423,7 @@ def gate_sweep(log, lengths, intra_cfg=None, scan_cfg=None, demo_gates=None, che
 def tune_prefill(log, T=32768):
     """Time a few launch settings of each of our two prefill kernels; return the fastest of each."""
     import torch
+
     from kimi_desk.kernels.kda.chunk import chunk_kda_intra, chunk_kda_scan
 
     q, k, v, g, beta, h0 = kda_inputs(1, T, "model", seed=7)
@@ -467,6 +471,7 @@ def tune_prefill(log, T=32768):
 def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
     import torch
     from fla.ops.kda import chunk_kda as fla_chunk
+
     from kimi_desk.kernels.kda.chunk import chunk_kda_triton
 
     rows = []
@@ -546,6 +551,7 @@ def bench_decode(log, bandwidth):
     import torch
     from fla.ops.kda import fused_recurrent_kda as fla_recurrent
     from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_recurrent_fwd
+
     from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
 
     rows = []
@@ -595,6 +601,7 @@ def bench_decode(log, bandwidth):
 def tune_decode(log):
     """Graph of 20 in-place steps for a few tile widths and warp counts, at B = 1 and B = 8."""
     import torch
+
     from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
 
     res = []
@@ -655,6 +662,7 @@ def check_mla(log):
     """Rel. error of the Triton kernel, the dispatcher and the PyTorch form against float64, on odd
     lengths and several query counts; outputs poisoned with NaN."""
     import torch
+
     from kimi_desk.kernels.mla import mla_attention
     from kimi_desk.kernels.mla.decode import mla_decode
     from kimi_desk.kernels.mla.naive import mla_attention_reference
@@ -725,6 +733,7 @@ def bench_mla(log, bandwidth):
     128k; every case is then timed (alone, and as one call in a CUDA graph) and checked against float64
     with the fastest."""
     import torch
+
     from kimi_desk.kernels.mla.decode import mla_decode
     from kimi_desk.kernels.mla.naive import mla_attention_reference
     from kimi_desk.kernels.mla.torch_attention import mla_attention_dense

@@ -58,6 +58,7 @@ def copy_bandwidth() -> float:
 
 def check_correctness(log) -> dict:
     import torch
+
     from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
     from kimi_desk.engine import load_model
     from kimi_desk.engine.fuse import fuse_projections
@@ -246,6 +247,7 @@ def time_ours(
     config, prefill_tokens: int, contexts: list[int], chunk: int, log, profile: bool = True, quantize: str | None = None
 ) -> dict:
     import torch
+
     from kimi_desk.bench.random_checkpoint import random_model
     from kimi_desk.engine.fuse import fuse_projections
 
@@ -332,6 +334,7 @@ def warm_state(model, context: int, token, gen):
     """A state of `context` cached tokens (random MLA cache and KDA state: decode costs do not depend on
     the values) and the token after three warm-up steps on it."""
     import torch
+
     from kimi_desk.engine.state import KDAState
 
     state = model.new_state(1)
@@ -378,6 +381,7 @@ def time_generate(model, context: int, log, new_tokens: int = 40) -> dict:
     its default chunks), greedy; the median time of its decode steps (each samples a token, reads it
     back and feeds it through the replayed graph)."""
     import torch
+
     from kimi_desk.engine.generate import generate
 
     gen = torch.Generator(device="cuda").manual_seed(5)
@@ -442,6 +446,7 @@ def time_routed_experts(model, log) -> dict:
     the form allows it), with the bytes the chosen experts' weights take."""
     import torch
     import triton.testing
+
     from kimi_desk.kernels.moe import routed_experts_gathered, routed_experts_grouped
     from kimi_desk.kernels.moe.gemv import routed_experts_gemv
 
@@ -578,8 +583,9 @@ def demo_model_gates(device: str = "cuda", tokens: int = 4096) -> list:
     """The KDA layers' log decays, [tokens, H, K] fp32 each, of the embedded demo model (assets/model)
     reading the repository's README.md (the model card where the README is not beside the assets),
     repeated up to `tokens`: the gates of a trained model, for `kimi-desk bench kernels`' gate sweep."""
-    import kimi_desk.assets
     import torch
+
+    import kimi_desk.assets
     from kimi_desk.engine.kda import record_gates
     from kimi_desk.engine.tokenizer import load_tokenizer
     from kimi_desk.engine.weights import load_model

@@ -32,6 +32,7 @@ def _rel(a, b) -> float:
 def check_offload(log) -> dict:
     """Split against whole on the GPU (module doc)."""
     import torch
+
     from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
     from kimi_desk.engine.cuda_graph import GraphDecoder
     from kimi_desk.engine.placement import Placement
@@ -85,6 +86,7 @@ def time_budget(
 ) -> dict:
     """One budget's figures (module doc)."""
     import torch
+
     from kimi_desk.bench.model import warm_state
     from kimi_desk.bench.random_checkpoint import random_model
     from kimi_desk.engine.fuse import fuse_projections
@@ -202,6 +204,7 @@ def time_graph_decode(model, state, token, steps: int = 20) -> dict:
     GPU (host timers, offload stats); host_other_ms, the rest of the host's time (launches, waking up).
     The back-to-back replays leave the state meaningless: the last thing done with it."""
     import torch
+
     from kimi_desk.engine.cuda_graph import GraphDecoder
 
     decoder = GraphDecoder(model, state)
@@ -239,6 +242,7 @@ def round_trip_copies_ms(model, steps: int) -> float:
     """GPU time of one token's copies to and from the host buffers of every split layer, recorded as one
     graph of those copies alone (the decode step's pieces hold them among their kernels)."""
     import torch
+
     from kimi_desk.engine.offload import offloaded_layers
 
     layers = [layer for layer in offloaded_layers(model) if layer._host is not None]

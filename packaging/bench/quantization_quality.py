@@ -56,6 +56,7 @@ def compare(reference: torch.Tensor, got: torch.Tensor) -> dict:
 def demo(args) -> dict:
     from corpus_tokens import tokenize_split
     from evaluate import heldout_perplexity
+
     from kimi_desk.engine.loading import DEMO_MODEL
     from kimi_desk.engine.tokenizer import load_tokenizer
 

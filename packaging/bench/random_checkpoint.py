@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import torch
+
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.quantize import format_of, logical_shape, quantize_into, quantize_structure
 from kimi_desk.engine.weights import build_on_meta, materialize, save_checkpoint

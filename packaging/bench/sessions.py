@@ -49,6 +49,7 @@ def _worker(argv: list[str]) -> None:
     """Read (or restore) one document in this process; print a JSON line."""
     mode, model_path, document, home = argv
     import torch
+
     from kimi_desk.bench.cpu import _rss_peak_mb
     from kimi_desk.engine.session import Assistant, SessionStore
 
@@ -91,6 +92,7 @@ def _run(mode: str, model: Path, document: Path, home: Path) -> dict:
 
 def run_session_benchmark(restore_tokens: int, memory_tokens: list[int], log=print) -> dict:
     import torch
+
     from kimi_desk.bench.cpu import _harness
     from kimi_desk.bench.random_checkpoint import (
         bench_config,

@@ -60,6 +60,7 @@ def synthetic_session(assistant, store, tokens: int, seed: int = 0):
     import hashlib
 
     import torch
+
     from kimi_desk.engine.session import Segment
     from kimi_desk.engine.state import KDAState
 
@@ -149,6 +150,7 @@ def build_assistant(config, device: str, dtype, seed: int = 0, quantize: str | N
     """An Assistant on a random model of `config` (its large matrices in `quantize`, as loading would store
     them), with the small test tokenizer (its ids fit any vocabulary)."""
     import torch
+
     from kimi_desk.bench.random_checkpoint import random_model, write_small_tokenizer
     from kimi_desk.engine.fuse import fuse_projections
     from kimi_desk.engine.session import Assistant
@@ -213,6 +215,7 @@ def markdown_table(result: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     import torch
+
     from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
     from kimi_desk.engine.session import SessionStore
 

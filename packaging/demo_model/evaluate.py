@@ -33,14 +33,15 @@ from pathlib import Path
 
 import torch
 from corpus_tokens import tokenize_split
+from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
+from retrieval_samples import FACT_KINDS
+from task_samples import TaskSampleBuilder, is_correct
+
 from kimi_desk.engine import load_model
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_prompt, stop_token_ids
 from kimi_desk.engine.generate import GREEDY, generate, prefill
 from kimi_desk.engine.ingest import load_path
 from kimi_desk.engine.tokenizer import load_tokenizer
-from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
-from retrieval_samples import FACT_KINDS
-from task_samples import TaskSampleBuilder, is_correct
 
 DEFAULT_MODEL = DEFAULT_CORPUS.parent / "run" / "model"
 

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import retrieval_samples
 from corpus_tokens import tokenize_split
-from kimi_desk.engine.ingest.render import render_file_block
-from kimi_desk.engine.tokenizer import load_tokenizer
 from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
 from prepare_corpus import read_documents
 from retrieval_samples import ALL_FACT_KINDS, fact_keys, make_fact
 from task_samples import TaskSampleBuilder
+
+from kimi_desk.engine.ingest.render import render_file_block
+from kimi_desk.engine.tokenizer import load_tokenizer
 
 TASKS = ("which_file", "where_function", "setting_default", "followup", "needle")
 

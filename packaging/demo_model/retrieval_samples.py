@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass, field
 
 from corpus_tokens import TokenizedSplit
+
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, IM_END, document_head_ids, document_text, question_ids
 from kimi_desk.engine.ingest.listing import reading_order_key
 from kimi_desk.engine.ingest.render import render_file_block, render_folder_preamble

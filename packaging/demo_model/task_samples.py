@@ -36,6 +36,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from retrieval_samples import _SYLLABLES, ALL_FACT_KINDS, RetrievalSampleBuilder, _File
+
 from kimi_desk.engine.chat import (
     DEFAULT_SYSTEM_PROMPT,
     IM_END,
@@ -46,7 +48,6 @@ from kimi_desk.engine.chat import (
 )
 from kimi_desk.engine.ingest.listing import reading_order_key
 from kimi_desk.engine.ingest.render import render_file_block, render_folder_preamble
-from retrieval_samples import _SYLLABLES, ALL_FACT_KINDS, RetrievalSampleBuilder, _File
 
 CODE_SOURCES = ("cpython-stdlib", "django", "twisted", "sqlalchemy")
 TASKS = ("needle", "which_file", "where_function", "setting_default", "followup")

@@ -40,16 +40,17 @@ from pathlib import Path
 
 import torch
 from corpus_tokens import tokenize_split
-from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT
-from kimi_desk.engine.config import KimiLinearConfig
-from kimi_desk.engine.model import KimiLinearForCausalLM
-from kimi_desk.engine.tokenizer import load_tokenizer
-from kimi_desk.engine.weights import build_on_meta, load_model, materialize, save_checkpoint
 from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
 from task_samples import DEFAULT_MIX, TaskSampleBuilder
 from train_tokenizer import DEFAULT_OUT as DEFAULT_TOKENIZER
 from train_tokenizer import model_vocab_size
 from training_forward import select_kda_function, training_hidden, weighted_lm_loss
+
+from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT
+from kimi_desk.engine.config import KimiLinearConfig
+from kimi_desk.engine.model import KimiLinearForCausalLM
+from kimi_desk.engine.tokenizer import load_tokenizer
+from kimi_desk.engine.weights import build_on_meta, load_model, materialize, save_checkpoint
 
 DEFAULT_RUN = DEFAULT_CORPUS.parent / "run"
 EXPORT_RESERVE_S = 30  # the final evaluation and the export after the clock runs out

@@ -20,6 +20,9 @@ import json
 import time
 from pathlib import Path
 
+from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
+from prepare_corpus import document_segments, read_documents
+
 from kimi_desk.engine.tokenizer import (
     NUM_SPECIAL_TOKENS,
     canonical_json,
@@ -29,8 +32,6 @@ from kimi_desk.engine.tokenizer import (
     tiktoken_to_tokenizer_json,
     train_ranks,
 )
-from prepare_corpus import DEFAULT_OUT as DEFAULT_CORPUS
-from prepare_corpus import document_segments, read_documents
 
 DEFAULT_OUT = DEFAULT_CORPUS.parent / "tokenizer"
 # Rows of the embedding the special ids take: Kimi reserves 256 + 2 ids after the base vocabulary, and

@@ -24,8 +24,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from kimi_desk.engine.model import KimiLinearForCausalLM
 from torch.utils.checkpoint import checkpoint
+
+from kimi_desk.engine.model import KimiLinearForCausalLM
 
 CHUNK_SIZE = 64
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from kimi_desk import __version__
 
 # Imported here, not under capsys: the progress lines' default stream is the sys.stderr of its import.

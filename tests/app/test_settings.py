@@ -4,6 +4,7 @@ unknown keys reported, bad values refused with the field named, atomic writes th
 import os
 
 import pytest
+
 from kimi_desk.app.settings import Settings, SettingsError, load_settings, save_settings, settings_path, to_toml
 
 

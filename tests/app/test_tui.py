@@ -8,11 +8,12 @@ import zipfile
 
 from driving import drive, wait_for, wait_for_answer, wait_for_screen, wait_in_thread
 from fake_engine import ANSWER, FakeAssistant, make_folder
+from textual.widgets import DataTable, Input, Label, ProgressBar, Static
+
 from kimi_desk.app.messages import AnswerText
 from kimi_desk.app.widgets import TurnView
 from kimi_desk.engine.ingest import LimitNotice
 from kimi_desk.engine.session import SessionStore
-from textual.widgets import DataTable, Input, Label, ProgressBar, Static
 
 QUESTION = "what does helper_2 return?"
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from driving import drive, wait_for_answer, wait_for_screen
 from fake_engine import make_folder
+from textual.widgets import Input
+
 from kimi_desk.app.settings import Settings, save_settings
 from kimi_desk.app.widgets import TurnView
-from textual.widgets import Input
 
 QUESTION = "what does helper_1 return?"
 # Short greedy answers keep the tests fast; the settings file is how a user would ask for that too.

@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from kimi_desk.engine import load_model
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_head_ids, question_ids, stop_token_ids
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.generate import GREEDY, generate
 from kimi_desk.engine.loading import DEMO_MODEL, resolve_model
 from kimi_desk.engine.tokenizer import load_tokenizer
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 ORACLE = Path(__file__).parents[1] / "engine" / "transformers_oracle.py"
 REPO = Path(__file__).parents[2]

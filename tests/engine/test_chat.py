@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kimi_desk.bench.random_checkpoint import tiny_config
 from kimi_desk.engine.chat import (
     DEFAULT_SYSTEM_PROMPT,

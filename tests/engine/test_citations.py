@@ -5,6 +5,7 @@ is not a citation."""
 import dataclasses
 
 import pytest
+
 from kimi_desk.engine.citations import SourceIndex
 from kimi_desk.engine.session import Assistant, SessionStore
 

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 from fuzzing import check_case, mutate_bytes, mutate_json
+
 from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
 from kimi_desk.engine.config import FIELD_KINDS, ConfigError, KimiLinearConfig
 from kimi_desk.engine.weights import build_on_meta

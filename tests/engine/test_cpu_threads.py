@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kimi_desk.engine import cpu_threads
 
 

@@ -3,6 +3,7 @@ full precision and fp8, and on the Triton decode path (interpreter); nothing hel
 
 import pytest
 import torch
+
 from kimi_desk.engine import load_model
 from kimi_desk.engine.fuse import BlockDiagonalLinear, FusedLinear, fuse_projections
 from kimi_desk.engine.model import SparseMoE

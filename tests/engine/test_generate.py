@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+
 from kimi_desk.bench.random_checkpoint import tail7_config, tiny_config, write_random_checkpoint
 from kimi_desk.engine import load_model
 from kimi_desk.engine.chat import chat_token_ids, next_turn_token_ids, stop_token_ids

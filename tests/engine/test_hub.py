@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hub_standin import HubStandIn, SilentHub
+
 from kimi_desk.engine import hub, load_model
 from kimi_desk.engine.hub import HubError
 

@@ -1,6 +1,7 @@
 """From the memory budgets to a format and a placement (engine/loading.py), before anything is loaded."""
 
 import pytest
+
 from kimi_desk.engine import loading
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.placement import GIB, PlacementError, plan_placement

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
 from kimi_desk.engine import memory
 from kimi_desk.engine.loading import choose_format

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from kimi_desk.engine import load_model
 from safetensors.torch import load_file, save_file
+
+from kimi_desk.engine import load_model
 
 ORACLE = Path(__file__).with_name("transformers_oracle.py")
 

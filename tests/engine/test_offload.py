@@ -4,6 +4,7 @@ in float32 and int4; the quantized cache and the state are the same under any pl
 
 import pytest
 import torch
+
 from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 from kimi_desk.engine import offload
 from kimi_desk.engine.offload import OffloadedExperts, tiles_to_codes

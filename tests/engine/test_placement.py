@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_config
 from kimi_desk.engine import placement
 from kimi_desk.engine.errors import UserError

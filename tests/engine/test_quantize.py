@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config
 from kimi_desk.engine import load_model
 from kimi_desk.engine.quantize import RowScaledLinear, is_quantized_weight

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from kimi_desk.engine import reading_time
 from kimi_desk.engine.reading_time import ReadingCost, measure_reading_cost, state_with_cache
 from kimi_desk.engine.state import MLACache, ModelState

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+
 from kimi_desk.engine.ingest import LoaderLimits
 from kimi_desk.engine.session import Assistant, ReadCancelled, SessionError, SessionStore
 from kimi_desk.engine.token_budget import DocumentTooLong

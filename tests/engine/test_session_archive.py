@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from kimi_desk.engine.session import Assistant, SessionError, SessionStore
 
 

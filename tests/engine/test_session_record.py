@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+
 from kimi_desk.engine.session import SessionError, SessionStore, Turn
 from kimi_desk.engine.snapshot import Identity
 

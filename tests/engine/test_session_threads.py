@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+
 from kimi_desk.engine import chat
 from kimi_desk.engine.generate import stream_tokens
 from kimi_desk.engine.session import Assistant, SessionStore

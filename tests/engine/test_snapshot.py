@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 import torch
 from fuzzing import check_case, mutate_bytes, mutate_json, tree_state
+
 from kimi_desk.bench.random_checkpoint import write_random_checkpoint
 from kimi_desk.engine import load_model
 from kimi_desk.engine.snapshot import (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from kimi_desk.assets import ASSETS_DIR
 from kimi_desk.engine.token_budget import SLICE_CHARS, DocumentTooLong, encode_within
 from kimi_desk.engine.tokenizer import load_tokenizer

@@ -17,6 +17,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+
 from kimi_desk.engine import tokenizer as tokenizer_module
 from kimi_desk.engine.tokenizer import (
     KIMI_SPLIT_PATTERN,

@@ -3,6 +3,7 @@ data folder (round trip, sums, a damaged file ignored in one line), used by the 
 
 import pytest
 import torch
+
 from kimi_desk.engine import loading
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.fuse import fuse_projections

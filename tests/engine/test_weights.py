@@ -10,10 +10,11 @@ from collections import Counter
 import pytest
 import torch
 from fuzzing import check_case, mutate_bytes, mutate_json, tree_state
-from kimi_desk.bench.random_checkpoint import tiny_config, write_random_checkpoint
-from kimi_desk.engine import CheckpointError, ConfigError, load_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from kimi_desk.bench.random_checkpoint import tiny_config, write_random_checkpoint
+from kimi_desk.engine import CheckpointError, ConfigError, load_model
 
 
 def copy_checkpoint(src, dst):

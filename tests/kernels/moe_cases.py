@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+
 from kimi_desk.kernels.quant import (
     dequantize_int4_groups,
     dequantize_rows,

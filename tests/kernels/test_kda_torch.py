@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fla.ops.kda.naive import naive_recurrent_kda
+
 from kimi_desk.kernels.kda import chunk_kda, fused_recurrent_kda, kda
 from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda, recurrent_kda_inplace
 

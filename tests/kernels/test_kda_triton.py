@@ -15,6 +15,7 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 from fla.ops.kda.naive import naive_recurrent_kda  # noqa: E402
+
 from kimi_desk.bench.kernels import GATE_SWEEP, sweep_gate  # noqa: E402
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton  # noqa: E402
 from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton  # noqa: E402

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
 from kimi_desk.kernels.mla.naive import mla_attention_reference, mla_prefill_reference
 from kimi_desk.kernels.mla.torch_attention import mla_attention_cpu, mla_attention_dense, mla_prefill_sdpa

@@ -14,6 +14,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+from moe_cases import make_inputs, quantize_experts, reference_f64, rel_err  # noqa: E402
+
 from kimi_desk.kernels.moe import (  # noqa: E402
     GEMV_MAX_TOKENS,
     grouped,  # noqa: E402
@@ -21,7 +23,6 @@ from kimi_desk.kernels.moe import (  # noqa: E402
     routed_experts_grouped,
 )
 from kimi_desk.kernels.moe.grouped import route_pairs, routed_experts_grouped_triton  # noqa: E402
-from moe_cases import make_inputs, quantize_experts, reference_f64, rel_err  # noqa: E402
 
 # Relative error against float64 on the same rounded weights and inputs. fp32: exact products ("ieee"
 # dots), fp32 sums. bf16 and fp16: h is rounded to x's dtype between the products (the PyTorch path

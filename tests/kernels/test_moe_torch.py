@@ -3,10 +3,11 @@ grouped products and, for one token (decode), the chosen experts one after anoth
 
 import pytest
 import torch
+from moe_cases import make_inputs, reference_f64, rel_err
+
 from kimi_desk.kernels.moe import routed_experts_grouped, routed_experts_int4_cpu
 from kimi_desk.kernels.quant import dequantize_int4_groups, dequantize_rows, quantize_int4_groups, quantize_int8_rows
 from kimi_desk.kernels.quant.cpu import cpu_int4_fits, pack_int4_for_cpu
-from moe_cases import make_inputs, reference_f64, rel_err
 
 # bf16: the products round gate, up and h to bf16.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -14,9 +14,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+from moe_cases import make_inputs, quantize_experts, reference_f64, rel_err  # noqa: E402
+
 from kimi_desk.kernels.moe import routed_experts_gathered, routed_experts_grouped  # noqa: E402
 from kimi_desk.kernels.moe.gemv import routed_experts_gemv  # noqa: E402
-from moe_cases import make_inputs, quantize_experts, reference_f64, rel_err  # noqa: E402
 
 # Relative error against float64 on the same rounded weights and inputs. fp32: the kernel accumulates in
 # fp32. bf16: the grouped PyTorch path rounds gate, up and h to bf16, the kernel does not; both land

@@ -3,6 +3,7 @@ dequantized weights; the int4 matrices include heights that are not multiples of
 
 import pytest
 import torch
+
 from kimi_desk.kernels.quant import (
     dequantize_int4_groups,
     dequantize_rows,

@@ -2,6 +2,7 @@
 CPU path and prefill take."""
 
 import torch
+
 from kimi_desk.kernels.quant import FP8, dequantize_rows, quantize_fp8_rows, row_scaled_linear
 from kimi_desk.kernels.quant.naive import FP8_MAX, row_scaled_linear_torch
 

@@ -26,6 +26,7 @@ import task_samples  # noqa: E402
 import train  # noqa: E402
 import train_tokenizer  # noqa: E402
 import training_forward  # noqa: E402
+
 from kimi_desk.bench.random_checkpoint import random_model, tail7_config, tiny_config  # noqa: E402
 from kimi_desk.engine import load_model  # noqa: E402
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_head_ids, next_turn_token_ids, question_ids  # noqa: E402

@@ -58,6 +58,7 @@ def _synthetic(model, cached: int):
 
 def worker(snapshot: str, dtype: str | None) -> dict:
     import torch
+
     from kimi_desk.engine import chat
     from kimi_desk.engine.generate import GREEDY, decode_step_function, stream_tokens
     from kimi_desk.engine.loading import DEMO_MODEL

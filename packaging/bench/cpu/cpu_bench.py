@@ -114,6 +114,7 @@ def _reading(assistant, start: int, tokens: int, repeats: int) -> dict:
 
 def _decoding(assistant, cached: int, steps: int) -> dict:
     import torch
+
     from kimi_desk.engine.generate import decode_step_function
     from kimi_desk.engine.reading_time import state_with_cache
 
@@ -138,6 +139,7 @@ def write_snapshot(assistant, folder: Path, cached: int):
     """A snapshot folder of `cached` tokens of random latents, written the way a reading writes one: a
     checkpoint every checkpoint_interval tokens, the MLA segments between them. Returns its store."""
     import torch
+
     from kimi_desk.engine.snapshot import SnapshotStore
 
     store = SnapshotStore(folder, assistant.identity)
@@ -194,6 +196,7 @@ def _first_token(assistant, cached: int, folder: Path) -> dict:
 
 def _worker(options: dict) -> dict:
     import torch
+
     from kimi_desk.engine.loading import load_assistant
 
     torch.manual_seed(0)
@@ -318,6 +321,7 @@ def run(
     log=print,
 ) -> dict:
     import torch
+
     from kimi_desk.engine.weights import checkpoint_fingerprint
 
     ggufs = {}

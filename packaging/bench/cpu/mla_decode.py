@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from kimi_desk.kernels.mla import mla_attention
 
 # name: (heads, kv_lora_rank, rope dim); the scale is 1 / sqrt(nope + rope head dim).

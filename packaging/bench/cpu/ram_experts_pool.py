@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
+
 from kimi_desk.kernels.quant import quantize_int4_groups
 from kimi_desk.kernels.quant.cpu import int4_linear_cpu, pack_int4_for_cpu
 

@@ -7,9 +7,10 @@ Run from the repo root on the device: source packaging/source_shim.sh && python3
 import contextlib
 import sys
 
+import torch
+
 import kimi_desk.engine.model as model_module
 import kimi_desk.kernels as kernels
-import torch
 from kimi_desk.bench.model import decode_bytes, slice_config, time_graph_decode
 from kimi_desk.bench.random_checkpoint import random_model
 from kimi_desk.engine.fuse import fuse_projections

@@ -3,6 +3,7 @@ Run from the repo root on the device: source packaging/source_shim.sh && python3
 
 import torch
 import triton
+
 from kimi_desk.kernels.moe.gemv import routed_experts_gemv
 from kimi_desk.kernels.moe.naive import routed_experts_grouped
 from kimi_desk.kernels.quant import dequantize_rows, quantize_fp8_rows, row_scaled_linear_torch

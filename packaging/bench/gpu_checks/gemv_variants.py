@@ -4,6 +4,7 @@ source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/gemv_varia
 
 import torch
 import triton
+
 from kimi_desk.kernels.quant import dequantize_rows, quantize_fp8_rows
 from kimi_desk.kernels.quant.gemv import row_scaled_gemv
 

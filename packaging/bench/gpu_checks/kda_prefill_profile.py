@@ -8,9 +8,10 @@ import sys
 
 import torch
 from fla.ops.kda import chunk_kda as fla_chunk
+from torch.profiler import ProfilerActivity, profile
+
 from kimi_desk.bench.kernels import kda_inputs
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton
-from torch.profiler import ProfilerActivity, profile
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
 q, k, v, g, beta, h0 = kda_inputs(1, T, "model", seed=7)

@@ -9,6 +9,7 @@ import time
 
 import torch
 import triton
+
 from kimi_desk.kernels.moe.grouped import DEFAULT_CONFIG, routed_experts_grouped_triton
 from kimi_desk.kernels.moe.naive import routed_experts_grouped
 from kimi_desk.kernels.quant import dequantize_rows, quantize_fp8_rows

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
 from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 from kimi_desk.engine import offload
 from kimi_desk.engine.cuda_graph import GraphDecoder

@@ -9,6 +9,7 @@ import contextlib
 
 import torch
 import triton
+
 from kimi_desk.kernels import without_pdl
 from kimi_desk.kernels.quant import quantize_fp8_rows
 from kimi_desk.kernels.quant.gemv import row_scaled_gemv

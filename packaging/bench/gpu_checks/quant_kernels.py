@@ -5,9 +5,10 @@ checked against float64 on the dequantized weights, then timed (graph replay for
     source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/quant_kernels.py
 """
 
-import kimi_desk.kernels.moe.gemv as moe_gemv
 import torch
 import triton
+
+import kimi_desk.kernels.moe.gemv as moe_gemv
 from kimi_desk.kernels.moe.grouped import routed_experts_grouped_triton
 from kimi_desk.kernels.quant import (
     dequantize_int4_groups,

@@ -132,6 +132,7 @@ def compare(ours: np.ndarray, theirs: np.ndarray, ids: list[int]) -> dict:
 class Ours:
     def __init__(self, checkpoint: Path, dtype: str = "float32"):
         import torch
+
         from kimi_desk.engine.weights import load_model
 
         self.torch = torch

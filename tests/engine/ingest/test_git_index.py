@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from ingest_documents import git, git_environment, write_files
+
 from kimi_desk.engine.ingest.git_index import Repository, find_repository, tracked_paths
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")

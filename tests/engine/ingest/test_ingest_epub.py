@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from ingest_documents import epub_bytes, opf_xml, xhtml
+
 from kimi_desk.engine.ingest import IngestError, LoaderLimits, SourceKind, load_path
 
 XHTML = "application/xhtml+xml"

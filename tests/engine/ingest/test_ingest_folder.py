@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 from ingest_documents import epub_bytes, git, opf_xml, pdf_bytes, write_files, xhtml
+
 from kimi_desk.engine.ingest import IngestError, LoaderLimits, SkipCategory, SourceKind, load_path
 from kimi_desk.engine.ingest.listing import reading_order_key
 

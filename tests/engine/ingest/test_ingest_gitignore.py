@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 from ingest_documents import git, write_files
+
 from kimi_desk.engine.ingest.gitignore import is_ignored, parse_gitignore, parse_gitignore_line
 from kimi_desk.engine.ingest.listing import list_with_gitignore
 

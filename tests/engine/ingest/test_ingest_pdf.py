@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from ingest_documents import RECTANGLE_ONLY, encrypted_pdf_bytes, pdf_bytes
+
 from kimi_desk.engine.ingest import IngestError, SourceKind, load_path
 from kimi_desk.engine.ingest.pdf import extract_pdf_text
 

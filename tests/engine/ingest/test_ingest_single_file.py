@@ -6,6 +6,7 @@ import os
 
 import pytest
 from ingest_documents import write_files
+
 from kimi_desk.engine.ingest import IngestError, LoaderLimits, SourceKind, load_path
 
 

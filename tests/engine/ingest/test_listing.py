@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from ingest_documents import git, git_environment, write_files
+
 from kimi_desk.engine.ingest import load_path
 from kimi_desk.engine.ingest.listing import list_folder, list_with_git, reading_order_key
 

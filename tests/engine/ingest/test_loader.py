@@ -4,6 +4,7 @@ the file-count limit, past the total-text limit, and files too large, each in on
 from __future__ import annotations
 
 from ingest_documents import pdf_bytes, write_files
+
 from kimi_desk.engine.ingest import LimitNotice, LoaderLimits, SkipCategory, load_path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from kimi_desk.engine.ingest import load_path
 from kimi_desk.engine.ingest.render import render_tree
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "packaging" / "bench" / "llama_cpp"))
 
 import bench  # noqa: E402
 import convert  # noqa: E402
+
 from kimi_desk.bench.random_checkpoint import write_small_tokenizer  # noqa: E402
 from kimi_desk.engine.tokenizer import bytes_to_unicode, load_tokenizer  # noqa: E402
 
