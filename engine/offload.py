@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_desk.kernels.quant.cpu import CpuInt4Weight, cpu_int4_fits, int4_linear_cpu, pack_int4_for_cpu
+from kimi_desk.kernels.quant.cpu import (
+    CpuInt4Expert,
+    CpuInt4Weight,
+    cpu_int4_fits,
+    int4_expert_cpu,
+    pack_int4_expert_for_cpu,
+)
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
 
 # Tokens up to which the RAM experts are computed on the CPU; more (prefill chunks) stream them to the
@@ -45,6 +51,8 @@ from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_row
 DECODE_MAX_TOKENS = 32
 # Experts per copy and relayout when streaming int4 tiles (bounds the relayout's temporaries).
 STREAM_BLOCK = 16
+# The RAM experts' int4 stacks in the CPU layout, each with the matrices it holds, top to bottom.
+JOINED = {"w13": ("w1", "w3"), "w2": ("w2",)}
 # The CPU operator's tiles: 64 output rows, two rows (r, r + 32) per byte (see tiles_to_codes).
 _TILE_ROWS = 64
 
@@ -204,36 +212,42 @@ class OffloadedExperts(nn.Module):
 
 
 def prepare_ram(experts: nn.Module, pin: bool) -> None:
-    """int4 experts in RAM to the CPU operator's tiles, each matrix stacked over the experts in one
-    tensor (so that one copy streams a run of experts), `experts.cpu_weights[row]` the per-expert views
-    the CPU products take; other formats stay as they are. Pinned for asynchronous copies if asked."""
+    """int4 experts in RAM to the CPU operator's tiles, w1 and w3 joined (kernels/quant/cpu.py), each
+    of the two matrices stacked over the experts in one tensor (so that one copy streams a run of
+    experts), `experts.cpu_weights[row]` the per-expert views the CPU products take; other formats stay
+    as they are. Pinned for asynchronous copies if asked."""
     empty = torch.empty(0, dtype=torch.uint8)
     n = experts.w1.shape[0]
     int4 = hasattr(experts, "w1_zero")
     if int4 and n and all(_tiles_fit(getattr(experts, w)) for w in ("w1", "w2", "w3")):
-        stacks, heights = {}, {}
+        mats = [
+            (getattr(experts, a).data, getattr(experts, f"{a}_scale"), getattr(experts, f"{a}_zero"))
+            for a in ("w1", "w2", "w3")
+        ]
+        stacks = {}
+        for e in range(n):
+            expert = pack_int4_expert_for_cpu(*(tuple(t[e] for t in m) for m in mats))
+            for name, one in zip(JOINED, expert):
+                if e == 0:
+                    stacks[name] = (
+                        _empty_like_stack(one.packed, n, pin),
+                        _empty_like_stack(one.scales_and_zeros, n, pin),
+                        one.group,
+                        one.in_features,
+                    )
+                stacks[name][0][e].copy_(one.packed)
+                stacks[name][1][e].copy_(one.scales_and_zeros)
         for attr in ("w1", "w2", "w3"):
-            codes, scale, zero = (
-                getattr(experts, attr).data,
-                getattr(experts, f"{attr}_scale"),
-                getattr(experts, f"{attr}_zero"),
-            )
-            first = pack_int4_for_cpu(codes[0], scale[0], zero[0])
-            tiles = _empty_like_stack(first.packed, n, pin)
-            sz = _empty_like_stack(first.scales_and_zeros, n, pin)
-            for e in range(n):
-                one = first if e == 0 else pack_int4_for_cpu(codes[e], scale[e], zero[e])
-                tiles[e].copy_(one.packed)
-                sz[e].copy_(one.scales_and_zeros)
-            stacks[attr] = (tiles, sz, first.group, first.in_features)
-            heights[attr] = first.out_features
             setattr(experts, attr, nn.Parameter(empty, requires_grad=False))
             setattr(experts, f"{attr}_scale", empty)
             setattr(experts, f"{attr}_zero", empty)
         experts.tiles = stacks
         experts.cpu_weights = [
-            tuple(
-                CpuInt4Weight(stacks[a][0][e], stacks[a][1][e], *stacks[a][2:], heights[a]) for a in ("w1", "w2", "w3")
+            CpuInt4Expert(
+                *(
+                    CpuInt4Weight(tiles[e], sz[e], group, in_features, tiles.shape[-2])
+                    for tiles, sz, group, in_features in stacks.values()
+                )
             )
             for e in range(n)
         ]
@@ -278,30 +292,31 @@ def _scales_from_tiles(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ram_experts_forward(experts: nn.Module, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum over the pairs with rows >= 0 of weights * expert_row(x) on the CPU: x [N, D], rows and
-    weights [N, k] -> [N, D] float32. Each chosen expert runs once on all its tokens."""
-    N, k = rows.shape
+    weights [N, k] -> [N, D] float32. Each chosen expert runs once on all its tokens. The grouping is
+    done on Python lists: at decode's few tokens, a tensor op per step (sorting, unique, indexing) would
+    cost more than the bookkeeping it does, and this runs once per MoE layer per token."""
+    N = rows.shape[0]
     out = torch.zeros(N, x.shape[-1], dtype=torch.float32)
-    flat = rows.reshape(-1)
-    pairs = (flat >= 0).nonzero().squeeze(-1)
-    if pairs.numel() == 0:
-        return out
-    order = pairs[flat[pairs].argsort()]
-    chosen, counts = flat[order].unique_consecutive(return_counts=True)
-    start = 0
-    for e, n in zip(chosen.tolist(), counts.tolist()):
-        taken = order[start : start + n]
-        start += n
-        tokens = taken // k
-        y = _expert_product(experts, e, x[tokens])
-        out.index_add_(0, tokens, y.float() * weights.reshape(-1)[taken, None].float())
+    tokens_of: dict[int, list[tuple[int, float]]] = {}
+    for token, (row_ids, row_weights) in enumerate(zip(rows.tolist(), weights.tolist())):
+        for e, w in zip(row_ids, row_weights):
+            if e >= 0:
+                tokens_of.setdefault(e, []).append((token, w))
+    for e, pairs in tokens_of.items():
+        if len(pairs) == 1:
+            token, w = pairs[0]
+            out[token].add_(_expert_product(experts, e, x[token : token + 1])[0].float(), alpha=w)
+            continue
+        tokens = torch.tensor([t for t, _ in pairs])
+        y = _expert_product(experts, e, x[tokens]).float()
+        out.index_add_(0, tokens, y * torch.tensor([w for _, w in pairs])[:, None])
     return out
 
 
 def _expert_product(experts: nn.Module, e: int, xe: torch.Tensor) -> torch.Tensor:
     cpu_weights = getattr(experts, "cpu_weights", None)
     if cpu_weights is not None:
-        w1, w2, w3 = cpu_weights[e]
-        return int4_linear_cpu(F.silu(int4_linear_cpu(xe, w1)) * int4_linear_cpu(xe, w3), w2)
+        return int4_expert_cpu(xe, cpu_weights[e])
     mats = []
     for attr in ("w1", "w2", "w3"):
         w = getattr(experts, attr)[e]
@@ -417,23 +432,25 @@ class Stager:
                 (e + i, row + i, min(STREAM_BLOCK, n - i)) for e, row, n in ram_runs for i in range(0, n, STREAM_BLOCK)
             ]
         for e, row, n in ram_runs:
-            for attr in ("w1", "w2", "w3"):
-                if tiles is not None:
-                    stack, sz, _group, _ = tiles[attr]
+            if tiles is not None:
+                for name, (stack, sz, _group, _) in tiles.items():
                     raw = stack[row : row + n].to(self.device, non_blocking=True)
                     raw_sz = sz[row : row + n].to(self.device, non_blocking=True)
                     self.stats.streamed_bytes += raw.numel() + raw_sz.numel() * raw_sz.element_size()
-                    O = slot[attr].shape[-2]
-                    slot[attr][e : e + n].copy_(tiles_to_codes(raw, O))
-                    scale, zero = _scales_from_tiles(raw_sz)
-                    slot[f"{attr}_scale"][e : e + n].copy_(scale)
-                    slot[f"{attr}_zero"][e : e + n].copy_(zero)
-                else:
-                    for suffix in ("", "_scale", "_zero"):
-                        if attr + suffix in slot:
-                            source = getattr(layer.in_ram, attr + suffix)[row : row + n]
-                            slot[attr + suffix][e : e + n].copy_(source, non_blocking=True)
-                            self.stats.streamed_bytes += source.numel() * source.element_size()
+                    parts = JOINED[name]
+                    codes = tiles_to_codes(raw, raw.shape[-2]).chunk(len(parts), dim=-2)
+                    scale, zero = (t.chunk(len(parts), dim=-2) for t in _scales_from_tiles(raw_sz))
+                    for attr, c, sc, z in zip(parts, codes, scale, zero):
+                        slot[attr][e : e + n].copy_(c)
+                        slot[f"{attr}_scale"][e : e + n].copy_(sc)
+                        slot[f"{attr}_zero"][e : e + n].copy_(z)
+                continue
+            for attr in ("w1", "w2", "w3"):
+                for suffix in ("", "_scale", "_zero"):
+                    if attr + suffix in slot:
+                        source = getattr(layer.in_ram, attr + suffix)[row : row + n]
+                        slot[attr + suffix][e : e + n].copy_(source, non_blocking=True)
+                        self.stats.streamed_bytes += source.numel() * source.element_size()
 
 
 def _shape_source(layer: OffloadedExperts, name: str):
@@ -445,8 +462,9 @@ def _shape_source(layer: OffloadedExperts, name: str):
     tiles = getattr(layer.in_ram, "tiles", None)
     if tiles is not None:
         attr, _, suffix = name.partition("_")
-        stack, sz, group, in_features = tiles[attr]
-        O = sz.shape[-2]
+        joined = next(j for j, parts in JOINED.items() if attr in parts)
+        stack, sz, group, in_features = tiles[joined]
+        O = sz.shape[-2] // len(JOINED[joined])
         if not suffix:
             return (O, in_features // 2), torch.uint8
         return (O, in_features // group), torch.bfloat16

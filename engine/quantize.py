@@ -39,6 +39,7 @@ from kimi_desk.kernels.quant.cpu import (
     CpuInt4Weight,
     cpu_int4_fits,
     int4_linear_cpu,
+    pack_int4_expert_for_cpu,
     pack_int4_for_cpu,
 )
 from kimi_desk.kernels.quant.naive import dequantize_rows
@@ -260,16 +261,15 @@ def prepare_for_cpu(model: nn.Module) -> None:
             and getattr(module, "cpu_weights", None) is None
             and all(cpu_int4_fits(*logical_shape(getattr(module, w))[1:]) for w in ("w1", "w2", "w3"))
         ):
-            per_matrix = []
+            mats = [
+                (getattr(module, a).data, getattr(module, f"{a}_scale"), getattr(module, f"{a}_zero"))
+                for a in ("w1", "w2", "w3")
+            ]
+            # cpu_weights[e]: expert e, w1 and w3 joined (kernels/quant/cpu.py).
+            module.cpu_weights = [
+                pack_int4_expert_for_cpu(*(tuple(t[e] for t in m) for m in mats)) for e in range(mats[0][0].shape[0])
+            ]
             for attr in ("w1", "w2", "w3"):
-                codes, scale, zero = (
-                    getattr(module, attr).data,
-                    getattr(module, f"{attr}_scale"),
-                    getattr(module, f"{attr}_zero"),
-                )
-                per_matrix.append([pack_int4_for_cpu(codes[e], scale[e], zero[e]) for e in range(codes.shape[0])])
                 setattr(module, attr, nn.Parameter(empty, requires_grad=False))
                 setattr(module, f"{attr}_scale", empty)
                 setattr(module, f"{attr}_zero", empty)
-            # cpu_weights[e] = (w1, w2, w3) of expert e.
-            module.cpu_weights = list(zip(*per_matrix))

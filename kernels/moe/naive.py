@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kimi_desk.kernels.quant import GEMV_MAX_TOKENS
-from kimi_desk.kernels.quant.cpu import cpu_int8_fits, int4_linear_cpu, int8_linear_cpu
+from kimi_desk.kernels.quant.cpu import cpu_int8_fits, int4_expert_cpu, int8_linear_cpu
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
 
 
@@ -73,15 +73,11 @@ def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None):
 
 
 def routed_experts_int4_cpu(x, ids, weights, expert_weights):
-    """routed_experts_grouped for int4 experts on the CPU: `expert_weights[e]` is expert e's (w1, w2, w3)
-    in PyTorch's int4 operator layout (kernels/quant/cpu.py), so each chosen expert's products read its
-    packed weights directly and the others are never touched. Returns [N, D] float32."""
-
-    def expert(e, xe):
-        w1e, w2e, w3e = expert_weights[e]
-        return int4_linear_cpu(F.silu(int4_linear_cpu(xe, w1e)) * int4_linear_cpu(xe, w3e), w2e)
-
-    return _by_expert(x, ids, weights, expert)
+    """routed_experts_grouped for int4 experts on the CPU: `expert_weights[e]` is expert e's
+    CpuInt4Expert (kernels/quant/cpu.py: PyTorch's int4 operator layout, w1 and w3 joined), so each
+    chosen expert's products read its packed weights directly and the others are never touched. Returns
+    [N, D] float32."""
+    return _by_expert(x, ids, weights, lambda e, xe: int4_expert_cpu(xe, expert_weights[e]))
 
 
 def _by_expert(x, ids, weights, expert):

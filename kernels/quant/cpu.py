@@ -13,6 +13,13 @@ be held twice in a 32 GB machine); the canonical layout is what the disk cache a
 tiles are 16 rows tall: a matrix of other heights (the KDA layer's joined input projection) is packed
 with zero rows to the next multiple of 16, which the product computes and drops.
 
+A routed expert is two products, not three: its w1 and w3 (same input, same height) are packed as one
+matrix of twice the height (`pack_int4_expert_for_cpu`), so a token's gate and up projections are one
+call of the operator over twice the rows; at one token each call's fixed cost (a parallel region over
+the threads) is a large part of the time, and the 48B model's expert runs about 1.4x faster this way
+on 16 cores. The operator's tiles are blocks of 64 rows, so the joined tiles are w1's tiles followed by
+w3's, and the first half of the joined matrix is w1 exactly.
+
 `int8_linear_cpu(x, q, scale)` is `torch.ops.aten._weight_int8pack_mm` on our int8 layout as it is
 (codes [O, D], a scale per row): a few rows (decode) read one byte a weight, where dequantizing first
 wrote and read the weight in bf16 again at every call. For many rows (prefill) the dequantized weight's
@@ -24,6 +31,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from kimi_desk.kernels.quant.naive import unpack_int4
 
@@ -36,6 +44,13 @@ class CpuInt4Weight(NamedTuple):
     group: int
     in_features: int
     out_features: int
+
+
+class CpuInt4Expert(NamedTuple):
+    """A routed expert on the CPU: `gate_up` = [w1; w3] joined (2 * hidden rows), `down` = w2."""
+
+    gate_up: CpuInt4Weight
+    down: CpuInt4Weight
 
 
 def cpu_int4_fits(out_features: int, in_features: int) -> bool:
@@ -58,6 +73,19 @@ def pack_int4_for_cpu(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
         scales_and_zeros = torch.cat([scales_and_zeros, scales_and_zeros.new_zeros(pad, *scales_and_zeros.shape[1:])])
     tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
     return CpuInt4Weight(tiles, scales_and_zeros.transpose(0, 1).contiguous(), D // scale.shape[-1], D, O)
+
+
+def pack_int4_expert_for_cpu(w1, w2, w3) -> CpuInt4Expert:
+    """An expert's three matrices, each (packed, scale, zero) in our layout -> the CPU layout, w1 and w3
+    joined."""
+    joined = (torch.cat([a, b]) for a, b in zip(w1, w3))
+    return CpuInt4Expert(pack_int4_for_cpu(*joined), pack_int4_for_cpu(*w2))
+
+
+def int4_expert_cpu(x: torch.Tensor, expert: CpuInt4Expert) -> torch.Tensor:
+    """w2 (silu(w1 x) * w3 x) for rows x [..., D] -> [..., D] in x's dtype."""
+    gate, up = int4_linear_cpu(x, expert.gate_up).chunk(2, dim=-1)
+    return int4_linear_cpu(F.silu(gate) * up, expert.down)
 
 
 def int4_linear_cpu(x: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor:

@@ -68,7 +68,7 @@ def test_the_split_model_in_int4(checkpoint, ids):
     split = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS))
     # The RAM halves hold the CPU operator's tiles only.
     for layer in offload.offloaded_layers(split):
-        assert layer.in_ram.w1.numel() == 0 and layer.in_ram.tiles["w1"][0].dtype == torch.uint8
+        assert layer.in_ram.w1.numel() == 0 and layer.in_ram.tiles["w13"][0].dtype == torch.uint8
         assert len(layer.in_ram.cpu_weights) == len(layer.ram_ids)
     state_whole, state_split = whole.new_state(1), split.new_state(1)
     # Prefill streams the tiles back into our layout: the same codes, the same products.

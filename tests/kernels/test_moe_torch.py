@@ -7,7 +7,7 @@ from moe_cases import make_inputs, reference_f64, rel_err
 
 from kimi_desk.kernels.moe import routed_experts_grouped, routed_experts_int4_cpu
 from kimi_desk.kernels.quant import dequantize_int4_groups, dequantize_rows, quantize_int4_groups, quantize_int8_rows
-from kimi_desk.kernels.quant.cpu import cpu_int4_fits, pack_int4_for_cpu
+from kimi_desk.kernels.quant.cpu import cpu_int4_fits, pack_int4_expert_for_cpu
 
 # bf16: the products round gate, up and h to bf16.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -40,12 +40,10 @@ def test_int4_on_the_cpu_operator_matches_float64(N):
     if not cpu_int4_fits(I, D):
         pytest.skip("this PyTorch has no CPU int4 operator for these shapes")
     x, ids, weights, w1, w2, w3 = make_inputs(N, E, 2, D, I, torch.bfloat16, seed=N + 40)
-    packed, exact = [], []
-    for w in (w1, w2, w3):
-        codes, scale, zero = quantize_int4_groups(w)
-        exact.append(dequantize_int4_groups(codes, scale, zero, torch.float32))
-        packed.append([pack_int4_for_cpu(codes[e], scale[e], zero[e]) for e in range(E)])
-    got = routed_experts_int4_cpu(x, ids, weights, list(zip(*packed)))
+    quantized = [quantize_int4_groups(w) for w in (w1, w2, w3)]
+    exact = [dequantize_int4_groups(*q, torch.float32) for q in quantized]
+    packed = [pack_int4_expert_for_cpu(*(tuple(t[e] for t in q) for q in quantized)) for e in range(E)]
+    got = routed_experts_int4_cpu(x, ids, weights, packed)
     assert got.shape == (N, D) and rel_err(got, reference_f64(x, ids, weights, *exact)) < 2e-2
 
 

@@ -14,8 +14,10 @@ from kimi_desk.kernels.quant import (
 from kimi_desk.kernels.quant.cpu import (
     cpu_int4_fits,
     cpu_int8_fits,
+    int4_expert_cpu,
     int4_linear_cpu,
     int8_linear_cpu,
+    pack_int4_expert_for_cpu,
     pack_int4_for_cpu,
 )
 
@@ -61,3 +63,24 @@ def test_int8_operator_matches_float64(dtype, O, D, rows):
         rel_err(row_scaled_linear(many, q, s), many.double() @ dequantize_rows(q, s, torch.float64).t())
         < TOLERANCE[dtype]
     )
+
+
+@pytest.mark.parametrize("hidden,rows", [(128, 1), (64, 5)], ids=lambda x: str(x))
+def test_int4_expert_with_w1_and_w3_joined_matches_float64(hidden, rows):
+    """The expert's two products (w1 and w3 as one matrix) against float64 on the dequantized weights;
+    the joined matrix's first half is w1's own packing, byte for byte (what streaming relies on)."""
+    D = 96
+    if not cpu_int4_fits(2 * hidden, D):
+        pytest.skip("this PyTorch has no CPU int4 operator")
+    gen = torch.Generator().manual_seed(hidden + rows)
+    w1, w2, w3 = (
+        quantize_int4_groups(torch.randn(*shape, generator=gen)) for shape in ((hidden, D), (D, hidden), (hidden, D))
+    )
+    x = torch.randn(rows, D, generator=gen).bfloat16()
+    f1, f2, f3 = (dequantize_int4_groups(*w, torch.float64) for w in (w1, w2, w3))
+    xd = x.double()
+    want = (torch.nn.functional.silu(xd @ f1.t()) * (xd @ f3.t())) @ f2.t()
+    expert = pack_int4_expert_for_cpu(w1, w2, w3)
+    assert rel_err(int4_expert_cpu(x, expert), want) < 2e-2
+    half = expert.gate_up.packed.shape[0] // 2
+    assert torch.equal(expert.gate_up.packed[:half], pack_int4_for_cpu(*w1).packed)

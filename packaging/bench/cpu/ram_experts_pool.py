@@ -1,11 +1,15 @@
 """One decode token's routed experts in RAM for one MoE layer at the 48B shapes (hidden 2304, expert
-width 1024, int4 through PyTorch's CPU operator, as engine/offload.py computes them): one expert after
-another (torch's intra-op threads, as the engine does) against a thread pool across the experts (the
-operator releases the GIL). Torch's thread count is process-wide (set in a pool thread, it changes the
-main thread's too), so each pool thread computes with the same count. The experts rotate over twelve, so
-that they do not all sit in the cache.
+width 1024, int4 through PyTorch's CPU operator, as engine/offload.py computes them), three ways:
+- "3 products, serial": one expert after another, w1, w3 and w2 each a product over torch's intra-op
+  threads (the engine today);
+- "w1|w3 joined, serial": w1 and w3 packed as one matrix of 2,048 rows, so a token's expert is two
+  products, each with more rows to share among the threads;
+- "w1|w3 joined, pool of P": the chosen experts spread over P Python threads (the operator releases
+  the GIL), each product with torch's intra-op threads as set.
+Torch's thread count is process-wide, so every variant runs under the same count T. The experts rotate
+over POOL (96, about 340 MB in int4: more than a CPU's caches), as a real token's experts come from RAM.
 
-    python packaging/bench/cpu/ram_experts_pool.py [--experts 4] [--threads 1,2] [--rounds 5]
+    python packaging/bench/cpu/ram_experts_pool.py [--experts 3,8] [--threads 1,2,4,8,16] [--rounds 3]
 """
 
 import argparse
@@ -20,60 +24,67 @@ import torch.nn.functional as F
 from kimi_desk.kernels.quant import quantize_int4_groups
 from kimi_desk.kernels.quant.cpu import int4_linear_cpu, pack_int4_for_cpu
 
-HIDDEN, WIDTH, POOL = 2304, 1024, 12
+HIDDEN, WIDTH, POOL = 2304, 1024, 96
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--experts", type=int, default=4, help="experts of the token in RAM (default 4)")
+    parser.add_argument("--experts", default="3,8", help="experts of the token in RAM in one layer")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="torch thread counts to try")
-    parser.add_argument("--rounds", type=int, default=5, help="alternations of the variants (medians reported)")
+    parser.add_argument("--pools", default="2,4,8", help="Python thread pool sizes to try")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the variants (medians reported)")
+    parser.add_argument("--reps", type=int, default=60, help="layers timed per measurement")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
-    experts = [
-        [
-            pack_int4_for_cpu(*quantize_int4_groups(torch.randn(o, i, generator=gen) * 0.02))
-            for o, i in ((WIDTH, HIDDEN), (HIDDEN, WIDTH), (WIDTH, HIDDEN))
-        ]
-        for _ in range(POOL)
-    ]
+    separate, joined = [], []
+    for _ in range(POOL):
+        w1, w3 = (torch.randn(WIDTH, HIDDEN, generator=gen) * 0.02 for _ in range(2))
+        w2 = torch.randn(HIDDEN, WIDTH, generator=gen) * 0.02
+        pack = lambda w: pack_int4_for_cpu(*quantize_int4_groups(w))  # noqa: E731
+        p2 = pack(w2)
+        separate.append((pack(w1), p2, pack(w3)))
+        joined.append((pack(torch.cat([w1, w3])), p2))
     x = torch.randn(1, HIDDEN).to(torch.bfloat16)
 
-    def one(e):
-        w1, w2, w3 = experts[e]
+    def three(e):
+        w1, w2, w3 = separate[e]
         return int4_linear_cpu(F.silu(int4_linear_cpu(x, w1)) * int4_linear_cpu(x, w3), w2).float()
 
-    def sequential(chosen):
-        return sum(one(e) for e in chosen)
+    def two(e):
+        w13, w2 = joined[e]
+        gate, up = int4_linear_cpu(x, w13).split(WIDTH, dim=-1)
+        return int4_linear_cpu(F.silu(gate) * up, w2).float()
 
-    pools = {n: ThreadPoolExecutor(n) for n in (2, 4)}
+    pools = {p: ThreadPoolExecutor(p) for p in (int(p) for p in args.pools.split(","))}
     variants = {
-        "one after another": sequential,
-        **{f"pool of {n}": (lambda chosen, p=p: sum(p.map(one, chosen))) for n, p in pools.items()},
+        "3 products, serial": lambda chosen: sum(three(e) for e in chosen),
+        "w1|w3 joined, serial": lambda chosen: sum(two(e) for e in chosen),
+        **{f"w1|w3 joined, pool of {p}": (lambda chosen, ex=ex: sum(ex.map(two, chosen))) for p, ex in pools.items()},
     }
 
-    def ms_per_layer(fn, reps=100):
-        chosen = [[(3 * r + j) % POOL for j in range(args.experts)] for r in range(reps)]
-        for c in chosen[:10]:
+    def ms_per_layer(fn, n):
+        chosen = [[(7 * r + 13 * j) % POOL for j in range(n)] for r in range(args.reps)]
+        for c in chosen[:5]:
             fn(c)
         start = time.perf_counter()
         for c in chosen:
             fn(c)
-        return (time.perf_counter() - start) / reps * 1e3
+        return (time.perf_counter() - start) / args.reps * 1e3
 
     times: dict = {}
+    counts = [int(n) for n in args.experts.split(",")]
     for _ in range(args.rounds):
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
             for name, fn in variants.items():
-                times.setdefault((threads, name), []).append(ms_per_layer(fn))
-    print(
-        f"{args.experts} experts a layer, torch {torch.__version__}, {os.cpu_count()} cores, load "
-        f"{os.getloadavg()[0]:.1f}"
-    )
-    print("| torch threads | variant | median ms | min ms |\n|---:|---|---:|---:|")
-    for (threads, name), values in times.items():
-        print(f"| {threads} | {name} | {statistics.median(values):.2f} | {min(values):.2f} |")
+                for n in counts:
+                    times.setdefault((n, threads, name), []).append(ms_per_layer(fn, n))
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    expert_bytes = sum(w.packed.numel() + w.scales_and_zeros.numel() * 2 for w in separate[0])
+    print("| experts | torch threads | variant | median ms | min ms | GB/s (median) |\n|---:|---:|---|---:|---:|---:|")
+    for (n, threads, name), values in sorted(times.items()):
+        med = statistics.median(values)
+        print(f"| {n} | {threads} | {name} | {med:.3f} | {min(values):.3f} | {n * expert_bytes / med / 1e6:.1f} |")
 
 
 if __name__ == "__main__":
