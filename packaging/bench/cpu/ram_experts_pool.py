@@ -5,7 +5,9 @@ width 1024, int4 through PyTorch's CPU operator, as engine/offload.py computes t
 - "w1|w3 joined, serial": w1 and w3 packed as one matrix of 2,048 rows, so a token's expert is two
   products, each with more rows to share among the threads;
 - "w1|w3 joined, pool of P": the chosen experts spread over P Python threads (the operator releases
-  the GIL), each product with torch's intra-op threads as set.
+  the GIL), each product with torch's intra-op threads as set;
+- "w1|w3 joined, serial, pinned": as the engine holds RAM experts beside a GPU, in page-locked memory
+  (for the prefill's asynchronous copies), stacked over the experts (with --pinned, where CUDA is).
 Torch's thread count is process-wide, so every variant runs under the same count T. The experts rotate
 over POOL (96, about 340 MB in int4: more than a CPU's caches), as a real token's experts come from RAM.
 
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="torch thread counts to try")
     parser.add_argument("--pools", default="2,4,8", help="Python thread pool sizes to try")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the variants (medians reported)")
+    parser.add_argument("--pinned", action="store_true", help="also time the experts in pinned memory")
     parser.add_argument("--reps", type=int, default=60, help="layers timed per measurement")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -45,13 +48,24 @@ def main() -> None:
         separate.append((pack(w1), p2, pack(w3)))
         joined.append((pack(torch.cat([w1, w3])), p2))
     x = torch.randn(1, HIDDEN).to(torch.bfloat16)
+    pinned = []
+    if args.pinned:
+        for part in range(2):
+            ones = [j[part] for j in joined]
+            stack = torch.empty((POOL, *ones[0].packed.shape), dtype=torch.uint8, pin_memory=True)
+            sz = torch.empty((POOL, *ones[0].scales_and_zeros.shape), dtype=torch.bfloat16, pin_memory=True)
+            for e, one in enumerate(ones):
+                stack[e].copy_(one.packed)
+                sz[e].copy_(one.scales_and_zeros)
+            pinned.append([one._replace(packed=stack[e], scales_and_zeros=sz[e]) for e, one in enumerate(ones)])
+        pinned = list(zip(*pinned))
 
     def three(e):
         w1, w2, w3 = separate[e]
         return int4_linear_cpu(F.silu(int4_linear_cpu(x, w1)) * int4_linear_cpu(x, w3), w2).float()
 
-    def two(e):
-        w13, w2 = joined[e]
+    def two(e, experts=joined):
+        w13, w2 = experts[e]
         gate, up = int4_linear_cpu(x, w13).split(WIDTH, dim=-1)
         return int4_linear_cpu(F.silu(gate) * up, w2).float()
 
@@ -59,6 +73,7 @@ def main() -> None:
     variants = {
         "3 products, serial": lambda chosen: sum(three(e) for e in chosen),
         "w1|w3 joined, serial": lambda chosen: sum(two(e) for e in chosen),
+        **({"w1|w3 joined, serial, pinned": lambda chosen: sum(two(e, pinned) for e in chosen)} if pinned else {}),
         **{f"w1|w3 joined, pool of {p}": (lambda chosen, ex=ex: sum(ex.map(two, chosen))) for p, ex in pools.items()},
     }
 

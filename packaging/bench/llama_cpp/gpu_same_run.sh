@@ -14,7 +14,8 @@
 #       experts of the first N layers in RAM, one run for each N of NCMOE (its -ncmoe; default 6,14), each run's peak
 #       GPU memory sampled (llama.cpp has no memory cap: the peak shows which N fits which budget)
 # Work files go to .bench/ (ignored by git). LAYERS (default 4), REPS (3), DEPTHS (8192,131072), QUANTS
-# (Q8_0,Q4_K_M), UBATCH (llama.cpp's -ub in the budget runs, 2048) and SOURCE (default
+# (Q8_0,Q4_K_M), UBATCH (llama.cpp's -ub in the budget runs, 2048), PREFILL (tokens ours reads in the
+# budget runs, 32768) and SOURCE (default
 # .bench/llama.cpp-src.tar.xz, made by the llama-cpp-source tool) can be set.
 # Ours builds its own random weights at the same shapes in memory (`kimi-desk bench model --layers`):
 # the speed of a layer does not depend on its values, and random routers spread tokens over the experts
@@ -64,7 +65,7 @@ deep)
 budget)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
   python3 -m kimi_desk.app.cli bench model --layers 27 --quantize int4 --gpu-memory "${BUDGETS:-24GiB,16GiB}" \
-    --contexts "$depths" --prefill-tokens 32768 --read-tokens "${READS:-131072}" --json "$out/ours-budget.json" \
+    --contexts "$depths" --prefill-tokens "${PREFILL:-32768}" --read-tokens "${READS:-131072}" --json "$out/ours-budget.json" \
     > "$out/ours-budget.log" 2>&1 || echo "ours: exit $? (see ours-budget.log)"
   tail -40 "$out/ours-budget.log"
   ncmoe=${NCMOE:-6,14}
