@@ -450,27 +450,13 @@ def add_parsers(commands) -> None:
     ingest.add_argument("path", metavar="PATH")
     ingest.add_argument("--name", help="a name for the session (default: the file or folder name)")
     ingest.add_argument("--json", action="store_true", help="print a JSON summary instead of the id")
-    ingest.add_argument(
-        "--max-file-bytes",
-        type=positive_int,
-        default=2 << 20,
-        metavar="N",
-        help="skip files in a folder larger than N bytes (default: 2 MiB)",
-    )
-    ingest.add_argument(
-        "--max-total-bytes",
-        type=positive_int,
-        default=16 << 20,
-        metavar="N",
-        help="stop adding files once N bytes are read (default: 16 MiB)",
-    )
-    ingest.add_argument(
-        "--max-files",
-        type=positive_int,
-        default=10_000,
-        metavar="N",
-        help="read at most N files of a folder (default: 10,000)",
-    )
+    # The reading limits: how much of a large folder a session takes in.
+    for flag, default, help_text in (
+        ("--max-file-bytes", 2 << 20, "skip files in a folder larger than N bytes (default: 2 MiB)"),
+        ("--max-total-bytes", 16 << 20, "stop adding files once N bytes are read (default: 16 MiB)"),
+        ("--max-files", 10_000, "read at most N files of a folder (default: 10,000)"),
+    ):
+        ingest.add_argument(flag, type=positive_int, default=default, metavar="N", help=help_text)
     _add_model_options(ingest)
     ingest.set_defaults(run=run_ingest)
 

@@ -184,29 +184,13 @@ class SourceIndex:
         first = int(line)
         last = max(first, int(end)) if end and int(end) >= first else first
         lines = self.lines(path)
+        if lines is not None and 1 <= first <= len(lines):
+            return Citation(text, match.start(), match.end(), path, first, min(last, len(lines)))
         if lines is None:
-            return Citation(
-                text,
-                match.start(),
-                match.end(),
-                path,
-                first,
-                last,
-                found=False,
-                reason=f"the text of {path} as read is not kept and the file changed since",
-            )
-        if not 1 <= first <= len(lines):
-            return Citation(
-                text,
-                match.start(),
-                match.end(),
-                path,
-                first,
-                last,
-                found=False,
-                reason=f"{path} has {len(lines):,} line{'s' if len(lines) != 1 else ''}, no line {first:,}",
-            )
-        return Citation(text, match.start(), match.end(), path, first, min(last, len(lines)))
+            reason = f"the text of {path} as read is not kept and the file changed since"
+        else:
+            reason = f"{path} has {len(lines):,} line{'s' if len(lines) != 1 else ''}, no line {first:,}"
+        return Citation(text, match.start(), match.end(), path, first, last, found=False, reason=reason)
 
     def _symbol(self, name: str, start: int, end: int) -> Citation | None:
         last = re.split(r"\.|::", name)[-1]

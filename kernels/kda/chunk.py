@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from kimi_desk import environment
+from kimi_desk.kernels.kda.fused_recurrent import state_tile
 from kimi_desk.kernels.kda.gate import log_decay
 
 CHUNK_SIZE = 64
@@ -413,17 +414,7 @@ def chunk_kda_scan_fwd_kernel(
     i_b, i_h = i_bh // H, i_bh % H
 
     o_i = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_h = m_k[:, None] & m_v[None, :]
-    o_h = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-
-    if USE_INITIAL_STATE:
-        b_h = tl.load(h0 + o_h, mask=m_h, other=0.0).to(tl.float32)
-    else:
-        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    o_k, o_v, m_k, m_v, o_h, m_h, b_h = state_tile(h0, i_bh, i_v, K, V, BK, BV, USE_INITIAL_STATE)
 
     b_gl_next = tl.load(gl + i_bh.to(tl.int64) * NT * K + o_k, mask=m_k, other=0.0)
     if ROW_SCALE:

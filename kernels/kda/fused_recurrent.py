@@ -27,6 +27,26 @@ from kimi_desk.kernels.kda.gate import log_decay
 
 
 @triton.jit
+def state_tile(
+    h0, i_bh, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr
+):
+    """The tile of BV columns (block i_v) of head i_bh's state ([B, H, K, V]: K rows, V contiguous) that a
+    program holds, here and in chunk.py's scan: the offsets and masks of its K and V axes, its offsets and
+    mask in the state (for the final store), and its initial value in fp32 (h0's, or zeros)."""
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    o_h = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    if USE_INITIAL_STATE:
+        b_h = tl.load(h0 + o_h, mask=m_h, other=0.0).to(tl.float32)
+    else:
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    return o_k, o_v, m_k, m_v, o_h, m_h, b_h
+
+
+@triton.jit
 def fused_recurrent_kda_fwd_kernel(
     q,
     k,
@@ -57,26 +77,13 @@ def fused_recurrent_kda_fwd_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     # int64 before any multiplication by T: B * T * H * K overflows int32 at long contexts.
     bos = i_b.to(tl.int64) * T
-
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_h = m_k[:, None] & m_v[None, :]
-
+    o_k, o_v, m_k, m_v, o_h, m_h, b_h = state_tile(h0, i_bh, i_v, K, V, BK, BV, USE_INITIAL_STATE)
     p_q = q + (bos * H + i_h) * K + o_k
     p_k = k + (bos * H + i_h) * K + o_k
     p_g = g + (bos * H + i_h) * K + o_k
     p_v = v + (bos * H + i_h) * V + o_v
     p_beta = beta + bos * H + i_h
     p_o = o + (bos * H + i_h) * V + o_v
-    # The state is [B, H, K, V]: K rows, V contiguous.
-    o_h = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-
-    if USE_INITIAL_STATE:
-        b_h = tl.load(h0 + o_h, mask=m_h, other=0.0).to(tl.float32)
-    else:
-        b_h = tl.zeros([BK, BV], dtype=tl.float32)
 
     if USE_GATE_IN_KERNEL:
         b_A = -tl.exp(tl.load(A_log + i_h).to(tl.float32))

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from kimi_desk.kernels import pdl_launch, zeroed_counters
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
+from kimi_desk.kernels.moe.naive import kernel_operands
 from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_code_halves
 
 
@@ -51,6 +52,17 @@ def _int4_row_dots(p_codes, p_scale, p_zero, m_rows, m_bytes, b_even, b_odd):
     b_lo, b_hi = int4_code_halves(b_p)
     b_dot = tl.sum(b_lo.to(tl.float32) * b_even[None, :] + b_hi.to(tl.float32) * b_odd[None, :], 1)
     return b_s * b_dot + (b_z - CODE_OFFSET * b_s) * (tl.sum(b_even, 0) + tl.sum(b_odd, 0))
+
+
+@triton.jit
+def _int4_inputs(p_x, k0, K: tl.constexpr, BK: tl.constexpr):
+    """Inputs k0 to k0 + BK of a vector of K at p_x, for an int4 tile of BK / 2 bytes a row (int4_tiles.py):
+    the bytes' offsets, which are real, and the even and the odd inputs in fp32."""
+    o_b = k0 // 2 + tl.arange(0, BK // 2)
+    m_b = o_b < K // 2
+    b_even = tl.load(p_x + 2 * o_b, mask=m_b, other=0.0).to(tl.float32)
+    b_odd = tl.load(p_x + 2 * o_b + 1, mask=m_b, other=0.0).to(tl.float32)
+    return o_b, m_b, b_even, b_odd
 
 
 @triton.jit
@@ -90,11 +102,8 @@ def moe_gate_up_fwd_kernel(
     b_up = tl.zeros([BI], dtype=tl.float32)
     for d0 in range(0, D, BD):
         if INT4:
-            # BD inputs in one group, BD / 2 bytes a row (int4_tiles.py).
-            o_b = d0 // 2 + tl.arange(0, BD // 2)
-            m_b = o_b < D // 2
-            b_even = tl.load(x + i_n * D + 2 * o_b, mask=m_b, other=0.0).to(tl.float32)
-            b_odd = tl.load(x + i_n * D + 2 * o_b + 1, mask=m_b, other=0.0).to(tl.float32)
+            # BD inputs in one group.
+            o_b, m_b, b_even, b_odd = _int4_inputs(x + i_n * D, d0, D, BD)
             p_g = (i_e * I + o_i.to(tl.int64)) * (D // GROUP) + d0 // GROUP
             b_gate += _int4_row_dots(p_w1 + o_b[None, :], s1 + p_g, z1 + p_g, m_i, m_b, b_even, b_odd)
             b_up += _int4_row_dots(p_w3 + o_b[None, :], s3 + p_g, z3 + p_g, m_i, m_b, b_even, b_odd)
@@ -148,10 +157,7 @@ def moe_down_fwd_kernel(
     b_acc = tl.zeros([BD], dtype=tl.float32)
     for i0 in range(0, I, BI):
         if INT4:
-            o_b = i0 // 2 + tl.arange(0, BI // 2)
-            m_b = o_b < I // 2
-            b_even = tl.load(p_h + 2 * o_b, mask=m_b, other=0.0)
-            b_odd = tl.load(p_h + 2 * o_b + 1, mask=m_b, other=0.0)
+            o_b, m_b, b_even, b_odd = _int4_inputs(p_h, i0, I, BI)
             p_g = (i_e * D + o_d.to(tl.int64)) * (I // GROUP) + i0 // GROUP
             b_acc += _int4_row_dots(p_w2 + o_b[None, :], s2 + p_g, z2 + p_g, m_d, m_b, b_even, b_odd)
         else:
@@ -195,22 +201,7 @@ INT4_DOWN_CONFIG = {**DOWN_CONFIG, "block_d": 64}
 def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torch.float32):
     """kimi_desk.kernels.moe.routed_experts in Triton, for a few tokens. Returns [N, D] in out_dtype (the
     float32 sum rounded once, in the kernel)."""
-    N, D = x.shape
-    k = ids.shape[1]
-    int4 = scales is not None and isinstance(scales[0], tuple)
-    E, I = w1.shape[:2]
-    packing = 2 if int4 else 1
-    assert w1.shape == w3.shape == (E, I, D // packing) and w2.shape == (E, D, I // packing)
-    assert weights.shape == ids.shape and w1.is_contiguous() and w2.is_contiguous() and w3.is_contiguous()
-    z1 = z2 = z3 = None
-    if scales is None:
-        s1 = s2 = s3 = None
-    elif int4:
-        (s1, z1), (s2, z2), (s3, z3) = ((s.contiguous(), z.contiguous()) for s, z in scales)
-        assert s1.shape[:2] == (E, I) and s2.shape[:2] == (E, D)
-    else:
-        s1, s2, s3 = (s.float().contiguous() for s in scales)
-        assert s1.shape == s3.shape == (E, I) and s2.shape == (E, D)
+    (N, k, D, E, I), int4, (s1, s2, s3), (z1, z2, z3) = kernel_operands(x, ids, weights, w1, w2, w3, scales)
     if N == 0:
         return torch.zeros(0, D, dtype=out_dtype, device=x.device)
     x, ids = x.contiguous(), ids.contiguous()
@@ -220,10 +211,13 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
     out = torch.empty(N, D, dtype=out_dtype, device=x.device)
 
     gate_up_config, down_config = (INT4_GATE_UP_CONFIG, INT4_DOWN_CONFIG) if int4 else (GATE_UP_CONFIG, DOWN_CONFIG)
+    # Groups of inputs of w1 and w3 (along D) and of w2 (along I): a tile of inputs lies inside one.
+    group_d, group_i = (D // s1.shape[-1], I // s2.shape[-1]) if int4 else (1, 1)
+    common = dict(D=D, I=I, SCALED=scales is not None and not int4, INT4=int4, **pdl_launch(x))
     BI = min(gate_up_config["block_i"], triton.next_power_of_2(I))
     BD = min(gate_up_config["block_d"], triton.next_power_of_2(D))
-    if int4:  # a tile of inputs lies inside one group
-        BD = int4_block(BD, D // s1.shape[-1])
+    if int4:
+        BD = int4_block(BD, group_d)
     moe_gate_up_fwd_kernel[(N * k, triton.cdiv(I, BI))](
         x,
         ids,
@@ -236,20 +230,16 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
         h,
         k,
         w1.stride(0),
-        D=D,
-        I=I,
         BI=BI,
         BD=BD,
-        SCALED=scales is not None and not int4,
-        INT4=int4,
-        GROUP=D // s1.shape[-1] if int4 else 1,
+        GROUP=group_d,
         num_warps=gate_up_config["num_warps"],
-        **pdl_launch(x),
+        **common,
     )
     BD = min(down_config["block_d"], triton.next_power_of_2(D))
     BI = min(down_config["block_i"], triton.next_power_of_2(I))
     if int4:
-        BI = int4_block(BI, I // s2.shape[-1])
+        BI = int4_block(BI, group_i)
     counters = zeroed_counters(x.device, N * triton.cdiv(D, BD))
     moe_down_fwd_kernel[(N * k, triton.cdiv(D, BD))](
         h,
@@ -263,14 +253,10 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
         counters,
         k,
         w2.stride(0),
-        D=D,
-        I=I,
         BD=BD,
         BI=BI,
-        SCALED=scales is not None and not int4,
-        INT4=int4,
-        GROUP=I // s2.shape[-1] if int4 else 1,
+        GROUP=group_i,
         num_warps=down_config["num_warps"],
-        **pdl_launch(x),
+        **common,
     )
     return out

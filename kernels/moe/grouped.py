@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from kimi_desk import environment
+from kimi_desk.kernels.moe.naive import kernel_operands
 from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_codes
 
 
@@ -99,6 +100,53 @@ def _int4_tile_product(
 
 
 @triton.jit
+def _program_tile(block_expert, COLS: tl.constexpr, BN: tl.constexpr):
+    """This program's row block and its expert, and its BN output columns of COLS (which are real). The
+    grid is one axis, column blocks fastest (module docstring)."""
+    i_pid = tl.program_id(0)
+    i_b, i_c = i_pid // tl.cdiv(COLS, BN), i_pid % tl.cdiv(COLS, BN)
+    o_c = i_c * BN + tl.arange(0, BN)
+    return i_b, tl.load(block_expert + i_b), o_c, o_c < COLS
+
+
+@triton.jit
+def _add_weight_tile(
+    b_acc,
+    b_x,
+    p_w,
+    s,
+    z,
+    i_e,
+    o_c,
+    m_c,
+    k0,
+    K: tl.constexpr,
+    COLS: tl.constexpr,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+    INT4: tl.constexpr,
+    GROUP: tl.constexpr,
+    OP_DT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """b_acc [BM, BN] plus x's tile b_x [BM, BK] (inputs k0 to k0 + BK of K) times expert i_e's weight
+    rows o_c (of COLS; p_w points at their starts) read as the columns of a [BK, BN] tile. int4: the
+    tile's bytes, with the group scales and midpoints s, z (_int4_tile_product)."""
+    if INT4:
+        # BK inputs inside one group, BK / 2 bytes of each of the tile's columns (int4_tiles.py).
+        o_b = k0 // 2 + tl.arange(0, BK // 2)
+        p_g = (i_e * COLS + o_c) * (K // GROUP) + k0 // GROUP
+        b_acc += _int4_tile_product(
+            b_x, p_w + o_b[:, None], s + p_g, z + p_g, o_b < K // 2, m_c, BK, BN, OP_DT, DOT_PRECISION
+        )
+    else:
+        o_k = k0 + tl.arange(0, BK)
+        b_w = _load_tile(p_w + o_k[:, None], o_k < K, m_c, K % BK != 0, COLS % BN != 0).to(OP_DT)
+        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
+    return b_acc
+
+
+@triton.jit
 def moe_grouped_gate_up_fwd_kernel(
     x,
     w1,
@@ -126,16 +174,12 @@ def moe_grouped_gate_up_fwd_kernel(
     OP_DT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_pid = tl.program_id(0)
-    i_b, i_c = i_pid // tl.cdiv(I, BN), i_pid % tl.cdiv(I, BN)
-    i_e = tl.load(block_expert + i_b)
+    i_b, i_e, o_c, m_c = _program_tile(block_expert, I, BN)
     # Past the real number of row blocks (the grid is a bound): nothing to do.
     if i_e >= n_experts:
         return
     o_p, m_r = _row_block_pairs(i_b, i_e, order, block_start, pair_start, counts, BM)
     o_n = o_p // n_chosen
-    o_c = i_c * BN + tl.arange(0, BN)
-    m_c = o_c < I
     # int64 for the expert's offset (e * I * D passes int32 in larger models); within one expert's
     # matrix, int32 is plenty. The experts are contiguous, so the offset is a constant multiple: the
     # compiler knows the tiles' alignment and loads them 16 bytes at a time.
@@ -146,27 +190,15 @@ def moe_grouped_gate_up_fwd_kernel(
     b_gate = tl.zeros([BM, BN], dtype=tl.float32)
     b_up = tl.zeros([BM, BN], dtype=tl.float32)
     for d0 in range(0, D, BK):
-        if INT4:
-            # BK inputs inside one group, BK / 2 bytes of each of the tile's columns (int4_tiles.py).
-            o_k = d0 + tl.arange(0, BK)
-            o_b = d0 // 2 + tl.arange(0, BK // 2)
-            b_x = _load_tile(p_x + o_k[None, :], m_r, o_k < D, True, D % BK != 0).to(OP_DT)
-            p_g = (i_e * I + o_c) * (D // GROUP) + d0 // GROUP
-            b_gate += _int4_tile_product(
-                b_x, p_w1 + o_b[:, None], s1 + p_g, z1 + p_g, o_b < D // 2, m_c, BK, BN, OP_DT, DOT_PRECISION
-            )
-            b_up += _int4_tile_product(
-                b_x, p_w3 + o_b[:, None], s3 + p_g, z3 + p_g, o_b < D // 2, m_c, BK, BN, OP_DT, DOT_PRECISION
-            )
-        else:
-            o_k = d0 + tl.arange(0, BK)
-            m_k = o_k < D
-            b_x = _load_tile(p_x + o_k[None, :], m_r, m_k, True, D % BK != 0).to(OP_DT)
-            # w1[e]'s rows o_c read as the columns of a [BK, BN] tile: gate = x @ w1[e]^T.
-            b_w1 = _load_tile(p_w1 + o_k[:, None], m_k, m_c, D % BK != 0, I % BN != 0).to(OP_DT)
-            b_gate = tl.dot(b_x, b_w1, b_gate, input_precision=DOT_PRECISION)
-            b_w3 = _load_tile(p_w3 + o_k[:, None], m_k, m_c, D % BK != 0, I % BN != 0).to(OP_DT)
-            b_up = tl.dot(b_x, b_w3, b_up, input_precision=DOT_PRECISION)
+        o_k = d0 + tl.arange(0, BK)
+        b_x = _load_tile(p_x + o_k[None, :], m_r, o_k < D, True, D % BK != 0).to(OP_DT)
+        # w1[e]'s rows o_c read as the columns of a [BK, BN] tile: gate = x @ w1[e]^T.
+        b_gate = _add_weight_tile(
+            b_gate, b_x, p_w1, s1, z1, i_e, o_c, m_c, d0, D, I, BK, BN, INT4, GROUP, OP_DT, DOT_PRECISION
+        )
+        b_up = _add_weight_tile(
+            b_up, b_x, p_w3, s3, z3, i_e, o_c, m_c, d0, D, I, BK, BN, INT4, GROUP, OP_DT, DOT_PRECISION
+        )
     if SCALED:
         # fp8 rows: the scale once per output element, on the fp32 sum, before the nonlinearity.
         b_gate *= tl.load(s1 + i_e * I + o_c, mask=m_c, other=0.0)[None, :]
@@ -201,33 +233,20 @@ def moe_grouped_down_fwd_kernel(
     OP_DT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_pid = tl.program_id(0)
-    i_b, i_c = i_pid // tl.cdiv(D, BN), i_pid % tl.cdiv(D, BN)
-    i_e = tl.load(block_expert + i_b)
+    i_b, i_e, o_c, m_c = _program_tile(block_expert, D, BN)
     if i_e >= n_experts:
         return
     o_p, m_r = _row_block_pairs(i_b, i_e, order, block_start, pair_start, counts, BM)
-    o_c = i_c * BN + tl.arange(0, BN)
-    m_c = o_c < D
     p_h = h + o_p[:, None] * I
     ROW: tl.constexpr = I // 2 if INT4 else I
     p_w2 = w2 + i_e * (D * ROW) + o_c[None, :] * ROW
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
     for i0 in range(0, I, BK):
-        if INT4:
-            o_k = i0 + tl.arange(0, BK)
-            o_b = i0 // 2 + tl.arange(0, BK // 2)
-            b_h = _load_tile(p_h + o_k[None, :], m_r, o_k < I, True, I % BK != 0).to(OP_DT)
-            p_g = (i_e * D + o_c) * (I // GROUP) + i0 // GROUP
-            b_acc += _int4_tile_product(
-                b_h, p_w2 + o_b[:, None], s2 + p_g, z2 + p_g, o_b < I // 2, m_c, BK, BN, OP_DT, DOT_PRECISION
-            )
-        else:
-            o_k = i0 + tl.arange(0, BK)
-            m_k = o_k < I
-            b_h = _load_tile(p_h + o_k[None, :], m_r, m_k, True, I % BK != 0).to(OP_DT)
-            b_w2 = _load_tile(p_w2 + o_k[:, None], m_k, m_c, I % BK != 0, D % BN != 0).to(OP_DT)
-            b_acc = tl.dot(b_h, b_w2, b_acc, input_precision=DOT_PRECISION)
+        o_k = i0 + tl.arange(0, BK)
+        b_h = _load_tile(p_h + o_k[None, :], m_r, o_k < I, True, I % BK != 0).to(OP_DT)
+        b_acc = _add_weight_tile(
+            b_acc, b_h, p_w2, s2, z2, i_e, o_c, m_c, i0, I, D, BK, BN, INT4, GROUP, OP_DT, DOT_PRECISION
+        )
     if SCALED:
         b_acc *= tl.load(s2 + i_e * D + o_c, mask=m_c, other=0.0)[None, :]
     b_acc *= tl.load(weights + o_p, mask=m_r, other=0.0)[:, None]
@@ -291,24 +310,13 @@ def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, conf
     `config` overrides entries of DEFAULT_CONFIG (FP32_CONFIG for fp32 x): block_m (a power of two, at
     least 16), block_n, block_k, num_warps, num_stages, the same for both kernels.
     """
-    N, D = x.shape
-    k = ids.shape[1]
-    int4 = scales is not None and isinstance(scales[0], tuple)
-    E, I = w1.shape[:2]
-    packing = 2 if int4 else 1
-    assert w1.shape == w3.shape == (E, I, D // packing) and w2.shape == (E, D, I // packing)
-    assert weights.shape == ids.shape and w1.is_contiguous() and w2.is_contiguous() and w3.is_contiguous()
+    (N, k, D, E, I), int4, (s1, s2, s3), (z1, z2, z3) = kernel_operands(x, ids, weights, w1, w2, w3, scales)
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-    z1 = z2 = z3 = None
     if scales is None:
-        s1 = s2 = s3 = None
         assert w1.dtype == w2.dtype == w3.dtype == x.dtype, "unscaled weights must be in x's dtype"
     elif int4:
-        (s1, z1), (s2, z2), (s3, z3) = ((s.contiguous(), z.contiguous()) for s, z in scales)
         assert w1.dtype == w2.dtype == w3.dtype == torch.uint8, "scales and zeros go with int4 codes"
     else:
-        s1, s2, s3 = (s.float().contiguous() for s in scales)
-        assert s1.shape == s3.shape == (E, I) and s2.shape == (E, D)
         assert w1.dtype == w2.dtype == w3.dtype and w1.dtype in (torch.float8_e4m3fn, torch.int8), (
             "scales go with fp8 or int8 weights"
         )

@@ -53,6 +53,30 @@ def chosen_weights(index, w1, w2, w3, scales, dtype):
     return tuple(dequantize_rows(w[index], s[index], dtype) for w, s in zip((w1, w2, w3), scales))
 
 
+def kernel_operands(x, ids, weights, w1, w2, w3, scales):
+    """routed_experts' arguments checked against the layout above, for the Triton kernels (gemv.py,
+    grouped.py). Returns (N, k, D, E, I), whether the experts are int4, (s1, s2, s3) and (z1, z2, z3):
+    float32 row scales (fp8, int8) or bf16 group scales and midpoints (int4), contiguous; None where the
+    weights have none."""
+    N, D = x.shape
+    k = ids.shape[1]
+    int4 = scales is not None and isinstance(scales[0], tuple)
+    E, I = w1.shape[:2]
+    packing = 2 if int4 else 1
+    assert w1.shape == w3.shape == (E, I, D // packing) and w2.shape == (E, D, I // packing)
+    assert weights.shape == ids.shape and w1.is_contiguous() and w2.is_contiguous() and w3.is_contiguous()
+    zeros = (None, None, None)
+    if scales is None:
+        scales = (None, None, None)
+    elif int4:
+        scales, zeros = zip(*((s.contiguous(), z.contiguous()) for s, z in scales))
+        assert scales[0].shape[:2] == (E, I) and scales[1].shape[:2] == (E, D)
+    else:
+        scales = tuple(s.float().contiguous() for s in scales)
+        assert scales[0].shape == scales[2].shape == (E, I) and scales[1].shape == (E, D)
+    return (N, k, D, E, I), int4, scales, zeros
+
+
 def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None):
     """Tokens grouped by expert: each chosen expert runs once on all of its tokens. The CPU path (the
     GPU's prefill takes grouped.py's Triton GEMM instead); it asks the host which experts were chosen (a

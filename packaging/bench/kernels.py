@@ -190,6 +190,14 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _accuracy(ours, fla, reference):
+    """The relative errors of our (output, final state) and fla's against the float64 reference."""
+    (o, s), (fo, fs), (o_ref, s_ref) = ours, fla, reference
+    return dict(
+        o_err=_rel(o, o_ref), state_err=_rel(s, s_ref), fla_o_err=_rel(fo, o_ref), fla_state_err=_rel(fs, s_ref)
+    )
+
+
 def _bench(fn, ms=200):
     import triton.testing
 
@@ -234,41 +242,35 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
     from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
 
     rows = []
+
+    def record(kernel, gate, B, T, ours, fla, reference):
+        """One row of the report: our (output, final state) against float64 and against fla's; logged."""
+        o, fo = ours[0], fla[0]
+        accuracy = _accuracy(ours, fla, reference)
+        rows.append(dict(kernel=kernel, gate=gate, B=B, T=T, **accuracy, vs_fla=_rel(o, fo), nan=bool(o.isnan().any())))
+        log(rows[-1])
+
     for gate in ("model", "extreme", "correlated"):
         # A long odd length, then lengths under one chunk (a question after a document) and around its edge.
         # The long one first: fla autotunes on its first call and keeps that choice for every length, so a
         # first call at T = 18 would slow its prefill timings below by 40% (seen on an H100).
         for B, T in ((1, 2048 + 37), (2, 129), (1, 18), (1, 63), (1, 64), (1, 65)):
             q, k, v, g, beta, h0 = kda_inputs(B, T, gate, seed=T + B)
-            o_ref, s_ref = _reference_f64(q, k, v, g, beta, h0)
+            reference = _reference_f64(q, k, v, g, beta, h0)
             out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
-            o, s = chunk_kda_triton(
+            ours = chunk_kda_triton(
                 q, k, v, g, beta, None, h0, True, out=out, intra_config=intra_cfg, scan_config=scan_cfg
             )
-            fo, fs = fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True)
-            rows.append(
-                dict(
-                    kernel="chunk",
-                    gate=gate,
-                    B=B,
-                    T=T,
-                    o_err=_rel(o, o_ref),
-                    state_err=_rel(s, s_ref),
-                    fla_o_err=_rel(fo, o_ref),
-                    fla_state_err=_rel(fs, s_ref),
-                    vs_fla=_rel(o, fo),
-                    nan=bool(o.isnan().any()),
-                )
-            )
-            log(rows[-1])
+            fla = fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+            record("chunk", gate, B, T, ours, fla, reference)
         if gate == "model":
             # The fused variant on the raw projections, and fla's with the same flags.
             for B, T in ((1, 2048 + 37), (1, 18), (1, 65)):
                 (q, k, v, x, bl, A_log, dt_bias, h0), (qn, kn, g, beta) = _raw_inputs(B, T, seed=T + 7)
-                o_ref, s_ref = _reference_f64(qn, kn, v, g, beta, h0)
+                reference = _reference_f64(qn, kn, v, g, beta, h0)
                 out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
-                o, s = chunk_kda_triton(q, k, v, x, bl, None, h0, True, A_log=A_log, dt_bias=dt_bias, out=out, **_FUSED)
-                fo, fs = fla_chunk(
+                ours = chunk_kda_triton(q, k, v, x, bl, None, h0, True, A_log=A_log, dt_bias=dt_bias, out=out, **_FUSED)
+                fla = fla_chunk(
                     q,
                     k,
                     v,
@@ -281,43 +283,15 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
                     dt_bias=dt_bias,
                     **_FUSED,
                 )
-                rows.append(
-                    dict(
-                        kernel="chunk",
-                        gate="raw",
-                        B=B,
-                        T=T,
-                        o_err=_rel(o, o_ref),
-                        state_err=_rel(s, s_ref),
-                        fla_o_err=_rel(fo, o_ref),
-                        fla_state_err=_rel(fs, s_ref),
-                        vs_fla=_rel(o, fo),
-                        nan=bool(o.isnan().any()),
-                    )
-                )
-                log(rows[-1])
+                record("chunk", "raw", B, T, ours, fla, reference)
         for B, T in ((1, 1), (8, 1), (8, 5)):
             q, k, v, g, beta, h0 = kda_inputs(B, T, gate, seed=100 + T + B)
-            o_ref, s_ref = _reference_f64(q, k, v, g, beta, h0)
+            reference = _reference_f64(q, k, v, g, beta, h0)
             out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
             state = h0.clone()
-            o, s = fused_recurrent_kda_triton(q, k, v, g, beta, None, state, True, out=out, inplace_final_state=True)
-            fo, fs = fla_recurrent(q, k, v, g, beta, initial_state=h0, output_final_state=True)
-            rows.append(
-                dict(
-                    kernel="recurrent",
-                    gate=gate,
-                    B=B,
-                    T=T,
-                    o_err=_rel(o, o_ref),
-                    state_err=_rel(s, s_ref),
-                    fla_o_err=_rel(fo, o_ref),
-                    fla_state_err=_rel(fs, s_ref),
-                    vs_fla=_rel(o, fo),
-                    nan=bool(o.isnan().any()),
-                )
-            )
-            log(rows[-1])
+            ours = fused_recurrent_kda_triton(q, k, v, g, beta, None, state, True, out=out, inplace_final_state=True)
+            fla = fla_recurrent(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+            record("recurrent", gate, B, T, ours, fla, reference)
     return rows
 
 
@@ -380,10 +354,7 @@ def gate_sweep(log, lengths, intra_cfg=None, scan_cfg=None, demo_gates=None, che
         row = dict(
             gate=name,
             T=check_T,
-            o_err=_rel(o, o_ref),
-            state_err=_rel(s, s_ref),
-            fla_o_err=_rel(fo, o_ref),
-            fla_state_err=_rel(fs, s_ref),
+            **_accuracy((o, s), (fo, fs), (o_ref, s_ref)),
             nan=bool(o.isnan().any()),
             g_mean=g.mean().item(),
             g_q01=g.flatten()[: 2**24].quantile(0.01).item(),

@@ -3,26 +3,14 @@ float64 (recurrent_kda computes in the dtype of float64 inputs)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from fla.ops.kda.naive import naive_recurrent_kda
+from kda_cases import make_inputs, rel_err
 
 from kimi_desk.kernels.kda import chunk_kda, fused_recurrent_kda, kda
 from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda, recurrent_kda_inplace
 
 # Tolerances per dtype of the inputs (relative error against the float64 reference).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
-
-
-def make_inputs(B, T, H, K, V, min_log_decay, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
-    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
-    v = torch.randn(B, T, H, V, generator=gen).to(dtype)
-    # Per-channel decays anywhere in [min_log_decay, 0]: extreme and gentle channels side by side.
-    g = torch.rand(B, T, H, K, generator=gen) * min_log_decay
-    beta = torch.rand(B, T, H, generator=gen)
-    state = torch.randn(B, H, K, V, generator=gen)
-    return q, k, v, g, beta, state
 
 
 def reference(q, k, v, g, beta, state):
@@ -36,11 +24,6 @@ def reference(q, k, v, g, beta, state):
         output_final_state=True,
     )
     return o, s
-
-
-def rel_err(a, b):
-    assert not torch.isnan(a).any(), "NaN in the output"
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 SHAPES = [

@@ -15,6 +15,7 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 from fla.ops.kda.naive import naive_recurrent_kda  # noqa: E402
+from kda_cases import make_inputs, rel_err  # noqa: E402
 
 from kimi_desk.bench.kernels import GATE_SWEEP, sweep_gate  # noqa: E402
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton  # noqa: E402
@@ -25,18 +26,6 @@ from kimi_desk.kernels.kda.naive import chunk_kda_torch  # noqa: E402
 # both; the error is the bf16 output and the bf16 scratch between the two prefill kernels (fla's choice
 # too; on the H100 ours and fla's measured 3e-3 to 1e-2 at the 48B shapes). fp32: cumulative gates in fp32.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-
-
-def make_inputs(B, T, H, K, V, min_log_decay, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
-    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
-    v = torch.randn(B, T, H, V, generator=gen).to(dtype)
-    # Per-channel decays anywhere in [min_log_decay, 0]: extreme and gentle channels side by side.
-    g = torch.rand(B, T, H, K, generator=gen) * min_log_decay
-    beta = torch.rand(B, T, H, generator=gen).to(dtype)
-    state = torch.randn(B, H, K, V, generator=gen)
-    return q, k, v, g, beta, state
 
 
 def reference_f64(q, k, v, g, beta, state, scale=None):
@@ -54,11 +43,6 @@ def reference_f64(q, k, v, g, beta, state, scale=None):
     return o, S
 
 
-def rel_err(a, b):
-    assert not torch.isnan(a).any(), "NaN in the output (an element the kernel never wrote?)"
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 SIZES = [
     (1, 1, 2, 16, 16, -5.0),
     (2, 63, 2, 32, 16, -1.0),
@@ -72,6 +56,7 @@ SIZES = [
 @pytest.mark.parametrize("B,T,H,K,V,min_log_decay", SIZES, ids=lambda x: str(x))
 def test_chunk_matches_float64(dtype, B, T, H, K, V, min_log_decay):
     q, k, v, g, beta, state = make_inputs(B, T, H, K, V, min_log_decay, dtype, seed=T * 7 + K)
+    beta = beta.to(dtype)
     o_ref, s_ref = reference_f64(q, k, v, g, beta, state)
     out = torch.full((B, T, H, V), float("nan"), dtype=dtype)
     o, s = chunk_kda_triton(q, k, v, g, beta, None, state, True, out=out)
@@ -87,6 +72,7 @@ def test_chunk_every_gate_distribution(gate, dtype):
     float64 and as close to it as the PyTorch chunked form beside the kernel (float64 cumulative gates)."""
     B, T, H, K, V = 1, 130, 2, 64, 16
     q, k, v, _, beta, state = make_inputs(B, T, H, K, V, -1.0, dtype, seed=17)
+    beta = beta.to(dtype)
     g = sweep_gate(gate, (B, T, H, K), torch.Generator().manual_seed(len(gate)))
     o_ref, s_ref = reference_f64(q, k, v, g, beta, state)
     out = torch.full((B, T, H, V), float("nan"), dtype=dtype)
@@ -210,6 +196,7 @@ def test_chunk_continues_from_its_own_state():
 )
 def test_recurrent_matches_float64(dtype, B, T, H, K, V, min_log_decay):
     q, k, v, g, beta, state = make_inputs(B, T, H, K, V, min_log_decay, dtype, seed=T * 3 + K)
+    beta = beta.to(dtype)
     o_ref, s_ref = reference_f64(q, k, v, g, beta, state)
     out = torch.full((B, T, H, V), float("nan"), dtype=dtype)
     o, s = fused_recurrent_kda_triton(q, k, v, g, beta, None, state, True, out=out)

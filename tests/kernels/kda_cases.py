@@ -1,0 +1,23 @@
+"""Inputs shared by the KDA tests (the PyTorch paths and the Triton kernels)."""
+
+import torch
+import torch.nn.functional as F
+
+
+def make_inputs(B, T, H, K, V, min_log_decay, dtype, seed):
+    """q and k (unit rows) and v [B, T, H, *] in `dtype`; g, beta and the initial state [B, H, K, V] in
+    float32 (the Triton tests round beta to `dtype` where the kernels read it so)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, V, generator=gen).to(dtype)
+    # Per-channel decays anywhere in [min_log_decay, 0]: extreme and gentle channels side by side.
+    g = torch.rand(B, T, H, K, generator=gen) * min_log_decay
+    beta = torch.rand(B, T, H, generator=gen)
+    state = torch.randn(B, H, K, V, generator=gen)
+    return q, k, v, g, beta, state
+
+
+def rel_err(a, b):
+    assert not torch.isnan(a).any(), "NaN in the output (an element the kernel never wrote?)"
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
