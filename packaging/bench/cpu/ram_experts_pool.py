@@ -7,7 +7,9 @@ width 1024, int4 through PyTorch's CPU operator, as engine/offload.py computes t
 - "w1|w3 joined, pool of P": the chosen experts spread over P Python threads (the operator releases
   the GIL), each product with torch's intra-op threads as set;
 - "w1|w3 joined, serial, pinned": as the engine holds RAM experts beside a GPU, in page-locked memory
-  (for the prefill's asynchronous copies), stacked over the experts (with --pinned, where CUDA is).
+  (for the prefill's asynchronous copies), stacked over the experts (with --pinned, where CUDA is);
+- "w1|w3 joined, serial, X ms idle before": the host sleeps between layers as while the GPU works (the
+  threads of torch's pool may fall asleep and must be woken), only the products timed.
 Torch's thread count is process-wide, so every variant runs under the same count T. The experts rotate
 over POOL (96, about 340 MB in int4: more than a CPU's caches), as a real token's experts come from RAM.
 
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--pools", default="2,4,8", help="Python thread pool sizes to try")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the variants (medians reported)")
     parser.add_argument("--pinned", action="store_true", help="also time the experts in pinned memory")
+    parser.add_argument("--idle-ms", type=float, default=0.5, help="host idle between layers, one variant")
     parser.add_argument("--reps", type=int, default=60, help="layers timed per measurement")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -77,14 +80,20 @@ def main() -> None:
         **{f"w1|w3 joined, pool of {p}": (lambda chosen, ex=ex: sum(ex.map(two, chosen))) for p, ex in pools.items()},
     }
 
-    def ms_per_layer(fn, n):
+    def ms_per_layer(fn, n, idle_s=0.0):
+        """Mean ms of fn over the layers; with idle_s, the host sleeps that long between layers (as it
+        does while the GPU computes the rest of a layer), and only fn's own time is counted."""
         chosen = [[(7 * r + 13 * j) % POOL for j in range(n)] for r in range(args.reps)]
         for c in chosen[:5]:
             fn(c)
-        start = time.perf_counter()
+        total = 0.0
         for c in chosen:
+            if idle_s:
+                time.sleep(idle_s)
+            start = time.perf_counter()
             fn(c)
-        return (time.perf_counter() - start) / args.reps * 1e3
+            total += time.perf_counter() - start
+        return total / args.reps * 1e3
 
     times: dict = {}
     counts = [int(n) for n in args.experts.split(",")]
@@ -94,6 +103,9 @@ def main() -> None:
             for name, fn in variants.items():
                 for n in counts:
                     times.setdefault((n, threads, name), []).append(ms_per_layer(fn, n))
+            for n in counts:
+                idle = ms_per_layer(variants["w1|w3 joined, serial"], n, idle_s=args.idle_ms / 1e3)
+                times.setdefault((n, threads, f"w1|w3 joined, serial, {args.idle_ms} ms idle before"), []).append(idle)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     expert_bytes = sum(w.packed.numel() + w.scales_and_zeros.numel() * 2 for w in separate[0])
     print("| experts | torch threads | variant | median ms | min ms | GB/s (median) |\n|---:|---:|---|---:|---:|---:|")
