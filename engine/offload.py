@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimi_desk.engine.quantize import int4_experts_to_cpu_layout
 from kimi_desk.kernels.quant.cpu import (
     CpuInt4Expert,
     CpuInt4Weight,
     cpu_int4_fits,
     int4_expert_cpu,
-    pack_int4_expert_for_cpu,
 )
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
 
@@ -216,17 +216,11 @@ def prepare_ram(experts: nn.Module, pin: bool) -> None:
     of the two matrices stacked over the experts in one tensor (so that one copy streams a run of
     experts), `experts.cpu_weights[row]` the per-expert views the CPU products take; other formats stay
     as they are. Pinned for asynchronous copies if asked."""
-    empty = torch.empty(0, dtype=torch.uint8)
     n = experts.w1.shape[0]
     int4 = hasattr(experts, "w1_zero")
     if int4 and n and all(_tiles_fit(getattr(experts, w)) for w in ("w1", "w2", "w3")):
-        mats = [
-            (getattr(experts, a).data, getattr(experts, f"{a}_scale"), getattr(experts, f"{a}_zero"))
-            for a in ("w1", "w2", "w3")
-        ]
         stacks = {}
-        for e in range(n):
-            expert = pack_int4_expert_for_cpu(*(tuple(t[e] for t in m) for m in mats))
+        for e, expert in enumerate(int4_experts_to_cpu_layout(experts)):
             for name, one in zip(JOINED, expert):
                 if e == 0:
                     stacks[name] = (
@@ -237,10 +231,6 @@ def prepare_ram(experts: nn.Module, pin: bool) -> None:
                     )
                 stacks[name][0][e].copy_(one.packed)
                 stacks[name][1][e].copy_(one.scales_and_zeros)
-        for attr in ("w1", "w2", "w3"):
-            setattr(experts, attr, nn.Parameter(empty, requires_grad=False))
-            setattr(experts, f"{attr}_scale", empty)
-            setattr(experts, f"{attr}_zero", empty)
         experts.tiles = stacks
         experts.cpu_weights = [
             CpuInt4Expert(

@@ -36,6 +36,7 @@ from kimi_desk.kernels.quant import (
     row_scaled_linear,
 )
 from kimi_desk.kernels.quant.cpu import (
+    CpuInt4Expert,
     CpuInt4Weight,
     cpu_int4_fits,
     int4_linear_cpu,
@@ -237,9 +238,26 @@ def quantize_into(model: nn.Module, parameter_name: str, index: int | None, weig
         target.copy_(value)
 
 
+def int4_experts_to_cpu_layout(experts: nn.Module) -> list[CpuInt4Expert]:
+    """An int4 Experts stack's experts in PyTorch's int4 operator's layout, w1 and w3 joined
+    (kernels/quant/cpu.py): the list's item e is expert e. The stack's own tensors are dropped after."""
+    mats = [
+        (getattr(experts, a).data, getattr(experts, f"{a}_scale"), getattr(experts, f"{a}_zero"))
+        for a in ("w1", "w2", "w3")
+    ]
+    packed = [pack_int4_expert_for_cpu(*(tuple(t[e] for t in m) for m in mats)) for e in range(mats[0][0].shape[0])]
+    empty = torch.empty(0, dtype=torch.uint8)
+    for attr in ("w1", "w2", "w3"):
+        setattr(experts, attr, nn.Parameter(empty, requires_grad=False))
+        setattr(experts, f"{attr}_scale", empty)
+        setattr(experts, f"{attr}_zero", empty)
+    return packed
+
+
 def prepare_for_cpu(model: nn.Module) -> None:
-    """Move every int4 matrix of a model on the CPU to PyTorch's int4 operator's layout, one matrix at a
-    time, dropping our layout as it goes (memory never holds both for more than one matrix). Where the
+    """Move every int4 matrix of a model on the CPU to PyTorch's int4 operator's layout, one matrix (one
+    layer's experts) at a time, dropping our layout as it goes (memory never holds both for more than
+    that). Where the
     operator is missing (an older PyTorch) or does not take the shape, a matrix keeps our layout and the
     dequantizing path."""
     empty = torch.empty(0, dtype=torch.uint8)
@@ -261,15 +279,4 @@ def prepare_for_cpu(model: nn.Module) -> None:
             and getattr(module, "cpu_weights", None) is None
             and all(cpu_int4_fits(*logical_shape(getattr(module, w))[1:]) for w in ("w1", "w2", "w3"))
         ):
-            mats = [
-                (getattr(module, a).data, getattr(module, f"{a}_scale"), getattr(module, f"{a}_zero"))
-                for a in ("w1", "w2", "w3")
-            ]
-            # cpu_weights[e]: expert e, w1 and w3 joined (kernels/quant/cpu.py).
-            module.cpu_weights = [
-                pack_int4_expert_for_cpu(*(tuple(t[e] for t in m) for m in mats)) for e in range(mats[0][0].shape[0])
-            ]
-            for attr in ("w1", "w2", "w3"):
-                setattr(module, attr, nn.Parameter(empty, requires_grad=False))
-                setattr(module, f"{attr}_scale", empty)
-                setattr(module, f"{attr}_zero", empty)
+            module.cpu_weights = int4_experts_to_cpu_layout(module)
