@@ -10,6 +10,7 @@ width 1024, int4 through PyTorch's CPU operator, as engine/offload.py computes t
   (for the prefill's asynchronous copies), stacked over the experts (with --pinned, where CUDA is);
 - "w1|w3 joined, serial, X ms idle before": the host sleeps between layers as while the GPU works (the
   threads of torch's pool may fall asleep and must be woken), only the products timed.
+The RAM read rate of torch's threads (a plain sum) is printed first: the ceiling any product could reach.
 Torch's thread count is process-wide, so every variant runs under the same count T. The experts rotate
 over POOL (96, about 340 MB in int4: more than a CPU's caches), as a real token's experts come from RAM.
 
@@ -107,6 +108,16 @@ def main() -> None:
                 idle = ms_per_layer(variants["w1|w3 joined, serial"], n, idle_s=args.idle_ms / 1e3)
                 times.setdefault((n, threads, f"w1|w3 joined, serial, {args.idle_ms} ms idle before"), []).append(idle)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    # The ceiling: how fast torch's threads read RAM at all (a sum over 1 GiB, no products).
+    big = torch.ones(2**27, dtype=torch.int64)
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        big.sum()
+        start = time.perf_counter()
+        for _ in range(3):
+            big.sum()
+        read = 3 * big.numel() * 8 / (time.perf_counter() - start) / 1e9
+        print(f"RAM read by {threads} torch threads (sum over 1 GiB): {read:.1f} GB/s")
     expert_bytes = sum(w.packed.numel() + w.scales_and_zeros.numel() * 2 for w in separate[0])
     print("| experts | torch threads | variant | median ms | min ms | GB/s (median) |\n|---:|---:|---|---:|---:|---:|")
     for (n, threads, name), values in sorted(times.items()):
