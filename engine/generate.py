@@ -301,24 +301,13 @@ def generate(
     prompt_ids: Sequence[int] | torch.Tensor,
     state: ModelState,
     *,
-    max_new_tokens: int,
-    sampling: Sampling = GREEDY,
-    stop_token_ids: Collection[int] | None = None,
     cancel: Cancel = None,
-    prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+    **options,
 ) -> Generation:
-    """stream_tokens, run to the end. The state contract is the same."""
+    """stream_tokens, run to the end: `options` are its other keyword arguments (max_new_tokens,
+    sampling, ...). The state contract is the same."""
     result = Generation()
-    for step in stream_tokens(
-        model,
-        prompt_ids,
-        state,
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-        stop_token_ids=stop_token_ids,
-        cancel=cancel,
-        prefill_chunk_size=prefill_chunk_size,
-    ):
+    for step in stream_tokens(model, prompt_ids, state, cancel=cancel, **options):
         result.token_ids.append(step.token_id)
         result.steps.append(step)
         if step.finish_reason is not None:
