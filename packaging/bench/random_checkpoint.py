@@ -16,35 +16,41 @@ from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.quantize import format_of, logical_shape, quantize_into, quantize_structure
 from kimi_desk.engine.weights import build_on_meta, materialize, save_checkpoint
 
+# The released model's settings that are not sizes (spec §1.1): every config here keeps them, so that the
+# small models take the same paths as the real one (shared expert, sigmoid router, scaling factor != 1).
+RELEASED_STRUCTURE = dict(
+    rms_norm_eps=1e-5,
+    mla_use_nope=True,
+    short_conv_kernel_size=4,
+    num_shared_experts=1,
+    first_k_dense_replace=1,
+    moe_layer_freq=1,
+    moe_renormalize=True,
+    moe_router_activation_func="sigmoid",
+    routed_scaling_factor=2.446,
+)
+
 
 def tiny_config(**overrides) -> KimiLinearConfig:
     """The spec's 4-layer config: K K K M, dense layer 0."""
     values = dict(
+        RELEASED_STRUCTURE,
         vocab_size=512,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=4,
-        rms_norm_eps=1e-5,
         num_attention_heads=4,
         kv_lora_rank=32,
         qk_nope_head_dim=16,
         qk_rope_head_dim=8,
         v_head_dim=16,
-        mla_use_nope=True,
         kda_layers=[1, 2, 3],
         full_attn_layers=[4],
         kda_num_heads=2,
         kda_head_dim=32,
-        short_conv_kernel_size=4,
         num_experts=8,
         num_experts_per_token=2,
         moe_intermediate_size=32,
-        num_shared_experts=1,
-        first_k_dense_replace=1,
-        moe_layer_freq=1,
-        moe_renormalize=True,
-        moe_router_activation_func="sigmoid",
-        routed_scaling_factor=2.446,
         model_max_length=4096,
         bos_token_id=1,
         eos_token_id=2,
@@ -91,31 +97,23 @@ def kimi_linear_48b_config() -> KimiLinearConfig:
     """The released Kimi-Linear-48B-A3B config (spec §1.1)."""
     kda = [i for i in range(1, 28) if i % 4 != 0 and i != 27]
     return KimiLinearConfig(
+        **RELEASED_STRUCTURE,
         vocab_size=163840,
         hidden_size=2304,
         intermediate_size=9216,
         num_hidden_layers=27,
-        rms_norm_eps=1e-5,
         num_attention_heads=32,
         kv_lora_rank=512,
         qk_nope_head_dim=128,
         qk_rope_head_dim=64,
         v_head_dim=128,
-        mla_use_nope=True,
         kda_layers=kda,
         full_attn_layers=[4, 8, 12, 16, 20, 24, 27],
         kda_num_heads=32,
         kda_head_dim=128,
-        short_conv_kernel_size=4,
         num_experts=256,
         num_experts_per_token=8,
         moe_intermediate_size=1024,
-        num_shared_experts=1,
-        first_k_dense_replace=1,
-        moe_layer_freq=1,
-        moe_renormalize=True,
-        moe_router_activation_func="sigmoid",
-        routed_scaling_factor=2.446,
         model_max_length=1048576,
         bos_token_id=163584,
         eos_token_id=163586,

@@ -46,6 +46,7 @@ from train_tokenizer import DEFAULT_OUT as DEFAULT_TOKENIZER
 from train_tokenizer import model_vocab_size
 from training_forward import select_kda_function, training_hidden, weighted_lm_loss
 
+from kimi_desk.bench.random_checkpoint import RELEASED_STRUCTURE
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.model import KimiLinearForCausalLM
@@ -72,15 +73,8 @@ def demo_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, tiny: bo
     plus a shared one keep the MoE structure at a quarter of the expert compute.
     """
     common = dict(
+        RELEASED_STRUCTURE,
         vocab_size=vocab_size,
-        rms_norm_eps=1e-5,
-        mla_use_nope=True,
-        short_conv_kernel_size=4,
-        num_shared_experts=1,
-        first_k_dense_replace=1,
-        moe_layer_freq=1,
-        moe_renormalize=True,
-        moe_router_activation_func="sigmoid",
         routed_scaling_factor=1.0,
         model_max_length=1 << 20,
         bos_token_id=bos_id,
