@@ -399,15 +399,7 @@ class TaskSampleBuilder:
                 )
             return turns
 
-        return self._folder(
-            self._code_builder(),
-            total,
-            160 if followup else 96,
-            rng,
-            system,
-            make_turns,
-            "followup" if followup else "which_file",
-        )
+        return self._code_folder(total, rng, system, make_turns, "which_file", followup)
 
     def where_function(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT):
         def make_turns(files, bodies, rng, disguise):
@@ -503,6 +495,15 @@ class TaskSampleBuilder:
                 )
             return turns
 
+        return self._code_folder(total, rng, system, make_turns, "setting_default", followup)
+
+    def followup(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT):
+        first = rng.choice(("needle", "which_file", "setting_default"))
+        return self.build(first, total, rng, system, followup=True)
+
+    def _code_folder(self, total: int, rng: random.Random, system, make_turns, task: str, followup: bool):
+        """_folder on the code source for `task`, or for a follow-up on it: then with room kept for the
+        second turn, and the sample's task is "followup"."""
         return self._folder(
             self._code_builder(),
             total,
@@ -510,12 +511,8 @@ class TaskSampleBuilder:
             rng,
             system,
             make_turns,
-            "followup" if followup else "setting_default",
+            "followup" if followup else task,
         )
-
-    def followup(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT):
-        first = rng.choice(("needle", "which_file", "setting_default"))
-        return self.build(first, total, rng, system, followup=True)
 
     def _code_builder(self) -> RetrievalSampleBuilder:
         if self.code is None:
