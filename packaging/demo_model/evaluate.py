@@ -91,6 +91,21 @@ def heldout_perplexity(model, stream: torch.Tensor, tokens: int, context: int, c
     }
 
 
+def greedy_reply(model, tokenizer, ids, state, stops, chunk: int, max_new_tokens: int) -> str:
+    """The text the model generates greedily after `ids`, fed on top of `state` (which keeps the ids
+    and the reply), until a stop token or max_new_tokens."""
+    result = generate(
+        model,
+        ids,
+        state,
+        max_new_tokens=max_new_tokens,
+        sampling=GREEDY,
+        stop_token_ids=stops,
+        prefill_chunk_size=chunk,
+    )
+    return tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
 @torch.no_grad()
 def run_conversation(model, tokenizer, sample, stops, chunk: int, max_new_tokens: int) -> dict:
     """Read the sample's document as a session does (prefill, state kept), then each turn: feed the
@@ -102,16 +117,7 @@ def run_conversation(model, tokenizer, sample, stops, chunk: int, max_new_tokens
     prefill(model, ids[: sample.document_end], state, chunk_size=chunk)
     turns = []
     for turn, (start, end) in zip(sample.turns, sample.feeds):
-        result = generate(
-            model,
-            ids[start:end],
-            state,
-            max_new_tokens=max_new_tokens,
-            sampling=GREEDY,
-            stop_token_ids=stops,
-            prefill_chunk_size=chunk,
-        )
-        reply = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        reply = greedy_reply(model, tokenizer, ids[start:end], state, stops, chunk, max_new_tokens)
         turns.append(
             {
                 "question": turn.question,
@@ -223,16 +229,7 @@ def readme_table(model, tokenizer, readme: Path, chunk: int, max_new_tokens: int
         state = model.new_state(1)
         began = time.perf_counter()
         prefill(model, prompt.prefix_ids, state, chunk_size=chunk)
-        result = generate(
-            model,
-            prompt.suffix_ids,
-            state,
-            max_new_tokens=max_new_tokens,
-            sampling=GREEDY,
-            stop_token_ids=stops,
-            prefill_chunk_size=chunk,
-        )
-        reply = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        reply = greedy_reply(model, tokenizer, prompt.suffix_ids, state, stops, chunk, max_new_tokens)
         outcomes.append(
             {
                 "question": question,
