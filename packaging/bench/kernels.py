@@ -164,6 +164,26 @@ def _raw_inputs(B, T, seed, device="cuda"):
 _FUSED = dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
 
 
+def _fla_fused(q, k, v, x, beta_logits, A_log, dt_bias, h0):
+    """fla's chunk_kda on the raw inputs (_raw_inputs) with the flags of our fused variant: the gate, q and
+    k's L2 norm and beta's sigmoid in the kernel; from the state h0, returning the final state too."""
+    from fla.ops.kda import chunk_kda
+
+    return chunk_kda(
+        q,
+        k,
+        v,
+        x,
+        beta_logits,
+        initial_state=h0,
+        output_final_state=True,
+        use_gate_in_kernel=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        **_FUSED,
+    )
+
+
 def _reference_f64(q, k, v, g, beta, h0):
     """The token-by-token recurrence in float64 on the GPU."""
     import torch
@@ -270,19 +290,7 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
                 reference = _reference_f64(qn, kn, v, g, beta, h0)
                 out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
                 ours = chunk_kda_triton(q, k, v, x, bl, None, h0, True, A_log=A_log, dt_bias=dt_bias, out=out, **_FUSED)
-                fla = fla_chunk(
-                    q,
-                    k,
-                    v,
-                    x,
-                    bl,
-                    initial_state=h0,
-                    output_final_state=True,
-                    use_gate_in_kernel=True,
-                    A_log=A_log,
-                    dt_bias=dt_bias,
-                    **_FUSED,
-                )
+                fla = _fla_fused(q, k, v, x, bl, A_log, dt_bias, h0)
                 record("chunk", "raw", B, T, ours, fla, reference)
         for B, T in ((1, 1), (8, 1), (8, 5)):
             q, k, v, g, beta, h0 = kda_inputs(B, T, gate, seed=100 + T + B)
@@ -441,7 +449,6 @@ def tune_prefill(log, T=32768):
 
 def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
     import torch
-    from fla.ops.kda import chunk_kda as fla_chunk
 
     from kimi_desk.kernels.kda.chunk import chunk_kda_triton
 
@@ -477,19 +484,7 @@ def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
             )
 
         def theirs_fused():
-            return fla_chunk(
-                q,
-                k,
-                v,
-                x,
-                bl,
-                initial_state=h0,
-                output_final_state=True,
-                use_gate_in_kernel=True,
-                A_log=A_log,
-                dt_bias=dt_bias,
-                **_FUSED,
-            )
+            return _fla_fused(q, k, v, x, bl, A_log, dt_bias, h0)
 
         ours_fused()
         theirs_fused()
