@@ -39,6 +39,14 @@ async def ask(pilot, question=QUESTION, type_it=False):
     await pilot.press("enter")
 
 
+async def chat_with_an_answer(pilot):
+    """The chat screen, once it shows, with QUESTION asked and answered there."""
+    chat = await wait_for_screen(pilot, "ChatScreen")
+    await ask(pilot)
+    await wait_for_answer(pilot)
+    return chat
+
+
 def test_open_reads_with_progress_then_chats(home, make_app, fake):
     folder = make_folder(home / "repo")
     fake.hold_at = 160
@@ -135,9 +143,7 @@ def test_regenerate_replaces_the_last_answer_and_copy_takes_it(home, make_app, f
     folder = make_folder(home / "repo")
 
     async def scenario(pilot):
-        chat = await wait_for_screen(pilot, "ChatScreen")
-        await ask(pilot)
-        await wait_for_answer(pilot)
+        chat = await chat_with_an_answer(pilot)
         await pilot.press("ctrl+r")
         await wait_for(pilot, lambda: len(fake.asked) == 2, what="the second ask")
         await wait_for_answer(pilot)
@@ -364,9 +370,7 @@ def test_command_palette_runs_the_main_actions(home, make_app, fake):
     folder = make_folder(home / "repo")
 
     async def scenario(pilot):
-        chat = await wait_for_screen(pilot, "ChatScreen")
-        await ask(pilot)
-        await wait_for_answer(pilot)
+        chat = await chat_with_an_answer(pilot)
         await pilot.press("ctrl+p")
         await wait_for_screen(pilot, "CommandPalette")
         await pilot.press(*"regen")
@@ -478,9 +482,7 @@ def test_a_failed_answer_is_explained_and_asked_again_by_regenerate(home, make_a
     fake.ask = ask_failing_once
 
     async def scenario(pilot):
-        chat = await wait_for_screen(pilot, "ChatScreen")
-        await ask(pilot)
-        await wait_for_answer(pilot)
+        chat = await chat_with_an_answer(pilot)
         turn = chat.query_one(TurnView)
         assert "Out of memory while answering." in str(turn.query_one(".meta").render())
         assert turns(chat.session) == []
@@ -497,9 +499,7 @@ def test_follow_ups_continue_the_thread_and_a_new_thread_starts_from_the_documen
     folder = make_folder(home / "repo")
 
     async def scenario(pilot):
-        chat = await wait_for_screen(pilot, "ChatScreen")
-        await ask(pilot)
-        await wait_for_answer(pilot)
+        chat = await chat_with_an_answer(pilot)
         first = chat.thread
         assert first is not None and fake.asked_in == [(None, 0)]
         await ask(pilot, "and where is it called?")
@@ -538,9 +538,7 @@ def test_citations_open_the_source_pane_at_the_cited_line(home, make_app, fake):
     folder = make_folder(home / "repo")
 
     async def scenario(pilot):
-        chat = await wait_for_screen(pilot, "ChatScreen")
-        await ask(pilot)
-        await wait_for_answer(pilot)
+        chat = await chat_with_an_answer(pilot)
         turn = chat.query(TurnView).last()
         await wait_for(pilot, lambda: turn.citations, what="the citations")
         assert [(c.label, c.found) for c in turn.citations] == [("file_2.py:1", True), ("lib/other.py:4", False)]
@@ -660,9 +658,7 @@ def test_reading_goes_on_while_the_user_chats_in_another_session(home, make_app,
         await wait_for(pilot, lambda: "reading second" in app.status, what="the reading in the status line")
         assert app.readings[str(second)].running
         app.open_target(str(first))
-        chat = await wait_for_screen(pilot, "ChatScreen")
-        await ask(pilot)
-        await wait_for_answer(pilot)
+        chat = await chat_with_an_answer(pilot)
         assert turns(chat.session)[-1].finish_reason == "stop" and app.readings[str(second)].running
 
         app.open_target(str(second))  # back to the reading, where it is
@@ -706,9 +702,7 @@ def test_editing_a_question_asks_it_again_from_the_state_before_it(home, make_ap
     folder = make_folder(home / "repo")
 
     async def scenario(pilot):
-        chat = await wait_for_screen(pilot, "ChatScreen")
-        await ask(pilot)
-        await wait_for_answer(pilot)
+        chat = await chat_with_an_answer(pilot)
         first = chat.thread
         await ask(pilot, "and where is it called?")
         await wait_for_answer(pilot)
