@@ -93,27 +93,29 @@ def test_replies_in_the_chat_format():
     assert tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
 
 
-def test_commands_default_to_it_offline(tmp_path):
-    assert resolve_model(None) == DEMO_MODEL
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "notes.md").write_text("The maintainer of the quasar module is Ada Park.\n")
+def kimi_desk_offline(tmp_path, *args) -> subprocess.CompletedProcess:
+    """`kimi-desk ARGS --device cpu` in a fresh process, its home under tmp_path and the hub offline (no
+    model named: the shipped one); it must succeed."""
     env = {
         **os.environ,
         "KIMI_DESK_HOME": str(tmp_path / "home"),
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(tmp_path / "hf"),
     }
+    result = subprocess.run(
+        [sys.executable, "-m", "kimi_desk.app.cli", *args, "--device", "cpu"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    return result
 
-    def kimi_desk(*args):
-        result = subprocess.run(
-            [sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True, env=env
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
 
-    info = json.loads(kimi_desk("ingest", str(folder), "--device", "cpu", "--json"))
-    answer = kimi_desk("ask", info["id"], "Who maintains the quasar module?", "--device", "cpu")
+def test_commands_default_to_it_offline(tmp_path):
+    assert resolve_model(None) == DEMO_MODEL
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "notes.md").write_text("The maintainer of the quasar module is Ada Park.\n")
+    info = json.loads(kimi_desk_offline(tmp_path, "ingest", str(folder), "--json").stdout)
+    answer = kimi_desk_offline(tmp_path, "ask", info["id"], "Who maintains the quasar module?").stdout
     assert answer.strip()
 
 
@@ -132,28 +134,13 @@ def test_a_follow_up_continues_the_thread_across_processes(tmp_path):
     (folder / "vault.md").write_text(
         "# Vault\n\nThe access code for the orbit vault is QFT-2231.\nAda Park keeps the orbit vault's keys.\n"
     )
-    env = {
-        **os.environ,
-        "KIMI_DESK_HOME": str(tmp_path / "home"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf"),
-    }
-
-    def kimi_desk(*args):
-        result = subprocess.run(
-            [sys.executable, "-m", "kimi_desk.app.cli", *args, "--device", "cpu"],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        assert result.returncode == 0, result.stderr
-        return result
-
-    session_id = kimi_desk("ingest", str(folder)).stdout.strip()
-    first = kimi_desk(
-        "ask", session_id, "What is the access code for the orbit vault?", "--json", "--max-new-tokens", "12"
+    session_id = kimi_desk_offline(tmp_path, "ingest", str(folder)).stdout.strip()
+    first = kimi_desk_offline(
+        tmp_path, "ask", session_id, "What is the access code for the orbit vault?", "--json", "--max-new-tokens", "12"
     )
-    second = kimi_desk("ask", session_id, "And who keeps its keys?", "-c", "--json", "--max-new-tokens", "12")
+    second = kimi_desk_offline(
+        tmp_path, "ask", session_id, "And who keeps its keys?", "-c", "--json", "--max-new-tokens", "12"
+    )
     assert "demo model" in first.stderr and "mostly invented" in first.stderr
     one, two = json.loads(first.stdout), json.loads(second.stdout)
     assert two["thread"] == one["thread"] and two["turn"] == 2
