@@ -13,8 +13,9 @@ from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda, recurren
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
-def reference(q, k, v, g, beta, state):
-    o, s = naive_recurrent_kda(
+def reference(q, k, v, g, beta, state, recurrence=naive_recurrent_kda):
+    """(output, final state) of `recurrence` (fla-core's naive one unless given) on the inputs in float64."""
+    return recurrence(
         q.double(),
         k.double(),
         v.double(),
@@ -23,7 +24,6 @@ def reference(q, k, v, g, beta, state):
         initial_state=state.double(),
         output_final_state=True,
     )
-    return o, s
 
 
 SHAPES = [
@@ -117,15 +117,7 @@ def test_forced_torch_path(monkeypatch):
 def test_chunk_sizes_against_our_recurrence_in_float64(chunk_size, T):
     """Every chunk size (each adds or drops a level of the halving) against recurrent_kda in float64."""
     q, k, v, g, beta, state = make_inputs(1, T, 2, 32, 24, -4.0, torch.float32, seed=T + chunk_size)
-    o_ref, s_ref = recurrent_kda(
-        q.double(),
-        k.double(),
-        v.double(),
-        g.double(),
-        beta.double(),
-        initial_state=state.double(),
-        output_final_state=True,
-    )
+    o_ref, s_ref = reference(q, k, v, g, beta, state, recurrence=recurrent_kda)
     assert o_ref.dtype == s_ref.dtype == torch.float64
     o, s = chunk_kda_torch(q, k, v, g, beta, initial_state=state, output_final_state=True, chunk_size=chunk_size)
     assert rel_err(o, o_ref) < 2e-5 and rel_err(s, s_ref) < 2e-5
