@@ -6,32 +6,42 @@ import subprocess
 import sys
 
 
-def kimi_desk(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "kimi_desk.app.cli", *args], capture_output=True, text=True, **kwargs)
+def bench_cpu_small(tmp_path, formats, question_after, *options):
+    """`kimi-desk bench cpu` at sizes that take seconds (two readings of 64 tokens, 2 decode steps, one
+    repeat), its JSON in tmp_path / r.json; it must succeed. Returns its stdout and the JSON's results."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kimi_desk.app.cli",
+            "bench",
+            "cpu",
+            "--formats",
+            formats,
+            "--prefill",
+            "0+64,300+64",
+            "--decode-at",
+            "100",
+            "--decode-steps",
+            "2",
+            "--question-after",
+            question_after,
+            "--repeats",
+            "1",
+            *options,
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout, json.loads((tmp_path / "r.json").read_text())["results"]
 
 
 def test_bench_cpu_runs_small(tmp_path):
-    result = kimi_desk(
-        "bench",
-        "cpu",
-        "--formats",
-        "none,int4",
-        "--prefill",
-        "0+64,300+64",
-        "--decode-at",
-        "100",
-        "--decode-steps",
-        "2",
-        "--question-after",
-        "300",
-        "--repeats",
-        "1",
-        "--json",
-        str(tmp_path / "r.json"),
-    )
-    assert result.returncode == 0, result.stderr
-    assert "| reading tok/s, 64 after 300 |" in result.stdout and "| first token: total s |" in result.stdout
-    none, int4 = json.loads((tmp_path / "r.json").read_text())["results"]
+    stdout, (none, int4) = bench_cpu_small(tmp_path, "none,int4", "300")
+    assert "| reading tok/s, 64 after 300 |" in stdout and "| first token: total s |" in stdout
     assert (none["format"], int4["format"]) == ("none", "int4")
     for r in (none, int4):
         assert [x["tok_s"] > 0 for x in r["reading"]] == [True, True] and r["decoding"][0]["tok_s_median"] > 0
@@ -68,35 +78,12 @@ def test_bench_cpu_sets_llama_cpp_beside_ours(tmp_path):
     gguf = tmp_path / "gguf"
     gguf.mkdir()
     (gguf / f"model-{checkpoint_fingerprint(DEMO_MODEL)[:16]}-bf16.gguf").write_bytes(b"GGUF")
-    result = kimi_desk(
-        "bench",
-        "cpu",
-        "--formats",
-        "none",
-        "--prefill",
-        "0+64,300+64",
-        "--decode-at",
-        "100",
-        "--decode-steps",
-        "2",
-        "--question-after",
-        "0",
-        "--repeats",
-        "1",
-        "--llama-cpp",
-        str(build),
-        "--gguf-dir",
-        str(gguf),
-        "--llama-max-depth",
-        "200",
-        "--json",
-        str(tmp_path / "r.json"),
+    stdout, (ours, llama) = bench_cpu_small(
+        tmp_path, "none", "0", "--llama-cpp", str(build), "--gguf-dir", str(gguf), "--llama-max-depth", "200"
     )
-    assert result.returncode == 0, result.stderr
-    assert "| measurement | none (bfloat16) | llama.cpp (bf16) |" in result.stdout
-    assert "| reading tok/s, 64 after 0 | " in result.stdout and "| 51 |" in result.stdout
-    assert "llama.cpp bf16: not run (deeper than --llama-max-depth): reading 64 after 300" in result.stdout
-    ours, llama = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert "| measurement | none (bfloat16) | llama.cpp (bf16) |" in stdout
+    assert "| reading tok/s, 64 after 0 | " in stdout and "| 51 |" in stdout
+    assert "llama.cpp bf16: not run (deeper than --llama-max-depth): reading 64 after 300" in stdout
     assert llama["format"] == "llama.cpp" and llama["decoding"] == [
         dict(cached=100, steps=2, tok_s_median=50.0, tok_s_best=51.0, tok_s_mean=50.0)
     ]
