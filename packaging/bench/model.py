@@ -330,9 +330,9 @@ def time_ours(
     return out
 
 
-def warm_state(model, context: int, token, gen):
-    """A state of `context` cached tokens (random MLA cache and KDA state: decode costs do not depend on
-    the values) and the token after three warm-up steps on it."""
+def random_state(model, context: int, gen):
+    """A state of `context` cached tokens on the GPU: random MLA cache and KDA state (decode costs do not
+    depend on the values)."""
     import torch
 
     from kimi_desk.engine.state import KDAState
@@ -346,6 +346,12 @@ def warm_state(model, context: int, token, gen):
                 torch.randn(1, context, layer.latents.shape[-1], device="cuda", generator=gen, dtype=torch.bfloat16)
             )
     state.position = context
+    return state
+
+
+def warm_state(model, context: int, token, gen):
+    """A random_state of `context` cached tokens and the token after three warm-up steps on it."""
+    state = random_state(model, context, gen)
     for _ in range(3):
         token = model(token, state)[:, -1].argmax(-1, keepdim=True)
     _sync()

@@ -11,24 +11,15 @@ import torch
 
 import kimi_desk.engine.model as model_module
 import kimi_desk.kernels as kernels
-from kimi_desk.bench.model import decode_bytes, slice_config, time_graph_decode
+from kimi_desk.bench.model import decode_bytes, random_state, slice_config, time_graph_decode
 from kimi_desk.bench.random_checkpoint import random_model
 from kimi_desk.engine.fuse import fuse_projections
-from kimi_desk.engine.state import KDAState
 
 context = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
 config = slice_config(27)
 model = fuse_projections(random_model(config, seed=0, dtype=torch.bfloat16, device="cuda", quantize="fp8"))
 gen = torch.Generator(device="cuda").manual_seed(1)
-state = model.new_state(1)
-for layer in state.layers:
-    if isinstance(layer, KDAState):
-        layer.recurrent.normal_(0, 0.1, generator=gen)
-    else:
-        layer.append(
-            torch.randn(1, context, layer.latents.shape[-1], device="cuda", generator=gen, dtype=torch.bfloat16)
-        )
-state.position = context
+state = random_state(model, context, gen)
 token = torch.tensor([[5]], device="cuda")
 saved = state.clone()  # each variant's eager step starts from this state: their logits compare
 floor_ms = decode_bytes(model, context) / 2.97e12 * 1e3
