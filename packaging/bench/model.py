@@ -358,22 +358,32 @@ def warm_state(model, context: int, token, gen):
     return state, token
 
 
+def chained_replays(decoder, token, steps: int):
+    """`steps` replays of a GraphDecoder's recorded step, each fed the one before's greedy token on the GPU
+    (no host synchronisation); returns the last token."""
+    for _ in range(steps):
+        decoder.step(token)
+        token = decoder.greedy_token
+    return token
+
+
+def chained_ms_per_token(decoder, token, steps: int):
+    """ms per token of `steps` chained_replays, timed from an idle GPU until it is done; and the last token."""
+    _sync()
+    start = time.perf_counter()
+    token = chained_replays(decoder, token, steps)
+    _sync()
+    return (time.perf_counter() - start) / steps * 1e3, token
+
+
 def time_graph_decode(model, state, token, steps: int = 50) -> dict:
     """ms per token replaying the recorded step: chained on the GPU (each step's greedy token feeds the
     next, no host synchronisation), and reading the token back every step as generation does."""
     from kimi_desk.engine.cuda_graph import GraphDecoder
 
     decoder = GraphDecoder(model, state)
-    for _ in range(3):
-        decoder.step(token)
-        token = decoder.greedy_token
-    _sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        decoder.step(token)
-        token = decoder.greedy_token
-    _sync()
-    chained = (time.perf_counter() - start) / steps * 1e3
+    token = chained_replays(decoder, token, 3)
+    chained, token = chained_ms_per_token(decoder, token, steps)
     start = time.perf_counter()
     for _ in range(steps):
         decoder.step(token)

@@ -203,24 +203,15 @@ def time_graph_decode(model, state, token, steps: int = 20) -> dict:
     split layer's round-trip copies, CUDA events); the CPU's expert products and the host's wait for the
     GPU (host timers, offload stats); host_other_ms, the rest of the host's time (launches, waking up).
     The back-to-back replays leave the state meaningless: the last thing done with it."""
-    import torch
-
+    from kimi_desk.bench.model import chained_ms_per_token, chained_replays
     from kimi_desk.engine.cuda_graph import GraphDecoder
 
     decoder = GraphDecoder(model, state)
-    for _ in range(3):
-        decoder.step(token)
-        token = decoder.greedy_token
+    token = chained_replays(decoder, token, 3)
     stats = model.offload.stats if model.offload is not None else None
     if stats:
         stats.reset()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        decoder.step(token)
-        token = decoder.greedy_token
-    torch.cuda.synchronize()
-    ms = (time.perf_counter() - start) / steps * 1e3
+    ms, token = chained_ms_per_token(decoder, token, steps)
     d = {
         "graph_ms_per_token": ms,
         "graph_tok_s": 1e3 / ms,

@@ -87,7 +87,7 @@ def check(path: Path, name: str, dtype, quantize, prompt: int = 40, steps: int =
 
 
 def timing(layers: int, context: int, steps: int = 30) -> None:
-    from kimi_desk.bench.model import slice_config, warm_state
+    from kimi_desk.bench.model import chained_ms_per_token, chained_replays, slice_config, warm_state
     from kimi_desk.bench.random_checkpoint import random_model
     from kimi_desk.engine.fuse import fuse_projections
 
@@ -110,17 +110,9 @@ def timing(layers: int, context: int, steps: int = 30) -> None:
     eager_ms = (time.perf_counter() - start) / steps * 1e3
     eager_cpu = stats.cpu_seconds / steps * 1e3
     decoder = GraphDecoder(model, state)
-    for _ in range(3):
-        decoder.step(token)
-        token = decoder.greedy_token
+    token = chained_replays(decoder, token, 3)
     stats.reset()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        decoder.step(token)
-        token = decoder.greedy_token
-    torch.cuda.synchronize()
-    graph_ms = (time.perf_counter() - start) / steps * 1e3
+    graph_ms, token = chained_ms_per_token(decoder, token, steps)
     graph_cpu = stats.cpu_seconds / steps * 1e3
     print(
         f"{layers} layers int4, {context:,} cached tokens, {len(decoder.pieces)} pieces: "
@@ -134,12 +126,7 @@ def timing(layers: int, context: int, steps: int = 30) -> None:
     for workers in (2, 4, 8):
         offload.ram_experts_forward = pooled_ram_experts(workers)
         stats.reset()
-        start = time.perf_counter()
-        for _ in range(steps):
-            decoder.step(token)
-            token = decoder.greedy_token
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - start) / steps * 1e3
+        ms, token = chained_ms_per_token(decoder, token, steps)
         print(
             f"  graphs, RAM experts on a pool of {workers}: {ms:.2f} ms/token (CPU experts "
             f"{stats.cpu_seconds / steps * 1e3:.2f})",
