@@ -39,6 +39,15 @@ def reference_f64(x, ids, weights, w1, w2, w3):
     return out
 
 
+def spoil_fp8_experts(codes, scales, nan_scales, inf_scales):
+    """fp8 experts that must never be read, spoiled in place: NaN codes (0x7F) in all of them, NaN scales
+    in experts `nan_scales` and inf scales in `inf_scales`."""
+    for q, s in zip(codes, scales):
+        q.view(torch.uint8)[[*nan_scales, *inf_scales]] = 0x7F
+        s[list(nan_scales)] = float("nan")
+        s[list(inf_scales)] = float("inf")
+
+
 def quantize_experts(w1, w2, w3, fmt="fp8"):
     """Experts as engine/quantize.py stores them in `fmt` (codes, the `scales` argument of the kernels),
     and the float32 weights they stand for."""

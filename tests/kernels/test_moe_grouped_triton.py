@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-from moe_cases import make_inputs, quantize_experts, reference_f64, rel_err  # noqa: E402
+from moe_cases import make_inputs, quantize_experts, reference_f64, rel_err, spoil_fp8_experts  # noqa: E402
 
 from kimi_desk.kernels.moe import (  # noqa: E402
     GEMV_MAX_TOKENS,
@@ -128,10 +128,7 @@ def test_fp8_unchosen_experts_are_never_read():
     ids = crowded_ids(N, E, k, popular=2, nobody=(0, 3, 7), seed=2)
     (q1, q2, q3), (s1, s2, s3), exact = quantize_experts(w1, w2, w3)
     want = reference_f64(x, ids, weights, *exact)
-    for q, s in ((q1, s1), (q2, s2), (q3, s3)):
-        q.view(torch.uint8)[[0, 3, 7]] = 0x7F
-        s[[0, 7]] = float("nan")
-        s[3] = float("inf")
+    spoil_fp8_experts((q1, q2, q3), (s1, s2, s3), nan_scales=(0, 7), inf_scales=(3,))
     got = routed_experts_grouped_triton(x, ids, weights, q1, q2, q3, scales=(s1, s2, s3), config=dict(block_m=16))
     assert rel_err(got, want) < 1e-5
 

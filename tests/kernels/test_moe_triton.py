@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-from moe_cases import make_inputs, quantize_experts, reference_f64, rel_err  # noqa: E402
+from moe_cases import make_inputs, quantize_experts, reference_f64, rel_err, spoil_fp8_experts  # noqa: E402
 
 from kimi_desk.kernels.moe import routed_experts_gathered, routed_experts_grouped  # noqa: E402
 from kimi_desk.kernels.moe.gemv import routed_experts_gemv  # noqa: E402
@@ -99,10 +99,7 @@ def test_fp8_gemv_reads_only_the_chosen_experts():
     ids = torch.tensor([[4, 1], [1, 2]])
     (q1, q2, q3), (s1, s2, s3), exact = quantize_experts(w1, w2, w3)
     want = reference_f64(x, ids, weights, *exact)
-    for q, s in ((q1, s1), (q2, s2), (q3, s3)):
-        q.view(torch.uint8)[[0, 3, 5]] = 0x7F
-        s[[0, 5]] = float("nan")
-        s[3] = float("inf")
+    spoil_fp8_experts((q1, q2, q3), (s1, s2, s3), nan_scales=(0, 5), inf_scales=(3,))
     got = routed_experts_gemv(x, ids, weights, q1, q2, q3, scales=(s1, s2, s3))
     assert rel_err(got, want) < 1e-5
     assert rel_err(routed_experts_grouped(x, ids, weights, q1, q2, q3, scales=(s1, s2, s3)), want) < 1e-5
