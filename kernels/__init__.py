@@ -19,6 +19,18 @@ def use_triton(tensor) -> bool:
     return tensor.is_cuda or forced == "triton"
 
 
+def dot_operand_dtype(dtype):
+    """The Triton dtype of a kernel's dot operands held as torch `dtype` (bf16, fp16 or fp32): the same.
+    Triton's interpreter (3.9) computes bf16 dots wrongly, so there they take fp32 operands holding the
+    same rounded values."""
+    import torch
+    import triton.language as tl
+
+    if dtype == torch.float32 or environment.triton_interpreter():
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
 _zeroed_counters: dict = {}
 
 

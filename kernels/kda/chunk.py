@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_desk import environment
+from kimi_desk.kernels import dot_operand_dtype
 from kimi_desk.kernels.kda.fused_recurrent import state_tile
 from kimi_desk.kernels.kda.gate import log_decay
 
@@ -68,15 +68,6 @@ SUB_CHUNK = 16
 # with the same errors against float64 to two digits in every case of the GPU check (figures in
 # BENCHMARKS-log.md, Kernels). The interpreter computes every dot in numpy fp32.
 _SOLVE_PRECISION = "tf32"
-
-
-def _op_dtype(dt):
-    """The dtype of the operands of the dots that do not need fp32: the storage dtype of the scratch
-    buffers. Triton's interpreter (3.9) computes bf16 dots wrongly, so there they take fp32 operands,
-    holding the same bf16-rounded values."""
-    if dt == torch.float32 or environment.triton_interpreter():
-        return tl.float32
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt]
 
 
 @triton.jit
@@ -582,7 +573,7 @@ def chunk_kda_intra(
         KF=triton.next_power_of_2(K),
         VF=triton.next_power_of_2(V),
         SOLVE_PRECISION=solve_precision,
-        OP_DT=_op_dtype(dt),
+        OP_DT=dot_operand_dtype(dt),
         USE_GATE_IN_KERNEL=A_log is not None,
         USE_QK_L2NORM_IN_KERNEL=l2norm,
         USE_BETA_SIGMOID_IN_KERNEL=beta_sigmoid,
@@ -624,7 +615,7 @@ def chunk_kda_scan(bufs, out, initial_state, final_state, BV=None, num_warps=4, 
         BV=BV,
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=final_state is not None,
-        OP_DT=_op_dtype(bufs["w"].dtype),
+        OP_DT=dot_operand_dtype(bufs["w"].dtype),
         ROW_SCALE=bufs["rq"] is not None,
         num_warps=num_warps,
         **extra,

@@ -49,26 +49,18 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_desk import environment
-from kimi_desk.kernels import pdl_launch
+from kimi_desk.kernels import dot_operand_dtype, pdl_launch
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
 # A split holds at least this many key blocks, so that the partials stay small beside the keys read.
 MIN_BLOCKS_PER_SPLIT = 4
 
 
-def _interpreting() -> bool:
-    return environment.triton_interpreter()
-
-
 def _operand_dtypes(cache_dtype):
     """(Triton, torch) dtype of the dots' operands: the cache's, bf16 for an fp8 cache (widened in
-    registers). Triton's interpreter (3.9) computes bf16 dots wrongly, so there they take fp32 operands
-    holding the same rounded values."""
+    registers); fp32 operands under the interpreter (dot_operand_dtype)."""
     torch_dt = torch.bfloat16 if cache_dtype == torch.float8_e4m3fn else cache_dtype
-    if torch_dt == torch.float32 or _interpreting():
-        return tl.float32, torch_dt
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[torch_dt], torch_dt
+    return dot_operand_dtype(torch_dt), torch_dt
 
 
 def _absorbed_rows(q, cache_dtype, scale):

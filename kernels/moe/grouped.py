@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_desk import environment
+from kimi_desk.kernels import dot_operand_dtype
 from kimi_desk.kernels.moe.naive import kernel_operands
 from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_codes
 
@@ -273,14 +273,6 @@ def route_pairs(ids, num_experts, block_m):
     ), num_blocks
 
 
-def _operand_dtype(dtype):
-    """The dots' operand dtype: x's. Triton's interpreter (3.9) computes bf16 dots wrongly, so there they
-    take fp32 operands holding the same rounded values (fp8 weights and h are rounded by their storage)."""
-    if dtype == torch.float32 or environment.triton_interpreter():
-        return tl.float32
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-
 # Launch settings for both kernels, measured on an H100 (2026-11-27, packaging/bench/gpu_checks/moe_grouped.py,
 # Triton 3.6) at the 48B shapes. 8192 tokens (a GPU prefill chunk), fp8 weights / bf16 weights:
 #   block_m 128, block_n 64, 4 warps (chosen)   3.70 / 3.18 ms   251 / 292 TFLOP/s
@@ -340,7 +332,7 @@ def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, conf
     common = dict(
         SCALED=scales is not None and not int4,
         INT4=int4,
-        OP_DT=_operand_dtype(x.dtype),
+        OP_DT=dot_operand_dtype(x.dtype),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
