@@ -12,13 +12,16 @@ computes its chosen experts (the RAM ones masked with weight 0) while the CPU co
 CPU's sum comes back to be added on the GPU. The round trip goes through fixed (pinned) host buffers of
 the layer, so that a decode step can be recorded as CUDA graphs cut at the host's steps
 (engine/cuda_graph.py): the GPU's work from one layer's join to the next layer's hand-over is one graph.
+With a GPU and int4 experts, part of a one-token step's RAM experts goes over the bus instead, as the
+CPU operator's tiles, and is computed on the GPU (DecodeStreamer): the bus and the CPU read RAM side by
+side, each its share.
 
 Prefill (more than DECODE_MAX_TOKENS tokens): every expert of the layer is chosen by some token of a
 large chunk, so the layer's RAM experts are streamed to the GPU instead, into one of two staging slots
 that hold the layer's whole stack (the GPU rows copied device to device): while one layer computes from
 its slot, the next offloaded layer's experts are copied into the other on a side stream (Stager). int4
 experts are kept in RAM in the CPU operator's tiles only; the GPU turns the streamed tiles back into
-kernels/quant's layout (a relayout, no rounding: `tiles_to_codes`).
+kernels/quant's layout (a relayout, no rounding: kernels/quant/cpu.py's `tiles_to_codes`).
 
 The "GPU side" is whatever device the model's other parameters are on: with the CPU there, both
 halves run on the CPU (no streams, no pinning), which is how the tests compare this path with the
@@ -30,18 +33,23 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimi_desk.engine.placement import DECODE_STREAM_SLOTS
 from kimi_desk.engine.quantize import int4_experts_to_cpu_layout
 from kimi_desk.kernels.quant.cpu import (
+    CPU_TILE_ROWS,
     CpuInt4Expert,
     CpuInt4Weight,
     cpu_int4_fits,
     int4_expert_cpu,
+    tiles_to_codes,
+    tiles_to_scales,
 )
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
 
@@ -51,10 +59,10 @@ from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_row
 DECODE_MAX_TOKENS = 32
 # Experts per copy and relayout when streaming int4 tiles (bounds the relayout's temporaries).
 STREAM_BLOCK = 16
+# The weight of the newest measurement in the running means that balance the CPU against the bus.
+_MEAN_WEIGHT = 0.1
 # The RAM experts' int4 stacks in the CPU layout, each with the matrices it holds, top to bottom.
 JOINED = {"w13": ("w1", "w3"), "w2": ("w2",)}
-# The CPU operator's tiles: 64 output rows, two rows (r, r + 32) per byte (see tiles_to_codes).
-_TILE_ROWS = 64
 
 
 @dataclass
@@ -76,7 +84,8 @@ class OffloadStats:
     wait_seconds: float = 0.0  # the host waiting for the router's choice (the GPU's work before it)
     d2h_bytes: int = 0
     h2d_bytes: int = 0  # the CPU's sums going back
-    streamed_bytes: int = 0  # prefill: RAM experts copied to the staging slots
+    streamed_bytes: int = 0  # RAM experts copied to the GPU side: prefill's staging slots, decode's
+    decode_streamed: int = 0  # decode: RAM experts computed on the GPU side (the rest on the CPU)
     decode_calls: int = 0
     streamed_calls: int = 0
     extra: dict = field(default_factory=dict)
@@ -153,6 +162,7 @@ class OffloadedExperts(nn.Module):
         hrows.copy_(ram_rows, non_blocking=True)
         hweights.copy_(weights, non_blocking=True)
         ready = runtime.ready
+        streamer = runtime.streamer if N == 1 else None
 
         def handed_over():  # the copies to the host are queued: mark the point the host waits for
             if ready is not None:
@@ -163,22 +173,32 @@ class OffloadedExperts(nn.Module):
             start = time.perf_counter()
             if ready is not None:
                 ready.synchronize()
+            if streamer is not None:
+                streamer.send(self.in_ram, hrows, hweights)
             begun = time.perf_counter()
             hout.copy_(ram_experts_forward(self.in_ram, hx, hrows, hweights))
+            seconds = time.perf_counter() - begun
+            if streamer is not None:
+                streamer.computed_on_cpu(seconds, int((hrows >= 0).sum()))
+                streamer.arrive()
             stats.wait_seconds += begun - start
-            stats.cpu_seconds += time.perf_counter() - begun
+            stats.cpu_seconds += seconds
             stats.decode_calls += 1
             stats.d2h_bytes += sum(t.numel() * t.element_size() for t in (hx, hrows, hweights))
             stats.h2d_bytes += hout.numel() * hout.element_size()
 
-        if not self.gpu_ids:
+        if self.gpu_ids:
+            # The GPU's experts are queued between the two steps, so that both sides work at once.
+            runtime.host_step(handed_over)
+            out = self.on_gpu(x, gpu_rows.clamp(min=0), torch.where(gpu_rows >= 0, weights, 0.0)).float()
+            runtime.host_step(join)
+            out = out + hout.to(x.device, non_blocking=True, copy=True)
+        else:
             runtime.host_step(lambda: (handed_over(), join()))
-            return hout.to(x.device, non_blocking=True, copy=True).to(x.dtype)  # same dtype over the bus
-        # The GPU's experts are queued between the two steps, so that both sides work at once.
-        runtime.host_step(handed_over)
-        out = self.on_gpu(x, gpu_rows.clamp(min=0), torch.where(gpu_rows >= 0, weights, 0.0)).float()
-        runtime.host_step(join)
-        return (out + hout.to(x.device, non_blocking=True, copy=True)).to(x.dtype)
+            out = hout.to(x.device, non_blocking=True, copy=True)
+        if streamer is not None:
+            out = out + streamer.forward(x)
+        return out.to(x.dtype)
 
     def _host_buffers(self, x: torch.Tensor, weights: torch.Tensor) -> "HostBuffers":
         """The layer's host buffers for up to `decode_max_tokens` tokens like `x` (pinned when x is on a
@@ -254,30 +274,11 @@ def _tiles_fit(codes: torch.Tensor) -> bool:
     """Whether the CPU operator takes these int4 matrices and its tiles can be turned back (rows in
     whole tiles of 64)."""
     out_features, in_features = codes.shape[-2], codes.shape[-1] * 2
-    return cpu_int4_fits(out_features, in_features) and out_features % _TILE_ROWS == 0
+    return cpu_int4_fits(out_features, in_features) and out_features % CPU_TILE_ROWS == 0
 
 
 def _empty_like_stack(one: torch.Tensor, n: int, pin: bool) -> torch.Tensor:
     return torch.empty((n, *one.shape), dtype=one.dtype, pin_memory=pin)
-
-
-def tiles_to_codes(tiles: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The CPU operator's int4 tiles [..., O, D / 2] -> kernels/quant's packed codes [..., O, D / 2].
-
-    The operator's layout: rows in tiles of 64, each tile [D, 32] bytes, byte (d, r) holding row r's
-    code d in its low half and row r + 32's in its high half. Ours: row by row, byte j holding codes
-    2j (low) and 2j + 1 (high)."""
-    lead = tiles.shape[:-2]
-    D = tiles.shape[-1] * 2
-    t = tiles.reshape(*lead, out_features // _TILE_ROWS, D, _TILE_ROWS // 2)
-    codes = torch.cat([t & 15, t >> 4], dim=-1)  # [..., O / 64, D, 64]
-    codes = codes.transpose(-1, -2).reshape(*lead, out_features, D)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def _scales_from_tiles(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., G, O, 2] (the operator's scales and zeros) -> scale and zero [..., O, G]."""
-    return sz[..., 0].transpose(-1, -2), sz[..., 1].transpose(-1, -2)
 
 
 def ram_experts_forward(experts: nn.Module, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -429,7 +430,7 @@ class Stager:
                     self.stats.streamed_bytes += raw.numel() + raw_sz.numel() * raw_sz.element_size()
                     parts = JOINED[name]
                     codes = tiles_to_codes(raw, raw.shape[-2]).chunk(len(parts), dim=-2)
-                    scale, zero = (t.chunk(len(parts), dim=-2) for t in _scales_from_tiles(raw_sz))
+                    scale, zero = (t.chunk(len(parts), dim=-2) for t in tiles_to_scales(raw_sz))
                     for attr, c, sc, z in zip(parts, codes, scale, zero):
                         slot[attr][e : e + n].copy_(c)
                         slot[f"{attr}_scale"][e : e + n].copy_(sc)
@@ -461,6 +462,101 @@ def _shape_source(layer: OffloadedExperts, name: str):
     return None
 
 
+class DecodeStreamer:
+    """At decode, part of a token's RAM experts copied to the GPU side and computed there while the CPU
+    computes the others: the bus and the CPU's cores read RAM side by side, so a token's RAM experts take
+    about the time of the slower share instead of all of them on the CPU.
+
+    The copies carry the CPU operator's int4 tiles as they are into DECODE_STREAM_SLOTS slots (one layer at a
+    time: a layer's copies start after the host has seen the GPU pass that layer's hand-over, which comes
+    after the previous layer read the slots), and kernels/moe's `streamed_experts` computes them there
+    with the slots' mixing weights (0 for an empty slot). How many go over the bus: the share that makes
+    both sides finish together, from running means of the CPU's seconds per expert and the bus's
+    (timed by events on the copy stream); half until both are measured. `share`, when set, fixes the
+    fraction instead (tests). One token per step only: a step of several tokens computes on the CPU."""
+
+    def __init__(self, layers: list[OffloadedExperts], device: torch.device, stats: OffloadStats):
+        self.device, self.stats = device, stats
+        tiles = layers[0].in_ram.tiles
+        self.slots = {
+            name: tuple(
+                torch.empty((DECODE_STREAM_SLOTS, *t.shape[1:]), dtype=t.dtype, device=device) for t in (stack, sz)
+            )
+            for name, (stack, sz, _group, _in) in tiles.items()
+        }
+        self.expert_bytes = sum(part[0].numel() * part.element_size() for pair in self.slots.values() for part in pair)
+        cuda = device.type == "cuda"
+        self.host_weights = torch.zeros(DECODE_STREAM_SLOTS, dtype=torch.float32, pin_memory=cuda)
+        self.weights = torch.zeros(DECODE_STREAM_SLOTS, dtype=torch.float32, device=device)
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.began, self.copied = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if cuda else (None, None)
+        self.cpu_seconds_per_expert: float | None = None
+        self.bus_seconds_per_expert: float | None = None
+        self.share: float | None = None
+        self._last_sent = 0
+
+    def how_many(self, chosen: int) -> int:
+        """Of `chosen` RAM experts, how many to stream."""
+        cpu, bus = self.cpu_seconds_per_expert, self.bus_seconds_per_expert
+        if self.share is not None:
+            fraction = self.share
+        elif cpu is None or bus is None:
+            fraction = 0.5
+        else:
+            fraction = cpu / (cpu + bus)
+        return max(0, min(round(chosen * fraction), chosen, DECODE_STREAM_SLOTS))
+
+    def send(self, ram: nn.Module, rows: torch.Tensor, weights: torch.Tensor) -> None:
+        """Host, in the join of a one-token step, the GPU past the layer's hand-over: queue the copies of
+        some of the token's RAM experts (`rows`, `weights`: the host buffers [1, k]) and their weights,
+        and mark those pairs -1 in `rows` so that the CPU leaves them."""
+        self._measure_bus()
+        chosen = [(j, e) for j, e in enumerate(rows[0].tolist()) if e >= 0]
+        sent = chosen[: self.how_many(len(chosen))]
+        self.host_weights.zero_()
+        for slot, (j, e) in enumerate(sent):
+            self.host_weights[slot] = weights[0, j]
+            rows[0, j] = -1
+        stream = self.copy_stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if stream is not None:
+                self.began.record(stream)
+            for slot, (_, e) in enumerate(sent):
+                for name, (stack, sz, _group, _in) in ram.tiles.items():
+                    self.slots[name][0][slot].copy_(stack[e], non_blocking=True)
+                    self.slots[name][1][slot].copy_(sz[e], non_blocking=True)
+            self.weights.copy_(self.host_weights, non_blocking=True)
+            if stream is not None:
+                self.copied.record(stream)
+        self._last_sent = len(sent)
+        self.stats.decode_streamed += len(sent)
+        self.stats.streamed_bytes += len(sent) * self.expert_bytes
+
+    def computed_on_cpu(self, seconds: float, experts: int) -> None:
+        if experts:
+            self.cpu_seconds_per_expert = _running_mean(self.cpu_seconds_per_expert, seconds / experts)
+
+    def arrive(self) -> None:
+        """Host: the GPU side's next work waits for the copies."""
+        if self.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.copied)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The slots' experts for x [1, D] -> [1, D] float32 (recorded in a decode graph: fixed buffers)."""
+        from kimi_desk.kernels.moe import streamed_experts
+
+        return streamed_experts(x, self.slots["w13"], self.slots["w2"], self.weights)
+
+    def _measure_bus(self) -> None:
+        if self._last_sent and self.copied is not None and self.copied.query():
+            seconds = self.began.elapsed_time(self.copied) / 1e3 / self._last_sent
+            self.bus_seconds_per_expert = _running_mean(self.bus_seconds_per_expert, seconds)
+
+
+def _running_mean(mean: float | None, value: float) -> float:
+    return value if mean is None else (1 - _MEAN_WEIGHT) * mean + _MEAN_WEIGHT * value
+
+
 @dataclass
 class OffloadRuntime:
     """What the offloaded layers of one model share: the stats, the staging slots, the decode limit, the
@@ -468,6 +564,7 @@ class OffloadRuntime:
 
     stats: OffloadStats
     stager: Stager | None = None
+    streamer: "DecodeStreamer | None" = None
     decode_max_tokens: int = DECODE_MAX_TOKENS
     ready: torch.cuda.Event | None = None
     # Set by engine/cuda_graph.py while it records a decode step: ends the graph being recorded, to run
@@ -524,6 +621,8 @@ def finish_offload(model: nn.Module, decode_max_tokens: int = DECODE_MAX_TOKENS)
     for layer in layers:
         layer.finish(device, runtime)
     runtime.stager = Stager(layers, device, stats)
+    if device.type == "cuda" and all(getattr(layer.in_ram, "tiles", None) for layer in layers):
+        runtime.streamer = DecodeStreamer(layers, device, stats)
     model.offload = runtime
     return runtime
 

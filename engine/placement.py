@@ -10,7 +10,9 @@ for, the KDA states (and the copy a chat turn branches from), one prefill chunk'
 many routed experts as fit, the most used first where usage is known (engine/usage.py: counted while
 documents are read; chosen over every (layer, expert) pair, so a layer whose choices are concentrated
 holds fewer than one whose choices are spread), else the same number in every MoE layer; the others
-stay in system RAM, computed there at decode and streamed to the GPU at prefill (engine/offload.py), which needs two staging slots of one layer's routed experts on the GPU.
+stay in system RAM, computed there at decode and streamed to the GPU at prefill (engine/offload.py), which
+needs two staging slots of one layer's routed experts on the GPU, and DECODE_STREAM_SLOTS experts' room
+for the decode token's RAM experts that go over the bus.
 
 Pure logic over the config: the bytes come from memory.py's per-parameter rule, so the plan, the check
 before loading and what loading allocates agree. Refusals are one line (PlacementError) and name the
@@ -35,6 +37,9 @@ GPU_MARGIN_BYTES = 3 * GIB // 2
 CPU_MARGIN_BYTES = 2 * GIB
 # Staging slots for prefill's streamed experts (double buffering: one filling while the other computes).
 STAGING_SLOTS = 2
+# Experts' room on the GPU for decode's streamed RAM experts (engine/offload.py's DecodeStreamer): at
+# most this many of a token's RAM experts of one layer are computed on the GPU side.
+DECODE_STREAM_SLOTS = 8
 
 _UNITS = {
     "": None,
@@ -194,6 +199,12 @@ def expert_bytes(config: KimiLinearConfig, dtype, quantize: str | None) -> int:
     )
 
 
+def staging_experts(num_experts: int) -> int:
+    """Experts' room on the GPU for experts in RAM, counted in experts of a layer of `num_experts`:
+    prefill's staging slots and decode's streamed ones."""
+    return STAGING_SLOTS * num_experts + DECODE_STREAM_SLOTS
+
+
 def plan_placement(
     config: KimiLinearConfig,
     dtype,
@@ -234,7 +245,7 @@ def plan_placement(
     )
     if fixed + total_experts * per_expert <= gpu_budget:
         return Placement(gpu_experts={i: tuple(range(E)) for i in layers}, staging_bytes=0, **common)
-    staging = STAGING_SLOTS * E * per_expert
+    staging = staging_experts(E) * per_expert
     room = gpu_budget - fixed - staging
     # The smallest GPU budget that works here: the fixed part, the slots, and whatever RAM cannot take.
     ram_room = total_experts if cpu_budget is None else min(total_experts, cpu_budget // per_expert)

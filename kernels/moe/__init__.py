@@ -16,6 +16,9 @@ More tokens (prefill) go to the grouped GEMM of grouped.py: the pairs sorted by 
 then two launches of tiled products, each expert's weights shared by all of its tokens, again with no
 host synchronisation. The CPU, and KIMI_DESK_KERNELS=torch, take the grouped PyTorch path (one product
 per chosen expert, which asks the host which experts were chosen).
+
+`streamed_experts(x, gate_up, down, weights)`: a decode token's experts that engine/offload.py copied
+from system RAM to the GPU in PyTorch's CPU int4 layout, computed there without a relayout (streamed.py).
 """
 
 import torch
@@ -26,6 +29,7 @@ from kimi_desk.kernels.moe.naive import (
     routed_experts_gathered,
     routed_experts_grouped,
     routed_experts_int4_cpu,
+    streamed_experts_torch,
 )
 from kimi_desk.kernels.quant import GEMV_MAX_TOKENS as QUANT_GEMV_MAX_TOKENS
 
@@ -36,6 +40,7 @@ __all__ = [
     "routed_experts_grouped",
     "routed_experts_int4_cpu",
     "router_logits",
+    "streamed_experts",
 ]
 
 # Tokens up to which the router's choice takes router.py's single launch (decode, speculative decode): its
@@ -88,3 +93,13 @@ def routed_experts(x, ids, weights, w1, w2, w3, scales=None, out_dtype=None):
     else:
         out = routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=scales)
     return out if out_dtype is None else out.to(out_dtype)
+
+
+def streamed_experts(x, gate_up, down, weights):
+    """A decode token's experts copied to the GPU in the CPU operator's int4 tiles, computed there
+    (streamed.py): [1, D] float32."""
+    if use_triton(x):
+        from kimi_desk.kernels.moe.streamed import streamed_experts_triton
+
+        return streamed_experts_triton(x, gate_up, down, weights)
+    return streamed_experts_torch(x, gate_up, down, weights)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kimi_desk.kernels.quant import GEMV_MAX_TOKENS
-from kimi_desk.kernels.quant.cpu import cpu_int8_fits, int4_expert_cpu, int8_linear_cpu
+from kimi_desk.kernels.quant.cpu import cpu_int8_fits, int4_expert_cpu, int8_linear_cpu, tiles_to_codes, tiles_to_scales
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
 
 
@@ -142,3 +142,20 @@ def routed_experts_gathered(x, ids, weights, w1, w2, w3, scales=None):
     up = torch.bmm(w3e, xe)
     ye = torch.bmm(w2e, F.silu(gate) * up).squeeze(-1)  # [N * k, D]
     return (ye.float() * weights.reshape(-1, 1)).view(N, k, -1).sum(1)
+
+
+def streamed_experts_torch(x, gate_up, down, weights):
+    """Routed experts in slots holding the CPU operator's int4 tiles (streamed.py has the layout): x [1, D],
+    gate_up and down (tiles, scales) stacked over S slots, weights [S] (0: an empty slot) -> the weighted
+    sum of the slot experts, [1, D] float32. The tiles dequantized to float32, then the products."""
+
+    def dense(tiles, scales):
+        return dequantize_int4_groups(
+            tiles_to_codes(tiles, tiles.shape[-2]), *tiles_to_scales(scales), torch.float32
+        )  # [S, O, D]
+
+    w13, w2 = dense(*gate_up), dense(*down)
+    gate, up = torch.einsum("sod,d->so", w13, x.reshape(-1).float()).chunk(2, dim=-1)
+    y = torch.einsum("sdi,si->sd", w2, F.silu(gate) * up)
+    # An empty slot's bytes may be anything (never written): its products are left out, not weighted 0.
+    return torch.where(weights.view(-1, 1) != 0, y * weights.view(-1, 1), 0.0).sum(0, keepdim=True)

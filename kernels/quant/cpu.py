@@ -35,6 +35,9 @@ import torch.nn.functional as F
 
 from kimi_desk.kernels.quant.naive import unpack_int4
 
+# The operator's tiles: blocks of 64 output rows, two rows (r, r + 32) in each byte (tiles_to_codes).
+CPU_TILE_ROWS = 64
+
 
 class CpuInt4Weight(NamedTuple):
     """An int4 matrix [O, D] in the CPU operator's layout (its rows padded to a multiple of 16)."""
@@ -95,6 +98,25 @@ def int4_linear_cpu(x: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor:
     if y.shape[-1] != weight.out_features:
         y = y[:, : weight.out_features]
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+
+
+def tiles_to_codes(tiles: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The CPU operator's int4 tiles [..., O, D / 2] -> kernels/quant's packed codes [..., O, D / 2].
+
+    The operator's layout: rows in tiles of 64, each tile [D, 32] bytes, byte (d, r) holding row r's
+    code d in its low half and row r + 32's in its high half. Ours: row by row, byte j holding codes
+    2j (low) and 2j + 1 (high)."""
+    lead = tiles.shape[:-2]
+    D = tiles.shape[-1] * 2
+    t = tiles.reshape(*lead, out_features // CPU_TILE_ROWS, D, CPU_TILE_ROWS // 2)
+    codes = torch.cat([t & 15, t >> 4], dim=-1)  # [..., O / 64, D, 64]
+    codes = codes.transpose(-1, -2).reshape(*lead, out_features, D)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def tiles_to_scales(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., G, O, 2] (the operator's scales and zeros) -> scale and zero [..., O, G]."""
+    return sz[..., 0].transpose(-1, -2), sz[..., 1].transpose(-1, -2)
 
 
 def cpu_int8_fits(x: torch.Tensor, q: torch.Tensor) -> bool:

@@ -159,6 +159,15 @@ def time_budget(
         state, token = warm_state(model, ctx, ids[:, :1], gen)
         d = {"context": ctx, **time_eager_decode(model, state, token)}
         d.update(time_graph_decode(model, state, token))
+        streamer = model.offload.streamer if model.offload is not None else None
+        if streamer is not None:  # the same steps with every RAM expert on the CPU, for comparison
+            d.update(
+                cpu_ms_per_expert=(streamer.cpu_seconds_per_expert or 0) * 1e3,
+                bus_ms_per_expert=(streamer.bus_seconds_per_expert or 0) * 1e3,
+            )
+            model.offload.streamer = None
+            d.update({f"cpu_only_{k}": v for k, v in time_graph_decode(model, state, token).items()})
+            model.offload.streamer = streamer
         log(f"budget {budget_text}: decode at {ctx:,}: {d}")
         row["decode"].append(d)
         del state
@@ -201,7 +210,8 @@ def time_graph_decode(model, state, token, steps: int = 20) -> dict:
     ms/token; the GPU's own time per token (the pieces replayed back to back with no host step between,
     CUDA events; the copies to and from the host included); of it, the copies alone (one graph of every
     split layer's round-trip copies, CUDA events); the CPU's expert products and the host's wait for the
-    GPU (host timers, offload stats); host_other_ms, the rest of the host's time (launches, waking up).
+    GPU (host timers, offload stats); host_other_ms, the rest of the host's time (launches, waking up);
+    the RAM experts a token had computed on the GPU side (engine/offload.py's DecodeStreamer).
     The back-to-back replays leave the state meaningless: the last thing done with it."""
     from kimi_desk.bench.model import chained_ms_per_token, chained_replays
     from kimi_desk.engine.cuda_graph import GraphDecoder
@@ -225,6 +235,7 @@ def time_graph_decode(model, state, token, steps: int = 20) -> dict:
             graph_cpu_expert_ms=cpu_ms,
             graph_host_wait_ms=wait_ms,
             graph_host_other_ms=ms - cpu_ms - wait_ms,
+            graph_streamed_experts_per_token=stats.decode_streamed / steps,
         )
     return d
 

@@ -4,14 +4,14 @@ import pytest
 
 from kimi_desk.engine import loading
 from kimi_desk.engine.config import KimiLinearConfig
-from kimi_desk.engine.placement import GIB, PlacementError, plan_placement
+from kimi_desk.engine.placement import GIB, PlacementError, plan_placement, staging_experts
 
 
 def budget_for(path, fmt, experts_on_gpu: int) -> int:
     """A GPU budget that holds the fixed part, the staging slots and `experts_on_gpu` experts in `fmt`."""
     config = KimiLinearConfig.from_file(path / "config.json")
     whole = plan_placement(config, config.dtype, fmt, gpu_budget=1 << 40)
-    return whole.fixed_bytes + (2 * config.num_experts + experts_on_gpu) * whole.expert_bytes
+    return whole.fixed_bytes + (staging_experts(config.num_experts) + experts_on_gpu) * whole.expert_bytes
 
 
 def test_a_model_that_fits_is_placed_whole_without_a_word(tail7_checkpoint):

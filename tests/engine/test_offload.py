@@ -7,11 +7,9 @@ import torch
 
 from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
 from kimi_desk.engine import offload
-from kimi_desk.engine.offload import OffloadedExperts, tiles_to_codes
-from kimi_desk.engine.placement import Placement
+from kimi_desk.engine.offload import OffloadedExperts
+from kimi_desk.engine.placement import Placement, staging_experts
 from kimi_desk.engine.weights import load_model
-from kimi_desk.kernels.quant import quantize_int4_groups
-from kimi_desk.kernels.quant.cpu import pack_int4_for_cpu
 
 # Per MoE layer (1..6), the experts on the GPU side: none, half, a scattered few, one, most, all.
 GPU_EXPERTS = {1: (), 2: (0, 1, 2, 3), 3: (1, 4, 6), 4: (5,), 5: (0, 1, 2, 3, 4, 6, 7), 6: tuple(range(8))}
@@ -82,19 +80,34 @@ def test_the_split_model_in_int4(checkpoint, ids):
         assert got[0, -1].argmax() == want[0, -1].argmax()
 
 
-def test_tiles_turn_back_into_our_layout_exactly():
-    gen = torch.Generator().manual_seed(0)
-    for out_features, in_features in [(64, 128), (128, 64), (192, 256)]:
-        stack = []
-        for _ in range(3):
-            w = torch.randn(out_features, in_features, generator=gen)
-            packed, scale, zero = quantize_int4_groups(w)
-            stack.append((packed, scale, zero, pack_int4_for_cpu(packed, scale, zero)))
-        tiles = torch.stack([s[3].packed for s in stack])
-        assert torch.equal(tiles_to_codes(tiles, out_features), torch.stack([s[0] for s in stack]))
-        scale, zero = offload._scales_from_tiles(torch.stack([s[3].scales_and_zeros for s in stack]))
-        assert torch.equal(scale, torch.stack([s[1] for s in stack]).to(scale.dtype))
-        assert torch.equal(zero, torch.stack([s[2] for s in stack]).to(zero.dtype))
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_decode_streams_part_of_the_ram_experts_to_the_gpu_side(checkpoint, ids, share):
+    """DecodeStreamer with a fixed share: those RAM experts are copied as tiles and computed on the GPU
+    side (here the CPU, through kernels/moe's PyTorch form), the others on the CPU; the logits stay the
+    whole model's."""
+    whole = load_model(checkpoint, dtype=torch.float32, quantize="int4")
+    split = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS))
+    runtime = split.offload
+    assert runtime.streamer is None  # the GPU side is the CPU: nothing to gain from streaming
+    runtime.streamer = offload.DecodeStreamer(offload.offloaded_layers(split), torch.device("cpu"), runtime.stats)
+    runtime.streamer.share = share
+    state_whole, state_split = whole.new_state(1), split.new_state(1)
+    whole(ids[:, :60], state_whole), split(ids[:, :60], state_split)
+    for t in range(60, 72):
+        got, want = split(ids[:, t : t + 1], state_split), whole(ids[:, t : t + 1], state_whole)
+        assert rel(got, want) < 2e-2
+        assert got[0, -1].argmax() == want[0, -1].argmax()
+    assert runtime.stats.decode_streamed > 0
+    if share == 1.0:
+        assert runtime.streamer.cpu_seconds_per_expert is None  # every RAM expert went to the GPU side
+
+
+def test_the_streamed_share_balances_the_cpu_against_the_bus(checkpoint):
+    split = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS))
+    streamer = offload.DecodeStreamer(offload.offloaded_layers(split), torch.device("cpu"), split.offload.stats)
+    assert streamer.how_many(6) == 3  # nothing measured yet: half
+    streamer.cpu_seconds_per_expert, streamer.bus_seconds_per_expert = 3e-4, 1e-4
+    assert streamer.how_many(8) == 6 and streamer.how_many(20) == offload.DECODE_STREAM_SLOTS
 
 
 def test_one_quantized_cache_serves_every_placement(checkpoint, ids):
@@ -194,7 +207,7 @@ def test_a_model_placed_by_its_usage_computes_the_whole_models_logits(checkpoint
     usage.counts[2] *= 5  # layer 3's choices weigh more: its share of the GPU grows
     config = whole.config
     full = plan_placement(config, "float32", "int4", gpu_budget=1 << 40)
-    budget = full.fixed_bytes + (2 * 8 + 13) * full.expert_bytes
+    budget = full.fixed_bytes + (staging_experts(8) + 13) * full.expert_bytes
     placement = plan_placement(config, "float32", "int4", gpu_budget=budget, usage=usage.per_layer(), usage_tokens=60)
     counts = usage.per_layer()
     assert placement.gpu_count == 13 and len({len(v) for v in placement.gpu_experts.values()}) > 1

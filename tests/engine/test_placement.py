@@ -7,7 +7,13 @@ from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, tiny_confi
 from kimi_desk.engine import placement
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.memory import estimate_memory
-from kimi_desk.engine.placement import GIB, PlacementError, parse_size, plan_placement
+from kimi_desk.engine.placement import (
+    GIB,
+    PlacementError,
+    parse_size,
+    plan_placement,
+    staging_experts,
+)
 
 BIG = kimi_linear_48b_config()
 
@@ -65,7 +71,7 @@ def test_the_48b_model_in_int4_on_desktop_cards(budget_gib):
     # 3 matrices of 2304 x 1024 in int4 with groups of 32..128: about 3.6 MiB an expert.
     assert 3.4 * 2**20 < plan.expert_bytes < 3.8 * 2**20
     assert plan.ram_bytes == plan.ram_count * plan.expert_bytes
-    assert plan.staging_bytes == 2 * 256 * plan.expert_bytes
+    assert plan.staging_bytes == staging_experts(256) * plan.expert_bytes
     # Every MoE layer gets its share (layer 0 is dense and has none).
     counts = [len(plan.gpu_experts[i]) for i in plan.moe_layers]
     assert plan.moe_layers == list(range(1, 27)) and max(counts) - min(counts) <= 1
@@ -88,7 +94,7 @@ def test_known_usage_puts_the_most_used_experts_on_the_gpu():
     config = tiny_config(num_hidden_layers=4, kda_layers=[1, 2, 3], full_attn_layers=[4], num_experts=32)
     whole = plan_placement(config, "float32", None, gpu_budget=1 << 40)
     per = whole.expert_bytes
-    budget = whole.fixed_bytes + 2 * 32 * per + 5 * per  # the staging slots and 5 experts
+    budget = whole.fixed_bytes + (staging_experts(32) + 5) * per  # slots, 5 experts
     usage = {1: [0] * 32, 2: [0] * 32, 3: [0] * 32}
     usage[1][1], usage[1][6], usage[2][0], usage[2][31], usage[2][7], usage[3][2] = 9, 7, 8, 1, 6, 0.5
     plan = plan_placement(config, "float32", None, gpu_budget=budget, usage=usage)
@@ -169,7 +175,7 @@ def test_skewed_usage_spends_the_same_budget_on_the_most_used_experts():
 def test_experts_used_equally_take_turns_between_the_layers():
     config = tiny_config(num_hidden_layers=4, kda_layers=[1, 2, 3], full_attn_layers=[4], num_experts=32)
     whole = plan_placement(config, "float32", None, gpu_budget=1 << 40)
-    budget = whole.fixed_bytes + (2 * 32 + 7) * whole.expert_bytes
+    budget = whole.fixed_bytes + (staging_experts(32) + 7) * whole.expert_bytes
     usage = {1: [0] * 32, 2: [0] * 32, 3: [0] * 32}
     usage[2][9] = 4  # one expert used, the others never (a short reading)
     plan = plan_placement(config, "float32", None, gpu_budget=budget, usage=usage, usage_tokens=2)

@@ -8,7 +8,7 @@ from kimi_desk.engine import loading
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.fuse import fuse_projections
 from kimi_desk.engine.model import SparseMoE
-from kimi_desk.engine.placement import GIB, plan_placement
+from kimi_desk.engine.placement import GIB, plan_placement, staging_experts
 from kimi_desk.engine.session import Assistant, SessionStore
 from kimi_desk.engine.usage import ExpertUsage, add_usage, read_usage, usage_file
 from kimi_desk.engine.weights import checkpoint_fingerprint, load_model
@@ -152,7 +152,7 @@ def test_a_reading_adds_its_usage_to_the_models_file(chat_checkpoint, tmp_path):
 def test_the_load_path_places_the_most_used_experts(tail7_checkpoint, tmp_path):
     config = KimiLinearConfig.from_file(tail7_checkpoint / "config.json")
     whole = plan_placement(config, config.dtype, "int4", gpu_budget=1 << 40)
-    budget = whole.fixed_bytes + (2 * 8 + 4) * whole.expert_bytes  # the staging slots and 4 experts
+    budget = whole.fixed_bytes + (staging_experts(8) + 4) * whole.expert_bytes  # slots, 4 experts
     counts = [[0] * 8 for _ in range(6)]
     counts[0][5], counts[2][1], counts[2][7], counts[5][3] = 50, 40, 30, 20
     add_usage(tmp_path, checkpoint_fingerprint(tail7_checkpoint), usage_of(counts, 1_234_567, range(1, 7)))

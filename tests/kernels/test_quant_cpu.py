@@ -19,6 +19,8 @@ from kimi_desk.kernels.quant.cpu import (
     int8_linear_cpu,
     pack_int4_expert_for_cpu,
     pack_int4_for_cpu,
+    tiles_to_codes,
+    tiles_to_scales,
 )
 
 # The operators take bf16 (int4) or x's dtype (int8) rows, sum in float32 and round the output once; the
@@ -84,3 +86,18 @@ def test_int4_expert_with_w1_and_w3_joined_matches_float64(hidden, rows):
     assert rel_err(int4_expert_cpu(x, expert), want) < 2e-2
     half = expert.gate_up.packed.shape[0] // 2
     assert torch.equal(expert.gate_up.packed[:half], pack_int4_for_cpu(*w1).packed)
+
+
+def test_tiles_turn_back_into_our_layout_exactly():
+    gen = torch.Generator().manual_seed(0)
+    for out_features, in_features in [(64, 128), (128, 64), (192, 256)]:
+        stack = []
+        for _ in range(3):
+            w = torch.randn(out_features, in_features, generator=gen)
+            packed, scale, zero = quantize_int4_groups(w)
+            stack.append((packed, scale, zero, pack_int4_for_cpu(packed, scale, zero)))
+        tiles = torch.stack([s[3].packed for s in stack])
+        assert torch.equal(tiles_to_codes(tiles, out_features), torch.stack([s[0] for s in stack]))
+        scale, zero = tiles_to_scales(torch.stack([s[3].scales_and_zeros for s in stack]))
+        assert torch.equal(scale, torch.stack([s[1] for s in stack]).to(scale.dtype))
+        assert torch.equal(zero, torch.stack([s[2] for s in stack]).to(zero.dtype))

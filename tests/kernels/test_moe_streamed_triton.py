@@ -1,0 +1,60 @@
+"""Streamed experts on the CPU operator's int4 tiles (kernels/moe/streamed.py), the Triton kernel under
+the interpreter and the PyTorch form, against float64 on the experts dequantized from kernels/quant's
+own layout (the format the tiles were packed from): empty slots (weight 0) add nothing, whatever their
+bytes hold. TRITON_INTERPRET is set by tests/conftest.py, and here for a lone run of this file."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+from kimi_desk.kernels.moe.naive import streamed_experts_torch  # noqa: E402
+from kimi_desk.kernels.moe.streamed import streamed_experts_triton  # noqa: E402
+from kimi_desk.kernels.quant import dequantize_int4_groups, quantize_int4_groups  # noqa: E402
+from kimi_desk.kernels.quant.cpu import cpu_int4_fits, pack_int4_expert_for_cpu  # noqa: E402
+
+
+def slot_experts(S, D, I, group, gen):
+    """S experts quantized to int4, as (float64 w1, w2, w3 of their grid, gate_up, down stacked tiles)."""
+    dense, packed = [], []
+    for _ in range(S):
+        mats = [
+            quantize_int4_groups(torch.randn(*shape, generator=gen) * 0.05, group) for shape in ((I, D), (D, I), (I, D))
+        ]
+        dense.append([dequantize_int4_groups(*m, torch.float32).double() for m in mats])
+        packed.append(pack_int4_expert_for_cpu(*mats))
+    gate_up = (
+        torch.stack([p.gate_up.packed for p in packed]),
+        torch.stack([p.gate_up.scales_and_zeros for p in packed]),
+    )
+    down = (torch.stack([p.down.packed for p in packed]), torch.stack([p.down.scales_and_zeros for p in packed]))
+    return dense, gate_up, down
+
+
+@pytest.mark.parametrize(
+    "S,D,I,group", [(3, 128, 64, 32), (4, 256, 128, 64), (2, 384, 192, 64), (2, 256, 128, 128)], ids=str
+)
+@pytest.mark.parametrize("form", ["triton", "torch"])
+def test_streamed_experts_match_float64(S, D, I, group, form):
+    if not cpu_int4_fits(2 * I, D):
+        pytest.skip("this PyTorch has no CPU int4 operator")
+    gen = torch.Generator().manual_seed(S * D + I)
+    dense, gate_up, down = slot_experts(S, D, I, group, gen)
+    x = torch.randn(1, D, generator=gen).bfloat16()
+    weights = torch.rand(S, generator=gen)
+    weights[1] = 0.0  # an empty slot: its bytes must not count
+    gate_up[0][1].fill_(0xFF)
+    expected = sum(
+        w.item() * (F.silu(w1 @ x[0].double()) * (w3 @ x[0].double())) @ w2.T
+        for w, (w1, w2, w3) in zip(weights, dense)
+        if w != 0
+    )
+    forward = streamed_experts_triton if form == "triton" else streamed_experts_torch
+    got = forward(x, gate_up, down, weights)
+    assert got.shape == (1, D) and got.dtype == torch.float32
+    err = ((got[0].double() - expected).norm() / expected.norm()).item()
+    assert err < 1e-5, err
