@@ -9,7 +9,8 @@ A sample is what a kimi-desk session feeds the model, ids for ids:
 
 with one fact planted in the document ("The secret port of service korvani is 4711.") and, to make the
 model read the key and not just grab the one fact-like line, 0-3 distractor facts of the same kind
-about other keys. A fact goes in as a small notes file beside a file at the chosen depth, or as a line
+about other keys; a README's kinds (a command, a variable) half the time also with the other kind's
+line about the same tool beside them. A fact goes in as a small notes file beside a file at the chosen depth, or as a line
 (a comment in code) inside that file. Files keep kimi-desk's reading order, so the tree and the blocks
 are what `load_path` would render for a folder holding exactly these files.
 """
@@ -482,6 +483,16 @@ def fact_keys(kind: str, count: int, rng: random.Random) -> list[str]:
     return keys
 
 
+def neighbour_fact(fact: Fact, rng: random.Random) -> Fact:
+    """A fact of the other documentation kind about the same tool: the variable beside a command's line
+    in a README, or the command beside a variable's."""
+    if fact.kind == "command":
+        tool = fact.key.split("|")[0].upper().replace("-", "_")
+        return make_fact("variable", f"{tool}|{rng.choice(_THINGS)}", rng)
+    tool = fact.key.split("|")[0].lower().replace("_", "-")
+    return make_fact("command", f"{tool}|{rng.choice(sorted(_ACTIONS))}|{rng.choice(_NOUNS)}", rng)
+
+
 def key_slug(key: str) -> str:
     """The key as a piece of a file name."""
     return "".join(c if c.isalnum() else "_" for c in key.split("|")[-1].lower())[:24]
@@ -617,18 +628,25 @@ class RetrievalSampleBuilder:
                 candidate = make_fact(kind, key, rng)
             facts.append(candidate)
         fact, *distractors = facts
+        depth = depth if depth is not None else rng.random()
+        depths = [(fact, depth)] + [(d, rng.random()) for d in distractors]
+        if kind in DOC_FACT_KINDS and rng.random() < 0.5:
+            # A README's two kinds side by side (a command and a variable of one tool, at the same
+            # depth): the asked line must be told from its neighbour of the other kind too.
+            neighbour = neighbour_fact(fact, rng)
+            distractors.append(neighbour)
+            depths.append((neighbour, depth))
         head = document_head_ids(self.tokenizer, system)
         question = question_ids(self.tokenizer, fact.question)
         answer = self._encode(fact.answer) + [self.im_end]
         fixed = len(head) + len(question) + len(answer)
         # Room for the folder tree and the planted lines, re-measured below once the files are known.
-        reserve = 48 * (num_distractors + 1)
+        reserve = 48 * (len(distractors) + 1)
         budget = total_tokens - fixed - reserve
         tree_share = 0
         for _ in range(8):
             picked, multi_source = self._pick_files(rng, budget - tree_share)
             files = self._files(picked, multi_source)
-            depths = [(fact, depth if depth is not None else rng.random())] + [(d, rng.random()) for d in distractors]
             files, planted_path = self._plant(files, depths, rng)
             root = "workspace" if multi_source or not picked else self.source_roots[picked[0][0]]
             tree = render_folder_preamble(root, [f.path for f in files])

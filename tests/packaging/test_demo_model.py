@@ -258,6 +258,25 @@ def test_retrieval_sample_places_the_fact_and_masks_the_loss_to_the_answer(toy_p
         assert sum(1 for w in with_document if w == 0.1) == sample.document_end - sample.document_start - 1
 
 
+def test_readme_kinds_are_planted_beside_their_other_kind_half_the_time(toy_pipeline):
+    """A command's needle sometimes also holds the same tool's variable line (and the other way round),
+    at the same depth, so that the asked line must be told from its README neighbour."""
+    builder = retrieval_samples.RetrievalSampleBuilder(toy_pipeline["splits"]["train"], toy_pipeline["tokenizer"])
+    tokenizer = toy_pipeline["tokenizer"]
+    with_neighbour = 0
+    for seed in range(12):
+        kind = ("command", "variable")[seed % 2]
+        sample = builder.build(1500, random.Random(seed), num_distractors=0, kind=kind)
+        document = tokenizer.decode(sample.input_ids[sample.document_start : sample.document_end])
+        others = [d for d in sample.distractors if d.kind != kind]
+        assert len(others) <= 1 and len(sample.input_ids) <= 1500
+        for other in others:
+            tool = sample.fact.key.split("|")[0].lower().replace("_", "-")
+            assert other.key.split("|")[0].lower().replace("_", "-") == tool and other.statement in document
+            with_neighbour += 1
+    assert 0 < with_neighbour < 12
+
+
 def test_task_samples_weigh_every_reply_and_feed_the_next_turn(toy_pipeline):
     """Loss only on the replies (each with its <|im_end|>); a second turn is fed as a session would feed
     it after generating the first reply (next_turn_token_ids)."""
