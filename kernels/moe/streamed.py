@@ -13,8 +13,8 @@ relayout to kernels/quant's layout (which would cost a dozen passes over the slo
 Returns sum_s weights[s] * w2_s (SiLU(w1_s x) * w3_s x), [1, D] float32.
 
 `tiled_int4_gemv_kernel`, one program per (slot, block of 64 output rows): the block's [BD, 32] bytes
-along the input, both halves of each byte against the same inputs, the group's scale and midpoint
-applied to the sums ((q - 8) s + z: s * sum (q - 8) x + z * sum x). A slot of weight 0 writes zeros and
+along the input (BD: whole groups, up to 256 inputs a step), both halves of each byte against the same
+inputs, each group's scale and midpoint applied to its sums ((q - 8) s + z: s * sum (q - 8) x + z * sum x). A slot of weight 0 writes zeros and
 reads nothing, so empty slots cost a launch's programs only. Two launches (gate and up, then down, SiLU
 taken on the way in) and a weighted sum over the slots. Products in float32, sums in float32.
 """
@@ -56,6 +56,8 @@ def tiled_int4_gemv_kernel(
         return
     p_tiles = tiles + i_s * (O * D // 2) + i_t * (D * 32)
     p_scales = scales + i_s * (D // GROUP * O * 2)
+    NG: tl.constexpr = BD // GROUP  # whole groups in a step along the input
+    o_g = tl.arange(0, NG)
     b_lo = tl.zeros([32], dtype=tl.float32)
     b_hi = tl.zeros([32], dtype=tl.float32)
     for d0 in range(0, D, BD):
@@ -66,17 +68,17 @@ def tiled_int4_gemv_kernel(
         else:
             b_x = tl.load(x + i_s * stride_x + o_d).to(tl.float32)
         b_bytes = tl.load(p_tiles + o_d[:, None] * 32 + o_r[None, :])  # [BD, 32]
-        sum_lo = tl.sum(((b_bytes & 15).to(tl.float32) - 8.0) * b_x[:, None], axis=0)
-        sum_hi = tl.sum(((b_bytes >> 4).to(tl.float32) - 8.0) * b_x[:, None], axis=0)
-        sum_x = tl.sum(b_x, axis=0)
-        p_group = p_scales + (d0 // GROUP) * (O * 2)
-        b_lo += (
-            tl.load(p_group + o_lo * 2).to(tl.float32) * sum_lo + tl.load(p_group + o_lo * 2 + 1).to(tl.float32) * sum_x
-        )
-        b_hi += (
-            tl.load(p_group + (o_lo + 32) * 2).to(tl.float32) * sum_hi
-            + tl.load(p_group + (o_lo + 32) * 2 + 1).to(tl.float32) * sum_x
-        )
+        # Each group's sums apart ([NG, 32]): its scale and midpoint apply to them.
+        sum_lo = tl.sum(tl.reshape(((b_bytes & 15).to(tl.float32) - 8.0) * b_x[:, None], [NG, GROUP, 32]), 1)
+        sum_hi = tl.sum(tl.reshape(((b_bytes >> 4).to(tl.float32) - 8.0) * b_x[:, None], [NG, GROUP, 32]), 1)
+        sum_x = tl.sum(tl.reshape(b_x, [NG, GROUP]), 1)[:, None]
+        p_group = p_scales + (d0 // GROUP + o_g)[:, None] * (O * 2)
+        s_lo = tl.load(p_group + o_lo[None, :] * 2).to(tl.float32)
+        z_lo = tl.load(p_group + o_lo[None, :] * 2 + 1).to(tl.float32)
+        s_hi = tl.load(p_group + (o_lo[None, :] + 32) * 2).to(tl.float32)
+        z_hi = tl.load(p_group + (o_lo[None, :] + 32) * 2 + 1).to(tl.float32)
+        b_lo += tl.sum(s_lo * sum_lo + z_lo * sum_x, 0)
+        b_hi += tl.sum(s_hi * sum_hi + z_hi * sum_x, 0)
     tl.store(p_out + o_lo, b_lo)
     tl.store(p_out + o_lo + 32, b_hi)
 
@@ -86,8 +88,11 @@ def _tiled_gemv(tiles, scales, x, weights, stride_x, gated):
     D = half_D * 2
     group = D // scales.shape[1]
     out = torch.empty(S, O, dtype=torch.float32, device=tiles.device)
+    step = group  # whole groups a step, up to 256 inputs: few, long loads
+    while 2 * step <= 256 and D % (2 * step) == 0:
+        step *= 2
     tiled_int4_gemv_kernel[(S, O // CPU_TILE_ROWS)](
-        tiles, scales, x, weights, out, stride_x, D, O, group, min(group, 64), gated, **pdl_launch(tiles)
+        tiles, scales, x, weights, out, stride_x, D, O, group, step, gated, **pdl_launch(tiles)
     )
     return out
 

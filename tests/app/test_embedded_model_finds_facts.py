@@ -74,7 +74,7 @@ def answers(tmp_path_factory):
 @pytest.mark.xfail(
     strict=True,
     reason="issue 18: the shipped demo model does not yet find planted facts "
-    "(measured: 2 of 4 here, the two README-style questions wrong); remove this mark when all 4 pass",
+    "(measured: 3 of 4 here, the variable named with a wrong prefix); remove this mark when all 4 pass",
 )
 def test_the_embedded_model_answers_with_the_planted_facts(answers):
     wrong = {q: answers[q] for q, expected in QUESTIONS if expected not in answers[q]}
