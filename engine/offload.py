@@ -472,7 +472,7 @@ class DecodeStreamer:
     after the previous layer read the slots), and kernels/moe's `streamed_experts` computes them there
     with the slots' mixing weights (0 for an empty slot). How many go over the bus: the share that makes
     both sides finish together, from running means of the CPU's seconds per expert and the bus's
-    (timed by events on the copy stream); half until both are measured. `share`, when set, fixes the
+    (timed by events on the copy stream), counted per layer; half until both are measured. `share`, when set, fixes the
     fraction instead (tests). One token per step only: a step of several tokens computes on the CPU."""
 
     def __init__(self, layers: list[OffloadedExperts], device: torch.device, stats: OffloadStats):
@@ -496,15 +496,14 @@ class DecodeStreamer:
         self._last_sent = 0
 
     def how_many(self, chosen: int) -> int:
-        """Of `chosen` RAM experts, how many to stream."""
+        """Of `chosen` RAM experts, how many to stream: with both rates measured, the count whose slower
+        side finishes first (the fewer streamed on a tie), else the fixed share or half."""
         cpu, bus = self.cpu_seconds_per_expert, self.bus_seconds_per_expert
-        if self.share is not None:
-            fraction = self.share
-        elif cpu is None or bus is None:
-            fraction = 0.5
-        else:
-            fraction = cpu / (cpu + bus)
-        return max(0, min(round(chosen * fraction), chosen, DECODE_STREAM_SLOTS))
+        most = min(chosen, DECODE_STREAM_SLOTS)
+        if self.share is None and cpu is not None and bus is not None:
+            return min(range(most + 1), key=lambda n: (max(n * bus, (chosen - n) * cpu), n))
+        fraction = 0.5 if self.share is None else self.share
+        return max(0, min(round(chosen * fraction), most))
 
     def send(self, ram: nn.Module, rows: torch.Tensor, weights: torch.Tensor) -> None:
         """Host, in the join of a one-token step, the GPU past the layer's hand-over: queue the copies of

@@ -8,7 +8,7 @@ user of the product asks about them:
 
     needle           a planted fact (ports, codes, maintainers, dates, settings, and the README's kinds:
                      "which command lists the saved X", "which variable forces the Y") at any depth,
-                     with 0-3 distractor facts of the same kind that hold other values
+                     with 0-5 distractor facts of the same kind that hold other values
     which_file       "Which file defines X?": X a top-level class or function defined once in the folder
     where_function   "Where is the function that returns ...?": from a function's docstring
     setting_default  "What does the timeout argument of connect default to?", "What is MAX_SIZE set to?":
@@ -344,7 +344,9 @@ class TaskSampleBuilder:
         followup: bool = False,
     ) -> TaskSample:
         if distractors is None:
-            distractors = rng.choice((0, 1, 2, 3, 3, 3))
+            # Mostly several facts of the kind: lone facts are found (run 6: 10/10/7 of 10 at 4k/32k/128k),
+            # telling the asked key's value from its neighbours' is what is still learnt.
+            distractors = rng.choice((0, 1, 3, 3, 4, 5))
         kind = kind or rng.choice(ALL_FACT_KINDS)
         reserve = 48 if followup else 0
         sample = self.needles.build(

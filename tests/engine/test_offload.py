@@ -108,6 +108,10 @@ def test_the_streamed_share_balances_the_cpu_against_the_bus(checkpoint):
     assert streamer.how_many(6) == 3  # nothing measured yet: half
     streamer.cpu_seconds_per_expert, streamer.bus_seconds_per_expert = 3e-4, 1e-4
     assert streamer.how_many(8) == 6 and streamer.how_many(20) == offload.DECODE_STREAM_SLOTS
+    # Whole experts: of 3, 2 over the bus and 1 on the CPU finish at 3e-4 s, as all 3 over the bus would.
+    assert streamer.how_many(3) == 2 and streamer.how_many(1) == 1
+    streamer.bus_seconds_per_expert = 4e-4  # a bus slower than the CPU: a lone expert stays on the CPU
+    assert streamer.how_many(1) == 0 and streamer.how_many(2) == 1
 
 
 def test_one_quantized_cache_serves_every_placement(checkpoint, ids):
