@@ -15,8 +15,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
-from kda_cases import rel_err  # noqa: E402
-from test_kda_triton import reference_f64  # noqa: E402
+from kda_cases import reference_f64, rel_err  # noqa: E402
 
 from kimi_desk.kernels.kda import prepare_kda  # noqa: E402
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton  # noqa: E402
