@@ -6,6 +6,10 @@ None). CUDA tensors go to Triton; everything else, or any tensor when KIMI_DESK_
 PyTorch implementations in naive.py. `recurrent_kda_inplace` is the CPU decode step: the recurrence with
 the state advanced in place.
 
+`prepare_kda` turns the layer's raw projections into those inputs in one pass: q and k L2-normalised,
+g = -exp(A_log) * softplus(x + dt_bias), beta = sigmoid(logits) (Triton's prepare.py or naive.py's
+reference, dispatched the same way).
+
 The fused variants for the real layer, which read the raw projections (the gate's input with A_log and
 dt_bias, q and k before their L2 norm, beta's logits), are the Triton entry points themselves:
 `chunk.chunk_kda_triton` (prefill) and `fused_recurrent.fused_recurrent_kda_triton` (decode); engine/kda.py
@@ -15,9 +19,9 @@ calls them on the GPU path.
 from __future__ import annotations
 
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda, recurrent_kda_inplace
+from kimi_desk.kernels.kda.naive import chunk_kda_torch, prepare_kda_torch, recurrent_kda, recurrent_kda_inplace
 
-__all__ = ["chunk_kda", "fused_recurrent_kda", "kda", "recurrent_kda_inplace"]
+__all__ = ["chunk_kda", "fused_recurrent_kda", "kda", "prepare_kda", "recurrent_kda_inplace"]
 
 # Below this many tokens the step-by-step recurrence beats the chunked form on the CPU (and fla makes
 # the same choice at 64).
@@ -38,6 +42,16 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
 
         return fused_recurrent_kda_triton(q, k, v, g, beta, scale, initial_state, output_final_state)
     return recurrent_kda(q, k, v, g, beta, scale, initial_state, output_final_state)
+
+
+def prepare_kda(q, k, x, A_log, dt_bias, beta_logits):
+    """(q, k, g, beta) for chunk_kda from the raw q, k [B, T, H, K], the gate input x [B, T, H, K] with
+    A_log [H] and dt_bias [H * K], and beta's logits [B, T, H]."""
+    if use_triton(q):
+        from kimi_desk.kernels.kda.prepare import prepare_kda_triton
+
+        return prepare_kda_triton(q, k, x, A_log, dt_bias, beta_logits)
+    return prepare_kda_torch(q, k, x, A_log, dt_bias, beta_logits)
 
 
 def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):

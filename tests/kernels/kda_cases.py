@@ -1,4 +1,4 @@
-"""Inputs shared by the KDA tests (the PyTorch paths and the Triton kernels)."""
+"""Inputs and the float64 reference shared by the KDA tests (the PyTorch paths and the Triton kernels)."""
 
 import torch
 import torch.nn.functional as F
@@ -21,3 +21,18 @@ def make_inputs(B, T, H, K, V, min_log_decay, dtype, seed):
 def rel_err(a, b):
     assert not torch.isnan(a).any(), "NaN in the output (an element the kernel never wrote?)"
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def reference_f64(q, k, v, g, beta, state, scale=None):
+    """The recurrence in float64 (fla's naive one computes in fp32)."""
+    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+    B, T, H, K = q.shape
+    S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64) if state is None else state.double().clone()
+    o = torch.empty_like(v)
+    for t in range(T):
+        S = S * g[:, t].exp().unsqueeze(-1)
+        u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t]))
+        S = S + k[:, t].unsqueeze(-1) * u.unsqueeze(-2)
+        o[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
+    return o, S

@@ -3,10 +3,11 @@ float64 (recurrent_kda computes in the dtype of float64 inputs)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fla.ops.kda.naive import naive_recurrent_kda
 from kda_cases import make_inputs, rel_err
 
-from kimi_desk.kernels.kda import chunk_kda, fused_recurrent_kda, kda
+from kimi_desk.kernels.kda import chunk_kda, fused_recurrent_kda, kda, prepare_kda
 from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda, recurrent_kda_inplace
 
 # Tolerances per dtype of the inputs (relative error against the float64 reference).
@@ -154,3 +155,24 @@ def test_inplace_recurrence_for_decode(dtype, T, min_log_decay):
     o = poisoned(recurrent_kda_inplace)(q, k, v, g, beta, state)
     assert o.dtype == dtype and state.data_ptr() == storage
     assert rel_err(o, o_ref) < TOLERANCE[dtype] and rel_err(state, s_ref) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prepare_from_raw_projections(dtype):
+    """prepare_kda on CPU tensors (the PyTorch reference of the prepass): q and k to unit rows with fla's
+    eps, stored in their dtype; the gate and beta's sigmoid in fp32; all against float64."""
+    B, T, H, K = 2, 9, 3, 32
+    gen = torch.Generator().manual_seed(8)
+    q, k, x = ((s * torch.randn(B, T, H, K, generator=gen)).to(dtype) for s in (3.0, 0.2, 2.0))
+    x[0, 0, 0, 0] = 30.0  # softplus' linear side
+    beta_logits = (2 * torch.randn(B, T, H, generator=gen)).to(dtype)
+    A_log, dt_bias = torch.rand(H, generator=gen) * 2.7, torch.randn(H * K, generator=gen)
+    qn, kn, g, beta = prepare_kda(q, k, x, A_log, dt_bias, beta_logits)
+    assert (qn.dtype, kn.dtype, g.dtype, beta.dtype) == (dtype, dtype, torch.float32, torch.float32)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-21
+    for ours, raw in ((qn, q), (kn, k)):
+        unit = raw.double() / (raw.double().square().sum(-1, keepdim=True) + 1e-6).sqrt()
+        assert ((ours.double() - unit).abs() <= ulp * unit.abs()).all()
+    g_ref = -A_log.double().exp()[:, None] * F.softplus(x.double() + dt_bias.double().view(H, K))
+    assert torch.allclose(g.double(), g_ref, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(beta.double(), beta_logits.double().sigmoid(), rtol=1e-6, atol=0)

@@ -15,7 +15,7 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 from fla.ops.kda.naive import naive_recurrent_kda  # noqa: E402
-from kda_cases import make_inputs, rel_err  # noqa: E402
+from kda_cases import make_inputs, reference_f64, rel_err  # noqa: E402
 
 from kimi_desk.bench.kernels import GATE_SWEEP, sweep_gate  # noqa: E402
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton  # noqa: E402
@@ -26,21 +26,6 @@ from kimi_desk.kernels.kda.naive import chunk_kda_torch  # noqa: E402
 # both; the error is the bf16 output and the bf16 scratch between the two prefill kernels (fla's choice
 # too; on the H100 ours and fla's measured 3e-3 to 1e-2 at the 48B shapes). fp32: cumulative gates in fp32.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-
-
-def reference_f64(q, k, v, g, beta, state, scale=None):
-    """The recurrence in float64 (fla's naive one computes in fp32)."""
-    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
-    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
-    B, T, H, K = q.shape
-    S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64) if state is None else state.double().clone()
-    o = torch.empty_like(v)
-    for t in range(T):
-        S = S * g[:, t].exp().unsqueeze(-1)
-        u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t]))
-        S = S + k[:, t].unsqueeze(-1) * u.unsqueeze(-2)
-        o[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
-    return o, S
 
 
 SIZES = [

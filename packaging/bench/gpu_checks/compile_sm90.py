@@ -3,7 +3,7 @@ per launch setting, from Triton's own compiler and the ptxas it ships. It answer
 spill, does it fit the 227 KiB of shared memory" before any device time is spent; speed still needs
 the GPU. The local Triton may differ from the GPU machine's (check `triton.__version__` on both).
 
-    python packaging/bench/gpu_checks/compile_sm90.py [fp8_gemv] [kda_intra] [quant_formats]
+    python packaging/bench/gpu_checks/compile_sm90.py [fp8_gemv] [kda_intra] [kda_prepare] [quant_formats]
 """
 
 import os
@@ -224,13 +224,20 @@ def kda_intra():
     )
     # maxnreg caps the registers (ptxas spills the rest): 168 at 4 warps lets three programs share an SM.
     # fused: the gate, L2 norm and beta's sigmoid in the kernel (the layer's call). diag_loop: the levels
-    # inside the sub-chunks in a pass of their own over the channels (BKD at a time), the default.
+    # inside the sub-chunks in a pass of their own over the channels (BKD at a time), the default. The
+    # settings `kimi-desk bench kernels` tunes on the plain call, each plain and fused (the bench times the
+    # fused call at the plain call's choice).
     for bk, bkd, diag_loop, warps, maxnreg, fused in [
         (32, 32, True, 4, None, False),
         (32, 32, True, 4, None, True),
         (64, 32, True, 4, None, False),
+        (64, 32, True, 4, None, True),
         (32, 32, False, 4, None, False),
+        (32, 32, False, 4, None, True),
         (64, 64, False, 8, None, False),
+        (64, 64, False, 8, None, True),
+        (64, 32, True, 8, None, False),
+        (64, 32, True, 8, None, True),
         (32, 32, True, 4, 168, False),
     ]:
         const = dict(
@@ -255,6 +262,24 @@ def kda_intra():
         )
         report(
             f"kda intra BK={bk} BKD={bkd} diag_loop={diag_loop} warps={warps} maxnreg={maxnreg} fused={fused}", result
+        )
+
+
+def kda_prepare():
+    """The prefill's prepass (kernels/kda/prepare.py) at the 48B shapes: K = 128, bf16 projections."""
+    from kimi_desk.kernels.kda.prepare import TILE_ELEMENTS, prepare_kda_fwd_kernel
+
+    bf = "*bf16"
+    pointers = dict(
+        q=bf, k=bf, x=bf, beta=bf, A_log="*fp32", dt_bias="*fp32", q_out=bf, k_out=bf, g_out="*fp32", beta_out="*fp32"
+    )
+    strides = [f"stride_{t}_{d}" for t in ("q", "k", "x", "beta") for d in "bth"]
+    scalars = dict(R="i32", T="i32", **{name: "i32" for name in strides})
+    for rows, warps in [(TILE_ELEMENTS // 128, 4), (16, 4), (64, 8)]:
+        const = dict(H=32, K=128, BR=rows, BK=128, PDL=True)
+        report(
+            f"kda prepare BR={rows} warps={warps}",
+            compile_sm90(prepare_kda_fwd_kernel, pointers, scalars, const, warps),
         )
 
 

@@ -1,6 +1,10 @@
 """GPU check: where KDA prefill's time goes, ours against fla-core 0.6.0's chunk_kda, kernel by kernel, at
-the 48B shapes (B = 1, H = 32, K = V = 128, bf16, the model's gate), T = 32,768 by default. Prints each
-side's kernels (GPU time from torch.profiler, one call after warm-up) and a short table last.
+the 48B shapes (B = 1, H = 32, K = V = 128, bf16, the model's gate), T = 32,768 by default. Five calls:
+the plain call on prepared inputs, ours and fla's; then the layer's call on the raw projections (q, k
+before their norm, the gate's input, beta's logits), three ways: our fused call, our prepass
+(kernels/kda/prepare.py) then the plain call, and fla's chunk_kda with the same flags. Ours at the default
+launch settings, which the layer takes. Prints each call's kernels (GPU time from torch.profiler, one call
+after warm-up) and a short table last.
 Needs fla-core (carry its wheel). Run from the repo root on the device:
 source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/kda_prefill_profile.py [T]"""
 
@@ -10,14 +14,28 @@ import torch
 from fla.ops.kda import chunk_kda as fla_chunk
 from torch.profiler import ProfilerActivity, profile
 
-from kimi_desk.bench.kernels import kda_inputs
+from kimi_desk.bench.kernels import _FUSED, _fla_fused, _raw_inputs, kda_inputs
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton
+from kimi_desk.kernels.kda.prepare import prepare_kda_triton
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
 q, k, v, g, beta, h0 = kda_inputs(1, T, "model", seed=7)
+(q_raw, k_raw, v_raw, x, bl, A_log, dt_bias, h0_raw), _ = _raw_inputs(1, T, seed=7)
+
+
+def prepass_then_plain():
+    qn, kn, gn, bn = prepare_kda_triton(q_raw, k_raw, x, A_log, dt_bias, bl)
+    return chunk_kda_triton(qn, kn, v_raw, gn, bn, None, h0_raw, True)
+
+
 runs = {
     "ours": lambda: chunk_kda_triton(q, k, v, g, beta, None, h0, True),
     "fla": lambda: fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True),
+    "ours fused": lambda: chunk_kda_triton(
+        q_raw, k_raw, v_raw, x, bl, None, h0_raw, True, A_log=A_log, dt_bias=dt_bias, **_FUSED
+    ),
+    "ours prepass + plain": prepass_then_plain,
+    "fla fused": lambda: _fla_fused(q_raw, k_raw, v_raw, x, bl, A_log, dt_bias, h0_raw),
 }
 totals = {}
 for name, run in runs.items():
@@ -35,7 +53,10 @@ for name, run in runs.items():
     print(f"{name}: {totals[name]:.0f} us of GPU time")
     for kname, us in sorted(kernels.items(), key=lambda x: -x[1]):
         print(f"  {us:9.1f} us  {kname[:100]}")
-print(
-    f"\n{torch.cuda.get_device_name()}, T = {T:,}: ours {totals['ours']:.0f} us, fla {totals['fla']:.0f} us, "
-    f"ratio {totals['fla'] / totals['ours']:.2f}x (GPU time of the kernels, one call each)"
-)
+print(f"\n{torch.cuda.get_device_name()}, T = {T:,} (GPU time of the kernels, one call each):")
+print(f"  plain: ours {totals['ours']:.0f} us, fla {totals['fla']:.0f} us, ratio {totals['fla'] / totals['ours']:.2f}x")
+for name in ("ours fused", "ours prepass + plain"):
+    print(
+        f"  raw projections, {name}: {totals[name]:.0f} us, fla fused / this {totals['fla fused'] / totals[name]:.2f}x"
+    )
+print(f"  raw projections, fla fused: {totals['fla fused']:.0f} us")
