@@ -314,6 +314,8 @@ class Assistant:
         self.identity = Identity(model.fingerprint, tokenizer.fingerprint)
         self.stop_ids = chat.stop_token_ids(tokenizer, model.config)
         self.model_source = ""  # where the model was loaded from; sessions remember it
+        # Where one-line notices of the engine's own go (the loader's, a usage file not saved).
+        self.notice: Callable[[str], None] = lambda line: None
         # Count which routed experts each reading chooses, kept per model in the data folder
         # (engine/usage.py): the next load on a GPU too small for the model keeps the most used there.
         self.count_usage = True
@@ -349,6 +351,7 @@ class Assistant:
         prepare_for_cpu(model)
         assistant = cls(model, load_tokenizer(model_path), **options)
         assistant.model_source = str(Path(model_path).expanduser().resolve())
+        assistant.notice = notice
         return assistant
 
     def reading_rate(self, tokens: int = 0, start: int = 0) -> float:
@@ -489,13 +492,15 @@ class Assistant:
         self._document_states[session.id] = state
 
     def _keep_usage(self, home: Path, usage: ExpertUsage) -> None:
-        """Add a reading's expert usage to the model's file; a disk that refuses it costs only the hint."""
+        """Add a reading's expert usage to the model's file; a disk that refuses it costs only the hint
+        (one notice line: the reading itself is kept)."""
         try:
             with self.model_lock:  # the counts are complete once the model's queued work is
                 usage.tokens = usage.counted_tokens(self.model.config.num_experts_per_token)
-            add_usage(home, self.model.fingerprint, usage)
-        except (StorageError, OSError):
-            pass
+            add_usage(home, self.model.fingerprint, usage, self.notice)
+        except (StorageError, OSError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self.notice(f"expert usage of this reading not kept ({reason}); the reading itself is saved")
 
     def _read_from(self, session, snapshots, segments, units, state, on_progress, cancel, files_total, usage=None):
         """Prefill the document from `state.position` to its end. Calls take `prefill_chunk` tokens

@@ -149,6 +149,22 @@ def test_a_reading_adds_its_usage_to_the_models_file(chat_checkpoint, tmp_path):
     assert read_usage(store.home, fingerprint, layers, config.num_experts).tokens == more.tokens
 
 
+def test_a_usage_file_that_cannot_be_written_is_one_notice_and_the_reading_stays(chat_checkpoint, tmp_path):
+    lines = []
+    assistant = Assistant.load(chat_checkpoint, prefill_chunk=64, checkpoint_interval=100, notice=lines.append)
+    store = SessionStore(tmp_path / "home")
+    blocker = usage_file(store.home, assistant.model.fingerprint).parent
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the usage folder goes")
+    folder = tmp_path / "doc"
+    folder.mkdir()
+    (folder / "a.py").write_text("def a():\n    return 1\n" * 20)
+    session = assistant.read(store, folder)
+    assert session.complete and store.get(session.id).complete
+    usage_lines = [line for line in lines if "expert usage" in line]
+    assert len(usage_lines) == 1 and "\n" not in usage_lines[0] and "reading itself is saved" in usage_lines[0]
+
+
 def test_the_load_path_places_the_most_used_experts(tail7_checkpoint, tmp_path):
     config = KimiLinearConfig.from_file(tail7_checkpoint / "config.json")
     whole = plan_placement(config, config.dtype, "int4", gpu_budget=1 << 40)
