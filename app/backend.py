@@ -63,15 +63,21 @@ def choose_model(cli_model: str | None, settings_model: str) -> ModelChoice:
 
 
 def load_assistant(
-    model: str, device: str, quantize: str | None = "auto", gpu_memory: str | None = None, cpu_memory: str | None = None
+    model: str,
+    device: str,
+    quantize: str | None = "auto",
+    gpu_memory: str | None = None,
+    cpu_memory: str | None = None,
+    notice: Callable[[str], None] = lambda line: None,
 ) -> AssistantLike:
     """The real engine: the default EngineFactory. The model, device and format are the engine's choice
     (engine/loading.py), as for the command line; a model that cannot fit is a one-line problem, before
-    anything is loaded."""
+    anything is loaded. `notice` hears the engine's one-line notices (the format and placement chosen, a
+    cache rebuilt), at load time and later."""
     from kimi_desk.engine.loading import load_assistant as load
     from kimi_desk.engine.loading import resolve_model
 
-    return load(resolve_model(model), device, quantize, gpu_memory=gpu_memory, cpu_memory=cpu_memory)
+    return load(resolve_model(model), device, quantize, notice=notice, gpu_memory=gpu_memory, cpu_memory=cpu_memory)
 
 
 def open_store():

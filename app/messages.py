@@ -135,7 +135,8 @@ class AnswerFinished(Message):
 
 
 class EngineNotice(Message):
-    """A line the engine had for the user while answering (a thread rebuilt from its transcript)."""
+    """A line the engine had for the user (the format a load chose, a thread rebuilt from its transcript),
+    shown by whoever it was posted to: the app (loading) or the chat (answering)."""
 
     def __init__(self, text: str):
         super().__init__()

@@ -26,6 +26,7 @@ from kimi_desk.app.backend import EngineFactory, ModelChoice, StoreFactory
 from kimi_desk.app.dialogs import HelpScreen, ProblemDialog, SettingsScreen, TextPrompt
 from kimi_desk.app.messages import (
     DocumentReady,
+    EngineNotice,
     ModelFailed,
     ModelReady,
     Problem,
@@ -127,7 +128,12 @@ class KimiDeskApp(App):
         # None: the real engine, loaded with this app's model, device and format at the time of the load.
         self.engine_factory = engine_factory or (
             lambda model, device: backend.load_assistant(
-                model, device, self.quantize, gpu_memory=self.gpu_memory, cpu_memory=self.cpu_memory
+                model,
+                device,
+                self.quantize,
+                gpu_memory=self.gpu_memory,
+                cpu_memory=self.cpu_memory,
+                notice=lambda line: self.post_message(EngineNotice(line)),
             )
         )
         self.store_factory = store_factory
@@ -179,6 +185,10 @@ class KimiDeskApp(App):
             self.post_message(ModelReady(assistant, device))
         except Exception as exc:  # noqa: BLE001 - a model that does not load is reported, not fatal
             self.post_message(ModelFailed(describe_problem(exc, MODEL_LOADING)))
+
+    def on_engine_notice(self, event: EngineNotice) -> None:
+        """The engine's own notices (the format and placement a load chose, a usage file not kept)."""
+        self.notify(event.text, timeout=10)
 
     def on_store_ready(self, event: StoreReady) -> None:
         self.store = event.store

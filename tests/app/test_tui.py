@@ -734,3 +734,28 @@ def test_editing_a_question_asks_it_again_from_the_state_before_it(home, make_ap
         assert [v.question for v in chat.query(TurnView)] == ["what does helper_3 return?"]
 
     drive(make_app(folder), scenario)
+
+
+def test_the_engines_notices_reach_the_user_once(home, make_app, monkeypatch):
+    """The real engine factory hands the loader's one-line notices (the format and placement it chose)
+    to the app, which shows each once; a notice posted from the chat's answer worker is shown once too."""
+    from kimi_desk.app import backend
+    from kimi_desk.app.messages import EngineNotice
+
+    def load_assistant(model, device, quantize="auto", gpu_memory=None, cpu_memory=None, notice=lambda line: None):
+        notice("int4: the bf16 weights do not fit 16.0 GiB of GPU memory")
+        return FakeAssistant()
+
+    monkeypatch.setattr(backend, "load_assistant", load_assistant)
+    folder = make_folder(home / "repo")
+
+    async def scenario(pilot):
+        await wait_for_screen(pilot, "ChatScreen", timeout=20)
+        texts = [str(n.message) for n in pilot.app._notifications]
+        assert texts.count("int4: the bf16 weights do not fit 16.0 GiB of GPU memory") == 1
+        pilot.app.screen.post_message(EngineNotice("thread t1 rebuilt from its transcript"))
+        await pilot.pause(0.1)
+        texts = [str(n.message) for n in pilot.app._notifications]
+        assert texts.count("thread t1 rebuilt from its transcript") == 1
+
+    drive(make_app(folder, engine_factory=None), scenario)
