@@ -472,8 +472,8 @@ class DecodeStreamer:
     after the previous layer read the slots), and kernels/moe's `streamed_experts` computes them there
     with the slots' mixing weights (0 for an empty slot). How many go over the bus: the share that makes
     both sides finish together, from running means of the CPU's seconds per expert and the bus's
-    (timed by events on the copy stream), counted per layer; half until both are measured. `share`, when set, fixes the
-    fraction instead (tests). One token per step only: a step of several tokens computes on the CPU."""
+    (timed by events on the copy stream), counted per layer in whole experts; half until both are
+    measured. `share`, when set, fixes the fraction instead (tests). One token per step only: a step of several tokens computes on the CPU."""
 
     def __init__(self, layers: list[OffloadedExperts], device: torch.device, stats: OffloadStats):
         self.device, self.stats = device, stats

@@ -50,6 +50,7 @@ from kimi_desk.engine import chat
 from kimi_desk.engine.cpu_threads import use_idle_cores
 from kimi_desk.engine.errors import GpuMemoryError, StorageError, writing
 from kimi_desk.engine.file_lock import LockBusy, file_lock
+from kimi_desk.engine.files import first_line
 from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, prefill, stream_tokens
 from kimi_desk.engine.reading_time import ReadingCost, measure_reading_cost
 from kimi_desk.engine.session_archive import export_session, import_session
@@ -499,8 +500,7 @@ class Assistant:
                 usage.tokens = usage.counted_tokens(self.model.config.num_experts_per_token)
             add_usage(home, self.model.fingerprint, usage, self.notice)
         except (StorageError, OSError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            self.notice(f"expert usage of this reading not kept ({reason}); the reading itself is saved")
+            self.notice(f"expert usage of this reading not kept ({first_line(error)}); the reading itself is saved")
 
     def _read_from(self, session, snapshots, segments, units, state, on_progress, cancel, files_total, usage=None):
         """Prefill the document from `state.position` to its end. Calls take `prefill_chunk` tokens

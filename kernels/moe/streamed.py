@@ -14,9 +14,10 @@ Returns sum_s weights[s] * w2_s (SiLU(w1_s x) * w3_s x), [1, D] float32.
 
 `tiled_int4_gemv_kernel`, one program per (slot, block of 64 output rows): the block's [BD, 32] bytes
 along the input (BD: whole groups, up to 256 inputs a step), both halves of each byte against the same
-inputs, each group's scale and midpoint applied to its sums ((q - 8) s + z: s * sum (q - 8) x + z * sum x). A slot of weight 0 writes zeros and
-reads nothing, so empty slots cost a launch's programs only. Two launches (gate and up, then down, SiLU
-taken on the way in) and a weighted sum over the slots. Products in float32, sums in float32.
+inputs, each group's scale and midpoint applied to its sums ((q - 8) s + z: s * sum (q - 8) x + z *
+sum x). A slot of weight 0 writes zeros and reads nothing, so empty slots cost a launch's programs
+only. Two launches (gate and up, then down, SiLU taken on the way in) and a weighted sum over the
+slots. Products in float32, sums in float32.
 """
 
 from __future__ import annotations

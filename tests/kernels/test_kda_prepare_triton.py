@@ -12,10 +12,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
-from kda_cases import reference_f64, rel_err  # noqa: E402
+from kda_cases import fused_chunk_kda, prepared_f64, reference_f64, rel_err  # noqa: E402
 
 from kimi_desk.kernels.kda import prepare_kda  # noqa: E402
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton  # noqa: E402
@@ -55,14 +54,6 @@ def raw_inputs(B, T, H, K, V, dtype, seed, layout="contiguous", A=None):
         q, k, x = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, x))
         assert not q.is_contiguous() or H == 1 or T == 1
     return q, k, v, x, beta_logits, A_log, dt_bias, state
-
-
-def prepared_f64(q, k, x, A_log, dt_bias, beta_logits):
-    """(q, k, g, beta) in float64: unit rows (fla's eps), -exp(A_log) softplus(x + dt_bias), sigmoid."""
-    H, K = q.shape[-2:]
-    unit = lambda t: t.double() / (t.double().square().sum(-1, keepdim=True) + 1e-6).sqrt()  # noqa: E731
-    g = -A_log.double().exp()[:, None] * F.softplus(x.double() + dt_bias.double().view(H, K))
-    return unit(q), unit(k), g, beta_logits.double().sigmoid()
 
 
 def assert_within_ulps(a, b, dtype, ulps=1.0, floor=0.0):
@@ -152,20 +143,7 @@ def errors_against_float64(B, T, H, K, V, dtype, A, layout):
     q64, k64, g64, beta64 = prepared_f64(q, k, x, A_log, dt_bias, beta_logits)
     o_ref, s_ref = reference_f64(q64, k64, v, g64, beta64, state)
     raw = (q, k, x, A_log, dt_bias, beta_logits)
-    fused = chunk_kda_triton(
-        q,
-        k,
-        v,
-        x,
-        beta_logits,
-        None,
-        state,
-        True,
-        A_log=A_log,
-        dt_bias=dt_bias,
-        use_qk_l2norm_in_kernel=True,
-        use_beta_sigmoid_in_kernel=True,
-    )
+    fused = fused_chunk_kda(q, k, v, x, beta_logits, A_log, dt_bias, state)
     runs = [fused]
     for prepare in (prepare_kda_triton, prepare_kda_torch):
         qn, kn, g, beta = prepare(*raw)

@@ -15,7 +15,7 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 from fla.ops.kda.naive import naive_recurrent_kda  # noqa: E402
-from kda_cases import make_inputs, reference_f64, rel_err  # noqa: E402
+from kda_cases import fused_chunk_kda, make_inputs, prepared_f64, reference_f64, rel_err  # noqa: E402
 
 from kimi_desk.bench.kernels import GATE_SWEEP, sweep_gate  # noqa: E402
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton  # noqa: E402
@@ -135,23 +135,9 @@ def test_chunk_fused_variant_reads_raw_projections(A, B, T, H, K, V):
     A_log = torch.log(torch.full((H,), A))
     dt_bias = torch.randn(H * K, generator=gen) + 1.0
     state = torch.randn(B, H, K, V, generator=gen)
-    g = -A_log.double().exp()[:, None] * F.softplus(x.double() + dt_bias.double().view(H, K))
-    unit = lambda t: t.double() / (t.double().square().sum(-1, keepdim=True) + 1e-6).sqrt()  # noqa: E731
-    o_ref, s_ref = reference_f64(unit(q), unit(k), v, g, beta_logits.double().sigmoid(), state)
-    o, s = chunk_kda_triton(
-        q,
-        k,
-        v,
-        x,
-        beta_logits,
-        None,
-        state,
-        True,
-        A_log=A_log,
-        dt_bias=dt_bias,
-        use_qk_l2norm_in_kernel=True,
-        use_beta_sigmoid_in_kernel=True,
-    )
+    q64, k64, g64, beta64 = prepared_f64(q, k, x, A_log, dt_bias, beta_logits)
+    o_ref, s_ref = reference_f64(q64, k64, v, g64, beta64, state)
+    o, s = fused_chunk_kda(q, k, v, x, beta_logits, A_log, dt_bias, state)
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < (1e-5 if A == 1.0 else 5e-5)
 
 
