@@ -37,8 +37,8 @@ StoreFactory = Callable[[], Any]
 
 # What the embedded demo model can and cannot do, said wherever it answers (the chat, `ask`).
 DEMO_MODEL_NOTE = (
-    "The embedded demo model (22 M parameters) reads the whole document, but it does not retrieve "
-    "facts from it reliably: its answers are mostly invented."
+    "The embedded demo model (22 M parameters) reads the whole document and finds a lone fact in it, "
+    "but it mixes up look-alike facts and often invents the rest: check what it says."
 )
 DEMO_MODEL_REMEDY = "For real answers: 'kimi-desk pull moonshotai/Kimi-Linear-48B-A3B-Instruct', then "
 
