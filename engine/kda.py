@@ -1,10 +1,17 @@
 """The Kimi Delta Attention layer: owns its parameters (checkpoint names) and calls kernels/kda.
 
 kimi-linear-spec.md §3.2 is the exact forward this follows. The state is updated in place (its storage
-never moves, as a replayed CUDA graph needs). On the GPU a few new tokens (decode) take a fused path:
-the three short convolutions in one launch, and the gate, the L2 norms and the sigmoid of beta inside
-the recurrent kernel: a dozen launches where the form below takes several dozen, which matters once a
-decode step is bound by kernel count. Everything else, and the CPU, takes the form below.
+never moves, as a replayed CUDA graph needs).
+
+One form on every device: the three short convolutions (one call over q, k and v side by side), then
+`prepare_kda` (q and k L2-normalised, the gate, beta's sigmoid: one pass over the raw projections, a Triton
+kernel on the GPU), then the recurrence (`kda`: chunked for a prefill, in place for a few tokens on the
+CPU). The prepass is a pass of its own because the gate and the norms taken inside the chunked kernels
+made them spill registers: the GPU prefill was 1.7x slower that way.
+
+On the GPU a few new tokens (decode) take a fused path instead: the three short convolutions in one
+launch, and the gate, the L2 norms and the sigmoid of beta inside the recurrent kernel: a dozen launches
+where the form above takes several dozen, which matters once a decode step is bound by kernel count.
 """
 
 from __future__ import annotations
@@ -16,14 +23,9 @@ from torch import nn
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.state import KDAState
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.kda import RECURRENT_MAX_TOKENS, kda, recurrent_kda_inplace
+from kimi_desk.kernels.kda import RECURRENT_MAX_TOKENS, kda, prepare_kda, recurrent_kda_inplace
+from kimi_desk.kernels.kda.naive import log_decay
 from kimi_desk.kernels.norm import gated_rms_norm
-
-
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """fla's L2 norm: the eps sits inside the square root."""
-    x = x.float()
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
 class GatedRMSNorm(nn.Module):
@@ -54,16 +56,12 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor) -> t
 
 
 class ShortConv(nn.Module):
-    """Depthwise causal convolution over time, weight [P, 1, W], followed by SiLU (short_conv). Only
-    `weight` is a parameter; the window lives in the state."""
+    """The weight [P, 1, W] of a depthwise causal convolution over time followed by SiLU: the layer runs
+    its three as one short_conv (or one kernel launch). The window lives in the state."""
 
     def __init__(self, channels: int, kernel_size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
-
-    def forward(self, x: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, P], window [B, P, W - 1] (the inputs before x) -> (y [B, T, P], new window)."""
-        return short_conv(x, self.weight, window)
 
 
 class KimiDeltaAttention(nn.Module):
@@ -106,47 +104,20 @@ class KimiDeltaAttention(nn.Module):
         if T <= RECURRENT_MAX_TOKENS and self.conv_size == 4 and use_triton(x):
             return self._decode_fused(x, state)
         q_in, k_in, v_in, f_in, g_in, b_in = self.input_projections(x)
-        if T > RECURRENT_MAX_TOKENS and use_triton(x):
-            # The chunked prefill in Triton reads the raw gate input and beta's logits and normalises q and
-            # k itself: the elementwise passes below cost about as much as the kernel at 8k tokens.
-            from kimi_desk.kernels.kda.chunk import chunk_kda_triton
-
-            q, conv_q = self.q_conv1d(q_in, state.conv[:, 0])
-            k, conv_k = self.k_conv1d(k_in, state.conv[:, 1])
-            v, conv_v = self.v_conv1d(v_in, state.conv[:, 2])
-            state.conv.copy_(torch.stack([conv_q, conv_k, conv_v], dim=1))
-            o, recurrent = chunk_kda_triton(
-                q.view(B, T, H, K),
-                k.view(B, T, H, K),
-                v.view(B, T, H, K),
-                f_in.view(B, T, H, K),
-                b_in,
-                initial_state=state.recurrent,
-                output_final_state=True,
-                A_log=self.A_log,
-                dt_bias=self.dt_bias,
-                use_qk_l2norm_in_kernel=True,
-                use_beta_sigmoid_in_kernel=True,
-            )
+        # The three convolutions are depthwise: one call over q, k and v side by side is the same function
+        # in a third of the operations.
+        P = H * K
+        weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])
+        qkv, window = short_conv(torch.cat([q_in, k_in, v_in], dim=-1), weight, state.conv.view(B, 3 * P, -1))
+        state.conv.copy_(window.view(state.conv.shape))
+        q, k, v = (t.view(B, T, H, K) for t in qkv.split(P, dim=-1))  # [B, T, H, K] each (V = K)
+        # Unit q and k in x's dtype; the log decay -exp(A_log) * softplus(f + dt_bias) [B, T, H, K] and
+        # beta [B, T, H] in fp32 (the decay is not bounded below).
+        q, k, g, beta = prepare_kda(q, k, f_in.view(B, T, H, K), self.A_log, self.dt_bias, b_in)
+        if T <= RECURRENT_MAX_TOKENS and not use_triton(x):
+            o, recurrent = recurrent_kda_inplace(q, k, v, g, beta, state.recurrent), None
         else:
-            # The three convolutions are depthwise: one call over q, k and v side by side is the same
-            # function in a third of the operations.
-            P = H * K
-            weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])
-            qkv, window = short_conv(torch.cat([q_in, k_in, v_in], dim=-1), weight, state.conv.view(B, 3 * P, -1))
-            state.conv.copy_(window.view(state.conv.shape))
-            q, k, v = qkv.split(P, dim=-1)
-            q = l2norm(q.view(B, T, H, K)).to(x.dtype)  # [B, T, H, K]
-            k = l2norm(k.view(B, T, H, K)).to(x.dtype)  # [B, T, H, K]
-            v = v.view(B, T, H, K)  # [B, T, H, V]
-            # Log-space decay -exp(A_log) * softplus(f + dt_bias), fp32; not bounded below.
-            f = f_in.float() + self.dt_bias
-            g = -self.A_log.float().exp() * F.softplus(f.view(B, T, H, K), threshold=20.0)  # [B, T, H, K]
-            beta = torch.sigmoid(b_in.float())  # [B, T, H]
-            if T <= RECURRENT_MAX_TOKENS and not use_triton(x):
-                o, recurrent = recurrent_kda_inplace(q, k, v, g, beta, state.recurrent), None
-            else:
-                o, recurrent = kda(q, k, v, g, beta, initial_state=state.recurrent, output_final_state=True)
+            o, recurrent = kda(q, k, v, g, beta, initial_state=state.recurrent, output_final_state=True)
         if recurrent is not None:
             state.recurrent.copy_(recurrent)
         o = self.o_norm(o, g_in.view(B, T, H, K))  # [B, T, H, V]
@@ -215,10 +186,7 @@ def record_gates(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
         def projections(x):
             out = plain(x)
             B, T = x.shape[:2]
-            f = out[3].float() + layer.dt_bias
-            gates.append(
-                -layer.A_log.float().exp() * F.softplus(f.view(B, T, layer.num_heads, layer.head_dim), threshold=20.0)
-            )
+            gates.append(log_decay(out[3].view(B, T, layer.num_heads, layer.head_dim), layer.A_log, layer.dt_bias))
             return out
 
         return projections

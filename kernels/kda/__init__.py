@@ -8,12 +8,11 @@ the state advanced in place.
 
 `prepare_kda` turns the layer's raw projections into those inputs in one pass: q and k L2-normalised,
 g = -exp(A_log) * softplus(x + dt_bias), beta = sigmoid(logits) (Triton's prepare.py or naive.py's
-reference, dispatched the same way).
+reference, dispatched the same way). engine/kda.py's prefill is `prepare_kda` then `kda`, on every device.
 
-The fused variants for the real layer, which read the raw projections (the gate's input with A_log and
-dt_bias, q and k before their L2 norm, beta's logits), are the Triton entry points themselves:
-`chunk.chunk_kda_triton` (prefill) and `fused_recurrent.fused_recurrent_kda_triton` (decode); engine/kda.py
-calls them on the GPU path.
+The decode step on the GPU reads the raw projections instead (the gate's input with A_log and dt_bias, q
+and k before their L2 norm, beta's logits): `fused_recurrent.fused_recurrent_kda_triton`'s fused flags,
+which engine/kda.py calls directly.
 """
 
 from __future__ import annotations

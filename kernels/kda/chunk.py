@@ -37,14 +37,10 @@ it decays, costs the same work.
 products of [64, 64], `_join_blocks`). W and U take TF32 dots on beta k exp(G) rounded to the input dtype
 and beta v.
 
-The fused call for the real layer reads the raw projections: the gate -exp(A_log) softplus(x + dt_bias)
-is taken as each block of g is loaded, beta's sigmoid as it is loaded, and q and k are normalised without
-a pass of their own: everything is computed from the raw q and k while each row's sum of squares is
-gathered, and the reciprocal norms r_q, r_k go where they factor out: Akk of the unit keys is
-r_k,i r_k,j Akk (before the inverse); W and U are stored times r_k per row, so the scan's V_new comes out
-times r_k, as k exp(G_last - G), stored raw, needs it for the state; and output row i is
-r_q,i (q exp(G) S + Aqk V_new)_i with q exp(G) and Aqk stored raw, which the scan applies from a [T]
-vector of r_q.
+The kernels read prepared inputs: unit q and k, the log decay g and beta itself. The layer computes them
+from its raw projections in a pass of its own (prepare.py): taken inside these kernels, the gate, the
+norms and the sigmoid made the intra kernel spill registers heavily, and the whole call was 1.7x slower
+than the prepass and these kernels (H200, T = 32k).
 
 Dots of the other products take the input dtype (bf16 on the real model) with fp32 accumulation; the
 state, the cumulative gates and the inverse stay fp32; the scratch buffers between the two kernels are in
@@ -59,7 +55,6 @@ import triton.language as tl
 
 from kimi_desk.kernels import dot_operand_dtype
 from kimi_desk.kernels.kda.fused_recurrent import state_tile
-from kimi_desk.kernels.kda.gate import log_decay
 
 CHUNK_SIZE = 64
 SUB_CHUNK = 16
@@ -92,17 +87,13 @@ def _load_tiles(
     q,
     k,
     g,
-    dt_bias,
-    b_A,
     p_in,
     o_row3,
     m_t3,
-    i_h,
     i_k,
     H: tl.constexpr,
     K: tl.constexpr,
     BK: tl.constexpr,
-    USE_GATE_IN_KERNEL: tl.constexpr,
 ):
     """Block i_k of BK channels of the chunk's q, k (fp32) and log2 gates, as [NB, BC, BK] tiles; p_in is
     the chunk's first element. Rows past T read zeros: g = 0 carries the chunk's last G unchanged."""
@@ -112,9 +103,6 @@ def _load_tiles(
     b_q = tl.load(q + p_in + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_in + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
     b_a = tl.load(g + p_in + o_in3, mask=m_tk3, other=0.0).to(tl.float32)
-    if USE_GATE_IN_KERNEL:
-        b_bias = tl.load(dt_bias + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
-        b_a = tl.where(m_tk3, log_decay(b_a + b_bias[None, None, :], b_A), 0.0)
     # log2 units: exp2 is the native instruction.
     return b_q, b_k, b_a * 1.4426950408889634
 
@@ -184,9 +172,6 @@ def chunk_kda_intra_fwd_kernel(
     u,
     gl,
     Aqk,
-    rq,
-    A_log,
-    dt_bias,
     scale,
     T,
     NT,
@@ -202,9 +187,6 @@ def chunk_kda_intra_fwd_kernel(
     VF: tl.constexpr,
     SOLVE_PRECISION: tl.constexpr,
     OP_DT: tl.constexpr,
-    USE_GATE_IN_KERNEL: tl.constexpr,
-    USE_QK_L2NORM_IN_KERNEL: tl.constexpr,
-    USE_BETA_SIGMOID_IN_KERNEL: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -235,8 +217,6 @@ def chunk_kda_intra_fwd_kernel(
     o_row3 = (o_b[:, None] * BC + tl.arange(0, BC)[None, :])[:, :, None]
     m_t3 = i_t * BT + o_row3 < T
     b_beta3 = tl.load(beta + (i_b.to(tl.int64) * T + i_t * BT + o_row3) * H + i_h, mask=m_t3, other=0.0).to(tl.float32)
-    if USE_BETA_SIGMOID_IN_KERNEL:
-        b_beta3 = tl.sigmoid(b_beta3)
     b_beta = tl.reshape(b_beta3, [BT])
     # The sub-chunks' diagonal blocks [NB, BC, BC] apart (batched dots, a quarter of the tensor-core work
     # of whole-chunk ones), joined to the chunk's tiles after the loop; q . k, Aqk's own diagonal, too.
@@ -249,30 +229,17 @@ def chunk_kda_intra_fwd_kernel(
     p_in = (i_b.to(tl.int64) * T + i_t * BT) * H * K + i_h * K
     p_mid = (i_bh.to(tl.int64) * T + i_t * BT) * K
     o_mid3 = o_row3 * K + tl.arange(0, BK)[None, None, :]
-    b_A = 0.0
-    if USE_GATE_IN_KERNEL:
-        b_A = -tl.exp(tl.load(A_log + i_h).to(tl.float32))
-    if USE_QK_L2NORM_IN_KERNEL:
-        # fla's L2 norm, x / sqrt(sum x^2 + 1e-6), without a pass of its own: the rows' sums of squares are
-        # gathered on the way and the norms r_q, r_k applied where they factor out (see after the loop).
-        b_nq = tl.zeros([NB, BC, 1], dtype=tl.float32)
-        b_nk = tl.zeros([NB, BC, 1], dtype=tl.float32)
     if DIAG_LOOP:
         # The levels inside the sub-chunks in a pass of their own over the channels (reading q, k and g
         # twice): fewer tiles live at once than beside the levels between sub-chunks.
         for i_k in range(0, tl.cdiv(K, BKD)):
-            b_q, b_k, b_a = _load_tiles(
-                q, k, g, dt_bias, b_A, p_in, o_row3, m_t3, i_h, i_k, H, K, BKD, USE_GATE_IN_KERNEL
-            )
+            b_q, b_k, b_a = _load_tiles(q, k, g, p_in, o_row3, m_t3, i_k, H, K, BKD)
             b_qk += tl.sum(b_q * b_k, 2)
             b_Dqk, b_Dkk = _levels_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB, BC, BKD, OP_DT)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk3 = m_t3 & (o_k < K)[None, None, :]
-        b_q, b_k, b_a = _load_tiles(q, k, g, dt_bias, b_A, p_in, o_row3, m_t3, i_h, i_k, H, K, BK, USE_GATE_IN_KERNEL)
-        if USE_QK_L2NORM_IN_KERNEL:
-            b_nq += tl.sum(b_q * b_q, 2, keep_dims=True)
-            b_nk += tl.sum(b_k * b_k, 2, keep_dims=True)
+        b_q, b_k, b_a = _load_tiles(q, k, g, p_in, o_row3, m_t3, i_k, H, K, BK)
         if not DIAG_LOOP:
             b_qk += tl.sum(b_q * b_k, 2)
             b_Dqk, b_Dkk = _levels_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB, BC, BK, OP_DT)
@@ -306,16 +273,6 @@ def chunk_kda_intra_fwd_kernel(
         tl.store(kg + p_mid + i_k * BK + o_mid3, (b_kC * b_eL).to(DT), mask=m_tk3)
         tl.store(gl + (i_bh.to(tl.int64) * NT + i_t) * K + o_k, tl.exp2(b_Gl), mask=o_k < K)
 
-    if USE_QK_L2NORM_IN_KERNEL:
-        # Where the rows' norms go, with r_q, r_k their reciprocals and everything above computed from
-        # the raw q and k: Akk of the unit keys is r_k,i r_k,j Akk (below, before the inverse); W and U
-        # are stored times r_k per row, so that the scan's V_new = U - W S comes out times r_k, which is
-        # what k exp(G_last - G), stored raw, needs for the state; and the output row i is
-        # r_q,i (q exp(G) S + Aqk V_new)_i with q exp(G) and Aqk stored raw, so the scan scales its
-        # output rows by r_q (stored here). No pass over the channels of its own.
-        b_rq = tl.reshape(1.0 / tl.sqrt(b_nq + 1e-6), [BT])
-        b_rk = tl.reshape(1.0 / tl.sqrt(b_nk + 1e-6), [BT])
-        tl.store(rq + r_mid, b_rq, mask=m_t)
     # The whole tile, zeros above the diagonal included, so that the scan loads it without a causal mask
     # (a plain load is one Triton pipelines ahead of the loop's dots; a masked one waited in every step).
     b_Dqk = tl.where((o_c[:, None] == o_c[None, :])[None, :, :], b_qk[:, :, None], b_Dqk)
@@ -335,8 +292,6 @@ def chunk_kda_intra_fwd_kernel(
     # of this kernel's 5.09 ms (H100, T = 32k); a Neumann product over whole 16 x 16 blocks, (I - D)(I + D^2)
     # (I + D^4)(I + D^8), lost all accuracy on correlated keys (powers of D grow). Here no power above
     # the second of any N is formed.
-    if USE_QK_L2NORM_IN_KERNEL:
-        b_Akk = b_Akk * b_rk[:, None] * b_rk[None, :]
     b_I = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
     b_Ai = _join_blocks(b_I, b_Akk, b_I, o_i, 4, True, SOLVE_PRECISION)
     b_Ai = _join_blocks(b_Ai, b_Akk, b_I, o_i, 16, False, SOLVE_PRECISION)
@@ -352,17 +307,11 @@ def chunk_kda_intra_fwd_kernel(
     o_vf = tl.arange(0, VF)
     m_tkf = m_t[:, None] & (o_kf < K)[None, :]
     m_tvf = m_t[:, None] & (o_vf < V)[None, :]
-    if USE_QK_L2NORM_IN_KERNEL:
-        # W r_k = (r_k Ai) (r_k beta k exp(G)), the parked factor holding the raw k; U r_k = (r_k Ai) beta v.
-        b_Ai = b_Ai * b_rk[:, None]
     b_Ai_hi = b_Ai.to(OP_DT)
     b_Ai_lo = (b_Ai - b_Ai_hi.to(tl.float32)).to(OP_DT)
     # Other threads wrote the rows this one reads; all have read them before W overwrites them.
     tl.debug_barrier()
-    b_kb = tl.load(w + r_mid[:, None] * K + o_kf[None, :], mask=m_tkf, other=0.0)
-    if USE_QK_L2NORM_IN_KERNEL:
-        b_kb = b_kb.to(tl.float32) * b_rk[:, None]
-    b_kb = b_kb.to(OP_DT)
+    b_kb = tl.load(w + r_mid[:, None] * K + o_kf[None, :], mask=m_tkf, other=0.0).to(OP_DT)
     tl.debug_barrier()
     b_w = tl.dot(b_Ai_lo, b_kb, tl.dot(b_Ai_hi, b_kb))
     tl.store(w + r_mid[:, None] * K + o_kf[None, :], b_w.to(DT), mask=m_tkf)
@@ -384,7 +333,6 @@ def chunk_kda_scan_fwd_kernel(
     u,
     gl,
     Aqk,
-    rq,
     o,
     h0,
     ht,
@@ -399,7 +347,6 @@ def chunk_kda_scan_fwd_kernel(
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
     OP_DT: tl.constexpr,
-    ROW_SCALE: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -408,8 +355,6 @@ def chunk_kda_scan_fwd_kernel(
     o_k, o_v, m_k, m_v, o_h, m_h, b_h = state_tile(h0, i_bh, i_v, K, V, BK, BV, USE_INITIAL_STATE)
 
     b_gl_next = tl.load(gl + i_bh.to(tl.int64) * NT * K + o_k, mask=m_k, other=0.0)
-    if ROW_SCALE:
-        b_rq_next = tl.load(rq + i_bh.to(tl.int64) * T + o_i)
     for i_t in range(0, NT):
         o_t = i_t * BT + o_i
         m_t = o_t < T
@@ -425,18 +370,11 @@ def chunk_kda_scan_fwd_kernel(
         # The next chunk's decay, loaded a step ahead: Triton pipelines the dots' operands, not this. After
         # the last chunk this reads the next head's first row, or the spare row at the end of `gl`.
         b_gl_next = tl.load(gl + (i_bh.to(tl.int64) * NT + i_t + 1) * K + o_k, mask=m_k, other=0.0)
-        if ROW_SCALE:
-            # q's norms (the fused call's), a step ahead likewise; rows past T read the next head's or the
-            # spare rows at the end of `rq`, for outputs that are never stored.
-            b_rq = b_rq_next
-            b_rq_next = tl.load(rq + i_bh.to(tl.int64) * T + (i_t + 1) * BT + o_i)
 
         b_hd = b_h.to(OP_DT)
         b_vn = b_u - tl.dot(b_w, b_hd)
         b_vnd = b_vn.to(OP_DT)
         b_o = tl.dot(b_qg, b_hd) + tl.dot(b_A, b_vnd)
-        if ROW_SCALE:
-            b_o = b_o * b_rq[:, None]
         r_out = (i_b.to(tl.int64) * T + o_t) * H + i_h
         tl.store(o + r_out[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
         b_h = b_h * b_gl[:, None] + tl.dot(tl.trans(b_kg), b_vnd)
@@ -455,20 +393,11 @@ def chunk_kda_triton(
     initial_state=None,
     output_final_state=False,
     *,
-    A_log=None,
-    dt_bias=None,
-    use_qk_l2norm_in_kernel=False,
-    use_beta_sigmoid_in_kernel=False,
     out=None,
     intra_config=None,
     scan_config=None,
 ):
     """o [B, T, H, V] in q's dtype and the final state [B, H, K, V] fp32 (or None); see the module doc.
-
-    The fused variant for the real layer reads its raw projections (as fused_recurrent_kda_triton does):
-    with A_log [H] and dt_bias [H * K], g is the gate's input and the kernel takes
-    -exp(A_log) * softplus(g + dt_bias); use_qk_l2norm_in_kernel normalises q and k (fla's eps);
-    use_beta_sigmoid_in_kernel takes beta as logits.
 
     `out` may name a preallocated output; `intra_config` / `scan_config` override the launch settings
     (block sizes, warps, stages), for benchmarks.
@@ -489,13 +418,7 @@ def chunk_kda_triton(
             final_state.copy_(initial_state) if initial_state is not None else final_state.zero_()
         return out, final_state
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    if A_log is not None:
-        assert dt_bias is not None and A_log.numel() == H and dt_bias.numel() == H * K
-        A_log, dt_bias = A_log.contiguous(), dt_bias.contiguous()
-    fusions = dict(
-        A_log=A_log, dt_bias=dt_bias, l2norm=use_qk_l2norm_in_kernel, beta_sigmoid=use_beta_sigmoid_in_kernel
-    )
-    bufs = chunk_kda_intra(q, k, v, g, beta, scale, **fusions, **(intra_config or {}))
+    bufs = chunk_kda_intra(q, k, v, g, beta, scale, **(intra_config or {}))
     chunk_kda_scan(bufs, out, initial_state, final_state, **(scan_config or {}))
     return out, final_state
 
@@ -507,10 +430,6 @@ def chunk_kda_intra(
     g,
     beta,
     scale,
-    A_log=None,
-    dt_bias=None,
-    l2norm=False,
-    beta_sigmoid=False,
     BK=None,
     BKD=None,
     diag_loop=True,
@@ -534,8 +453,6 @@ def chunk_kda_intra(
         u=torch.empty(BH, T, V, dtype=dt, device=dev),
         # [B * H * NT + 1, K]: the scan reads one row past each head's chunks (see there).
         gl=torch.empty(BH * NT + 1, K, dtype=torch.float32, device=dev),
-        # The fused call's q norms [B * H * T + BT]: the scan reads a chunk past each head's rows.
-        rq=torch.empty(BH * T + BT, dtype=torch.float32, device=dev) if l2norm else None,
         aqk=torch.empty(BH, T, BT, dtype=dt, device=dev),
         shape=(B, T, H, K, V, NT),
     )
@@ -552,9 +469,6 @@ def chunk_kda_intra(
         bufs["u"],
         bufs["gl"],
         bufs["aqk"],
-        bufs["rq"] if l2norm else g,
-        A_log if A_log is not None else g,
-        dt_bias if dt_bias is not None else g,
         scale,
         T,
         NT,
@@ -564,8 +478,8 @@ def chunk_kda_intra(
         BT=BT,
         BC=BC,
         # 32 channels a step, the levels inside the sub-chunks in a pass of their own (diag_loop): compiled
-        # for sm_90a with Triton 3.6, 40 bytes of spills (32 with the gate and norms in the kernel), against
-        # 500 with BK = 64 and 240 with the levels all in one pass (packaging/bench/gpu_checks/compile_sm90.py).
+        # for sm_90a with Triton 3.6, 40 bytes of spills, against 500 with BK = 64 and 240 with the levels
+        # all in one pass (packaging/bench/gpu_checks/compile_sm90.py).
         # `kimi-desk bench kernels` times the others.
         BK=BK or min(32, triton.next_power_of_2(K)),
         BKD=BKD or min(32, triton.next_power_of_2(K)),
@@ -574,9 +488,6 @@ def chunk_kda_intra(
         VF=triton.next_power_of_2(V),
         SOLVE_PRECISION=solve_precision,
         OP_DT=dot_operand_dtype(dt),
-        USE_GATE_IN_KERNEL=A_log is not None,
-        USE_QK_L2NORM_IN_KERNEL=l2norm,
-        USE_BETA_SIGMOID_IN_KERNEL=beta_sigmoid,
         num_warps=num_warps,
         **extra,
     )
@@ -601,7 +512,6 @@ def chunk_kda_scan(bufs, out, initial_state, final_state, BV=None, num_warps=4, 
         bufs["u"],
         bufs["gl"],
         bufs["aqk"],
-        bufs["rq"] if bufs["rq"] is not None else out,
         out,
         initial_state if initial_state is not None else out,
         final_state if final_state is not None else out,
@@ -616,7 +526,6 @@ def chunk_kda_scan(bufs, out, initial_state, final_state, BV=None, num_warps=4, 
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=final_state is not None,
         OP_DT=dot_operand_dtype(bufs["w"].dtype),
-        ROW_SCALE=bufs["rq"] is not None,
         num_warps=num_warps,
         **extra,
     )

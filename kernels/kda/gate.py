@@ -1,5 +1,6 @@
-"""Kimi Linear's forget gate inside the KDA kernels, for the fused variants that read the raw projection:
-g = -exp(A_log) * softplus(x + dt_bias), not bounded below."""
+"""Kimi Linear's forget gate inside the KDA kernels that read the raw projection (the prefill's prepass,
+prepare.py, and the fused decode step, fused_recurrent.py): g = -exp(A_log) * softplus(x + dt_bias), not
+bounded below."""
 
 import triton
 import triton.language as tl

@@ -18,20 +18,25 @@ import torch.nn.functional as F
 CHUNK_SIZE = 64
 
 
+def log_decay(x, A_log, dt_bias):
+    """Kimi Linear's log decay -exp(A_log) * softplus(x + dt_bias) in fp32 (softplus linear above 20, as
+    fla's), from the gate input x [..., H, K], A_log (H elements) and dt_bias (H * K)."""
+    H, K = x.shape[-2:]
+    return -A_log.float().reshape(H, 1).exp() * F.softplus(x.float() + dt_bias.float().view(H, K), threshold=20.0)
+
+
 def prepare_kda_torch(q, k, x, A_log, dt_bias, beta_logits):
     """The layer's prefill inputs from its raw projections, as prepare.py's kernel writes them: q, k
-    [B, T, H, K] L2-normalised as fla does (x / sqrt(sum x^2 + 1e-6) in fp32, stored in their dtype), the
+    [B, T, H, K] L2-normalised as fla does (x * rsqrt(sum x^2 + 1e-6) in fp32, stored in their dtype), the
     log decay g = -exp(A_log) * softplus(x + dt_bias) (softplus linear above 20, as fla's) and
-    beta = sigmoid(beta_logits), both fp32. A_log holds H elements, dt_bias H * K."""
-    B, T, H, K = q.shape
+    beta = sigmoid(beta_logits), both fp32. A_log holds H elements, dt_bias H * K. The layer's prefill on
+    the CPU (engine/kda.py)."""
 
     def unit(t):
         t32 = t.float()
-        return (t32 * (1.0 / torch.sqrt((t32 * t32).sum(-1, keepdim=True) + 1e-6))).to(t.dtype)
+        return (t32 * torch.rsqrt((t32 * t32).sum(-1, keepdim=True) + 1e-6)).to(t.dtype)
 
-    g = -A_log.float().reshape(H, 1).exp() * F.softplus(x.float() + dt_bias.float().view(H, K), threshold=20.0)
-    beta = torch.sigmoid(beta_logits.float())
-    return unit(q), unit(k), g, beta
+    return unit(q), unit(k), log_decay(x, A_log, dt_bias), torch.sigmoid(beta_logits.float())
 
 
 def recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):

@@ -7,8 +7,8 @@ bf16 inputs,
      step), outputs poisoned with NaN beforehand;
   2. times KDA prefill at T = 8k, 32k, 128k beside fla's `chunk_kda` on the same inputs and flags (peak
      memory too), after trying a few launch settings of each of our two kernels at 32k; then the layer's
-     call on the raw projections three ways: our fused call, our prepass (kernels/kda/prepare.py) then
-     the plain call, and fla's chunk_kda with the same flags;
+     call on the raw projections: ours (engine/kda.py's), the prepass (kernels/kda/prepare.py) then the
+     plain call, against fla's chunk_kda with the gate, the norms and beta's sigmoid in its kernels;
   2b. (part gates) the gate sweep: our prefill and fla's on every gate of GATE_SWEEP (issue 20's table,
      from -0.01 U(0, 1) to U(-50, 0)) and on the trained demo model's real gates tiled to these shapes,
      errors against float64 and times at each prefill length; the headline is the slowest ratio;
@@ -142,7 +142,7 @@ def kda_inputs(B, T, gate, seed, dtype=None, device="cuda"):
 
 
 def _raw_inputs(B, T, seed, device="cuda"):
-    """The real layer's raw KDA inputs, as the fused variants read them: q, k before their L2 norm, the
+    """The real layer's raw KDA inputs, as the prepass reads them: q, k before their L2 norm, the
     gate's input x with A_log and dt_bias (drawn as in kda_inputs), beta's logits; bf16 like the projections.
     Returns (q, k, v, x, beta_logits, A_log, dt_bias, h0) and the prepared (q, k, g, beta) in float64."""
     import torch
@@ -163,12 +163,9 @@ def _raw_inputs(B, T, seed, device="cuda"):
     return (q, k, v, x, beta_logits, A_log, dt_bias, h0), prepared
 
 
-_FUSED = dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
-
-
 def _fla_fused(q, k, v, x, beta_logits, A_log, dt_bias, h0):
-    """fla's chunk_kda on the raw inputs (_raw_inputs) with the flags of our fused variant: the gate, q and
-    k's L2 norm and beta's sigmoid in the kernel; from the state h0, returning the final state too."""
+    """fla's chunk_kda on the raw inputs (_raw_inputs), the gate, q and k's L2 norm and beta's sigmoid in
+    its kernels; from the state h0, returning the final state too."""
     from fla.ops.kda import chunk_kda
 
     return chunk_kda(
@@ -182,7 +179,8 @@ def _fla_fused(q, k, v, x, beta_logits, A_log, dt_bias, h0):
         use_gate_in_kernel=True,
         A_log=A_log,
         dt_bias=dt_bias,
-        **_FUSED,
+        use_qk_l2norm_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
     )
 
 
@@ -287,15 +285,12 @@ def check_correctness(log, intra_cfg=None, scan_cfg=None):
             fla = fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True)
             record("chunk", gate, B, T, ours, fla, reference)
         if gate == "model":
-            # The fused variant on the raw projections, and fla's with the same flags; then our prepass and
-            # the plain call on its outputs (kernel "prepass"), against the same fla run.
+            # The layer's call on the raw projections: our prepass then the plain call (kernel "prepass"),
+            # against fla's fused call.
             for B, T in ((1, 2048 + 37), (1, 18), (1, 65)):
                 (q, k, v, x, bl, A_log, dt_bias, h0), (qn, kn, g, beta) = _raw_inputs(B, T, seed=T + 7)
                 reference = _reference_f64(qn, kn, v, g, beta, h0)
-                out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
-                ours = chunk_kda_triton(q, k, v, x, bl, None, h0, True, A_log=A_log, dt_bias=dt_bias, out=out, **_FUSED)
                 fla = _fla_fused(q, k, v, x, bl, A_log, dt_bias, h0)
-                record("chunk", "raw", B, T, ours, fla, reference)
                 out = torch.full((B, T, H, V), float("nan"), dtype=q.dtype, device="cuda")
                 prepared = prepare_kda_triton(q, k, x, A_log, dt_bias, bl)
                 ours = chunk_kda_triton(*prepared[:2], v, *prepared[2:], None, h0, True, out=out)
@@ -472,28 +467,8 @@ def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
         flops = H * (6 * T * K * V + 3 * T * 64 * K + T * 64 * 64)
         floor_us = max(bytes_ / bandwidth, flops / matmul_flops) * 1e6
         del q, k, v, g, beta
-        # The layer's call on the raw projections: our fused variant, our prepass then the plain call, and
-        # fla's fused call (the same flags).
+        # The layer's call on the raw projections: our prepass then the plain call, against fla's fused call.
         (q, k, v, x, bl, A_log, dt_bias, h0), _ = _raw_inputs(1, T, seed=T)
-
-        # The tuned settings (intra_cfg, scan_cfg) are chosen on the plain call; the layer (engine/kda.py)
-        # calls with the defaults, so both of our raw-projection forms are timed at those too.
-        def ours_fused(intra_config=intra_cfg, scan_config=scan_cfg):
-            return chunk_kda_triton(
-                q,
-                k,
-                v,
-                x,
-                bl,
-                None,
-                h0,
-                True,
-                A_log=A_log,
-                dt_bias=dt_bias,
-                intra_config=intra_config,
-                scan_config=scan_config,
-                **_FUSED,
-            )
 
         def prepass():
             return prepare_kda_triton(q, k, x, A_log, dt_bias, bl)
@@ -507,14 +482,14 @@ def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
         def theirs_fused():
             return _fla_fused(q, k, v, x, bl, A_log, dt_bias, h0)
 
-        ours_fused()
         ours_prepass()
         theirs_fused()
-        t_ours_fused, t_fla_fused = _bench(ours_fused, ms=400), _bench(theirs_fused, ms=400)
-        t_prepass, t_prepass_alone = _bench(ours_prepass, ms=400), _bench(prepass, ms=200)
-        t_fused_default, t_prepass_default = t_ours_fused, t_prepass
+        t_prepass, t_fla_fused = _bench(ours_prepass, ms=400), _bench(theirs_fused, ms=400)
+        t_prepass_alone = _bench(prepass, ms=200)
+        # The tuned settings (intra_cfg, scan_cfg) are chosen on the plain call; the layer calls with the
+        # defaults, so its call is timed at those too.
+        t_prepass_default = t_prepass
         if intra_cfg is not None or scan_cfg is not None:
-            t_fused_default = _bench(lambda: ours_fused(None, None), ms=400)
             t_prepass_default = _bench(lambda: ours_prepass(None, None), ms=400)
         # The prepass alone moves q, k, the gate input (bf16) and beta's logits in, unit q, k (bf16), g and
         # beta (fp32) out: its fraction of the copy bandwidth.
@@ -532,14 +507,11 @@ def bench_prefill(log, lengths, intra_cfg, scan_cfg, matmul_flops, bandwidth):
                 fla_peak_gib=mem_fla,
                 ours_mtok_s=T / t_ours,
                 fla_mtok_s=T / t_fla,
-                fused_ours_us=t_ours_fused,
                 fused_fla_us=t_fla_fused,
-                fused_speedup=t_fla_fused / t_ours_fused,
                 prepass_ours_us=t_prepass,
                 prepass_speedup=t_fla_fused / t_prepass,
                 prepass_kernel_us=t_prepass_alone,
                 prepass_kernel_frac_bandwidth=prepass_bytes / bandwidth * 1e6 / t_prepass_alone,
-                fused_ours_default_us=t_fused_default,
                 prepass_ours_default_us=t_prepass_default,
             )
         )
@@ -888,12 +860,11 @@ def main(argv=None, demo_gates=None):
         print(
             f"prefill T={r['T']:6d}: ours {r['ours_us'] / 1e3:7.2f} ms  fla {r['fla_us'] / 1e3:7.2f} ms  "
             f"x{r['speedup']:.2f}  floor {r['ours_frac_floor']:.0%}  peak {r['ours_peak_gib']:.1f} / "
-            f"{r['fla_peak_gib']:.1f} GiB;  fused on raw projections: ours {r['fused_ours_us'] / 1e3:.2f} ms  "
-            f"fla {r['fused_fla_us'] / 1e3:.2f} ms  x{r['fused_speedup']:.2f};  prepass + plain "
-            f"{r['prepass_ours_us'] / 1e3:.2f} ms  x{r['prepass_speedup']:.2f} (prepass alone "
-            f"{r['prepass_kernel_us'] / 1e3:.2f} ms, {r['prepass_kernel_frac_bandwidth']:.0%} of copy bandwidth); "
-            f"at the default settings (the layer's) fused {r['fused_ours_default_us'] / 1e3:.2f} ms, prepass + "
-            f"plain {r['prepass_ours_default_us'] / 1e3:.2f} ms"
+            f"{r['fla_peak_gib']:.1f} GiB;  on raw projections: ours (prepass + plain) "
+            f"{r['prepass_ours_us'] / 1e3:.2f} ms  fla fused {r['fused_fla_us'] / 1e3:.2f} ms  "
+            f"x{r['prepass_speedup']:.2f} (prepass alone {r['prepass_kernel_us'] / 1e3:.2f} ms, "
+            f"{r['prepass_kernel_frac_bandwidth']:.0%} of copy bandwidth); at the default settings (the "
+            f"layer's) {r['prepass_ours_default_us'] / 1e3:.2f} ms"
         )
     sweep = res.get("gate_sweep")
     if sweep:

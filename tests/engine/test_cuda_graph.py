@@ -57,8 +57,8 @@ def test_state_is_updated_in_place(model):
 
 
 def test_triton_prefill_matches_the_torch_path(model, monkeypatch):
-    """A prefill through the GPU path's kernels (the fused chunked KDA, which reads the raw gate input and
-    beta's logits and normalises q and k itself) gives the PyTorch path's logits and states."""
+    """A prefill through the GPU path's kernels (the KDA prepass, then the chunked KDA) gives the PyTorch
+    path's logits and states."""
     ids = torch.randint(0, model.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(3))
     state = model.new_state(1)
     want = model(ids, state)

@@ -45,24 +45,3 @@ def prepared_f64(q, k, x, A_log, dt_bias, beta_logits):
     unit = lambda t: t.double() / (t.double().square().sum(-1, keepdim=True) + 1e-6).sqrt()  # noqa: E731
     g = -A_log.double().exp()[:, None] * F.softplus(x.double() + dt_bias.double().view(H, K))
     return unit(q), unit(k), g, beta_logits.double().sigmoid()
-
-
-def fused_chunk_kda(q, k, v, x, beta_logits, A_log, dt_bias, state):
-    """The layer's fused prefill call on its raw projections (gate, q/k norms and beta's sigmoid in the
-    kernels), from `state`, returning the output and the final state."""
-    from kimi_desk.kernels.kda.chunk import chunk_kda_triton
-
-    return chunk_kda_triton(
-        q,
-        k,
-        v,
-        x,
-        beta_logits,
-        None,
-        state,
-        True,
-        A_log=A_log,
-        dt_bias=dt_bias,
-        use_qk_l2norm_in_kernel=True,
-        use_beta_sigmoid_in_kernel=True,
-    )

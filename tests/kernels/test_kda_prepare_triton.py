@@ -1,6 +1,6 @@
 """The KDA prefill's prepass (kernels/kda/prepare.py), run on CPU tensors through Triton's interpreter,
 against its PyTorch reference and float64 math, and the prepass followed by the plain chunked prefill
-against the float64 recurrence, beside the fused call on the same raw inputs.
+(the layer's prefill) against the float64 recurrence.
 
 Triton's interpreter rounds fp32 to bf16 by truncation where the GPU rounds to nearest: bf16 outputs are
 compared to within one unit in the last place (2^-7 relative), not bit for bit.
@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-from kda_cases import fused_chunk_kda, prepared_f64, reference_f64, rel_err  # noqa: E402
+from kda_cases import prepared_f64, reference_f64, rel_err  # noqa: E402
 
 from kimi_desk.kernels.kda import prepare_kda  # noqa: E402
 from kimi_desk.kernels.kda.chunk import chunk_kda_triton  # noqa: E402
@@ -135,22 +135,6 @@ def test_dispatcher(monkeypatch, forced):
         assert torch.equal(ours, theirs)
 
 
-def errors_against_float64(B, T, H, K, V, dtype, A, layout):
-    """Relative errors of (output, final state) against the float64 recurrence on the raw inputs prepared
-    in float64, of three calls on the same raw inputs: the fused prefill, the Triton prepass then the plain
-    prefill, and the PyTorch reference of the prepass then the plain prefill."""
-    q, k, v, x, beta_logits, A_log, dt_bias, state = raw_inputs(B, T, H, K, V, dtype, seed=T + K, layout=layout, A=A)
-    q64, k64, g64, beta64 = prepared_f64(q, k, x, A_log, dt_bias, beta_logits)
-    o_ref, s_ref = reference_f64(q64, k64, v, g64, beta64, state)
-    raw = (q, k, x, A_log, dt_bias, beta_logits)
-    fused = fused_chunk_kda(q, k, v, x, beta_logits, A_log, dt_bias, state)
-    runs = [fused]
-    for prepare in (prepare_kda_triton, prepare_kda_torch):
-        qn, kn, g, beta = prepare(*raw)
-        runs.append(chunk_kda_triton(qn, kn, v, g, beta, None, state, True))
-    return [(rel_err(o, o_ref), rel_err(s, s_ref)) for o, s in runs]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "B,T,H,K,V,A,layout",
@@ -162,18 +146,18 @@ def errors_against_float64(B, T, H, K, V, dtype, A, layout):
     ],
     ids=lambda x: str(x),
 )
-def test_prepass_then_plain_chunk_against_the_fused_call(B, T, H, K, V, A, layout, dtype):
-    """The prepass then the plain prefill, against the float64 recurrence and beside the fused call on the
-    same raw inputs. fp32: the same errors (roundoff either way, within 25%). bf16: the prepass stores unit
-    q and k in bf16, which the dots round again after their decays, where the fused call rounds the raw
-    bf16 values once: measured here 0.98 to 1.27 times the fused call's errors with the PyTorch prepass,
-    which rounds to nearest as the GPU does; the Triton prepass here, truncated by the interpreter, up to
-    1.96 times, still within the bf16 tolerance of the plain kernel's tests."""
-    (fo, fs), (to, ts), (ro, rs) = errors_against_float64(B, T, H, K, V, dtype, A, layout)
-    if dtype == torch.float32:
-        assert to < 1.25 * fo and ts < 1.25 * fs
-        assert ro < 1.25 * fo and rs < 1.25 * fs
-    else:
-        assert ro < 1.4 * fo and rs < 1.4 * fs
-        assert to < 2.2 * fo and ts < 2.2 * fs
-        assert max(to, ts) < 2e-2
+def test_prepass_then_plain_chunk_against_float64(B, T, H, K, V, A, layout, dtype):
+    """The layer's prefill: the prepass (Triton, and its PyTorch reference) then the plain chunked prefill,
+    against the float64 recurrence on the raw inputs prepared in float64; A = 20 decays by e^-60 a token.
+    Measured here: fp32 under 2e-7; bf16 (unit q and k stored in bf16) 0.7e-2 with the PyTorch prepass,
+    1.2e-2 with the Triton one, whose bf16 rounding the interpreter truncates; the plain kernel's bf16
+    tolerance is 2e-2. The fused call this replaced (the gate, norms and sigmoid inside the chunk kernels)
+    measured the same in fp32 and 0.8e-2 in bf16."""
+    q, k, v, x, beta_logits, A_log, dt_bias, state = raw_inputs(B, T, H, K, V, dtype, seed=T + K, layout=layout, A=A)
+    q64, k64, g64, beta64 = prepared_f64(q, k, x, A_log, dt_bias, beta_logits)
+    o_ref, s_ref = reference_f64(q64, k64, v, g64, beta64, state)
+    bound = {torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    for prepare in (prepare_kda_triton, prepare_kda_torch):
+        qn, kn, g, beta = prepare(q, k, x, A_log, dt_bias, beta_logits)
+        o, s = chunk_kda_triton(qn, kn, v, g, beta, None, state, True)
+        assert rel_err(o, o_ref) < bound and rel_err(s, s_ref) < bound

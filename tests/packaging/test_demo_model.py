@@ -31,7 +31,6 @@ from kimi_desk.bench.random_checkpoint import random_model, tail7_config, tiny_c
 from kimi_desk.engine import load_model  # noqa: E402
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_head_ids, next_turn_token_ids, question_ids  # noqa: E402
 from kimi_desk.engine.ingest import load_path  # noqa: E402
-from kimi_desk.engine.kda import l2norm  # noqa: E402
 from kimi_desk.engine.tokenizer import load_tokenizer  # noqa: E402
 from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda  # noqa: E402
 
@@ -42,8 +41,8 @@ from kimi_desk.kernels.kda.naive import chunk_kda_torch, recurrent_kda  # noqa: 
 def test_chunk_kda_autograd_matches_the_engine_and_the_recurrence(T):
     gen = torch.Generator().manual_seed(T)
     B, H, K, V = 2, 2, 32, 16
-    q = l2norm(torch.randn(B, T, H, K, generator=gen))
-    k = l2norm(torch.randn(B, T, H, K, generator=gen))
+    q = training_forward.l2norm(torch.randn(B, T, H, K, generator=gen))
+    k = training_forward.l2norm(torch.randn(B, T, H, K, generator=gen))
     v = torch.randn(B, T, H, V, generator=gen)
     # Decays from nearly none to exp(-100) per step: far past what exp(G_i) * exp(-G_j) survives.
     g = -torch.rand(B, T, H, K, generator=gen) * torch.logspace(-3, 2, K)

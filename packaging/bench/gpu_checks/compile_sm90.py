@@ -218,27 +218,17 @@ def kda_intra():
         u=bf,
         gl="*fp32",
         Aqk=bf,
-        rq="*fp32",
-        A_log="*fp32",
-        dt_bias="*fp32",
     )
     # maxnreg caps the registers (ptxas spills the rest): 168 at 4 warps lets three programs share an SM.
-    # fused: the gate, L2 norm and beta's sigmoid in the kernel (the layer's call). diag_loop: the levels
-    # inside the sub-chunks in a pass of their own over the channels (BKD at a time), the default. The
-    # settings `kimi-desk bench kernels` tunes on the plain call, each plain and fused (the bench times the
-    # fused call at the plain call's choice).
-    for bk, bkd, diag_loop, warps, maxnreg, fused in [
-        (32, 32, True, 4, None, False),
-        (32, 32, True, 4, None, True),
-        (64, 32, True, 4, None, False),
-        (64, 32, True, 4, None, True),
-        (32, 32, False, 4, None, False),
-        (32, 32, False, 4, None, True),
-        (64, 64, False, 8, None, False),
-        (64, 64, False, 8, None, True),
-        (64, 32, True, 8, None, False),
-        (64, 32, True, 8, None, True),
-        (32, 32, True, 4, 168, False),
+    # diag_loop: the levels inside the sub-chunks in a pass of their own over the channels (BKD at a time),
+    # the default. The settings `kimi-desk bench kernels` tunes.
+    for bk, bkd, diag_loop, warps, maxnreg in [
+        (32, 32, True, 4, None),
+        (64, 32, True, 4, None),
+        (32, 32, False, 4, None),
+        (64, 64, False, 8, None),
+        (64, 32, True, 8, None),
+        (32, 32, True, 4, 168),
     ]:
         const = dict(
             H=32,
@@ -253,16 +243,11 @@ def kda_intra():
             VF=128,
             SOLVE_PRECISION="tf32",
             OP_DT=tl.bfloat16,
-            USE_GATE_IN_KERNEL=fused,
-            USE_QK_L2NORM_IN_KERNEL=fused,
-            USE_BETA_SIGMOID_IN_KERNEL=fused,
         )
         result = compile_sm90(
             chunk_kda_intra_fwd_kernel, pointers, dict(scale="fp32", T="i32", NT="i32"), const, warps, 3, maxnreg
         )
-        report(
-            f"kda intra BK={bk} BKD={bkd} diag_loop={diag_loop} warps={warps} maxnreg={maxnreg} fused={fused}", result
-        )
+        report(f"kda intra BK={bk} BKD={bkd} diag_loop={diag_loop} warps={warps} maxnreg={maxnreg}", result)
 
 
 def kda_prepare():
