@@ -43,10 +43,10 @@ from torch import nn
 from kimi_desk.engine.placement import DECODE_STREAM_SLOTS
 from kimi_desk.engine.quantize import int4_experts_to_cpu_layout
 from kimi_desk.kernels.quant.cpu import (
-    CPU_TILE_ROWS,
     CpuInt4Expert,
     CpuInt4Weight,
     cpu_int4_fits,
+    cpu_int4_layout,
     int4_expert_cpu,
     tiles_to_codes,
     tiles_to_scales,
@@ -272,9 +272,9 @@ def prepare_ram(experts: nn.Module, pin: bool) -> None:
 
 def _tiles_fit(codes: torch.Tensor) -> bool:
     """Whether the CPU operator takes these int4 matrices and its tiles can be turned back (rows in
-    whole tiles of 64)."""
+    whole blocks of its layout)."""
     out_features, in_features = codes.shape[-2], codes.shape[-1] * 2
-    return cpu_int4_fits(out_features, in_features) and out_features % CPU_TILE_ROWS == 0
+    return cpu_int4_fits(out_features, in_features) and out_features % cpu_int4_layout().rows == 0
 
 
 def _empty_like_stack(one: torch.Tensor, n: int, pin: bool) -> torch.Tensor:

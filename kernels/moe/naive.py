@@ -144,14 +144,15 @@ def routed_experts_gathered(x, ids, weights, w1, w2, w3, scales=None):
     return (ye.float() * weights.reshape(-1, 1)).view(N, k, -1).sum(1)
 
 
-def streamed_experts_torch(x, gate_up, down, weights):
-    """Routed experts in slots holding the CPU operator's int4 tiles (streamed.py has the layout): x [1, D],
-    gate_up and down (tiles, scales) stacked over S slots, weights [S] (0: an empty slot) -> the weighted
-    sum of the slot experts, [1, D] float32. The tiles dequantized to float32, then the products."""
+def streamed_experts_torch(x, gate_up, down, weights, layout=None):
+    """Routed experts in slots holding the CPU operator's int4 tiles (streamed.py has the layout; `layout`
+    defaults to this machine's): x [1, D], gate_up and down (tiles, scales) stacked over S slots, weights
+    [S] (0: an empty slot) -> the weighted sum of the slot experts, [1, D] float32. The tiles dequantized
+    to float32, then the products."""
 
     def dense(tiles, scales):
         return dequantize_int4_groups(
-            tiles_to_codes(tiles, tiles.shape[-2]), *tiles_to_scales(scales), torch.float32
+            tiles_to_codes(tiles, tiles.shape[-2], layout), *tiles_to_scales(scales), torch.float32
         )  # [S, O, D]
 
     w13, w2 = dense(*gate_up), dense(*down)

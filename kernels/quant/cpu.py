@@ -17,8 +17,14 @@ A routed expert is two products, not three: its w1 and w3 (same input, same heig
 matrix of twice the height (`pack_int4_expert_for_cpu`), so a token's gate and up projections are one
 call of the operator over twice the rows; at one token each call's fixed cost (a parallel region over
 the threads) is a large part of the time, and the 48B model's expert runs about 1.4x faster this way
-on 16 cores. The operator's tiles are blocks of 64 rows, so the joined tiles are w1's tiles followed by
-w3's, and the first half of the joined matrix is w1 exactly.
+on 16 cores. The operator's tiles are blocks of whole rows, so the joined tiles are w1's tiles followed
+by w3's, and the first half of the joined matrix is w1 exactly.
+
+The tiles' layout is PyTorch's and depends on the CPU it was built to run on (blocks of 64 rows with two
+rows 32 apart in a byte where AVX-512 is present, 32 rows 16 apart with AVX2, 32 rows in neighbouring
+pairs otherwise), and the code that reads tiles directly (`tiles_to_codes`, the GPU kernel of
+kernels/moe/streamed.py) must follow it: `cpu_int4_layout()` reads it off a small probe matrix once
+instead of assuming one.
 
 `int8_linear_cpu(x, q, scale)` is `torch.ops.aten._weight_int8pack_mm` on our int8 layout as it is
 (codes [O, D], a scale per row): a few rows (decode) read one byte a weight, where dequantizing first
@@ -28,6 +34,7 @@ product is faster, and kernels/quant takes that.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -35,8 +42,18 @@ import torch.nn.functional as F
 
 from kimi_desk.kernels.quant.naive import unpack_int4
 
-# The operator's tiles: blocks of 64 output rows, two rows (r, r + 32) in each byte (tiles_to_codes).
-CPU_TILE_ROWS = 64
+
+class CpuInt4Layout(NamedTuple):
+    """How the operator's tiles hold the codes: blocks of `rows` output rows, a block [D, rows / 2] bytes
+    (input by input), byte j of an input holding two rows' codes, the first in its low half: rows j and
+    j + rows / 2 of the block (`split`), or rows 2j and 2j + 1."""
+
+    rows: int
+    split: bool
+
+
+# Every layout PyTorch's CPU kernels are known to pack in, the AVX-512 one first.
+CPU_INT4_LAYOUTS = tuple(CpuInt4Layout(rows, split) for split in (True, False) for rows in (64, 32, 16))
 
 
 class CpuInt4Weight(NamedTuple):
@@ -58,10 +75,26 @@ class CpuInt4Expert(NamedTuple):
 
 def cpu_int4_fits(out_features: int, in_features: int) -> bool:
     """Whether the operator takes a matrix of this shape (inputs in 32s; any height, padded to its 16-row
-    tiles); present in PyTorch 2.6 and later."""
+    tiles); present in PyTorch 2.6 and later, on a CPU whose tile layout is known (cpu_int4_layout)."""
+    return in_features % 32 == 0 and cpu_int4_layout() is not None
+
+
+@functools.cache
+def cpu_int4_layout() -> CpuInt4Layout | None:
+    """The layout this PyTorch packs int4 tiles in on this CPU: the one of CPU_INT4_LAYOUTS under which
+    probe matrices (each code telling its row or its input) come back from the operator's packing as
+    they went in. None when the operator is missing or no known layout fits (the CPU int4 path is then
+    not used)."""
     ops = torch.ops.aten
-    present = hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
-    return present and in_features % 32 == 0
+    if not (hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")):
+        return None
+    rows, inputs = torch.arange(128).view(-1, 1), torch.arange(64).view(1, -1)
+    probes = [(rows % 16).expand(-1, 64), (rows // 16 + inputs) % 16, (inputs % 16).expand(128, -1)]
+    packed = [ops._convert_weight_to_int4pack_for_cpu(p.to(torch.int32).contiguous(), 2) for p in probes]
+    for layout in CPU_INT4_LAYOUTS:
+        if all(torch.equal(unpack_int4(tiles_to_codes(t, 128, layout)), p) for t, p in zip(packed, probes)):
+            return layout
+    return None
 
 
 def pack_int4_for_cpu(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> CpuInt4Weight:
@@ -100,17 +133,17 @@ def int4_linear_cpu(x: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
-def tiles_to_codes(tiles: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The CPU operator's int4 tiles [..., O, D / 2] -> kernels/quant's packed codes [..., O, D / 2].
-
-    The operator's layout: rows in tiles of 64, each tile [D, 32] bytes, byte (d, r) holding row r's
-    code d in its low half and row r + 32's in its high half. Ours: row by row, byte j holding codes
-    2j (low) and 2j + 1 (high)."""
+def tiles_to_codes(tiles: torch.Tensor, out_features: int, layout: CpuInt4Layout | None = None) -> torch.Tensor:
+    """The CPU operator's int4 tiles [..., O, D / 2] (O in whole blocks of the layout's rows) ->
+    kernels/quant's packed codes [..., O, D / 2]: row by row, byte j holding codes 2j (low) and 2j + 1
+    (high). `layout` defaults to this machine's (cpu_int4_layout)."""
+    rows, split = layout or cpu_int4_layout()
     lead = tiles.shape[:-2]
     D = tiles.shape[-1] * 2
-    t = tiles.reshape(*lead, out_features // CPU_TILE_ROWS, D, CPU_TILE_ROWS // 2)
-    codes = torch.cat([t & 15, t >> 4], dim=-1)  # [..., O / 64, D, 64]
-    codes = codes.transpose(-1, -2).reshape(*lead, out_features, D)
+    t = tiles.reshape(*lead, out_features // rows, D, rows // 2)
+    low, high = t & 15, t >> 4
+    codes = torch.cat([low, high], dim=-1) if split else torch.stack([low, high], dim=-1).flatten(-2)
+    codes = codes.transpose(-1, -2).reshape(*lead, out_features, D)  # [..., O, D], one code a byte
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 

@@ -1,7 +1,8 @@
 """Streamed experts on the CPU operator's int4 tiles (kernels/moe/streamed.py), the Triton kernel under
 the interpreter and the PyTorch form, against float64 on the experts dequantized from kernels/quant's
 own layout (the format the tiles were packed from): empty slots (weight 0) add nothing, whatever their
-bytes hold. TRITON_INTERPRET is set by tests/conftest.py, and here for a lone run of this file."""
+bytes hold; tiles in every layout PyTorch is known to pack in (it depends on the CPU), not only this
+machine's. TRITON_INTERPRET is set by tests/conftest.py, and here for a lone run of this file."""
 
 import os
 
@@ -12,10 +13,24 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
+from cpu_tiles import pack_tiles  # noqa: E402
+
 from kimi_desk.kernels.moe.naive import streamed_experts_torch  # noqa: E402
 from kimi_desk.kernels.moe.streamed import streamed_experts_triton  # noqa: E402
 from kimi_desk.kernels.quant import dequantize_int4_groups, quantize_int4_groups  # noqa: E402
-from kimi_desk.kernels.quant.cpu import cpu_int4_fits, pack_int4_expert_for_cpu  # noqa: E402
+from kimi_desk.kernels.quant.cpu import (  # noqa: E402
+    CPU_INT4_LAYOUTS,
+    cpu_int4_fits,
+    cpu_int4_layout,
+    pack_int4_expert_for_cpu,
+    tiles_to_codes,
+)
+from kimi_desk.kernels.quant.naive import unpack_int4  # noqa: E402
+
+
+def in_layout(tiles, layout):
+    """Tiles packed by this machine's PyTorch, re-packed in `layout`."""
+    return pack_tiles(unpack_int4(tiles_to_codes(tiles, tiles.shape[-2])).to(torch.int32), layout)
 
 
 def slot_experts(S, D, I, group, gen):
@@ -35,15 +50,24 @@ def slot_experts(S, D, I, group, gen):
     return dense, gate_up, down
 
 
+def layout_name(layout):
+    return "native" if layout is None else f"{layout.rows}-{'split' if layout.split else 'pairs'}"
+
+
 @pytest.mark.parametrize(
-    "S,D,I,group", [(3, 128, 64, 32), (4, 256, 128, 64), (2, 384, 192, 64), (2, 256, 128, 128)], ids=str
+    "S,D,I,group,layout",
+    [(3, 128, 64, 32, None), (4, 256, 128, 64, None), (2, 384, 192, 64, None), (2, 256, 128, 128, None)]
+    + [(3, 128, 64, 32, layout) for layout in CPU_INT4_LAYOUTS],
+    ids=lambda v: layout_name(v) if v is None or isinstance(v, tuple) else str(v),
 )
 @pytest.mark.parametrize("form", ["triton", "torch"])
-def test_streamed_experts_match_float64(S, D, I, group, form):
+def test_streamed_experts_match_float64(S, D, I, group, layout, form):
     if not cpu_int4_fits(2 * I, D):
         pytest.skip("this PyTorch has no CPU int4 operator")
     gen = torch.Generator().manual_seed(S * D + I)
     dense, gate_up, down = slot_experts(S, D, I, group, gen)
+    if layout is not None and layout != cpu_int4_layout():
+        gate_up, down = (in_layout(gate_up[0], layout), gate_up[1]), (in_layout(down[0], layout), down[1])
     x = torch.randn(1, D, generator=gen).bfloat16()
     weights = torch.rand(S, generator=gen)
     weights[1] = 0.0  # an empty slot: its bytes must not count
@@ -54,7 +78,7 @@ def test_streamed_experts_match_float64(S, D, I, group, form):
         if w != 0
     )
     forward = streamed_experts_triton if form == "triton" else streamed_experts_torch
-    got = forward(x, gate_up, down, weights)
+    got = forward(x, gate_up, down, weights, layout)
     assert got.shape == (1, D) and got.dtype == torch.float32
     err = ((got[0].double() - expected).norm() / expected.norm()).item()
     assert err < 1e-5, err

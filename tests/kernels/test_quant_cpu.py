@@ -3,6 +3,7 @@ dequantized weights; the int4 matrices include heights that are not multiples of
 
 import pytest
 import torch
+from cpu_tiles import pack_tiles
 
 from kimi_desk.kernels.quant import (
     dequantize_int4_groups,
@@ -12,7 +13,9 @@ from kimi_desk.kernels.quant import (
     row_scaled_linear,
 )
 from kimi_desk.kernels.quant.cpu import (
+    CPU_INT4_LAYOUTS,
     cpu_int4_fits,
+    cpu_int4_layout,
     cpu_int8_fits,
     int4_expert_cpu,
     int4_linear_cpu,
@@ -22,6 +25,7 @@ from kimi_desk.kernels.quant.cpu import (
     tiles_to_codes,
     tiles_to_scales,
 )
+from kimi_desk.kernels.quant.naive import unpack_int4
 
 # The operators take bf16 (int4) or x's dtype (int8) rows, sum in float32 and round the output once; the
 # int8 operator also rounds each row's scale to x's dtype.
@@ -101,3 +105,23 @@ def test_tiles_turn_back_into_our_layout_exactly():
         scale, zero = tiles_to_scales(torch.stack([s[3].scales_and_zeros for s in stack]))
         assert torch.equal(scale, torch.stack([s[1] for s in stack]).to(scale.dtype))
         assert torch.equal(zero, torch.stack([s[2] for s in stack]).to(zero.dtype))
+
+
+def test_this_machines_tile_layout_is_found_and_reproduces_the_packing():
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        pytest.skip("this PyTorch has no CPU int4 operator")
+    layout = cpu_int4_layout()
+    assert layout in CPU_INT4_LAYOUTS
+    codes = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)  # 192 rows: whole blocks of any layout
+    assert torch.equal(tiles, pack_tiles(codes, layout))
+
+
+@pytest.mark.parametrize(
+    "layout", CPU_INT4_LAYOUTS, ids=lambda layout: f"{layout.rows}-{'split' if layout.split else 'pairs'}"
+)
+def test_tiles_of_every_known_layout_turn_back_into_our_layout(layout):
+    gen = torch.Generator().manual_seed(layout.rows)
+    packed = torch.randint(0, 256, (2, 128, 48), generator=gen, dtype=torch.uint8)  # ours: [S, O, D / 2]
+    tiles = pack_tiles(unpack_int4(packed).to(torch.int32), layout)
+    assert torch.equal(tiles_to_codes(tiles, 128, layout), packed)
