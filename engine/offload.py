@@ -14,7 +14,11 @@ the layer, so that a decode step can be recorded as CUDA graphs cut at the host'
 (engine/cuda_graph.py): the GPU's work from one layer's join to the next layer's hand-over is one graph.
 With a GPU and int4 experts, part of a one-token step's RAM experts goes over the bus instead, as the
 CPU operator's tiles, and is computed on the GPU (DecodeStreamer): the bus and the CPU read RAM side by
-side, each its share.
+side, each its share. A layer's copies would wait for the host to see its router's choice, so while a
+layer's choice is taken the next offloaded layer's router is applied to the same input (a guess: on the
+trained demo model it names 83-90% of the next layer's experts) and the guessed RAM experts are copied
+ahead, into the other of two banks of slots, while the GPU works; the next layer's true choice then finds
+most of its experts there and copies only the rest.
 
 Prefill (more than DECODE_MAX_TOKENS tokens): every expert of the layer is chosen by some token of a
 large chunk, so the layer's RAM experts are streamed to the GPU instead, into one of two staging slots
@@ -40,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_desk.engine.placement import DECODE_STREAM_SLOTS
+from kimi_desk.engine.placement import DECODE_STREAM_BANKS, DECODE_STREAM_SLOTS
 from kimi_desk.engine.quantize import int4_experts_to_cpu_layout
 from kimi_desk.kernels.quant.cpu import (
     CpuInt4Expert,
@@ -74,6 +78,7 @@ class HostBuffers:
     rows: torch.Tensor
     weights: torch.Tensor
     out: torch.Tensor
+    guessed: torch.Tensor  # the next offloaded layer's RAM rows its router picks for x (DecodeStreamer)
 
 
 @dataclass
@@ -86,6 +91,8 @@ class OffloadStats:
     h2d_bytes: int = 0  # the CPU's sums going back
     streamed_bytes: int = 0  # RAM experts copied to the GPU side: prefill's staging slots, decode's
     decode_streamed: int = 0  # decode: RAM experts computed on the GPU side (the rest on the CPU)
+    decode_guessed: int = 0  # decode: RAM experts copied ahead on the next layer's router's guess
+    decode_guessed_used: int = 0  # of those on the GPU side, the ones found in the bank (no copy on the choice)
     decode_calls: int = 0
     streamed_calls: int = 0
     extra: dict = field(default_factory=dict)
@@ -120,6 +127,11 @@ class OffloadedExperts(nn.Module):
         self.on_gpu.keep_layout = self.in_ram.keep_layout = True
         self.runtime: OffloadRuntime | None = None
         self._host: HostBuffers | None = None
+        # Set by finish_offload: this layer's bank of decode streaming slots (0 or 1, alternating over the
+        # offloaded layers) and (the next offloaded layer, its router), for the guess (module doc). A
+        # tuple, so that the other layer's modules are not registered as this one's.
+        self.stream_bank = 0
+        self.next_layer: tuple[OffloadedExperts, nn.Module] | None = None
 
     def row_of(self, expert: int) -> tuple[str, int]:
         """('on_gpu' or 'in_ram', the row of that stack) of expert id `expert`."""
@@ -163,6 +175,12 @@ class OffloadedExperts(nn.Module):
         hweights.copy_(weights, non_blocking=True)
         ready = runtime.ready
         streamer = runtime.streamer if N == 1 else None
+        guessed = None
+        if streamer is not None and self.next_layer is not None:
+            following, router = self.next_layer
+            guess, _ = router(x)  # [1, k] (+ a shared expert's column, left out)
+            guessed = host.guessed[:N]
+            guessed.copy_(following.ram_index[guess[:, : router.top_k]], non_blocking=True)
 
         def handed_over():  # the copies to the host are queued: mark the point the host waits for
             if ready is not None:
@@ -174,7 +192,9 @@ class OffloadedExperts(nn.Module):
             if ready is not None:
                 ready.synchronize()
             if streamer is not None:
-                streamer.send(self.in_ram, hrows, hweights)
+                streamer.send(self, hrows, hweights)
+                if guessed is not None:
+                    streamer.copy_ahead(self.next_layer[0], guessed)
             begun = time.perf_counter()
             hout.copy_(ram_experts_forward(self.in_ram, hx, hrows, hweights))
             seconds = time.perf_counter() - begun
@@ -197,7 +217,7 @@ class OffloadedExperts(nn.Module):
             runtime.host_step(lambda: (handed_over(), join()))
             out = hout.to(x.device, non_blocking=True, copy=True)
         if streamer is not None:
-            out = out + streamer.forward(x)
+            out = out + streamer.forward(x, self.stream_bank)
         return out.to(x.dtype)
 
     def _host_buffers(self, x: torch.Tensor, weights: torch.Tensor) -> "HostBuffers":
@@ -213,6 +233,9 @@ class OffloadedExperts(nn.Module):
                 rows=torch.empty(n, k, dtype=torch.int64, pin_memory=pin),
                 weights=torch.empty(n, k, dtype=weights.dtype, pin_memory=pin),
                 out=torch.empty(n, x.shape[-1], dtype=torch.float32, pin_memory=pin),
+                guessed=torch.empty(
+                    n, self.next_layer[1].top_k if self.next_layer else k, dtype=torch.int64, pin_memory=pin
+                ),
             )
         return host
 
@@ -467,27 +490,42 @@ class DecodeStreamer:
     computes the others: the bus and the CPU's cores read RAM side by side, so a token's RAM experts take
     about the time of the slower share instead of all of them on the CPU.
 
-    The copies carry the CPU operator's int4 tiles as they are into DECODE_STREAM_SLOTS slots (one layer at a
-    time: a layer's copies start after the host has seen the GPU pass that layer's hand-over, which comes
-    after the previous layer read the slots), and kernels/moe's `streamed_experts` computes them there
-    with the slots' mixing weights (0 for an empty slot). How many go over the bus: the share that makes
-    both sides finish together, from running means of the CPU's seconds per expert and the bus's
-    (timed by events on the copy stream), counted per layer in whole experts; half until both are
-    measured. `share`, when set, fixes the fraction instead (tests). One token per step only: a step of several tokens computes on the CPU."""
+    The copies carry the CPU operator's int4 tiles as they are into DECODE_STREAM_SLOTS slots of the
+    layer's bank (two banks, the offloaded layers alternating between them), and kernels/moe's
+    `streamed_experts` computes them there with the slots' mixing weights (0 for a slot not used).
+    Two kinds of copies fill a bank, in the copy stream's order:
+    - ahead (`copy_ahead`, in the previous offloaded layer's join): the RAM experts the layer's router
+      picks for the previous layer's input. They overlap the GPU's work on the previous layer and the
+      layer's attention. A bank is written ahead only after the host has seen the GPU pass the previous
+      layer's hand-over, which comes after the bank's last reader (two offloaded layers before).
+    - on the true choice (`send`, in the layer's join): the chosen RAM experts already in the bank are
+      used as they are; of the others, how many go over the bus is the share that makes both sides
+      finish together, from running means of the CPU's seconds per expert and the bus's (timed by events
+      on the copy stream), counted in whole experts; half until both are measured. `share`, when set,
+      fixes the fraction instead (tests).
+    One token per step only: a step of several tokens computes on the CPU."""
 
     def __init__(self, layers: list[OffloadedExperts], device: torch.device, stats: OffloadStats):
         self.device, self.stats = device, stats
         tiles = layers[0].in_ram.tiles
-        self.slots = {
-            name: tuple(
-                torch.empty((DECODE_STREAM_SLOTS, *t.shape[1:]), dtype=t.dtype, device=device) for t in (stack, sz)
-            )
-            for name, (stack, sz, _group, _in) in tiles.items()
-        }
-        self.expert_bytes = sum(part[0].numel() * part.element_size() for pair in self.slots.values() for part in pair)
+        self.banks = [
+            {
+                name: tuple(
+                    torch.empty((DECODE_STREAM_SLOTS, *t.shape[1:]), dtype=t.dtype, device=device) for t in (stack, sz)
+                )
+                for name, (stack, sz, _group, _in) in tiles.items()
+            }
+            for _ in range(DECODE_STREAM_BANKS)
+        ]
+        # What each slot of each bank holds (or is being copied): (the layer's index, its RAM row).
+        self.contents: list[list[tuple[int, int] | None]] = [[None] * DECODE_STREAM_SLOTS for _ in self.banks]
+        self.index = {id(layer): i for i, layer in enumerate(layers)}
+        self.expert_bytes = sum(
+            part[0].numel() * part.element_size() for pair in self.banks[0].values() for part in pair
+        )
         cuda = device.type == "cuda"
-        self.host_weights = torch.zeros(DECODE_STREAM_SLOTS, dtype=torch.float32, pin_memory=cuda)
-        self.weights = torch.zeros(DECODE_STREAM_SLOTS, dtype=torch.float32, device=device)
+        self.host_weights = [torch.zeros(DECODE_STREAM_SLOTS, dtype=torch.float32, pin_memory=cuda) for _ in self.banks]
+        self.weights = [torch.zeros(DECODE_STREAM_SLOTS, dtype=torch.float32, device=device) for _ in self.banks]
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.began, self.copied = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if cuda else (None, None)
         self.cpu_seconds_per_expert: float | None = None
@@ -495,56 +533,94 @@ class DecodeStreamer:
         self.share: float | None = None
         self._last_sent = 0
 
-    def how_many(self, chosen: int) -> int:
-        """Of `chosen` RAM experts, how many to stream: with both rates measured, the count whose slower
-        side finishes first (the fewer streamed on a tie), else the fixed share or half."""
+    def how_many(self, chosen: int, room: int = DECODE_STREAM_SLOTS) -> int:
+        """Of `chosen` RAM experts, how many to stream into `room` free slots: with both rates measured,
+        the count whose slower side finishes first (the fewer streamed on a tie), else the fixed share or
+        half."""
         cpu, bus = self.cpu_seconds_per_expert, self.bus_seconds_per_expert
-        most = min(chosen, DECODE_STREAM_SLOTS)
+        most = min(chosen, room)
         if self.share is None and cpu is not None and bus is not None:
             return min(range(most + 1), key=lambda n: (max(n * bus, (chosen - n) * cpu), n))
         fraction = 0.5 if self.share is None else self.share
         return max(0, min(round(chosen * fraction), most))
 
-    def send(self, ram: nn.Module, rows: torch.Tensor, weights: torch.Tensor) -> None:
-        """Host, in the join of a one-token step, the GPU past the layer's hand-over: queue the copies of
-        some of the token's RAM experts (`rows`, `weights`: the host buffers [1, k]) and their weights,
-        and mark those pairs -1 in `rows` so that the CPU leaves them."""
+    def send(self, layer: OffloadedExperts, rows: torch.Tensor, weights: torch.Tensor) -> None:
+        """Host, in the join of a one-token step, the GPU past the layer's hand-over: the token's RAM
+        experts (`rows`, `weights`: the host buffers [1, k]) that the layer's bank already holds are
+        computed there; some of the others are copied in now; their weights go to the bank, and those
+        pairs are marked -1 in `rows` so that the CPU leaves them."""
         self._measure_bus()
-        chosen = [(j, e) for j, e in enumerate(rows[0].tolist()) if e >= 0]
-        sent = chosen[: self.how_many(len(chosen))]
-        self.host_weights.zero_()
-        for slot, (j, e) in enumerate(sent):
-            self.host_weights[slot] = weights[0, j]
-            rows[0, j] = -1
+        bank, index = layer.stream_bank, self.index[id(layer)]
+        contents, host_weights = self.contents[bank], self.host_weights[bank]
+        held = {c[1]: slot for slot, c in enumerate(contents) if c is not None and c[0] == index}
+        host_weights.zero_()
+        used, misses = set(), []
+        for j, e in enumerate(rows[0].tolist()):
+            if e < 0:
+                continue
+            if e in held:
+                used.add(held[e])
+                host_weights[held.pop(e)] = weights[0, j]
+                rows[0, j] = -1
+            else:
+                misses.append((j, e))
+        self.stats.decode_guessed_used += len(used)
+        self.stats.decode_streamed += len(used)
+        free = [slot for slot in range(DECODE_STREAM_SLOTS) if slot not in used]
+        sent = list(zip(free, misses[: self.how_many(len(misses), len(free))]))
         stream = self.copy_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             if stream is not None:
                 self.began.record(stream)
-            for slot, (_, e) in enumerate(sent):
-                for name, (stack, sz, _group, _in) in ram.tiles.items():
-                    self.slots[name][0][slot].copy_(stack[e], non_blocking=True)
-                    self.slots[name][1][slot].copy_(sz[e], non_blocking=True)
-            self.weights.copy_(self.host_weights, non_blocking=True)
+            for slot, (j, e) in sent:
+                host_weights[slot] = weights[0, j]
+                rows[0, j] = -1
+                self._copy(layer, bank, slot, e)
+            self.weights[bank].copy_(host_weights, non_blocking=True)
             if stream is not None:
                 self.copied.record(stream)
         self._last_sent = len(sent)
         self.stats.decode_streamed += len(sent)
-        self.stats.streamed_bytes += len(sent) * self.expert_bytes
+
+    def copy_ahead(self, layer: OffloadedExperts, guessed: torch.Tensor) -> None:
+        """Host, in the previous offloaded layer's join: queue copies of the RAM experts that `layer`'s
+        router picked for the previous layer's input (`guessed`: RAM rows [1, k], -1 for GPU experts) into
+        `layer`'s bank, in slots that hold none of them already."""
+        bank, index = layer.stream_bank, self.index[id(layer)]
+        contents = self.contents[bank]
+        wanted = list(dict.fromkeys(e for e in guessed[0].tolist() if e >= 0))[:DECODE_STREAM_SLOTS]
+        held = {c[1] for c in contents if c is not None and c[0] == index}
+        keep = {slot for slot, c in enumerate(contents) if c is not None and c[0] == index and c[1] in wanted}
+        free = (slot for slot in range(DECODE_STREAM_SLOTS) if slot not in keep)
+        stream = self.copy_stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            for e in wanted:
+                if e not in held:
+                    self._copy(layer, bank, next(free), e)
+                    self.stats.decode_guessed += 1
+
+    def _copy(self, layer: OffloadedExperts, bank: int, slot: int, row: int) -> None:
+        for name, (stack, sz, _group, _in) in layer.in_ram.tiles.items():
+            self.banks[bank][name][0][slot].copy_(stack[row], non_blocking=True)
+            self.banks[bank][name][1][slot].copy_(sz[row], non_blocking=True)
+        self.contents[bank][slot] = (self.index[id(layer)], row)
+        self.stats.streamed_bytes += self.expert_bytes
 
     def computed_on_cpu(self, seconds: float, experts: int) -> None:
         if experts:
             self.cpu_seconds_per_expert = _running_mean(self.cpu_seconds_per_expert, seconds / experts)
 
     def arrive(self) -> None:
-        """Host: the GPU side's next work waits for the copies."""
+        """Host: the GPU side's next work waits for the layer's copies (those queued ahead included)."""
         if self.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(self.copied)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The slots' experts for x [1, D] -> [1, D] float32 (recorded in a decode graph: fixed buffers)."""
+    def forward(self, x: torch.Tensor, bank: int) -> torch.Tensor:
+        """The bank's experts for x [1, D] -> [1, D] float32 (recorded in a decode graph: fixed buffers)."""
         from kimi_desk.kernels.moe import streamed_experts
 
-        return streamed_experts(x, self.slots["w13"], self.slots["w2"], self.weights)
+        slots = self.banks[bank]
+        return streamed_experts(x, slots["w13"], slots["w2"], self.weights[bank])
 
     def _measure_bus(self) -> None:
         if self._last_sent and self.copied is not None and self.copied.query():
@@ -619,6 +695,12 @@ def finish_offload(model: nn.Module, decode_max_tokens: int = DECODE_MAX_TOKENS)
     )
     for layer in layers:
         layer.finish(device, runtime)
+    # Each offloaded layer's decode bank, and the next one's router for the guess (DecodeStreamer).
+    routed = [moe for moe in model.modules() if isinstance(getattr(moe, "experts", None), OffloadedExperts)]
+    for i, moe in enumerate(routed):
+        moe.experts.stream_bank = i % DECODE_STREAM_BANKS
+        if i + 1 < len(routed):
+            moe.experts.next_layer = (routed[i + 1].experts, routed[i + 1].gate)
     runtime.stager = Stager(layers, device, stats)
     if device.type == "cuda" and all(getattr(layer.in_ram, "tiles", None) for layer in layers):
         runtime.streamer = DecodeStreamer(layers, device, stats)

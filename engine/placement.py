@@ -11,8 +11,8 @@ many routed experts as fit, the most used first where usage is known (engine/usa
 documents are read; chosen over every (layer, expert) pair, so a layer whose choices are concentrated
 holds fewer than one whose choices are spread), else the same number in every MoE layer; the others
 stay in system RAM, computed there at decode and streamed to the GPU at prefill (engine/offload.py), which
-needs two staging slots of one layer's routed experts on the GPU, and DECODE_STREAM_SLOTS experts' room
-for the decode token's RAM experts that go over the bus.
+needs two staging slots of one layer's routed experts on the GPU, and two banks of DECODE_STREAM_SLOTS
+experts' room for the decode token's RAM experts that go over the bus.
 
 Pure logic over the config: the bytes come from memory.py's per-parameter rule, so the plan, the check
 before loading and what loading allocates agree. Refusals are one line (PlacementError) and name the
@@ -40,6 +40,9 @@ STAGING_SLOTS = 2
 # Experts' room on the GPU for decode's streamed RAM experts (engine/offload.py's DecodeStreamer): at
 # most this many of a token's RAM experts of one layer are computed on the GPU side.
 DECODE_STREAM_SLOTS = 8
+# Banks of those slots: a layer's guessed experts are copied into one while the previous layer's are read
+# from the other.
+DECODE_STREAM_BANKS = 2
 
 _UNITS = {
     "": None,
@@ -202,7 +205,7 @@ def expert_bytes(config: KimiLinearConfig, dtype, quantize: str | None) -> int:
 def staging_experts(num_experts: int) -> int:
     """Experts' room on the GPU for experts in RAM, counted in experts of a layer of `num_experts`:
     prefill's staging slots and decode's streamed ones."""
-    return STAGING_SLOTS * num_experts + DECODE_STREAM_SLOTS
+    return STAGING_SLOTS * num_experts + DECODE_STREAM_BANKS * DECODE_STREAM_SLOTS
 
 
 def plan_placement(

@@ -236,6 +236,10 @@ def time_graph_decode(model, state, token, steps: int = 20) -> dict:
             graph_host_wait_ms=wait_ms,
             graph_host_other_ms=ms - cpu_ms - wait_ms,
             graph_streamed_experts_per_token=stats.decode_streamed / steps,
+            # Copied ahead on the next layer's router's guess; found in the bank by the true choice (copied
+            # ahead, or left there by an earlier token).
+            graph_guessed_experts_per_token=stats.decode_guessed / steps,
+            graph_guessed_used_per_token=stats.decode_guessed_used / steps,
         )
     return d
 

@@ -98,8 +98,36 @@ def test_decode_streams_part_of_the_ram_experts_to_the_gpu_side(checkpoint, ids,
         assert rel(got, want) < 2e-2
         assert got[0, -1].argmax() == want[0, -1].argmax()
     assert runtime.stats.decode_streamed > 0
+    # Every offloaded layer but the first guessed its experts from the previous layer's input.
+    assert runtime.stats.decode_guessed > 0
     if share == 1.0:
         assert runtime.streamer.cpu_seconds_per_expert is None  # every RAM expert went to the GPU side
+
+
+def test_experts_copied_ahead_are_used_by_the_true_choice_and_not_copied_again(checkpoint):
+    split = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS))
+    layers = offload.offloaded_layers(split)
+    assert [layer.stream_bank for layer in layers] == [i % 2 for i in range(len(layers))]
+    assert layers[0].next_layer[0] is layers[1] and layers[-1].next_layer is None
+    streamer = offload.DecodeStreamer(layers, torch.device("cpu"), split.offload.stats)
+    streamer.share = 0.0  # nothing beyond the guess goes over the bus
+    layer = layers[1]
+    stats, per_expert = split.offload.stats, streamer.expert_bytes
+    streamer.copy_ahead(layer, torch.tensor([[0, 1, -1]]))
+    assert stats.decode_guessed == 2 and stats.streamed_bytes == 2 * per_expert
+    streamer.copy_ahead(layer, torch.tensor([[1, 0, -1]]))  # already held: nothing copied again
+    assert stats.decode_guessed == 2 and stats.streamed_bytes == 2 * per_expert
+    rows, weights = torch.tensor([[1, 2, -1]]), torch.tensor([[0.25, 0.5, 0.25]])
+    streamer.send(layer, rows, weights)
+    # Row 1 was held: computed from the bank, its pair marked for the CPU to leave; row 2 stays on the CPU.
+    assert rows.tolist() == [[-1, 2, -1]] and stats.decode_guessed_used == 1
+    bank = streamer.weights[layer.stream_bank]
+    assert sorted(bank.tolist(), reverse=True)[:2] == [0.25, 0.0]
+    # The bank's slot holding row 1 holds its tiles as they are in RAM.
+    slot = streamer.contents[layer.stream_bank].index((streamer.index[id(layer)], 1))
+    assert bank[slot] == 0.25
+    stack = layer.in_ram.tiles["w13"][0]
+    assert torch.equal(streamer.banks[layer.stream_bank]["w13"][0][slot], stack[1])
 
 
 def test_the_streamed_share_balances_the_cpu_against_the_bus(checkpoint):
