@@ -88,7 +88,7 @@ def cpu_int4_layout() -> CpuInt4Layout | None:
     ops = torch.ops.aten
     if not (hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")):
         return None
-    rows, inputs = torch.arange(128).view(-1, 1), torch.arange(64).view(1, -1)
+    rows, inputs = torch.arange(128, device="cpu").view(-1, 1), torch.arange(64, device="cpu").view(1, -1)
     probes = [(rows % 16).expand(-1, 64), (rows // 16 + inputs) % 16, (inputs % 16).expand(128, -1)]
     packed = [ops._convert_weight_to_int4pack_for_cpu(p.to(torch.int32).contiguous(), 2) for p in probes]
     for layout in CPU_INT4_LAYOUTS:
