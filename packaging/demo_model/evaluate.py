@@ -155,6 +155,14 @@ def _row(name: str, length: int, outcomes: list[dict], log, **extra) -> dict:
     }
 
 
+def _wrong_kinds(row: dict | None) -> tuple[int, int]:
+    """Of a needle row's wrong replies: (those naming a distractor's value: the keys confused, the others:
+    a value made up)."""
+    wrong = [o for o in (row or {}).get("outcomes", []) if not o["correct"]]
+    confused = sum(any(v in o["turns"][0]["reply"] for v in o.get("distractor_values", [])) for o in wrong)
+    return confused, len(wrong) - confused
+
+
 def needle_table(
     model, tokenizer, builder, lengths: list[int], trials: int, seed: int, chunk: int, max_new_tokens: int, log=print
 ) -> list[dict]:
@@ -277,14 +285,15 @@ def markdown(results: dict) -> str:
         "asked for after the document in the chat format; greedy reply, correct when it contains the value. "
         "Distractors: 3 facts of the same kind about other keys, with other values.",
         "",
-        "| context | fact alone | with 3 distractor facts |",
-        "|---:|---:|---:|",
+        "| context | fact alone | with 3 distractor facts | wrong with distractors: a distractor's value / other |",
+        "|---:|---:|---:|---:|",
     ]
     by_length: dict[int, dict[int, dict]] = {}
     for row in results["needle"]:
         by_length.setdefault(row["length"], {})[row["distractors"]] = row
     for length, row in sorted(by_length.items()):
-        lines.append(f"| {length:,} | {_cell(row.get(0))} | {_cell(row.get(3))} |")
+        confused, invented = _wrong_kinds(row.get(3))
+        lines.append(f"| {length:,} | {_cell(row.get(0))} | {_cell(row.get(3))} | {confused} / {invented} |")
     if results.get("code"):
         lengths = sorted({r["length"] for r in results["code"]})
         lines += [

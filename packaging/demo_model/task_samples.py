@@ -361,7 +361,13 @@ class TaskSampleBuilder:
         document = sample.input_ids[sample.document_start : sample.document_end]
         result = self._assemble("needle" if not followup else "followup", head, document, turns)
         result.depth = sample.depth
-        result.detail = {"kind": kind, "distractors": distractors, "path": sample.planted_path}
+        # The distractors' values: a wrong reply that names one confused the keys, one that names none invented.
+        result.detail = {
+            "kind": kind,
+            "distractors": distractors,
+            "path": sample.planted_path,
+            "distractor_values": [d.value for d in sample.distractors],
+        }
         return result
 
     def which_file(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT, followup: bool = False):

@@ -295,6 +295,19 @@ def test_task_samples_weigh_every_reply_and_feed_the_next_turn(toy_pipeline):
     )
     assert task_samples.is_correct(sample.turns[0], tokenizer.decode(sample.input_ids[slice(*sample.answer_spans[0])]))
     assert sample.turns[1].expected == (sample.detail["path"],)
+    # The distractors' values, for telling a confused reply from a made-up one; none is the asked value.
+    values = sample.detail["distractor_values"]
+    assert len(values) == 3 and sample.turns[0].expected[0] not in values
+    document = tokenizer.decode(sample.input_ids[sample.document_start : sample.document_end])
+    assert all(value in document for value in values)
+
+
+def test_wrong_needle_replies_are_told_apart_by_the_distractors_values():
+    def outcome(reply, correct=False):
+        return {"correct": correct, "distractor_values": ["4711", "9050"], "turns": [{"reply": reply}]}
+
+    row = {"outcomes": [outcome("It is 4711."), outcome("It is 1234."), outcome("It is 1."), outcome("9", True)]}
+    assert evaluate._wrong_kinds(row) == (1, 2) and evaluate._wrong_kinds(None) == (0, 0)
 
 
 def _corpus_text(corpus: Path) -> str:
