@@ -551,17 +551,20 @@ class DecodeStreamer:
         pairs are marked -1 in `rows` so that the CPU leaves them."""
         self._measure_bus()
         bank, index = layer.stream_bank, self.index[id(layer)]
-        contents, host_weights = self.contents[bank], self.host_weights[bank]
+        contents = self.contents[bank]
         held = {c[1]: slot for slot, c in enumerate(contents) if c is not None and c[0] == index}
-        host_weights.zero_()
+        # Host buffers through numpy views: a torch indexing op per element costs microseconds, each layer.
+        token_rows, token_weights = rows.numpy()[0], weights.numpy()[0]
+        slot_weights = self.host_weights[bank].numpy()
+        slot_weights[:] = 0
         used, misses = set(), []
-        for j, e in enumerate(rows[0].tolist()):
+        for j, e in enumerate(token_rows.tolist()):
             if e < 0:
                 continue
             if e in held:
-                used.add(held[e])
-                host_weights[held.pop(e)] = weights[0, j]
-                rows[0, j] = -1
+                slot = held.pop(e)
+                used.add(slot)
+                slot_weights[slot], token_rows[j] = token_weights[j], -1
             else:
                 misses.append((j, e))
         self.stats.decode_guessed_used += len(used)
@@ -573,10 +576,9 @@ class DecodeStreamer:
             if stream is not None:
                 self.began.record(stream)
             for slot, (j, e) in sent:
-                host_weights[slot] = weights[0, j]
-                rows[0, j] = -1
+                slot_weights[slot], token_rows[j] = token_weights[j], -1
                 self._copy(layer, bank, slot, e)
-            self.weights[bank].copy_(host_weights, non_blocking=True)
+            self.weights[bank].copy_(self.host_weights[bank], non_blocking=True)
             if stream is not None:
                 self.copied.record(stream)
         self._last_sent = len(sent)
