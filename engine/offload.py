@@ -175,7 +175,7 @@ class OffloadedExperts(nn.Module):
         hweights.copy_(weights, non_blocking=True)
         ready = runtime.ready
         streamer = runtime.streamer if N == 1 else None
-        guessed = None
+        guessed, following = None, None
         if streamer is not None and self.next_layer is not None:
             following, router = self.next_layer
             guess, _ = router(x)  # [1, k] (+ a shared expert's column, left out)
@@ -194,7 +194,7 @@ class OffloadedExperts(nn.Module):
             if streamer is not None:
                 streamer.send(self, hrows, hweights)
                 if guessed is not None:
-                    streamer.copy_ahead(self.next_layer[0], guessed)
+                    streamer.copy_ahead(following, guessed)
             begun = time.perf_counter()
             hout.copy_(ram_experts_forward(self.in_ram, hx, hrows, hweights))
             seconds = time.perf_counter() - begun
@@ -517,9 +517,8 @@ class DecodeStreamer:
             }
             for _ in range(DECODE_STREAM_BANKS)
         ]
-        # What each slot of each bank holds (or is being copied): (the layer's index, its RAM row).
+        # What each slot of each bank holds (or is being copied): (id of the layer, its RAM row).
         self.contents: list[list[tuple[int, int] | None]] = [[None] * DECODE_STREAM_SLOTS for _ in self.banks]
-        self.index = {id(layer): i for i, layer in enumerate(layers)}
         self.expert_bytes = sum(
             part[0].numel() * part.element_size() for pair in self.banks[0].values() for part in pair
         )
@@ -550,9 +549,8 @@ class DecodeStreamer:
         computed there; some of the others are copied in now; their weights go to the bank, and those
         pairs are marked -1 in `rows` so that the CPU leaves them."""
         self._measure_bus()
-        bank, index = layer.stream_bank, self.index[id(layer)]
-        contents = self.contents[bank]
-        held = {c[1]: slot for slot, c in enumerate(contents) if c is not None and c[0] == index}
+        bank, contents = layer.stream_bank, self.contents[layer.stream_bank]
+        held = {c[1]: slot for slot, c in enumerate(contents) if c is not None and c[0] == id(layer)}
         # Host buffers through numpy views: a torch indexing op per element costs microseconds, each layer.
         token_rows, token_weights = rows.numpy()[0], weights.numpy()[0]
         slot_weights = self.host_weights[bank].numpy()
@@ -588,11 +586,10 @@ class DecodeStreamer:
         """Host, in the previous offloaded layer's join: queue copies of the RAM experts that `layer`'s
         router picked for the previous layer's input (`guessed`: RAM rows [1, k], -1 for GPU experts) into
         `layer`'s bank, in slots that hold none of them already."""
-        bank, index = layer.stream_bank, self.index[id(layer)]
-        contents = self.contents[bank]
+        bank, contents = layer.stream_bank, self.contents[layer.stream_bank]
         wanted = list(dict.fromkeys(e for e in guessed[0].tolist() if e >= 0))[:DECODE_STREAM_SLOTS]
-        held = {c[1] for c in contents if c is not None and c[0] == index}
-        keep = {slot for slot, c in enumerate(contents) if c is not None and c[0] == index and c[1] in wanted}
+        keep = {slot for slot, c in enumerate(contents) if c is not None and c[0] == id(layer) and c[1] in wanted}
+        held = {contents[slot][1] for slot in keep}
         free = (slot for slot in range(DECODE_STREAM_SLOTS) if slot not in keep)
         stream = self.copy_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
@@ -605,7 +602,7 @@ class DecodeStreamer:
         for name, (stack, sz, _group, _in) in layer.in_ram.tiles.items():
             self.banks[bank][name][0][slot].copy_(stack[row], non_blocking=True)
             self.banks[bank][name][1][slot].copy_(sz[row], non_blocking=True)
-        self.contents[bank][slot] = (self.index[id(layer)], row)
+        self.contents[bank][slot] = (id(layer), row)
         self.stats.streamed_bytes += self.expert_bytes
 
     def computed_on_cpu(self, seconds: float, experts: int) -> None:

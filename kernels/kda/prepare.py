@@ -10,9 +10,8 @@ one reduction in registers and every input element is read once and every output
 may be strided views (the layer's projections are column slices of one product): each takes its own
 batch, token and head strides, channels contiguous, so no copy is made before the pass.
 
-The layer's GPU prefill is this pass, then chunk.py's kernels on its outputs. The same work inside the
-chunk kernels made the intra kernel spill registers heavily: 8.8 ms against 5.2 ms for this pass and the
-plain kernels (H200, T = 32k, B = 1, H = 32, K = V = 128).
+The layer's GPU prefill is this pass, then chunk.py's kernels on its outputs: the same work inside the
+chunk kernels made the intra kernel spill registers heavily, and the whole call slower (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def test_experts_copied_ahead_are_used_by_the_true_choice_and_not_copied_again(c
     bank = streamer.weights[layer.stream_bank]
     assert sorted(bank.tolist(), reverse=True)[:2] == [0.25, 0.0]
     # The bank's slot holding row 1 holds its tiles as they are in RAM.
-    slot = streamer.contents[layer.stream_bank].index((streamer.index[id(layer)], 1))
+    slot = streamer.contents[layer.stream_bank].index((id(layer), 1))
     assert bank[slot] == 0.25
     stack = layer.in_ram.tiles["w13"][0]
     assert torch.equal(streamer.banks[layer.stream_bank]["w13"][0][slot], stack[1])
