@@ -12,8 +12,9 @@ makes the step replayable:
   - every buffer it touches keeps its storage: the KDA states are updated in place, the MLA caches
     write into spare capacity (state.py), the input token and the outputs belong to the decoder;
   - nothing inside asks the host anything (the MoE takes a sync-free GEMV, kernels/moe), except where
-    the host has work of its own: with routed experts in RAM (engine/offload.py) each such MoE layer
-    hands its tokens to the CPU and adds what the CPU returns. There the recording is cut: the step is a
+    the host has work of its own: with routed experts in RAM that the GPU cannot read in place
+    (engine/offload.py: int8 or bf16 experts) each such MoE layer hands its tokens to the CPU and adds
+    what the CPU returns. There the recording is cut: the step is a
     list of pieces, each a graph and the host's step after it (the CPU's experts, through host buffers
     at fixed addresses), replayed in order; the pieces share one memory pool, which is safe because they
     replay in the order they were recorded, one after another;

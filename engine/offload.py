@@ -6,19 +6,16 @@ rows. The model's other parts, its state and its name table are those of the who
 does not depend on where the weights live, so a session read under one placement resumes under any
 other, and the quantized cache holds the stacked tensors whatever the placement.
 
-Decode (a few tokens): the router's choice and the tokens go to the host in one round trip; the GPU
-computes its chosen experts (the RAM ones masked with weight 0) while the CPU computes the RAM ones
-(int4 through PyTorch's CPU operator, int8 and bf16 dequantized per expert; torch's threads), and the
-CPU's sum comes back to be added on the GPU. The round trip goes through fixed (pinned) host buffers of
-the layer, so that a decode step can be recorded as CUDA graphs cut at the host's steps
-(engine/cuda_graph.py): the GPU's work from one layer's join to the next layer's hand-over is one graph.
-With a GPU and int4 experts, part of a one-token step's RAM experts goes over the bus instead, as the
-CPU operator's tiles, and is computed on the GPU (DecodeStreamer): the bus and the CPU read RAM side by
-side, each its share. A layer's copies would wait for the host to see its router's choice, so while a
-layer's choice is taken the next offloaded layer's router is applied to the same input (a guess: on the
-trained demo model it names 83-90% of the next layer's experts) and the guessed RAM experts are copied
-ahead, into the other of two banks of slots, while the GPU works; the next layer's true choice then finds
-most of its experts there and copies only the rest.
+Decode of one token, with a GPU and int4 experts (InPlaceDecode): the GPU computes the chosen RAM
+experts itself, reading their tiles over PCIe from pinned host memory, most of them gathered ahead into
+a bank of slots in GPU memory on the next layer's router's guess; no host step, so a decode step is one
+CUDA graph. Otherwise (a few tokens; int8 or bf16 experts; the CPU as the GPU side): the router's choice
+and the tokens go to the host in one round trip; the GPU computes its chosen experts (the RAM ones
+masked with weight 0) while the CPU computes the RAM ones (int4 through PyTorch's CPU operator, int8 and
+bf16 dequantized per expert; torch's threads), and the CPU's sum comes back to be added on the GPU. The
+round trip goes through fixed (pinned) host buffers of the layer, so that a decode step can be recorded
+as CUDA graphs cut at the host's steps (engine/cuda_graph.py): the GPU's work from one layer's join to
+the next layer's hand-over is one graph.
 
 Prefill (more than DECODE_MAX_TOKENS tokens): every expert of the layer is chosen by some token of a
 large chunk, so the layer's RAM experts are streamed to the GPU instead, into one of two staging slots
@@ -63,8 +60,6 @@ from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_row
 DECODE_MAX_TOKENS = 32
 # Experts per copy and relayout when streaming int4 tiles (bounds the relayout's temporaries).
 STREAM_BLOCK = 16
-# The weight of the newest measurement in the running means that balance the CPU against the bus.
-_MEAN_WEIGHT = 0.1
 # The RAM experts' int4 stacks in the CPU layout, each with the matrices it holds, top to bottom.
 JOINED = {"w13": ("w1", "w3"), "w2": ("w2",)}
 
@@ -78,7 +73,6 @@ class HostBuffers:
     rows: torch.Tensor
     weights: torch.Tensor
     out: torch.Tensor
-    guessed: torch.Tensor  # the next offloaded layer's RAM rows its router picks for x (DecodeStreamer)
 
 
 @dataclass
@@ -90,9 +84,6 @@ class OffloadStats:
     d2h_bytes: int = 0
     h2d_bytes: int = 0  # the CPU's sums going back
     streamed_bytes: int = 0  # RAM experts copied to the GPU side: prefill's staging slots, decode's
-    decode_streamed: int = 0  # decode: RAM experts computed on the GPU side (the rest on the CPU)
-    decode_guessed: int = 0  # decode: RAM experts copied ahead on the next layer's router's guess
-    decode_guessed_used: int = 0  # of those on the GPU side, the ones found in the bank (no copy on the choice)
     decode_calls: int = 0
     streamed_calls: int = 0
     extra: dict = field(default_factory=dict)
@@ -158,6 +149,8 @@ class OffloadedExperts(nn.Module):
         """As Experts.forward: x [N, D], ids and weights [N, k] -> [N, D] in x's dtype."""
         if x.shape[0] > self.runtime.decode_max_tokens:
             return self._streamed(x, ids, weights)
+        if x.shape[0] == 1 and self.runtime.in_place is not None:
+            return self._in_place(x, ids, weights)
         return self._split(x, ids, weights)
 
     def _split(self, x, ids, weights):
@@ -174,13 +167,6 @@ class OffloadedExperts(nn.Module):
         hrows.copy_(ram_rows, non_blocking=True)
         hweights.copy_(weights, non_blocking=True)
         ready = runtime.ready
-        streamer = runtime.streamer if N == 1 else None
-        guessed, following = None, None
-        if streamer is not None and self.next_layer is not None:
-            following, router = self.next_layer
-            guess, _ = router(x)  # [1, k] (+ a shared expert's column, left out)
-            guessed = host.guessed[:N]
-            guessed.copy_(following.ram_index[guess[:, : router.top_k]], non_blocking=True)
 
         def handed_over():  # the copies to the host are queued: mark the point the host waits for
             if ready is not None:
@@ -191,16 +177,9 @@ class OffloadedExperts(nn.Module):
             start = time.perf_counter()
             if ready is not None:
                 ready.synchronize()
-            if streamer is not None:
-                streamer.send(self, hrows, hweights)
-                if guessed is not None:
-                    streamer.copy_ahead(following, guessed)
             begun = time.perf_counter()
             hout.copy_(ram_experts_forward(self.in_ram, hx, hrows, hweights))
             seconds = time.perf_counter() - begun
-            if streamer is not None:
-                streamer.computed_on_cpu(seconds, int((hrows >= 0).sum()))
-                streamer.arrive()
             stats.wait_seconds += begun - start
             stats.cpu_seconds += seconds
             stats.decode_calls += 1
@@ -216,8 +195,20 @@ class OffloadedExperts(nn.Module):
         else:
             runtime.host_step(lambda: (handed_over(), join()))
             out = hout.to(x.device, non_blocking=True, copy=True)
-        if streamer is not None:
-            out = out + streamer.forward(x, self.stream_bank)
+        return out.to(x.dtype)
+
+    def _in_place(self, x, ids, weights):
+        """Decode of one token with InPlaceDecode: the guess for the next offloaded layer queued first (its
+        gather then overlaps this layer's work), the GPU's experts, then the RAM ones read by the GPU."""
+        decoder = self.runtime.in_place
+        if self.next_layer is not None:
+            following, router = self.next_layer
+            guess, _ = router(x)  # [1, k] (+ a shared expert's column, left out)
+            decoder.gather(following, following.ram_index[guess[0, : router.top_k]])
+        gpu_rows, ram_rows = self.gpu_index[ids], self.ram_index[ids]  # [1, k], -1 on the other side
+        out = decoder.forward(self, x, ram_rows[0], weights[0])
+        if self.gpu_ids:
+            out = out + self.on_gpu(x, gpu_rows.clamp(min=0), torch.where(gpu_rows >= 0, weights, 0.0)).float()
         return out.to(x.dtype)
 
     def _host_buffers(self, x: torch.Tensor, weights: torch.Tensor) -> "HostBuffers":
@@ -233,9 +224,6 @@ class OffloadedExperts(nn.Module):
                 rows=torch.empty(n, k, dtype=torch.int64, pin_memory=pin),
                 weights=torch.empty(n, k, dtype=weights.dtype, pin_memory=pin),
                 out=torch.empty(n, x.shape[-1], dtype=torch.float32, pin_memory=pin),
-                guessed=torch.empty(
-                    n, self.next_layer[1].top_k if self.next_layer else k, dtype=torch.int64, pin_memory=pin
-                ),
             )
         return host
 
@@ -485,28 +473,26 @@ def _shape_source(layer: OffloadedExperts, name: str):
     return None
 
 
-class DecodeStreamer:
-    """At decode, part of a token's RAM experts copied to the GPU side and computed there while the CPU
-    computes the others: the bus and the CPU's cores read RAM side by side, so a token's RAM experts take
-    about the time of the slower share instead of all of them on the CPU.
+class InPlaceDecode:
+    """At decode (one token), the chosen RAM experts computed by the GPU where they are, with no host step:
+    a decode step is one CUDA graph.
 
-    The copies carry the CPU operator's int4 tiles as they are into DECODE_STREAM_SLOTS slots of the
-    layer's bank (two banks, the offloaded layers alternating between them), and kernels/moe's
-    `streamed_experts` computes them there with the slots' mixing weights (0 for a slot not used).
-    Two kinds of copies fill a bank, in the copy stream's order:
-    - ahead (`copy_ahead`, in the previous offloaded layer's join): the RAM experts the layer's router
-      picks for the previous layer's input. They overlap the GPU's work on the previous layer and the
-      layer's attention. A bank is written ahead only after the host has seen the GPU pass the previous
-      layer's hand-over, which comes after the bank's last reader (two offloaded layers before).
-    - on the true choice (`send`, in the layer's join): the chosen RAM experts already in the bank are
-      used as they are; of the others, how many go over the bus is the share that makes both sides
-      finish together, from running means of the CPU's seconds per expert and the bus's (timed by events
-      on the copy stream), counted in whole experts; half until both are measured. `share`, when set,
-      fixes the fraction instead (tests).
-    One token per step only: a step of several tokens computes on the CPU."""
+    A layer's RAM experts live in pinned host memory as the CPU operator's int4 tiles (prepare_ram), and
+    kernels/moe's `streamed_experts` reads the chosen ones over PCIe in place. One layer's few experts
+    read that way cost the bus's latency more than its bandwidth, and the GPU would wait on them each
+    layer, so they are fetched ahead on a guess: the next offloaded layer's router is applied to this
+    layer's input (on a trained model it names most of the next layer's choice: 83-90% on the demo
+    model), and the RAM experts it picks are gathered into that layer's bank of DECODE_STREAM_SLOTS slots
+    in GPU memory on a side stream, while the GPU works through this layer and the next one's attention.
+    The next layer's true choice reads the experts it finds in its bank from there and only the others
+    over the bus. Banks alternate over the offloaded layers; a bank is emptied (its rows marked -1) once
+    read, so that an expert gathered for one layer is never taken for another's.
 
-    def __init__(self, layers: list[OffloadedExperts], device: torch.device, stats: OffloadStats):
-        self.device, self.stats = device, stats
+    `counts` (on the device, read with `take_counts`): experts read in place over the bus, gathered ahead,
+    found in the bank."""
+
+    def __init__(self, layers: list[OffloadedExperts], device: torch.device):
+        self.device = device
         tiles = layers[0].in_ram.tiles
         self.banks = [
             {
@@ -517,118 +503,60 @@ class DecodeStreamer:
             }
             for _ in range(DECODE_STREAM_BANKS)
         ]
-        # What each slot of each bank holds (or is being copied): (id of the layer, its RAM row).
-        self.contents: list[list[tuple[int, int] | None]] = [[None] * DECODE_STREAM_SLOTS for _ in self.banks]
+        # The RAM row of the layer each slot holds, -1 for none.
+        self.held = [torch.full((DECODE_STREAM_SLOTS,), -1, dtype=torch.int64, device=device) for _ in self.banks]
         self.expert_bytes = sum(
             part[0].numel() * part.element_size() for pair in self.banks[0].values() for part in pair
         )
-        cuda = device.type == "cuda"
-        self.host_weights = [torch.zeros(DECODE_STREAM_SLOTS, dtype=torch.float32, pin_memory=cuda) for _ in self.banks]
-        self.weights = [torch.zeros(DECODE_STREAM_SLOTS, dtype=torch.float32, device=device) for _ in self.banks]
-        self.copy_stream = torch.cuda.Stream(device) if cuda else None
-        self.began, self.copied = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if cuda else (None, None)
-        self.cpu_seconds_per_expert: float | None = None
-        self.bus_seconds_per_expert: float | None = None
-        self.share: float | None = None
-        self._last_sent = 0
+        self.counts = torch.zeros(3, dtype=torch.int64, device=device)
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.gathered: list[torch.cuda.Event | None] = [None] * len(self.banks)
 
-    def how_many(self, chosen: int, room: int = DECODE_STREAM_SLOTS) -> int:
-        """Of `chosen` RAM experts, how many to stream into `room` free slots: with both rates measured,
-        the count whose slower side finishes first (the fewer streamed on a tie), else the fixed share or
-        half."""
-        cpu, bus = self.cpu_seconds_per_expert, self.bus_seconds_per_expert
-        most = min(chosen, room)
-        if self.share is None and cpu is not None and bus is not None:
-            return min(range(most + 1), key=lambda n: (max(n * bus, (chosen - n) * cpu), n))
-        fraction = 0.5 if self.share is None else self.share
-        return max(0, min(round(chosen * fraction), most))
+    def gather(self, layer: OffloadedExperts, rows: torch.Tensor) -> None:
+        """Queue on the side stream the gather of `layer`'s RAM rows `rows` [k] (-1: an expert on the GPU)
+        into its bank. The side stream first waits for the work queued so far: the guess, and the
+        reads of the bank by the layer before (two offloaded layers back)."""
+        from kimi_desk.kernels.moe import gather_rows
 
-    def send(self, layer: OffloadedExperts, rows: torch.Tensor, weights: torch.Tensor) -> None:
-        """Host, in the join of a one-token step, the GPU past the layer's hand-over: the token's RAM
-        experts (`rows`, `weights`: the host buffers [1, k]) that the layer's bank already holds are
-        computed there; some of the others are copied in now; their weights go to the bank, and those
-        pairs are marked -1 in `rows` so that the CPU leaves them."""
-        self._measure_bus()
-        bank, contents = layer.stream_bank, self.contents[layer.stream_bank]
-        held = {c[1]: slot for slot, c in enumerate(contents) if c is not None and c[0] == id(layer)}
-        # Host buffers through numpy views: a torch indexing op per element costs microseconds, each layer.
-        token_rows, token_weights = rows.numpy()[0], weights.numpy()[0]
-        slot_weights = self.host_weights[bank].numpy()
-        slot_weights[:] = 0
-        used, misses = set(), []
-        for j, e in enumerate(token_rows.tolist()):
-            if e < 0:
-                continue
-            if e in held:
-                slot = held.pop(e)
-                used.add(slot)
-                slot_weights[slot], token_rows[j] = token_weights[j], -1
-            else:
-                misses.append((j, e))
-        self.stats.decode_guessed_used += len(used)
-        self.stats.decode_streamed += len(used)
-        free = [slot for slot in range(DECODE_STREAM_SLOTS) if slot not in used]
-        sent = list(zip(free, misses[: self.how_many(len(misses), len(free))]))
-        stream = self.copy_stream
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            if stream is not None:
-                self.began.record(stream)
-            for slot, (j, e) in sent:
-                slot_weights[slot], token_rows[j] = token_weights[j], -1
-                self._copy(layer, bank, slot, e)
-            self.weights[bank].copy_(self.host_weights[bank], non_blocking=True)
-            if stream is not None:
-                self.copied.record(stream)
-        self._last_sent = len(sent)
-        self.stats.decode_streamed += len(sent)
+        bank, held = self.banks[layer.stream_bank], self.held[layer.stream_bank]
+        rows = rows[:DECODE_STREAM_SLOTS]
+        side = self.side
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            rows.record_stream(side)  # made on the main stream: not reused until the side stream is done
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            for name, (stack, sz, _group, _in) in layer.in_ram.tiles.items():
+                gather_rows(stack, rows, bank[name][0])
+                gather_rows(sz, rows, bank[name][1])
+            held[: rows.shape[0]].copy_(rows)
+            self.counts[1] += (rows >= 0).sum()
+            if side is not None:
+                self.gathered[layer.stream_bank] = torch.cuda.Event()
+                self.gathered[layer.stream_bank].record(side)
 
-    def copy_ahead(self, layer: OffloadedExperts, guessed: torch.Tensor) -> None:
-        """Host, in the previous offloaded layer's join: queue copies of the RAM experts that `layer`'s
-        router picked for the previous layer's input (`guessed`: RAM rows [1, k], -1 for GPU experts) into
-        `layer`'s bank, in slots that hold none of them already."""
-        bank, contents = layer.stream_bank, self.contents[layer.stream_bank]
-        wanted = list(dict.fromkeys(e for e in guessed[0].tolist() if e >= 0))[:DECODE_STREAM_SLOTS]
-        keep = {slot for slot, c in enumerate(contents) if c is not None and c[0] == id(layer) and c[1] in wanted}
-        held = {contents[slot][1] for slot in keep}
-        free = (slot for slot in range(DECODE_STREAM_SLOTS) if slot not in keep)
-        stream = self.copy_stream
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            for e in wanted:
-                if e not in held:
-                    self._copy(layer, bank, next(free), e)
-                    self.stats.decode_guessed += 1
-
-    def _copy(self, layer: OffloadedExperts, bank: int, slot: int, row: int) -> None:
-        for name, (stack, sz, _group, _in) in layer.in_ram.tiles.items():
-            self.banks[bank][name][0][slot].copy_(stack[row], non_blocking=True)
-            self.banks[bank][name][1][slot].copy_(sz[row], non_blocking=True)
-        self.contents[bank][slot] = (id(layer), row)
-        self.stats.streamed_bytes += self.expert_bytes
-
-    def computed_on_cpu(self, seconds: float, experts: int) -> None:
-        if experts:
-            self.cpu_seconds_per_expert = _running_mean(self.cpu_seconds_per_expert, seconds / experts)
-
-    def arrive(self) -> None:
-        """Host: the GPU side's next work waits for the layer's copies (those queued ahead included)."""
-        if self.copied is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.copied)
-
-    def forward(self, x: torch.Tensor, bank: int) -> torch.Tensor:
-        """The bank's experts for x [1, D] -> [1, D] float32 (recorded in a decode graph: fixed buffers)."""
+    def forward(self, layer: OffloadedExperts, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor):
+        """x [1, D], the token's RAM rows [k] (-1: a GPU expert) and weights [k] -> the RAM experts' sum
+        [1, D] float32: those found in the layer's bank read from it, the others from RAM over the bus."""
         from kimi_desk.kernels.moe import streamed_experts
 
-        slots = self.banks[bank]
-        return streamed_experts(x, slots["w13"], slots["w2"], self.weights[bank])
+        gathered = self.gathered[layer.stream_bank]
+        if gathered is not None:
+            torch.cuda.current_stream(self.device).wait_event(gathered)
+            self.gathered[layer.stream_bank] = None
+        bank, held = self.banks[layer.stream_bank], self.held[layer.stream_bank]
+        tiles = layer.in_ram.tiles
+        out = streamed_experts(
+            x, tiles["w13"][:2], tiles["w2"][:2], rows, weights, (bank["w13"], bank["w2"], held), self.counts
+        )
+        held.fill_(-1)
+        return out
 
-    def _measure_bus(self) -> None:
-        if self._last_sent and self.copied is not None and self.copied.query():
-            seconds = self.began.elapsed_time(self.copied) / 1e3 / self._last_sent
-            self.bus_seconds_per_expert = _running_mean(self.bus_seconds_per_expert, seconds)
-
-
-def _running_mean(mean: float | None, value: float) -> float:
-    return value if mean is None else (1 - _MEAN_WEIGHT) * mean + _MEAN_WEIGHT * value
+    def take_counts(self) -> dict:
+        """Experts read over the bus, gathered ahead and found in the bank since the last call (a host
+        step: the GPU is waited for)."""
+        over_bus, gathered, found = self.counts.tolist()
+        self.counts.zero_()
+        return {"read_in_place": over_bus, "gathered": gathered, "found": found}
 
 
 @dataclass
@@ -638,7 +566,7 @@ class OffloadRuntime:
 
     stats: OffloadStats
     stager: Stager | None = None
-    streamer: "DecodeStreamer | None" = None
+    in_place: "InPlaceDecode | None" = None
     decode_max_tokens: int = DECODE_MAX_TOKENS
     ready: torch.cuda.Event | None = None
     # Set by engine/cuda_graph.py while it records a decode step: ends the graph being recorded, to run
@@ -694,7 +622,7 @@ def finish_offload(model: nn.Module, decode_max_tokens: int = DECODE_MAX_TOKENS)
     )
     for layer in layers:
         layer.finish(device, runtime)
-    # Each offloaded layer's decode bank, and the next one's router for the guess (DecodeStreamer).
+    # Each offloaded layer's decode bank, and the next one's router for the guess (InPlaceDecode).
     routed = [moe for moe in model.modules() if isinstance(getattr(moe, "experts", None), OffloadedExperts)]
     for i, moe in enumerate(routed):
         moe.experts.stream_bank = i % DECODE_STREAM_BANKS
@@ -702,7 +630,7 @@ def finish_offload(model: nn.Module, decode_max_tokens: int = DECODE_MAX_TOKENS)
             moe.experts.next_layer = (routed[i + 1].experts, routed[i + 1].gate)
     runtime.stager = Stager(layers, device, stats)
     if device.type == "cuda" and all(getattr(layer.in_ram, "tiles", None) for layer in layers):
-        runtime.streamer = DecodeStreamer(layers, device, stats)
+        runtime.in_place = InPlaceDecode(layers, device)
     model.offload = runtime
     return runtime
 

@@ -10,9 +10,9 @@ for, the KDA states (and the copy a chat turn branches from), one prefill chunk'
 many routed experts as fit, the most used first where usage is known (engine/usage.py: counted while
 documents are read; chosen over every (layer, expert) pair, so a layer whose choices are concentrated
 holds fewer than one whose choices are spread), else the same number in every MoE layer; the others
-stay in system RAM, computed there at decode and streamed to the GPU at prefill (engine/offload.py), which
-needs two staging slots of one layer's routed experts on the GPU, and two banks of DECODE_STREAM_SLOTS
-experts' room for the decode token's RAM experts that go over the bus.
+stay in system RAM, read there by the GPU at decode and streamed to the GPU at prefill (engine/offload.py),
+which needs two staging slots of one layer's routed experts on the GPU, and two banks of
+DECODE_STREAM_SLOTS experts' room for the decode token's RAM experts gathered ahead of the choice.
 
 Pure logic over the config: the bytes come from memory.py's per-parameter rule, so the plan, the check
 before loading and what loading allocates agree. Refusals are one line (PlacementError) and name the
@@ -37,11 +37,11 @@ GPU_MARGIN_BYTES = 3 * GIB // 2
 CPU_MARGIN_BYTES = 2 * GIB
 # Staging slots for prefill's streamed experts (double buffering: one filling while the other computes).
 STAGING_SLOTS = 2
-# Experts' room on the GPU for decode's streamed RAM experts (engine/offload.py's DecodeStreamer): at
-# most this many of a token's RAM experts of one layer are computed on the GPU side.
+# Experts' room on the GPU for decode's RAM experts gathered ahead on a guess (engine/offload.py's
+# InPlaceDecode): a router's top k.
 DECODE_STREAM_SLOTS = 8
-# Banks of those slots: a layer's guessed experts are copied into one while the previous layer's are read
-# from the other.
+# Banks of those slots: a layer's guessed experts are gathered into one while the previous layer's are
+# read from the other.
 DECODE_STREAM_BANKS = 2
 
 _UNITS = {

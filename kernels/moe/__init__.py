@@ -17,14 +17,16 @@ then two launches of tiled products, each expert's weights shared by all of its 
 host synchronisation. The CPU, and KIMI_DESK_KERNELS=torch, take the grouped PyTorch path (one product
 per chosen expert, which asks the host which experts were chosen).
 
-`streamed_experts(x, gate_up, down, weights)`: a decode token's experts that engine/offload.py copied
-from system RAM to the GPU in PyTorch's CPU int4 layout, computed there without a relayout (streamed.py).
+`streamed_experts(x, gate_up, down, rows, weights)`: a decode token's experts held in PyTorch's CPU int4
+layout, in pinned system RAM or in a bank of GPU slots they were gathered into (`gather_rows`), computed on
+the GPU where they are, without a relayout or a host step (streamed.py).
 """
 
 import torch
 
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.moe.naive import (
+    gather_rows_torch,
     route_topk_torch,
     routed_experts_gathered,
     routed_experts_grouped,
@@ -34,6 +36,7 @@ from kimi_desk.kernels.moe.naive import (
 from kimi_desk.kernels.quant import GEMV_MAX_TOKENS as QUANT_GEMV_MAX_TOKENS
 
 __all__ = [
+    "gather_rows",
     "route_topk",
     "routed_experts",
     "routed_experts_gathered",
@@ -95,11 +98,21 @@ def routed_experts(x, ids, weights, w1, w2, w3, scales=None, out_dtype=None):
     return out if out_dtype is None else out.to(out_dtype)
 
 
-def streamed_experts(x, gate_up, down, weights):
-    """A decode token's experts copied to the GPU in the CPU operator's int4 tiles, computed there
-    (streamed.py): [1, D] float32."""
+def streamed_experts(x, gate_up, down, rows, weights, bank=None, counts=None):
+    """A decode token's experts in the CPU operator's int4 tiles, stack rows `rows` (-1: none), those a
+    slot of `bank` holds read from there, computed by the GPU where they are (streamed.py): [1, D]
+    float32."""
     if use_triton(x):
         from kimi_desk.kernels.moe.streamed import streamed_experts_triton
 
-        return streamed_experts_triton(x, gate_up, down, weights)
-    return streamed_experts_torch(x, gate_up, down, weights)
+        return streamed_experts_triton(x, gate_up, down, rows, weights, bank, counts)
+    return streamed_experts_torch(x, gate_up, down, rows, weights, bank, counts)
+
+
+def gather_rows(src, rows, dst) -> None:
+    """dst[s] = src[rows[s]] where rows[s] >= 0; on CUDA one launch, src possibly in pinned host memory."""
+    if use_triton(dst):
+        from kimi_desk.kernels.moe.streamed import gather_rows_triton
+
+        return gather_rows_triton(src, rows, dst)
+    return gather_rows_torch(src, rows, dst)

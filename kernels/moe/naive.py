@@ -144,19 +144,43 @@ def routed_experts_gathered(x, ids, weights, w1, w2, w3, scales=None):
     return (ye.float() * weights.reshape(-1, 1)).view(N, k, -1).sum(1)
 
 
-def streamed_experts_torch(x, gate_up, down, weights, layout=None):
-    """Routed experts in slots holding the CPU operator's int4 tiles (streamed.py has the layout; `layout`
-    defaults to this machine's): x [1, D], gate_up and down (tiles, scales) stacked over S slots, weights
-    [S] (0: an empty slot) -> the weighted sum of the slot experts, [1, D] float32. The tiles dequantized
-    to float32, then the products."""
+def streamed_experts_torch(x, gate_up, down, rows, weights, bank=None, counts=None, layout=None):
+    """Routed experts from stacks holding the CPU operator's int4 tiles (streamed.py has the layout and
+    the arguments; `layout` defaults to this machine's) -> the weighted sum of the pairs' experts, [1, D]
+    float32. The chosen tiles dequantized to float32, then the products."""
+    stack_rows = rows.clamp(min=0)
+    slot = torch.full_like(rows, -1)
+    if bank is not None:
+        match = (rows[:, None] == bank[2][None, :]) & (rows[:, None] >= 0)
+        slot = torch.where(match.any(1), match.int().argmax(1), -1)
+    if counts is not None:
+        counts[0] += ((rows >= 0) & (slot < 0)).sum()
+        counts[2] += (slot >= 0).sum()
 
-    def dense(tiles, scales):
+    def chosen(stack, bank_stack):
+        picked = stack[stack_rows.to(stack.device)].to(x.device)
+        if bank_stack is None:
+            return picked
+        from_bank = bank_stack[slot.clamp(min=0).to(bank_stack.device)].to(x.device)
+        keep = (slot < 0).view(-1, *[1] * (picked.dim() - 1)).to(x.device)
+        return torch.where(keep, picked, from_bank)
+
+    def dense(pair, bank_pair):
+        tiles, scales = (chosen(t, None if bank_pair is None else b) for t, b in zip(pair, bank_pair or (None, None)))
         return dequantize_int4_groups(
             tiles_to_codes(tiles, tiles.shape[-2], layout), *tiles_to_scales(scales), torch.float32
         )  # [S, O, D]
 
-    w13, w2 = dense(*gate_up), dense(*down)
+    bank_gate_up, bank_down = bank[:2] if bank is not None else (None, None)
+    w13, w2 = dense(gate_up, bank_gate_up), dense(down, bank_down)
     gate, up = torch.einsum("sod,d->so", w13, x.reshape(-1).float()).chunk(2, dim=-1)
     y = torch.einsum("sdi,si->sd", w2, F.silu(gate) * up)
-    # An empty slot's bytes may be anything (never written): its products are left out, not weighted 0.
-    return torch.where(weights.view(-1, 1) != 0, y * weights.view(-1, 1), 0.0).sum(0, keepdim=True)
+    # A pair of row -1 is left out, not weighted 0 (its row 0 stands in and may hold anything).
+    return torch.where(rows.view(-1, 1) >= 0, y * weights.view(-1, 1), 0.0).sum(0, keepdim=True)
+
+
+def gather_rows_torch(src, rows, dst) -> None:
+    """dst[s] = src[rows[s]] where rows[s] >= 0, the others left as they are."""
+    for s, row in enumerate(rows.tolist()):
+        if row >= 0:
+            dst[s].copy_(src[row])

@@ -3,22 +3,29 @@
 Experts kept in system RAM hold only PyTorch's CPU int4 layout (kernels/quant/cpu.py's CpuInt4Layout,
 which depends on the CPU): each matrix in blocks of R output rows, a block [D, R / 2] bytes, byte (d, j)
 holding input d's code of two rows (j and j + R / 2, or 2j and 2j + 1), with a bf16 scale and midpoint
-per group of inputs ([D / g, O, 2]). When
-engine/offload.py copies some of a token's RAM experts to the GPU over PCIe instead of computing them on
-the CPU, the copies land in a few slots in that layout, and this module computes them there: no
-relayout to kernels/quant's layout (which would cost a dozen passes over the slots each layer).
+per group of inputs ([D / g, O, 2]). At decode engine/offload.py has the GPU compute a token's RAM
+experts in that layout where they are: in pinned host memory, read over PCIe by the kernel itself, or
+in a bank of slots in GPU memory that the experts were gathered into ahead of the choice. No relayout to
+kernels/quant's layout (which would cost a dozen passes each layer) and no host step.
 
-`streamed_experts_triton(x, gate_up, down, weights)`: x [1, D]; gate_up = (tiles [S, 2I, D / 2] uint8, scales
-[S, D / g, 2I, 2] bf16): the slot experts' w1 and w3 joined (w1's rows first); down = (tiles [S, D, I /
-2], scales [S, I / g, D, 2]); weights [S] float32, each slot's mixing weight, 0 for an empty slot.
-Returns sum_s weights[s] * w2_s (SiLU(w1_s x) * w3_s x), [1, D] float32.
+`streamed_experts_triton(x, gate_up, down, rows, weights, bank=None, counts=None)`: x [1, D]; gate_up =
+(tiles [E, 2I, D / 2] uint8, scales [E, D / g, 2I, 2] bf16): a stack of experts' w1 and w3 joined (w1's
+rows first); down = (tiles [E, D, I / 2], scales [E, I / g, D, 2]); rows [S] int64, the stack row of each
+of the token's S pairs (-1: none), weights [S] float32 their mixing weights. Returns sum over the pairs
+of weights[s] * w2 (SiLU(w1 x) * w3 x) of the pair's expert, [1, D] float32. The stack may live in
+pinned host memory. `bank` = (gate_up, down, held): slots of the same form and held [K], the stack row
+each slot holds (-1: none); a pair whose row a slot holds reads that slot instead of the stack. `counts`
+[3] int64: the pairs read from the stack are added to counts[0], those found in the bank to counts[2].
 
-`tiled_int4_gemv_kernel`, one program per (slot, block of R output rows): the block's [BD, R / 2] bytes
-along the input (BD: whole groups, up to 256 inputs a step), both halves of each byte against the same
-inputs, each group's scale and midpoint applied to its sums ((q - 8) s + z: s * sum (q - 8) x + z *
-sum x). A slot of weight 0 writes zeros and reads nothing, so empty slots cost a launch's programs
-only. Two launches (gate and up, then down, SiLU taken on the way in) and a weighted sum over the
-slots. Products in float32, sums in float32.
+`tiled_int4_gemv_kernel`, one program per (pair, block of R output rows): the pair's slot looked up in
+`held` (K loads), then the block's [BD, R / 2] bytes along the input (BD: whole groups, up to 256 inputs
+a step), both halves of each byte against the same inputs, each group's scale and midpoint applied to
+its sums ((q - 8) s + z: s * sum (q - 8) x + z * sum x). A pair of row -1 writes zeros and reads
+nothing. Two launches (gate and up, then down, SiLU taken on the way in) and a weighted sum over the
+pairs. Products in float32, sums in float32.
+
+`gather_rows_triton(src, rows, dst)`: dst[s] = src[rows[s]], a copy the GPU makes from pinned host memory
+with no host step (the bank's fill).
 """
 
 from __future__ import annotations
@@ -36,10 +43,17 @@ from kimi_desk.kernels.quant.cpu import CpuInt4Layout, cpu_int4_layout
 def tiled_int4_gemv_kernel(
     tiles,
     scales,
+    bank_tiles,
+    bank_scales,
+    held,
+    counts,
     x,
-    weights,
+    rows,
     out,
     stride_x,
+    SLOTS: tl.constexpr,
+    BLOCK_SLOTS: tl.constexpr,
+    COUNT: tl.constexpr,
     D: tl.constexpr,
     O: tl.constexpr,
     GROUP: tl.constexpr,
@@ -61,12 +75,24 @@ def tiled_int4_gemv_kernel(
         o_lo = i_t * ROWS + 2 * o_r
         o_hi = o_lo + 1
     p_out = out + i_s * O
-    if tl.load(weights + i_s) == 0.0:
+    row = tl.load(rows + i_s).to(tl.int64)
+    if row < 0:
         tl.store(p_out + o_lo, tl.zeros([HALF], dtype=tl.float32))
         tl.store(p_out + o_hi, tl.zeros([HALF], dtype=tl.float32))
         return
-    p_tiles = tiles + i_s * (O * D // 2) + i_t * (D * HALF)
-    p_scales = scales + i_s * (D // GROUP * O * 2)
+    slot = -1
+    if SLOTS > 0:  # the bank's slot holding this row, if one does
+        o_k = tl.arange(0, BLOCK_SLOTS)
+        slot = tl.max(tl.where(tl.load(held + o_k, mask=o_k < SLOTS, other=-1) == row, o_k, -1))
+    if COUNT:
+        if i_t == 0:
+            tl.atomic_add(counts + tl.where(slot >= 0, 2, 0), 1)
+    if slot >= 0:
+        p_tiles = bank_tiles + slot.to(tl.int64) * (O * D // 2) + i_t * (D * HALF)
+        p_scales = bank_scales + slot.to(tl.int64) * (D // GROUP * O * 2)
+    else:
+        p_tiles = tiles + row * (O * D // 2) + i_t * (D * HALF)
+        p_scales = scales + row * (D // GROUP * O * 2)
     NG: tl.constexpr = BD // GROUP  # whole groups in a step along the input
     o_g = tl.arange(0, NG)
     b_lo = tl.zeros([HALF], dtype=tl.float32)
@@ -94,26 +120,74 @@ def tiled_int4_gemv_kernel(
     tl.store(p_out + o_hi, b_hi)
 
 
-def _tiled_gemv(tiles, scales, x, weights, stride_x, gated, layout: CpuInt4Layout):
-    S, O, half_D = tiles.shape
+def _tiled_gemv(stack, bank, held, counts, x, rows, stride_x, gated, layout: CpuInt4Layout):
+    tiles, scales = stack
+    S = rows.shape[0]
+    _, O, half_D = tiles.shape
     D = half_D * 2
     group = D // scales.shape[1]
-    out = torch.empty(S, O, dtype=torch.float32, device=tiles.device)
+    out = torch.empty(S, O, dtype=torch.float32, device=x.device)
     step = group  # whole groups a step, up to 256 inputs: few, long loads
     while 2 * step <= 256 and D % (2 * step) == 0:
         step *= 2
-    rows, split = layout
-    tiled_int4_gemv_kernel[(S, O // rows)](
-        tiles, scales, x, weights, out, stride_x, D, O, group, step, gated, rows, split, **pdl_launch(tiles)
+    block_rows, split = layout
+    bank_tiles, bank_scales = bank if bank is not None else stack
+    tiled_int4_gemv_kernel[(S, O // block_rows)](
+        tiles,
+        scales,
+        bank_tiles,
+        bank_scales,
+        rows if held is None else held,
+        rows if counts is None else counts,
+        x,
+        rows,
+        out,
+        stride_x,
+        0 if held is None else held.shape[0],
+        1 if held is None else triton.next_power_of_2(held.shape[0]),
+        counts is not None,
+        D,
+        O,
+        group,
+        step,
+        gated,
+        block_rows,
+        split,
+        **pdl_launch(x),
     )
     return out
 
 
-def streamed_experts_triton(x, gate_up, down, weights, layout: CpuInt4Layout | None = None):
-    """The module docstring's sum over the slots, [1, D] float32, in two Triton launches and a sum
+def streamed_experts_triton(
+    x, gate_up, down, rows, weights, bank=None, counts=None, layout: CpuInt4Layout | None = None
+):
+    """The module docstring's sum over the pairs, [1, D] float32, in two Triton launches and a sum
     (naive.streamed_experts_torch is the reference); the tiles in `layout`, by default this machine's."""
     S = weights.shape[0]
     layout = layout or cpu_int4_layout()
-    gate_up_out = _tiled_gemv(*gate_up, x.reshape(-1).contiguous(), weights, 0, False, layout)  # [S, 2I]
-    down_out = _tiled_gemv(*down, gate_up_out, weights, gate_up_out.shape[1], True, layout)  # [S, D]
+    bank_gate_up, bank_down, held = bank if bank is not None else (None, None, None)
+    gate_up_out = _tiled_gemv(gate_up, bank_gate_up, held, counts, x.reshape(-1).contiguous(), rows, 0, False, layout)
+    down_out = _tiled_gemv(down, bank_down, held, None, gate_up_out, rows, gate_up_out.shape[1], True, layout)
     return (down_out * weights.view(S, 1)).sum(0, keepdim=True)
+
+
+@triton.jit
+def gather_rows_kernel(src, dst, rows, WORDS: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[s] = src[rows[s]] for rows[s] >= 0, rows of WORDS 32-bit words; one program per (s, block)."""
+    i_s, i_b = tl.program_id(0), tl.program_id(1)
+    row = tl.load(rows + i_s).to(tl.int64)
+    if row < 0:
+        return
+    o = i_b * BLOCK + tl.arange(0, BLOCK)
+    mask = o < WORDS
+    tl.store(dst + i_s * WORDS + o, tl.load(src + row * WORDS + o, mask=mask), mask=mask)
+
+
+def gather_rows_triton(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst[s] = src[rows[s]] where rows[s] >= 0 (others left as they are), with no host step: src may be
+    pinned host memory, read by the GPU in place. Rows of a multiple of 4 bytes."""
+    words = src[0].numel() * src.element_size() // 4
+    block = 4096
+    gather_rows_kernel[(rows.shape[0], triton.cdiv(words, block))](
+        src.view(torch.int32), dst.view(torch.int32), rows, words, block
+    )

@@ -159,15 +159,11 @@ def time_budget(
         state, token = warm_state(model, ctx, ids[:, :1], gen)
         d = {"context": ctx, **time_eager_decode(model, state, token)}
         d.update(time_graph_decode(model, state, token))
-        streamer = model.offload.streamer if model.offload is not None else None
-        if streamer is not None:  # the same steps with every RAM expert on the CPU, for comparison
-            d.update(
-                cpu_ms_per_expert=(streamer.cpu_seconds_per_expert or 0) * 1e3,
-                bus_ms_per_expert=(streamer.bus_seconds_per_expert or 0) * 1e3,
-            )
-            model.offload.streamer = None
+        in_place = model.offload.in_place if model.offload is not None else None
+        if in_place is not None:  # the same steps with every RAM expert on the CPU, for comparison
+            model.offload.in_place = None
             d.update({f"cpu_only_{k}": v for k, v in time_graph_decode(model, state, token).items()})
-            model.offload.streamer = streamer
+            model.offload.in_place = in_place
         log(f"budget {budget_text}: decode at {ctx:,}: {d}")
         row["decode"].append(d)
         del state
@@ -211,7 +207,9 @@ def time_graph_decode(model, state, token, steps: int = 20) -> dict:
     CUDA events; the copies to and from the host included); of it, the copies alone (one graph of every
     split layer's round-trip copies, CUDA events); the CPU's expert products and the host's wait for the
     GPU (host timers, offload stats); host_other_ms, the rest of the host's time (launches, waking up);
-    the RAM experts a token had computed on the GPU side (engine/offload.py's DecodeStreamer).
+    with the RAM experts read by the GPU (engine/offload.py's InPlaceDecode), per token: those read over
+    the bus on the choice, those gathered ahead on the guess, those of the choice found gathered, and the
+    bytes over PCIe (the first two).
     The back-to-back replays leave the state meaningless: the last thing done with it."""
     from kimi_desk.bench.model import chained_ms_per_token, chained_replays
     from kimi_desk.engine.cuda_graph import GraphDecoder
@@ -219,9 +217,13 @@ def time_graph_decode(model, state, token, steps: int = 20) -> dict:
     decoder = GraphDecoder(model, state)
     token = chained_replays(decoder, token, 3)
     stats = model.offload.stats if model.offload is not None else None
+    in_place = model.offload.in_place if model.offload is not None else None
     if stats:
         stats.reset()
+    if in_place is not None:
+        in_place.take_counts()
     ms, token = chained_ms_per_token(decoder, token, steps)
+    counts = in_place.take_counts() if in_place is not None else None
     d = {
         "graph_ms_per_token": ms,
         "graph_tok_s": 1e3 / ms,
@@ -235,11 +237,13 @@ def time_graph_decode(model, state, token, steps: int = 20) -> dict:
             graph_cpu_expert_ms=cpu_ms,
             graph_host_wait_ms=wait_ms,
             graph_host_other_ms=ms - cpu_ms - wait_ms,
-            graph_streamed_experts_per_token=stats.decode_streamed / steps,
-            # Copied ahead on the next layer's router's guess; found in the bank by the true choice (copied
-            # ahead, or left there by an earlier token).
-            graph_guessed_experts_per_token=stats.decode_guessed / steps,
-            graph_guessed_used_per_token=stats.decode_guessed_used / steps,
+        )
+    if counts is not None:
+        d.update(
+            graph_read_in_place_per_token=counts["read_in_place"] / steps,
+            graph_gathered_per_token=counts["gathered"] / steps,
+            graph_found_per_token=counts["found"] / steps,
+            graph_pcie_bytes_per_token=(counts["read_in_place"] + counts["gathered"]) * in_place.expert_bytes / steps,
         )
     return d
 

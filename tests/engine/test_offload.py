@@ -10,6 +10,7 @@ from kimi_desk.engine import offload
 from kimi_desk.engine.offload import OffloadedExperts
 from kimi_desk.engine.placement import Placement, staging_experts
 from kimi_desk.engine.weights import load_model
+from kimi_desk.kernels.moe.naive import streamed_experts_torch
 
 # Per MoE layer (1..6), the experts on the GPU side: none, half, a scattered few, one, most, all.
 GPU_EXPERTS = {1: (), 2: (0, 1, 2, 3), 3: (1, 4, 6), 4: (5,), 5: (0, 1, 2, 3, 4, 6, 7), 6: tuple(range(8))}
@@ -80,66 +81,54 @@ def test_the_split_model_in_int4(checkpoint, ids):
         assert got[0, -1].argmax() == want[0, -1].argmax()
 
 
-@pytest.mark.parametrize("share", [0.5, 1.0])
-def test_decode_streams_part_of_the_ram_experts_to_the_gpu_side(checkpoint, ids, share):
-    """DecodeStreamer with a fixed share: those RAM experts are copied as tiles and computed on the GPU
-    side (here the CPU, through kernels/moe's PyTorch form), the others on the CPU; the logits stay the
-    whole model's."""
+def test_one_token_decode_reads_the_ram_experts_in_place(checkpoint, ids):
+    """InPlaceDecode (here on the CPU as the GPU side, through kernels/moe's PyTorch forms): the RAM
+    experts computed from their tiles where they are, most of them gathered ahead on the next layer's
+    guess; the logits stay the whole model's."""
     whole = load_model(checkpoint, dtype=torch.float32, quantize="int4")
     split = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS))
     runtime = split.offload
-    assert runtime.streamer is None  # the GPU side is the CPU: nothing to gain from streaming
-    runtime.streamer = offload.DecodeStreamer(offload.offloaded_layers(split), torch.device("cpu"), runtime.stats)
-    runtime.streamer.share = share
+    assert runtime.in_place is None  # the GPU side is the CPU: the CPU computes the RAM experts
+    layers = offload.offloaded_layers(split)
+    runtime.in_place = offload.InPlaceDecode(layers, torch.device("cpu"))
     state_whole, state_split = whole.new_state(1), split.new_state(1)
     whole(ids[:, :60], state_whole), split(ids[:, :60], state_split)
+    runtime.stats.reset()
     for t in range(60, 72):
         got, want = split(ids[:, t : t + 1], state_split), whole(ids[:, t : t + 1], state_whole)
-        assert rel(got, want) < 2e-2
-        assert got[0, -1].argmax() == want[0, -1].argmax()
-    assert runtime.stats.decode_streamed > 0
-    # Every offloaded layer but the first guessed its experts from the previous layer's input.
-    assert runtime.stats.decode_guessed > 0
-    if share == 1.0:
-        assert runtime.streamer.cpu_seconds_per_expert is None  # every RAM expert went to the GPU side
+        assert rel(got, want) < 1e-5
+    assert runtime.stats.decode_calls == 0  # no host round trip
+    counts = runtime.in_place.take_counts()
+    assert counts["gathered"] > 0 and counts["found"] > 0 and counts["read_in_place"] > 0
+    assert runtime.in_place.take_counts() == {"read_in_place": 0, "gathered": 0, "found": 0}
 
 
-def test_experts_copied_ahead_are_used_by_the_true_choice_and_not_copied_again(checkpoint):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_gathered_experts_are_read_from_the_bank_and_the_bank_is_emptied(checkpoint, kernels, monkeypatch):
+    """The gather, the bank's lookup and the count, through the PyTorch forms and the Triton kernels (under
+    the interpreter here: the calls the GPU makes)."""
     split = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS))
     layers = offload.offloaded_layers(split)
     assert [layer.stream_bank for layer in layers] == [i % 2 for i in range(len(layers))]
     assert layers[0].next_layer[0] is layers[1] and layers[-1].next_layer is None
-    streamer = offload.DecodeStreamer(layers, torch.device("cpu"), split.offload.stats)
-    streamer.share = 0.0  # nothing beyond the guess goes over the bus
-    layer = layers[1]
-    stats, per_expert = split.offload.stats, streamer.expert_bytes
-    streamer.copy_ahead(layer, torch.tensor([[0, 1, -1]]))
-    assert stats.decode_guessed == 2 and stats.streamed_bytes == 2 * per_expert
-    streamer.copy_ahead(layer, torch.tensor([[1, 0, -1]]))  # already held: nothing copied again
-    assert stats.decode_guessed == 2 and stats.streamed_bytes == 2 * per_expert
-    rows, weights = torch.tensor([[1, 2, -1]]), torch.tensor([[0.25, 0.5, 0.25]])
-    streamer.send(layer, rows, weights)
-    # Row 1 was held: computed from the bank, its pair marked for the CPU to leave; row 2 stays on the CPU.
-    assert rows.tolist() == [[-1, 2, -1]] and stats.decode_guessed_used == 1
-    bank = streamer.weights[layer.stream_bank]
-    assert sorted(bank.tolist(), reverse=True)[:2] == [0.25, 0.0]
-    # The bank's slot holding row 1 holds its tiles as they are in RAM.
-    slot = streamer.contents[layer.stream_bank].index((id(layer), 1))
-    assert bank[slot] == 0.25
+    decoder = offload.InPlaceDecode(layers, torch.device("cpu"))
+    monkeypatch.setenv("KIMI_DESK_KERNELS", kernels)
+    layer = layers[1]  # 4 RAM experts
+    decoder.gather(layer, torch.tensor([0, 1, -1]))
+    bank = decoder.banks[layer.stream_bank]
     stack = layer.in_ram.tiles["w13"][0]
-    assert torch.equal(streamer.banks[layer.stream_bank]["w13"][0][slot], stack[1])
-
-
-def test_the_streamed_share_balances_the_cpu_against_the_bus(checkpoint):
-    split = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS))
-    streamer = offload.DecodeStreamer(offload.offloaded_layers(split), torch.device("cpu"), split.offload.stats)
-    assert streamer.how_many(6) == 3  # nothing measured yet: half
-    streamer.cpu_seconds_per_expert, streamer.bus_seconds_per_expert = 3e-4, 1e-4
-    assert streamer.how_many(8) == 6 and streamer.how_many(20) == offload.DECODE_STREAM_SLOTS
-    # Whole experts: of 3, 2 over the bus and 1 on the CPU finish at 3e-4 s, as all 3 over the bus would.
-    assert streamer.how_many(3) == 2 and streamer.how_many(1) == 1
-    streamer.bus_seconds_per_expert = 4e-4  # a bus slower than the CPU: a lone expert stays on the CPU
-    assert streamer.how_many(1) == 0 and streamer.how_many(2) == 1
+    assert torch.equal(bank["w13"][0][1], stack[1]) and decoder.held[layer.stream_bank][:3].tolist() == [0, 1, -1]
+    x = torch.randn(1, stack.shape[-1] * 2)
+    rows, weights = torch.tensor([1, 2, -1]), torch.tensor([0.25, 0.5, 0.25])
+    got = decoder.forward(layer, x, rows, weights)
+    tiles = layer.in_ram.tiles
+    want = streamed_experts_torch(x, tiles["w13"][:2], tiles["w2"][:2], rows, weights)
+    assert rel(got, want) < 1e-6
+    assert decoder.take_counts() == {"read_in_place": 1, "gathered": 2, "found": 1}
+    # Read once: a later layer on this bank finds nothing of it.
+    assert (decoder.held[layer.stream_bank] == -1).all()
+    decoder.forward(layer, x, rows, weights)
+    assert decoder.take_counts() == {"read_in_place": 2, "gathered": 0, "found": 0}
 
 
 def test_one_quantized_cache_serves_every_placement(checkpoint, ids):

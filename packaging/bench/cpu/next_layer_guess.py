@@ -1,5 +1,5 @@
 """How well a MoE layer's router, applied to the previous MoE layer's input, guesses the experts it will
-choose: the guess engine/offload.py's DecodeStreamer copies ahead. For each pair of consecutive MoE layers
+choose: the guess engine/offload.py's InPlaceDecode gathers ahead. For each pair of consecutive MoE layers
 of a checkpoint (the embedded demo model by default), over the tokens of a text file: the share of the
 layer's chosen experts that the guess names, against chance (k of E).
 
