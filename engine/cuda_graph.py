@@ -6,6 +6,8 @@ A decode step is a few hundred small kernels. Launched one by one from Python, t
     decoder = graph_decoder(model, state)
     logits = decoder.step(token)      # [vocab] float32 on the GPU; state advanced by one token
     token = decoder.greedy_token      # [1, 1] int64 on the GPU: argmax of logits[:vocab_size]
+    decoder.use_sampling(Sampling(0.7, top_p=0.9), seen)  # the next token chosen inside the step:
+    decoder.step(token, uniform=0.42); decoder.next_token  # the host writes the draw, reads the id
 
 A replayed graph runs the recorded kernels on the recorded addresses with the recorded arguments. What
 makes the step replayable:
@@ -65,6 +67,12 @@ class GraphDecoder:
         self.length = torch.zeros(1, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
         self.greedy_token: torch.Tensor | None = None
+        # The choice of the next token, recorded with the step (use_sampling): its rule, the draw the host
+        # writes before each replay, the repetition penalty's marks, and the chosen id.
+        self.sampling = None
+        self.uniform = torch.zeros(1, dtype=torch.float64, device=device)
+        self.seen: torch.Tensor | None = None
+        self.next_token: torch.Tensor | None = None
         # The recorded step: graphs, each with the host's step to run after it (None after the last).
         self.pieces: list[tuple[torch.cuda.CUDAGraph, Callable[[], None] | None]] = []
         self._prepared_for: tuple = ()
@@ -74,10 +82,27 @@ class GraphDecoder:
     def state(self) -> ModelState | None:
         return self._state()
 
+    def use_sampling(self, sampling, seen: torch.Tensor | None = None) -> None:
+        """Choose `next_token` by `sampling` (engine/generate.py's Sampling) in every step from now on,
+        with the repetition penalty's marks copied from `seen` ([vocab] bool; each step then marks the
+        token it feeds). A rule other than the recorded one is recorded again at the next step."""
+        import dataclasses
+
+        sampling = dataclasses.replace(sampling, seed=None)  # the draws come from the host
+        penalty = sampling.repetition_penalty != 1 and seen is not None
+        if sampling != self.sampling or penalty != (self.seen is not None):
+            self.sampling = sampling
+            self.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.token.device) if penalty else None
+            self._prepared_for = ()
+        if self.seen is not None:
+            self.seen.copy_(seen[: self.vocab_size])
+
     @torch.inference_mode()
-    def step(self, token: int | torch.Tensor) -> torch.Tensor:
+    def step(self, token: int | torch.Tensor, uniform: float | None = None) -> torch.Tensor:
         """Feed one token (an int, or a one-element int64 tensor on the model's device such as
-        `greedy_token`); returns the logits after it, [vocab] float32, a buffer the next step overwrites."""
+        `greedy_token`), with `uniform` the draw of the next token's choice when it is sampled; returns
+        the logits after it, [vocab] float32, a buffer the next step overwrites (`next_token` holds the
+        choice)."""
         state = self.state
         caches = [layer for layer in state.layers if isinstance(layer, MLACache)]
         if self._storage(state) != self._prepared_for or any(cache.length >= cache.capacity for cache in caches):
@@ -87,6 +112,8 @@ class GraphDecoder:
         else:
             self.token.fill_(int(token))
         self.length.fill_(caches[0].length if caches else 0)
+        if uniform is not None:
+            self.uniform.fill_(uniform)
         if self.use_cuda_graph:
             for graph, host_step in self.pieces:
                 graph.replay()
@@ -101,8 +128,16 @@ class GraphDecoder:
         return self.logits
 
     def _run(self, state: ModelState) -> None:
+        from kimi_desk.engine.generate import choose_token
+
         self.logits = self.model(self.token, state, last_only=True)[0, -1]  # [vocab] float32
         self.greedy_token = self.logits[: self.vocab_size].argmax().view(1, 1)
+        if self.seen is not None:
+            self.seen.index_fill_(0, self.token.view(1), True)
+        if self.sampling is None or (self.sampling.greedy and self.seen is None):
+            self.next_token = self.greedy_token.view(1)
+        else:
+            self.next_token = choose_token(self.logits[: self.vocab_size], self.sampling, self.uniform, self.seen)
 
     @contextmanager
     def _lengths_on_device(self, state: ModelState, caches: list[MLACache]):
@@ -121,7 +156,7 @@ class GraphDecoder:
     def _prepare(self, state: ModelState, caches: list[MLACache]) -> None:
         """Give full caches room, then record the step (when using a graph)."""
         # Free the previous recording's memory before making another.
-        self.pieces, self.logits, self.greedy_token = [], None, None
+        self.pieces, self.logits, self.greedy_token, self.next_token = [], None, None, None
         if len({cache.length for cache in caches}) > 1:
             raise ValueError("the MLA caches hold different numbers of tokens")
         for cache in caches:
@@ -206,6 +241,7 @@ def graph_decoder(model, state: ModelState, vocab_size: int | None = None) -> Gr
     wanted = vocab_size or model.config.vocab_size
     if decoder is None or decoder.state is not state or decoder.vocab_size != wanted:
         model._graph_decoder = None
-        decoder = GraphDecoder(model, state, wanted)
+        # Off a GPU (the tests, with KIMI_DESK_KERNELS=triton) the same step runs eagerly.
+        decoder = GraphDecoder(model, state, wanted, use_cuda_graph=model.device.type == "cuda")
         model._graph_decoder = decoder
     return decoder

@@ -18,8 +18,9 @@ before every step, so the stream ends within one step of it. Cancelled during pr
 a prefix of the prompt (`state.position` says how much).
 
 On a GPU each decode step replays a recorded CUDA graph (engine/cuda_graph.py; pieces of graphs with the
-CPU's experts between them when some experts live in RAM); KIMI_DESK_CUDA_GRAPH=0 runs it eagerly
-instead. Both compute the same logits.
+CPU's experts between them when some experts live in RAM), the choice of the next token included, so
+the host's part of a step is a replay and reading one id back; KIMI_DESK_CUDA_GRAPH=0 runs it eagerly
+instead. Both compute the same logits and choose alike.
 """
 
 from __future__ import annotations
@@ -168,51 +169,87 @@ def filter_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     return probs.masked_fill(drop, 0.0)
 
 
-def sample_token(
-    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None, seen: torch.Tensor | None = None
-) -> int:
-    """The next token from one position's logits [V]. `seen` [V] bool marks the tokens the repetition
-    penalty applies to."""
+def choose_token(
+    logits: torch.Tensor, sampling: Sampling, uniform: torch.Tensor | None = None, seen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The next token from one position's logits [V] as a [1] int64 tensor on their device, with no host
+    synchronisation (a recorded decode step computes it: engine/cuda_graph.py). `seen` [V] bool marks
+    the tokens the repetition penalty applies to; `uniform` [1] float64 on the same device is the draw
+    of a sampled token (unused when greedy): inverse CDF, the first token whose cumulative mass exceeds
+    uniform * total, so the choice follows from the draw whatever the device and the vocabulary size;
+    zero-probability tokens are never picked."""
     logits = logits.float()
     if sampling.repetition_penalty != 1 and seen is not None:
         logits = penalize_repetition(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits).view(1)
     logits = filter_top_k(logits / sampling.temperature, sampling.top_k)
     probs = filter_top_p(torch.softmax(logits, dim=-1), sampling.top_p)
-    # Inverse CDF with one uniform draw: reproducible from the seed whatever the device and the
-    # vocabulary size, and independent of how torch.multinomial draws internally.
     cdf = torch.cumsum(probs.double(), dim=-1)  # [V]
-    u = torch.rand((), generator=generator, dtype=torch.float64).item()
-    # The first token whose cumulative mass exceeds u * total; zero-probability tokens are never picked.
-    index = int(torch.searchsorted(cdf, cdf.new_tensor([u * float(cdf[-1])]), right=True))
-    return min(index, probs.shape[-1] - 1)
+    index = torch.searchsorted(cdf, uniform.view(1) * cdf[-1:], right=True)
+    return index.clamp_(max=probs.shape[-1] - 1)
+
+
+def draw_uniform(sampling: Sampling, generator: torch.Generator | None) -> float | None:
+    """The one uniform draw a sampled token takes from the generator (None when greedy)."""
+    return None if sampling.greedy else torch.rand((), generator=generator, dtype=torch.float64).item()
+
+
+def sample_token(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None, seen: torch.Tensor | None = None
+) -> int:
+    """The next token from one position's logits [V], on the host's word: choose_token with one draw from
+    `generator`."""
+    u = draw_uniform(sampling, generator)
+    uniform = None if u is None else torch.tensor([u], dtype=torch.float64, device=logits.device)
+    return int(choose_token(logits, sampling, uniform, seen))
 
 
 # -- the decode loop -----------------------------------------------------------------------------------
 
 
 def decode_step_function(
-    model: KimiLinearForCausalLM, state: ModelState, vocab_size: int | None = None
-) -> Callable[[int], torch.Tensor]:
-    """token id -> the logits after feeding it, [vocab] (a buffer the next call may overwrite): a
-    replayed CUDA graph on the GPU, the eager model elsewhere. Either advances `state` by one token."""
+    model: KimiLinearForCausalLM,
+    state: ModelState,
+    vocab_size: int | None = None,
+    sampling: Sampling = GREEDY,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+) -> Callable[[int], int]:
+    """token id -> the next token id: the token fed (advancing `state` by one) and the next one chosen
+    from the logits after it (`seen`, the repetition penalty's marks, gets the fed token). On the GPU a
+    replayed CUDA graph does both, sampling included, so the host only reads the chosen id back; the
+    eager model and sample_token elsewhere. Both take one draw from `generator` per sampled token and
+    choose alike."""
     # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen. Experts
-    # computed in RAM (engine/offload.py) cut the recording into pieces with the CPU's work between them.
+    # computed in RAM (engine/offload.py) may cut the recording into pieces with the CPU's work between.
     if use_triton(model.lm_head.weight) and environment.cuda_graph():
         from kimi_desk.engine.cuda_graph import graph_decoder
 
-        decoder = graph_decoder(model, state)
-        return lambda token: decoder.step(token)[:vocab_size]
-    return lambda token: model(torch.tensor([[token]], device=model.device), state, last_only=True)[0, -1, :vocab_size]
+        decoder = graph_decoder(model, state, vocab_size)
+        decoder.use_sampling(sampling, seen)
+
+        def replayed(token: int) -> int:
+            decoder.step(token, draw_uniform(sampling, generator))
+            return int(decoder.next_token)
+
+        return replayed
+
+    def eager(token: int) -> int:
+        logits = model(torch.tensor([[token]], device=model.device), state, last_only=True)[0, -1, :vocab_size]
+        if seen is not None:
+            seen[token] = True
+        return sample_token(logits, sampling, generator, seen)
+
+    return eager
 
 
 @dataclass(frozen=True)
 class Step:
     """One generated token.
 
-    `seconds` is the engine's time for this token: sampling it and feeding it to the model (for the
-    first token also the prefill, so it is the time to first token); time the caller spends between
+    `seconds` is the engine's time for this token: feeding it to the model and choosing the one after it
+    (for the first token also the prefill and its own choice, so it is the time to first token); time the caller spends between
     steps is not counted. `position` is state.position after the step. `finish_reason` is set on the
     last step: "stop" (a stop token, not fed) or "length" (the token budget or the context is used up).
     """
@@ -261,23 +298,22 @@ def stream_tokens(
         logits = prefill(model, prompt, state, prefill_chunk_size, cancel)[0, :vocab_size]  # [V]
     except PrefillCancelled:
         return
-    decode = decode_step_function(model, state, vocab_size)
     generator = None if sampling.greedy else sampling.new_generator()
     seen = None
     if sampling.repetition_penalty != 1:
         seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         seen[prompt[0]] = True
+    token = sample_token(logits, sampling, generator, seen)
+    advance = decode_step_function(model, state, vocab_size, sampling, generator, seen)
 
     for index in range(max_new_tokens):
         if is_cancelled(cancel) or state.position >= max_length:
             return
-        token = sample_token(logits, sampling, generator, seen)
+        following = None
         if token in stops:
             finish = "stop"
         else:
-            logits = decode(token)
-            if seen is not None:
-                seen[token] = True
+            following = advance(token)  # fed, and the next token chosen
             at_limit = index == max_new_tokens - 1 or state.position >= max_length
             finish = "length" if at_limit else None
         now = time.perf_counter()
@@ -285,6 +321,7 @@ def stream_tokens(
         started = time.perf_counter()
         if finish is not None:
             return
+        token = following
 
 
 @dataclass

@@ -165,7 +165,7 @@ def check_graph_decode(model, ids, prompt: int = 250, steps: int = 32) -> dict:
     import os
 
     from kimi_desk.engine.cuda_graph import GraphDecoder
-    from kimi_desk.engine.generate import generate
+    from kimi_desk.engine.generate import Sampling, generate
     from kimi_desk.engine.state import MLACache
 
     state = model.new_state(1)
@@ -196,14 +196,25 @@ def check_graph_decode(model, ids, prompt: int = 250, steps: int = 32) -> dict:
         "recordings": decoder.recordings,
         "bitwise_equal_logits": worst == 0.0,
     }
-    runs = {}
+    runs, sampled_runs = {}, {}
+    sampled = Sampling(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.2, seed=3)
     for graphs in ("1", "0"):
         os.environ["KIMI_DESK_CUDA_GRAPH"] = graphs
         runs[graphs] = generate(
             model, ids[0, :prompt].tolist(), model.new_state(1), max_new_tokens=steps, stop_token_ids=[]
         ).token_ids
+        sampled_runs[graphs] = generate(
+            model,
+            ids[0, :prompt].tolist(),
+            model.new_state(1),
+            max_new_tokens=steps,
+            stop_token_ids=[],
+            sampling=sampled,
+        ).token_ids
     os.environ.pop("KIMI_DESK_CUDA_GRAPH")
     result["generate_graph_equals_eager"] = runs["1"] == runs["0"]
+    # Sampled inside the replayed step against sampled on the host after eager steps: the same draws.
+    result["sampled_generate_graph_equals_eager"] = sampled_runs["1"] == sampled_runs["0"]
     result["generate_equals_eager_decode"] = runs["0"] == [first.item()] + eager[: steps - 1]
     return result
 
@@ -394,26 +405,32 @@ def time_graph_decode(model, state, token, steps: int = 50) -> dict:
 
 def time_generate(model, context: int, log, new_tokens: int = 40) -> dict:
     """The product's path end to end: generate() on a random prompt of `context` tokens (prefilled in
-    its default chunks), greedy; the median time of its decode steps (each samples a token, reads it
-    back and feeds it through the replayed graph)."""
+    its default chunks), greedy and then sampled (temperature, top-k, top-p and repetition penalty, all
+    chosen inside the replayed step); the median time of its decode steps (each replays the step with
+    the host's draw and reads the chosen token back), to set beside the replayed step's own time."""
     import torch
 
-    from kimi_desk.engine.generate import generate
+    from kimi_desk.engine.generate import Sampling, generate
 
     gen = torch.Generator(device="cuda").manual_seed(5)
     prompt = torch.randint(0, model.config.vocab_size, (context,), device="cuda", generator=gen)
-    result = generate(model, prompt, model.new_state(1), max_new_tokens=new_tokens, stop_token_ids=[])
-    steps = sorted(step.seconds for step in result.steps[1:])
-    out = {
-        "context": context,
-        "first_token_s": result.steps[0].seconds,
-        "tokens": len(result.steps),
-        "median_ms_per_token": steps[len(steps) // 2] * 1e3,
-    }
-    log(
-        f"ours: generate() after a {context:,}-token prompt: first token {out['first_token_s']:.2f} s, then "
-        f"{out['median_ms_per_token']:.3f} ms/token (median)"
-    )
+    out = {"context": context}
+    sampled = Sampling(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=1)
+    for prefix, sampling in (("", None), ("sampled_", sampled)):
+        options = {} if sampling is None else {"sampling": sampling}
+        result = generate(model, prompt, model.new_state(1), max_new_tokens=new_tokens, stop_token_ids=[], **options)
+        steps = sorted(step.seconds for step in result.steps[1:])
+        out.update(
+            {
+                f"{prefix}first_token_s": result.steps[0].seconds,
+                f"{prefix}tokens": len(result.steps),
+                f"{prefix}median_ms_per_token": steps[len(steps) // 2] * 1e3,
+            }
+        )
+        log(
+            f"ours: generate() {prefix or 'greedy_'}after a {context:,}-token prompt: first token "
+            f"{out[prefix + 'first_token_s']:.2f} s, then {out[prefix + 'median_ms_per_token']:.3f} ms/token (median)"
+        )
     return out
 
 
@@ -861,14 +878,16 @@ def markdown_table(r: dict) -> str:
                 if "error" in g
                 else f"{g['tokens_agreeing']} of {g['of']} greedy tokens agree, logits max rel. error "
                 f"{g['max_logits_rel_err']:.1e}, {g['recordings']} recordings; generate() with the graph "
-                f"gives eager's tokens: {g.get('generate_graph_equals_eager')}."
+                f"gives eager's tokens: {g.get('generate_graph_equals_eager')} (sampled inside the step: "
+                f"{g.get('sampled_generate_graph_equals_eager')})."
             )
         )
     if "generate" in ours and "error" not in ours["generate"]:
         g = ours["generate"]
         lines.append(
             f"generate() after a {g['context']:,}-token prompt: first token {g['first_token_s']:.2f} s, "
-            f"then {g['median_ms_per_token']:.3f} ms/token (median of {g['tokens'] - 1})."
+            f"then {g['median_ms_per_token']:.3f} ms/token greedy (median of {g['tokens'] - 1}), "
+            f"{g['sampled_median_ms_per_token']:.3f} ms/token sampled."
         )
     if "moe" in ours and "error" not in ours["moe"]:
         m = ours["moe"]

@@ -1,6 +1,7 @@
 """The GPU decode path on the CPU: the state kept in place, the fused kernels (through Triton's
 interpreter, KIMI_DESK_KERNELS=triton) against the PyTorch path, and the step that engine/cuda_graph.py
-records, run eagerly with the cache length on the device, against the plain model. Recording and
+records, run eagerly with the cache length on the device, against the plain model, the next token's
+choice made inside it against the host's. Recording and
 replaying the graph itself needs a GPU: `kimi-desk bench model` checks it there."""
 
 import os
@@ -13,6 +14,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 from kimi_desk.engine import load_model  # noqa: E402
 from kimi_desk.engine.cuda_graph import GraphDecoder, graph_decoder  # noqa: E402
+from kimi_desk.engine.generate import Sampling, generate  # noqa: E402
 from kimi_desk.engine.state import KDAState  # noqa: E402
 
 
@@ -176,3 +178,28 @@ def test_the_step_of_a_model_with_experts_in_ram(tail7_checkpoint, monkeypatch):
             assert rel_err(got.recurrent, want.recurrent) < 1e-5
         else:
             assert rel_err(got.latents, want.latents) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        Sampling(temperature=1.3, top_p=0.8, seed=5),
+        Sampling(temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.3, seed=6),
+        Sampling(temperature=0.0, repetition_penalty=1.5),
+    ],
+    ids=["top-p", "everything", "greedy-penalty"],
+)
+def test_the_step_chooses_the_next_token_as_the_host_does(model, monkeypatch, sampling):
+    """The choice made inside the decoder's step (the draw written by the host, the penalty's marks kept
+    on the device) gives generate() the tokens the eager model and the host's sampling give."""
+    monkeypatch.setenv("KIMI_DESK_KERNELS", "triton")
+    prompt = torch.randint(0, model.config.vocab_size, (20,), generator=torch.Generator().manual_seed(3))
+
+    def tokens():
+        state = model.new_state(1)
+        return generate(model, prompt, state, max_new_tokens=12, sampling=sampling, stop_token_ids=[]).token_ids
+
+    inside = tokens()
+    assert model._graph_decoder is not None and model._graph_decoder.sampling is not None
+    monkeypatch.setenv("KIMI_DESK_CUDA_GRAPH", "0")
+    assert tokens() == inside

@@ -113,7 +113,6 @@ def _reading(assistant, start: int, tokens: int, repeats: int) -> dict:
 
 
 def _decoding(assistant, cached: int, steps: int) -> dict:
-    import torch
 
     from kimi_desk.engine.generate import decode_step_function
     from kimi_desk.engine.reading_time import state_with_cache
@@ -123,7 +122,7 @@ def _decoding(assistant, cached: int, steps: int) -> dict:
     token, seconds = 5, []
     for _ in range(steps + 1):  # the first step warms up
         started = time.perf_counter()
-        token = int(torch.argmax(decode(token)))
+        token = decode(token)
         seconds.append(time.perf_counter() - started)
     seconds = sorted(seconds[1:])
     return dict(
