@@ -7,8 +7,9 @@ engine/offload.py), against the whole model on the GPU and against the eager spl
    is made again halfway (the MLA caches moved, as a grown cache moves them). generate() with the graphs
    against KIMI_DESK_CUDA_GRAPH=0.
 2. Speed at the 48B shapes (`--layers`, int4, random weights, 149 of 256 experts per MoE layer on the GPU
-   as at 24 GiB with 27 layers): ms/token eager against the graphs at `--context` cached tokens, then the
-   graphs with each layer's RAM experts on a thread pool of 2, 4, 8 (a variant not in the engine).
+   as at 24 GiB with 27 layers): ms/token eager against the graph at `--context` cached tokens (the RAM
+   experts read by the GPU in place, engine/offload.py's InPlaceDecode), then the same steps with the CPU
+   computing them (graph pieces with the host's steps between).
 
 Run from the repo root on the device:
     source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/offload_graphs.py [--layers 27] [--context 8192]
@@ -18,13 +19,11 @@ import argparse
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from kimi_desk.bench.random_checkpoint import tail7_config, write_random_checkpoint
-from kimi_desk.engine import offload
 from kimi_desk.engine.cuda_graph import GraphDecoder
 from kimi_desk.engine.generate import generate
 from kimi_desk.engine.placement import Placement
@@ -112,6 +111,9 @@ def timing(layers: int, context: int, steps: int = 30) -> None:
     decoder = GraphDecoder(model, state)
     token = chained_replays(decoder, token, 3)
     stats.reset()
+    in_place = model.offload.in_place
+    if in_place is not None:
+        in_place.take_counts()
     graph_ms, token = chained_ms_per_token(decoder, token, steps)
     graph_cpu = stats.cpu_seconds / steps * 1e3
     print(
@@ -120,44 +122,21 @@ def timing(layers: int, context: int, steps: int = 30) -> None:
         f"{stats.wait_seconds / steps * 1e3:.2f}); {torch.get_num_threads()} CPU threads",
         flush=True,
     )
-    # The RAM experts of a layer on a thread pool across experts instead of one after another (the same
-    # products, summed in the same order): whether the host's cores gain from it (not in the engine).
-    sequential = offload.ram_experts_forward
-    for workers in (2, 4, 8):
-        offload.ram_experts_forward = pooled_ram_experts(workers)
+    if in_place is not None:
+        counts = in_place.take_counts()
+        print(f"  RAM experts a token: { ({k: v / steps for k, v in counts.items()}) }", flush=True)
+        # The same steps with the CPU computing the RAM experts (host round trips, graph pieces).
+        model.offload.in_place = None
+        decoder = GraphDecoder(model, state)
+        token = chained_replays(decoder, token, 3)
         stats.reset()
         ms, token = chained_ms_per_token(decoder, token, steps)
         print(
-            f"  graphs, RAM experts on a pool of {workers}: {ms:.2f} ms/token (CPU experts "
-            f"{stats.cpu_seconds / steps * 1e3:.2f})",
+            f"  CPU experts instead: {len(decoder.pieces)} pieces, {ms:.2f} ms/token (CPU experts "
+            f"{stats.cpu_seconds / steps * 1e3:.2f}, host wait {stats.wait_seconds / steps * 1e3:.2f})",
             flush=True,
         )
-    offload.ram_experts_forward = sequential
-
-
-def pooled_ram_experts(workers: int):
-    """offload.ram_experts_forward with each chosen expert's product on a pool thread."""
-    pool = ThreadPoolExecutor(workers)
-
-    def forward(experts, x, rows, weights):
-        N, k = rows.shape
-        out = torch.zeros(N, x.shape[-1], dtype=torch.float32)
-        flat = rows.reshape(-1)
-        pairs = (flat >= 0).nonzero().squeeze(-1)
-        if pairs.numel() == 0:
-            return out
-        order = pairs[flat[pairs].argsort()]
-        chosen, counts = flat[order].unique_consecutive(return_counts=True)
-        jobs, start = [], 0
-        for e, n in zip(chosen.tolist(), counts.tolist()):
-            jobs.append((e, order[start : start + n]))
-            start += n
-        products = pool.map(lambda job: offload._expert_product(experts, job[0], x[job[1] // k]), jobs)
-        for (e, taken), y in zip(jobs, products):
-            out.index_add_(0, taken // k, y.float() * weights.reshape(-1)[taken, None].float())
-        return out
-
-    return forward
+        model.offload.in_place = in_place
 
 
 def main() -> None:
