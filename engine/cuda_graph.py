@@ -105,8 +105,8 @@ class GraphDecoder:
         choice)."""
         state = self.state
         caches = [layer for layer in state.layers if isinstance(layer, MLACache)]
-        if self._storage(state) != self._prepared_for or any(cache.length >= cache.capacity for cache in caches):
-            self._prepare(state, caches)
+        # The inputs first: a recording's warm-up runs on them (and a token given as the last recording's
+        # output lives in memory a new recording may reuse).
         if isinstance(token, torch.Tensor):
             self.token.copy_(token.view(1, 1))
         else:
@@ -114,6 +114,8 @@ class GraphDecoder:
         self.length.fill_(caches[0].length if caches else 0)
         if uniform is not None:
             self.uniform.fill_(uniform)
+        if self._storage(state) != self._prepared_for or any(cache.length >= cache.capacity for cache in caches):
+            self._prepare(state, caches)
         if self.use_cuda_graph:
             for graph, host_step in self.pieces:
                 graph.replay()
@@ -170,6 +172,7 @@ class GraphDecoder:
     def _record(self, state: ModelState, caches: list[MLACache]) -> None:
         kda_states = [layer for layer in state.layers if isinstance(layer, KDAState)]
         saved = [(layer.recurrent.clone(), layer.conv.clone()) for layer in kda_states]
+        seen = None if self.seen is None else self.seen.clone()
         self.length.fill_(caches[0].length if caches else 0)
         device = self.token.device
         with self._lengths_on_device(state, caches):
@@ -185,6 +188,8 @@ class GraphDecoder:
             for layer, (recurrent, conv) in zip(kda_states, saved):
                 layer.recurrent.copy_(recurrent)
                 layer.conv.copy_(conv)
+            if seen is not None:  # the warm-up marked the token it fed, which the first replay feeds again
+                self.seen.copy_(seen)
             self.pieces = self._record_pieces(state, side)
         self.recordings += 1
 
@@ -214,6 +219,8 @@ class GraphDecoder:
             except BaseException:
                 with suppress(Exception):  # the capture's own error, if any, says less than this one
                     graph.capture_end()
+                if offload is not None and offload.in_place is not None:
+                    offload.in_place.forget()
                 raise
             finally:
                 if offload is not None:

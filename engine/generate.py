@@ -217,10 +217,10 @@ def decode_step_function(
     seen: torch.Tensor | None = None,
 ) -> Callable[[int], int]:
     """token id -> the next token id: the token fed (advancing `state` by one) and the next one chosen
-    from the logits after it (`seen`, the repetition penalty's marks, gets the fed token). On the GPU a
-    replayed CUDA graph does both, sampling included, so the host only reads the chosen id back; the
-    eager model and sample_token elsewhere. Both take one draw from `generator` per sampled token and
-    choose alike."""
+    from the logits after it, the fed token marked for the repetition penalty (in `seen` on the eager
+    path; in the decoder's own copy of it on the GPU). On the GPU a replayed CUDA graph does both,
+    sampling included, so the host only reads the chosen id back; the eager model and sample_token
+    elsewhere. Both take one draw from `generator` per sampled token and choose alike."""
     # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen. Experts
     # computed in RAM (engine/offload.py) may cut the recording into pieces with the CPU's work between.
     if use_triton(model.lm_head.weight) and environment.cuda_graph():

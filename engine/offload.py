@@ -83,7 +83,7 @@ class OffloadStats:
     wait_seconds: float = 0.0  # the host waiting for the router's choice (the GPU's work before it)
     d2h_bytes: int = 0
     h2d_bytes: int = 0  # the CPU's sums going back
-    streamed_bytes: int = 0  # RAM experts copied to the GPU side: prefill's staging slots, decode's
+    streamed_bytes: int = 0  # RAM experts copied to the GPU side: prefill's staging slots
     decode_calls: int = 0
     streamed_calls: int = 0
     extra: dict = field(default_factory=dict)
@@ -199,7 +199,7 @@ class OffloadedExperts(nn.Module):
 
     def _in_place(self, x, ids, weights):
         """Decode of one token with InPlaceDecode: the guess for the next offloaded layer queued first (its
-        gather then overlaps this layer's work), the GPU's experts, then the RAM ones read by the GPU."""
+        gather then overlaps this layer's work), then the RAM experts read by the GPU, then its own."""
         decoder = self.runtime.in_place
         if self.next_layer is not None:
             following, router = self.next_layer
@@ -485,8 +485,8 @@ class InPlaceDecode:
     model), and the RAM experts it picks are gathered into that layer's bank of DECODE_STREAM_SLOTS slots
     in GPU memory on a side stream, while the GPU works through this layer and the next one's attention.
     The next layer's true choice reads the experts it finds in its bank from there and only the others
-    over the bus. Banks alternate over the offloaded layers; a bank is emptied (its rows marked -1) once
-    read, so that an expert gathered for one layer is never taken for another's.
+    over the bus. Banks alternate over the offloaded layers; a bank is read only by the layer it was
+    gathered for, in the same step.
 
     `counts` (on the device, read with `take_counts`): experts read in place over the bus, gathered ahead,
     found in the bank."""
@@ -510,7 +510,11 @@ class InPlaceDecode:
         )
         self.counts = torch.zeros(3, dtype=torch.int64, device=device)
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.gathered: list[torch.cuda.Event | None] = [None] * len(self.banks)
+        # Per bank, the gather queued for it and not yet read: (id of its layer, the side stream's event
+        # after it, None off a GPU). A bank is read only by the layer it was gathered for, so that a
+        # step cut short (an error between a gather and its reader) cannot lend one layer's experts to
+        # another.
+        self.pending: list[tuple[int, torch.cuda.Event | None] | None] = [None] * len(self.banks)
 
     def gather(self, layer: OffloadedExperts, rows: torch.Tensor) -> None:
         """Queue on the side stream the gather of `layer`'s RAM rows `rows` [k] (-1: an expert on the GPU)
@@ -528,28 +532,34 @@ class InPlaceDecode:
             for name, (stack, sz, _group, _in) in layer.in_ram.tiles.items():
                 gather_rows(stack, rows, bank[name][0])
                 gather_rows(sz, rows, bank[name][1])
+            held.fill_(-1)
             held[: rows.shape[0]].copy_(rows)
             self.counts[1] += (rows >= 0).sum()
+            event = None
             if side is not None:
-                self.gathered[layer.stream_bank] = torch.cuda.Event()
-                self.gathered[layer.stream_bank].record(side)
+                event = torch.cuda.Event()
+                event.record(side)
+        self.pending[layer.stream_bank] = (id(layer), event)
 
     def forward(self, layer: OffloadedExperts, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor):
         """x [1, D], the token's RAM rows [k] (-1: a GPU expert) and weights [k] -> the RAM experts' sum
         [1, D] float32: those found in the layer's bank read from it, the others from RAM over the bus."""
         from kimi_desk.kernels.moe import streamed_experts
 
-        gathered = self.gathered[layer.stream_bank]
-        if gathered is not None:
-            torch.cuda.current_stream(self.device).wait_event(gathered)
-            self.gathered[layer.stream_bank] = None
-        bank, held = self.banks[layer.stream_bank], self.held[layer.stream_bank]
+        pending, self.pending[layer.stream_bank] = self.pending[layer.stream_bank], None
+        gathered = pending is not None and pending[0] == id(layer)
+        bank = None
+        if gathered:
+            if pending[1] is not None:
+                torch.cuda.current_stream(self.device).wait_event(pending[1])
+            slots = self.banks[layer.stream_bank]
+            bank = (slots["w13"], slots["w2"], self.held[layer.stream_bank])
         tiles = layer.in_ram.tiles
-        out = streamed_experts(
-            x, tiles["w13"][:2], tiles["w2"][:2], rows, weights, (bank["w13"], bank["w2"], held), self.counts
-        )
-        held.fill_(-1)
-        return out
+        return streamed_experts(x, tiles["w13"][:2], tiles["w2"][:2], rows, weights, bank, self.counts)
+
+    def forget(self) -> None:
+        """Drop the gathers not yet read (a decode step's recording failed: their events belong to it)."""
+        self.pending = [None] * len(self.banks)
 
     def take_counts(self) -> dict:
         """Experts read over the bus, gathered ahead and found in the bank since the last call (a host
@@ -561,8 +571,9 @@ class InPlaceDecode:
 
 @dataclass
 class OffloadRuntime:
-    """What the offloaded layers of one model share: the stats, the staging slots, the decode limit, the
-    event the host waits on for a layer's copies (None on the CPU), and the graph recorder's cut."""
+    """What the offloaded layers of one model share: the stats, the staging slots, one-token decode in
+    place (None without a GPU or with other than int4 experts), the decode limit, the event the host
+    waits on for a layer's copies (None on the CPU), and the graph recorder's cut."""
 
     stats: OffloadStats
     stager: Stager | None = None

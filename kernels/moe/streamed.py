@@ -14,7 +14,8 @@ rows first); down = (tiles [E, D, I / 2], scales [E, I / g, D, 2]); rows [S] int
 of the token's S pairs (-1: none), weights [S] float32 their mixing weights. Returns sum over the pairs
 of weights[s] * w2 (SiLU(w1 x) * w3 x) of the pair's expert, [1, D] float32. The stack may live in
 pinned host memory. `bank` = (gate_up, down, held): slots of the same form and held [K], the stack row
-each slot holds (-1: none); a pair whose row a slot holds reads that slot instead of the stack. `counts`
+each slot holds (-1: none); a pair whose row a slot holds reads that slot (the first such) instead of the
+stack. `counts`
 [3] int64: the pairs read from the stack are added to counts[0], those found in the bank to counts[2].
 
 `tiled_int4_gemv_kernel`, one program per (pair, block of R output rows): the pair's slot looked up in
@@ -83,7 +84,8 @@ def tiled_int4_gemv_kernel(
     slot = -1
     if SLOTS > 0:  # the bank's slot holding this row, if one does
         o_k = tl.arange(0, BLOCK_SLOTS)
-        slot = tl.max(tl.where(tl.load(held + o_k, mask=o_k < SLOTS, other=-1) == row, o_k, -1))
+        first = tl.min(tl.where(tl.load(held + o_k, mask=o_k < SLOTS, other=-1) == row, o_k, BLOCK_SLOTS))
+        slot = tl.where(first < BLOCK_SLOTS, first, -1)
     if COUNT:
         if i_t == 0:
             tl.atomic_add(counts + tl.where(slot >= 0, 2, 0), 1)
@@ -185,9 +187,8 @@ def gather_rows_kernel(src, dst, rows, WORDS: tl.constexpr, BLOCK: tl.constexpr)
 
 def gather_rows_triton(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor) -> None:
     """dst[s] = src[rows[s]] where rows[s] >= 0 (others left as they are), with no host step: src may be
-    pinned host memory, read by the GPU in place. Rows of a multiple of 4 bytes."""
+    pinned host memory, read by the GPU in place. Contiguous tensors whose rows are whole 4-byte words."""
     words = src[0].numel() * src.element_size() // 4
     block = 4096
-    gather_rows_kernel[(rows.shape[0], triton.cdiv(words, block))](
-        src.view(torch.int32), dst.view(torch.int32), rows, words, block
-    )
+    as_words = [t.reshape(t.shape[0], -1).view(torch.int32) for t in (src, dst)]
+    gather_rows_kernel[(rows.shape[0], triton.cdiv(words, block))](*as_words, rows, words, block)

@@ -887,7 +887,7 @@ def markdown_table(r: dict) -> str:
         lines.append(
             f"generate() after a {g['context']:,}-token prompt: first token {g['first_token_s']:.2f} s, "
             f"then {g['median_ms_per_token']:.3f} ms/token greedy (median of {g['tokens'] - 1}), "
-            f"{g['sampled_median_ms_per_token']:.3f} ms/token sampled."
+            f"{g.get('sampled_median_ms_per_token', float('nan')):.3f} ms/token sampled."
         )
     if "moe" in ours and "error" not in ours["moe"]:
         m = ours["moe"]

@@ -6,15 +6,16 @@ allocation past it fails instead of quietly using more. Random weights at the sh
 (27 for the whole model) in the format of `--quantize`, drawn on the GPU, the RAM experts moved out
 one at a time. Reported: the placement, prefill tokens/s and the time to read the prefill's powers of
 two (PCIe bytes per chunk streamed), decode ms/token at each context, eager and replaying the
-recorded pieces of CUDA graphs as generate() does, each with its breakdown (time_eager_decode,
-time_graph_decode: the GPU's own time, the copies to and from the host, the CPU's expert products, the
-host's wait for the GPU; bytes over PCIe per token), peak GPU (allocated and reserved) and peak RAM (the
+recorded CUDA graph as generate() does (int4: the RAM experts read in place by the GPU, one graph; then,
+as `cpu_only_*`, the same steps with the CPU computing them, graph pieces with the host's steps between),
+each with its breakdown (time_eager_decode, time_graph_decode: the GPU's own time, the copies to and from
+the host, the CPU's expert products, the host's wait for the GPU; experts and bytes over PCIe per token), peak GPU (allocated and reserved) and peak RAM (the
 process's maximum resident set), and whether reading `--read-tokens` fits the budget at all (the plan's
 answer).
 
 Before the budgets, a check on the GPU: a small random model loaded whole and split between GPU and
-RAM (int4, bf16, fp32): logits of a prefill (streamed experts) and of decode steps (CPU experts), and
-the split model's decode steps replayed as pieces of graphs against its eager ones.
+RAM (int4, bf16, fp32): logits of a prefill (streamed experts) and of decode steps (int4: read in place;
+bf16, fp32: CPU experts), and the split model's decode steps replayed from graphs against its eager ones.
 """
 
 from __future__ import annotations
@@ -230,10 +231,11 @@ def time_graph_decode(model, state, token, steps: int = 20) -> dict:
         "graph_pieces": len(decoder.pieces),
         "graph_gpu_ms": _events_ms(lambda: [graph.replay() for graph, _ in decoder.pieces], steps),
     }
-    if stats:
+    if stats is not None:
         cpu_ms, wait_ms = stats.cpu_seconds / steps * 1e3, stats.wait_seconds / steps * 1e3
         d.update(
-            graph_transfer_ms=round_trip_copies_ms(model, steps),
+            # The host round trip's copies; none when the RAM experts are read in place.
+            graph_transfer_ms=0.0 if in_place is not None else round_trip_copies_ms(model, steps),
             graph_cpu_expert_ms=cpu_ms,
             graph_host_wait_ms=wait_ms,
             graph_host_other_ms=ms - cpu_ms - wait_ms,

@@ -95,11 +95,15 @@ def test_pairs_whose_rows_a_bank_holds_read_the_bank(form):
         pytest.skip("this PyTorch has no CPU int4 operator")
     gen = torch.Generator().manual_seed(5)
     _, gate_up, down = slot_experts(4, 128, 64, 32, gen)
-    held = torch.tensor([2, -1, 0])
-    # Slot 0 holds row 2, slot 2 row 0; slot 1 holds nothing (its bytes garbage). The stack's rows 0 and 2
-    # are spoiled: what the bank holds must be read from the bank.
+    held = torch.tensor([2, -1, 0, 2])
+    # Slot 0 holds row 2, slot 2 row 0; slot 1 holds nothing (its bytes garbage); slot 3 claims row 2 as
+    # well but holds garbage: the first slot holding a row is the one read. The stack's rows 0 and 2 are
+    # spoiled: what the bank holds must be read from the bank.
     bank = tuple(
-        (torch.stack([t[2], torch.full_like(t[0], 0x77), t[0]]), torch.stack([s[2], s[1], s[0]]))
+        (
+            torch.stack([t[2], torch.full_like(t[0], 0x77), t[0], torch.full_like(t[0], 0x55)]),
+            torch.stack([s[2], s[1], s[0], s[1]]),
+        )
         for t, s in (gate_up, down)
     )
     x = torch.randn(1, 128, generator=gen).bfloat16()
