@@ -6,16 +6,16 @@ rows. The model's other parts, its state and its name table are those of the who
 does not depend on where the weights live, so a session read under one placement resumes under any
 other, and the quantized cache holds the stacked tensors whatever the placement.
 
-Decode of one token, with a GPU and int4 experts (InPlaceDecode): the GPU computes the chosen RAM
-experts itself, reading their tiles over PCIe from pinned host memory, most of them gathered ahead into
-a bank of slots in GPU memory on the next layer's router's guess; no host step, so a decode step is one
-CUDA graph. Otherwise (a few tokens; int8 or bf16 experts; the CPU as the GPU side): the router's choice
-and the tokens go to the host in one round trip; the GPU computes its chosen experts (the RAM ones
-masked with weight 0) while the CPU computes the RAM ones (int4 through PyTorch's CPU operator, int8 and
-bf16 dequantized per expert; torch's threads), and the CPU's sum comes back to be added on the GPU. The
-round trip goes through fixed (pinned) host buffers of the layer, so that a decode step can be recorded
-as CUDA graphs cut at the host's steps (engine/cuda_graph.py): the GPU's work from one layer's join to
-the next layer's hand-over is one graph.
+Decode (up to DECODE_MAX_TOKENS tokens), with a GPU and int4 experts (InPlaceDecode): the GPU computes
+the chosen RAM experts itself, reading their tiles over PCIe from pinned host memory, for one token most
+of them gathered ahead into a bank of slots in GPU memory on the next layer's router's guess; no host
+step, so a decode step is one CUDA graph. Otherwise (int8 or bf16 experts; the CPU as the GPU side):
+the router's choice and the tokens go to the host in one round trip; the GPU computes its chosen experts
+(the RAM ones masked with weight 0) while the CPU computes the RAM ones (int4 through PyTorch's CPU
+operator, int8 and bf16 dequantized per expert; torch's threads), and the CPU's sum comes back to be
+added on the GPU. The round trip goes through fixed (pinned) host buffers of the layer, so that a
+decode step can be recorded as CUDA graphs cut at the host's steps (engine/cuda_graph.py): the GPU's
+work from one layer's join to the next layer's hand-over is one graph.
 
 Prefill (more than DECODE_MAX_TOKENS tokens): every expert of the layer is chosen by some token of a
 large chunk, so the layer's RAM experts are streamed to the GPU instead, into one of two staging slots
@@ -54,9 +54,10 @@ from kimi_desk.kernels.quant.cpu import (
 )
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
 
-# Tokens up to which the RAM experts are computed on the CPU; more (prefill chunks) stream them to the
-# GPU. A rule, not yet a measurement: the CPU's products grow with the tokens while streaming costs one
-# layer's RAM experts whatever the chunk, and at a few dozen tokens a chunk already chooses most experts.
+# Tokens up to which a chunk's RAM experts are taken one (token, expert) pair at a time (read in place by
+# the GPU, or computed on the CPU); more (prefill chunks) stream each layer's whole RAM stack to the GPU.
+# A rule, not yet a measurement: the pairs grow with the tokens while streaming costs one layer's RAM
+# experts whatever the chunk, and at a few dozen tokens a chunk already chooses most experts.
 DECODE_MAX_TOKENS = 32
 # Experts per copy and relayout when streaming int4 tiles (bounds the relayout's temporaries).
 STREAM_BLOCK = 16
@@ -149,7 +150,7 @@ class OffloadedExperts(nn.Module):
         """As Experts.forward: x [N, D], ids and weights [N, k] -> [N, D] in x's dtype."""
         if x.shape[0] > self.runtime.decode_max_tokens:
             return self._streamed(x, ids, weights)
-        if x.shape[0] == 1 and self.runtime.in_place is not None:
+        if self.runtime.in_place is not None:
             return self._in_place(x, ids, weights)
         return self._split(x, ids, weights)
 
@@ -198,15 +199,15 @@ class OffloadedExperts(nn.Module):
         return out.to(x.dtype)
 
     def _in_place(self, x, ids, weights):
-        """Decode of one token with InPlaceDecode: the guess for the next offloaded layer queued first (its
+        """Decode with InPlaceDecode: for one token the guess for the next offloaded layer queued first (its
         gather then overlaps this layer's work), then the RAM experts read by the GPU, then its own."""
         decoder = self.runtime.in_place
-        if self.next_layer is not None:
+        if self.next_layer is not None and x.shape[0] == 1:
             following, router = self.next_layer
             guess, _ = router(x)  # [1, k] (+ a shared expert's column, left out)
             decoder.gather(following, following.ram_index[guess[0, : router.top_k]])
-        gpu_rows, ram_rows = self.gpu_index[ids], self.ram_index[ids]  # [1, k], -1 on the other side
-        out = decoder.forward(self, x, ram_rows[0], weights[0])
+        gpu_rows, ram_rows = self.gpu_index[ids], self.ram_index[ids]  # [N, k], -1 on the other side
+        out = decoder.forward(self, x, ram_rows, weights)
         if self.gpu_ids:
             out = out + self.on_gpu(x, gpu_rows.clamp(min=0), torch.where(gpu_rows >= 0, weights, 0.0)).float()
         return out.to(x.dtype)
@@ -542,8 +543,9 @@ class InPlaceDecode:
         self.pending[layer.stream_bank] = (id(layer), event)
 
     def forward(self, layer: OffloadedExperts, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor):
-        """x [1, D], the token's RAM rows [k] (-1: a GPU expert) and weights [k] -> the RAM experts' sum
-        [1, D] float32: those found in the layer's bank read from it, the others from RAM over the bus."""
+        """x [N, D], the tokens' RAM rows [N, k] (-1: a GPU expert) and weights [N, k] -> the RAM experts'
+        sums [N, D] float32: those found in the layer's bank read from it, the others from RAM over the
+        bus (each (token, expert) pair reads its expert)."""
         from kimi_desk.kernels.moe import streamed_experts
 
         pending, self.pending[layer.stream_bank] = self.pending[layer.stream_bank], None

@@ -17,7 +17,7 @@ then two launches of tiled products, each expert's weights shared by all of its 
 host synchronisation. The CPU, and KIMI_DESK_KERNELS=torch, take the grouped PyTorch path (one product
 per chosen expert, which asks the host which experts were chosen).
 
-`streamed_experts(x, gate_up, down, rows, weights)`: a decode token's experts held in PyTorch's CPU int4
+`streamed_experts(x, gate_up, down, rows, weights)`: decode tokens' experts held in PyTorch's CPU int4
 layout, in pinned system RAM or in a bank of GPU slots they were gathered into (`gather_rows`), computed on
 the GPU where they are, without a relayout or a host step (streamed.py).
 """
@@ -99,8 +99,8 @@ def routed_experts(x, ids, weights, w1, w2, w3, scales=None, out_dtype=None):
 
 
 def streamed_experts(x, gate_up, down, rows, weights, bank=None, counts=None):
-    """A decode token's experts in the CPU operator's int4 tiles, stack rows `rows` (-1: none), those a
-    slot of `bank` holds read from there, computed by the GPU where they are (streamed.py): [1, D]
+    """Decode tokens' experts in the CPU operator's int4 tiles, stack rows `rows` [N, K] (-1: none), those
+    a slot of `bank` holds read from there, computed by the GPU where they are (streamed.py): [N, D]
     float32."""
     if use_triton(x):
         from kimi_desk.kernels.moe.streamed import streamed_experts_triton

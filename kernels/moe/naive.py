@@ -146,19 +146,21 @@ def routed_experts_gathered(x, ids, weights, w1, w2, w3, scales=None):
 
 def streamed_experts_torch(x, gate_up, down, rows, weights, bank=None, counts=None, layout=None):
     """Routed experts from stacks holding the CPU operator's int4 tiles (streamed.py has the layout and
-    the arguments; `layout` defaults to this machine's) -> the weighted sum of the pairs' experts, [1, D]
-    float32. The chosen tiles dequantized to float32, then the products."""
-    stack_rows = rows.clamp(min=0)
+    the arguments; `layout` defaults to this machine's) -> each token's weighted sum of its pairs'
+    experts, [N, D] float32. The chosen tiles dequantized to float32, then the products."""
+    x = x.reshape(-1, x.shape[-1])
+    N, S = x.shape[0], rows.numel()
+    rows, weights = rows.reshape(S), weights.reshape(S)
     slot = torch.full_like(rows, -1)
     if bank is not None:
         match = (rows[:, None] == bank[2][None, :]) & (rows[:, None] >= 0)
-        slot = torch.where(match.any(1), match.int().argmax(1), -1)
+        slot = torch.where(match.any(1), match.int().argmax(1), -1)  # the first slot holding the row
     if counts is not None:
         counts[0] += ((rows >= 0) & (slot < 0)).sum()
         counts[2] += (slot >= 0).sum()
 
     def chosen(stack, bank_stack):
-        picked = stack[stack_rows.to(stack.device)].to(x.device)
+        picked = stack[rows.clamp(min=0).to(stack.device)].to(x.device)
         if bank_stack is None:
             return picked
         from_bank = bank_stack[slot.clamp(min=0).to(bank_stack.device)].to(x.device)
@@ -173,10 +175,12 @@ def streamed_experts_torch(x, gate_up, down, rows, weights, bank=None, counts=No
 
     bank_gate_up, bank_down = bank[:2] if bank is not None else (None, None)
     w13, w2 = dense(gate_up, bank_gate_up), dense(down, bank_down)
-    gate, up = torch.einsum("sod,d->so", w13, x.reshape(-1).float()).chunk(2, dim=-1)
+    token_of_pair = x.float()[torch.arange(S, device=x.device) // (S // N)]  # [S, D]
+    gate, up = torch.einsum("sod,sd->so", w13, token_of_pair).chunk(2, dim=-1)
     y = torch.einsum("sdi,si->sd", w2, F.silu(gate) * up)
     # A pair of row -1 is left out, not weighted 0 (its row 0 stands in and may hold anything).
-    return torch.where(rows.view(-1, 1) >= 0, y * weights.view(-1, 1), 0.0).sum(0, keepdim=True)
+    y = torch.where(rows.view(-1, 1) >= 0, y * weights.view(-1, 1), 0.0)
+    return y.view(N, S // N, -1).sum(1)
 
 
 def gather_rows_torch(src, rows, dst) -> None:

@@ -1,4 +1,4 @@
-"""A decode token's routed experts computed on the GPU straight from the CPU operator's int4 tiles.
+"""Decode tokens' routed experts computed on the GPU straight from the CPU operator's int4 tiles.
 
 Experts kept in system RAM hold only PyTorch's CPU int4 layout (kernels/quant/cpu.py's CpuInt4Layout,
 which depends on the CPU): each matrix in blocks of R output rows, a block [D, R / 2] bytes, byte (d, j)
@@ -8,22 +8,23 @@ experts in that layout where they are: in pinned host memory, read over PCIe by 
 in a bank of slots in GPU memory that the experts were gathered into ahead of the choice. No relayout to
 kernels/quant's layout (which would cost a dozen passes each layer) and no host step.
 
-`streamed_experts_triton(x, gate_up, down, rows, weights, bank=None, counts=None)`: x [1, D]; gate_up =
+`streamed_experts_triton(x, gate_up, down, rows, weights, bank=None, counts=None)`: x [N, D]; gate_up =
 (tiles [E, 2I, D / 2] uint8, scales [E, D / g, 2I, 2] bf16): a stack of experts' w1 and w3 joined (w1's
-rows first); down = (tiles [E, D, I / 2], scales [E, I / g, D, 2]); rows [S] int64, the stack row of each
-of the token's S pairs (-1: none), weights [S] float32 their mixing weights. Returns sum over the pairs
-of weights[s] * w2 (SiLU(w1 x) * w3 x) of the pair's expert, [1, D] float32. The stack may live in
-pinned host memory. `bank` = (gate_up, down, held): slots of the same form and held [K], the stack row
-each slot holds (-1: none); a pair whose row a slot holds reads that slot (the first such) instead of the
-stack. `counts`
-[3] int64: the pairs read from the stack are added to counts[0], those found in the bank to counts[2].
+rows first); down = (tiles [E, D, I / 2], scales [E, I / g, D, 2]); rows [N, K] int64, the stack rows of
+each token's K (token, expert) pairs (-1: none), weights [N, K] float32 their mixing weights. Returns for
+each token the sum over its pairs of weights * w2 (SiLU(w1 x) * w3 x) of the pair's expert, [N, D]
+float32 (each pair reads its expert: a few tokens, as in decode). The stack may live in pinned host
+memory. `bank` = (gate_up, down, held): slots of the same form and held [B], the stack row each slot
+holds (-1: none); a pair whose row a slot holds reads that slot (the first such) instead of the stack.
+`counts` [3] int64: the pairs read from the stack are added to counts[0], those found in the bank to
+counts[2].
 
 `tiled_int4_gemv_kernel`, one program per (pair, block of R output rows): the pair's slot looked up in
-`held` (K loads), then the block's [BD, R / 2] bytes along the input (BD: whole groups, up to 256 inputs
+`held` (B loads), then the block's [BD, R / 2] bytes along the input (BD: whole groups, up to 256 inputs
 a step), both halves of each byte against the same inputs, each group's scale and midpoint applied to
 its sums ((q - 8) s + z: s * sum (q - 8) x + z * sum x). A pair of row -1 writes zeros and reads
-nothing. Two launches (gate and up, then down, SiLU taken on the way in) and a weighted sum over the
-pairs. Products in float32, sums in float32.
+nothing. Two launches (gate and up, then down, SiLU taken on the way in) and a weighted sum over each
+token's pairs. Products in float32, sums in float32.
 
 `gather_rows_triton(src, rows, dst)`: dst[s] = src[rows[s]], a copy the GPU makes from pinned host memory
 with no host step (the bank's fill).
@@ -60,6 +61,7 @@ def tiled_int4_gemv_kernel(
     GROUP: tl.constexpr,
     BD: tl.constexpr,
     GATED: tl.constexpr,
+    PAIRS_PER_X: tl.constexpr,
     ROWS: tl.constexpr,
     SPLIT: tl.constexpr,
     PDL: tl.constexpr,
@@ -101,11 +103,12 @@ def tiled_int4_gemv_kernel(
     b_hi = tl.zeros([HALF], dtype=tl.float32)
     for d0 in range(0, D, BD):
         o_d = d0 + tl.arange(0, BD)
-        if GATED:  # x holds [gate | up] of width 2D per slot: the input is SiLU(gate) * up
-            gate = tl.load(x + i_s * stride_x + o_d)
-            b_x = gate * tl.sigmoid(gate) * tl.load(x + i_s * stride_x + D + o_d)
+        p_x = x + (i_s // PAIRS_PER_X) * stride_x  # the pair's row of x
+        if GATED:  # x holds [gate | up] of width 2D per pair: the input is SiLU(gate) * up
+            gate = tl.load(p_x + o_d)
+            b_x = gate * tl.sigmoid(gate) * tl.load(p_x + D + o_d)
         else:
-            b_x = tl.load(x + i_s * stride_x + o_d).to(tl.float32)
+            b_x = tl.load(p_x + o_d).to(tl.float32)
         b_bytes = tl.load(p_tiles + o_d[:, None] * HALF + o_r[None, :])  # [BD, HALF]
         # Each group's sums apart ([NG, HALF]): its scale and midpoint apply to them.
         sum_lo = tl.sum(tl.reshape(((b_bytes & 15).to(tl.float32) - 8.0) * b_x[:, None], [NG, GROUP, HALF]), 1)
@@ -122,7 +125,7 @@ def tiled_int4_gemv_kernel(
     tl.store(p_out + o_hi, b_hi)
 
 
-def _tiled_gemv(stack, bank, held, counts, x, rows, stride_x, gated, layout: CpuInt4Layout):
+def _tiled_gemv(stack, bank, held, counts, x, rows, pairs_per_x, gated, layout: CpuInt4Layout):
     tiles, scales = stack
     S = rows.shape[0]
     _, O, half_D = tiles.shape
@@ -144,7 +147,7 @@ def _tiled_gemv(stack, bank, held, counts, x, rows, stride_x, gated, layout: Cpu
         x,
         rows,
         out,
-        stride_x,
+        x.stride(0),
         0 if held is None else held.shape[0],
         1 if held is None else triton.next_power_of_2(held.shape[0]),
         counts is not None,
@@ -153,6 +156,7 @@ def _tiled_gemv(stack, bank, held, counts, x, rows, stride_x, gated, layout: Cpu
         group,
         step,
         gated,
+        pairs_per_x,
         block_rows,
         split,
         **pdl_launch(x),
@@ -163,14 +167,16 @@ def _tiled_gemv(stack, bank, held, counts, x, rows, stride_x, gated, layout: Cpu
 def streamed_experts_triton(
     x, gate_up, down, rows, weights, bank=None, counts=None, layout: CpuInt4Layout | None = None
 ):
-    """The module docstring's sum over the pairs, [1, D] float32, in two Triton launches and a sum
+    """The module docstring's sums, [N, D] float32, in two Triton launches and a sum
     (naive.streamed_experts_torch is the reference); the tiles in `layout`, by default this machine's."""
-    S = weights.shape[0]
+    x = x.reshape(-1, x.shape[-1]).contiguous()
+    N, S = x.shape[0], rows.numel()
     layout = layout or cpu_int4_layout()
+    rows, weights = rows.reshape(S), weights.reshape(S)
     bank_gate_up, bank_down, held = bank if bank is not None else (None, None, None)
-    gate_up_out = _tiled_gemv(gate_up, bank_gate_up, held, counts, x.reshape(-1).contiguous(), rows, 0, False, layout)
-    down_out = _tiled_gemv(down, bank_down, held, None, gate_up_out, rows, gate_up_out.shape[1], True, layout)
-    return (down_out * weights.view(S, 1)).sum(0, keepdim=True)
+    gate_up_out = _tiled_gemv(gate_up, bank_gate_up, held, counts, x, rows, S // N, False, layout)  # [S, 2I]
+    down_out = _tiled_gemv(down, bank_down, held, None, gate_up_out, rows, 1, True, layout)  # [S, D]
+    return (down_out.view(N, S // N, -1) * weights.view(N, S // N, 1)).sum(1)
 
 
 @triton.jit

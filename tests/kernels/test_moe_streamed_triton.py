@@ -129,3 +129,21 @@ def test_gather_rows_copies_the_named_rows_and_leaves_the_others(form):
     (gather_rows_triton if form == "triton" else gather_rows_torch)(src, rows, dst)
     assert torch.equal(dst[0], src[4]) and torch.equal(dst[2], src[0]) and torch.equal(dst[3], src[4])
     assert not dst[1].any()
+
+
+@pytest.mark.parametrize("form", ["triton", "torch"])
+def test_several_tokens_each_take_their_own_pairs(form):
+    """x [N, D] with rows [N, K]: each token's sum is the one of its own pairs, as if computed alone."""
+    if not cpu_int4_fits(128, 128):
+        pytest.skip("this PyTorch has no CPU int4 operator")
+    gen = torch.Generator().manual_seed(9)
+    _, gate_up, down = slot_experts(5, 128, 64, 32, gen)
+    x = torch.randn(3, 128, generator=gen).bfloat16()
+    rows = torch.tensor([[4, 0, -1], [1, 1, 3], [-1, -1, 2]])
+    weights = torch.rand(3, 3, generator=gen)
+    forward = streamed_experts_triton if form == "triton" else streamed_experts_torch
+    got = forward(x, gate_up, down, rows, weights)
+    assert got.shape == (3, 128)
+    for n in range(3):
+        alone = forward(x[n : n + 1], gate_up, down, rows[n], weights[n])
+        assert torch.allclose(got[n], alone[0], rtol=1e-5, atol=1e-6)
