@@ -1,7 +1,8 @@
 """How well a MoE layer's router, applied to the previous MoE layer's input, guesses the experts it will
-choose: the guess engine/offload.py's InPlaceDecode gathers ahead. For each pair of consecutive MoE layers
-of a checkpoint (the embedded demo model by default), over the tokens of a text file: the share of the
-layer's chosen experts that the guess names, against chance (k of E).
+choose: the guess engine/offload.py's InPlaceDecode gathers ahead. For each MoE layer of a checkpoint (the
+embedded demo model by default), over the tokens of a text file: the share of the layer's chosen experts
+that the guess names, and the share the token before chose in the same layer (what a cache of recently
+used experts would hold), against chance (k of E).
 
     python packaging/bench/cpu/next_layer_guess.py                           # the demo model on README.md
     python packaging/bench/cpu/next_layer_guess.py --model PATH --text FILE --tokens 4096
@@ -38,12 +39,16 @@ def main() -> None:
         model(ids, model.new_state(1))
         k, E = moes[0].gate.top_k, moes[0].gate.weight.shape[0]
         print(f"{ids.shape[1]} tokens of {args.text}; k = {k} of E = {E} experts (chance {k / E:.0%})")
-        print("| layers | guessed |\n|---|---:|")
-        for i in range(1, len(moes)):
-            chosen = moes[i].gate(inputs[i])[0][:, :k]
-            guessed = moes[i].gate(inputs[i - 1])[0][:, :k]
-            hits = sum(len(set(g) & set(c)) for g, c in zip(guessed.tolist(), chosen.tolist()))
-            print(f"| MoE {i - 1} -> {i} | {hits / chosen.numel():.0%} |")
+        print("| layer | guessed from the layer before | chosen by the token before |\n|---|---:|---:|")
+        for i in range(len(moes)):
+            chosen = moes[i].gate(inputs[i])[0][:, :k].tolist()
+            # The token before's choice in the same layer: what a cache of recently used experts would hold.
+            repeated = sum(len(set(a) & set(b)) for a, b in zip(chosen[:-1], chosen[1:])) / (k * (len(chosen) - 1))
+            guess = "-"
+            if i:
+                guessed = moes[i].gate(inputs[i - 1])[0][:, :k].tolist()
+                guess = f"{sum(len(set(g) & set(c)) for g, c in zip(guessed, chosen)) / (k * len(chosen)):.0%}"
+            print(f"| MoE {i} | {guess} | {repeated:.0%} |")
 
 
 if __name__ == "__main__":
