@@ -214,18 +214,21 @@ class GraphDecoder:
 
             if offload is not None:
                 offload.cut_recording = cut
+            recorded = False
             try:
-                self._run(state)
-            except BaseException:
-                with suppress(Exception):  # the capture's own error, if any, says less than this one
-                    graph.capture_end()
-                if offload is not None and offload.in_place is not None:
-                    offload.in_place.forget()
-                raise
+                try:
+                    self._run(state)
+                except BaseException:
+                    with suppress(Exception):  # the capture's own error, if any, says less than this one
+                        graph.capture_end()
+                    raise
+                graph.capture_end()
+                recorded = True
             finally:
                 if offload is not None:
                     offload.cut_recording = None
-            graph.capture_end()
+                    if not recorded and offload.in_place is not None:
+                        offload.in_place.forget()  # its pending gathers' events belong to the failed capture
             pieces.append((graph, None))
         return pieces
 

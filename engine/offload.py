@@ -475,19 +475,19 @@ def _shape_source(layer: OffloadedExperts, name: str):
 
 
 class InPlaceDecode:
-    """At decode (one token), the chosen RAM experts computed by the GPU where they are, with no host step:
-    a decode step is one CUDA graph.
+    """At decode (up to DECODE_MAX_TOKENS tokens), the chosen RAM experts computed by the GPU where they
+    are, with no host step: a decode step is one CUDA graph.
 
     A layer's RAM experts live in pinned host memory as the CPU operator's int4 tiles (prepare_ram), and
-    kernels/moe's `streamed_experts` reads the chosen ones over PCIe in place. One layer's few experts
-    read that way cost the bus's latency more than its bandwidth, and the GPU would wait on them each
-    layer, so they are fetched ahead on a guess: the next offloaded layer's router is applied to this
-    layer's input (on a trained model it names most of the next layer's choice: 83-90% on the demo
-    model), and the RAM experts it picks are gathered into that layer's bank of DECODE_STREAM_SLOTS slots
-    in GPU memory on a side stream, while the GPU works through this layer and the next one's attention.
-    The next layer's true choice reads the experts it finds in its bank from there and only the others
-    over the bus. Banks alternate over the offloaded layers; a bank is read only by the layer it was
-    gathered for, in the same step.
+    kernels/moe's `streamed_experts` reads the chosen ones over PCIe in place, each (token, expert) pair
+    its expert. One token's few experts read that way cost the bus's latency more than its bandwidth,
+    and the GPU would wait on them each layer, so for one token they are fetched ahead on a guess: the
+    next offloaded layer's router is applied to this layer's input (on a trained model it names most of
+    the next layer's choice: 83-90% on the demo model), and the RAM experts it picks are gathered into
+    that layer's bank of DECODE_STREAM_SLOTS slots in GPU memory on a side stream, while the GPU works
+    through this layer and the next one's attention. The next layer's true choice reads the experts it
+    finds in its bank from there and only the others over the bus. Banks alternate over the offloaded
+    layers; a bank is read only by the layer it was gathered for, in the same one-token step.
 
     `counts` (on the device, read with `take_counts`): experts read in place over the bus, gathered ahead,
     found in the bank."""
@@ -549,7 +549,8 @@ class InPlaceDecode:
         from kimi_desk.kernels.moe import streamed_experts
 
         pending, self.pending[layer.stream_bank] = self.pending[layer.stream_bank], None
-        gathered = pending is not None and pending[0] == id(layer)
+        # Only a one-token step gathers: a longer chunk finding an entry found one left by a step cut short.
+        gathered = pending is not None and pending[0] == id(layer) and x.shape[0] == 1
         bank = None
         if gathered:
             if pending[1] is not None:
@@ -573,8 +574,8 @@ class InPlaceDecode:
 
 @dataclass
 class OffloadRuntime:
-    """What the offloaded layers of one model share: the stats, the staging slots, one-token decode in
-    place (None without a GPU or with other than int4 experts), the decode limit, the event the host
+    """What the offloaded layers of one model share: the stats, the staging slots, decode in place (None
+    without a GPU or with other than int4 experts), the decode limit, the event the host
     waits on for a layer's copies (None on the CPU), and the graph recorder's cut."""
 
     stats: OffloadStats

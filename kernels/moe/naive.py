@@ -147,10 +147,11 @@ def routed_experts_gathered(x, ids, weights, w1, w2, w3, scales=None):
 def streamed_experts_torch(x, gate_up, down, rows, weights, bank=None, counts=None, layout=None):
     """Routed experts from stacks holding the CPU operator's int4 tiles (streamed.py has the layout and
     the arguments; `layout` defaults to this machine's) -> each token's weighted sum of its pairs'
-    experts, [N, D] float32. The chosen tiles dequantized to float32, then the products."""
-    x = x.reshape(-1, x.shape[-1])
-    N, S = x.shape[0], rows.numel()
-    rows, weights = rows.reshape(S), weights.reshape(S)
+    experts, [N, D] float32. Each distinct expert dequantized to float32 once (one at a time: a reference
+    that a GPU may run with 32 tokens' pairs), then its pairs' products."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    N, K = x.shape[0], rows.shape[-1]
+    rows, weights = rows.reshape(N * K), weights.reshape(N * K).float()
     slot = torch.full_like(rows, -1)
     if bank is not None:
         match = (rows[:, None] == bank[2][None, :]) & (rows[:, None] >= 0)
@@ -159,28 +160,23 @@ def streamed_experts_torch(x, gate_up, down, rows, weights, bank=None, counts=No
         counts[0] += ((rows >= 0) & (slot < 0)).sum()
         counts[2] += (slot >= 0).sum()
 
-    def chosen(stack, bank_stack):
-        picked = stack[rows.clamp(min=0).to(stack.device)].to(x.device)
-        if bank_stack is None:
-            return picked
-        from_bank = bank_stack[slot.clamp(min=0).to(bank_stack.device)].to(x.device)
-        keep = (slot < 0).view(-1, *[1] * (picked.dim() - 1)).to(x.device)
-        return torch.where(keep, picked, from_bank)
+    def dense(pair, index):
+        tiles, scales = (t[index : index + 1].to(x.device) for t in pair)
+        codes = tiles_to_codes(tiles, tiles.shape[-2], layout)
+        return dequantize_int4_groups(codes, *tiles_to_scales(scales), torch.float32)[0]  # [O, D]
 
-    def dense(pair, bank_pair):
-        tiles, scales = (chosen(t, None if bank_pair is None else b) for t, b in zip(pair, bank_pair or (None, None)))
-        return dequantize_int4_groups(
-            tiles_to_codes(tiles, tiles.shape[-2], layout), *tiles_to_scales(scales), torch.float32
-        )  # [S, O, D]
-
-    bank_gate_up, bank_down = bank[:2] if bank is not None else (None, None)
-    w13, w2 = dense(gate_up, bank_gate_up), dense(down, bank_down)
-    token_of_pair = x.float()[torch.arange(S, device=x.device) // (S // N)]  # [S, D]
-    gate, up = torch.einsum("sod,sd->so", w13, token_of_pair).chunk(2, dim=-1)
-    y = torch.einsum("sdi,si->sd", w2, F.silu(gate) * up)
-    # A pair of row -1 is left out, not weighted 0 (its row 0 stands in and may hold anything).
-    y = torch.where(rows.view(-1, 1) >= 0, y * weights.view(-1, 1), 0.0)
-    return y.view(N, S // N, -1).sum(1)
+    out = torch.zeros(N * K, x.shape[-1], dtype=torch.float32, device=x.device)
+    # A pair of row -1 is left out; pairs reading the same expert from the same place share its weights.
+    sources = {(int(r), int(s)) for r, s in zip(rows.tolist(), slot.tolist()) if r >= 0}
+    for row, s in sources:
+        pairs = ((rows == row) & (slot == s)).nonzero().flatten()
+        if s >= 0:
+            w13, w2 = dense(bank[0], s), dense(bank[1], s)
+        else:
+            w13, w2 = dense(gate_up, row), dense(down, row)
+        gate, up = (x[pairs // K] @ w13.T).chunk(2, dim=-1)
+        out[pairs] = (F.silu(gate) * up) @ w2.T * weights[pairs, None]
+    return out.view(N, K, -1).sum(1)
 
 
 def gather_rows_torch(src, rows, dst) -> None:

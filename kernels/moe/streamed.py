@@ -170,13 +170,17 @@ def streamed_experts_triton(
     """The module docstring's sums, [N, D] float32, in two Triton launches and a sum
     (naive.streamed_experts_torch is the reference); the tiles in `layout`, by default this machine's."""
     x = x.reshape(-1, x.shape[-1]).contiguous()
-    N, S = x.shape[0], rows.numel()
+    N, K = x.shape[0], rows.shape[-1]
+    if rows.numel() != N * K or weights.numel() != N * K:
+        raise ValueError(f"rows {tuple(rows.shape)} and weights {tuple(weights.shape)} do not give {N} tokens K pairs")
+    if N == 0:
+        return x.new_zeros(0, x.shape[-1], dtype=torch.float32)
     layout = layout or cpu_int4_layout()
-    rows, weights = rows.reshape(S), weights.reshape(S)
+    rows, weights = rows.reshape(N * K).contiguous(), weights.reshape(N * K).contiguous()
     bank_gate_up, bank_down, held = bank if bank is not None else (None, None, None)
-    gate_up_out = _tiled_gemv(gate_up, bank_gate_up, held, counts, x, rows, S // N, False, layout)  # [S, 2I]
-    down_out = _tiled_gemv(down, bank_down, held, None, gate_up_out, rows, 1, True, layout)  # [S, D]
-    return (down_out.view(N, S // N, -1) * weights.view(N, S // N, 1)).sum(1)
+    gate_up_out = _tiled_gemv(gate_up, bank_gate_up, held, counts, x, rows, K, False, layout)  # [N K, 2I]
+    down_out = _tiled_gemv(down, bank_down, held, None, gate_up_out, rows, 1, True, layout)  # [N K, D]
+    return (down_out.view(N, K, -1) * weights.view(N, K, 1)).sum(1)
 
 
 @triton.jit

@@ -109,7 +109,7 @@ def test_decode_reads_the_ram_experts_in_place(checkpoint, ids):
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_gathered_experts_are_read_from_the_bank_and_the_bank_is_emptied(checkpoint, kernels, monkeypatch):
+def test_gathered_experts_are_read_from_the_bank_by_their_layer_once(checkpoint, kernels, monkeypatch):
     """The gather, the bank's lookup and the count, through the PyTorch forms and the Triton kernels (under
     the interpreter here: the calls the GPU makes)."""
     split = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=plan(GPU_EXPERTS))
