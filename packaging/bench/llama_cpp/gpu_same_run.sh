@@ -11,11 +11,13 @@
 #       Q4_K_M deepened to the 48B model's 27 layers (deepen_gguf.py)
 #   packaging/bench/llama_cpp/gpu_same_run.sh budget OUT    # after deep: ours at 27 layers in int4 under
 #       each GPU budget of BUDGETS (24GiB,16GiB), then llama-bench on the 27-layer Q4_K_M with the routed
-#       experts of the first N layers in RAM, one run for each N of NCMOE (its -ncmoe; default 6,14), each run's peak
-#       GPU memory sampled (llama.cpp has no memory cap: the peak shows which N fits which budget)
+#       experts of the first N layers in RAM, one run for each N of NCMOE (its -ncmoe; default 9,17, which
+#       fit 24 and 16 GiB), each run's peak GPU memory sampled (llama.cpp has no memory cap: the peak
+#       shows which N fits which budget)
 # Work files go to .bench/ (ignored by git). LAYERS (default 4), REPS (3), DEPTHS (8192,131072), QUANTS
 # (Q8_0,Q4_K_M), UBATCH (llama.cpp's -ub in the budget runs, 2048), PREFILL (tokens ours reads in the
-# budget runs, 32768) and SOURCE (default
+# budget runs, timed at each power of two: 131072), READS (contexts the plan is asked to fit:
+# 131072,1048576) and SOURCE (default
 # .bench/llama.cpp-src.tar.xz, made by the llama-cpp-source tool) can be set.
 # Ours builds its own random weights at the same shapes in memory (`kimi-desk bench model --layers`):
 # the speed of a layer does not depend on its values, and random routers spread tokens over the experts
@@ -65,10 +67,10 @@ deep)
 budget)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
   python3 -m kimi_desk.app.cli bench model --layers 27 --quantize int4 --gpu-memory "${BUDGETS:-24GiB,16GiB}" \
-    --contexts "$depths" --prefill-tokens "${PREFILL:-32768}" --read-tokens "${READS:-131072}" --json "$out/ours-budget.json" \
+    --contexts "$depths" --prefill-tokens "${PREFILL:-131072}" --read-tokens "${READS:-131072,1048576}" --json "$out/ours-budget.json" \
     > "$out/ours-budget.log" 2>&1 || echo "ours: exit $? (see ours-budget.log)"
   tail -40 "$out/ours-budget.log"
-  ncmoe=${NCMOE:-6,14}
+  ncmoe=${NCMOE:-9,17}
   for n in ${ncmoe//,/ }; do
     python3 "$here/bench.py" "$work/gguf/r48-27-Q4_K_M.gguf" --llama-cpp "$llama" --threads "$(nproc)" \
       --prompt 8192 --gen 64 --gen-depth "$depths" --reps "$reps" --gpu-memory-peak \
