@@ -17,8 +17,9 @@ added on the GPU. The round trip goes through fixed (pinned) host buffers of the
 decode step can be recorded as CUDA graphs cut at the host's steps (engine/cuda_graph.py): the GPU's
 work from one layer's join to the next layer's hand-over is one graph.
 
-Prefill (more than DECODE_MAX_TOKENS tokens): every expert of the layer is chosen by some token of a
-large chunk, so the layer's RAM experts are streamed to the GPU instead, into one of two staging slots
+Prefill (more than DECODE_MAX_TOKENS tokens, or fewer whose RAM pairs outnumber the layer's RAM experts
+when they would be read in place): every expert of the layer is chosen by some token of a large chunk,
+so the layer's RAM experts are streamed to the GPU instead, into one of two staging slots
 that hold the layer's whole stack (the GPU rows copied device to device): while one layer computes from
 its slot, the next offloaded layer's experts are copied into the other on a side stream (Stager). int4
 experts are kept in RAM in the CPU operator's tiles only; the GPU turns the streamed tiles back into
@@ -151,6 +152,10 @@ class OffloadedExperts(nn.Module):
         if x.shape[0] > self.runtime.decode_max_tokens:
             return self._streamed(x, ids, weights)
         if self.runtime.in_place is not None:
+            # A chunk of a few tokens (never recorded in a graph, so the host may count): reading its pairs
+            # one by one costs more bytes than the layer's whole RAM stack once they outnumber it.
+            if x.shape[0] > 1 and int((self.ram_index[ids] >= 0).sum()) > len(self.ram_ids):
+                return self._streamed(x, ids, weights)
             return self._in_place(x, ids, weights)
         return self._split(x, ids, weights)
 

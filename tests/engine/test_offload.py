@@ -99,12 +99,18 @@ def test_decode_reads_the_ram_experts_in_place(checkpoint, ids):
         assert rel(got, want) < 1e-5
     counts = runtime.in_place.take_counts()
     assert counts["gathered"] > 0 and counts["found"] > 0 and counts["read_in_place"] > 0
-    # A short chunk (a question's few tokens): every pair read in place, nothing guessed.
-    got, want = split(ids[:, 66:72], state_split), whole(ids[:, 66:72], state_whole)
+    # A short chunk (a question's few tokens): its pairs read in place, nothing guessed; a layer whose RAM
+    # pairs outnumber its RAM experts streams its stack once instead, as a long chunk does.
+    runtime.stats.reset()
+    got, want = split(ids[:, 66:68], state_split), whole(ids[:, 66:68], state_whole)
     assert rel(got, want) < 1e-5
     counts = runtime.in_place.take_counts()
     assert counts["gathered"] == 0 and counts["read_in_place"] > 0
     assert runtime.stats.decode_calls == 0  # no host round trip
+    got, want = split(ids[:, 68:72], state_split), whole(ids[:, 68:72], state_whole)
+    assert rel(got, want) < 1e-5
+    assert runtime.stats.streamed_calls > 0
+    runtime.in_place.take_counts()
     assert runtime.in_place.take_counts() == {"read_in_place": 0, "gathered": 0, "found": 0}
 
 
