@@ -249,8 +249,8 @@ class Step:
     """One generated token.
 
     `seconds` is the engine's time for this token: feeding it to the model and choosing the one after it
-    (for the first token also the prefill and its own choice, so it is the time to first token); time the caller spends between
-    steps is not counted. `position` is state.position after the step. `finish_reason` is set on the
+    (for the first token also the prefill and its own choice, so it is the time to first token); time the
+    caller spends between steps is not counted. `position` is state.position after the step. `finish_reason` is set on the
     last step: "stop" (a stop token, not fed) or "length" (the token budget or the context is used up).
     """
 

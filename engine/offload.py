@@ -152,11 +152,12 @@ class OffloadedExperts(nn.Module):
         if x.shape[0] > self.runtime.decode_max_tokens:
             return self._streamed(x, ids, weights)
         if self.runtime.in_place is not None:
+            ram_rows = self.ram_index[ids]  # [N, k], -1 for the GPU's experts
             # A chunk of a few tokens (never recorded in a graph, so the host may count): reading its pairs
             # one by one costs more bytes than the layer's whole RAM stack once they outnumber it.
-            if x.shape[0] > 1 and int((self.ram_index[ids] >= 0).sum()) > len(self.ram_ids):
+            if x.shape[0] > 1 and int((ram_rows >= 0).sum()) > len(self.ram_ids):
                 return self._streamed(x, ids, weights)
-            return self._in_place(x, ids, weights)
+            return self._in_place(x, ids, ram_rows, weights)
         return self._split(x, ids, weights)
 
     def _split(self, x, ids, weights):
@@ -203,7 +204,7 @@ class OffloadedExperts(nn.Module):
             out = hout.to(x.device, non_blocking=True, copy=True)
         return out.to(x.dtype)
 
-    def _in_place(self, x, ids, weights):
+    def _in_place(self, x, ids, ram_rows, weights):
         """Decode with InPlaceDecode: for one token the guess for the next offloaded layer queued first (its
         gather then overlaps this layer's work), then the RAM experts read by the GPU, then its own."""
         decoder = self.runtime.in_place
@@ -211,7 +212,7 @@ class OffloadedExperts(nn.Module):
             following, router = self.next_layer
             guess, _ = router(x)  # [1, k] (+ a shared expert's column, left out)
             decoder.gather(following, following.ram_index[guess[0, : router.top_k]])
-        gpu_rows, ram_rows = self.gpu_index[ids], self.ram_index[ids]  # [N, k], -1 on the other side
+        gpu_rows = self.gpu_index[ids]  # [N, k], -1 for the RAM's experts
         out = decoder.forward(self, x, ram_rows, weights)
         if self.gpu_ids:
             out = out + self.on_gpu(x, gpu_rows.clamp(min=0), torch.where(gpu_rows >= 0, weights, 0.0)).float()

@@ -9,9 +9,9 @@ two (PCIe bytes per chunk streamed), decode ms/token at each context, eager and 
 recorded CUDA graph as generate() does (int4: the RAM experts read in place by the GPU, one graph; then,
 as `cpu_only_*`, the same steps with the CPU computing them, graph pieces with the host's steps between),
 each with its breakdown (time_eager_decode, time_graph_decode: the GPU's own time, the copies to and from
-the host, the CPU's expert products, the host's wait for the GPU; experts and bytes over PCIe per token), peak GPU (allocated and reserved) and peak RAM (the
-process's maximum resident set), and whether reading `--read-tokens` fits the budget at all (the plan's
-answer).
+the host, the CPU's expert products, the host's wait for the GPU; experts and bytes over PCIe per token),
+peak GPU (allocated and reserved) and peak RAM (the process's maximum resident set), and whether reading
+`--read-tokens` fits the budget at all (the plan's answer).
 
 Before the budgets, a check on the GPU: a small random model loaded whole and split between GPU and
 RAM (int4, bf16, fp32): logits of a prefill (streamed experts) and of decode steps (int4: read in place;
