@@ -215,9 +215,19 @@ def load_assistant(
     **options,
 ):
     """The model at `path` on `device` in the format and placement choose_placement takes within the
-    memory budgets (--gpu-memory, --cpu-memory), with its tokenizer: an engine.session.Assistant."""
+    memory budgets (--gpu-memory, --cpu-memory), with its tokenizer: an engine.session.Assistant. On
+    the CPU it computes in memory.cpu_compute_dtype's choice unless `dtype` is given."""
+    import torch
+
+    from kimi_desk.engine.config import KimiLinearConfig
+    from kimi_desk.engine.memory import cpu_compute_dtype
     from kimi_desk.engine.session import Assistant
 
     device = resolve_device(device)
     fmt, placement = choose_placement(Path(path), device, quantize, notice, gpu_memory, cpu_memory)
+    dtype = None
+    if device == "cpu" and "dtype" not in options:
+        config = KimiLinearConfig.from_file(Path(path) / "config.json")
+        dtype = getattr(torch, cpu_compute_dtype(config, fmt, budgets("cpu", cpu_memory=cpu_memory)[1]))
+    options.setdefault("dtype", dtype)
     return Assistant.load(path, device=device, quantize=fmt, notice=notice, placement=placement, **options)

@@ -186,6 +186,30 @@ def formats_for(device: str) -> tuple[str, ...]:
     return tuple(f for f in FORMATS if f != "fp8")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), so that PyTorch's bf16
+    products run at least as fast as float32's. Without those instructions (AVX2 desktops, most laptops,
+    ARM) PyTorch emulates bf16 products, several times slower than float32's (BENCHMARKS.md, issue 16)."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def cpu_compute_dtype(
+    config: KimiLinearConfig, quantize: str | None, available_bytes: int | None, fast_bf16: bool | None = None
+) -> str:
+    """The dtype the model computes in on this CPU: float32 where the CPU lacks bf16 hardware
+    (cpu_has_fast_bf16) and the model fits `available_bytes` in float32 (the quantized matrices keep
+    their codes; the rest doubles), else the checkpoint's. Half precision there only saves memory."""
+    half = config.dtype in ("bfloat16", "float16")
+    fast_bf16 = cpu_has_fast_bf16() if fast_bf16 is None else fast_bf16
+    if not half or (fast_bf16 and config.dtype == "bfloat16"):
+        return config.dtype
+    needs = estimate_memory(config, "float32", quantize)["total_bytes"]
+    return "float32" if available_bytes is None or needs <= available_bytes else config.dtype
+
+
 def _available(device: str, available_bytes: int | None) -> tuple[int | None, str]:
     import torch
 

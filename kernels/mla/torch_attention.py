@@ -83,15 +83,13 @@ def mla_attention_cpu(q, cache, q_start, value_dim, scale, block=None):
     """The absorbed form on the CPU (decode, a short question): one pass over the cache in its own dtype,
     block by block, every (query, head) row at once (they all read the same keys).
 
-    Each block of cached keys (before q_start, seen by every row) is read by three products while it
-    sits in the core's caches: the scores, their remainder, the weighted sum of the block's latents. On
-    the CPU a bf16 product returns bf16, which would round every score to 8 bits (an error of 0.4% of the
-    score, more than the softmax forgives); the remainder product subtracts the rounded scores before its
-    own rounding (its input is added in float32), so the two bf16 halves sum to the float32 score. The
-    block's softmax is taken from its own maximum; its weights, rounded to the cache's dtype, weight
-    the block's latents. The blocks' partial sums merge at the end by their maxima (the split-K rule). The
-    new tokens' own keys (a causal square, a few rows) are attended apart in float32 with their mask. No
-    temporary is larger than a block's scores."""
+    Each block of cached keys (before q_start, seen by every row) is read while it sits in the core's
+    caches: its scores, then the weighted sum of its latents. The block's softmax is taken from its own
+    maximum; the blocks' partial sums merge at the end by their maxima (the split-K rule). A float32
+    cache (CPUs without bf16 hardware) takes keys-major products ([n, D] @ [D, rows], which MKL runs
+    faster than rows-major ones with a few rows); a bf16 cache takes _bf16_blocks's. The new tokens'
+    own keys (a causal square, a few rows) are attended apart in float32 with their mask. No temporary
+    is larger than a block's scores."""
     B, Tq, H, D = q.shape
     rows = (q.float() * scale).reshape(B, Tq * H, D)  # query-major, head-minor
     # The new tokens' keys, masked: the first partial sum.
@@ -104,31 +102,51 @@ def mla_attention_cpu(q, cache, q_start, value_dim, scale, block=None):
     if q_start:
         block = block or max(1, CPU_BLOCK_BYTES // (D * cache.element_size()))
         blocks = -(-q_start // block)
-        rows_c = rows.to(cache.dtype)
         maxima = torch.cat([maxima[None], maxima.new_empty(blocks, *maxima.shape)])  # [1 + blocks, B, rows]
         sums = torch.cat([sums[None], sums.new_empty(blocks, *sums.shape)])
         partials = torch.cat([partials[None], partials.new_empty(blocks, *partials.shape)])
-        scores_hi = torch.empty(Tq * H, block, dtype=cache.dtype, device=q.device)
-        scores_lo, weights = torch.empty_like(scores_hi), torch.empty_like(scores_hi)
-        scores = torch.empty(Tq * H, block, device=q.device)
-        # Two-dimensional products on views: a batched product copies a batch's strided view first.
-        for b, i, j0 in ((b, i, j0) for b in range(B) for i, j0 in enumerate(range(0, q_start, block), start=1)):
-            keys = cache[b, j0 : min(q_start, j0 + block)]  # [n, D], a view of the cache as it lies
-            n = keys.shape[0]
-            hi, lo, s, p = scores_hi[:, :n], scores_lo[:, :n], scores[:, :n], weights[:, :n]
-            torch.mm(rows_c[b], keys.t(), out=hi)
-            torch.addmm(hi, rows_c[b], keys.t(), beta=-1, out=lo)  # rows . keys - hi, rounded once
-            s.copy_(hi).add_(lo)
-            torch.amax(s, -1, out=maxima[i, b])
-            s.sub_(maxima[i, b].unsqueeze(-1)).exp_()
-            torch.sum(s, -1, out=sums[i, b])
-            p.copy_(s)
-            partials[i, b] = p @ keys[:, :value_dim]
+        if cache.dtype == torch.float32:
+            scores = torch.empty(block, Tq * H, device=q.device)
+            for b, i, j0 in ((b, i, j0) for b in range(B) for i, j0 in enumerate(range(0, q_start, block), start=1)):
+                keys = cache[b, j0 : min(q_start, j0 + block)]
+                s = scores[: keys.shape[0]]
+                torch.mm(keys, rows[b].t(), out=s)
+                torch.amax(s, 0, out=maxima[i, b])
+                s.sub_(maxima[i, b]).exp_()
+                torch.sum(s, 0, out=sums[i, b])
+                torch.mm(s.t(), keys[:, :value_dim], out=partials[i, b])
+        else:
+            _bf16_blocks(rows.to(cache.dtype), cache, q_start, value_dim, block, maxima, sums, partials)
     else:
         maxima, sums, partials = maxima[None], sums[None], partials[None]
     weights = (maxima - maxima.amax(0)).exp_()  # [parts, B, rows]
     out = (partials * weights.unsqueeze(-1)).sum(0) / (sums * weights).sum(0).unsqueeze(-1)
     return out.reshape(B, Tq, H, value_dim)
+
+
+def _bf16_blocks(rows_c, cache, q_start, value_dim, block, maxima, sums, partials):
+    """mla_attention_cpu's cached blocks in half precision, into maxima, sums and partials [1 + blocks,
+    B, ...] from index 1. On the CPU a bf16 product returns bf16, which would round every score to 8
+    bits (an error of 0.4% of the score, more than the softmax forgives); a remainder product subtracts
+    the rounded scores before its own rounding (its input is added in float32), so the two bf16 halves
+    sum to the float32 score. The block's weights, rounded to the cache's dtype, weight its latents."""
+    B, R = rows_c.shape[:2]
+    scores_hi = torch.empty(R, block, dtype=cache.dtype, device=cache.device)
+    scores_lo, weights = torch.empty_like(scores_hi), torch.empty_like(scores_hi)
+    scores = torch.empty(R, block, device=cache.device)
+    # Two-dimensional products on views: a batched product copies a batch's strided view first.
+    for b, i, j0 in ((b, i, j0) for b in range(B) for i, j0 in enumerate(range(0, q_start, block), start=1)):
+        keys = cache[b, j0 : min(q_start, j0 + block)]  # [n, D], a view of the cache as it lies
+        n = keys.shape[0]
+        hi, lo, s, p = scores_hi[:, :n], scores_lo[:, :n], scores[:, :n], weights[:, :n]
+        torch.mm(rows_c[b], keys.t(), out=hi)
+        torch.addmm(hi, rows_c[b], keys.t(), beta=-1, out=lo)  # rows . keys - hi, rounded once
+        s.copy_(hi).add_(lo)
+        torch.amax(s, -1, out=maxima[i, b])
+        s.sub_(maxima[i, b].unsqueeze(-1)).exp_()
+        torch.sum(s, -1, out=sums[i, b])
+        p.copy_(s)
+        partials[i, b] = p @ keys[:, :value_dim]
 
 
 def _block_softmax(scores, values):

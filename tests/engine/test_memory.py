@@ -103,3 +103,33 @@ def test_available_cpu_memory_reads_meminfo():
     listed = int(next(line for line in meminfo.splitlines() if line.startswith("MemAvailable:")).split()[1]) * 1024
     available = memory.available_cpu_memory()
     assert 0 < available <= listed * 1.1  # MemAvailable moves a little between the two reads
+
+
+def test_the_cpu_computes_in_float32_without_bf16_hardware_when_it_fits():
+    config = kimi_linear_48b_config()
+    f32 = memory.estimate_memory(config, "float32", "int4")["total_bytes"]
+    assert memory.cpu_compute_dtype(config, "int4", int(f32) + 1, fast_bf16=False) == "float32"
+    assert memory.cpu_compute_dtype(config, "int4", None, fast_bf16=False) == "float32"
+    # Where float32 would not fit, the checkpoint's half precision still does: it stays.
+    assert memory.cpu_compute_dtype(config, "int4", int(f32) - 1, fast_bf16=False) == "bfloat16"
+    assert memory.cpu_compute_dtype(config, None, 100 << 30, fast_bf16=False) == "bfloat16"
+    # With bf16 hardware the checkpoint's bf16 is as fast and half the memory.
+    assert memory.cpu_compute_dtype(config, "int4", None, fast_bf16=True) == "bfloat16"
+
+
+def test_the_cpu_compute_dtype_of_a_float32_or_float16_checkpoint():
+    config = tiny_config()
+    config.dtype = "float32"
+    assert memory.cpu_compute_dtype(config, None, None, fast_bf16=True) == "float32"
+    config.dtype = "float16"  # no CPU multiplies float16 faster than float32 here
+    assert memory.cpu_compute_dtype(config, None, None, fast_bf16=True) == "float32"
+
+
+def test_cpu_has_fast_bf16_asks_torch_about_the_instructions(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert memory.cpu_has_fast_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not memory.cpu_has_fast_bf16()
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert not memory.cpu_has_fast_bf16()

@@ -38,6 +38,11 @@ def rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+# Two placements of one float32 model agree to this: the int8 output head multiplies its input in bf16
+# (kernels/quant/cpu.py), so inputs 1e-7 apart (sums taken in another order) can round apart there.
+AGREE = 1e-4
+
+
 @pytest.fixture(scope="module")
 def ids(checkpoint):
     return torch.randint(0, 512, (1, 72), generator=torch.Generator().manual_seed(11))
@@ -51,14 +56,14 @@ def test_the_split_model_computes_the_whole_models_logits_fp32(checkpoint, ids):
     assert split.offload is not None and whole.offload is None
     want, _ = run(whole, ids, 60)
     got, _ = run(split, ids, 60)
-    assert torch.isfinite(got).all() and rel(got, want) < 1e-5
+    assert torch.isfinite(got).all() and rel(got, want) < AGREE
     stats = split.offload.stats
     assert stats.streamed_calls == 5 and stats.decode_calls == 5 * 12 and stats.streamed_bytes > 0
     # A short prefill chunk takes the decode path (CPU products of the RAM experts), a long one streams.
     split.offload.stats.reset()
     short_want, _ = run(whole, ids[:, :20], 20)
     short_got, _ = run(split, ids[:, :20], 20)
-    assert rel(short_got, short_want) < 1e-5 and split.offload.stats.decode_calls == 5
+    assert rel(short_got, short_want) < AGREE and split.offload.stats.decode_calls == 5
     assert split.offload.stats.streamed_calls == 0
 
 
@@ -73,7 +78,7 @@ def test_the_split_model_in_int4(checkpoint, ids):
     # Prefill streams the tiles back into our layout: the same codes, the same products.
     prefill_want = whole(ids[:, :60], state_whole)
     prefill_got = split(ids[:, :60], state_split)
-    assert rel(prefill_got, prefill_want) < 1e-5
+    assert rel(prefill_got, prefill_want) < AGREE
     # Decode computes the RAM experts through the CPU operator (bf16 products, float32 sums).
     for t in range(60, 72):
         got, want = split(ids[:, t : t + 1], state_split), whole(ids[:, t : t + 1], state_whole)
@@ -96,19 +101,19 @@ def test_decode_reads_the_ram_experts_in_place(checkpoint, ids):
     runtime.stats.reset()
     for t in range(60, 66):
         got, want = split(ids[:, t : t + 1], state_split), whole(ids[:, t : t + 1], state_whole)
-        assert rel(got, want) < 1e-5
+        assert rel(got, want) < AGREE
     counts = runtime.in_place.take_counts()
     assert counts["gathered"] > 0 and counts["found"] > 0 and counts["read_in_place"] > 0
     # A short chunk (a question's few tokens): its pairs read in place, nothing guessed; a layer whose RAM
     # pairs outnumber its RAM experts streams its stack once instead, as a long chunk does.
     runtime.stats.reset()
     got, want = split(ids[:, 66:68], state_split), whole(ids[:, 66:68], state_whole)
-    assert rel(got, want) < 1e-5
+    assert rel(got, want) < AGREE
     counts = runtime.in_place.take_counts()
     assert counts["gathered"] == 0 and counts["read_in_place"] > 0
     assert runtime.stats.decode_calls == 0  # no host round trip
     got, want = split(ids[:, 68:72], state_split), whole(ids[:, 68:72], state_whole)
-    assert rel(got, want) < 1e-5
+    assert rel(got, want) < AGREE
     assert runtime.stats.streamed_calls > 0
     runtime.in_place.take_counts()
     assert runtime.in_place.take_counts() == {"read_in_place": 0, "gathered": 0, "found": 0}
@@ -160,7 +165,7 @@ def test_one_quantized_cache_serves_every_placement(checkpoint, ids):
     assert notices == []
     want = whole(ids[:, :50], whole.new_state(1))
     for model in (first, second):
-        assert rel(model(ids[:, :50], model.new_state(1)), want) < 1e-5
+        assert rel(model(ids[:, :50], model.new_state(1)), want) < AGREE
 
 
 def test_a_state_read_under_one_placement_continues_under_another(checkpoint, ids):
@@ -173,7 +178,7 @@ def test_a_state_read_under_one_placement_continues_under_another(checkpoint, id
     split(ids[:, :64], state)
     got = [other(ids[:, t : t + 1], state) for t in range(64, 68)]
     got += [whole(ids[:, t : t + 1], state) for t in range(68, 72)]
-    assert rel(torch.cat(got, 1), want[:, 64:]) < 1e-5
+    assert rel(torch.cat(got, 1), want[:, 64:]) < AGREE
 
 
 def test_the_split_modules_name_their_halves():
@@ -228,7 +233,7 @@ def test_decode_round_trips_go_through_fixed_host_buffers_and_host_steps(checkpo
     split.offload.cut_recording = None
     per_token = sum(2 if layer.gpu_ids else 1 for layer in layers)
     assert per_token == 9 and len(steps) == per_token * 12
-    assert torch.equal(got, plain) and rel(got, want) < 1e-5
+    assert torch.equal(got, plain) and rel(got, want) < AGREE
     addresses = [layer._host.x.data_ptr() for layer in layers]
     run(split, ids[:, :40], 30)
     assert [layer._host.x.data_ptr() for layer in layers] == addresses
@@ -255,7 +260,7 @@ def test_a_model_placed_by_its_usage_computes_the_whole_models_logits(checkpoint
     split = load_model(checkpoint, dtype=torch.float32, quantize="int4", placement=placement)
     assert split.offload is not None
     state_whole, state_split = whole.new_state(1), split.new_state(1)
-    assert rel(split(ids[:, :60], state_split), whole(ids[:, :60], state_whole)) < 1e-5
+    assert rel(split(ids[:, :60], state_split), whole(ids[:, :60], state_whole)) < AGREE
     for t in range(60, 66):
         got, want = split(ids[:, t : t + 1], state_split), whole(ids[:, t : t + 1], state_whole)
         assert rel(got, want) < 2e-2 and got[0, -1].argmax() == want[0, -1].argmax()

@@ -94,7 +94,9 @@ def test_int8_and_int4_experts_match_float64_and_torch(fmt, N, E, k, D, I, dtype
     assert got.dtype == torch.float32 and got.shape == (N, D)
     assert rel_err(got, reference_f64(x, ids, weights, *exact)) < FP8_TOLERANCE[dtype] * (3 if fmt == "int4" else 1)
     want = routed_experts_grouped(x, ids, weights, *codes, scales=scales)
-    assert rel_err(got, want) < FP8_TORCH_PATH_TOLERANCE[dtype] * (3 if fmt == "int4" else 1)
+    # The PyTorch path's int8 operator multiplies a few tokens in bf16 (kernels/quant/cpu.py).
+    torch_path = torch.bfloat16 if fmt == "int8" else dtype
+    assert rel_err(got, want) < FP8_TORCH_PATH_TOLERANCE[torch_path] * (3 if fmt == "int4" else 1)
 
 
 def crowded_ids(N, E, k, popular, nobody, seed):

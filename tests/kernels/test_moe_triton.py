@@ -87,10 +87,11 @@ def test_int8_and_int4_experts_match_float64(fmt, dtype, N, E, k, D, I):
     for path in (routed_experts_gemv, routed_experts_grouped):
         got = path(x, ids, weights, *codes, scales=scales)
         assert got.dtype == torch.float32 and got.shape == (N, D)
-        # int4 weights dequantized in fp32 registers; the PyTorch path rounds them to x's dtype.
-        assert rel_err(got, want) < FP8_TOLERANCE[dtype] * (10 if fmt == "int4" and dtype == torch.float32 else 1), (
-            path.__name__
-        )
+        # int4 weights dequantized in fp32 registers; the PyTorch path rounds them to x's dtype, and its
+        # int8 operator multiplies a few tokens in bf16 (kernels/quant/cpu.py).
+        bf16_operator = path is routed_experts_grouped and fmt == "int8"
+        tolerance = FP8_TOLERANCE[torch.bfloat16 if bf16_operator else dtype]
+        assert rel_err(got, want) < tolerance * (10 if fmt == "int4" and dtype == torch.float32 else 1), path.__name__
 
 
 def test_fp8_gemv_reads_only_the_chosen_experts():

@@ -5,14 +5,15 @@ in alternating processes, so that both meet the same load on a shared machine.
 
 The earlier commit is exported (git archive) to a temporary folder and imported from there
 (PYTHONPATH before the installed package). Each round runs one process per side, alternating which
-side goes first; every process loads the demo model the way `kimi-desk ingest` does (Assistant.load,
-the checkpoint's dtype unless --dtype) and measures, with nothing but the API both sides share:
+side goes first; every process loads the demo model the way `kimi-desk ingest` does (load_assistant,
+`--quantize none`, the dtype that side chooses on this CPU unless --dtype) and measures, with nothing
+but the API both sides share:
 
 - reading 8192 tokens after 2048 read for real (chunks of the assistant's prefill_chunk), and one
   chunk after 32768 cached tokens (a synthetic cache: random latents);
 - decode steps after 1024 and 214000 cached tokens (synthetic), median of 16;
 - the first token of a question after 214000 cached tokens: restore from a snapshot folder written
-  once, as a reading writes it (in the page cache), copy the state, prefill the question, first step;
+  once per side, as a reading writes it (in the page cache), copy the state, prefill the question, first step;
 - peak resident memory.
 
 The report gives each measurement's best and median over the rounds, per side, and their ratio.
@@ -61,12 +62,11 @@ def worker(snapshot: str, dtype: str | None) -> dict:
 
     from kimi_desk.engine import chat
     from kimi_desk.engine.generate import GREEDY, decode_step_function, stream_tokens
-    from kimi_desk.engine.loading import DEMO_MODEL
-    from kimi_desk.engine.session import Assistant
+    from kimi_desk.engine.loading import DEMO_MODEL, load_assistant
     from kimi_desk.engine.snapshot import SnapshotStore
 
     torch.manual_seed(0)
-    assistant = Assistant.load(DEMO_MODEL, device="cpu", dtype=getattr(torch, dtype) if dtype else None)
+    assistant = load_assistant(DEMO_MODEL, "cpu", "none", **({"dtype": getattr(torch, dtype)} if dtype else {}))
     model, chunk = assistant.model, assistant.prefill_chunk
     result = dict(dtype=str(model.dtype).removeprefix("torch."), threads=torch.get_num_threads())
     ids = torch.randint(0, model.config.vocab_size, (1, 10240), generator=torch.Generator().manual_seed(0))
@@ -173,7 +173,8 @@ def main() -> int:
             order = [("before", str(base)), ("after", None)]
             for side, path in order if round_ % 2 == 0 else order[::-1]:
                 loads.append(_load())
-                runs[side].append(_run(path, snapshot, args.dtype))
+                (snapshot / side).mkdir(exist_ok=True)
+                runs[side].append(_run(path, snapshot / side, args.dtype))
                 print(f"round {round_ + 1} {side}: {json.dumps(runs[side][-1])}", file=sys.stderr, flush=True)
     keys = [k for k in runs["after"][0] if isinstance(runs["after"][0][k], float)]
     lines = [

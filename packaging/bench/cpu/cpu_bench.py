@@ -293,7 +293,12 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    import torch
+
+    from kimi_desk.engine.memory import cpu_has_fast_bf16
+
+    bf16 = "bf16 in hardware" if cpu_has_fast_bf16() else "no bf16 hardware"
+    return f"{cpu}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, {bf16}"
 
 
 def _load() -> str:

@@ -81,7 +81,8 @@ def test_bench_cpu_sets_llama_cpp_beside_ours(tmp_path):
     stdout, (ours, llama) = bench_cpu_small(
         tmp_path, "none", "0", "--llama-cpp", str(build), "--gguf-dir", str(gguf), "--llama-max-depth", "200"
     )
-    assert "| measurement | none (bfloat16) | llama.cpp (bf16) |" in stdout
+    dtype = ours["dtype"]  # the engine's choice on this CPU (engine/memory.py cpu_compute_dtype)
+    assert dtype in ("float32", "bfloat16") and f"| measurement | none ({dtype}) | llama.cpp (bf16) |" in stdout
     assert "| reading tok/s, 64 after 0 | " in stdout and "| 51 |" in stdout
     assert "llama.cpp bf16: not run (deeper than --llama-max-depth): reading 64 after 300" in stdout
     assert llama["format"] == "llama.cpp" and llama["decoding"] == [

@@ -1,0 +1,132 @@
+"""The 48B model's shapes on this CPU: ours in int4 beside llama.cpp's Q4_K_M, in the same run, on the
+same cores. The checkpoint is random, cut to a few layers (packaging/bench/llama_cpp/random_48b.py:
+layer 0 dense, then MoE layers of 256 experts, K K K M), converted and quantized by llama.cpp's own
+tools (packaging/bench/llama_cpp/convert.py); each engine then runs alone.
+
+    python packaging/bench/cpu/slice_48b.py CHECKPOINT [--llama-cpp .bench/llama-cpu] [--gguf-dir .bench/gguf]
+        [--prompt 512] [--depths 0,1024] [--gen 16] [--threads N] [--json OUT]
+
+Ours: the checkpoint loaded as `kimi-desk` loads it on this CPU (int4, the dtype
+engine/memory.py `cpu_compute_dtype` takes here, the int4 cache beside the checkpoint made on the first
+run), `--prompt` tokens read in one chunk (best of 2), then `--gen` decode steps after each depth, the
+median (the depth's cache is random latents: a step's time depends on the cache's length, not its
+values). llama.cpp: `llama-bench -p PROMPT -n GEN -d DEPTHS -t THREADS -r 2` on the Q4_K_M file (it
+prefills each depth untimed before the timed part). Threads: ours as the engine chooses them (the cores
+idle at load), llama.cpp's as many unless --threads fixes both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+LLAMA = REPO / "packaging" / "bench" / "llama_cpp"
+
+
+def ours(checkpoint: Path, prompt: int, depths: list[int], gen: int) -> dict:
+    import torch
+
+    from kimi_desk.engine.config import KimiLinearConfig
+    from kimi_desk.engine.cpu_threads import use_idle_cores
+    from kimi_desk.engine.fuse import fuse_projections
+    from kimi_desk.engine.generate import decode_step_function
+    from kimi_desk.engine.memory import available_cpu_memory, cpu_compute_dtype
+    from kimi_desk.engine.quantize import prepare_for_cpu
+    from kimi_desk.engine.reading_time import state_with_cache
+    from kimi_desk.engine.weights import load_model
+
+    use_idle_cores()
+    config = KimiLinearConfig.from_file(checkpoint / "config.json")
+    dtype = cpu_compute_dtype(config, "int4", available_cpu_memory())
+    started = time.perf_counter()
+    model = fuse_projections(load_model(checkpoint, "cpu", getattr(torch, dtype), quantize="int4", notice=print))
+    prepare_for_cpu(model)
+    result = dict(dtype=dtype, threads=torch.get_num_threads(), load_s=time.perf_counter() - started)
+    ids = torch.randint(0, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    seconds = []
+    for _ in range(2):
+        state = model.new_state(1)
+        started = time.perf_counter()
+        model(ids, state, last_only=True)
+        seconds.append(time.perf_counter() - started)
+    result["prefill"] = dict(tokens=prompt, tok_s=prompt / min(seconds))
+    result["decode"] = []
+    for depth in depths:
+        state = state_with_cache(model, depth) if depth else model.new_state(1)
+        step = decode_step_function(model, state, config.vocab_size)
+        token, times = 5, []
+        for _ in range(gen + 1):  # the first step warms up
+            started = time.perf_counter()
+            token = step(token)
+            times.append(time.perf_counter() - started)
+        result["decode"].append(dict(depth=depth, tok_s=1 / statistics.median(times[1:])))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--llama-cpp", type=Path, default=REPO / ".bench" / "llama-cpu")
+    ap.add_argument("--gguf-dir", type=Path, default=REPO / ".bench" / "gguf")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--depths", default="0,1024")
+    ap.add_argument("--gen", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    depths = [int(d) for d in args.depths.split(",")]
+    if args.ours_only:  # the worker: ours in its own process, its JSON on the last line
+        print(json.dumps(ours(args.checkpoint, args.prompt, depths, args.gen)))
+        return 0
+    gguf = args.gguf_dir / f"{args.checkpoint.name}-bf16.gguf"
+    quantized = gguf.with_name(gguf.stem + "-Q4_K_M.gguf")
+    if not quantized.exists():
+        args.gguf_dir.mkdir(parents=True, exist_ok=True)
+        convert = [sys.executable, str(LLAMA / "convert.py"), str(args.checkpoint), str(gguf)]
+        convert += ["--llama-cpp", str(args.llama_cpp), "--quantize", "Q4_K_M"]
+        subprocess.run(convert + (["--skip-convert"] if gguf.exists() else []), check=True)
+        gguf.unlink()  # the bf16 file is only the quantizer's input
+    env = dict(os.environ, **({"KIMI_DESK_THREADS": str(args.threads)} if args.threads else {}))
+    worker = [sys.executable, __file__, str(args.checkpoint), "--ours-only", "--prompt", str(args.prompt)]
+    worker += ["--depths", args.depths, "--gen", str(args.gen)]
+    proc = subprocess.run(worker, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "ours: failed")
+    mine = json.loads(proc.stdout.strip().splitlines()[-1])
+    threads = args.threads or os.cpu_count()
+    bench = [sys.executable, str(LLAMA / "bench.py"), str(quantized), "--llama-cpp", str(args.llama_cpp)]
+    bench += ["--threads", str(threads), "--prompt", str(args.prompt), "--gen", str(args.gen)]
+    bench += ["--gen-depth", args.depths, "--reps", "2", "--ngl", "0"]
+    llama = json.loads(subprocess.run(bench, capture_output=True, text=True, check=True).stdout)
+    theirs = llama["models"][0]
+    lines = [
+        f"| measurement | ours int4 ({mine['dtype']}, {mine['threads']} threads) | llama.cpp Q4_K_M ({threads} threads) "
+        "| ours / llama.cpp |",
+        "|---|---:|---:|---:|",
+    ]
+    their_prefill = next(p["tok_s"] for p in theirs["prefill"] if p["tokens"] == args.prompt)
+    lines.append(
+        f"| reading {args.prompt} tokens, tok/s | {mine['prefill']['tok_s']:.1f} | {their_prefill:.1f} | "
+        f"{mine['prefill']['tok_s'] / their_prefill:.2f}x |"
+    )
+    for row in mine["decode"]:
+        their = next(d["tok_s"] for d in theirs["decode"] if d["depth"] == row["depth"])
+        lines.append(
+            f"| decode after {row['depth']:,}, tok/s | {row['tok_s']:.2f} | {their:.2f} | {row['tok_s'] / their:.2f}x |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(dict(ours=mine, llama_cpp=llama), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
