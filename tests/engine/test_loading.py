@@ -56,3 +56,19 @@ def test_sizes_from_the_command_line(tail7_checkpoint):
         loading.choose_placement(tail7_checkpoint, "cpu", "none", cpu_memory="3")
     fmt, placement = loading.choose_placement(tail7_checkpoint, "cpu", "auto", cpu_memory="4GiB")
     assert fmt is None and placement is None
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["bf16-hardware", "avx2"])
+def test_the_cpu_model_computes_in_the_dtype_this_cpu_is_fast_in(monkeypatch, fast_bf16):
+    """load_assistant on the CPU: the checkpoint's bf16 where the CPU multiplies bf16 in hardware, else
+    float32 (the embedded model fits); an explicit dtype wins."""
+    import torch
+
+    from kimi_desk.engine import memory
+
+    monkeypatch.setattr(memory, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assistant = loading.load_assistant(loading.DEMO_MODEL, "cpu", "none")
+    assert assistant.model.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert assistant.model.new_state(1).layers[-1].buffer.dtype == assistant.model.dtype
+    asked = loading.load_assistant(loading.DEMO_MODEL, "cpu", "none", dtype=torch.bfloat16)
+    assert asked.model.dtype == torch.bfloat16
