@@ -225,9 +225,7 @@ def load_assistant(
 
     device = resolve_device(device)
     fmt, placement = choose_placement(Path(path), device, quantize, notice, gpu_memory, cpu_memory)
-    dtype = None
     if device == "cpu" and "dtype" not in options:
         config = KimiLinearConfig.from_file(Path(path) / "config.json")
-        dtype = getattr(torch, cpu_compute_dtype(config, fmt, budgets("cpu", cpu_memory=cpu_memory)[1]))
-    options.setdefault("dtype", dtype)
+        options["dtype"] = getattr(torch, cpu_compute_dtype(config, fmt, budgets("cpu", cpu_memory=cpu_memory)[1]))
     return Assistant.load(path, device=device, quantize=fmt, notice=notice, placement=placement, **options)
