@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kimi_desk.kernels.quant import avx2
 from kimi_desk.kernels.quant.naive import unpack_int4
 
 
@@ -125,9 +126,18 @@ def int4_expert_cpu(x: torch.Tensor, expert: CpuInt4Expert) -> torch.Tensor:
 
 
 def int4_linear_cpu(x: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor:
-    """x [..., D] @ W^T -> [..., O] in x's dtype; the product in bf16 with float32 sums."""
-    rows = x.reshape(-1, weight.in_features).to(torch.bfloat16)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group, weight.scales_and_zeros)
+    """x [..., D] @ W^T -> [..., O] in x's dtype: our AVX2 kernels where they run (kernels/quant/avx2.py:
+    x rounded to int8 in blocks of 32, integer products), else the operator (x rounded to bf16); float32
+    sums either way."""
+    rows = x.reshape(-1, weight.in_features)
+    layout = cpu_int4_layout()
+    padded_rows = weight.scales_and_zeros.shape[1]
+    if avx2.reads(layout.rows, layout.split, weight.group, weight.in_features, padded_rows):
+        y = avx2.int4_linear_avx2(rows, weight.packed, weight.scales_and_zeros, layout.rows, weight.group)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows.to(torch.bfloat16), weight.packed, weight.group, weight.scales_and_zeros
+        )
     if y.shape[-1] != weight.out_features:
         y = y[:, : weight.out_features]
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)

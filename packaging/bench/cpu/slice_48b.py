@@ -48,7 +48,11 @@ def ours(checkpoint: Path, prompt: int, depths: list[int], gen: int) -> dict:
     started = time.perf_counter()
     model = fuse_projections(load_model(checkpoint, "cpu", getattr(torch, dtype), quantize="int4", notice=print))
     prepare_for_cpu(model)
-    result = dict(dtype=dtype, threads=torch.get_num_threads(), load_s=time.perf_counter() - started)
+    from kimi_desk.kernels.quant.avx2 import int4_backend
+
+    result = dict(
+        dtype=dtype, threads=torch.get_num_threads(), load_s=time.perf_counter() - started, kernels=int4_backend()
+    )
     ids = torch.randint(0, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     seconds = []
     for _ in range(2):

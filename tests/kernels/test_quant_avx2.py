@@ -1,0 +1,96 @@
+"""Our AVX2 int4 kernels (kernels/quant/avx2.py, int4_avx2.c) against float64 on the dequantized weights,
+on fresh random inputs, in every tile layout they read (packed by cpu_tiles.py, independently of PyTorch)
+and every group size; and where they are used."""
+
+import platform
+import shutil
+
+import pytest
+import torch
+from cpu_tiles import pack_tiles
+
+from kimi_desk.kernels.quant import avx2, dequantize_int4_groups, quantize_int4_groups
+from kimi_desk.kernels.quant.cpu import CpuInt4Layout, cpu_int4_layout, int4_linear_cpu, pack_int4_for_cpu
+from kimi_desk.kernels.quant.naive import unpack_int4
+
+# The activations are rounded to int8 in blocks of 32 (~0.5% of a random product); the weights are exact.
+TOLERANCE = 1.5e-2
+
+
+def rel_err(a, b):
+    assert not torch.isnan(a).any()
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def can_build() -> bool:
+    return (
+        platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        and any(shutil.which(c) for c in ("cc", "gcc"))
+    )
+
+
+def test_kernels_build_where_they_can():
+    """A machine with AVX2 and a C compiler (CI's) must get the kernels, never the slow path silently."""
+    if not can_build():
+        assert avx2.library() is None and "PyTorch's operator" in avx2.int4_backend()
+        return
+    assert avx2.library() is not None, avx2.int4_backend()
+    assert "AVX2 kernels" in avx2.int4_backend()
+
+
+def scales_and_zeros(scale, zero):
+    return torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [G, O, 2] bf16
+
+
+@pytest.mark.parametrize("rows_per_tile", [32, 64])
+@pytest.mark.parametrize("O,D,group,M", [(64, 128, 32, 1), (128, 320, 64, 3), (192, 256, 128, 40), (64, 640, 128, 1)])
+def test_linear_matches_float64(rows_per_tile, O, D, group, M):
+    if avx2.library() is None:
+        pytest.skip(avx2.int4_backend())
+    if O % rows_per_tile:
+        pytest.skip("whole tiles only")
+    gen = torch.Generator().manual_seed(O + D + M + rows_per_tile)
+    codes, scale, zero = quantize_int4_groups(torch.randn(O, D, generator=gen), group)
+    tiles = pack_tiles(unpack_int4(codes).to(torch.uint8), CpuInt4Layout(rows_per_tile, True))
+    x = torch.randn(M, D, generator=gen) * torch.rand(1, D, generator=gen) * 4  # uneven channels
+    want = x.double() @ dequantize_int4_groups(codes, scale, zero, torch.float64).t()
+    got = avx2.int4_linear_avx2(x, tiles, scales_and_zeros(scale, zero), rows_per_tile, group)
+    assert got.shape == (M, O) and got.dtype == torch.float32
+    assert rel_err(got, want) < TOLERANCE
+
+
+def test_zero_rows_and_zero_activations():
+    """A block of activations all zero (scale 0) and a row of zero weights give exact zeros, not NaN."""
+    if avx2.library() is None:
+        pytest.skip(avx2.int4_backend())
+    codes, scale, zero = quantize_int4_groups(torch.randn(32, 64))
+    scale[3], zero[3] = 0, 0
+    x = torch.randn(2, 64)
+    x[1] = 0
+    x[0, :32] = 0
+    tiles = pack_tiles(unpack_int4(codes).to(torch.uint8), CpuInt4Layout(32, True))
+    got = avx2.int4_linear_avx2(x, tiles, scales_and_zeros(scale, zero), 32, 64)
+    want = x.double() @ dequantize_int4_groups(codes, scale, zero, torch.float64).t()
+    assert torch.equal(got[1], torch.zeros(32)) and got[0, 3] == 0
+    assert rel_err(got, want) < TOLERANCE
+
+
+def test_int4_linear_cpu_takes_the_kernels_on_whole_tiles(monkeypatch):
+    """int4_linear_cpu goes through the kernels for whole tiles and through PyTorch's operator otherwise
+    (or when the kernels are missing); both agree with float64."""
+    layout = cpu_int4_layout()
+    if avx2.library() is None or layout is None:
+        pytest.skip(avx2.int4_backend())
+    calls = []
+    real = avx2.int4_linear_avx2
+    monkeypatch.setattr(avx2, "int4_linear_avx2", lambda *a: calls.append(a) or real(*a))
+    gen = torch.Generator().manual_seed(7)
+    for O, uses_kernels in ((2 * layout.rows, True), (layout.rows + 16, False)):
+        codes, scale, zero = quantize_int4_groups(torch.randn(O, 256, generator=gen))
+        x = torch.randn(3, 256, generator=gen).bfloat16()
+        want = x.double() @ dequantize_int4_groups(codes, scale, zero, torch.float64).t()
+        calls.clear()
+        got = int4_linear_cpu(x, pack_int4_for_cpu(codes, scale, zero))
+        assert bool(calls) == uses_kernels
+        assert got.dtype == torch.bfloat16 and rel_err(got, want) < TOLERANCE
