@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from kimi_desk.kernels.mla import avx2
+
 
 def mla_attention_dense(q, cache, q_start, value_dim, scale):
     """The absorbed form in one pass, for a GPU at decode: a few queries against the whole cache, scores
@@ -86,8 +88,10 @@ def mla_attention_cpu(q, cache, q_start, value_dim, scale, block=None):
     Each block of cached keys (before q_start, seen by every row) is read while it sits in the core's
     caches: its scores, then the weighted sum of its latents. The block's softmax is taken from its own
     maximum; the blocks' partial sums merge at the end by their maxima (the split-K rule). A float32
-    cache (CPUs without bf16 hardware) takes keys-major products ([n, D] @ [D, rows], which MKL runs
-    faster than rows-major ones with a few rows); a bf16 cache takes _bf16_blocks's. The new tokens'
+    cache (CPUs without bf16 hardware) takes our AVX2 kernel for up to 16 rows where it runs
+    (kernels/mla/avx2.py: one read of each key, the softmax online, parts of the keys merged by the same
+    rule), else keys-major products ([n, D] @ [D, rows], which MKL runs faster than rows-major ones with
+    a few rows); a bf16 cache takes _bf16_blocks's. The new tokens'
     own keys (a causal square, a few rows) are attended apart in float32 with their mask. No temporary
     is larger than a block's scores."""
     B, Tq, H, D = q.shape
@@ -99,7 +103,10 @@ def mla_attention_cpu(q, cache, q_start, value_dim, scale, block=None):
     row_pos = torch.arange(Tq, device=q.device).repeat_interleave(H)
     scores.masked_fill_(key_pos[None, :] > row_pos[:, None], float("-inf"))
     maxima, sums, partials = _block_softmax(scores, keys[..., :value_dim])
-    if q_start:
+    if q_start and block is None and avx2.takes(cache, value_dim, Tq * H):
+        cached = avx2.attend_cached(rows, cache, q_start, value_dim)
+        maxima, sums, partials = (torch.cat([a[None], b]) for a, b in zip((maxima, sums, partials), cached))
+    elif q_start:
         block = block or max(1, CPU_BLOCK_BYTES // (D * cache.element_size()))
         blocks = -(-q_start // block)
         maxima = torch.cat([maxima[None], maxima.new_empty(blocks, *maxima.shape)])  # [1 + blocks, B, rows]

@@ -147,7 +147,7 @@ __attribute__((target("avx2,fma"))) void int4_linear_avx2(const uint8_t *tiles, 
 }
 
 /* Whether this CPU runs the kernels above. */
-int int4_cpu_supported(void) {
+int cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }

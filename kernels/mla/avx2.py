@@ -1,0 +1,79 @@
+"""MLA's decode attention over a float32 cache on an AVX2 CPU (attention_avx2.c, compiled at first use
+by kernels/native.py): each cached key read once, its scores and its share of the weighted sum taken
+while it is in the core's caches, the softmax online. torch_attention.py's `mla_attention_cpu` asks it
+for the cached keys and keeps PyTorch's products where it cannot run (native.py says why)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from kimi_desk.kernels import native
+
+SOURCE = Path(__file__).with_name("attention_avx2.c")
+# Cached keys a task takes at least: fewer would cost more in merging than they save.
+MIN_KEYS_PER_PART = 512
+# More rows than this (the 48B model's 32 heads, a long question) run faster in MKL's products, whose
+# arithmetic per key the kernel's one dot product a (row, key) does not match.
+MAX_ROWS = 16
+
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    lib = native.library(SOURCE)
+    if lib is not None:
+        lib.mla_attend_cached.argtypes = [_P, _P, _L, _L, _I, _I, _I, _I, _P, _P, _P, _I]
+    return lib
+
+
+def takes(cache: torch.Tensor, value_dim: int, rows: int) -> bool:
+    """Whether the kernel takes these rows and this cache: at most MAX_ROWS rows, float32 on the CPU, its
+    rows contiguous, latents in 8s and values in 64s."""
+    D = cache.shape[-1]
+    return (
+        rows <= MAX_ROWS
+        and cache.dtype == torch.float32
+        and cache.device.type == "cpu"
+        and cache.stride(-1) == 1
+        and D % 8 == 0
+        and value_dim % 64 == 0
+        and value_dim <= D
+        and library() is not None
+    )
+
+
+def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim: int):
+    """rows [B, R, D] float32 (scaled queries) against cache[:, :keys] -> per part of the keys: maxima,
+    sums [P, B, R] and partial weighted sums of the values [P, B, R, value_dim], each relative to its
+    part's maximum (merged by the caller)."""
+    B, R, D = rows.shape
+    threads = torch.get_num_threads()
+    parts = max(1, min(4 * threads, keys // MIN_KEYS_PER_PART))
+    maxima = torch.empty(parts, B, R)
+    sums = torch.empty(parts, B, R)
+    partials = torch.empty(parts, B, R, value_dim)
+    lib = library()
+    for b in range(B):
+        q = rows[b].contiguous()
+        m, s, p = (t[:, b].contiguous() for t in (maxima, sums, partials))
+        lib.mla_attend_cached(
+            q.data_ptr(),
+            cache[b].data_ptr(),
+            cache.stride(1),
+            keys,
+            D,
+            value_dim,
+            R,
+            parts,
+            m.data_ptr(),
+            s.data_ptr(),
+            p.data_ptr(),
+            threads,
+        )
+        maxima[:, b], sums[:, b], partials[:, b] = m, s, p
+    return maxima, sums, partials

@@ -1,0 +1,91 @@
+"""Our C kernels for the CPU, compiled on the user's machine the first time they are needed.
+
+PyTorch's CPU operators leave two parts of a step far from what the memory allows on a CPU without
+AVX-512: the int4 products (kernels/quant/int4_avx2.c) and the few-row attention of a decode step over
+a long MLA cache (kernels/mla/attention_avx2.c). Those are written in C with AVX2 intrinsics, ship as
+source with the package, and are compiled once with the system's C compiler ($CC, else cc or gcc: the
+compiler Triton needs too) into the user's cache folder, named by a hash of the source and the flags;
+a later start loads the file. Only our own shipped source is ever compiled.
+
+No compiler, a failed build, or a CPU without AVX2 and FMA: `library()` is None and the caller keeps
+PyTorch's operators (slower, the same results within rounding); `reason()` says why in one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+
+_reasons: dict[Path, str] = {}
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cache_folder() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("kimi-desk", appauthor=False)) / "kernels"
+
+
+def _unavailable() -> str | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the CPU kernels are for x86-64 (this is {platform.machine()})"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "this CPU lacks AVX2"
+    if compiler() is None:
+        return "no C compiler (cc or gcc) to build the CPU kernels"
+    return None
+
+
+@functools.cache
+def library(source: Path) -> ctypes.CDLL | None:
+    """The C file `source` compiled and loaded (built on first use, then read from the cache folder); None
+    where it cannot run here. The file must export `int cpu_supported(void)`."""
+    why = _unavailable()
+    if why is not None:
+        _reasons[source] = why
+        return None
+    cc = compiler()
+    digest = hashlib.sha256(source.read_bytes() + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_folder() / f"{source.stem}-{digest}-{platform.machine()}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as work:
+                built = Path(work) / target.name
+                result = subprocess.run(
+                    [cc, *FLAGS, "-o", str(built), str(source)], capture_output=True, text=True, timeout=300
+                )
+                if result.returncode != 0:
+                    _reasons[source] = f"the C compiler failed on {source.name}: {result.stderr.strip()[:200]}"
+                    return None
+                os.replace(built, target)  # whole or absent: two processes building at once both succeed
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        _reasons[source] = f"{source.name} could not be built or loaded: {error}"
+        return None
+    if not lib.cpu_supported():
+        _reasons[source] = "this CPU lacks AVX2 or FMA"
+        return None
+    return lib
+
+
+def reason(source: Path) -> str | None:
+    """Why `library(source)` is None, after it was asked; None when it loaded."""
+    return None if library(source) is not None else _reasons.get(source, "unavailable")

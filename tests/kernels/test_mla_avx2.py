@@ -1,0 +1,56 @@
+"""MLA's AVX2 decode attention (kernels/mla/avx2.py, attention_avx2.c) against the float64 reference, on
+fresh random inputs: one part and many, a batch, several rows, large scores (the online softmax's
+rescaling), a cache in a longer buffer whose unfilled rows hold NaN."""
+
+import pytest
+import torch
+from test_mla_torch import poisoned_cache, rel_err
+from test_quant_avx2 import can_build
+
+from kimi_desk.kernels.mla import avx2
+from kimi_desk.kernels.mla.naive import mla_attention_reference
+from kimi_desk.kernels.mla.torch_attention import mla_attention_cpu
+
+
+def test_kernel_builds_where_it_can():
+    assert (avx2.library() is not None) == can_build(), avx2.native.reason(avx2.SOURCE)
+
+
+@pytest.mark.parametrize(
+    "B,Tq,Tk,H,L,scale",
+    [(1, 1, 2, 5, 64, 0.2), (1, 1, 3000, 5, 128, 0.2), (2, 3, 1500, 4, 64, 0.2), (1, 1, 9000, 2, 64, 3.0)],
+    ids=lambda x: str(x),
+)
+def test_attention_matches_float64(B, Tq, Tk, H, L, scale):
+    if avx2.library() is None:
+        pytest.skip(avx2.native.reason(avx2.SOURCE))
+    R = 32
+    q, cache = torch.randn(B, Tq, H, L + R), poisoned_cache(B, Tk, L + R, torch.float32)
+    assert avx2.takes(cache, L, Tq * H)
+    want = mla_attention_reference(q, cache[:, :Tk], Tk - Tq, L, scale)
+    got = mla_attention_cpu(q, cache, Tk - Tq, L, scale)
+    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5
+
+
+def test_parts_merge_like_one_pass():
+    """The parts of the keys give, merged, what one part gives."""
+    if avx2.library() is None:
+        pytest.skip(avx2.native.reason(avx2.SOURCE))
+    rows, cache = torch.randn(1, 5, 96) * 0.3, torch.randn(1, 4096, 96)
+    parts = avx2.attend_cached(rows, cache, 4096, 64)
+    assert parts[0].shape[0] > 1
+
+    def merged(maxima, sums, partials):
+        w = (maxima - maxima.amax(0)).exp()
+        return (partials * w.unsqueeze(-1)).sum(0) / (sums * w).sum(0).unsqueeze(-1)
+
+    s = (rows.double() @ cache.double().transpose(1, 2)).softmax(-1)
+    want = s @ cache.double()[..., :64]
+    assert rel_err(merged(*parts), want) < 1e-5
+
+
+def test_many_rows_keep_pytorchs_products():
+    cache = torch.randn(1, 10, 96)
+    assert not avx2.takes(cache, 64, avx2.MAX_ROWS + 1)
+    assert not avx2.takes(cache.bfloat16(), 64, 1)
+    assert not avx2.takes(torch.randn(1, 10, 72), 40, 1)
