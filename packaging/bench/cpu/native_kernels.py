@@ -1,0 +1,165 @@
+"""Our AVX2 kernels (kernels/native.py) against the PyTorch operators they replace, on this CPU, over the
+sizes that change their speed; each result checked against float64 first.
+
+    python packaging/bench/cpu/native_kernels.py [--json OUT]
+
+- int4 products (kernels/quant/avx2.py against `_weight_int4pack_mm_for_cpu`): the 48B model's
+  matrices (an expert's joined gate-up and its down, a KDA layer's joined projections, the output head
+  at int4) and 1, 8 and 512 rows (a decode step, a few tokens, a reading chunk); GB/s is the int4 codes
+  read per second (rows x codes for several rows).
+- MLA decode attention over a float32 cache (kernels/mla/avx2.py against the keys-major products of
+  torch_attention.py): the demo model's 5 heads, 1 and 3 tokens, 4k to 214k cached
+  keys.
+
+Times: the best of 5 after a warm-up, on all the threads PyTorch uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+INT4_SHAPES = (("expert gate-up", 2048, 2304), ("expert down", 2304, 1024), ("KDA projections", 12288, 2304))
+HEAD = ("output head", 163840, 2304)
+ROWS = (1, 8, 512)
+# (label, heads, latent, rope) and the cache lengths and query tokens swept (the 48B model's 32 heads
+# are more rows than the kernel takes: kernels/mla/avx2.py MAX_ROWS).
+MLA_SHAPES = (("demo model", 5, 128, 32),)
+MLA_KEYS = (4096, 32768, 214000)
+MLA_TOKENS = (1, 3)
+
+
+def best_ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times) * 1e3
+
+
+def rel_err(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def int4_rows() -> list[dict]:
+    from kimi_desk.kernels.quant import avx2, dequantize_int4_groups, quantize_int4_groups
+    from kimi_desk.kernels.quant.cpu import cpu_int4_layout, pack_int4_for_cpu
+
+    layout = cpu_int4_layout()
+    out = []
+    for label, O, D in (*INT4_SHAPES, HEAD):
+        codes, scale, zero = quantize_int4_groups(torch.randn(O, D) * 0.02)
+        weight = pack_int4_for_cpu(codes, scale, zero)
+        exact = dequantize_int4_groups(codes, scale, zero, torch.float64)
+        for rows in ROWS if (label, O, D) != HEAD else (1,):
+            x = torch.randn(rows, D)
+            want = x.double() @ exact.t()
+            ours = lambda: avx2.int4_linear_avx2(x, weight.packed, weight.scales_and_zeros, layout.rows, weight.group)  # noqa: E731
+            theirs = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: E731
+                x.bfloat16(), weight.packed, weight.group, weight.scales_and_zeros
+            )
+            gb = rows * O * D / 2 / 1e9
+            ms_ours, ms_theirs = best_ms(ours), best_ms(theirs)
+            out.append(
+                dict(
+                    matrix=f"{label} [{O} x {D}]",
+                    rows=rows,
+                    ours_ms=ms_ours,
+                    operator_ms=ms_theirs,
+                    ours_gb_s=gb / ms_ours * 1e3,
+                    operator_gb_s=gb / ms_theirs * 1e3,
+                    ours_rel_error=rel_err(ours()[:, :O], want),
+                    operator_rel_error=rel_err(theirs()[:, :O], want),
+                )
+            )
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def mla_rows() -> list[dict]:
+    from kimi_desk.kernels.mla import avx2
+    from kimi_desk.kernels.mla.naive import mla_attention_reference
+    from kimi_desk.kernels.mla.torch_attention import CPU_BLOCK_BYTES, mla_attention_cpu
+
+    out = []
+    for label, heads, latent, rope in MLA_SHAPES:
+        width = latent + rope
+        for keys in MLA_KEYS:
+            cache = torch.randn(1, keys + 8, width)
+            for tokens in MLA_TOKENS:
+                if not avx2.takes(cache, latent, tokens * heads):
+                    continue
+                q = torch.randn(1, tokens, heads, width)
+                scale = width**-0.5
+                start = keys - tokens
+                want = mla_attention_reference(q, cache[:, :keys], start, latent, scale)
+                block = CPU_BLOCK_BYTES // (width * 4)
+                ours = lambda: mla_attention_cpu(q, cache, start, latent, scale)  # noqa: E731
+                theirs = lambda: mla_attention_cpu(q, cache, start, latent, scale, block=block)  # noqa: E731
+                ms_ours, ms_theirs = best_ms(ours), best_ms(theirs)
+                out.append(
+                    dict(
+                        model=label,
+                        keys=keys,
+                        rows=tokens * heads,
+                        ours_ms=ms_ours,
+                        products_ms=ms_theirs,
+                        ours_gb_s=keys * width * 4 / 1e9 / ms_ours * 1e3,
+                        ours_rel_error=rel_err(ours(), want),
+                    )
+                )
+                print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    from kimi_desk.kernels.mla import avx2 as mla_avx2
+    from kimi_desk.kernels.quant import avx2
+
+    if avx2.library() is None or mla_avx2.library() is None:
+        raise SystemExit(f"the kernels do not run here: {avx2.int4_backend()}")
+    result = dict(
+        machine=f"{platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        int4=int4_rows(),
+        mla=mla_rows(),
+    )
+    print(f"\n{result['machine']}, {result['threads']} threads, torch {result['torch']}, {result['date']}\n")
+    print(
+        "| int4 matrix | rows | ours ms (GB/s) | PyTorch's operator ms (GB/s) | ours / operator | rel. error ours, operator |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in result["int4"]:
+        print(
+            f"| {r['matrix']} | {r['rows']} | {r['ours_ms']:.3f} ({r['ours_gb_s']:.1f}) | "
+            f"{r['operator_ms']:.3f} ({r['operator_gb_s']:.1f}) | {r['operator_ms'] / r['ours_ms']:.2f}x faster | "
+            f"{r['ours_rel_error']:.1e}, {r['operator_rel_error']:.1e} |"
+        )
+    print(
+        "\n| MLA cache | cached keys | rows | ours ms (GB/s of cache) | PyTorch's products ms | ours / products | rel. error |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in result["mla"]:
+        print(
+            f"| {r['model']} | {r['keys']:,} | {r['rows']} | {r['ours_ms']:.2f} ({r['ours_gb_s']:.1f}) | "
+            f"{r['products_ms']:.2f} | {r['products_ms'] / r['ours_ms']:.2f}x faster | {r['ours_rel_error']:.1e} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
