@@ -45,9 +45,8 @@ def _dtype_name(dtype) -> str:
 def weight_bytes(name: str, shape: tuple[int, ...], method: str | None, compute_bytes: int) -> float:
     """Bytes one parameter takes: its codes and scales in its format (quantize.py's rule), float32
     where the engine keeps float32, else the compute dtype."""
-    from kimi_desk.engine.quantize import weight_format
+    from kimi_desk.engine.quantize import int4_group, weight_format
     from kimi_desk.engine.weights import FP32_PARAMETERS
-    from kimi_desk.kernels.quant import int4_group_size
 
     numel = 1
     for size in shape:
@@ -55,7 +54,7 @@ def weight_bytes(name: str, shape: tuple[int, ...], method: str | None, compute_
     fmt = weight_format(name, method)
     rows = numel // shape[-1]
     if fmt == "int4":
-        return numel / 2 + numel / (int4_group_size(shape[-1]) or 32) * 4
+        return numel / 2 + numel / (int4_group(name, shape[-1]) or 32) * 4
     if fmt is not None:
         return numel + rows * 4
     return numel * (4 if name.endswith(FP32_PARAMETERS) else compute_bytes)

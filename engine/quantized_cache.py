@@ -30,7 +30,8 @@ from safetensors import SafetensorError, safe_open
 from kimi_desk.engine.memory import format_bytes
 from kimi_desk.engine.quantize import format_of
 
-CACHE_VERSION = "1"
+# 2: under int4 the output head is int4 in groups of 32 (int8 before).
+CACHE_VERSION = "2"
 FOLDER = ".kimi-desk-cache"
 _DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3",
