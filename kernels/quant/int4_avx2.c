@@ -100,6 +100,56 @@ static inline __attribute__((target("avx2,fma"))) void dot_block(const uint8_t *
     *r1 = sum1;
 }
 
+/* One row of x (a decode step): int4_linear_avx2's product with the codes unpacked in registers and
+   multiplied at once, the scratch buffer skipped. Per 8 pairs of inputs the int16 sums are widened and
+   scaled by their block's scale in float; the codes' midpoint is taken off once a group, as the scalar
+   sum_b c_b 8 sum_{d in b} a_d (the same for every row), times each row's scale. */
+static __attribute__((target("avx2,fma"))) void one_row(const uint8_t *tiles, const uint16_t *sz, int rows, int D,
+                                                        int padded_rows, int group, const int8_t *codes,
+                                                        const float *act_scales, const int32_t *code_sums,
+                                                        const float *sums, float *y, int slice) {
+    const __m256i mask = _mm256_set1_epi8(15);
+    const __m256i pairs = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,  //
+                                           0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    int G = D / group, stride = rows / 2, blk = slice / (rows / 32), sl = slice % (rows / 32);
+    const uint8_t *tile = tiles + (long)blk * D * stride + sl * 16;
+    int row0 = blk * rows + sl * 16, row1 = row0 + rows / 2;
+    int base[4] = {row0, row0 + 8, row1, row1 + 8};
+    __m256 out[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int g = 0; g < G; g++) {
+        __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        float offset = 0.f;
+        for (int d0 = g * group; d0 < (g + 1) * group; d0 += 16) { /* 8 pairs: half an activation block */
+            int ab = d0 / ACT_BLOCK;
+            if (d0 % ACT_BLOCK == 0) offset += act_scales[ab] * (float)code_sums[ab];
+            __m256i lo_acc = _mm256_setzero_si256(), hi_acc = _mm256_setzero_si256();
+            for (int d = d0; d < d0 + 16; d += 2) {
+                __m256i v = _mm256_inserti128_si256(
+                    _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(tile + (long)d * stride))),
+                    _mm_loadu_si128((const __m128i *)(tile + (long)(d + 1) * stride)), 1);
+                __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                lo = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(lo, 0xD8), pairs);
+                hi = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(hi, 0xD8), pairs);
+                __m256i ap = _mm256_set1_epi16(*(const int16_t *)(codes + d));
+                lo_acc = _mm256_add_epi16(lo_acc, _mm256_maddubs_epi16(lo, ap));
+                hi_acc = _mm256_add_epi16(hi_acc, _mm256_maddubs_epi16(hi, ap));
+            }
+            __m256 c = _mm256_set1_ps(act_scales[ab]);
+            f[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo_acc))), c, f[0]);
+            f[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo_acc, 1))), c, f[1]);
+            f[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi_acc))), c, f[2]);
+            f[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi_acc, 1))), c, f[3]);
+        }
+        __m256 X = _mm256_set1_ps(sums[g]), off = _mm256_set1_ps(offset);
+        for (int i = 0; i < 4; i++) {
+            __m256 sc, z;
+            scales_of_8(sz + ((long)g * padded_rows + base[i]) * 2, &sc, &z);
+            out[i] = _mm256_fmadd_ps(sc, _mm256_sub_ps(f[i], off), _mm256_fmadd_ps(z, X, out[i]));
+        }
+    }
+    for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + base[i], out[i]);
+}
+
 /* y [M, padded_rows] = x @ W^T for W in tiles of `rows` (32 or 64) rows, from x's int8 codes [M, D], block
    scales [M, D / 32] and group sums [M, D / group]. sz: [D / group, padded_rows, 2] bf16 (scale, zero).
    `group` is 32, 64 or 128 and divides D. */
@@ -108,6 +158,12 @@ __attribute__((target("avx2,fma"))) void int4_linear_avx2(const uint8_t *tiles, 
                                                           const float *act_scales, const int32_t *code_sums,
                                                           const float *sums, int M, float *y, int threads) {
     int slices = padded_rows / 16, G = D / group, A = D / ACT_BLOCK, per_group = group / ACT_BLOCK;
+    if (M == 1) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int slice = 0; slice < slices / 2; slice++)
+            one_row(tiles, sz, rows, D, padded_rows, group, codes, act_scales, code_sums, sums, y, slice);
+        return;
+    }
 #pragma omp parallel num_threads(threads)
     {
         uint8_t unpacked[2 * 16 * 128] __attribute__((aligned(32)));
