@@ -4,8 +4,8 @@ sizes that change their speed; each result checked against float64 first.
     python packaging/bench/cpu/native_kernels.py [--json OUT]
 
 - int4 products (kernels/quant/avx2.py against `_weight_int4pack_mm_for_cpu`): the 48B model's
-  matrices (an expert's joined gate-up and its down, a KDA layer's joined projections, the output head
-  at int4) and 1, 8 and 512 rows (a decode step, a few tokens, a reading chunk); GB/s is the int4 codes
+  matrices (an expert's joined gate-up and its down, a KDA layer's joined projections in groups of 128,
+  the output head in groups of 32) and 1, 8 and 512 rows (a decode step, a few tokens, a reading chunk); GB/s is the int4 codes
   read per second (rows x codes for several rows).
 - MLA decode attention over a float32 cache (kernels/mla/avx2.py against the keys-major products of
   torch_attention.py): the demo model's 5 heads, 1 and 3 tokens, 4k to 214k cached
@@ -54,8 +54,11 @@ def int4_rows() -> list[dict]:
 
     layout = cpu_int4_layout()
     out = []
+    from kimi_desk.engine.quantize import HEAD_INT4_GROUP
+
     for label, O, D in (*INT4_SHAPES, HEAD):
-        codes, scale, zero = quantize_int4_groups(torch.randn(O, D) * 0.02)
+        group = HEAD_INT4_GROUP if (label, O, D) == HEAD else None  # the head's finer groups
+        codes, scale, zero = quantize_int4_groups(torch.randn(O, D) * 0.02, group)
         weight = pack_int4_for_cpu(codes, scale, zero)
         exact = dequantize_int4_groups(codes, scale, zero, torch.float64)
         for rows in ROWS if (label, O, D) != HEAD else (1,):
