@@ -15,11 +15,11 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define KEY_BLOCK 32
 #define VALUE_CHUNK 64 /* values accumulated 64 at a time: 8 registers */
+#define MAX_ROWS 64    /* rows a call may bring (the caller sends at most 16) */
 
 /* exp(x) for x <= 0 (scores minus their maximum), 8 at a time: 2^n p(r), degree-6 polynomial, relative
    error below 2e-7; below -87 it gives ~0 instead of a denormal. */
@@ -52,7 +52,7 @@ static inline __attribute__((target("avx2,fma"))) float hsum(__m256 v) {
 static __attribute__((target("avx2,fma"))) void attend_part(const float *rows, const float *cache, long stride, long k0,
                                                            long k1, int D, int V, int R, float *maxima, float *sums,
                                                            float *partial) {
-    float *scores = aligned_alloc(32, sizeof(float) * (size_t)R * KEY_BLOCK);
+    float scores[MAX_ROWS * KEY_BLOCK] __attribute__((aligned(32)));
     for (int r = 0; r < R; r++) maxima[r] = -FLT_MAX, sums[r] = 0.f;
     memset(partial, 0, sizeof(float) * (size_t)R * V);
     for (long j0 = k0; j0 < k1; j0 += KEY_BLOCK) {
@@ -106,19 +106,21 @@ static __attribute__((target("avx2,fma"))) void attend_part(const float *rows, c
             }
         }
     }
-    free(scores);
 }
 
 /* Keys [0, keys) of one sequence's cache against R rows, in `parts` ranges: maxima, sums [parts, R],
-   partials [parts, R, V]. D a multiple of 8, V a multiple of 64. */
-void mla_attend_cached(const float *rows, const float *cache, long stride, long keys, int D, int V, int R, int parts,
+   partials [parts, R, V]. D a multiple of 8, V a multiple of 64, R at most MAX_ROWS (else nothing is
+   written and -1 returned). */
+int mla_attend_cached(const float *rows, const float *cache, long stride, long keys, int D, int V, int R, int parts,
                        float *maxima, float *sums, float *partials, int threads) {
+    if (R > MAX_ROWS) return -1;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int p = 0; p < parts; p++) {
         long k0 = keys * p / parts, k1 = keys * (p + 1) / parts;
         attend_part(rows, cache, stride, k0, k1, D, V, R, maxima + (long)p * R, sums + (long)p * R,
                     partials + (long)p * R * V);
     }
+    return 0;
 }
 
 /* Whether this CPU runs the kernel above. */

@@ -61,7 +61,7 @@ def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim:
     for b in range(B):
         q = rows[b].contiguous()
         m, s, p = (t[:, b].contiguous() for t in (maxima, sums, partials))
-        lib.mla_attend_cached(
+        status = lib.mla_attend_cached(
             q.data_ptr(),
             cache[b].data_ptr(),
             cache.stride(1),
@@ -75,5 +75,6 @@ def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim:
             p.data_ptr(),
             threads,
         )
+        assert status == 0, "more rows than attention_avx2.c takes"  # takes() keeps them to MAX_ROWS
         maxima[:, b], sums[:, b], partials[:, b] = m, s, p
     return maxima, sums, partials

@@ -63,6 +63,8 @@ def int4_linear_avx2(
     """x [M, D] (any float dtype) @ W^T -> [M, O'] float32 (O' = the tiles' padded rows), W in the CPU
     operator's tiles of `rows` rows with bf16 scales and zeros [D / group, O', 2]."""
     lib = library()
+    assert tiles.dtype == torch.uint8 and scales_and_zeros.dtype == torch.bfloat16
+    tiles, scales_and_zeros = tiles.contiguous(), scales_and_zeros.contiguous()  # no copy: they are packed so
     x = x.to(torch.float32).contiguous()
     M, D = x.shape
     padded_rows = scales_and_zeros.shape[1]
