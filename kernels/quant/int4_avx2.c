@@ -101,16 +101,19 @@ static inline __attribute__((target("avx2,fma"))) void dot_block(const uint8_t *
 }
 
 /* One row of x (a decode step): int4_linear_avx2's product with the codes unpacked in registers and
-   multiplied at once, the scratch buffer skipped. Per 8 pairs of inputs the int16 sums are widened and
-   scaled by their block's scale in float; the codes' midpoint is taken off once a group, as the scalar
-   sum_b c_b 8 sum_{d in b} a_d (the same for every row), times each row's scale. */
+   multiplied at once, the scratch buffer skipped. Four inputs a step: inputs d and d + 2 in the two
+   128-bit lanes of one register, d + 1 and d + 3 in another, so that one byte unpack a lane pairs each
+   row's codes of two inputs for vpmaddubsw (each lane then holds its own pair of inputs' sums, added
+   once per block of 32 inputs in int32). The block's sums are scaled by its activation scale in float;
+   the codes' midpoint is taken off once a group, as the scalar sum_b c_b 8 sum_{d in b} a_d (the same
+   for every row), times each row's scale. */
 static __attribute__((target("avx2,fma"))) void one_row(const uint8_t *tiles, const uint16_t *sz, int rows, int D,
                                                         int padded_rows, int group, const int8_t *codes,
                                                         const float *act_scales, const int32_t *code_sums,
                                                         const float *sums, float *y, int slice) {
     const __m256i mask = _mm256_set1_epi8(15);
-    const __m256i pairs = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,  //
-                                           0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    const __m256i lane_pairs = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,  //
+                                                2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
     int G = D / group, stride = rows / 2, blk = slice / (rows / 32), sl = slice % (rows / 32);
     const uint8_t *tile = tiles + (long)blk * D * stride + sl * 16;
     int row0 = blk * rows + sl * 16, row1 = row0 + rows / 2;
@@ -119,26 +122,32 @@ static __attribute__((target("avx2,fma"))) void one_row(const uint8_t *tiles, co
     for (int g = 0; g < G; g++) {
         __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         float offset = 0.f;
-        for (int d0 = g * group; d0 < (g + 1) * group; d0 += 16) { /* 8 pairs: half an activation block */
+        for (int d0 = g * group; d0 < (g + 1) * group; d0 += ACT_BLOCK) {
             int ab = d0 / ACT_BLOCK;
-            if (d0 % ACT_BLOCK == 0) offset += act_scales[ab] * (float)code_sums[ab];
-            __m256i lo_acc = _mm256_setzero_si256(), hi_acc = _mm256_setzero_si256();
-            for (int d = d0; d < d0 + 16; d += 2) {
-                __m256i v = _mm256_inserti128_si256(
-                    _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(tile + (long)d * stride))),
-                    _mm_loadu_si128((const __m128i *)(tile + (long)(d + 1) * stride)), 1);
-                __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                lo = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(lo, 0xD8), pairs);
-                hi = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(hi, 0xD8), pairs);
-                __m256i ap = _mm256_set1_epi16(*(const int16_t *)(codes + d));
-                lo_acc = _mm256_add_epi16(lo_acc, _mm256_maddubs_epi16(lo, ap));
-                hi_acc = _mm256_add_epi16(hi_acc, _mm256_maddubs_epi16(hi, ap));
+            offset += act_scales[ab] * (float)code_sums[ab];
+            /* rows 0-7 and 8-15 of the low halves, then of the high halves; 8 steps: at most
+               8 * 2 * 15 * 127 = 30,480 a lane, inside int16 */
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                              _mm256_setzero_si256()};
+            for (int d = d0; d < d0 + ACT_BLOCK; d += 4) {
+                const uint8_t *t = tile + (long)d * stride;
+                __m256i a = _mm256_loadu2_m128i((const __m128i *)(t + 2 * stride), (const __m128i *)t);
+                __m256i b = _mm256_loadu2_m128i((const __m128i *)(t + 3 * stride), (const __m128i *)(t + stride));
+                __m256i a_lo = _mm256_and_si256(a, mask), b_lo = _mm256_and_si256(b, mask);
+                __m256i a_hi = _mm256_and_si256(_mm256_srli_epi16(a, 4), mask);
+                __m256i b_hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+                __m256i ap = _mm256_shuffle_epi8(_mm256_set1_epi32(*(const int32_t *)(codes + d)), lane_pairs);
+                acc[0] = _mm256_add_epi16(acc[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a_lo, b_lo), ap));
+                acc[1] = _mm256_add_epi16(acc[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a_lo, b_lo), ap));
+                acc[2] = _mm256_add_epi16(acc[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a_hi, b_hi), ap));
+                acc[3] = _mm256_add_epi16(acc[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a_hi, b_hi), ap));
             }
             __m256 c = _mm256_set1_ps(act_scales[ab]);
-            f[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo_acc))), c, f[0]);
-            f[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo_acc, 1))), c, f[1]);
-            f[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi_acc))), c, f[2]);
-            f[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi_acc, 1))), c, f[3]);
+            for (int i = 0; i < 4; i++) {
+                __m256i r = _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[i])),
+                                             _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[i], 1)));
+                f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), c, f[i]);
+            }
         }
         __m256 X = _mm256_set1_ps(sums[g]), off = _mm256_set1_ps(offset);
         for (int i = 0; i < 4; i++) {
