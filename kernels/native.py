@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 
+from kimi_desk import environment
+
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 
 _reasons: dict[Path, str] = {}
 
 
 def compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
+    for name in (environment.c_compiler(), "cc", "gcc"):
         if name and shutil.which(name):
             return shutil.which(name)
     return None

@@ -17,6 +17,7 @@ THREADS = "KIMI_DESK_THREADS"
 HUB_TIMEOUT = "KIMI_DESK_HUB_TIMEOUT"
 SKIP_MEMORY_CHECK = "KIMI_DESK_SKIP_MEMORY_CHECK"
 TRITON_INTERPRET = "TRITON_INTERPRET"
+C_COMPILER = "CC"
 
 
 def _text(name: str) -> str:
@@ -75,3 +76,8 @@ def triton_interpreter() -> bool:
 def hub_verbosity_set() -> bool:
     """HF_HUB_VERBOSITY (huggingface-hub's own): when unset, pulls quieten the library's warnings."""
     return bool(_text("HF_HUB_VERBOSITY"))
+
+
+def c_compiler() -> str | None:
+    """CC (the usual one): the C compiler that builds kimi-desk's CPU kernels (default: cc, else gcc)."""
+    return _text(C_COMPILER) or None
