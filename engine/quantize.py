@@ -56,8 +56,8 @@ BYTES_PER_WEIGHT = {"fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4 / 64}
 _KEPT_PROJECTIONS = ("kv_b_proj",)
 # KDA's gate projections and beta: int8 where the rest is int4.
 _GATE_PROJECTIONS = ("f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj", "b_proj")
-_ENDS = ("model.embed_tokens.weight", "lm_head.weight")
 _HEAD = "lm_head.weight"
+_ENDS = ("model.embed_tokens.weight", _HEAD)
 # The output head's int4 groups: finer than the layers' 128 (the module's text says why).
 HEAD_INT4_GROUP = 32
 _CODE_DTYPES = {"fp8": FP8, "int8": torch.int8, "int4": torch.uint8}

@@ -34,8 +34,9 @@ _reasons: dict[Path, str] = {}
 
 def compiler() -> str | None:
     for name in (environment.c_compiler(), "cc", "gcc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 

@@ -54,13 +54,14 @@ def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim:
     B, R, D = rows.shape
     threads = torch.get_num_threads()
     parts = max(1, min(4 * threads, keys // MIN_KEYS_PER_PART))
-    maxima = torch.empty(parts, B, R)
-    sums = torch.empty(parts, B, R)
-    partials = torch.empty(parts, B, R, value_dim)
+    # Sequence-major, so that each sequence's parts are one contiguous block the C writes into.
+    maxima = torch.empty(B, parts, R)
+    sums = torch.empty(B, parts, R)
+    partials = torch.empty(B, parts, R, value_dim)
     lib = library()
     for b in range(B):
         q = rows[b].contiguous()
-        m, s, p = (t[:, b].contiguous() for t in (maxima, sums, partials))
+        m, s, p = maxima[b], sums[b], partials[b]
         status = lib.mla_attend_cached(
             q.data_ptr(),
             cache[b].data_ptr(),
@@ -76,5 +77,4 @@ def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim:
             threads,
         )
         assert status == 0, "more rows than attention_avx2.c takes"  # takes() keeps them to MAX_ROWS
-        maxima[:, b], sums[:, b], partials[:, b] = m, s, p
-    return maxima, sums, partials
+    return maxima.transpose(0, 1), sums.transpose(0, 1), partials.transpose(0, 1)

@@ -23,7 +23,6 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #define ACT_BLOCK 32
 
