@@ -45,11 +45,11 @@ from torch import nn
 from kimi_desk.engine.placement import DECODE_STREAM_BANKS, DECODE_STREAM_SLOTS
 from kimi_desk.engine.quantize import int4_experts_to_cpu_layout
 from kimi_desk.kernels.quant.cpu import (
-    CpuInt4Expert,
-    CpuInt4Weight,
+    JOINED,
     cpu_int4_fits,
     cpu_int4_layout,
     int4_expert_cpu,
+    int4_experts_one_token,
     tiles_to_codes,
     tiles_to_scales,
 )
@@ -62,8 +62,6 @@ from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_row
 DECODE_MAX_TOKENS = 32
 # Experts per copy and relayout when streaming int4 tiles (bounds the relayout's temporaries).
 STREAM_BLOCK = 16
-# The RAM experts' int4 stacks in the CPU layout, each with the matrices it holds, top to bottom.
-JOINED = {"w13": ("w1", "w3"), "w2": ("w2",)}
 
 
 @dataclass
@@ -257,28 +255,7 @@ def prepare_ram(experts: nn.Module, pin: bool) -> None:
     n = experts.w1.shape[0]
     int4 = hasattr(experts, "w1_zero")
     if int4 and n and all(_tiles_fit(getattr(experts, w)) for w in ("w1", "w2", "w3")):
-        stacks = {}
-        for e, expert in enumerate(int4_experts_to_cpu_layout(experts)):
-            for name, one in zip(JOINED, expert):
-                if e == 0:
-                    stacks[name] = (
-                        _empty_like_stack(one.packed, n, pin),
-                        _empty_like_stack(one.scales_and_zeros, n, pin),
-                        one.group,
-                        one.in_features,
-                    )
-                stacks[name][0][e].copy_(one.packed)
-                stacks[name][1][e].copy_(one.scales_and_zeros)
-        experts.tiles = stacks
-        experts.cpu_weights = [
-            CpuInt4Expert(
-                *(
-                    CpuInt4Weight(tiles[e], sz[e], group, in_features, tiles.shape[-2])
-                    for tiles, sz, group, in_features in stacks.values()
-                )
-            )
-            for e in range(n)
-        ]
+        int4_experts_to_cpu_layout(experts, pin)
     elif pin:
         for name, tensor in [*experts.named_parameters(recurse=False), *experts.named_buffers(recurse=False)]:
             pinned = tensor.data.pin_memory()
@@ -295,16 +272,18 @@ def _tiles_fit(codes: torch.Tensor) -> bool:
     return cpu_int4_fits(out_features, in_features) and out_features % cpu_int4_layout().rows == 0
 
 
-def _empty_like_stack(one: torch.Tensor, n: int, pin: bool) -> torch.Tensor:
-    return torch.empty((n, *one.shape), dtype=one.dtype, pin_memory=pin)
-
-
 def ram_experts_forward(experts: nn.Module, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum over the pairs with rows >= 0 of weights * expert_row(x) on the CPU: x [N, D], rows and
     weights [N, k] -> [N, D] float32. Each chosen expert runs once on all its tokens. The grouping is
     done on Python lists: at decode's few tokens, a tensor op per step (sorting, unique, indexing) would
-    cost more than the bookkeeping it does, and this runs once per MoE layer per token."""
+    cost more than the bookkeeping it does, and this runs once per MoE layer per token. One token on
+    stacked int4 experts: one kernel call for all of them (kernels/quant/cpu.py)."""
     N = rows.shape[0]
+    stacks = getattr(experts, "tiles", None)
+    if N == 1 and stacks is not None:
+        out = int4_experts_one_token(x, rows[0], weights[0], stacks)
+        if out is not None:
+            return out
     out = torch.zeros(N, x.shape[-1], dtype=torch.float32)
     tokens_of: dict[int, list[tuple[int, float]]] = {}
     for token, (row_ids, row_weights) in enumerate(zip(rows.tolist(), weights.tolist())):

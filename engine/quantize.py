@@ -39,12 +39,12 @@ from kimi_desk.kernels.quant import (
     row_scaled_linear,
 )
 from kimi_desk.kernels.quant.cpu import (
-    CpuInt4Expert,
     CpuInt4Weight,
     cpu_int4_fits,
     int4_linear_cpu,
     pack_int4_expert_for_cpu,
     pack_int4_for_cpu,
+    stack_int4_experts_for_cpu,
 )
 from kimi_desk.kernels.quant.naive import dequantize_rows
 
@@ -257,20 +257,22 @@ def quantize_into(model: nn.Module, parameter_name: str, index: int | None, weig
         target.copy_(value)
 
 
-def int4_experts_to_cpu_layout(experts: nn.Module) -> list[CpuInt4Expert]:
-    """An int4 Experts stack's experts in PyTorch's int4 operator's layout, w1 and w3 joined
-    (kernels/quant/cpu.py): the list's item e is expert e. The stack's own tensors are dropped after."""
+def int4_experts_to_cpu_layout(experts: nn.Module, pin: bool = False) -> None:
+    """An int4 Experts stack's experts to PyTorch's int4 operator's layout, w1 and w3 joined, stacked
+    over the experts (kernels/quant/cpu.py stack_int4_experts_for_cpu): `experts.tiles` the stacks,
+    `experts.cpu_weights[e]` expert e's views. The stack's own tensors are dropped after."""
     mats = [
         (getattr(experts, a).data, getattr(experts, f"{a}_scale"), getattr(experts, f"{a}_zero"))
         for a in ("w1", "w2", "w3")
     ]
-    packed = [pack_int4_expert_for_cpu(*(tuple(t[e] for t in m) for m in mats)) for e in range(mats[0][0].shape[0])]
+    n = mats[0][0].shape[0]
+    packed = (pack_int4_expert_for_cpu(*(tuple(t[e] for t in m) for m in mats)) for e in range(n))
+    experts.tiles, experts.cpu_weights = stack_int4_experts_for_cpu(packed, n, pin)
     empty = torch.empty(0, dtype=torch.uint8)
     for attr in ("w1", "w2", "w3"):
         setattr(experts, attr, nn.Parameter(empty, requires_grad=False))
         setattr(experts, f"{attr}_scale", empty)
         setattr(experts, f"{attr}_zero", empty)
-    return packed
 
 
 def prepare_for_cpu(model: nn.Module) -> None:
@@ -298,4 +300,4 @@ def prepare_for_cpu(model: nn.Module) -> None:
             and getattr(module, "cpu_weights", None) is None
             and all(cpu_int4_fits(*logical_shape(getattr(module, w))[1:]) for w in ("w1", "w2", "w3"))
         ):
-            module.cpu_weights = int4_experts_to_cpu_layout(module)
+            int4_experts_to_cpu_layout(module)

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from kimi_desk.kernels.quant import GEMV_MAX_TOKENS
-from kimi_desk.kernels.quant.cpu import cpu_int8_fits, int4_expert_cpu, int8_linear_cpu, tiles_to_codes, tiles_to_scales
+from kimi_desk.kernels.quant.cpu import (
+    cpu_int8_fits,
+    int4_expert_cpu,
+    int4_experts_one_token,
+    int8_linear_cpu,
+    tiles_to_codes,
+    tiles_to_scales,
+)
 from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
 
 
@@ -96,11 +103,16 @@ def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None):
     return _by_expert(x, ids, weights, expert)
 
 
-def routed_experts_int4_cpu(x, ids, weights, expert_weights):
+def routed_experts_int4_cpu(x, ids, weights, expert_weights, stacks=None):
     """routed_experts_grouped for int4 experts on the CPU: `expert_weights[e]` is expert e's
     CpuInt4Expert (kernels/quant/cpu.py: PyTorch's int4 operator layout, w1 and w3 joined), so each
-    chosen expert's products read its packed weights directly and the others are never touched. Returns
-    [N, D] float32."""
+    chosen expert's products read its packed weights directly and the others are never touched. One
+    token (decode) with the experts' `stacks` takes all its experts in one call of our AVX2 kernel where
+    it runs. Returns [N, D] float32."""
+    if stacks is not None and x.shape[0] == 1:
+        out = int4_experts_one_token(x, ids[0], weights[0], stacks)
+        if out is not None:
+            return out
     return _by_expert(x, ids, weights, lambda e, xe: int4_expert_cpu(xe, expert_weights[e]))
 
 

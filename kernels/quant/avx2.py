@@ -6,8 +6,10 @@ should be bound by reading the weights, are bound by arithmetic. int4_avx2.c rea
 as they are and multiplies the 4-bit codes by the activations rounded to int8 in blocks of 32 (as
 llama.cpp does), in integer multiply-adds: several times faster for a token, faster for prefill too.
 The int8 rounding adds about 0.3% relative error to a product, against the ~10% that 4-bit weights
-themselves carry. Where the kernels cannot run (native.py), the operator does the work and
-`int4_backend()` says why.
+themselves carry. A decode step's routed experts go in one call (int4_experts_one_token: every chosen
+expert's gate-up products, then their down products, in one parallel region), since at one token each
+product is only a few microseconds of work a thread. Where the kernels cannot run (native.py), the
+operator does the work and `int4_backend()` says why.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from kimi_desk.kernels import native
 
 SOURCE = Path(__file__).with_name("int4_avx2.c")
 ACTIVATION_BLOCK = 32
-GROUPS = (32, 64, 128)  # the int4 group sizes the kernel reads (kernels/quant/naive.py's INT4_GROUP_SIZES)
+GROUPS = (32, 64, 128)
+MAX_EXPERTS = 64  # the experts one int4_experts_one_token call takes  # the int4 group sizes the kernel reads (kernels/quant/naive.py's INT4_GROUP_SIZES)
 
-_POINTER, _INT = ctypes.c_void_p, ctypes.c_int
+_POINTER, _INT, _LONG = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
 
 @functools.cache
@@ -34,6 +37,9 @@ def library() -> ctypes.CDLL | None:
     if lib is not None:
         lib.int4_quantize_activations.argtypes = [_POINTER, _INT, _INT, _INT, _POINTER, _POINTER, _POINTER, _POINTER]
         lib.int4_linear_avx2.argtypes = [_POINTER, _POINTER, *[_INT] * 4, *[_POINTER] * 4, _INT, _POINTER, _INT]
+        matrix = [_POINTER, _LONG, _POINTER, _LONG, _INT, _INT]  # tiles, their stride, scales, stride, group, rows
+        lib.int4_experts_one_token.argtypes = [_POINTER, *[_INT] * 3, *matrix, *matrix, _POINTER, _POINTER]
+        lib.int4_experts_one_token.argtypes += [_INT, _POINTER, _INT]
     return lib
 
 
@@ -92,3 +98,40 @@ def int4_linear_avx2(
         torch.get_num_threads(),
     )
     return y
+
+
+def int4_experts_one_token(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, gate_up, down, tile_rows: int):
+    """One token x [1, D] through the stacked experts `rows` [k] (int64, < 0 skipped), mixed by weights
+    [k]: [1, D] float32, in one call (the gate-up products of every expert, then the down products, in
+    one parallel region). gate_up and down: kernels/quant/cpu.py CpuInt4Stack, the joined w1-w3 matrix
+    and w2."""
+    x = x.to(torch.float32).contiguous()
+    rows = rows.reshape(-1).to(torch.int64).contiguous()
+    weights = weights.reshape(-1).to(torch.float32).contiguous()
+    D, hidden = x.shape[-1], down.in_features
+    out = torch.empty(1, D)
+
+    def matrix(stack):
+        return (
+            stack.tiles.data_ptr(),
+            stack.tiles[0].numel(),
+            stack.scales_and_zeros.data_ptr(),
+            stack.scales_and_zeros[0].numel(),
+            stack.group,
+            stack.scales_and_zeros.shape[-2],
+        )
+
+    library().int4_experts_one_token(
+        x.data_ptr(),
+        D,
+        hidden,
+        tile_rows,
+        *matrix(gate_up),
+        *matrix(down),
+        rows.data_ptr(),
+        weights.data_ptr(),
+        rows.numel(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out

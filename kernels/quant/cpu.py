@@ -18,7 +18,10 @@ matrix of twice the height (`pack_int4_expert_for_cpu`), so a token's gate and u
 call of the operator over twice the rows; at one token each call's fixed cost (a parallel region over
 the threads) is a large part of the time, and the 48B model's expert runs about 1.4x faster this way
 on 16 cores. The operator's tiles are blocks of whole rows, so the joined tiles are w1's tiles followed
-by w3's, and the first half of the joined matrix is w1 exactly.
+by w3's, and the first half of the joined matrix is w1 exactly. A layer's experts are stacked, each of
+the two matrices in one tensor over the experts (`stack_int4_experts_for_cpu`): a copy then streams a
+run of experts to a GPU, and one call of our AVX2 kernel takes a token through all its chosen experts
+(`int4_experts_one_token`).
 
 The tiles' layout is PyTorch's and depends on the CPU it was built to run on (blocks of 64 rows with two
 rows 32 apart in a byte where AVX-512 is present, 32 rows 16 apart with AVX2, 32 rows in neighbouring
@@ -72,6 +75,74 @@ class CpuInt4Expert(NamedTuple):
 
     gate_up: CpuInt4Weight
     down: CpuInt4Weight
+
+
+class CpuInt4Stack(NamedTuple):
+    """One matrix of every routed expert of a layer in the operator's layout, stacked over the experts:
+    tiles [E, ...] uint8, scales_and_zeros [E, D / g, O', 2] bf16."""
+
+    tiles: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    group: int
+    in_features: int
+
+
+# A layer's int4 experts on the CPU: its stacks by name, each with the matrices it holds, top to bottom.
+JOINED = {"w13": ("w1", "w3"), "w2": ("w2",)}
+
+
+def stack_int4_experts_for_cpu(
+    experts, n: int, pin: bool = False
+) -> tuple[dict[str, CpuInt4Stack], list[CpuInt4Expert]]:
+    """n experts (an iterable of CpuInt4Expert, consumed one at a time) -> the stacks of JOINED (pinned
+    for asynchronous copies if asked) and each expert's views into them. Stacked, one layer's experts are
+    two tensors, so that a copy streams a run of them and one kernel call reaches any of them
+    (int4_experts_one_token)."""
+    stacks: dict[str, list] = {}
+    for e, expert in enumerate(experts):
+        for name, one in zip(JOINED, expert):
+            if e == 0:
+                stacks[name] = [
+                    torch.empty((n, *one.packed.shape), dtype=one.packed.dtype, pin_memory=pin),
+                    torch.empty((n, *one.scales_and_zeros.shape), dtype=torch.bfloat16, pin_memory=pin),
+                    one.group,
+                    one.in_features,
+                ]
+            stacks[name][0][e].copy_(one.packed)
+            stacks[name][1][e].copy_(one.scales_and_zeros)
+    made = {name: CpuInt4Stack(*stack) for name, stack in stacks.items()}
+    views = [
+        CpuInt4Expert(
+            *(
+                CpuInt4Weight(s.tiles[e], s.scales_and_zeros[e], s.group, s.in_features, s.tiles.shape[-2])
+                for s in made.values()
+            )
+        )
+        for e in range(n)
+    ]
+    return made, views
+
+
+def int4_experts_one_token(
+    x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, stacks: dict[str, CpuInt4Stack]
+) -> torch.Tensor | None:
+    """sum_j weights[j] * expert_{rows[j]}(x) for one token x [1, D] over stacked experts (rows [k]
+    int64, < 0 skipped; weights [k]), in one call of our AVX2 kernel: [1, D] float32. None where that
+    kernel does not read these tiles (the caller then takes the experts one by one)."""
+    gate_up, down = stacks["w13"], stacks["w2"]
+    layout = cpu_int4_layout()
+    hidden = down.in_features
+    if not (
+        x.shape[0] == 1
+        and rows.numel() <= avx2.MAX_EXPERTS
+        and avx2.reads(
+            layout.rows, layout.split, gate_up.group, gate_up.in_features, gate_up.scales_and_zeros.shape[-2]
+        )
+        and avx2.reads(layout.rows, layout.split, down.group, hidden, down.scales_and_zeros.shape[-2])
+        and hidden % layout.rows == 0  # the joined matrix's w1 rows end on a tile
+    ):
+        return None
+    return avx2.int4_experts_one_token(x, rows, weights, gate_up, down, layout.rows)
 
 
 def cpu_int4_fits(out_features: int, in_features: int) -> bool:

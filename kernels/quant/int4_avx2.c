@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define ACT_BLOCK 32
 
@@ -61,42 +62,98 @@ static inline __attribute__((target("avx2,fma"))) void scales_of_8(const uint16_
     *z = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000)));
 }
 
-/* One 16-byte slice of a block, one group of inputs: the codes of inputs d and d + 1 interleaved a pair
-   a row, so that vpmaddubsw with (a_d, a_d+1) gives each row's two products summed. Out: 16 rows (low
-   halves) then 16 rows (high halves), `group / 2` pairs of 32 bytes each. */
+/* One 32-row slice of a tile, one group of inputs, rearranged for several rows of activations: four
+   blocks of 8 rows (rows 0-7 and 8-15 of the low halves, then of the high halves), each a run of 32-byte
+   vectors, one per 4 inputs, holding each row's codes of inputs d..d+3 together. One vpmaddubsw with the
+   4 activations broadcast to every 32-bit lane then gives each row's sums of inputs (d, d + 1) and
+   (d + 2, d + 3) side by side, and the broadcast is a plain load (no shuffle). */
 static inline __attribute__((target("avx2,fma"))) void unpack_slice(const uint8_t *tiles, int stride, int group,
                                                                     uint8_t *out) {
-    const __m256i mask = _mm256_set1_epi8(15);
-    const __m256i pairs = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,  //
-                                           0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-    for (int d = 0; d < group; d += 2) {
-        __m256i v = _mm256_inserti128_si256(
-            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(tiles + (long)d * stride))),
-            _mm_loadu_si128((const __m128i *)(tiles + (long)(d + 1) * stride)), 1);
-        __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-        lo = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(lo, 0xD8), pairs);
-        hi = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(hi, 0xD8), pairs);
-        _mm256_storeu_si256((__m256i *)(out + d * 16), lo);
-        _mm256_storeu_si256((__m256i *)(out + group * 16 + d * 16), hi);
+    const __m128i mask = _mm_set1_epi8(15);
+    int steps = group / 4;
+    for (int s = 0; s < steps; s++) {
+        const uint8_t *t = tiles + (long)(4 * s) * stride;
+        __m128i in[4];
+        for (int k = 0; k < 4; k++) in[k] = _mm_loadu_si128((const __m128i *)(t + (long)k * stride));
+        for (int half = 0; half < 2; half++) { /* low nibbles: the low half's rows; high: the high half's */
+            __m128i c[4];
+            for (int k = 0; k < 4; k++)
+                c[k] = half ? _mm_and_si128(_mm_srli_epi16(in[k], 4), mask) : _mm_and_si128(in[k], mask);
+            __m128i p01lo = _mm_unpacklo_epi8(c[0], c[1]), p23lo = _mm_unpacklo_epi8(c[2], c[3]);
+            __m128i p01hi = _mm_unpackhi_epi8(c[0], c[1]), p23hi = _mm_unpackhi_epi8(c[2], c[3]);
+            uint8_t *rows0 = out + ((long)(2 * half) * steps + s) * 32, *rows8 = rows0 + (long)steps * 32;
+            _mm_storeu_si128((__m128i *)rows0, _mm_unpacklo_epi16(p01lo, p23lo));
+            _mm_storeu_si128((__m128i *)(rows0 + 16), _mm_unpackhi_epi16(p01lo, p23lo));
+            _mm_storeu_si128((__m128i *)rows8, _mm_unpacklo_epi16(p01hi, p23hi));
+            _mm_storeu_si128((__m128i *)(rows8 + 16), _mm_unpackhi_epi16(p01hi, p23hi));
+        }
     }
 }
 
-/* 16 rows x one activation block (16 pairs of inputs): int32 sums of rows 0-7 and rows 8-15. */
-static inline __attribute__((target("avx2,fma"))) void dot_block(const uint8_t *w, const int8_t *a, __m256i *r0,
-                                                                 __m256i *r1) {
-    __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
-    for (int half = 0; half < 16; half += 8) {
-        __m256i acc = _mm256_setzero_si256();
-        for (int p = half; p < half + 8; p++) { /* 8 pairs: at most 8 * 2 * 15 * 127 = 30,480, inside int16 */
-            __m256i ap = _mm256_set1_epi16(*(const int16_t *)(a + 2 * p));
-            acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 32)), ap));
+/* Several rows of activations: the weights' 16 rows of one half of a slice (two blocks of
+   unpack_slice's output, one group) meet MB rows of activations at once, so that each loaded weight
+   vector serves MB rows and each broadcast activation two weight vectors. MB = 2: 4 int16 sums, 4 float
+   sums, 2 weight vectors and a broadcast stay in AVX2's 16 registers (MB = 3 or 4 spill, and are slower).
+   Activation rows go in tiles of M_TILE, so that the tile's codes and outputs stay in the core's caches
+   while every slice of the matrix passes over them. */
+#define MB 2
+#define M_TILE 64
+
+/* Adds to f[j][i] (weight block j, activation row m0 + i) the group's integer sums, each activation
+   block's scaled by its scale, the codes' midpoint taken off. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void half_times_rows(
+    const uint8_t *w, int group, int g, const int8_t *codes, int D, const float *act_scales, const int32_t *code_sums,
+    int m0, const int rows_here, __m256 f[2][MB]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    int A = D / ACT_BLOCK, per_group = group / ACT_BLOCK, block_stride = group / 4 * 32;
+    for (int b = 0; b < per_group; b++) {
+        int ab = g * per_group + b;
+        const int8_t *a = codes + (long)m0 * D + (long)ab * ACT_BLOCK;
+        __m256i acc[2][MB];
+        for (int j = 0; j < 2; j++)
+            for (int i = 0; i < rows_here; i++) acc[j][i] = _mm256_setzero_si256();
+        /* 8 steps of 4 inputs: at most 8 * 2 * 15 * 127 = 30,480 a lane, inside int16. Not unrolled
+           further: unrolled whole, GCC computes every product first and spills them. */
+#pragma GCC unroll 2
+        for (int s = 0; s < ACT_BLOCK / 4; s++) {
+            __m256i wv[2];
+            for (int j = 0; j < 2; j++)
+                wv[j] = _mm256_loadu_si256((const __m256i *)(w + (long)j * block_stride + (long)(b * ACT_BLOCK / 4 + s) * 32));
+            for (int i = 0; i < rows_here; i++) {
+                __m256i x = _mm256_set1_epi32(*(const int32_t *)(a + (long)i * D + 4 * s));
+                for (int j = 0; j < 2; j++) acc[j][i] = _mm256_add_epi16(acc[j][i], _mm256_maddubs_epi16(wv[j], x));
+            }
         }
-        /* int16 lanes in row order: rows 0-7 in the low 128 bits, 8-15 in the high ones */
-        sum0 = _mm256_add_epi32(sum0, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc)));
-        sum1 = _mm256_add_epi32(sum1, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1)));
+        for (int i = 0; i < rows_here; i++) {
+            __m256 c = _mm256_set1_ps(act_scales[(long)(m0 + i) * A + ab]);
+            __m256i mid = _mm256_set1_epi32(code_sums[(long)(m0 + i) * A + ab]);
+            for (int j = 0; j < 2; j++)
+                f[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_madd_epi16(acc[j][i], ones), mid)), c,
+                                          f[j][i]);
+        }
     }
-    *r0 = sum0;
-    *r1 = sum1;
+}
+
+/* y[m0 .. m0 + rows_here, the 16 rows from row[0] and row[1]] (+)= s f + z X for one group: the group's
+   scale and zero per row, X the activation rows' sums of the group's inputs. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void half_to_outputs(
+    const uint8_t *w, int group, int g, const int8_t *codes, int D, const float *act_scales, const int32_t *code_sums,
+    const float *sums, int m0, const int rows_here, const __m256 *s, const __m256 *z, float *y, int padded_rows,
+    const int *row) {
+    __m256 f[2][MB];
+    for (int j = 0; j < 2; j++)
+        for (int i = 0; i < rows_here; i++) f[j][i] = _mm256_setzero_ps();
+    half_times_rows(w, group, g, codes, D, act_scales, code_sums, m0, rows_here, f);
+    int G = D / group;
+    for (int i = 0; i < rows_here; i++) {
+        __m256 X = _mm256_set1_ps(sums[(long)(m0 + i) * G + g]);
+        for (int j = 0; j < 2; j++) {
+            float *ym = y + (long)(m0 + i) * padded_rows + row[j];
+            __m256 v = _mm256_fmadd_ps(s[j], f[j][i], _mm256_mul_ps(z[j], X));
+            if (g) v = _mm256_add_ps(v, _mm256_loadu_ps(ym));
+            _mm256_storeu_ps(ym, v);
+        }
+    }
 }
 
 /* One row of x (a decode step): int4_linear_avx2's product with the codes unpacked in registers and
@@ -165,7 +222,7 @@ __attribute__((target("avx2,fma"))) void int4_linear_avx2(const uint8_t *tiles, 
                                                           int padded_rows, int group, const int8_t *codes,
                                                           const float *act_scales, const int32_t *code_sums,
                                                           const float *sums, int M, float *y, int threads) {
-    int slices = padded_rows / 16, G = D / group, A = D / ACT_BLOCK, per_group = group / ACT_BLOCK;
+    int slices = padded_rows / 16, G = D / group;
     if (M == 1) {
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int slice = 0; slice < slices / 2; slice++)
@@ -174,35 +231,29 @@ __attribute__((target("avx2,fma"))) void int4_linear_avx2(const uint8_t *tiles, 
     }
 #pragma omp parallel num_threads(threads)
     {
-        uint8_t unpacked[2 * 16 * 128] __attribute__((aligned(32)));
+        uint8_t unpacked[4 * 32 * 32] __attribute__((aligned(32))); /* 32 rows x a group of up to 128 inputs */
+        for (int m_first = 0; m_first < M; m_first += M_TILE) {
+            int m_end = m_first + M_TILE < M ? m_first + M_TILE : M;
 #pragma omp for schedule(static)
-        for (int slice = 0; slice < slices / 2; slice++) {
-            int blk = slice / (rows / 32), sl = slice % (rows / 32);
-            const uint8_t *tile = tiles + (long)blk * D * (rows / 2) + sl * 16;
-            int row0 = blk * rows + sl * 16, row1 = row0 + rows / 2; /* the low and high halves' rows */
-            int base[4] = {row0, row0 + 8, row1, row1 + 8};
-            for (int g = 0; g < G; g++) {
-                unpack_slice(tile + (long)g * group * (rows / 2), rows / 2, group, unpacked);
-                __m256 s[4], z[4];
-                for (int i = 0; i < 4; i++) scales_of_8(sz + ((long)g * padded_rows + base[i]) * 2, &s[i], &z[i]);
-                for (int m = 0; m < M; m++) {
-                    __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-                    for (int b = 0; b < per_group; b++) {
-                        int ab = g * per_group + b;
-                        const int8_t *a = codes + (long)m * D + ab * ACT_BLOCK;
-                        __m256 c = _mm256_set1_ps(act_scales[(long)m * A + ab]);
-                        __m256i mid = _mm256_set1_epi32(code_sums[(long)m * A + ab]);
-                        __m256i r[4];
-                        dot_block(unpacked + b * 16 * 32, a, &r[0], &r[1]);
-                        dot_block(unpacked + group * 16 + b * 16 * 32, a, &r[2], &r[3]);
-                        for (int i = 0; i < 4; i++) f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r[i], mid)), c, f[i]);
-                    }
-                    __m256 X = _mm256_set1_ps(sums[(long)m * G + g]);
-                    float *ym = y + (long)m * padded_rows;
-                    for (int i = 0; i < 4; i++) {
-                        __m256 v = _mm256_fmadd_ps(s[i], f[i], _mm256_mul_ps(z[i], X));
-                        if (g) v = _mm256_add_ps(v, _mm256_loadu_ps(ym + base[i]));
-                        _mm256_storeu_ps(ym + base[i], v);
+            for (int slice = 0; slice < slices / 2; slice++) {
+                int blk = slice / (rows / 32), sl = slice % (rows / 32);
+                const uint8_t *tile = tiles + (long)blk * D * (rows / 2) + sl * 16;
+                int row0 = blk * rows + sl * 16, row1 = row0 + rows / 2; /* the low and high halves' rows */
+                int base[4] = {row0, row0 + 8, row1, row1 + 8};
+                for (int g = 0; g < G; g++) {
+                    unpack_slice(tile + (long)g * group * (rows / 2), rows / 2, group, unpacked);
+                    for (int h = 0; h < 2; h++) { /* the low half's 16 rows, then the high half's */
+                        const uint8_t *w = unpacked + (long)(2 * h) * (group / 4) * 32;
+                        __m256 s[2], z[2];
+                        for (int j = 0; j < 2; j++)
+                            scales_of_8(sz + ((long)g * padded_rows + base[2 * h + j]) * 2, &s[j], &z[j]);
+                        int m = m_first;
+                        for (; m + MB <= m_end; m += MB)
+                            half_to_outputs(w, group, g, codes, D, act_scales, code_sums, sums, m, MB, s, z, y,
+                                            padded_rows, base + 2 * h);
+                        if (m < m_end)
+                            half_to_outputs(w, group, g, codes, D, act_scales, code_sums, sums, m, 1, s, z, y,
+                                            padded_rows, base + 2 * h);
                     }
                 }
             }
@@ -214,4 +265,66 @@ __attribute__((target("avx2,fma"))) void int4_linear_avx2(const uint8_t *tiles, 
 int cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* One token through k routed experts, whole: out [D] = sum_j weights[j] * w2_e (silu(w1_e x) * w3_e x),
+   e = ids[j] (ids < 0 skipped), for experts stacked in tiles (one stride apart): the joined gate-up
+   matrix (w1's rows then w3's, 2 * I rows, groups of gu_group over D inputs) and the down matrix (D rows,
+   groups of dn_group over I inputs). One call and one parallel region for the whole layer, so that the k
+   experts' products share the threads instead of each paying a region's start and end: at one token a
+   product is a few microseconds of work a thread. */
+__attribute__((target("avx2,fma"))) void int4_experts_one_token(
+    const float *x, int D, int I, int rows, const uint8_t *gu_tiles, long gu_tiles_stride, const uint16_t *gu_sz,
+    long gu_sz_stride, int gu_group, int gu_padded, const uint8_t *dn_tiles, long dn_tiles_stride,
+    const uint16_t *dn_sz, long dn_sz_stride, int dn_group, int dn_padded, const int64_t *ids, const float *weights,
+    int k, float *out, int threads) {
+    int chosen[64], P = 0;
+    for (int j = 0; j < k && P < 64; j++)
+        if (ids[j] >= 0) chosen[P++] = j;
+    int A = D / ACT_BLOCK, AI = I / ACT_BLOCK;
+    int8_t *codes = malloc((size_t)D + (size_t)P * I);
+    int8_t *hidden_codes = codes + D;
+    float *fbuf = malloc(sizeof(float) * ((size_t)A + D / gu_group + (size_t)P * (gu_padded + AI + I / dn_group + dn_padded)));
+    int32_t *ibuf = malloc(sizeof(int32_t) * ((size_t)A + (size_t)P * AI));
+    float *act_scales = fbuf, *sums = act_scales + A, *h = sums + D / gu_group;
+    float *h_scales = h + (size_t)P * gu_padded, *h_sums = h_scales + (size_t)P * AI, *y = h_sums + (size_t)P * (I / dn_group);
+    int32_t *code_sums = ibuf, *h_code_sums = ibuf + A;
+    int4_quantize_activations(x, 1, D, gu_group, codes, act_scales, code_sums, sums);
+    int gu_slices = gu_padded / 32, dn_slices = dn_padded / 32;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int item = 0; item < P * gu_slices; item++) {
+            int p = item / gu_slices;
+            long e = ids[chosen[p]];
+            one_row(gu_tiles + e * gu_tiles_stride, gu_sz + e * gu_sz_stride, rows, D, gu_padded, gu_group, codes,
+                    act_scales, code_sums, sums, h + (long)p * gu_padded, item % gu_slices);
+        }
+#pragma omp for schedule(static)
+        for (int p = 0; p < P; p++) {
+            float *hp = h + (long)p * gu_padded; /* silu(gate) * up, in place over the gate half */
+            for (int i = 0; i < I; i++) hp[i] = hp[i] / (1.f + expf(-hp[i])) * hp[I + i];
+            int4_quantize_activations(hp, 1, I, dn_group, hidden_codes + (long)p * I, h_scales + (long)p * AI,
+                                      h_code_sums + (long)p * AI, h_sums + (long)p * (I / dn_group));
+        }
+#pragma omp for schedule(static)
+        for (int item = 0; item < P * dn_slices; item++) {
+            int p = item / dn_slices;
+            long e = ids[chosen[p]];
+            one_row(dn_tiles + e * dn_tiles_stride, dn_sz + e * dn_sz_stride, rows, I, dn_padded, dn_group,
+                    hidden_codes + (long)p * I, h_scales + (long)p * AI, h_code_sums + (long)p * AI,
+                    h_sums + (long)p * (I / dn_group), y + (long)p * dn_padded, item % dn_slices);
+        }
+#pragma omp for schedule(static)
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            for (int d = d0; d < d0 + 64 && d < D; d++) {
+                float total = 0.f;
+                for (int p = 0; p < P; p++) total += weights[chosen[p]] * y[(long)p * dn_padded + d];
+                out[d] = total;
+            }
+        }
+    }
+    free(codes);
+    free(fbuf);
+    free(ibuf);
 }

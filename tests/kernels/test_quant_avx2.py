@@ -10,7 +10,15 @@ import torch
 from cpu_tiles import pack_tiles
 
 from kimi_desk.kernels.quant import avx2, dequantize_int4_groups, quantize_int4_groups
-from kimi_desk.kernels.quant.cpu import CpuInt4Layout, cpu_int4_layout, int4_linear_cpu, pack_int4_for_cpu
+from kimi_desk.kernels.quant.cpu import (
+    CpuInt4Layout,
+    cpu_int4_layout,
+    int4_experts_one_token,
+    int4_linear_cpu,
+    pack_int4_expert_for_cpu,
+    pack_int4_for_cpu,
+    stack_int4_experts_for_cpu,
+)
 from kimi_desk.kernels.quant.naive import unpack_int4
 
 # The activations are rounded to int8 in blocks of 32 (~0.5% of a random product); the weights are exact.
@@ -44,7 +52,9 @@ def scales_and_zeros(scale, zero):
 
 
 @pytest.mark.parametrize("rows_per_tile", [32, 64])
-@pytest.mark.parametrize("O,D,group,M", [(64, 128, 32, 1), (128, 320, 64, 3), (192, 256, 128, 40), (64, 640, 128, 1)])
+@pytest.mark.parametrize(
+    "O,D,group,M", [(64, 128, 32, 1), (128, 320, 64, 3), (192, 256, 128, 40), (64, 640, 128, 1), (64, 256, 32, 131)]
+)
 def test_linear_matches_float64(rows_per_tile, O, D, group, M):
     if avx2.library() is None:
         pytest.skip(avx2.int4_backend())
@@ -94,3 +104,37 @@ def test_int4_linear_cpu_takes_the_kernels_on_whole_tiles(monkeypatch):
         got = int4_linear_cpu(x, pack_int4_for_cpu(codes, scale, zero))
         assert bool(calls) == uses_kernels
         assert got.dtype == torch.bfloat16 and rel_err(got, want) < TOLERANCE
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_experts_one_token_match_float64(group):
+    """One token through several stacked experts in one call: each chosen expert's w2 (silu(w1 x) * w3 x),
+    mixed by its weight, rows < 0 left out, an expert chosen twice counted twice; against float64 on the
+    dequantized weights (the hidden activations are rounded to int8 too, so twice the tolerance)."""
+    layout = cpu_int4_layout()
+    if avx2.library() is None or layout is None:
+        pytest.skip(avx2.int4_backend())
+    gen = torch.Generator().manual_seed(group)
+    E, D, hidden = 6, 256, 4 * layout.rows
+    mats = [
+        [
+            quantize_int4_groups(torch.randn(o, i, generator=gen) * 0.1, group)
+            for o, i in ((hidden, D), (D, hidden), (hidden, D))
+        ]
+        for _ in range(E)
+    ]
+    stacks, _ = stack_int4_experts_for_cpu((pack_int4_expert_for_cpu(*m) for m in mats), E)
+    x = torch.randn(1, D, generator=gen)
+    rows = torch.tensor([4, -1, 0, 2, 4, 5])
+    weights = torch.rand(6, generator=gen)
+    want = torch.zeros(1, D, dtype=torch.float64)
+    for e, w in zip(rows.tolist(), weights.tolist()):
+        if e >= 0:
+            w1, w2, w3 = (dequantize_int4_groups(*m, torch.float64) for m in mats[e])
+            xd = x.double()
+            want += w * (torch.nn.functional.silu(xd @ w1.t()) * (xd @ w3.t())) @ w2.t()
+    got = int4_experts_one_token(x, rows, weights, stacks)
+    assert got.shape == (1, D) and got.dtype == torch.float32
+    assert rel_err(got, want) < 2 * TOLERANCE
+    none_chosen = int4_experts_one_token(x, torch.tensor([-1, -1]), torch.ones(2), stacks)
+    assert torch.equal(none_chosen, torch.zeros(1, D))
