@@ -35,7 +35,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot run here."""
     lib = native.library(SOURCE)
     if lib is not None:
-        lib.int4_quantize_activations.argtypes = [_POINTER, _INT, _INT, _INT, _POINTER, _POINTER, _POINTER, _POINTER]
+        lib.int4_quantize_activations.argtypes = [_POINTER, _INT, _INT, _INT, *[_POINTER] * 4, _INT]
         lib.int4_linear_avx2.argtypes = [_POINTER, _POINTER, *[_INT] * 4, *[_POINTER] * 4, _INT, _POINTER, _INT]
         matrix = [_POINTER, _LONG, _POINTER, _LONG, _INT, _INT]  # tiles, their stride, scales, stride, group, rows
         lib.int4_experts_one_token.argtypes = [_POINTER, *[_INT] * 3, *matrix, *matrix, _POINTER, _POINTER]
@@ -79,7 +79,15 @@ def int4_linear_avx2(
     code_sums = torch.empty(M, D // ACTIVATION_BLOCK, dtype=torch.int32)
     sums = torch.empty(M, D // group)
     lib.int4_quantize_activations(
-        x.data_ptr(), M, D, group, codes.data_ptr(), act_scales.data_ptr(), code_sums.data_ptr(), sums.data_ptr()
+        x.data_ptr(),
+        M,
+        D,
+        group,
+        codes.data_ptr(),
+        act_scales.data_ptr(),
+        code_sums.data_ptr(),
+        sums.data_ptr(),
+        torch.get_num_threads(),
     )
     y = torch.empty(M, padded_rows)
     lib.int4_linear_avx2(

@@ -28,31 +28,53 @@
 #define ACT_BLOCK 32
 
 /* Round rows of x [M, D] to int8 codes [M, D] with a scale per 32 inputs [M, D / 32] and 8 times the sum of
-   each block's codes [M, D / 32], and sum each group of `group` inputs of x [M, D / group]. */
-void int4_quantize_activations(const float *x, int M, int D, int group, int8_t *codes, float *scales,
-                               int32_t *code_sums, float *sums) {
-    for (int m = 0; m < M; m++) {
-        const float *row = x + (long)m * D;
-        for (int b = 0; b < D / ACT_BLOCK; b++) {
-            const float *v = row + b * ACT_BLOCK;
-            float amax = 0.f;
-            for (int i = 0; i < ACT_BLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
-            float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-            scales[(long)m * (D / ACT_BLOCK) + b] = scale;
-            int32_t total = 0;
-            for (int i = 0; i < ACT_BLOCK; i++) {
-                int8_t a = (int8_t)lrintf(v[i] * inv);
-                codes[(long)m * D + b * ACT_BLOCK + i] = a;
-                total += a;
-            }
-            code_sums[(long)m * (D / ACT_BLOCK) + b] = 8 * total;
+   each block's codes [M, D / 32], and sum each group of `group` inputs of x [M, D / group]. Rounding to
+   nearest (the CPU's default mode), as lrintf would. */
+static __attribute__((target("avx2,fma"))) void quantize_row(const float *row, int D, int group, int8_t *codes,
+                                                             float *scales, int32_t *code_sums, float *sums) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int b = 0; b < D / ACT_BLOCK; b++) {
+        const float *v = row + b * ACT_BLOCK;
+        __m256 x[4], amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            x[i] = _mm256_loadu_ps(v + 8 * i);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, x[i]));
         }
-        for (int g = 0; g < D / group; g++) {
-            float s = 0.f;
-            for (int i = 0; i < group; i++) s += row[g * group + i];
-            sums[(long)m * (D / group) + g] = s;
-        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float top = _mm_cvtss_f32(m4);
+        scales[b] = top / 127.f;
+        __m256 inv = _mm256_set1_ps(top > 0.f ? 127.f / top : 0.f);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(x[i], inv));
+        __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+        code_sums[b] = 8 * _mm_cvtsi128_si32(t4);
+        /* int32 -> int8 in input order: the packs interleave the 128-bit lanes, the permute puts them back */
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(codes + b * ACT_BLOCK), packed);
     }
+    for (int g = 0; g < D / group; g++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < group; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(row + g * group + i));
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+        sums[g] = _mm_cvtss_f32(s4);
+    }
+}
+
+__attribute__((target("avx2,fma"))) void int4_quantize_activations(const float *x, int M, int D, int group,
+                                                                   int8_t *codes, float *scales, int32_t *code_sums,
+                                                                   float *sums, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (M > 1)
+    for (int m = 0; m < M; m++)
+        quantize_row(x + (long)m * D, D, group, codes + (long)m * D, scales + (long)m * (D / ACT_BLOCK),
+                     code_sums + (long)m * (D / ACT_BLOCK), sums + (long)m * (D / group));
 }
 
 /* bf16 pairs (scale, zero) of 8 rows -> scale and zero as float vectors. */
@@ -289,7 +311,7 @@ __attribute__((target("avx2,fma"))) void int4_experts_one_token(
     float *act_scales = fbuf, *sums = act_scales + A, *h = sums + D / gu_group;
     float *h_scales = h + (size_t)P * gu_padded, *h_sums = h_scales + (size_t)P * AI, *y = h_sums + (size_t)P * (I / dn_group);
     int32_t *code_sums = ibuf, *h_code_sums = ibuf + A;
-    int4_quantize_activations(x, 1, D, gu_group, codes, act_scales, code_sums, sums);
+    quantize_row(x, D, gu_group, codes, act_scales, code_sums, sums);
     int gu_slices = gu_padded / 32, dn_slices = dn_padded / 32;
 #pragma omp parallel num_threads(threads)
     {
@@ -304,8 +326,8 @@ __attribute__((target("avx2,fma"))) void int4_experts_one_token(
         for (int p = 0; p < P; p++) {
             float *hp = h + (long)p * gu_padded; /* silu(gate) * up, in place over the gate half */
             for (int i = 0; i < I; i++) hp[i] = hp[i] / (1.f + expf(-hp[i])) * hp[I + i];
-            int4_quantize_activations(hp, 1, I, dn_group, hidden_codes + (long)p * I, h_scales + (long)p * AI,
-                                      h_code_sums + (long)p * AI, h_sums + (long)p * (I / dn_group));
+            quantize_row(hp, I, dn_group, hidden_codes + (long)p * I, h_scales + (long)p * AI, h_code_sums + (long)p * AI,
+                         h_sums + (long)p * (I / dn_group));
         }
 #pragma omp for schedule(static)
         for (int item = 0; item < P * dn_slices; item++) {
