@@ -26,6 +26,11 @@
 #include <stdlib.h>
 
 #define ACT_BLOCK 32
+/* Up to this many rows of activations, each row takes the one-row path over a slice while its codes
+   are in the core's cache; more pay for unpacking each slice once (int4_linear_avx2). */
+#define FEW_ROWS 5
+/* Groups ahead whose scales the one-row path prefetches. */
+#define PREFETCH_GROUPS 4
 
 /* Round rows of x [M, D] to int8 codes [M, D] with a scale per 32 inputs [M, D / 32] and 8 times the sum of
    each block's codes [M, D / 32], and sum each group of `group` inputs of x [M, D / group]. Rounding to
@@ -178,8 +183,8 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void half_to_ou
     }
 }
 
-/* One row of x (a decode step): int4_linear_avx2's product with the codes unpacked in registers and
-   multiplied at once, the scratch buffer skipped. Four inputs a step: inputs d and d + 2 in the two
+/* One row of x (a decode step) and one 32-row slice: the codes unpacked in registers and multiplied at
+   once, no unpacking pass. Four inputs a step: inputs d and d + 2 in the two
    128-bit lanes of one register, d + 1 and d + 3 in another, so that one byte unpack a lane pairs each
    row's codes of two inputs for vpmaddubsw (each lane then holds its own pair of inputs' sums, added
    once per block of 32 inputs in int32). The block's sums are scaled by its activation scale in float;
@@ -198,6 +203,16 @@ static __attribute__((target("avx2,fma"))) void one_row(const uint8_t *tiles, co
     int base[4] = {row0, row0 + 8, row1, row1 + 8};
     __m256 out[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int g = 0; g < G; g++) {
+        /* The scales of a group lie a whole matrix height apart from the previous group's: a stream the
+           hardware does not prefetch, so each would be a miss to memory. */
+        if (g + PREFETCH_GROUPS < G) {
+            const uint16_t *ahead = sz + ((long)(g + PREFETCH_GROUPS) * padded_rows + row0) * 2;
+            _mm_prefetch((const char *)ahead, _MM_HINT_T0);
+            _mm_prefetch((const char *)(ahead + 32), _MM_HINT_T0);
+            const uint16_t *ahead1 = sz + ((long)(g + PREFETCH_GROUPS) * padded_rows + row1) * 2;
+            _mm_prefetch((const char *)ahead1, _MM_HINT_T0);
+            _mm_prefetch((const char *)(ahead1 + 32), _MM_HINT_T0);
+        }
         __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         float offset = 0.f;
         for (int d0 = g * group; d0 < (g + 1) * group; d0 += ACT_BLOCK) {
@@ -207,6 +222,7 @@ static __attribute__((target("avx2,fma"))) void one_row(const uint8_t *tiles, co
                8 * 2 * 15 * 127 = 30,480 a lane, inside int16 */
             __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                               _mm256_setzero_si256()};
+#pragma GCC unroll 2 /* unrolled whole, GCC spills the sums and the pointers */
             for (int d = d0; d < d0 + ACT_BLOCK; d += 4) {
                 const uint8_t *t = tile + (long)d * stride;
                 __m256i a = _mm256_loadu2_m128i((const __m128i *)(t + 2 * stride), (const __m128i *)t);
@@ -245,10 +261,15 @@ __attribute__((target("avx2,fma"))) void int4_linear_avx2(const uint8_t *tiles, 
                                                           const float *act_scales, const int32_t *code_sums,
                                                           const float *sums, int M, float *y, int threads) {
     int slices = padded_rows / 16, G = D / group;
-    if (M == 1) {
+    if (M <= FEW_ROWS) {
+        /* A few rows: each slice's codes read once from memory by the first row, from the core's cache by
+           the others, no unpacking pass. */
+        int A = D / ACT_BLOCK;
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int slice = 0; slice < slices / 2; slice++)
-            one_row(tiles, sz, rows, D, padded_rows, group, codes, act_scales, code_sums, sums, y, slice);
+            for (int m = 0; m < M; m++)
+                one_row(tiles, sz, rows, D, padded_rows, group, codes + (long)m * D, act_scales + (long)m * A,
+                        code_sums + (long)m * A, sums + (long)m * G, y + (long)m * padded_rows, slice);
         return;
     }
 #pragma omp parallel num_threads(threads)
