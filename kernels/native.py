@@ -1,7 +1,7 @@
 """Our C kernels for the CPU, compiled on the user's machine the first time they are needed.
 
 PyTorch's CPU operators leave two parts of a step far from what the memory allows on a CPU without
-AVX-512: the int4 products (kernels/quant/int4_avx2.c) and the few-row attention of a decode step over
+AVX-512: the int4 products (kernels/quant/avx2.c) and the few-row attention of a decode step over
 a long MLA cache (kernels/mla/attention_avx2.c). Those are written in C with AVX2 intrinsics, ship as
 source with the package, and are compiled once with the system's C compiler ($CC, else cc or gcc: the
 compiler Triton needs too) into the user's cache folder, named by a hash of the source and the flags;

@@ -1,15 +1,16 @@
-"""Our int4 products for AVX2 CPUs (int4_avx2.c, compiled at first use by kernels/native.py).
+"""Our int4 and int8 products for AVX2 CPUs (avx2.c, compiled at first use by kernels/native.py).
 
 PyTorch's CPU int4 operator (kernels/quant/cpu.py) converts every weight to float before multiplying
 and, on a CPU without AVX-512, runs at about a third of the memory's speed: one-token products, which
-should be bound by reading the weights, are bound by arithmetic. int4_avx2.c reads the operator's tiles
+should be bound by reading the weights, are bound by arithmetic. avx2.c reads the operator's tiles
 as they are and multiplies the 4-bit codes by the activations rounded to int8 in blocks of 32 (as
 llama.cpp does), in integer multiply-adds: several times faster for a token, faster for prefill too.
 The int8 rounding adds about 0.3% relative error to a product, against the ~10% that 4-bit weights
 themselves carry. A decode step's routed experts go in one call (int4_experts_one_token: every chosen
 expert's gate-up products, then their down products, in one parallel region), since at one token each
-product is only a few microseconds of work a thread. Where the kernels cannot run (native.py), the
-operator does the work and `int4_backend()` says why.
+product is only a few microseconds of work a thread. int8 rows (a scale per output row) take the same
+int8 activations for a few rows (int8_linear_avx2), where PyTorch's int8 operator multiplies in bf16.
+Where the kernels cannot run (native.py), the operators do the work and `int4_backend()` says why.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from kimi_desk.kernels import native
 
-SOURCE = Path(__file__).with_name("int4_avx2.c")
+SOURCE = Path(__file__).with_name("avx2.c")
 ACTIVATION_BLOCK = 32
 GROUPS = (32, 64, 128)
 MAX_EXPERTS = 64  # the experts one int4_experts_one_token call takes  # the int4 group sizes the kernel reads (kernels/quant/naive.py's INT4_GROUP_SIZES)
@@ -40,6 +41,7 @@ def library() -> ctypes.CDLL | None:
         matrix = [_POINTER, _LONG, _POINTER, _LONG, _INT, _INT]  # tiles, their stride, scales, stride, group, rows
         lib.int4_experts_one_token.argtypes = [_POINTER, *[_INT] * 3, *matrix, *matrix, _POINTER, _POINTER]
         lib.int4_experts_one_token.argtypes += [_INT, _POINTER, _INT]
+        lib.int8_linear_avx2.argtypes = [_POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _POINTER, _INT]
     return lib
 
 
@@ -143,3 +145,21 @@ def int4_experts_one_token(x: torch.Tensor, rows: torch.Tensor, weights: torch.T
         torch.get_num_threads(),
     )
     return out
+
+
+def int8_reads(out_features: int, in_features: int) -> bool:
+    """Whether int8_linear_avx2 takes int8 rows of this shape (output rows in 4s, inputs in 32s)."""
+    return out_features % 4 == 0 and in_features % ACTIVATION_BLOCK == 0 and library() is not None
+
+
+def int8_linear_avx2(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, D] (any float dtype) @ (Q s)^T -> [M, O] float32 for int8 codes Q [O, D] and float32 row
+    scales s [O], x rounded to int8 in blocks of 32 (avx2.c int8_linear_avx2): for a few rows."""
+    x = x.to(torch.float32).contiguous()
+    q, scale = q.contiguous(), scale.to(torch.float32).contiguous()
+    M, D = x.shape
+    y = torch.empty(M, q.shape[0])
+    library().int8_linear_avx2(
+        q.data_ptr(), scale.data_ptr(), q.shape[0], D, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
+    )
+    return y

@@ -245,9 +245,13 @@ def cpu_int8_fits(x: torch.Tensor, q: torch.Tensor) -> bool:
 
 
 def int8_linear_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., D] @ (Q * s)^T -> [..., O] in x's dtype, Q int8 [O, D], s [O] float32; products of x and
-    the codes in bf16 (x and s rounded to it, as int4_linear_cpu does), float32 sums, the scale applied
-    to each sum. The operator's float32 form is 6x slower than its bf16 form on an AVX2 CPU."""
+    """x [..., D] @ (Q * s)^T -> [..., O] in x's dtype, Q int8 [O, D], s [O] float32, float32 sums, the
+    scale applied to each sum: our AVX2 kernel where it runs (x rounded to int8 in blocks of 32, integer
+    products: kernels/quant/avx2.py), else PyTorch's operator with x and s rounded to bf16 (its float32
+    form is 6x slower than its bf16 form on an AVX2 CPU)."""
+    if avx2.int8_reads(*q.shape):
+        y = avx2.int8_linear_avx2(x.reshape(-1, q.shape[-1]), q, scale)
+        return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
     rows = x.reshape(-1, q.shape[-1]).to(torch.bfloat16)
     y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), q, scale.to(torch.bfloat16))
     return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])

@@ -1,4 +1,4 @@
-"""Our AVX2 int4 kernels (kernels/quant/avx2.py, int4_avx2.c) against float64 on the dequantized weights,
+"""Our AVX2 int4 and int8 kernels (kernels/quant/avx2.py, avx2.c) against float64 on the dequantized weights,
 on fresh random inputs, in every tile layout they read (packed by cpu_tiles.py, independently of PyTorch)
 and every group size; and where they are used."""
 
@@ -9,12 +9,19 @@ import pytest
 import torch
 from cpu_tiles import pack_tiles
 
-from kimi_desk.kernels.quant import avx2, dequantize_int4_groups, quantize_int4_groups
+from kimi_desk.kernels.quant import (
+    avx2,
+    dequantize_int4_groups,
+    dequantize_rows,
+    quantize_int4_groups,
+    quantize_int8_rows,
+)
 from kimi_desk.kernels.quant.cpu import (
     CpuInt4Layout,
     cpu_int4_layout,
     int4_experts_one_token,
     int4_linear_cpu,
+    int8_linear_cpu,
     pack_int4_expert_for_cpu,
     pack_int4_for_cpu,
     stack_int4_experts_for_cpu,
@@ -138,3 +145,39 @@ def test_experts_one_token_match_float64(group):
     assert rel_err(got, want) < 2 * TOLERANCE
     none_chosen = int4_experts_one_token(x, torch.tensor([-1, -1]), torch.ones(2), stacks)
     assert torch.equal(none_chosen, torch.zeros(1, D))
+
+
+@pytest.mark.parametrize("O,D,M", [(4, 256, 1), (64, 320, 3), (1028, 256, 16)])
+def test_int8_rows_match_float64(O, D, M):
+    """int8 codes with a scale per row, as stored, times a few rows rounded to int8 in blocks of 32
+    (codes at both ends of the range included: -128 has no positive twin, the sign trick must hold)."""
+    if avx2.library() is None:
+        pytest.skip(avx2.int4_backend())
+    gen = torch.Generator().manual_seed(O + D + M)
+    q = torch.randint(-128, 128, (O, D), generator=gen, dtype=torch.int8)
+    q[0, :4] = torch.tensor([-128, 127, 0, -1], dtype=torch.int8)
+    scale = torch.rand(O, generator=gen) * 0.01
+    x = torch.randn(M, D, generator=gen) * torch.rand(1, D, generator=gen) * 4
+    want = x.double() @ (q.double() * scale.double()[:, None]).t()
+    got = avx2.int8_linear_avx2(x, q, scale)
+    assert got.shape == (M, O) and got.dtype == torch.float32
+    assert rel_err(got, want) < TOLERANCE
+
+
+def test_int8_linear_cpu_takes_the_kernel_where_it_reads(monkeypatch):
+    """int8_linear_cpu goes through the kernel for rows in 4s and through PyTorch's operator otherwise;
+    both agree with float64, in x's dtype."""
+    if avx2.library() is None:
+        pytest.skip(avx2.int4_backend())
+    calls = []
+    real = avx2.int8_linear_avx2
+    monkeypatch.setattr(avx2, "int8_linear_avx2", lambda *a: calls.append(a) or real(*a))
+    gen = torch.Generator().manual_seed(11)
+    for O, uses_kernel in ((64, True), (66, False)):
+        q, scale = quantize_int8_rows(torch.randn(O, 256, generator=gen))
+        x = torch.randn(2, 256, generator=gen).bfloat16()
+        want = x.double() @ dequantize_rows(q, scale, torch.float64).t()
+        calls.clear()
+        got = int8_linear_cpu(x, q, scale)
+        assert bool(calls) == uses_kernel
+        assert got.dtype == torch.bfloat16 and rel_err(got, want) < TOLERANCE

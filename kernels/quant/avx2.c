@@ -1,4 +1,5 @@
-/* int4 products on an AVX2 CPU, reading PyTorch's int4 operator's tiles (kernels/quant/cpu.py) as they are.
+/* int4 and int8 products on an AVX2 CPU. int4: PyTorch's int4 operator's tiles (kernels/quant/cpu.py)
+   read as they are; int8: our int8 rows as they are stored (at the end of the file).
 
    Why: PyTorch's CPU int4 operator converts every weight to float before multiplying; on a CPU
    without AVX-512 that costs more than reading it, and it runs at a third of the memory's speed. Here,
@@ -33,8 +34,9 @@
 #define PREFETCH_GROUPS 4
 
 /* Round rows of x [M, D] to int8 codes [M, D] with a scale per 32 inputs [M, D / 32] and 8 times the sum of
-   each block's codes [M, D / 32], and sum each group of `group` inputs of x [M, D / group]. Rounding to
-   nearest (the CPU's default mode), as lrintf would. */
+   each block's codes [M, D / 32], and sum each group of `group` inputs of x [M, D / group] (the int4
+   products' zero terms; the int8 ones pass NULL for both). Rounding to nearest (the CPU's default
+   mode), as lrintf would. */
 static __attribute__((target("avx2,fma"))) void quantize_row(const float *row, int D, int group, int8_t *codes,
                                                              float *scales, int32_t *code_sums, float *sums) {
     const __m256 sign = _mm256_set1_ps(-0.f);
@@ -57,13 +59,13 @@ static __attribute__((target("avx2,fma"))) void quantize_row(const float *row, i
         __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
         t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
         t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
-        code_sums[b] = 8 * _mm_cvtsi128_si32(t4);
+        if (code_sums) code_sums[b] = 8 * _mm_cvtsi128_si32(t4);
         /* int32 -> int8 in input order: the packs interleave the 128-bit lanes, the permute puts them back */
         __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)(codes + b * ACT_BLOCK), packed);
     }
-    for (int g = 0; g < D / group; g++) {
+    for (int g = 0; sums && g < D / group; g++) {
         __m256 acc = _mm256_setzero_ps();
         for (int i = 0; i < group; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(row + g * group + i));
         __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -302,6 +304,46 @@ __attribute__((target("avx2,fma"))) void int4_linear_avx2(const uint8_t *tiles, 
             }
         }
     }
+}
+
+/* int8 weights, a float scale per output row (kernels/quant/naive.py's int8 rows, codes [O, D] as they
+   are stored), times a few rows of activations: y [M, O] = (x rounded to int8 in blocks of 32) @ (Q s)^T.
+   vpmaddubsw multiplies unsigned bytes by signed ones, so each product is taken as |q| times a with q's
+   sign (llama.cpp's Q8 products do the same); a block's 32 products summed in int32, scaled by the
+   block's activation scale in float. Threads over blocks of 4 output rows; a block's codes stay in the
+   core's cache while each activation row passes over them. */
+__attribute__((target("avx2,fma"))) void int8_linear_avx2(const int8_t *q, const float *row_scales, int O, int D,
+                                                          const float *x, int M, float *y, int threads) {
+    int A = D / ACT_BLOCK;
+    int8_t *codes = malloc((size_t)M * D);
+    float *act_scales = malloc(sizeof(float) * (size_t)M * A);
+    for (int m = 0; m < M; m++)
+        quantize_row(x + (long)m * D, D, ACT_BLOCK, codes + (long)m * D, act_scales + (long)m * A, NULL, NULL);
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r0 = 0; r0 < O; r0 += 4) { /* O is a multiple of 4 */
+        for (int m = 0; m < M; m++) {
+            const int8_t *a = codes + (long)m * D;
+            __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int b = 0; b < A; b++) {
+                __m256i av = _mm256_loadu_si256((const __m256i *)(a + b * ACT_BLOCK));
+                __m256 c = _mm256_set1_ps(act_scales[(long)m * A + b]);
+                for (int j = 0; j < 4; j++) {
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(q + (long)(r0 + j) * D + b * ACT_BLOCK));
+                    __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(av, w));
+                    f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), c, f[j]);
+                }
+            }
+            for (int j = 0; j < 4; j++) {
+                __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(f[j]), _mm256_extractf128_ps(f[j], 1));
+                s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+                y[(long)m * O + r0 + j] = _mm_cvtss_f32(s4) * row_scales[r0 + j];
+            }
+        }
+    }
+    free(codes);
+    free(act_scales);
 }
 
 /* Whether this CPU runs the kernels above. */
