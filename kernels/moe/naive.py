@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kimi_desk.kernels.quant import GEMV_MAX_TOKENS
+from kimi_desk.kernels.quant import GEMV_MAX_TOKENS, avx2
 from kimi_desk.kernels.quant.cpu import (
     cpu_int8_fits,
     int4_expert_cpu,
@@ -88,8 +88,14 @@ def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None):
     """Tokens grouped by expert: each chosen expert runs once on all of its tokens. The CPU path (the
     GPU's prefill takes grouped.py's Triton GEMM instead); it asks the host which experts were chosen (a
     device synchronisation). An int8 expert that a few tokens chose multiplies its codes as they are
-    (kernels/quant/cpu.py), without a dequantized copy."""
+    (kernels/quant/cpu.py), without a dequantized copy; one token's int8 experts go in one call of our
+    AVX2 kernel where it runs (kernels/quant/avx2.py)."""
     int8 = scales is not None and not isinstance(scales[0], tuple) and cpu_int8_fits(x, w1)
+    if int8 and x.shape[0] == 1:  # one token: its experts in one call of our AVX2 kernel where it runs
+        s1, s2, s3 = scales
+        out = avx2.int8_experts_one_token(x, ids[0], weights[0], w1, w2, w3, s1, s2, s3)
+        if out is not None:
+            return out
 
     def expert(e, xe):
         if int8 and xe.shape[0] <= GEMV_MAX_TOKENS:

@@ -306,50 +306,17 @@ __attribute__((target("avx2,fma"))) void int4_linear_avx2(const uint8_t *tiles, 
     }
 }
 
-/* int8 weights, a float scale per output row (kernels/quant/naive.py's int8 rows, codes [O, D] as they
-   are stored), times a few rows of activations: y [M, O] = (x rounded to int8 in blocks of 32) @ (Q s)^T.
-   vpmaddubsw multiplies unsigned bytes by signed ones, so each product is taken as |q| times a with q's
-   sign (llama.cpp's Q8 products do the same); a block's 32 products summed in int32, scaled by the
-   block's activation scale in float. Threads over blocks of 4 output rows; a block's codes stay in the
-   core's cache while each activation row passes over them. */
-__attribute__((target("avx2,fma"))) void int8_linear_avx2(const int8_t *q, const float *row_scales, int O, int D,
-                                                          const float *x, int M, float *y, int threads) {
-    int A = D / ACT_BLOCK;
-    int8_t *codes = malloc((size_t)M * D);
-    float *act_scales = malloc(sizeof(float) * (size_t)M * A);
-    for (int m = 0; m < M; m++)
-        quantize_row(x + (long)m * D, D, ACT_BLOCK, codes + (long)m * D, act_scales + (long)m * A, NULL, NULL);
-    const __m256i ones = _mm256_set1_epi16(1);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int r0 = 0; r0 < O; r0 += 4) { /* O is a multiple of 4 */
-        for (int m = 0; m < M; m++) {
-            const int8_t *a = codes + (long)m * D;
-            __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int b = 0; b < A; b++) {
-                __m256i av = _mm256_loadu_si256((const __m256i *)(a + b * ACT_BLOCK));
-                __m256 c = _mm256_set1_ps(act_scales[(long)m * A + b]);
-                for (int j = 0; j < 4; j++) {
-                    __m256i w = _mm256_loadu_si256((const __m256i *)(q + (long)(r0 + j) * D + b * ACT_BLOCK));
-                    __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(av, w));
-                    f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), c, f[j]);
-                }
-            }
-            for (int j = 0; j < 4; j++) {
-                __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(f[j]), _mm256_extractf128_ps(f[j], 1));
-                s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-                y[(long)m * O + r0 + j] = _mm_cvtss_f32(s4) * row_scales[r0 + j];
-            }
+/* out [D] = sum_p weights[chosen[p]] * y[p] (rows `stride` apart): the experts' outputs mixed, shared
+   out over the threads of the enclosing parallel region. */
+static void mix_experts(const float *y, int stride, const float *weights, const int *chosen, int P, int D, float *out) {
+#pragma omp for schedule(static)
+    for (int d0 = 0; d0 < D; d0 += 64) {
+        for (int d = d0; d < d0 + 64 && d < D; d++) {
+            float total = 0.f;
+            for (int p = 0; p < P; p++) total += weights[chosen[p]] * y[(long)p * stride + d];
+            out[d] = total;
         }
     }
-    free(codes);
-    free(act_scales);
-}
-
-/* Whether this CPU runs the kernels above. */
-int cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
 /* One token through k routed experts, whole: out [D] = sum_j weights[j] * w2_e (silu(w1_e x) * w3_e x),
@@ -400,16 +367,107 @@ __attribute__((target("avx2,fma"))) void int4_experts_one_token(
                     hidden_codes + (long)p * I, h_scales + (long)p * AI, h_code_sums + (long)p * AI,
                     h_sums + (long)p * (I / dn_group), y + (long)p * dn_padded, item % dn_slices);
         }
-#pragma omp for schedule(static)
-        for (int d0 = 0; d0 < D; d0 += 64) {
-            for (int d = d0; d < d0 + 64 && d < D; d++) {
-                float total = 0.f;
-                for (int p = 0; p < P; p++) total += weights[chosen[p]] * y[(long)p * dn_padded + d];
-                out[d] = total;
-            }
-        }
+        mix_experts(y, dn_padded, weights, chosen, P, D, out);
     }
     free(codes);
     free(fbuf);
     free(ibuf);
+}
+
+/* int8 weights, a float scale per output row (kernels/quant/naive.py's int8 rows, codes [O, D] as they
+   are stored), times activations rounded to int8 in blocks of 32. vpmaddubsw multiplies unsigned bytes
+   by signed ones, so each product is taken as |q| times a with q's sign (llama.cpp's Q8 products do the
+   same); a block's 32 products summed in int32, scaled by the block's activation scale in float. */
+
+/* Rows r0 .. r0 + 3 of q times one activation row (codes a, block scales c): y[r0 .. r0 + 3]. */
+static inline __attribute__((target("avx2,fma"))) void int8_four_rows(const int8_t *q, const float *row_scales, int D,
+                                                                      const int8_t *a, const float *c, float *y,
+                                                                      int r0) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < D / ACT_BLOCK; b++) {
+        __m256i av = _mm256_loadu_si256((const __m256i *)(a + b * ACT_BLOCK));
+        __m256 cb = _mm256_set1_ps(c[b]);
+        for (int j = 0; j < 4; j++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(q + (long)(r0 + j) * D + b * ACT_BLOCK));
+            __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(av, w));
+            f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), cb, f[j]);
+        }
+    }
+    for (int j = 0; j < 4; j++) {
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(f[j]), _mm256_extractf128_ps(f[j], 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+        y[r0 + j] = _mm_cvtss_f32(s4) * row_scales[r0 + j];
+    }
+}
+
+/* y [M, O] = x [M, D] @ (Q s)^T for a few rows of x: threads over blocks of 4 output rows (O a multiple
+   of 4), a block's codes kept in the core's cache while each row of x passes over them. */
+__attribute__((target("avx2,fma"))) void int8_linear_avx2(const int8_t *q, const float *row_scales, int O, int D,
+                                                          const float *x, int M, float *y, int threads) {
+    int A = D / ACT_BLOCK;
+    int8_t *codes = malloc((size_t)M * D);
+    float *act_scales = malloc(sizeof(float) * (size_t)M * A);
+    for (int m = 0; m < M; m++)
+        quantize_row(x + (long)m * D, D, ACT_BLOCK, codes + (long)m * D, act_scales + (long)m * A, NULL, NULL);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r0 = 0; r0 < O; r0 += 4)
+        for (int m = 0; m < M; m++)
+            int8_four_rows(q, row_scales, D, codes + (long)m * D, act_scales + (long)m * A, y + (long)m * O, r0);
+    free(codes);
+    free(act_scales);
+}
+
+/* One token through k int8 routed experts, as int4_experts_one_token does for int4: the experts stacked
+   as stored, w1 and w3 [E, I, D], w2 [E, D, I], their row scales s1, s3 [E, I] and s2 [E, D]. */
+__attribute__((target("avx2,fma"))) void int8_experts_one_token(const float *x, int D, int I, const int8_t *w1,
+                                                                const int8_t *w3, const int8_t *w2, const float *s1,
+                                                                const float *s3, const float *s2,
+                                                                const int64_t *ids, const float *weights, int k,
+                                                                float *out, int threads) {
+    int chosen[64], P = 0;
+    for (int j = 0; j < k && P < 64; j++)
+        if (ids[j] >= 0) chosen[P++] = j;
+    int A = D / ACT_BLOCK, AI = I / ACT_BLOCK;
+    int8_t *codes = malloc((size_t)D + (size_t)P * I), *hidden_codes = codes + D;
+    float *fbuf = malloc(sizeof(float) * ((size_t)A + (size_t)P * (2 * I + AI + D)));
+    float *act_scales = fbuf, *h = fbuf + A, *h_scales = h + (size_t)P * 2 * I, *y = h_scales + (size_t)P * AI;
+    quantize_row(x, D, ACT_BLOCK, codes, act_scales, NULL, NULL);
+    int up_blocks = 2 * (I / 4), down_blocks = D / 4;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int item = 0; item < P * up_blocks; item++) {
+            int p = item / up_blocks, r = item % up_blocks;
+            long e = ids[chosen[p]];
+            int up = r >= I / 4; /* w1's rows first, then w3's */
+            const int8_t *w = (up ? w3 : w1) + e * I * (long)D;
+            const float *s = (up ? s3 : s1) + e * I;
+            int8_four_rows(w, s, D, codes, act_scales, h + (long)p * 2 * I + (up ? I : 0), 4 * (r - up * (I / 4)));
+        }
+#pragma omp for schedule(static)
+        for (int p = 0; p < P; p++) {
+            float *hp = h + (long)p * 2 * I; /* silu(gate) * up, in place over the gate half */
+            for (int i = 0; i < I; i++) hp[i] = hp[i] / (1.f + expf(-hp[i])) * hp[I + i];
+            quantize_row(hp, I, ACT_BLOCK, hidden_codes + (long)p * I, h_scales + (long)p * AI, NULL, NULL);
+        }
+#pragma omp for schedule(static)
+        for (int item = 0; item < P * down_blocks; item++) {
+            int p = item / down_blocks;
+            long e = ids[chosen[p]];
+            int8_four_rows(w2 + e * D * (long)I, s2 + e * D, I, hidden_codes + (long)p * I, h_scales + (long)p * AI,
+                           y + (long)p * D, 4 * (item % down_blocks));
+        }
+        mix_experts(y, D, weights, chosen, P, D, out);
+    }
+    free(codes);
+    free(fbuf);
+}
+
+
+/* Whether this CPU runs the kernels above. */
+int cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }

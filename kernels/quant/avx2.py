@@ -42,6 +42,7 @@ def library() -> ctypes.CDLL | None:
         lib.int4_experts_one_token.argtypes = [_POINTER, *[_INT] * 3, *matrix, *matrix, _POINTER, _POINTER]
         lib.int4_experts_one_token.argtypes += [_INT, _POINTER, _INT]
         lib.int8_linear_avx2.argtypes = [_POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _POINTER, _INT]
+        lib.int8_experts_one_token.argtypes = [_POINTER, _INT, _INT, *[_POINTER] * 8, _INT, _POINTER, _INT]
     return lib
 
 
@@ -163,3 +164,35 @@ def int8_linear_avx2(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
         q.data_ptr(), scale.data_ptr(), q.shape[0], D, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
     )
     return y
+
+
+def int8_experts_one_token(
+    x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, w1, w2, w3, s1, s2, s3
+) -> torch.Tensor | None:
+    """One token x [1, D] through the int8 experts `rows` [k] (int64, < 0 skipped) of stacks as stored
+    (w1, w3 [E, I, D], w2 [E, D, I], row scales s1, s3 [E, I], s2 [E, D]), mixed by weights [k]: [1, D]
+    float32 in one call (avx2.c int8_experts_one_token). None where the kernel does not take the shapes."""
+    D, hidden = x.shape[-1], w1.shape[1]
+    if not (
+        x.shape[0] == 1
+        and rows.numel() <= MAX_EXPERTS
+        and int8_reads(hidden, D)
+        and int8_reads(D, hidden)
+        and all(w.dtype == torch.int8 and w.is_contiguous() for w in (w1, w2, w3))
+    ):
+        return None
+    x = x.to(torch.float32).contiguous()
+    rows = rows.reshape(-1).to(torch.int64).contiguous()
+    weights = weights.reshape(-1).to(torch.float32).contiguous()
+    s1, s2, s3 = (s.to(torch.float32).contiguous() for s in (s1, s2, s3))
+    out = torch.empty(1, D)
+    library().int8_experts_one_token(
+        x.data_ptr(),
+        D,
+        hidden,
+        *(t.data_ptr() for t in (w1, w3, w2, s1, s3, s2, rows, weights)),
+        rows.numel(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out

@@ -69,14 +69,17 @@ def test_int4_on_the_cpu_operator_matches_float64(N):
 @pytest.mark.parametrize("N", [1, 20])
 def test_int8_experts_match_float64(dtype, N):
     """An expert that a few tokens chose multiplies the int8 codes as they are (in bf16: the CPU operator
-    rounds a float32 token to it), one that many chose dequantizes: both the formula on the dequantized
-    weights."""
-    x, ids, weights, w1, w2, w3 = make_inputs(N, 6, 2, 64, 48, dtype, seed=N + 60)
+    rounds a float32 token to it; our AVX2 kernel rounds one token's activations to int8), one that many
+    chose dequantizes: both the formula on the dequantized weights."""
+    x, ids, weights, w1, w2, w3 = make_inputs(N, 6, 2, 64, 96, dtype, seed=N + 60)
     codes, scales, exact = [], [], []
     for w in (w1, w2, w3):
         q, s = quantize_int8_rows(w.float())
         codes.append(q)
         scales.append(s)
         exact.append(dequantize_rows(q, s, torch.float64))
+    if N == 1 and avx2.library() is not None:  # one token: the one-call kernel (activations in int8)
+        s1, s2, s3 = scales
+        assert avx2.int8_experts_one_token(x, ids[0], weights[0], *codes, s1, s2, s3) is not None
     got = routed_experts_grouped(x, ids, weights, *codes, scales=tuple(scales))
     assert rel_err(got, reference_f64(x, ids, weights, *exact)) < TOLERANCE[torch.bfloat16]
