@@ -10,7 +10,7 @@ themselves carry. A decode step's routed experts go in one call (int4_experts_on
 expert's gate-up products, then their down products, in one parallel region), since at one token each
 product is only a few microseconds of work a thread. int8 rows (a scale per output row) take the same
 int8 activations for a few rows (int8_linear_avx2), where PyTorch's int8 operator multiplies in bf16.
-Where the kernels cannot run (native.py), the operators do the work and `int4_backend()` says why.
+Where the kernels cannot run (native.py), the operators do the work and `quantized_backend()` says why.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def int4_backend() -> str:
-    """One line: which code multiplies int4 weights on this CPU, and why."""
+def quantized_backend() -> str:
+    """One line: which code multiplies int4 and int8 weights on this CPU, and why."""
     if library() is not None:
-        return "int4 on the CPU: kimi-desk's AVX2 kernels (int8 activations)"
-    return f"int4 on the CPU: PyTorch's operator ({native.reason(SOURCE)})"
+        return "int4 and int8 on the CPU: kimi-desk's AVX2 kernels (int8 activations)"
+    return f"int4 and int8 on the CPU: PyTorch's operators ({native.reason(SOURCE)})"
 
 
 def reads(rows: int, split: bool, group: int, in_features: int, padded_rows: int) -> bool:

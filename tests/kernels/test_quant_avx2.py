@@ -48,10 +48,10 @@ def can_build() -> bool:
 def test_kernels_build_where_they_can():
     """A machine with AVX2 and a C compiler (CI's) must get the kernels, never the slow path silently."""
     if not can_build():
-        assert avx2.library() is None and "PyTorch's operator" in avx2.int4_backend()
+        assert avx2.library() is None and "PyTorch's operator" in avx2.quantized_backend()
         return
-    assert avx2.library() is not None, avx2.int4_backend()
-    assert "AVX2 kernels" in avx2.int4_backend()
+    assert avx2.library() is not None, avx2.quantized_backend()
+    assert "AVX2 kernels" in avx2.quantized_backend()
 
 
 def scales_and_zeros(scale, zero):
@@ -64,7 +64,7 @@ def scales_and_zeros(scale, zero):
 )
 def test_linear_matches_float64(rows_per_tile, O, D, group, M):
     if avx2.library() is None:
-        pytest.skip(avx2.int4_backend())
+        pytest.skip(avx2.quantized_backend())
     if O % rows_per_tile:
         pytest.skip("whole tiles only")
     gen = torch.Generator().manual_seed(O + D + M + rows_per_tile)
@@ -80,7 +80,7 @@ def test_linear_matches_float64(rows_per_tile, O, D, group, M):
 def test_zero_rows_and_zero_activations():
     """A block of activations all zero (scale 0) and a row of zero weights give exact zeros, not NaN."""
     if avx2.library() is None:
-        pytest.skip(avx2.int4_backend())
+        pytest.skip(avx2.quantized_backend())
     codes, scale, zero = quantize_int4_groups(torch.randn(32, 64))
     scale[3], zero[3] = 0, 0
     x = torch.randn(2, 64)
@@ -98,7 +98,7 @@ def test_int4_linear_cpu_takes_the_kernels_on_whole_tiles(monkeypatch):
     (or when the kernels are missing); both agree with float64."""
     layout = cpu_int4_layout()
     if avx2.library() is None or layout is None:
-        pytest.skip(avx2.int4_backend())
+        pytest.skip(avx2.quantized_backend())
     calls = []
     real = avx2.int4_linear_avx2
     monkeypatch.setattr(avx2, "int4_linear_avx2", lambda *a: calls.append(a) or real(*a))
@@ -120,7 +120,7 @@ def test_experts_one_token_match_float64(group):
     dequantized weights (the hidden activations are rounded to int8 too, so twice the tolerance)."""
     layout = cpu_int4_layout()
     if avx2.library() is None or layout is None:
-        pytest.skip(avx2.int4_backend())
+        pytest.skip(avx2.quantized_backend())
     gen = torch.Generator().manual_seed(group)
     E, D, hidden = 6, 256, 4 * layout.rows
     mats = [
@@ -152,7 +152,7 @@ def test_int8_rows_match_float64(O, D, M):
     """int8 codes with a scale per row, as stored, times a few rows rounded to int8 in blocks of 32
     (codes at both ends of the range included: -128 has no positive twin, the sign trick must hold)."""
     if avx2.library() is None:
-        pytest.skip(avx2.int4_backend())
+        pytest.skip(avx2.quantized_backend())
     gen = torch.Generator().manual_seed(O + D + M)
     q = torch.randint(-128, 128, (O, D), generator=gen, dtype=torch.int8)
     q[0, :4] = torch.tensor([-128, 127, 0, -1], dtype=torch.int8)
@@ -168,7 +168,7 @@ def test_int8_linear_cpu_takes_the_kernel_where_it_reads(monkeypatch):
     """int8_linear_cpu goes through the kernel for rows in 4s and through PyTorch's operator otherwise;
     both agree with float64, in x's dtype."""
     if avx2.library() is None:
-        pytest.skip(avx2.int4_backend())
+        pytest.skip(avx2.quantized_backend())
     calls = []
     real = avx2.int8_linear_avx2
     monkeypatch.setattr(avx2, "int8_linear_avx2", lambda *a: calls.append(a) or real(*a))

@@ -296,10 +296,10 @@ def _machine() -> str:
     import torch
 
     from kimi_desk.engine.memory import cpu_has_fast_bf16
-    from kimi_desk.kernels.quant.avx2 import int4_backend
+    from kimi_desk.kernels.quant.avx2 import quantized_backend
 
     bf16 = "bf16 in hardware" if cpu_has_fast_bf16() else "no bf16 hardware"
-    return f"{cpu}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, {bf16}; {int4_backend()}"
+    return f"{cpu}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, {bf16}; {quantized_backend()}"
 
 
 def _load() -> str:

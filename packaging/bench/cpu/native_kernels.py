@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from kimi_desk.kernels.quant import avx2
 
     if avx2.library() is None or mla_avx2.library() is None:
-        raise SystemExit(f"the kernels do not run here: {avx2.int4_backend()}")
+        raise SystemExit(f"the kernels do not run here: {avx2.quantized_backend()}")
     result = dict(
         machine=f"{platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}",
         threads=torch.get_num_threads(),

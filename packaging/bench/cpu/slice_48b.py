@@ -41,7 +41,7 @@ def ours(checkpoint: Path, prompt: int, depths: list[int], gen: int) -> dict:
     from kimi_desk.engine.quantize import prepare_for_cpu
     from kimi_desk.engine.reading_time import state_with_cache
     from kimi_desk.engine.weights import load_model
-    from kimi_desk.kernels.quant.avx2 import int4_backend
+    from kimi_desk.kernels.quant.avx2 import quantized_backend
 
     use_idle_cores()
     config = KimiLinearConfig.from_file(checkpoint / "config.json")
@@ -50,7 +50,7 @@ def ours(checkpoint: Path, prompt: int, depths: list[int], gen: int) -> dict:
     model = fuse_projections(load_model(checkpoint, "cpu", getattr(torch, dtype), quantize="int4", notice=print))
     prepare_for_cpu(model)
     result = dict(
-        dtype=dtype, threads=torch.get_num_threads(), load_s=time.perf_counter() - started, kernels=int4_backend()
+        dtype=dtype, threads=torch.get_num_threads(), load_s=time.perf_counter() - started, kernels=quantized_backend()
     )
     ids = torch.randint(0, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     seconds = []
