@@ -325,7 +325,7 @@ static void mix_experts(const float *y, int stride, const float *weights, const 
    groups of dn_group over I inputs). One call and one parallel region for the whole layer, so that the k
    experts' products share the threads instead of each paying a region's start and end: at one token a
    product is a few microseconds of work a thread. */
-__attribute__((target("avx2,fma"))) void int4_experts_one_token(
+__attribute__((target("avx2,fma"))) int int4_experts_one_token(
     const float *x, int D, int I, int rows, const uint8_t *gu_tiles, long gu_tiles_stride, const uint16_t *gu_sz,
     long gu_sz_stride, int gu_group, int gu_padded, const uint8_t *dn_tiles, long dn_tiles_stride,
     const uint16_t *dn_sz, long dn_sz_stride, int dn_group, int dn_padded, const int64_t *ids, const float *weights,
@@ -338,6 +338,12 @@ __attribute__((target("avx2,fma"))) void int4_experts_one_token(
     int8_t *hidden_codes = codes + D;
     float *fbuf = malloc(sizeof(float) * ((size_t)A + D / gu_group + (size_t)P * (gu_padded + AI + I / dn_group + dn_padded)));
     int32_t *ibuf = malloc(sizeof(int32_t) * ((size_t)A + (size_t)P * AI));
+    if (!codes || !fbuf || !ibuf) {
+        free(codes);
+        free(fbuf);
+        free(ibuf);
+        return -1;
+    }
     float *act_scales = fbuf, *sums = act_scales + A, *h = sums + D / gu_group;
     float *h_scales = h + (size_t)P * gu_padded, *h_sums = h_scales + (size_t)P * AI, *y = h_sums + (size_t)P * (I / dn_group);
     int32_t *code_sums = ibuf, *h_code_sums = ibuf + A;
@@ -372,6 +378,7 @@ __attribute__((target("avx2,fma"))) void int4_experts_one_token(
     free(codes);
     free(fbuf);
     free(ibuf);
+    return 0;
 }
 
 /* int8 weights, a float scale per output row (kernels/quant/naive.py's int8 rows, codes [O, D] as they
@@ -404,11 +411,16 @@ static inline __attribute__((target("avx2,fma"))) void int8_four_rows(const int8
 
 /* y [M, O] = x [M, D] @ (Q s)^T for a few rows of x: threads over blocks of 4 output rows (O a multiple
    of 4), a block's codes kept in the core's cache while each row of x passes over them. */
-__attribute__((target("avx2,fma"))) void int8_linear_avx2(const int8_t *q, const float *row_scales, int O, int D,
+__attribute__((target("avx2,fma"))) int int8_linear_avx2(const int8_t *q, const float *row_scales, int O, int D,
                                                           const float *x, int M, float *y, int threads) {
     int A = D / ACT_BLOCK;
     int8_t *codes = malloc((size_t)M * D);
     float *act_scales = malloc(sizeof(float) * (size_t)M * A);
+    if (!codes || !act_scales) {
+        free(codes);
+        free(act_scales);
+        return -1;
+    }
     for (int m = 0; m < M; m++)
         quantize_row(x + (long)m * D, D, ACT_BLOCK, codes + (long)m * D, act_scales + (long)m * A, NULL, NULL);
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -417,11 +429,12 @@ __attribute__((target("avx2,fma"))) void int8_linear_avx2(const int8_t *q, const
             int8_four_rows(q, row_scales, D, codes + (long)m * D, act_scales + (long)m * A, y + (long)m * O, r0);
     free(codes);
     free(act_scales);
+    return 0;
 }
 
 /* One token through k int8 routed experts, as int4_experts_one_token does for int4: the experts stacked
    as stored, w1 and w3 [E, I, D], w2 [E, D, I], their row scales s1, s3 [E, I] and s2 [E, D]. */
-__attribute__((target("avx2,fma"))) void int8_experts_one_token(const float *x, int D, int I, const int8_t *w1,
+__attribute__((target("avx2,fma"))) int int8_experts_one_token(const float *x, int D, int I, const int8_t *w1,
                                                                 const int8_t *w3, const int8_t *w2, const float *s1,
                                                                 const float *s3, const float *s2,
                                                                 const int64_t *ids, const float *weights, int k,
@@ -432,6 +445,11 @@ __attribute__((target("avx2,fma"))) void int8_experts_one_token(const float *x, 
     int A = D / ACT_BLOCK, AI = I / ACT_BLOCK;
     int8_t *codes = malloc((size_t)D + (size_t)P * I), *hidden_codes = codes + D;
     float *fbuf = malloc(sizeof(float) * ((size_t)A + (size_t)P * (2 * I + AI + D)));
+    if (!codes || !fbuf) {
+        free(codes);
+        free(fbuf);
+        return -1;
+    }
     float *act_scales = fbuf, *h = fbuf + A, *h_scales = h + (size_t)P * 2 * I, *y = h_scales + (size_t)P * AI;
     quantize_row(x, D, ACT_BLOCK, codes, act_scales, NULL, NULL);
     int up_blocks = 2 * (I / 4), down_blocks = D / 4;
@@ -463,6 +481,7 @@ __attribute__((target("avx2,fma"))) void int8_experts_one_token(const float *x, 
     }
     free(codes);
     free(fbuf);
+    return 0;
 }
 
 

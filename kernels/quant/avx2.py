@@ -41,6 +41,9 @@ def library() -> ctypes.CDLL | None:
         matrix = [_POINTER, _LONG, _POINTER, _LONG, _INT, _INT]  # tiles, their stride, scales, stride, group, rows
         lib.int4_experts_one_token.argtypes = [_POINTER, *[_INT] * 3, *matrix, *matrix, _POINTER, _POINTER]
         lib.int4_experts_one_token.argtypes += [_INT, _POINTER, _INT]
+        # These three allocate their scratch and return -1 when the allocation fails.
+        for name in ("int4_experts_one_token", "int8_linear_avx2", "int8_experts_one_token"):
+            getattr(lib, name).restype = _INT
         lib.int8_linear_avx2.argtypes = [_POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _POINTER, _INT]
         lib.int8_experts_one_token.argtypes = [_POINTER, _INT, _INT, *[_POINTER] * 8, _INT, _POINTER, _INT]
     return lib
@@ -132,18 +135,20 @@ def int4_experts_one_token(x: torch.Tensor, rows: torch.Tensor, weights: torch.T
             stack.scales_and_zeros.shape[-2],
         )
 
-    library().int4_experts_one_token(
-        x.data_ptr(),
-        D,
-        hidden,
-        tile_rows,
-        *matrix(gate_up),
-        *matrix(down),
-        rows.data_ptr(),
-        weights.data_ptr(),
-        rows.numel(),
-        out.data_ptr(),
-        torch.get_num_threads(),
+    _allocated(
+        library().int4_experts_one_token(
+            x.data_ptr(),
+            D,
+            hidden,
+            tile_rows,
+            *matrix(gate_up),
+            *matrix(down),
+            rows.data_ptr(),
+            weights.data_ptr(),
+            rows.numel(),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
     )
     return out
 
@@ -160,8 +165,10 @@ def int8_linear_avx2(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
     q, scale = q.contiguous(), scale.to(torch.float32).contiguous()
     M, D = x.shape
     y = torch.empty(M, q.shape[0])
-    library().int8_linear_avx2(
-        q.data_ptr(), scale.data_ptr(), q.shape[0], D, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
+    _allocated(
+        library().int8_linear_avx2(
+            q.data_ptr(), scale.data_ptr(), q.shape[0], D, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
+        )
     )
     return y
 
@@ -186,13 +193,20 @@ def int8_experts_one_token(
     weights = weights.reshape(-1).to(torch.float32).contiguous()
     s1, s2, s3 = (s.to(torch.float32).contiguous() for s in (s1, s2, s3))
     out = torch.empty(1, D)
-    library().int8_experts_one_token(
-        x.data_ptr(),
-        D,
-        hidden,
-        *(t.data_ptr() for t in (w1, w3, w2, s1, s3, s2, rows, weights)),
-        rows.numel(),
-        out.data_ptr(),
-        torch.get_num_threads(),
+    _allocated(
+        library().int8_experts_one_token(
+            x.data_ptr(),
+            D,
+            hidden,
+            *(t.data_ptr() for t in (w1, w3, w2, s1, s3, s2, rows, weights)),
+            rows.numel(),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
     )
     return out
+
+
+def _allocated(status: int) -> None:
+    if status:
+        raise MemoryError("out of memory for the CPU kernels' scratch buffers")
