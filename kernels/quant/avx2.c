@@ -324,7 +324,8 @@ static void mix_experts(const float *y, int stride, const float *weights, const 
    matrix (w1's rows then w3's, 2 * I rows, groups of gu_group over D inputs) and the down matrix (D rows,
    groups of dn_group over I inputs). One call and one parallel region for the whole layer, so that the k
    experts' products share the threads instead of each paying a region's start and end: at one token a
-   product is a few microseconds of work a thread. */
+   product is a few microseconds of work a thread. Returns 0, or -1 when its scratch cannot be allocated
+   (as do int8_linear_avx2 and int8_experts_one_token). */
 __attribute__((target("avx2,fma"))) int int4_experts_one_token(
     const float *x, int D, int I, int rows, const uint8_t *gu_tiles, long gu_tiles_stride, const uint16_t *gu_sz,
     long gu_sz_stride, int gu_group, int gu_padded, const uint8_t *dn_tiles, long dn_tiles_stride,
