@@ -110,7 +110,7 @@ class Experts(nn.Module):
         GPU a few tokens (decode) take a Triton GEMV that never asks the host which experts were chosen
         (kernels/moe)."""
         if getattr(self, "cpu_weights", None) is not None:  # int4 in the CPU operator's layout (engine/quantize.py)
-            return routed_experts_int4_cpu(x, ids, weights, self.cpu_weights, getattr(self, "tiles", None)).to(x.dtype)
+            return routed_experts_int4_cpu(x, ids, weights, self.cpu_weights, self.tiles).to(x.dtype)
         # Quantized experts (engine/quantize.py) carry a scale per output row beside each matrix (fp8,
         # int8), or a scale and a zero per group (int4).
         if hasattr(self, "w1_zero"):

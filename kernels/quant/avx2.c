@@ -27,6 +27,8 @@
 #include <stdlib.h>
 
 #define ACT_BLOCK 32
+/* The routed experts one *_experts_one_token call takes (kernels/quant/avx2.py MAX_EXPERTS). */
+#define MAX_EXPERTS 64
 /* Up to this many rows of activations, each row takes the one-row path over a slice while its codes
    are in the core's cache; more pay for unpacking each slice once (int4_linear_avx2). */
 #define FEW_ROWS 5
@@ -306,6 +308,11 @@ __attribute__((target("avx2,fma"))) void int4_linear_avx2(const uint8_t *tiles, 
     }
 }
 
+/* An expert's hidden activations, in place over the gate half of h [2 I] (gate, then up). */
+static inline void silu_times_up(float *h, int I) {
+    for (int i = 0; i < I; i++) h[i] = h[i] / (1.f + expf(-h[i])) * h[I + i];
+}
+
 /* out [D] = sum_p weights[chosen[p]] * y[p] (rows `stride` apart): the experts' outputs mixed, shared
    out over the threads of the enclosing parallel region. */
 static void mix_experts(const float *y, int stride, const float *weights, const int *chosen, int P, int D, float *out) {
@@ -331,8 +338,8 @@ __attribute__((target("avx2,fma"))) int int4_experts_one_token(
     long gu_sz_stride, int gu_group, int gu_padded, const uint8_t *dn_tiles, long dn_tiles_stride,
     const uint16_t *dn_sz, long dn_sz_stride, int dn_group, int dn_padded, const int64_t *ids, const float *weights,
     int k, float *out, int threads) {
-    int chosen[64], P = 0;
-    for (int j = 0; j < k && P < 64; j++)
+    int chosen[MAX_EXPERTS], P = 0;
+    for (int j = 0; j < k && P < MAX_EXPERTS; j++)
         if (ids[j] >= 0) chosen[P++] = j;
     int A = D / ACT_BLOCK, AI = I / ACT_BLOCK;
     int8_t *codes = malloc((size_t)D + (size_t)P * I);
@@ -362,7 +369,7 @@ __attribute__((target("avx2,fma"))) int int4_experts_one_token(
 #pragma omp for schedule(static)
         for (int p = 0; p < P; p++) {
             float *hp = h + (long)p * gu_padded; /* silu(gate) * up, in place over the gate half */
-            for (int i = 0; i < I; i++) hp[i] = hp[i] / (1.f + expf(-hp[i])) * hp[I + i];
+            silu_times_up(hp, I);
             quantize_row(hp, I, dn_group, hidden_codes + (long)p * I, h_scales + (long)p * AI, h_code_sums + (long)p * AI,
                          h_sums + (long)p * (I / dn_group));
         }
@@ -440,8 +447,8 @@ __attribute__((target("avx2,fma"))) int int8_experts_one_token(const float *x, i
                                                                 const float *s3, const float *s2,
                                                                 const int64_t *ids, const float *weights, int k,
                                                                 float *out, int threads) {
-    int chosen[64], P = 0;
-    for (int j = 0; j < k && P < 64; j++)
+    int chosen[MAX_EXPERTS], P = 0;
+    for (int j = 0; j < k && P < MAX_EXPERTS; j++)
         if (ids[j] >= 0) chosen[P++] = j;
     int A = D / ACT_BLOCK, AI = I / ACT_BLOCK;
     int8_t *codes = malloc((size_t)D + (size_t)P * I), *hidden_codes = codes + D;
@@ -468,7 +475,7 @@ __attribute__((target("avx2,fma"))) int int8_experts_one_token(const float *x, i
 #pragma omp for schedule(static)
         for (int p = 0; p < P; p++) {
             float *hp = h + (long)p * 2 * I; /* silu(gate) * up, in place over the gate half */
-            for (int i = 0; i < I; i++) hp[i] = hp[i] / (1.f + expf(-hp[i])) * hp[I + i];
+            silu_times_up(hp, I);
             quantize_row(hp, I, ACT_BLOCK, hidden_codes + (long)p * I, h_scales + (long)p * AI, NULL, NULL);
         }
 #pragma omp for schedule(static)

@@ -25,8 +25,8 @@ from kimi_desk.kernels import native
 
 SOURCE = Path(__file__).with_name("avx2.c")
 ACTIVATION_BLOCK = 32
-GROUPS = (32, 64, 128)
-MAX_EXPERTS = 64  # the experts one int4_experts_one_token call takes  # the int4 group sizes the kernel reads (kernels/quant/naive.py's INT4_GROUP_SIZES)
+GROUPS = (32, 64, 128)  # the int4 group sizes the kernel reads (kernels/quant/naive.py's INT4_GROUP_SIZES)
+MAX_EXPERTS = 64  # the experts one *_experts_one_token call takes (avx2.c MAX_EXPERTS)
 
 _POINTER, _INT, _LONG = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
@@ -128,9 +128,9 @@ def int4_experts_one_token(x: torch.Tensor, rows: torch.Tensor, weights: torch.T
     def matrix(stack):
         return (
             stack.tiles.data_ptr(),
-            stack.tiles[0].numel(),
+            stack.tiles.stride(0),
             stack.scales_and_zeros.data_ptr(),
-            stack.scales_and_zeros[0].numel(),
+            stack.scales_and_zeros.stride(0),
             stack.group,
             stack.scales_and_zeros.shape[-2],
         )
