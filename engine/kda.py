@@ -9,9 +9,11 @@ kernel on the GPU), then the recurrence (`kda`: chunked for a prefill, in place 
 CPU). The prepass is a pass of its own because the gate and the norms taken inside the chunked kernels
 made them spill registers: the GPU prefill was 1.7x slower that way.
 
-On the GPU a few new tokens (decode) take a fused path instead: the three short convolutions in one
-launch, and the gate, the L2 norms and the sigmoid of beta inside the recurrent kernel: a dozen launches
-where the form above takes several dozen, which matters once a decode step is bound by kernel count.
+A few new tokens (decode) take a fused path instead, where one runs: on the GPU the three short
+convolutions in one launch, and the gate, the L2 norms and the sigmoid of beta inside the recurrent
+kernel (a dozen launches where the form above takes several dozen, which matters once a decode step is
+bound by kernel count); on an AVX2 CPU one C call from the raw projections through the output norm
+(kernels/kda/avx2.py), which also reads the state once where the PyTorch form passes over it five times.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.state import KDAState
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.kda import RECURRENT_MAX_TOKENS, kda, prepare_kda, recurrent_kda_inplace
+from kimi_desk.kernels.kda import avx2 as kda_avx2
 from kimi_desk.kernels.kda.naive import log_decay
 from kimi_desk.kernels.norm import gated_rms_norm
 
@@ -103,6 +106,8 @@ class KimiDeltaAttention(nn.Module):
         H, K = self.num_heads, self.head_dim
         if T <= RECURRENT_MAX_TOKENS and self.conv_size == 4 and use_triton(x):
             return self._decode_fused(x, state)
+        if T <= RECURRENT_MAX_TOKENS and not use_triton(x) and kda_avx2.takes(x, state.recurrent, state.conv):
+            return self._decode_cpu(x, state)
         q_in, k_in, v_in, f_in, g_in, b_in = self.input_projections(x)
         # The three convolutions are depthwise: one call over q, k and v side by side is the same function
         # in a third of the operations.
@@ -139,6 +144,22 @@ class KimiDeltaAttention(nn.Module):
             self.g_b_proj(self.g_a_proj(x)),
             self.b_proj(x),
         )
+
+    def _decode_cpu(self, x: torch.Tensor, state: KDAState) -> torch.Tensor:
+        """The same function for a few tokens on an AVX2 CPU: one C call from the raw projections through
+        the output norm, the conv windows and the recurrent state advanced in place."""
+        B, T, _ = x.shape
+        o = kda_avx2.kda_decode_step(
+            self.input_projections(x),
+            (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight),
+            state.conv,
+            self.A_log,
+            self.dt_bias,
+            self.o_norm.weight,
+            self.o_norm.eps,
+            state.recurrent,
+        )  # [B, T, H, V]
+        return self.o_proj(o.view(B, T, -1))
 
     def _decode_fused(self, x: torch.Tensor, state: KDAState) -> torch.Tensor:
         """The same function for a few tokens on the GPU, in Triton. The kernels read the projections

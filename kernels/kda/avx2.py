@@ -1,0 +1,97 @@
+"""KDA's decode step on an AVX2 CPU (decode_avx2.c, compiled at first use by kernels/native.py): the
+short convolutions, the q and k norms, the gate, beta's sigmoid, the recurrence and the gated output norm
+of a few tokens in one call, the convolution windows and the recurrent state advanced in place. In
+PyTorch the same step is some fifty small operations a layer and several passes over the state;
+engine/kda.py takes this call where `takes` allows and the PyTorch form elsewhere (native.py says why)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from kimi_desk.kernels import native
+
+SOURCE = Path(__file__).with_name("decode_avx2.c")
+MAX_HEAD_DIM = 256  # decode_avx2.c's buffers
+MAX_CONV = 8
+
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    lib = native.library(SOURCE)
+    if lib is not None:
+        lib.kda_decode_step.argtypes = [*[_I] * 5, _P, _P, _P, _P, _P, _P, _P, ctypes.c_float, _P, _P, _I]
+        lib.kda_decode_step.restype = _I
+    return lib
+
+
+def takes(x: torch.Tensor, recurrent: torch.Tensor, conv: torch.Tensor) -> bool:
+    """Whether the kernel runs this step: float32 activations, state and windows on the CPU, a head of
+    at most MAX_HEAD_DIM, a convolution of 2 to MAX_CONV taps."""
+    K, W = recurrent.shape[-1], conv.shape[-1] + 1
+    return (
+        x.device.type == "cpu"
+        and x.dtype == recurrent.dtype == conv.dtype == torch.float32
+        and K <= MAX_HEAD_DIM
+        and 2 <= W <= MAX_CONV
+        and recurrent.is_contiguous()
+        and conv.is_contiguous()
+        and library() is not None
+    )
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t [B, T, N] as evenly spaced rows of contiguous floats (a view where it already is), and their spacing."""
+    B, T, _ = t.shape
+    if t.stride(-1) != 1 or (B > 1 and t.stride(0) != T * t.stride(1)):
+        t = t.contiguous()
+    return t, t.stride(1)
+
+
+def kda_decode_step(
+    projections: tuple[torch.Tensor, ...],
+    conv_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    conv: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    recurrent: torch.Tensor,
+) -> torch.Tensor:
+    """The layer's output before o_proj, [B, T, H, K] float32, from its raw projections (q, k, v before
+    their convolutions, the forget gate's input, the output gate's input, each [B, T, H * K], and beta's
+    logits [B, T, H]) and its parameters: the three convolution weights [H * K, 1, W], A_log (H
+    elements), dt_bias [H * K] and the output norm's weight [K]. `conv` [B, 3, H * K, W - 1] and
+    `recurrent` [B, H, K, K] advance in place."""
+    B, H, K, _ = recurrent.shape
+    T, W = projections[0].shape[1], conv.shape[-1] + 1
+    rows = [_rows(t) for t in projections]
+    inputs = (ctypes.c_void_p * 6)(*[t.data_ptr() for t, _ in rows])
+    strides = (ctypes.c_long * 6)(*[stride for _, stride in rows])
+    taps = [w.detach().float().reshape(H * K, W).contiguous() for w in conv_weights]
+    tap_pointers = (ctypes.c_void_p * 3)(*[t.data_ptr() for t in taps])
+    params = [p.detach().float().contiguous() for p in (A_log, dt_bias, norm_weight)]
+    out = torch.empty(B, T, H, K)
+    status = library().kda_decode_step(
+        B,
+        T,
+        H,
+        K,
+        W,
+        inputs,
+        strides,
+        tap_pointers,
+        conv.data_ptr(),
+        *[p.data_ptr() for p in params],
+        eps,
+        recurrent.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    assert status == 0, "a head or convolution beyond decode_avx2.c's buffers"  # takes() keeps them within
+    return out

@@ -1,0 +1,135 @@
+"""KDA's AVX2 decode step (kernels/kda/avx2.py, decode_avx2.c) against float64 math on fresh random inputs:
+the convolutions, norms, gate and beta written out here, fla-core's naive recurrence, the gated norm; the
+output, the advanced state and the advanced windows. Then the layer: engine/kda.py takes the C step on
+an AVX2 CPU and gives what its PyTorch form gives."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fla.ops.kda.naive import naive_recurrent_kda
+from kda_cases import rel_err
+from test_quant_avx2 import can_build
+
+from kimi_desk.engine.config import KimiLinearConfig
+from kimi_desk.engine.kda import KimiDeltaAttention
+from kimi_desk.kernels.kda import avx2
+
+
+def test_kernel_builds_where_it_can():
+    assert (avx2.library() is not None) == can_build(), avx2.native.reason(avx2.SOURCE)
+
+
+def reference(projections, conv_weights, window, A_log, dt_bias, norm_weight, eps, state):
+    """(out [B, T, H, K], state, window) in float64, the spec's formulas one by one."""
+    q_in, k_in, v_in, f, gate, b = (t.double() for t in projections)
+    B, T, P = q_in.shape
+    H, K = state.shape[1], state.shape[-1]
+    W = window.shape[-1] + 1
+    convolved = []
+    for n, x in enumerate((q_in, k_in, v_in)):
+        full = torch.cat([window[:, n].double(), x.transpose(1, 2)], dim=-1)  # [B, P, W - 1 + T]
+        taps = conv_weights[n].double().view(P, W)
+        y = torch.stack([(full[..., t : t + W] * taps).sum(-1) for t in range(T)], dim=1)  # [B, T, P]
+        convolved.append(F.silu(y).view(B, T, H, K))
+        window[:, n] = full[..., T:].to(window.dtype)
+    q, k, v = convolved
+    q = q / (q.square().sum(-1, keepdim=True) + 1e-6).sqrt()
+    k = k / (k.square().sum(-1, keepdim=True) + 1e-6).sqrt()
+    g = -A_log.double().view(H, 1).exp() * F.softplus(f.view(B, T, H, K) + dt_bias.double().view(H, K), threshold=20)
+    o, final = naive_recurrent_kda(q, k, v, g, b.sigmoid(), initial_state=state.double(), output_final_state=True)
+    o = o / (o.square().mean(-1, keepdim=True) + eps).sqrt() * norm_weight.double() * gate.view(B, T, H, K).sigmoid()
+    return o, final, window
+
+
+def inputs(B, T, H, K, W, gate_scale, joined, seed):
+    """Fresh random projections (views of one joined product when `joined`, as the fused layer gives them),
+    parameters and a non-zero state and window."""
+    g = torch.Generator().manual_seed(seed)
+    P = H * K
+    sizes = [P, P, P, P, P, H]
+    if joined:
+        projections = torch.randn(B, T, sum(sizes), generator=g).split(sizes, dim=-1)
+    else:
+        projections = [torch.randn(B, T, n, generator=g) for n in sizes]
+    projections = list(projections)
+    projections[3] = projections[3] * gate_scale  # the forget gate's input: softplus beyond 20 too
+    conv_weights = [torch.randn(P, 1, W, generator=g) * 0.5 for _ in range(3)]
+    window = torch.randn(B, 3, P, W - 1, generator=g)
+    A_log = torch.randn(H, generator=g)
+    dt_bias = torch.randn(P, generator=g)
+    norm_weight = torch.rand(K, generator=g) + 0.5
+    state = torch.randn(B, H, K, K, generator=g) * 0.1
+    return tuple(projections), conv_weights, window, A_log, dt_bias, norm_weight, 1e-5, state
+
+
+@pytest.mark.parametrize(
+    "B,T,H,K,W,gate_scale,joined",
+    [
+        (1, 1, 5, 64, 4, 1.0, True),
+        (1, 1, 4, 128, 4, 10.0, True),
+        (2, 3, 3, 64, 4, 30.0, False),
+        (1, 16, 2, 32, 2, 1.0, True),
+        (2, 1, 2, 256, 8, 3.0, False),
+    ],
+    ids=lambda x: str(x),
+)
+def test_step_matches_float64(B, T, H, K, W, gate_scale, joined):
+    if avx2.library() is None:
+        pytest.skip(avx2.native.reason(avx2.SOURCE))
+    projections, conv_weights, window, A_log, dt_bias, norm_weight, eps, state = inputs(
+        B, T, H, K, W, gate_scale, joined, seed=B * 1000 + T * 100 + K
+    )
+    want, want_state, want_window = reference(
+        projections, conv_weights, window.clone().double(), A_log, dt_bias, norm_weight, eps, state
+    )
+    assert avx2.takes(projections[0], state, window)
+    got = avx2.kda_decode_step(projections, conv_weights, window, A_log, dt_bias, norm_weight, eps, state)
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(state, want_state) < 1e-5  # advanced in place
+    assert torch.equal(window, want_window.float())
+
+
+def test_other_dtypes_and_sizes_keep_pytorch():
+    state, window = torch.zeros(1, 2, 64, 64), torch.zeros(1, 3, 128, 3)
+    assert not avx2.takes(torch.zeros(1, 1, 8, dtype=torch.bfloat16), state, window)
+    assert not avx2.takes(torch.zeros(1, 1, 8), state.double(), window)
+    assert not avx2.takes(torch.zeros(1, 1, 8), torch.zeros(1, 1, 512, 512), torch.zeros(1, 3, 512, 3))
+    assert not avx2.takes(torch.zeros(1, 1, 8), state, torch.zeros(1, 3, 128, 8))
+
+
+def test_layer_takes_the_step_and_equals_its_pytorch_form(monkeypatch):
+    """A KDA layer's decode steps on this CPU: the C step where it runs, and the same outputs, state and
+    windows as the layer's PyTorch form."""
+    if avx2.library() is None:
+        pytest.skip(avx2.native.reason(avx2.SOURCE))
+    config = KimiLinearConfig(
+        hidden_size=96,
+        kda_num_heads=3,
+        kda_head_dim=32,
+        num_hidden_layers=1,
+        vocab_size=16,
+        short_conv_kernel_size=4,
+    )
+    torch.manual_seed(7)
+    layer = KimiDeltaAttention(config)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    x = torch.randn(1, 5, 96)
+    runs = {}
+    for name, takes in (("c", avx2.takes), ("torch", lambda *_: False)):
+        monkeypatch.setattr(avx2, "takes", takes)
+        calls = []
+        step = avx2.kda_decode_step
+        monkeypatch.setattr(avx2, "kda_decode_step", lambda *a, _s=step: calls.append(1) or _s(*a))
+        state = layer.new_state(1, torch.float32, "cpu")
+        with torch.no_grad():
+            outputs = [layer(x[:, t : t + 1], state) for t in range(5)] + [layer(x[:, :3], state)]
+        runs[name] = outputs, state, len(calls)
+        monkeypatch.setattr(avx2, "kda_decode_step", step)
+    (c_out, c_state, c_calls), (t_out, t_state, t_calls) = runs["c"], runs["torch"]
+    assert (c_calls, t_calls) == (6, 0)
+    for got, want in zip(c_out, t_out):
+        assert rel_err(got, want) < 1e-5
+    assert rel_err(c_state.recurrent, t_state.recurrent) < 1e-5
+    assert rel_err(c_state.conv, t_state.conv) < 1e-6
