@@ -32,12 +32,13 @@ def library() -> ctypes.CDLL | None:
 
 def takes(x: torch.Tensor, recurrent: torch.Tensor, conv: torch.Tensor) -> bool:
     """Whether the kernel runs this step: float32 activations, state and windows on the CPU, a head of
-    at most MAX_HEAD_DIM, a convolution of 2 to MAX_CONV taps."""
+    at most MAX_HEAD_DIM in 8s, a convolution of 2 to MAX_CONV taps."""
     K, W = recurrent.shape[-1], conv.shape[-1] + 1
     return (
         x.device.type == "cpu"
         and x.dtype == recurrent.dtype == conv.dtype == torch.float32
         and K <= MAX_HEAD_DIM
+        and K % 8 == 0
         and 2 <= W <= MAX_CONV
         and recurrent.is_contiguous()
         and conv.is_contiguous()
@@ -51,6 +52,11 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     if t.stride(-1) != 1 or (B > 1 and t.stride(0) != T * t.stride(1)):
         t = t.contiguous()
     return t, t.stride(1)
+
+
+def _floats(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous float32 (itself when it is: parameters of a float32 model)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.detach().float().contiguous()
 
 
 def kda_decode_step(
@@ -73,9 +79,9 @@ def kda_decode_step(
     rows = [_rows(t) for t in projections]
     inputs = (ctypes.c_void_p * 6)(*[t.data_ptr() for t, _ in rows])
     strides = (ctypes.c_long * 6)(*[stride for _, stride in rows])
-    taps = [w.detach().float().reshape(H * K, W).contiguous() for w in conv_weights]
+    taps = [_floats(w) for w in conv_weights]
     tap_pointers = (ctypes.c_void_p * 3)(*[t.data_ptr() for t in taps])
-    params = [p.detach().float().contiguous() for p in (A_log, dt_bias, norm_weight)]
+    params = [_floats(p) for p in (A_log, dt_bias, norm_weight)]
     out = torch.empty(B, T, H, K)
     status = library().kda_decode_step(
         B,

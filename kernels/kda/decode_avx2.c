@@ -20,20 +20,89 @@
    Threads: OpenMP over (sequence, head) pairs; a pair's tokens go in order. PyTorch's own OpenMP
    runtime (libgomp.so.1) is already loaded, so both share one pool. */
 
+#include <immintrin.h>
 #include <math.h>
 #include <string.h>
 
 #define MAX_HEAD_DIM 256
 #define MAX_CONV 8
 
-/* The short convolution of one channel for one token: x times the last tap plus the window times the
-   others, the window shifted to take x; SiLU of the sum. */
-static inline float conv_channel(float x, const float *taps, float *window, int W) {
-    float y = x * taps[W - 1];
-    for (int j = 0; j < W - 1; j++) y += window[j] * taps[j];
-    for (int j = 0; j < W - 2; j++) window[j] = window[j + 1];
-    window[W - 2] = x;
-    return y / (1.0f + expf(-y));
+/* exp(x), 8 at a time: 2^n p(r) with n = round(x / ln 2) and a degree-6 polynomial on the rest, relative
+   error below 2e-7; x is clamped to [-87, 88] (beyond, the result would be a denormal or infinite). */
+static inline __attribute__((target("avx2,fma"))) __m256 exp_ps(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* log(x) for normal x > 0, 8 at a time: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by the classic
+   minimax polynomial in m - 1 (relative error about 1e-7). */
+static inline __attribute__((target("avx2,fma"))) __m256 log_ps(__m256 x) {
+    const __m256i bits = _mm256_castps_si256(x);
+    __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
+    __m256 m = _mm256_castsi256_ps(
+        _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
+    const __m256 high = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);
+    m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), high);
+    e = _mm256_sub_epi32(e, _mm256_castps_si256(high)); /* the mask is -1 where m was halved */
+    const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f)), ef = _mm256_cvtepi32_ps(e);
+    const float c[9] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
+                        -1.6668057665e-1f, 2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
+    __m256 p = _mm256_set1_ps(c[0]);
+    for (int i = 1; i < 9; i++) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c[i]));
+    const __m256 f2 = _mm256_mul_ps(f, f);
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, f), f2);
+    y = _mm256_fmadd_ps(ef, _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), f2, y);
+    return _mm256_fmadd_ps(ef, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+}
+
+/* 1 / (1 + exp(-x)), 8 at a time. */
+static inline __attribute__((target("avx2,fma"))) __m256 sigmoid_ps(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+/* The short convolutions of 8 channels for one token: x times the last tap plus the window times the
+   others, the windows shifted to take x; SiLU of the sums. */
+static inline __attribute__((target("avx2,fma"))) void conv_8(const float *x, const float *taps, float *windows,
+                                                             int W, float *y) {
+    float sums[8] __attribute__((aligned(32)));
+    for (int c = 0; c < 8; c++) {
+        const float *w = taps + c * W;
+        float *window = windows + c * (W - 1);
+        float sum = x[c] * w[W - 1];
+        for (int j = 0; j < W - 1; j++) sum += window[j] * w[j];
+        for (int j = 0; j < W - 2; j++) window[j] = window[j + 1];
+        window[W - 2] = x[c];
+        sums[c] = sum;
+    }
+    const __m256 s = _mm256_load_ps(sums);
+    _mm256_storeu_ps(y, _mm256_mul_ps(s, sigmoid_ps(s)));
+}
+
+/* exp(-a softplus(z)) of 8 gate inputs z (softplus linear above 20, as fla's): log1p(exp(z)) as
+   max(z, 0) + log1p(exp(-|z|)), and log1p(t) as log(1 + t) t / ((1 + t) - 1), exact where 1 + t rounds. */
+static inline __attribute__((target("avx2,fma"))) __m256 decay_8(__m256 z, __m256 a) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    const __m256 t = exp_ps(_mm256_sub_ps(zero, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z)));
+    const __m256 u = _mm256_add_ps(one, t), d = _mm256_sub_ps(u, one);
+    const __m256 ratio = _mm256_blendv_ps(_mm256_div_ps(t, d), one, _mm256_cmp_ps(d, zero, _CMP_EQ_OQ));
+    const __m256 log1p = _mm256_blendv_ps(_mm256_mul_ps(log_ps(u), ratio), t, _mm256_cmp_ps(d, zero, _CMP_EQ_OQ));
+    __m256 softplus = _mm256_add_ps(_mm256_max_ps(z, zero), log1p);
+    softplus = _mm256_blendv_ps(softplus, z, _mm256_cmp_ps(z, _mm256_set1_ps(20.0f), _CMP_GT_OQ));
+    return exp_ps(_mm256_mul_ps(_mm256_sub_ps(zero, a), softplus));
 }
 
 static inline __attribute__((target("avx2,fma"))) void to_unit(float *x, int K, float times) {
@@ -75,13 +144,13 @@ static inline __attribute__((target("avx2,fma"))) void delta_rule(float *restric
    inputs[n] + r * strides[n] (floats). taps: the three convolutions' weights [H * K, W]; windows:
    [B, 3, H * K, W - 1], the inputs before these tokens (advanced in place); A_log [H], dt_bias [H * K],
    norm_weight [K]; state [B, H, K, K] (advanced in place); out [B, T, H, K]. Returns -1 when K or W is
-   beyond what the buffers hold, else 0. */
+   beyond what the buffers hold or K is not a multiple of 8, else 0. */
 __attribute__((target("avx2,fma"))) int kda_decode_step(int B, int T, int H, int K, int W, const float *const *inputs,
                                                         const long *strides, const float *const *taps,
                                                         float *windows, const float *A_log, const float *dt_bias,
                                                         const float *norm_weight, float eps, float *state, float *out,
                                                         int threads) {
-    if (K > MAX_HEAD_DIM || W > MAX_CONV || W < 2) return -1;
+    if (K > MAX_HEAD_DIM || K % 8 || W > MAX_CONV || W < 2) return -1;
     const long P = (long)H * K;
     const float scale = 1.0f / sqrtf((float)K);
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -97,16 +166,15 @@ __attribute__((target("avx2,fma"))) int kda_decode_step(int B, int T, int H, int
                 const float *x = inputs[n] + r * strides[n] + (long)h * K;
                 const float *w = taps[n] + (long)h * K * W;
                 float *window = windows + (((long)b * 3 + n) * P + (long)h * K) * (W - 1);
-                for (int i = 0; i < K; i++) qkv[n][i] = conv_channel(x[i], w + (long)i * W, window + (long)i * (W - 1), W);
+                for (int i = 0; i < K; i += 8) conv_8(x + i, w + (long)i * W, window + (long)i * (W - 1), W, qkv[n] + i);
             }
             to_unit(qkv[0], K, scale);
             to_unit(qkv[1], K, 1.0f);
             const float *f = inputs[3] + r * strides[3] + (long)h * K;
             const float *bias = dt_bias + (long)h * K;
-            for (int i = 0; i < K; i++) {
-                const float z = f[i] + bias[i];
-                decay[i] = expf(-a * (z > 20.0f ? z : log1pf(expf(z))));
-            }
+            for (int i = 0; i < K; i += 8)
+                _mm256_store_ps(decay + i, decay_8(_mm256_add_ps(_mm256_loadu_ps(f + i), _mm256_loadu_ps(bias + i)),
+                                                   _mm256_set1_ps(a)));
             const float beta = 1.0f / (1.0f + expf(-inputs[5][r * strides[5] + h]));
             float *o = out + (r * H + h) * K;
             delta_rule(S, qkv[0], qkv[1], qkv[2], decay, beta, K, o);
@@ -114,7 +182,11 @@ __attribute__((target("avx2,fma"))) int kda_decode_step(int B, int T, int H, int
             for (int j = 0; j < K; j++) sum += o[j] * o[j];
             const float inverse = 1.0f / sqrtf(sum / K + eps);
             const float *gate = inputs[4] + r * strides[4] + (long)h * K;
-            for (int j = 0; j < K; j++) o[j] = o[j] * inverse * norm_weight[j] / (1.0f + expf(-gate[j]));
+            for (int j = 0; j < K; j += 8) {
+                const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(o + j), _mm256_set1_ps(inverse));
+                const __m256 weighted = _mm256_mul_ps(scaled, _mm256_loadu_ps(norm_weight + j));
+                _mm256_storeu_ps(o + j, _mm256_mul_ps(weighted, sigmoid_ps(_mm256_loadu_ps(gate + j))));
+            }
         }
     }
     return 0;

@@ -84,8 +84,8 @@ def test_step_matches_float64(B, T, H, K, W, gate_scale, joined):
     )
     assert avx2.takes(projections[0], state, window)
     got = avx2.kda_decode_step(projections, conv_weights, window, A_log, dt_bias, norm_weight, eps, state)
-    assert rel_err(got, want) < 1e-5
-    assert rel_err(state, want_state) < 1e-5  # advanced in place
+    assert rel_err(got, want) < 2e-6
+    assert rel_err(state, want_state) < 2e-6  # advanced in place
     assert torch.equal(window, want_window.float())
 
 
@@ -95,6 +95,7 @@ def test_other_dtypes_and_sizes_keep_pytorch():
     assert not avx2.takes(torch.zeros(1, 1, 8), state.double(), window)
     assert not avx2.takes(torch.zeros(1, 1, 8), torch.zeros(1, 1, 512, 512), torch.zeros(1, 3, 512, 3))
     assert not avx2.takes(torch.zeros(1, 1, 8), state, torch.zeros(1, 3, 128, 8))
+    assert not avx2.takes(torch.zeros(1, 1, 8), torch.zeros(1, 2, 20, 20), torch.zeros(1, 3, 40, 3))
 
 
 def test_layer_takes_the_step_and_equals_its_pytorch_form(monkeypatch):
