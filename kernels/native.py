@@ -1,11 +1,13 @@
 """Our C kernels for the CPU, compiled on the user's machine the first time they are needed.
 
-PyTorch's CPU operators leave two parts of a step far from what the memory allows on a CPU without
-AVX-512: the int4 products (kernels/quant/avx2.c) and the few-row attention of a decode step over
-a long MLA cache (kernels/mla/attention_avx2.c). Those are written in C with AVX2 intrinsics, ship as
-source with the package, and are compiled once with the system's C compiler ($CC, else cc or gcc: the
-compiler Triton needs too) into the user's cache folder, named by a hash of the source and the flags;
-a later start loads the file. Only our own shipped source is ever compiled.
+PyTorch's CPU operators leave parts of a step far from what the memory allows on a CPU without
+AVX-512: the int4 and int8 products (kernels/quant/avx2.c), the few-row attention of a decode step over
+a long MLA cache (kernels/mla/attention_avx2.c) and KDA's decode step, some fifty small operations a
+layer (kernels/kda/decode_avx2.c). Those are written in C with AVX2 intrinsics, ship as source with the
+package (with avx2_math.h, the vector math they share), and are compiled once with the system's C
+compiler ($CC, else cc or gcc: the compiler Triton needs too) into the user's cache folder, named by a
+hash of the source, the header and the flags; a later start loads the file. Only our own shipped
+source is ever compiled.
 
 No compiler, a failed build, or a CPU without AVX2 and FMA: `library()` is None and the caller keeps
 PyTorch's operators (slower, the same results within rounding); `reason()` says why in one line.
@@ -28,6 +30,8 @@ import torch
 from kimi_desk import environment
 
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+# Vector math the sources include ("../avx2_math.h"): part of every build's hash.
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 
 _reasons: dict[Path, str] = {}
 
@@ -65,7 +69,8 @@ def library(source: Path) -> ctypes.CDLL | None:
         _reasons[source] = why
         return None
     cc = compiler()
-    digest = hashlib.sha256(source.read_bytes() + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    text = source.read_bytes() + b"".join(header.read_bytes() for header in HEADERS)
+    digest = hashlib.sha256(text + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
     target = cache_folder() / f"{source.stem}-{digest}-{platform.machine()}.so"
     try:
         if not target.exists():

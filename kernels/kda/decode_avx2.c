@@ -24,27 +24,10 @@
 #include <math.h>
 #include <string.h>
 
+#include "../avx2_math.h"
+
 #define MAX_HEAD_DIM 256
 #define MAX_CONV 8
-
-/* exp(x), 8 at a time: 2^n p(r) with n = round(x / ln 2) and a degree-6 polynomial on the rest, relative
-   error below 2e-7; x is clamped to [-87, 88] (beyond, the result would be a denormal or infinite). */
-static inline __attribute__((target("avx2,fma"))) __m256 exp_ps(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 /* log(x) for normal x > 0, 8 at a time: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by the classic
    minimax polynomial in m - 1 (relative error about 1e-7). */

@@ -17,35 +17,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../avx2_math.h"
+
 #define KEY_BLOCK 32
 #define VALUE_CHUNK 64 /* values accumulated 64 at a time: 8 registers */
 #define MAX_ROWS 64    /* rows a call may bring (the caller sends at most 16) */
-
-/* exp(x) for x <= 0 (scores minus their maximum), 8 at a time: 2^n p(r), degree-6 polynomial, relative
-   error below 2e-7; below -87 it gives ~0 instead of a denormal. */
-static inline __attribute__((target("avx2,fma"))) __m256 exp_ps(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-static inline __attribute__((target("avx2,fma"))) float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* One part: keys [k0, k1) of `cache` (rows of D floats, `stride` floats apart). rows [R, D] (scaled
    queries); out: maxima [R], sums [R], partial [R, V] (V <= D: the first V columns of a key). */

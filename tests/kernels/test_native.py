@@ -38,6 +38,26 @@ def test_builds_once_then_loads(tmp_path, cache):
     assert len(list(cache.glob("adder-*.so"))) == 2
 
 
+def test_a_changed_shared_header_rebuilds(tmp_path, cache, monkeypatch):
+    """The sources include the shared header: a change to it alone gives a new build."""
+    if not can_build():
+        pytest.skip("no C compiler or no AVX2 here")
+    header = tmp_path / "shared.h"
+    header.write_text("#define THREE 3\n")
+    monkeypatch.setattr(native, "HEADERS", (header,))
+    source = tmp_path / "adder.c"
+    source.write_text('#include "shared.h"\n' + GOOD + "int three(void) { return THREE; }\n")
+    assert native.library(source).three() == 3
+    header.write_text("#define THREE 4\n")
+    native.library.cache_clear()
+    assert native.library(source).three() == 4
+    assert len(list(cache.glob("adder-*.so"))) == 2
+
+
+def test_the_shared_header_is_hashed():
+    assert [h.name for h in native.HEADERS] == ["avx2_math.h"]
+
+
 def test_a_failed_build_says_why(tmp_path, cache):
     if not can_build():
         pytest.skip("no C compiler or no AVX2 here")

@@ -31,9 +31,10 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     }
     for asset in shipped:
         assert f"kimi_desk/{asset}" in names, f"{asset} is not in the wheel"
-    # Every source module and C file (compiled at first use), subpackages included (pyproject lists them one by one).
+    # Every source module, C file and header (compiled at first use), subpackages included (pyproject lists
+    # them one by one).
     for folder in ("app", "engine", "kernels"):
-        for module in [*(ROOT / folder).rglob("*.py"), *(ROOT / folder).rglob("*.c")]:
+        for module in [*(ROOT / folder).rglob("*.py"), *(ROOT / folder).rglob("*.[ch]")]:
             assert f"kimi_desk/{module.relative_to(ROOT).as_posix()}" in names, f"{module} is not in the wheel"
     # The measurements behind `kimi-desk bench` (packaging/bench/ as kimi_desk.bench; its script folders
     # gpu_checks/ and llama_cpp/ are not installed).
