@@ -10,6 +10,10 @@ sizes that change their speed; each result checked against float64 first.
 - MLA decode attention over a float32 cache (kernels/mla/avx2.py against the keys-major products of
   torch_attention.py): the demo model's 5 heads, 1 and 3 tokens, 4k to 214k cached
   keys.
+- KDA's decode step (kernels/kda/avx2.py against the layer's PyTorch form: convolutions, norms, gate,
+  recurrence, output norm; engine/kda.py with its projections given and o_proj left out): the 48B
+  model's 32 heads of 128 and the demo model's 5 of 64, 1 and 3 tokens; GB/s is the float32 state read
+  and written once a token.
 
 Times: the best of 5 after a warm-up, on all the threads PyTorch uses.
 """
@@ -32,6 +36,8 @@ ROWS = (1, 8, 512)
 MLA_SHAPES = (("demo model", 5, 128, 32),)
 MLA_KEYS = (4096, 32768, 214000)
 MLA_TOKENS = (1, 3)
+KDA_SHAPES = (("48B model", 2304, 32, 128), ("demo model", 320, 5, 64))  # (label, hidden, heads, head dim)
+KDA_TOKENS = (1, 3)
 
 
 def best_ms(fn, repeats: int = 5) -> float:
@@ -122,14 +128,64 @@ def mla_rows() -> list[dict]:
     return out
 
 
+def kda_rows() -> list[dict]:
+    from torch import nn
+
+    from kimi_desk.engine.config import KimiLinearConfig
+    from kimi_desk.engine.kda import KimiDeltaAttention
+    from kimi_desk.kernels.kda import avx2
+
+    out = []
+    for label, hidden, heads, dim in KDA_SHAPES:
+        config = KimiLinearConfig(hidden_size=hidden, kda_num_heads=heads, kda_head_dim=dim, vocab_size=16)
+        layer = KimiDeltaAttention(config)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+        layer.o_proj = nn.Identity()  # the products are the int4 kernels' part, timed above
+        P = heads * dim
+        for tokens in KDA_TOKENS:
+            raw = torch.randn(1, tokens, 5 * P + heads).split([P] * 5 + [heads], dim=-1)
+            layer.input_projections = lambda x, _raw=raw: _raw
+            x = torch.zeros(1, tokens, hidden)
+            timed, results = {}, {}
+            first = layer.new_state(1, torch.float32, "cpu")
+            first.recurrent.normal_(0, 0.1)
+            first.conv.normal_()
+            for name, takes in (("ours", avx2.takes), ("pytorch", lambda *_: False)):
+                state = first.clone()
+                avx2_takes, avx2.takes = avx2.takes, takes
+                try:
+                    with torch.inference_mode():
+                        results[name] = layer(x, state.clone())
+                        timed[name] = best_ms(lambda: layer(x, state))  # noqa: B023
+                finally:
+                    avx2.takes = avx2_takes
+            out.append(
+                dict(
+                    model=label,
+                    heads=heads,
+                    head_dim=dim,
+                    tokens=tokens,
+                    ours_ms=timed["ours"],
+                    pytorch_ms=timed["pytorch"],
+                    ours_gb_s=2 * heads * dim * dim * 4 * tokens / 1e9 / timed["ours"] * 1e3,
+                    rel_difference=rel_err(results["ours"], results["pytorch"]),
+                )
+            )
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    from kimi_desk.kernels.kda import avx2 as kda_avx2
     from kimi_desk.kernels.mla import avx2 as mla_avx2
     from kimi_desk.kernels.quant import avx2
 
-    if avx2.library() is None or mla_avx2.library() is None:
+    if avx2.library() is None or mla_avx2.library() is None or kda_avx2.library() is None:
         raise SystemExit(f"the kernels do not run here: {avx2.quantized_backend()}")
     result = dict(
         machine=f"{platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}",
@@ -138,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         int4=int4_rows(),
         mla=mla_rows(),
+        kda=kda_rows(),
     )
     print(f"\n{result['machine']}, {result['threads']} threads, torch {result['torch']}, {result['date']}\n")
     print(
@@ -158,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {r['model']} | {r['keys']:,} | {r['rows']} | {r['ours_ms']:.2f} ({r['ours_gb_s']:.1f}) | "
             f"{r['products_ms']:.2f} | {r['products_ms'] / r['ours_ms']:.2f}x faster | {r['ours_rel_error']:.1e} |"
+        )
+    print(
+        "\n| KDA decode step | heads x dim | tokens | ours ms (GB/s of state) | PyTorch's form ms | ours / PyTorch | rel. difference |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in result["kda"]:
+        print(
+            f"| {r['model']} | {r['heads']} x {r['head_dim']} | {r['tokens']} | {r['ours_ms']:.3f} ({r['ours_gb_s']:.1f}) | "
+            f"{r['pytorch_ms']:.3f} | {r['pytorch_ms'] / r['ours_ms']:.2f}x faster | {r['rel_difference']:.1e} |"
         )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
