@@ -1,10 +1,12 @@
 /* MLA's absorbed attention for a decode step on an AVX2 CPU, over a float32 latent cache.
 
    Why: a decode step attends a few rows (the new tokens times the heads) to every cached latent.
-   PyTorch's products with so few rows run at a quarter of the cores' arithmetic and read each block of
-   the cache twice (scores, then the weighted sum). Here each key is read once from memory: its scores
-   for all rows, then, a block of keys at a time while it sits in the core's caches, its share of the
-   weighted sum, with the softmax kept online (a running maximum and sum per row).
+   PyTorch's products with so few rows run at a fraction of the cores' arithmetic and read each block of
+   the cache twice (scores, then the weighted sum). Here each key is read once from memory: a block of
+   keys' scores for all rows, then, while the block sits in the core's caches, its share of the weighted
+   sum, with the softmax kept online (a running maximum and sum per row). Both products go 4 rows at a
+   time with the sums in registers (4 rows x 3 keys, 4 rows x 16 values), so each load of a key feeds
+   4 rows and the multiply-adds, not the loads, set the pace (32 rows, the 48B model's heads, included).
 
    The cached keys are split into `parts` ranges, one task each (OpenMP threads: PyTorch's own
    runtime, already loaded). A part returns per row its maximum score m, the sum of exp(s - m) and the
@@ -20,8 +22,92 @@
 #include "../avx2_math.h"
 
 #define KEY_BLOCK 32
-#define VALUE_CHUNK 64 /* values accumulated 64 at a time: 8 registers */
-#define MAX_ROWS 64    /* rows a call may bring (the caller sends at most 16) */
+#define ROW_BLOCK 4  /* rows the micro-kernels take at most */
+#define KEYS_AT_ONCE 3 /* keys a scores micro-kernel takes: 4 x 3 sums in 12 registers */
+/* From this many rows on, the scores take KEYS_AT_ONCE keys a step (the arithmetic sets the pace);
+   below, one key a step: with few rows a step is bound by reading the cache, and several keys' streams
+   at once read it 10-25% slower (measured with the demo model's 160-wide latents). */
+#define MANY_ROWS 16
+#define MAX_ROWS 64  /* rows a call may bring */
+
+/* Scores of `nr` rows (1 to 4, D floats each, D apart) against `nk` keys (1 to 3, `stride` floats apart),
+   written to scores[r * KEY_BLOCK + j]. Each step loads nk keys' and nr rows' 8 floats for nr * nk
+   multiply-adds: with 4 rows the sums stay in registers and the arithmetic, not the loads, sets the
+   pace. Inlined where nr is a constant, so that each row count gets its own unrolled loop. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void scores_rows(const float *q, const float *key,
+                                                                                 long stride, int nk, int D,
+                                                                                 float *scores, const int nr) {
+    __m256 a[ROW_BLOCK][KEYS_AT_ONCE];
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < KEYS_AT_ONCE; j++) a[r][j] = _mm256_setzero_ps();
+    if (nk == KEYS_AT_ONCE) {
+        for (int d = 0; d < D; d += 8) {
+            __m256 k[KEYS_AT_ONCE];
+            for (int j = 0; j < KEYS_AT_ONCE; j++) k[j] = _mm256_loadu_ps(key + j * stride + d);
+            for (int r = 0; r < nr; r++) {
+                const __m256 x = _mm256_loadu_ps(q + (long)r * D + d);
+                for (int j = 0; j < KEYS_AT_ONCE; j++) a[r][j] = _mm256_fmadd_ps(x, k[j], a[r][j]);
+            }
+        }
+    } else {
+        for (int j = 0; j < nk; j++)
+            for (int d = 0; d < D; d += 8) {
+                const __m256 k = _mm256_loadu_ps(key + j * stride + d);
+                for (int r = 0; r < nr; r++)
+                    a[r][j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (long)r * D + d), k, a[r][j]);
+            }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < nk; j++) scores[r * KEY_BLOCK + j] = hsum(a[r][j]);
+}
+
+/* partial[r] += sum_j p[r, j] key_j[:V] for `nr` rows (1 to 4) and a block of n keys: 8 / nr registers
+   of values a row (64 values for one row, 16 for four), each key's values loaded once for the nr rows. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void values_rows(const float *cache, long stride,
+                                                                                 int n, int V, const float *p,
+                                                                                 float *partial, const int nr) {
+    const int width = 8 / nr; /* registers a row */
+    for (int v0 = 0; v0 < V; v0 += 8 * width) {
+        __m256 a[ROW_BLOCK][8];
+        for (int r = 0; r < nr; r++)
+            for (int i = 0; i < width; i++) a[r][i] = _mm256_loadu_ps(partial + (long)r * V + v0 + 8 * i);
+        for (int j = 0; j < n; j++) {
+            const float *key = cache + j * stride + v0;
+            __m256 x[8];
+            for (int i = 0; i < width; i++) x[i] = _mm256_loadu_ps(key + 8 * i);
+            for (int r = 0; r < nr; r++) {
+                const __m256 w = _mm256_broadcast_ss(p + r * KEY_BLOCK + j);
+                for (int i = 0; i < width; i++) a[r][i] = _mm256_fmadd_ps(w, x[i], a[r][i]);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int i = 0; i < width; i++) _mm256_storeu_ps(partial + (long)r * V + v0 + 8 * i, a[r][i]);
+    }
+}
+
+/* The two products of a block for rows [r0, r0 + nr), nr a constant in each case. */
+static __attribute__((target("avx2,fma"))) void block_scores(const float *q, const float *key, long stride, int n,
+                                                             int D, float *scores, int nr, int keys_at_once) {
+    for (int j = 0; j < n; j += keys_at_once) {
+        const int nk = n - j < keys_at_once ? n - j : keys_at_once;
+        switch (nr) {
+        case 4: scores_rows(q, key + j * stride, stride, nk, D, scores + j, 4); break;
+        case 3: scores_rows(q, key + j * stride, stride, nk, D, scores + j, 3); break;
+        case 2: scores_rows(q, key + j * stride, stride, nk, D, scores + j, 2); break;
+        default: scores_rows(q, key + j * stride, stride, nk, D, scores + j, 1);
+        }
+    }
+}
+
+static __attribute__((target("avx2,fma"))) void block_values(const float *cache, long stride, int n, int V,
+                                                             const float *p, float *partial, int nr) {
+    switch (nr) {
+    case 4: values_rows(cache, stride, n, V, p, partial, 4); break;
+    case 3: values_rows(cache, stride, n, V, p, partial, 3); break;
+    case 2: values_rows(cache, stride, n, V, p, partial, 2); break;
+    default: values_rows(cache, stride, n, V, p, partial, 1);
+    }
+}
 
 /* One part: keys [k0, k1) of `cache` (rows of D floats, `stride` floats apart). rows [R, D] (scaled
    queries); out: maxima [R], sums [R], partial [R, V] (V <= D: the first V columns of a key). */
@@ -33,21 +119,11 @@ static __attribute__((target("avx2,fma"))) void attend_part(const float *rows, c
     memset(partial, 0, sizeof(float) * (size_t)R * V);
     for (long j0 = k0; j0 < k1; j0 += KEY_BLOCK) {
         int n = (int)(k1 - j0 < KEY_BLOCK ? k1 - j0 : KEY_BLOCK);
-        /* scores [R, n] */
-        for (int j = 0; j < n; j++) {
-            const float *key = cache + (j0 + j) * stride;
-            for (int r = 0; r < R; r++) {
-                const float *q = rows + (long)r * D;
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                int d = 0;
-                for (; d + 16 <= D; d += 16) {
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(key + d), a0);
-                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(key + d + 8), a1);
-                }
-                for (; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(key + d), a0);
-                scores[r * KEY_BLOCK + j] = hsum(_mm256_add_ps(a0, a1));
-            }
-        }
+        /* scores [R, n], 4 rows by 3 keys (or 1) at a time; the block's keys stay in the core's cache */
+        for (int r0 = 0; r0 < R; r0 += ROW_BLOCK)
+            block_scores(rows + (long)r0 * D, cache + j0 * stride, stride, n, D, scores + r0 * KEY_BLOCK,
+                         R - r0 < ROW_BLOCK ? R - r0 : ROW_BLOCK, R >= MANY_ROWS ? KEYS_AT_ONCE : 1);
+        /* the softmax online: each row's weights p = exp(s - m) in place of its scores */
         for (int r = 0; r < R; r++) {
             float *s = scores + r * KEY_BLOCK, block_max = -FLT_MAX;
             for (int j = 0; j < n; j++) block_max = s[j] > block_max ? s[j] : block_max;
@@ -69,18 +145,11 @@ static __attribute__((target("avx2,fma"))) void attend_part(const float *rows, c
             float tail = 0.f;
             for (; j < n; j++) s[j] = expf(s[j] - maxima[r]), tail += s[j];
             sums[r] += hsum(total) + tail;
-            /* acc += sum_j p_j key_j[:V], 64 values at a time in registers */
-            for (int v0 = 0; v0 < V; v0 += VALUE_CHUNK) {
-                __m256 a[8];
-                for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(acc + v0 + 8 * i);
-                for (int jj = 0; jj < n; jj++) {
-                    __m256 p = _mm256_set1_ps(s[jj]);
-                    const float *key = cache + (j0 + jj) * stride + v0;
-                    for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(key + 8 * i), a[i]);
-                }
-                for (int i = 0; i < 8; i++) _mm256_storeu_ps(acc + v0 + 8 * i, a[i]);
-            }
         }
+        /* partial += p key[:V], 4 rows by 16 values at a time (a last row alone by 64) */
+        for (int r0 = 0; r0 < R; r0 += ROW_BLOCK)
+            block_values(cache + j0 * stride, stride, n, V, scores + r0 * KEY_BLOCK, partial + (long)r0 * V,
+                         R - r0 < ROW_BLOCK ? R - r0 : ROW_BLOCK);
     }
 }
 

@@ -16,9 +16,9 @@ from kimi_desk.kernels import native
 SOURCE = Path(__file__).with_name("attention_avx2.c")
 # Cached keys a task takes at least: fewer would cost more in merging than they save.
 MIN_KEYS_PER_PART = 512
-# More rows than this (the 48B model's 32 heads, a long question) run faster in MKL's products, whose
-# arithmetic per key the kernel's one dot product a (row, key) does not match.
-MAX_ROWS = 16
+# The rows a call takes (attention_avx2.c MAX_ROWS: two tokens of the 48B model's 32 heads); more (a
+# question's tokens) go to MKL's products, which reach the cores' arithmetic with that many rows.
+MAX_ROWS = 64
 
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
@@ -76,5 +76,5 @@ def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim:
             p.data_ptr(),
             threads,
         )
-        assert status == 0, "more rows than attention_avx2.c takes"  # takes() keeps them to MAX_ROWS
+        assert status == 0, "rows beyond attention_avx2.c's"  # takes() keeps them to MAX_ROWS
     return maxima.transpose(0, 1), sums.transpose(0, 1), partials.transpose(0, 1)

@@ -1,6 +1,7 @@
 """MLA's AVX2 decode attention (kernels/mla/avx2.py, attention_avx2.c) against the float64 reference, on
-fresh random inputs: one part and many, a batch, several rows, large scores (the online softmax's
-rescaling), a cache in a longer buffer whose unfilled rows hold NaN."""
+fresh random inputs: one part and many, a batch, several rows (from 2 to the 48B model's 32 heads and 64
+rows, the kernel's blocks of 4 rows with every remainder, 1 or 3 keys a step), large scores (the online
+softmax's rescaling), a cache in a longer buffer whose unfilled rows hold NaN."""
 
 import pytest
 import torch
@@ -18,7 +19,15 @@ def test_kernel_builds_where_it_can():
 
 @pytest.mark.parametrize(
     "B,Tq,Tk,H,L,scale",
-    [(1, 1, 2, 5, 64, 0.2), (1, 1, 3000, 5, 128, 0.2), (2, 3, 1500, 4, 64, 0.2), (1, 1, 9000, 2, 64, 3.0)],
+    [
+        (1, 1, 2, 5, 64, 0.2),
+        (1, 1, 3000, 5, 128, 0.2),
+        (2, 3, 1500, 4, 64, 0.2),
+        (1, 1, 9000, 2, 64, 3.0),
+        (1, 1, 2500, 32, 512, 0.05),  # the 48B model's heads and latents
+        (2, 2, 700, 32, 128, 0.2),  # 64 rows, the most a call takes
+        (1, 1, 37, 3, 64, 0.2),  # fewer keys than a block, in no multiple of the 3 keys a step takes
+    ],
     ids=lambda x: str(x),
 )
 def test_attention_matches_float64(B, Tq, Tk, H, L, scale):

@@ -8,8 +8,8 @@ sizes that change their speed; each result checked against float64 first.
   the output head in groups of 32) and 1, 8 and 512 rows (a decode step, a few tokens, a reading chunk); GB/s is the int4 codes
   read per second (rows x codes for several rows).
 - MLA decode attention over a float32 cache (kernels/mla/avx2.py against the keys-major products of
-  torch_attention.py): the demo model's 5 heads, 1 and 3 tokens, 4k to 214k cached
-  keys.
+  torch_attention.py): the demo model's 5 heads and the 48B model's 32, 1 and 3 tokens, 4k to 214k
+  cached keys.
 - KDA's decode step (kernels/kda/avx2.py against the layer's PyTorch form: convolutions, norms, gate,
   recurrence, output norm; engine/kda.py with its projections given and o_proj left out): the 48B
   model's 32 heads of 128 and the demo model's 5 of 64, 1 and 3 tokens; GB/s is the float32 state read
@@ -31,9 +31,9 @@ import torch
 INT4_SHAPES = (("expert gate-up", 2048, 2304), ("expert down", 2304, 1024), ("KDA projections", 12288, 2304))
 HEAD = ("output head", 163840, 2304)
 ROWS = (1, 8, 512)
-# (label, heads, latent, rope) and the cache lengths and query tokens swept (the 48B model's 32 heads
-# are more rows than the kernel takes: kernels/mla/avx2.py MAX_ROWS).
-MLA_SHAPES = (("demo model", 5, 128, 32),)
+# (label, heads, latent, rope) and the cache lengths and query tokens swept (rows beyond the kernel's
+# kernels/mla/avx2.py MAX_ROWS, such as 3 tokens of the 48B model's 32 heads, are skipped).
+MLA_SHAPES = (("demo model", 5, 128, 32), ("48B model", 32, 512, 64))
 MLA_KEYS = (4096, 32768, 214000)
 MLA_TOKENS = (1, 3)
 KDA_SHAPES = (("48B model", 2304, 32, 128), ("demo model", 320, 5, 64))  # (label, hidden, heads, head dim)
