@@ -6,7 +6,8 @@
    microseconds of dispatch, and the recurrence alone reads and writes the float32 state [H, K, V]
    (2 MiB a layer at the 48B shapes) five or six times. Here each head's state is read once from memory
    (the S^T k of the delta rule) and then, while it sits in the core's cache, decayed, updated and
-   multiplied by q in one second pass.
+   multiplied by q in one second pass; the exponentials and logarithms of the gate, the SiLUs and the
+   sigmoids go 8 at a time in AVX2.
 
    Per head h and token, with the inputs after their convolutions and SiLU (kimi-linear-spec §3.2):
      q = q / |q| * K^-1/2,  k = k / |k|  (|x| = sqrt(sum x^2 + 1e-6), as fla),
@@ -22,7 +23,6 @@
 
 #include <immintrin.h>
 #include <math.h>
-#include <string.h>
 
 #include "../avx2_math.h"
 
