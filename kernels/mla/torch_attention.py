@@ -88,7 +88,7 @@ def mla_attention_cpu(q, cache, q_start, value_dim, scale, block=None):
     Each block of cached keys (before q_start, seen by every row) is read while it sits in the core's
     caches: its scores, then the weighted sum of its latents. The block's softmax is taken from its own
     maximum; the blocks' partial sums merge at the end by their maxima (the split-K rule). A float32
-    cache (CPUs without bf16 hardware) takes our AVX2 kernel for up to 16 rows where it runs
+    cache (CPUs without bf16 hardware) takes our AVX2 kernel for up to avx2.MAX_ROWS rows where it runs
     (kernels/mla/avx2.py: one read of each key, the softmax online, parts of the keys merged by the same
     rule), else keys-major products ([n, D] @ [D, rows], which MKL runs faster than rows-major ones with
     a few rows); a bf16 cache takes _bf16_blocks's. The new tokens'
