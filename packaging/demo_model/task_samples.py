@@ -190,16 +190,21 @@ class TaskSample:
     depth: float | None = None  # where the asked fact sits in the document (needles)
     detail: dict = field(default_factory=dict)
 
-    def target_weights(self, document_weight: float = 0.0) -> list[float]:
+    def target_weights(self, document_weight: float = 0.0, looked_up_weight: float = 1.0) -> list[float]:
         """One weight per next-token target (input_ids[1:]): 1 on reply tokens, `document_weight` on the
-        document's, 0 elsewhere (system turn, questions, turn headers)."""
+        document's, 0 elsewhere (system turn, questions, turn headers). A reply token that the turn's
+        question does not hold (the value, path or name that had to be looked up in the document, as
+        against the words the reply repeats from the question) weighs `looked_up_weight`: the reply's
+        template is learnt early, and its near-zero loss would otherwise dilute the look-up's."""
         weights = [0.0] * (len(self.input_ids) - 1)
         if document_weight:
             for target in range(self.document_start + 1, self.document_end):
                 weights[target - 1] = document_weight
-        for start, end in self.answer_spans:
+        for (start, end), (feed_start, feed_end) in zip(self.answer_spans, self.feeds):
+            asked = set(self.input_ids[feed_start:feed_end])
             for target in range(start, end):
-                weights[target - 1] = 1.0
+                looked_up = target < end - 1 and self.input_ids[target] not in asked  # end - 1: <|im_end|>
+                weights[target - 1] = looked_up_weight if looked_up else 1.0
         return weights
 
 

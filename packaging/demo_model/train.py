@@ -234,11 +234,13 @@ def retrieval_batch(
     pad_id: int,
     system_prompts: list[str | None],
     document_weight: float = 0.0,
+    looked_up_weight: float = 1.0,
 ) -> Batch:
     """Task conversations (task_samples.py) of at most `context` tokens, padded at the end (padding is
     never a target, and the causal model never lets it reach earlier positions). The answer weights
     cover every reply of a conversation; the document weights (`document_weight` on its tokens, 0 by
-    default: the loss is the replies') let a run keep some language modelling inside the stage too."""
+    default: the loss is the replies') let a run keep some language modelling inside the stage too;
+    `looked_up_weight` weighs the reply tokens that the question does not hold (TaskSample.target_weights)."""
     inputs = torch.full((rows, context + 1), pad_id, dtype=torch.long)
     answer = torch.zeros(rows, context)
     document = torch.zeros(rows, context)
@@ -246,7 +248,7 @@ def retrieval_batch(
         sample = builder.sample(context + 1, rng, system=rng.choice(system_prompts))
         n = len(sample.input_ids)
         inputs[row, :n] = torch.tensor(sample.input_ids)
-        answer[row, : n - 1] = torch.tensor(sample.target_weights(0.0))
+        answer[row, : n - 1] = torch.tensor(sample.target_weights(0.0, looked_up_weight))
         if document_weight:
             document[row, sample.document_start : sample.document_end - 1] = document_weight
     return Batch("retrieval", inputs[:, :-1], inputs[:, 1:], answer, document)
@@ -278,10 +280,11 @@ class RetrievalSteps:
         pad_id: int,
         seed: int,
         document_weight: float = 0.0,
+        looked_up_weight: float = 1.0,
     ):
         self.builder, self.contexts, self.micro_batch_tokens = builder, contexts, micro_batch_tokens
         self.micro_steps, self.pad_id, self.seed = micro_steps, pad_id, seed
-        self.document_weight = document_weight
+        self.document_weight, self.looked_up_weight = document_weight, looked_up_weight
         self.rng, self.turn = None, 0
 
     def __call__(self, worker: int, workers: int) -> list[Batch]:
@@ -291,7 +294,16 @@ class RetrievalSteps:
         self.turn += workers
         rows = max(1, self.micro_batch_tokens // context)
         return [
-            retrieval_batch(self.builder, rows, context, self.rng, self.pad_id, SYSTEM_PROMPTS, self.document_weight)
+            retrieval_batch(
+                self.builder,
+                rows,
+                context,
+                self.rng,
+                self.pad_id,
+                SYSTEM_PROMPTS,
+                self.document_weight,
+                self.looked_up_weight,
+            )
             for _ in range(self.micro_steps)
         ]
 
@@ -579,6 +591,13 @@ def main(argv: list[str] | None = None) -> None:
         "(default 0: the loss on task samples is the replies'; --lm-mix keeps the fluency)",
     )
     parser.add_argument(
+        "--looked-up-weight",
+        type=float,
+        default=1.0,
+        help="weight of the reply tokens that the question does not hold (the value, path or name looked "
+        "up in the document) against 1 for the reply's other tokens",
+    )
+    parser.add_argument(
         "--lm-mix", type=float, default=0.25, help="share of stage (b)'s steps that are plain language modelling"
     )
     parser.add_argument(
@@ -747,7 +766,14 @@ def run(args) -> dict:
     )
     retrieval_steps_source = StepSource(
         RetrievalSteps(
-            train_builder, contexts, args.micro_batch_tokens, micro_steps, pad_id, args.seed, args.document_loss_weight
+            train_builder,
+            contexts,
+            args.micro_batch_tokens,
+            micro_steps,
+            pad_id,
+            args.seed,
+            args.document_loss_weight,
+            args.looked_up_weight,
         ),
         workers,
     )

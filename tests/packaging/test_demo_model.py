@@ -302,6 +302,23 @@ def test_task_samples_weigh_every_reply_and_feed_the_next_turn(toy_pipeline):
     assert all(value in document for value in values)
 
 
+def test_looked_up_reply_tokens_weigh_more(toy_pipeline):
+    """The reply tokens the question does not hold (the value) take `looked_up_weight`; the words the reply
+    repeats from the question, and <|im_end|>, keep weight 1."""
+    tokenizer = toy_pipeline["tokenizer"]
+    builder = task_samples.TaskSampleBuilder(toy_pipeline["splits"]["train"], tokenizer)
+    sample = builder.needle(600, random.Random(5), distractors=2)
+    plain, weighted = sample.target_weights(), sample.target_weights(0.0, 4.0)
+    (start, end), (feed_start, feed_end) = sample.answer_spans[0], sample.feeds[0]
+    asked = set(sample.input_ids[feed_start:feed_end])
+    for target in range(start, end):
+        heavy = target < end - 1 and sample.input_ids[target] not in asked
+        assert weighted[target - 1] == (4.0 if heavy else 1.0) and plain[target - 1] == 1.0
+    heavy_text = tokenizer.decode([sample.input_ids[t] for t in range(start, end) if weighted[t - 1] == 4.0])
+    assert sample.turns[0].expected[0] in heavy_text.replace(" ", "") or sample.turns[0].expected[0] in heavy_text
+    assert [w for w in weighted if w not in (1.0, 4.0)] == [0.0] * weighted.count(0.0)
+
+
 def test_wrong_needle_replies_are_told_apart_by_the_distractors_values():
     def outcome(reply, correct=False):
         return {"correct": correct, "distractor_values": ["4711", "9050"], "turns": [{"reply": reply}]}
