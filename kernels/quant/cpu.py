@@ -169,17 +169,45 @@ def cpu_int4_layout() -> CpuInt4Layout | None:
     return None
 
 
+def codes_to_tiles(packed: torch.Tensor, layout: CpuInt4Layout | None = None) -> torch.Tensor:
+    """kernels/quant's packed codes [O, D / 2] -> the operator's tiles [O, D / 2] (O a multiple of 16), the
+    inverse of `tiles_to_codes`. Whole blocks of the layout's rows are rearranged here byte-wise: a byte of
+    ours holds inputs 2c and 2c + 1 of one row, a tile's byte one input of the block's two rows, so the
+    two rows' bytes give input 2c's tile byte from their low halves and input 2c + 1's from their high
+    halves, then a transpose per block. The operator packs the rows left after the whole blocks (PyTorch
+    tiles them in smaller blocks of its own choosing) from int32 codes; its conversion of a whole matrix,
+    every code widened to int32 first, costs twice the time: about a minute of every start of the 48B
+    model on two cores."""
+    rows, split = layout or cpu_int4_layout()
+    O, half = packed.shape
+    whole = O // rows * rows
+    tiles = torch.empty_like(packed)
+    if whole:
+        blocks = packed[:whole].view(whole // rows, rows, half)
+        first, second = (
+            (blocks[:, : rows // 2], blocks[:, rows // 2 :]) if split else (blocks[:, 0::2], blocks[:, 1::2])
+        )
+        even = torch.bitwise_left_shift(second, 4).bitwise_or_(first & 15)  # [blocks, rows / 2, D / 2]
+        odd = torch.bitwise_right_shift(first, 4).bitwise_or_(second & 0xF0)
+        out = tiles[:whole].view(whole // rows, half, 2, rows // 2)  # [blocks, D / 2, input parity, rows / 2]
+        out[:, :, 0].copy_(even.transpose(1, 2))
+        out[:, :, 1].copy_(odd.transpose(1, 2))
+    if whole < O:
+        rest = unpack_int4(packed[whole:]).to(torch.int32)
+        tiles[whole:] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rest.contiguous(), 2)
+    return tiles
+
+
 def pack_int4_for_cpu(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> CpuInt4Weight:
     """Our layout [O, D / 2] (+ scales and zeros [O, D / g]) -> the operator's."""
-    codes = unpack_int4(packed).to(torch.int32)  # [O, D]
     scales_and_zeros = torch.stack([scale, zero], dim=-1).to(torch.bfloat16)  # [O, D / g, 2]
-    O, D = codes.shape
+    O, D = packed.shape[0], packed.shape[1] * 2
     pad = -O % 16
     if pad:
         # Zero rows: scale and midpoint 0 make every weight of the row 0.
-        codes = torch.cat([codes, codes.new_zeros(pad, D)])
+        packed = torch.cat([packed, packed.new_zeros(pad, D // 2)])
         scales_and_zeros = torch.cat([scales_and_zeros, scales_and_zeros.new_zeros(pad, *scales_and_zeros.shape[1:])])
-    tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
+    tiles = codes_to_tiles(packed.contiguous())
     return CpuInt4Weight(tiles, scales_and_zeros.transpose(0, 1).contiguous(), D // scale.shape[-1], D, O)
 
 

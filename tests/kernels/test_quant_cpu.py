@@ -14,6 +14,7 @@ from kimi_desk.kernels.quant import (
 )
 from kimi_desk.kernels.quant.cpu import (
     CPU_INT4_LAYOUTS,
+    codes_to_tiles,
     cpu_int4_fits,
     cpu_int4_layout,
     cpu_int8_fits,
@@ -126,3 +127,23 @@ def test_tiles_of_every_known_layout_turn_back_into_our_layout(layout):
     packed = torch.randint(0, 256, (2, 128, 48), generator=gen, dtype=torch.uint8)  # ours: [S, O, D / 2]
     tiles = pack_tiles(unpack_int4(packed).to(torch.int32), layout)
     assert torch.equal(tiles_to_codes(tiles, 128, layout), packed)
+
+
+@pytest.mark.parametrize(
+    "layout", CPU_INT4_LAYOUTS, ids=lambda layout: f"{layout.rows}-{'split' if layout.split else 'pairs'}"
+)
+def test_our_codes_become_tiles_of_every_known_layout(layout):
+    """codes_to_tiles rearranges bytes without the operator: the tiles the layout's description gives."""
+    packed = torch.randint(0, 256, (192, 40), generator=torch.Generator().manual_seed(layout.rows), dtype=torch.uint8)
+    assert torch.equal(codes_to_tiles(packed, layout), pack_tiles(unpack_int4(packed).to(torch.int32), layout))
+
+
+@pytest.mark.parametrize("O", [16, 48, 64, 112, 208, 1024])
+def test_our_codes_become_the_operators_tiles(O):
+    """On this machine's layout, every height the operator takes (a multiple of 16): whole blocks here, the
+    rows after them through the operator, together equal to the operator's conversion of the whole."""
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        pytest.skip("this PyTorch has no CPU int4 operator")
+    packed = torch.randint(0, 256, (O, 48), generator=torch.Generator().manual_seed(O), dtype=torch.uint8)
+    want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32).contiguous(), 2)
+    assert torch.equal(codes_to_tiles(packed), want)
