@@ -54,9 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_desk.kernels import pdl_launch, zeroed_counters
+from kimi_desk.kernels import dot_operand_dtype, pdl_launch, zeroed_counters
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
-from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_codes
+from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_code_halves, int4_codes
 
 
 @triton.jit
@@ -82,6 +82,8 @@ def row_scaled_gemv_fwd_kernel(
     SCALED: tl.constexpr,
     INT4: tl.constexpr,
     GROUP: tl.constexpr,
+    HALVES: tl.constexpr,
+    OP_DT: tl.constexpr,
 ):
     i_o, i_s = tl.program_id(0), tl.program_id(1)
     o_o = i_o * BO + tl.arange(0, BO)
@@ -104,11 +106,22 @@ def row_scaled_gemv_fwd_kernel(
             p_g = o_o.to(tl.int64) * (D // GROUP) + (i_s * CHUNK + d0) // GROUP
             b_s = tl.load(scale + p_g, mask=m_o, other=0.0).to(tl.float32)
             b_z = tl.load(zero + p_g, mask=m_o, other=0.0).to(tl.float32)
-            o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
-            b_x = tl.load(p_x + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
-            b_c = int4_codes(b_p, BO, BD, False).to(tl.float32)
-            b_dot = tl.dot(b_c, tl.trans(b_x), input_precision=PRECISION)
-            b_sum = tl.sum(b_x, 1)
+            if HALVES:
+                # The low codes against the even inputs, the high codes against the odd ones: two dots
+                # of half the width, and the tile never reordered in registers.
+                m_x = m_n[:, None] & (o_b < D // 2)[None, :]
+                b_xe = tl.load(p_x + 2 * o_b[None, :], mask=m_x, other=0.0)
+                b_xo = tl.load(p_x + 2 * o_b[None, :] + 1, mask=m_x, other=0.0)
+                b_lo, b_hi = int4_code_halves(b_p)
+                b_dot = tl.dot(b_lo.to(OP_DT), tl.trans(b_xe.to(OP_DT)), input_precision=PRECISION)
+                b_dot = tl.dot(b_hi.to(OP_DT), tl.trans(b_xo.to(OP_DT)), b_dot, input_precision=PRECISION)
+                b_sum = tl.sum(b_xe.to(tl.float32), 1) + tl.sum(b_xo.to(tl.float32), 1)
+            else:
+                o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
+                b_x = tl.load(p_x + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.0)
+                b_c = int4_codes(b_p, BO, BD, False).to(OP_DT)
+                b_dot = tl.dot(b_c, tl.trans(b_x.to(OP_DT)), input_precision=PRECISION)
+                b_sum = tl.sum(b_x.to(tl.float32), 1)
             b_acc += b_s[:, None] * b_dot + (b_z - CODE_OFFSET * b_s)[:, None] * b_sum[None, :]
         else:
             o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
@@ -156,7 +169,11 @@ CONFIG = dict(block_o=32, block_d=128, num_warps=4, num_stages=4)
 # int4: 64 rows a block, measured on an H200 (2026-12-03, packaging/bench/gpu_checks/quant_kernels.py, one
 # token in a CUDA graph): 12288 x 2304 in 24.8 us against 36.2 with 32 rows; 16 rows or 8 warps were
 # twice as slow. Unpacking the codes, not reading them, bounds it (600 GB/s, fp8 1.56 TB/s).
-INT4_CONFIG = dict(block_o=64)
+# int4_halves (the low codes against the even inputs and the high codes against the odd ones, two dots,
+# no reordering of the tile in registers) and int4_operand "x" (bf16 dots, no conversion of the codes to
+# fp32) are the candidates against that bound, checked under the interpreter; the defaults stay the
+# measured form until gpu_checks/quant_kernels.py has timed them.
+INT4_CONFIG = dict(block_o=64, int4_halves=False, int4_operand="fp32")
 # Programs the grid should reach: two per SM of a 132-SM H100, so that while one program waits on its
 # loads another one's are in flight on the same SM.
 MIN_PROGRAMS = 2 * 132
@@ -207,6 +224,12 @@ def int4_gemv(
     return _gemv(x, packed, scale.contiguous(), zero.contiguous(), O, D, config, None)
 
 
+def int4_operand_dtype(x_dtype: torch.dtype, operand: str):
+    """The int4 dots' operand type: "x" multiplies the codes (bf16 128 + q, exact in bf16 and fp16)
+    by x in x's own type, "fp32" converts both to fp32 first (TF32 products: the same exact numbers)."""
+    return dot_operand_dtype(x_dtype) if operand == "x" else tl.float32
+
+
 def _gemv(x, q, scale, zero, O, D, config, out_dtype):
     assert x.shape[-1] == D and q.is_contiguous()
     rows = x.reshape(-1, D)
@@ -253,6 +276,8 @@ def _gemv(x, q, scale, zero, O, D, config, out_dtype):
         SCALED=scale is not None and not int4,
         INT4=int4,
         GROUP=D // scale.shape[1] if int4 else 1,
+        HALVES=int4 and config.get("int4_halves", False),
+        OP_DT=int4_operand_dtype(x.dtype, config.get("int4_operand", "fp32")) if int4 else tl.float32,
         **pdl_launch(x),
         **extra,
     )

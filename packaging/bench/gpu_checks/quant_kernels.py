@@ -47,6 +47,8 @@ def gemvs():
     variants = [
         dict(),
         dict(int4_halves=False),
+        dict(int4_operand="fp32"),
+        dict(int4_halves=False, int4_operand="fp32"),
         dict(block_o=64),
         dict(block_o=16),
         dict(num_warps=8),
@@ -137,10 +139,12 @@ def grouped():
         variants = [{}]
         if fmt == "int4":
             variants += [
+                dict(int4_halves=False),
                 dict(block_m=64, num_warps=4),
                 dict(block_m=64, block_n=128),
                 dict(num_stages=4),
-                dict(block_k=128),
+                dict(num_warps=4),
+                dict(block_k=64),
                 dict(block_m=128, block_n=128, num_warps=8),
             ]
         for config in variants:
