@@ -175,9 +175,8 @@ def codes_to_tiles(packed: torch.Tensor, layout: CpuInt4Layout | None = None) ->
     ours holds inputs 2c and 2c + 1 of one row, a tile's byte one input of the block's two rows, so the
     two rows' bytes give input 2c's tile byte from their low halves and input 2c + 1's from their high
     halves, then a transpose per block. The operator packs the rows left after the whole blocks (PyTorch
-    tiles them in smaller blocks of its own choosing) from int32 codes; its conversion of a whole matrix,
-    every code widened to int32 first, costs twice the time: about a minute of every start of the 48B
-    model on two cores."""
+    tiles them in smaller blocks of its own choosing) from int32 codes: its conversion widens every code
+    to int32 first, which made it the slow part of loading an int4 model on the CPU (BENCHMARKS-log.md)."""
     rows, split = layout or cpu_int4_layout()
     O, half = packed.shape
     whole = O // rows * rows
