@@ -218,7 +218,7 @@ def moe_grouped_gate_up_fwd_kernel(
     b_gate = tl.zeros([BM, BN], dtype=tl.float32)
     b_up = tl.zeros([BM, BN], dtype=tl.float32)
     for d0 in range(0, D, BK):
-        b_x, b_x_odd = _input_tiles(p_x, m_r, d0, D, BK, INT4 and HALVES, OP_DT)
+        b_x, b_x_odd = _input_tiles(p_x, m_r, d0, D, BK, HALVES, OP_DT)
         # w1[e]'s rows o_c read as the columns of a [BK, BN] tile: gate = x @ w1[e]^T.
         b_gate = _add_weight_tile(
             b_gate,
@@ -288,7 +288,7 @@ def moe_grouped_down_fwd_kernel(
     p_w2 = w2 + i_e * (D * ROW) + o_c[None, :] * ROW
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
     for i0 in range(0, I, BK):
-        b_h, b_h_odd = _input_tiles(p_h, m_r, i0, I, BK, INT4 and HALVES, OP_DT)
+        b_h, b_h_odd = _input_tiles(p_h, m_r, i0, I, BK, HALVES, OP_DT)
         b_acc = _add_weight_tile(
             b_acc,
             b_h,
