@@ -38,31 +38,7 @@ import triton.language as tl
 from kimi_desk.kernels import pdl_launch, zeroed_counters
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 from kimi_desk.kernels.moe.naive import kernel_operands
-from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_code_halves
-
-
-@triton.jit
-def _int4_row_dots(p_codes, p_scale, p_zero, m_rows, m_bytes, b_even, b_odd):
-    """Row sums of an int4 tile against a vector of inputs inside one group, given as its even and odd
-    inputs: the tile's bytes at p_codes ([rows, inputs / 2]), its rows' group scales and midpoints at
-    p_scale, p_zero (int4_tiles.py: the codes times x, then the scale and the midpoint times sum(x))."""
-    b_p = tl.load(p_codes, mask=m_rows[:, None] & m_bytes[None, :], other=0)
-    b_s = tl.load(p_scale, mask=m_rows, other=0.0).to(tl.float32)
-    b_z = tl.load(p_zero, mask=m_rows, other=0.0).to(tl.float32)
-    b_lo, b_hi = int4_code_halves(b_p)
-    b_dot = tl.sum(b_lo.to(tl.float32) * b_even[None, :] + b_hi.to(tl.float32) * b_odd[None, :], 1)
-    return b_s * b_dot + (b_z - CODE_OFFSET * b_s) * (tl.sum(b_even, 0) + tl.sum(b_odd, 0))
-
-
-@triton.jit
-def _int4_inputs(p_x, k0, K: tl.constexpr, BK: tl.constexpr):
-    """Inputs k0 to k0 + BK of a vector of K at p_x, for an int4 tile of BK / 2 bytes a row (int4_tiles.py):
-    the bytes' offsets, which are real, and the even and the odd inputs in fp32."""
-    o_b = k0 // 2 + tl.arange(0, BK // 2)
-    m_b = o_b < K // 2
-    b_even = tl.load(p_x + 2 * o_b, mask=m_b, other=0.0).to(tl.float32)
-    b_odd = tl.load(p_x + 2 * o_b + 1, mask=m_b, other=0.0).to(tl.float32)
-    return o_b, m_b, b_even, b_odd
+from kimi_desk.kernels.quant.int4_tiles import int4_piece_inputs, int4_piece_row_sums, int4_pieces
 
 
 @triton.jit
@@ -85,6 +61,7 @@ def moe_gate_up_fwd_kernel(
     SCALED: tl.constexpr,
     INT4: tl.constexpr,
     GROUP: tl.constexpr,
+    PIECES: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -100,13 +77,16 @@ def moe_gate_up_fwd_kernel(
     p_w3 = w3 + i_e * stride_we + o_i.to(tl.int64)[:, None] * ROW
     b_gate = tl.zeros([BI], dtype=tl.float32)
     b_up = tl.zeros([BI], dtype=tl.float32)
-    for d0 in range(0, D, BD):
+    for d0 in range(0, D, BD * PIECES):
         if INT4:
-            # BD inputs in one group.
-            o_b, m_b, b_even, b_odd = _int4_inputs(x + i_n * D, d0, D, BD)
-            p_g = (i_e * I + o_i.to(tl.int64)) * (D // GROUP) + d0 // GROUP
-            b_gate += _int4_row_dots(p_w1 + o_b[None, :], s1 + p_g, z1 + p_g, m_i, m_b, b_even, b_odd)
-            b_up += _int4_row_dots(p_w3 + o_b[None, :], s3 + p_g, z3 + p_g, m_i, m_b, b_even, b_odd)
+            # PIECES pieces of BD inputs, each in one group.
+            o_b, m_b, b_even, b_odd = int4_piece_inputs(x + i_n * D, d0, D, BD, PIECES)
+            o_piece = d0 + tl.arange(0, PIECES) * BD
+            p_g = (i_e * I + o_i.to(tl.int64))[:, None] * (D // GROUP) + (o_piece // GROUP)[None, :]
+            m_piece = o_piece < D
+            p_b = o_b[None, :, :]
+            b_gate += int4_piece_row_sums(p_w1[:, :, None] + p_b, s1 + p_g, z1 + p_g, m_i, m_piece, m_b, b_even, b_odd)
+            b_up += int4_piece_row_sums(p_w3[:, :, None] + p_b, s3 + p_g, z3 + p_g, m_i, m_piece, m_b, b_even, b_odd)
         else:
             o_d = d0 + tl.arange(0, BD)
             m_d = o_d < D
@@ -144,6 +124,7 @@ def moe_down_fwd_kernel(
     SCALED: tl.constexpr,
     INT4: tl.constexpr,
     GROUP: tl.constexpr,
+    PIECES: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -155,11 +136,13 @@ def moe_down_fwd_kernel(
     p_w2 = w2 + i_e * stride_we + o_d.to(tl.int64)[:, None] * (I // 2 if INT4 else I)
     p_h = h + i_p.to(tl.int64) * I
     b_acc = tl.zeros([BD], dtype=tl.float32)
-    for i0 in range(0, I, BI):
+    for i0 in range(0, I, BI * PIECES):
         if INT4:
-            o_b, m_b, b_even, b_odd = _int4_inputs(p_h, i0, I, BI)
-            p_g = (i_e * D + o_d.to(tl.int64)) * (I // GROUP) + i0 // GROUP
-            b_acc += _int4_row_dots(p_w2 + o_b[None, :], s2 + p_g, z2 + p_g, m_d, m_b, b_even, b_odd)
+            o_b, m_b, b_even, b_odd = int4_piece_inputs(p_h, i0, I, BI, PIECES)
+            o_piece = i0 + tl.arange(0, PIECES) * BI
+            p_g = (i_e * D + o_d.to(tl.int64))[:, None] * (I // GROUP) + (o_piece // GROUP)[None, :]
+            p_b = p_w2[:, :, None] + o_b[None, :, :]
+            b_acc += int4_piece_row_sums(p_b, s2 + p_g, z2 + p_g, m_d, o_piece < I, m_b, b_even, b_odd)
         else:
             o_i = i0 + tl.arange(0, BI)
             m_i = o_i < I
@@ -194,13 +177,16 @@ DOWN_CONFIG = dict(block_d=32, block_i=256, num_warps=4)
 # int4 (tiles of one group, 128 inputs at the 48B shapes), measured on an H200 (2026-12-03,
 # packaging/bench/gpu_checks/quant_kernels.py, one token in a CUDA graph): 67.3 us with the settings above,
 # 60.4 with 4 warps for gate/up, 56.7 with 64-row down blocks (fp8: 33.2 us).
-INT4_GATE_UP_CONFIG = {**GATE_UP_CONFIG, "num_warps": 4}
-INT4_DOWN_CONFIG = {**DOWN_CONFIG, "block_d": 64}
+# An int4 tile's inputs (block_d of gate/up, block_i of down) may span several groups: PIECES pieces of
+# one group each (int4_tiles.int4_pieces), more bytes in flight per load.
+INT4_GATE_UP_CONFIG = {**GATE_UP_CONFIG, "num_warps": 4, "block_d": 128}
+INT4_DOWN_CONFIG = {**DOWN_CONFIG, "block_d": 64, "block_i": 128}
 
 
-def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torch.float32):
+def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torch.float32, configs=None):
     """kimi_desk.kernels.moe.routed_experts in Triton, for a few tokens. Returns [N, D] in out_dtype (the
-    float32 sum rounded once, in the kernel)."""
+    float32 sum rounded once, in the kernel). `configs` (gate/up, down) overrides the launch settings'
+    entries, for the GPU checks' comparisons."""
     (N, k, D, E, I), int4, (s1, s2, s3), (z1, z2, z3) = kernel_operands(x, ids, weights, w1, w2, w3, scales)
     if N == 0:
         return torch.zeros(0, D, dtype=out_dtype, device=x.device)
@@ -211,13 +197,14 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
     out = torch.empty(N, D, dtype=out_dtype, device=x.device)
 
     gate_up_config, down_config = (INT4_GATE_UP_CONFIG, INT4_DOWN_CONFIG) if int4 else (GATE_UP_CONFIG, DOWN_CONFIG)
-    # Groups of inputs of w1 and w3 (along D) and of w2 (along I): a tile of inputs lies inside one.
+    if configs is not None:
+        gate_up_config, down_config = {**gate_up_config, **configs[0]}, {**down_config, **configs[1]}
+    # Groups of inputs of w1 and w3 (along D) and of w2 (along I): a piece of a tile lies inside one.
     group_d, group_i = (D // s1.shape[-1], I // s2.shape[-1]) if int4 else (1, 1)
     common = dict(D=D, I=I, SCALED=scales is not None and not int4, INT4=int4, **pdl_launch(x))
     BI = min(gate_up_config["block_i"], triton.next_power_of_2(I))
     BD = min(gate_up_config["block_d"], triton.next_power_of_2(D))
-    if int4:
-        BD = int4_block(BD, group_d)
+    BD, pieces = int4_pieces(BD, group_d) if int4 else (BD, 1)
     moe_gate_up_fwd_kernel[(N * k, triton.cdiv(I, BI))](
         x,
         ids,
@@ -233,13 +220,13 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
         BI=BI,
         BD=BD,
         GROUP=group_d,
+        PIECES=pieces,
         num_warps=gate_up_config["num_warps"],
         **common,
     )
     BD = min(down_config["block_d"], triton.next_power_of_2(D))
     BI = min(down_config["block_i"], triton.next_power_of_2(I))
-    if int4:
-        BI = int4_block(BI, group_i)
+    BI, pieces = int4_pieces(BI, group_i) if int4 else (BI, 1)
     counters = zeroed_counters(x.device, N * triton.cdiv(D, BD))
     moe_down_fwd_kernel[(N * k, triton.cdiv(D, BD))](
         h,
@@ -256,6 +243,7 @@ def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torc
         BD=BD,
         BI=BI,
         GROUP=group_i,
+        PIECES=pieces,
         num_warps=down_config["num_warps"],
         **common,
     )

@@ -56,7 +56,15 @@ import triton.language as tl
 
 from kimi_desk.kernels import dot_operand_dtype, pdl_launch, zeroed_counters
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
-from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_code_halves, int4_codes
+from kimi_desk.kernels.quant.int4_tiles import (
+    CODE_OFFSET,
+    int4_block,
+    int4_code_halves,
+    int4_codes,
+    int4_piece_inputs,
+    int4_piece_row_sums,
+    int4_pieces,
+)
 
 
 @triton.jit
@@ -84,6 +92,8 @@ def row_scaled_gemv_fwd_kernel(
     GROUP: tl.constexpr,
     HALVES: tl.constexpr,
     OP_DT: tl.constexpr,
+    CORES: tl.constexpr,
+    PIECES: tl.constexpr,
 ):
     i_o, i_s = tl.program_id(0), tl.program_id(1)
     o_o = i_o * BO + tl.arange(0, BO)
@@ -95,10 +105,19 @@ def row_scaled_gemv_fwd_kernel(
     p_q = q + o_o.to(tl.int64)[:, None] * (D // 2 if INT4 else D)
     p_x = x + o_n.to(tl.int64)[:, None] * stride_x
     b_acc = tl.zeros([BO, BN], dtype=tl.float32)
+    b_rows = tl.zeros([BO], dtype=tl.float32)
     wait_for_previous_kernel(PDL)
     # Split i_s covers [i_s * CHUNK, (i_s + 1) * CHUNK) of the width; the last one may run past D (masked).
-    for d0 in range(0, CHUNK, BD):
-        if INT4:
+    for d0 in range(0, CHUNK, BD * PIECES):
+        if CORES:
+            # One token, int4, on the CUDA cores: PIECES pieces of BD inputs, each in one group.
+            k0 = i_s * CHUNK + d0
+            o_b, m_b, b_even, b_odd = int4_piece_inputs(x, k0, D, BD, PIECES)
+            o_piece = k0 + tl.arange(0, PIECES) * BD
+            p_g = o_o.to(tl.int64)[:, None] * (D // GROUP) + (o_piece // GROUP)[None, :]
+            p_b = p_q[:, :, None] + o_b[None, :, :]
+            b_rows += int4_piece_row_sums(p_b, scale + p_g, zero + p_g, m_o, o_piece < D, m_b, b_even, b_odd)
+        elif INT4:
             # BD inputs are BD / 2 bytes, all in one group: the codes' dot with x, then the group's
             # scale and midpoint per row (int4_tiles.py).
             o_b = (i_s * CHUNK + d0) // 2 + tl.arange(0, BD // 2)
@@ -131,6 +150,8 @@ def row_scaled_gemv_fwd_kernel(
             b_acc = tl.dot(b_q, tl.trans(b_x), b_acc, input_precision=PRECISION)
     if SCALED:
         b_acc *= tl.load(scale + o_o, mask=m_o, other=0.0)[:, None]
+    if CORES:
+        b_acc = tl.where(o_n[None, :] == 0, b_rows[:, None], 0.0)
     b_y = b_acc
     # out is [SPLIT, N, O]: fp32 partials, or y itself (in x's dtype) when there is one split.
     p_out = out + i_s.to(tl.int64) * N * O + o_n[None, :] * O + o_o[:, None]
@@ -173,7 +194,9 @@ CONFIG = dict(block_o=32, block_d=128, num_warps=4, num_stages=4)
 # no reordering of the tile in registers) and int4_operand "x" (bf16 dots, no conversion of the codes to
 # fp32) are the candidates against that bound, checked under the interpreter; the defaults stay the
 # measured form until gpu_checks/quant_kernels.py has timed them.
-INT4_CONFIG = dict(block_o=64, int4_halves=False, int4_operand="fp32")
+# int4_cores (one token: the codes times x on the CUDA cores, tiles of block_d inputs made of pieces of
+# one group each, no tensor-core layout) is the third candidate.
+INT4_CONFIG = dict(block_o=64, int4_halves=False, int4_operand="fp32", int4_cores=False)
 # Programs the grid should reach: two per SM of a 132-SM H100, so that while one program waits on its
 # loads another one's are in flight on the same SM.
 MIN_PROGRAMS = 2 * 132
@@ -218,9 +241,10 @@ def int4_gemv(
     [O, D / 2] uint8, scale and zero [O, D / g] bf16. Returns [..., O] in x's dtype."""
     O, D = packed.shape[0], packed.shape[1] * 2
     assert scale.shape == zero.shape and scale.shape[0] == O and D % scale.shape[1] == 0
-    # A tile of inputs lies inside one group.
-    config = {**INT4_CONFIG, **(config or {})}
-    config["block_d"] = int4_block({**CONFIG, **config}["block_d"], D // scale.shape[1])
+    # A dot's tile of inputs lies inside one group; a CUDA-core tile (one token) is made of pieces that do.
+    config = {**CONFIG, **INT4_CONFIG, **(config or {})}
+    if not (config["int4_cores"] and x.numel() == D):
+        config["block_d"] = int4_block(config["block_d"], D // scale.shape[1])
     return _gemv(x, packed, scale.contiguous(), zero.contiguous(), O, D, config, None)
 
 
@@ -245,6 +269,8 @@ def _gemv(x, q, scale, zero, O, D, config, out_dtype):
         scale = scale.float().contiguous()
 
     BO, BD, n_o, splits, chunk = launch_shape(O, D, config)
+    cores = int4 and N == 1 and config.get("int4_cores", False)
+    BD, pieces = int4_pieces(BD, D // scale.shape[1]) if cores else (BD, 1)
     partials = y if splits == 1 else torch.empty(splits, N, O, dtype=torch.float32, device=x.device)
     counters = zeroed_counters(x.device, n_o) if splits > 1 else partials
     config = {**CONFIG, **(config or {})}
@@ -278,6 +304,8 @@ def _gemv(x, q, scale, zero, O, D, config, out_dtype):
         GROUP=D // scale.shape[1] if int4 else 1,
         HALVES=int4 and config.get("int4_halves", False),
         OP_DT=int4_operand_dtype(x.dtype, config.get("int4_operand", "fp32")) if int4 else tl.float32,
+        CORES=cores,
+        PIECES=pieces,
         **pdl_launch(x),
         **extra,
     )

@@ -44,6 +44,41 @@ def int4_code_halves(b_packed):
     return b_lo, b_hi
 
 
+@triton.jit
+def int4_piece_inputs(p_x, k0, K: tl.constexpr, PIECE: tl.constexpr, PIECES: tl.constexpr):
+    """Inputs k0 to k0 + PIECES * PIECE of a vector of K at p_x, as PIECES pieces of PIECE inputs each
+    inside one group: the bytes' offsets [PIECES, PIECE / 2] and masks, and the even and the odd inputs
+    in fp32 ([PIECES, PIECE / 2] each, against the low and the high codes)."""
+    o_b = k0 // 2 + tl.arange(0, PIECES)[:, None] * (PIECE // 2) + tl.arange(0, PIECE // 2)[None, :]
+    m_b = o_b < K // 2
+    b_even = tl.load(p_x + 2 * o_b, mask=m_b, other=0.0).to(tl.float32)
+    b_odd = tl.load(p_x + 2 * o_b + 1, mask=m_b, other=0.0).to(tl.float32)
+    return o_b, m_b, b_even, b_odd
+
+
+@triton.jit
+def int4_piece_row_sums(p_codes, p_scale, p_zero, m_rows, m_pieces, m_bytes, b_even, b_odd):
+    """Row sums of an int4 tile of several pieces (each inside one group) on the CUDA cores, for one
+    token: the tile's bytes at p_codes [rows, PIECES, PIECE / 2], its rows' scales and midpoints per
+    piece at p_scale, p_zero [rows, PIECES], the inputs from int4_piece_inputs. Per piece the codes
+    times x, then the group's scale and midpoint times sum(x); summed over the pieces: [rows]."""
+    b_p = tl.load(p_codes, mask=m_rows[:, None, None] & m_bytes[None, :, :], other=0)
+    m_s = m_rows[:, None] & m_pieces[None, :]
+    b_s = tl.load(p_scale, mask=m_s, other=0.0).to(tl.float32)
+    b_z = tl.load(p_zero, mask=m_s, other=0.0).to(tl.float32)
+    b_lo, b_hi = int4_code_halves(b_p)
+    b_dot = tl.sum(b_lo.to(tl.float32) * b_even[None, :, :] + b_hi.to(tl.float32) * b_odd[None, :, :], 2)
+    b_x = tl.sum(b_even, 1) + tl.sum(b_odd, 1)
+    return tl.sum(b_s * b_dot + (b_z - CODE_OFFSET * b_s) * b_x[None, :], 1)
+
+
+def int4_pieces(block: int, group: int) -> tuple[int, int]:
+    """(PIECE, PIECES) for a CUDA-core int4 tile of `block` inputs (a power of two): pieces of at most a
+    group (at least 32 inputs) making up the block."""
+    piece = int4_block(block, group)
+    return piece, max(1, block // piece)
+
+
 def int4_block(block: int, group: int) -> int:
     """A tile width for int4 inputs: at most the group (a tile lies inside one group), at least 32 (two
     16-wide halves of bytes; tl.dot's smallest side is 16)."""

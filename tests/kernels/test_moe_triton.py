@@ -94,6 +94,18 @@ def test_int8_and_int4_experts_match_float64(fmt, dtype, N, E, k, D, I):
         assert rel_err(got, want) < tolerance * (10 if fmt == "int4" and dtype == torch.float32 else 1), path.__name__
 
 
+@pytest.mark.parametrize("block", [64, 256, 512])
+def test_int4_tiles_of_several_groups_match_float64(block):
+    """An int4 tile may span several groups (pieces of one group each, more bytes a load): D = 320 in
+    groups of 64 and I = 96 in groups of 32, so the last tile holds pieces past the end (masked)."""
+    x, ids, weights, w1, w2, w3 = make_inputs(3, 6, 3, 320, 96, torch.float32, seed=block)
+    codes, scales, exact = quantize_experts(w1, w2, w3, "int4")
+    want = reference_f64(x, ids, weights, *exact)
+    configs = (dict(block_d=block, block_i=16), dict(block_i=block, block_d=32))
+    got = routed_experts_gemv(x, ids, weights, *codes, scales=scales, configs=configs)
+    assert rel_err(got, want) < 1e-4
+
+
 def test_fp8_gemv_reads_only_the_chosen_experts():
     """Experts nobody chose may hold anything: NaN codes in the weights, NaN and inf in the scales."""
     x, ids, weights, w1, w2, w3 = make_inputs(2, 6, 2, 48, 32, torch.float32, seed=4)

@@ -46,14 +46,19 @@ def gemvs():
     print(f"{'O x D':>14} {'fmt':>5} {'config':>34} {'rel err':>9} {'us':>7} {'GB/s':>6}")
     variants = [
         dict(),
-        dict(int4_halves=False),
-        dict(int4_operand="fp32"),
-        dict(int4_halves=False, int4_operand="fp32"),
-        dict(block_o=64),
+        dict(int4_halves=True),
+        dict(int4_operand="x"),
+        dict(int4_halves=True, int4_operand="x"),
+        dict(int4_cores=True),
+        dict(int4_cores=True, block_o=32),
+        dict(int4_cores=True, block_o=16),
+        dict(int4_cores=True, block_d=256),
+        dict(int4_cores=True, block_d=512, block_o=16),
+        dict(int4_cores=True, block_d=512, block_o=32, num_warps=8),
+        dict(int4_cores=True, block_d=256, block_o=32, min_programs=528),
         dict(block_o=16),
         dict(num_warps=8),
         dict(num_stages=3),
-        dict(block_o=64, num_warps=8),
     ]
     for O, D in [(12288, 2304), (6464, 2304), (2304, 4096), (2304, 2304), (163840, 2304)]:
         w = torch.randn(O, D, device="cuda")
@@ -85,7 +90,6 @@ def moe():
     x = torch.randn(1, D, device="cuda").bfloat16()
     ids = torch.randperm(E, device="cuda")[:k][None]
     weights = torch.rand(1, k, device="cuda") + 0.1
-    defaults = (dict(moe_gemv.GATE_UP_CONFIG), dict(moe_gemv.DOWN_CONFIG))
     for fmt in ("fp8", "int8", "int4"):
         parts = [quantized(fmt, w) for w in ws]
         codes = [p[0][0] for p in parts]
@@ -98,22 +102,25 @@ def moe():
         )
         variants = [({}, {})]
         if fmt == "int4":
+            # Tiles of several groups (block_d of gate/up, block_i of down: 128 inputs a group here).
             variants += [
-                (dict(block_i=32), {}),
-                (dict(block_i=8), {}),
-                (dict(num_warps=4), {}),
-                ({}, dict(block_d=64)),
-                ({}, dict(num_warps=8)),
-                (dict(block_i=32, num_warps=4), dict(block_d=16)),
+                (dict(block_d=256), dict(block_i=256)),
+                (dict(block_d=512), dict(block_i=512)),
+                (dict(block_d=512, num_warps=8), dict(block_i=512, num_warps=8)),
+                (dict(block_d=1024, num_warps=8), dict(block_i=1024, num_warps=8)),
+                (dict(block_d=512, block_i=32, num_warps=8), dict(block_i=256, block_d=32)),
+                (dict(block_d=256, block_i=8), dict(block_i=512, block_d=16)),
+                (dict(block_d=2048, block_i=8, num_warps=8), dict(block_i=1024, block_d=16, num_warps=8)),
             ]
         for gate_up, down in variants:
-            moe_gemv.GATE_UP_CONFIG.update({**defaults[0], **gate_up})
-            moe_gemv.DOWN_CONFIG.update({**defaults[1], **down})
-            fn = lambda: moe_gemv.routed_experts_gemv(x, ids, weights, *codes, scales=scales)  # noqa: E731
+            fn = lambda: moe_gemv.routed_experts_gemv(x, ids, weights, *codes, scales=scales, configs=(gate_up, down))  # noqa: E731
             err = rel(fn()[0], want)
-            print(f"{fmt:>5} gate/up {str(gate_up):>30} down {str(down):>24} rel err {err:8.1e} {graph_us(fn):7.1f} us")
-    moe_gemv.GATE_UP_CONFIG.update(defaults[0])
-    moe_gemv.DOWN_CONFIG.update(defaults[1])
+            us = graph_us(fn)
+            nbytes = k * sum(c[0].numel() * c.element_size() for c in codes)
+            print(
+                f"{fmt:>5} gate/up {str(gate_up):>44} down {str(down):>40} rel err {err:8.1e} {us:7.1f} us"
+                f" {nbytes / us / 1e3:6.0f} GB/s"
+            )
 
 
 def grouped():
@@ -139,7 +146,7 @@ def grouped():
         variants = [{}]
         if fmt == "int4":
             variants += [
-                dict(int4_halves=False),
+                dict(int4_halves=True),
                 dict(block_m=64, num_warps=4),
                 dict(block_m=64, block_n=128),
                 dict(num_stages=4),
