@@ -109,7 +109,13 @@ def row_scaled_gemv_fwd_kernel(
     wait_for_previous_kernel(PDL)
     # Split i_s covers [i_s * CHUNK, (i_s + 1) * CHUNK) of the width; the last one may run past D (masked).
     for d0 in range(0, CHUNK, BD * PIECES):
-        if CORES:
+        if CORES and not INT4:
+            # One token on the CUDA cores: the weights times x, summed along the rows.
+            o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
+            m_d = o_d < D
+            b_q = tl.load(p_q + o_d[None, :], mask=m_o[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+            b_rows += tl.sum(b_q * tl.load(x + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :], 1)
+        elif CORES:
             # One token, int4, on the CUDA cores: PIECES pieces of BD inputs, each in one group.
             k0 = i_s * CHUNK + d0
             o_b, m_b, b_even, b_odd = int4_piece_inputs(x, k0, D, BD, PIECES)
@@ -148,10 +154,10 @@ def row_scaled_gemv_fwd_kernel(
             b_q = tl.load(p_q + o_d[None, :], mask=m_o[:, None] & m_d[None, :], other=0.0).to(tl.float32)
             b_x = tl.load(p_x + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
             b_acc = tl.dot(b_q, tl.trans(b_x), b_acc, input_precision=PRECISION)
-    if SCALED:
-        b_acc *= tl.load(scale + o_o, mask=m_o, other=0.0)[:, None]
     if CORES:
         b_acc = tl.where(o_n[None, :] == 0, b_rows[:, None], 0.0)
+    if SCALED:
+        b_acc *= tl.load(scale + o_o, mask=m_o, other=0.0)[:, None]
     b_y = b_acc
     # out is [SPLIT, N, O]: fp32 partials, or y itself (in x's dtype) when there is one split.
     p_out = out + i_s.to(tl.int64) * N * O + o_n[None, :] * O + o_o[:, None]
@@ -186,7 +192,7 @@ def row_scaled_gemv_fwd_kernel(
 # No split (16 or 32 rows), 256-wide tiles and 8 warps were slower or no faster at every shape. A
 # [32, 128] fp8 tile is 4 KB per load; four stages keep 16 KB of each program's loads in flight.
 BLOCK_N = 16
-CONFIG = dict(block_o=32, block_d=128, num_warps=4, num_stages=4)
+CONFIG = dict(block_o=32, block_d=128, num_warps=4, num_stages=4, cores=False)
 # int4: 64 rows a block, measured on an H200 (2026-12-03, packaging/bench/gpu_checks/quant_kernels.py, one
 # token in a CUDA graph): 12288 x 2304 in 24.8 us against 36.2 with 32 rows; 16 rows or 8 warps were
 # twice as slow. Unpacking the codes, not reading them, bounds it (600 GB/s, fp8 1.56 TB/s).
@@ -194,9 +200,9 @@ CONFIG = dict(block_o=32, block_d=128, num_warps=4, num_stages=4)
 # no reordering of the tile in registers) and int4_operand "x" (bf16 dots, no conversion of the codes to
 # fp32) are the candidates against that bound, checked under the interpreter; the defaults stay the
 # measured form until gpu_checks/quant_kernels.py has timed them.
-# int4_cores (one token: the codes times x on the CUDA cores, tiles of block_d inputs made of pieces of
-# one group each, no tensor-core layout) is the third candidate.
-INT4_CONFIG = dict(block_o=64, int4_halves=False, int4_operand="fp32", int4_cores=False)
+# `cores` (one token: the weights times x on the CUDA cores, no tensor-core layout; int4 tiles of
+# block_d inputs made of pieces of one group each) is the third candidate, for every format.
+INT4_CONFIG = dict(block_o=64, int4_halves=False, int4_operand="fp32")
 # Programs the grid should reach: two per SM of a 132-SM H100, so that while one program waits on its
 # loads another one's are in flight on the same SM.
 MIN_PROGRAMS = 2 * 132
@@ -243,7 +249,7 @@ def int4_gemv(
     assert scale.shape == zero.shape and scale.shape[0] == O and D % scale.shape[1] == 0
     # A dot's tile of inputs lies inside one group; a CUDA-core tile (one token) is made of pieces that do.
     config = {**CONFIG, **INT4_CONFIG, **(config or {})}
-    if not (config["int4_cores"] and x.numel() == D):
+    if not (config["cores"] and x.numel() == D):
         config["block_d"] = int4_block(config["block_d"], D // scale.shape[1])
     return _gemv(x, packed, scale.contiguous(), zero.contiguous(), O, D, config, None)
 
@@ -268,12 +274,12 @@ def _gemv(x, q, scale, zero, O, D, config, out_dtype):
     if scale is not None and not int4:
         scale = scale.float().contiguous()
 
+    config = {**CONFIG, **(config or {})}
     BO, BD, n_o, splits, chunk = launch_shape(O, D, config)
-    cores = int4 and N == 1 and config.get("int4_cores", False)
-    BD, pieces = int4_pieces(BD, D // scale.shape[1]) if cores else (BD, 1)
+    cores = N == 1 and config["cores"]
+    BD, pieces = int4_pieces(BD, D // scale.shape[1]) if cores and int4 else (BD, 1)
     partials = y if splits == 1 else torch.empty(splits, N, O, dtype=torch.float32, device=x.device)
     counters = zeroed_counters(x.device, n_o) if splits > 1 else partials
-    config = {**CONFIG, **(config or {})}
     extra = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
     # TF32 multiplies exactly when neither operand has more than 10 mantissa bits; a float32 weight (the
     # router's) beside such an x takes three TF32 products (its high and low halves: 21 bits, fp32's

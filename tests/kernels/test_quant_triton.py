@@ -40,15 +40,16 @@ def reference_f64(x, q, scale):
     return x.double() @ (q.double() * scale.double()[:, None]).T
 
 
+@pytest.mark.parametrize("cores", [False, True], ids=["dots", "cores"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N", [1, 3, 16])
 @pytest.mark.parametrize("D,O", [(200, 70), (320, 960), (1000, 24)], ids=lambda x: str(x))
-def test_gemv_matches_float64(dtype, N, D, O):
+def test_gemv_matches_float64(dtype, N, D, O, cores):
     """D and O not multiples of the blocks (masked tiles). (200, 70): two row blocks, two splits of one
     width block. (320, 960): 15 row blocks, three splits. (1000, 24): one row block of 32 (O padded),
-    eight splits, the last one short."""
+    eight splits, the last one short. `cores`: one token takes the CUDA cores (more rows the dots)."""
     x, q, scale = make_inputs(N, D, O, dtype, seed=N * 7 + D + O)
-    got = row_scaled_gemv(x, q, scale)
+    got = row_scaled_gemv(x, q, scale, config={"cores": cores})
     assert got.dtype == dtype and got.shape == (N, O)
     assert rel_err(got, reference_f64(x, q, scale)) < TOLERANCE[dtype]
 
@@ -153,23 +154,24 @@ def test_unscaled_float32_weight_router_logits(monkeypatch, N):
 # -- int8 and int4 ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cores", [False, True], ids=["dots", "cores"])
 @pytest.mark.parametrize("N", [1, 5])
 @pytest.mark.parametrize("D,O", [(200, 70), (320, 960)], ids=lambda x: str(x))
-def test_int8_rows_take_the_same_kernel(N, D, O):
+def test_int8_rows_take_the_same_kernel(N, D, O, cores):
     from kimi_desk.kernels.quant import quantize_int8_rows
 
     gen = torch.Generator().manual_seed(D + N)
     q, scale = quantize_int8_rows(torch.randn(O, D, generator=gen))
     x = torch.randn(N, D, generator=gen).to(torch.bfloat16)
-    got = row_scaled_gemv(x, q, scale)
+    got = row_scaled_gemv(x, q, scale, config={"cores": cores})
     assert rel_err(got, reference_f64(x, q, scale)) < TOLERANCE[torch.bfloat16]
 
 
 INT4_FORMS = {
     "halves": {"int4_halves": True},
     "interleaved": {"int4_halves": False},
-    "cores": {"int4_cores": True},
-    "cores-wide": {"int4_cores": True, "block_d": 512},
+    "cores": {"cores": True},
+    "cores-wide": {"cores": True, "block_d": 512},
 }
 
 

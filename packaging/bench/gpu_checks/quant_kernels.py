@@ -44,18 +44,26 @@ def graph_us(fn):
 def gemvs():
     print("decode GEMV, one token, bf16 x (graph replay)")
     print(f"{'O x D':>14} {'fmt':>5} {'config':>34} {'rel err':>9} {'us':>7} {'GB/s':>6}")
+    # Every format: the dots (default) and the one-token CUDA-core form; int4 also its dot variants.
+    common = [
+        dict(),
+        dict(cores=True),
+        dict(cores=True, block_d=256),
+        dict(cores=True, block_d=512, block_o=16),
+        dict(cores=True, block_d=256, block_o=16, num_warps=8),
+    ]
     variants = [
         dict(),
         dict(int4_halves=True),
         dict(int4_operand="x"),
         dict(int4_halves=True, int4_operand="x"),
-        dict(int4_cores=True),
-        dict(int4_cores=True, block_o=32),
-        dict(int4_cores=True, block_o=16),
-        dict(int4_cores=True, block_d=256),
-        dict(int4_cores=True, block_d=512, block_o=16),
-        dict(int4_cores=True, block_d=512, block_o=32, num_warps=8),
-        dict(int4_cores=True, block_d=256, block_o=32, min_programs=528),
+        dict(cores=True),
+        dict(cores=True, block_o=32),
+        dict(cores=True, block_o=16),
+        dict(cores=True, block_d=256),
+        dict(cores=True, block_d=512, block_o=16),
+        dict(cores=True, block_d=512, block_o=32, num_warps=8),
+        dict(cores=True, block_d=256, block_o=32, min_programs=528),
         dict(block_o=16),
         dict(num_warps=8),
         dict(num_stages=3),
@@ -67,7 +75,7 @@ def gemvs():
             args, exact = quantized(fmt, w)
             want = x.double() @ exact.T
             nbytes = sum(a.numel() * a.element_size() for a in args)
-            for config in variants if fmt == "int4" else variants[:1]:
+            for config in variants if fmt == "int4" else common:
                 fn = (
                     (lambda: int4_gemv(x, *args, config=config))
                     if fmt == "int4"
