@@ -174,13 +174,18 @@ def moe_down_fwd_kernel(
 # and three other down shapes were no faster.
 GATE_UP_CONFIG = dict(block_i=16, block_d=256, num_warps=8)
 DOWN_CONFIG = dict(block_d=32, block_i=256, num_warps=4)
-# int4 (tiles of one group, 128 inputs at the 48B shapes), measured on an H200 (2026-12-03,
-# packaging/bench/gpu_checks/quant_kernels.py, one token in a CUDA graph): 67.3 us with the settings above,
-# 60.4 with 4 warps for gate/up, 56.7 with 64-row down blocks (fp8: 33.2 us).
-# An int4 tile's inputs (block_d of gate/up, block_i of down) may span several groups: PIECES pieces of
-# one group each (int4_tiles.int4_pieces), more bytes in flight per load.
-INT4_GATE_UP_CONFIG = {**GATE_UP_CONFIG, "num_warps": 4, "block_d": 128}
-INT4_DOWN_CONFIG = {**DOWN_CONFIG, "block_d": 64, "block_i": 128}
+# int4: a tile's inputs (block_d of gate/up, block_i of down) may span several groups, PIECES pieces of
+# one group each (int4_tiles.int4_pieces): more bytes a load, so more of them in flight. Measured on an
+# H100 (2026-12-06, packaging/bench/gpu_checks/quant_kernels.py, one token, 8 experts, graph replay):
+#   gate/up rows x inputs, warps   down rows x inputs, warps
+#   16 x 128, 4                    64 x 128, 4     58.4 us  (tiles of one group: 128 inputs)
+#   16 x 256, 4                    64 x 256, 4     46.4
+#   16 x 512, 4                    64 x 512, 4     43.2
+#   16 x 512, 8                    64 x 512, 8     50.9
+#    8 x 256, 4                    16 x 512, 4     41.9
+#   32 x 512, 8                    32 x 256, 4     39.9     (chosen; fp8 with its own tiles 39.5)
+INT4_GATE_UP_CONFIG = {**GATE_UP_CONFIG, "block_i": 32, "block_d": 512}
+INT4_DOWN_CONFIG = DOWN_CONFIG
 
 
 def routed_experts_gemv(x, ids, weights, w1, w2, w3, scales=None, out_dtype=torch.float32, configs=None):

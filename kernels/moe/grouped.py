@@ -47,7 +47,7 @@ import triton.language as tl
 
 from kimi_desk.kernels import dot_operand_dtype
 from kimi_desk.kernels.moe.naive import kernel_operands
-from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_code_halves, int4_codes
+from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_codes
 
 
 @triton.jit
@@ -66,20 +66,6 @@ def _load_tile(p, m_rows, m_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constex
 
 
 @triton.jit
-def _input_tiles(p_rows, m_rows, k0, K: tl.constexpr, BK: tl.constexpr, HALVES: tl.constexpr, OP_DT: tl.constexpr):
-    """Inputs k0 to k0 + BK of the rows at p_rows [BM, 1] in the dots' operand type: the tile [BM, BK] and
-    itself again, or (HALVES) its even and its odd inputs [BM, BK / 2]."""
-    if HALVES:
-        o_k = k0 + 2 * tl.arange(0, BK // 2)
-        b_even = _load_tile(p_rows + o_k[None, :], m_rows, o_k < K, True, K % BK != 0).to(OP_DT)
-        b_odd = _load_tile(p_rows + o_k[None, :] + 1, m_rows, o_k < K, True, K % BK != 0).to(OP_DT)
-        return b_even, b_odd
-    o_k = k0 + tl.arange(0, BK)
-    b_x = _load_tile(p_rows + o_k[None, :], m_rows, o_k < K, True, K % BK != 0).to(OP_DT)
-    return b_x, b_x
-
-
-@triton.jit
 def _row_block_pairs(i_b, i_e, order, block_start, pair_start, counts, BM: tl.constexpr):
     """Row block i_b of expert i_e: its BM pair ids (int64; 0 on padding rows) and which are real."""
     o_r = (i_b - tl.load(block_start + i_e)) * BM + tl.arange(0, BM)
@@ -91,7 +77,6 @@ def _row_block_pairs(i_b, i_e, order, block_start, pair_start, counts, BM: tl.co
 @triton.jit
 def _int4_tile_product(
     b_x,
-    b_x_odd,
     p_codes,
     p_scale,
     p_zero,
@@ -101,25 +86,16 @@ def _int4_tile_product(
     BN: tl.constexpr,
     OP_DT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HALVES: tl.constexpr,
 ):
     """x [BM, BK] @ W [BK, BN] for an int4 W tile inside one group of inputs: its bytes at p_codes
     ([BK / 2, BN], inputs along the rows), the columns' group scales and midpoints at p_scale, p_zero
-    [BN]. The codes' product with x, then the scale and the midpoint times x's row sums (int4_tiles.py).
-    HALVES: b_x and b_x_odd are x's even and odd inputs [BM, BK / 2], multiplied by the low and the high
-    codes (two dots, the tile never reordered); else b_x is the whole tile [BM, BK] (b_x_odd unused)."""
+    [BN]. The codes' product with x, then the scale and the midpoint times x's row sums (int4_tiles.py)."""
     b_p = tl.load(p_codes, mask=m_bytes[:, None] & m_cols[None, :], other=0)
     b_s = tl.load(p_scale, mask=m_cols, other=0.0).to(tl.float32)
     b_z = tl.load(p_zero, mask=m_cols, other=0.0).to(tl.float32)
-    if HALVES:
-        b_lo, b_hi = int4_code_halves(b_p)
-        b_dot = tl.dot(b_x, b_lo.to(OP_DT), input_precision=DOT_PRECISION)
-        b_dot = tl.dot(b_x_odd, b_hi.to(OP_DT), b_dot, input_precision=DOT_PRECISION)
-        b_sums = tl.sum(b_x.to(tl.float32), 1) + tl.sum(b_x_odd.to(tl.float32), 1)
-    else:
-        b_c = int4_codes(b_p, BK, BN, True).to(OP_DT)
-        b_dot = tl.dot(b_x, b_c, input_precision=DOT_PRECISION)
-        b_sums = tl.sum(b_x.to(tl.float32), 1)
+    b_c = int4_codes(b_p, BK, BN, True).to(OP_DT)
+    b_dot = tl.dot(b_x, b_c, input_precision=DOT_PRECISION)
+    b_sums = tl.sum(b_x.to(tl.float32), 1)
     return b_dot * b_s[None, :] + b_sums[:, None] * (b_z - CODE_OFFSET * b_s)[None, :]
 
 
@@ -137,7 +113,6 @@ def _program_tile(block_expert, COLS: tl.constexpr, BN: tl.constexpr):
 def _add_weight_tile(
     b_acc,
     b_x,
-    b_x_odd,
     p_w,
     s,
     z,
@@ -153,18 +128,16 @@ def _add_weight_tile(
     GROUP: tl.constexpr,
     OP_DT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HALVES: tl.constexpr,
 ):
     """b_acc [BM, BN] plus x's tile b_x [BM, BK] (inputs k0 to k0 + BK of K) times expert i_e's weight
     rows o_c (of COLS; p_w points at their starts) read as the columns of a [BK, BN] tile. int4: the
-    tile's bytes, with the group scales and midpoints s, z (_int4_tile_product; with HALVES, b_x and
-    b_x_odd are x's even and odd inputs)."""
+    tile's bytes, with the group scales and midpoints s, z (_int4_tile_product)."""
     if INT4:
         # BK inputs inside one group, BK / 2 bytes of each of the tile's columns (int4_tiles.py).
         o_b = k0 // 2 + tl.arange(0, BK // 2)
         p_g = (i_e * COLS + o_c) * (K // GROUP) + k0 // GROUP
         b_acc += _int4_tile_product(
-            b_x, b_x_odd, p_w + o_b[:, None], s + p_g, z + p_g, o_b < K // 2, m_c, BK, BN, OP_DT, DOT_PRECISION, HALVES
+            b_x, p_w + o_b[:, None], s + p_g, z + p_g, o_b < K // 2, m_c, BK, BN, OP_DT, DOT_PRECISION
         )
     else:
         o_k = k0 + tl.arange(0, BK)
@@ -200,7 +173,6 @@ def moe_grouped_gate_up_fwd_kernel(
     GROUP: tl.constexpr,
     OP_DT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HALVES: tl.constexpr,
 ):
     i_b, i_e, o_c, m_c = _program_tile(block_expert, I, BN)
     # Past the real number of row blocks (the grid is a bound): nothing to do.
@@ -218,31 +190,14 @@ def moe_grouped_gate_up_fwd_kernel(
     b_gate = tl.zeros([BM, BN], dtype=tl.float32)
     b_up = tl.zeros([BM, BN], dtype=tl.float32)
     for d0 in range(0, D, BK):
-        b_x, b_x_odd = _input_tiles(p_x, m_r, d0, D, BK, HALVES, OP_DT)
+        o_k = d0 + tl.arange(0, BK)
+        b_x = _load_tile(p_x + o_k[None, :], m_r, o_k < D, True, D % BK != 0).to(OP_DT)
         # w1[e]'s rows o_c read as the columns of a [BK, BN] tile: gate = x @ w1[e]^T.
         b_gate = _add_weight_tile(
-            b_gate,
-            b_x,
-            b_x_odd,
-            p_w1,
-            s1,
-            z1,
-            i_e,
-            o_c,
-            m_c,
-            d0,
-            D,
-            I,
-            BK,
-            BN,
-            INT4,
-            GROUP,
-            OP_DT,
-            DOT_PRECISION,
-            HALVES,
+            b_gate, b_x, p_w1, s1, z1, i_e, o_c, m_c, d0, D, I, BK, BN, INT4, GROUP, OP_DT, DOT_PRECISION
         )
         b_up = _add_weight_tile(
-            b_up, b_x, b_x_odd, p_w3, s3, z3, i_e, o_c, m_c, d0, D, I, BK, BN, INT4, GROUP, OP_DT, DOT_PRECISION, HALVES
+            b_up, b_x, p_w3, s3, z3, i_e, o_c, m_c, d0, D, I, BK, BN, INT4, GROUP, OP_DT, DOT_PRECISION
         )
     if SCALED:
         # fp8 rows: the scale once per output element, on the fp32 sum, before the nonlinearity.
@@ -277,7 +232,6 @@ def moe_grouped_down_fwd_kernel(
     GROUP: tl.constexpr,
     OP_DT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HALVES: tl.constexpr,
 ):
     i_b, i_e, o_c, m_c = _program_tile(block_expert, D, BN)
     if i_e >= n_experts:
@@ -288,27 +242,10 @@ def moe_grouped_down_fwd_kernel(
     p_w2 = w2 + i_e * (D * ROW) + o_c[None, :] * ROW
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
     for i0 in range(0, I, BK):
-        b_h, b_h_odd = _input_tiles(p_h, m_r, i0, I, BK, HALVES, OP_DT)
+        o_k = i0 + tl.arange(0, BK)
+        b_h = _load_tile(p_h + o_k[None, :], m_r, o_k < I, True, I % BK != 0).to(OP_DT)
         b_acc = _add_weight_tile(
-            b_acc,
-            b_h,
-            b_h_odd,
-            p_w2,
-            s2,
-            z2,
-            i_e,
-            o_c,
-            m_c,
-            i0,
-            I,
-            D,
-            BK,
-            BN,
-            INT4,
-            GROUP,
-            OP_DT,
-            DOT_PRECISION,
-            HALVES,
+            b_acc, b_h, p_w2, s2, z2, i_e, o_c, m_c, i0, I, D, BK, BN, INT4, GROUP, OP_DT, DOT_PRECISION
         )
     if SCALED:
         b_acc *= tl.load(s2 + i_e * D + o_c, mask=m_c, other=0.0)[None, :]
@@ -352,13 +289,12 @@ DEFAULT_CONFIG = dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stag
 # fp32 x: "ieee" dots run on the CUDA cores from registers and fp32 tiles take twice the shared memory,
 # so small blocks (tests and checks only; the model runs bf16 on a GPU). 4 warps spill with fp8 weights.
 FP32_CONFIG = dict(block_m=32, block_n=64, block_k=32, num_warps=8, num_stages=2)
-# int4 weights: the unpacked codes take registers; at 4 warps Triton 3.6 spills 800 bytes a program
-# (packaging/bench/gpu_checks/compile_sm90.py), at 8 none. On an H200 (2026-12-03, gpu_checks/quant_kernels.py,
-# 8192 tokens): 8.95 ms at block_k 64, 7.30 at 128 (fp8 3.52): unpacking bounds it.
-# int4_halves: x's even and odd inputs against the low and the high codes (two dots, the tile never
-# reordered in registers), the candidate against that bound; off until gpu_checks/quant_kernels.py has
-# timed it.
-INT4_CONFIG = {**DEFAULT_CONFIG, "num_warps": 8, "block_k": 128, "int4_halves": False}
+# int4 weights: the unpacked codes take registers; at 128 rows and 4 warps Triton 3.6 spills 800 bytes a
+# program (packaging/bench/gpu_checks/compile_sm90.py), at 8 none. 8192 tokens (gpu_checks/quant_kernels.py):
+# on an H200 (2026-12-03) 8.95 ms at block_k 64, 7.30 at 128 (fp8 3.52); on an H100 (2026-12-06) 7.43 ms
+# at 128 rows and 8 warps, 6.49 at 64 rows and 4 warps (chosen; fp8 3.57). Unpacking bounds it; the
+# codes as two halves against x's even and odd inputs (no reordering) took 38 ms.
+INT4_CONFIG = {**DEFAULT_CONFIG, "block_m": 64, "num_warps": 4, "block_k": 128}
 
 
 def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, config=None):
@@ -400,7 +336,6 @@ def routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=None, conf
         INT4=int4,
         OP_DT=dot_operand_dtype(x.dtype),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        HALVES=int4 and cfg.get("int4_halves", False),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -14,7 +14,9 @@ PyTorch form dequantizes first, writing and reading back float32 and x-dtype cop
    to 16: tl.dot's smallest shape), so every weight byte is read once whatever N is. Q is the dot's
    left operand (a "swap AB" product, [BO, BD] x [BD, BN]): the output rows fill the tensor core's M
    side, the few tokens its narrow N side. The row scale multiplies the fp32 sum at the end, once per
-   output element rather than once per weight.
+   output element rather than once per weight. One token of fp8, int8 or float rows (a decode step at
+   batch 1) takes the CUDA cores instead: each [BO, BD] tile times x, summed along its rows in fp32,
+   with no tensor-core operand layout to build and no padding to 16 tokens (ONE_TOKEN_CONFIG).
 2. Small O (the 48B model's O = 32, 128, 1024, 2304 at D = 2304 or 4096) gives too few row blocks to keep
    132 SMs reading, so the width is split too (split-K): each split writes fp32 partials [SPLIT, N, O],
    then counts itself done on its row block's counter; the split that finishes last sums the partials in
@@ -56,15 +58,7 @@ import triton.language as tl
 
 from kimi_desk.kernels import dot_operand_dtype, pdl_launch, zeroed_counters
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
-from kimi_desk.kernels.quant.int4_tiles import (
-    CODE_OFFSET,
-    int4_block,
-    int4_code_halves,
-    int4_codes,
-    int4_piece_inputs,
-    int4_piece_row_sums,
-    int4_pieces,
-)
+from kimi_desk.kernels.quant.int4_tiles import CODE_OFFSET, int4_block, int4_codes
 
 
 @triton.jit
@@ -90,10 +84,8 @@ def row_scaled_gemv_fwd_kernel(
     SCALED: tl.constexpr,
     INT4: tl.constexpr,
     GROUP: tl.constexpr,
-    HALVES: tl.constexpr,
     OP_DT: tl.constexpr,
     CORES: tl.constexpr,
-    PIECES: tl.constexpr,
 ):
     i_o, i_s = tl.program_id(0), tl.program_id(1)
     o_o = i_o * BO + tl.arange(0, BO)
@@ -108,45 +100,26 @@ def row_scaled_gemv_fwd_kernel(
     b_rows = tl.zeros([BO], dtype=tl.float32)
     wait_for_previous_kernel(PDL)
     # Split i_s covers [i_s * CHUNK, (i_s + 1) * CHUNK) of the width; the last one may run past D (masked).
-    for d0 in range(0, CHUNK, BD * PIECES):
-        if CORES and not INT4:
+    for d0 in range(0, CHUNK, BD):
+        if CORES:
             # One token on the CUDA cores: the weights times x, summed along the rows.
             o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
             m_d = o_d < D
             b_q = tl.load(p_q + o_d[None, :], mask=m_o[:, None] & m_d[None, :], other=0.0).to(tl.float32)
             b_rows += tl.sum(b_q * tl.load(x + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :], 1)
-        elif CORES:
-            # One token, int4, on the CUDA cores: PIECES pieces of BD inputs, each in one group.
-            k0 = i_s * CHUNK + d0
-            o_b, m_b, b_even, b_odd = int4_piece_inputs(x, k0, D, BD, PIECES)
-            o_piece = k0 + tl.arange(0, PIECES) * BD
-            p_g = o_o.to(tl.int64)[:, None] * (D // GROUP) + (o_piece // GROUP)[None, :]
-            p_b = p_q[:, :, None] + o_b[None, :, :]
-            b_rows += int4_piece_row_sums(p_b, scale + p_g, zero + p_g, m_o, o_piece < D, m_b, b_even, b_odd)
         elif INT4:
-            # BD inputs are BD / 2 bytes, all in one group: the codes' dot with x, then the group's
-            # scale and midpoint per row (int4_tiles.py).
+            # BD inputs are BD / 2 bytes, all in one group: the codes' dot with x (in x's type: 128 + q is
+            # exact in bf16), then the group's scale and midpoint per row (int4_tiles.py).
             o_b = (i_s * CHUNK + d0) // 2 + tl.arange(0, BD // 2)
             b_p = tl.load(p_q + o_b[None, :], mask=m_o[:, None] & (o_b < D // 2)[None, :], other=0)
             p_g = o_o.to(tl.int64) * (D // GROUP) + (i_s * CHUNK + d0) // GROUP
             b_s = tl.load(scale + p_g, mask=m_o, other=0.0).to(tl.float32)
             b_z = tl.load(zero + p_g, mask=m_o, other=0.0).to(tl.float32)
-            if HALVES:
-                # The low codes against the even inputs, the high codes against the odd ones: two dots
-                # of half the width, and the tile never reordered in registers.
-                m_x = m_n[:, None] & (o_b < D // 2)[None, :]
-                b_xe = tl.load(p_x + 2 * o_b[None, :], mask=m_x, other=0.0)
-                b_xo = tl.load(p_x + 2 * o_b[None, :] + 1, mask=m_x, other=0.0)
-                b_lo, b_hi = int4_code_halves(b_p)
-                b_dot = tl.dot(b_lo.to(OP_DT), tl.trans(b_xe.to(OP_DT)), input_precision=PRECISION)
-                b_dot = tl.dot(b_hi.to(OP_DT), tl.trans(b_xo.to(OP_DT)), b_dot, input_precision=PRECISION)
-                b_sum = tl.sum(b_xe.to(tl.float32), 1) + tl.sum(b_xo.to(tl.float32), 1)
-            else:
-                o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
-                b_x = tl.load(p_x + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.0)
-                b_c = int4_codes(b_p, BO, BD, False).to(OP_DT)
-                b_dot = tl.dot(b_c, tl.trans(b_x.to(OP_DT)), input_precision=PRECISION)
-                b_sum = tl.sum(b_x.to(tl.float32), 1)
+            o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
+            b_x = tl.load(p_x + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.0)
+            b_c = int4_codes(b_p, BO, BD, False).to(OP_DT)
+            b_dot = tl.dot(b_c, tl.trans(b_x.to(OP_DT)), input_precision=PRECISION)
+            b_sum = tl.sum(b_x.to(tl.float32), 1)
             b_acc += b_s[:, None] * b_dot + (b_z - CODE_OFFSET * b_s)[:, None] * b_sum[None, :]
         else:
             o_d = i_s * CHUNK + d0 + tl.arange(0, BD)
@@ -193,16 +166,24 @@ def row_scaled_gemv_fwd_kernel(
 # [32, 128] fp8 tile is 4 KB per load; four stages keep 16 KB of each program's loads in flight.
 BLOCK_N = 16
 CONFIG = dict(block_o=32, block_d=128, num_warps=4, num_stages=4, cores=False)
-# int4: 64 rows a block, measured on an H200 (2026-12-03, packaging/bench/gpu_checks/quant_kernels.py, one
-# token in a CUDA graph): 12288 x 2304 in 24.8 us against 36.2 with 32 rows; 16 rows or 8 warps were
-# twice as slow. Unpacking the codes, not reading them, bounds it (600 GB/s, fp8 1.56 TB/s).
-# int4_halves (the low codes against the even inputs and the high codes against the odd ones, two dots,
-# no reordering of the tile in registers) and int4_operand "x" (bf16 dots, no conversion of the codes to
-# fp32) are the candidates against that bound, checked under the interpreter; the defaults stay the
-# measured form until gpu_checks/quant_kernels.py has timed them.
-# `cores` (one token: the weights times x on the CUDA cores, no tensor-core layout; int4 tiles of
-# block_d inputs made of pieces of one group each) is the third candidate, for every format.
-INT4_CONFIG = dict(block_o=64, int4_halves=False, int4_operand="fp32")
+# One token (a decode step at batch 1) of fp8, int8 or float rows: on the CUDA cores, 16 rows by 512
+# inputs a tile. Measured on an H100 (2026-12-06, packaging/bench/gpu_checks/quant_kernels.py, graph
+# replay), against the dots above:
+#   weight [O, D]     fp8 dots  fp8 cores   int8 dots  int8 cores
+#   12288 x 2304      20.4 us   19.4        26.2       20.6
+#    6464 x 2304      15.6      13.9        20.5       15.3
+#    2304 x 4096      13.2      12.3        16.7       13.4
+#    2304 x 2304      11.2      10.1        12.8       10.8
+#  163840 x 2304     150.4     136.8       227.1      143.3      (the output head)
+ONE_TOKEN_CONFIG = dict(cores=True, block_o=16, block_d=512)
+# int4: 64 rows a block, the codes (128 + q, exact in bf16) multiplied by x in x's own type. On an H100
+# (2026-12-06, the same check), one token: 21.2 / 16.3 / 13.4 / 10.4 / 132.9 us at the five shapes above,
+# against 38.4 / 28.4 / 22.0 / 14.9 / 386.3 with the codes and x converted to fp32 first, 25.3 / 19.1 /
+# 15.5 / 11.7 / 201.9 as two halves of codes against x's even and odd inputs, and 21.8 / 16.3 / 13.2 /
+# 11.1 / 137.1 on the CUDA cores (tiles of 256 inputs): the dots, the simplest, stay. On an H200
+# (2026-12-03) 64 rows took 24.8 us at 12288 x 2304 against 36.2 with 32; 16 rows or 8 warps were
+# twice as slow.
+INT4_CONFIG = dict(block_o=64)
 # Programs the grid should reach: two per SM of a 132-SM H100, so that while one program waits on its
 # loads another one's are in flight on the same SM.
 MIN_PROGRAMS = 2 * 132
@@ -247,17 +228,10 @@ def int4_gemv(
     [O, D / 2] uint8, scale and zero [O, D / g] bf16. Returns [..., O] in x's dtype."""
     O, D = packed.shape[0], packed.shape[1] * 2
     assert scale.shape == zero.shape and scale.shape[0] == O and D % scale.shape[1] == 0
-    # A dot's tile of inputs lies inside one group; a CUDA-core tile (one token) is made of pieces that do.
+    # A tile of inputs lies inside one group.
     config = {**CONFIG, **INT4_CONFIG, **(config or {})}
-    if not (config["cores"] and x.numel() == D):
-        config["block_d"] = int4_block(config["block_d"], D // scale.shape[1])
+    config["block_d"] = int4_block(config["block_d"], D // scale.shape[1])
     return _gemv(x, packed, scale.contiguous(), zero.contiguous(), O, D, config, None)
-
-
-def int4_operand_dtype(x_dtype: torch.dtype, operand: str):
-    """The int4 dots' operand type: "x" multiplies the codes (bf16 128 + q, exact in bf16 and fp16)
-    by x in x's own type, "fp32" converts both to fp32 first (TF32 products: the same exact numbers)."""
-    return dot_operand_dtype(x_dtype) if operand == "x" else tl.float32
 
 
 def _gemv(x, q, scale, zero, O, D, config, out_dtype):
@@ -274,17 +248,16 @@ def _gemv(x, q, scale, zero, O, D, config, out_dtype):
     if scale is not None and not int4:
         scale = scale.float().contiguous()
 
-    config = {**CONFIG, **(config or {})}
+    config = {**CONFIG, **(ONE_TOKEN_CONFIG if N == 1 and not int4 else {}), **(config or {})}
     BO, BD, n_o, splits, chunk = launch_shape(O, D, config)
-    cores = N == 1 and config["cores"]
-    BD, pieces = int4_pieces(BD, D // scale.shape[1]) if cores and int4 else (BD, 1)
+    cores = N == 1 and config["cores"] and not int4
     partials = y if splits == 1 else torch.empty(splits, N, O, dtype=torch.float32, device=x.device)
     counters = zeroed_counters(x.device, n_o) if splits > 1 else partials
     extra = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
     # TF32 multiplies exactly when neither operand has more than 10 mantissa bits; a float32 weight (the
     # router's) beside such an x takes three TF32 products (its high and low halves: 21 bits, fp32's
-    # accuracy); a float32 x takes fp32 products on the CUDA cores. int4 weights, dequantized in float32
-    # registers, are rounded to TF32 (10 bits; the PyTorch path rounds them to bf16's 7).
+    # accuracy); a float32 x takes fp32 products on the CUDA cores. int4 codes meet x in x's own type
+    # (exact products). The CUDA-core form multiplies in fp32 whatever the types.
     narrow = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8, torch.uint8)
     precision = "ieee" if x.dtype not in narrow else "tf32" if q.dtype in narrow else "tf32x3"
     row_scaled_gemv_fwd_kernel[(n_o, splits)](
@@ -308,10 +281,8 @@ def _gemv(x, q, scale, zero, O, D, config, out_dtype):
         SCALED=scale is not None and not int4,
         INT4=int4,
         GROUP=D // scale.shape[1] if int4 else 1,
-        HALVES=int4 and config.get("int4_halves", False),
-        OP_DT=int4_operand_dtype(x.dtype, config.get("int4_operand", "fp32")) if int4 else tl.float32,
+        OP_DT=dot_operand_dtype(x.dtype) if int4 else tl.float32,
         CORES=cores,
-        PIECES=pieces,
         **pdl_launch(x),
         **extra,
     )

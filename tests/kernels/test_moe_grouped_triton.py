@@ -82,19 +82,15 @@ def test_fp8_experts_match_float64_and_torch(N, E, k, D, I, dtype, config):
     assert rel_err(got, want) < FP8_TORCH_PATH_TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize(
-    "fmt,halves", [("int8", False), ("int4", True), ("int4", False)], ids=["int8", "int4", "int4-interleaved"]
-)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N,E,k,D,I", [(40, 6, 3, 128, 64), (70, 8, 2, 320, 96)], ids=lambda x: str(x))
-def test_int8_and_int4_experts_match_float64_and_torch(fmt, halves, N, E, k, D, I, dtype):
-    """int4 tiles unpacked and dequantized in registers, groups of 128/64 (D) and 64/32 (I); the codes as
-    two halves against x's even and odd inputs, or interleaved in input order."""
+def test_int8_and_int4_experts_match_float64_and_torch(fmt, N, E, k, D, I, dtype):
+    """int4 tiles unpacked and dequantized in registers, groups of 128/64 (D) and 64/32 (I)."""
     x, ids, weights, w1, w2, w3 = make_inputs(N, E, k, D, I, torch.float32, seed=N * 11 + D)
     codes, scales, exact = quantize_experts(w1, w2, w3, fmt)
     x = x.to(dtype)
-    config = {**SMALL_TILES, "block_k": 32, "int4_halves": halves}
-    got = routed_experts_grouped_triton(x, ids, weights, *codes, scales=scales, config=config)
+    got = routed_experts_grouped_triton(x, ids, weights, *codes, scales=scales, config={**SMALL_TILES, "block_k": 32})
     assert got.dtype == torch.float32 and got.shape == (N, D)
     assert rel_err(got, reference_f64(x, ids, weights, *exact)) < FP8_TOLERANCE[dtype] * (3 if fmt == "int4" else 1)
     want = routed_experts_grouped(x, ids, weights, *codes, scales=scales)

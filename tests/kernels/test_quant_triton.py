@@ -167,23 +167,12 @@ def test_int8_rows_take_the_same_kernel(N, D, O, cores):
     assert rel_err(got, reference_f64(x, q, scale)) < TOLERANCE[torch.bfloat16]
 
 
-INT4_FORMS = {
-    "halves": {"int4_halves": True},
-    "interleaved": {"int4_halves": False},
-    "cores": {"cores": True},
-    "cores-wide": {"cores": True, "block_d": 512},
-}
-
-
-@pytest.mark.parametrize("form", INT4_FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N", [1, 16])
 @pytest.mark.parametrize("D,O,group", [(256, 70, 128), (320, 960, 64), (1120, 24, 32)], ids=lambda x: str(x))
-def test_int4_gemv_matches_float64(dtype, N, D, O, group, form):
+def test_int4_gemv_matches_float64(dtype, N, D, O, group):
     """int4 groups of 128, 64 and 32 inputs; O not a multiple of the row block, splits of the width
-    cutting through groups (1120 = 35 groups of 32 in 9 splits); the tile's codes as two halves against
-    the even and odd inputs, or interleaved in input order; one token on the CUDA cores, in tiles of
-    one group or of several (cores-wide: 512 inputs, the last tile of a split partly past D)."""
+    cutting through groups (1120 = 35 groups of 32 in 9 splits)."""
     from kimi_desk.kernels.quant import dequantize_int4_groups, int4_linear, quantize_int4_groups
     from kimi_desk.kernels.quant.gemv import int4_gemv
 
@@ -192,8 +181,7 @@ def test_int4_gemv_matches_float64(dtype, N, D, O, group, form):
     packed, scale, zero = quantize_int4_groups(w, group)
     x = torch.randn(N, D, generator=gen).to(dtype)
     want = x.double() @ dequantize_int4_groups(packed, scale, zero, torch.float64).T
-    got = int4_gemv(x, packed, scale, zero, config=INT4_FORMS[form])
+    got = int4_gemv(x, packed, scale, zero)
     assert got.dtype == dtype and got.shape == (N, O)
-    # The dequantized weights are rounded to TF32 for the dot (2^-11 relative each).
     assert rel_err(got, want) < {torch.float32: 2e-3, torch.bfloat16: 4e-3}[dtype]
     assert rel_err(int4_linear(x, packed, scale, zero), want) < 1e-2  # the dispatch (CPU: PyTorch)

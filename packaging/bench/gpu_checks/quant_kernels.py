@@ -44,29 +44,20 @@ def graph_us(fn):
 def gemvs():
     print("decode GEMV, one token, bf16 x (graph replay)")
     print(f"{'O x D':>14} {'fmt':>5} {'config':>34} {'rel err':>9} {'us':>7} {'GB/s':>6}")
-    # Every format: the dots (default) and the one-token CUDA-core form; int4 also its dot variants.
+    # fp8 and int8: the one-token CUDA-core form (default) beside the dots; int4: its dots' tile shapes.
     common = [
         dict(),
-        dict(cores=True),
-        dict(cores=True, block_d=256),
-        dict(cores=True, block_d=512, block_o=16),
-        dict(cores=True, block_d=256, block_o=16, num_warps=8),
+        dict(cores=False, block_o=32, block_d=128),
+        dict(block_d=256),
+        dict(block_o=32),
+        dict(block_d=256, block_o=16, num_warps=8),
     ]
     variants = [
         dict(),
-        dict(int4_halves=True),
-        dict(int4_operand="x"),
-        dict(int4_halves=True, int4_operand="x"),
-        dict(cores=True),
-        dict(cores=True, block_o=32),
-        dict(cores=True, block_o=16),
-        dict(cores=True, block_d=256),
-        dict(cores=True, block_d=512, block_o=16),
-        dict(cores=True, block_d=512, block_o=32, num_warps=8),
-        dict(cores=True, block_d=256, block_o=32, min_programs=528),
-        dict(block_o=16),
-        dict(num_warps=8),
+        dict(block_o=32),
+        dict(block_o=128, num_warps=8),
         dict(num_stages=3),
+        dict(min_programs=528),
     ]
     for O, D in [(12288, 2304), (6464, 2304), (2304, 4096), (2304, 2304), (163840, 2304)]:
         w = torch.randn(O, D, device="cuda")
@@ -112,13 +103,11 @@ def moe():
         if fmt == "int4":
             # Tiles of several groups (block_d of gate/up, block_i of down: 128 inputs a group here).
             variants += [
-                (dict(block_d=256), dict(block_i=256)),
-                (dict(block_d=512), dict(block_i=512)),
-                (dict(block_d=512, num_warps=8), dict(block_i=512, num_warps=8)),
-                (dict(block_d=1024, num_warps=8), dict(block_i=1024, num_warps=8)),
-                (dict(block_d=512, block_i=32, num_warps=8), dict(block_i=256, block_d=32)),
-                (dict(block_d=256, block_i=8), dict(block_i=512, block_d=16)),
-                (dict(block_d=2048, block_i=8, num_warps=8), dict(block_i=1024, block_d=16, num_warps=8)),
+                (dict(block_d=128, block_i=16, num_warps=4), dict(block_i=128, block_d=64)),
+                (dict(block_i=64), {}),
+                (dict(block_d=1024), dict(block_i=512)),
+                (dict(block_i=16, block_d=1024), dict(block_d=16, block_i=512)),
+                ({}, dict(block_d=64, num_warps=8)),
             ]
         for gate_up, down in variants:
             fn = lambda: moe_gemv.routed_experts_gemv(x, ids, weights, *codes, scales=scales, configs=(gate_up, down))  # noqa: E731
@@ -154,8 +143,7 @@ def grouped():
         variants = [{}]
         if fmt == "int4":
             variants += [
-                dict(int4_halves=True),
-                dict(block_m=64, num_warps=4),
+                dict(block_m=128, num_warps=8),
                 dict(block_m=64, block_n=128),
                 dict(num_stages=4),
                 dict(num_warps=4),
