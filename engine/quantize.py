@@ -6,7 +6,10 @@ ask):
   the format asked for;
 - with int4, KDA's gate projections (the low-rank f/g halves) and beta take int8: small (about 1% of a
   layer) and they set how fast each channel forgets, so 4-bit errors there would compound over a whole
-  document;
+  document; so do the attention layers' query and key projections and the dense MLP of the first
+  layer, the matrices the demo model's held-out perplexity is most sensitive to (BENCHMARKS.md, weight
+  formats). They are read every token but are a small part of the 48B model: its routed experts, over
+  90% of its weights, stay int4;
 - with int8 and int4, the embedding takes int8 (a token reads one row of it); the output head takes
   the format asked for, int4 in groups of 32 (HEAD_INT4_GROUP) rather than the layers' 128: it is read
   whole every token (in int8 it was 40% of what an int4 decode step of the 48B shapes reads on a CPU),
@@ -54,8 +57,9 @@ BYTES_PER_WEIGHT = {"fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4 / 64}
 
 # Projections read as matrices rather than through a linear call: never quantized.
 _KEPT_PROJECTIONS = ("kv_b_proj",)
-# KDA's gate projections and beta: int8 where the rest is int4.
-_GATE_PROJECTIONS = ("f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj", "b_proj")
+# int8 where the rest is int4 (the module's text says why): KDA's gate projections and beta, the
+# attention layers' queries and keys, and (by its ".mlp." name) the dense MLP of the first layer.
+_INT8_UNDER_INT4 = ("f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj", "b_proj", "q_proj", "k_proj")
 _HEAD = "lm_head.weight"
 _ENDS = ("model.embed_tokens.weight", _HEAD)
 # The output head's int4 groups: finer than the layers' 128 (the module's text says why).
@@ -78,7 +82,9 @@ def weight_format(name: str, method: str | None) -> str | None:
     leaf = name.removesuffix(".weight").rsplit(".", 1)[-1]
     if not name.endswith(".weight") or "_proj" not in leaf or leaf in _KEPT_PROJECTIONS:
         return None
-    return "int8" if method == "int4" and leaf in _GATE_PROJECTIONS else method
+    if method == "int4" and (leaf in _INT8_UNDER_INT4 or ".mlp." in name):
+        return "int8"
+    return method
 
 
 def int4_group(name: str, width: int) -> int | None:

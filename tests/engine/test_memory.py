@@ -60,7 +60,7 @@ def test_a_refusal_names_the_smallest_format_that_fits_here():
     text = one_line(refused)
     assert text.startswith("Kimi-Linear-48B-A3B needs about 9")  # ~95 GiB with the working set
     assert "in bfloat16 (92 GiB of weights); this machine has 37 GiB available." in text
-    assert "With --quantize int4 it needs about 27 GiB" in text and "which fits here" in text
+    assert "With --quantize int4 it needs about 28 GiB" in text and "which fits here" in text
 
 
 def test_a_refusal_where_nothing_fits_says_where_the_smallest_would():

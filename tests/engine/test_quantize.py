@@ -124,6 +124,30 @@ def test_int4_keeps_the_embedding_in_int8_and_the_head_in_finer_groups():
     assert int4_group("model.layers.1.mlp.experts.w1", 2304) == 128
 
 
+@pytest.mark.parametrize(
+    "name,want",
+    [
+        ("model.layers.1.self_attn.q_proj.weight", "int8"),
+        ("model.layers.1.self_attn.k_proj.weight", "int8"),
+        ("model.layers.1.self_attn.f_a_proj.weight", "int8"),
+        ("model.layers.0.mlp.gate_proj.weight", "int8"),
+        ("model.layers.0.mlp.down_proj.weight", "int8"),
+        ("model.layers.1.self_attn.v_proj.weight", "int4"),
+        ("model.layers.1.self_attn.o_proj.weight", "int4"),
+        ("model.layers.3.self_attn.kv_a_proj_with_mqa.weight", "int4"),
+        ("model.layers.1.block_sparse_moe.shared_experts.gate_proj.weight", "int4"),
+        ("model.layers.1.block_sparse_moe.experts.0.w1.weight", "int4"),
+    ],
+)
+def test_int4_keeps_the_sensitive_projections_in_int8(name, want):
+    """Under int4: KDA's gates and beta, the attention's queries and keys and the dense MLP take int8;
+    values, outputs, latents, shared and routed experts int4. Under int8 everything is int8."""
+    from kimi_desk.engine.quantize import weight_format
+
+    assert weight_format(name, "int4") == want
+    assert weight_format(name, "int8") == "int8"
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_int_models_equal_the_model_with_dequantized_weights(tail7_checkpoint, method):
     """int8 and int4 (the CPU's kernels: int4 rounds each product's activations to int8) against the same
