@@ -101,54 +101,58 @@ def fp8_gemv():
 
 
 def quant_formats():
-    """The int8 and int4 variants of the decode GEMV, the MoE GEMV and the grouped GEMM, at the 48B shapes."""
-    from kimi_desk.kernels.moe.gemv import DOWN_CONFIG, GATE_UP_CONFIG, moe_down_fwd_kernel, moe_gate_up_fwd_kernel
-    from kimi_desk.kernels.moe.grouped import (
-        DEFAULT_CONFIG,
-        moe_grouped_down_fwd_kernel,
-        moe_grouped_gate_up_fwd_kernel,
-    )
-    from kimi_desk.kernels.quant.gemv import CONFIG, row_scaled_gemv_fwd_kernel
+    """The fp8, int8 and int4 variants of the decode GEMV (one token: the CUDA-core form for fp8 and int8),
+    the MoE GEMV and the grouped GEMM, at the 48B shapes, each at its launcher's settings."""
+    from kimi_desk.kernels.moe import gemv as moe_gemv
+    from kimi_desk.kernels.moe import grouped
+    from kimi_desk.kernels.quant import gemv
+    from kimi_desk.kernels.quant.int4_tiles import int4_pieces
 
     D, I, O = 2304, 1024, 4096
-    for fmt, code, scale in (("int8", "*i8", "*fp32"), ("int4", "*u8", "*bf16")):
+    for fmt, code, scale in (("fp8", "*fp8e4nv", "*fp32"), ("int8", "*i8", "*fp32"), ("int4", "*u8", "*bf16")):
         int4 = fmt == "int4"
         group = dict(INT4=int4, GROUP=128 if int4 else 1, SCALED=not int4)
+        config = {**gemv.CONFIG, **(gemv.INT4_CONFIG if int4 else gemv.ONE_TOKEN_CONFIG)}
         const = dict(
             D=D,
             O=O,
-            CHUNK=256,
-            SPLITS=4,
-            BN=16,
-            BO=CONFIG["block_o"],
-            BD=CONFIG["block_d"],
+            CHUNK=4 * config["block_d"],
+            SPLITS=2,
+            BN=gemv.BLOCK_N,
+            BO=config["block_o"],
+            BD=min(config["block_d"], 128) if int4 else config["block_d"],
             PRECISION="tf32",
             PDL=True,
+            OP_DT=tl.bfloat16 if int4 else tl.float32,
+            CORES=config["cores"] and not int4,
             **group,
         )
         report(
-            f"{fmt} gemv O={O} D={D}",
+            f"{fmt} gemv O={O} D={D}, one token",
             compile_sm90(
-                row_scaled_gemv_fwd_kernel,
+                gemv.row_scaled_gemv_fwd_kernel,
                 dict(x="*bf16", q=code, scale=scale, zero="*bf16", out="*fp32", y="*bf16", counter="*i32"),
                 dict(N="i32", stride_x="i32"),
                 const,
-                CONFIG["num_warps"],
-                CONFIG["num_stages"],
+                config["num_warps"],
+                config["num_stages"],
             ),
         )
+        up, down = (
+            (moe_gemv.INT4_GATE_UP_CONFIG, moe_gemv.INT4_DOWN_CONFIG)
+            if int4
+            else (moe_gemv.GATE_UP_CONFIG, moe_gemv.DOWN_CONFIG)
+        )
+        block_d, pieces = int4_pieces(up["block_d"], 128) if int4 else (up["block_d"], 1)
         pointers = dict(x="*bf16", ids="*i64", w1=code, w3=code, s1=scale, s3=scale, z1="*bf16", z3="*bf16", h="*fp32")
-        const = dict(D=D, I=I, BI=GATE_UP_CONFIG["block_i"], BD=GATE_UP_CONFIG["block_d"], PDL=True, **group)
+        const = dict(D=D, I=I, BI=up["block_i"], BD=block_d, PIECES=pieces, PDL=True, **group)
         report(
             f"{fmt} moe gate/up gemv",
             compile_sm90(
-                moe_gate_up_fwd_kernel,
-                pointers,
-                dict(n_chosen="i32", stride_we="i64"),
-                const,
-                GATE_UP_CONFIG["num_warps"],
+                moe_gemv.moe_gate_up_fwd_kernel, pointers, dict(n_chosen="i32", stride_we="i64"), const, up["num_warps"]
             ),
         )
+        block_i, pieces = int4_pieces(down["block_i"], 128) if int4 else (down["block_i"], 1)
         pointers = dict(
             h="*fp32",
             ids="*i64",
@@ -160,18 +164,19 @@ def quant_formats():
             out="*bf16",
             counter="*i32",
         )
-        const = dict(D=D, I=I, BD=DOWN_CONFIG["block_d"], BI=DOWN_CONFIG["block_i"], PDL=True, **group)
+        const = dict(D=D, I=I, BD=down["block_d"], BI=block_i, PIECES=pieces, PDL=True, **group)
         report(
             f"{fmt} moe down gemv",
             compile_sm90(
-                moe_down_fwd_kernel, pointers, dict(n_chosen="i32", stride_we="i64"), const, DOWN_CONFIG["num_warps"]
+                moe_gemv.moe_down_fwd_kernel, pointers, dict(n_chosen="i32", stride_we="i64"), const, down["num_warps"]
             ),
         )
+        config = grouped.INT4_CONFIG if int4 else grouped.DEFAULT_CONFIG
         route = dict(order="*i64", block_expert="*i64", block_start="*i64", pair_start="*i64", counts="*i64")
         common = dict(
-            BM=DEFAULT_CONFIG["block_m"],
-            BN=DEFAULT_CONFIG["block_n"],
-            BK=DEFAULT_CONFIG["block_k"],
+            BM=config["block_m"],
+            BN=config["block_n"],
+            BK=config["block_k"],
             OP_DT=tl.bfloat16,
             DOT_PRECISION="tf32",
             **group,
@@ -180,24 +185,24 @@ def quant_formats():
         report(
             f"{fmt} grouped gate/up",
             compile_sm90(
-                moe_grouped_gate_up_fwd_kernel,
+                grouped.moe_grouped_gate_up_fwd_kernel,
                 pointers,
                 dict(n_chosen="i32", n_experts="i32"),
                 dict(D=D, I=I, **common),
-                DEFAULT_CONFIG["num_warps"],
-                DEFAULT_CONFIG["num_stages"],
+                config["num_warps"],
+                config["num_stages"],
             ),
         )
         pointers = dict(h="*bf16", w2=code, s2=scale, z2="*bf16", weights="*fp32", y="*fp32", **route)
         report(
             f"{fmt} grouped down",
             compile_sm90(
-                moe_grouped_down_fwd_kernel,
+                grouped.moe_grouped_down_fwd_kernel,
                 pointers,
                 dict(n_experts="i32"),
                 dict(D=D, I=I, **common),
-                DEFAULT_CONFIG["num_warps"],
-                DEFAULT_CONFIG["num_stages"],
+                config["num_warps"],
+                config["num_stages"],
             ),
         )
 
