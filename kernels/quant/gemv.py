@@ -214,8 +214,8 @@ def row_scaled_gemv(
     out_dtype (default x's dtype). With scale None, q may be any float weight (the router's fp32
     logits: x @ q^T).
 
-    `config` overrides the launch settings (block_o, block_d, num_warps, num_stages, min_programs),
-    for the GPU checks' comparisons."""
+    `config` overrides the launch settings (block_o, block_d, num_warps, num_stages, min_programs, and
+    `cores` for one token), for the GPU checks' comparisons."""
     O, D = q.shape
     assert scale is None or scale.shape == (O,)
     return _gemv(x, q, scale, None, O, D, config, out_dtype)

@@ -106,7 +106,7 @@ def quant_formats():
     from kimi_desk.kernels.moe import gemv as moe_gemv
     from kimi_desk.kernels.moe import grouped
     from kimi_desk.kernels.quant import gemv
-    from kimi_desk.kernels.quant.int4_tiles import int4_pieces
+    from kimi_desk.kernels.quant.int4_tiles import int4_block, int4_pieces
 
     D, I, O = 2304, 1024, 4096
     for fmt, code, scale in (("fp8", "*fp8e4nv", "*fp32"), ("int8", "*i8", "*fp32"), ("int4", "*u8", "*bf16")):
@@ -120,7 +120,7 @@ def quant_formats():
             SPLITS=2,
             BN=gemv.BLOCK_N,
             BO=config["block_o"],
-            BD=min(config["block_d"], 128) if int4 else config["block_d"],
+            BD=int4_block(config["block_d"], 128) if int4 else config["block_d"],
             PRECISION="tf32",
             PDL=True,
             OP_DT=tl.bfloat16 if int4 else tl.float32,
