@@ -163,8 +163,9 @@ def filter_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
         return probs
     sorted_probs, order = torch.sort(probs, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    # The first token's mass before it is exactly 0 and p > 0, so the most probable token always stays
+    # (no item assignment here: on a GPU it copies a host scalar, which a CUDA graph cannot record).
     drop_sorted = mass_before >= p
-    drop_sorted[0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return probs.masked_fill(drop, 0.0)
 

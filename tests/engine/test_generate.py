@@ -127,6 +127,31 @@ def test_filters_and_penalty():
     assert sample_token(logits, Sampling(0.0, repetition_penalty=2.0), seen=seen) == 1
 
 
+def test_choosing_a_token_takes_no_host_value():
+    """A CUDA graph records choose_token; a host scalar copied into a device tensor (item assignment
+    such as `t[0] = False` does that on a GPU) cannot be recorded. The ops that bring a host value in
+    are scalar_tensor, lift_fresh and copy_: none may run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kimi_desk.engine.generate import choose_token
+
+    ops = []
+
+    class RecordOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    logits = torch.randn(1000, generator=generator)
+    seen = torch.rand(1000, generator=generator) < 0.1
+    uniform = torch.rand(1, generator=generator, dtype=torch.float64)
+    for sampling in (Sampling(0.8, top_k=40, top_p=0.9, repetition_penalty=1.2), Sampling(0.7, top_p=0.5), GREEDY):
+        with RecordOps():
+            choose_token(logits, sampling, uniform, seen)
+    assert ops and not {"scalar_tensor.default", "lift_fresh.default", "copy_.default"} & set(ops)
+
+
 def test_sampling_follows_the_distribution():
     logits = torch.tensor([0.0, 1.0, 2.0, -30.0])
     generator = Sampling(seed=0).new_generator()
