@@ -88,7 +88,8 @@ def fp8_gemv():
             SCALED=True,
             INT4=False,
             GROUP=1,
-            SPLIT_HALVES=False,
+            OP_DT=tl.float32,
+            CORES=False,
         )
         result = compile_sm90(
             row_scaled_gemv_fwd_kernel,

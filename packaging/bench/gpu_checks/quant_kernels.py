@@ -2,7 +2,8 @@
 decode GEMV, the MoE GEMV of one token, the prefill grouped GEMM of 8192 tokens. Each variant is
 checked against float64 on the dequantized weights, then timed (graph replay for the GEMVs).
 
-    source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/quant_kernels.py
+    source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/quant_kernels.py \
+        [--sections gemvs,moe,grouped] [--formats fp8,int8,int4]
 """
 
 import torch
@@ -18,6 +19,8 @@ from kimi_desk.kernels.quant import (
     quantize_int8_rows,
 )
 from kimi_desk.kernels.quant.gemv import int4_gemv, row_scaled_gemv
+
+FORMATS = ["fp8", "int8", "int4"]
 
 
 def rel(a, b):
@@ -62,7 +65,7 @@ def gemvs():
     for O, D in [(12288, 2304), (6464, 2304), (2304, 4096), (2304, 2304), (163840, 2304)]:
         w = torch.randn(O, D, device="cuda")
         x = torch.randn(1, D, device="cuda").bfloat16()
-        for fmt in ("fp8", "int8", "int4"):
+        for fmt in FORMATS:
             args, exact = quantized(fmt, w)
             want = x.double() @ exact.T
             nbytes = sum(a.numel() * a.element_size() for a in args)
@@ -89,7 +92,7 @@ def moe():
     x = torch.randn(1, D, device="cuda").bfloat16()
     ids = torch.randperm(E, device="cuda")[:k][None]
     weights = torch.rand(1, k, device="cuda") + 0.1
-    for fmt in ("fp8", "int8", "int4"):
+    for fmt in FORMATS:
         parts = [quantized(fmt, w) for w in ws]
         codes = [p[0][0] for p in parts]
         scales = tuple(p[0][1:] if fmt == "int4" else p[0][1] for p in parts)
@@ -168,7 +171,13 @@ def grouped():
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="gemvs,moe,grouped", help="which of gemvs, moe, grouped to run")
+    parser.add_argument("--formats", default="fp8,int8,int4")
+    args = parser.parse_args()
+    FORMATS = args.formats.split(",")
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
-    gemvs()
-    moe()
-    grouped()
+    for section in args.sections.split(","):
+        {"gemvs": gemvs, "moe": moe, "grouped": grouped}[section]()
