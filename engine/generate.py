@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -216,15 +217,17 @@ def decode_step_function(
     sampling: Sampling = GREEDY,
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
+    restrict: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[int], int]:
     """token id -> the next token id: the token fed (advancing `state` by one) and the next one chosen
     from the logits after it, the fed token marked for the repetition penalty (in `seen` on the eager
     path; in the decoder's own copy of it on the GPU). On the GPU a replayed CUDA graph does both,
     sampling included, so the host only reads the chosen id back; the eager model and sample_token
-    elsewhere. Both take one draw from `generator` per sampled token and choose alike."""
+    elsewhere. Both take one draw from `generator` per sampled token and choose alike. `restrict` (logits
+    -> logits, e.g. code spans held to the document) is applied before each choice, on the eager path."""
     # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen. Experts
     # computed in RAM (engine/offload.py) may cut the recording into pieces with the CPU's work between.
-    if use_triton(model.lm_head.weight) and environment.cuda_graph():
+    if restrict is None and use_triton(model.lm_head.weight) and environment.cuda_graph():
         from kimi_desk.engine.cuda_graph import graph_decoder
 
         decoder = graph_decoder(model, state, vocab_size)
@@ -240,7 +243,7 @@ def decode_step_function(
         logits = model(torch.tensor([[token]], device=model.device), state, last_only=True)[0, -1, :vocab_size]
         if seen is not None:
             seen[token] = True
-        return sample_token(logits, sampling, generator, seen)
+        return sample_token(logits if restrict is None else restrict(logits), sampling, generator, seen)
 
     return eager
 
@@ -273,6 +276,7 @@ def stream_tokens(
     cancel: Cancel = None,
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     vocab_size: int | None = None,
+    allowed_tokens: Callable[[list[int]], Sequence[int] | None] | None = None,
 ) -> Iterator[Step]:
     """Prefill `prompt_ids` (batch 1) into `state`, then yield generated tokens one Step at a time.
 
@@ -280,7 +284,8 @@ def stream_tokens(
     reaches model_max_length, or when cancelled (then without a final Step; likewise when the prompt
     leaves no room or max_new_tokens is 0). See the module docstring for what the state holds.
     With `vocab_size` (the tokenizer's), ids at or above it are never sampled: an embedding padded past
-    the tokenizer has rows no text maps to.
+    the tokenizer has rows no text maps to. With `allowed_tokens` (the reply's ids so far -> the ids the
+    next token may take, or None for any: engine/code_spans.py), each choice is made among those.
     """
     if state.batch_size != 1:
         raise ValueError(f"generation runs on a batch of 1, the state has {state.batch_size}")
@@ -304,8 +309,10 @@ def stream_tokens(
     if sampling.repetition_penalty != 1:
         seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         seen[prompt[0]] = True
-    token = sample_token(logits, sampling, generator, seen)
-    advance = decode_step_function(model, state, vocab_size, sampling, generator, seen)
+    reply: list[int] = []
+    restrict = None if allowed_tokens is None else partial(_restrict, allowed_tokens, reply)
+    token = sample_token(logits if restrict is None else restrict(logits), sampling, generator, seen)
+    advance = decode_step_function(model, state, vocab_size, sampling, generator, seen, restrict)
 
     for index in range(max_new_tokens):
         if is_cancelled(cancel) or state.position >= max_length:
@@ -314,6 +321,7 @@ def stream_tokens(
         if token in stops:
             finish = "stop"
         else:
+            reply.append(token)
             following = advance(token)  # fed, and the next token chosen
             at_limit = index == max_new_tokens - 1 or state.position >= max_length
             finish = "length" if at_limit else None
@@ -323,6 +331,16 @@ def stream_tokens(
         if finish is not None:
             return
         token = following
+
+
+def _restrict(allowed_tokens, reply: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """`logits` with every id that allowed_tokens(reply) leaves out at -inf."""
+    allowed = allowed_tokens(reply)
+    if allowed is None:
+        return logits
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    keep[[i for i in allowed if i < logits.shape[-1]]] = True
+    return logits.masked_fill(~keep.to(logits.device), -math.inf)
 
 
 @dataclass

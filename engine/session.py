@@ -52,6 +52,7 @@ from kimi_desk.engine.errors import GpuMemoryError, StorageError, writing
 from kimi_desk.engine.file_lock import LockBusy, file_lock
 from kimi_desk.engine.files import first_line
 from kimi_desk.engine.generate import Cancel, Sampling, is_cancelled, prefill, stream_tokens
+from kimi_desk.engine.loading import DEMO_MODEL
 from kimi_desk.engine.reading_time import ReadingCost, measure_reading_cost
 from kimi_desk.engine.session_archive import export_session, import_session
 from kimi_desk.engine.session_record import (
@@ -315,6 +316,11 @@ class Assistant:
         self.identity = Identity(model.fingerprint, tokenizer.fingerprint)
         self.stop_ids = chat.stop_token_ids(tokenizer, model.config)
         self.model_source = ""  # where the model was loaded from; sessions remember it
+        # Code spans in answers held to the text read (engine/code_spans.py): for the embedded model,
+        # which can garble a name it copies; per session, the document's text as the copy knows it.
+        self.copies_code_spans = False
+        self._span_vocabulary = None
+        self._span_copies: dict[str, tuple[tuple, object]] = {}
         # Where one-line notices of the engine's own go (the loader's, a usage file not saved).
         self.notice: Callable[[str], None] = lambda line: None
         # Count which routed experts each reading chooses, kept per model in the data folder
@@ -352,8 +358,27 @@ class Assistant:
         prepare_for_cpu(model)
         assistant = cls(model, load_tokenizer(model_path), **options)
         assistant.model_source = str(Path(model_path).expanduser().resolve())
+        assistant.copies_code_spans = Path(assistant.model_source) == DEMO_MODEL.resolve()
         assistant.notice = notice
         return assistant
+
+    def _code_span_copy(self, session: Session):
+        """The session's files as read, with their paths, for holding code spans to them (kept per
+        session while its files are the same)."""
+        from kimi_desk.engine.citations import SourceIndex
+        from kimi_desk.engine.code_spans import CodeSpanCopy, SpanVocabulary
+
+        key = tuple((f["path"], f.get("text_sha256") or f["sha256"]) for f in session.files)
+        kept = self._span_copies.get(session.id)
+        if kept is None or kept[0] != key:
+            if self._span_vocabulary is None:
+                self._span_vocabulary = SpanVocabulary(self.tokenizer, self.stop_ids)
+            index = SourceIndex(session)
+            root = Path(session.source).name
+            parts = [f"{root}/{path}\n{path}\n{index.text(path) or ''}" for path in index.files]
+            kept = (key, CodeSpanCopy(self._span_vocabulary, "\n".join(parts)))
+            self._span_copies[session.id] = kept
+        return kept[1]
 
     def reading_rate(self, tokens: int = 0, start: int = 0) -> float:
         """Tokens per second of reading on this device: the average over reading `tokens` tokens after
@@ -632,6 +657,10 @@ class Assistant:
                 f"{self.model.config.model_max_length:,} tokens; "
                 f"{'start a new thread' if index else 'ask a shorter question'}"
             )
+        copy = None
+        if self.copies_code_spans:
+            asked = [turn.question for turn in seen[:index]] + [question]
+            copy = self._code_span_copy(session).joined("\n".join(asked))
         decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)
         ids: list[int] = []
         text: list[str] = []
@@ -646,6 +675,7 @@ class Assistant:
             cancel=cancel,
             prefill_chunk_size=self.prefill_chunk,
             vocab_size=self.tokenizer.vocab_size,
+            allowed_tokens=None if copy is None else copy.allowed,
         )
         try:
             while True:
