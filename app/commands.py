@@ -502,8 +502,11 @@ def add_parsers(commands) -> None:
     ask.set_defaults(run=run_ask)
 
     sessions = commands.add_parser(
-        "sessions", help="list, show, rm, export, export-thread, import", description="Manage saved sessions."
+        "sessions",
+        help="list (the default), show, rm, export, export-thread, import",
+        description="Manage saved sessions; without a verb, list them.",
     )
+    sessions.set_defaults(run=run_sessions_list, json=False)
     verbs = sessions.add_subparsers(dest="verb", metavar="VERB")
     listing = verbs.add_parser("list", help="every session, most recent first")
     listing.add_argument("--json", action="store_true")

@@ -81,6 +81,7 @@ def test_ingest_ask_and_manage_sessions(run, tmp_path, chat_checkpoint):
     text = run("sessions", "show", session_id).stdout
     assert "sources (5 files, tokens each):" in text and "mod_4.py" in text and f"thread {third}: 2 turns" in text
     assert "repo" in run("sessions", "list").stdout
+    assert run("sessions").stdout == run("sessions", "list").stdout  # listing is what a bare `sessions` does
 
     markdown = tmp_path / "thread.md"
     assert run("sessions", "export-thread", session_id, third, str(markdown)).stdout.strip() == str(markdown)
