@@ -18,6 +18,8 @@
    (--original-names: the files as they are).
 4. Two-turn follow-ups (a question, the model's own reply kept in the state, then a question about
    that answer), and README's two questions on `kimi-desk open README.md`'s document.
+--copy-code-spans answers as the app answers with the embedded model: what a reply writes between
+backticks held to the document's text and the questions (engine/code_spans.py).
 Writes eval.json, eval.md (the tables for the model card) and replies.jsonl (every trial's replies) in
 --out, after each table. --quick shrinks every table for a 2-core CPU.
 """
@@ -29,6 +31,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +42,7 @@ from task_samples import TaskSampleBuilder, is_correct
 
 from kimi_desk.engine import load_model
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_prompt, stop_token_ids
+from kimi_desk.engine.code_spans import CodeSpanCopy, SpanVocabulary
 from kimi_desk.engine.generate import GREEDY, generate, prefill
 from kimi_desk.engine.ingest import load_path
 from kimi_desk.engine.tokenizer import load_tokenizer
@@ -91,33 +95,54 @@ def heldout_perplexity(model, stream: torch.Tensor, tokens: int, context: int, c
     }
 
 
-def greedy_reply(model, tokenizer, ids, state, stops, chunk: int, max_new_tokens: int) -> str:
-    """The text the model generates greedily after `ids`, fed on top of `state` (which keeps the ids
-    and the reply), until a stop token or max_new_tokens."""
-    result = generate(
-        model,
-        ids,
-        state,
-        max_new_tokens=max_new_tokens,
-        sampling=GREEDY,
-        stop_token_ids=stops,
-        prefill_chunk_size=chunk,
-    )
-    return tokenizer.decode(result.token_ids, skip_special_tokens=True)
+@dataclass
+class Asker:
+    """How every table asks: the model and its tokenizer, the tokens per prefill call, the longest reply,
+    and with `spans` (a SpanVocabulary) code spans held to the document as the app holds them."""
+
+    model: object
+    tokenizer: object
+    chunk: int
+    max_new_tokens: int
+    spans: SpanVocabulary | None = None
+
+    def __post_init__(self):
+        self.stops = stop_token_ids(self.tokenizer, self.model.config)
+
+    def copy(self, document: str, questions: list[str]) -> CodeSpanCopy | None:
+        """The code spans a reply may write: pieces of the document or of the questions asked so far."""
+        return CodeSpanCopy(self.spans, "\n".join([document, *questions])) if self.spans else None
+
+    def reply(self, ids, state, copy: CodeSpanCopy | None = None) -> str:
+        """The text the model generates greedily after `ids`, fed on top of `state` (which keeps the ids
+        and the reply), until a stop token or max_new_tokens."""
+        result = generate(
+            self.model,
+            ids,
+            state,
+            max_new_tokens=self.max_new_tokens,
+            sampling=GREEDY,
+            stop_token_ids=self.stops,
+            prefill_chunk_size=self.chunk,
+            allowed_tokens=None if copy is None else copy.allowed,
+        )
+        return self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
 
 
 @torch.no_grad()
-def run_conversation(model, tokenizer, sample, stops, chunk: int, max_new_tokens: int) -> dict:
+def run_conversation(asker: Asker, sample) -> dict:
     """Read the sample's document as a session does (prefill, state kept), then each turn: feed the
     question (after the first, the previous reply's <|im_end|> and the new user turn, as
     next_turn_token_ids), generate greedily until <|im_end|>; the model's own replies stay in the state."""
     ids = sample.input_ids
-    state = model.new_state(1)
+    state = asker.model.new_state(1)
     began = time.perf_counter()
-    prefill(model, ids[: sample.document_end], state, chunk_size=chunk)
+    prefill(asker.model, ids[: sample.document_end], state, chunk_size=asker.chunk)
+    document = asker.tokenizer.decode(list(ids[: sample.document_end])) if asker.spans else ""
     turns = []
-    for turn, (start, end) in zip(sample.turns, sample.feeds):
-        reply = greedy_reply(model, tokenizer, ids[start:end], state, stops, chunk, max_new_tokens)
+    for index, (turn, (start, end)) in enumerate(zip(sample.turns, sample.feeds)):
+        copy = asker.copy(document, [t.question for t in sample.turns[: index + 1]])
+        reply = asker.reply(ids[start:end], state, copy)
         turns.append(
             {
                 "question": turn.question,
@@ -163,25 +188,18 @@ def _wrong_kinds(row: dict | None) -> tuple[int, int]:
     return confused, len(wrong) - confused
 
 
-def needle_table(
-    model, tokenizer, builder, lengths: list[int], trials: int, seed: int, chunk: int, max_new_tokens: int, log=print
-) -> list[dict]:
+def needle_table(asker: Asker, builder, lengths: list[int], trials: int, seed: int, log=print) -> list[dict]:
     """A fact of the first card's kinds at `trials` evenly spread depths, alone and with 3 distractors."""
-    stops = stop_token_ids(tokenizer, model.config)
     rows = []
     for length in lengths:
         for distractors in (0, 3):
             rng = random.Random(f"{seed}-{length}-{distractors}")
             outcomes = [
                 run_conversation(
-                    model,
-                    tokenizer,
+                    asker,
                     builder.needle(
                         length, rng, depth=(t + 0.5) / trials, distractors=distractors, kind=rng.choice(FACT_KINDS)
                     ),
-                    stops,
-                    chunk,
-                    max_new_tokens,
                 )
                 for t in range(trials)
             ]
@@ -190,19 +208,9 @@ def needle_table(
 
 
 def task_table(
-    model,
-    tokenizer,
-    builder,
-    tasks: list[str],
-    lengths: list[int],
-    trials: int,
-    seed: int,
-    chunk: int,
-    max_new_tokens: int,
-    log=print,
+    asker: Asker, builder, tasks: list[str], lengths: list[int], trials: int, seed: int, log=print
 ) -> list[dict]:
     """`trials` conversations of each task at each length, on held-out folders."""
-    stops = stop_token_ids(tokenizer, model.config)
     rows = []
     for task in tasks:
         for length in lengths:
@@ -214,7 +222,7 @@ def task_table(
                 sample = builder.build(task, length, rng)
                 # A folder with nothing to ask falls back to a needle: drawn again, not counted.
                 if sample.task == task:
-                    outcomes.append(run_conversation(model, tokenizer, sample, stops, chunk, max_new_tokens))
+                    outcomes.append(run_conversation(asker, sample))
             rows.append(_row(task, length, outcomes, log, task=task))
     return rows
 
@@ -226,18 +234,17 @@ README_QUESTIONS = (
 
 
 @torch.no_grad()
-def readme_table(model, tokenizer, readme: Path, chunk: int, max_new_tokens: int, log=print) -> dict:
+def readme_table(asker: Asker, readme: Path, log=print) -> dict:
     """README's run command (`kimi-desk open README.md`), asked the issue's two questions: the document as
     the engine loads it, each question from the document's state as `ask` does it."""
     document = load_path(readme).text
-    stops = stop_token_ids(tokenizer, model.config)
     outcomes = []
     for question, expected in README_QUESTIONS:
-        prompt = document_prompt(tokenizer, document, question, DEFAULT_SYSTEM_PROMPT)
-        state = model.new_state(1)
+        prompt = document_prompt(asker.tokenizer, document, question, DEFAULT_SYSTEM_PROMPT)
+        state = asker.model.new_state(1)
         began = time.perf_counter()
-        prefill(model, prompt.prefix_ids, state, chunk_size=chunk)
-        reply = greedy_reply(model, tokenizer, prompt.suffix_ids, state, stops, chunk, max_new_tokens)
+        prefill(asker.model, prompt.prefix_ids, state, chunk_size=asker.chunk)
+        reply = asker.reply(prompt.suffix_ids, state, asker.copy(document, [question]))
         outcomes.append(
             {
                 "question": question,
@@ -263,7 +270,9 @@ def markdown(results: dict) -> str:
         f"## Evaluation of `{results['model']}`",
         "",
         f"Device {results['device']}, dtype {results['dtype']}, through `kimi_desk.engine.load_model`"
-        f"{' (--quick: fewer and shorter trials)' if results.get('quick') else ''}. Every reply is in "
+        f"{' (--quick: fewer and shorter trials)' if results.get('quick') else ''}"
+        f"{', code spans copied from the document' if results['args'].get('copy_code_spans') else ''}. "
+        "Every reply is in "
         "`replies.jsonl` beside this file.",
         "",
         "### Held-out perplexity",
@@ -396,6 +405,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="where the held-out split's ids are cached (default: <corpus>/tokens)",
     )
+    parser.add_argument(
+        "--copy-code-spans",
+        action="store_true",
+        help="hold what replies write between backticks to the document, as the app does for the embedded model",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -415,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else None)
     model = load_model(args.model, device=args.device, dtype=getattr(torch, dtype_name) if dtype_name else None)
     tokenizer = load_tokenizer(args.model)
+    spans = SpanVocabulary(tokenizer, stop_token_ids(tokenizer, model.config)) if args.copy_code_spans else None
+    asker = Asker(model, tokenizer, args.prefill_chunk, args.max_new_tokens, spans)
     heldout = tokenize_split(args.corpus, tokenizer, "heldout", cache_dir=args.token_cache)
     stream = heldout.lm_stream(tokenizer.special_tokens["[EOS]"])
     began = time.perf_counter()
@@ -441,41 +457,20 @@ def main(argv: list[str] | None = None) -> None:
     save()
     builder = TaskSampleBuilder(heldout, tokenizer, fresh_names=not args.original_names)
     if args.readme.is_file():
-        results["readme"] = readme_table(model, tokenizer, args.readme, args.prefill_chunk, args.max_new_tokens)
+        results["readme"] = readme_table(asker, args.readme)
     lengths = [int(n) for n in args.lengths.split(",")]
-    results["needle"] = needle_table(
-        model, tokenizer, builder, lengths[:1], args.trials, args.seed, args.prefill_chunk, args.max_new_tokens
-    )
+    results["needle"] = needle_table(asker, builder, lengths[:1], args.trials, args.seed)
     save()
-    results["code"] = task_table(
-        model,
-        tokenizer,
-        builder,
-        args.code_tasks.split(","),
-        [int(n) for n in args.code_lengths.split(",")],
-        args.trials,
-        args.seed,
-        args.prefill_chunk,
-        args.max_new_tokens,
-    )
+    code_lengths = [int(n) for n in args.code_lengths.split(",")]
+    results["code"] = task_table(asker, builder, args.code_tasks.split(","), code_lengths, args.trials, args.seed)
     save()
     results["followup"] = task_table(
-        model,
-        tokenizer,
-        builder,
-        ["followup"],
-        [args.followup_length],
-        args.followup_trials,
-        args.seed,
-        args.prefill_chunk,
-        args.max_new_tokens,
+        asker, builder, ["followup"], [args.followup_length], args.followup_trials, args.seed
     )
     save()
     # The long needles last: the slowest trials, so a time limit costs the fewest tables.
     for length in lengths[1:]:
-        results["needle"] += needle_table(
-            model, tokenizer, builder, [length], args.trials, args.seed, args.prefill_chunk, args.max_new_tokens
-        )
+        results["needle"] += needle_table(asker, builder, [length], args.trials, args.seed)
         save()
     print(markdown(results))
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and {out / 'replies.jsonl'}")

@@ -212,6 +212,12 @@ def is_correct(turn: Turn, reply: str) -> bool:
     return all(value in reply for value in turn.expected) and (not turn.any_of or any(v in reply for v in turn.any_of))
 
 
+def code(text: str) -> str:
+    """A name, path or literal as replies write it: between backticks, so that the app holds it to the
+    text read (engine/code_spans.py) and it can be checked (as it is when it holds a backtick itself)."""
+    return text if "`" in text else f"`{text}`"
+
+
 def third_person(verb: str) -> str:
     """'Return' -> 'returns', 'Fetch' -> 'fetches': a docstring's imperative as a question's verb."""
     verb = verb.lower()
@@ -399,13 +405,13 @@ class TaskSampleBuilder:
             question = rng.choice(
                 (f"Which file defines {new}?", f"Where is {new} defined?", f"In which file is `{new}` defined?")
             )
-            turns = [Turn(question, f"{new} is defined in {where}.", (where,))]
+            turns = [Turn(question, f"{code(new)} is defined in {code(where)}.", (where,))]
             if followup:
                 others = [disguise.renames.get(n, n) for n in others]
                 turns.append(
                     Turn(
                         rng.choice(("What else does that file define?", "What else is defined there?")),
-                        f"It also defines {', '.join(others[:3])}.",
+                        f"It also defines {', '.join(map(code, others[:3]))}.",
                         (),
                         tuple(others),
                     )
@@ -444,7 +450,7 @@ class TaskSampleBuilder:
             if first in _IMPERATIVES:
                 forms.append(f"Where is the function that {third_person(first)} {rest}?")
             question = rng.choice(forms)
-            return [Turn(question, f"{new}, in {disguise.path(path)}.", (new,))]
+            return [Turn(question, f"{code(new)}, in {code(disguise.path(path))}.", (new,))]
 
         return self._folder(self._code_builder(), total, 128, rng, system, make_turns, "where_function")
 
@@ -489,7 +495,7 @@ class TaskSampleBuilder:
             if kind == "constant":
                 name = disguise.renames.get(name, name)
                 question = rng.choice((f"What is {name} set to?", f"What value does the setting {name} have?"))
-                answer = f"{name} is set to {value} in {where}."
+                answer = f"{code(name)} is set to {code(value)} in {code(where)}."
             else:
                 function = disguise.renames.get(function, function)
                 question = rng.choice(
@@ -498,12 +504,14 @@ class TaskSampleBuilder:
                         f"What is the default value of {name} in {function}?",
                     )
                 )
-                answer = f"{name} defaults to {value} in {function}."
+                answer = f"{code(name)} defaults to {code(value)} in {code(function)}."
             turns = [Turn(question, answer, (value,))]
             if followup:
                 turns.append(
                     Turn(
-                        rng.choice(("Which file is that in?", "In which file is that?")), f"It is in {where}.", (where,)
+                        rng.choice(("Which file is that in?", "In which file is that?")),
+                        f"It is in {code(where)}.",
+                        (where,),
                     )
                 )
             return turns

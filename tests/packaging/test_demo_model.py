@@ -382,6 +382,10 @@ def test_code_questions_are_answered_only_by_the_document(toy_pipeline, task):
             assert all(v in document for v in later.expected) and (
                 not later.any_of or any(v in document for v in later.any_of)
             )
+        # What a reply writes between backticks is a piece of the document: what the app lets the
+        # embedded model write there (engine/code_spans.py).
+        spans = [span for t in sample.turns for span in re.findall(r"`([^`]*)`", t.answer)]
+        assert spans and all(span in document for span in spans), spans
 
 
 def test_disguised_folders_read_as_ingest_reads_them(toy_pipeline, tmp_path):
