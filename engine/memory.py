@@ -60,6 +60,18 @@ def weight_bytes(name: str, shape: tuple[int, ...], method: str | None, compute_
     return numel * (4 if name.endswith(FP32_PARAMETERS) else compute_bytes)
 
 
+def mla_cache_dtype(config: KimiLinearConfig, dtype, quantize: str | None, device: str = "cpu") -> str:
+    """The dtype of the MLA caches: the checkpoint's half precision for quantized weights computed in
+    float32 on a CPU (one without bf16 hardware), else the activations'. A long context's cache is what
+    grows with it and what every decode step reads (at 128k tokens on the 48B model, more bytes than the
+    int4 weights a token uses): in half precision both halve, and its rounding is far below the
+    quantized weights' error. Unquantized, the cache stays float32, so that the model stays exact."""
+    name = _dtype_name(dtype)
+    if quantize and device == "cpu" and name == "float32" and config.dtype in ("bfloat16", "float16"):
+        return config.dtype
+    return name
+
+
 def estimate_memory(
     config: KimiLinearConfig,
     dtype,
@@ -96,7 +108,8 @@ def estimate_memory(
     )
     if context_tokens is None:
         context_tokens = min(config.model_max_length, DEFAULT_CONTEXT_TOKENS)
-    mla_cache = mla_layers * context_tokens * config.mla_latent_size * compute_bytes
+    cache_bytes = _BYTES_PER_DTYPE[mla_cache_dtype(config, dtype_name, quantize)]
+    mla_cache = mla_layers * context_tokens * config.mla_latent_size * cache_bytes
     # fp32 intermediates of one prefill chunk: a few dozen vectors of the widest layer per token, plus
     # the routed experts' and the dense MLP's hidden activations. A rough allowance, not a measurement.
     widest = max(config.hidden_size, projection)

@@ -250,6 +250,8 @@ class KimiLinearForCausalLM(nn.Module):
         self.config = config
         # Set by load_model from the checkpoint's files; ties snapshots to these weights.
         self.fingerprint = "unloaded"
+        # The MLA caches' dtype when not the activations' (load_model: engine/memory.py mla_cache_dtype).
+        self.cache_dtype: torch.dtype | None = None
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -263,8 +265,11 @@ class KimiLinearForCausalLM(nn.Module):
         return self.model.norm.weight.dtype
 
     def new_state(self, batch_size: int = 1) -> ModelState:
+        def dtype(attention) -> torch.dtype:
+            return self.cache_dtype or self.dtype if isinstance(attention, MultiHeadLatentAttention) else self.dtype
+
         return ModelState(
-            [layer.self_attn.new_state(batch_size, self.dtype, self.device) for layer in self.model.layers]
+            [layer.self_attn.new_state(batch_size, dtype(layer.self_attn), self.device) for layer in self.model.layers]
         )
 
     @torch.inference_mode()

@@ -312,7 +312,9 @@ class Assistant:
         # more (kernels/mla), so fewer, larger chunks read a long document faster; the CPU's 2048 keep
         # each call short enough to notice a cancellation quickly.
         self.prefill_chunk = prefill_chunk or (8192 if model.device.type == "cuda" else 2048)
-        self.checkpoint_interval = checkpoint_interval or default_checkpoint_interval(model.config, model.dtype)
+        self.checkpoint_interval = checkpoint_interval or default_checkpoint_interval(
+            model.config, model.cache_dtype or model.dtype
+        )
         self.identity = Identity(model.fingerprint, tokenizer.fingerprint)
         self.stop_ids = chat.stop_token_ids(tokenizer, model.config)
         self.model_source = ""  # where the model was loaded from; sessions remember it

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.errors import CheckpointError, ConfigError
 from kimi_desk.engine.files import brief, first_line, index_shards, is_count, shown_name, some
+from kimi_desk.engine.memory import mla_cache_dtype
 from kimi_desk.engine.model import KimiLinearForCausalLM
 from kimi_desk.engine.quantize import Int8Embedding, format_of, quantize_into, quantize_structure
 from kimi_desk.engine.quantized_cache import cache_file, load_cached, write_cache
@@ -329,6 +330,7 @@ def load_model(
             write_cache(model, cache, quantize, fingerprint, notice)
     model.quantization = quantize
     model.fingerprint = fingerprint
+    model.cache_dtype = getattr(torch, mla_cache_dtype(config, dtype, quantize, torch.device(device).type))
     from kimi_desk.engine.offload import finish_offload
 
     finish_offload(model)

@@ -1,4 +1,4 @@
-/* MLA's absorbed attention for a decode step on an AVX2 CPU, over a float32 latent cache.
+/* MLA's absorbed attention for a decode step on an AVX2 CPU, over a float32 or bfloat16 latent cache.
 
    Why: a decode step attends a few rows (the new tokens times the heads) to every cached latent.
    PyTorch's products with so few rows run at a fraction of the cores' arithmetic and read each block of
@@ -11,12 +11,17 @@
    The cached keys are split into `parts` ranges, one task each (OpenMP threads: PyTorch's own
    runtime, already loaded). A part returns per row its maximum score m, the sum of exp(s - m) and the
    weighted sum of the values relative to m; the caller merges the parts (the split-K rule), as it does
-   with the new tokens' own keys. */
+   with the new tokens' own keys.
+
+   A bfloat16 cache (the quantized models' on a float32 CPU: half the bytes a step reads) is widened to
+   float32 a block of keys at a time into a buffer of the part's, which the products then read as they
+   read a float32 cache: the memory traffic halves, the arithmetic is the same. */
 
 #include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "../avx2_math.h"
@@ -109,19 +114,34 @@ static __attribute__((target("avx2,fma"))) void block_values(const float *cache,
     }
 }
 
-/* One part: keys [k0, k1) of `cache` (rows of D floats, `stride` floats apart). rows [R, D] (scaled
-   queries); out: maxima [R], sums [R], partial [R, V] (V <= D: the first V columns of a key). */
-static __attribute__((target("avx2,fma"))) void attend_part(const float *rows, const float *cache, long stride, long k0,
-                                                           long k1, int D, int V, int R, float *maxima, float *sums,
-                                                           float *partial) {
+/* n bfloat16 keys of D values (`stride` apart) as float32 rows D apart in `out`: a bfloat16 is the top
+   half of the float32 it rounds. */
+static __attribute__((target("avx2,fma"))) void widen_keys(const uint16_t *keys, long stride, int n, int D,
+                                                          float *out) {
+    for (int j = 0; j < n; j++)
+        for (int d = 0; d < D; d += 8) {
+            const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(keys + j * stride + d)));
+            _mm256_storeu_ps(out + (long)j * D + d, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+        }
+}
+
+/* One part: keys [k0, k1) of the cache, float32 (`cache`) or bfloat16 (`half`, with `widened` room for
+   KEY_BLOCK keys), rows of D values `stride` apart. rows [R, D] (scaled queries); out: maxima [R], sums
+   [R], partial [R, V] (V <= D: the first V columns of a key). */
+static __attribute__((target("avx2,fma"))) void attend_part(const float *rows, const float *cache, const uint16_t *half,
+                                                           float *widened, long stride, long k0, long k1, int D,
+                                                           int V, int R, float *maxima, float *sums, float *partial) {
     float scores[MAX_ROWS * KEY_BLOCK] __attribute__((aligned(32)));
     for (int r = 0; r < R; r++) maxima[r] = -FLT_MAX, sums[r] = 0.f;
     memset(partial, 0, sizeof(float) * (size_t)R * V);
     for (long j0 = k0; j0 < k1; j0 += KEY_BLOCK) {
         int n = (int)(k1 - j0 < KEY_BLOCK ? k1 - j0 : KEY_BLOCK);
+        const float *keys = half ? widened : cache + j0 * stride;
+        const long key_stride = half ? D : stride;
+        if (half) widen_keys(half + j0 * stride, stride, n, D, widened);
         /* scores [R, n], 4 rows by 3 keys (or 1) at a time; the block's keys stay in the core's cache */
         for (int r0 = 0; r0 < R; r0 += ROW_BLOCK)
-            block_scores(rows + (long)r0 * D, cache + j0 * stride, stride, n, D, scores + r0 * KEY_BLOCK,
+            block_scores(rows + (long)r0 * D, keys, key_stride, n, D, scores + r0 * KEY_BLOCK,
                          R - r0 < ROW_BLOCK ? R - r0 : ROW_BLOCK, R >= MANY_ROWS ? KEYS_AT_ONCE : 1);
         /* the softmax online: each row's weights p = exp(s - m) in place of its scores */
         for (int r = 0; r < R; r++) {
@@ -148,24 +168,42 @@ static __attribute__((target("avx2,fma"))) void attend_part(const float *rows, c
         }
         /* partial += p key[:V], 4 rows by 16 values at a time (a last row alone by 64) */
         for (int r0 = 0; r0 < R; r0 += ROW_BLOCK)
-            block_values(cache + j0 * stride, stride, n, V, scores + r0 * KEY_BLOCK, partial + (long)r0 * V,
+            block_values(keys, key_stride, n, V, scores + r0 * KEY_BLOCK, partial + (long)r0 * V,
                          R - r0 < ROW_BLOCK ? R - r0 : ROW_BLOCK);
     }
 }
 
-/* Keys [0, keys) of one sequence's cache against R rows, in `parts` ranges: maxima, sums [parts, R],
-   partials [parts, R, V]. D a multiple of 8, V a multiple of 64, R at most MAX_ROWS (else nothing is
-   written and -1 returned). */
-int mla_attend_cached(const float *rows, const float *cache, long stride, long keys, int D, int V, int R, int parts,
-                       float *maxima, float *sums, float *partials, int threads) {
+static int attend_parts(const float *rows, const float *cache, const uint16_t *half, long stride, long keys, int D,
+                        int V, int R, int parts, float *maxima, float *sums, float *partials, int threads) {
     if (R > MAX_ROWS) return -1;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : failed)
     for (int p = 0; p < parts; p++) {
         long k0 = keys * p / parts, k1 = keys * (p + 1) / parts;
-        attend_part(rows, cache, stride, k0, k1, D, V, R, maxima + (long)p * R, sums + (long)p * R,
+        float *widened = half ? malloc(sizeof(float) * KEY_BLOCK * (size_t)D) : NULL;
+        if (half && !widened) {
+            failed = 1;
+            continue;
+        }
+        attend_part(rows, cache, half, widened, stride, k0, k1, D, V, R, maxima + (long)p * R, sums + (long)p * R,
                     partials + (long)p * R * V);
+        free(widened);
     }
-    return 0;
+    return failed ? -2 : 0;
+}
+
+/* Keys [0, keys) of one sequence's cache against R rows, in `parts` ranges: maxima, sums [parts, R],
+   partials [parts, R, V]. D a multiple of 8, V a multiple of 64, R at most MAX_ROWS (else nothing is
+   written and -1 returned; -2: no memory for a bfloat16 cache's widened keys). */
+int mla_attend_cached(const float *rows, const float *cache, long stride, long keys, int D, int V, int R, int parts,
+                      float *maxima, float *sums, float *partials, int threads) {
+    return attend_parts(rows, cache, NULL, stride, keys, D, V, R, parts, maxima, sums, partials, threads);
+}
+
+/* The same over a bfloat16 cache (its rows `stride` values apart). */
+int mla_attend_cached_bf16(const float *rows, const uint16_t *cache, long stride, long keys, int D, int V, int R,
+                           int parts, float *maxima, float *sums, float *partials, int threads) {
+    return attend_parts(rows, NULL, cache, stride, keys, D, V, R, parts, maxima, sums, partials, threads);
 }
 
 /* Whether this CPU runs the kernel above. */

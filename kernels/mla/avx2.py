@@ -1,4 +1,4 @@
-"""MLA's decode attention over a float32 cache on an AVX2 CPU (attention_avx2.c, compiled at first use
+"""MLA's decode attention over a float32 or bfloat16 cache on an AVX2 CPU (attention_avx2.c, compiled at first use
 by kernels/native.py): each cached key read once, its scores and its share of the weighted sum taken
 while it is in the core's caches, the softmax online. torch_attention.py's `mla_attention_cpu` asks it
 for the cached keys and keeps PyTorch's products where it cannot run (native.py says why)."""
@@ -27,17 +27,18 @@ _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 def library() -> ctypes.CDLL | None:
     lib = native.library(SOURCE)
     if lib is not None:
-        lib.mla_attend_cached.argtypes = [_P, _P, _L, _L, _I, _I, _I, _I, _P, _P, _P, _I]
+        for function in (lib.mla_attend_cached, lib.mla_attend_cached_bf16):
+            function.argtypes = [_P, _P, _L, _L, _I, _I, _I, _I, _P, _P, _P, _I]
     return lib
 
 
 def takes(cache: torch.Tensor, value_dim: int, rows: int) -> bool:
-    """Whether the kernel takes these rows and this cache: at most MAX_ROWS rows, float32 on the CPU, its
-    rows contiguous, latents in 8s and values in 64s."""
+    """Whether the kernel takes these rows and this cache: at most MAX_ROWS rows, float32 or bfloat16 on
+    the CPU, its rows contiguous, latents in 8s and values in 64s."""
     D = cache.shape[-1]
     return (
         rows <= MAX_ROWS
-        and cache.dtype == torch.float32
+        and cache.dtype in (torch.float32, torch.bfloat16)
         and cache.device.type == "cpu"
         and cache.stride(-1) == 1
         and D % 8 == 0
@@ -59,10 +60,11 @@ def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim:
     sums = torch.empty(B, parts, R)
     partials = torch.empty(B, parts, R, value_dim)
     lib = library()
+    attend = lib.mla_attend_cached if cache.dtype == torch.float32 else lib.mla_attend_cached_bf16
     for b in range(B):
         q = rows[b].contiguous()
         m, s, p = maxima[b], sums[b], partials[b]
-        status = lib.mla_attend_cached(
+        status = attend(
             q.data_ptr(),
             cache[b].data_ptr(),
             cache.stride(1),
@@ -76,5 +78,7 @@ def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim:
             p.data_ptr(),
             threads,
         )
+        if status == -2:
+            raise MemoryError("no memory for the MLA kernel's widened keys")
         assert status == 0, "rows beyond attention_avx2.c's"  # takes() keeps them to MAX_ROWS
     return maxima.transpose(0, 1), sums.transpose(0, 1), partials.transpose(0, 1)

@@ -40,11 +40,13 @@ def mla_prefill_sdpa(q, cache, w_uk, w_uv, q_start, scale, key_block=None):
     The chunk's queries see every cached key (positions before q_start): those blocks need no mask. The
     chunk's own keys are a causal square. Each block's attention returns its normalised output and the
     log-sum-exp of its scores per (query, head); the blocks merge exactly by those weights (the
-    online-softmax rule), in float32. Products run in the cache's dtype with float32 accumulation."""
+    online-softmax rule), in float32. Products run in the wider of the cache's and the queries' dtypes (a
+    bfloat16 cache under float32 queries: its blocks widened as they are expanded) with float32
+    accumulation."""
     B, Tq, H, _ = q.shape
     L, R = w_uk.shape[-1], cache.shape[-1] - w_uk.shape[-1]
     n, V = w_uk.shape[1], w_uv.shape[1]
-    dtype, device = cache.dtype, q.device
+    dtype, device = torch.promote_types(cache.dtype, q.dtype), q.device
     key_block = key_block or (PREFILL_KEY_BLOCK if device.type == "cuda" else CPU_KEY_BLOCK)
     # One product expands a block of latents [c | k_r] into every head's key [k_nope | k_r]: the key
     # matrix maps c through W_UK and k_r through an identity (exact: products by 1 and sums with 0). Its
@@ -64,7 +66,7 @@ def mla_prefill_sdpa(q, cache, w_uk, w_uv, q_start, scale, key_block=None):
     attend = _attention_with_lse(device, dtype)
 
     def expanded(j0, j1):
-        block = cache[:, j0:j1]
+        block = cache[:, j0:j1].to(dtype)
         k = (block @ w_k).view(B, j1 - j0, H, n + R).transpose(1, 2)
         v = (block[..., :L] @ w_v).view(B, j1 - j0, H, width).transpose(1, 2)
         return k, v
@@ -90,10 +92,11 @@ def mla_attention_cpu(q, cache, q_start, value_dim, scale, block=None):
     maximum; the blocks' partial sums merge at the end by their maxima (the split-K rule). A float32
     cache (CPUs without bf16 hardware) takes our AVX2 kernel for up to avx2.MAX_ROWS rows where it runs
     (kernels/mla/avx2.py: one read of each key, the softmax online, parts of the keys merged by the same
-    rule), else keys-major products ([n, D] @ [D, rows], which MKL runs faster than rows-major ones with
-    a few rows); a bf16 cache takes _bf16_blocks's. The new tokens'
-    own keys (a causal square, a few rows) are attended apart in float32 with their mask. No temporary
-    is larger than a block's scores."""
+    rule; a bfloat16 cache too, widened as it is read), else keys-major products ([n, D] @ [D, rows],
+    which MKL runs faster than rows-major ones with a few rows; a bfloat16 cache under float32 queries
+    widened a block at a time), and a bfloat16 model's cache _bf16_blocks's. The new tokens' own keys (a
+    causal square, a few rows) are attended apart in float32 with their mask. No temporary is larger
+    than a block's scores."""
     B, Tq, H, D = q.shape
     rows = (q.float() * scale).reshape(B, Tq * H, D)  # query-major, head-minor
     # The new tokens' keys, masked: the first partial sum.
@@ -112,10 +115,10 @@ def mla_attention_cpu(q, cache, q_start, value_dim, scale, block=None):
         maxima = torch.cat([maxima[None], maxima.new_empty(blocks, *maxima.shape)])  # [1 + blocks, B, rows]
         sums = torch.cat([sums[None], sums.new_empty(blocks, *sums.shape)])
         partials = torch.cat([partials[None], partials.new_empty(blocks, *partials.shape)])
-        if cache.dtype == torch.float32:
+        if torch.float32 in (cache.dtype, q.dtype):
             scores = torch.empty(block, Tq * H, device=q.device)
             for b, i, j0 in ((b, i, j0) for b in range(B) for i, j0 in enumerate(range(0, q_start, block), start=1)):
-                keys = cache[b, j0 : min(q_start, j0 + block)]
+                keys = cache[b, j0 : min(q_start, j0 + block)].float()
                 s = scores[: keys.shape[0]]
                 torch.mm(keys, rows[b].t(), out=s)
                 torch.amax(s, 0, out=maxima[i, b])

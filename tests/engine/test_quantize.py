@@ -176,3 +176,34 @@ def test_int_models_equal_the_model_with_dequantized_weights(tail7_checkpoint, m
     # int4 kernels, bf16 in PyTorch's int4 operator) moves the logits 2-6% with the ids, where int4
     # itself is ~55% from the unquantized weights (and a wrong code or group would be as far).
     assert ((got - want).norm() / want.norm()) < (0.15 if method == "int4" else 2e-3)
+
+
+def test_quantized_models_on_a_float32_cpu_keep_their_cache_in_bfloat16(tmp_path):
+    """A bf16 checkpoint quantized and computed in float32 on the CPU: the MLA caches are bf16 (half the
+    bytes a long context holds and reads), the KDA states float32, and the logits of a read and of decode
+    steps stay those of the same model with a float32 cache; unquantized, the cache stays float32."""
+    from kimi_desk.bench.random_checkpoint import tiny_config, write_random_checkpoint
+    from kimi_desk.engine.memory import estimate_memory
+    from kimi_desk.engine.state import MLACache
+
+    config = tiny_config(dtype="bfloat16")
+    checkpoint = write_random_checkpoint(config, tmp_path / "model", seed=4)
+    model = load_model(checkpoint, dtype=torch.float32, quantize="int8")
+    assert model.cache_dtype == torch.bfloat16
+    assert load_model(checkpoint, dtype=torch.float32).new_state(1).layers[-1].buffer.dtype == torch.float32
+    ids = torch.randint(0, config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(5))
+
+    def logits(cache_dtype):
+        model.cache_dtype = cache_dtype
+        state = model.new_state(1)
+        caches = [layer for layer in state.layers if isinstance(layer, MLACache)]
+        assert caches and all(c.buffer.dtype == (cache_dtype or torch.float32) for c in caches)
+        read = model(ids[:, :296], state)[:, -1]
+        steps = [model(ids[:, i : i + 1], state)[:, -1] for i in range(296, 300)]
+        return torch.cat([read, *steps])
+
+    half, full = logits(torch.bfloat16), logits(None)
+    assert ((half - full).norm() / full.norm()) < 1e-3
+    int8 = estimate_memory(config, "float32", "int8", context_tokens=1000)
+    none = estimate_memory(config, "float32", None, context_tokens=1000)
+    assert int8["mla_cache_bytes"] * 2 == none["mla_cache_bytes"]

@@ -1,7 +1,8 @@
 """MLA's AVX2 decode attention (kernels/mla/avx2.py, attention_avx2.c) against the float64 reference, on
 fresh random inputs: one part and many, a batch, several rows (from 2 to the 48B model's 32 heads and 64
 rows, the kernel's blocks of 4 rows with every remainder, 1 or 3 keys a step), large scores (the online
-softmax's rescaling), a cache in a longer buffer whose unfilled rows hold NaN."""
+softmax's rescaling), a cache in a longer buffer whose unfilled rows hold NaN; a float32 and a bfloat16
+cache (float32 queries: the quantized models on a float32 CPU), each against its own values in float64."""
 
 import pytest
 import torch
@@ -30,11 +31,12 @@ def test_kernel_builds_where_it_can():
     ],
     ids=lambda x: str(x),
 )
-def test_attention_matches_float64(B, Tq, Tk, H, L, scale):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_matches_float64(B, Tq, Tk, H, L, scale, cache_dtype):
     if avx2.library() is None:
         pytest.skip(avx2.native.reason(avx2.SOURCE))
     R = 32
-    q, cache = torch.randn(B, Tq, H, L + R), poisoned_cache(B, Tk, L + R, torch.float32)
+    q, cache = torch.randn(B, Tq, H, L + R), poisoned_cache(B, Tk, L + R, cache_dtype)
     assert avx2.takes(cache, L, Tq * H)
     want = mla_attention_reference(q, cache[:, :Tk], Tk - Tq, L, scale)
     got = mla_attention_cpu(q, cache, Tk - Tq, L, scale)
@@ -61,5 +63,5 @@ def test_parts_merge_like_one_pass():
 def test_many_rows_keep_pytorchs_products():
     cache = torch.randn(1, 10, 96)
     assert not avx2.takes(cache, 64, avx2.MAX_ROWS + 1)
-    assert not avx2.takes(cache.bfloat16(), 64, 1)
+    assert not avx2.takes(cache.half(), 64, 1)
     assert not avx2.takes(torch.randn(1, 10, 72), 40, 1)

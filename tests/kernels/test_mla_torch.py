@@ -7,8 +7,15 @@ from kimi_desk.kernels.mla import mla_attention, mla_prefill
 from kimi_desk.kernels.mla.naive import mla_attention_reference, mla_prefill_reference
 from kimi_desk.kernels.mla.torch_attention import mla_attention_cpu, mla_attention_dense, mla_prefill_sdpa
 
-# Relative error against the float64 reference, per dtype of the cache and queries.
+# Relative error against the float64 reference, per dtype of the queries.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# (queries, cache): a float32 model, a bfloat16 one, and a quantized model on a float32 CPU, whose cache
+# is bfloat16 (engine/model.py `cache_dtype`): float32 products over the cache's values as they are.
+DTYPES = pytest.mark.parametrize(
+    "dtype,cache_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+    ids=["fp32", "bf16", "bf16-cache"],
+)
 
 
 def rel_err(a, b):
@@ -23,15 +30,15 @@ def poisoned_cache(B, Tk, width, dtype, spare=5):
     return buffer.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@DTYPES
 @pytest.mark.parametrize(
     "B,Tq,Tk,H",
     [(1, 1, 1, 2), (2, 1, 3000, 4), (1, 5, 300, 3), (1, 63, 1000, 3), (2, 700, 700, 2), (1, 300, 2100, 2)],
     ids=lambda x: str(x),
 )
-def test_absorbed_attention(B, Tq, Tk, H, dtype):
+def test_absorbed_attention(B, Tq, Tk, H, dtype, cache_dtype):
     L, R = 32, 8
-    q, cache = torch.randn(B, Tq, H, L + R).to(dtype), poisoned_cache(B, Tk, L + R, dtype)
+    q, cache = torch.randn(B, Tq, H, L + R).to(dtype), poisoned_cache(B, Tk, L + R, cache_dtype)
     want = mla_attention_reference(q, cache[:, :Tk], Tk - Tq, L, 0.2)
     # Cached keys in several blocks, the last one short.
     got = mla_attention_cpu(q, cache, Tk - Tq, L, 0.2, block=256)
@@ -39,13 +46,13 @@ def test_absorbed_attention(B, Tq, Tk, H, dtype):
     assert rel_err(mla_attention(q, cache, Tk - Tq, L, 0.2), want) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@DTYPES
 @pytest.mark.parametrize(
     "B,Tq,Tk,H", [(1, 1, 1, 2), (1, 64, 64, 4), (2, 300, 1000, 3), (1, 1000, 1000, 2)], ids=lambda x: str(x)
 )
-def test_expanded_prefill(B, Tq, Tk, H, dtype):
+def test_expanded_prefill(B, Tq, Tk, H, dtype, cache_dtype):
     n, R, L, V = 16, 8, 32, 16
-    q, cache = torch.randn(B, Tq, H, n + R).to(dtype), poisoned_cache(B, Tk, L + R, dtype)
+    q, cache = torch.randn(B, Tq, H, n + R).to(dtype), poisoned_cache(B, Tk, L + R, cache_dtype)
     w_uk, w_uv = (0.2 * torch.randn(H, n, L)).to(dtype), torch.randn(H, V, L).to(dtype)
     want = mla_prefill_reference(q, cache[:, :Tk], w_uk, w_uv, Tk - Tq, 0.2)
     got = mla_prefill_sdpa(q, cache[:, :Tk], w_uk, w_uv, Tk - Tq, 0.2, key_block=96)
@@ -87,14 +94,14 @@ def test_extreme_scores_stay_finite():
     assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@DTYPES
 @pytest.mark.parametrize("Tq", [1, 3])
 @pytest.mark.parametrize("cached", [0, 1, 127, 128, 129, 1000, 4099])
-def test_cpu_decode_blocks(cached, Tq, dtype):
+def test_cpu_decode_blocks(cached, Tq, dtype, cache_dtype):
     """The CPU decode's pass over the cached keys block by block: lengths below, at and past a block,
     none a multiple of it but one, and no cached keys at all."""
     B, H, L, R = 2, 5, 32, 8
-    q, cache = torch.randn(B, Tq, H, L + R).to(dtype), poisoned_cache(B, cached + Tq, L + R, dtype)
+    q, cache = torch.randn(B, Tq, H, L + R).to(dtype), poisoned_cache(B, cached + Tq, L + R, cache_dtype)
     want = mla_attention_reference(q, cache[:, : cached + Tq], cached, L, 0.2)
     got = mla_attention_cpu(q, cache, cached, L, 0.2, block=128)
     assert got.dtype == torch.float32 and rel_err(got, want) < TOLERANCE[dtype]

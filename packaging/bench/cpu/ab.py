@@ -6,8 +6,8 @@ in alternating processes, so that both meet the same load on a shared machine.
 The earlier commit is exported (git archive) to a temporary folder and imported from there
 (PYTHONPATH before the installed package). Each round runs one process per side, alternating which
 side goes first; every process loads the demo model the way `kimi-desk ingest` does (load_assistant,
-`--quantize none`, the dtype that side chooses on this CPU unless --dtype) and measures, with nothing
-but the API both sides share:
+`--quantize` as given, none by default, the dtype that side chooses on this CPU unless --dtype) and
+measures, with nothing but the API both sides share:
 
 - reading 8192 tokens after 2048 read for real (chunks of the assistant's prefill_chunk), and one
   chunk after 32768 cached tokens (a synthetic cache: random latents);
@@ -57,7 +57,7 @@ def _synthetic(model, cached: int):
     return state
 
 
-def worker(snapshot: str, dtype: str | None) -> dict:
+def worker(snapshot: str, dtype: str | None, quantize: str) -> dict:
     import torch
 
     from kimi_desk.engine import chat
@@ -66,7 +66,7 @@ def worker(snapshot: str, dtype: str | None) -> dict:
     from kimi_desk.engine.snapshot import SnapshotStore
 
     torch.manual_seed(0)
-    assistant = load_assistant(DEMO_MODEL, "cpu", "none", **({"dtype": getattr(torch, dtype)} if dtype else {}))
+    assistant = load_assistant(DEMO_MODEL, "cpu", quantize, **({"dtype": getattr(torch, dtype)} if dtype else {}))
     model, chunk = assistant.model, assistant.prefill_chunk
     result = dict(dtype=str(model.dtype).removeprefix("torch."), threads=torch.get_num_threads())
     ids = torch.randint(0, model.config.vocab_size, (1, 10240), generator=torch.Generator().manual_seed(0))
@@ -135,13 +135,13 @@ def _export(rev: str, into: Path) -> Path:
     return into / "pkg"
 
 
-def _run(pythonpath: str | None, snapshot: Path, dtype: str | None) -> dict:
+def _run(pythonpath: str | None, snapshot: Path, dtype: str | None, quantize: str) -> dict:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory() as cwd:
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", str(snapshot), dtype or ""],
+            [sys.executable, str(Path(__file__).resolve()), "--worker", str(snapshot), dtype or "", quantize],
             capture_output=True,
             text=True,
             env=env,
@@ -161,6 +161,7 @@ def main() -> int:
     parser.add_argument("--base", required=True, help="the earlier commit")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 on both sides (default: each side's own)")
+    parser.add_argument("--quantize", default="none", help="the weight format on both sides (default none)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kimi-desk-ab-") as tmp:
@@ -174,11 +175,12 @@ def main() -> int:
             for side, path in order if round_ % 2 == 0 else order[::-1]:
                 loads.append(_load())
                 (snapshot / side).mkdir(exist_ok=True)
-                runs[side].append(_run(path, snapshot / side, args.dtype))
+                runs[side].append(_run(path, snapshot / side, args.dtype, args.quantize))
                 print(f"round {round_ + 1} {side}: {json.dumps(runs[side][-1])}", file=sys.stderr, flush=True)
     keys = [k for k in runs["after"][0] if isinstance(runs["after"][0][k], float)]
     lines = [
-        f"{args.base} (before) against the working tree (after), {args.rounds} rounds of alternating processes; "
+        f"{args.base} (before) against the working tree (after), --quantize {args.quantize}, {args.rounds} rounds "
+        "of alternating processes; "
         f"dtype {runs['before'][0]['dtype']} / {runs['after'][0]['dtype']}; load average before each process: "
         f"{' | '.join(loads)}.",
         "",
@@ -202,6 +204,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(sys.argv[2], sys.argv[3] or None)))
+        print(json.dumps(worker(sys.argv[2], sys.argv[3] or None, sys.argv[4])))
     else:
         sys.exit(main())
