@@ -198,7 +198,12 @@ def needle_table(asker: Asker, builder, lengths: list[int], trials: int, seed: i
                 run_conversation(
                     asker,
                     builder.needle(
-                        length, rng, depth=(t + 0.5) / trials, distractors=distractors, kind=rng.choice(FACT_KINDS)
+                        length,
+                        rng,
+                        depth=(t + 0.5) / trials,
+                        distractors=distractors,
+                        kind=rng.choice(FACT_KINDS),
+                        reverse_share=0,  # the card's needles, asked by key as they always were
                     ),
                 )
                 for t in range(trials)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import posixpath
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from corpus_tokens import TokenizedSplit
 
@@ -463,6 +463,60 @@ def space_sizes() -> dict:
     }
 
 
+# What a fact's key names, for the kinds a follow-up can point back to ("that service").
+ENTITY_NOUNS = {"port": "service", "code": "vault", "maintainer": "module", "date": "project"}
+_DUTIES = ("Restart", "Redeploy", "Drain", "Reload", "Reindex", "Flush", "Rebuild", "Purge", "Pause", "Reset")
+_EVENTS = ("deploy", "release", "upgrade", "backup", "outage", "migration", "reboot", "audit")
+_ROLES = ("owned", "reviewed", "audited", "run")
+
+
+@dataclass(frozen=True)
+class Aspect:
+    """A second thing said of each planted key, right after its fact, with a pronoun for the key ("Restart
+    it after every deploy."), and the follow-up that asks it of "that service": every fact of a sample
+    gets the same sentence with a value of its own, so that only the key the previous answer named tells
+    which one is meant."""
+
+    statement: str  # with {} for the value
+    question: str
+    kind: str  # what the values are: "duty", "person" or "host"
+
+    def value(self, rng: random.Random) -> str:
+        if self.kind == "duty":
+            return rng.choice(_DUTIES)
+        if self.kind == "person":
+            return f"{rng.choice(_FIRST_NAMES)} {random_surname(rng)}"
+        return f"{random_key(rng)}-{rng.randint(1, 9)}"
+
+
+def make_aspect(kind: str, rng: random.Random) -> Aspect:
+    noun = ENTITY_NOUNS[kind]
+    form = rng.randrange(3)
+    if form == 0:
+        event = rng.choice(_EVENTS)
+        return Aspect(f"{{}} it after every {event}.", f"What must be done to that {noun} after every {event}?", "duty")
+    if form == 1:
+        role = rng.choice(_ROLES)
+        return Aspect(f"It is {role} by {{}}.", f"Who is that {noun} {role} by?", "person")
+    return Aspect("It lives on host {}.", f"Which host does that {noun} live on?", "host")
+
+
+def reverse_question(fact: Fact, rng: random.Random) -> str:
+    """The fact's key asked for by its value ("Which service listens on the secret port 4711?")."""
+    value = fact.value
+    forms = {
+        "port": (
+            f"Which service listens on the secret port {value}?",
+            f"Which service has the secret port {value}?",
+            f"Which service uses the secret port {value}?",
+        ),
+        "code": (f"Which vault has the access code {value}?", f"Which vault opens with the access code {value}?"),
+        "maintainer": (f"Which module does {value} maintain?", f"Which module is maintained by {value}?"),
+        "date": (f"Which project launches on {value}?",),
+    }
+    return rng.choice(forms[fact.kind])
+
+
 def fact_keys(kind: str, count: int, rng: random.Random) -> list[str]:
     """`count` distinct keys of one kind: the asked fact's and its distractors'. The documentation
     kinds share one tool among them, so only the asked action or thing tells them apart."""
@@ -508,6 +562,7 @@ class RetrievalSample:
     fact_position: int  # token index where the planted statement starts
     distractors: list[Fact] = field(default_factory=list)
     planted_path: str | None = None  # the file that holds the asked fact
+    aspect_values: list[str] = field(default_factory=list)  # with an Aspect: the asked fact's, then each distractor's
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -615,8 +670,10 @@ class RetrievalSampleBuilder:
         num_distractors: int | None = None,
         system: str | None = DEFAULT_SYSTEM_PROMPT,
         kind: str | None = None,
+        aspect: Aspect | None = None,
     ) -> RetrievalSample:
-        """A sample of at most `total_tokens` ids (a few tokens less when no file fits the last gap)."""
+        """A sample of at most `total_tokens` ids (a few tokens less when no file fits the last gap). With
+        an `aspect`, each fact's statement is followed by the aspect's sentence with a value of its own."""
         kind = kind or rng.choice(FACT_KINDS)
         num_distractors = rng.randint(0, 3) if num_distractors is None else num_distractors
         keys = fact_keys(kind, num_distractors + 1, rng)
@@ -627,6 +684,17 @@ class RetrievalSampleBuilder:
             while any(candidate.value == other.value for other in facts):
                 candidate = make_fact(kind, key, rng)
             facts.append(candidate)
+        aspect_values: list[str] = []
+        if aspect is not None:
+            for _ in facts:
+                value = aspect.value(rng)
+                while any(value in other or other in value for other in aspect_values):  # none within another
+                    value = aspect.value(rng)
+                aspect_values.append(value)
+            facts = [
+                replace(f, statement=f"{f.statement} {aspect.statement.format(v)}")
+                for f, v in zip(facts, aspect_values)
+            ]
         fact, *distractors = facts
         depth = depth if depth is not None else rng.random()
         depths = [(fact, depth)] + [(d, rng.random()) for d in distractors]
@@ -671,6 +739,7 @@ class RetrievalSampleBuilder:
             fact_position,
             distractors,
             planted_path,
+            aspect_values,
         )
 
     def _files(self, picked: list[tuple[str, int]], multi_source: bool) -> list[_File]:

@@ -36,7 +36,15 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from retrieval_samples import _SYLLABLES, ALL_FACT_KINDS, RetrievalSampleBuilder, _File
+from retrieval_samples import (
+    _SYLLABLES,
+    ALL_FACT_KINDS,
+    ENTITY_NOUNS,
+    RetrievalSampleBuilder,
+    _File,
+    make_aspect,
+    reverse_question,
+)
 
 from kimi_desk.engine.chat import (
     DEFAULT_SYSTEM_PROMPT,
@@ -353,21 +361,34 @@ class TaskSampleBuilder:
         kind: str | None = None,
         system=DEFAULT_SYSTEM_PROMPT,
         followup: bool = False,
+        reverse_share: float = 0.2,
     ) -> TaskSample:
+        """A planted fact asked for (by its key; `reverse_share` of the questions about a named key, by its
+        value: "Which service listens on port 4711?"), and with `followup` a second turn: half the time,
+        for the kinds with a named key, a second thing said of that key, asked of "that service"; else
+        the file that says so."""
         if distractors is None:
             # Mostly several facts of the kind: lone facts are found (run 6: 10/10/7 of 10 at 4k/32k/128k),
             # telling the asked key's value from its neighbours' is what is still learnt.
             distractors = rng.choice((0, 1, 3, 3, 4, 5))
         kind = kind or rng.choice(ALL_FACT_KINDS)
         reserve = 48 if followup else 0
+        entity = kind in ENTITY_NOUNS
+        aspect = make_aspect(kind, rng) if followup and entity and rng.random() < 0.5 else None
         sample = self.needles.build(
-            total - reserve, rng, depth=depth, num_distractors=distractors, system=system, kind=kind
+            total - reserve, rng, depth=depth, num_distractors=distractors, system=system, kind=kind, aspect=aspect
         )
         fact = sample.fact
-        turns = [Turn(fact.question, fact.answer, (fact.value,))]
-        if followup:
+        if entity and reverse_share and rng.random() < reverse_share:
+            turns = [Turn(reverse_question(fact, rng), fact.answer, (fact.key,))]
+        else:
+            turns = [Turn(fact.question, fact.answer, (fact.value,))]
+        if aspect is not None:
+            value = sample.aspect_values[0]
+            turns.append(Turn(aspect.question, aspect.statement.format(value), (value,)))
+        elif followup:
             question = rng.choice(("Which file says so?", "In which file did you find that?", "Which file is that in?"))
-            turns.append(Turn(question, f"It is in {sample.planted_path}.", (sample.planted_path,)))
+            turns.append(Turn(question, f"It is in {code(sample.planted_path)}.", (sample.planted_path,)))
         head = sample.input_ids[: sample.document_start]
         document = sample.input_ids[sample.document_start : sample.document_end]
         result = self._assemble("needle" if not followup else "followup", head, document, turns)
@@ -375,9 +396,11 @@ class TaskSampleBuilder:
         # The distractors' values: a wrong reply that names one confused the keys, one that names none invented.
         result.detail = {
             "kind": kind,
+            "key": fact.key,
             "distractors": distractors,
             "path": sample.planted_path,
             "distractor_values": [d.value for d in sample.distractors],
+            "aspect_values": sample.aspect_values,
         }
         return result
 

@@ -302,6 +302,31 @@ def test_task_samples_weigh_every_reply_and_feed_the_next_turn(toy_pipeline):
     assert all(value in document for value in values)
 
 
+@pytest.mark.parametrize("kind", sorted(retrieval_samples.ENTITY_NOUNS))
+def test_a_follow_up_can_ask_about_the_key_the_first_answer_named(toy_pipeline, kind):
+    """Entity follow-ups: every planted fact is followed by the same second sentence with a value of its
+    own, and the second question names only "that service": the asked key's value is the answer and no
+    other fact's. First questions may ask for the key by its value."""
+    tokenizer = toy_pipeline["tokenizer"]
+    builder = task_samples.TaskSampleBuilder(toy_pipeline["splits"]["train"], tokenizer)
+    rng = random.Random()
+    samples = [builder.needle(700, rng, distractors=2, kind=kind, followup=True, reverse_share=0.5) for _ in range(16)]
+    entity = [s for s in samples if "that " + retrieval_samples.ENTITY_NOUNS[kind] in s.turns[1].question]
+    assert entity and len(entity) < len(samples), "both kinds of follow-up"
+    for sample in entity:
+        document = tokenizer.decode(sample.input_ids[sample.document_start : sample.document_end])
+        (first, second), key, values = sample.turns, sample.detail["key"], sample.detail["aspect_values"]
+        assert values[0] == second.expected[0] and len(set(values)) == 3
+        assert all(value in document for value in values)
+        assert f"{first.answer} {second.answer}" in document  # the fact, then what is said of its key
+        assert key not in second.question and key in first.answer
+        assert task_samples.is_correct(second, second.answer)
+        assert not any(task_samples.is_correct(second, other) for other in values[1:])
+    reverse = [s for s in samples if s.turns[0].expected == (s.detail["key"],)]
+    assert reverse, "first questions asked by value"
+    assert all(s.detail["key"] not in s.turns[0].question for s in reverse)
+
+
 def test_looked_up_reply_tokens_weigh_more(toy_pipeline):
     """The reply tokens the question does not hold (the value) take `looked_up_weight`; the words the reply
     repeats from the question, and <|im_end|>, keep weight 1."""
