@@ -16,6 +16,7 @@
 #   EVAL_SECONDS      kept for the evaluation at the end (default 150)
 #   TRAIN_MINUTES     minutes of steps after start-up (default: what the deadline leaves)
 #   TRAIN_ARGS        more train.py options (they override the defaults below)
+#   EVAL_ARGS         more evaluate.py options (e.g. --copy-code-spans: answers as the app gives them)
 set -u
 build=build/demo_model
 run=$build/run
@@ -74,7 +75,7 @@ start)
     setsid nohup bash -c "
         python3 packaging/demo_model/train.py --device cuda --time-budget-minutes ${BUDGET_MINUTES:-17} \
             --max-shard-mb 15 --out $run ${TRAIN_ARGS:-}; echo \"train.py exit \$?\"
-        python3 packaging/demo_model/evaluate.py --model $run/model --device cuda --trials ${TRIALS:-10}
+        python3 packaging/demo_model/evaluate.py --model $run/model --device cuda --trials ${TRIALS:-10} ${EVAL_ARGS:-}
         echo \"evaluate.py exit \$?\"; touch $build/pipeline.done" > $build/pipeline.out 2>&1 < /dev/null &
     echo "started: $build/pipeline.out"
     ;;
