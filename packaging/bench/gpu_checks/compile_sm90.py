@@ -3,7 +3,12 @@ per launch setting, from Triton's own compiler and the ptxas it ships. It answer
 spill, does it fit the 227 KiB of shared memory" before any device time is spent; speed still needs
 the GPU. The local Triton may differ from the GPU machine's (check `triton.__version__` on both).
 
-    python packaging/bench/gpu_checks/compile_sm90.py [fp8_gemv] [kda_intra] [kda_prepare] [quant_formats]
+    python packaging/bench/gpu_checks/compile_sm90.py [fp8_gemv] [kda_intra] [kda_prepare] [quant_formats] [model]
+
+`model` compiles every kernel the model itself launches, through its own code and launchers: a 4-layer
+model at the 48B shapes (K K K M, the dense first layer, MoE after it) on PyTorch's meta device, in each
+weight format, runs a decode step, a recorded decode step, a question and a prefill chunk with
+Triton's launches turned into compile-only warm-ups for an sm_90a target (no GPU, no memory).
 """
 
 import os
@@ -45,8 +50,13 @@ def compile_sm90(
         target=GPUTarget("cuda", 90, 128),
         options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg),
     )
+    return (*ptxas_usage(kernel.asm["ptx"]), kernel.metadata.shared)
+
+
+def ptxas_usage(ptx: str) -> tuple[int, tuple[int, int]]:
+    """(registers, (spill store, spill load) bytes) that ptxas reports for sm_90a."""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(kernel.asm["ptx"])
+        f.write(ptx)
     info = subprocess.run(
         [PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True
     ).stderr
@@ -54,9 +64,8 @@ def compile_sm90(
     found = re.search(r"Used (\d+) registers", info)
     if found is None:
         raise RuntimeError(f"ptxas: {info.strip()[:300]}")
-    regs = int(found.group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-    return regs, (int(spills.group(1)), int(spills.group(2))), kernel.metadata.shared
+    return int(found.group(1)), (int(spills.group(1)), int(spills.group(2)))
 
 
 def report(name, result):
@@ -272,6 +281,79 @@ def kda_prepare():
             f"kda prepare BR={rows} warps={warps}",
             compile_sm90(prepare_kda_fwd_kernel, pointers, scalars, const, warps),
         )
+
+
+class _CompileOnlyDriver:
+    """Triton's active driver while `model` runs: an sm_90a target, device 0, no stream; nothing is loaded
+    or launched (every launch is a warm-up, which compiles and returns)."""
+
+    def is_active(self):
+        return True
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 128)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        import torch
+
+        return torch.device("meta")
+
+
+def model(formats=("none", "fp8", "int8", "int4")):
+    """Every kernel a 48B-shaped model launches, per weight format (see the module doc)."""
+    import torch
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    os.environ["KIMI_DESK_KERNELS"] = "triton"  # meta tensors take the Triton paths, as CUDA ones do
+    import kimi_desk.kernels
+    from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config
+    from kimi_desk.engine.fuse import fuse_projections
+    from kimi_desk.engine.quantize import quantize_structure
+    from kimi_desk.engine.state import MLACache
+    from kimi_desk.engine.weights import build_on_meta, materialize
+
+    driver.set_active(_CompileOnlyDriver())
+    kimi_desk.kernels.pdl = lambda tensor: True  # launched as on an H100: with programmatic dependent launch
+    compiled = {}  # (kernel, format) -> {compiled kernel's hash: kernel}
+
+    def warm_up(self, grid):
+        def launch(*args, **kwargs):
+            kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+            compiled.setdefault((self.fn.__name__, fmt), {})[kernel.hash] = kernel
+            return kernel
+
+        return launch
+
+    JITFunction.__getitem__ = warm_up
+    config = kimi_linear_48b_config()
+    config.num_hidden_layers = 4
+    for fmt in formats:
+        built = build_on_meta(config)
+        if fmt != "none":
+            quantize_structure(built, fmt)
+        materialize(built, torch.device("meta"), torch.bfloat16)
+        built = fuse_projections(built)
+        ids = torch.zeros(1, 300, dtype=torch.long, device="meta")
+        state = built.new_state(1)
+        built(ids, state)  # a prefill chunk (300 tokens: every chunked kernel, several chunks)
+        built(ids[:, :16], state)  # a question after it
+        built(ids[:, :1], state)  # a decode step
+        for layer in state.layers:  # a recorded decode step: the cache's length on the device
+            if isinstance(layer, MLACache):
+                layer.device_length = torch.zeros(1, dtype=torch.long, device="meta")
+        built(ids[:, :1], state)
+    for (name, fmt), kernels in sorted(compiled.items()):
+        for kernel in kernels.values():
+            regs, spills = ptxas_usage(kernel.asm["ptx"])
+            report(f"{name} ({fmt}, {kernel.metadata.num_warps} warps)", (regs, spills, kernel.metadata.shared))
+    print(f"{len(compiled)} kernels, {sum(map(len, compiled.values()))} compiled forms", flush=True)
 
 
 if __name__ == "__main__":
