@@ -25,8 +25,6 @@ from collections.abc import Iterable, Sequence
 # A short span can occur thousands of times in a long document: the continuations looked at are those
 # of its first occurrences, enough for every token that can follow it in practice.
 MAX_OCCURRENCES = 4096
-# The length of the document's pieces that span starts are checked against before a search of the text.
-GRAM = 4
 
 
 class SpanVocabulary:
@@ -61,17 +59,17 @@ class SpanVocabulary:
 class CodeSpanCopy:
     """The tokens that may come next in a reply to a document with text `text`."""
 
-    def __init__(self, vocabulary: SpanVocabulary, text: str, starts: list[int] | None = None):
+    def __init__(self, vocabulary: SpanVocabulary, text: str, base: CodeSpanCopy | None = None):
         self.vocabulary = vocabulary
         self.text = text
-        self._starts = starts
+        self._base = base  # the copy whose text this one's begins with, and whose span starts it reuses
+        self._starts: list[int] | None = None
         self._outside: list[int] | None = None
 
     def joined(self, more: str) -> CodeSpanCopy:
-        """This document and `more` (a thread's questions): the document's span starts are kept, not
-        found again."""
-        extra = {t for head, ids in self.vocabulary.by_head.items() if head in more for t in ids}
-        return CodeSpanCopy(self.vocabulary, f"{self.text}\n{more}", sorted(extra.union(self._span_starts())))
+        """This document and `more` (a thread's questions): the document's span starts, once found, are
+        kept, not found again."""
+        return CodeSpanCopy(self.vocabulary, f"{self.text}\n{more}", base=self)
 
     def allowed(self, reply_ids: Sequence[int]) -> list[int] | None:
         """The tokens that may come after the reply so far (None: any): inside an open span those that
@@ -91,22 +89,19 @@ class CodeSpanCopy:
         return self._outside or None
 
     def _span_starts(self) -> list[int]:
-        """The first token of a span: one whose head occurs anywhere in the document. The document's
-        short pieces are put in sets first: a head is looked for in the whole text only when each of its
-        pieces occurs (a few times faster than searching for every head)."""
+        """The first token of a span: one whose head occurs anywhere in the document. Found when a reply
+        first opens an empty span, not before the first token: a search of the whole text for each head
+        (seconds on a long document); a joined copy reuses its document's."""
         if self._starts is None:
-            text, n = self.text, GRAM
-            grams = [{text[i : i + k] for i in range(len(text) - k + 1)} for k in range(n + 1)]
-            self._starts = [
-                token
-                for head, ids in self.vocabulary.by_head.items()
-                if (
-                    head in grams[len(head)]
-                    if len(head) <= n
-                    else all(head[i : i + n] in grams[n] for i in range(len(head) - n + 1)) and head in text
-                )
-                for token in ids
-            ]
+            if self._base is None:
+                found = (ids for head, ids in self.vocabulary.by_head.items() if head in self.text)
+            else:
+                # What the base does not hold: the added text, with the base's last characters before
+                # it for the heads that cross from one into the other.
+                more = self.text[max(0, len(self._base.text) - self.vocabulary.longest + 1) :]
+                found = [self._base._span_starts()]
+                found += [ids for head, ids in self.vocabulary.by_head.items() if head in more]
+            self._starts = sorted({token for ids in found for token in ids})
         return self._starts
 
     def _continuing(self, span: str) -> list[int]:

@@ -84,10 +84,18 @@ def test_a_span_the_document_does_not_continue_can_only_close(vocabulary):
 
 
 def test_a_joined_question_adds_its_names(vocabulary):
-    copy = CodeSpanCopy(vocabulary, TEXT).joined("What does `zorbdello` do?")
+    question = "What does `zorbdello` do?"
+    document = CodeSpanCopy(vocabulary, TEXT)
+    copy = document.joined(question)
     allowed = copy.allowed(vocabulary.tokenizer.encode("`zorb"))
     tokenizer = vocabulary.tokenizer
     assert any(tokenizer.decode([t]).startswith("d") for t in allowed)
+    # A span's first token: the document's starts (found once, kept) and the question's.
+    heads = {t: text.split("`", 1)[0] for t, text in token_texts(tokenizer).items() if text.count("`") <= 1}
+    joined = f"{TEXT}\n{question}"
+    expected = sorted([t for t, head in heads.items() if head and head in joined] + STOPS)
+    assert sorted(copy.allowed(tokenizer.encode("`"))) == expected
+    assert document._starts is not None and copy.joined("And?")._base is copy
 
 
 def test_greedy_replies_with_a_restriction_take_only_allowed_tokens(tmp_path):
