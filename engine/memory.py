@@ -63,9 +63,9 @@ def weight_bytes(name: str, shape: tuple[int, ...], method: str | None, compute_
 def mla_cache_dtype(config: KimiLinearConfig, dtype, quantize: str | None, device: str = "cpu") -> str:
     """The dtype of the MLA caches: the checkpoint's half precision for quantized weights computed in
     float32 on a CPU (one without bf16 hardware), else the activations'. A long context's cache is what
-    grows with it and what every decode step reads (at 128k tokens on the 48B model, more bytes than the
-    int4 weights a token uses): in half precision both halve, and its rounding is far below the
-    quantized weights' error. Unquantized, the cache stays float32, so that the model stays exact."""
+    grows with it (the 48B model at 128k tokens: 2.1 GB in float32) and what a session's snapshot holds:
+    in half precision both halve, and its rounding is far below the quantized weights' error.
+    Unquantized, the cache stays float32, so that the model stays exact."""
     name = _dtype_name(dtype)
     if quantize and device == "cpu" and name == "float32" and config.dtype in ("bfloat16", "float16"):
         return config.dtype
