@@ -53,6 +53,8 @@ class SpanVocabulary:
             if ticks % 2 and text.rsplit("`", 1)[1]:
                 self.opening.append((token, text.rsplit("`", 1)[1]))
         self.longest = max(map(len, self.by_head), default=0)
+        # Every beginning of a head: a text that is not one begins no head, so a look-up can stop there.
+        self.head_prefixes = {head[:n] for head in self.by_head for n in range(1, len(head) + 1)}
         self.stops = sorted(set(stop_ids))
 
 
@@ -115,9 +117,12 @@ class CodeSpanCopy:
             end = start + len(span)
             following.add(text[end : end + longest])
             start = text.find(span, start + 1)
-        by_head = self.vocabulary.by_head
+        by_head, prefixes = self.vocabulary.by_head, self.vocabulary.head_prefixes
         tokens: set[int] = set()
         for after in following:
             for length in range(1, len(after) + 1):
-                tokens.update(by_head.get(after[:length], ()))
+                piece = after[:length]
+                if piece not in prefixes:
+                    break
+                tokens.update(by_head.get(piece, ()))
         return sorted(tokens)
