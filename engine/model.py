@@ -250,7 +250,8 @@ class KimiLinearForCausalLM(nn.Module):
         self.config = config
         # Set by load_model from the checkpoint's files; ties snapshots to these weights.
         self.fingerprint = "unloaded"
-        # The MLA caches' dtype when not the activations' (load_model: engine/memory.py mla_cache_dtype).
+        # The MLA caches' dtype when not the activations' (load_model: engine/memory.py mla_cache_dtype);
+        # `latent_cache_dtype` is the one in use.
         self.cache_dtype: torch.dtype | None = None
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -264,9 +265,14 @@ class KimiLinearForCausalLM(nn.Module):
         """The activations' dtype (the final norm's weight has it whatever the weights are stored in)."""
         return self.model.norm.weight.dtype
 
+    @property
+    def latent_cache_dtype(self) -> torch.dtype:
+        """The MLA caches' dtype: `cache_dtype` where load_model set one, else the activations'."""
+        return self.cache_dtype or self.dtype
+
     def new_state(self, batch_size: int = 1) -> ModelState:
         def dtype(attention) -> torch.dtype:
-            return self.cache_dtype or self.dtype if isinstance(attention, MultiHeadLatentAttention) else self.dtype
+            return self.latent_cache_dtype if isinstance(attention, MultiHeadLatentAttention) else self.dtype
 
         return ModelState(
             [layer.self_attn.new_state(batch_size, dtype(layer.self_attn), self.device) for layer in self.model.layers]

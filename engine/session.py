@@ -313,16 +313,16 @@ class Assistant:
         # each call short enough to notice a cancellation quickly.
         self.prefill_chunk = prefill_chunk or (8192 if model.device.type == "cuda" else 2048)
         self.checkpoint_interval = checkpoint_interval or default_checkpoint_interval(
-            model.config, model.cache_dtype or model.dtype
+            model.config, model.latent_cache_dtype
         )
         self.identity = Identity(model.fingerprint, tokenizer.fingerprint)
         self.stop_ids = chat.stop_token_ids(tokenizer, model.config)
         self.model_source = ""  # where the model was loaded from; sessions remember it
         # Code spans in answers held to the text read (engine/code_spans.py): for the embedded model,
-        # which can garble a name it copies; per session, the document's text as the copy knows it.
+        # which can garble a name it copies; the last session asked, its document's text as the copy knows it.
         self.copies_code_spans = False
         self._span_vocabulary = None
-        self._span_copies: dict[str, tuple[tuple, object]] = {}
+        self._span_copy: tuple[tuple, object] | None = None
         # Where one-line notices of the engine's own go (the loader's, a usage file not saved).
         self.notice: Callable[[str], None] = lambda line: None
         # Count which routed experts each reading chooses, kept per model in the data folder
@@ -365,21 +365,20 @@ class Assistant:
         return assistant
 
     def _code_span_copy(self, session: Session):
-        """The session's files as read, with their paths, for holding code spans to them (kept per
-        session while its files are the same)."""
+        """The session's files as read, with their paths, for holding code spans to them (kept for the
+        session last asked while its files are the same: one document's text in memory, not every one's)."""
         from kimi_desk.engine.citations import SourceIndex
         from kimi_desk.engine.code_spans import CodeSpanCopy, SpanVocabulary
 
-        key = tuple((f["path"], f.get("text_sha256") or f["sha256"]) for f in session.files)
-        kept = self._span_copies.get(session.id)
+        key = (session.id, *((f["path"], f.get("text_sha256") or f["sha256"]) for f in session.files))
+        kept = self._span_copy
         if kept is None or kept[0] != key:
             if self._span_vocabulary is None:
                 self._span_vocabulary = SpanVocabulary(self.tokenizer, self.stop_ids)
             index = SourceIndex(session)
             root = Path(session.source).name
             parts = [f"{root}/{path}\n{path}\n{index.text(path) or ''}" for path in index.files]
-            kept = (key, CodeSpanCopy(self._span_vocabulary, "\n".join(parts)))
-            self._span_copies[session.id] = kept
+            kept = self._span_copy = (key, CodeSpanCopy(self._span_vocabulary, "\n".join(parts)))
         return kept[1]
 
     def reading_rate(self, tokens: int = 0, start: int = 0) -> float:

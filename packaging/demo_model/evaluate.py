@@ -109,9 +109,10 @@ class Asker:
     def __post_init__(self):
         self.stops = stop_token_ids(self.tokenizer, self.model.config)
 
-    def copy(self, document: str, questions: list[str]) -> CodeSpanCopy | None:
-        """The code spans a reply may write: pieces of the document or of the questions asked so far."""
-        return CodeSpanCopy(self.spans, "\n".join([document, *questions])) if self.spans else None
+    def copy(self, document: str) -> CodeSpanCopy | None:
+        """What the replies' code spans are held to, as the app holds them: the document, joined by each
+        turn with the questions asked so far."""
+        return CodeSpanCopy(self.spans, document) if self.spans else None
 
     def reply(self, ids, state, copy: CodeSpanCopy | None = None) -> str:
         """The text the model generates greedily after `ids`, fed on top of `state` (which keeps the ids
@@ -138,10 +139,10 @@ def run_conversation(asker: Asker, sample) -> dict:
     state = asker.model.new_state(1)
     began = time.perf_counter()
     prefill(asker.model, ids[: sample.document_end], state, chunk_size=asker.chunk)
-    document = asker.tokenizer.decode(list(ids[: sample.document_end])) if asker.spans else ""
+    document = asker.copy(asker.tokenizer.decode(list(ids[: sample.document_end]))) if asker.spans else None
     turns = []
     for index, (turn, (start, end)) in enumerate(zip(sample.turns, sample.feeds)):
-        copy = asker.copy(document, [t.question for t in sample.turns[: index + 1]])
+        copy = document and document.joined("\n".join(t.question for t in sample.turns[: index + 1]))
         reply = asker.reply(ids[start:end], state, copy)
         turns.append(
             {
@@ -243,13 +244,14 @@ def readme_table(asker: Asker, readme: Path, log=print) -> dict:
     """README's run command (`kimi-desk open README.md`), asked the issue's two questions: the document as
     the engine loads it, each question from the document's state as `ask` does it."""
     document = load_path(readme).text
+    copy = asker.copy(document)
     outcomes = []
     for question, expected in README_QUESTIONS:
         prompt = document_prompt(asker.tokenizer, document, question, DEFAULT_SYSTEM_PROMPT)
         state = asker.model.new_state(1)
         began = time.perf_counter()
         prefill(asker.model, prompt.prefix_ids, state, chunk_size=asker.chunk)
-        reply = asker.reply(prompt.suffix_ids, state, asker.copy(document, [question]))
+        reply = asker.reply(prompt.suffix_ids, state, copy and copy.joined(question))
         outcomes.append(
             {
                 "question": question,
@@ -330,7 +332,8 @@ def markdown(results: dict) -> str:
             "### Two-turn follow-ups",
             "",
             "A needle, \"which file defines\" or default question, then a second turn that refers to the "
-            "answer (\"Which file says so?\", \"What else does that file define?\"); the model's own first "
+            "answer (\"Which file says so?\", \"What else does that file define?\", \"What must be done to "
+            "that service after every deploy?\"); the model's own first "
             "reply stays in the state; counted when the second reply is right (first reply right too in "
             "brackets).",
             "",
