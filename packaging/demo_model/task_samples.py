@@ -375,23 +375,35 @@ class TaskSampleBuilder:
         reserve = 48 if followup else 0
         entity = kind in ENTITY_NOUNS
         aspect = make_aspect(kind, rng) if followup and entity and rng.random() < 0.5 else None
-        sample = self.needles.build(
-            total - reserve, rng, depth=depth, num_distractors=distractors, system=system, kind=kind, aspect=aspect
-        )
-        fact = sample.fact
-        if entity and reverse_share and rng.random() < reverse_share:
-            turns = [Turn(reverse_question(fact, rng), fact.answer, (fact.key,))]
+        reverse = entity and reverse_share and rng.random() < reverse_share
+        for _ in range(4):
+            # The haystack is built for the fact's own question; a question by value or a second turn
+            # may be longer: rebuild with that much more room.
+            try:
+                sample = self.needles.build(
+                    total - reserve, rng, depth=depth, num_distractors=distractors, system=system, kind=kind, aspect=aspect
+                )
+            except ValueError as error:  # no haystack this short holds these facts
+                raise NoQuestion(str(error)) from None
+            fact = sample.fact
+            if reverse:
+                turns = [Turn(reverse_question(fact, rng), fact.answer, (fact.key,))]
+            else:
+                turns = [Turn(fact.question, fact.answer, (fact.value,))]
+            if aspect is not None:
+                value = sample.aspect_values[0]
+                turns.append(Turn(aspect.question, aspect.statement.format(value), (value,)))
+            elif followup:
+                question = rng.choice(("Which file says so?", "In which file did you find that?", "Which file is that in?"))
+                turns.append(Turn(question, f"It is in {code(sample.planted_path)}.", (sample.planted_path,)))
+            head = sample.input_ids[: sample.document_start]
+            document = sample.input_ids[sample.document_start : sample.document_end]
+            result = self._assemble("needle" if not followup else "followup", head, document, turns)
+            if len(result.input_ids) <= total:
+                break
+            reserve += len(result.input_ids) - total + 8
         else:
-            turns = [Turn(fact.question, fact.answer, (fact.value,))]
-        if aspect is not None:
-            value = sample.aspect_values[0]
-            turns.append(Turn(aspect.question, aspect.statement.format(value), (value,)))
-        elif followup:
-            question = rng.choice(("Which file says so?", "In which file did you find that?", "Which file is that in?"))
-            turns.append(Turn(question, f"It is in {code(sample.planted_path)}.", (sample.planted_path,)))
-        head = sample.input_ids[: sample.document_start]
-        document = sample.input_ids[sample.document_start : sample.document_end]
-        result = self._assemble("needle" if not followup else "followup", head, document, turns)
+            raise NoQuestion(f"cannot fit a needle sample into {total} tokens")
         result.depth = sample.depth
         # The distractors' values: a wrong reply that names one confused the keys, one that names none invented.
         result.detail = {

@@ -327,6 +327,16 @@ def test_a_follow_up_can_ask_about_the_key_the_first_answer_named(toy_pipeline, 
     assert all(s.detail["key"] not in s.turns[0].question for s in reverse)
 
 
+@pytest.mark.parametrize("task", ["needle", "followup", "which_file", "where_function", "setting_default"])
+def test_every_task_fits_its_token_budget(toy_pipeline, task):
+    """Questions by value and entity follow-ups are longer than the question the haystack was built for:
+    a sample is still never longer than asked (a training batch row would not hold it)."""
+    builder = task_samples.TaskSampleBuilder(toy_pipeline["splits"]["train"], toy_pipeline["tokenizer"])
+    rng = random.Random()
+    for total in (1025, 1500, 2048) * 5:
+        assert len(builder.build(task, total, rng).input_ids) <= total
+
+
 def test_looked_up_reply_tokens_weigh_more(toy_pipeline):
     """The reply tokens the question does not hold (the value) take `looked_up_weight`; the words the reply
     repeats from the question, and <|im_end|>, keep weight 1."""
@@ -496,8 +506,8 @@ def test_retrieval_batch_pads_and_weights(toy_pipeline):
     tokenizer = toy_pipeline["tokenizer"]
     builder = task_samples.TaskSampleBuilder(toy_pipeline["splits"]["train"], tokenizer)
     pad = tokenizer.special_tokens["[PAD]"]
-    batch = train.retrieval_batch(builder, 2, 600, random.Random(0), pad, [DEFAULT_SYSTEM_PROMPT])
-    assert batch.input_ids.shape == batch.targets.shape == (2, 600)
+    batch = train.retrieval_batch(builder, 2, 1024, random.Random(0), pad, [DEFAULT_SYSTEM_PROMPT])
+    assert batch.input_ids.shape == batch.targets.shape == (2, 1024)
     assert torch.equal(batch.input_ids[:, 1:], batch.targets[:, :-1])
     assert batch.document_weights.sum() == 0  # the loss on task samples is the replies' only
     # Padding is never a target with weight.
