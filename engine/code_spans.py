@@ -1,128 +1,141 @@
-"""Code spans copied from the document: what an answer writes between backticks is held to text the
-session read.
+"""Code spans held to the document: what an answer writes between backticks is a name the session read.
 
 Answers name files, functions, settings and commands between backticks. The embedded demo model (22 M
 parameters) finds the line that holds the answer but can garble the name it copies from there
-(`LOBOR_BACKEND` for the `HARBOR_BACKEND` it read, a path one directory off): a name that the document
-does not hold is never the right answer to "which file" or "which variable". So while a span is open
-the next token is chosen among those that keep the span a piece of the document's text, closing it
-stays allowed, and so do the stop tokens; a token that opens a span with text of its own ("`HAR") is
-allowed only when the document holds that text. The model's own logits choose among the tokens left,
-greedy or sampled as asked.
+(`LOBOR_BACKEND=torch` for the `HARBOR_BACKEND=torch` it read, a path one directory off): a name the
+document does not hold is never the right answer to "which file" or "which variable". So the decode
+loop (engine/generate.py) holds a span's tokens back while it is open, and once it closes asks
+`rewrite`: a span that is a piece of whole words of the document stays as written; one that is not is
+replaced by the piece of whole words nearest to it in edit distance, when one is within a third of its
+length (else it stays: a guess that far off is not a garbled name). The model then goes on from the
+corrected span, as if it had written it.
+
+Why after the span and not token by token: the model's first token says little about which name it
+means (`LO...` for `HARBOR_BACKEND`), so holding each token to the document picks a wrong name from the
+start; the whole span it wanted is the evidence to match.
 
 Which models: the embedded one (session.py, `Assistant.copies_code_spans`). A large model may write new
-code between backticks, which this would forbid.
+code between backticks, which this would change.
 
-    vocabulary = SpanVocabulary(tokenizer, stop_ids)       # once per tokenizer
-    copy = CodeSpanCopy(vocabulary, text)                  # once per document
-    copy.allowed(reply_ids)     # None when any token may come next, else the ids that may
+    copy = CodeSpanCopy(tokenizer, text)        # the document (and the thread's questions: joined)
+    copy.is_open(reply_ids)                     # whether the reply ends inside a span
+    copy.rewrite(reply_ids, opened_at)          # ids in place of reply_ids[opened_at:], or None
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Sequence
 
-# A short span can occur thousands of times in a long document: the continuations looked at are those
-# of its first occurrences, enough for every token that can follow it in practice.
+import torch
+
+# A span longer than this is code the model writes, not a name it copies: never rewritten.
+MAX_SPAN_CHARS = 80
+# A span found this many times only inside longer words is looked for no further.
 MAX_OCCURRENCES = 4096
 
+_WORD_CHAR = re.compile(r"\w")
 
-class SpanVocabulary:
-    """The tokens by what they do to a span. Inside one: a token without a backtick continues it with
-    its text, one with a single backtick continues it with the text before (its "head") and closes it;
-    tokens with more backticks are not used there. Outside: a token with an odd number of backticks
-    opens a span with the text after its last one (its "tail")."""
 
-    def __init__(self, tokenizer, stop_ids: Iterable[int] = ()):
-        self.tokenizer = tokenizer
-        self.size = tokenizer.vocab_size
-        self.by_head: dict[str, list[int]] = {}  # head -> tokens continuing a span with it
-        self.closing: list[int] = []  # a single backtick first: they close a span as it is
-        self.opening: list[tuple[int, str]] = []  # (token, tail): tokens that open a span with text
-        for token in range(self.size):
-            text = tokenizer.decode([token], skip_special_tokens=True)
-            if not text or "\ufffd" in text:  # special tokens, and bytes of a character cut in two
-                continue
-            ticks = text.count("`")
-            if ticks <= 1:
-                head = text.split("`", 1)[0]
-                if head:
-                    self.by_head.setdefault(head, []).append(token)
-                elif ticks:
-                    self.closing.append(token)
-            if ticks % 2 and text.rsplit("`", 1)[1]:
-                self.opening.append((token, text.rsplit("`", 1)[1]))
-        self.longest = max(map(len, self.by_head), default=0)
-        # Every beginning of a head: a text that is not one begins no head, so a look-up can stop there.
-        self.head_prefixes = {head[:n] for head in self.by_head for n in range(1, len(head) + 1)}
-        self.stops = sorted(set(stop_ids))
+def is_word_char(character: str) -> bool:
+    return bool(_WORD_CHAR.match(character))
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions, each 1."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
 
 
 class CodeSpanCopy:
-    """The tokens that may come next in a reply to a document with text `text`."""
+    """The names a reply to a document with text `text` may write between backticks."""
 
-    def __init__(self, vocabulary: SpanVocabulary, text: str, base: CodeSpanCopy | None = None):
-        self.vocabulary = vocabulary
+    def __init__(self, tokenizer, text: str):
+        self.tokenizer = tokenizer
         self.text = text
-        self._base = base  # the copy whose text this one's begins with, and whose span starts it reuses
-        self._starts: list[int] | None = None
-        self._outside: list[int] | None = None
+        self._codes: torch.Tensor | None = None
 
     def joined(self, more: str) -> CodeSpanCopy:
-        """This document and `more` (a thread's questions): the document's span starts, once found, are
-        kept, not found again."""
-        return CodeSpanCopy(self.vocabulary, f"{self.text}\n{more}", base=self)
+        """This document and `more` (a thread's questions: names the user wrote count as read)."""
+        return CodeSpanCopy(self.tokenizer, f"{self.text}\n{more}")
 
-    def allowed(self, reply_ids: Sequence[int]) -> list[int] | None:
-        """The tokens that may come after the reply so far (None: any): inside an open span those that
-        keep it a piece of the document or close it, and the stop tokens; outside, all but the tokens
-        that would open a span with text the document does not hold."""
-        reply = self.vocabulary.tokenizer.decode(list(reply_ids), skip_special_tokens=True)
-        if reply.count("`") % 2 == 0:
-            return self._outside_span()
-        span = reply[reply.rindex("`") + 1 :]
-        tokens = self._continuing(span) + self.vocabulary.closing if span else self._span_starts()
-        return tokens + self.vocabulary.stops if tokens else None
+    def is_open(self, reply_ids: Sequence[int]) -> bool:
+        return self.tokenizer.decode(list(reply_ids), skip_special_tokens=True).count("`") % 2 == 1
 
-    def _outside_span(self) -> list[int] | None:
-        if self._outside is None:
-            barred = {t for t, tail in self.vocabulary.opening if tail not in self.text}
-            self._outside = [t for t in range(self.vocabulary.size) if t not in barred] if barred else []
-        return self._outside or None
+    def rewrite(self, reply_ids: Sequence[int], opened_at: int) -> list[int] | None:
+        """The ids to put in place of reply_ids[opened_at:], where the token at `opened_at` opened a span
+        that has since closed (or that the reply left open at its end: then it is closed here), when the
+        span is not a piece of the document and a piece near enough is; else None."""
+        decode = self.tokenizer.decode
+        before = decode(list(reply_ids[:opened_at]), skip_special_tokens=True)
+        text = decode(list(reply_ids), skip_special_tokens=True)
+        if not text.startswith(before) or "`" not in text[len(before) :]:
+            return None
+        opening = text.index("`", len(before))
+        closing = text.find("`", opening + 1)
+        span = text[opening + 1 : closing if closing >= 0 else len(text)]
+        piece = self.nearest(span)
+        if piece is None:
+            return None
+        rest = text[closing:] if closing >= 0 else "`"
+        return self.tokenizer.encode(text[len(before) : opening + 1] + piece + rest, allow_special=False)
 
-    def _span_starts(self) -> list[int]:
-        """The first token of a span: one whose head occurs anywhere in the document. Found when a reply
-        first opens an empty span, not before the first token: a search of the whole text for each head
-        (seconds on a long document); a joined copy reuses its document's."""
-        if self._starts is None:
-            if self._base is None:
-                found = (ids for head, ids in self.vocabulary.by_head.items() if head in self.text)
-            else:
-                # What the base does not hold: the added text, with the base's last characters before
-                # it for the heads that cross from one into the other.
-                more = self.text[max(0, len(self._base.text) - self.vocabulary.longest + 1) :]
-                found = [self._base._span_starts()]
-                found += [ids for head, ids in self.vocabulary.by_head.items() if head in more]
-            self._starts = sorted({token for ids in found for token in ids})
-        return self._starts
-
-    def _continuing(self, span: str) -> list[int]:
-        """The tokens whose head continues `span` where the document holds it."""
-        longest, text = self.vocabulary.longest, self.text
-        following: set[str] = set()
-        start = text.find(span)
+    def holds(self, piece: str) -> bool:
+        """Whether `piece` is in the text as a piece of whole words: beginning where a word begins (or
+        with a non-word character) and ending where one ends (or with one)."""
+        text, size = self.text, len(piece)
+        begins, ends = is_word_char(piece[0]), is_word_char(piece[-1])
+        at = text.find(piece)
         for _ in range(MAX_OCCURRENCES):
-            if start < 0:
-                break
-            end = start + len(span)
-            following.add(text[end : end + longest])
-            start = text.find(span, start + 1)
-        by_head, prefixes = self.vocabulary.by_head, self.vocabulary.head_prefixes
-        tokens: set[int] = set()
-        for after in following:
-            for length in range(1, len(after) + 1):
-                piece = after[:length]
-                if piece not in prefixes:
-                    break
-                tokens.update(by_head.get(piece, ()))
-        return sorted(tokens)
+            if at < 0:
+                return False
+            end = at + size
+            if not (begins and at and is_word_char(text[at - 1])) and not (
+                ends and end < len(text) and is_word_char(text[end])
+            ):
+                return True
+            at = text.find(piece, at + 1)
+        return False
+
+    def nearest(self, span: str) -> str | None:
+        """The piece of whole words of the text nearest to `span` (None: the span is one already, is
+        empty or too long, or nothing is within a third of its length). The alignment that may start
+        and end anywhere in the text (Sellers' algorithm) finds where the span fits best, one row of
+        the text's length per character of the span; the piece is then widened to whole words."""
+        if not span.strip() or len(span) > MAX_SPAN_CHARS or self.holds(span):
+            return None
+        text, codes = self.text, self._text_codes()
+        positions = torch.arange(len(text) + 1, dtype=torch.int32)
+        distances = torch.zeros(len(text) + 1, dtype=torch.int32)  # a match may start anywhere: free
+        for i, char in enumerate(span, 1):
+            substituted = torch.full_like(distances, 1 << 20)
+            substituted[1:] = distances[:-1] + (codes != ord(char)).to(torch.int32)
+            best = torch.minimum(substituted, distances + 1)  # ... or the span's character left out
+            # ... or text characters left out: d[j] = min over k <= j of best[k] + (j - k)
+            distances = torch.cummin(best - positions, 0).values + positions
+        end = int(torch.argmin(distances))
+        limit = len(span) // 3
+        if int(distances[end]) > limit:
+            return None
+        start = min(
+            range(max(0, end - len(span) - limit), end - len(span) + limit + 1),
+            key=lambda s: (edit_distance(span, text[s:end]), s),
+        )
+        while start > 0 and is_word_char(text[start]) and is_word_char(text[start - 1]):
+            start -= 1
+        while end < len(text) and is_word_char(text[end - 1]) and is_word_char(text[end]):
+            end += 1
+        piece = text[start:end]
+        if "\n" in piece or edit_distance(span, piece) > limit:
+            return None
+        return piece
+
+    def _text_codes(self) -> torch.Tensor:
+        if self._codes is None:
+            self._codes = torch.frombuffer(bytearray(self.text.encode("utf-32-le")), dtype=torch.int32)
+        return self._codes

@@ -30,8 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -217,17 +216,17 @@ def decode_step_function(
     sampling: Sampling = GREEDY,
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
-    restrict: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    eager: bool = False,
 ) -> Callable[[int], int]:
     """token id -> the next token id: the token fed (advancing `state` by one) and the next one chosen
     from the logits after it, the fed token marked for the repetition penalty (in `seen` on the eager
     path; in the decoder's own copy of it on the GPU). On the GPU a replayed CUDA graph does both,
     sampling included, so the host only reads the chosen id back; the eager model and sample_token
-    elsewhere. Both take one draw from `generator` per sampled token and choose alike. `restrict` (logits
-    -> logits, e.g. code spans held to the document) is applied before each choice, on the eager path."""
+    elsewhere, or when asked (`eager`: a loop that rolls the state back, which a recorded graph's
+    buffers would not follow). Both take one draw from `generator` per sampled token and choose alike."""
     # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen. Experts
     # computed in RAM (engine/offload.py) may cut the recording into pieces with the CPU's work between.
-    if restrict is None and use_triton(model.lm_head.weight) and environment.cuda_graph():
+    if not eager and use_triton(model.lm_head.weight) and environment.cuda_graph():
         from kimi_desk.engine.cuda_graph import graph_decoder
 
         decoder = graph_decoder(model, state, vocab_size)
@@ -239,13 +238,13 @@ def decode_step_function(
 
         return replayed
 
-    def eager(token: int) -> int:
+    def step_eagerly(token: int) -> int:
         logits = model(torch.tensor([[token]], device=model.device), state, last_only=True)[0, -1, :vocab_size]
         if seen is not None:
             seen[token] = True
-        return sample_token(logits if restrict is None else restrict(logits), sampling, generator, seen)
+        return sample_token(logits, sampling, generator, seen)
 
-    return eager
+    return step_eagerly
 
 
 @dataclass(frozen=True)
@@ -265,6 +264,18 @@ class Step:
     finish_reason: str | None = None
 
 
+class SpanRewriter(Protocol):
+    """Rewrites a reply's spans once they close (engine/code_spans.py: code spans held to the document)."""
+
+    def is_open(self, reply_ids: Sequence[int]) -> bool: ...
+
+    def rewrite(self, reply_ids: Sequence[int], opened_at: int) -> list[int] | None: ...
+
+
+# A span held back longer than this is settled as it is, open or not, so the reply keeps streaming.
+MAX_HELD_TOKENS = 48
+
+
 def stream_tokens(
     model: KimiLinearForCausalLM,
     prompt_ids: Sequence[int] | torch.Tensor,
@@ -276,7 +287,7 @@ def stream_tokens(
     cancel: Cancel = None,
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     vocab_size: int | None = None,
-    allowed_tokens: Callable[[list[int]], Sequence[int] | None] | None = None,
+    span_rewriter: SpanRewriter | None = None,
 ) -> Iterator[Step]:
     """Prefill `prompt_ids` (batch 1) into `state`, then yield generated tokens one Step at a time.
 
@@ -284,8 +295,10 @@ def stream_tokens(
     reaches model_max_length, or when cancelled (then without a final Step; likewise when the prompt
     leaves no room or max_new_tokens is 0). See the module docstring for what the state holds.
     With `vocab_size` (the tokenizer's), ids at or above it are never sampled: an embedding padded past
-    the tokenizer has rows no text maps to. With `allowed_tokens` (the reply's ids so far -> the ids the
-    next token may take, or None for any: engine/code_spans.py), each choice is made among those.
+    the tokenizer has rows no text maps to. With `span_rewriter`, the tokens of a span (from the token
+    that opens it to the one that closes it) are held back until it closes; when the rewriter gives
+    other ids for it, the state goes back to before the span, takes those ids instead, and the reply
+    goes on from them; then the span's tokens are yielded.
     """
     if state.batch_size != 1:
         raise ValueError(f"generation runs on a batch of 1, the state has {state.batch_size}")
@@ -309,38 +322,57 @@ def stream_tokens(
     if sampling.repetition_penalty != 1:
         seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         seen[prompt[0]] = True
+    token = sample_token(logits, sampling, generator, seen)
+    advance = decode_step_function(model, state, vocab_size, sampling, generator, seen, eager=span_rewriter is not None)
     reply: list[int] = []
-    restrict = None if allowed_tokens is None else partial(_restrict, allowed_tokens, reply)
-    token = sample_token(logits if restrict is None else restrict(logits), sampling, generator, seen)
-    advance = decode_step_function(model, state, vocab_size, sampling, generator, seen, restrict)
+    yielded = 0  # reply tokens already yielded; the rest are a span held back
+    opened_at, mark = None, None  # where the held span begins in the reply, and the state before it
+    first_position = state.position  # after the prompt: reply token i is fed at first_position + i
 
-    for index in range(max_new_tokens):
+    while True:
         if is_cancelled(cancel) or state.position >= max_length:
+            # A span held back when cancelled is yielded as written: the state holds it.
+            for index in range(yielded, len(reply)):
+                yield Step(reply[index], index, 0.0, first_position + index + 1)
             return
-        following = None
+        following, finish = None, None
         if token in stops:
             finish = "stop"
         else:
+            if span_rewriter is not None and opened_at is None and span_rewriter.is_open(reply + [token]):
+                opened_at, mark = len(reply), state.mark()
             reply.append(token)
             following = advance(token)  # fed, and the next token chosen
-            at_limit = index == max_new_tokens - 1 or state.position >= max_length
-            finish = "length" if at_limit else None
-        now = time.perf_counter()
-        yield Step(token, index, now - started, state.position, finish)
-        started = time.perf_counter()
-        if finish is not None:
-            return
+            if len(reply) >= max_new_tokens or state.position >= max_length:
+                finish = "length"
+        if opened_at is not None and (
+            finish is not None or not span_rewriter.is_open(reply) or len(reply) - opened_at >= MAX_HELD_TOKENS
+        ):
+            ids = span_rewriter.rewrite(reply, opened_at)
+            if ids is not None:
+                ids = ids[: min(max_new_tokens, max_length - first_position) - opened_at]
+            if ids:
+                state.restore(mark)
+                del reply[opened_at:]
+                for fed in ids:
+                    reply.append(fed)
+                    following = advance(fed)
+                at_limit = len(reply) >= max_new_tokens or state.position >= max_length
+                finish = "length" if at_limit else None  # after a stop, the reply goes on from the new span
+            opened_at, mark = None, None
+        if opened_at is None:
+            for index in range(yielded, len(reply)):
+                last = index == len(reply) - 1 and finish != "stop"
+                now = time.perf_counter()
+                yield Step(reply[index], index, now - started, first_position + index + 1, finish if last else None)
+                started = time.perf_counter()
+            yielded = len(reply)
+            if finish == "stop":
+                now = time.perf_counter()
+                yield Step(token, len(reply), now - started, state.position, finish)
+            if finish is not None:
+                return
         token = following
-
-
-def _restrict(allowed_tokens, reply: list[int], logits: torch.Tensor) -> torch.Tensor:
-    """`logits` with every id that allowed_tokens(reply) leaves out at -inf."""
-    allowed = allowed_tokens(reply)
-    if allowed is None:
-        return logits
-    keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
-    keep[[i for i in allowed if i < logits.shape[-1]]] = True
-    return logits.masked_fill(~keep.to(logits.device), -math.inf)
 
 
 @dataclass

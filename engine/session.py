@@ -321,7 +321,6 @@ class Assistant:
         # Code spans in answers held to the text read (engine/code_spans.py): for the embedded model,
         # which can garble a name it copies; the last session asked, its document's text as the copy knows it.
         self.copies_code_spans = False
-        self._span_vocabulary = None
         self._span_copy: tuple[tuple, object] | None = None
         # Where one-line notices of the engine's own go (the loader's, a usage file not saved).
         self.notice: Callable[[str], None] = lambda line: None
@@ -368,17 +367,15 @@ class Assistant:
         """The session's files as read, with their paths, for holding code spans to them (kept for the
         session last asked while its files are the same: one document's text in memory, not every one's)."""
         from kimi_desk.engine.citations import SourceIndex
-        from kimi_desk.engine.code_spans import CodeSpanCopy, SpanVocabulary
+        from kimi_desk.engine.code_spans import CodeSpanCopy
 
         key = (session.id, *((f["path"], f.get("text_sha256") or f["sha256"]) for f in session.files))
         kept = self._span_copy
         if kept is None or kept[0] != key:
-            if self._span_vocabulary is None:
-                self._span_vocabulary = SpanVocabulary(self.tokenizer, self.stop_ids)
             index = SourceIndex(session)
             root = Path(session.source).name
             parts = [f"{root}/{path}\n{path}\n{index.text(path) or ''}" for path in index.files]
-            kept = self._span_copy = (key, CodeSpanCopy(self._span_vocabulary, "\n".join(parts)))
+            kept = self._span_copy = (key, CodeSpanCopy(self.tokenizer, "\n".join(parts)))
         return kept[1]
 
     def reading_rate(self, tokens: int = 0, start: int = 0) -> float:
@@ -676,7 +673,7 @@ class Assistant:
             cancel=cancel,
             prefill_chunk_size=self.prefill_chunk,
             vocab_size=self.tokenizer.vocab_size,
-            allowed_tokens=None if copy is None else copy.allowed,
+            span_rewriter=copy,
         )
         try:
             while True:

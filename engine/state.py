@@ -166,6 +166,24 @@ class ModelState:
         layers = [layer.clone() if isinstance(layer, KDAState) else layer.continuation() for layer in self.layers]
         return ModelState(layers, self.position)
 
+    def mark(self) -> "StateMark":
+        """What `restore` needs to bring the state back to here: a copy of the KDA part (small) and the
+        MLA caches' lengths (their rows are append-only, so the rows up to here stay as they are)."""
+        return StateMark(
+            self.position,
+            [layer.clone() if isinstance(layer, KDAState) else layer.length for layer in self.layers],
+        )
+
+    def restore(self, mark: "StateMark") -> None:
+        """Back to where `mark` was taken, in place (the tensors keep their storage)."""
+        for layer, saved in zip(self.layers, mark.layers):
+            if isinstance(layer, KDAState):
+                layer.recurrent.copy_(saved.recurrent)
+                layer.conv.copy_(saved.conv)
+            else:
+                layer.truncate(saved)
+        self.position = mark.position
+
     def reserve(self, total: int) -> None:
         """Room in every MLA cache for `total` tokens, so that appends up to there never move the rows."""
         for layer in self.layers:
@@ -186,3 +204,11 @@ class ModelState:
     def mla_nbytes(self) -> int:
         """The part that grows with position: the latent caches."""
         return sum(layer.nbytes for layer in self.layers if isinstance(layer, MLACache))
+
+
+@dataclass
+class StateMark:
+    """A place in a state's history to go back to (ModelState.mark): per layer a KDA copy or an MLA length."""
+
+    position: int
+    layers: list

@@ -42,7 +42,7 @@ from task_samples import TaskSampleBuilder, is_correct
 
 from kimi_desk.engine import load_model
 from kimi_desk.engine.chat import DEFAULT_SYSTEM_PROMPT, document_prompt, stop_token_ids
-from kimi_desk.engine.code_spans import CodeSpanCopy, SpanVocabulary
+from kimi_desk.engine.code_spans import CodeSpanCopy
 from kimi_desk.engine.generate import GREEDY, generate, prefill
 from kimi_desk.engine.ingest import load_path
 from kimi_desk.engine.tokenizer import load_tokenizer
@@ -98,13 +98,13 @@ def heldout_perplexity(model, stream: torch.Tensor, tokens: int, context: int, c
 @dataclass
 class Asker:
     """How every table asks: the model and its tokenizer, the tokens per prefill call, the longest reply,
-    and with `spans` (a SpanVocabulary) code spans held to the document as the app holds them."""
+    and with `copies_code_spans` code spans held to the document as the app holds them."""
 
     model: object
     tokenizer: object
     chunk: int
     max_new_tokens: int
-    spans: SpanVocabulary | None = None
+    copies_code_spans: bool = False
 
     def __post_init__(self):
         self.stops = stop_token_ids(self.tokenizer, self.model.config)
@@ -112,7 +112,7 @@ class Asker:
     def copy(self, document: str) -> CodeSpanCopy | None:
         """What the replies' code spans are held to, as the app holds them: the document, joined by each
         turn with the questions asked so far."""
-        return CodeSpanCopy(self.spans, document) if self.spans else None
+        return CodeSpanCopy(self.tokenizer, document) if self.copies_code_spans else None
 
     def reply(self, ids, state, copy: CodeSpanCopy | None = None) -> str:
         """The text the model generates greedily after `ids`, fed on top of `state` (which keeps the ids
@@ -125,7 +125,7 @@ class Asker:
             sampling=GREEDY,
             stop_token_ids=self.stops,
             prefill_chunk_size=self.chunk,
-            allowed_tokens=None if copy is None else copy.allowed,
+            span_rewriter=copy,
         )
         return self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
 
@@ -139,7 +139,7 @@ def run_conversation(asker: Asker, sample) -> dict:
     state = asker.model.new_state(1)
     began = time.perf_counter()
     prefill(asker.model, ids[: sample.document_end], state, chunk_size=asker.chunk)
-    document = asker.copy(asker.tokenizer.decode(list(ids[: sample.document_end]))) if asker.spans else None
+    document = asker.copy(asker.tokenizer.decode(list(ids[: sample.document_end]))) if asker.copies_code_spans else None
     turns = []
     for index, (turn, (start, end)) in enumerate(zip(sample.turns, sample.feeds)):
         copy = document and document.joined("\n".join(t.question for t in sample.turns[: index + 1]))
@@ -437,8 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else None)
     model = load_model(args.model, device=args.device, dtype=getattr(torch, dtype_name) if dtype_name else None)
     tokenizer = load_tokenizer(args.model)
-    spans = SpanVocabulary(tokenizer, stop_token_ids(tokenizer, model.config)) if args.copy_code_spans else None
-    asker = Asker(model, tokenizer, args.prefill_chunk, args.max_new_tokens, spans)
+    asker = Asker(model, tokenizer, args.prefill_chunk, args.max_new_tokens, args.copy_code_spans)
     heldout = tokenize_split(args.corpus, tokenizer, "heldout", cache_dir=args.token_cache)
     stream = heldout.lm_stream(tokenizer.special_tokens["[EOS]"])
     began = time.perf_counter()

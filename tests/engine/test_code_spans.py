@@ -1,15 +1,17 @@
-"""Code spans held to the document (engine/code_spans.py), with the embedded model's real tokenizer:
-the allowed tokens against a brute-force scan of the whole vocabulary, the decode loop's restriction,
-and the assistant that turns it on for the embedded model only."""
+"""Code spans held to the document (engine/code_spans.py): the nearest piece of whole words against a
+brute-force scan of every piece of a fresh random document, the rewrite of a reply with the embedded
+model's real tokenizer, and the assistant that turns it on for the embedded model only. The decode
+loop's part (holding a span back, going back and feeding the new ids) is tested in test_generate.py."""
 
 from __future__ import annotations
 
 import random
+import re
+import string
 
 import pytest
-import torch
 
-from kimi_desk.engine.code_spans import CodeSpanCopy, SpanVocabulary
+from kimi_desk.engine.code_spans import CodeSpanCopy, edit_distance
 from kimi_desk.engine.loading import DEMO_MODEL
 from kimi_desk.engine.tokenizer import load_tokenizer
 
@@ -18,122 +20,105 @@ TEXT = (
     "Environment: `HARBOR_BACKEND=torch` forces the PyTorch kernels.\n"
     "==> src/harbor/berths.py <==\ndef free_berths(port):\n    return [b for b in port.berths if not b.ship]\n"
 )
-STOPS = [7, 11]
 
 
 @pytest.fixture(scope="module")
-def vocabulary():
-    return SpanVocabulary(load_tokenizer(DEMO_MODEL), STOPS)
+def tokenizer():
+    return load_tokenizer(DEMO_MODEL)
 
 
-def token_texts(tokenizer) -> dict[int, str]:
-    texts = {t: tokenizer.decode([t], skip_special_tokens=True) for t in range(tokenizer.vocab_size)}
-    return {t: text for t, text in texts.items() if text and "\ufffd" not in text}
+def whole_word_pieces(text: str) -> set[str]:
+    """Every piece of `text` within a line that begins where a word begins (or with a non-word
+    character) and ends where one ends (or with one), by a regular expression at every place."""
+    pieces = set()
+    for start in range(len(text)):
+        for end in range(start + 1, min(len(text), start + 40) + 1):
+            piece = text[start:end]
+            if "\n" in piece:
+                break
+            before = r"(?<!\w)" if re.match(r"\w", piece[0]) else ""
+            after = r"(?!\w)" if re.match(r"\w", piece[-1]) else ""
+            if re.compile(before + re.escape(piece) + after).match(text, start):
+                pieces.add(piece)
+    return pieces
 
 
-def brute_force(vocabulary, span: str) -> list[int]:
-    """Inside a span: every token of at most one backtick whose text before it keeps `span` a piece of
-    TEXT, or (when the span is not empty) that closes it at once; and the stops."""
-    allowed = []
-    for token, text in token_texts(vocabulary.tokenizer).items():
-        head = text.split("`", 1)[0]
-        if text.count("`") <= 1 and ((head and span + head in TEXT) or (not head and "`" in text and span)):
-            allowed.append(token)
-    return sorted(allowed + STOPS)
-
-
-def test_outside_a_span_only_openers_of_text_elsewhere_are_barred(vocabulary):
-    tokenizer = vocabulary.tokenizer
-    copy = CodeSpanCopy(vocabulary, TEXT)
-    barred = {
-        t
-        for t, text in token_texts(tokenizer).items()
-        if text.count("`") % 2 and text.rsplit("`", 1)[1] and text.rsplit("`", 1)[1] not in TEXT
-    }
-    assert barred, "the vocabulary has tokens that open a span with text"
-    for reply in ([], tokenizer.encode("Run `harbor ships list` to see them.")):
-        assert set(range(tokenizer.vocab_size)) - set(copy.allowed(reply)) == barred
-
-
-@pytest.mark.parametrize("reply", ["The variable is `", "`HAR", "`harbor ships", "Set `src/harbor/b", "`free_"])
-def test_inside_a_span_the_tokens_keep_it_in_the_document(vocabulary, reply):
-    copy = CodeSpanCopy(vocabulary, TEXT)
-    span = reply[reply.rindex("`") + 1 :]
-    assert sorted(copy.allowed(vocabulary.tokenizer.encode(reply))) == brute_force(vocabulary, span)
-
-
-def test_a_span_opened_in_a_random_document_starts_with_any_piece_of_it(vocabulary):
-    """The first token of a span, on a fresh document of random pieces of the vocabulary's own texts (long
-    heads among them): every token whose text before a backtick occurs in the document."""
+def test_edit_distance_against_the_recursive_definition():
     rng = random.Random()
-    texts = list(token_texts(vocabulary.tokenizer).values())
-    document = "".join(rng.choice(texts) + rng.choice(["", " ", "\n", "_"]) for _ in range(3000))
-    document = document.replace("`", "'")
-    heads = {t: text.split("`", 1)[0] for t, text in token_texts(vocabulary.tokenizer).items() if text.count("`") <= 1}
-    expected = sorted([t for t, head in heads.items() if head and head in document] + STOPS)
-    copy = CodeSpanCopy(vocabulary, document)
-    assert sorted(copy.allowed(vocabulary.tokenizer.encode("`"))) == expected
-    assert any(len(heads[t]) > 4 for t in expected), "long heads are checked against the whole text"
+
+    def reference(a, b):
+        if not a or not b:
+            return len(a) + len(b)
+        return min(reference(a[1:], b) + 1, reference(a, b[1:]) + 1, reference(a[1:], b[1:]) + (a[0] != b[0]))
+
+    for _ in range(50):
+        a, b = ("".join(rng.choice("abc") for _ in range(rng.randint(0, 6))) for _ in range(2))
+        assert edit_distance(a, b) == reference(a, b)
 
 
-def test_a_span_the_document_does_not_continue_can_only_close(vocabulary):
-    """A span already off the document (opened before the restriction, or copied from a question that
-    is not joined) can only be closed."""
-    copy = CodeSpanCopy(vocabulary, TEXT)
-    assert copy.allowed(vocabulary.tokenizer.encode("`LOBOR")) == vocabulary.closing + STOPS
+def test_a_span_the_document_holds_as_whole_words_stays():
+    copy = CodeSpanCopy(None, TEXT)
+    for span in ("HARBOR_BACKEND=torch", "harbor ships list", "src/harbor/berths.py", "free_berths"):
+        assert copy.holds(span) and copy.nearest(span) is None
+    # Inside a longer word is not a name of the document: `ment` of "Environment", `ARBOR`.
+    assert not copy.holds("ment") and not copy.holds("ARBOR_BACKEND")
 
 
-def test_a_joined_question_adds_its_names(vocabulary):
-    question = "What does `zorbdello` do?"
-    document = CodeSpanCopy(vocabulary, TEXT)
-    copy = document.joined(question)
-    allowed = copy.allowed(vocabulary.tokenizer.encode("`zorb"))
-    tokenizer = vocabulary.tokenizer
-    assert any(tokenizer.decode([t]).startswith("d") for t in allowed)
-    # A span's first token: the document's starts (found once, kept) and the question's.
-    heads = {t: text.split("`", 1)[0] for t, text in token_texts(tokenizer).items() if text.count("`") <= 1}
-    joined = f"{TEXT}\n{question}"
-    expected = sorted([t for t, head in heads.items() if head and head in joined] + STOPS)
-    assert sorted(copy.allowed(tokenizer.encode("`"))) == expected
-    assert document._starts is not None and copy.joined("And?")._base is copy
+@pytest.mark.parametrize("garbled, meant", [("LOBOR_BACKEND=torch", "HARBOR_BACKEND=torch"),
+                                            ("VEXOR_BACKEND", "HARBOR_BACKEND"),
+                                            ("src/harbor/berth.py", "src/harbor/berths.py"),
+                                            ("free_berth", "free_berths")])
+def test_a_garbled_name_becomes_the_one_read(garbled, meant):
+    assert CodeSpanCopy(None, TEXT).nearest(garbled) == meant
 
 
-def test_greedy_replies_with_a_restriction_take_only_allowed_tokens(tmp_path):
-    """stream_tokens' allowed_tokens, on a random tiny model (eager path): every token is one the
-    callback allowed for the reply so far, and the callback sees the reply grow token by token."""
-    from kimi_desk.bench.random_checkpoint import tiny_config, write_random_checkpoint
-    from kimi_desk.engine import load_model
-    from kimi_desk.engine.generate import Sampling, generate
+@pytest.mark.parametrize("span", ["P", "kubernetes", "a whole sentence the document never said", ""])
+def test_a_span_far_from_every_name_stays(span):
+    assert CodeSpanCopy(None, TEXT).nearest(span) is None
 
-    model = load_model(write_random_checkpoint(tiny_config(), tmp_path, seed=3), device="cpu", dtype=torch.float32)
-    rng = random.Random(int(torch.randint(0, 2**31, ())))
-    seen_replies, choices = [], {}
 
-    def allowed(reply):
-        seen_replies.append(list(reply))
-        if len(reply) % 2:
-            return None
-        choices[len(reply)] = rng.sample(range(model.config.vocab_size), 3)
-        return choices[len(reply)]
+def test_the_nearest_piece_in_a_random_document_is_the_closest_whole_word_piece():
+    """A fresh random document of random identifiers and punctuation; a piece of it garbled by one or two
+    edits: the rewrite is a piece of whole words, within a third of the span's length, and no piece of
+    the document (every one scanned) is nearer."""
+    rng = random.Random()
+    alphabet = string.ascii_letters + string.digits + "_"
+    words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(6, 12))) for _ in range(60)]
+    document = "".join(rng.choice(words) + rng.choice([" ", "=", "/", ".", "\n", " = "]) for _ in range(300))
+    pieces = whole_word_pieces(document)
+    copy = CodeSpanCopy(None, document)
+    for _ in range(40):
+        start = rng.randrange(len(document) - 30)
+        while not re.match(r"\w", document[start]) or (start and re.match(r"\w", document[start - 1])):
+            start += 1
+        meant = re.match(r"\w+(?:[=/.]\w+)?", document[start:]).group(0)
+        garbled = list(meant)
+        for _ in range(rng.randint(1, 2)):
+            at = rng.randrange(len(garbled))
+            garbled[at : at + 1] = rng.choice([[], [rng.choice(alphabet)], [garbled[at], rng.choice(alphabet)]])
+        garbled = "".join(garbled)
+        result = copy.nearest(garbled)
+        if garbled in pieces:
+            assert result is None
+            continue
+        best = min(edit_distance(garbled, piece) for piece in pieces if abs(len(piece) - len(garbled)) <= 4)
+        if best > len(garbled) // 3:
+            assert result is None, (garbled, result)
+        else:
+            assert result in pieces and edit_distance(garbled, result) == best, (garbled, meant, result)
 
-    prompt = [rng.randrange(model.config.vocab_size) for _ in range(12)]
-    for sampling in (Sampling(0.0), Sampling(0.9, seed=1)):
-        seen_replies.clear()
-        result = generate(
-            model,
-            prompt,
-            model.new_state(1),
-            max_new_tokens=9,
-            stop_token_ids=[],
-            sampling=sampling,
-            allowed_tokens=allowed,
-        )
-        assert len(result.token_ids) == 9
-        # (the step after the last also asks: the next token is chosen with the last one fed)
-        assert seen_replies[:9] == [result.token_ids[:n] for n in range(9)]
-        for n, token in enumerate(result.token_ids):
-            if n % 2 == 0:
-                assert token in choices[n]
+
+def test_rewrite_puts_the_name_read_in_the_reply(tokenizer):
+    copy = CodeSpanCopy(tokenizer, TEXT).joined("Which variable forces the PyTorch kernels?")
+    reply = tokenizer.encode("Set `LOBOR_BACKEND=torch` to force them.", allow_special=False)
+    opened_at = next(i for i in range(len(reply)) if copy.is_open(reply[: i + 1]))
+    new = copy.rewrite(reply, opened_at)
+    assert tokenizer.decode(reply[:opened_at] + new) == "Set `HARBOR_BACKEND=torch` to force them."
+    # Left open at the end of the reply: closed here.
+    unclosed = tokenizer.encode("Set `LOBOR_BACKEND", allow_special=False)
+    assert tokenizer.decode(unclosed[:opened_at] + copy.rewrite(unclosed, opened_at)) == "Set `HARBOR_BACKEND`"
+    kept = tokenizer.encode("Set `HARBOR_BACKEND=torch`.", allow_special=False)
+    assert copy.rewrite(kept, opened_at) is None and not copy.is_open(kept)
 
 
 def test_the_embedded_model_copies_code_spans_and_another_does_not(tmp_path):

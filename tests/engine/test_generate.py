@@ -189,6 +189,59 @@ def test_stop_token_ends_the_turn_unfed(model):
     torch.testing.assert_close(continued, reference, rtol=1e-4, atol=1e-4)
 
 
+class HoldTokens:
+    """A span rewriter on positions: the reply's tokens `begin` to `end` - 1 form a span; it is replaced
+    by `ids` (None: kept)."""
+
+    def __init__(self, begin: int, end: int, ids: list[int] | None):
+        self.begin, self.end, self.ids, self.asked = begin, end, ids, []
+
+    def is_open(self, reply_ids):
+        return self.begin < len(reply_ids) <= self.end and not self.asked
+
+    def rewrite(self, reply_ids, opened_at):
+        self.asked.append((list(reply_ids), opened_at))
+        return self.ids
+
+
+@pytest.mark.parametrize("stop_inside", [False, True])
+def test_a_rewritten_span_leaves_the_state_as_if_the_model_had_written_it(model, stop_inside):
+    """The held span's tokens are replaced: the state goes back and takes the new ids, the reply goes on
+    from there greedily, and the state at the end equals one that read the prompt and the final reply;
+    the steps are the final reply, in order. A stop token inside the span settles it and the reply
+    goes on after the new ids."""
+    prompt = prompt_ids(10, seed=11)
+    free = generate(model, prompt, model.new_state(1), max_new_tokens=16, stop_token_ids=[]).token_ids
+    new_ids = [free[0] ^ 1, 5, 9, 300, 42]
+    rewriter = HoldTokens(2, 5, new_ids)
+    stops = [free[3]] if stop_inside and free[3] not in free[:3] else []
+    state = model.new_state(1)
+    steps = list(stream_tokens(model, prompt, state, max_new_tokens=16, stop_token_ids=stops, span_rewriter=rewriter))
+    reply = [s.token_id for s in steps if s.finish_reason != "stop"]
+    (asked, opened_at), = rewriter.asked
+    assert opened_at == 2 and asked[:2] == free[:2]
+    assert reply[:2 + len(new_ids)] == free[:2] + new_ids
+    assert [s.index for s in steps] == list(range(len(steps)))
+    # Greedy after the new ids, from a state that read them.
+    sequence = prompt + reply[: 2 + len(new_ids)]
+    for token in reply[2 + len(new_ids) :]:
+        assert token == int(torch.argmax(next_logits_from_scratch(model, sequence)))
+        sequence.append(token)
+    # Every reply token fed (a stop token is not), the discarded span's none.
+    assert state.position == len(prompt) + len(reply) == steps[-1].position
+    after = model(torch.tensor([[7]]), state)[0, -1]
+    torch.testing.assert_close(after, next_logits_from_scratch(model, prompt + reply + [7]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_span_kept_as_written_streams_as_without_a_rewriter(model):
+    prompt = prompt_ids(10, seed=12)
+    plain = generate(model, prompt, model.new_state(1), max_new_tokens=12, stop_token_ids=[])
+    rewriter = HoldTokens(3, 7, None)
+    held = generate(model, prompt, model.new_state(1), max_new_tokens=12, stop_token_ids=[], span_rewriter=rewriter)
+    assert held.token_ids == plain.token_ids and [s.position for s in held.steps] == [s.position for s in plain.steps]
+    assert rewriter.asked and held.finish_reason == "length"
+
+
 def test_budget_end_feeds_every_token(model):
     prompt = prompt_ids(10, seed=9)
     state = model.new_state(1)
