@@ -381,7 +381,13 @@ class TaskSampleBuilder:
             # may be longer: rebuild with that much more room.
             try:
                 sample = self.needles.build(
-                    total - reserve, rng, depth=depth, num_distractors=distractors, system=system, kind=kind, aspect=aspect
+                    total - reserve,
+                    rng,
+                    depth=depth,
+                    num_distractors=distractors,
+                    system=system,
+                    kind=kind,
+                    aspect=aspect,
                 )
             except ValueError as error:  # no haystack this short holds these facts
                 raise NoQuestion(str(error)) from None
@@ -394,7 +400,9 @@ class TaskSampleBuilder:
                 value = sample.aspect_values[0]
                 turns.append(Turn(aspect.question, aspect.statement.format(value), (value,)))
             elif followup:
-                question = rng.choice(("Which file says so?", "In which file did you find that?", "Which file is that in?"))
+                question = rng.choice(
+                    ("Which file says so?", "In which file did you find that?", "Which file is that in?")
+                )
                 turns.append(Turn(question, f"It is in {code(sample.planted_path)}.", (sample.planted_path,)))
             head = sample.input_ids[: sample.document_start]
             document = sample.input_ids[sample.document_start : sample.document_end]

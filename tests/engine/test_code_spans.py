@@ -64,10 +64,15 @@ def test_a_span_the_document_holds_as_whole_words_stays():
     assert not copy.holds("ment") and not copy.holds("ARBOR_BACKEND")
 
 
-@pytest.mark.parametrize("garbled, meant", [("LOBOR_BACKEND=torch", "HARBOR_BACKEND=torch"),
-                                            ("VEXOR_BACKEND", "HARBOR_BACKEND"),
-                                            ("src/harbor/berth.py", "src/harbor/berths.py"),
-                                            ("free_berth", "free_berths")])
+@pytest.mark.parametrize(
+    "garbled, meant",
+    [
+        ("LOBOR_BACKEND=torch", "HARBOR_BACKEND=torch"),
+        ("VEXOR_BACKEND", "HARBOR_BACKEND"),
+        ("src/harbor/berth.py", "src/harbor/berths.py"),
+        ("free_berth", "free_berths"),
+    ],
+)
 def test_a_garbled_name_becomes_the_one_read(garbled, meant):
     assert CodeSpanCopy(None, TEXT).nearest(garbled) == meant
 

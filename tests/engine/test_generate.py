@@ -218,9 +218,9 @@ def test_a_rewritten_span_leaves_the_state_as_if_the_model_had_written_it(model,
     state = model.new_state(1)
     steps = list(stream_tokens(model, prompt, state, max_new_tokens=16, stop_token_ids=stops, span_rewriter=rewriter))
     reply = [s.token_id for s in steps if s.finish_reason != "stop"]
-    (asked, opened_at), = rewriter.asked
+    ((asked, opened_at),) = rewriter.asked
     assert opened_at == 2 and asked[:2] == free[:2]
-    assert reply[:2 + len(new_ids)] == free[:2] + new_ids
+    assert reply[: 2 + len(new_ids)] == free[:2] + new_ids
     assert [s.index for s in steps] == list(range(len(steps)))
     # Greedy after the new ids, from a state that read them.
     sequence = prompt + reply[: 2 + len(new_ids)]
