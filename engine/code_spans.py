@@ -58,7 +58,7 @@ class CodeSpanCopy:
     def __init__(self, tokenizer, text: str):
         self.tokenizer = tokenizer
         self.text = text
-        self._codes: torch.Tensor | None = None
+        self._codes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def joined(self, more: str) -> CodeSpanCopy:
         """This document and `more` (a thread's questions: names the user wrote count as read)."""
@@ -106,36 +106,82 @@ class CodeSpanCopy:
         """The piece of whole words of the text nearest to `span` (None: the span is one already, is
         empty or too long, or nothing is within a third of its length). The alignment that may start
         and end anywhere in the text (Sellers' algorithm) finds where the span fits best, one row of
-        the text's length per character of the span; the piece is then widened to whole words."""
+        the text's length per character of the span; it never crosses a line break or a backtick (a
+        name is within one line and one span). The piece is then widened to whole words."""
         if not span.strip() or len(span) > MAX_SPAN_CHARS or self.holds(span):
             return None
-        text, codes = self.text, self._text_codes()
-        positions = torch.arange(len(text) + 1, dtype=torch.int32)
-        distances = torch.zeros(len(text) + 1, dtype=torch.int32)  # a match may start anywhere: free
-        for i, char in enumerate(span, 1):
-            substituted = torch.full_like(distances, 1 << 20)
-            substituted[1:] = distances[:-1] + (codes != ord(char)).to(torch.int32)
+        text, codes, line = self.text, *self._text_codes()
+        far = len(text) + len(span) + 1  # more than any distance within one line
+        positions = torch.arange(len(text) + 1, dtype=torch.int64)
+        # Each position's line (a backtick starts one too) lifted by `far` per line, so that the running
+        # minimum below never carries an alignment from one line into the next.
+        lift = line * far
+        walls = torch.cat([torch.zeros(1, dtype=torch.bool), (codes == ord("\n")) | (codes == ord("`"))])
+        distances = torch.zeros(len(text) + 1, dtype=torch.int64)  # a match may start anywhere: free
+        for char in span:
+            substituted = torch.full_like(distances, far)
+            substituted[1:] = distances[:-1] + (codes != ord(char))
+            substituted[walls] = far  # never consume a line break or a backtick
             best = torch.minimum(substituted, distances + 1)  # ... or the span's character left out
-            # ... or text characters left out: d[j] = min over k <= j of best[k] + (j - k)
-            distances = torch.cummin(best - positions, 0).values + positions
+            # ... or text characters left out: d[j] = min over k <= j on the same line of best[k] + (j - k)
+            distances = torch.cummin(best - positions - lift, 0).values + positions + lift
         end = int(torch.argmin(distances))
         limit = len(span) // 3
         if int(distances[end]) > limit:
             return None
+        line_start = max(text.rfind("\n", 0, end), text.rfind("`", 0, end)) + 1
         start = min(
-            range(max(0, end - len(span) - limit), end - len(span) + limit + 1),
+            range(max(line_start, end - len(span) - limit), max(line_start, end - len(span) + limit) + 1),
             key=lambda s: (edit_distance(span, text[s:end]), s),
         )
         while start > 0 and is_word_char(text[start]) and is_word_char(text[start - 1]):
             start -= 1
         while end < len(text) and is_word_char(text[end - 1]) and is_word_char(text[end]):
             end += 1
-        piece = text[start:end]
-        if "\n" in piece or edit_distance(span, piece) > limit:
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        piece = self._as_many_words(span, start, end, limit)
+        if not piece or "\n" in piece or "`" in piece or edit_distance(span, piece) > limit:
             return None
         return piece
 
-    def _text_codes(self) -> torch.Tensor:
+    def _as_many_words(self, span: str, start: int, end: int, limit: int) -> str:
+        """text[start:end], or when the span has more words (split at spaces) than it, the same piece with
+        the words before or after it on its line that make the count equal, where one is within `limit`
+        of the span: "kimi-desk sessions db" means a command of three words, not the two it shares."""
+        text, missing = self.text, len(span.split()) - len(self.text[start:end].split())
+        if missing <= 0:
+            return text[start:end]
+
+        def word_edges(at: int, step: int, count: int) -> int | None:
+            for _ in range(count):
+                while 0 <= at + min(step, 0) < len(text) and text[at + min(step, 0)] in " \t":
+                    at += step
+                if not 0 <= at + min(step, 0) < len(text) or text[at + min(step, 0)] in "\n`":
+                    return None
+                while 0 <= at + min(step, 0) < len(text) and not text[at + min(step, 0)].isspace():
+                    if text[at + min(step, 0)] == "`":
+                        break
+                    at += step
+            return at
+
+        best = text[start:end], limit + 1
+        for before in range(missing + 1):
+            first, last = word_edges(start, -1, before), word_edges(end, 1, missing - before)
+            if first is not None and last is not None:
+                distance = edit_distance(span, text[first:last])
+                if distance < best[1]:
+                    best = text[first:last], distance
+        return best[0]
+
+    def _text_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text's characters as code points, and each alignment position's line number (positions
+        0..len: a position after a line break or a backtick begins the next)."""
         if self._codes is None:
-            self._codes = torch.frombuffer(bytearray(self.text.encode("utf-32-le")), dtype=torch.int32)
+            codes = torch.frombuffer(bytearray(self.text.encode("utf-32-le")), dtype=torch.int32).to(torch.int64)
+            breaks = (codes == ord("\n")) | (codes == ord("`"))
+            line = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(breaks, 0)])
+            self._codes = (codes, line)
         return self._codes

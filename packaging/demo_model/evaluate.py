@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,9 +234,15 @@ def task_table(
     return rows
 
 
+# README's answers: `kimi-desk sessions [list]` (a bare `kimi-desk sessions` lists too), so the command
+# counts with or without "list", but not as the start of another subcommand or a longer name.
 README_QUESTIONS = (
-    ("Which command lists the saved sessions?", "kimi-desk sessions list"),
-    ("Which variable forces the PyTorch kernels?", "KIMI_DESK_KERNELS"),
+    (
+        "Which command lists the saved sessions?",
+        "kimi-desk sessions list",
+        r"kimi-desk sessions(?: list)?(?![\w-])(?! (?:show|rm|export|import|export-thread)\b)",
+    ),
+    ("Which variable forces the PyTorch kernels?", "KIMI_DESK_KERNELS", r"KIMI_DESK_KERNELS(?!\w)"),
 )
 
 
@@ -246,7 +253,7 @@ def readme_table(asker: Asker, readme: Path, log=print) -> dict:
     document = load_path(readme).text
     copy = asker.copy(document)
     outcomes = []
-    for question, expected in README_QUESTIONS:
+    for question, expected, right in README_QUESTIONS:
         prompt = document_prompt(asker.tokenizer, document, question, DEFAULT_SYSTEM_PROMPT)
         state = asker.model.new_state(1)
         began = time.perf_counter()
@@ -257,7 +264,7 @@ def readme_table(asker: Asker, readme: Path, log=print) -> dict:
                 "question": question,
                 "expected": expected,
                 "reply": reply,
-                "correct": expected in reply,
+                "correct": re.search(right, reply) is not None,
                 "length": len(prompt.token_ids),
                 "seconds": round(time.perf_counter() - began, 2),
             }

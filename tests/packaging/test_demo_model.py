@@ -354,6 +354,17 @@ def test_looked_up_reply_tokens_weigh_more(toy_pipeline):
     assert [w for w in weighted if w not in (1.0, 4.0)] == [0.0] * weighted.count(0.0)
 
 
+def test_readme_questions_are_answered_by_readme_itself():
+    """The README table's answers are README's own lines (the check follows README when it changes), and
+    the check tells the command from another subcommand or a longer name."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for _, expected, right in evaluate.README_QUESTIONS:
+        assert re.search(right, readme) and re.search(right, f"`{expected}` is the one.")
+    sessions = evaluate.README_QUESTIONS[0][2]
+    assert re.search(sessions, "`kimi-desk sessions` lists the saved sessions.")
+    assert not any(re.search(sessions, r) for r in ("`kimi-desk sessions show ID`", "`kimi-desk sessions-db`"))
+
+
 def test_wrong_needle_replies_are_told_apart_by_the_distractors_values():
     def outcome(reply, correct=False):
         return {"correct": correct, "distractor_values": ["4711", "9050"], "turns": [{"reply": reply}]}
