@@ -58,6 +58,7 @@ class CodeSpanCopy:
     def __init__(self, tokenizer, text: str):
         self.tokenizer = tokenizer
         self.text = text
+        self.rewritten: list[tuple[str, str]] = []  # (the span as written, the piece it became), in order
         self._codes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def joined(self, more: str) -> CodeSpanCopy:
@@ -82,6 +83,7 @@ class CodeSpanCopy:
         piece = self.nearest(span)
         if piece is None:
             return None
+        self.rewritten.append((span, piece))
         rest = text[closing:] if closing >= 0 else "`"
         return self.tokenizer.encode(text[len(before) : opening + 1] + piece + rest, allow_special=False)
 

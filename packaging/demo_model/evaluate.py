@@ -153,6 +153,7 @@ def run_conversation(asker: Asker, sample) -> dict:
                 "any_of": list(turn.any_of),
                 "reply": reply,
                 "correct": is_correct(turn, reply),
+                "spans_rewritten": copy.rewritten if copy else [],
             }
         )
     return {
@@ -258,12 +259,14 @@ def readme_table(asker: Asker, readme: Path, log=print) -> dict:
         state = asker.model.new_state(1)
         began = time.perf_counter()
         prefill(asker.model, prompt.prefix_ids, state, chunk_size=asker.chunk)
-        reply = asker.reply(prompt.suffix_ids, state, copy and copy.joined(question))
+        asked = copy and copy.joined(question)
+        reply = asker.reply(prompt.suffix_ids, state, asked)
         outcomes.append(
             {
                 "question": question,
                 "expected": expected,
                 "reply": reply,
+                "spans_rewritten": asked.rewritten if asked else [],
                 "correct": re.search(right, reply) is not None,
                 "length": len(prompt.token_ids),
                 "seconds": round(time.perf_counter() - began, 2),

@@ -120,6 +120,7 @@ def test_rewrite_puts_the_name_read_in_the_reply(tokenizer):
     opened_at = next(i for i in range(len(reply)) if copy.is_open(reply[: i + 1]))
     new = copy.rewrite(reply, opened_at)
     assert tokenizer.decode(reply[:opened_at] + new) == "Set `HARBOR_BACKEND=torch` to force them."
+    assert copy.rewritten == [("LOBOR_BACKEND=torch", "HARBOR_BACKEND=torch")]  # kept for a look at what was written
     # Left open at the end of the reply: closed here.
     unclosed = tokenizer.encode("Set `LOBOR_BACKEND", allow_special=False)
     assert tokenizer.decode(unclosed[:opened_at] + copy.rewrite(unclosed, opened_at)) == "Set `HARBOR_BACKEND`"
