@@ -59,7 +59,7 @@ class CodeSpanCopy:
         self.tokenizer = tokenizer
         self.text = text
         self.rewritten: list[tuple[str, str]] = []  # (the span as written, the piece it became), in order
-        self._codes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
 
     def joined(self, more: str) -> CodeSpanCopy:
         """This document and `more` (a thread's questions: names the user wrote count as read)."""
@@ -112,13 +112,7 @@ class CodeSpanCopy:
         name is within one line and one span). The piece is then widened to whole words."""
         if not span.strip() or len(span) > MAX_SPAN_CHARS or self.holds(span):
             return None
-        text, codes, line = self.text, *self._text_codes()
-        far = len(text) + len(span) + 1  # more than any distance within one line
-        positions = torch.arange(len(text) + 1, dtype=torch.int64)
-        # Each position's line (a backtick starts one too) lifted by `far` per line, so that the running
-        # minimum below never carries an alignment from one line into the next.
-        lift = line * far
-        walls = torch.cat([torch.zeros(1, dtype=torch.bool), (codes == ord("\n")) | (codes == ord("`"))])
+        text, (codes, walls, offsets, far) = self.text, self._alignment_tables()
         distances = torch.zeros(len(text) + 1, dtype=torch.int64)  # a match may start anywhere: free
         for char in span:
             substituted = torch.full_like(distances, far)
@@ -126,7 +120,7 @@ class CodeSpanCopy:
             substituted[walls] = far  # never consume a line break or a backtick
             best = torch.minimum(substituted, distances + 1)  # ... or the span's character left out
             # ... or text characters left out: d[j] = min over k <= j on the same line of best[k] + (j - k)
-            distances = torch.cummin(best - positions - lift, 0).values + positions + lift
+            distances = torch.cummin(best - offsets, 0).values + offsets
         end = int(torch.argmin(distances))
         limit = len(span) // 3
         if int(distances[end]) > limit:
@@ -178,12 +172,15 @@ class CodeSpanCopy:
                     best = text[first:last], distance
         return best[0]
 
-    def _text_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The text's characters as code points, and each alignment position's line number (positions
-        0..len: a position after a line break or a backtick begins the next)."""
-        if self._codes is None:
+    def _alignment_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """For `nearest`, once per text: its characters as code points; per alignment position (0..len)
+        whether it follows a line break or a backtick (a wall); each position plus its line (a wall
+        starts one) lifted by `far`, more than any distance within one line, so that a running minimum
+        over these never carries an alignment from one line into the next; and `far`."""
+        if self._tables is None:
             codes = torch.frombuffer(bytearray(self.text.encode("utf-32-le")), dtype=torch.int32).to(torch.int64)
-            breaks = (codes == ord("\n")) | (codes == ord("`"))
-            line = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(breaks, 0)])
-            self._codes = (codes, line)
-        return self._codes
+            walls = torch.cat([torch.zeros(1, dtype=torch.bool), (codes == ord("\n")) | (codes == ord("`"))])
+            far = len(self.text) + MAX_SPAN_CHARS + 1
+            offsets = torch.arange(len(self.text) + 1, dtype=torch.int64) + torch.cumsum(walls, 0) * far
+            self._tables = (codes, walls, offsets, far)
+        return self._tables

@@ -329,7 +329,7 @@ def stream_tokens(
     opened_at, mark = None, None  # where the held span begins in the reply, and the state before it
     first_position = state.position  # after the prompt: reply token i is fed at first_position + i
 
-    while True:
+    while max_new_tokens:
         if is_cancelled(cancel) or state.position >= max_length:
             # A span held back when cancelled is yielded as written: the state holds it.
             for index in range(yielded, len(reply)):
