@@ -7,7 +7,9 @@ document does not hold is never the right answer to "which file" or "which varia
 loop (engine/generate.py) holds a span's tokens back while it is open, and once it closes asks
 `rewrite`: a span that is a piece of whole words of the document stays as written; one that is not is
 replaced by the piece of whole words nearest to it in edit distance, when one is within a third of its
-length (else it stays: a guess that far off is not a garbled name). The model then goes on from the
+length (else it stays: a guess that far off is not a garbled name). A span with a slash is a path and
+names a file: the piece takes the extension the text gives the file (whole words stop at its dot), and
+a path the text holds only cut before its extension becomes that file. The model then goes on from the
 corrected span, as if it had written it.
 
 Why after the span and not token by token: the model's first token says little about which name it
@@ -35,6 +37,10 @@ MAX_SPAN_CHARS = 80
 MAX_OCCURRENCES = 4096
 
 _WORD_CHAR = re.compile(r"\w")
+# What a path is made of: a rewritten path is widened to the whole of it (`_whole_path`).
+_PATH_CHAR = re.compile(r"[\w./-]")
+# A file's extensions after its name (".py", ".tar.gz"), where its path ends.
+_EXTENSION = re.compile(r"(?:\.\w+)+(?![\w/-])")
 
 
 def is_word_char(character: str) -> bool:
@@ -110,8 +116,10 @@ class CodeSpanCopy:
         and end anywhere in the text (Sellers' algorithm) finds where the span fits best, one row of
         the text's length per character of the span; it never crosses a line break or a backtick (a
         name is within one line and one span). The piece is then widened to whole words."""
-        if not span.strip() or len(span) > MAX_SPAN_CHARS or self.holds(span):
+        if not span.strip() or len(span) > MAX_SPAN_CHARS:
             return None
+        if self.holds(span):
+            return self._file_cut_short(span) if "/" in span else None
         text, (codes, walls, offsets, far) = self.text, self._alignment_tables()
         distances = torch.zeros(len(text) + 1, dtype=torch.int64)  # a match may start anywhere: free
         for char in span:
@@ -141,7 +149,42 @@ class CodeSpanCopy:
         piece = self._as_many_words(span, start, end, limit)
         if not piece or "\n" in piece or "`" in piece or edit_distance(span, piece) > limit:
             return None
+        if "/" in span and piece == text[start:end]:
+            return self._whole_path(span, start, end, limit)
         return piece
+
+    def _file_cut_short(self, span: str) -> str | None:
+        """The file a path that the text holds only cut short names: "names/test/test_examples" where
+        the text has "names/test/test_examples.py" and nothing else after it. None where the span also
+        stands on its own (a directory, a name) or could be more than one file."""
+        text, files = self.text, set()
+        for match in re.finditer(re.escape(span), text):
+            at = match.start()
+            if at and _PATH_CHAR.match(text[at - 1]):
+                continue
+            extension = _EXTENSION.match(text, match.end())
+            if extension is None:
+                if match.end() == len(text) or not is_word_char(text[match.end()]):
+                    return None  # the span itself, whole
+                continue
+            files.add(text[at : extension.end()])
+            if len(files) > 1:
+                return None
+        return files.pop() if files else None
+
+    def _whole_path(self, span: str, start: int, end: int, limit: int) -> str:
+        """text[start:end] widened to the whole path the text holds there, for a span that names a path:
+        "src/harbor/berthz" stands for the file `src/harbor/berths.py`, not for the piece cut before its
+        extension. The extension is taken whatever its length (the name before it is what matched);
+        the start is widened to where the path begins when that stays within `limit` of the span."""
+        text = self.text
+        extension = _EXTENSION.match(text, end)
+        if extension is not None:
+            end = extension.end()
+        earlier = start
+        while earlier > 0 and _PATH_CHAR.match(text[earlier - 1]):
+            earlier -= 1
+        return text[earlier:end] if edit_distance(span, text[earlier:end]) <= limit else text[start:end]
 
     def _as_many_words(self, span: str, start: int, end: int, limit: int) -> str:
         """text[start:end], or when the span has more words (split at spaces) than it, the same piece with

@@ -78,6 +78,17 @@ def test_a_garbled_name_becomes_the_one_read(garbled, meant):
     assert CodeSpanCopy(None, TEXT).nearest(garbled) == meant
 
 
+def test_a_garbled_path_becomes_the_whole_path_read():
+    """Cut before its extension, or its start left out, a path stands for the file the text names: the
+    nearest piece of whole words would stop at the dot ("berths" of "berths.py")."""
+    copy = CodeSpanCopy(None, TEXT + "See tirobyel/raveskwyn/names/test/test_examples.py.\n")
+    assert copy.nearest("src/harbor/berthz") == "src/harbor/berths.py"
+    assert copy.nearest("tirobyel/raveskwyn/names/test/test_exampl") == "tirobyel/raveskwyn/names/test/test_examples.py"
+    assert copy.nearest("raveskwyn/names/test/test_examples.p") == "tirobyel/raveskwyn/names/test/test_examples.py"
+    # Too far from the whole path to widen at the start: the end still takes the extension.
+    assert copy.nearest("names/test/test_exampl") == "names/test/test_examples.py"
+
+
 @pytest.mark.parametrize("span", ["P", "kubernetes", "a whole sentence the document never said", ""])
 def test_a_span_far_from_every_name_stays(span):
     assert CodeSpanCopy(None, TEXT).nearest(span) is None
@@ -97,7 +108,7 @@ def test_the_nearest_piece_in_a_random_document_is_the_closest_whole_word_piece(
         start = rng.randrange(len(document) - 30)
         while not re.match(r"\w", document[start]) or (start and re.match(r"\w", document[start - 1])):
             start += 1
-        meant = re.match(r"\w+(?:[=/.]\w+)?", document[start:]).group(0)
+        meant = re.match(r"\w+(?:[=.]\w+)?", document[start:]).group(0)  # paths: the test after this one
         garbled = list(meant)
         for _ in range(rng.randint(1, 2)):
             at = rng.randrange(len(garbled))
@@ -112,6 +123,31 @@ def test_the_nearest_piece_in_a_random_document_is_the_closest_whole_word_piece(
             assert result is None, (garbled, result)
         else:
             assert result in pieces and edit_distance(garbled, result) == best, (garbled, meant, result)
+
+
+def test_a_path_cut_short_in_a_random_document_becomes_the_whole_path():
+    """Fresh random paths in a random listing; one cut before its extension, and garbled by an edit as
+    well: the rewrite is that whole path."""
+    rng = random.Random()
+    alphabet = string.ascii_lowercase + string.digits + "_"
+
+    def word():
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(5, 10)))
+
+    paths = [
+        "/".join(word() for _ in range(rng.randint(2, 4))) + rng.choice([".py", ".md", ".tar.gz"]) for _ in range(80)
+    ]
+    copy = CodeSpanCopy(
+        None, "".join(f"{rng.choice(['==> ', 'see ', ''])}{path}{rng.choice(['.', ' <==', ''])}\n" for path in paths)
+    )
+    for path in rng.sample(paths, 30):
+        cut = path[: path.index(".")]
+        assert copy.nearest(cut) == path  # held as whole words, but only as the start of this file
+        at = rng.choice([i for i, char in enumerate(cut) if char != "/"])
+        assert copy.nearest(cut[:at] + "Q" + cut[at + 1 :]) == path
+    # A directory, a path that stands on its own: kept.
+    assert copy.nearest(paths[0][: paths[0].rindex("/")]) is None
+    assert CodeSpanCopy(None, "see harbor/berths and harbor/berths.py\n").nearest("harbor/berths") is None
 
 
 def test_rewrite_puts_the_name_read_in_the_reply(tokenizer):
