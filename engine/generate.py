@@ -38,6 +38,7 @@ from kimi_desk import environment
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.state import ModelState
 from kimi_desk.kernels import use_triton
+from kimi_desk.kernels.sampling import choose_sampled
 
 if TYPE_CHECKING:
     from kimi_desk.engine.model import KimiLinearForCausalLM
@@ -150,24 +151,23 @@ def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits (and any tied with the k-th), the rest -inf."""
-    if k <= 0 or k >= logits.shape[-1]:
+    """Keep the k largest logits (and any tied with the k-th), the rest -inf. The k-th largest is found
+    in two steps, each row's k largest of the vocabulary cut into rows of TOP_K_ROW, then the k largest
+    of those (exactly the same value): a top-k of one long row runs in one thread block on a GPU, one of
+    many short rows in many."""
+    V = logits.shape[-1]
+    if k <= 0 or k >= V:
         return logits
-    kth = torch.topk(logits, k).values[-1]
+    if k < TOP_K_ROW < V:
+        rows = torch.nn.functional.pad(logits, (0, -V % TOP_K_ROW), value=-math.inf).view(-1, TOP_K_ROW)
+        kth = torch.topk(torch.topk(rows, k).values.flatten(), k).values[-1]
+    else:
+        kth = torch.topk(logits, k).values[-1]
     return logits.masked_fill(logits < kth, -math.inf)
 
 
-def filter_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the most probable tokens whose total reaches p (at least one); zero the rest. Not renormalised."""
-    if p >= 1:
-        return probs
-    sorted_probs, order = torch.sort(probs, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    # The first token's mass before it is exactly 0 and p > 0, so the most probable token always stays
-    # (no item assignment here: on a GPU it copies a host scalar, which a CUDA graph cannot record).
-    drop_sorted = mass_before >= p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return probs.masked_fill(drop, 0.0)
+# The row length of filter_top_k's first step.
+TOP_K_ROW = 2048
 
 
 def choose_token(
@@ -176,19 +176,16 @@ def choose_token(
     """The next token from one position's logits [V] as a [1] int64 tensor on their device, with no host
     synchronisation (a recorded decode step computes it: engine/cuda_graph.py). `seen` [V] bool marks
     the tokens the repetition penalty applies to; `uniform` [1] float64 on the same device is the draw
-    of a sampled token (unused when greedy): inverse CDF, the first token whose cumulative mass exceeds
-    uniform * total, so the choice follows from the draw whatever the device and the vocabulary size;
-    zero-probability tokens are never picked."""
+    of a sampled token (unused when greedy). A sampled token is drawn from the weights exp(logit - max),
+    top-p applied, by kimi_desk.kernels.sampling: the choice follows from the draw whatever the device
+    and the vocabulary size, and a token of weight 0 is never picked."""
     logits = logits.float()
     if sampling.repetition_penalty != 1 and seen is not None:
         logits = penalize_repetition(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
         return torch.argmax(logits).view(1)
     logits = filter_top_k(logits / sampling.temperature, sampling.top_k)
-    probs = filter_top_p(torch.softmax(logits, dim=-1), sampling.top_p)
-    cdf = torch.cumsum(probs.double(), dim=-1)  # [V]
-    index = torch.searchsorted(cdf, uniform.view(1) * cdf[-1:], right=True)
-    return index.clamp_(max=probs.shape[-1] - 1)
+    return choose_sampled(torch.exp(logits - logits.max()), sampling.top_p, uniform)
 
 
 def draw_uniform(sampling: Sampling, generator: torch.Generator | None) -> float | None:

@@ -13,10 +13,10 @@ from kimi_desk.engine import load_model
 from kimi_desk.engine.chat import chat_token_ids, next_turn_token_ids, stop_token_ids
 from kimi_desk.engine.generate import (
     GREEDY,
+    TOP_K_ROW,
     PrefillCancelled,
     Sampling,
     filter_top_k,
-    filter_top_p,
     generate,
     penalize_repetition,
     prefill,
@@ -115,11 +115,13 @@ def test_filters_and_penalty():
     logits = torch.tensor([1.0, 3.0, 2.0, 3.0, -1.0])
     assert torch.isinf(filter_top_k(logits, 2)).tolist() == [True, False, True, False, True]
     assert torch.equal(filter_top_k(logits, 0), logits)
-    probs = torch.tensor([0.1, 0.5, 0.25, 0.15])
-    assert (filter_top_p(probs, 0.6) > 0).tolist() == [False, True, True, False]
-    assert (filter_top_p(probs, 0.75) > 0).tolist() == [False, True, True, False]
-    assert (filter_top_p(probs, 0.76) > 0).tolist() == [False, True, True, True]
-    assert (filter_top_p(probs, 0.01) > 0).tolist() == [False, True, False, False]
+    # The k-th largest in two steps (rows of TOP_K_ROW, then their k largest), ties at the k-th kept.
+    long = torch.randn(3 * TOP_K_ROW + 5)
+    long[torch.randint(0, len(long), (40,))] = long.max()
+    for k in (1, 7, 50, 41):
+        assert torch.equal(
+            filter_top_k(long, k), long.masked_fill(long < torch.topk(long, k).values[-1], -float("inf"))
+        )
     seen = torch.tensor([True, False, False, True, True])
     assert penalize_repetition(logits, seen, 2.0).tolist() == [0.5, 3.0, 2.0, 1.5, -2.0]
     assert sample_token(logits, GREEDY) == 1  # the first of the tied maxima
