@@ -26,6 +26,14 @@ makes the step replayable:
 
 The host keeps the counters: after each replay it advances state.position and every cache's length,
 so between replays the eager model can use the state as usual (the next turn's prefill, a snapshot).
+
+Looking ahead (`use_lookahead`): the step also writes its choice into its own input and advances the
+device's cache length, so `step_own_choice` replays the next step before the host has read the choice
+(`choice` reads a step's choice when asked, through pinned memory): the GPU never waits for the host
+between tokens. The host learns a token one step late; when that token is one the caller does not feed
+(a stop token, a cancelled reply), `undo` takes the extra step back: each step copies the KDA states at
+its start, and the caches' rows are append-only. (The penalty's marks are copied in afresh for every
+reply: `use_sampling`.)
 The step is recorded again when a cache is full (it then grows with headroom, so this happens once
 every few thousand tokens) and when the state's tensors were replaced (a restored snapshot).
 """
@@ -73,6 +81,14 @@ class GraphDecoder:
         self.uniform = torch.zeros(1, dtype=torch.float64, device=device)
         self.seen: torch.Tensor | None = None
         self.next_token: torch.Tensor | None = None
+        # Looking ahead: the step's copies of the KDA states at its start, and each step's choice
+        # on its way to the host (two slots in pinned memory, each with the event that says it arrived).
+        self.lookahead = False
+        self._before_step: list[tuple[torch.Tensor, torch.Tensor]] = []
+        on_gpu = device.type == "cuda"
+        self._choices = torch.zeros(2, dtype=torch.long, pin_memory=on_gpu)
+        self._arrived = [torch.cuda.Event() for _ in range(2)] if on_gpu else None
+        self._steps = 0
         # The recorded step: graphs, each with the host's step to run after it (None after the last).
         self.pieces: list[tuple[torch.cuda.CUDAGraph, Callable[[], None] | None]] = []
         self._prepared_for: tuple = ()
@@ -97,6 +113,12 @@ class GraphDecoder:
         if self.seen is not None:
             self.seen.copy_(seen[: self.vocab_size])
 
+    def use_lookahead(self, on: bool) -> None:
+        """Record the step with or without what looking ahead needs (module docstring)."""
+        if on != self.lookahead:
+            self.lookahead = on
+            self._prepared_for = ()
+
     @torch.inference_mode()
     def step(self, token: int | torch.Tensor, uniform: float | None = None) -> torch.Tensor:
         """Feed one token (an int, or a one-element int64 tensor on the model's device such as
@@ -114,6 +136,47 @@ class GraphDecoder:
         self.length.fill_(caches[0].length if caches else 0)
         if uniform is not None:
             self.uniform.fill_(uniform)
+        return self._replay(state, caches)
+
+    @torch.inference_mode()
+    def step_own_choice(self, uniform: float | None = None) -> int:
+        """Feed the token the last step chose, already in the step's input (looking ahead, after a step),
+        without reading it; `uniform` as in `step`. Returns a number for `choice`."""
+        assert self.lookahead and self._steps, "step_own_choice follows a step recorded with lookahead"
+        state = self.state
+        caches = [layer for layer in state.layers if isinstance(layer, MLACache)]
+        if uniform is not None:
+            self.uniform.fill_(uniform)
+        self._replay(state, caches)
+        return self._steps - 1
+
+    def choice(self, step: int) -> int:
+        """The token chosen by step number `step` (`last_step` after `step`, or what `step_own_choice`
+        returned), one of the last two: waits for that step only."""
+        assert self._steps - 2 <= step < self._steps
+        if self._arrived is not None:
+            self._arrived[step % 2].synchronize()
+        return int(self._choices[step % 2])
+
+    @property
+    def last_step(self) -> int:
+        return self._steps - 1
+
+    @torch.inference_mode()
+    def undo(self) -> None:
+        """Take the last step back (looking ahead): the state as before it, its token not fed."""
+        state = self.state
+        caches = [layer for layer in state.layers if isinstance(layer, MLACache)]
+        for layer, (recurrent, conv) in zip(self._kda_layers(state), self._before_step):
+            layer.recurrent.copy_(recurrent)
+            layer.conv.copy_(conv)
+        state.position -= 1
+        for cache in caches:
+            cache.truncate(cache.length - 1)
+        self.length.fill_(caches[0].length if caches else 0)
+        self._steps -= 1
+
+    def _replay(self, state: ModelState, caches: list[MLACache]) -> torch.Tensor:
         if self._storage(state) != self._prepared_for or any(cache.length >= cache.capacity for cache in caches):
             self._prepare(state, caches)
         if self.use_cuda_graph:
@@ -127,11 +190,25 @@ class GraphDecoder:
         state.position += 1
         for cache in caches:
             cache.length += 1
+        if self.lookahead:
+            slot = self._steps % 2
+            self._choices[slot : slot + 1].copy_(self.next_token.view(1), non_blocking=True)
+            if self._arrived is not None:
+                self._arrived[slot].record()
+        self._steps += 1
         return self.logits
+
+    @staticmethod
+    def _kda_layers(state: ModelState) -> list[KDAState]:
+        return [layer for layer in state.layers if isinstance(layer, KDAState)]
 
     def _run(self, state: ModelState) -> None:
         from kimi_desk.engine.generate import choose_token
 
+        if self.lookahead:
+            for layer, (recurrent, conv) in zip(self._kda_layers(state), self._before_step):
+                recurrent.copy_(layer.recurrent)
+                conv.copy_(layer.conv)
         self.logits = self.model(self.token, state, last_only=True)[0, -1]  # [vocab] float32
         self.greedy_token = self.logits[: self.vocab_size].argmax().view(1, 1)
         if self.seen is not None:
@@ -140,6 +217,9 @@ class GraphDecoder:
             self.next_token = self.greedy_token.view(1)
         else:
             self.next_token = choose_token(self.logits[: self.vocab_size], self.sampling, self.uniform, self.seen)
+        if self.lookahead:  # the next step's input: this step's choice, one row further in the caches
+            self.token.copy_(self.next_token.view(1, 1))
+            self.length.add_(1)
 
     @contextmanager
     def _lengths_on_device(self, state: ModelState, caches: list[MLACache]):
@@ -165,6 +245,8 @@ class GraphDecoder:
             if cache.length >= cache.capacity:
                 # An eighth of the cache's own rows: a thread's, not the document's it continues.
                 cache.reserve(cache.length + max(CACHE_HEADROOM_TOKENS, (cache.length - cache.shared) // 8))
+        if self.lookahead:
+            self._before_step = [(layer.recurrent.clone(), layer.conv.clone()) for layer in self._kda_layers(state)]
         if self.use_cuda_graph:
             self._record(state, caches)
         self._prepared_for = self._storage(state)
@@ -173,6 +255,7 @@ class GraphDecoder:
         kda_states = [layer for layer in state.layers if isinstance(layer, KDAState)]
         saved = [(layer.recurrent.clone(), layer.conv.clone()) for layer in kda_states]
         seen = None if self.seen is None else self.seen.clone()
+        token = self.token.clone()  # looking ahead, the warm-up writes its choice there
         self.length.fill_(caches[0].length if caches else 0)
         device = self.token.device
         with self._lengths_on_device(state, caches):
@@ -190,6 +273,8 @@ class GraphDecoder:
                 layer.conv.copy_(conv)
             if seen is not None:  # the warm-up marked the token it fed, which the first replay feeds again
                 self.seen.copy_(seen)
+            self.token.copy_(token)
+            self.length.fill_(caches[0].length if caches else 0)
             self.pieces = self._record_pieces(state, side)
         self.recordings += 1
 

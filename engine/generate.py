@@ -20,7 +20,9 @@ a prefix of the prompt (`state.position` says how much).
 On a GPU each decode step replays a recorded CUDA graph (engine/cuda_graph.py; pieces of graphs with the
 CPU's experts between them when some experts live in RAM), the choice of the next token included, so
 the host's part of a step is a replay and reading one id back; KIMI_DESK_CUDA_GRAPH=0 runs it eagerly
-instead. Both compute the same logits and choose alike.
+instead. Both compute the same logits and choose alike. Where the step is one graph (no experts in RAM)
+and no span rewriter holds the reply, the decoder looks ahead: the next step is replayed before the host
+reads the token it feeds, and taken back when that token is not fed (`_stream_looking_ahead`).
 """
 
 from __future__ import annotations
@@ -228,6 +230,7 @@ def decode_step_function(
 
         decoder = graph_decoder(model, state, vocab_size)
         decoder.use_sampling(sampling, seen)
+        decoder.use_lookahead(False)
 
         def replayed(token: int) -> int:
             decoder.step(token, draw_uniform(sampling, generator))
@@ -242,6 +245,25 @@ def decode_step_function(
         return sample_token(logits, sampling, generator, seen)
 
     return step_eagerly
+
+
+def lookahead_decoder(
+    model: KimiLinearForCausalLM,
+    state: ModelState,
+    vocab_size: int | None,
+    sampling: Sampling,
+    seen: torch.Tensor | None,
+):
+    """The model's recorded decoder (engine/cuda_graph.py), set to look ahead, where the decode step is
+    one replayed graph with nothing of the host's inside it (no routed experts in RAM); else None."""
+    if not (use_triton(model.lm_head.weight) and environment.cuda_graph()) or getattr(model, "offload", None):
+        return None
+    from kimi_desk.engine.cuda_graph import graph_decoder
+
+    decoder = graph_decoder(model, state, vocab_size)
+    decoder.use_sampling(sampling, seen)
+    decoder.use_lookahead(True)
+    return decoder
 
 
 @dataclass(frozen=True)
@@ -320,6 +342,13 @@ def stream_tokens(
         seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         seen[prompt[0]] = True
     token = sample_token(logits, sampling, generator, seen)
+    decoder = lookahead_decoder(model, state, vocab_size, sampling, seen) if span_rewriter is None else None
+    if decoder is not None:
+        if max_new_tokens:
+            yield from _stream_looking_ahead(
+                decoder, token, state, sampling, generator, stops, max_new_tokens, cancel, started
+            )
+        return
     advance = decode_step_function(model, state, vocab_size, sampling, generator, seen, eager=span_rewriter is not None)
     reply: list[int] = []
     yielded = 0  # reply tokens already yielded; the rest are a span held back
@@ -369,6 +398,38 @@ def stream_tokens(
                 yield Step(token, len(reply), now - started, state.position, finish)
             if finish is not None:
                 return
+        token = following
+
+
+def _stream_looking_ahead(decoder, token, state, sampling, generator, stops, max_new_tokens, cancel, started):
+    """stream_tokens' decode loop (without a span rewriter) on a decoder that looks ahead: the step that
+    feeds a token's choice is replayed before the host reads that choice, so the GPU never waits for the
+    host; when the choice turns out not to be fed (a stop token, a cancelled reply), the step is taken
+    back. The same tokens, draws, Steps and final state as the loop in stream_tokens."""
+    max_length = decoder.model.config.model_max_length
+    first_position = state.position
+    reply: list[int] = []
+    fed_ahead = None  # the number of a step replayed ahead of the host, feeding `token`
+    while True:
+        if is_cancelled(cancel) or state.position - (fed_ahead is not None) >= max_length or token in stops:
+            if fed_ahead is not None:
+                decoder.undo()
+            if token in stops and not is_cancelled(cancel) and state.position < max_length:
+                yield Step(token, len(reply), time.perf_counter() - started, state.position, "stop")
+            return
+        reply.append(token)
+        if fed_ahead is None:
+            decoder.step(token, draw_uniform(sampling, generator))
+            fed_ahead = decoder.last_step
+        this_step, fed_ahead = fed_ahead, None
+        finish = "length" if len(reply) >= max_new_tokens or state.position >= max_length else None
+        if finish is None:
+            fed_ahead = decoder.step_own_choice(draw_uniform(sampling, generator))
+        following = decoder.choice(this_step)
+        yield Step(token, len(reply) - 1, time.perf_counter() - started, first_position + len(reply), finish)
+        started = time.perf_counter()
+        if finish is not None:
+            return
         token = following
 
 

@@ -12,9 +12,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+import threading  # noqa: E402
+
 from kimi_desk.engine import load_model  # noqa: E402
 from kimi_desk.engine.cuda_graph import GraphDecoder, graph_decoder  # noqa: E402
-from kimi_desk.engine.generate import Sampling, generate  # noqa: E402
+from kimi_desk.engine.generate import Sampling, generate, stream_tokens  # noqa: E402
 from kimi_desk.engine.state import KDAState  # noqa: E402
 
 
@@ -203,3 +205,39 @@ def test_the_step_chooses_the_next_token_as_the_host_does(model, monkeypatch, sa
     assert model._graph_decoder is not None and model._graph_decoder.sampling is not None
     monkeypatch.setenv("KIMI_DESK_CUDA_GRAPH", "0")
     assert tokens() == inside
+
+
+def test_looking_ahead_gives_the_steps_and_the_state_of_step_by_step(model, monkeypatch):
+    """The decoder that replays the next step before the host reads its token (and takes it back after a
+    stop token or a cancel) yields the Steps of the step-by-step loop and leaves the same state: the KDA
+    states and the caches' lengths (sampled with a penalty, so that the draws' order and the marks
+    count too)."""
+    sampling = Sampling(temperature=1.2, top_p=0.9, repetition_penalty=1.3, seed=int(torch.randint(0, 2**31, ())))
+    monkeypatch.setenv("KIMI_DESK_KERNELS", "triton")
+    prompt = torch.randint(0, model.config.vocab_size, (16,))
+
+    def run(stop_ids, cancel_after=None):
+        state, cancel = model.new_state(1), threading.Event()
+        steps = []
+        for step in stream_tokens(
+            model, prompt, state, max_new_tokens=5, sampling=sampling, stop_token_ids=stop_ids, cancel=cancel
+        ):
+            steps.append((step.token_id, step.index, step.position, step.finish_reason))
+            if len(steps) == cancel_after:
+                cancel.set()
+        return steps, state
+
+    ahead = run([])
+    assert model._graph_decoder.lookahead and [s[3] for s in ahead[0]] == [None] * 4 + ["length"]
+    stop = [ahead[0][2][0]]  # the third token the reply chose: the reply stops there
+    looked_ahead = [ahead, run(stop), run([], cancel_after=2)]
+    monkeypatch.setenv("KIMI_DESK_CUDA_GRAPH", "0")
+    step_by_step = [run([]), run(stop), run([], cancel_after=2)]
+    for (steps, state), (want_steps, want_state) in zip(looked_ahead, step_by_step):
+        assert steps == want_steps and state.position == want_state.position
+        for layer, want in zip(state.layers, want_state.layers):
+            if isinstance(layer, KDAState):
+                assert rel_err(layer.recurrent, want.recurrent) < 1e-5 and torch.equal(layer.conv, want.conv)
+            else:
+                assert layer.length == want.length
+    assert looked_ahead[1][0][-1][3] == "stop" and len(looked_ahead[2][0]) == 2
