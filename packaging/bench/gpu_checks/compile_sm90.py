@@ -7,8 +7,9 @@ the GPU. The local Triton may differ from the GPU machine's (check `triton.__ver
 
 `model` compiles every kernel the model itself launches, through its own code and launchers: a 4-layer
 model at the 48B shapes (K K K M, the dense first layer, MoE after it) on PyTorch's meta device, in each
-weight format, runs a decode step, a recorded decode step, a question and a prefill chunk with
-Triton's launches turned into compile-only warm-ups for an sm_90a target (no GPU, no memory).
+weight format, runs a decode step, a recorded decode step and its sampled choice, a question and a
+prefill chunk with Triton's launches turned into compile-only warm-ups for an sm_90a target (no GPU,
+no memory).
 """
 
 import os
@@ -315,6 +316,7 @@ def model(formats=("none", "fp8", "int8", "int4")):
     import kimi_desk.kernels
     from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config
     from kimi_desk.engine.fuse import fuse_projections
+    from kimi_desk.engine.generate import Sampling, choose_token
     from kimi_desk.engine.quantize import quantize_structure
     from kimi_desk.engine.state import MLACache
     from kimi_desk.engine.weights import build_on_meta, materialize
@@ -348,7 +350,12 @@ def model(formats=("none", "fp8", "int8", "int4")):
         for layer in state.layers:  # a recorded decode step: the cache's length on the device
             if isinstance(layer, MLACache):
                 layer.device_length = torch.zeros(1, dtype=torch.long, device="meta")
-        built(ids[:, :1], state)
+        logits = built(ids[:, :1], state)[0, -1]
+        uniform = torch.zeros(1, dtype=torch.float64, device="meta")
+        seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device="meta")
+        choose_token(
+            logits, Sampling(0.7, top_k=50, top_p=0.9, repetition_penalty=1.1), uniform, seen
+        )  # the sampled choice
     for (name, fmt), kernels in sorted(compiled.items()):
         for kernel in kernels.values():
             regs, spills = ptxas_usage(kernel.asm["ptx"])
