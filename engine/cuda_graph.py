@@ -26,6 +26,8 @@ makes the step replayable:
 
 The host keeps the counters: after each replay it advances state.position and every cache's length,
 so between replays the eager model can use the state as usual (the next turn's prefill, a snapshot).
+The step is recorded again when a cache is full (it then grows with headroom, so this happens once
+every few thousand tokens) and when the state's tensors were replaced (a restored snapshot).
 
 Looking ahead (`use_lookahead`): the step also writes its choice into its own input and advances the
 device's cache length, so `step_own_choice` replays the next step before the host has read the choice
@@ -34,8 +36,6 @@ between tokens. The host learns a token one step late; when that token is one th
 (a stop token, a cancelled reply), `undo` takes the extra step back: each step copies the KDA states at
 its start, and the caches' rows are append-only. (The penalty's marks are copied in afresh for every
 reply: `use_sampling`.)
-The step is recorded again when a cache is full (it then grows with headroom, so this happens once
-every few thousand tokens) and when the state's tensors were replaced (a restored snapshot).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class GraphDecoder:
         the logits after it, [vocab] float32, a buffer the next step overwrites (`next_token` holds the
         choice)."""
         state = self.state
-        caches = [layer for layer in state.layers if isinstance(layer, MLACache)]
+        caches = self._caches(state)
         # The inputs first: a recording's warm-up runs on them (and a token given as the last recording's
         # output lives in memory a new recording may reuse).
         if isinstance(token, torch.Tensor):
@@ -144,7 +144,7 @@ class GraphDecoder:
         without reading it; `uniform` as in `step`. Returns a number for `choice`."""
         assert self.lookahead and self._steps, "step_own_choice follows a step recorded with lookahead"
         state = self.state
-        caches = [layer for layer in state.layers if isinstance(layer, MLACache)]
+        caches = self._caches(state)
         if uniform is not None:
             self.uniform.fill_(uniform)
         self._replay(state, caches)
@@ -166,7 +166,7 @@ class GraphDecoder:
     def undo(self) -> None:
         """Take the last step back (looking ahead): the state as before it, its token not fed."""
         state = self.state
-        caches = [layer for layer in state.layers if isinstance(layer, MLACache)]
+        caches = self._caches(state)
         for layer, (recurrent, conv) in zip(self._kda_layers(state), self._before_step):
             layer.recurrent.copy_(recurrent)
             layer.conv.copy_(conv)
@@ -201,6 +201,10 @@ class GraphDecoder:
     @staticmethod
     def _kda_layers(state: ModelState) -> list[KDAState]:
         return [layer for layer in state.layers if isinstance(layer, KDAState)]
+
+    @staticmethod
+    def _caches(state: ModelState) -> list[MLACache]:
+        return [layer for layer in state.layers if isinstance(layer, MLACache)]
 
     def _run(self, state: ModelState) -> None:
         from kimi_desk.engine.generate import choose_token
@@ -252,7 +256,7 @@ class GraphDecoder:
         self._prepared_for = self._storage(state)
 
     def _record(self, state: ModelState, caches: list[MLACache]) -> None:
-        kda_states = [layer for layer in state.layers if isinstance(layer, KDAState)]
+        kda_states = self._kda_layers(state)
         saved = [(layer.recurrent.clone(), layer.conv.clone()) for layer in kda_states]
         seen = None if self.seen is None else self.seen.clone()
         token = self.token.clone()  # looking ahead, the warm-up writes its choice there

@@ -223,14 +223,8 @@ def decode_step_function(
     sampling included, so the host only reads the chosen id back; the eager model and sample_token
     elsewhere, or when asked (`eager`: a loop that rolls the state back, which a recorded graph's
     buffers would not follow). Both take one draw from `generator` per sampled token and choose alike."""
-    # Recording needs the Triton path: the PyTorch MoE asks the host which experts were chosen. Experts
-    # computed in RAM (engine/offload.py) may cut the recording into pieces with the CPU's work between.
-    if not eager and use_triton(model.lm_head.weight) and environment.cuda_graph():
-        from kimi_desk.engine.cuda_graph import graph_decoder
-
-        decoder = graph_decoder(model, state, vocab_size)
-        decoder.use_sampling(sampling, seen)
-        decoder.use_lookahead(False)
+    decoder = None if eager else recorded_decoder(model, state, vocab_size, sampling, seen)
+    if decoder is not None:
 
         def replayed(token: int) -> int:
             decoder.step(token, draw_uniform(sampling, generator))
@@ -247,22 +241,25 @@ def decode_step_function(
     return step_eagerly
 
 
-def lookahead_decoder(
+def recorded_decoder(
     model: KimiLinearForCausalLM,
     state: ModelState,
     vocab_size: int | None,
     sampling: Sampling,
     seen: torch.Tensor | None,
+    lookahead: bool = False,
 ):
-    """The model's recorded decoder (engine/cuda_graph.py), set to look ahead, where the decode step is
-    one replayed graph with nothing of the host's inside it (no routed experts in RAM); else None."""
-    if not (use_triton(model.lm_head.weight) and environment.cuda_graph()) or getattr(model, "offload", None):
+    """The model's recorded decoder (engine/cuda_graph.py) for `state`, choosing by `sampling`, looking
+    ahead or not; None where decode runs eagerly. Recording needs the Triton path: the PyTorch MoE asks
+    the host which experts were chosen. Experts computed in RAM (engine/offload.py) may cut the
+    recording into pieces with the CPU's work between."""
+    if not (use_triton(model.lm_head.weight) and environment.cuda_graph()):
         return None
     from kimi_desk.engine.cuda_graph import graph_decoder
 
     decoder = graph_decoder(model, state, vocab_size)
     decoder.use_sampling(sampling, seen)
-    decoder.use_lookahead(True)
+    decoder.use_lookahead(lookahead)
     return decoder
 
 
@@ -342,7 +339,9 @@ def stream_tokens(
         seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         seen[prompt[0]] = True
     token = sample_token(logits, sampling, generator, seen)
-    decoder = lookahead_decoder(model, state, vocab_size, sampling, seen) if span_rewriter is None else None
+    # Looking ahead needs the step to be one graph (no experts in RAM) and the reply not held back.
+    looks_ahead = span_rewriter is None and not getattr(model, "offload", None)
+    decoder = recorded_decoder(model, state, vocab_size, sampling, seen, lookahead=True) if looks_ahead else None
     if decoder is not None:
         if max_new_tokens:
             yield from _stream_looking_ahead(
@@ -411,20 +410,21 @@ def _stream_looking_ahead(decoder, token, state, sampling, generator, stops, max
     reply: list[int] = []
     fed_ahead = None  # the number of a step replayed ahead of the host, feeding `token`
     while True:
-        if is_cancelled(cancel) or state.position - (fed_ahead is not None) >= max_length or token in stops:
+        cancelled = is_cancelled(cancel)
+        if cancelled or state.position - (fed_ahead is not None) >= max_length or token in stops:
             if fed_ahead is not None:
                 decoder.undo()
-            if token in stops and not is_cancelled(cancel) and state.position < max_length:
+            if token in stops and not cancelled and state.position < max_length:
                 yield Step(token, len(reply), time.perf_counter() - started, state.position, "stop")
             return
         reply.append(token)
         if fed_ahead is None:
             decoder.step(token, draw_uniform(sampling, generator))
-            fed_ahead = decoder.last_step
-        this_step, fed_ahead = fed_ahead, None
+            this_step = decoder.last_step
+        else:
+            this_step = fed_ahead
         finish = "length" if len(reply) >= max_new_tokens or state.position >= max_length else None
-        if finish is None:
-            fed_ahead = decoder.step_own_choice(draw_uniform(sampling, generator))
+        fed_ahead = None if finish else decoder.step_own_choice(draw_uniform(sampling, generator))
         following = decoder.choice(this_step)
         yield Step(token, len(reply) - 1, time.perf_counter() - started, first_position + len(reply), finish)
         started = time.perf_counter()
