@@ -11,7 +11,8 @@
    depths of a folder of held-out files rendered as kimi-desk renders a folder, inside the chat format
    (`document_head_ids`, the document, `question_ids`), read by chunked prefill, then greedy decoding
    until <|im_end|>; a trial counts when the reply contains the fact's value. Once with the fact alone
-   and once with 3 distractor facts of the same kind about other keys.
+   and once with 3 distractor facts of the same kind about other keys. Then plain facts the same way
+   ("The billing job runs every 45 minutes."), in wordings training never uses, at the first two lengths.
 3. Code questions on held-out code folders at --code-lengths (default 8k, 32k): which file defines X,
    what a setting or argument defaults to, where the function that does Z is (task_samples.py), with
    the names and literals asked about made up for the sample, so that only the folder can answer
@@ -191,12 +192,14 @@ def _wrong_kinds(row: dict | None) -> tuple[int, int]:
     return confused, len(wrong) - confused
 
 
-def needle_table(asker: Asker, builder, lengths: list[int], trials: int, seed: int, log=print) -> list[dict]:
-    """A fact of the first card's kinds at `trials` evenly spread depths, alone and with 3 distractors."""
+def needle_table(
+    asker: Asker, builder, lengths: list[int], trials: int, seed: int, log=print, kinds=FACT_KINDS, name="needle"
+) -> list[dict]:
+    """A fact of `kinds` (the first card's) at `trials` evenly spread depths, alone and with 3 distractors."""
     rows = []
     for length in lengths:
         for distractors in (0, 3):
-            rng = random.Random(f"{seed}-{length}-{distractors}")
+            rng = random.Random(f"{seed}-{length}-{distractors}" + ("" if name == "needle" else f"-{name}"))
             outcomes = [
                 run_conversation(
                     asker,
@@ -205,13 +208,13 @@ def needle_table(asker: Asker, builder, lengths: list[int], trials: int, seed: i
                         rng,
                         depth=(t + 0.5) / trials,
                         distractors=distractors,
-                        kind=rng.choice(FACT_KINDS),
+                        kind=rng.choice(kinds),
                         reverse_share=0,  # the card's needles, asked by key as they always were
                     ),
                 )
                 for t in range(trials)
             ]
-            rows.append(_row("needle", length, outcomes, log, distractors=distractors))
+            rows.append(_row(name, length, outcomes, log, distractors=distractors))
     return rows
 
 
@@ -320,6 +323,24 @@ def markdown(results: dict) -> str:
     for length, row in sorted(by_length.items()):
         confused, invented = _wrong_kinds(row.get(3))
         lines.append(f"| {length:,} | {_cell(row.get(0))} | {_cell(row.get(3))} | {confused} / {invented} |")
+    if results.get("plain"):
+        lines += [
+            "",
+            "### Plain facts, in wordings never trained on",
+            "",
+            "A sentence of everyday words about a named subject (\"The billing job runs every 45 minutes.\", "
+            "\"The search bucket keeps files for 450 days.\"), planted and asked as the needles are, in wordings "
+            "no training sample uses (training plants other relations, said and asked otherwise).",
+            "",
+            "| context | fact alone | with 3 distractor facts | wrong with distractors: a distractor's value / other |",
+            "|---:|---:|---:|---:|",
+        ]
+        by_length = {}
+        for row in results["plain"]:
+            by_length.setdefault(row["length"], {})[row["distractors"]] = row
+        for length, row in sorted(by_length.items()):
+            confused, invented = _wrong_kinds(row.get(3))
+            lines.append(f"| {length:,} | {_cell(row.get(0))} | {_cell(row.get(3))} | {confused} / {invented} |")
     if results.get("code"):
         lengths = sorted({r["length"] for r in results["code"]})
         lines += [
@@ -364,7 +385,7 @@ def markdown(results: dict) -> str:
 def write_replies(results: dict, path: Path) -> None:
     """Every trial's conversation and replies, one JSON line each."""
     with path.open("w", encoding="utf-8") as out:
-        for table in ("needle", "code", "followup"):
+        for table in ("needle", "plain", "code", "followup"):
             for row in results.get(table, []):
                 for outcome in row["outcomes"]:
                     out.write(json.dumps({"table": table, **outcome}) + "\n")
@@ -477,6 +498,10 @@ def main(argv: list[str] | None = None) -> None:
         results["readme"] = readme_table(asker, args.readme)
     lengths = [int(n) for n in args.lengths.split(",")]
     results["needle"] = needle_table(asker, builder, lengths[:1], args.trials, args.seed)
+    save()
+    results["plain"] = needle_table(
+        asker, builder, lengths[:2], args.trials, args.seed, kinds=("plain_held_out",), name="plain"
+    )
     save()
     code_lengths = [int(n) for n in args.code_lengths.split(",")]
     results["code"] = task_table(asker, builder, args.code_tasks.split(","), code_lengths, args.trials, args.seed)

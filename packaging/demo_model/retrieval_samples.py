@@ -10,7 +10,8 @@ A sample is what a kimi-desk session feeds the model, ids for ids:
 with one fact planted in the document ("The secret port of service korvani is 4711.") and, to make the
 model read the key and not just grab the one fact-like line, 0-3 distractor facts of the same kind
 about other keys; a README's kinds (a command, a variable) half the time also with the other kind's
-line about the same tool beside them. A fact goes in as a small notes file beside a file at the chosen depth, or as a line
+line about the same tool beside them; plain facts say everyday things of a named subject ("The billing
+job runs every 45 minutes."), each in several wordings. A fact goes in as a small notes file beside a file at the chosen depth, or as a line
 (a comment in code) inside that file. Files keep kimi-desk's reading order, so the tree and the blocks
 are what `load_path` would render for a folder holding exactly these files.
 """
@@ -243,6 +244,8 @@ def random_tool(rng: random.Random) -> str:
 
 
 def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
+    if kind in PLAIN_KINDS:
+        return _plain_fact(kind, key, rng)
     if kind == "port":
         value = str(rng.randint(1024, 65535))
         statement = f"The secret port of service {key} is {value}."
@@ -325,11 +328,217 @@ def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
     raise ValueError(f"unknown fact kind {kind!r}")
 
 
+# -- plain facts: everyday sentences, each relation said and asked in several wordings ----------------
+
+# The things a plain fact is about: a real word (as people name their jobs and teams) or, half the time,
+# a made-up one, before the relation's noun ("the billing job", "the korvani team").
+_PLAIN_WORDS = (
+    "billing payroll search backup reporting staging mobile checkout inventory shipping analytics marketing "
+    "support security nightly weekly legacy pricing accounts orders invoices metrics alerts login "
+    "upload export import mail calendar storage media photo video audio print scanner kitchen garden "
+    "finance research design sales travel hiring training audit cleanup sync gateway proxy cache index "
+    "crawler ledger catalog forecast weather traffic parking lobby north south east west central "
+    "harbor river summit maple cedar falcon otter comet orbit pixel quartz atlas beacon canvas delta ember "
+    "fable glacier horizon ivory jasper"
+).split()
+
+
+def _between(low: int, high: int):
+    return lambda rng: str(rng.randint(low, high))
+
+
+# What each kind of value can be: (the generator, how many values it draws from).
+_PLAIN_VALUES = {
+    "person": (
+        lambda rng: f"{rng.choice(_FIRST_NAMES)} {random_surname(rng)}",
+        len(_FIRST_NAMES) * (len(_LAST_NAMES) + 10**6),
+    ),
+    "room": (lambda rng: f"{rng.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}-{rng.randint(100, 999)}", 23 * 900),
+    "host": (
+        lambda rng: f"{random_key(rng)}-{rng.randint(1, 99)}.{rng.choice(('internal', 'lan', 'local', 'corp'))}",
+        10**6,
+    ),
+    "clock": (lambda rng: f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}", 24 * 60),
+    "day": (lambda rng: f"{rng.choice(_MONTHS)} {rng.randint(1, 28)}, {rng.randint(1990, 2069)}", 12 * 28 * 80),
+    "version": (lambda rng: f"{rng.randint(1, 9)}.{rng.randint(0, 30)}.{rng.randint(0, 30)}", 9 * 31 * 31),
+    "mailbox": (lambda rng: f"{random_key(rng)}@{random_key(rng)}.{rng.choice(('org', 'com', 'net', 'io'))}", 10**12),
+    "minutes": (_between(5, 1439), 1435),
+    "seconds": (_between(2, 3600), 3599),
+    "days": (_between(2, 3650), 3649),
+    "count": (_between(2, 4096), 4095),
+    "people": (_between(10, 5000), 4991),
+    "messages": (_between(100, 99999), 99900),
+    "money": (_between(1000, 999999), 999000),
+    "extension": (_between(1000, 9999), 9000),
+}
+
+
+@dataclass(frozen=True)
+class Relation:
+    """One thing a plain fact can say of a subject ("the billing job" runs every 45 minutes): its
+    statements and questions with {S} for the subject at a sentence's start, {s} inside it, {V} for
+    the value."""
+
+    noun: str
+    value: str  # a key of _PLAIN_VALUES
+    statements: tuple[str, ...]
+    questions: tuple[str, ...]
+
+
+# Training draws these; the evaluation asks HELD_OUT_RELATIONS, worded as no training sample is, so
+# that its row measures looking a fact up rather than a template learnt.
+PLAIN_RELATIONS = {
+    "lead": Relation(
+        "team", "person", ("{S} is led by {V}.", "{V} leads {s}."), ("Who leads {s}?", "Who is the lead of {s}?")
+    ),
+    "owner": Relation(
+        "service",
+        "person",
+        ("{S} is owned by {V}.", "{V} owns {s}."),
+        ("Who owns {s}?", "Who is the owner of {s}?"),
+    ),
+    "nodes": Relation(
+        "cluster",
+        "count",
+        ("{S} has {V} nodes.", "{S} runs on {V} nodes."),
+        ("How many nodes does {s} have?", "On how many nodes does {s} run?"),
+    ),
+    "timeout": Relation(
+        "client",
+        "seconds",
+        ("{S} times out after {V} seconds.", "The timeout of {s} is {V} seconds."),
+        ("After how many seconds does {s} time out?", "What is the timeout of {s}?"),
+    ),
+    "room": Relation(
+        "workshop",
+        "room",
+        ("{S} is in room {V}.", "{S} takes place in room {V}."),
+        ("Which room is {s} in?", "In which room does {s} take place?"),
+    ),
+    "runtime": Relation(
+        "library",
+        "version",
+        ("{S} needs version {V} of the runtime.", "{S} requires runtime {V}."),
+        ("Which runtime version does {s} need?", "What version of the runtime does {s} require?"),
+    ),
+    "budget": Relation(
+        "project",
+        "money",
+        ("{S} has a budget of {V} euros.", "The budget of {s} is {V} euros."),
+        ("What is the budget of {s}?", "How large is the budget of {s}?"),
+    ),
+    "mailbox": Relation(
+        "desk",
+        "mailbox",
+        ("{S} can be reached at {V}.", "Write to {V} to reach {s}."),
+        ("How can {s} be reached?", "What is the address of {s}?"),
+    ),
+    "backed_up": Relation(
+        "database",
+        "clock",
+        ("{S} is backed up at {V} every night.", "Every night at {V}, {s} is backed up."),
+        ("When is {s} backed up?", "At what time is {s} backed up?"),
+    ),
+    "due": Relation(
+        "report",
+        "day",
+        ("{S} is due on {V}.", "The deadline for {s} is {V}."),
+        ("When is {s} due?", "What is the deadline for {s}?"),
+    ),
+    "seats": Relation(
+        "hall",
+        "people",
+        ("{S} seats {V} people.", "{S} has room for {V} people."),
+        ("How many people does {s} seat?", "How many people fit in {s}?"),
+    ),
+    "holds": Relation(
+        "queue",
+        "messages",
+        ("{S} holds at most {V} messages.", "At most {V} messages fit in {s}."),
+        ("How many messages can {s} hold?", "What is the size limit of {s}?"),
+    ),
+    "deployed": Relation(
+        "branch",
+        "host",
+        ("{S} is deployed to {V}.", "{S} runs on the host {V}."),
+        ("Where is {s} deployed?", "Which host does {s} run on?"),
+    ),
+    "extension": Relation(
+        "office",
+        "extension",
+        ("{S} answers on extension {V}.", "The phone extension of {s} is {V}."),
+        ("What is the phone extension of {s}?", "Which extension does {s} answer on?"),
+    ),
+    "syncs": Relation(
+        "mirror",
+        "minutes",
+        ("{S} syncs every {V} minutes.", "Every {V} minutes, {s} syncs."),
+        ("How often does {s} sync?", "How many minutes pass between syncs of {s}?"),
+    ),
+    "kept": Relation(
+        "archive",
+        "days",
+        ("{S} is kept for {V} days.", "{S} is deleted after {V} days."),
+        ("How long is {s} kept?", "After how many days is {s} deleted?"),
+    ),
+}
+HELD_OUT_RELATIONS = {
+    "runs": Relation(
+        "job", "minutes", ("{S} runs every {V} minutes.",), ("How often does {s} run?", "How frequently does {s} run?")
+    ),
+    "located": Relation(
+        "server",
+        "room",
+        ("{S} is located in rack {V}.",),
+        ("Where is {s} located?", "In which rack is {s}?"),
+    ),
+    "opened": Relation(
+        "account", "person", ("{S} was opened by {V}.",), ("Who opened {s}?", "By whom was {s} opened?")
+    ),
+    "retention": Relation(
+        "bucket",
+        "days",
+        ("{S} keeps files for {V} days.",),
+        ("For how many days does {s} keep files?", "How long does {s} keep files?"),
+    ),
+    "released": Relation(
+        "app",
+        "version",
+        ("The latest release of {s} is version {V}.",),
+        ("What is the latest version of {s}?", "Which version of {s} was released last?"),
+    ),
+    "reachable": Relation(
+        "printer",
+        "host",
+        ("{S} is reachable at {V}.",),
+        ("At which address is {s} reachable?", "Where is {s} reachable?"),
+    ),
+}
+_RELATIONS = {**PLAIN_RELATIONS, **HELD_OUT_RELATIONS}
+PLAIN_KINDS = {"plain": PLAIN_RELATIONS, "plain_held_out": HELD_OUT_RELATIONS}
+
+
+def _plain_subject(key: str) -> tuple[Relation, str]:
+    """A plain fact's key "relation|word" -> its relation and subject ("the billing job")."""
+    name, word = key.split("|")
+    relation = _RELATIONS[name]
+    return relation, f"the {word} {relation.noun}"
+
+
+def _plain_fact(kind: str, key: str, rng: random.Random) -> Fact:
+    relation, subject = _plain_subject(key)
+    value = _PLAIN_VALUES[relation.value][0](rng)
+    fill = dict(S=subject[0].upper() + subject[1:], s=subject, V=value)
+    statement = rng.choice(relation.statements).format(**fill)
+    return Fact(kind, key, value, statement, rng.choice(relation.questions).format(**fill), statement)
+
+
 # The model card's needle table draws from these (as the first card did); training also plants the
 # documentation kinds, the form of the README's answers.
 FACT_KINDS = ("port", "code", "maintainer", "date", "setting")
 DOC_FACT_KINDS = ("command", "variable")
-ALL_FACT_KINDS = FACT_KINDS + DOC_FACT_KINDS
+# Plain facts (below) in everyday words; the evaluation's own "plain_held_out" wordings are never trained.
+ALL_FACT_KINDS = FACT_KINDS + DOC_FACT_KINDS + ("plain",)
 # action: (the subcommand's verbs, the infinitive)
 _ACTIONS = {
     "lists": (("list", "ls", "all", "index"), "list"),
@@ -460,6 +669,11 @@ def space_sizes() -> dict:
             "values": tools * len(_VARIABLE_WORDS),
             "values_given_the_tool": len(_VARIABLE_WORDS),
         },
+        # Real words repeat as subjects, with a fresh value each time; the fewest values of a relation.
+        "plain": {
+            "keys": len(PLAIN_RELATIONS) * (len(_PLAIN_WORDS) + keys),
+            "values": min(_PLAIN_VALUES[r.value][1] for r in PLAIN_RELATIONS.values()),
+        },
     }
 
 
@@ -529,6 +743,10 @@ def fact_keys(kind: str, count: int, rng: random.Random) -> list[str]:
         tool = random_tool(rng).upper().replace("-", "_")
         while len(keys) < count:
             keys.add(f"{tool}|{rng.choice(_THINGS)}")
+    elif kind in PLAIN_KINDS:
+        relation = rng.choice(sorted(PLAIN_KINDS[kind]))
+        while len(keys) < count:
+            keys.add(f"{relation}|{rng.choice(_PLAIN_WORDS) if rng.random() < 0.5 else random_key(rng)}")
     else:
         while len(keys) < count:
             keys.add(random_key(rng))

@@ -8,7 +8,8 @@ user of the product asks about them:
 
     needle           a planted fact (ports, codes, maintainers, dates, settings, and the README's kinds:
                      "which command lists the saved X", "which variable forces the Y") at any depth,
-                     with 0-5 distractor facts of the same kind that hold other values
+                     and plain facts ("The billing job runs every 45 minutes."), with 0-7 distractor
+                     facts of the same kind that hold other values
     which_file       "Which file defines X?": X a top-level class or function defined once in the folder
     where_function   "Where is the function that returns ...?": from a function's docstring
     setting_default  "What does the timeout argument of connect default to?", "What is MAX_SIZE set to?":
@@ -58,6 +59,11 @@ from kimi_desk.engine.ingest.listing import reading_order_key
 from kimi_desk.engine.ingest.render import render_file_block, render_folder_preamble
 
 CODE_SOURCES = ("cpython-stdlib", "django", "twisted", "sqlalchemy")
+# A training needle's distractors: mostly several facts of the kind. Lone facts are found (run 6: 10/10/7
+# of 10 at 4k/32k/128k); telling the asked key's value from its neighbours' is what is still learnt.
+DISTRACTOR_COUNTS = (0, 1, 3, 4, 5, 7)
+# The share of training needles that are plain facts (else any kind, plain included, alike).
+PLAIN_SHARE = 0.3
 TASKS = ("needle", "which_file", "where_function", "setting_default", "followup")
 # The training mix: needles first (the skill the others build on), the code questions, follow-ups.
 DEFAULT_MIX = {"needle": 0.35, "which_file": 0.2, "where_function": 0.1, "setting_default": 0.15, "followup": 0.2}
@@ -368,10 +374,8 @@ class TaskSampleBuilder:
         for the kinds with a named key, a second thing said of that key, asked of "that service"; else
         the file that says so."""
         if distractors is None:
-            # Mostly several facts of the kind: lone facts are found (run 6: 10/10/7 of 10 at 4k/32k/128k),
-            # telling the asked key's value from its neighbours' is what is still learnt.
-            distractors = rng.choice((0, 1, 3, 3, 4, 5))
-        kind = kind or rng.choice(ALL_FACT_KINDS)
+            distractors = rng.choice(DISTRACTOR_COUNTS)
+        kind = kind or ("plain" if rng.random() < PLAIN_SHARE else rng.choice(ALL_FACT_KINDS))
         reserve = 48 if followup else 0
         entity = kind in ENTITY_NOUNS
         aspect = make_aspect(kind, rng) if followup and entity and rng.random() < 0.5 else None

@@ -342,7 +342,7 @@ def test_looked_up_reply_tokens_weigh_more(toy_pipeline):
     repeats from the question, and <|im_end|>, keep weight 1."""
     tokenizer = toy_pipeline["tokenizer"]
     builder = task_samples.TaskSampleBuilder(toy_pipeline["splits"]["train"], tokenizer)
-    sample = builder.needle(600, random.Random(5), distractors=2)
+    sample = builder.needle(600, random.Random(5), distractors=2, kind="port")
     plain, weighted = sample.target_weights(), sample.target_weights(0.0, 4.0)
     (start, end), (feed_start, feed_end) = sample.answer_spans[0], sample.feeds[0]
     asked = set(sample.input_ids[feed_start:feed_end])
@@ -352,6 +352,21 @@ def test_looked_up_reply_tokens_weigh_more(toy_pipeline):
     heavy_text = tokenizer.decode([sample.input_ids[t] for t in range(start, end) if weighted[t - 1] == 4.0])
     assert sample.turns[0].expected[0] in heavy_text.replace(" ", "") or sample.turns[0].expected[0] in heavy_text
     assert [w for w in weighted if w not in (1.0, 4.0)] == [0.0] * weighted.count(0.0)
+
+
+def test_plain_needles_plant_every_fact_and_ask_the_first(toy_pipeline):
+    """A plain needle with 7 distractors fits a short context: every fact's sentence is in the document
+    once, the question asks the first by its subject, and the reply to learn is its sentence."""
+    tokenizer = toy_pipeline["tokenizer"]
+    builder = task_samples.TaskSampleBuilder(toy_pipeline["splits"]["train"], tokenizer)
+    rng = random.Random(11)
+    for kind in ("plain", "plain_held_out"):
+        sample = builder.needle(1500, rng, distractors=7, kind=kind)
+        document = tokenizer.decode(sample.input_ids[: sample.answer_spans[0][0]])
+        values = [sample.turns[0].expected[0], *sample.detail["distractor_values"]]
+        assert len(set(values)) == 8 and all(document.count(v) >= 1 for v in values)
+        assert sample.detail["key"].split("|")[1] in sample.turns[0].question
+        assert sample.turns[0].answer.endswith(".") and values[0] in sample.turns[0].answer
 
 
 def test_readme_questions_are_answered_by_readme_itself():
@@ -486,16 +501,41 @@ def test_fresh_names_keep_the_style_and_fresh_literals_the_kind():
 
 def test_needle_keys_and_values_come_from_large_spaces():
     spaces = retrieval_samples.space_sizes()
+    floors = {"date": 2 * 10**4, "plain": 10**3}  # plain: real words repeat as subjects, values are fresh
     for kind, space in spaces.items():
         assert space["keys"] >= 10**6, kind
-        assert space["values"] >= (10**4 if kind != "date" else 2 * 10**4), kind
+        assert space["values"] >= floors.get(kind, 10**4), kind
     rng = random.Random(0)
     for kind in retrieval_samples.ALL_FACT_KINDS:
         facts = [
             retrieval_samples.make_fact(kind, retrieval_samples.fact_keys(kind, 1, rng)[0], rng) for _ in range(2000)
         ]
-        assert len({f.key for f in facts}) >= 1980, kind
+        if kind != "plain":
+            assert len({f.key for f in facts}) >= 1980, kind
         assert len({(f.key, f.value) for f in facts}) >= 1980, kind
+
+
+def _template_words(template: str) -> str:
+    return template.replace("{S}", "{s}")
+
+
+def test_plain_facts_held_out_wordings_are_never_trained():
+    """The evaluation's plain facts are said and asked in wordings no training relation has, about
+    nouns no training relation uses; each fact states its value and its question names its subject."""
+    trained, held_out = retrieval_samples.PLAIN_RELATIONS, retrieval_samples.HELD_OUT_RELATIONS
+    trained_forms = {_template_words(t) for r in trained.values() for t in r.statements + r.questions}
+    for relation in held_out.values():
+        assert relation.noun not in {r.noun for r in trained.values()}
+        assert not trained_forms & {_template_words(t) for t in relation.statements + relation.questions}
+    rng = random.Random(5)
+    for kind in ("plain", "plain_held_out"):
+        for _ in range(200):
+            keys = retrieval_samples.fact_keys(kind, 4, rng)
+            assert len({k.split("|")[0] for k in keys}) == 1  # distractors share the relation
+            fact = retrieval_samples.make_fact(kind, keys[0], rng)
+            subject = "the " + keys[0].split("|")[1]
+            assert fact.value in fact.statement and subject in fact.question.lower()
+            assert fact.answer == fact.statement
 
 
 def test_memorisation_check_tells_the_disguised_samples_from_the_files_as_they_are(toy_pipeline):
