@@ -277,6 +277,7 @@ def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
                 f"`{value}` {action} the saved {noun}.",
                 f"Run `{value}` to {_ACTIONS[action][1]} the saved {noun}.",
                 f"The command `{value}` {action} the saved {noun}.",
+                f"| `{value}` | {action} the saved {noun} |",  # a README's table of commands
             )
         )
         return Fact(
@@ -315,6 +316,8 @@ def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
                 f"`{value}={setting}` forces the {thing}.",
                 f"Set {value}={setting} to force the {thing}.",
                 f"Environment: `{value}={setting}` forces the {thing} everywhere.",
+                f"| `{value}={setting}` | forces the {thing} everywhere |",  # a README's table of variables
+                f"| `{value}` | forces the {thing} |",
             )
         )
         return Fact(
@@ -481,7 +484,77 @@ PLAIN_RELATIONS = {
         ("{S} is kept for {V} days.", "{S} is deleted after {V} days."),
         ("How long is {s} kept?", "After how many days is {s} deleted?"),
     ),
+    "teaches": Relation(
+        "course", "person", ("{S} is taught by {V}.", "{V} teaches {s}."), ("Who teaches {s}?", "Who is teaching {s}?")
+    ),
+    "chairs": Relation(
+        "committee",
+        "person",
+        ("{V} chairs {s}.", "{S} is chaired by {V}."),
+        ("Who chairs {s}?", "Who is the chair of {s}?"),
+    ),
+    "leaves": Relation(
+        "bus",
+        "clock",
+        ("{S} leaves at {V}.", "{S} departs at {V}."),
+        ("When does {s} leave?", "At what time does {s} depart?"),
+    ),
+    "updated": Relation(
+        "form",
+        "day",
+        ("{S} was last updated on {V}.", "The last update of {s} was on {V}."),
+        ("When was {s} last updated?", "On which day was {s} last updated?"),
+    ),
+    "trees": Relation(
+        "garden", "count", ("{S} has {V} trees.", "There are {V} trees in {s}."), ("How many trees does {s} have?",)
+    ),
+    "reports": Relation(
+        "sensor",
+        "host",
+        ("{S} reports to {V}.", "{S} sends its readings to {V}."),
+        ("Where does {s} report to?", "Which host does {s} send its readings to?"),
+    ),
+    "pinned": Relation(
+        "plugin",
+        "version",
+        ("{S} is pinned to version {V}.", "{S} stays at version {V}."),
+        ("Which version is {s} pinned to?", "At which version does {s} stay?"),
+    ),
+    "orders": Relation(
+        "shop",
+        "mailbox",
+        ("Orders for {s} go to {V}.", "{S} takes orders at {V}."),
+        ("Where do orders for {s} go?", "At which address does {s} take orders?"),
+    ),
+    "moved": Relation(
+        "lab",
+        "room",
+        ("{S} moved to room {V}.", "{S} is now in room {V}."),
+        ("Which room did {s} move to?", "Where is {s} now?"),
+    ),
+    "worth": Relation(
+        "contract",
+        "money",
+        ("{S} is worth {V} euros.", "{S} has a value of {V} euros."),
+        ("How much is {s} worth?", "What is the value of {s}?"),
+    ),
+    "expires": Relation(
+        "cache",
+        "seconds",
+        ("Entries in {s} expire after {V} seconds.", "{S} keeps an entry for {V} seconds."),
+        ("When do entries in {s} expire?", "For how many seconds does {s} keep an entry?"),
+    ),
+    "takes": Relation(
+        "pipeline",
+        "minutes",
+        ("{S} takes about {V} minutes.", "A run of {s} lasts {V} minutes."),
+        ("How long does {s} take?", "How many minutes does a run of {s} last?"),
+    ),
 }
+# Asked of any training relation now and then: the answer is the sentence about the subject, whatever
+# the relation, so what is learnt is to find that sentence and say it.
+GENERIC_QUESTIONS = ("What does the document say about {s}?", "What do you know about {s}?", "Tell me about {s}.")
+GENERIC_SHARE = 0.25
 HELD_OUT_RELATIONS = {
     "runs": Relation(
         "job", "minutes", ("{S} runs every {V} minutes.",), ("How often does {s} run?", "How frequently does {s} run?")
@@ -530,7 +603,9 @@ def _plain_fact(kind: str, key: str, rng: random.Random) -> Fact:
     value = _PLAIN_VALUES[relation.value][0](rng)
     fill = dict(S=subject[0].upper() + subject[1:], s=subject, V=value)
     statement = rng.choice(relation.statements).format(**fill)
-    return Fact(kind, key, value, statement, rng.choice(relation.questions).format(**fill), statement)
+    generic = kind == "plain" and rng.random() < GENERIC_SHARE
+    question = rng.choice(GENERIC_QUESTIONS if generic else relation.questions).format(**fill)
+    return Fact(kind, key, value, statement, question, statement)
 
 
 # The model card's needle table draws from these (as the first card did); training also plants the
