@@ -80,10 +80,8 @@ def thread_markdown(session, thread) -> str:
     for number, turn in enumerate(thread.turns, 1):
         out += [f"## {number}. {' '.join(turn.question.split())}", "", turn.answer.rstrip(), ""]
         if turn.finish_reason != "stop":
-            out += [
-                f"*(the answer {'was stopped' if turn.finish_reason == 'cancelled' else 'was cut at its length limit'})*",
-                "",
-            ]
+            ending = {"cancelled": "was stopped", "repetition": "was ended: it was repeating itself"}
+            out += [f"*(the answer {ending.get(turn.finish_reason, 'was cut at its length limit')})*", ""]
         citations = index.cite(turn.answer)
         if not citations:
             continue

@@ -229,6 +229,7 @@ def turn_meta(tokens: int, seconds: float, finish_reason: str) -> str:
     ending = {
         "stop": "",
         "length": " · cut at the token limit (settings: max_new_tokens)",
+        "repetition": " · ended: it was repeating itself",
         "cancelled": " · stopped",
     }.get(finish_reason, f" · {finish_reason}")
     return f"{formatting.tokens(tokens)} tokens · {seconds:.1f} s{rate}{ending}"

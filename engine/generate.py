@@ -270,7 +270,8 @@ class Step:
     `seconds` is the engine's time for this token: feeding it to the model and choosing the one after it
     (for the first token also the prefill and its own choice, so it is the time to first token); time the
     caller spends between steps is not counted. `position` is state.position after the step. `finish_reason` is set on the
-    last step: "stop" (a stop token, not fed) or "length" (the token budget or the context is used up).
+    last step: "stop" (a stop token, not fed), "length" (the token budget or the context is used up) or
+    "repetition" (the reply came round to one short piece over and over: `repeats_itself`).
     """
 
     token_id: int
@@ -291,6 +292,20 @@ class SpanRewriter(Protocol):
 # A span held back longer than this is settled as it is, open or not, so the reply keeps streaming.
 MAX_HELD_TOKENS = 48
 
+# A reply whose last REPEAT_TOKENS tokens are one piece of at most REPEAT_PERIOD tokens said over and
+# over ("Greta Greta Greta ...") ends there: a small model's greedy reply can loop until its token limit,
+# and nothing a reader wants is 64 tokens of one short piece.
+REPEAT_PERIOD = 16
+REPEAT_TOKENS = 64
+
+
+def repeats_itself(reply: Sequence[int]) -> bool:
+    """Whether the reply ends in REPEAT_TOKENS tokens of one piece of at most REPEAT_PERIOD tokens, repeated."""
+    if len(reply) < REPEAT_TOKENS:
+        return False
+    tail = list(reply[-REPEAT_TOKENS:])
+    return any(tail[period:] == tail[:-period] for period in range(1, REPEAT_PERIOD + 1))
+
 
 def stream_tokens(
     model: KimiLinearForCausalLM,
@@ -308,7 +323,7 @@ def stream_tokens(
     """Prefill `prompt_ids` (batch 1) into `state`, then yield generated tokens one Step at a time.
 
     Stops after a stop token (default: the config's eos ids), after max_new_tokens, when the state
-    reaches model_max_length, or when cancelled (then without a final Step; likewise when the prompt
+    reaches model_max_length, when the reply repeats itself (`repeats_itself`), or when cancelled (then without a final Step; likewise when the prompt
     leaves no room or max_new_tokens is 0). See the module docstring for what the state holds.
     With `vocab_size` (the tokenizer's), ids at or above it are never sampled: an embedding padded past
     the tokenizer has rows no text maps to. With `span_rewriter`, the tokens of a span (from the token
@@ -370,6 +385,8 @@ def stream_tokens(
             following = advance(token)  # fed, and the next token chosen
             if len(reply) >= max_new_tokens or state.position >= max_length:
                 finish = "length"
+            elif repeats_itself(reply):
+                finish = "repetition"
         if opened_at is not None and (
             finish is not None or not span_rewriter.is_open(reply) or len(reply) - opened_at >= MAX_HELD_TOKENS
         ):
@@ -424,6 +441,7 @@ def _stream_looking_ahead(decoder, token, state, sampling, generator, stops, max
         else:
             this_step = fed_ahead
         finish = "length" if len(reply) >= max_new_tokens or state.position >= max_length else None
+        finish = finish or ("repetition" if repeats_itself(reply) else None)
         fed_ahead = None if finish else decoder.step_own_choice(draw_uniform(sampling, generator))
         following = decoder.choice(this_step)
         yield Step(token, len(reply) - 1, time.perf_counter() - started, first_position + len(reply), finish)
@@ -435,7 +453,7 @@ def _stream_looking_ahead(decoder, token, state, sampling, generator, stops, max
 
 @dataclass
 class Generation:
-    """A whole generation, collected. finish_reason: "stop", "length" or "cancelled"."""
+    """A whole generation, collected. finish_reason: "stop", "length", "repetition" or "cancelled"."""
 
     token_ids: list[int] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)

@@ -281,7 +281,7 @@ class ReadProgress:
 @dataclass(frozen=True)
 class Answer:
     """A piece of a streamed answer: new text, the token ids behind it, and timing. The last event of an
-    answer has `finish_reason` set ("stop", "length" or "cancelled") and names the `thread` the turn
+    answer has `finish_reason` set ("stop", "length", "repetition" or "cancelled") and names the `thread` the turn
     was recorded in."""
 
     text: str

@@ -63,7 +63,7 @@ MAX_THREADS = 1 << 12
 MAX_SHORT_TEXT = 1 << 16  # names, paths, labels, fingerprints (characters)
 MAX_LONG_TEXT = 1 << 22  # a question, an answer, the system prompt (characters)
 MAX_ANSWER_TOKENS = 1 << 20
-FINISH_REASONS = ("stop", "length", "cancelled")
+FINISH_REASONS = ("stop", "length", "repetition", "cancelled")
 
 
 def is_session_id(text: object) -> bool:

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from kimi_desk.bench.random_checkpoint import tail7_config, tiny_config, write_random_checkpoint
+from kimi_desk.engine import generate as generate_module
 from kimi_desk.engine import load_model
 from kimi_desk.engine.chat import chat_token_ids, next_turn_token_ids, stop_token_ids
 from kimi_desk.engine.generate import (
     GREEDY,
+    REPEAT_PERIOD,
+    REPEAT_TOKENS,
     TOP_K_ROW,
     PrefillCancelled,
     Sampling,
@@ -20,6 +23,7 @@ from kimi_desk.engine.generate import (
     generate,
     penalize_repetition,
     prefill,
+    repeats_itself,
     sample_token,
     stream_tokens,
 )
@@ -253,6 +257,40 @@ def test_budget_end_feeds_every_token(model):
     assert [s.index for s in result.steps] == list(range(5))
     assert all(s.seconds > 0 for s in result.steps)
     assert generate(model, prompt, model.new_state(1), max_new_tokens=0).finish_reason == "length"
+
+
+def test_repeats_itself_only_on_one_short_piece_over_and_over():
+    """Fresh random pieces of distinct tokens: repeated over REPEAT_TOKENS tokens after any start, the
+    reply repeats itself; one token changed, one token short, or a piece longer than REPEAT_PERIOD, not."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for _ in range(100):
+        period = int(torch.randint(1, REPEAT_PERIOD + 2, (), generator=gen))
+        tokens = torch.randperm(10**5, generator=gen)[: period + 40].tolist()
+        piece, head = tokens[:period], tokens[period : period + int(torch.randint(0, 40, (), generator=gen))]
+        tail = (piece * (REPEAT_TOKENS // period + 2))[: REPEAT_TOKENS + int(torch.randint(0, 8, (), generator=gen))]
+        assert repeats_itself(head + tail) == (period <= REPEAT_PERIOD)
+        assert not repeats_itself(tail[-REPEAT_TOKENS + 1 :])
+        changed = list(tail)
+        changed[len(changed) - 1 - int(torch.randint(0, REPEAT_TOKENS, (), generator=gen))] = -1
+        assert not repeats_itself(head + changed)
+
+
+@pytest.mark.parametrize("looking_ahead", [False, True])
+def test_a_reply_that_repeats_itself_ends_there_fed(tmp_path, monkeypatch, looking_ahead):
+    """A model whose every logit is 0 writes token 0 over and over (greedy takes the first of equal
+    logits): the reply ends with "repetition" once it repeats itself, every token of it fed, on the
+    step-by-step loop and on the decoder that looks ahead."""
+    folder = write_random_checkpoint(tiny_config(), tmp_path, seed=3)
+    looping = load_model(folder, dtype=torch.float32)
+    with torch.no_grad():
+        looping.lm_head.weight.zero_()
+    monkeypatch.setattr(generate_module, "REPEAT_TOKENS", 12)
+    monkeypatch.setenv("KIMI_DESK_KERNELS", "triton" if looking_ahead else "torch")
+    prompt, state = prompt_ids(8, seed=4), looping.new_state(1)
+    result = generate(looping, prompt, state, max_new_tokens=40, stop_token_ids=[])
+    assert (getattr(looping, "_graph_decoder", None) is not None) == looking_ahead
+    assert result.finish_reason == "repetition" and result.token_ids == [0] * 12
+    assert state.position == len(prompt) + 12 and result.steps[-1].finish_reason == "repetition"
 
 
 def test_context_limit_ends_generation(tmp_path):
