@@ -170,3 +170,16 @@ def test_a_damaged_record_is_reported_and_the_others_still_list(store):
         store.get(bad.id)
     store.remove(bad.id)  # what the message tells the user to do
     assert {u.id for u in store.unreadable()} == {torn.id}
+
+
+def test_every_finish_reason_of_the_engine_is_kept(store):
+    """Each way generate() ends an answer (engine/generate.py: "repetition" too) is saved and read back."""
+    session = store.create("/src", "src", IDENTITY, None)
+    for reason in ("stop", "length", "repetition", "cancelled"):
+        session.record_turn(Turn(reason, "a", [1], reason, 0.1, "2026-12-03T10:00:00+00:00"))
+    assert [t.turns[0].finish_reason for t in store.get(session.id).threads] == [
+        "stop",
+        "length",
+        "repetition",
+        "cancelled",
+    ]
