@@ -323,8 +323,8 @@ def stream_tokens(
     """Prefill `prompt_ids` (batch 1) into `state`, then yield generated tokens one Step at a time.
 
     Stops after a stop token (default: the config's eos ids), after max_new_tokens, when the state
-    reaches model_max_length, when the reply repeats itself (`repeats_itself`), or when cancelled (then without a final Step; likewise when the prompt
-    leaves no room or max_new_tokens is 0). See the module docstring for what the state holds.
+    reaches model_max_length, when the reply repeats itself (`repeats_itself`), or when cancelled (then
+    without a final Step; likewise when the prompt leaves no room or max_new_tokens is 0). See the module docstring for what the state holds.
     With `vocab_size` (the tokenizer's), ids at or above it are never sampled: an embedding padded past
     the tokenizer has rows no text maps to. With `span_rewriter`, the tokens of a span (from the token
     that opens it to the one that closes it) are held back until it closes; when the rewriter gives

@@ -284,6 +284,21 @@ def _cell(row: dict | None) -> str:
     return "" if row is None else f"{row['correct']}/{row['trials']} ({100 * row['accuracy']:.0f}%)"
 
 
+def _needle_lines(rows: list[dict]) -> list[str]:
+    """A needle table (fact alone, with 3 distractors, the wrong replies' kinds), one line per length."""
+    lines = [
+        "| context | fact alone | with 3 distractor facts | wrong with distractors: a distractor's value / other |",
+        "|---:|---:|---:|---:|",
+    ]
+    by_length: dict[int, dict[int, dict]] = {}
+    for row in rows:
+        by_length.setdefault(row["length"], {})[row["distractors"]] = row
+    for length, row in sorted(by_length.items()):
+        confused, invented = _wrong_kinds(row.get(3))
+        lines.append(f"| {length:,} | {_cell(row.get(0))} | {_cell(row.get(3))} | {confused} / {invented} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     ppl = results["perplexity"]
     lines = [
@@ -314,15 +329,8 @@ def markdown(results: dict) -> str:
         "asked for after the document in the chat format; greedy reply, correct when it contains the value. "
         "Distractors: 3 facts of the same kind about other keys, with other values.",
         "",
-        "| context | fact alone | with 3 distractor facts | wrong with distractors: a distractor's value / other |",
-        "|---:|---:|---:|---:|",
     ]
-    by_length: dict[int, dict[int, dict]] = {}
-    for row in results["needle"]:
-        by_length.setdefault(row["length"], {})[row["distractors"]] = row
-    for length, row in sorted(by_length.items()):
-        confused, invented = _wrong_kinds(row.get(3))
-        lines.append(f"| {length:,} | {_cell(row.get(0))} | {_cell(row.get(3))} | {confused} / {invented} |")
+    lines += _needle_lines(results["needle"])
     if results.get("plain"):
         lines += [
             "",
@@ -332,15 +340,8 @@ def markdown(results: dict) -> str:
             "\"The search bucket keeps files for 450 days.\"), planted and asked as the needles are, in wordings "
             "no training sample uses (training plants other relations, said and asked otherwise).",
             "",
-            "| context | fact alone | with 3 distractor facts | wrong with distractors: a distractor's value / other |",
-            "|---:|---:|---:|---:|",
         ]
-        by_length = {}
-        for row in results["plain"]:
-            by_length.setdefault(row["length"], {})[row["distractors"]] = row
-        for length, row in sorted(by_length.items()):
-            confused, invented = _wrong_kinds(row.get(3))
-            lines.append(f"| {length:,} | {_cell(row.get(0))} | {_cell(row.get(3))} | {confused} / {invented} |")
+        lines += _needle_lines(results["plain"])
     if results.get("code"):
         lengths = sorted({r["length"] for r in results["code"]})
         lines += [

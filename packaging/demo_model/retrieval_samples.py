@@ -591,15 +591,11 @@ _RELATIONS = {**PLAIN_RELATIONS, **HELD_OUT_RELATIONS}
 PLAIN_KINDS = {"plain": PLAIN_RELATIONS, "plain_held_out": HELD_OUT_RELATIONS}
 
 
-def _plain_subject(key: str) -> tuple[Relation, str]:
-    """A plain fact's key "relation|word" -> its relation and subject ("the billing job")."""
+def _plain_fact(kind: str, key: str, rng: random.Random) -> Fact:
+    """A plain fact of the key "relation|word", about the subject "the {word} {noun}"."""
     name, word = key.split("|")
     relation = _RELATIONS[name]
-    return relation, f"the {word} {relation.noun}"
-
-
-def _plain_fact(kind: str, key: str, rng: random.Random) -> Fact:
-    relation, subject = _plain_subject(key)
+    subject = f"the {word} {relation.noun}"
     value = _PLAIN_VALUES[relation.value][0](rng)
     fill = dict(S=subject[0].upper() + subject[1:], s=subject, V=value)
     statement = rng.choice(relation.statements).format(**fill)
@@ -612,7 +608,7 @@ def _plain_fact(kind: str, key: str, rng: random.Random) -> Fact:
 # documentation kinds, the form of the README's answers.
 FACT_KINDS = ("port", "code", "maintainer", "date", "setting")
 DOC_FACT_KINDS = ("command", "variable")
-# Plain facts (below) in everyday words; the evaluation's own "plain_held_out" wordings are never trained.
+# Plain facts (above) in everyday words; the evaluation's own "plain_held_out" wordings are never trained.
 ALL_FACT_KINDS = FACT_KINDS + DOC_FACT_KINDS + ("plain",)
 # action: (the subcommand's verbs, the infinitive)
 _ACTIONS = {
