@@ -1,5 +1,5 @@
 """GPU check: where generate()'s time over the replayed step goes. One process, one random model at the
-48B shapes, one state; each form of the step timed over the same number of tokens:
+48B shapes, one state per cached length; each form of the step timed over the same number of tokens:
 
     plain              the recorded greedy step chained on the GPU (`bench model`'s "replayed step")
     ahead, chained     the step recorded looking ahead, replayed by step_own_choice back to back
@@ -12,7 +12,7 @@ each greedy and with bench's sampled rule (temperature 0.7, top-k 50, top-p 0.9,
 sampled choice each cost.
 
     source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/lookahead_cost.py \
-        [--layers 27] [--context 131072] [--quantize fp8] [--tokens 60]
+        [--layers 27] [--contexts 8192,131072] [--quantize fp8] [--tokens 60]
 """
 
 import argparse
@@ -95,25 +95,26 @@ def generate_median(model, context: int, sampling, tokens: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=27)
-    parser.add_argument("--context", type=int, default=131072)
+    parser.add_argument("--contexts", default="8192,131072", help="cached tokens, comma-separated")
     parser.add_argument("--quantize", default="fp8")
     parser.add_argument("--tokens", type=int, default=60)
     args = parser.parse_args()
     config = slice_config(args.layers)
     model = fuse_projections(random_model(config, seed=0, dtype=torch.bfloat16, device="cuda", quantize=args.quantize))
     gen = torch.Generator(device="cuda").manual_seed(2)
-    print(f"{torch.cuda.get_device_name()}, {args.layers} layers, {args.quantize}, {args.context:,} cached tokens")
-    print("| form | greedy ms/token | sampled ms/token |")
-    print("|---|---:|---:|")
-    rows = {}
-    for name, sampling in (("greedy", GREEDY), ("sampled", SAMPLED)):
-        state = random_state(model, args.context, gen)
-        rows[name] = forms(model, state, sampling, args.tokens)
-        del state
-        gc.collect()
-        rows[name]["generate()"] = generate_median(model, args.context, sampling, args.tokens)
-    for form in rows["greedy"]:
-        print(f"| {form} | {rows['greedy'][form]:.3f} | {rows['sampled'][form]:.3f} |")
+    print(f"{torch.cuda.get_device_name()}, {args.layers} layers, {args.quantize}")
+    print("| cached tokens | form | greedy ms/token | sampled ms/token |")
+    print("|---:|---|---:|---:|")
+    for context in (int(c) for c in args.contexts.split(",")):
+        rows = {}
+        for name, sampling in (("greedy", GREEDY), ("sampled", SAMPLED)):
+            state = random_state(model, context, gen)
+            rows[name] = forms(model, state, sampling, args.tokens)
+            del state
+            gc.collect()
+            rows[name]["generate()"] = generate_median(model, context, sampling, args.tokens)
+        for form in rows["greedy"]:
+            print(f"| {context:,} | {form} | {rows['greedy'][form]:.3f} | {rows['sampled'][form]:.3f} |")
 
 
 if __name__ == "__main__":
