@@ -40,7 +40,8 @@ from kimi_desk import environment
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.state import ModelState
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.sampling import choose_sampled
+from kimi_desk.kernels.sampling import choose_top_k
+from kimi_desk.kernels.sampling.naive import penalize_repetition
 
 if TYPE_CHECKING:
     from kimi_desk.engine.model import KimiLinearForCausalLM
@@ -110,7 +111,8 @@ def prefill(
 @dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen. temperature 0 is greedy; top_k 0, top_p 1 and repetition_penalty 1
-    are off. Order, as in Hugging Face's generate: repetition penalty, temperature, top-k, top-p.
+    are off. Order, as in Hugging Face's generate: repetition penalty, temperature, top-k, top-p; top-k
+    keeps exactly k tokens (among equal logits the lower id).
     With a seed the choice is reproducible (one uniform draw per sampled token, none when greedy)."""
 
     temperature: float = 1.0
@@ -145,49 +147,23 @@ class Sampling:
 GREEDY = Sampling(temperature=0.0)
 
 
-def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty: logits of seen tokens are divided by `penalty` when positive, multiplied when
-    negative, so a penalty above 1 always makes them less likely. logits [V] float, seen [V] bool."""
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits (and any tied with the k-th), the rest -inf. The k-th largest is found
-    in two steps, each row's k largest of the vocabulary cut into rows of TOP_K_ROW, then the k largest
-    of those (exactly the same value): a top-k of one long row runs in one thread block on a GPU, one of
-    many short rows in many."""
-    V = logits.shape[-1]
-    if k <= 0 or k >= V:
-        return logits
-    if k < TOP_K_ROW < V:
-        rows = torch.nn.functional.pad(logits, (0, -V % TOP_K_ROW), value=-math.inf).view(-1, TOP_K_ROW)
-        kth = torch.topk(torch.topk(rows, k).values.flatten(), k).values[-1]
-    else:
-        kth = torch.topk(logits, k).values[-1]
-    return logits.masked_fill(logits < kth, -math.inf)
-
-
-# The row length of filter_top_k's first step.
-TOP_K_ROW = 2048
-
-
 def choose_token(
     logits: torch.Tensor, sampling: Sampling, uniform: torch.Tensor | None = None, seen: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The next token from one position's logits [V] as a [1] int64 tensor on their device, with no host
     synchronisation (a recorded decode step computes it: engine/cuda_graph.py). `seen` [V] bool marks
     the tokens the repetition penalty applies to; `uniform` [1] float64 on the same device is the draw
-    of a sampled token (unused when greedy). A sampled token is drawn from the weights exp(logit - max),
-    top-p applied, by kimi_desk.kernels.sampling: the choice follows from the draw whatever the device
+    of a sampled token (unused when greedy). A sampled token is drawn from the weights exp(score - max)
+    of the top-k, top-p applied, by kimi_desk.kernels.sampling: the choice follows from the draw whatever the device
     and the vocabulary size, and a token of weight 0 is never picked."""
     logits = logits.float()
-    if sampling.repetition_penalty != 1 and seen is not None:
-        logits = penalize_repetition(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
+        if seen is not None and sampling.repetition_penalty != 1:
+            logits = penalize_repetition(logits, seen, sampling.repetition_penalty)
         return torch.argmax(logits).view(1)
-    logits = filter_top_k(logits / sampling.temperature, sampling.top_k)
-    return choose_sampled(torch.exp(logits - logits.max()), sampling.top_p, uniform)
+    return choose_top_k(
+        logits, sampling.top_k, sampling.top_p, uniform, sampling.temperature, seen, sampling.repetition_penalty
+    )
 
 
 def draw_uniform(sampling: Sampling, generator: torch.Generator | None) -> float | None:

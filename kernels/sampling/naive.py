@@ -10,6 +10,10 @@ target = max(1, floor(p * M)) (p rounded to float32 first, as a kernel takes it)
 least t hold at least `target` of the mass; every token weighing at least t is kept (ties with the last
 one kept included, as no order among equal weights is better than another).
 
+Top-k (`top_k_weights`) comes before: the scores are the logits after the repetition penalty and the
+temperature, and exactly k tokens keep their weight, the k of largest score, among equal scores the
+lower id first; the others weigh 0.
+
 The choice: K is the kept mass, r = min(floor(u * K), K - 1) for the uniform draw u in [0, 1), and the
 token is the first, in vocabulary order, where the running kept mass exceeds r: token i is drawn with
 probability m_i / K. A token of mass 0 (weight under 2^-40 of the most likely one's) is never drawn.
@@ -50,3 +54,31 @@ def choose_sampled_torch(weights: torch.Tensor, p: float, uniform: torch.Tensor)
     running = torch.cumsum(kept, 0)
     draw = torch.minimum(torch.floor(uniform * running[-1:].double()).to(torch.int64), running[-1:] - 1)
     return torch.searchsorted(running, draw, right=True).clamp(max=len(weights) - 1)
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: logits of seen tokens are divided by `penalty` when positive, multiplied when
+    negative, so a penalty above 1 always makes them less likely. logits [V] float, seen [V] bool."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly the k largest scores kept, among equal ones the lower id first; the rest -inf (k 0: all)."""
+    V = scores.shape[-1]
+    if k <= 0 or k >= V:
+        return scores
+    kept = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).index_fill_(0, kept, False), -float("inf"))
+
+
+def top_k_weights(
+    logits: torch.Tensor, k: int, temperature: float, seen: torch.Tensor | None = None, penalty: float = 1.0
+) -> torch.Tensor:
+    """The weights of a sampled choice under top-k: penalty (when `seen` marks tokens), temperature,
+    top-k, then exp(score - max score) in float32."""
+    scores = logits.float()
+    if seen is not None and penalty != 1:
+        scores = penalize_repetition(scores, seen, penalty)
+    scores = filter_top_k(scores / temperature, k)
+    return torch.exp(scores - scores.max())

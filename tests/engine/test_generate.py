@@ -16,10 +16,8 @@ from kimi_desk.engine.generate import (
     GREEDY,
     REPEAT_PERIOD,
     REPEAT_TOKENS,
-    TOP_K_ROW,
     PrefillCancelled,
     Sampling,
-    filter_top_k,
     generate,
     penalize_repetition,
     prefill,
@@ -28,6 +26,7 @@ from kimi_desk.engine.generate import (
     stream_tokens,
 )
 from kimi_desk.engine.tokenizer import StreamDecoder, Tokenizer, kimi_added_tokens, train_ranks
+from kimi_desk.kernels.sampling.naive import filter_top_k
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +117,17 @@ def test_seeded_sampling_is_reproducible_across_runs_and_chunk_sizes(model, samp
 def test_filters_and_penalty():
     logits = torch.tensor([1.0, 3.0, 2.0, 3.0, -1.0])
     assert torch.isinf(filter_top_k(logits, 2)).tolist() == [True, False, True, False, True]
+    assert torch.isinf(filter_top_k(logits, 1)).tolist() == [True, False, True, True, True]  # the lower id
     assert torch.equal(filter_top_k(logits, 0), logits)
-    # The k-th largest in two steps (rows of TOP_K_ROW, then their k largest), ties at the k-th kept.
-    long = torch.randn(3 * TOP_K_ROW + 5)
+    # Exactly k kept whatever the ties, the lower ids first among equal logits; -0.0 equals 0.0.
+    long = torch.randn(3000)
     long[torch.randint(0, len(long), (40,))] = long.max()
-    for k in (1, 7, 50, 41):
-        assert torch.equal(
-            filter_top_k(long, k), long.masked_fill(long < torch.topk(long, k).values[-1], -float("inf"))
-        )
+    long[:50:2], long[1:50:2] = 0.0, -0.0
+    for k in (1, 7, 41, 50, 90):
+        order = sorted(range(len(long)), key=lambda i: (-float(long[i]), i))[:k]
+        want = torch.full_like(long, -float("inf"))
+        want[order] = long[order]
+        assert torch.equal(filter_top_k(long, k), want)
     seen = torch.tensor([True, False, False, True, True])
     assert penalize_repetition(logits, seen, 2.0).tolist() == [0.5, 3.0, 2.0, 1.5, -2.0]
     assert sample_token(logits, GREEDY) == 1  # the first of the tied maxima

@@ -1,8 +1,9 @@
 """GPU check: what a sampled token's choice costs at the 48B vocabulary (163,840), each variant recorded
 20 times in a CUDA graph: choose_token greedy and sampled (the TUI's default temperature 0.7 / top-p
 0.9, and bench's rule with top-k and a repetition penalty), pieces of it, and the form it replaced
-(a sort of the vocabulary for top-p, one top-k of the whole row). First the Triton choice
-(kernels/sampling/top_p.py) against naive.py's on the GPU, token for token.
+(a sort of the vocabulary for top-p, one top-k of the whole row). First the Triton choices
+(kernels/sampling/top_p.py, and top_k.py's whole choice under top-k) against naive.py's on the GPU,
+token for token.
 
     source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/sampling_cost.py
 """
@@ -10,8 +11,9 @@
 import torch
 import triton
 
-from kimi_desk.engine.generate import Sampling, choose_token, filter_top_k
-from kimi_desk.kernels.sampling.naive import choose_sampled_torch
+from kimi_desk.engine.generate import Sampling, choose_token
+from kimi_desk.kernels.sampling.naive import choose_sampled_torch, filter_top_k, top_k_weights
+from kimi_desk.kernels.sampling.top_k import choose_top_k_triton
 from kimi_desk.kernels.sampling.top_p import choose_sampled_triton
 
 V = 163840
@@ -60,6 +62,14 @@ for trial in range(200):
     u = torch.rand(1, dtype=torch.float64, device=dev)
     mismatches += int(choose_sampled_triton(w, p, u)) != int(choose_sampled_torch(w, p, u))
 print(f"Triton against naive.py, 200 draws at V = {V}: {mismatches} different tokens")
+mismatches = 0
+for trial in range(200):
+    x = torch.randn(V, device=dev) * [0.3, 1.0, 3.0, 10.0][trial % 4]
+    k, p, penalty = [1, 20, 50, 64][trial // 4 % 4], [0.9, 0.5, 1.0][trial % 3], [1.0, 1.1, 1.5][trial % 3]
+    u = torch.rand(1, dtype=torch.float64, device=dev)
+    want = choose_sampled_torch(top_k_weights(x, k, 0.7, seen, penalty), p, u)
+    mismatches += int(choose_top_k_triton(x, k, p, u, 0.7, seen, penalty)) != int(want)
+print(f"top_k.py against naive.py, 200 draws at V = {V}: {mismatches} different tokens")
 
 variants = {
     "greedy": lambda: choose_token(logits, Sampling(0.0), uniform),
@@ -68,12 +78,18 @@ variants = {
     "T 0.7, top-k 50, top-p 0.9, penalty 1.1 (bench)": lambda: choose_token(
         logits, Sampling(0.7, top_k=50, top_p=0.9, repetition_penalty=1.1), uniform, seen
     ),
+    "top-k 50, T 0.7, top-p 0.9, penalty 1.1: the PyTorch pieces": lambda: choose_sampled_triton(
+        top_k_weights(logits, 50, 0.7, seen, 1.1), 0.9, uniform
+    ),
+    "top_k.py, k 1, no top-p, no penalty": lambda: choose_top_k_triton(logits, 1, 1.0, uniform, 0.7),
+    "top_k.py, k 20, top-p 0.9": lambda: choose_top_k_triton(logits, 20, 0.9, uniform, 0.7),
+    "top_k.py, k 64, top-p 0.9, penalty 1.1": lambda: choose_top_k_triton(logits, 64, 0.9, uniform, 0.7, seen, 1.1),
     "before: T 0.7, top-p 0.9": lambda: before(logits / 0.7, 0, 0.9),
     "before: T 0.7, top-k 50, top-p 0.9": lambda: before(logits / 0.7, 50, 0.9),
     "softmax": lambda: torch.softmax(logits / 0.7, -1),
     "sort with indices": lambda: torch.sort(probs, descending=True),
     "sorted top-p filter": lambda: sorted_top_p(probs, 0.9),
-    "top-k 50 filter, two steps": lambda: filter_top_k(logits, 50),
+    "top-k 50 filter, stable sort (the PyTorch path)": lambda: filter_top_k(logits, 50),
     "choose_sampled_triton, top-p 0.9": lambda: choose_sampled_triton(probs / probs.max(), 0.9, uniform),
     "choose_sampled_triton, top-p 1": lambda: choose_sampled_triton(probs / probs.max(), 1.0, uniform),
     "cumsum float64 + searchsorted": lambda: torch.searchsorted(
