@@ -33,9 +33,11 @@ Looking ahead (`use_lookahead`): the step also writes its choice into its own in
 device's cache length, so `step_own_choice` replays the next step before the host has read the choice
 (`choice` reads a step's choice when asked, through pinned memory): the GPU never waits for the host
 between tokens. The host learns a token one step late; when that token is one the caller does not feed
-(a stop token, a cancelled reply), `undo` takes the extra step back: each step copies the KDA states at
-its start, and the caches' rows are append-only. (The penalty's marks are copied in afresh for every
-reply: `use_sampling`.)
+(a stop token, a cancelled reply), `undo` takes the extra step back: the caches' rows are append-only,
+and the KDA states alternate between two sets of buffers, each step reading one set and writing the
+other (`KDAState.written_to`), so taking a step back is swapping the sets again, with no copy. The step
+is recorded once for each direction, each recording with its own outputs, and the two are replayed in
+turn. (The penalty's marks are copied in afresh for every reply: `use_sampling`.)
 """
 
 from __future__ import annotations
@@ -81,10 +83,12 @@ class GraphDecoder:
         self.uniform = torch.zeros(1, dtype=torch.float64, device=device)
         self.seen: torch.Tensor | None = None
         self.next_token: torch.Tensor | None = None
-        # Looking ahead: the step's copies of the KDA states at its start, and each step's choice
-        # on its way to the host (two slots in pinned memory, each with the event that says it arrived).
+        # Looking ahead: per KDA layer the buffers the state is not in now (the next step writes there),
+        # the recording for those buffers (its pieces and outputs), and each step's choice on its way
+        # to the host (two slots in pinned memory, each with the event that says it arrived).
         self.lookahead = False
-        self._before_step: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._other_buffers: list[KDAState] = []
+        self._other_recording: tuple = ()
         on_gpu = device.type == "cuda"
         self._choices = torch.zeros(2, dtype=torch.long, pin_memory=on_gpu)
         self._arrived = [torch.cuda.Event() for _ in range(2)] if on_gpu else None
@@ -167,9 +171,7 @@ class GraphDecoder:
         """Take the last step back (looking ahead): the state as before it, its token not fed."""
         state = self.state
         caches = self._caches(state)
-        for layer, (recurrent, conv) in zip(self._kda_layers(state), self._before_step):
-            layer.recurrent.copy_(recurrent)
-            layer.conv.copy_(conv)
+        self._swap_buffers(state)
         state.position -= 1
         for cache in caches:
             cache.truncate(cache.length - 1)
@@ -190,13 +192,29 @@ class GraphDecoder:
         state.position += 1
         for cache in caches:
             cache.length += 1
+        logits = self.logits
         if self.lookahead:
             slot = self._steps % 2
             self._choices[slot : slot + 1].copy_(self.next_token.view(1), non_blocking=True)
             if self._arrived is not None:
                 self._arrived[slot].record()
+            self._swap_buffers(state)
         self._steps += 1
-        return self.logits
+        return logits
+
+    def _swap_kda_buffers(self, state: ModelState) -> None:
+        for layer, other in zip(self._kda_layers(state), self._other_buffers):
+            layer.recurrent, other.recurrent = other.recurrent, layer.recurrent
+            layer.conv, other.conv = other.conv, layer.conv
+
+    def _swap_buffers(self, state: ModelState) -> None:
+        """Looking ahead: the state into the other set of KDA buffers (the one the last step wrote, or
+        read when taking it back), and the recording for that set's next step in use."""
+        self._swap_kda_buffers(state)
+        if self._other_recording:
+            mine = (self.pieces, self.logits, self.greedy_token, self.next_token)
+            self.pieces, self.logits, self.greedy_token, self.next_token = self._other_recording
+            self._other_recording = mine
 
     @staticmethod
     def _kda_layers(state: ModelState) -> list[KDAState]:
@@ -209,11 +227,14 @@ class GraphDecoder:
     def _run(self, state: ModelState) -> None:
         from kimi_desk.engine.generate import choose_token
 
-        if self.lookahead:
-            for layer, (recurrent, conv) in zip(self._kda_layers(state), self._before_step):
-                recurrent.copy_(layer.recurrent)
-                conv.copy_(layer.conv)
-        self.logits = self.model(self.token, state, last_only=True)[0, -1]  # [vocab] float32
+        kda_layers = self._kda_layers(state) if self.lookahead else []
+        for layer, other in zip(kda_layers, self._other_buffers):
+            layer.written_to = other
+        try:
+            self.logits = self.model(self.token, state, last_only=True)[0, -1]  # [vocab] float32
+        finally:
+            for layer in kda_layers:
+                layer.written_to = None
         self.greedy_token = self.logits[: self.vocab_size].argmax().view(1, 1)
         if self.seen is not None:
             self.seen.index_fill_(0, self.token.view(1), True)
@@ -243,14 +264,17 @@ class GraphDecoder:
         """Give full caches room, then record the step (when using a graph)."""
         # Free the previous recording's memory before making another.
         self.pieces, self.logits, self.greedy_token, self.next_token = [], None, None, None
+        self._other_recording = ()
         if len({cache.length for cache in caches}) > 1:
             raise ValueError("the MLA caches hold different numbers of tokens")
         for cache in caches:
             if cache.length >= cache.capacity:
                 # An eighth of the cache's own rows: a thread's, not the document's it continues.
                 cache.reserve(cache.length + max(CACHE_HEADROOM_TOKENS, (cache.length - cache.shared) // 8))
-        if self.lookahead:
-            self._before_step = [(layer.recurrent.clone(), layer.conv.clone()) for layer in self._kda_layers(state)]
+        self._other_buffers = [
+            KDAState(torch.empty_like(layer.recurrent), torch.empty_like(layer.conv))
+            for layer in (self._kda_layers(state) if self.lookahead else [])
+        ]
         if self.use_cuda_graph:
             self._record(state, caches)
         self._prepared_for = self._storage(state)
@@ -280,6 +304,19 @@ class GraphDecoder:
             self.token.copy_(token)
             self.length.fill_(caches[0].length if caches else 0)
             self.pieces = self._record_pieces(state, side)
+            if self.lookahead:  # the step from the other set of buffers, recorded with its own outputs
+                first = (self.pieces, self.logits, self.greedy_token, self.next_token)
+                self._swap_kda_buffers(state)
+                try:
+                    self._other_recording = (
+                        self._record_pieces(state, side),
+                        self.logits,
+                        self.greedy_token,
+                        self.next_token,
+                    )
+                finally:
+                    self._swap_kda_buffers(state)
+                    self.pieces, self.logits, self.greedy_token, self.next_token = first
         self.recordings += 1
 
     def _record_pieces(self, state: ModelState, stream: torch.cuda.Stream) -> list:
@@ -321,13 +358,16 @@ class GraphDecoder:
             pieces.append((graph, None))
         return pieces
 
-    @staticmethod
-    def _storage(state: ModelState) -> tuple:
-        """Where the state's tensors live: a recording is valid while this is unchanged."""
+    def _storage(self, state: ModelState) -> tuple:
+        """Where the state's tensors live, whichever of the two sets of KDA buffers it is in: a recording
+        is valid while this is unchanged."""
         pointers = []
+        others = iter(self._other_buffers)
         for layer in state.layers:
             if isinstance(layer, KDAState):
-                pointers += [layer.recurrent.data_ptr(), layer.conv.data_ptr()]
+                other = next(others, None)
+                pairs = [(layer.recurrent, layer.conv)] + ([(other.recurrent, other.conv)] if other else [])
+                pointers.append(frozenset((r.data_ptr(), c.data_ptr()) for r, c in pairs))
             else:
                 pointers.append(layer.buffer.data_ptr())
         return tuple(pointers)

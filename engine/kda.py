@@ -106,6 +106,10 @@ class KimiDeltaAttention(nn.Module):
         H, K = self.num_heads, self.head_dim
         if T <= RECURRENT_MAX_TOKENS and self.conv_size == 4 and use_triton(x):
             return self._decode_fused(x, state)
+        if state.written_to is not None:  # the paths below work in place: on a copy, where it is wanted
+            state.written_to.recurrent.copy_(state.recurrent)
+            state.written_to.conv.copy_(state.conv)
+            state = KDAState(state.written_to.recurrent, state.written_to.conv)
         if T <= RECURRENT_MAX_TOKENS and not use_triton(x) and kda_avx2.takes(x, state.recurrent, state.conv):
             return self._decode_cpu(x, state)
         q_in, k_in, v_in, f_in, g_in, b_in = self.input_projections(x)
@@ -164,17 +168,19 @@ class KimiDeltaAttention(nn.Module):
     def _decode_fused(self, x: torch.Tensor, state: KDAState) -> torch.Tensor:
         """The same function for a few tokens on the GPU, in Triton. The kernels read the projections
         raw (conv inputs, gate input, beta logits) and advance the conv windows and the recurrent state
-        in place."""
+        in place, or into `state.written_to`."""
         from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton
         from kimi_desk.kernels.kda.short_conv import short_conv_update_triton
 
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         q_in, k_in, v_in, f_in, g_in, b_in = self.input_projections(x)
+        target = state.written_to or state
         q, k, v = short_conv_update_triton(
             (q_in, k_in, v_in),
             (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight),
             state.conv,
+            window_out=target.conv,
         )  # each [B, T, P], SiLU applied
         o, _ = fused_recurrent_kda_triton(
             q.view(B, T, H, K),
@@ -187,7 +193,8 @@ class KimiDeltaAttention(nn.Module):
             dt_bias=self.dt_bias,
             use_qk_l2norm_in_kernel=True,
             use_beta_sigmoid_in_kernel=True,
-            inplace_final_state=True,
+            inplace_final_state=target is state,
+            final_state_out=None if target is state else target.recurrent,
         )  # [B, T, H, V]
         o = self.o_norm(o, g_in.view(B, T, H, K))  # [B, T, H, V]
         return self.o_proj(o.reshape(B, T, H * K))

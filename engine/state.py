@@ -27,6 +27,9 @@ import torch
 class KDAState:
     recurrent: torch.Tensor  # [B, H, K, V] float32
     conv: torch.Tensor  # [B, 3, P, W - 1]
+    # Where a step writes the layer's new state instead of in place, the old one kept (engine/cuda_graph.py
+    # looking ahead: a step taken back is then a swap of buffers, not a copy); None: in place.
+    written_to: KDAState | None = None
 
     def clone(self) -> "KDAState":
         return KDAState(self.recurrent.clone(), self.conv.clone())

@@ -146,6 +146,7 @@ def fused_recurrent_kda_triton(
     use_qk_l2norm_in_kernel=False,
     use_beta_sigmoid_in_kernel=False,
     inplace_final_state=False,
+    final_state_out=None,
     out=None,
     block_v=None,
     num_warps=None,
@@ -153,8 +154,8 @@ def fused_recurrent_kda_triton(
     """o [B, T, H, V] in q's dtype and the final state [B, H, K, V] (fp32) or None.
 
     With `inplace_final_state` the final state is written into `initial_state` (which must then be given,
-    contiguous) and returned; `out` may name a preallocated output. Both keep every buffer fixed, as CUDA
-    graph capture needs.
+    contiguous) and returned, with `final_state_out` into that buffer ([B, H, K, V] fp32, contiguous);
+    `out` may name a preallocated output. These keep every buffer fixed, as CUDA graph capture needs.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -173,6 +174,10 @@ def fused_recurrent_kda_triton(
     if inplace_final_state:
         assert initial_state is not None and initial_state.is_contiguous()
         final_state = initial_state
+    elif final_state_out is not None:
+        assert final_state_out.shape == (B, H, K, V) and final_state_out.is_contiguous()
+        assert final_state_out.dtype == torch.float32
+        final_state = final_state_out
     elif output_final_state:
         final_state = q.new_empty(B, H, K, V, dtype=torch.float32)
     else:

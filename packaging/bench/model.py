@@ -211,7 +211,27 @@ def check_graph_decode(model, ids, prompt: int = 250, steps: int = 32) -> dict:
             stop_token_ids=[],
             sampling=sampled,
         ).token_ids
+    # A reply that stops halfway: looking ahead, the graph takes its extra step back (undo); the tokens,
+    # the position and the KDA states as the eager loop leaves them.
+    stop, stopped = runs["0"][steps // 2], {}
+    for graphs in ("1", "0"):
+        os.environ["KIMI_DESK_CUDA_GRAPH"] = graphs
+        stopped_state = model.new_state(1)
+        reply = generate(
+            model,
+            ids[0, :prompt].tolist(),
+            stopped_state,
+            max_new_tokens=steps,
+            stop_token_ids=[stop],
+        ).token_ids
+        stopped[graphs] = (reply, stopped_state)
     os.environ.pop("KIMI_DESK_CUDA_GRAPH")
+    (graph_reply, graph_state), (eager_reply, eager_state) = stopped["1"], stopped["0"]
+    kda = [(a, b) for a, b in zip(graph_state.layers, eager_state.layers) if hasattr(a, "recurrent")]
+    result["stopped_reply_graph_equals_eager"] = (
+        graph_reply == eager_reply and graph_state.position == eager_state.position
+    )
+    result["stopped_kda_state_rel_err"] = max(_rel(a.recurrent, b.recurrent) for a, b in kda)
     result["generate_graph_equals_eager"] = runs["1"] == runs["0"]
     # Sampled inside the replayed step against sampled on the host after eager steps: the same draws.
     result["sampled_generate_graph_equals_eager"] = sampled_runs["1"] == sampled_runs["0"]
@@ -879,7 +899,9 @@ def markdown_table(r: dict) -> str:
                 else f"{g['tokens_agreeing']} of {g['of']} greedy tokens agree, logits max rel. error "
                 f"{g['max_logits_rel_err']:.1e}, {g['recordings']} recordings; generate() with the graph "
                 f"gives eager's tokens: {g.get('generate_graph_equals_eager')} (sampled inside the step: "
-                f"{g.get('sampled_generate_graph_equals_eager')})."
+                f"{g.get('sampled_generate_graph_equals_eager')}; a reply stopped halfway, its extra step taken "
+                f"back: {g.get('stopped_reply_graph_equals_eager')}, KDA states "
+                f"{g.get('stopped_kda_state_rel_err', float('nan')):.1e})."
             )
         )
     if "generate" in ours and "error" not in ours["generate"]:

@@ -137,7 +137,7 @@ def test_eager_steps_between_recorded_ones(model, monkeypatch):
     model(tokens, eager_state)
     state.layers[0].recurrent = state.layers[0].recurrent.clone()
     assert torch.equal(decoder.step(5), model(torch.tensor([[5]]), eager_state, last_only=True)[0, -1])
-    assert decoder._prepared_for == GraphDecoder._storage(state)
+    assert decoder._prepared_for == decoder._storage(state)
     assert state.position == eager_state.position == 35
 
 

@@ -192,6 +192,24 @@ def test_recurrent_fused_flags_and_in_place_state():
     )
     assert s is pool
     assert rel_err(o, o_ref) < 1e-5 and rel_err(pool, s_ref) < 1e-5
+    # Into another buffer: the same state there, the initial one kept.
+    start, elsewhere = state.clone(), torch.full_like(state, float("nan"))
+    o, s = fused_recurrent_kda_triton(
+        q,
+        k,
+        v,
+        x,
+        beta_logits,
+        None,
+        start,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_qk_l2norm_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+        final_state_out=elsewhere,
+    )
+    assert s is elsewhere and torch.equal(start, state)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(elsewhere, s_ref) < 1e-5
 
 
 def test_recurrent_decode_steps_equal_chunked_prefill():

@@ -40,3 +40,19 @@ def test_matches_conv1d_and_advances_the_window_in_place(dtype, B, T, P):
         assert ((ys[s].double() - y_ref).norm() / y_ref.norm()).item() < tol
         # The window holds inputs, moved, not computed: exact.
         assert torch.equal(window[:, s].double(), window_ref)
+
+
+def test_the_window_written_elsewhere_leaves_the_old_one():
+    """window_out: the new window there, the old one untouched (a decode step that can be taken back)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    B, T, P = 1, 1, 40
+    xs = [torch.randn(B, T, P, generator=gen) for _ in range(3)]
+    weights = [torch.rand(P, 1, 4, generator=gen) - 0.5 for _ in range(3)]
+    window = torch.randn(B, 3, P, 3, generator=gen)
+    before, written = window.clone(), torch.full_like(window, float("nan"))
+    ys = short_conv_update_triton(xs, weights, window, block_p=16, window_out=written)
+    assert torch.equal(window, before)
+    for s in range(3):
+        y_ref, window_ref = reference(xs[s], weights[s], before[:, s])
+        assert ((ys[s].double() - y_ref).norm() / y_ref.norm()).item() < 1e-6
+        assert torch.equal(written[:, s].double(), window_ref)

@@ -4,12 +4,13 @@
     plain              the recorded greedy step chained on the GPU (`bench model`'s "replayed step")
     ahead, chained     the step recorded looking ahead, replayed by step_own_choice back to back
     ahead, read        as generate() runs it: replay the next step, then read the one before's choice
-    ahead, no copies   "ahead, read" with the KDA copies each step makes (for `undo`) left out
+    ahead, in place    "ahead, read" with the KDA states updated in place instead of alternating between
+                       two sets of buffers (which is what lets `undo` take a step back): its cost
     generate()         the engine's own loop (engine/generate.py), median step
 
 each greedy and with bench's sampled rule (temperature 0.7, top-k 50, top-p 0.9, repetition penalty
-1.1) inside the step. The differences say what the look-ahead's copies, the host's reads and the
-sampled choice each cost.
+1.1) inside the step. The differences say what the look-ahead's alternating buffers, the host's reads
+and the sampled choice each cost.
 
     source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/lookahead_cost.py \
         [--layers 27] [--contexts 8192,131072] [--quantize fp8] [--tokens 60]
@@ -77,11 +78,11 @@ def forms(model, state, sampling, tokens: int) -> dict:
     ahead_chained(3)
     results["ahead, chained"] = ms_per_token(ahead_chained, tokens)
     results["ahead, read"] = ms_per_token(ahead_read, tokens)
-    # Recorded again with no KDA layers to copy (nor to put back after the warm-up: timing only).
+    # Recorded again with no KDA layers to alternate (nor to put back after the warm-up: timing only).
     ahead._kda_layers = lambda state: []
     ahead._prepared_for = ()
     ahead_read(3)
-    results["ahead, no copies"] = ms_per_token(ahead_read, tokens)
+    results["ahead, in place"] = ms_per_token(ahead_read, tokens)
     return results
 
 
