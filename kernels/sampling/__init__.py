@@ -7,11 +7,12 @@ The definition, in integer masses so that any order of summing gives the same to
 On CUDA, Triton kernels (top_p.py) find the top-p threshold by a radix select over the weights' bits
 instead of sorting the vocabulary: PyTorch's sort, softmax and cumulative sums of one row (163,840
 logits for the 48B model) each run in one thread block, most of the GPU idle meanwhile. Under top-k
-(k up to top_k.py's TOP_K_MAX) one kernel does everything from the logits (top_k.py).
+(k up to top_k.py's TOP_K_MAX) one kernel does everything from the logits (top_k.py); elsewhere the
+choice is made among the k kept tokens only (naive.py's choose_top_k_torch), not the whole vocabulary.
 """
 
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.sampling.naive import choose_sampled_torch, top_k_weights
+from kimi_desk.kernels.sampling.naive import choose_sampled_torch, choose_top_k_torch, top_k_weights
 
 __all__ = ["choose_sampled", "choose_top_k"]
 
@@ -27,11 +28,11 @@ def choose_sampled(weights, top_p, uniform):
 def choose_top_k(logits, k, top_p, uniform, temperature, seen=None, penalty=1.0):
     """The token drawn by `uniform` from logits [V] under repetition penalty (`seen` [V] bool marks the
     penalised tokens), temperature, top-k (k 0 or at least V: off) and top-p: naive.py's definition."""
-    if use_triton(logits) and 0 < k < logits.shape[-1]:
-        from kimi_desk.kernels.sampling.top_k import fits_one_launch
+    if not 0 < k < logits.shape[-1]:
+        return choose_sampled(top_k_weights(logits, 0, temperature, seen, penalty), top_p, uniform)
+    if use_triton(logits):
+        from kimi_desk.kernels.sampling.top_k import choose_top_k_triton, fits_one_launch
 
         if fits_one_launch(logits.shape[-1], k):
-            from kimi_desk.kernels.sampling.top_k import choose_top_k_triton
-
             return choose_top_k_triton(logits, k, top_p, uniform, temperature, seen, penalty)
-    return choose_sampled(top_k_weights(logits, k, temperature, seen, penalty), top_p, uniform)
+    return choose_top_k_torch(logits, k, top_p, uniform, temperature, seen, penalty)

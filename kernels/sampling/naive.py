@@ -63,13 +63,18 @@ def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
     return torch.where(seen, penalized, logits)
 
 
+def top_k_kept(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[V] bool: exactly the k largest scores (0 < k < V), among equal ones the lower id first."""
+    kth = torch.topk(scores, k).values[-1]
+    above, tied = scores > kth, scores == kth
+    return above | (tied & (torch.cumsum(tied, 0) <= k - above.sum()))
+
+
 def filter_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Exactly the k largest scores kept, among equal ones the lower id first; the rest -inf (k 0: all)."""
-    V = scores.shape[-1]
-    if k <= 0 or k >= V:
+    """The top_k_kept scores, the rest -inf (k 0 or at least V: all kept)."""
+    if k <= 0 or k >= scores.shape[-1]:
         return scores
-    kept = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).index_fill_(0, kept, False), -float("inf"))
+    return scores.masked_fill(~top_k_kept(scores, k), -float("inf"))
 
 
 def top_k_weights(
@@ -82,3 +87,28 @@ def top_k_weights(
         scores = penalize_repetition(scores, seen, penalty)
     scores = filter_top_k(scores / temperature, k)
     return torch.exp(scores - scores.max())
+
+
+def choose_top_k_torch(
+    logits: torch.Tensor,
+    k: int,
+    top_p: float,
+    uniform: torch.Tensor,
+    temperature: float,
+    seen: torch.Tensor | None = None,
+    penalty: float = 1.0,
+) -> torch.Tensor:
+    """choose_sampled_torch(top_k_weights(...)) on the k kept tokens only (0 < k < V): their weights in
+    id order give the same token as the whole vocabulary's, where every other weight is 0; the top-p
+    threshold then sorts k weights, not V. No host synchronisation (static shapes)."""
+    scores = logits.float()
+    if seen is not None and penalty != 1:
+        scores = penalize_repetition(scores, seen, penalty)
+    scores = scores / temperature
+    V = scores.shape[-1]
+    kept = top_k_kept(scores, k)
+    # The kept ids in increasing order: the k largest of (V - id) over the kept tokens.
+    countdown = torch.arange(V, 0, -1, device=scores.device)
+    ids = V - torch.topk(countdown.masked_fill(~kept, 0), k).values
+    chosen = scores[ids]
+    return ids[choose_sampled_torch(torch.exp(chosen - chosen.max()), top_p, uniform)]

@@ -37,3 +37,22 @@ def test_each_kept_token_is_drawn_by_its_share_of_the_kept_mass():
     counts = torch.bincount(torch.tensor(draws), minlength=len(weights)).double()
     assert torch.all(counts[kept == 0] == 0)
     assert torch.allclose(counts / n, kept / kept.sum(), atol=1.5 / n)
+
+
+def test_the_choice_among_the_k_kept_tokens_is_the_whole_vocabularys():
+    """choose_top_k_torch draws among the k kept tokens only: the token of the definition (the whole
+    vocabulary's weights, 0 off the top k), for draws across [0, 1); ties at the k-th score and -inf."""
+    from kimi_desk.kernels.sampling.naive import choose_top_k_torch, top_k_weights
+
+    for _ in range(10):
+        V = random.randint(60, 3000)
+        logits = torch.log(random_weights(V)) * random.choice([1.0, 3.0])
+        logits[torch.randint(0, V, (6,))] = float(logits.sort().values[-20])  # ties near the k-th
+        seen = torch.rand(V) < 0.3
+        k, p = random.choice([1, 5, 20, 50]), random.choice([0.5, 0.9, 1.0])
+        temperature, penalty = random.choice([0.5, 1.0, 1.7]), random.choice([1.0, 1.3])
+        weights = top_k_weights(logits, k, temperature, seen, penalty)
+        for u in (0.0, random.random(), random.random(), 1 - 2**-52):
+            uniform = torch.tensor([u], dtype=torch.float64)
+            want = int(choose_sampled_torch(weights, p, uniform))
+            assert int(choose_top_k_torch(logits, k, p, uniform, temperature, seen, penalty)) == want

@@ -353,9 +353,8 @@ def model(formats=("none", "fp8", "int8", "int4")):
         logits = built(ids[:, :1], state)[0, -1]
         uniform = torch.zeros(1, dtype=torch.float64, device="meta")
         seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device="meta")
-        choose_token(
-            logits, Sampling(0.7, top_k=50, top_p=0.9, repetition_penalty=1.1), uniform, seen
-        )  # the sampled choice
+        for rule in (Sampling(0.7, top_k=50, top_p=0.9, repetition_penalty=1.1), Sampling(0.7, top_p=0.9)):
+            choose_token(logits, rule, uniform, seen)  # the sampled choice, with top-k and without
     for (name, fmt), kernels in sorted(compiled.items()):
         for kernel in kernels.values():
             regs, spills = ptxas_usage(kernel.asm["ptx"])
