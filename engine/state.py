@@ -7,7 +7,9 @@ position is a prefix of it. All sequences of a batch sit at the same position.
 
 The model updates these tensors in place (the KDA matrices and windows) or writes into spare capacity
 (the MLA caches), so their storage stays put from step to step: a CUDA graph recorded on one decode step
-(engine/cuda_graph.py) replays on the same buffers. Only an MLA cache that outgrows its capacity moves.
+(engine/cuda_graph.py) replays on the same buffers. Only an MLA cache that outgrows its capacity moves;
+and while a decoder looks ahead, each KDA layer's tensors alternate between two sets of buffers
+(`KDAState.written_to`), one recording for each.
 
 A conversation continues the document's state without copying its cache: `ModelState.continuation()`
 copies the small KDA part and gives each MLA layer a cache over the document's own storage, which
