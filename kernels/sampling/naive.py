@@ -80,13 +80,20 @@ def filter_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 def top_k_weights(
     logits: torch.Tensor, k: int, temperature: float, seen: torch.Tensor | None = None, penalty: float = 1.0
 ) -> torch.Tensor:
-    """The weights of a sampled choice under top-k: penalty (when `seen` marks tokens), temperature,
-    top-k, then exp(score - max score) in float32."""
+    """The weights of a sampled choice under top-k: exp(score - max score) in float32 over the
+    top_k_kept `sampling_scores`, 0 elsewhere."""
+    scores = filter_top_k(sampling_scores(logits, temperature, seen, penalty), k)
+    return torch.exp(scores - scores.max())
+
+
+def sampling_scores(
+    logits: torch.Tensor, temperature: float, seen: torch.Tensor | None = None, penalty: float = 1.0
+) -> torch.Tensor:
+    """The logits in float32 after the repetition penalty (when `seen` marks tokens) and the temperature."""
     scores = logits.float()
     if seen is not None and penalty != 1:
         scores = penalize_repetition(scores, seen, penalty)
-    scores = filter_top_k(scores / temperature, k)
-    return torch.exp(scores - scores.max())
+    return scores / temperature
 
 
 def choose_top_k_torch(
@@ -101,10 +108,7 @@ def choose_top_k_torch(
     """choose_sampled_torch(top_k_weights(...)) on the k kept tokens only (0 < k < V): their weights in
     id order give the same token as the whole vocabulary's, where every other weight is 0; the top-p
     threshold then sorts k weights, not V. No host synchronisation (static shapes)."""
-    scores = logits.float()
-    if seen is not None and penalty != 1:
-        scores = penalize_repetition(scores, seen, penalty)
-    scores = scores / temperature
+    scores = sampling_scores(logits, temperature, seen, penalty)
     V = scores.shape[-1]
     kept = top_k_kept(scores, k)
     # The kept ids in increasing order: the k largest of (V - id) over the kept tokens.
