@@ -122,6 +122,24 @@ def kimi_linear_48b_config() -> KimiLinearConfig:
     )
 
 
+def _initial_value(name: str, shape, uniform, normal) -> torch.Tensor:
+    """A parameter's random value as the reference code initialises it (HFM, fla)."""
+    if name.endswith("A_log"):
+        return uniform(shape, 1, 16).log_()
+    if name.endswith("dt_bias"):
+        dt = (uniform(shape, 0, 1) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).exp_()
+        return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+    if name.endswith("conv1d.weight"):
+        bound = 1 / math.sqrt(shape[-1])
+        return uniform(shape, -bound, bound)
+    if name.endswith("e_score_correction_bias"):
+        return normal(shape, 0.1)
+    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        # Not all ones, so that a norm weight applied in the wrong place shows.
+        return normal(shape, 0.1).add_(1)
+    return normal(shape, 0.02)
+
+
 def random_model(
     config: KimiLinearConfig,
     seed: int = 0,
@@ -154,28 +172,13 @@ def random_model(
         return torch.randn(shape, generator=gen, device=device).mul_(std)
 
     for name, param in model.named_parameters():
-        shape = param.shape
-        if name.endswith("A_log"):
-            value = uniform(shape, 1, 16).log_()
-        elif name.endswith("dt_bias"):
-            dt = (uniform(shape, 0, 1) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).exp_()
-            value = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
-        elif name.endswith("conv1d.weight"):
-            bound = 1 / math.sqrt(shape[-1])
-            value = uniform(shape, -bound, bound)
-        elif name.endswith("e_score_correction_bias"):
-            value = normal(shape, 0.1)
-        elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-            # Not all ones, so that a norm weight applied in the wrong place shows.
-            value = normal(shape, 0.1).add_(1)
-        elif format_of(param) is not None:
-            for index in range(shape[0]) if ".experts." in name else [None]:
+        if format_of(param) is not None:
+            for index in range(param.shape[0]) if ".experts." in name else [None]:
                 # One expert at a time: a float32 copy of all 256 experts would not fit beside the model.
                 logical = logical_shape(param)
                 quantize_into(model, name, index, normal(logical if index is None else logical[1:], 0.02), on=device)
             continue
-        else:
-            value = normal(shape, 0.02)
+        value = _initial_value(name, param.shape, uniform, normal)
         param.data.copy_(value)
         del value
     from kimi_desk.engine.offload import finish_offload
@@ -189,6 +192,74 @@ def write_random_checkpoint(config: KimiLinearConfig, path, seed: int = 0, max_s
     dtype = getattr(torch, config.dtype)
     save_checkpoint(random_model(config, seed=seed, dtype=dtype), path, max_shard_bytes=max_shard_bytes)
     return Path(path)
+
+
+def write_checkpoint_with_empty_experts(
+    config: KimiLinearConfig, path, seed: int = 0, max_shard_bytes: int = 2 * 10**9
+) -> Path:
+    """Write a checkpoint in the official layout whose routed experts are zeros left as holes in sparse
+    safetensors files, everything else random as `random_model` draws it, one tensor at a time.
+
+    The whole 48B model (98 GB in bf16, 95 of them routed experts) then takes about 3 GB of disk and
+    never sits in memory while written: what a memory test at the real size needs (loading, the int4
+    cache, a token's path through every layer; a router still spreads tokens over all the experts), not
+    a quality test. Returns the folder."""
+    import json
+    import struct
+
+    from kimi_desk.engine.weights import FP32_PARAMETERS, expected_tensors
+
+    model = build_on_meta(config)
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, low, high):
+        return torch.empty(shape).uniform_(low, high, generator=gen)
+
+    def normal(shape, std):
+        return torch.randn(shape, generator=gen).mul_(std)
+
+    entries = []  # (checkpoint name, parameter name, shape, dtype)
+    for name, (pname, index, shape) in expected_tensors(model).items():
+        dtype = torch.float32 if pname.endswith(FP32_PARAMETERS) else getattr(torch, config.dtype)
+        entries.append((name, pname, tuple(shape), dtype))
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = math.prod(entry[2]) * entry[3].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    weight_map, total = {}, 0
+    for number, shard in enumerate(shards, 1):
+        fname = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, _, shape, dtype in shard:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(path / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            for name, pname, shape, dtype in shard:
+                nbytes = math.prod(shape) * dtype.itemsize
+                if ".experts." in pname:
+                    f.seek(nbytes, 1)  # a hole: reads as zeros, takes no disk
+                    continue
+                value = _initial_value(pname, shape, uniform, normal).to(dtype).contiguous()
+                f.write(value.view(torch.uint8).numpy().tobytes())
+            f.truncate(f.tell())
+        weight_map.update({name: fname for name, *_ in shard})
+        total += offset
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 def write_small_tokenizer(folder, base_vocab: int = 700) -> None:

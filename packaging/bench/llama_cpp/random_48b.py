@@ -10,6 +10,10 @@ and 1 MLA layer, --layers 2 is K M. Size in bf16: about 1.6 GB
 (embedding, LM head) + 3.6 GB per MoE layer; the whole model is held in memory while it is written
 (plus one shard), so --layers 4 needs about 14 GiB of RAM (13.9 measured), 5 about 17.3. No
 tokenizer: convert.py writes a placeholder vocabulary.
+
+--empty-experts leaves the routed experts as zeros in sparse files (random_checkpoint.py
+`write_checkpoint_with_empty_experts`): all 27 layers take about 3 GB of disk and little memory to
+write, for the memory test of packaging/bench/cpu/fits_in_ram.py, not for llama.cpp.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ import dataclasses
 import time
 from pathlib import Path
 
-from kimi_desk.bench.random_checkpoint import kimi_linear_48b_config, write_random_checkpoint
+from kimi_desk.bench.random_checkpoint import (
+    kimi_linear_48b_config,
+    write_checkpoint_with_empty_experts,
+    write_random_checkpoint,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--shard-gb", type=float, default=2.0, help="safetensors shard size (GB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--empty-experts", action="store_true", help="routed experts as holes (zeros) in sparse files")
     args = parser.parse_args(argv)
     if args.layers < 2:
         raise SystemExit("--layers must be at least 2 (a dense layer 0, then MoE layers)")
@@ -41,10 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     config = dataclasses.replace(full, num_hidden_layers=args.layers, kda_layers=kda, full_attn_layers=mla)
     config.validate()
     start = time.perf_counter()
-    write_random_checkpoint(config, args.out, seed=args.seed, max_shard_bytes=int(args.shard_gb * 1e9))
+    write = write_checkpoint_with_empty_experts if args.empty_experts else write_random_checkpoint
+    write(config, args.out, seed=args.seed, max_shard_bytes=int(args.shard_gb * 1e9))
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
+    on_disk = sum(f.stat().st_blocks * 512 for f in args.out.glob("*.safetensors"))
     print(
-        f"random_48b.py: {args.out}: {args.layers} layers (KDA {kda}, MLA {mla}), {size / 1e9:.2f} GB, "
+        f"random_48b.py: {args.out}: {args.layers} layers (KDA {kda}, MLA {mla}), {size / 1e9:.2f} GB ({on_disk / 1e9:.2f} on disk), "
         f"{time.perf_counter() - start:.0f} s"
     )
 
