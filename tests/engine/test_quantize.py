@@ -207,3 +207,32 @@ def test_quantized_models_on_a_float32_cpu_keep_their_cache_in_bfloat16(tmp_path
     int8 = estimate_memory(config, "float32", "int8", context_tokens=1000)
     none = estimate_memory(config, "float32", None, context_tokens=1000)
     assert int8["mla_cache_bytes"] * 2 == none["mla_cache_bytes"]
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8", "int4"])
+def test_a_matrix_is_quantized_in_blocks_of_rows_as_if_whole(method, monkeypatch):
+    """quantize_into bounds its temporaries by quantizing blocks of rows; every format scales rows on
+    their own, so the codes and scales equal kernels/quant/naive.py's on the whole matrix."""
+    from kimi_desk.bench.random_checkpoint import tiny_config
+    from kimi_desk.engine import quantize as quantize_module
+    from kimi_desk.engine.weights import materialize
+    from kimi_desk.kernels.quant.naive import quantize_int4_groups, quantize_int8_rows
+
+    model = build_on_meta(tiny_config())
+    quantize_module.quantize_structure(model, method)
+    materialize(model, "cpu", torch.float32)
+    name, codes = max(
+        ((n, p) for n, p in model.named_parameters() if quantize_module.format_of(p) == method and p.dim() == 2),
+        key=lambda item: item[1].shape[0],
+    )
+    parts = quantize_module.sidecars(model, name)
+    weight = torch.randn(quantize_module.logical_shape(codes)) * 0.02
+    monkeypatch.setattr(quantize_module, "QUANTIZE_ROWS_PER_BLOCK", 7)  # blocks that do not divide the rows
+    quantize_module.quantize_into(model, name, None, weight)
+    whole = {
+        "fp8": lambda w: quantize_fp8_rows(w),
+        "int8": lambda w: quantize_int8_rows(w),
+        "int4": lambda w: quantize_int4_groups(w, w.shape[-1] // parts[0].shape[-1]),
+    }[method](weight)
+    for got, want in zip((codes.data, *parts), whole, strict=True):
+        assert torch.equal(got.float(), want.float())
