@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[3]
 LLAMA = REPO / "packaging" / "bench" / "llama_cpp"
 
 
-def ours(checkpoint: Path, prompt: int, depths: list[int], gen: int) -> dict:
+def ours(checkpoint: Path, prompt: int, depths: list[int], gen: int, profile: bool = False) -> dict:
     import torch
 
     from kimi_desk.engine.config import KimiLinearConfig
@@ -75,6 +76,11 @@ def ours(checkpoint: Path, prompt: int, depths: list[int], gen: int) -> dict:
             token = step(token)
             times.append(time.perf_counter() - started)
         result["decode"].append(dict(depth=depth, tok_s=1 / statistics.median(times[1:])))
+    if profile:  # one more step after the last depth, its operators by CPU time
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step(token)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+        print(table, file=sys.stderr)
     return result
 
 
@@ -88,11 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--llama-args",
+        default="",
+        help="more llama-bench options, e.g. '--repack 0' (on CPUs with AMX its AMX weight buffer aborts on this graph)",
+    )
     ap.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help="with --ours-only: one more decode step's operators")
     args = ap.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
     if args.ours_only:  # the worker: ours in its own process, its JSON on the last line
-        print(json.dumps(ours(args.checkpoint, args.prompt, depths, args.gen)))
+        print(json.dumps(ours(args.checkpoint, args.prompt, depths, args.gen, args.profile)))
         return 0
     gguf = args.gguf_dir / f"{args.checkpoint.name}-bf16.gguf"
     quantized = gguf.with_name(gguf.stem + "-Q4_K_M.gguf")
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = [sys.executable, str(LLAMA / "bench.py"), str(quantized), "--llama-cpp", str(args.llama_cpp)]
     bench += ["--threads", str(threads), "--prompt", str(args.prompt), "--gen", str(args.gen)]
     bench += ["--gen-depth", args.depths, "--reps", "2", "--ngl", "0"]
+    bench += ["--", *shlex.split(args.llama_args)] if args.llama_args else []
     llama = json.loads(subprocess.run(bench, capture_output=True, text=True, check=True).stdout)
     theirs = llama["models"][0]
     lines = [
