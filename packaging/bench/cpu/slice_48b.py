@@ -4,7 +4,7 @@ layer 0 dense, then MoE layers of 256 experts, K K K M), converted and quantized
 tools (packaging/bench/llama_cpp/convert.py); each engine then runs alone.
 
     python packaging/bench/cpu/slice_48b.py CHECKPOINT [--llama-cpp .bench/llama-cpu] [--gguf-dir .bench/gguf]
-        [--prompt 512] [--depths 0,1024] [--gen 16] [--threads N] [--json OUT]
+        [--prompt 512] [--depths 0,1024] [--gen 16] [--threads N] [--llama-args "--repack 0"] [--json OUT]
 
 Ours: the checkpoint loaded as `kimi-desk` loads it on this CPU (int4, the dtype
 engine/memory.py `cpu_compute_dtype` takes here, the int4 cache beside the checkpoint made on the first
@@ -12,7 +12,8 @@ run), `--prompt` tokens read in one chunk (best of 2), then `--gen` decode steps
 median (the depth's cache is random latents: a step's time depends on the cache's length, not its
 values). llama.cpp: `llama-bench -p PROMPT -n GEN -d DEPTHS -t THREADS -r 2` on the Q4_K_M file (it
 prefills each depth untimed before the timed part). Threads: ours as the engine chooses them (the cores
-idle at load), llama.cpp's as many unless --threads fixes both.
+idle at load), llama.cpp's as many unless --threads fixes both. --llama-args passes options to
+llama-bench: on CPUs with AMX its default weight buffers abort on Kimi Linear's graph, `--repack 0` runs.
 """
 
 from __future__ import annotations
