@@ -836,6 +836,69 @@ def neighbour_fact(fact: Fact, rng: random.Random) -> Fact:
     return make_fact("command", f"{tool}|{rng.choice(sorted(_ACTIONS))}|{rng.choice(_NOUNS)}", rng)
 
 
+# The README's table (README.md's own list of variables is one): the share of the documentation kinds'
+# needles whose fact and distractors are rows of one table, beside rows of other effects.
+README_TABLE_SHARE = 0.3
+# Rows a README's table holds besides the facts': what other variables and commands of a tool do, in
+# words that never say "forces" or name an action of _ACTIONS, so no such row answers a question.
+_OTHER_VARIABLE_EFFECTS = (
+    "one folder for settings and sessions instead of the platform's user folders",
+    "prints the traceback of an unexpected error instead of one line",
+    "fixes the number of CPU threads",
+    "seconds to wait for the network before giving up",
+    "loads a model the memory check would refuse",
+    "turns off the graph replay (diagnosis: slower)",
+    "the level of detail in the log",
+    "where the download cache lives",
+    "the proxy to connect through",
+    "the colour theme of the terminal",
+)
+_OTHER_COMMAND_EFFECTS = (
+    "opens the app on a folder or a file",
+    "prints the version",
+    "reads a folder into a new session",
+    "answers one question and exits",
+    "measures the speed of this machine",
+    "downloads a model from the hub",
+    "shows where the settings live",
+)
+
+
+def _code_span(text: str) -> str:
+    return text.split("`")[1]
+
+
+def readme_table(fact: Fact, distractors: list[Fact], rng: random.Random) -> str:
+    """The tool's README section as one block: a title, then a table whose rows are `fact`'s and the
+    distractors' statements as rows plus 1-4 rows of other effects, shuffled."""
+    tool = fact.key.split("|")[0]
+    taken = {fact.value, *(d.value for d in distractors)}
+    rows = []
+    for f in (fact, *distractors):
+        if f.kind == "variable":
+            thing = f.key.split("|")[1]
+            rows.append(f"| `{_code_span(f.answer)}` | forces the {thing}{rng.choice(('', ' everywhere'))} |")
+        else:
+            action, noun = f.key.split("|")[1:]
+            rows.append(f"| `{f.value}` | {action} the saved {noun} |")
+    for _ in range(rng.randint(1, 4)):
+        if fact.kind == "variable":
+            name = f"{tool}_{rng.choice(_VARIABLE_WORDS)}"
+            effect = rng.choice(_OTHER_VARIABLE_EFFECTS)
+        else:
+            name = f"{tool} {rng.choice(('open', 'version', 'ingest', 'ask', 'bench', 'pull', 'where'))}"
+            effect = rng.choice(_OTHER_COMMAND_EFFECTS)
+        if name not in taken:
+            taken.add(name)
+            rows.append(f"| `{name}` | {effect} |")
+    rng.shuffle(rows)
+    if fact.kind == "variable":
+        title, header = "Environment variables:", "| variable | effect |"
+    else:
+        title, header = "Commands:", "| command | what it does |"
+    return "\n".join([f"# {tool.lower().replace('_', '-')}", "", title, "", header, "|---|---|", *rows])
+
+
 def key_slug(key: str) -> str:
     """The key as a piece of a file name."""
     return "".join(c if c.isalnum() else "_" for c in key.split("|")[-1].lower())[:24]
@@ -987,7 +1050,11 @@ class RetrievalSampleBuilder:
         fact, *distractors = facts
         depth = depth if depth is not None else rng.random()
         depths = [(fact, depth)] + [(d, rng.random()) for d in distractors]
-        if kind in DOC_FACT_KINDS and rng.random() < 0.5:
+        if kind in DOC_FACT_KINDS and aspect is None and rng.random() < README_TABLE_SHARE:
+            # One block at the fact's depth (_plant gives it a README of its own), its question unchanged.
+            fact = replace(fact, statement=readme_table(fact, distractors, rng))
+            depths = [(fact, depth)]
+        elif kind in DOC_FACT_KINDS and rng.random() < 0.5:
             # A README's two kinds side by side (a command and a variable of one tool, at the same
             # depth): the asked line must be told from its neighbour of the other kind too.
             neighbour = neighbour_fact(fact, rng)
@@ -1062,10 +1129,19 @@ class RetrievalSampleBuilder:
                 if reached > goal:
                     target = file
                     break
-            # With no file short enough for the budget, the folder holds only the notes.
-            if target is None or rng.random() < 0.5:
+            # With no file short enough for the budget, the folder holds only the notes. A README's table
+            # (several lines) is always a file of its own.
+            table = "\n" in fact.statement
+            if target is None or table or rng.random() < 0.5:
                 folder = posixpath.dirname(target.path) if target is not None else ""
                 name = f"{key_slug(fact.key)}_{rng.choice(('notes.txt', 'NOTES.md', 'secrets.txt', 'config.txt'))}"
+                if table:
+                    taken = {f.path for f in files}
+                    name = next(
+                        n
+                        for n in ("README.md", "USAGE.md", f"{key_slug(fact.key)}_README.md")
+                        if posixpath.join(folder, n) not in taken
+                    )
                 path = posixpath.join(folder, name) if folder else name
                 files.append(_File(path, None, render_file_block(path, fact.statement + "\n")))
                 files.sort(key=lambda f: reading_order_key(f.path))

@@ -276,6 +276,39 @@ def test_readme_kinds_are_planted_beside_their_other_kind_half_the_time(toy_pipe
     assert 0 < with_neighbour < 12
 
 
+def test_readme_kinds_are_sometimes_rows_of_one_table(toy_pipeline):
+    """A command or variable needle is sometimes a README of its own: under the tool's name, a table whose
+    rows are the asked fact's, every distractor's and rows of other effects; the question and the reply
+    are the fact's own, and only its row answers it."""
+    builder = retrieval_samples.RetrievalSampleBuilder(toy_pipeline["splits"]["train"], toy_pipeline["tokenizer"])
+    tokenizer = toy_pipeline["tokenizer"]
+    tables = 0
+    for seed in range(24):
+        kind = ("command", "variable")[seed % 2]
+        sample = builder.build(2000, random.Random(seed), num_distractors=2, kind=kind)
+        fact = sample.fact
+        if "\n" not in fact.statement:
+            continue
+        tables += 1
+        document = tokenizer.decode(sample.input_ids[sample.document_start : sample.document_end])
+        assert fact.statement in document and sample.planted_path.endswith(("README.md", "USAGE.md"))
+        rows = [line for line in fact.statement.split("\n") if line.startswith("| `")]
+        tool = fact.key.split("|")[0]
+        assert fact.statement.startswith(f"# {tool.lower().replace('_', '-')}\n")
+        answering = [row for row in rows if f"`{fact.answer.split('`')[1]}`" in row]
+        assert len(answering) == 1 and fact.key.split("|")[-1] in answering[0]
+        for distractor in sample.distractors:
+            assert any(f"`{distractor.answer.split('`')[1]}`" in row for row in rows)
+        assert len(rows) > 1 + len(sample.distractors)  # rows of other effects too
+        assert not any(
+            "forces" in row
+            for row in rows
+            if row not in answering and not any(f"`{d.answer.split('`')[1]}`" in row for d in sample.distractors)
+        )
+        assert tokenizer.decode(sample.input_ids[sample.answer_start :]).startswith(fact.answer)
+    assert 0 < tables < 24
+
+
 def test_task_samples_weigh_every_reply_and_feed_the_next_turn(toy_pipeline):
     """Loss only on the replies (each with its <|im_end|>); a second turn is fed as a session would feed
     it after generating the first reply (next_turn_token_ids)."""
