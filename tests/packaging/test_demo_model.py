@@ -257,16 +257,22 @@ def test_retrieval_sample_places_the_fact_and_masks_the_loss_to_the_answer(toy_p
         assert sum(1 for w in with_document if w == 0.1) == sample.document_end - sample.document_start - 1
 
 
+def _readme_kind_samples(toy_pipeline, count: int, tokens: int, distractors: int):
+    """`count` needles of the README's kinds (command, variable alternately) and each one's document text."""
+    builder = retrieval_samples.RetrievalSampleBuilder(toy_pipeline["splits"]["train"], toy_pipeline["tokenizer"])
+    for seed in range(count):
+        kind = ("command", "variable")[seed % 2]
+        sample = builder.build(tokens, random.Random(seed), num_distractors=distractors, kind=kind)
+        document = toy_pipeline["tokenizer"].decode(sample.input_ids[sample.document_start : sample.document_end])
+        yield sample, document
+
+
 def test_readme_kinds_are_planted_beside_their_other_kind_half_the_time(toy_pipeline):
     """A command's needle sometimes also holds the same tool's variable line (and the other way round),
     at the same depth, so that the asked line must be told from its README neighbour."""
-    builder = retrieval_samples.RetrievalSampleBuilder(toy_pipeline["splits"]["train"], toy_pipeline["tokenizer"])
-    tokenizer = toy_pipeline["tokenizer"]
     with_neighbour = 0
-    for seed in range(12):
-        kind = ("command", "variable")[seed % 2]
-        sample = builder.build(1500, random.Random(seed), num_distractors=0, kind=kind)
-        document = tokenizer.decode(sample.input_ids[sample.document_start : sample.document_end])
+    for sample, document in _readme_kind_samples(toy_pipeline, 12, tokens=1500, distractors=0):
+        kind = sample.fact.kind
         others = [d for d in sample.distractors if d.kind != kind]
         assert len(others) <= 1 and len(sample.input_ids) <= 1500
         for other in others:
@@ -280,17 +286,13 @@ def test_readme_kinds_are_sometimes_rows_of_one_table(toy_pipeline):
     """A command or variable needle is sometimes a README of its own: under the tool's name, a table whose
     rows are the asked fact's, every distractor's and rows of other effects; the question and the reply
     are the fact's own, and only its row answers it."""
-    builder = retrieval_samples.RetrievalSampleBuilder(toy_pipeline["splits"]["train"], toy_pipeline["tokenizer"])
     tokenizer = toy_pipeline["tokenizer"]
     tables = 0
-    for seed in range(24):
-        kind = ("command", "variable")[seed % 2]
-        sample = builder.build(2000, random.Random(seed), num_distractors=2, kind=kind)
+    for sample, document in _readme_kind_samples(toy_pipeline, 24, tokens=2000, distractors=2):
         fact = sample.fact
         if "\n" not in fact.statement:
             continue
         tables += 1
-        document = tokenizer.decode(sample.input_ids[sample.document_start : sample.document_end])
         assert fact.statement in document and sample.planted_path.endswith(("README.md", "USAGE.md"))
         rows = [line for line in fact.statement.split("\n") if line.startswith("| `")]
         tool = fact.key.split("|")[0]
