@@ -151,7 +151,8 @@ class KimiDeltaAttention(nn.Module):
 
     def _decode_cpu(self, x: torch.Tensor, state: KDAState) -> torch.Tensor:
         """The same function for a few tokens on an AVX2 CPU: one C call from the raw projections through
-        the output norm, the conv windows and the recurrent state advanced in place."""
+        the output norm, the conv windows and the recurrent state advanced in place (in float32 also when
+        the model computes in bf16, which then sees the output rounded once instead of every step)."""
         B, T, _ = x.shape
         o = kda_avx2.kda_decode_step(
             self.input_projections(x),
@@ -162,8 +163,8 @@ class KimiDeltaAttention(nn.Module):
             self.o_norm.weight,
             self.o_norm.eps,
             state.recurrent,
-        )  # [B, T, H, V]
-        return self.o_proj(o.view(B, T, -1))
+        )  # [B, T, H, V] float32
+        return self.o_proj(o.view(B, T, -1).to(x.dtype))
 
     def _decode_fused(self, x: torch.Tensor, state: KDAState) -> torch.Tensor:
         """The same function for a few tokens on the GPU, in Triton. The kernels read the projections

@@ -30,13 +30,20 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+# Activations and windows the step takes: float32, and bfloat16 (a model computing in bf16 on a CPU with
+# bf16 hardware), widened on the way in; the kernel computes in float32 either way.
+DTYPES = (torch.float32, torch.bfloat16)
+
+
 def takes(x: torch.Tensor, recurrent: torch.Tensor, conv: torch.Tensor) -> bool:
-    """Whether the kernel runs this step: float32 activations, state and windows on the CPU, a head of
-    at most MAX_HEAD_DIM in 8s, a convolution of 2 to MAX_CONV taps."""
+    """Whether the kernel runs this step: float32 or bfloat16 activations and windows and a float32 state
+    on the CPU, a head of at most MAX_HEAD_DIM in 8s, a convolution of 2 to MAX_CONV taps."""
     K, W = recurrent.shape[-1], conv.shape[-1] + 1
     return (
         x.device.type == "cpu"
-        and x.dtype == recurrent.dtype == conv.dtype == torch.float32
+        and x.dtype in DTYPES
+        and conv.dtype in DTYPES
+        and recurrent.dtype == torch.float32
         and K <= MAX_HEAD_DIM
         and K % 8 == 0
         and 2 <= W <= MAX_CONV
@@ -73,10 +80,12 @@ def kda_decode_step(
     their convolutions, the forget gate's input, the output gate's input, each [B, T, H * K], and beta's
     logits [B, T, H]) and its parameters: the three convolution weights [H * K, 1, W], A_log (H
     elements), dt_bias [H * K] and the output norm's weight [K]. `conv` [B, 3, H * K, W - 1] and
-    `recurrent` [B, H, K, K] advance in place."""
+    `recurrent` [B, H, K, K] advance in place (bfloat16 projections and windows are widened to float32 for
+    the call, the windows rounded back: they hold the inputs, which were bfloat16)."""
     B, H, K, _ = recurrent.shape
     T, W = projections[0].shape[1], conv.shape[-1] + 1
-    rows = [_rows(t) for t in projections]
+    rows = [_rows(t if t.dtype == torch.float32 else t.float()) for t in projections]
+    window = conv if conv.dtype == torch.float32 else conv.float()
     inputs = (ctypes.c_void_p * 6)(*[t.data_ptr() for t, _ in rows])
     strides = (ctypes.c_long * 6)(*[stride for _, stride in rows])
     taps = [_floats(w) for w in conv_weights]
@@ -92,7 +101,7 @@ def kda_decode_step(
         inputs,
         strides,
         tap_pointers,
-        conv.data_ptr(),
+        window.data_ptr(),
         *[p.data_ptr() for p in params],
         eps,
         recurrent.data_ptr(),
@@ -100,4 +109,6 @@ def kda_decode_step(
         torch.get_num_threads(),
     )
     assert status == 0, "a head or convolution beyond decode_avx2.c's buffers"  # takes() keeps them within
+    if window is not conv:
+        conv.copy_(window)
     return out

@@ -89,9 +89,27 @@ def test_step_matches_float64(B, T, H, K, W, gate_scale, joined):
     assert torch.equal(window, want_window.float())
 
 
+def test_bfloat16_activations_and_windows_are_widened_for_the_step():
+    """A model computing in bf16 (CPUs with bf16 hardware): the same kernel on the bf16 values widened, so
+    the float64 reference of those values holds as tightly; the windows come back in bf16, exactly."""
+    if avx2.library() is None:
+        pytest.skip(avx2.native.reason(avx2.SOURCE))
+    projections, conv_weights, window, A_log, dt_bias, norm_weight, eps, state = inputs(1, 2, 4, 64, 4, 3.0, True, 11)
+    projections = tuple(t.bfloat16() for t in projections)
+    window = window.bfloat16()
+    want, want_state, want_window = reference(
+        projections, conv_weights, window.double(), A_log, dt_bias, norm_weight, eps, state
+    )
+    assert avx2.takes(projections[0], state, window)
+    got = avx2.kda_decode_step(projections, conv_weights, window, A_log, dt_bias, norm_weight, eps, state)
+    assert got.dtype == torch.float32 and rel_err(got, want) < 2e-6
+    assert rel_err(state, want_state) < 2e-6
+    assert window.dtype == torch.bfloat16 and torch.equal(window, want_window.bfloat16())
+
+
 def test_other_dtypes_and_sizes_keep_pytorch():
     state, window = torch.zeros(1, 2, 64, 64), torch.zeros(1, 3, 128, 3)
-    assert not avx2.takes(torch.zeros(1, 1, 8, dtype=torch.bfloat16), state, window)
+    assert not avx2.takes(torch.zeros(1, 1, 8, dtype=torch.float16), state, window)
     assert not avx2.takes(torch.zeros(1, 1, 8), state.double(), window)
     assert not avx2.takes(torch.zeros(1, 1, 8), torch.zeros(1, 1, 512, 512), torch.zeros(1, 3, 512, 3))
     assert not avx2.takes(torch.zeros(1, 1, 8), state, torch.zeros(1, 3, 128, 8))
@@ -134,3 +152,43 @@ def test_layer_takes_the_step_and_equals_its_pytorch_form(monkeypatch):
         assert rel_err(got, want) < 1e-5
     assert rel_err(c_state.recurrent, t_state.recurrent) < 1e-5
     assert rel_err(c_state.conv, t_state.conv) < 1e-6
+
+
+def test_a_bf16_layer_takes_the_step_and_is_nearer_float32_than_its_pytorch_form(monkeypatch):
+    """The layer computing in bf16: the C step (float32 inside) against the layer's PyTorch form in bf16,
+    both measured against the same layer in float32: the step is at least as near, and the windows it
+    leaves are the PyTorch form's, bit for bit."""
+    if avx2.library() is None:
+        pytest.skip(avx2.native.reason(avx2.SOURCE))
+    from kimi_desk.engine.weights import FP32_PARAMETERS
+
+    config = KimiLinearConfig(
+        hidden_size=96, kda_num_heads=3, kda_head_dim=32, num_hidden_layers=1, vocab_size=16, short_conv_kernel_size=4
+    )
+    torch.manual_seed(8)
+    layer = KimiDeltaAttention(config)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p).mul_(0.3).bfloat16().float())
+    x = torch.randn(1, 6, 96).bfloat16()
+
+    def run(dtype, takes):
+        monkeypatch.setattr(avx2, "takes", takes)
+        model = KimiDeltaAttention(config)
+        model.load_state_dict(layer.state_dict())
+        for name, p in model.named_parameters():
+            if not name.endswith(FP32_PARAMETERS):
+                p.data = p.data.to(dtype)
+        state = model.new_state(1, dtype, "cpu")
+        with torch.no_grad():
+            out = torch.cat([model(x[:, t : t + 1].to(dtype), state) for t in range(6)], dim=1)
+        return out.float(), state
+
+    taken, step, calls = avx2.takes, avx2.kda_decode_step, []
+    monkeypatch.setattr(avx2, "kda_decode_step", lambda *a: calls.append(1) or step(*a))
+    exact, _ = run(torch.float32, lambda *_: False)
+    c_out, c_state = run(torch.bfloat16, taken)
+    assert len(calls) == 6
+    t_out, t_state = run(torch.bfloat16, lambda *_: False)
+    assert c_state.conv.dtype == torch.bfloat16 and torch.equal(c_state.conv, t_state.conv)
+    assert rel_err(c_out, exact) <= rel_err(t_out, exact) * 1.1 and rel_err(c_out, exact) < 2e-2
