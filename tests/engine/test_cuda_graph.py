@@ -199,7 +199,7 @@ def test_the_step_chooses_the_next_token_as_the_host_does(model, monkeypatch, sa
 
     def tokens():
         state = model.new_state(1)
-        return generate(model, prompt, state, max_new_tokens=12, sampling=sampling, stop_token_ids=[]).token_ids
+        return generate(model, prompt, state, max_new_tokens=6, sampling=sampling, stop_token_ids=[]).token_ids
 
     inside = tokens()
     assert model._graph_decoder is not None and model._graph_decoder.sampling is not None
@@ -214,13 +214,13 @@ def test_looking_ahead_gives_the_steps_and_the_state_of_step_by_step(model, monk
     count too)."""
     sampling = Sampling(temperature=1.2, top_p=0.9, repetition_penalty=1.3, seed=int(torch.randint(0, 2**31, ())))
     monkeypatch.setenv("KIMI_DESK_KERNELS", "triton")
-    prompt = torch.randint(0, model.config.vocab_size, (16,))
+    prompt = torch.randint(0, model.config.vocab_size, (4,))
 
     def run(stop_ids, cancel_after=None):
         state, cancel = model.new_state(1), threading.Event()
         steps = []
         for step in stream_tokens(
-            model, prompt, state, max_new_tokens=5, sampling=sampling, stop_token_ids=stop_ids, cancel=cancel
+            model, prompt, state, max_new_tokens=4, sampling=sampling, stop_token_ids=stop_ids, cancel=cancel
         ):
             steps.append((step.token_id, step.index, step.position, step.finish_reason))
             if len(steps) == cancel_after:
@@ -228,7 +228,7 @@ def test_looking_ahead_gives_the_steps_and_the_state_of_step_by_step(model, monk
         return steps, state
 
     ahead = run([])
-    assert model._graph_decoder.lookahead and [s[3] for s in ahead[0]] == [None] * 4 + ["length"]
+    assert model._graph_decoder.lookahead and [s[3] for s in ahead[0]] == [None] * 3 + ["length"]
     stop = [ahead[0][2][0]]  # the third token the reply chose: the reply stops there
     looked_ahead = [ahead, run(stop), run([], cancel_after=2)]
     monkeypatch.setenv("KIMI_DESK_CUDA_GRAPH", "0")
