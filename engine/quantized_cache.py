@@ -19,6 +19,7 @@ half-written cache, only a temporary file that the next write removes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -123,24 +124,29 @@ def load_cached(
     return True
 
 
+def safetensors_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+    """(the bytes a safetensors file starts with, the size of the data after them) for tensors written
+    one after another in `entries`' order, so that a writer can stream them without holding them all."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(encoded)) + encoded, offset
+
+
 def write_cache(
     model: torch.nn.Module, path: Path, method: str, fingerprint: str, notice: Callable[[str], None]
 ) -> None:
     """Write the model's quantized tensors as the cache at `path`, one tensor at a time; a disk that
     cannot take it costs the cache (said through `notice`), never the loaded model."""
     tensors = list(quantized_tensors(model))
-    header: dict = {"__metadata__": _metadata(method, fingerprint)}
-    offset = 0
-    for name, tensor in tensors:
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": _DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    encoded, offset = safetensors_header(
+        [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors], _metadata(method, fingerprint)
+    )
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +162,7 @@ def write_cache(
             )
             return
         with open(temporary, "xb") as fh:
-            fh.write(struct.pack("<Q", len(encoded)) + encoded)
+            fh.write(encoded)
             for _, tensor in tensors:
                 fh.write(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
             fh.flush()

@@ -85,7 +85,7 @@ def kda_decode_step(
     B, H, K, _ = recurrent.shape
     T, W = projections[0].shape[1], conv.shape[-1] + 1
     rows = [_rows(t if t.dtype == torch.float32 else t.float()) for t in projections]
-    window = conv if conv.dtype == torch.float32 else conv.float()
+    window = _floats(conv)
     inputs = (ctypes.c_void_p * 6)(*[t.data_ptr() for t, _ in rows])
     strides = (ctypes.c_long * 6)(*[stride for _, stride in rows])
     taps = [_floats(w) for w in conv_weights]

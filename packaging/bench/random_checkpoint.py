@@ -205,8 +205,8 @@ def write_checkpoint_with_empty_experts(
     cache, a token's path through every layer; a router still spreads tokens over all the experts), not
     a quality test. Returns the folder."""
     import json
-    import struct
 
+    from kimi_desk.engine.quantized_cache import safetensors_header
     from kimi_desk.engine.weights import FP32_PARAMETERS, expected_tensors
 
     model = build_on_meta(config)
@@ -233,19 +233,12 @@ def write_checkpoint_with_empty_experts(
         size += nbytes
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
     weight_map, total = {}, 0
     for number, shard in enumerate(shards, 1):
         fname = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, _, shape, dtype in shard:
-            nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
+        header, offset = safetensors_header([(name, dtype, shape) for name, _, shape, dtype in shard], {"format": "pt"})
         with open(path / fname, "wb") as f:
-            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            f.write(header)
             for name, pname, shape, dtype in shard:
                 nbytes = math.prod(shape) * dtype.itemsize
                 if ".experts." in pname:
