@@ -163,7 +163,7 @@ class KimiDeltaAttention(nn.Module):
             self.o_norm.weight,
             self.o_norm.eps,
             state.recurrent,
-        )  # [B, T, H, V] float32
+        )  # [B, T, H, V], float32 or bfloat16
         return self.o_proj(o.view(B, T, -1).to(x.dtype))
 
     def _decode_fused(self, x: torch.Tensor, state: KDAState) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch import nn
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.state import MLACache, ModelState
+from kimi_desk.kernels import float32_of
 from kimi_desk.kernels.mla import mla_attention, mla_prefill
 from kimi_desk.kernels.moe import route_topk, routed_experts, routed_experts_int4_cpu, router_logits
 from kimi_desk.kernels.norm import add_rms_norm, rms_norm
@@ -110,7 +111,7 @@ class Experts(nn.Module):
         GPU a few tokens (decode) take a Triton GEMV that never asks the host which experts were chosen
         (kernels/moe)."""
         if getattr(self, "cpu_weights", None) is not None:  # int4 in the CPU operator's layout (engine/quantize.py)
-            return routed_experts_int4_cpu(x, ids, weights, self.cpu_weights, self.tiles).to(x.dtype)
+            return routed_experts_int4_cpu(x, ids, weights, self.cpu_weights, self.tiles, out_dtype=x.dtype)
         # Quantized experts (engine/quantize.py) carry a scale per output row beside each matrix (fp8,
         # int8), or a scale and a zero per group (int4).
         if hasattr(self, "w1_zero"):
@@ -197,17 +198,18 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latents = torch.cat([self.kv_a_layernorm(ckv[..., :L]), ckv[..., L:]], dim=-1)
         cached = cache.append(latents)  # [B, start + T, L + R] (the whole buffer while recording)
-        w_kv = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, L)
-        w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # [H, n, L], [H, v, L]
+        shape, parts = (H, self.nope_dim + self.v_dim, L), [self.nope_dim, self.v_dim]
         if T >= self.EXPANDED_MIN_TOKENS:
+            w_uk, w_uv = self.kv_b_proj.weight.view(shape).split(parts, 1)  # [H, n, L], [H, v, L]
             o = mla_prefill(q, cached, w_uk, w_uv, start, self.scale)  # [B, T, H, v] fp32
         else:
-            q_latent = torch.einsum("bthn,hnl->bthl", q_nope.float(), w_uk.float())  # [B, T, H, L]
+            w_uk, w_uv = float32_of(self.kv_b_proj.weight).view(shape).split(parts, 1)
+            q_latent = torch.einsum("bthn,hnl->bthl", q_nope.float(), w_uk)  # [B, T, H, L]
             q_abs = torch.cat([q_latent, q_rope.float()], dim=-1)  # [B, T, H, L + R]
             # The whole buffer, rows past the new tokens unread: the GPU kernel's launch then depends on
             # the shapes alone, and eager and recorded decode steps compute the same thing.
             attended = mla_attention(q_abs, cache.buffer, start, L, self.scale)  # [B, T, H, L] fp32
-            o = torch.einsum("bthl,hvl->bthv", attended, w_uv.float())  # [B, T, H, v]
+            o = torch.einsum("bthl,hvl->bthv", attended, w_uv)  # [B, T, H, v]
         o = o.to(x.dtype)
         return self.o_proj(o.reshape(B, T, H * self.v_dim))
 

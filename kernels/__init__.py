@@ -31,6 +31,32 @@ def dot_operand_dtype(dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
+_float32_copies = None  # a torch.utils.weak.WeakIdKeyDictionary, made at first use
+
+
+def float32_of(tensor):
+    """`tensor` in float32: itself where it is, else on the CPU a contiguous copy made once and kept while
+    the tensor lives and is unchanged (its in-place version). A bfloat16 model's weights that a CPU step
+    multiplies in float32 (routers, MLA's absorbed projections, KDA's small parameters) would otherwise
+    be widened at every step, megabytes of copies each. On a GPU (memory scarcer, a widening one kernel
+    of a recorded step) and where gradients flow through the tensor, a fresh copy."""
+    global _float32_copies
+    import torch
+
+    if tensor.dtype == torch.float32:
+        return tensor
+    if tensor.device.type != "cpu" or (tensor.requires_grad and torch.is_grad_enabled()):
+        return tensor.float()
+    if _float32_copies is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _float32_copies = WeakIdKeyDictionary()
+    kept = _float32_copies.get(tensor)
+    if kept is None or kept[0] != tensor._version:
+        kept = _float32_copies[tensor] = (tensor._version, tensor.detach().float().contiguous())
+    return kept[1]
+
+
 _zeroed_counters: dict = {}
 
 

@@ -5,6 +5,8 @@
 #define KIMI_DESK_AVX2_MATH_H
 
 #include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
 
 /* exp(x), 8 at a time: 2^n p(r) with n = round(x / ln 2) and a degree-6 polynomial on the rest, relative
    error below 2e-7; x is clamped to [-87, 88] (beyond, the result would be a denormal or infinite). */
@@ -31,6 +33,46 @@ static inline __attribute__((target("avx2,fma"))) float hsum(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* Activations as they come, float32 or bfloat16 (`bf16`), and where they go. A bfloat16 is the top half
+   of a float32, so widening is exact; rounding back is to nearest, ties to even, as PyTorch rounds. */
+static inline __attribute__((target("avx2,fma"))) void widen_bf16(const uint16_t *src, float *dst, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    }
+    for (; i < n; i++) {
+        uint32_t u = (uint32_t)src[i] << 16;
+        memcpy(dst + i, &u, 4);
+    }
+}
+
+static inline uint16_t round_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Row `m` of `n` values of x (float32, or bfloat16 where bf16) as float32: x's own memory when it is
+   float32, else widened into `scratch`. */
+static inline __attribute__((target("avx2,fma"))) const float *row_as_floats(const void *x, int bf16, long m, long n,
+                                                                            float *scratch) {
+    if (!bf16) return (const float *)x + m * n;
+    widen_bf16((const uint16_t *)x + m * n, scratch, n);
+    return scratch;
+}
+
+/* n float32 values into row `m` of y (float32, or bfloat16 where bf16), rows n apart. */
+static inline void store_row(const float *src, void *y, int bf16, long m, long n) {
+    if (!bf16) {
+        memcpy((float *)y + m * n, src, sizeof(float) * n);
+        return;
+    }
+    uint16_t *dst = (uint16_t *)y + m * n;
+    for (long i = 0; i < n; i++) dst[i] = round_to_bf16(src[i]);
 }
 
 #endif

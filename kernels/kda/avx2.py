@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kimi_desk.kernels import native
+from kimi_desk.kernels import float32_of, native
 
 SOURCE = Path(__file__).with_name("decode_avx2.c")
 MAX_HEAD_DIM = 256  # decode_avx2.c's buffers
@@ -25,13 +25,13 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 def library() -> ctypes.CDLL | None:
     lib = native.library(SOURCE)
     if lib is not None:
-        lib.kda_decode_step.argtypes = [*[_I] * 5, _P, _P, _P, _P, _P, _P, _P, ctypes.c_float, _P, _P, _I]
+        lib.kda_decode_step.argtypes = [*[_I] * 6, _P, _P, _P, _P, _P, _P, _P, ctypes.c_float, _P, _P, _I]
         lib.kda_decode_step.restype = _I
     return lib
 
 
 # Activations and windows the step takes: float32, and bfloat16 (a model computing in bf16 on a CPU with
-# bf16 hardware), widened on the way in; the kernel computes in float32 either way.
+# bf16 hardware), read as they are; the kernel computes in float32 either way.
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -62,8 +62,8 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _floats(t: torch.Tensor) -> torch.Tensor:
-    """t as contiguous float32 (itself when it is: parameters of a float32 model)."""
-    return t if t.dtype == torch.float32 and t.is_contiguous() else t.detach().float().contiguous()
+    """t as contiguous float32: itself when it is (parameters of a float32 model), else a kept copy."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else float32_of(t).contiguous()
 
 
 def kda_decode_step(
@@ -76,28 +76,31 @@ def kda_decode_step(
     eps: float,
     recurrent: torch.Tensor,
 ) -> torch.Tensor:
-    """The layer's output before o_proj, [B, T, H, K] float32, from its raw projections (q, k, v before
+    """The layer's output before o_proj, [B, T, H, K], from its raw projections (q, k, v before
     their convolutions, the forget gate's input, the output gate's input, each [B, T, H * K], and beta's
     logits [B, T, H]) and its parameters: the three convolution weights [H * K, 1, W], A_log (H
     elements), dt_bias [H * K] and the output norm's weight [K]. `conv` [B, 3, H * K, W - 1] and
-    `recurrent` [B, H, K, K] advance in place (bfloat16 projections and windows are widened to float32 for
-    the call, the windows rounded back: they hold the inputs, which were bfloat16)."""
+    `recurrent` [B, H, K, K] advance in place. Projections and windows all bfloat16 are read and written
+    as they are and the output is bfloat16 (rounded once); otherwise everything is taken as float32 and
+    the output is float32."""
     B, H, K, _ = recurrent.shape
     T, W = projections[0].shape[1], conv.shape[-1] + 1
-    rows = [_rows(t if t.dtype == torch.float32 else t.float()) for t in projections]
-    window = _floats(conv)
+    bf16 = conv.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in projections)
+    rows = [_rows(t if bf16 or t.dtype == torch.float32 else t.float()) for t in projections]
+    window = conv if bf16 or conv.dtype == torch.float32 else conv.float()  # takes(): contiguous
     inputs = (ctypes.c_void_p * 6)(*[t.data_ptr() for t, _ in rows])
     strides = (ctypes.c_long * 6)(*[stride for _, stride in rows])
     taps = [_floats(w) for w in conv_weights]
     tap_pointers = (ctypes.c_void_p * 3)(*[t.data_ptr() for t in taps])
     params = [_floats(p) for p in (A_log, dt_bias, norm_weight)]
-    out = torch.empty(B, T, H, K)
+    out = torch.empty(B, T, H, K, dtype=torch.bfloat16 if bf16 else torch.float32)
     status = library().kda_decode_step(
         B,
         T,
         H,
         K,
         W,
+        int(bf16),
         inputs,
         strides,
         tap_pointers,

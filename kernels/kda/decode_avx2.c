@@ -124,53 +124,76 @@ static inline __attribute__((target("avx2,fma"))) void delta_rule(float *restric
 
    inputs: q, k, v (before their convolutions), f (the forget gate's input, H * K), gate (the output
    gate's input, H * K) and b (beta's logits, H) of every token, each a matrix of B * T rows, row r at
-   inputs[n] + r * strides[n] (floats). taps: the three convolutions' weights [H * K, W]; windows:
+   inputs[n] + r * strides[n] (elements). taps: the three convolutions' weights [H * K, W]; windows:
    [B, 3, H * K, W - 1], the inputs before these tokens (advanced in place); A_log [H], dt_bias [H * K],
-   norm_weight [K]; state [B, H, K, K] (advanced in place); out [B, T, H, K]. Returns -1 when K or W is
-   beyond what the buffers hold or K is not a multiple of 8, else 0. */
-__attribute__((target("avx2,fma"))) int kda_decode_step(int B, int T, int H, int K, int W, const float *const *inputs,
-                                                        const long *strides, const float *const *taps,
-                                                        float *windows, const float *A_log, const float *dt_bias,
-                                                        const float *norm_weight, float eps, float *state, float *out,
-                                                        int threads) {
+   norm_weight [K]; state [B, H, K, K] (advanced in place); out [B, T, H, K]. The inputs, the windows and
+   out are float32, or all bfloat16 where `bf16` (widened here, the sums in float32; the windows rounded
+   back exactly, since they hold inputs, and out rounded once). Returns -1 when K or W is beyond what the
+   buffers hold or K is not a multiple of 8, else 0. */
+__attribute__((target("avx2,fma"))) int kda_decode_step(int B, int T, int H, int K, int W, int bf16,
+                                                        const void *const *inputs, const long *strides,
+                                                        const float *const *taps, void *windows, const float *A_log,
+                                                        const float *dt_bias, const float *norm_weight, float eps,
+                                                        float *state, void *out, int threads) {
     if (K > MAX_HEAD_DIM || K % 8 || W > MAX_CONV || W < 2) return -1;
-    const long P = (long)H * K;
+    const long P = (long)H * K, span = (long)K * (W - 1);
     const float scale = 1.0f / sqrtf((float)K);
+    const int size = bf16 ? 2 : 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int pair = 0; pair < B * H; pair++) {
         const int b = pair / H, h = pair % H;
         float qkv[3][MAX_HEAD_DIM] __attribute__((aligned(32)));
         float decay[MAX_HEAD_DIM] __attribute__((aligned(32)));
+        float widened[5][MAX_HEAD_DIM] __attribute__((aligned(32)));
+        float widened_windows[3][MAX_HEAD_DIM * (MAX_CONV - 1)];
+        float o_row[MAX_HEAD_DIM] __attribute__((aligned(32)));
         float *S = state + (long)pair * K * K;
+        float *window[3];
+        for (int n = 0; n < 3; n++) {
+            long first = ((long)b * 3 + n) * P * (W - 1) + (long)h * span;
+            window[n] = bf16 ? widened_windows[n] : (float *)windows + first;
+            if (bf16) widen_bf16((const uint16_t *)windows + first, widened_windows[n], span);
+        }
         const float a = expf(A_log[h]);
         for (int t = 0; t < T; t++) {
             const long r = (long)b * T + t;
+            const float *in[5];
+            for (int n = 0; n < 5; n++) {
+                const char *row = (const char *)inputs[n] + (r * strides[n] + (long)h * K) * size;
+                in[n] = bf16 ? widened[n] : (const float *)row;
+                if (bf16) widen_bf16((const uint16_t *)row, widened[n], K);
+            }
+            float beta_logit;
+            if (bf16)
+                widen_bf16((const uint16_t *)inputs[5] + r * strides[5] + h, &beta_logit, 1);
+            else
+                beta_logit = ((const float *)inputs[5])[r * strides[5] + h];
             for (int n = 0; n < 3; n++) {
-                const float *x = inputs[n] + r * strides[n] + (long)h * K;
                 const float *w = taps[n] + (long)h * K * W;
-                float *window = windows + (((long)b * 3 + n) * P + (long)h * K) * (W - 1);
-                for (int i = 0; i < K; i += 8) conv_8(x + i, w + (long)i * W, window + (long)i * (W - 1), W, qkv[n] + i);
+                for (int i = 0; i < K; i += 8) conv_8(in[n] + i, w + (long)i * W, window[n] + (long)i * (W - 1), W, qkv[n] + i);
             }
             to_unit(qkv[0], K, scale);
             to_unit(qkv[1], K, 1.0f);
-            const float *f = inputs[3] + r * strides[3] + (long)h * K;
             const float *bias = dt_bias + (long)h * K;
             for (int i = 0; i < K; i += 8)
-                _mm256_store_ps(decay + i, decay_8(_mm256_add_ps(_mm256_loadu_ps(f + i), _mm256_loadu_ps(bias + i)),
+                _mm256_store_ps(decay + i, decay_8(_mm256_add_ps(_mm256_loadu_ps(in[3] + i), _mm256_loadu_ps(bias + i)),
                                                    _mm256_set1_ps(a)));
-            const float beta = 1.0f / (1.0f + expf(-inputs[5][r * strides[5] + h]));
-            float *o = out + (r * H + h) * K;
+            const float beta = 1.0f / (1.0f + expf(-beta_logit));
+            float *o = bf16 ? o_row : (float *)out + (r * H + h) * K;
             delta_rule(S, qkv[0], qkv[1], qkv[2], decay, beta, K, o);
             float sum = 0.0f;
             for (int j = 0; j < K; j++) sum += o[j] * o[j];
             const float inverse = 1.0f / sqrtf(sum / K + eps);
-            const float *gate = inputs[4] + r * strides[4] + (long)h * K;
             for (int j = 0; j < K; j += 8) {
                 const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(o + j), _mm256_set1_ps(inverse));
                 const __m256 weighted = _mm256_mul_ps(scaled, _mm256_loadu_ps(norm_weight + j));
-                _mm256_storeu_ps(o + j, _mm256_mul_ps(weighted, sigmoid_ps(_mm256_loadu_ps(gate + j))));
+                _mm256_storeu_ps(o + j, _mm256_mul_ps(weighted, sigmoid_ps(_mm256_loadu_ps(in[4] + j))));
             }
+            if (bf16) store_row(o, out, 1, r * H + h, K);
         }
+        for (int n = 0; bf16 && n < 3; n++)
+            store_row(widened_windows[n], (uint16_t *)windows + ((long)b * 3 + n) * P * (W - 1) + (long)h * span, 1, 0,
+                      span);
     }
     return 0;
 }

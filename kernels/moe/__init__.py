@@ -24,7 +24,7 @@ the GPU where they are, without a relayout or a host step (streamed.py).
 
 import torch
 
-from kimi_desk.kernels import use_triton
+from kimi_desk.kernels import float32_of, use_triton
 from kimi_desk.kernels.moe.naive import (
     gather_rows_torch,
     route_topk_torch,
@@ -61,12 +61,12 @@ GEMV_MAX_TOKENS = 16
 def router_logits(x, weight):
     """x [N, D] @ weight [E, D]^T in float32: a router's logits. A few rows on CUDA take the GEMV kernel of
     kernels/quant (exact products, float32 sums, one launch), where PyTorch would launch a cast of x and
-    then cuBLAS's float32 GEMV."""
+    then cuBLAS's float32 GEMV. Elsewhere a bfloat16 weight is widened once (float32_of)."""
     if x.shape[0] <= QUANT_GEMV_MAX_TOKENS and use_triton(x) and weight.is_contiguous():
         from kimi_desk.kernels.quant.gemv import row_scaled_gemv
 
         return row_scaled_gemv(x, weight, None, out_dtype=torch.float32)
-    return x.float() @ weight.float().t()
+    return x.float() @ float32_of(weight).t()
 
 
 def route_topk(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False, append=None):
@@ -94,7 +94,7 @@ def routed_experts(x, ids, weights, w1, w2, w3, scales=None, out_dtype=None):
 
         out = routed_experts_grouped_triton(x, ids, weights, w1, w2, w3, scales=scales)
     else:
-        out = routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=scales)
+        return routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=scales, out_dtype=out_dtype)
     return out if out_dtype is None else out.to(out_dtype)
 
 

@@ -84,18 +84,19 @@ def kernel_operands(x, ids, weights, w1, w2, w3, scales):
     return (N, k, D, E, I), int4, scales, zeros
 
 
-def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None):
+def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None, out_dtype=None):
     """Tokens grouped by expert: each chosen expert runs once on all of its tokens. The CPU path (the
     GPU's prefill takes grouped.py's Triton GEMM instead); it asks the host which experts were chosen (a
     device synchronisation). An int8 expert that a few tokens chose multiplies its codes as they are
     (kernels/quant/cpu.py), without a dequantized copy; one token's int8 experts go in one call of our
-    AVX2 kernel where it runs (kernels/quant/avx2.py)."""
+    AVX2 kernel where it runs (kernels/quant/avx2.py). [N, D] float32, or out_dtype."""
     int8 = scales is not None and not isinstance(scales[0], tuple) and cpu_int8_fits(x, w1)
     if int8 and x.shape[0] == 1:  # one token: its experts in one call of our AVX2 kernel where it runs
         s1, s2, s3 = scales
-        out = avx2.int8_experts_one_token(x, ids[0], weights[0], w1, w2, w3, s1, s2, s3)
+        kept = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+        out = avx2.int8_experts_one_token(x, ids[0], weights[0], w1, w2, w3, s1, s2, s3, kept)
         if out is not None:
-            return out
+            return out if out_dtype is None else out.to(out_dtype)
 
     def expert(e, xe):
         if int8 and xe.shape[0] <= GEMV_MAX_TOKENS:
@@ -106,20 +107,23 @@ def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None):
         w1e, w2e, w3e = chosen_weights(e, w1, w2, w3, scales, x.dtype)
         return F.linear(F.silu(F.linear(xe, w1e)) * F.linear(xe, w3e), w2e)
 
-    return _by_expert(x, ids, weights, expert)
+    out = _by_expert(x, ids, weights, expert)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
-def routed_experts_int4_cpu(x, ids, weights, expert_weights, stacks=None):
+def routed_experts_int4_cpu(x, ids, weights, expert_weights, stacks=None, out_dtype=None):
     """routed_experts_grouped for int4 experts on the CPU: `expert_weights[e]` is expert e's
     CpuInt4Expert (kernels/quant/cpu.py: PyTorch's int4 operator layout, w1 and w3 joined), so each
     chosen expert's products read its packed weights directly and the others are never touched. One
     token (decode) with the experts' `stacks` takes all its experts in one call of our AVX2 kernel where
-    it runs. Returns [N, D] float32."""
+    it runs. Returns [N, D] float32, or out_dtype."""
     if stacks is not None and x.shape[0] == 1:
-        out = int4_experts_one_token(x, ids[0], weights[0], stacks)
+        kept = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+        out = int4_experts_one_token(x, ids[0], weights[0], stacks, kept)
         if out is not None:
-            return out
-    return _by_expert(x, ids, weights, lambda e, xe: int4_expert_cpu(xe, expert_weights[e]))
+            return out if out_dtype is None else out.to(out_dtype)
+    out = _by_expert(x, ids, weights, lambda e, xe: int4_expert_cpu(xe, expert_weights[e]))
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def _by_expert(x, ids, weights, expert):

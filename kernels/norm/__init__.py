@@ -4,12 +4,14 @@ the next norm, in one launch on CUDA) and `gated_rms_norm(x, gate, weight, eps)`
 times sigmoid(gate)).
 
 The formulas, with their casts, are naive.py's. On CUDA one Triton launch per call replaces the
-seven to eleven elementwise launches of the PyTorch form, which dominate a decode step's launch count.
+seven to eleven elementwise launches of the PyTorch form, which dominate a decode step's launch count;
+on an AVX2 CPU one C call (avx2.py) replaces as many operators.
 The Triton kernel lives in fused.py: a submodule named like the function would replace it in this
 package's namespace once imported.
 """
 
 from kimi_desk.kernels import use_triton
+from kimi_desk.kernels.norm import avx2
 from kimi_desk.kernels.norm.naive import gated_rms_norm_torch, rms_norm_torch
 
 __all__ = ["add_rms_norm", "gated_rms_norm", "rms_norm"]
@@ -20,6 +22,8 @@ def rms_norm(x, weight, eps):
         from kimi_desk.kernels.norm.fused import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)
+    if avx2.takes(x, weight):
+        return avx2.rms_norm_avx2(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
 
 
@@ -28,6 +32,8 @@ def add_rms_norm(residual, delta, weight, eps):
         from kimi_desk.kernels.norm.fused import rms_norm_triton
 
         return rms_norm_triton(residual, weight, eps, delta=delta)
+    if not use_triton(residual) and avx2.takes(residual, weight, delta):
+        return avx2.rms_norm_avx2(residual, weight, eps, delta)
     summed = residual + delta
     return summed, rms_norm_torch(summed, weight, eps)
 

@@ -18,6 +18,9 @@
    row j + R / 2 (high half). A block is split into R / 32 slices of 16 bytes an input (16 rows in the
    low halves, 16 in the high halves).
 
+   Activations come and results go in float32 or bfloat16 (a model computing in bf16), read and written
+   as they are: a decode step's products then need no dtype conversions around them.
+
    Threads: OpenMP over blocks of rows. PyTorch's own OpenMP runtime (libgomp.so.1) is already loaded
    when this library is, so both share one pool of threads. */
 
@@ -25,6 +28,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "../avx2_math.h"
 
 #define ACT_BLOCK 32
 /* The routed experts one *_experts_one_token call takes (kernels/quant/avx2.py MAX_EXPERTS). */
@@ -77,13 +82,15 @@ static __attribute__((target("avx2,fma"))) void quantize_row(const float *row, i
     }
 }
 
-__attribute__((target("avx2,fma"))) void int4_quantize_activations(const float *x, int M, int D, int group,
-                                                                   int8_t *codes, float *scales, int32_t *code_sums,
-                                                                   float *sums, int threads) {
+/* quantize_row over the M rows of x [M, D] (float32, or bfloat16 where x_bf16), threads over rows. */
+static __attribute__((target("avx2,fma"))) void quantize_rows(const void *x, int x_bf16, int M, int D, int group,
+                                                              int8_t *codes, float *scales, int32_t *code_sums,
+                                                              float *sums, float *widened, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (M > 1)
     for (int m = 0; m < M; m++)
-        quantize_row(x + (long)m * D, D, group, codes + (long)m * D, scales + (long)m * (D / ACT_BLOCK),
-                     code_sums + (long)m * (D / ACT_BLOCK), sums + (long)m * (D / group));
+        quantize_row(row_as_floats(x, x_bf16, m, D, widened + (long)m * D), D, group, codes + (long)m * D,
+                     scales + (long)m * (D / ACT_BLOCK), code_sums ? code_sums + (long)m * (D / ACT_BLOCK) : NULL,
+                     sums ? sums + (long)m * (D / group) : NULL);
 }
 
 /* bf16 pairs (scale, zero) of 8 rows -> scale and zero as float vectors. */
@@ -258,12 +265,12 @@ static __attribute__((target("avx2,fma"))) void one_row(const uint8_t *tiles, co
 }
 
 /* y [M, padded_rows] = x @ W^T for W in tiles of `rows` (32 or 64) rows, from x's int8 codes [M, D], block
-   scales [M, D / 32] and group sums [M, D / group]. sz: [D / group, padded_rows, 2] bf16 (scale, zero).
+   scales [M, D / 32] and group sums [M, D / group] (quantize_row). sz: [D / group, padded_rows, 2] bf16 (scale, zero).
    `group` is 32, 64 or 128 and divides D. */
-__attribute__((target("avx2,fma"))) void int4_linear_avx2(const uint8_t *tiles, const uint16_t *sz, int rows, int D,
-                                                          int padded_rows, int group, const int8_t *codes,
-                                                          const float *act_scales, const int32_t *code_sums,
-                                                          const float *sums, int M, float *y, int threads) {
+static __attribute__((target("avx2,fma"))) void int4_product(const uint8_t *tiles, const uint16_t *sz, int rows, int D,
+                                                             int padded_rows, int group, const int8_t *codes,
+                                                             const float *act_scales, const int32_t *code_sums,
+                                                             const float *sums, int M, float *y, int threads) {
     int slices = padded_rows / 16, G = D / group;
     if (M <= FEW_ROWS) {
         /* A few rows: each slice's codes read once from memory by the first row, from the core's cache by
@@ -308,6 +315,38 @@ __attribute__((target("avx2,fma"))) void int4_linear_avx2(const uint8_t *tiles, 
     }
 }
 
+/* y [M, out_features] = x [M, D] @ W^T in one call: x float32 or bfloat16 (x_bf16), y likewise (y_bf16),
+   the activations rounded to int8 codes here, the tiles' padding rows dropped. One call a product, so
+   that a decode step's small products do not each pay for the scratch tensors and dtype conversions of
+   a host-side wrapper. Returns 0, or -1 when its scratch cannot be allocated. */
+__attribute__((target("avx2,fma"))) int int4_linear(const void *x, int x_bf16, int M, int D, const uint8_t *tiles,
+                                                    const uint16_t *sz, int rows, int padded_rows, int group, void *y,
+                                                    int y_bf16, int out_features, int threads) {
+    long A = D / ACT_BLOCK, G = D / group;
+    int direct = !y_bf16 && out_features == padded_rows;
+    int8_t *codes = malloc((size_t)M * D);
+    int32_t *code_sums = malloc(sizeof(int32_t) * (size_t)M * A);
+    float *fbuf = malloc(sizeof(float) * ((size_t)M * (A + G + (x_bf16 ? D : 0) + (direct ? 0 : padded_rows))));
+    if (!codes || !code_sums || !fbuf) {
+        free(codes);
+        free(code_sums);
+        free(fbuf);
+        return -1;
+    }
+    float *act_scales = fbuf, *sums = act_scales + (size_t)M * A, *widened = sums + (size_t)M * G;
+    float *out = direct ? (float *)y : widened + (x_bf16 ? (size_t)M * D : 0);
+    quantize_rows(x, x_bf16, M, D, group, codes, act_scales, code_sums, sums, widened, threads);
+    int4_product(tiles, sz, rows, D, padded_rows, group, codes, act_scales, code_sums, sums, M, out, threads);
+    if (!direct) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (M > 1)
+        for (int m = 0; m < M; m++) store_row(out + (long)m * padded_rows, y, y_bf16, m, out_features);
+    }
+    free(codes);
+    free(code_sums);
+    free(fbuf);
+    return 0;
+}
+
 /* An expert's hidden activations, in place over the gate half of h [2 I] (gate, then up). */
 static inline void silu_times_up(float *h, int I) {
     for (int i = 0; i < I; i++) h[i] = h[i] / (1.f + expf(-h[i])) * h[I + i];
@@ -334,17 +373,18 @@ static void mix_experts(const float *y, int stride, const float *weights, const 
    product is a few microseconds of work a thread. Returns 0, or -1 when its scratch cannot be allocated
    (as do int8_linear_avx2 and int8_experts_one_token). */
 __attribute__((target("avx2,fma"))) int int4_experts_one_token(
-    const float *x, int D, int I, int rows, const uint8_t *gu_tiles, long gu_tiles_stride, const uint16_t *gu_sz,
+    const void *x, int x_bf16, int D, int I, int rows, const uint8_t *gu_tiles, long gu_tiles_stride, const uint16_t *gu_sz,
     long gu_sz_stride, int gu_group, int gu_padded, const uint8_t *dn_tiles, long dn_tiles_stride,
     const uint16_t *dn_sz, long dn_sz_stride, int dn_group, int dn_padded, const int64_t *ids, const float *weights,
-    int k, float *out, int threads) {
+    int k, void *out, int out_bf16, int threads) {
     int chosen[MAX_EXPERTS], P = 0;
     for (int j = 0; j < k && P < MAX_EXPERTS; j++)
         if (ids[j] >= 0) chosen[P++] = j;
     int A = D / ACT_BLOCK, AI = I / ACT_BLOCK;
     int8_t *codes = malloc((size_t)D + (size_t)P * I);
     int8_t *hidden_codes = codes + D;
-    float *fbuf = malloc(sizeof(float) * ((size_t)A + D / gu_group + (size_t)P * (gu_padded + AI + I / dn_group + dn_padded)));
+    float *fbuf = malloc(sizeof(float) *
+                         ((size_t)A + D / gu_group + (size_t)P * (gu_padded + AI + I / dn_group + dn_padded) + 2 * (size_t)D));
     int32_t *ibuf = malloc(sizeof(int32_t) * ((size_t)A + (size_t)P * AI));
     if (!codes || !fbuf || !ibuf) {
         free(codes);
@@ -354,8 +394,9 @@ __attribute__((target("avx2,fma"))) int int4_experts_one_token(
     }
     float *act_scales = fbuf, *sums = act_scales + A, *h = sums + D / gu_group;
     float *h_scales = h + (size_t)P * gu_padded, *h_sums = h_scales + (size_t)P * AI, *y = h_sums + (size_t)P * (I / dn_group);
+    float *widened = y + (size_t)P * dn_padded, *mixed = widened + D;
     int32_t *code_sums = ibuf, *h_code_sums = ibuf + A;
-    quantize_row(x, D, gu_group, codes, act_scales, code_sums, sums);
+    quantize_row(row_as_floats(x, x_bf16, 0, D, widened), D, gu_group, codes, act_scales, code_sums, sums);
     int gu_slices = gu_padded / 32, dn_slices = dn_padded / 32;
 #pragma omp parallel num_threads(threads)
     {
@@ -381,8 +422,9 @@ __attribute__((target("avx2,fma"))) int int4_experts_one_token(
                     hidden_codes + (long)p * I, h_scales + (long)p * AI, h_code_sums + (long)p * AI,
                     h_sums + (long)p * (I / dn_group), y + (long)p * dn_padded, item % dn_slices);
         }
-        mix_experts(y, dn_padded, weights, chosen, P, D, out);
+        mix_experts(y, dn_padded, weights, chosen, P, D, mixed);
     }
+    store_row(mixed, out, out_bf16, 0, D);
     free(codes);
     free(fbuf);
     free(ibuf);
@@ -420,46 +462,51 @@ static inline __attribute__((target("avx2,fma"))) void int8_four_rows(const int8
 /* y [M, O] = x [M, D] @ (Q s)^T for a few rows of x: threads over blocks of 4 output rows (O a multiple
    of 4), a block's codes kept in the core's cache while each row of x passes over them. */
 __attribute__((target("avx2,fma"))) int int8_linear_avx2(const int8_t *q, const float *row_scales, int O, int D,
-                                                          const float *x, int M, float *y, int threads) {
+                                                          const void *x, int x_bf16, int M, void *y, int y_bf16,
+                                                          int threads) {
     int A = D / ACT_BLOCK;
     int8_t *codes = malloc((size_t)M * D);
-    float *act_scales = malloc(sizeof(float) * (size_t)M * A);
-    if (!codes || !act_scales) {
+    float *fbuf = malloc(sizeof(float) * (size_t)M * (A + (x_bf16 ? D : 0) + (y_bf16 ? O : 0)));
+    if (!codes || !fbuf) {
         free(codes);
-        free(act_scales);
+        free(fbuf);
         return -1;
     }
-    for (int m = 0; m < M; m++)
-        quantize_row(x + (long)m * D, D, ACT_BLOCK, codes + (long)m * D, act_scales + (long)m * A, NULL, NULL);
+    float *act_scales = fbuf, *widened = fbuf + (size_t)M * A;
+    float *out = y_bf16 ? widened + (x_bf16 ? (size_t)M * D : 0) : (float *)y;
+    quantize_rows(x, x_bf16, M, D, ACT_BLOCK, codes, act_scales, NULL, NULL, widened, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r0 = 0; r0 < O; r0 += 4)
         for (int m = 0; m < M; m++)
-            int8_four_rows(q, row_scales, D, codes + (long)m * D, act_scales + (long)m * A, y + (long)m * O, r0);
+            int8_four_rows(q, row_scales, D, codes + (long)m * D, act_scales + (long)m * A, out + (long)m * O, r0);
+    if (y_bf16)
+        for (int m = 0; m < M; m++) store_row(out + (long)m * O, y, 1, m, O);
     free(codes);
-    free(act_scales);
+    free(fbuf);
     return 0;
 }
 
 /* One token through k int8 routed experts, as int4_experts_one_token does for int4: the experts stacked
    as stored, w1 and w3 [E, I, D], w2 [E, D, I], their row scales s1, s3 [E, I] and s2 [E, D]. */
-__attribute__((target("avx2,fma"))) int int8_experts_one_token(const float *x, int D, int I, const int8_t *w1,
+__attribute__((target("avx2,fma"))) int int8_experts_one_token(const void *x, int x_bf16, int D, int I, const int8_t *w1,
                                                                 const int8_t *w3, const int8_t *w2, const float *s1,
                                                                 const float *s3, const float *s2,
                                                                 const int64_t *ids, const float *weights, int k,
-                                                                float *out, int threads) {
+                                                                void *out, int out_bf16, int threads) {
     int chosen[MAX_EXPERTS], P = 0;
     for (int j = 0; j < k && P < MAX_EXPERTS; j++)
         if (ids[j] >= 0) chosen[P++] = j;
     int A = D / ACT_BLOCK, AI = I / ACT_BLOCK;
     int8_t *codes = malloc((size_t)D + (size_t)P * I), *hidden_codes = codes + D;
-    float *fbuf = malloc(sizeof(float) * ((size_t)A + (size_t)P * (2 * I + AI + D)));
+    float *fbuf = malloc(sizeof(float) * ((size_t)A + (size_t)P * (2 * I + AI + D) + 2 * (size_t)D));
     if (!codes || !fbuf) {
         free(codes);
         free(fbuf);
         return -1;
     }
     float *act_scales = fbuf, *h = fbuf + A, *h_scales = h + (size_t)P * 2 * I, *y = h_scales + (size_t)P * AI;
-    quantize_row(x, D, ACT_BLOCK, codes, act_scales, NULL, NULL);
+    float *widened = y + (size_t)P * D, *mixed = widened + D;
+    quantize_row(row_as_floats(x, x_bf16, 0, D, widened), D, ACT_BLOCK, codes, act_scales, NULL, NULL);
     int up_blocks = 2 * (I / 4), down_blocks = D / 4;
 #pragma omp parallel num_threads(threads)
     {
@@ -485,8 +532,9 @@ __attribute__((target("avx2,fma"))) int int8_experts_one_token(const float *x, i
             int8_four_rows(w2 + e * D * (long)I, s2 + e * D, I, hidden_codes + (long)p * I, h_scales + (long)p * AI,
                            y + (long)p * D, 4 * (item % down_blocks));
         }
-        mix_experts(y, D, weights, chosen, P, D, out);
+        mix_experts(y, D, weights, chosen, P, D, mixed);
     }
+    store_row(mixed, out, out_bf16, 0, D);
     free(codes);
     free(fbuf);
     return 0;

@@ -36,16 +36,16 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot run here."""
     lib = native.library(SOURCE)
     if lib is not None:
-        lib.int4_quantize_activations.argtypes = [_POINTER, _INT, _INT, _INT, *[_POINTER] * 4, _INT]
-        lib.int4_linear_avx2.argtypes = [_POINTER, _POINTER, *[_INT] * 4, *[_POINTER] * 4, _INT, _POINTER, _INT]
+        # x, its dtype flag, M, D, tiles, scales, tile rows, padded rows, group, y, its flag, out_features, threads
+        lib.int4_linear.argtypes = [_POINTER, *[_INT] * 3, _POINTER, _POINTER, *[_INT] * 3, _POINTER, *[_INT] * 3]
         matrix = [_POINTER, _LONG, _POINTER, _LONG, _INT, _INT]  # tiles, their stride, scales, stride, group, rows
-        lib.int4_experts_one_token.argtypes = [_POINTER, *[_INT] * 3, *matrix, *matrix, _POINTER, _POINTER]
-        lib.int4_experts_one_token.argtypes += [_INT, _POINTER, _INT]
-        # These three allocate their scratch and return -1 when the allocation fails.
-        for name in ("int4_experts_one_token", "int8_linear_avx2", "int8_experts_one_token"):
+        lib.int4_experts_one_token.argtypes = [_POINTER, *[_INT] * 4, *matrix, *matrix, _POINTER, _POINTER]
+        lib.int4_experts_one_token.argtypes += [_INT, _POINTER, _INT, _INT]
+        lib.int8_linear_avx2.argtypes = [_POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _INT, _POINTER, _INT, _INT]
+        lib.int8_experts_one_token.argtypes = [_POINTER, *[_INT] * 3, *[_POINTER] * 8, _INT, _POINTER, *[_INT] * 2]
+        # Each allocates its scratch and returns -1 when the allocation fails.
+        for name in ("int4_linear", "int4_experts_one_token", "int8_linear_avx2", "int8_experts_one_token"):
             getattr(lib, name).restype = _INT
-        lib.int8_linear_avx2.argtypes = [_POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _POINTER, _INT]
-        lib.int8_experts_one_token.argtypes = [_POINTER, _INT, _INT, *[_POINTER] * 8, _INT, _POINTER, _INT]
     return lib
 
 
@@ -69,61 +69,70 @@ def reads(rows: int, split: bool, group: int, in_features: int, padded_rows: int
     )
 
 
+def _activations(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x as the kernels read it, float32 or bfloat16 rows one after another, and the dtype flag they take."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    return x.contiguous(), int(x.dtype == torch.bfloat16)
+
+
 def int4_linear_avx2(
-    x: torch.Tensor, tiles: torch.Tensor, scales_and_zeros: torch.Tensor, rows: int, group: int
+    x: torch.Tensor,
+    tiles: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    rows: int,
+    group: int,
+    out_features: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [M, D] (any float dtype) @ W^T -> [M, O'] float32 (O' = the tiles' padded rows), W in the CPU
-    operator's tiles of `rows` rows with bf16 scales and zeros [D / group, O', 2]."""
-    lib = library()
+    """x [M, D] @ W^T -> [M, out_features] (default: the tiles' padded rows O') in out_dtype (default x's;
+    float32 or bfloat16), W in the CPU operator's tiles of `rows` rows with bf16 scales and zeros
+    [D / group, O', 2], in one call: float32 and bfloat16 activations are read and written as they are."""
     assert tiles.dtype == torch.uint8 and scales_and_zeros.dtype == torch.bfloat16
-    tiles, scales_and_zeros = tiles.contiguous(), scales_and_zeros.contiguous()  # no copy: they are packed so
-    x = x.to(torch.float32).contiguous()
+    assert tiles.is_contiguous() and scales_and_zeros.is_contiguous()  # packed so by cpu.py
+    x, x_bf16 = _activations(x)
     M, D = x.shape
     padded_rows = scales_and_zeros.shape[1]
-    codes = torch.empty(M, D, dtype=torch.int8)
-    act_scales = torch.empty(M, D // ACTIVATION_BLOCK)
-    code_sums = torch.empty(M, D // ACTIVATION_BLOCK, dtype=torch.int32)
-    sums = torch.empty(M, D // group)
-    lib.int4_quantize_activations(
-        x.data_ptr(),
-        M,
-        D,
-        group,
-        codes.data_ptr(),
-        act_scales.data_ptr(),
-        code_sums.data_ptr(),
-        sums.data_ptr(),
-        torch.get_num_threads(),
-    )
-    y = torch.empty(M, padded_rows)
-    lib.int4_linear_avx2(
-        tiles.data_ptr(),
-        scales_and_zeros.data_ptr(),
-        rows,
-        D,
-        padded_rows,
-        group,
-        codes.data_ptr(),
-        act_scales.data_ptr(),
-        code_sums.data_ptr(),
-        sums.data_ptr(),
-        M,
-        y.data_ptr(),
-        torch.get_num_threads(),
+    y = torch.empty(M, out_features or padded_rows, dtype=out_dtype or x.dtype)
+    _allocated(
+        library().int4_linear(
+            x.data_ptr(),
+            x_bf16,
+            M,
+            D,
+            tiles.data_ptr(),
+            scales_and_zeros.data_ptr(),
+            rows,
+            padded_rows,
+            group,
+            y.data_ptr(),
+            int(y.dtype == torch.bfloat16),
+            y.shape[1],
+            torch.get_num_threads(),
+        )
     )
     return y
 
 
-def int4_experts_one_token(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, gate_up, down, tile_rows: int):
-    """One token x [1, D] through the stacked experts `rows` [k] (int64, < 0 skipped), mixed by weights
-    [k]: [1, D] float32, in one call (the gate-up products of every expert, then the down products, in
-    one parallel region). gate_up and down: kernels/quant/cpu.py CpuInt4Stack, the joined w1-w3 matrix
-    and w2."""
-    x = x.to(torch.float32).contiguous()
+def int4_experts_one_token(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up,
+    down,
+    tile_rows: int,
+    out_dtype: torch.dtype = torch.float32,
+):
+    """One token x [1, D] (float32 or bfloat16, read as it is; others as float32) through the stacked
+    experts `rows` [k] (int64, < 0 skipped), mixed by weights [k]: [1, D] in out_dtype (float32 or
+    bfloat16: the float32 sum rounded once), in one call (the gate-up products of every expert, then the
+    down products, in one parallel region). gate_up and down: kernels/quant/cpu.py CpuInt4Stack, the
+    joined w1-w3 matrix and w2."""
+    x, x_bf16 = _activations(x)
     rows = rows.reshape(-1).to(torch.int64).contiguous()
     weights = weights.reshape(-1).to(torch.float32).contiguous()
     D, hidden = x.shape[-1], down.in_features
-    out = torch.empty(1, D)
+    out = torch.empty(1, D, dtype=out_dtype)
 
     def matrix(stack):
         return (
@@ -138,6 +147,7 @@ def int4_experts_one_token(x: torch.Tensor, rows: torch.Tensor, weights: torch.T
     _allocated(
         library().int4_experts_one_token(
             x.data_ptr(),
+            x_bf16,
             D,
             hidden,
             tile_rows,
@@ -147,6 +157,7 @@ def int4_experts_one_token(x: torch.Tensor, rows: torch.Tensor, weights: torch.T
             weights.data_ptr(),
             rows.numel(),
             out.data_ptr(),
+            int(out_dtype == torch.bfloat16),
             torch.get_num_threads(),
         )
     )
@@ -159,26 +170,45 @@ def int8_reads(out_features: int, in_features: int) -> bool:
 
 
 def int8_linear_avx2(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, D] (any float dtype) @ (Q s)^T -> [M, O] float32 for int8 codes Q [O, D] and float32 row
-    scales s [O], x rounded to int8 in blocks of 32 (avx2.c int8_linear_avx2): for a few rows."""
-    x = x.to(torch.float32).contiguous()
+    """x [M, D] @ (Q s)^T -> [M, O] in x's dtype (float32 or bfloat16; others as float32) for int8 codes
+    Q [O, D] and float32 row scales s [O], x rounded to int8 in blocks of 32 (avx2.c int8_linear_avx2):
+    for a few rows."""
+    x, x_bf16 = _activations(x)
     q, scale = q.contiguous(), scale.to(torch.float32).contiguous()
     M, D = x.shape
-    y = torch.empty(M, q.shape[0])
+    y = torch.empty(M, q.shape[0], dtype=x.dtype)
     _allocated(
         library().int8_linear_avx2(
-            q.data_ptr(), scale.data_ptr(), q.shape[0], D, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
+            q.data_ptr(),
+            scale.data_ptr(),
+            q.shape[0],
+            D,
+            x.data_ptr(),
+            x_bf16,
+            M,
+            y.data_ptr(),
+            x_bf16,
+            torch.get_num_threads(),
         )
     )
     return y
 
 
 def int8_experts_one_token(
-    x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, w1, w2, w3, s1, s2, s3
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    w1,
+    w2,
+    w3,
+    s1,
+    s2,
+    s3,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
     """One token x [1, D] through the int8 experts `rows` [k] (int64, < 0 skipped) of stacks as stored
     (w1, w3 [E, I, D], w2 [E, D, I], row scales s1, s3 [E, I], s2 [E, D]), mixed by weights [k]: [1, D]
-    float32 in one call (avx2.c int8_experts_one_token). None where the kernel does not take the shapes."""
+    in out_dtype (float32 or bfloat16) in one call (avx2.c int8_experts_one_token). None where the kernel does not take the shapes."""
     D, hidden = x.shape[-1], w1.shape[1]
     if not (
         x.shape[0] == 1
@@ -188,19 +218,21 @@ def int8_experts_one_token(
         and all(w.dtype == torch.int8 and w.is_contiguous() for w in (w1, w2, w3))
     ):
         return None
-    x = x.to(torch.float32).contiguous()
+    x, x_bf16 = _activations(x)
     rows = rows.reshape(-1).to(torch.int64).contiguous()
     weights = weights.reshape(-1).to(torch.float32).contiguous()
     s1, s2, s3 = (s.to(torch.float32).contiguous() for s in (s1, s2, s3))
-    out = torch.empty(1, D)
+    out = torch.empty(1, D, dtype=out_dtype)
     _allocated(
         library().int8_experts_one_token(
             x.data_ptr(),
+            x_bf16,
             D,
             hidden,
             *(t.data_ptr() for t in (w1, w3, w2, s1, s3, s2, rows, weights)),
             rows.numel(),
             out.data_ptr(),
+            int(out_dtype == torch.bfloat16),
             torch.get_num_threads(),
         )
     )

@@ -124,11 +124,15 @@ def stack_int4_experts_for_cpu(
 
 
 def int4_experts_one_token(
-    x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, stacks: dict[str, CpuInt4Stack]
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    stacks: dict[str, CpuInt4Stack],
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
     """sum_j weights[j] * expert_{rows[j]}(x) for one token x [1, D] over stacked experts (rows [k]
-    int64, < 0 skipped; weights [k]), in one call of our AVX2 kernel: [1, D] float32. None where that
-    kernel does not read these tiles (the caller then takes the experts one by one)."""
+    int64, < 0 skipped; weights [k]), in one call of our AVX2 kernel: [1, D] in out_dtype (float32 or
+    bfloat16). None where that kernel does not read these tiles (the caller then takes the experts one by one)."""
     gate_up, down = stacks["w13"], stacks["w2"]
     layout = cpu_int4_layout()
     hidden = down.in_features
@@ -142,7 +146,7 @@ def int4_experts_one_token(
         and hidden % layout.rows == 0  # the joined matrix's w1 rows end on a tile
     ):
         return None
-    return avx2.int4_experts_one_token(x, rows, weights, gate_up, down, layout.rows)
+    return avx2.int4_experts_one_token(x, rows, weights, gate_up, down, layout.rows, out_dtype)
 
 
 def cpu_int4_fits(out_features: int, in_features: int) -> bool:
@@ -223,22 +227,27 @@ def int4_expert_cpu(x: torch.Tensor, expert: CpuInt4Expert) -> torch.Tensor:
     return int4_linear_cpu(F.silu(gate) * up, expert.down)
 
 
-def int4_linear_cpu(x: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor:
-    """x [..., D] @ W^T -> [..., O] in x's dtype: our AVX2 kernels where they run (kernels/quant/avx2.py:
-    x rounded to int8 in blocks of 32, integer products), else the operator (x rounded to bf16); float32
-    sums either way."""
+def int4_linear_cpu(x: torch.Tensor, weight: CpuInt4Weight, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., D] @ W^T -> [..., O] in out_dtype (default x's): our AVX2 kernels where they run
+    (kernels/quant/avx2.py: x rounded to int8 in blocks of 32, integer products, float32 and bfloat16
+    read and written as they are), else the operator (x rounded to bf16); float32 sums either way."""
     rows = x.reshape(-1, weight.in_features)
+    out_dtype = out_dtype or x.dtype
     layout = cpu_int4_layout()
     padded_rows = weight.scales_and_zeros.shape[1]
-    if avx2.reads(layout.rows, layout.split, weight.group, weight.in_features, padded_rows):
-        y = avx2.int4_linear_avx2(rows, weight.packed, weight.scales_and_zeros, layout.rows, weight.group)
-    else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            rows.to(torch.bfloat16), weight.packed, weight.group, weight.scales_and_zeros
+    if out_dtype in (torch.float32, torch.bfloat16) and avx2.reads(
+        layout.rows, layout.split, weight.group, weight.in_features, padded_rows
+    ):
+        y = avx2.int4_linear_avx2(
+            rows, weight.packed, weight.scales_and_zeros, layout.rows, weight.group, weight.out_features, out_dtype
         )
+        return y.view(*x.shape[:-1], weight.out_features)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        rows.to(torch.bfloat16), weight.packed, weight.group, weight.scales_and_zeros
+    )
     if y.shape[-1] != weight.out_features:
         y = y[:, : weight.out_features]
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+    return y.to(out_dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
 def tiles_to_codes(tiles: torch.Tensor, out_features: int, layout: CpuInt4Layout | None = None) -> torch.Tensor:
@@ -278,7 +287,7 @@ def int8_linear_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> to
     form is 6x slower than its bf16 form on an AVX2 CPU)."""
     if avx2.int8_reads(*q.shape):
         y = avx2.int8_linear_avx2(x.reshape(-1, q.shape[-1]), q, scale)
-        return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
+        return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])  # float16 comes back as float32
     rows = x.reshape(-1, q.shape[-1]).to(torch.bfloat16)
     y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), q, scale.to(torch.bfloat16))
     return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])

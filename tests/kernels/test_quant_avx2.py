@@ -77,6 +77,45 @@ def test_linear_matches_float64(rows_per_tile, O, D, group, M):
     assert rel_err(got, want) < TOLERANCE
 
 
+@pytest.mark.parametrize("M", [1, 7])
+def test_bfloat16_in_and_out_as_float32_rounded_once(M):
+    """bfloat16 activations are read as the float32 they widen to, exactly; a bfloat16 result is the
+    float32 one rounded as PyTorch rounds; out_features drops the tiles' padding rows. For the linear,
+    the int4 experts and the int8 rows."""
+    layout = cpu_int4_layout()
+    if avx2.library() is None or layout is None:
+        pytest.skip(avx2.quantized_backend())
+    gen = torch.Generator().manual_seed(M)
+    O, D = 2 * layout.rows, 256
+    codes, scale, zero = quantize_int4_groups(torch.randn(O, D, generator=gen), 64)
+    tiles = pack_tiles(unpack_int4(codes).to(torch.uint8), layout)
+    sz = scales_and_zeros(scale, zero)
+    x = (torch.randn(M, D, generator=gen) * 3).bfloat16()
+    full = avx2.int4_linear_avx2(x.float(), tiles, sz, layout.rows, 64)
+    assert torch.equal(avx2.int4_linear_avx2(x, tiles, sz, layout.rows, 64, out_dtype=torch.float32), full)
+    got = avx2.int4_linear_avx2(x, tiles, sz, layout.rows, 64, O - 5)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, full[:, : O - 5].bfloat16())
+
+    E, hidden = 3, 2 * layout.rows
+    mats = [
+        [
+            quantize_int4_groups(torch.randn(o, i, generator=gen) * 0.1, 32)
+            for o, i in ((hidden, D), (D, hidden), (hidden, D))
+        ]
+        for _ in range(E)
+    ]
+    stacks, _ = stack_int4_experts_for_cpu((pack_int4_expert_for_cpu(*m) for m in mats), E)
+    rows, weights = torch.tensor([2, 0]), torch.rand(2, generator=gen)
+    want = int4_experts_one_token(x[:1].float(), rows, weights, stacks)
+    assert torch.equal(int4_experts_one_token(x[:1], rows, weights, stacks), want)
+    assert torch.equal(int4_experts_one_token(x[:1], rows, weights, stacks, torch.bfloat16), want.bfloat16())
+
+    q, row_scale = quantize_int8_rows(torch.randn(64, D, generator=gen))
+    want = avx2.int8_linear_avx2(x.float(), q, row_scale)
+    got = avx2.int8_linear_avx2(x, q, row_scale)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+
+
 def test_zero_rows_and_zero_activations():
     """A block of activations all zero (scale 0) and a row of zero weights give exact zeros, not NaN."""
     if avx2.library() is None:
