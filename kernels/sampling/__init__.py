@@ -9,10 +9,17 @@ instead of sorting the vocabulary: PyTorch's sort, softmax and cumulative sums o
 logits for the 48B model) each run in one thread block, most of the GPU idle meanwhile. Under top-k
 (k up to top_k.py's TOP_K_MAX) one kernel does everything from the logits (top_k.py); elsewhere the
 choice is made among the k kept tokens only (naive.py's choose_top_k_torch), not the whole vocabulary.
+On the CPU the top-p threshold is found in a prefix of the heaviest weights (naive.py's
+choose_sampled_cpu), not a sort of the vocabulary.
 """
 
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.sampling.naive import choose_sampled_torch, choose_top_k_torch, top_k_weights
+from kimi_desk.kernels.sampling.naive import (
+    choose_sampled_cpu,
+    choose_sampled_torch,
+    choose_top_k_torch,
+    top_k_weights,
+)
 
 __all__ = ["choose_sampled", "choose_top_k"]
 
@@ -22,6 +29,8 @@ def choose_sampled(weights, top_p, uniform):
         from kimi_desk.kernels.sampling.top_p import choose_sampled_triton
 
         return choose_sampled_triton(weights, top_p, uniform)
+    if weights.device.type == "cpu":
+        return choose_sampled_cpu(weights, top_p, uniform)
     return choose_sampled_torch(weights, top_p, uniform)
 
 

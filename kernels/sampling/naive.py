@@ -47,6 +47,34 @@ def top_p_threshold(weights: torch.Tensor, p: float) -> torch.Tensor:
     return ordered[torch.searchsorted(running, target).clamp(max=len(ordered) - 1)]
 
 
+def top_p_threshold_cpu(weights: torch.Tensor, p: float) -> torch.Tensor:
+    """top_p_threshold's weight on the CPU without sorting the vocabulary. The weights are binned by their
+    power of two (bin b holds [2^-b, 2^(1-b)), one pass), the bins' masses summed from the heaviest down
+    to the first bin b where they reach the target; the threshold is then among the weights of at least
+    2^-b, and the running mass of those in order is the same as over all the weights sorted, so only
+    they are sorted: usually a few hundred of the 48B model's 163,840, whose sort would cost a CPU
+    decode step some 10 ms. The bins' sums ask the host (no concern on the CPU)."""
+    if p >= 1:
+        return torch.zeros(1, dtype=weights.dtype)
+    mass = masses(weights)
+    target = max(1, int(torch.floor(mass.sum().double() * as_float32(p))))
+    exponent = torch.frexp(weights).exponent  # w in [2^(e-1), 2^e)
+    bins = (1 - exponent).clamp(0, 63).long()  # weights in [0, 1]: 1 is bin 0; below 2^-40 the mass is 0
+    heavier = torch.cumsum(torch.zeros(64, dtype=torch.int64).scatter_add_(0, bins, mass), 0)
+    b = int(torch.searchsorted(heavier, torch.tensor([target])).clamp(max=63))
+    ordered = torch.sort(weights[weights >= 2.0**-b], descending=True).values
+    running = torch.cumsum(masses(ordered), 0)
+    return ordered[torch.searchsorted(running, torch.tensor([target])).clamp(max=len(ordered) - 1)]
+
+
+def choose_sampled_cpu(weights: torch.Tensor, p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """choose_sampled_torch's token on the CPU, its threshold by top_p_threshold_cpu."""
+    kept = masses(weights).masked_fill(weights < top_p_threshold_cpu(weights, p), 0)
+    running = torch.cumsum(kept, 0)
+    draw = torch.minimum(torch.floor(uniform * running[-1:].double()).to(torch.int64), running[-1:] - 1)
+    return torch.searchsorted(running, draw, right=True).clamp(max=len(weights) - 1)
+
+
 def choose_sampled_torch(weights: torch.Tensor, p: float, uniform: torch.Tensor) -> torch.Tensor:
     """The token drawn from `weights` [V] under top-p `p` by the draw `uniform` ([1] float64), as a [1]
     int64 tensor on their device, with no host synchronisation."""

@@ -6,7 +6,14 @@ import random
 import torch
 from sampling_cases import random_weights
 
-from kimi_desk.kernels.sampling.naive import as_float32, choose_sampled_torch, masses, top_p_threshold
+from kimi_desk.kernels.sampling.naive import (
+    as_float32,
+    choose_sampled_cpu,
+    choose_sampled_torch,
+    masses,
+    top_p_threshold,
+    top_p_threshold_cpu,
+)
 
 
 def test_the_threshold_is_the_largest_weight_whose_heavier_tokens_reach_the_target():
@@ -56,3 +63,17 @@ def test_the_choice_among_the_k_kept_tokens_is_the_whole_vocabularys():
             uniform = torch.tensor([u], dtype=torch.float64)
             want = int(choose_sampled_torch(weights, p, uniform))
             assert int(choose_top_k_torch(logits, k, p, uniform, temperature, seen, penalty)) == want
+
+
+def test_the_cpu_threshold_and_token_are_the_sorting_ones():
+    """top_p_threshold_cpu, which sorts only the heaviest weights it needs, gives top_p_threshold's
+    weight and the same token, on vocabularies from a few tokens to the 48B model's, peaked and flat,
+    with ties, including prefixes that fall short and the whole vocabulary."""
+    for V in (3, 64, 65, 700, 5000, 163840):
+        for sharpness in (0.3, 1.0, 8.0):
+            weights = random_weights(V) ** sharpness
+            weights[torch.randint(0, V, (max(1, V // 50),))] = weights.max() / 3  # ties
+            for p in (0.01, 0.5, 0.9, 0.999, 1.0):
+                assert torch.equal(top_p_threshold_cpu(weights, p), top_p_threshold(weights, p))
+                uniform = torch.tensor([random.random()], dtype=torch.float64)
+                assert torch.equal(choose_sampled_cpu(weights, p, uniform), choose_sampled_torch(weights, p, uniform))
