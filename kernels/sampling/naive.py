@@ -58,8 +58,9 @@ def top_p_threshold_cpu(weights: torch.Tensor, p: float) -> torch.Tensor:
         return torch.zeros(1, dtype=weights.dtype)
     mass = masses(weights)
     target = max(1, int(torch.floor(mass.sum().double() * as_float32(p))))
-    exponent = torch.frexp(weights).exponent  # w in [2^(e-1), 2^e)
-    bins = (1 - exponent).clamp(0, 63).long()  # weights in [0, 1]: 1 is bin 0; below 2^-40 the mass is 0
+    # A float32 weight's biased exponent is its bits >> 23: 127 for [1, 2), so [2^-b, 2^(1-b)) is bin b
+    # (weights in [0, 1]; below 2^-40 the mass is 0, wherever those fall).
+    bins = torch.clamp(127 - (weights.float().view(torch.int32) >> 23), 0, 63).to(torch.int64)
     heavier = torch.cumsum(torch.zeros(64, dtype=torch.int64).scatter_add_(0, bins, mass), 0)
     b = int(torch.searchsorted(heavier, torch.tensor([target])).clamp(max=63))
     ordered = torch.sort(weights[weights >= 2.0**-b], descending=True).values
