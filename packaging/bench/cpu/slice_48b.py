@@ -77,12 +77,42 @@ def ours(checkpoint: Path, prompt: int, depths: list[int], gen: int, profile: bo
             token = step(token)
             times.append(time.perf_counter() - started)
         result["decode"].append(dict(depth=depth, tok_s=1 / statistics.median(times[1:])))
-    if profile:  # one more step after the last depth, its operators by CPU time
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step(token)
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
-        print(table, file=sys.stderr)
+    if profile:  # one more step after the last depth, and one more reading, their operators by CPU time
+        show_native_kernels()
+        for label, run in (("decode step", lambda: step(token)), ("reading", lambda: read(model, ids))):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                run()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            print(f"{label}:\n{table}", file=sys.stderr)
     return result
+
+
+def read(model, ids):
+    model(ids, model.new_state(1), last_only=True)
+
+
+def show_native_kernels() -> None:
+    """Each call of our C kernels (kernels/native.py) as a `C::name` row in the profiler's table, which
+    otherwise counts their time to nothing: their ctypes functions wrapped in record_function."""
+    import ctypes
+
+    import torch
+
+    from kimi_desk.kernels.kda import avx2 as kda
+    from kimi_desk.kernels.mla import avx2 as mla
+    from kimi_desk.kernels.norm import avx2 as norm
+    from kimi_desk.kernels.quant import avx2 as quant
+
+    for module in (kda, mla, norm, quant):
+        lib = module.library()
+        for name, function in list(vars(lib or object()).items()):
+            if isinstance(function, ctypes._CFuncPtr):
+
+                def traced(*args, _function=function, _label=f"C::{name}"):
+                    with torch.profiler.record_function(_label):
+                        return _function(*args)
+
+                setattr(lib, name, traced)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         help="more llama-bench options, e.g. '--repack 0' (on CPUs with AMX its AMX weight buffer aborts on this graph)",
     )
     ap.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--profile", action="store_true", help="with --ours-only: one more decode step's operators")
+    ap.add_argument(
+        "--profile", action="store_true", help="with --ours-only: one more decode step's and reading's operators"
+    )
     args = ap.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
     if args.ours_only:  # the worker: ours in its own process, its JSON on the last line
