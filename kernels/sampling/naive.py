@@ -48,14 +48,23 @@ def top_p_threshold(weights: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def top_p_threshold_cpu(weights: torch.Tensor, p: float) -> torch.Tensor:
-    """top_p_threshold's weight on the CPU without sorting the vocabulary. The weights are binned by their
-    power of two (bin b holds [2^-b, 2^(1-b)), one pass), the bins' masses summed from the heaviest down
-    to the first bin b where they reach the target; the threshold is then among the weights of at least
-    2^-b, and the running mass of those in order is the same as over all the weights sorted, so only
-    they are sorted: usually a few hundred of the 48B model's 163,840, whose sort would cost a CPU
-    decode step some 10 ms. The bins' sums ask the host (no concern on the CPU)."""
+    """top_p_threshold's weight on the CPU without sorting the vocabulary: the running mass of the
+    heaviest weights in order is the same over those of at least `top_p_sort_floor` as over all the
+    weights sorted, and the threshold is among them, so only they are sorted: usually a few hundred of
+    the 48B model's 163,840, whose whole sort would cost a CPU decode step some 10-20 ms."""
     if p >= 1:
         return torch.zeros(1, dtype=weights.dtype)
+    floor, target = top_p_sort_floor(weights, p)
+    ordered = torch.sort(weights[weights >= floor], descending=True).values
+    running = torch.cumsum(masses(ordered), 0)
+    return ordered[torch.searchsorted(running, torch.tensor([target])).clamp(max=len(ordered) - 1)]
+
+
+def top_p_sort_floor(weights: torch.Tensor, p: float) -> tuple[float, int]:
+    """(floor, target): the target mass of top-p `p` (< 1) and a power of two 2^-b such that the weights of
+    at least 2^-b hold it. The weights are binned by their power of two in one pass (bin b holds
+    [2^-b, 2^(1-b))), the bins' masses summed from the heaviest down to the first that reaches the
+    target. Asks the host for the bin (no concern on the CPU, where the host is the device)."""
     mass = masses(weights)
     target = max(1, int(torch.floor(mass.sum().double() * as_float32(p))))
     # A float32 weight's biased exponent is its bits >> 23: 127 for [1, 2), so [2^-b, 2^(1-b)) is bin b
@@ -63,9 +72,7 @@ def top_p_threshold_cpu(weights: torch.Tensor, p: float) -> torch.Tensor:
     bins = torch.clamp(127 - (weights.float().view(torch.int32) >> 23), 0, 63).to(torch.int64)
     heavier = torch.cumsum(torch.zeros(64, dtype=torch.int64).scatter_add_(0, bins, mass), 0)
     b = int(torch.searchsorted(heavier, torch.tensor([target])).clamp(max=63))
-    ordered = torch.sort(weights[weights >= 2.0**-b], descending=True).values
-    running = torch.cumsum(masses(ordered), 0)
-    return ordered[torch.searchsorted(running, torch.tensor([target])).clamp(max=len(ordered) - 1)]
+    return 2.0**-b, target
 
 
 def choose_sampled_cpu(weights: torch.Tensor, p: float, uniform: torch.Tensor) -> torch.Tensor:
