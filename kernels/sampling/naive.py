@@ -47,25 +47,26 @@ def top_p_threshold(weights: torch.Tensor, p: float) -> torch.Tensor:
     return ordered[torch.searchsorted(running, target).clamp(max=len(ordered) - 1)]
 
 
-def top_p_threshold_cpu(weights: torch.Tensor, p: float) -> torch.Tensor:
+def top_p_threshold_cpu(weights: torch.Tensor, p: float, mass: torch.Tensor | None = None) -> torch.Tensor:
     """top_p_threshold's weight on the CPU without sorting the vocabulary: the running mass of the
     heaviest weights in order is the same over those of at least `top_p_sort_floor` as over all the
     weights sorted, and the threshold is among them, so only they are sorted: usually a few hundred of
-    the 48B model's 163,840, whose whole sort would cost a CPU decode step some 10-20 ms."""
+    the 48B model's 163,840, whose whole sort would cost a CPU decode step some 10-20 ms. `mass`: the
+    weights' masses, where the caller has them."""
     if p >= 1:
         return torch.zeros(1, dtype=weights.dtype)
-    floor, target = top_p_sort_floor(weights, p)
+    floor, target = top_p_sort_floor(weights, p, mass)
     ordered = torch.sort(weights[weights >= floor], descending=True).values
     running = torch.cumsum(masses(ordered), 0)
     return ordered[torch.searchsorted(running, torch.tensor([target])).clamp(max=len(ordered) - 1)]
 
 
-def top_p_sort_floor(weights: torch.Tensor, p: float) -> tuple[float, int]:
+def top_p_sort_floor(weights: torch.Tensor, p: float, mass: torch.Tensor | None = None) -> tuple[float, int]:
     """(floor, target): the target mass of top-p `p` (< 1) and a power of two 2^-b such that the weights of
     at least 2^-b hold it. The weights are binned by their power of two in one pass (bin b holds
     [2^-b, 2^(1-b))), the bins' masses summed from the heaviest down to the first that reaches the
     target. Asks the host for the bin (no concern on the CPU, where the host is the device)."""
-    mass = masses(weights)
+    mass = masses(weights) if mass is None else mass
     target = max(1, int(torch.floor(mass.sum().double() * as_float32(p))))
     # A float32 weight's biased exponent is its bits >> 23: 127 for [1, 2), so [2^-b, 2^(1-b)) is bin b
     # (weights in [0, 1]; below 2^-40 the mass is 0, wherever those fall).
@@ -76,11 +77,14 @@ def top_p_sort_floor(weights: torch.Tensor, p: float) -> tuple[float, int]:
 
 
 def choose_sampled_cpu(weights: torch.Tensor, p: float, uniform: torch.Tensor) -> torch.Tensor:
-    """choose_sampled_torch's token on the CPU, its threshold by top_p_threshold_cpu."""
-    kept = masses(weights).masked_fill(weights < top_p_threshold_cpu(weights, p), 0)
-    running = torch.cumsum(kept, 0)
+    """choose_sampled_torch's token on the CPU: its threshold by top_p_threshold_cpu, and the running
+    kept mass over the kept tokens only (in vocabulary order, as the definition runs it; the others add
+    nothing to it)."""
+    mass = masses(weights)
+    kept = torch.nonzero(weights >= top_p_threshold_cpu(weights, p, mass)).flatten()
+    running = torch.cumsum(mass[kept], 0)
     draw = torch.minimum(torch.floor(uniform * running[-1:].double()).to(torch.int64), running[-1:] - 1)
-    return torch.searchsorted(running, draw, right=True).clamp(max=len(weights) - 1)
+    return kept[torch.searchsorted(running, draw, right=True).clamp(max=len(kept) - 1)]
 
 
 def choose_sampled_torch(weights: torch.Tensor, p: float, uniform: torch.Tensor) -> torch.Tensor:
