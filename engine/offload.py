@@ -49,7 +49,7 @@ from kimi_desk.kernels.quant.cpu import (
     cpu_int4_fits,
     cpu_int4_layout,
     int4_expert_cpu,
-    int4_experts_one_token,
+    int4_experts_stacked,
     tiles_to_codes,
     tiles_to_scales,
 )
@@ -276,12 +276,12 @@ def ram_experts_forward(experts: nn.Module, x: torch.Tensor, rows: torch.Tensor,
     """sum over the pairs with rows >= 0 of weights * expert_row(x) on the CPU: x [N, D], rows and
     weights [N, k] -> [N, D] float32. Each chosen expert runs once on all its tokens. The grouping is
     done on Python lists: at decode's few tokens, a tensor op per step (sorting, unique, indexing) would
-    cost more than the bookkeeping it does, and this runs once per MoE layer per token. One token on
-    stacked int4 experts: one kernel call for all of them (kernels/quant/cpu.py)."""
+    cost more than the bookkeeping it does, and this runs once per MoE layer per token. Stacked int4
+    experts: one kernel call for all of them (kernels/quant/cpu.py)."""
     N = rows.shape[0]
     stacks = getattr(experts, "tiles", None)
-    if N == 1 and stacks is not None:
-        out = int4_experts_one_token(x, rows[0], weights[0], stacks)
+    if stacks is not None:
+        out = int4_experts_stacked(x, rows, weights, stacks)
         if out is not None:
             return out
     out = torch.zeros(N, x.shape[-1], dtype=torch.float32)

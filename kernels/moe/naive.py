@@ -22,7 +22,7 @@ from kimi_desk.kernels.quant import GEMV_MAX_TOKENS, avx2
 from kimi_desk.kernels.quant.cpu import (
     cpu_int8_fits,
     int4_expert_cpu,
-    int4_experts_one_token,
+    int4_experts_stacked,
     int8_linear_cpu,
     tiles_to_codes,
     tiles_to_scales,
@@ -114,12 +114,12 @@ def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None, out_dtype=N
 def routed_experts_int4_cpu(x, ids, weights, expert_weights, stacks=None, out_dtype=None):
     """routed_experts_grouped for int4 experts on the CPU: `expert_weights[e]` is expert e's
     CpuInt4Expert (kernels/quant/cpu.py: PyTorch's int4 operator layout, w1 and w3 joined), so each
-    chosen expert's products read its packed weights directly and the others are never touched. One
-    token (decode) with the experts' `stacks` takes all its experts in one call of our AVX2 kernel where
-    it runs. Returns [N, D] float32, or out_dtype."""
-    if stacks is not None and x.shape[0] == 1:
+    chosen expert's products read its packed weights directly and the others are never touched. With the
+    experts' `stacks`, the tokens take all their experts in one call of our AVX2 kernels where they run
+    (kernels/quant/cpu.py int4_experts_stacked). Returns [N, D] float32, or out_dtype."""
+    if stacks is not None:
         kept = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
-        out = int4_experts_one_token(x, ids[0], weights[0], stacks, kept)
+        out = int4_experts_stacked(x, ids, weights, stacks, kept)
         if out is not None:
             return out if out_dtype is None else out.to(out_dtype)
     out = _by_expert(x, ids, weights, lambda e, xe: int4_expert_cpu(xe, expert_weights[e]))

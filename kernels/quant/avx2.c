@@ -28,6 +28,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../avx2_math.h"
 
@@ -264,54 +265,64 @@ static __attribute__((target("avx2,fma"))) void one_row(const uint8_t *tiles, co
     for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + base[i], out[i]);
 }
 
+/* Rows m_first .. m_end of y [M, padded_rows] for one 32-row slice of W, from x's int8 codes [M, D] etc.:
+   each row alone over the slice's codes in registers for a few rows, else the slice unpacked a group at
+   a time and met by the rows in tiles of M_TILE. */
+static __attribute__((target("avx2,fma"))) void slice_rows(const uint8_t *tiles, const uint16_t *sz, int rows, int D,
+                                                           int padded_rows, int group, const int8_t *codes,
+                                                           const float *act_scales, const int32_t *code_sums,
+                                                           const float *sums, int m_first, int m_end, float *y,
+                                                           int slice) {
+    int A = D / ACT_BLOCK, G = D / group;
+    if (m_end - m_first <= FEW_ROWS) {
+        /* A few rows: the slice's codes read once from memory by the first row, from the core's cache by
+           the others, no unpacking pass. */
+        for (int m = m_first; m < m_end; m++)
+            one_row(tiles, sz, rows, D, padded_rows, group, codes + (long)m * D, act_scales + (long)m * A,
+                    code_sums + (long)m * A, sums + (long)m * G, y + (long)m * padded_rows, slice);
+        return;
+    }
+    uint8_t unpacked[4 * 32 * 32] __attribute__((aligned(32))); /* 32 rows x a group of up to 128 inputs */
+    int blk = slice / (rows / 32), sl = slice % (rows / 32);
+    const uint8_t *tile = tiles + (long)blk * D * (rows / 2) + sl * 16;
+    int row0 = blk * rows + sl * 16, row1 = row0 + rows / 2; /* the low and high halves' rows */
+    int base[4] = {row0, row0 + 8, row1, row1 + 8};
+    for (int t_first = m_first; t_first < m_end; t_first += M_TILE) {
+        int t_end = t_first + M_TILE < m_end ? t_first + M_TILE : m_end;
+        for (int g = 0; g < G; g++) {
+            unpack_slice(tile + (long)g * group * (rows / 2), rows / 2, group, unpacked);
+            for (int h = 0; h < 2; h++) { /* the low half's 16 rows, then the high half's */
+                const uint8_t *w = unpacked + (long)(2 * h) * (group / 4) * 32;
+                __m256 s[2], z[2];
+                for (int j = 0; j < 2; j++) scales_of_8(sz + ((long)g * padded_rows + base[2 * h + j]) * 2, &s[j], &z[j]);
+                int m = t_first;
+                for (; m + MB <= t_end; m += MB)
+                    half_to_outputs(w, group, g, codes, D, act_scales, code_sums, sums, m, MB, s, z, y, padded_rows,
+                                    base + 2 * h);
+                if (m < t_end)
+                    half_to_outputs(w, group, g, codes, D, act_scales, code_sums, sums, m, 1, s, z, y, padded_rows,
+                                    base + 2 * h);
+            }
+        }
+    }
+}
+
 /* y [M, padded_rows] = x @ W^T for W in tiles of `rows` (32 or 64) rows, from x's int8 codes [M, D], block
-   scales [M, D / 32] and group sums [M, D / group] (quantize_row). sz: [D / group, padded_rows, 2] bf16 (scale, zero).
-   `group` is 32, 64 or 128 and divides D. */
+   scales [M, D / 32] and group sums [M, D / group] (quantize_row). sz: [D / group, padded_rows, 2] bf16
+   (scale, zero). `group` is 32, 64 or 128 and divides D. */
 static __attribute__((target("avx2,fma"))) void int4_product(const uint8_t *tiles, const uint16_t *sz, int rows, int D,
                                                              int padded_rows, int group, const int8_t *codes,
                                                              const float *act_scales, const int32_t *code_sums,
                                                              const float *sums, int M, float *y, int threads) {
-    int slices = padded_rows / 16, G = D / group;
-    if (M <= FEW_ROWS) {
-        /* A few rows: each slice's codes read once from memory by the first row, from the core's cache by
-           the others, no unpacking pass. */
-        int A = D / ACT_BLOCK;
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int slice = 0; slice < slices / 2; slice++)
-            for (int m = 0; m < M; m++)
-                one_row(tiles, sz, rows, D, padded_rows, group, codes + (long)m * D, act_scales + (long)m * A,
-                        code_sums + (long)m * A, sums + (long)m * G, y + (long)m * padded_rows, slice);
-        return;
-    }
+    /* Rows in tiles of M_TILE, the threads over the slices within a tile: a tile's codes stay in each
+       core's cache while the slices stream past. */
 #pragma omp parallel num_threads(threads)
-    {
-        uint8_t unpacked[4 * 32 * 32] __attribute__((aligned(32))); /* 32 rows x a group of up to 128 inputs */
-        for (int m_first = 0; m_first < M; m_first += M_TILE) {
-            int m_end = m_first + M_TILE < M ? m_first + M_TILE : M;
+    for (int m_first = 0; m_first < M; m_first += M_TILE) {
+        int m_end = m_first + M_TILE < M ? m_first + M_TILE : M;
 #pragma omp for schedule(static)
-            for (int slice = 0; slice < slices / 2; slice++) {
-                int blk = slice / (rows / 32), sl = slice % (rows / 32);
-                const uint8_t *tile = tiles + (long)blk * D * (rows / 2) + sl * 16;
-                int row0 = blk * rows + sl * 16, row1 = row0 + rows / 2; /* the low and high halves' rows */
-                int base[4] = {row0, row0 + 8, row1, row1 + 8};
-                for (int g = 0; g < G; g++) {
-                    unpack_slice(tile + (long)g * group * (rows / 2), rows / 2, group, unpacked);
-                    for (int h = 0; h < 2; h++) { /* the low half's 16 rows, then the high half's */
-                        const uint8_t *w = unpacked + (long)(2 * h) * (group / 4) * 32;
-                        __m256 s[2], z[2];
-                        for (int j = 0; j < 2; j++)
-                            scales_of_8(sz + ((long)g * padded_rows + base[2 * h + j]) * 2, &s[j], &z[j]);
-                        int m = m_first;
-                        for (; m + MB <= m_end; m += MB)
-                            half_to_outputs(w, group, g, codes, D, act_scales, code_sums, sums, m, MB, s, z, y,
-                                            padded_rows, base + 2 * h);
-                        if (m < m_end)
-                            half_to_outputs(w, group, g, codes, D, act_scales, code_sums, sums, m, 1, s, z, y,
-                                            padded_rows, base + 2 * h);
-                    }
-                }
-            }
-        }
+        for (int slice = 0; slice < padded_rows / 32; slice++)
+            slice_rows(tiles, sz, rows, D, padded_rows, group, codes, act_scales, code_sums, sums, m_first, m_end, y,
+                       slice);
     }
 }
 
@@ -428,6 +439,106 @@ __attribute__((target("avx2,fma"))) int int4_experts_one_token(
     free(codes);
     free(fbuf);
     free(ibuf);
+    return 0;
+}
+
+/* Members of the experts (token rows) one pass of int4_experts_grouped takes at most (more where one
+   expert alone has more): its scratch is about 20 KB a member at the 48B shapes. */
+#define ROUND_MEMBERS 1024
+
+/* Many tokens through their chosen experts (a reading chunk) in one call: out [N, D] (float32, or bf16
+   where out_bf16) = for each token the sum over its chosen experts of weight * w2_e (silu(w1_e x) * w3_e x),
+   the experts stacked as for int4_experts_one_token. The choices come grouped by expert: group g is
+   expert group_expert[g], its members group_start[g] .. group_start[g + 1] - 1, member j being token
+   member_token[j] with weight member_weight[j]. Every token's row is rounded to int8 once for all its
+   experts, and the members go in rounds of about ROUND_MEMBERS: in each, the threads share one pass over
+   the (group, slice) items of the gate-up products, one over the hidden rows, one over the down
+   products' items, and one over the output's columns, adding each token's members in order (so the
+   sums do not depend on the number of threads). Where a call per expert would be a parallel region a
+   few microseconds long for each of a layer's 256 experts, this is four a round. Returns 0, or -1 when
+   its scratch cannot be allocated. */
+__attribute__((target("avx2,fma"))) int int4_experts_grouped(
+    const void *x, int x_bf16, int N, int D, int I, int rows, const uint8_t *gu_tiles, long gu_tiles_stride,
+    const uint16_t *gu_sz, long gu_sz_stride, int gu_group, int gu_padded, const uint8_t *dn_tiles,
+    long dn_tiles_stride, const uint16_t *dn_sz, long dn_sz_stride, int dn_group, int dn_padded, int G,
+    const int64_t *group_expert, const int64_t *group_start, const int64_t *member_token,
+    const float *member_weight, void *out, int out_bf16, int threads) {
+    long A = D / ACT_BLOCK, AI = I / ACT_BLOCK, GU = D / gu_group, GD = I / dn_group;
+    long R = ROUND_MEMBERS;
+    for (int g = 0; g < G; g++)
+        if (group_start[g + 1] - group_start[g] > R) R = group_start[g + 1] - group_start[g];
+    int8_t *x_codes = malloc((size_t)N * D + (size_t)R * (D + I));
+    int32_t *ibuf = malloc(sizeof(int32_t) * ((size_t)N * A + (size_t)R * (A + AI)));
+    size_t floats = (size_t)N * (A + GU + D + (x_bf16 ? D : 0)) + (size_t)R * (A + GU + gu_padded + AI + GD + dn_padded);
+    float *fbuf = malloc(sizeof(float) * floats);
+    if (!x_codes || !ibuf || !fbuf) {
+        free(x_codes);
+        free(ibuf);
+        free(fbuf);
+        return -1;
+    }
+    int8_t *codes = x_codes + (size_t)N * D, *h_codes = codes + (size_t)R * D;
+    int32_t *x_code_sums = ibuf, *code_sums = x_code_sums + (size_t)N * A, *h_code_sums = code_sums + (size_t)R * A;
+    float *x_scales = fbuf, *x_sums = x_scales + (size_t)N * A, *acc = x_sums + (size_t)N * GU;
+    float *widened = acc + (size_t)N * D, *scales = widened + (x_bf16 ? (size_t)N * D : 0);
+    float *sums = scales + (size_t)R * A, *h = sums + (size_t)R * GU, *h_scales = h + (size_t)R * gu_padded;
+    float *h_sums = h_scales + (size_t)R * AI, *y = h_sums + (size_t)R * GD;
+    quantize_rows(x, x_bf16, N, D, gu_group, x_codes, x_scales, x_code_sums, x_sums, widened, threads);
+    memset(acc, 0, sizeof(float) * (size_t)N * D);
+    int gu_slices = gu_padded / 32, dn_slices = dn_padded / 32;
+    for (int g0 = 0; g0 < G;) {
+        int g1 = g0 + 1;
+        while (g1 < G && group_start[g1 + 1] - group_start[g0] <= R) g1++;
+        const long first = group_start[g0], members = group_start[g1] - first;
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(static)
+            for (long j = 0; j < members; j++) { /* each member's token row, gathered */
+                long t = member_token[first + j];
+                memcpy(codes + j * D, x_codes + t * D, (size_t)D);
+                memcpy(scales + j * A, x_scales + t * A, sizeof(float) * A);
+                memcpy(code_sums + j * A, x_code_sums + t * A, sizeof(int32_t) * A);
+                memcpy(sums + j * GU, x_sums + t * GU, sizeof(float) * GU);
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (long item = 0; item < (long)(g1 - g0) * gu_slices; item++) {
+                int g = g0 + (int)(item / gu_slices);
+                long e = group_expert[g], r0 = group_start[g] - first, n = group_start[g + 1] - group_start[g];
+                slice_rows(gu_tiles + e * gu_tiles_stride, gu_sz + e * gu_sz_stride, rows, D, gu_padded, gu_group,
+                           codes + r0 * D, scales + r0 * A, code_sums + r0 * A, sums + r0 * GU, 0, (int)n,
+                           h + r0 * gu_padded, (int)(item % gu_slices));
+            }
+#pragma omp for schedule(static)
+            for (long j = 0; j < members; j++) {
+                float *hj = h + j * gu_padded; /* silu(gate) * up, in place over the gate half */
+                silu_times_up(hj, I);
+                quantize_row(hj, I, dn_group, h_codes + j * I, h_scales + j * AI, h_code_sums + j * AI, h_sums + j * GD);
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (long item = 0; item < (long)(g1 - g0) * dn_slices; item++) {
+                int g = g0 + (int)(item / dn_slices);
+                long e = group_expert[g], r0 = group_start[g] - first, n = group_start[g + 1] - group_start[g];
+                slice_rows(dn_tiles + e * dn_tiles_stride, dn_sz + e * dn_sz_stride, rows, I, dn_padded, dn_group,
+                           h_codes + r0 * I, h_scales + r0 * AI, h_code_sums + r0 * AI, h_sums + r0 * GD, 0, (int)n,
+                           y + r0 * dn_padded, (int)(item % dn_slices));
+            }
+#pragma omp for schedule(static)
+            for (int d0 = 0; d0 < D; d0 += 64) { /* the outputs, threads over columns, members in order */
+                int d1 = d0 + 64 < D ? d0 + 64 : D;
+                for (long j = 0; j < members; j++) {
+                    float w = member_weight[first + j], *row = acc + member_token[first + j] * D;
+                    const float *yj = y + j * dn_padded;
+                    for (int d = d0; d < d1; d++) row[d] += w * yj[d];
+                }
+            }
+        }
+        g0 = g1;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < N; t++) store_row(acc + (long)t * D, out, out_bf16, t, D);
+    free(x_codes);
+    free(ibuf);
+    free(fbuf);
     return 0;
 }
 

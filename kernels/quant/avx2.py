@@ -41,10 +41,20 @@ def library() -> ctypes.CDLL | None:
         matrix = [_POINTER, _LONG, _POINTER, _LONG, _INT, _INT]  # tiles, their stride, scales, stride, group, rows
         lib.int4_experts_one_token.argtypes = [_POINTER, *[_INT] * 4, *matrix, *matrix, _POINTER, _POINTER]
         lib.int4_experts_one_token.argtypes += [_INT, _POINTER, _INT, _INT]
+        # x, its flag, N, D, I, tile rows, the two matrices, G, the groups' experts and starts, the members'
+        # tokens and weights, out, its flag, threads
+        lib.int4_experts_grouped.argtypes = [_POINTER, *[_INT] * 5, *matrix, *matrix, _INT, *[_POINTER] * 5]
+        lib.int4_experts_grouped.argtypes += [_INT, _INT]
         lib.int8_linear_avx2.argtypes = [_POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _INT, _POINTER, _INT, _INT]
         lib.int8_experts_one_token.argtypes = [_POINTER, *[_INT] * 3, *[_POINTER] * 8, _INT, _POINTER, *[_INT] * 2]
         # Each allocates its scratch and returns -1 when the allocation fails.
-        for name in ("int4_linear", "int4_experts_one_token", "int8_linear_avx2", "int8_experts_one_token"):
+        for name in (
+            "int4_linear",
+            "int4_experts_one_token",
+            "int4_experts_grouped",
+            "int8_linear_avx2",
+            "int8_experts_one_token",
+        ):
             getattr(lib, name).restype = _INT
     return lib
 
@@ -134,16 +144,6 @@ def int4_experts_one_token(
     D, hidden = x.shape[-1], down.in_features
     out = torch.empty(1, D, dtype=out_dtype)
 
-    def matrix(stack):
-        return (
-            stack.tiles.data_ptr(),
-            stack.tiles.stride(0),
-            stack.scales_and_zeros.data_ptr(),
-            stack.scales_and_zeros.stride(0),
-            stack.group,
-            stack.scales_and_zeros.shape[-2],
-        )
-
     _allocated(
         library().int4_experts_one_token(
             x.data_ptr(),
@@ -151,8 +151,8 @@ def int4_experts_one_token(
             D,
             hidden,
             tile_rows,
-            *matrix(gate_up),
-            *matrix(down),
+            *_matrix(gate_up),
+            *_matrix(down),
             rows.data_ptr(),
             weights.data_ptr(),
             rows.numel(),
@@ -162,6 +162,67 @@ def int4_experts_one_token(
         )
     )
     return out
+
+
+def int4_experts_grouped(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up,
+    down,
+    tile_rows: int,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Tokens x [N, D] (float32 or bfloat16, read as they are) through their chosen stacked experts ids
+    [N, k] (int64, < 0 skipped), mixed by weights [N, k]: [N, D] in out_dtype, in one call (avx2.c
+    int4_experts_grouped: each token rounded to int8 once, the experts' products shared out over the
+    threads in a few passes rather than a parallel region per expert). gate_up and down as for
+    int4_experts_one_token."""
+    x, x_bf16 = _activations(x)
+    N, k = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    order = order[flat[order] >= 0]
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    starts = torch.zeros(len(experts) + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=starts[1:])
+    tokens = (order // k).contiguous()
+    member_weights = weights.reshape(-1)[order].to(torch.float32).contiguous()
+    D, hidden = x.shape[-1], down.in_features
+    out = torch.empty(N, D, dtype=out_dtype)
+    _allocated(
+        library().int4_experts_grouped(
+            x.data_ptr(),
+            x_bf16,
+            N,
+            D,
+            hidden,
+            tile_rows,
+            *_matrix(gate_up),
+            *_matrix(down),
+            len(experts),
+            experts.contiguous().data_ptr(),
+            starts.data_ptr(),
+            tokens.data_ptr(),
+            member_weights.data_ptr(),
+            out.data_ptr(),
+            int(out_dtype == torch.bfloat16),
+            torch.get_num_threads(),
+        )
+    )
+    return out
+
+
+def _matrix(stack) -> tuple:
+    """A CpuInt4Stack as the kernels take it: tiles, their stride, scales, their stride, group, rows."""
+    return (
+        stack.tiles.data_ptr(),
+        stack.tiles.stride(0),
+        stack.scales_and_zeros.data_ptr(),
+        stack.scales_and_zeros.stride(0),
+        stack.group,
+        stack.scales_and_zeros.shape[-2],
+    )
 
 
 def int8_reads(out_features: int, in_features: int) -> bool:

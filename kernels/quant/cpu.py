@@ -20,8 +20,8 @@ the threads) is a large part of the time, and the 48B model's expert runs about 
 on 16 cores. The operator's tiles are blocks of whole rows, so the joined tiles are w1's tiles followed
 by w3's, and the first half of the joined matrix is w1 exactly. A layer's experts are stacked, each of
 the two matrices in one tensor over the experts (`stack_int4_experts_for_cpu`): a copy then streams a
-run of experts to a GPU, and one call of our AVX2 kernel takes a token through all its chosen experts
-(`int4_experts_one_token`).
+run of experts to a GPU, and one call of our AVX2 kernels takes tokens through all their chosen experts
+(`int4_experts_stacked`).
 
 The tiles' layout is PyTorch's and depends on the CPU it was built to run on (blocks of 64 rows with two
 rows 32 apart in a byte where AVX-512 is present, 32 rows 16 apart with AVX2, 32 rows in neighbouring
@@ -97,7 +97,7 @@ def stack_int4_experts_for_cpu(
     """n experts (an iterable of CpuInt4Expert, consumed one at a time) -> the stacks of JOINED (pinned
     for asynchronous copies if asked) and each expert's views into them. Stacked, one layer's experts are
     two tensors, so that a copy streams a run of them and one kernel call reaches any of them
-    (int4_experts_one_token)."""
+    (int4_experts_stacked)."""
     stacks: dict[str, list] = {}
     for e, expert in enumerate(experts):
         for name, one in zip(JOINED, expert):
@@ -123,30 +123,30 @@ def stack_int4_experts_for_cpu(
     return made, views
 
 
-def int4_experts_one_token(
+def int4_experts_stacked(
     x: torch.Tensor,
-    rows: torch.Tensor,
+    ids: torch.Tensor,
     weights: torch.Tensor,
     stacks: dict[str, CpuInt4Stack],
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
-    """sum_j weights[j] * expert_{rows[j]}(x) for one token x [1, D] over stacked experts (rows [k]
-    int64, < 0 skipped; weights [k]), in one call of our AVX2 kernel: [1, D] in out_dtype (float32 or
-    bfloat16). None where that kernel does not read these tiles (the caller then takes the experts one by one)."""
+    """sum_j weights[n, j] * expert_{ids[n, j]}(x[n]) for tokens x [N, D] over stacked experts (ids [N, k]
+    int64, < 0 skipped; weights [N, k]) in one call of our AVX2 kernels (one token: every expert's
+    products in one parallel region; more: grouped by expert, a few passes of the threads in all):
+    [N, D] in out_dtype (float32 or bfloat16). None where those kernels do not read these tiles (the
+    caller then takes the experts one by one)."""
     gate_up, down = stacks["w13"], stacks["w2"]
     layout = cpu_int4_layout()
     hidden = down.in_features
     if not (
-        x.shape[0] == 1
-        and rows.numel() <= avx2.MAX_EXPERTS
-        and avx2.reads(
-            layout.rows, layout.split, gate_up.group, gate_up.in_features, gate_up.scales_and_zeros.shape[-2]
-        )
+        avx2.reads(layout.rows, layout.split, gate_up.group, gate_up.in_features, gate_up.scales_and_zeros.shape[-2])
         and avx2.reads(layout.rows, layout.split, down.group, hidden, down.scales_and_zeros.shape[-2])
         and hidden % layout.rows == 0  # the joined matrix's w1 rows end on a tile
     ):
         return None
-    return avx2.int4_experts_one_token(x, rows, weights, gate_up, down, layout.rows, out_dtype)
+    if x.shape[0] == 1 and ids.shape[-1] <= avx2.MAX_EXPERTS:
+        return avx2.int4_experts_one_token(x, ids[0], weights[0], gate_up, down, layout.rows, out_dtype)
+    return avx2.int4_experts_grouped(x, ids, weights, gate_up, down, layout.rows, out_dtype)
 
 
 def cpu_int4_fits(out_features: int, in_features: int) -> bool:

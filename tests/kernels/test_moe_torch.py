@@ -15,7 +15,7 @@ from kimi_desk.kernels.quant import (
 )
 from kimi_desk.kernels.quant.cpu import (
     cpu_int4_fits,
-    int4_experts_one_token,
+    int4_experts_stacked,
     pack_int4_expert_for_cpu,
     stack_int4_experts_for_cpu,
 )
@@ -60,7 +60,7 @@ def test_int4_on_the_cpu_operator_matches_float64(N):
     # Stacked, as the engine holds them: one token takes the one-call kernel where it runs.
     stacks, views = stack_int4_experts_for_cpu(iter(packed), E)
     if N == 1 and avx2.library() is not None:
-        assert int4_experts_one_token(x, ids[0], weights[0], stacks) is not None
+        assert int4_experts_stacked(x, ids[0][None], weights[0][None], stacks) is not None
     stacked = routed_experts_int4_cpu(x, ids, weights, views, stacks)
     assert stacked.shape == (N, D) and rel_err(stacked, want) < 2e-2
 

@@ -19,7 +19,7 @@ from kimi_desk.kernels.quant import (
 from kimi_desk.kernels.quant.cpu import (
     CpuInt4Layout,
     cpu_int4_layout,
-    int4_experts_one_token,
+    int4_experts_stacked,
     int4_linear_cpu,
     int8_linear_cpu,
     pack_int4_expert_for_cpu,
@@ -106,9 +106,9 @@ def test_bfloat16_in_and_out_as_float32_rounded_once(M):
     ]
     stacks, _ = stack_int4_experts_for_cpu((pack_int4_expert_for_cpu(*m) for m in mats), E)
     rows, weights = torch.tensor([2, 0]), torch.rand(2, generator=gen)
-    want = int4_experts_one_token(x[:1].float(), rows, weights, stacks)
-    assert torch.equal(int4_experts_one_token(x[:1], rows, weights, stacks), want)
-    assert torch.equal(int4_experts_one_token(x[:1], rows, weights, stacks, torch.bfloat16), want.bfloat16())
+    want = int4_experts_stacked(x[:1].float(), rows[None], weights[None], stacks)
+    assert torch.equal(int4_experts_stacked(x[:1], rows[None], weights[None], stacks), want)
+    assert torch.equal(int4_experts_stacked(x[:1], rows[None], weights[None], stacks, torch.bfloat16), want.bfloat16())
 
     q, row_scale = quantize_int8_rows(torch.randn(64, D, generator=gen))
     want = avx2.int8_linear_avx2(x.float(), q, row_scale)
@@ -179,11 +179,57 @@ def test_experts_one_token_match_float64(group):
             w1, w2, w3 = (dequantize_int4_groups(*m, torch.float64) for m in mats[e])
             xd = x.double()
             want += w * (torch.nn.functional.silu(xd @ w1.t()) * (xd @ w3.t())) @ w2.t()
-    got = int4_experts_one_token(x, rows, weights, stacks)
+    got = int4_experts_stacked(x, rows[None], weights[None], stacks)
     assert got.shape == (1, D) and got.dtype == torch.float32
     assert rel_err(got, want) < 2 * TOLERANCE
-    none_chosen = int4_experts_one_token(x, torch.tensor([-1, -1]), torch.ones(2), stacks)
+    none_chosen = int4_experts_stacked(x, torch.tensor([[-1, -1]]), torch.ones(1, 2), stacks)
     assert torch.equal(none_chosen, torch.zeros(1, D))
+    none_of_two = int4_experts_stacked(x.expand(2, D), torch.full((2, 2), -1), torch.ones(2, 2), stacks)
+    assert torch.equal(none_of_two, torch.zeros(2, D))
+
+
+@pytest.mark.parametrize("N,k", [(7, 3), (450, 3)])  # 1,350 choices: two of the kernel's rounds
+def test_experts_of_many_tokens_match_float64(N, k):
+    """Many tokens through their chosen stacked experts in one call (grouped by expert): each token's
+    mix of its experts against float64 on the dequantized weights, choices < 0 left out, an expert chosen
+    by many tokens; bf16 in and out as the float32 call rounded once; the same sums on 1 thread as on 2."""
+    layout = cpu_int4_layout()
+    if avx2.library() is None or layout is None:
+        pytest.skip(avx2.quantized_backend())
+    gen = torch.Generator().manual_seed(N)
+    E, D, hidden = 5, 256, 2 * layout.rows
+    mats = [
+        [
+            quantize_int4_groups(torch.randn(o, i, generator=gen) * 0.1, 64)
+            for o, i in ((hidden, D), (D, hidden), (hidden, D))
+        ]
+        for _ in range(E)
+    ]
+    stacks, _ = stack_int4_experts_for_cpu((pack_int4_expert_for_cpu(*m) for m in mats), E)
+    x = torch.randn(N, D, generator=gen)
+    ids = torch.randint(-1, E, (N, k), generator=gen)
+    ids[:, 0] = 2  # one expert chosen by every token
+    weights = torch.rand(N, k, generator=gen)
+    dense = [[dequantize_int4_groups(*m, torch.float64) for m in mats[e]] for e in range(E)]
+    want = torch.zeros(N, D, dtype=torch.float64)
+    for n in range(N):
+        for e, w in zip(ids[n].tolist(), weights[n].tolist()):
+            if e >= 0:
+                w1, w2, w3 = dense[e]
+                xd = x[n].double()
+                want[n] += w * (torch.nn.functional.silu(w1 @ xd) * (w3 @ xd)) @ w2.t()
+    got = int4_experts_stacked(x, ids, weights, stacks)
+    assert got.shape == (N, D) and got.dtype == torch.float32
+    assert rel_err(got, want) < 2 * TOLERANCE
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(int4_experts_stacked(x, ids, weights, stacks), got)
+    finally:
+        torch.set_num_threads(threads)
+    half = x.bfloat16()
+    widened = int4_experts_stacked(half.float(), ids, weights, stacks)
+    assert torch.equal(int4_experts_stacked(half, ids, weights, stacks, torch.bfloat16), widened.bfloat16())
 
 
 @pytest.mark.parametrize("O,D,M", [(4, 256, 1), (64, 320, 3), (1028, 256, 16)])
