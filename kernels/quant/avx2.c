@@ -446,6 +446,25 @@ __attribute__((target("avx2,fma"))) int int4_experts_one_token(
    expert alone has more): its scratch is about 20 KB a member at the 48B shapes. */
 #define ROUND_MEMBERS 1024
 
+/* Inside a parallel region: the members of groups g0 .. g1 - 1 (rows of the round's quantized activations
+   [members, D], the round starting at member `first`) times their experts' matrix (tiles and scales
+   stacked `*_stride` apart, `padded` rows, groups of `group` inputs), into y [members, padded]; the
+   threads share the (group, 32-row slice) items. */
+static __attribute__((target("avx2,fma"))) void groups_times_matrix(
+    int g0, int g1, const int64_t *group_expert, const int64_t *group_start, long first, const uint8_t *tiles,
+    long tiles_stride, const uint16_t *sz, long sz_stride, int rows, int D, int padded, int group, const int8_t *codes,
+    const float *scales, const int32_t *code_sums, const float *sums, float *y) {
+    long A = D / ACT_BLOCK, G = D / group;
+    int slices = padded / 32;
+#pragma omp for schedule(dynamic, 1)
+    for (long item = 0; item < (long)(g1 - g0) * slices; item++) {
+        int g = g0 + (int)(item / slices);
+        long e = group_expert[g], r0 = group_start[g] - first, n = group_start[g + 1] - group_start[g];
+        slice_rows(tiles + e * tiles_stride, sz + e * sz_stride, rows, D, padded, group, codes + r0 * D,
+                   scales + r0 * A, code_sums + r0 * A, sums + r0 * G, 0, (int)n, y + r0 * padded, (int)(item % slices));
+    }
+}
+
 /* Many tokens through their chosen experts (a reading chunk) in one call: out [N, D] (float32, or bf16
    where out_bf16) = for each token the sum over its chosen experts of weight * w2_e (silu(w1_e x) * w3_e x),
    the experts stacked as for int4_experts_one_token. The choices come grouped by expert: group g is
@@ -485,7 +504,6 @@ __attribute__((target("avx2,fma"))) int int4_experts_grouped(
     float *h_sums = h_scales + (size_t)R * AI, *y = h_sums + (size_t)R * GD;
     quantize_rows(x, x_bf16, N, D, gu_group, x_codes, x_scales, x_code_sums, x_sums, widened, threads);
     memset(acc, 0, sizeof(float) * (size_t)N * D);
-    int gu_slices = gu_padded / 32, dn_slices = dn_padded / 32;
     for (int g0 = 0; g0 < G;) {
         int g1 = g0 + 1;
         while (g1 < G && group_start[g1 + 1] - group_start[g0] <= R) g1++;
@@ -500,28 +518,16 @@ __attribute__((target("avx2,fma"))) int int4_experts_grouped(
                 memcpy(code_sums + j * A, x_code_sums + t * A, sizeof(int32_t) * A);
                 memcpy(sums + j * GU, x_sums + t * GU, sizeof(float) * GU);
             }
-#pragma omp for schedule(dynamic, 1)
-            for (long item = 0; item < (long)(g1 - g0) * gu_slices; item++) {
-                int g = g0 + (int)(item / gu_slices);
-                long e = group_expert[g], r0 = group_start[g] - first, n = group_start[g + 1] - group_start[g];
-                slice_rows(gu_tiles + e * gu_tiles_stride, gu_sz + e * gu_sz_stride, rows, D, gu_padded, gu_group,
-                           codes + r0 * D, scales + r0 * A, code_sums + r0 * A, sums + r0 * GU, 0, (int)n,
-                           h + r0 * gu_padded, (int)(item % gu_slices));
-            }
+            groups_times_matrix(g0, g1, group_expert, group_start, first, gu_tiles, gu_tiles_stride, gu_sz, gu_sz_stride,
+                                rows, D, gu_padded, gu_group, codes, scales, code_sums, sums, h);
 #pragma omp for schedule(static)
             for (long j = 0; j < members; j++) {
                 float *hj = h + j * gu_padded; /* silu(gate) * up, in place over the gate half */
                 silu_times_up(hj, I);
                 quantize_row(hj, I, dn_group, h_codes + j * I, h_scales + j * AI, h_code_sums + j * AI, h_sums + j * GD);
             }
-#pragma omp for schedule(dynamic, 1)
-            for (long item = 0; item < (long)(g1 - g0) * dn_slices; item++) {
-                int g = g0 + (int)(item / dn_slices);
-                long e = group_expert[g], r0 = group_start[g] - first, n = group_start[g + 1] - group_start[g];
-                slice_rows(dn_tiles + e * dn_tiles_stride, dn_sz + e * dn_sz_stride, rows, I, dn_padded, dn_group,
-                           h_codes + r0 * I, h_scales + r0 * AI, h_code_sums + r0 * AI, h_sums + r0 * GD, 0, (int)n,
-                           y + r0 * dn_padded, (int)(item % dn_slices));
-            }
+            groups_times_matrix(g0, g1, group_expert, group_start, first, dn_tiles, dn_tiles_stride, dn_sz, dn_sz_stride,
+                                rows, I, dn_padded, dn_group, h_codes, h_scales, h_code_sums, h_sums, y);
 #pragma omp for schedule(static)
             for (int d0 = 0; d0 < D; d0 += 64) { /* the outputs, threads over columns, members in order */
                 int d1 = d0 + 64 < D ? d0 + 64 : D;
