@@ -44,6 +44,7 @@ from torch import nn
 
 from kimi_desk.engine.placement import DECODE_STREAM_BANKS, DECODE_STREAM_SLOTS
 from kimi_desk.engine.quantize import int4_experts_to_cpu_layout
+from kimi_desk.kernels.quant import dequantize_rows
 from kimi_desk.kernels.quant.cpu import (
     JOINED,
     cpu_int4_fits,
@@ -53,7 +54,7 @@ from kimi_desk.kernels.quant.cpu import (
     tiles_to_codes,
     tiles_to_scales,
 )
-from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
+from kimi_desk.kernels.quant.naive import dequantize_int4_groups
 
 # Tokens up to which a chunk's RAM experts are taken one (token, expert) pair at a time (read in place by
 # the GPU, or computed on the CPU); more (prefill chunks) stream each layer's whole RAM stack to the GPU.

@@ -34,6 +34,7 @@ from torch import nn
 from kimi_desk.engine.errors import ConfigError
 from kimi_desk.kernels.quant import (
     FP8,
+    dequantize_rows,
     int4_group_size,
     int4_linear,
     quantize_fp8_rows,
@@ -49,7 +50,6 @@ from kimi_desk.kernels.quant.cpu import (
     pack_int4_for_cpu,
     stack_int4_experts_for_cpu,
 )
-from kimi_desk.kernels.quant.naive import dequantize_rows
 
 METHODS = ("fp8", "int8", "int4")
 # Bytes a quantized weight takes, scales included (int4: a bf16 scale and zero per group of 32-128).

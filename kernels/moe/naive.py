@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kimi_desk.kernels.quant import GEMV_MAX_TOKENS, avx2
+from kimi_desk.kernels.quant import GEMV_MAX_TOKENS, avx2, dequantize_rows
 from kimi_desk.kernels.quant.cpu import (
     cpu_int8_fits,
     int4_expert_cpu,
@@ -27,7 +27,7 @@ from kimi_desk.kernels.quant.cpu import (
     tiles_to_codes,
     tiles_to_scales,
 )
-from kimi_desk.kernels.quant.naive import dequantize_int4_groups, dequantize_rows
+from kimi_desk.kernels.quant.naive import dequantize_int4_groups
 
 
 def route_topk_torch(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False, append=None):

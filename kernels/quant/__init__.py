@@ -8,17 +8,21 @@
 On CUDA, up to GEMV_MAX_TOKENS rows of x (leading dims flattened: decode, speculative decode) go to the
 Triton GEMVs of gemv.py, which read the codes once for all rows and dequantize in
 registers: decode is bound by reading weights. More rows, and the CPU, take the PyTorch forms, which
-dequantize the weight then multiply; on the CPU an int4 matrix prepared with cpu.py's layout takes
+dequantize the weight then multiply (on an AVX2 CPU int8 codes are dequantized by our kernel in one
+pass); on the CPU an int4 matrix prepared with cpu.py's layout takes
 our AVX2 kernels (avx2.py) or PyTorch's int4 operator instead (engine/quantize.py's Int4Linear holds it), and a few rows of x by int8
 codes PyTorch's int8 operator (cpu.py).
 """
 
+import torch.nn.functional as F
+
 from kimi_desk.kernels import use_triton
+from kimi_desk.kernels.quant import avx2
 from kimi_desk.kernels.quant.cpu import cpu_int8_fits, int8_linear_cpu
 from kimi_desk.kernels.quant.naive import (
     FP8,
     dequantize_int4_groups,
-    dequantize_rows,
+    dequantize_rows_torch,
     int4_group_size,
     int4_linear_torch,
     quantize_fp8_rows,
@@ -54,7 +58,17 @@ def row_scaled_linear(x, q, scale):
             return row_scaled_gemv(x, q, scale)
         if cpu_int8_fits(x, q):
             return int8_linear_cpu(x, q, scale)
+    if not use_triton(x) and avx2.int8_dequantizes(q, scale, x.dtype):
+        return F.linear(x, avx2.int8_dequantize_rows(q, scale, x.dtype))
     return row_scaled_linear_torch(x, q, scale)
+
+
+def dequantize_rows(q, scale, dtype):
+    """(Q, s) of a row-scaled format -> Q * s[..., None] in `dtype` (naive.py's dequantize_rows_torch):
+    int8 codes on an AVX2 CPU in one pass of our kernel (kernels/quant/avx2.py)."""
+    if avx2.int8_dequantizes(q, scale, dtype):
+        return avx2.int8_dequantize_rows(q, scale, dtype)
+    return dequantize_rows_torch(q, scale, dtype)
 
 
 def int4_linear(x, packed, scale, zero):

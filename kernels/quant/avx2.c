@@ -658,6 +658,41 @@ __attribute__((target("avx2,fma"))) int int8_experts_one_token(const void *x, in
 }
 
 
+/* Q * s[:, None] for int8 codes Q [O, D] and float32 row scales s [O], into out [O, D] in float32 or
+   bfloat16 (out_bf16): the weight a many-row product multiplies on the CPU. Each value is the float32
+   product rounded once to the output's dtype, as kernels/quant/naive.py's dequantize_rows gives it, in
+   one pass over the codes where PyTorch's cast and scaling take two over the wider output. Threads over
+   rows. */
+__attribute__((target("avx2,fma"))) void int8_dequantize_rows(const int8_t *q, const float *scale, long O, long D,
+                                                              void *out, int out_bf16, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < O; r++) {
+        const int8_t *row = q + r * D;
+        const __m256 s = _mm256_set1_ps(scale[r]);
+        long d = 0;
+        for (; d + 8 <= D; d += 8) {
+            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + d)))), s);
+            if (!out_bf16) {
+                _mm256_storeu_ps((float *)out + r * D + d, v);
+                continue;
+            }
+            /* round to nearest even on the top 16 bits (the values are finite) */
+            __m256i u = _mm256_castps_si256(v);
+            __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+            u = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+            __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+            _mm_storeu_si128((__m128i *)((uint16_t *)out + r * D + d), packed);
+        }
+        for (; d < D; d++) {
+            float v = (float)row[d] * scale[r];
+            if (out_bf16)
+                ((uint16_t *)out)[r * D + d] = round_to_bf16(v);
+            else
+                ((float *)out)[r * D + d] = v;
+        }
+    }
+}
+
 /* Whether this CPU runs the kernels above. */
 int cpu_supported(void) {
     __builtin_cpu_init();

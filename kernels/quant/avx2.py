@@ -46,6 +46,7 @@ def library() -> ctypes.CDLL | None:
         lib.int4_experts_grouped.argtypes = [_POINTER, *[_INT] * 5, *matrix, *matrix, _INT, *[_POINTER] * 5]
         lib.int4_experts_grouped.argtypes += [_INT, _INT]
         lib.int8_linear_avx2.argtypes = [_POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _INT, _POINTER, _INT, _INT]
+        lib.int8_dequantize_rows.argtypes = [_POINTER, _POINTER, _LONG, _LONG, _POINTER, _INT, _INT]
         lib.int8_experts_one_token.argtypes = [_POINTER, *[_INT] * 3, *[_POINTER] * 8, _INT, _POINTER, *[_INT] * 2]
         # Each allocates its scratch and returns -1 when the allocation fails.
         for name in (
@@ -253,6 +254,36 @@ def int8_linear_avx2(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
         )
     )
     return y
+
+
+def int8_dequantizes(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether int8_dequantize_rows takes these: int8 codes [..., O, D] on the CPU, contiguous, a float32
+    scale per row, into float32 or bfloat16."""
+    return (
+        q.dtype == torch.int8
+        and q.device.type == "cpu"
+        and q.is_contiguous()
+        and scale.dtype == torch.float32
+        and scale.numel() * q.shape[-1] == q.numel()
+        and dtype in (torch.float32, torch.bfloat16)
+        and library() is not None
+    )
+
+
+def int8_dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """naive.py's dequantize_rows(q, scale, dtype), bit for bit, in one pass (int8_dequantizes must hold)."""
+    out = torch.empty(q.shape, dtype=dtype)
+    scale = scale.contiguous()
+    library().int8_dequantize_rows(
+        q.data_ptr(),
+        scale.data_ptr(),
+        scale.numel(),
+        q.shape[-1],
+        out.data_ptr(),
+        int(dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    return out
 
 
 def int8_experts_one_token(

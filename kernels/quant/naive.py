@@ -46,7 +46,7 @@ def _row_scale(w: torch.Tensor, largest: float) -> torch.Tensor:
     return torch.where(amax > 0, amax / largest, torch.ones_like(amax))
 
 
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_rows_torch(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(Q, s) of a row-scaled format -> Q * s[..., None] in `dtype` (the product in float32, then
     rounded once). The codes go straight into `dtype` (e4m3 and int8 values are exact there) and are
     scaled in place: no float32 copy of the whole matrix."""
@@ -57,7 +57,7 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 def row_scaled_linear_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., D] @ dequant(Q, s)^T -> [..., O] in x's dtype. The weight is dequantized straight into x's
     dtype (e4m3 and int8 values are exact in it; the product with the float32 scale is rounded once, as
-    dequantize_rows does): one copy of 2 bytes a weight for bf16, where going through float32 moved
+    dequantize_rows_torch does): one copy of 2 bytes a weight for bf16, where going through float32 moved
     about 20. Scaling the output instead would write a float32 [tokens, O] product per call, more bytes
     than the weight at prefill's chunk sizes."""
     weight = q.to(x.dtype)

@@ -13,7 +13,8 @@ from kimi_desk.engine import load_model
 from kimi_desk.engine.quantize import RowScaledLinear, is_quantized_weight
 from kimi_desk.engine.weights import build_on_meta, save_checkpoint
 from kimi_desk.kernels.quant import FP8
-from kimi_desk.kernels.quant.naive import dequantize_rows, quantize_fp8_rows
+from kimi_desk.kernels.quant.naive import dequantize_rows_torch as dequantize_rows
+from kimi_desk.kernels.quant.naive import quantize_fp8_rows
 
 
 def test_the_rule_covers_the_big_matrices_only():

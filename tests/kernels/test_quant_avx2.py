@@ -26,7 +26,7 @@ from kimi_desk.kernels.quant.cpu import (
     pack_int4_for_cpu,
     stack_int4_experts_for_cpu,
 )
-from kimi_desk.kernels.quant.naive import unpack_int4
+from kimi_desk.kernels.quant.naive import dequantize_rows_torch, unpack_int4
 
 # The activations are rounded to int8 in blocks of 32 (~0.5% of a random product); the weights are exact.
 TOLERANCE = 1.5e-2
@@ -266,3 +266,22 @@ def test_int8_linear_cpu_takes_the_kernel_where_it_reads(monkeypatch):
         got = int8_linear_cpu(x, q, scale)
         assert bool(calls) == uses_kernel
         assert got.dtype == torch.bfloat16 and rel_err(got, want) < TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dequantized_rows_are_the_pytorch_forms_bit_for_bit(dtype):
+    """The weight a many-row int8 product multiplies: each code times its row's scale in float32, rounded
+    once to the dtype (ties to even), bit for bit as naive.py's dequantize_rows_torch gives it; widths
+    that are not a multiple of 8 take the scalar tail; stacked experts [E, O, D] too."""
+    if avx2.library() is None:
+        pytest.skip(avx2.quantized_backend())
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((37, 259), (4, 16, 64)):
+        q = torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)
+        scale = torch.rand(shape[:-1], generator=gen) * 0.02
+        scale.view(-1)[0] = 1 + 2.0**-8  # codes 1, 2, 4, ... then fall exactly between two bf16 values
+        assert avx2.int8_dequantizes(q, scale, dtype)
+        got = avx2.int8_dequantize_rows(q, scale, dtype)
+        assert got.dtype == dtype and torch.equal(got, dequantize_rows_torch(q, scale, dtype))
+    assert not avx2.int8_dequantizes(q.transpose(-1, -2), scale, dtype)
+    assert not avx2.int8_dequantizes(q.float(), scale, dtype)
