@@ -58,7 +58,7 @@ def top_p_threshold_cpu(weights: torch.Tensor, p: float, mass: torch.Tensor | No
     floor, target = top_p_sort_floor(weights, p, mass)
     ordered = torch.sort(weights[weights >= floor], descending=True).values
     running = torch.cumsum(masses(ordered), 0)
-    return ordered[torch.searchsorted(running, torch.tensor([target])).clamp(max=len(ordered) - 1)]
+    return ordered[torch.searchsorted(running, target).clamp(max=len(ordered) - 1).view(1)]
 
 
 def top_p_sort_floor(weights: torch.Tensor, p: float, mass: torch.Tensor | None = None) -> tuple[float, int]:
@@ -72,7 +72,7 @@ def top_p_sort_floor(weights: torch.Tensor, p: float, mass: torch.Tensor | None 
     # (weights in [0, 1]; below 2^-40 the mass is 0, wherever those fall).
     bins = torch.clamp(127 - (weights.float().view(torch.int32) >> 23), 0, 63).to(torch.int64)
     heavier = torch.cumsum(torch.zeros(64, dtype=torch.int64).scatter_add_(0, bins, mass), 0)
-    b = int(torch.searchsorted(heavier, torch.tensor([target])).clamp(max=63))
+    b = int(torch.searchsorted(heavier, target).clamp(max=63))
     return 2.0**-b, target
 
 

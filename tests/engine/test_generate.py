@@ -142,6 +142,7 @@ def test_choosing_a_token_takes_no_host_value():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from kimi_desk.engine.generate import choose_token
+    from kimi_desk.kernels.sampling.naive import choose_sampled_torch
 
     ops = []
 
@@ -158,6 +159,14 @@ def test_choosing_a_token_takes_no_host_value():
         with RecordOps():
             choose_token(logits, sampling, uniform, seen)
     assert ops and not {"scalar_tensor.default", "lift_fresh.default", "copy_.default"} & set(ops)
+    # The top-p choice a GPU records under KIMI_DESK_KERNELS=torch (the CPU takes its own, which may ask
+    # the host): it reads no host value back either.
+    weights = torch.exp(logits - logits.max())
+    ops.clear()
+    with RecordOps():
+        choose_sampled_torch(weights, 0.5, uniform)
+    host = {"scalar_tensor.default", "lift_fresh.default", "copy_.default", "_local_scalar_dense.default"}
+    assert ops and not host & set(ops)
 
 
 def test_sampling_follows_the_distribution():
