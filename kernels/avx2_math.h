@@ -37,16 +37,20 @@ static inline __attribute__((target("avx2,fma"))) float hsum(__m256 v) {
 
 /* Activations as they come, float32 or bfloat16 (`bf16`), and where they go. A bfloat16 is the top half
    of a float32, so widening is exact; rounding back is to nearest, ties to even, as PyTorch rounds. */
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 static inline __attribute__((target("avx2,fma"))) void widen_bf16(const uint16_t *src, float *dst, long n) {
     long i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
         _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
     }
-    for (; i < n; i++) {
-        uint32_t u = (uint32_t)src[i] << 16;
-        memcpy(dst + i, &u, 4);
-    }
+    for (; i < n; i++) dst[i] = from_bf16(src[i]);
 }
 
 static inline uint16_t round_to_bf16(float f) {

@@ -163,11 +163,8 @@ __attribute__((target("avx2,fma"))) int kda_decode_step(int B, int T, int H, int
                 in[n] = bf16 ? widened[n] : (const float *)row;
                 if (bf16) widen_bf16((const uint16_t *)row, widened[n], K);
             }
-            float beta_logit;
-            if (bf16)
-                widen_bf16((const uint16_t *)inputs[5] + r * strides[5] + h, &beta_logit, 1);
-            else
-                beta_logit = ((const float *)inputs[5])[r * strides[5] + h];
+            const float beta_logit = bf16 ? from_bf16(((const uint16_t *)inputs[5])[r * strides[5] + h])
+                                          : ((const float *)inputs[5])[r * strides[5] + h];
             for (int n = 0; n < 3; n++) {
                 const float *w = taps[n] + (long)h * K * W;
                 for (int i = 0; i < K; i += 8) conv_8(in[n] + i, w + (long)i * W, window[n] + (long)i * (W - 1), W, qkv[n] + i);

@@ -93,10 +93,9 @@ def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None, out_dtype=N
     int8 = scales is not None and not isinstance(scales[0], tuple) and cpu_int8_fits(x, w1)
     if int8 and x.shape[0] == 1:  # one token: its experts in one call of our AVX2 kernel where it runs
         s1, s2, s3 = scales
-        kept = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
-        out = avx2.int8_experts_one_token(x, ids[0], weights[0], w1, w2, w3, s1, s2, s3, kept)
+        out = avx2.int8_experts_one_token(x, ids[0], weights[0], w1, w2, w3, s1, s2, s3, _written(out_dtype))
         if out is not None:
-            return out if out_dtype is None else out.to(out_dtype)
+            return _in_dtype(out, out_dtype)
 
     def expert(e, xe):
         if int8 and xe.shape[0] <= GEMV_MAX_TOKENS:
@@ -107,8 +106,7 @@ def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None, out_dtype=N
         w1e, w2e, w3e = chosen_weights(e, w1, w2, w3, scales, x.dtype)
         return F.linear(F.silu(F.linear(xe, w1e)) * F.linear(xe, w3e), w2e)
 
-    out = _by_expert(x, ids, weights, expert)
-    return out if out_dtype is None else out.to(out_dtype)
+    return _in_dtype(_by_expert(x, ids, weights, expert), out_dtype)
 
 
 def routed_experts_int4_cpu(x, ids, weights, expert_weights, stacks=None, out_dtype=None):
@@ -118,11 +116,19 @@ def routed_experts_int4_cpu(x, ids, weights, expert_weights, stacks=None, out_dt
     experts' `stacks`, the tokens take all their experts in one call of our AVX2 kernels where they run
     (kernels/quant/cpu.py int4_experts_stacked). Returns [N, D] float32, or out_dtype."""
     if stacks is not None:
-        kept = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
-        out = int4_experts_stacked(x, ids, weights, stacks, kept)
+        out = int4_experts_stacked(x, ids, weights, stacks, _written(out_dtype))
         if out is not None:
-            return out if out_dtype is None else out.to(out_dtype)
-    out = _by_expert(x, ids, weights, lambda e, xe: int4_expert_cpu(xe, expert_weights[e]))
+            return _in_dtype(out, out_dtype)
+    return _in_dtype(_by_expert(x, ids, weights, lambda e, xe: int4_expert_cpu(xe, expert_weights[e])), out_dtype)
+
+
+def _written(out_dtype):
+    """The dtype our CPU experts kernels write for a result wanted in out_dtype (None: float32): itself
+    where they write it (float32, bfloat16), else float32."""
+    return out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
+def _in_dtype(out, out_dtype):
     return out if out_dtype is None else out.to(out_dtype)
 
 

@@ -13,20 +13,10 @@
 
 #include "../avx2_math.h"
 
-static inline float rounded(float v, int bf16) {
-    if (!bf16) return v;
-    uint32_t u = (uint32_t)round_to_bf16(v) << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+static inline float rounded(float v, int bf16) { return bf16 ? from_bf16(round_to_bf16(v)) : v; }
 
 static inline float value(const void *p, int bf16, long i) {
-    if (!bf16) return ((const float *)p)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+    return bf16 ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static inline void put(void *p, int bf16, long i, float v) {

@@ -227,19 +227,18 @@ def int4_expert_cpu(x: torch.Tensor, expert: CpuInt4Expert) -> torch.Tensor:
     return int4_linear_cpu(F.silu(gate) * up, expert.down)
 
 
-def int4_linear_cpu(x: torch.Tensor, weight: CpuInt4Weight, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [..., D] @ W^T -> [..., O] in out_dtype (default x's): our AVX2 kernels where they run
-    (kernels/quant/avx2.py: x rounded to int8 in blocks of 32, integer products, float32 and bfloat16
-    read and written as they are), else the operator (x rounded to bf16); float32 sums either way."""
+def int4_linear_cpu(x: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor:
+    """x [..., D] @ W^T -> [..., O] in x's dtype: our AVX2 kernels where they run (kernels/quant/avx2.py:
+    x rounded to int8 in blocks of 32, integer products, float32 and bfloat16 read and written as they
+    are), else the operator (x rounded to bf16); float32 sums either way."""
     rows = x.reshape(-1, weight.in_features)
-    out_dtype = out_dtype or x.dtype
     layout = cpu_int4_layout()
     padded_rows = weight.scales_and_zeros.shape[1]
-    if out_dtype in (torch.float32, torch.bfloat16) and avx2.reads(
+    if x.dtype in (torch.float32, torch.bfloat16) and avx2.reads(
         layout.rows, layout.split, weight.group, weight.in_features, padded_rows
     ):
         y = avx2.int4_linear_avx2(
-            rows, weight.packed, weight.scales_and_zeros, layout.rows, weight.group, weight.out_features, out_dtype
+            rows, weight.packed, weight.scales_and_zeros, layout.rows, weight.group, weight.out_features
         )
         return y.view(*x.shape[:-1], weight.out_features)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -247,7 +246,7 @@ def int4_linear_cpu(x: torch.Tensor, weight: CpuInt4Weight, out_dtype: torch.dty
     )
     if y.shape[-1] != weight.out_features:
         y = y[:, : weight.out_features]
-    return y.to(out_dtype).reshape(*x.shape[:-1], weight.out_features)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
 def tiles_to_codes(tiles: torch.Tensor, out_features: int, layout: CpuInt4Layout | None = None) -> torch.Tensor:

@@ -9,8 +9,8 @@ instead of sorting the vocabulary: PyTorch's sort, softmax and cumulative sums o
 logits for the 48B model) each run in one thread block, most of the GPU idle meanwhile. Under top-k
 (k up to top_k.py's TOP_K_MAX) one kernel does everything from the logits (top_k.py); elsewhere the
 choice is made among the k kept tokens only (naive.py's choose_top_k_torch), not the whole vocabulary.
-On the CPU the top-p threshold is found in a prefix of the heaviest weights (naive.py's
-choose_sampled_cpu), not a sort of the vocabulary.
+On the CPU the top-p threshold is found among the heaviest weights that can hold the mass (naive.py's
+choose_sampled_cpu), not by a sort of the vocabulary.
 """
 
 from kimi_desk.kernels import use_triton

@@ -82,18 +82,21 @@ def choose_sampled_cpu(weights: torch.Tensor, p: float, uniform: torch.Tensor) -
     nothing to it)."""
     mass = masses(weights)
     kept = torch.nonzero(weights >= top_p_threshold_cpu(weights, p, mass)).flatten()
-    running = torch.cumsum(mass[kept], 0)
-    draw = torch.minimum(torch.floor(uniform * running[-1:].double()).to(torch.int64), running[-1:] - 1)
-    return kept[torch.searchsorted(running, draw, right=True).clamp(max=len(kept) - 1)]
+    return kept[_drawn_index(torch.cumsum(mass[kept], 0), uniform)]
 
 
 def choose_sampled_torch(weights: torch.Tensor, p: float, uniform: torch.Tensor) -> torch.Tensor:
     """The token drawn from `weights` [V] under top-p `p` by the draw `uniform` ([1] float64), as a [1]
     int64 tensor on their device, with no host synchronisation."""
     kept = masses(weights).masked_fill(weights < top_p_threshold(weights, p), 0)
-    running = torch.cumsum(kept, 0)
+    return _drawn_index(torch.cumsum(kept, 0), uniform)
+
+
+def _drawn_index(running: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The definition's choice over running kept masses [n]: the first index where the running mass
+    exceeds r = min(floor(u * K), K - 1), K the whole kept mass, as a [1] int64 tensor."""
     draw = torch.minimum(torch.floor(uniform * running[-1:].double()).to(torch.int64), running[-1:] - 1)
-    return torch.searchsorted(running, draw, right=True).clamp(max=len(weights) - 1)
+    return torch.searchsorted(running, draw, right=True).clamp(max=len(running) - 1)
 
 
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
