@@ -665,7 +665,8 @@ __attribute__((target("avx2,fma"))) int int8_experts_one_token(const void *x, in
    rows. */
 __attribute__((target("avx2,fma"))) void int8_dequantize_rows(const int8_t *q, const float *scale, long O, long D,
                                                               void *out, int out_bf16, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+    /* a few rows (a decode step's embedding) are done before a sleeping pool of threads would wake */
+#pragma omp parallel for num_threads(threads) schedule(static) if (O * D >= 65536)
     for (long r = 0; r < O; r++) {
         const int8_t *row = q + r * D;
         const __m256 s = _mm256_set1_ps(scale[r]);
