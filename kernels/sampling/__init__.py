@@ -9,8 +9,9 @@ instead of sorting the vocabulary: PyTorch's sort, softmax and cumulative sums o
 logits for the 48B model) each run in one thread block, most of the GPU idle meanwhile. Under top-k
 (k up to top_k.py's TOP_K_MAX) one kernel does everything from the logits (top_k.py); elsewhere the
 choice is made among the k kept tokens only (naive.py's choose_top_k_torch), not the whole vocabulary.
-On the CPU the top-p threshold is found among the heaviest weights that can hold the mass (naive.py's
-choose_sampled_cpu), not by a sort of the vocabulary.
+On the CPU one call of C makes the choice in three passes over the weights (top_p_cpu.c); without the
+C kernels, the top-p threshold is found among the heaviest weights that can hold the mass (naive.py's
+choose_sampled_cpu). Neither sorts the vocabulary.
 """
 
 from kimi_desk.kernels import use_triton
@@ -30,6 +31,10 @@ def choose_sampled(weights, top_p, uniform):
 
         return choose_sampled_triton(weights, top_p, uniform)
     if weights.device.type == "cpu":
+        from kimi_desk.kernels.sampling import top_p_cpu
+
+        if top_p_cpu.takes(weights, uniform):
+            return top_p_cpu.choose_sampled_c(weights, top_p, uniform)
         return choose_sampled_cpu(weights, top_p, uniform)
     return choose_sampled_torch(weights, top_p, uniform)
 

@@ -1,8 +1,9 @@
 """What a sampled token's choice costs on the CPU at the 48B vocabulary (163,840): the top-p choice
-kimi-desk takes there (kernels/sampling/naive.py choose_sampled_cpu: a sort of only the weights that can
-hold the mass) against the definition's (choose_sampled_torch: a sort of the whole vocabulary), checked
-token for token first, over the spreads of logits that change how many weights it sorts, at the TUI's
-default temperature 0.7 and top-p 0.5 / 0.9 / 0.99.
+kimi-desk takes there (kernels/sampling/top_p_cpu.c: one call of C, three passes over the weights),
+against the PyTorch form it takes without the C kernels (naive.py choose_sampled_cpu: a sort of only the
+weights that can hold the mass) and the definition's (choose_sampled_torch: a sort of the whole
+vocabulary), all three checked token for token first, over the spreads of logits that change how many
+weights the PyTorch form sorts, at the TUI's default temperature 0.7 and top-p 0.5 / 0.9 / 0.99.
 
     python packaging/bench/cpu/sampling_cost.py [--json OUT]
 
@@ -20,6 +21,7 @@ import time
 import torch
 
 from kimi_desk.kernels.sampling.naive import choose_sampled_cpu, choose_sampled_torch, top_p_sort_floor
+from kimi_desk.kernels.sampling.top_p_cpu import choose_sampled_c
 
 V = 163840
 SPREADS = (1.0, 2.0, 3.0, 5.0, 8.0)  # standard deviations of the random logits
@@ -44,21 +46,31 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     rows = []
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, V = {V}")
-    print("| logits' spread | top-p | weights sorted | whole sort, ms | kimi-desk, ms | speed-up |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| logits' spread | top-p | weights sorted | whole sort, ms | PyTorch, no whole sort, ms | C, ms | speed-up |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for spread in SPREADS:
         scores = torch.randn(V, generator=gen) * spread / TEMPERATURE
         weights = torch.exp(scores - scores.max())
         for p in TOP_P:
             for u in torch.rand(8, generator=gen, dtype=torch.float64):
                 uniform = u.view(1)
-                assert torch.equal(choose_sampled_cpu(weights, p, uniform), choose_sampled_torch(weights, p, uniform))
+                want = choose_sampled_torch(weights, p, uniform)
+                assert torch.equal(choose_sampled_cpu(weights, p, uniform), want)
+                assert torch.equal(choose_sampled_c(weights, p, uniform), want)
             uniform = torch.tensor([0.37], dtype=torch.float64)
             whole = median_ms(lambda: choose_sampled_torch(weights, p, uniform))
-            ours = median_ms(lambda: choose_sampled_cpu(weights, p, uniform))
+            partial = median_ms(lambda: choose_sampled_cpu(weights, p, uniform))
+            ours = median_ms(lambda: choose_sampled_c(weights, p, uniform))
             sorted_count = sorted_weights(weights, p)
-            rows.append(dict(spread=spread, top_p=p, sorted=sorted_count, whole_ms=whole, ours_ms=ours))
-            print(f"| {spread} | {p} | {sorted_count:,} | {whole:.2f} | {ours:.2f} | {whole / ours:.1f}x |")
+            rows.append(
+                dict(spread=spread, top_p=p, sorted=sorted_count, whole_ms=whole, torch_ms=partial, ours_ms=ours)
+            )
+            print(
+                f"| {spread} | {p} | {sorted_count:,} | {whole:.2f} | {partial:.2f} | {ours:.3f} | "
+                f"{whole / ours:.0f}x, {partial / ours:.0f}x |"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(threads=torch.get_num_threads(), vocabulary=V, rows=rows), f, indent=1)

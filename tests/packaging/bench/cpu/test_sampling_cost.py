@@ -1,5 +1,5 @@
-"""packaging/bench/cpu/sampling_cost.py, cut to one spread and one top-p: it checks the two choices agree
-and reports both times and how many weights the CPU choice sorted."""
+"""packaging/bench/cpu/sampling_cost.py, cut to one spread and one top-p: it checks the three choices agree
+and reports their times and how many weights the PyTorch form sorted."""
 
 import importlib.util
 import json
@@ -17,5 +17,5 @@ def test_one_spread(tmp_path, monkeypatch, capsys):
     report = tmp_path / "sampling.json"
     assert bench.main(["--json", str(report)]) == 0
     (row,) = json.loads(report.read_text())["rows"]
-    assert 0 < row["sorted"] < bench.V and row["whole_ms"] > 0 and row["ours_ms"] > 0
+    assert 0 < row["sorted"] < bench.V and row["whole_ms"] > 0 and row["torch_ms"] > 0 and row["ours_ms"] > 0
     assert "| 5.0 | 0.9 |" in capsys.readouterr().out
