@@ -98,7 +98,7 @@ def pdl(tensor) -> bool:
 
 
 def pdl_launch(tensor) -> dict:
-    """The launch arguments of a kernel that starts with `grid_dependency.wait_for_previous_kernel(PDL)`:
+    """The launch arguments of a kernel that starts with `if PDL: grid_dependency.wait_for_previous_kernel()`:
     `kernel[grid](..., **pdl_launch(x))`."""
     on = pdl(tensor)
     return {"PDL": on, "launch_pdl": on}

@@ -72,7 +72,8 @@ def fused_recurrent_kda_fwd_kernel(
     USE_BETA_SIGMOID_IN_KERNEL: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     # int64 before any multiplication by T: B * T * H * K overflows int32 at long contexts.

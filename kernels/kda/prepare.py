@@ -75,7 +75,8 @@ def prepare_kda_fwd_kernel(
     BK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_k = tl.arange(0, BK)
     m_r = o_r < R

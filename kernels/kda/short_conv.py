@@ -67,7 +67,8 @@ def short_conv_update_fwd_kernel(
     BP: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     i_p, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_p = i_p * BP + tl.arange(0, BP)
     m_p = o_p < P

@@ -104,7 +104,8 @@ def mla_decode_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     i_m, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     R: tl.constexpr = D - V
 
@@ -203,7 +204,8 @@ def mla_decode_combine_fwd_kernel(
     BV: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     i_v, i_r, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V

@@ -64,7 +64,8 @@ def moe_gate_up_fwd_kernel(
     PIECES: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     i_p, i_i = tl.program_id(0), tl.program_id(1)
     # Pair i_p is token i_p // k with its chosen expert ids[i_p] (ids is [N, k], row-major).
     i_n = (i_p // n_chosen).to(tl.int64)
@@ -127,7 +128,8 @@ def moe_down_fwd_kernel(
     PIECES: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     i_p, i_d = tl.program_id(0), tl.program_id(1)
     i_e = tl.load(ids + i_p).to(tl.int64)
     b_weight = tl.load(weights + i_p).to(tl.float32)

@@ -66,7 +66,8 @@ def tiled_int4_gemv_kernel(
     SPLIT: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     i_s, i_t = tl.program_id(0), tl.program_id(1)
     HALF: tl.constexpr = ROWS // 2  # bytes of a block per input
     o_r = tl.arange(0, HALF)

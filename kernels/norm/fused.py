@@ -33,7 +33,8 @@ def rms_norm_fwd_kernel(
     ADD: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     i_r = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
     m_n = o_n < N

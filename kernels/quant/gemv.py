@@ -98,7 +98,8 @@ def row_scaled_gemv_fwd_kernel(
     p_x = x + o_n.to(tl.int64)[:, None] * stride_x
     b_acc = tl.zeros([BO, BN], dtype=tl.float32)
     b_rows = tl.zeros([BO], dtype=tl.float32)
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     # Split i_s covers [i_s * CHUNK, (i_s + 1) * CHUNK) of the width; the last one may run past D (masked).
     for d0 in range(0, CHUNK, BD):
         if CORES:

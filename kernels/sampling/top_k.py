@@ -88,7 +88,8 @@ def top_k_choice_kernel(
     ACCURATE_EXP: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     pid = tl.program_id(0)
     rows = tl.num_programs(0)
     ids = pid * ROW + tl.arange(0, ROW)

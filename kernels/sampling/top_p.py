@@ -62,7 +62,8 @@ def top_p_pass_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     pid = tl.program_id(0)
     SHIFT: tl.constexpr = WEIGHT_BITS - DIGIT_BITS * (PASS + 1)
     bins = tl.arange(0, BINS)
@@ -104,7 +105,8 @@ def top_p_choose_kernel(
     PROGRAMS: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
+    if PDL:
+        wait_for_previous_kernel()
     pid = tl.program_id(0)
     if TOP_P:
         threshold = tl.load(scratch + PREFIX)
