@@ -40,7 +40,7 @@ from kimi_desk import environment
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.state import ModelState
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.sampling import choose_top_k
+from kimi_desk.kernels.sampling import choose_greedy, choose_top_k
 from kimi_desk.kernels.sampling.naive import penalize_repetition
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ def choose_token(
     if sampling.greedy:
         if seen is not None and sampling.repetition_penalty != 1:
             logits = penalize_repetition(logits, seen, sampling.repetition_penalty)
-        return torch.argmax(logits).view(1)
+        return choose_greedy(logits)
     return choose_top_k(
         logits, sampling.top_k, sampling.top_p, uniform, sampling.temperature, seen, sampling.repetition_penalty
     )

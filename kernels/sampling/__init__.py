@@ -1,4 +1,5 @@
-"""The choice of a sampled token: `choose_sampled(weights, top_p, uniform)` -> [1] int64, from the
+"""The choice of a token: `choose_greedy(logits)` -> [1] int64, the first largest logit; the choice of a
+sampled one: `choose_sampled(weights, top_p, uniform)` -> [1] int64, from the
 weights exp(logit - max logit) of one position (temperature and repetition penalty applied before:
 engine/generate.py), with top-p, by one uniform draw; `choose_top_k(logits, k, ...)` the same with
 top-k, from the logits themselves.
@@ -9,10 +10,12 @@ instead of sorting the vocabulary: PyTorch's sort, softmax and cumulative sums o
 logits for the 48B model) each run in one thread block, most of the GPU idle meanwhile. Under top-k
 (k up to top_k.py's TOP_K_MAX) one kernel does everything from the logits (top_k.py); elsewhere the
 choice is made among the k kept tokens only (naive.py's choose_top_k_torch), not the whole vocabulary.
-On the CPU one call of C makes the choice in three passes over the weights (top_p_cpu.c); without the
+On the CPU one call of C makes the choice in three passes over the weights (choice_cpu.c); without the
 C kernels, the top-p threshold is found among the heaviest weights that can hold the mass (naive.py's
 choose_sampled_cpu). Neither sorts the vocabulary.
 """
+
+import torch
 
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.sampling.naive import (
@@ -22,7 +25,18 @@ from kimi_desk.kernels.sampling.naive import (
     top_k_weights,
 )
 
-__all__ = ["choose_sampled", "choose_top_k"]
+__all__ = ["choose_greedy", "choose_sampled", "choose_top_k"]
+
+
+def choose_greedy(logits):
+    """The first largest of one position's logits [V] as a [1] int64 tensor on their device (torch.argmax's
+    answer; on the CPU one vectorized call of C, choice_cpu.c, where torch.argmax goes element by element)."""
+    if logits.device.type == "cpu":
+        from kimi_desk.kernels.sampling import choice_cpu
+
+        if choice_cpu.takes(logits):
+            return choice_cpu.choose_greedy_c(logits)
+    return torch.argmax(logits).view(1)
 
 
 def choose_sampled(weights, top_p, uniform):
@@ -31,10 +45,10 @@ def choose_sampled(weights, top_p, uniform):
 
         return choose_sampled_triton(weights, top_p, uniform)
     if weights.device.type == "cpu":
-        from kimi_desk.kernels.sampling import top_p_cpu
+        from kimi_desk.kernels.sampling import choice_cpu
 
-        if top_p_cpu.takes(weights, uniform):
-            return top_p_cpu.choose_sampled_c(weights, top_p, uniform)
+        if choice_cpu.takes(weights, uniform):
+            return choice_cpu.choose_sampled_c(weights, top_p, uniform)
         return choose_sampled_cpu(weights, top_p, uniform)
     return choose_sampled_torch(weights, top_p, uniform)
 

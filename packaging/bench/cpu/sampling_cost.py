@@ -1,5 +1,5 @@
 """What a sampled token's choice costs on the CPU at the 48B vocabulary (163,840): the top-p choice
-kimi-desk takes there (kernels/sampling/top_p_cpu.c: one call of C, three passes over the weights),
+kimi-desk takes there (kernels/sampling/choice_cpu.c: one call of C, three passes over the weights),
 against the PyTorch form it takes without the C kernels (naive.py choose_sampled_cpu: a sort of only the
 weights that can hold the mass) and the definition's (choose_sampled_torch: a sort of the whole
 vocabulary), all three checked token for token first, over the spreads of logits that change how many
@@ -20,8 +20,8 @@ import time
 
 import torch
 
+from kimi_desk.kernels.sampling.choice_cpu import choose_sampled_c
 from kimi_desk.kernels.sampling.naive import choose_sampled_cpu, choose_sampled_torch, top_p_sort_floor
-from kimi_desk.kernels.sampling.top_p_cpu import choose_sampled_c
 
 V = 163840
 SPREADS = (1.0, 2.0, 3.0, 5.0, 8.0)  # standard deviations of the random logits

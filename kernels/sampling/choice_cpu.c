@@ -1,7 +1,11 @@
-/* The sampled token's choice under top-p on the CPU: naive.py's definition (integer masses, the
-   threshold, the draw in vocabulary order), bit for bit, in three passes over the weights and no sort.
+/* A token's choice on the CPU, as engine/generate.py's choose_token makes it, bit for bit: greedy (the
+   first largest logit, torch.argmax's answer) in two vectorized passes, and under top-p naive.py's
+   definition (integer masses, the threshold, the draw in vocabulary order) in three passes and no sort.
 
-   Why: PyTorch does it in some twenty operators over the 163,840 weights of the 48B model (masses,
+   Why greedy: PyTorch's argmax over a row runs element by element, 0.3-0.45 ms for the 48B model's
+   163,840 logits, where reading them takes tens of microseconds.
+
+   Why top-p: PyTorch does it in some twenty operators over the 163,840 weights of the 48B model (masses,
    bins, a sort of the heaviest, cumulative sums, a search), 2-6 ms of a CPU decode step of 10-40 ms,
    where the arithmetic is a few hundred microseconds.
 
@@ -16,6 +20,7 @@
    4. r = min(floor(u K), K - 1); the token is the first, in vocabulary order, whose running kept mass
       exceeds r. */
 
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -106,5 +111,48 @@ int top_p_choice(const float *weights, long V, float p, const double *u, int64_t
     return 0;
 }
 
-/* Scalar C: any x86-64 CPU runs it (kernels/native.py asks every library this). */
-int cpu_supported(void) { return 1; }
+/* *token = the first index of the largest of x [n], or of the first NaN where there is one (torch.argmax's
+   answer): the largest in one pass of 8 lanes (NaNs noted apart, as the lanes' max ignores them), then
+   the first lane equal to it. */
+__attribute__((target("avx2"))) void first_largest(const float *x, long n, int64_t *token) {
+    __m256 top = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        top = _mm256_max_ps(top, v);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float lanes[8], largest = -INFINITY;
+    _mm256_storeu_ps(lanes, top);
+    for (int k = 0; k < 8; k++)
+        if (lanes[k] > largest) largest = lanes[k];
+    int nan = _mm256_movemask_ps(unordered);
+    for (long j = i; j < n; j++) {
+        if (isnan(x[j])) nan = 1;
+        else if (x[j] > largest) largest = x[j];
+    }
+    if (nan) {
+        for (long j = 0; j < n; j++)
+            if (isnan(x[j])) {
+                *token = j;
+                return;
+            }
+    }
+    const __m256 target = _mm256_set1_ps(largest);
+    for (i = 0; i + 8 <= n; i += 8) {
+        int equal = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), target, _CMP_EQ_OQ));
+        if (equal) {
+            *token = i + __builtin_ctz(equal);
+            return;
+        }
+    }
+    for (; i < n; i++)
+        if (x[i] == largest) break;
+    *token = i;
+}
+
+/* kernels/native.py asks every library this. */
+int cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+}
