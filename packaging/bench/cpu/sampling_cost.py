@@ -3,7 +3,8 @@ kimi-desk takes there (kernels/sampling/choice_cpu.c: one call of C, three passe
 against the PyTorch form it takes without the C kernels (naive.py choose_sampled_cpu: a sort of only the
 weights that can hold the mass) and the definition's (choose_sampled_torch: a sort of the whole
 vocabulary), all three checked token for token first, over the spreads of logits that change how many
-weights the PyTorch form sorts, at the TUI's default temperature 0.7 and top-p 0.5 / 0.9 / 0.99.
+weights the PyTorch form sorts, at the TUI's default temperature 0.7 and top-p 0.5 / 0.9 / 0.99; then
+the greedy choice, C's against torch.argmax.
 
     python packaging/bench/cpu/sampling_cost.py [--json OUT]
 
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from kimi_desk.kernels.sampling.choice_cpu import choose_sampled_c
+from kimi_desk.kernels.sampling.choice_cpu import choose_greedy_c, choose_sampled_c
 from kimi_desk.kernels.sampling.naive import choose_sampled_cpu, choose_sampled_torch, top_p_sort_floor
 
 V = 163840
@@ -71,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {spread} | {p} | {sorted_count:,} | {whole:.2f} | {partial:.2f} | {ours:.3f} | "
                 f"{whole / ours:.0f}x, {partial / ours:.0f}x |"
             )
+    logits = torch.randn(V, generator=gen) * 3.0
+    assert torch.equal(choose_greedy_c(logits), torch.argmax(logits).view(1))
+    greedy = dict(argmax_ms=median_ms(lambda: torch.argmax(logits)), ours_ms=median_ms(lambda: choose_greedy_c(logits)))
+    print(f"greedy: torch.argmax {greedy['argmax_ms']:.3f} ms, C {greedy['ours_ms']:.3f} ms")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(threads=torch.get_num_threads(), vocabulary=V, rows=rows), f, indent=1)
+            json.dump(dict(threads=torch.get_num_threads(), vocabulary=V, rows=rows, greedy=greedy), f, indent=1)
     return 0
 
 

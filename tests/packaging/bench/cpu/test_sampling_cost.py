@@ -16,6 +16,8 @@ def test_one_spread(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "TOP_P", (0.9,))
     report = tmp_path / "sampling.json"
     assert bench.main(["--json", str(report)]) == 0
-    (row,) = json.loads(report.read_text())["rows"]
+    result = json.loads(report.read_text())
+    (row,) = result["rows"]
+    assert result["greedy"]["argmax_ms"] > 0 and result["greedy"]["ours_ms"] > 0
     assert 0 < row["sorted"] < bench.V and row["whole_ms"] > 0 and row["torch_ms"] > 0 and row["ours_ms"] > 0
     assert "| 5.0 | 0.9 |" in capsys.readouterr().out
