@@ -15,8 +15,8 @@
       running mass reaches the target: the threshold t is a weight of bin b, every heavier bin is kept.
    3. t among bin b's weights by a radix select over their mantissa bits (the exponent is the bin's, so
       the bits order them as their values do): 8, 8 and 7 bits a round, the buckets summed from the
-      heaviest down to the one where the running mass reaches the target. The kept mass K is the heavier
-      bins' mass plus bin b's at least t.
+      heaviest down to the one where the running mass reaches the target. The kept mass K comes with it:
+      the heavier bins' mass plus bin b's at least t.
    4. r = min(floor(u K), K - 1); the token is the first, in vocabulary order, whose running kept mass
       exceeds r. */
 
@@ -63,8 +63,8 @@ static long choice(const float *weights, long V, float p, double u) {
         long n = 0;
         for (long i = 0; i < V; i++)
             if (bin_of(weights[i]) == b) members[n++] = bits_of(weights[i]);
-        /* Radix select: `prefix` the bits fixed so far (exponent and the mantissa's top bits), `heavier`
-           the mass of the members above every weight with that prefix. */
+        /* Radix select: each round fixes the next bits of the threshold (the members left share the bits
+           fixed so far); `heavier` is the mass of the weights above every member left. */
         static const int widths[3] = {8, 8, 7};
         int shift = 23;
         for (int round = 0; round < 3; round++) {
@@ -79,6 +79,7 @@ static long choice(const float *weights, long V, float p, double u) {
             int k = (1 << width) - 1;
             /* bin b's members hold at least target - heavier, so some bucket reaches it, and holds mass */
             while (k > 0 && heavier + bucket_mass[k] < target) heavier += bucket_mass[k--];
+            kept = heavier + bucket_mass[k]; /* after the last round: the weights of at least the threshold */
             long kept_members = 0;
             for (long j = 0; j < n; j++)
                 if ((long)((members[j] >> shift) & ((1u << width) - 1)) == k) members[kept_members++] = members[j];
@@ -87,9 +88,6 @@ static long choice(const float *weights, long V, float p, double u) {
         /* every member left has the same bits: the threshold */
         memcpy(&threshold, &members[0], sizeof threshold);
         free(members);
-        kept = 0;
-        for (long i = 0; i < V; i++)
-            if (weights[i] >= threshold) kept += mass_of(weights[i]);
     }
     int64_t draw = (int64_t)floor(u * (double)kept);
     if (draw > kept - 1) draw = kept - 1;
