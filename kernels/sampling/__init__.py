@@ -18,6 +18,7 @@ choose_sampled_cpu). Neither sorts the vocabulary.
 import torch
 
 from kimi_desk.kernels import use_triton
+from kimi_desk.kernels.sampling import choice_cpu
 from kimi_desk.kernels.sampling.naive import (
     choose_sampled_cpu,
     choose_sampled_torch,
@@ -31,11 +32,8 @@ __all__ = ["choose_greedy", "choose_sampled", "choose_top_k"]
 def choose_greedy(logits):
     """The first largest of one position's logits [V] as a [1] int64 tensor on their device (torch.argmax's
     answer; on the CPU one vectorized call of C, choice_cpu.c, where torch.argmax goes element by element)."""
-    if logits.device.type == "cpu":
-        from kimi_desk.kernels.sampling import choice_cpu
-
-        if choice_cpu.takes(logits):
-            return choice_cpu.choose_greedy_c(logits)
+    if choice_cpu.takes(logits):
+        return choice_cpu.choose_greedy_c(logits)
     return torch.argmax(logits).view(1)
 
 
@@ -45,8 +43,6 @@ def choose_sampled(weights, top_p, uniform):
 
         return choose_sampled_triton(weights, top_p, uniform)
     if weights.device.type == "cpu":
-        from kimi_desk.kernels.sampling import choice_cpu
-
         if choice_cpu.takes(weights, uniform):
             return choice_cpu.choose_sampled_c(weights, top_p, uniform)
         return choose_sampled_cpu(weights, top_p, uniform)

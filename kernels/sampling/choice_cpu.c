@@ -41,8 +41,8 @@ static inline int bin_of(float w) {
     return b < 0 ? 0 : b > BINS - 1 ? BINS - 1 : b;
 }
 
-/* *token = naive.py's choose_sampled_torch(weights [V], p, *u); p >= 1 keeps every token. Returns 0, or
-   -1 when the scratch memory could not be had. */
+/* The token of naive.py's choose_sampled_torch(weights [V], p, u) (p >= 1 keeps every token), or -1 when
+   the scratch memory could not be had. */
 static long choice(const float *weights, long V, float p, double u) {
     int64_t total = 0, bin_mass[BINS] = {0};
     for (long i = 0; i < V; i++) {
@@ -102,6 +102,7 @@ static long choice(const float *weights, long V, float p, double u) {
     return last;
 }
 
+/* *token = choice(...), the draw read from *u; returns 0, or -1 as choice does. */
 int top_p_choice(const float *weights, long V, float p, const double *u, int64_t *token) {
     long chosen = choice(weights, V, p, *u);
     if (chosen < 0) return -1;

@@ -159,8 +159,8 @@ def test_choosing_a_token_takes_no_host_value():
         with RecordOps():
             choose_token(logits, sampling, uniform, seen)
     assert ops and not {"scalar_tensor.default", "lift_fresh.default", "copy_.default"} & set(ops)
-    # The top-p choice a GPU records under KIMI_DESK_KERNELS=torch (the CPU takes its own, which may ask
-    # the host): it reads no host value back either.
+    # The top-p choice a GPU records under KIMI_DESK_KERNELS=torch (the CPU takes its own C call): it
+    # reads no host value back either.
     weights = torch.exp(logits - logits.max())
     ops.clear()
     with RecordOps():
