@@ -18,6 +18,9 @@
    row j + R / 2 (high half). A block is split into R / 32 slices of 16 bytes an input (16 rows in the
    low halves, 16 in the high halves).
 
+   On CPUs with AVX-512 VNNI the products of more than a few rows take vpdpbusd (slice_rows_512), with
+   the same results bit for bit.
+
    Activations come and results go in float32 or bfloat16 (a model computing in bf16), read and written
    as they are: a decode step's products then need no dtype conversions around them.
 
@@ -105,9 +108,12 @@ static inline __attribute__((target("avx2,fma"))) void scales_of_8(const uint16_
    blocks of 8 rows (rows 0-7 and 8-15 of the low halves, then of the high halves), each a run of 32-byte
    vectors, one per 4 inputs, holding each row's codes of inputs d..d+3 together. One vpmaddubsw with the
    4 activations broadcast to every 32-bit lane then gives each row's sums of inputs (d, d + 1) and
-   (d + 2, d + 3) side by side, and the broadcast is a plain load (no shuffle). */
-static inline __attribute__((target("avx2,fma"))) void unpack_slice(const uint8_t *tiles, int stride, int group,
-                                                                    uint8_t *out) {
+   (d + 2, d + 3) side by side, and the broadcast is a plain load (no shuffle). With `sixteen_rows` (the
+   AVX-512 form) each half's rows 0-7 and 8-15 of the same 4 inputs lie side by side instead, one 64-byte
+   vector holding 16 rows. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void unpack_slice(const uint8_t *tiles, int stride,
+                                                                                   int group, uint8_t *out,
+                                                                                   const int sixteen_rows) {
     const __m128i mask = _mm_set1_epi8(15);
     int steps = group / 4;
     for (int s = 0; s < steps; s++) {
@@ -120,7 +126,8 @@ static inline __attribute__((target("avx2,fma"))) void unpack_slice(const uint8_
                 c[k] = half ? _mm_and_si128(_mm_srli_epi16(in[k], 4), mask) : _mm_and_si128(in[k], mask);
             __m128i p01lo = _mm_unpacklo_epi8(c[0], c[1]), p23lo = _mm_unpacklo_epi8(c[2], c[3]);
             __m128i p01hi = _mm_unpackhi_epi8(c[0], c[1]), p23hi = _mm_unpackhi_epi8(c[2], c[3]);
-            uint8_t *rows0 = out + ((long)(2 * half) * steps + s) * 32, *rows8 = rows0 + (long)steps * 32;
+            uint8_t *rows0 = sixteen_rows ? out + ((long)half * steps + s) * 64 : out + ((long)(2 * half) * steps + s) * 32;
+            uint8_t *rows8 = sixteen_rows ? rows0 + 32 : rows0 + (long)steps * 32;
             _mm_storeu_si128((__m128i *)rows0, _mm_unpacklo_epi16(p01lo, p23lo));
             _mm_storeu_si128((__m128i *)(rows0 + 16), _mm_unpackhi_epi16(p01lo, p23lo));
             _mm_storeu_si128((__m128i *)rows8, _mm_unpacklo_epi16(p01hi, p23hi));
@@ -265,6 +272,90 @@ static __attribute__((target("avx2,fma"))) void one_row(const uint8_t *tiles, co
     for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + base[i], out[i]);
 }
 
+/* The many-rows path on a CPU with AVX-512 VNNI (vpdpbusd: 64 byte products summed into 16 int32 lanes
+   in one instruction, where AVX2 takes vpmaddubsw, an int16 add and a vpmaddwd for 32). Each of the
+   slice's halves is one 64-byte vector of 16 rows x 4 inputs a step (unpack_slice's sixteen_rows), met
+   by MB512 rows of activations at once, both halves together: 2 * MB512 int32 sums, 2 * MB512 float
+   sums, 2 weight vectors and a broadcast in AVX-512's 32 registers. The integer sums of a block of 32
+   inputs are exact in either form, and the float work after them is the AVX2 path's operation for
+   operation, so both give the same bits. */
+#define MB512 6
+#define AVX512_TARGET "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"
+
+static int use_avx512; /* set by cpu_supported(); int4_use_avx512() turns it off for the tests */
+
+static inline __attribute__((always_inline, target(AVX512_TARGET))) void slice_times_rows_512(
+    const uint8_t *w, int group, int g, const int8_t *codes, int D, const float *act_scales, const int32_t *code_sums,
+    const float *sums, int m0, const int rows_here, const __m512 *s, const __m512 *z, float *y, int padded_rows,
+    const int *row) {
+    int A = D / ACT_BLOCK, G = D / group, per_group = group / ACT_BLOCK, half_stride = group / 4 * 64;
+    __m512 f[2][MB512];
+    for (int j = 0; j < 2; j++)
+        for (int i = 0; i < rows_here; i++) f[j][i] = _mm512_setzero_ps();
+    for (int b = 0; b < per_group; b++) {
+        int ab = g * per_group + b;
+        const int8_t *a = codes + (long)m0 * D + (long)ab * ACT_BLOCK;
+        __m512i acc[2][MB512];
+        for (int j = 0; j < 2; j++)
+            for (int i = 0; i < rows_here; i++) acc[j][i] = _mm512_setzero_si512();
+        for (int step = 0; step < ACT_BLOCK / 4; step++) {
+            const uint8_t *wb = w + (long)(b * ACT_BLOCK / 4 + step) * 64;
+            __m512i w0 = _mm512_loadu_si512((const void *)wb), w1 = _mm512_loadu_si512((const void *)(wb + half_stride));
+            for (int i = 0; i < rows_here; i++) {
+                __m512i x = _mm512_set1_epi32(*(const int32_t *)(a + (long)i * D + 4 * step));
+                acc[0][i] = _mm512_dpbusd_epi32(acc[0][i], w0, x);
+                acc[1][i] = _mm512_dpbusd_epi32(acc[1][i], w1, x);
+            }
+        }
+        for (int i = 0; i < rows_here; i++) {
+            __m512 c = _mm512_set1_ps(act_scales[(long)(m0 + i) * A + ab]);
+            __m512i mid = _mm512_set1_epi32(code_sums[(long)(m0 + i) * A + ab]);
+            for (int j = 0; j < 2; j++)
+                f[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j][i], mid)), c, f[j][i]);
+        }
+    }
+    for (int i = 0; i < rows_here; i++) {
+        __m512 X = _mm512_set1_ps(sums[(long)(m0 + i) * G + g]);
+        for (int j = 0; j < 2; j++) {
+            float *ym = y + (long)(m0 + i) * padded_rows + row[j];
+            __m512 v = _mm512_fmadd_ps(s[j], f[j][i], _mm512_mul_ps(z[j], X));
+            if (g) v = _mm512_add_ps(v, _mm512_loadu_ps(ym));
+            _mm512_storeu_ps(ym, v);
+        }
+    }
+}
+
+/* slice_rows' many-rows path in AVX-512 (above). */
+static __attribute__((target(AVX512_TARGET))) void slice_rows_512(const uint8_t *tiles, const uint16_t *sz, int rows,
+                                                                 int D, int padded_rows, int group, const int8_t *codes,
+                                                                 const float *act_scales, const int32_t *code_sums,
+                                                                 const float *sums, int m_first, int m_end, float *y,
+                                                                 int slice) {
+    uint8_t unpacked[4 * 32 * 32] __attribute__((aligned(64))); /* 32 rows x a group of up to 128 inputs */
+    int G = D / group, blk = slice / (rows / 32), sl = slice % (rows / 32);
+    const uint8_t *tile = tiles + (long)blk * D * (rows / 2) + sl * 16;
+    int row[2] = {blk * rows + sl * 16, blk * rows + sl * 16 + rows / 2}; /* the low and high halves' rows */
+    for (int t_first = m_first; t_first < m_end; t_first += M_TILE) {
+        int t_end = t_first + M_TILE < m_end ? t_first + M_TILE : m_end;
+        for (int g = 0; g < G; g++) {
+            unpack_slice(tile + (long)g * group * (rows / 2), rows / 2, group, unpacked, 1);
+            __m512 s[2], z[2];
+            for (int j = 0; j < 2; j++) { /* bf16 pairs (scale, zero) of the half's 16 rows */
+                __m512i v = _mm512_loadu_si512((const void *)(sz + ((long)g * padded_rows + row[j]) * 2));
+                s[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                z[j] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)));
+            }
+            int m = t_first;
+            for (; m + MB512 <= t_end; m += MB512)
+                slice_times_rows_512(unpacked, group, g, codes, D, act_scales, code_sums, sums, m, MB512, s, z, y,
+                                     padded_rows, row);
+            if (m < t_end) /* the rest, fewer than MB512 rows */
+                slice_times_rows_512(unpacked, group, g, codes, D, act_scales, code_sums, sums, m, t_end - m, s, z, y,
+                                     padded_rows, row);
+        }
+    }
+}
+
 /* Rows m_first .. m_end of y [M, padded_rows] for one 32-row slice of W, from x's int8 codes [M, D] etc.:
    each row alone over the slice's codes in registers for a few rows, else the slice unpacked a group at
    a time and met by the rows in tiles of M_TILE. */
@@ -282,6 +373,11 @@ static __attribute__((target("avx2,fma"))) void slice_rows(const uint8_t *tiles,
                     code_sums + (long)m * A, sums + (long)m * G, y + (long)m * padded_rows, slice);
         return;
     }
+    if (use_avx512) {
+        slice_rows_512(tiles, sz, rows, D, padded_rows, group, codes, act_scales, code_sums, sums, m_first, m_end, y,
+                       slice);
+        return;
+    }
     uint8_t unpacked[4 * 32 * 32] __attribute__((aligned(32))); /* 32 rows x a group of up to 128 inputs */
     int blk = slice / (rows / 32), sl = slice % (rows / 32);
     const uint8_t *tile = tiles + (long)blk * D * (rows / 2) + sl * 16;
@@ -290,7 +386,7 @@ static __attribute__((target("avx2,fma"))) void slice_rows(const uint8_t *tiles,
     for (int t_first = m_first; t_first < m_end; t_first += M_TILE) {
         int t_end = t_first + M_TILE < m_end ? t_first + M_TILE : m_end;
         for (int g = 0; g < G; g++) {
-            unpack_slice(tile + (long)g * group * (rows / 2), rows / 2, group, unpacked);
+            unpack_slice(tile + (long)g * group * (rows / 2), rows / 2, group, unpacked, 0);
             for (int h = 0; h < 2; h++) { /* the low half's 16 rows, then the high half's */
                 const uint8_t *w = unpacked + (long)(2 * h) * (group / 4) * 32;
                 __m256 s[2], z[2];
@@ -694,8 +790,18 @@ __attribute__((target("avx2,fma"))) void int8_dequantize_rows(const int8_t *q, c
     }
 }
 
-/* Whether this CPU runs the kernels above. */
+/* Whether this CPU runs the kernels above; notes whether it has AVX-512 VNNI for the many-rows path. */
 int cpu_supported(void) {
     __builtin_cpu_init();
+    use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* The many-rows path's instructions: AVX-512 VNNI where `on` and the CPU has it, else AVX2 (the tests
+   compare the two). Returns whether AVX-512 is used. */
+int int4_use_avx512(int on) {
+    cpu_supported();
+    use_avx512 = use_avx512 && on;
+    return use_avx512;
 }

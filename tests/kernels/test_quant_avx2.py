@@ -77,6 +77,47 @@ def test_linear_matches_float64(rows_per_tile, O, D, group, M):
     assert rel_err(got, want) < TOLERANCE
 
 
+@pytest.mark.parametrize("rows_per_tile", [32, 64])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_avx512_many_rows_give_the_avx2_bits(rows_per_tile, group):
+    """Where the CPU has AVX-512 VNNI, products of more than a few rows take it: the same bits as the AVX2
+    form for every count of rows left over by its blocks of 6, in products and in the experts of many
+    tokens."""
+    lib = avx2.library()
+    if lib is None or not lib.int4_use_avx512(1):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    gen = torch.Generator().manual_seed(rows_per_tile + group)
+    O, D = 2 * rows_per_tile, 256
+    codes, scale, zero = quantize_int4_groups(torch.randn(O, D, generator=gen), group)
+    tiles = pack_tiles(unpack_int4(codes).to(torch.uint8), CpuInt4Layout(rows_per_tile, True))
+    sz = scales_and_zeros(scale, zero)
+    try:
+        for M in (6, 7, 8, 9, 10, 11, 12, 70):
+            x = torch.randn(M, D, generator=gen)
+            lib.int4_use_avx512(1)
+            wide = avx2.int4_linear_avx2(x, tiles, sz, rows_per_tile, group)
+            lib.int4_use_avx512(0)
+            assert torch.equal(wide, avx2.int4_linear_avx2(x, tiles, sz, rows_per_tile, group)), M
+        layout = cpu_int4_layout()
+        if layout is not None and group == 64 and rows_per_tile == layout.rows:
+            mats = [
+                [
+                    quantize_int4_groups(torch.randn(o, i, generator=gen) * 0.1, group)
+                    for o, i in ((O, D), (D, O), (O, D))
+                ]
+                for _ in range(3)
+            ]
+            stacks, _ = stack_int4_experts_for_cpu((pack_int4_expert_for_cpu(*m) for m in mats), 3)
+            x = torch.randn(40, D, generator=gen)
+            ids, weights = torch.randint(-1, 3, (40, 2), generator=gen), torch.rand(40, 2, generator=gen)
+            lib.int4_use_avx512(1)
+            wide = int4_experts_stacked(x, ids, weights, stacks)
+            lib.int4_use_avx512(0)
+            assert torch.equal(wide, int4_experts_stacked(x, ids, weights, stacks))
+    finally:
+        lib.int4_use_avx512(1)
+
+
 @pytest.mark.parametrize("M", [1, 7])
 def test_bfloat16_in_and_out_as_float32_rounded_once(M):
     """bfloat16 activations are read as the float32 they widen to, exactly; a bfloat16 result is the
