@@ -455,8 +455,15 @@ __attribute__((target("avx2,fma"))) int int4_linear(const void *x, int x_bf16, i
 }
 
 /* An expert's hidden activations, in place over the gate half of h [2 I] (gate, then up). */
-static inline void silu_times_up(float *h, int I) {
-    for (int i = 0; i < I; i++) h[i] = h[i] / (1.f + expf(-h[i])) * h[I + i];
+static inline __attribute__((target("avx2,fma"))) void silu_times_up(float *h, int I) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    int i = 0;
+    for (; i + 8 <= I; i += 8) { /* exp_ps: within 2e-7 of expf */
+        __m256 g = _mm256_loadu_ps(h + i);
+        __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(h + I + i)));
+    }
+    for (; i < I; i++) h[i] = h[i] / (1.f + expf(-h[i])) * h[I + i];
 }
 
 /* out [D] = sum_p weights[chosen[p]] * y[p] (rows `stride` apart): the experts' outputs mixed, shared
@@ -545,19 +552,22 @@ __attribute__((target("avx2,fma"))) int int4_experts_one_token(
 /* Inside a parallel region: the members of groups g0 .. g1 - 1 (rows of the round's quantized activations
    [members, D], the round starting at member `first`) times their experts' matrix (tiles and scales
    stacked `*_stride` apart, `padded` rows, groups of `group` inputs), into y [members, padded]; the
-   threads share the (group, 32-row slice) items. */
+   threads share the (group, tile) items. A tile's 32-row slices go to one thread: they interleave in
+   memory (16 bytes of each 32 or 64), so slices of one tile on two threads would each bring its cache
+   lines from memory, twice the traffic of the bytes used. */
 static __attribute__((target("avx2,fma"))) void groups_times_matrix(
     int g0, int g1, const int64_t *group_expert, const int64_t *group_start, long first, const uint8_t *tiles,
     long tiles_stride, const uint16_t *sz, long sz_stride, int rows, int D, int padded, int group, const int8_t *codes,
     const float *scales, const int32_t *code_sums, const float *sums, float *y) {
     long A = D / ACT_BLOCK, G = D / group;
-    int slices = padded / 32;
+    int blocks = padded / rows, per_block = rows / 32;
 #pragma omp for schedule(dynamic, 1)
-    for (long item = 0; item < (long)(g1 - g0) * slices; item++) {
-        int g = g0 + (int)(item / slices);
+    for (long item = 0; item < (long)(g1 - g0) * blocks; item++) {
+        int g = g0 + (int)(item / blocks);
         long e = group_expert[g], r0 = group_start[g] - first, n = group_start[g + 1] - group_start[g];
-        slice_rows(tiles + e * tiles_stride, sz + e * sz_stride, rows, D, padded, group, codes + r0 * D,
-                   scales + r0 * A, code_sums + r0 * A, sums + r0 * G, 0, (int)n, y + r0 * padded, (int)(item % slices));
+        for (int slice = (int)(item % blocks) * per_block; slice < (int)(item % blocks + 1) * per_block; slice++)
+            slice_rows(tiles + e * tiles_stride, sz + e * sz_stride, rows, D, padded, group, codes + r0 * D,
+                       scales + r0 * A, code_sums + r0 * A, sums + r0 * G, 0, (int)n, y + r0 * padded, slice);
     }
 }
 
@@ -799,9 +809,11 @@ int cpu_supported(void) {
 }
 
 /* The many-rows path's instructions: AVX-512 VNNI where `on` and the CPU has it, else AVX2 (the tests
-   compare the two). Returns whether AVX-512 is used. */
+   compare the two); `on` < 0 changes nothing. Returns whether AVX-512 is used. */
 int int4_use_avx512(int on) {
-    cpu_supported();
-    use_avx512 = use_avx512 && on;
+    if (on >= 0) {
+        cpu_supported();
+        use_avx512 = use_avx512 && on;
+    }
     return use_avx512;
 }

@@ -68,7 +68,7 @@ def quantized_backend() -> str:
     """One line: which code multiplies int4 and int8 weights on this CPU, and why."""
     lib = library()
     if lib is not None:
-        wide = ", AVX-512 VNNI for int4 products of many rows" if lib.int4_use_avx512(1) else ""
+        wide = ", AVX-512 VNNI for int4 products of many rows" if lib.int4_use_avx512(-1) else ""
         return f"int4 and int8 on the CPU: kimi-desk's AVX2 kernels{wide} (int8 activations)"
     return f"int4 and int8 on the CPU: PyTorch's operators ({native.reason(SOURCE)})"
 
