@@ -592,7 +592,8 @@ class TaskSampleBuilder:
     def build(
         self, task: str, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT, followup: bool = False
     ) -> TaskSample:
-        """One sample of `task`; a needle when the folder drawn has nothing to ask (after 3 draws)."""
+        """One sample of `task`; a needle when the folder drawn has nothing to ask (after 3 draws), one
+        without distractors when 3 needles' draws do not fit."""
         for _ in range(3):
             try:
                 if task == "needle":
@@ -608,7 +609,12 @@ class TaskSampleBuilder:
                 raise ValueError(f"unknown task {task!r}")
             except NoQuestion:
                 continue
-        return self.needle(total, rng, system=system, followup=followup)
+        for _ in range(3):  # a needle's draw (its kind, its distractors) may not fit either: draw again
+            try:
+                return self.needle(total, rng, system=system, followup=followup)
+            except NoQuestion:
+                continue
+        return self.needle(total, rng, distractors=0, system=system, followup=followup)
 
     def sample(self, total: int, rng: random.Random, system=DEFAULT_SYSTEM_PROMPT) -> TaskSample:
         """A sample of a task drawn from the mix."""
