@@ -554,14 +554,16 @@ __attribute__((target("avx2,fma"))) int int4_experts_one_token(
    stacked `*_stride` apart, `padded` rows, groups of `group` inputs), into y [members, padded]; the
    threads share the (group, tile) items. A tile's 32-row slices go to one thread: they interleave in
    memory (16 bytes of each 32 or 64), so slices of one tile on two threads would each bring its cache
-   lines from memory, twice the traffic of the bytes used. */
+   lines from memory, twice the traffic of the bytes used. Guided scheduling hands out runs of
+   consecutive tiles (long streams for the prefetcher: 5-25% faster than one item at a time) that
+   shorten towards the end, so that an expert chosen by many tokens does not hold up the others. */
 static __attribute__((target("avx2,fma"))) void groups_times_matrix(
     int g0, int g1, const int64_t *group_expert, const int64_t *group_start, long first, const uint8_t *tiles,
     long tiles_stride, const uint16_t *sz, long sz_stride, int rows, int D, int padded, int group, const int8_t *codes,
     const float *scales, const int32_t *code_sums, const float *sums, float *y) {
     long A = D / ACT_BLOCK, G = D / group;
     int blocks = padded / rows, per_block = rows / 32;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(guided)
     for (long item = 0; item < (long)(g1 - g0) * blocks; item++) {
         int g = g0 + (int)(item / blocks);
         long e = group_expert[g], r0 = group_start[g] - first, n = group_start[g + 1] - group_start[g];
