@@ -325,16 +325,15 @@ static inline __attribute__((always_inline, target(AVX512_TARGET))) void slice_t
     }
 }
 
-/* slice_rows' many-rows path in AVX-512 (above). */
-static __attribute__((target(AVX512_TARGET))) void slice_rows_512(const uint8_t *tiles, const uint16_t *sz, int rows,
+/* slice_rows' many-rows path in AVX-512 (above), for the slice at `tile` whose halves start at rows
+   row[0] and row[1]. */
+static __attribute__((target(AVX512_TARGET))) void slice_rows_512(const uint8_t *tile, const uint16_t *sz, int rows,
                                                                  int D, int padded_rows, int group, const int8_t *codes,
                                                                  const float *act_scales, const int32_t *code_sums,
                                                                  const float *sums, int m_first, int m_end, float *y,
-                                                                 int slice) {
+                                                                 const int *row) {
     uint8_t unpacked[4 * 32 * 32] __attribute__((aligned(64))); /* 32 rows x a group of up to 128 inputs */
-    int G = D / group, blk = slice / (rows / 32), sl = slice % (rows / 32);
-    const uint8_t *tile = tiles + (long)blk * D * (rows / 2) + sl * 16;
-    int row[2] = {blk * rows + sl * 16, blk * rows + sl * 16 + rows / 2}; /* the low and high halves' rows */
+    int G = D / group;
     for (int t_first = m_first; t_first < m_end; t_first += M_TILE) {
         int t_end = t_first + M_TILE < m_end ? t_first + M_TILE : m_end;
         for (int g = 0; g < G; g++) {
@@ -373,16 +372,17 @@ static __attribute__((target("avx2,fma"))) void slice_rows(const uint8_t *tiles,
                     code_sums + (long)m * A, sums + (long)m * G, y + (long)m * padded_rows, slice);
         return;
     }
-    if (use_avx512) {
-        slice_rows_512(tiles, sz, rows, D, padded_rows, group, codes, act_scales, code_sums, sums, m_first, m_end, y,
-                       slice);
-        return;
-    }
-    uint8_t unpacked[4 * 32 * 32] __attribute__((aligned(32))); /* 32 rows x a group of up to 128 inputs */
     int blk = slice / (rows / 32), sl = slice % (rows / 32);
     const uint8_t *tile = tiles + (long)blk * D * (rows / 2) + sl * 16;
     int row0 = blk * rows + sl * 16, row1 = row0 + rows / 2; /* the low and high halves' rows */
     int base[4] = {row0, row0 + 8, row1, row1 + 8};
+    if (use_avx512) {
+        const int halves[2] = {row0, row1};
+        slice_rows_512(tile, sz, rows, D, padded_rows, group, codes, act_scales, code_sums, sums, m_first, m_end, y,
+                       halves);
+        return;
+    }
+    uint8_t unpacked[4 * 32 * 32] __attribute__((aligned(32))); /* 32 rows x a group of up to 128 inputs */
     for (int t_first = m_first; t_first < m_end; t_first += M_TILE) {
         int t_end = t_first + M_TILE < m_end ? t_first + M_TILE : m_end;
         for (int g = 0; g < G; g++) {
@@ -567,7 +567,8 @@ static __attribute__((target("avx2,fma"))) void groups_times_matrix(
     for (long item = 0; item < (long)(g1 - g0) * blocks; item++) {
         int g = g0 + (int)(item / blocks);
         long e = group_expert[g], r0 = group_start[g] - first, n = group_start[g + 1] - group_start[g];
-        for (int slice = (int)(item % blocks) * per_block; slice < (int)(item % blocks + 1) * per_block; slice++)
+        int first_slice = (int)(item % blocks) * per_block;
+        for (int slice = first_slice; slice < first_slice + per_block; slice++)
             slice_rows(tiles + e * tiles_stride, sz + e * sz_stride, rows, D, padded, group, codes + r0 * D,
                        scales + r0 * A, code_sums + r0 * A, sums + r0 * G, 0, (int)n, y + r0 * padded, slice);
     }
