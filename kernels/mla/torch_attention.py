@@ -141,14 +141,16 @@ def _bf16_blocks(rows_c, cache, q_start, value_dim, block, maxima, sums, partial
     the rounded scores before its own rounding (its input is added in float32), so the two bf16 halves
     sum to the float32 score. The block's weights, rounded to the cache's dtype, weight its latents."""
     B, R = rows_c.shape[:2]
-    scores_hi = torch.empty(R, block, dtype=cache.dtype, device=cache.device)
+    # Flat scratch, each block's [R, n] a contiguous view: products never write into strided outputs
+    # (a bf16 product into a strided `out=` once left NaN in a full test run on an AMX CPU).
+    scores_hi = torch.empty(R * block, dtype=cache.dtype, device=cache.device)
     scores_lo, weights = torch.empty_like(scores_hi), torch.empty_like(scores_hi)
-    scores = torch.empty(R, block, device=cache.device)
+    scores = torch.empty(R * block, device=cache.device)
     # Two-dimensional products on views: a batched product copies a batch's strided view first.
     for b, i, j0 in ((b, i, j0) for b in range(B) for i, j0 in enumerate(range(0, q_start, block), start=1)):
         keys = cache[b, j0 : min(q_start, j0 + block)]  # [n, D], a view of the cache as it lies
         n = keys.shape[0]
-        hi, lo, s, p = scores_hi[:, :n], scores_lo[:, :n], scores[:, :n], weights[:, :n]
+        hi, lo, s, p = (t[: R * n].view(R, n) for t in (scores_hi, scores_lo, scores, weights))
         torch.mm(rows_c[b], keys.t(), out=hi)
         torch.addmm(hi, rows_c[b], keys.t(), beta=-1, out=lo)  # rows . keys - hi, rounded once
         s.copy_(hi).add_(lo)
