@@ -1,8 +1,12 @@
-"""KDA's decode step on an AVX2 CPU (decode_avx2.c, compiled at first use by kernels/native.py): the
-short convolutions, the q and k norms, the gate, beta's sigmoid, the recurrence and the gated output norm
+"""KDA on an AVX2 CPU, in C compiled at first use by kernels/native.py.
+
+The decode step (decode_avx2.c): the short convolutions, the q and k norms, the gate, beta's sigmoid, the recurrence and the gated output norm
 of a few tokens in one call, the convolution windows and the recurrent state advanced in place. In
 PyTorch the same step is some fifty small operations a layer and several passes over the state;
-engine/kda.py takes this call where `takes` allows and the PyTorch form elsewhere (native.py says why)."""
+engine/kda.py takes this call where `takes` allows and the PyTorch form elsewhere (native.py says why).
+
+The chunked prefill's within-chunk matrices (chunk_avx2.c, `chunk_blocks`): kernels/kda/__init__.py's
+chunk_kda passes it to naive.py's chunk_kda_torch in place of its PyTorch halving loop."""
 
 from __future__ import annotations
 
@@ -115,3 +119,37 @@ def kda_decode_step(
     if window is not conv:
         conv.copy_(window)
     return out
+
+
+CHUNK_SOURCE = Path(__file__).with_name("chunk_avx2.c")
+MAX_CHUNK = 64  # chunk_avx2.c's buffers
+
+
+@functools.cache
+def chunk_library() -> ctypes.CDLL | None:
+    lib = native.library(CHUNK_SOURCE)
+    if lib is not None:
+        lib.kda_chunk_blocks.argtypes = [ctypes.c_long, _I, _I, _P, _P, _P, _P, _P, _I]
+        lib.kda_chunk_blocks.restype = _I
+    return lib
+
+
+def blocks_take(q: torch.Tensor) -> bool:
+    """Whether chunk_blocks builds the chunked prefill's blocks for queries q [B, T, H, K]: on the CPU, K a
+    multiple of 8 up to MAX_HEAD_DIM, the library built (naive.CHUNK_SIZE is within MAX_CHUNK)."""
+    K = q.shape[-1]
+    return q.device.type == "cpu" and K <= MAX_HEAD_DIM and K % 8 == 0 and chunk_library() is not None
+
+
+def chunk_blocks(qk: torch.Tensor, bc: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels/kda/naive.py's `halving_blocks` in C (chunk_avx2.c): every chunk's A_qk and T [X, C, C]
+    from qk [X, C, 2, K] float32, bc [X, C, 1] float32 and G [X, C, K] float64."""
+    X, C, _, K = qk.shape
+    qk, bc, G = qk.contiguous(), bc.contiguous(), G.contiguous()
+    aqk = torch.empty(X, C, C, dtype=torch.float32)
+    inverse = torch.empty(X, C, C, dtype=torch.float32)
+    status = chunk_library().kda_chunk_blocks(
+        X, C, K, qk.data_ptr(), bc.data_ptr(), G.data_ptr(), aqk.data_ptr(), inverse.data_ptr(), torch.get_num_threads()
+    )
+    assert status == 0, "a chunk or head beyond chunk_avx2.c's buffers"  # blocks_take() keeps them within
+    return aqk, inverse

@@ -85,7 +85,9 @@ def recurrent_kda_inplace(q, k, v, g, beta, state, scale=None):
     return o.to(q.dtype)
 
 
-def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=CHUNK_SIZE):
+def chunk_kda_torch(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=CHUNK_SIZE, blocks=None
+):
     """Chunked form (spec §3.3): batched matrix products over every chunk at once, and a loop over the
     chunks for the state alone (one product each).
 
@@ -104,6 +106,9 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     than these products), so W = T (beta exp(G) K) and U = T (beta V). Then per chunk
     S' = (diag(exp(G_C)) - K_g^T W) S + K_g^T U, K_g = K exp(G_C - G), is one product in the loop, and
     every output o = (Q exp(G) - A_qk W) S + A_qk U is one batched product after it.
+
+    `blocks` builds A_qk and T (`halving_blocks` here; kernels/kda/avx2.py's `chunk_blocks` is the same
+    arithmetic in C, one chunk at a time in the core's cache).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -135,27 +140,7 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     bc = chunked(beta.unsqueeze(-1)).float()  # [X, C, 1]
     G = chunked(g).double().cumsum_(1)  # [X, C, K] float64
 
-    aqk = torch.zeros(X, C, C, dtype=torch.float32, device=device)
-    torch.diagonal(aqk, dim1=1, dim2=2).copy_((qk[:, :, 0] * qk[:, :, 1]).sum(-1))
-    inverse = torch.zeros(X, C, C, dtype=torch.float32, device=device)
-    torch.diagonal(inverse, dim1=1, dim2=2).fill_(1.0)
-    b = 2
-    while b <= C:
-        h, n = b // 2, C // b  # quadrants of h x h, n diagonal blocks per chunk
-        G_blocks = G.view(X, n, 2, h, K)
-        G_ref = G_blocks[:, :, 1, :1]  # G_r, r the first row of each second half
-        to_ref = (G_blocks[:, :, 1] - G_ref).float().exp_()  # exp(G_i - G_r), i >= r
-        from_ref = (G_ref - G_blocks[:, :, 0]).float().exp_()  # exp(G_r - G_j), j < r
-        halves = qk.view(X, n, 2, h, 2, K)
-        rows = halves[:, :, 1] * to_ref.unsqueeze(-2)  # [X, n, h, 2, K]: q_i and k_i, scaled
-        cols = halves[:, :, 0, :, 1] * from_ref  # [X, n, h, K]: k_j, scaled
-        quadrant = _products(rows.view(X * n, 2 * h, K), cols.view(X * n, h, K).transpose(1, 2))
-        quadrant = quadrant.view(X, n, h, 2, h)  # [.., i, (A_qk, A_kk), j]
-        _diagonal_blocks(aqk, n)[:, :, h:, :h].copy_(quadrant[:, :, :, 0])
-        a21 = quadrant[:, :, :, 1] * bc.view(X, n, 2, h, 1)[:, :, 1]  # beta_i k_i . k_j decay
-        blocks = _diagonal_blocks(inverse, n)  # [X, n, b, b], the inverses of the halves already in place
-        blocks[:, :, h:, :h] = _products(_products(blocks[:, :, h:, h:], a21), blocks[:, :, :h, :h]).neg_()
-        b *= 2
+    aqk, inverse = (blocks or halving_blocks)(qk, bc, G)
 
     decay = G.float().exp_()  # exp(G_i), <= 1
     rhs = torch.cat([decay * qk[:, :, 1], chunked(v).float()], dim=-1).mul_(bc)  # [beta exp(G) K | beta V]
@@ -175,6 +160,35 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     o = torch.baddbmm(awu[..., K:], reads, states[:N].view(X, K, V))  # [X, C, V]
     o = o.view(N, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
     return o.to(q.dtype), (states[N].view(B, H, K, V) if output_final_state else None)
+
+
+def halving_blocks(qk, bc, G):
+    """Every chunk's A_qk (its strictly lower triangle and diagonal) and T, both [X, C, C], from qk
+    [X, C, 2, K] (q scaled, k), bc [X, C, 1] (beta) and G [X, C, K] (float64 gates summed from the
+    chunk's start), by halving (chunk_kda_torch's docstring)."""
+    X, C, _, K = qk.shape
+    aqk = torch.zeros(X, C, C, dtype=torch.float32, device=qk.device)
+    torch.diagonal(aqk, dim1=1, dim2=2).copy_((qk[:, :, 0] * qk[:, :, 1]).sum(-1))
+    inverse = torch.zeros(X, C, C, dtype=torch.float32, device=qk.device)
+    torch.diagonal(inverse, dim1=1, dim2=2).fill_(1.0)
+    b = 2
+    while b <= C:
+        h, n = b // 2, C // b  # quadrants of h x h, n diagonal blocks per chunk
+        G_blocks = G.view(X, n, 2, h, K)
+        G_ref = G_blocks[:, :, 1, :1]  # G_r, r the first row of each second half
+        to_ref = (G_blocks[:, :, 1] - G_ref).float().exp_()  # exp(G_i - G_r), i >= r
+        from_ref = (G_ref - G_blocks[:, :, 0]).float().exp_()  # exp(G_r - G_j), j < r
+        halves = qk.view(X, n, 2, h, 2, K)
+        rows = halves[:, :, 1] * to_ref.unsqueeze(-2)  # [X, n, h, 2, K]: q_i and k_i, scaled
+        cols = halves[:, :, 0, :, 1] * from_ref  # [X, n, h, K]: k_j, scaled
+        quadrant = _products(rows.view(X * n, 2 * h, K), cols.view(X * n, h, K).transpose(1, 2))
+        quadrant = quadrant.view(X, n, h, 2, h)  # [.., i, (A_qk, A_kk), j]
+        _diagonal_blocks(aqk, n)[:, :, h:, :h].copy_(quadrant[:, :, :, 0])
+        a21 = quadrant[:, :, :, 1] * bc.view(X, n, 2, h, 1)[:, :, 1]  # beta_i k_i . k_j decay
+        blocks = _diagonal_blocks(inverse, n)  # [X, n, b, b], the inverses of the halves already in place
+        blocks[:, :, h:, :h] = _products(_products(blocks[:, :, h:, h:], a21), blocks[:, :, :h, :h]).neg_()
+        b *= 2
+    return aqk, inverse
 
 
 def _diagonal_blocks(m, n):

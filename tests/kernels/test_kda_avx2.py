@@ -206,3 +206,73 @@ def test_a_bf16_layer_takes_the_step_and_is_nearer_float32_than_its_pytorch_form
     t_out, t_state = run(torch.bfloat16, lambda *_: False)
     assert c_state.conv.dtype == torch.bfloat16 and torch.equal(c_state.conv, t_state.conv)
     assert rel_err(c_out, exact) <= rel_err(t_out, exact) * 1.1 and rel_err(c_out, exact) < 2e-2
+
+
+def test_chunk_blocks_build_where_they_can():
+    assert (avx2.chunk_library() is not None) == can_build(), avx2.native.reason(avx2.CHUNK_SOURCE)
+
+
+def blocks_f64(qk, bc, G):
+    """Each chunk's A_qk (lower triangle with its diagonal) and T = (I + strictly_lower(beta A_kk))^-1 in
+    float64, straight from their definitions: every pair's decay exp(G_i - G_j) formed whole."""
+    q, k = qk[:, :, 0].double(), qk[:, :, 1].double()
+    lower = torch.ones(G.shape[1], G.shape[1], dtype=torch.bool).tril()
+    difference = G.unsqueeze(2) - G.unsqueeze(1)  # [X, C, C, K]: G_i - G_j
+    decay = difference.where(lower[..., None], -torch.inf).exp()  # j > i: none
+    aqk = torch.einsum("xid,xjd,xijd->xij", q, k, decay)
+    akk = torch.einsum("xid,xjd,xijd->xij", k, k, decay).tril(-1) * bc.double()
+    eye = torch.eye(G.shape[1], dtype=torch.float64)
+    return aqk, torch.linalg.inv(eye + akk)
+
+
+@pytest.mark.parametrize(
+    "X,K,min_log_decay", [(3, 128, -0.05), (4, 64, -5.0), (2, 16, -50.0), (5, 32, -1.0), (1, 256, -2.0)]
+)
+def test_chunk_blocks_match_float64(X, K, min_log_decay):
+    """The C blocks (one chunk of 64 at a time, halving) against A_qk and T formed from their
+    definitions in float64, on gates from gentle to fifty per step."""
+    if avx2.chunk_library() is None:
+        pytest.skip(avx2.native.reason(avx2.CHUNK_SOURCE))
+    g = torch.Generator().manual_seed(X * 100 + K)
+    C = 64
+    qk = F.normalize(torch.randn(X, C, 2, K, generator=g), dim=-1) * torch.tensor([K**-0.5, 1.0]).view(1, 1, 2, 1)
+    bc = torch.rand(X, C, 1, generator=g)
+    G = (torch.rand(X, C, K, generator=g, dtype=torch.float64) * min_log_decay).cumsum(1)
+    want_aqk, want_inverse = blocks_f64(qk, bc, G)
+    aqk, inverse = avx2.chunk_blocks(qk, bc, G)
+    assert rel_err(aqk, want_aqk) < 1e-5
+    assert rel_err(inverse, want_inverse) < 1e-5
+    assert torch.equal(aqk.triu(1), torch.zeros_like(aqk)) and torch.equal(inverse.triu(1), torch.zeros_like(aqk))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "B,T,H,K,V,min_log_decay", [(1, 65, 3, 64, 32, -50.0), (2, 200, 2, 32, 32, -3.0), (1, 300, 2, 128, 128, -0.05)]
+)
+def test_chunked_prefill_with_c_blocks_matches_fla_naive(monkeypatch, dtype, B, T, H, K, V, min_log_decay):
+    """kernels.kda.chunk_kda on this CPU builds its blocks in C; the prefill's output and final state
+    against fla-core's naive recurrence in float64."""
+    if avx2.chunk_library() is None:
+        pytest.skip(avx2.native.reason(avx2.CHUNK_SOURCE))
+    from fla.ops.kda.naive import naive_recurrent_kda
+    from kda_cases import make_inputs
+
+    from kimi_desk.kernels.kda import chunk_kda
+
+    calls = []
+    blocks = avx2.chunk_blocks
+    monkeypatch.setattr(avx2, "chunk_blocks", lambda *a: calls.append(1) or blocks(*a))
+    q, k, v, g, beta, state = make_inputs(B, T, H, K, V, min_log_decay, dtype, seed=T + K)
+    want, want_state = naive_recurrent_kda(
+        q.double(),
+        k.double(),
+        v.double(),
+        g.double(),
+        beta.double(),
+        initial_state=state.double(),
+        output_final_state=True,
+    )
+    got, got_state = chunk_kda(q, k, v, g, beta, initial_state=state, output_final_state=True)
+    assert calls == [1]
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(got, want) < tolerance and rel_err(got_state, want_state) < tolerance

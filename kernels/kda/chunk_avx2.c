@@ -1,0 +1,123 @@
+/* Kimi Delta Attention's chunked prefill on an AVX2 CPU: the within-chunk matrices of every chunk, in
+   one call.
+
+   Why: kernels/kda/naive.py's chunk_kda_torch builds, for each chunk of C tokens, the strictly lower
+   triangle of A_qk[i, j] = sum_d q_i k_j exp(G_i - G_j) and the inverse T of the unit lower-triangular
+   (I + beta A_kk) by halving: log2(C) levels, each a dozen PyTorch operations over every chunk of every
+   head at once (tensors of megabytes, written and read again between operations). Here one chunk's
+   rows stay in the core's cache through all its levels, and the exponentials go 8 at a time.
+
+   The same arithmetic as chunk_kda_torch's loop (its docstring says why it is safe for unbounded
+   gates): for each diagonal block of b tokens (b = 2, 4, .., C), r the first row of its second half,
+   rows i >= r are scaled by exp(G_i - G_r) and columns j < r by exp(G_r - G_j), both <= 1, each exponent
+   a float64 difference of the float64 cumulative gates rounded once to float32; the block's lower-left
+   quadrant of A_qk and A_kk is then a product of the scaled rows, and T's quadrant is
+   -T2 (beta A_kk)21 T1 from the inverses of its halves, already in place from the level below.
+
+   Layout, per chunk x of X (chunks of every sequence and head, independent of each other):
+     qk [X, C, 2, K] float32: each token's q (already scaled by K^-1/2) then its k;
+     beta [X, C] float32;  G [X, C, K] float64, the gates summed from the chunk's start;
+     aqk, inverse [X, C, C] float32, written whole (zeros above the diagonal; A_qk's diagonal q_i . k_i,
+     T's ones).
+   Threads: OpenMP over chunks (PyTorch's own runtime, libgomp.so.1, is already loaded: one pool). */
+
+#include <immintrin.h>
+
+#include "../avx2_math.h"
+
+#define MAX_CHUNK 64
+#define MAX_HEAD_DIM 256
+
+/* exp((float)(a - b)) for 8 consecutive float64 pairs. */
+static inline __attribute__((target("avx2,fma"))) __m256 exp_of_difference(const double *a, const double *b) {
+    const __m128 low = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_loadu_pd(a), _mm256_loadu_pd(b)));
+    const __m128 high = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_loadu_pd(a + 4), _mm256_loadu_pd(b + 4)));
+    return exp_ps(_mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1));
+}
+
+static inline __attribute__((target("avx2,fma"))) float dot(const float *a, const float *b, int K) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int d = 0;
+    for (; d + 16 <= K; d += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
+    }
+    if (d < K) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+    return hsum(_mm256_add_ps(s0, s1));
+}
+
+/* One chunk: see the file's comment. */
+static __attribute__((target("avx2,fma"))) void chunk_blocks(int C, int K, const float *qk, const float *beta,
+                                                             const double *G, float *aqk, float *inverse) {
+    /* The scaled rows of one quadrant (q and k of tokens r.., then k of tokens m..r), and its products. */
+    float rows_q[MAX_CHUNK / 2][MAX_HEAD_DIM], rows_k[MAX_CHUNK / 2][MAX_HEAD_DIM];
+    float cols_k[MAX_CHUNK / 2][MAX_HEAD_DIM];
+    float a21[MAX_CHUNK / 2][MAX_CHUNK / 2], t2a21[MAX_CHUNK / 2][MAX_CHUNK / 2];
+    const long row = 2L * K;
+    for (long n = 0; n < (long)C * C; n++) aqk[n] = inverse[n] = 0.0f;
+    for (int i = 0; i < C; i++) {
+        aqk[i * C + i] = dot(qk + i * row, qk + i * row + K, K);
+        inverse[i * C + i] = 1.0f;
+    }
+    for (int b = 2; b <= C; b *= 2) {
+        const int h = b / 2;
+        for (int m = 0; m < C; m += b) {
+            const int r = m + h;
+            const double *G_r = G + (long)r * K;
+            for (int i = 0; i < h; i++) {
+                const float *q = qk + (r + i) * row, *k = q + K;
+                const double *G_i = G + (long)(r + i) * K;
+                for (int d = 0; d < K; d += 8) {
+                    const __m256 to_ref = exp_of_difference(G_i + d, G_r + d); /* exp(G_i - G_r) */
+                    _mm256_storeu_ps(rows_q[i] + d, _mm256_mul_ps(_mm256_loadu_ps(q + d), to_ref));
+                    _mm256_storeu_ps(rows_k[i] + d, _mm256_mul_ps(_mm256_loadu_ps(k + d), to_ref));
+                }
+            }
+            for (int j = 0; j < h; j++) {
+                const float *k = qk + (m + j) * row + K;
+                const double *G_j = G + (long)(m + j) * K;
+                for (int d = 0; d < K; d += 8) {
+                    const __m256 from_ref = exp_of_difference(G_r + d, G_j + d); /* exp(G_r - G_j) */
+                    _mm256_storeu_ps(cols_k[j] + d, _mm256_mul_ps(_mm256_loadu_ps(k + d), from_ref));
+                }
+            }
+            for (int i = 0; i < h; i++) {
+                for (int j = 0; j < h; j++) {
+                    aqk[(r + i) * C + m + j] = dot(rows_q[i], cols_k[j], K);
+                    a21[i][j] = beta[r + i] * dot(rows_k[i], cols_k[j], K);
+                }
+            }
+            /* T's quadrant: -(T2 a21) T1, T2 = inverse[r.., r..] and T1 = inverse[m.., m..], lower triangular. */
+            for (int i = 0; i < h; i++) {
+                for (int j = 0; j < h; j++) t2a21[i][j] = 0.0f;
+                for (int t = 0; t <= i; t++) {
+                    const float s = inverse[(r + i) * C + r + t];
+                    for (int j = 0; j < h; j++) t2a21[i][j] += s * a21[t][j];
+                }
+            }
+            for (int i = 0; i < h; i++) {
+                float *out = inverse + (r + i) * C + m;
+                for (int t = 0; t < h; t++) {
+                    const float s = -t2a21[i][t];
+                    const float *t1 = inverse + (m + t) * C + m;
+                    for (int j = 0; j <= t; j++) out[j] += s * t1[j];
+                }
+            }
+        }
+    }
+}
+
+/* Every chunk's A_qk and T; returns 1 when C or K is beyond this file's buffers (nothing written). */
+int kda_chunk_blocks(long X, int C, int K, const float *qk, const float *beta, const double *G, float *aqk,
+                     float *inverse, int threads) {
+    if (C < 1 || C > MAX_CHUNK || (C & (C - 1)) || K < 8 || K > MAX_HEAD_DIM || K % 8) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long x = 0; x < X; x++)
+        chunk_blocks(C, K, qk + x * C * 2 * K, beta + x * C, G + x * C * K, aqk + x * C * C, inverse + x * C * C);
+    return 0;
+}
+
+int cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
