@@ -3,7 +3,8 @@
 kimi-linear-spec.md §3.2 is the exact forward this follows. The state is updated in place (its storage
 never moves, as a replayed CUDA graph needs).
 
-One form on every device: the three short convolutions (one call over q, k and v side by side), then
+One form on every device: the three short convolutions (one call over q, k and v side by side, in C on an
+AVX2 CPU), then
 `prepare_kda` (q and k L2-normalised, the gate, beta's sigmoid: one pass over the raw projections, a Triton
 kernel on the GPU), then the recurrence (`kda`: chunked for a prefill, in place for a few tokens on the
 CPU). The prepass is a pass of its own because the gate and the norms taken inside the chunked kernels
@@ -116,9 +117,13 @@ class KimiDeltaAttention(nn.Module):
         # The three convolutions are depthwise: one call over q, k and v side by side is the same function
         # in a third of the operations.
         P = H * K
-        weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])
-        qkv, window = short_conv(torch.cat([q_in, k_in, v_in], dim=-1), weight, state.conv.view(B, 3 * P, -1))
-        state.conv.copy_(window.view(state.conv.shape))
+        if not use_triton(x) and kda_avx2.takes(x, state.recurrent, state.conv) and kda_avx2.chunk_library():
+            weights = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
+            qkv = kda_avx2.short_conv((q_in, k_in, v_in), weights, state.conv).to(x.dtype)
+        else:
+            weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])
+            qkv, window = short_conv(torch.cat([q_in, k_in, v_in], dim=-1), weight, state.conv.view(B, 3 * P, -1))
+            state.conv.copy_(window.view(state.conv.shape))
         q, k, v = (t.view(B, T, H, K) for t in qkv.split(P, dim=-1))  # [B, T, H, K] each (V = K)
         # Unit q and k in x's dtype; the log decay -exp(A_log) * softplus(f + dt_bias) [B, T, H, K] and
         # beta [B, T, H] in fp32 (the decay is not bounded below).

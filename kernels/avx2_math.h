@@ -27,6 +27,12 @@ static inline __attribute__((target("avx2,fma"))) __m256 exp_ps(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+/* 1 / (1 + exp(-x)), 8 at a time. */
+static inline __attribute__((target("avx2,fma"))) __m256 sigmoid_ps(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
 /* The sum of a vector's 8 lanes. */
 static inline __attribute__((target("avx2,fma"))) float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -5,8 +5,10 @@ of a few tokens in one call, the convolution windows and the recurrent state adv
 PyTorch the same step is some fifty small operations a layer and several passes over the state;
 engine/kda.py takes this call where `takes` allows and the PyTorch form elsewhere (native.py says why).
 
-The chunked prefill's within-chunk matrices (chunk_avx2.c, `chunk_blocks`): kernels/kda/__init__.py's
-chunk_kda passes it to naive.py's chunk_kda_torch in place of its PyTorch halving loop."""
+The prefill (chunk_avx2.c): `short_conv`, the three short convolutions and their SiLU over every token
+in one pass (engine/kda.py's short_conv is the PyTorch form), and `chunk_blocks`, the chunked form's
+within-chunk matrices, which kernels/kda/__init__.py's chunk_kda passes to naive.py's chunk_kda_torch
+in place of its PyTorch halving loop."""
 
 from __future__ import annotations
 
@@ -70,6 +72,27 @@ def _floats(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 and t.is_contiguous() else float32_of(t).contiguous()
 
 
+class _Projections:
+    """What both C calls take of the raw projections and the convolutions: whether everything is bfloat16
+    (read and written as it is) or float32, the projections as rows (pointers and spacings), the weights'
+    float32 taps, and the window the call advances (`conv` itself, or a float32 copy: `copy_back`)."""
+
+    def __init__(self, projections, conv_weights, conv: torch.Tensor):
+        self.bf16 = conv.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in projections)
+        rows = [_rows(t if self.bf16 or t.dtype == torch.float32 else t.float()) for t in projections]
+        self.conv = conv
+        self.window = conv if self.bf16 or conv.dtype == torch.float32 else conv.float()  # takes(): contiguous
+        self._kept = rows, [_floats(w) for w in conv_weights]
+        self.inputs = (ctypes.c_void_p * len(rows))(*[t.data_ptr() for t, _ in rows])
+        self.strides = (ctypes.c_long * len(rows))(*[stride for _, stride in rows])
+        self.taps = (ctypes.c_void_p * 3)(*[t.data_ptr() for t in self._kept[1]])
+        self.out_dtype = torch.bfloat16 if self.bf16 else torch.float32
+
+    def copy_back(self) -> None:
+        if self.window is not self.conv:
+            self.conv.copy_(self.window)
+
+
 def kda_decode_step(
     projections: tuple[torch.Tensor, ...],
     conv_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -89,26 +112,20 @@ def kda_decode_step(
     the output is float32."""
     B, H, K, _ = recurrent.shape
     T, W = projections[0].shape[1], conv.shape[-1] + 1
-    bf16 = conv.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in projections)
-    rows = [_rows(t if bf16 or t.dtype == torch.float32 else t.float()) for t in projections]
-    window = conv if bf16 or conv.dtype == torch.float32 else conv.float()  # takes(): contiguous
-    inputs = (ctypes.c_void_p * 6)(*[t.data_ptr() for t, _ in rows])
-    strides = (ctypes.c_long * 6)(*[stride for _, stride in rows])
-    taps = [_floats(w) for w in conv_weights]
-    tap_pointers = (ctypes.c_void_p * 3)(*[t.data_ptr() for t in taps])
+    given = _Projections(projections, conv_weights, conv)
     params = [_floats(p) for p in (A_log, dt_bias, norm_weight)]
-    out = torch.empty(B, T, H, K, dtype=torch.bfloat16 if bf16 else torch.float32)
+    out = torch.empty(B, T, H, K, dtype=given.out_dtype)
     status = library().kda_decode_step(
         B,
         T,
         H,
         K,
         W,
-        int(bf16),
-        inputs,
-        strides,
-        tap_pointers,
-        window.data_ptr(),
+        int(given.bf16),
+        given.inputs,
+        given.strides,
+        given.taps,
+        given.window.data_ptr(),
         *[p.data_ptr() for p in params],
         eps,
         recurrent.data_ptr(),
@@ -116,8 +133,7 @@ def kda_decode_step(
         torch.get_num_threads(),
     )
     assert status == 0, "a head or convolution beyond decode_avx2.c's buffers"  # takes() keeps them within
-    if window is not conv:
-        conv.copy_(window)
+    given.copy_back()
     return out
 
 
@@ -131,6 +147,8 @@ def chunk_library() -> ctypes.CDLL | None:
     if lib is not None:
         lib.kda_chunk_blocks.argtypes = [ctypes.c_long, _I, _I, _P, _P, _P, _P, _P, _I]
         lib.kda_chunk_blocks.restype = _I
+        lib.kda_short_conv.argtypes = [_I, _I, ctypes.c_long, _I, _I, _P, _P, _P, _P, _P, _I]
+        lib.kda_short_conv.restype = _I
     return lib
 
 
@@ -153,3 +171,33 @@ def chunk_blocks(qk: torch.Tensor, bc: torch.Tensor, G: torch.Tensor) -> tuple[t
     )
     assert status == 0, "a chunk or head beyond chunk_avx2.c's buffers"  # blocks_take() keeps them within
     return aqk, inverse
+
+
+def short_conv(
+    projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    conv_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    conv: torch.Tensor,
+) -> torch.Tensor:
+    """engine/kda.py's short_conv of q, k and v side by side, in C: SiLU of the depthwise causal
+    convolutions of the raw projections (each [B, T, P]) with their weights ([P, 1, W] each), the window
+    `conv` [B, 3, P, W - 1] advanced in place; returns [B, T, 3 P], bfloat16 where the projections and
+    the window all are (rounded once), else float32. `takes` says where it runs."""
+    B, T, P = projections[0].shape
+    given = _Projections(projections, conv_weights, conv)
+    out = torch.empty(B, T, 3 * P, dtype=given.out_dtype)
+    status = chunk_library().kda_short_conv(
+        B,
+        T,
+        P,
+        conv.shape[-1] + 1,
+        int(given.bf16),
+        given.inputs,
+        given.strides,
+        given.taps,
+        given.window.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    assert status == 0, "a convolution beyond chunk_avx2.c's buffers"  # takes() keeps them within
+    given.copy_back()
+    return out

@@ -1,7 +1,11 @@
-/* Kimi Delta Attention's chunked prefill on an AVX2 CPU: the within-chunk matrices of every chunk, in
-   one call.
+/* Kimi Delta Attention's prefill on an AVX2 CPU: the short convolutions of every token (kda_short_conv)
+   and the within-chunk matrices of every chunk (kda_chunk_blocks), each in one call.
 
-   Why: kernels/kda/naive.py's chunk_kda_torch builds, for each chunk of C tokens, the strictly lower
+   The convolutions: in PyTorch (engine/kda.py's short_conv) W shifted multiply-adds, a SiLU and the
+   dtype conversions are some ten passes over [T, 3 H K] float32 tensors; here each block of channels
+   goes through the tokens once, its window and taps in the core's cache.
+
+   The blocks: kernels/kda/naive.py's chunk_kda_torch builds, for each chunk of C tokens, the strictly lower
    triangle of A_qk[i, j] = sum_d q_i k_j exp(G_i - G_j) and the inverse T of the unit lower-triangular
    (I + beta A_kk) by halving: log2(C) levels, each a dozen PyTorch operations over every chunk of every
    head at once (tensors of megabytes, written and read again between operations). Here one chunk's
@@ -27,6 +31,74 @@
 
 #define MAX_CHUNK 64
 #define MAX_HEAD_DIM 256
+#define MAX_CONV 8
+#define CONV_BLOCK 64 /* channels a thread takes through the tokens at a time */
+
+/* 8 values at p (float32, or bfloat16 where bf16) as float32. */
+static inline __attribute__((target("avx2,fma"))) __m256 load_8(const void *p, int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p);
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+/* The depthwise causal convolutions over time and their SiLU, for B sequences of T tokens: engine/kda.py's
+   short_conv of q, k and v side by side.
+
+   inputs: q, k and v before their convolutions, each a matrix of B * T rows of P values, row r at
+   inputs[n] + r * strides[n] (elements); taps: the three weights [P, W] float32 (tap W - 1 multiplies
+   the current token); windows [B, 3, P, W - 1]: the inputs before these tokens, advanced in place to the
+   last W - 1; out [B * T, 3 P]: SiLU(sum), q's then k's then v's channels. Inputs, windows and out are
+   float32, or all bfloat16 where `bf16` (the sums in float32, out rounded once; windows hold inputs,
+   so they stay exact). Returns -1 when P is not a multiple of 8 or W is outside 2..MAX_CONV, else 0. */
+__attribute__((target("avx2,fma"))) int kda_short_conv(int B, int T, long P, int W, int bf16, const void *const *inputs,
+                                                       const long *strides, const float *const *taps, void *windows,
+                                                       void *out, int threads) {
+    if (P % 8 || W < 2 || W > MAX_CONV) return -1;
+    const long blocks = (P + CONV_BLOCK - 1) / CONV_BLOCK, tasks = (long)B * 3 * blocks;
+    const int size = bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long task = 0; task < tasks; task++) {
+        const int b = (int)(task / (3 * blocks)), n = (int)(task / blocks % 3);
+        const long first = task % blocks * CONV_BLOCK, count = P - first < CONV_BLOCK ? P - first : CONV_BLOCK;
+        /* window[j][c]: the input j + 1 tokens before the last of the window's W - 1; w[j][c] the taps. */
+        float window[MAX_CONV - 1][CONV_BLOCK] __attribute__((aligned(32)));
+        float w[MAX_CONV][CONV_BLOCK] __attribute__((aligned(32)));
+        float y[CONV_BLOCK] __attribute__((aligned(32)));
+        char *kept = (char *)windows + ((((long)b * 3 + n) * P + first) * (W - 1)) * size;
+        for (long c = 0; c < count; c++) {
+            for (int j = 0; j < W; j++) w[j][c] = taps[n][(first + c) * W + j];
+            for (int j = 0; j < W - 1; j++)
+                window[j][c] = bf16 ? from_bf16(((const uint16_t *)kept)[c * (W - 1) + j])
+                                    : ((const float *)kept)[c * (W - 1) + j];
+        }
+        for (int t = 0; t < T; t++) {
+            const long r = (long)b * T + t;
+            const char *x = (const char *)inputs[n] + (r * strides[n] + first) * size;
+            for (long c = 0; c < count; c += 8) {
+                const __m256 now = load_8(x + c * size, bf16);
+                __m256 sum = _mm256_mul_ps(now, _mm256_load_ps(w[W - 1] + c));
+                for (int j = 0; j < W - 1; j++)
+                    sum = _mm256_fmadd_ps(_mm256_load_ps(window[j] + c), _mm256_load_ps(w[j] + c), sum);
+                for (int j = 0; j < W - 2; j++) _mm256_store_ps(window[j] + c, _mm256_load_ps(window[j + 1] + c));
+                _mm256_store_ps(window[W - 2] + c, now);
+                _mm256_store_ps(y + c, _mm256_mul_ps(sum, sigmoid_ps(sum)));
+            }
+            char *row = (char *)out + (r * 3 * P + n * P + first) * size;
+            if (bf16)
+                for (long c = 0; c < count; c++) ((uint16_t *)row)[c] = round_to_bf16(y[c]);
+            else
+                memcpy(row, y, sizeof(float) * count);
+        }
+        for (long c = 0; c < count; c++)
+            for (int j = 0; j < W - 1; j++) {
+                if (bf16)
+                    ((uint16_t *)kept)[c * (W - 1) + j] = round_to_bf16(window[j][c]);
+                else
+                    ((float *)kept)[c * (W - 1) + j] = window[j][c];
+            }
+    }
+    return 0;
+}
 
 /* exp((float)(a - b)) for 8 consecutive float64 pairs. */
 static inline __attribute__((target("avx2,fma"))) __m256 exp_of_difference(const double *a, const double *b) {

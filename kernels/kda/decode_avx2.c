@@ -51,12 +51,6 @@ static inline __attribute__((target("avx2,fma"))) __m256 log_ps(__m256 x) {
     return _mm256_fmadd_ps(ef, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
 }
 
-/* 1 / (1 + exp(-x)), 8 at a time. */
-static inline __attribute__((target("avx2,fma"))) __m256 sigmoid_ps(__m256 x) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    return _mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-}
-
 /* The short convolutions of 8 channels for one token: x times the last tap plus the window times the
    others, the windows shifted to take x; SiLU of the sums. */
 static inline __attribute__((target("avx2,fma"))) void conv_8(const float *x, const float *taps, float *windows,

@@ -130,37 +130,46 @@ def test_other_dtypes_and_sizes_keep_pytorch():
     assert not avx2.takes(torch.zeros(1, 1, 8), torch.zeros(1, 2, 20, 20), torch.zeros(1, 3, 40, 3))
 
 
+def random_layer(seed: int) -> KimiDeltaAttention:
+    config = KimiLinearConfig(
+        hidden_size=96, kda_num_heads=3, kda_head_dim=32, num_hidden_layers=1, vocab_size=16, short_conv_kernel_size=4
+    )
+    torch.manual_seed(seed)
+    layer = KimiDeltaAttention(config)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return layer
+
+
+def both_ways(monkeypatch, layer, pieces, counted: str, pytorch_form: tuple):
+    """The layer fed `pieces` in turn from a fresh float32 state, as it runs on this CPU and with avx2's
+    `pytorch_form` (a name and its replacement) patched in: ((outputs, state, calls of avx2.`counted`),
+    the same for the PyTorch form)."""
+    runs = []
+    for patch in (None, pytorch_form):
+        if patch is not None:
+            monkeypatch.setattr(avx2, *patch)
+        calls, kernel = [], getattr(avx2, counted)
+        monkeypatch.setattr(avx2, counted, lambda *a, _k=kernel: calls.append(1) or _k(*a))
+        state = layer.new_state(1, torch.float32, "cpu")
+        with torch.no_grad():
+            outputs = [layer(piece, state) for piece in pieces]
+        runs.append((outputs, state, len(calls)))
+        monkeypatch.setattr(avx2, counted, kernel)
+    return runs
+
+
 def test_layer_takes_the_step_and_equals_its_pytorch_form(monkeypatch):
     """A KDA layer's decode steps on this CPU: the C step where it runs, and the same outputs, state and
     windows as the layer's PyTorch form."""
     if avx2.library() is None:
         pytest.skip(avx2.native.reason(avx2.SOURCE))
-    config = KimiLinearConfig(
-        hidden_size=96,
-        kda_num_heads=3,
-        kda_head_dim=32,
-        num_hidden_layers=1,
-        vocab_size=16,
-        short_conv_kernel_size=4,
-    )
-    torch.manual_seed(7)
-    layer = KimiDeltaAttention(config)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
     x = torch.randn(1, 5, 96)
-    runs = {}
-    for name, takes in (("c", avx2.takes), ("torch", lambda *_: False)):
-        monkeypatch.setattr(avx2, "takes", takes)
-        calls = []
-        step = avx2.kda_decode_step
-        monkeypatch.setattr(avx2, "kda_decode_step", lambda *a, _s=step: calls.append(1) or _s(*a))
-        state = layer.new_state(1, torch.float32, "cpu")
-        with torch.no_grad():
-            outputs = [layer(x[:, t : t + 1], state) for t in range(5)] + [layer(x[:, :3], state)]
-        runs[name] = outputs, state, len(calls)
-        monkeypatch.setattr(avx2, "kda_decode_step", step)
-    (c_out, c_state, c_calls), (t_out, t_state, t_calls) = runs["c"], runs["torch"]
+    pieces = [x[:, t : t + 1] for t in range(5)] + [x[:, :3]]
+    (c_out, c_state, c_calls), (t_out, t_state, t_calls) = both_ways(
+        monkeypatch, random_layer(7), pieces, "kda_decode_step", ("takes", lambda *_: False)
+    )
     assert (c_calls, t_calls) == (6, 0)
     for got, want in zip(c_out, t_out):
         assert rel_err(got, want) < 1e-5
@@ -276,3 +285,51 @@ def test_chunked_prefill_with_c_blocks_matches_fla_naive(monkeypatch, dtype, B, 
     assert calls == [1]
     tolerance = 2e-5 if dtype == torch.float32 else 2e-2
     assert rel_err(got, want) < tolerance and rel_err(got_state, want_state) < tolerance
+
+
+def conv_f64(projections, conv_weights, window):
+    """SiLU of each depthwise causal convolution in float64, q's, k's and v's channels side by side, and
+    the window's last W - 1 inputs."""
+    W = window.shape[-1] + 1
+    outputs, windows = [], []
+    for n, x in enumerate(projections):
+        full = torch.cat([window[:, n].double(), x.double().transpose(1, 2)], dim=-1)  # [B, P, W - 1 + T]
+        taps = conv_weights[n].double().view(-1, W)
+        y = torch.stack([(full[..., t : t + W] * taps).sum(-1) for t in range(x.shape[1])], dim=1)
+        outputs.append(F.silu(y))
+        windows.append(full[..., full.shape[-1] - (W - 1) :])
+    return torch.cat(outputs, dim=-1), torch.stack(windows, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T,P,W", [(1, 200, 320, 4), (2, 37, 136, 4), (1, 3, 64, 2), (1, 70, 512, 8)])
+def test_prefill_convolutions_match_float64(dtype, B, T, P, W):
+    """The prefill's three convolutions in C against float64, with a non-zero window: the outputs within
+    the dtype's rounding, the advanced window exact (it holds inputs)."""
+    if avx2.chunk_library() is None:
+        pytest.skip(avx2.native.reason(avx2.CHUNK_SOURCE))
+    g = torch.Generator().manual_seed(B * 1000 + T + P)
+    projections = torch.randn(B, T, 3 * P, generator=g).to(dtype).split(P, dim=-1)  # views of one product
+    conv_weights = [torch.randn(P, 1, W, generator=g) * 0.5 for _ in range(3)]
+    window = torch.randn(B, 3, P, W - 1, generator=g).to(dtype)
+    want, want_window = conv_f64(projections, conv_weights, window)
+    got = avx2.short_conv(projections, conv_weights, window)
+    assert got.dtype == dtype and got.shape == (B, T, 3 * P)
+    assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else 4e-3)
+    assert torch.equal(window, want_window.to(dtype))
+
+
+def test_a_layer_prefill_takes_the_c_convolutions_and_equals_its_pytorch_form(monkeypatch):
+    """A KDA layer reading 150 tokens after 40 on this CPU: the C convolutions (and blocks) where they run,
+    and the outputs, state and windows of the layer's PyTorch form."""
+    if avx2.chunk_library() is None:
+        pytest.skip(avx2.native.reason(avx2.CHUNK_SOURCE))
+    x = torch.randn(1, 190, 96)
+    (c_out, c_state, c_calls), (t_out, t_state, t_calls) = both_ways(
+        monkeypatch, random_layer(9), [x[:, :40], x[:, 40:]], "short_conv", ("chunk_library", lambda: None)
+    )
+    assert (c_calls, t_calls) == (2, 0)
+    for got, want in zip(c_out, t_out):
+        assert rel_err(got, want) < 1e-5
+    assert rel_err(c_state.recurrent, t_state.recurrent) < 1e-5
+    assert torch.equal(c_state.conv, t_state.conv)
