@@ -9,11 +9,12 @@ On CUDA, up to GEMV_MAX_TOKENS rows of x (leading dims flattened: decode, specul
 Triton GEMVs of gemv.py, which read the codes once for all rows and dequantize in
 registers: decode is bound by reading weights. More rows, and the CPU, take the PyTorch forms, which
 dequantize the weight then multiply (on an AVX2 CPU int8 codes are dequantized by our kernel in one
-pass); on the CPU an int4 matrix prepared with cpu.py's layout takes
+pass, a block of rows at a time: `dequantized_blocks`); on the CPU an int4 matrix prepared with cpu.py's layout takes
 our AVX2 kernels (avx2.py) or PyTorch's int4 operator instead (engine/quantize.py's Int4Linear holds it), and a few rows of x by int8
 codes PyTorch's int8 operator (cpu.py).
 """
 
+import torch
 import torch.nn.functional as F
 
 from kimi_desk.kernels import use_triton
@@ -47,6 +48,11 @@ __all__ = [
 # weight tile once for all of them. Past that, a product on the dequantized weight (prefill) has the
 # tensor cores' full width and the dequantized copy's bytes are shared by many rows.
 GEMV_MAX_TOKENS = 16
+# The dequantized weight of a many-row int8 product on the CPU is made and multiplied in blocks of rows
+# of at most this many bytes: a buffer this size comes back from the C library's heap call after call,
+# where a whole large weight's copy (over 32 MB: glibc maps it afresh each time) is paid again in page
+# faults, which cost more than the dequantization itself.
+DEQUANTIZED_BLOCK_BYTES = 24 << 20
 
 
 def row_scaled_linear(x, q, scale):
@@ -59,8 +65,20 @@ def row_scaled_linear(x, q, scale):
         if cpu_int8_fits(x, q):
             return int8_linear_cpu(x, q, scale)
     if not use_triton(x) and avx2.int8_dequantizes(q, scale, x.dtype):
-        return F.linear(x, avx2.int8_dequantize_rows(q, scale, x.dtype))
+        return dequantized_blocks(x, q, scale)
     return row_scaled_linear_torch(x, q, scale)
+
+
+def dequantized_blocks(x, q, scale):
+    """x @ (Q * s)^T on an AVX2 CPU, Q dequantized to x's dtype DEQUANTIZED_BLOCK_BYTES at a time."""
+    O, D = q.shape
+    rows = max(16, DEQUANTIZED_BLOCK_BYTES // (D * x.element_size()))
+    if rows >= O:
+        return F.linear(x, avx2.int8_dequantize_rows(q, scale, x.dtype))
+    blocks = [
+        F.linear(x, avx2.int8_dequantize_rows(q[r : r + rows], scale[r : r + rows], x.dtype)) for r in range(0, O, rows)
+    ]
+    return torch.cat(blocks, dim=-1)
 
 
 def dequantize_rows(q, scale, dtype):

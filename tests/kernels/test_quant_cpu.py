@@ -73,6 +73,27 @@ def test_int8_operator_matches_float64(dtype, O, D, rows):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_many_rows_on_a_weight_dequantized_in_blocks_match_float64(monkeypatch, dtype):
+    """Many rows on the CPU: the int8 weight dequantized and multiplied a block of rows at a time (blocks
+    of 64 rows here, the last one short) is the product on the whole weight."""
+    import kimi_desk.kernels.quant as quant
+
+    if not quant.avx2.int8_dequantizes(torch.zeros(1, 1, dtype=torch.int8), torch.ones(1), dtype):
+        pytest.skip("no AVX2 kernels on this machine")
+    gen = torch.Generator().manual_seed(17)
+    O, D = 300, 128
+    q, s = quantize_int8_rows(torch.randn(O, D, generator=gen))
+    x = torch.randn(2, 40, D, generator=gen).to(dtype)
+    monkeypatch.setattr(quant, "DEQUANTIZED_BLOCK_BYTES", 64 * D * x.element_size())
+    calls = []
+    dequantize = quant.avx2.int8_dequantize_rows
+    monkeypatch.setattr(quant.avx2, "int8_dequantize_rows", lambda *a: calls.append(a[0].shape[0]) or dequantize(*a))
+    got = row_scaled_linear(x, q, s)
+    assert calls == [64, 64, 64, 64, 44] and got.shape == (2, 40, O) and got.dtype == dtype
+    assert rel_err(got, x.double() @ dequantize_rows(q, s, torch.float64).t()) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("hidden,rows", [(128, 1), (64, 5)], ids=lambda x: str(x))
 def test_int4_expert_with_w1_and_w3_joined_matches_float64(hidden, rows):
     """The expert's two products (w1 and w3 as one matrix) against float64 on the dequantized weights;
