@@ -3,8 +3,8 @@
 Both take q, k [B, T, H, K] (already L2-normalised), v [B, T, H, V], g [B, T, H, K] (log decay, fp32),
 beta [B, T, H] and an optional fp32 state [B, H, K, V]; both return (o [B, T, H, V], final state or
 None). CUDA tensors go to Triton; everything else, or any tensor when KIMI_DESK_KERNELS=torch, to the
-PyTorch implementations in naive.py, the chunked form's within-chunk matrices built in C on an AVX2 CPU
-(avx2.py's chunk_blocks). `recurrent_kda_inplace` is the CPU decode step: the recurrence with
+PyTorch implementations in naive.py, the chunked form's within-chunk matrices and the other inputs of
+its products made in C on an AVX2 CPU (avx2.py's chunk_inputs). `recurrent_kda_inplace` is the CPU decode step: the recurrence with
 the state advanced in place.
 
 `prepare_kda` turns the layer's raw projections into those inputs in one pass: q and k L2-normalised,
@@ -34,8 +34,8 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         from kimi_desk.kernels.kda.chunk import chunk_kda_triton
 
         return chunk_kda_triton(q, k, v, g, beta, scale, initial_state, output_final_state)
-    blocks = avx2.chunk_blocks if avx2.blocks_take(q) else None
-    return chunk_kda_torch(q, k, v, g, beta, scale, initial_state, output_final_state, blocks=blocks)
+    inputs = avx2.chunk_inputs if avx2.chunk_takes(q) else None
+    return chunk_kda_torch(q, k, v, g, beta, scale, initial_state, output_final_state, inputs=inputs)
 
 
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):

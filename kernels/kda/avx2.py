@@ -6,9 +6,9 @@ PyTorch the same step is some fifty small operations a layer and several passes 
 engine/kda.py takes this call where `takes` allows and the PyTorch form elsewhere (native.py says why).
 
 The prefill (chunk_avx2.c): `short_conv`, the three short convolutions and their SiLU over every token
-in one pass (engine/kda.py's short_conv is the PyTorch form), and `chunk_blocks`, the chunked form's
-within-chunk matrices, which kernels/kda/__init__.py's chunk_kda passes to naive.py's chunk_kda_torch
-in place of its PyTorch halving loop."""
+in one pass (engine/kda.py's short_conv is the PyTorch form), and `chunk_inputs`, the chunked form's
+within-chunk matrices and the other inputs of its products, which kernels/kda/__init__.py's chunk_kda
+passes to naive.py's chunk_kda_torch in place of its PyTorch form."""
 
 from __future__ import annotations
 
@@ -145,32 +145,57 @@ MAX_CHUNK = 64  # chunk_avx2.c's buffers
 def chunk_library() -> ctypes.CDLL | None:
     lib = native.library(CHUNK_SOURCE)
     if lib is not None:
-        lib.kda_chunk_blocks.argtypes = [ctypes.c_long, _I, _I, _P, _P, _P, _P, _P, _I]
-        lib.kda_chunk_blocks.restype = _I
+        _L = ctypes.c_long
+        lib.kda_chunk_inputs.argtypes = [*[_I] * 7, _P, _L, _P, _L, _P, _L, _P, _L, _P, _L, ctypes.c_float]
+        lib.kda_chunk_inputs.argtypes += [*[_P] * 6, _I]
+        lib.kda_chunk_inputs.restype = _I
         lib.kda_short_conv.argtypes = [_I, _I, ctypes.c_long, _I, _I, _P, _P, _P, _P, _P, _I]
         lib.kda_short_conv.restype = _I
     return lib
 
 
-def blocks_take(q: torch.Tensor) -> bool:
-    """Whether chunk_blocks builds the chunked prefill's blocks for queries q [B, T, H, K]: on the CPU, K a
+def chunk_takes(q: torch.Tensor) -> bool:
+    """Whether chunk_inputs makes the chunked prefill's inputs for queries q [B, T, H, K]: on the CPU, K a
     multiple of 8 up to MAX_HEAD_DIM, the library built (naive.CHUNK_SIZE is within MAX_CHUNK)."""
     K = q.shape[-1]
     return q.device.type == "cpu" and K <= MAX_HEAD_DIM and K % 8 == 0 and chunk_library() is not None
 
 
-def chunk_blocks(qk: torch.Tensor, bc: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """kernels/kda/naive.py's `halving_blocks` in C (chunk_avx2.c): every chunk's A_qk and T [X, C, C]
-    from qk [X, C, 2, K] float32, bc [X, C, 1] float32 and G [X, C, K] float64."""
-    X, C, _, K = qk.shape
-    qk, bc, G = qk.contiguous(), bc.contiguous(), G.contiguous()
-    aqk = torch.empty(X, C, C, dtype=torch.float32)
-    inverse = torch.empty(X, C, C, dtype=torch.float32)
-    status = chunk_library().kda_chunk_blocks(
-        X, C, K, qk.data_ptr(), bc.data_ptr(), G.data_ptr(), aqk.data_ptr(), inverse.data_ptr(), torch.get_num_threads()
+def chunk_inputs(q, k, v, g, beta, scale: float, C: int):
+    """kernels/kda/naive.py's `chunk_inputs_torch` in C (chunk_avx2.c): (A_qk, T, the right-hand side,
+    K_g, Q exp(G), exp(G_C)) of every chunk, read from q, k [B, T, H, K] and v [B, T, H, V] (float32, or
+    all bfloat16), g [B, T, H, K] and beta [B, T, H] (float32) as they are, rows evenly spaced."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    bf16 = all(t.dtype == torch.bfloat16 for t in (q, k, v))
+    rows = [_rows((t if bf16 else t.float()).reshape(B, T, -1)) for t in (q, k, v)]
+    g_rows, g_stride = _rows(g.float().reshape(B, T, -1))
+    beta_rows, beta_stride = _rows(beta.float())
+    X = -(-T // C) * B * H
+    aqk, inverse = torch.empty(X, C, C), torch.empty(X, C, C)
+    rhs, kg, qg, last = torch.empty(X, C, K + V), torch.empty(X, C, K), torch.empty(X, C, K), torch.empty(X, K)
+    pointers = [arg for t, stride in rows for arg in (t.data_ptr(), stride)]
+    status = chunk_library().kda_chunk_inputs(
+        B,
+        T,
+        H,
+        K,
+        V,
+        C,
+        int(bf16),
+        *pointers,
+        g_rows.data_ptr(),
+        g_stride,
+        beta_rows.data_ptr(),
+        beta_stride,
+        scale,
+        *[t.data_ptr() for t in (aqk, inverse, rhs, kg, qg, last)],
+        torch.get_num_threads(),
     )
-    assert status == 0, "a chunk or head beyond chunk_avx2.c's buffers"  # blocks_take() keeps them within
-    return aqk, inverse
+    if status == 2:
+        raise MemoryError("no memory for the KDA prefill kernel's scratch")
+    assert status == 0, "a chunk or head beyond chunk_avx2.c's buffers"  # chunk_takes() keeps them within
+    return aqk, inverse, rhs, kg, qg, last
 
 
 def short_conv(

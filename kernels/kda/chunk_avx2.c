@@ -1,5 +1,5 @@
 /* Kimi Delta Attention's prefill on an AVX2 CPU: the short convolutions of every token (kda_short_conv)
-   and the within-chunk matrices of every chunk (kda_chunk_blocks), each in one call.
+   and the chunked form's inputs of every chunk (kda_chunk_inputs), each in one call.
 
    The convolutions: in PyTorch (engine/kda.py's short_conv) W shifted multiply-adds, a SiLU and the
    dtype conversions are some ten passes over [T, 3 H K] float32 tensors; here each block of channels
@@ -26,6 +26,8 @@
    Threads: OpenMP over chunks (PyTorch's own runtime, libgomp.so.1, is already loaded: one pool). */
 
 #include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
 
 #include "../avx2_math.h"
 
@@ -100,11 +102,17 @@ __attribute__((target("avx2,fma"))) int kda_short_conv(int B, int T, long P, int
     return 0;
 }
 
+/* exp(x), 8 at a time, 0 below -87 (exp_ps stops at exp(-87) ~ 1.6e-38 there): a decay that far down
+   is none left, as PyTorch's exp gives it. */
+static inline __attribute__((target("avx2,fma"))) __m256 decay_ps(__m256 x) {
+    return _mm256_and_ps(exp_ps(x), _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
+}
+
 /* exp((float)(a - b)) for 8 consecutive float64 pairs. */
 static inline __attribute__((target("avx2,fma"))) __m256 exp_of_difference(const double *a, const double *b) {
     const __m128 low = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_loadu_pd(a), _mm256_loadu_pd(b)));
     const __m128 high = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_loadu_pd(a + 4), _mm256_loadu_pd(b + 4)));
-    return exp_ps(_mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1));
+    return decay_ps(_mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1));
 }
 
 static inline __attribute__((target("avx2,fma"))) float dot(const float *a, const float *b, int K) {
@@ -179,14 +187,90 @@ static __attribute__((target("avx2,fma"))) void chunk_blocks(int C, int K, const
     }
 }
 
-/* Every chunk's A_qk and T; returns 1 when C or K is beyond this file's buffers (nothing written). */
-int kda_chunk_blocks(long X, int C, int K, const float *qk, const float *beta, const double *G, float *aqk,
-                     float *inverse, int threads) {
-    if (C < 1 || C > MAX_CHUNK || (C & (C - 1)) || K < 8 || K > MAX_HEAD_DIM || K % 8) return 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long x = 0; x < X; x++)
-        chunk_blocks(C, K, qk + x * C * 2 * K, beta + x * C, G + x * C * K, aqk + x * C * C, inverse + x * C * C);
-    return 0;
+/* 8 consecutive float64 values rounded to float32. */
+static inline __attribute__((target("avx2,fma"))) __m256 float_8(const double *a) {
+    const __m128 low = _mm256_cvtpd_ps(_mm256_loadu_pd(a)), high = _mm256_cvtpd_ps(_mm256_loadu_pd(a + 4));
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1);
+}
+
+/* One chunk's rhs (its first K columns; the values' V are already in place), kg, qg and last, from its
+   q and k (qk: q scaled), beta and G (kda_chunk_inputs says what each is). */
+static __attribute__((target("avx2,fma"))) void chunk_products_inputs(int C, int K, long W, const float *qk,
+                                                                       const float *bc, const double *G, float *rhs,
+                                                                       float *kg, float *qg, float *last) {
+    const double *G_last = G + (long)(C - 1) * K;
+    for (int i = 0; i < C; i++) {
+        const float *qi = qk + (long)i * 2 * K, *ki = qi + K;
+        const double *Gi = G + (long)i * K;
+        const __m256 beta = _mm256_set1_ps(bc[i]);
+        for (int d = 0; d < K; d += 8) {
+            const __m256 decay = decay_ps(float_8(Gi + d)), k = _mm256_loadu_ps(ki + d);
+            _mm256_storeu_ps(rhs + (long)i * W + d, _mm256_mul_ps(_mm256_mul_ps(decay, k), beta));
+            _mm256_storeu_ps(kg + (long)i * K + d, _mm256_mul_ps(k, exp_of_difference(G_last + d, Gi + d)));
+            _mm256_storeu_ps(qg + (long)i * K + d, _mm256_mul_ps(_mm256_loadu_ps(qi + d), decay));
+        }
+    }
+    for (int d = 0; d < K; d += 8) _mm256_storeu_ps(last + d, decay_ps(float_8(G_last + d)));
+}
+
+/* The chunked form's inputs, straight from the layer's prepared tensors: for each chunk x of C tokens
+   (chunk-major, then sequence, then head: x = (n B + b) H + h, as naive.py's chunk_kda_torch orders
+   them; tokens past T are zeros, which are inert), with G the float64 sum of g from the chunk's start:
+     aqk, inverse [X, C, C]: chunk_blocks' A_qk and T;
+     rhs [X, C, K + V]: (exp(G_i) k_i) beta_i, then v_i beta_i;
+     kg [X, C, K]: k_i exp(G_last - G_i);  qg [X, C, K]: (scale q_i) exp(G_i);  last [X, K]: exp(G_last),
+   each exponent a float64 difference (or value) rounded once to float32, as chunk_kda_torch's.
+   q, k [B * T rows, H * K], v [B * T rows, H * V]: float32, or bfloat16 where bf16, row r at
+   x + r * stride (elements); g [B * T rows, H * K] and beta [B * T rows, H] float32, likewise.
+   Returns 1 when C, K or V is beyond this file's buffers, 2 when scratch cannot be allocated. */
+int kda_chunk_inputs(int B, int T, int H, int K, int V, int C, int bf16, const void *q, long q_stride,
+                     const void *k, long k_stride, const void *v, long v_stride, const float *g, long g_stride,
+                     const float *beta, long beta_stride, float scale, float *aqk, float *inverse, float *rhs,
+                     float *kg, float *qg, float *last, int threads) {
+    if (C < 1 || C > MAX_CHUNK || (C & (C - 1)) || K < 8 || K > MAX_HEAD_DIM || K % 8 || V < 1 || V > MAX_HEAD_DIM)
+        return 1;
+    const long N = (T + C - 1) / C, X = N * B * H, W = (long)K + V;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *qk = malloc(sizeof(float) * (size_t)C * 2 * K), *bc = malloc(sizeof(float) * (size_t)C);
+        double *G = malloc(sizeof(double) * (size_t)C * K);
+        failed = !qk || !bc || !G;
+#pragma omp for schedule(static)
+        for (long x = 0; x < X; x++) {
+            if (failed) continue;
+            const int h = (int)(x % H), b = (int)(x / H % B);
+            const long n = x / ((long)H * B);
+            float *rhs_x = rhs + x * C * W, *kg_x = kg + x * C * K, *qg_x = qg + x * C * K;
+            for (int i = 0; i < C; i++) {
+                const long t = n * C + i, r = (long)b * T + t;
+                float *qi = qk + (long)i * 2 * K, *ki = qi + K, *ri = rhs_x + (long)i * W;
+                double *Gi = G + (long)i * K;
+                if (t >= T) { /* padding: g = 0 keeps the sums, beta = 0, q = k = v = 0 */
+                    for (int d = 0; d < K; d++) qi[d] = ki[d] = 0.0f, Gi[d] = i ? Gi[d - K] : 0.0;
+                    for (int d = 0; d < V; d++) ri[K + d] = 0.0f;
+                    bc[i] = 0.0f;
+                    continue;
+                }
+                const long hq = (long)h * K, hv = (long)h * V;
+                for (int d = 0; d < K; d++) {
+                    qi[d] = (bf16 ? from_bf16(((const uint16_t *)q)[r * q_stride + hq + d]) : ((const float *)q)[r * q_stride + hq + d]) * scale;
+                    ki[d] = bf16 ? from_bf16(((const uint16_t *)k)[r * k_stride + hq + d]) : ((const float *)k)[r * k_stride + hq + d];
+                    Gi[d] = (i ? Gi[d - K] : 0.0) + (double)g[r * g_stride + hq + d];
+                }
+                const float beta_i = beta[r * beta_stride + h];
+                for (int d = 0; d < V; d++)
+                    ri[K + d] = (bf16 ? from_bf16(((const uint16_t *)v)[r * v_stride + hv + d]) : ((const float *)v)[r * v_stride + hv + d]) * beta_i;
+                bc[i] = beta_i;
+            }
+            chunk_blocks(C, K, qk, bc, G, aqk + x * C * C, inverse + x * C * C);
+            chunk_products_inputs(C, K, W, qk, bc, G, rhs_x, kg_x, qg_x, last + x * K);
+        }
+        free(qk);
+        free(bc);
+        free(G);
+    }
+    return failed ? 2 : 0;
 }
 
 int cpu_supported(void) {

@@ -86,7 +86,7 @@ def recurrent_kda_inplace(q, k, v, g, beta, state, scale=None):
 
 
 def chunk_kda_torch(
-    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=CHUNK_SIZE, blocks=None
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=CHUNK_SIZE, inputs=None
 ):
     """Chunked form (spec §3.3): batched matrix products over every chunk at once, and a loop over the
     chunks for the state alone (one product each).
@@ -107,8 +107,9 @@ def chunk_kda_torch(
     S' = (diag(exp(G_C)) - K_g^T W) S + K_g^T U, K_g = K exp(G_C - G), is one product in the loop, and
     every output o = (Q exp(G) - A_qk W) S + A_qk U is one batched product after it.
 
-    `blocks` builds A_qk and T (`halving_blocks` here; kernels/kda/avx2.py's `chunk_blocks` is the same
-    arithmetic in C, one chunk at a time in the core's cache).
+    `inputs` makes every chunk's A_qk, T and the products' other inputs (`chunk_inputs_torch` here;
+    kernels/kda/avx2.py's `chunk_inputs` is the same arithmetic in C, one chunk at a time in the core's
+    cache, from the layer's tensors as they are).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -125,32 +126,15 @@ def chunk_kda_torch(
         )
         return q.new_zeros(B, 0, H, V), (state if output_final_state else None)
 
-    # Zero padding is inert: g = 0 keeps the state, beta = 0 writes nothing, k = 0 reads nothing.
     N = (T + C - 1) // C
     X = N * BH  # chunks of every sequence and head, chunk-major: the state loop reads contiguous slices
-    pad = N * C - T
-
-    def chunked(x):  # [B, T, H, D] -> [X, C, D]
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.view(B, N, C, H, x.shape[-1]).permute(1, 0, 3, 2, 4).reshape(X, C, x.shape[-1])
-
-    qk = torch.stack([chunked(q), chunked(k)], dim=2).float()  # [X, C, 2, K]: each token's q and k
-    qk[:, :, 0].mul_(scale)
-    bc = chunked(beta.unsqueeze(-1)).float()  # [X, C, 1]
-    G = chunked(g).double().cumsum_(1)  # [X, C, K] float64
-
-    aqk, inverse = (blocks or halving_blocks)(qk, bc, G)
-
-    decay = G.float().exp_()  # exp(G_i), <= 1
-    rhs = torch.cat([decay * qk[:, :, 1], chunked(v).float()], dim=-1).mul_(bc)  # [beta exp(G) K | beta V]
+    aqk, inverse, rhs, kg, qg, last = (inputs or chunk_inputs_torch)(q, k, v, g, beta, scale, C)
     wu = torch.bmm(inverse, rhs)  # [X, C, K + V]: W | U
-    kg = qk[:, :, 1] * (G[:, -1:] - G).float().exp_()  # k_i exp(G_C - G_i)
     kwu = torch.bmm(kg.transpose(1, 2), wu)  # [X, K, K + V]
     transition = kwu[..., :K].neg_()
-    torch.diagonal(transition, dim1=1, dim2=2).add_(decay[:, -1])  # diag(exp(G_C)) - K_g^T W
+    torch.diagonal(transition, dim1=1, dim2=2).add_(last)  # diag(exp(G_C)) - K_g^T W
     awu = torch.bmm(aqk, wu)  # [X, C, K + V]
-    reads = qk[:, :, 0].mul_(decay).sub_(awu[..., :K])  # Q exp(G) - A_qk W
+    reads = qg.sub_(awu[..., :K])  # Q exp(G) - A_qk W
 
     states = torch.empty(N + 1, BH, K, V, dtype=torch.float32, device=device)  # at each chunk's start
     states[0] = torch.zeros(BH, K, V, device=device) if initial_state is None else initial_state.reshape(BH, K, V)
@@ -160,6 +144,31 @@ def chunk_kda_torch(
     o = torch.baddbmm(awu[..., K:], reads, states[:N].view(X, K, V))  # [X, C, V]
     o = o.view(N, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
     return o.to(q.dtype), (states[N].view(B, H, K, V) if output_final_state else None)
+
+
+def chunk_inputs_torch(q, k, v, g, beta, scale, C):
+    """The chunked form's inputs for every chunk x of C tokens (chunk-major, then sequence, then head),
+    G the float64 sum of g from the chunk's start: A_qk and T [X, C, C] (halving_blocks), the right-hand
+    side [X, C, K + V] = [beta exp(G) K | beta V], K_g = K exp(G_C - G) [X, C, K], Q exp(G) [X, C, K]
+    (q scaled) and exp(G_C) [X, K]."""
+    B, T, H, _ = q.shape
+    N = (T + C - 1) // C
+    X, pad = N * B * H, N * C - T
+
+    def chunked(x):  # [B, T, H, D] -> [X, C, D]; zero padding is inert (g = 0, beta = 0, k = 0)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(B, N, C, H, x.shape[-1]).permute(1, 0, 3, 2, 4).reshape(X, C, x.shape[-1])
+
+    qk = torch.stack([chunked(q), chunked(k)], dim=2).float()  # [X, C, 2, K]: each token's q and k
+    qk[:, :, 0].mul_(scale)
+    bc = chunked(beta.unsqueeze(-1)).float()  # [X, C, 1]
+    G = chunked(g).double().cumsum_(1)  # [X, C, K] float64
+    aqk, inverse = halving_blocks(qk, bc, G)
+    decay = G.float().exp_()  # exp(G_i), <= 1
+    rhs = torch.cat([decay * qk[:, :, 1], chunked(v).float()], dim=-1).mul_(bc)
+    kg = qk[:, :, 1] * (G[:, -1:] - G).float().exp_()  # k_i exp(G_C - G_i)
+    return aqk, inverse, rhs, kg, qk[:, :, 0].mul_(decay), decay[:, -1]
 
 
 def halving_blocks(qk, bc, G):

@@ -217,7 +217,7 @@ def test_a_bf16_layer_takes_the_step_and_is_nearer_float32_than_its_pytorch_form
     assert rel_err(c_out, exact) <= rel_err(t_out, exact) * 1.1 and rel_err(c_out, exact) < 2e-2
 
 
-def test_chunk_blocks_build_where_they_can():
+def test_prefill_kernels_build_where_they_can():
     assert (avx2.chunk_library() is not None) == can_build(), avx2.native.reason(avx2.CHUNK_SOURCE)
 
 
@@ -234,33 +234,57 @@ def blocks_f64(qk, bc, G):
     return aqk, torch.linalg.inv(eye + akk)
 
 
+def inputs_f64(q, k, v, g, beta, scale, C):
+    """chunk_inputs' six tensors in float64 from their definitions (kernels/kda/naive.py's
+    chunk_inputs_torch says what each is), chunks ordered chunk-major, then sequence, then head."""
+    B, T, H, K = q.shape
+    N = -(-T // C)
+
+    def chunked(x):  # [B, T, H, D] -> [N * B * H, C, D], zeros past T
+        x = F.pad(x.double(), (0, 0, 0, 0, 0, N * C - T))
+        return x.view(B, N, C, H, -1).permute(1, 0, 3, 2, 4).reshape(N * B * H, C, -1)
+
+    qs, ks, vs, bc = chunked(q) * scale, chunked(k), chunked(v), chunked(beta.unsqueeze(-1))
+    G = chunked(g).cumsum(1)
+    aqk, inverse = blocks_f64(torch.stack([qs, ks], dim=2), bc, G)
+    rhs = torch.cat([G.exp() * ks, vs], dim=-1) * bc
+    return aqk, inverse, rhs, ks * (G[:, -1:] - G).exp(), qs * G.exp(), G[:, -1].exp()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
-    "X,K,min_log_decay", [(3, 128, -0.05), (4, 64, -5.0), (2, 16, -50.0), (5, 32, -1.0), (1, 256, -2.0)]
+    "B,T,H,K,V,min_log_decay",
+    [(1, 64, 3, 128, 128, -0.05), (2, 100, 2, 64, 32, -5.0), (1, 70, 2, 16, 16, -50.0), (1, 130, 1, 256, 64, -2.0)],
 )
-def test_chunk_blocks_match_float64(X, K, min_log_decay):
-    """The C blocks (one chunk of 64 at a time, halving) against A_qk and T formed from their
-    definitions in float64, on gates from gentle to fifty per step."""
+def test_chunk_inputs_match_float64(dtype, B, T, H, K, V, min_log_decay):
+    """The C inputs (chunks of 64 tokens, the last one padded; A_qk and T by halving) against every tensor
+    formed from its definition in float64, on gates from gentle to fifty per step; the inputs read as
+    they are, views of one joined tensor."""
     if avx2.chunk_library() is None:
         pytest.skip(avx2.native.reason(avx2.CHUNK_SOURCE))
-    g = torch.Generator().manual_seed(X * 100 + K)
-    C = 64
-    qk = F.normalize(torch.randn(X, C, 2, K, generator=g), dim=-1) * torch.tensor([K**-0.5, 1.0]).view(1, 1, 2, 1)
-    bc = torch.rand(X, C, 1, generator=g)
-    G = (torch.rand(X, C, K, generator=g, dtype=torch.float64) * min_log_decay).cumsum(1)
-    want_aqk, want_inverse = blocks_f64(qk, bc, G)
-    aqk, inverse = avx2.chunk_blocks(qk, bc, G)
-    assert rel_err(aqk, want_aqk) < 1e-5
-    assert rel_err(inverse, want_inverse) < 1e-5
-    assert torch.equal(aqk.triu(1), torch.zeros_like(aqk)) and torch.equal(inverse.triu(1), torch.zeros_like(aqk))
+    from kda_cases import make_inputs
+
+    q, k, v, g, beta, _ = make_inputs(B, T, H, K, V, min_log_decay, dtype, seed=T * 3 + K)
+    joined = torch.cat([q, k], dim=-1)  # q and k as strided views
+    q, k = joined[..., :K], joined[..., K:]
+    got = avx2.chunk_inputs(q, k, v, g, beta, K**-0.5, 64)
+    want = inputs_f64(q, k, v, g, beta, K**-0.5, 64)
+    for name, a, b in zip(("aqk", "inverse", "rhs", "kg", "qg", "last"), got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        # Decays below float32's smallest normal (a chunk of steps of -50) are zeros on both sides.
+        assert (a.double() - b).norm() <= 1e-5 * b.norm() + 1e-37, name
+    assert torch.equal(got[0].triu(1), torch.zeros_like(got[0])) and torch.equal(
+        got[1].triu(1), torch.zeros_like(got[1])
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "B,T,H,K,V,min_log_decay", [(1, 65, 3, 64, 32, -50.0), (2, 200, 2, 32, 32, -3.0), (1, 300, 2, 128, 128, -0.05)]
 )
-def test_chunked_prefill_with_c_blocks_matches_fla_naive(monkeypatch, dtype, B, T, H, K, V, min_log_decay):
-    """kernels.kda.chunk_kda on this CPU builds its blocks in C; the prefill's output and final state
-    against fla-core's naive recurrence in float64."""
+def test_chunked_prefill_with_c_inputs_matches_fla_naive(monkeypatch, dtype, B, T, H, K, V, min_log_decay):
+    """kernels.kda.chunk_kda on this CPU makes its chunks' inputs in C; the prefill's output and final
+    state against fla-core's naive recurrence in float64."""
     if avx2.chunk_library() is None:
         pytest.skip(avx2.native.reason(avx2.CHUNK_SOURCE))
     from fla.ops.kda.naive import naive_recurrent_kda
@@ -269,8 +293,8 @@ def test_chunked_prefill_with_c_blocks_matches_fla_naive(monkeypatch, dtype, B, 
     from kimi_desk.kernels.kda import chunk_kda
 
     calls = []
-    blocks = avx2.chunk_blocks
-    monkeypatch.setattr(avx2, "chunk_blocks", lambda *a: calls.append(1) or blocks(*a))
+    inputs = avx2.chunk_inputs
+    monkeypatch.setattr(avx2, "chunk_inputs", lambda *a: calls.append(1) or inputs(*a))
     q, k, v, g, beta, state = make_inputs(B, T, H, K, V, min_log_decay, dtype, seed=T + K)
     want, want_state = naive_recurrent_kda(
         q.double(),
