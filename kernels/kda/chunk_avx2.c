@@ -5,25 +5,25 @@
    dtype conversions are some ten passes over [T, 3 H K] float32 tensors; here each block of channels
    goes through the tokens once, its window and taps in the core's cache.
 
-   The blocks: kernels/kda/naive.py's chunk_kda_torch builds, for each chunk of C tokens, the strictly lower
-   triangle of A_qk[i, j] = sum_d q_i k_j exp(G_i - G_j) and the inverse T of the unit lower-triangular
-   (I + beta A_kk) by halving: log2(C) levels, each a dozen PyTorch operations over every chunk of every
-   head at once (tensors of megabytes, written and read again between operations). Here one chunk's
-   rows stay in the core's cache through all its levels, and the exponentials go 8 at a time.
+   The chunks' inputs: kernels/kda/naive.py's chunk_inputs_torch lays out every chunk's q, k, v and
+   gates (copies and dtype conversions), sums the gates, and builds for each chunk of C tokens the
+   strictly lower triangle of A_qk[i, j] = sum_d q_i k_j exp(G_i - G_j) and the inverse T of the unit
+   lower-triangular (I + beta A_kk) by halving: log2(C) levels, each a dozen PyTorch operations over
+   every chunk of every head at once (tensors of megabytes, written and read again between operations),
+   then the products' other inputs. Here one chunk is read from the layer's tensors as they are and stays
+   in the core's cache through all of it, and the exponentials go 8 at a time.
 
-   The same arithmetic as chunk_kda_torch's loop (its docstring says why it is safe for unbounded
-   gates): for each diagonal block of b tokens (b = 2, 4, .., C), r the first row of its second half,
-   rows i >= r are scaled by exp(G_i - G_r) and columns j < r by exp(G_r - G_j), both <= 1, each exponent
-   a float64 difference of the float64 cumulative gates rounded once to float32; the block's lower-left
-   quadrant of A_qk and A_kk is then a product of the scaled rows, and T's quadrant is
-   -T2 (beta A_kk)21 T1 from the inverses of its halves, already in place from the level below.
+   The same arithmetic as chunk_inputs_torch's (chunk_kda_torch's docstring says why it is safe for
+   unbounded gates): for each diagonal block of b tokens (b = 2, 4, .., C), r the first row of its second
+   half, rows i >= r are scaled by exp(G_i - G_r) and columns j < r by exp(G_r - G_j), both <= 1, each
+   exponent a float64 difference of the float64 cumulative gates rounded once to float32; the block's
+   lower-left quadrant of A_qk and A_kk is then a product of the scaled rows, and T's quadrant is
+   -T2 (beta A_kk)21 T1 from the inverses of its halves, already in place from the level below
+   (chunk_blocks, for one chunk: qk [C, 2, K] each token's q, already scaled, then its k; beta [C];
+   G [C, K] float64; aqk and inverse [C, C] written whole, zeros above the diagonal).
 
-   Layout, per chunk x of X (chunks of every sequence and head, independent of each other):
-     qk [X, C, 2, K] float32: each token's q (already scaled by K^-1/2) then its k;
-     beta [X, C] float32;  G [X, C, K] float64, the gates summed from the chunk's start;
-     aqk, inverse [X, C, C] float32, written whole (zeros above the diagonal; A_qk's diagonal q_i . k_i,
-     T's ones).
-   Threads: OpenMP over chunks (PyTorch's own runtime, libgomp.so.1, is already loaded: one pool). */
+   Threads: OpenMP over channel blocks (the convolutions) and over chunks (PyTorch's own runtime,
+   libgomp.so.1, is already loaded: one pool). */
 
 #include <immintrin.h>
 #include <math.h>
