@@ -254,7 +254,13 @@ def inputs_f64(q, k, v, g, beta, scale, C):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "B,T,H,K,V,min_log_decay",
-    [(1, 64, 3, 128, 128, -0.05), (2, 100, 2, 64, 32, -5.0), (1, 70, 2, 16, 16, -50.0), (1, 130, 1, 256, 64, -2.0)],
+    [
+        (1, 64, 3, 128, 128, -0.05),
+        (2, 100, 2, 64, 32, -5.0),
+        (1, 70, 2, 16, 16, -50.0),
+        (1, 130, 1, 256, 64, -2.0),
+        (2, 20, 2, 32, 48, -1.0),
+    ],
 )
 def test_chunk_inputs_match_float64(dtype, B, T, H, K, V, min_log_decay):
     """The C inputs (chunks of 64 tokens, the last one padded; A_qk and T by halving) against every tensor
