@@ -3,11 +3,10 @@
 kimi-linear-spec.md §3.2 is the exact forward this follows. The state is updated in place (its storage
 never moves, as a replayed CUDA graph needs).
 
-One form on every device: the three short convolutions (one call over q, k and v side by side, in C on an
-AVX2 CPU), then
-`prepare_kda` (q and k L2-normalised, the gate, beta's sigmoid: one pass over the raw projections, a Triton
-kernel on the GPU), then the recurrence (`kda`: chunked for a prefill, in place for a few tokens on the
-CPU). The prepass is a pass of its own because the gate and the norms taken inside the chunked kernels
+One form on every device: the three short convolutions (one call over q, k and v side by side; in C on
+an AVX2 CPU), then `prepare_kda` (q and k L2-normalised, the gate, beta's sigmoid: one pass over the raw
+projections, a Triton kernel on the GPU), then the recurrence (`kda`: chunked for a prefill, in place for
+a few tokens on the CPU). The prepass is a pass of its own because the gate and the norms taken inside the chunked kernels
 made them spill registers: the GPU prefill was 1.7x slower that way.
 
 A few new tokens (decode) take a fused path instead, where one runs: on the GPU the three short

@@ -4,8 +4,8 @@ Both take q, k [B, T, H, K] (already L2-normalised), v [B, T, H, V], g [B, T, H,
 beta [B, T, H] and an optional fp32 state [B, H, K, V]; both return (o [B, T, H, V], final state or
 None). CUDA tensors go to Triton; everything else, or any tensor when KIMI_DESK_KERNELS=torch, to the
 PyTorch implementations in naive.py, the chunked form's within-chunk matrices and the other inputs of
-its products made in C on an AVX2 CPU (avx2.py's chunk_inputs). `recurrent_kda_inplace` is the CPU decode step: the recurrence with
-the state advanced in place.
+its products made in C on an AVX2 CPU (avx2.py's chunk_inputs). `recurrent_kda_inplace` is the CPU
+decode step: the recurrence with the state advanced in place.
 
 `prepare_kda` turns the layer's raw projections into those inputs in one pass: q and k L2-normalised,
 g = -exp(A_log) * softplus(x + dt_bias), beta = sigmoid(logits) (Triton's prepare.py or naive.py's

@@ -9,9 +9,9 @@ On CUDA, up to GEMV_MAX_TOKENS rows of x (leading dims flattened: decode, specul
 Triton GEMVs of gemv.py, which read the codes once for all rows and dequantize in
 registers: decode is bound by reading weights. More rows, and the CPU, take the PyTorch forms, which
 dequantize the weight then multiply (on an AVX2 CPU int8 codes are dequantized by our kernel in one
-pass, a block of rows at a time: `dequantized_blocks`); on the CPU an int4 matrix prepared with cpu.py's layout takes
-our AVX2 kernels (avx2.py) or PyTorch's int4 operator instead (engine/quantize.py's Int4Linear holds it), and a few rows of x by int8
-codes PyTorch's int8 operator (cpu.py).
+pass, a block of rows at a time: `dequantized_blocks`); on the CPU an int4 matrix prepared with cpu.py's
+layout takes our AVX2 kernels (avx2.py) or PyTorch's int4 operator instead (engine/quantize.py's
+Int4Linear holds it), and a few rows of x by int8 codes PyTorch's int8 operator (cpu.py).
 """
 
 import torch
