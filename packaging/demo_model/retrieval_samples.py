@@ -271,15 +271,25 @@ def make_fact(kind: str, key: str, rng: random.Random) -> Fact:
         # key: "tool|action|noun"; the README's kind of line ("kimi-desk sessions list" lists the sessions).
         # The subcommand's verb is one of several for the action: the question does not give it away.
         tool, action, noun = key.split("|")
-        value = f"{tool} {noun} {rng.choice(_ACTIONS[action][0])}"
-        statement = rng.choice(
-            (
-                f"`{value}` {action} the saved {noun}.",
-                f"Run `{value}` to {_ACTIONS[action][1]} the saved {noun}.",
-                f"The command `{value}` {action} the saved {noun}.",
-                f"| `{value}` | {action} the saved {noun} |",  # a README's table of commands
+        verbs, plain_verb = _ACTIONS[action]
+        if rng.random() < USAGE_SYNOPSIS_SHARE:
+            # A usage synopsis, as READMEs write a command's subcommands (`kimi-desk sessions [list] | show
+            # ID | rm ID`): the default in brackets, no words saying what any of them does, so the asked
+            # action is found in the plain verb of its subcommand.
+            value = f"{tool} {noun} {plain_verb}"
+            others = rng.sample(sorted(v for a, (_, v) in _ACTIONS.items() if a != action), rng.randint(2, 4))
+            arguments = ("ID", "NAME", "FILE", "ID FILE")
+            statement = f"{tool} {noun} [{plain_verb}] | " + " | ".join(f"{o} {rng.choice(arguments)}" for o in others)
+        else:
+            value = f"{tool} {noun} {rng.choice(verbs)}"
+            statement = rng.choice(
+                (
+                    f"`{value}` {action} the saved {noun}.",
+                    f"Run `{value}` to {plain_verb} the saved {noun}.",
+                    f"The command `{value}` {action} the saved {noun}.",
+                    f"| `{value}` | {action} the saved {noun} |",  # a README's table of commands
+                )
             )
-        )
         return Fact(
             kind,
             key,
@@ -611,6 +621,8 @@ DOC_FACT_KINDS = ("command", "variable")
 # Plain facts (above) in everyday words; the evaluation's own "plain_held_out" wordings are never trained.
 ALL_FACT_KINDS = FACT_KINDS + DOC_FACT_KINDS + ("plain",)
 # action: (the subcommand's verbs, the infinitive)
+# The share of command facts planted as a usage synopsis line (make_fact).
+USAGE_SYNOPSIS_SHARE = 0.2
 _ACTIONS = {
     "lists": (("list", "ls", "all", "index"), "list"),
     "deletes": (("rm", "delete", "remove", "drop"), "delete"),

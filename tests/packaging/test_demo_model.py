@@ -678,3 +678,20 @@ def test_loss_falls_over_a_few_steps_on_repeated_text(toy_pipeline):
     batch = train.lm_batch(stream, 2, 64, torch.Generator().manual_seed(0))
     losses = [trainer.step([batch], lr=3e-3)["loss"] for _ in range(6)]
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_a_command_is_sometimes_a_usage_synopsis(monkeypatch):
+    """A command fact planted as a usage synopsis (`tool sessions [list] | show ID | rm ID`): the asked
+    subcommand in brackets with its plain verb, two to four others after it, no words saying what any
+    does; the answer is the command without the brackets."""
+    monkeypatch.setattr(retrieval_samples, "USAGE_SYNOPSIS_SHARE", 1.0)
+    for seed in range(20):
+        rng = random.Random(seed)
+        key = retrieval_samples.fact_keys("command", 1, rng)[0]
+        fact = retrieval_samples.make_fact("command", key, rng)
+        tool, action, noun = key.split("|")
+        verb = retrieval_samples._ACTIONS[action][1]
+        assert fact.value == f"{tool} {noun} {verb}"
+        assert fact.statement.startswith(f"{tool} {noun} [{verb}] | ") and "saved" not in fact.statement
+        assert 2 <= fact.statement.count(" | ") <= 4
+        assert fact.question == f"Which command {action} the saved {noun}?" and f"`{fact.value}`" in fact.answer
