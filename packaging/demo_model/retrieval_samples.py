@@ -882,7 +882,7 @@ def _code_span(text: str) -> str:
 
 def readme_table(fact: Fact, distractors: list[Fact], rng: random.Random) -> str:
     """The tool's README section as one block: a title, then a table whose rows are `fact`'s and the
-    distractors' statements as rows plus 1-4 rows of other effects, shuffled."""
+    distractors' statements as rows plus 1-8 rows of other effects, shuffled."""
     tool = fact.key.split("|")[0]
     taken = {fact.value, *(d.value for d in distractors)}
     rows = []
@@ -893,7 +893,7 @@ def readme_table(fact: Fact, distractors: list[Fact], rng: random.Random) -> str
         else:
             action, noun = f.key.split("|")[1:]
             rows.append(f"| `{f.value}` | {action} the saved {noun} |")
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(rng.randint(1, 8)):  # tables as long as real READMEs' (a dozen rows)
         if fact.kind == "variable":
             name = f"{tool}_{rng.choice(_VARIABLE_WORDS)}"
             effect = rng.choice(_OTHER_VARIABLE_EFFECTS)
