@@ -6,8 +6,8 @@ never moves, as a replayed CUDA graph needs).
 One form on every device: the three short convolutions (one call over q, k and v side by side; in C on
 an AVX2 CPU), then `prepare_kda` (q and k L2-normalised, the gate, beta's sigmoid: one pass over the raw
 projections, a Triton kernel on the GPU), then the recurrence (`kda`: chunked for a prefill, in place for
-a few tokens on the CPU). The prepass is a pass of its own because the gate and the norms taken inside the chunked kernels
-made them spill registers: the GPU prefill was 1.7x slower that way.
+a few tokens on the CPU). The prepass is a pass of its own because the gate and the norms taken inside
+the chunked kernels made them spill registers: the GPU prefill was 1.7x slower that way.
 
 A few new tokens (decode) take a fused path instead, where one runs: on the GPU the three short
 convolutions in one launch, and the gate, the L2 norms and the sigmoid of beta inside the recurrent
@@ -116,7 +116,7 @@ class KimiDeltaAttention(nn.Module):
         # The three convolutions are depthwise: one call over q, k and v side by side is the same function
         # in a third of the operations.
         P = H * K
-        if not use_triton(x) and kda_avx2.takes(x, state.recurrent, state.conv) and kda_avx2.chunk_library():
+        if not use_triton(x) and kda_avx2.conv_takes(x, state.recurrent, state.conv):
             weights = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
             qkv = kda_avx2.short_conv((q_in, k_in, v_in), weights, state.conv).to(x.dtype)
         else:

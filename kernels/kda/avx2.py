@@ -1,9 +1,10 @@
 """KDA on an AVX2 CPU, in C compiled at first use by kernels/native.py.
 
-The decode step (decode_avx2.c): the short convolutions, the q and k norms, the gate, beta's sigmoid, the recurrence and the gated output norm
-of a few tokens in one call, the convolution windows and the recurrent state advanced in place. In
-PyTorch the same step is some fifty small operations a layer and several passes over the state;
-engine/kda.py takes this call where `takes` allows and the PyTorch form elsewhere (native.py says why).
+The decode step (decode_avx2.c): the short convolutions, the q and k norms, the gate, beta's sigmoid,
+the recurrence and the gated output norm of a few tokens in one call, the convolution windows and the
+recurrent state advanced in place. In PyTorch the same step is some fifty small operations a layer and
+several passes over the state; engine/kda.py takes this call where `takes` allows and the PyTorch form
+elsewhere (native.py says why).
 
 The prefill (chunk_avx2.c): `short_conv`, the three short convolutions and their SiLU over every token
 in one pass (engine/kda.py's short_conv is the PyTorch form), and `chunk_inputs`, the chunked form's
@@ -41,9 +42,9 @@ def library() -> ctypes.CDLL | None:
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def takes(x: torch.Tensor, recurrent: torch.Tensor, conv: torch.Tensor) -> bool:
-    """Whether the kernel runs this step: float32 or bfloat16 activations and windows and a float32 state
-    on the CPU, a head of at most MAX_HEAD_DIM in 8s, a convolution of 2 to MAX_CONV taps."""
+def _layer_fits(x: torch.Tensor, recurrent: torch.Tensor, conv: torch.Tensor) -> bool:
+    """float32 or bfloat16 activations and windows and a float32 state on the CPU, a head of at most
+    MAX_HEAD_DIM in 8s, a convolution of 2 to MAX_CONV taps: what both C files take."""
     K, W = recurrent.shape[-1], conv.shape[-1] + 1
     return (
         x.device.type == "cpu"
@@ -55,8 +56,17 @@ def takes(x: torch.Tensor, recurrent: torch.Tensor, conv: torch.Tensor) -> bool:
         and 2 <= W <= MAX_CONV
         and recurrent.is_contiguous()
         and conv.is_contiguous()
-        and library() is not None
     )
+
+
+def takes(x: torch.Tensor, recurrent: torch.Tensor, conv: torch.Tensor) -> bool:
+    """Whether the decode step runs for this layer's state (`_layer_fits`, decode_avx2.c built)."""
+    return _layer_fits(x, recurrent, conv) and library() is not None
+
+
+def conv_takes(x: torch.Tensor, recurrent: torch.Tensor, conv: torch.Tensor) -> bool:
+    """Whether short_conv runs the prefill's convolutions for this layer (`_layer_fits`, chunk_avx2.c built)."""
+    return _layer_fits(x, recurrent, conv) and chunk_library() is not None
 
 
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -206,7 +216,7 @@ def short_conv(
     """engine/kda.py's short_conv of q, k and v side by side, in C: SiLU of the depthwise causal
     convolutions of the raw projections (each [B, T, P]) with their weights ([P, 1, W] each), the window
     `conv` [B, 3, P, W - 1] advanced in place; returns [B, T, 3 P], bfloat16 where the projections and
-    the window all are (rounded once), else float32. `takes` says where it runs."""
+    the window all are (rounded once), else float32. `conv_takes` says where it runs."""
     B, T, P = projections[0].shape
     given = _Projections(projections, conv_weights, conv)
     out = torch.empty(B, T, 3 * P, dtype=given.out_dtype)

@@ -293,8 +293,8 @@ def test_chunked_prefill_with_c_inputs_matches_fla_naive(monkeypatch, dtype, B, 
     state against fla-core's naive recurrence in float64."""
     if avx2.chunk_library() is None:
         pytest.skip(avx2.native.reason(avx2.CHUNK_SOURCE))
-    from fla.ops.kda.naive import naive_recurrent_kda
     from kda_cases import make_inputs
+    from test_kda_torch import TOLERANCE, reference
 
     from kimi_desk.kernels.kda import chunk_kda
 
@@ -302,19 +302,10 @@ def test_chunked_prefill_with_c_inputs_matches_fla_naive(monkeypatch, dtype, B, 
     inputs = avx2.chunk_inputs
     monkeypatch.setattr(avx2, "chunk_inputs", lambda *a: calls.append(1) or inputs(*a))
     q, k, v, g, beta, state = make_inputs(B, T, H, K, V, min_log_decay, dtype, seed=T + K)
-    want, want_state = naive_recurrent_kda(
-        q.double(),
-        k.double(),
-        v.double(),
-        g.double(),
-        beta.double(),
-        initial_state=state.double(),
-        output_final_state=True,
-    )
+    want, want_state = reference(q, k, v, g, beta, state)
     got, got_state = chunk_kda(q, k, v, g, beta, initial_state=state, output_final_state=True)
     assert calls == [1]
-    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
-    assert rel_err(got, want) < tolerance and rel_err(got_state, want_state) < tolerance
+    assert rel_err(got, want) < TOLERANCE[dtype] and rel_err(got_state, want_state) < TOLERANCE[dtype]
 
 
 def conv_f64(projections, conv_weights, window):
