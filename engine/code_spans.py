@@ -6,8 +6,13 @@ parameters) finds the line that holds the answer but can garble the name it copi
 document does not hold is never the right answer to "which file" or "which variable". So the decode
 loop (engine/generate.py) holds a span's tokens back while it is open, and once it closes asks
 `rewrite`: a span that is a piece of whole words of the document stays as written; one that is not is
-replaced by the piece of whole words nearest to it in edit distance, when one is within a third of its
-length (else it stays: a guess that far off is not a garbled name). A span with a slash is a path and
+replaced by a name the document holds. The candidates: the piece of whole words nearest to it in edit
+distance, when one is within a third of its length, and the document's own code spans that begin with
+the span's first run of letters and digits (`KIMI_DEBUG=1` where README's table has `KIMI_DESK_DEBUG=1`,
+`KIMI_DESK_KERNELS=torch`, ...: the model set out to copy one of the names of that family and lost its
+way). With one candidate it is taken; with several, the model's own probability of writing each in the
+span's place decides (the decode loop measures it from the state before the span). With none the span
+stays: a guess that far off is not a garbled name. A span with a slash is a path and
 names a file: the piece takes the extension the text gives the file (whole words stop at its dot), and
 a path the text holds only cut before its extension becomes that file. The model then goes on from the
 corrected span, as if it had written it.
@@ -21,13 +26,13 @@ code between backticks, which this would change.
 
     copy = CodeSpanCopy(tokenizer, text)        # the document (and the thread's questions: joined)
     copy.is_open(reply_ids)                     # whether the reply ends inside a span
-    copy.rewrite(reply_ids, opened_at)          # ids in place of reply_ids[opened_at:], or None
+    copy.rewrite(reply_ids, opened_at, likelihoods)   # ids in place of reply_ids[opened_at:], or None
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,6 +40,15 @@ import torch
 MAX_SPAN_CHARS = 80
 # A span found this many times only inside longer words is looked for no further.
 MAX_OCCURRENCES = 4096
+# The most names the model weighs for one span (the nearest in edit distance first).
+MAX_CANDIDATES = 8
+
+# What the document writes between backticks, within one line.
+_CODE_SPAN = re.compile(rf"`([^`\n]{{1,{MAX_SPAN_CHARS}}})`")
+_FIRST_RUN = re.compile(r"[^\W_]+")
+
+# Each candidate's ids -> the model's log-probability of writing them where the span was.
+Likelihoods = Callable[[list[list[int]]], list[float]]
 
 _WORD_CHAR = re.compile(r"\w")
 # What a path is made of: a rewritten path is widened to the whole of it (`_whole_path`).
@@ -66,6 +80,7 @@ class CodeSpanCopy:
         self.text = text
         self.rewritten: list[tuple[str, str]] = []  # (the span as written, the piece it became), in order
         self._tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+        self._code_spans: dict[str, list[str]] | None = None
 
     def joined(self, more: str) -> CodeSpanCopy:
         """This document and `more` (a thread's questions: names the user wrote count as read)."""
@@ -74,10 +89,14 @@ class CodeSpanCopy:
     def is_open(self, reply_ids: Sequence[int]) -> bool:
         return self.tokenizer.decode(list(reply_ids), skip_special_tokens=True).count("`") % 2 == 1
 
-    def rewrite(self, reply_ids: Sequence[int], opened_at: int) -> list[int] | None:
+    def rewrite(
+        self, reply_ids: Sequence[int], opened_at: int, likelihoods: Likelihoods | None = None
+    ) -> list[int] | None:
         """The ids to put in place of reply_ids[opened_at:], where the token at `opened_at` opened a span
         that has since closed (or that the reply left open at its end: then it is closed here), when the
-        span is not a piece of the document and a piece near enough is; else None."""
+        span is not a piece of the document and a name of it may stand for the span (`candidates`);
+        else None. Of several candidates, the one `likelihoods` (each candidate's ids -> the model's
+        log-probability of writing them there) rates highest; without it, the nearest."""
         decode = self.tokenizer.decode
         before = decode(list(reply_ids[:opened_at]), skip_special_tokens=True)
         text = decode(list(reply_ids), skip_special_tokens=True)
@@ -86,12 +105,49 @@ class CodeSpanCopy:
         opening = text.index("`", len(before))
         closing = text.find("`", opening + 1)
         span = text[opening + 1 : closing if closing >= 0 else len(text)]
-        piece = self.nearest(span)
-        if piece is None:
+        pieces = self.candidates(span) if likelihoods is not None else [p for p in [self.nearest(span)] if p]
+        if not pieces:
             return None
-        self.rewritten.append((span, piece))
         rest = text[closing:] if closing >= 0 else "`"
-        return self.tokenizer.encode(text[len(before) : opening + 1] + piece + rest, allow_special=False)
+        options = [
+            self.tokenizer.encode(text[len(before) : opening + 1] + piece + rest, allow_special=False)
+            for piece in pieces
+        ]
+        choice = 0
+        if len(options) > 1:
+            scores = likelihoods(options)
+            choice = max(range(len(options)), key=lambda i: (scores[i], -i))
+        self.rewritten.append((span, pieces[choice]))
+        return options[choice]
+
+    def candidates(self, span: str) -> list[str]:
+        """The names of the document `span` may stand for, nearest in edit distance first, at most
+        MAX_CANDIDATES: the nearest piece of whole words (`nearest`), then the document's code spans
+        that begin with the span's first run of letters and digits. Empty when the span is a piece of
+        the document (a path it holds only cut short: that whole path alone) or far from every name."""
+        if not span.strip() or len(span) > MAX_SPAN_CHARS:
+            return []
+        nearest = self.nearest(span)
+        if self.holds(span):
+            return [nearest] if nearest else []
+        names = [nearest] if nearest else []
+        run = _FIRST_RUN.search(span)
+        if run is not None:
+            family = [name for name in self.code_spans().get(run.group(0), []) if name not in names]
+            family.sort(key=lambda name: (edit_distance(span, name), name))
+            names += family
+        return names[:MAX_CANDIDATES]
+
+    def code_spans(self) -> dict[str, list[str]]:
+        """The text's code spans (what it writes between backticks, within a line), by their first run
+        of letters and digits."""
+        if self._code_spans is None:
+            self._code_spans = {}
+            for name in dict.fromkeys(match.group(1) for match in _CODE_SPAN.finditer(self.text)):
+                run = _FIRST_RUN.search(name)
+                if run is not None and name.strip() == name:
+                    self._code_spans.setdefault(run.group(0), []).append(name)
+        return self._code_spans
 
     def holds(self, piece: str) -> bool:
         """Whether `piece` is in the text as a piece of whole words: beginning where a word begins (or

@@ -262,7 +262,34 @@ class SpanRewriter(Protocol):
 
     def is_open(self, reply_ids: Sequence[int]) -> bool: ...
 
-    def rewrite(self, reply_ids: Sequence[int], opened_at: int) -> list[int] | None: ...
+    def rewrite(
+        self, reply_ids: Sequence[int], opened_at: int, likelihoods: Callable[[list[list[int]]], list[float]]
+    ) -> list[int] | None: ...
+
+
+def span_likelihoods(
+    model: KimiLinearForCausalLM, state: ModelState, mark, vocab_size: int | None
+) -> Callable[[list[list[int]]], list[float]]:
+    """ids of candidates for a held span -> each one's log-probability under the model, read from the
+    state at `mark` (before the span), from its second token on: the first, which opens the span, is
+    the same in every candidate (the text before the span's backtick is). The state is left at `mark`."""
+
+    @torch.no_grad()
+    def likelihoods(candidates: list[list[int]]) -> list[float]:
+        scores = []
+        for ids in candidates:
+            state.restore(mark)
+            if len(ids) < 2:
+                scores.append(0.0)
+                continue
+            logits = model(torch.tensor([ids[:-1]], device=model.device), state)[0, :, :vocab_size]
+            following = torch.tensor(ids[1:], device=logits.device)
+            chosen = torch.log_softmax(logits.float(), dim=-1).gather(1, following[:, None])
+            scores.append(float(chosen.sum()))
+        state.restore(mark)
+        return scores
+
+    return likelihoods
 
 
 # A span held back longer than this is settled as it is, open or not, so the reply keeps streaming.
@@ -304,8 +331,9 @@ def stream_tokens(
     With `vocab_size` (the tokenizer's), ids at or above it are never sampled: an embedding padded past
     the tokenizer has rows no text maps to. With `span_rewriter`, the tokens of a span (from the token
     that opens it to the one that closes it) are held back until it closes; when the rewriter gives
-    other ids for it, the state goes back to before the span, takes those ids instead, and the reply
-    goes on from them; then the span's tokens are yielded.
+    other ids for it (weighing candidates by the model's probability of them, `span_likelihoods`), the
+    state goes back to before the span, takes those ids instead, and the reply goes on from them; then
+    the span's tokens are yielded.
     """
     if state.batch_size != 1:
         raise ValueError(f"generation runs on a batch of 1, the state has {state.batch_size}")
@@ -366,7 +394,7 @@ def stream_tokens(
         if opened_at is not None and (
             finish is not None or not span_rewriter.is_open(reply) or len(reply) - opened_at >= MAX_HELD_TOKENS
         ):
-            ids = span_rewriter.rewrite(reply, opened_at)
+            ids = span_rewriter.rewrite(reply, opened_at, span_likelihoods(model, state, mark, vocab_size))
             if ids is not None:
                 ids = ids[: min(max_new_tokens, max_length - first_position) - opened_at]
             if ids:

@@ -164,6 +164,47 @@ def test_rewrite_puts_the_name_read_in_the_reply(tokenizer):
     assert copy.rewrite(kept, opened_at) is None and not copy.is_open(kept)
 
 
+TABLE = (
+    "| variable | effect |\n|---|---|\n| `HARBOR_HOME` | one folder for the data |\n"
+    "| `HARBOR_DEBUG=1` | prints tracebacks |\n| `HARBOR_KERNELS=torch` | forces the PyTorch kernels |\n"
+    "| `HARBOR_PDL=0` | launches without PDL |\n| `harbor ships` | lists the ships |\n"
+)
+
+
+def test_the_candidates_are_the_nearest_piece_then_the_code_spans_of_its_family():
+    """A garbled name stands for the nearest piece of whole words or for any of the document's code spans
+    that begin as it begins ("HARBOR"), nearest first; a name the document holds has none."""
+    copy = CodeSpanCopy(None, TABLE)
+    assert copy.candidates("HARBOR_DEBG=1") == ["HARBOR_DEBUG=1", "HARBOR_PDL=0", "HARBOR_HOME", "HARBOR_KERNELS=torch"]
+    # Too far from every piece for the edit distance alone: the family still stands.
+    assert copy.nearest("HARBOR_X") is None
+    assert copy.candidates("HARBOR_X") == ["HARBOR_HOME", "HARBOR_PDL=0", "HARBOR_DEBUG=1", "HARBOR_KERNELS=torch"]
+    assert copy.candidates("HARBOR_KERNELS=torch") == [] and copy.candidates("kubernetes") == []
+
+
+def test_rewrite_takes_the_candidate_the_model_rates_highest(tokenizer):
+    """The likelihoods get each candidate's ids for the reply from the span on; the highest wins, the
+    first (nearest) on a tie. Without likelihoods only the nearest piece stands."""
+    copy = CodeSpanCopy(tokenizer, TABLE)
+    reply = tokenizer.encode("Set `HARBOR_DEBG=1` for that.", allow_special=False)
+    opened_at = next(i for i in range(len(reply)) if copy.is_open(reply[: i + 1]))
+    head = tokenizer.decode(reply[:opened_at])
+    asked = []
+
+    def prefer_kernels(candidates):
+        asked.extend(tokenizer.decode(ids) for ids in candidates)
+        return [1.0 if "KERNELS" in text else 0.0 for text in asked[-len(candidates) :]]
+
+    new = copy.rewrite(reply, opened_at, prefer_kernels)
+    assert head + tokenizer.decode(new) == "Set `HARBOR_KERNELS=torch` for that."
+    assert asked[0] == " `HARBOR_DEBUG=1` for that." and len(asked) == 4
+    assert (
+        head + tokenizer.decode(copy.rewrite(reply, opened_at, lambda c: [0.0] * len(c)))
+        == "Set `HARBOR_DEBUG=1` for that."
+    )
+    assert head + tokenizer.decode(copy.rewrite(reply, opened_at)) == "Set `HARBOR_DEBUG=1` for that."
+
+
 def test_the_embedded_model_copies_code_spans_and_another_does_not(tmp_path):
     """The rule follows where the model was loaded from: the same weights in another folder stand for
     a model the user chose."""

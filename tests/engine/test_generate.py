@@ -216,7 +216,7 @@ class HoldTokens:
     def is_open(self, reply_ids):
         return self.begin < len(reply_ids) <= self.end and not self.asked
 
-    def rewrite(self, reply_ids, opened_at):
+    def rewrite(self, reply_ids, opened_at, likelihoods):
         self.asked.append((list(reply_ids), opened_at))
         return self.ids
 
@@ -248,6 +248,51 @@ def test_a_rewritten_span_leaves_the_state_as_if_the_model_had_written_it(model,
     assert state.position == len(prompt) + len(reply) == steps[-1].position
     after = model(torch.tensor([[7]]), state)[0, -1]
     torch.testing.assert_close(after, next_logits_from_scratch(model, prompt + reply + [7]), rtol=1e-4, atol=1e-4)
+
+
+class WeighCandidates:
+    """A span rewriter on positions that offers several candidates for the span at `begin`..`end` - 1
+    and takes the one the decode loop's likelihoods rate highest; keeps what it was told."""
+
+    def __init__(self, begin: int, end: int, candidates: list[list[int]]):
+        self.begin, self.end, self.candidates, self.scores = begin, end, candidates, None
+
+    def is_open(self, reply_ids):
+        return self.begin < len(reply_ids) <= self.end and self.scores is None
+
+    def rewrite(self, reply_ids, opened_at, likelihoods):
+        self.scores = likelihoods(self.candidates)
+        return self.candidates[max(range(len(self.candidates)), key=self.scores.__getitem__)]
+
+
+def test_candidates_for_a_span_are_weighed_by_the_model_from_the_state_before_it(model):
+    """Each candidate's score is its log-probability from its second token on, after the prompt and
+    the reply before the span, as a fresh state reading the whole sequence in float64 gives it; the
+    reply takes the best one and goes on greedily from a state that read it."""
+    prompt = prompt_ids(10, seed=13)
+    free = generate(model, prompt, model.new_state(1), max_new_tokens=12, stop_token_ids=[]).token_ids
+    generator = torch.Generator().manual_seed(14)
+    candidates = [[free[2]] + torch.randint(0, 512, (n,), generator=generator).tolist() for n in (3, 1, 4, 2)]
+    rewriter = WeighCandidates(2, 5, candidates)
+    steps = list(
+        stream_tokens(model, prompt, model.new_state(1), max_new_tokens=12, stop_token_ids=[], span_rewriter=rewriter)
+    )
+    before = prompt + free[:2]
+    exact = model.to(torch.float64)
+    try:
+        for ids, score in zip(candidates, rewriter.scores):
+            logits = exact(torch.tensor([before + ids[:-1]]), exact.new_state(1))[0, len(before) :]
+            expected = sum(torch.log_softmax(logits[i], -1)[token].item() for i, token in enumerate(ids[1:]))
+            assert score == pytest.approx(expected, abs=1e-4)
+    finally:
+        model.to(torch.float32)
+    best = candidates[max(range(len(candidates)), key=rewriter.scores.__getitem__)]
+    reply = [s.token_id for s in steps]
+    assert reply[: 2 + len(best)] == free[:2] + best
+    sequence = prompt + reply[: 2 + len(best)]
+    for token in reply[2 + len(best) :]:
+        assert token == int(torch.argmax(next_logits_from_scratch(model, sequence)))
+        sequence.append(token)
 
 
 def test_a_span_kept_as_written_streams_as_without_a_rewriter(model):
