@@ -6,15 +6,13 @@ app -> engine -> kernels. The measurements, kimi_desk.bench (packaging/bench/), 
 the product, and only `kimi-desk bench` (app/cli.py) imports them.
 """
 
-import os
 from importlib.metadata import PackageNotFoundError, version
 
-# PyTorch's CPU threads (GNU OpenMP) spin between parallel regions by default. A desktop shares its
-# cores with the user's other programs: when one of our threads is descheduled, the others spin out
-# their time slices at every barrier, and on a busy 2-core machine reading ran 5-10 times slower than
-# with threads that sleep while they wait. OpenMP reads this once, when PyTorch is first imported;
-# whoever sets it in the environment first decides.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from kimi_desk.engine.cpu_threads import choose_wait
+
+# How PyTorch's CPU threads (GNU OpenMP) wait between parallel regions: OpenMP reads it once, when
+# PyTorch is first imported, so it is set before anything imports PyTorch (engine/cpu_threads.py).
+choose_wait()
 
 try:
     __version__ = version("kimi-desk")

@@ -49,3 +49,25 @@ def test_without_a_load_figure_every_core_is_used(monkeypatch):
         assert cpu_threads.use_idle_cores() == cpu_threads.usable_cores() == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "busy, spin",
+    [(0.0, str(cpu_threads.IDLE_SPIN_TURNS)), (0.4, str(cpu_threads.IDLE_SPIN_TURNS)), (0.6, None), (None, None)],
+)
+def test_threads_sleep_after_a_brief_spin_only_on_idle_cores(monkeypatch, busy, spin):
+    """No other task wants a core: a brief spin before sleeping; some other task, or no load figure: sleep."""
+    monkeypatch.setattr(cpu_threads, "busy_elsewhere", lambda samples: busy)
+    environ = {}
+    cpu_threads.choose_wait(environ)
+    assert environ.get("OMP_WAIT_POLICY") == "PASSIVE" and environ.get("GOMP_SPINCOUNT") == spin
+
+
+@pytest.mark.parametrize(
+    "given", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}, {"OMP_WAIT_POLICY": "passive"}]
+)
+def test_a_wait_the_environment_sets_is_kept(monkeypatch, given):
+    monkeypatch.setattr(cpu_threads, "busy_elsewhere", lambda samples: 0.0)
+    environ = dict(given)
+    cpu_threads.choose_wait(environ)
+    assert environ == given
