@@ -73,7 +73,10 @@ def run_llama_bench(
         cmd += ["-m", str(m)]
     cmd += extra
     print("bench.py: " + " ".join(cmd), file=sys.stderr)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # llama.cpp's OpenMP threads wait as they do for its users: not as kimi_desk's import sets them for
+    # itself (engine/cpu_threads.py `choose_wait`) when the benchmark runs from `kimi-desk bench`.
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"llama-bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout)
