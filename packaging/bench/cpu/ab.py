@@ -32,7 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpu_bench import write_snapshot
+# The environment as given, before cpu_bench's import of kimi_desk sets how OpenMP's threads wait
+# (engine/cpu_threads.py `choose_wait`): each side's worker decides that as its own code does.
+GIVEN_ENVIRONMENT = dict(os.environ)
+
+from cpu_bench import write_snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 QUESTION = "Where is the configuration parsed, and what happens when a key is missing?"
@@ -136,7 +140,7 @@ def _export(rev: str, into: Path) -> Path:
 
 
 def _run(pythonpath: str | None, snapshot: Path, dtype: str | None, quantize: str) -> dict:
-    env = dict(os.environ)
+    env = dict(GIVEN_ENVIRONMENT)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory() as cwd:
