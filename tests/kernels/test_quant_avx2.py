@@ -79,10 +79,10 @@ def test_linear_matches_float64(rows_per_tile, O, D, group, M):
 
 @pytest.mark.parametrize("rows_per_tile", [32, 64])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_avx512_many_rows_give_the_avx2_bits(rows_per_tile, group):
-    """Where the CPU has AVX-512 VNNI, products of more than a few rows take it: the same bits as the AVX2
-    form for every count of rows left over by its blocks of 6, in products and in the experts of many
-    tokens."""
+def test_avx512_products_give_the_avx2_bits(rows_per_tile, group):
+    """Where the CPU has AVX-512 VNNI, int4 products take it: the same bits as the AVX2 form for one row
+    and a few (the one-row path) and for every count of rows left over by the many-rows path's blocks of
+    6, in products and in the experts of one token and of many."""
     lib = avx2.library()
     if lib is None or not lib.int4_use_avx512(1):
         pytest.skip("this CPU has no AVX-512 VNNI")
@@ -92,7 +92,7 @@ def test_avx512_many_rows_give_the_avx2_bits(rows_per_tile, group):
     tiles = pack_tiles(unpack_int4(codes).to(torch.uint8), CpuInt4Layout(rows_per_tile, True))
     sz = scales_and_zeros(scale, zero)
     try:
-        for M in (6, 7, 8, 9, 10, 11, 12, 70):
+        for M in (1, 2, 5, 6, 7, 8, 9, 10, 11, 12, 70):
             x = torch.randn(M, D, generator=gen)
             lib.int4_use_avx512(1)
             wide = avx2.int4_linear_avx2(x, tiles, sz, rows_per_tile, group)
@@ -108,12 +108,14 @@ def test_avx512_many_rows_give_the_avx2_bits(rows_per_tile, group):
                 for _ in range(3)
             ]
             stacks, _ = stack_int4_experts_for_cpu((pack_int4_expert_for_cpu(*m) for m in mats), 3)
-            x = torch.randn(40, D, generator=gen)
-            ids, weights = torch.randint(-1, 3, (40, 2), generator=gen), torch.rand(40, 2, generator=gen)
-            lib.int4_use_avx512(1)
-            wide = int4_experts_stacked(x, ids, weights, stacks)
-            lib.int4_use_avx512(0)
-            assert torch.equal(wide, int4_experts_stacked(x, ids, weights, stacks))
+            for tokens in (1, 40):
+                x = torch.randn(tokens, D, generator=gen)
+                ids = torch.randint(0 if tokens == 1 else -1, 3, (tokens, 2), generator=gen)
+                weights = torch.rand(tokens, 2, generator=gen)
+                lib.int4_use_avx512(1)
+                wide = int4_experts_stacked(x, ids, weights, stacks)
+                lib.int4_use_avx512(0)
+                assert torch.equal(wide, int4_experts_stacked(x, ids, weights, stacks)), tokens
     finally:
         lib.int4_use_avx512(1)
 

@@ -9,8 +9,9 @@
 # 2. slice_48b.py: the checkpoint as GGUF quantized to Q4_K_M by llama.cpp's own tools, then ours in
 #    int4 against it, reading and decoding at DEPTHS, on THREADS threads.
 # 3. slice_48b.py --ours-only --profile: one decode step's PyTorch operators (our C kernels not shown).
-# 4. ours alone again with threads that spin between parallel regions (OMP_WAIT_POLICY=ACTIVE, where
-#    kimi_desk's default is PASSIVE, which suits a busy desktop) and with a bounded spin (GOMP_SPINCOUNT).
+# 4. ours alone again with threads that spin between parallel regions (OMP_WAIT_POLICY=ACTIVE) and with
+#    threads that sleep at once (GOMP_SPINCOUNT=0), where kimi_desk's default on idle cores is a brief
+#    spin, then sleep (engine/cpu_threads.py).
 # 5. native_kernels.py: our C kernels against the PyTorch operators they replace, on this CPU.
 # machine.txt: lscpu, then the seconds from the start at which each step ended.
 # Work files go to .bench/ (ignored by git). THREADS (default: every core), DEPTHS (0,1024,8192,32768),
@@ -36,7 +37,7 @@ python3 "$here/slice_48b.py" "$ckpt" --llama-cpp "$llama" --depths "$depths" --t
     --llama-args "$llama_args" --json "$out/slice.json" > "$out/slice.log" 2>&1
 echo "slice: $((SECONDS - began)) s" | tee -a "$out/machine.txt"
 python3 "$here/slice_48b.py" "$ckpt" --ours-only --profile --depths 8192 --threads "$threads" > "$out/profile.log" 2>&1
-for policy in "OMP_WAIT_POLICY=ACTIVE" "GOMP_SPINCOUNT=30000"; do
+for policy in "OMP_WAIT_POLICY=ACTIVE" "GOMP_SPINCOUNT=0"; do
     echo "$policy: $(env "$policy" python3 "$here/slice_48b.py" "$ckpt" --ours-only --depths 0,8192 --gen 16 2>/dev/null | tail -1)"
 done > "$out/spin.log"
 python3 "$here/native_kernels.py" --json "$out/native.json" > "$out/native.log" 2>&1
