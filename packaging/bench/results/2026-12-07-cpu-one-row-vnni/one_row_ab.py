@@ -1,7 +1,7 @@
 """One-row int4 products on this CPU: AVX-512 VNNI (one_row_512) against AVX2 (one_row), alternating in one
 process, medians; the threads as the first argument.
 
-    python3 packaging/bench/results/2026-12-07-h100-host-cpu16-one-row-vnni/one_row_ab.py 16
+    python3 packaging/bench/results/2026-12-07-cpu-one-row-vnni/one_row_ab.py 16
 """
 
 import statistics
