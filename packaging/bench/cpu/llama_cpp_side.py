@@ -28,6 +28,16 @@ LLAMA_SCRIPTS = Path(__file__).resolve().parents[1] / "llama_cpp"
 GGUF_TYPE = {"none": "bf16", "int8": "Q8_0", "int4": "Q4_K_M"}
 
 
+def _extra_args() -> list[str]:
+    """llama-bench options for this CPU: on CPUs with AMX its AMX weight buffers crash on Kimi Linear's
+    graph (signal 11 on a Q4_K_M file), and `--repack 0` keeps its plain CPU buffers there."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return ["--repack", "0"] if "amx_int8" in flags.split() else []
+
+
 def _bench_module():
     spec = importlib.util.spec_from_file_location("kimi_desk_llama_bench", LLAMA_SCRIPTS / "bench.py")
     module = importlib.util.module_from_spec(spec)
@@ -93,12 +103,13 @@ def worker(options: dict) -> dict:
         reading=[],
         decoding=[],
         left_out=[],
+        extra_args=_extra_args(),
     )
     for start, tokens in options["prefill"]:
         if start > max_depth:
             result["left_out"].append(f"reading {tokens} after {start}")
             continue
-        records = bench.run_llama_bench(binary, model, threads, [tokens], [], [start], reps, 0, [])
+        records = bench.run_llama_bench(binary, model, threads, [tokens], [], [start], reps, 0, result["extra_args"])
         entry = bench.summarize(records, threads)["models"][0]["prefill"][0]
         result["reading"].append(
             dict(
@@ -112,7 +123,9 @@ def worker(options: dict) -> dict:
     depths = [c for c in options["decode_at"] if c <= max_depth]
     result["left_out"] += [f"decode after {c}" for c in options["decode_at"] if c > max_depth]
     if depths:
-        records = bench.run_llama_bench(binary, model, threads, [], [options["decode_steps"]], depths, reps, 0, [])
+        records = bench.run_llama_bench(
+            binary, model, threads, [], [options["decode_steps"]], depths, reps, 0, result["extra_args"]
+        )
         summary = bench.summarize(records, threads)
         result["build"] = summary["llama_cpp"]["build"]
         for entry in summary["models"][0]["decode"]:
