@@ -127,10 +127,10 @@ class CodeSpanCopy:
         the document (a path it holds only cut short: that whole path alone) or far from every name."""
         if not span.strip() or len(span) > MAX_SPAN_CHARS:
             return []
-        nearest = self.nearest(span)
         if self.holds(span):
-            return [nearest] if nearest else []
-        names = [nearest] if nearest else []
+            cut_short = self._file_cut_short(span) if "/" in span else None
+            return [cut_short] if cut_short else []
+        names = [piece for piece in [self._nearest_piece(span)] if piece]
         run = _FIRST_RUN.search(span)
         if run is not None:
             family = [name for name in self.code_spans().get(run.group(0), []) if name not in names]
@@ -176,6 +176,10 @@ class CodeSpanCopy:
             return None
         if self.holds(span):
             return self._file_cut_short(span) if "/" in span else None
+        return self._nearest_piece(span)
+
+    def _nearest_piece(self, span: str) -> str | None:
+        """`nearest` for a span the text does not hold."""
         text, (codes, walls, offsets, far) = self.text, self._alignment_tables()
         distances = torch.zeros(len(text) + 1, dtype=torch.int64)  # a match may start anywhere: free
         for char in span:

@@ -284,6 +284,14 @@ static __attribute__((target("avx2,fma"))) void one_row(const uint8_t *tiles, co
 
 static int use_avx512; /* set by cpu_supported(); int4_use_avx512() turns it off for the tests */
 
+/* scales_of_8 for 16 rows: bf16 pairs (scale, zero) -> scale and zero as float vectors. */
+static inline __attribute__((always_inline, target(AVX512_TARGET))) void scales_of_16(const uint16_t *sz, __m512 *s,
+                                                                                      __m512 *z) {
+    __m512i v = _mm512_loadu_si512((const void *)sz);
+    *s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    *z = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)));
+}
+
 static inline __attribute__((always_inline, target(AVX512_TARGET))) void slice_times_rows_512(
     const uint8_t *w, int group, int g, const int8_t *codes, int D, const float *act_scales, const int32_t *code_sums,
     const float *sums, int m0, const int rows_here, const __m512 *s, const __m512 *z, float *y, int padded_rows,
@@ -339,11 +347,7 @@ static __attribute__((target(AVX512_TARGET))) void slice_rows_512(const uint8_t 
         for (int g = 0; g < G; g++) {
             unpack_slice(tile + (long)g * group * (rows / 2), rows / 2, group, unpacked, 1);
             __m512 s[2], z[2];
-            for (int j = 0; j < 2; j++) { /* bf16 pairs (scale, zero) of the half's 16 rows */
-                __m512i v = _mm512_loadu_si512((const void *)(sz + ((long)g * padded_rows + row[j]) * 2));
-                s[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                z[j] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)));
-            }
+            for (int j = 0; j < 2; j++) scales_of_16(sz + ((long)g * padded_rows + row[j]) * 2, &s[j], &z[j]);
             int m = t_first;
             for (; m + MB512 <= t_end; m += MB512)
                 slice_times_rows_512(unpacked, group, g, codes, D, act_scales, code_sums, sums, m, MB512, s, z, y,
@@ -405,10 +409,9 @@ static __attribute__((target(AVX512_TARGET))) void one_row_512(const uint8_t *ti
         }
         __m512 X = _mm512_set1_ps(sums[g]), off = _mm512_set1_ps(offset);
         const int half_rows[2] = {row0, row1};
-        for (int h = 0; h < 2; h++) { /* bf16 pairs (scale, zero) of the half's 16 rows */
-            __m512i v = _mm512_loadu_si512((const void *)(sz + ((long)g * padded_rows + half_rows[h]) * 2));
-            __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-            __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)));
+        for (int h = 0; h < 2; h++) {
+            __m512 sc, z;
+            scales_of_16(sz + ((long)g * padded_rows + half_rows[h]) * 2, &sc, &z);
             out[h] = _mm512_fmadd_ps(sc, _mm512_sub_ps(f[h], off), _mm512_fmadd_ps(z, X, out[h]));
         }
     }
