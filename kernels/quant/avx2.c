@@ -18,8 +18,8 @@
    row j + R / 2 (high half). A block is split into R / 32 slices of 16 bytes an input (16 rows in the
    low halves, 16 in the high halves).
 
-   On CPUs with AVX-512 VNNI and VBMI the products take vpdpbusd (slice_rows_512 for more than a few rows,
-   one_row_512 for one), with the same results bit for bit.
+   On CPUs with AVX-512 VNNI and VBMI the products take vpdpbusd (int4: slice_rows_512 for more than a few
+   rows, one_row_512 for one; int8: int8_four_rows_512), with the same results bit for bit.
 
    Activations come and results go in float32 or bfloat16 (a model computing in bf16), read and written
    as they are: a decode step's products then need no dtype conversions around them.
@@ -282,7 +282,7 @@ static __attribute__((target("avx2,fma"))) void one_row(const uint8_t *tiles, co
 #define MB512 6
 #define AVX512_TARGET "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi"
 
-static int use_avx512; /* set by cpu_supported(); int4_use_avx512() turns it off for the tests */
+static int use_avx512; /* set by cpu_supported(); use_avx512_products() turns it off for the tests */
 
 /* scales_of_8 for 16 rows: bf16 pairs (scale, zero) -> scale and zero as float vectors. */
 static inline __attribute__((always_inline, target(AVX512_TARGET))) void scales_of_16(const uint16_t *sz, __m512 *s,
@@ -760,6 +760,55 @@ static inline __attribute__((target("avx2,fma"))) void int8_four_rows(const int8
     }
 }
 
+/* int8_four_rows in AVX-512 VNNI, two blocks of 32 inputs a vector, the same bits. vpdpbusd multiplies
+   unsigned bytes by signed ones: the codes become unsigned as q + 128 (an exclusive or), and the 128 times
+   the activations' sums each lane thereby gains starts its accumulator negated, so each int32 lane holds
+   exactly the four products vpmaddwd's lane holds in int8_four_rows. Each block's lanes then meet its
+   scale in the same float operations, in the same order. */
+static __attribute__((target(AVX512_TARGET))) void int8_four_rows_512(
+    const int8_t *q, const float *row_scales, int D, const int8_t *a, const float *c, float *y, int r0) {
+    const __m512i offset = _mm512_set1_epi8((char)0x80);
+    __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int A = D / ACT_BLOCK, b = 0;
+    for (; b + 1 < A; b += 2) {
+        __m512i av = _mm512_loadu_si512((const void *)(a + b * ACT_BLOCK));
+        __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, av));
+        __m256 c0 = _mm256_set1_ps(c[b]), c1 = _mm256_set1_ps(c[b + 1]);
+        for (int j = 0; j < 4; j++) {
+            __m512i w = _mm512_loadu_si512((const void *)(q + (long)(r0 + j) * D + b * ACT_BLOCK));
+            __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, _mm512_xor_si512(w, offset), av));
+            f[j] = _mm256_fmadd_ps(_mm512_castps512_ps256(p), c0, f[j]);
+            f[j] = _mm256_fmadd_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1)), c1, f[j]);
+        }
+    }
+    if (b < A) {
+        const __m256i offset8 = _mm512_castsi512_si256(offset);
+        __m256i av = _mm256_loadu_si256((const __m256i *)(a + b * ACT_BLOCK));
+        __m256i start = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset8, av));
+        __m256 cb = _mm256_set1_ps(c[b]);
+        for (int j = 0; j < 4; j++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(q + (long)(r0 + j) * D + b * ACT_BLOCK));
+            __m256i p = _mm256_dpbusd_epi32(start, _mm256_xor_si256(w, offset8), av);
+            f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), cb, f[j]);
+        }
+    }
+    for (int j = 0; j < 4; j++) {
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(f[j]), _mm256_extractf128_ps(f[j], 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+        y[r0 + j] = _mm_cvtss_f32(s4) * row_scales[r0 + j];
+    }
+}
+
+/* Four output rows: VNNI where the CPU has it, else AVX2. */
+static inline __attribute__((target("avx2,fma"))) void int8_rows(const int8_t *q, const float *row_scales, int D,
+                                                                 const int8_t *a, const float *c, float *y, int r0) {
+    if (use_avx512)
+        int8_four_rows_512(q, row_scales, D, a, c, y, r0);
+    else
+        int8_four_rows(q, row_scales, D, a, c, y, r0);
+}
+
 /* y [M, O] = x [M, D] @ (Q s)^T for a few rows of x: threads over blocks of 4 output rows (O a multiple
    of 4), a block's codes kept in the core's cache while each row of x passes over them. */
 __attribute__((target("avx2,fma"))) int int8_linear_avx2(const int8_t *q, const float *row_scales, int O, int D,
@@ -779,7 +828,7 @@ __attribute__((target("avx2,fma"))) int int8_linear_avx2(const int8_t *q, const 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r0 = 0; r0 < O; r0 += 4)
         for (int m = 0; m < M; m++)
-            int8_four_rows(q, row_scales, D, codes + (long)m * D, act_scales + (long)m * A, out + (long)m * O, r0);
+            int8_rows(q, row_scales, D, codes + (long)m * D, act_scales + (long)m * A, out + (long)m * O, r0);
     if (y_bf16)
         for (int m = 0; m < M; m++) store_row(out + (long)m * O, y, 1, m, O);
     free(codes);
@@ -818,7 +867,7 @@ __attribute__((target("avx2,fma"))) int int8_experts_one_token(const void *x, in
             int up = r >= I / 4; /* w1's rows first, then w3's */
             const int8_t *w = (up ? w3 : w1) + e * I * (long)D;
             const float *s = (up ? s3 : s1) + e * I;
-            int8_four_rows(w, s, D, codes, act_scales, h + (long)p * 2 * I + (up ? I : 0), 4 * (r - up * (I / 4)));
+            int8_rows(w, s, D, codes, act_scales, h + (long)p * 2 * I + (up ? I : 0), 4 * (r - up * (I / 4)));
         }
 #pragma omp for schedule(static)
         for (int p = 0; p < P; p++) {
@@ -830,7 +879,7 @@ __attribute__((target("avx2,fma"))) int int8_experts_one_token(const void *x, in
         for (int item = 0; item < P * down_blocks; item++) {
             int p = item / down_blocks;
             long e = ids[chosen[p]];
-            int8_four_rows(w2 + e * D * (long)I, s2 + e * D, I, hidden_codes + (long)p * I, h_scales + (long)p * AI,
+            int8_rows(w2 + e * D * (long)I, s2 + e * D, I, hidden_codes + (long)p * I, h_scales + (long)p * AI,
                            y + (long)p * D, 4 * (item % down_blocks));
         }
         mix_experts(y, D, weights, chosen, P, D, mixed);
@@ -887,9 +936,9 @@ int cpu_supported(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-/* The many-rows path's instructions: AVX-512 VNNI where `on` and the CPU has it, else AVX2 (the tests
-   compare the two); `on` < 0 changes nothing. Returns whether AVX-512 is used. */
-int int4_use_avx512(int on) {
+/* The products' instructions: AVX-512 VNNI where `on` and the CPU has it, else AVX2 (the tests compare
+   the two); `on` < 0 changes nothing. Returns whether AVX-512 is used. */
+int use_avx512_products(int on) {
     if (on >= 0) {
         cpu_supported();
         use_avx512 = use_avx512 && on;

@@ -10,10 +10,10 @@ themselves carry. A decode step's routed experts go in one call (int4_experts_on
 expert's gate-up products, then their down products, in one parallel region), since at one token each
 product is only a few microseconds of work a thread. int8 rows (a scale per output row) take the same
 int8 activations for a few rows (int8_linear_avx2), where PyTorch's int8 operator multiplies in bf16.
-On a CPU with AVX-512 VNNI (and VBMI) the int4 products take vpdpbusd instead, bit for bit the AVX2
-form's results: twice as fast for more than a few rows (reading, the experts of a chunk), and for one
-row (decode) the codes of four inputs gathered per row by vpermb; `int4_use_avx512` turns that off for
-the tests that compare the two.
+On a CPU with AVX-512 VNNI (and VBMI) the int4 and int8 products take vpdpbusd instead, bit for bit the
+AVX2 form's results: for int4 twice as fast for more than a few rows (reading, the experts of a chunk),
+and for one row (decode) the codes of four inputs gathered per row by vpermb; for int8 two blocks of 32
+inputs an instruction; `use_avx512_products` turns that off for the tests that compare the two.
 Where the kernels cannot run (native.py), the operators do the work and `quantized_backend()` says why.
 """
 
@@ -52,7 +52,7 @@ def library() -> ctypes.CDLL | None:
         lib.int8_linear_avx2.argtypes = [_POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _INT, _POINTER, _INT, _INT]
         lib.int8_dequantize_rows.argtypes = [_POINTER, _POINTER, _LONG, _LONG, _POINTER, _INT, _INT]
         lib.int8_experts_one_token.argtypes = [_POINTER, *[_INT] * 3, *[_POINTER] * 8, _INT, _POINTER, *[_INT] * 2]
-        lib.int4_use_avx512.argtypes = [_INT]
+        lib.use_avx512_products.argtypes = [_INT]
         # Each allocates its scratch and returns -1 when the allocation fails.
         for name in (
             "int4_linear",
@@ -69,7 +69,7 @@ def quantized_backend() -> str:
     """One line: which code multiplies int4 and int8 weights on this CPU, and why."""
     lib = library()
     if lib is not None:
-        wide = ", AVX-512 VNNI for int4 products" if lib.int4_use_avx512(-1) else ""
+        wide = ", AVX-512 VNNI" if lib.use_avx512_products(-1) else ""
         return f"int4 and int8 on the CPU: kimi-desk's AVX2 kernels{wide} (int8 activations)"
     return f"int4 and int8 on the CPU: PyTorch's operators ({native.reason(SOURCE)})"
 

@@ -84,7 +84,7 @@ def test_avx512_products_give_the_avx2_bits(rows_per_tile, group):
     and a few (the one-row path) and for every count of rows left over by the many-rows path's blocks of
     6, in products and in the experts of one token and of many."""
     lib = avx2.library()
-    if lib is None or not lib.int4_use_avx512(1):
+    if lib is None or not lib.use_avx512_products(1):
         pytest.skip("this CPU has no AVX-512 VNNI")
     gen = torch.Generator().manual_seed(rows_per_tile + group)
     O, D = 2 * rows_per_tile, 256
@@ -94,9 +94,9 @@ def test_avx512_products_give_the_avx2_bits(rows_per_tile, group):
     try:
         for M in (1, 2, 5, 6, 7, 8, 9, 10, 11, 12, 70):
             x = torch.randn(M, D, generator=gen)
-            lib.int4_use_avx512(1)
+            lib.use_avx512_products(1)
             wide = avx2.int4_linear_avx2(x, tiles, sz, rows_per_tile, group)
-            lib.int4_use_avx512(0)
+            lib.use_avx512_products(0)
             assert torch.equal(wide, avx2.int4_linear_avx2(x, tiles, sz, rows_per_tile, group)), M
         layout = cpu_int4_layout()
         if layout is not None and group == 64 and rows_per_tile == layout.rows:
@@ -112,12 +112,12 @@ def test_avx512_products_give_the_avx2_bits(rows_per_tile, group):
                 x = torch.randn(tokens, D, generator=gen)
                 ids = torch.randint(0 if tokens == 1 else -1, 3, (tokens, 2), generator=gen)
                 weights = torch.rand(tokens, 2, generator=gen)
-                lib.int4_use_avx512(1)
+                lib.use_avx512_products(1)
                 wide = int4_experts_stacked(x, ids, weights, stacks)
-                lib.int4_use_avx512(0)
+                lib.use_avx512_products(0)
                 assert torch.equal(wide, int4_experts_stacked(x, ids, weights, stacks)), tokens
     finally:
-        lib.int4_use_avx512(1)
+        lib.use_avx512_products(1)
 
 
 @pytest.mark.parametrize("M", [1, 7])
@@ -290,6 +290,38 @@ def test_int8_rows_match_float64(O, D, M):
     got = avx2.int8_linear_avx2(x, q, scale)
     assert got.shape == (M, O) and got.dtype == torch.float32
     assert rel_err(got, want) < TOLERANCE
+
+
+def test_int8_avx512_gives_the_avx2_bits():
+    """Where the CPU has AVX-512 VNNI, int8 rows take it, two blocks of 32 inputs a step and the odd block
+    alone: the same bits as the AVX2 form, codes -128 and 127 included, in products of a few rows and in
+    one token's experts."""
+    lib = avx2.library()
+    if lib is None or not lib.use_avx512_products(1):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    gen = torch.Generator().manual_seed(8)
+    try:
+        for O, D, M in ((8, 32, 1), (12, 96, 2), (64, 256, 3), (36, 320, 5)):
+            q = torch.randint(-128, 128, (O, D), generator=gen, dtype=torch.int8)
+            q[0, :4] = torch.tensor([-128, 127, -128, -1], dtype=torch.int8)
+            scale = torch.rand(O, generator=gen) * 0.01
+            x = torch.randn(M, D, generator=gen)
+            lib.use_avx512_products(1)
+            wide = avx2.int8_linear_avx2(x, q, scale)
+            lib.use_avx512_products(0)
+            assert torch.equal(wide, avx2.int8_linear_avx2(x, q, scale)), (O, D, M)
+        E, D, hidden = 4, 96, 160
+        w1, w3 = (torch.randint(-128, 128, (E, hidden, D), generator=gen, dtype=torch.int8) for _ in range(2))
+        w2 = torch.randint(-128, 128, (E, D, hidden), generator=gen, dtype=torch.int8)
+        s1, s3 = (torch.rand(E, hidden, generator=gen) * 0.01 for _ in range(2))
+        s2 = torch.rand(E, D, generator=gen) * 0.01
+        x, ids, weights = torch.randn(1, D, generator=gen), torch.tensor([2, -1, 0]), torch.rand(3, generator=gen)
+        lib.use_avx512_products(1)
+        wide = avx2.int8_experts_one_token(x, ids, weights, w1, w2, w3, s1, s2, s3)
+        lib.use_avx512_products(0)
+        assert torch.equal(wide, avx2.int8_experts_one_token(x, ids, weights, w1, w2, w3, s1, s2, s3))
+    finally:
+        lib.use_avx512_products(1)
 
 
 def test_int8_linear_cpu_takes_the_kernel_where_it_reads(monkeypatch):

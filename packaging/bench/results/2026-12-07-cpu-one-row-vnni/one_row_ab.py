@@ -37,11 +37,11 @@ for name, O, D, group in [
     times = {0: [], 1: []}
     for rep in range(40 if O < 100000 else 12):
         for on in (1, 0):
-            lib.int4_use_avx512(on)
+            lib.use_avx512_products(on)
             t = time.perf_counter()
             avx2.int4_linear_avx2(x, tiles, sz, rows, group)
             times[on].append(time.perf_counter() - t)
-    lib.int4_use_avx512(1)
+    lib.use_avx512_products(1)
     a, v = statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
     gb = O * D / 2 / 1e9
     print(

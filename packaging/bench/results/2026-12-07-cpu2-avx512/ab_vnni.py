@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kimi_desk.kernels.quant import avx2
 
-print("avx512:", avx2.library().int4_use_avx512(int(sys.argv[1] == "on")), file=sys.stderr)
+print("avx512:", avx2.library().use_avx512_products(int(sys.argv[1] == "on")), file=sys.stderr)
 script = Path(__file__).resolve().parents[2] / "cpu" / "slice_48b.py"
 sys.argv = [str(script), sys.argv[2], "--ours-only", "--depths", "0", "--gen", "8", "--threads", "2"]
 runpy.run_path(str(script), run_name="__main__")
