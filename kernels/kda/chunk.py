@@ -28,7 +28,7 @@ their decay to their half's end, and one dot gives every pair of the level (entr
   - between sub-chunks, with Gs the cumulative sum inside each sub-chunk b, tot_b its total and P_b the
     sum of the sub-chunks before: E_i = exp(Gs_i), C_i = exp(tot_b - Gs_i) (two exponentials per
     element) and per-sub-chunk factors over whole sub-chunks, exp(G_i - G_j') = E_i exp(P_b - P_(j+1)) C_j'
-    for i in b > j, j' in j; one dot of [64, BK] x [BK, 16] per column sub-chunk j (its 16 columns);
+    for i in b > j, j' in j; one dot of [64, BK] x [BK, 64] per column sub-chunk;
   - q exp(G) = q E exp(P), k exp(G_last - G) = k C exp(G_last - G_end(b)), exp(G_last) and
     beta k exp(G) have exponents <= 0 by construction.
 Aqk's own diagonal, exp(0) = 1, is q_i . k_i. Nothing branches on the data: every gate, however fast
@@ -159,18 +159,6 @@ def _level_in_sub_chunks(
     return b_Dqk, b_Dkk
 
 
-@triton.jit
-def _joined(b_D, b_X0, b_X1, b_X2, o_i, o_b, BT: tl.constexpr, BC: tl.constexpr):
-    """The chunk's [BT, BT] tile from the sub-chunks' diagonal blocks b_D [NB, BC, BC] and the columns of
-    sub-chunks 0, 1, 2 below them, b_X0..2 [BT, BC] (their rows above the block's diagonal are zero)."""
-    m_col = o_b[None, :, None]
-    b_A = tl.where(m_col == (o_i // BC)[:, None, None], tl.reshape(b_D, [BT, BC])[:, None, :], 0.0)
-    b_A += tl.where(m_col == 0, b_X0[:, None, :], 0.0)
-    b_A += tl.where(m_col == 1, b_X1[:, None, :], 0.0)
-    b_A += tl.where(m_col == 2, b_X2[:, None, :], 0.0)
-    return tl.reshape(b_A, [BT, BT])
-
-
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_kda_intra_fwd_kernel(
     q,
@@ -219,6 +207,8 @@ def chunk_kda_intra_fwd_kernel(
     # decay from their block's start, the columns of every first-half block times their decay to their
     # block's end, the entries between different 2s-blocks masked off after the dot. i = j (Aqk's
     # diagonal, exp(0) = 1) is the rows' q . k.
+    b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_Akk = tl.zeros([BT, BT], dtype=tl.float32)
     # The chunk as [NB, BC, BK] tiles, NB sub-chunks of BC rows: the per-sub-chunk sums and cumulative
     # sums are then reductions inside each sub-chunk's rows.
     NB: tl.constexpr = BT // BC
@@ -234,13 +224,6 @@ def chunk_kda_intra_fwd_kernel(
     b_Dqk = tl.zeros([NB, BC, BC], dtype=tl.float32)
     b_Dkk = tl.zeros([NB, BC, BC], dtype=tl.float32)
     b_qk = tl.zeros([NB, BC], dtype=tl.float32)
-    # The blocks below the sub-chunks' diagonal, by column sub-chunk j: [BT, BC] each, joined after the loop.
-    b_X0qk = tl.zeros([BT, BC], dtype=tl.float32)
-    b_X1qk = tl.zeros([BT, BC], dtype=tl.float32)
-    b_X2qk = tl.zeros([BT, BC], dtype=tl.float32)
-    b_X0kk = tl.zeros([BT, BC], dtype=tl.float32)
-    b_X1kk = tl.zeros([BT, BC], dtype=tl.float32)
-    b_X2kk = tl.zeros([BT, BC], dtype=tl.float32)
     # Element offsets from the chunk's first row, in int32 and the same for every block of channels (the
     # base pointers move instead of six int64 pointer tiles).
     p_in = (i_b.to(tl.int64) * T + i_t * BT) * H * K + i_h * K
@@ -273,22 +256,12 @@ def chunk_kda_intra_fwd_kernel(
         # Sub-chunk j's columns against the rows of every later sub-chunk b, through the end of j:
         # exp(G_i - G_j') = E_i exp(P_b - P_(j+1)) C_j', every factor <= 1; one dot each. P_b - P_(j+1) is
         # summed over the sub-chunks between (not a difference of two sums over the chunk).
-        # Only sub-chunk j's 16 columns: a dot of [BT, BK] x [BK, BC], the rows of sub-chunks up to j zero.
         for j in tl.static_range(NB - 1):
             b_tj = tl.where(o_b[:, None] > j, b_tot, 0.0)
             b_S = tl.where(o_b[:, None] > j, tl.exp2(tl.cumsum(b_tj, 0) - b_tj), 0.0)[:, None, :]
-            b_R = tl.trans(tl.sum(tl.where((o_b == j)[:, None, None], b_kC, 0.0), 0).to(OP_DT))
-            b_xq = tl.dot(tl.reshape(b_qE * b_S, [BT, BK]).to(OP_DT), b_R)
-            b_xk = tl.dot(tl.reshape(b_kE * b_S, [BT, BK]).to(OP_DT), b_R)
-            if j == 0:
-                b_X0qk += b_xq
-                b_X0kk += b_xk
-            elif j == 1:
-                b_X1qk += b_xq
-                b_X1kk += b_xk
-            else:
-                b_X2qk += b_xq
-                b_X2kk += b_xk
+            b_R = tl.trans(tl.reshape(tl.where(o_row3 // BC == j, b_kC, 0.0), [BT, BK]).to(OP_DT))
+            b_Aqk += tl.dot(tl.reshape(b_qE * b_S, [BT, BK]).to(OP_DT), b_R)
+            b_Akk += tl.dot(tl.reshape(b_kE * b_S, [BT, BK]).to(OP_DT), b_R)
         b_Gl = tl.sum(b_tot, 0)
         # exp(G_i) = E_i exp(P_b) and exp(G_last - G_i) = C_i exp(G_last - G_end(b)), both factors <= 1.
         b_eP = tl.exp2(b_P)[:, None, :]
@@ -303,8 +276,9 @@ def chunk_kda_intra_fwd_kernel(
     # The whole tile, zeros above the diagonal included, so that the scan loads it without a causal mask
     # (a plain load is one Triton pipelines ahead of the loop's dots; a masked one waited in every step).
     b_Dqk = tl.where((o_c[:, None] == o_c[None, :])[None, :, :], b_qk[:, :, None], b_Dqk)
-    b_Aqk = _joined(b_Dqk, b_X0qk, b_X1qk, b_X2qk, o_i, o_b, BT, BC)
-    b_Akk = _joined(b_Dkk, b_X0kk, b_X1kk, b_X2kk, o_i, o_b, BT, BC)
+    m_blocks = o_b[:, None, None, None] == o_b[None, None, :, None]
+    b_Aqk += tl.reshape(tl.where(m_blocks, b_Dqk[:, :, None, :], 0.0), [BT, BT])
+    b_Akk += tl.reshape(tl.where(m_blocks, b_Dkk[:, :, None, :], 0.0), [BT, BT])
     b_Aqk = tl.where(o_i[:, None] >= o_i[None, :], b_Aqk * scale, 0.0)
     tl.store(Aqk + r_mid[:, None] * BT + o_i[None, :], b_Aqk.to(DT), mask=m_t[:, None])
     b_Akk = tl.where(o_i[:, None] > o_i[None, :], b_Akk * b_beta[:, None], 0.0)
