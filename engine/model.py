@@ -18,8 +18,7 @@ from torch import nn
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.state import MLACache, ModelState
-from kimi_desk.kernels import float32_of
-from kimi_desk.kernels.mla import mla_attention, mla_prefill
+from kimi_desk.kernels.mla import absorb_queries, fused_latents_writer, mla_attention, mla_prefill, values
 from kimi_desk.kernels.moe import route_topk, routed_experts, routed_experts_int4_cpu, router_logits
 from kimi_desk.kernels.norm import add_rms_norm, rms_norm
 
@@ -195,22 +194,22 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             q, ckv = self.q_proj(x), self.kv_a_proj_with_mqa(x)  # ckv [B, T, L + R]
         q = q.view(B, T, H, self.nope_dim + self.rope_dim)
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latents = torch.cat([self.kv_a_layernorm(ckv[..., :L]), ckv[..., L:]], dim=-1)
-        cached = cache.append(latents)  # [B, start + T, L + R] (the whole buffer while recording)
-        shape, parts = (H, self.nope_dim + self.v_dim, L), [self.nope_dim, self.v_dim]
-        if T >= self.EXPANDED_MIN_TOKENS:
-            w_uk, w_uv = self.kv_b_proj.weight.view(shape).split(parts, 1)  # [H, n, L], [H, v, L]
-            o = mla_prefill(q, cached, w_uk, w_uv, start, self.scale)  # [B, T, H, v] fp32
+        write = fused_latents_writer(ckv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps)
+        if write is not None:
+            cached = cache.append_written(T, write)  # [B, start + T, L + R] (the whole buffer while recording)
         else:
-            w_uk, w_uv = float32_of(self.kv_b_proj.weight).view(shape).split(parts, 1)
-            q_latent = torch.einsum("bthn,hnl->bthl", q_nope.float(), w_uk)  # [B, T, H, L]
-            q_abs = torch.cat([q_latent, q_rope.float()], dim=-1)  # [B, T, H, L + R]
+            cached = cache.append(torch.cat([self.kv_a_layernorm(ckv[..., :L]), ckv[..., L:]], dim=-1))
+        if T >= self.EXPANDED_MIN_TOKENS:
+            shape, parts = (H, self.nope_dim + self.v_dim, L), [self.nope_dim, self.v_dim]
+            w_uk, w_uv = self.kv_b_proj.weight.view(shape).split(parts, 1)  # [H, n, L], [H, v, L]
+            o = mla_prefill(q, cached, w_uk, w_uv, start, self.scale).to(x.dtype)  # [B, T, H, v]
+        else:
+            weight = self.kv_b_proj.weight
+            q_abs = absorb_queries(q, weight, self.nope_dim, self.v_dim, cache.buffer.dtype)  # [B, T, H, L + R]
             # The whole buffer, rows past the new tokens unread: the GPU kernel's launch then depends on
             # the shapes alone, and eager and recorded decode steps compute the same thing.
             attended = mla_attention(q_abs, cache.buffer, start, L, self.scale)  # [B, T, H, L] fp32
-            o = torch.einsum("bthl,hvl->bthv", attended, w_uv)  # [B, T, H, v]
-        o = o.to(x.dtype)
+            o = values(attended, weight, self.nope_dim, self.v_dim, x.dtype)  # [B, T, H, v]
         return self.o_proj(o.reshape(B, T, H * self.v_dim))
 
 

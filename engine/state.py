@@ -110,15 +110,26 @@ class MLACache:
     def append(self, latents: torch.Tensor) -> torch.Tensor:
         """Append [B, T, width]; returns every cached latent, new ones included (while a decode step is
         recorded: the whole buffer, whose filled length only the device knows)."""
+
+        def write(buffer, start):
+            if isinstance(start, torch.Tensor):
+                buffer.index_copy_(1, start + torch.arange(latents.shape[1], device=latents.device), latents)
+            else:
+                buffer[:, start : start + latents.shape[1]] = latents
+
+        return self.append_written(latents.shape[1], write)
+
+    def append_written(self, tokens: int, write) -> torch.Tensor:
+        """`append` for `tokens` new rows that `write(buffer, start)` puts into the buffer itself at rows
+        start .. start + tokens (a kernel that computes them there); start is `self.start`."""
         if self.device_length is not None:
-            positions = self.device_length + torch.arange(latents.shape[1], device=latents.device)
-            self._buffer.index_copy_(1, positions, latents)
+            write(self._buffer, self.device_length)
             return self._buffer
-        end = self.length + latents.shape[1]
+        end = self.length + tokens
         if end > self.capacity:
             own = end - self.shared
             self.reserve(max(end, 2 * self.capacity) if not self.shared else end + max(own, 256))
-        self._buffer[:, self.length : end] = latents
+        write(self._buffer, self.length)
         self.length = end
         return self.latents
 

@@ -23,14 +23,57 @@ at any cache length). On the CPU the absorbed form reads the cache once, block b
 scores from bf16 products (torch_attention.mla_attention_cpu); the prefill form runs PyTorch's flash
 kernel for the CPU key block by key block. Memory stays bounded at any context length.
 
+Around the decode form: `absorb_queries` (q_nope through W_UK beside q_rope), `values` (the attended
+latents through W_UV) and `fused_latents_writer` (the new tokens' normed latents written into the
+cache's rows) each take one Triton launch on CUDA (absorbed.py), where their PyTorch forms
+(torch_attention.py) widen kv_b_proj's weight to float32 and take five, two and three launches.
+
 An absorbed prefill (attention straight over the latents) is not used: it costs 1088 multiply-adds per
 query, key and head against the expanded form's 320.
 """
 
 from kimi_desk.kernels import use_triton
-from kimi_desk.kernels.mla.torch_attention import mla_attention_cpu, mla_attention_dense, mla_prefill_sdpa
+from kimi_desk.kernels.mla.torch_attention import (
+    absorb_queries_torch,
+    mla_attention_cpu,
+    mla_attention_dense,
+    mla_prefill_sdpa,
+    values_torch,
+)
 
-__all__ = ["mla_attention", "mla_prefill"]
+__all__ = ["absorb_queries", "fused_latents_writer", "mla_attention", "mla_prefill", "values"]
+
+
+def absorb_queries(q, kv_b_weight, nope_dim, v_dim, cache_dtype):
+    """The decode form's queries [W_UK^T q_nope ‖ q_rope] [B, T, H, L + R] from q [B, T, H, n + R] and
+    kv_b_proj's weight [H * (n + v), L], as `mla_attention` on a cache of cache_dtype reads them: on the
+    Triton path in one launch, rounded to the attention kernel's operand dtype; else float32."""
+    if use_triton(q):
+        from kimi_desk.kernels.mla.absorbed import absorb_queries_triton
+        from kimi_desk.kernels.mla.decode import operand_torch_dtype
+
+        return absorb_queries_triton(q, kv_b_weight, nope_dim, v_dim, operand_torch_dtype(cache_dtype))
+    return absorb_queries_torch(q, kv_b_weight, nope_dim, v_dim)
+
+
+def values(attended, kv_b_weight, nope_dim, v_dim, out_dtype):
+    """The attended latents [B, T, H, L] (float32) through W_UV: [B, T, H, v] in out_dtype."""
+    if use_triton(attended):
+        from kimi_desk.kernels.mla.absorbed import values_triton
+
+        return values_triton(attended, kv_b_weight, nope_dim, v_dim, out_dtype)
+    return values_torch(attended, kv_b_weight, nope_dim, v_dim, out_dtype)
+
+
+def fused_latents_writer(ckv, norm_weight, eps):
+    """On the Triton path, a `write(buffer, start)` for MLACache.append_written that computes the latents
+    [rms_norm(c) ‖ k_r] of the joined projection's output ckv [B, T, L + R] straight into the cache's
+    rows in one launch (kernels/norm's arithmetic); None elsewhere (the caller norms and appends)."""
+    if not use_triton(ckv):
+        return None
+    from kimi_desk.kernels.mla.absorbed import latents_into_triton
+
+    return lambda buffer, start: latents_into_triton(ckv, norm_weight, eps, buffer, start)
 
 
 def mla_attention(q, cache, q_start, value_dim, scale):

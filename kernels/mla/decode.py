@@ -63,6 +63,11 @@ def _operand_dtypes(cache_dtype):
     return dot_operand_dtype(torch_dt), torch_dt
 
 
+def operand_torch_dtype(cache_dtype):
+    """The dtype the absorbed queries are rounded to for a cache of cache_dtype."""
+    return _operand_dtypes(cache_dtype)[1]
+
+
 def _absorbed_rows(q, cache_dtype, scale):
     """q [B, Tq, H, D] -> (rows [B, Tq * H, D] rounded as the GPU's operands are (under the interpreter
     held in fp32), the operands' Triton dtype, the score scale in base 2)."""

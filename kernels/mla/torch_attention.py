@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from kimi_desk.kernels import float32_of
 from kimi_desk.kernels.mla import avx2
 
 
@@ -23,6 +24,22 @@ def mla_attention_dense(q, cache, q_start, value_dim, scale):
         scores = scores.masked_fill(torch.arange(Tk, device=q.device)[None, :] > row_pos[:, None], float("-inf"))
     p = scores.softmax(-1).to(cache.dtype)
     return torch.matmul(p, cache[..., :value_dim]).float().reshape(B, Tq, H, value_dim)
+
+
+def absorb_queries_torch(q, kv_b_weight, nope_dim, v_dim):
+    """q [B, T, H, n + R] -> [W_UK^T q_nope ‖ q_rope] [B, T, H, L + R] in float32, W_UK read from
+    kv_b_proj's weight [H * (n + v), L]."""
+    H, L = q.shape[2], kv_b_weight.shape[1]
+    w_uk = float32_of(kv_b_weight).view(H, nope_dim + v_dim, L)[:, :nope_dim]
+    q_nope, q_rope = q.split([nope_dim, q.shape[-1] - nope_dim], dim=-1)
+    return torch.cat([torch.einsum("bthn,hnl->bthl", q_nope.float(), w_uk), q_rope.float()], dim=-1)
+
+
+def values_torch(attended, kv_b_weight, nope_dim, v_dim, out_dtype):
+    """attended [B, T, H, L] float32 -> W_UV attended [B, T, H, v] in out_dtype."""
+    H, L = attended.shape[2], kv_b_weight.shape[1]
+    w_uv = float32_of(kv_b_weight).view(H, nope_dim + v_dim, L)[:, nope_dim:]
+    return torch.einsum("bthl,hvl->bthv", attended, w_uv).to(out_dtype)
 
 
 # Cached keys are expanded and attended this many at a time in the prefill: bounds its transient memory
