@@ -31,6 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 LLAMA = REPO / "packaging" / "bench" / "llama_cpp"
 
+# Decode steps the --profile table sums over.
+PROFILED_STEPS = 5
+
 
 def ours(checkpoint: Path, prompt: int, depths: list[int], gen: int, profile: bool = False) -> dict:
     import torch
@@ -77,12 +80,20 @@ def ours(checkpoint: Path, prompt: int, depths: list[int], gen: int, profile: bo
             token = step(token)
             times.append(time.perf_counter() - started)
         result["decode"].append(dict(depth=depth, tok_s=1 / statistics.median(times[1:])))
-    if profile:  # one more step after the last depth, and one more reading, their operators by CPU time
-        show_native_kernels()
-        for label, run in (("decode step", lambda: step(token)), ("reading", lambda: read(model, ids))):
+    if profile:  # more steps after the last depth, and one more reading, their operators by CPU time
+        calls: dict[str, list[float]] = {}
+        show_native_kernels(calls)
+        for _ in range(PROFILED_STEPS):
+            step(token)
+        print(f"our C kernels' calls in {PROFILED_STEPS} decode steps, timed around each call:", file=sys.stderr)
+        for label, seconds in sorted(calls.items(), key=lambda item: -sum(item[1])):
+            per_step = sum(seconds) / PROFILED_STEPS * 1e3
+            print(f"  {label}: {len(seconds)} calls, {per_step:.3f} ms a step", file=sys.stderr)
+        steps = lambda: [step(token) for _ in range(PROFILED_STEPS)]  # noqa: E731
+        for label, run in ((f"{PROFILED_STEPS} decode steps", steps), ("reading", lambda: read(model, ids))):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 run()
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
             print(f"{label}:\n{table}", file=sys.stderr)
     return result
 
@@ -91,9 +102,11 @@ def read(model, ids):
     model(ids, model.new_state(1), last_only=True)
 
 
-def show_native_kernels() -> None:
-    """Each call of our C kernels (kernels/native.py) as a `C::name` row in the profiler's table, which
-    otherwise counts their time to nothing: their ctypes functions wrapped in record_function."""
+def show_native_kernels(calls: dict[str, list[float]]) -> None:
+    """Each call of our C kernels (kernels/native.py) as a `C::name(sizes)` row in the profiler's table,
+    which otherwise counts their time to nothing (their ctypes functions wrapped in record_function), and
+    its wall time appended to `calls[label]`: the profiler's own rows for them ran up to twice as long as
+    the same calls timed around (2 cores, 2026-12-07)."""
     import ctypes
 
     import torch
@@ -108,9 +121,15 @@ def show_native_kernels() -> None:
         for name, function in list(vars(lib or object()).items()):
             if isinstance(function, ctypes._CFuncPtr):
 
-                def traced(*args, _function=function, _label=f"C::{name}"):
-                    with torch.profiler.record_function(_label):
-                        return _function(*args)
+                def traced(*args, _function=function, _name=name):
+                    # The call's sizes (its small integer arguments) in the label: one row per shape.
+                    sizes = ",".join(str(a) for a in args if isinstance(a, int) and 1 < a < 1 << 20)
+                    label = f"C::{_name}({sizes})"
+                    with torch.profiler.record_function(label):
+                        started = time.perf_counter()
+                        result = _function(*args)
+                        calls.setdefault(label, []).append(time.perf_counter() - started)
+                        return result
 
                 setattr(lib, name, traced)
 
@@ -132,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
-        "--profile", action="store_true", help="with --ours-only: one more decode step's and reading's operators"
+        "--profile",
+        action="store_true",
+        help="with --ours-only: a few more decode steps' and one more reading's operators",
     )
     args = ap.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
