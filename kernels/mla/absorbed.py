@@ -23,6 +23,7 @@ import triton.language as tl
 
 from kimi_desk.kernels import pdl_launch
 from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
+from kimi_desk.kernels.norm.fused import rms_normed
 
 
 @triton.jit(do_not_specialize=["start", "T"])
@@ -54,10 +55,8 @@ def latents_into_fwd_kernel(
     o_l = tl.arange(0, BL)
     m_l = o_l < L
     b_c = tl.load(p_in + o_l, mask=m_l, other=0.0).to(tl.float32)
-    b_rstd = 1.0 / tl.sqrt(tl.sum(b_c * b_c, 0) / L + eps)
     b_w = tl.load(weight + o_l, mask=m_l, other=0.0).to(tl.float32)
-    # naive.py's rounding: the normalised row in c's dtype, then the weight.
-    b_y = (b_c * b_rstd).to(ckv.dtype.element_ty).to(tl.float32) * b_w
+    b_y = rms_normed(b_c, b_w, L, eps, ckv.dtype.element_ty)  # the norm kernel's arithmetic
     tl.store(p_out + o_l, b_y.to(buffer.dtype.element_ty), mask=m_l)
     o_r = tl.arange(0, BR)
     m_r = o_r < R

@@ -18,6 +18,19 @@ from kimi_desk.kernels.grid_dependency import wait_for_previous_kernel
 
 
 @triton.jit
+def inverse_rms(b_x, N: tl.constexpr, eps):
+    """1 / sqrt(mean(x^2) + eps) of a float32 row of N values (padding zeros)."""
+    return 1.0 / tl.sqrt(tl.sum(b_x * b_x, 0) / N + eps)
+
+
+@triton.jit
+def rms_normed(b_x, b_w, N: tl.constexpr, eps, ROW_DT: tl.constexpr):
+    """RMSNorm of a float32 row with float32 weights, rounded as the PyTorch form rounds: the normalised
+    row in the row's own dtype ROW_DT, then times the weight (float32; the caller rounds the result)."""
+    return (b_x * inverse_rms(b_x, N, eps)).to(ROW_DT).to(tl.float32) * b_w
+
+
+@triton.jit
 def rms_norm_fwd_kernel(
     x,
     gate,
@@ -45,14 +58,12 @@ def rms_norm_fwd_kernel(
         b_x = b_x.to(x.dtype.element_ty)
         tl.store(summed + i_r * N + o_n, b_x, mask=m_n)
         b_x = b_x.to(tl.float32)
-    b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, 0) / N + eps)
     b_w = tl.load(weight + o_n, mask=m_n, other=0.0).to(tl.float32)
     if GATED:
         b_g = tl.load(gate + i_r * stride_g + o_n, mask=m_n, other=0.0).to(tl.float32)
-        b_y = b_x * b_rstd * b_w * tl.sigmoid(b_g)
+        b_y = b_x * inverse_rms(b_x, N, eps) * b_w * tl.sigmoid(b_g)
     else:
-        # Rounded to x's dtype before the weight, as the PyTorch form does.
-        b_y = (b_x * b_rstd).to(x.dtype.element_ty).to(tl.float32) * b_w
+        b_y = rms_normed(b_x, b_w, N, eps, x.dtype.element_ty)
     tl.store(y + i_r * N + o_n, b_y.to(y.dtype.element_ty), mask=m_n)
 
 
