@@ -14,8 +14,14 @@ import torch
 from kimi_desk.kernels import native
 
 SOURCE = Path(__file__).with_name("attention_avx2.c")
-# Cached keys a task takes at least: fewer would cost more in merging than they save.
-MIN_KEYS_PER_PART = 512
+# The work a task takes at least, in multiply-adds (rows x (latent + value width) a key): fewer would cost
+# more in starting and merging than they save. 512 keys of the demo model's one token (5 heads, 160-wide
+# latents, 128-wide values), where this was measured; the 48B model's 32 heads of 576 + 512 do as much
+# in 22 keys, so at 1k cached keys its step splits them 16 ways where a count of keys gave 2 parts (two
+# busy threads of 16: 1.1 ms a step on 16 cores, BENCHMARKS-log.md).
+MIN_WORK_PER_PART = 512 * 5 * (160 + 128)
+# And keys a task takes at least: two of the kernel's blocks of 32.
+MIN_KEYS_PER_PART = 64
 # The rows a call takes (attention_avx2.c MAX_ROWS: two tokens of the 48B model's 32 heads); more (a
 # question's tokens) go to MKL's products, which reach the cores' arithmetic with that many rows.
 MAX_ROWS = 64
@@ -54,7 +60,7 @@ def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim:
     part's maximum (merged by the caller)."""
     B, R, D = rows.shape
     threads = torch.get_num_threads()
-    parts = max(1, min(4 * threads, keys // MIN_KEYS_PER_PART))
+    parts = max(1, min(4 * threads, keys // MIN_KEYS_PER_PART, keys * R * (D + value_dim) // MIN_WORK_PER_PART))
     # Sequence-major, so that each sequence's parts are one contiguous block the C writes into.
     maxima = torch.empty(B, parts, R)
     sums = torch.empty(B, parts, R)

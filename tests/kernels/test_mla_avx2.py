@@ -60,6 +60,30 @@ def test_parts_merge_like_one_pass():
     assert rel_err(merged(*parts), want) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "R,D,V,keys,threads,parts",
+    [
+        (32, 576, 512, 1043, 16, 16),  # the 48B model's heads at 1k keys: one part per thread (was 2)
+        (32, 576, 512, 40, 16, 1),  # fewer keys than two blocks: one part
+        (32, 576, 512, 100000, 16, 64),  # at most four parts a thread
+        (5, 160, 128, 3000, 16, 5),  # the demo model's one token: a part per 512 keys, as measured
+    ],
+)
+def test_keys_split_by_the_work_they_carry(monkeypatch, R, D, V, keys, threads, parts):
+    """Parts by multiply-adds (rows x widths x keys), at least two blocks of keys each, at most four a
+    thread; merged, they give the float64 attention."""
+    if avx2.library() is None:
+        pytest.skip(avx2.native.reason(avx2.SOURCE))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    rows, cache = torch.randn(1, R, D) * D**-0.5, torch.randn(1, keys, D)
+    maxima, sums, partials = avx2.attend_cached(rows, cache, keys, V)
+    assert maxima.shape[0] == parts
+    w = (maxima - maxima.amax(0)).exp()
+    got = (partials * w.unsqueeze(-1)).sum(0) / (sums * w).sum(0).unsqueeze(-1)
+    want = (rows.double() @ cache.double().transpose(1, 2)).softmax(-1) @ cache.double()[..., :V]
+    assert rel_err(got, want) < 1e-5
+
+
 def test_many_rows_keep_pytorchs_products():
     cache = torch.randn(1, 10, 96)
     assert not avx2.takes(cache, 64, avx2.MAX_ROWS + 1)
