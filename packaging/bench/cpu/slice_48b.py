@@ -105,8 +105,8 @@ def read(model, ids):
 def show_native_kernels(calls: dict[str, list[float]]) -> None:
     """Each call of our C kernels (kernels/native.py) as a `C::name(sizes)` row in the profiler's table,
     which otherwise counts their time to nothing (their ctypes functions wrapped in record_function), and
-    its wall time appended to `calls[label]`: the profiler's own rows for them ran up to twice as long as
-    the same calls timed around (2 cores, 2026-12-07)."""
+    its wall time appended to `calls[label]`: the profiler's own rows for these threaded calls are not
+    their time (several times longer on 16 cores; BENCHMARKS-log.md)."""
     import ctypes
 
     import torch
