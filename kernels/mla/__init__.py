@@ -26,13 +26,19 @@ kernel for the CPU key block by key block. Memory stays bounded at any context l
 Around the decode form: `absorb_queries` (q_nope through W_UK beside q_rope), `values` (the attended
 latents through W_UV) and `fused_latents_writer` (the new tokens' normed latents written into the
 cache's rows) each take one Triton launch on CUDA (absorbed.py), where their PyTorch forms
-(torch_attention.py) widen kv_b_proj's weight to float32 and take five, two and three launches.
+(torch_attention.py) widen kv_b_proj's weight to float32 and take five, two and three launches. On the
+CPU, with a bfloat16 kv_b_proj, the first two read the weight as stored (avx2.py): the PyTorch forms'
+float32 copy of it, kept between steps, is twice the bytes a step reads (16 MB a layer at the 48B
+shapes).
 
 An absorbed prefill (attention straight over the latents) is not used: it costs 1088 multiply-adds per
 query, key and head against the expanded form's 320.
 """
 
+import torch
+
 from kimi_desk.kernels import use_triton
+from kimi_desk.kernels.mla import avx2
 from kimi_desk.kernels.mla.torch_attention import (
     absorb_queries_torch,
     mla_attention_cpu,
@@ -53,6 +59,9 @@ def absorb_queries(q, kv_b_weight, nope_dim, v_dim, cache_dtype):
         from kimi_desk.kernels.mla.decode import operand_torch_dtype
 
         return absorb_queries_triton(q, kv_b_weight, nope_dim, v_dim, operand_torch_dtype(cache_dtype))
+    if avx2.reads_weight(kv_b_weight, v_dim):
+        q_nope, q_rope = q.split([nope_dim, q.shape[-1] - nope_dim], dim=-1)
+        return torch.cat([avx2.absorb_queries_bf16(q_nope, kv_b_weight, nope_dim, v_dim), q_rope.float()], dim=-1)
     return absorb_queries_torch(q, kv_b_weight, nope_dim, v_dim)
 
 
@@ -62,6 +71,8 @@ def values(attended, kv_b_weight, nope_dim, v_dim, out_dtype):
         from kimi_desk.kernels.mla.absorbed import values_triton
 
         return values_triton(attended, kv_b_weight, nope_dim, v_dim, out_dtype)
+    if avx2.reads_weight(kv_b_weight, v_dim):
+        return avx2.values_bf16(attended, kv_b_weight, nope_dim, v_dim).to(out_dtype)
     return values_torch(attended, kv_b_weight, nope_dim, v_dim, out_dtype)
 
 

@@ -206,6 +206,69 @@ int mla_attend_cached_bf16(const float *rows, const uint16_t *cache, long stride
     return attend_parts(rows, NULL, cache, stride, keys, D, V, R, parts, maxima, sums, partials, threads);
 }
 
+/* 8 bfloat16 values as float32 (a bfloat16 is the top half of the float32 it rounds). */
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256 load_bf16x8(const uint16_t *p) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+
+/* The products around the attention, on kv_b_proj's bfloat16 weight W [H, n + v, L] as stored (each
+   head's first n rows W_UK, then v rows W_UV), read once a step in its own dtype: a float32 copy of it
+   would be twice the bytes every step reads. Rows of T tokens x H heads, float32 in and out, float32
+   sums; threads over heads (a head's block of W, 2 (n + v) L bytes, serves its T rows from the core's
+   caches). L a multiple of 64, v of 4.
+
+   Absorbed queries: out [T, H, L] = q_nope [T, H, n] through W_UK, out[t, h] = sum_i q[t, h, i] W[h, i]. */
+__attribute__((target("avx2,fma"))) int mla_absorb_queries_bf16(const float *q, const uint16_t *w, int T, int H, int n,
+                                                                  int v, int L, float *out, int threads) {
+    if (L % 64) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int h = 0; h < H; h++) {
+        const uint16_t *block = w + (long)h * (n + v) * L;
+        for (int t = 0; t < T; t++) {
+            const float *row = q + ((long)t * H + h) * n;
+            float *y = out + ((long)t * H + h) * L;
+            for (int l0 = 0; l0 < L; l0 += 64) {
+                __m256 acc[8];
+                for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
+                for (int i = 0; i < n; i++) {
+                    const __m256 qi = _mm256_set1_ps(row[i]);
+                    const uint16_t *wi = block + (long)i * L + l0;
+                    for (int k = 0; k < 8; k++) acc[k] = _mm256_fmadd_ps(qi, load_bf16x8(wi + 8 * k), acc[k]);
+                }
+                for (int k = 0; k < 8; k++) _mm256_storeu_ps(y + l0 + 8 * k, acc[k]);
+            }
+        }
+    }
+    return 0;
+}
+
+/* The heads' values: out [T, H, v] = the attended latents a [T, H, L] through W_UV,
+   out[t, h, j] = sum_l a[t, h, l] W[h, n + j, l]; four of W's rows a pass over a row of a. */
+__attribute__((target("avx2,fma"))) int mla_values_bf16(const float *a, const uint16_t *w, int T, int H, int n, int v,
+                                                          int L, float *out, int threads) {
+    if (L % 64 || v % 4) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int h = 0; h < H; h++) {
+        const uint16_t *w_uv = w + ((long)h * (n + v) + n) * L;
+        for (int t = 0; t < T; t++) {
+            const float *row = a + ((long)t * H + h) * L;
+            float *y = out + ((long)t * H + h) * v;
+            for (int j = 0; j < v; j += 4) {
+                __m256 acc[4];
+                for (int k = 0; k < 4; k++) acc[k] = _mm256_setzero_ps();
+                for (int l = 0; l < L; l += 8) {
+                    const __m256 x = _mm256_loadu_ps(row + l);
+                    for (int k = 0; k < 4; k++)
+                        acc[k] = _mm256_fmadd_ps(x, load_bf16x8(w_uv + (long)(j + k) * L + l), acc[k]);
+                }
+                for (int k = 0; k < 4; k++) y[j + k] = hsum(acc[k]);
+            }
+        }
+    }
+    return 0;
+}
+
 /* Whether this CPU runs the kernel above. */
 int cpu_supported(void) {
     __builtin_cpu_init();

@@ -1,7 +1,9 @@
 """MLA's decode attention over a float32 or bfloat16 cache on an AVX2 CPU (attention_avx2.c, compiled at first use
 by kernels/native.py): each cached key read once, its scores and its share of the weighted sum taken
 while it is in the core's caches, the softmax online. torch_attention.py's `mla_attention_cpu` asks it
-for the cached keys and keeps PyTorch's products where it cannot run (native.py says why)."""
+for the cached keys and keeps PyTorch's products where it cannot run (native.py says why). Beside it, the
+products around the attention on kv_b_proj's bfloat16 weight as stored (`absorb_queries_bf16`,
+`values_bf16`): PyTorch's form multiplies a float32 copy of it, twice the bytes a step reads."""
 
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def library() -> ctypes.CDLL | None:
     if lib is not None:
         for function in (lib.mla_attend_cached, lib.mla_attend_cached_bf16):
             function.argtypes = [_P, _P, _L, _L, _I, _I, _I, _I, _P, _P, _P, _I]
+        for function in (lib.mla_absorb_queries_bf16, lib.mla_values_bf16):
+            function.argtypes = [_P, _P, _I, _I, _I, _I, _I, _P, _I]
     return lib
 
 
@@ -88,3 +92,41 @@ def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim:
             raise MemoryError("no memory for the MLA kernel's widened keys")
         assert status == 0, "rows beyond attention_avx2.c's"  # takes() keeps them to MAX_ROWS
     return maxima.transpose(0, 1), sums.transpose(0, 1), partials.transpose(0, 1)
+
+
+def reads_weight(kv_b_weight: torch.Tensor, value_dim: int) -> bool:
+    """Whether absorb_queries_bf16 and values_bf16 take kv_b_proj's weight [H * (n + v), L]: bfloat16 on
+    the CPU, contiguous, L in 64s and v in 4s."""
+    return (
+        kv_b_weight.dtype == torch.bfloat16
+        and kv_b_weight.device.type == "cpu"
+        and kv_b_weight.is_contiguous()
+        and kv_b_weight.shape[1] % 64 == 0
+        and value_dim % 4 == 0
+        and library() is not None
+    )
+
+
+def absorb_queries_bf16(q_nope: torch.Tensor, kv_b_weight: torch.Tensor, nope_dim: int, v_dim: int) -> torch.Tensor:
+    """q_nope [B, T, H, n] -> W_UK^T q_nope [B, T, H, L] in float32 (reads_weight must hold)."""
+    B, T, H, _ = q_nope.shape
+    L = kv_b_weight.shape[1]
+    q = q_nope.float().contiguous()
+    out = torch.empty(B, T, H, L)
+    status = library().mla_absorb_queries_bf16(
+        q.data_ptr(), kv_b_weight.data_ptr(), B * T, H, nope_dim, v_dim, L, out.data_ptr(), torch.get_num_threads()
+    )
+    assert status == 0, "a latent width beyond attention_avx2.c's"  # reads_weight keeps it to 64s
+    return out
+
+
+def values_bf16(attended: torch.Tensor, kv_b_weight: torch.Tensor, nope_dim: int, v_dim: int) -> torch.Tensor:
+    """attended [B, T, H, L] -> W_UV attended [B, T, H, v] in float32 (reads_weight must hold)."""
+    B, T, H, L = attended.shape
+    a = attended.float().contiguous()
+    out = torch.empty(B, T, H, v_dim)
+    status = library().mla_values_bf16(
+        a.data_ptr(), kv_b_weight.data_ptr(), B * T, H, nope_dim, v_dim, L, out.data_ptr(), torch.get_num_threads()
+    )
+    assert status == 0, "a width beyond attention_avx2.c's"  # reads_weight keeps them to 64s and 4s
+    return out

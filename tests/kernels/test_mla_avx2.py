@@ -2,14 +2,16 @@
 fresh random inputs: one part and many, a batch, several rows (from 2 to the 48B model's 32 heads and 64
 rows, the kernel's blocks of 4 rows with every remainder, 1 or 3 keys a step), large scores (the online
 softmax's rescaling), a cache in a longer buffer whose unfilled rows hold NaN; a float32 and a bfloat16
-cache (float32 queries: the quantized models on a float32 CPU), each against its own values in float64."""
+cache (float32 queries: the quantized models on a float32 CPU), each against its own values in float64.
+The products around the attention on kv_b_proj's bfloat16 weight, against float64 and through the
+dispatchers the model calls."""
 
 import pytest
 import torch
 from test_mla_torch import poisoned_cache, rel_err
 from test_quant_avx2 import can_build
 
-from kimi_desk.kernels.mla import avx2
+from kimi_desk.kernels.mla import absorb_queries, avx2, values
 from kimi_desk.kernels.mla.naive import mla_attention_reference
 from kimi_desk.kernels.mla.torch_attention import mla_attention_cpu
 
@@ -89,3 +91,37 @@ def test_many_rows_keep_pytorchs_products():
     assert not avx2.takes(cache, 64, avx2.MAX_ROWS + 1)
     assert not avx2.takes(cache.half(), 64, 1)
     assert not avx2.takes(torch.randn(1, 10, 72), 40, 1)
+
+
+@pytest.mark.parametrize(
+    "B,T,H,n,v,L",
+    [(1, 1, 32, 128, 128, 512), (2, 3, 5, 64, 64, 128), (1, 2, 3, 24, 20, 192)],  # the 48B model's; the demo's; odd
+    ids=str,
+)
+def test_products_on_the_bf16_weight_match_float64(B, T, H, n, v, L):
+    """W_UK^T q_nope beside q_rope and W_UV a, W read from kv_b_proj's bfloat16 weight as stored; q a
+    strided slice, as the model's projection output gives it."""
+    if avx2.library() is None:
+        pytest.skip(avx2.native.reason(avx2.SOURCE))
+    gen = torch.Generator().manual_seed(T * 100 + L)
+    R = 16
+    weight = (torch.randn(H * (n + v), L, generator=gen) * 0.1).bfloat16()
+    assert avx2.reads_weight(weight, v)
+    q = torch.randn(B, T, H * (n + R) + 8, generator=gen).bfloat16()[..., 8:].view(B, T, H, n + R)
+    got = absorb_queries(q, weight, n, v, torch.bfloat16)
+    w = weight.double().view(H, n + v, L)
+    want = torch.cat([torch.einsum("bthn,hnl->bthl", q[..., :n].double(), w[:, :n]), q[..., n:].double()], dim=-1)
+    assert got.dtype == torch.float32 and got.shape == (B, T, H, L + R)
+    assert rel_err(got, want) < 1e-6
+    attended = torch.randn(B, T, H, L, generator=gen)
+    got = values(attended, weight, n, v, torch.float32)
+    want = torch.einsum("bthl,hvl->bthv", attended.double(), w[:, n:])
+    assert got.shape == (B, T, H, v) and rel_err(got, want) < 1e-6
+    assert values(attended, weight, n, v, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_other_weights_keep_pytorchs_products():
+    weight = torch.randn(4 * 48, 128)
+    assert not avx2.reads_weight(weight, 16)  # float32: PyTorch reads it as it is
+    assert not avx2.reads_weight(weight.bfloat16()[:, :96], 16)  # not contiguous
+    assert not avx2.reads_weight(torch.randn(4 * 48, 96).bfloat16(), 16)  # latents not in 64s
