@@ -20,7 +20,7 @@ SOURCE = Path(__file__).with_name("attention_avx2.c")
 # more in starting and merging than they save. 512 keys of the demo model's one token (5 heads, 160-wide
 # latents, 128-wide values), where this was measured; the 48B model's 32 heads of 576 + 512 do as much
 # in 22 keys, so at 1k cached keys its step splits them 16 ways where a count of keys gave 2 parts (two
-# busy threads of 16: 1.1 ms a step on 16 cores, BENCHMARKS-log.md).
+# busy threads of 16; BENCHMARKS-log.md).
 MIN_WORK_PER_PART = 512 * 5 * (160 + 128)
 # And keys a task takes at least: two of the kernel's blocks of 32.
 MIN_KEYS_PER_PART = 64
