@@ -27,17 +27,17 @@ from kimi_desk.engine.quantize import Int8Embedding, format_of, quantize_into, q
 from kimi_desk.engine.quantized_cache import cache_file, load_cached, write_cache
 
 # Parameters kept in float32 whatever the model dtype: the gates' scalars and the short convolutions
-# (as the reference implementations allocate them), the router's selection bias, and two small matrices
-# every step multiplies in float32: the router (its scores choose the experts; 2.4 MB a layer at the 48B
-# shapes) and MLA's kv_b_proj (the absorbed decode's W_UK and W_UV; 17 MB a layer). Held in float32 they
-# are not converted again at every step (on an H100 those copies took 7% of a decode step's GPU time).
+# (as the reference implementations allocate them), the router's selection bias, and the router, whose
+# scores choose the experts (2.4 MB a layer at the 48B shapes): held in float32 it is not converted again
+# at every step. MLA's kv_b_proj keeps the model's dtype: the decode's kernels around the attention read
+# it as stored, in float32 sums (kernels/mla: Triton on a GPU, C on the CPU), half the bytes a float32
+# copy would make them read every step.
 FP32_PARAMETERS = (
     "A_log",
     "dt_bias",
     "conv1d.weight",
     "e_score_correction_bias",
     "block_sparse_moe.gate.weight",
-    "self_attn.kv_b_proj.weight",
 )
 
 _EXPERT_PREFIX = "block_sparse_moe.experts."

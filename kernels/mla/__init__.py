@@ -27,9 +27,9 @@ Around the decode form: `absorb_queries` (q_nope through W_UK beside q_rope), `v
 latents through W_UV) and `fused_latents_writer` (the new tokens' normed latents written into the
 cache's rows) each take one Triton launch on CUDA (absorbed.py), where their PyTorch forms
 (torch_attention.py) widen kv_b_proj's weight to float32 and take five, two and three launches. On the
-CPU, with a bfloat16 kv_b_proj, the first two read the weight as stored (avx2.py): the PyTorch forms'
-float32 copy of it, kept between steps, is twice the bytes a step reads (16 MB a layer at the 48B
-shapes).
+CPU, with a bfloat16 kv_b_proj (the model keeps it in its dtype), the first two read the weight as
+stored (avx2.py): the PyTorch forms' float32 copy of it, kept between steps, is twice the bytes a step
+reads (16 MB a layer at the 48B shapes).
 
 An absorbed prefill (attention straight over the latents) is not used: it costs 1088 multiply-adds per
 query, key and head against the expanded form's 320.
