@@ -19,7 +19,7 @@ from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.kda import KimiDeltaAttention
 from kimi_desk.engine.state import MLACache, ModelState
 from kimi_desk.kernels.mla import absorb_queries, fused_latents_writer, mla_attention, mla_prefill, values
-from kimi_desk.kernels.moe import route_topk, routed_experts, routed_experts_int4_cpu, router_logits
+from kimi_desk.kernels.moe import route, routed_experts, routed_experts_int4_cpu
 from kimi_desk.kernels.norm import add_rms_norm, rms_norm
 
 
@@ -82,9 +82,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (expert ids [N, k], weights [N, k] fp32); k + 1 columns with the shared expert."""
-        logits = router_logits(x, self.weight)  # [N, E] float32
-        return route_topk(
-            logits,
+        return route(
+            x,
+            self.weight,
             self.e_score_correction_bias,
             self.top_k,
             self.activation,

@@ -1,6 +1,7 @@
-"""A MoE layer's routing and routed experts: `route_topk(logits, bias, ...)` chooses the experts from the
-router's logits (one Triton launch for a few tokens on CUDA, router.py; PyTorch otherwise), and
-`routed_experts(x, ids, weights, w1, w2, w3, scales=None)` runs them.
+"""A MoE layer's routing and routed experts: `route(x, weight, bias, ...)` chooses the experts for tokens x
+(`router_logits`, then `route_topk`, which chooses from the logits in one Triton launch for a few tokens
+on CUDA, router.py, and PyTorch otherwise; a few tokens on an AVX2 CPU take one C call for both,
+router_cpu.py), and `routed_experts(x, ids, weights, w1, w2, w3, scales=None)` runs them.
 
 x [N, D]; ids [N, k] chosen experts; weights [N, k] float32 mixing weights; w1 (gate), w3 (up) [E, I, D]
 and w2 (down) [E, D, I] stacked per expert (a shared expert may be stacked after the routed ones, chosen
@@ -37,6 +38,7 @@ from kimi_desk.kernels.quant import GEMV_MAX_TOKENS as QUANT_GEMV_MAX_TOKENS
 
 __all__ = [
     "gather_rows",
+    "route",
     "route_topk",
     "routed_experts",
     "routed_experts_gathered",
@@ -46,10 +48,10 @@ __all__ = [
     "streamed_experts",
 ]
 
-# Tokens up to which the router's choice takes router.py's single launch (decode, speculative decode): its
-# programs hold one row each and pick the top k in k serial rounds, cheap for a few rows, where the eight
-# launches of the PyTorch form cost more than their work. Prefill's thousands of rows are better served
-# by PyTorch's batched top-k (which asks the host nothing either).
+# Tokens up to which the router's choice takes router.py's single launch (decode, speculative decode; on a
+# CPU, router_cpu.py's single call): its programs hold one row each and pick the top k in k serial rounds,
+# cheap for a few rows, where the eight launches of the PyTorch form cost more than their work. Prefill's
+# thousands of rows are better served by PyTorch's batched top-k (which asks the host nothing either).
 ROUTER_KERNEL_MAX_TOKENS = 16
 
 # Tokens up to which the GEMV kernel runs. Its programs work per (token, chosen expert), so an expert that
@@ -67,6 +69,20 @@ def router_logits(x, weight):
 
         return row_scaled_gemv(x, weight, None, out_dtype=torch.float32)
     return x.float() @ float32_of(weight).t()
+
+
+def route(x, weight, bias, top_k, activation, renormalize, scaling, weights_from_biased=False, append=None):
+    """The experts a router of weight [E, D] and correction bias [E] chooses for x [N, D], and their mixing
+    weights: route_topk(router_logits(x, weight), bias, ...)."""
+    if x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS and not use_triton(x):
+        from kimi_desk.kernels.moe import router_cpu
+
+        if router_cpu.takes(x, weight, bias):
+            return router_cpu.route_cpu(
+                x, weight, bias, top_k, activation, renormalize, scaling, weights_from_biased, append
+            )
+    logits = router_logits(x, weight)
+    return route_topk(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append)
 
 
 def route_topk(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased=False, append=None):

@@ -1,4 +1,5 @@
-"""Inputs and the float64 reference shared by the routed-experts kernel tests (GEMV and grouped GEMM)."""
+"""Inputs and the float64 references shared by the routed-experts kernel tests (GEMV and grouped GEMM) and the
+router tests (Triton and C)."""
 
 import torch
 import torch.nn.functional as F
@@ -59,3 +60,41 @@ def quantize_experts(w1, w2, w3, fmt="fp8"):
     (q1, s1), (q2, s2), (q3, s3) = (quantize(w) for w in (w1, w2, w3))
     exact = tuple(dequantize_rows(q, s, torch.float32) for q, s in ((q1, s1), (q2, s2), (q3, s3)))
     return (q1, q2, q3), (s1, s2, s3), exact
+
+
+# Relative error of the float32 weights against float64: a sigmoid (or softmax), an add, a divide and a
+# multiply, each within an ulp or two of fp32.
+TOLERANCE = 1e-6
+SCALING = 2.446
+
+
+def routing_reference_f64(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased):
+    """Router.forward's formula in float64. A stable sort makes ties go to the lowest expert id, as the
+    kernel does; random inputs have no ties, so this only matters for the tie test."""
+    logits, bias = logits.double(), bias.double()
+    scores = logits.sigmoid() if activation == "sigmoid" else logits.softmax(-1)
+    biased = scores + bias
+    ids = torch.sort(biased, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights = (biased if weights_from_biased else scores).gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling
+
+
+def sorted_by_id(ids, weights):
+    order = ids.argsort(dim=-1)
+    return ids.gather(1, order), weights.gather(1, order)
+
+
+def assert_same_routing(ids, weights, ref_ids, ref_weights, tolerance=TOLERANCE):
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert ids.shape == weights.shape == ref_ids.shape
+    assert not torch.isnan(weights).any(), "NaN in the weights (an element the kernel never wrote?)"
+    ids, weights = sorted_by_id(ids, weights)
+    ref_ids, ref_weights = sorted_by_id(ref_ids, ref_weights)
+    assert torch.equal(ids, ref_ids)
+    # Per row, relative to the row's norm: biased weights (score + bias) may nearly cancel, and an
+    # element near 0 carries the absolute error of its operands.
+    diff = (weights.double() - ref_weights.double()).norm(dim=-1)
+    err = (diff / ref_weights.double().norm(dim=-1)).max().item()
+    assert err < tolerance, f"relative error {err:.3g}"

@@ -14,47 +14,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+from moe_cases import SCALING, assert_same_routing, routing_reference_f64  # noqa: E402
+
 from kimi_desk.bench.random_checkpoint import tiny_config  # noqa: E402
 from kimi_desk.engine.model import Router  # noqa: E402
 from kimi_desk.kernels.moe import router as router_module  # noqa: E402
 from kimi_desk.kernels.moe.router import route_topk_triton  # noqa: E402
-
-# Relative error of the float32 weights against float64: a sigmoid (or softmax), an add, a divide and a
-# multiply, each within an ulp or two of fp32.
-TOLERANCE = 1e-6
-SCALING = 2.446
-
-
-def reference_f64(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased):
-    """Router.forward's formula in float64. A stable sort makes ties go to the lowest expert id, as the
-    kernel does; random inputs have no ties, so this only matters for the tie test."""
-    logits, bias = logits.double(), bias.double()
-    scores = logits.sigmoid() if activation == "sigmoid" else logits.softmax(-1)
-    biased = scores + bias
-    ids = torch.sort(biased, dim=-1, descending=True, stable=True).indices[:, :top_k]
-    weights = (biased if weights_from_biased else scores).gather(1, ids)
-    if renormalize:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return ids, weights * scaling
-
-
-def sorted_by_id(ids, weights):
-    order = ids.argsort(dim=-1)
-    return ids.gather(1, order), weights.gather(1, order)
-
-
-def assert_same_routing(ids, weights, ref_ids, ref_weights, tolerance=TOLERANCE):
-    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
-    assert ids.shape == weights.shape == ref_ids.shape
-    assert not torch.isnan(weights).any(), "NaN in the weights (an element the kernel never wrote?)"
-    ids, weights = sorted_by_id(ids, weights)
-    ref_ids, ref_weights = sorted_by_id(ref_ids, ref_weights)
-    assert torch.equal(ids, ref_ids)
-    # Per row, relative to the row's norm: biased weights (score + bias) may nearly cancel, and an
-    # element near 0 carries the absolute error of its operands.
-    diff = (weights.double() - ref_weights.double()).norm(dim=-1)
-    err = (diff / ref_weights.double().norm(dim=-1)).max().item()
-    assert err < tolerance, f"relative error {err:.3g}"
 
 
 def run_kernel(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append=None):
@@ -101,7 +66,7 @@ def test_kernel_matches_float64(N, E, top_k, activation, renormalize, weights_fr
     logits = torch.randn(N, E, generator=gen) * 2
     bias = torch.randn(E, generator=gen) * 0.05
     args = (top_k, activation, renormalize, SCALING, weights_from_biased)
-    assert_same_routing(*run_kernel(logits, bias, *args), *reference_f64(logits, bias, *args))
+    assert_same_routing(*run_kernel(logits, bias, *args), *routing_reference_f64(logits, bias, *args))
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
@@ -119,8 +84,8 @@ def test_bias_changes_the_choice(activation):
     for weights_from_biased in (False, True):
         args = (top_k, activation, True, SCALING, weights_from_biased)
         ids, weights = run_kernel(logits, bias, *args)
-        assert_same_routing(ids, weights, *reference_f64(logits, bias, *args))
-        unbiased_ids = reference_f64(logits, torch.zeros(E), *args)[0]
+        assert_same_routing(ids, weights, *routing_reference_f64(logits, bias, *args))
+        unbiased_ids = routing_reference_f64(logits, torch.zeros(E), *args)[0]
         for row in range(N):
             assert set(favoured.tolist()) <= set(ids[row].tolist())
             assert not set(favoured.tolist()) & set(unbiased_ids[row].tolist())

@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-import kimi_desk.engine.model as model_module
 import kimi_desk.kernels as kernels
+import kimi_desk.kernels.moe as moe_module
 from kimi_desk.bench.model import decode_bytes, random_state, slice_config, time_graph_decode
 from kimi_desk.bench.random_checkpoint import random_model
 from kimi_desk.engine.fuse import fuse_projections
@@ -24,7 +24,7 @@ token = torch.tensor([[5]], device="cuda")
 saved = state.clone()  # each variant's eager step starts from this state: their logits compare
 floor_ms = decode_bytes(model, context) / 2.97e12 * 1e3
 
-kernel_logits = model_module.router_logits
+kernel_logits = moe_module.router_logits
 
 
 def torch_logits(x, weight):
@@ -39,7 +39,7 @@ variants = [
 ]
 rows, first = [], None
 for name, use_pdl, logits_fn in variants:
-    model_module.router_logits = logits_fn
+    moe_module.router_logits = logits_fn
     with contextlib.nullcontext() if use_pdl else kernels.without_pdl():
         logits = model(token, saved.clone())[:, -1].float()
         r = time_graph_decode(model, state, token)
