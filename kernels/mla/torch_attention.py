@@ -116,6 +116,10 @@ def mla_attention_cpu(q, cache, q_start, value_dim, scale, block=None):
     than a block's scores."""
     B, Tq, H, D = q.shape
     rows = (q.float() * scale).reshape(B, Tq * H, D)  # query-major, head-minor
+    if Tq == 1 and block is None and avx2.takes(cache, value_dim, H):
+        # One new token sees every key up to its own, which needs no mask: one call for all of them.
+        maxima, sums, partials = avx2.attend_cached(rows, cache, q_start + 1, value_dim)
+        return _merged(maxima, sums, partials).reshape(B, Tq, H, value_dim)
     # The new tokens' keys, masked: the first partial sum.
     keys = cache[:, q_start : q_start + Tq].float()  # [B, Tq, D]
     scores = rows @ keys.transpose(1, 2)  # [B, Tq * H, Tq]
@@ -146,9 +150,14 @@ def mla_attention_cpu(q, cache, q_start, value_dim, scale, block=None):
             _bf16_blocks(rows.to(cache.dtype), cache, q_start, value_dim, block, maxima, sums, partials)
     else:
         maxima, sums, partials = maxima[None], sums[None], partials[None]
+    return _merged(maxima, sums, partials).reshape(B, Tq, H, value_dim)
+
+
+def _merged(maxima, sums, partials):
+    """Partial softmax sums, each relative to its part's maximum (maxima, sums [parts, B, rows], partials
+    [parts, B, rows, V]), merged by the split-K rule: [B, rows, V]."""
     weights = (maxima - maxima.amax(0)).exp_()  # [parts, B, rows]
-    out = (partials * weights.unsqueeze(-1)).sum(0) / (sums * weights).sum(0).unsqueeze(-1)
-    return out.reshape(B, Tq, H, value_dim)
+    return (partials * weights.unsqueeze(-1)).sum(0) / (sums * weights).sum(0).unsqueeze(-1)
 
 
 def _bf16_blocks(rows_c, cache, q_start, value_dim, block, maxima, sums, partials):

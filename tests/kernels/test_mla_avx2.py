@@ -23,6 +23,7 @@ def test_kernel_builds_where_it_can():
 @pytest.mark.parametrize(
     "B,Tq,Tk,H,L,scale",
     [
+        (1, 1, 1, 5, 64, 0.2),  # the first token: its own key alone
         (1, 1, 2, 5, 64, 0.2),
         (1, 1, 3000, 5, 128, 0.2),
         (2, 3, 1500, 4, 64, 0.2),
