@@ -760,6 +760,24 @@ static inline __attribute__((target("avx2,fma"))) void int8_four_rows(const int8
     }
 }
 
+/* One row r of q times one activation row: int8_four_rows' arithmetic for that row alone, the same bits
+   (each row's sum is its own), for the rows past the last whole four. */
+static inline __attribute__((target("avx2,fma"))) void int8_one_row(const int8_t *q, const float *row_scales, int D,
+                                                                    const int8_t *a, const float *c, float *y, int r) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 f = _mm256_setzero_ps();
+    for (int b = 0; b < D / ACT_BLOCK; b++) {
+        __m256i av = _mm256_loadu_si256((const __m256i *)(a + b * ACT_BLOCK));
+        __m256i w = _mm256_loadu_si256((const __m256i *)(q + (long)r * D + b * ACT_BLOCK));
+        __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(av, w));
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_set1_ps(c[b]), f);
+    }
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    y[r] = _mm_cvtss_f32(s4) * row_scales[r];
+}
+
 /* int8_four_rows in AVX-512 VNNI, two blocks of 32 inputs a vector, the same bits. vpdpbusd multiplies
    unsigned bytes by signed ones: the codes become unsigned as q + 128 (an exclusive or), and the 128 times
    the activations' sums each lane thereby gains starts its accumulator negated, so each int32 lane holds
@@ -809,8 +827,9 @@ static inline __attribute__((target("avx2,fma"))) void int8_rows(const int8_t *q
         int8_four_rows(q, row_scales, D, a, c, y, r0);
 }
 
-/* y [M, O] = x [M, D] @ (Q s)^T for a few rows of x: threads over blocks of 4 output rows (O a multiple
-   of 4), a block's codes kept in the core's cache while each row of x passes over them. */
+/* y [M, O] = x [M, D] @ (Q s)^T for a few rows of x: threads over blocks of 4 output rows (the last
+   O % 4 rows one at a time), a block's codes kept in the core's cache while each row of x passes over
+   them. */
 __attribute__((target("avx2,fma"))) int int8_linear_avx2(const int8_t *q, const float *row_scales, int O, int D,
                                                           const void *x, int x_bf16, int M, void *y, int y_bf16,
                                                           int threads) {
@@ -827,8 +846,14 @@ __attribute__((target("avx2,fma"))) int int8_linear_avx2(const int8_t *q, const 
     quantize_rows(x, x_bf16, M, D, ACT_BLOCK, codes, act_scales, NULL, NULL, widened, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r0 = 0; r0 < O; r0 += 4)
-        for (int m = 0; m < M; m++)
-            int8_rows(q, row_scales, D, codes + (long)m * D, act_scales + (long)m * A, out + (long)m * O, r0);
+        for (int m = 0; m < M; m++) {
+            const int8_t *a = codes + (long)m * D;
+            const float *c = act_scales + (long)m * A;
+            if (r0 + 4 <= O)
+                int8_rows(q, row_scales, D, a, c, out + (long)m * O, r0);
+            else
+                for (int r = r0; r < O; r++) int8_one_row(q, row_scales, D, a, c, out + (long)m * O, r);
+        }
     if (y_bf16)
         for (int m = 0; m < M; m++) store_row(out + (long)m * O, y, 1, m, O);
     free(codes);

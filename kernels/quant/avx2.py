@@ -234,8 +234,8 @@ def _matrix(stack) -> tuple:
 
 
 def int8_reads(out_features: int, in_features: int) -> bool:
-    """Whether int8_linear_avx2 takes int8 rows of this shape (output rows in 4s, inputs in 32s)."""
-    return out_features % 4 == 0 and in_features % ACTIVATION_BLOCK == 0 and library() is not None
+    """Whether int8_linear_avx2 takes int8 rows of this shape (inputs in 32s)."""
+    return in_features % ACTIVATION_BLOCK == 0 and library() is not None
 
 
 def int8_linear_avx2(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -314,6 +314,8 @@ def int8_experts_one_token(
         and rows.numel() <= MAX_EXPERTS
         and int8_reads(hidden, D)
         and int8_reads(D, hidden)
+        and hidden % 4 == 0  # avx2.c takes an expert's rows four at a time
+        and D % 4 == 0
         and all(w.dtype == torch.int8 and w.is_contiguous() for w in (w1, w2, w3))
     ):
         return None

@@ -275,7 +275,7 @@ def test_experts_of_many_tokens_match_float64(N, k):
     assert torch.equal(int4_experts_stacked(half, ids, weights, stacks, torch.bfloat16), widened.bfloat16())
 
 
-@pytest.mark.parametrize("O,D,M", [(4, 256, 1), (64, 320, 3), (1028, 256, 16)])
+@pytest.mark.parametrize("O,D,M", [(4, 256, 1), (64, 320, 3), (1028, 256, 16), (773, 320, 1), (3, 64, 2)])
 def test_int8_rows_match_float64(O, D, M):
     """int8 codes with a scale per row, as stored, times a few rows rounded to int8 in blocks of 32
     (codes at both ends of the range included: -128 has no positive twin, the sign trick must hold)."""
@@ -301,7 +301,7 @@ def test_int8_avx512_gives_the_avx2_bits():
         pytest.skip("this CPU has no AVX-512 VNNI")
     gen = torch.Generator().manual_seed(8)
     try:
-        for O, D, M in ((8, 32, 1), (12, 96, 2), (64, 256, 3), (36, 320, 5)):
+        for O, D, M in ((8, 32, 1), (12, 96, 2), (64, 256, 3), (36, 320, 5), (39, 64, 2)):
             q = torch.randint(-128, 128, (O, D), generator=gen, dtype=torch.int8)
             q[0, :4] = torch.tensor([-128, 127, -128, -1], dtype=torch.int8)
             scale = torch.rand(O, generator=gen) * 0.01
@@ -325,17 +325,17 @@ def test_int8_avx512_gives_the_avx2_bits():
 
 
 def test_int8_linear_cpu_takes_the_kernel_where_it_reads(monkeypatch):
-    """int8_linear_cpu goes through the kernel for rows in 4s and through PyTorch's operator otherwise;
-    both agree with float64, in x's dtype."""
+    """int8_linear_cpu goes through the kernel for inputs in 32s, any count of rows, and through PyTorch's
+    operator otherwise; both agree with float64, in x's dtype."""
     if avx2.library() is None:
         pytest.skip(avx2.quantized_backend())
     calls = []
     real = avx2.int8_linear_avx2
     monkeypatch.setattr(avx2, "int8_linear_avx2", lambda *a: calls.append(a) or real(*a))
     gen = torch.Generator().manual_seed(11)
-    for O, uses_kernel in ((64, True), (66, False)):
-        q, scale = quantize_int8_rows(torch.randn(O, 256, generator=gen))
-        x = torch.randn(2, 256, generator=gen).bfloat16()
+    for O, D, uses_kernel in ((64, 256, True), (66, 256, True), (64, 80, False)):
+        q, scale = quantize_int8_rows(torch.randn(O, D, generator=gen))
+        x = torch.randn(2, D, generator=gen).bfloat16()
         want = x.double() @ dequantize_rows(q, scale, torch.float64).t()
         calls.clear()
         got = int8_linear_cpu(x, q, scale)
