@@ -10,8 +10,8 @@ and midpoint per group, so converting our format to it is a relayout, no new rou
 
 Only the operator's layout is kept in memory on the CPU (the 48B model's 27 GB of int4 weights cannot
 be held twice in a 32 GB machine); the canonical layout is what the disk cache and the GPU hold. Its
-tiles are 16 rows tall: a matrix of other heights (the KDA layer's joined input projection) is packed
-with zero rows to the next multiple of 16, which the product computes and drops.
+tiles are blocks of 32 or 64 rows: a matrix of other heights (the KDA layer's joined input projection)
+is packed with zero rows to the next whole block, which the product computes and drops.
 
 A routed expert is two products, not three: its w1 and w3 (same input, same height) are packed as one
 matrix of twice the height (`pack_int4_expert_for_cpu`), so a token's gate and up projections are one
@@ -205,7 +205,9 @@ def pack_int4_for_cpu(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     """Our layout [O, D / 2] (+ scales and zeros [O, D / g]) -> the operator's."""
     scales_and_zeros = torch.stack([scale, zero], dim=-1).to(torch.bfloat16)  # [O, D / g, 2]
     O, D = packed.shape[0], packed.shape[1] * 2
-    pad = -O % 16
+    # Zero rows up to whole blocks of the layout's rows, which our AVX2 kernels read (the operator itself
+    # needs 16s).
+    pad = -O % max(16, cpu_int4_layout().rows)
     if pad:
         # Zero rows: scale and midpoint 0 make every weight of the row 0.
         packed = torch.cat([packed, packed.new_zeros(pad, D // 2)])

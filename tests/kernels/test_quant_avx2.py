@@ -175,9 +175,10 @@ def test_zero_rows_and_zero_activations():
     assert rel_err(got, want) < TOLERANCE
 
 
-def test_int4_linear_cpu_takes_the_kernels_on_whole_tiles(monkeypatch):
-    """int4_linear_cpu goes through the kernels for whole tiles and through PyTorch's operator otherwise
-    (or when the kernels are missing); both agree with float64."""
+def test_int4_linear_cpu_takes_the_kernels_at_any_height(monkeypatch):
+    """int4_linear_cpu goes through the kernels for matrices of any height (packing pads them to whole
+    tiles) and float32 or bfloat16 rows, through PyTorch's operator for other rows (float16); both agree
+    with float64."""
     layout = cpu_int4_layout()
     if avx2.library() is None or layout is None:
         pytest.skip(avx2.quantized_backend())
@@ -185,14 +186,19 @@ def test_int4_linear_cpu_takes_the_kernels_on_whole_tiles(monkeypatch):
     real = avx2.int4_linear_avx2
     monkeypatch.setattr(avx2, "int4_linear_avx2", lambda *a: calls.append(a) or real(*a))
     gen = torch.Generator().manual_seed(7)
-    for O, uses_kernels in ((2 * layout.rows, True), (layout.rows + 16, False)):
+    for O, dtype, uses_kernels in (
+        (2 * layout.rows, torch.bfloat16, True),
+        (layout.rows + 16, torch.bfloat16, True),
+        (37, torch.float32, True),
+        (layout.rows + 16, torch.float16, False),
+    ):
         codes, scale, zero = quantize_int4_groups(torch.randn(O, 256, generator=gen))
-        x = torch.randn(3, 256, generator=gen).bfloat16()
+        x = torch.randn(3, 256, generator=gen).to(dtype)
         want = x.double() @ dequantize_int4_groups(codes, scale, zero, torch.float64).t()
         calls.clear()
         got = int4_linear_cpu(x, pack_int4_for_cpu(codes, scale, zero))
         assert bool(calls) == uses_kernels
-        assert got.dtype == torch.bfloat16 and rel_err(got, want) < TOLERANCE
+        assert got.shape == (3, O) and got.dtype == dtype and rel_err(got, want) < TOLERANCE
 
 
 @pytest.mark.parametrize("group", [32, 128])
