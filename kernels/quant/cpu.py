@@ -141,7 +141,6 @@ def int4_experts_stacked(
     if not (
         avx2.reads(layout.rows, layout.split, gate_up.group, gate_up.in_features, gate_up.scales_and_zeros.shape[-2])
         and avx2.reads(layout.rows, layout.split, down.group, hidden, down.scales_and_zeros.shape[-2])
-        and hidden % layout.rows == 0  # the joined matrix's w1 rows end on a tile
     ):
         return None
     if x.shape[0] == 1 and ids.shape[-1] <= avx2.MAX_EXPERTS:

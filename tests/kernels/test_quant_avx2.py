@@ -201,8 +201,8 @@ def test_int4_linear_cpu_takes_the_kernels_at_any_height(monkeypatch):
         assert got.shape == (3, O) and got.dtype == dtype and rel_err(got, want) < TOLERANCE
 
 
-@pytest.mark.parametrize("group", [32, 128])
-def test_experts_one_token_match_float64(group):
+@pytest.mark.parametrize("group,extra", [(32, 0), (128, 0), (32, 32)], ids=["g32", "g128", "w1-ends-mid-tile"])
+def test_experts_one_token_match_float64(group, extra):
     """One token through several stacked experts in one call: each chosen expert's w2 (silu(w1 x) * w3 x),
     mixed by its weight, rows < 0 left out, an expert chosen twice counted twice; against float64 on the
     dequantized weights (the hidden activations are rounded to int8 too, so twice the tolerance)."""
@@ -210,7 +210,8 @@ def test_experts_one_token_match_float64(group):
     if avx2.library() is None or layout is None:
         pytest.skip(avx2.quantized_backend())
     gen = torch.Generator().manual_seed(group)
-    E, D, hidden = 6, 256, 4 * layout.rows
+    # extra = 32: w1 ends inside a tile where tiles have 64 rows (the demo model's 160 on AVX-512).
+    E, D, hidden = 6, 256, (4 if not extra else 2) * layout.rows + extra
     mats = [
         [
             quantize_int4_groups(torch.randn(o, i, generator=gen) * 0.1, group)
@@ -237,19 +238,19 @@ def test_experts_one_token_match_float64(group):
     assert torch.equal(none_of_two, torch.zeros(2, D))
 
 
-@pytest.mark.parametrize("N,k", [(7, 3), (450, 3)])  # 1,350 choices: two of the kernel's rounds
-def test_experts_of_many_tokens_match_float64(N, k):
+@pytest.mark.parametrize("N,k,extra", [(7, 3, 0), (450, 3, 0), (7, 3, 32)])  # 1,350 choices: two rounds
+def test_experts_of_many_tokens_match_float64(N, k, extra):
     """Many tokens through their chosen stacked experts in one call (grouped by expert): each token's
     mix of its experts against float64 on the dequantized weights, choices < 0 left out, an expert chosen
     by many tokens; bf16 in and out as the float32 call rounded once; the same sums on 1 thread as on 2."""
     layout = cpu_int4_layout()
     if avx2.library() is None or layout is None:
         pytest.skip(avx2.quantized_backend())
-    gen = torch.Generator().manual_seed(N)
-    E, D, hidden = 5, 256, 2 * layout.rows
+    gen = torch.Generator().manual_seed(N + extra)
+    E, D, hidden = 5, 256, 2 * layout.rows + extra  # extra = 32: w1 ends inside a tile of 64 rows
     mats = [
         [
-            quantize_int4_groups(torch.randn(o, i, generator=gen) * 0.1, 64)
+            quantize_int4_groups(torch.randn(o, i, generator=gen) * 0.1, 32 if extra else 64)
             for o, i in ((hidden, D), (D, hidden), (hidden, D))
         ]
         for _ in range(E)
