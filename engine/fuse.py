@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from kimi_desk.engine.kda import KimiDeltaAttention
+from kimi_desk.engine.linear import Linear
 from kimi_desk.engine.model import MLP, MultiHeadLatentAttention, SparseMoE
 from kimi_desk.engine.quantize import Int4Linear, RowScaledLinear
 from kimi_desk.kernels.quant import FP8
@@ -63,7 +64,7 @@ class _SplitLinear(nn.Module):
             self.inner = RowScaledLinear(in_features, out_features, first.weight.dtype, device="meta")
             self.inner.weight_scale = torch.cat([part.weight_scale for part in parts])
         else:
-            self.inner = nn.Linear(in_features, out_features, bias=False, device="meta")
+            self.inner = Linear(in_features, out_features, device="meta")
         self.inner.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

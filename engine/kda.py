@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_desk.engine.config import KimiLinearConfig
+from kimi_desk.engine.linear import Linear
 from kimi_desk.engine.state import KDAState
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.kda import RECURRENT_MAX_TOKENS, kda, prepare_kda, recurrent_kda_inplace
@@ -74,22 +75,22 @@ class KimiDeltaAttention(nn.Module):
         P = H * K
         self.num_heads, self.head_dim = H, K
         self.conv_size = config.short_conv_kernel_size
-        self.q_proj = nn.Linear(D, P, bias=False)
-        self.k_proj = nn.Linear(D, P, bias=False)
-        self.v_proj = nn.Linear(D, P, bias=False)
+        self.q_proj = Linear(D, P)
+        self.k_proj = Linear(D, P)
+        self.v_proj = Linear(D, P)
         self.q_conv1d = ShortConv(P, self.conv_size)
         self.k_conv1d = ShortConv(P, self.conv_size)
         self.v_conv1d = ShortConv(P, self.conv_size)
         # The forget and output gates are low rank, rank = head_dim (spec §1.2).
-        self.f_a_proj = nn.Linear(D, K, bias=False)
-        self.f_b_proj = nn.Linear(K, P, bias=False)
+        self.f_a_proj = Linear(D, K)
+        self.f_b_proj = Linear(K, P)
         self.dt_bias = nn.Parameter(torch.empty(P, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.empty(1, 1, H, 1, dtype=torch.float32))
-        self.b_proj = nn.Linear(D, H, bias=False)
-        self.g_a_proj = nn.Linear(D, K, bias=False)
-        self.g_b_proj = nn.Linear(K, P, bias=False)
+        self.b_proj = Linear(D, H)
+        self.g_a_proj = Linear(D, K)
+        self.g_b_proj = Linear(K, P)
         self.o_norm = GatedRMSNorm(K, config.rms_norm_eps)
-        self.o_proj = nn.Linear(P, D, bias=False)
+        self.o_proj = Linear(P, D)
         # Joined at load time (engine/fuse.py): the six projections of x, and the gates' second halves.
         self.in_proj = None
         self.gates_b_proj = None

@@ -17,6 +17,7 @@ from torch import nn
 
 from kimi_desk.engine.config import KimiLinearConfig
 from kimi_desk.engine.kda import KimiDeltaAttention
+from kimi_desk.engine.linear import Linear
 from kimi_desk.engine.state import MLACache, ModelState
 from kimi_desk.kernels.mla import absorb_queries, fused_latents_writer, mla_attention, mla_prefill, values
 from kimi_desk.kernels.moe import route, routed_experts, routed_experts_int4_cpu
@@ -46,9 +47,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden)
+        self.up_proj = Linear(dim, hidden)
+        self.down_proj = Linear(hidden, dim)
         self.gate_up_proj = None  # gate and up joined at load time (engine/fuse.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,12 +175,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim, self.latent_dim = config.v_head_dim, config.kv_lora_rank
         self.scale = config.qk_head_dim**-0.5
-        self.q_proj = nn.Linear(D, H * config.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
+        self.q_proj = Linear(D, H * config.qk_head_dim)
+        self.kv_a_proj_with_mqa = Linear(D, config.kv_lora_rank + config.qk_rope_head_dim)
         # The remote code builds this norm without passing eps, so it keeps the class default 1e-6.
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, eps=1e-6)
-        self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * config.v_head_dim, D, bias=False)
+        self.kv_b_proj = Linear(config.kv_lora_rank, H * (config.qk_nope_head_dim + config.v_head_dim))
+        self.o_proj = Linear(H * config.v_head_dim, D)
         self.in_proj = None
 
     def new_state(self, batch_size: int, dtype: torch.dtype, device) -> MLACache:
@@ -255,7 +256,7 @@ class KimiLinearForCausalLM(nn.Module):
         # `latent_cache_dtype` is the one in use.
         self.cache_dtype: torch.dtype | None = None
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     @property
     def device(self) -> torch.device:

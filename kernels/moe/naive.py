@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kimi_desk.kernels.dense import linear
 from kimi_desk.kernels.quant import GEMV_MAX_TOKENS, avx2, dequantize_rows
 from kimi_desk.kernels.quant.cpu import (
     cpu_int8_fits,
@@ -104,7 +105,7 @@ def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None, out_dtype=N
             return int8_linear_cpu(h, w2[e], s2)
         # One expert's matrices at a time: quantized ones are dequantized a few MB at a time, never all E.
         w1e, w2e, w3e = chosen_weights(e, w1, w2, w3, scales, x.dtype)
-        return F.linear(F.silu(F.linear(xe, w1e)) * F.linear(xe, w3e), w2e)
+        return linear(F.silu(linear(xe, w1e)) * linear(xe, w3e), w2e)
 
     return _in_dtype(_by_expert(x, ids, weights, expert), out_dtype)
 
