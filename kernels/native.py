@@ -1,9 +1,12 @@
 """Our C kernels for the CPU, compiled on the user's machine the first time they are needed.
 
 PyTorch's CPU operators leave parts of a step far from what the memory allows on a CPU without
-AVX-512: the int4 and int8 products (kernels/quant/avx2.c), the few-row attention of a decode step over
-a long MLA cache (kernels/mla/attention_avx2.c) and KDA's decode step, some fifty small operations a
-layer (kernels/kda/decode_avx2.c). Those are written in C with AVX2 intrinsics, ship as source with the
+AVX-512, and a decode step's small operations cost more in dispatch than in arithmetic: the int4 and
+int8 products (kernels/quant/avx2.c), a few rows against a bfloat16 weight (kernels/dense/bf16_cpu.c),
+the few-row attention of a decode step over a long MLA cache (kernels/mla/attention_avx2.c), KDA's
+decode step, some fifty small operations a layer (kernels/kda/decode_avx2.c), the MoE router's choice
+(kernels/moe/router_cpu.c), the norms and the sampled token's choice. Those are written in C with AVX2
+intrinsics, ship as source with the
 package (with avx2_math.h, the vector math they share), and are compiled once with the system's C
 compiler ($CC, else cc or gcc: the compiler Triton needs too) into the user's cache folder, named by a
 hash of the source, the header and the flags; a later start loads the file. Only our own shipped
