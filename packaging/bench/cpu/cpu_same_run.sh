@@ -15,12 +15,14 @@
 # 5. native_kernels.py: our C kernels against the PyTorch operators they replace, on this CPU.
 # machine.txt: lscpu, then the seconds from the start at which each step ended.
 # Work files go to .bench/ (ignored by git). THREADS (default: every core), DEPTHS (0,1024,8192,32768),
+# ROUNDS (1: ours then llama.cpp that many times, alternating, medians and each round's ratio reported),
 # LLAMA_ARGS (default "--repack 0": on CPUs with AMX llama-bench's AMX weight buffer aborts on this
 # graph) and SOURCE (default .bench/llama.cpp-src.tar.xz, made by the llama-cpp-source tool) can be set.
 set -euo pipefail
 out=$(realpath -m "${1:?usage: cpu_same_run.sh OUT}")
 here=$(cd "$(dirname "$0")" && pwd); repo=$(cd "$here/../../.." && pwd)
 threads=${THREADS:-$(nproc)}; depths=${DEPTHS:-0,1024,8192,32768}; llama_args=${LLAMA_ARGS:---repack 0}
+rounds=${ROUNDS:-1}
 work="$repo/.bench"; llama="$work/llama-cpu"; ckpt="$work/r48-4"
 mkdir -p "$out"
 began=$SECONDS
@@ -34,7 +36,7 @@ fi
 [ -z "${building:-}" ] || wait "$building"
 echo "built and written: $((SECONDS - began)) s" | tee -a "$out/machine.txt"
 python3 "$here/slice_48b.py" "$ckpt" --llama-cpp "$llama" --depths "$depths" --threads "$threads" \
-    --llama-args "$llama_args" --json "$out/slice.json" > "$out/slice.log" 2>&1
+    --rounds "$rounds" --llama-args "$llama_args" --json "$out/slice.json" > "$out/slice.log" 2>&1
 echo "slice: $((SECONDS - began)) s" | tee -a "$out/machine.txt"
 python3 "$here/slice_48b.py" "$ckpt" --ours-only --profile --depths 8192 --threads "$threads" > "$out/profile.log" 2>&1
 for policy in "OMP_WAIT_POLICY=ACTIVE" "GOMP_SPINCOUNT=0"; do

@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="ours then llama.cpp this many times, alternating; the table gives medians and each round's ratio",
+    )
+    ap.add_argument(
         "--llama-args",
         default="",
         help="more llama-bench options, e.g. '--repack 0' (on CPUs with AMX its AMX weight buffer aborts on this graph)",
@@ -171,36 +177,54 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, **({"KIMI_DESK_THREADS": str(args.threads)} if args.threads else {}))
     worker = [sys.executable, __file__, str(args.checkpoint), "--ours-only", "--prompt", str(args.prompt)]
     worker += ["--depths", args.depths, "--gen", str(args.gen)]
-    proc = subprocess.run(worker, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        sys.exit(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "ours: failed")
-    mine = json.loads(proc.stdout.strip().splitlines()[-1])
     threads = args.threads or os.cpu_count()
     bench = [sys.executable, str(LLAMA / "bench.py"), str(quantized), "--llama-cpp", str(args.llama_cpp)]
     bench += ["--threads", str(threads), "--prompt", str(args.prompt), "--gen", str(args.gen)]
     bench += ["--gen-depth", args.depths, "--reps", "2", "--ngl", "0"]
     bench += ["--", *shlex.split(args.llama_args)] if args.llama_args else []
-    llama = json.loads(subprocess.run(bench, capture_output=True, text=True, check=True).stdout)
-    theirs = llama["models"][0]
+    rounds = []  # (ours, llama.cpp's): one process each, in turn, so that both meet the same drift
+    for _ in range(max(1, args.rounds)):
+        proc = subprocess.run(worker, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            sys.exit(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "ours: failed")
+        mine = json.loads(proc.stdout.strip().splitlines()[-1])
+        llama = json.loads(subprocess.run(bench, capture_output=True, text=True, check=True).stdout)
+        rounds.append((mine, llama))
+    print(comparison_table(rounds, args.prompt, threads))
+    if args.json:
+        ours_runs, llama_runs = zip(*rounds)
+        args.json.write_text(json.dumps(dict(ours=list(ours_runs), llama_cpp=list(llama_runs)), indent=2) + "\n")
+    return 0
+
+
+def comparison_table(rounds: list[tuple[dict, dict]], prompt: int, threads: int) -> str:
+    """Markdown: each measurement's median over the rounds, ours and llama.cpp's, the median of the rounds'
+    ratios, and (more than one round) each round's ratio."""
+    mine = rounds[0][0]
+
+    def measured(run_ours, run_llama, what):
+        theirs = run_llama["models"][0]
+        if what == "prefill":
+            return run_ours["prefill"]["tok_s"], next(p["tok_s"] for p in theirs["prefill"] if p["tokens"] == prompt)
+        ours_at = next(d["tok_s"] for d in run_ours["decode"] if d["depth"] == what)
+        return ours_at, next(d["tok_s"] for d in theirs["decode"] if d["depth"] == what)
+
+    several = len(rounds) > 1
     lines = [
         f"| measurement | ours int4 ({mine['dtype']}, {mine['threads']} threads) | llama.cpp Q4_K_M ({threads} threads) "
-        "| ours / llama.cpp |",
-        "|---|---:|---:|---:|",
+        "| ours / llama.cpp |" + (" each round |" if several else ""),
+        "|---|---:|---:|---:|" + ("---|" if several else ""),
     ]
-    their_prefill = next(p["tok_s"] for p in theirs["prefill"] if p["tokens"] == args.prompt)
-    lines.append(
-        f"| reading {args.prompt} tokens, tok/s | {mine['prefill']['tok_s']:.1f} | {their_prefill:.1f} | "
-        f"{mine['prefill']['tok_s'] / their_prefill:.2f}x |"
-    )
-    for row in mine["decode"]:
-        their = next(d["tok_s"] for d in theirs["decode"] if d["depth"] == row["depth"])
-        lines.append(
-            f"| decode after {row['depth']:,}, tok/s | {row['tok_s']:.2f} | {their:.2f} | {row['tok_s'] / their:.2f}x |"
+    for what in ["prefill", *(row["depth"] for row in mine["decode"])]:
+        pairs = [measured(o, ll, what) for o, ll in rounds]
+        ratios = [a / b for a, b in pairs]
+        name = f"reading {prompt} tokens, tok/s" if what == "prefill" else f"decode after {what:,}, tok/s"
+        row = (
+            f"| {name} | {statistics.median(a for a, _ in pairs):.2f} | {statistics.median(b for _, b in pairs):.2f} "
+            f"| {statistics.median(ratios):.2f}x |"
         )
-    print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps(dict(ours=mine, llama_cpp=llama), indent=2) + "\n")
-    return 0
+        lines.append(row + (" " + " / ".join(f"{r:.2f}" for r in ratios) + " |" if several else ""))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
