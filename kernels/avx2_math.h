@@ -50,12 +50,14 @@ static inline float from_bf16(uint16_t h) {
     return f;
 }
 
+/* 8 bfloat16 values at p as float32. */
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
 static inline __attribute__((target("avx2,fma"))) void widen_bf16(const uint16_t *src, float *dst, long n) {
     long i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
-        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-    }
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load_bf16x8(src + i));
     for (; i < n; i++) dst[i] = from_bf16(src[i]);
 }
 

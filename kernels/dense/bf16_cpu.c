@@ -19,18 +19,13 @@
 
 #include "../avx2_math.h"
 
-/* Eight bfloat16 values as eight float32 (exact). */
-static inline __attribute__((target("avx2,fma"))) __m256 load_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
 /* Rows r0 .. r0 + n - 1 (n <= 4) of W times the float32 row a [D] (D a multiple of 8): out[r0 .. r0 + n - 1]. */
 static inline __attribute__((target("avx2,fma"))) void rows_times(const uint16_t *w, long D, const float *a, int r0,
                                                                   int n, float *out) {
     __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (long i = 0; i < D; i += 8) {
         __m256 av = _mm256_loadu_ps(a + i);
-        for (int j = 0; j < n; j++) f[j] = _mm256_fmadd_ps(load_bf16(w + (long)(r0 + j) * D + i), av, f[j]);
+        for (int j = 0; j < n; j++) f[j] = _mm256_fmadd_ps(load_bf16x8(w + (long)(r0 + j) * D + i), av, f[j]);
     }
     for (int j = 0; j < n; j++) out[r0 + j] = hsum(f[j]);
 }

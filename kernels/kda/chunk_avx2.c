@@ -38,9 +38,7 @@
 
 /* 8 values at p (float32, or bfloat16 where bf16) as float32. */
 static inline __attribute__((target("avx2,fma"))) __m256 load_8(const void *p, int bf16) {
-    if (!bf16) return _mm256_loadu_ps((const float *)p);
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    return bf16 ? load_bf16x8((const uint16_t *)p) : _mm256_loadu_ps((const float *)p);
 }
 
 /* The depthwise causal convolutions over time and their SiLU, for B sequences of T tokens: engine/kda.py's

@@ -119,10 +119,7 @@ static __attribute__((target("avx2,fma"))) void block_values(const float *cache,
 static __attribute__((target("avx2,fma"))) void widen_keys(const uint16_t *keys, long stride, int n, int D,
                                                           float *out) {
     for (int j = 0; j < n; j++)
-        for (int d = 0; d < D; d += 8) {
-            const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(keys + j * stride + d)));
-            _mm256_storeu_ps(out + (long)j * D + d, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
-        }
+        for (int d = 0; d < D; d += 8) _mm256_storeu_ps(out + (long)j * D + d, load_bf16x8(keys + j * stride + d));
 }
 
 /* One part: keys [k0, k1) of the cache, float32 (`cache`) or bfloat16 (`half`, with `widened` room for
@@ -204,12 +201,6 @@ int mla_attend_cached(const float *rows, const float *cache, long stride, long k
 int mla_attend_cached_bf16(const float *rows, const uint16_t *cache, long stride, long keys, int D, int V, int R,
                            int parts, float *maxima, float *sums, float *partials, int threads) {
     return attend_parts(rows, NULL, cache, stride, keys, D, V, R, parts, maxima, sums, partials, threads);
-}
-
-/* 8 bfloat16 values as float32 (a bfloat16 is the top half of the float32 it rounds). */
-static inline __attribute__((always_inline, target("avx2,fma"))) __m256 load_bf16x8(const uint16_t *p) {
-    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
 }
 
 /* The products around the attention, on kv_b_proj's bfloat16 weight W [H, n + v, L] as stored (each

@@ -26,6 +26,7 @@ the GPU where they are, without a relayout or a host step (streamed.py).
 import torch
 
 from kimi_desk.kernels import float32_of, use_triton
+from kimi_desk.kernels.moe import router_cpu
 from kimi_desk.kernels.moe.naive import (
     gather_rows_torch,
     route_topk_torch,
@@ -74,13 +75,10 @@ def router_logits(x, weight):
 def route(x, weight, bias, top_k, activation, renormalize, scaling, weights_from_biased=False, append=None):
     """The experts a router of weight [E, D] and correction bias [E] chooses for x [N, D], and their mixing
     weights: route_topk(router_logits(x, weight), bias, ...)."""
-    if x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS and not use_triton(x):
-        from kimi_desk.kernels.moe import router_cpu
-
-        if router_cpu.takes(x, weight, bias):
-            return router_cpu.route_cpu(
-                x, weight, bias, top_k, activation, renormalize, scaling, weights_from_biased, append
-            )
+    if x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS and not use_triton(x) and router_cpu.takes(x, weight, bias):
+        return router_cpu.route_cpu(
+            x, weight, bias, top_k, activation, renormalize, scaling, weights_from_biased, append
+        )
     logits = router_logits(x, weight)
     return route_topk(logits, bias, top_k, activation, renormalize, scaling, weights_from_biased, append)
 

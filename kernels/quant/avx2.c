@@ -737,45 +737,23 @@ __attribute__((target("avx2,fma"))) int int4_experts_grouped(
    by signed ones, so each product is taken as |q| times a with q's sign (llama.cpp's Q8 products do the
    same); a block's 32 products summed in int32, scaled by the block's activation scale in float. */
 
-/* Rows r0 .. r0 + 3 of q times one activation row (codes a, block scales c): y[r0 .. r0 + 3]. */
+/* Rows r0 .. r0 + n - 1 (n <= 4) of q times one activation row (codes a, block scales c): y[r0 .. r0 + n - 1].
+   Each row's sum is its own: a row comes out the same bits whatever n. */
 static inline __attribute__((target("avx2,fma"))) void int8_four_rows(const int8_t *q, const float *row_scales, int D,
                                                                       const int8_t *a, const float *c, float *y,
-                                                                      int r0) {
+                                                                      int r0, int n) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int b = 0; b < D / ACT_BLOCK; b++) {
         __m256i av = _mm256_loadu_si256((const __m256i *)(a + b * ACT_BLOCK));
         __m256 cb = _mm256_set1_ps(c[b]);
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < n; j++) {
             __m256i w = _mm256_loadu_si256((const __m256i *)(q + (long)(r0 + j) * D + b * ACT_BLOCK));
             __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(av, w));
             f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), cb, f[j]);
         }
     }
-    for (int j = 0; j < 4; j++) {
-        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(f[j]), _mm256_extractf128_ps(f[j], 1));
-        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-        y[r0 + j] = _mm_cvtss_f32(s4) * row_scales[r0 + j];
-    }
-}
-
-/* One row r of q times one activation row: int8_four_rows' arithmetic for that row alone, the same bits
-   (each row's sum is its own), for the rows past the last whole four. */
-static inline __attribute__((target("avx2,fma"))) void int8_one_row(const int8_t *q, const float *row_scales, int D,
-                                                                    const int8_t *a, const float *c, float *y, int r) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 f = _mm256_setzero_ps();
-    for (int b = 0; b < D / ACT_BLOCK; b++) {
-        __m256i av = _mm256_loadu_si256((const __m256i *)(a + b * ACT_BLOCK));
-        __m256i w = _mm256_loadu_si256((const __m256i *)(q + (long)r * D + b * ACT_BLOCK));
-        __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(av, w));
-        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_set1_ps(c[b]), f);
-    }
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    y[r] = _mm_cvtss_f32(s4) * row_scales[r];
+    for (int j = 0; j < n; j++) y[r0 + j] = hsum(f[j]) * row_scales[r0 + j];
 }
 
 /* int8_four_rows in AVX-512 VNNI, two blocks of 32 inputs a vector, the same bits. vpdpbusd multiplies
@@ -818,17 +796,18 @@ static __attribute__((target(AVX512_TARGET))) void int8_four_rows_512(
     }
 }
 
-/* Four output rows: VNNI where the CPU has it, else AVX2. */
+/* n <= 4 output rows from r0: four in VNNI where the CPU has it, else (and fewer) AVX2. */
 static inline __attribute__((target("avx2,fma"))) void int8_rows(const int8_t *q, const float *row_scales, int D,
-                                                                 const int8_t *a, const float *c, float *y, int r0) {
-    if (use_avx512)
+                                                                 const int8_t *a, const float *c, float *y, int r0,
+                                                                 int n) {
+    if (use_avx512 && n == 4)
         int8_four_rows_512(q, row_scales, D, a, c, y, r0);
     else
-        int8_four_rows(q, row_scales, D, a, c, y, r0);
+        int8_four_rows(q, row_scales, D, a, c, y, r0, n);
 }
 
 /* y [M, O] = x [M, D] @ (Q s)^T for a few rows of x: threads over blocks of 4 output rows (the last
-   O % 4 rows one at a time), a block's codes kept in the core's cache while each row of x passes over
+   block O % 4 rows where O is not a multiple of 4), a block's codes kept in the core's cache while each row of x passes over
    them. */
 __attribute__((target("avx2,fma"))) int int8_linear_avx2(const int8_t *q, const float *row_scales, int O, int D,
                                                           const void *x, int x_bf16, int M, void *y, int y_bf16,
@@ -846,14 +825,9 @@ __attribute__((target("avx2,fma"))) int int8_linear_avx2(const int8_t *q, const 
     quantize_rows(x, x_bf16, M, D, ACT_BLOCK, codes, act_scales, NULL, NULL, widened, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r0 = 0; r0 < O; r0 += 4)
-        for (int m = 0; m < M; m++) {
-            const int8_t *a = codes + (long)m * D;
-            const float *c = act_scales + (long)m * A;
-            if (r0 + 4 <= O)
-                int8_rows(q, row_scales, D, a, c, out + (long)m * O, r0);
-            else
-                for (int r = r0; r < O; r++) int8_one_row(q, row_scales, D, a, c, out + (long)m * O, r);
-        }
+        for (int m = 0; m < M; m++)
+            int8_rows(q, row_scales, D, codes + (long)m * D, act_scales + (long)m * A, out + (long)m * O, r0,
+                      O - r0 < 4 ? O - r0 : 4);
     if (y_bf16)
         for (int m = 0; m < M; m++) store_row(out + (long)m * O, y, 1, m, O);
     free(codes);
@@ -892,7 +866,7 @@ __attribute__((target("avx2,fma"))) int int8_experts_one_token(const void *x, in
             int up = r >= I / 4; /* w1's rows first, then w3's */
             const int8_t *w = (up ? w3 : w1) + e * I * (long)D;
             const float *s = (up ? s3 : s1) + e * I;
-            int8_rows(w, s, D, codes, act_scales, h + (long)p * 2 * I + (up ? I : 0), 4 * (r - up * (I / 4)));
+            int8_rows(w, s, D, codes, act_scales, h + (long)p * 2 * I + (up ? I : 0), 4 * (r - up * (I / 4)), 4);
         }
 #pragma omp for schedule(static)
         for (int p = 0; p < P; p++) {
@@ -905,7 +879,7 @@ __attribute__((target("avx2,fma"))) int int8_experts_one_token(const void *x, in
             int p = item / down_blocks;
             long e = ids[chosen[p]];
             int8_rows(w2 + e * D * (long)I, s2 + e * D, I, hidden_codes + (long)p * I, h_scales + (long)p * AI,
-                           y + (long)p * D, 4 * (item % down_blocks));
+                      y + (long)p * D, 4 * (item % down_blocks), 4);
         }
         mix_experts(y, D, weights, chosen, P, D, mixed);
     }

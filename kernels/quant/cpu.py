@@ -61,10 +61,10 @@ CPU_INT4_LAYOUTS = tuple(CpuInt4Layout(rows, split) for split in (True, False) f
 
 
 class CpuInt4Weight(NamedTuple):
-    """An int4 matrix [O, D] in the CPU operator's layout (its rows padded to a multiple of 16)."""
+    """An int4 matrix [O, D] in the CPU operator's layout (its rows padded to whole blocks of the layout's)."""
 
     packed: torch.Tensor  # the operator's tiles, uint8
-    scales_and_zeros: torch.Tensor  # [D / g, O', 2] bf16, O' = O rounded up to 16
+    scales_and_zeros: torch.Tensor  # [D / g, O', 2] bf16, O' = O rounded up to whole blocks
     group: int
     in_features: int
     out_features: int
