@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from kimi_desk import environment
+from kimi_desk.engine.cpu_replay import cpu_decoder
 from kimi_desk.engine.errors import UserError
 from kimi_desk.engine.state import ModelState
 from kimi_desk.kernels import use_triton
@@ -196,9 +197,10 @@ def decode_step_function(
     """token id -> the next token id: the token fed (advancing `state` by one) and the next one chosen
     from the logits after it, the fed token marked for the repetition penalty (in `seen` on the eager
     path; in the decoder's own copy of it on the GPU). On the GPU a replayed CUDA graph does both,
-    sampling included, so the host only reads the chosen id back; the eager model and sample_token
-    elsewhere, or when asked (`eager`: a loop that rolls the state back, which a recorded graph's
-    buffers would not follow). Both take one draw from `generator` per sampled token and choose alike."""
+    sampling included, so the host only reads the chosen id back; on the CPU a replayed recording of the
+    step (engine/cpu_replay.py) and sample_token; the eager model when asked (`eager`: a loop that rolls
+    the state back, which a recording's buffers would not follow). All take one draw from `generator`
+    per sampled token and choose alike."""
     decoder = None if eager else recorded_decoder(model, state, vocab_size, sampling, seen)
     if decoder is not None:
 
@@ -207,6 +209,17 @@ def decode_step_function(
             return int(decoder.next_token)
 
         return replayed
+
+    replayer = None if eager else cpu_decoder(model, state)
+    if replayer is not None:
+
+        def replayed_on_cpu(token: int) -> int:
+            logits = replayer.step(token)[:vocab_size]
+            if seen is not None:
+                seen[token] = True
+            return sample_token(logits, sampling, generator, seen)
+
+        return replayed_on_cpu
 
     def step_eagerly(token: int) -> int:
         logits = model(torch.tensor([[token]], device=model.device), state, last_only=True)[0, -1, :vocab_size]

@@ -18,6 +18,7 @@ PyTorch's operators (slower, the same results within rounding); `reason()` says 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -63,8 +64,76 @@ def _unavailable() -> str | None:
     return None
 
 
+class KernelFunction:
+    """One exported function of a compiled kernel file, called like the ctypes function it wraps (whose
+    argtypes and restype it passes through), and noted in the calls being recorded, if any (`recording`).
+    A restype set to an int marks a function that returns a status: negative where it failed."""
+
+    __slots__ = ("function", "returns_status")
+
+    def __init__(self, function):
+        object.__setattr__(self, "function", function)
+        object.__setattr__(self, "returns_status", False)
+
+    def __getattr__(self, name):
+        return getattr(self.function, name)
+
+    def __setattr__(self, name, value):
+        if name == "restype":
+            object.__setattr__(self, "returns_status", value in (ctypes.c_int, ctypes.c_long))
+        setattr(self.function, name, value)
+
+    def __call__(self, *args):
+        if _recorded is not None:
+            _recorded.append(_RecordedCall(self.function, args, self.returns_status))
+        return self.function(*args)
+
+
+class KernelLibrary:
+    """A compiled kernel file (ctypes.CDLL) whose functions are KernelFunctions."""
+
+    def __init__(self, cdll: ctypes.CDLL):
+        self._cdll = cdll
+
+    def __getattr__(self, name):
+        function = KernelFunction(getattr(self._cdll, name))
+        setattr(self, name, function)  # found by plain attribute lookup from now on
+        return function
+
+
+class _RecordedCall:
+    """A kernel call to make again with the same arguments (pointers into tensors that stay put)."""
+
+    __slots__ = ("call", "returns_status", "name")
+
+    def __init__(self, function, args, returns_status: bool):
+        self.call = functools.partial(function, *args)
+        self.returns_status = returns_status
+        self.name = function.__name__
+
+    def __call__(self) -> None:
+        status = self.call()
+        if self.returns_status and status < 0:
+            raise MemoryError(f"the CPU kernel {self.name} failed (status {status}): out of memory?")
+
+
+_recorded: list | None = None
+
+
+@contextlib.contextmanager
+def recording(calls: list):
+    """Within: every call of a compiled kernel function is also appended to `calls`, as a callable that
+    makes it again with the same arguments (engine/cpu_replay.py records a decode step so)."""
+    global _recorded
+    outer, _recorded = _recorded, calls
+    try:
+        yield calls
+    finally:
+        _recorded = outer
+
+
 @functools.cache
-def library(source: Path) -> ctypes.CDLL | None:
+def library(source: Path) -> KernelLibrary | None:
     """The C file `source` compiled and loaded (built on first use, then read from the cache folder); None
     where it cannot run here. The file must export `int cpu_supported(void)`."""
     why = _unavailable()
@@ -87,11 +156,11 @@ def library(source: Path) -> ctypes.CDLL | None:
                     _reasons[source] = f"the C compiler failed on {source.name}: {result.stderr.strip()[:200]}"
                     return None
                 os.replace(built, target)  # whole or absent: two processes building at once both succeed
-        lib = ctypes.CDLL(str(target))
+        lib = KernelLibrary(ctypes.CDLL(str(target)))
     except (OSError, subprocess.SubprocessError) as error:
         _reasons[source] = f"{source.name} could not be built or loaded: {error}"
         return None
-    if not lib.cpu_supported():
+    if not lib._cdll.cpu_supported():  # the raw function: never part of a recording
         _reasons[source] = "this CPU lacks AVX2 or FMA"
         return None
     return lib

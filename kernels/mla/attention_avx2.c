@@ -203,6 +203,41 @@ int mla_attend_cached_bf16(const float *rows, const uint16_t *cache, long stride
     return attend_parts(rows, NULL, cache, stride, keys, D, V, R, parts, maxima, sums, partials, threads);
 }
 
+/* A decode step's token: its R rows against every key up to its own, keys [0, *cached + 1) (its own row
+   written into the cache already, so no mask), split into parts as the caller's rule would (at most 4
+   per thread, each at least `min_keys` keys and `min_work` multiply-adds), then merged by the split-K
+   rule into out [R, V]. The count is read from memory, so that a recorded step (engine/cpu_replay.py)
+   replays at whatever length the cache has reached. `bf16`: the cache holds bfloat16. Returns 0; -1 for
+   more rows than MAX_ROWS, -2 where the scratch cannot be allocated. */
+int mla_attend_new_token(const float *rows, const void *cache, int bf16, long stride, const long *cached, int D,
+                         int V, int R, long min_work, long min_keys, float *out, int threads) {
+    if (R > MAX_ROWS) return -1;
+    const long keys = *cached + 1;
+    long parts = keys / min_keys;
+    const long by_work = keys * R * (D + V) / min_work;
+    if (by_work < parts) parts = by_work;
+    if (4L * threads < parts) parts = 4L * threads;
+    if (parts < 1) parts = 1;
+    float *maxima = malloc(sizeof(float) * (size_t)parts * R * (V + 2));
+    if (!maxima) return -2;
+    float *sums = maxima + parts * R, *partials = sums + parts * R;
+    int status = attend_parts(rows, bf16 ? NULL : cache, bf16 ? cache : NULL, stride, keys, D, V, R, (int)parts,
+                              maxima, sums, partials, threads);
+    for (int r = 0; status == 0 && r < R; r++) {
+        float top = -FLT_MAX, total = 0.f, *y = out + (long)r * V;
+        for (long p = 0; p < parts; p++) top = maxima[p * R + r] > top ? maxima[p * R + r] : top;
+        for (int v = 0; v < V; v++) y[v] = 0.f;
+        for (long p = 0; p < parts; p++) {
+            const float weight = expf(maxima[p * R + r] - top), *partial = partials + (p * R + r) * V;
+            total += sums[p * R + r] * weight;
+            for (int v = 0; v < V; v++) y[v] += partial[v] * weight;
+        }
+        for (int v = 0; v < V; v++) y[v] /= total;
+    }
+    free(maxima);
+    return status;
+}
+
 /* The products around the attention, on kv_b_proj's bfloat16 weight W [H, n + v, L] as stored (each
    head's first n rows W_UK, then v rows W_UV), read once a step in its own dtype: a float32 copy of it
    would be twice the bytes every step reads. Rows of T tokens x H heads, float32 in and out, float32

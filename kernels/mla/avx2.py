@@ -37,6 +37,8 @@ def library() -> ctypes.CDLL | None:
     if lib is not None:
         for function in (lib.mla_attend_cached, lib.mla_attend_cached_bf16):
             function.argtypes = [_P, _P, _L, _L, _I, _I, _I, _I, _P, _P, _P, _I]
+        lib.mla_attend_new_token.argtypes = [_P, _P, _I, _L, _P, _I, _I, _I, _L, _L, _P, _I]
+        lib.mla_attend_new_token.restype = _I
         for function in (lib.mla_absorb_queries_bf16, lib.mla_values_bf16):
             function.argtypes = [_P, _P, _I, _I, _I, _I, _I, _P, _I]
     return lib
@@ -92,6 +94,35 @@ def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim:
             raise MemoryError("no memory for the MLA kernel's widened keys")
         assert status == 0, "rows beyond attention_avx2.c's"  # takes() keeps them to MAX_ROWS
     return maxima.transpose(0, 1), sums.transpose(0, 1), partials.transpose(0, 1)
+
+
+def attend_new_token(rows: torch.Tensor, cache: torch.Tensor, cached: int | torch.Tensor, value_dim: int):
+    """A decode step's rows [B, R, D] float32 (scaled queries of its one token, whose latents are written
+    at row `cached`) against cache[:, : cached + 1] -> the attended latents [B, R, value_dim] float32, in
+    one call a sequence (the keys' parts split and merged in C). `cached` may be a one-element int64
+    tensor on the CPU, read by the kernel when it runs: a recorded step then follows the cache's length."""
+    B, R, D = rows.shape
+    out = torch.empty(B, R, value_dim)
+    where = ctypes.byref(ctypes.c_long(cached)) if isinstance(cached, int) else cached.data_ptr()
+    for b in range(B):
+        status = library().mla_attend_new_token(
+            rows[b].contiguous().data_ptr(),
+            cache[b].data_ptr(),
+            int(cache.dtype == torch.bfloat16),
+            cache.stride(1),
+            where,
+            D,
+            value_dim,
+            R,
+            MIN_WORK_PER_PART,
+            MIN_KEYS_PER_PART,
+            out[b].data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status == -2:
+            raise MemoryError("no memory for the MLA kernel's scratch")
+        assert status == 0, "rows beyond attention_avx2.c's"  # takes() keeps them to MAX_ROWS
+    return out
 
 
 def reads_weight(kv_b_weight: torch.Tensor, value_dim: int) -> bool:
