@@ -85,6 +85,16 @@ class _Recomputed:
             output.copy_(value)
 
 
+# Copies (a dtype's conversion among them): replayed as one copy into the recorded output.
+_COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.clone.default}
+
+
+def _replay_of(func, args, kwargs, outputs: list[torch.Tensor]):
+    if func in _COPIES and len(outputs) == 1:
+        return functools.partial(outputs[0].copy_, args[0])
+    return _Recomputed(func, args, kwargs, outputs)
+
+
 class _Recorder(TorchDispatchMode):
     """Notes each computing operation in `steps` (in order with the C kernels' calls, which
     native.recording appends to the same list) and keeps every tensor made alive in `kept`."""
@@ -105,7 +115,7 @@ class _Recorder(TorchDispatchMode):
         elif outputs and func.overloadpacket.__name__ not in _UNINITIALISED:
             inputs = _storages((args, kwargs))
             if not all(output.untyped_storage().data_ptr() in inputs for output in outputs):  # not a view
-                self.steps.append(_Recomputed(func, args, kwargs, outputs))
+                self.steps.append(_replay_of(func, args, kwargs, outputs))
         return result
 
 

@@ -195,7 +195,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             q, ckv = self.q_proj(x), self.kv_a_proj_with_mqa(x)  # ckv [B, T, L + R]
         q = q.view(B, T, H, self.nope_dim + self.rope_dim)
-        write = fused_latents_writer(ckv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps)
+        write = fused_latents_writer(ckv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cache.buffer.dtype)
         if write is not None:
             cached = cache.append_written(T, write)  # [B, start + T, L + R] (the whole buffer while recording)
         else:

@@ -46,6 +46,7 @@ from kimi_desk.kernels.mla.torch_attention import (
     mla_prefill_sdpa,
     values_torch,
 )
+from kimi_desk.kernels.norm import avx2 as norm_avx2
 
 __all__ = ["absorb_queries", "fused_latents_writer", "mla_attention", "mla_prefill", "values"]
 
@@ -76,12 +77,15 @@ def values(attended, kv_b_weight, nope_dim, v_dim, out_dtype):
     return values_torch(attended, kv_b_weight, nope_dim, v_dim, out_dtype)
 
 
-def fused_latents_writer(ckv, norm_weight, eps):
-    """On the Triton path, a `write(buffer, start)` for MLACache.append_written that computes the latents
-    [rms_norm(c) ‖ k_r] of the joined projection's output ckv [B, T, L + R] straight into the cache's
-    rows in one launch (kernels/norm's arithmetic); None elsewhere (the caller norms and appends)."""
+def fused_latents_writer(ckv, norm_weight, eps, cache_dtype):
+    """A `write(buffer, start)` for MLACache.append_written that computes the latents [rms_norm(c) ‖ k_r]
+    of the joined projection's output ckv [B, T, L + R] straight into the cache's rows (kernels/norm's
+    arithmetic): one launch on the Triton path, one C call a sequence on an AVX2 CPU with the cache in
+    ckv's dtype; None elsewhere (the caller norms and appends)."""
     if not use_triton(ckv):
-        return None
+        if not norm_avx2.takes_latents(ckv, norm_weight, cache_dtype):
+            return None
+        return lambda buffer, start: norm_avx2.latents_into(ckv, norm_weight, eps, buffer, start)
     from kimi_desk.kernels.mla.absorbed import latents_into_triton
 
     return lambda buffer, start: latents_into_triton(ckv, norm_weight, eps, buffer, start)

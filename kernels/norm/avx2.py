@@ -13,7 +13,7 @@ import torch
 from kimi_desk.kernels import native
 
 SOURCE = Path(__file__).with_name("rms_avx2.c")
-_P, _I = ctypes.c_void_p, ctypes.c_int
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
 
 @functools.cache
@@ -22,6 +22,8 @@ def library() -> ctypes.CDLL | None:
     if lib is not None:
         lib.rms_norm_rows.argtypes = [_P, _P, _P, _P, _I, _I, ctypes.c_float, _I, _P, _I]
         lib.rms_norm_rows.restype = _I
+        lib.rms_norm_into_rows.argtypes = [_P, _L, _P, _I, _I, _I, ctypes.c_float, _I, _P, _L, _P]
+        lib.rms_norm_into_rows.restype = _I
     return lib
 
 
@@ -63,3 +65,42 @@ def rms_norm_avx2(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torc
     if status:
         raise MemoryError("out of memory for the RMS norm's scratch row")
     return y if delta is None else (summed, y)
+
+
+def takes_latents(ckv: torch.Tensor, weight: torch.Tensor, cache_dtype: torch.dtype) -> bool:
+    """Whether latents_into takes these: ckv [B, T, D + tail], the weight [D] and the cache all in one
+    dtype (float32 or bfloat16), on the CPU, ckv's rows contiguous."""
+    return (
+        ckv.device.type == "cpu"
+        and ckv.dtype in (torch.float32, torch.bfloat16)
+        and cache_dtype == ckv.dtype == weight.dtype
+        and weight.is_contiguous()
+        and ckv.stride(-1) == 1
+        and not (torch.is_grad_enabled() and ckv.requires_grad)
+        and library() is not None
+    )
+
+
+def latents_into(ckv: torch.Tensor, weight: torch.Tensor, eps: float, buffer: torch.Tensor, start) -> None:
+    """[rms_norm(c) ‖ k_r] of ckv [B, T, D + R] (D = weight's length) into buffer [B, capacity, D + R] at
+    rows start .. start + T, in one call a sequence. `start` may be a one-element int64 tensor on the CPU,
+    read by the kernel when it runs (a recorded step's cache length)."""
+    B, T, width = ckv.shape
+    D = weight.numel()
+    at = ctypes.byref(ctypes.c_long(start)) if isinstance(start, int) else start.data_ptr()
+    for b in range(B):
+        status = library().rms_norm_into_rows(
+            ckv[b].data_ptr(),
+            ckv.stride(1),
+            weight.data_ptr(),
+            T,
+            D,
+            width - D,
+            eps,
+            int(ckv.dtype == torch.bfloat16),
+            buffer[b].data_ptr(),
+            buffer.stride(1),
+            at,
+        )
+        if status:
+            raise MemoryError("out of memory for the RMS norm's scratch row")

@@ -69,6 +69,34 @@ __attribute__((target("avx2,fma"))) int rms_norm_rows(const void *x, const void 
     return failed ? -1 : 0;
 }
 
+/* MLA's new latents into the cache: of M rows of x (`x_stride` values apart), the first D normed as above
+   and the `tail` values after them copied, into rows *at, *at + 1, ... of y (`y_stride` apart). The row
+   is read from memory, so that a recorded decode step (engine/cpu_replay.py) writes wherever the cache
+   has reached when it replays. Returns -1 when its scratch cannot be allocated, else 0. */
+__attribute__((target("avx2,fma"))) int rms_norm_into_rows(const void *x, long x_stride, const void *weight, int M,
+                                                           int D, int tail, float eps, int bf16, void *y,
+                                                           long y_stride, const long *at) {
+    float *row = malloc(sizeof(float) * (size_t)D);
+    if (!row) return -1;
+    for (int m = 0; m < M; m++) {
+        const long source = (long)m * x_stride, target = (*at + m) * y_stride;
+        for (int i = 0; i < D; i++) row[i] = value(x, bf16, source + i);
+        __m256 squares = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= D; i += 8) {
+            __m256 v = _mm256_loadu_ps(row + i);
+            squares = _mm256_fmadd_ps(v, v, squares);
+        }
+        float total = hsum(squares);
+        for (; i < D; i++) total += row[i] * row[i];
+        const float inverse = 1.0f / sqrtf(total / D + eps);
+        for (i = 0; i < D; i++) put(y, bf16, target + i, value(weight, bf16, i) * rounded(row[i] * inverse, bf16));
+        for (i = D; i < D + tail; i++) put(y, bf16, target + i, value(x, bf16, source + i));
+    }
+    free(row);
+    return 0;
+}
+
 /* Whether this CPU runs the kernel above. */
 int cpu_supported(void) {
     __builtin_cpu_init();

@@ -59,3 +59,28 @@ def test_other_cases_keep_pytorch():
     y = rms_norm(x, w, 1e-6)
     y.sum().backward()
     assert w.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start_in_memory", [False, True])
+def test_latents_into_a_cache(dtype, start_in_memory):
+    """MLA's latents [norm(c) ‖ k_r] written into a cache's rows from `start` on (an int, or a tensor the
+    kernel reads): naive.py's norm and the rope part as they are, every other row untouched."""
+    needs_kernel()
+    gen = torch.Generator().manual_seed(11)
+    B, T, L, R, capacity, start = 2, 3, 160, 16, 12, 5
+    ckv = (torch.randn(B, T, L + R, generator=gen) * 3).to(dtype)
+    weight = (torch.randn(L, generator=gen) + 1).to(dtype)
+    buffer = torch.full((B, capacity, L + R), 7.0, dtype=dtype)
+    assert avx2.takes_latents(ckv, weight, dtype)
+    avx2.latents_into(ckv, weight, 1e-6, buffer, torch.tensor([start]) if start_in_memory else start)
+    want = torch.cat([rms_norm_torch(ckv[..., :L], weight, 1e-6), ckv[..., L:]], dim=-1)
+    written = buffer[:, start : start + T]
+    if dtype == torch.float32:
+        torch.testing.assert_close(written, want, rtol=2e-6, atol=2e-6)
+    else:
+        torch.testing.assert_close(written.float(), want.float(), rtol=1.6e-2, atol=1e-2)
+    assert torch.equal(written[..., L:], ckv[..., L:])
+    untouched = torch.cat([buffer[:, :start], buffer[:, start + T :]], dim=1)
+    assert (untouched == 7).all()
+    assert not avx2.takes_latents(ckv, weight, torch.float16)
