@@ -26,6 +26,22 @@ static inline void put(void *p, int bf16, long i, float v) {
         ((float *)p)[i] = v;
 }
 
+/* y[first + i] = weight[i] * cast(row[i] / sqrt(mean(row^2) + eps)) for the D float32 values of row. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void normed_row(const float *row, int D,
+                                                                                 const void *weight, float eps,
+                                                                                 int bf16, void *y, long first) {
+    __m256 squares = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= D; i += 8) {
+        __m256 v = _mm256_loadu_ps(row + i);
+        squares = _mm256_fmadd_ps(v, v, squares);
+    }
+    float total = hsum(squares);
+    for (; i < D; i++) total += row[i] * row[i];
+    const float inverse = 1.0f / sqrtf(total / D + eps);
+    for (i = 0; i < D; i++) put(y, bf16, first + i, value(weight, bf16, i) * rounded(row[i] * inverse, bf16));
+}
+
 /* M rows of D: y = norm(x) times weight [D]; where delta is not NULL, x = residual + delta first, written
    to `summed`. All tensors in one dtype. Returns -1 when its scratch cannot be allocated, else 0. */
 __attribute__((target("avx2,fma"))) int rms_norm_rows(const void *x, const void *delta, void *summed,
@@ -53,16 +69,7 @@ __attribute__((target("avx2,fma"))) int rms_norm_rows(const void *x, const void 
             } else {
                 memcpy(row, (const float *)x + first, sizeof(float) * (size_t)D);
             }
-            __m256 squares = _mm256_setzero_ps();
-            int i = 0;
-            for (; i + 8 <= D; i += 8) {
-                __m256 v = _mm256_loadu_ps(row + i);
-                squares = _mm256_fmadd_ps(v, v, squares);
-            }
-            float total = hsum(squares);
-            for (; i < D; i++) total += row[i] * row[i];
-            const float inverse = 1.0f / sqrtf(total / D + eps);
-            for (i = 0; i < D; i++) put(y, bf16, first + i, value(weight, bf16, i) * rounded(row[i] * inverse, bf16));
+            normed_row(row, D, weight, eps, bf16, y, first);
         }
         free(row);
     }
@@ -81,17 +88,8 @@ __attribute__((target("avx2,fma"))) int rms_norm_into_rows(const void *x, long x
     for (int m = 0; m < M; m++) {
         const long source = (long)m * x_stride, target = (*at + m) * y_stride;
         for (int i = 0; i < D; i++) row[i] = value(x, bf16, source + i);
-        __m256 squares = _mm256_setzero_ps();
-        int i = 0;
-        for (; i + 8 <= D; i += 8) {
-            __m256 v = _mm256_loadu_ps(row + i);
-            squares = _mm256_fmadd_ps(v, v, squares);
-        }
-        float total = hsum(squares);
-        for (; i < D; i++) total += row[i] * row[i];
-        const float inverse = 1.0f / sqrtf(total / D + eps);
-        for (i = 0; i < D; i++) put(y, bf16, target + i, value(weight, bf16, i) * rounded(row[i] * inverse, bf16));
-        for (i = D; i < D + tail; i++) put(y, bf16, target + i, value(x, bf16, source + i));
+        normed_row(row, D, weight, eps, bf16, y, target);
+        for (int i = D; i < D + tail; i++) put(y, bf16, target + i, value(x, bf16, source + i));
     }
     free(row);
     return 0;
