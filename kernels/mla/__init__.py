@@ -35,8 +35,6 @@ An absorbed prefill (attention straight over the latents) is not used: it costs 
 query, key and head against the expanded form's 320.
 """
 
-import torch
-
 from kimi_desk.kernels import use_triton
 from kimi_desk.kernels.mla import avx2
 from kimi_desk.kernels.mla.torch_attention import (
@@ -61,8 +59,7 @@ def absorb_queries(q, kv_b_weight, nope_dim, v_dim, cache_dtype):
 
         return absorb_queries_triton(q, kv_b_weight, nope_dim, v_dim, operand_torch_dtype(cache_dtype))
     if avx2.reads_weight(kv_b_weight, v_dim):
-        q_nope, q_rope = q.split([nope_dim, q.shape[-1] - nope_dim], dim=-1)
-        return torch.cat([avx2.absorb_queries_bf16(q_nope, kv_b_weight, nope_dim, v_dim), q_rope.float()], dim=-1)
+        return avx2.absorb_queries_bf16(q, kv_b_weight, nope_dim, v_dim)
     return absorb_queries_torch(q, kv_b_weight, nope_dim, v_dim)
 
 

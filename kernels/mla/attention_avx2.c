@@ -203,14 +203,16 @@ int mla_attend_cached_bf16(const float *rows, const uint16_t *cache, long stride
     return attend_parts(rows, NULL, cache, stride, keys, D, V, R, parts, maxima, sums, partials, threads);
 }
 
-/* A decode step's token: its R rows against every key up to its own, keys [0, *cached + 1) (its own row
+/* A decode step's token: its R query rows (float32, scaled here by `scale`) against every key up to its
+   own, keys [0, *cached + 1) (its own row
    written into the cache already, so no mask), split into parts as the caller's rule would (at most 4
    per thread, each at least `min_keys` keys and `min_work` multiply-adds), then merged by the split-K
    rule into out [R, V]. The count is read from memory, so that a recorded step (engine/cpu_replay.py)
    replays at whatever length the cache has reached. `bf16`: the cache holds bfloat16. Returns 0; -1 for
    more rows than MAX_ROWS, -2 where the scratch cannot be allocated. */
-int mla_attend_new_token(const float *rows, const void *cache, int bf16, long stride, const long *cached, int D,
-                         int V, int R, long min_work, long min_keys, float *out, int threads) {
+int mla_attend_new_token(const float *queries, float scale, const void *cache, int bf16, long stride,
+                         const long *cached, int D, int V, int R, long min_work, long min_keys, float *out,
+                         int threads) {
     if (R > MAX_ROWS) return -1;
     const long keys = *cached + 1;
     long parts = keys / min_keys;
@@ -218,9 +220,10 @@ int mla_attend_new_token(const float *rows, const void *cache, int bf16, long st
     if (by_work < parts) parts = by_work;
     if (4L * threads < parts) parts = 4L * threads;
     if (parts < 1) parts = 1;
-    float *maxima = malloc(sizeof(float) * (size_t)parts * R * (V + 2));
+    float *maxima = malloc(sizeof(float) * ((size_t)parts * R * (V + 2) + (size_t)R * D));
     if (!maxima) return -2;
-    float *sums = maxima + parts * R, *partials = sums + parts * R;
+    float *sums = maxima + parts * R, *partials = sums + parts * R, *rows = partials + parts * R * V;
+    for (long i = 0; i < (long)R * D; i++) rows[i] = queries[i] * scale;
     int status = attend_parts(rows, bf16 ? NULL : cache, bf16 ? cache : NULL, stride, keys, D, V, R, (int)parts,
                               maxima, sums, partials, threads);
     for (int r = 0; status == 0 && r < R; r++) {
@@ -244,16 +247,18 @@ int mla_attend_new_token(const float *rows, const void *cache, int bf16, long st
    sums; threads over heads (a head's block of W, 2 (n + v) L bytes, serves its T rows from the core's
    caches). L a multiple of 64, v of 4.
 
-   Absorbed queries: out [T, H, L] = q_nope [T, H, n] through W_UK, out[t, h] = sum_i q[t, h, i] W[h, i]. */
+   Absorbed queries: out [T, H, L] = q_nope [T, H, n] through W_UK, out[t, h] = sum_i q[t, h, i] W[h, i],
+   each (t, h) row of out `out_stride` values after the last (L, or more where the rope part follows). */
 __attribute__((target("avx2,fma"))) int mla_absorb_queries_bf16(const float *q, const uint16_t *w, int T, int H, int n,
-                                                                  int v, int L, float *out, int threads) {
+                                                                  int v, int L, float *out, int out_stride,
+                                                                  int threads) {
     if (L % 64) return -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int h = 0; h < H; h++) {
         const uint16_t *block = w + (long)h * (n + v) * L;
         for (int t = 0; t < T; t++) {
             const float *row = q + ((long)t * H + h) * n;
-            float *y = out + ((long)t * H + h) * L;
+            float *y = out + ((long)t * H + h) * out_stride;
             for (int l0 = 0; l0 < L; l0 += 64) {
                 __m256 acc[8];
                 for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();

@@ -37,10 +37,10 @@ def library() -> ctypes.CDLL | None:
     if lib is not None:
         for function in (lib.mla_attend_cached, lib.mla_attend_cached_bf16):
             function.argtypes = [_P, _P, _L, _L, _I, _I, _I, _I, _P, _P, _P, _I]
-        lib.mla_attend_new_token.argtypes = [_P, _P, _I, _L, _P, _I, _I, _I, _L, _L, _P, _I]
+        lib.mla_attend_new_token.argtypes = [_P, ctypes.c_float, _P, _I, _L, _P, _I, _I, _I, _L, _L, _P, _I]
         lib.mla_attend_new_token.restype = _I
-        for function in (lib.mla_absorb_queries_bf16, lib.mla_values_bf16):
-            function.argtypes = [_P, _P, _I, _I, _I, _I, _I, _P, _I]
+        lib.mla_absorb_queries_bf16.argtypes = [_P, _P, _I, _I, _I, _I, _I, _P, _I, _I]
+        lib.mla_values_bf16.argtypes = [_P, _P, _I, _I, _I, _I, _I, _P, _I]
     return lib
 
 
@@ -96,17 +96,21 @@ def attend_cached(rows: torch.Tensor, cache: torch.Tensor, keys: int, value_dim:
     return maxima.transpose(0, 1), sums.transpose(0, 1), partials.transpose(0, 1)
 
 
-def attend_new_token(rows: torch.Tensor, cache: torch.Tensor, cached: int | torch.Tensor, value_dim: int):
-    """A decode step's rows [B, R, D] float32 (scaled queries of its one token, whose latents are written
-    at row `cached`) against cache[:, : cached + 1] -> the attended latents [B, R, value_dim] float32, in
-    one call a sequence (the keys' parts split and merged in C). `cached` may be a one-element int64
-    tensor on the CPU, read by the kernel when it runs: a recorded step then follows the cache's length."""
+def attend_new_token(
+    queries: torch.Tensor, scale: float, cache: torch.Tensor, cached: int | torch.Tensor, value_dim: int
+):
+    """A decode step's queries [B, R, D] float32 (its one token's heads, whose latents are written at row
+    `cached`), times `scale`, against cache[:, : cached + 1] -> the attended latents [B, R, value_dim]
+    float32, in one call a sequence (the keys' parts split and merged in C). `cached` may be a one-element
+    int64 tensor on the CPU, read by the kernel when it runs: a recorded step then follows the cache."""
+    rows = queries.float()
     B, R, D = rows.shape
     out = torch.empty(B, R, value_dim)
     where = ctypes.byref(ctypes.c_long(cached)) if isinstance(cached, int) else cached.data_ptr()
     for b in range(B):
         status = library().mla_attend_new_token(
             rows[b].contiguous().data_ptr(),
+            scale,
             cache[b].data_ptr(),
             int(cache.dtype == torch.bfloat16),
             cache.stride(1),
@@ -138,16 +142,27 @@ def reads_weight(kv_b_weight: torch.Tensor, value_dim: int) -> bool:
     )
 
 
-def absorb_queries_bf16(q_nope: torch.Tensor, kv_b_weight: torch.Tensor, nope_dim: int, v_dim: int) -> torch.Tensor:
-    """q_nope [B, T, H, n] -> W_UK^T q_nope [B, T, H, L] in float32 (reads_weight must hold)."""
-    B, T, H, _ = q_nope.shape
+def absorb_queries_bf16(q: torch.Tensor, kv_b_weight: torch.Tensor, nope_dim: int, v_dim: int) -> torch.Tensor:
+    """q [B, T, H, n + R] -> the decode form's queries [W_UK^T q_nope ‖ q_rope] [B, T, H, L + R] in
+    float32 (reads_weight must hold): the product written by the kernel, the rope part copied beside it."""
+    B, T, H, width = q.shape
     L = kv_b_weight.shape[1]
-    q = q_nope.float().contiguous()
-    out = torch.empty(B, T, H, L)
+    q_nope = q[..., :nope_dim].float().contiguous()
+    out = torch.empty(B, T, H, L + width - nope_dim)
     status = library().mla_absorb_queries_bf16(
-        q.data_ptr(), kv_b_weight.data_ptr(), B * T, H, nope_dim, v_dim, L, out.data_ptr(), torch.get_num_threads()
+        q_nope.data_ptr(),
+        kv_b_weight.data_ptr(),
+        B * T,
+        H,
+        nope_dim,
+        v_dim,
+        L,
+        out.data_ptr(),
+        out.shape[-1],
+        torch.get_num_threads(),
     )
     assert status == 0, "a latent width beyond attention_avx2.c's"  # reads_weight keeps it to 64s
+    out[..., L:] = q[..., nope_dim:]
     return out
 
 

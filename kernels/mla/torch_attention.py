@@ -115,11 +115,11 @@ def mla_attention_cpu(q, cache, q_start, value_dim, scale, block=None):
     causal square, a few rows) are attended apart in float32 with their mask. No temporary is larger
     than a block's scores."""
     B, Tq, H, D = q.shape
-    rows = (q.float() * scale).reshape(B, Tq * H, D)  # query-major, head-minor
     if Tq == 1 and block is None and avx2.takes(cache, value_dim, H):
         # One new token sees every key up to its own, which needs no mask: one call for all of them (q_start
         # may be a one-element tensor there, a recorded step's cache length: engine/cpu_replay.py).
-        return avx2.attend_new_token(rows, cache, q_start, value_dim).reshape(B, Tq, H, value_dim)
+        return avx2.attend_new_token(q.reshape(B, H, D), scale, cache, q_start, value_dim).reshape(B, 1, H, value_dim)
+    rows = (q.float() * scale).reshape(B, Tq * H, D)  # query-major, head-minor
     # The new tokens' keys, masked: the first partial sum.
     keys = cache[:, q_start : q_start + Tq].float()  # [B, Tq, D]
     scores = rows @ keys.transpose(1, 2)  # [B, Tq * H, Tq]
