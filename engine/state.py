@@ -113,7 +113,8 @@ class MLACache:
 
         def write(buffer, start):
             if isinstance(start, torch.Tensor):
-                buffer.index_copy_(1, start + torch.arange(latents.shape[1], device=latents.device), latents)
+                rows = start + torch.arange(latents.shape[1], device=latents.device)
+                buffer.index_copy_(1, rows, latents.to(buffer.dtype))
             else:
                 buffer[:, start : start + latents.shape[1]] = latents
 

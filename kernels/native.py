@@ -14,6 +14,10 @@ source is ever compiled.
 
 No compiler, a failed build, or a CPU without AVX2 and FMA: `library()` is None and the caller keeps
 PyTorch's operators (slower, the same results within rounding); `reason()` says why in one line.
+
+The loaded functions are called as ctypes functions, through a thin wrapper that also notes each call
+while a decode step is recorded (`recording`): engine/cpu_replay.py replays a CPU decode step from those
+calls without the model's Python code around them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
    result does not depend on the thread count.
 
    Beside it, one token through its chosen routed experts in one call (a MoE layer's decode when its
-   experts are unquantized), where PyTorch takes three products and five small operators an expert. */
+   experts are unquantized, bfloat16 or float32), where PyTorch takes three products and five small
+   operators an expert. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -30,6 +31,28 @@ static inline __attribute__((target("avx2,fma"))) void rows_times(const uint16_t
     for (int j = 0; j < n; j++) out[r0 + j] = hsum(f[j]);
 }
 
+/* The same for a float32 W. */
+static inline __attribute__((target("avx2,fma"))) void rows_times_f32(const float *w, long D, const float *a, int r0,
+                                                                      int n, float *out) {
+    __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (long i = 0; i < D; i += 8) {
+        __m256 av = _mm256_loadu_ps(a + i);
+        for (int j = 0; j < n; j++) f[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (long)(r0 + j) * D + i), av, f[j]);
+    }
+    for (int j = 0; j < n; j++) out[r0 + j] = hsum(f[j]);
+}
+
+/* Rows of the e-th matrix of a stack (each `rows` x D), bfloat16 or float32 as `w_bf16` says. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void stacked_rows_times(const void *w, int w_bf16,
+                                                                                        long e, long rows, long D,
+                                                                                        const float *a, int r0,
+                                                                                        int n, float *out) {
+    if (w_bf16)
+        rows_times((const uint16_t *)w + e * rows * D, D, a, r0, n, out);
+    else
+        rows_times_f32((const float *)w + e * rows * D, D, a, r0, n, out);
+}
+
 /* y [M, O] = x [M, D] @ W^T. D a multiple of 8. Returns -1 when its scratch cannot be allocated, else 0. */
 __attribute__((target("avx2,fma"))) int bf16_linear_rows(const uint16_t *w, int O, int D, const void *x, int x_bf16,
                                                           int M, void *y, int y_bf16, int threads) {
@@ -48,17 +71,16 @@ __attribute__((target("avx2,fma"))) int bf16_linear_rows(const uint16_t *w, int 
     return 0;
 }
 
-/* One token through k routed experts whose weights are bfloat16 as stored, stacked over the experts: w1
-   and w3 [E, I, D], w2 [E, D, I]. out [D] = sum_j weights[j] * w2[e] (silu(w1[e] x) * (w3[e] x)),
-   e = ids[j] (ids < 0 skipped), all in float32 and rounded once into out (float32 or bfloat16). Every
-   chosen expert's products in one parallel region: the threads share the experts' blocks of four rows
-   (gate and up, then down), the mix is summed in the order of the choices. I and D multiples of 8.
-   Returns -1 when its scratch cannot be allocated, else 0. */
-__attribute__((target("avx2,fma"))) int bf16_experts_one_token(const void *x, int x_bf16, int D, int I,
-                                                                const uint16_t *w1, const uint16_t *w3,
-                                                                const uint16_t *w2, const int64_t *ids,
-                                                                const float *weights, int k, void *out, int out_bf16,
-                                                                int threads) {
+/* One token through k routed experts whose weights are stacked over the experts, bfloat16 as stored (or
+   float32 where `w_bf16` is 0): w1 and w3 [E, I, D], w2 [E, D, I]. out [D] = sum_j weights[j] * w2[e]
+   (silu(w1[e] x) * (w3[e] x)), e = ids[j] (ids < 0 skipped), all in float32 and rounded once into out
+   (float32 or bfloat16). Every chosen expert's products in one parallel region: the threads share the
+   experts' blocks of four rows (gate and up, then down), the mix is summed in the order of the choices.
+   I and D multiples of 8. Returns -1 when its scratch cannot be allocated, else 0. */
+__attribute__((target("avx2,fma"))) int experts_one_token(const void *x, int x_bf16, int D, int I, const void *w1,
+                                                           const void *w3, const void *w2, int w_bf16,
+                                                           const int64_t *ids, const float *weights, int k,
+                                                           void *out, int out_bf16, int threads) {
     int chosen[64], P = 0;
     for (int j = 0; j < k && P < 64; j++)
         if (ids[j] >= 0) chosen[P++] = j;
@@ -76,15 +98,15 @@ __attribute__((target("avx2,fma"))) int bf16_experts_one_token(const void *x, in
         for (int item = 0; item < P * up_blocks; item++) {
             int p = item / up_blocks, r0 = 4 * (item % up_blocks), n = I - r0 < 4 ? I - r0 : 4;
             long e = ids[chosen[p]];
-            rows_times(w1 + e * (long)I * D, D, a, r0, n, gate + (long)p * I);
-            rows_times(w3 + e * (long)I * D, D, a, r0, n, up + (long)p * I);
+            stacked_rows_times(w1, w_bf16, e, I, D, a, r0, n, gate + (long)p * I);
+            stacked_rows_times(w3, w_bf16, e, I, D, a, r0, n, up + (long)p * I);
         }
 #pragma omp for schedule(static)
         for (long i = 0; i < (long)P * I; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 #pragma omp for schedule(static)
         for (int item = 0; item < P * down_blocks; item++) {
             int p = item / down_blocks, r0 = 4 * (item % down_blocks), n = D - r0 < 4 ? D - r0 : 4;
-            rows_times(w2 + ids[chosen[p]] * (long)D * I, I, gate + (long)p * I, r0, n, y + (long)p * D);
+            stacked_rows_times(w2, w_bf16, ids[chosen[p]], D, I, gate + (long)p * I, r0, n, y + (long)p * D);
         }
 #pragma omp for schedule(static)
         for (int d = 0; d < D; d++) {

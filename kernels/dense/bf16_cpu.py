@@ -1,7 +1,7 @@
 """A few rows times a bfloat16 weight on an AVX2 CPU in one call of C (bf16_cpu.c, compiled at first use by
 kernels/native.py): the weight read as stored, float32 sums, where PyTorch's product (oneDNN) costs a
 decode step tens of microseconds a matrix whatever its size. And one token through its chosen bfloat16
-routed experts in one call (`bf16_experts_one_token`)."""
+routed experts in one call (`experts_one_token`, bfloat16 or float32 experts)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ def library() -> ctypes.CDLL | None:
     if lib is not None:
         lib.bf16_linear_rows.argtypes = [_P, _I, _I, _P, _I, _I, _P, _I, _I]
         lib.bf16_linear_rows.restype = _I
-        lib.bf16_experts_one_token.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _I, _P, _I, _I]
-        lib.bf16_experts_one_token.restype = _I
+        lib.experts_one_token.argtypes = [_P, _I, _I, _I, _P, _P, _P, _I, _P, _P, _I, _P, _I, _I]
+        lib.experts_one_token.restype = _I
     return lib
 
 
@@ -68,8 +68,9 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def experts_take(x: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> bool:
-    """Whether bf16_experts_one_token takes these: one token x [1, D] (float32 or bfloat16) on the CPU, at most
-    MAX_EXPERTS choices, bfloat16 stacks w1, w3 [E, I, D] and w2 [E, D, I], contiguous, I and D in 8s."""
+    """Whether experts_one_token takes these: one token x [1, D] (float32 or bfloat16) on the CPU, at most
+    MAX_EXPERTS choices, stacks w1, w3 [E, I, D] and w2 [E, D, I] all bfloat16 or all float32,
+    contiguous, I and D in 8s."""
     if x.dim() != 2 or x.shape[0] != 1 or w1.dim() != 3:
         return False
     E, I, D = w1.shape
@@ -80,7 +81,8 @@ def experts_take(x: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w2: torch
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.shape[1] == D
         and ids.numel() <= MAX_EXPERTS
-        and all(w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() for w in (w1, w2, w3))
+        and w1.dtype in (torch.bfloat16, torch.float32)
+        and all(w.dtype == w1.dtype and w.device.type == "cpu" and w.is_contiguous() for w in (w1, w2, w3))
         and w3.shape == w1.shape
         and w2.shape == (E, D, I)
         and I % 8 == 0
@@ -89,7 +91,7 @@ def experts_take(x: torch.Tensor, ids: torch.Tensor, w1: torch.Tensor, w2: torch
     )
 
 
-def bf16_experts_one_token(x, ids, weights, w1, w2, w3, out_dtype=torch.float32) -> torch.Tensor:
+def experts_one_token(x, ids, weights, w1, w2, w3, out_dtype=torch.float32) -> torch.Tensor:
     """One token x [1, D] through its chosen experts ids [k] (int64, < 0 skipped), mixed by weights [k]:
     sum_j weights[j] * w2[e] (silu(w1[e] x) * (w3[e] x)), float32 throughout, [1, D] in out_dtype
     (float32 or bfloat16, rounded once). `experts_take` must hold."""
@@ -98,7 +100,7 @@ def bf16_experts_one_token(x, ids, weights, w1, w2, w3, out_dtype=torch.float32)
     ids = ids.reshape(-1).to(torch.int64).contiguous()
     weights = weights.reshape(-1).to(torch.float32).contiguous()
     out = torch.empty(1, D, dtype=out_dtype)
-    status = library().bf16_experts_one_token(
+    status = library().experts_one_token(
         x.data_ptr(),
         int(x.dtype == torch.bfloat16),
         D,
@@ -106,6 +108,7 @@ def bf16_experts_one_token(x, ids, weights, w1, w2, w3, out_dtype=torch.float32)
         w1.data_ptr(),
         w3.data_ptr(),
         w2.data_ptr(),
+        int(w1.dtype == torch.bfloat16),
         ids.data_ptr(),
         weights.data_ptr(),
         ids.numel(),

@@ -92,10 +92,8 @@ def routed_experts_grouped(x, ids, weights, w1, w2, w3, scales=None, out_dtype=N
     (kernels/quant/cpu.py), without a dequantized copy; one token's int8 experts go in one call of our
     AVX2 kernel where it runs (kernels/quant/avx2.py), and so do one token's bfloat16 experts
     (kernels/dense/bf16_cpu.py). [N, D] float32, or out_dtype."""
-    if scales is None and bf16_cpu.experts_take(x, ids, w1, w2, w3):  # one token, bfloat16 experts: one call
-        return _in_dtype(
-            bf16_cpu.bf16_experts_one_token(x, ids[0], weights[0], w1, w2, w3, _written(out_dtype)), out_dtype
-        )
+    if scales is None and bf16_cpu.experts_take(x, ids, w1, w2, w3):  # one token, unquantized experts: one call
+        return _in_dtype(bf16_cpu.experts_one_token(x, ids[0], weights[0], w1, w2, w3, _written(out_dtype)), out_dtype)
     int8 = scales is not None and not isinstance(scales[0], tuple) and cpu_int8_fits(x, w1)
     if int8 and x.shape[0] == 1:  # one token: its experts in one call of our AVX2 kernel where it runs
         s1, s2, s3 = scales

@@ -40,12 +40,22 @@ def same_steps(model, state, tokens: int, seed: int = 0) -> CpuDecoder:
     return decoder
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
-def test_the_demo_model_replays_its_steps_exactly(quantize):
-    """The embedded model, whose shapes every CPU kernel takes, in each weight format: the step records
+@pytest.mark.parametrize(
+    "quantize, dtype",
+    [
+        ("none", torch.bfloat16),
+        ("int8", torch.bfloat16),
+        ("int4", torch.bfloat16),
+        ("none", torch.float32),
+        ("int4", torch.float32),
+    ],
+)
+def test_the_demo_model_replays_its_steps_exactly(quantize, dtype):
+    """The embedded model, whose shapes every CPU kernel takes, in each weight format, computing in
+    bfloat16 or in float32 (CPUs without bf16 hardware; its MLA cache stays bfloat16): the step records
     (no value read on the host), replays equal to the model's steps, and records again when a cache
     fills up and grows."""
-    model = load_assistant(DEMO_MODEL, "cpu", quantize).model
+    model = load_assistant(DEMO_MODEL, "cpu", quantize, dtype=dtype).model
     state = state_with_cache(model, 250, seed=1)
     caches = [layer for layer in state.layers if isinstance(layer, MLACache)]
     assert caches and all(cache.capacity - cache.length < 8 for cache in caches)  # fills within the steps
@@ -55,31 +65,33 @@ def test_the_demo_model_replays_its_steps_exactly(quantize):
     assert len(decoder.steps) > 0
 
 
-def test_experts_chosen_on_the_host_run_the_model(tmp_path):
-    """A float32 model of other shapes, whose routed experts PyTorch's operators take, one expert at a
-    time as the router chose on the host (Tensor.tolist, which no dispatched operation shows): the
-    recording stops there and the steps equal the model's."""
+def test_a_model_whose_attention_our_kernel_declines_runs_its_modules(tmp_path):
+    """A float32 model of other shapes, whose MLA widths the C kernel does not take: PyTorch's attention
+    then slices the cache by its length on the host, so the recording stops there, and the steps equal
+    the model's."""
     folder = write_random_checkpoint(tiny_config(), tmp_path, seed=3)
     model = load_model(folder, device="cpu", dtype=torch.float32)
     decoder = same_steps(model, state_with_cache(model, 40, seed=2), 4, seed=4)
-    assert decoder.not_replayable.startswith("Tensor.tolist")
+    assert decoder.not_replayable.startswith("aten.item")
 
 
-def test_a_step_that_reads_a_value_on_the_host_runs_the_model(monkeypatch):
-    """Something in the step asks a tensor for its value: the recording stops, the decoder says why and
-    steps through the model's modules, with the same results."""
+@pytest.mark.parametrize("read", ["item", "tolist"])
+def test_a_step_that_reads_a_value_on_the_host_runs_the_model(monkeypatch, read):
+    """Something in the step hands a tensor's value to Python (through a dispatched operation, or through
+    Tensor.tolist, which none shows): the recording stops, the decoder says why and steps through the
+    model's modules, with the same results."""
     model = load_assistant(DEMO_MODEL, "cpu", "none").model
     layer = model.model.layers[0]
     original = type(layer).forward
 
     def asks_the_host(self, h, pending, layer_state):
         h, out = original(self, h, pending, layer_state)
-        float(out.flatten()[0])  # a value read on the host
+        float(out.flatten()[0]) if read == "item" else out.flatten()[:2].tolist()
         return h, out
 
     monkeypatch.setattr(type(layer), "forward", asks_the_host)
     decoder = same_steps(model, state_with_cache(model, 30), 3)
-    assert decoder.not_replayable.startswith("aten.item")
+    assert decoder.not_replayable.startswith("aten.item" if read == "item" else "Tensor.tolist")
 
 
 def test_the_recording_sees_the_kernels_and_the_decode_loop_replays(monkeypatch):

@@ -86,11 +86,14 @@ def random_experts(E, I, D, seed):
     return gen, w1, w2, w3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("I,D", [(160, 320), (1024, 2304), (8, 16)], ids=["demo", "48B", "tiny"])
-def test_experts_of_one_token_match_float64(I, D):
-    """One token through its chosen bfloat16 experts: a choice of -1 left out, an expert chosen twice
-    counted twice; against float64 on the same weights; bfloat16 out as the float32 result rounded once."""
-    gen, w1, w2, w3 = random_experts(6, I, D, seed=I + D)
+def test_experts_of_one_token_match_float64(I, D, dtype):
+    """One token through its chosen bfloat16 (or float32) experts: a choice of -1 left out, an expert
+    chosen twice counted twice; against float64 on the same weights; bfloat16 out as the float32 result
+    rounded once."""
+    gen, *experts = random_experts(6, I, D, seed=I + D)
+    w1, w2, w3 = (w.to(dtype) for w in experts)
     x = torch.randn(1, D, generator=gen).bfloat16()
     ids, weights = torch.tensor([4, -1, 0, 2, 4]), torch.rand(5, generator=gen)
     assert bf16_cpu.experts_take(x, ids, w1, w2, w3)
@@ -100,11 +103,11 @@ def test_experts_of_one_token_match_float64(I, D):
             xd = x.double()
             h = F.silu(xd @ w1[e].double().t()) * (xd @ w3[e].double().t())
             want += w * h @ w2[e].double().t()
-    got = bf16_cpu.bf16_experts_one_token(x, ids, weights, w1, w2, w3)
+    got = bf16_cpu.experts_one_token(x, ids, weights, w1, w2, w3)
     assert got.shape == (1, D) and got.dtype == torch.float32 and rel_err(got, want) < 1e-5
-    rounded = bf16_cpu.bf16_experts_one_token(x, ids, weights, w1, w2, w3, torch.bfloat16)
+    rounded = bf16_cpu.experts_one_token(x, ids, weights, w1, w2, w3, torch.bfloat16)
     assert torch.equal(rounded, got.bfloat16())
-    none = bf16_cpu.bf16_experts_one_token(x, torch.tensor([-1, -1]), torch.ones(2), w1, w2, w3)
+    none = bf16_cpu.experts_one_token(x, torch.tensor([-1, -1]), torch.ones(2), w1, w2, w3)
     assert torch.equal(none, torch.zeros(1, D))
 
 
@@ -121,4 +124,4 @@ def test_routed_experts_take_the_call_for_one_token():
     both = routed_experts(x, ids, weights, w1, w2, w3, out_dtype=torch.bfloat16)
     assert one.dtype == both.dtype == torch.bfloat16
     assert rel_err(one, both[:1]) < 2e-2  # PyTorch rounds each product and the hidden layer to bf16
-    assert not bf16_cpu.experts_take(x[:1], ids[:1], w1.float(), w2.float(), w3.float())
+    assert not bf16_cpu.experts_take(x[:1], ids[:1], w1.float(), w2, w3.float())
