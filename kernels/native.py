@@ -31,6 +31,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -88,8 +89,9 @@ class KernelFunction:
         setattr(self.function, name, value)
 
     def __call__(self, *args):
-        if _recorded is not None:
-            _recorded.append(_RecordedCall(self.function, args, self.returns_status))
+        calls = _recording.calls
+        if calls is not None:
+            calls.append(_RecordedCall(self.function, args, self.returns_status))
         return self.function(*args)
 
 
@@ -121,19 +123,23 @@ class _RecordedCall:
             raise MemoryError(f"the CPU kernel {self.name} failed (status {status}): out of memory?")
 
 
-_recorded: list | None = None
+class _Recording(threading.local):
+    calls: list | None = None
+
+
+_recording = _Recording()
 
 
 @contextlib.contextmanager
 def recording(calls: list):
-    """Within: every call of a compiled kernel function is also appended to `calls`, as a callable that
-    makes it again with the same arguments (engine/cpu_replay.py records a decode step so)."""
-    global _recorded
-    outer, _recorded = _recorded, calls
+    """Within: every call of a compiled kernel function made by this thread is also appended to `calls`,
+    as a callable that makes it again with the same arguments (engine/cpu_replay.py records a decode step
+    so)."""
+    outer, _recording.calls = _recording.calls, calls
     try:
         yield calls
     finally:
-        _recorded = outer
+        _recording.calls = outer
 
 
 @functools.cache

@@ -83,3 +83,31 @@ def test_no_compiler(tmp_path, cache, monkeypatch):
     assert native.library(source) is None
     # On x86-64 with AVX2 the compiler is what is missing; elsewhere the CPU is named first.
     assert native.reason(source) == native._unavailable() is not None
+
+
+def test_a_recording_notes_this_threads_calls_and_makes_them_again(tmp_path, cache):
+    """native.recording: each call the recording thread makes is noted and made again by calling the
+    note (a status below zero raises); calls from another thread are not noted."""
+    import threading
+
+    if not can_build():
+        pytest.skip("no C compiler or no AVX2 here")
+    source = tmp_path / "counter.c"
+    source.write_text(GOOD + "int count = 0;\nint bump(int by) { count += by; return by; }\n")
+    lib = native.library(source)
+    lib.bump.argtypes = [ctypes.c_int]
+    lib.bump.restype = ctypes.c_int
+    calls = []
+    with native.recording(calls):
+        lib.bump(2)
+        elsewhere = threading.Thread(target=lib.bump, args=(5,))
+        elsewhere.start()
+        elsewhere.join()
+        lib.bump(-1)
+    assert len(calls) == 2
+    counter = ctypes.c_int.in_dll(lib._cdll, "count")
+    assert counter.value == 6
+    calls[0]()
+    assert counter.value == 8
+    with pytest.raises(MemoryError, match="bump"):
+        calls[1]()
