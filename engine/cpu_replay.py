@@ -22,9 +22,10 @@ that asks for a tensor's value on the host (`.item()`, a shape that depends on v
 numbers cannot be replayed: the recording stops there and the decoder runs the model's modules from
 then on, with the same results.
 
-The decoder keeps the counters: after each replay it advances state.position and every cache's length,
+The decoder keeps the counters: after each step it advances state.position and every cache's length,
 so between steps the model can use the state as usual. The step is recorded again when a cache is full
-(it then grows with headroom, as on the GPU) or the state's tensors were replaced.
+(it then grows with headroom, as on the GPU) or the state's tensors were replaced; the recorded run is
+itself a step (unlike a CUDA graph's capture, it computes).
 """
 
 from __future__ import annotations
@@ -165,21 +166,26 @@ class CpuDecoder:
         self.token.fill_(int(token))
         if self.not_replayable is None:
             caches = [layer for layer in state.layers if isinstance(layer, MLACache)]
-            if self._storage(state) != self._prepared_for or any(c.length >= c.capacity for c in caches):
-                self._record(state, caches)
-        if self.not_replayable is not None:
-            return self.model(self.token, state, last_only=True)[0, -1]
-        self.length.fill_(caches[0].length if caches else 0)
-        for step in self.steps:
-            step()
+            self.length.fill_(caches[0].length if caches else 0)
+            if self._storage(state) == self._prepared_for and all(c.length < c.capacity for c in caches):
+                for step in self.steps:
+                    step()
+                self._advance(state, caches)
+                return self.logits
+            if self._record(state, caches):  # the recorded run took the step
+                self._advance(state, caches)
+                return self.logits
+        return self.model(self.token, state, last_only=True)[0, -1]
+
+    @staticmethod
+    def _advance(state: ModelState, caches: list[MLACache]) -> None:
         state.position += 1
         for cache in caches:
             cache.length += 1
-        return self.logits
 
-    def _record(self, state: ModelState, caches: list[MLACache]) -> None:
-        """Run the step once under the recorder, then put the state back as it was (the first replay
-        takes the step). Full caches get room first."""
+    def _record(self, state: ModelState, caches: list[MLACache]) -> bool:
+        """Take the step once under the recorder (full caches get room first). True where it recorded;
+        else the state is put back as it was and `not_replayable` says why."""
         self.steps, self.logits, self._kept = [], None, []
         if len({cache.length for cache in caches}) > 1:
             raise ValueError("the MLA caches hold different numbers of tokens")
@@ -189,29 +195,29 @@ class CpuDecoder:
         kda_states = [layer for layer in state.layers if isinstance(layer, KDAState)]
         saved = [(layer.recurrent.clone(), layer.conv.clone()) for layer in kda_states]
         position = state.position
-        self.length.fill_(caches[0].length if caches else 0)
         steps, kept = [], []
         for cache in caches:
             cache.device_length = self.length
         try:
             with native.recording(steps), _HostReads(), _Recorder(steps, kept):
                 logits = self.model(self.token, state, last_only=True)
-        except NotReplayable as reason:
-            self.not_replayable = str(reason)
-            return
         except Exception as error:  # the model's own steps then meet a real error again, and raise it
-            self.not_replayable = f"recording failed: {type(error).__name__}: {error}"
-            return
+            if isinstance(error, NotReplayable):
+                self.not_replayable = str(error)
+            else:
+                self.not_replayable = f"recording failed: {type(error).__name__}: {error}"
+            for layer, (recurrent, conv) in zip(kda_states, saved):
+                layer.recurrent.copy_(recurrent)
+                layer.conv.copy_(conv)
+            return False
         finally:
             for cache in caches:
                 cache.device_length = None
             state.position = position
-            for layer, (recurrent, conv) in zip(kda_states, saved):
-                layer.recurrent.copy_(recurrent)
-                layer.conv.copy_(conv)
         self.steps, self._kept, self.logits = steps, kept, logits[0, -1]
         self._prepared_for = self._storage(state)
         self.recordings += 1
+        return True
 
     @staticmethod
     def _storage(state: ModelState) -> tuple:
