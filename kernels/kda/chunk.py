@@ -1,4 +1,4 @@
-"""Kimi Delta Attention prefill: the chunked form (kimi-linear-spec.md §3.3) in two Triton kernels.
+"""Kimi Delta Attention prefill: the chunked form (kimi-linear-spec.md §3.3) in three Triton kernels.
 
 With chunks of C = 64 tokens and, per chunk, G = cumsum(g) (per channel, reset every chunk):
     Aqk[i, j] = scale * sum_d q_id k_jd exp(G_id - G_jd)        j <= i
@@ -7,32 +7,37 @@ With chunks of C = 64 tokens and, per chunk, G = cumsum(g) (per channel, reset e
 and then, chunk after chunk, with the state S [K, V]:
     V_new = U - W S;  O = (scale q exp(G)) S + Aqk V_new;  S <- exp(G_last) S + (k exp(G_last - G))^T V_new
 
-1. `chunk_kda_intra_fwd_kernel`, one program per (chunk, head), everything that does not need S:
-   Aqk, W, U, q exp(G), k exp(G_last - G) and exp(G_last), written to scratch buffers.
-2. `chunk_kda_scan_fwd_kernel`, one program per (V block, head), walks the chunks in order with S in
+1. `chunk_kda_diag_blocks_fwd_kernel`, one program (one warp) per (16-token sub-chunk, head): the pairs
+   inside the sub-chunks, Aqk's and Akk's diagonal [16, 16] blocks, written to fp32 scratch
+   [B, T, H, 16]. They need nothing outside their sub-chunk: apart, they run token-parallel in a small
+   kernel instead of beside everything the next one holds in registers.
+2. `chunk_kda_intra_fwd_kernel`, one program per (chunk, head), the rest of what does not need S: the
+   pairs between sub-chunks, joined with those blocks into Aqk and Akk, (I + Akk)^-1, W, U, q exp(G),
+   k exp(G_last - G) and exp(G_last), written to scratch buffers.
+3. `chunk_kda_scan_fwd_kernel`, one program per (V block, head), walks the chunks in order with S in
    fp32 registers and writes the output directly: neither the per-chunk states nor V_new ever reach memory.
 
 Kimi Linear's gate has no lower bound, so no factor above 1 may ever be formed from the chunk's G:
-exp(G_i) * exp(-G_j) overflows fp32 once G_j < -88, which one token with log-decay -90 reaches. Every
-decay exp(G_i - G_j), j < i, goes instead through a reference r with j <= r < i, as
-exp(G_i - G_r) * exp(G_r - G_j), both factors <= 1 whatever the gate (at worst one underflows to zero
-where the product is below 1e-38), and the pairs are grouped so that each group is one matrix product.
-The groups are the dyadic levels of the chunk: pair (i, j) belongs to the level s at which i and j share
-a block of 2s rows but not a block of s, i in the second half; r is the end of j's half. Per level the
-rows of second halves are scaled by their decay from their half's start, the columns of first halves by
-their decay to their half's end, and one dot gives every pair of the level (entries between different
-2s-blocks masked off):
-  - inside the 16-token sub-chunks, s = 8, 4, 2, 1: each level from its own cumulative sums (over at most
-    8 gates, not differences of longer sums, so fp32 keeps small decays next to a large one) and one
-    exponential per element, as batched dots of the sub-chunks' [16, 16] diagonal blocks;
-  - between sub-chunks, with Gs the cumulative sum inside each sub-chunk b, tot_b its total and P_b the
-    sum of the sub-chunks before: E_i = exp(Gs_i), C_i = exp(tot_b - Gs_i) (two exponentials per
-    element) and per-sub-chunk factors over whole sub-chunks, exp(G_i - G_j') = E_i exp(P_b - P_(j+1)) C_j'
-    for i in b > j, j' in j; one dot of [64, BK] x [BK, 64] per column sub-chunk;
+exp(G_i) * exp(-G_j) overflows fp32 once G_j < -88, which one token with log-decay -90 reaches. Nor may a
+small decay be the difference of two sums that hold a large gate: fp32 keeps a sum of -1000 to 6e-5, more
+than a gentle decay is worth. So every decay exp(G_i - G_j), j < i, is formed from sums of gates (all
+<= 0) that hold only gates between j and i:
+  - inside the 16-token sub-chunks (kernel 1), pair by pair: a block of rows i walks the columns j of its
+    sub-chunk from its last row down, adding row j + 1's gate to each row's running sum
+    R_i = G_i - G_j, the sum of the gates of rows j + 1 .. i alone; exp(R_i) <= 1 scales k_j for the
+    fp32 dots with q_i and k_i over the channels. One exponential per pair and channel; Aqk's own
+    diagonal, R = 0, is q_i . k_i;
+  - between sub-chunks (kernel 2), the decay goes through r, the end of j's sub-chunk, as
+    exp(G_i - G_r) * exp(G_r - G_j), both factors <= 1 whatever the gate (at worst one underflows to zero
+    where the product is below 1e-38), so that each column sub-chunk is one matrix product. With Gs the
+    cumulative sum inside each sub-chunk b, Cs_i the sum of the gates after i to b's end (taken as the
+    reverse sum through i less i's own gate: off by that gate times fp32's epsilon) and P_b the sum of
+    the sub-chunks before: E_i = exp(Gs_i), C_i = exp(Cs_i) (two exponentials per element) and
+    per-sub-chunk factors over whole sub-chunks, exp(G_i - G_j') = E_i exp(P_b - P_(j+1)) C_j' for i in
+    b > j, j' in j; one dot of [64, BK] x [BK, 64] per column sub-chunk;
   - q exp(G) = q E exp(P), k exp(G_last - G) = k C exp(G_last - G_end(b)), exp(G_last) and
     beta k exp(G) have exponents <= 0 by construction.
-Aqk's own diagonal, exp(0) = 1, is q_i . k_i. Nothing branches on the data: every gate, however fast
-it decays, costs the same work.
+Nothing branches on the data: every gate, however fast it decays, costs the same work.
 (I + Akk)^-1: in registers, as a product of block inverses over blocks of 4, 16 and 64 rows (ten TF32
 products of [64, 64], `_join_blocks`). W and U take TF32 dots on beta k exp(G) rounded to the input dtype
 and beta v.
@@ -43,8 +48,9 @@ norms and the sigmoid made the intra kernel spill registers heavily, and the who
 than the prepass and these kernels (H200, T = 32k).
 
 Dots of the other products take the input dtype (bf16 on the real model) with fp32 accumulation; the
-state, the cumulative gates and the inverse stay fp32; the scratch buffers between the two kernels are in
-the input dtype. Timings and errors against fla's chunk_kda: BENCHMARKS.md (`kimi-desk bench kernels`).
+state, the cumulative gates, the diagonal blocks and the inverse stay fp32; the scratch buffers between
+kernels 2 and 3 are in the input dtype. Timings and errors against fla's chunk_kda: BENCHMARKS.md
+(`kimi-desk bench kernels`).
 """
 
 from __future__ import annotations
@@ -108,55 +114,93 @@ def _load_tiles(
 
 
 @triton.jit
-def _levels_in_sub_chunks(
-    b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, OP_DT: tl.constexpr
-):
-    """All the levels inside 16-row sub-chunks: 8, 4, 2 and 1 rows."""
-    tl.static_assert(BC == 16)
-    b_Dqk, b_Dkk = _level_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, 8, NB, BC, BK, OP_DT)
-    b_Dqk, b_Dkk = _level_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, 4, NB, BC, BK, OP_DT)
-    b_Dqk, b_Dkk = _level_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, 2, NB, BC, BK, OP_DT)
-    b_Dqk, b_Dkk = _level_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, 1, NB, BC, BK, OP_DT)
-    return b_Dqk, b_Dkk
+def _diag_column(b_R, b_Aqk, b_Akk, b_q, b_k, k_j, g_next, o_k2, m_k2, m_col, m_past, MASKED: tl.constexpr):
+    """Column j against a block of rows i: R_i, the sum of the gates of rows j + 1 .. i (log2 units), takes
+    row j + 1's gate, and column j of b_Aqk, b_Akk [BR, BC] (where m_col) gets q_i . (k_j exp(R_i)) and
+    k_i . (k_j exp(R_i)). k_j and g_next point at rows j and j + 1 (channel 0), read as [1, KF] tiles
+    broadcast over the block's rows. MASKED when some rows of the block are not past j (m_past): they
+    keep R = 0."""
+    b_a = tl.load(g_next + o_k2, mask=m_k2, other=0.0).to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        b_a = tl.where(m_past, b_a, 0.0)
+    b_R += b_a
+    b_kd = tl.load(k_j + o_k2, mask=m_k2, other=0.0).to(tl.float32) * tl.exp2(b_R)
+    b_Aqk = tl.where(m_col, tl.sum(b_q * b_kd, 1)[:, None], b_Aqk)
+    b_Akk = tl.where(m_col, tl.sum(b_k * b_kd, 1)[:, None], b_Akk)
+    return b_R, b_Aqk, b_Akk
 
 
-@triton.jit
-def _level_in_sub_chunks(
-    b_Dqk,
-    b_Dkk,
-    b_q,
-    b_k,
-    b_a,
-    o_c,
-    S: tl.constexpr,
-    NB: tl.constexpr,
+@triton.jit(do_not_specialize=["T"])
+def chunk_kda_diag_blocks_fwd_kernel(
+    q,
+    k,
+    g,
+    beta,
+    Aqk_diag,
+    Akk_diag,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
     BC: tl.constexpr,
-    BK: tl.constexpr,
-    OP_DT: tl.constexpr,
+    BR: tl.constexpr,
+    KF: tl.constexpr,
 ):
-    """Adds to the sub-chunks' diagonal blocks b_Dqk, b_Dkk [NB, BC, BC] the pairs of level S < BC (i in the
-    second half of a block of 2S rows, j in its first half) of one block of channels: b_q, b_k, b_a (log2
-    gates) as [NB, BC, BK] tiles, one batched dot per sub-chunk. Each S-block's own cumulative sums and one
-    exponential per element: the rows of second halves take exp(sum from their block's start to i), the
-    columns of first halves exp(sum after j to their block's end), 1 where S = 1. Neither sum is the
-    difference of two longer ones, so a large decay elsewhere in the sub-chunk costs no precision here;
-    only a column's own gate is subtracted (its exponent is off by that gate times fp32's epsilon)."""
-    BT: tl.constexpr = NB * BC
-    m_odd = ((o_c // S) % 2 == 1)[None, :, None]
-    if S == 1:
-        b_x = tl.where(m_odd, b_a, 0.0)
-    else:
-        b_a_s = tl.reshape(b_a, [BT // S, S, BK])
-        b_cs = tl.cumsum(b_a_s, 1)
-        m_odd_s = ((tl.arange(0, BT // S) % 2) == 1)[:, None, None]
-        b_x = tl.reshape(tl.where(m_odd_s, b_cs, tl.cumsum(b_a_s, 1, reverse=True) - b_a_s), [NB, BC, BK])
-    b_f = tl.exp2(b_x)
-    b_fr = tl.where(m_odd, b_f, 0.0)
-    b_R = tl.permute((tl.where(m_odd, 0.0, b_f) * b_k).to(OP_DT), (0, 2, 1))
-    m_lv = ((o_c // (2 * S))[:, None] == (o_c // (2 * S))[None, :])[None, :, :]
-    b_Dqk += tl.where(m_lv, tl.dot((b_q * b_fr).to(OP_DT), b_R), 0.0)
-    b_Dkk += tl.where(m_lv, tl.dot((b_k * b_fr).to(OP_DT), b_R), 0.0)
-    return b_Dqk, b_Dkk
+    """The pairs inside one BC-row sub-chunk of one head, Aqk's and Akk's diagonal blocks: for row t and
+    j = the sub-chunk's first row + c, Aqk_diag[b, t, h, c] = scale q_t . k_j exp(G_t - G_j) (j <= t) and
+    Akk_diag[b, t, h, c] = beta_t k_t . k_j exp(G_t - G_j) (j < t), zero above; fp32 [B, T, H, BC].
+
+    Blocks of BR rows i, each against the columns j of its sub-chunk from its own last row down to the
+    sub-chunk's first, one column a step. A running sum R_i of the gates of rows j + 1 .. i (the gate of
+    row j + 1 joins every row past j) is each pair's own log decay: exp(R_i) <= 1 for every element,
+    whatever the gate, and a large decay elsewhere in the sub-chunk costs it no precision (no difference
+    of two longer sums, no gate subtracted from a sum that holds it; the sums are of terms of one sign).
+    Then one fp32 dot over the channels per row and column. A block of rows never meets the columns past
+    its own last row, so the work is about the triangle of pairs, not the square.
+
+    Rows past T are never stored; in its own columns a block reads row T - 1 for rows j, j + 1 past T (only
+    rows past them, past T themselves, take them), and a block wholly past T skips the columns before it."""
+    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k2 = tl.arange(0, KF)[None, :]
+    m_k2 = o_k2 < K
+    o_c2 = tl.arange(0, BC)[None, :]
+    # Row t0 (the sub-chunk's first) of the token-major [B, T, H, *] tensors, head i_h, in int64; the
+    # sub-chunk's rows are H rows apart.
+    t0 = i_s * BC
+    r0 = (i_b.to(tl.int64) * T + t0) * H + i_h
+    for i_rb in tl.static_range(BC // BR):
+        o_i = i_rb * BR + tl.arange(0, BR)
+        m_i = t0 + o_i < T
+        o_in = (o_i * (H * K))[:, None] + o_k2
+        b_q = tl.load(q + r0 * K + o_in, mask=m_i[:, None] & m_k2, other=0.0).to(tl.float32)
+        b_k = tl.load(k + r0 * K + o_in, mask=m_i[:, None] & m_k2, other=0.0).to(tl.float32)
+        b_R = tl.zeros([BR, KF], dtype=tl.float32)
+        b_Aqk = tl.zeros([BR, BC], dtype=tl.float32)
+        b_Akk = tl.zeros([BR, BC], dtype=tl.float32)
+        # The block's own columns, from its last row down: rows not yet past j keep R = 0.
+        for i_j in tl.static_range(BR):
+            j = i_rb * BR + BR - 1 - i_j
+            k_j = k + (r0 + (tl.minimum(t0 + j, T - 1) - t0) * H) * K
+            g_next = g + (r0 + (tl.minimum(t0 + j + 1, T - 1) - t0) * H) * K
+            b_R, b_Aqk, b_Akk = _diag_column(
+                b_R, b_Aqk, b_Akk, b_q, b_k, k_j, g_next, o_k2, m_k2, o_c2 == j, o_i[:, None] > j, True
+            )
+        # The columns before the block: every row of it is past j, and rows j + 1 <= the block's first row.
+        p_j = (r0 + i_rb * BR * H) * K
+        for i_j in range(0, tl.where(t0 + i_rb * BR < T, i_rb * BR, 0)):
+            j = i_rb * BR - 1 - i_j
+            p_next = p_j
+            p_j -= H * K
+            b_R, b_Aqk, b_Akk = _diag_column(
+                b_R, b_Aqk, b_Akk, b_q, b_k, k + p_j, g + p_next, o_k2, m_k2, o_c2 == j, None, False
+            )
+        b_beta = tl.load(beta + r0 + o_i * H, mask=m_i, other=0.0).to(tl.float32)
+        b_Aqk = tl.where(o_c2 <= o_i[:, None], b_Aqk * scale, 0.0)
+        b_Akk = tl.where(o_c2 < o_i[:, None], b_Akk * b_beta[:, None], 0.0)
+        o_out = (o_i * (H * BC))[:, None] + o_c2
+        tl.store(Aqk_diag + r0 * BC + o_out, b_Aqk, mask=m_i[:, None])
+        tl.store(Akk_diag + r0 * BC + o_out, b_Akk, mask=m_i[:, None])
 
 
 @triton.jit(do_not_specialize=["T", "NT"])
@@ -172,6 +216,8 @@ def chunk_kda_intra_fwd_kernel(
     u,
     gl,
     Aqk,
+    Aqk_diag,
+    Akk_diag,
     scale,
     T,
     NT,
@@ -181,8 +227,6 @@ def chunk_kda_intra_fwd_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
-    BKD: tl.constexpr,
-    DIAG_LOOP: tl.constexpr,
     KF: tl.constexpr,
     VF: tl.constexpr,
     SOLVE_PRECISION: tl.constexpr,
@@ -199,54 +243,36 @@ def chunk_kda_intra_fwd_kernel(
     r_in = (i_b.to(tl.int64) * T + o_t) * H + i_h
     r_mid = i_bh.to(tl.int64) * T + o_t
 
-    # ---- Aqk, Akk over the dyadic levels, and the per-token factors that need the whole chunk's G ----
-    # Every pair j < i of the chunk belongs to exactly one level s (s = BT/2, ..., 2, 1 tokens): the one
-    # where i and j share a block of 2s rows but not of s, i in the second half. Its decay goes through
-    # the end of j's s-block, r: exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), both factors <= 1 whatever
-    # the gate. Per level one dot of [BT, BK] x [BK, BT]: the rows of every second-half block times their
-    # decay from their block's start, the columns of every first-half block times their decay to their
-    # block's end, the entries between different 2s-blocks masked off after the dot. i = j (Aqk's
-    # diagonal, exp(0) = 1) is the rows' q . k.
+    # ---- Aqk, Akk between the sub-chunks, and the per-token factors that need the whole chunk's G ----
+    # The pairs inside the BC-row sub-chunks, the diagonal [BC, BC] blocks, come from
+    # chunk_kda_diag_blocks_fwd_kernel (launched before this one) and join the tiles below. A pair i in
+    # sub-chunk b, j in an earlier sub-chunk decays through the end of j's sub-chunk, r:
+    # exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), both factors <= 1 whatever the gate; one dot of
+    # [BT, BK] x [BK, BT] per column sub-chunk gives all of them.
     b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_Akk = tl.zeros([BT, BT], dtype=tl.float32)
     # The chunk as [NB, BC, BK] tiles, NB sub-chunks of BC rows: the per-sub-chunk sums and cumulative
     # sums are then reductions inside each sub-chunk's rows.
     NB: tl.constexpr = BT // BC
-    tl.static_assert(BT == 64 and BC == 16, "the levels below are written out for 64-row chunks of 16-row sub-chunks")
+    tl.static_assert(BT == 64 and BC == 16, "the pairs below are written out for 64-row chunks of 16-row sub-chunks")
     o_b = tl.arange(0, NB)
     o_row3 = (o_b[:, None] * BC + tl.arange(0, BC)[None, :])[:, :, None]
     m_t3 = i_t * BT + o_row3 < T
     b_beta3 = tl.load(beta + (i_b.to(tl.int64) * T + i_t * BT + o_row3) * H + i_h, mask=m_t3, other=0.0).to(tl.float32)
     b_beta = tl.reshape(b_beta3, [BT])
-    # The sub-chunks' diagonal blocks [NB, BC, BC] apart (batched dots, a quarter of the tensor-core work
-    # of whole-chunk ones), joined to the chunk's tiles after the loop; q . k, Aqk's own diagonal, too.
-    o_c = tl.arange(0, BC)
-    b_Dqk = tl.zeros([NB, BC, BC], dtype=tl.float32)
-    b_Dkk = tl.zeros([NB, BC, BC], dtype=tl.float32)
-    b_qk = tl.zeros([NB, BC], dtype=tl.float32)
     # Element offsets from the chunk's first row, in int32 and the same for every block of channels (the
     # base pointers move instead of six int64 pointer tiles).
     p_in = (i_b.to(tl.int64) * T + i_t * BT) * H * K + i_h * K
     p_mid = (i_bh.to(tl.int64) * T + i_t * BT) * K
     o_mid3 = o_row3 * K + tl.arange(0, BK)[None, None, :]
-    if DIAG_LOOP:
-        # The levels inside the sub-chunks in a pass of their own over the channels (reading q, k and g
-        # twice): fewer tiles live at once than beside the levels between sub-chunks.
-        for i_k in range(0, tl.cdiv(K, BKD)):
-            b_q, b_k, b_a = _load_tiles(q, k, g, p_in, o_row3, m_t3, i_k, H, K, BKD)
-            b_qk += tl.sum(b_q * b_k, 2)
-            b_Dqk, b_Dkk = _levels_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB, BC, BKD, OP_DT)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk3 = m_t3 & (o_k < K)[None, None, :]
         b_q, b_k, b_a = _load_tiles(q, k, g, p_in, o_row3, m_t3, i_k, H, K, BK)
-        if not DIAG_LOOP:
-            b_qk += tl.sum(b_q * b_k, 2)
-            b_Dqk, b_Dkk = _levels_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB, BC, BK, OP_DT)
         # With Gs the cumulative sum inside each sub-chunk and Cs the sum after each row to its end (a sum
         # of its own, not tot - Gs: exactly 0 on the last row, small near the end however large the
         # total): E = exp(Gs) (decay from the sub-chunk's start) and C = exp(Cs) (to its end), both <= 1,
-        # serve the levels between sub-chunks and the stored factors below.
+        # serve the pairs between sub-chunks and the stored factors below.
         b_Gs = tl.cumsum(b_a, 1)
         b_tot = tl.sum(b_a, 1)
         b_P = tl.cumsum(b_tot, 0) - b_tot
@@ -273,15 +299,20 @@ def chunk_kda_intra_fwd_kernel(
         tl.store(kg + p_mid + i_k * BK + o_mid3, (b_kC * b_eL).to(DT), mask=m_tk3)
         tl.store(gl + (i_bh.to(tl.int64) * NT + i_t) * K + o_k, tl.exp2(b_Gl), mask=o_k < K)
 
-    # The whole tile, zeros above the diagonal included, so that the scan loads it without a causal mask
-    # (a plain load is one Triton pipelines ahead of the loop's dots; a masked one waited in every step).
-    b_Dqk = tl.where((o_c[:, None] == o_c[None, :])[None, :, :], b_qk[:, :, None], b_Dqk)
+    # The dots above fill only the entries between sub-chunks (zeros elsewhere). The diagonal blocks come
+    # scaled and masked (zeros above the diagonal), read as [NB, BC, BC] tiles and placed on the chunk's
+    # diagonal (fewer live registers here than a masked [BT, BT] load: 28 bytes of spills against 36 at the
+    # default, compile_sm90.py). The whole Aqk tile, zeros above the diagonal included, is stored so that
+    # the scan loads it without a causal mask (a plain load is one Triton pipelines ahead of the loop's
+    # dots; a masked one waited in every step).
+    p_diag = (i_b.to(tl.int64) * T + i_t * BT) * H * BC + i_h * BC
+    o_diag3 = o_row3 * (H * BC) + tl.arange(0, BC)[None, None, :]
     m_blocks = o_b[:, None, None, None] == o_b[None, None, :, None]
-    b_Aqk += tl.reshape(tl.where(m_blocks, b_Dqk[:, :, None, :], 0.0), [BT, BT])
-    b_Akk += tl.reshape(tl.where(m_blocks, b_Dkk[:, :, None, :], 0.0), [BT, BT])
-    b_Aqk = tl.where(o_i[:, None] >= o_i[None, :], b_Aqk * scale, 0.0)
+    b_D = tl.load(Aqk_diag + p_diag + o_diag3, mask=m_t3, other=0.0)
+    b_Aqk = b_Aqk * scale + tl.reshape(tl.where(m_blocks, b_D[:, :, None, :], 0.0), [BT, BT])
     tl.store(Aqk + r_mid[:, None] * BT + o_i[None, :], b_Aqk.to(DT), mask=m_t[:, None])
-    b_Akk = tl.where(o_i[:, None] > o_i[None, :], b_Akk * b_beta[:, None], 0.0)
+    b_D = tl.load(Akk_diag + p_diag + o_diag3, mask=m_t3, other=0.0)
+    b_Akk = b_Akk * b_beta[:, None] + tl.reshape(tl.where(m_blocks, b_D[:, :, None, :], 0.0), [BT, BT])
 
     # ---- (I + L)^-1 for L = Akk, strictly lower triangular, in registers, by blocks of 4, 16, 64 ----
     # With Dinv the inverse of I plus L's diagonal blocks and N = Dinv L_off (L_off: L's entries between
@@ -423,6 +454,38 @@ def chunk_kda_triton(
     return out, final_state
 
 
+def chunk_kda_diag_blocks(q, k, g, beta, scale, rows=4, num_warps=1):
+    """Launch 1: the pairs inside the SUB_CHUNK-row sub-chunks, (Aqk_diag, Akk_diag), fp32
+    [B, T, H, SUB_CHUNK] each, and the compiled kernel (see chunk_kda_diag_blocks_fwd_kernel). `rows`:
+    the block of rows that meets the sub-chunk's columns one a step (a power of two up to SUB_CHUNK).
+
+    One warp a program: a block's [rows, K] tiles, each row spread over the warp's 32 threads, and every
+    reduction over the channels stays inside the warp (with more warps Triton splits the channels
+    between warps, and each column's dots go through shared memory; packaging/bench/gpu_checks/
+    compile_sm90.py compiles the settings)."""
+    B, T, H, K = q.shape
+    BC = SUB_CHUNK
+    aqk_diag = torch.empty(B, T, H, BC, dtype=torch.float32, device=q.device)
+    akk_diag = torch.empty(B, T, H, BC, dtype=torch.float32, device=q.device)
+    compiled = chunk_kda_diag_blocks_fwd_kernel[(triton.cdiv(T, BC), B * H)](
+        q,
+        k,
+        g,
+        beta,
+        aqk_diag,
+        akk_diag,
+        scale,
+        T,
+        H=H,
+        K=K,
+        BC=BC,
+        BR=rows,
+        KF=triton.next_power_of_2(K),
+        num_warps=num_warps,
+    )
+    return aqk_diag, akk_diag, compiled
+
+
 def chunk_kda_intra(
     q,
     k,
@@ -431,13 +494,15 @@ def chunk_kda_intra(
     beta,
     scale,
     BK=None,
-    BKD=None,
-    diag_loop=True,
     num_warps=4,
     num_stages=None,
     solve_precision=_SOLVE_PRECISION,
+    diag_rows=4,
+    diag_warps=1,
 ):
-    """Launch 1: the state-free per-chunk work. Returns the scratch buffers the scan reads."""
+    """Launches 1 and 2: the state-free per-chunk work, the pairs inside the sub-chunks first
+    (`diag_rows`, `diag_warps`: chunk_kda_diag_blocks' settings). Returns the scratch buffers the scan
+    reads."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -456,6 +521,8 @@ def chunk_kda_intra(
         aqk=torch.empty(BH, T, BT, dtype=dt, device=dev),
         shape=(B, T, H, K, V, NT),
     )
+    # The diagonal blocks, B * T * H * SUB_CHUNK fp32 each, live until the intra kernel has read them.
+    aqk_diag, akk_diag, compiled_diag = chunk_kda_diag_blocks(q, k, g, beta, scale, diag_rows, diag_warps)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     compiled = chunk_kda_intra_fwd_kernel[(NT, BH)](
         q,
@@ -469,6 +536,8 @@ def chunk_kda_intra(
         bufs["u"],
         bufs["gl"],
         bufs["aqk"],
+        aqk_diag,
+        akk_diag,
         scale,
         T,
         NT,
@@ -477,13 +546,9 @@ def chunk_kda_intra(
         V=V,
         BT=BT,
         BC=BC,
-        # 32 channels a step, the levels inside the sub-chunks in a pass of their own (diag_loop): compiled
-        # for sm_90a with Triton 3.6, 40 bytes of spills, against 500 with BK = 64 and 240 with the levels
-        # all in one pass (packaging/bench/gpu_checks/compile_sm90.py).
-        # `kimi-desk bench kernels` times the others.
+        # 32 channels a step: compiled for sm_90a with Triton 3.6, 28 bytes of spills at 4 warps, against 426
+        # with BK = 64 (packaging/bench/gpu_checks/compile_sm90.py). `kimi-desk bench kernels` times others.
         BK=BK or min(32, triton.next_power_of_2(K)),
-        BKD=BKD or min(32, triton.next_power_of_2(K)),
-        DIAG_LOOP=diag_loop,
         KF=triton.next_power_of_2(K),
         VF=triton.next_power_of_2(V),
         SOLVE_PRECISION=solve_precision,
@@ -491,13 +556,14 @@ def chunk_kda_intra(
         num_warps=num_warps,
         **extra,
     )
-    # Registers and spills of the compiled kernel, for the benchmark's report (absent when interpreting).
+    # Registers and spills of the compiled kernels, for the benchmark's report (absent when interpreting).
     bufs["compiled"] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
+    bufs["compiled_diag"] = (getattr(compiled_diag, "n_regs", None), getattr(compiled_diag, "n_spills", None))
     return bufs
 
 
 def chunk_kda_scan(bufs, out, initial_state, final_state, BV=None, num_warps=4, num_stages=None):
-    """Launch 2: the sequential pass over chunks, writing `out` and, if given, `final_state`."""
+    """Launch 3: the sequential pass over chunks, writing `out` and, if given, `final_state`."""
     B, T, H, K, V, NT = bufs["shape"]
     BH = B * H
     if BV is None:

@@ -410,14 +410,15 @@ def tune_prefill(log, T=32768):
 
     q, k, v, g, beta, h0 = kda_inputs(1, T, "model", seed=7)
     scale = K**-0.5
-    # The default first (BK = 32, the levels inside the sub-chunks in a pass of their own), then a wider
-    # channel block, one pass over the channels, more warps.
+    # The default first (BK = 32; the in-sub-chunk blocks 4 rows a warp), then a wider channel block, more
+    # warps, and the in-sub-chunk blocks' kernel 2 and 8 rows a warp.
     intra = [
         dict(BK=32, num_warps=4),
         dict(BK=64, num_warps=4),
-        dict(BK=32, diag_loop=False, num_warps=4),
-        dict(BK=64, diag_loop=False, num_warps=8),
+        dict(BK=32, num_warps=8),
         dict(BK=64, num_warps=8),
+        dict(BK=32, num_warps=4, diag_rows=2),
+        dict(BK=32, num_warps=4, diag_rows=8),
     ]
     scan = [
         dict(BV=32, num_warps=4, num_stages=3),

@@ -18,7 +18,7 @@ from fla.ops.kda.naive import naive_recurrent_kda  # noqa: E402
 from kda_cases import make_inputs, reference_f64, rel_err  # noqa: E402
 
 from kimi_desk.bench.kernels import GATE_SWEEP, sweep_gate  # noqa: E402
-from kimi_desk.kernels.kda.chunk import chunk_kda_triton  # noqa: E402
+from kimi_desk.kernels.kda.chunk import SUB_CHUNK, chunk_kda_diag_blocks, chunk_kda_triton  # noqa: E402
 from kimi_desk.kernels.kda.fused_recurrent import fused_recurrent_kda_triton  # noqa: E402
 from kimi_desk.kernels.kda.naive import chunk_kda_torch  # noqa: E402
 
@@ -74,23 +74,86 @@ def test_chunk_every_gate_distribution(gate, dtype):
     [
         dict(BK=32),
         dict(BK=64),
-        dict(BK=64, BKD=64),
-        dict(BK=16, BKD=16),
-        dict(BK=32, diag_loop=False),
-        dict(BK=64, diag_loop=False),
+        dict(BK=16),
+        dict(BK=32, diag_rows=16, diag_warps=4),
+        dict(BK=64, diag_rows=2),
+        dict(BK=32, diag_rows=8, diag_warps=2),
     ],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 @pytest.mark.parametrize("gate", ["mild", "U(-50,0)"])
 def test_chunk_launch_settings(config, gate):
-    """The launch settings the benchmark tries compute the same function: channel blocks of 16 to 64, the
-    levels inside the sub-chunks in a pass of their own or beside the rest; no initial state and a scale
-    that is not the default."""
+    """The launch settings the benchmark tries compute the same function: channel blocks of 16 to 64,
+    blocks of 2 to 16 rows for the pairs inside the sub-chunks; no initial state and a scale that is not
+    the default."""
     q, k, v, _, beta, _ = make_inputs(1, 100, 2, 64, 32, -0.5, torch.float32, seed=5)
     g = sweep_gate(gate, (1, 100, 2, 64), torch.Generator().manual_seed(6))
     o_ref, s_ref = reference_f64(q, k, v, g, beta, None, scale=0.3)
     o, s = chunk_kda_triton(q, k, v, g, beta, 0.3, None, True, intra_config=config)
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+def diag_blocks_f64(q, k, g, beta, scale):
+    """Aqk's and Akk's diagonal [SUB_CHUNK, SUB_CHUNK] blocks in float64, [B, T, H, SUB_CHUNK] each (zeros
+    above the diagonal), and for each entry the bound on an fp32 computation's error that follows from
+    its own pair's decays: unit roundoff times sum_d |q_id k_jd| exp(G_id - G_jd) (K + 16 (1 + |G_id - G_jd|))
+    (the dot's K roundings, a sum of at most 15 gates and the exponential), scaled as the entry is."""
+    B, T, H, K = q.shape
+    BC = SUB_CHUNK
+    n = -(-T // BC) * BC
+    pad = lambda x: F.pad(x.double(), (0, 0) * (x.dim() - 2) + (0, n - T)).unflatten(1, (n // BC, BC))  # noqa: E731
+    qs, ks, gs, bs = pad(q), pad(k), pad(g), pad(beta[..., None])[..., 0]  # [B, N, BC, H, (K)]
+    G = gs.cumsum(2)
+    dG = G[:, :, :, None] - G[:, :, None, :]  # [B, N, i, j, H, K]
+    o = torch.arange(BC)
+    on_or_below, below = (o[:, None] >= o[None, :]), (o[:, None] > o[None, :])
+    decay = torch.where(on_or_below[None, None, :, :, None, None], dG, -torch.inf).exp()
+    qk = qs[:, :, :, None] * ks[:, :, None, :]
+    kk = ks[:, :, :, None] * ks[:, :, None, :]
+    weight = decay * (K + 16 * (1 + dG.abs().nan_to_num(posinf=0.0))) * 2.0**-24
+    aqk = scale * (qk * decay).sum(-1)
+    akk = bs[:, :, :, None, :] * torch.where(below[None, None, :, :, None], (kk * decay).sum(-1), 0.0)
+    aqk_bound = scale * (qk.abs() * weight).sum(-1)
+    akk_bound = bs[:, :, :, None, :] * torch.where(below[None, None, :, :, None], (kk.abs() * weight).sum(-1), 0.0)
+    # [B, N, i, j, H] -> [B, T, H, j]
+    out = lambda x: x.permute(0, 1, 2, 4, 3).flatten(1, 2)[:, :T]  # noqa: E731
+    return out(aqk), out(akk), out(aqk_bound), out(akk_bound)
+
+
+def extreme_gate(shape, gen):
+    """Per-token log decays in [-50, 0] in half the channels, -0.02 in the rest, and in one token a drop of
+    -1000 in a quarter of the channels: small decays beside large ones in every sub-chunk."""
+    g = -50 * torch.rand(shape, generator=gen)
+    g[..., 1::2] = -0.02
+    g[:, shape[1] // 3, :, : shape[-1] // 4] = -1000.0
+    return g
+
+
+@pytest.mark.parametrize(
+    "rows,gate,dtype",
+    [(4, gate, dtype) for gate in ("mild", "half-8/-0.02", "U(-50,0)", "extreme") for dtype in ("fp32", "bf16")]
+    + [(1, "extreme", "fp32"), (16, "U(-50,0)", "bf16")],
+)
+def test_diag_blocks_kernel_matches_float64(rows, gate, dtype):
+    """The kernel of the pairs inside the sub-chunks alone, on blocks of 4 rows (the default), 1 and 16:
+    every entry within the fp32 error that its own pair's decays allow (a large decay elsewhere in the
+    sub-chunk costs it no precision: the difference of the sub-chunk's fp32 cumulative sums exceeds this
+    bound 2 to 6 times on the last two gates, this kernel stays under an eighth of it), exact zeros above
+    the diagonal, no NaN. A tail sub-chunk (T = 37), two sequences, channels not a power of two."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    B, T, H, K = 2, 37, 2, 48
+    gen = torch.Generator().manual_seed(rows * 100 + len(gate))
+    q, k, _, _, beta, _ = make_inputs(B, T, H, K, 1, -1.0, dtype, seed=rows + len(gate))
+    beta = beta.to(dtype)
+    g = extreme_gate((B, T, H, K), gen) if gate == "extreme" else sweep_gate(gate, (B, T, H, K), gen)
+    aqk_ref, akk_ref, aqk_bound, akk_bound = diag_blocks_f64(q, k, g, beta, 0.3)
+    aqk, akk, _ = chunk_kda_diag_blocks(q, k, g, beta, 0.3, rows=rows)
+    assert aqk.shape == akk.shape == (B, T, H, SUB_CHUNK) and aqk.dtype == akk.dtype == torch.float32
+    assert not aqk.isnan().any() and not akk.isnan().any()
+    upper = torch.arange(SUB_CHUNK)[None, :] > (torch.arange(T) % SUB_CHUNK)[:, None]  # [T, j]
+    assert (aqk[:, upper.nonzero()[:, 0], :, upper.nonzero()[:, 1]] == 0).all()
+    assert (aqk - aqk_ref).abs().le(aqk_bound + 1e-30).all()
+    assert (akk - akk_ref).abs().le(akk_bound + 1e-30).all()
 
 
 def test_chunk_one_token_decays_past_everything():

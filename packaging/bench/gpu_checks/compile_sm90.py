@@ -219,9 +219,19 @@ def quant_formats():
 
 
 def kda_intra():
-    from kimi_desk.kernels.kda.chunk import chunk_kda_intra_fwd_kernel
+    """The prefill's first two kernels at the 48B shapes (K = V = 128, bf16 inputs): the pairs inside the
+    sub-chunks (chunk_kda_diag_blocks_fwd_kernel), then the rest of the state-free work per chunk."""
+    from kimi_desk.kernels.kda.chunk import chunk_kda_diag_blocks_fwd_kernel, chunk_kda_intra_fwd_kernel
 
     bf = "*bf16"
+    pointers = dict(q=bf, k=bf, g="*fp32", beta=bf, Aqk_diag="*fp32", Akk_diag="*fp32")
+    # rows: the block of rows that meets its sub-chunk's columns one a step (chunk_kda_intra's `diag_rows`,
+    # `diag_warps`; the default first). With more than one warp, Triton splits the channels between warps.
+    for rows, warps in [(4, 1), (2, 1), (8, 1), (16, 1), (4, 4), (8, 2), (16, 4)]:
+        const = dict(H=32, K=128, BC=16, BR=rows, KF=128)
+        result = compile_sm90(chunk_kda_diag_blocks_fwd_kernel, pointers, dict(scale="fp32", T="i32"), const, warps)
+        report(f"kda diag blocks rows={rows} warps={warps}", result)
+
     pointers = dict(
         q=bf,
         k=bf,
@@ -234,18 +244,12 @@ def kda_intra():
         u=bf,
         gl="*fp32",
         Aqk=bf,
+        Aqk_diag="*fp32",
+        Akk_diag="*fp32",
     )
     # maxnreg caps the registers (ptxas spills the rest): 168 at 4 warps lets three programs share an SM.
-    # diag_loop: the levels inside the sub-chunks in a pass of their own over the channels (BKD at a time),
-    # the default. The settings `kimi-desk bench kernels` tunes.
-    for bk, bkd, diag_loop, warps, maxnreg in [
-        (32, 32, True, 4, None),
-        (64, 32, True, 4, None),
-        (32, 32, False, 4, None),
-        (64, 64, False, 8, None),
-        (64, 32, True, 8, None),
-        (32, 32, True, 4, 168),
-    ]:
+    # The settings `kimi-desk bench kernels` tunes.
+    for bk, warps, maxnreg in [(32, 4, None), (64, 4, None), (64, 8, None), (32, 8, None), (32, 4, 168)]:
         const = dict(
             H=32,
             K=128,
@@ -253,8 +257,6 @@ def kda_intra():
             BT=64,
             BC=16,
             BK=bk,
-            BKD=bkd,
-            DIAG_LOOP=diag_loop,
             KF=128,
             VF=128,
             SOLVE_PRECISION="tf32",
@@ -263,7 +265,7 @@ def kda_intra():
         result = compile_sm90(
             chunk_kda_intra_fwd_kernel, pointers, dict(scale="fp32", T="i32", NT="i32"), const, warps, 3, maxnreg
         )
-        report(f"kda intra BK={bk} BKD={bkd} diag_loop={diag_loop} warps={warps} maxnreg={maxnreg}", result)
+        report(f"kda intra BK={bk} warps={warps} maxnreg={maxnreg}", result)
 
 
 def kda_prepare():

@@ -1,13 +1,15 @@
-"""Where the KDA prefill's intra-chunk kernel spends its time: kernels/kda/chunk.py's intra kernel timed
-whole and with stages cut out of copies of its source (their results are wrong by design; only their
-time means something), at the 48B shapes on the model-init gate, T = 32,768 by default. A cut that no
-longer matches the source stops the script: update the cuts with the kernel.
+"""Where the KDA prefill's state-free part spends its time: kernels/kda/chunk.py's `chunk_kda_intra` (the
+kernel of the pairs inside the sub-chunks, then the intra kernel) timed whole and with stages cut out of
+copies of its source (their results are wrong by design; only their time means something), at the 48B
+shapes on the model-init gate, T = 32,768 by default; and the first kernel alone. A cut that no longer
+matches the source stops the script: update the cuts with the kernels.
 
     source packaging/source_shim.sh && python3 packaging/bench/gpu_checks/kda_stages.py [T]
 
 The stages, each cut from the form above it in the list:
 - whole: the kernel as it is;
-- no_levels: without the pairs inside the 16-row sub-chunks (the dyadic levels' pass over the channels);
+- no_levels: without the pairs inside the 16-row sub-chunks (the first kernel's launch; the intra kernel
+  still reads its uninitialised buffers);
 - no_levels_between: without the pairs between sub-chunks too;
 - base: without the inverse and the W / U products too (what is left: loading q, k, g, v, the per-token
   factors, the stores);
@@ -26,8 +28,8 @@ from kimi_desk.bench.kernels import H, K, _bench, kda_inputs, sweep_gate
 SOURCE = Path(__file__).resolve().parents[3] / "kernels" / "kda" / "chunk.py"
 
 LEVELS = (
-    "            b_Dqk, b_Dkk = _levels_in_sub_chunks(b_Dqk, b_Dkk, b_q, b_k, b_a, o_c, NB, BC, BKD, OP_DT)\n",
-    "",
+    "    aqk_diag, akk_diag, compiled_diag = chunk_kda_diag_blocks(q, k, g, beta, scale, diag_rows, diag_warps)\n",
+    "    aqk_diag = akk_diag = torch.empty(B, T, H, BC, dtype=torch.float32, device=dev)\n    compiled_diag = None\n",
 )
 BETWEEN = ("        for j in tl.static_range(NB - 1):\n", "        for j in tl.static_range(0):\n")
 SOLVE = (
@@ -85,6 +87,10 @@ def main() -> None:
                 us = _bench(lambda: module.chunk_kda_intra(q, k, v, g, beta, K**-0.5))
                 compiled = module.chunk_kda_intra(q, k, v, g, beta, K**-0.5)["compiled"]
                 print(dict(T=T, stage=name, intra_us=round(us, 1), registers_spills=compiled), flush=True)
+            module = modules["whole"]
+            us = _bench(lambda: module.chunk_kda_diag_blocks(q, k, g, beta, K**-0.5))
+            compiled = module.chunk_kda_intra(q, k, v, g, beta, K**-0.5)["compiled_diag"]
+            print(dict(T=T, stage="diag_blocks_alone", us=round(us, 1), registers_spills=compiled), flush=True)
 
 
 if __name__ == "__main__":
