@@ -219,6 +219,7 @@ def decode_step_function(
                 seen[token] = True
             return sample_token(logits, sampling, generator, seen)
 
+        replayed_on_cpu.decoder = replayer  # what `kimi-desk bench cpu` reports: replayed, or why not
         return replayed_on_cpu
 
     def step_eagerly(token: int) -> int:

@@ -125,7 +125,13 @@ def _decoding(assistant, cached: int, steps: int) -> dict:
         token = decode(token)
         seconds.append(time.perf_counter() - started)
     seconds = sorted(seconds[1:])
+    decoder = getattr(decode, "decoder", None)
+    if decoder is None:
+        how = "the model's modules"
+    else:
+        how = "replayed" if decoder.not_replayable is None else f"the model's modules ({decoder.not_replayable})"
     return dict(
+        how=how,
         cached=cached,
         steps=steps,
         tok_s_best=1 / seconds[0],
@@ -401,6 +407,9 @@ def markdown(result: dict) -> str:
             return f"{found[0]['tok_s_median']:.1f} ({found[0]['tok_s_best']:.1f})" if found else ""
 
         row(f"decode tok/s after {cached:,}, median (best)", decode_cell)
+    if any(x.get("how") for r in rows for x in r["decoding"]):
+        # How our decode step ran (engine/cpu_replay.py): replayed from its recording, or why not.
+        row("decode step", lambda r: r["decoding"][0].get("how", "") if r["decoding"] else "")
     if any("first_token" in r for r in rows):
 
         def first_cell(r, key):
