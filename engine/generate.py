@@ -197,10 +197,10 @@ def decode_step_function(
     """token id -> the next token id: the token fed (advancing `state` by one) and the next one chosen
     from the logits after it, the fed token marked for the repetition penalty (in `seen` on the eager
     path; in the decoder's own copy of it on the GPU). On the GPU a replayed CUDA graph does both,
-    sampling included, so the host only reads the chosen id back; on the CPU a replayed recording of the
-    step (engine/cpu_replay.py) and sample_token; the eager model when asked (`eager`: a loop that rolls
-    the state back, which a recording's buffers would not follow). All take one draw from `generator`
-    per sampled token and choose alike."""
+    sampling included, so the host only reads the chosen id back, except when asked for the eager model
+    (`eager`: a loop that rolls the state back, which the graph's own buffers would not follow); on the
+    CPU a replayed recording of the step (engine/cpu_replay.py), which follows such a loop, and
+    sample_token. All take one draw from `generator` per sampled token and choose alike."""
     decoder = None if eager else recorded_decoder(model, state, vocab_size, sampling, seen)
     if decoder is not None:
 
@@ -210,7 +210,9 @@ def decode_step_function(
 
         return replayed
 
-    replayer = None if eager else cpu_decoder(model, state)
+    # The CPU's replay follows a state rolled back (`eager`): restore() keeps the tensors' storage, and the
+    # replay reads the caches' lengths from the state at every step.
+    replayer = cpu_decoder(model, state)
     if replayer is not None:
 
         def replayed_on_cpu(token: int) -> int:

@@ -65,6 +65,31 @@ def test_the_demo_model_replays_its_steps_exactly(quantize, dtype):
     assert len(decoder.steps) > 0
 
 
+def test_the_replay_follows_a_state_taken_back():
+    """A reply that takes tokens back (the embedded model's copied code spans: state.mark, then restore)
+    keeps replaying the same recording, and every step equals the model's on a state taken back alike."""
+    model = load_assistant(DEMO_MODEL, "cpu", "int4").model
+    state = state_with_cache(model, 100, seed=5)
+    reference = state.clone()
+    decoder = CpuDecoder(model, state)
+
+    def both(tokens):
+        for token in tokens:
+            replayed = decoder.step(token).clone()
+            with torch.inference_mode():
+                expected = model(torch.tensor([[token]]), reference, last_only=True)[0, -1]
+            assert torch.equal(replayed, expected)
+
+    both([3, 14, 15])
+    mine, theirs = state.mark(), reference.mark()
+    both([92, 65, 35])
+    state.restore(mine)
+    reference.restore(theirs)
+    both([89, 79])
+    assert decoder.recordings == 1 and decoder.not_replayable is None
+    assert state.position == reference.position == 105
+
+
 def test_a_model_whose_attention_our_kernel_declines_runs_its_modules(tmp_path):
     """A float32 model of other shapes, whose MLA widths the C kernel does not take: PyTorch's attention
     then slices the cache by its length on the host, so the recording stops there, and the steps equal
