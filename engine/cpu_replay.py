@@ -87,7 +87,12 @@ class _Recomputed:
 
 
 # Copies (a dtype's conversion among them): replayed as one copy into the recorded output.
-_COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.clone.default}
+_COPIES = {
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.to.dtype,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default,
+}
 
 
 def _replay_of(func, args, kwargs, outputs: list[torch.Tensor]):

@@ -27,9 +27,9 @@ Around the decode form: `absorb_queries` (q_nope through W_UK beside q_rope), `v
 latents through W_UV) and `fused_latents_writer` (the new tokens' normed latents written into the
 cache's rows) each take one Triton launch on CUDA (absorbed.py), where their PyTorch forms
 (torch_attention.py) widen kv_b_proj's weight to float32 and take five, two and three launches. On the
-CPU, with a bfloat16 kv_b_proj (the model keeps it in its dtype), the first two read the weight as
-stored (avx2.py): the PyTorch forms' float32 copy of it, kept between steps, is twice the bytes a step
-reads (16 MB a layer at the 48B shapes).
+CPU the first two read kv_b_proj's weight as stored, bfloat16 or float32 (avx2.py): the PyTorch forms
+multiply a float32 copy of a bfloat16 weight, kept between steps, twice the bytes a step reads (16 MB a
+layer at the 48B shapes), and take an einsum each.
 
 An absorbed prefill (attention straight over the latents) is not used: it costs 1088 multiply-adds per
 query, key and head against the expanded form's 320.
@@ -59,7 +59,7 @@ def absorb_queries(q, kv_b_weight, nope_dim, v_dim, cache_dtype):
 
         return absorb_queries_triton(q, kv_b_weight, nope_dim, v_dim, operand_torch_dtype(cache_dtype))
     if avx2.reads_weight(kv_b_weight, v_dim):
-        return avx2.absorb_queries_bf16(q, kv_b_weight, nope_dim, v_dim)
+        return avx2.absorb_queries_avx2(q, kv_b_weight, nope_dim, v_dim)
     return absorb_queries_torch(q, kv_b_weight, nope_dim, v_dim)
 
 
@@ -70,7 +70,7 @@ def values(attended, kv_b_weight, nope_dim, v_dim, out_dtype):
 
         return values_triton(attended, kv_b_weight, nope_dim, v_dim, out_dtype)
     if avx2.reads_weight(kv_b_weight, v_dim):
-        return avx2.values_bf16(attended, kv_b_weight, nope_dim, v_dim).to(out_dtype)
+        return avx2.values_avx2(attended, kv_b_weight, nope_dim, v_dim).to(out_dtype)
     return values_torch(attended, kv_b_weight, nope_dim, v_dim, out_dtype)
 
 

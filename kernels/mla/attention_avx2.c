@@ -241,21 +241,26 @@ int mla_attend_new_token(const float *queries, float scale, const void *cache, i
     return status;
 }
 
-/* The products around the attention, on kv_b_proj's bfloat16 weight W [H, n + v, L] as stored (each
-   head's first n rows W_UK, then v rows W_UV), read once a step in its own dtype: a float32 copy of it
-   would be twice the bytes every step reads. Rows of T tokens x H heads, float32 in and out, float32
+/* Eight values of W from index i, W bfloat16 (`bf16`) or float32. */
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256 load_w8(const void *w, int bf16, long i) {
+    return bf16 ? load_bf16x8((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
+}
+
+/* The products around the attention, on kv_b_proj's weight W [H, n + v, L] as stored, bfloat16 (`w_bf16`)
+   or float32 (each head's first n rows W_UK, then v rows W_UV), read once a step in its own dtype: a
+   float32 copy of a bfloat16 W would be twice the bytes every step reads. Rows of T tokens x H heads, float32 in and out, float32
    sums; threads over heads (a head's block of W, 2 (n + v) L bytes, serves its T rows from the core's
    caches). L a multiple of 64, v of 4.
 
    Absorbed queries: out [T, H, L] = q_nope [T, H, n] through W_UK, out[t, h] = sum_i q[t, h, i] W[h, i],
    each (t, h) row of out `out_stride` values after the last (L, or more where the rope part follows). */
-__attribute__((target("avx2,fma"))) int mla_absorb_queries_bf16(const float *q, const uint16_t *w, int T, int H, int n,
-                                                                  int v, int L, float *out, int out_stride,
-                                                                  int threads) {
+__attribute__((target("avx2,fma"))) int mla_absorb_queries(const float *q, const void *w, int w_bf16, int T, int H,
+                                                             int n, int v, int L, float *out, int out_stride,
+                                                             int threads) {
     if (L % 64) return -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int h = 0; h < H; h++) {
-        const uint16_t *block = w + (long)h * (n + v) * L;
+        const long block = (long)h * (n + v) * L;
         for (int t = 0; t < T; t++) {
             const float *row = q + ((long)t * H + h) * n;
             float *y = out + ((long)t * H + h) * out_stride;
@@ -264,8 +269,8 @@ __attribute__((target("avx2,fma"))) int mla_absorb_queries_bf16(const float *q, 
                 for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
                 for (int i = 0; i < n; i++) {
                     const __m256 qi = _mm256_set1_ps(row[i]);
-                    const uint16_t *wi = block + (long)i * L + l0;
-                    for (int k = 0; k < 8; k++) acc[k] = _mm256_fmadd_ps(qi, load_bf16x8(wi + 8 * k), acc[k]);
+                    const long wi = block + (long)i * L + l0;
+                    for (int k = 0; k < 8; k++) acc[k] = _mm256_fmadd_ps(qi, load_w8(w, w_bf16, wi + 8 * k), acc[k]);
                 }
                 for (int k = 0; k < 8; k++) _mm256_storeu_ps(y + l0 + 8 * k, acc[k]);
             }
@@ -276,12 +281,12 @@ __attribute__((target("avx2,fma"))) int mla_absorb_queries_bf16(const float *q, 
 
 /* The heads' values: out [T, H, v] = the attended latents a [T, H, L] through W_UV,
    out[t, h, j] = sum_l a[t, h, l] W[h, n + j, l]; four of W's rows a pass over a row of a. */
-__attribute__((target("avx2,fma"))) int mla_values_bf16(const float *a, const uint16_t *w, int T, int H, int n, int v,
-                                                          int L, float *out, int threads) {
+__attribute__((target("avx2,fma"))) int mla_values(const float *a, const void *w, int w_bf16, int T, int H, int n,
+                                                     int v, int L, float *out, int threads) {
     if (L % 64 || v % 4) return -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int h = 0; h < H; h++) {
-        const uint16_t *w_uv = w + ((long)h * (n + v) + n) * L;
+        const long w_uv = ((long)h * (n + v) + n) * L;
         for (int t = 0; t < T; t++) {
             const float *row = a + ((long)t * H + h) * L;
             float *y = out + ((long)t * H + h) * v;
@@ -291,7 +296,7 @@ __attribute__((target("avx2,fma"))) int mla_values_bf16(const float *a, const ui
                 for (int l = 0; l < L; l += 8) {
                     const __m256 x = _mm256_loadu_ps(row + l);
                     for (int k = 0; k < 4; k++)
-                        acc[k] = _mm256_fmadd_ps(x, load_bf16x8(w_uv + (long)(j + k) * L + l), acc[k]);
+                        acc[k] = _mm256_fmadd_ps(x, load_w8(w, w_bf16, w_uv + (long)(j + k) * L + l), acc[k]);
                 }
                 for (int k = 0; k < 4; k++) y[j + k] = hsum(acc[k]);
             }

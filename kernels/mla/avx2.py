@@ -2,8 +2,9 @@
 by kernels/native.py): each cached key read once, its scores and its share of the weighted sum taken
 while it is in the core's caches, the softmax online. torch_attention.py's `mla_attention_cpu` asks it
 for the cached keys and keeps PyTorch's products where it cannot run (native.py says why). Beside it, the
-products around the attention on kv_b_proj's bfloat16 weight as stored (`absorb_queries_bf16`,
-`values_bf16`): PyTorch's form multiplies a float32 copy of it, twice the bytes a step reads."""
+products around the attention on kv_b_proj's weight as stored, bfloat16 or float32 (`absorb_queries_avx2`,
+`values_avx2`): PyTorch's form multiplies a float32 copy of a bfloat16 weight, twice the bytes a step
+reads, and takes an einsum's dispatch each."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def library() -> ctypes.CDLL | None:
             function.argtypes = [_P, _P, _L, _L, _I, _I, _I, _I, _P, _P, _P, _I]
         lib.mla_attend_new_token.argtypes = [_P, ctypes.c_float, _P, _I, _L, _P, _I, _I, _I, _L, _L, _P, _I]
         lib.mla_attend_new_token.restype = _I
-        lib.mla_absorb_queries_bf16.argtypes = [_P, _P, _I, _I, _I, _I, _I, _P, _I, _I]
-        lib.mla_values_bf16.argtypes = [_P, _P, _I, _I, _I, _I, _I, _P, _I]
+        lib.mla_absorb_queries.argtypes = [_P, _P, _I, _I, _I, _I, _I, _I, _P, _I, _I]
+        lib.mla_values.argtypes = [_P, _P, _I, _I, _I, _I, _I, _I, _P, _I]
     return lib
 
 
@@ -130,10 +131,10 @@ def attend_new_token(
 
 
 def reads_weight(kv_b_weight: torch.Tensor, value_dim: int) -> bool:
-    """Whether absorb_queries_bf16 and values_bf16 take kv_b_proj's weight [H * (n + v), L]: bfloat16 on
-    the CPU, contiguous, L in 64s and v in 4s."""
+    """Whether absorb_queries_avx2 and values_avx2 take kv_b_proj's weight [H * (n + v), L]: bfloat16 or
+    float32 on the CPU, contiguous, L in 64s and v in 4s."""
     return (
-        kv_b_weight.dtype == torch.bfloat16
+        kv_b_weight.dtype in (torch.bfloat16, torch.float32)
         and kv_b_weight.device.type == "cpu"
         and kv_b_weight.is_contiguous()
         and kv_b_weight.shape[1] % 64 == 0
@@ -142,37 +143,42 @@ def reads_weight(kv_b_weight: torch.Tensor, value_dim: int) -> bool:
     )
 
 
-def absorb_queries_bf16(q: torch.Tensor, kv_b_weight: torch.Tensor, nope_dim: int, v_dim: int) -> torch.Tensor:
+def _on_weight(function, rows: torch.Tensor, kv_b_weight: torch.Tensor, nope_dim: int, v_dim: int, out, *more) -> int:
+    """One of the two products on kv_b_proj's weight: rows [B, T, H, width] float32, contiguous."""
+    B, T, H, _ = rows.shape
+    return function(
+        rows.data_ptr(),
+        kv_b_weight.data_ptr(),
+        int(kv_b_weight.dtype == torch.bfloat16),
+        B * T,
+        H,
+        nope_dim,
+        v_dim,
+        kv_b_weight.shape[1],
+        out.data_ptr(),
+        *more,
+        torch.get_num_threads(),
+    )
+
+
+def absorb_queries_avx2(q: torch.Tensor, kv_b_weight: torch.Tensor, nope_dim: int, v_dim: int) -> torch.Tensor:
     """q [B, T, H, n + R] -> the decode form's queries [W_UK^T q_nope ‖ q_rope] [B, T, H, L + R] in
     float32 (reads_weight must hold): the product written by the kernel, the rope part copied beside it."""
     B, T, H, width = q.shape
     L = kv_b_weight.shape[1]
     q_nope = q[..., :nope_dim].float().contiguous()
     out = torch.empty(B, T, H, L + width - nope_dim)
-    status = library().mla_absorb_queries_bf16(
-        q_nope.data_ptr(),
-        kv_b_weight.data_ptr(),
-        B * T,
-        H,
-        nope_dim,
-        v_dim,
-        L,
-        out.data_ptr(),
-        out.shape[-1],
-        torch.get_num_threads(),
-    )
+    status = _on_weight(library().mla_absorb_queries, q_nope, kv_b_weight, nope_dim, v_dim, out, out.shape[-1])
     assert status == 0, "a latent width beyond attention_avx2.c's"  # reads_weight keeps it to 64s
     out[..., L:] = q[..., nope_dim:]
     return out
 
 
-def values_bf16(attended: torch.Tensor, kv_b_weight: torch.Tensor, nope_dim: int, v_dim: int) -> torch.Tensor:
+def values_avx2(attended: torch.Tensor, kv_b_weight: torch.Tensor, nope_dim: int, v_dim: int) -> torch.Tensor:
     """attended [B, T, H, L] -> W_UV attended [B, T, H, v] in float32 (reads_weight must hold)."""
     B, T, H, L = attended.shape
     a = attended.float().contiguous()
     out = torch.empty(B, T, H, v_dim)
-    status = library().mla_values_bf16(
-        a.data_ptr(), kv_b_weight.data_ptr(), B * T, H, nope_dim, v_dim, L, out.data_ptr(), torch.get_num_threads()
-    )
+    status = _on_weight(library().mla_values, a, kv_b_weight, nope_dim, v_dim, out)
     assert status == 0, "a width beyond attention_avx2.c's"  # reads_weight keeps them to 64s and 4s
     return out

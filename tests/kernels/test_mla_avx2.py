@@ -99,17 +99,19 @@ def test_many_rows_keep_pytorchs_products():
     [(1, 1, 32, 128, 128, 512), (2, 3, 5, 64, 64, 128), (1, 2, 3, 24, 20, 192)],  # the 48B model's; the demo's; odd
     ids=str,
 )
-def test_products_on_the_bf16_weight_match_float64(B, T, H, n, v, L):
-    """W_UK^T q_nope beside q_rope and W_UV a, W read from kv_b_proj's bfloat16 weight as stored; q a
-    strided slice, as the model's projection output gives it."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_products_on_the_weight_as_stored_match_float64(B, T, H, n, v, L, dtype):
+    """W_UK^T q_nope beside q_rope and W_UV a, W read from kv_b_proj's weight as stored (bfloat16, or
+    float32 where the model computes in it); q a strided slice, as the model's projection output gives
+    it."""
     if avx2.library() is None:
         pytest.skip(avx2.native.reason(avx2.SOURCE))
     gen = torch.Generator().manual_seed(T * 100 + L)
     R = 16
-    weight = (torch.randn(H * (n + v), L, generator=gen) * 0.1).bfloat16()
+    weight = (torch.randn(H * (n + v), L, generator=gen) * 0.1).to(dtype)
     assert avx2.reads_weight(weight, v)
-    q = torch.randn(B, T, H * (n + R) + 8, generator=gen).bfloat16()[..., 8:].view(B, T, H, n + R)
-    got = absorb_queries(q, weight, n, v, torch.bfloat16)
+    q = torch.randn(B, T, H * (n + R) + 8, generator=gen).to(dtype)[..., 8:].view(B, T, H, n + R)
+    got = absorb_queries(q, weight, n, v, dtype)
     w = weight.double().view(H, n + v, L)
     want = torch.cat([torch.einsum("bthn,hnl->bthl", q[..., :n].double(), w[:, :n]), q[..., n:].double()], dim=-1)
     assert got.dtype == torch.float32 and got.shape == (B, T, H, L + R)
@@ -123,6 +125,6 @@ def test_products_on_the_bf16_weight_match_float64(B, T, H, n, v, L):
 
 def test_other_weights_keep_pytorchs_products():
     weight = torch.randn(4 * 48, 128)
-    assert not avx2.reads_weight(weight, 16)  # float32: PyTorch reads it as it is
+    assert not avx2.reads_weight(weight.half(), 16)  # float16: PyTorch's products
     assert not avx2.reads_weight(weight.bfloat16()[:, :96], 16)  # not contiguous
     assert not avx2.reads_weight(torch.randn(4 * 48, 96).bfloat16(), 16)  # latents not in 64s
