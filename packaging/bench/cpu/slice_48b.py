@@ -83,6 +83,7 @@ def ours(checkpoint: Path, prompt: int, depths: list[int], gen: int, profile: bo
     if profile:  # more steps after the last depth, and one more reading, their operators by CPU time
         calls: dict[str, list[float]] = {}
         show_native_kernels(calls)
+        step = decode_step_function(model, state, config.vocab_size)  # recorded again, the kernels traced
         for _ in range(PROFILED_STEPS):
             step(token)
         print(f"our C kernels' calls in {PROFILED_STEPS} decode steps, timed around each call:", file=sys.stderr)
@@ -104,24 +105,25 @@ def read(model, ids):
 
 def show_native_kernels(calls: dict[str, list[float]]) -> None:
     """Each call of our C kernels (kernels/native.py) as a `C::name(sizes)` row in the profiler's table,
-    which otherwise counts their time to nothing (their ctypes functions wrapped in record_function), and
-    its wall time appended to `calls[label]`: the profiler's own rows for these threaded calls are not
-    their time (several times longer on 16 cores; BENCHMARKS-log.md)."""
-    import ctypes
-
+    which otherwise counts their time to nothing, and its wall time appended to `calls[label]`: the
+    profiler's own rows for these threaded calls are not their time (several times longer on 16 cores;
+    BENCHMARKS-log.md). The functions called so far are traced, in the steps recorded from now on too."""
     import torch
 
+    from kimi_desk.kernels import native
+    from kimi_desk.kernels.dense import bf16_cpu
     from kimi_desk.kernels.kda import avx2 as kda
     from kimi_desk.kernels.mla import avx2 as mla
+    from kimi_desk.kernels.moe import router_cpu
     from kimi_desk.kernels.norm import avx2 as norm
     from kimi_desk.kernels.quant import avx2 as quant
 
-    for module in (kda, mla, norm, quant):
+    for module in (kda, mla, norm, quant, bf16_cpu, router_cpu):
         lib = module.library()
         for name, function in list(vars(lib or object()).items()):
-            if isinstance(function, ctypes._CFuncPtr):
+            if isinstance(function, native.KernelFunction):
 
-                def traced(*args, _function=function, _name=name):
+                def traced(*args, _function=function.function, _name=name):
                     # The call's sizes (its small integer arguments) in the label: one row per shape.
                     sizes = ",".join(str(a) for a in args if isinstance(a, int) and 1 < a < 1 << 20)
                     label = f"C::{_name}({sizes})"
@@ -131,7 +133,8 @@ def show_native_kernels(calls: dict[str, list[float]]) -> None:
                         calls.setdefault(label, []).append(time.perf_counter() - started)
                         return result
 
-                setattr(lib, name, traced)
+                traced.__name__ = name
+                object.__setattr__(function, "function", traced)
 
 
 def main(argv: list[str] | None = None) -> int:
