@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kimi_desk.engine.cuda_graph import CACHE_HEADROOM_TOKENS
+from kimi_desk.engine.cuda_graph import give_full_caches_room
 from kimi_desk.engine.state import KDAState, MLACache, ModelState
 from kimi_desk.kernels import native, use_triton
 
@@ -192,11 +192,7 @@ class CpuDecoder:
         """Take the step once under the recorder (full caches get room first). True where it recorded;
         else the state is put back as it was and `not_replayable` says why."""
         self.steps, self.logits, self._kept = [], None, []
-        if len({cache.length for cache in caches}) > 1:
-            raise ValueError("the MLA caches hold different numbers of tokens")
-        for cache in caches:
-            if cache.length >= cache.capacity:
-                cache.reserve(cache.length + max(CACHE_HEADROOM_TOKENS, (cache.length - cache.shared) // 8))
+        give_full_caches_room(caches)
         kda_states = [layer for layer in state.layers if isinstance(layer, KDAState)]
         saved = [(layer.recurrent.clone(), layer.conv.clone()) for layer in kda_states]
         position = state.position

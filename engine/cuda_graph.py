@@ -54,6 +54,19 @@ from kimi_desk.engine.state import KDAState, MLACache, ModelState
 # Room a full MLA cache grows by before the step is recorded again: at least this many tokens, or an
 # eighth of the cache, so that recording (tens of milliseconds) stays rare beside the steps between.
 CACHE_HEADROOM_TOKENS = 4096
+
+
+def give_full_caches_room(caches: list[MLACache]) -> None:
+    """Before a decode step is recorded (here, and on the CPU in cpu_replay.py): every full MLA cache
+    grows by CACHE_HEADROOM_TOKENS or an eighth of its own rows (a thread's, not the document's it
+    continues), whichever is more. The caches must hold one length."""
+    if len({cache.length for cache in caches}) > 1:
+        raise ValueError("the MLA caches hold different numbers of tokens")
+    for cache in caches:
+        if cache.length >= cache.capacity:
+            cache.reserve(cache.length + max(CACHE_HEADROOM_TOKENS, (cache.length - cache.shared) // 8))
+
+
 # Eager runs before recording: they compile the Triton kernels and settle the allocator.
 WARMUP_STEPS = 2
 
@@ -265,12 +278,7 @@ class GraphDecoder:
         # Free the previous recording's memory before making another.
         self.pieces, self.logits, self.greedy_token, self.next_token = [], None, None, None
         self._other_recording = ()
-        if len({cache.length for cache in caches}) > 1:
-            raise ValueError("the MLA caches hold different numbers of tokens")
-        for cache in caches:
-            if cache.length >= cache.capacity:
-                # An eighth of the cache's own rows: a thread's, not the document's it continues.
-                cache.reserve(cache.length + max(CACHE_HEADROOM_TOKENS, (cache.length - cache.shared) // 8))
+        give_full_caches_room(caches)
         self._other_buffers = [
             KDAState(torch.empty_like(layer.recurrent), torch.empty_like(layer.conv))
             for layer in (self._kda_layers(state) if self.lookahead else [])

@@ -123,6 +123,12 @@ class _RecordedCall:
             raise MemoryError(f"the CPU kernel {self.name} failed (status {status}): out of memory?")
 
 
+def count_at(count: int | torch.Tensor):
+    """A pointer argument to a count a kernel reads when it runs: a fresh C long holding an int, or a
+    one-element int64 tensor's memory (a recorded step's cache length, which changes between replays)."""
+    return ctypes.byref(ctypes.c_long(count)) if isinstance(count, int) else count.data_ptr()
+
+
 class _Recording(threading.local):
     calls: list | None = None
 

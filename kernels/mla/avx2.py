@@ -107,7 +107,7 @@ def attend_new_token(
     rows = queries.float()
     B, R, D = rows.shape
     out = torch.empty(B, R, value_dim)
-    where = ctypes.byref(ctypes.c_long(cached)) if isinstance(cached, int) else cached.data_ptr()
+    where = native.count_at(cached)
     for b in range(B):
         status = library().mla_attend_new_token(
             rows[b].contiguous().data_ptr(),

@@ -87,7 +87,7 @@ def latents_into(ckv: torch.Tensor, weight: torch.Tensor, eps: float, buffer: to
     read by the kernel when it runs (a recorded step's cache length)."""
     B, T, width = ckv.shape
     D = weight.numel()
-    at = ctypes.byref(ctypes.c_long(start)) if isinstance(start, int) else start.data_ptr()
+    at = native.count_at(start)
     for b in range(B):
         status = library().rms_norm_into_rows(
             ckv[b].data_ptr(),
